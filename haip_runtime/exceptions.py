@@ -1,0 +1,102 @@
+"""The one exception tree of haip-runtime.
+
+Anything that can reach the wire carries a protocol ``code`` (PROTOCOL.md section 14).
+Foreign exceptions are translated where they enter, always with ``raise ... from exc``.
+
+    HaipError
+    ├── ConfigError                 a haip.toml that cannot be used (one line: file, key path, expected)
+    ├── PluginError                 an agent plugin that cannot be found, loaded or configured
+    ├── ProtocolError (code)        something a peer sent; becomes a wire ERROR
+    │   ├── DecodeError             INVALID_MESSAGE / MESSAGE_TOO_LARGE / UNSUPPORTED_TYPE
+    │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
+    │   └── ... any code from ErrorCode, raised as ProtocolError(code, message)
+    ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
+    │   ├── ToolUnavailableError    its server is not connected
+    │   └── ToolTimeoutError        the server did not answer in time
+    └── ClientError                 raised by the Python client library (haip_runtime.client)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from haip_runtime.protocol.events import ErrorCode
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "DecodeError",
+    "HaipError",
+    "HandshakeError",
+    "PluginError",
+    "ProtocolError",
+    "ToolError",
+    "ToolTimeoutError",
+    "ToolUnavailableError",
+]
+
+
+class HaipError(Exception):
+    """The root of every error haip-runtime raises on purpose."""
+
+
+class ConfigError(HaipError):
+    """The configuration cannot be used. ``str(error)`` is one line: file, key path, what was expected."""
+
+
+class PluginError(HaipError):
+    """An agent plugin cannot be found, imported or configured."""
+
+
+class ProtocolError(HaipError):
+    """Something a peer sent broke the protocol; becomes ``ERROR {code, message, related_id, detail}``."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        related_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.related_id = related_id
+        self.detail = detail
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a valid envelope. ``detail["where"]`` names the offending field."""
+
+
+class HandshakeError(ProtocolError):
+    """The connection's first exchange failed; the connection is closed with ``close_code``."""
+
+    def __init__(self, code: ErrorCode, message: str, *, close_code: int, related_id: str | None = None) -> None:
+        super().__init__(code, message, related_id=related_id)
+        self.close_code = close_code
+
+
+class ToolError(HaipError):
+    """A tool call could not be carried out (as opposed to a tool that ran and reported an error)."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+
+
+class ToolUnavailableError(ToolError):
+    """The tool is unknown, or its MCP server is not connected right now."""
+
+    code = ErrorCode.TOOL_NOT_FOUND
+
+
+class ToolTimeoutError(ToolError):
+    """The MCP server did not answer within the server's ``timeout_seconds``."""
+
+
+class ClientError(HaipError):
+    """The Python client library got an ERROR, a closed connection or no answer in time."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code

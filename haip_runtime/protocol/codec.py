@@ -1,0 +1,89 @@
+"""The only place bytes become envelopes (and payloads become models).
+
+``decode`` turns one text frame or line into an ``Envelope`` or raises ``DecodeError`` with a
+protocol code and ``detail["where"]``; ``parse_payload`` validates a payload against the model
+of its type and reports failures as a JSON pointer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol.envelope import KNOWN_FIELDS, Envelope
+from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.protocol.payloads import INBOUND, Message, Payload
+
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+
+P = TypeVar("P", bound=Payload)
+
+
+def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
+    """Decode one frame. Raises ``DecodeError`` (INVALID_MESSAGE, MESSAGE_TOO_LARGE, UNSUPPORTED_TYPE)."""
+    size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
+    if size > max_bytes:
+        raise DecodeError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"frame of {size} bytes exceeds the limit of {max_bytes}",
+            detail={"where": "frame", "limit": max_bytes},
+        )
+    try:
+        raw = json.loads(frame)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": "frame"}) from exc
+    if not isinstance(raw, dict):
+        raise DecodeError(ErrorCode.INVALID_MESSAGE, "an envelope must be a JSON object", detail={"where": "/"})
+    related = raw.get("id") if isinstance(raw.get("id"), str) else None
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        where, what = _first_error(exc)
+        raise DecodeError(
+            ErrorCode.INVALID_MESSAGE, f"invalid envelope at {where}: {what}", related_id=related, detail={"where": where}
+        ) from exc
+    if envelope.crit and envelope.unknown_fields:
+        raise DecodeError(
+            ErrorCode.UNSUPPORTED_TYPE,
+            f"critical envelope carries unknown fields: {', '.join(envelope.unknown_fields)}",
+            related_id=envelope.id,
+            detail={"where": "/" + envelope.unknown_fields[0]},
+        )
+    return envelope
+
+
+def parse_payload(envelope: Envelope, model: type[P] | None = None) -> P:
+    """Validate ``envelope.payload`` against ``model`` (default: the model of its type)."""
+    chosen: type[Payload] = model or INBOUND.get(envelope.type, Payload)
+    data: Any = envelope.payload
+    if isinstance(data, str):
+        if chosen is not Message:
+            raise DecodeError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"{envelope.type} needs an object payload",
+                related_id=envelope.id,
+                detail={"where": "/payload"},
+            )
+        data = {"text": data}
+    try:
+        return chosen.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        where, what = _first_error(exc, prefix="/payload")
+        raise DecodeError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"invalid {envelope.type} payload at {where}: {what}",
+            related_id=envelope.id,
+            detail={"where": where},
+        ) from exc
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
+    error = exc.errors()[0]
+    pointer = prefix + "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error["loc"])
+    return pointer or "/", error["msg"]
+
+
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "KNOWN_FIELDS", "decode", "parse_payload"]

@@ -1,0 +1,134 @@
+"""The HAIP envelope: the validated inbound model and the outbound ``Event``.
+
+Inbound bytes become an ``Envelope`` only in ``codec.decode``. Outbound, the runtime builds an
+``Event`` once (its payload JSON is encoded once, however many members receive it) and each
+session stamps it with its own ``session``, ``seq`` and ``ack`` when it sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from haip_runtime.protocol.events import Channel
+
+CHANNEL_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+KNOWN_FIELDS = frozenset(
+    {"id", "session", "transaction", "seq", "ack", "ts", "channel", "type", "payload", "run_id", "thread_id",
+     "pv", "crit", "bin_len", "bin_mime"}
+)  # fmt: skip
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now_ms() -> str:
+    return str(time.time_ns() // 1_000_000)
+
+
+class Envelope(BaseModel):
+    """One inbound envelope, after the tolerant conversions of PROTOCOL.md section 2."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    session: str = Field(max_length=128)
+    transaction: str | None = Field(default=None, max_length=128)
+    seq: str = Field(min_length=1, max_length=32)
+    ack: str | None = Field(default=None, max_length=32)
+    ts: str = Field(max_length=32)
+    channel: str = Field(pattern=CHANNEL_PATTERN)
+    type: str = Field(min_length=1, max_length=64)
+    payload: dict[str, Any] | str
+    run_id: str | None = Field(default=None, max_length=128)
+    thread_id: str | None = Field(default=None, max_length=128)
+    pv: int | None = None
+    crit: bool = False
+    bin_len: int | None = Field(default=None, ge=0)
+    bin_mime: str | None = Field(default=None, max_length=128)
+
+    @field_validator("transaction", mode="before")
+    @classmethod
+    def _null_string_is_null(cls, value: object) -> object:
+        # Reference clients send the string "null" for "no transaction".
+        return None if value in ("null", "") else value
+
+    @field_validator("seq", "ack", "ts", mode="before")
+    @classmethod
+    def _numbers_as_strings(cls, value: object) -> object:
+        # Decimal strings on the wire; accept JSON integers from lenient clients.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @property
+    def numeric_seq(self) -> int | None:
+        """``seq`` as an integer if it is a decimal UInt64, else ``None``."""
+        return parse_uint64(self.seq)
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+    @property
+    def payload_dict(self) -> dict[str, Any]:
+        """The payload as an object; a bare-string payload reads as ``{"text": ...}``."""
+        return {"text": self.payload} if isinstance(self.payload, str) else self.payload
+
+
+def parse_uint64(value: str | None) -> int | None:
+    if value is None or not value.isdecimal() or not value.isascii():
+        return None
+    number = int(value)
+    return number if number < 2**64 else None
+
+
+@dataclass(frozen=True, eq=False)
+class Event:
+    """An outbound event before a session stamps it. Built once, fanned out to every member."""
+
+    type: str
+    payload: dict[str, Any] | str
+    channel: str = Channel.SYSTEM
+    transaction: str | None = None
+    run_id: str | None = None
+    thread_id: str | None = None
+    id: str = field(default_factory=new_id)
+    ts: str = field(default_factory=now_ms)
+    #: The transaction-log sequence, set once the event is recorded in a transaction's log.
+    tseq: int | None = None
+    #: Session ids that must not receive this event (the author of a forwarded user message).
+    exclude: frozenset[str] = frozenset()
+
+    @cached_property
+    def payload_json(self) -> str:
+        return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
+
+    def with_changes(self, **changes: Any) -> Event:
+        return replace(self, **changes)
+
+    def to_wire(self, *, session: str, seq: int, ack: int | None) -> str:
+        """The envelope as JSON text; the payload part is encoded once per event."""
+        head: dict[str, Any] = {
+            "id": self.id,
+            "session": session,
+            "transaction": self.transaction,
+            "seq": str(seq),
+            "ts": self.ts,
+            "channel": self.channel,
+            "type": self.type,
+        }
+        if ack is not None:
+            head["ack"] = str(ack)
+        if self.run_id is not None:
+            head["run_id"] = self.run_id
+        if self.thread_id is not None:
+            head["thread_id"] = self.thread_id
+        return json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"

@@ -1,0 +1,110 @@
+"""Names of the wire: event types, channels, error codes and close codes (PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import enum
+
+HAIP_VERSION = "1.1.2"
+ACCEPT_MAJOR = (1,)
+
+
+class EventType(enum.StrEnum):
+    # transaction era (spoken by the reference SDK and CLI)
+    HAI = "HAI"
+    PING = "PING"
+    PONG = "PONG"
+    ERROR = "ERROR"
+    INFO = "INFO"
+    FLOW_UPDATE = "FLOW_UPDATE"
+    REPLAY_REQUEST = "REPLAY_REQUEST"
+    TRANSACTION_START = "TRANSACTION_START"
+    TRANSACTION_END = "TRANSACTION_END"
+    TRANSACTION_JOIN = "TRANSACTION_JOIN"
+    MESSAGE = "MESSAGE"
+    MESSAGE_UPDATE = "MESSAGE_UPDATE"
+    AUDIO = "AUDIO"
+    TOOL_LIST = "TOOL_LIST"
+    TOOL_SCHEMA = "TOOL_SCHEMA"
+    # 1.1.2 vocabulary (sent only to clients that list them in accept_events)
+    RUN_STARTED = "RUN_STARTED"
+    RUN_FINISHED = "RUN_FINISHED"
+    RUN_ERROR = "RUN_ERROR"
+    RUN_CANCEL = "RUN_CANCEL"
+    MESSAGE_START = "MESSAGE_START"
+    MESSAGE_PART = "MESSAGE_PART"
+    MESSAGE_END = "MESSAGE_END"
+    AUDIO_CHUNK = "AUDIO_CHUNK"
+    TOOL_CALL = "TOOL_CALL"
+    TOOL_UPDATE = "TOOL_UPDATE"
+    TOOL_DONE = "TOOL_DONE"
+    TOOL_CANCEL = "TOOL_CANCEL"
+    PAUSE_CHANNEL = "PAUSE_CHANNEL"
+    RESUME_CHANNEL = "RESUME_CHANNEL"
+
+
+class Channel(enum.StrEnum):
+    USER = "USER"
+    AGENT = "AGENT"
+    SYSTEM = "SYSTEM"
+    AUDIO_IN = "AUDIO_IN"
+    AUDIO_OUT = "AUDIO_OUT"
+
+
+class ErrorCode(enum.StrEnum):
+    HANDSHAKE_REQUIRED = "HANDSHAKE_REQUIRED"
+    AUTHENTICATION_FAILED = "AUTHENTICATION_FAILED"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    VERSION_INCOMPATIBLE = "VERSION_INCOMPATIBLE"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNSUPPORTED_TYPE = "UNSUPPORTED_TYPE"
+    INVALID_PAYLOAD = "INVALID_PAYLOAD"
+    TRANSACTION_NOT_FOUND = "TRANSACTION_NOT_FOUND"
+    AGENT_NOT_FOUND = "AGENT_NOT_FOUND"
+    TOOL_NOT_FOUND = "TOOL_NOT_FOUND"
+    RUN_LIMIT_EXCEEDED = "RUN_LIMIT_EXCEEDED"
+    FLOW_CONTROL_VIOLATION = "FLOW_CONTROL_VIOLATION"
+    SEQ_VIOLATION = "SEQ_VIOLATION"
+    REPLAY_TOO_OLD = "REPLAY_TOO_OLD"
+    RESUME_FAILED = "RESUME_FAILED"
+    BINARY_FRAME_ERROR = "BINARY_FRAME_ERROR"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    PROTOCOL = 1002  # version incompatible
+    POLICY = 1008  # authentication / handshake
+    TOO_LARGE = 1009
+    INTERNAL = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class ToolStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    CANCELLING = "CANCELLING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    INPUT_REQUIRED = "INPUT_REQUIRED"
+
+
+class DoneStatus(enum.StrEnum):
+    OK = "OK"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+
+#: Everything the runtime understands, advertised in its HAI.
+ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventType)
+
+#: What a client that sends no ``accept_events`` is assumed to accept: the transaction era.
+TRANSACTION_ERA_EVENTS: frozenset[str] = frozenset(
+    {
+        "HAI", "PING", "PONG", "ERROR", "INFO", "FLOW_UPDATE", "REPLAY_REQUEST", "TRANSACTION_START",
+        "TRANSACTION_END", "TRANSACTION_JOIN", "MESSAGE", "MESSAGE_UPDATE", "AUDIO", "TOOL_LIST", "TOOL_SCHEMA",
+    }
+)  # fmt: skip
+
+#: Types a peer may send at any time, whatever its permissions.
+ALWAYS_ALLOWED: frozenset[str] = frozenset({"HAI", "PING", "PONG"})
