@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.envelope import KNOWN_FIELDS, Envelope
@@ -19,7 +19,7 @@ from haip_runtime.protocol.payloads import INBOUND, Message, Payload
 
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 
-P = TypeVar("P", bound=Payload)
+P = TypeVar("P", bound=BaseModel)
 
 
 def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
@@ -57,7 +57,7 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
 
 def parse_payload(envelope: Envelope, model: type[P] | None = None) -> P:
     """Validate ``envelope.payload`` against ``model`` (default: the model of its type)."""
-    chosen: type[Payload] = model or INBOUND.get(envelope.type, Payload)
+    chosen: type[BaseModel] = model or INBOUND.get(envelope.type, Payload)
     data: Any = envelope.payload
     if isinstance(data, str):
         if chosen is not Message:

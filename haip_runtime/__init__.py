@@ -1,0 +1,40 @@
+"""haip-runtime: host agent plugins, bridge them to MCP servers, show humans what they do, over HAIP."""
+
+__version__ = "0.1.0"
+
+from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn  # noqa: E402
+from haip_runtime.config import HaipConfig, load_config  # noqa: E402
+from haip_runtime.exceptions import (  # noqa: E402
+    ClientError,
+    ConfigError,
+    DecodeError,
+    HaipError,
+    HandshakeError,
+    PluginError,
+    ProtocolError,
+    ToolError,
+    ToolTimeoutError,
+    ToolUnavailableError,
+)
+
+__all__ = [
+    "Agent",
+    "AgentContext",
+    "ClientError",
+    "ConfigError",
+    "DecodeError",
+    "HaipConfig",
+    "HaipError",
+    "HandshakeError",
+    "HistoryEntry",
+    "MessageStream",
+    "NoOptions",
+    "PluginError",
+    "ProtocolError",
+    "ToolError",
+    "ToolTimeoutError",
+    "ToolUnavailableError",
+    "Turn",
+    "__version__",
+    "load_config",
+]

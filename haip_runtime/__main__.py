@@ -1,0 +1,5 @@
+import sys
+
+from haip_runtime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The runtime and its ASGI app: config in, routes out.
+
+``Runtime`` owns the long-lived parts (hub, authenticator, tool proxy) for the lifetime of an
+``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
+``/haip/websocket`` and ``/`` (WebSocket), ``/health``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Self
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from haip_runtime import __version__
+from haip_runtime.agents.registry import load_agents
+from haip_runtime.auth import Authenticator
+from haip_runtime.config import HaipConfig
+from haip_runtime.connection import Connection
+from haip_runtime.hub import Hub
+from haip_runtime.session import Outbox
+from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
+
+
+class Runtime:
+    """Everything one haip-runtime process runs, started and stopped as one unit."""
+
+    def __init__(self, config: HaipConfig) -> None:
+        self.config = config
+        self.authenticator = Authenticator(config.auth)
+        self.agents = load_agents(config)
+        self.hub = Hub(config, self.agents)
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        await self._stack.__aenter__()
+        await self._stack.enter_async_context(self.hub)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._stack.__aexit__(*exc_info)
+
+    async def serve_websocket(self, ws: WebSocket) -> None:
+        outbox = Outbox(self.config.session.max_buffered_messages)
+        connection = Connection(self.hub, self.authenticator, websocket_credentials(ws), outbox)
+        async with websocket_streams(ws, outbox, max_frame_bytes=self.config.server.max_frame_bytes) as inbound:
+            await connection.serve(inbound)
+
+    def health(self) -> dict[str, Any]:
+        hub = self.hub
+        return {
+            "status": "ok",
+            "uptime": int((time.monotonic() - hub.started_at) * 1000),
+            "activeConnections": hub.active_connections,
+            "totalConnections": hub.total_connections,
+            "version": __version__,
+            "sessions": len(hub.sessions),
+            "transactions": sum(1 for t in hub.transactions.values() if not t.ended),
+        }
+
+
+def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
+    """The ASGI app. Pass ``runtime`` to share it with the caller (the CLI prints its dev token)."""
+    rt = runtime or Runtime(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with rt:
+            yield {"runtime": rt}
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(rt.health())
+
+    async def index(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")
+
+    routes = [
+        Route("/health", health),
+        WebSocketRoute("/haip/websocket", rt.serve_websocket),
+        WebSocketRoute("/", rt.serve_websocket),
+        Route("/", index),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,158 @@
+"""``haip-runtime``: serve, check a config, issue a token, write the config schema.
+
+Every failure the operator can fix is one line on stderr and exit code 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump
+from haip_runtime.exceptions import ConfigError, PluginError
+
+DEFAULT_CONFIG = "haip.toml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (ConfigError, PluginError) as exc:
+        print(f"haip-runtime: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haip-runtime", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    _config_arg(serve)
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser("check", help="validate a config and print it, secrets masked")
+    _config_arg(check)
+    check.set_defaults(func=_check)
+
+    token = commands.add_parser("token", help="issue a token signed with the config's auth.secret")
+    _config_arg(token)
+    token.add_argument("--user", default="operator", help="the token's subject (default: operator)")
+    token.add_argument("--ttl", type=float, default=12 * 3600, help="lifetime in seconds")
+    token.set_defaults(func=_token)
+
+    schema = commands.add_parser("schema", help="print (or write) the JSON Schema of haip.toml")
+    schema.add_argument("--output", type=Path, help="write it to this file")
+    schema.set_defaults(func=_schema)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="path to haip.toml (default: ./haip.toml)")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from haip_runtime.agents.registry import load_agents
+
+    config = load_config(args.config)
+    agents = load_agents(config)
+    print(json.dumps(masked_dump(config), indent=2))
+    print(f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from haip_runtime.auth import Authenticator
+
+    config = load_config(args.config)
+    if config.auth.mode != "jwt":
+        raise ConfigError(f"{args.config}: auth.mode: 'token' needs mode = 'jwt' (dev mode prints its token at start)")
+    print(Authenticator(config.auth).issue(args.user, ttl_seconds=args.ttl))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        data = config.model_dump()
+        data["server"].update(overrides)
+        from haip_runtime.config import validate_config
+
+        config = validate_config(data, base_dir=config.base_dir, source=args.config)
+    return serve(config)
+
+
+def serve(config: HaipConfig) -> int:
+    import uvicorn
+
+    from haip_runtime.app import Runtime, create_app
+    from haip_runtime.logs import configure_logging
+
+    configure_logging(config.observability)
+    runtime = Runtime(config)
+    sock = _bind(config.server.host, config.server.port)
+    host, port = sock.getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                _announce(runtime, host, port)
+
+    uv_config = uvicorn.Config(
+        create_app(config, runtime), log_config=None, ws_max_size=config.server.max_frame_bytes + 1024,
+        ws_per_message_deflate=config.server.ws_per_message_deflate, timeout_graceful_shutdown=5,
+        ws_ping_interval=None,  # HAIP has its own PING/PONG
+    )  # fmt: skip
+    Server(uv_config).run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _announce(runtime: Any, host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    lines = [f"haip-runtime listening on http://{shown}:{port}",
+             f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
+             f"  health:    http://{shown}:{port}/health",
+             f"  agents:    {', '.join(runtime.agents) or '(none configured)'}"]  # fmt: skip
+    if runtime.config.auth.mode == "dev":
+        token = runtime.authenticator.issue("dev")
+        lines += ["  auth:      dev mode (loopback only); a ready token for user 'dev':",
+                  f"  token:     {token}",
+                  f"  try:       python -m haip_runtime.client ws://{shown}:{port}/haip/websocket --token {token}"]  # fmt: skip
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,181 @@
+"""One client connection, whatever the transport: handshake, read loop, heartbeat.
+
+``serve_connection`` takes the transport's stream of decoded envelopes (or ``DecodeError``
+values) and an ``Outbox``; it authenticates the first ``HAI``, creates or resumes the
+``Session``, and then feeds every envelope to the session and the hub, in order. Frames that
+arrive while authentication runs simply wait in the stream: they are processed after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from haip_runtime.auth import Authenticator, Credentials
+from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
+from haip_runtime.hub import Hub
+from haip_runtime.negotiation import negotiate
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import parse_payload
+from haip_runtime.protocol.envelope import Envelope, Event, new_id
+from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
+from haip_runtime.session import Outbox, Session, error_payload, parse_seq
+
+logger = logging.getLogger(__name__)
+
+Inbound = Envelope | DecodeError
+
+
+class Connection:
+    """Serves one transport connection for the runtime's hub."""
+
+    def __init__(self, hub: Hub, authenticator: Authenticator, credentials: Credentials, outbox: Outbox) -> None:
+        self.hub = hub
+        self.authenticator = authenticator
+        self.credentials = credentials
+        self.outbox = outbox
+        self.config = hub.config.session
+        self._heard = anyio.Event()
+
+    async def serve(self, inbound: ObjectReceiveStream[Inbound]) -> None:
+        provisional_id = new_id()
+        self._send_raw(provisional_id, 1, EventType.HAI, self._server_hai())
+        session = await self._handshake(inbound, provisional_id)
+        if session is None:
+            return
+        self.hub.active_connections += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, session)
+                await self._read_loop(inbound, session)
+                tg.cancel_scope.cancel()
+        finally:
+            self.hub.active_connections -= 1
+            session.detach(self.outbox)
+
+    def _send_raw(self, session_id: str, seq: int, type: str, payload: dict[str, Any]) -> None:
+        """Frames sent before a session exists (the server HAI, handshake errors)."""
+        self.outbox.put(Event(type=type, payload=payload).to_wire(session=session_id, seq=seq, ack=None))
+
+    def _server_hai(self) -> dict[str, Any]:
+        caps = {
+            "binary_frames": False,
+            "flow_control": {"initial_credit_messages": 1000, "initial_credit_bytes": 16 * 1024 * 1024},
+            "max_concurrent_runs": self.config.max_concurrent_runs,
+            "signed_envelopes": False,
+        }
+        return {"haip_version": HAIP_VERSION, "accept_major": list(ACCEPT_MAJOR), "accept_events": list(ALL_EVENTS),
+                "capabilities": caps}  # fmt: skip
+
+    # --- handshake ---------------------------------------------------------------------------------
+
+    async def _handshake(self, inbound: ObjectReceiveStream[Inbound], provisional_id: str) -> Session | None:
+        self.hub.total_connections += 1
+        try:
+            with anyio.fail_after(self.config.handshake_timeout_seconds):
+                first = await inbound.receive()
+            return self._authenticate(first, provisional_id)
+        except HandshakeError as error:
+            self._send_raw(provisional_id, 2, EventType.ERROR, error_payload(error))
+            self.outbox.close(error.close_code, error.message)
+        except TimeoutError:
+            self.outbox.close(CloseCode.POLICY, "no HAI received")
+        except anyio.EndOfStream:
+            pass
+        return None
+
+    def _authenticate(self, first: Inbound, provisional_id: str) -> Session:
+        if isinstance(first, DecodeError):
+            raise HandshakeError(first.code, f"first frame is not a HAIP envelope: {first.message}",
+                                 close_code=CloseCode.POLICY, related_id=first.related_id)  # fmt: skip
+        if first.type != EventType.HAI:
+            raise HandshakeError(ErrorCode.HANDSHAKE_REQUIRED, f"the first message must be HAI, not {first.type}",
+                                 close_code=CloseCode.POLICY, related_id=first.id)  # fmt: skip
+        try:
+            hai = parse_payload(first, p.Hai)
+        except DecodeError as exc:
+            raise HandshakeError(exc.code, exc.message, close_code=CloseCode.POLICY, related_id=first.id) from exc
+        if not set(hai.accept_major) & set(ACCEPT_MAJOR):
+            raise HandshakeError(ErrorCode.VERSION_INCOMPATIBLE,
+                                 f"this runtime speaks HAIP major {ACCEPT_MAJOR}, the client {hai.accept_major}",
+                                 close_code=CloseCode.PROTOCOL, related_id=first.id)  # fmt: skip
+        principal = self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
+        return self._open_session(first, hai, principal, provisional_id)
+
+    def _open_session(self, first: Envelope, hai: p.Hai, principal: Any, provisional_id: str) -> Session:
+        resumed: Session | None = None
+        if hai.last_rx_seq is not None and first.session:
+            resumed = self.hub.find_resumable(first.session, principal.user)
+        if resumed is not None:
+            resumed.attach(self.outbox, parse_seq(hai.last_rx_seq, "last_rx_seq", first.id))
+            resumed.accept_inbound(first)
+            resumed.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": True})
+            return resumed
+        # The server HAI already went out as seq 1 of this session.
+        session = Session(principal, negotiate(hai.accept_events), self.config, id=provisional_id, sent=1)
+        session.attach(self.outbox)
+        session.accept_inbound(first)
+        self.hub.add_session(session)
+        if hai.last_rx_seq is not None:
+            session.send_error(ProtocolError(ErrorCode.RESUME_FAILED,
+                                             "no resumable session with that id; started a new one",
+                                             related_id=first.id))  # fmt: skip
+        session.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": False})
+        return session
+
+    # --- after the handshake -----------------------------------------------------------------------
+
+    async def _read_loop(self, inbound: ObjectReceiveStream[Inbound], session: Session) -> None:
+        async for item in inbound:
+            self._heard.set()
+            if isinstance(item, DecodeError):
+                session.send_error(item)
+                continue
+            if not session.accept_inbound(item):
+                continue  # a duplicate of something already processed
+            try:
+                await self._dispatch(session, item)
+            except ProtocolError as error:
+                session.send_error(error, transaction=item.transaction)
+            except Exception:
+                logger.exception("internal error handling %s from session %s", item.type, session.id)
+                session.send_error(ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log",
+                                                 related_id=item.id), transaction=item.transaction)  # fmt: skip
+
+    async def _dispatch(self, session: Session, envelope: Envelope) -> None:
+        kind = envelope.type
+        if kind in (EventType.HAI, EventType.PONG, EventType.FLOW_UPDATE, EventType.INFO, EventType.ERROR):
+            return  # a later HAI is ignored; PONG only proves liveness; client credit is not used yet
+        if kind == EventType.PING:
+            ping = parse_payload(envelope, p.Ping)
+            session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())
+        elif kind == EventType.REPLAY_REQUEST:
+            request = parse_payload(envelope, p.ReplayRequest)
+            start = parse_seq(request.from_seq, "from_seq", envelope.id)
+            end = parse_seq(request.to_seq, "to_seq", envelope.id) if request.to_seq else None
+            try:
+                frames = list(session.replay(start, end))
+            except ProtocolError as error:
+                error.related_id = envelope.id
+                raise
+            for frame in frames:
+                self.outbox.put(frame)
+        else:
+            await self.hub.handle(session, envelope)
+
+    async def _heartbeat(self, session: Session) -> None:
+        """PING every interval; a peer that says nothing for the timeout after it is dropped."""
+        interval, timeout = self.config.heartbeat_interval_seconds, self.config.heartbeat_timeout_seconds
+        while True:
+            await anyio.sleep(interval)
+            self._heard = anyio.Event()
+            session.send(EventType.PING, {"nonce": new_id()})
+            with anyio.move_on_after(timeout) as waited:
+                await self._heard.wait()
+            if waited.cancelled_caught:
+                logger.info("session %s silent for %.0f s after PING; disconnecting", session.id, timeout)
+                self.outbox.close(CloseCode.TRY_AGAIN_LATER, "heartbeat timeout")
+                return

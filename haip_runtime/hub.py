@@ -1,0 +1,268 @@
+"""The hub: every live session and transaction of this runtime, and what clients ask of them.
+
+Routes each authenticated inbound envelope to its handler, checks that the sender is a member
+of the transaction it names, and owns the task group in which agent turns run. Protocol
+failures are raised as ``ProtocolError`` and answered by the connection as ``ERROR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from haip_runtime.agents.api import Agent
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.config import HaipConfig
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import parse_payload
+from haip_runtime.protocol.envelope import Envelope, Event
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.session import Session
+from haip_runtime.transactions import AgentSlot, Transaction
+
+if TYPE_CHECKING:
+    from haip_runtime.tools import ToolProxy
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Session, Envelope], Awaitable[None]]
+
+
+class Hub:
+    """Sessions, transactions, agents; the handlers of every transaction-level event."""
+
+    def __init__(self, config: HaipConfig, agents: dict[str, AgentSpec], tools: ToolProxy | None = None) -> None:
+        self.config = config
+        self.agents = agents
+        self.tools = tools
+        self.sessions: dict[str, Session] = {}
+        self.transactions: dict[str, Transaction] = {}
+        self.started_at = time.monotonic()
+        self.total_connections = 0
+        self.active_connections = 0
+        self._task_group: TaskGroup | None = None
+        self._handlers: dict[str, Handler] = {
+            EventType.TRANSACTION_START: self._transaction_start,
+            EventType.TRANSACTION_JOIN: self._transaction_join,
+            EventType.TRANSACTION_END: self._transaction_end,
+            EventType.MESSAGE: self._message,
+            EventType.MESSAGE_UPDATE: self._message_update,
+            EventType.RUN_CANCEL: self._run_cancel,
+            EventType.TOOL_LIST: self._tool_list,
+            EventType.TOOL_SCHEMA: self._tool_schema,
+        }
+
+    async def __aenter__(self) -> Self:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._reap_sessions)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._task_group is not None
+        with anyio.move_on_after(10, shield=True):
+            for transaction in list(self.transactions.values()):
+                await transaction.end("runtime shutting down")
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(*exc_info)
+
+    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._task_group is None:
+            raise RuntimeError("the hub is not running")
+        self._task_group.start_soon(func, *args)
+
+    def register_handler(self, type: str, handler: Handler) -> None:
+        self._handlers[type] = handler
+
+    # --- sessions ----------------------------------------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def find_resumable(self, session_id: str, user: str) -> Session | None:
+        session = self.sessions.get(session_id)
+        if session is None or session.user != user or session.expired(time.monotonic()):
+            return None
+        return session
+
+    async def _reap_sessions(self) -> None:
+        interval = min(30.0, self.config.session.resume_timeout_seconds / 2)
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for session in [s for s in self.sessions.values() if s.expired(now)]:
+                self.drop_session(session)
+
+    def drop_session(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        for transaction_id in list(session.transactions):
+            transaction = self.transactions.get(transaction_id)
+            if transaction is not None:
+                transaction.remove_member(session)
+
+    # --- dispatch ----------------------------------------------------------------------------------
+
+    async def handle(self, session: Session, envelope: Envelope) -> None:
+        handler = self._handlers.get(envelope.type)
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_TYPE, f"this runtime does not handle {envelope.type!r}",
+                                related_id=envelope.id)  # fmt: skip
+        await handler(session, envelope)
+
+    def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
+        """The transaction the envelope names, if the sender is a member (else not found)."""
+        transaction = self.transactions.get(envelope.transaction or "")
+        if transaction is None or not transaction.is_member(session):
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND,
+                                f"no transaction {envelope.transaction!r} for this session",
+                                related_id=envelope.id)  # fmt: skip
+        return transaction
+
+    # --- transactions ------------------------------------------------------------------------------
+
+    async def _transaction_start(self, session: Session, envelope: Envelope) -> None:
+        request = parse_payload(envelope, p.TransactionStart)
+        spec = self.agents.get(request.agent_name or "")
+        if spec is None:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {request.agent_name!r}",
+                                related_id=envelope.transaction or envelope.id)  # fmt: skip
+        transaction = Transaction(owner=session.user, thread_id=request.thread_id or envelope.thread_id,
+                                  spawn=self.spawn, tools=self.tools)  # fmt: skip
+        self.transactions[transaction.id] = transaction
+        transaction.add_member(session)
+        slot = self._slot(spec, transaction, session, request.params)
+        transaction.add_agent(slot)
+        reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
+        transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
+        self.send_tool_list(transaction)
+        if type(slot.instance).on_start is not Agent.on_start:
+            transaction.start_run(slot, session, "", {}, "on_start")
+
+    def _slot(self, spec: AgentSpec, transaction: Transaction, session: Session, params: dict[str, Any]) -> AgentSlot:
+        instance = spec.create(transaction_id=transaction.id, started_by=session.user, params=params)
+        return AgentSlot(spec.name, instance, tuple(spec.config.mcp_servers))
+
+    async def _transaction_join(self, session: Session, envelope: Envelope) -> None:
+        request = parse_payload(envelope, p.TransactionJoin)
+        transaction = self.transactions.get(envelope.transaction or "")
+        if transaction is None or (transaction.owner != session.user and not transaction.is_member(session)):
+            # Joining other users' conversations needs roles (not configured): do not reveal it exists.
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {envelope.transaction!r}",
+                                related_id=envelope.id)  # fmt: skip
+        if request.agent:
+            await self._add_agent(session, envelope, transaction, request.agent)
+            return
+        transaction.add_member(session)
+        members = sorted({s.user for s in transaction.members.values()})
+        joined = p.TransactionJoined(members=members, agents=list(transaction.agents))
+        session.send(EventType.TRANSACTION_JOIN, joined.dump(), transaction=transaction.id)
+        since = int(request.since) if request.since and request.since.isdecimal() else 0
+        for event in transaction.events_after(since):
+            session.deliver(event)
+        self.send_tool_list(transaction, only=session)
+
+    async def _add_agent(self, session: Session, envelope: Envelope, transaction: Transaction, name: str) -> None:
+        spec = self.agents.get(name)
+        if spec is None:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {name!r}", related_id=envelope.id)
+        if name not in transaction.agents:
+            transaction.add_agent(self._slot(spec, transaction, session, {}))
+        members = sorted({s.user for s in transaction.members.values()})
+        transaction.publish(Event(EventType.TRANSACTION_JOIN, {"members": members, "agents": list(transaction.agents)}))
+        self.send_tool_list(transaction)
+
+    async def _transaction_end(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        reason = parse_payload(envelope, p.TransactionEnd).reason or f"ended by {session.user}"
+        await transaction.end(reason)
+
+    # --- messages and runs -------------------------------------------------------------------------
+
+    async def _message(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        self._check_open(transaction, envelope)
+        message = parse_payload(envelope, p.Message)
+        for slot in transaction.agents.values():
+            schema = slot.instance.input_schema
+            if schema is not None and isinstance(envelope.payload, dict):
+                parse_payload(envelope, schema)
+        wanted = len(transaction.agents)
+        if session.active_runs + wanted > self.config.session.max_concurrent_runs:
+            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED,
+                                f"at most {self.config.session.max_concurrent_runs} runs at once per session",
+                                related_id=envelope.id)  # fmt: skip
+        transaction.user_message(session, message.text, envelope.payload_dict)
+
+    async def _message_update(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        update = parse_payload(envelope, p.MessageUpdate)
+        for entry in transaction.history:
+            if entry.message_id == update.message_id and entry.author == session.user:
+                break
+        else:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "you can only edit your own messages",
+                                related_id=envelope.id, detail={"where": "/payload/message_id"})  # fmt: skip
+        transaction.publish(Event(EventType.MESSAGE_UPDATE, update.dump(), channel=Channel.USER,
+                                  exclude=frozenset({session.id})))  # fmt: skip
+
+    async def _run_cancel(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        request = parse_payload(envelope, p.RunCancel)
+        if not transaction.cancel_run(request.run_id):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no running run {request.run_id!r}",
+                                related_id=envelope.id, detail={"where": "/payload/run_id"})  # fmt: skip
+
+    @staticmethod
+    def _check_open(transaction: Transaction, envelope: Envelope) -> None:
+        if transaction.ended:
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"transaction {transaction.id} has ended",
+                                related_id=envelope.id)  # fmt: skip
+
+    # --- tools -------------------------------------------------------------------------------------
+
+    async def _tool_list(self, session: Session, envelope: Envelope) -> None:
+        if envelope.transaction is None:
+            tools = [p.ToolEntry(name=name, description=spec.description) for name, spec in sorted(self.agents.items())]
+            session.send(EventType.TOOL_LIST, p.ToolList(tools=tools).dump())
+            return
+        self.send_tool_list(self.member_transaction(session, envelope), only=session)
+
+    def send_tool_list(self, transaction: Transaction, only: Session | None = None) -> None:
+        """TOOL_LIST of the MCP tools the transaction's agents may call."""
+        entries = self.tool_entries(transaction)
+        event = Event(EventType.TOOL_LIST, p.ToolList(tools=entries).dump(), transaction=transaction.id)
+        if only is not None:
+            only.deliver(event)
+        else:
+            transaction.publish(event)
+
+    def tool_entries(self, transaction: Transaction) -> list[p.ToolEntry]:
+        if self.tools is None:
+            return []
+        servers = sorted({s for slot in transaction.agents.values() for s in slot.tool_servers})
+        return [tool.entry() for tool in self.tools.visible_tools(servers)]
+
+    async def _tool_schema(self, session: Session, envelope: Envelope) -> None:
+        request = parse_payload(envelope, p.ToolSchemaRequest)
+        if envelope.transaction is None:
+            spec = self.agents.get(request.tool)
+            if spec is None:
+                raise ProtocolError(ErrorCode.TOOL_NOT_FOUND, f"no agent named {request.tool!r}", related_id=envelope.id)
+            schema = {"name": spec.name, "description": spec.description,
+                      "inputSchema": p.TransactionStart.model_json_schema()}  # fmt: skip
+            session.send(EventType.TOOL_SCHEMA, {"tool": request.tool, "schema": schema})
+            return
+        transaction = self.member_transaction(session, envelope)
+        names = {entry.name for entry in self.tool_entries(transaction)}
+        tool = self.tools.find(request.tool) if self.tools is not None and request.tool in names else None
+        if tool is None:
+            raise ProtocolError(ErrorCode.TOOL_NOT_FOUND, f"no tool {request.tool!r} in this transaction",
+                                related_id=envelope.id)  # fmt: skip
+        session.send(EventType.TOOL_SCHEMA, {"tool": request.tool, "schema": tool.schema()}, transaction=transaction.id)
+

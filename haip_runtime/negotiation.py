@@ -1,0 +1,82 @@
+"""``accept_events`` negotiation: what each client is sent instead of events it did not ask for.
+
+PROTOCOL.md section 12. One ``Downgrader`` per session; it keeps the text of streamed messages
+so a client without ``MESSAGE_START`` gets one whole ``MESSAGE`` at ``MESSAGE_END``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
+
+_TOOL_EVENTS = {"TOOL_CALL": "call", "TOOL_UPDATE": "update", "TOOL_DONE": "done", "TOOL_CANCEL": "cancel"}
+_RUN_EVENTS = {"RUN_STARTED": "started", "RUN_FINISHED": "finished", "RUN_ERROR": "error", "RUN_CANCEL": "cancel"}
+_NEVER_DOWNGRADED = {"PAUSE_CHANNEL", "RESUME_CHANNEL"}
+#: Streamed text kept per message for a client that gets it whole; a bound against runaway streams.
+MAX_BUFFERED_STREAM_CHARS = 4 * 1024 * 1024
+
+
+def negotiate(accept_events: Iterable[str] | None) -> frozenset[str]:
+    """The types a client gets. Unknown names are ignored; HAI, ERROR, PING, PONG always pass."""
+    if accept_events is None:
+        return TRANSACTION_ERA_EVENTS
+    wanted = {name for name in accept_events if name in ALL_EVENTS}
+    return frozenset(wanted | {"HAI", "ERROR", "PING", "PONG"})
+
+
+class Downgrader:
+    """Turns one outbound event into what this client accepts (zero, one or two events)."""
+
+    def __init__(self, accepted: frozenset[str]) -> None:
+        self.accepted = accepted
+        self._streams: dict[str, list[str]] = {}
+
+    def adapt(self, event: Event) -> list[Event]:
+        kind = event.type
+        if kind in self.accepted:
+            return [self._object_message_for_legacy(event)] if kind == EventType.MESSAGE else [event]
+        if kind in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END"):
+            return self._stream_to_message(event)
+        if kind in _TOOL_EVENTS:
+            return self._as_info(event, "tool", _TOOL_EVENTS[kind])
+        if kind in _RUN_EVENTS:
+            infos = self._as_info(event, "run", _RUN_EVENTS[kind])
+            if kind == EventType.RUN_ERROR and isinstance(event.payload, dict):
+                error = {"code": event.payload.get("code"), "message": event.payload.get("message"),
+                         "related_id": event.payload.get("run_id")}  # fmt: skip
+                infos.append(event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM))
+            return infos
+        if kind == EventType.AUDIO_CHUNK and "AUDIO" in self.accepted:
+            return [event.with_changes(type=EventType.AUDIO)]
+        if kind == EventType.AUDIO and "AUDIO_CHUNK" in self.accepted:
+            return [event.with_changes(type=EventType.AUDIO_CHUNK)]
+        return []  # PAUSE/RESUME_CHANNEL and anything else the client did not ask for
+
+    def _object_message_for_legacy(self, event: Event) -> Event:
+        # A client of the transaction era shows MESSAGE payloads as text: give it the string form.
+        if isinstance(event.payload, dict) and "MESSAGE_START" not in self.accepted:
+            return event.with_changes(payload=str(event.payload.get("text", "")))
+        return event
+
+    def _stream_to_message(self, event: Event) -> list[Event]:
+        payload: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
+        message_id = str(payload.get("message_id", ""))
+        if event.type == EventType.MESSAGE_START:
+            self._streams[message_id] = []
+        elif event.type == EventType.MESSAGE_PART:
+            parts = self._streams.setdefault(message_id, [])
+            if sum(map(len, parts)) < MAX_BUFFERED_STREAM_CHARS:
+                parts.append(str(payload.get("text", "")))
+        elif event.type == EventType.MESSAGE_END and "MESSAGE" in self.accepted:
+            text = "".join(self._streams.pop(message_id, []))
+            return [event.with_changes(type=EventType.MESSAGE, payload=text, channel=Channel.AGENT)]
+        return []
+
+    def _as_info(self, event: Event, family: str, action: str) -> list[Event]:
+        if "INFO" not in self.accepted:
+            return []
+        body = event.payload if isinstance(event.payload, dict) else {"value": event.payload}
+        return [event.with_changes(type=EventType.INFO, payload={"event": family, "action": action, **body})]

@@ -1,0 +1,1 @@
+"""Transports turn sockets into streams of decoded envelopes and back; nothing else."""

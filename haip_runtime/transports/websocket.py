@@ -1,0 +1,83 @@
+"""HAIP over WebSocket: one JSON envelope per text frame (PROTOCOL.md section 1).
+
+``websocket_streams`` accepts the socket (echoing the ``haip`` subprotocol when offered) and
+yields the decoded inbound stream; the frames queued in the connection's ``Outbox`` are written
+out, and the socket is closed with the outbox's close code. No protocol decisions here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from haip_runtime.auth import Credentials, token_from_subprotocols
+from haip_runtime.connection import Inbound
+from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol.codec import decode
+from haip_runtime.protocol.events import CloseCode, ErrorCode
+from haip_runtime.session import Outbox
+
+#: Decoded envelopes waiting for the session; the socket stops being read while it is full.
+INBOUND_BUFFER = 64
+
+
+def websocket_credentials(ws: WebSocket) -> Credentials:
+    return Credentials(
+        authorization=ws.headers.get("authorization"),
+        subprotocol_token=token_from_subprotocols(list(ws.scope.get("subprotocols", []))),
+        query_token=ws.query_params.get("token"),
+    )
+
+
+@asynccontextmanager
+async def websocket_streams(ws: WebSocket, outbox: Outbox, *, max_frame_bytes: int) -> AsyncIterator[
+    ObjectReceiveStream[Inbound]
+]:
+    offered = list(ws.scope.get("subprotocols", []))
+    await ws.accept(subprotocol="haip" if "haip" in offered else None)
+    send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_read_frames, ws, send, max_frame_bytes)
+        tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
+        async with receive:
+            yield receive
+        outbox.close()
+
+
+async def _read_frames(ws: WebSocket, send: ObjectSendStream[Inbound], max_frame_bytes: int) -> None:
+    async with send:
+        while True:
+            try:
+                message = await ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            await send.send(_decode_message(message, max_frame_bytes))
+
+
+def _decode_message(message: dict[str, object], max_frame_bytes: int) -> Inbound:
+    text, data = message.get("text"), message.get("bytes")
+    if isinstance(text, str):
+        try:
+            return decode(text, max_bytes=max_frame_bytes)
+        except DecodeError as error:
+            return error
+    size = len(data) if isinstance(data, bytes) else 0
+    return DecodeError(ErrorCode.BINARY_FRAME_ERROR, f"unexpected binary frame of {size} bytes (no envelope announced it)",
+                       detail={"where": "frame"})  # fmt: skip
+
+
+async def _write_frames(ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
+    try:
+        async for frame in outbox.frames():
+            await ws.send_text(frame)
+        await ws.close(code=outbox.close_code or CloseCode.NORMAL, reason=outbox.close_reason[:120])
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the peer went away; the reader ends the connection
+    finally:
+        scope.cancel()
