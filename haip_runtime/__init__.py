@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn  # noqa: E402
-from haip_runtime.config import HaipConfig, load_config  # noqa: E402
-from haip_runtime.exceptions import (  # noqa: E402
+from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn
+from haip_runtime.config import HaipConfig, load_config
+from haip_runtime.exceptions import (
     ClientError,
     ConfigError,
     DecodeError,

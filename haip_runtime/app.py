@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,21 +27,41 @@ from haip_runtime.hub import Hub
 from haip_runtime.session import Outbox
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
+if TYPE_CHECKING:
+    from haip_runtime.bridge import McpBridge
+
 
 class Runtime:
     """Everything one haip-runtime process runs, started and stopped as one unit."""
 
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
-        self.authenticator = Authenticator(config.auth)
+        self.authenticator = Authenticator(config.auth, config.roles)
         self.agents = load_agents(config)
         self.hub = Hub(config, self.agents)
+        self.bridge: McpBridge | None = None
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Self:
         await self._stack.__aenter__()
-        await self._stack.enter_async_context(self.hub)
+        try:
+            if self.config.mcp.servers:
+                await self._start_bridge()
+            await self._stack.enter_async_context(self.hub)
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
+
+    async def _start_bridge(self) -> None:
+        from haip_runtime.bridge import McpBridge
+        from haip_runtime.tools import ToolProxy
+
+        mcp = self.config.mcp
+        bridge = McpBridge(mcp.servers, mcp.stdio, base_dir=self.config.base_dir,
+                           on_change=lambda status: self.hub.tools_changed(status.name))  # fmt: skip
+        self.bridge = await self._stack.enter_async_context(bridge)
+        self.hub.tools = ToolProxy(bridge, mcp.servers)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         return await self._stack.__aexit__(*exc_info)
@@ -62,6 +82,10 @@ class Runtime:
             "version": __version__,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.values() if not t.ended),
+            "mcp": {
+                name: {"state": status.state.value, "tools": len(status.tools), "error": status.error}
+                for name, status in (self.bridge.status() if self.bridge else {}).items()
+            },
         }
 
 

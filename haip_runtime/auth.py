@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 
-from haip_runtime.config import AuthConfig
+from haip_runtime.config import AuthConfig, RoleConfig
 from haip_runtime.exceptions import HandshakeError
+from haip_runtime.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 DEV_ISSUER = "haip-runtime-dev"
@@ -27,6 +29,8 @@ class Principal:
 
     user: str
     claims: dict[str, Any] = field(default_factory=dict, compare=False)
+    roles: tuple[str, ...] = ()
+    permissions: Permissions = UNRESTRICTED
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ def token_from_subprotocols(offered: list[str]) -> str | None:
 class Authenticator:
     """Validates tokens for the configured mode and, where it holds the key, issues them."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, roles: Mapping[str, RoleConfig] | None = None) -> None:
         self.config = config
+        self.roles = dict(roles or {})
         if config.mode == "dev":
             self._key = secrets.token_urlsafe(48)
             self._algorithms = ["HS256"]
@@ -107,7 +112,8 @@ class Authenticator:
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
             raise _refused("token has no subject")
-        return Principal(user=user, claims=claims)
+        roles = roles_of(claims, self.config)
+        return Principal(user=user, claims=claims, roles=roles, permissions=permissions_for(roles, self.roles))
 
 
 def _reason(exc: jwt.PyJWTError) -> str:

@@ -68,8 +68,9 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     agents = load_agents(config)
     print(json.dumps(masked_dump(config), indent=2))
-    print(f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))", file=sys.stderr
+    )
     return 0
 
 
@@ -122,10 +123,13 @@ def serve(config: HaipConfig) -> int:
                 _announce(runtime, host, port)
 
     uv_config = uvicorn.Config(
-        create_app(config, runtime), log_config=None, ws_max_size=config.server.max_frame_bytes + 1024,
-        ws_per_message_deflate=config.server.ws_per_message_deflate, timeout_graceful_shutdown=5,
+        create_app(config, runtime),
+        log_config=None,
+        ws_max_size=config.server.max_frame_bytes + 1024,
+        ws_per_message_deflate=config.server.ws_per_message_deflate,
+        timeout_graceful_shutdown=5,
         ws_ping_interval=None,  # HAIP has its own PING/PONG
-    )  # fmt: skip
+    )
     Server(uv_config).run(sockets=[sock])
     return 0
 
@@ -146,13 +150,17 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _announce(runtime: Any, host: str, port: int) -> None:
     shown = f"[{host}]" if ":" in host else host
-    lines = [f"haip-runtime listening on http://{shown}:{port}",
-             f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
-             f"  health:    http://{shown}:{port}/health",
-             f"  agents:    {', '.join(runtime.agents) or '(none configured)'}"]  # fmt: skip
+    lines = [
+        f"haip-runtime listening on http://{shown}:{port}",
+        f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
+        f"  health:    http://{shown}:{port}/health",
+        f"  agents:    {', '.join(runtime.agents) or '(none configured)'}",
+    ]
     if runtime.config.auth.mode == "dev":
         token = runtime.authenticator.issue("dev")
-        lines += ["  auth:      dev mode (loopback only); a ready token for user 'dev':",
-                  f"  token:     {token}",
-                  f"  try:       python -m haip_runtime.client ws://{shown}:{port}/haip/websocket --token {token}"]  # fmt: skip
+        lines += [
+            "  auth:      dev mode (loopback only); a ready token for user 'dev':",
+            f"  token:     {token}",
+            f"  try:       python -m haip_runtime.client ws://{shown}:{port}/haip/websocket --token {token}",
+        ]
     print("\n".join(lines), flush=True)

@@ -72,8 +72,15 @@ class _Waiter:
 class HaipClient:
     """A HAIP connection over WebSocket. Use as ``async with``."""
 
-    def __init__(self, url: str, *, token: str | None = None, accept_events: Sequence[str] = ALL_EVENTS,
-                 timeout: float = 10.0, buffer: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        accept_events: Sequence[str] = ALL_EVENTS,
+        timeout: float = 10.0,
+        buffer: int = 10_000,
+    ) -> None:
         self.url = url
         self.token = token
         self.accept_events = list(accept_events)
@@ -114,11 +121,16 @@ class HaipClient:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
             self._tg = None
+        self._send_events.close()
+        self._events.close()
 
     async def _handshake(self) -> None:
         ready = self._wait_for(lambda e: e.type == "ERROR" or (e.type == "INFO" and e.get("event") == "session.ready"))
-        payload: dict[str, Any] = {"haip_version": HAIP_VERSION, "accept_major": [1],
-                                   "accept_events": self.accept_events}  # fmt: skip
+        payload: dict[str, Any] = {
+            "haip_version": HAIP_VERSION,
+            "accept_major": [1],
+            "accept_events": self.accept_events,
+        }
         if self.token:
             payload["auth"] = {"token": f"Bearer {self.token}"}
         await self.send("HAI", payload)
@@ -130,15 +142,30 @@ class HaipClient:
 
     # --- sending -----------------------------------------------------------------------------------
 
-    async def send(self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None,
-                   channel: str = "SYSTEM", **extra: Any) -> str:  # fmt: skip
+    async def send(
+        self,
+        type: str,
+        payload: dict[str, Any] | str,
+        *,
+        transaction: str | None = None,
+        channel: str = "SYSTEM",
+        **extra: Any,
+    ) -> str:
         """Send one envelope; returns its id."""
         if self._ws is None:
             raise ClientError("not connected")
         self._seq += 1
-        envelope = {"id": new_id(), "session": self.session_id or "", "transaction": transaction,
-                    "seq": str(self._seq), "ts": now_ms(), "channel": channel, "type": type, "payload": payload,
-                    **extra}  # fmt: skip
+        envelope = {
+            "id": new_id(),
+            "session": self.session_id or "",
+            "transaction": transaction,
+            "seq": str(self._seq),
+            "ts": now_ms(),
+            "channel": channel,
+            "type": type,
+            "payload": payload,
+            **extra,
+        }
         if self._last_rx:
             envelope["ack"] = str(self._last_rx)
         try:
@@ -159,8 +186,12 @@ class HaipClient:
     async def join(self, transaction: str, since: int | None = None) -> Received:
         payload = {} if since is None else {"since": str(since)}
         envelope_id = new_id()
-        waiter = self._wait_for(lambda e: _answers(e, "TRANSACTION_JOIN", envelope_id, lambda r: r.transaction)
-                                and (e.type == "ERROR" or e.transaction == transaction))  # fmt: skip
+        waiter = self._wait_for(
+            lambda e: (
+                _answers(e, "TRANSACTION_JOIN", transaction, lambda r: r.transaction)
+                or (e.type == "ERROR" and e.get("related_id") == envelope_id)
+            )
+        )
         await self.send("TRANSACTION_JOIN", payload, transaction=transaction, id=envelope_id)
         event = await self._result(waiter, "TRANSACTION_JOIN")
         _raise_if_error(event)

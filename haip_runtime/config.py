@@ -75,7 +75,7 @@ class AuthConfig(Model):
     mode: Literal["dev", "jwt"] = "dev"
     """`dev`: the runtime makes a signing key at start and prints a ready token (loopback only).
     `jwt`: bearer JWTs signed with `secret`."""
-    algorithms: list[Literal["HS256", "HS384", "HS512"]] = Field(default_factory=lambda: ["HS256"])
+    algorithms: list[Literal["HS256", "HS384", "HS512"]] = Field(default_factory=lambda: ["HS256"])  # type: ignore[arg-type]
     """Accepted JWT algorithms (pinned; a token with any other `alg` is refused)."""
     secret: SecretStr | None = None
     """HMAC key for `jwt` mode, at least 32 bytes. Use `${HAIP_JWT_SECRET}`."""
@@ -85,6 +85,10 @@ class AuthConfig(Model):
     """Required `aud` claim, if set."""
     leeway_seconds: float = Field(default=30, ge=0)
     """Clock skew tolerated on `exp`, `nbf` and `iat`."""
+    roles_claim: str = "roles"
+    """JWT claim naming the user's roles (a list, or a space- or comma-separated string)."""
+    default_roles: list[str] = Field(default_factory=lambda: ["user"])
+    """Roles of a user whose token names none."""
 
     @model_validator(mode="after")
     def _jwt_needs_a_key(self) -> AuthConfig:
@@ -94,6 +98,14 @@ class AuthConfig(Model):
             if len(self.secret.get_secret_value().encode()) < 32:
                 raise ValueError("auth.secret must be at least 32 bytes for HMAC signing")
         return self
+
+
+class RoleConfig(Model):
+    agents: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of agent names this role may start."""
+    tools: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of tool names (`server.tool`) this role may see and call, directly or through an
+    agent answering this user."""
 
 
 class AgentConfig(Model):
@@ -183,6 +195,8 @@ class HaipConfig(Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     """The agents users may start, by name (the name is the HAIP `toolName`)."""
+    roles: dict[str, RoleConfig] = Field(default_factory=dict)
+    """What each role may do. With no roles configured, every user may use every agent and tool."""
     mcp: McpConfig = Field(default_factory=McpConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -274,11 +288,17 @@ def _describe(exc: ValidationError) -> str:
         message = "unknown key (check the spelling; see config/haip.schema.json)"
     elif error["type"] == "missing":
         message = "required key is missing"
-    else:
-        message = f"{message} (got {_short(error.get('input'))})" if error.get("input") is not None else message
+    elif _showable(error.get("input"), loc):
+        message = f"{message} (got {_short(error.get('input'))})"
     more = len(exc.errors()) - 1
     suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
     return f"{loc or '(root)'}: {message}{suffix}"
+
+
+def _showable(value: object, loc: str) -> bool:
+    """Echo a bad value only if it is a scalar and cannot be a secret."""
+    secretish = any(word in loc.lower() for word in ("secret", "key", "token", "password", "header"))
+    return isinstance(value, str | int | float | bool) and not secretish
 
 
 def _short(value: object) -> str:

@@ -67,8 +67,12 @@ class Connection:
             "max_concurrent_runs": self.config.max_concurrent_runs,
             "signed_envelopes": False,
         }
-        return {"haip_version": HAIP_VERSION, "accept_major": list(ACCEPT_MAJOR), "accept_events": list(ALL_EVENTS),
-                "capabilities": caps}  # fmt: skip
+        return {
+            "haip_version": HAIP_VERSION,
+            "accept_major": list(ACCEPT_MAJOR),
+            "accept_events": list(ALL_EVENTS),
+            "capabilities": caps,
+        }
 
     # --- handshake ---------------------------------------------------------------------------------
 
@@ -89,19 +93,30 @@ class Connection:
 
     def _authenticate(self, first: Inbound, provisional_id: str) -> Session:
         if isinstance(first, DecodeError):
-            raise HandshakeError(first.code, f"first frame is not a HAIP envelope: {first.message}",
-                                 close_code=CloseCode.POLICY, related_id=first.related_id)  # fmt: skip
+            raise HandshakeError(
+                first.code,
+                f"first frame is not a HAIP envelope: {first.message}",
+                close_code=CloseCode.POLICY,
+                related_id=first.related_id,
+            )
         if first.type != EventType.HAI:
-            raise HandshakeError(ErrorCode.HANDSHAKE_REQUIRED, f"the first message must be HAI, not {first.type}",
-                                 close_code=CloseCode.POLICY, related_id=first.id)  # fmt: skip
+            raise HandshakeError(
+                ErrorCode.HANDSHAKE_REQUIRED,
+                f"the first message must be HAI, not {first.type}",
+                close_code=CloseCode.POLICY,
+                related_id=first.id,
+            )
         try:
             hai = parse_payload(first, p.Hai)
         except DecodeError as exc:
             raise HandshakeError(exc.code, exc.message, close_code=CloseCode.POLICY, related_id=first.id) from exc
         if not set(hai.accept_major) & set(ACCEPT_MAJOR):
-            raise HandshakeError(ErrorCode.VERSION_INCOMPATIBLE,
-                                 f"this runtime speaks HAIP major {ACCEPT_MAJOR}, the client {hai.accept_major}",
-                                 close_code=CloseCode.PROTOCOL, related_id=first.id)  # fmt: skip
+            raise HandshakeError(
+                ErrorCode.VERSION_INCOMPATIBLE,
+                f"this runtime speaks HAIP major {ACCEPT_MAJOR}, the client {hai.accept_major}",
+                close_code=CloseCode.PROTOCOL,
+                related_id=first.id,
+            )
         principal = self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
         return self._open_session(first, hai, principal, provisional_id)
 
@@ -120,9 +135,11 @@ class Connection:
         session.accept_inbound(first)
         self.hub.add_session(session)
         if hai.last_rx_seq is not None:
-            session.send_error(ProtocolError(ErrorCode.RESUME_FAILED,
-                                             "no resumable session with that id; started a new one",
-                                             related_id=first.id))  # fmt: skip
+            session.send_error(
+                ProtocolError(
+                    ErrorCode.RESUME_FAILED, "no resumable session with that id; started a new one", related_id=first.id
+                )
+            )
         session.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": False})
         return session
 
@@ -142,8 +159,10 @@ class Connection:
                 session.send_error(error, transaction=item.transaction)
             except Exception:
                 logger.exception("internal error handling %s from session %s", item.type, session.id)
-                session.send_error(ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log",
-                                                 related_id=item.id), transaction=item.transaction)  # fmt: skip
+                session.send_error(
+                    ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
+                    transaction=item.transaction,
+                )
 
     async def _dispatch(self, session: Session, envelope: Envelope) -> None:
         kind = envelope.type

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -27,7 +27,7 @@ from haip_runtime.session import Session
 from haip_runtime.transactions import AgentSlot, Transaction
 
 if TYPE_CHECKING:
-    from haip_runtime.tools import ToolProxy
+    from haip_runtime.tools import ToolProxy, ToolView
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class Hub:
             EventType.RUN_CANCEL: self._run_cancel,
             EventType.TOOL_LIST: self._tool_list,
             EventType.TOOL_SCHEMA: self._tool_schema,
+            EventType.TOOL_CALL: self._tool_call,
+            EventType.TOOL_UPDATE: self._tool_update,
+            EventType.TOOL_CANCEL: self._tool_cancel,
         }
 
     async def __aenter__(self) -> Self:
@@ -72,7 +75,7 @@ class Hub:
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self._task_group is None:
             raise RuntimeError("the hub is not running")
         self._task_group.start_soon(func, *args)
@@ -111,17 +114,20 @@ class Hub:
     async def handle(self, session: Session, envelope: Envelope) -> None:
         handler = self._handlers.get(envelope.type)
         if handler is None:
-            raise ProtocolError(ErrorCode.UNSUPPORTED_TYPE, f"this runtime does not handle {envelope.type!r}",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_TYPE, f"this runtime does not handle {envelope.type!r}", related_id=envelope.id
+            )
         await handler(session, envelope)
 
     def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
         """The transaction the envelope names, if the sender is a member (else not found)."""
         transaction = self.transactions.get(envelope.transaction or "")
         if transaction is None or not transaction.is_member(session):
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND,
-                                f"no transaction {envelope.transaction!r} for this session",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND,
+                f"no transaction {envelope.transaction!r} for this session",
+                related_id=envelope.id,
+            )
         return transaction
 
     # --- transactions ------------------------------------------------------------------------------
@@ -129,11 +135,18 @@ class Hub:
     async def _transaction_start(self, session: Session, envelope: Envelope) -> None:
         request = parse_payload(envelope, p.TransactionStart)
         spec = self.agents.get(request.agent_name or "")
-        if spec is None:
-            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {request.agent_name!r}",
+        if spec is not None and not session.principal.permissions.may_start(spec.name):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {spec.name!r}",
                                 related_id=envelope.transaction or envelope.id)  # fmt: skip
-        transaction = Transaction(owner=session.user, thread_id=request.thread_id or envelope.thread_id,
-                                  spawn=self.spawn, tools=self.tools)  # fmt: skip
+        if spec is None:
+            raise ProtocolError(
+                ErrorCode.AGENT_NOT_FOUND,
+                f"no agent named {request.agent_name!r}",
+                related_id=envelope.transaction or envelope.id,
+            )
+        transaction = Transaction(
+            owner=session.user, thread_id=request.thread_id or envelope.thread_id, spawn=self.spawn, tools=self.tools
+        )
         self.transactions[transaction.id] = transaction
         transaction.add_member(session)
         slot = self._slot(spec, transaction, session, request.params)
@@ -153,8 +166,9 @@ class Hub:
         transaction = self.transactions.get(envelope.transaction or "")
         if transaction is None or (transaction.owner != session.user and not transaction.is_member(session)):
             # Joining other users' conversations needs roles (not configured): do not reveal it exists.
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {envelope.transaction!r}",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {envelope.transaction!r}", related_id=envelope.id
+            )
         if request.agent:
             await self._add_agent(session, envelope, transaction, request.agent)
             return
@@ -194,9 +208,11 @@ class Hub:
                 parse_payload(envelope, schema)
         wanted = len(transaction.agents)
         if session.active_runs + wanted > self.config.session.max_concurrent_runs:
-            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED,
-                                f"at most {self.config.session.max_concurrent_runs} runs at once per session",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.RUN_LIMIT_EXCEEDED,
+                f"at most {self.config.session.max_concurrent_runs} runs at once per session",
+                related_id=envelope.id,
+            )
         transaction.user_message(session, message.text, envelope.payload_dict)
 
     async def _message_update(self, session: Session, envelope: Envelope) -> None:
@@ -206,63 +222,130 @@ class Hub:
             if entry.message_id == update.message_id and entry.author == session.user:
                 break
         else:
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "you can only edit your own messages",
-                                related_id=envelope.id, detail={"where": "/payload/message_id"})  # fmt: skip
-        transaction.publish(Event(EventType.MESSAGE_UPDATE, update.dump(), channel=Channel.USER,
-                                  exclude=frozenset({session.id})))  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                "you can only edit your own messages",
+                related_id=envelope.id,
+                detail={"where": "/payload/message_id"},
+            )
+        transaction.publish(
+            Event(EventType.MESSAGE_UPDATE, update.dump(), channel=Channel.USER, exclude=frozenset({session.id}))
+        )
 
     async def _run_cancel(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)
         request = parse_payload(envelope, p.RunCancel)
         if not transaction.cancel_run(request.run_id):
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no running run {request.run_id!r}",
-                                related_id=envelope.id, detail={"where": "/payload/run_id"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"no running run {request.run_id!r}",
+                related_id=envelope.id,
+                detail={"where": "/payload/run_id"},
+            )
 
     @staticmethod
     def _check_open(transaction: Transaction, envelope: Envelope) -> None:
         if transaction.ended:
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"transaction {transaction.id} has ended",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND, f"transaction {transaction.id} has ended", related_id=envelope.id
+            )
 
-    # --- tools -------------------------------------------------------------------------------------
+    # --- tools ------------------------------------------------------------------------------------
 
     async def _tool_list(self, session: Session, envelope: Envelope) -> None:
         if envelope.transaction is None:
-            tools = [p.ToolEntry(name=name, description=spec.description) for name, spec in sorted(self.agents.items())]
+            permissions = session.principal.permissions
+            tools = [
+                p.ToolEntry(name=name, description=spec.description)
+                for name, spec in sorted(self.agents.items())
+                if permissions.may_start(name)
+            ]
             session.send(EventType.TOOL_LIST, p.ToolList(tools=tools).dump())
             return
         self.send_tool_list(self.member_transaction(session, envelope), only=session)
 
     def send_tool_list(self, transaction: Transaction, only: Session | None = None) -> None:
-        """TOOL_LIST of the MCP tools the transaction's agents may call."""
-        entries = self.tool_entries(transaction)
-        event = Event(EventType.TOOL_LIST, p.ToolList(tools=entries).dump(), transaction=transaction.id)
-        if only is not None:
-            only.deliver(event)
-        else:
-            transaction.publish(event)
+        """TOOL_LIST of the MCP tools the transaction's agents may call, as each member may see them."""
+        for session in [only] if only is not None else list(transaction.members.values()):
+            tools = [tool.entry() for tool in self.transaction_tools(transaction, session)]
+            session.deliver(Event(EventType.TOOL_LIST, p.ToolList(tools=tools).dump(), transaction=transaction.id))
 
-    def tool_entries(self, transaction: Transaction) -> list[p.ToolEntry]:
+    def transaction_tools(self, transaction: Transaction, session: Session) -> list[ToolView]:
         if self.tools is None:
             return []
-        servers = sorted({s for slot in transaction.agents.values() for s in slot.tool_servers})
-        return [tool.entry() for tool in self.tools.visible_tools(servers)]
+        servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
+        return self.tools.visible_tools(servers, session.principal.permissions)
+
+    def tools_changed(self, server: str) -> None:
+        """A server (re)connected, dropped or changed its tools: refresh every transaction using it."""
+        for transaction in list(self.transactions.values()):
+            if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
+                self.send_tool_list(transaction)
+
+    def _visible_tool(self, session: Session, envelope: Envelope, name: str) -> tuple[Transaction, ToolView]:
+        transaction = self.member_transaction(session, envelope)
+        for tool in self.transaction_tools(transaction, session):
+            if tool.name == name:
+                return transaction, tool
+        code = ErrorCode.TOOL_NOT_FOUND
+        if self.tools is not None and not session.principal.permissions.may_use_tool(name):
+            code = ErrorCode.UNAUTHORIZED
+        message = f"you may not use {name!r}" if code == ErrorCode.UNAUTHORIZED else f"no tool {name!r} here"
+        raise ProtocolError(code, message, related_id=envelope.id)
 
     async def _tool_schema(self, session: Session, envelope: Envelope) -> None:
         request = parse_payload(envelope, p.ToolSchemaRequest)
         if envelope.transaction is None:
             spec = self.agents.get(request.tool)
-            if spec is None:
-                raise ProtocolError(ErrorCode.TOOL_NOT_FOUND, f"no agent named {request.tool!r}", related_id=envelope.id)
-            schema = {"name": spec.name, "description": spec.description,
-                      "inputSchema": p.TransactionStart.model_json_schema()}  # fmt: skip
+            if spec is None or not session.principal.permissions.may_start(request.tool):
+                raise ProtocolError(ErrorCode.TOOL_NOT_FOUND, f"no agent {request.tool!r}", related_id=envelope.id)
+            schema = {"name": spec.name, "description": spec.description, "inputSchema": _agent_input(spec)}
             session.send(EventType.TOOL_SCHEMA, {"tool": request.tool, "schema": schema})
             return
-        transaction = self.member_transaction(session, envelope)
-        names = {entry.name for entry in self.tool_entries(transaction)}
-        tool = self.tools.find(request.tool) if self.tools is not None and request.tool in names else None
-        if tool is None:
-            raise ProtocolError(ErrorCode.TOOL_NOT_FOUND, f"no tool {request.tool!r} in this transaction",
-                                related_id=envelope.id)  # fmt: skip
-        session.send(EventType.TOOL_SCHEMA, {"tool": request.tool, "schema": tool.schema()}, transaction=transaction.id)
+        transaction, tool = self._visible_tool(session, envelope, request.tool)
+        session.send(EventType.TOOL_SCHEMA, {"tool": tool.name, "schema": tool.schema()}, transaction=transaction.id)
 
+    async def _tool_call(self, session: Session, envelope: Envelope) -> None:
+        """A member calls a tool directly (PROTOCOL.md section 8), through the same proxy as agents."""
+        request = parse_payload(envelope, p.ToolCall)
+        transaction, tool = self._visible_tool(session, envelope, request.tool)
+        self._check_open(transaction, envelope)
+        assert self.tools is not None
+        if request.call_id and request.call_id in self.tools.calls:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"call_id {request.call_id!r} is already in use",
+                                related_id=envelope.id, detail={"where": "/payload/call_id"})  # fmt: skip
+
+        def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.SYSTEM) -> None:
+            transaction.publish(Event(type, payload, channel=channel))
+
+        servers = [tool.server]
+        self.spawn(self._direct_call, transaction, session, tool.name, request, servers, emit)
+
+    async def _direct_call(self, transaction: Transaction, session: Session, name: str, request: p.ToolCall,
+                           servers: list[str], emit: Any) -> None:  # fmt: skip
+        assert self.tools is not None
+        await self.tools.call(
+            name, request.params, transaction_id=transaction.id, run_id=None, allowed_servers=servers,
+            caller=session.user, emit=emit, permissions=session.principal.permissions, call_id=request.call_id,
+        )  # fmt: skip
+
+    async def _tool_update(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        update = parse_payload(envelope, p.ToolUpdate)
+        answer = {k: v for k, v in update.dump().items() if k in ("decision", "reason", "input")}
+        if self.tools is None or not answer:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "TOOL_UPDATE from a client needs decision or input",
+                                related_id=envelope.id, detail={"where": "/payload"})  # fmt: skip
+        self.tools.answer(update.call_id, transaction.id, session.user, answer, envelope.id)
+
+    async def _tool_cancel(self, session: Session, envelope: Envelope) -> None:
+        transaction = self.member_transaction(session, envelope)
+        request = parse_payload(envelope, p.ToolCancel)
+        if self.tools is None:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "no tool calls here", related_id=envelope.id)
+        self.tools.cancel(request.call_id, transaction.id, session.user, request.reason, envelope.id)
+
+
+def _agent_input(spec: AgentSpec) -> dict[str, Any]:
+    schema = spec.cls.input_schema
+    return {"type": "string"} if schema is None else schema.model_json_schema()

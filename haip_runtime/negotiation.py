@@ -45,9 +45,14 @@ class Downgrader:
         if kind in _RUN_EVENTS:
             infos = self._as_info(event, "run", _RUN_EVENTS[kind])
             if kind == EventType.RUN_ERROR and isinstance(event.payload, dict):
-                error = {"code": event.payload.get("code"), "message": event.payload.get("message"),
-                         "related_id": event.payload.get("run_id")}  # fmt: skip
-                infos.append(event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM))
+                error = {
+                    "code": event.payload.get("code"),
+                    "message": event.payload.get("message"),
+                    "related_id": event.payload.get("run_id"),
+                }
+                infos.append(
+                    event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM)
+                )
             return infos
         if kind == EventType.AUDIO_CHUNK and "AUDIO" in self.accepted:
             return [event.with_changes(type=EventType.AUDIO)]

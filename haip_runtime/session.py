@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,11 @@ class Outbox:
             self.close_code, self.close_reason = code, reason
         self._send.close()
 
+    def discard(self) -> None:
+        """Release both ends; for the transport, once the connection is gone."""
+        self._send.close()
+        self._receive.close()
+
     @property
     def closed(self) -> bool:
         return self.close_code is not None
@@ -78,8 +83,16 @@ class Sent:
 class Session:
     """Protocol state of one client across its connections."""
 
-    def __init__(self, principal: Principal, accepted: frozenset[str], config: SessionConfig, *,
-                 id: str | None = None, sent: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        principal: Principal,
+        accepted: frozenset[str],
+        config: SessionConfig,
+        *,
+        id: str | None = None,
+        sent: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.id = id or new_id()
         self.principal = principal
         self.config = config
@@ -89,6 +102,7 @@ class Session:
         self.outbox: Outbox | None = None
         self.detached_at: float | None = None
         self._seq = sent
+        self._clock = clock
         self._window: deque[Sent] = deque()
         self._inbound_numeric: bool | None = None
         self._last_in = 0
@@ -109,12 +123,13 @@ class Session:
             self._seq += 1
             ack = self._last_in if self._inbound_numeric else None
             frame = adapted.to_wire(session=self.id, seq=self._seq, ack=ack)
-            self._record(Sent(self._seq, time.monotonic(), frame))
+            self._record(Sent(self._seq, self._clock(), frame))
             if self.outbox is not None:
                 self.outbox.put(frame)
 
-    def send(self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None,
-             channel: str = Channel.SYSTEM) -> None:  # fmt: skip
+    def send(
+        self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None, channel: str = Channel.SYSTEM
+    ) -> None:
         self.deliver(Event(type=type, payload=payload, channel=channel, transaction=transaction))
 
     def send_error(self, error: ProtocolError, *, transaction: str | None = None) -> None:
@@ -128,8 +143,10 @@ class Session:
 
     def replay(self, from_seq: int, to_seq: int | None = None) -> Iterator[str]:
         """The recorded frames from ``from_seq`` to ``to_seq`` (inclusive), original seqs kept."""
-        if from_seq < 1 or (self._window and from_seq < self._window[0].seq) or (
-            not self._window and from_seq <= self._seq
+        if (
+            from_seq < 1
+            or (self._window and from_seq < self._window[0].seq)
+            or (not self._window and from_seq <= self._seq)
         ):
             raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"seq {from_seq} is no longer in the replay window")
         last = self._seq if to_seq is None else min(to_seq, self._seq)
@@ -168,7 +185,7 @@ class Session:
     def detach(self, outbox: Outbox) -> None:
         if self.outbox is outbox:
             self.outbox = None
-            self.detached_at = time.monotonic()
+            self.detached_at = self._clock()
 
     def expired(self, now: float) -> bool:
         return self.detached_at is not None and now - self.detached_at > self.config.resume_timeout_seconds
@@ -187,6 +204,10 @@ def error_payload(error: ProtocolError) -> dict[str, Any]:
 def parse_seq(value: str | None, where: str, related_id: str) -> int:
     number = parse_uint64(value)
     if number is None:
-        raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"{where} must be a decimal seq", related_id=related_id,
-                            detail={"where": f"/payload/{where}"})  # fmt: skip
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"{where} must be a decimal seq",
+            related_id=related_id,
+            detail={"where": f"/payload/{where}"},
+        )
     return number

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from haip_runtime.agents.api import Agent, HistoryEntry, Turn
+from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
@@ -50,8 +51,9 @@ class AgentSlot:
 class Transaction:
     """One conversation: members, agents, runs, history and the append-only event log."""
 
-    def __init__(self, *, owner: str, thread_id: str | None, spawn: Callable[..., None],
-                 tools: ToolProxy | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, *, owner: str, thread_id: str | None, spawn: Callable[..., None], tools: ToolProxy | None = None
+    ) -> None:
         self.id = new_id()
         self.owner = owner
         self.thread_id = thread_id
@@ -105,29 +107,38 @@ class Transaction:
             runs.append(self.start_run(slot, session, text, {**payload, "message_id": message_id}, "on_message"))
         return runs
 
-    def start_run(self, slot: AgentSlot, session: Session | None, text: str, payload: dict[str, Any],
-                  hook: str) -> Run:  # fmt: skip
+    def start_run(self, slot: AgentSlot, session: Session | None, text: str, payload: dict[str, Any], hook: str) -> Run:
         run = Run(id=new_id(), agent=slot.name, session=session)
         self.runs[run.id] = run
         if session is not None:
             session.active_runs += 1
-        turn = self._turn(slot, run, text, payload, session.user if session else self.owner)
+        turn = self._turn(slot, run, text, payload, session)
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
         return run
 
-    def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], author: str) -> Turn:
-        def emit(type: str, body: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
-            self.publish(Event(type, body, channel=channel, run_id=run.id))
+    def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], session: Session | None) -> Turn:
+        def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
+            self.publish(Event(type, payload, channel=channel, run_id=run.id))
 
         return Turn(
-            agent=slot.name, transaction_id=self.id, run_id=run.id, text=text, payload=payload, author=author,
-            history=self.history, emit=emit, on_said=self.history.append, tools=self.tools,
+            agent=slot.name,
+            transaction_id=self.id,
+            run_id=run.id,
+            text=text,
+            payload=payload,
+            author=session.user if session else self.owner,
+            history=self.history,
+            emit=emit,
+            on_said=self.history.append,
+            tools=self.tools,
             tool_servers=slot.tool_servers,
-        )  # fmt: skip
+            permissions=session.principal.permissions if session else UNRESTRICTED,
+        )
 
     async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
-        self.publish(Event(EventType.RUN_STARTED, {"run_id": run.id, "agent": run.agent}, channel=Channel.AGENT,
-                           run_id=run.id))  # fmt: skip
+        self.publish(
+            Event(EventType.RUN_STARTED, {"run_id": run.id, "agent": run.agent}, channel=Channel.AGENT, run_id=run.id)
+        )
         try:
             with run.scope:
                 await hook(turn)

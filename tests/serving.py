@@ -69,8 +69,13 @@ def live_server(config: HaipConfig) -> Iterator[LiveServer]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     ready = threading.Event()
-    uv_config = uvicorn.Config(create_app(config, runtime), log_config=None, ws_per_message_deflate=False,
-                               ws_ping_interval=None, ws_max_size=config.server.max_frame_bytes + 1024)  # fmt: skip
+    uv_config = uvicorn.Config(
+        create_app(config, runtime),
+        log_config=None,
+        ws_per_message_deflate=False,
+        ws_ping_interval=None,
+        ws_max_size=config.server.max_frame_bytes + 1024,
+    )
     server = _Server(uv_config, ready)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

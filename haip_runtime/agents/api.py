@@ -16,6 +16,7 @@ import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.config import AgentConfig
+from haip_runtime.permissions import UNRESTRICTED, Permissions
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType
 
@@ -134,6 +135,7 @@ class Turn:
         on_said: Callable[[HistoryEntry], None],
         tools: ToolProxy | None = None,
         tool_servers: Sequence[str] = (),
+        permissions: Permissions = UNRESTRICTED,
     ) -> None:
         self.agent = agent
         self.transaction_id = transaction_id
@@ -146,6 +148,7 @@ class Turn:
         self._on_said = on_said
         self._tools = tools
         self._tool_servers = tuple(tool_servers)
+        self._permissions = permissions
 
     async def say(self, text: str) -> str:
         """Send one whole message; returns its message id."""
@@ -166,7 +169,7 @@ class Turn:
     @property
     def tools(self) -> list[ToolView]:
         """The MCP tools this agent may call right now (names are ``server.tool``)."""
-        return [] if self._tools is None else self._tools.visible_tools(self._tool_servers)
+        return [] if self._tools is None else self._tools.visible_tools(self._tool_servers, self._permissions)
 
     async def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> ToolCallResult:
         """Call an MCP tool; members see TOOL_CALL, TOOL_UPDATE... and TOOL_DONE.
@@ -177,6 +180,12 @@ class Turn:
         if self._tools is None:
             raise RuntimeError("this runtime has no tool proxy")
         return await self._tools.call(
-            name, arguments or {}, transaction_id=self.transaction_id, run_id=self.run_id,
-            allowed_servers=self._tool_servers, caller=self.agent, emit=self._emit,
-        )  # fmt: skip
+            name,
+            arguments or {},
+            transaction_id=self.transaction_id,
+            run_id=self.run_id,
+            allowed_servers=self._tool_servers,
+            caller=self.agent,
+            emit=self._emit,
+            permissions=self._permissions,
+        )

@@ -44,9 +44,13 @@ class AgentSpec:
 
     def create(self, *, transaction_id: str, started_by: str, params: dict[str, Any]) -> Agent:
         context = AgentContext(
-            name=self.name, transaction_id=transaction_id, started_by=started_by, params=params,
-            config=self.config, options=self.options,
-        )  # fmt: skip
+            name=self.name,
+            transaction_id=transaction_id,
+            started_by=started_by,
+            params=params,
+            config=self.config,
+            options=self.options,
+        )
         return self.cls(context)
 
 

@@ -43,7 +43,10 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
     except ValidationError as exc:
         where, what = _first_error(exc)
         raise DecodeError(
-            ErrorCode.INVALID_MESSAGE, f"invalid envelope at {where}: {what}", related_id=related, detail={"where": where}
+            ErrorCode.INVALID_MESSAGE,
+            f"invalid envelope at {where}: {what}",
+            related_id=related,
+            detail={"where": where},
         ) from exc
     if envelope.crit and envelope.unknown_fields:
         raise DecodeError(

@@ -20,9 +20,24 @@ from haip_runtime.protocol.events import Channel
 
 CHANNEL_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
 KNOWN_FIELDS = frozenset(
-    {"id", "session", "transaction", "seq", "ack", "ts", "channel", "type", "payload", "run_id", "thread_id",
-     "pv", "crit", "bin_len", "bin_mime"}
-)  # fmt: skip
+    {
+        "id",
+        "session",
+        "transaction",
+        "seq",
+        "ack",
+        "ts",
+        "channel",
+        "type",
+        "payload",
+        "run_id",
+        "thread_id",
+        "pv",
+        "crit",
+        "bin_len",
+        "bin_mime",
+    }
+)
 
 
 def new_id() -> str:
@@ -131,4 +146,6 @@ class Event:
             head["run_id"] = self.run_id
         if self.thread_id is not None:
             head["thread_id"] = self.thread_id
-        return json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"
+        return (
+            json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"
+        )

@@ -101,10 +101,23 @@ ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventType)
 #: What a client that sends no ``accept_events`` is assumed to accept: the transaction era.
 TRANSACTION_ERA_EVENTS: frozenset[str] = frozenset(
     {
-        "HAI", "PING", "PONG", "ERROR", "INFO", "FLOW_UPDATE", "REPLAY_REQUEST", "TRANSACTION_START",
-        "TRANSACTION_END", "TRANSACTION_JOIN", "MESSAGE", "MESSAGE_UPDATE", "AUDIO", "TOOL_LIST", "TOOL_SCHEMA",
+        "HAI",
+        "PING",
+        "PONG",
+        "ERROR",
+        "INFO",
+        "FLOW_UPDATE",
+        "REPLAY_REQUEST",
+        "TRANSACTION_START",
+        "TRANSACTION_END",
+        "TRANSACTION_JOIN",
+        "MESSAGE",
+        "MESSAGE_UPDATE",
+        "AUDIO",
+        "TOOL_LIST",
+        "TOOL_SCHEMA",
     }
-)  # fmt: skip
+)
 
 #: Types a peer may send at any time, whatever its permissions.
 ALWAYS_ALLOWED: frozenset[str] = frozenset({"HAI", "PING", "PONG"})

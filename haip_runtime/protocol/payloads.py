@@ -85,7 +85,7 @@ class ReplayRequest(Payload):
 class TransactionStart(Payload):
     """Client → runtime. ``agent`` is accepted as an alias of ``toolName``."""
 
-    toolName: str | None = None  # noqa: N815 - wire name
+    toolName: str | None = None
     agent: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     thread_id: str | None = None
@@ -98,7 +98,7 @@ class TransactionStart(Payload):
 class TransactionStarted(Payload):
     """Runtime → client."""
 
-    referenceId: str | None  # noqa: N815 - wire name
+    referenceId: str | None
     agent: str
     thread_id: str | None = None
 

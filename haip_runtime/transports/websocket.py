@@ -7,8 +7,9 @@ out, and the socket is closed with the outbox's close code. No protocol decision
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -34,18 +35,22 @@ def websocket_credentials(ws: WebSocket) -> Credentials:
 
 
 @asynccontextmanager
-async def websocket_streams(ws: WebSocket, outbox: Outbox, *, max_frame_bytes: int) -> AsyncIterator[
-    ObjectReceiveStream[Inbound]
-]:
+async def websocket_streams(
+    ws: WebSocket, outbox: Outbox, *, max_frame_bytes: int
+) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
     offered = list(ws.scope.get("subprotocols", []))
     await ws.accept(subprotocol="haip" if "haip" in offered else None)
     send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_read_frames, ws, send, max_frame_bytes)
-        tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
-        async with receive:
-            yield receive
-        outbox.close()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_frames, ws, send, max_frame_bytes)
+            tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
+            async with receive:
+                yield receive
+            outbox.close()
+    finally:
+        send.close()
+        outbox.discard()
 
 
 async def _read_frames(ws: WebSocket, send: ObjectSendStream[Inbound], max_frame_bytes: int) -> None:
@@ -57,10 +62,13 @@ async def _read_frames(ws: WebSocket, send: ObjectSendStream[Inbound], max_frame
                 return
             if message["type"] == "websocket.disconnect":
                 return
-            await send.send(_decode_message(message, max_frame_bytes))
+            try:
+                await send.send(_decode_message(message, max_frame_bytes))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the connection is being closed; later frames are not read
 
 
-def _decode_message(message: dict[str, object], max_frame_bytes: int) -> Inbound:
+def _decode_message(message: Mapping[str, Any], max_frame_bytes: int) -> Inbound:
     text, data = message.get("text"), message.get("bytes")
     if isinstance(text, str):
         try:
@@ -68,8 +76,11 @@ def _decode_message(message: dict[str, object], max_frame_bytes: int) -> Inbound
         except DecodeError as error:
             return error
     size = len(data) if isinstance(data, bytes) else 0
-    return DecodeError(ErrorCode.BINARY_FRAME_ERROR, f"unexpected binary frame of {size} bytes (no envelope announced it)",
-                       detail={"where": "frame"})  # fmt: skip
+    return DecodeError(
+        ErrorCode.BINARY_FRAME_ERROR,
+        f"unexpected binary frame of {size} bytes (no envelope announced it)",
+        detail={"where": "frame"},
+    )
 
 
 async def _write_frames(ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:

@@ -1,0 +1,54 @@
+"""What a user may do: roles from a JWT claim, mapped through ``[roles.*]`` to agent and tool globs.
+
+With no ``[roles]`` table every user may do everything (a single-team deployment). Otherwise a
+user gets the union of their roles' grants; a role that is not configured grants nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from haip_runtime.config import AuthConfig, RoleConfig
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Globs a user's roles grant; ``None`` means unrestricted."""
+
+    agents: tuple[str, ...] | None = None
+    tools: tuple[str, ...] | None = None
+
+    def may_start(self, agent: str) -> bool:
+        return _matches(agent, self.agents)
+
+    def may_use_tool(self, tool: str) -> bool:
+        return _matches(tool, self.tools)
+
+
+UNRESTRICTED = Permissions()
+
+
+def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
+    return patterns is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def roles_of(claims: Mapping[str, Any], auth: AuthConfig) -> tuple[str, ...]:
+    value = claims.get(auth.roles_claim)
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    return tuple(auth.default_roles)
+
+
+def permissions_for(roles: Iterable[str], table: Mapping[str, RoleConfig]) -> Permissions:
+    if not table:
+        return UNRESTRICTED
+    granted = [table[role] for role in roles if role in table]
+    return Permissions(
+        agents=tuple(pattern for role in granted for pattern in role.agents),
+        tools=tuple(pattern for role in granted for pattern in role.tools),
+    )

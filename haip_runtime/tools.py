@@ -1,0 +1,328 @@
+"""The tool proxy: the one path every tool call takes, from an agent or from a member.
+
+It checks the catalog (the agent's servers, ``allowed_tools``, the user's permissions), asks the
+transaction's members for approval where ``require_approval`` says so, relays MCP elicitations
+to them, coalesces MCP progress, and tells the members everything as TOOL_CALL, TOOL_UPDATE
+and TOOL_DONE. Cancellation (TOOL_CANCEL, RUN_CANCEL) cancels the MCP request itself through
+the bridge. A tool failure, a refusal or a cancelled call is a ``ToolCallResult``, not an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from haip_runtime.config import McpServerConfig
+from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
+from haip_runtime.permissions import UNRESTRICTED, Permissions
+from haip_runtime.protocol.envelope import new_id
+from haip_runtime.protocol.events import ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.payloads import ToolEntry
+
+if TYPE_CHECKING:
+    from haip_runtime.agents.api import Emit
+    from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, Progress, ToolInfo
+
+logger = logging.getLogger(__name__)
+
+#: Progress updates per call are sent at most this often (about 20 a second); the latest wins.
+PROGRESS_INTERVAL = 0.05
+
+DoneStatus = Literal["OK", "ERROR", "CANCELLED"]
+
+
+@dataclass(frozen=True)
+class ToolView:
+    """A tool as agents and humans see it: named ``server.tool``."""
+
+    info: ToolInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.full_name
+
+    @property
+    def server(self) -> str:
+        return self.info.server
+
+    @property
+    def description(self) -> str:
+        return self.info.description
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        return self.info.input_schema
+
+    def entry(self) -> ToolEntry:
+        return ToolEntry(name=self.name, description=self.description, server=self.server,
+                         annotations=self.info.annotations)  # fmt: skip
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"name": self.name, "description": self.description, "inputSchema": self.input_schema}
+        if self.info.output_schema is not None:
+            schema["outputSchema"] = self.info.output_schema
+        return schema
+
+
+@dataclass(frozen=True)
+class ToolCallResult:
+    """How a call ended. ``status`` OK: the tool ran; ERROR: it failed or could not run; CANCELLED:
+    cancelled or refused (``error["code"]`` says which)."""
+
+    call_id: str
+    tool: str
+    status: DoneStatus
+    content: list[dict[str, Any]] = field(default_factory=list)
+    structured_content: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+    @property
+    def text(self) -> str:
+        """The text content blocks, joined (or the error message)."""
+        if self.error is not None:
+            return str(self.error.get("message", ""))
+        return "\n".join(str(block.get("text", "")) for block in self.content if block.get("type") == "text")
+
+    def done_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status}
+        if self.status != "CANCELLED" and (self.content or self.structured_content is not None):
+            payload["result"] = {"content": self.content, "structuredContent": self.structured_content}
+        if self.error is not None:
+            payload["error"] = self.error
+        return payload
+
+
+@dataclass
+class ActiveCall:
+    """A call in flight, reachable by its ``call_id`` for TOOL_CANCEL and member answers."""
+
+    call_id: str
+    transaction_id: str
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    waiting_for: Literal["approval", "input"] | None = None
+    answered: anyio.Event = field(default_factory=anyio.Event)
+    answer: dict[str, Any] | None = None
+    cancel_reason: str | None = None
+
+    def ask(self, kind: Literal["approval", "input"]) -> None:
+        self.waiting_for, self.answer, self.answered = kind, None, anyio.Event()
+
+
+class ToolProxy:
+    """Runs tool calls through the MCP bridge with approval, elicitation, progress and cancellation."""
+
+    def __init__(self, bridge: McpBridge, servers: Mapping[str, McpServerConfig]) -> None:
+        self.bridge = bridge
+        self.servers = servers
+        self.calls: dict[str, ActiveCall] = {}
+
+    # --- the catalog -------------------------------------------------------------------------------
+
+    def visible_tools(self, servers: Iterable[str], permissions: Permissions = UNRESTRICTED) -> list[ToolView]:
+        """Tools of connected ``servers``, after ``allowed_tools`` and the user's permissions."""
+        return [
+            ToolView(info)
+            for info in self.bridge.tools(list(servers))
+            if permissions.may_use_tool(info.full_name)
+        ]  # fmt: skip
+
+    def find(self, name: str) -> ToolView | None:
+        info = self.bridge.find_tool(name)
+        return None if info is None else ToolView(info)
+
+    # --- calling -----------------------------------------------------------------------------------
+
+    async def call(self, name: str, arguments: dict[str, Any], *, transaction_id: str, run_id: str | None,
+                   allowed_servers: Iterable[str], caller: str, emit: Emit,
+                   permissions: Permissions = UNRESTRICTED, call_id: str | None = None) -> ToolCallResult:  # fmt: skip
+        """Call ``name`` (``server.tool``), telling the members every step through ``emit``."""
+        active = ActiveCall(call_id or new_id(), transaction_id)
+        server, _, tool = name.partition(".")
+        emit(EventType.TOOL_CALL, {"call_id": active.call_id, "tool": name, "server": server, "params": arguments,
+                                   "caller": caller})  # fmt: skip
+        refusal = self._refusal(name, server, allowed_servers, permissions)
+        if refusal is not None:
+            return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal))
+        self.calls[active.call_id] = active
+        try:
+            result = await self._run(active, name, server, tool, arguments, emit)
+        except anyio.get_cancelled_exc_class():
+            self._done(emit, _cancelled(active, name, "the run was cancelled"))
+            raise
+        finally:
+            self.calls.pop(active.call_id, None)
+        return self._done(emit, result)
+
+    def _refusal(
+        self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
+    ) -> dict[str, Any] | None:
+        if server not in allowed or self.bridge.find_tool(name) is None:
+            return _error(ErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
+        if not permissions.may_use_tool(name):
+            return _error(ErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
+        return None
+
+    async def _run(self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any],
+                   emit: Emit) -> ToolCallResult:  # fmt: skip
+        update = _Updates(active.call_id, emit)
+        with active.scope:
+            if self._needs_approval(server, tool):
+                refused = await self._approve(active, server, update)
+                if refused is not None:
+                    return ToolCallResult(active.call_id, name, "CANCELLED", error=refused)
+            update.send(ToolStatus.RUNNING)
+            async with anyio.create_task_group() as timers:
+                update.timers = timers
+                try:
+                    return await self._call_bridge(active, name, server, tool, arguments, update)
+                finally:
+                    update.flush()
+                    timers.cancel_scope.cancel()
+        return _cancelled(active, name, active.cancel_reason or "cancelled")
+
+    async def _call_bridge(self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any],
+                           update: _Updates) -> ToolCallResult:  # fmt: skip
+        try:
+            outcome = await self.bridge.call_tool(
+                server, tool, arguments, on_progress=update.progress,
+                on_elicit=lambda request: self._elicit(active, server, request, update),
+            )  # fmt: skip
+        except ToolTimeoutError as exc:
+            return ToolCallResult(active.call_id, name, "ERROR", error=_error("TIMEOUT", str(exc)))
+        except ToolUnavailableError as exc:
+            return ToolCallResult(active.call_id, name, "ERROR", error=_error(ErrorCode.TOOL_NOT_FOUND, str(exc)))
+        except ToolError as exc:
+            return ToolCallResult(active.call_id, name, "ERROR", error=_error("TOOL_FAILED", str(exc)))
+        status: DoneStatus = "ERROR" if outcome.is_error else "OK"
+        error = _error("TOOL_ERROR", _text(outcome.content)) if outcome.is_error else None
+        return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
+
+    def _needs_approval(self, server: str, tool: str) -> bool:
+        return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.servers[server].require_approval)
+
+    def _patience(self, server: str) -> float:
+        return self.servers[server].approval_timeout_seconds
+
+    async def _approve(self, active: ActiveCall, server: str, update: _Updates) -> dict[str, Any] | None:
+        """``None`` if a member approved; else the refusal (rejected, or no answer in time)."""
+        active.ask("approval")
+        update.send(ToolStatus.AWAITING_APPROVAL, message="waiting for a member to approve or reject this call")
+        answer = await self._wait_answer(active, server)
+        if answer is None:
+            return _error("APPROVAL_TIMEOUT", "nobody approved the call in time")
+        if answer.get("decision") != "approve":
+            reason = answer.get("reason")
+            return _error("REJECTED", f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
+        return None
+
+    async def _elicit(self, active: ActiveCall, server: str, request: ElicitationRequest,
+                      update: _Updates) -> ElicitationAnswer:  # fmt: skip
+        from haip_runtime.bridge import ElicitationAnswer
+
+        active.ask("input")
+        update.send(ToolStatus.INPUT_REQUIRED, request={"message": request.message, "schema": request.schema})
+        answer = await self._wait_answer(active, server)
+        update.send(ToolStatus.RUNNING)
+        if answer is None or answer.get("decision") == "decline" or answer.get("input") is None:
+            return ElicitationAnswer("decline")
+        return ElicitationAnswer("accept", answer["input"])
+
+    async def _wait_answer(self, active: ActiveCall, server: str) -> dict[str, Any] | None:
+        with anyio.move_on_after(self._patience(server)):
+            await active.answered.wait()
+        active.waiting_for = None
+        return active.answer
+
+    @staticmethod
+    def _done(emit: Emit, result: ToolCallResult) -> ToolCallResult:
+        emit(EventType.TOOL_DONE, result.done_payload())
+        return result
+
+    # --- members acting on a call --------------------------------------------------------------------
+
+    def answer(self, call_id: str, transaction_id: str, user: str, answer: dict[str, Any], related_id: str) -> None:
+        """A member's TOOL_UPDATE: a ``decision`` on an approval, or ``input`` / decline for an elicitation."""
+        active = self._active(call_id, transaction_id, related_id)
+        if active.waiting_for is None or active.answered.is_set():
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"call {call_id} is not waiting for an answer",
+                                related_id=related_id, detail={"where": "/payload/call_id"})  # fmt: skip
+        if active.waiting_for == "approval" and answer.get("decision") not in ("approve", "reject"):
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "an approval needs decision 'approve' or 'reject'",
+                                related_id=related_id, detail={"where": "/payload/decision"})  # fmt: skip
+        active.answer = {**answer, "by": user}
+        active.answered.set()
+
+    def cancel(self, call_id: str, transaction_id: str, user: str, reason: str | None, related_id: str) -> None:
+        active = self._active(call_id, transaction_id, related_id)
+        active.cancel_reason = f"cancelled by {user}" + (f": {reason}" if reason else "")
+        active.scope.cancel()
+
+    def _active(self, call_id: str, transaction_id: str, related_id: str) -> ActiveCall:
+        active = self.calls.get(call_id)
+        if active is None or active.transaction_id != transaction_id:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no call {call_id!r} in flight in this transaction",
+                                related_id=related_id, detail={"where": "/payload/call_id"})  # fmt: skip
+        return active
+
+
+class _Updates:
+    """TOOL_UPDATEs of one call; progress is coalesced to one per ``PROGRESS_INTERVAL``, latest wins."""
+
+    def __init__(self, call_id: str, emit: Emit) -> None:
+        self.call_id = call_id
+        self.timers: TaskGroup | None = None
+        self._emit = emit
+        self._last_sent = 0.0
+        self._pending: dict[str, Any] | None = None
+        self._flush_scheduled = False
+
+    def send(self, status: ToolStatus, **fields: Any) -> None:
+        self.flush()
+        self._emit(EventType.TOOL_UPDATE, {"call_id": self.call_id, "status": status.value, **fields})
+
+    async def progress(self, progress: Progress) -> None:
+        body = {"call_id": self.call_id, "status": ToolStatus.RUNNING.value, "progress": progress.progress}
+        if progress.total is not None:
+            body["total"] = progress.total
+        if progress.message:
+            body["message"] = progress.message
+        self._pending = body
+        wait = PROGRESS_INTERVAL - (time.monotonic() - self._last_sent)
+        if wait <= 0:
+            self.flush()
+        elif not self._flush_scheduled and self.timers is not None:
+            self._flush_scheduled = True
+            self.timers.start_soon(self._flush_later, wait)
+
+    async def _flush_later(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._emit(EventType.TOOL_UPDATE, self._pending)
+            self._pending, self._last_sent = None, time.monotonic()
+
+
+def _cancelled(active: ActiveCall, name: str, reason: str) -> ToolCallResult:
+    return ToolCallResult(active.call_id, name, "CANCELLED", error=_error("CANCELLED", reason))
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": str(code), "message": message}
+
+
+def _text(content: list[dict[str, Any]]) -> str:
+    return "\n".join(str(block.get("text", "")) for block in content if block.get("type") == "text") or "tool error"

@@ -1,0 +1,50 @@
+"""Agent plugins used by the tests (loaded as ``tests.agents:Name`` like any plugin)."""
+
+from __future__ import annotations
+
+import anyio
+from pydantic import BaseModel
+
+from haip_runtime import Agent, Turn
+
+
+class FailingAgent(Agent):
+    description = "Raises on every message."
+
+    async def on_message(self, turn: Turn) -> None:
+        if turn.text == "fine":
+            await turn.say("all good")
+            return
+        async with turn.stream() as out:
+            await out.write("about to fail")
+            raise ValueError("the plugin broke")
+
+
+class WaitingAgent(Agent):
+    """Streams one part, then waits until the run is cancelled."""
+
+    async def on_message(self, turn: Turn) -> None:
+        async with turn.stream() as out:
+            await out.write("thinking")
+            await anyio.sleep_forever()
+
+
+class GreeterAgent(Agent):
+    async def on_start(self, turn: Turn) -> None:
+        await turn.say(f"hello {self.context.started_by}, params={sorted(self.context.params)}")
+
+    async def on_message(self, turn: Turn) -> None:
+        history = " | ".join(f"{entry.role}:{entry.text}" for entry in turn.history)
+        await turn.say(history)
+
+
+class Order(BaseModel):
+    text: str
+    quantity: int
+
+
+class OrderAgent(Agent):
+    input_schema = Order
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(f"ordered {turn.payload.get('quantity', 1)} x {turn.text}")

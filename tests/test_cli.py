@@ -1,0 +1,83 @@
+"""``haip-runtime serve`` as an operator runs it: a real process, its banner, a real client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from haip_runtime.client import HaipClient
+from tests.serving import ROOT
+
+
+@pytest.fixture
+def serve_process() -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(ROOT / "haip.toml"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    assert process.stdout is not None
+    banner: dict[str, str] = {}
+    try:
+        for line in process.stdout:  # bounded: the banner is six lines, then the loop breaks
+            key, _, value = line.strip().partition(": ")
+            banner[key.strip()] = value.strip()
+            if key.strip() == "try":
+                break
+        yield process, banner
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        finally:
+            process.kill() if process.poll() is None else None
+            process.stdout.close()
+            assert process.stderr is not None
+            process.stderr.close()
+
+
+def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
+    serve_process: tuple[subprocess.Popen[str], dict[str, str]],
+) -> None:
+    _, banner = serve_process
+    url = banner["WebSocket"].split()[0]
+    assert url.startswith("ws://127.0.0.1:") and url.endswith("/haip/websocket")
+    assert banner["agents"] == "echo, storyteller"
+
+    async def talk() -> str:
+        async with HaipClient(url, token=banner["token"]) as client:
+            tx = await client.start_transaction("echo")
+            await client.send_text(tx, "hi from the CLI test")
+            return str((await client.wait_for("MESSAGE_PART")).get("text"))
+
+    assert anyio.run(talk) == "you said: hi from the CLI test"
+
+
+def test_serve_stops_cleanly_on_interrupt(serve_process: tuple[subprocess.Popen[str], dict[str, str]]) -> None:
+    process, _ = serve_process
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=15) in (0, 130)  # uvicorn re-raises the signal after a graceful shutdown
+    assert process.stderr is not None
+    assert "Application shutdown complete" in process.stderr.read()
+
+
+def test_serve_refuses_dev_mode_on_a_public_address(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(ROOT / "haip.toml"), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ},
+    )
+    assert result.returncode == 1
+    assert "auth.mode = 'dev' may only bind a loopback address" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,95 @@
+"""The codec: tolerant decoding of what real clients send, and precise errors for the rest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import decode, parse_payload
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ErrorCode
+
+
+def frame(**changes: Any) -> str:
+    base: dict[str, Any] = {
+        "id": "e1",
+        "session": "s",
+        "transaction": None,
+        "seq": "1",
+        "ts": "1",
+        "channel": "USER",
+        "type": "MESSAGE",
+        "payload": "hi",
+    }
+    return json.dumps({**base, **changes})
+
+
+def test_string_null_transaction_is_null() -> None:
+    assert decode(frame(transaction="null")).transaction is None
+
+
+def test_timestamp_seq_is_opaque_text_and_numbers_are_accepted() -> None:
+    envelope = decode(frame(seq=1795608079581, ts=1795608079581))
+    assert envelope.seq == "1795608079581" and envelope.ts == "1795608079581"
+    assert decode(frame(seq="abc")).numeric_seq is None
+    assert decode(frame(seq=str(2**64))).numeric_seq is None
+
+
+def test_bare_string_message_payload_reads_as_text() -> None:
+    envelope = decode(frame(payload="hello pirate"))
+    assert parse_payload(envelope, p.Message) == p.Message(text="hello pirate")
+
+
+def test_bare_string_payload_for_other_types_is_invalid_payload() -> None:
+    with pytest.raises(DecodeError) as caught:
+        parse_payload(decode(frame(type="TRANSACTION_START", payload="echo")))
+    assert caught.value.code is ErrorCode.INVALID_PAYLOAD and caught.value.detail == {"where": "/payload"}
+
+
+def test_payload_error_names_a_json_pointer() -> None:
+    envelope = decode(frame(type="REPLAY_REQUEST", payload={"from_seq": {"x": 1}}))
+    with pytest.raises(DecodeError) as caught:
+        parse_payload(envelope)
+    assert caught.value.detail == {"where": "/payload/from_seq"} and caught.value.related_id == "e1"
+
+
+def test_unknown_fields_are_ignored_unless_critical() -> None:
+    assert decode(frame(extra_field=1)).unknown_fields == ["extra_field"]
+    with pytest.raises(DecodeError) as caught:
+        decode(frame(extra_field=1, crit=True))
+    assert caught.value.code is ErrorCode.UNSUPPORTED_TYPE
+
+
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [("nope", "frame"), ('"a string"', "/"), (frame(thread_id="t" * 129), "/thread_id"), (frame(id=None), "/id")],
+)
+def test_invalid_envelopes_say_where(raw: str, where: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(raw)
+    assert caught.value.code is ErrorCode.INVALID_MESSAGE and caught.value.detail == {"where": where}
+
+
+def test_frame_size_limit_is_in_bytes() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(frame(payload="é" * 600), max_bytes=1024)
+    assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_event_encodes_its_payload_once_for_every_session() -> None:
+    event = Event(type="MESSAGE_PART", payload={"message_id": "m", "text": "ü"}, transaction="t", run_id="r")
+    first = json.loads(event.to_wire(session="a", seq=1, ack=None))
+    second = json.loads(event.to_wire(session="b", seq=7, ack=3))
+    assert first["payload"] == second["payload"] == {"message_id": "m", "text": "ü"}
+    assert (first["session"], first["seq"], "ack" in first) == ("a", "1", False)
+    assert (second["session"], second["seq"], second["ack"], second["run_id"]) == ("b", "7", "3", "r")
+    assert decode(event.to_wire(session="a", seq=1, ack=None)).type == "MESSAGE_PART"
+
+
+def test_transaction_start_accepts_agent_as_alias_of_tool_name() -> None:
+    assert p.TransactionStart(agent="echo").agent_name == "echo"
+    assert p.TransactionStart(toolName="echo", agent="other").agent_name == "echo"

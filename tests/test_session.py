@@ -1,0 +1,121 @@
+"""Session bookkeeping without sockets: seq, ack, duplicates, replay window, outbox bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from haip_runtime.auth import Principal
+from haip_runtime.config import SessionConfig
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.negotiation import negotiate
+from haip_runtime.protocol.codec import decode
+from haip_runtime.protocol.envelope import Envelope
+from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
+from haip_runtime.session import Outbox, Session
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_session(clock: Clock | None = None) -> Session:
+    return Session(Principal("u"), negotiate(ALL_EVENTS), SessionConfig(), clock=clock or Clock())
+
+
+def inbound(seq: str) -> Envelope:
+    return decode(
+        json.dumps({"id": seq, "session": "", "seq": seq, "ts": "1", "channel": "USER", "type": "PING", "payload": {}})
+    )
+
+
+async def drain(outbox: Outbox) -> list[dict[str, object]]:
+    outbox.close()
+    return [json.loads(frame) async for frame in outbox.frames()]
+
+
+async def test_outbound_seq_counts_from_one_and_is_recorded_while_detached() -> None:
+    session = make_session()
+    outbox = Outbox(16)
+    session.attach(outbox)
+    session.send("INFO", {"event": "a"})
+    session.detach(outbox)
+    session.send("INFO", {"event": "b"})
+    assert [e["seq"] for e in await drain(outbox)] == ["1"]
+    assert [json.loads(f)["seq"] for f in session.replay(1)] == ["1", "2"]
+
+
+async def test_resume_resends_everything_after_last_rx_seq_in_order() -> None:
+    session = make_session()
+    for index in range(5):
+        session.send("INFO", {"event": str(index)})
+    outbox = Outbox(16)
+    session.attach(outbox, last_rx_seq=3)
+    session.send("INFO", {"event": "live"})
+    assert [(e["seq"], e["payload"]) for e in await drain(outbox)] == [
+        ("4", {"event": "3"}),
+        ("5", {"event": "4"}),
+        ("6", {"event": "live"}),
+    ]
+
+
+def test_window_keeps_the_larger_of_count_and_age() -> None:
+    clock = Clock()
+    session = make_session(clock)
+    for index in range(1200):
+        clock.now += 1  # 1200 s in all: older than the 300 s window
+        session.send("INFO", {"event": str(index)})
+    # Only the last 1000 survive (count bound), since every older one is also past 300 s.
+    assert len(list(session.replay(201))) == 1000
+    with pytest.raises(ProtocolError) as caught:
+        list(session.replay(200))
+    assert caught.value.code is ErrorCode.REPLAY_TOO_OLD
+
+
+def test_young_envelopes_stay_beyond_the_count_bound() -> None:
+    session = make_session()  # the clock stands still: everything is younger than 300 s
+    for index in range(1500):
+        session.send("INFO", {"event": str(index)})
+    assert len(list(session.replay(1))) == 1500
+
+
+def test_replay_range_is_inclusive_and_keeps_original_seqs() -> None:
+    session = make_session()
+    for index in range(10):
+        session.send("INFO", {"event": str(index)})
+    assert [json.loads(f)["seq"] for f in session.replay(3, 5)] == ["3", "4", "5"]
+
+
+def test_numbered_inbound_drops_duplicates_and_opaque_inbound_keeps_them() -> None:
+    numbered = make_session()
+    assert [numbered.accept_inbound(inbound(s)) for s in ("1", "2", "2", "3", "1")] == [True, True, False, True, False]
+    opaque = make_session()
+    assert [opaque.accept_inbound(inbound(s)) for s in ("1795608079581",) * 3] == [True] * 3
+
+
+def test_detached_session_expires_after_the_resume_timeout() -> None:
+    clock = Clock()
+    session = make_session(clock)
+    outbox = Outbox(4)
+    session.attach(outbox)
+    session.detach(outbox)
+    clock.now += 119
+    assert not session.expired(clock.now)
+    clock.now += 2
+    assert session.expired(clock.now)
+    outbox.discard()
+
+
+def test_full_outbox_asks_for_close_1013_instead_of_blocking() -> None:
+    outbox = Outbox(16)
+    results = [outbox.put(str(index)) for index in range(17)]
+    assert results == [True] * 16 + [False]
+    assert outbox.close_code == 1013
+    outbox.discard()
