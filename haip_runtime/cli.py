@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump
 from haip_runtime.exceptions import ConfigError, PluginError
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=12 * 3600, help="lifetime in seconds")
     token.set_defaults(func=_token)
 
+    tools = commands.add_parser("tools", help="connect every MCP server and list its state and tools")
+    _config_arg(tools)
+    tools.add_argument("--timeout", type=float, default=30, help="seconds to wait for the servers (default: 30)")
+    tools.set_defaults(func=_tools)
+
     schema = commands.add_parser("schema", help="print (or write) the JSON Schema of haip.toml")
     schema.add_argument("--output", type=Path, help="write it to this file")
     schema.set_defaults(func=_schema)
@@ -82,6 +88,46 @@ def _token(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: auth.mode: 'token' needs mode = 'jwt' (dev mode prints its token at start)")
     print(Authenticator(config.auth).issue(args.user, ttl_seconds=args.ttl))
     return 0
+
+
+def _tools(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.mcp.servers:
+        print(f"{args.config} declares no MCP servers ([mcp.servers.<name>])", file=sys.stderr)
+        return 0
+    import logging
+
+    import anyio
+
+    logging.getLogger("haip_runtime").setLevel(logging.CRITICAL)  # the table says it all
+    with open(os.devnull, "w") as quiet:  # the servers' own stderr chatter would drown the table
+        return anyio.run(_list_tools, config, args.timeout, quiet)
+
+
+async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int:
+    from haip_runtime.bridge import McpBridge, ServerState
+
+    async with McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir, stderr=stderr) as bridge:
+        await bridge.wait_settled(timeout)
+        statuses = bridge.status()
+    rows = [("SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR")]
+    for name, status in statuses.items():
+        transport = config.mcp.servers[name].transport
+        rows.append((name, transport, status.state.value, str(len(status.tools)), status.error or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]).rstrip())
+    for status in statuses.values():
+        if status.tools:
+            print(f"\n{status.name}:")
+            width = max(len(tool.full_name) for tool in status.tools)
+            for tool in status.tools:
+                summary = (tool.description or "").splitlines()[0] if tool.description else ""
+                print(f"  {tool.full_name.ljust(width)}  {summary}")
+    failed = [s.name for s in statuses.values() if s.state is not ServerState.CONNECTED]
+    if failed:
+        print(f"\nhaip-runtime: not connected: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _schema(args: argparse.Namespace) -> int:

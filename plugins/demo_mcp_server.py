@@ -18,12 +18,10 @@ import argparse
 import os
 import socket
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import uvicorn
-from pydantic import BaseModel
-
 from mcp.server.mcpserver import (
     AcceptedElicitation,
     Context,
@@ -34,11 +32,31 @@ from mcp.server.mcpserver import (
     Resolve,
 )
 from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel
 
 server = MCPServer("demo", instructions="Demo tools for haip-runtime: arithmetic, progress, errors, elicitation.")
 
-#: What the server observed, for `stats()`: tool calls started, and calls cancelled mid-way.
-STATS = {"calls": 0, "cancelled": 0}
+
+class Stats:
+    """What the server observed: tool calls started, and calls cancelled mid-way."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+        self._cancellation = anyio.Event()
+
+    def record_cancellation(self, tool: str) -> None:
+        self.cancelled += 1
+        _log(f"{tool} was cancelled")
+        self._cancellation.set()
+        self._cancellation = anyio.Event()
+
+    async def wait_cancelled(self, at_least: int) -> None:
+        while self.cancelled < at_least:
+            await self._cancellation.wait()
+
+
+STATS = Stats()
 
 
 def _log(message: str) -> None:
@@ -46,24 +64,23 @@ def _log(message: str) -> None:
     print(f"demo_mcp_server: {message}", file=sys.stderr, flush=True)
 
 
-async def _cancellable(name: str, steps: int, delay: float, ctx: Context | None) -> None:
-    """Wait `steps` times `delay` seconds, reporting progress; count a cancellation if it happens."""
-    STATS["calls"] += 1
+async def _cancellable(tool: str, steps: int, delay: float, ctx: Context | None) -> None:
+    """Wait `steps` times `delay` seconds, reporting progress after each; record a cancellation."""
+    STATS.calls += 1
     try:
         for i in range(1, steps + 1):
             await anyio.sleep(delay)
             if ctx is not None:
                 await ctx.report_progress(i, steps, f"step {i} of {steps}")
     except anyio.get_cancelled_exc_class():
-        STATS["cancelled"] += 1
-        _log(f"{name} was cancelled")
+        STATS.record_cancellation(tool)
         raise
 
 
 @server.tool()
 def add(a: float, b: float) -> float:
     """Add two numbers."""
-    STATS["calls"] += 1
+    STATS.calls += 1
     return a + b
 
 
@@ -84,14 +101,14 @@ async def sleep(seconds: float) -> str:
 @server.tool()
 def fail(message: str = "this tool always fails") -> str:
     """Fail on purpose: the caller gets an error result carrying `message`."""
-    STATS["calls"] += 1
+    STATS.calls += 1
     raise ToolError(message)
 
 
 @server.tool()
 def delete_everything(confirm: str = "yes") -> str:
     """Pretend to delete everything. Harmless; put it under `require_approval` to try approvals."""
-    STATS["calls"] += 1
+    STATS.calls += 1
     return "pretended to delete everything"
 
 
@@ -106,12 +123,10 @@ def ask_preferences() -> Elicit[Preferences]:
 
 @server.tool()
 def ask_user(answer: Annotated[ElicitationResult[Preferences], Resolve(ask_preferences)]) -> str:
-    """Ask the user for their name and favourite colour (MCP elicitation).
-
-    `Resolve(...)` asks in whichever way the client's protocol era needs: a mid-call
-    `elicitation/create` request (2025) or an `input_required` result and retry (2026).
-    """
-    STATS["calls"] += 1
+    """Ask the user for their name and favourite colour (MCP elicitation)."""
+    # `Resolve(...)` asks the way the client's protocol era needs: a mid-call `elicitation/create`
+    # request (2025) or an `input_required` result that the client answers and retries (2026).
+    STATS.calls += 1
     if isinstance(answer, AcceptedElicitation):
         return f"{answer.data.name} likes {answer.data.favourite_colour}"
     return "declined" if isinstance(answer, DeclinedElicitation) else "cancelled"
@@ -125,7 +140,7 @@ def extra() -> str:
 @server.tool()
 async def toggle_extra_tool(ctx: Context) -> str:
     """Add the tool `extra`, or remove it if present, and tell clients the tool list changed."""
-    STATS["calls"] += 1
+    STATS.calls += 1
     present = any(tool.name == "extra" for tool in await server.list_tools())
     if present:
         server.remove_tool("extra")
@@ -137,9 +152,12 @@ async def toggle_extra_tool(ctx: Context) -> str:
 
 
 @server.tool()
-def stats() -> dict[str, Any]:
-    """What this server observed: tool calls started, and how many were cancelled mid-way."""
-    return dict(STATS)
+async def stats(min_cancelled: int = 0) -> dict[str, int]:
+    """Tool calls started and calls cancelled so far; waits (up to 10 s) for `min_cancelled` cancellations."""
+    # A cancellation reaches the tool a moment after the client gives up: tests wait here for it.
+    with anyio.move_on_after(10):
+        await STATS.wait_cancelled(min_cancelled)
+    return {"calls": STATS.calls, "cancelled": STATS.cancelled}
 
 
 @server.tool()
@@ -156,7 +174,8 @@ async def serve_http(host: str, port: int) -> None:
     sock.listen(128)
     bound_port = sock.getsockname()[1]
     config = uvicorn.Config(server.streamable_http_app(host=host), log_level="warning", lifespan="on")
-    print(f"listening on http://{host}:{bound_port}/mcp", flush=True)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"listening on http://{shown_host}:{bound_port}/mcp", flush=True)
     try:
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:

@@ -34,8 +34,8 @@ def test_empty_file_gives_every_default(tmp_path: Path) -> None:
 
 def test_variables_and_defaults_are_expanded(tmp_path: Path) -> None:
     text = (
-        "[server]\nhost = \"${HOST:-127.0.0.1}\"\nport = 0\n"
-        "[agents.e]\nplugin = \"echo\"\ndescription = \"$${HOST} ${WHO}\"\n"
+        '[server]\nhost = "${HOST:-127.0.0.1}"\nport = 0\n'
+        '[agents.e]\nplugin = "echo"\ndescription = "$${HOST} ${WHO}"\n'
     )
     config = load_config(write(tmp_path, text), env={"WHO": "ops"})
     assert config.server.host == "127.0.0.1"

@@ -114,6 +114,14 @@ def _progress_callback(call: Call, on_progress: OnProgress | None) -> ProgressFn
     return progress
 
 
+ELICIT_GRACE = 5.0
+"""Seconds past `approval_timeout_seconds` before the bridge declines an unanswered elicitation itself.
+
+Callers time the human out (the tool proxy does, with that same setting); this is the backstop
+for a callback that never returns, since the call's own deadline is paused while it runs.
+"""
+
+
 def elicitation_callback(server: str, calls: set[Call], patience: float) -> ElicitationFnT:
     """The SDK callback for one server's elicitations: find the asking call and ask its caller."""
 
@@ -143,8 +151,8 @@ def _asking_call(server: str, calls: set[Call]) -> Call | None:
 
 
 async def _ask(call: Call, on_elicit: OnElicit, request: ElicitationRequest, patience: float) -> ElicitationAnswer:
-    """Ask the caller, with the call's own deadline paused; silence or a failing callback declines."""
-    with call.deadline_paused(), anyio.move_on_after(patience):
+    """Ask the caller, with the call's own deadline paused; no answer or a failing callback declines."""
+    with call.deadline_paused(), anyio.move_on_after(patience + ELICIT_GRACE):
         try:
             return await on_elicit(request)
         except Exception:  # the caller's bug must not break the MCP session's request handling

@@ -1,0 +1,34 @@
+"""The bridge to MCP servers: the only code in haip-runtime that imports the MCP SDK.
+
+`McpBridge` keeps one supervised, long-lived MCP client per configured server (stdio or streamable
+HTTP), follows their tool lists, and carries tool calls with progress, elicitation, timeouts and
+cancellation. It does not decide who may call what and does not coalesce progress: the tool proxy
+does. Modules: `models` (the values handed out), `mcp_bridge`, `supervisor` (one server's
+connection), `calls` (one tool call), `transport` (opening stdio / HTTP).
+"""
+
+from haip_runtime.bridge.mcp_bridge import McpBridge
+from haip_runtime.bridge.models import (
+    ElicitationAnswer,
+    ElicitationRequest,
+    OnElicit,
+    OnProgress,
+    Progress,
+    ServerState,
+    ServerStatus,
+    ToolInfo,
+    ToolResult,
+)
+
+__all__ = [
+    "ElicitationAnswer",
+    "ElicitationRequest",
+    "McpBridge",
+    "OnElicit",
+    "OnProgress",
+    "Progress",
+    "ServerState",
+    "ServerStatus",
+    "ToolInfo",
+    "ToolResult",
+]
