@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -25,6 +28,7 @@ from haip_runtime.config import HaipConfig
 from haip_runtime.connection import Connection
 from haip_runtime.hub import Hub
 from haip_runtime.session import Outbox
+from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
 if TYPE_CHECKING:
@@ -38,33 +42,37 @@ class Runtime:
         self.config = config
         self.authenticator = Authenticator(config.auth, config.roles)
         self.agents = load_agents(config)
-        self.hub = Hub(config, self.agents)
+        self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
+        self.hub = Hub(config, self.agents, self.tools)
         self.bridge: McpBridge | None = None
-        self._stack = AsyncExitStack()
+        self.bridge_ready = anyio.Event()
 
     async def __aenter__(self) -> Self:
-        await self._stack.__aenter__()
-        try:
-            if self.config.mcp.servers:
-                await self._start_bridge()
-            await self._stack.enter_async_context(self.hub)
-        except BaseException:
-            await self._stack.aclose()
-            raise
+        await self.hub.__aenter__()
+        if self.tools is not None:
+            self.hub.spawn(self._run_bridge)
         return self
 
-    async def _start_bridge(self) -> None:
-        from haip_runtime.bridge import McpBridge
-        from haip_runtime.tools import ToolProxy
-
-        mcp = self.config.mcp
-        bridge = McpBridge(mcp.servers, mcp.stdio, base_dir=self.config.base_dir,
-                           on_change=lambda status: self.hub.tools_changed(status.name))  # fmt: skip
-        self.bridge = await self._stack.enter_async_context(bridge)
-        self.hub.tools = ToolProxy(bridge, mcp.servers)
-
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self._stack.__aexit__(*exc_info)
+        return await self.hub.__aexit__(*exc_info)
+
+    async def _run_bridge(self) -> None:
+        """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.
+
+        Importing the MCP SDK takes about a second, so it happens in a worker thread; the servers
+        then connect in parallel while clients are already being served (their tools appear in
+        TOOL_LIST as each server connects).
+        """
+        module = await anyio.to_thread.run_sync(importlib.import_module, "haip_runtime.bridge")
+        mcp = self.config.mcp
+        bridge = module.McpBridge(mcp.servers, mcp.stdio, base_dir=self.config.base_dir,
+                                  on_change=lambda status: self.hub.tools_changed(status.name))  # fmt: skip
+        async with bridge:
+            self.bridge = bridge
+            assert self.tools is not None
+            self.tools.attach(bridge)
+            self.bridge_ready.set()
+            await anyio.sleep_forever()
 
     async def serve_websocket(self, ws: WebSocket) -> None:
         outbox = Outbox(self.config.session.max_buffered_messages)

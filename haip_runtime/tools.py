@@ -122,23 +122,26 @@ class ActiveCall:
 class ToolProxy:
     """Runs tool calls through the MCP bridge with approval, elicitation, progress and cancellation."""
 
-    def __init__(self, bridge: McpBridge, servers: Mapping[str, McpServerConfig]) -> None:
-        self.bridge = bridge
+    def __init__(self, servers: Mapping[str, McpServerConfig], bridge: McpBridge | None = None) -> None:
         self.servers = servers
+        self.bridge = bridge
         self.calls: dict[str, ActiveCall] = {}
+
+    def attach(self, bridge: McpBridge) -> None:
+        """Start using ``bridge`` (until then no tool is available: the servers are starting)."""
+        self.bridge = bridge
 
     # --- the catalog -------------------------------------------------------------------------------
 
     def visible_tools(self, servers: Iterable[str], permissions: Permissions = UNRESTRICTED) -> list[ToolView]:
         """Tools of connected ``servers``, after ``allowed_tools`` and the user's permissions."""
-        return [
-            ToolView(info)
-            for info in self.bridge.tools(list(servers))
-            if permissions.may_use_tool(info.full_name)
-        ]  # fmt: skip
+        if self.bridge is None:
+            return []
+        tools = self.bridge.tools(list(servers))
+        return [ToolView(info) for info in tools if permissions.may_use_tool(info.full_name)]
 
     def find(self, name: str) -> ToolView | None:
-        info = self.bridge.find_tool(name)
+        info = None if self.bridge is None else self.bridge.find_tool(name)
         return None if info is None else ToolView(info)
 
     # --- calling -----------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ class ToolProxy:
     def _refusal(
         self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
     ) -> dict[str, Any] | None:
-        if server not in allowed or self.bridge.find_tool(name) is None:
+        if server not in allowed or self.find(name) is None:
             return _error(ErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
         if not permissions.may_use_tool(name):
             return _error(ErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
@@ -193,6 +196,7 @@ class ToolProxy:
 
     async def _call_bridge(self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any],
                            update: _Updates) -> ToolCallResult:  # fmt: skip
+        assert self.bridge is not None  # _refusal found the tool, so the bridge is attached
         try:
             outcome = await self.bridge.call_tool(
                 server, tool, arguments, on_progress=update.progress,

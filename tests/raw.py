@@ -39,7 +39,7 @@ class RawPeer:
         await self.ws.send(json.dumps(envelope))
         return str(envelope["id"])
 
-    async def hai(self, token: str | None, **payload: Any) -> str:
+    async def hai(self, token: str | None, *, session: str = "", **payload: Any) -> str:
         body: dict[str, Any] = {
             "haip_version": "1.1.2",
             "accept_major": [1],
@@ -48,7 +48,7 @@ class RawPeer:
         }
         if token is not None:
             body["auth"] = {"token": f"Bearer {token}"}
-        return await self.send("HAI", body)
+        return await self.send("HAI", body, session=session)
 
     async def receive(self, timeout: float = 5) -> dict[str, Any]:
         with anyio.fail_after(timeout):
@@ -76,5 +76,6 @@ class RawPeer:
 
 @asynccontextmanager
 async def raw_peer(url: str, **kwargs: Any) -> AsyncIterator[RawPeer]:
-    async with connect(url, compression=None, **kwargs) as ws:
+    # max_queue=None: a peer that stops reading must not stall its own closing handshake.
+    async with connect(url, compression=None, max_queue=None, **kwargs) as ws:
         yield RawPeer(ws)

@@ -65,7 +65,7 @@ class _Server(uvicorn.Server):
 @contextmanager
 def live_server(config: HaipConfig) -> Iterator[LiveServer]:
     runtime = Runtime(config)
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     ready = threading.Event()

@@ -9,6 +9,7 @@ import pytest
 
 from haip_runtime.client import HaipClient
 from haip_runtime.exceptions import ClientError
+from haip_runtime.protocol.events import ALL_EVENTS
 from tests.raw import raw_peer
 from tests.serving import LiveServer
 
@@ -250,3 +251,52 @@ async def test_authentication_failures_are_answered_the_same_every_time(server: 
             error = await peer.receive_type("ERROR")
             answers.append((error["payload"]["code"], await peer.closed()))
     assert answers == [("AUTHENTICATION_FAILED", 1008)] * 20
+
+
+async def test_resume_resends_what_was_missed_while_away(server: LiveServer) -> None:
+    token = server.token("rosa")
+    everything: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
+    async with raw_peer(server.ws_url) as first:
+        hai = await first.receive()
+        await first.hai(token, **everything)
+        await first.receive_type("INFO")
+        await first.send("TRANSACTION_START", {"toolName": "storyteller"}, transaction="ref")
+        started = await first.receive_type("TRANSACTION_START")
+        await first.send("MESSAGE", "a long story", transaction=started["transaction"], channel="USER")
+        last_seen = await first.receive_type("RUN_STARTED")
+    # The socket is gone; the turn goes on. Resume on a new connection from what was last seen.
+    async with raw_peer(server.ws_url) as second:
+        await second.receive()  # the new connection's own HAI
+        await second.hai(token, session=hai["session"], last_rx_seq=last_seen["seq"], **everything)
+        resent: list[dict[str, Any]] = []
+        while {"RUN_FINISHED", "INFO"} - {e["type"] for e in resent}:
+            resent.append(await second.receive())
+    assert {e["session"] for e in resent} == {hai["session"]}
+    seqs = [int(e["seq"]) for e in resent]
+    assert seqs == list(range(int(last_seen["seq"]) + 1, int(last_seen["seq"]) + 1 + len(seqs)))
+    story = "".join(e["payload"]["text"] for e in resent if e["type"] == "MESSAGE_PART")
+    assert story.startswith("Once upon a time, someone said 'a long story'.") and story.endswith("The end.")
+    ready = [e["payload"] for e in resent if e["type"] == "INFO"]
+    assert ready == [{"event": "session.ready", "user": "rosa", "resumed": True}]
+
+
+async def test_resume_of_an_unknown_session_starts_a_fresh_one(server: LiveServer) -> None:
+    async with raw_peer(server.ws_url) as peer:
+        hai = await peer.receive()
+        await peer.hai(server.token("rosa"), session="not-a-session", last_rx_seq="5")
+        error = await peer.receive_type("ERROR")
+        ready = await peer.receive_type("INFO")
+    assert error["payload"]["code"] == "RESUME_FAILED"
+    assert ready["payload"]["resumed"] is False and ready["session"] == hai["session"]
+
+
+async def test_someone_else_cannot_resume_a_session(server: LiveServer) -> None:
+    async with raw_peer(server.ws_url) as owner:
+        hai = await owner.receive()
+        await owner.hai(server.token("rosa"))
+        await owner.receive_type("INFO")
+    async with raw_peer(server.ws_url) as thief:
+        await thief.receive()
+        await thief.hai(server.token("mallory"), session=hai["session"], last_rx_seq="1")
+        error = await thief.receive_type("ERROR")
+    assert error["payload"]["code"] == "RESUME_FAILED"
