@@ -33,6 +33,7 @@ from haip_runtime.bridge import (
 )
 from haip_runtime.config import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolError, ToolTimeoutError, ToolUnavailableError
+from tests.demo_mcp import start_http_demo, stop
 
 pytestmark = pytest.mark.anyio
 
@@ -390,27 +391,6 @@ async def test_a_killed_server_fails_its_call_then_is_restarted() -> None:
 
     assert bridge.status()["demo"].state is ServerState.STOPPED
     assert changes.seen[-1].state is ServerState.STOPPED
-
-
-def start_http_demo(port: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, str(DEMO), "--http", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], 15)
-    assert ready, "the demo HTTP server did not print its address within 15 s"
-    assert process.stdout.readline().startswith("listening on ")
-    return process
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.kill()
-    process.wait(timeout=10)
-    assert process.stdout is not None
-    process.stdout.close()
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ import pytest
 
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
+from tests.demo_mcp import start_http_demo, stop
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
@@ -303,3 +305,30 @@ async def test_killed_server_fails_the_call_clearly_then_comes_back(tool_server:
     assert "demo" in done.get("error")["message"]
     assert back.seq > gone.seq and again.get("status") == "OK"
     assert again.get("result")["structuredContent"]["result"] != pid
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_tools_over_streamable_http_show_progress_and_results() -> None:
+    port = unused_port()
+    process = start_http_demo(port)
+    try:
+        http = {"transport": "http", "url": f"http://127.0.0.1:{port}/mcp"}
+        config = {"agents": {"operator": {"plugin": "operator", "mcp_servers": ["web"]}},
+                  "mcp": {"servers": {"web": http}}}  # fmt: skip
+        with live_server(make_config(config)) as live:
+            async with HaipClient(live.ws_url, token=live.token(), timeout=20) as client:
+                tx = await client.start_transaction("operator")
+                await client.wait_for(lambda e: e.type == "TOOL_LIST" and "web.slow_count" in tool_names(e))
+                done = await call(client, tx, '/call web.slow_count {"steps": 3, "delay": 0.05}')
+                flow = events_of_call(client, done.get("call_id"))
+    finally:
+        stop(process)
+    progress = [e.get("progress") for e in flow if e.get("progress") is not None]
+    assert progress == sorted(progress) and progress[-1] == 3
+    assert done.get("status") == "OK" and done.get("result")["content"][0]["text"] == "counted to 3"
