@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, TaskGroup
 
 from haip_runtime.auth import Authenticator, Credentials
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
@@ -22,7 +22,7 @@ from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
-from haip_runtime.session import Outbox, Session, error_payload, parse_seq
+from haip_runtime.session import GAP_GRACE_SECONDS, Outbox, Session, error_payload, parse_seq
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class Connection:
         self.outbox = outbox
         self.config = hub.config.session
         self._heard = anyio.Event()
+        self._task_group: TaskGroup | None = None
+        self._gap_watched = False
 
     async def serve(self, inbound: ObjectReceiveStream[Inbound]) -> None:
         provisional_id = new_id()
@@ -49,6 +51,7 @@ class Connection:
         self.hub.active_connections += 1
         try:
             async with anyio.create_task_group() as tg:
+                self._task_group = tg
                 tg.start_soon(self._heartbeat, session)
                 await self._read_loop(inbound, session)
                 tg.cancel_scope.cancel()
@@ -151,9 +154,10 @@ class Connection:
             if isinstance(item, DecodeError):
                 session.send_error(item)
                 continue
-            if not session.accept_inbound(item):
-                continue  # a duplicate of something already processed
             try:
+                if not session.accept_inbound(item):
+                    continue  # a duplicate of something already processed
+                self._watch_gap(session)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)
@@ -163,6 +167,19 @@ class Connection:
                     ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
                     transaction=item.transaction,
                 )
+
+    def _watch_gap(self, session: Session) -> None:
+        if session.missing_inbound() is not None and not self._gap_watched and self._task_group is not None:
+            self._gap_watched = True
+            self._task_group.start_soon(self._request_missing, session)
+
+    async def _request_missing(self, session: Session) -> None:
+        """Give a gap in the client's seqs a moment to fill, then ask for a replay of it."""
+        await anyio.sleep(GAP_GRACE_SECONDS)
+        self._gap_watched = False
+        missing = session.missing_inbound()
+        if missing is not None:
+            session.send(EventType.REPLAY_REQUEST, {"from_seq": str(missing[0]), "to_seq": str(missing[1])})
 
     async def _dispatch(self, session: Session, envelope: Envelope) -> None:
         kind = envelope.type

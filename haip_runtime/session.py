@@ -26,6 +26,11 @@ from haip_runtime.protocol.events import Channel, CloseCode, ErrorCode, EventTyp
 
 logger = logging.getLogger(__name__)
 
+#: Envelopes received past a gap in a numbered client's seqs before the client is told it broke the sequence.
+MAX_INBOUND_GAP = 1000
+#: How long a gap may stay open before the runtime asks the client to replay it (PROTOCOL.md section 10).
+GAP_GRACE_SECONDS = 0.5
+
 
 class Outbox:
     """The bounded queue of encoded frames for one connection, and its close request.
@@ -106,6 +111,7 @@ class Session:
         self._window: deque[Sent] = deque()
         self._inbound_numeric: bool | None = None
         self._last_in = 0
+        self._ahead: set[int] = set()
 
     @property
     def user(self) -> str:
@@ -157,18 +163,33 @@ class Session:
     def accept_inbound(self, envelope: Envelope) -> bool:
         """Track the client's seq; ``False`` for a duplicate that must be dropped.
 
-        A client whose first seq is ``"1"`` is numbered: the runtime acks it and drops
-        duplicates. Any other first seq (the reference clients send timestamps) is opaque.
+        A client whose first seq is ``"1"`` is numbered: the runtime acks the highest contiguous
+        seq and drops duplicates; an envelope past a gap is processed at once (nothing waits on
+        the gap) and the gap is reported by ``missing_inbound``. Any other first seq (the
+        reference clients send timestamps) is opaque.
         """
         number = envelope.numeric_seq
         if self._inbound_numeric is None:
             self._inbound_numeric = number == 1
         if not self._inbound_numeric or number is None:
             return True
-        if number <= self._last_in:
+        if number <= self._last_in or number in self._ahead:
             return False
-        self._last_in = number
+        if number == self._last_in + 1:
+            self._last_in = number
+            while self._last_in + 1 in self._ahead:
+                self._ahead.remove(self._last_in + 1)
+                self._last_in += 1
+        elif len(self._ahead) < MAX_INBOUND_GAP:
+            self._ahead.add(number)
+        else:
+            raise ProtocolError(ErrorCode.SEQ_VIOLATION, f"seq {number} is too far past the gap after {self._last_in}",
+                                related_id=envelope.id)  # fmt: skip
         return True
+
+    def missing_inbound(self) -> tuple[int, int] | None:
+        """The first gap in the client's seqs, as an inclusive range, if there is one."""
+        return (self._last_in + 1, min(self._ahead) - 1) if self._ahead else None
 
     # --- connections ---------------------------------------------------------------------------
 

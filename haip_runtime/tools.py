@@ -114,6 +114,7 @@ class ActiveCall:
     answered: anyio.Event = field(default_factory=anyio.Event)
     answer: dict[str, Any] | None = None
     cancel_reason: str | None = None
+    finished: anyio.Event = field(default_factory=anyio.Event)
 
     def ask(self, kind: Literal["approval", "input"]) -> None:
         self.waiting_for, self.answer, self.answered = kind, None, anyio.Event()
@@ -165,6 +166,7 @@ class ToolProxy:
             raise
         finally:
             self.calls.pop(active.call_id, None)
+            active.finished.set()
         return self._done(emit, result)
 
     def _refusal(
@@ -271,6 +273,14 @@ class ToolProxy:
         active = self._active(call_id, transaction_id, related_id)
         active.cancel_reason = f"cancelled by {user}" + (f": {reason}" if reason else "")
         active.scope.cancel()
+
+    def cancel_transaction(self, transaction_id: str, reason: str) -> list[ActiveCall]:
+        """Cancel every call in flight in a transaction (it is ending); returns them to wait on."""
+        calls = [active for active in self.calls.values() if active.transaction_id == transaction_id]
+        for active in calls:
+            active.cancel_reason = reason
+            active.scope.cancel()
+        return calls
 
     def _active(self, call_id: str, transaction_id: str, related_id: str) -> ActiveCall:
         active = self.calls.get(call_id)

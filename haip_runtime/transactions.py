@@ -172,9 +172,12 @@ class Transaction:
         runs = list(self.runs.values())
         for run in runs:
             run.scope.cancel()
+        calls = self.tools.cancel_transaction(self.id, f"the transaction ended: {reason}") if self.tools else []
         with anyio.move_on_after(END_GRACE_SECONDS, shield=True):
             for run in runs:
                 await run.done.wait()
+            for call in calls:
+                await call.finished.wait()
             for slot in self.agents.values():
                 await self._call_end_hook(slot, reason)
         self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))

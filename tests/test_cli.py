@@ -81,3 +81,29 @@ def test_serve_refuses_dev_mode_on_a_public_address(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "auth.mode = 'dev' may only bind a loopback address" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tools_command_lists_each_server_state_and_tools() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "tools", "--config", str(ROOT / "haip.toml")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header, demo = result.stdout.splitlines()[:2]
+    assert header.split() == ["SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR"]
+    assert demo.split() == ["demo", "stdio", "connected", "9"]
+    assert "  demo.slow_count  " in result.stdout
+
+
+def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path: Path) -> None:
+    config = tmp_path / "haip.toml"
+    config.write_text("[mcp.servers.ghost]\ntransport = 'stdio'\ncommand = '/nonexistent/mcp-server'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "tools", "--config", str(config), "--timeout", "30"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    row = result.stdout.splitlines()[1]
+    assert row.split()[:4] == ["ghost", "stdio", "failed", "0"]
+    assert row.endswith("cannot start '/nonexistent/mcp-server': command not found")
+    assert result.stderr == "\nhaip-runtime: not connected: ghost\n"

@@ -177,3 +177,18 @@ def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'json:dumps'\n")
     result = run_cli("check", "--config", str(path))
     assert result.stderr == "haip-runtime: agents.x.plugin: 'json:dumps' is not a subclass of haip_runtime.Agent\n"
+
+
+def test_builtin_agents_are_registered_as_entry_points() -> None:
+    from haip_runtime.agents.echo import EchoAgent
+    from haip_runtime.agents.registry import _entry_point, resolve_plugin
+
+    assert _entry_point("echo") == "haip_runtime.agents.echo:EchoAgent"
+    assert resolve_plugin("echo", ROOT, "agents.e.plugin") is EchoAgent
+
+
+def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.x]\nplugin = 'ech'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("haip-runtime: agents.x.plugin: 'ech' is neither a known agent (echo, operator")

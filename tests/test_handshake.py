@@ -300,3 +300,25 @@ async def test_someone_else_cannot_resume_a_session(server: LiveServer) -> None:
         await thief.hai(server.token("mallory"), session=hai["session"], last_rx_seq="1")
         error = await thief.receive_type("ERROR")
     assert error["payload"]["code"] == "RESUME_FAILED"
+
+
+async def test_gap_in_client_seqs_is_acked_contiguously_and_replay_is_requested(server: LiveServer) -> None:
+    async with raw_peer(server.ws_url) as peer:
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        await peer.send("PING", {"nonce": "two"})
+        peer.seq += 1  # seq 3 is "lost" on the way
+        await peer.send("PING", {"nonce": "four"})
+        pongs = [await peer.receive_type("PONG"), await peer.receive_type("PONG")]
+        request = await peer.receive_type("REPLAY_REQUEST")
+        peer.seq = 2
+        await peer.send("PING", {"nonce": "three"})  # the replay
+        late = await peer.receive_type("PONG")
+        await peer.send("PING", {"nonce": "three again"})  # seq 4 again: a duplicate, dropped
+        peer.seq = 4
+        await peer.send("PING", {"nonce": "five"})
+        last = await peer.receive_type("PONG")
+    assert [(p["payload"]["nonce"], p["ack"]) for p in pongs] == [("two", "2"), ("four", "2")]
+    assert request["payload"] == {"from_seq": "3", "to_seq": "3"}
+    assert (late["payload"]["nonce"], late["ack"]) == ("three", "4")
+    assert (last["payload"]["nonce"], last["ack"]) == ("five", "5")

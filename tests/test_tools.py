@@ -332,3 +332,24 @@ async def test_tools_over_streamable_http_show_progress_and_results() -> None:
     progress = [e.get("progress") for e in flow if e.get("progress") is not None]
     assert progress == sorted(progress) and progress[-1] == 3
     assert done.get("status") == "OK" and done.get("result")["content"][0]["text"] == "counted to 3"
+
+
+async def test_ending_the_transaction_cancels_its_tool_calls(tool_server: LiveServer) -> None:
+    async with operator(tool_server) as (client, tx):
+        await client.send("TOOL_CALL", {"call_id": "long-1", "tool": "demo.slow_count",
+                                        "params": {"steps": 100, "delay": 0.1}}, transaction=tx)  # fmt: skip
+        await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("progress") is not None)
+        await client.end_transaction(tx, "closing time")
+        ended = await client.wait_for("TRANSACTION_END")
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "long-1")
+    assert done.get("status") == "CANCELLED"
+    assert done.get("error") == {"code": "CANCELLED", "message": "the transaction ended: closing time"}
+    assert done.seq < ended.seq
+
+
+async def test_chatty_progress_is_coalesced_and_the_last_update_is_kept(tool_server: LiveServer) -> None:
+    async with operator(tool_server) as (client, tx):
+        done = await call(client, tx, '/call demo.slow_count {"steps": 300, "delay": 0}')
+        updates = [e for e in events_of_call(client, done.get("call_id")) if e.get("progress") is not None]
+    assert 1 <= len(updates) < 300
+    assert updates[-1].get("progress") == 300 and updates[-1].get("message") == "step 300 of 300"
