@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 
 Inbound = Envelope | DecodeError
 
+#: Accepted and dropped: a later HAI (section 3); PONG, which only proves liveness (any frame does);
+#: INFO and ERROR from a client; and flow control, which this runtime does not apply yet (its
+#: outbound queue per connection is bounded instead).
+_IGNORED = frozenset({"HAI", "PONG", "INFO", "ERROR", "FLOW_UPDATE", "PAUSE_CHANNEL", "RESUME_CHANNEL"})
+
 
 class Connection:
     """Serves one transport connection for the runtime's hub."""
@@ -183,8 +188,8 @@ class Connection:
 
     async def _dispatch(self, session: Session, envelope: Envelope) -> None:
         kind = envelope.type
-        if kind in (EventType.HAI, EventType.PONG, EventType.FLOW_UPDATE, EventType.INFO, EventType.ERROR):
-            return  # a later HAI is ignored; PONG only proves liveness; client credit is not used yet
+        if kind in _IGNORED:
+            return
         if kind == EventType.PING:
             ping = parse_payload(envelope, p.Ping)
             session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())

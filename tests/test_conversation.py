@@ -231,3 +231,32 @@ async def test_server_pings_and_the_client_library_answers() -> None:
             await client.wait_for(lambda e: e.type == "PING" and e.seq > 3)
             tx = await client.start_transaction("echo")
     assert tx and client.close_code == 1000
+
+
+async def test_a_second_agent_joins_and_both_answer(server: LiveServer) -> None:
+    async with HaipClient(server.ws_url, token=server.token()) as client:
+        tx = await client.start_transaction("echo")
+        await client.send("TRANSACTION_JOIN", {"agent": "storyteller"}, transaction=tx)
+        joined = await client.wait_for("TRANSACTION_JOIN")
+        await client.send_text(tx, "duet")
+        await client.wait_for(lambda e: e.type == "RUN_FINISHED")
+        await client.wait_for(lambda e: len([x for x in client.received if x.type == "RUN_FINISHED"]) == 2)
+        authors = {e.get("author") for e in client.received if e.type == "MESSAGE_START"}
+    assert joined.get("agents") == ["echo", "storyteller"]
+    assert authors == {"echo", "storyteller"}
+
+
+async def test_author_edits_a_message_and_other_members_see_it(server: LiveServer) -> None:
+    token = server.token("gus")
+    async with HaipClient(server.ws_url, token=token) as one, HaipClient(server.ws_url, token=token) as two:
+        tx = await one.start_transaction("echo")
+        await two.join(tx)
+        sent = await one.send("MESSAGE", {"text": "helo", "message_id": "m-1"}, transaction=tx, channel="USER")
+        await two.wait_for(lambda e: e.type == "MESSAGE" and e.get("message_id") == "m-1")
+        await one.send("MESSAGE_UPDATE", {"message_id": "m-1", "text": "hello"}, transaction=tx, channel="USER")
+        edit = await two.wait_for("MESSAGE_UPDATE")
+        await two.send("MESSAGE_UPDATE", {"message_id": "m-1", "text": "hijacked"}, transaction=tx, channel="USER")
+        await two.send("MESSAGE_UPDATE", {"message_id": "m-404", "text": "x"}, transaction=tx, channel="USER")
+        refused = await two.wait_for("ERROR")
+    assert sent and edit.payload == {"message_id": "m-1", "text": "hello"}
+    assert refused.get("code") == "INVALID_PAYLOAD"

@@ -353,3 +353,22 @@ async def test_chatty_progress_is_coalesced_and_the_last_update_is_kept(tool_ser
         updates = [e for e in events_of_call(client, done.get("call_id")) if e.get("progress") is not None]
     assert 1 <= len(updates) < 300
     assert updates[-1].get("progress") == 300 and updates[-1].get("message") == "step 300 of 300"
+
+
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        ("/help", "I run MCP tools for you."),
+        ("what can you do?", "I only run tools."),
+        ("/call", "Usage: /call <tool> [json args]"),
+        ("/call demo.add {oops", "The arguments are not JSON: Expecting property name enclosed in double quotes"),
+        ("/call demo.add [1, 2]", "The arguments must be a JSON object"),
+        ('/call add {"a": 1, "b": 2}', "demo.add returned: 3.0"),
+    ],
+    ids=["help", "plain-text", "no-tool", "bad-json", "not-an-object", "bare-name"],
+)
+async def test_operator_commands(tool_server: LiveServer, command: str, answer: str) -> None:
+    async with operator(tool_server) as (client, tx):
+        await client.send_text(tx, command)
+        said = await client.wait_for("MESSAGE_PART")
+    assert said.get("text").startswith(answer)
