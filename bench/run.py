@@ -6,6 +6,9 @@
    uvicorn + Starlette app printing the same (the floor any Python ASGI server pays).
 2. Echo round trips: a HAIP client sending MESSAGE and waiting for the echo agent's RUN_FINISHED, against a
    bare websockets echo server answering each frame (the floor of one WebSocket round trip in Python).
+3. Cancellation: TOOL_CANCEL of a running demo-server tool until TOOL_DONE CANCELLED reaches the client,
+   against the MCP SDK alone cancelling the same call on the same kind of stdio server.
+4. Progress flood: a tool reporting 1000 progress steps in a burst, and how many TOOL_UPDATEs reach the client.
 Only 127.0.0.1 is contacted, in bounded loops.
 """
 
@@ -104,6 +107,66 @@ def round_trips(count: int) -> dict[str, float]:
     return {"haip_turns_per_s": ours, "baseline_round_trips_per_s": base}
 
 
+DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+SLOW = {"steps": 100000, "delay": 0.02}
+
+
+async def runtime_cancel_latency(url: str, token: str, rounds: int) -> tuple[list[float], int]:
+    async with HaipClient(url, token=token, timeout=30) as client:
+        tx = await client.start_transaction("operator")
+        await client.wait_for(lambda e: e.type == "TOOL_LIST" and bool(e.get("tools")))
+        latencies = []
+        for index in range(rounds):
+            call_id = f"bench-{index}"
+            await client.send("TOOL_CALL", {"call_id": call_id, "tool": "demo.slow_count", "params": SLOW},
+                              transaction=tx)  # fmt: skip
+            await client.wait_for(lambda e, c=call_id: e.type == "TOOL_UPDATE" and e.get("call_id") == c
+                                  and e.get("progress") is not None)  # fmt: skip
+            start = time.perf_counter()
+            await client.send("TOOL_CANCEL", {"call_id": call_id}, transaction=tx)
+            await client.wait_for(lambda e, c=call_id: e.type == "TOOL_DONE" and e.get("call_id") == c)
+            latencies.append(time.perf_counter() - start)
+        await client.send("TOOL_CALL", {"call_id": "flood", "tool": "demo.slow_count",
+                                        "params": {"steps": 1000, "delay": 0}}, transaction=tx)  # fmt: skip
+        await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "flood", timeout=60)
+        updates = [e for e in client.received if e.type == "TOOL_UPDATE" and e.get("call_id") == "flood"]
+        return latencies, sum(1 for e in updates if e.get("progress") is not None)
+
+
+async def sdk_cancel_latency(rounds: int) -> list[float]:
+    from mcp import Client, StdioServerParameters
+
+    latencies = []
+    async with Client(StdioServerParameters(command=sys.executable, args=[str(DEMO)]), mode="legacy") as client:
+        for _ in range(rounds):
+            started = anyio.Event()
+
+            async def on_progress(
+                progress: float, total: float | None, message: str | None, e: anyio.Event = started
+            ) -> None:
+                e.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: client.call_tool("slow_count", SLOW, progress_callback=on_progress))
+                await started.wait()
+                start = time.perf_counter()
+                tg.cancel_scope.cancel()
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def cancellation(rounds: int) -> dict[str, float]:
+    servers = {
+        "demo": {"transport": "stdio", "command": sys.executable, "args": [str(DEMO)], "protocol_mode": "legacy"}
+    }
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}}
+    with live_server(make_config({"agents": agents, "mcp": {"servers": servers}})) as live:
+        ours, flood = anyio.run(runtime_cancel_latency, live.ws_url, live.token(), rounds)
+    base = anyio.run(sdk_cancel_latency, rounds)
+    return {"haip_ms": statistics.median(ours) * 1000, "max_ms": max(ours) * 1000,
+            "baseline_ms": statistics.median(base) * 1000, "flood_updates": flood}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -111,6 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     start = startup(args.rounds)
     trips = round_trips(args.messages)
+    cancel = cancellation(args.rounds * 2)
     lines = [
         "# Benchmark results",
         "",
@@ -125,6 +189,11 @@ def main() -> None:
         f"| sequential echo turns ({args.messages}) | {trips['haip_turns_per_s']:.0f}/s | "
         f"{trips['baseline_round_trips_per_s']:.0f}/s (bare websockets echo) | "
         f"{trips['haip_turns_per_s'] / trips['baseline_round_trips_per_s']:.2f}x |",
+        f"| TOOL_CANCEL to TOOL_DONE (median of {args.rounds * 2}; max {cancel['max_ms']:.1f} ms) | "
+        f"{cancel['haip_ms']:.1f} ms | {cancel['baseline_ms']:.1f} ms (MCP SDK cancelling the call itself) | "
+        f"{cancel['haip_ms'] / cancel['baseline_ms']:.2f}x |",
+        f"| progress flood: 1000 notifications in a burst | {cancel['flood_updates']:.0f} TOOL_UPDATEs | "
+        "1000 (uncoalesced) | |",
         "",
         "An echo turn is MESSAGE in, then RUN_STARTED, MESSAGE_START, MESSAGE_PART, MESSAGE_END and",
         "RUN_FINISHED out (five frames), through session, transaction, agent run and negotiation;",

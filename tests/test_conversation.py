@@ -260,3 +260,24 @@ async def test_author_edits_a_message_and_other_members_see_it(server: LiveServe
         refused = await two.wait_for("ERROR")
     assert sent and edit.payload == {"message_id": "m-1", "text": "hello"}
     assert refused.get("code") == "INVALID_PAYLOAD"
+
+
+async def test_silent_peer_is_dropped_after_the_heartbeat_timeout_and_can_resume() -> None:
+    from tests.raw import raw_peer
+
+    config = make_config({"session": {"heartbeat_interval_seconds": 0.05, "heartbeat_timeout_seconds": 0.1}})
+    with live_server(config) as live:
+        token = live.token("quiet")
+        async with raw_peer(live.ws_url) as peer:
+            hai = await peer.receive()
+            await peer.hai(token)
+            ping = await peer.receive_type("PING")
+            code = await peer.closed()  # never answers: dropped
+        async with HaipClient(live.ws_url, token=token) as client:
+            await client.wait_for("INFO")
+        async with raw_peer(live.ws_url) as again:
+            await again.receive()
+            await again.hai(token, session=hai["session"], last_rx_seq=ping["seq"])
+            ready = await again.receive_type("INFO")
+    assert code == 1013
+    assert ready["payload"]["resumed"] is True and ready["session"] == hai["session"]
