@@ -118,16 +118,21 @@ async def runtime_cancel_latency(url: str, token: str, rounds: int) -> tuple[lis
         latencies = []
         for index in range(rounds):
             call_id = f"bench-{index}"
-            await client.send("TOOL_CALL", {"call_id": call_id, "tool": "demo.slow_count", "params": SLOW},
-                              transaction=tx)  # fmt: skip
-            await client.wait_for(lambda e, c=call_id: e.type == "TOOL_UPDATE" and e.get("call_id") == c
-                                  and e.get("progress") is not None)  # fmt: skip
+            await client.send(
+                "TOOL_CALL", {"call_id": call_id, "tool": "demo.slow_count", "params": SLOW}, transaction=tx
+            )
+            await client.wait_for(
+                lambda e, c=call_id: e.type == "TOOL_UPDATE" and e.get("call_id") == c and e.get("progress") is not None
+            )
             start = time.perf_counter()
             await client.send("TOOL_CANCEL", {"call_id": call_id}, transaction=tx)
             await client.wait_for(lambda e, c=call_id: e.type == "TOOL_DONE" and e.get("call_id") == c)
             latencies.append(time.perf_counter() - start)
-        await client.send("TOOL_CALL", {"call_id": "flood", "tool": "demo.slow_count",
-                                        "params": {"steps": 1000, "delay": 0}}, transaction=tx)  # fmt: skip
+        await client.send(
+            "TOOL_CALL",
+            {"call_id": "flood", "tool": "demo.slow_count", "params": {"steps": 1000, "delay": 0}},
+            transaction=tx,
+        )
         await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "flood", timeout=60)
         updates = [e for e in client.received if e.type == "TOOL_UPDATE" and e.get("call_id") == "flood"]
         return latencies, sum(1 for e in updates if e.get("progress") is not None)
@@ -163,8 +168,12 @@ def cancellation(rounds: int) -> dict[str, float]:
     with live_server(make_config({"agents": agents, "mcp": {"servers": servers}})) as live:
         ours, flood = anyio.run(runtime_cancel_latency, live.ws_url, live.token(), rounds)
     base = anyio.run(sdk_cancel_latency, rounds)
-    return {"haip_ms": statistics.median(ours) * 1000, "max_ms": max(ours) * 1000,
-            "baseline_ms": statistics.median(base) * 1000, "flood_updates": flood}  # fmt: skip
+    return {
+        "haip_ms": statistics.median(ours) * 1000,
+        "max_ms": max(ours) * 1000,
+        "baseline_ms": statistics.median(base) * 1000,
+        "flood_updates": flood,
+    }
 
 
 def main() -> None:

@@ -65,8 +65,12 @@ class Runtime:
         """
         module = await anyio.to_thread.run_sync(importlib.import_module, "haip_runtime.bridge")
         mcp = self.config.mcp
-        bridge = module.McpBridge(mcp.servers, mcp.stdio, base_dir=self.config.base_dir,
-                                  on_change=lambda status: self.hub.tools_changed(status.name))  # fmt: skip
+        bridge = module.McpBridge(
+            mcp.servers,
+            mcp.stdio,
+            base_dir=self.config.base_dir,
+            on_change=lambda status: self.hub.tools_changed(status.name),
+        )
         async with bridge:
             self.bridge = bridge
             assert self.tools is not None

@@ -136,8 +136,11 @@ class Hub:
         request = parse_payload(envelope, p.TransactionStart)
         spec = self.agents.get(request.agent_name or "")
         if spec is not None and not session.principal.permissions.may_start(spec.name):
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {spec.name!r}",
-                                related_id=envelope.transaction or envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.UNAUTHORIZED,
+                f"you may not start {spec.name!r}",
+                related_id=envelope.transaction or envelope.id,
+            )
         if spec is None:
             raise ProtocolError(
                 ErrorCode.AGENT_NOT_FOUND,
@@ -312,8 +315,12 @@ class Hub:
         self._check_open(transaction, envelope)
         assert self.tools is not None
         if request.call_id and request.call_id in self.tools.calls:
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"call_id {request.call_id!r} is already in use",
-                                related_id=envelope.id, detail={"where": "/payload/call_id"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"call_id {request.call_id!r} is already in use",
+                related_id=envelope.id,
+                detail={"where": "/payload/call_id"},
+            )
 
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.SYSTEM) -> None:
             transaction.publish(Event(type, payload, channel=channel))
@@ -321,21 +328,33 @@ class Hub:
         servers = [tool.server]
         self.spawn(self._direct_call, transaction, session, tool.name, request, servers, emit)
 
-    async def _direct_call(self, transaction: Transaction, session: Session, name: str, request: p.ToolCall,
-                           servers: list[str], emit: Any) -> None:  # fmt: skip
+    async def _direct_call(
+        self, transaction: Transaction, session: Session, name: str, request: p.ToolCall, servers: list[str], emit: Any
+    ) -> None:
         assert self.tools is not None
         await self.tools.call(
-            name, request.params, transaction_id=transaction.id, run_id=None, allowed_servers=servers,
-            caller=session.user, emit=emit, permissions=session.principal.permissions, call_id=request.call_id,
-        )  # fmt: skip
+            name,
+            request.params,
+            transaction_id=transaction.id,
+            run_id=None,
+            allowed_servers=servers,
+            caller=session.user,
+            emit=emit,
+            permissions=session.principal.permissions,
+            call_id=request.call_id,
+        )
 
     async def _tool_update(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)
         update = parse_payload(envelope, p.ToolUpdate)
         answer = {k: v for k, v in update.dump().items() if k in ("decision", "reason", "input")}
         if self.tools is None or not answer:
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "TOOL_UPDATE from a client needs decision or input",
-                                related_id=envelope.id, detail={"where": "/payload"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                "TOOL_UPDATE from a client needs decision or input",
+                related_id=envelope.id,
+                detail={"where": "/payload"},
+            )
         self.tools.answer(update.call_id, transaction.id, session.user, answer, envelope.id)
 
     async def _tool_cancel(self, session: Session, envelope: Envelope) -> None:

@@ -183,8 +183,11 @@ class Session:
         elif len(self._ahead) < MAX_INBOUND_GAP:
             self._ahead.add(number)
         else:
-            raise ProtocolError(ErrorCode.SEQ_VIOLATION, f"seq {number} is too far past the gap after {self._last_in}",
-                                related_id=envelope.id)  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.SEQ_VIOLATION,
+                f"seq {number} is too far past the gap after {self._last_in}",
+                related_id=envelope.id,
+            )
         return True
 
     def missing_inbound(self) -> tuple[int, int] | None:

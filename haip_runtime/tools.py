@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -28,7 +28,15 @@ from haip_runtime.protocol.payloads import ToolEntry
 
 if TYPE_CHECKING:
     from haip_runtime.agents.api import Emit
-    from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, Progress, ToolInfo
+    from haip_runtime.bridge import (
+        ElicitationAnswer,
+        ElicitationRequest,
+        OnElicit,
+        OnProgress,
+        Progress,
+        ToolInfo,
+        ToolResult,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,25 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.05
 
 DoneStatus = Literal["OK", "ERROR", "CANCELLED"]
+
+
+class ToolBackend(Protocol):
+    """What the proxy needs of the MCP bridge (``McpBridge``; the test harness has a fake)."""
+
+    def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]: ...
+
+    def find_tool(self, full_name: str) -> ToolInfo | None: ...
+
+    async def call_tool(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        on_progress: OnProgress | None = None,
+        on_elicit: OnElicit | None = None,
+        timeout: float | None = None,
+    ) -> ToolResult: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +88,9 @@ class ToolView:
         return self.info.input_schema
 
     def entry(self) -> ToolEntry:
-        return ToolEntry(name=self.name, description=self.description, server=self.server,
-                         annotations=self.info.annotations)  # fmt: skip
+        return ToolEntry(
+            name=self.name, description=self.description, server=self.server, annotations=self.info.annotations
+        )
 
     def schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = {"name": self.name, "description": self.description, "inputSchema": self.input_schema}
@@ -123,12 +151,12 @@ class ActiveCall:
 class ToolProxy:
     """Runs tool calls through the MCP bridge with approval, elicitation, progress and cancellation."""
 
-    def __init__(self, servers: Mapping[str, McpServerConfig], bridge: McpBridge | None = None) -> None:
+    def __init__(self, servers: Mapping[str, McpServerConfig], bridge: ToolBackend | None = None) -> None:
         self.servers = servers
         self.bridge = bridge
         self.calls: dict[str, ActiveCall] = {}
 
-    def attach(self, bridge: McpBridge) -> None:
+    def attach(self, bridge: ToolBackend) -> None:
         """Start using ``bridge`` (until then no tool is available: the servers are starting)."""
         self.bridge = bridge
 
@@ -147,14 +175,26 @@ class ToolProxy:
 
     # --- calling -----------------------------------------------------------------------------------
 
-    async def call(self, name: str, arguments: dict[str, Any], *, transaction_id: str, run_id: str | None,
-                   allowed_servers: Iterable[str], caller: str, emit: Emit,
-                   permissions: Permissions = UNRESTRICTED, call_id: str | None = None) -> ToolCallResult:  # fmt: skip
+    async def call(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        transaction_id: str,
+        run_id: str | None,
+        allowed_servers: Iterable[str],
+        caller: str,
+        emit: Emit,
+        permissions: Permissions = UNRESTRICTED,
+        call_id: str | None = None,
+    ) -> ToolCallResult:
         """Call ``name`` (``server.tool``), telling the members every step through ``emit``."""
         active = ActiveCall(call_id or new_id(), transaction_id)
         server, _, tool = name.partition(".")
-        emit(EventType.TOOL_CALL, {"call_id": active.call_id, "tool": name, "server": server, "params": arguments,
-                                   "caller": caller})  # fmt: skip
+        emit(
+            EventType.TOOL_CALL,
+            {"call_id": active.call_id, "tool": name, "server": server, "params": arguments, "caller": caller},
+        )
         refusal = self._refusal(name, server, allowed_servers, permissions)
         if refusal is not None:
             return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal))
@@ -178,8 +218,9 @@ class ToolProxy:
             return _error(ErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
         return None
 
-    async def _run(self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any],
-                   emit: Emit) -> ToolCallResult:  # fmt: skip
+    async def _run(
+        self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], emit: Emit
+    ) -> ToolCallResult:
         update = _Updates(active.call_id, emit)
         with active.scope:
             if self._needs_approval(server, tool):
@@ -196,14 +237,18 @@ class ToolProxy:
                     timers.cancel_scope.cancel()
         return _cancelled(active, name, active.cancel_reason or "cancelled")
 
-    async def _call_bridge(self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any],
-                           update: _Updates) -> ToolCallResult:  # fmt: skip
+    async def _call_bridge(
+        self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], update: _Updates
+    ) -> ToolCallResult:
         assert self.bridge is not None  # _refusal found the tool, so the bridge is attached
         try:
             outcome = await self.bridge.call_tool(
-                server, tool, arguments, on_progress=update.progress,
+                server,
+                tool,
+                arguments,
+                on_progress=update.progress,
                 on_elicit=lambda request: self._elicit(active, server, request, update),
-            )  # fmt: skip
+            )
         except ToolTimeoutError as exc:
             return ToolCallResult(active.call_id, name, "ERROR", error=_error("TIMEOUT", str(exc)))
         except ToolUnavailableError as exc:
@@ -232,8 +277,9 @@ class ToolProxy:
             return _error("REJECTED", f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
         return None
 
-    async def _elicit(self, active: ActiveCall, server: str, request: ElicitationRequest,
-                      update: _Updates) -> ElicitationAnswer:  # fmt: skip
+    async def _elicit(
+        self, active: ActiveCall, server: str, request: ElicitationRequest, update: _Updates
+    ) -> ElicitationAnswer:
         from haip_runtime.bridge import ElicitationAnswer
 
         active.ask("input")
@@ -261,11 +307,19 @@ class ToolProxy:
         """A member's TOOL_UPDATE: a ``decision`` on an approval, or ``input`` / decline for an elicitation."""
         active = self._active(call_id, transaction_id, related_id)
         if active.waiting_for is None or active.answered.is_set():
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"call {call_id} is not waiting for an answer",
-                                related_id=related_id, detail={"where": "/payload/call_id"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"call {call_id} is not waiting for an answer",
+                related_id=related_id,
+                detail={"where": "/payload/call_id"},
+            )
         if active.waiting_for == "approval" and answer.get("decision") not in ("approve", "reject"):
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "an approval needs decision 'approve' or 'reject'",
-                                related_id=related_id, detail={"where": "/payload/decision"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                "an approval needs decision 'approve' or 'reject'",
+                related_id=related_id,
+                detail={"where": "/payload/decision"},
+            )
         active.answer = {**answer, "by": user}
         active.answered.set()
 
@@ -285,8 +339,12 @@ class ToolProxy:
     def _active(self, call_id: str, transaction_id: str, related_id: str) -> ActiveCall:
         active = self.calls.get(call_id)
         if active is None or active.transaction_id != transaction_id:
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no call {call_id!r} in flight in this transaction",
-                                related_id=related_id, detail={"where": "/payload/call_id"})  # fmt: skip
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"no call {call_id!r} in flight in this transaction",
+                related_id=related_id,
+                detail={"where": "/payload/call_id"},
+            )
         return active
 
 

@@ -52,7 +52,7 @@ class Transaction:
     """One conversation: members, agents, runs, history and the append-only event log."""
 
     def __init__(
-        self, *, owner: str, thread_id: str | None, spawn: Callable[..., None], tools: ToolProxy | None = None
+        self, *, owner: str, thread_id: str | None, spawn: Callable[..., object], tools: ToolProxy | None = None
     ) -> None:
         self.id = new_id()
         self.owner = owner

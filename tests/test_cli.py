@@ -86,8 +86,11 @@ def test_serve_refuses_dev_mode_on_a_public_address(tmp_path: Path) -> None:
 def test_tools_command_lists_each_server_state_and_tools() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "haip_runtime", "tools", "--config", str(ROOT / "haip.toml")],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     header, demo = result.stdout.splitlines()[:2]
     assert header.split() == ["SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR"]
@@ -100,8 +103,11 @@ def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path
     config.write_text("[mcp.servers.ghost]\ntransport = 'stdio'\ncommand = '/nonexistent/mcp-server'\n")
     result = subprocess.run(
         [sys.executable, "-m", "haip_runtime", "tools", "--config", str(config), "--timeout", "30"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1
     row = result.stdout.splitlines()[1]
     assert row.split()[:4] == ["ghost", "stdio", "failed", "0"]

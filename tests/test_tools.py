@@ -20,8 +20,12 @@ from tests.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")],
-        "protocol_mode": "legacy"}  # fmt: skip
+DEMO = {
+    "transport": "stdio",
+    "command": sys.executable,
+    "args": [str(ROOT / "plugins" / "demo_mcp_server.py")],
+    "protocol_mode": "legacy",
+}
 
 
 def tools_config(**extra: Any) -> dict[str, Any]:
@@ -33,13 +37,17 @@ def tools_config(**extra: Any) -> dict[str, Any]:
         "mcp": {
             "servers": {
                 "demo": {**DEMO, "require_approval": ["delete_everything"], "allowed_tools": ["*"]},
-                "short": {**DEMO, "timeout_seconds": 0.5, "approval_timeout_seconds": 0.3,
-                          "require_approval": ["delete_everything"],
-                          "allowed_tools": ["sleep", "stats", "delete_everything"]},
+                "short": {
+                    **DEMO,
+                    "timeout_seconds": 0.5,
+                    "approval_timeout_seconds": 0.3,
+                    "require_approval": ["delete_everything"],
+                    "allowed_tools": ["sleep", "stats", "delete_everything"],
+                },
             }
         },
         **extra,
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +91,10 @@ async def test_tool_list_reaches_the_client_with_server_and_description(tool_ser
     assert add == {"name": "demo.add", "description": "Add two numbers.", "server": "demo"}
     # allowed_tools filters: the short server exposes only three tools
     assert {name for name in tool_names(listing) if name.startswith("short.")} == {
-        "short.sleep", "short.stats", "short.delete_everything"
-    }  # fmt: skip
+        "short.sleep",
+        "short.stats",
+        "short.delete_everything",
+    }
 
 
 async def test_slow_tool_reports_rising_progress_then_its_result(tool_server: LiveServer) -> None:
@@ -319,8 +329,10 @@ async def test_tools_over_streamable_http_show_progress_and_results() -> None:
     process = start_http_demo(port)
     try:
         http = {"transport": "http", "url": f"http://127.0.0.1:{port}/mcp"}
-        config = {"agents": {"operator": {"plugin": "operator", "mcp_servers": ["web"]}},
-                  "mcp": {"servers": {"web": http}}}  # fmt: skip
+        config = {
+            "agents": {"operator": {"plugin": "operator", "mcp_servers": ["web"]}},
+            "mcp": {"servers": {"web": http}},
+        }
         with live_server(make_config(config)) as live:
             async with HaipClient(live.ws_url, token=live.token(), timeout=20) as client:
                 tx = await client.start_transaction("operator")
@@ -336,8 +348,11 @@ async def test_tools_over_streamable_http_show_progress_and_results() -> None:
 
 async def test_ending_the_transaction_cancels_its_tool_calls(tool_server: LiveServer) -> None:
     async with operator(tool_server) as (client, tx):
-        await client.send("TOOL_CALL", {"call_id": "long-1", "tool": "demo.slow_count",
-                                        "params": {"steps": 100, "delay": 0.1}}, transaction=tx)  # fmt: skip
+        await client.send(
+            "TOOL_CALL",
+            {"call_id": "long-1", "tool": "demo.slow_count", "params": {"steps": 100, "delay": 0.1}},
+            transaction=tx,
+        )
         await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("progress") is not None)
         await client.end_transaction(tx, "closing time")
         ended = await client.wait_for("TRANSACTION_END")

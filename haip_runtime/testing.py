@@ -1,0 +1,237 @@
+"""An in-memory harness for agent plugins: run turns with fake tools, no server, sockets or MCP servers.
+
+    async with AgentHarness(Helpdesk, options={"greeting": "Hi"}, tools={"tickets.search": search}) as agent:
+        turn = await agent.send("my printer is on fire")
+        assert turn.status == "OK" and "ticket" in turn.text
+        assert turn.tool_calls[0]["tool"] == "tickets.search"
+
+The agent runs in a real transaction with the real tool proxy, so what a turn records is what a
+HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from haip_runtime.agents.api import Agent
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.auth import Principal
+from haip_runtime.bridge.models import OnElicit, OnProgress, ToolInfo, ToolResult
+from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.negotiation import negotiate
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
+from haip_runtime.session import Session
+from haip_runtime.tools import ToolProxy
+from haip_runtime.transactions import AgentSlot, Transaction
+
+#: A fake tool: takes the arguments, returns text, a dict (structured content) or a ``ToolResult``;
+#: may be async; raising ``FakeToolError`` makes an error result, as a failing MCP tool would.
+ToolFunc = Callable[[dict[str, Any]], Any]
+
+
+class FakeToolError(Exception):
+    """Raise in a fake tool to return an error result (``is_error``) with this message."""
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What one turn sent to the transaction's members, in order."""
+
+    events: list[Event]
+
+    @property
+    def status(self) -> str:
+        """``OK``, ``CANCELLED`` (RUN_FINISHED) or ``ERROR`` (RUN_ERROR)."""
+        last = self.events[-1]
+        return "ERROR" if last.type == EventType.RUN_ERROR else str(_payload(last).get("status"))
+
+    @property
+    def messages(self) -> list[str]:
+        """Each message the agent sent, whole."""
+        texts: dict[str, list[str]] = {}
+        for event in self.events:
+            body = _payload(event)
+            if event.type == EventType.MESSAGE_START:
+                texts[str(body["message_id"])] = []
+            elif event.type == EventType.MESSAGE_PART:
+                texts[str(body["message_id"])].append(str(body["text"]))
+        return ["".join(parts) for parts in texts.values()]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [_payload(e) for e in self.events if e.type == EventType.TOOL_CALL]
+
+    @property
+    def tool_results(self) -> list[dict[str, Any]]:
+        return [_payload(e) for e in self.events if e.type == EventType.TOOL_DONE]
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return _payload(self.events[-1]) if self.status == "ERROR" else None
+
+
+class AgentHarness:
+    """Runs one agent class in an in-memory transaction with fake tools named ``server.tool``."""
+
+    def __init__(
+        self,
+        agent: type[Agent],
+        *,
+        options: Mapping[str, Any] | None = None,
+        tools: Mapping[str, ToolFunc] | None = None,
+        require_approval: Iterable[str] = (),
+        approve: bool = True,
+        user: str = "tester",
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._fakes = _FakeTools(tools or {})
+        servers = self._fakes.servers(set(require_approval))
+        name = agent.name or agent.__name__.lower()
+        config = AgentConfig(plugin=f"{agent.__module__}:{agent.__qualname__}", mcp_servers=sorted(servers))
+        self.spec = AgentSpec(name, agent, agent.Options.model_validate(dict(options or {})), config)
+        self.proxy = ToolProxy(servers, self._fakes)
+        self.member = _Member(Principal(user), self, approve)
+        self.params = dict(params or {})
+        self._task_group: TaskGroup | None = None
+        self.transaction: Transaction | None = None
+
+    @property
+    def events(self) -> list[Event]:
+        """Everything the transaction sent so far."""
+        return self.member.events
+
+    async def __aenter__(self) -> Self:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self.transaction = Transaction(
+            owner=self.member.user, thread_id=None, spawn=self._task_group.start_soon, tools=self.proxy
+        )
+        self.transaction.add_member(self.member)
+        instance = self.spec.create(transaction_id=self.transaction.id, started_by=self.member.user, params=self.params)
+        self.slot = AgentSlot(self.spec.name, instance, tuple(self.spec.config.mcp_servers))
+        self.transaction.add_agent(self.slot)
+        if type(instance).on_start is not Agent.on_start:
+            self.greeting: TurnResult | None = await self._finish(
+                self.transaction.start_run(self.slot, self.member, "", {}, "on_start")
+            )
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        assert self._task_group is not None and self.transaction is not None
+        with anyio.CancelScope(shield=True):
+            await self.transaction.end("harness closed")
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(*exc_info)
+
+    async def send(self, message: str | dict[str, Any], *, timeout: float = 30) -> TurnResult:
+        """Send a user message (text, or an object payload) and wait for the agent's turn to end."""
+        assert self.transaction is not None, "use `async with AgentHarness(...)`"
+        payload = {"text": message} if isinstance(message, str) else dict(message)
+        (run,) = self.transaction.user_message(self.member, str(payload.get("text", "")), payload)
+        return await self._finish(run, timeout)
+
+    async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:
+        with anyio.fail_after(timeout):
+            await run.done.wait()
+        return TurnResult([e for e in self.events if e.run_id == run.id])
+
+
+class _Member(Session):
+    """The harness's user: records what it is sent and answers approvals as told."""
+
+    def __init__(self, principal: Principal, harness: AgentHarness, approve: bool) -> None:
+        super().__init__(principal, negotiate(ALL_EVENTS), SessionConfig())
+        self.events: list[Event] = []
+        self._harness = harness
+        self._approve = approve
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+        body = _payload(event)
+        if event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.AWAITING_APPROVAL:
+            decision = {"decision": "approve" if self._approve else "reject", "reason": "harness"}
+            assert event.transaction is not None
+            self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, decision, event.id)
+
+
+class _FakeTools:
+    """A ``ToolBackend`` of Python functions, standing in for the MCP bridge."""
+
+    def __init__(self, funcs: Mapping[str, ToolFunc]) -> None:
+        self._funcs: dict[str, ToolFunc] = {}
+        self._infos: dict[str, ToolInfo] = {}
+        for full_name, func in funcs.items():
+            server, dot, tool = full_name.partition(".")
+            if not dot or not tool:
+                raise ValueError(f"fake tool names are 'server.tool', not {full_name!r}")
+            self._funcs[full_name] = func
+            description = inspect.getdoc(func) or ""
+            self._infos[full_name] = ToolInfo(server, tool, description, {"type": "object"}, None, None)
+
+    def servers(self, require_approval: set[str]) -> dict[str, McpServerConfig]:
+        names = {info.server for info in self._infos.values()}
+        return {
+            server: McpServerConfig(
+                transport="stdio",
+                command="(fake)",
+                require_approval=[n.partition(".")[2] for n in require_approval if n.startswith(server + ".")],
+            )
+            for server in names
+        }
+
+    def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]:
+        wanted = None if servers is None else set(servers)
+        return [info for info in self._infos.values() if wanted is None or info.server in wanted]
+
+    def find_tool(self, full_name: str) -> ToolInfo | None:
+        return self._infos.get(full_name)
+
+    async def call_tool(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        on_progress: OnProgress | None = None,
+        on_elicit: OnElicit | None = None,
+        timeout: float | None = None,
+    ) -> ToolResult:
+        func = self._funcs[f"{server}.{tool}"]
+        try:
+            value = func(arguments)
+            if inspect.isawaitable(value):
+                value = await _awaited(value)
+        except FakeToolError as exc:
+            return ToolResult(True, [{"type": "text", "text": str(exc)}], None)
+        return _as_result(value)
+
+
+async def _awaited(value: Awaitable[Any]) -> Any:
+    return await value
+
+
+def _as_result(value: Any) -> ToolResult:
+    if isinstance(value, ToolResult):
+        return value
+    if isinstance(value, dict):
+        return ToolResult(False, [{"type": "text", "text": json.dumps(value)}], value)
+    return ToolResult(False, [{"type": "text", "text": str(value)}], None)
+
+
+def _payload(event: Event) -> dict[str, Any]:
+    return event.payload if isinstance(event.payload, dict) else {"text": event.payload}
+
+
+__all__ = ["AgentHarness", "FakeToolError", "ToolFunc", "TurnResult"]
