@@ -150,13 +150,17 @@ class Hub:
         transaction = Transaction(
             owner=session.user, thread_id=request.thread_id or envelope.thread_id, spawn=self.spawn, tools=self.tools
         )
+        slot = self._slot(spec, transaction, session, request.params)  # a plugin that fails here costs nothing
         self.transactions[transaction.id] = transaction
         transaction.add_member(session)
-        slot = self._slot(spec, transaction, session, request.params)
         transaction.add_agent(slot)
         reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
         transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
         self.send_tool_list(transaction)
+        self._greet(transaction, slot, session)
+
+    @staticmethod
+    def _greet(transaction: Transaction, slot: AgentSlot, session: Session) -> None:
         if type(slot.instance).on_start is not Agent.on_start:
             transaction.start_run(slot, session, "", {}, "on_start")
 
@@ -188,16 +192,22 @@ class Hub:
         spec = self.agents.get(name)
         if spec is None:
             raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {name!r}", related_id=envelope.id)
-        if name not in transaction.agents:
-            transaction.add_agent(self._slot(spec, transaction, session, {}))
+        if not session.principal.permissions.may_start(name):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {name!r}", related_id=envelope.id)
+        self._check_open(transaction, envelope)
+        slot = None if name in transaction.agents else self._slot(spec, transaction, session, {})
+        if slot is not None:
+            transaction.add_agent(slot)
         members = sorted({s.user for s in transaction.members.values()})
         transaction.publish(Event(EventType.TRANSACTION_JOIN, {"members": members, "agents": list(transaction.agents)}))
-        self.send_tool_list(transaction)
+        if slot is not None:
+            self.send_tool_list(transaction)
+            self._greet(transaction, slot, session)
 
     async def _transaction_end(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)
         reason = parse_payload(envelope, p.TransactionEnd).reason or f"ended by {session.user}"
-        await transaction.end(reason)
+        self.spawn(transaction.end, reason)  # it waits for turns to stop; the connection reads on meanwhile
 
     # --- messages and runs -------------------------------------------------------------------------
 
