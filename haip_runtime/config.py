@@ -71,6 +71,13 @@ class SessionConfig(Model):
     """A connection that sends no HAI within this time is closed."""
 
 
+class FlowControlConfig(Model):
+    initial_credit_messages: int = Field(default=1000, ge=2)
+    """Envelopes per channel a client may send before the runtime's first FLOW_UPDATE top-up."""
+    initial_credit_bytes: int = Field(default=16 * 1024 * 1024, ge=2048)
+    """Bytes per channel likewise. The runtime tops both up each time a client has used half."""
+
+
 class AuthConfig(Model):
     mode: Literal["dev", "jwt"] = "dev"
     """`dev`: the runtime makes a signing key at start and prints a ready token (loopback only).
@@ -192,6 +199,7 @@ class HaipConfig(Model):
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
+    flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     """The agents users may start, by name (the name is the HAIP `toolName`)."""

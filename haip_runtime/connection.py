@@ -71,7 +71,7 @@ class Connection:
     def _server_hai(self) -> dict[str, Any]:
         caps = {
             "binary_frames": False,
-            "flow_control": {"initial_credit_messages": 1000, "initial_credit_bytes": 16 * 1024 * 1024},
+            "flow_control": self.hub.config.flow_control.model_dump(),
             "max_concurrent_runs": self.config.max_concurrent_runs,
             "signed_envelopes": False,
         }
@@ -138,7 +138,14 @@ class Connection:
             resumed.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": True})
             return resumed
         # The server HAI already went out as seq 1 of this session.
-        session = Session(principal, negotiate(hai.accept_events), self.config, id=provisional_id, sent=1)
+        session = Session(
+            principal,
+            negotiate(hai.accept_events),
+            self.config,
+            id=provisional_id,
+            sent=1,
+            flow=self.hub.config.flow_control,
+        )
         session.attach(self.outbox)
         session.accept_inbound(first)
         self.hub.add_session(session)
@@ -163,6 +170,7 @@ class Connection:
                 if not session.accept_inbound(item):
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)
+                self._top_up(session, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)
@@ -172,6 +180,12 @@ class Connection:
                     ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
                     transaction=item.transaction,
                 )
+
+    @staticmethod
+    def _top_up(session: Session, envelope: Envelope) -> None:
+        grant = session.credit.consume(envelope.channel, envelope.size)
+        if grant is not None:
+            session.send(EventType.FLOW_UPDATE, grant)
 
     def _watch_gap(self, session: Session) -> None:
         if session.missing_inbound() is not None and not self._gap_watched and self._task_group is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from haip_runtime.auth import Principal
-from haip_runtime.config import SessionConfig
+from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, new_id, parse_uint64
@@ -78,6 +78,28 @@ class Outbox:
                 yield frame
 
 
+class InboundCredit:
+    """The client's send credit per channel, topped up with FLOW_UPDATE (PROTOCOL.md section 13).
+
+    Each time a client has used half of its initial credit on a channel, the runtime grants
+    back what it used, so a client that honours credit is never stalled by a busy runtime.
+    """
+
+    def __init__(self, config: FlowControlConfig) -> None:
+        self.config = config
+        self._used: dict[str, tuple[int, int]] = {}
+
+    def consume(self, channel: str, size: int) -> dict[str, Any] | None:
+        """Count one envelope; returns the FLOW_UPDATE payload when a top-up is due."""
+        messages, size_sum = self._used.get(channel, (0, 0))
+        messages, size_sum = messages + 1, size_sum + size
+        if messages * 2 >= self.config.initial_credit_messages or size_sum * 2 >= self.config.initial_credit_bytes:
+            self._used[channel] = (0, 0)
+            return {"channel": channel, "add_messages": messages, "add_bytes": size_sum}
+        self._used[channel] = (messages, size_sum)
+        return None
+
+
 @dataclass(frozen=True)
 class Sent:
     seq: int
@@ -97,10 +119,12 @@ class Session:
         id: str | None = None,
         sent: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        flow: FlowControlConfig | None = None,
     ) -> None:
         self.id = id or new_id()
         self.principal = principal
         self.config = config
+        self.credit = InboundCredit(flow or FlowControlConfig())
         self.downgrader = Downgrader(accepted)
         self.transactions: set[str] = set()
         self.active_runs = 0

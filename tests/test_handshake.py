@@ -10,8 +10,8 @@ import pytest
 from haip_runtime.client import HaipClient
 from haip_runtime.exceptions import ClientError
 from haip_runtime.protocol.events import ALL_EVENTS
-from tests.raw import raw_peer
-from tests.serving import LiveServer
+from tests.raw import RawPeer, raw_peer
+from tests.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -322,3 +322,38 @@ async def test_gap_in_client_seqs_is_acked_contiguously_and_replay_is_requested(
     assert request["payload"] == {"from_seq": "3", "to_seq": "3"}
     assert (late["payload"]["nonce"], late["ack"]) == ("three", "4")
     assert (last["payload"]["nonce"], last["ack"]) == ("five", "5")
+
+
+async def test_credit_is_topped_up_per_channel_as_the_client_uses_it() -> None:
+    config = make_config({"flow_control": {"initial_credit_messages": 4}})
+    with live_server(config) as live:
+        async with raw_peer(live.ws_url) as peer:
+            hai = await peer.receive()
+            await peer.hai(live.token())
+            await peer.receive_type("INFO")
+            sizes = []
+            for nonce in ("a", "b"):
+                sizes.append(len(await _sent_size(peer, nonce)))
+            grant = await peer.receive_type("FLOW_UPDATE")
+    assert hai["payload"]["capabilities"]["flow_control"] == {
+        "initial_credit_messages": 4,
+        "initial_credit_bytes": 16 * 1024 * 1024,
+    }
+    assert grant["payload"] == {"channel": "SYSTEM", "add_messages": 2, "add_bytes": sum(sizes)}
+
+
+async def _sent_size(peer: RawPeer, nonce: str) -> str:
+    peer.seq += 1
+    frame = json.dumps(
+        {
+            "id": nonce,
+            "session": "",
+            "seq": str(peer.seq),
+            "ts": "1",
+            "channel": "SYSTEM",
+            "type": "PING",
+            "payload": {"nonce": nonce},
+        }
+    )
+    await peer.send_frame(frame)
+    return frame

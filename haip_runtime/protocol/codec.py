@@ -48,6 +48,7 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
             related_id=related,
             detail={"where": where},
         ) from exc
+    envelope._size = size
     if envelope.crit and envelope.unknown_fields:
         raise DecodeError(
             ErrorCode.UNSUPPORTED_TYPE,

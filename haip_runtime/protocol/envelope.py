@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from haip_runtime.protocol.events import Channel
 
@@ -68,6 +68,8 @@ class Envelope(BaseModel):
     crit: bool = False
     bin_len: int | None = Field(default=None, ge=0)
     bin_mime: str | None = Field(default=None, max_length=128)
+    #: Bytes of the frame it came in (set by the codec; counts against flow-control credit).
+    _size: int = PrivateAttr(default=0)
 
     @field_validator("transaction", mode="before")
     @classmethod
@@ -87,6 +89,10 @@ class Envelope(BaseModel):
     def numeric_seq(self) -> int | None:
         """``seq`` as an integer if it is a decimal UInt64, else ``None``."""
         return parse_uint64(self.seq)
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def unknown_fields(self) -> list[str]:
