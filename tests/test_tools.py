@@ -20,12 +20,7 @@ from tests.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-DEMO = {
-    "transport": "stdio",
-    "command": sys.executable,
-    "args": [str(ROOT / "plugins" / "demo_mcp_server.py")],
-    "protocol_mode": "legacy",
-}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
 
 
 def tools_config(**extra: Any) -> dict[str, Any]:
@@ -36,9 +31,11 @@ def tools_config(**extra: Any) -> dict[str, Any]:
         },
         "mcp": {
             "servers": {
+                # "demo" negotiates the protocol (2026 with this SDK), "short" speaks the 2025 one.
                 "demo": {**DEMO, "require_approval": ["delete_everything"], "allowed_tools": ["*"]},
                 "short": {
                     **DEMO,
+                    "protocol_mode": "legacy",
                     "timeout_seconds": 0.5,
                     "approval_timeout_seconds": 0.3,
                     "require_approval": ["delete_everything"],
