@@ -217,7 +217,7 @@ class Connection:
                 error.related_id = envelope.id
                 raise
             for frame in frames:
-                self.outbox.put(frame)
+                self.outbox.put(frame, backlog=True)
         else:
             await self.hub.handle(session, envelope)
 

@@ -9,6 +9,7 @@ them only as an ``Outbox`` of encoded frames.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,23 +36,28 @@ GAP_GRACE_SECONDS = 0.5
 class Outbox:
     """The bounded queue of encoded frames for one connection, and its close request.
 
-    ``put`` never blocks: a connection that cannot keep up is closed with 1013 (its session
-    stays resumable) instead of slowing the transaction or the other members.
+    ``put`` never blocks: a connection with more than ``size`` frames waiting is closed with 1013
+    (its session stays resumable) instead of slowing the transaction or the other members.
+    A replay (``backlog=True``) may exceed the bound: the client asked for all of it.
     """
 
     def __init__(self, size: int) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[str](size)
+        self.size = size
+        self._send, self._receive = anyio.create_memory_object_stream[str](math.inf)
         self.close_code: int | None = None
         self.close_reason = ""
+        self._backlog = 0  # replayed frames still queued (they are written first: the queue is FIFO)
 
-    def put(self, frame: str) -> bool:
-        try:
-            self._send.send_nowait(frame)
-        except anyio.WouldBlock:
+    def put(self, frame: str, *, backlog: bool = False) -> bool:
+        if not backlog and self._send.statistics().current_buffer_used - self._backlog >= self.size:
             self.close(CloseCode.TRY_AGAIN_LATER, "client is not reading fast enough")
             return False
+        try:
+            self._send.send_nowait(frame)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
+        if backlog:
+            self._backlog += 1
         return True
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -75,6 +81,7 @@ class Outbox:
             async for frame in self._receive:
                 if self.close_code == CloseCode.TRY_AGAIN_LATER:
                     return
+                self._backlog = max(0, self._backlog - 1)
                 yield frame
 
 
@@ -228,7 +235,7 @@ class Session:
         self.detached_at = None
         if last_rx_seq is not None:
             for frame in self.replay(last_rx_seq + 1):
-                outbox.put(frame)
+                outbox.put(frame, backlog=True)
 
     def detach(self, outbox: Outbox) -> None:
         if self.outbox is outbox:

@@ -119,3 +119,15 @@ def test_full_outbox_asks_for_close_1013_instead_of_blocking() -> None:
     assert results == [True] * 16 + [False]
     assert outbox.close_code == 1013
     outbox.discard()
+
+
+async def test_resume_replays_more_than_the_outbox_bound() -> None:
+    session = make_session()
+    for index in range(1500):
+        session.send("INFO", {"event": str(index)})
+    outbox = Outbox(16)
+    session.attach(outbox, last_rx_seq=0)
+    for index in range(10):
+        session.send("INFO", {"event": f"live {index}"})  # live frames after a big replay still fit
+    assert outbox.close_code is None
+    assert len(await drain(outbox)) == 1510
