@@ -69,7 +69,7 @@ class Runtime:
             mcp.servers,
             mcp.stdio,
             base_dir=self.config.base_dir,
-            on_change=lambda status: self.hub.tools_changed(status.name),
+            on_change=lambda status: self.hub.server_changed(status.name, status.state.value, status.error),
         )
         async with bridge:
             self.bridge = bridge

@@ -289,10 +289,15 @@ class Hub:
         servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
         return self.tools.visible_tools(servers, session.principal.permissions)
 
-    def tools_changed(self, server: str) -> None:
-        """A server (re)connected, dropped or changed its tools: refresh every transaction using it."""
+    def server_changed(self, server: str, state: str, error: str | None) -> None:
+        """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it.
+
+        Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST.
+        """
         for transaction in list(self.transactions.values()):
             if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
+                info = {"event": "mcp.server", "server": server, "state": state, "error": error}
+                transaction.publish(Event(EventType.INFO, info))
                 self.send_tool_list(transaction)
 
     def _visible_tool(self, session: Session, envelope: Envelope, name: str) -> tuple[Transaction, ToolView]:

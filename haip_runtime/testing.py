@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.auth import Principal
-from haip_runtime.bridge.models import OnElicit, OnProgress, ToolInfo, ToolResult
+from haip_runtime.bridge.models import OnElicit, OnProgress, ServerState, ServerStatus, ToolInfo, ToolResult
 from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.envelope import Event
@@ -197,6 +197,12 @@ class _FakeTools:
 
     def find_tool(self, full_name: str) -> ToolInfo | None:
         return self._infos.get(full_name)
+
+    def status(self) -> dict[str, ServerStatus]:
+        """Fake servers are always connected."""
+        connected = ServerState.CONNECTED
+        servers = {info.server for info in self._infos.values()}
+        return {s: ServerStatus(s, connected, tuple(self.tools([s])), None, 1) for s in sorted(servers)}
 
     async def call_tool(
         self,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         OnElicit,
         OnProgress,
         Progress,
+        ServerStatus,
         ToolInfo,
         ToolResult,
     )
@@ -52,6 +53,8 @@ class ToolBackend(Protocol):
     def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]: ...
 
     def find_tool(self, full_name: str) -> ToolInfo | None: ...
+
+    def status(self) -> dict[str, ServerStatus]: ...
 
     async def call_tool(
         self,
@@ -212,8 +215,13 @@ class ToolProxy:
     def _refusal(
         self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
     ) -> dict[str, Any] | None:
-        if server not in allowed or self.find(name) is None:
+        if server not in allowed:
             return _error(ErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
+        if self.find(name) is None:
+            down = self._unavailable(server)
+            if down is not None:
+                return _error("SERVER_UNAVAILABLE", down)
+            return _error(ErrorCode.TOOL_NOT_FOUND, f"MCP server {server!r} has no tool {name.partition('.')[2]!r}")
         if not permissions.may_use_tool(name):
             return _error(ErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
         return None
@@ -258,6 +266,16 @@ class ToolProxy:
         status: DoneStatus = "ERROR" if outcome.is_error else "OK"
         error = _error("TOOL_ERROR", _text(outcome.content)) if outcome.is_error else None
         return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
+
+    def _unavailable(self, server: str) -> str | None:
+        """Why ``server`` cannot take calls right now, or ``None`` if it is connected."""
+        if self.bridge is None:
+            return "the MCP servers are still starting; try again in a moment"
+        status = self.bridge.status().get(server)
+        if status is None or status.state.value == "connected":
+            return None
+        reason = f": {status.error}" if status.error else ""
+        return f"MCP server {server!r} is not connected ({status.state.value}{reason})"
 
     def _needs_approval(self, server: str, tool: str) -> bool:
         return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.servers[server].require_approval)
