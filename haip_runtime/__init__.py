@@ -16,6 +16,7 @@ from haip_runtime.exceptions import (
     ToolTimeoutError,
     ToolUnavailableError,
 )
+from haip_runtime.tools import ToolCallResult, ToolView
 
 __all__ = [
     "Agent",
@@ -31,9 +32,11 @@ __all__ = [
     "NoOptions",
     "PluginError",
     "ProtocolError",
+    "ToolCallResult",
     "ToolError",
     "ToolTimeoutError",
     "ToolUnavailableError",
+    "ToolView",
     "Turn",
     "__version__",
     "load_config",

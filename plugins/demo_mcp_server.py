@@ -161,6 +161,16 @@ async def stats(min_cancelled: int = 0) -> dict[str, int]:
 
 
 @server.tool()
+def env_names() -> list[str]:
+    """The names (not values) of the environment variables this server sees.
+
+    haip-runtime passes a stdio server only `[mcp.stdio] inherit_env` and the server's own `env`,
+    never its whole environment, where secrets live.
+    """
+    return sorted(os.environ)
+
+
+@server.tool()
 def pid() -> int:
     """The server's process id (tests use it to kill the server mid-call)."""
     return os.getpid()

@@ -94,7 +94,7 @@ def test_tools_command_lists_each_server_state_and_tools() -> None:
     assert result.returncode == 0, result.stderr
     header, demo = result.stdout.splitlines()[:2]
     assert header.split() == ["SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR"]
-    assert demo.split() == ["demo", "stdio", "connected", "9"]
+    assert demo.split() == ["demo", "stdio", "connected", "10"]
     assert "  demo.slow_count  " in result.stdout
 
 

@@ -404,3 +404,15 @@ async def test_a_server_that_is_down_costs_only_its_own_tools() -> None:
     assert ghost.get("error")["message"].startswith("MCP server 'ghost' is not connected (")
     assert "command not found" in ghost.get("error")["message"]
     assert demo.get("status") == "OK"
+
+
+async def test_stdio_server_sees_only_the_safe_environment_and_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HAIP_TEST_SECRET", "s3cret")
+    config = tools_config()
+    config["mcp"]["servers"]["demo"]["env"] = {"DEMO_GREETING": "hello"}
+    with live_server(make_config(config)) as live:
+        async with operator(live) as (client, tx):
+            done = await call(client, tx, "/call demo.env_names")
+    names = set(done.get("result")["structuredContent"]["result"])
+    assert "DEMO_GREETING" in names and "PATH" in names
+    assert "HAIP_TEST_SECRET" not in names
