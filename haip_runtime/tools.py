@@ -146,6 +146,7 @@ class ActiveCall:
     answer: dict[str, Any] | None = None
     cancel_reason: str | None = None
     finished: anyio.Event = field(default_factory=anyio.Event)
+    updates: _Updates | None = None
 
     def ask(self, kind: Literal["approval", "input"]) -> None:
         self.waiting_for, self.answer, self.answered = kind, None, anyio.Event()
@@ -229,7 +230,7 @@ class ToolProxy:
     async def _run(
         self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], emit: Emit
     ) -> ToolCallResult:
-        update = _Updates(active.call_id, emit)
+        update = active.updates = _Updates(active.call_id, emit)
         with active.scope:
             if self._needs_approval(server, tool):
                 refused = await self._approve(active, server, update)
@@ -260,7 +261,8 @@ class ToolProxy:
         except ToolTimeoutError as exc:
             return ToolCallResult(active.call_id, name, "ERROR", error=_error("TIMEOUT", str(exc)))
         except ToolUnavailableError as exc:
-            return ToolCallResult(active.call_id, name, "ERROR", error=_error(ErrorCode.TOOL_NOT_FOUND, str(exc)))
+            code = "SERVER_UNAVAILABLE" if self._unavailable(server) else ErrorCode.TOOL_NOT_FOUND
+            return ToolCallResult(active.call_id, name, "ERROR", error=_error(code, str(exc)))
         except ToolError as exc:
             return ToolCallResult(active.call_id, name, "ERROR", error=_error("TOOL_FAILED", str(exc)))
         status: DoneStatus = "ERROR" if outcome.is_error else "OK"
@@ -344,6 +346,8 @@ class ToolProxy:
     def cancel(self, call_id: str, transaction_id: str, user: str, reason: str | None, related_id: str) -> None:
         active = self._active(call_id, transaction_id, related_id)
         active.cancel_reason = f"cancelled by {user}" + (f": {reason}" if reason else "")
+        if active.updates is not None and not active.scope.cancel_called:
+            active.updates.send(ToolStatus.CANCELLING, message=active.cancel_reason)
         active.scope.cancel()
 
     def cancel_transaction(self, transaction_id: str, reason: str) -> list[ActiveCall]:
@@ -376,12 +380,16 @@ class _Updates:
         self._last_sent = 0.0
         self._pending: dict[str, Any] | None = None
         self._flush_scheduled = False
+        self._cancelling = False
 
     def send(self, status: ToolStatus, **fields: Any) -> None:
         self.flush()
+        self._cancelling = status is ToolStatus.CANCELLING
         self._emit(EventType.TOOL_UPDATE, {"call_id": self.call_id, "status": status.value, **fields})
 
     async def progress(self, progress: Progress) -> None:
+        if self._cancelling:
+            return  # late progress of a call being cancelled would read as if it were still running
         body = {"call_id": self.call_id, "status": ToolStatus.RUNNING.value, "progress": progress.progress}
         if progress.total is not None:
             body["total"] = progress.total

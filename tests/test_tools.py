@@ -144,6 +144,8 @@ async def test_tool_cancel_stops_the_server_side_work(tool_server: LiveServer) -
         stats = await call(client, tx, f'/call demo.stats {{"min_cancelled": {before + 1}}}')
     assert done.get("status") == "CANCELLED"
     assert done.get("error") == {"code": "CANCELLED", "message": "cancelled by alice: too slow"}
+    flow = [e.get("status") for e in events_of_call(client, done.get("call_id")) if e.type == "TOOL_UPDATE"]
+    assert flow[-1] == "CANCELLING"
     assert stats.get("result")["structuredContent"]["cancelled"] == before + 1
 
 
