@@ -337,22 +337,21 @@ class Hub:
                 detail={"where": "/payload/call_id"},
             )
 
+        self.spawn(self._direct_call, transaction, session, tool, request)
+
+    async def _direct_call(
+        self, transaction: Transaction, session: Session, tool: ToolView, request: p.ToolCall
+    ) -> None:
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.SYSTEM) -> None:
             transaction.publish(Event(type, payload, channel=channel))
 
-        servers = [tool.server]
-        self.spawn(self._direct_call, transaction, session, tool.name, request, servers, emit)
-
-    async def _direct_call(
-        self, transaction: Transaction, session: Session, name: str, request: p.ToolCall, servers: list[str], emit: Any
-    ) -> None:
         assert self.tools is not None
         await self.tools.call(
-            name,
+            tool.name,
             request.params,
             transaction_id=transaction.id,
             run_id=None,
-            allowed_servers=servers,
+            allowed_servers=[tool.server],
             caller=session.user,
             emit=emit,
             permissions=session.principal.permissions,
