@@ -52,10 +52,10 @@ class Credentials:
 def _strip_bearer(value: str | None) -> str | None:
     if value is None:
         return None
-    value = value.strip()
-    if value[:7].lower() == "bearer ":
-        value = value[7:].strip()
-    return value or None
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip() or None
+    return value.strip() or None
 
 
 def token_from_subprotocols(offered: list[str]) -> str | None:
