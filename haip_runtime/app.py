@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +33,10 @@ from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
 if TYPE_CHECKING:
-    from haip_runtime.bridge import McpBridge
+    from haip_runtime.bridge import McpBridge, ServerStatus
+
+
+logger = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -46,6 +50,7 @@ class Runtime:
         self.hub = Hub(config, self.agents, self.tools)
         self.bridge: McpBridge | None = None
         self.bridge_ready = anyio.Event()
+        self._server_states: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
         await self.hub.__aenter__()
@@ -69,7 +74,7 @@ class Runtime:
             mcp.servers,
             mcp.stdio,
             base_dir=self.config.base_dir,
-            on_change=lambda status: self.hub.server_changed(status.name, status.state.value, status.error),
+            on_change=self._server_changed,
         )
         async with bridge:
             self.bridge = bridge
@@ -77,6 +82,12 @@ class Runtime:
             self.tools.attach(bridge)
             self.bridge_ready.set()
             await anyio.sleep_forever()
+
+    def _server_changed(self, status: ServerStatus) -> None:
+        if status.state.value == "connected" and self._server_states.get(status.name) != "connected":
+            logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
+        self._server_states[status.name] = status.state.value
+        self.hub.server_changed(status.name, status.state.value, status.error)
 
     async def serve_websocket(self, ws: WebSocket) -> None:
         outbox = Outbox(self.config.session.max_buffered_messages)

@@ -54,6 +54,7 @@ class Connection:
         if session is None:
             return
         self.hub.active_connections += 1
+        logger.info("session %s of user %r connected", session.id, session.user)
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -63,6 +64,9 @@ class Connection:
         finally:
             self.hub.active_connections -= 1
             session.detach(self.outbox)
+            logger.info(
+                "session %s disconnected (resumable for %.0f s)", session.id, self.config.resume_timeout_seconds
+            )
 
     def _send_raw(self, session_id: str, seq: int, type: str, payload: dict[str, Any]) -> None:
         """Frames sent before a session exists (the server HAI, handshake errors)."""

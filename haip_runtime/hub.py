@@ -152,6 +152,7 @@ class Hub:
         )
         slot = self._slot(spec, transaction, session, request.params)  # a plugin that fails here costs nothing
         self.transactions[transaction.id] = transaction
+        logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)
         transaction.add_member(session)
         transaction.add_agent(slot)
         reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
@@ -207,6 +208,7 @@ class Hub:
     async def _transaction_end(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)
         reason = parse_payload(envelope, p.TransactionEnd).reason or f"ended by {session.user}"
+        logger.info("transaction %s ended by %r: %s", transaction.id, session.user, reason)
         self.spawn(transaction.end, reason)  # it waits for turns to stop; the connection reads on meanwhile
 
     # --- messages and runs -------------------------------------------------------------------------
