@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     tools.add_argument("--timeout", type=float, default=30, help="seconds to wait for the servers (default: 30)")
     tools.set_defaults(func=_tools)
 
+    chat = commands.add_parser("chat", help="talk to an agent from this terminal")
+    chat.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
+    chat.add_argument("--token", help="bearer token (printed by `serve` in dev mode)")
+    chat.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
+    chat.set_defaults(func=_chat)
+
     schema = commands.add_parser("schema", help="print (or write) the JSON Schema of haip.toml")
     schema.add_argument("--output", type=Path, help="write it to this file")
     schema.set_defaults(func=_schema)
@@ -128,6 +134,20 @@ async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int
     if failed:
         print(f"\nhaip-runtime: not connected: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    from haip_runtime.chat import chat
+    from haip_runtime.exceptions import ClientError
+
+    try:
+        anyio.run(chat, args.url, args.token, args.agent)
+    except ClientError as exc:
+        print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -206,9 +226,11 @@ def _announce(runtime: Any, host: str, port: int) -> None:
     ]
     if runtime.config.auth.mode == "dev":
         token = runtime.authenticator.issue("dev")
+        agent = "operator" if "operator" in runtime.agents else next(iter(runtime.agents), "echo")
         lines += [
             "  auth:      dev mode (loopback only); a ready token for user 'dev':",
             f"  token:     {token}",
-            f"  try:       python -m haip_runtime.client ws://{shown}:{port}/haip/websocket --token {token}",
+            f"  try:       {sys.executable} -m haip_runtime chat ws://{shown}:{port}/haip/websocket"
+            f" --agent {agent} --token {token}",
         ]
     print("\n".join(lines), flush=True)

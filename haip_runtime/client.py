@@ -8,14 +8,12 @@
 
 It numbers its envelopes 1, 2, 3..., acks what it receives, answers PING, and raises
 ``ClientError`` (with the server's ``code``) for an ERROR that answers one of its requests.
-``python -m haip_runtime.client URL --token T --agent echo`` is a small terminal chat.
+``haip-runtime chat`` (``haip_runtime.chat``) is a terminal chat built on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -280,51 +278,3 @@ def _raise_if_error(event: Received) -> None:
         raise ClientError(str(event.get("message")), code=event.get("code"))
     if event.type == "CLOSED":
         raise ClientError(f"connection closed (code {event.get('code')})")
-
-
-# --- a small terminal chat ----------------------------------------------------------------------
-
-
-async def _chat(url: str, token: str | None, agent: str) -> None:
-    async with HaipClient(url, token=token) as client:
-        transaction = await client.start_transaction(agent)
-        print(f"connected as {client.user}; talking to {agent!r} (Ctrl-D to quit)", file=sys.stderr)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_print_events, client)
-            stdin = anyio.wrap_file(sys.stdin)
-            async for line in stdin:
-                if line.strip():
-                    await client.send_text(transaction, line.rstrip("\n"))
-            tg.cancel_scope.cancel()
-
-
-async def _print_events(client: HaipClient) -> None:
-    async for event in client.events():
-        if event.type == "MESSAGE_PART":
-            print(event.get("text"), end="", flush=True)
-        elif event.type == "MESSAGE_END":
-            print()
-        elif event.type in ("ERROR", "RUN_ERROR"):
-            print(f"! {event.get('code')}: {event.get('message')}", file=sys.stderr)
-        elif event.type.startswith("TOOL_") and event.type != "TOOL_LIST":
-            print(f"  [{event.type}] {json.dumps(event.payload)}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m haip_runtime.client", description="chat with a haip-runtime agent")
-    parser.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
-    parser.add_argument("--token", help="bearer token (printed by `haip-runtime serve` in dev mode)")
-    parser.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
-    args = parser.parse_args(argv)
-    try:
-        anyio.run(_chat, args.url, args.token, args.agent)
-    except ClientError as exc:
-        print(f"error: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
