@@ -21,7 +21,7 @@ from haip_runtime.config import HaipConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
-from haip_runtime.protocol.envelope import Envelope, Event
+from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session import Session
 from haip_runtime.transactions import AgentSlot, Transaction
@@ -331,7 +331,8 @@ class Hub:
         transaction, tool = self._visible_tool(session, envelope, request.tool)
         self._check_open(transaction, envelope)
         assert self.tools is not None
-        if request.call_id and request.call_id in self.tools.calls:
+        request = request.model_copy(update={"call_id": request.call_id or new_id()})
+        if not self.tools.reserve(str(request.call_id)):
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
                 f"call_id {request.call_id!r} is already in use",

@@ -159,6 +159,14 @@ class ToolProxy:
         self.servers = servers
         self.bridge = bridge
         self.calls: dict[str, ActiveCall] = {}
+        self._reserved: set[str] = set()
+
+    def reserve(self, call_id: str) -> bool:
+        """Claim a client-chosen ``call_id`` before its call starts; ``False`` if it is in use."""
+        if call_id in self.calls or call_id in self._reserved:
+            return False
+        self._reserved.add(call_id)
+        return True
 
     def attach(self, bridge: ToolBackend) -> None:
         """Start using ``bridge`` (until then no tool is available: the servers are starting)."""
@@ -194,6 +202,7 @@ class ToolProxy:
     ) -> ToolCallResult:
         """Call ``name`` (``server.tool``), telling the members every step through ``emit``."""
         active = ActiveCall(call_id or new_id(), transaction_id)
+        self._reserved.discard(active.call_id)
         server, _, tool = name.partition(".")
         emit(
             EventType.TOOL_CALL,

@@ -461,3 +461,15 @@ async def test_terminal_chat_approves_and_answers_a_tool(tool_server: LiveServer
             await read_until(process.stderr, "no tool call is waiting for approval", err)
             await process.stdin.aclose()
             assert await process.wait() == 0
+
+
+async def test_a_call_id_in_use_is_refused_even_in_the_same_instant(tool_server: LiveServer) -> None:
+    async with operator(tool_server) as (client, tx):
+        body = {"call_id": "twice", "tool": "demo.slow_count", "params": {"steps": 3, "delay": 0.05}}
+        await client.send("TOOL_CALL", body, transaction=tx)
+        second = await client.send("TOOL_CALL", body, transaction=tx)
+        error = await client.wait_for("ERROR")
+        await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "twice")
+        starts = [e for e in client.received if e.type == "TOOL_CALL" and e.get("call_id") == "twice"]
+    assert error.get("code") == "INVALID_PAYLOAD" and error.get("related_id") == second
+    assert len(starts) == 1
