@@ -49,7 +49,6 @@ class Runtime:
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.hub = Hub(config, self.agents, self.tools)
         self.bridge: McpBridge | None = None
-        self.bridge_ready = anyio.Event()
         self._server_states: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
@@ -80,7 +79,6 @@ class Runtime:
             self.bridge = bridge
             assert self.tools is not None
             self.tools.attach(bridge)
-            self.bridge_ready.set()
             await anyio.sleep_forever()
 
     def _server_changed(self, status: ServerStatus) -> None:

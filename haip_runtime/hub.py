@@ -80,9 +80,6 @@ class Hub:
             raise RuntimeError("the hub is not running")
         self._task_group.start_soon(func, *args)
 
-    def register_handler(self, type: str, handler: Handler) -> None:
-        self._handlers[type] = handler
-
     # --- sessions ----------------------------------------------------------------------------------
 
     def add_session(self, session: Session) -> None:

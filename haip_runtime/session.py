@@ -71,10 +71,6 @@ class Outbox:
         self._send.close()
         self._receive.close()
 
-    @property
-    def closed(self) -> bool:
-        return self.close_code is not None
-
     async def frames(self) -> Any:
         """The frames to write, in order; ends when the outbox is closed and drained."""
         async with self._receive:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from haip_runtime.exceptions import DecodeError
-from haip_runtime.protocol.envelope import KNOWN_FIELDS, Envelope
+from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.protocol.payloads import INBOUND, Message, Payload
 
@@ -90,4 +90,4 @@ def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
     return pointer or "/", error["msg"]
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "KNOWN_FIELDS", "decode", "parse_payload"]
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "decode", "parse_payload"]

@@ -19,25 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from haip_runtime.protocol.events import Channel
 
 CHANNEL_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
-KNOWN_FIELDS = frozenset(
-    {
-        "id",
-        "session",
-        "transaction",
-        "seq",
-        "ack",
-        "ts",
-        "channel",
-        "type",
-        "payload",
-        "run_id",
-        "thread_id",
-        "pv",
-        "crit",
-        "bin_len",
-        "bin_mime",
-    }
-)
 
 
 def new_id() -> str:

@@ -89,12 +89,6 @@ class ToolStatus(enum.StrEnum):
     INPUT_REQUIRED = "INPUT_REQUIRED"
 
 
-class DoneStatus(enum.StrEnum):
-    OK = "OK"
-    ERROR = "ERROR"
-    CANCELLED = "CANCELLED"
-
-
 #: Everything the runtime understands, advertised in its HAI.
 ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventType)
 
@@ -118,6 +112,3 @@ TRANSACTION_ERA_EVENTS: frozenset[str] = frozenset(
         "TOOL_SCHEMA",
     }
 )
-
-#: Types a peer may send at any time, whatever its permissions.
-ALWAYS_ALLOWED: frozenset[str] = frozenset({"HAI", "PING", "PONG"})

@@ -237,10 +237,6 @@ class ToolCancel(Payload):
     reason: str | None = None
 
 
-class ToolListRequest(Payload):
-    """A client asking for TOOL_LIST sends an empty payload (or anything; it is ignored)."""
-
-
 class Empty(Payload):
     @model_validator(mode="before")
     @classmethod
