@@ -1,17 +1,20 @@
 """The runtime and its ASGI app: config in, routes out.
 
-``Runtime`` owns the long-lived parts (hub, authenticator, tool proxy) for the lifetime of an
-``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
-``/haip/websocket`` and ``/`` (WebSocket), ``/health``.
+``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy) for the lifetime of
+an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
+``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/transactions`` (REST history).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -25,10 +28,13 @@ from starlette.websockets import WebSocket
 from haip_runtime import __version__
 from haip_runtime.agents.registry import load_agents
 from haip_runtime.auth import Authenticator
-from haip_runtime.config import HaipConfig
+from haip_runtime.config import HaipConfig, StorageConfig
 from haip_runtime.connection import Connection
+from haip_runtime.exceptions import ConfigError
+from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
 from haip_runtime.session import Outbox
+from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
@@ -44,21 +50,26 @@ class Runtime:
 
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
-        self.authenticator = Authenticator(config.auth, config.roles)
+        self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
         self.agents = load_agents(config)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
-        self.hub = Hub(config, self.agents, self.tools)
+        self.store = open_store(config.storage)
+        self.hub = Hub(config, self.agents, self.tools, self.store)
+        self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
-        await self.hub.__aenter__()
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.hub)
+            self._stack = stack.pop_all()
         if self.tools is not None:
             self.hub.spawn(self._run_bridge)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self.hub.__aexit__(*exc_info)
+        return await self._stack.__aexit__(*exc_info)
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.
@@ -102,7 +113,8 @@ class Runtime:
             "totalConnections": hub.total_connections,
             "version": __version__,
             "sessions": len(hub.sessions),
-            "transactions": sum(1 for t in hub.transactions.values() if not t.ended),
+            "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
+            "storage": self.config.storage.backend,
             "mcp": {
                 name: {"state": status.state.value, "tools": len(status.tools), "error": status.error}
                 for name, status in (self.bridge.status() if self.bridge else {}).items()
@@ -130,5 +142,31 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         WebSocketRoute("/haip/websocket", rt.serve_websocket),
         WebSocketRoute("/", rt.serve_websocket),
         Route("/", index),
+        *history_routes(rt),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def dev_key(storage: StorageConfig) -> str | None:
+    """The dev-mode signing key kept beside a durable store (made on first use), so that a restart
+    does not invalidate tokens already handed out; ``None`` (a key per process) without one."""
+    if storage.backend != "sqlite":
+        return None
+    path = Path(f"{storage.path}.dev-key")
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot read the dev key {str(path)!r}: {exc.strerror or exc}") from exc
+    key = secrets.token_urlsafe(48)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+            file.write(key + "\n")
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot write the dev key {str(path)!r}: {exc.strerror or exc}") from exc
+    return key

@@ -69,11 +69,13 @@ def token_from_subprotocols(offered: list[str]) -> str | None:
 class Authenticator:
     """Validates tokens for the configured mode and, where it holds the key, issues them."""
 
-    def __init__(self, config: AuthConfig, roles: Mapping[str, RoleConfig] | None = None) -> None:
+    def __init__(
+        self, config: AuthConfig, roles: Mapping[str, RoleConfig] | None = None, *, dev_key: str | None = None
+    ) -> None:
         self.config = config
         self.roles = dict(roles or {})
         if config.mode == "dev":
-            self._key = secrets.token_urlsafe(48)
+            self._key = dev_key or secrets.token_urlsafe(48)
             self._algorithms = ["HS256"]
             self._issuer: str | None = DEV_ISSUER
             self._audience: str | None = None

@@ -57,6 +57,8 @@ class SessionConfig(Model):
     """Outbound envelopes kept per session for replay and resume (at least 1000)."""
     replay_window_seconds: float = Field(default=300, ge=300)
     """...or all envelopes of the last this-many seconds, whichever holds more (at least 300)."""
+    replay_window_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """...but never more than this many bytes of envelopes per session, whatever the two above say."""
     resume_timeout_seconds: float = Field(default=120, gt=0)
     """How long a disconnected session stays resumable."""
     heartbeat_interval_seconds: float = Field(default=20, gt=0)
@@ -69,6 +71,32 @@ class SessionConfig(Model):
     """Envelopes queued for one connection that cannot keep up; past this it is closed with 1013."""
     handshake_timeout_seconds: float = Field(default=10, gt=0)
     """A connection that sends no HAI within this time is closed."""
+
+
+class TransactionsConfig(Model):
+    idle_seconds: float = Field(default=300, gt=0)
+    """A transaction with no connected member and nothing running leaves memory after this long
+    (its log stays in the store; a TRANSACTION_JOIN brings it back)."""
+    join_history_events: int = Field(default=500, ge=1)
+    """TRANSACTION_JOIN replays at most this many of the latest events after `since`; older ones are
+    read with `GET /haip/transactions/{id}/events`."""
+    agent_history_messages: int = Field(default=200, ge=1)
+    """Messages of the conversation kept for the agents (`turn.history`), newest last."""
+
+
+class StorageConfig(Model):
+    backend: Literal["memory", "sqlite"] = "memory"
+    """`memory`: conversations live in this process only (tests, throwaway runs).
+    `sqlite`: transaction logs and metadata in the file at `path`, kept across restarts."""
+    path: ConfigPath = Path("haip.db")
+    """sqlite: the database file (relative to the config file's folder). The dev auth key is kept
+    beside it (`<path>.dev-key`), so a restart does not invalidate the printed token."""
+    flush_interval_seconds: float = Field(default=0.05, gt=0, le=5)
+    """sqlite: writes are batched and committed at most this long after they happen. A crash loses at
+    most the events of this interval."""
+    max_pending_writes: int = Field(default=100_000, ge=1000)
+    """sqlite: events waiting for the writer; past this the oldest waiting batch is dropped and logged
+    (only a disk far slower than the conversations gets there)."""
 
 
 class FlowControlConfig(Model):
@@ -113,6 +141,9 @@ class RoleConfig(Model):
     tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (`server.tool`) this role may see and call, directly or through an
     agent answering this user."""
+    may_join_others: bool = False
+    """Whether this role may TRANSACTION_JOIN (and read the history of) transactions other users
+    started, given the transaction id. Everyone may join their own."""
 
 
 class AgentConfig(Model):
@@ -200,6 +231,8 @@ class HaipConfig(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
+    transactions: TransactionsConfig = Field(default_factory=TransactionsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     """The agents users may start, by name (the name is the HAIP `toolName`)."""

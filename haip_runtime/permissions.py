@@ -1,7 +1,8 @@
 """What a user may do: roles from a JWT claim, mapped through ``[roles.*]`` to agent and tool globs.
 
-With no ``[roles]`` table every user may do everything (a single-team deployment). Otherwise a
-user gets the union of their roles' grants; a role that is not configured grants nothing.
+With no ``[roles]`` table every user may start every agent and use every tool (a single-team
+deployment), but joins only their own transactions. Otherwise a user gets the union of their
+roles' grants (``may_join_others`` lets them join anyone's); a role that is not configured grants nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Permissions:
 
     agents: tuple[str, ...] | None = None
     tools: tuple[str, ...] | None = None
+    join_others: bool = False
 
     def may_start(self, agent: str) -> bool:
         return _matches(agent, self.agents)
@@ -51,4 +53,5 @@ def permissions_for(roles: Iterable[str], table: Mapping[str, RoleConfig]) -> Pe
     return Permissions(
         agents=tuple(pattern for role in granted for pattern in role.agents),
         tools=tuple(pattern for role in granted for pattern in role.tools),
+        join_others=any(role.may_join_others for role in granted),
     )

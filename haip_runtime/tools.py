@@ -359,6 +359,10 @@ class ToolProxy:
             active.updates.send(ToolStatus.CANCELLING, message=active.cancel_reason)
         active.scope.cancel()
 
+    def has_calls(self, transaction_id: str) -> bool:
+        """Whether any call is in flight in the transaction."""
+        return any(active.transaction_id == transaction_id for active in self.calls.values())
+
     def cancel_transaction(self, transaction_id: str, reason: str) -> list[ActiveCall]:
         """Cancel every call in flight in a transaction (it is ending); returns them to wait on."""
         calls = [active for active in self.calls.values() if active.transaction_id == transaction_id]
