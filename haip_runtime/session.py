@@ -108,6 +108,8 @@ class Outbox:
         self._carried: deque[str] = deque()
         self._replays: deque[tuple[int, int]] = deque()
         self._wake = anyio.Event()
+        #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
+        self.aborted = anyio.Event()
 
     def bind(self, window: ReplayWindow, next_seq: int) -> None:
         """Follow ``window`` from ``next_seq`` on; frames still unwritten of an earlier window go first."""
@@ -140,6 +142,8 @@ class Outbox:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
             self._end = self._window.last_seq if self._window is not None else 0
+            if code == CloseCode.TRY_AGAIN_LATER:
+                self.aborted.set()
         self._wake.set()
 
     def discard(self) -> None:
