@@ -20,7 +20,7 @@ from tests.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-EVERYTHING = {"accept_events": list(ALL_EVENTS)}
+EVERYTHING: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
 DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
 
 
