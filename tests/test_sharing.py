@@ -119,6 +119,7 @@ async def test_rest_history_lists_pages_and_reads_events_with_the_same_bearer_to
         await rita.send_text(transactions[0], "remember me")
         await rita.wait_for("RUN_FINISHED")
     base = shared_server.http_url
+    log = f"{base}/haip/transactions/{transactions[0]}/events"
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
         first = (await http.get(f"{base}/haip/transactions", params={"limit": 2})).json()
         second = (
