@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from mcp.server.mcpserver import AcceptedElicitation, Context, MCPServer
 from pydantic import BaseModel
 
@@ -27,6 +30,18 @@ def make_server() -> MCPServer:
     def hello(who: str = "world") -> str:
         """Say hello."""
         return f"hello, {who}"
+
+    @made.tool()
+    def parse_args(line: str) -> str:
+        """Parse `line` like a command line; argparse exits on a bad one (SystemExit)."""
+        parser = argparse.ArgumentParser(prog="parse_args", exit_on_error=False)
+        parser.add_argument("--count", type=int, required=True)
+        return str(parser.parse_args(line.split()).count)
+
+    @made.tool()
+    async def leave() -> str:
+        """Call sys.exit() from a coroutine."""
+        sys.exit(3)
 
     return made
 

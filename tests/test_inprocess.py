@@ -4,12 +4,13 @@ then the bridge itself (elicitation per protocol era, factories, load failures) 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -266,8 +267,20 @@ async def test_a_factory_is_called_and_its_server_connected() -> None:
     async with bridge_of(made=python_server("tests.python_servers:make_server")) as bridge:
         result = await bridge.call_tool("made", "hello", {"who": "haip"})
         status = bridge.status()["made"]
-    assert status.state is ServerState.CONNECTED and [tool.name for tool in status.tools] == ["hello"]
+    assert status.state is ServerState.CONNECTED and [tool.name for tool in status.tools][0] == "hello"
     assert result.content[0]["text"] == "hello, haip"
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_tool_calling_sys_exit_fails_only_its_call(mode: Literal["auto", "legacy"]) -> None:
+    async with bridge_of(made=python_server("tests.python_servers:make_server", protocol_mode=mode)) as bridge:
+        missing = await bridge.call_tool("made", "parse_args", {"line": "--verbose"})  # argparse: SystemExit(2)
+        left = await bridge.call_tool("made", "leave", {})
+        fine = await bridge.call_tool("made", "parse_args", {"line": "--count 7"})
+        status = bridge.status()["made"]
+    assert missing.is_error and missing.content[0]["text"] == "Error executing tool parse_args: it raised SystemExit"
+    assert left.is_error and left.content[0]["text"] == "Error executing tool leave: it raised SystemExit"
+    assert fine.content[0]["text"] == "7" and status.state is ServerState.CONNECTED and status.connects == 1
 
 
 async def test_a_server_that_cannot_be_loaded_fails_with_one_line_and_costs_only_itself() -> None:
@@ -336,3 +349,30 @@ def test_check_loads_a_python_server_relative_to_the_config_file(tmp_path: Path)
         wrong.stderr == "haip-runtime: mcp.servers.mine.server: 'mine:other' is a str, not an MCPServer or a "
         "callable returning one\n"
     )
+
+
+def test_an_installed_entry_point_names_a_python_server(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "team_ep_tools-0.1.dist-info").mkdir(parents=True)
+    (site / "team_ep_tools-0.1.dist-info" / "METADATA").write_text("Name: team-ep-tools\nVersion: 0.1\n")
+    (site / "team_ep_tools-0.1.dist-info" / "entry_points.txt").write_text(
+        "[haip_runtime.mcp_servers]\nteam-ep = team_ep_tools:server\n"
+    )
+    (site / "team_ep_tools.py").write_text(
+        "from mcp.server.mcpserver import MCPServer\nserver = MCPServer('ep')\n"
+        "@server.tool()\ndef shout(text: str) -> str:\n    '''Shout `text`.'''\n    return text.upper()\n"
+    )
+    config = tmp_path / "haip.toml"
+    config.write_text("[mcp.servers.mine]\ntransport = 'python'\nserver = 'team-ep'\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "tools", "--config", str(config), "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(site)},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split() == ["mine", "python", "connected", "1"]
+    assert "  mine.shout  Shout `text`." in result.stdout
