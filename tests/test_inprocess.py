@@ -15,7 +15,7 @@ from typing import Any, Literal
 import anyio
 import pytest
 
-from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, ServerState
+from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, ServerState, ServerStatus
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.config import McpServerConfig, McpStdioConfig
@@ -269,6 +269,27 @@ async def test_a_factory_is_called_and_its_server_connected() -> None:
         status = bridge.status()["made"]
     assert status.state is ServerState.CONNECTED and [tool.name for tool in status.tools][0] == "hello"
     assert result.content[0]["text"] == "hello, haip"
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_changed_tool_list_is_followed_in_process(mode: Literal["auto", "legacy"]) -> None:
+    listings: list[set[str]] = []
+    changed = anyio.Event()
+
+    def on_change(status: ServerStatus) -> None:
+        listings.append({tool.name for tool in status.tools})
+        if "extra" in listings[-1]:
+            changed.set()
+
+    demo = {"demo": python_server("plugins/demo_mcp_server.py:server", protocol_mode=mode)}
+    async with McpBridge(demo, McpStdioConfig(), base_dir=ROOT, on_change=on_change) as bridge:
+        await bridge.wait_settled(10)
+        added = await bridge.call_tool("demo", "toggle_extra_tool", {})
+        with anyio.fail_after(5):
+            await changed.wait()
+        await bridge.call_tool("demo", "toggle_extra_tool", {})  # leave the shared module as it was
+    assert added.content[0]["text"] == "added extra"
+    assert {"add", "extra"} <= next(listing for listing in listings if "extra" in listing)
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
