@@ -1,4 +1,5 @@
-"""Finding agent plugins: entry points of group ``haip_runtime.agents`` and ``module:Class`` strings.
+"""Finding agent plugins: entry points of group ``haip_runtime.agents`` and ``module:Class`` strings
+(found by ``haip_runtime/plugins.py``, shared with in-process MCP servers).
 
 Installed is not enabled: only agents named in ``[agents.*]`` are loaded. Each is imported and
 its options validated at start-up, so a broken plugin stops ``serve``/``check`` with one line,
