@@ -79,6 +79,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     agents = load_agents(config)
+    if any(server.transport == "python" for server in config.mcp.servers.values()):
+        from haip_runtime.bridge.inprocess import load_servers
+
+        load_servers(config)
     print(json.dumps(masked_dump(config), indent=2))
     print(
         f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))", file=sys.stderr
@@ -106,6 +110,7 @@ def _tools(args: argparse.Namespace) -> int:
     import anyio
 
     logging.getLogger("haip_runtime").setLevel(logging.CRITICAL)  # the table says it all
+    logging.basicConfig(handlers=[logging.NullHandler()])  # nor may in-process servers' own logging
     with open(os.devnull, "w") as quiet:  # the servers' own stderr chatter would drown the table
         return anyio.run(_list_tools, config, args.timeout, quiet)
 

@@ -161,8 +161,9 @@ class AgentConfig(Model):
 
 
 class McpServerConfig(Model):
-    transport: Literal["stdio", "http"]
-    """`stdio`: a subprocess speaking MCP on stdin/stdout. `http`: streamable HTTP at `url`."""
+    transport: Literal["stdio", "http", "python"]
+    """`stdio`: a subprocess speaking MCP on stdin/stdout. `http`: streamable HTTP at `url`.
+    `python`: an `MCPServer` object in this process, named by `server` (no subprocess, no socket)."""
     command: str | None = None
     """stdio: the program to run. `${HAIP_PYTHON}` is the interpreter running haip-runtime."""
     args: list[str] = Field(default_factory=list)
@@ -175,6 +176,10 @@ class McpServerConfig(Model):
     """http: the streamable HTTP endpoint, e.g. `http://127.0.0.1:9000/mcp`."""
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     """http: extra request headers (e.g. Authorization); masked in output."""
+    server: str | None = None
+    """python: the `mcp.server.mcpserver.MCPServer` (or a callable returning one) as `path/to/file.py:name`,
+    `package.module:name` or an entry-point name of group `haip_runtime.mcp_servers`, resolved relative to the
+    config file's folder like agent plugins."""
     allowed_tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (without the server prefix) that are exposed."""
     require_approval: list[str] = Field(default_factory=list)
@@ -184,7 +189,8 @@ class McpServerConfig(Model):
     approval_timeout_seconds: float = Field(default=120, gt=0)
     """How long an approval or elicitation waits for an answer; silence counts as a refusal."""
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
-    """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back)."""
+    """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
+    speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:
@@ -192,6 +198,8 @@ class McpServerConfig(Model):
             raise ValueError("transport 'stdio' needs 'command'")
         if self.transport == "http" and not self.url:
             raise ValueError("transport 'http' needs 'url'")
+        if self.transport == "python" and not self.server:
+            raise ValueError("transport 'python' needs 'server' (e.g. 'plugins/tools.py:server')")
         return self
 
 

@@ -5,7 +5,7 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
 
     HaipError
     ├── ConfigError                 a haip.toml that cannot be used (one line: file, key path, expected)
-    ├── PluginError                 an agent plugin that cannot be found, loaded or configured
+    ├── PluginError                 a plugin (agent, in-process MCP server) that cannot be found, loaded or configured
     ├── ProtocolError (code)        something a peer sent; becomes a wire ERROR
     │   ├── DecodeError             INVALID_MESSAGE / MESSAGE_TOO_LARGE / UNSUPPORTED_TYPE
     │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
@@ -45,7 +45,7 @@ class ConfigError(HaipError):
 
 
 class PluginError(HaipError):
-    """An agent plugin cannot be found, imported or configured."""
+    """A plugin (an agent class, an in-process MCP server) cannot be found, imported or configured."""
 
 
 class ProtocolError(HaipError):

@@ -92,10 +92,12 @@ def test_tools_command_lists_each_server_state_and_tools() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    header, demo = result.stdout.splitlines()[:2]
+    header, demo, team = result.stdout.splitlines()[:3]
     assert header.split() == ["SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR"]
     assert demo.split() == ["demo", "stdio", "connected", "10"]
-    assert "  demo.slow_count  " in result.stdout
+    assert team.split() == ["team", "python", "connected", "8"]
+    assert "  demo.slow_count  " in result.stdout and "  team.index_notes  " in result.stdout
+    assert result.stderr == ""  # nor the in-process server's own logging
 
 
 def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path: Path) -> None:

@@ -181,9 +181,10 @@ def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
 
 def test_builtin_agents_are_registered_as_entry_points() -> None:
     from haip_runtime.agents.echo import EchoAgent
-    from haip_runtime.agents.registry import _entry_point, resolve_plugin
+    from haip_runtime.agents.registry import resolve_plugin
+    from haip_runtime.plugins import _entry_point
 
-    assert _entry_point("echo") == "haip_runtime.agents.echo:EchoAgent"
+    assert _entry_point("echo", "haip_runtime.agents") == "haip_runtime.agents.echo:EchoAgent"
     assert resolve_plugin("echo", ROOT, "agents.e.plugin") is EchoAgent
 
 

@@ -25,6 +25,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.exceptions import PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ class _EndWatchingStream:
 def describe_failure(config: McpServerConfig, exc: BaseException, *, connect_timeout: float) -> str:
     """One line for why a connection failed; unexpected failures are logged with their traceback."""
     leaf = _first_leaf(exc)
-    where = repr(config.command) if config.transport == "stdio" else str(config.url)
+    if isinstance(leaf, PluginError):
+        return str(leaf)
+    where = {"stdio": repr(config.command), "http": str(config.url), "python": repr(config.server)}[config.transport]
     if isinstance(leaf, FileNotFoundError):
         return f"cannot start {where}: command not found"
     if isinstance(leaf, httpx2.ConnectError):
