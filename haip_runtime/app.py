@@ -1,6 +1,6 @@
 """The runtime and its ASGI app: config in, routes out.
 
-``Runtime`` owns the long-lived parts (hub, authenticator, tool proxy) for the lifetime of an
+``Runtime`` owns the long-lived parts (hub, authenticator, tool proxy, LLM providers) for the lifetime of an
 ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
 ``/haip/websocket`` and ``/`` (WebSocket), ``/health``.
 """
@@ -28,6 +28,7 @@ from haip_runtime.auth import Authenticator
 from haip_runtime.config import HaipConfig
 from haip_runtime.connection import Connection
 from haip_runtime.hub import Hub
+from haip_runtime.llm import create_providers
 from haip_runtime.session import Outbox
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
@@ -45,7 +46,8 @@ class Runtime:
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
         self.authenticator = Authenticator(config.auth, config.roles)
-        self.agents = load_agents(config)
+        self.llms = create_providers(config.llm)
+        self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.hub = Hub(config, self.agents, self.tools)
         self.bridge: McpBridge | None = None
@@ -58,7 +60,12 @@ class Runtime:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self.hub.__aexit__(*exc_info)
+        try:
+            return await self.hub.__aexit__(*exc_info)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for llm in self.llms.values():
+                    await llm.aclose()
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.

@@ -1,12 +1,14 @@
-"""An in-memory harness for agent plugins: run turns with fake tools, no server, sockets or MCP servers.
+"""An in-memory harness for agent plugins: run turns with fake tools and a scripted LLM, no server or network.
 
-    async with AgentHarness(Helpdesk, options={"greeting": "Hi"}, tools={"tickets.search": search}) as agent:
+    llm = ScriptedLLM([ScriptedLLM.call("tickets.search", {"q": "printer"}), "Ticket 42 it is."])
+    async with AgentHarness(Helpdesk, tools={"tickets.search": search}, llm=llm) as agent:
         turn = await agent.send("my printer is on fire")
-        assert turn.status == "OK" and "ticket" in turn.text
+        assert turn.status == "OK" and "42" in turn.text
         assert turn.tool_calls[0]["tool"] == "tickets.search"
 
 The agent runs in a real transaction with the real tool proxy, so what a turn records is what a
-HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events.
+HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events. A fake
+tool's return value becomes the result a real MCP server (the SDK's ``MCPServer``) would give.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import anyio
 from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
-from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth import Principal
 from haip_runtime.bridge.models import OnElicit, OnProgress, ServerState, ServerStatus, ToolInfo, ToolResult
 from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.llm.provider import Provider
+from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
@@ -32,8 +36,10 @@ from haip_runtime.session import Session
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transactions import AgentSlot, Transaction
 
-#: A fake tool: takes the arguments, returns text, a dict (structured content) or a ``ToolResult``;
-#: may be async; raising ``FakeToolError`` makes an error result, as a failing MCP tool would.
+#: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
+#: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
+#: value: ``5.0`` gives text ``"5.0"`` and structured ``{"result": 5.0}``; a dict gives its JSON as
+#: text and itself as structured content. Raising ``FakeToolError`` makes an error result.
 ToolFunc = Callable[[dict[str, Any]], Any]
 
 
@@ -95,12 +101,17 @@ class AgentHarness:
         approve: bool = True,
         user: str = "tester",
         params: Mapping[str, Any] | None = None,
+        llm: Provider | None = None,
+        instructions: str | None = None,
     ) -> None:
         self._fakes = _FakeTools(tools or {})
         servers = self._fakes.servers(set(require_approval))
         name = agent.name or agent.__name__.lower()
-        config = AgentConfig(plugin=f"{agent.__module__}:{agent.__qualname__}", mcp_servers=sorted(servers))
-        self.spec = AgentSpec(name, agent, agent.Options.model_validate(dict(options or {})), config)
+        plugin = f"{agent.__module__}:{agent.__qualname__}"
+        config = AgentConfig(plugin=plugin, mcp_servers=sorted(servers), instructions=instructions)
+        validated = validate_options(agent, dict(options or {}), f"agents.{name}.options")
+        self.spec = AgentSpec(name, agent, validated, config, llm)
+        self.llm = llm
         self.proxy = ToolProxy(servers, self._fakes)
         self.member = _Member(Principal(user), self, approve)
         self.params = dict(params or {})
@@ -229,15 +240,25 @@ async def _awaited(value: Awaitable[Any]) -> Any:
 
 
 def _as_result(value: Any) -> ToolResult:
+    """What the MCP SDK's ``MCPServer`` returns for a tool function's return ``value``."""
     if isinstance(value, ToolResult):
         return value
     if isinstance(value, dict):
-        return ToolResult(False, [{"type": "text", "text": json.dumps(value)}], value)
-    return ToolResult(False, [{"type": "text", "text": str(value)}], None)
+        return ToolResult(False, [_text_block(value)], value)
+    if isinstance(value, list | tuple):
+        return ToolResult(False, [_text_block(item) for item in value], {"result": list(value)})
+    if value is None:
+        return ToolResult(False, [], {"result": None})
+    return ToolResult(False, [_text_block(value)], {"result": value})
+
+
+def _text_block(value: Any) -> dict[str, Any]:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+    return {"type": "text", "text": text}
 
 
 def _payload(event: Event) -> dict[str, Any]:
     return event.payload if isinstance(event.payload, dict) else {"text": event.payload}
 
 
-__all__ = ["AgentHarness", "FakeToolError", "ToolFunc", "TurnResult"]
+__all__ = ["AgentHarness", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]
