@@ -132,6 +132,7 @@ class LocalProvider(Provider):
                 stop.set()  # llama.cpp stops at its next token
                 with anyio.CancelScope(shield=True):
                     await done.wait()
+                    await anyio.to_thread.run_sync(worker.join)  # it has nothing left to do but return
         for delta in reader.finish():
             yield delta
 
