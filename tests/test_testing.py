@@ -87,3 +87,46 @@ async def test_a_turn_that_does_not_end_times_out() -> None:
 def test_fake_tool_names_need_a_server() -> None:
     with pytest.raises(ValueError, match="'server.tool'"):
         AgentHarness(Helpdesk, tools={"search": search})
+
+
+async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
+    # The demo server's own functions, once as fake tools and once behind the real MCP server (in-process).
+    from mcp import Client
+
+    import plugins.demo_mcp_server as demo
+
+    async def stats(arguments: dict[str, Any]) -> Any:
+        return {"calls": 1, "cancelled": 0}
+
+    fakes = {
+        "demo.add": lambda args: demo.add(float(args["a"]), float(args["b"])),
+        "demo.pid": lambda args: 4242,
+        "demo.stats": stats,
+        "demo.slow_count": lambda args: f"counted to {args['steps']}",
+    }
+    calls = {"add": {"a": 2, "b": 3}, "pid": {}, "stats": {}, "slow_count": {"steps": 1, "delay": 0}}
+
+    class CallsAll(Agent):
+        async def on_message(self, turn: Turn) -> None:
+            for tool, arguments in calls.items():
+                await turn.call_tool(f"demo.{tool}", arguments)
+
+    async with AgentHarness(CallsAll, tools=fakes) as agent:
+        turn = await agent.send("go")
+    faked = {r["call_id"]: r["result"] for r in turn.tool_results}
+    by_tool = {c["tool"].partition(".")[2]: faked[c["call_id"]] for c in turn.tool_calls}
+    assert by_tool["add"]["content"] == [{"type": "text", "text": "5.0"}]  # not '{"result": 5.0}'
+    demo.STATS.calls = 1
+    async with Client(demo.server) as client:
+        for tool, arguments in calls.items():
+            real = await client.call_tool(tool, arguments)
+            expected = {
+                "content": real.model_dump(by_alias=True, mode="json", exclude_none=True)["content"],
+                "structuredContent": real.structured_content,
+            }
+            if tool == "pid":
+                expected["content"][0]["text"], expected["structuredContent"] = "4242", {"result": 4242}
+            if tool == "stats":
+                expected["structuredContent"] = {"calls": 1, "cancelled": 0}
+                expected["content"][0]["text"] = '{\n  "calls": 1,\n  "cancelled": 0\n}'
+            assert by_tool[tool] == expected, tool
