@@ -25,7 +25,16 @@ from anyio.abc import TaskGroup
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth import Principal
-from haip_runtime.bridge.models import OnElicit, OnProgress, ServerState, ServerStatus, ToolInfo, ToolResult
+from haip_runtime.bridge.models import (
+    ElicitationRequest,
+    OnElicit,
+    OnProgress,
+    Progress,
+    ServerState,
+    ServerStatus,
+    ToolInfo,
+    ToolResult,
+)
 from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
 from haip_runtime.llm.provider import Provider
 from haip_runtime.llm.scripted import ScriptedLLM
@@ -39,12 +48,36 @@ from haip_runtime.transactions import AgentSlot, Transaction
 #: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
 #: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
 #: value: ``5.0`` gives text ``"5.0"`` and structured ``{"result": 5.0}``; a dict gives its JSON as
-#: text and itself as structured content. Raising ``FakeToolError`` makes an error result.
-ToolFunc = Callable[[dict[str, Any]], Any]
+#: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
+#: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
+ToolFunc = Callable[..., Any]
 
 
 class FakeToolError(Exception):
     """Raise in a fake tool to return an error result (``is_error``) with this message."""
+
+
+class FakeToolContext:
+    """What a fake tool with a second parameter gets: the means an MCP tool has to talk to the user."""
+
+    def __init__(self, on_progress: OnProgress | None, on_elicit: OnElicit | None) -> None:
+        self._on_progress = on_progress
+        self._on_elicit = on_elicit
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        """Members see ``TOOL_UPDATE {progress, total, message}`` (coalesced like real progress)."""
+        if self._on_progress is not None:
+            await self._on_progress(Progress(progress, total, message))
+
+    async def elicit(self, message: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the user (``TOOL_UPDATE INPUT_REQUIRED``); the harness answers with its ``user_input``.
+
+        Returns the answer, or ``None`` if it was declined.
+        """
+        if self._on_elicit is None:
+            return None
+        answer = await self._on_elicit(ElicitationRequest(message, schema))
+        return answer.content if answer.action == "accept" else None
 
 
 @dataclass(frozen=True)
@@ -99,6 +132,7 @@ class AgentHarness:
         tools: Mapping[str, ToolFunc] | None = None,
         require_approval: Iterable[str] = (),
         approve: bool = True,
+        user_input: Mapping[str, Any] | None = None,
         user: str = "tester",
         params: Mapping[str, Any] | None = None,
         llm: Provider | None = None,
@@ -113,7 +147,7 @@ class AgentHarness:
         self.spec = AgentSpec(name, agent, validated, config, llm)
         self.llm = llm
         self.proxy = ToolProxy(servers, self._fakes)
-        self.member = _Member(Principal(user), self, approve)
+        self.member = _Member(Principal(user), self, approve, user_input)
         self.params = dict(params or {})
         self._task_group: TaskGroup | None = None
         self.transaction: Transaction | None = None
@@ -162,11 +196,14 @@ class AgentHarness:
 class _Member(Session):
     """The harness's user: records what it is sent and answers approvals as told."""
 
-    def __init__(self, principal: Principal, harness: AgentHarness, approve: bool) -> None:
+    def __init__(
+        self, principal: Principal, harness: AgentHarness, approve: bool, user_input: Mapping[str, Any] | None
+    ) -> None:
         super().__init__(principal, negotiate(ALL_EVENTS), SessionConfig())
         self.events: list[Event] = []
         self._harness = harness
         self._approve = approve
+        self._input = None if user_input is None else dict(user_input)
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
@@ -175,6 +212,10 @@ class _Member(Session):
             decision = {"decision": "approve" if self._approve else "reject", "reason": "harness"}
             assert event.transaction is not None
             self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, decision, event.id)
+        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.INPUT_REQUIRED:
+            answer = {"decision": "decline"} if self._input is None else {"input": self._input}
+            assert event.transaction is not None
+            self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, answer, event.id)
 
 
 class _FakeTools:
@@ -227,12 +268,24 @@ class _FakeTools:
     ) -> ToolResult:
         func = self._funcs[f"{server}.{tool}"]
         try:
-            value = func(arguments)
+            if _takes_context(func):
+                value = func(arguments, FakeToolContext(on_progress, on_elicit))
+            else:
+                value = func(arguments)
             if inspect.isawaitable(value):
                 value = await _awaited(value)
         except FakeToolError as exc:
             return ToolResult(True, [{"type": "text", "text": str(exc)}], None)
         return _as_result(value)
+
+
+def _takes_context(func: ToolFunc) -> bool:
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called with the arguments only
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
 
 
 async def _awaited(value: Awaitable[Any]) -> Any:
@@ -261,4 +314,4 @@ def _payload(event: Event) -> dict[str, Any]:
     return event.payload if isinstance(event.payload, dict) else {"text": event.payload}
 
 
-__all__ = ["AgentHarness", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]
+__all__ = ["AgentHarness", "FakeToolContext", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from haip_runtime import Agent, Turn
-from haip_runtime.testing import AgentHarness, FakeToolError
+from haip_runtime.testing import AgentHarness, FakeToolContext, FakeToolError
 from plugins.storyteller import Storyteller
 from tests.agents import FailingAgent, GreeterAgent, WaitingAgent
 
@@ -130,3 +130,27 @@ async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
                 expected["structuredContent"] = {"calls": 1, "cancelled": 0}
                 expected["content"][0]["text"] = '{\n  "calls": 1,\n  "cancelled": 0\n}'
             assert by_tool[tool] == expected, tool
+
+
+async def slow_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
+    for step in (1, 2):
+        await ctx.report_progress(step, 2, f"step {step}")
+    answer = await ctx.elicit("Your name?", {"type": "object", "properties": {"name": {"type": "string"}}})
+    return "declined" if answer is None else f"hello {answer['name']}"
+
+
+class Surveyor(Agent):
+    async def on_message(self, turn: Turn) -> None:
+        result = await turn.call_tool("forms.survey")
+        await turn.say(result.text)
+
+
+@pytest.mark.parametrize(("user_input", "said"), [({"name": "Ada"}, "hello Ada"), (None, "declined")])
+async def test_fake_tools_report_progress_and_ask_the_user(user_input: dict[str, str] | None, said: str) -> None:
+    async with AgentHarness(Surveyor, tools={"forms.survey": slow_survey}, user_input=user_input) as agent:
+        turn = await agent.send("go")
+    assert turn.text == said
+    updates = [e.payload for e in turn.events if e.type == "TOOL_UPDATE"]
+    statuses = [u.get("status") for u in updates]  # type: ignore[union-attr]
+    assert "INPUT_REQUIRED" in statuses
+    assert [u.get("progress") for u in updates if u.get("progress") is not None][-1] == 2  # type: ignore[union-attr]
