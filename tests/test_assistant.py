@@ -164,3 +164,15 @@ async def test_an_llm_error_reaches_the_user_as_run_error_with_its_code() -> Non
         "message": "the conversation is too long for the model",
     }
     assert llm.requests[0].instructions == "Be terse."
+
+
+async def test_a_refused_approval_is_told_to_the_model_as_the_tool_result() -> None:
+    llm = ScriptedLLM([ScriptedLLM.call("demo.add", {"a": 1, "b": 2}), "Fine, I will not add."])
+    harness = AgentHarness(
+        AssistantAgent, tools={"demo.add": add}, llm=llm, require_approval=["demo.add"], approve=False
+    )
+    async with harness as agent:
+        turn = await agent.send("add please")
+    assert turn.tool_results[0]["status"] == "CANCELLED" and turn.text == "Fine, I will not add."
+    result = llm.requests[1].history[-1]
+    assert result.status == "CANCELLED" and result.text == "REJECTED: rejected by tester: harness"

@@ -186,3 +186,18 @@ async def test_an_unreachable_endpoint_is_reported_after_retries(vendor: VendorS
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     error = await failure(vendor, url=url)
     assert error.code == LlmErrorCode.LLM_UNREACHABLE and url in error.message
+
+
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_silent_vendor_times_out(vendor: VendorServer, started: bool) -> None:
+    vendor.script(*[Reply(openai_text("never")[:1] if started else [], stall=True)] * 2)
+    llm = provider(vendor.url + "/v1", timeout_seconds=0.3, max_retries=1)
+    try:
+        with pytest.raises(LlmError) as caught:
+            await llm.complete([user("hi")])
+    finally:
+        vendor.release()
+        await llm.aclose()
+    assert caught.value.code == LlmErrorCode.LLM_TIMEOUT
+    assert ("mid-answer" in caught.value.message) == started
+    assert len(vendor.requests) == (1 if started else 2)  # retried only before the answer started

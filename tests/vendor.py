@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,6 +34,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False
     """Cut the connection after ``events`` instead of ending the stream."""
+    stall: bool = False
+    """Go silent after ``events`` (before the headers if there are none) until ``release()``, at most 10 s."""
 
 
 @dataclass
@@ -46,10 +50,19 @@ class VendorServer:
         self.replies: list[Reply] = []
         self.requests: list[Recorded] = []
         self.url = ""
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """End every stall."""
+        self._released.set()
+
+    async def _stall(self) -> None:
+        await anyio.to_thread.run_sync(self._released.wait, 10)
 
     def script(self, *replies: Reply) -> None:
         self.replies[:] = list(replies)
         self.requests.clear()
+        self._released.clear()
 
     async def handle(self, request: Request) -> Response:
         body = json.loads(await request.body())
@@ -57,6 +70,8 @@ class VendorServer:
         if not self.replies:
             return JSONResponse({"error": {"message": "no scripted reply left"}}, status_code=500)
         reply = self.replies.pop(0)
+        if reply.stall and not reply.events:
+            await self._stall()
         if reply.status >= 400:
             return JSONResponse(reply.error or {}, status_code=reply.status, headers=reply.headers)
 
@@ -65,6 +80,8 @@ class VendorServer:
                 yield event
             if reply.drop:
                 raise ConnectionAbortedError("the vendor dropped the stream")  # uvicorn cuts the connection
+            if reply.stall:
+                await self._stall()
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=reply.headers)
 
