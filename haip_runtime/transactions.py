@@ -130,14 +130,13 @@ class Transaction:
             permissions=session.principal.permissions if session else UNRESTRICTED,
             llm=slot.instance.context.llm,
         )
-        author = session.user if session else self.owner
         return Turn(
             agent=slot.name,
             transaction_id=self.id,
             run_id=run.id,
             text=text,
             payload=payload,
-            author=author,
+            author=session.user if session else self.owner,
             services=services,
         )
 

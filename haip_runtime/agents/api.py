@@ -18,7 +18,7 @@ import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.config import AgentConfig
-from haip_runtime.exceptions import LlmError
+from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.permissions import UNRESTRICTED, Permissions
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode
@@ -253,7 +253,7 @@ class Turn:
         """
         services = self._services
         if services.tools is None:
-            raise RuntimeError("this runtime has no tool proxy (no [mcp.servers] configured)")
+            raise ToolUnavailableError("no MCP servers are configured, so there are no tools to call")
         call_id = new_id()
         args = arguments or {}
         self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
