@@ -7,7 +7,9 @@ streamed back chunk by chunk (OpenAI chunk format, read by ``openai.ChunkReader`
 never waits on it, and a cancelled turn tells llama.cpp to stop at the next token. Answers are
 generated one at a time (a lock), as the embedded server has one slot.
 
-SmolLM2-135M chats, but does not choose tools reliably: give it tools and it mostly answers in text.
+SmolLM2-135M chats, but it cannot choose tools: its chat template has no tool format, so llama.cpp
+leaves the tools out of its prompt and it always answers in text. A GGUF model whose template
+supports tools (Qwen, Llama 3.x) gets them and may call them.
 """
 
 from __future__ import annotations
