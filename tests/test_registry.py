@@ -11,6 +11,8 @@ from haip_runtime.config import validate_config
 from haip_runtime.llm import ScriptedLLM
 from tests.serving import ROOT
 
+pytestmark = pytest.mark.anyio
+
 
 class LooseOptions(BaseModel):  # no extra="forbid": the registry refuses unknown keys anyway
     greeting: str = "hi"
@@ -70,3 +72,30 @@ def test_each_agent_gets_the_provider_its_config_names() -> None:
     assert specs["a"].llm is small and specs["e"].llm is None
     agent = specs["a"].create(transaction_id="t", started_by="u", params={})
     assert agent.context.llm is small and agent.instructions == ""
+
+
+async def test_each_llm_kind_gets_its_provider() -> None:
+    from haip_runtime.llm import create_providers
+    from haip_runtime.llm.anthropic import AnthropicProvider
+    from haip_runtime.llm.local import LocalProvider
+    from haip_runtime.llm.openai import OpenAiProvider
+
+    config = validate_config(
+        {
+            "llm": {
+                "o": {"kind": "openai", "model": "gpt-4o-mini"},
+                "a": {"kind": "anthropic", "model": "claude-sonnet-4-5", "api_key": "k"},
+                "l": {"kind": "local"},
+            }
+        },
+        base_dir=ROOT,
+    )
+    providers = create_providers(config.llm)
+    assert [type(p) for p in providers.values()] == [OpenAiProvider, AnthropicProvider, LocalProvider]
+    assert [(p.id, p.model) for p in providers.values()] == [
+        ("o", "gpt-4o-mini"),
+        ("a", "claude-sonnet-4-5"),
+        ("l", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ]
+    for provider in providers.values():
+        await provider.aclose()

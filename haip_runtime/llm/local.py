@@ -138,6 +138,11 @@ class LocalProvider(Provider):
         for delta in reader.finish():
             yield delta
 
+    async def aclose(self) -> None:
+        """Unload the model (after any answer in progress); a later request loads it again."""
+        async with self._generate_lock:
+            self._server = None
+
     def _generate(
         self,
         body: dict[str, Any],
