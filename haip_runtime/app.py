@@ -1,8 +1,8 @@
 """The runtime and its ASGI app: config in, routes out.
 
-``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy) for the lifetime of
-an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
-``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/transactions`` (REST history).
+``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
+the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
+it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/transactions`` (REST history).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from haip_runtime.connection import Connection
 from haip_runtime.exceptions import ConfigError
 from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
+from haip_runtime.llm import create_providers
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
@@ -51,7 +52,8 @@ class Runtime:
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
         self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
-        self.agents = load_agents(config)
+        self.llms = create_providers(config.llm)
+        self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store)
@@ -69,7 +71,12 @@ class Runtime:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self._stack.__aexit__(*exc_info)
+        try:
+            return await self._stack.__aexit__(*exc_info)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for llm in self.llms.values():
+                    await llm.aclose()
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.

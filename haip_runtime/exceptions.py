@@ -13,6 +13,7 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
     │   ├── ToolUnavailableError    its server is not connected
     │   └── ToolTimeoutError        the server did not answer in time
+    ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
     └── ClientError                 raised by the Python client library (haip_runtime.client)
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.protocol.events import ErrorCode, LlmErrorCode
 
 __all__ = [
     "ClientError",
@@ -28,6 +29,7 @@ __all__ = [
     "DecodeError",
     "HaipError",
     "HandshakeError",
+    "LlmError",
     "PluginError",
     "ProtocolError",
     "ToolError",
@@ -92,6 +94,15 @@ class ToolUnavailableError(ToolError):
 
 class ToolTimeoutError(ToolError):
     """The MCP server did not answer within the server's ``timeout_seconds``."""
+
+
+class LlmError(HaipError):
+    """An LLM provider could not answer. ``message`` is readable by the user and never holds a key."""
+
+    def __init__(self, code: LlmErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class ClientError(HaipError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -34,11 +34,13 @@ class PluginKind:
     """Names that work before ``pip install`` registers the entry points."""
 
 
-def resolve(spec: str, base_dir: Path, where: str, kind: PluginKind) -> tuple[str, Any]:
+def resolve(
+    spec: str, base_dir: Path, where: str, kind: PluginKind, *, hint: Callable[[Any], str] | None = None
+) -> tuple[str, Any]:
     """The ``module:attr`` target `spec` stands for, and the object found there.
 
     Raises ``PluginError`` (prefixed with `where`, the config key) for an unknown name, a module
-    that cannot be found or imported, or a missing attribute.
+    that cannot be found or imported, or a missing attribute (``hint(module)`` says what is there).
     """
     target = _entry_point(spec, kind.group) or kind.builtin.get(spec) or spec
     if ":" not in target:
@@ -48,7 +50,8 @@ def resolve(spec: str, base_dir: Path, where: str, kind: PluginKind) -> tuple[st
     module_name, _, attr = target.partition(":")
     module = _import(module_name, base_dir, where)
     if not hasattr(module, attr):
-        raise PluginError(f"{where}: {module_name!r} has no attribute {attr!r}")
+        more = f" ({hint(module)})" if hint is not None else ""
+        raise PluginError(f"{where}: {module_name!r} has no attribute {attr!r}{more}")
     return target, getattr(module, attr)
 
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from haip_runtime.agents.api import Agent, HistoryEntry, Turn
+from haip_runtime.agents.api import Agent, HistoryEntry, Turn, TurnServices
 from haip_runtime.config import TransactionsConfig
+from haip_runtime.exceptions import LlmError
 from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
@@ -233,6 +234,15 @@ class Transaction:
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
             self.publish(Event(type, payload, channel=channel, run_id=run.id))
 
+        services = TurnServices(
+            emit=emit,
+            history=self.history,
+            record=self.history.append,
+            tools=self.tools,
+            tool_servers=slot.tool_servers,
+            permissions=member.principal.permissions if member else UNRESTRICTED,
+            llm=slot.instance.context.llm,
+        )
         return Turn(
             agent=slot.name,
             transaction_id=self.id,
@@ -240,12 +250,7 @@ class Transaction:
             text=text,
             payload=payload,
             author=member.user if member else self.owner,
-            history=self.history,
-            emit=emit,
-            on_said=self.history.append,
-            tools=self.tools,
-            tool_servers=slot.tool_servers,
-            permissions=member.principal.permissions if member else UNRESTRICTED,
+            services=services,
         )
 
     async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
@@ -255,6 +260,9 @@ class Transaction:
         try:
             with run.scope:
                 await hook(turn)
+        except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
+            logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
+            self._finish(run, EventType.RUN_ERROR, {"code": exc.code.value, "message": exc.message})
         except Exception as exc:
             logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
             message = f"agent {run.agent!r} failed: {type(exc).__name__}"

@@ -51,7 +51,7 @@ def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
     _, banner = serve_process
     url = banner["WebSocket"].split()[0]
     assert url.startswith("ws://127.0.0.1:") and url.endswith("/haip/websocket")
-    assert banner["agents"] == "echo, storyteller, operator"
+    assert banner["agents"] == "echo, storyteller, operator, assistant"
 
     async def talk() -> str:
         async with HaipClient(url, token=banner["token"]) as client:

@@ -192,4 +192,5 @@ def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'ech'\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1
-    assert result.stderr.startswith("haip-runtime: agents.x.plugin: 'ech' is neither a known agent (echo, operator")
+    expected = "haip-runtime: agents.x.plugin: 'ech' is neither a known agent (assistant, echo, operator"
+    assert result.stderr.startswith(expected)

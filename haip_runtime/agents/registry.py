@@ -8,9 +8,10 @@ not a user's first message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -18,6 +19,9 @@ from haip_runtime.agents.api import Agent, AgentContext
 from haip_runtime.config import AgentConfig, HaipConfig
 from haip_runtime.exceptions import PluginError
 from haip_runtime.plugins import PluginKind, resolve
+
+if TYPE_CHECKING:
+    from haip_runtime.llm.provider import Provider
 
 AGENTS = PluginKind(
     noun="agent",
@@ -27,6 +31,7 @@ AGENTS = PluginKind(
     builtin={
         "echo": "haip_runtime.agents.echo:EchoAgent",
         "operator": "haip_runtime.agents.operator:OperatorAgent",
+        "assistant": "haip_runtime.agents.assistant:AssistantAgent",
     },
 )
 
@@ -39,6 +44,7 @@ class AgentSpec:
     cls: type[Agent]
     options: BaseModel
     config: AgentConfig
+    llm: Provider | None = None
 
     @property
     def description(self) -> str:
@@ -52,29 +58,59 @@ class AgentSpec:
             params=params,
             config=self.config,
             options=self.options,
+            llm=self.llm,
         )
         return self.cls(context)
 
 
-def load_agents(config: HaipConfig) -> dict[str, AgentSpec]:
-    """Import and validate every configured agent. Raises ``PluginError`` naming the key."""
-    return {name: load_agent(name, agent, config.base_dir) for name, agent in config.agents.items()}
+def load_agents(config: HaipConfig, llms: Mapping[str, Provider] | None = None) -> dict[str, AgentSpec]:
+    """Import and validate every configured agent, handing each its ``[llm.*]`` provider from ``llms``.
+
+    Raises ``PluginError`` naming the key.
+    """
+    providers = llms or {}
+    return {
+        name: load_agent(name, agent, config.base_dir, providers.get(agent.llm) if agent.llm else None)
+        for name, agent in config.agents.items()
+    }
 
 
-def load_agent(name: str, config: AgentConfig, base_dir: Path) -> AgentSpec:
+def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | None = None) -> AgentSpec:
     where = f"agents.{name}.plugin"
     cls = resolve_plugin(config.plugin, base_dir, where)
+    options = validate_options(cls, config.options, f"agents.{name}.options")
+    return AgentSpec(name=name, cls=cls, options=options, config=config, llm=llm)
+
+
+def validate_options(cls: type[Agent], options: Mapping[str, Any], where: str) -> BaseModel:
+    """``options`` through the plugin's ``Options`` model; unknown keys are refused even if the model allows them."""
+    model = cls.Options
+    unknown = sorted(set(options) - _option_names(model))
+    if unknown and model.model_config.get("extra") != "forbid":
+        known = ", ".join(sorted(_option_names(model))) or "none"
+        raise PluginError(f"{where}.{unknown[0]}: unknown option of {cls.__name__} (it takes: {known})")
     try:
-        options = cls.Options.model_validate(config.options)
+        return model.model_validate(dict(options))
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(p) for p in error["loc"])
-        raise PluginError(f"agents.{name}.options.{key}: {error['msg']}") from exc
-    return AgentSpec(name=name, cls=cls, options=options, config=config)
+        message = "unknown option (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        raise PluginError(f"{where}.{key}: {message}") from exc
+
+
+def _option_names(model: type[BaseModel]) -> set[str]:
+    return {alias for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
 
 
 def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent]:
-    target, cls = resolve(spec, base_dir, where, AGENTS)
+    target, cls = resolve(spec, base_dir, where, AGENTS, hint=_agents_defined)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise PluginError(f"{where}: {target!r} is not a subclass of haip_runtime.Agent")
     return cls
+
+
+def _agents_defined(module: Any) -> str:
+    found = sorted(
+        n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Agent) and v is not Agent
+    )
+    return f"agents defined there: {', '.join(found)}" if found else "it defines no Agent subclass"
