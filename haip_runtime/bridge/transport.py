@@ -113,10 +113,10 @@ def describe_failure(config: McpServerConfig, exc: BaseException, *, connect_tim
         return f"cannot connect to {where}: {leaf}"
     if isinstance(leaf, httpx2.HTTPError):
         return f"HTTP error from {where}: {leaf}"
-    if isinstance(leaf, OSError):
-        return f"cannot start {where}: {leaf.strerror or leaf}"
-    if isinstance(leaf, TimeoutError):
+    if isinstance(leaf, TimeoutError):  # before OSError: TimeoutError is one
         return f"{where} did not complete the MCP handshake within {connect_timeout:g} s"
+    if isinstance(leaf, OSError):
+        return f"cannot start {where}: {leaf.strerror or leaf!r}"
     if isinstance(leaf, MCPError) and leaf.code == types.CONNECTION_CLOSED:
         return f"{where} closed the connection" + (" (see its stderr)" if config.transport == "stdio" else "")
     if isinstance(leaf, MCPError):
