@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
-from haip_runtime.auth import Authenticator, Credentials
+from haip_runtime.auth import Authenticator, Credentials, close_when_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
@@ -59,6 +59,7 @@ class Connection:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._heartbeat, session)
+                tg.start_soon(close_when_expired, session, self.outbox)
                 await self._read_loop(inbound, session)
                 tg.cancel_scope.cancel()
         finally:
@@ -93,7 +94,7 @@ class Connection:
         try:
             with anyio.fail_after(self.config.handshake_timeout_seconds):
                 first = await inbound.receive()
-            return self._authenticate(first, provisional_id)
+            return await self._authenticate(first, provisional_id)
         except HandshakeError as error:
             self._send_raw(provisional_id, 2, EventType.ERROR, error_payload(error))
             self.outbox.close(error.close_code, error.message)
@@ -103,7 +104,7 @@ class Connection:
             pass
         return None
 
-    def _authenticate(self, first: Inbound, provisional_id: str) -> Session:
+    async def _authenticate(self, first: Inbound, provisional_id: str) -> Session:
         if isinstance(first, DecodeError):
             raise HandshakeError(
                 first.code,
@@ -129,7 +130,7 @@ class Connection:
                 close_code=CloseCode.PROTOCOL,
                 related_id=first.id,
             )
-        principal = self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
+        principal = await self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
         return self._open_session(first, hai, principal, provisional_id)
 
     def _open_session(self, first: Envelope, hai: p.Hai, principal: Any, provisional_id: str) -> Session:
@@ -137,10 +138,13 @@ class Connection:
         if hai.last_rx_seq is not None and first.session:
             resumed = self.hub.find_resumable(first.session, principal.user)
         if resumed is not None:
+            resumed.principal = principal  # the new token's rights (and expiry) from now on
             resumed.attach(self.outbox, parse_seq(hai.last_rx_seq, "last_rx_seq", first.id))
             resumed.accept_inbound(first)
             resumed.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": True})
             return resumed
+        for stale in self.hub.limits.admit_session(self.hub.sessions.values(), principal.user):
+            self.hub.drop_session(stale)
         # The server HAI already went out as seq 1 of this session.
         session = Session(
             principal,
@@ -175,6 +179,7 @@ class Connection:
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)
                 self._top_up(session, item)
+                self.hub.limits.check_message(session, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)

@@ -26,25 +26,25 @@ def token(claims: dict[str, Any], key: str = SECRET, algorithm: str = "HS256") -
 
 def refusal(auth: Authenticator, value: str | None) -> str:
     with pytest.raises(HandshakeError) as caught:
-        auth.authenticate(value)
+        auth.verify(value)
     assert caught.value.code == "AUTHENTICATION_FAILED" and caught.value.close_code == 1008
     return caught.value.message
 
 
 def test_valid_token_gives_the_subject_and_role_permissions() -> None:
-    principal = authenticator().authenticate(token({"roles": "user other"}))
+    principal = authenticator().verify(token({"roles": "user other"}))
     assert principal.user == "ann" and principal.roles == ("user", "other")
     assert principal.permissions.may_use_tool("demo.add") and not principal.permissions.may_use_tool("demo.fail")
 
 
 def test_default_roles_apply_when_the_claim_is_missing() -> None:
-    principal = authenticator(default_roles=["admin"]).authenticate(token({}))
+    principal = authenticator(default_roles=["admin"]).verify(token({}))
     assert principal.roles == ("admin",) and principal.permissions.may_use_tool("anything.at_all")
 
 
 def test_issuer_and_audience_are_enforced() -> None:
     auth = authenticator(issuer="https://id.example", audience="haip")
-    assert auth.authenticate(token({"iss": "https://id.example", "aud": "haip"})).user == "ann"
+    assert auth.verify(token({"iss": "https://id.example", "aud": "haip"})).user == "ann"
     assert refusal(auth, token({"iss": "https://evil.example", "aud": "haip"})).endswith("not meant for this server")
     assert refusal(auth, token({"iss": "https://id.example", "aud": "other"})).endswith("not meant for this server")
 
@@ -60,18 +60,18 @@ def test_expired_future_and_subjectless_tokens_are_refused() -> None:
     assert refusal(authenticator(), token({"exp": now - 3600})).endswith("token expired")
     assert refusal(authenticator(), token({"nbf": now + 3600})).endswith("token not yet valid")
     no_subject = jwt.encode({"exp": now + 60}, SECRET, algorithm="HS256")
-    assert refusal(authenticator(), no_subject).endswith("invalid token")
+    assert refusal(authenticator(), no_subject).endswith("token has no 'sub' claim")
     assert refusal(authenticator(), None).endswith("no credentials")
 
 
 def test_leeway_tolerates_clock_skew() -> None:
     skewed = token({"exp": int(time.time()) - 5})
-    assert authenticator(leeway_seconds=30).authenticate(skewed).user == "ann"
+    assert authenticator(leeway_seconds=30).verify(skewed).user == "ann"
 
 
 def test_issued_tokens_validate_and_dev_mode_keys_differ_per_start() -> None:
     auth = authenticator(issuer="me", audience="you")
-    assert auth.authenticate(auth.issue("zoe")).user == "zoe"
+    assert auth.verify(auth.issue("zoe")).user == "zoe"
     first, second = Authenticator(AuthConfig()), Authenticator(AuthConfig())
     assert refusal(second, first.issue("dev")).endswith("invalid token")
 

@@ -63,7 +63,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         ("[server]\nport = 99999\n", "server.port: Input should be less than or equal to 65535 (got 99999)"),
         ("[server]\nprot = 1\n", "server.prot: unknown key (check the spelling; see config/haip.schema.json)"),
         ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
-        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' needs auth.secret"),
+        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
         ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
         (
             "[server]\nhost = '0.0.0.0'\n",
