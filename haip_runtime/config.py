@@ -158,7 +158,7 @@ class LimitsConfig(Model):
     """Envelopes a session may send at once above that rate (the token bucket's size)."""
     sessions_per_user: int = Field(default=20, ge=1)
     """Sessions one user may hold. A new one first replaces the user's oldest disconnected session; if all
-    are connected the handshake is refused with RATE_LIMITED and close 1013."""
+    are connected the handshake is refused with RATE_LIMITED and close 1008."""
     transactions_per_user: int = Field(default=100, ge=1)
     """Open transactions one user may own; TRANSACTION_START beyond it gets RATE_LIMITED."""
     members_per_transaction: int = Field(default=50, ge=1)

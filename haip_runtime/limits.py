@@ -67,7 +67,7 @@ class Limits:
     def admit_session(self, sessions: Iterable[Session], user: str) -> list[Session]:
         """Room for one more session of ``user``: the disconnected sessions to drop for it.
 
-        Raises ``HandshakeError(RATE_LIMITED)`` (close 1013) if the user's sessions are all connected.
+        Raises ``HandshakeError(RATE_LIMITED)`` (close 1008) if the user's sessions are all connected.
         """
         own = [session for session in sessions if session.user == user]
         excess = len(own) + 1 - self.config.sessions_per_user
@@ -78,7 +78,7 @@ class Limits:
             raise HandshakeError(
                 ErrorCode.RATE_LIMITED,
                 f"user {user!r} already has {len(own)} sessions (limits.sessions_per_user)",
-                close_code=CloseCode.TRY_AGAIN_LATER,
+                close_code=CloseCode.POLICY,
             )
         return detached[:excess]
 
