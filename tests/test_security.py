@@ -183,7 +183,7 @@ async def test_another_users_session_id_does_not_resume_it(server: LiveServer) -
     async with HaipClient(server.ws_url, token=server.token("alice")) as alice:
         tx = await alice.start_transaction("echo")
         async with raw_peer(server.ws_url) as mallory:
-            await mallory.hai(server.token("mallory"), session=alice.session_id, last_rx_seq="1")
+            await mallory.hai(server.token("mallory"), session=alice.session_id or "", last_rx_seq="1")
             error = await mallory.receive_type("ERROR")
             ready = await mallory.receive_type("INFO")
         await alice.send_text(tx, "still mine")
