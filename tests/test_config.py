@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from haip_runtime.config import HaipConfig, expand, json_schema, load_config
+from haip_runtime.config import (
+    HaipConfig,
+    expand,
+    json_schema,
+    load_config,
+    masked_dump,
+    secret_values,
+    validate_config,
+)
 from haip_runtime.exceptions import ConfigError
 from tests.serving import ROOT
 
@@ -192,3 +200,30 @@ def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1
     assert result.stderr.startswith("haip-runtime: agents.x.plugin: 'ech' is neither a known agent (echo, operator")
+
+
+def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[agents.e]\nplugin = 'echo'\n[agents.e.options]\nprefix = 'visible: '\n"
+        "[mcp.servers.s]\ntransport = 'stdio'\ncommand = 'x'\nenv = { API_KEY = 'sk-secret123' }\n"
+        "[mcp.servers.h]\ntransport = 'http'\nurl = 'http://127.0.0.1:1/mcp'\n"
+        "headers = { Authorization = 'Bearer hdr-secret' }\n",
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["mcp"]["servers"]["s"]["env"] == {"API_KEY": "**********"}
+    assert shown["mcp"]["servers"]["h"]["headers"] == {"Authorization": "**********"}
+    assert "sk-secret123" not in result.stdout and "hdr-secret" not in result.stdout
+    assert shown["agents"]["e"]["options"] == {"prefix": "visible: "}
+
+
+def test_masked_dump_and_secret_values_cover_nested_agent_options() -> None:
+    data = {
+        "agents": {"a": {"plugin": "echo", "options": {"llm": {"api_key": "k-123456789", "model": "m"}, "n": 1}}},
+        "auth": {"mode": "jwt", "secret": "z" * 40},
+    }
+    config = validate_config(data, base_dir=ROOT)
+    assert masked_dump(config)["agents"]["a"]["options"] == {"llm": {"api_key": "**********", "model": "m"}, "n": 1}
+    assert set(secret_values(config)) == {"z" * 40, "k-123456789"}
