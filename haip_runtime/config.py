@@ -173,6 +173,10 @@ class RoleConfig(Model):
     tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (`server.tool`) this role may see and call, directly or through an
     agent answering this user."""
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of event types this role may send (e.g. `["MESSAGE", "TRANSACTION_*", "TOOL_LIST"]`);
+    others get ERROR UNAUTHORIZED. Session mechanics (HAI, PING, PONG, FLOW_UPDATE, REPLAY_REQUEST,
+    PAUSE_CHANNEL, RESUME_CHANNEL) are always allowed."""
 
 
 class AgentConfig(Model):

@@ -18,6 +18,7 @@ from haip_runtime.auth import Authenticator, Credentials, close_when_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
+from haip_runtime.permissions import check_event
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
@@ -180,6 +181,7 @@ class Connection:
                 self._watch_gap(session)
                 self._top_up(session, item)
                 self.hub.limits.check_message(session, item)
+                check_event(session.principal.permissions, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)

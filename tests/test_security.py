@@ -205,6 +205,20 @@ async def test_an_agent_outside_the_role_is_unauthorized() -> None:
     assert pong["payload"]["nonce"] == "alive"
 
 
+async def test_an_event_type_outside_the_role_is_unauthorized_and_costs_only_itself() -> None:
+    config = make_config({"roles": {"viewer": {"events": ["TOOL_LIST"]}}, "auth": {"default_roles": ["viewer"]}})
+    with live_server(config) as live:
+        async with raw_peer(live.ws_url) as peer:
+            await ready_user(peer, live.token("vic"))
+            sent = await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref-2")
+            error = await peer.receive_type("ERROR")
+            await peer.send("TOOL_LIST", {})
+            listing = await peer.receive_type("TOOL_LIST")
+    assert error["payload"]["code"] == "UNAUTHORIZED" and error["payload"]["related_id"] == sent
+    assert "you may not send TRANSACTION_START" in error["payload"]["message"]
+    assert [tool["name"] for tool in listing["payload"]["tools"]] == ["echo", "storyteller"]
+
+
 DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
 
 
