@@ -320,7 +320,9 @@ class ToolProxy:
         from haip_runtime.bridge import ElicitationAnswer
 
         active.ask("input")
-        update.send(ToolStatus.INPUT_REQUIRED, request={"message": request.message, "schema": request.schema})
+        # "server" says who is asking: the text is the MCP server's, not the runtime's or an agent's.
+        asked = {"message": request.message, "schema": request.schema, "server": server}
+        update.send(ToolStatus.INPUT_REQUIRED, request=asked)
         answer = await self._wait_answer(active, server)
         update.send(ToolStatus.RUNNING)
         if answer is None or answer.get("decision") == "decline" or answer.get("input") is None:

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
 
 import haip_runtime.bridge.supervisor as supervisor_module
 from haip_runtime.app import Runtime
 from haip_runtime.bridge import McpBridge, ServerState, ServerStatus
+from haip_runtime.bridge.transport import describe_failure, shown_url
 from haip_runtime.config import McpServerConfig, McpStdioConfig
 from tests.serving import make_config
 
@@ -71,3 +73,13 @@ async def test_members_hear_of_state_changes_not_of_every_retry() -> None:
         ("ghost", "connected", None),
         ("ghost", "reconnecting", "connection lost: gone"),
     ]
+
+
+def test_failures_shown_to_members_carry_no_url_credentials_or_query() -> None:
+    url = "http://user:pw-secret@127.0.0.1:1/mcp?api_key=sk-secret"
+    config = McpServerConfig(transport="http", url=url)
+    refused = describe_failure(config, httpx2.ConnectError("connection refused"), connect_timeout=1)
+    status = describe_failure(config, httpx2.HTTPError(f"Client error '401' for url '{url}'"), connect_timeout=1)
+    assert refused == "cannot connect to http://127.0.0.1:1/mcp: connection refused"
+    assert status == "HTTP error from http://127.0.0.1:1/mcp: Client error '401' for url 'http://127.0.0.1:1/mcp'"
+    assert shown_url("https://[::1]:8443/a/b?x=1#f") == "https://[::1]:8443/a/b"

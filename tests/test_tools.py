@@ -209,7 +209,7 @@ async def test_elicitation_answered_or_declined(tool_server: LiveServer, answer:
         await client.send("TOOL_UPDATE", reply, transaction=tx)
         done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asking.get("call_id"))
     request = asking.get("request")
-    assert request["message"] == "Who are you, and which colour do you like best?"
+    assert request["message"] == "Who are you, and which colour do you like best?" and request["server"] == "demo"
     assert set(request["schema"]["properties"]) == {"name", "favourite_colour"}
     text = done.get("result")["content"][0]["text"]
     assert text == ("Ada likes green" if answer == "input" else "declined")
