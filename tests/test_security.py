@@ -166,14 +166,22 @@ async def test_an_unreachable_jwks_url_is_a_clear_refusal(jwks: JwksServer) -> N
     assert code == 1008
 
 
-async def test_a_token_that_expires_mid_session_ends_the_connection(jwt_server: LiveServer) -> None:
+async def test_a_token_that_expires_mid_session_ends_the_connection_until_a_fresh_one_resumes_it(
+    jwt_server: LiveServer,
+) -> None:
     token = jwt.encode(claims(exp=int(time.time()) + 2), SECRET, algorithm="HS256")
     async with raw_peer(jwt_server.ws_url) as peer:
-        await ready_user(peer, token)
+        first = await ready_user(peer, token)
         error = await peer.receive_type("ERROR", timeout=10)
         code = await peer.closed()
+    fresh = jwt.encode(claims(), SECRET, algorithm="HS256")
+    async with raw_peer(jwt_server.ws_url) as peer:
+        await peer.hai(fresh, session=first["session"], last_rx_seq=first["seq"])
+        resumed = await peer.receive_type("INFO")
+        await peer.send("PING", {"nonce": "still-here"})
+        pong = await peer.receive_type("PONG")
     assert error["payload"]["code"] == "AUTHENTICATION_FAILED" and "token expired" in error["payload"]["message"]
-    assert code == 1008
+    assert code == 1008 and resumed["payload"]["resumed"] is True and pong["payload"]["nonce"] == "still-here"
 
 
 # --- sessions and roles ---------------------------------------------------------------------------
