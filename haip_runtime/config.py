@@ -156,6 +156,10 @@ class LimitsConfig(Model):
     and dropped (the connection stays)."""
     message_burst: int = Field(default=200, ge=1)
     """Envelopes a session may send at once above that rate (the token bucket's size)."""
+    user_messages_per_second: float = Field(default=200, gt=0)
+    """Sustained rate of envelopes one user may send over all their sessions (RATE_LIMITED beyond it)."""
+    user_message_burst: int = Field(default=400, ge=1)
+    """Envelopes a user may send at once above that rate."""
     sessions_per_user: int = Field(default=20, ge=1)
     """Sessions one user may hold. A new one first replaces the user's oldest disconnected session; if all
     are connected the handshake is refused with RATE_LIMITED and close 1008."""

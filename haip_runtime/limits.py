@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from haip_runtime.transactions import Transaction
 
 
+#: Users whose message rate is tracked before idle ones are forgotten (bounds the table).
+MAX_TRACKED_USERS = 10_000
+
+
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; each message takes one."""
 
@@ -48,10 +52,11 @@ class Limits:
         self.config = config
         self._clock = clock
         self._buckets: weakref.WeakKeyDictionary[Session, TokenBucket] = weakref.WeakKeyDictionary()
+        self._user_buckets: dict[str, TokenBucket] = {}
         self._calls: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
 
     def check_message(self, session: Session, envelope: Envelope) -> None:
-        """One inbound envelope of ``session`` against its message rate."""
+        """One inbound envelope of ``session`` against its own and its user's message rate."""
         now = self._clock()
         bucket = self._buckets.get(session)
         if bucket is None:
@@ -63,6 +68,27 @@ class Limits:
                 "messages_per_second",
                 envelope.id,
             )
+        if not self._user_bucket(session.user, now).take(now):
+            raise _limited(
+                f"more than {self.config.user_messages_per_second:g} messages a second from your sessions together;"
+                " this one was dropped",
+                "user_messages_per_second",
+                envelope.id,
+            )
+
+    def _user_bucket(self, user: str, now: float) -> TokenBucket:
+        bucket = self._user_buckets.get(user)
+        if bucket is None:
+            if len(self._user_buckets) >= MAX_TRACKED_USERS:
+                self._forget_idle_users(now)
+            bucket = TokenBucket(self.config.user_messages_per_second, self.config.user_message_burst, now)
+            self._user_buckets[user] = bucket
+        return bucket
+
+    def _forget_idle_users(self, now: float) -> None:
+        """Drop the buckets that have refilled: forgetting them changes nothing."""
+        refill = self.config.user_message_burst / self.config.user_messages_per_second
+        self._user_buckets = {u: b for u, b in self._user_buckets.items() if now - b.updated < refill}
 
     def admit_session(self, sessions: Iterable[Session], user: str) -> list[Session]:
         """Room for one more session of ``user``: the disconnected sessions to drop for it.

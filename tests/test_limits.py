@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import pytest
 
+import haip_runtime.limits as limits_module
 from haip_runtime.config import LimitsConfig
 from haip_runtime.exceptions import HandshakeError, ProtocolError
 from haip_runtime.limits import Limits, TokenBucket
@@ -107,3 +108,30 @@ def test_tool_calls_in_flight_are_claimed_and_released() -> None:
     limits.release_tool_call(session)
     limits.claim_tool_call(session, "d")
     assert caught.value.related_id == "c" and limits.tool_calls_in_flight(session) == 2
+
+
+def test_a_users_sessions_share_the_user_rate_and_idle_users_are_forgotten() -> None:
+    clock = Clock()
+    config = LimitsConfig(message_burst=10, user_messages_per_second=1, user_message_burst=3)
+    limits = Limits(config, clock)
+    first, second, other = FakeSession("a"), FakeSession("a"), FakeSession("b")
+    for session in (first, second, first):
+        limits.check_message(cast(Session, session), envelope())
+    with pytest.raises(ProtocolError) as caught:
+        limits.check_message(cast(Session, second), envelope("e9"))
+    limits.check_message(cast(Session, other), envelope())
+    assert caught.value.detail == {"limit": "limits.user_messages_per_second"}
+    clock.now += 10
+    limits._forget_idle_users(clock.now)
+    assert limits._user_buckets == {}
+
+
+def test_the_user_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits_module, "MAX_TRACKED_USERS", 2)
+    clock = Clock()
+    limits = Limits(LimitsConfig(user_messages_per_second=1, user_message_burst=1), clock)
+    for number in range(2):
+        limits.check_message(cast(Session, FakeSession(f"u{number}")), envelope())
+    clock.now += 5
+    limits.check_message(cast(Session, FakeSession("late")), envelope())
+    assert list(limits._user_buckets) == ["late"]
