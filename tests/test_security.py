@@ -261,7 +261,28 @@ async def test_tools_outside_the_role_call_ids_and_in_flight_calls() -> None:
             done = await eve.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "c1")
             await eve.send("TOOL_CANCEL", {"call_id": "c2"}, transaction=eve_tx)
             not_hers = await eve.wait_for("ERROR")
+            # Eve tries to steer the MCP side: the server, command, URL and headers are the config's alone.
+            steer = {
+                "tool": "demo.add",
+                "call_id": "steer",
+                "server": "evil",
+                "command": "/bin/sh",
+                "url": "http://127.0.0.1:1/mcp",
+                "headers": {"Authorization": "Bearer stolen"},
+                "params": {"a": 2, "b": 2},
+            }
+            await eve.send("TOOL_CALL", steer, transaction=eve_tx)
+            steered_call = await eve.wait_for(lambda e: e.type == "TOOL_CALL" and e.get("call_id") == "steer")
+            steered = await eve.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "steer")
+            unknown = await eve.send("TOOL_CALL", {"tool": "evil.add", "params": {}}, transaction=eve_tx)
+            no_server = await eve.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == unknown)
+            # Bob tries to join Eve's transaction: it does not exist for him, and Eve goes on.
+            joined = await bob.send("TRANSACTION_JOIN", {}, transaction=eve_tx)
+            no_join = await bob.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == joined)
     assert outside.get("code") == "UNAUTHORIZED" and outside.get("related_id") == sent
+    assert steered_call.get("server") == "demo" and "command" not in steered_call.payload
+    assert steered.get("status") == "OK" and steered.get("result")["structuredContent"] == {"result": 4.0}
+    assert no_server.get("code") == "UNAUTHORIZED" and no_join.get("code") == "TRANSACTION_NOT_FOUND"
     assert limited.get("detail") == {"limit": "limits.tool_calls_per_session"}
     assert done.get("status") == "OK" and done.transaction == eve_tx
     assert not_hers.get("code") == "INVALID_PAYLOAD" and "no call 'c2'" in not_hers.get("message")
