@@ -357,7 +357,7 @@ class Hub:
         except ProtocolError as error:
             transaction = self.member_transaction(session, envelope)
             server = name.partition(".")[0]
-            used = {name for slot in transaction.agents.values() for name in slot.tool_servers}
+            used = {each for slot in transaction.agents.values() for each in slot.tool_servers}
             if error.code != ErrorCode.TOOL_NOT_FOUND or self.tools is None or not self.tools.is_down(server, used):
                 raise
             return transaction, server
