@@ -65,7 +65,8 @@ class JwksKeys:
         if found is not None:
             return found
         if not self._keys and self._failure is not None:
-            raise KeyUnavailableError(f"signing keys unavailable ({self._failure})")
+            # The cause (URL, network error) is in the log: a client learns only that keys are missing.
+            raise KeyUnavailableError("signing keys unavailable")
         raise KeyUnavailableError(f"no signing key with kid {kid!r}" if kid else "token names no kid")
 
     def _find(self, kid: str | None) -> Any:
