@@ -7,8 +7,10 @@ it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/tran
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -34,9 +37,11 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
 from haip_runtime.llm import create_providers
+from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
+from haip_runtime.transports.origin import origin_allowed
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
 if TYPE_CHECKING:
@@ -60,6 +65,8 @@ class Runtime:
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, str] = {}
+        self._shown: dict[str, tuple[bool, object, str | None]] = {}
+        self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
@@ -67,10 +74,14 @@ class Runtime:
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
         if self.tools is not None:
+            self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)
+            self.hub.spawn(self._notify_members, pending)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
+        if self._notices is not None:
+            self._notices.close()
         try:
             return await self._stack.__aexit__(*exc_info)
         finally:
@@ -103,9 +114,25 @@ class Runtime:
         if status.state.value == "connected" and self._server_states.get(status.name) != "connected":
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
         self._server_states[status.name] = status.state.value
-        self.hub.server_changed(status.name, status.state.value, status.error)
+        shown = (status.state.value == "connected", status.tools, status.error)
+        if self._shown.get(status.name) == shown:
+            return  # another retry of a failing server: nothing a member sees has changed
+        self._shown[status.name] = shown
+        if self._notices is not None:
+            with contextlib.suppress(anyio.ClosedResourceError):
+                self._notices.send_nowait((status.name, status.state.value, status.error))
+
+    async def _notify_members(self, pending: MemoryObjectReceiveStream[tuple[str, str, str | None]]) -> None:
+        """Tell transactions about server changes in order, off the supervisor's call stack."""
+        async with pending:
+            async for name, state, error in pending:
+                await self.hub.server_changed(name, state, error)
 
     async def serve_websocket(self, ws: WebSocket) -> None:
+        if not origin_allowed(ws.headers, self.config.server.allowed_origins):
+            logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
+            await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
+            return
         outbox = Outbox(self.config.session.max_buffered_messages)
         connection = Connection(self.hub, self.authenticator, websocket_credentials(ws), outbox)
         async with websocket_streams(ws, outbox, max_frame_bytes=self.config.server.max_frame_bytes) as inbound:

@@ -50,6 +50,10 @@ class ServerConfig(Model):
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
     """WebSocket compression. Off by default: it costs ~50 KiB per connection and HAIP frames are small."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
+    origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
+    Others are refused at the upgrade with HTTP 403."""
 
 
 class SessionConfig(Model):
@@ -106,20 +110,42 @@ class FlowControlConfig(Model):
     """Bytes per channel likewise. The runtime tops both up each time a client has used half."""
 
 
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+
+
 class AuthConfig(Model):
     mode: Literal["dev", "jwt"] = "dev"
     """`dev`: the runtime makes a signing key at start and prints a ready token (loopback only).
-    `jwt`: bearer JWTs signed with `secret`."""
-    algorithms: list[Literal["HS256", "HS384", "HS512"]] = Field(default_factory=lambda: ["HS256"])  # type: ignore[arg-type]
-    """Accepted JWT algorithms (pinned; a token with any other `alg` is refused)."""
+    `jwt`: bearer JWTs checked with `secret` (HMAC), `public_key_file` or `jwks_url` (public-key)."""
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"])  # type: ignore[arg-type]
+    """Accepted JWT algorithms (pinned; a token with any other `alg`, `none` included, is refused). Either
+    all HMAC (`HS*`, with `secret`) or all public-key (`RS*`, `PS*`, `ES*`, `EdDSA`), never both."""
     secret: SecretStr | None = None
-    """HMAC key for `jwt` mode, at least 32 bytes. Use `${HAIP_JWT_SECRET}`."""
+    """HMAC key for `HS*` algorithms, at least 32 bytes. Use `${HAIP_JWT_SECRET}`."""
+    public_key_file: ConfigPath | None = None
+    """PEM file holding the public key for `RS*`/`PS*`/`ES*`/`EdDSA` tokens."""
+    jwks_url: str | None = None
+    """JWKS endpoint (`https://id.example/.well-known/jwks.json`) for public-key tokens, chosen by `kid`.
+    Fetched off the event loop, cached, and re-fetched when a token names an unknown `kid`."""
+    jwks_cache_seconds: float = Field(default=300, gt=0)
+    """How long a fetched key set is used before it is fetched again."""
+    jwks_min_refetch_seconds: float = Field(default=30, ge=0)
+    """At most one fetch per this many seconds, whatever tokens arrive (unknown `kid`s, an unreachable URL)."""
+    jwks_timeout_seconds: float = Field(default=5, gt=0)
+    """Timeout of one key-set fetch."""
     issuer: str | None = None
     """Required `iss` claim, if set."""
     audience: str | None = None
     """Required `aud` claim, if set."""
     leeway_seconds: float = Field(default=30, ge=0)
-    """Clock skew tolerated on `exp`, `nbf` and `iat`."""
+    """Clock skew tolerated on `exp`, `nbf` and `iat`. A session's rights end at `exp` plus this."""
+    required_claims: list[str] = Field(default_factory=list)
+    """Claims a token must carry besides `exp` and `sub` (always required), e.g. `["iat", "nbf"]`."""
     roles_claim: str = "roles"
     """JWT claim naming the user's roles (a list, or a space- or comma-separated string)."""
     default_roles: list[str] = Field(default_factory=lambda: ["user"])
@@ -127,12 +153,50 @@ class AuthConfig(Model):
 
     @model_validator(mode="after")
     def _jwt_needs_a_key(self) -> AuthConfig:
-        if self.mode == "jwt":
+        if self.mode != "jwt":
+            return self
+        if not self.algorithms:
+            raise ValueError("auth.algorithms must name at least one algorithm")
+        hmac = [alg for alg in self.algorithms if alg in HMAC_ALGORITHMS]
+        if hmac and len(hmac) != len(self.algorithms):
+            raise ValueError("auth.algorithms must not mix HMAC (HS*) and public-key algorithms (key confusion)")
+        public_sources = [name for name in ("public_key_file", "jwks_url") if getattr(self, name) is not None]
+        if hmac:
             if self.secret is None:
-                raise ValueError("auth.mode = 'jwt' needs auth.secret")
+                raise ValueError("auth.mode = 'jwt' with HS* algorithms needs auth.secret")
             if len(self.secret.get_secret_value().encode()) < 32:
                 raise ValueError("auth.secret must be at least 32 bytes for HMAC signing")
+            if public_sources:
+                raise ValueError(f"auth.{public_sources[0]} needs public-key algorithms (RS*, PS*, ES*, EdDSA)")
+            return self
+        if self.secret is not None:
+            raise ValueError("auth.secret is for HS* algorithms; public-key ones need public_key_file or jwks_url")
+        if len(public_sources) != 1:
+            raise ValueError("public-key algorithms need exactly one of auth.public_key_file and auth.jwks_url")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("auth.jwks_url must be an http(s) URL")
         return self
+
+
+class LimitsConfig(Model):
+    messages_per_second: float = Field(default=100, gt=0)
+    """Sustained rate of envelopes one session may send; beyond it each one is answered ERROR RATE_LIMITED
+    and dropped (the connection stays)."""
+    message_burst: int = Field(default=200, ge=1)
+    """Envelopes a session may send at once above that rate (the token bucket's size)."""
+    user_messages_per_second: float = Field(default=200, gt=0)
+    """Sustained rate of envelopes one user may send over all their sessions (RATE_LIMITED beyond it)."""
+    user_message_burst: int = Field(default=400, ge=1)
+    """Envelopes a user may send at once above that rate."""
+    sessions_per_user: int = Field(default=20, ge=1)
+    """Sessions one user may hold. A new one first replaces the user's oldest disconnected session; if all
+    are connected the handshake is refused with RATE_LIMITED and close 1008."""
+    transactions_per_user: int = Field(default=100, ge=1)
+    """Open transactions one user may own; TRANSACTION_START beyond it gets RATE_LIMITED."""
+    members_per_transaction: int = Field(default=50, ge=1)
+    """Sessions in one transaction; a join beyond it gets RATE_LIMITED."""
+    tool_calls_per_session: int = Field(default=16, ge=1)
+    """Direct TOOL_CALLs one session may have in flight; more get RATE_LIMITED."""
 
 
 class RoleConfig(Model):
@@ -141,6 +205,10 @@ class RoleConfig(Model):
     tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (`server.tool`) this role may see and call, directly or through an
     agent answering this user."""
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of event types this role may send (e.g. `["MESSAGE", "TRANSACTION_*", "TOOL_LIST"]`);
+    others get ERROR UNAUTHORIZED. Session mechanics (HAI, PING, PONG, FLOW_UPDATE, REPLAY_REQUEST,
+    PAUSE_CHANNEL, RESUME_CHANNEL) are always allowed."""
     may_join_others: bool = False
     """Whether this role may TRANSACTION_JOIN (and read the history of) transactions other users
     started, given the transaction id. Everyone may join their own."""
@@ -298,6 +366,7 @@ class HaipConfig(Model):
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
     transactions: TransactionsConfig = Field(default_factory=TransactionsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     """The agents users may start, by name (the name is the HAIP `toolName`)."""
@@ -416,10 +485,59 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MASK = "**********"
+_SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
+
+
 def masked_dump(config: HaipConfig) -> dict[str, Any]:
-    """The effective config as plain data, secrets shown as ``**********``."""
+    """The effective config as plain data, secrets shown as ``**********``.
+
+    Masked: every ``SecretStr`` (auth.secret, MCP headers), every MCP server's ``env`` value (an
+    environment is where API keys are handed to stdio servers), and any value in agent
+    ``options`` whose key looks like a secret (``api_key``, ``token``, ...).
+    """
     data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
+    for server in data["mcp"]["servers"].values():
+        server["env"] = dict.fromkeys(server["env"], MASK)
+    for agent in data["agents"].values():
+        agent["options"] = _mask_secretish(agent["options"])
     return data
+
+
+def secret_values(config: HaipConfig) -> list[str]:
+    """Every value ``masked_dump`` hides, for the log redactor."""
+    found: list[str] = []
+    if config.auth.secret is not None:
+        found.append(config.auth.secret.get_secret_value())
+    for server in config.mcp.servers.values():
+        found += [value.get_secret_value() for value in server.headers.values()]
+        found += list(server.env.values())
+    for agent in config.agents.values():
+        found += _secretish_values(agent.options)
+    return found
+
+
+def _secretish_values(value: Any, secretish: bool = False) -> list[str]:
+    if isinstance(value, dict):
+        return [
+            found
+            for key, item in value.items()
+            for found in _secretish_values(item, secretish or bool(_SECRETISH.search(key)))
+        ]
+    if isinstance(value, list):
+        return [v for item in value for v in _secretish_values(item, secretish)]
+    return [value] if secretish and isinstance(value, str) else []
+
+
+def _mask_secretish(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: MASK if _SECRETISH.search(key) and item is not None else _mask_secretish(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask_secretish(item) for item in value]
+    return value
 
 
 def json_schema() -> dict[str, Any]:

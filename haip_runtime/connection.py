@@ -14,10 +14,11 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
-from haip_runtime.auth import Authenticator, Credentials, Principal
+from haip_runtime.auth import Authenticator, Credentials, Principal, close_when_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
+from haip_runtime.permissions import check_event
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, new_id
@@ -62,6 +63,7 @@ class Connection:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._heartbeat, session)
+                tg.start_soon(close_when_expired, session, self.outbox)
                 await self._read_loop(inbound, session)
                 tg.cancel_scope.cancel()
         finally:
@@ -95,7 +97,7 @@ class Connection:
         try:
             with anyio.fail_after(self.config.handshake_timeout_seconds):
                 first = await inbound.receive()
-            hai, principal = self._authenticate(first)
+            hai, principal = await self._authenticate(first)
             assert isinstance(first, Envelope)
             return await self._open_session(first, hai, principal, provisional)
         except HandshakeError as error:
@@ -107,7 +109,7 @@ class Connection:
             pass
         return None
 
-    def _authenticate(self, first: Inbound) -> tuple[p.Hai, Principal]:
+    async def _authenticate(self, first: Inbound) -> tuple[p.Hai, Principal]:
         if isinstance(first, DecodeError):
             raise HandshakeError(
                 first.code,
@@ -133,7 +135,7 @@ class Connection:
                 close_code=CloseCode.PROTOCOL,
                 related_id=first.id,
             )
-        principal = self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
+        principal = await self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
         return hai, principal
 
     async def _open_session(self, first: Envelope, hai: p.Hai, principal: Principal, provisional: Session) -> Session:
@@ -144,10 +146,13 @@ class Connection:
             except ProtocolError as error:
                 failure = error
             else:
+                resumed.principal = principal  # the new token's rights (and expiry) from now on
                 resumed.accept_inbound(first)
                 ready = {"event": "session.ready", "user": principal.user, "resumed": True, "epoch": self.hub.epoch}
                 resumed.send(EventType.INFO, ready)
                 return resumed
+        for stale in self.hub.limits.admit_session(self.hub.sessions.sessions.values(), principal.user):
+            self.hub.drop_session(stale)
         provisional.authenticate(principal, negotiate(hai.accept_events))
         provisional.accept_inbound(first)
         self.hub.sessions.add(provisional)
@@ -183,6 +188,8 @@ class Connection:
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)
                 self._top_up(session, item)
+                self.hub.limits.check_message(session, item)
+                check_event(session.principal.permissions, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)

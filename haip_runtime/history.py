@@ -28,7 +28,7 @@ MAX_PAGE = 1000
 
 def history_routes(runtime: Runtime) -> list[Route]:
     async def transactions(request: Request) -> JSONResponse:
-        principal = _principal(runtime, request)
+        principal = await _principal(runtime, request)
         limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
         cursor = _cursor(request.query_params.get("cursor"))
         records = await runtime.hub.store.transactions_of(principal.user, limit=limit + 1, before=cursor)
@@ -38,7 +38,7 @@ def history_routes(runtime: Runtime) -> list[Route]:
         return JSONResponse(body)
 
     async def events(request: Request) -> JSONResponse:
-        principal = _principal(runtime, request)
+        principal = await _principal(runtime, request)
         transaction_id = request.path_params["transaction_id"]
         record = await runtime.hub.store.transaction(transaction_id)
         if record is None or not runtime.hub.transactions.may_see(record.members, principal):
@@ -75,12 +75,12 @@ def _answering(handler: Any) -> Any:
     return endpoint
 
 
-def _principal(runtime: Runtime, request: Request) -> Principal:
+async def _principal(runtime: Runtime, request: Request) -> Principal:
     credentials = Credentials(
         authorization=request.headers.get("authorization"), query_token=request.query_params.get("token")
     )
     try:
-        return runtime.authenticator.authenticate(credentials.first(None))
+        return await runtime.authenticator.authenticate(credentials.first(None))
     except HandshakeError as error:
         raise _Refusal(401, error.code, error.message) from error
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
@@ -21,6 +22,7 @@ from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config import HaipConfig
 from haip_runtime.conversations import TransactionRegistry
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.limits import Limits
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
@@ -62,6 +64,7 @@ class Hub:
         self.epoch = epoch or new_id()
         self.sessions = SessionRegistry(config.session, self.store, self.epoch)
         self.transactions = TransactionRegistry(config.transactions, agents, self.store, self.spawn, tools)
+        self.limits = Limits(config.limits)
         self.started_at = time.monotonic()
         self.total_connections = 0
         self.active_connections = 0
@@ -174,6 +177,7 @@ class Hub:
                 f"no agent named {request.agent_name!r}",
                 related_id=envelope.transaction or envelope.id,
             )
+        self.limits.check_transactions(self.transactions.live.values(), session.user, envelope.id)
         transaction = self.transactions.new(session.user, request.thread_id or envelope.thread_id)
         slot = self.transactions.slot(spec, transaction, session.user, request.params)  # a failing plugin costs nothing
         logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)
@@ -211,6 +215,7 @@ class Hub:
         if request.agent:
             await self._add_agent(session, envelope, transaction, request.agent)
             return
+        self.limits.check_members(transaction, session, envelope.id)
         history, omitted = await transaction.catch_up(since)
         # No await from here on: the member is added exactly after the history it was sent.
         new_user = transaction.add_member(session)
@@ -335,12 +340,15 @@ class Hub:
         servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
         return self.tools.visible_tools(servers, session.principal.permissions)
 
-    def server_changed(self, server: str, state: str, error: str | None) -> None:
+    async def server_changed(self, server: str, state: str, error: str | None) -> None:
         """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it.
 
         Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST.
+        Yields to other tasks every 100 transactions, so thousands of them never stall the loop.
         """
-        for transaction in list(self.transactions.live.values()):
+        for count, transaction in enumerate(list(self.transactions.live.values()), 1):
+            if count % 100 == 0:
+                await anyio.lowlevel.checkpoint()
             if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
                 info = {"event": "mcp.server", "server": server, "state": state, "error": error}
                 transaction.publish(Event(EventType.INFO, info))
@@ -372,38 +380,54 @@ class Hub:
     async def _tool_call(self, session: Session, envelope: Envelope) -> None:
         """A member calls a tool directly (PROTOCOL.md section 8), through the same proxy as agents."""
         request = parse_payload(envelope, p.ToolCall)
-        transaction, tool = self._visible_tool(session, envelope, request.tool)
+        transaction, server = self._callable_tool(session, envelope, request.tool)
         self._check_open(transaction, envelope)
         assert self.tools is not None
         request = request.model_copy(update={"call_id": request.call_id or new_id()})
-        if not self.tools.reserve(str(request.call_id)):
+        self.limits.claim_tool_call(session, envelope.id)
+        if not self.tools.reserve(transaction.id, str(request.call_id)):
+            self.limits.release_tool_call(session)
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
                 f"call_id {request.call_id!r} is already in use",
                 related_id=envelope.id,
                 detail={"where": "/payload/call_id"},
             )
+        self.spawn(self._direct_call, transaction, session, server, request)
 
-        self.spawn(self._direct_call, transaction, session, tool, request)
+    def _callable_tool(self, session: Session, envelope: Envelope, name: str) -> tuple[Transaction, str]:
+        """The transaction and server of a tool a member may call: one it sees, or one of a server that is
+        down (that call ends in TOOL_DONE SERVER_UNAVAILABLE, exactly as an agent's call would)."""
+        try:
+            transaction, tool = self._visible_tool(session, envelope, name)
+            return transaction, tool.server
+        except ProtocolError as error:
+            transaction = self.member_transaction(session, envelope)
+            server = name.partition(".")[0]
+            used = {each for slot in transaction.agents.values() for each in slot.tool_servers}
+            if error.code != ErrorCode.TOOL_NOT_FOUND or self.tools is None or not self.tools.is_down(server, used):
+                raise
+            return transaction, server
 
-    async def _direct_call(
-        self, transaction: Transaction, session: Session, tool: ToolView, request: p.ToolCall
-    ) -> None:
+    async def _direct_call(self, transaction: Transaction, session: Session, server: str, request: p.ToolCall) -> None:
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.SYSTEM) -> None:
             transaction.publish(Event(type, payload, channel=channel))
 
         assert self.tools is not None
-        await self.tools.call(
-            tool.name,
-            request.params,
-            transaction_id=transaction.id,
-            run_id=None,
-            allowed_servers=[tool.server],
-            caller=session.user,
-            emit=emit,
-            permissions=session.principal.permissions,
-            call_id=request.call_id,
-        )
+        try:
+            await self.tools.call(
+                request.tool,
+                request.params,
+                transaction_id=transaction.id,
+                run_id=None,
+                allowed_servers=[server],
+                caller=session.user,
+                emit=emit,
+                permissions=session.principal.permissions,
+                call_id=request.call_id,
+            )
+        finally:
+            self.limits.release_tool_call(session)
 
     async def _tool_update(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)

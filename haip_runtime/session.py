@@ -270,6 +270,11 @@ class Session:
             raise RuntimeError(f"session {self.id} is not authenticated")
         return self._principal
 
+    @principal.setter
+    def principal(self, principal: Principal) -> None:
+        """A new token for the same user (a resume): its rights and expiry apply from now on."""
+        self._principal = principal
+
     @property
     def user(self) -> str:
         return self.principal.user

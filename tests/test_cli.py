@@ -115,3 +115,22 @@ def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path
     assert row.split()[:4] == ["ghost", "stdio", "failed", "0"]
     assert row.endswith("cannot start '/nonexistent/mcp-server': command not found")
     assert result.stderr == "\nhaip-runtime: not connected: ghost\n"
+
+
+def test_token_carries_the_roles_given_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    import jwt
+
+    secret = "r" * 40
+    config = tmp_path / "haip.toml"
+    config.write_text(f"[auth]\nmode = 'jwt'\nsecret = '{secret}'\nroles_claim = 'grp'\n[roles.user]\n[roles.admin]\n")
+    made = run(["token", "--config", str(config), "--user", "ann", "--roles", "user, admin"])
+    claims = jwt.decode(made.stdout.strip(), secret, algorithms=["HS256"])
+    assert made.returncode == 0 and claims["sub"] == "ann" and claims["grp"] == ["user", "admin"]
+    bad = run(["token", "--config", str(config), "--roles", "root"])
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("roles: no [roles.root] in this config")
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, timeout=60, check=False
+    )

@@ -36,6 +36,15 @@ def slow_server() -> Iterator[LiveServer]:
         yield live
 
 
+@pytest.fixture(scope="module")
+def unlimited_server() -> Iterator[LiveServer]:
+    """No message rate limits, so a test can flood the session layer itself."""
+    limits = {"messages_per_second": 1e6, "message_burst": 100_000}
+    limits |= {"user_messages_per_second": 1e6, "user_message_burst": 100_000}
+    with live_server(make_config({"limits": limits})) as live:
+        yield live
+
+
 def transaction_log(client: HaipClient, transaction: str) -> list[tuple[int, str, Any]]:
     """What a member saw of a transaction's log: (tseq, type, payload), in the order received."""
     return [(e.tseq, e.type, e.payload) for e in client.received if e.transaction == transaction and e.tseq]
@@ -171,8 +180,9 @@ async def test_replay_request_from_seq_1_on_a_fresh_session_resends_the_server_h
 
 
 async def test_a_client_flooding_replay_requests_without_reading_is_dropped_and_stays_resumable(
-    server: LiveServer,
+    unlimited_server: LiveServer,
 ) -> None:
+    server = unlimited_server
     token = server.token("flood")
     dropped = threading.Event()
 
@@ -207,7 +217,8 @@ async def test_a_client_flooding_replay_requests_without_reading_is_dropped_and_
     assert session.outbox is None and session.detached_at is not None  # resumable
 
 
-async def test_a_gap_that_is_never_filled_is_given_up_and_the_session_goes_on(server: LiveServer) -> None:
+async def test_a_gap_that_is_never_filled_is_given_up_and_the_session_goes_on(unlimited_server: LiveServer) -> None:
+    server = unlimited_server
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()
         await handshake(peer, server.token())
