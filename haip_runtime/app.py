@@ -41,8 +41,9 @@ from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
+from haip_runtime.transports.base import Transport
 from haip_runtime.transports.origin import origin_allowed
-from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
+from haip_runtime.transports.websocket import WebSocketTransport
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import McpBridge, ServerStatus
@@ -133,9 +134,13 @@ class Runtime:
             logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
             await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
             return
+        await self.serve(WebSocketTransport(ws, max_frame_bytes=self.config.server.max_frame_bytes))
+
+    async def serve(self, transport: Transport) -> None:
+        """Serve one connection over ``transport`` until either side ends it."""
         outbox = Outbox(self.config.session.max_buffered_messages)
-        connection = Connection(self.hub, self.authenticator, websocket_credentials(ws), outbox)
-        async with websocket_streams(ws, outbox, max_frame_bytes=self.config.server.max_frame_bytes) as inbound:
+        connection = Connection(self.hub, self.authenticator, transport.link, outbox)
+        async with transport.streams(outbox) as inbound:
             await connection.serve(inbound)
 
     def health(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
-from haip_runtime.auth import Authenticator, Credentials, Principal, close_when_expired
+from haip_runtime.auth import Authenticator, Principal, close_when_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
@@ -24,39 +24,47 @@ from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, new_id
 from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
 from haip_runtime.session import GAP_GIVE_UP_SECONDS, GAP_GRACE_SECONDS, Outbox, Session, parse_seq
+from haip_runtime.transports.base import Inbound, Link
 
 logger = logging.getLogger(__name__)
 
-Inbound = Envelope | DecodeError
+__all__ = ["Connection", "Inbound"]
 
 #: Accepted and dropped: a later HAI (section 3); PONG, which only proves liveness (any frame does);
-#: INFO and ERROR from a client; and flow control, which this runtime does not apply yet (its
-#: outbound queue per connection is bounded instead).
-_IGNORED = frozenset({"HAI", "PONG", "INFO", "ERROR", "FLOW_UPDATE", "PAUSE_CHANNEL", "RESUME_CHANNEL"})
+#: INFO and ERROR from a client.
+_IGNORED = frozenset({"HAI", "PONG", "INFO", "ERROR"})
 
 
 class Connection:
     """Serves one transport connection for the runtime's hub."""
 
-    def __init__(self, hub: Hub, authenticator: Authenticator, credentials: Credentials, outbox: Outbox) -> None:
+    def __init__(self, hub: Hub, authenticator: Authenticator, link: Link, outbox: Outbox) -> None:
         self.hub = hub
         self.authenticator = authenticator
-        self.credentials = credentials
+        self.link = link
+        self.credentials = link.credentials
         self.outbox = outbox
+        #: The session once the handshake made or resumed it.
+        self.session: Session | None = None
         self.config = hub.config.session
         self._heard = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._gap_watched = False
 
     async def serve(self, inbound: ObjectReceiveStream[Inbound]) -> None:
-        # The server HAI is seq 1 of a provisional session, which the handshake authenticates
-        # (or leaves, for the session the client resumes).
-        provisional = Session.provisional(self.config, self.hub.config.flow_control)
-        provisional.attach(self.outbox)
-        provisional.send(EventType.HAI, self._server_hai())
-        session = await self._handshake(inbound, provisional)
+        session, failure = await self._resume_link() if self.link.resume else (None, None)
+        if session is None:
+            # The server HAI is seq 1 of a provisional session, which the handshake authenticates
+            # (or leaves, for the session the client resumes).
+            provisional = Session.provisional(self.config, self.hub.config.flow_control)
+            provisional.attach(self.outbox)
+            provisional.send(EventType.HAI, self._server_hai())
+            if failure is not None:
+                provisional.send_error(failure)
+            session = await self._handshake(inbound, provisional)
         if session is None:
             return
+        self.session = session
         self.hub.active_connections += 1
         logger.info("session %s of user %r connected", session.id, session.user)
         try:
@@ -77,7 +85,7 @@ class Connection:
 
     def _server_hai(self) -> dict[str, Any]:
         caps = {
-            "binary_frames": False,
+            "binary_frames": self.link.binary_frames,
             "flow_control": self.hub.config.flow_control.model_dump(),
             "max_concurrent_runs": self.config.max_concurrent_runs,
             "signed_envelopes": False,
@@ -99,7 +107,9 @@ class Connection:
                 first = await inbound.receive()
             hai, principal = await self._authenticate(first)
             assert isinstance(first, Envelope)
-            return await self._open_session(first, hai, principal, provisional)
+            session = await self._open_session(first, hai, principal, provisional)
+            self._apply_capabilities(session, hai)
+            return session
         except HandshakeError as error:
             provisional.send_error(error)
             self.outbox.close(error.close_code, error.message)
@@ -108,6 +118,45 @@ class Connection:
         except anyio.EndOfStream:
             pass
         return None
+
+    def _apply_capabilities(self, session: Session, hai: p.Hai) -> None:
+        """What the client's HAI says it can take: two-frame audio, and its own credit per channel."""
+        caps = hai.capabilities or p.Capabilities()
+        session.binary_frames = self.link.binary_frames and caps.binary_frames
+        ours = self.hub.config.flow_control
+        credit = caps.flow_control or p.FlowCredit()
+        messages, size = credit.initial_credit_messages, credit.initial_credit_bytes
+        session.flow.reset(
+            (
+                ours.initial_credit_messages if messages is None else messages,
+                ours.initial_credit_bytes if size is None else size,
+            )
+        )
+
+    async def _resume_link(self) -> tuple[Session | None, ProtocolError | None]:
+        """Resume the session the transport named (SSE ``Last-Event-ID``) with its credentials, no HAI needed.
+
+        Returns the session, or why not (sent after the server HAI of a fresh handshake).
+        """
+        assert self.link.resume is not None
+        session_id, last_seq = self.link.resume
+        try:
+            principal = await self.authenticator.authenticate(self.credentials.first(None))
+        except ProtocolError as error:
+            return None, error
+        session = self.hub.sessions.find_resumable(session_id, principal.user)
+        if session is None:
+            return None, await self.hub.sessions.resume_failure(session_id, principal.user, "")
+        try:
+            session.attach(self.outbox, last_seq)
+        except ProtocolError as error:
+            return None, error
+        session.principal = principal
+        session.binary_frames = session.binary_frames and self.link.binary_frames
+        self.hub.total_connections += 1
+        ready = {"event": "session.ready", "user": principal.user, "resumed": True, "epoch": self.hub.epoch}
+        session.send(EventType.INFO, ready)
+        return session, None
 
     async def _authenticate(self, first: Inbound) -> tuple[p.Hai, Principal]:
         if isinstance(first, DecodeError):
@@ -187,7 +236,7 @@ class Connection:
                 if not session.accept_inbound(item):
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)
-                self._top_up(session, item)
+                self._spend_credit(session, item)
                 self.hub.limits.check_message(session, item)
                 check_event(session.principal.permissions, item)
                 await self._dispatch(session, item)
@@ -201,8 +250,9 @@ class Connection:
                 )
 
     @staticmethod
-    def _top_up(session: Session, envelope: Envelope) -> None:
-        grant = session.credit.consume(envelope.channel, envelope.size)
+    def _spend_credit(session: Session, envelope: Envelope) -> None:
+        """The client's credit for this envelope (FLOW_CONTROL_VIOLATION past it), topped up when due."""
+        grant = session.credit.consume(envelope)
         if grant is not None:
             session.send(EventType.FLOW_UPDATE, grant)
 
@@ -230,6 +280,13 @@ class Connection:
         if kind == EventType.PING:
             ping = parse_payload(envelope, p.Ping)
             session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())
+        elif kind == EventType.FLOW_UPDATE:
+            update = parse_payload(envelope, p.FlowUpdate)
+            session.grant(update.channel, update.add_messages, update.add_bytes)
+        elif kind == EventType.PAUSE_CHANNEL:
+            session.pause(parse_payload(envelope, p.ChannelControl).channel)
+        elif kind == EventType.RESUME_CHANNEL:
+            session.resume_channel(parse_payload(envelope, p.ChannelControl).channel)
         elif kind == EventType.REPLAY_REQUEST:
             request = parse_payload(envelope, p.ReplayRequest)
             start = parse_seq(request.from_seq, "from_seq", envelope.id)
@@ -239,7 +296,12 @@ class Connection:
             await self.hub.handle(session, envelope)
 
     async def _heartbeat(self, session: Session) -> None:
-        """PING every interval; a peer that says nothing for the timeout after it is dropped."""
+        """PING every interval; a peer from which nothing at all came for the timeout after it is dropped.
+
+        Any frame counts (PROTOCOL.md section 3), not only PONG: a client out of its own send credit
+        cannot answer. A transport that finds dead peers itself (WebSocket ping/pong control frames)
+        is trusted with that, so a silent but healthy client stays connected.
+        """
         interval, timeout = self.config.heartbeat_interval_seconds, self.config.heartbeat_timeout_seconds
         while True:
             await anyio.sleep(interval)
@@ -247,7 +309,7 @@ class Connection:
             session.send(EventType.PING, {"nonce": new_id()})
             with anyio.move_on_after(timeout) as waited:
                 await self._heard.wait()
-            if waited.cancelled_caught:
+            if waited.cancelled_caught and not self.link.watches_liveness:
                 logger.info("session %s silent for %.0f s after PING; disconnecting", session.id, timeout)
                 self.outbox.close(CloseCode.TRY_AGAIN_LATER, "heartbeat timeout")
                 return

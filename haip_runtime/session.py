@@ -1,16 +1,28 @@
 """One client's protocol state across its connections: the outbound pipeline, inbound order, negotiation.
 
 Everything a client receives goes through its ``Session``, the server ``HAI`` included (seq 1):
-``deliver`` adapts an event to what the client accepts, stamps it with the next ``seq``, encodes it
-once and records it in the session's ``ReplayWindow``. A connection reads that window through its
-``Outbox``, a cursor: live frames, a resume and a ``REPLAY_REQUEST`` are all served from the one
-window, so no frame is copied per connection and a client that does not read is closed with 1013
-whatever it asks for. The window is bounded by count, age and bytes (PROTOCOL.md section 10).
+``deliver`` adapts an event to what the client accepts, asks the connection's ``OutboundFlow``
+whether the client may receive it now (credit, paused channels: PROTOCOL.md section 13), then
+stamps it with the next ``seq``, encodes it once and records it in the session's ``ReplayWindow``.
+A connection reads that window through its ``Outbox``, a cursor: live frames, a resume and a
+``REPLAY_REQUEST`` are all served from the one window, so no frame is copied per connection and a
+client that does not read is closed with 1013 whatever it asks for. The window is bounded by
+count, age and bytes (PROTOCOL.md section 10).
+
+Seq and flow control: an event the client may not receive yet is held *before* it gets a seq
+(per channel, in order, ``MESSAGE_PART``s of one message merged), and is stamped when it is
+released. So seqs are always the order frames were recorded and written, replay and resume
+re-send exactly what was sent, and a held event is never in the window twice. Held events are
+bounded (``max_buffered_messages``): past it, and whenever a connection ends, they are all
+recorded at once (the replay window keeps them for the resume) and, past it, the connection is
+closed with 1013. A new connection starts with nothing paused and credit not enforced.
 Sessions never import a web framework.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import time
 from collections import OrderedDict, deque
@@ -22,6 +34,7 @@ import anyio
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.flow import InboundCredit, OutboundFlow
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, new_id, parse_uint64
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
@@ -42,6 +55,33 @@ MAX_PENDING_REPLAYS = 16
 _MAX_CARRIED_FRAMES = 8
 
 
+class Frame(str):
+    """One recorded outbound envelope: its JSON text, its ``seq`` and, in two-frame mode, its binary part."""
+
+    seq: int
+    data: bytes | None
+
+    @classmethod
+    def make(cls, text: str, seq: int, data: bytes | None = None) -> Frame:
+        frame = cls(text)
+        frame.seq, frame.data = seq, data
+        return frame
+
+    @property
+    def size(self) -> int:
+        return len(self) + (len(self.data) if self.data is not None else 0)
+
+    def inline(self) -> str:
+        """The envelope as one text frame (a binary part goes back into ``payload.data`` as base64)."""
+        if self.data is None:
+            return str(self)
+        envelope = json.loads(self)
+        envelope.pop("bin_len", None)
+        envelope.pop("bin_mime", None)
+        envelope["payload"]["data"] = base64.b64encode(self.data).decode("ascii")
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+
+
 class ReplayWindow:
     """The session's recent outbound frames by seq: at least ``messages`` or ``seconds`` of them,
     whichever holds more, but never more than ``max_bytes`` (the newest frame is always kept)."""
@@ -51,7 +91,7 @@ class ReplayWindow:
         self.seconds = seconds
         self.max_bytes = max_bytes
         self._clock = clock
-        self._frames: deque[tuple[float, str]] = deque()
+        self._frames: deque[tuple[float, Frame]] = deque()
         self._first = 1  # seq of _frames[0]
         self.bytes = 0
 
@@ -66,20 +106,20 @@ class ReplayWindow:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def record(self, seq: int, frame: str) -> None:
-        assert seq == self.last_seq + 1, "seqs are recorded in order"
+    def record(self, frame: Frame) -> None:
+        assert frame.seq == self.last_seq + 1, "seqs are recorded in order"
         now = self._clock()
         self._frames.append((now, frame))
-        self.bytes += len(frame)
+        self.bytes += frame.size
         horizon = now - self.seconds
         frames = self._frames
         while len(frames) > 1 and (
             self.bytes > self.max_bytes or (len(frames) > self.messages and frames[0][0] < horizon)
         ):
-            self.bytes -= len(frames.popleft()[1])
+            self.bytes -= frames.popleft()[1].size
             self._first += 1
 
-    def get(self, seq: int) -> str | None:
+    def get(self, seq: int) -> Frame | None:
         index = seq - self._first
         return self._frames[index][1] if 0 <= index < len(self._frames) else None
 
@@ -105,7 +145,7 @@ class Outbox:
         self._next = 1
         self._live_floor = 0
         self._end: int | None = None
-        self._carried: deque[str] = deque()
+        self._carried: deque[Frame] = deque()
         self._replays: deque[tuple[int, int]] = deque()
         self._wake = anyio.Event()
         #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
@@ -159,7 +199,7 @@ class Outbox:
         live = 0 if window is None else max(0, (self._end or window.last_seq) - self._next + 1)
         return live + len(self._carried) + sum(end - start + 1 for start, end in self._replays)
 
-    async def frames(self) -> AsyncIterator[str]:
+    async def frames(self) -> AsyncIterator[Frame]:
         """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained)."""
         while self.close_code != CloseCode.TRY_AGAIN_LATER:
             frame = self._take()
@@ -171,7 +211,7 @@ class Outbox:
                 await self._wake.wait()
                 self._wake = anyio.Event()
 
-    def _take(self) -> str | None:
+    def _take(self) -> Frame | None:
         if self._carried:
             return self._carried.popleft()
         window = self._window
@@ -197,28 +237,6 @@ class Outbox:
         return frame
 
 
-class InboundCredit:
-    """The client's send credit per channel, topped up with FLOW_UPDATE (PROTOCOL.md section 13).
-
-    Each time a client has used half of its initial credit on a channel, the runtime grants
-    back what it used, so a client that honours credit is never stalled by a busy runtime.
-    """
-
-    def __init__(self, config: FlowControlConfig) -> None:
-        self.config = config
-        self._used: dict[str, tuple[int, int]] = {}
-
-    def consume(self, channel: str, size: int) -> dict[str, Any] | None:
-        """Count one envelope; returns the FLOW_UPDATE payload when a top-up is due."""
-        messages, size_sum = self._used.get(channel, (0, 0))
-        messages, size_sum = messages + 1, size_sum + size
-        if messages * 2 >= self.config.initial_credit_messages or size_sum * 2 >= self.config.initial_credit_bytes:
-            self._used[channel] = (0, 0)
-            return {"channel": channel, "add_messages": messages, "add_bytes": size_sum}
-        self._used[channel] = (messages, size_sum)
-        return None
-
-
 class Session:
     """Protocol state of one client across its connections.
 
@@ -240,6 +258,9 @@ class Session:
         self._principal = principal
         self.config = config
         self.credit = InboundCredit(flow or FlowControlConfig())
+        self.flow = OutboundFlow(config.max_buffered_messages)
+        #: Whether audio goes to this client in two-frame mode (its HAI and its transport both allow it).
+        self.binary_frames = False
         self.downgrader = Downgrader(accepted)
         self.transactions: set[str] = set()
         self.active_runs = 0
@@ -290,13 +311,45 @@ class Session:
     # --- outbound ------------------------------------------------------------------------------
 
     def deliver(self, event: Event) -> None:
-        """Send ``event`` as this client accepts it; recorded for replay even while detached."""
+        """Send ``event`` as this client accepts it; recorded for replay even while detached.
+
+        While attached, an event the client may not receive yet (flow control) waits unstamped.
+        """
         for adapted in self.downgrader.adapt(event):
-            self._seq += 1
-            ack = self._last_in if self._inbound_numeric else None
-            self.window.record(self._seq, adapted.to_wire(session=self.id, seq=self._seq, ack=ack))
-            if self.outbox is not None:
-                self.outbox.wake()
+            if self.outbox is None or self.flow.admit(adapted):
+                self._record(adapted)
+            elif self.flow.full:
+                self._overflow()
+
+    def _record(self, event: Event) -> None:
+        self._seq += 1
+        ack = self._last_in if self._inbound_numeric else None
+        data = None
+        if self.binary_frames and event.type in _AUDIO and isinstance(event.payload, dict):
+            event, data = _two_frame(event)
+        self.window.record(Frame.make(event.to_wire(session=self.id, seq=self._seq, ack=ack), self._seq, data))
+        if self.outbox is not None:
+            self.outbox.wake()
+
+    def _overflow(self) -> None:
+        for held in self.flow.flush():
+            self._record(held)
+        if self.outbox is not None:
+            self.outbox.close(CloseCode.TRY_AGAIN_LATER, "client is not receiving (flow control) and its queue is full")
+
+    # --- flow control from the client ----------------------------------------------------------
+
+    def grant(self, channel: str, messages: int, size: int) -> None:
+        """FLOW_UPDATE: more credit on ``channel``; what it allows goes out at once."""
+        for event in self.flow.grant(channel, messages, size):
+            self._record(event)
+
+    def pause(self, channel: str) -> None:
+        self.flow.pause(channel)
+
+    def resume_channel(self, channel: str) -> None:
+        for event in self.flow.resume(channel):
+            self._record(event)
 
     def send(
         self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None, channel: str = Channel.SYSTEM
@@ -399,8 +452,12 @@ class Session:
             )
         if self.outbox is not None and self.outbox is not outbox:
             self.outbox.close(CloseCode.NORMAL, "session resumed on another connection")
+        if self.outbox is not None:
+            for held in self.flow.flush():
+                self._record(held)
         self.outbox = outbox
         self.detached_at = None
+        self.flow.reset((self.credit.config.initial_credit_messages, self.credit.config.initial_credit_bytes))
         outbox.bind(self.window, start)
 
     def detach(self, outbox: Outbox) -> None:
@@ -408,9 +465,26 @@ class Session:
         if self.outbox is outbox:
             self.outbox = None
             self.detached_at = self._clock()
+            for held in self.flow.flush():
+                self._record(held)  # kept in the window for the resume
 
     def expired(self, now: float) -> bool:
         return self.detached_at is not None and now - self.detached_at > self.config.resume_timeout_seconds
+
+
+_AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+
+
+def _two_frame(event: Event) -> tuple[Event, bytes | None]:
+    """An audio event with inline ``data`` as an envelope announcing a binary frame, and that frame."""
+    assert isinstance(event.payload, dict)
+    data = event.payload.get("data")
+    if not isinstance(data, str):
+        return event, None
+    body = {key: value for key, value in event.payload.items() if key != "data"}
+    raw = base64.b64decode(data)
+    mime = str(event.payload.get("mime") or "application/octet-stream")
+    return event.with_changes(payload=body, bin_len=len(raw), bin_mime=mime), raw
 
 
 def error_payload(error: ProtocolError) -> dict[str, Any]:

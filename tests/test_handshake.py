@@ -353,7 +353,7 @@ async def _sent_size(peer: RawPeer, nonce: str) -> str:
             "seq": str(peer.seq),
             "ts": "1",
             "channel": "SYSTEM",
-            "type": "PING",
+            "type": "INFO",  # counted; PING and PONG are not (a client must always be able to answer)
             "payload": {"nonce": nonce},
         }
     )

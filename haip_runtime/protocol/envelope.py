@@ -51,6 +51,8 @@ class Envelope(BaseModel):
     bin_mime: str | None = Field(default=None, max_length=128)
     #: Bytes of the frame it came in (set by the codec; counts against flow-control credit).
     _size: int = PrivateAttr(default=0)
+    #: The binary frame that followed this envelope in two-frame mode (set by the transport).
+    _binary: bytes | None = PrivateAttr(default=None)
 
     @field_validator("transaction", mode="before")
     @classmethod
@@ -74,6 +76,13 @@ class Envelope(BaseModel):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def binary(self) -> bytes | None:
+        return self._binary
+
+    def attach_binary(self, data: bytes) -> None:
+        self._binary = data
 
     @property
     def unknown_fields(self) -> list[str]:
@@ -108,6 +117,9 @@ class Event:
     tseq: int | None = None
     #: Session ids that must not receive this event (the author of a forwarded user message).
     exclude: frozenset[str] = frozenset()
+    #: Two-frame mode (PROTOCOL.md section 9): the length and type of the binary frame that follows.
+    bin_len: int | None = None
+    bin_mime: str | None = None
 
     @cached_property
     def payload_json(self) -> str:
@@ -135,6 +147,9 @@ class Event:
             head["thread_id"] = self.thread_id
         if self.tseq is not None:
             head["tseq"] = str(self.tseq)
+        if self.bin_len is not None:
+            head["bin_len"] = self.bin_len
+            head["bin_mime"] = self.bin_mime
         return (
             json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"
         )

@@ -1,0 +1,200 @@
+"""Flow control (PROTOCOL.md section 13): credit per channel, both ways, and pause/resume.
+
+``InboundCredit`` is what a client may send: the runtime's advertised credit per channel, spent
+by each envelope, topped up with ``FLOW_UPDATE`` as the runtime consumes; an envelope past it is
+refused with ``FLOW_CONTROL_VIOLATION`` (dropped, the connection kept). ``OutboundFlow`` is what
+a client may receive: the credit from its ``HAI``, honoured only once it has sent a
+``FLOW_UPDATE`` (the reference SDK advertises credit it never replenishes), and its paused
+channels. Events a client cannot receive wait here, before they get a ``seq`` (see ``Session``).
+Session mechanics are never held nor counted, in either direction: a client must always be able
+to answer a ``PING`` or grant credit, and the runtime to say ``ERROR``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from haip_runtime.config import FlowControlConfig
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.envelope import Envelope, Event
+from haip_runtime.protocol.events import ErrorCode, EventType
+
+#: Types that are neither held nor counted against credit (liveness, credit itself, errors, replay).
+UNCOUNTED = frozenset(
+    {
+        EventType.HAI,
+        EventType.PING,
+        EventType.PONG,
+        EventType.ERROR,
+        EventType.FLOW_UPDATE,
+        EventType.PAUSE_CHANNEL,
+        EventType.RESUME_CHANNEL,
+        EventType.REPLAY_REQUEST,
+    }
+)
+_AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+
+
+def event_bytes(event: Event) -> int:
+    """What an outbound event costs in byte credit: its payload, or for audio its decoded bytes."""
+    if event.type in _AUDIO and isinstance(event.payload, dict) and isinstance(event.payload.get("data"), str):
+        return len(event.payload["data"]) * 3 // 4
+    return len(event.payload_json.encode())
+
+
+def envelope_bytes(envelope: Envelope) -> int:
+    """What an inbound envelope costs: ``bin_len`` (or decoded audio bytes) for audio, else its frame."""
+    if envelope.type in _AUDIO:
+        if envelope.bin_len is not None:
+            return envelope.bin_len
+        data = envelope.payload_dict.get("data")
+        if isinstance(data, str):
+            return len(data) * 3 // 4
+    return envelope.size
+
+
+class InboundCredit:
+    """The client's send credit per channel; the runtime grants back what it used each time half is gone."""
+
+    def __init__(self, config: FlowControlConfig) -> None:
+        self.config = config
+        self._left: dict[str, list[int]] = {}
+        self._used: dict[str, list[int]] = {}
+
+    def consume(self, envelope: Envelope) -> dict[str, Any] | None:
+        """Spend credit for ``envelope``; returns the FLOW_UPDATE payload when a top-up is due.
+
+        Raises ``FLOW_CONTROL_VIOLATION`` (nothing spent) when the channel's credit is gone.
+        """
+        if envelope.type in UNCOUNTED:
+            return None
+        channel, size = envelope.channel, envelope_bytes(envelope)
+        left = self._left.setdefault(channel, [self.config.initial_credit_messages, self.config.initial_credit_bytes])
+        if left[0] < 1 or left[1] < size:
+            raise ProtocolError(
+                ErrorCode.FLOW_CONTROL_VIOLATION,
+                f"no credit left on channel {channel} ({left[0]} messages, {left[1]} bytes); "
+                "wait for FLOW_UPDATE (the message was dropped)",
+                related_id=envelope.id,
+                detail={"channel": channel, "messages": left[0], "bytes": left[1]},
+            )
+        left[0] -= 1
+        left[1] -= size
+        used = self._used.setdefault(channel, [0, 0])
+        used[0] += 1
+        used[1] += size
+        if used[0] * 2 >= self.config.initial_credit_messages or used[1] * 2 >= self.config.initial_credit_bytes:
+            grant = {"channel": channel, "add_messages": used[0], "add_bytes": used[1]}
+            left[0] += used[0]
+            left[1] += used[1]
+            self._used[channel] = [0, 0]
+            return grant
+        return None
+
+
+class OutboundFlow:
+    """What one connection's client may receive now, and the events waiting until it may.
+
+    Held events wait per channel, in order; consecutive ``MESSAGE_PART``s of one message are
+    merged into one while they wait. ``full`` says the wait has passed its bound.
+    """
+
+    def __init__(self, max_held: int) -> None:
+        self.max_held = max_held
+        self.enforced = False
+        self._initial = (0, 0)
+        self._credit: dict[str, list[int]] = {}
+        self._paused: set[str] = set()
+        self._held: dict[str, deque[Event]] = {}
+        self.held = 0
+
+    def reset(self, initial: tuple[int, int]) -> None:
+        """A new connection: its client's advertised credit, nothing paused, credit not yet enforced."""
+        assert self.held == 0, "held events are flushed when a connection ends"
+        self.enforced = False
+        self._initial = initial
+        self._credit.clear()
+        self._paused.clear()
+
+    def admit(self, event: Event) -> bool:
+        """Whether ``event`` may go now (its credit is then spent); if not, it is held."""
+        channel = event.channel
+        if event.type in UNCOUNTED:
+            return True
+        credit = self._credit.setdefault(channel, list(self._initial))
+        size = event_bytes(event)
+        blocked = channel in self._paused or bool(self._held.get(channel))
+        if not blocked and (not self.enforced or (credit[0] >= 1 and credit[1] >= size)):
+            credit[0] -= 1
+            credit[1] -= size
+            return True
+        self._hold(event)
+        return False
+
+    @property
+    def full(self) -> bool:
+        return self.held > self.max_held
+
+    def _hold(self, event: Event) -> None:
+        queue = self._held.setdefault(event.channel, deque())
+        if queue and _same_message(queue[-1], event):
+            queue[-1] = _merged(queue[-1], event)
+            return
+        queue.append(event)
+        self.held += 1
+
+    def grant(self, channel: str, messages: int, size: int) -> list[Event]:
+        """FLOW_UPDATE from the client: more credit, and from now on credit is honoured."""
+        self.enforced = True
+        credit = self._credit.setdefault(channel, list(self._initial))
+        credit[0] += messages
+        credit[1] += size
+        return self.release()
+
+    def pause(self, channel: str) -> None:
+        self._paused.add(channel)
+
+    def resume(self, channel: str) -> list[Event]:
+        self._paused.discard(channel)
+        return self.release()
+
+    def release(self) -> list[Event]:
+        """The held events that may go now (their credit spent), channel by channel in order."""
+        released: list[Event] = []
+        for channel, queue in self._held.items():
+            if channel in self._paused:
+                continue
+            credit = self._credit.setdefault(channel, list(self._initial))
+            while queue:
+                size = event_bytes(queue[0])
+                if self.enforced and (credit[0] < 1 or credit[1] < size):
+                    break
+                credit[0] -= 1
+                credit[1] -= size
+                released.append(queue.popleft())
+                self.held -= 1
+        return released
+
+    def flush(self) -> list[Event]:
+        """Everything held, whatever the credit (the connection ends: the replay window keeps them)."""
+        released = [event for queue in self._held.values() for event in queue]
+        self._held.clear()
+        self.held = 0
+        return released
+
+
+def _same_message(held: Event, new: Event) -> bool:
+    return (
+        held.type == new.type == EventType.MESSAGE_PART
+        and isinstance(held.payload, dict)
+        and isinstance(new.payload, dict)
+        and held.payload.get("message_id") == new.payload.get("message_id")
+        and held.transaction == new.transaction
+    )
+
+
+def _merged(held: Event, new: Event) -> Event:
+    assert isinstance(held.payload, dict) and isinstance(new.payload, dict)
+    text = str(held.payload.get("text", "")) + str(new.payload.get("text", ""))
+    return new.with_changes(id=held.id, payload={**new.payload, "text": text})
