@@ -2,7 +2,8 @@
 
 ``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
 the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
-it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/transactions`` (REST history).
+it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/haip/sse`` (SSE), ``/haip/stream`` (HTTP
+streaming), ``/health``, ``/haip/transactions`` (REST history).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.base import Transport
 from haip_runtime.transports.origin import origin_allowed
+from haip_runtime.transports.sse import sse_routes
+from haip_runtime.transports.stream import stream_routes
 from haip_runtime.transports.websocket import WebSocketTransport
 
 if TYPE_CHECKING:
@@ -182,6 +185,8 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         WebSocketRoute("/", rt.serve_websocket),
         Route("/", index),
         *history_routes(rt),
+        *sse_routes(rt),
+        *stream_routes(rt),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
