@@ -207,7 +207,9 @@ def serve(config: HaipConfig) -> int:
         ws_max_size=config.server.max_frame_bytes + 1024,
         ws_per_message_deflate=config.server.ws_per_message_deflate,
         timeout_graceful_shutdown=5,
-        ws_ping_interval=None,  # HAIP has its own PING/PONG
+        # WebSocket ping/pong finds dead peers, so a healthy client silent at the HAIP level stays (PROTOCOL.md section 3).
+        ws_ping_interval=config.session.heartbeat_interval_seconds,
+        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
     )
     Server(uv_config).run(sockets=[sock])
     return 0

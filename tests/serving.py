@@ -75,7 +75,8 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
         create_app(config, runtime),
         log_config=None,
         ws_per_message_deflate=False,
-        ws_ping_interval=None,
+        ws_ping_interval=config.session.heartbeat_interval_seconds,
+        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
         ws_max_size=config.server.max_frame_bytes + 1024,
     )
     server = _Server(uv_config, ready)
