@@ -207,7 +207,7 @@ def serve(config: HaipConfig) -> int:
         ws_max_size=config.server.max_frame_bytes + 1024,
         ws_per_message_deflate=config.server.ws_per_message_deflate,
         timeout_graceful_shutdown=5,
-        # WebSocket ping/pong finds dead peers, so a healthy client silent at the HAIP level stays (PROTOCOL.md section 3).
+        # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
         ws_ping_interval=config.session.heartbeat_interval_seconds,
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
     )

@@ -249,12 +249,12 @@ class Connection:
                     transaction=item.transaction,
                 )
 
-    @staticmethod
-    def _spend_credit(session: Session, envelope: Envelope) -> None:
+    def _spend_credit(self, session: Session, envelope: Envelope) -> None:
         """The client's credit for this envelope (FLOW_CONTROL_VIOLATION past it), topped up when due."""
-        grant = session.credit.consume(envelope)
+        grant = session.credit.consume(envelope, self.outbox.written)
         if grant is not None:
             session.send(EventType.FLOW_UPDATE, grant)
+            session.credit.granted(session.last_seq, grant)
 
     def _watch_gap(self, session: Session) -> None:
         if session.missing_inbound() is not None and not self._gap_watched and self._task_group is not None:

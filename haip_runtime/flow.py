@@ -55,20 +55,27 @@ def envelope_bytes(envelope: Envelope) -> int:
 
 
 class InboundCredit:
-    """The client's send credit per channel; the runtime grants back what it used each time half is gone."""
+    """The client's send credit per channel, topped up with FLOW_UPDATE each time half of it is used.
+
+    A top-up counts only once its FLOW_UPDATE has been written to the client (``settle``): a client
+    that does not read never learns of new credit, so one that keeps sending runs out of it.
+    """
 
     def __init__(self, config: FlowControlConfig) -> None:
         self.config = config
         self._left: dict[str, list[int]] = {}
         self._used: dict[str, list[int]] = {}
+        self._granted: deque[tuple[int, str, int, int]] = deque()
 
-    def consume(self, envelope: Envelope) -> dict[str, Any] | None:
+    def consume(self, envelope: Envelope, written_seq: int) -> dict[str, Any] | None:
         """Spend credit for ``envelope``; returns the FLOW_UPDATE payload when a top-up is due.
 
-        Raises ``FLOW_CONTROL_VIOLATION`` (nothing spent) when the channel's credit is gone.
+        ``written_seq``: the last outbound seq written to the client (its FLOW_UPDATEs up to there
+        count). Raises ``FLOW_CONTROL_VIOLATION`` (nothing spent) when the channel's credit is gone.
         """
         if envelope.type in UNCOUNTED:
             return None
+        self._settle(written_seq)
         channel, size = envelope.channel, envelope_bytes(envelope)
         left = self._left.setdefault(channel, [self.config.initial_credit_messages, self.config.initial_credit_bytes])
         if left[0] < 1 or left[1] < size:
@@ -85,12 +92,20 @@ class InboundCredit:
         used[0] += 1
         used[1] += size
         if used[0] * 2 >= self.config.initial_credit_messages or used[1] * 2 >= self.config.initial_credit_bytes:
-            grant = {"channel": channel, "add_messages": used[0], "add_bytes": used[1]}
-            left[0] += used[0]
-            left[1] += used[1]
             self._used[channel] = [0, 0]
-            return grant
+            return {"channel": channel, "add_messages": used[0], "add_bytes": used[1]}
         return None
+
+    def granted(self, seq: int, grant: dict[str, Any]) -> None:
+        """The FLOW_UPDATE ``grant`` went out as ``seq``; its credit counts once that is written."""
+        self._granted.append((seq, grant["channel"], grant["add_messages"], grant["add_bytes"]))
+
+    def _settle(self, written_seq: int) -> None:
+        while self._granted and self._granted[0][0] <= written_seq:
+            _, channel, messages, size = self._granted.popleft()
+            left = self._left[channel]
+            left[0] += messages
+            left[1] += size
 
 
 class OutboundFlow:

@@ -193,6 +193,11 @@ class Outbox:
         self._wake.set()
 
     @property
+    def written(self) -> int:
+        """The last live seq handed to the transport."""
+        return self._next - 1
+
+    @property
     def backlog(self) -> int:
         """Frames this connection has yet to write (live and replayed)."""
         window = self._window

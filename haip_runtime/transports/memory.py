@@ -42,7 +42,11 @@ class MemoryPeer:
 
     async def receive(self) -> Frame:
         """The next frame the runtime wrote; raises ``anyio.EndOfStream`` once it closed."""
-        return await self._receive.receive()
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            self._receive.close()
+            raise
 
     async def receive_json(self) -> dict[str, Any]:
         frame = await self.receive()
@@ -50,6 +54,7 @@ class MemoryPeer:
         return data
 
     async def aclose(self) -> None:
+        """Hang up (the runtime sees the connection end); frames already written can still be read."""
         await self._send.aclose()
 
 
@@ -75,6 +80,7 @@ class MemoryTransport:
                 outbox.close()
             finally:
                 send.close()
+                self._from_peer.close()
                 outbox.discard()
 
     async def _read(self, send: MemoryObjectSendStream[Inbound]) -> None:
