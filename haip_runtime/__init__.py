@@ -2,7 +2,16 @@
 
 __version__ = "0.1.0"
 
-from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn, TurnServices
+from haip_runtime.agents.api import (
+    Agent,
+    AgentContext,
+    AudioClip,
+    HistoryEntry,
+    MessageStream,
+    NoOptions,
+    Turn,
+    TurnServices,
+)
 from haip_runtime.config import HaipConfig, load_config
 from haip_runtime.exceptions import (
     ClientError,
@@ -24,6 +33,7 @@ from haip_runtime.tools import ToolCallResult, ToolView
 __all__ = [
     "Agent",
     "AgentContext",
+    "AudioClip",
     "ClientError",
     "ConfigError",
     "DecodeError",

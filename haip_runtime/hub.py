@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.audio import receive_audio
 from haip_runtime.config import HaipConfig
 from haip_runtime.conversations import TransactionRegistry
 from haip_runtime.exceptions import ProtocolError
@@ -81,6 +82,8 @@ class Hub:
             EventType.TOOL_CALL: self._tool_call,
             EventType.TOOL_UPDATE: self._tool_update,
             EventType.TOOL_CANCEL: self._tool_cancel,
+            EventType.AUDIO: self._audio,
+            EventType.AUDIO_CHUNK: self._audio,
         }
 
     async def __aenter__(self) -> Self:
@@ -280,6 +283,9 @@ class Hub:
                 related_id=envelope.id,
             )
         transaction.user_message(session, message.text, envelope.payload_dict)
+
+    async def _audio(self, session: Session, envelope: Envelope) -> None:
+        await receive_audio(self, session, envelope)
 
     async def _message_update(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)

@@ -8,6 +8,7 @@ transaction, calls its hooks, and turns what a hook does (``say``, ``stream``, `
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -126,6 +127,21 @@ class Agent:
     async def on_end(self, reason: str | None) -> None:
         """The transaction ended (by a member, or the runtime shutting down)."""
 
+    async def on_audio(self, turn: Turn) -> None:
+        """A user sent audio (``AUDIO``/``AUDIO_CHUNK``): ``turn.audio`` is the clip. Answer with
+        ``turn.say`` or ``turn.send_audio``. Agents that do not override this get no audio turns."""
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """Audio a user sent: its bytes (decoded from base64, or the binary frame), type and id."""
+
+    data: bytes
+    mime: str
+    message_id: str
+    author: str
+    duration_ms: int | None = None
+
 
 class MessageStream:
     """One agent message sent in parts: MESSAGE_START, MESSAGE_PART..., MESSAGE_END."""
@@ -192,6 +208,30 @@ class Turn:
         self.author = author
         self._services = services
         self._emit = services.emit
+
+    @property
+    def audio(self) -> AudioClip | None:
+        """The clip of an ``on_audio`` turn (``None`` in other turns)."""
+        clip = self.payload.get("audio")
+        return clip if isinstance(clip, AudioClip) else None
+
+    async def send_audio(self, data: bytes, mime: str, *, duration_ms: int | None = None) -> str:
+        """Send audio to the transaction's members (``AUDIO_CHUNK`` on ``AUDIO_OUT``); returns its message id.
+
+        Clients that advertise ``binary_frames`` on WebSocket get it as two frames, others as base64.
+        """
+        message_id = new_id()
+        payload: dict[str, Any] = {
+            "message_id": message_id,
+            "mime": mime,
+            "data": base64.b64encode(data).decode("ascii"),
+            "author": self.agent,
+        }
+        if duration_ms is not None:
+            payload["duration_ms"] = duration_ms
+        self._emit(EventType.AUDIO_CHUNK, payload, channel=Channel.AUDIO_OUT)
+        await anyio.lowlevel.checkpoint()
+        return message_id
 
     @property
     def history(self) -> tuple[HistoryEntry, ...]:

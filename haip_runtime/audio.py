@@ -1,0 +1,93 @@
+"""Audio from clients (PROTOCOL.md section 9): ``AUDIO`` and ``AUDIO_CHUNK``, inline or two-frame.
+
+``receive_audio`` checks a clip (a transaction the sender is in; its bytes from the binary frame
+the transport attached, or from base64 ``data``; at most ``server.max_frame_bytes``), forwards it
+to the other members as ``AUDIO_CHUNK`` on ``AUDIO_IN`` (each client gets it as it accepts it:
+``AUDIO`` or ``AUDIO_CHUNK``, two-frame or inline) and starts an ``on_audio`` turn for each agent
+that has one. It does not know transports.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Any
+
+from haip_runtime.agents.api import Agent, AudioClip
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import parse_payload
+from haip_runtime.protocol.envelope import Envelope, Event, new_id
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+
+if TYPE_CHECKING:
+    from haip_runtime.hub import Hub
+    from haip_runtime.session import Session
+
+
+async def receive_audio(hub: Hub, session: Session, envelope: Envelope) -> None:
+    transaction = hub.member_transaction(session, envelope)
+    if transaction.ended:
+        raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, "the transaction has ended", related_id=envelope.id)
+    audio = parse_payload(envelope, p.Audio)
+    data = clip_bytes(envelope, audio, hub.config.server.max_frame_bytes)
+    message_id = audio.message_id or new_id()
+    forwarded: dict[str, Any] = {
+        "message_id": message_id,
+        "mime": audio.mime,
+        "data": base64.b64encode(data).decode("ascii"),
+        "author": session.user,
+    }
+    if audio.duration_ms is not None:
+        forwarded["duration_ms"] = audio.duration_ms
+    listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
+    if listeners and session.active_runs + len(listeners) > hub.config.session.max_concurrent_runs:
+        raise ProtocolError(
+            ErrorCode.RUN_LIMIT_EXCEEDED,
+            f"at most {hub.config.session.max_concurrent_runs} runs at once per session",
+            related_id=envelope.id,
+        )
+    transaction.publish(
+        Event(EventType.AUDIO_CHUNK, forwarded, channel=Channel.AUDIO_IN, exclude=frozenset({session.id}))
+    )
+    clip = AudioClip(data, audio.mime, message_id, session.user, audio.duration_ms)
+    for slot in listeners:
+        transaction.start_run(slot, session, "", {"audio": clip, "message_id": message_id}, "on_audio")
+
+
+def clip_bytes(envelope: Envelope, audio: p.Audio, limit: int) -> bytes:
+    """The clip's bytes: the binary frame of a two-frame pair, else the base64 ``data``."""
+    if envelope.bin_len is not None:
+        if envelope.binary is None:
+            raise ProtocolError(
+                ErrorCode.BINARY_FRAME_ERROR,
+                "bin_len announces a binary frame, which only WebSocket carries; send data as base64",
+                related_id=envelope.id,
+                detail={"where": "/bin_len"},
+            )
+        data = envelope.binary
+    elif audio.data is not None:
+        try:
+            data = base64.b64decode(audio.data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                "audio data is not base64",
+                related_id=envelope.id,
+                detail={"where": "/payload/data"},
+            ) from exc
+    else:
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            "audio needs data (base64) or bin_len and a binary frame",
+            related_id=envelope.id,
+            detail={"where": "/payload/data"},
+        )
+    if len(data) > limit:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"audio of {len(data)} bytes exceeds the limit of {limit}",
+            related_id=envelope.id,
+            detail={"where": "/payload/data", "limit": limit},
+        )
+    return data
