@@ -66,13 +66,15 @@ class SessionConfig(Model):
     resume_timeout_seconds: float = Field(default=120, gt=0)
     """How long a disconnected session stays resumable."""
     heartbeat_interval_seconds: float = Field(default=20, gt=0)
-    """The runtime sends PING this often."""
+    """The runtime sends PING (on WebSocket also a WebSocket ping) this often."""
     heartbeat_timeout_seconds: float = Field(default=20, gt=0)
-    """A peer silent this long after a PING is disconnected (its session stays resumable)."""
+    """A peer from which nothing at all came this long after a PING is disconnected; on WebSocket, one that
+    does not answer the WebSocket ping (its session stays resumable)."""
     max_concurrent_runs: int = Field(default=4, ge=1)
     """Agent turns one session may have running at once; more gets ERROR RUN_LIMIT_EXCEEDED."""
     max_buffered_messages: int = Field(default=1000, ge=16)
-    """Envelopes queued for one connection that cannot keep up; past this it is closed with 1013."""
+    """Envelopes one connection may be behind in reading, and envelopes flow control may hold for it;
+    past either it is closed with 1013 (its session stays resumable)."""
     handshake_timeout_seconds: float = Field(default=10, gt=0)
     """A connection that sends no HAI within this time is closed."""
 
