@@ -20,12 +20,14 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -80,81 +82,90 @@ async def probe(member: Peer, tx: str, label: str) -> float:
     return time.perf_counter() - started
 
 
-async def run(live: LiveServer, seconds: float) -> dict[str, Any]:
-    url, token = live.ws_url, live.token("flood")
-    results: dict[str, Any] = {}
-    async with connect(url, compression=None, max_queue=4) as flood_ws, connect(url, compression=None) as member_ws:
-        flooder, flood_hai = await hello(flood_ws, token)
+async def flood(url: str, token: str, seconds: float) -> None:
+    """The flooder, in a process of its own: set up, wait for "go", send without reading, report."""
+    async with connect(url, compression=None, max_queue=4, close_timeout=1) as ws:
+        flooder, server_hai = await hello(ws, token)
         await flooder.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
         tx = (await flooder.until(lambda e: e["type"] == "TRANSACTION_START"))["transaction"]
-        member, _ = await hello(member_ws, token)
-        await member.send("TRANSACTION_JOIN", {}, transaction=tx)
-        await member.until(lambda e: e["type"] == "TRANSACTION_JOIN")
-        session: Session = live.runtime.hub.sessions.sessions[flood_hai["session"]]
-        outbox = session.outbox
-        assert outbox is not None
-        baseline = [await probe(member, tx, f"calm-{n}") for n in range(PROBES)]
-        rss_before = rss_kib()
-        peak = {"rss": rss_before, "window": 0, "held": 0, "backlog": 0}
+        print(json.dumps({"session": server_hai["session"], "tx": tx}), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
         sent = 0
-        started = time.perf_counter()
+        with anyio.move_on_after(seconds):  # a send waits while the runtime does not read
+            try:
+                while sent < MAX_MESSAGES:
+                    await flooder.send("MESSAGE", f"flood {sent}", transaction=tx)
+                    sent += 1
+            except ConnectionClosed:
+                pass
+        print(json.dumps({"sent": sent, "seq": flooder.seq}), flush=True)
 
-        async def flood() -> None:
-            nonlocal sent
-            with anyio.move_on_after(seconds):  # a send waits while the runtime does not read
-                try:
-                    while sent < MAX_MESSAGES:
-                        await flooder.send("MESSAGE", f"flood {sent}", transaction=tx)
-                        sent += 1
-                except ConnectionClosed:
-                    pass
+
+async def run(live: LiveServer, process: subprocess.Popen[str], token: str, seconds: float) -> dict[str, Any]:
+    url = live.ws_url
+    results: dict[str, Any] = {}
+    assert process.stdin is not None and process.stdout is not None
+    with anyio.fail_after(30):
+        ready = json.loads(await anyio.to_thread.run_sync(process.stdout.readline))
+    session: Session = live.runtime.hub.sessions.sessions[ready["session"]]
+    outbox = session.outbox
+    assert outbox is not None
+    async with connect(url, compression=None) as member_ws:
+        member, _ = await hello(member_ws, token)
+        await member.send("TRANSACTION_JOIN", {}, transaction=ready["tx"])
+        await member.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+        baseline = [await probe(member, ready["tx"], f"calm-{n}") for n in range(PROBES)]
+        rss_before = rss_kib()
+        peak = {"rss": rss_before, "window": 0, "held": 0}
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        started = time.perf_counter()
 
         async def watch() -> None:
             while outbox.close_code is None and time.perf_counter() - started < seconds:
                 peak["rss"] = max(peak["rss"], rss_kib())
                 peak["window"] = max(peak["window"], session.window.bytes)
                 peak["held"] = max(peak["held"], session.flow.held)
-                peak["backlog"] = max(peak["backlog"], outbox.backlog)
                 await anyio.sleep(0.01)
             results["closed_after"] = time.perf_counter() - started
             results["backlog_at_close"] = outbox.backlog
-            results["sent_at_close"] = sent
+            results["window_at_close"] = session.window.bytes
 
         during: list[float] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(flood)
             tg.start_soon(watch)
             with anyio.move_on_after(seconds):
                 for n in range(PROBES):
-                    during.append(await probe(member, tx, f"busy-{n}"))
-        with anyio.fail_after(10):
-            after_close = await probe(member, tx, "after-close")
-        results |= {
-            "sent": sent,
-            "close_code": outbox.close_code,
-            "close_reason": outbox.close_reason,
-            "peak": peak,
-            "rss_before": rss_before,
-            "baseline": baseline,
-            "during": during,
-            "after_close": after_close,
-            "window_limit": session.window.max_bytes,
-            "violations": sum(
-                1
-                for seq in range(session.window.first_seq, session.window.last_seq + 1)
-                if "FLOW_CONTROL_VIOLATION" in (session.window.get(seq) or "")
-            ),
-        }
+                    during.append(await probe(member, ready["tx"], f"busy-{n}"))
+        with anyio.fail_after(seconds + 30):
+            done = json.loads(await anyio.to_thread.run_sync(process.stdout.readline))
+        after = [await probe(member, ready["tx"], f"after-{n}") for n in range(PROBES)]
+    results |= {
+        "sent": done["sent"],
+        "close_code": outbox.close_code,
+        "close_reason": outbox.close_reason,
+        "peak": peak,
+        "rss_before": rss_before,
+        "baseline": baseline,
+        "during": during,
+        "after": after,
+        "window_limit": session.window.max_bytes,
+        "violations": sum(
+            1
+            for seq in range(session.window.first_seq, session.window.last_seq + 1)
+            if "FLOW_CONTROL_VIOLATION" in (session.window.get(seq) or "")
+        ),
+    }
     async with connect(url, compression=None) as again_ws:
         again = Peer(again_ws)
-        again.seq = flooder.seq
+        again.seq = done["seq"]
         await again_ws.recv()
         # From the last seq it was sent (a client that had read its backlog); the frames it never read may
         # have left the replay window (bounded in bytes), which a resume from an older seq is told.
         body = {"accept_major": [1], "auth": {"token": token}, "last_rx_seq": str(session.last_seq)}
-        await again.send("HAI", body, session=flood_hai["session"])
-        ready = await again.until(lambda e: e["type"] == "INFO" and e["payload"].get("event") == "session.ready")
-        results["resumed"] = ready["payload"]["resumed"]
+        await again.send("HAI", body, session=ready["session"])
+        resumed = await again.until(lambda e: e["type"] == "INFO" and e["payload"].get("event") == "session.ready")
+        results["resumed"] = resumed["payload"]["resumed"]
     return results
 
 
@@ -168,7 +179,8 @@ def report(results: dict[str, Any], seconds: float) -> str:
         "",
         f"Written by `bench/flood.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {platform.machine()}, shared 2-core machine; "
-        f"flood for at most {seconds:.0f} s. Server, flooder and member share one process (RSS covers all three).",
+        f"flood for at most {seconds:.0f} s. The flooder runs in a process of its own; server and member share one "
+        "(its RSS is shown).",
         "",
         "One runtime on a real uvicorn (echo agent, default limits). The flooder sends MESSAGEs to its",
         "transaction as fast as its socket takes them and never reads. Another session of the same user, a member",
@@ -178,19 +190,20 @@ def report(results: dict[str, Any], seconds: float) -> str:
         "| measure | value |",
         "|---|---|",
         f"| flooder closed with | {results['close_code']} ({results['close_reason']}) |",
-        f"| closed after | {results['closed_after']:.2f} s, {results['sent_at_close']} messages sent by then "
-        f"({results['sent']} before its socket refused more) |",
+        f"| closed after | {results['closed_after']:.2f} s ({results['sent']} messages sent before its socket "
+        "refused more) |",
         f"| frames it was behind at its close | {results['backlog_at_close']} "
         "(bound: session.max_buffered_messages = 1000) |",
         f"| FLOW_CONTROL_VIOLATIONs it was sent | {results['violations']} |",
-        f"| its replay window, peak | {peak['window'] / mib:.2f} MiB (bound {results['window_limit'] / mib:.0f} MiB) |",
+        f"| its replay window, peak / at its close | {peak['window'] / mib:.2f} / "
+        f"{results['window_at_close'] / mib:.2f} MiB (bound {results['window_limit'] / mib:.0f} MiB) |",
         f"| its held events, peak | {peak['held']} |",
         f"| process RSS before the flood / peak during | {results['rss_before'] / 1024:.0f} / "
         f"{peak['rss'] / 1024:.0f} MiB |",
         f"| member probe p50 before / during the flood | {p50(baseline) * 1000:.2f} / "
         f"{(p50(during) * 1000 if during else float('nan')):.2f} ms ({len(during)} probes during) |",
         f"| ratio during / before (p50) | {(p50(during) / p50(baseline) if during else float('nan')):.1f}x |",
-        f"| member probe after the flooder was closed | {results['after_close'] * 1000:.2f} ms |",
+        f"| member probe p50 after the flooder was closed | {p50(results['after']) * 1000:.2f} ms |",
         f"| flooder's session resumed afterwards | {results['resumed']} |",
         "",
     ]
@@ -200,9 +213,22 @@ def report(results: dict[str, Any], seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--flood", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flood:
+        anyio.run(flood, args.flood[0], args.flood[1], args.seconds)
+        return
     with live_server(make_config()) as live:
-        results = anyio.run(run, live, args.seconds)
+        token = live.token("flood")
+        command = [sys.executable, __file__, "--flood", live.ws_url, token, "--seconds", str(args.seconds)]
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            results = anyio.run(run, live, process, token, args.seconds)
+        finally:
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.close()
+            process.wait(timeout=30)
+            process.stdout.close()
     text = report(results, args.seconds)
     (ROOT / "bench" / "FLOOD.md").write_text(text)
     print(text)
