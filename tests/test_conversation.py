@@ -263,12 +263,15 @@ async def test_author_edits_a_message_and_other_members_see_it(server: LiveServe
 
 
 async def test_silent_peer_is_dropped_after_the_heartbeat_timeout_and_can_resume() -> None:
+    from tests.peers import open_peer
     from tests.raw import raw_peer
 
     config = make_config({"session": {"heartbeat_interval_seconds": 0.05, "heartbeat_timeout_seconds": 0.1}})
     with live_server(config) as live:
         token = live.token("quiet")
-        async with raw_peer(live.ws_url) as peer:
+        # Over SSE, where only the client's envelopes show it is alive (on WebSocket its library would
+        # answer the WebSocket pings, which keep a healthy client connected: tests/test_heartbeat.py).
+        async with open_peer("sse", live, token) as peer:
             hai = await peer.receive()
             await peer.hai(token)
             ping = await peer.receive_type("PING")
