@@ -96,6 +96,12 @@ class InboundCredit:
             return {"channel": channel, "add_messages": used[0], "add_bytes": used[1]}
         return None
 
+    def reset(self) -> None:
+        """A new connection: the initial credit again (its server HAI says so)."""
+        self._left.clear()
+        self._used.clear()
+        self._granted.clear()
+
     def granted(self, seq: int, grant: dict[str, Any]) -> None:
         """The FLOW_UPDATE ``grant`` went out as ``seq``; its credit counts once that is written."""
         self._granted.append((seq, grant["channel"], grant["add_messages"], grant["add_bytes"]))

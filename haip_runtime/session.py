@@ -15,7 +15,8 @@ released. So seqs are always the order frames were recorded and written, replay 
 re-send exactly what was sent, and a held event is never in the window twice. Held events are
 bounded (``max_buffered_messages``): past it, and whenever a connection ends, they are all
 recorded at once (the replay window keeps them for the resume) and, past it, the connection is
-closed with 1013. A new connection starts with nothing paused and credit not enforced.
+closed with 1013. A new connection starts with nothing paused, its outbound credit not enforced
+and its inbound credit back at the initial grant.
 Sessions never import a web framework.
 """
 
@@ -463,6 +464,7 @@ class Session:
         self.outbox = outbox
         self.detached_at = None
         self.flow.reset((self.credit.config.initial_credit_messages, self.credit.config.initial_credit_bytes))
+        self.credit.reset()  # the new connection's server HAI advertises the initial credit afresh
         outbox.bind(self.window, start)
 
     def detach(self, outbox: Outbox) -> None:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 
 import anyio
+import httpx2
 import pytest
 
 from tests.peers import open_peer
@@ -100,3 +101,15 @@ def _masked_text_frame(text: str) -> bytes:
         else bytes([0x81, 0x80 | len(data)])
     )
     return header + mask + masked
+
+
+async def test_an_idle_sse_stream_carries_keep_alive_comments(quick: LiveServer) -> None:
+    async with (
+        httpx2.AsyncClient(base_url=quick.http_url, timeout=None) as client,
+        client.stream("GET", "/haip/sse", params={"token": quick.token()}) as response,
+    ):
+        with anyio.fail_after(5):
+            async for line in response.aiter_lines():
+                if line.startswith(":"):
+                    break
+    assert line == ": keep-alive"

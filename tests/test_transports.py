@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2
 import pytest
 
 from haip_runtime.protocol.events import ALL_EVENTS
@@ -194,3 +195,26 @@ async def test_stream_lines_split_across_chunks_and_a_closed_body_still_gets_its
         await peer.end_body()  # the client has said all it will say
         reply = await peer.receive_type("MESSAGE")
     assert reply["payload"] == "you said: split in three"
+
+
+async def test_http_transports_refuse_a_foreign_origin(live: LiveServer) -> None:
+    foreign = {"origin": "https://elsewhere.example", "authorization": f"Bearer {live.token()}"}
+    async with httpx2.AsyncClient(base_url=live.http_url) as client:
+        sse = await client.get("/haip/sse", headers=foreign)
+        post = await client.post("/haip/sse/any", headers=foreign, content="{}")
+        stream = await client.post("/haip/stream", headers=foreign, content="")
+    assert sse.status_code == post.status_code == stream.status_code == 403
+
+
+async def test_sse_stream_is_unbuffered_and_kept_alive(live: LiveServer) -> None:
+    async with (
+        httpx2.AsyncClient(base_url=live.http_url, timeout=None) as client,
+        client.stream("GET", "/haip/sse", params={"token": live.token()}) as response,
+    ):
+        lines = response.aiter_lines()
+        first = [await anext(lines) for _ in range(2)]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache, no-transform"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert "gzip" not in response.headers.get("content-encoding", "")
+    assert first[0] == "id: 1" and first[1].startswith('data: {"id":')
