@@ -15,7 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
+from haip_runtime.auth import Principal
+from haip_runtime.config import SessionConfig
+from haip_runtime.negotiation import negotiate
+from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.session import Session
 from plugins.tone import tone_wav
 from tests.peers import open_peer
 from tests.raw import RawPeer, raw_peer
@@ -148,3 +153,16 @@ async def test_http_transports_carry_audio_inline_and_refuse_binary_frames(kind:
         tone = await peer.receive_type("AUDIO_CHUNK")
     assert error["payload"]["code"] == "BINARY_FRAME_ERROR"
     assert "bin_len" not in tone and wav_seconds(base64.b64decode(tone["payload"]["data"])) == 0.1
+
+
+def test_a_two_frame_envelope_is_inlined_for_a_text_only_transport() -> None:
+    session = Session(Principal("u"), negotiate(ALL_EVENTS), SessionConfig())
+    session.binary_frames = True  # it was on WebSocket; it resumes on SSE, say
+    data = os.urandom(300)
+    payload = {"message_id": "m", "mime": "audio/wav", "data": base64.b64encode(data).decode()}
+    session.deliver(Event("AUDIO_CHUNK", payload, channel="AUDIO_OUT"))
+    frame = session.window.get(1)
+    assert frame is not None and frame.data == data and frame.size == len(frame) + 300
+    assert json.loads(frame)["bin_len"] == 300 and "data" not in json.loads(frame)["payload"]
+    inline = json.loads(frame.inline())
+    assert "bin_len" not in inline and base64.b64decode(inline["payload"]["data"]) == data
