@@ -10,6 +10,7 @@ cancel scope, so one failing or cancelled turn costs only itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
+from haip_runtime.tools import content_text
 
 if TYPE_CHECKING:
     from haip_runtime.auth import Principal
@@ -321,6 +323,7 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
     """The agents' history, rebuilt from a transaction's log (after a restart or an eviction)."""
     entries: dict[str, HistoryEntry] = {}
     authors: dict[str, str] = {}
+    tools: dict[str, str] = {}  # call_id -> tool, of agents' calls
     for event in events:
         body = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(body.get("message_id", ""))
@@ -336,4 +339,32 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
             entries[message_id] = replace(entry, text=entry.text + str(body.get("text", "")))
         elif event.type == EventType.MESSAGE_UPDATE and message_id in entries:
             entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
+        elif event.type == EventType.TOOL_CALL and event.run_id is not None:  # an agent's call, not a member's
+            call_id, tool = str(body.get("call_id", "")), str(body.get("tool", ""))
+            params = body.get("params")
+            arguments: dict[str, Any] = params if isinstance(params, dict) else {}
+            tools[call_id] = tool
+            caller = str(body.get("caller", ""))
+            entries[f"call:{call_id}"] = HistoryEntry(
+                "tool_call", caller, "", call_id, call_id=call_id, tool=tool, arguments=arguments
+            )
+        elif event.type == EventType.TOOL_DONE and str(body.get("call_id", "")) in tools:
+            call_id = str(body.get("call_id", ""))
+            status, text = str(body.get("status", "")), _done_text(body)
+            entries[f"result:{call_id}"] = HistoryEntry(
+                "tool_result", tools[call_id], text, call_id, call_id=call_id, tool=tools[call_id], status=status
+            )
     return list(entries.values())
+
+
+def _done_text(done: dict[str, Any]) -> str:
+    """What a TOOL_DONE says the call returned, as ``turn.call_tool`` records it for a model."""
+    error = done.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
+    given = done.get("result")
+    result: dict[str, Any] = given if isinstance(given, dict) else {}
+    text = content_text(result.get("content", []))
+    if text or result.get("structuredContent") is None:
+        return text
+    return json.dumps(result["structuredContent"])
