@@ -187,10 +187,12 @@ def _serve(args: argparse.Namespace) -> int:
 def serve(config: HaipConfig) -> int:
     import uvicorn
 
+    from haip_runtime import allocator
     from haip_runtime.app import Runtime, create_app
     from haip_runtime.logs import configure_logging
 
     configure_logging(config.observability, secrets=secret_values(config))
+    allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]
@@ -229,6 +231,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _storage(storage: Any) -> str:
+    if storage.backend == "sqlite":
+        return f"kept in {storage.path}"
+    return "in memory: lost when the runtime stops; set [storage] backend = 'sqlite' to keep it"
+
+
 def _announce(runtime: Any, host: str, port: int) -> None:
     shown = f"[{host}]" if ":" in host else host
     lines = [
@@ -236,6 +244,7 @@ def _announce(runtime: Any, host: str, port: int) -> None:
         f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
         f"  health:    http://{shown}:{port}/health",
         f"  agents:    {', '.join(runtime.agents) or '(none configured)'}",
+        f"  history:   http://{shown}:{port}/haip/transactions  ({_storage(runtime.config.storage)})",
     ]
     if runtime.config.auth.mode == "dev":
         token = runtime.authenticator.issue("dev")

@@ -86,6 +86,8 @@ class TransactionsConfig(Model):
     read with `GET /haip/transactions/{id}/events`."""
     agent_history_messages: int = Field(default=200, ge=1)
     """Messages of the conversation kept for the agents (`turn.history`), newest last."""
+    agent_history_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    """...and at most this many bytes of their text (the newest entry is always kept)."""
 
 
 class StorageConfig(Model):

@@ -37,8 +37,26 @@ logger = logging.getLogger(__name__)
 
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
-#: Recent events kept in memory, so a join never waits on the store for what just happened.
+#: Recent events kept in memory, so a join never waits on the store for what just happened...
 TAIL_EVENTS = 256
+#: ...but never more than this many bytes of them (the newest is always kept).
+TAIL_BYTES = 1024 * 1024
+
+
+class History(deque[HistoryEntry]):
+    """The agents' view of the conversation, bounded by entries and by bytes of text."""
+
+    def __init__(self, entries: Iterable[HistoryEntry], *, maxlen: int, max_bytes: int) -> None:
+        super().__init__(maxlen=maxlen)
+        self.max_bytes = max_bytes
+        for entry in entries:
+            self.append(entry)
+
+    def append(self, entry: HistoryEntry) -> None:
+        super().append(entry)
+        size = sum(len(e.text) for e in self)
+        while len(self) > 1 and size > self.max_bytes:
+            size -= len(self.popleft().text)
 
 
 class Member(Protocol):
@@ -102,7 +120,9 @@ class Transaction:
         self.members: dict[str, Member] = {}
         self.agents: dict[str, AgentSlot] = {}
         self.runs: dict[str, Run] = {}
-        self.history: deque[HistoryEntry] = deque(history, maxlen=self.config.agent_history_messages)
+        self.history = History(
+            history, maxlen=self.config.agent_history_messages, max_bytes=self.config.agent_history_bytes
+        )
         self.ended = False
         self.tools = tools
         self.store = store
@@ -113,6 +133,7 @@ class Transaction:
         #: When the last member left (monotonic), for eviction of idle transactions.
         self.memberless_since: float | None = time.monotonic()
         self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
+        self._tail_bytes = 0
         self._spawn = spawn
 
     # --- the record ------------------------------------------------------------------------------
@@ -172,13 +193,22 @@ class Transaction:
         """Log ``event`` (next ``tseq``) and deliver it to every member it is meant for."""
         self.tseq += 1
         stamped = event.with_changes(transaction=self.id, tseq=self.tseq, thread_id=self.thread_id)
-        self._tail.append(stamped)
+        self._remember(stamped)
         if self.store is not None:
             self.store.append(stamped)
         for member_id, member in list(self.members.items()):
             if member_id not in stamped.exclude:
                 member.deliver(stamped)
         return stamped
+
+    def _remember(self, event: Event) -> None:
+        tail = self._tail
+        if len(tail) == tail.maxlen:
+            self._tail_bytes -= len(tail[0].payload_json)
+        tail.append(event)
+        self._tail_bytes += len(event.payload_json)
+        while len(tail) > 1 and self._tail_bytes > TAIL_BYTES:
+            self._tail_bytes -= len(tail.popleft().payload_json)
 
     async def catch_up(self, since: int) -> tuple[list[Event], int]:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
