@@ -50,6 +50,12 @@ class ServerConfig(Model):
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
     """WebSocket compression. Off by default: it costs ~50 KiB per connection and HAIP frames are small."""
+    playground: bool | None = None
+    """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
+
+    @property
+    def serves_playground(self) -> bool:
+        return self.playground if self.playground is not None else _is_loopback(self.host)
 
 
 class SessionConfig(Model):
