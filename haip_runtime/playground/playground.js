@@ -69,7 +69,7 @@ async function connect(token) {
     state.user = ready.user;
     showAgents(await client.listAgents());
   } catch (error) {
-    note(describe(error), "error");
+    fail(error);
     if (error.code === "AUTHENTICATION_FAILED") $("login").hidden = false;
   }
 }
@@ -118,7 +118,7 @@ async function startConversation(agent) {
   try {
     state.tx = await state.client.startTransaction(agent);
   } catch (error) {
-    note(describe(error), "error");
+    fail(error);
     return;
   }
   openConversation(agent);
@@ -144,7 +144,7 @@ $("join").addEventListener("submit", async (event) => {
     openConversation(reply.payload.agents.join(", "));
   } catch (error) {
     state.tx = null;
-    note(describe(error), "error");
+    fail(error);
   }
 });
 
@@ -215,6 +215,11 @@ function note(text, kind = "") {
 function scrollDown() {
   const log = $("log");
   log.scrollTop = log.scrollHeight;
+}
+
+/** Show a failed request, unless it was an ERROR envelope (render() shows those). */
+function fail(error) {
+  if (!error.envelope) note(describe(error), "error");
 }
 
 function describe(error) {
@@ -362,8 +367,8 @@ function toolUpdate(p) {
     parts.card.dataset.progress = total !== null ? `${p.progress}/${total}` : `${p.progress}`;
     parts.progress.textContent = [p.message, total !== null ? `${p.progress} of ${total}` : `${p.progress}`]
       .filter(Boolean).join(" · ");
-  } else if (p.message) {
-    parts.progress.textContent = p.message;
+  } else if (!parts.card.dataset.progress) {
+    parts.progress.textContent = p.message || "";
   }
   parts.actions.replaceChildren();
   if (p.status === "AWAITING_APPROVAL") askApproval(p.call_id, parts);
@@ -402,6 +407,7 @@ function toolDone(p) {
   parts.cancel.remove();
   parts.actions.replaceChildren();
   parts.bar.classList.remove("indeterminate");
+  if (!parts.card.dataset.progress) parts.progress.textContent = "";
   if (p.status === "OK") parts.fill.style.width = "100%";
   if (p.status === "OK") {
     const texts = (p.result?.content || []).filter((b) => b.type === "text").map((b) => b.text);
