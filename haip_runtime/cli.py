@@ -224,8 +224,12 @@ def _announce(runtime: Any, host: str, port: int) -> None:
         f"  health:    http://{shown}:{port}/health",
         f"  agents:    {', '.join(runtime.agents) or '(none configured)'}",
     ]
-    if runtime.config.auth.mode == "dev":
-        token = runtime.authenticator.issue("dev")
+    dev = runtime.config.auth.mode == "dev"
+    token = runtime.authenticator.issue("dev") if dev else None
+    if runtime.config.server.serves_playground:
+        # Ready to open: in dev mode the page takes its token from the URL.
+        lines.insert(1, f"  playground: http://{shown}:{port}/" + (f"?token={token}" if token else "  (add ?token=...)"))
+    if token is not None:
         agent = "operator" if "operator" in runtime.agents else next(iter(runtime.agents), "echo")
         lines += [
             "  auth:      dev mode (loopback only); a ready token for user 'dev':",
