@@ -228,7 +228,8 @@ def _announce(runtime: Any, host: str, port: int) -> None:
     token = runtime.authenticator.issue("dev") if dev else None
     if runtime.config.server.serves_playground:
         # Ready to open: in dev mode the page takes its token from the URL.
-        lines.insert(1, f"  playground: http://{shown}:{port}/" + (f"?token={token}" if token else "  (add ?token=...)"))
+        query = f"?token={token}" if token else "  (add ?token=<jwt>)"
+        lines.insert(1, f"  playground: http://{shown}:{port}/{query}")
     if token is not None:
         agent = "operator" if "operator" in runtime.agents else next(iter(runtime.agents), "echo")
         lines += [
