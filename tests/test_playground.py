@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -96,6 +97,10 @@ def test_the_page_is_served_at_root_with_its_modules(playground_server: LiveServ
     with urllib.request.urlopen(f"{playground_server.http_url}/playground/haip-client.js") as response:
         assert response.headers["content-type"].startswith("text/javascript")
         assert "export class HaipClient" in response.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{playground_server.http_url}/playground/__init__.py")
+    assert refused.value.code == 404
+    refused.value.close()
 
 
 def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) -> None:

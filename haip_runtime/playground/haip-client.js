@@ -192,7 +192,10 @@ export class HaipClient extends EventTarget {
     this.lastRxSeq = Number(env.seq);
     if (env.ack !== undefined) this._acknowledged(Number(env.ack));
     if (env.type === "PING") this.send("PONG", { nonce: env.payload?.nonce });
-    if (env.type === "REPLAY_REQUEST") this._resend(Number(env.payload.from_seq), Number(env.payload.to_seq));
+    if (env.type === "REPLAY_REQUEST") {
+      const { from_seq: from, to_seq: to } = env.payload;
+      this._resend(Number(from), to === undefined ? Infinity : Number(to));
+    }
     if (env.type === "INFO" && env.payload?.event === "session.ready") {
       this.user = env.payload.user;
       this._ready = true;
