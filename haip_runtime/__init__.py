@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn
+from haip_runtime.agents.api import Agent, AgentContext, HistoryEntry, MessageStream, NoOptions, Turn, TurnServices
 from haip_runtime.config import HaipConfig, load_config
 from haip_runtime.exceptions import (
     ClientError,
@@ -10,12 +10,15 @@ from haip_runtime.exceptions import (
     DecodeError,
     HaipError,
     HandshakeError,
+    LlmError,
     PluginError,
     ProtocolError,
     ToolError,
     ToolTimeoutError,
     ToolUnavailableError,
 )
+from haip_runtime.llm import Delta, Provider, Reply, ScriptedLLM, ToolCall, ToolSpec, Usage
+from haip_runtime.protocol.events import LlmErrorCode
 from haip_runtime.tools import ToolCallResult, ToolView
 
 __all__ = [
@@ -24,20 +27,30 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DecodeError",
+    "Delta",
     "HaipConfig",
     "HaipError",
     "HandshakeError",
     "HistoryEntry",
+    "LlmError",
+    "LlmErrorCode",
     "MessageStream",
     "NoOptions",
     "PluginError",
     "ProtocolError",
+    "Provider",
+    "Reply",
+    "ScriptedLLM",
+    "ToolCall",
     "ToolCallResult",
     "ToolError",
+    "ToolSpec",
     "ToolTimeoutError",
     "ToolUnavailableError",
     "ToolView",
     "Turn",
+    "TurnServices",
+    "Usage",
     "__version__",
     "load_config",
 ]

@@ -1,21 +1,28 @@
 """The runtime and its ASGI app: config in, routes out.
 
-``Runtime`` owns the long-lived parts (hub, authenticator, tool proxy) for the lifetime of an
-``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters it. Routes:
-``/haip/websocket`` and ``/`` (WebSocket), ``/health``, and the browser playground at ``/``.
+``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
+the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
+it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/health``, ``/haip/transactions`` (REST history),
+and the browser playground at ``/`` (``haip_runtime.playground``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import math
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -25,11 +32,17 @@ from starlette.websockets import WebSocket
 from haip_runtime import __version__, playground
 from haip_runtime.agents.registry import load_agents
 from haip_runtime.auth import Authenticator
-from haip_runtime.config import HaipConfig
+from haip_runtime.config import HaipConfig, StorageConfig
 from haip_runtime.connection import Connection
+from haip_runtime.exceptions import ConfigError
+from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
+from haip_runtime.llm import create_providers
+from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
+from haip_runtime.store import open_store
 from haip_runtime.tools import ToolProxy
+from haip_runtime.transports.origin import origin_allowed
 from haip_runtime.transports.websocket import websocket_credentials, websocket_streams
 
 if TYPE_CHECKING:
@@ -44,21 +57,38 @@ class Runtime:
 
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
-        self.authenticator = Authenticator(config.auth, config.roles)
-        self.agents = load_agents(config)
+        self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
+        self.llms = create_providers(config.llm)
+        self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
-        self.hub = Hub(config, self.agents, self.tools)
+        self.store = open_store(config.storage)
+        self.hub = Hub(config, self.agents, self.tools, self.store)
+        self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, str] = {}
+        self._shown: dict[str, tuple[bool, object, str | None]] = {}
+        self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
 
     async def __aenter__(self) -> Self:
-        await self.hub.__aenter__()
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.store)
+            await stack.enter_async_context(self.hub)
+            self._stack = stack.pop_all()
         if self.tools is not None:
+            self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)
+            self.hub.spawn(self._notify_members, pending)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        return await self.hub.__aexit__(*exc_info)
+        if self._notices is not None:
+            self._notices.close()
+        try:
+            return await self._stack.__aexit__(*exc_info)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for llm in self.llms.values():
+                    await llm.aclose()
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.
@@ -85,9 +115,25 @@ class Runtime:
         if status.state.value == "connected" and self._server_states.get(status.name) != "connected":
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
         self._server_states[status.name] = status.state.value
-        self.hub.server_changed(status.name, status.state.value, status.error)
+        shown = (status.state.value == "connected", status.tools, status.error)
+        if self._shown.get(status.name) == shown:
+            return  # another retry of a failing server: nothing a member sees has changed
+        self._shown[status.name] = shown
+        if self._notices is not None:
+            with contextlib.suppress(anyio.ClosedResourceError):
+                self._notices.send_nowait((status.name, status.state.value, status.error))
+
+    async def _notify_members(self, pending: MemoryObjectReceiveStream[tuple[str, str, str | None]]) -> None:
+        """Tell transactions about server changes in order, off the supervisor's call stack."""
+        async with pending:
+            async for name, state, error in pending:
+                await self.hub.server_changed(name, state, error)
 
     async def serve_websocket(self, ws: WebSocket) -> None:
+        if not origin_allowed(ws.headers, self.config.server.allowed_origins):
+            logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
+            await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
+            return
         outbox = Outbox(self.config.session.max_buffered_messages)
         connection = Connection(self.hub, self.authenticator, websocket_credentials(ws), outbox)
         async with websocket_streams(ws, outbox, max_frame_bytes=self.config.server.max_frame_bytes) as inbound:
@@ -102,7 +148,8 @@ class Runtime:
             "totalConnections": hub.total_connections,
             "version": __version__,
             "sessions": len(hub.sessions),
-            "transactions": sum(1 for t in hub.transactions.values() if not t.ended),
+            "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
+            "storage": self.config.storage.backend,
             "mcp": {
                 name: {"state": status.state.value, "tools": len(status.tools), "error": status.error}
                 for name, status in (self.bridge.status() if self.bridge else {}).items()
@@ -129,6 +176,32 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         Route("/health", health),
         WebSocketRoute("/haip/websocket", rt.serve_websocket),
         WebSocketRoute("/", rt.serve_websocket),
+        *history_routes(rt),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def dev_key(storage: StorageConfig) -> str | None:
+    """The dev-mode signing key kept beside a durable store (made on first use), so that a restart
+    does not invalidate tokens already handed out; ``None`` (a key per process) without one."""
+    if storage.backend != "sqlite":
+        return None
+    path = Path(f"{storage.path}.dev-key")
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot read the dev key {str(path)!r}: {exc.strerror or exc}") from exc
+    key = secrets.token_urlsafe(48)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+            file.write(key + "\n")
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot write the dev key {str(path)!r}: {exc.strerror or exc}") from exc
+    return key

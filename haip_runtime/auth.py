@@ -1,26 +1,39 @@
 """Who is connecting: bearer JWT validation and the `dev` mode's throwaway signing key.
 
-Owns credential extraction order (PROTOCOL.md section 3) and token checks; knows nothing about
-sockets. Every failure is a ``HandshakeError(AUTHENTICATION_FAILED)`` that reveals nothing about
-the server beyond "not accepted".
+Owns credential extraction order (PROTOCOL.md section 3), token checks (pinned algorithms; a
+secret, a PEM public key or a JWKS URL, see ``jwks.py``) and the end of a session's rights when
+its token expires; knows nothing about sockets. Every failure is a
+``HandshakeError(AUTHENTICATION_FAILED)`` that reveals nothing about the server beyond "not
+accepted", and is logged without the token.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import jwt
+from jwt.algorithms import get_default_algorithms
 
-from haip_runtime.config import AuthConfig, RoleConfig
-from haip_runtime.exceptions import HandshakeError
+from haip_runtime.config import HMAC_ALGORITHMS, AuthConfig, RoleConfig
+from haip_runtime.exceptions import ConfigError, HandshakeError, ProtocolError
+from haip_runtime.jwks import JwksKeys, KeyUnavailableError
 from haip_runtime.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
+if TYPE_CHECKING:
+    from haip_runtime.session import Outbox, Session
+
+logger = logging.getLogger(__name__)
+
 DEV_ISSUER = "haip-runtime-dev"
+#: Claims every token must carry, whatever ``auth.required_claims`` adds.
+ALWAYS_REQUIRED = ("exp", "sub")
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,8 @@ class Principal:
     claims: dict[str, Any] = field(default_factory=dict, compare=False)
     roles: tuple[str, ...] = ()
     permissions: Permissions = UNRESTRICTED
+    expires_at: float | None = None
+    """When the rights this token gave end (its ``exp`` plus the leeway), in seconds since the epoch."""
 
 
 @dataclass(frozen=True)
@@ -69,23 +84,41 @@ def token_from_subprotocols(offered: list[str]) -> str | None:
 class Authenticator:
     """Validates tokens for the configured mode and, where it holds the key, issues them."""
 
-    def __init__(self, config: AuthConfig, roles: Mapping[str, RoleConfig] | None = None) -> None:
+    def __init__(
+        self, config: AuthConfig, roles: Mapping[str, RoleConfig] | None = None, *, dev_key: str | None = None
+    ) -> None:
         self.config = config
         self.roles = dict(roles or {})
+        self._key: Any = None
+        self._jwks: JwksKeys | None = None
+        self._issuer: str | None = config.issuer
+        self._audience: str | None = config.audience
+        self._algorithms: list[str] = list(config.algorithms)
         if config.mode == "dev":
-            self._key = secrets.token_urlsafe(48)
-            self._algorithms = ["HS256"]
-            self._issuer: str | None = DEV_ISSUER
-            self._audience: str | None = None
-        else:
-            assert config.secret is not None  # the config model guarantees it
+            self._key = dev_key or secrets.token_urlsafe(48)
+            self._algorithms, self._issuer, self._audience = ["HS256"], DEV_ISSUER, None
+        elif config.secret is not None:
             self._key = config.secret.get_secret_value()
-            self._algorithms = list(config.algorithms)
-            self._issuer = config.issuer
-            self._audience = config.audience
+        elif config.public_key_file is not None:
+            self._key = _public_key(config.public_key_file.as_posix(), self._algorithms)
+        else:
+            assert config.jwks_url is not None  # the config model guarantees one key source
+            self._jwks = JwksKeys(
+                config.jwks_url,
+                cache_seconds=config.jwks_cache_seconds,
+                min_refetch_seconds=config.jwks_min_refetch_seconds,
+                timeout=config.jwks_timeout_seconds,
+            )
+
+    @property
+    def can_issue(self) -> bool:
+        """Whether this runtime holds the signing key (HMAC: dev mode or ``auth.secret``)."""
+        return self._algorithms[0] in HMAC_ALGORITHMS
 
     def issue(self, user: str, *, ttl_seconds: float = 12 * 3600, **claims: Any) -> str:
         """A signed token for ``user`` (dev mode, tests, and operators holding the secret)."""
+        if not self.can_issue:
+            raise ConfigError("auth: tokens for public-key algorithms are issued by your identity provider")
         now = int(time.time())
         body: dict[str, Any] = {"sub": user, "iat": now, "exp": now + int(ttl_seconds), **claims}
         if self._issuer:
@@ -94,18 +127,33 @@ class Authenticator:
             body["aud"] = self._audience
         return jwt.encode(body, self._key, algorithm=self._algorithms[0])
 
-    def authenticate(self, token: str | None) -> Principal:
+    async def authenticate(self, token: str | None) -> Principal:
+        """Check ``token`` (fetching JWKS keys off the event loop when needed)."""
+        key = self._key
+        if self._jwks is not None and token:
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+                key = await self._jwks.key(kid if isinstance(kid, str) else None)
+            except jwt.PyJWTError as exc:
+                raise _refused(_reason(exc)) from exc
+            except KeyUnavailableError as exc:
+                raise _refused(str(exc)) from exc
+        return self.verify(token, key)
+
+    def verify(self, token: str | None, key: Any = None) -> Principal:
+        """Check ``token`` against ``key`` (default: the configured secret or public key)."""
         if not token:
             raise _refused("no credentials")
+        required = list(dict.fromkeys([*ALWAYS_REQUIRED, *self.config.required_claims]))
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                self._key if key is None else key,
                 algorithms=self._algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=self.config.leeway_seconds,
-                options={"require": ["exp", "sub"]},
+                options={"require": required},
             )
         except jwt.PyJWTError as exc:
             reason = _reason(exc)
@@ -116,10 +164,46 @@ class Authenticator:
         if not isinstance(user, str) or not user:
             raise _refused("token has no subject")
         roles = roles_of(claims, self.config)
-        return Principal(user=user, claims=claims, roles=roles, permissions=permissions_for(roles, self.roles))
+        expires = float(claims["exp"]) + self.config.leeway_seconds
+        permissions = permissions_for(roles, self.roles)
+        return Principal(user=user, claims=claims, roles=roles, permissions=permissions, expires_at=expires)
+
+
+def _public_key(path: str, algorithms: list[str]) -> Any:
+    """The PEM public key at ``path``, checked against every configured algorithm."""
+    try:
+        with open(path, "rb") as file:
+            pem = file.read()
+    except OSError as exc:
+        raise ConfigError(f"auth.public_key_file: cannot read {path}: {exc.strerror or exc}") from exc
+    known = get_default_algorithms()
+    try:
+        keys = [known[name].prepare_key(pem) for name in algorithms]
+    except (KeyError, ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise ConfigError(f"auth.public_key_file: {path} is not a public key for {algorithms}: {exc}") from exc
+    if any(hasattr(key, "private_numbers") for key in keys):
+        raise ConfigError(f"auth.public_key_file: {path} holds a private key; give the runtime only the public key")
+    return pem
+
+
+async def close_when_expired(session: Session, outbox: Outbox) -> None:
+    """End a connection's rights when its token expires: ERROR AUTHENTICATION_FAILED, close 1008.
+
+    The session stays resumable; the client reconnects with a fresh token to go on.
+    """
+    expires_at = session.principal.expires_at
+    if expires_at is None:
+        return
+    await anyio.sleep(max(0.0, expires_at - time.time()))
+    logger.info("session %s of user %r: token expired; closing its connection", session.id, session.user)
+    error = ProtocolError(ErrorCode.AUTHENTICATION_FAILED, "token expired; reconnect with a new token")
+    session.send_error(error)
+    outbox.close(CloseCode.POLICY, "token expired")
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token has no {exc.claim!r} claim"
     if isinstance(exc, jwt.ExpiredSignatureError):
         return "token expired"
     if isinstance(exc, jwt.ImmatureSignatureError):
@@ -130,6 +214,7 @@ def _reason(exc: jwt.PyJWTError) -> str:
 
 
 def _refused(reason: str) -> HandshakeError:
+    logger.warning("authentication failed: %s", reason)  # never the token itself
     return HandshakeError(
         ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
     )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump
+from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump, secret_values
 from haip_runtime.exceptions import ConfigError, PluginError
 
 DEFAULT_CONFIG = "haip.toml"
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(token)
     token.add_argument("--user", default="operator", help="the token's subject (default: operator)")
     token.add_argument("--ttl", type=float, default=12 * 3600, help="lifetime in seconds")
+    token.add_argument("--roles", help="comma-separated roles, put in the auth.roles_claim claim (e.g. user,admin)")
     token.set_defaults(func=_token)
 
     tools = commands.add_parser("tools", help="connect every MCP server and list its state and tools")
@@ -79,6 +80,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     agents = load_agents(config)
+    if any(server.transport == "python" for server in config.mcp.servers.values()):
+        from haip_runtime.bridge.inprocess import load_servers
+
+        load_servers(config)
     print(json.dumps(masked_dump(config), indent=2))
     print(
         f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))", file=sys.stderr
@@ -92,7 +97,14 @@ def _token(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config.auth.mode != "jwt":
         raise ConfigError(f"{args.config}: auth.mode: 'token' needs mode = 'jwt' (dev mode prints its token at start)")
-    print(Authenticator(config.auth).issue(args.user, ttl_seconds=args.ttl))
+    claims: dict[str, list[str]] = {}
+    if args.roles is not None:
+        roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+        unknown = [role for role in roles if config.roles and role not in config.roles]
+        if unknown:
+            raise ConfigError(f"{args.config}: roles: no [roles.{unknown[0]}] in this config")
+        claims[config.auth.roles_claim] = roles
+    print(Authenticator(config.auth).issue(args.user, ttl_seconds=args.ttl, **claims))
     return 0
 
 
@@ -106,6 +118,7 @@ def _tools(args: argparse.Namespace) -> int:
     import anyio
 
     logging.getLogger("haip_runtime").setLevel(logging.CRITICAL)  # the table says it all
+    logging.basicConfig(handlers=[logging.NullHandler()])  # nor may in-process servers' own logging
     with open(os.devnull, "w") as quiet:  # the servers' own stderr chatter would drown the table
         return anyio.run(_list_tools, config, args.timeout, quiet)
 
@@ -177,7 +190,7 @@ def serve(config: HaipConfig) -> int:
     from haip_runtime.app import Runtime, create_app
     from haip_runtime.logs import configure_logging
 
-    configure_logging(config.observability)
+    configure_logging(config.observability, secrets=secret_values(config))
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]

@@ -8,12 +8,19 @@
 
 It numbers its envelopes 1, 2, 3..., acks what it receives, answers PING, and raises
 ``ClientError`` (with the server's ``code``) for an ERROR that answers one of its requests.
-``haip-runtime chat`` (``haip_runtime.chat``) is a terminal chat built on it.
+When the connection drops it reconnects with backoff and resumes its session: the runtime re-sends
+what was missed, the client re-sends what the runtime had not acknowledged, and ``events()`` goes
+on as one stream, each envelope once and in order. If the runtime restarted (its replay window is
+gone), the client starts a new session and rejoins its transactions from the last ``tseq`` it saw,
+so the conversation still reads on without a gap. ``haip-runtime chat`` (``haip_runtime.chat``) is
+a terminal chat built on it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -27,7 +34,14 @@ from haip_runtime.exceptions import ClientError
 from haip_runtime.protocol.envelope import new_id, now_ms
 from haip_runtime.protocol.events import ALL_EVENTS, HAIP_VERSION
 
+logger = logging.getLogger(__name__)
+
 Predicate = Callable[["Received"], bool]
+
+#: Close codes after which reconnecting cannot help (the server refused us, or we were replaced).
+_FINAL_CLOSE_CODES = frozenset({1000, 1002, 1008, 1009})
+#: Envelopes kept until the runtime acknowledges them, to re-send after a reconnect.
+MAX_UNACKED = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,11 @@ class Received:
         return int(self.raw.get("seq", 0))
 
     @property
+    def tseq(self) -> int | None:
+        value = self.raw.get("tseq")
+        return int(value) if value is not None else None
+
+    @property
     def run_id(self) -> str | None:
         return self.raw.get("run_id")
 
@@ -68,7 +87,12 @@ class _Waiter:
 
 
 class HaipClient:
-    """A HAIP connection over WebSocket. Use as ``async with``."""
+    """A HAIP connection over WebSocket that survives drops. Use as ``async with``.
+
+    ``reconnect`` (seconds, 0 to disable) is how long it keeps trying to get back after a drop,
+    with backoff from 0.1 s to 2 s; ``on_connection`` is told ``"reconnecting"``, ``"resumed"``,
+    ``"restarted"`` (a new session, transactions rejoined) or ``"lost"``.
+    """
 
     def __init__(
         self,
@@ -78,40 +102,49 @@ class HaipClient:
         accept_events: Sequence[str] = ALL_EVENTS,
         timeout: float = 10.0,
         buffer: int = 10_000,
+        reconnect: float = 60.0,
+        on_connection: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
         self.token = token
         self.accept_events = list(accept_events)
         self.timeout = timeout
+        self.reconnect = reconnect
+        self.on_connection = on_connection
         self.session_id: str | None = None
+        self.epoch: str | None = None
         self.user: str | None = None
         self.received: list[Received] = []
+        #: The last ``tseq`` seen per transaction: where to rejoin from after a restart.
+        self.transactions: dict[str, int] = {}
         self._seq = 0
         self._last_rx = 0
+        self._unacked: OrderedDict[int, str] = OrderedDict()
         self._ws: ClientConnection | None = None
         self._tg: TaskGroup | None = None
         self._waiters: list[_Waiter] = []
+        self._handshake: _Waiter | None = None
+        self._pending: list[Received] | None = None
+        self._reading = anyio.Event()
+        self._closing = False
         self._send_events, self._events = anyio.create_memory_object_stream[Received](buffer)
 
     async def __aenter__(self) -> Self:
-        try:
-            self._ws = await connect(self.url, max_size=None, compression=None)
-        except (OSError, InvalidHandshake) as exc:
-            raise ClientError(f"cannot connect to {self.url}: {exc}") from exc
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._read)
         try:
-            await self._handshake()
+            await self._connect(resume=False)
         except BaseException:
             await self.aclose()
             raise
+        self._tg.start_soon(self._run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._ws is not None:
             with anyio.move_on_after(2, shield=True):
                 await self._ws.close()
@@ -122,8 +155,18 @@ class HaipClient:
         self._send_events.close()
         self._events.close()
 
-    async def _handshake(self) -> None:
-        ready = self._wait_for(lambda e: e.type == "ERROR" or (e.type == "INFO" and e.get("event") == "session.ready"))
+    # --- the connection ----------------------------------------------------------------------------
+
+    async def _connect(self, *, resume: bool) -> None:
+        """Open a socket and say HAI (resuming the session if there is one), then read in the background."""
+        try:
+            self._ws = await connect(self.url, max_size=None, compression=None)
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise ClientError(f"cannot connect to {self.url}: {exc}") from exc
+        assert self._tg is not None
+        self._pending = []
+        self._reading = anyio.Event()
+        self._tg.start_soon(self._read, self._ws)
         payload: dict[str, Any] = {
             "haip_version": HAIP_VERSION,
             "accept_major": [1],
@@ -131,14 +174,124 @@ class HaipClient:
         }
         if self.token:
             payload["auth"] = {"token": f"Bearer {self.token}"}
-        await self.send("HAI", payload)
-        event = await self._result(ready, "session.ready")
+        if resume:
+            payload["last_rx_seq"] = str(self._last_rx)
+        # The HAI is always seq 1: a fresh session numbers from it; a resumed one ignores it as old.
+        await self._write(self._envelope("HAI", payload, seq=1))
+        event = await self._handshake_event(lambda e: e.type == "ERROR" or _is_ready(e))
+        if event.type == "ERROR" and event.get("code") == "RESUME_FAILED":
+            event = await self._handshake_event(_is_ready)
         if event.type == "ERROR":
             raise ClientError(f"handshake refused: {event.get('message')}", code=event.get("code"))
-        self.session_id = event.raw.get("session")
+        if event.type == "CLOSED":
+            raise ClientError(f"connection closed during the handshake (code {event.get('code')})")
         self.user = event.get("user")
+        self.epoch = event.get("epoch")
+        if resume and event.get("resumed"):
+            self._pending = None
+            for frame in list(self._unacked.values()):  # what the runtime may not have had
+                await self._write(frame)
+            self._tell("resumed")
+            return
+        # A fresh session: its frames so far (its HAI, perhaps RESUME_FAILED, session.ready) open the stream.
+        frames, self._pending = self._pending or [], None
+        self.session_id, self._last_rx, self._seq = event.raw.get("session"), 0, 1
+        self._unacked.clear()
+        for frame_event in frames:
+            if frame_event.raw.get("session") == self.session_id:
+                self._process(frame_event)
+        if resume:
+            for transaction, tseq in list(self.transactions.items()):
+                await self.send("TRANSACTION_JOIN", {"since": str(tseq)}, transaction=transaction)
+            self._tell("restarted")
+
+    async def _handshake_event(self, predicate: Predicate) -> Received:
+        for event in self._pending or []:
+            if predicate(event):
+                return event
+        waiter = self._handshake = _Waiter(predicate)
+        try:
+            return await self._result(waiter, "session.ready")
+        finally:
+            self._handshake = None
+
+    async def _run(self) -> None:
+        """Wait for the socket to drop; reconnect and resume unless closing or refused."""
+        while True:
+            await self._reading.wait()
+            code = None if self._ws is None else self._ws.close_code
+            if self._closing or not self.reconnect or code in _FINAL_CLOSE_CODES:
+                self._lost(code)
+                return
+            self._tell("reconnecting")
+            if not await self._reconnect():
+                self._lost(code)
+                return
+
+    async def _reconnect(self) -> bool:
+        delay = 0.1
+        with anyio.move_on_after(self.reconnect):
+            while not self._closing:
+                try:
+                    await self._connect(resume=True)
+                    return True
+                except ClientError as exc:
+                    if exc.code is not None:  # the server refused us (e.g. the token expired)
+                        logger.warning("reconnect refused: %s", exc)
+                        return False
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return False
+
+    def _lost(self, code: int | None) -> None:
+        self._send_events.close()
+        closed = Received({"type": "CLOSED", "payload": {"code": code}})
+        for waiter in list(self._waiters):
+            waiter.result = closed
+            waiter.done.set()
+        if not self._closing:
+            self._tell("lost")
+
+    def _tell(self, state: str) -> None:
+        if self.on_connection is not None:
+            self.on_connection(state)
 
     # --- sending -----------------------------------------------------------------------------------
+
+    def _envelope(
+        self,
+        type: str,
+        payload: dict[str, Any] | str,
+        *,
+        seq: int,
+        transaction: str | None = None,
+        channel: str = "SYSTEM",
+        **extra: Any,
+    ) -> str:
+        envelope = {
+            "id": new_id(),
+            "session": self.session_id or "",
+            "transaction": transaction,
+            "seq": str(seq),
+            "ts": now_ms(),
+            "channel": channel,
+            "type": type,
+            "payload": payload,
+            **extra,
+        }
+        if self._last_rx:
+            envelope["ack"] = str(self._last_rx)
+        return json.dumps(envelope)
+
+    async def _write(self, frame: str) -> None:
+        if self._ws is None:
+            raise ClientError("not connected")
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            if not self.reconnect or self._closing:
+                raise ClientError(f"connection closed: {exc}") from exc
+            # Kept in _unacked: it goes again once the connection is back.
 
     async def send(
         self,
@@ -149,28 +302,14 @@ class HaipClient:
         channel: str = "SYSTEM",
         **extra: Any,
     ) -> str:
-        """Send one envelope; returns its id."""
-        if self._ws is None:
-            raise ClientError("not connected")
+        """Send one envelope; returns its id. While reconnecting it is queued and sent on resume."""
         self._seq += 1
-        envelope = {
-            "id": new_id(),
-            "session": self.session_id or "",
-            "transaction": transaction,
-            "seq": str(self._seq),
-            "ts": now_ms(),
-            "channel": channel,
-            "type": type,
-            "payload": payload,
-            **extra,
-        }
-        if self._last_rx:
-            envelope["ack"] = str(self._last_rx)
-        try:
-            await self._ws.send(json.dumps(envelope))
-        except ConnectionClosed as exc:
-            raise ClientError(f"connection closed: {exc}") from exc
-        return str(envelope["id"])
+        frame = self._envelope(type, payload, seq=self._seq, transaction=transaction, channel=channel, **extra)
+        self._unacked[self._seq] = frame
+        if len(self._unacked) > MAX_UNACKED:
+            self._unacked.popitem(last=False)
+        await self._write(frame)
+        return str(json.loads(frame)["id"])
 
     async def start_transaction(self, agent: str, params: dict[str, Any] | None = None) -> str:
         """Start a conversation with ``agent``; returns the transaction id."""
@@ -204,7 +343,7 @@ class HaipClient:
     # --- receiving ---------------------------------------------------------------------------------
 
     def events(self) -> AsyncIterator[Received]:
-        """Every envelope the server sends (after the handshake), in order."""
+        """Every envelope of the session (after the handshake), once each and in order, across reconnects."""
         return self._events.__aiter__()
 
     async def wait_for(self, predicate: Predicate | str, *, timeout: float | None = None) -> Received:
@@ -232,39 +371,72 @@ class HaipClient:
         assert waiter.result is not None
         return waiter.result
 
-    async def _read(self) -> None:
-        assert self._ws is not None
+    async def _read(self, ws: ClientConnection) -> None:
         try:
-            async for frame in self._ws:
-                event = Received(json.loads(frame))
-                await self._on_event(event)
+            async for frame in ws:
+                self._on_event(Received(json.loads(frame)))
         except ConnectionClosed:
             pass
         finally:
-            self._send_events.close()
-            closed = Received({"type": "CLOSED", "payload": {"code": self._ws.close_code}})
-            for waiter in list(self._waiters):
-                waiter.result = closed
-                waiter.done.set()
+            handshake = self._handshake
+            if handshake is not None and handshake.result is None:
+                handshake.result = Received({"type": "CLOSED", "payload": {"code": ws.close_code}})
+                handshake.done.set()
+            self._reading.set()
 
-    async def _on_event(self, event: Received) -> None:
-        if event.seq == self._last_rx + 1:
-            self._last_rx = event.seq
+    def _on_event(self, event: Received) -> None:
+        if self.session_id is None or event.raw.get("session") != self.session_id:
+            # A new connection's own session: kept until the handshake says whether it is ours.
+            if self._pending is not None:
+                self._pending.append(event)
+                self._match(self._handshake, event)
+            return
+        if event.seq == self._last_rx + 1:  # else a repeat of something already seen
+            self._process(event)
+
+    def _process(self, event: Received) -> None:
+        """One envelope of the session's stream, in order: record it, wake waiters, pass it on."""
+        self._last_rx = event.seq
+        self._note_ack(event)
+        if event.transaction is not None and event.tseq is not None:
+            self.transactions[event.transaction] = max(event.tseq, self.transactions.get(event.transaction, 0))
         self.received.append(event)
+        self._match(self._handshake, event)
         for waiter in list(self._waiters):
-            if waiter.result is None and waiter.predicate(event):
-                waiter.result = event
-                waiter.done.set()
-        if event.type == "PING":
-            await self.send("PONG", {"nonce": event.get("nonce")})
+            self._match(waiter, event)
+        if event.type == "PING" and self._tg is not None:
+            self._tg.start_soon(self._pong, event.get("nonce"))
         try:
             self._send_events.send_nowait(event)
-        except anyio.WouldBlock:
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
             pass  # nobody is iterating events(); ``received`` still has it
+
+    @staticmethod
+    def _match(waiter: _Waiter | None, event: Received) -> None:
+        if waiter is not None and waiter.result is None and waiter.predicate(event):
+            waiter.result = event
+            waiter.done.set()
+
+    async def _pong(self, nonce: Any) -> None:
+        try:
+            await self.send("PONG", {"nonce": nonce})
+        except ClientError:
+            pass  # the connection went; the runtime does not need this PONG any more
+
+    def _note_ack(self, event: Received) -> None:
+        ack = event.raw.get("ack")
+        if isinstance(ack, str) and ack.isdecimal():
+            acked = int(ack)
+            while self._unacked and next(iter(self._unacked)) <= acked:
+                self._unacked.popitem(last=False)
 
     @property
     def close_code(self) -> int | None:
         return None if self._ws is None else self._ws.close_code
+
+
+def _is_ready(event: Received) -> bool:
+    return event.type == "INFO" and event.get("event") == "session.ready"
 
 
 def _answers(event: Received, type: str, reference: str, key: Callable[[Received], Any]) -> bool:

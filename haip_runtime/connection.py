@@ -14,15 +14,16 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
-from haip_runtime.auth import Authenticator, Credentials
+from haip_runtime.auth import Authenticator, Credentials, Principal, close_when_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
+from haip_runtime.permissions import check_event
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
-from haip_runtime.protocol.envelope import Envelope, Event, new_id
+from haip_runtime.protocol.envelope import Envelope, new_id
 from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
-from haip_runtime.session import GAP_GRACE_SECONDS, Outbox, Session, error_payload, parse_seq
+from haip_runtime.session import GAP_GIVE_UP_SECONDS, GAP_GRACE_SECONDS, Outbox, Session, parse_seq
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,12 @@ class Connection:
         self._gap_watched = False
 
     async def serve(self, inbound: ObjectReceiveStream[Inbound]) -> None:
-        provisional_id = new_id()
-        self._send_raw(provisional_id, 1, EventType.HAI, self._server_hai())
-        session = await self._handshake(inbound, provisional_id)
+        # The server HAI is seq 1 of a provisional session, which the handshake authenticates
+        # (or leaves, for the session the client resumes).
+        provisional = Session.provisional(self.config, self.hub.config.flow_control)
+        provisional.attach(self.outbox)
+        provisional.send(EventType.HAI, self._server_hai())
+        session = await self._handshake(inbound, provisional)
         if session is None:
             return
         self.hub.active_connections += 1
@@ -59,18 +63,17 @@ class Connection:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 tg.start_soon(self._heartbeat, session)
+                tg.start_soon(close_when_expired, session, self.outbox)
                 await self._read_loop(inbound, session)
                 tg.cancel_scope.cancel()
         finally:
             self.hub.active_connections -= 1
             session.detach(self.outbox)
+            if session.outbox is None:
+                self.hub.sessions.save(session)
             logger.info(
                 "session %s disconnected (resumable for %.0f s)", session.id, self.config.resume_timeout_seconds
             )
-
-    def _send_raw(self, session_id: str, seq: int, type: str, payload: dict[str, Any]) -> None:
-        """Frames sent before a session exists (the server HAI, handshake errors)."""
-        self.outbox.put(Event(type=type, payload=payload).to_wire(session=session_id, seq=seq, ack=None))
 
     def _server_hai(self) -> dict[str, Any]:
         caps = {
@@ -84,18 +87,21 @@ class Connection:
             "accept_major": list(ACCEPT_MAJOR),
             "accept_events": list(ALL_EVENTS),
             "capabilities": caps,
+            "epoch": self.hub.epoch,
         }
 
     # --- handshake ---------------------------------------------------------------------------------
 
-    async def _handshake(self, inbound: ObjectReceiveStream[Inbound], provisional_id: str) -> Session | None:
+    async def _handshake(self, inbound: ObjectReceiveStream[Inbound], provisional: Session) -> Session | None:
         self.hub.total_connections += 1
         try:
             with anyio.fail_after(self.config.handshake_timeout_seconds):
                 first = await inbound.receive()
-            return self._authenticate(first, provisional_id)
+            hai, principal = await self._authenticate(first)
+            assert isinstance(first, Envelope)
+            return await self._open_session(first, hai, principal, provisional)
         except HandshakeError as error:
-            self._send_raw(provisional_id, 2, EventType.ERROR, error_payload(error))
+            provisional.send_error(error)
             self.outbox.close(error.close_code, error.message)
         except TimeoutError:
             self.outbox.close(CloseCode.POLICY, "no HAI received")
@@ -103,7 +109,7 @@ class Connection:
             pass
         return None
 
-    def _authenticate(self, first: Inbound, provisional_id: str) -> Session:
+    async def _authenticate(self, first: Inbound) -> tuple[p.Hai, Principal]:
         if isinstance(first, DecodeError):
             raise HandshakeError(
                 first.code,
@@ -129,37 +135,44 @@ class Connection:
                 close_code=CloseCode.PROTOCOL,
                 related_id=first.id,
             )
-        principal = self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
-        return self._open_session(first, hai, principal, provisional_id)
+        principal = await self.authenticator.authenticate(self.credentials.first(hai.auth.token if hai.auth else None))
+        return hai, principal
 
-    def _open_session(self, first: Envelope, hai: p.Hai, principal: Any, provisional_id: str) -> Session:
-        resumed: Session | None = None
-        if hai.last_rx_seq is not None and first.session:
-            resumed = self.hub.find_resumable(first.session, principal.user)
-        if resumed is not None:
-            resumed.attach(self.outbox, parse_seq(hai.last_rx_seq, "last_rx_seq", first.id))
-            resumed.accept_inbound(first)
-            resumed.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": True})
-            return resumed
-        # The server HAI already went out as seq 1 of this session.
-        session = Session(
-            principal,
-            negotiate(hai.accept_events),
-            self.config,
-            id=provisional_id,
-            sent=1,
-            flow=self.hub.config.flow_control,
-        )
-        session.attach(self.outbox)
-        session.accept_inbound(first)
-        self.hub.add_session(session)
+    async def _open_session(self, first: Envelope, hai: p.Hai, principal: Principal, provisional: Session) -> Session:
+        failure: ProtocolError | None = None
         if hai.last_rx_seq is not None:
-            session.send_error(
-                ProtocolError(
-                    ErrorCode.RESUME_FAILED, "no resumable session with that id; started a new one", related_id=first.id
-                )
-            )
-        session.send(EventType.INFO, {"event": "session.ready", "user": principal.user, "resumed": False})
+            try:
+                resumed = await self._resume(first, hai.last_rx_seq, principal)
+            except ProtocolError as error:
+                failure = error
+            else:
+                resumed.principal = principal  # the new token's rights (and expiry) from now on
+                resumed.accept_inbound(first)
+                ready = {"event": "session.ready", "user": principal.user, "resumed": True, "epoch": self.hub.epoch}
+                resumed.send(EventType.INFO, ready)
+                return resumed
+        for stale in self.hub.limits.admit_session(self.hub.sessions.sessions.values(), principal.user):
+            self.hub.drop_session(stale)
+        provisional.authenticate(principal, negotiate(hai.accept_events))
+        provisional.accept_inbound(first)
+        self.hub.sessions.add(provisional)
+        if failure is not None:
+            provisional.send_error(failure)
+        ready = {"event": "session.ready", "user": principal.user, "resumed": False, "epoch": self.hub.epoch}
+        provisional.send(EventType.INFO, ready)
+        return provisional
+
+    async def _resume(self, first: Envelope, last_rx_seq: str, principal: Principal) -> Session:
+        """The session ``first`` names, re-attached after ``last_rx_seq``; raises RESUME_FAILED."""
+        number = parse_seq(last_rx_seq, "last_rx_seq", first.id, ErrorCode.RESUME_FAILED)
+        session = self.hub.sessions.find_resumable(first.session, principal.user)
+        if session is None:
+            raise await self.hub.sessions.resume_failure(first.session, principal.user, first.id)
+        try:
+            session.attach(self.outbox, number)
+        except ProtocolError as error:
+            error.related_id = first.id
+            raise
         return session
 
     # --- after the handshake -----------------------------------------------------------------------
@@ -175,6 +188,8 @@ class Connection:
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)
                 self._top_up(session, item)
+                self.hub.limits.check_message(session, item)
+                check_event(session.principal.permissions, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:
                 session.send_error(error, transaction=item.transaction)
@@ -197,12 +212,16 @@ class Connection:
             self._task_group.start_soon(self._request_missing, session)
 
     async def _request_missing(self, session: Session) -> None:
-        """Give a gap in the client's seqs a moment to fill, then ask for a replay of it."""
+        """Give a gap in the client's seqs a moment to fill, ask for a replay of it, then give up on it."""
         await anyio.sleep(GAP_GRACE_SECONDS)
-        self._gap_watched = False
         missing = session.missing_inbound()
         if missing is not None:
             session.send(EventType.REPLAY_REQUEST, {"from_seq": str(missing[0]), "to_seq": str(missing[1])})
+            await anyio.sleep(GAP_GIVE_UP_SECONDS)
+            if session.missing_inbound() == missing:
+                session.give_up_gap()
+        self._gap_watched = False
+        self._watch_gap(session)  # a later gap, if any
 
     async def _dispatch(self, session: Session, envelope: Envelope) -> None:
         kind = envelope.type
@@ -215,13 +234,7 @@ class Connection:
             request = parse_payload(envelope, p.ReplayRequest)
             start = parse_seq(request.from_seq, "from_seq", envelope.id)
             end = parse_seq(request.to_seq, "to_seq", envelope.id) if request.to_seq else None
-            try:
-                frames = list(session.replay(start, end))
-            except ProtocolError as error:
-                error.related_id = envelope.id
-                raise
-            for frame in frames:
-                self.outbox.put(frame, backlog=True)
+            session.replay(start, end, envelope.id)
         else:
             await self.hub.handle(session, envelope)
 

@@ -5,7 +5,7 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
 
     HaipError
     ├── ConfigError                 a haip.toml that cannot be used (one line: file, key path, expected)
-    ├── PluginError                 an agent plugin that cannot be found, loaded or configured
+    ├── PluginError                 a plugin (agent, in-process MCP server) that cannot be found, loaded or configured
     ├── ProtocolError (code)        something a peer sent; becomes a wire ERROR
     │   ├── DecodeError             INVALID_MESSAGE / MESSAGE_TOO_LARGE / UNSUPPORTED_TYPE
     │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
@@ -13,6 +13,7 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
     │   ├── ToolUnavailableError    its server is not connected
     │   └── ToolTimeoutError        the server did not answer in time
+    ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
     └── ClientError                 raised by the Python client library (haip_runtime.client)
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.protocol.events import ErrorCode, LlmErrorCode
 
 __all__ = [
     "ClientError",
@@ -28,6 +29,7 @@ __all__ = [
     "DecodeError",
     "HaipError",
     "HandshakeError",
+    "LlmError",
     "PluginError",
     "ProtocolError",
     "ToolError",
@@ -45,7 +47,7 @@ class ConfigError(HaipError):
 
 
 class PluginError(HaipError):
-    """An agent plugin cannot be found, imported or configured."""
+    """A plugin (an agent class, an in-process MCP server) cannot be found, imported or configured."""
 
 
 class ProtocolError(HaipError):
@@ -92,6 +94,15 @@ class ToolUnavailableError(ToolError):
 
 class ToolTimeoutError(ToolError):
     """The MCP server did not answer within the server's ``timeout_seconds``."""
+
+
+class LlmError(HaipError):
+    """An LLM provider could not answer. ``message`` is readable by the user and never holds a key."""
+
+    def __init__(self, code: LlmErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class ClientError(HaipError):

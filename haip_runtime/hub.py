@@ -1,8 +1,9 @@
-"""The hub: every live session and transaction of this runtime, and what clients ask of them.
+"""The hub: routes what clients ask of sessions and transactions to its handler.
 
-Routes each authenticated inbound envelope to its handler, checks that the sender is a member
-of the transaction it names, and owns the task group in which agent turns run. Protocol
-failures are raised as ``ProtocolError`` and answered by the connection as ``ERROR``.
+Owns the task group in which agent turns and maintenance run, and the two registries
+(``SessionRegistry``, ``TransactionRegistry``); each inbound envelope of an authenticated session
+goes to one handler here, which checks that the sender may act on the transaction it names.
+Protocol failures are raised as ``ProtocolError`` and answered by the connection as ``ERROR``.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config import HaipConfig
+from haip_runtime.conversations import TransactionRegistry
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.limits import Limits
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
-from haip_runtime.session import Session
-from haip_runtime.transactions import AgentSlot, Transaction
+from haip_runtime.session import Session, parse_seq
+from haip_runtime.sessions import SessionRegistry
+from haip_runtime.store.base import Store
+from haip_runtime.store.memory import MemoryStore
+from haip_runtime.transactions import AgentSlot, Member, Transaction
 
 if TYPE_CHECKING:
     from haip_runtime.tools import ToolProxy, ToolView
@@ -33,16 +40,31 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Session, Envelope], Awaitable[None]]
 
+#: How often expired sessions and idle transactions are looked for, at most.
+MAINTENANCE_INTERVAL = 30.0
+
 
 class Hub:
     """Sessions, transactions, agents; the handlers of every transaction-level event."""
 
-    def __init__(self, config: HaipConfig, agents: dict[str, AgentSpec], tools: ToolProxy | None = None) -> None:
+    def __init__(
+        self,
+        config: HaipConfig,
+        agents: dict[str, AgentSpec],
+        tools: ToolProxy | None = None,
+        store: Store | None = None,
+        *,
+        epoch: str | None = None,
+    ) -> None:
         self.config = config
         self.agents = agents
         self.tools = tools
-        self.sessions: dict[str, Session] = {}
-        self.transactions: dict[str, Transaction] = {}
+        self.store: Store = store or MemoryStore()
+        #: This process's run of the runtime; a client that sees it change knows the runtime restarted.
+        self.epoch = epoch or new_id()
+        self.sessions = SessionRegistry(config.session, self.store, self.epoch)
+        self.transactions = TransactionRegistry(config.transactions, agents, self.store, self.spawn, tools)
+        self.limits = Limits(config.limits)
         self.started_at = time.monotonic()
         self.total_connections = 0
         self.active_connections = 0
@@ -64,14 +86,17 @@ class Hub:
     async def __aenter__(self) -> Self:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._reap_sessions)
+        self._task_group.start_soon(self._maintain)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         assert self._task_group is not None
         with anyio.move_on_after(10, shield=True):
-            for transaction in list(self.transactions.values()):
-                await transaction.end("runtime shutting down")
+            for transaction in list(self.transactions.live.values()):
+                if self.store.durable:
+                    await self._stop_for_restart(transaction)  # to be continued after the restart
+                else:
+                    await transaction.end("runtime shutting down")
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
@@ -80,31 +105,39 @@ class Hub:
             raise RuntimeError("the hub is not running")
         self._task_group.start_soon(func, *args)
 
-    # --- sessions ----------------------------------------------------------------------------------
+    # --- sessions and upkeep ------------------------------------------------------------------------
 
-    def add_session(self, session: Session) -> None:
-        self.sessions[session.id] = session
-
-    def find_resumable(self, session_id: str, user: str) -> Session | None:
-        session = self.sessions.get(session_id)
-        if session is None or session.user != user or session.expired(time.monotonic()):
-            return None
-        return session
-
-    async def _reap_sessions(self) -> None:
-        interval = min(30.0, self.config.session.resume_timeout_seconds / 2)
+    async def _maintain(self) -> None:
+        interval = min(MAINTENANCE_INTERVAL, self.config.session.resume_timeout_seconds / 2)
+        interval = min(interval, self.config.transactions.idle_seconds / 2)
+        self.sessions.prune_records()
         while True:
             await anyio.sleep(interval)
-            now = time.monotonic()
-            for session in [s for s in self.sessions.values() if s.expired(now)]:
-                self.drop_session(session)
+            self.upkeep()
+
+    def upkeep(self) -> None:
+        """Drop expired sessions and let idle transactions leave memory."""
+        for session in self.sessions.expired():
+            self.drop_session(session)
+        for transaction in self.transactions.idle():
+            self.transactions.evict(transaction)
 
     def drop_session(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        self.sessions.remove(session)
         for transaction_id in list(session.transactions):
-            transaction = self.transactions.get(transaction_id)
+            transaction = self.transactions.live.get(transaction_id)
             if transaction is not None:
                 transaction.remove_member(session)
+
+    async def _stop_for_restart(self, transaction: Transaction) -> None:
+        """The runtime is stopping: cancel what runs; the transaction stays open in the store."""
+        for run in list(transaction.runs.values()):
+            run.scope.cancel()
+        if self.tools is not None:
+            self.tools.cancel_transaction(transaction.id, "the runtime is shutting down")
+        for run in list(transaction.runs.values()):
+            await run.done.wait()
+        transaction.save()
 
     # --- dispatch ----------------------------------------------------------------------------------
 
@@ -118,8 +151,8 @@ class Hub:
 
     def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
         """The transaction the envelope names, if the sender is a member (else not found)."""
-        transaction = self.transactions.get(envelope.transaction or "")
-        if transaction is None or not transaction.is_member(session):
+        transaction = self.transactions.get_member(envelope.transaction, session)
+        if transaction is None:
             raise ProtocolError(
                 ErrorCode.TRANSACTION_NOT_FOUND,
                 f"no transaction {envelope.transaction!r} for this session",
@@ -144,14 +177,13 @@ class Hub:
                 f"no agent named {request.agent_name!r}",
                 related_id=envelope.transaction or envelope.id,
             )
-        transaction = Transaction(
-            owner=session.user, thread_id=request.thread_id or envelope.thread_id, spawn=self.spawn, tools=self.tools
-        )
-        slot = self._slot(spec, transaction, session, request.params)  # a plugin that fails here costs nothing
-        self.transactions[transaction.id] = transaction
+        self.limits.check_transactions(self.transactions.live.values(), session.user, envelope.id)
+        transaction = self.transactions.new(session.user, request.thread_id or envelope.thread_id)
+        slot = self.transactions.slot(spec, transaction, session.user, request.params)  # a failing plugin costs nothing
         logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)
         transaction.add_member(session)
         transaction.add_agent(slot)
+        self.transactions.add(transaction)
         reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
         transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
         self.send_tool_list(transaction)
@@ -162,28 +194,39 @@ class Hub:
         if type(slot.instance).on_start is not Agent.on_start:
             transaction.start_run(slot, session, "", {}, "on_start")
 
-    def _slot(self, spec: AgentSpec, transaction: Transaction, session: Session, params: dict[str, Any]) -> AgentSlot:
-        instance = spec.create(transaction_id=transaction.id, started_by=session.user, params=params)
-        return AgentSlot(spec.name, instance, tuple(spec.config.mcp_servers))
-
     async def _transaction_join(self, session: Session, envelope: Envelope) -> None:
+        """Join a transaction (one's own, one joined before, or another's with ``may_join_others``):
+        the reply, the history after ``since``, then the live stream. ``{agent}`` adds an agent."""
         request = parse_payload(envelope, p.TransactionJoin)
-        transaction = self.transactions.get(envelope.transaction or "")
-        if transaction is None or (transaction.owner != session.user and not transaction.is_member(session)):
-            # Joining other users' conversations needs roles (not configured): do not reveal it exists.
+        since = 0 if request.since is None else parse_seq(request.since, "since", envelope.id)
+        found = await self.transactions.find(envelope.transaction or "", session.principal)
+        if found is None:
             raise ProtocolError(
                 ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {envelope.transaction!r}", related_id=envelope.id
             )
+        if not isinstance(found, Transaction) or found.ended:
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND,
+                f"transaction {envelope.transaction} has ended; its history is at "
+                f"GET /haip/transactions/{envelope.transaction}/events",
+                related_id=envelope.id,
+            )
+        transaction = found
         if request.agent:
             await self._add_agent(session, envelope, transaction, request.agent)
             return
-        transaction.add_member(session)
-        members = sorted({s.user for s in transaction.members.values()})
-        joined = p.TransactionJoined(members=members, agents=list(transaction.agents))
-        session.send(EventType.TRANSACTION_JOIN, joined.dump(), transaction=transaction.id)
-        since = int(request.since) if request.since and request.since.isdecimal() else 0
-        for event in transaction.events_after(since):
+        self.limits.check_members(transaction, session, envelope.id)
+        history, omitted = await transaction.catch_up(since)
+        # No await from here on: the member is added exactly after the history it was sent.
+        new_user = transaction.add_member(session)
+        joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+        reply = {**joined.dump(), "tseq": str(transaction.tseq), "omitted": omitted}
+        session.send(EventType.TRANSACTION_JOIN, reply, transaction=transaction.id)
+        for event in history:
             session.deliver(event)
+        if new_user:
+            announce = {**joined.dump(), "joined": session.user}
+            transaction.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({session.id})))
         self.send_tool_list(transaction, only=session)
 
     async def _add_agent(self, session: Session, envelope: Envelope, transaction: Transaction, name: str) -> None:
@@ -192,12 +235,17 @@ class Hub:
             raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {name!r}", related_id=envelope.id)
         if not session.principal.permissions.may_start(name):
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {name!r}", related_id=envelope.id)
-        self._check_open(transaction, envelope)
-        slot = None if name in transaction.agents else self._slot(spec, transaction, session, {})
+        if not transaction.is_member(session):
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND,
+                f"join transaction {transaction.id} before adding an agent to it",
+                related_id=envelope.id,
+            )
+        slot = None if name in transaction.agents else self.transactions.slot(spec, transaction, session.user, {})
         if slot is not None:
             transaction.add_agent(slot)
-        members = sorted({s.user for s in transaction.members.values()})
-        transaction.publish(Event(EventType.TRANSACTION_JOIN, {"members": members, "agents": list(transaction.agents)}))
+        joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+        transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()))
         if slot is not None:
             self.send_tool_list(transaction)
             self._greet(transaction, slot, session)
@@ -206,7 +254,13 @@ class Hub:
         transaction = self.member_transaction(session, envelope)
         reason = parse_payload(envelope, p.TransactionEnd).reason or f"ended by {session.user}"
         logger.info("transaction %s ended by %r: %s", transaction.id, session.user, reason)
-        self.spawn(transaction.end, reason)  # it waits for turns to stop; the connection reads on meanwhile
+        self.spawn(self._end, transaction, reason)  # it waits for turns to stop; the connection reads on meanwhile
+
+    async def _end(self, transaction: Transaction, reason: str) -> None:
+        await transaction.end(reason)
+        for member in list(transaction.members.values()):
+            member.transactions.discard(transaction.id)
+        self.transactions.forget(transaction)
 
     # --- messages and runs -------------------------------------------------------------------------
 
@@ -230,18 +284,16 @@ class Hub:
     async def _message_update(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)
         update = parse_payload(envelope, p.MessageUpdate)
-        for entry in transaction.history:
-            if entry.message_id == update.message_id and entry.author == session.user:
-                break
-        else:
+        if not transaction.edit_message(session, update.message_id, update.text):
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
                 "you can only edit your own messages",
                 related_id=envelope.id,
                 detail={"where": "/payload/message_id"},
             )
+        update_payload = {**update.dump(), "author": session.user}
         transaction.publish(
-            Event(EventType.MESSAGE_UPDATE, update.dump(), channel=Channel.USER, exclude=frozenset({session.id}))
+            Event(EventType.MESSAGE_UPDATE, update_payload, channel=Channel.USER, exclude=frozenset({session.id}))
         )
 
     async def _run_cancel(self, session: Session, envelope: Envelope) -> None:
@@ -276,24 +328,27 @@ class Hub:
             return
         self.send_tool_list(self.member_transaction(session, envelope), only=session)
 
-    def send_tool_list(self, transaction: Transaction, only: Session | None = None) -> None:
+    def send_tool_list(self, transaction: Transaction, only: Member | None = None) -> None:
         """TOOL_LIST of the MCP tools the transaction's agents may call, as each member may see them."""
-        for session in [only] if only is not None else list(transaction.members.values()):
-            tools = [tool.entry() for tool in self.transaction_tools(transaction, session)]
-            session.deliver(Event(EventType.TOOL_LIST, p.ToolList(tools=tools).dump(), transaction=transaction.id))
+        for member in [only] if only is not None else list(transaction.members.values()):
+            tools = [tool.entry() for tool in self.transaction_tools(transaction, member)]
+            member.deliver(Event(EventType.TOOL_LIST, p.ToolList(tools=tools).dump(), transaction=transaction.id))
 
-    def transaction_tools(self, transaction: Transaction, session: Session) -> list[ToolView]:
+    def transaction_tools(self, transaction: Transaction, session: Member) -> list[ToolView]:
         if self.tools is None:
             return []
         servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
         return self.tools.visible_tools(servers, session.principal.permissions)
 
-    def server_changed(self, server: str, state: str, error: str | None) -> None:
+    async def server_changed(self, server: str, state: str, error: str | None) -> None:
         """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it.
 
         Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST.
+        Yields to other tasks every 100 transactions, so thousands of them never stall the loop.
         """
-        for transaction in list(self.transactions.values()):
+        for count, transaction in enumerate(list(self.transactions.live.values()), 1):
+            if count % 100 == 0:
+                await anyio.lowlevel.checkpoint()
             if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
                 info = {"event": "mcp.server", "server": server, "state": state, "error": error}
                 transaction.publish(Event(EventType.INFO, info))
@@ -325,38 +380,54 @@ class Hub:
     async def _tool_call(self, session: Session, envelope: Envelope) -> None:
         """A member calls a tool directly (PROTOCOL.md section 8), through the same proxy as agents."""
         request = parse_payload(envelope, p.ToolCall)
-        transaction, tool = self._visible_tool(session, envelope, request.tool)
+        transaction, server = self._callable_tool(session, envelope, request.tool)
         self._check_open(transaction, envelope)
         assert self.tools is not None
         request = request.model_copy(update={"call_id": request.call_id or new_id()})
-        if not self.tools.reserve(str(request.call_id)):
+        self.limits.claim_tool_call(session, envelope.id)
+        if not self.tools.reserve(transaction.id, str(request.call_id)):
+            self.limits.release_tool_call(session)
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
                 f"call_id {request.call_id!r} is already in use",
                 related_id=envelope.id,
                 detail={"where": "/payload/call_id"},
             )
+        self.spawn(self._direct_call, transaction, session, server, request)
 
-        self.spawn(self._direct_call, transaction, session, tool, request)
+    def _callable_tool(self, session: Session, envelope: Envelope, name: str) -> tuple[Transaction, str]:
+        """The transaction and server of a tool a member may call: one it sees, or one of a server that is
+        down (that call ends in TOOL_DONE SERVER_UNAVAILABLE, exactly as an agent's call would)."""
+        try:
+            transaction, tool = self._visible_tool(session, envelope, name)
+            return transaction, tool.server
+        except ProtocolError as error:
+            transaction = self.member_transaction(session, envelope)
+            server = name.partition(".")[0]
+            used = {each for slot in transaction.agents.values() for each in slot.tool_servers}
+            if error.code != ErrorCode.TOOL_NOT_FOUND or self.tools is None or not self.tools.is_down(server, used):
+                raise
+            return transaction, server
 
-    async def _direct_call(
-        self, transaction: Transaction, session: Session, tool: ToolView, request: p.ToolCall
-    ) -> None:
+    async def _direct_call(self, transaction: Transaction, session: Session, server: str, request: p.ToolCall) -> None:
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.SYSTEM) -> None:
             transaction.publish(Event(type, payload, channel=channel))
 
         assert self.tools is not None
-        await self.tools.call(
-            tool.name,
-            request.params,
-            transaction_id=transaction.id,
-            run_id=None,
-            allowed_servers=[tool.server],
-            caller=session.user,
-            emit=emit,
-            permissions=session.principal.permissions,
-            call_id=request.call_id,
-        )
+        try:
+            await self.tools.call(
+                request.tool,
+                request.params,
+                transaction_id=transaction.id,
+                run_id=None,
+                allowed_servers=[server],
+                caller=session.user,
+                emit=emit,
+                permissions=session.principal.permissions,
+                call_id=request.call_id,
+            )
+        finally:
+            self.limits.release_tool_call(session)
 
     async def _tool_update(self, session: Session, envelope: Envelope) -> None:
         transaction = self.member_transaction(session, envelope)

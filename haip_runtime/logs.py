@@ -1,13 +1,91 @@
-"""Logging set-up from ``[observability]``: console lines for people or one JSON object per line."""
+"""Logging set-up from ``[observability]``: console lines for people or one JSON object per line.
+
+Every line passes ``Redactor`` (bearer tokens, JWTs, ``?token=`` and the config's own secrets
+never reach a log), and ``LogBudget`` keeps a noisy logger (an MCP server printing garbage on
+stdout) to a bounded number of one-line records per minute.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 
 from haip_runtime.config import ObservabilityConfig
+
+REDACTED = "<redacted>"
+_PATTERNS = (
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"(?i)\b(bearer\s+)[^\s'\",;]+"), r"\g<1>" + REDACTED),
+    (re.compile(r"(?i)([?&](?:access_)?token=)[^&\s'\"]+"), r"\g<1>" + REDACTED),
+)
+
+
+class Redactor(logging.Filter):
+    """Rewrites each record's message with tokens and the given secret values replaced by ``<redacted>``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Short values would redact ordinary words; config secrets of 8+ characters are specific enough.
+        self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class LogBudget(logging.Filter):
+    """At most ``limit`` records per ``window`` seconds from one logger, each without its traceback.
+
+    The first record after a window that dropped some says how many were dropped.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.limit, self.window, self._clock = limit, window, clock
+        self._started = -window
+        self._count = 0
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            now = self._clock()
+            if now - self._started >= self.window:
+                self._started, self._count = now, 0
+            self._count += 1
+            if self._count > self.limit:
+                self._dropped += 1
+                return False
+            dropped, self._dropped = self._dropped, 0
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            record.msg, record.args = message[:300], None
+        record.exc_info, record.exc_text = None, None
+        if dropped:
+            record.msg, record.args = f"{record.getMessage()} ({dropped} similar lines dropped)", None
+        return True
+
+
+def limit_logger(name: str, limit: int = 5, window: float = 60.0) -> None:
+    """Put a ``LogBudget`` on logger ``name`` (once; later calls keep the first)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, LogBudget) for f in logger.filters):
+        logger.addFilter(LogBudget(limit, window))
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,8 +101,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, ensure_ascii=False)
 
 
-def configure_logging(config: ObservabilityConfig) -> None:
+def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Redactor(secrets))
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -32,7 +32,7 @@ class Downgrader:
 
     def __init__(self, accepted: frozenset[str]) -> None:
         self.accepted = accepted
-        self._streams: dict[str, list[str]] = {}
+        self._streams: dict[str, _Buffered] = {}
 
     def adapt(self, event: Event) -> list[Event]:
         kind = event.type
@@ -70,14 +70,14 @@ class Downgrader:
         payload: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
         message_id = str(payload.get("message_id", ""))
         if event.type == EventType.MESSAGE_START:
-            self._streams[message_id] = []
+            self._streams[message_id] = _Buffered()
         elif event.type == EventType.MESSAGE_PART:
-            parts = self._streams.setdefault(message_id, [])
-            if sum(map(len, parts)) < MAX_BUFFERED_STREAM_CHARS:
-                parts.append(str(payload.get("text", "")))
-        elif event.type == EventType.MESSAGE_END and "MESSAGE" in self.accepted:
-            text = "".join(self._streams.pop(message_id, []))
-            return [event.with_changes(type=EventType.MESSAGE, payload=text, channel=Channel.AGENT)]
+            self._streams.setdefault(message_id, _Buffered()).add(str(payload.get("text", "")))
+        elif event.type == EventType.MESSAGE_END:
+            buffered = self._streams.pop(message_id, None)
+            if "MESSAGE" in self.accepted:
+                text = "" if buffered is None else "".join(buffered.parts)
+                return [event.with_changes(type=EventType.MESSAGE, payload=text, channel=Channel.AGENT)]
         return []
 
     def _as_info(self, event: Event, family: str, action: str) -> list[Event]:
@@ -85,3 +85,18 @@ class Downgrader:
             return []
         body = event.payload if isinstance(event.payload, dict) else {"value": event.payload}
         return [event.with_changes(type=EventType.INFO, payload={"event": family, "action": action, **body})]
+
+
+class _Buffered:
+    """The parts of one streamed message, with their running length (so each part costs O(1))."""
+
+    __slots__ = ("chars", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.chars = 0
+
+    def add(self, text: str) -> None:
+        if self.chars < MAX_BUFFERED_STREAM_CHARS:
+            self.parts.append(text)
+            self.chars += len(text)

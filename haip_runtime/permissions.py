@@ -1,7 +1,9 @@
-"""What a user may do: roles from a JWT claim, mapped through ``[roles.*]`` to agent and tool globs.
+"""What a user may do: roles from a JWT claim, mapped through ``[roles.*]`` to agent, tool and event globs.
 
-With no ``[roles]`` table every user may do everything (a single-team deployment). Otherwise a
-user gets the union of their roles' grants; a role that is not configured grants nothing.
+With no ``[roles]`` table every user may start every agent and use every tool (a single-team
+deployment), but joins only their own transactions. Otherwise a user gets the union of their
+roles' grants (``may_join_others`` lets them join anyone's); a role that is not configured grants nothing.
+``check_event`` is the one check of which event types a user may send.
 """
 
 from __future__ import annotations
@@ -12,6 +14,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from haip_runtime.config import AuthConfig, RoleConfig
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.envelope import Envelope
+from haip_runtime.protocol.events import ErrorCode, EventType
+
+#: Session mechanics every authenticated client may send, whatever its roles.
+ALWAYS_ALLOWED = frozenset(
+    {
+        EventType.HAI,
+        EventType.PING,
+        EventType.PONG,
+        EventType.FLOW_UPDATE,
+        EventType.REPLAY_REQUEST,
+        EventType.PAUSE_CHANNEL,
+        EventType.RESUME_CHANNEL,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -20,12 +38,17 @@ class Permissions:
 
     agents: tuple[str, ...] | None = None
     tools: tuple[str, ...] | None = None
+    join_others: bool = False
+    events: tuple[str, ...] | None = None
 
     def may_start(self, agent: str) -> bool:
         return _matches(agent, self.agents)
 
     def may_use_tool(self, tool: str) -> bool:
         return _matches(tool, self.tools)
+
+    def may_send(self, event_type: str) -> bool:
+        return event_type in ALWAYS_ALLOWED or _matches(event_type, self.events)
 
 
 UNRESTRICTED = Permissions()
@@ -51,4 +74,12 @@ def permissions_for(roles: Iterable[str], table: Mapping[str, RoleConfig]) -> Pe
     return Permissions(
         agents=tuple(pattern for role in granted for pattern in role.agents),
         tools=tuple(pattern for role in granted for pattern in role.tools),
+        join_others=any(role.may_join_others for role in granted),
+        events=tuple(pattern for role in granted for pattern in role.events),
     )
+
+
+def check_event(permissions: Permissions, envelope: Envelope) -> None:
+    """Refuse an envelope whose type the sender's roles do not allow (``ERROR UNAUTHORIZED``)."""
+    if not permissions.may_send(envelope.type):
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not send {envelope.type}", related_id=envelope.id)

@@ -1,19 +1,20 @@
-"""One authenticated client: outbound ``seq`` and replay window, inbound ``ack``, negotiation.
+"""One client's protocol state across its connections: the outbound pipeline, inbound order, negotiation.
 
-A ``Session`` outlives its connection: when the socket goes, the session keeps numbering and
-recording what it is sent, so a client that resumes (HAI with ``session`` + ``last_rx_seq``)
-gets every envelope it missed. Sessions never import a web framework; a connection reaches
-them only as an ``Outbox`` of encoded frames.
+Everything a client receives goes through its ``Session``, the server ``HAI`` included (seq 1):
+``deliver`` adapts an event to what the client accepts, stamps it with the next ``seq``, encodes it
+once and records it in the session's ``ReplayWindow``. A connection reads that window through its
+``Outbox``, a cursor: live frames, a resume and a ``REPLAY_REQUEST`` are all served from the one
+window, so no frame is copied per connection and a client that does not read is closed with 1013
+whatever it asks for. The window is bounded by count, age and bytes (PROTOCOL.md section 10).
+Sessions never import a web framework.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -23,62 +24,177 @@ from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, new_id, parse_uint64
-from haip_runtime.protocol.events import Channel, CloseCode, ErrorCode, EventType
+from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
 
 logger = logging.getLogger(__name__)
 
-#: Envelopes received past a gap in a numbered client's seqs before the client is told it broke the sequence.
+#: Envelopes a numbered client may send past a gap before the runtime stops waiting for the gap.
 MAX_INBOUND_GAP = 1000
 #: How long a gap may stay open before the runtime asks the client to replay it (PROTOCOL.md section 10).
 GAP_GRACE_SECONDS = 0.5
+#: How long after asking the runtime waits for the gap to be filled before it carries on without it.
+GAP_GIVE_UP_SECONDS = 5.0
+#: Inbound envelope ids remembered per session, so a client that re-sends after a reconnect is not served twice.
+DEDUP_WINDOW = 1024
+#: REPLAY_REQUESTs a connection may have waiting; more from a client that does not read closes it with 1013.
+MAX_PENDING_REPLAYS = 16
+#: Frames of an earlier binding an outbox still writes after it is moved to another session (the server HAI).
+_MAX_CARRIED_FRAMES = 8
+
+
+class ReplayWindow:
+    """The session's recent outbound frames by seq: at least ``messages`` or ``seconds`` of them,
+    whichever holds more, but never more than ``max_bytes`` (the newest frame is always kept)."""
+
+    def __init__(self, messages: int, seconds: float, max_bytes: int, clock: Callable[[], float]) -> None:
+        self.messages = messages
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._frames: deque[tuple[float, str]] = deque()
+        self._first = 1  # seq of _frames[0]
+        self.bytes = 0
+
+    @property
+    def first_seq(self) -> int:
+        return self._first
+
+    @property
+    def last_seq(self) -> int:
+        return self._first + len(self._frames) - 1
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def record(self, seq: int, frame: str) -> None:
+        assert seq == self.last_seq + 1, "seqs are recorded in order"
+        now = self._clock()
+        self._frames.append((now, frame))
+        self.bytes += len(frame)
+        horizon = now - self.seconds
+        frames = self._frames
+        while len(frames) > 1 and (
+            self.bytes > self.max_bytes or (len(frames) > self.messages and frames[0][0] < horizon)
+        ):
+            self.bytes -= len(frames.popleft()[1])
+            self._first += 1
+
+    def get(self, seq: int) -> str | None:
+        index = seq - self._first
+        return self._frames[index][1] if 0 <= index < len(self._frames) else None
+
+    def holds(self, from_seq: int) -> bool:
+        """Whether every frame from ``from_seq`` on is still here."""
+        return from_seq >= self._first
 
 
 class Outbox:
-    """The bounded queue of encoded frames for one connection, and its close request.
+    """One connection's cursor over its session's outbound frames, and its close request.
 
-    ``put`` never blocks: a connection with more than ``size`` frames waiting is closed with 1013
-    (its session stays resumable) instead of slowing the transaction or the other members.
-    A replay (``backlog=True``) may exceed the bound: the client asked for all of it.
+    The transport iterates ``frames()``. ``wake`` is called for each new frame; a connection more
+    than ``limit`` live frames behind is closed with 1013 (its session stays resumable) instead of
+    slowing the transaction or the other members. The backlog of a resume does not count: the
+    client asked for all of it.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._send, self._receive = anyio.create_memory_object_stream[str](math.inf)
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.close_code: int | None = None
         self.close_reason = ""
-        self._backlog = 0  # replayed frames still queued (they are written first: the queue is FIFO)
+        self._window: ReplayWindow | None = None
+        self._next = 1
+        self._live_floor = 0
+        self._end: int | None = None
+        self._carried: deque[str] = deque()
+        self._replays: deque[tuple[int, int]] = deque()
+        self._wake = anyio.Event()
+        #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
+        self.aborted = anyio.Event()
 
-    def put(self, frame: str, *, backlog: bool = False) -> bool:
-        if not backlog and self._send.statistics().current_buffer_used - self._backlog >= self.size:
+    def bind(self, window: ReplayWindow, next_seq: int) -> None:
+        """Follow ``window`` from ``next_seq`` on; frames still unwritten of an earlier window go first."""
+        if self._window is not None and self._window is not window:
+            for seq in range(self._next, self._window.last_seq + 1)[:_MAX_CARRIED_FRAMES]:
+                frame = self._window.get(seq)
+                if frame is not None:
+                    self._carried.append(frame)
+        self._window = window
+        self._next = next_seq
+        self._live_floor = window.last_seq
+        self._replays.clear()
+        self._wake.set()
+
+    def wake(self) -> None:
+        window = self._window
+        if window is not None and window.last_seq - max(self._next - 1, self._live_floor) > self.limit:
             self.close(CloseCode.TRY_AGAIN_LATER, "client is not reading fast enough")
-            return False
-        try:
-            self._send.send_nowait(frame)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
-        if backlog:
-            self._backlog += 1
-        return True
+        self._wake.set()
+
+    def replay(self, from_seq: int, to_seq: int) -> None:
+        if len(self._replays) >= MAX_PENDING_REPLAYS:
+            self.close(CloseCode.TRY_AGAIN_LATER, "too many replays waiting for a client that is not reading")
+            return
+        self._replays.append((from_seq, to_seq))
+        self._wake.set()
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Ask the transport to close after the frames already queued (at once for 1013)."""
+        """Ask the transport to close after the frames already sent to it (at once for 1013)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self._send.close()
+            self._end = self._window.last_seq if self._window is not None else 0
+            if code == CloseCode.TRY_AGAIN_LATER:
+                self.aborted.set()
+        self._wake.set()
 
     def discard(self) -> None:
-        """Release both ends; for the transport, once the connection is gone."""
-        self._send.close()
-        self._receive.close()
+        """The connection is gone: stop at once."""
+        self.close(CloseCode.NORMAL)
+        self._end, self._carried, self._replays = 0, deque(), deque()
+        self._wake.set()
 
-    async def frames(self) -> Any:
-        """The frames to write, in order; ends when the outbox is closed and drained."""
-        async with self._receive:
-            async for frame in self._receive:
-                if self.close_code == CloseCode.TRY_AGAIN_LATER:
-                    return
-                self._backlog = max(0, self._backlog - 1)
+    @property
+    def backlog(self) -> int:
+        """Frames this connection has yet to write (live and replayed)."""
+        window = self._window
+        live = 0 if window is None else max(0, (self._end or window.last_seq) - self._next + 1)
+        return live + len(self._carried) + sum(end - start + 1 for start, end in self._replays)
+
+    async def frames(self) -> AsyncIterator[str]:
+        """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained)."""
+        while self.close_code != CloseCode.TRY_AGAIN_LATER:
+            frame = self._take()
+            if frame is not None:
                 yield frame
+            elif self.close_code is not None:
+                return
+            else:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+
+    def _take(self) -> str | None:
+        if self._carried:
+            return self._carried.popleft()
+        window = self._window
+        if window is None:
+            return None
+        while self._replays:
+            start, end = self._replays[0]
+            if start >= end:
+                self._replays.popleft()
+            else:
+                self._replays[0] = (start + 1, end)
+            frame = window.get(start)
+            if frame is not None:
+                return frame
+        last = window.last_seq if self._end is None else min(self._end, window.last_seq)
+        if self._next > last:
+            return None
+        frame = window.get(self._next)
+        if frame is None:
+            self.close(CloseCode.TRY_AGAIN_LATER, "client fell behind the replay window")
+            return None
+        self._next += 1
+        return frame
 
 
 class InboundCredit:
@@ -103,29 +219,25 @@ class InboundCredit:
         return None
 
 
-@dataclass(frozen=True)
-class Sent:
-    seq: int
-    at: float
-    frame: str
-
-
 class Session:
-    """Protocol state of one client across its connections."""
+    """Protocol state of one client across its connections.
+
+    A connection makes a provisional session at once (its ``HAI`` is seq 1 of it); the handshake
+    either ``authenticate``s it or resumes another session, to which the connection's outbox moves.
+    """
 
     def __init__(
         self,
-        principal: Principal,
+        principal: Principal | None,
         accepted: frozenset[str],
         config: SessionConfig,
         *,
         id: str | None = None,
-        sent: int = 0,
         clock: Callable[[], float] = time.monotonic,
         flow: FlowControlConfig | None = None,
     ) -> None:
         self.id = id or new_id()
-        self.principal = principal
+        self._principal = principal
         self.config = config
         self.credit = InboundCredit(flow or FlowControlConfig())
         self.downgrader = Downgrader(accepted)
@@ -133,12 +245,35 @@ class Session:
         self.active_runs = 0
         self.outbox: Outbox | None = None
         self.detached_at: float | None = None
-        self._seq = sent
+        self._seq = 0
         self._clock = clock
-        self._window: deque[Sent] = deque()
+        self.window = ReplayWindow(
+            config.replay_window_messages, config.replay_window_seconds, config.replay_window_bytes, clock
+        )
         self._inbound_numeric: bool | None = None
         self._last_in = 0
         self._ahead: set[int] = set()
+        self._seen_ids: OrderedDict[str, None] = OrderedDict()
+
+    @classmethod
+    def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
+        """A session for a connection whose client has not authenticated yet."""
+        return cls(None, frozenset(ALL_EVENTS), config, flow=flow)
+
+    def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
+        self._principal = principal
+        self.downgrader = Downgrader(accepted)
+
+    @property
+    def principal(self) -> Principal:
+        if self._principal is None:
+            raise RuntimeError(f"session {self.id} is not authenticated")
+        return self._principal
+
+    @principal.setter
+    def principal(self, principal: Principal) -> None:
+        """A new token for the same user (a resume): its rights and expiry apply from now on."""
+        self._principal = principal
 
     @property
     def user(self) -> str:
@@ -148,6 +283,10 @@ class Session:
     def accepted(self) -> frozenset[str]:
         return self.downgrader.accepted
 
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
     # --- outbound ------------------------------------------------------------------------------
 
     def deliver(self, event: Event) -> None:
@@ -155,10 +294,9 @@ class Session:
         for adapted in self.downgrader.adapt(event):
             self._seq += 1
             ack = self._last_in if self._inbound_numeric else None
-            frame = adapted.to_wire(session=self.id, seq=self._seq, ack=ack)
-            self._record(Sent(self._seq, self._clock(), frame))
+            self.window.record(self._seq, adapted.to_wire(session=self.id, seq=self._seq, ack=ack))
             if self.outbox is not None:
-                self.outbox.put(frame)
+                self.outbox.wake()
 
     def send(
         self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None, channel: str = Channel.SYSTEM
@@ -168,33 +306,34 @@ class Session:
     def send_error(self, error: ProtocolError, *, transaction: str | None = None) -> None:
         self.send(EventType.ERROR, error_payload(error), transaction=transaction)
 
-    def _record(self, sent: Sent) -> None:
-        self._window.append(sent)
-        keep, horizon = self.config.replay_window_messages, sent.at - self.config.replay_window_seconds
-        while len(self._window) > keep and self._window[0].at < horizon:
-            self._window.popleft()
-
-    def replay(self, from_seq: int, to_seq: int | None = None) -> Iterator[str]:
-        """The recorded frames from ``from_seq`` to ``to_seq`` (inclusive), original seqs kept."""
-        if (
-            from_seq < 1
-            or (self._window and from_seq < self._window[0].seq)
-            or (not self._window and from_seq <= self._seq)
-        ):
-            raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"seq {from_seq} is no longer in the replay window")
+    def replay(self, from_seq: int, to_seq: int | None, related_id: str) -> None:
+        """REPLAY_REQUEST: re-send ``from_seq`` to ``to_seq`` (inclusive) on the current connection."""
         last = self._seq if to_seq is None else min(to_seq, self._seq)
-        return (sent.frame for sent in self._window if from_seq <= sent.seq <= last)
+        if from_seq < 1 or not self.window.holds(from_seq):
+            raise ProtocolError(
+                ErrorCode.REPLAY_TOO_OLD,
+                f"seq {from_seq} is no longer in the replay window (it starts at {self.window.first_seq})",
+                related_id=related_id,
+            )
+        if self.outbox is not None and from_seq <= last:
+            self.outbox.replay(from_seq, last)
 
     # --- inbound -------------------------------------------------------------------------------
 
     def accept_inbound(self, envelope: Envelope) -> bool:
-        """Track the client's seq; ``False`` for a duplicate that must be dropped.
+        """Track the client's envelope; ``False`` for a duplicate that must be dropped.
 
-        A client whose first seq is ``"1"`` is numbered: the runtime acks the highest contiguous
-        seq and drops duplicates; an envelope past a gap is processed at once (nothing waits on
-        the gap) and the gap is reported by ``missing_inbound``. Any other first seq (the
-        reference clients send timestamps) is opaque.
+        Any envelope whose ``id`` was seen lately is a duplicate (a client re-sending after a
+        reconnect). A client whose first seq is ``"1"`` is numbered: the runtime acks the highest
+        contiguous seq and drops repeated seqs; an envelope past a gap is processed at once and
+        the gap is reported by ``missing_inbound``. Any other first seq (the reference clients send
+        timestamps) is opaque.
         """
+        if envelope.id in self._seen_ids:
+            return False
+        self._seen_ids[envelope.id] = None
+        if len(self._seen_ids) > DEDUP_WINDOW:
+            self._seen_ids.popitem(last=False)
         number = envelope.numeric_seq
         if self._inbound_numeric is None:
             self._inbound_numeric = number == 1
@@ -202,38 +341,70 @@ class Session:
             return True
         if number <= self._last_in or number in self._ahead:
             return False
+        if number != self._last_in + 1 and len(self._ahead) >= MAX_INBOUND_GAP:
+            self.give_up_gap()
         if number == self._last_in + 1:
             self._last_in = number
-            while self._last_in + 1 in self._ahead:
-                self._ahead.remove(self._last_in + 1)
-                self._last_in += 1
-        elif len(self._ahead) < MAX_INBOUND_GAP:
+            self._close_ranks()
+        elif number > self._last_in:
             self._ahead.add(number)
-        else:
-            raise ProtocolError(
-                ErrorCode.SEQ_VIOLATION,
-                f"seq {number} is too far past the gap after {self._last_in}",
-                related_id=envelope.id,
-            )
-        return True
+        return True  # (or a late straggler of a gap given up on: served, not counted)
+
+    def _close_ranks(self) -> None:
+        while self._last_in + 1 in self._ahead:
+            self._ahead.remove(self._last_in + 1)
+            self._last_in += 1
 
     def missing_inbound(self) -> tuple[int, int] | None:
         """The first gap in the client's seqs, as an inclusive range, if there is one."""
         return (self._last_in + 1, min(self._ahead) - 1) if self._ahead else None
 
+    def give_up_gap(self) -> None:
+        """Stop waiting for the first gap: tell the client, and go on from the envelopes after it."""
+        missing = self.missing_inbound()
+        if missing is None:
+            return
+        self._last_in = missing[1] + 1
+        self._ahead.discard(self._last_in)
+        self._close_ranks()
+        first, last = missing
+        self.send_error(
+            ProtocolError(
+                ErrorCode.SEQ_VIOLATION,
+                f"seqs {first} to {last} never arrived; carrying on without them",
+                detail={"where": "/seq", "missing": [str(first), str(last)]},
+            )
+        )
+
     # --- connections ---------------------------------------------------------------------------
 
     def attach(self, outbox: Outbox, last_rx_seq: int | None = None) -> None:
-        """Bind a connection; with ``last_rx_seq``, re-send everything after it first."""
+        """Bind a connection; with ``last_rx_seq``, re-send everything after it first.
+
+        Raises ``ProtocolError(RESUME_FAILED)`` (the session is untouched) if frames after
+        ``last_rx_seq`` are no longer in the window, or if the client claims frames never sent.
+        """
+        start = self._seq + 1 if last_rx_seq is None else last_rx_seq + 1
+        if last_rx_seq is not None and last_rx_seq > self._seq:
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"last_rx_seq {last_rx_seq} is past the last seq this session sent ({self._seq})",
+                detail={"where": "/payload/last_rx_seq", "reason": "ahead"},
+            )
+        if start <= self._seq and not self.window.holds(start):
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"seq {start} is no longer in the replay window (it starts at {self.window.first_seq})",
+                detail={"where": "/payload/last_rx_seq", "reason": "too_old"},
+            )
         if self.outbox is not None and self.outbox is not outbox:
             self.outbox.close(CloseCode.NORMAL, "session resumed on another connection")
         self.outbox = outbox
         self.detached_at = None
-        if last_rx_seq is not None:
-            for frame in self.replay(last_rx_seq + 1):
-                outbox.put(frame, backlog=True)
+        outbox.bind(self.window, start)
 
     def detach(self, outbox: Outbox) -> None:
+        outbox.close()  # it writes nothing recorded after this
         if self.outbox is outbox:
             self.outbox = None
             self.detached_at = self._clock()
@@ -252,12 +423,12 @@ def error_payload(error: ProtocolError) -> dict[str, Any]:
     return payload
 
 
-def parse_seq(value: str | None, where: str, related_id: str) -> int:
+def parse_seq(value: str | None, where: str, related_id: str, code: ErrorCode = ErrorCode.INVALID_PAYLOAD) -> int:
     number = parse_uint64(value)
     if number is None:
         raise ProtocolError(
-            ErrorCode.INVALID_PAYLOAD,
-            f"{where} must be a decimal seq",
+            code,
+            f"{where} must be a decimal seq, not {value!r}"[:200],
             related_id=related_id,
             detail={"where": f"/payload/{where}"},
         )

@@ -1,12 +1,14 @@
-"""An in-memory harness for agent plugins: run turns with fake tools, no server, sockets or MCP servers.
+"""An in-memory harness for agent plugins: run turns with fake tools and a scripted LLM, no server or network.
 
-    async with AgentHarness(Helpdesk, options={"greeting": "Hi"}, tools={"tickets.search": search}) as agent:
+    llm = ScriptedLLM([ScriptedLLM.call("tickets.search", {"q": "printer"}), "Ticket 42 it is."])
+    async with AgentHarness(Helpdesk, tools={"tickets.search": search}, llm=llm) as agent:
         turn = await agent.send("my printer is on fire")
-        assert turn.status == "OK" and "ticket" in turn.text
+        assert turn.status == "OK" and "42" in turn.text
         assert turn.tool_calls[0]["tool"] == "tickets.search"
 
 The agent runs in a real transaction with the real tool proxy, so what a turn records is what a
-HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events.
+HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events. A fake
+tool's return value becomes the result a real MCP server (the SDK's ``MCPServer``) would give.
 """
 
 from __future__ import annotations
@@ -21,10 +23,21 @@ import anyio
 from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
-from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth import Principal
-from haip_runtime.bridge.models import OnElicit, OnProgress, ServerState, ServerStatus, ToolInfo, ToolResult
+from haip_runtime.bridge.models import (
+    ElicitationRequest,
+    OnElicit,
+    OnProgress,
+    Progress,
+    ServerState,
+    ServerStatus,
+    ToolInfo,
+    ToolResult,
+)
 from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.llm.provider import Provider
+from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
@@ -32,13 +45,39 @@ from haip_runtime.session import Session
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transactions import AgentSlot, Transaction
 
-#: A fake tool: takes the arguments, returns text, a dict (structured content) or a ``ToolResult``;
-#: may be async; raising ``FakeToolError`` makes an error result, as a failing MCP tool would.
-ToolFunc = Callable[[dict[str, Any]], Any]
+#: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
+#: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
+#: value: ``5.0`` gives text ``"5.0"`` and structured ``{"result": 5.0}``; a dict gives its JSON as
+#: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
+#: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
+ToolFunc = Callable[..., Any]
 
 
 class FakeToolError(Exception):
     """Raise in a fake tool to return an error result (``is_error``) with this message."""
+
+
+class FakeToolContext:
+    """What a fake tool with a second parameter gets: the means an MCP tool has to talk to the user."""
+
+    def __init__(self, on_progress: OnProgress | None, on_elicit: OnElicit | None) -> None:
+        self._on_progress = on_progress
+        self._on_elicit = on_elicit
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        """Members see ``TOOL_UPDATE {progress, total, message}`` (coalesced like real progress)."""
+        if self._on_progress is not None:
+            await self._on_progress(Progress(progress, total, message))
+
+    async def elicit(self, message: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the user (``TOOL_UPDATE INPUT_REQUIRED``); the harness answers with its ``user_input``.
+
+        Returns the answer, or ``None`` if it was declined.
+        """
+        if self._on_elicit is None:
+            return None
+        answer = await self._on_elicit(ElicitationRequest(message, schema))
+        return answer.content if answer.action == "accept" else None
 
 
 @dataclass(frozen=True)
@@ -93,16 +132,22 @@ class AgentHarness:
         tools: Mapping[str, ToolFunc] | None = None,
         require_approval: Iterable[str] = (),
         approve: bool = True,
+        user_input: Mapping[str, Any] | None = None,
         user: str = "tester",
         params: Mapping[str, Any] | None = None,
+        llm: Provider | None = None,
+        instructions: str | None = None,
     ) -> None:
         self._fakes = _FakeTools(tools or {})
         servers = self._fakes.servers(set(require_approval))
         name = agent.name or agent.__name__.lower()
-        config = AgentConfig(plugin=f"{agent.__module__}:{agent.__qualname__}", mcp_servers=sorted(servers))
-        self.spec = AgentSpec(name, agent, agent.Options.model_validate(dict(options or {})), config)
+        plugin = f"{agent.__module__}:{agent.__qualname__}"
+        config = AgentConfig(plugin=plugin, mcp_servers=sorted(servers), instructions=instructions)
+        validated = validate_options(agent, dict(options or {}), f"agents.{name}.options")
+        self.spec = AgentSpec(name, agent, validated, config, llm)
+        self.llm = llm
         self.proxy = ToolProxy(servers, self._fakes)
-        self.member = _Member(Principal(user), self, approve)
+        self.member = _Member(Principal(user), self, approve, user_input)
         self.params = dict(params or {})
         self._task_group: TaskGroup | None = None
         self.transaction: Transaction | None = None
@@ -151,11 +196,14 @@ class AgentHarness:
 class _Member(Session):
     """The harness's user: records what it is sent and answers approvals as told."""
 
-    def __init__(self, principal: Principal, harness: AgentHarness, approve: bool) -> None:
+    def __init__(
+        self, principal: Principal, harness: AgentHarness, approve: bool, user_input: Mapping[str, Any] | None
+    ) -> None:
         super().__init__(principal, negotiate(ALL_EVENTS), SessionConfig())
         self.events: list[Event] = []
         self._harness = harness
         self._approve = approve
+        self._input = None if user_input is None else dict(user_input)
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
@@ -164,6 +212,10 @@ class _Member(Session):
             decision = {"decision": "approve" if self._approve else "reject", "reason": "harness"}
             assert event.transaction is not None
             self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, decision, event.id)
+        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.INPUT_REQUIRED:
+            answer = {"decision": "decline"} if self._input is None else {"input": self._input}
+            assert event.transaction is not None
+            self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, answer, event.id)
 
 
 class _FakeTools:
@@ -216,7 +268,10 @@ class _FakeTools:
     ) -> ToolResult:
         func = self._funcs[f"{server}.{tool}"]
         try:
-            value = func(arguments)
+            if _takes_context(func):
+                value = func(arguments, FakeToolContext(on_progress, on_elicit))
+            else:
+                value = func(arguments)
             if inspect.isawaitable(value):
                 value = await _awaited(value)
         except FakeToolError as exc:
@@ -224,20 +279,39 @@ class _FakeTools:
         return _as_result(value)
 
 
+def _takes_context(func: ToolFunc) -> bool:
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called with the arguments only
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
 async def _awaited(value: Awaitable[Any]) -> Any:
     return await value
 
 
 def _as_result(value: Any) -> ToolResult:
+    """What the MCP SDK's ``MCPServer`` returns for a tool function's return ``value``."""
     if isinstance(value, ToolResult):
         return value
     if isinstance(value, dict):
-        return ToolResult(False, [{"type": "text", "text": json.dumps(value)}], value)
-    return ToolResult(False, [{"type": "text", "text": str(value)}], None)
+        return ToolResult(False, [_text_block(value)], value)
+    if isinstance(value, list | tuple):
+        return ToolResult(False, [_text_block(item) for item in value], {"result": list(value)})
+    if value is None:
+        return ToolResult(False, [], {"result": None})
+    return ToolResult(False, [_text_block(value)], {"result": value})
+
+
+def _text_block(value: Any) -> dict[str, Any]:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+    return {"type": "text", "text": text}
 
 
 def _payload(event: Event) -> dict[str, Any]:
     return event.payload if isinstance(event.payload, dict) else {"text": event.payload}
 
 
-__all__ = ["AgentHarness", "FakeToolError", "ToolFunc", "TurnResult"]
+__all__ = ["AgentHarness", "FakeToolContext", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]

@@ -123,7 +123,7 @@ class ToolCallResult:
         """The text content blocks, joined (or the error message)."""
         if self.error is not None:
             return str(self.error.get("message", ""))
-        return _text(self.content)
+        return content_text(self.content)
 
     def done_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status}
@@ -158,14 +158,17 @@ class ToolProxy:
     def __init__(self, servers: Mapping[str, McpServerConfig], bridge: ToolBackend | None = None) -> None:
         self.servers = servers
         self.bridge = bridge
-        self.calls: dict[str, ActiveCall] = {}
-        self._reserved: set[str] = set()
+        self.calls: dict[tuple[str, str], ActiveCall] = {}
+        """Calls in flight by (transaction id, call id): call ids are scoped per transaction, so one
+        user cannot learn which ids another user's transaction is using."""
+        self._reserved: set[tuple[str, str]] = set()
 
-    def reserve(self, call_id: str) -> bool:
-        """Claim a client-chosen ``call_id`` before its call starts; ``False`` if it is in use."""
-        if call_id in self.calls or call_id in self._reserved:
+    def reserve(self, transaction_id: str, call_id: str) -> bool:
+        """Claim a client-chosen ``call_id`` in a transaction before its call starts; ``False`` if in use."""
+        key = (transaction_id, call_id)
+        if key in self.calls or key in self._reserved:
             return False
-        self._reserved.add(call_id)
+        self._reserved.add(key)
         return True
 
     def attach(self, bridge: ToolBackend) -> None:
@@ -202,7 +205,8 @@ class ToolProxy:
     ) -> ToolCallResult:
         """Call ``name`` (``server.tool``), telling the members every step through ``emit``."""
         active = ActiveCall(call_id or new_id(), transaction_id)
-        self._reserved.discard(active.call_id)
+        key = (transaction_id, active.call_id)
+        self._reserved.discard(key)
         server, _, tool = name.partition(".")
         emit(
             EventType.TOOL_CALL,
@@ -211,14 +215,14 @@ class ToolProxy:
         refusal = self._refusal(name, server, allowed_servers, permissions)
         if refusal is not None:
             return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal))
-        self.calls[active.call_id] = active
+        self.calls[key] = active
         try:
             result = await self._run(active, name, server, tool, arguments, emit)
         except anyio.get_cancelled_exc_class():
             self._done(emit, _cancelled(active, name, "the run was cancelled"))
             raise
         finally:
-            self.calls.pop(active.call_id, None)
+            self.calls.pop(key, None)
             active.finished.set()
         return self._done(emit, result)
 
@@ -275,8 +279,12 @@ class ToolProxy:
         except ToolError as exc:
             return ToolCallResult(active.call_id, name, "ERROR", error=_error("TOOL_FAILED", str(exc)))
         status: DoneStatus = "ERROR" if outcome.is_error else "OK"
-        error = _error("TOOL_ERROR", _text(outcome.content) or "tool error") if outcome.is_error else None
+        error = _error("TOOL_ERROR", content_text(outcome.content) or "tool error") if outcome.is_error else None
         return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
+
+    def is_down(self, server: str, servers: Iterable[str]) -> bool:
+        """Whether ``server``, one of ``servers``, is configured but cannot take calls right now."""
+        return server in servers and server in self.servers and self._unavailable(server) is not None
 
     def _unavailable(self, server: str) -> str | None:
         """Why ``server`` cannot take calls right now, or ``None`` if it is connected."""
@@ -312,7 +320,9 @@ class ToolProxy:
         from haip_runtime.bridge import ElicitationAnswer
 
         active.ask("input")
-        update.send(ToolStatus.INPUT_REQUIRED, request={"message": request.message, "schema": request.schema})
+        # "server" says who is asking: the text is the MCP server's, not the runtime's or an agent's.
+        asked = {"message": request.message, "schema": request.schema, "server": server}
+        update.send(ToolStatus.INPUT_REQUIRED, request=asked)
         answer = await self._wait_answer(active, server)
         update.send(ToolStatus.RUNNING)
         if answer is None or answer.get("decision") == "decline" or answer.get("input") is None:
@@ -359,6 +369,10 @@ class ToolProxy:
             active.updates.send(ToolStatus.CANCELLING, message=active.cancel_reason)
         active.scope.cancel()
 
+    def has_calls(self, transaction_id: str) -> bool:
+        """Whether any call is in flight in the transaction."""
+        return any(active.transaction_id == transaction_id for active in self.calls.values())
+
     def cancel_transaction(self, transaction_id: str, reason: str) -> list[ActiveCall]:
         """Cancel every call in flight in a transaction (it is ending); returns them to wait on."""
         calls = [active for active in self.calls.values() if active.transaction_id == transaction_id]
@@ -368,8 +382,8 @@ class ToolProxy:
         return calls
 
     def _active(self, call_id: str, transaction_id: str, related_id: str) -> ActiveCall:
-        active = self.calls.get(call_id)
-        if active is None or active.transaction_id != transaction_id:
+        active = self.calls.get((transaction_id, call_id))
+        if active is None:
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
                 f"no call {call_id!r} in flight in this transaction",
@@ -431,6 +445,6 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": str(code), "message": message}
 
 
-def _text(content: list[dict[str, Any]]) -> str:
+def content_text(content: list[dict[str, Any]]) -> str:
     """The text content blocks of an MCP result, joined."""
     return "\n".join(str(block.get("text", "")) for block in content if block.get("type") == "text")

@@ -1,33 +1,62 @@
-"""Transactions: conversations shared by member sessions and agents, with their runs and event log.
+"""Transactions: conversations shared by members and agents, with their runs and event log.
 
-A ``Transaction`` belongs to the runtime, not to a socket. It records every event it publishes
-in its own log (with a transaction sequence ``tseq``) and fans it out to the member sessions,
-which never block it. Agent turns run as ``Run``s in the hub's task group, each with its own
+A ``Transaction`` belongs to the runtime, not to a socket. Every event it publishes gets the next
+transaction sequence ``tseq``, goes to the store (the durable log) and to the members, which never
+block it. In memory it keeps only what live work needs: the members, the agents, the running
+turns, a short tail of recent events (so a member joining mid-stream misses nothing) and the
+agents' bounded history. Agent turns run as ``Run``s in the hub's task group, each with its own
 cancel scope, so one failing or cancelled turn costs only itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from haip_runtime.agents.api import Agent, HistoryEntry, Turn
+from haip_runtime.agents.api import Agent, HistoryEntry, Turn, TurnServices
+from haip_runtime.config import TransactionsConfig
+from haip_runtime.exceptions import LlmError
 from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.store.base import Store, TransactionRecord, TransactionState
+from haip_runtime.tools import content_text
 
 if TYPE_CHECKING:
-    from haip_runtime.session import Session
+    from haip_runtime.auth import Principal
     from haip_runtime.tools import ToolProxy
 
 logger = logging.getLogger(__name__)
 
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
+#: Recent events kept in memory, so a join never waits on the store for what just happened.
+TAIL_EVENTS = 256
+
+
+class Member(Protocol):
+    """What a transaction needs of a member: a session, here or (later) on another node."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def principal(self) -> Principal: ...
+
+    transactions: set[str]
+    active_runs: int
+
+    def deliver(self, event: Event) -> None: ...
 
 
 @dataclass
@@ -36,7 +65,7 @@ class Run:
 
     id: str
     agent: str
-    session: Session | None
+    member: Member | None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -49,90 +78,181 @@ class AgentSlot:
 
 
 class Transaction:
-    """One conversation: members, agents, runs, history and the append-only event log."""
+    """One conversation: members, agents, runs, history; its log lives in the store."""
 
     def __init__(
-        self, *, owner: str, thread_id: str | None, spawn: Callable[..., object], tools: ToolProxy | None = None
+        self,
+        *,
+        owner: str,
+        thread_id: str | None,
+        spawn: Callable[..., object],
+        tools: ToolProxy | None = None,
+        store: Store | None = None,
+        config: TransactionsConfig | None = None,
+        id: str | None = None,
+        tseq: int = 0,
+        created_at: float | None = None,
+        users: Iterable[str] = (),
+        history: Iterable[HistoryEntry] = (),
     ) -> None:
-        self.id = new_id()
+        self.config = config or TransactionsConfig()
+        self.id = id or new_id()
         self.owner = owner
         self.thread_id = thread_id
-        self.members: dict[str, Session] = {}
+        self.members: dict[str, Member] = {}
         self.agents: dict[str, AgentSlot] = {}
         self.runs: dict[str, Run] = {}
-        self.log: list[Event] = []
-        self.history: list[HistoryEntry] = []
+        self.history: deque[HistoryEntry] = deque(history, maxlen=self.config.agent_history_messages)
         self.ended = False
         self.tools = tools
+        self.store = store
+        self.tseq = tseq
+        self.created_at = created_at or time.time()
+        #: Users who have ever been members: who may read it back.
+        self.users: dict[str, None] = dict.fromkeys([owner, *users])
+        #: When the last member left (monotonic), for eviction of idle transactions.
+        self.memberless_since: float | None = time.monotonic()
+        self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
         self._spawn = spawn
+
+    # --- the record ------------------------------------------------------------------------------
+
+    def record(self, end_reason: str | None = None) -> TransactionRecord:
+        return TransactionRecord(
+            id=self.id,
+            owner=self.owner,
+            agents=tuple(self.agents),
+            members=tuple(self.users),
+            state=TransactionState.ENDED if self.ended else TransactionState.OPEN,
+            created_at=self.created_at,
+            updated_at=time.time(),
+            last_tseq=self.tseq,
+            thread_id=self.thread_id,
+            end_reason=end_reason,
+        )
+
+    def save(self, end_reason: str | None = None) -> None:
+        if self.store is not None:
+            self.store.save_transaction(self.record(end_reason))
 
     # --- membership and fan-out ------------------------------------------------------------------
 
-    def add_member(self, session: Session) -> None:
-        self.members[session.id] = session
-        session.transactions.add(self.id)
+    @property
+    def member_users(self) -> list[str]:
+        return sorted({member.user for member in self.members.values()})
 
-    def remove_member(self, session: Session) -> None:
-        self.members.pop(session.id, None)
-        session.transactions.discard(self.id)
+    def add_member(self, member: Member) -> bool:
+        """Add a member; ``True`` if its user was not among the members already."""
+        new_user = member.user not in {m.user for m in self.members.values()}
+        self.members[member.id] = member
+        member.transactions.add(self.id)
+        self.memberless_since = None
+        if member.user not in self.users:
+            self.users[member.user] = None
+            self.save()
+        return new_user
 
-    def is_member(self, session: Session) -> bool:
-        return session.id in self.members
+    def remove_member(self, member: Member) -> None:
+        if self.members.pop(member.id, None) is None:
+            return
+        member.transactions.discard(self.id)
+        if not self.members:
+            self.memberless_since = time.monotonic()
+        if not self.ended and member.user not in {m.user for m in self.members.values()}:
+            self.publish(Event(EventType.INFO, {"event": "member.left", "user": member.user}))
+
+    def is_member(self, member: Member) -> bool:
+        return member.id in self.members
 
     def add_agent(self, slot: AgentSlot) -> None:
         self.agents[slot.name] = slot
+        self.save()
 
     def publish(self, event: Event) -> Event:
-        """Record ``event`` in the log and deliver it to every member it is meant for."""
-        stamped = event.with_changes(transaction=self.id, tseq=len(self.log) + 1, thread_id=self.thread_id)
-        self.log.append(stamped)
-        for session_id, session in list(self.members.items()):
-            if session_id not in stamped.exclude:
-                session.deliver(stamped)
+        """Log ``event`` (next ``tseq``) and deliver it to every member it is meant for."""
+        self.tseq += 1
+        stamped = event.with_changes(transaction=self.id, tseq=self.tseq, thread_id=self.thread_id)
+        self._tail.append(stamped)
+        if self.store is not None:
+            self.store.append(stamped)
+        for member_id, member in list(self.members.items()):
+            if member_id not in stamped.exclude:
+                member.deliver(stamped)
         return stamped
 
-    def events_after(self, tseq: int) -> list[Event]:
-        return self.log[tseq:]
+    async def catch_up(self, since: int) -> tuple[list[Event], int]:
+        """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
+
+        Reads the store, then the in-memory tail for what was published meanwhile; the caller adds
+        the member without awaiting in between, so nothing falls between history and live stream.
+        """
+        start = max(since, self.tseq - self.config.join_history_events)
+        omitted = start - since
+        events: list[Event] = []
+        after = start
+        while after < self.tseq:
+            if (self._tail and self._tail[0].tseq is not None and self._tail[0].tseq <= after + 1) or not self.store:
+                events += [e for e in self._tail if (e.tseq or 0) > after]
+                break
+            page = await self.store.events(self.id, after=after, limit=self.tseq - after)
+            if not page:
+                break
+            events += page
+            after = page[-1].tseq or self.tseq
+        return events, omitted
 
     # --- messages and runs -----------------------------------------------------------------------
 
-    def user_message(self, session: Session, text: str, payload: dict[str, Any]) -> list[Run]:
+    def user_message(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
         """Forward a user's message to the other members and start a turn for every agent."""
         message_id = str(payload.get("message_id") or new_id())
-        forwarded = {**payload, "text": text, "author": session.user, "message_id": message_id}
-        self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({session.id})))
-        self.history.append(HistoryEntry("user", session.user, text, message_id))
+        forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
+        self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
+        self.history.append(HistoryEntry("user", member.user, text, message_id))
+        self.save()
         runs = []
         for slot in self.agents.values():
-            runs.append(self.start_run(slot, session, text, {**payload, "message_id": message_id}, "on_message"))
+            runs.append(self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message"))
         return runs
 
-    def start_run(self, slot: AgentSlot, session: Session | None, text: str, payload: dict[str, Any], hook: str) -> Run:
-        run = Run(id=new_id(), agent=slot.name, session=session)
+    def edit_message(self, member: Member, message_id: str, text: str) -> bool:
+        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit)."""
+        for index, entry in enumerate(self.history):
+            if entry.message_id == message_id and entry.author == member.user and entry.role == "user":
+                self.history[index] = replace(entry, text=text)
+                return True
+        return False
+
+    def start_run(self, slot: AgentSlot, member: Member | None, text: str, payload: dict[str, Any], hook: str) -> Run:
+        run = Run(id=new_id(), agent=slot.name, member=member)
         self.runs[run.id] = run
-        if session is not None:
-            session.active_runs += 1
-        turn = self._turn(slot, run, text, payload, session)
+        if member is not None:
+            member.active_runs += 1
+        turn = self._turn(slot, run, text, payload, member)
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
         return run
 
-    def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], session: Session | None) -> Turn:
+    def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
         def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
             self.publish(Event(type, payload, channel=channel, run_id=run.id))
 
+        services = TurnServices(
+            emit=emit,
+            history=self.history,
+            record=self.history.append,
+            tools=self.tools,
+            tool_servers=slot.tool_servers,
+            permissions=member.principal.permissions if member else UNRESTRICTED,
+            llm=slot.instance.context.llm,
+        )
         return Turn(
             agent=slot.name,
             transaction_id=self.id,
             run_id=run.id,
             text=text,
             payload=payload,
-            author=session.user if session else self.owner,
-            history=self.history,
-            emit=emit,
-            on_said=self.history.append,
-            tools=self.tools,
-            tool_servers=slot.tool_servers,
-            permissions=session.principal.permissions if session else UNRESTRICTED,
+            author=member.user if member else self.owner,
+            services=services,
         )
 
     async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
@@ -142,6 +262,9 @@ class Transaction:
         try:
             with run.scope:
                 await hook(turn)
+        except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
+            logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
+            self._finish(run, EventType.RUN_ERROR, {"code": exc.code.value, "message": exc.message})
         except Exception as exc:
             logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
             message = f"agent {run.agent!r} failed: {type(exc).__name__}"
@@ -152,9 +275,10 @@ class Transaction:
 
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)
-        if run.session is not None:
-            run.session.active_runs -= 1
+        if run.member is not None:
+            run.member.active_runs -= 1
         self.publish(Event(type, {"run_id": run.id, **body}, channel=Channel.AGENT, run_id=run.id))
+        self.save()
         run.done.set()
 
     def cancel_run(self, run_id: str) -> bool:
@@ -163,6 +287,11 @@ class Transaction:
             return False
         run.scope.cancel()
         return True
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything is running in it (turns, or tool calls members started)."""
+        return bool(self.runs) or (self.tools is not None and self.tools.has_calls(self.id))
 
     async def end(self, reason: str) -> None:
         """Cancel running turns, call every agent's ``on_end``, tell the members. Idempotent."""
@@ -181,9 +310,61 @@ class Transaction:
             for slot in self.agents.values():
                 await self._call_end_hook(slot, reason)
         self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
+        self.save(end_reason=reason)
 
     async def _call_end_hook(self, slot: AgentSlot, reason: str) -> None:
         try:
             await slot.instance.on_end(reason)
         except Exception:
             logger.exception("agent %r failed in on_end of transaction %s", slot.name, self.id)
+
+
+def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
+    """The agents' history, rebuilt from a transaction's log (after a restart or an eviction)."""
+    entries: dict[str, HistoryEntry] = {}
+    authors: dict[str, str] = {}
+    tools: dict[str, str] = {}  # call_id -> tool, of agents' calls
+    for event in events:
+        body = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
+        message_id = str(body.get("message_id", ""))
+        if event.type == EventType.MESSAGE and event.channel == Channel.USER:
+            entries[message_id] = HistoryEntry(
+                "user", str(body.get("author", "")), str(body.get("text", "")), message_id
+            )
+        elif event.type == EventType.MESSAGE_START:
+            authors[message_id] = str(body.get("author", ""))
+            entries[message_id] = HistoryEntry("agent", authors[message_id], "", message_id)
+        elif event.type == EventType.MESSAGE_PART and message_id in entries:
+            entry = entries[message_id]
+            entries[message_id] = replace(entry, text=entry.text + str(body.get("text", "")))
+        elif event.type == EventType.MESSAGE_UPDATE and message_id in entries:
+            entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
+        elif event.type == EventType.TOOL_CALL and event.run_id is not None:  # an agent's call, not a member's
+            call_id, tool = str(body.get("call_id", "")), str(body.get("tool", ""))
+            params = body.get("params")
+            arguments: dict[str, Any] = params if isinstance(params, dict) else {}
+            tools[call_id] = tool
+            caller = str(body.get("caller", ""))
+            entries[f"call:{call_id}"] = HistoryEntry(
+                "tool_call", caller, "", call_id, call_id=call_id, tool=tool, arguments=arguments
+            )
+        elif event.type == EventType.TOOL_DONE and str(body.get("call_id", "")) in tools:
+            call_id = str(body.get("call_id", ""))
+            status, text = str(body.get("status", "")), _done_text(body)
+            entries[f"result:{call_id}"] = HistoryEntry(
+                "tool_result", tools[call_id], text, call_id, call_id=call_id, tool=tools[call_id], status=status
+            )
+    return list(entries.values())
+
+
+def _done_text(done: dict[str, Any]) -> str:
+    """What a TOOL_DONE says the call returned, as ``turn.call_tool`` records it for a model."""
+    error = done.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
+    given = done.get("result")
+    result: dict[str, Any] = given if isinstance(given, dict) else {}
+    text = content_text(result.get("content", []))
+    if text or result.get("structuredContent") is None:
+        return text
+    return json.dumps(result["structuredContent"])

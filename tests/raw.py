@@ -77,5 +77,6 @@ class RawPeer:
 @asynccontextmanager
 async def raw_peer(url: str, **kwargs: Any) -> AsyncIterator[RawPeer]:
     # max_queue=None: a peer that stops reading must not stall its own closing handshake.
-    async with connect(url, compression=None, max_queue=None, **kwargs) as ws:
+    kwargs.setdefault("max_queue", None)
+    async with connect(url, compression=None, **kwargs) as ws:
         yield RawPeer(ws)

@@ -63,10 +63,12 @@ class _Server(uvicorn.Server):
 
 
 @contextmanager
-def live_server(config: HaipConfig) -> Iterator[LiveServer]:
+def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
+    """Serve ``config`` on 127.0.0.1 (``port`` 0: a free one) until the block ends."""
     runtime = Runtime(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     ready = threading.Event()
     uv_config = uvicorn.Config(

@@ -52,7 +52,7 @@ def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
     _, banner = serve_process
     url = banner["WebSocket"].split()[0]
     assert url.startswith("ws://127.0.0.1:") and url.endswith("/haip/websocket")
-    assert banner["agents"] == "echo, storyteller, operator"
+    assert banner["agents"] == "echo, storyteller, operator, assistant"
     playground = banner["playground"]
     assert playground == f"{url.replace('ws://', 'http://').removesuffix('haip/websocket')}?token={banner['token']}"
     with urllib.request.urlopen(playground) as page:
@@ -97,10 +97,12 @@ def test_tools_command_lists_each_server_state_and_tools() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    header, demo = result.stdout.splitlines()[:2]
+    header, demo, team = result.stdout.splitlines()[:3]
     assert header.split() == ["SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR"]
     assert demo.split() == ["demo", "stdio", "connected", "10"]
-    assert "  demo.slow_count  " in result.stdout
+    assert team.split() == ["team", "python", "connected", "8"]
+    assert "  demo.slow_count  " in result.stdout and "  team.index_notes  " in result.stdout
+    assert result.stderr == ""  # nor the in-process server's own logging
 
 
 def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path: Path) -> None:
@@ -118,3 +120,22 @@ def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path
     assert row.split()[:4] == ["ghost", "stdio", "failed", "0"]
     assert row.endswith("cannot start '/nonexistent/mcp-server': command not found")
     assert result.stderr == "\nhaip-runtime: not connected: ghost\n"
+
+
+def test_token_carries_the_roles_given_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    import jwt
+
+    secret = "r" * 40
+    config = tmp_path / "haip.toml"
+    config.write_text(f"[auth]\nmode = 'jwt'\nsecret = '{secret}'\nroles_claim = 'grp'\n[roles.user]\n[roles.admin]\n")
+    made = run(["token", "--config", str(config), "--user", "ann", "--roles", "user, admin"])
+    claims = jwt.decode(made.stdout.strip(), secret, algorithms=["HS256"])
+    assert made.returncode == 0 and claims["sub"] == "ann" and claims["grp"] == ["user", "admin"]
+    bad = run(["token", "--config", str(config), "--roles", "root"])
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("roles: no [roles.root] in this config")
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, timeout=60, check=False
+    )

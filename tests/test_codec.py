@@ -93,3 +93,18 @@ def test_event_encodes_its_payload_once_for_every_session() -> None:
 def test_transaction_start_accepts_agent_as_alias_of_tool_name() -> None:
     assert p.TransactionStart(agent="echo").agent_name == "echo"
     assert p.TransactionStart(toolName="echo", agent="other").agent_name == "echo"
+
+
+@pytest.mark.parametrize("depth", [63, 1000, 100_000])
+def test_json_nested_past_the_cap_is_invalid_message(depth: int) -> None:
+    deep = frame(payload={"a": 0}).replace('{"a": 0}', '{"a": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(DecodeError) as caught:
+        decode(deep)
+    assert caught.value.code == ErrorCode.INVALID_MESSAGE and caught.value.detail == {"where": "frame", "limit": 64}
+
+
+def test_json_nested_up_to_the_cap_decodes_and_many_flat_brackets_are_fine() -> None:
+    at_cap = frame(payload={"a": 0}).replace('{"a": 0}', '{"a": ' + "[" * 62 + "]" * 62 + "}")
+    assert decode(at_cap).type == "MESSAGE"
+    wide = decode(frame(payload={"rows": [[i] for i in range(500)]}))
+    assert len(wide.payload["rows"]) == 500  # type: ignore[index]

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from haip_runtime.config import HaipConfig, expand, json_schema, load_config
+from haip_runtime.config import (
+    HaipConfig,
+    expand,
+    json_schema,
+    load_config,
+    masked_dump,
+    secret_values,
+    validate_config,
+)
 from haip_runtime.exceptions import ConfigError
 from tests.serving import ROOT
 
@@ -63,7 +71,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         ("[server]\nport = 99999\n", "server.port: Input should be less than or equal to 65535 (got 99999)"),
         ("[server]\nprot = 1\n", "server.prot: unknown key (check the spelling; see config/haip.schema.json)"),
         ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
-        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' needs auth.secret"),
+        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
         ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
         (
             "[server]\nhost = '0.0.0.0'\n",
@@ -181,9 +189,10 @@ def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
 
 def test_builtin_agents_are_registered_as_entry_points() -> None:
     from haip_runtime.agents.echo import EchoAgent
-    from haip_runtime.agents.registry import _entry_point, resolve_plugin
+    from haip_runtime.agents.registry import resolve_plugin
+    from haip_runtime.plugins import _entry_point
 
-    assert _entry_point("echo") == "haip_runtime.agents.echo:EchoAgent"
+    assert _entry_point("echo", "haip_runtime.agents") == "haip_runtime.agents.echo:EchoAgent"
     assert resolve_plugin("echo", ROOT, "agents.e.plugin") is EchoAgent
 
 
@@ -191,4 +200,32 @@ def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'ech'\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1
-    assert result.stderr.startswith("haip-runtime: agents.x.plugin: 'ech' is neither a known agent (echo, operator")
+    expected = "haip-runtime: agents.x.plugin: 'ech' is neither a known agent (assistant, echo, operator"
+    assert result.stderr.startswith(expected)
+
+
+def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[agents.e]\nplugin = 'echo'\n[agents.e.options]\nprefix = 'visible: '\n"
+        "[mcp.servers.s]\ntransport = 'stdio'\ncommand = 'x'\nenv = { API_KEY = 'sk-secret123' }\n"
+        "[mcp.servers.h]\ntransport = 'http'\nurl = 'http://127.0.0.1:1/mcp'\n"
+        "headers = { Authorization = 'Bearer hdr-secret' }\n",
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["mcp"]["servers"]["s"]["env"] == {"API_KEY": "**********"}
+    assert shown["mcp"]["servers"]["h"]["headers"] == {"Authorization": "**********"}
+    assert "sk-secret123" not in result.stdout and "hdr-secret" not in result.stdout
+    assert shown["agents"]["e"]["options"] == {"prefix": "visible: "}
+
+
+def test_masked_dump_and_secret_values_cover_nested_agent_options() -> None:
+    data = {
+        "agents": {"a": {"plugin": "echo", "options": {"llm": {"api_key": "k-123456789", "model": "m"}, "n": 1}}},
+        "auth": {"mode": "jwt", "secret": "z" * 40},
+    }
+    config = validate_config(data, base_dir=ROOT)
+    assert masked_dump(config)["agents"]["a"]["options"] == {"llm": {"api_key": "**********", "model": "m"}, "n": 1}
+    assert set(secret_values(config)) == {"z" * 40, "k-123456789"}

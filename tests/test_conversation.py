@@ -258,7 +258,7 @@ async def test_author_edits_a_message_and_other_members_see_it(server: LiveServe
         await two.send("MESSAGE_UPDATE", {"message_id": "m-1", "text": "hijacked"}, transaction=tx, channel="USER")
         await two.send("MESSAGE_UPDATE", {"message_id": "m-404", "text": "x"}, transaction=tx, channel="USER")
         refused = await two.wait_for("ERROR")
-    assert sent and edit.payload == {"message_id": "m-1", "text": "hello"}
+    assert sent and edit.payload == {"message_id": "m-1", "text": "hello", "author": "gus"}
     assert refused.get("code") == "INVALID_PAYLOAD"
 
 

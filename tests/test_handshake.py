@@ -31,7 +31,9 @@ async def test_token_in_hai_payload_authenticates(server: LiveServer) -> None:
         hai = await peer.receive()
         await peer.hai(server.token("alice"))
         ready = await peer.receive_type("INFO")
+    epoch = ready["payload"].pop("epoch")
     assert ready["payload"] == {"event": "session.ready", "user": "alice", "resumed": False}
+    assert epoch == server.runtime.hub.epoch
     assert ready["session"] == hai["session"] and ready["seq"] == "2" and ready["ack"] == "1"
 
 
@@ -277,7 +279,7 @@ async def test_resume_resends_what_was_missed_while_away(server: LiveServer) -> 
     story = "".join(e["payload"]["text"] for e in resent if e["type"] == "MESSAGE_PART")
     assert story.startswith("Once upon a time, someone said 'a long story'.") and story.endswith("The end.")
     ready = [e["payload"] for e in resent if e["type"] == "INFO"]
-    assert ready == [{"event": "session.ready", "user": "rosa", "resumed": True}]
+    assert ready == [{"event": "session.ready", "user": "rosa", "resumed": True, "epoch": server.runtime.hub.epoch}]
 
 
 async def test_resume_of_an_unknown_session_starts_a_fresh_one(server: LiveServer) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from haip_runtime.config import ObservabilityConfig
-from haip_runtime.logs import configure_logging
+from haip_runtime.logs import LogBudget, configure_logging
 
 
 @pytest.fixture
@@ -43,3 +44,36 @@ def test_console_format_honours_the_level(restore_logging: None, capsys: pytest.
     logging.getLogger("haip_runtime.test").warning("loud")
     err = capsys.readouterr().err
     assert "quiet" not in err and "WARNING haip_runtime.test: loud" in err
+
+
+def test_tokens_and_configured_secrets_never_reach_the_log(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(ObservabilityConfig(), secrets=["sk-very-secret-key", "short"])
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
+    log = logging.getLogger("haip_runtime.test")
+    log.warning("header Authorization: Bearer abc.def.ghi; raw %s; url /haip?token=xyz&x=1", jwt)
+    log.warning("env API_KEY=%s, word short stays", "sk-very-secret-key")
+    err = capsys.readouterr().err
+    assert "abc.def.ghi" not in err and jwt not in err and "xyz" not in err and "sk-very-secret-key" not in err
+    assert "Bearer <redacted>" in err and "token=<redacted>&x=1" in err and "API_KEY=<redacted>" in err
+    assert "word short stays" in err
+
+
+def test_a_log_budget_drops_past_its_limit_and_strips_tracebacks() -> None:
+    now = [0.0]
+    budget = LogBudget(limit=2, window=60, clock=lambda: now[0])
+    try:
+        raise ValueError("bad line")
+    except ValueError:
+        exc_info = sys.exc_info()
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("mcp.client.stdio", logging.ERROR, __file__, 1, "parse failed", None, exc_info)
+
+    first, second, third = record(), record(), record()
+    assert budget.filter(first) and budget.filter(second) and not budget.filter(third)
+    assert first.exc_info is None and first.getMessage() == "parse failed: ValueError: bad line"
+    now[0] = 61
+    later = record()
+    assert budget.filter(later) and later.getMessage().endswith("(1 similar lines dropped)")

@@ -63,3 +63,23 @@ def test_object_message_reaches_legacy_clients_as_text_and_rich_clients_as_objec
 
 def test_client_without_info_gets_nothing_for_tool_events() -> None:
     assert Downgrader(negotiate(["MESSAGE"])).adapt(Event("TOOL_DONE", {"call_id": "c"})) == []
+
+
+def test_a_long_stream_is_buffered_in_linear_time() -> None:
+    # 16,000 parts used to re-sum every buffered part on each new one (quadratic: seconds of blocked loop).
+    down = Downgrader(negotiate(TRANSACTION_ERA_EVENTS))
+    down.adapt(Event("MESSAGE_START", {"message_id": "m", "author": "a"}))
+    buffered = down._streams["m"]
+    for _ in range(16_000):
+        down.adapt(Event("MESSAGE_PART", {"message_id": "m", "text": "tok "}))
+    assert buffered.chars == 64_000 and len(buffered.parts) == 16_000
+    assert kinds(down.adapt(Event("MESSAGE_END", {"message_id": "m"}))) == [("MESSAGE", "tok " * 16_000)]
+    assert "m" not in down._streams
+
+
+def test_a_runaway_stream_stops_growing_at_the_bound() -> None:
+    down = Downgrader(negotiate(TRANSACTION_ERA_EVENTS))
+    big = "x" * (1024 * 1024)
+    for _ in range(6):
+        down.adapt(Event("MESSAGE_PART", {"message_id": "m", "text": big}))
+    assert down._streams["m"].chars == 4 * 1024 * 1024

@@ -77,7 +77,8 @@ async def test_sdk_with_duplicate_timestamp_seqs_loses_nothing(pirate_server: Li
         started = await peer.receive_type("TRANSACTION_START")
         message = SDK_MESSAGE.replace("TX", started["transaction"])
         await peer.send_frame(message)
-        await peer.send_frame(message.replace("hello pirate", "same ms, second message"))
+        second = message.replace("hello pirate", "same ms, second message").replace("b3e94583", "c4fa5694")
+        await peer.send_frame(second)  # same timestamp seq, its own id (as the SDK sends them)
         answers = [(await peer.receive_type("MESSAGE"))["payload"] for _ in range(2)]
     assert sorted(answers) == ["Arr! you said: hello pirate", "Arr! you said: same ms, second message"]
 

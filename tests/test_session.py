@@ -30,15 +30,19 @@ def make_session(clock: Clock | None = None) -> Session:
     return Session(Principal("u"), negotiate(ALL_EVENTS), SessionConfig(), clock=clock or Clock())
 
 
-def inbound(seq: str) -> Envelope:
-    return decode(
-        json.dumps({"id": seq, "session": "", "seq": seq, "ts": "1", "channel": "USER", "type": "PING", "payload": {}})
-    )
+def inbound(seq: str, id: str | None = None) -> Envelope:
+    envelope = {"id": id or seq, "session": "", "seq": seq, "ts": "1", "channel": "USER", "type": "PING", "payload": {}}
+    return decode(json.dumps(envelope))
 
 
 async def drain(outbox: Outbox) -> list[dict[str, object]]:
     outbox.close()
     return [json.loads(frame) async for frame in outbox.frames()]
+
+
+def window_seqs(session: Session, start: int = 1) -> list[str]:
+    frames = (session.window.get(seq) for seq in range(start, session.last_seq + 1))
+    return [json.loads(frame)["seq"] for frame in frames if frame is not None]
 
 
 async def test_outbound_seq_counts_from_one_and_is_recorded_while_detached() -> None:
@@ -49,7 +53,7 @@ async def test_outbound_seq_counts_from_one_and_is_recorded_while_detached() -> 
     session.detach(outbox)
     session.send("INFO", {"event": "b"})
     assert [e["seq"] for e in await drain(outbox)] == ["1"]
-    assert [json.loads(f)["seq"] for f in session.replay(1)] == ["1", "2"]
+    assert window_seqs(session) == ["1", "2"]
 
 
 async def test_resume_resends_everything_after_last_rx_seq_in_order() -> None:
@@ -73,9 +77,9 @@ def test_window_keeps_the_larger_of_count_and_age() -> None:
         clock.now += 1  # 1200 s in all: older than the 300 s window
         session.send("INFO", {"event": str(index)})
     # Only the last 1000 survive (count bound), since every older one is also past 300 s.
-    assert len(list(session.replay(201))) == 1000
+    assert len(session.window) == 1000 and session.window.first_seq == 201
     with pytest.raises(ProtocolError) as caught:
-        list(session.replay(200))
+        session.replay(200, None, "r")
     assert caught.value.code is ErrorCode.REPLAY_TOO_OLD
 
 
@@ -83,21 +87,41 @@ def test_young_envelopes_stay_beyond_the_count_bound() -> None:
     session = make_session()  # the clock stands still: everything is younger than 300 s
     for index in range(1500):
         session.send("INFO", {"event": str(index)})
-    assert len(list(session.replay(1))) == 1500
+    assert len(session.window) == 1500
 
 
-def test_replay_range_is_inclusive_and_keeps_original_seqs() -> None:
+def test_window_bytes_bound_wins_over_count_and_age() -> None:
+    config = SessionConfig(replay_window_bytes=64 * 1024)
+    session = Session(Principal("u"), negotiate(ALL_EVENTS), config, clock=Clock())
+    for _ in range(100):
+        session.send("INFO", {"event": "x" * 4000})
+    assert session.window.bytes <= 64 * 1024
+    assert 10 <= len(session.window) < 20 and session.window.last_seq == 100
+
+
+async def test_replay_range_is_inclusive_and_keeps_original_seqs() -> None:
     session = make_session()
+    outbox = Outbox(16)
+    session.attach(outbox)
     for index in range(10):
         session.send("INFO", {"event": str(index)})
-    assert [json.loads(f)["seq"] for f in session.replay(3, 5)] == ["3", "4", "5"]
+    session.replay(3, 5, "r")
+    assert [e["seq"] for e in await drain(outbox)] == ["3", "4", "5"] + [str(n) for n in range(1, 11)]
 
 
 def test_numbered_inbound_drops_duplicates_and_opaque_inbound_keeps_them() -> None:
     numbered = make_session()
-    assert [numbered.accept_inbound(inbound(s)) for s in ("1", "2", "2", "3", "1")] == [True, True, False, True, False]
+    verdicts = [numbered.accept_inbound(inbound(s, id=f"n{i}")) for i, s in enumerate(("1", "2", "2", "3", "1"))]
+    assert verdicts == [True, True, False, True, False]
     opaque = make_session()
-    assert [opaque.accept_inbound(inbound(s)) for s in ("1795608079581",) * 3] == [True] * 3
+    verdicts = [opaque.accept_inbound(inbound("1795608079581", id=f"o{i}")) for i in range(3)]
+    assert verdicts == [True] * 3
+
+
+def test_an_envelope_id_seen_lately_is_a_duplicate_whatever_its_seq() -> None:
+    opaque = make_session()
+    assert opaque.accept_inbound(inbound("1795608079581", id="same"))
+    assert not opaque.accept_inbound(inbound("1795608079999", id="same"))
 
 
 def test_detached_session_expires_after_the_resume_timeout() -> None:
@@ -113,12 +137,15 @@ def test_detached_session_expires_after_the_resume_timeout() -> None:
     outbox.discard()
 
 
-def test_full_outbox_asks_for_close_1013_instead_of_blocking() -> None:
+def test_a_connection_that_falls_behind_is_closed_with_1013_instead_of_blocking() -> None:
+    session = make_session()
     outbox = Outbox(16)
-    results = [outbox.put(str(index)) for index in range(17)]
-    assert results == [True] * 16 + [False]
+    session.attach(outbox)
+    for index in range(16):
+        session.send("INFO", {"event": str(index)})
+    assert outbox.close_code is None
+    session.send("INFO", {"event": "one too many"})
     assert outbox.close_code == 1013
-    outbox.discard()
 
 
 async def test_resume_replays_more_than_the_outbox_bound() -> None:

@@ -1,12 +1,14 @@
 """The agent plugin API: ``Agent`` (subclass it), ``Turn`` (one user message to answer), ``MessageStream``.
 
 Agents never see sockets, sequencing or replay. The runtime builds one agent instance per
-transaction, calls its hooks, and turns what a hook does (``say``, ``stream``, ``call_tool``)
-into HAIP events for every member. ``Emit`` is the narrow door back into the transaction.
+transaction, calls its hooks, and turns what a hook does (``say``, ``stream``, ``call_tool``,
+``llm``) into HAIP events for every member. A turn gets what it needs from the transaction as one
+``TurnServices`` bundle; ``Emit`` is the narrow door back into the transaction.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,11 +18,13 @@ import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.config import AgentConfig
+from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.permissions import UNRESTRICTED, Permissions
 from haip_runtime.protocol.envelope import new_id
-from haip_runtime.protocol.events import Channel, EventType
+from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode
 
 if TYPE_CHECKING:
+    from haip_runtime.llm.provider import Provider
     from haip_runtime.tools import ToolCallResult, ToolProxy, ToolView
 
 
@@ -38,17 +42,33 @@ class NoOptions(BaseModel):
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One message of the conversation, in order. ``role`` is who spoke: a user or an agent."""
+    """One entry of the conversation, in order: a message, or an agent's tool call and its result.
 
-    role: Literal["user", "agent"]
+    ``role`` ``user`` / ``agent``: a message (``text``, ``message_id``). ``tool_call``: ``author``
+    (an agent) called ``tool`` with ``arguments``. ``tool_result``: how call ``call_id`` ended
+    (``status`` ``OK``/``ERROR``/``CANCELLED``; ``text`` is what the tool returned, or the error).
+    ``turn.call_tool`` records both tool entries, so an LLM sees them on its next request.
+    """
+
+    role: Literal["user", "agent", "tool_call", "tool_result"]
     author: str
     text: str
     message_id: str
+    call_id: str | None = None
+    tool: str | None = None
+    arguments: dict[str, Any] | None = None
+    status: str | None = None
 
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What an agent instance knows about where it runs."""
+    """What an agent instance knows about where it runs (``self.context`` in a plugin).
+
+    ``name`` is the agent's name in haip.toml; ``transaction_id`` and ``started_by`` (a user)
+    identify its conversation; ``params`` are TRANSACTION_START's params; ``config`` is its
+    ``[agents.<name>]`` table (``config.instructions``, ``config.mcp_servers``...); ``options`` its
+    validated ``Options``; ``llm`` the provider named by ``agents.<name>.llm`` (or ``None``).
+    """
 
     name: str
     transaction_id: str
@@ -56,6 +76,23 @@ class AgentContext:
     params: dict[str, Any]
     config: AgentConfig
     options: Any = field(default_factory=NoOptions)
+    llm: Provider | None = None
+
+
+@dataclass(frozen=True)
+class TurnServices:
+    """What a turn takes from its transaction, as one bundle (built by ``Transaction._turn``)."""
+
+    emit: Emit
+    history: Sequence[HistoryEntry]
+    """The transaction's history, live: a turn sees the entries added while it runs."""
+    record: Callable[[HistoryEntry], None]
+    """Append an entry to that history."""
+    tools: ToolProxy | None = None
+    tool_servers: Sequence[str] = ()
+    permissions: Permissions = UNRESTRICTED
+    """The permissions of the user the turn answers; tool calls are checked against them."""
+    llm: Provider | None = None
 
 
 class Agent:
@@ -73,6 +110,11 @@ class Agent:
     def __init__(self, context: AgentContext) -> None:
         self.context = context
         self.options: Any = context.options
+
+    @property
+    def instructions(self) -> str:
+        """``agents.<name>.instructions`` from haip.toml (``""`` if unset): the system prompt of an LLM agent."""
+        return self.context.config.instructions or ""
 
     async def on_start(self, turn: Turn) -> None:
         """The transaction started. ``turn.text`` is empty; you may ``say`` a greeting."""
@@ -94,6 +136,8 @@ class MessageStream:
         self._author = author
         self._parts: list[str] = []
         self._started = False
+        self.tokens: int | None = None
+        """Tokens the model spent on this message; sent as MESSAGE_END ``tokens`` if set."""
 
     @property
     def text(self) -> str:
@@ -115,11 +159,19 @@ class MessageStream:
 
     def close(self) -> None:
         self._open()
-        self._emit(EventType.MESSAGE_END, {"message_id": self.message_id})
+        end: dict[str, Any] = {"message_id": self.message_id}
+        if self.tokens is not None:
+            end["tokens"] = self.tokens
+        self._emit(EventType.MESSAGE_END, end)
 
 
 class Turn:
-    """One user message for an agent to answer, and the means to answer it."""
+    """One user message for an agent to answer, and the means to answer it.
+
+    ``text``, ``payload`` (the MESSAGE object), ``author`` (the user), ``history`` (the
+    conversation so far, this message included), ``tools`` (what the agent may call), ``llm``
+    (its provider); ``say``, ``stream``, ``call_tool`` and ``record`` act.
+    """
 
     def __init__(
         self,
@@ -130,12 +182,7 @@ class Turn:
         text: str,
         payload: dict[str, Any],
         author: str,
-        history: Sequence[HistoryEntry],
-        emit: Emit,
-        on_said: Callable[[HistoryEntry], None],
-        tools: ToolProxy | None = None,
-        tool_servers: Sequence[str] = (),
-        permissions: Permissions = UNRESTRICTED,
+        services: TurnServices,
     ) -> None:
         self.agent = agent
         self.transaction_id = transaction_id
@@ -143,12 +190,30 @@ class Turn:
         self.text = text
         self.payload = payload
         self.author = author
-        self.history = tuple(history)
-        self._emit = emit
-        self._on_said = on_said
-        self._tools = tools
-        self._tool_servers = tuple(tool_servers)
-        self._permissions = permissions
+        self._services = services
+        self._emit = services.emit
+
+    @property
+    def history(self) -> tuple[HistoryEntry, ...]:
+        """Every entry so far, in order: messages, and tool calls with their results (``HistoryEntry``)."""
+        return tuple(self._services.history)
+
+    def record(self, entry: HistoryEntry) -> None:
+        """Add an entry to the history (say, a ``tool_result`` for a call your agent refused to make)."""
+        self._services.record(entry)
+
+    @property
+    def llm(self) -> Provider:
+        """The agent's LLM (``agents.<name>.llm``): ``stream(history, tools=..., instructions=...)``, ``complete``.
+
+        Raises ``LlmError`` (``LLM_NOT_CONFIGURED``) if the agent's config names none.
+        """
+        if self._services.llm is None:
+            raise LlmError(
+                LlmErrorCode.LLM_NOT_CONFIGURED,
+                f"agent {self.agent!r} needs an LLM: set agents.{self.agent}.llm to one of the [llm.*] providers",
+            )
+        return self._services.llm
 
     async def say(self, text: str) -> str:
         """Send one whole message; returns its message id."""
@@ -164,28 +229,57 @@ class Turn:
             yield out
         finally:
             out.close()
-            self._on_said(HistoryEntry("agent", self.agent, out.text, out.message_id))
+            self.record(HistoryEntry("agent", self.agent, out.text, out.message_id))
 
     @property
     def tools(self) -> list[ToolView]:
-        """The MCP tools this agent may call right now (names are ``server.tool``)."""
-        return [] if self._tools is None else self._tools.visible_tools(self._tool_servers, self._permissions)
+        """The MCP tools this agent may call right now, for this user.
+
+        Each has ``name`` (``server.tool``), ``description``, ``input_schema`` (the MCP JSON schema of
+        its arguments), ``server`` and ``schema()`` (the MCP tool object). Pass them to
+        ``turn.llm.stream(..., tools=turn.tools)``.
+        """
+        services = self._services
+        if services.tools is None:
+            return []
+        return services.tools.visible_tools(services.tool_servers, services.permissions)
 
     async def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> ToolCallResult:
         """Call an MCP tool; members see TOOL_CALL, TOOL_UPDATE... and TOOL_DONE.
 
         A tool error or a refused approval is a value (``result.status``); cancellation is anyio
-        cancellation.
+        cancellation. The call and its result are added to ``history`` (roles ``tool_call`` and
+        ``tool_result``), so an LLM given the history sees them.
         """
-        if self._tools is None:
-            raise RuntimeError("this runtime has no tool proxy")
-        return await self._tools.call(
-            name,
-            arguments or {},
-            transaction_id=self.transaction_id,
-            run_id=self.run_id,
-            allowed_servers=self._tool_servers,
-            caller=self.agent,
-            emit=self._emit,
-            permissions=self._permissions,
-        )
+        services = self._services
+        if services.tools is None:
+            raise ToolUnavailableError("no MCP servers are configured, so there are no tools to call")
+        call_id = new_id()
+        args = arguments or {}
+        self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
+        status, text = "CANCELLED", "the call was cancelled"
+        try:
+            result = await services.tools.call(
+                name,
+                args,
+                transaction_id=self.transaction_id,
+                run_id=self.run_id,
+                allowed_servers=services.tool_servers,
+                caller=self.agent,
+                emit=self._emit,
+                permissions=services.permissions,
+                call_id=call_id,
+            )
+            status, text = result.status, _result_text(result)
+            return result
+        finally:
+            self.record(HistoryEntry("tool_result", name, text, call_id, call_id=call_id, tool=name, status=status))
+
+
+def _result_text(result: ToolCallResult) -> str:
+    """What a model is told a call returned: its text, else its structured content, else the error."""
+    if result.error is not None:
+        return f"{result.error.get('code', 'ERROR')}: {result.error.get('message', '')}"
+    if result.text or result.structured_content is None:
+        return result.text
+    return json.dumps(result.structured_content)

@@ -2,7 +2,7 @@
 
 ``/help``, ``/tools``, and ``/call <tool> <json arguments>``; the call's progress and result
 show up as TOOL_* events like any agent's call. Handy for operators checking a deployment and
-for demos.
+for demos. ``run_command`` is the same commands for other agents (the ``assistant`` uses it).
 """
 
 from __future__ import annotations
@@ -11,10 +11,24 @@ import json
 
 from haip_runtime.agents.api import Agent, Turn
 
-HELP = """I run MCP tools for you. Commands:
-  /tools                     list the tools I can use
+COMMANDS = """  /tools                     list the tools I can use
   /call <tool> [json args]   call a tool, e.g. /call demo.add {"a": 2, "b": 3}
   /help                      this text"""
+HELP = f"I run MCP tools for you. Commands:\n{COMMANDS}"
+
+
+async def run_command(turn: Turn, help_text: str = HELP) -> bool:
+    """Carry out ``/tools``, ``/call`` or ``/help`` if ``turn.text`` is one; ``False`` if it is not."""
+    command, _, rest = turn.text.strip().partition(" ")
+    if command == "/tools":
+        await turn.say(OperatorAgent._tool_listing(turn))
+    elif command == "/call":
+        await OperatorAgent._call(turn, rest.strip())
+    elif command == "/help":
+        await turn.say(help_text)
+    else:
+        return False
+    return True
 
 
 class OperatorAgent(Agent):
@@ -22,14 +36,7 @@ class OperatorAgent(Agent):
     description = "Runs MCP tools on request: /tools, /call <tool> <json>. Needs no LLM."
 
     async def on_message(self, turn: Turn) -> None:
-        command, _, rest = turn.text.strip().partition(" ")
-        if command == "/tools":
-            await turn.say(self._tool_listing(turn))
-        elif command == "/call":
-            await self._call(turn, rest.strip())
-        elif command == "/help":
-            await turn.say(HELP)
-        else:
+        if not await run_command(turn):
             await turn.say(f"I only run tools. {HELP}")
 
     @staticmethod
@@ -39,7 +46,8 @@ class OperatorAgent(Agent):
             return "No tools are available right now (is an MCP server configured and connected?)."
         return "\n".join(f"- {tool.name}: {tool.description}" for tool in tools)
 
-    async def _call(self, turn: Turn, rest: str) -> None:
+    @staticmethod
+    async def _call(turn: Turn, rest: str) -> None:
         name, _, raw_args = rest.partition(" ")
         if not name:
             await turn.say("Usage: /call <tool> [json args]")
@@ -52,7 +60,7 @@ class OperatorAgent(Agent):
         if not isinstance(arguments, dict):
             await turn.say('The arguments must be a JSON object, like {"a": 1}.')
             return
-        full_name = self._resolve(turn, name)
+        full_name = OperatorAgent._resolve(turn, name)
         result = await turn.call_tool(full_name, arguments)
         if result.ok:
             shown = result.text or json.dumps(result.structured_content)

@@ -1,4 +1,5 @@
-"""Finding agent plugins: entry points of group ``haip_runtime.agents`` and ``module:Class`` strings.
+"""Finding agent plugins: entry points of group ``haip_runtime.agents`` and ``module:Class`` strings
+(found by ``haip_runtime/plugins.py``, shared with in-process MCP servers).
 
 Installed is not enabled: only agents named in ``[agents.*]`` are loaded. Each is imported and
 its options validated at start-up, so a broken plugin stops ``serve``/``check`` with one line,
@@ -7,26 +8,32 @@ not a user's first message.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from haip_runtime.agents.api import Agent, AgentContext
 from haip_runtime.config import AgentConfig, HaipConfig
 from haip_runtime.exceptions import PluginError
+from haip_runtime.plugins import PluginKind, resolve
 
-ENTRY_POINT_GROUP = "haip_runtime.agents"
-#: Built-ins, so a source checkout works before ``pip install`` registers the entry points.
-BUILTIN = {
-    "echo": "haip_runtime.agents.echo:EchoAgent",
-    "operator": "haip_runtime.agents.operator:OperatorAgent",
-}
+if TYPE_CHECKING:
+    from haip_runtime.llm.provider import Provider
+
+AGENTS = PluginKind(
+    noun="agent",
+    group="haip_runtime.agents",
+    form="module:Class",
+    # Built-ins, so a source checkout works before ``pip install`` registers the entry points.
+    builtin={
+        "echo": "haip_runtime.agents.echo:EchoAgent",
+        "operator": "haip_runtime.agents.operator:OperatorAgent",
+        "assistant": "haip_runtime.agents.assistant:AssistantAgent",
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class AgentSpec:
     cls: type[Agent]
     options: BaseModel
     config: AgentConfig
+    llm: Provider | None = None
 
     @property
     def description(self) -> str:
@@ -50,67 +58,59 @@ class AgentSpec:
             params=params,
             config=self.config,
             options=self.options,
+            llm=self.llm,
         )
         return self.cls(context)
 
 
-def load_agents(config: HaipConfig) -> dict[str, AgentSpec]:
-    """Import and validate every configured agent. Raises ``PluginError`` naming the key."""
-    return {name: load_agent(name, agent, config.base_dir) for name, agent in config.agents.items()}
+def load_agents(config: HaipConfig, llms: Mapping[str, Provider] | None = None) -> dict[str, AgentSpec]:
+    """Import and validate every configured agent, handing each its ``[llm.*]`` provider from ``llms``.
+
+    Raises ``PluginError`` naming the key.
+    """
+    providers = llms or {}
+    return {
+        name: load_agent(name, agent, config.base_dir, providers.get(agent.llm) if agent.llm else None)
+        for name, agent in config.agents.items()
+    }
 
 
-def load_agent(name: str, config: AgentConfig, base_dir: Path) -> AgentSpec:
+def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | None = None) -> AgentSpec:
     where = f"agents.{name}.plugin"
     cls = resolve_plugin(config.plugin, base_dir, where)
+    options = validate_options(cls, config.options, f"agents.{name}.options")
+    return AgentSpec(name=name, cls=cls, options=options, config=config, llm=llm)
+
+
+def validate_options(cls: type[Agent], options: Mapping[str, Any], where: str) -> BaseModel:
+    """``options`` through the plugin's ``Options`` model; unknown keys are refused even if the model allows them."""
+    model = cls.Options
+    unknown = sorted(set(options) - _option_names(model))
+    if unknown and model.model_config.get("extra") != "forbid":
+        known = ", ".join(sorted(_option_names(model))) or "none"
+        raise PluginError(f"{where}.{unknown[0]}: unknown option of {cls.__name__} (it takes: {known})")
     try:
-        options = cls.Options.model_validate(config.options)
+        return model.model_validate(dict(options))
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(p) for p in error["loc"])
-        raise PluginError(f"agents.{name}.options.{key}: {error['msg']}") from exc
-    return AgentSpec(name=name, cls=cls, options=options, config=config)
+        message = "unknown option (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        raise PluginError(f"{where}.{key}: {message}") from exc
+
+
+def _option_names(model: type[BaseModel]) -> set[str]:
+    return {alias for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
 
 
 def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent]:
-    target = _entry_point(spec) or BUILTIN.get(spec) or spec
-    if ":" not in target:
-        known = sorted({*BUILTIN, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
-        raise PluginError(f"{where}: {spec!r} is neither a known agent ({', '.join(known)}) nor 'module:Class'")
-    module_name, _, attr = target.partition(":")
-    module = _import(module_name, base_dir, where)
-    cls = getattr(module, attr, None)
+    target, cls = resolve(spec, base_dir, where, AGENTS, hint=_agents_defined)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise PluginError(f"{where}: {target!r} is not a subclass of haip_runtime.Agent")
     return cls
 
 
-def _entry_point(name: str) -> str | None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return str(ep.value)
-    return None
-
-
-def _import(module_name: str, base_dir: Path, where: str) -> Any:
-    try:
-        if module_name.endswith(".py") or "/" in module_name:
-            path = (base_dir / module_name).resolve()
-            if not path.is_file():
-                raise PluginError(f"{where}: no such file: {path}")
-            return _import_file(path)
-        if str(base_dir) not in sys.path:
-            sys.path.insert(0, str(base_dir))
-        return importlib.import_module(module_name)
-    except PluginError:
-        raise
-    except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
-        raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
-
-
-def _import_file(path: Path) -> Any:
-    module_name = f"haip_plugin_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+def _agents_defined(module: Any) -> str:
+    found = sorted(
+        n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Agent) and v is not Agent
+    )
+    return f"agents defined there: {', '.join(found)}" if found else "it defines no Agent subclass"

@@ -19,6 +19,7 @@ from haip_runtime.bridge.models import OnElicit, OnProgress, ServerStatus, ToolI
 from haip_runtime.bridge.supervisor import ServerSupervisor
 from haip_runtime.config import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
+from haip_runtime.logs import limit_logger
 
 CLOSE_TIMEOUT = 5.0
 """Seconds `McpBridge.__aexit__` waits for connections to close gracefully before cancelling them."""
@@ -41,6 +42,8 @@ class McpBridge:
         on_change: Callable[[ServerStatus], None] | None = None,
         stderr: TextIO | None = None,
     ) -> None:
+        # The SDK logs a full traceback for every stdout line of a server that is not JSON-RPC.
+        limit_logger("mcp.client.stdio")
         self._stopping = anyio.Event()
         self._supervisors = {
             name: ServerSupervisor(

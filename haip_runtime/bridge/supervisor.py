@@ -6,6 +6,7 @@ notices a dead connection and reconnects with exponential backoff. Calls from ot
 live client it publishes (`live`). A dead connection is noticed by: the transport ending its read
 stream (a stdio process exiting, the HTTP transport failing), a call seeing "Connection closed",
 the 2026 `subscriptions/listen` stream breaking, or, for 2025 servers, a ping going unanswered.
+A `python` server is an `MCPServer` in this process (`inprocess.py`), handed to `Client` as is.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from typing import TextIO
 import anyio
 import mcp_types as types
 from mcp import Client, MCPError
-from mcp.client import IncomingMessage
+from mcp.client import IncomingMessage, Transport
 from mcp.client.session import MessageHandlerFnT
 from mcp.client.subscriptions import SubscriptionLost
+from mcp.server.mcpserver import MCPServer
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from haip_runtime.bridge.calls import Call, elicitation_callback, wire
+from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
 from haip_runtime.bridge.transport import describe_failure, open_transport, watching_end
 from haip_runtime.config import McpServerConfig, McpStdioConfig
@@ -167,12 +170,17 @@ class ServerSupervisor:
     @asynccontextmanager
     async def _open_client(self, link: Link) -> AsyncIterator[Client]:
         async with AsyncExitStack() as stack:
-            transport = await open_transport(
-                self.config, self._stdio, stack, base_dir=self._base_dir, stderr=self._stderr
-            )
-            ended = "the server process exited" if self.config.transport == "stdio" else "the HTTP transport closed"
+            target: Transport | MCPServer
+            if self.config.transport == "python":
+                target = load_server(self.name, self.config, self._base_dir)  # reached in-process; never ends
+            else:
+                transport = await open_transport(
+                    self.config, self._stdio, stack, base_dir=self._base_dir, stderr=self._stderr
+                )
+                ended = "the server process exited" if self.config.transport == "stdio" else "the HTTP transport closed"
+                target = watching_end(transport, lambda: link.lose(ended))
             client = Client(
-                watching_end(transport, lambda: link.lose(ended)),
+                target,
                 mode=MODES[self.config.protocol_mode],
                 cache=None,
                 message_handler=self._message_handler(),

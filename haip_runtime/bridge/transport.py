@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol, Self, TextIO, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx2
@@ -25,6 +26,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.exceptions import PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +108,42 @@ class _EndWatchingStream:
 def describe_failure(config: McpServerConfig, exc: BaseException, *, connect_timeout: float) -> str:
     """One line for why a connection failed; unexpected failures are logged with their traceback."""
     leaf = _first_leaf(exc)
-    where = repr(config.command) if config.transport == "stdio" else str(config.url)
+    if isinstance(leaf, PluginError):
+        return str(leaf)
+    if config.transport == "stdio":
+        return _describe(config, leaf, repr(config.command), connect_timeout)
+    if config.transport == "python":
+        return _describe(config, leaf, repr(config.server), connect_timeout)
+    where = shown_url(str(config.url))
+    return _describe(config, leaf, where, connect_timeout).replace(str(config.url), where)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as members and logs may see it: without credentials or query (they can hold keys)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _describe(config: McpServerConfig, leaf: BaseException, where: str, connect_timeout: float) -> str:
     if isinstance(leaf, FileNotFoundError):
         return f"cannot start {where}: command not found"
     if isinstance(leaf, httpx2.ConnectError):
         return f"cannot connect to {where}: {leaf}"
     if isinstance(leaf, httpx2.HTTPError):
         return f"HTTP error from {where}: {leaf}"
-    if isinstance(leaf, OSError):
-        return f"cannot start {where}: {leaf.strerror or leaf}"
-    if isinstance(leaf, TimeoutError):
+    if isinstance(leaf, TimeoutError):  # before OSError: TimeoutError is one
         return f"{where} did not complete the MCP handshake within {connect_timeout:g} s"
+    if isinstance(leaf, OSError):
+        return f"cannot start {where}: {leaf.strerror or leaf!r}"
     if isinstance(leaf, MCPError) and leaf.code == types.CONNECTION_CLOSED:
         return f"{where} closed the connection" + (" (see its stderr)" if config.transport == "stdio" else "")
     if isinstance(leaf, MCPError):
         return f"{where} answered with MCP error {leaf.code}: {leaf.message}"
-    logger.error("MCP server %s failed unexpectedly", where, exc_info=exc)
+    logger.error("MCP server %s failed unexpectedly", where, exc_info=leaf)
     return f"{where} failed: {type(leaf).__name__}: {leaf}"
 
 

@@ -18,6 +18,11 @@ from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.protocol.payloads import INBOUND, Message, Payload
 
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+"""Deepest nesting of JSON arrays and objects accepted in a frame (the envelope itself is depth 1).
+
+Deeper input would exhaust Python's recursion limit in the JSON parser, in validation or when
+the payload is echoed; no HAIP message needs more than a handful of levels."""
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -35,6 +40,10 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
         raw = json.loads(frame)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": "frame"}) from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    if _may_be_deep(frame) and _depth(raw) > MAX_DEPTH:
+        raise _too_deep()
     if not isinstance(raw, dict):
         raise DecodeError(ErrorCode.INVALID_MESSAGE, "an envelope must be a JSON object", detail={"where": "/"})
     related = raw.get("id") if isinstance(raw.get("id"), str) else None
@@ -57,6 +66,36 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
             detail={"where": "/" + envelope.unknown_fields[0]},
         )
     return envelope
+
+
+def _may_be_deep(frame: str | bytes) -> bool:
+    """Cheap pre-check (C-speed counts): fewer brackets than the cap cannot nest past it."""
+    if isinstance(frame, bytes):
+        return frame.count(b"[") + frame.count(b"{") > MAX_DEPTH
+    return frame.count("[") + frame.count("{") > MAX_DEPTH
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion; stops counting once past the cap."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _too_deep() -> DecodeError:
+    return DecodeError(
+        ErrorCode.INVALID_MESSAGE,
+        f"JSON nested deeper than {MAX_DEPTH} levels",
+        detail={"where": "frame", "limit": MAX_DEPTH},
+    )
 
 
 def parse_payload(envelope: Envelope, model: type[P] | None = None) -> P:
@@ -90,4 +129,4 @@ def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
     return pointer or "/", error["msg"]
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "decode", "parse_payload"]
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "MAX_DEPTH", "decode", "parse_payload"]

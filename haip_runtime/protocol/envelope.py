@@ -133,6 +133,8 @@ class Event:
             head["run_id"] = self.run_id
         if self.thread_id is not None:
             head["thread_id"] = self.thread_id
+        if self.tseq is not None:
+            head["tseq"] = str(self.tseq)
         return (
             json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"
         )

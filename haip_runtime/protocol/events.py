@@ -72,6 +72,31 @@ class ErrorCode(enum.StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
+class LlmErrorCode(enum.StrEnum):
+    """Codes of ``RUN_ERROR`` when an agent's LLM provider fails (the message says what to fix)."""
+
+    LLM_NOT_CONFIGURED = "LLM_NOT_CONFIGURED"
+    """The agent needs an LLM and its config names none (`agents.<name>.llm`)."""
+    LLM_AUTH_FAILED = "LLM_AUTH_FAILED"
+    """The provider refused the API key (HTTP 401/403)."""
+    LLM_MODEL_NOT_FOUND = "LLM_MODEL_NOT_FOUND"
+    """The model (or the endpoint) does not exist at that provider (HTTP 404), or the local file is missing."""
+    LLM_UNREACHABLE = "LLM_UNREACHABLE"
+    """The endpoint could not be connected to, after retries."""
+    LLM_TIMEOUT = "LLM_TIMEOUT"
+    """The provider did not answer within `timeout_seconds`, after retries."""
+    LLM_RATE_LIMITED = "LLM_RATE_LIMITED"
+    """HTTP 429 persisted through every retry."""
+    LLM_UNAVAILABLE = "LLM_UNAVAILABLE"
+    """HTTP 5xx persisted through every retry, or the local model cannot be loaded."""
+    LLM_CONTEXT_TOO_LONG = "LLM_CONTEXT_TOO_LONG"
+    """The conversation does not fit the model's context window."""
+    LLM_BAD_REQUEST = "LLM_BAD_REQUEST"
+    """The provider rejected the request for another reason (HTTP 400/422); the message is the provider's."""
+    LLM_STREAM_BROKEN = "LLM_STREAM_BROKEN"
+    """The streamed answer stopped before its end, or could not be parsed."""
+
+
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     PROTOCOL = 1002  # version incompatible

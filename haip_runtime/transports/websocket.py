@@ -24,6 +24,8 @@ from haip_runtime.session import Outbox
 
 #: Decoded envelopes waiting for the session; the socket stops being read while it is full.
 INBOUND_BUFFER = 64
+#: How long a connection closed with 1013 may take to write its close frame to a peer that does not read.
+ABORT_GRACE_SECONDS = 2.0
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -45,6 +47,7 @@ async def websocket_streams(
         async with anyio.create_task_group() as tg:
             tg.start_soon(_read_frames, ws, send, max_frame_bytes)
             tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
+            tg.start_soon(_abort_when_stalled, outbox, tg.cancel_scope)
             async with receive:
                 yield receive
             outbox.close()
@@ -81,6 +84,13 @@ def _decode_message(message: Mapping[str, Any], max_frame_bytes: int) -> Inbound
         f"unexpected binary frame of {size} bytes (no envelope announced it)",
         detail={"where": "frame"},
     )
+
+
+async def _abort_when_stalled(outbox: Outbox, scope: anyio.CancelScope) -> None:
+    """A 1013 close to a peer that does not read cannot be written: end the connection anyway."""
+    await outbox.aborted.wait()
+    await anyio.sleep(ABORT_GRACE_SECONDS)
+    scope.cancel()
 
 
 async def _write_frames(ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:

@@ -1,0 +1,141 @@
+"""The transaction registry: live transactions in memory, the rest in the store.
+
+Starts transactions, finds them for a user (bringing one back from the store, with fresh agent
+instances and the history rebuilt from its log, after a restart or an eviction), and lets ended
+and idle ones leave memory. Who may see a transaction is decided here, in ``may_see``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.auth import Principal
+from haip_runtime.config import TransactionsConfig
+from haip_runtime.store.base import Store, TransactionRecord, TransactionState
+from haip_runtime.transactions import AgentSlot, Member, Transaction, history_from_events
+
+if TYPE_CHECKING:
+    from haip_runtime.tools import ToolProxy
+
+logger = logging.getLogger(__name__)
+
+#: Events read back to rebuild the agents' history of a transaction brought back from the store.
+REHYDRATE_EVENTS = 20_000
+
+
+class TransactionRegistry:
+    def __init__(
+        self,
+        config: TransactionsConfig,
+        agents: Mapping[str, AgentSpec],
+        store: Store,
+        spawn: Callable[..., object],
+        tools: ToolProxy | None = None,
+    ) -> None:
+        self.config = config
+        self.agents = agents
+        self.store = store
+        self.tools = tools
+        self.live: dict[str, Transaction] = {}
+        self._spawn = spawn
+        self._loading: dict[str, anyio.Event] = {}
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def new(self, owner: str, thread_id: str | None, id: str | None = None, **state: Any) -> Transaction:
+        return Transaction(
+            owner=owner,
+            thread_id=thread_id,
+            spawn=self._spawn,
+            tools=self.tools,
+            store=self.store,
+            config=self.config,
+            id=id,
+            **state,
+        )
+
+    def add(self, transaction: Transaction) -> None:
+        self.live[transaction.id] = transaction
+        transaction.save()
+
+    def slot(self, spec: AgentSpec, transaction: Transaction, started_by: str, params: dict[str, Any]) -> AgentSlot:
+        instance = spec.create(transaction_id=transaction.id, started_by=started_by, params=params)
+        return AgentSlot(spec.name, instance, tuple(spec.config.mcp_servers))
+
+    def get_member(self, transaction_id: str | None, member: Member) -> Transaction | None:
+        transaction = self.live.get(transaction_id or "")
+        return transaction if transaction is not None and transaction.is_member(member) else None
+
+    @staticmethod
+    def may_see(users: Mapping[str, None] | tuple[str, ...], principal: Principal) -> bool:
+        return principal.user in users or principal.permissions.join_others
+
+    async def find(self, transaction_id: str, principal: Principal) -> Transaction | TransactionRecord | None:
+        """The transaction if ``principal`` may see it: live (brought back if need be), or the
+        record of an ended one; ``None`` if there is none they may see."""
+        while (loading := self._loading.get(transaction_id)) is not None:
+            await loading.wait()
+        transaction = self.live.get(transaction_id)
+        if transaction is not None:
+            return transaction if self.may_see(transaction.users, principal) else None
+        record = await self.store.transaction(transaction_id)
+        if record is None or not self.may_see(record.members, principal):
+            return None
+        if record.state is TransactionState.ENDED:
+            return record
+        if transaction_id in self.live:  # brought back by someone else meanwhile
+            return self.live[transaction_id]
+        self._loading[transaction_id] = anyio.Event()
+        try:
+            return await self._bring_back(record)
+        finally:
+            self._loading.pop(transaction_id).set()
+
+    async def _bring_back(self, record: TransactionRecord) -> Transaction:
+        tail = await self.store.events(record.id, after=record.last_tseq, limit=1_000_000)
+        last = tail[-1].tseq or record.last_tseq if tail else record.last_tseq
+        events = await self.store.events(record.id, after=max(0, last - REHYDRATE_EVENTS), limit=REHYDRATE_EVENTS)
+        transaction = self.new(
+            record.owner,
+            record.thread_id,
+            id=record.id,
+            tseq=last,
+            created_at=record.created_at,
+            users=record.members,
+            history=history_from_events(events),
+        )
+        for name in record.agents:
+            spec = self.agents.get(name)
+            if spec is None:
+                logger.warning("transaction %s: agent %r is no longer configured; it stays out", record.id, name)
+                continue
+            transaction.add_agent(self.slot(spec, transaction, record.owner, {}))
+        self.live[transaction.id] = transaction
+        logger.info("transaction %s brought back from the store at tseq %d", transaction.id, last)
+        return transaction
+
+    def forget(self, transaction: Transaction) -> None:
+        """It ended: it leaves memory (its log and record stay in the store)."""
+        if self.live.get(transaction.id) is transaction:
+            del self.live[transaction.id]
+
+    def idle(self) -> list[Transaction]:
+        """Transactions nobody is in and nothing runs in, for longer than ``idle_seconds``."""
+        horizon = time.monotonic() - self.config.idle_seconds
+        return [
+            t
+            for t in self.live.values()
+            if t.memberless_since is not None and t.memberless_since < horizon and not t.busy
+        ]
+
+    def evict(self, transaction: Transaction) -> None:
+        transaction.save()
+        self.forget(transaction)
+        logger.info("transaction %s left memory (idle); its log stays in the store", transaction.id)

@@ -1,0 +1,128 @@
+"""History over REST: a user's transactions and their event logs (PROTOCOL.md section 1).
+
+``GET /haip/transactions?limit=&cursor=`` lists the caller's transactions (started or joined),
+most recently active first; ``GET /haip/transactions/{id}/events?after=&limit=`` pages through one
+transaction's log in ``tseq`` order. Same bearer credentials as the socket (``Authorization``
+header or ``?token=``); 401 without them, 404 for a transaction the caller may not see.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from haip_runtime.auth import Credentials, Principal
+from haip_runtime.exceptions import HandshakeError
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.store.base import TransactionRecord
+
+if TYPE_CHECKING:
+    from haip_runtime.app import Runtime
+
+MAX_PAGE = 1000
+
+
+def history_routes(runtime: Runtime) -> list[Route]:
+    async def transactions(request: Request) -> JSONResponse:
+        principal = await _principal(runtime, request)
+        limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
+        cursor = _cursor(request.query_params.get("cursor"))
+        records = await runtime.hub.store.transactions_of(principal.user, limit=limit + 1, before=cursor)
+        page = records[:limit]
+        body: dict[str, Any] = {"transactions": [_listed(runtime, record) for record in page]}
+        body["next_cursor"] = f"{page[-1].updated_at!r}|{page[-1].id}" if len(records) > limit else None
+        return JSONResponse(body)
+
+    async def events(request: Request) -> JSONResponse:
+        principal = await _principal(runtime, request)
+        transaction_id = request.path_params["transaction_id"]
+        record = await runtime.hub.store.transaction(transaction_id)
+        if record is None or not runtime.hub.transactions.may_see(record.members, principal):
+            raise _Refusal(404, ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}")
+        after = _int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
+        page = await runtime.hub.store.events(transaction_id, after=after, limit=limit)
+        next_after = page[-1].tseq if len(page) == limit else None
+        return JSONResponse(
+            {"transaction": transaction_id, "events": [_event(e) for e in page], "next_after": next_after}
+        )
+
+    return [
+        Route("/haip/transactions", _answering(transactions)),
+        Route("/haip/transactions/{transaction_id}/events", _answering(events)),
+    ]
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        self.status, self.code, self.message = status, code, message
+
+
+def _answering(handler: Any) -> Any:
+    async def endpoint(request: Request) -> JSONResponse:
+        try:
+            response: JSONResponse = await handler(request)
+        except _Refusal as refusal:
+            body = {"error": {"code": refusal.code.value, "message": refusal.message}}
+            headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+            return JSONResponse(body, status_code=refusal.status, headers=headers)
+        return response
+
+    return endpoint
+
+
+async def _principal(runtime: Runtime, request: Request) -> Principal:
+    credentials = Credentials(
+        authorization=request.headers.get("authorization"), query_token=request.query_params.get("token")
+    )
+    try:
+        return await runtime.authenticator.authenticate(credentials.first(None))
+    except HandshakeError as error:
+        raise _Refusal(401, error.code, error.message) from error
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdecimal() or not low <= int(raw) <= high:
+        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def _cursor(raw: str | None) -> tuple[float, str] | None:
+    if not raw:
+        return None
+    stamp, _, transaction_id = raw.partition("|")
+    try:
+        return float(stamp), transaction_id
+    except ValueError as exc:
+        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave") from exc
+
+
+def _listed(runtime: Runtime, record: TransactionRecord) -> dict[str, Any]:
+    body = record.public()
+    live = runtime.hub.transactions.live.get(record.id)
+    if live is not None:  # the store's copy is written at turn boundaries; memory is exact
+        body["last_tseq"] = live.tseq
+    return body
+
+
+def _event(event: Event) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": event.id,
+        "tseq": event.tseq,
+        "ts": event.ts,
+        "channel": event.channel,
+        "type": event.type,
+        "payload": event.payload,
+    }
+    if event.run_id is not None:
+        body["run_id"] = event.run_id
+    if event.thread_id is not None:
+        body["thread_id"] = event.thread_id
+    return body

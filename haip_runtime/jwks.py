@@ -1,0 +1,103 @@
+"""Public keys from a JWKS URL: fetched off the event loop, cached, re-fetched on an unknown ``kid``.
+
+``JwksKeys.key`` is what ``auth.Authenticator`` asks for a token's key. Fetches run in a worker
+thread (urllib, bounded size and time), at most one at a time and at most one per
+``min_refetch_seconds`` whatever tokens arrive, so a stream of made-up ``kid``s cannot turn the
+runtime into a fetch amplifier. While the URL is unreachable the last good key set is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import jwt
+
+logger = logging.getLogger(__name__)
+
+#: A key set larger than this is refused (a JWKS is a few KiB).
+MAX_JWKS_BYTES = 1024 * 1024
+
+
+class KeyUnavailableError(Exception):
+    """No key for this token: the set has no such ``kid``, or the set cannot be fetched."""
+
+
+class JwksKeys:
+    """The key set at ``url``, as current as the refetch bounds allow."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_seconds: float,
+        min_refetch_seconds: float,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.cache_seconds = cache_seconds
+        self.min_refetch_seconds = min_refetch_seconds
+        self.timeout = timeout
+        self.fetches = 0
+        self._clock = clock
+        self._keys: dict[str | None, Any] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._failure: str | None = None
+        self._lock = anyio.Lock()
+
+    async def key(self, kid: str | None) -> Any:
+        """The verification key for a token whose header names ``kid`` (``None``: the set's only key)."""
+        now = self._clock()
+        if self._fetched_at is None or now - self._fetched_at > self.cache_seconds:
+            await self._refresh()
+        found = self._find(kid)
+        if found is None and self._may_fetch(self._clock()):
+            await self._refresh()  # a rotation: the issuer may have published a new key
+            found = self._find(kid)
+        if found is not None:
+            return found
+        if not self._keys and self._failure is not None:
+            # The cause (URL, network error) is in the log: a client learns only that keys are missing.
+            raise KeyUnavailableError("signing keys unavailable")
+        raise KeyUnavailableError(f"no signing key with kid {kid!r}" if kid else "token names no kid")
+
+    def _find(self, kid: str | None) -> Any:
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return self._keys.get(kid)
+
+    def _may_fetch(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self.min_refetch_seconds
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if not self._may_fetch(self._clock()):
+                return  # another task just fetched (or failed to); use what it got
+            self._attempted_at = self._clock()
+            self.fetches += 1
+            try:
+                data = await anyio.to_thread.run_sync(self._fetch)
+                keys = {key.key_id: key.key for key in jwt.PyJWKSet.from_dict(data).keys}
+            except (OSError, ValueError, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
+                self._failure = f"{self.url}: {exc}"
+                logger.warning("cannot fetch the JWT key set from %s: %s", self.url, exc)
+                return
+            self._keys, self._fetched_at, self._failure = keys, self._clock(), None
+            logger.info("fetched %d JWT signing key(s) from %s", len(keys), self.url)
+
+    def _fetch(self) -> Any:
+        """In a worker thread: GET the key set, bounded in time and size."""
+        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # http(s) only: checked in config
+            body = response.read(MAX_JWKS_BYTES + 1)
+        if len(body) > MAX_JWKS_BYTES:
+            raise ValueError(f"key set larger than {MAX_JWKS_BYTES} bytes")
+        return json.loads(body)

@@ -1,0 +1,95 @@
+"""Finding the Python objects haip.toml names: agent classes and in-process MCP servers.
+
+A spec is an entry-point name of the caller's group, a built-in name, ``package.module:attr``
+(imported with the config file's folder on ``sys.path``) or ``path/to/file.py:attr`` (a file,
+relative to that folder). Every failure is one ``PluginError`` line naming the config key. What
+the object must be is the caller's check (``agents/registry.py``, ``bridge/inprocess.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from haip_runtime.exceptions import PluginError
+
+
+@dataclass(frozen=True)
+class PluginKind:
+    """What a kind of plugin is called, where its entry points are, and its built-in names."""
+
+    noun: str
+    """How error messages name it: 'agent', 'MCP server'."""
+    group: str
+    """The entry-point group installed packages register it in."""
+    form: str
+    """The spec's shape, for messages: 'module:Class', 'module:server'."""
+    builtin: Mapping[str, str] = field(default_factory=dict)
+    """Names that work before ``pip install`` registers the entry points."""
+
+
+def resolve(
+    spec: str, base_dir: Path, where: str, kind: PluginKind, *, hint: Callable[[Any], str] | None = None
+) -> tuple[str, Any]:
+    """The ``module:attr`` target `spec` stands for, and the object found there.
+
+    Raises ``PluginError`` (prefixed with `where`, the config key) for an unknown name, a module
+    that cannot be found or imported, or a missing attribute (``hint(module)`` says what is there).
+    """
+    target = _entry_point(spec, kind.group) or kind.builtin.get(spec) or spec
+    if ":" not in target:
+        known = sorted({*kind.builtin, *(ep.name for ep in entry_points(group=kind.group))})
+        listed = f" ({', '.join(known)})" if known else ""
+        raise PluginError(f"{where}: {spec!r} is neither a known {kind.noun}{listed} nor {kind.form!r}")
+    module_name, _, attr = target.partition(":")
+    module = _import(module_name, base_dir, where)
+    if not hasattr(module, attr):
+        more = f" ({hint(module)})" if hint is not None else ""
+        raise PluginError(f"{where}: {module_name!r} has no attribute {attr!r}{more}")
+    return target, getattr(module, attr)
+
+
+def _entry_point(name: str, group: str) -> str | None:
+    for ep in entry_points(group=group, name=name):
+        return str(ep.value)
+    return None
+
+
+def _import(module_name: str, base_dir: Path, where: str) -> Any:
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = (base_dir / module_name).resolve()
+            if not path.is_file():
+                raise PluginError(f"{where}: no such file: {path}")
+            return _import_file(path)
+        if str(base_dir) not in sys.path:
+            sys.path.insert(0, str(base_dir))
+        return importlib.import_module(module_name)
+    except PluginError:
+        raise
+    except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
+        raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _import_file(path: Path) -> Any:
+    """Import a plugin file once: a second spec naming the same file gets the same module."""
+    module_name = f"haip_plugin_{path.stem}"
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # a broken file is retried, not half-remembered
+        raise
+    return module

@@ -1,0 +1,38 @@
+"""Stores: where conversations outlive memory. The only code that touches SQLite (or, later, Redis)."""
+
+from __future__ import annotations
+
+from haip_runtime.config import StorageConfig
+from haip_runtime.store.base import (
+    Cursor,
+    SessionRecord,
+    Store,
+    TransactionRecord,
+    TransactionState,
+    event_from_json,
+    event_to_json,
+)
+from haip_runtime.store.memory import MemoryStore
+from haip_runtime.store.sqlite import SqliteStore
+
+__all__ = [
+    "Cursor",
+    "MemoryStore",
+    "SessionRecord",
+    "SqliteStore",
+    "Store",
+    "TransactionRecord",
+    "TransactionState",
+    "event_from_json",
+    "event_to_json",
+    "open_store",
+]
+
+
+def open_store(config: StorageConfig) -> Store:
+    """The store ``[storage]`` describes (not yet entered: use it with ``async with``)."""
+    if config.backend == "sqlite":
+        return SqliteStore(
+            config.path, flush_interval=config.flush_interval_seconds, max_pending=config.max_pending_writes
+        )
+    return MemoryStore()

@@ -1,0 +1,135 @@
+"""The store interface: transaction logs, transaction metadata and session records.
+
+A ``Store`` keeps what must outlive memory and processes: every transaction's ordered event log
+(each event with its transaction sequence ``tseq``), each transaction's metadata (owner, users who
+took part, agents, state, timestamps), and a small record per session so that a client resuming
+after a restart learns what happened. Writes (``append``, ``save_*``) never block: they are queued
+and written by the backend's own writer. Reads are async and see every write queued before them.
+The interface is deliberately small and free of any database's idioms, so that other backends
+(Redis, for several nodes) implement the same few methods.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+from haip_runtime.protocol.envelope import Event
+
+
+class TransactionState(enum.StrEnum):
+    OPEN = "open"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class TransactionRecord:
+    """What the store knows of one transaction besides its log."""
+
+    id: str
+    owner: str
+    agents: tuple[str, ...]
+    #: Every user who has been a member (the owner included): who may list and read it.
+    members: tuple[str, ...]
+    state: TransactionState
+    created_at: float
+    updated_at: float
+    last_tseq: int = 0
+    thread_id: str | None = None
+    end_reason: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The record as the REST history shows it."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "agents": list(self.agents),
+            "members": list(self.members),
+            "state": self.state.value,
+            "created_at": int(self.created_at * 1000),
+            "updated_at": int(self.updated_at * 1000),
+            "last_tseq": self.last_tseq,
+            "thread_id": self.thread_id,
+            "end_reason": self.end_reason,
+        }
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """Enough of a session to tell a client, after a restart, which conversations it was in."""
+
+    id: str
+    user: str
+    epoch: str
+    transactions: tuple[str, ...]
+    updated_at: float
+
+
+#: A page position in a user's transaction list: (updated_at, id) of the last record of the previous page.
+Cursor = tuple[float, str]
+
+
+class Store(Protocol):
+    """Where conversations are kept. Use as ``async with`` (it owns its writer)."""
+
+    #: Whether what it keeps outlives the process (open transactions then survive a restart).
+    durable: bool
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    def append(self, event: Event) -> None:
+        """Queue ``event`` (with ``transaction`` and ``tseq`` set) for its transaction's log."""
+
+    def save_transaction(self, record: TransactionRecord) -> None:
+        """Queue an insert-or-replace of a transaction's metadata (members are only ever added)."""
+
+    def save_session(self, record: SessionRecord) -> None: ...
+
+    def forget_session(self, session_id: str) -> None: ...
+
+    def prune_sessions(self, older_than: float) -> None:
+        """Forget session records last updated before ``older_than`` (a ``time.time()``)."""
+
+    async def transaction(self, transaction_id: str) -> TransactionRecord | None: ...
+
+    async def transactions_of(self, user: str, *, limit: int, before: Cursor | None = None) -> list[TransactionRecord]:
+        """The user's transactions (started or joined), most recently updated first."""
+        ...
+
+    async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Up to ``limit`` events with ``tseq > after``, in order."""
+        ...
+
+    async def session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written."""
+
+
+def event_to_json(event: Event) -> str:
+    """The stored form of an event: its envelope fields and payload, without any session's stamp."""
+    head: dict[str, Any] = {"id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
+    if event.run_id is not None:
+        head["run_id"] = event.run_id
+    if event.thread_id is not None:
+        head["thread_id"] = event.thread_id
+    return json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + event.payload_json + "}"
+
+
+def event_from_json(transaction_id: str, tseq: int, text: str) -> Event:
+    data = json.loads(text)
+    return Event(
+        type=data["type"],
+        payload=data["payload"],
+        channel=data["channel"],
+        transaction=transaction_id,
+        run_id=data.get("run_id"),
+        thread_id=data.get("thread_id"),
+        id=data["id"],
+        ts=data["ts"],
+        tseq=tseq,
+    )

@@ -1,0 +1,270 @@
+"""The SQLite store: transaction logs and metadata in one file, written by one batching writer.
+
+Writes are queued in memory and committed by a single writer task, in one transaction per batch,
+in a worker thread (the event loop never waits on the disk). A batch is written at most
+``flush_interval`` after its first write, or at once when a reader needs it (reads wait for every
+write queued before them, so a reader always sees its own writes). What a crash can lose: the
+writes of the last ``flush_interval`` (50 ms by default), never part of a batch (a batch is one
+SQLite transaction; the file is in WAL mode with ``synchronous=NORMAL``, so an OS crash may also lose
+the last commits, but never corrupts the file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from haip_runtime.exceptions import ConfigError
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.store.base import (
+    Cursor,
+    SessionRecord,
+    TransactionRecord,
+    TransactionState,
+    event_from_json,
+    event_to_json,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = "1"
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transactions(
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL, thread_id TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, last_tseq INTEGER NOT NULL, end_reason TEXT);
+CREATE TABLE IF NOT EXISTS members(user TEXT NOT NULL, tx TEXT NOT NULL, PRIMARY KEY(user, tx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events(
+    tx TEXT NOT NULL, tseq INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(tx, tseq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions(
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, epoch TEXT NOT NULL, transactions TEXT NOT NULL, updated_at REAL NOT NULL);
+"""
+
+# One queued write: (kind, arguments). Kinds: "event", "transaction", "session", "forget", "prune".
+_Write = tuple[str, tuple[Any, ...]]
+
+
+class SqliteStore:
+    durable = True
+
+    def __init__(self, path: Path, *, flush_interval: float = 0.05, max_pending: int = 100_000) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self._pending: deque[_Write] = deque()
+        self._queued = 0  # writes ever queued
+        self._written = 0  # writes ever committed (or dropped)
+        self._wake = anyio.Event()
+        self._batch_done = anyio.Event()
+        self._urgent = False
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._task_group: TaskGroup | None = None
+
+    # --- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._writer, self._reader = await anyio.to_thread.run_sync(self._open)
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"storage.path: cannot open SQLite database {str(self.path)!r}: {exc}") from exc
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._write_loop)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task_group is not None
+        with anyio.move_on_after(10, shield=True):
+            await self.flush()
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
+        for connection in (self._writer, self._reader):
+            if connection is not None:
+                connection.close()
+
+    def _open(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        writer.executescript(_SCHEMA)
+        writer.execute("PRAGMA synchronous=NORMAL")
+        row = writer.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {row[0]}, this runtime reads {SCHEMA_VERSION}")
+        reader = sqlite3.connect(self.path, check_same_thread=False)
+        return writer, reader
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def _queue(self, kind: str, *args: Any) -> None:
+        if len(self._pending) >= self.max_pending:
+            dropped = self._pending.popleft()
+            self._written += 1
+            logger.error("store writer is %d writes behind; dropped a %s write", self.max_pending, dropped[0])
+        self._pending.append((kind, args))
+        self._queued += 1
+        self._wake.set()
+
+    def append(self, event: Event) -> None:
+        assert event.transaction is not None and event.tseq is not None
+        self._queue("event", event.transaction, event.tseq, event_to_json(event))
+
+    def save_transaction(self, record: TransactionRecord) -> None:
+        self._queue("transaction", record)
+
+    def save_session(self, record: SessionRecord) -> None:
+        self._queue("session", record)
+
+    def forget_session(self, session_id: str) -> None:
+        self._queue("forget", session_id)
+
+    def prune_sessions(self, older_than: float) -> None:
+        self._queue("prune", older_than)
+
+    async def flush(self) -> None:
+        target = self._queued
+        while self._written < target:
+            self._urgent = True
+            self._wake.set()
+            await self._batch_done.wait()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not self._urgent:
+                await anyio.sleep(self.flush_interval)  # let a batch gather
+            self._wake = anyio.Event()
+            self._urgent = False
+            batch = list(self._pending)
+            self._pending.clear()
+            try:
+                await anyio.to_thread.run_sync(self._write_batch, batch)
+            except sqlite3.Error:
+                logger.exception("store: a batch of %d writes failed and was lost", len(batch))
+            self._written += len(batch)
+            done, self._batch_done = self._batch_done, anyio.Event()
+            done.set()
+
+    def _write_batch(self, batch: list[_Write]) -> None:
+        assert self._writer is not None
+        db = self._writer
+        db.execute("BEGIN")
+        try:
+            for kind, args in batch:
+                if kind == "event":
+                    db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", args)
+                elif kind == "transaction":
+                    self._write_transaction(db, args[0])
+                elif kind == "session":
+                    record: SessionRecord = args[0]
+                    db.execute(
+                        "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+                        (record.id, record.user, record.epoch, json.dumps(record.transactions), record.updated_at),
+                    )
+                elif kind == "forget":
+                    db.execute("DELETE FROM sessions WHERE id = ?", args)
+                elif kind == "prune":
+                    db.execute("DELETE FROM sessions WHERE updated_at < ?", args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _write_transaction(db: sqlite3.Connection, record: TransactionRecord) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.owner,
+                json.dumps(record.agents),
+                record.state.value,
+                record.thread_id,
+                record.created_at,
+                record.updated_at,
+                record.last_tseq,
+                record.end_reason,
+            ),
+        )
+        db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?)", [(user, record.id) for user in record.members])
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _read(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        await self.flush()
+
+        def run() -> T:
+            assert self._reader is not None
+            with self._read_lock:
+                return func(self._reader)
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def transaction(self, transaction_id: str) -> TransactionRecord | None:
+        def query(db: sqlite3.Connection) -> TransactionRecord | None:
+            row = db.execute("SELECT * FROM transactions WHERE id = ?", (transaction_id,)).fetchone()
+            return None if row is None else _transaction(db, row)
+
+        return await self._read(query)
+
+    async def transactions_of(self, user: str, *, limit: int, before: Cursor | None = None) -> list[TransactionRecord]:
+        def query(db: sqlite3.Connection) -> list[TransactionRecord]:
+            sql = "SELECT t.* FROM members m JOIN transactions t ON t.id = m.tx WHERE m.user = ?"
+            params: list[Any] = [user]
+            if before is not None:
+                sql += " AND (t.updated_at < ? OR (t.updated_at = ? AND t.id < ?))"
+                params += [before[0], before[0], before[1]]
+            sql += " ORDER BY t.updated_at DESC, t.id DESC LIMIT ?"
+            rows = db.execute(sql, [*params, limit]).fetchall()
+            return [_transaction(db, row) for row in rows]
+
+        return await self._read(query)
+
+    async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        def query(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            sql = "SELECT tseq, body FROM events WHERE tx = ? AND tseq > ? ORDER BY tseq LIMIT ?"
+            return db.execute(sql, (transaction_id, after, limit)).fetchall()
+
+        rows = await self._read(query)
+        return [event_from_json(transaction_id, tseq, body) for tseq, body in rows]
+
+    async def session(self, session_id: str) -> SessionRecord | None:
+        def query(db: sqlite3.Connection) -> SessionRecord | None:
+            row = db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                return None
+            return SessionRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4])
+
+        return await self._read(query)
+
+
+def _transaction(db: sqlite3.Connection, row: tuple[Any, ...]) -> TransactionRecord:
+    members = tuple(user for (user,) in db.execute("SELECT user FROM members WHERE tx = ?", (row[0],)))
+    return TransactionRecord(
+        id=row[0],
+        owner=row[1],
+        agents=tuple(json.loads(row[2])),
+        members=members,
+        state=TransactionState(row[3]),
+        thread_id=row[4],
+        created_at=row[5],
+        updated_at=row[6],
+        last_tseq=row[7],
+        end_reason=row[8],
+    )

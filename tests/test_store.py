@@ -1,0 +1,159 @@
+"""Stores: the same behaviour from memory and from a real SQLite file, and SQLite across a reopen."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.store import MemoryStore, SessionRecord, SqliteStore, Store, TransactionRecord, TransactionState
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "haip.db")
+    async with backend:
+        yield backend
+
+
+def record(id: str, owner: str = "ann", updated_at: float = 1000.0, **changes: object) -> TransactionRecord:
+    fields: dict[str, object] = {
+        "id": id,
+        "owner": owner,
+        "agents": ("echo",),
+        "members": (owner,),
+        "state": TransactionState.OPEN,
+        "created_at": 900.0,
+        "updated_at": updated_at,
+        **changes,
+    }
+    return TransactionRecord(**fields)  # type: ignore[arg-type]
+
+
+def event(tx: str, tseq: int, text: str = "") -> Event:
+    return Event("MESSAGE", {"text": text or f"m{tseq}"}, channel="USER", transaction=tx, tseq=tseq, run_id="r")
+
+
+async def test_events_come_back_in_tseq_order_with_their_fields_and_paged(store: Store) -> None:
+    originals = [event("t1", tseq) for tseq in range(1, 8)]
+    for original in originals:
+        store.append(original)
+    store.append(event("t2", 1))
+    first = await store.events("t1", after=0, limit=3)
+    rest = await store.events("t1", after=3, limit=100)
+    assert [e.tseq for e in first] == [1, 2, 3] and [e.tseq for e in rest] == [4, 5, 6, 7]
+    back = first[0]
+    assert (back.id, back.type, back.payload, back.channel, back.run_id, back.transaction, back.ts) == (
+        originals[0].id,
+        "MESSAGE",
+        {"text": "m1"},
+        "USER",
+        "r",
+        "t1",
+        originals[0].ts,
+    )
+    assert await store.events("nope") == []
+
+
+async def test_a_user_lists_what_they_started_or_joined_newest_first_in_pages(store: Store) -> None:
+    store.save_transaction(record("a", updated_at=1.0))
+    store.save_transaction(record("b", updated_at=3.0))
+    store.save_transaction(record("c", owner="bob", updated_at=2.0))
+    store.save_transaction(record("c", owner="bob", updated_at=2.0, members=("ann",)))  # ann joined c
+    store.save_transaction(record("d", owner="bob", updated_at=4.0))
+    page = await store.transactions_of("ann", limit=2)
+    assert [r.id for r in page] == ["b", "c"]
+    assert set((await store.transaction("c")).members) == {"ann", "bob"}  # type: ignore[union-attr]
+    rest = await store.transactions_of("ann", limit=2, before=(page[-1].updated_at, page[-1].id))
+    assert [r.id for r in rest] == ["a"]
+    assert [r.id for r in await store.transactions_of("bob", limit=10)] == ["d", "c"]
+    assert await store.transaction("zzz") is None
+
+
+async def test_session_records_are_kept_forgotten_and_pruned(store: Store) -> None:
+    store.save_session(SessionRecord("s1", "ann", "epoch-1", ("t1",), time.time()))
+    store.save_session(SessionRecord("s2", "ann", "epoch-1", (), time.time() - 7200))
+    store.save_session(SessionRecord("s3", "ann", "epoch-1", (), time.time()))
+    store.forget_session("s3")
+    store.prune_sessions(time.time() - 3600)
+    kept = await store.session("s1")
+    assert kept is not None and (kept.id, kept.user, kept.epoch, kept.transactions) == ("s1", "ann", "epoch-1", ("t1",))
+    assert await store.session("s2") is None and await store.session("s3") is None
+
+
+async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "haip.db"
+    async with SqliteStore(path) as first:
+        first.save_transaction(record("t1", state=TransactionState.ENDED, end_reason="done", last_tseq=2))
+        first.append(event("t1", 1))
+        first.append(event("t1", 2, "ünïcode ✓"))
+    async with SqliteStore(path) as second:
+        assert [e.payload for e in await second.events("t1")] == [{"text": "m1"}, {"text": "ünïcode ✓"}]
+        again = await second.transaction("t1")
+    assert again is not None and again.state is TransactionState.ENDED and again.end_reason == "done"
+    assert again.last_tseq == 2 and again.agents == ("echo",)
+
+
+async def test_reads_see_writes_queued_just_before_them(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "haip.db", flush_interval=5) as store:  # the timer alone would wait 5 s
+        for tseq in range(1, 2001):
+            store.append(event("t", tseq))
+        assert len(await store.events("t", limit=5000)) == 2000
+
+
+async def test_a_database_of_another_schema_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    from haip_runtime.exceptions import ConfigError
+
+    path = tmp_path / "old.db"
+    async with SqliteStore(path):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(ConfigError) as caught:
+        async with SqliteStore(path):
+            pass
+    assert "schema version 99" in str(caught.value) and "\n" not in str(caught.value)
+
+
+async def test_the_memory_store_forgets_the_least_recent_transactions_past_its_bound() -> None:
+    store = MemoryStore(max_events=10)
+    for tx in ("old", "mid", "new"):
+        store.save_transaction(record(tx))
+        for tseq in range(1, 5):
+            store.append(event(tx, tseq))
+    assert await store.events("old") == [] and await store.transaction("old") is None
+    assert len(await store.events("mid")) == 4 and len(await store.events("new")) == 4
+
+
+def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() -> None:
+    from haip_runtime.transactions import history_from_events
+
+    def e(type: str, payload: dict[str, object], channel: str = "AGENT", run_id: str | None = "r") -> Event:
+        return Event(type, payload, channel=channel, run_id=run_id)
+
+    log = [
+        e("MESSAGE", {"text": "hi", "author": "ann", "message_id": "u1"}, channel="USER", run_id=None),
+        e("MESSAGE_UPDATE", {"text": "hello", "message_id": "u1"}, channel="USER", run_id=None),
+        e("TOOL_CALL", {"call_id": "c1", "tool": "demo.add", "params": {"a": 1}, "caller": "bot"}),
+        e("TOOL_DONE", {"call_id": "c1", "status": "OK", "result": {"content": [{"type": "text", "text": "2"}]}}),
+        e("TOOL_CALL", {"call_id": "c2", "tool": "demo.add", "params": {}, "caller": "ann"}, run_id=None),  # a member's
+        e("TOOL_DONE", {"call_id": "c2", "status": "OK", "result": {"content": []}}, run_id=None),
+        e("MESSAGE_START", {"message_id": "a1", "author": "bot"}),
+        e("MESSAGE_PART", {"message_id": "a1", "text": "it is "}),
+        e("MESSAGE_PART", {"message_id": "a1", "text": "2"}),
+        e("MESSAGE_END", {"message_id": "a1"}),
+    ]
+    entries = [(h.role, h.author, h.text, h.call_id) for h in history_from_events(log)]
+    assert entries == [
+        ("user", "ann", "hello", None),
+        ("tool_call", "bot", "", "c1"),
+        ("tool_result", "demo.add", "2", "c1"),
+        ("agent", "bot", "it is 2", None),
+    ]
