@@ -3,7 +3,8 @@
 Lines go to the agent. Tool calls show live in the area under the prompt (a progress bar and the
 tool's message), then as one line with their result. Approvals and input requests become
 questions at the prompt (input fields are asked one by one, from the request's JSON Schema).
-Ctrl-C cancels the running turn; a second Ctrl-C quits (so does Ctrl-D). Chat commands:
+Ctrl-C cancels the running turn; a second Ctrl-C quits (so does Ctrl-D). A dropped connection is
+resumed by the client, and after a server restart the conversation is rejoined. Chat commands:
 ``/agents [name]``, ``/tools``, ``/help``, ``/quit``; other lines (``/call ...``) go to the agent.
 Built on ``haip_runtime.client.HaipClient``; drawn by ``haip_runtime.terminal``.
 """
@@ -130,6 +131,24 @@ class Chat:
 
     # --- events ------------------------------------------------------------------------------------
 
+    def connection_changed(self, state: str) -> None:
+        """The client's reconnect news (``HaipClient(on_connection=...)``), as one line each."""
+        if state == "reconnecting":
+            self.say("the connection dropped; reconnecting… (what you type is sent once it is back)", "yellow")
+        elif state == "resumed":
+            self.say("reconnected: the session resumed, nothing was missed", "green")
+        elif state == "restarted":
+            self.runs.clear()  # turns of the old server process are gone; its log replays what they said
+            self.calls.clear()
+            self.questions.clear()
+            self.say("reconnected: the server had restarted; the conversation was rejoined", "green")
+        elif state == "lost":
+            self.lost = self.lost or "the connection to the server was lost and could not be resumed"
+            if self.terminal is not None:
+                self.terminal.interrupt()
+        if self.terminal is not None:
+            self.terminal.refresh()
+
     async def watch(self) -> None:
         async for event in self.client.events():
             if event.type == "PING":
@@ -146,7 +165,7 @@ class Chat:
         if self._turn is not None:
             self._turn.settled.set()
         code = self.client.close_code
-        self.lost = f"the connection to the server was lost (close code {code})" if code else "the server went away"
+        self.lost = self.lost or f"the connection to the server was lost (close code {code})"
         if self.terminal is not None:
             self.terminal.interrupt()
 
@@ -484,11 +503,21 @@ def signature(schema: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-async def chat(url: str, token: str | None, agent: str) -> None:
-    """Connect, start a conversation with ``agent`` and run the chat until the person quits."""
+async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0) -> None:
+    """Connect, start a conversation with ``agent`` and run the chat until the person quits.
+
+    A dropped connection is resumed (or, after a server restart, the conversation rejoined) for up
+    to ``reconnect`` seconds; then the chat ends with one line.
+    """
     ws_url, url_token = websocket_url(url)
     error: ClientError | None = None
-    async with HaipClient(ws_url, token=token or url_token) as client:
+    session: Chat | None = None
+
+    def changed(state: str) -> None:
+        if session is not None:
+            session.connection_changed(state)
+
+    async with HaipClient(ws_url, token=token or url_token, reconnect=reconnect, on_connection=changed) as client:
         session = Chat(client)
         async with anyio.create_task_group() as tg, open_terminal(session.live) as terminal:
             session.terminal = terminal

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -149,9 +150,34 @@ def test_a_conversation_with_progress_an_approval_an_input_form_and_ctrl_c(chat_
         screen.child.terminate(force=True)
 
 
-def test_a_server_that_goes_away_is_one_line_not_a_traceback() -> None:
+def test_the_chat_survives_a_server_restart(tmp_path: Path) -> None:
+    config = make_config({"storage": {"backend": "sqlite", "path": str(tmp_path / "haip.db")}})
+    with live_server(config) as first:
+        port, token = first.port, first.token("ann")  # signed with the dev key kept beside the database
+        screen = spawn_chat(first.http_url, "--agent", "echo", "--token", token)
+        try:
+            screen.expect("talking to echo")
+            screen.child.sendline("before the restart")
+            screen.expect("echo › .*before the restart")
+        except BaseException:
+            screen.child.terminate(force=True)
+            raise
+    try:
+        screen.expect("the connection dropped; reconnecting")
+        with live_server(config, port=port):
+            screen.expect("reconnected: the server had restarted; the conversation was rejoined")
+            screen.child.sendline("after the restart")
+            screen.expect("echo › .*after the restart")
+            screen.child.sendline("/quit")
+            assert screen.wait_exit() == 0
+        assert "Traceback" not in screen.text
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_a_server_that_stays_away_is_one_line_not_a_traceback() -> None:
     with live_server(make_config()) as live:
-        screen = spawn_chat(live.ws_url, "--agent", "echo", "--token", live.token("ann"))
+        screen = spawn_chat(live.ws_url, "--agent", "echo", "--token", live.token("ann"), "--reconnect", "1")
         try:
             screen.expect("talking to echo")
             screen.child.sendline("hello")
