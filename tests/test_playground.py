@@ -11,6 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
@@ -29,6 +30,7 @@ def playground_server() -> Iterator[LiveServer]:
         {
             "agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}},
             "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+            "roles": {"user": {"may_join_others": True}},  # a second person may join by id
         }
     )
     with live_server(config) as live:
@@ -215,24 +217,49 @@ def test_a_dropped_connection_resumes_with_nothing_missing_or_repeated(page: Pag
     expect(card(page, "demo.add")).to_have_attribute("data-status", "OK")
 
 
-def test_a_second_tab_joins_and_speaks(browser: Browser, page: Page, playground_server: LiveServer) -> None:
+def test_a_server_restart_is_survived_by_rejoining_the_conversation(browser: Browser, tmp_path: Path) -> None:
+    config = make_config({"storage": {"backend": "sqlite", "path": str(tmp_path / "haip.db")}})
+    tab = browser.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    try:
+        with live_server(config) as first:
+            port, token = first.port, first.token("dev")  # the dev key is kept beside the database
+            tab.goto(f"{first.http_url}/?token={token}")
+            start(tab, "echo")
+            say(tab, "before the restart")
+            expect(tab.locator(".msg[data-author=echo]")).to_contain_text("before the restart")
+        expect(tab.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+        with live_server(config, port=port):
+            expect(tab.locator("#connection-text")).to_have_text("connected as dev (restarted)")
+            expect(tab.locator(".note").filter(has_text="conversation rejoined")).to_have_count(1)
+            say(tab, "after the restart")
+            expect(tab.locator(".msg[data-author=echo]").nth(1)).to_contain_text("after the restart")
+            expect(tab.locator(".msg[data-author=echo]")).to_have_count(2)  # nothing repeated by the rejoin
+            tab.screenshot(path=str(ARTIFACTS / "server-restart.png"))
+    finally:
+        tab.close()
+
+
+def test_another_person_joins_and_speaks(browser: Browser, page: Page, playground_server: LiveServer) -> None:
     start(page, "echo")
     say(page, "first words")
     expect(page.locator(".msg[data-author=echo]")).to_contain_text("first words")
     transaction = page.locator("#transaction-id").inner_text()
-    other = browser.new_page()
-    other.set_default_timeout(TIMEOUT_MS)
+    bob = browser.new_page()
+    bob.set_default_timeout(TIMEOUT_MS)
     try:
-        other.goto(f"{playground_server.http_url}/?token={playground_server.token('dev')}")
-        other.fill("#join-id", transaction)
-        other.click("#join button")
-        expect(other.locator(".msg[data-author=echo]")).to_contain_text("first words")  # the history
-        other.fill("#text", "hello from the other tab")
-        other.press("#text", "Enter")
-        expect(page.locator(".msg:not(.mine)").filter(has_text="hello from the other tab").first).to_be_visible()
-        expect(page.locator(".msg[data-author=echo]").nth(1)).to_contain_text("hello from the other tab")
+        bob.goto(f"{playground_server.http_url}/?token={playground_server.token('bob')}")
+        bob.fill("#join-id", transaction)
+        bob.click("#join button")
+        expect(bob.locator(".msg[data-author=echo]")).to_contain_text("first words")  # the history
+        expect(page.locator(".note").filter(has_text="bob joined the conversation")).to_have_count(1)
+        say(bob, "hello from bob")
+        expect(page.locator(".msg[data-author=bob]")).to_have_text("bob" + "hello from bob")
+        expect(page.locator(".msg[data-author=echo]").nth(1)).to_contain_text("hello from bob")
+        expect(bob.locator(".msg[data-author=echo]").nth(1)).to_contain_text("hello from bob")
+        page.screenshot(path=str(ARTIFACTS / "another-person-joins.png"))
     finally:
-        other.close()
+        bob.close()
 
 
 def test_a_missing_token_asks_for_one(browser: Browser, playground_server: LiveServer) -> None:

@@ -19,8 +19,13 @@
 //   and we re-send what the server had not acknowledged (it drops duplicates). Envelopes sent
 //   while disconnected wait and go out after the resume.
 //
+// - after a server restart (the old session is gone: ERROR RESUME_FAILED), it carries on in the new
+//   session and rejoins its conversations from the last transaction seq (`tseq`) it saw, so with a
+//   durable store the conversation reads on without a gap.
+//
 // Events (EventTarget): "envelope" (detail: the envelope, once, in order), "state" (detail:
-// {state, reason}), "resume-failed" (the server started a new session: transactions were lost).
+// {state, reason}; reason "resumed" or "restarted" after a reconnect), "restarted" (the session
+// was lost and the conversations rejoined; detail: the transaction ids).
 
 /** Every event type this client understands; the runtime only sends types listed here. */
 export const ACCEPT_EVENTS = [
@@ -70,7 +75,9 @@ export class HaipClient extends EventTarget {
     this.user = null;
     this.lastRxSeq = 0; // highest seq delivered in order
     this.serverHai = null;
-    this._txSeq = 0; // our last seq
+    this._txSeq = 1; // our last seq: our HAI is always "1"
+    this.transactions = new Map(); // transaction id -> the last tseq seen: where to rejoin after a restart
+    this._restarted = false;
     this._unacked = []; // [{seq, frame}] sent (or waiting to be sent) and not yet acknowledged
     this._early = new Map(); // seq -> envelope received past a gap
     this._gapTimer = null;
@@ -150,12 +157,14 @@ export class HaipClient extends EventTarget {
     }
     if (this._connectionHai === null) return this._onServerHai(env);
     if (env.session === this._connectionHai.session && env.session !== this.sessionId) {
-      // We asked to resume but the server started a new session (ERROR RESUME_FAILED): adopt it.
+      // We asked to resume but the server started a new session (ERROR RESUME_FAILED): adopt it,
+      // numbered afresh from its HAI (seq 1 both ways); the conversations are rejoined once it is ready.
       this.sessionId = env.session;
       this.lastRxSeq = 1;
+      this._txSeq = 1;
       this._unacked = [];
       this._early.clear();
-      this.dispatchEvent(new CustomEvent("resume-failed", { detail: env }));
+      this._restarted = true;
     }
     const seq = Number(env.seq);
     if (!Number.isSafeInteger(seq) || seq <= this.lastRxSeq) return; // a duplicate: we have it
@@ -183,13 +192,14 @@ export class HaipClient extends EventTarget {
     const payload = { haip_version: "1.1.2", accept_major: [1], accept_events: this.acceptEvents };
     if (this.token) payload.auth = { token: `Bearer ${this.token}` };
     if (resuming) payload.last_rx_seq = String(this.lastRxSeq);
-    this._txSeq += 1;
-    this._ws.send(JSON.stringify(this._envelope("HAI", payload, { seq: this._txSeq })));
+    // Always seq 1: a fresh session numbers from it, a resumed one drops it as already seen.
+    this._ws.send(JSON.stringify(this._envelope("HAI", payload, { seq: 1 })));
     if (!resuming) this._emit(env);
   }
 
   _deliver(env) {
     this.lastRxSeq = Number(env.seq);
+    if (env.transaction && env.tseq !== undefined) this.transactions.set(env.transaction, Number(env.tseq));
     if (env.ack !== undefined) this._acknowledged(Number(env.ack));
     if (env.type === "PING") this.send("PONG", { nonce: env.payload?.nonce });
     if (env.type === "REPLAY_REQUEST") {
@@ -200,10 +210,21 @@ export class HaipClient extends EventTarget {
       this.user = env.payload.user;
       this._ready = true;
       this._attempt = 0;
-      this._setState("open", env.payload.resumed ? "resumed" : "connected");
+      const restarted = this._restarted;
+      this._restarted = false;
+      this._setState("open", env.payload.resumed ? "resumed" : restarted ? "restarted" : "connected");
       this._resend(1, Infinity); // whatever waited while we were away, and what the server may have missed
+      if (restarted) this._rejoin();
     }
     this._emit(env);
+  }
+
+  _rejoin() {
+    const rejoined = [...this.transactions.keys()];
+    for (const [transaction, tseq] of this.transactions) {
+      this.send("TRANSACTION_JOIN", { since: String(tseq) }, { transaction });
+    }
+    this.dispatchEvent(new CustomEvent("restarted", { detail: rejoined }));
   }
 
   _emit(env) {

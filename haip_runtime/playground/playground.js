@@ -59,9 +59,8 @@ async function connect(token) {
     state.delivered.push(Number(e.detail.seq));
     render(e.detail);
   });
-  client.addEventListener("resume-failed", () => {
-    note("The server could not resume this session (it expired or restarted); start a new conversation.", "error");
-    resetConversation();
+  client.addEventListener("restarted", () => {
+    note("The server restarted: new session, conversation rejoined.");
   });
   $("drop").addEventListener("click", () => client.dropConnection());
   try {
@@ -79,7 +78,7 @@ function showConnection({ state: connection, reason }) {
   const user = state.client.user ? ` as ${state.client.user}` : "";
   const text = {
     connecting: "connecting…",
-    open: `connected${user}${reason === "resumed" ? " (resumed)" : ""}`,
+    open: `connected${user}${reason === "resumed" || reason === "restarted" ? ` (${reason})` : ""}`,
     reconnecting: "reconnecting…",
     closed: `disconnected: ${reason}`,
   }[connection] || connection;
@@ -174,7 +173,8 @@ $("stop").addEventListener("click", () => {
 
 function render(env) {
   const p = env.payload && typeof env.payload === "object" ? env.payload : {};
-  if (env.type === "ERROR") return note(`${p.code}: ${p.message}`, "error");
+  // RESUME_FAILED is the client's business: it carries on in a new session and rejoins ("restarted").
+  if (env.type === "ERROR") return p.code === "RESUME_FAILED" || note(`${p.code}: ${p.message}`, "error");
   if (env.transaction !== state.tx || state.tx === null) return; // another conversation, or session-level
   switch (env.type) {
     case "TOOL_LIST": return showTools(p.tools || []);
