@@ -122,7 +122,9 @@ class Chat:
             rows.append(("", "\n"))
         for author, text in self.streams.values():
             if text:
-                rows += [("class:dim", f" {author} › "), ("", short(text.rsplit("\n", 1)[-1], 100)), ("", "\n")]
+                tail = " ".join(text.rsplit("\n", 1)[-1].split())
+                tail = tail if len(tail) <= 100 else "…" + tail[-99:]  # the newest words
+                rows += [("class:dim", f" {author} › "), ("", tail), ("", "\n")]
         if self.runs and not rows:
             rows += [("class:dim", f" {', '.join(sorted(set(self.runs.values())))} is working… (Ctrl-C stops)\n")]
         if not rows:

@@ -29,7 +29,11 @@ CURSOR_REQUEST = "\x1b[6n"
 
 def chat_config() -> dict[str, object]:
     return {
-        "agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}},
+        "agents": {
+            "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
+            # slow enough to see the answer stream in the live area before its line is printed
+            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+        },
         "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
     }
 
@@ -141,6 +145,12 @@ def test_a_conversation_with_progress_an_approval_an_input_form_and_ctrl_c(chat_
         screen.expect("⊘ demo.sleep.* CANCELLED")
         screen.child.sendline("/agents")
         screen.expect(r"\* operator")
+        screen.child.sendline("/agents storyteller")
+        screen.expect("talking to storyteller")
+        screen.child.sendline("a dragon")
+        screen.expect("\n storyteller › Once")  # streaming, in the live area under the prompt ...
+        assert "The end." not in screen.text[: screen.position]  # ... before the story is finished
+        screen.expect("storyteller › Once upon a time, someone said 'a dragon'. .* smiled. The end.")
         screen.child.sendintr()
         screen.expect("nothing to cancel")
         screen.child.sendintr()  # a second Ctrl-C quits
