@@ -21,7 +21,8 @@
 //
 // - after a server restart (the old session is gone: ERROR RESUME_FAILED), it carries on in the new
 //   session and rejoins its conversations from the last transaction seq (`tseq`) it saw, so with a
-//   durable store the conversation reads on without a gap.
+//   durable store the conversation reads on without a gap; what the person sent that the old
+//   session never acknowledged is sent again after the rejoin.
 //
 // Events (EventTarget): "envelope" (detail: the envelope, once, in order), "state" (detail:
 // {state, reason}; reason "resumed" or "restarted" after a reconnect), "restarted" (the session
@@ -39,6 +40,8 @@ const GAP_GRACE_MS = 500;
 const REQUEST_TIMEOUT_MS = 10000;
 /** Close codes after which reconnecting cannot help (authentication, version, policy). */
 const FATAL_CLOSE_CODES = new Set([1002, 1008]);
+/** What a person sent that is worth sending again in a new session (not session mechanics). */
+const RESENT_AFTER_RESTART = new Set(["MESSAGE", "MESSAGE_UPDATE", "TOOL_CALL", "TOOL_UPDATE", "TOOL_CANCEL", "RUN_CANCEL"]);
 const HANDSHAKE_ERRORS = new Set(["AUTHENTICATION_FAILED", "VERSION_INCOMPATIBLE", "HANDSHAKE_REQUIRED", "INVALID_MESSAGE"]);
 
 export class HaipError extends Error {
@@ -78,6 +81,7 @@ export class HaipClient extends EventTarget {
     this._txSeq = 1; // our last seq: our HAI is always "1"
     this.transactions = new Map(); // transaction id -> the last tseq seen: where to rejoin after a restart
     this._restarted = false;
+    this._orphans = []; // unacknowledged messages of a session that is gone: sent again after the rejoin
     this._unacked = []; // [{seq, frame}] sent (or waiting to be sent) and not yet acknowledged
     this._early = new Map(); // seq -> envelope received past a gap
     this._gapTimer = null;
@@ -162,6 +166,7 @@ export class HaipClient extends EventTarget {
       this.sessionId = env.session;
       this.lastRxSeq = 1;
       this._txSeq = 1;
+      this._orphans = this._unacked.filter((u) => RESENT_AFTER_RESTART.has(u.type)); // typed while away
       this._unacked = [];
       this._early.clear();
       this._restarted = true;
@@ -224,6 +229,9 @@ export class HaipClient extends EventTarget {
     for (const [transaction, tseq] of this.transactions) {
       this.send("TRANSACTION_JOIN", { since: String(tseq) }, { transaction });
     }
+    const orphans = this._orphans;
+    this._orphans = [];
+    for (const { type, payload, options } of orphans) this.send(type, payload, options);
     this.dispatchEvent(new CustomEvent("restarted", { detail: rejoined }));
   }
 
@@ -271,7 +279,7 @@ export class HaipClient extends EventTarget {
     this._txSeq += 1;
     const env = this._envelope(type, payload, { ...options, seq: this._txSeq });
     const frame = JSON.stringify(env);
-    this._unacked.push({ seq: this._txSeq, frame });
+    this._unacked.push({ seq: this._txSeq, frame, type, payload, options });
     if (this._ready && this._ws.readyState === WebSocket.OPEN) this._ws.send(frame);
     return env.id;
   }
