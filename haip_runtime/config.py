@@ -54,6 +54,12 @@ class ServerConfig(Model):
     """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
     origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
     Others are refused at the upgrade with HTTP 403."""
+    playground: bool | None = None
+    """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
+
+    @property
+    def serves_playground(self) -> bool:
+        return self.playground if self.playground is not None else _is_loopback(self.host)
 
 
 class SessionConfig(Model):
