@@ -221,3 +221,35 @@ async def test_an_idle_transaction_leaves_memory_and_comes_back_whole_on_join() 
             history = [e.type for e in client.received if e.transaction == tx and e.tseq]
     assert joined.get("agents") == ["greeter"] and history[0] == "TRANSACTION_START"
     assert "user:before the nap" in answer.get("text") and answer.get("text").endswith("user:after")
+
+
+async def test_a_client_rides_out_a_restart_and_what_it_sent_meanwhile_is_answered(tmp_path: Path) -> None:
+    config = sqlite_config(tmp_path / "haip.db")
+    states: list[str] = []
+    down, back = anyio.Event(), anyio.Event()
+
+    def note(state: str) -> None:
+        states.append(state)
+        (down if state == "reconnecting" else back).set()
+
+    with live_server(config) as first:
+        port, token = first.port, first.token("otto")
+        client = HaipClient(first.ws_url, token=token, on_connection=note)
+        await client.__aenter__()
+        tx = await client.start_transaction("greeter")
+        await client.send_text(tx, "before")
+        await runs_finished(client, tx, 2)
+    try:
+        with anyio.fail_after(10):
+            await down.wait()
+        await client.send_text(tx, "while you were away")  # held until the connection is back
+        with live_server(config, port=port):
+            with anyio.fail_after(20):
+                await back.wait()
+            answer = await client.wait_for(
+                lambda e: e.type == "MESSAGE_PART" and "while you were away" in e.get("text", ""), timeout=20
+            )
+    finally:
+        await client.aclose()
+    assert states == ["reconnecting", "restarted"]
+    assert answer.get("text").endswith("user:before | user:while you were away")
