@@ -3,7 +3,8 @@
 ``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
 the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
 it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/haip/sse`` (SSE), ``/haip/stream`` (HTTP
-streaming), ``/health``, ``/haip/transactions`` (REST history).
+streaming), ``/health``, ``/haip/transactions`` (REST history), and the browser playground at ``/``
+(``haip_runtime.playground``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from haip_runtime import __version__
+from haip_runtime import __version__, playground
 from haip_runtime.agents.registry import load_agents
 from haip_runtime.auth import Authenticator
 from haip_runtime.config import HaipConfig, StorageConfig
@@ -179,15 +180,15 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", health),
         WebSocketRoute("/haip/websocket", rt.serve_websocket),
         WebSocketRoute("/", rt.serve_websocket),
-        Route("/", index),
         *history_routes(rt),
         *sse_routes(rt),
         *stream_routes(rt),
     ]
+    routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     return Starlette(routes=routes, lifespan=lifespan)
 
 

@@ -156,7 +156,10 @@ class Authenticator:
                 options={"require": required},
             )
         except jwt.PyJWTError as exc:
-            raise _refused(_reason(exc)) from exc
+            reason = _reason(exc)
+            if self.config.mode == "dev" and isinstance(exc, jwt.InvalidSignatureError):
+                reason += " (dev mode makes a new key each time the server starts: use the token it printed last)"
+            raise _refused(reason) from exc
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
             raise _refused("token has no subject")

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
     chat.add_argument("--token", help="bearer token (printed by `serve` in dev mode)")
     chat.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
+    chat.add_argument(
+        "--reconnect", type=float, default=60, help="seconds to keep trying to resume a dropped link (default: 60)"
+    )
     chat.set_defaults(func=_chat)
 
     schema = commands.add_parser("schema", help="print (or write) the JSON Schema of haip.toml")
@@ -156,7 +159,7 @@ def _chat(args: argparse.Namespace) -> int:
     from haip_runtime.exceptions import ClientError
 
     try:
-        anyio.run(chat, args.url, args.token, args.agent)
+        anyio.run(chat, args.url, args.token, args.agent, args.reconnect)
     except ClientError as exc:
         print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
         return 1
@@ -187,10 +190,12 @@ def _serve(args: argparse.Namespace) -> int:
 def serve(config: HaipConfig) -> int:
     import uvicorn
 
+    from haip_runtime import allocator
     from haip_runtime.app import Runtime, create_app
     from haip_runtime.logs import configure_logging
 
     configure_logging(config.observability, secrets=secret_values(config))
+    allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]
@@ -231,6 +236,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _storage(storage: Any) -> str:
+    if storage.backend == "sqlite":
+        return f"kept in {storage.path}"
+    return "in memory: lost when the runtime stops; set [storage] backend = 'sqlite' to keep it"
+
+
 def _announce(runtime: Any, host: str, port: int) -> None:
     shown = f"[{host}]" if ":" in host else host
     lines = [
@@ -238,9 +249,15 @@ def _announce(runtime: Any, host: str, port: int) -> None:
         f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
         f"  health:    http://{shown}:{port}/health",
         f"  agents:    {', '.join(runtime.agents) or '(none configured)'}",
+        f"  history:   http://{shown}:{port}/haip/transactions  ({_storage(runtime.config.storage)})",
     ]
-    if runtime.config.auth.mode == "dev":
-        token = runtime.authenticator.issue("dev")
+    dev = runtime.config.auth.mode == "dev"
+    token = runtime.authenticator.issue("dev") if dev else None
+    if runtime.config.server.serves_playground:
+        # Ready to open: in dev mode the page takes its token from the URL.
+        query = f"?token={token}" if token else "  (add ?token=<jwt>)"
+        lines.insert(1, f"  playground: http://{shown}:{port}/{query}")
+    if token is not None:
         agent = "operator" if "operator" in runtime.agents else next(iter(runtime.agents), "echo")
         lines += [
             "  auth:      dev mode (loopback only); a ready token for user 'dev':",

@@ -125,6 +125,9 @@ class HaipClient:
         self._waiters: list[_Waiter] = []
         self._handshake: _Waiter | None = None
         self._pending: list[Received] | None = None
+        #: While reconnecting: sends that wait for the connection (type, payload, transaction, channel, extra).
+        self._down = self._gone = False
+        self._held: list[tuple[str, dict[str, Any] | str, str | None, str, dict[str, Any]]] = []
         self._reading = anyio.Event()
         self._closing = False
         self._send_events, self._events = anyio.create_memory_object_stream[Received](buffer)
@@ -191,6 +194,7 @@ class HaipClient:
             self._pending = None
             for frame in list(self._unacked.values()):  # what the runtime may not have had
                 await self._write(frame)
+            await self._send_held()
             self._tell("resumed")
             return
         # A fresh session: its frames so far (its HAI, perhaps RESUME_FAILED, session.ready) open the stream.
@@ -201,9 +205,18 @@ class HaipClient:
             if frame_event.raw.get("session") == self.session_id:
                 self._process(frame_event)
         if resume:
+            self._down = False
             for transaction, tseq in list(self.transactions.items()):
                 await self.send("TRANSACTION_JOIN", {"since": str(tseq)}, transaction=transaction)
+            await self._send_held()
             self._tell("restarted")
+
+    async def _send_held(self) -> None:
+        """What was sent while the connection was down, now that it is back (in order)."""
+        self._down = False
+        held, self._held = self._held, []
+        for type, payload, transaction, channel, extra in held:
+            await self.send(type, payload, transaction=transaction, channel=channel, **extra)
 
     async def _handshake_event(self, predicate: Predicate) -> Received:
         for event in self._pending or []:
@@ -223,6 +236,7 @@ class HaipClient:
             if self._closing or not self.reconnect or code in _FINAL_CLOSE_CODES:
                 self._lost(code)
                 return
+            self._down = True
             self._tell("reconnecting")
             if not await self._reconnect():
                 self._lost(code)
@@ -244,6 +258,7 @@ class HaipClient:
         return False
 
     def _lost(self, code: int | None) -> None:
+        self._down, self._gone, self._held = False, True, []
         self._send_events.close()
         closed = Received({"type": "CLOSED", "payload": {"code": code}})
         for waiter in list(self._waiters):
@@ -302,7 +317,13 @@ class HaipClient:
         channel: str = "SYSTEM",
         **extra: Any,
     ) -> str:
-        """Send one envelope; returns its id. While reconnecting it is queued and sent on resume."""
+        """Send one envelope; returns its id. While reconnecting it waits, and goes once connected again."""
+        if self._gone:
+            raise ClientError("the connection is lost (reconnecting gave up)")
+        if self._down:
+            extra.setdefault("id", new_id())
+            self._held.append((type, payload, transaction, channel, extra))
+            return str(extra["id"])
         self._seq += 1
         frame = self._envelope(type, payload, seq=self._seq, transaction=transaction, channel=channel, **extra)
         self._unacked[self._seq] = frame

@@ -54,6 +54,12 @@ class ServerConfig(Model):
     """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
     origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
     Others are refused at the upgrade with HTTP 403."""
+    playground: bool | None = None
+    """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
+
+    @property
+    def serves_playground(self) -> bool:
+        return self.playground if self.playground is not None else _is_loopback(self.host)
 
 
 class SessionConfig(Model):
@@ -88,6 +94,8 @@ class TransactionsConfig(Model):
     read with `GET /haip/transactions/{id}/events`."""
     agent_history_messages: int = Field(default=200, ge=1)
     """Messages of the conversation kept for the agents (`turn.history`), newest last."""
+    agent_history_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    """...and at most this many bytes of their text (the newest entry is always kept)."""
 
 
 class StorageConfig(Model):

@@ -17,6 +17,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from haip_runtime import allocator
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.audio import receive_audio
@@ -119,11 +120,14 @@ class Hub:
             self.upkeep()
 
     def upkeep(self) -> None:
-        """Drop expired sessions and let idle transactions leave memory."""
-        for session in self.sessions.expired():
+        """Drop expired sessions and let idle transactions leave memory (and the process give it back)."""
+        expired, idle = self.sessions.expired(), self.transactions.idle()
+        for session in expired:
             self.drop_session(session)
-        for transaction in self.transactions.idle():
+        for transaction in idle:
             self.transactions.evict(transaction)
+        if expired or idle:
+            allocator.release()
 
     def drop_session(self, session: Session) -> None:
         self.sessions.remove(session)

@@ -123,7 +123,7 @@ class ToolCallResult:
         """The text content blocks, joined (or the error message)."""
         if self.error is not None:
             return str(self.error.get("message", ""))
-        return _text(self.content)
+        return content_text(self.content)
 
     def done_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status}
@@ -279,7 +279,7 @@ class ToolProxy:
         except ToolError as exc:
             return ToolCallResult(active.call_id, name, "ERROR", error=_error("TOOL_FAILED", str(exc)))
         status: DoneStatus = "ERROR" if outcome.is_error else "OK"
-        error = _error("TOOL_ERROR", _text(outcome.content) or "tool error") if outcome.is_error else None
+        error = _error("TOOL_ERROR", content_text(outcome.content) or "tool error") if outcome.is_error else None
         return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
 
     def is_down(self, server: str, servers: Iterable[str]) -> bool:
@@ -445,6 +445,6 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"code": str(code), "message": message}
 
 
-def _text(content: list[dict[str, Any]]) -> str:
+def content_text(content: list[dict[str, Any]]) -> str:
     """The text content blocks of an MCP result, joined."""
     return "\n".join(str(block.get("text", "")) for block in content if block.get("type") == "text")

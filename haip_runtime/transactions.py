@@ -10,6 +10,7 @@ cancel scope, so one failing or cancelled turn costs only itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
+from haip_runtime.tools import content_text
 
 if TYPE_CHECKING:
     from haip_runtime.auth import Principal
@@ -35,8 +37,26 @@ logger = logging.getLogger(__name__)
 
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
-#: Recent events kept in memory, so a join never waits on the store for what just happened.
+#: Recent events kept in memory, so a join never waits on the store for what just happened...
 TAIL_EVENTS = 256
+#: ...but never more than this many bytes of them (the newest is always kept).
+TAIL_BYTES = 1024 * 1024
+
+
+class History(deque[HistoryEntry]):
+    """The agents' view of the conversation, bounded by entries and by bytes of text."""
+
+    def __init__(self, entries: Iterable[HistoryEntry], *, maxlen: int, max_bytes: int) -> None:
+        super().__init__(maxlen=maxlen)
+        self.max_bytes = max_bytes
+        for entry in entries:
+            self.append(entry)
+
+    def append(self, entry: HistoryEntry) -> None:
+        super().append(entry)
+        size = sum(len(e.text) for e in self)
+        while len(self) > 1 and size > self.max_bytes:
+            size -= len(self.popleft().text)
 
 
 class Member(Protocol):
@@ -100,7 +120,9 @@ class Transaction:
         self.members: dict[str, Member] = {}
         self.agents: dict[str, AgentSlot] = {}
         self.runs: dict[str, Run] = {}
-        self.history: deque[HistoryEntry] = deque(history, maxlen=self.config.agent_history_messages)
+        self.history = History(
+            history, maxlen=self.config.agent_history_messages, max_bytes=self.config.agent_history_bytes
+        )
         self.ended = False
         self.tools = tools
         self.store = store
@@ -111,6 +133,7 @@ class Transaction:
         #: When the last member left (monotonic), for eviction of idle transactions.
         self.memberless_since: float | None = time.monotonic()
         self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
+        self._tail_bytes = 0
         self._spawn = spawn
 
     # --- the record ------------------------------------------------------------------------------
@@ -170,13 +193,22 @@ class Transaction:
         """Log ``event`` (next ``tseq``) and deliver it to every member it is meant for."""
         self.tseq += 1
         stamped = event.with_changes(transaction=self.id, tseq=self.tseq, thread_id=self.thread_id)
-        self._tail.append(stamped)
+        self._remember(stamped)
         if self.store is not None:
             self.store.append(stamped)
         for member_id, member in list(self.members.items()):
             if member_id not in stamped.exclude:
                 member.deliver(stamped)
         return stamped
+
+    def _remember(self, event: Event) -> None:
+        tail = self._tail
+        if len(tail) == tail.maxlen:
+            self._tail_bytes -= len(tail[0].payload_json)
+        tail.append(event)
+        self._tail_bytes += len(event.payload_json)
+        while len(tail) > 1 and self._tail_bytes > TAIL_BYTES:
+            self._tail_bytes -= len(tail.popleft().payload_json)
 
     async def catch_up(self, since: int) -> tuple[list[Event], int]:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
@@ -321,6 +353,7 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
     """The agents' history, rebuilt from a transaction's log (after a restart or an eviction)."""
     entries: dict[str, HistoryEntry] = {}
     authors: dict[str, str] = {}
+    tools: dict[str, str] = {}  # call_id -> tool, of agents' calls
     for event in events:
         body = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(body.get("message_id", ""))
@@ -336,4 +369,32 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
             entries[message_id] = replace(entry, text=entry.text + str(body.get("text", "")))
         elif event.type == EventType.MESSAGE_UPDATE and message_id in entries:
             entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
+        elif event.type == EventType.TOOL_CALL and event.run_id is not None:  # an agent's call, not a member's
+            call_id, tool = str(body.get("call_id", "")), str(body.get("tool", ""))
+            params = body.get("params")
+            arguments: dict[str, Any] = params if isinstance(params, dict) else {}
+            tools[call_id] = tool
+            caller = str(body.get("caller", ""))
+            entries[f"call:{call_id}"] = HistoryEntry(
+                "tool_call", caller, "", call_id, call_id=call_id, tool=tool, arguments=arguments
+            )
+        elif event.type == EventType.TOOL_DONE and str(body.get("call_id", "")) in tools:
+            call_id = str(body.get("call_id", ""))
+            status, text = str(body.get("status", "")), _done_text(body)
+            entries[f"result:{call_id}"] = HistoryEntry(
+                "tool_result", tools[call_id], text, call_id, call_id=call_id, tool=tools[call_id], status=status
+            )
     return list(entries.values())
+
+
+def _done_text(done: dict[str, Any]) -> str:
+    """What a TOOL_DONE says the call returned, as ``turn.call_tool`` records it for a model."""
+    error = done.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
+    given = done.get("result")
+    result: dict[str, Any] = given if isinstance(given, dict) else {}
+    text = content_text(result.get("content", []))
+    if text or result.get("structuredContent") is None:
+        return text
+    return json.dumps(result["structuredContent"])

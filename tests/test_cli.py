@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
     url = banner["WebSocket"].split()[0]
     assert url.startswith("ws://127.0.0.1:") and url.endswith("/haip/websocket")
     assert banner["agents"] == "echo, storyteller, operator, assistant"
+    playground = banner["playground"]
+    assert playground == f"{url.replace('ws://', 'http://').removesuffix('haip/websocket')}?token={banner['token']}"
+    with urllib.request.urlopen(playground) as page:
+        assert "<title>haip-runtime playground</title>" in page.read().decode()
 
     async def talk() -> str:
         async with HaipClient(url, token=banner["token"]) as client:

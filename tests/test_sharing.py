@@ -3,10 +3,13 @@ runtime restart with SQLite between two turns of one conversation."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
@@ -175,3 +178,78 @@ async def test_a_conversation_goes_on_after_a_runtime_restart(tmp_path: Path) ->
         answer.get("text")
         == "agent:hello dana, params=[] | user:first | agent:agent:hello dana, params=[] | user:first | user:second"
     )
+
+
+class LogWatch(logging.Handler):
+    """Sets ``seen`` when a log line of ``logger`` starts with ``prefix`` (a wait across threads)."""
+
+    def __init__(self, logger: str, prefix: str) -> None:
+        super().__init__()
+        self.logger, self.prefix, self.seen = logging.getLogger(logger), prefix, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.seen.set()
+
+    def __enter__(self) -> LogWatch:
+        self._level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+
+async def test_an_idle_transaction_leaves_memory_and_comes_back_whole_on_join() -> None:
+    agents = {"greeter": {"plugin": "tests.agents:GreeterAgent"}}
+    quick = {"session": {"resume_timeout_seconds": 0.2}, "transactions": {"idle_seconds": 0.2}}
+    with live_server(make_config({"agents": agents, **quick})) as live:
+        token = live.token("ivy")
+        async with HaipClient(live.ws_url, token=token, reconnect=0) as client:
+            tx = await client.start_transaction("greeter")
+            await client.send_text(tx, "before the nap")
+            await runs_finished(client, tx, 2)
+        with LogWatch("haip_runtime.conversations", f"transaction {tx} left memory") as watch:
+            assert await anyio.to_thread.run_sync(watch.seen.wait, 20), "the idle transaction stayed in memory"
+        assert tx not in live.runtime.hub.transactions.live and not live.runtime.hub.sessions.sessions
+        async with HaipClient(live.ws_url, token=token) as client:
+            joined = await client.join(tx, since=0)
+            await client.send_text(tx, "after")
+            answer = await client.wait_for(lambda e: e.type == "MESSAGE_PART" and "after" in e.get("text", ""))
+            history = [e.type for e in client.received if e.transaction == tx and e.tseq]
+    assert joined.get("agents") == ["greeter"] and history[0] == "TRANSACTION_START"
+    assert "user:before the nap" in answer.get("text") and answer.get("text").endswith("user:after")
+
+
+async def test_a_client_rides_out_a_restart_and_what_it_sent_meanwhile_is_answered(tmp_path: Path) -> None:
+    config = sqlite_config(tmp_path / "haip.db")
+    states: list[str] = []
+    down, back = anyio.Event(), anyio.Event()
+
+    def note(state: str) -> None:
+        states.append(state)
+        (down if state == "reconnecting" else back).set()
+
+    with live_server(config) as first:
+        port, token = first.port, first.token("otto")
+        client = HaipClient(first.ws_url, token=token, on_connection=note)
+        await client.__aenter__()
+        tx = await client.start_transaction("greeter")
+        await client.send_text(tx, "before")
+        await runs_finished(client, tx, 2)
+    try:
+        with anyio.fail_after(10):
+            await down.wait()
+        await client.send_text(tx, "while you were away")  # held until the connection is back
+        with live_server(config, port=port):
+            with anyio.fail_after(20):
+                await back.wait()
+            answer = await client.wait_for(
+                lambda e: e.type == "MESSAGE_PART" and "while you were away" in e.get("text", ""), timeout=20
+            )
+    finally:
+        await client.aclose()
+    assert states == ["reconnecting", "restarted"]
+    assert answer.get("text").endswith("user:before | user:while you were away")

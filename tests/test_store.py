@@ -130,3 +130,30 @@ async def test_the_memory_store_forgets_the_least_recent_transactions_past_its_b
             store.append(event(tx, tseq))
     assert await store.events("old") == [] and await store.transaction("old") is None
     assert len(await store.events("mid")) == 4 and len(await store.events("new")) == 4
+
+
+def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() -> None:
+    from haip_runtime.transactions import history_from_events
+
+    def e(type: str, payload: dict[str, object], channel: str = "AGENT", run_id: str | None = "r") -> Event:
+        return Event(type, payload, channel=channel, run_id=run_id)
+
+    log = [
+        e("MESSAGE", {"text": "hi", "author": "ann", "message_id": "u1"}, channel="USER", run_id=None),
+        e("MESSAGE_UPDATE", {"text": "hello", "message_id": "u1"}, channel="USER", run_id=None),
+        e("TOOL_CALL", {"call_id": "c1", "tool": "demo.add", "params": {"a": 1}, "caller": "bot"}),
+        e("TOOL_DONE", {"call_id": "c1", "status": "OK", "result": {"content": [{"type": "text", "text": "2"}]}}),
+        e("TOOL_CALL", {"call_id": "c2", "tool": "demo.add", "params": {}, "caller": "ann"}, run_id=None),  # a member's
+        e("TOOL_DONE", {"call_id": "c2", "status": "OK", "result": {"content": []}}, run_id=None),
+        e("MESSAGE_START", {"message_id": "a1", "author": "bot"}),
+        e("MESSAGE_PART", {"message_id": "a1", "text": "it is "}),
+        e("MESSAGE_PART", {"message_id": "a1", "text": "2"}),
+        e("MESSAGE_END", {"message_id": "a1"}),
+    ]
+    entries = [(h.role, h.author, h.text, h.call_id) for h in history_from_events(log)]
+    assert entries == [
+        ("user", "ann", "hello", None),
+        ("tool_call", "bot", "", "c1"),
+        ("tool_result", "demo.add", "2", "c1"),
+        ("agent", "bot", "it is 2", None),
+    ]

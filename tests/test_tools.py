@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 
 from haip_runtime.client import HaipClient, Received
@@ -419,47 +417,6 @@ async def test_stdio_server_sees_only_the_safe_environment_and_its_own(monkeypat
     names = set(done.get("result")["structuredContent"]["result"])
     assert "DEMO_GREETING" in names and "PATH" in names
     assert "HAIP_TEST_SECRET" not in names
-
-
-async def read_until(stream: anyio.abc.ByteReceiveStream, needle: str, seen: list[str]) -> str:
-    """Read a subprocess stream until ``needle`` shows up (bounded by the caller's fail_after)."""
-    while needle not in "".join(seen):
-        seen.append((await stream.receive()).decode())
-    return "".join(seen)
-
-
-async def test_terminal_chat_approves_and_answers_a_tool(tool_server: LiveServer) -> None:
-    async with operator(tool_server):
-        pass  # the MCP servers are connected
-    command = [
-        sys.executable,
-        "-m",
-        "haip_runtime",
-        "chat",
-        tool_server.ws_url,
-        "--agent",
-        "operator",
-        "--token",
-        tool_server.token("termi"),
-    ]
-    async with await anyio.open_process(command) as process:
-        assert process.stdin and process.stdout and process.stderr
-        out: list[str] = []
-        err: list[str] = []
-        with anyio.fail_after(30):
-            await read_until(process.stderr, "connected as termi", err)
-            await process.stdin.send(b"/call demo.delete_everything\n")
-            await read_until(process.stderr, "waits for approval", err)
-            await process.stdin.send(b"!approve fine\n")
-            await read_until(process.stdout, "pretended to delete everything", out)
-            await process.stdin.send(b"/call demo.ask_user\n")
-            await read_until(process.stderr, "type !input", err)
-            await process.stdin.send(b'!input {"name": "Tess", "favourite_colour": "teal"}\n')
-            await read_until(process.stdout, "Tess likes teal", out)
-            await process.stdin.send(b"!approve\n")
-            await read_until(process.stderr, "no tool call is waiting for approval", err)
-            await process.stdin.aclose()
-            assert await process.wait() == 0
 
 
 async def test_a_call_id_in_use_is_refused_even_in_the_same_instant(tool_server: LiveServer) -> None:

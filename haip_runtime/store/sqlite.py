@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -162,20 +163,35 @@ class SqliteStore:
             done.set()
 
     def _write_batch(self, batch: list[_Write]) -> None:
+        """One SQLite transaction for the whole batch; a transaction saved several times is written once."""
         assert self._writer is not None
         db = self._writer
+        events: list[tuple[Any, ...]] = []
+        transactions: dict[str, TransactionRecord] = {}
+        for kind, args in batch:
+            if kind == "event":
+                events.append(args)
+            elif kind == "transaction":
+                record: TransactionRecord = args[0]
+                known = transactions.get(record.id)
+                transactions[record.id] = record if known is None else _merged(known, record)
         db.execute("BEGIN")
         try:
-            for kind, args in batch:
-                if kind == "event":
-                    db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", args)
-                elif kind == "transaction":
-                    self._write_transaction(db, args[0])
-                elif kind == "session":
-                    record: SessionRecord = args[0]
+            db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", events)
+            db.executemany(
+                "INSERT OR REPLACE INTO transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_transaction_row(record) for record in transactions.values()],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO members VALUES (?, ?)",
+                [(user, record.id) for record in transactions.values() for user in record.members],
+            )
+            for kind, args in batch:  # few, and their order matters (a save, then a forget)
+                if kind == "session":
+                    session: SessionRecord = args[0]
                     db.execute(
                         "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
-                        (record.id, record.user, record.epoch, json.dumps(record.transactions), record.updated_at),
+                        (session.id, session.user, session.epoch, json.dumps(session.transactions), session.updated_at),
                     )
                 elif kind == "forget":
                     db.execute("DELETE FROM sessions WHERE id = ?", args)
@@ -185,24 +201,6 @@ class SqliteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-    @staticmethod
-    def _write_transaction(db: sqlite3.Connection, record: TransactionRecord) -> None:
-        db.execute(
-            "INSERT OR REPLACE INTO transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.owner,
-                json.dumps(record.agents),
-                record.state.value,
-                record.thread_id,
-                record.created_at,
-                record.updated_at,
-                record.last_tseq,
-                record.end_reason,
-            ),
-        )
-        db.executemany("INSERT OR IGNORE INTO members VALUES (?, ?)", [(user, record.id) for user in record.members])
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -252,6 +250,25 @@ class SqliteStore:
             return SessionRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4])
 
         return await self._read(query)
+
+
+def _transaction_row(record: TransactionRecord) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.owner,
+        json.dumps(record.agents),
+        record.state.value,
+        record.thread_id,
+        record.created_at,
+        record.updated_at,
+        record.last_tseq,
+        record.end_reason,
+    )
+
+
+def _merged(earlier: TransactionRecord, later: TransactionRecord) -> TransactionRecord:
+    """Two saves of one transaction in a batch: the later wins, but members are only ever added."""
+    return replace(later, members=tuple(dict.fromkeys(earlier.members + later.members)))
 
 
 def _transaction(db: sqlite3.Connection, row: tuple[Any, ...]) -> TransactionRecord:

@@ -1,0 +1,421 @@
+// The playground page: renders what a HaipClient receives, and turns clicks into HAIP messages.
+// All protocol work is in haip-client.js; this file is only UI.
+
+import { HaipClient, HaipError } from "./haip-client.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Create an element: el("div", {class: "x", onclick: f}, child, "text", ...). */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+const state = {
+  client: null,
+  user: null,
+  tx: null, // the transaction shown
+  agent: null,
+  members: new Set(),
+  messages: new Map(), // message_id -> element of its text
+  calls: new Map(), // call_id -> {card, ...parts}
+  runs: new Map(), // run_id -> agent
+  delivered: [], // seqs of every envelope delivered, for the tests and the curious
+};
+window.playground = state;
+
+// --- connection ------------------------------------------------------------------------------------
+
+function start() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (!token) {
+    $("login").hidden = false;
+    $("login").addEventListener("submit", (event) => {
+      event.preventDefault();
+      params.set("token", $("token").value.trim());
+      history.replaceState(null, "", `?${params}`);
+      $("login").hidden = true;
+      connect(params.get("token"));
+    }, { once: true });
+    return;
+  }
+  connect(token);
+}
+
+async function connect(token) {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const client = new HaipClient(`${scheme}://${location.host}/haip/websocket`, { token });
+  state.client = client;
+  client.addEventListener("state", (e) => showConnection(e.detail));
+  client.addEventListener("envelope", (e) => {
+    state.delivered.push(Number(e.detail.seq));
+    render(e.detail);
+  });
+  client.addEventListener("restarted", () => {
+    note("The server restarted: new session, conversation rejoined.");
+  });
+  $("drop").addEventListener("click", () => client.dropConnection());
+  try {
+    const ready = await client.connect();
+    state.user = ready.user;
+    showAgents(await client.listAgents());
+  } catch (error) {
+    fail(error);
+    if (error.code === "AUTHENTICATION_FAILED") $("login").hidden = false;
+  }
+}
+
+function showConnection({ state: connection, reason }) {
+  $("connection").dataset.state = connection;
+  const user = state.client.user ? ` as ${state.client.user}` : "";
+  const text = {
+    connecting: "connecting…",
+    open: `connected${user}${reason === "resumed" || reason === "restarted" ? ` (${reason})` : ""}`,
+    reconnecting: "reconnecting…",
+    closed: `disconnected: ${reason}`,
+  }[connection] || connection;
+  $("connection-text").textContent = text;
+  $("connection").title = reason;
+}
+
+// --- agents, conversations ---------------------------------------------------------------------------
+
+function showAgents(agents) {
+  const list = $("agents");
+  list.replaceChildren();
+  for (const agent of agents) {
+    list.append(el("li", { class: "agent", dataset: { agent: agent.name }, onclick: () => startConversation(agent.name) },
+      el("div", { class: "name" }, agent.name),
+      el("div", { class: "desc" }, agent.description || "")));
+  }
+  if (!agents.length) list.append(el("li", { class: "muted" }, "no agents you may start"));
+}
+
+function resetConversation() {
+  state.tx = null;
+  state.messages.clear();
+  state.calls.clear();
+  state.runs.clear();
+  state.members.clear();
+  $("log").replaceChildren();
+  showRuns();
+  $("tools").replaceChildren(el("li", { class: "muted" }, "start a conversation to see its tools"));
+  $("text").disabled = $("send").disabled = true;
+}
+
+async function startConversation(agent) {
+  resetConversation();
+  for (const item of document.querySelectorAll("#agents li")) item.classList.toggle("active", item.dataset.agent === agent);
+  try {
+    state.tx = await state.client.startTransaction(agent);
+  } catch (error) {
+    fail(error);
+    return;
+  }
+  openConversation(agent);
+}
+
+function openConversation(agent) {
+  state.agent = agent;
+  $("conversation-head").textContent = "";
+  $("conversation-head").append(
+    `Talking to ${agent} · conversation `, el("code", { id: "transaction-id" }, state.tx));
+  $("text").disabled = $("send").disabled = false;
+  $("text").focus();
+}
+
+$("join").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const id = $("join-id").value.trim();
+  if (!id || !state.client) return;
+  resetConversation();
+  state.tx = id; // set first: the history follows the reply at once
+  try {
+    const reply = await state.client.join(id);
+    openConversation(reply.payload.agents.join(", "));
+  } catch (error) {
+    state.tx = null;
+    fail(error);
+  }
+});
+
+// --- the composer --------------------------------------------------------------------------------------
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("text").value.trim();
+  if (!text || !state.tx) return;
+  const id = state.client.sendText(state.tx, text);
+  addMessage(id, state.user || "you", text, { mine: true });
+  $("text").value = "";
+});
+$("text").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("stop").addEventListener("click", () => {
+  for (const runId of state.runs.keys()) state.client.cancelRun(state.tx, runId);
+  $("run-text").textContent = "stopping…";
+});
+
+// --- rendering what arrives ----------------------------------------------------------------------------
+
+function render(env) {
+  const p = env.payload && typeof env.payload === "object" ? env.payload : {};
+  // RESUME_FAILED is the client's business: it carries on in a new session and rejoins ("restarted").
+  if (env.type === "ERROR") return p.code === "RESUME_FAILED" || note(`${p.code}: ${p.message}`, "error");
+  if (env.transaction !== state.tx || state.tx === null) return; // another conversation, or session-level
+  switch (env.type) {
+    case "TOOL_LIST": return showTools(p.tools || []);
+    case "TRANSACTION_JOIN": return showMembers(p);
+    case "TRANSACTION_END": return note(`The conversation ended: ${p.reason || ""}`);
+    case "MESSAGE_START": return addMessage(p.message_id, p.author || "agent", "", { streaming: true });
+    case "MESSAGE_PART": return appendMessage(p.message_id, p.text || "");
+    case "MESSAGE_END": return state.messages.get(p.message_id)?.closest(".msg").classList.remove("streaming");
+    case "MESSAGE":
+      if (typeof env.payload === "string") return addMessage(env.id, env.channel === "AGENT" ? "agent" : "someone", env.payload);
+      return addMessage(p.message_id || env.id, p.author || "someone", p.text || "");
+    case "MESSAGE_UPDATE": {
+      const text = state.messages.get(p.message_id);
+      if (text) text.textContent = p.text;
+      return;
+    }
+    case "RUN_STARTED": state.runs.set(p.run_id, p.agent); return showRuns();
+    case "RUN_FINISHED": state.runs.delete(p.run_id); return showRuns();
+    case "RUN_ERROR":
+      state.runs.delete(p.run_id);
+      showRuns();
+      return note(`${p.code}: ${p.message}`, "error");
+    case "TOOL_CALL": return toolCall(p);
+    case "TOOL_UPDATE": return toolUpdate(p);
+    case "TOOL_DONE": return toolDone(p);
+    case "INFO":
+      if (p.event === "mcp.server") note(`MCP server ${p.server}: ${p.state}${p.error ? ` (${p.error})` : ""}`);
+      return;
+    default:
+  }
+}
+
+function note(text, kind = "") {
+  $("log").append(el("div", { class: `note ${kind}` }, text));
+  scrollDown();
+}
+
+function scrollDown() {
+  const log = $("log");
+  log.scrollTop = log.scrollHeight;
+}
+
+/** Show a failed request, unless it was an ERROR envelope (render() shows those). */
+function fail(error) {
+  if (!error.envelope) note(describe(error), "error");
+}
+
+function describe(error) {
+  return error instanceof HaipError ? error.message : `Error: ${error.message || error}`;
+}
+
+function addMessage(id, author, text, { mine = false, streaming = false } = {}) {
+  const body = el("span", { class: "text" }, text);
+  const cls = ["msg", mine ? "mine" : "", streaming ? "streaming" : ""].join(" ").trim();
+  $("log").append(el("div", { class: cls, dataset: { messageId: id, author } }, el("span", { class: "author" }, author), body));
+  state.messages.set(id, body);
+  scrollDown();
+}
+
+function appendMessage(id, text) {
+  const body = state.messages.get(id) || (addMessage(id, "agent", "", { streaming: true }), state.messages.get(id));
+  body.textContent += text;
+  scrollDown();
+}
+
+function showMembers({ members = [], agents = [] }) {
+  const fresh = members.filter((m) => !state.members.has(m) && m !== state.user);
+  for (const member of fresh) note(`${member} joined the conversation`);
+  state.members = new Set(members);
+  $("conversation-head").dataset.members = members.join(",");
+  if (!fresh.length) note(`Members: ${members.join(", ")} · agents: ${agents.join(", ")}`);
+}
+
+function showRuns() {
+  $("run").hidden = state.runs.size === 0;
+  if (state.runs.size) $("run-text").textContent = `${[...new Set(state.runs.values())].join(", ")} is working…`;
+}
+
+// --- MCP tools ----------------------------------------------------------------------------------------
+
+function showTools(tools) {
+  const list = $("tools");
+  list.replaceChildren();
+  if (!tools.length) list.append(el("li", { class: "muted" }, "no MCP tools in this conversation"));
+  for (const tool of tools) {
+    const details = el("details", {}, el("summary", {}, "schema and direct call"));
+    details.addEventListener("toggle", () => details.open && loadSchema(tool.name, details), { once: true });
+    list.append(el("li", { class: "tool", dataset: { tool: tool.name } },
+      el("div", { class: "name" }, tool.name),
+      el("div", { class: "desc" }, tool.description || ""),
+      details));
+  }
+}
+
+async function loadSchema(name, details) {
+  try {
+    const schema = await state.client.toolSchema(state.tx, name);
+    const form = schemaForm(schema.inputSchema || {}, "Call", (params) => state.client.callTool(state.tx, name, params));
+    details.append(el("pre", {}, JSON.stringify(schema.inputSchema, null, 2)), form);
+  } catch (error) {
+    details.append(el("div", { class: "note error" }, describe(error)));
+  }
+}
+
+/** A form for a JSON Schema object: one field per property; `onSubmit(values)` with typed values. */
+function schemaForm(schema, submitLabel, onSubmit, ...extraButtons) {
+  const properties = schema.properties || {};
+  const required = new Set(schema.required || []);
+  const form = el("form", { class: "schema-form" });
+  const fields = [];
+  for (const [key, raw] of Object.entries(properties)) {
+    const prop = raw.anyOf ? raw.anyOf.find((s) => s.type !== "null") || {} : raw;
+    const type = prop.type || "string";
+    const label = raw.title || prop.title || key;
+    let input;
+    if (prop.enum) {
+      input = el("select", { name: key }, ...prop.enum.map((v) => el("option", { value: v, selected: v === raw.default }, String(v))));
+    } else if (type === "boolean") {
+      input = el("input", { type: "checkbox", name: key, checked: raw.default === true });
+    } else {
+      const numeric = type === "number" || type === "integer";
+      input = el("input", {
+        name: key, type: numeric ? "number" : "text", step: type === "integer" ? "1" : numeric ? "any" : null,
+        required: required.has(key), value: raw.default ?? null, placeholder: raw.description || prop.description || null,
+      });
+    }
+    fields.push({ key, type, input, optional: !required.has(key) });
+    const caption = el("span", { class: required.has(key) ? "required" : "" }, label);
+    form.append(type === "boolean" ? el("label", { class: "check" }, input, caption) : el("label", {}, caption, input));
+  }
+  const submit = el("button", { type: "submit", class: "primary" }, submitLabel);
+  form.append(el("div", { class: "actions" }, submit, ...extraButtons));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const values = {};
+    for (const { key, type, input, optional } of fields) {
+      if (type === "boolean") values[key] = input.checked;
+      else if (input.value === "" && optional) continue;
+      else if (type === "integer") values[key] = parseInt(input.value, 10);
+      else if (type === "number") values[key] = Number(input.value);
+      else values[key] = input.value;
+    }
+    onSubmit(values, form);
+  });
+  return form;
+}
+
+// --- tool call cards ------------------------------------------------------------------------------------
+
+function toolCall({ call_id: callId, tool, params, caller }) {
+  if (state.calls.has(callId)) return;
+  const parts = {
+    status: el("span", { class: "status" }, "QUEUED"),
+    fill: el("div", { class: "fill" }),
+    progress: el("div", { class: "progress-text" }),
+    actions: el("div", { class: "actions" }),
+    result: el("div", { class: "result" }),
+  };
+  parts.bar = el("div", { class: "bar indeterminate" }, parts.fill);
+  parts.cancel = el("button", { type: "button", class: "danger cancel", onclick: () => {
+    state.client.cancelTool(state.tx, callId);
+    parts.cancel.disabled = true;
+    parts.cancel.textContent = "cancelling…";
+  } }, "Cancel");
+  parts.card = el("div", { class: "card", dataset: { callId, tool, status: "QUEUED" } },
+    el("div", { class: "top" },
+      el("span", { class: "tool-name" }, tool),
+      el("span", { class: "caller" }, caller ? `called by ${caller}` : ""),
+      parts.status, parts.cancel),
+    el("div", { class: "params" }, JSON.stringify(params || {})),
+    parts.bar, parts.progress, parts.actions, parts.result);
+  state.calls.set(callId, parts);
+  $("log").append(parts.card);
+  scrollDown();
+}
+
+function setStatus(parts, status) {
+  parts.card.dataset.status = status;
+  parts.status.textContent = status.replace("_", " ");
+}
+
+function toolUpdate(p) {
+  const parts = state.calls.get(p.call_id);
+  if (!parts) return;
+  setStatus(parts, p.status);
+  if (typeof p.progress === "number") {
+    const total = typeof p.total === "number" && p.total > 0 ? p.total : null;
+    parts.bar.classList.toggle("indeterminate", total === null);
+    if (total !== null) parts.fill.style.width = `${Math.min(100, (100 * p.progress) / total)}%`;
+    parts.card.dataset.progress = total !== null ? `${p.progress}/${total}` : `${p.progress}`;
+    parts.progress.textContent = [p.message, total !== null ? `${p.progress} of ${total}` : `${p.progress}`]
+      .filter(Boolean).join(" · ");
+  } else if (!parts.card.dataset.progress) {
+    parts.progress.textContent = p.message || "";
+  }
+  parts.actions.replaceChildren();
+  if (p.status === "AWAITING_APPROVAL") askApproval(p.call_id, parts);
+  if (p.status === "INPUT_REQUIRED") askInput(p.call_id, parts, p.request || {});
+}
+
+function askApproval(callId, parts) {
+  const reason = el("input", { class: "reason", placeholder: "reason (optional)" });
+  const decide = (decision) => () => {
+    state.client.decide(state.tx, callId, decision, reason.value.trim());
+    parts.actions.replaceChildren(el("span", { class: "muted" }, `${decision === "approve" ? "approved" : "rejected"} by you`));
+  };
+  parts.actions.append(
+    el("span", {}, "This tool needs your approval:"),
+    el("button", { type: "button", class: "primary approve", onclick: decide("approve") }, "Approve"),
+    el("button", { type: "button", class: "danger reject", onclick: decide("reject") }, "Reject"),
+    reason);
+}
+
+function askInput(callId, parts, request) {
+  const decline = el("button", { type: "button", class: "decline", onclick: () => {
+    state.client.answerInput(state.tx, callId, null);
+    parts.actions.replaceChildren(el("span", { class: "muted" }, "declined"));
+  } }, "Decline");
+  const form = schemaForm(request.schema || {}, "Send", (values) => {
+    state.client.answerInput(state.tx, callId, values);
+    parts.actions.replaceChildren(el("span", { class: "muted" }, "answered"));
+  }, decline);
+  parts.actions.append(el("div", { class: "question" }, request.message || "The tool asks for input:"), form);
+}
+
+function toolDone(p) {
+  const parts = state.calls.get(p.call_id);
+  if (!parts) return;
+  setStatus(parts, p.status);
+  parts.cancel.remove();
+  parts.actions.replaceChildren();
+  parts.bar.classList.remove("indeterminate");
+  if (!parts.card.dataset.progress) parts.progress.textContent = "";
+  if (p.status === "OK") parts.fill.style.width = "100%";
+  if (p.status === "OK") {
+    const texts = (p.result?.content || []).filter((b) => b.type === "text").map((b) => b.text);
+    parts.result.textContent = texts.length ? texts.join("\n") : JSON.stringify(p.result?.structuredContent ?? p.result);
+  } else {
+    parts.result.classList.add("error");
+    parts.result.textContent = p.error ? `${p.error.code}: ${p.error.message}` : p.status;
+  }
+}
+
+start();
