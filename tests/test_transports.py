@@ -11,6 +11,7 @@ import httpx2
 import pytest
 
 from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.transports.stream import LineSplitter
 from tests.peers import KINDS, SsePeer, StreamPeer, open_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
@@ -218,3 +219,17 @@ async def test_sse_stream_is_unbuffered_and_kept_alive(live: LiveServer) -> None
     assert response.headers["x-accel-buffering"] == "no"
     assert "gzip" not in response.headers.get("content-encoding", "")
     assert first[0] == "id: 1" and first[1].startswith('data: {"id":')
+
+
+def test_ndjson_lines_are_put_back_together_and_an_overlong_line_is_skipped_to_its_end() -> None:
+    envelope = b'{"id":"a","session":"","seq":"1","ts":"1","channel":"SYSTEM","type":"PING","payload":{}}'
+    lines = LineSplitter(max_line_bytes=len(envelope))
+    items = lines.feed(envelope[:7]) + lines.feed(envelope[7:] + b"\n\n  \n")
+    items += lines.feed(b"x" * (len(envelope) + 1)) + lines.feed(b"more of it\n" + envelope + b"\n")
+    items += lines.feed(b"{not json\n")
+    assert [getattr(item, "id", None) or item.code.value for item in items] == [  # type: ignore[union-attr]
+        "a",
+        "MESSAGE_TOO_LARGE",
+        "a",
+        "INVALID_MESSAGE",
+    ]
