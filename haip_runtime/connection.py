@@ -44,8 +44,6 @@ class Connection:
         self.link = link
         self.credentials = link.credentials
         self.outbox = outbox
-        #: The session once the handshake made or resumed it.
-        self.session: Session | None = None
         self.config = hub.config.session
         self._heard = anyio.Event()
         self._task_group: TaskGroup | None = None
@@ -64,7 +62,6 @@ class Connection:
             session = await self._handshake(inbound, provisional)
         if session is None:
             return
-        self.session = session
         self.hub.active_connections += 1
         logger.info("session %s of user %r connected", session.id, session.user)
         try:
@@ -280,13 +277,8 @@ class Connection:
         if kind == EventType.PING:
             ping = parse_payload(envelope, p.Ping)
             session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())
-        elif kind == EventType.FLOW_UPDATE:
-            update = parse_payload(envelope, p.FlowUpdate)
-            session.grant(update.channel, update.add_messages, update.add_bytes)
-        elif kind == EventType.PAUSE_CHANNEL:
-            session.pause(parse_payload(envelope, p.ChannelControl).channel)
-        elif kind == EventType.RESUME_CHANNEL:
-            session.resume_channel(parse_payload(envelope, p.ChannelControl).channel)
+        elif kind in (EventType.FLOW_UPDATE, EventType.PAUSE_CHANNEL, EventType.RESUME_CHANNEL):
+            self._flow_control(session, envelope)
         elif kind == EventType.REPLAY_REQUEST:
             request = parse_payload(envelope, p.ReplayRequest)
             start = parse_seq(request.from_seq, "from_seq", envelope.id)
@@ -294,6 +286,21 @@ class Connection:
             session.replay(start, end, envelope.id)
         else:
             await self.hub.handle(session, envelope)
+
+    @staticmethod
+    def _flow_control(session: Session, envelope: Envelope) -> None:
+        """FLOW_UPDATE, PAUSE_CHANNEL, RESUME_CHANNEL: what the client may receive (PROTOCOL.md section 13)."""
+        try:
+            if envelope.type == EventType.FLOW_UPDATE:
+                update = parse_payload(envelope, p.FlowUpdate)
+                session.grant(update.channel, update.add_messages, update.add_bytes)
+            elif envelope.type == EventType.PAUSE_CHANNEL:
+                session.pause(parse_payload(envelope, p.ChannelControl).channel)
+            else:
+                session.resume_channel(parse_payload(envelope, p.ChannelControl).channel)
+        except ProtocolError as error:
+            error.related_id = error.related_id or envelope.id
+            raise
 
     async def _heartbeat(self, session: Session) -> None:
         """PING every interval; a peer from which nothing at all came for the timeout after it is dropped.

@@ -34,6 +34,8 @@ UNCOUNTED = frozenset(
     }
 )
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+#: Channels one connection may use with credit or pause, each way: a bound on what a client can make us keep.
+MAX_CHANNELS = 64
 
 
 def event_bytes(event: Event) -> int:
@@ -77,6 +79,13 @@ class InboundCredit:
             return None
         self._settle(written_seq)
         channel, size = envelope.channel, envelope_bytes(envelope)
+        if channel not in self._left and len(self._left) >= MAX_CHANNELS:
+            raise ProtocolError(
+                ErrorCode.FLOW_CONTROL_VIOLATION,
+                f"at most {MAX_CHANNELS} channels per connection (the message was dropped)",
+                related_id=envelope.id,
+                detail={"channel": channel, "limit": MAX_CHANNELS},
+            )
         left = self._left.setdefault(channel, [self.config.initial_credit_messages, self.config.initial_credit_bytes])
         if left[0] < 1 or left[1] < size:
             raise ProtocolError(
@@ -167,6 +176,7 @@ class OutboundFlow:
 
     def grant(self, channel: str, messages: int, size: int) -> list[Event]:
         """FLOW_UPDATE from the client: more credit, and from now on credit is honoured."""
+        _check_room(channel, self._credit)
         self.enforced = True
         credit = self._credit.setdefault(channel, list(self._initial))
         credit[0] += messages
@@ -174,6 +184,7 @@ class OutboundFlow:
         return self.release()
 
     def pause(self, channel: str) -> None:
+        _check_room(channel, self._paused)
         self._paused.add(channel)
 
     def resume(self, channel: str) -> list[Event]:
@@ -203,6 +214,15 @@ class OutboundFlow:
         self._held.clear()
         self.held = 0
         return released
+
+
+def _check_room(channel: str, known: dict[str, list[int]] | set[str]) -> None:
+    if channel not in known and len(known) >= MAX_CHANNELS:
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"at most {MAX_CHANNELS} channels per connection",
+            detail={"where": "/payload/channel", "limit": MAX_CHANNELS},
+        )
 
 
 def _same_message(held: Event, new: Event) -> bool:

@@ -15,7 +15,7 @@ from haip_runtime.app import Runtime
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import InboundCredit
+from haip_runtime.flow import MAX_CHANNELS, InboundCredit
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Event
@@ -209,3 +209,21 @@ async def test_the_clients_credit_counts_once_it_sent_a_flow_update() -> None:
         rest = [(await client.receive())["type"] for _ in range(4)]
     assert started["channel"] == "AGENT"
     assert rest == ["MESSAGE_START", "MESSAGE_PART", "MESSAGE_END", "RUN_FINISHED"]
+
+
+def test_a_client_cannot_make_the_runtime_keep_credit_for_endless_channels() -> None:
+    session, _ = attached()
+    for index in range(MAX_CHANNELS):
+        session.pause(f"c{index}")
+        session.grant(f"c{index}", 1, 1)
+    for action in (session.pause, lambda channel: session.grant(channel, 1, 1)):
+        with pytest.raises(ProtocolError) as refused:
+            action("one-more")
+        assert refused.value.code is ErrorCode.INVALID_PAYLOAD
+    credit = InboundCredit(FlowControlConfig())
+    message = '{"id":"%s","session":"","seq":"1","ts":"1","channel":"%s","type":"MESSAGE","payload":"x"}'
+    for index in range(MAX_CHANNELS):
+        credit.consume(decode(message % (index, f"c{index}")), written_seq=0)
+    with pytest.raises(ProtocolError) as dropped:
+        credit.consume(decode(message % ("x", "one-more")), written_seq=0)
+    assert dropped.value.code is ErrorCode.FLOW_CONTROL_VIOLATION and dropped.value.related_id == "x"

@@ -46,8 +46,10 @@ if TYPE_CHECKING:
 
 #: Envelopes from POSTs waiting for the session; a POST waits while it is full.
 INBOUND_BUFFER = 64
-#: Envelopes one POST may carry, and its body bound (in frames of ``server.max_frame_bytes``).
+#: Envelopes one POST may carry.
 MAX_BATCH = 64
+#: A POST body's bound, in frames of ``server.max_frame_bytes``.
+MAX_BODY_FRAMES = 4
 #: At most this long between keep-alive comments (shorter with a short heartbeat interval).
 KEEPALIVE_SECONDS = 15.0
 
@@ -178,7 +180,7 @@ def sse_routes(runtime: Runtime) -> list[BaseRoute]:
             message = "no open SSE stream for this session; open GET /haip/sse first"
             await send_json(send, 404, {"code": ErrorCode.RESUME_FAILED.value, "message": message})
             return
-        limit = config.server.max_frame_bytes * MAX_BATCH
+        limit = config.server.max_frame_bytes * MAX_BODY_FRAMES
         status, items = 202, []
         try:
             items = parse_batch(await read_body(receive, limit), config.server.max_frame_bytes)
