@@ -222,7 +222,7 @@ def report(results: dict[str, Any], seconds: float) -> str:
         "Until its 1013, the runtime reads, refuses (RATE_LIMITED, then FLOW_CONTROL_VIOLATION once its credit",
         "is gone: its FLOW_UPDATEs are never read) and answers every envelope of the flood; on two shared cores",
         "that work, and the flooder's own, is what slows the other clients meanwhile. Nothing waits on the",
-        "flooder: the agent answers everyone throughout, and latency is back to its baseline once it is closed.",
+        "flooder: the agent answers everyone throughout (the columns are medians; the machine is shared).",
         "",
     ]
     return "\n".join(lines)
