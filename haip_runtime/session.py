@@ -57,7 +57,9 @@ _MAX_CARRIED_FRAMES = 8
 
 
 class Frame(str):
-    """One recorded outbound envelope: its JSON text, its ``seq`` and, in two-frame mode, its binary part."""
+    """One outbound envelope as the window hands it out: its JSON text, its ``seq`` and, in two-frame
+    mode, its binary part. Made when read; the window keeps plain text (a ``str`` subclass carries a
+    ``__dict__``, several hundred bytes a frame)."""
 
     seq: int
     data: bytes | None
@@ -92,7 +94,8 @@ class ReplayWindow:
         self.seconds = seconds
         self.max_bytes = max_bytes
         self._clock = clock
-        self._frames: deque[tuple[float, Frame]] = deque()
+        self._frames: deque[tuple[float, str]] = deque()
+        self._binary: dict[int, bytes] = {}  # the binary parts of two-frame envelopes, by seq
         self._first = 1  # seq of _frames[0]
         self.bytes = 0
 
@@ -107,22 +110,29 @@ class ReplayWindow:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def record(self, frame: Frame) -> None:
-        assert frame.seq == self.last_seq + 1, "seqs are recorded in order"
+    def record(self, seq: int, text: str, data: bytes | None = None) -> None:
+        assert seq == self.last_seq + 1, "seqs are recorded in order"
         now = self._clock()
-        self._frames.append((now, frame))
-        self.bytes += frame.size
+        self._frames.append((now, text))
+        self.bytes += len(text)
+        if data is not None:
+            self._binary[seq] = data
+            self.bytes += len(data)
         horizon = now - self.seconds
         frames = self._frames
         while len(frames) > 1 and (
             self.bytes > self.max_bytes or (len(frames) > self.messages and frames[0][0] < horizon)
         ):
-            self.bytes -= frames.popleft()[1].size
+            self.bytes -= len(frames.popleft()[1])
+            dropped = self._binary.pop(self._first, None)
+            self.bytes -= len(dropped) if dropped is not None else 0
             self._first += 1
 
     def get(self, seq: int) -> Frame | None:
         index = seq - self._first
-        return self._frames[index][1] if 0 <= index < len(self._frames) else None
+        if not 0 <= index < len(self._frames):
+            return None
+        return Frame.make(self._frames[index][1], seq, self._binary.get(seq) if self._binary else None)
 
     def holds(self, from_seq: int) -> bool:
         """Whether every frame from ``from_seq`` on is still here."""
@@ -333,7 +343,7 @@ class Session:
         data = None
         if self.binary_frames and event.type in _AUDIO and isinstance(event.payload, dict):
             event, data = _two_frame(event)
-        self.window.record(Frame.make(event.to_wire(session=self.id, seq=self._seq, ack=ack), self._seq, data))
+        self.window.record(self._seq, event.to_wire(session=self.id, seq=self._seq, ack=ack), data)
         if self.outbox is not None:
             self.outbox.wake()
 
