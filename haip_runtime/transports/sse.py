@@ -14,6 +14,7 @@ may also resume with a HAI carrying ``last_rx_seq`` as on WebSocket. The stream 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -103,9 +104,10 @@ class SseTransport:
             scope.cancel()
 
     async def _keep_alive(self, writer: ResponseWriter) -> None:
-        while True:
-            await anyio.sleep(self.keepalive_seconds)
-            await writer.write(b": keep-alive\n\n")
+        with contextlib.suppress(OSError):  # the client went away: the disconnect ends the connection
+            while True:
+                await anyio.sleep(self.keepalive_seconds)
+                await writer.write(b": keep-alive\n\n")
 
 
 class SseRegistry:
