@@ -1,8 +1,9 @@
 """A test client per transport with one interface, so one behaviour suite runs over all of them.
 
 ``open_peer(kind, live, token)`` yields a peer for ``"websocket"`` (``tests.raw.RawPeer``),
-``"sse"`` (a streamed GET plus POSTs, with httpx2) or ``"stream"`` (one duplex HTTP/1.1 request
-over a raw TCP socket, chunked both ways, because HTTP clients send the whole body first).
+``"sse"`` (a streamed GET plus POSTs, with httpx2), ``"stream"`` (one duplex HTTP/1.1 request
+over a raw TCP socket, chunked both ways, because HTTP clients send the whole body first) or
+``"memory"`` (the in-memory transport pair, to a runtime in the test's own event loop).
 Every peer: ``send``, ``hai``, ``receive``, ``receive_type``, ``closed``.
 """
 
@@ -19,12 +20,24 @@ import anyio
 import httpx2
 from anyio.abc import ByteStream
 
+from haip_runtime.app import Runtime
 from haip_runtime.protocol.envelope import new_id, now_ms
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
+from haip_runtime.transports.memory import MemoryPeer, MemoryTransport
 from tests.raw import raw_peer
 from tests.serving import LiveServer
 
 KINDS = ["websocket", "sse", "stream"]
+
+
+class InProcess:
+    """A runtime in the test's own event loop, reached over the in-memory transport pair."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def token(self, user: str = "alice", **claims: Any) -> str:
+        return self.runtime.authenticator.issue(user, **claims)
 
 
 class _Peer:
@@ -89,6 +102,25 @@ class _Peer:
         with anyio.fail_after(timeout):
             await self.ended.wait()
         return self.close_code
+
+
+class MemoryClient(_Peer):
+    """The client end of the in-memory pair, with the same interface as the other peers."""
+
+    def __init__(self, peer: MemoryPeer) -> None:
+        super().__init__()
+        self.peer = peer
+
+    async def send_frame(self, frame: str | bytes) -> None:
+        await self.peer.send_text(frame if isinstance(frame, str) else frame.decode())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._deliver(await self.peer.receive_json())
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.close_code = self.peer.close_code
+            self.ended.set()
 
 
 class SsePeer(_Peer):
@@ -199,17 +231,31 @@ class StreamPeer(_Peer):
 @asynccontextmanager
 async def open_peer(
     kind: str,
-    live: LiveServer,
+    live: LiveServer | InProcess,
     token: str,
     *,
     params: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Any]:
     """A connected peer of ``kind``. SSE and stream carry ``token`` in the request; WebSocket does not."""
-    if kind == "websocket":
+    if kind == "memory":
+        assert isinstance(live, InProcess)
+        transport = MemoryTransport()
+        memory = MemoryClient(transport.peer)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(live.runtime.serve, transport)
+            tg.start_soon(memory.run)
+            try:
+                yield memory
+            finally:
+                await transport.peer.aclose()
+        memory.aclose()
+    elif kind == "websocket":
+        assert isinstance(live, LiveServer)
         async with raw_peer(live.ws_url) as ws_peer:
             yield ws_peer
     elif kind == "sse":
+        assert isinstance(live, LiveServer)
         async with httpx2.AsyncClient(timeout=None) as client, anyio.create_task_group() as tg:
             sse = SsePeer(client, live.http_url, token)
             tg.start_soon(sse.run, {"token": token, **(params or {})}, headers or {})
@@ -221,6 +267,7 @@ async def open_peer(
                 tg.cancel_scope.cancel()
                 sse.aclose()
     else:
+        assert isinstance(live, LiveServer)
         async with await anyio.connect_tcp("127.0.0.1", live.port) as stream, anyio.create_task_group() as tg:
             extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
             head = (

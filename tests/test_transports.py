@@ -4,19 +4,21 @@ handshake and its failures, a conversation, tool progress, errors, resume."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx2
 import pytest
 
+from haip_runtime.app import Runtime
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.transports.stream import LineSplitter
-from tests.peers import KINDS, SsePeer, StreamPeer, open_peer
+from tests.peers import KINDS, InProcess, SsePeer, StreamPeer, open_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 every_transport = pytest.mark.parametrize("kind", KINDS)
+every_transport_and_memory = pytest.mark.parametrize("kind", [*KINDS, "memory"])
 
 DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
 EVERYTHING: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
@@ -29,25 +31,37 @@ def live() -> Iterator[LiveServer]:
         yield server
 
 
+@pytest.fixture
+async def server(kind: str, live: LiveServer) -> AsyncIterator[LiveServer | InProcess]:
+    """The uvicorn for a network transport; for ``memory`` a runtime in this test's event loop."""
+    if kind != "memory":
+        yield live
+        return
+    async with Runtime(make_config({"agents": {"echo": {"plugin": "echo"}}})) as runtime:
+        yield InProcess(runtime)
+
+
 async def handshake(peer: Any, token: str, **payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     hai = await peer.receive()
     await peer.hai(token, **payload)
     return hai, await peer.receive_type("INFO")
 
 
-@every_transport
-async def test_handshake_gives_the_server_hai_then_session_ready(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, live.token("ann")) as peer:
-        hai, ready = await handshake(peer, live.token("ann"))
+@every_transport_and_memory
+async def test_handshake_gives_the_server_hai_then_session_ready(kind: str, server: LiveServer | InProcess) -> None:
+    async with open_peer(kind, server, server.token("ann")) as peer:
+        hai, ready = await handshake(peer, server.token("ann"))
     assert hai["type"] == "HAI" and hai["seq"] == "1" and hai["session"]
-    assert hai["payload"]["capabilities"]["binary_frames"] is (kind == "websocket")
+    assert hai["payload"]["capabilities"]["binary_frames"] is (kind in ("websocket", "memory"))
     assert ready["payload"]["event"] == "session.ready" and ready["payload"]["user"] == "ann"
     assert ready["session"] == hai["session"] and ready["seq"] == "2"
 
 
-@every_transport
-async def test_first_message_not_hai_is_refused_and_the_connection_closed(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, live.token()) as peer:
+@every_transport_and_memory
+async def test_first_message_not_hai_is_refused_and_the_connection_closed(
+    kind: str, server: LiveServer | InProcess
+) -> None:
+    async with open_peer(kind, server, server.token()) as peer:
         await peer.receive()
         sent = await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
         error = await peer.receive_type("ERROR")
@@ -56,20 +70,20 @@ async def test_first_message_not_hai_is_refused_and_the_connection_closed(kind: 
     assert code == (None if kind == "stream" else 1008)  # NDJSON has no close code: the response ends
 
 
-@every_transport
-async def test_unsupported_major_gets_version_incompatible(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, live.token()) as peer:
+@every_transport_and_memory
+async def test_unsupported_major_gets_version_incompatible(kind: str, server: LiveServer | InProcess) -> None:
+    async with open_peer(kind, server, server.token()) as peer:
         await peer.receive()
-        await peer.hai(live.token(), accept_major=[2])
+        await peer.hai(server.token(), accept_major=[2])
         error = await peer.receive_type("ERROR")
         code = await peer.closed()
     assert error["payload"]["code"] == "VERSION_INCOMPATIBLE"
     assert code == (None if kind == "stream" else 1002)
 
 
-@every_transport
-async def test_a_bad_token_is_refused(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, "not-a-token") as peer:
+@every_transport_and_memory
+async def test_a_bad_token_is_refused(kind: str, server: LiveServer | InProcess) -> None:
+    async with open_peer(kind, server, "not-a-token") as peer:
         if isinstance(peer, SsePeer):
             assert peer.status == 401  # the stream needs credentials before it opens
             return
@@ -80,10 +94,10 @@ async def test_a_bad_token_is_refused(kind: str, live: LiveServer) -> None:
     assert error["payload"]["code"] == "AUTHENTICATION_FAILED"
 
 
-@every_transport
-async def test_a_conversation_with_the_echo_agent(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, live.token()) as peer:
-        await handshake(peer, live.token())
+@every_transport_and_memory
+async def test_a_conversation_with_the_echo_agent(kind: str, server: LiveServer | InProcess) -> None:
+    async with open_peer(kind, server, server.token()) as peer:
+        await handshake(peer, server.token())
         await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
         started = await peer.receive_type("TRANSACTION_START")
         await peer.send("MESSAGE", "hello there", transaction=started["transaction"], channel="USER")
@@ -110,10 +124,10 @@ async def test_tool_progress_reaches_the_client(kind: str, live: LiveServer) -> 
     assert envelope["payload"]["status"] == "OK"
 
 
-@every_transport
-async def test_bad_input_costs_only_itself(kind: str, live: LiveServer) -> None:
-    async with open_peer(kind, live, live.token()) as peer:
-        await handshake(peer, live.token())
+@every_transport_and_memory
+async def test_bad_input_costs_only_itself(kind: str, server: LiveServer | InProcess) -> None:
+    async with open_peer(kind, server, server.token()) as peer:
+        await handshake(peer, server.token())
         await peer.send_frame("{not json")
         error = await peer.receive_type("ERROR")
         await peer.send("PING", {"nonce": "still-here"})
@@ -122,14 +136,14 @@ async def test_bad_input_costs_only_itself(kind: str, live: LiveServer) -> None:
     assert pong["payload"] == {"nonce": "still-here"}
 
 
-@every_transport
-async def test_resume_with_last_rx_seq_resends_what_was_missed(kind: str, live: LiveServer) -> None:
-    token = live.token()
-    async with open_peer(kind, live, token) as peer:
+@every_transport_and_memory
+async def test_resume_with_last_rx_seq_resends_what_was_missed(kind: str, server: LiveServer | InProcess) -> None:
+    token = server.token()
+    async with open_peer(kind, server, token) as peer:
         hai, _ = await handshake(peer, token)
         await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
         started = await peer.receive_type("TRANSACTION_START")
-    async with open_peer(kind, live, token) as again:
+    async with open_peer(kind, server, token) as again:
         await again.receive()
         again.seq = peer.seq  # a numbered client goes on counting across connections
         await again.hai(token, session=hai["session"], last_rx_seq="2")

@@ -71,29 +71,29 @@ class MemoryTransport:
     @asynccontextmanager
     async def streams(self, outbox: Outbox) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
         send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._read, send)
-            tg.start_soon(self._write, outbox, tg.cancel_scope)
-            try:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read, send)
+                tg.start_soon(self._write, outbox, tg.cancel_scope)
                 async with receive:
                     yield receive
-                outbox.close()
-            finally:
-                send.close()
-                self._from_peer.close()
-                outbox.discard()
+                outbox.close()  # the writer drains what is left, then ends the task group
+        finally:
+            send.close()
+            self._from_peer.close()
+            outbox.discard()
 
     async def _read(self, send: MemoryObjectSendStream[Inbound]) -> None:
         async with send, self._from_peer:
-            async for text in self._from_peer:
-                try:
-                    item: Inbound = decode(text, max_bytes=self.max_frame_bytes)
-                except DecodeError as error:
-                    item = error
-                try:
+            try:
+                async for text in self._from_peer:
+                    try:
+                        item: Inbound = decode(text, max_bytes=self.max_frame_bytes)
+                    except DecodeError as error:
+                        item = error
                     await send.send(item)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the connection is over: later frames are not read
 
     async def _write(self, outbox: Outbox, scope: anyio.CancelScope) -> None:
         try:
