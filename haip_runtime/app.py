@@ -157,7 +157,7 @@ class Runtime:
             "version": __version__,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
-            "storage": self.config.storage.backend,
+            "storage": {"backend": self.config.storage.backend, "pending_writes": self.store.pending},
             "mcp": {
                 name: {"state": status.state.value, "tools": len(status.tools), "error": status.error}
                 for name, status in (self.bridge.status() if self.bridge else {}).items()

@@ -194,6 +194,8 @@ class Chat:
             self.runs.pop(event.get("run_id"), None)
             if kind == "RUN_ERROR":
                 self.say(f"✗ {event.get('code')}: {event.get('message')}", "red")
+        elif kind == "ERROR" and _restart_notice(event):
+            pass  # the reconnect line already says the server restarted and the conversation was rejoined
         elif kind == "ERROR":
             self.say(f"✗ {event.get('code')}: {event.get('message')}", "red")
         elif kind == "INFO" and event.get("event") == "mcp.server":
@@ -534,3 +536,8 @@ async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0)
                 tg.cancel_scope.cancel()
     if error is not None:
         raise error
+
+
+def _restart_notice(event: Received) -> bool:
+    detail = event.get("detail")
+    return event.get("code") == "RESUME_FAILED" and isinstance(detail, dict) and detail.get("reason") == "restarted"

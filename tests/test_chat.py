@@ -181,6 +181,7 @@ def test_the_chat_survives_a_server_restart(tmp_path: Path) -> None:
             screen.child.sendline("/quit")
             assert screen.wait_exit() == 0
         assert "Traceback" not in screen.text
+        assert "RESUME_FAILED" not in screen.text  # expected after a restart: said once, in words
     finally:
         screen.child.terminate(force=True)
 

@@ -253,3 +253,17 @@ async def test_a_client_rides_out_a_restart_and_what_it_sent_meanwhile_is_answer
         await client.aclose()
     assert states == ["reconnecting", "restarted"]
     assert answer.get("text").endswith("user:before | user:while you were away")
+
+
+async def test_members_hear_when_someone_joins_and_when_they_are_gone_for_good() -> None:
+    quick = {"session": {"resume_timeout_seconds": 0.2}, "roles": ROLES}
+    with live_server(make_config(quick)) as live:
+        async with HaipClient(live.ws_url, token=live.token("alice")) as alice:
+            tx = await alice.start_transaction("echo")
+            async with HaipClient(live.ws_url, token=live.token("sam", roles=["support"]), reconnect=0) as sam:
+                await sam.join(tx)
+                joined = await alice.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.get("joined") == "sam")
+            # sam's session stays resumable for 0.2 s; then sam has left the conversation.
+            left = await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "member.left", timeout=20)
+    assert joined.get("members") == ["alice", "sam"]
+    assert left.payload == {"event": "member.left", "user": "sam"} and left.transaction == tx

@@ -77,6 +77,11 @@ class Store(Protocol):
     #: Whether what it keeps outlives the process (open transactions then survive a restart).
     durable: bool
 
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet done (``/health`` shows it: a writer falling behind)."""
+        ...
+
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc_info: object) -> None: ...

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 class MemoryStore:
     durable = False
+    pending = 0  # writes are done at once
 
     def __init__(self, *, max_events: int = 200_000) -> None:
         self.max_events = max_events

@@ -138,6 +138,11 @@ class SqliteStore:
     def prune_sessions(self, older_than: float) -> None:
         self._queue("prune", older_than)
 
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet committed."""
+        return self._queued - self._written
+
     async def flush(self) -> None:
         target = self._queued
         while self._written < target:
