@@ -4,10 +4,11 @@
 by each envelope, topped up with ``FLOW_UPDATE`` as the runtime consumes; an envelope past it is
 refused with ``FLOW_CONTROL_VIOLATION`` (dropped, the connection kept). ``OutboundFlow`` is what
 a client may receive: the credit from its ``HAI``, honoured only once it has sent a
-``FLOW_UPDATE`` (the reference SDK advertises credit it never replenishes), and its paused
-channels. Events a client cannot receive wait here, before they get a ``seq`` (see ``Session``).
-Session mechanics are never held nor counted, in either direction: a client must always be able
-to answer a ``PING`` or grant credit, and the runtime to say ``ERROR``.
+``FLOW_UPDATE`` (the reference SDK advertises credit it never replenishes; counting starts with
+that first ``FLOW_UPDATE``), and its paused channels. Events a client cannot receive wait here,
+before they get a ``seq`` (see ``Session``). Session mechanics are never held nor counted, in
+either direction: a client must always be able to answer a ``PING`` or grant credit, and the
+runtime to say ``ERROR``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def event_bytes(event: Event) -> int:
     """What an outbound event costs in byte credit: its payload, or for audio its decoded bytes."""
     if event.type in _AUDIO and isinstance(event.payload, dict) and isinstance(event.payload.get("data"), str):
         return len(event.payload["data"]) * 3 // 4
-    return len(event.payload_json.encode())
+    return event.payload_size
 
 
 def envelope_bytes(envelope: Envelope) -> int:
@@ -149,16 +150,19 @@ class OutboundFlow:
 
     def admit(self, event: Event) -> bool:
         """Whether ``event`` may go now (its credit is then spent); if not, it is held."""
+        if (not self.enforced and not self._paused) or event.type in UNCOUNTED:
+            return True  # the common case, kept cheap: nothing to count yet
         channel = event.channel
-        if event.type in UNCOUNTED:
-            return True
-        credit = self._credit.setdefault(channel, list(self._initial))
-        size = event_bytes(event)
         blocked = channel in self._paused or bool(self._held.get(channel))
-        if not blocked and (not self.enforced or (credit[0] >= 1 and credit[1] >= size)):
-            credit[0] -= 1
-            credit[1] -= size
+        if not blocked and not self.enforced:
             return True
+        if not blocked:
+            credit = self._credit.setdefault(channel, list(self._initial))
+            size = event_bytes(event)
+            if credit[0] >= 1 and credit[1] >= size:
+                credit[0] -= 1
+                credit[1] -= size
+                return True
         self._hold(event)
         return False
 
@@ -175,9 +179,15 @@ class OutboundFlow:
         self.held += 1
 
     def grant(self, channel: str, messages: int, size: int) -> list[Event]:
-        """FLOW_UPDATE from the client: more credit, and from now on credit is honoured."""
+        """FLOW_UPDATE from the client: more credit, and from now on credit is honoured.
+
+        Counting starts with the first FLOW_UPDATE: from then on each channel may carry the credit
+        the client advertised in its HAI, plus what it grants.
+        """
         _check_room(channel, self._credit)
-        self.enforced = True
+        if not self.enforced:
+            self.enforced = True
+            self._credit.clear()
         credit = self._credit.setdefault(channel, list(self._initial))
         credit[0] += messages
         credit[1] += size
@@ -196,6 +206,11 @@ class OutboundFlow:
         released: list[Event] = []
         for channel, queue in self._held.items():
             if channel in self._paused:
+                continue
+            if not self.enforced:
+                released += queue
+                self.held -= len(queue)
+                queue.clear()
                 continue
             credit = self._credit.setdefault(channel, list(self._initial))
             while queue:

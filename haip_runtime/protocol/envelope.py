@@ -125,6 +125,11 @@ class Event:
     def payload_json(self) -> str:
         return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
 
+    @cached_property
+    def payload_size(self) -> int:
+        """Bytes of the payload as UTF-8 JSON (what it costs in flow-control byte credit)."""
+        return len(self.payload_json.encode())
+
     def with_changes(self, **changes: Any) -> Event:
         return replace(self, **changes)
 
