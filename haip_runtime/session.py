@@ -110,7 +110,10 @@ class ReplayWindow:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def record(self, seq: int, text: str, data: bytes | None = None) -> None:
+    def record(self, seq: int, text: str, data: bytes | None = None, *, unwritten_from: int | None = None) -> None:
+        """Keep frame ``seq``; let the oldest go past the bounds. Frames from ``unwritten_from`` on (what
+        the connection has yet to write, a resume's backlog) outlive the count and age bounds, never
+        the bytes bound."""
         assert seq == self.last_seq + 1, "seqs are recorded in order"
         now = self._clock()
         self._frames.append((now, text))
@@ -120,8 +123,10 @@ class ReplayWindow:
             self.bytes += len(data)
         horizon = now - self.seconds
         frames = self._frames
+        spare = seq + 1 if unwritten_from is None else unwritten_from
         while len(frames) > 1 and (
-            self.bytes > self.max_bytes or (len(frames) > self.messages and frames[0][0] < horizon)
+            self.bytes > self.max_bytes
+            or (len(frames) > self.messages and frames[0][0] < horizon and self._first < spare)
         ):
             self.bytes -= len(frames.popleft()[1])
             dropped = self._binary.pop(self._first, None)
@@ -343,7 +348,9 @@ class Session:
         data = None
         if self.binary_frames and event.type in _AUDIO and isinstance(event.payload, dict):
             event, data = _two_frame(event)
-        self.window.record(self._seq, event.to_wire(session=self.id, seq=self._seq, ack=ack), data)
+        unwritten = None if self.outbox is None else self.outbox.written + 1
+        text = event.to_wire(session=self.id, seq=self._seq, ack=ack)
+        self.window.record(self._seq, text, data, unwritten_from=unwritten)
         if self.outbox is not None:
             self.outbox.wake()
 

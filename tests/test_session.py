@@ -158,3 +158,20 @@ async def test_resume_replays_more_than_the_outbox_bound() -> None:
         session.send("INFO", {"event": f"live {index}"})  # live frames after a big replay still fit
     assert outbox.close_code is None
     assert len(await drain(outbox)) == 1510
+
+
+async def test_a_resume_from_the_front_of_a_full_window_survives_new_frames_arriving() -> None:
+    clock = Clock()
+    session = make_session(clock)
+    for index in range(1000):
+        session.send("INFO", {"event": str(index)})
+    clock.now += 600  # every frame is now older than the 300 s bound, and there are 1000 of them
+    outbox = Outbox(16)
+    session.attach(outbox, last_rx_seq=0)  # from seq 1: the very front of the window
+    for index in range(10):
+        session.send("INFO", {"event": f"live {index}"})  # each would push the front out
+    assert outbox.close_code is None
+    frames = await drain(outbox)
+    assert [int(str(e["seq"])) for e in frames] == list(range(1, 1011))
+    session.send("INFO", {"event": "after"})  # once written, the old frames may go
+    assert session.window.first_seq > 1
