@@ -254,6 +254,8 @@ class Session:
         self._last_in = 0
         self._ahead: set[int] = set()
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        #: Called with the type of every envelope sent (the runtime's metrics).
+        self.on_sent: Callable[[str], None] | None = None
 
     @classmethod
     def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
@@ -295,6 +297,8 @@ class Session:
             self._seq += 1
             ack = self._last_in if self._inbound_numeric else None
             self.window.record(self._seq, adapted.to_wire(session=self.id, seq=self._seq, ack=ack))
+            if self.on_sent is not None:
+                self.on_sent(adapted.type)
             if self.outbox is not None:
                 self.outbox.wake()
 
