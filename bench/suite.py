@@ -527,6 +527,7 @@ def profile_echo(scale: Scale, haip: Server) -> list[str]:
 def summarise_profile(raw: str, top: int = 15) -> list[str]:
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -538,16 +539,28 @@ def summarise_profile(raw: str, top: int = 15) -> list[str]:
         for frame in set(frames):
             inclusive[frame] += count
         own[frames[-1]] += count
+        packages[package(stack.split(";")[-1])] += count
     if not total:
         return ["(the profile is empty)"]
-    lines = [f"{total:,} samples. Inclusive (the function and what it calls):", ""]
+    lines = [f"{total:,} samples at 250 Hz. Self time by where the code lives:", ""]
+    lines += ["| % | code |", "|---|---|"]
+    lines += [f"| {n / total * 100:.1f} | {p} |" for p, n in packages.most_common(top)]
+    lines += ["", "Inclusive (the function and what it calls; the event loop's own frames left out):", ""]
     lines += ["| % | function |", "|---|---|"]
-    skip = ("<module>", "run (", "run_forever", "_run_once", "_run (", "main (", "_run_module_as_main", "_run_code")
-    shown = [(f, n) for f, n in inclusive.most_common() if not f.startswith(skip)]
+    shown = [(f, n) for f, n in inclusive.most_common() if n < 0.8 * total]
     lines += [f"| {n / total * 100:.1f} | `{f}` |" for f, n in shown[:top]]
     lines += ["", "Self (where the CPU actually is):", "", "| % | function |", "|---|---|"]
     lines += [f"| {n / total * 100:.1f} | `{f}` |" for f, n in own.most_common(top)]
     return lines
+
+
+def package(frame: str) -> str:
+    """The library, haip_runtime module or stdlib module of a py-spy frame (its paths are package-relative)."""
+    match = re.match(r".*? \((.*?)(?::\d+)?\)$", frame.strip())
+    parts = match.group(1).split("/") if match else [frame]
+    if parts[0] == "haip_runtime":
+        return "/".join(parts[:2])
+    return parts[0].removesuffix(".py")
 
 
 def short_frame(frame: str) -> str:
@@ -556,9 +569,7 @@ def short_frame(frame: str) -> str:
     if not match:
         return frame.strip()
     name, path = match.groups()
-    parts = Path(path).parts
-    where = "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else Path(path).name
-    return f"{name} ({where})"
+    return f"{name} ({path})"
 
 
 # -- the report ----------------------------------------------------------------------------------------------

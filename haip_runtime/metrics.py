@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -36,12 +37,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self._in = Counter(
-            "haip_messages_received", "Envelopes received from clients, by type.", ["type"], registry=registry
-        )
-        self._out = Counter(
-            "haip_messages_sent", "Envelopes sent to clients (one per member), by type.", ["type"], registry=registry
-        )
+        #: Envelopes in and out by type: plain counts (one dict increment per envelope, no lock), exported
+        #: as counters when scraped.
+        self.received_counts: dict[str, int] = defaultdict(int)
+        self.sent_counts: dict[str, int] = defaultdict(int)
         self._runs = Counter(
             "haip_runs_finished", "Agent runs ended, by agent and status.", ["agent", "status"], registry=registry
         )
@@ -80,24 +79,16 @@ class Metrics:
         self._llm_errors = Counter(
             "haip_llm_errors", "LLM requests that failed, by provider.", ["provider"], registry=registry
         )
-        self._in_by_type: dict[str, Any] = {}
-        self._out_by_type: dict[str, Any] = {}
         self._ever_connected: set[str] = set()
         self._connected: set[str] = set()
 
     # --- hooks ------------------------------------------------------------------------------------
 
     def received(self, type: str) -> None:
-        child = self._in_by_type.get(type)
-        if child is None:
-            child = self._in_by_type[type] = self._in.labels(type)
-        child.inc()
+        self.received_counts[type] += 1
 
     def sent(self, type: str) -> None:
-        child = self._out_by_type.get(type)
-        if child is None:
-            child = self._out_by_type[type] = self._out.labels(type)
-        child.inc()
+        self.sent_counts[type] += 1
 
     def run_finished(self, agent: str, status: str) -> None:
         self._runs.labels(agent, status).inc()
@@ -165,6 +156,9 @@ class RuntimeCollector(Collector):
         hub = self.runtime.hub
         sessions = list(hub.sessions.sessions.values())
         live = [t for t in hub.transactions.live.values() if not t.ended]
+        metrics = self.runtime.metrics
+        yield counter("haip_messages_received", "Envelopes received from clients, by type.", metrics.received_counts)
+        yield counter("haip_messages_sent", "Envelopes sent to clients (one per member), by type.", metrics.sent_counts)
         yield gauge("haip_connections", "Client connections open now.", hub.active_connections)
         accepted = CounterMetricFamily("haip_connections_accepted", "Client connections that started a handshake.")
         accepted.add_metric([], hub.total_connections)
@@ -189,6 +183,13 @@ class RuntimeCollector(Collector):
             tools.add_metric([name], count)
         yield servers
         yield tools
+
+
+def counter(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["type"])
+    for type, count in list(counts.items()):
+        family.add_metric([type], count)
+    return family
 
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
