@@ -1,7 +1,8 @@
 """Every target of issue 11, each against its baseline run alternately with it; writes BENCHMARKS.md.
 
     .venv/bin/python bench/suite.py            # the full run (about 20 minutes, a 10-minute soak)
-    .venv/bin/python bench/suite.py --short    # about a minute and a half: the same code, smaller numbers
+    .venv/bin/python bench/suite.py --short    # about two minutes, the same code with smaller numbers,
+                                               # written to bench/BENCHMARKS-short.md (scripts/bench-short)
 
 Servers are subprocesses pinned to one core (`haip-runtime serve` on a generated config, or the bare
 Starlette app of bench/baseline.py), load generators are bench/load.py processes pinned to the other.
@@ -640,8 +641,9 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--short", action="store_true", help="about a minute: the same code, smaller numbers")
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--output", type=Path, help="default: BENCHMARKS.md, or bench/BENCHMARKS-short.md with --short")
     args = parser.parse_args()
+    args.output = args.output or (BENCH / "BENCHMARKS-short.md" if args.short else ROOT / "BENCHMARKS.md")
     scale = SHORT if args.short else FULL
     logging.basicConfig(level=logging.WARNING)  # before the MCP SDK's own basicConfig at INFO (every HTTP request)
     started = time.monotonic()
