@@ -148,7 +148,7 @@ class Connection:
                 resumed = await self._resume(first, hai.last_rx_seq, principal)
             except ProtocolError as error:
                 failure = error
-                self.hub.metrics.resume_failed(str((error.detail or {}).get("reason", error.code)))
+                self.hub.metrics.resume_failed(str((error.detail or {}).get("reason") or "invalid"))
             else:
                 self.hub.metrics.resumed()
                 resumed.principal = principal  # the new token's rights (and expiry) from now on
