@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -138,9 +139,10 @@ class Metrics:
     # --- scraping ---------------------------------------------------------------------------------
 
     def watch(self, runtime: Runtime) -> None:
-        """Read ``runtime``'s gauges on each scrape, and this process's CPU, memory and descriptors."""
+        """Read ``runtime``'s gauges on each scrape, and this process's CPU, memory, descriptors and GC."""
         self.registry.register(RuntimeCollector(runtime))
         ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)  # collections per generation: the collector is a cost here
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

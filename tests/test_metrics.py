@@ -90,6 +90,7 @@ async def test_counters_move_with_a_conversation_and_a_tool_call(server: LiveSer
     assert value(after, "haip_mcp_server_tools", server="demo") > 0
     assert value(after, "haip_event_loop_tasks") > 0
     assert value(after, "process_open_fds") > 0
+    assert value(after, "python_gc_collections_total", generation="0") > 0
 
 
 async def test_resumes_are_counted_by_outcome_and_reason(server: LiveServer) -> None:
