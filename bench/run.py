@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,37 +29,10 @@ from websockets.asyncio.server import serve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import BASELINE_APP, time_until_ready  # noqa: E402  # type: ignore[import-not-found]
+
 from haip_runtime.client import HaipClient  # noqa: E402
 from tests.serving import live_server, make_config  # noqa: E402
-
-BASELINE_APP = """
-import socket, uvicorn
-from starlette.applications import Starlette
-from starlette.routing import Route
-from starlette.responses import PlainTextResponse
-async def hi(request): return PlainTextResponse("hi")
-class S(uvicorn.Server):
-    async def startup(self, sockets=None):
-        await super().startup(sockets)
-        print("listening", flush=True)
-sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(128)
-S(uvicorn.Config(Starlette(routes=[Route("/", hi)]), log_level="warning")).run(sockets=[sock])
-"""
-
-
-def time_until_ready(command: list[str], marker: str) -> float:
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:
-            if marker in line:
-                return time.perf_counter() - start
-        raise RuntimeError(f"{command} exited before printing {marker!r}")
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-        process.stdout.close()
 
 
 def startup(rounds: int) -> dict[str, float]:

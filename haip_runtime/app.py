@@ -3,8 +3,8 @@
 ``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
 the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
 it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/haip/sse`` (SSE), ``/haip/stream`` (HTTP
-streaming), ``/health``, ``/haip/transactions`` (REST history), and the browser playground at ``/``
-(``haip_runtime.playground``).
+streaming), ``/health``, ``/metrics`` (Prometheus, unless ``observability.metrics`` is off),
+``/haip/transactions`` (REST history), and the browser playground at ``/`` (``haip_runtime.playground``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -39,6 +39,7 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
 from haip_runtime.llm import create_providers
+from haip_runtime.metrics import CONTENT_TYPE, Metrics
 from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
@@ -62,11 +63,15 @@ class Runtime:
     def __init__(self, config: HaipConfig) -> None:
         self.config = config
         self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
-        self.llms = create_providers(config.llm)
+        self.metrics = Metrics()
+        self.llms = {name: self.metrics.llm(name, llm) for name, llm in create_providers(config.llm).items()}
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
-        self.hub = Hub(config, self.agents, self.tools, self.store)
+        self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
+        self.metrics.watch(self)
+        if self.tools is not None:
+            self.tools.on_done = self.metrics.tool_call
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, str] = {}
@@ -119,6 +124,7 @@ class Runtime:
         if status.state.value == "connected" and self._server_states.get(status.name) != "connected":
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
         self._server_states[status.name] = status.state.value
+        self.metrics.server_state(status.name, status.state.value)
         shown = (status.state.value == "connected", status.tools, status.error)
         if self._shown.get(status.name) == shown:
             return  # another retry of a failing server: nothing a member sees has changed
@@ -147,10 +153,28 @@ class Runtime:
         async with transport.streams(outbox) as inbound:
             await connection.serve(inbound)
 
+    def server_health(self) -> dict[str, tuple[str, int, str | None]]:
+        """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""
+        statuses = self.bridge.status() if self.bridge else {}
+        starting: tuple[str, int, str | None] = ("starting", 0, None)
+        health = dict.fromkeys(self.config.mcp.servers, starting)
+        for name, status in statuses.items():
+            health[name] = (status.state.value, len(status.tools), status.error)
+        return health
+
     def health(self) -> dict[str, Any]:
+        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected;
+        ``degraded`` then says why, per server."""
         hub = self.hub
+        servers = self.server_health()
+        down = {
+            name: f"{state}: {error}" if error else state
+            for name, (state, _tools, error) in servers.items()
+            if state != "connected"
+        }
         return {
-            "status": "ok",
+            "status": "degraded" if down else "ok",
+            **({"degraded": down} if down else {}),
             "uptime": int((time.monotonic() - hub.started_at) * 1000),
             "activeConnections": hub.active_connections,
             "totalConnections": hub.total_connections,
@@ -159,8 +183,8 @@ class Runtime:
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
             "storage": {"backend": self.config.storage.backend, "pending_writes": self.store.pending},
             "mcp": {
-                name: {"state": status.state.value, "tools": len(status.tools), "error": status.error}
-                for name, status in (self.bridge.status() if self.bridge else {}).items()
+                name: {"state": state, "tools": tools, "error": error}
+                for name, (state, tools, error) in servers.items()
             },
         }
 
@@ -177,11 +201,15 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(rt.health())
 
+    async def metrics(request: Request) -> Response:
+        return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")
 
     routes: list[BaseRoute] = [
         Route("/health", health),
+        *([Route("/metrics", metrics)] if config.observability.metrics else []),
         WebSocketRoute("/haip/websocket", rt.serve_websocket),
         WebSocketRoute("/", rt.serve_websocket),
         *history_routes(rt),

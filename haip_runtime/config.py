@@ -366,6 +366,9 @@ class ObservabilityConfig(Model):
     """Log level of the runtime's loggers."""
     log_format: Literal["console", "json"] = "console"
     """`console` for people, `json` (one object per line) for log collectors."""
+    metrics: bool = True
+    """Serve Prometheus metrics at `GET /metrics` (unauthenticated, like `/health`: bind it to a private
+    interface or turn it off where the counts themselves are sensitive)."""
 
 
 class HaipConfig(Model):

@@ -55,6 +55,7 @@ class Connection:
             # The server HAI is seq 1 of a provisional session, which the handshake authenticates
             # (or leaves, for the session the client resumes).
             provisional = Session.provisional(self.config, self.hub.config.flow_control)
+            provisional.on_sent = self.hub.metrics.sent
             provisional.attach(self.outbox)
             provisional.send(EventType.HAI, self._server_hai())
             if failure is not None:
@@ -102,6 +103,8 @@ class Connection:
         try:
             with anyio.fail_after(self.config.handshake_timeout_seconds):
                 first = await inbound.receive()
+            if isinstance(first, Envelope):
+                self.hub.metrics.received(first.type)
             hai, principal = await self._authenticate(first)
             assert isinstance(first, Envelope)
             session = await self._open_session(first, hai, principal, provisional)
@@ -191,7 +194,9 @@ class Connection:
                 resumed = await self._resume(first, hai.last_rx_seq, principal)
             except ProtocolError as error:
                 failure = error
+                self.hub.metrics.resume_failed(str((error.detail or {}).get("reason") or "invalid"))
             else:
+                self.hub.metrics.resumed()
                 resumed.principal = principal  # the new token's rights (and expiry) from now on
                 resumed.accept_inbound(first)
                 ready = {"event": "session.ready", "user": principal.user, "resumed": True, "epoch": self.hub.epoch}
@@ -230,6 +235,7 @@ class Connection:
                 session.send_error(item)
                 continue
             try:
+                self.hub.metrics.received(item.type)
                 if not session.accept_inbound(item):
                     continue  # a duplicate of something already processed
                 self._watch_gap(session)

@@ -45,12 +45,14 @@ class TransactionRegistry:
         self.live: dict[str, Transaction] = {}
         self._spawn = spawn
         self._loading: dict[str, anyio.Event] = {}
+        #: Called with (agent, status) when a run ends (the runtime's metrics).
+        self.on_run_end: Callable[[str, str], None] | None = None
 
     def __len__(self) -> int:
         return len(self.live)
 
     def new(self, owner: str, thread_id: str | None, id: str | None = None, **state: Any) -> Transaction:
-        return Transaction(
+        transaction = Transaction(
             owner=owner,
             thread_id=thread_id,
             spawn=self._spawn,
@@ -60,6 +62,8 @@ class TransactionRegistry:
             id=id,
             **state,
         )
+        transaction.on_run_end = self.on_run_end
+        return transaction
 
     def add(self, transaction: Transaction) -> None:
         self.live[transaction.id] = transaction

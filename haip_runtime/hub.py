@@ -25,6 +25,7 @@ from haip_runtime.config import HaipConfig
 from haip_runtime.conversations import TransactionRegistry
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.limits import Limits
+from haip_runtime.metrics import Metrics
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
@@ -57,6 +58,7 @@ class Hub:
         store: Store | None = None,
         *,
         epoch: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.agents = agents
@@ -67,6 +69,8 @@ class Hub:
         self.sessions = SessionRegistry(config.session, self.store, self.epoch)
         self.transactions = TransactionRegistry(config.transactions, agents, self.store, self.spawn, tools)
         self.limits = Limits(config.limits)
+        self.metrics = metrics or Metrics()
+        self.transactions.on_run_end = self.metrics.run_finished
         self.started_at = time.monotonic()
         self.total_connections = 0
         self.active_connections = 0

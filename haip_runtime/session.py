@@ -296,6 +296,8 @@ class Session:
         self._last_in = 0
         self._ahead: set[int] = set()
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        #: Called with the type of every envelope sent (the runtime's metrics).
+        self.on_sent: Callable[[str], None] | None = None
 
     @classmethod
     def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
@@ -351,6 +353,8 @@ class Session:
         unwritten = None if self.outbox is None else self.outbox.written + 1
         text = event.to_wire(session=self.id, seq=self._seq, ack=ack)
         self.window.record(self._seq, text, data, unwritten_from=unwritten)
+        if self.on_sent is not None:
+            self.on_sent(event.type)
         if self.outbox is not None:
             self.outbox.wake()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -162,6 +162,8 @@ class ToolProxy:
         """Calls in flight by (transaction id, call id): call ids are scoped per transaction, so one
         user cannot learn which ids another user's transaction is using."""
         self._reserved: set[tuple[str, str]] = set()
+        #: Called with (server, status, seconds) when a call ends (the runtime's metrics).
+        self.on_done: Callable[[str, str, float], None] | None = None
 
     def reserve(self, transaction_id: str, call_id: str) -> bool:
         """Claim a client-chosen ``call_id`` in a transaction before its call starts; ``False`` if in use."""
@@ -205,6 +207,7 @@ class ToolProxy:
     ) -> ToolCallResult:
         """Call ``name`` (``server.tool``), telling the members every step through ``emit``."""
         active = ActiveCall(call_id or new_id(), transaction_id)
+        started = time.monotonic()
         key = (transaction_id, active.call_id)
         self._reserved.discard(key)
         server, _, tool = name.partition(".")
@@ -214,17 +217,17 @@ class ToolProxy:
         )
         refusal = self._refusal(name, server, allowed_servers, permissions)
         if refusal is not None:
-            return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal))
+            return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal), started)
         self.calls[key] = active
         try:
             result = await self._run(active, name, server, tool, arguments, emit)
         except anyio.get_cancelled_exc_class():
-            self._done(emit, _cancelled(active, name, "the run was cancelled"))
+            self._done(emit, _cancelled(active, name, "the run was cancelled"), started)
             raise
         finally:
             self.calls.pop(key, None)
             active.finished.set()
-        return self._done(emit, result)
+        return self._done(emit, result, started)
 
     def _refusal(
         self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
@@ -335,9 +338,10 @@ class ToolProxy:
         active.waiting_for = None
         return active.answer
 
-    @staticmethod
-    def _done(emit: Emit, result: ToolCallResult) -> ToolCallResult:
+    def _done(self, emit: Emit, result: ToolCallResult, started: float) -> ToolCallResult:
         emit(EventType.TOOL_DONE, result.done_payload())
+        if self.on_done is not None:
+            self.on_done(result.tool.partition(".")[0], result.status, time.monotonic() - started)
         return result
 
     # --- members acting on a call --------------------------------------------------------------------

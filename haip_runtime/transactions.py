@@ -135,6 +135,8 @@ class Transaction:
         self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
         self._tail_bytes = 0
         self._spawn = spawn
+        #: Called with (agent, status or error code) when a run ends.
+        self.on_run_end: Callable[[str, str], None] | None = None
 
     # --- the record ------------------------------------------------------------------------------
 
@@ -308,6 +310,8 @@ class Transaction:
         if run.member is not None:
             run.member.active_runs -= 1
         self.publish(Event(type, {"run_id": run.id, **body}, channel=Channel.AGENT, run_id=run.id))
+        if self.on_run_end is not None:
+            self.on_run_end(run.agent, body.get("status") or body["code"])
         self.save()
         run.done.set()
 

@@ -1,0 +1,362 @@
+"""What the benchmarks share: servers as pinned subprocesses, load processes, process gauges, statistics.
+
+Each measurement runs a real `haip-runtime serve` (a generated config) or the bare Starlette app of
+bench/baseline.py in a subprocess pinned to one core, and drives it from load processes
+(bench/load.py) pinned to the other, all on 127.0.0.1. Only loopback is contacted, in bounded loops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+
+BASELINE_APP = """
+import socket, uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.responses import PlainTextResponse
+async def hi(request): return PlainTextResponse("hi")
+class S(uvicorn.Server):
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        print("listening", flush=True)
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(128)
+S(uvicorn.Config(Starlette(routes=[Route("/", hi)]), log_level="warning")).run(sockets=[sock])
+"""
+
+
+def cores() -> tuple[set[int], set[int]]:
+    """(server cores, load cores): one core each where the machine has two or more."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(available), set(available)
+    return {available[0]}, {available[1]}
+
+
+def pin(pid: int, where: set[int]) -> None:
+    try:
+        os.sched_setaffinity(pid, where)
+    except OSError:
+        pass  # the process is already gone, or pinning is not allowed here: run unpinned
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's descriptor limit towards ``wanted`` (within the hard limit); the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def time_until_ready(command: list[str], marker: str, env: dict[str, str] | None = None) -> float:
+    """Seconds from spawning ``command`` until it prints ``marker``; then the process is stopped."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            if marker in line:
+                return time.perf_counter() - start
+        raise RuntimeError(f"{command} exited before printing {marker!r}")
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        process.stdout.close()
+
+
+# -- servers -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server subprocess: its port, its dev token (haip-runtime) and its process."""
+
+    process: subprocess.Popen[str]
+    port: int
+    token: str | None = None
+    workdir: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def ws(self, path: str = "/haip/websocket") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss_kb(self) -> int:
+        return proc_status(self.pid, "VmRSS")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def threads(self) -> int:
+        return proc_status(self.pid, "Threads")
+
+
+def proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# Limits raised so that the benchmark measures the pipeline, not the per-user throttles it exists to
+# enforce; everything else is the default.
+BENCH_TOML = """
+[server]
+host = "127.0.0.1"
+port = 0
+ws_per_message_deflate = false
+
+[auth]
+mode = "dev"
+
+[session]
+heartbeat_interval_seconds = 600
+heartbeat_timeout_seconds = 600
+resume_timeout_seconds = {resume_timeout}
+
+[limits]
+messages_per_second = 1000000
+message_burst = 1000000
+user_messages_per_second = 1000000
+user_message_burst = 1000000
+sessions_per_user = 100000
+transactions_per_user = 100000
+members_per_transaction = 1000
+tool_calls_per_session = 64
+
+[observability]
+log_level = "warning"
+
+[agents.echo]
+plugin = "echo"
+options = {{ prefix = "" }}
+
+[agents.stream]
+plugin = "{streamer}:Streamer"
+{mcp}
+{extra}
+"""
+
+MCP_TOML = """
+[agents.operator]
+plugin = "operator"
+mcp_servers = ["stdio", "http", "python"]
+
+[mcp.servers.stdio]
+transport = "stdio"
+command = "{python}"
+args = ["{demo}"]
+
+[mcp.servers.http]
+transport = "http"
+url = "{url}"
+
+[mcp.servers.python]
+transport = "python"
+server = "{demo}:server"
+"""
+
+DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+
+
+def bench_config(directory: Path, mcp_url: str | None = None, extra: str = "", resume_timeout: float = 120) -> Path:
+    """A haip.toml in ``directory``: echo and the streaming agent, MCP servers if ``mcp_url``, ``extra`` TOML."""
+    mcp = MCP_TOML.format(python=PYTHON, demo=DEMO, url=mcp_url) if mcp_url else ""
+    text = BENCH_TOML.format(streamer=BENCH / "streamer.py", mcp=mcp, extra=extra, resume_timeout=resume_timeout)
+    path = directory / "haip.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@contextmanager
+def haip_server(where: set[int], mcp_url: str | None = None, fd_limit: int = 0, **options: Any) -> Iterator[Server]:
+    """`haip-runtime serve` on a generated config (``bench_config``), pinned to ``where``, until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="haip-bench-") as tmp:
+        config = bench_config(Path(tmp), mcp_url, **options)
+        command = [PYTHON, "-m", "haip_runtime", "serve", "--config", str(config)]
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=open(Path(tmp) / "stderr.log", "w"),
+            text=True,
+            cwd=tmp,
+            env=_env(),
+            preexec_fn=lambda: raise_fd_limit(fd_limit),
+        )
+        pin(process.pid, where)
+        try:
+            port, token = _read_announcement(process)
+            yield Server(process, port, token, Path(tmp))
+        finally:
+            stop(process)
+
+
+@contextmanager
+def baseline_server(where: set[int], fd_limit: int = 0) -> Iterator[Server]:
+    """The bare Starlette app (bench/baseline.py) on uvicorn, pinned to ``where``."""
+    command = [PYTHON, str(BENCH / "baseline.py")]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        preexec_fn=lambda: raise_fd_limit(fd_limit),
+    )
+    pin(process.pid, where)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("listening "):
+                yield Server(process, int(line.split()[1]))
+                return
+        raise RuntimeError("the baseline app exited before listening")
+    finally:
+        stop(process)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HAIP_PYTHON": PYTHON}
+
+
+def _read_announcement(process: subprocess.Popen[str]) -> tuple[int, str]:
+    assert process.stdout is not None
+    port = token = None
+    for line in process.stdout:
+        if match := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+        if match := re.search(r"token:\s+(\S+)", line):
+            token = match.group(1)
+        if port is not None and token is not None:
+            return port, token
+    process.wait(timeout=10)
+    raise RuntimeError("haip-runtime serve exited before announcing itself (see its stderr.log)")
+
+
+def _stderr(process: subprocess.Popen[str]) -> str:
+    process.wait(timeout=10)
+    return process.stderr.read()[-2000:] if process.stderr else ""
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdout, process.stderr, process.stdin):
+        if stream is not None:
+            stream.close()
+
+
+# -- load processes ----------------------------------------------------------------------------------------
+
+
+def load(where: set[int], spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run one bench/load.py process with ``spec``, pinned to ``where``; its JSON result."""
+    process = subprocess.Popen(
+        [PYTHON, str(BENCH / "load.py"), json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
+    pin(process.pid, where)
+    out, err = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise RuntimeError(f"load {spec.get('mode')} failed ({process.returncode}): {err[-3000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+@contextmanager
+def held_load(where: set[int], spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A load process that opens connections, reports, and holds them until the block ends."""
+    process = subprocess.Popen(
+        [PYTHON, str(BENCH / "load.py"), json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
+    pin(process.pid, where)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load {spec.get('mode')} failed: {_stderr(process)}")
+        yield json.loads(line)
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        stop(process)
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) by nearest rank on sorted samples."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Rounds:
+    """Alternating rounds (A, B, A, B...): each round's figure for haip-runtime and for the baseline."""
+
+    ours: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+
+    def add(self, ours: float, base: float) -> None:
+        self.ours.append(ours)
+        self.base.append(base)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / b if b else float("nan") for a, b in zip(self.ours, self.base, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def spread(self) -> str:
+        ratios = self.ratios
+        return f"{min(ratios):.2f}–{max(ratios):.2f}x over {len(ratios)} rounds"
