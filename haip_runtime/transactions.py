@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex
 
 import anyio
 
@@ -44,19 +44,26 @@ TAIL_BYTES = 1024 * 1024
 
 
 class History(deque[HistoryEntry]):
-    """The agents' view of the conversation, bounded by entries and by bytes of text."""
+    """The agents' view of the conversation, bounded by entries and by bytes of text (kept as a sum)."""
 
     def __init__(self, entries: Iterable[HistoryEntry], *, maxlen: int, max_bytes: int) -> None:
         super().__init__(maxlen=maxlen)
         self.max_bytes = max_bytes
+        self.bytes = 0
         for entry in entries:
             self.append(entry)
 
     def append(self, entry: HistoryEntry) -> None:
+        if len(self) == self.maxlen:
+            self.bytes -= len(self[0].text)  # the deque lets it go
         super().append(entry)
-        size = sum(len(e.text) for e in self)
-        while len(self) > 1 and size > self.max_bytes:
-            size -= len(self.popleft().text)
+        self.bytes += len(entry.text)
+        while len(self) > 1 and self.bytes > self.max_bytes:
+            self.bytes -= len(self.popleft().text)
+
+    def __setitem__(self, index: SupportsIndex, entry: HistoryEntry) -> None:  # type: ignore[override]
+        self.bytes += len(entry.text) - len(self[index].text)
+        super().__setitem__(index, entry)
 
 
 class Member(Protocol):

@@ -157,3 +157,22 @@ def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() 
         ("tool_result", "demo.add", "2", "c1"),
         ("agent", "bot", "it is 2", None),
     ]
+
+
+def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
+    from haip_runtime.agents.api import HistoryEntry
+    from haip_runtime.transactions import History
+
+    def entry(text: str) -> HistoryEntry:
+        return HistoryEntry("user", "ann", text, text[:8])
+
+    history = History([entry("a" * 10)] * 3, maxlen=4, max_bytes=100)
+    history.append(entry("b" * 10))
+    history.append(entry("c" * 10))  # past 4 entries: the oldest goes
+    assert [e.text[0] for e in history] == ["a", "a", "b", "c"] and history.bytes == 40
+    history[0] = entry("e" * 30)  # an edit
+    assert history.bytes == 60
+    history.append(entry("d" * 90))  # the deque drops the edited one; past 100 bytes, the oldest go until it fits
+    assert [e.text[0] for e in history] == ["c", "d"] and history.bytes == 100
+    history.append(entry("x" * 500))  # the newest always stays, whatever its size
+    assert [e.text[0] for e in history] == ["x"] and history.bytes == 500
