@@ -1,7 +1,9 @@
 """``accept_events`` negotiation: what each client is sent instead of events it did not ask for.
 
 PROTOCOL.md section 12. One ``Downgrader`` per session; it keeps the text of streamed messages
-so a client without ``MESSAGE_START`` gets one whole ``MESSAGE`` at ``MESSAGE_END``.
+so a client without ``MESSAGE_START`` gets one whole ``MESSAGE`` at ``MESSAGE_END``. A client
+without ``RUN_*`` gets no run events at all (the reference SDK logs every INFO as unknown), but a
+``RUN_ERROR`` still reaches it as ``ERROR``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
 
 _TOOL_EVENTS = {"TOOL_CALL": "call", "TOOL_UPDATE": "update", "TOOL_DONE": "done", "TOOL_CANCEL": "cancel"}
-_RUN_EVENTS = {"RUN_STARTED": "started", "RUN_FINISHED": "finished", "RUN_ERROR": "error", "RUN_CANCEL": "cancel"}
 _NEVER_DOWNGRADED = {"PAUSE_CHANNEL", "RESUME_CHANNEL"}
 #: Streamed text kept per message for a client that gets it whole; a bound against runaway streams.
 MAX_BUFFERED_STREAM_CHARS = 4 * 1024 * 1024
@@ -42,18 +43,13 @@ class Downgrader:
             return self._stream_to_message(event)
         if kind in _TOOL_EVENTS:
             return self._as_info(event, "tool", _TOOL_EVENTS[kind])
-        if kind in _RUN_EVENTS:
-            infos = self._as_info(event, "run", _RUN_EVENTS[kind])
-            if kind == EventType.RUN_ERROR and isinstance(event.payload, dict):
-                error = {
-                    "code": event.payload.get("code"),
-                    "message": event.payload.get("message"),
-                    "related_id": event.payload.get("run_id"),
-                }
-                infos.append(
-                    event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM)
-                )
-            return infos
+        if kind == EventType.RUN_ERROR and isinstance(event.payload, dict) and "ERROR" in self.accepted:
+            error = {
+                "code": event.payload.get("code"),
+                "message": event.payload.get("message"),
+                "related_id": event.payload.get("run_id"),
+            }
+            return [event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM)]
         if kind == EventType.AUDIO_CHUNK and "AUDIO" in self.accepted:
             return [event.with_changes(type=EventType.AUDIO)]
         if kind == EventType.AUDIO and "AUDIO_CHUNK" in self.accepted:

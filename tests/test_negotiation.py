@@ -41,13 +41,15 @@ def test_interleaved_streams_stay_apart() -> None:
     assert kinds(down.adapt(Event("MESSAGE_END", {"message_id": "a"}))) == [("MESSAGE", "A")]
 
 
-def test_tool_and_run_events_become_info() -> None:
+def test_tool_events_become_info_and_runs_are_not_sent_but_a_run_error_is_an_error() -> None:
     call = LEGACY.adapt(Event("TOOL_CALL", {"call_id": "c", "tool": "demo.add"}))
     assert kinds(call) == [("INFO", {"event": "tool", "action": "call", "call_id": "c", "tool": "demo.add"})]
-    error = LEGACY.adapt(Event("RUN_ERROR", {"run_id": "r", "code": "INTERNAL_ERROR", "message": "boom"}))
-    assert [e.type for e in error] == ["INFO", "ERROR"]
-    assert error[1].payload == {"code": "INTERNAL_ERROR", "message": "boom", "related_id": "r"}
-    assert error[0].id != error[1].id
+    assert LEGACY.adapt(Event("RUN_STARTED", {"run_id": "r", "agent": "echo"})) == []
+    assert LEGACY.adapt(Event("RUN_FINISHED", {"run_id": "r", "status": "OK"})) == []
+    run_error = Event("RUN_ERROR", {"run_id": "r", "code": "INTERNAL_ERROR", "message": "boom"})
+    error = LEGACY.adapt(run_error)
+    assert [e.type for e in error] == ["ERROR"] and error[0].id != run_error.id
+    assert error[0].payload == {"code": "INTERNAL_ERROR", "message": "boom", "related_id": "r"}
 
 
 def test_audio_chunk_becomes_audio_and_pause_is_never_sent() -> None:
