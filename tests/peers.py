@@ -21,10 +21,8 @@ import httpx2
 from anyio.abc import ByteStream
 
 from haip_runtime.app import Runtime
-from haip_runtime.protocol.envelope import new_id, now_ms
-from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from haip_runtime.transports.memory import MemoryPeer, MemoryTransport
-from tests.raw import raw_peer
+from tests.raw import Numbered, raw_peer
 from tests.serving import LiveServer
 
 KINDS = ["websocket", "sse", "stream"]
@@ -40,17 +38,13 @@ class InProcess:
         return self.runtime.authenticator.issue(user, **claims)
 
 
-class _Peer:
-    """What the SSE and stream peers share: numbering, the HAI, and reading parsed envelopes."""
+class _Peer(Numbered):
+    """What the SSE, stream and memory peers share: reading parsed envelopes (numbering and HAI: ``Numbered``)."""
 
     def __init__(self) -> None:
-        self.seq = 0
         self._in, self._out = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
         self.close_code: int | None = None
         self.ended = anyio.Event()
-
-    async def send_frame(self, frame: str | bytes) -> None:
-        raise NotImplementedError
 
     def aclose(self) -> None:
         self._in.close()
@@ -59,33 +53,6 @@ class _Peer:
     def _deliver(self, envelope: dict[str, Any]) -> None:
         with contextlib.suppress(anyio.ClosedResourceError):  # a frame still arriving as the test ends
             self._in.send_nowait(envelope)
-
-    async def send(self, type: str, payload: Any, *, transaction: str | None = None, **extra: Any) -> str:
-        self.seq += 1
-        envelope = {
-            "id": new_id(),
-            "session": "",
-            "transaction": transaction,
-            "seq": str(self.seq),
-            "ts": now_ms(),
-            "channel": "SYSTEM",
-            "type": type,
-            "payload": payload,
-            **extra,
-        }
-        await self.send_frame(json.dumps(envelope))
-        return str(envelope["id"])
-
-    async def hai(self, token: str | None, *, session: str = "", **payload: Any) -> str:
-        body: dict[str, Any] = {
-            "haip_version": "1.1.2",
-            "accept_major": [1],
-            "accept_events": sorted(TRANSACTION_ERA_EVENTS),
-            **payload,
-        }
-        if token is not None:
-            body["auth"] = {"token": f"Bearer {token}"}
-        return await self.send("HAI", body, session=session)
 
     async def receive(self, timeout: float = 5) -> dict[str, Any]:
         with anyio.fail_after(timeout):

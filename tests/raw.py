@@ -15,13 +15,16 @@ from haip_runtime.protocol.envelope import new_id, now_ms
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 
 
-class RawPeer:
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.seq = 0
+class Numbered:
+    """What every test peer does alike: number its envelopes 1, 2, 3... and say HAI.
+
+    Subclasses write a frame with ``send_frame``.
+    """
+
+    seq = 0
 
     async def send_frame(self, frame: str | bytes) -> None:
-        await self.ws.send(frame)
+        raise NotImplementedError
 
     async def send(self, type: str, payload: Any, *, transaction: str | None = None, **extra: Any) -> str:
         self.seq += 1
@@ -36,7 +39,7 @@ class RawPeer:
             "payload": payload,
             **extra,
         }
-        await self.ws.send(json.dumps(envelope))
+        await self.send_frame(json.dumps(envelope))
         return str(envelope["id"])
 
     async def hai(self, token: str | None, *, session: str = "", **payload: Any) -> str:
@@ -49,6 +52,14 @@ class RawPeer:
         if token is not None:
             body["auth"] = {"token": f"Bearer {token}"}
         return await self.send("HAI", body, session=session)
+
+
+class RawPeer(Numbered):
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send_frame(self, frame: str | bytes) -> None:
+        await self.ws.send(frame)
 
     async def receive(self, timeout: float = 5) -> dict[str, Any]:
         with anyio.fail_after(timeout):
