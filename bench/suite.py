@@ -584,8 +584,9 @@ LIMITS: dict[int, str] = {
     "each copied with `dataclasses.replace` (`Event.with_changes`), logged, appended to the store, "
     "encoded to JSON, recorded in the session's replay window and then downgraded to the one MESSAGE "
     "this client accepts; a task, a `TurnServices` and a `Turn` per turn; a uuid4 per event "
-    "(`uuid4` 7-8 % self). `History.append` re-sums the text of the whole agent history (up to 200 "
-    "entries) on every append (O(n), 8 % self). And a growing share is the cyclic garbage collector: "
+    "(`uuid4` 7-8 % self). (An earlier run also found `History.append` re-summing the agent history on "
+    "every append, 8 % self: now an incremental count; and run INFOs sent to reference-dialect clients: "
+    "no longer sent, PROTOCOL.md section 12.) A growing share is the cyclic garbage collector: "
     "timed with `gc.callbacks` under the same load it took 7 % of the server's CPU in a first 5-second "
     "round and 16 % by the fourth, as the heap grew (with the default in-memory store every event stays "
     "in the process and the load's transactions stay live for `transactions.idle_seconds`: RSS grows "
@@ -593,8 +594,8 @@ LIMITS: dict[int, str] = {
     "rounds on one server). py-spy shows collection time as self time of the allocating line, which is "
     "why `Transaction._turn` (21 %, on its `return Turn(...)` line) and `Permissions.may_send` (8 %), "
     "which do little work of their own, rank high (the profile ran after targets 1 and 2, on a larger heap). "
-    "The fix list (issue 11's hot-path work, after the transport rebuild lands): an incremental byte "
-    "count in `History`, cheaper ids, no per-event copies, encoding once per dialect, no task per turn, "
+    "The fix list (issue 11's hot-path work, now that the transport rebuild has landed): "
+    "cheaper ids, no per-event copies, encoding once per dialect, no task per turn, "
     "`gc.freeze()` after start-up and larger GC thresholds, fewer events for clients that drop them.",
     2: "the same per-turn pipeline as target 1 on one connection (about 1.2 ms of Python per turn "
     "against the bare echo's 0.2 ms); the p99 adds the collector's pauses and the shared machine.",
