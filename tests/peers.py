@@ -58,13 +58,6 @@ class _Peer(Numbered):
         with anyio.fail_after(timeout):
             return await self._out.receive()
 
-    async def receive_type(self, type: str, timeout: float = 5) -> dict[str, Any]:
-        with anyio.fail_after(timeout):
-            while True:
-                envelope = await self.receive(timeout)
-                if envelope["type"] == type:
-                    return envelope
-
     async def closed(self, timeout: float = 5) -> int | None:
         with anyio.fail_after(timeout):
             await self.ended.wait()

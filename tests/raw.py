@@ -16,15 +16,26 @@ from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 
 
 class Numbered:
-    """What every test peer does alike: number its envelopes 1, 2, 3... and say HAI.
+    """What every test peer does alike: number its envelopes 1, 2, 3..., say HAI, pick envelopes by type.
 
-    Subclasses write a frame with ``send_frame``.
+    Subclasses write a frame with ``send_frame`` and read one with ``receive``.
     """
 
     seq = 0
 
     async def send_frame(self, frame: str | bytes) -> None:
         raise NotImplementedError
+
+    async def receive(self, timeout: float = 5) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def receive_type(self, type: str, timeout: float = 5) -> dict[str, Any]:
+        """The next envelope of ``type``, skipping others (PING, INFO...)."""
+        with anyio.fail_after(timeout):
+            while True:
+                envelope = await self.receive(timeout)
+                if envelope["type"] == type:
+                    return envelope
 
     async def send(self, type: str, payload: Any, *, transaction: str | None = None, **extra: Any) -> str:
         self.seq += 1
@@ -65,14 +76,6 @@ class RawPeer(Numbered):
         with anyio.fail_after(timeout):
             data: dict[str, Any] = json.loads(await self.ws.recv())
             return data
-
-    async def receive_type(self, type: str, timeout: float = 5) -> dict[str, Any]:
-        """The next envelope of ``type``, skipping others (PING, INFO...)."""
-        with anyio.fail_after(timeout):
-            while True:
-                envelope = await self.receive(timeout)
-                if envelope["type"] == type:
-                    return envelope
 
     async def closed(self, timeout: float = 5) -> int | None:
         """Wait for the server to close; returns the close code."""

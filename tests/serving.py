@@ -52,7 +52,9 @@ def make_config(data: dict[str, Any] | None = None) -> HaipConfig:
     return validate_config(base, base_dir=ROOT)
 
 
-class _Server(uvicorn.Server):
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server that sets ``ready`` once it listens (for servers run in a thread by tests)."""
+
     def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
         super().__init__(config)
         self.ready = ready
@@ -79,7 +81,7 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
         ws_max_size=config.server.max_frame_bytes + 1024,
     )
-    server = _Server(uv_config, ready)
+    server = ReadyServer(uv_config, ready)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

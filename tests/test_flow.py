@@ -21,8 +21,8 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
 from haip_runtime.session import Outbox, Session
-from haip_runtime.transports.memory import MemoryPeer, MemoryTransport
-from tests.peers import _Peer
+from haip_runtime.transports.memory import MemoryTransport
+from tests.peers import MemoryClient
 from tests.serving import make_config
 
 pytestmark = pytest.mark.anyio
@@ -142,23 +142,6 @@ def test_a_client_past_its_credit_gets_flow_control_violation_until_it_has_read_
 
 
 # --- whole connections over the in-memory pair --------------------------------------------------
-
-
-class MemoryClient(_Peer):
-    def __init__(self, peer: MemoryPeer) -> None:
-        super().__init__()
-        self.peer = peer
-
-    async def send_frame(self, frame: str | bytes) -> None:
-        await self.peer.send_text(frame if isinstance(frame, str) else frame.decode())
-
-    async def run(self) -> None:
-        try:
-            while True:
-                self._in.send_nowait(await self.peer.receive_json())
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self.close_code = self.peer.close_code
-            self.ended.set()
 
 
 @asynccontextmanager

@@ -23,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.serving import ReadyServer
+
 
 @dataclass
 class Reply:
@@ -86,16 +88,6 @@ class VendorServer:
         return StreamingResponse(stream(), media_type="text/event-stream", headers=reply.headers)
 
 
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
-        super().__init__(config)
-        self.ready = ready
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
-
-
 @contextmanager
 def vendor_server() -> Iterator[VendorServer]:
     vendor = VendorServer()
@@ -104,7 +96,7 @@ def vendor_server() -> Iterator[VendorServer]:
     sock.bind(("127.0.0.1", 0))
     vendor.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ready = threading.Event()
-    server = _Server(uvicorn.Config(app, log_config=None, lifespan="off"), ready)
+    server = ReadyServer(uvicorn.Config(app, log_config=None, lifespan="off"), ready)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
