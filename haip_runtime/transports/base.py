@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import anyio
 from anyio.abc import ObjectReceiveStream
 
 from haip_runtime.auth import Credentials
@@ -52,3 +53,17 @@ async def frames_as_text(outbox: Outbox) -> AsyncIterator[tuple[int, str]]:
     """``(seq, text)`` of each outbound frame for a text-only transport (binary parts inlined)."""
     async for frame in outbox.frames():
         yield frame.seq, frame.inline()
+
+
+#: How long a connection closed with 1013 may take to write to a client that does not read.
+ABORT_GRACE_SECONDS = 2.0
+
+
+async def abort_when_stalled(outbox: Outbox, scope: anyio.CancelScope) -> None:
+    """A 1013 close to a peer that does not read cannot be written: end the connection anyway.
+
+    Every transport runs this beside its writer, in the task group whose ``scope`` ends the connection.
+    """
+    await outbox.aborted.wait()
+    await anyio.sleep(ABORT_GRACE_SECONDS)
+    scope.cancel()

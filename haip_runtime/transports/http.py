@@ -16,11 +16,8 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.auth import Credentials
-from haip_runtime.session import Outbox
 from haip_runtime.transports.origin import origin_allowed
 
-#: How long a connection closed with 1013 may take to write to a client that does not read.
-ABORT_GRACE_SECONDS = 2.0
 #: Headers of a streamed response: no caching, no proxy buffering, no compression.
 STREAM_HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
@@ -73,11 +70,4 @@ async def end_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     """The client went away (or its request is over and it closes): end the connection."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    scope.cancel()
-
-
-async def abort_when_stalled(outbox: Outbox, scope: anyio.CancelScope) -> None:
-    """A 1013 to a client that does not read cannot be written: end the connection anyway."""
-    await outbox.aborted.wait()
-    await anyio.sleep(ABORT_GRACE_SECONDS)
     scope.cancel()

@@ -32,10 +32,9 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, frames_as_text
+from haip_runtime.transports.base import Inbound, Link, abort_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
-    abort_when_stalled,
     end_on_disconnect,
     http_credentials,
     refused_origin,

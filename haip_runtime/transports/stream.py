@@ -25,10 +25,9 @@ from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, frames_as_text
+from haip_runtime.transports.base import Inbound, Link, abort_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
-    abort_when_stalled,
     http_credentials,
     refused_origin,
     send_json,

@@ -26,12 +26,10 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link
+from haip_runtime.transports.base import Inbound, Link, abort_when_stalled
 
 #: Decoded envelopes waiting for the session; the socket stops being read while it is full.
 INBOUND_BUFFER = 64
-#: How long a connection closed with 1013 may take to write its close frame to a peer that does not read.
-ABORT_GRACE_SECONDS = 2.0
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -65,7 +63,7 @@ async def websocket_streams(
         async with anyio.create_task_group() as tg:
             tg.start_soon(_read_frames, ws, send, max_frame_bytes)
             tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
-            tg.start_soon(_abort_when_stalled, outbox, tg.cancel_scope)
+            tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
             async with receive:
                 yield receive
             outbox.close()
@@ -136,13 +134,6 @@ def _binary_error(envelope: Envelope, message: str) -> DecodeError:
         related_id=envelope.id,
         detail={"where": "/bin_len"},
     )
-
-
-async def _abort_when_stalled(outbox: Outbox, scope: anyio.CancelScope) -> None:
-    """A 1013 close to a peer that does not read cannot be written: end the connection anyway."""
-    await outbox.aborted.wait()
-    await anyio.sleep(ABORT_GRACE_SECONDS)
-    scope.cancel()
 
 
 async def _write_frames(ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
