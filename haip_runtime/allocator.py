@@ -6,12 +6,19 @@ keeps when they are freed: a runtime that once carried large messages stays larg
 every conversation has left memory. ``tune`` pins the thresholds at start (large blocks always
 ``mmap``ed, so freeing them returns them); ``release`` asks malloc to return the free heap, after
 the hub has let sessions and transactions go.
+
+The cyclic garbage collector is tuned too (``settle``): what start-up built (modules, config,
+agents) is moved out of its sight with ``gc.freeze``, and its youngest generation is collected
+every ``GC_YOUNG_THRESHOLD`` allocations instead of every 700. A turn allocates a few hundred
+containers that reference counting frees at once; collecting every 700 made the collector walk
+the young heap several times per turn (7 to 16 % of the server's CPU under echo load).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 logger = logging.getLogger(__name__)
@@ -22,6 +29,8 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 * 1024
 #: Free memory at the top of the heap past this is returned at once.
 TRIM_THRESHOLD = 1024 * 1024
+#: Allocations (minus frees) of container objects between two collections of the youngest generation.
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -51,3 +60,11 @@ def release() -> None:
     """Return free heap memory to the OS (cheap when there is little to return)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def settle() -> None:
+    """After start-up: freeze what exists (it lives as long as the process) and collect less often."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

@@ -206,8 +206,9 @@ def serve(config: HaipConfig) -> int:
             if not self.should_exit:
                 _announce(runtime, host, port)
 
+    app = create_app(config, runtime)
     uv_config = uvicorn.Config(
-        create_app(config, runtime),
+        app,
         log_config=None,
         ws_max_size=config.server.max_frame_bytes + 1024,
         ws_per_message_deflate=config.server.ws_per_message_deflate,
@@ -216,6 +217,7 @@ def serve(config: HaipConfig) -> int:
         ws_ping_interval=config.session.heartbeat_interval_seconds,
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
     )
+    allocator.settle()
     Server(uv_config).run(sockets=[sock])
     return 0
 
