@@ -8,6 +8,7 @@ Protocol failures are raised as ``ProtocolError`` and answered by the connection
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,7 +29,7 @@ from haip_runtime.limits import Limits
 from haip_runtime.metrics import Metrics
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
-from haip_runtime.protocol.envelope import Envelope, Event, new_id
+from haip_runtime.protocol.envelope import Envelope, Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session import Session, parse_seq
 from haip_runtime.sessions import SessionRegistry
@@ -65,7 +66,7 @@ class Hub:
         self.tools = tools
         self.store: Store = store or MemoryStore()
         #: This process's run of the runtime; a client that sees it change knows the runtime restarted.
-        self.epoch = epoch or new_id()
+        self.epoch = epoch or secret_id()
         self.sessions = SessionRegistry(config.session, self.store, self.epoch)
         self.transactions = TransactionRegistry(config.transactions, agents, self.store, self.spawn, tools)
         self.limits = Limits(config.limits)
@@ -75,6 +76,7 @@ class Hub:
         self.total_connections = 0
         self.active_connections = 0
         self._task_group: TaskGroup | None = None
+        self._tasks: set[asyncio.Task[Any]] | None = None
         self._handlers: dict[str, Handler] = {
             EventType.TRANSACTION_START: self._transaction_start,
             EventType.TRANSACTION_JOIN: self._transaction_join,
@@ -95,6 +97,7 @@ class Hub:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._maintain)
+        self._tasks = set()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -105,13 +108,37 @@ class Hub:
                     await self._stop_for_restart(transaction)  # to be continued after the restart
                 else:
                     await transaction.end("runtime shutting down")
+        with anyio.CancelScope(shield=True):
+            await self._cancel_tasks()
         self._task_group.cancel_scope.cancel()
         return await self._task_group.__aexit__(*exc_info)
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        if self._task_group is None:
+        """Run ``func(*args)`` as a task of the hub (agent turns, tool calls, ends of transactions).
+
+        A plain asyncio task, not one of an anyio task group: a turn per message made spawning a
+        measurable part of every round trip (about 32 µs against 7 µs). The runtime runs on
+        asyncio (uvicorn); the hub cancels what is left when it stops, and a task that fails is
+        logged (every task spawned here handles its own errors; this is the last resort).
+        """
+        if self._tasks is None:
             raise RuntimeError("the hub is not running")
-        self._task_group.start_soon(func, *args)
+        task = asyncio.get_running_loop().create_task(func(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        assert self._tasks is not None
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("a hub task failed", exc_info=error)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks or ())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     # --- sessions and upkeep ------------------------------------------------------------------------
 
@@ -147,7 +174,7 @@ class Hub:
         if self.tools is not None:
             self.tools.cancel_transaction(transaction.id, "the runtime is shutting down")
         for run in list(transaction.runs.values()):
-            await run.done.wait()
+            await run.wait()
         transaction.save()
 
     # --- dispatch ----------------------------------------------------------------------------------

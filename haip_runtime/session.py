@@ -37,7 +37,7 @@ from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.flow import InboundCredit, OutboundFlow
 from haip_runtime.negotiation import Downgrader
-from haip_runtime.protocol.envelope import Envelope, Event, new_id, parse_uint64
+from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
         flow: FlowControlConfig | None = None,
     ) -> None:
-        self.id = id or new_id()
+        self.id = id or secret_id()
         self._principal = principal
         self.config = config
         self.credit = InboundCredit(flow or FlowControlConfig())

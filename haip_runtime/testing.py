@@ -189,7 +189,7 @@ class AgentHarness:
 
     async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:
         with anyio.fail_after(timeout):
-            await run.done.wait()
+            await run.wait()
         return TurnResult([e for e in self.events if e.run_id == run.id])
 
 

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex
 
 import anyio
@@ -24,7 +24,7 @@ from haip_runtime.agents.api import Agent, HistoryEntry, Turn, TurnServices
 from haip_runtime.config import TransactionsConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.permissions import UNRESTRICTED
-from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 from haip_runtime.tools import content_text
@@ -84,15 +84,30 @@ class Member(Protocol):
     def deliver(self, event: Event) -> None: ...
 
 
-@dataclass
 class Run:
-    """One agent turn in flight."""
+    """One agent turn in flight: its cancel scope, and a way to wait for its end."""
 
-    id: str
-    agent: str
-    member: Member | None
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    done: anyio.Event = field(default_factory=anyio.Event)
+    __slots__ = ("id", "agent", "member", "scope", "finished", "_done")
+
+    def __init__(self, id: str, agent: str, member: Member | None) -> None:
+        self.id = id
+        self.agent = agent
+        self.member = member
+        self.scope = anyio.CancelScope()
+        self.finished = False
+        self._done: anyio.Event | None = None  # made only if someone waits
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
+
+    async def wait(self) -> None:
+        """Until the turn has ended (at once if it has)."""
+        if not self.finished:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,7 @@ class Transaction:
         history: Iterable[HistoryEntry] = (),
     ) -> None:
         self.config = config or TransactionsConfig()
-        self.id = id or new_id()
+        self.id = id or secret_id()
         self.owner = owner
         self.thread_id = thread_id
         self.members: dict[str, Member] = {}
@@ -199,16 +214,18 @@ class Transaction:
         self.save()
 
     def publish(self, event: Event) -> Event:
-        """Log ``event`` (next ``tseq``) and deliver it to every member it is meant for."""
+        """Log ``event`` (next ``tseq``, stamped in place: a new event, not yet seen by anyone) and
+        deliver it to every member it is meant for."""
         self.tseq += 1
-        stamped = event.with_changes(transaction=self.id, tseq=self.tseq, thread_id=self.thread_id)
-        self._remember(stamped)
+        event.stamp(self.id, self.tseq, self.thread_id)
+        self._remember(event)
         if self.store is not None:
-            self.store.append(stamped)
+            self.store.append(event)
+        exclude = event.exclude
         for member_id, member in list(self.members.items()):
-            if member_id not in stamped.exclude:
-                member.deliver(stamped)
-        return stamped
+            if member_id not in exclude:
+                member.deliver(event)
+        return event
 
     def _remember(self, event: Event) -> None:
         tail = self._tail
@@ -320,7 +337,7 @@ class Transaction:
         if self.on_run_end is not None:
             self.on_run_end(run.agent, body.get("status") or body["code"])
         self.save()
-        run.done.set()
+        run.finish()
 
     def cancel_run(self, run_id: str) -> bool:
         run = self.runs.get(run_id)
@@ -345,7 +362,7 @@ class Transaction:
         calls = self.tools.cancel_transaction(self.id, f"the transaction ended: {reason}") if self.tools else []
         with anyio.move_on_after(END_GRACE_SECONDS, shield=True):
             for run in runs:
-                await run.done.wait()
+                await run.wait()
             for call in calls:
                 await call.finished.wait()
             for slot in self.agents.values():
