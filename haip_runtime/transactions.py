@@ -265,10 +265,12 @@ class Transaction:
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
         self.history.append(HistoryEntry("user", member.user, text, message_id))
-        self.save()
-        runs = []
-        for slot in self.agents.values():
-            runs.append(self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message"))
+        runs = [
+            self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message")
+            for slot in self.agents.values()
+        ]
+        if not runs:
+            self.save()  # otherwise the end of each run saves (the log has the message meanwhile)
         return runs
 
     def edit_message(self, member: Member, message_id: str, text: str) -> bool:

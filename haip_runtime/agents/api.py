@@ -257,8 +257,12 @@ class Turn:
 
     async def say(self, text: str) -> str:
         """Send one whole message; returns its message id."""
-        async with self.stream() as out:
+        out = MessageStream(self._emit, self.agent)  # what ``stream`` does, without a context manager's cost
+        try:
             await out.write(text)
+        finally:
+            out.close()
+            self.record(HistoryEntry("agent", self.agent, out.text, out.message_id))
         return out.message_id
 
     @asynccontextmanager

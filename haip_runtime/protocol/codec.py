@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.protocol.payloads import INBOUND, Message, Payload
@@ -37,7 +38,7 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
             detail={"where": "frame", "limit": max_bytes},
         )
     try:
-        raw = json.loads(frame)
+        raw = fastjson.loads(frame)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": "frame"}) from exc
     except RecursionError as exc:

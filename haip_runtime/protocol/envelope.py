@@ -8,7 +8,6 @@ and each session adds its own ``session``, ``seq`` and ``ack`` when it sends it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.events import Channel
 
 CHANNEL_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
@@ -153,7 +153,7 @@ class Event:
         """The payload as JSON text, encoded once."""
         encoded = self._payload_json
         if encoded is None:
-            encoded = self._payload_json = json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
+            encoded = self._payload_json = fastjson.dumps(self.payload)
         return encoded
 
     @property
@@ -202,9 +202,7 @@ class Event:
         if self.bin_len is not None:
             head["bin_len"] = self.bin_len
             head["bin_mime"] = self.bin_mime
-        return (
-            json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + self.payload_json + "}"
-        )
+        return fastjson.dumps(head)[:-1] + ',"payload":' + self.payload_json + "}"
 
 
 _EVENT_FIELDS = Event.__slots__

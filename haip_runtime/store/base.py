@@ -12,10 +12,10 @@ The interface is deliberately small and free of any database's idioms, so that o
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 
 
@@ -122,11 +122,11 @@ def event_to_json(event: Event) -> str:
         head["run_id"] = event.run_id
     if event.thread_id is not None:
         head["thread_id"] = event.thread_id
-    return json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"payload":' + event.payload_json + "}"
+    return fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}"
 
 
 def event_from_json(transaction_id: str, tseq: int, text: str) -> Event:
-    data = json.loads(text)
+    data = fastjson.loads(text)
     return Event(
         type=data["type"],
         payload=data["payload"],
