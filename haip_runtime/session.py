@@ -22,6 +22,7 @@ Sessions never import a web framework.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -163,7 +164,9 @@ class Outbox:
         self._end: int | None = None
         self._carried: deque[Frame] = deque()
         self._replays: deque[tuple[int, int]] = deque()
-        self._wake = anyio.Event()
+        #: Set when there may be something to write (an asyncio event, cleared and reused: one per
+        #: wait was a measurable part of every streamed frame).
+        self._wake = asyncio.Event()
         #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
         self.aborted = anyio.Event()
 
@@ -230,7 +233,7 @@ class Outbox:
                 return
             else:
                 await self._wake.wait()
-                self._wake = anyio.Event()
+                self._wake.clear()
 
     def _take(self) -> Frame | None:
         if self._carried:

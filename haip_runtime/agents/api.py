@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+import types
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.config import AgentConfig
@@ -143,6 +143,14 @@ class AudioClip:
     duration_ms: int | None = None
 
 
+@types.coroutine
+def _pass_turn() -> Generator[None, None, None]:
+    """Let the event loop run everything else that is ready (the writers, other turns) once, and a
+    cancellation through: what ``asyncio.sleep(0)`` does, without anyio's checkpoint bookkeeping,
+    which cost a tenth of every streamed part."""
+    yield
+
+
 class MessageStream:
     """One agent message sent in parts: MESSAGE_START, MESSAGE_PART..., MESSAGE_END."""
 
@@ -166,7 +174,7 @@ class MessageStream:
         self._open()
         self._parts.append(text)
         self._emit(EventType.MESSAGE_PART, {"message_id": self.message_id, "text": text})
-        await anyio.lowlevel.checkpoint()
+        await _pass_turn()
 
     def _open(self) -> None:
         if not self._started:
@@ -230,7 +238,7 @@ class Turn:
         if duration_ms is not None:
             payload["duration_ms"] = duration_ms
         self._emit(EventType.AUDIO_CHUNK, payload, channel=Channel.AUDIO_OUT)
-        await anyio.lowlevel.checkpoint()
+        await _pass_turn()
         return message_id
 
     @property
