@@ -12,12 +12,13 @@ No protocol decisions here.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from haip_runtime.auth import Credentials, token_from_subprotocols
@@ -27,9 +28,6 @@ from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, abort_when_stalled
-
-#: Decoded envelopes waiting for the session; the socket stops being read while it is full.
-INBOUND_BUFFER = 64
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -58,35 +56,50 @@ async def websocket_streams(
 ) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
     offered = list(ws.scope.get("subprotocols", []))
     await ws.accept(subprotocol="haip" if "haip" in offered else None)
-    send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_read_frames, ws, send, max_frame_bytes)
             tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
             tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
-            async with receive:
-                yield receive
+            async with _Inbound(ws, max_frame_bytes) as inbound:
+                yield inbound
             outbox.close()
     finally:
-        send.close()
         outbox.discard()
 
 
-async def _read_frames(ws: WebSocket, send: ObjectSendStream[Inbound], max_frame_bytes: int) -> None:
-    frames = _Reassembler(max_frame_bytes)
-    async with send:
-        while True:
+class _Inbound(ObjectReceiveStream[Inbound]):
+    """The socket's frames as envelopes, read by the connection itself.
+
+    No reader task and no queue between the socket and the connection: each hop through an anyio
+    memory stream cost two extra trips through the event loop per message. While the connection
+    is busy with a message the socket is not read (uvicorn stops reading it), which is the
+    back-pressure a queue of 64 used to give.
+    """
+
+    def __init__(self, ws: WebSocket, max_frame_bytes: int) -> None:
+        self.ws = ws
+        self._frames = _Reassembler(max_frame_bytes)
+        self._ready: deque[Inbound] = deque()
+        self._ended = False
+
+    async def receive(self) -> Inbound:
+        ready = self._ready
+        while not ready:
+            if self._ended:
+                raise anyio.EndOfStream
             try:
-                message = await ws.receive()
+                message = await self.ws.receive()
             except (WebSocketDisconnect, RuntimeError):
-                return
+                message = {"type": "websocket.disconnect"}
             if message["type"] == "websocket.disconnect":
-                return
-            try:
-                for item in frames.feed(message):
-                    await send.send(item)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return  # the connection is being closed; later frames are not read
+                self._ended = True
+                raise anyio.EndOfStream
+            ready.extend(self._frames.feed(message))
+        return ready.popleft()
+
+    async def aclose(self) -> None:
+        self._ended = True
+        self._ready.clear()
 
 
 class _Reassembler:
