@@ -169,12 +169,16 @@ class MessageStream:
         return "".join(self._parts)
 
     async def write(self, text: str) -> None:
+        if self._put(text):
+            await _pass_turn()
+
+    def _put(self, text: str) -> bool:
         if not text:
-            return
+            return False
         self._open()
         self._parts.append(text)
         self._emit(EventType.MESSAGE_PART, {"message_id": self.message_id, "text": text})
-        await _pass_turn()
+        return True
 
     def _open(self) -> None:
         if not self._started:
@@ -266,11 +270,10 @@ class Turn:
     async def say(self, text: str) -> str:
         """Send one whole message; returns its message id."""
         out = MessageStream(self._emit, self.agent)  # what ``stream`` does, without a context manager's cost
-        try:
-            await out.write(text)
-        finally:
-            out.close()
-            self.record(HistoryEntry("agent", self.agent, out.text, out.message_id))
+        out._put(text)
+        out.close()
+        self.record(HistoryEntry("agent", self.agent, out.text, out.message_id))
+        await _pass_turn()  # after the whole message: the writers send it at once
         return out.message_id
 
     @asynccontextmanager
