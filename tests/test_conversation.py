@@ -127,6 +127,9 @@ async def test_more_runs_than_allowed_gets_run_limit_exceeded(agents_server: Liv
             await client.send_text(tx, text)
         third = await client.send_text(tx, "three")
         error = await client.wait_for("ERROR")
+        # The refusal may arrive before the two runs announce themselves: they start on their own tasks.
+        first = await client.wait_for("RUN_STARTED")
+        await client.wait_for(lambda e: e.type == "RUN_STARTED" and e.run_id != first.run_id)
         started = [e for e in client.received if e.type == "RUN_STARTED"]
     assert error.get("code") == "RUN_LIMIT_EXCEEDED" and error.get("related_id") == third
     assert len(started) == 2
