@@ -172,7 +172,7 @@ class OutboundFlow:
 
     def _hold(self, event: Event) -> None:
         queue = self._held.setdefault(event.channel, deque())
-        if queue and _same_message(queue[-1], event):
+        if queue and same_message(queue[-1], event):
             queue[-1] = _merged(queue[-1], event)
             return
         queue.append(event)
@@ -240,7 +240,8 @@ def _check_room(channel: str, known: dict[str, list[int]] | set[str]) -> None:
         )
 
 
-def _same_message(held: Event, new: Event) -> bool:
+def same_message(held: Event, new: Event) -> bool:
+    """Whether ``new`` is a ``MESSAGE_PART`` of the same message as the part ``held``."""
     return (
         held.type == new.type == EventType.MESSAGE_PART
         and isinstance(held.payload, dict)
@@ -251,6 +252,7 @@ def _same_message(held: Event, new: Event) -> bool:
 
 
 def _merged(held: Event, new: Event) -> Event:
+    """One part with the text of both (the id of the first, which is what the client sees first)."""
     assert isinstance(held.payload, dict) and isinstance(new.payload, dict)
     text = str(held.payload.get("text", "")) + str(new.payload.get("text", ""))
     return new.with_changes(id=held.id, payload={**new.payload, "text": text})

@@ -36,7 +36,7 @@ import anyio
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import InboundCredit, OutboundFlow
+from haip_runtime.flow import InboundCredit, OutboundFlow, same_message
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
@@ -53,6 +53,8 @@ GAP_GIVE_UP_SECONDS = 5.0
 DEDUP_WINDOW = 1024
 #: REPLAY_REQUESTs a connection may have waiting; more from a client that does not read closes it with 1013.
 MAX_PENDING_REPLAYS = 16
+#: A part merged while the writer is behind is recorded once its payload is this long (a frame stays small).
+MAX_MERGED_PART = 64 * 1024
 #: Frames of an earlier binding an outbox still writes after it is moved to another session (the server HAI).
 _MAX_CARRIED_FRAMES = 8
 
@@ -169,6 +171,9 @@ class Outbox:
         self._wake = asyncio.Event()
         #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
         self.aborted = anyio.Event()
+        #: Called when the writer has written every recorded frame (the session records a held part).
+        self.on_drained: Callable[[], None] | None = None
+        self._writing = False
 
     def bind(self, window: ReplayWindow, next_seq: int) -> None:
         """Follow ``window`` from ``next_seq`` on; frames still unwritten of an earlier window go first."""
@@ -200,6 +205,8 @@ class Outbox:
         """Ask the transport to close after the frames already sent to it (at once for 1013)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
+            if self.on_drained is not None:
+                self.on_drained()  # a held part was sent before the close: it is written first
             self._end = self._window.last_seq if self._window is not None else 0
             if code == CloseCode.TRY_AGAIN_LATER:
                 self.aborted.set()
@@ -217,6 +224,12 @@ class Outbox:
         return self._next - 1
 
     @property
+    def busy(self) -> bool:
+        """Whether the transport is still writing the last frame it took: the peer (or the network)
+        is slower than what the session sends it."""
+        return self._writing
+
+    @property
     def backlog(self) -> int:
         """Frames this connection has yet to write (live and replayed)."""
         window = self._window
@@ -228,7 +241,9 @@ class Outbox:
         while self.close_code != CloseCode.TRY_AGAIN_LATER:
             frame = self._take()
             if frame is not None:
+                self._writing = True
                 yield frame
+                self._writing = False
             elif self.close_code is not None:
                 return
             else:
@@ -250,6 +265,8 @@ class Outbox:
             frame = window.get(start)
             if frame is not None:
                 return frame
+        if self._next > window.last_seq and self._end is None and self.on_drained is not None:
+            self.on_drained()  # all recorded frames are written: a part held meanwhile is recorded now
         last = window.last_seq if self._end is None else min(self._end, window.last_seq)
         if self._next > last:
             return None
@@ -299,6 +316,9 @@ class Session:
         self._last_in = 0
         self._ahead: set[int] = set()
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
+        #: MESSAGE_PARTs of one message held while the writer is behind, recorded as one (and their text's length).
+        self._pending: list[Event] = []
+        self._pending_size = 0
         #: Called with the type of every envelope sent (the runtime's metrics).
         self.on_sent: Callable[[str], None] | None = None
 
@@ -343,9 +363,38 @@ class Session:
         """
         for adapted in self.downgrader.adapt(event):
             if self.outbox is None or self.flow.admit(adapted):
-                self._record(adapted)
+                self._send(adapted)
             elif self.flow.full:
                 self._overflow()
+
+    def _send(self, event: Event) -> None:
+        """Record ``event``, or, while the writer is behind, hold a ``MESSAGE_PART`` and merge the parts
+        of the same message that follow into it (merging under pressure: a client or a network that
+        cannot keep up gets fewer, larger parts instead of a growing backlog). The held part is
+        recorded, so it gets its seq, when the writer has caught up, or before anything else."""
+        if self._pending:
+            first = self._pending[0]
+            if same_message(first, event) and self._pending_size < MAX_MERGED_PART:
+                self._pending.append(event)
+                self._pending_size += len(_text(event))
+                return
+            self._record_pending()
+        if event.type == EventType.MESSAGE_PART and self.outbox is not None and self.outbox.busy:
+            self._pending = [event]
+            self._pending_size = len(_text(event))
+            return
+        self._record(event)
+
+    def _record_pending(self) -> None:
+        """Record the part held under pressure: one event with the text of all its parts."""
+        held, self._pending = self._pending, []
+        if len(held) == 1:
+            self._record(held[0])
+        elif held:
+            first, last = held[0], held[-1]
+            assert isinstance(last.payload, dict)
+            text = "".join(_text(part) for part in held)
+            self._record(last.with_changes(id=first.id, payload={**last.payload, "text": text}))
 
     def _record(self, event: Event) -> None:
         self._seq += 1
@@ -362,6 +411,7 @@ class Session:
             self.outbox.wake()
 
     def _overflow(self) -> None:
+        self._record_pending()
         for held in self.flow.flush():
             self._record(held)
         if self.outbox is not None:
@@ -372,14 +422,14 @@ class Session:
     def grant(self, channel: str, messages: int, size: int) -> None:
         """FLOW_UPDATE: more credit on ``channel``; what it allows goes out at once."""
         for event in self.flow.grant(channel, messages, size):
-            self._record(event)
+            self._send(event)
 
     def pause(self, channel: str) -> None:
         self.flow.pause(channel)
 
     def resume_channel(self, channel: str) -> None:
         for event in self.flow.resume(channel):
-            self._record(event)
+            self._send(event)
 
     def send(
         self, type: str, payload: dict[str, Any] | str, *, transaction: str | None = None, channel: str = Channel.SYSTEM
@@ -483,9 +533,12 @@ class Session:
         if self.outbox is not None and self.outbox is not outbox:
             self.outbox.close(CloseCode.NORMAL, "session resumed on another connection")
         if self.outbox is not None:
+            self._record_pending()
             for held in self.flow.flush():
                 self._record(held)
+            self.outbox.on_drained = None
         self.outbox = outbox
+        outbox.on_drained = self._record_pending
         self.detached_at = None
         self.flow.reset((self.credit.config.initial_credit_messages, self.credit.config.initial_credit_bytes))
         self.credit.reset()  # the new connection's server HAI advertises the initial credit afresh
@@ -493,9 +546,11 @@ class Session:
 
     def detach(self, outbox: Outbox) -> None:
         outbox.close()  # it writes nothing recorded after this
+        outbox.on_drained = None
         if self.outbox is outbox:
             self.outbox = None
             self.detached_at = self._clock()
+            self._record_pending()
             for held in self.flow.flush():
                 self._record(held)  # kept in the window for the resume
 
@@ -504,6 +559,10 @@ class Session:
 
 
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+
+
+def _text(part: Event) -> str:
+    return str(part.payload.get("text", "")) if isinstance(part.payload, dict) else ""
 
 
 def _two_frame(event: Event) -> tuple[Event, bytes | None]:

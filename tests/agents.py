@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 from pydantic import BaseModel
 
@@ -48,3 +50,19 @@ class OrderAgent(Agent):
 
     async def on_message(self, turn: Turn) -> None:
         await turn.say(f"ordered {turn.payload.get('quantity', 1)} x {turn.text}")
+
+
+#: Set by ``FloodAgent`` when it has written its last part (test servers run in the test's process).
+FLOODED = threading.Event()
+
+
+class FloodAgent(Agent):
+    """Streams ``count=N size=S``: N parts as fast as it can, part i being i padded to S characters."""
+
+    async def on_message(self, turn: Turn) -> None:
+        asked = dict(word.split("=", 1) for word in turn.text.split())
+        count, size = int(asked["count"]), int(asked["size"])
+        async with turn.stream() as out:
+            for index in range(count):
+                await out.write(str(index).rjust(size, "."))
+        FLOODED.set()
