@@ -1,7 +1,8 @@
 """The baseline: a bare Starlette WebSocket app on uvicorn, as lean as a Python ASGI server gets.
 
     /echo  one JSON frame back per JSON frame received
-    /push  on a frame "<n>", n JSON frames pushed as fast as the socket takes them, then {"type": "END"}
+    /push  on a frame "<n> <size>", n JSON frames of a <size>-character token (4 if not given) pushed
+           as fast as the socket takes them, then {"type": "END"}
     /idle  one frame in (the credentials), one frame out, then held until the client goes
 
 Run by bench/common.py as a subprocess; prints "listening <port>" once it accepts connections.
@@ -32,9 +33,10 @@ async def push(ws: WebSocket) -> None:
     await ws.accept()
     try:
         while True:
-            count = int(await ws.receive_text())
-            for index in range(count):
-                part = {"type": "MESSAGE_PART", "seq": str(index), "payload": {"message_id": "m", "text": " tok"}}
+            count, _, size = (await ws.receive_text()).partition(" ")
+            token = "t" * (int(size or 4) - 1) + " "
+            for index in range(int(count)):
+                part = {"type": "MESSAGE_PART", "seq": str(index), "payload": {"message_id": "m", "text": token}}
                 await ws.send_text(json.dumps(part))
             await ws.send_text(json.dumps({"type": "END"}))
     except WebSocketDisconnect:

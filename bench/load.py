@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -176,21 +177,37 @@ async def _echo_peer(spec: dict[str, Any]) -> tuple[Peer, str | None]:
 
 
 async def stream(spec: dict[str, Any]) -> dict[str, Any]:
-    """``clients`` clients each asking for ``count`` tokens at once, all together: frames/s and tokens/s."""
-    token, count = spec["token"], spec["count"]
+    """``clients`` clients each asking for ``count`` tokens at once, all together: frames/s and tokens/s.
+
+    ``size``: characters per token (4). ``read_delay``: seconds the client process is busy after each
+    frame it reads (0), and ``rcvbuf``: its socket's receive buffer in bytes (the system's default): a
+    client slower than the server, whose socket fills, so the server is under pressure.
+    """
+    token, count, size, delay = spec["token"], spec["count"], spec.get("size", 4), spec.get("read_delay", 0)
     frames, chars = [0], [0]
+
+    def options() -> dict[str, Any]:
+        if not spec.get("rcvbuf"):
+            return {}
+        host, _, port = spec["url"].split("/")[2].partition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, spec["rcvbuf"])  # before connecting: the window
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        return {"sock": sock}
 
     async def prepare() -> tuple[Peer, str | None]:
         if token is None:
-            return Peer(await connect(spec["url"], compression=None, ping_interval=None, max_size=None)), None
-        peer = await open_peer(spec["url"], token)
+            ws = await connect(spec["url"], compression=None, ping_interval=None, max_size=None, **options())
+            return Peer(ws), None
+        peer = await open_peer(spec["url"], token, **options())
         return peer, await peer.start("stream")
 
     async def run(peer: Peer, tx: str | None) -> None:
         if tx is None:
-            await peer.ws.send(str(count))
+            await peer.ws.send(f"{count} {size}")
         else:
-            await peer.message(tx, f"count={count}")
+            await peer.message(tx, f"count={count} size={size}")
         while True:
             frame = json.loads(await peer.ws.recv())
             kind = frame["type"]
@@ -199,6 +216,8 @@ async def stream(spec: dict[str, Any]) -> dict[str, Any]:
                 chars[0] += len(frame["payload"]["text"])
             elif kind in ("MESSAGE_END", "END"):
                 return
+            if delay:
+                time.sleep(delay)  # noqa: ASYNC251 - the client process is busy with what it read (a slow device)
 
     peers = await asyncio.gather(*(prepare() for _ in range(spec["clients"])))
     start = time.perf_counter()
@@ -206,7 +225,7 @@ async def stream(spec: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     for peer, _ in peers:
         drop(peer)
-    return {"frames_per_s": frames[0] / elapsed, "tokens_per_s": chars[0] / 4 / elapsed, "frames": frames[0]}
+    return {"frames_per_s": frames[0] / elapsed, "tokens_per_s": chars[0] / size / elapsed, "frames": frames[0]}
 
 
 async def first_token(spec: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ network is slower than the agent), the parts of one message that follow are merg
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anyio
 import pytest
@@ -20,7 +21,7 @@ from tests.serving import live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-EVERYTHING = {"accept_events": sorted(ALL_EVENTS)}
+EVERYTHING: dict[str, Any] = {"accept_events": sorted(ALL_EVENTS)}
 
 
 def attached() -> tuple[Session, Outbox]:
