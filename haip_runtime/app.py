@@ -39,7 +39,7 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
 from haip_runtime.llm import create_providers
-from haip_runtime.metrics import CONTENT_TYPE, Metrics
+from haip_runtime.metrics import Metrics
 from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
@@ -202,7 +202,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         return JSONResponse(rt.health())
 
     async def metrics(request: Request) -> Response:
-        return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")
