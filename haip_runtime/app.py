@@ -43,6 +43,7 @@ from haip_runtime.metrics import Metrics
 from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
+from haip_runtime.timers import Timers
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.base import Transport
 from haip_runtime.transports.origin import origin_allowed
@@ -70,6 +71,7 @@ class Runtime:
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
         self.metrics.watch(self)
+        self.timers = Timers()
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
         self._stack = AsyncExitStack()
@@ -83,6 +85,7 @@ class Runtime:
             await stack.enter_async_context(self.store)
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
+        self.hub.spawn(self.timers.run)
         if self.tools is not None:
             self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)
@@ -149,7 +152,7 @@ class Runtime:
     async def serve(self, transport: Transport) -> None:
         """Serve one connection over ``transport`` until either side ends it."""
         outbox = Outbox(self.config.session.max_buffered_messages)
-        connection = Connection(self.hub, self.authenticator, transport.link, outbox)
+        connection = Connection(self.hub, self.authenticator, transport.link, outbox, self.timers)
         async with transport.streams(outbox) as inbound:
             await connection.serve(inbound)
 

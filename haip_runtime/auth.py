@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from haip_runtime.config import HMAC_ALGORITHMS, AuthConfig, RoleConfig
 from haip_runtime.exceptions import ConfigError, HandshakeError, ProtocolError
 from haip_runtime.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
@@ -220,15 +218,12 @@ def _public_key(path: str, algorithms: list[str]) -> Any:
     return pem
 
 
-async def close_when_expired(session: Session, outbox: Outbox) -> None:
+def close_expired(session: Session, outbox: Outbox) -> None:
     """End a connection's rights when its token expires: ERROR AUTHENTICATION_FAILED, close 1008.
 
-    The session stays resumable; the client reconnects with a fresh token to go on.
+    ``Connection`` calls this at the token's ``expires_at``. The session stays resumable; the client
+    reconnects with a fresh token to go on.
     """
-    expires_at = session.principal.expires_at
-    if expires_at is None:
-        return
-    await anyio.sleep(max(0.0, expires_at - time.time()))
     logger.info("session %s of user %r: token expired; closing its connection", session.id, session.user)
     error = ProtocolError(ErrorCode.AUTHENTICATION_FAILED, "token expired; reconnect with a new token")
     session.send_error(error)
