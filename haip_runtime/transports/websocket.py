@@ -27,7 +27,7 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, abort_when_stalled
+from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -59,7 +59,7 @@ async def websocket_streams(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
-            tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
+            cancel_when_stalled(outbox, tg)
             async with _Inbound(ws, max_frame_bytes) as inbound:
                 yield inbound
             outbox.close()
