@@ -325,11 +325,11 @@ class Session:
     @classmethod
     def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
         """A session for a connection whose client has not authenticated yet."""
-        return cls(None, frozenset(ALL_EVENTS), config, flow=flow)
+        return cls(None, _EVERY_EVENT, config, flow=flow)
 
     def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
         self._principal = principal
-        self.downgrader = Downgrader(accepted)
+        self.downgrader = Downgrader(_shared(accepted))
 
     @property
     def principal(self) -> Principal:
@@ -559,6 +559,21 @@ class Session:
 
 
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+_EVERY_EVENT = frozenset(ALL_EVENTS)
+#: The sets of event types sessions accept, one object per distinct set: clients of one kind all send
+#: the same list, and a set of their names (and the names themselves) is ~1.5 KB for each session.
+_ACCEPTED: dict[frozenset[str], frozenset[str]] = {}
+_MAX_ACCEPTED_SETS = 256
+
+
+def _shared(accepted: frozenset[str]) -> frozenset[str]:
+    """The one object for ``accepted`` (remembered while fewer than ``_MAX_ACCEPTED_SETS`` are)."""
+    known = _ACCEPTED.get(accepted)
+    if known is not None:
+        return known
+    if len(_ACCEPTED) < _MAX_ACCEPTED_SETS:
+        _ACCEPTED[accepted] = accepted
+    return accepted
 
 
 def _text(part: Event) -> str:
