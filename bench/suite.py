@@ -13,6 +13,7 @@ to prove the suite runs; its absolute numbers are no pass/fail gate (scripts/che
 from __future__ import annotations
 
 import argparse
+import compileall
 import logging
 import os
 import platform
@@ -494,6 +495,11 @@ def rss_slope(samples: list[tuple[float, dict[str, float]]]) -> float:
 def startup_target(scale: Scale, directory: Path) -> None:
     config = bench_config(directory)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Both sides load bytecode, as an installed wheel does (pip compiles at install): uvicorn and Starlette
+    # come compiled from site-packages, while this source tree would otherwise be compiled on every start
+    # wherever PYTHONDONTWRITEBYTECODE is set (about 90 ms of CPU).
+    compileall.compile_dir(ROOT / "haip_runtime", quiet=1)
+    compileall.compile_file(BENCH / "streamer.py", quiet=1)
     times = Rounds()
     for _ in range(scale.rounds):
         ours = time_until_ready([PYTHON, "-m", "haip_runtime", "serve", "--config", str(config)], "listening on", env)
@@ -637,11 +643,14 @@ LIMITS: dict[int, str] = {
     "that fixed ~1.9 ms is 1.8x and 1.4x. The runtime and its "
     "stdio server share the server's core, the SDK baseline and its server share the load core. The "
     "p99 follows the p50 plus the collector's pauses.",
-    6: "tasks and per-session state: an idle authenticated connection holds 6 tasks in the runtime "
-    "(uvicorn's ASGI task, the transport's reader, writer and stall watcher, the heartbeat, the token-expiry "
-    "watch; counted with `haip_event_loop_tasks`) against 1 in the bare app, each with its coroutine "
-    "frames, cancel scopes and events, plus the session (replay window with the server HAI and "
-    "session.ready frames, duplicate-id window, credit, downgrader, the parsed HAI).",
+    6: "the writer task and per-session state. An idle authenticated WebSocket holds one task of its own "
+    "besides uvicorn's ASGI task (which reads the socket): the outbox writer, whose anyio task handle, "
+    "cancel scope, events and suspended frames are about 5 KB (tracemalloc); heartbeat, token expiry, gap "
+    "watch and the 1013 grace are callbacks on the runtime's one timer task (`haip_runtime/timers.py`) or "
+    "start only when needed. The session is about 5 KB (replay window with the server HAI and session.ready "
+    "frames, duplicate-id window, credit and flow state, downgrader), the connection's objects and call chain "
+    "about 4 KB. A writer started only when there is something to write (and retired after a quiet spell) "
+    "would bring an idle connection near 1.5x.",
     7: "target 3's rate: 100 members at 1,000 tokens/s is 100,000 frames/s when each token is its own "
     "frame, ten times what the pipeline writes per second on one core, so members' queues grow and the "
     "lag with them (every member still got every token). The one load process parsing 100,000 stamps/s "
@@ -651,11 +660,13 @@ LIMITS: dict[int, str] = {
     "and recorded until its connection is 1,000 frames behind and closed with 1013; that burst takes the "
     "core from the others' streams for a moment. Others are never blocked (every one of their streams completes) "
     "and their p99 of a few milliseconds is also within the machine's noise (rounds range 0.47-3.67x).",
-    11: "imports: `haip_runtime.config` alone takes about 150 ms (pydantic building the schemas of the "
-    "config models at import), pydantic itself about 55 ms, PyJWT with cryptography about 50 ms, "
-    "prometheus_client about 17 ms, the agents' API and the tool proxy about 30 ms (`python -X importtime`), "
-    "against about 80 ms for uvicorn and Starlette. Deferring model schema builds "
-    "(`defer_build=True`) and the JWT import until first use are the candidates.",
+    11: "imports, a third of them pydantic's: importing pydantic (about 55 ms of CPU) and building the "
+    "19 config models (about 25 ms; the first model also loads pydantic's schema machinery) against about "
+    "150 ms for the whole bare app; then haip-runtime's own modules (about 70 ms of `-X importtime` self "
+    "time, dataclass creation a fifth of it) and `gc.collect()` in `allocator.settle` (about 20 ms, plus "
+    "about 10 ms of automatic collections while importing). Already out of start-up: PyJWT and "
+    "cryptography (imported on the first token check), prometheus_client (on the first scrape), payload "
+    "validators (built on first use), attribute docstrings (read for the JSON Schema only).",
 }
 
 
@@ -714,7 +725,8 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str]) 
         "- Target 4's baseline is target 2's bare echo round trip; target 8's is target 3's live",
         "  rate; target 9 compares haip-runtime with itself. Target 10 runs with the SQLite store,",
         "  `resume_timeout_seconds = 5` and `transactions.idle_seconds = 5`, then waits 12 s before",
-        "  counting descriptors and tasks again.",
+        "  counting descriptors and tasks again. Target 11 compiles haip-runtime's bytecode first, as",
+        "  installing a wheel does, so both sides start from `.pyc` files.",
         "- One load process on one core can itself be the limit: the bare echo baseline is bounded by",
         "  the load generator's Python, which flatters no one but narrows the ratios.",
         "",

@@ -39,10 +39,11 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.history import history_routes
 from haip_runtime.hub import Hub
 from haip_runtime.llm import create_providers
-from haip_runtime.metrics import CONTENT_TYPE, Metrics
+from haip_runtime.metrics import Metrics
 from haip_runtime.protocol.events import CloseCode
 from haip_runtime.session import Outbox
 from haip_runtime.store import open_store
+from haip_runtime.timers import Timers
 from haip_runtime.tools import ToolProxy
 from haip_runtime.transports.base import Transport
 from haip_runtime.transports.origin import origin_allowed
@@ -70,6 +71,7 @@ class Runtime:
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
         self.metrics.watch(self)
+        self.timers = Timers()
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
         self._stack = AsyncExitStack()
@@ -83,6 +85,7 @@ class Runtime:
             await stack.enter_async_context(self.store)
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
+        self.hub.spawn(self.timers.run)
         if self.tools is not None:
             self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)
@@ -149,7 +152,7 @@ class Runtime:
     async def serve(self, transport: Transport) -> None:
         """Serve one connection over ``transport`` until either side ends it."""
         outbox = Outbox(self.config.session.max_buffered_messages)
-        connection = Connection(self.hub, self.authenticator, transport.link, outbox)
+        connection = Connection(self.hub, self.authenticator, transport.link, outbox, self.timers)
         async with transport.streams(outbox) as inbound:
             await connection.serve(inbound)
 
@@ -202,7 +205,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         return JSONResponse(rt.health())
 
     async def metrics(request: Request) -> Response:
-        return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")

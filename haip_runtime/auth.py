@@ -4,11 +4,17 @@ Owns credential extraction order (PROTOCOL.md section 3), token checks (pinned a
 secret, a PEM public key or a JWKS URL, see ``jwks.py``) and the end of a session's rights when
 its token expires; knows nothing about sockets. Every failure is a
 ``HandshakeError(AUTHENTICATION_FAILED)`` that reveals nothing about the server beyond "not
-accepted", and is logged without the token.
+accepted", and is logged without the token. Tokens are checked with PyJWT, imported on the first
+check (with ``cryptography`` it is about a sixth of the start-up); issuing, always HMAC, needs
+only the standard library.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
 import secrets
 import time
@@ -16,17 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import jwt
-from jwt.algorithms import get_default_algorithms
-
 from haip_runtime.config import HMAC_ALGORITHMS, AuthConfig, RoleConfig
 from haip_runtime.exceptions import ConfigError, HandshakeError, ProtocolError
-from haip_runtime.jwks import JwksKeys, KeyUnavailableError
 from haip_runtime.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
+    import jwt
+
+    from haip_runtime.jwks import JwksKeys
     from haip_runtime.session import Outbox, Session
 
 logger = logging.getLogger(__name__)
@@ -103,6 +107,8 @@ class Authenticator:
             self._key = _public_key(config.public_key_file.as_posix(), self._algorithms)
         else:
             assert config.jwks_url is not None  # the config model guarantees one key source
+            from haip_runtime.jwks import JwksKeys
+
             self._jwks = JwksKeys(
                 config.jwks_url,
                 cache_seconds=config.jwks_cache_seconds,
@@ -125,12 +131,16 @@ class Authenticator:
             body["iss"] = self._issuer
         if self._audience:
             body["aud"] = self._audience
-        return jwt.encode(body, self._key, algorithm=self._algorithms[0])
+        return _sign_hmac(body, self._key, self._algorithms[0])
 
     async def authenticate(self, token: str | None) -> Principal:
         """Check ``token`` (fetching JWKS keys off the event loop when needed)."""
         key = self._key
         if self._jwks is not None and token:
+            import jwt
+
+            from haip_runtime.jwks import KeyUnavailableError
+
             try:
                 kid = jwt.get_unverified_header(token).get("kid")
                 key = await self._jwks.key(kid if isinstance(kid, str) else None)
@@ -144,6 +154,8 @@ class Authenticator:
         """Check ``token`` against ``key`` (default: the configured secret or public key)."""
         if not token:
             raise _refused("no credentials")
+        import jwt
+
         required = list(dict.fromkeys([*ALWAYS_REQUIRED, *self.config.required_claims]))
         try:
             claims = jwt.decode(
@@ -169,8 +181,28 @@ class Authenticator:
         return Principal(user=user, claims=claims, roles=roles, permissions=permissions, expires_at=expires)
 
 
+def _sign_hmac(claims: dict[str, Any], key: str, algorithm: str) -> str:
+    """A compact JWS of ``claims`` signed with HS256/384/512 (RFC 7515), as PyJWT would encode it."""
+
+    header = _base64url(json.dumps({"alg": algorithm, "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = _base64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = header + b"." + payload
+    signature = hmac.new(key.encode(), signing_input, _HMAC_DIGESTS[algorithm]).digest()
+    return (signing_input + b"." + _base64url(signature)).decode("ascii")
+
+
+def _base64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+_HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+
+
 def _public_key(path: str, algorithms: list[str]) -> Any:
     """The PEM public key at ``path``, checked against every configured algorithm."""
+    import jwt
+    from jwt.algorithms import get_default_algorithms
+
     try:
         with open(path, "rb") as file:
             pem = file.read()
@@ -186,15 +218,12 @@ def _public_key(path: str, algorithms: list[str]) -> Any:
     return pem
 
 
-async def close_when_expired(session: Session, outbox: Outbox) -> None:
+def close_expired(session: Session, outbox: Outbox) -> None:
     """End a connection's rights when its token expires: ERROR AUTHENTICATION_FAILED, close 1008.
 
-    The session stays resumable; the client reconnects with a fresh token to go on.
+    ``Connection`` calls this at the token's ``expires_at``. The session stays resumable; the client
+    reconnects with a fresh token to go on.
     """
-    expires_at = session.principal.expires_at
-    if expires_at is None:
-        return
-    await anyio.sleep(max(0.0, expires_at - time.time()))
     logger.info("session %s of user %r: token expired; closing its connection", session.id, session.user)
     error = ProtocolError(ErrorCode.AUTHENTICATION_FAILED, "token expired; reconnect with a new token")
     session.send_error(error)
@@ -202,6 +231,8 @@ async def close_when_expired(session: Session, outbox: Outbox) -> None:
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
+    import jwt
+
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"token has no {exc.claim!r} claim"
     if isinstance(exc, jwt.ExpiredSignatureError):

@@ -1,14 +1,18 @@
 """haip.toml: the models that define every option, and the loader that reads them.
 
 The models are frozen pydantic models with ``extra="forbid"``; their attribute docstrings are the
-option reference (``haip-runtime check`` and ``config/haip.schema.json`` come from them). The
+option reference (``json_schema`` reads them from this file for ``config/haip.schema.json``, rather
+than pydantic at every import: ``use_attribute_docstrings`` parses each class's source). The
 loader expands ``${VAR}`` / ``${VAR:-default}`` in strings, resolves relative paths against the
 config file's folder, and turns every failure into a one-line ``ConfigError``.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import ipaddress
+import itertools
 import os
 import re
 import sys
@@ -19,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, model_validator
 from pydantic.functional_validators import AfterValidator
+from pydantic.json_schema import GenerateJsonSchema
 
 from haip_runtime.exceptions import ConfigError
 
@@ -38,7 +43,7 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ServerConfig(Model):
@@ -554,7 +559,34 @@ def _mask_secretish(value: Any) -> Any:
 
 
 def json_schema() -> dict[str, Any]:
+    """The JSON Schema of haip.toml, each option described by its attribute docstring."""
     schema = HaipConfig.model_json_schema(mode="validation")
+    docs = _attribute_docstrings()
+    for name, definition in [(HaipConfig.__name__, schema), *schema.get("$defs", {}).items()]:
+        classes = [base.__name__ for base in getattr(globals().get(name), "__mro__", ())]
+        for field, property in definition.get("properties", {}).items():
+            found = [docs[cls][field] for cls in classes if field in docs.get(cls, {})]
+            if found:
+                property["description"] = found[0]
     schema["properties"].pop("base_dir", None)
     schema["title"] = "haip.toml"
-    return schema
+    return GenerateJsonSchema().sort(schema)  # keys in pydantic's order again, descriptions included
+
+
+def _attribute_docstrings() -> dict[str, dict[str, str]]:
+    """{class: {attribute: docstring}} for the classes of this file: a string right after an annotated attribute."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs[node.name] = attributes = {}
+            for first, second in itertools.pairwise(node.body):
+                if (
+                    isinstance(first, ast.AnnAssign)
+                    and isinstance(first.target, ast.Name)
+                    and isinstance(second, ast.Expr)
+                    and isinstance(second.value, ast.Constant)
+                    and isinstance(second.value.value, str)
+                ):
+                    attributes[first.target.id] = inspect.cleandoc(second.value.value)
+    return docs

@@ -3,18 +3,21 @@
 ``serve_connection`` takes the transport's stream of decoded envelopes (or ``DecodeError``
 values) and an ``Outbox``; it authenticates the first ``HAI``, creates or resumes the
 ``Session``, and then feeds every envelope to the session and the hub, in order. Frames that
-arrive while authentication runs simply wait in the stream: they are processed after it.
+arrive while authentication runs simply wait in the stream: they are processed after it. Its
+deadlines (heartbeat, token expiry, a gap in the client's seqs) are callbacks on the runtime's
+``Timers``, so an idle connection holds no task of its own for them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, TaskGroup
+from anyio.abc import ObjectReceiveStream
 
-from haip_runtime.auth import Authenticator, Principal, close_when_expired
+from haip_runtime.auth import Authenticator, Principal, close_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import Hub
 from haip_runtime.negotiation import negotiate
@@ -24,6 +27,7 @@ from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, new_id
 from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
 from haip_runtime.session import GAP_GIVE_UP_SECONDS, GAP_GRACE_SECONDS, Outbox, Session, parse_seq
+from haip_runtime.timers import Timer, Timers
 from haip_runtime.transports.base import Inbound, Link
 
 logger = logging.getLogger(__name__)
@@ -38,16 +42,19 @@ _IGNORED = frozenset({"HAI", "PONG", "INFO", "ERROR"})
 class Connection:
     """Serves one transport connection for the runtime's hub."""
 
-    def __init__(self, hub: Hub, authenticator: Authenticator, link: Link, outbox: Outbox) -> None:
+    def __init__(self, hub: Hub, authenticator: Authenticator, link: Link, outbox: Outbox, timers: Timers) -> None:
         self.hub = hub
         self.authenticator = authenticator
         self.link = link
         self.credentials = link.credentials
         self.outbox = outbox
         self.config = hub.config.session
-        self._heard = anyio.Event()
-        self._task_group: TaskGroup | None = None
-        self._gap_watched = False
+        self.timers = timers
+        #: Items read since the handshake: what a heartbeat compares to know whether the peer said anything.
+        self._heard = 0
+        self._beat: Timer | None = None  # the next PING, or the check of the last one
+        self._expiry: Timer | None = None
+        self._gap: Timer | None = None
 
     async def serve(self, inbound: ObjectReceiveStream[Inbound]) -> None:
         session, failure = await self._resume_link() if self.link.resume else (None, None)
@@ -65,14 +72,18 @@ class Connection:
             return
         self.hub.active_connections += 1
         logger.info("session %s of user %r connected", session.id, session.user)
+        self._beat = self.timers.call_later(self.config.heartbeat_interval_seconds, self._heartbeat, session)
+        expires_at = session.principal.expires_at
+        if expires_at is not None:
+            self._expiry = self.timers.call_later(
+                max(0.0, expires_at - time.time()), close_expired, session, self.outbox
+            )
         try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                tg.start_soon(self._heartbeat, session)
-                tg.start_soon(close_when_expired, session, self.outbox)
-                await self._read_loop(inbound, session)
-                tg.cancel_scope.cancel()
+            await self._read_loop(inbound, session)
         finally:
+            for timer in (self._beat, self._expiry, self._gap):
+                if timer is not None:
+                    timer.cancel()
             self.hub.active_connections -= 1
             session.detach(self.outbox)
             if session.outbox is None:
@@ -230,7 +241,7 @@ class Connection:
 
     async def _read_loop(self, inbound: ObjectReceiveStream[Inbound], session: Session) -> None:
         async for item in inbound:
-            self._heard.set()
+            self._heard += 1
             if isinstance(item, DecodeError):
                 session.send_error(item)
                 continue
@@ -260,20 +271,22 @@ class Connection:
             session.credit.granted(session.last_seq, grant)
 
     def _watch_gap(self, session: Session) -> None:
-        if session.missing_inbound() is not None and not self._gap_watched and self._task_group is not None:
-            self._gap_watched = True
-            self._task_group.start_soon(self._request_missing, session)
+        if self._gap is None and session.missing_inbound() is not None:
+            self._gap = self.timers.call_later(GAP_GRACE_SECONDS, self._request_missing, session)
 
-    async def _request_missing(self, session: Session) -> None:
-        """Give a gap in the client's seqs a moment to fill, ask for a replay of it, then give up on it."""
-        await anyio.sleep(GAP_GRACE_SECONDS)
+    def _request_missing(self, session: Session) -> None:
+        """A gap in the client's seqs had a moment to fill: ask for a replay of it, then give up on it."""
         missing = session.missing_inbound()
-        if missing is not None:
-            session.send(EventType.REPLAY_REQUEST, {"from_seq": str(missing[0]), "to_seq": str(missing[1])})
-            await anyio.sleep(GAP_GIVE_UP_SECONDS)
-            if session.missing_inbound() == missing:
-                session.give_up_gap()
-        self._gap_watched = False
+        if missing is None:
+            self._gap = None
+            return
+        session.send(EventType.REPLAY_REQUEST, {"from_seq": str(missing[0]), "to_seq": str(missing[1])})
+        self._gap = self.timers.call_later(GAP_GIVE_UP_SECONDS, self._give_up_gap, session, missing)
+
+    def _give_up_gap(self, session: Session, missing: tuple[int, int]) -> None:
+        if session.missing_inbound() == missing:
+            session.give_up_gap()
+        self._gap = None
         self._watch_gap(session)  # a later gap, if any
 
     async def _dispatch(self, session: Session, envelope: Envelope) -> None:
@@ -308,23 +321,27 @@ class Connection:
             error.related_id = error.related_id or envelope.id
             raise
 
-    async def _heartbeat(self, session: Session) -> None:
+    def _heartbeat(self, session: Session) -> None:
         """PING every interval; a peer from which nothing at all came for the timeout after it is dropped.
 
         Any frame counts (PROTOCOL.md section 3), not only PONG: a client out of its own send credit
         cannot answer. A transport that finds dead peers itself (WebSocket ping/pong control frames)
         is trusted with that, so a silent but healthy client stays connected.
         """
-        interval, timeout = self.config.heartbeat_interval_seconds, self.config.heartbeat_timeout_seconds
-        while True:
-            await anyio.sleep(interval)
-            self._heard = anyio.Event()
-            session.send(EventType.PING, {"nonce": new_id()})
-            if self.link.watches_liveness:
-                continue
-            with anyio.move_on_after(timeout) as waited:
-                await self._heard.wait()
-            if waited.cancelled_caught and not self.link.watches_liveness:
-                logger.info("session %s silent for %.0f s after PING; disconnecting", session.id, timeout)
-                self.outbox.close(CloseCode.TRY_AGAIN_LATER, "heartbeat timeout")
-                return
+        session.send(EventType.PING, {"nonce": new_id()})
+        if self.link.watches_liveness:
+            self._beat = self.timers.call_later(self.config.heartbeat_interval_seconds, self._heartbeat, session)
+        else:
+            timeout = self.config.heartbeat_timeout_seconds
+            self._beat = self.timers.call_later(timeout, self._check_heard, session, self._heard, time.monotonic())
+
+    def _check_heard(self, session: Session, heard: int, pinged_at: float) -> None:
+        """The timeout after a PING: drop a silent peer, or PING again an interval after the last."""
+        if self._heard == heard and not self.link.watches_liveness:
+            timeout = self.config.heartbeat_timeout_seconds
+            logger.info("session %s silent for %.0f s after PING; disconnecting", session.id, timeout)
+            self.outbox.close(CloseCode.TRY_AGAIN_LATER, "heartbeat timeout")
+            self._beat = None
+            return
+        due = pinged_at + self.config.heartbeat_interval_seconds - time.monotonic()
+        self._beat = self.timers.call_later(max(0.0, due), self._heartbeat, session)

@@ -68,7 +68,8 @@ class InboundCredit:
         self.config = config
         self._left: dict[str, list[int]] = {}
         self._used: dict[str, list[int]] = {}
-        self._granted: deque[tuple[int, str, int, int]] = deque()
+        #: Top-ups sent but not yet written (a few; a list, not a 600-byte deque, for every idle session).
+        self._granted: list[tuple[int, str, int, int]] = []
 
     def consume(self, envelope: Envelope, written_seq: int) -> dict[str, Any] | None:
         """Spend credit for ``envelope``; returns the FLOW_UPDATE payload when a top-up is due.
@@ -118,7 +119,7 @@ class InboundCredit:
 
     def _settle(self, written_seq: int) -> None:
         while self._granted and self._granted[0][0] <= written_seq:
-            _, channel, messages, size = self._granted.popleft()
+            _, channel, messages, size = self._granted.pop(0)
             left = self._left[channel]
             left[0] += messages
             left[1] += size

@@ -31,8 +31,6 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import anyio
-
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
@@ -152,8 +150,10 @@ class Outbox:
 
     The transport iterates ``frames()``. ``wake`` is called for each new frame; a connection more
     than ``limit`` live frames behind is closed with 1013 (its session stays resumable) instead of
-    slowing the transaction or the other members. The backlog of a resume does not count: the
-    client asked for all of it.
+    slowing the transaction or the other members, and ``on_abort`` is called (the transport ends
+    the connection if the peer does not take the close either). The backlog of a resume does not
+    count: the client asked for all of it. Idle outboxes are many: their state is kept small (lists,
+    not deques, for what is rarely there).
     """
 
     def __init__(self, limit: int) -> None:
@@ -164,13 +164,13 @@ class Outbox:
         self._next = 1
         self._live_floor = 0
         self._end: int | None = None
-        self._carried: deque[Frame] = deque()
-        self._replays: deque[tuple[int, int]] = deque()
+        self._carried: list[Frame] = []  # at most _MAX_CARRIED_FRAMES
+        self._replays: list[tuple[int, int]] = []  # at most MAX_PENDING_REPLAYS
         #: Set when there may be something to write (an asyncio event, cleared and reused: one per
         #: wait was a measurable part of every streamed frame).
         self._wake = asyncio.Event()
-        #: Set when the connection must go at once (1013): the transport stops waiting on a stalled peer.
-        self.aborted = anyio.Event()
+        #: Called when the connection must go at once (1013): the transport stops waiting on a stalled peer.
+        self.on_abort: Callable[[], None] | None = None
         #: Called when the writer has written every recorded frame (the session records a held part).
         self.on_drained: Callable[[], None] | None = None
         self._writing = False
@@ -208,14 +208,14 @@ class Outbox:
             if self.on_drained is not None:
                 self.on_drained()  # a held part was sent before the close: it is written first
             self._end = self._window.last_seq if self._window is not None else 0
-            if code == CloseCode.TRY_AGAIN_LATER:
-                self.aborted.set()
+            if code == CloseCode.TRY_AGAIN_LATER and self.on_abort is not None:
+                self.on_abort()
         self._wake.set()
 
     def discard(self) -> None:
         """The connection is gone: stop at once."""
         self.close(CloseCode.NORMAL)
-        self._end, self._carried, self._replays = 0, deque(), deque()
+        self._end, self._carried, self._replays = 0, [], []
         self._wake.set()
 
     @property
@@ -252,14 +252,14 @@ class Outbox:
 
     def _take(self) -> Frame | None:
         if self._carried:
-            return self._carried.popleft()
+            return self._carried.pop(0)
         window = self._window
         if window is None:
             return None
         while self._replays:
             start, end = self._replays[0]
             if start >= end:
-                self._replays.popleft()
+                self._replays.pop(0)
             else:
                 self._replays[0] = (start + 1, end)
             frame = window.get(start)
@@ -325,11 +325,11 @@ class Session:
     @classmethod
     def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
         """A session for a connection whose client has not authenticated yet."""
-        return cls(None, frozenset(ALL_EVENTS), config, flow=flow)
+        return cls(None, _EVERY_EVENT, config, flow=flow)
 
     def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
         self._principal = principal
-        self.downgrader = Downgrader(accepted)
+        self.downgrader = Downgrader(_shared(accepted))
 
     @property
     def principal(self) -> Principal:
@@ -559,6 +559,21 @@ class Session:
 
 
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+_EVERY_EVENT = frozenset(ALL_EVENTS)
+#: The sets of event types sessions accept, one object per distinct set: clients of one kind all send
+#: the same list, and a set of their names (and the names themselves) is ~1.5 KB for each session.
+_ACCEPTED: dict[frozenset[str], frozenset[str]] = {}
+_MAX_ACCEPTED_SETS = 256
+
+
+def _shared(accepted: frozenset[str]) -> frozenset[str]:
+    """The one object for ``accepted`` (remembered while fewer than ``_MAX_ACCEPTED_SETS`` are)."""
+    known = _ACCEPTED.get(accepted)
+    if known is not None:
+        return known
+    if len(_ACCEPTED) < _MAX_ACCEPTED_SETS:
+        _ACCEPTED[accepted] = accepted
+    return accepted
 
 
 def _text(part: Event) -> str:

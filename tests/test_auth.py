@@ -83,6 +83,16 @@ def test_issued_tokens_validate_and_dev_mode_keys_differ_per_start() -> None:
     )
 
 
+@pytest.mark.parametrize("algorithm", ["HS256", "HS384", "HS512"])
+def test_issued_tokens_are_what_pyjwt_signs(algorithm: str) -> None:
+    secret = "k" * 64  # long enough for HS512 without PyJWT's short-key warning
+    auth = Authenticator(AuthConfig(mode="jwt", secret=secret, algorithms=[algorithm], issuer="me"))
+    issued = auth.issue("zoe", roles=["user"])
+    claims = jwt.decode(issued, secret, algorithms=[algorithm], issuer="me")
+    assert claims["sub"] == "zoe" and claims["roles"] == ["user"]
+    assert issued == jwt.encode(claims, secret, algorithm=algorithm)
+
+
 def test_credential_order_and_forms() -> None:
     assert Credentials(authorization="Bearer a", query_token="b").first("c") == "a"
     assert Credentials(subprotocol_token="s", query_token="q").first(None) == "s"

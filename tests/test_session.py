@@ -175,3 +175,12 @@ async def test_a_resume_from_the_front_of_a_full_window_survives_new_frames_arri
     assert [int(str(e["seq"])) for e in frames] == list(range(1, 1011))
     session.send("INFO", {"event": "after"})  # once written, the old frames may go
     assert session.window.first_seq > 1
+
+
+def test_sessions_accepting_the_same_events_share_one_set() -> None:
+    """Clients of one kind all send the same accept_events: their sessions keep one copy of it."""
+    first, second = Session.provisional(SessionConfig()), Session.provisional(SessionConfig())
+    first.authenticate(Principal("a"), negotiate(["MESSAGE", "INFO"]))
+    second.authenticate(Principal("b"), negotiate(["INFO", "MESSAGE"]))
+    assert first.accepted == second.accepted == {"MESSAGE", "INFO", "HAI", "ERROR", "PING", "PONG"}
+    assert first.accepted is second.accepted

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, TaskGroup
 
 from haip_runtime.auth import Credentials
 from haip_runtime.exceptions import DecodeError
@@ -59,11 +59,19 @@ async def frames_as_text(outbox: Outbox) -> AsyncIterator[tuple[int, str]]:
 ABORT_GRACE_SECONDS = 2.0
 
 
-async def abort_when_stalled(outbox: Outbox, scope: anyio.CancelScope) -> None:
+def cancel_when_stalled(outbox: Outbox, task_group: TaskGroup) -> None:
     """A 1013 close to a peer that does not read cannot be written: end the connection anyway.
 
-    Every transport runs this beside its writer, in the task group whose ``scope`` ends the connection.
+    Every transport calls this for the task group that serves the connection: when the outbox is
+    closed with 1013, the group is cancelled after ``ABORT_GRACE_SECONDS`` (a task only then).
     """
-    await outbox.aborted.wait()
+
+    def abort() -> None:
+        task_group.start_soon(_cancel_after_grace, task_group.cancel_scope)
+
+    outbox.on_abort = abort
+
+
+async def _cancel_after_grace(scope: anyio.CancelScope) -> None:
     await anyio.sleep(ABORT_GRACE_SECONDS)
     scope.cancel()

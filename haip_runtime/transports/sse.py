@@ -32,7 +32,7 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, abort_when_stalled, frames_as_text
+from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
     end_on_disconnect,
@@ -78,7 +78,7 @@ class SseTransport:
                 tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
                 tg.start_soon(self._keep_alive, writer)
                 tg.start_soon(end_on_disconnect, self._receive, tg.cancel_scope)
-                tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
+                cancel_when_stalled(outbox, tg)
                 async with receive:
                     yield receive
                 outbox.close()

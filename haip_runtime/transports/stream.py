@@ -25,7 +25,7 @@ from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, abort_when_stalled, frames_as_text
+from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
     http_credentials,
@@ -59,7 +59,7 @@ class StreamTransport:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read, send, tg.cancel_scope)
                 tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
-                tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
+                cancel_when_stalled(outbox, tg)
                 async with receive:
                     yield receive
                 outbox.close()

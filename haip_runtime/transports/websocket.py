@@ -12,9 +12,8 @@ No protocol decisions here.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -27,7 +26,7 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, abort_when_stalled
+from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -44,10 +43,8 @@ class WebSocketTransport:
         self.max_frame_bytes = max_frame_bytes
         self.link = Link("websocket", websocket_credentials(ws), binary_frames=True, watches_liveness=True)
 
-    @asynccontextmanager
-    async def streams(self, outbox: Outbox) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
-        async with websocket_streams(self.ws, outbox, max_frame_bytes=self.max_frame_bytes) as inbound:
-            yield inbound
+    def streams(self, outbox: Outbox) -> AbstractAsyncContextManager[ObjectReceiveStream[Inbound]]:
+        return websocket_streams(self.ws, outbox, max_frame_bytes=self.max_frame_bytes)
 
 
 @asynccontextmanager
@@ -59,7 +56,7 @@ async def websocket_streams(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
-            tg.start_soon(abort_when_stalled, outbox, tg.cancel_scope)
+            cancel_when_stalled(outbox, tg)
             async with _Inbound(ws, max_frame_bytes) as inbound:
                 yield inbound
             outbox.close()
@@ -79,7 +76,7 @@ class _Inbound(ObjectReceiveStream[Inbound]):
     def __init__(self, ws: WebSocket, max_frame_bytes: int) -> None:
         self.ws = ws
         self._frames = _Reassembler(max_frame_bytes)
-        self._ready: deque[Inbound] = deque()
+        self._ready: list[Inbound] = []  # one or two items at a time
         self._ended = False
 
     async def receive(self) -> Inbound:
@@ -95,7 +92,7 @@ class _Inbound(ObjectReceiveStream[Inbound]):
                 self._ended = True
                 raise anyio.EndOfStream
             ready.extend(self._frames.feed(message))
-        return ready.popleft()
+        return ready.pop(0)
 
     async def aclose(self) -> None:
         self._ended = True
