@@ -174,6 +174,8 @@ class Outbox:
         #: Called when the writer has written every recorded frame (the session records a held part).
         self.on_drained: Callable[[], None] | None = None
         self._writing = False
+        #: Called whenever there may be something to write (a transport that writes only then starts its writer).
+        self.on_wake: Callable[[], None] | None = None
 
     def bind(self, window: ReplayWindow, next_seq: int) -> None:
         """Follow ``window`` from ``next_seq`` on; frames still unwritten of an earlier window go first."""
@@ -186,20 +188,20 @@ class Outbox:
         self._next = next_seq
         self._live_floor = window.last_seq
         self._replays.clear()
-        self._wake.set()
+        self._signal()
 
     def wake(self) -> None:
         window = self._window
         if window is not None and window.last_seq - max(self._next - 1, self._live_floor) > self.limit:
             self.close(CloseCode.TRY_AGAIN_LATER, "client is not reading fast enough")
-        self._wake.set()
+        self._signal()
 
     def replay(self, from_seq: int, to_seq: int) -> None:
         if len(self._replays) >= MAX_PENDING_REPLAYS:
             self.close(CloseCode.TRY_AGAIN_LATER, "too many replays waiting for a client that is not reading")
             return
         self._replays.append((from_seq, to_seq))
-        self._wake.set()
+        self._signal()
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Ask the transport to close after the frames already sent to it (at once for 1013)."""
@@ -210,13 +212,13 @@ class Outbox:
             self._end = self._window.last_seq if self._window is not None else 0
             if code == CloseCode.TRY_AGAIN_LATER and self.on_abort is not None:
                 self.on_abort()
-        self._wake.set()
+        self._signal()
 
     def discard(self) -> None:
         """The connection is gone: stop at once."""
         self.close(CloseCode.NORMAL)
         self._end, self._carried, self._replays = 0, [], []
-        self._wake.set()
+        self._signal()
 
     @property
     def written(self) -> int:
@@ -235,6 +237,38 @@ class Outbox:
         window = self._window
         live = 0 if window is None else max(0, (self._end or window.last_seq) - self._next + 1)
         return live + len(self._carried) + sum(end - start + 1 for start, end in self._replays)
+
+    def _signal(self) -> None:
+        self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
+
+    async def burst(self, linger: float) -> AsyncIterator[Frame]:
+        """The frames to write, in order, for a writer that runs only while there is something to write:
+        like ``frames``, but it also ends once nothing came to write for ``linger`` seconds (the next
+        frame starts a writer again)."""
+        loop = asyncio.get_running_loop()
+        while self.close_code != CloseCode.TRY_AGAIN_LATER:
+            frame = self._take()
+            if frame is not None:
+                self._writing = True
+                yield frame
+                self._writing = False
+            elif self.close_code is not None:
+                return
+            else:
+                quiet = loop.call_later(linger, self._wake.set)
+                await self._wake.wait()
+                self._wake.clear()
+                quiet.cancel()  # (a no-op if it woke us)
+                if loop.time() >= quiet.when() and not self._has_frames():
+                    return
+
+    def _has_frames(self) -> bool:
+        window = self._window
+        return bool(
+            self._carried or self._replays or self.close_code is not None or (window and self._next <= window.last_seq)
+        )
 
     async def frames(self) -> AsyncIterator[Frame]:
         """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained)."""

@@ -12,6 +12,7 @@ No protocol decisions here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -24,7 +25,7 @@ from haip_runtime.auth import Credentials, token_from_subprotocols
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
-from haip_runtime.protocol.events import CloseCode, ErrorCode
+from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled
 
@@ -53,14 +54,19 @@ async def websocket_streams(
 ) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
     offered = list(ws.scope.get("subprotocols", []))
     await ws.accept(subprotocol="haip" if "haip" in offered else None)
+    writer: _Writer | None = None
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_write_frames, ws, outbox, tg.cancel_scope)
+            writer = _Writer(ws, outbox, tg.cancel_scope)
             cancel_when_stalled(outbox, tg)
             async with _Inbound(ws, max_frame_bytes) as inbound:
                 yield inbound
-            outbox.close()
+            outbox.close()  # the writer sends what is left, then the close frame
+            await writer.finished()
     finally:
+        outbox.on_wake = None
+        if writer is not None:
+            writer.stop()
         outbox.discard()
 
 
@@ -146,14 +152,47 @@ def _binary_error(envelope: Envelope, message: str) -> DecodeError:
     )
 
 
-async def _write_frames(ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
-    try:
-        async for frame in outbox.frames():
-            await ws.send_text(frame)
-            if frame.data is not None:
-                await ws.send_bytes(frame.data)
-        await ws.close(code=outbox.close_code or CloseCode.NORMAL, reason=outbox.close_reason[:120])
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        pass  # the peer went away; the reader ends the connection
-    finally:
-        scope.cancel()
+#: A connection's writer task ends after this long with nothing to write (the next frame starts one).
+WRITER_LINGER_SECONDS = 1.0
+
+
+class _Writer:
+    """Writes the outbox's frames to the socket, as a task that runs only while the connection is
+    in use: an idle connection holds no writer (its task and frames were about a tenth of an idle
+    connection's memory). The outbox starts it when frames wait; it retires after
+    ``WRITER_LINGER_SECONDS`` with nothing to write (``Outbox.burst``). On close it writes the close
+    frame and ends the connection, as it does when the peer is gone."""
+
+    def __init__(self, ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
+        self.ws = ws
+        self.outbox = outbox
+        self.scope = scope
+        self.task: asyncio.Task[None] | None = None
+        outbox.on_wake = self.start
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def finished(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        ws, outbox = self.ws, self.outbox
+        try:
+            async for frame in outbox.burst(WRITER_LINGER_SECONDS):
+                await ws.send_text(frame)
+                if frame.data is not None:
+                    await ws.send_bytes(frame.data)
+            if outbox.close_code is not None:
+                await ws.close(code=outbox.close_code, reason=outbox.close_reason[:120])
+                self.scope.cancel()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.scope.cancel()  # the peer went away: the connection ends
+        finally:
+            self.task = None
