@@ -27,7 +27,7 @@ import base64
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -95,9 +95,12 @@ class ReplayWindow:
         self.seconds = seconds
         self.max_bytes = max_bytes
         self._clock = clock
-        self._frames: deque[tuple[float, str]] = deque()
+        #: (time recorded, text) of each frame from ``_head`` on; a list, not a deque (an idle session's
+        #: window holds two frames, and an empty deque is 0.6 KB), trimmed from the front now and then.
+        self._frames: list[tuple[float, str]] = []
+        self._head = 0
         self._binary: dict[int, bytes] = {}  # the binary parts of two-frame envelopes, by seq
-        self._first = 1  # seq of _frames[0]
+        self._first = 1  # seq of _frames[_head]
         self.bytes = 0
 
     @property
@@ -106,10 +109,10 @@ class ReplayWindow:
 
     @property
     def last_seq(self) -> int:
-        return self._first + len(self._frames) - 1
+        return self._first + len(self._frames) - self._head - 1
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames) - self._head
 
     def record(self, seq: int, text: str, data: bytes | None = None, *, unwritten_from: int | None = None) -> None:
         """Keep frame ``seq``; let the oldest go past the bounds. Frames from ``unwritten_from`` on (what
@@ -117,32 +120,64 @@ class ReplayWindow:
         the bytes bound."""
         assert seq == self.last_seq + 1, "seqs are recorded in order"
         now = self._clock()
-        self._frames.append((now, text))
+        frames = self._frames
+        frames.append((now, text))
         self.bytes += len(text)
         if data is not None:
             self._binary[seq] = data
             self.bytes += len(data)
         horizon = now - self.seconds
-        frames = self._frames
         spare = seq + 1 if unwritten_from is None else unwritten_from
-        while len(frames) > 1 and (
+        while len(frames) - self._head > 1 and (
             self.bytes > self.max_bytes
-            or (len(frames) > self.messages and frames[0][0] < horizon and self._first < spare)
+            or (len(frames) - self._head > self.messages and frames[self._head][0] < horizon and self._first < spare)
         ):
-            self.bytes -= len(frames.popleft()[1])
+            self.bytes -= len(frames[self._head][1])
+            self._head += 1
             dropped = self._binary.pop(self._first, None)
             self.bytes -= len(dropped) if dropped is not None else 0
             self._first += 1
+        if self._head >= 64 and self._head * 2 >= len(frames):
+            del frames[: self._head]  # amortised: the list is trimmed once half of it is gone
+            self._head = 0
 
     def get(self, seq: int) -> Frame | None:
         index = seq - self._first
-        if not 0 <= index < len(self._frames):
+        if not 0 <= index < len(self._frames) - self._head:
             return None
-        return Frame.make(self._frames[index][1], seq, self._binary.get(seq) if self._binary else None)
+        return Frame.make(self._frames[self._head + index][1], seq, self._binary.get(seq) if self._binary else None)
 
     def holds(self, from_seq: int) -> bool:
         """Whether every frame from ``from_seq`` on is still here."""
         return from_seq >= self._first
+
+
+class _Signal:
+    """A wake-up flag with at most one waiter (the connection's writer), cleared as it is taken.
+
+    An ``asyncio.Event`` keeps a deque of waiters, about 0.7 KB for every connection."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until set (at once if it is); then clear it."""
+        if not self._set:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        self._set = False
 
 
 class Outbox:
@@ -166,9 +201,9 @@ class Outbox:
         self._end: int | None = None
         self._carried: list[Frame] = []  # at most _MAX_CARRIED_FRAMES
         self._replays: list[tuple[int, int]] = []  # at most MAX_PENDING_REPLAYS
-        #: Set when there may be something to write (an asyncio event, cleared and reused: one per
-        #: wait was a measurable part of every streamed frame).
-        self._wake = asyncio.Event()
+        #: Set when there may be something to write (one flag, reused: an event per wait was a
+        #: measurable part of every streamed frame).
+        self._wake = _Signal()
         #: Called when the connection must go at once (1013): the transport stops waiting on a stalled peer.
         self.on_abort: Callable[[], None] | None = None
         #: Called when the writer has written every recorded frame (the session records a held part).
@@ -259,7 +294,6 @@ class Outbox:
             else:
                 quiet = loop.call_later(linger, self._wake.set)
                 await self._wake.wait()
-                self._wake.clear()
                 quiet.cancel()  # (a no-op if it woke us)
                 if loop.time() >= quiet.when() and not self._has_frames():
                     return
@@ -282,7 +316,6 @@ class Outbox:
                 return
             else:
                 await self._wake.wait()
-                self._wake.clear()
 
     def _take(self) -> Frame | None:
         if self._carried:
