@@ -174,7 +174,7 @@ class OutboundFlow:
     def _hold(self, event: Event) -> None:
         queue = self._held.setdefault(event.channel, deque())
         if queue and same_message(queue[-1], event):
-            queue[-1] = _merged(queue[-1], event)
+            queue[-1] = merged_parts([queue[-1], event])
             return
         queue.append(event)
         self.held += 1
@@ -252,8 +252,17 @@ def same_message(held: Event, new: Event) -> bool:
     )
 
 
-def _merged(held: Event, new: Event) -> Event:
-    """One part with the text of both (the id of the first, which is what the client sees first)."""
-    assert isinstance(held.payload, dict) and isinstance(new.payload, dict)
-    text = str(held.payload.get("text", "")) + str(new.payload.get("text", ""))
-    return new.with_changes(id=held.id, payload={**new.payload, "text": text})
+def merged_parts(parts: list[Event]) -> Event:
+    """Parts of one message (``same_message``) as one part: their text joined, the id of the first
+    (what the client sees first) and the rest of the last."""
+    if len(parts) == 1:
+        return parts[0]
+    first, last = parts[0], parts[-1]
+    assert isinstance(last.payload, dict)
+    text = "".join(part_text(part) for part in parts)
+    return last.with_changes(id=first.id, payload={**last.payload, "text": text})
+
+
+def part_text(part: Event) -> str:
+    """The text of a ``MESSAGE_PART``."""
+    return str(part.payload.get("text", "")) if isinstance(part.payload, dict) else ""

@@ -34,7 +34,7 @@ from typing import Any
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import InboundCredit, OutboundFlow, same_message
+from haip_runtime.flow import InboundCredit, OutboundFlow, merged_parts, part_text, same_message
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
@@ -278,10 +278,12 @@ class Outbox:
         if self.on_wake is not None:
             self.on_wake()
 
-    async def burst(self, linger: float) -> AsyncIterator[Frame]:
-        """The frames to write, in order, for a writer that runs only while there is something to write:
-        like ``frames``, but it also ends once nothing came to write for ``linger`` seconds (the next
-        frame starts a writer again)."""
+    async def frames(self, linger: float | None = None) -> AsyncIterator[Frame]:
+        """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained).
+
+        With ``linger``, also ends once nothing came to write for that many seconds: for a writer
+        that runs only while there is something to write (the next frame starts one again).
+        """
         loop = asyncio.get_running_loop()
         while self.close_code != CloseCode.TRY_AGAIN_LATER:
             frame = self._take()
@@ -291,31 +293,14 @@ class Outbox:
                 self._writing = False
             elif self.close_code is not None:
                 return
+            elif linger is None:
+                await self._wake.wait()
             else:
                 quiet = loop.call_later(linger, self._wake.set)
                 await self._wake.wait()
                 quiet.cancel()  # (a no-op if it woke us)
-                if loop.time() >= quiet.when() and not self._has_frames():
+                if loop.time() >= quiet.when() and self.close_code is None and not self.backlog:
                     return
-
-    def _has_frames(self) -> bool:
-        window = self._window
-        return bool(
-            self._carried or self._replays or self.close_code is not None or (window and self._next <= window.last_seq)
-        )
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained)."""
-        while self.close_code != CloseCode.TRY_AGAIN_LATER:
-            frame = self._take()
-            if frame is not None:
-                self._writing = True
-                yield frame
-                self._writing = False
-            elif self.close_code is not None:
-                return
-            else:
-                await self._wake.wait()
 
     def _take(self) -> Frame | None:
         if self._carried:
@@ -443,25 +428,27 @@ class Session:
             first = self._pending[0]
             if same_message(first, event) and self._pending_size < MAX_MERGED_PART:
                 self._pending.append(event)
-                self._pending_size += len(_text(event))
+                self._pending_size += len(part_text(event))
                 return
             self._record_pending()
         if event.type == EventType.MESSAGE_PART and self.outbox is not None and self.outbox.busy:
             self._pending = [event]
-            self._pending_size = len(_text(event))
+            self._pending_size = len(part_text(event))
             return
         self._record(event)
 
     def _record_pending(self) -> None:
         """Record the part held under pressure: one event with the text of all its parts."""
         held, self._pending = self._pending, []
-        if len(held) == 1:
-            self._record(held[0])
-        elif held:
-            first, last = held[0], held[-1]
-            assert isinstance(last.payload, dict)
-            text = "".join(_text(part) for part in held)
-            self._record(last.with_changes(id=first.id, payload={**last.payload, "text": text}))
+        if held:
+            self._record(merged_parts(held))
+
+    def _record_held(self) -> None:
+        """Record everything held back, whatever the credit: the part merged under pressure first (it
+        was admitted before anything flow control holds), then what flow control holds."""
+        self._record_pending()
+        for held in self.flow.flush():
+            self._record(held)
 
     def _record(self, event: Event) -> None:
         self._seq += 1
@@ -478,9 +465,7 @@ class Session:
             self.outbox.wake()
 
     def _overflow(self) -> None:
-        self._record_pending()
-        for held in self.flow.flush():
-            self._record(held)
+        self._record_held()
         if self.outbox is not None:
             self.outbox.close(CloseCode.TRY_AGAIN_LATER, "client is not receiving (flow control) and its queue is full")
 
@@ -600,9 +585,7 @@ class Session:
         if self.outbox is not None and self.outbox is not outbox:
             self.outbox.close(CloseCode.NORMAL, "session resumed on another connection")
         if self.outbox is not None:
-            self._record_pending()
-            for held in self.flow.flush():
-                self._record(held)
+            self._record_held()
             self.outbox.on_drained = None
         self.outbox = outbox
         outbox.on_drained = self._record_pending
@@ -617,9 +600,7 @@ class Session:
         if self.outbox is outbox:
             self.outbox = None
             self.detached_at = self._clock()
-            self._record_pending()
-            for held in self.flow.flush():
-                self._record(held)  # kept in the window for the resume
+            self._record_held()  # kept in the window for the resume
 
     def expired(self, now: float) -> bool:
         return self.detached_at is not None and now - self.detached_at > self.config.resume_timeout_seconds
@@ -641,10 +622,6 @@ def _shared(accepted: frozenset[str]) -> frozenset[str]:
     if len(_ACCEPTED) < _MAX_ACCEPTED_SETS:
         _ACCEPTED[accepted] = accepted
     return accepted
-
-
-def _text(part: Event) -> str:
-    return str(part.payload.get("text", "")) if isinstance(part.payload, dict) else ""
 
 
 def _two_frame(event: Event) -> tuple[Event, bytes | None]:

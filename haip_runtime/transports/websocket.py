@@ -160,7 +160,7 @@ class _Writer:
     """Writes the outbox's frames to the socket, as a task that runs only while the connection is
     in use: an idle connection holds no writer (its task and frames were about a tenth of an idle
     connection's memory). The outbox starts it when frames wait; it retires after
-    ``WRITER_LINGER_SECONDS`` with nothing to write (``Outbox.burst``). On close it writes the close
+    ``WRITER_LINGER_SECONDS`` with nothing to write (``Outbox.frames``). On close it writes the close
     frame and ends the connection, as it does when the peer is gone."""
 
     def __init__(self, ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
@@ -185,7 +185,7 @@ class _Writer:
     async def _run(self) -> None:
         ws, outbox = self.ws, self.outbox
         try:
-            async for frame in outbox.burst(WRITER_LINGER_SECONDS):
+            async for frame in outbox.frames(WRITER_LINGER_SECONDS):
                 await ws.send_text(frame)
                 if frame.data is not None:
                     await ws.send_bytes(frame.data)
