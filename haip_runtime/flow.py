@@ -37,6 +37,12 @@ UNCOUNTED = frozenset(
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
 #: Channels one connection may use with credit or pause, each way: a bound on what a client can make us keep.
 MAX_CHANNELS = 64
+#: Parts of one message are merged while they wait (held by flow control, or by a writer that is
+#: behind) until the merged text is this long: a frame stays small, and a client that pauses a
+#: channel under an endless stream cannot make one part grow without bound (nor each merge copy it).
+MAX_MERGED_PART = 64 * 1024
+#: Parts a session keeps, unmerged until recorded, while its writer is behind (a bound for tiny parts).
+MAX_MERGED_PARTS = 1024
 
 
 def event_bytes(event: Event) -> int:
@@ -173,7 +179,7 @@ class OutboundFlow:
 
     def _hold(self, event: Event) -> None:
         queue = self._held.setdefault(event.channel, deque())
-        if queue and same_message(queue[-1], event):
+        if queue and same_message(queue[-1], event) and len(part_text(queue[-1])) < MAX_MERGED_PART:
             queue[-1] = merged_parts([queue[-1], event])
             return
         queue.append(event)

@@ -34,7 +34,15 @@ from typing import Any
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import InboundCredit, OutboundFlow, merged_parts, part_text, same_message
+from haip_runtime.flow import (
+    MAX_MERGED_PART,
+    MAX_MERGED_PARTS,
+    InboundCredit,
+    OutboundFlow,
+    merged_parts,
+    part_text,
+    same_message,
+)
 from haip_runtime.negotiation import Downgrader
 from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
@@ -51,8 +59,6 @@ GAP_GIVE_UP_SECONDS = 5.0
 DEDUP_WINDOW = 1024
 #: REPLAY_REQUESTs a connection may have waiting; more from a client that does not read closes it with 1013.
 MAX_PENDING_REPLAYS = 16
-#: A part merged while the writer is behind is recorded once its payload is this long (a frame stays small).
-MAX_MERGED_PART = 64 * 1024
 #: Frames of an earlier binding an outbox still writes after it is moved to another session (the server HAI).
 _MAX_CARRIED_FRAMES = 8
 
@@ -426,7 +432,8 @@ class Session:
         recorded, so it gets its seq, when the writer has caught up, or before anything else."""
         if self._pending:
             first = self._pending[0]
-            if same_message(first, event) and self._pending_size < MAX_MERGED_PART:
+            room = self._pending_size < MAX_MERGED_PART and len(self._pending) < MAX_MERGED_PARTS
+            if room and same_message(first, event):
                 self._pending.append(event)
                 self._pending_size += len(part_text(event))
                 return

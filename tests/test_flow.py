@@ -15,7 +15,7 @@ from haip_runtime.app import Runtime
 from haip_runtime.auth import Principal
 from haip_runtime.config import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import MAX_CHANNELS, InboundCredit
+from haip_runtime.flow import MAX_CHANNELS, MAX_MERGED_PART, InboundCredit
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Event
@@ -98,6 +98,19 @@ def test_pause_stops_a_channel_at_once_and_merges_the_parts_of_one_message() -> 
         (3, "AGENT", "MESSAGE_PART", "abc"),
         (4, "AGENT", "MESSAGE_END", ""),
     ]
+
+
+def test_parts_held_by_a_pause_merge_only_up_to_max_merged_part() -> None:
+    session, _ = attached()
+    session.pause("AGENT")
+    chunk = "c" * 1000
+    count = MAX_MERGED_PART // 1000 + 5
+    for _ in range(count):
+        session.deliver(agent("MESSAGE_PART", chunk))
+    assert session.flow.held == 2  # one part grew to the cap, the next started another
+    session.resume_channel("AGENT")
+    texts = [entry[3] for entry in recorded(session)]
+    assert "".join(texts) == chunk * count and max(map(len, texts)) <= MAX_MERGED_PART + len(chunk)
 
 
 async def test_past_the_bound_the_connection_is_closed_with_1013_and_nothing_is_lost() -> None:

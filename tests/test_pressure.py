@@ -11,10 +11,11 @@ import pytest
 
 from haip_runtime.auth import Principal
 from haip_runtime.config import SessionConfig
+from haip_runtime.flow import MAX_MERGED_PART, MAX_MERGED_PARTS
 from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
-from haip_runtime.session import MAX_MERGED_PART, Outbox, Session
+from haip_runtime.session import Outbox, Session
 from tests import agents
 from tests.raw import raw_peer
 from tests.serving import live_server, make_config
@@ -82,6 +83,17 @@ async def test_only_parts_of_one_message_merge_and_a_merged_part_stays_small() -
     assert "".join(t or "" for t in big) == chunk * (MAX_MERGED_PART // 1000 + 5)
     assert len(big) == 2 and all(len(t or "") <= MAX_MERGED_PART + len(chunk) for t in big)
     assert [seq for seq, _, _ in rest] == list(range(2, 2 + len(rest)))
+
+
+async def test_a_merged_part_holds_at_most_max_merged_parts_parts() -> None:
+    session, outbox = attached()
+    frames = outbox.frames()
+    session.deliver(part("first"))
+    await anext(frames)  # busy from here on
+    for _ in range(MAX_MERGED_PARTS + 1):
+        session.deliver(part("x"))
+    outbox.close()
+    assert [text for _, _, text in [summary(frame) async for frame in frames]] == ["x" * MAX_MERGED_PARTS, "x"]
 
 
 async def test_a_part_held_when_the_connection_ends_waits_in_the_window_for_the_resume() -> None:
