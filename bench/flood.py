@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from haip_runtime.protocol.envelope import new_id, now_ms  # noqa: E402
-from haip_runtime.session import Session  # noqa: E402
+from haip_runtime.session.session import Session  # noqa: E402
 from tests.serving import LiveServer, live_server, make_config  # noqa: E402
 
 PROBES = 40

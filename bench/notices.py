@@ -26,15 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from haip_runtime.agents.registry import load_agents  # noqa: E402
-from haip_runtime.app import Runtime  # noqa: E402
-from haip_runtime.auth import Principal  # noqa: E402
+from haip_runtime.auth.tokens import Principal  # noqa: E402
 from haip_runtime.bridge.models import ServerState, ServerStatus  # noqa: E402
-from haip_runtime.config import SessionConfig  # noqa: E402
-from haip_runtime.hub import Hub  # noqa: E402
+from haip_runtime.config.models import SessionConfig  # noqa: E402
+from haip_runtime.conversation.transaction import AgentSlot, Transaction  # noqa: E402
+from haip_runtime.hub.router import Hub  # noqa: E402
 from haip_runtime.protocol.envelope import Event  # noqa: E402
 from haip_runtime.protocol.events import EventType  # noqa: E402
-from haip_runtime.session import Outbox, Session  # noqa: E402
-from haip_runtime.transactions import AgentSlot, Transaction  # noqa: E402
+from haip_runtime.server.app import Runtime  # noqa: E402
+from haip_runtime.session.session import Outbox, Session  # noqa: E402
 from tests.serving import make_config  # noqa: E402
 
 CONFIG = make_config({"mcp": {"servers": {"s": {"transport": "stdio", "command": "/nonexistent"}}}})

@@ -647,7 +647,7 @@ LIMITS: dict[int, str] = {
     6: "per-connection and per-session state. An idle authenticated WebSocket holds no task of its own "
     "besides uvicorn's ASGI task (which reads the socket): the writer starts when there is something "
     "to write and retires after a second with nothing (`Outbox.frames` with a linger); heartbeat, token expiry, gap "
-    "watch and the 1013 grace are callbacks on the runtime's one timer task (`haip_runtime/timers.py`). "
+    "watch and the 1013 grace are callbacks on the runtime's one timer task (`haip_runtime/session/timers.py`). "
     "What remains over the bare app (tracemalloc over 1,000 idle connections): the replay window with the "
     "server HAI and session.ready frames (about 1.2 KB of text), the session (duplicate-id window, "
     "credit and flow state, downgrader) and the connection's objects and suspended call chain (the "

@@ -12,7 +12,7 @@ from haip_runtime.agents.api import (
     Turn,
     TurnServices,
 )
-from haip_runtime.config import HaipConfig, load_config
+from haip_runtime.config.models import HaipConfig, load_config
 from haip_runtime.exceptions import (
     ClientError,
     ConfigError,
@@ -28,7 +28,7 @@ from haip_runtime.exceptions import (
 )
 from haip_runtime.llm import Delta, Provider, Reply, ScriptedLLM, ToolCall, ToolSpec, Usage
 from haip_runtime.protocol.events import LlmErrorCode
-from haip_runtime.tools import ToolCallResult, ToolView
+from haip_runtime.tools.proxy import ToolCallResult, ToolView
 
 __all__ = [
     "Agent",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump, secret_values
+from haip_runtime.config.models import HaipConfig, json_schema, load_config, masked_dump, secret_values
 from haip_runtime.exceptions import ConfigError, PluginError
 
 DEFAULT_CONFIG = "haip.toml"
@@ -95,7 +95,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from haip_runtime.auth import Authenticator
+    from haip_runtime.auth.tokens import Authenticator
 
     config = load_config(args.config)
     if config.auth.mode != "jwt":
@@ -155,7 +155,7 @@ async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int
 def _chat(args: argparse.Namespace) -> int:
     import anyio
 
-    from haip_runtime.chat import chat
+    from haip_runtime.client.chat import chat
     from haip_runtime.exceptions import ClientError
 
     try:
@@ -181,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
     if overrides:
         data = config.model_dump()
         data["server"].update(overrides)
-        from haip_runtime.config import validate_config
+        from haip_runtime.config.models import validate_config
 
         config = validate_config(data, base_dir=config.base_dir, source=args.config)
     return serve(config)
@@ -190,9 +190,9 @@ def _serve(args: argparse.Namespace) -> int:
 def serve(config: HaipConfig) -> int:
     import uvicorn
 
-    from haip_runtime import allocator
-    from haip_runtime.app import Runtime, create_app
-    from haip_runtime.logs import configure_logging
+    from haip_runtime.observability.logs import configure_logging
+    from haip_runtime.server import allocator
+    from haip_runtime.server.app import Runtime, create_app
 
     configure_logging(config.observability, secrets=secret_values(config))
     allocator.tune()

@@ -14,7 +14,7 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
     │   ├── ToolUnavailableError    its server is not connected
     │   └── ToolTimeoutError        the server did not answer in time
     ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
-    └── ClientError                 raised by the Python client library (haip_runtime.client)
+    └── ClientError                 raised by the Python client library (haip_runtime.client.haip_client)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup
 
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec, validate_options
-from haip_runtime.auth import Principal
+from haip_runtime.auth.tokens import Principal
 from haip_runtime.bridge.models import (
     ElicitationRequest,
     OnElicit,
@@ -35,15 +35,15 @@ from haip_runtime.bridge.models import (
     ToolInfo,
     ToolResult,
 )
-from haip_runtime.config import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.config.models import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.llm.provider import Provider
 from haip_runtime.llm.scripted import ScriptedLLM
-from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
-from haip_runtime.session import Session
-from haip_runtime.tools import ToolProxy
-from haip_runtime.transactions import AgentSlot, Transaction
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Session
+from haip_runtime.tools.proxy import ToolProxy
 
 #: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
 #: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that

@@ -20,7 +20,7 @@ import anyio
 import httpx2
 from anyio.abc import ByteStream
 
-from haip_runtime.app import Runtime
+from haip_runtime.server.app import Runtime
 from haip_runtime.transports.memory import MemoryPeer, MemoryTransport
 from tests.raw import Numbered, raw_peer
 from tests.serving import LiveServer

@@ -15,12 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.auth import Principal
-from haip_runtime.config import SessionConfig
-from haip_runtime.negotiation import negotiate
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
-from haip_runtime.session import Session
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Session
 from plugins.tone import tone_wav
 from tests.peers import open_peer
 from tests.raw import RawPeer, raw_peer

@@ -31,7 +31,7 @@ from haip_runtime.bridge import (
     ServerStatus,
     ToolResult,
 )
-from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolError, ToolTimeoutError, ToolUnavailableError
 from tests.demo_mcp import start_http_demo, stop
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from haip_runtime.config import (
+from haip_runtime.config.models import (
     HaipConfig,
     expand,
     json_schema,
@@ -190,7 +190,7 @@ def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
 def test_builtin_agents_are_registered_as_entry_points() -> None:
     from haip_runtime.agents.echo import EchoAgent
     from haip_runtime.agents.registry import resolve_plugin
-    from haip_runtime.plugins import _entry_point
+    from haip_runtime.config.references import _entry_point
 
     assert _entry_point("echo", "haip_runtime.agents") == "haip_runtime.agents.echo:EchoAgent"
     assert resolve_plugin("echo", ROOT, "agents.e.plugin") is EchoAgent

@@ -11,16 +11,16 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.app import Runtime
-from haip_runtime.auth import Principal
-from haip_runtime.config import FlowControlConfig, SessionConfig
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import MAX_CHANNELS, MAX_MERGED_PART, InboundCredit
-from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
-from haip_runtime.session import Outbox, Session
+from haip_runtime.server.app import Runtime
+from haip_runtime.session.flow import MAX_CHANNELS, MAX_MERGED_PART, InboundCredit
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Outbox, Session
 from haip_runtime.transports.memory import MemoryTransport
 from tests.peers import MemoryClient
 from tests.serving import make_config

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from haip_runtime.jwks import JwksKeys, KeyUnavailableError
+from haip_runtime.auth.jwks import JwksKeys, KeyUnavailableError
 from tests.jwks_server import JwksServer, jwk_of, serve_jwks
 
 pytestmark = pytest.mark.anyio

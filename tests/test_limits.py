@@ -7,13 +7,13 @@ from typing import Any, cast
 
 import pytest
 
-import haip_runtime.limits as limits_module
-from haip_runtime.config import LimitsConfig
+import haip_runtime.session.limits as limits_module
+from haip_runtime.config.models import LimitsConfig
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import HandshakeError, ProtocolError
-from haip_runtime.limits import Limits, TokenBucket
 from haip_runtime.protocol.envelope import Envelope
-from haip_runtime.session import Session
-from haip_runtime.transactions import Transaction
+from haip_runtime.session.limits import Limits, TokenBucket
+from haip_runtime.session.session import Session
 
 
 class Clock:

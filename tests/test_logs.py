@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from haip_runtime.config import ObservabilityConfig
-from haip_runtime.logs import LogBudget, configure_logging
+from haip_runtime.config.models import ObservabilityConfig
+from haip_runtime.observability.logs import LogBudget, configure_logging
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client.haip_client import HaipClient
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.scripted import ScriptedLLM
-from haip_runtime.metrics import Metrics
+from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS, LlmErrorCode
 from tests.raw import raw_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from haip_runtime.negotiation import Downgrader, negotiate
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS
+from haip_runtime.session.negotiation import Downgrader, negotiate
 
 LEGACY = Downgrader(negotiate(TRANSACTION_ERA_EVENTS))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from haip_runtime.config import RoleConfig
+from haip_runtime.auth.permissions import UNRESTRICTED, check_event, permissions_for
+from haip_runtime.config.models import RoleConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.permissions import UNRESTRICTED, check_event, permissions_for
 from haip_runtime.protocol.envelope import Envelope
 
 

@@ -9,13 +9,13 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.auth import Principal
-from haip_runtime.config import SessionConfig
-from haip_runtime.flow import MAX_MERGED_PART, MAX_MERGED_PARTS
-from haip_runtime.negotiation import negotiate
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
-from haip_runtime.session import Outbox, Session
+from haip_runtime.session.flow import MAX_MERGED_PART, MAX_MERGED_PARTS
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Outbox, Session
 from tests import agents
 from tests.raw import raw_peer
 from tests.serving import live_server, make_config

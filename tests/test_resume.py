@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime import session as session_module
-from haip_runtime.client import HaipClient, Received
+from haip_runtime.client.haip_client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.session import session as session_module
 from tests.raw import RawPeer, raw_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
@@ -191,7 +191,7 @@ async def test_a_client_flooding_replay_requests_without_reading_is_dropped_and_
             if record.getMessage().startswith(f"session {session_id} disconnected"):
                 dropped.set()
 
-    watch, logger = Watch(), logging.getLogger("haip_runtime.connection")
+    watch, logger = Watch(), logging.getLogger("haip_runtime.session.connection")
     level = logger.level
     logger.addHandler(watch)
     logger.setLevel(logging.INFO)
@@ -239,7 +239,7 @@ async def test_a_gap_that_is_never_filled_is_given_up_and_the_session_goes_on(un
 async def test_a_gap_left_open_is_asked_for_then_given_up_after_a_while(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from haip_runtime import connection
+    from haip_runtime.session import connection
 
     monkeypatch.setattr(connection, "GAP_GRACE_SECONDS", 0.01)
     monkeypatch.setattr(connection, "GAP_GIVE_UP_SECONDS", 0.05)

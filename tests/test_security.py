@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import InvalidStatus
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client.haip_client import HaipClient
 from tests.jwks_server import JwksServer, jwk_of, serve_jwks
 from tests.raw import RawPeer, raw_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config
@@ -92,7 +92,7 @@ async def test_authentication_failures_are_logged_without_the_token(
 ) -> None:
     token = jwt.encode(claims(), "x" * 40, algorithm="HS256")
     await refused(jwt_server.ws_url, token)
-    lines = [record.getMessage() for record in caplog.records if record.name == "haip_runtime.auth"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "haip_runtime.auth.tokens"]
     assert "authentication failed: invalid token" in lines
     assert not any(token in record.getMessage() for record in caplog.records)
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from haip_runtime.auth import Principal
-from haip_runtime.config import SessionConfig
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.negotiation import negotiate
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
-from haip_runtime.session import Outbox, Session
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Outbox, Session
 
 pytestmark = pytest.mark.anyio
 

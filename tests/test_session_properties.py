@@ -11,11 +11,11 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haip_runtime.auth import Principal
-from haip_runtime.config import SessionConfig
-from haip_runtime.negotiation import negotiate
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.events import ALL_EVENTS, CloseCode
-from haip_runtime.session import Outbox, Session
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Outbox, Session
 
 OUTBOX_LIMIT = 16
 

@@ -13,7 +13,7 @@ import anyio
 import httpx2
 import pytest
 
-from haip_runtime.client import HaipClient, Received
+from haip_runtime.client.haip_client import HaipClient, Received
 from haip_runtime.exceptions import ClientError
 from tests.serving import LiveServer, live_server, make_config
 
@@ -211,7 +211,7 @@ async def test_an_idle_transaction_leaves_memory_and_comes_back_whole_on_join() 
             tx = await client.start_transaction("greeter")
             await client.send_text(tx, "before the nap")
             await runs_finished(client, tx, 2)
-        with LogWatch("haip_runtime.conversations", f"transaction {tx} left memory") as watch:
+        with LogWatch("haip_runtime.conversation.registry", f"transaction {tx} left memory") as watch:
             assert await anyio.to_thread.run_sync(watch.seen.wait, 20), "the idle transaction stayed in memory"
         assert tx not in live.runtime.hub.transactions.live and not live.runtime.hub.sessions.sessions
         async with HaipClient(live.ws_url, token=token) as client:

@@ -7,7 +7,7 @@ import logging
 import anyio
 import pytest
 
-from haip_runtime.timers import Timers
+from haip_runtime.session.timers import Timers
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ async def test_a_failing_callback_is_logged_and_the_next_still_runs(caplog: pyte
         tg.start_soon(timers.run)
         timers.call_later(0, fail)
         timers.call_later(0, done.set)
-        with caplog.at_level(logging.ERROR, logger="haip_runtime.timers"), anyio.fail_after(5):
+        with caplog.at_level(logging.ERROR, logger="haip_runtime.session.timers"), anyio.fail_after(5):
             await done.wait()
         tg.cancel_scope.cancel()
     assert "timer callback" in caplog.text and "boom" in caplog.text

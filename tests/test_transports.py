@@ -10,8 +10,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from haip_runtime.app import Runtime
 from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.server.app import Runtime
 from haip_runtime.transports.stream import LineSplitter
 from tests.peers import KINDS, InProcess, SsePeer, StreamPeer, open_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config

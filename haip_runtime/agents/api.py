@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from haip_runtime.config import AgentConfig
+from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
+from haip_runtime.config.models import AgentConfig
 from haip_runtime.exceptions import LlmError, ToolUnavailableError
-from haip_runtime.permissions import UNRESTRICTED, Permissions
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode
 
 if TYPE_CHECKING:
     from haip_runtime.llm.provider import Provider
-    from haip_runtime.tools import ToolCallResult, ToolProxy, ToolView
+    from haip_runtime.tools.proxy import ToolCallResult, ToolProxy, ToolView
 
 
 class Emit(Protocol):

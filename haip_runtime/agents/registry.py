@@ -1,5 +1,5 @@
 """Finding agent plugins: entry points of group ``haip_runtime.agents`` and ``module:Class`` strings
-(found by ``haip_runtime/plugins.py``, shared with in-process MCP servers).
+(found by ``haip_runtime/config/references.py``, shared with in-process MCP servers).
 
 Installed is not enabled: only agents named in ``[agents.*]`` are loaded. Each is imported and
 its options validated at start-up, so a broken plugin stops ``serve``/``check`` with one line,
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from haip_runtime.agents.api import Agent, AgentContext
-from haip_runtime.config import AgentConfig, HaipConfig
+from haip_runtime.config.models import AgentConfig, HaipConfig
+from haip_runtime.config.references import PluginKind, resolve
 from haip_runtime.exceptions import PluginError
-from haip_runtime.plugins import PluginKind, resolve
 
 if TYPE_CHECKING:
     from haip_runtime.llm.provider import Provider

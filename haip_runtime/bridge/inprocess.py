@@ -1,6 +1,6 @@
 """Finding the `MCPServer` of a `transport = "python"` server: custom tools as a module, not a process.
 
-The `server` key names the object the way agent plugins are named (`haip_runtime/plugins.py`); it
+The `server` key names the object the way agent plugins are named (`haip_runtime/config/references.py`); it
 is an `mcp.server.mcpserver.MCPServer` or a callable returning one (called once per connection).
 The supervisor hands it to `mcp.Client`, which reaches it in-process; everything after that is the
 same bridge as for stdio and HTTP servers. `ExitGuard` keeps a tool's `sys.exit()` inside its call.
@@ -16,9 +16,9 @@ import mcp_types as types
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 
-from haip_runtime.config import HaipConfig, McpServerConfig
+from haip_runtime.config.models import HaipConfig, McpServerConfig
+from haip_runtime.config.references import PluginKind, resolve
 from haip_runtime.exceptions import PluginError
-from haip_runtime.plugins import PluginKind, resolve
 
 logger = logging.getLogger(__name__)
 

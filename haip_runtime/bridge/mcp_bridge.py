@@ -17,9 +17,9 @@ import anyio.abc
 from haip_runtime.bridge.calls import Call, call_tool
 from haip_runtime.bridge.models import OnElicit, OnProgress, ServerStatus, ToolInfo, ToolResult
 from haip_runtime.bridge.supervisor import ServerSupervisor
-from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
-from haip_runtime.logs import limit_logger
+from haip_runtime.observability.logs import limit_logger
 
 CLOSE_TIMEOUT = 5.0
 """Seconds `McpBridge.__aexit__` waits for connections to close gracefully before cancelling them."""

@@ -33,7 +33,7 @@ from haip_runtime.bridge.calls import Call, elicitation_callback, wire
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
 from haip_runtime.bridge.transport import describe_failure, open_transport, watching_end
-from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from mcp.client import Transport
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from haip_runtime.config import McpServerConfig, McpStdioConfig
+from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import PluginError
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from haip_runtime.config import StorageConfig
+from haip_runtime.config.models import StorageConfig
 from haip_runtime.store.base import (
     Cursor,
     SessionRecord,

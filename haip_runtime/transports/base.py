@@ -18,10 +18,10 @@ from typing import Protocol
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 
-from haip_runtime.auth import Credentials
+from haip_runtime.auth.tokens import Credentials
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.envelope import Envelope
-from haip_runtime.session import Outbox
+from haip_runtime.session.session import Outbox
 
 Inbound = Envelope | DecodeError
 

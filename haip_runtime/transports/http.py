@@ -15,7 +15,7 @@ import anyio
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
-from haip_runtime.auth import Credentials
+from haip_runtime.auth.tokens import Credentials
 from haip_runtime.transports.origin import origin_allowed
 
 #: Headers of a streamed response: no caching, no proxy buffering, no compression.

@@ -19,7 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
-from haip_runtime.session import Frame, Outbox
+from haip_runtime.session.session import Frame, Outbox
 from haip_runtime.transports.base import Inbound, Link
 
 INBOUND_BUFFER = 64

@@ -31,7 +31,7 @@ from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
-from haip_runtime.session import Outbox
+from haip_runtime.session.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
@@ -42,7 +42,7 @@ from haip_runtime.transports.http import (
 )
 
 if TYPE_CHECKING:
-    from haip_runtime.app import Runtime
+    from haip_runtime.server.app import Runtime
 
 #: Envelopes from POSTs waiting for the session; a POST waits while it is full.
 INBOUND_BUFFER = 64

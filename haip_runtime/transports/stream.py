@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session import Outbox
+from haip_runtime.session.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
@@ -35,7 +35,7 @@ from haip_runtime.transports.http import (
 from haip_runtime.transports.sse import Asgi
 
 if TYPE_CHECKING:
-    from haip_runtime.app import Runtime
+    from haip_runtime.server.app import Runtime
 
 #: Decoded envelopes waiting for the session; the request body stops being read while it is full.
 INBOUND_BUFFER = 64

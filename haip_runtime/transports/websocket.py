@@ -21,12 +21,12 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from haip_runtime.auth import Credentials, token_from_subprotocols
+from haip_runtime.auth.tokens import Credentials, token_from_subprotocols
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session import Outbox
+from haip_runtime.session.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled
 
 

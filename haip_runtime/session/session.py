@@ -31,10 +31,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from haip_runtime.auth import Principal
-from haip_runtime.config import FlowControlConfig, SessionConfig
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import FlowControlConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.flow import (
+from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
+from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
+from haip_runtime.session.flow import (
     MAX_MERGED_PART,
     MAX_MERGED_PARTS,
     InboundCredit,
@@ -43,9 +45,7 @@ from haip_runtime.flow import (
     part_text,
     same_message,
 )
-from haip_runtime.negotiation import Downgrader
-from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
-from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
+from haip_runtime.session.negotiation import Downgrader
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from haip_runtime.config import McpServerConfig
+from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
+from haip_runtime.config.models import McpServerConfig
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
-from haip_runtime.permissions import UNRESTRICTED, Permissions
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import ErrorCode, EventType, ToolStatus
 from haip_runtime.protocol.payloads import ToolEntry

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from haip_runtime.config import FlowControlConfig
+from haip_runtime.config.models import FlowControlConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import ErrorCode, EventType

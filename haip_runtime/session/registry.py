@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 
-from haip_runtime.config import SessionConfig
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session import Session
+from haip_runtime.session.session import Session
 from haip_runtime.store.base import SessionRecord, Store
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
 it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/haip/sse`` (SSE), ``/haip/stream`` (HTTP
 streaming), ``/health``, ``/metrics`` (Prometheus, unless ``observability.metrics`` is off),
-``/haip/transactions`` (REST history), and the browser playground at ``/`` (``haip_runtime.playground``).
+``/haip/transactions`` (REST history), and the browser playground at ``/`` (``haip_runtime.server.playground``).
 """
 
 from __future__ import annotations
@@ -30,21 +30,22 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from haip_runtime import __version__, playground
+from haip_runtime import __version__
 from haip_runtime.agents.registry import load_agents
-from haip_runtime.auth import Authenticator
-from haip_runtime.config import HaipConfig, StorageConfig
-from haip_runtime.connection import Connection
+from haip_runtime.auth.tokens import Authenticator
+from haip_runtime.config.models import HaipConfig, StorageConfig
 from haip_runtime.exceptions import ConfigError
-from haip_runtime.history import history_routes
-from haip_runtime.hub import Hub
+from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
-from haip_runtime.metrics import Metrics
+from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import CloseCode
-from haip_runtime.session import Outbox
+from haip_runtime.server import allocator, playground
+from haip_runtime.server.rest import history_routes
+from haip_runtime.session.connection import Connection
+from haip_runtime.session.session import Outbox
+from haip_runtime.session.timers import Timers
 from haip_runtime.store import open_store
-from haip_runtime.timers import Timers
-from haip_runtime.tools import ToolProxy
+from haip_runtime.tools.proxy import ToolProxy
 from haip_runtime.transports.base import Transport
 from haip_runtime.transports.origin import origin_allowed
 from haip_runtime.transports.sse import sse_routes
@@ -70,6 +71,7 @@ class Runtime:
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
+        self.hub.on_freed = allocator.release
         self.metrics.watch(self)
         self.timers = Timers()
         if self.tools is not None:

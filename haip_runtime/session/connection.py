@@ -17,17 +17,17 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from haip_runtime.auth import Authenticator, Principal, close_expired
+from haip_runtime.auth.permissions import check_event
+from haip_runtime.auth.tokens import Authenticator, Principal, close_expired
 from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
-from haip_runtime.hub import Hub
-from haip_runtime.negotiation import negotiate
-from haip_runtime.permissions import check_event
+from haip_runtime.hub.router import Hub
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, new_id
 from haip_runtime.protocol.events import ACCEPT_MAJOR, ALL_EVENTS, HAIP_VERSION, CloseCode, ErrorCode, EventType
-from haip_runtime.session import GAP_GIVE_UP_SECONDS, GAP_GRACE_SECONDS, Outbox, Session, parse_seq
-from haip_runtime.timers import Timer, Timers
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import GAP_GIVE_UP_SECONDS, GAP_GRACE_SECONDS, Outbox, Session, parse_seq
+from haip_runtime.session.timers import Timer, Timers
 from haip_runtime.transports.base import Inbound, Link
 
 logger = logging.getLogger(__name__)

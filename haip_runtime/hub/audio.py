@@ -21,8 +21,8 @@ from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
 if TYPE_CHECKING:
-    from haip_runtime.hub import Hub
-    from haip_runtime.session import Session
+    from haip_runtime.hub.router import Hub
+    from haip_runtime.session.session import Session
 
 
 async def receive_audio(hub: Hub, session: Session, envelope: Envelope) -> None:

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex
 import anyio
 
 from haip_runtime.agents.api import Agent, HistoryEntry, Turn, TurnServices
-from haip_runtime.config import TransactionsConfig
+from haip_runtime.auth.permissions import UNRESTRICTED
+from haip_runtime.config.models import TransactionsConfig
 from haip_runtime.exceptions import LlmError
-from haip_runtime.permissions import UNRESTRICTED
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
-from haip_runtime.tools import content_text
+from haip_runtime.tools.proxy import content_text
 
 if TYPE_CHECKING:
-    from haip_runtime.auth import Principal
-    from haip_runtime.tools import ToolProxy
+    from haip_runtime.auth.tokens import Principal
+    from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
 

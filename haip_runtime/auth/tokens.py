@@ -22,16 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from haip_runtime.config import HMAC_ALGORITHMS, AuthConfig, RoleConfig
+from haip_runtime.auth.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
+from haip_runtime.config.models import HMAC_ALGORITHMS, AuthConfig, RoleConfig
 from haip_runtime.exceptions import ConfigError, HandshakeError, ProtocolError
-from haip_runtime.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
     import jwt
 
-    from haip_runtime.jwks import JwksKeys
-    from haip_runtime.session import Outbox, Session
+    from haip_runtime.auth.jwks import JwksKeys
+    from haip_runtime.session.session import Outbox, Session
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Authenticator:
             self._key = _public_key(config.public_key_file.as_posix(), self._algorithms)
         else:
             assert config.jwks_url is not None  # the config model guarantees one key source
-            from haip_runtime.jwks import JwksKeys
+            from haip_runtime.auth.jwks import JwksKeys
 
             self._jwks = JwksKeys(
                 config.jwks_url,
@@ -139,7 +139,7 @@ class Authenticator:
         if self._jwks is not None and token:
             import jwt
 
-            from haip_runtime.jwks import KeyUnavailableError
+            from haip_runtime.auth.jwks import KeyUnavailableError
 
             try:
                 kid = jwt.get_unverified_header(token).get("kid")

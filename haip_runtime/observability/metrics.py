@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-    from haip_runtime.app import Runtime
     from haip_runtime.llm.provider import Delta, Provider
+    from haip_runtime.server.app import Runtime
 
 #: Tool calls take from a millisecond (an in-process server) to minutes (a person approving).
 TOOL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from haip_runtime.config import ObservabilityConfig
+from haip_runtime.config.models import ObservabilityConfig
 
 REDACTED = "<redacted>"
 _PATTERNS = (

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from haip_runtime.agents.registry import AgentSpec
-from haip_runtime.auth import Principal
-from haip_runtime.config import TransactionsConfig
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import TransactionsConfig
+from haip_runtime.conversation.transaction import AgentSlot, Member, Transaction, history_from_events
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
-from haip_runtime.transactions import AgentSlot, Member, Transaction, history_from_events
 
 if TYPE_CHECKING:
-    from haip_runtime.tools import ToolProxy
+    from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
 

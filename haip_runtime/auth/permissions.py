@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from haip_runtime.config import AuthConfig, RoleConfig
+from haip_runtime.config.models import AuthConfig, RoleConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ErrorCode, EventType

@@ -6,7 +6,7 @@ questions at the prompt (input fields are asked one by one, from the request's J
 Ctrl-C cancels the running turn; a second Ctrl-C quits (so does Ctrl-D). A dropped connection is
 resumed by the client, and after a server restart the conversation is rejoined. Chat commands:
 ``/agents [name]``, ``/tools``, ``/help``, ``/quit``; other lines (``/call ...``) go to the agent.
-Built on ``haip_runtime.client.HaipClient``; drawn by ``haip_runtime.terminal``.
+Built on ``haip_runtime.client.haip_client.HaipClient``; drawn by ``haip_runtime.client.terminal``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import anyio
 from prompt_toolkit.formatted_text import StyleAndTextTuples
 from rich.text import Text
 
-from haip_runtime.client import HaipClient, Received
+from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client.terminal import INTERRUPTED, Terminal, open_terminal, progress_bar, short
 from haip_runtime.exceptions import ClientError
-from haip_runtime.terminal import INTERRUPTED, Terminal, open_terminal, progress_bar, short
 
 HELP = (
     "Type to talk to the agent. /agents lists agents, /agents <name> starts a conversation with one, "

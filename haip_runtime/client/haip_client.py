@@ -12,7 +12,7 @@ When the connection drops it reconnects with backoff and resumes its session: th
 what was missed, the client re-sends what the runtime had not acknowledged, and ``events()`` goes
 on as one stream, each envelope once and in order. If the runtime restarted (its replay window is
 gone), the client starts a new session and rejoins its transactions from the last ``tseq`` it saw,
-so the conversation still reads on without a gap. ``haip-runtime chat`` (``haip_runtime.chat``) is
+so the conversation still reads on without a gap. ``haip-runtime chat`` (``haip_runtime.client.chat``) is
 a terminal chat built on it.
 """
 

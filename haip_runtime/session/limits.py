@@ -13,14 +13,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from haip_runtime.config import LimitsConfig
+from haip_runtime.config.models import LimitsConfig
 from haip_runtime.exceptions import HandshakeError, ProtocolError
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
+    from haip_runtime.conversation.transaction import Transaction
     from haip_runtime.protocol.envelope import Envelope
-    from haip_runtime.session import Session
-    from haip_runtime.transactions import Transaction
+    from haip_runtime.session.session import Session
 
 
 #: Users whose message rate is tracked before idle ones are forgotten (bounds the table).

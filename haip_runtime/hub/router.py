@@ -18,27 +18,26 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from haip_runtime import allocator
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
-from haip_runtime.audio import receive_audio
-from haip_runtime.config import HaipConfig
-from haip_runtime.conversations import TransactionRegistry
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.transaction import AgentSlot, Member, Transaction
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.limits import Limits
-from haip_runtime.metrics import Metrics
+from haip_runtime.hub.audio import receive_audio
+from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
-from haip_runtime.session import Session, parse_seq
-from haip_runtime.sessions import SessionRegistry
+from haip_runtime.session.limits import Limits
+from haip_runtime.session.registry import SessionRegistry
+from haip_runtime.session.session import Session, parse_seq
 from haip_runtime.store.base import Store
 from haip_runtime.store.memory import MemoryStore
-from haip_runtime.transactions import AgentSlot, Member, Transaction
 
 if TYPE_CHECKING:
-    from haip_runtime.tools import ToolProxy, ToolView
+    from haip_runtime.tools.proxy import ToolProxy, ToolView
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ class Hub:
         self.metrics = metrics or Metrics()
         self.transactions.on_run_end = self.metrics.run_finished
         self.started_at = time.monotonic()
+        #: Called after sessions or transactions left memory (the server gives the freed heap back).
+        self.on_freed: Callable[[], None] = lambda: None
         self.total_connections = 0
         self.active_connections = 0
         self._task_group: TaskGroup | None = None
@@ -158,7 +159,7 @@ class Hub:
         for transaction in idle:
             self.transactions.evict(transaction)
         if expired or idle:
-            allocator.release()
+            self.on_freed()
 
     def drop_session(self, session: Session) -> None:
         self.sessions.remove(session)

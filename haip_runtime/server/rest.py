@@ -14,14 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from haip_runtime.auth import Credentials, Principal
+from haip_runtime.auth.tokens import Credentials, Principal
 from haip_runtime.exceptions import HandshakeError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import TransactionRecord
 
 if TYPE_CHECKING:
-    from haip_runtime.app import Runtime
+    from haip_runtime.server.app import Runtime
 
 MAX_PAGE = 1000
 

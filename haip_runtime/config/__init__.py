@@ -1,0 +1,1 @@
+"""The configuration: option models (``models``), loading and references to plugin objects."""

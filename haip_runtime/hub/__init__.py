@@ -1,0 +1,1 @@
+"""The router: each inbound envelope of a session to the transaction, run or tool call it concerns."""
