@@ -2,16 +2,7 @@
 
 __version__ = "0.1.0"
 
-from haip_runtime.agents.api import (
-    Agent,
-    AgentContext,
-    AudioClip,
-    HistoryEntry,
-    MessageStream,
-    NoOptions,
-    Turn,
-    TurnServices,
-)
+from haip_runtime.agents.api import Agent, AgentContext, AudioClip, MessageStream, NoOptions, Turn, TurnServices
 from haip_runtime.config.models import HaipConfig, load_config
 from haip_runtime.exceptions import (
     ClientError,
@@ -27,6 +18,7 @@ from haip_runtime.exceptions import (
     ToolUnavailableError,
 )
 from haip_runtime.llm import Delta, Provider, Reply, ScriptedLLM, ToolCall, ToolSpec, Usage
+from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.protocol.events import LlmErrorCode
 from haip_runtime.tools.proxy import ToolCallResult, ToolView
 

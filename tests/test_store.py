@@ -160,8 +160,8 @@ def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() 
 
 
 def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
-    from haip_runtime.agents.api import HistoryEntry
     from haip_runtime.conversation.transaction import History
+    from haip_runtime.llm.provider import HistoryEntry
 
     def entry(text: str) -> HistoryEntry:
         return HistoryEntry("user", "ann", text, text[:8])

@@ -3,7 +3,8 @@
 Agents never see sockets, sequencing or replay. The runtime builds one agent instance per
 transaction, calls its hooks, and turns what a hook does (``say``, ``stream``, ``call_tool``,
 ``llm``) into HAIP events for every member. A turn gets what it needs from the transaction as one
-``TurnServices`` bundle; ``Emit`` is the narrow door back into the transaction.
+``TurnServices`` bundle; ``Emit`` (from the tool proxy) is the narrow door back
+into the transaction; ``HistoryEntry`` (from the LLM seam) is how the conversation reads to a model.
 """
 
 from __future__ import annotations
@@ -14,51 +15,35 @@ import types
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import AgentConfig
 from haip_runtime.exceptions import LlmError, ToolUnavailableError
+from haip_runtime.llm.provider import HistoryEntry, Provider
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode
+from haip_runtime.tools.proxy import Emit, ToolCallResult, ToolProxy, ToolView
 
-if TYPE_CHECKING:
-    from haip_runtime.llm.provider import Provider
-    from haip_runtime.tools.proxy import ToolCallResult, ToolProxy, ToolView
-
-
-class Emit(Protocol):
-    """Publish one event into the agent's transaction, stamped with the current run."""
-
-    def __call__(self, type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None: ...
+__all__ = [
+    "Agent",
+    "AgentContext",
+    "AudioClip",
+    "Emit",
+    "HistoryEntry",
+    "MessageStream",
+    "NoOptions",
+    "Turn",
+    "TurnServices",
+]
 
 
 class NoOptions(BaseModel):
     """The options model of an agent that takes none."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    """One entry of the conversation, in order: a message, or an agent's tool call and its result.
-
-    ``role`` ``user`` / ``agent``: a message (``text``, ``message_id``). ``tool_call``: ``author``
-    (an agent) called ``tool`` with ``arguments``. ``tool_result``: how call ``call_id`` ended
-    (``status`` ``OK``/``ERROR``/``CANCELLED``; ``text`` is what the tool returned, or the error).
-    ``turn.call_tool`` records both tool entries, so an LLM sees them on its next request.
-    """
-
-    role: Literal["user", "agent", "tool_call", "tool_result"]
-    author: str
-    text: str
-    message_id: str
-    call_id: str | None = None
-    tool: str | None = None
-    arguments: dict[str, Any] | None = None
-    status: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from contextlib import AsyncExitStack, aclosing
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from haip_runtime.agents.api import Agent, HistoryEntry, MessageStream, Turn
+from haip_runtime.agents.api import Agent, MessageStream, Turn
 from haip_runtime.agents.operator import COMMANDS, run_command
-from haip_runtime.llm.provider import ToolCall, Usage
+from haip_runtime.llm.provider import HistoryEntry, ToolCall, Usage
 from haip_runtime.protocol.envelope import new_id
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly. Use a tool only when it helps."

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex
 
 import anyio
 
-from haip_runtime.agents.api import Agent, HistoryEntry, Turn, TurnServices
+from haip_runtime.agents.api import Agent, Turn, TurnServices
 from haip_runtime.auth.permissions import UNRESTRICTED
 from haip_runtime.config.models import TransactionsConfig
 from haip_runtime.exceptions import LlmError
+from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState

@@ -29,7 +29,7 @@ from haip_runtime.llm.provider import (
 from haip_runtime.protocol.events import LlmErrorCode
 
 if TYPE_CHECKING:
-    from haip_runtime.agents.api import HistoryEntry
+    from haip_runtime.llm.provider import HistoryEntry
 
 #: The Messages API requires ``max_tokens``.
 DEFAULT_MAX_TOKENS = 1024

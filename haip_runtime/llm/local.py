@@ -35,7 +35,7 @@ from haip_runtime.llm.provider import Delta, Provider, ToolLike, ToolNames
 from haip_runtime.protocol.events import LlmErrorCode
 
 if TYPE_CHECKING:
-    from haip_runtime.agents.api import HistoryEntry
+    from haip_runtime.llm.provider import HistoryEntry
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from haip_runtime.llm.provider import (
 from haip_runtime.protocol.events import LlmErrorCode
 
 if TYPE_CHECKING:
-    from haip_runtime.agents.api import HistoryEntry
+    from haip_runtime.llm.provider import HistoryEntry
 
 _STOP_REASONS = {"stop": "stop", "tool_calls": "tool_calls", "function_call": "tool_calls", "length": "length"}
 

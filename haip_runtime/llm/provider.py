@@ -14,10 +14,27 @@ import re
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Literal, Protocol
 
-if TYPE_CHECKING:
-    from haip_runtime.agents.api import HistoryEntry
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One entry of the conversation, in order: a message, or an agent's tool call and its result.
+
+    ``role`` ``user`` / ``agent``: a message (``text``, ``message_id``). ``tool_call``: ``author``
+    (an agent) called ``tool`` with ``arguments``. ``tool_result``: how call ``call_id`` ended
+    (``status`` ``OK``/``ERROR``/``CANCELLED``; ``text`` is what the tool returned, or the error).
+    ``turn.call_tool`` records both tool entries, so an LLM sees them on its next request.
+    """
+
+    role: Literal["user", "agent", "tool_call", "tool_result"]
+    author: str
+    text: str
+    message_id: str
+    call_id: str | None = None
+    tool: str | None = None
+    arguments: dict[str, Any] | None = None
+    status: str | None = None
 
 
 class ToolLike(Protocol):

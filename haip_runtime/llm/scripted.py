@@ -24,7 +24,7 @@ from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import LlmErrorCode
 
 if TYPE_CHECKING:
-    from haip_runtime.agents.api import HistoryEntry
+    from haip_runtime.llm.provider import HistoryEntry
 
 Answer = str | ToolCall | LlmError | Sequence[str | ToolCall]
 

@@ -1,1 +1,2 @@
-"""The server: the ASGI app and its ``Runtime``, the HTTP routes (HAIP doors, REST history, health, metrics, playground)."""
+"""The server: the ASGI app and its ``Runtime``, and the HTTP routes (the HAIP doors, REST
+history, health, metrics, the playground)."""

@@ -23,11 +23,10 @@ from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
 from haip_runtime.protocol.envelope import new_id
-from haip_runtime.protocol.events import ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolStatus
 from haip_runtime.protocol.payloads import ToolEntry
 
 if TYPE_CHECKING:
-    from haip_runtime.agents.api import Emit
     from haip_runtime.bridge import (
         ElicitationAnswer,
         ElicitationRequest,
@@ -45,6 +44,12 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.05
 
 DoneStatus = Literal["OK", "ERROR", "CANCELLED"]
+
+
+class Emit(Protocol):
+    """Publish one event into the agent's transaction, stamped with the current run."""
+
+    def __call__(self, type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None: ...
 
 
 class ToolBackend(Protocol):
