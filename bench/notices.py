@@ -34,7 +34,8 @@ from haip_runtime.hub.router import Hub  # noqa: E402
 from haip_runtime.protocol.envelope import Event  # noqa: E402
 from haip_runtime.protocol.events import EventType  # noqa: E402
 from haip_runtime.server.app import Runtime  # noqa: E402
-from haip_runtime.session.session import Outbox, Session  # noqa: E402
+from haip_runtime.session.session import Session  # noqa: E402
+from haip_runtime.session.window import Outbox  # noqa: E402
 from tests.serving import make_config  # noqa: E402
 
 CONFIG = make_config({"mcp": {"servers": {"s": {"transport": "stdio", "command": "/nonexistent"}}}})

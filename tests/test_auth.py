@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pydantic import ValidationError
 
-from haip_runtime.auth.tokens import Authenticator, Credentials, token_from_subprotocols
+from haip_runtime.auth.tokens import Authenticator
 from haip_runtime.config.models import AuthConfig, RoleConfig
 from haip_runtime.exceptions import ConfigError, HandshakeError
+from haip_runtime.transports.base import Credentials, token_from_subprotocols
 
 SECRET = "k" * 40
 

@@ -20,7 +20,8 @@ from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
 from haip_runtime.server.app import Runtime
 from haip_runtime.session.flow import MAX_CHANNELS, MAX_MERGED_PART, InboundCredit
 from haip_runtime.session.negotiation import negotiate
-from haip_runtime.session.session import Outbox, Session
+from haip_runtime.session.session import Session
+from haip_runtime.session.window import Outbox
 from haip_runtime.transports.memory import MemoryTransport
 from tests.peers import MemoryClient
 from tests.serving import make_config

@@ -1,19 +1,27 @@
-"""Quotas (`[limits]`) on their own: the token bucket, sessions per user, members, tool calls."""
+"""Quotas (`[limits]`) with their owners: the token bucket, a session's own rate and tool calls, a user's
+sessions and their rate together, a transaction's members, a user's transactions, a member's runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 import haip_runtime.session.limits as limits_module
-from haip_runtime.config.models import LimitsConfig
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
+from haip_runtime.conversation.members import Member
+from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.runs import RunLimit
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import HandshakeError, ProtocolError
 from haip_runtime.protocol.envelope import Envelope
-from haip_runtime.session.limits import Limits, TokenBucket
+from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.session.limits import TokenBucket, UserQuotas
+from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
+from haip_runtime.store.memory import MemoryStore
 
 
 class Clock:
@@ -28,17 +36,12 @@ class Clock:
 class FakeSession:
     user: str
     detached_at: float | None = None
+    id: str = "s"
+    transactions: set[str] = field(default_factory=set)
 
 
-@dataclass(eq=False)
-class FakeTransaction:
-    owner: str
-    id: str = "t1"
-    ended: bool = False
-    members: dict[str, Any] = field(default_factory=dict)
-
-    def is_member(self, session: Any) -> bool:
-        return session in self.members.values()
+def session(user: str, limits: LimitsConfig, clock: Clock | None = None) -> Session:
+    return Session(Principal(user), negotiate(ALL_EVENTS), SessionConfig(), limits=limits, clock=clock or Clock())
 
 
 def envelope(id: str = "e1") -> Envelope:
@@ -56,82 +59,106 @@ def test_token_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
 
 def test_message_rate_is_per_session_and_names_the_limit() -> None:
     clock = Clock()
-    limits = Limits(LimitsConfig(messages_per_second=1, message_burst=1), clock)
-    first, second = FakeSession("a"), FakeSession("a")
-    limits.check_message(cast(Session, first), envelope())
+    config = LimitsConfig(messages_per_second=1, message_burst=1)
+    first, second = session("a", config, clock), session("a", config, clock)
+    first.check_rate(envelope())
     with pytest.raises(ProtocolError) as caught:
-        limits.check_message(cast(Session, first), envelope("e2"))
-    limits.check_message(cast(Session, second), envelope())  # its own bucket
+        first.check_rate(envelope("e2"))
+    second.check_rate(envelope())  # its own bucket
     clock.now += 1
-    limits.check_message(cast(Session, first), envelope())
+    first.check_rate(envelope())
     assert caught.value.code == "RATE_LIMITED" and caught.value.related_id == "e2"
     assert caught.value.detail == {"limit": "limits.messages_per_second"}
 
 
 def test_a_new_session_replaces_the_oldest_disconnected_ones_or_is_refused() -> None:
-    limits = Limits(LimitsConfig(sessions_per_user=3))
+    quotas = UserQuotas(LimitsConfig(sessions_per_user=3))
     old, older, live = FakeSession("u", detached_at=20), FakeSession("u", detached_at=10), FakeSession("u")
     others = [FakeSession("v"), FakeSession("v"), FakeSession("v")]
     sessions = cast(list[Session], [old, older, live, *others])
-    assert limits.admit_session(sessions, "u") == [cast(Session, older)]
+    assert quotas.sessions_to_drop(sessions, "u") == [cast(Session, older)]
     with pytest.raises(HandshakeError) as caught:
-        limits.admit_session(sessions, "v")
-    assert limits.admit_session(sessions, "w") == []
+        quotas.sessions_to_drop(sessions, "v")
+    assert quotas.sessions_to_drop(sessions, "w") == []
     assert caught.value.code == "RATE_LIMITED" and caught.value.close_code == 1008
 
 
 def test_transactions_per_user_count_only_open_ones_of_that_owner() -> None:
-    limits = Limits(LimitsConfig(transactions_per_user=2))
-    open_ones = [FakeTransaction("u"), FakeTransaction("u", ended=True), FakeTransaction("v")]
-    limits.check_transactions(cast(list[Transaction], open_ones), "u", "e")
+    registry = TransactionRegistry(
+        TransactionsConfig(), {}, MemoryStore(), lambda *a: None, limits=LimitsConfig(transactions_per_user=2)
+    )
+    for owner, ended in (("u", False), ("u", True), ("v", False)):
+        transaction = registry.new(owner, None)
+        transaction.ended = ended
+        registry.live[transaction.id] = transaction
+    registry.check_room("u", "e")
+    extra = registry.new("u", None)
+    registry.live[extra.id] = extra
     with pytest.raises(ProtocolError) as caught:
-        limits.check_transactions(cast(list[Transaction], [*open_ones, FakeTransaction("u")]), "u", "e")
+        registry.check_room("u", "e")
     assert caught.value.detail == {"limit": "limits.transactions_per_user"}
 
 
 def test_members_per_transaction_let_members_rejoin() -> None:
-    limits = Limits(LimitsConfig(members_per_transaction=1))
-    member, stranger = FakeSession("u"), FakeSession("u")
-    transaction = FakeTransaction("u", members={"m": member})
-    limits.check_members(cast(Transaction, transaction), cast(Session, member), "e")
-    with pytest.raises(ProtocolError):
-        limits.check_members(cast(Transaction, transaction), cast(Session, stranger), "e")
+    transaction = Transaction(
+        owner="u", thread_id=None, spawn=lambda *a: None, limits=LimitsConfig(members_per_transaction=1)
+    )
+    member, stranger = session("u", LimitsConfig()), session("u", LimitsConfig())
+    transaction.add_member(member)
+    transaction.check_room(member, "e")
+    with pytest.raises(ProtocolError) as caught:
+        transaction.check_room(stranger, "e")
+    assert caught.value.detail == {"limit": "limits.members_per_transaction"}
 
 
 def test_tool_calls_in_flight_are_claimed_and_released() -> None:
-    limits = Limits(LimitsConfig(tool_calls_per_session=2))
-    session = cast(Session, FakeSession("u"))
-    limits.claim_tool_call(session, "a")
-    limits.claim_tool_call(session, "b")
+    own = session("u", LimitsConfig(tool_calls_per_session=2))
+    own.claim_tool_call("a")
+    own.claim_tool_call("b")
     with pytest.raises(ProtocolError) as caught:
-        limits.claim_tool_call(session, "c")
-    limits.release_tool_call(session)
-    limits.claim_tool_call(session, "d")
-    assert caught.value.related_id == "c" and limits.tool_calls_in_flight(session) == 2
+        own.claim_tool_call("c")
+    own.release_tool_call()
+    own.claim_tool_call("d")
+    assert caught.value.related_id == "c" and own.tool_calls == 2
+
+
+def test_a_members_runs_are_counted_across_transactions_and_refused_past_the_limit() -> None:
+    limit = RunLimit(2)
+    member, other = cast(Member, FakeSession("u", id="m")), cast(Member, FakeSession("u", id="o"))
+    limit.check(member, 2, "e1")
+    limit.claim(member)
+    limit.claim(member)
+    with pytest.raises(ProtocolError) as caught:
+        limit.check(member, 1, "e2")
+    limit.check(other, 2, "e3")  # its own count
+    limit.release(member)
+    limit.check(member, 1, "e4")
+    limit.check(member, 0, "e5")  # nothing wanted: never refused
+    assert caught.value.code == "RUN_LIMIT_EXCEEDED" and caught.value.related_id == "e2"
+    assert limit.running(member) == 1
 
 
 def test_a_users_sessions_share_the_user_rate_and_idle_users_are_forgotten() -> None:
     clock = Clock()
-    config = LimitsConfig(message_burst=10, user_messages_per_second=1, user_message_burst=3)
-    limits = Limits(config, clock)
-    first, second, other = FakeSession("a"), FakeSession("a"), FakeSession("b")
-    for session in (first, second, first):
-        limits.check_message(cast(Session, session), envelope())
+    quotas = UserQuotas(LimitsConfig(message_burst=10, user_messages_per_second=1, user_message_burst=3), clock)
+    for user in ("a", "a", "a"):
+        quotas.check_message(user, "e")
     with pytest.raises(ProtocolError) as caught:
-        limits.check_message(cast(Session, second), envelope("e9"))
-    limits.check_message(cast(Session, other), envelope())
+        quotas.check_message("a", "e9")
+    quotas.check_message("b", "e")
     assert caught.value.detail == {"limit": "limits.user_messages_per_second"}
+    assert caught.value.related_id == "e9"
     clock.now += 10
-    limits._forget_idle_users(clock.now)
-    assert limits._user_buckets == {}
+    quotas._forget_idle_users(clock.now)
+    assert quotas._user_buckets == {}
 
 
 def test_the_user_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits_module, "MAX_TRACKED_USERS", 2)
     clock = Clock()
-    limits = Limits(LimitsConfig(user_messages_per_second=1, user_message_burst=1), clock)
+    quotas = UserQuotas(LimitsConfig(user_messages_per_second=1, user_message_burst=1), clock)
     for number in range(2):
-        limits.check_message(cast(Session, FakeSession(f"u{number}")), envelope())
+        quotas.check_message(f"u{number}", "e")
     clock.now += 5
-    limits.check_message(cast(Session, FakeSession("late")), envelope())
-    assert list(limits._user_buckets) == ["late"]
+    quotas.check_message("late", "e")
+    assert list(quotas._user_buckets) == ["late"]

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from haip_runtime.client.haip_client import HaipClient
 from haip_runtime.exceptions import LlmError
+from haip_runtime.llm.metered import metered
 from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS, LlmErrorCode
@@ -167,7 +168,7 @@ def test_a_server_connecting_again_after_it_was_lost_counts_a_reconnect() -> Non
 
 async def test_llm_tokens_requests_and_errors_are_counted_per_provider() -> None:
     metrics = Metrics()
-    llm = metrics.llm("local", ScriptedLLM(["three words here", LlmError(LlmErrorCode.LLM_BAD_REQUEST, "no")]))
+    llm = metered("local", ScriptedLLM(["three words here", LlmError(LlmErrorCode.LLM_BAD_REQUEST, "no")]), metrics)
     reply = await llm.complete([])
     with pytest.raises(LlmError):
         await llm.complete([])

@@ -15,7 +15,8 @@ from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session.flow import MAX_MERGED_PART, MAX_MERGED_PARTS
 from haip_runtime.session.negotiation import negotiate
-from haip_runtime.session.session import Outbox, Session
+from haip_runtime.session.session import Session
+from haip_runtime.session.window import Outbox
 from tests import agents
 from tests.raw import raw_peer
 from tests.serving import live_server, make_config

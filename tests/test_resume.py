@@ -14,7 +14,7 @@ import pytest
 
 from haip_runtime.client.haip_client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
-from haip_runtime.session import session as session_module
+from haip_runtime.session import liveness
 from tests.raw import RawPeer, raw_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
@@ -239,10 +239,8 @@ async def test_a_gap_that_is_never_filled_is_given_up_and_the_session_goes_on(un
 async def test_a_gap_left_open_is_asked_for_then_given_up_after_a_while(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from haip_runtime.session import connection
-
-    monkeypatch.setattr(connection, "GAP_GRACE_SECONDS", 0.01)
-    monkeypatch.setattr(connection, "GAP_GIVE_UP_SECONDS", 0.05)
+    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.01)
+    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()
         await handshake(peer, server.token())
@@ -297,7 +295,7 @@ async def test_session_window_is_bounded_by_bytes_whatever_a_client_sends(server
 
 
 def test_gap_constants_are_what_the_protocol_says() -> None:
-    assert session_module.GAP_GRACE_SECONDS == 0.5
+    assert liveness.GAP_GRACE_SECONDS == 0.5
 
 
 async def _unused(_: Received) -> None:  # keeps the import honest for type checkers

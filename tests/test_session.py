@@ -13,7 +13,8 @@ from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
 from haip_runtime.session.negotiation import negotiate
-from haip_runtime.session.session import Outbox, Session
+from haip_runtime.session.session import Session
+from haip_runtime.session.window import Outbox
 
 pytestmark = pytest.mark.anyio
 

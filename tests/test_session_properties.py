@@ -15,7 +15,8 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.events import ALL_EVENTS, CloseCode
 from haip_runtime.session.negotiation import negotiate
-from haip_runtime.session.session import Outbox, Session
+from haip_runtime.session.session import Session
+from haip_runtime.session.window import Outbox
 
 OUTBOX_LIMIT = 16
 

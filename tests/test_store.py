@@ -133,7 +133,7 @@ async def test_the_memory_store_forgets_the_least_recent_transactions_past_its_b
 
 
 def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() -> None:
-    from haip_runtime.conversation.transaction import history_from_events
+    from haip_runtime.conversation.history import history_from_events
 
     def e(type: str, payload: dict[str, object], channel: str = "AGENT", run_id: str | None = "r") -> Event:
         return Event(type, payload, channel=channel, run_id=run_id)
@@ -160,7 +160,7 @@ def test_the_agents_history_is_rebuilt_from_the_log_with_tool_calls_and_edits() 
 
 
 def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
-    from haip_runtime.conversation.transaction import History
+    from haip_runtime.conversation.history import History
     from haip_runtime.llm.provider import HistoryEntry
 
     def entry(text: str) -> HistoryEntry:

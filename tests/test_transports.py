@@ -190,8 +190,9 @@ async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None
         )
         pongs = [(await peer.receive_type("PONG"))["payload"]["nonce"] for _ in range(2)]
     assert other.status_code == unknown.status_code == 404
-    assert garbage.status_code == 400 and garbage.json()["code"] == "INVALID_MESSAGE"
-    assert unauthenticated.status_code == 401
+    assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "INVALID_MESSAGE"
+    assert unauthenticated.status_code == 401 and unauthenticated.json()["error"]["code"] == "AUTHENTICATION_FAILED"
+    assert unknown.json()["error"]["code"] == other.json()["error"]["code"] == "RESUME_FAILED"  # one shape everywhere
     assert batch.status_code == 202 and batch.json() == {"accepted": 2} and pongs == ["a", "b"]
 
 

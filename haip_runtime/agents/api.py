@@ -10,7 +10,6 @@ into the transaction; ``HistoryEntry`` (from the LLM seam) is how the conversati
 from __future__ import annotations
 
 import base64
-import json
 import types
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
@@ -310,16 +309,7 @@ class Turn:
                 permissions=services.permissions,
                 call_id=call_id,
             )
-            status, text = result.status, _result_text(result)
+            status, text = result.status, result.model_text
             return result
         finally:
             self.record(HistoryEntry("tool_result", name, text, call_id, call_id=call_id, tool=name, status=status))
-
-
-def _result_text(result: ToolCallResult) -> str:
-    """What a model is told a call returned: its text, else its structured content, else the error."""
-    if result.error is not None:
-        return f"{result.error.get('code', 'ERROR')}: {result.error.get('message', '')}"
-    if result.text or result.structured_content is None:
-        return result.text
-    return json.dumps(result.structured_content)

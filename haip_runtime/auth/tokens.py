@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.config.models import HMAC_ALGORITHMS, AuthConfig, RoleConfig
-from haip_runtime.exceptions import ConfigError, HandshakeError, ProtocolError
+from haip_runtime.exceptions import ConfigError, HandshakeError
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
     import jwt
 
     from haip_runtime.auth.jwks import JwksKeys
-    from haip_runtime.session.session import Outbox, Session
 
 logger = logging.getLogger(__name__)
 
@@ -50,39 +49,6 @@ class Principal:
     permissions: Permissions = UNRESTRICTED
     expires_at: float | None = None
     """When the rights this token gave end (its ``exp`` plus the leeway), in seconds since the epoch."""
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Credentials a transport found outside the HAI payload, in priority order."""
-
-    authorization: str | None = None
-    subprotocol_token: str | None = None
-    query_token: str | None = None
-
-    def first(self, hai_token: str | None) -> str | None:
-        for candidate in (self.authorization, self.subprotocol_token, self.query_token, hai_token):
-            token = _strip_bearer(candidate)
-            if token:
-                return token
-        return None
-
-
-def _strip_bearer(value: str | None) -> str | None:
-    if value is None:
-        return None
-    scheme, _, rest = value.strip().partition(" ")
-    if scheme.lower() == "bearer":
-        return rest.strip() or None
-    return value.strip() or None
-
-
-def token_from_subprotocols(offered: list[str]) -> str | None:
-    """``Sec-WebSocket-Protocol: haip, token.<jwt>`` carries a token in the second entry."""
-    for item in offered:
-        if item.startswith("token."):
-            return item.removeprefix("token.")
-    return None
 
 
 class Authenticator:
@@ -216,18 +182,6 @@ def _public_key(path: str, algorithms: list[str]) -> Any:
     if any(hasattr(key, "private_numbers") for key in keys):
         raise ConfigError(f"auth.public_key_file: {path} holds a private key; give the runtime only the public key")
     return pem
-
-
-def close_expired(session: Session, outbox: Outbox) -> None:
-    """End a connection's rights when its token expires: ERROR AUTHENTICATION_FAILED, close 1008.
-
-    ``Connection`` calls this at the token's ``expires_at``. The session stays resumable; the client
-    reconnects with a fresh token to go on.
-    """
-    logger.info("session %s of user %r: token expired; closing its connection", session.id, session.user)
-    error = ProtocolError(ErrorCode.AUTHENTICATION_FAILED, "token expired; reconnect with a new token")
-    session.send_error(error)
-    outbox.close(CloseCode.POLICY, "token expired")
 
 
 def _reason(exc: jwt.PyJWTError) -> str:

@@ -16,8 +16,12 @@ import anyio
 
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.config.models import TransactionsConfig
-from haip_runtime.conversation.transaction import AgentSlot, Member, Transaction, history_from_events
+from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
+from haip_runtime.conversation.history import history_from_events
+from haip_runtime.conversation.members import Member
+from haip_runtime.conversation.runs import RunLimit
+from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
@@ -37,8 +41,13 @@ class TransactionRegistry:
         store: Store,
         spawn: Callable[..., object],
         tools: ToolProxy | None = None,
+        *,
+        limits: LimitsConfig | None = None,
+        max_runs: int | None = None,
     ) -> None:
         self.config = config
+        self.limits = limits or LimitsConfig()
+        self.run_limit = RunLimit(SessionConfig().max_concurrent_runs if max_runs is None else max_runs)
         self.agents = agents
         self.store = store
         self.tools = tools
@@ -59,11 +68,19 @@ class TransactionRegistry:
             tools=self.tools,
             store=self.store,
             config=self.config,
+            limits=self.limits,
+            run_limit=self.run_limit,
             id=id,
             **state,
         )
         transaction.on_run_end = self.on_run_end
         return transaction
+
+    def check_room(self, user: str, related_id: str) -> None:
+        """Before ``user`` starts another transaction (``limits.transactions_per_user``)."""
+        owned = sum(1 for transaction in self.live.values() if transaction.owner == user and not transaction.ended)
+        if owned >= self.limits.transactions_per_user:
+            raise limited(f"you already have {owned} open transactions", "transactions_per_user", related_id)
 
     def add(self, transaction: Transaction) -> None:
         self.live[transaction.id] = transaction

@@ -10,28 +10,29 @@ cancel scope, so one failing or cancelled turn costs only itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from haip_runtime.agents.api import Agent, Turn, TurnServices
 from haip_runtime.auth.permissions import UNRESTRICTED
-from haip_runtime.config.models import TransactionsConfig
+from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
+from haip_runtime.conversation.history import History
+from haip_runtime.conversation.members import Member
+from haip_runtime.conversation.runs import Run, RunLimit
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
-from haip_runtime.tools.proxy import content_text
 
 if TYPE_CHECKING:
-    from haip_runtime.auth.tokens import Principal
     from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
@@ -42,73 +43,6 @@ END_GRACE_SECONDS = 5.0
 TAIL_EVENTS = 256
 #: ...but never more than this many bytes of them (the newest is always kept).
 TAIL_BYTES = 1024 * 1024
-
-
-class History(deque[HistoryEntry]):
-    """The agents' view of the conversation, bounded by entries and by bytes of text (kept as a sum)."""
-
-    def __init__(self, entries: Iterable[HistoryEntry], *, maxlen: int, max_bytes: int) -> None:
-        super().__init__(maxlen=maxlen)
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        for entry in entries:
-            self.append(entry)
-
-    def append(self, entry: HistoryEntry) -> None:
-        if len(self) == self.maxlen:
-            self.bytes -= len(self[0].text)  # the deque lets it go
-        super().append(entry)
-        self.bytes += len(entry.text)
-        while len(self) > 1 and self.bytes > self.max_bytes:
-            self.bytes -= len(self.popleft().text)
-
-    def __setitem__(self, index: SupportsIndex, entry: HistoryEntry) -> None:  # type: ignore[override]
-        self.bytes += len(entry.text) - len(self[index].text)
-        super().__setitem__(index, entry)
-
-
-class Member(Protocol):
-    """What a transaction needs of a member: a session, here or (later) on another node."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def user(self) -> str: ...
-
-    @property
-    def principal(self) -> Principal: ...
-
-    transactions: set[str]
-    active_runs: int
-
-    def deliver(self, event: Event) -> None: ...
-
-
-class Run:
-    """One agent turn in flight: its cancel scope, and a way to wait for its end."""
-
-    __slots__ = ("id", "agent", "member", "scope", "finished", "_done")
-
-    def __init__(self, id: str, agent: str, member: Member | None) -> None:
-        self.id = id
-        self.agent = agent
-        self.member = member
-        self.scope = anyio.CancelScope()
-        self.finished = False
-        self._done: anyio.Event | None = None  # made only if someone waits
-
-    def finish(self) -> None:
-        self.finished = True
-        if self._done is not None:
-            self._done.set()
-
-    async def wait(self) -> None:
-        """Until the turn has ended (at once if it has)."""
-        if not self.finished:
-            if self._done is None:
-                self._done = anyio.Event()
-            await self._done.wait()
 
 
 @dataclass(frozen=True)
@@ -130,6 +64,8 @@ class Transaction:
         tools: ToolProxy | None = None,
         store: Store | None = None,
         config: TransactionsConfig | None = None,
+        limits: LimitsConfig | None = None,
+        run_limit: RunLimit | None = None,
         id: str | None = None,
         tseq: int = 0,
         created_at: float | None = None,
@@ -137,6 +73,9 @@ class Transaction:
         history: Iterable[HistoryEntry] = (),
     ) -> None:
         self.config = config or TransactionsConfig()
+        self.limits = limits or LimitsConfig()
+        #: How many runs a member may have at once (shared by the transactions of one registry).
+        self.run_limit = run_limit or RunLimit(SessionConfig().max_concurrent_runs)
         self.id = id or secret_id()
         self.owner = owner
         self.thread_id = thread_id
@@ -210,6 +149,13 @@ class Transaction:
     def is_member(self, member: Member) -> bool:
         return member.id in self.members
 
+    def check_room(self, member: Member, related_id: str) -> None:
+        """Before ``member`` joins: ``RATE_LIMITED`` if the transaction is full (``limits.members_per_transaction``)."""
+        if not self.is_member(member) and len(self.members) >= self.limits.members_per_transaction:
+            raise limited(
+                f"transaction {self.id} already has {len(self.members)} members", "members_per_transaction", related_id
+            )
+
     def add_agent(self, slot: AgentSlot) -> None:
         self.agents[slot.name] = slot
         self.save()
@@ -260,8 +206,15 @@ class Transaction:
 
     # --- messages and runs -----------------------------------------------------------------------
 
-    def user_message(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
-        """Forward a user's message to the other members and start a turn for every agent."""
+    def admit_runs(self, member: Member, wanted: int, related_id: str) -> None:
+        """Room for ``wanted`` more runs started by ``member`` (``RUN_LIMIT_EXCEEDED`` if not); check
+        before publishing what the runs answer, so a refused message costs nothing."""
+        self.run_limit.check(member, wanted, related_id)
+
+    def user_message(self, member: Member, text: str, payload: dict[str, Any], related_id: str = "") -> list[Run]:
+        """Forward a user's message to the other members and start a turn for every agent
+        (``RUN_LIMIT_EXCEEDED``, with nothing published, if the member has too many running)."""
+        self.admit_runs(member, len(self.agents), related_id)
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
@@ -286,7 +239,7 @@ class Transaction:
         run = Run(id=new_id(), agent=slot.name, member=member)
         self.runs[run.id] = run
         if member is not None:
-            member.active_runs += 1
+            self.run_limit.claim(member)
         turn = self._turn(slot, run, text, payload, member)
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
         return run
@@ -335,7 +288,7 @@ class Transaction:
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)
         if run.member is not None:
-            run.member.active_runs -= 1
+            self.run_limit.release(run.member)
         self.publish(Event(type, {"run_id": run.id, **body}, channel=Channel.AGENT, run_id=run.id))
         if self.on_run_end is not None:
             self.on_run_end(run.agent, body.get("status") or body["code"])
@@ -378,54 +331,3 @@ class Transaction:
             await slot.instance.on_end(reason)
         except Exception:
             logger.exception("agent %r failed in on_end of transaction %s", slot.name, self.id)
-
-
-def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
-    """The agents' history, rebuilt from a transaction's log (after a restart or an eviction)."""
-    entries: dict[str, HistoryEntry] = {}
-    authors: dict[str, str] = {}
-    tools: dict[str, str] = {}  # call_id -> tool, of agents' calls
-    for event in events:
-        body = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
-        message_id = str(body.get("message_id", ""))
-        if event.type == EventType.MESSAGE and event.channel == Channel.USER:
-            entries[message_id] = HistoryEntry(
-                "user", str(body.get("author", "")), str(body.get("text", "")), message_id
-            )
-        elif event.type == EventType.MESSAGE_START:
-            authors[message_id] = str(body.get("author", ""))
-            entries[message_id] = HistoryEntry("agent", authors[message_id], "", message_id)
-        elif event.type == EventType.MESSAGE_PART and message_id in entries:
-            entry = entries[message_id]
-            entries[message_id] = replace(entry, text=entry.text + str(body.get("text", "")))
-        elif event.type == EventType.MESSAGE_UPDATE and message_id in entries:
-            entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
-        elif event.type == EventType.TOOL_CALL and event.run_id is not None:  # an agent's call, not a member's
-            call_id, tool = str(body.get("call_id", "")), str(body.get("tool", ""))
-            params = body.get("params")
-            arguments: dict[str, Any] = params if isinstance(params, dict) else {}
-            tools[call_id] = tool
-            caller = str(body.get("caller", ""))
-            entries[f"call:{call_id}"] = HistoryEntry(
-                "tool_call", caller, "", call_id, call_id=call_id, tool=tool, arguments=arguments
-            )
-        elif event.type == EventType.TOOL_DONE and str(body.get("call_id", "")) in tools:
-            call_id = str(body.get("call_id", ""))
-            status, text = str(body.get("status", "")), _done_text(body)
-            entries[f"result:{call_id}"] = HistoryEntry(
-                "tool_result", tools[call_id], text, call_id, call_id=call_id, tool=tools[call_id], status=status
-            )
-    return list(entries.values())
-
-
-def _done_text(done: dict[str, Any]) -> str:
-    """What a TOOL_DONE says the call returned, as ``turn.call_tool`` records it for a model."""
-    error = done.get("error")
-    if isinstance(error, dict):
-        return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
-    given = done.get("result")
-    result: dict[str, Any] = given if isinstance(given, dict) else {}
-    text = content_text(result.get("content", []))
-    if text or result.get("structuredContent") is None:
-        return text
-    return json.dumps(result["structuredContent"])

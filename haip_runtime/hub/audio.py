@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from haip_runtime.agents.api import Agent, AudioClip
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
-
-if TYPE_CHECKING:
-    from haip_runtime.hub.router import Hub
-    from haip_runtime.session.session import Session
+from haip_runtime.session.session import Session
 
 
-async def receive_audio(hub: Hub, session: Session, envelope: Envelope) -> None:
-    transaction = hub.member_transaction(session, envelope)
-    if transaction.ended:
-        raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, "the transaction has ended", related_id=envelope.id)
+async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -> None:
+    transaction = ctx.open_transaction(session, envelope)
     audio = parse_payload(envelope, p.Audio)
-    data = clip_bytes(envelope, audio, hub.config.server.max_frame_bytes)
+    data = clip_bytes(envelope, audio, ctx.config.server.max_frame_bytes)
     message_id = audio.message_id or new_id()
     forwarded: dict[str, Any] = {
         "message_id": message_id,
@@ -41,12 +37,7 @@ async def receive_audio(hub: Hub, session: Session, envelope: Envelope) -> None:
     if audio.duration_ms is not None:
         forwarded["duration_ms"] = audio.duration_ms
     listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
-    if listeners and session.active_runs + len(listeners) > hub.config.session.max_concurrent_runs:
-        raise ProtocolError(
-            ErrorCode.RUN_LIMIT_EXCEEDED,
-            f"at most {hub.config.session.max_concurrent_runs} runs at once per session",
-            related_id=envelope.id,
-        )
+    transaction.admit_runs(session, len(listeners), envelope.id)
     transaction.publish(
         Event(EventType.AUDIO_CHUNK, forwarded, channel=Channel.AUDIO_IN, exclude=frozenset({session.id}))
     )

@@ -16,16 +16,19 @@ import itertools
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import AsyncGenerator, Iterable, Sequence
-from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-    from haip_runtime.llm.provider import Delta, Provider
-    from haip_runtime.server.app import Runtime
+
+class Collector(Protocol):
+    """A source of metric families read at scrape time (``prometheus_client``'s collector protocol)."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
 
 #: Tool calls take from a millisecond (an in-process server) to minutes (a person approving).
 TOOL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -146,7 +149,7 @@ class Metrics:
             self._runs, self._tools, self._tool_seconds, self._restarts, self._resumes,
             self._llm_tokens, self._llm_seconds, self._llm_errors,
         )  # fmt: skip
-        self._runtime: Runtime | None = None
+        self._gauges: Collector | None = None
         self._registry: CollectorRegistry | None = None
         self._ever_connected: set[str] = set()
         self._connected: set[str] = set()
@@ -182,35 +185,26 @@ class Metrics:
         else:
             self._connected.discard(server)
 
-    def llm(self, name: str, provider: Provider) -> Provider:
-        """``provider``, its ``stream`` timed and its token usage counted under ``name``."""
-        original = provider.stream
-        tokens, seconds, errors = self._llm_tokens, self._llm_seconds, self._llm_errors
-        seconds.touch(name)
-        errors.touch(name)
+    def llm_watched(self, provider: str) -> None:
+        """Export ``provider``'s LLM series from now on, at 0 until it is used."""
+        self._llm_seconds.touch(provider)
+        self._llm_errors.touch(provider)
 
-        async def stream(*args: Any, **kwargs: Any) -> AsyncGenerator[Delta, None]:
-            started = time.monotonic()
-            try:
-                async with aclosing(original(*args, **kwargs)) as deltas:
-                    async for delta in deltas:
-                        if delta.usage is not None:
-                            tokens.inc(name, "input", amount=delta.usage.input_tokens)
-                            tokens.inc(name, "output", amount=delta.usage.output_tokens)
-                        yield delta
-            except Exception:
-                errors.inc(name)
-                raise
-            seconds.observe(name, value=time.monotonic() - started)
+    def llm_usage(self, provider: str, input_tokens: int, output_tokens: int) -> None:
+        self._llm_tokens.inc(provider, "input", amount=input_tokens)
+        self._llm_tokens.inc(provider, "output", amount=output_tokens)
 
-        provider.stream = stream  # type: ignore[method-assign]
-        return provider
+    def llm_request(self, provider: str, seconds: float) -> None:
+        self._llm_seconds.observe(provider, value=seconds)
+
+    def llm_error(self, provider: str) -> None:
+        self._llm_errors.inc(provider)
 
     # --- scraping ---------------------------------------------------------------------------------
 
-    def watch(self, runtime: Runtime) -> None:
-        """Read ``runtime``'s gauges on each scrape, and this process's CPU, memory, descriptors and GC."""
-        self._runtime = runtime
+    def watch(self, gauges: Collector) -> None:
+        """Read ``gauges`` (the runtime's) on each scrape, and this process's CPU, memory, descriptors and GC."""
+        self._gauges = gauges
 
     @property
     def content_type(self) -> str:
@@ -235,52 +229,11 @@ class Metrics:
 
         self._registry = registry = CollectorRegistry()
         registry.register(self)
-        if self._runtime is not None:
-            registry.register(RuntimeCollector(self._runtime))
+        if self._gauges is not None:
+            registry.register(self._gauges)
             ProcessCollector(registry=registry)
             GCCollector(registry=registry)  # collections per generation: the collector is a cost here
         return registry
-
-
-class RuntimeCollector:
-    """Gauges read from the runtime at scrape time (in the event loop's thread, by the /metrics route)."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def collect(self) -> Iterable[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        hub = self.runtime.hub
-        sessions = list(hub.sessions.sessions.values())
-        live = [t for t in hub.transactions.live.values() if not t.ended]
-        metrics = self.runtime.metrics
-        yield counter("haip_messages_received", "Envelopes received from clients, by type.", metrics.received_counts)
-        yield counter("haip_messages_sent", "Envelopes sent to clients (one per member), by type.", metrics.sent_counts)
-        yield gauge("haip_connections", "Client connections open now.", hub.active_connections)
-        accepted = CounterMetricFamily("haip_connections_accepted", "Client connections that started a handshake.")
-        accepted.add_metric([], hub.total_connections)
-        yield accepted
-        yield gauge("haip_sessions", "Sessions in memory (connected or resumable).", len(sessions))
-        yield gauge(
-            "haip_sessions_detached",
-            "Sessions waiting for their client to resume.",
-            sum(s.outbox is None for s in sessions),
-        )
-        yield gauge("haip_transactions", "Transactions live in memory (not ended).", len(live))
-        yield gauge("haip_runs_active", "Agent runs in progress.", sum(len(t.runs) for t in live))
-        backlog = sum(s.outbox.backlog for s in sessions if s.outbox is not None)
-        yield gauge("haip_outbound_backlog", "Frames queued for clients, summed over connections.", backlog)
-        yield gauge("haip_event_loop_tasks", "Tasks in the runtime's event loop.", _tasks())
-        servers = GaugeMetricFamily(
-            "haip_mcp_server_up", "1 if the MCP server is connected, by state.", labels=["server", "state"]
-        )
-        tools = GaugeMetricFamily("haip_mcp_server_tools", "Tools an MCP server offers.", labels=["server"])
-        for name, (state, count, _error) in self.runtime.server_health().items():
-            servers.add_metric([name, state], 1.0 if state == "connected" else 0.0)
-            tools.add_metric([name], count)
-        yield servers
-        yield tools
 
 
 def counter(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
@@ -298,7 +251,7 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _tasks() -> int:
+def event_loop_tasks() -> int:
     try:
         return len(asyncio.all_tasks())
     except RuntimeError:  # scraped outside the event loop (a test calling render directly)

@@ -17,8 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol import fastjson
-from haip_runtime.protocol.events import Channel
+from haip_runtime.protocol.events import Channel, ErrorCode
 
 CHANNEL_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
 
@@ -206,3 +207,16 @@ class Event:
 
 
 _EVENT_FIELDS = Event.__slots__
+
+
+def parse_seq(value: str | None, where: str, related_id: str, code: ErrorCode = ErrorCode.INVALID_PAYLOAD) -> int:
+    """A seq in a payload field (``where``) as a number; an error ``code`` naming the field if it is not one."""
+    number = parse_uint64(value)
+    if number is None:
+        raise ProtocolError(
+            code,
+            f"{where} must be a decimal seq, not {value!r}"[:200],
+            related_id=related_id,
+            detail={"where": f"/payload/{where}"},
+        )
+    return number

@@ -27,8 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.routing import BaseRoute, Route
 
 from haip_runtime import __version__
 from haip_runtime.agents.registry import load_agents
@@ -37,20 +36,18 @@ from haip_runtime.config.models import HaipConfig, StorageConfig
 from haip_runtime.exceptions import ConfigError
 from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
+from haip_runtime.llm.metered import metered
 from haip_runtime.observability.metrics import Metrics
-from haip_runtime.protocol.events import CloseCode
 from haip_runtime.server import allocator, playground
+from haip_runtime.server.doors import Doorway, haip_routes
+from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
-from haip_runtime.session.connection import Connection
-from haip_runtime.session.session import Outbox
+from haip_runtime.session.connection import Connection, Gateway
 from haip_runtime.session.timers import Timers
+from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools.proxy import ToolProxy
-from haip_runtime.transports.base import Transport
-from haip_runtime.transports.origin import origin_allowed
-from haip_runtime.transports.sse import sse_routes
-from haip_runtime.transports.stream import stream_routes
-from haip_runtime.transports.websocket import WebSocketTransport
+from haip_runtime.transports.base import FrameSource, Transport
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import McpBridge, ServerStatus
@@ -66,14 +63,17 @@ class Runtime:
         self.config = config
         self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
         self.metrics = Metrics()
-        self.llms = {name: self.metrics.llm(name, llm) for name, llm in create_providers(config.llm).items()}
+        self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
         self.hub.on_freed = allocator.release
-        self.metrics.watch(self)
+        self.metrics.watch(RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health))
         self.timers = Timers()
+        self.gateway = Gateway(
+            config, self.hub.sessions, self.authenticator.authenticate, self.hub.handle, self.timers, self.metrics
+        )
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
         self._stack = AsyncExitStack()
@@ -144,19 +144,21 @@ class Runtime:
             async for name, state, error in pending:
                 await self.hub.server_changed(name, state, error)
 
-    async def serve_websocket(self, ws: WebSocket) -> None:
-        if not origin_allowed(ws.headers, self.config.server.allowed_origins):
-            logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
-            await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
-            return
-        await self.serve(WebSocketTransport(ws, max_frame_bytes=self.config.server.max_frame_bytes))
-
     async def serve(self, transport: Transport) -> None:
         """Serve one connection over ``transport`` until either side ends it."""
         outbox = Outbox(self.config.session.max_buffered_messages)
-        connection = Connection(self.hub, self.authenticator, transport.link, outbox, self.timers)
+        connection = Connection(self.gateway, transport.link, outbox)
         async with transport.streams(outbox) as inbound:
             await connection.serve(inbound)
+
+    def doorway(self) -> Doorway:
+        """What the transport routes may use of the runtime."""
+
+        def outbox_of(session_id: str) -> FrameSource | None:
+            session = self.hub.sessions.get(session_id)
+            return session.outbox if session is not None else None
+
+        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of)
 
     def server_health(self) -> dict[str, tuple[str, int, str | None]]:
         """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""
@@ -181,8 +183,8 @@ class Runtime:
             "status": "degraded" if down else "ok",
             **({"degraded": down} if down else {}),
             "uptime": int((time.monotonic() - hub.started_at) * 1000),
-            "activeConnections": hub.active_connections,
-            "totalConnections": hub.total_connections,
+            "activeConnections": hub.sessions.active_connections,
+            "totalConnections": hub.sessions.total_connections,
             "version": __version__,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
@@ -215,11 +217,8 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     routes: list[BaseRoute] = [
         Route("/health", health),
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
-        WebSocketRoute("/haip/websocket", rt.serve_websocket),
-        WebSocketRoute("/", rt.serve_websocket),
-        *history_routes(rt),
-        *sse_routes(rt),
-        *stream_routes(rt),
+        *haip_routes(rt.doorway()),
+        *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     return Starlette(routes=routes, lifespan=lifespan)

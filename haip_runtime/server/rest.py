@@ -8,51 +8,56 @@ header or ``?token=``); 401 without them, 404 for a transaction the caller may n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from haip_runtime.auth.tokens import Credentials, Principal
-from haip_runtime.exceptions import HandshakeError
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.exceptions import HandshakeError, ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.store.base import TransactionRecord
-
-if TYPE_CHECKING:
-    from haip_runtime.server.app import Runtime
+from haip_runtime.store.base import Store, TransactionRecord
+from haip_runtime.transports.base import Credentials
+from haip_runtime.transports.http import http_error_body
 
 MAX_PAGE = 1000
 
 
-def history_routes(runtime: Runtime) -> list[Route]:
-    async def transactions(request: Request) -> JSONResponse:
-        principal = await _principal(runtime, request)
+def history_routes(
+    store: Store, transactions: TransactionRegistry, authenticate: Callable[[str | None], Awaitable[Principal]]
+) -> list[Route]:
+    """The REST routes over ``store``; ``transactions`` knows who may see one, and what is newer in memory."""
+
+    async def listing(request: Request) -> JSONResponse:
+        principal = await _principal(authenticate, request)
         limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
         cursor = _cursor(request.query_params.get("cursor"))
-        records = await runtime.hub.store.transactions_of(principal.user, limit=limit + 1, before=cursor)
+        records = await store.transactions_of(principal.user, limit=limit + 1, before=cursor)
         page = records[:limit]
-        body: dict[str, Any] = {"transactions": [_listed(runtime, record) for record in page]}
+        body: dict[str, Any] = {"transactions": [_listed(transactions, record) for record in page]}
         body["next_cursor"] = f"{page[-1].updated_at!r}|{page[-1].id}" if len(records) > limit else None
         return JSONResponse(body)
 
     async def events(request: Request) -> JSONResponse:
-        principal = await _principal(runtime, request)
+        principal = await _principal(authenticate, request)
         transaction_id = request.path_params["transaction_id"]
-        record = await runtime.hub.store.transaction(transaction_id)
-        if record is None or not runtime.hub.transactions.may_see(record.members, principal):
+        record = await store.transaction(transaction_id)
+        if record is None or not transactions.may_see(record.members, principal):
             raise _Refusal(404, ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}")
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
-        page = await runtime.hub.store.events(transaction_id, after=after, limit=limit)
+        page = await store.events(transaction_id, after=after, limit=limit)
         next_after = page[-1].tseq if len(page) == limit else None
         return JSONResponse(
             {"transaction": transaction_id, "events": [_event(e) for e in page], "next_after": next_after}
         )
 
     return [
-        Route("/haip/transactions", _answering(transactions)),
+        Route("/haip/transactions", _answering(listing)),
         Route("/haip/transactions/{transaction_id}/events", _answering(events)),
     ]
 
@@ -67,7 +72,7 @@ def _answering(handler: Any) -> Any:
         try:
             response: JSONResponse = await handler(request)
         except _Refusal as refusal:
-            body = {"error": {"code": refusal.code.value, "message": refusal.message}}
+            body = http_error_body(ProtocolError(refusal.code, refusal.message))
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
             return JSONResponse(body, status_code=refusal.status, headers=headers)
         return response
@@ -75,12 +80,12 @@ def _answering(handler: Any) -> Any:
     return endpoint
 
 
-async def _principal(runtime: Runtime, request: Request) -> Principal:
+async def _principal(authenticate: Callable[[str | None], Awaitable[Principal]], request: Request) -> Principal:
     credentials = Credentials(
         authorization=request.headers.get("authorization"), query_token=request.query_params.get("token")
     )
     try:
-        return await runtime.authenticator.authenticate(credentials.first(None))
+        return await authenticate(credentials.first(None))
     except HandshakeError as error:
         raise _Refusal(401, error.code, error.message) from error
 
@@ -104,9 +109,9 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
         raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave") from exc
 
 
-def _listed(runtime: Runtime, record: TransactionRecord) -> dict[str, Any]:
+def _listed(transactions: TransactionRegistry, record: TransactionRecord) -> dict[str, Any]:
     body = record.public()
-    live = runtime.hub.transactions.live.get(record.id)
+    live = transactions.live.get(record.id)
     if live is not None:  # the store's copy is written at turn boundaries; memory is exact
         body["last_tseq"] = live.tseq
     return body

@@ -1,35 +1,55 @@
-"""The session registry: the live sessions of this runtime, their resume and their expiry.
+"""The session registry: the live sessions of this runtime, their admission, resume and expiry.
 
 Keeps a small record of each session in the store (user, transactions, the runtime's epoch), so a
 client resuming a session this process never knew learns why: the runtime restarted (and which
-transactions to rejoin), or the session is unknown or not theirs (nothing revealed).
+transactions to rejoin), or the session is unknown or not theirs (nothing revealed). It owns the
+quotas that span a user's sessions (``UserQuotas``) and counts the connections it has served.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
-from haip_runtime.config.models import SessionConfig
+from haip_runtime.config.models import LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.session.limits import UserQuotas
 from haip_runtime.session.session import Session
+from haip_runtime.session.window import Outbox
 from haip_runtime.store.base import SessionRecord, Store
 
 logger = logging.getLogger(__name__)
 
 
 class SessionRegistry:
-    def __init__(self, config: SessionConfig, store: Store, epoch: str) -> None:
+    """The sessions of this runtime by id; the one way a session is admitted, resumed or dropped."""
+
+    def __init__(self, config: SessionConfig, store: Store, epoch: str, limits: LimitsConfig | None = None) -> None:
         self.config = config
         self.store = store
+        #: This process's run of the runtime; a client that sees it change knows the runtime restarted.
         self.epoch = epoch
+        self.quotas = UserQuotas(limits or LimitsConfig())
         self.sessions: dict[str, Session] = {}
+        #: Called with each session dropped (the hub takes it out of its transactions).
+        self.on_drop: Callable[[Session], None] = lambda session: None
+        #: Connections that completed a handshake or a resume, and those of them still open.
+        self.total_connections = 0
+        self.active_connections = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
 
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
     def add(self, session: Session) -> None:
+        """Admit an authenticated session: the user's oldest disconnected sessions make room for it
+        (``HandshakeError`` RATE_LIMITED if all of them are connected)."""
+        for stale in self.quotas.sessions_to_drop(self.sessions.values(), session.user):
+            self.drop(stale)
         self.sessions[session.id] = session
         self.save(session)
 
@@ -37,13 +57,20 @@ class SessionRegistry:
         record = SessionRecord(session.id, session.user, self.epoch, tuple(sorted(session.transactions)), time.time())
         self.store.save_session(record)
 
-    def find_resumable(self, session_id: str, user: str) -> Session | None:
+    async def resume(self, session_id: str, user: str, outbox: Outbox, last_seq: int, related_id: str) -> Session:
+        """Re-attach ``user``'s session ``session_id`` to ``outbox``, re-sending what came after
+        ``last_seq``. Raises ``ProtocolError(RESUME_FAILED)`` saying why not (the session is untouched)."""
         session = self.sessions.get(session_id)
         if session is None or session.user != user or session.expired(time.monotonic()):
-            return None
+            raise await self._resume_failure(session_id, user, related_id)
+        try:
+            session.attach(outbox, last_seq)
+        except ProtocolError as error:
+            error.related_id = related_id or error.related_id
+            raise
         return session
 
-    async def resume_failure(self, session_id: str, user: str, related_id: str) -> ProtocolError:
+    async def _resume_failure(self, session_id: str, user: str, related_id: str) -> ProtocolError:
         """Why ``session_id`` cannot be resumed by ``user``, as the ERROR to send."""
         record = await self.store.session(session_id) if session_id else None
         if record is not None and record.user == user and record.epoch != self.epoch:
@@ -65,9 +92,11 @@ class SessionRegistry:
         now = time.monotonic()
         return [session for session in self.sessions.values() if session.expired(now)]
 
-    def remove(self, session: Session) -> None:
+    def drop(self, session: Session) -> None:
+        """The session is over (expired, or made room for a newer one of its user)."""
         self.sessions.pop(session.id, None)
         self.store.forget_session(session.id)
+        self.on_drop(session)
 
     def prune_records(self) -> None:
         """Forget records of sessions that cannot be resumed any more, whoever made them."""

@@ -22,19 +22,17 @@ Sessions never import a web framework.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.config.models import FlowControlConfig, SessionConfig
+from haip_runtime.config.models import FlowControlConfig, LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
+from haip_runtime.protocol.envelope import Envelope, Event, secret_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
 from haip_runtime.session.flow import (
     MAX_MERGED_PART,
@@ -45,295 +43,19 @@ from haip_runtime.session.flow import (
     part_text,
     same_message,
 )
+from haip_runtime.session.limits import TokenBucket, limited
+from haip_runtime.session.liveness import Liveness
 from haip_runtime.session.negotiation import Downgrader
+from haip_runtime.session.timers import Timers
+from haip_runtime.session.window import Outbox, ReplayWindow
+from haip_runtime.transports.base import Link
 
 logger = logging.getLogger(__name__)
 
 #: Envelopes a numbered client may send past a gap before the runtime stops waiting for the gap.
 MAX_INBOUND_GAP = 1000
-#: How long a gap may stay open before the runtime asks the client to replay it (PROTOCOL.md section 10).
-GAP_GRACE_SECONDS = 0.5
-#: How long after asking the runtime waits for the gap to be filled before it carries on without it.
-GAP_GIVE_UP_SECONDS = 5.0
 #: Inbound envelope ids remembered per session, so a client that re-sends after a reconnect is not served twice.
 DEDUP_WINDOW = 1024
-#: REPLAY_REQUESTs a connection may have waiting; more from a client that does not read closes it with 1013.
-MAX_PENDING_REPLAYS = 16
-#: Frames of an earlier binding an outbox still writes after it is moved to another session (the server HAI).
-_MAX_CARRIED_FRAMES = 8
-
-
-class Frame(str):
-    """One outbound envelope as the window hands it out: its JSON text, its ``seq`` and, in two-frame
-    mode, its binary part. Made when read; the window keeps plain text (a ``str`` subclass carries a
-    ``__dict__``, several hundred bytes a frame)."""
-
-    seq: int
-    data: bytes | None
-
-    @classmethod
-    def make(cls, text: str, seq: int, data: bytes | None = None) -> Frame:
-        frame = cls(text)
-        frame.seq, frame.data = seq, data
-        return frame
-
-    @property
-    def size(self) -> int:
-        return len(self) + (len(self.data) if self.data is not None else 0)
-
-    def inline(self) -> str:
-        """The envelope as one text frame (a binary part goes back into ``payload.data`` as base64)."""
-        if self.data is None:
-            return str(self)
-        envelope = json.loads(self)
-        envelope.pop("bin_len", None)
-        envelope.pop("bin_mime", None)
-        envelope["payload"]["data"] = base64.b64encode(self.data).decode("ascii")
-        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
-
-
-class ReplayWindow:
-    """The session's recent outbound frames by seq: at least ``messages`` or ``seconds`` of them,
-    whichever holds more, but never more than ``max_bytes`` (the newest frame is always kept)."""
-
-    def __init__(self, messages: int, seconds: float, max_bytes: int, clock: Callable[[], float]) -> None:
-        self.messages = messages
-        self.seconds = seconds
-        self.max_bytes = max_bytes
-        self._clock = clock
-        #: (time recorded, text) of each frame from ``_head`` on; a list, not a deque (an idle session's
-        #: window holds two frames, and an empty deque is 0.6 KB), trimmed from the front now and then.
-        self._frames: list[tuple[float, str]] = []
-        self._head = 0
-        self._binary: dict[int, bytes] = {}  # the binary parts of two-frame envelopes, by seq
-        self._first = 1  # seq of _frames[_head]
-        self.bytes = 0
-
-    @property
-    def first_seq(self) -> int:
-        return self._first
-
-    @property
-    def last_seq(self) -> int:
-        return self._first + len(self._frames) - self._head - 1
-
-    def __len__(self) -> int:
-        return len(self._frames) - self._head
-
-    def record(self, seq: int, text: str, data: bytes | None = None, *, unwritten_from: int | None = None) -> None:
-        """Keep frame ``seq``; let the oldest go past the bounds. Frames from ``unwritten_from`` on (what
-        the connection has yet to write, a resume's backlog) outlive the count and age bounds, never
-        the bytes bound."""
-        assert seq == self.last_seq + 1, "seqs are recorded in order"
-        now = self._clock()
-        frames = self._frames
-        frames.append((now, text))
-        self.bytes += len(text)
-        if data is not None:
-            self._binary[seq] = data
-            self.bytes += len(data)
-        horizon = now - self.seconds
-        spare = seq + 1 if unwritten_from is None else unwritten_from
-        while len(frames) - self._head > 1 and (
-            self.bytes > self.max_bytes
-            or (len(frames) - self._head > self.messages and frames[self._head][0] < horizon and self._first < spare)
-        ):
-            self.bytes -= len(frames[self._head][1])
-            self._head += 1
-            dropped = self._binary.pop(self._first, None)
-            self.bytes -= len(dropped) if dropped is not None else 0
-            self._first += 1
-        if self._head >= 64 and self._head * 2 >= len(frames):
-            del frames[: self._head]  # amortised: the list is trimmed once half of it is gone
-            self._head = 0
-
-    def get(self, seq: int) -> Frame | None:
-        index = seq - self._first
-        if not 0 <= index < len(self._frames) - self._head:
-            return None
-        return Frame.make(self._frames[self._head + index][1], seq, self._binary.get(seq) if self._binary else None)
-
-    def holds(self, from_seq: int) -> bool:
-        """Whether every frame from ``from_seq`` on is still here."""
-        return from_seq >= self._first
-
-
-class _Signal:
-    """A wake-up flag with at most one waiter (the connection's writer), cleared as it is taken.
-
-    An ``asyncio.Event`` keeps a deque of waiters, about 0.7 KB for every connection."""
-
-    __slots__ = ("_set", "_waiter")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Until set (at once if it is); then clear it."""
-        if not self._set:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        self._set = False
-
-
-class Outbox:
-    """One connection's cursor over its session's outbound frames, and its close request.
-
-    The transport iterates ``frames()``. ``wake`` is called for each new frame; a connection more
-    than ``limit`` live frames behind is closed with 1013 (its session stays resumable) instead of
-    slowing the transaction or the other members, and ``on_abort`` is called (the transport ends
-    the connection if the peer does not take the close either). The backlog of a resume does not
-    count: the client asked for all of it. Idle outboxes are many: their state is kept small (lists,
-    not deques, for what is rarely there).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self._window: ReplayWindow | None = None
-        self._next = 1
-        self._live_floor = 0
-        self._end: int | None = None
-        self._carried: list[Frame] = []  # at most _MAX_CARRIED_FRAMES
-        self._replays: list[tuple[int, int]] = []  # at most MAX_PENDING_REPLAYS
-        #: Set when there may be something to write (one flag, reused: an event per wait was a
-        #: measurable part of every streamed frame).
-        self._wake = _Signal()
-        #: Called when the connection must go at once (1013): the transport stops waiting on a stalled peer.
-        self.on_abort: Callable[[], None] | None = None
-        #: Called when the writer has written every recorded frame (the session records a held part).
-        self.on_drained: Callable[[], None] | None = None
-        self._writing = False
-        #: Called whenever there may be something to write (a transport that writes only then starts its writer).
-        self.on_wake: Callable[[], None] | None = None
-
-    def bind(self, window: ReplayWindow, next_seq: int) -> None:
-        """Follow ``window`` from ``next_seq`` on; frames still unwritten of an earlier window go first."""
-        if self._window is not None and self._window is not window:
-            for seq in range(self._next, self._window.last_seq + 1)[:_MAX_CARRIED_FRAMES]:
-                frame = self._window.get(seq)
-                if frame is not None:
-                    self._carried.append(frame)
-        self._window = window
-        self._next = next_seq
-        self._live_floor = window.last_seq
-        self._replays.clear()
-        self._signal()
-
-    def wake(self) -> None:
-        window = self._window
-        if window is not None and window.last_seq - max(self._next - 1, self._live_floor) > self.limit:
-            self.close(CloseCode.TRY_AGAIN_LATER, "client is not reading fast enough")
-        self._signal()
-
-    def replay(self, from_seq: int, to_seq: int) -> None:
-        if len(self._replays) >= MAX_PENDING_REPLAYS:
-            self.close(CloseCode.TRY_AGAIN_LATER, "too many replays waiting for a client that is not reading")
-            return
-        self._replays.append((from_seq, to_seq))
-        self._signal()
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Ask the transport to close after the frames already sent to it (at once for 1013)."""
-        if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
-            if self.on_drained is not None:
-                self.on_drained()  # a held part was sent before the close: it is written first
-            self._end = self._window.last_seq if self._window is not None else 0
-            if code == CloseCode.TRY_AGAIN_LATER and self.on_abort is not None:
-                self.on_abort()
-        self._signal()
-
-    def discard(self) -> None:
-        """The connection is gone: stop at once."""
-        self.close(CloseCode.NORMAL)
-        self._end, self._carried, self._replays = 0, [], []
-        self._signal()
-
-    @property
-    def written(self) -> int:
-        """The last live seq handed to the transport."""
-        return self._next - 1
-
-    @property
-    def busy(self) -> bool:
-        """Whether the transport is still writing the last frame it took: the peer (or the network)
-        is slower than what the session sends it."""
-        return self._writing
-
-    @property
-    def backlog(self) -> int:
-        """Frames this connection has yet to write (live and replayed)."""
-        window = self._window
-        live = 0 if window is None else max(0, (self._end or window.last_seq) - self._next + 1)
-        return live + len(self._carried) + sum(end - start + 1 for start, end in self._replays)
-
-    def _signal(self) -> None:
-        self._wake.set()
-        if self.on_wake is not None:
-            self.on_wake()
-
-    async def frames(self, linger: float | None = None) -> AsyncIterator[Frame]:
-        """The frames to write, in order; ends when the outbox is closed (and, but for 1013, drained).
-
-        With ``linger``, also ends once nothing came to write for that many seconds: for a writer
-        that runs only while there is something to write (the next frame starts one again).
-        """
-        loop = asyncio.get_running_loop()
-        while self.close_code != CloseCode.TRY_AGAIN_LATER:
-            frame = self._take()
-            if frame is not None:
-                self._writing = True
-                yield frame
-                self._writing = False
-            elif self.close_code is not None:
-                return
-            elif linger is None:
-                await self._wake.wait()
-            else:
-                quiet = loop.call_later(linger, self._wake.set)
-                await self._wake.wait()
-                quiet.cancel()  # (a no-op if it woke us)
-                if loop.time() >= quiet.when() and self.close_code is None and not self.backlog:
-                    return
-
-    def _take(self) -> Frame | None:
-        if self._carried:
-            return self._carried.pop(0)
-        window = self._window
-        if window is None:
-            return None
-        while self._replays:
-            start, end = self._replays[0]
-            if start >= end:
-                self._replays.pop(0)
-            else:
-                self._replays[0] = (start + 1, end)
-            frame = window.get(start)
-            if frame is not None:
-                return frame
-        if self._next > window.last_seq and self._end is None and self.on_drained is not None:
-            self.on_drained()  # all recorded frames are written: a part held meanwhile is recorded now
-        last = window.last_seq if self._end is None else min(self._end, window.last_seq)
-        if self._next > last:
-            return None
-        frame = window.get(self._next)
-        if frame is None:
-            self.close(CloseCode.TRY_AGAIN_LATER, "client fell behind the replay window")
-            return None
-        self._next += 1
-        return frame
 
 
 class Session:
@@ -352,6 +74,7 @@ class Session:
         id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         flow: FlowControlConfig | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.id = id or secret_id()
         self._principal = principal
@@ -362,8 +85,12 @@ class Session:
         self.binary_frames = False
         self.downgrader = Downgrader(accepted)
         self.transactions: set[str] = set()
-        self.active_runs = 0
         self.outbox: Outbox | None = None
+        #: The deadlines of the connection serving it (``watch``), if one does.
+        self.liveness: Liveness | None = None
+        self.limits = limits or LimitsConfig()
+        self._rate: TokenBucket | None = None  # made with the first inbound envelope
+        self._tool_calls = 0
         self.detached_at: float | None = None
         self._seq = 0
         self._clock = clock
@@ -381,9 +108,11 @@ class Session:
         self.on_sent: Callable[[str], None] | None = None
 
     @classmethod
-    def provisional(cls, config: SessionConfig, flow: FlowControlConfig | None = None) -> Session:
+    def provisional(
+        cls, config: SessionConfig, flow: FlowControlConfig | None = None, limits: LimitsConfig | None = None
+    ) -> Session:
         """A session for a connection whose client has not authenticated yet."""
-        return cls(None, _EVERY_EVENT, config, flow=flow)
+        return cls(None, _EVERY_EVENT, config, flow=flow, limits=limits)
 
     def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
         self._principal = principal
@@ -568,7 +297,70 @@ class Session:
             )
         )
 
+    def take(self, envelope: Envelope) -> bool:
+        """An inbound envelope after the handshake: ``False`` for a duplicate to drop; raises what it
+        breaks (credit, the session's message rate). A gap it opens is watched for."""
+        if not self.accept_inbound(envelope):
+            return False
+        if self.liveness is not None:
+            self.liveness.watch_gap()
+        self.spend_credit(envelope)
+        self.check_rate(envelope)
+        return True
+
+    def heard(self) -> None:
+        """The peer sent something: it is alive."""
+        if self.liveness is not None:
+            self.liveness.heard()
+
+    def spend_credit(self, envelope: Envelope) -> None:
+        """The client's credit for this envelope (FLOW_CONTROL_VIOLATION past it), topped up when due."""
+        grant = self.credit.consume(envelope, self.outbox.written if self.outbox is not None else self._seq)
+        if grant is not None:
+            self.send(EventType.FLOW_UPDATE, grant)
+            self.credit.granted(self._seq, grant)
+
+    def check_rate(self, envelope: Envelope) -> None:
+        """One inbound envelope against this session's own message rate (``limits.messages_per_second``)."""
+        now = self._clock()
+        if self._rate is None:
+            self._rate = TokenBucket(self.limits.messages_per_second, self.limits.message_burst, now)
+        if not self._rate.take(now):
+            message = f"more than {self.limits.messages_per_second:g} messages a second; this one was dropped"
+            raise limited(message, "messages_per_second", envelope.id)
+
+    def claim_tool_call(self, related_id: str) -> None:
+        """Before a direct TOOL_CALL of this session starts; pair with ``release_tool_call``."""
+        if self._tool_calls >= self.limits.tool_calls_per_session:
+            message = f"{self._tool_calls} tool calls of this session are still running"
+            raise limited(message, "tool_calls_per_session", related_id)
+        self._tool_calls += 1
+
+    def release_tool_call(self) -> None:
+        self._tool_calls = max(0, self._tool_calls - 1)
+
+    @property
+    def tool_calls(self) -> int:
+        """Direct tool calls of this session still running."""
+        return self._tool_calls
+
     # --- connections ---------------------------------------------------------------------------
+
+    def ready(self, epoch: str, *, resumed: bool) -> None:
+        """``INFO session.ready``: the handshake (or a resume) is done and the client may go on."""
+        self.send(EventType.INFO, {"event": "session.ready", "user": self.user, "resumed": resumed, "epoch": epoch})
+
+    def watch(self, timers: Timers, link: Link) -> None:
+        """Start the deadlines of the connection now serving this session (heartbeat, token expiry, gaps)."""
+        assert self.outbox is not None
+        self.unwatch()
+        self.liveness = Liveness(self, timers, self.outbox, link)
+        self.liveness.start()
+
+    def unwatch(self) -> None:
+        if self.liveness is not None:
+            self.liveness.stop()
+            self.liveness = None
 
     def attach(self, outbox: Outbox, last_rx_seq: int | None = None) -> None:
         """Bind a connection; with ``last_rx_seq``, re-send everything after it first.
@@ -604,6 +396,8 @@ class Session:
     def detach(self, outbox: Outbox) -> None:
         outbox.close()  # it writes nothing recorded after this
         outbox.on_drained = None
+        if self.liveness is not None and self.liveness.outbox is outbox:
+            self.unwatch()
         if self.outbox is outbox:
             self.outbox = None
             self.detached_at = self._clock()
@@ -651,15 +445,3 @@ def error_payload(error: ProtocolError) -> dict[str, Any]:
     if error.detail:
         payload["detail"] = error.detail
     return payload
-
-
-def parse_seq(value: str | None, where: str, related_id: str, code: ErrorCode = ErrorCode.INVALID_PAYLOAD) -> int:
-    number = parse_uint64(value)
-    if number is None:
-        raise ProtocolError(
-            code,
-            f"{where} must be a decimal seq, not {value!r}"[:200],
-            related_id=related_id,
-            detail={"where": f"/payload/{where}"},
-        )
-    return number

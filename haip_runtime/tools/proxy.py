@@ -10,6 +10,7 @@ the bridge. A tool failure, a refusal or a cancelled call is a ``ToolCallResult`
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -129,6 +130,30 @@ class ToolCallResult:
         if self.error is not None:
             return str(self.error.get("message", ""))
         return content_text(self.content)
+
+    @property
+    def model_text(self) -> str:
+        """What a model is told the call returned: its text, else its structured content, else the error."""
+        if self.error is not None:
+            return f"{self.error.get('code', 'ERROR')}: {self.error.get('message', '')}"
+        if self.text or self.structured_content is None:
+            return self.text
+        return json.dumps(self.structured_content)
+
+    @classmethod
+    def from_done(cls, tool: str, done: dict[str, Any]) -> ToolCallResult:
+        """The result a ``TOOL_DONE`` payload carries (a transaction's log, read back)."""
+        given, error = done.get("result"), done.get("error")
+        result: dict[str, Any] = given if isinstance(given, dict) else {}
+        content, structured = result.get("content"), result.get("structuredContent")
+        return cls(
+            str(done.get("call_id", "")),
+            tool,
+            done.get("status", "ERROR"),
+            content if isinstance(content, list) else [],
+            structured if isinstance(structured, dict) else None,
+            error if isinstance(error, dict) else None,
+        )
 
     def done_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status}

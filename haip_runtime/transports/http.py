@@ -1,5 +1,6 @@
 """What the two HTTP transports (SSE, HTTP streaming) share: credentials, the Origin check, a
-response writer that several tasks may use, and ending a connection when the client goes.
+response writer that several tasks may use, ending a connection when the client goes, and the
+one shape of an HTTP error (``{"error": {"code", "message", "detail"?}}``, PROTOCOL.md section 1).
 
 Both are plain ASGI endpoints rather than Starlette responses: they read the request and write
 the response at the same time, and must see ``http.disconnect`` themselves.
@@ -8,14 +9,15 @@ the response at the same time, and must see ``http.disconnect`` themselves.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
-from haip_runtime.auth.tokens import Credentials
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.transports.base import Credentials
 from haip_runtime.transports.origin import origin_allowed
 
 #: Headers of a streamed response: no caching, no proxy buffering, no compression.
@@ -35,11 +37,35 @@ def refused_origin(scope: Scope, allowed: Sequence[str]) -> bool:
     return not origin_allowed(Headers(scope=scope), allowed)
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": data})
+
+
+def http_error_body(error: ProtocolError) -> dict[str, Any]:
+    """The body of every HTTP error the runtime answers (REST, SSE, HTTP streaming, health)."""
+    fields: dict[str, Any] = {"code": error.code.value, "message": error.message}
+    if error.detail:
+        fields["detail"] = error.detail
+    return {"error": fields}
+
+
+async def send_error(send: Send, status: int, error: ProtocolError) -> None:
+    """Answer a plain ASGI request with ``status`` and the error's body (401 also names the scheme)."""
+    headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    await send_json(send, status, http_error_body(error), headers)
+
+
+class Asgi:
+    """A plain ASGI endpoint for a Starlette ``Route`` (a function would be wrapped as request/response)."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
 class ResponseWriter:

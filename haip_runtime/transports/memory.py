@@ -19,8 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
-from haip_runtime.session.session import Frame, Outbox
-from haip_runtime.transports.base import Inbound, Link
+from haip_runtime.transports.base import Frame, FrameSource, Inbound, Link
 
 INBOUND_BUFFER = 64
 
@@ -69,7 +68,7 @@ class MemoryTransport:
         self.peer = MemoryPeer(self._to_server, self._for_peer)
 
     @asynccontextmanager
-    async def streams(self, outbox: Outbox) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
+    async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
         send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
         try:
             async with anyio.create_task_group() as tg:
@@ -95,7 +94,7 @@ class MemoryTransport:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return  # the connection is over: later frames are not read
 
-    async def _write(self, outbox: Outbox, scope: anyio.CancelScope) -> None:
+    async def _write(self, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         try:
             async for frame in outbox.frames():
                 await self._to_peer.send(frame)

@@ -16,33 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.datastructures import Headers, QueryParams
-from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from haip_runtime.exceptions import DecodeError, ProtocolError
+from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
-from haip_runtime.session.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
+from haip_runtime.transports.base import FrameSource, Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
     end_on_disconnect,
-    http_credentials,
-    refused_origin,
-    send_json,
 )
-
-if TYPE_CHECKING:
-    from haip_runtime.server.app import Runtime
 
 #: Envelopes from POSTs waiting for the session; a POST waits while it is full.
 INBOUND_BUFFER = 64
@@ -67,7 +59,7 @@ class SseTransport:
         self.inbound: MemoryObjectSendStream[Inbound] | None = None
 
     @asynccontextmanager
-    async def streams(self, outbox: Outbox) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
+    async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
         send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
         self.inbound = send
         self._registry.add(self, outbox)
@@ -89,7 +81,7 @@ class SseTransport:
             with anyio.move_on_after(0.5, shield=True):
                 await writer.end()
 
-    async def _write(self, writer: ResponseWriter, outbox: Outbox, scope: anyio.CancelScope) -> None:
+    async def _write(self, writer: ResponseWriter, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         try:
             async for seq, text in frames_as_text(outbox):
                 if seq == 1:
@@ -114,9 +106,9 @@ class SseRegistry:
 
     def __init__(self) -> None:
         self._by_session: dict[str, SseTransport] = {}
-        self._by_outbox: dict[Outbox, SseTransport] = {}
+        self._by_outbox: dict[FrameSource, SseTransport] = {}
 
-    def add(self, transport: SseTransport, outbox: Outbox) -> None:
+    def add(self, transport: SseTransport, outbox: FrameSource) -> None:
         self._by_outbox[outbox] = transport
         if transport.link.resume is not None:
             self.name(transport, transport.link.resume[0])
@@ -125,87 +117,18 @@ class SseRegistry:
         if session_id:
             self._by_session[session_id] = transport
 
-    def remove(self, transport: SseTransport, outbox: Outbox) -> None:
+    def remove(self, transport: SseTransport, outbox: FrameSource) -> None:
         self._by_outbox.pop(outbox, None)
         for session_id in [key for key, value in self._by_session.items() if value is transport]:
             del self._by_session[session_id]
 
-    def find(self, session_id: str, outbox: Outbox | None) -> SseTransport | None:
+    def find(self, session_id: str, outbox: FrameSource | None) -> SseTransport | None:
         """The stream serving ``session_id``: the one it opened on, or the one its session is attached to."""
         by_outbox = self._by_outbox.get(outbox) if outbox is not None else None
         return by_outbox or self._by_session.get(session_id)
 
 
-class Asgi:
-    """A plain ASGI endpoint for a Starlette ``Route`` (a function would be wrapped as request/response)."""
-
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler(scope, receive, send)
-
-
-def sse_routes(runtime: Runtime) -> list[BaseRoute]:
-    registry = SseRegistry()
-    config = runtime.config
-
-    async def open_stream(scope: Scope, receive: Receive, send: Send) -> None:
-        if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
-            return
-        credentials = http_credentials(scope)
-        try:
-            principal = await runtime.authenticator.authenticate(credentials.first(None))
-        except ProtocolError as error:
-            await send_json(send, 401, {"code": error.code.value, "message": error.message})
-            return
-        link = Link("sse", credentials, resume=_resume_hint(scope))
-        transport = SseTransport(link, principal.user, send, receive, registry)
-        transport.keepalive_seconds = min(KEEPALIVE_SECONDS, config.session.heartbeat_interval_seconds / 2)
-        await runtime.serve(transport)
-
-    async def post(scope: Scope, receive: Receive, send: Send) -> None:
-        if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
-            return
-        try:
-            principal = await runtime.authenticator.authenticate(http_credentials(scope).first(None))
-        except ProtocolError as error:
-            await send_json(send, 401, {"code": error.code.value, "message": error.message})
-            return
-        session_id = str(scope["path_params"]["session"])
-        session = runtime.hub.sessions.sessions.get(session_id)
-        transport = registry.find(session_id, session.outbox if session is not None else None)
-        if transport is None or transport.user != principal.user or transport.inbound is None:
-            message = "no open SSE stream for this session; open GET /haip/sse first"
-            await send_json(send, 404, {"code": ErrorCode.RESUME_FAILED.value, "message": message})
-            return
-        limit = config.server.max_frame_bytes * MAX_BODY_FRAMES
-        status, items = 202, []
-        try:
-            items = parse_batch(await read_body(receive, limit), config.server.max_frame_bytes)
-        except DecodeError as error:
-            status, items = 413 if error.code is ErrorCode.MESSAGE_TOO_LARGE else 400, [error]
-        try:
-            for item in items:
-                await transport.inbound.send(item)  # a bad body is answered on the stream too, as on WebSocket
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await send_json(send, 404, {"code": ErrorCode.RESUME_FAILED.value, "message": "the stream has closed"})
-            return
-        if status != 202:
-            assert isinstance(items[0], ProtocolError)
-            await send_json(send, status, _error_body(items[0]))
-            return
-        await send_json(send, 202, {"accepted": len(items)})
-
-    return [
-        Route("/haip/sse", Asgi(open_stream), methods=["GET"]),
-        Route("/haip/sse/{session}", Asgi(post), methods=["POST"]),
-    ]
-
-
-def _resume_hint(scope: Scope) -> tuple[str, int] | None:
+def resume_hint(scope: Scope) -> tuple[str, int] | None:
     query = QueryParams(scope.get("query_string", b""))
     session = query.get("session")
     last = parse_uint64(Headers(scope=scope).get("last-event-id") or query.get("last_event_id"))
@@ -253,10 +176,3 @@ def _decode(frame: str | bytes, max_frame_bytes: int) -> Inbound:
         return decode(frame, max_bytes=max_frame_bytes)
     except DecodeError as error:
         return error
-
-
-def _error_body(error: ProtocolError) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": error.code.value, "message": error.message}
-    if error.detail:
-        body["detail"] = error.detail
-    return body

@@ -14,28 +14,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
+from haip_runtime.transports.base import FrameSource, Inbound, Link, cancel_when_stalled, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
-    http_credentials,
-    refused_origin,
-    send_json,
 )
-from haip_runtime.transports.sse import Asgi
-
-if TYPE_CHECKING:
-    from haip_runtime.server.app import Runtime
 
 #: Decoded envelopes waiting for the session; the request body stops being read while it is full.
 INBOUND_BUFFER = 64
@@ -51,7 +41,7 @@ class StreamTransport:
         self._receive = receive
 
     @asynccontextmanager
-    async def streams(self, outbox: Outbox) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
+    async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
         send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
         writer = ResponseWriter(self._send)
         await writer.start(b"application/x-ndjson")
@@ -90,7 +80,7 @@ class StreamTransport:
             return
         scope.cancel()  # the client closed the connection
 
-    async def _write(self, writer: ResponseWriter, outbox: Outbox, scope: anyio.CancelScope) -> None:
+    async def _write(self, writer: ResponseWriter, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         try:
             async for _, text in frames_as_text(outbox):
                 await writer.write(text.encode() + b"\n")
@@ -143,16 +133,3 @@ def _decode(line: bytes, max_bytes: int) -> Inbound:
         return decode(line, max_bytes=max_bytes)
     except DecodeError as error:
         return error
-
-
-def stream_routes(runtime: Runtime) -> list[BaseRoute]:
-    config = runtime.config
-
-    async def exchange(scope: Scope, receive: Receive, send: Send) -> None:
-        if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
-            return
-        link = Link("stream", http_credentials(scope))
-        await runtime.serve(StreamTransport(link, send, receive, max_frame_bytes=config.server.max_frame_bytes))
-
-    return [Route("/haip/stream", Asgi(exchange), methods=["POST"])]

@@ -1,7 +1,7 @@
 """HAIP over WebSocket: one JSON envelope per text frame (PROTOCOL.md sections 1 and 9).
 
 ``WebSocketTransport.streams`` accepts the socket (echoing the ``haip`` subprotocol when offered)
-and yields the decoded inbound stream; the frames of the connection's ``Outbox`` are written out
+and yields the decoded inbound stream; the frames of the connection's ``FrameSource`` are written out
 (an envelope with a binary part as two frames), and the socket is closed with the outbox's close
 code. Two-frame input (an envelope with ``bin_len``, then one binary frame of that length) is put
 back together here; a mismatch arrives as ``BINARY_FRAME_ERROR``. Dead peers are found by the
@@ -21,13 +21,18 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from haip_runtime.auth.tokens import Credentials, token_from_subprotocols
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session.session import Outbox
-from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled
+from haip_runtime.transports.base import (
+    Credentials,
+    FrameSource,
+    Inbound,
+    Link,
+    cancel_when_stalled,
+    token_from_subprotocols,
+)
 
 
 def websocket_credentials(ws: WebSocket) -> Credentials:
@@ -44,13 +49,13 @@ class WebSocketTransport:
         self.max_frame_bytes = max_frame_bytes
         self.link = Link("websocket", websocket_credentials(ws), binary_frames=True, watches_liveness=True)
 
-    def streams(self, outbox: Outbox) -> AbstractAsyncContextManager[ObjectReceiveStream[Inbound]]:
+    def streams(self, outbox: FrameSource) -> AbstractAsyncContextManager[ObjectReceiveStream[Inbound]]:
         return websocket_streams(self.ws, outbox, max_frame_bytes=self.max_frame_bytes)
 
 
 @asynccontextmanager
 async def websocket_streams(
-    ws: WebSocket, outbox: Outbox, *, max_frame_bytes: int
+    ws: WebSocket, outbox: FrameSource, *, max_frame_bytes: int
 ) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
     offered = list(ws.scope.get("subprotocols", []))
     await ws.accept(subprotocol="haip" if "haip" in offered else None)
@@ -160,10 +165,10 @@ class _Writer:
     """Writes the outbox's frames to the socket, as a task that runs only while the connection is
     in use: an idle connection holds no writer (its task and frames were about a tenth of an idle
     connection's memory). The outbox starts it when frames wait; it retires after
-    ``WRITER_LINGER_SECONDS`` with nothing to write (``Outbox.frames``). On close it writes the close
+    ``WRITER_LINGER_SECONDS`` with nothing to write (``FrameSource.frames``). On close it writes the close
     frame and ends the connection, as it does when the peer is gone."""
 
-    def __init__(self, ws: WebSocket, outbox: Outbox, scope: anyio.CancelScope) -> None:
+    def __init__(self, ws: WebSocket, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         self.ws = ws
         self.outbox = outbox
         self.scope = scope

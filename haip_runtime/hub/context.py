@@ -1,0 +1,82 @@
+"""What the hub's handlers work with: ``HubContext``, a narrow view of the hub.
+
+Handlers (``lifecycle.py``, ``messages.py``, ``audio.py``, ``tool_requests.py``) are functions of a
+context, the sending session and its envelope. The context holds what they share (the config,
+the agents, the tool proxy, the transaction registry, the hub's task spawner) and the checks
+every topic makes (the sender is a member; the transaction is open; which tools it sees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.members import Member
+from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.envelope import Envelope, Event
+from haip_runtime.protocol.events import ErrorCode, EventType
+from haip_runtime.session.session import Session
+from haip_runtime.tools.proxy import ToolProxy, ToolView
+
+#: How a handler is called; each is bound to the hub's context.
+Handler = Callable[[Session, Envelope], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class HubContext:
+    config: HaipConfig
+    agents: Mapping[str, AgentSpec]
+    tools: ToolProxy | None
+    transactions: TransactionRegistry
+    #: Run a coroutine function as a task of the hub (turns, tool calls, ends of transactions).
+    spawn: Callable[..., None]
+
+    def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
+        """The transaction the envelope names, if the sender is a member (else not found)."""
+        transaction = self.transactions.get_member(envelope.transaction, session)
+        if transaction is None:
+            raise ProtocolError(
+                ErrorCode.TRANSACTION_NOT_FOUND,
+                f"no transaction {envelope.transaction!r} for this session",
+                related_id=envelope.id,
+            )
+        return transaction
+
+    def open_transaction(self, session: Session, envelope: Envelope) -> Transaction:
+        """As ``member_transaction``, and not ended: something is to happen in it."""
+        transaction = self.member_transaction(session, envelope)
+        check_open(transaction, envelope.id)
+        return transaction
+
+    def transaction_tools(self, transaction: Transaction, member: Member) -> list[ToolView]:
+        """The MCP tools the transaction's agents may call, as ``member`` may see them."""
+        if self.tools is None:
+            return []
+        servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
+        return self.tools.visible_tools(servers, member.principal.permissions)
+
+    def send_tool_list(self, transaction: Transaction, only: Member | None = None) -> None:
+        """TOOL_LIST of the transaction's tools to each member (or to ``only``), as each may see them."""
+        for member in [only] if only is not None else list(transaction.members.values()):
+            tools = [tool.entry() for tool in self.transaction_tools(transaction, member)]
+            member.deliver(Event(EventType.TOOL_LIST, p.ToolList(tools=tools).dump(), transaction=transaction.id))
+
+
+def check_open(transaction: Transaction, related_id: str) -> None:
+    if transaction.ended:
+        raise ProtocolError(
+            ErrorCode.TRANSACTION_NOT_FOUND, f"transaction {transaction.id} has ended", related_id=related_id
+        )
+
+
+def bind(context: HubContext, handler: Callable[[HubContext, Session, Envelope], Coroutine[Any, Any, None]]) -> Handler:
+    async def bound(session: Session, envelope: Envelope) -> None:
+        await handler(context, session, envelope)
+
+    return bound

@@ -1,0 +1,131 @@
+"""The HAIP doors: the routes of the three transports (PROTOCOL.md section 1).
+
+``/haip/websocket`` and ``/`` (WebSocket), ``GET /haip/sse`` with ``POST /haip/sse/{session}``
+(SSE), ``POST /haip/stream`` (HTTP streaming). Each checks the ``Origin`` and, where the request
+itself must carry credentials (SSE), authenticates in one preamble, then hands its transport to
+``Doorway.serve``; everything after that is the session layer's. Routes see a ``Doorway``, not
+the runtime: what they use and nothing to reach through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.exceptions import DecodeError, ProtocolError
+from haip_runtime.protocol.events import CloseCode, ErrorCode
+from haip_runtime.transports.base import FrameSource, Link, Transport
+from haip_runtime.transports.http import Asgi, http_credentials, refused_origin, send_error, send_json
+from haip_runtime.transports.origin import origin_allowed
+from haip_runtime.transports.sse import (
+    KEEPALIVE_SECONDS,
+    MAX_BODY_FRAMES,
+    SseRegistry,
+    SseTransport,
+    parse_batch,
+    read_body,
+    resume_hint,
+)
+from haip_runtime.transports.stream import StreamTransport
+from haip_runtime.transports.websocket import WebSocketTransport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Doorway:
+    """What the transport routes need of the runtime."""
+
+    config: HaipConfig
+    #: Who a bearer token belongs to (``HandshakeError`` if nobody).
+    authenticate: Callable[[str | None], Awaitable[Principal]]
+    #: Serve one connection over a transport until either side ends it.
+    serve: Callable[[Transport], Awaitable[None]]
+    #: The outbox a session's frames currently go to (``None``: unknown or detached).
+    outbox_of: Callable[[str], FrameSource | None]
+
+
+def haip_routes(door: Doorway) -> list[BaseRoute]:
+    config = door.config
+    registry = SseRegistry()
+
+    async def refused(scope: Scope, send: Send) -> bool:
+        """The Origin check of every HTTP door; ``True`` once it has answered 403."""
+        if refused_origin(scope, config.server.allowed_origins):
+            await send_error(send, 403, ProtocolError(ErrorCode.UNAUTHORIZED, "origin not allowed"))
+            return True
+        return False
+
+    async def caller(scope: Scope, send: Send) -> Principal | None:
+        """The preamble of a door whose request must carry credentials; ``None`` once it has answered."""
+        if await refused(scope, send):
+            return None
+        try:
+            return await door.authenticate(http_credentials(scope).first(None))
+        except ProtocolError as error:
+            await send_error(send, 401, error)
+            return None
+
+    async def websocket(ws: WebSocket) -> None:
+        if not origin_allowed(ws.headers, config.server.allowed_origins):
+            logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
+            await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
+            return
+        await door.serve(WebSocketTransport(ws, max_frame_bytes=config.server.max_frame_bytes))
+
+    async def open_sse(scope: Scope, receive: Receive, send: Send) -> None:
+        principal = await caller(scope, send)
+        if principal is None:
+            return
+        link = Link("sse", http_credentials(scope), resume=resume_hint(scope))
+        transport = SseTransport(link, principal.user, send, receive, registry)
+        transport.keepalive_seconds = min(KEEPALIVE_SECONDS, config.session.heartbeat_interval_seconds / 2)
+        await door.serve(transport)
+
+    async def post_sse(scope: Scope, receive: Receive, send: Send) -> None:
+        principal = await caller(scope, send)
+        if principal is None:
+            return
+        session_id = str(scope["path_params"]["session"])
+        transport = registry.find(session_id, door.outbox_of(session_id))
+        if transport is None or transport.user != principal.user or transport.inbound is None:
+            message = "no open SSE stream for this session; open GET /haip/sse first"
+            await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
+            return
+        max_frame = config.server.max_frame_bytes
+        refusal: DecodeError | None = None  # the body as a whole, not one of its envelopes
+        try:
+            items = parse_batch(await read_body(receive, max_frame * MAX_BODY_FRAMES), max_frame)
+        except DecodeError as error:
+            refusal, items = error, [error]
+        try:
+            for item in items:
+                await transport.inbound.send(item)  # a bad body is answered on the stream too, as on WebSocket
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, "the stream has closed"))
+            return
+        if refusal is not None:
+            await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
+            return
+        await send_json(send, 202, {"accepted": len(items)})
+
+    async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+        if not await refused(scope, send):
+            link = Link("stream", http_credentials(scope))
+            await door.serve(StreamTransport(link, send, receive, max_frame_bytes=config.server.max_frame_bytes))
+
+    return [
+        WebSocketRoute("/haip/websocket", websocket),
+        WebSocketRoute("/", websocket),
+        Route("/haip/sse", Asgi(open_sse), methods=["GET"]),
+        Route("/haip/sse/{session}", Asgi(post_sse), methods=["POST"]),
+        Route("/haip/stream", Asgi(stream), methods=["POST"]),
+    ]
