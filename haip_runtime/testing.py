@@ -126,7 +126,7 @@ class AgentHarness:
 
     def __init__(
         self,
-        agent: type[Agent],
+        agent: type[Agent[Any]],
         *,
         options: Mapping[str, Any] | None = None,
         tools: Mapping[str, ToolFunc] | None = None,

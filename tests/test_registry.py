@@ -18,7 +18,7 @@ class LooseOptions(BaseModel):  # no extra="forbid": the registry refuses unknow
     greeting: str = "hi"
 
 
-class Loose(Agent):
+class Loose(Agent[LooseOptions]):
     Options = LooseOptions
 
     async def on_message(self, turn: Turn) -> None:

@@ -114,7 +114,7 @@ class Run:
 @dataclass(frozen=True)
 class AgentSlot:
     name: str
-    instance: Agent
+    instance: Agent[Any]
     tool_servers: tuple[str, ...]
 
 
