@@ -1,8 +1,9 @@
 """The public surfaces, one per user: each ``__all__`` is sorted, complete, documented and pinned here.
 
 ``haip_runtime`` is the plugin author's, ``haip_runtime.testing`` their test harness,
-``haip_runtime.client`` the front-end author's. A name added to or dropped from one of them is a
-change to a public API, so it changes this file too.
+``haip_runtime.client`` the front-end author's, ``haip_runtime.config`` the operator's (and the
+server's). A name added to or dropped from one of them is a change to a public API, so it changes
+this file too.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ SURFACES = {
         "__version__",
     ],
     "haip_runtime.client": ["ClientError", "HaipClient", "Received"],
+    "haip_runtime.config": [
+        "ConfigError",
+        "HaipConfig",
+        "json_schema",
+        "load_config",
+        "masked_dump",
+        "secret_values",
+        "validate_config",
+    ],
     "haip_runtime.testing": [
         "AgentHarness",
         "FakeToolContext",
