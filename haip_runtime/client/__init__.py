@@ -1,6 +1,6 @@
 """The Python HAIP client, for front-end authors: ``HaipClient``, the ``Received`` envelopes it yields, ``ClientError``.
 
-``haip_client`` is the client, ``chat`` (drawn by ``terminal``) the ``haip-runtime chat``
+``haip_client`` is the client; ``chat`` (with ``view`` and ``terminal``) is the ``haip-runtime chat``
 terminal built on it. This package imports only ``haip_runtime.protocol`` and ``haip_runtime.exceptions``;
 server code never imports it.
 """
