@@ -26,7 +26,7 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haip_runtime.client.haip_client import HaipClient  # noqa: E402
+from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.llm.local import default_model_path  # noqa: E402
 from tests.serving import live_server, make_config  # noqa: E402
 

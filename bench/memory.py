@@ -34,7 +34,7 @@ import httpx2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haip_runtime.client.haip_client import HaipClient  # noqa: E402
+from haip_runtime.client import HaipClient  # noqa: E402
 
 CONFIG = """
 [server]

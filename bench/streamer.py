@@ -12,10 +12,10 @@ import time
 
 import anyio
 
-from haip_runtime import Agent, Turn
+from haip_runtime import Agent, NoOptions, Turn
 
 
-class Streamer(Agent):
+class Streamer(Agent[NoOptions]):
     name = "stream"
     description = "Streams N tokens at once or at a rate (bench only)."
 

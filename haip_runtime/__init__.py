@@ -1,24 +1,14 @@
-"""haip-runtime: host agent plugins, bridge them to MCP servers, show humans what they do, over HAIP."""
+"""haip-runtime: host agent plugins, bridge them to MCP servers, show humans what they do, over HAIP.
+
+This is the plugin author's surface. Their test harness is ``haip_runtime.testing``; the Python
+client is ``haip_runtime.client``; the operator's config is ``haip_runtime.config``.
+"""
 
 __version__ = "0.1.0"
 
 from haip_runtime.agents.api import Agent, AgentContext, AudioClip, MessageStream, NoOptions, Turn, TurnServices
-from haip_runtime.config.models import HaipConfig, load_config
-from haip_runtime.exceptions import (
-    ClientError,
-    ConfigError,
-    DecodeError,
-    HaipError,
-    HandshakeError,
-    LlmError,
-    PluginError,
-    ProtocolError,
-    ToolError,
-    ToolTimeoutError,
-    ToolUnavailableError,
-)
-from haip_runtime.llm import Delta, Provider, Reply, ScriptedLLM, ToolCall, ToolSpec, Usage
-from haip_runtime.llm.provider import HistoryEntry
+from haip_runtime.exceptions import HaipError, LlmError, PluginError, ToolError, ToolTimeoutError, ToolUnavailableError
+from haip_runtime.llm.provider import Delta, HistoryEntry, Provider, Reply, ToolCall, ToolSpec, Usage
 from haip_runtime.protocol.events import LlmErrorCode
 from haip_runtime.tools.proxy import ToolCallResult, ToolView
 
@@ -26,23 +16,16 @@ __all__ = [
     "Agent",
     "AgentContext",
     "AudioClip",
-    "ClientError",
-    "ConfigError",
-    "DecodeError",
     "Delta",
-    "HaipConfig",
     "HaipError",
-    "HandshakeError",
     "HistoryEntry",
     "LlmError",
     "LlmErrorCode",
     "MessageStream",
     "NoOptions",
     "PluginError",
-    "ProtocolError",
     "Provider",
     "Reply",
-    "ScriptedLLM",
     "ToolCall",
     "ToolCallResult",
     "ToolError",
@@ -54,5 +37,4 @@ __all__ = [
     "TurnServices",
     "Usage",
     "__version__",
-    "load_config",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from haip_runtime.config.models import HaipConfig, json_schema, load_config, masked_dump, secret_values
+from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump, secret_values
 from haip_runtime.exceptions import ConfigError, PluginError
 
 DEFAULT_CONFIG = "haip.toml"
@@ -181,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
     if overrides:
         data = config.model_dump()
         data["server"].update(overrides)
-        from haip_runtime.config.models import validate_config
+        from haip_runtime.config import validate_config
 
         config = validate_config(data, base_dir=config.base_dir, source=args.config)
     return serve(config)

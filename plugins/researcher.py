@@ -32,7 +32,7 @@ class ResearcherOptions(BaseModel):
     """The name of that tool's argument that takes the user's question."""
 
 
-class Researcher(Agent):
+class Researcher(Agent[ResearcherOptions]):
     name = "researcher"
     description = "Searches with an MCP tool, then answers from what it found using its LLM."
     Options = ResearcherOptions

@@ -22,7 +22,7 @@ class StorytellerOptions(BaseModel):
     """Pace of the stream, as an LLM would produce tokens."""
 
 
-class Storyteller(Agent):
+class Storyteller(Agent[StorytellerOptions]):
     name = "storyteller"
     description = "Streams a short story about what you say."
     Options = StorytellerOptions

@@ -41,7 +41,7 @@ class Measure:
     peak_dbfs: float
 
 
-class ToneAgent(Agent):
+class ToneAgent(Agent[ToneOptions]):
     name = "tone"
     description = "Measures the audio you send (duration, level) and answers with a tone."
     Options = ToneOptions

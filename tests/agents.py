@@ -7,10 +7,10 @@ import threading
 import anyio
 from pydantic import BaseModel
 
-from haip_runtime import Agent, Turn
+from haip_runtime import Agent, NoOptions, Turn
 
 
-class FailingAgent(Agent):
+class FailingAgent(Agent[NoOptions]):
     description = "Raises on every message."
 
     async def on_message(self, turn: Turn) -> None:
@@ -22,7 +22,7 @@ class FailingAgent(Agent):
             raise ValueError("the plugin broke")
 
 
-class WaitingAgent(Agent):
+class WaitingAgent(Agent[NoOptions]):
     """Streams one part, then waits until the run is cancelled."""
 
     async def on_message(self, turn: Turn) -> None:
@@ -31,7 +31,7 @@ class WaitingAgent(Agent):
             await anyio.sleep_forever()
 
 
-class GreeterAgent(Agent):
+class GreeterAgent(Agent[NoOptions]):
     async def on_start(self, turn: Turn) -> None:
         await turn.say(f"hello {self.context.started_by}, params={sorted(self.context.params)}")
 
@@ -45,7 +45,7 @@ class Order(BaseModel):
     quantity: int
 
 
-class OrderAgent(Agent):
+class OrderAgent(Agent[NoOptions]):
     input_schema = Order
 
     async def on_message(self, turn: Turn) -> None:
@@ -56,7 +56,7 @@ class OrderAgent(Agent):
 FLOODED = threading.Event()
 
 
-class FloodAgent(Agent):
+class FloodAgent(Agent[NoOptions]):
     """Streams ``count=N size=S``: N parts as fast as it can, part i being i padded to S characters."""
 
     async def on_message(self, turn: Turn) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from haip_runtime.config.models import HaipConfig, validate_config
+from haip_runtime.config import HaipConfig, validate_config
 from haip_runtime.server.app import Runtime, create_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 
 from haip_runtime import LlmError, LlmErrorCode
 from haip_runtime.agents.assistant import AssistantAgent
-from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client import HaipClient, Received
 from haip_runtime.testing import AgentHarness, FakeToolError, ScriptedLLM
 from tests.serving import ROOT, LiveServer, live_server, make_config
 from tests.vendor import Reply, VendorServer, openai_chunk, openai_error, openai_text, openai_tool_call, vendor_server

@@ -18,8 +18,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from haip_runtime.client.chat import field_value, readable_error, signature, websocket_url
-from haip_runtime.exceptions import ClientError
+from haip_runtime.client import ClientError
+from haip_runtime.client.chat import field_value, signature, websocket_url
+from haip_runtime.client.view import readable_error
 from tests.serving import ROOT, LiveServer, live_server, make_config
 
 DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}

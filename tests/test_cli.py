@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient
+from haip_runtime.client import HaipClient
 from tests.serving import ROOT
 
 

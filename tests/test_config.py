@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from haip_runtime.config.models import (
+from haip_runtime.config import (
+    ConfigError,
     HaipConfig,
-    expand,
     json_schema,
     load_config,
     masked_dump,
     secret_values,
     validate_config,
 )
-from haip_runtime.exceptions import ConfigError
+from haip_runtime.config.loading import expand
 from tests.serving import ROOT
 
 

@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient, Received
-from haip_runtime.exceptions import ClientError
+from haip_runtime.client import ClientError, HaipClient, Received
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.serving import LiveServer, live_server, make_config
 

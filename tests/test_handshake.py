@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient
-from haip_runtime.exceptions import ClientError
+from haip_runtime.client import ClientError, HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
 from tests.raw import RawPeer, raw_peer
 from tests.serving import LiveServer, live_server, make_config

@@ -17,7 +17,7 @@ import pytest
 
 from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, ServerState, ServerStatus
 from haip_runtime.bridge.inprocess import load_server
-from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client import HaipClient, Received
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import PluginError, ToolError
 from tests.serving import ROOT, LiveServer, live_server, make_config

@@ -11,7 +11,7 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from haip_runtime.client.haip_client import HaipClient
+from haip_runtime.client import HaipClient
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.metered import metered
 from haip_runtime.llm.scripted import ScriptedLLM

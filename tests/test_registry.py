@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from haip_runtime import Agent, PluginError, Turn
 from haip_runtime.agents.registry import load_agents, resolve_plugin
-from haip_runtime.config.models import validate_config
+from haip_runtime.config import validate_config
 from haip_runtime.llm import ScriptedLLM
 from tests.serving import ROOT
 
@@ -18,7 +18,7 @@ class LooseOptions(BaseModel):  # no extra="forbid": the registry refuses unknow
     greeting: str = "hi"
 
 
-class Loose(Agent):
+class Loose(Agent[LooseOptions]):
     Options = LooseOptions
 
     async def on_message(self, turn: Turn) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session import liveness
 from tests.raw import RawPeer, raw_peer

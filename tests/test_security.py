@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import InvalidStatus
 
-from haip_runtime.client.haip_client import HaipClient
+from haip_runtime.client import HaipClient
 from tests.jwks_server import JwksServer, jwk_of, serve_jwks
 from tests.raw import RawPeer, raw_peer
 from tests.serving import ROOT, LiveServer, live_server, make_config

@@ -13,8 +13,7 @@ import anyio
 import httpx2
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient, Received
-from haip_runtime.exceptions import ClientError
+from haip_runtime.client import ClientError, HaipClient, Received
 from tests.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio

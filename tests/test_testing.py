@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime import Agent, Turn
+from haip_runtime import Agent, NoOptions, Turn
 from haip_runtime.testing import AgentHarness, FakeToolContext, FakeToolError
 from plugins.storyteller import Storyteller
 from tests.agents import FailingAgent, GreeterAgent, WaitingAgent
@@ -15,7 +15,7 @@ from tests.agents import FailingAgent, GreeterAgent, WaitingAgent
 pytestmark = pytest.mark.anyio
 
 
-class Helpdesk(Agent):
+class Helpdesk(Agent[NoOptions]):
     async def on_message(self, turn: Turn) -> None:
         found = await turn.call_tool("tickets.search", {"q": turn.text})
         if not found.ok:
@@ -106,7 +106,7 @@ async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
     }
     calls = {"add": {"a": 2, "b": 3}, "pid": {}, "stats": {}, "slow_count": {"steps": 1, "delay": 0}}
 
-    class CallsAll(Agent):
+    class CallsAll(Agent[NoOptions]):
         async def on_message(self, turn: Turn) -> None:
             for tool, arguments in calls.items():
                 await turn.call_tool(f"demo.{tool}", arguments)
@@ -139,7 +139,7 @@ async def slow_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
     return "declined" if answer is None else f"hello {answer['name']}"
 
 
-class Surveyor(Agent):
+class Surveyor(Agent[NoOptions]):
     async def on_message(self, turn: Turn) -> None:
         result = await turn.call_tool("forms.survey")
         await turn.say(result.text)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.demo_mcp import start_http_demo, stop
 from tests.serving import ROOT, LiveServer, live_server, make_config

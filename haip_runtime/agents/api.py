@@ -14,7 +14,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +43,10 @@ class NoOptions(BaseModel):
     """The options model of an agent that takes none."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: An agent's ``Options`` model: ``class Helpdesk(Agent[HelpdeskOptions])`` types ``self.options``.
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,13 @@ class TurnServices:
     llm: Provider | None = None
 
 
-class Agent:
+class Agent(Generic[OptionsT]):
     """Base class of agent plugins. Override ``on_message``; the other hooks are optional.
 
-    ``Options`` (a pydantic model) is validated from ``[agents.<name>.options]`` at start-up;
-    ``input_schema`` (a pydantic model), if set, validates object MESSAGE payloads.
+    ``Options`` (a pydantic model) is validated from ``[agents.<name>.options]`` at start-up and
+    becomes ``self.options``; name the same model as the type argument (``Agent[MyOptions]``, or
+    ``Agent[NoOptions]`` for none) so a type checker knows it. ``input_schema`` (a pydantic model),
+    if set, validates object MESSAGE payloads.
     """
 
     name: ClassVar[str] = ""
@@ -94,7 +100,7 @@ class Agent:
 
     def __init__(self, context: AgentContext) -> None:
         self.context = context
-        self.options: Any = context.options
+        self.options: OptionsT = context.options
 
     @property
     def instructions(self) -> str:

@@ -31,7 +31,7 @@ class AssistantOptions(BaseModel):
     """Only the latest this-many history entries are sent to the model (small models have small contexts)."""
 
 
-class AssistantAgent(Agent):
+class AssistantAgent(Agent[AssistantOptions]):
     name = "assistant"
     description = "Answers with an LLM and calls its MCP tools; /tools and /call run tools by hand."
     Options = AssistantOptions

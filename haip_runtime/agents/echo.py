@@ -14,7 +14,7 @@ class EchoOptions(BaseModel):
     """Put before the echoed text."""
 
 
-class EchoAgent(Agent):
+class EchoAgent(Agent[EchoOptions]):
     name = "echo"
     description = "Repeats what you say. Needs no LLM, no keys, no network."
     Options = EchoOptions

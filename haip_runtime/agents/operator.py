@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from haip_runtime.agents.api import Agent, Turn
+from haip_runtime.agents.api import Agent, NoOptions, Turn
 
 COMMANDS = """  /tools                     list the tools I can use
   /call <tool> [json args]   call a tool, e.g. /call demo.add {"a": 2, "b": 3}
@@ -31,7 +31,7 @@ async def run_command(turn: Turn, help_text: str = HELP) -> bool:
     return True
 
 
-class OperatorAgent(Agent):
+class OperatorAgent(Agent[NoOptions]):
     name = "operator"
     description = "Runs MCP tools on request: /tools, /call <tool> <json>. Needs no LLM."
 

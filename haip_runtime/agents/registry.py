@@ -41,7 +41,7 @@ class AgentSpec:
     """One configured agent: its name, class, validated options and config table."""
 
     name: str
-    cls: type[Agent]
+    cls: type[Agent[Any]]
     options: BaseModel
     config: AgentConfig
     llm: Provider | None = None
@@ -50,7 +50,7 @@ class AgentSpec:
     def description(self) -> str:
         return self.config.description or self.cls.description or self.cls.__doc__ or ""
 
-    def create(self, *, transaction_id: str, started_by: str, params: dict[str, Any]) -> Agent:
+    def create(self, *, transaction_id: str, started_by: str, params: dict[str, Any]) -> Agent[Any]:
         context = AgentContext(
             name=self.name,
             transaction_id=transaction_id,
@@ -82,7 +82,7 @@ def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | N
     return AgentSpec(name=name, cls=cls, options=options, config=config, llm=llm)
 
 
-def validate_options(cls: type[Agent], options: Mapping[str, Any], where: str) -> BaseModel:
+def validate_options(cls: type[Agent[Any]], options: Mapping[str, Any], where: str) -> BaseModel:
     """``options`` through the plugin's ``Options`` model; unknown keys are refused even if the model allows them."""
     model = cls.Options
     unknown = sorted(set(options) - _option_names(model))
@@ -102,7 +102,7 @@ def _option_names(model: type[BaseModel]) -> set[str]:
     return {alias for name, f in model.model_fields.items() for alias in (name, f.alias) if alias}
 
 
-def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent]:
+def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent[Any]]:
     target, cls = resolve(spec, base_dir, where, AGENTS, hint=_agents_defined)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise PluginError(f"{where}: {target!r} is not a subclass of haip_runtime.Agent")

@@ -4,7 +4,7 @@
 inside ``patch_stdout``, so lines printed while the person types appear above the prompt; the
 live area (running tool calls with progress bars, the line an agent is still streaming) is the
 prompt's bottom toolbar. ``LineTerminal`` (stdin is a pipe or a file) reads plain lines and has
-no live area. Both print with rich. The chat logic is in ``haip_runtime.client.chat``.
+no live area. Both print with rich. The chat's loop is ``chat.py``; what it shows, ``view.py``.
 """
 
 from __future__ import annotations

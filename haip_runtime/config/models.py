@@ -1,31 +1,18 @@
-"""haip.toml: the models that define every option, and the loader that reads them.
+"""haip.toml's options: the frozen pydantic models (``extra="forbid"``) that are their only definition.
 
-The models are frozen pydantic models with ``extra="forbid"``; their attribute docstrings are the
-option reference (``json_schema`` reads them from this file for ``config/haip.schema.json``, rather
-than pydantic at every import: ``use_attribute_docstrings`` parses each class's source). The
-loader expands ``${VAR}`` / ``${VAR:-default}`` in strings, resolves relative paths against the
-config file's folder, and turns every failure into a one-line ``ConfigError``.
+Each option's attribute docstring is its reference (``schema.py`` reads them into the JSON Schema).
+Reading a file, ``${VAR}`` expansion and error lines are ``loading.py``'s; secret masking is
+``masking.py``'s. Every layer above reads its own section's model from here.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
 import ipaddress
-import itertools
-import os
-import re
-import sys
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, model_validator
 from pydantic.functional_validators import AfterValidator
-from pydantic.json_schema import GenerateJsonSchema
-
-from haip_runtime.exceptions import ConfigError
 
 #: Environment variables a stdio MCP server inherits unless its config says otherwise.
 SAFE_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TMPDIR", "USER")
@@ -419,174 +406,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand(value: str, env: Mapping[str, str], where: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``."""
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, default = match.group(1), match.group(2)
-        if name in env and (env[name] != "" or default is None):
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
-
-    return _VAR.sub(substitute, value)
-
-
-def _expand_tree(value: Any, env: Mapping[str, str], path: str, file: str) -> Any:
-    if isinstance(value, str):
-        return expand(value, env, f"{file}: {path or '(root)'}")
-    if isinstance(value, dict):
-        return {k: _expand_tree(v, env, f"{path}.{k}" if path else k, file) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_tree(v, env, f"{path}[{i}]", file) for i, v in enumerate(value)]
-    return value
-
-
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> HaipConfig:
-    """Read, expand and validate a haip.toml. Every failure is a one-line ``ConfigError``."""
-    file = Path(path)
-    shown = str(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{shown}: invalid TOML: {exc}") from exc
-    environment = {"HAIP_PYTHON": sys.executable, **(os.environ if env is None else env)}
-    expanded = _expand_tree(raw, environment, "", shown)
-    base_dir = file.resolve().parent
-    return validate_config(expanded, base_dir=base_dir, source=shown)
-
-
-def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<config>") -> HaipConfig:
-    try:
-        return HaipConfig.model_validate({**data, "base_dir": base_dir}, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
-
-
-def _describe(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    loc = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see config/haip.schema.json)"
-    elif error["type"] == "missing":
-        message = "required key is missing"
-    elif _showable(error.get("input"), loc):
-        message = f"{message} (got {_short(error.get('input'))})"
-    more = len(exc.errors()) - 1
-    suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{loc or '(root)'}: {message}{suffix}"
-
-
-def _showable(value: object, loc: str) -> bool:
-    """Echo a bad value only if it is a scalar and cannot be a secret."""
-    secretish = any(word in loc.lower() for word in ("secret", "key", "token", "password", "header"))
-    return isinstance(value, str | int | float | bool) and not secretish
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-MASK = "**********"
-_SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
-
-
-def masked_dump(config: HaipConfig) -> dict[str, Any]:
-    """The effective config as plain data, secrets shown as ``**********``.
-
-    Masked: every ``SecretStr`` (auth.secret, MCP headers), every MCP server's ``env`` value (an
-    environment is where API keys are handed to stdio servers), and any value in agent
-    ``options`` whose key looks like a secret (``api_key``, ``token``, ...).
-    """
-    data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
-    for server in data["mcp"]["servers"].values():
-        server["env"] = dict.fromkeys(server["env"], MASK)
-    for agent in data["agents"].values():
-        agent["options"] = _mask_secretish(agent["options"])
-    return data
-
-
-def secret_values(config: HaipConfig) -> list[str]:
-    """Every value ``masked_dump`` hides, for the log redactor."""
-    found: list[str] = []
-    if config.auth.secret is not None:
-        found.append(config.auth.secret.get_secret_value())
-    for server in config.mcp.servers.values():
-        found += [value.get_secret_value() for value in server.headers.values()]
-        found += list(server.env.values())
-    for agent in config.agents.values():
-        found += _secretish_values(agent.options)
-    return found
-
-
-def _secretish_values(value: Any, secretish: bool = False) -> list[str]:
-    if isinstance(value, dict):
-        return [
-            found
-            for key, item in value.items()
-            for found in _secretish_values(item, secretish or bool(_SECRETISH.search(key)))
-        ]
-    if isinstance(value, list):
-        return [v for item in value for v in _secretish_values(item, secretish)]
-    return [value] if secretish and isinstance(value, str) else []
-
-
-def _mask_secretish(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            key: MASK if _SECRETISH.search(key) and item is not None else _mask_secretish(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_mask_secretish(item) for item in value]
-    return value
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of haip.toml, each option described by its attribute docstring."""
-    schema = HaipConfig.model_json_schema(mode="validation")
-    docs = _attribute_docstrings()
-    for name, definition in [(HaipConfig.__name__, schema), *schema.get("$defs", {}).items()]:
-        classes = [base.__name__ for base in getattr(globals().get(name), "__mro__", ())]
-        for field, property in definition.get("properties", {}).items():
-            found = [docs[cls][field] for cls in classes if field in docs.get(cls, {})]
-            if found:
-                property["description"] = found[0]
-    schema["properties"].pop("base_dir", None)
-    schema["title"] = "haip.toml"
-    return GenerateJsonSchema().sort(schema)  # keys in pydantic's order again, descriptions included
-
-
-def _attribute_docstrings() -> dict[str, dict[str, str]]:
-    """{class: {attribute: docstring}} for the classes of this file: a string right after an annotated attribute."""
-    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
-    docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            docs[node.name] = attributes = {}
-            for first, second in itertools.pairwise(node.body):
-                if (
-                    isinstance(first, ast.AnnAssign)
-                    and isinstance(first.target, ast.Name)
-                    and isinstance(second, ast.Expr)
-                    and isinstance(second.value, ast.Constant)
-                    and isinstance(second.value.value, str)
-                ):
-                    attributes[first.target.id] = inspect.cleandoc(second.value.value)
-    return docs

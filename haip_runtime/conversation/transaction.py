@@ -48,7 +48,7 @@ TAIL_BYTES = 1024 * 1024
 @dataclass(frozen=True)
 class AgentSlot:
     name: str
-    instance: Agent
+    instance: Agent[Any]
     tool_servers: tuple[str, ...]
 
 

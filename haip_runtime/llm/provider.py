@@ -72,6 +72,8 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens a request cost: what the model read and what it wrote (``+`` adds two requests' usage)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
 

@@ -1,21 +1,13 @@
-"""An in-memory harness for agent plugins: run turns with fake tools and a scripted LLM, no server or network.
+"""``AgentHarness``: one agent class in a real in-memory transaction, each turn's events kept as a ``TurnResult``.
 
-    llm = ScriptedLLM([ScriptedLLM.call("tickets.search", {"q": "printer"}), "Ticket 42 it is."])
-    async with AgentHarness(Helpdesk, tools={"tickets.search": search}, llm=llm) as agent:
-        turn = await agent.send("my printer is on fire")
-        assert turn.status == "OK" and "42" in turn.text
-        assert turn.tool_calls[0]["tool"] == "tickets.search"
-
-The agent runs in a real transaction with the real tool proxy, so what a turn records is what a
-HAIP client would receive: RUN_*, MESSAGE_START/PART/END and TOOL_CALL/UPDATE/DONE events. A fake
-tool's return value becomes the result a real MCP server (the SDK's ``MCPServer``) would give.
+The agent runs with the real tool proxy over ``FakeTools`` (``fakes.py``), and the harness's own
+member records what a HAIP client would receive and answers approvals and input requests as told.
+Plugin authors import it from ``haip_runtime.testing``.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -25,59 +17,15 @@ from anyio.abc import TaskGroup
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.bridge.models import (
-    ElicitationRequest,
-    OnElicit,
-    OnProgress,
-    Progress,
-    ServerState,
-    ServerStatus,
-    ToolInfo,
-    ToolResult,
-)
-from haip_runtime.config.models import AgentConfig, McpServerConfig, SessionConfig
+from haip_runtime.config.models import AgentConfig, SessionConfig
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.llm.provider import Provider
-from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
+from haip_runtime.testing.fakes import FakeTools, ToolFunc
 from haip_runtime.tools.proxy import ToolProxy
-
-#: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
-#: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
-#: value: ``5.0`` gives text ``"5.0"`` and structured ``{"result": 5.0}``; a dict gives its JSON as
-#: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
-#: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
-ToolFunc = Callable[..., Any]
-
-
-class FakeToolError(Exception):
-    """Raise in a fake tool to return an error result (``is_error``) with this message."""
-
-
-class FakeToolContext:
-    """What a fake tool with a second parameter gets: the means an MCP tool has to talk to the user."""
-
-    def __init__(self, on_progress: OnProgress | None, on_elicit: OnElicit | None) -> None:
-        self._on_progress = on_progress
-        self._on_elicit = on_elicit
-
-    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
-        """Members see ``TOOL_UPDATE {progress, total, message}`` (coalesced like real progress)."""
-        if self._on_progress is not None:
-            await self._on_progress(Progress(progress, total, message))
-
-    async def elicit(self, message: str, schema: dict[str, Any]) -> dict[str, Any] | None:
-        """Ask the user (``TOOL_UPDATE INPUT_REQUIRED``); the harness answers with its ``user_input``.
-
-        Returns the answer, or ``None`` if it was declined.
-        """
-        if self._on_elicit is None:
-            return None
-        answer = await self._on_elicit(ElicitationRequest(message, schema))
-        return answer.content if answer.action == "accept" else None
 
 
 @dataclass(frozen=True)
@@ -126,7 +74,7 @@ class AgentHarness:
 
     def __init__(
         self,
-        agent: type[Agent],
+        agent: type[Agent[Any]],
         *,
         options: Mapping[str, Any] | None = None,
         tools: Mapping[str, ToolFunc] | None = None,
@@ -138,7 +86,7 @@ class AgentHarness:
         llm: Provider | None = None,
         instructions: str | None = None,
     ) -> None:
-        self._fakes = _FakeTools(tools or {})
+        self._fakes = FakeTools(tools or {})
         servers = self._fakes.servers(set(require_approval))
         name = agent.name or agent.__name__.lower()
         plugin = f"{agent.__module__}:{agent.__qualname__}"
@@ -218,100 +166,5 @@ class _Member(Session):
             self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, answer, event.id)
 
 
-class _FakeTools:
-    """A ``ToolBackend`` of Python functions, standing in for the MCP bridge."""
-
-    def __init__(self, funcs: Mapping[str, ToolFunc]) -> None:
-        self._funcs: dict[str, ToolFunc] = {}
-        self._infos: dict[str, ToolInfo] = {}
-        for full_name, func in funcs.items():
-            server, dot, tool = full_name.partition(".")
-            if not dot or not tool:
-                raise ValueError(f"fake tool names are 'server.tool', not {full_name!r}")
-            self._funcs[full_name] = func
-            description = inspect.getdoc(func) or ""
-            self._infos[full_name] = ToolInfo(server, tool, description, {"type": "object"}, None, None)
-
-    def servers(self, require_approval: set[str]) -> dict[str, McpServerConfig]:
-        names = {info.server for info in self._infos.values()}
-        return {
-            server: McpServerConfig(
-                transport="stdio",
-                command="(fake)",
-                require_approval=[n.partition(".")[2] for n in require_approval if n.startswith(server + ".")],
-            )
-            for server in names
-        }
-
-    def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]:
-        wanted = None if servers is None else set(servers)
-        return [info for info in self._infos.values() if wanted is None or info.server in wanted]
-
-    def find_tool(self, full_name: str) -> ToolInfo | None:
-        return self._infos.get(full_name)
-
-    def status(self) -> dict[str, ServerStatus]:
-        """Fake servers are always connected."""
-        connected = ServerState.CONNECTED
-        servers = {info.server for info in self._infos.values()}
-        return {s: ServerStatus(s, connected, tuple(self.tools([s])), None, 1) for s in sorted(servers)}
-
-    async def call_tool(
-        self,
-        server: str,
-        tool: str,
-        arguments: dict[str, Any],
-        *,
-        on_progress: OnProgress | None = None,
-        on_elicit: OnElicit | None = None,
-        timeout: float | None = None,
-    ) -> ToolResult:
-        func = self._funcs[f"{server}.{tool}"]
-        try:
-            if _takes_context(func):
-                value = func(arguments, FakeToolContext(on_progress, on_elicit))
-            else:
-                value = func(arguments)
-            if inspect.isawaitable(value):
-                value = await _awaited(value)
-        except FakeToolError as exc:
-            return ToolResult(True, [{"type": "text", "text": str(exc)}], None)
-        return _as_result(value)
-
-
-def _takes_context(func: ToolFunc) -> bool:
-    try:
-        parameters = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: called with the arguments only
-        return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2
-
-
-async def _awaited(value: Awaitable[Any]) -> Any:
-    return await value
-
-
-def _as_result(value: Any) -> ToolResult:
-    """What the MCP SDK's ``MCPServer`` returns for a tool function's return ``value``."""
-    if isinstance(value, ToolResult):
-        return value
-    if isinstance(value, dict):
-        return ToolResult(False, [_text_block(value)], value)
-    if isinstance(value, list | tuple):
-        return ToolResult(False, [_text_block(item) for item in value], {"result": list(value)})
-    if value is None:
-        return ToolResult(False, [], {"result": None})
-    return ToolResult(False, [_text_block(value)], {"result": value})
-
-
-def _text_block(value: Any) -> dict[str, Any]:
-    text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
-    return {"type": "text", "text": text}
-
-
 def _payload(event: Event) -> dict[str, Any]:
     return event.payload if isinstance(event.payload, dict) else {"text": event.payload}
-
-
-__all__ = ["AgentHarness", "FakeToolContext", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]

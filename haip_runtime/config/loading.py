@@ -1,0 +1,101 @@
+"""Reading haip.toml: TOML, ``${VAR}`` / ``${VAR:-default}`` expansion, validation against ``HaipConfig``.
+
+Relative paths are taken from the config file's folder (the models resolve them with the
+``base_dir`` this passes). Every failure becomes one ``ConfigError`` line: file, key path, what was
+expected, and the bad value only when it cannot be a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.exceptions import ConfigError
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: str, env: Mapping[str, str], where: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+
+    return _VAR.sub(substitute, value)
+
+
+def _expand_tree(value: Any, env: Mapping[str, str], path: str, file: str) -> Any:
+    if isinstance(value, str):
+        return expand(value, env, f"{file}: {path or '(root)'}")
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, env, f"{path}.{k}" if path else k, file) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_tree(v, env, f"{path}[{i}]", file) for i, v in enumerate(value)]
+    return value
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> HaipConfig:
+    """Read, expand and validate a haip.toml. Every failure is a one-line ``ConfigError``."""
+    file = Path(path)
+    shown = str(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{shown}: invalid TOML: {exc}") from exc
+    environment = {"HAIP_PYTHON": sys.executable, **(os.environ if env is None else env)}
+    expanded = _expand_tree(raw, environment, "", shown)
+    base_dir = file.resolve().parent
+    return validate_config(expanded, base_dir=base_dir, source=shown)
+
+
+def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<config>") -> HaipConfig:
+    """``data`` (expanded already) as the config of a file in ``base_dir``; a failure is one ``ConfigError`` line."""
+    try:
+        return HaipConfig.model_validate({**data, "base_dir": base_dir}, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see config/haip.schema.json)"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif _showable(error.get("input"), loc):
+        message = f"{message} (got {_short(error.get('input'))})"
+    more = len(exc.errors()) - 1
+    suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{loc or '(root)'}: {message}{suffix}"
+
+
+def _showable(value: object, loc: str) -> bool:
+    """Echo a bad value only if it is a scalar and cannot be a secret."""
+    secretish = any(word in loc.lower() for word in ("secret", "key", "token", "password", "header"))
+    return isinstance(value, str | int | float | bool) and not secretish
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

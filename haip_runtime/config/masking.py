@@ -1,0 +1,66 @@
+"""Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
+
+Masked: every ``SecretStr``, MCP servers' ``env`` values and agent options whose key looks like a
+secret. ``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from haip_runtime.config.models import HaipConfig
+
+MASK = "**********"
+_SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
+
+
+def masked_dump(config: HaipConfig) -> dict[str, Any]:
+    """The effective config as plain data, secrets shown as ``**********``.
+
+    Masked: every ``SecretStr`` (auth.secret, MCP headers), every MCP server's ``env`` value (an
+    environment is where API keys are handed to stdio servers), and any value in agent
+    ``options`` whose key looks like a secret (``api_key``, ``token``, ...).
+    """
+    data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
+    for server in data["mcp"]["servers"].values():
+        server["env"] = dict.fromkeys(server["env"], MASK)
+    for agent in data["agents"].values():
+        agent["options"] = _mask_secretish(agent["options"])
+    return data
+
+
+def secret_values(config: HaipConfig) -> list[str]:
+    """Every value ``masked_dump`` hides, for the log redactor."""
+    found: list[str] = []
+    if config.auth.secret is not None:
+        found.append(config.auth.secret.get_secret_value())
+    for server in config.mcp.servers.values():
+        found += [value.get_secret_value() for value in server.headers.values()]
+        found += list(server.env.values())
+    for agent in config.agents.values():
+        found += _secretish_values(agent.options)
+    return found
+
+
+def _secretish_values(value: Any, secretish: bool = False) -> list[str]:
+    if isinstance(value, dict):
+        return [
+            found
+            for key, item in value.items()
+            for found in _secretish_values(item, secretish or bool(_SECRETISH.search(key)))
+        ]
+    if isinstance(value, list):
+        return [v for item in value for v in _secretish_values(item, secretish)]
+    return [value] if secretish and isinstance(value, str) else []
+
+
+def _mask_secretish(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: MASK if _SECRETISH.search(key) and item is not None else _mask_secretish(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_mask_secretish(item) for item in value]
+    return value

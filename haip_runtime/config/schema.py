@@ -1,0 +1,52 @@
+"""The JSON Schema of haip.toml (``config/haip.schema.json``, for editors), generated from the models.
+
+Each property's description is its attribute docstring in ``models.py``, read from that file's
+source here rather than by pydantic at every import (``use_attribute_docstrings`` parses each class).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+from pathlib import Path
+from typing import Any
+
+from pydantic.json_schema import GenerateJsonSchema
+
+from haip_runtime.config import models
+from haip_runtime.config.models import HaipConfig
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of haip.toml, each option described by its attribute docstring."""
+    schema = HaipConfig.model_json_schema(mode="validation")
+    docs = _attribute_docstrings()
+    for name, definition in [(HaipConfig.__name__, schema), *schema.get("$defs", {}).items()]:
+        classes = [base.__name__ for base in getattr(vars(models).get(name), "__mro__", ())]
+        for field, property in definition.get("properties", {}).items():
+            found = [docs[cls][field] for cls in classes if field in docs.get(cls, {})]
+            if found:
+                property["description"] = found[0]
+    schema["properties"].pop("base_dir", None)
+    schema["title"] = "haip.toml"
+    return GenerateJsonSchema().sort(schema)  # keys in pydantic's order again, descriptions included
+
+
+def _attribute_docstrings() -> dict[str, dict[str, str]]:
+    """{class: {attribute: docstring}} for the classes of ``models.py``: a string right after an annotated attribute."""
+    tree = ast.parse(Path(models.__file__).read_text(encoding="utf-8"))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs[node.name] = attributes = {}
+            for first, second in itertools.pairwise(node.body):
+                if (
+                    isinstance(first, ast.AnnAssign)
+                    and isinstance(first.target, ast.Name)
+                    and isinstance(second, ast.Expr)
+                    and isinstance(second.value, ast.Constant)
+                    and isinstance(second.value.value, str)
+                ):
+                    attributes[first.target.id] = inspect.cleandoc(second.value.value)
+    return docs
