@@ -9,17 +9,22 @@ the response at the same time, and must see ``http.disconnect`` themselves.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.abc import ObjectReceiveStream, TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.transports.base import Credentials
+from haip_runtime.transports.base import Credentials, FrameSource, Inbound, cancel_when_stalled
 from haip_runtime.transports.origin import origin_allowed
 
+#: Decoded envelopes waiting for the session; the request (body or POSTs) waits while it is full.
+INBOUND_BUFFER = 64
 #: Headers of a streamed response: no caching, no proxy buffering, no compression.
 STREAM_HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
@@ -90,6 +95,33 @@ class ResponseWriter:
             if not self.ended:
                 self.ended = True
                 await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+@asynccontextmanager
+async def streamed_response(
+    send: Send,
+    content_type: bytes,
+    outbox: FrameSource,
+    start: Callable[[ResponseWriter, MemoryObjectSendStream[Inbound], TaskGroup], None],
+) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
+    """A connection over one streamed response: ``start`` starts the transport's tasks (its writer,
+    and its reader or keep-alive) in a group that ends with the connection; the group is cancelled
+    as for any transport when a 1013 close cannot be written. Yields the inbound envelopes."""
+    inbound, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
+    writer = ResponseWriter(send)
+    await writer.start(content_type)
+    try:
+        async with anyio.create_task_group() as tg:
+            start(writer, inbound, tg)
+            cancel_when_stalled(outbox, tg)
+            async with receive:
+                yield receive
+            outbox.close()
+    finally:
+        inbound.close()
+        outbox.discard()
+        with anyio.move_on_after(0.5, shield=True):
+            await writer.end()
 
 
 async def end_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

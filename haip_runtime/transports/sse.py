@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
@@ -30,14 +30,13 @@ from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
-from haip_runtime.transports.base import FrameSource, Inbound, Link, cancel_when_stalled, frames_as_text
+from haip_runtime.transports.base import FrameSource, Inbound, Link, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
     end_on_disconnect,
+    streamed_response,
 )
 
-#: Envelopes from POSTs waiting for the session; a POST waits while it is full.
-INBOUND_BUFFER = 64
 #: Envelopes one POST may carry.
 MAX_BATCH = 64
 #: A POST body's bound, in frames of ``server.max_frame_bytes``.
@@ -60,26 +59,18 @@ class SseTransport:
 
     @asynccontextmanager
     async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
-        send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
-        self.inbound = send
+        def start(writer: ResponseWriter, inbound: MemoryObjectSendStream[Inbound], tg: TaskGroup) -> None:
+            self.inbound = inbound
+            tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
+            tg.start_soon(self._keep_alive, writer)
+            tg.start_soon(end_on_disconnect, self._receive, tg.cancel_scope)
+
         self._registry.add(self, outbox)
-        writer = ResponseWriter(self._send)
-        await writer.start(b"text/event-stream; charset=utf-8")
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
-                tg.start_soon(self._keep_alive, writer)
-                tg.start_soon(end_on_disconnect, self._receive, tg.cancel_scope)
-                cancel_when_stalled(outbox, tg)
-                async with receive:
-                    yield receive
-                outbox.close()
+            async with streamed_response(self._send, b"text/event-stream; charset=utf-8", outbox, start) as receive:
+                yield receive
         finally:
-            send.close()
-            outbox.discard()
             self._registry.remove(self, outbox)
-            with anyio.move_on_after(0.5, shield=True):
-                await writer.end()
 
     async def _write(self, writer: ResponseWriter, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         try:

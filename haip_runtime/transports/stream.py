@@ -16,19 +16,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 from starlette.types import Receive, Send
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.transports.base import FrameSource, Inbound, Link, cancel_when_stalled, frames_as_text
+from haip_runtime.transports.base import FrameSource, Inbound, Link, frames_as_text
 from haip_runtime.transports.http import (
     ResponseWriter,
+    streamed_response,
 )
-
-#: Decoded envelopes waiting for the session; the request body stops being read while it is full.
-INBOUND_BUFFER = 64
 
 
 class StreamTransport:
@@ -42,22 +41,12 @@ class StreamTransport:
 
     @asynccontextmanager
     async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
-        send, receive = anyio.create_memory_object_stream[Inbound](INBOUND_BUFFER)
-        writer = ResponseWriter(self._send)
-        await writer.start(b"application/x-ndjson")
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read, send, tg.cancel_scope)
-                tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
-                cancel_when_stalled(outbox, tg)
-                async with receive:
-                    yield receive
-                outbox.close()
-        finally:
-            send.close()
-            outbox.discard()
-            with anyio.move_on_after(0.5, shield=True):
-                await writer.end()
+        def start(writer: ResponseWriter, inbound: MemoryObjectSendStream[Inbound], tg: TaskGroup) -> None:
+            tg.start_soon(self._read, inbound, tg.cancel_scope)
+            tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
+
+        async with streamed_response(self._send, b"application/x-ndjson", outbox, start) as receive:
+            yield receive
 
     async def _read(self, send: ObjectSendStream[Inbound], scope: anyio.CancelScope) -> None:
         lines = LineSplitter(self.max_frame_bytes)
