@@ -13,7 +13,7 @@ import pytest
 
 import haip_runtime.bridge.supervisor as supervisor_module
 from haip_runtime.bridge import McpBridge, ServerState, ServerStatus
-from haip_runtime.bridge.transport import describe_failure, shown_url
+from haip_runtime.bridge.dialer import describe_failure, shown_url
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.server.app import Runtime
 from tests.serving import make_config
