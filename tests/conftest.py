@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.serving import LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from haip_runtime.client import HaipClient
-from tests.serving import ROOT
+from tests.support.serving import ROOT
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Tests of the plugin registry and the built-in agents."""

@@ -1,0 +1,101 @@
+"""Loading agent plugins: what an author sees when a class name or an option is wrong."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from haip_runtime import Agent, PluginError, Turn
+from haip_runtime.agents.registry import load_agents, resolve_plugin
+from haip_runtime.config import validate_config
+from haip_runtime.llm import ScriptedLLM
+from tests.support.serving import ROOT
+
+pytestmark = pytest.mark.anyio
+
+
+class LooseOptions(BaseModel):  # no extra="forbid": the registry refuses unknown keys anyway
+    greeting: str = "hi"
+
+
+class Loose(Agent[LooseOptions]):
+    Options = LooseOptions
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(self.options.greeting)
+
+
+def test_a_missing_class_in_a_plugin_file_is_named_with_the_classes_there() -> None:
+    with pytest.raises(PluginError) as caught:
+        resolve_plugin("plugins/storyteller.py:StoryTeller", ROOT, "agents.s.plugin")
+    assert str(caught.value) == (
+        "agents.s.plugin: 'plugins/storyteller.py' has no attribute 'StoryTeller' (agents defined there: Storyteller)"
+    )
+
+
+def test_a_missing_class_in_a_module_without_agents_says_so() -> None:
+    with pytest.raises(PluginError, match=r"'json' has no attribute 'Nope' \(it defines no Agent subclass\)"):
+        resolve_plugin("json:Nope", ROOT, "agents.j.plugin")
+
+
+@pytest.mark.parametrize(
+    ("plugin", "options", "message"),
+    [
+        (
+            "tests.agents.test_registry:Loose",
+            {"greting": "x"},
+            "agents.a.options.greting: unknown option of Loose (it takes: greeting)",
+        ),
+        ("echo", {"prefx": "x"}, "agents.a.options.prefx: unknown option (check the spelling)"),
+        ("echo", {"prefix": 3}, "agents.a.options.prefix: Input should be a valid string"),
+    ],
+)
+def test_plugin_options_with_unknown_keys_or_bad_values_are_refused(
+    plugin: str, options: dict[str, object], message: str
+) -> None:
+    config = validate_config({"agents": {"a": {"plugin": plugin, "options": options}}}, base_dir=ROOT)
+    with pytest.raises(PluginError) as caught:
+        load_agents(config)
+    assert str(caught.value) == message
+
+
+def test_each_agent_gets_the_provider_its_config_names() -> None:
+    config = validate_config(
+        {
+            "llm": {"small": {"kind": "local"}},
+            "agents": {"a": {"plugin": "assistant", "llm": "small"}, "e": {"plugin": "echo"}},
+        },
+        base_dir=ROOT,
+    )
+    small = ScriptedLLM([])
+    specs = load_agents(config, {"small": small})
+    assert specs["a"].llm is small and specs["e"].llm is None
+    agent = specs["a"].create(transaction_id="t", started_by="u", params={})
+    assert agent.context.llm is small and agent.instructions == ""
+
+
+async def test_each_llm_kind_gets_its_provider() -> None:
+    from haip_runtime.llm import create_providers
+    from haip_runtime.llm.anthropic import AnthropicProvider
+    from haip_runtime.llm.local import LocalProvider
+    from haip_runtime.llm.openai import OpenAiProvider
+
+    config = validate_config(
+        {
+            "llm": {
+                "o": {"kind": "openai", "model": "gpt-4o-mini"},
+                "a": {"kind": "anthropic", "model": "claude-sonnet-4-5", "api_key": "k"},
+                "l": {"kind": "local"},
+            }
+        },
+        base_dir=ROOT,
+    )
+    providers = create_providers(config.llm)
+    assert [type(p) for p in providers.values()] == [OpenAiProvider, AnthropicProvider, LocalProvider]
+    assert [(p.id, p.model) for p in providers.values()] == [
+        ("o", "gpt-4o-mini"),
+        ("a", "claude-sonnet-4-5"),
+        ("l", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ]
+    for provider in providers.values():
+        await provider.aclose()

@@ -1,0 +1,74 @@
+"""JWKS keys on their own: cached, re-fetched on an unknown kid at a bounded rate, kept while unreachable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from haip_runtime.auth.jwks import JwksKeys, KeyUnavailableError
+from tests.support.jwks_server import JwksServer, jwk_of, serve_jwks
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def jwks() -> Iterator[JwksServer]:
+    with serve_jwks() as server:
+        server.keys = [jwk_of(rsa.generate_private_key(public_exponent=65537, key_size=2048), "k1")]
+        yield server
+
+
+def keys_at(server: JwksServer, clock: Clock, *, min_refetch: float = 30) -> JwksKeys:
+    return JwksKeys(server.url, cache_seconds=300, min_refetch_seconds=min_refetch, timeout=5, clock=clock)
+
+
+async def test_keys_are_cached_and_a_lone_key_serves_tokens_without_kid(jwks: JwksServer) -> None:
+    clock = Clock()
+    keys = keys_at(jwks, clock)
+    first = await keys.key("k1")
+    assert await keys.key(None) is first and jwks.requests == 1
+    clock.now += 301
+    await keys.key("k1")
+    assert jwks.requests == 2  # the cache expired
+
+
+async def test_unknown_kids_refetch_at_most_once_per_interval(jwks: JwksServer) -> None:
+    clock = Clock()
+    keys = keys_at(jwks, clock)
+    await keys.key("k1")
+    clock.now += 31
+    for kid in ("made-up-1", "made-up-2", "made-up-3"):
+        with pytest.raises(KeyUnavailableError, match="no signing key with kid"):
+            await keys.key(kid)
+    assert jwks.requests == 2 and keys.fetches == 2
+
+
+async def test_unreachable_url_is_a_clear_error_and_old_keys_are_kept(jwks: JwksServer) -> None:
+    clock = Clock()
+    keys = keys_at(jwks, clock, min_refetch=0)
+    key = await keys.key("k1")
+    jwks.stop()
+    clock.now += 301
+    assert await keys.key("k1") is key  # stale but still the issuer's key
+    never = keys_at(jwks, clock)
+    with pytest.raises(KeyUnavailableError, match="signing keys unavailable"):
+        await never.key("k1")
+    with pytest.raises(KeyUnavailableError, match="signing keys unavailable"):
+        await never.key("k1")
+    assert never.fetches == 1  # the second attempt did not hammer the dead URL
+
+
+async def test_a_key_set_with_no_usable_key_is_refused(jwks: JwksServer) -> None:
+    jwks.keys = [{"kty": "nonsense"}]
+    with pytest.raises(KeyUnavailableError, match="signing keys unavailable"):
+        await keys_at(jwks, Clock()).key("k1")

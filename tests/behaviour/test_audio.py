@@ -1,0 +1,168 @@
+"""Audio (PROTOCOL.md section 9) over a real uvicorn: inline and two-frame, to the agent's ``on_audio``
+hook (the tone plugin) and to other members, the AUDIO/AUDIO_CHUNK downgrade, limits and errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import wave
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Session
+from plugins.tone import tone_wav
+from tests.support.peers import open_peer
+from tests.support.raw import RawPeer, raw_peer
+from tests.support.serving import LiveServer, live_server, make_config
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 64 * 1024
+EVERYTHING: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
+BINARY: dict[str, Any] = {"capabilities": {"binary_frames": True}}
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveServer]:
+    agents = {"tone": {"plugin": "plugins/tone.py:ToneAgent"}}
+    with live_server(make_config({"agents": agents, "server": {"max_frame_bytes": LIMIT}})) as server:
+        yield server
+
+
+@asynccontextmanager
+async def member(live: LiveServer, tx: str | None = None, **hai: Any) -> AsyncIterator[tuple[RawPeer, str]]:
+    """A connected client of alice's; it starts a transaction with the tone agent, or joins ``tx``."""
+    async with raw_peer(live.ws_url) as peer:
+        await peer.receive()
+        await peer.hai(live.token("alice"), **hai)
+        await peer.receive_type("INFO")
+        if tx is None:
+            await peer.send("TRANSACTION_START", {"toolName": "tone"}, transaction="ref")
+            tx = str((await peer.receive_type("TRANSACTION_START"))["transaction"])
+        else:
+            await peer.send("TRANSACTION_JOIN", {}, transaction=tx)
+            await peer.receive_type("TRANSACTION_JOIN")
+        yield peer, tx
+
+
+async def next_audio(peer: RawPeer, type: str) -> tuple[dict[str, Any], bytes]:
+    """The next audio envelope of ``type`` and its bytes (its binary frame, or its base64 data)."""
+    with anyio.fail_after(10):
+        while True:
+            frame = await peer.ws.recv()
+            if isinstance(frame, bytes):
+                continue
+            envelope = json.loads(frame)
+            if envelope["type"] == type:
+                if "bin_len" in envelope:
+                    data = await peer.ws.recv()
+                    assert isinstance(data, bytes)
+                    return envelope, data
+                return envelope, base64.b64decode(envelope["payload"]["data"])
+
+
+def wav_seconds(data: bytes) -> float:
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        return wav.getnframes() / wav.getframerate()
+
+
+async def test_inline_audio_reaches_the_agent_and_the_other_members_and_a_tone_comes_back(live: LiveServer) -> None:
+    clip = tone_wav(1000, 0.5, amplitude=0.5)
+    async with member(live, **EVERYTHING) as (speaker, tx), member(live, tx) as (legacy, _):
+        await speaker.send(
+            "AUDIO_CHUNK", {"mime": "audio/wav", "data": base64.b64encode(clip).decode()}, transaction=tx
+        )
+        heard, heard_bytes = await next_audio(legacy, "AUDIO")  # a transaction-era client gets AUDIO
+        said = await speaker.receive_type("MESSAGE_PART")
+        tone, tone_bytes = await next_audio(speaker, "AUDIO_CHUNK")
+    assert heard_bytes == clip and heard["payload"]["author"] == "alice" and heard["channel"] == "AUDIO_IN"
+    assert said["payload"]["text"].startswith("heard 0.50 s at -9.0 dBFS RMS (peak -6.0 dBFS)")
+    assert tone["channel"] == "AUDIO_OUT" and tone["payload"]["mime"] == "audio/wav"
+    assert wav_seconds(tone_bytes) == 0.5 and tone["payload"]["duration_ms"] == 500
+
+
+async def test_two_frame_audio_round_trips_byte_exactly(live: LiveServer) -> None:
+    data = os.urandom(40_000)
+    async with member(live, **EVERYTHING, **BINARY) as (speaker, tx), member(live, tx, **BINARY) as (other, _):
+        await speaker.send(
+            "AUDIO",
+            {"mime": "audio/opus", "message_id": "clip-1"},
+            transaction=tx,
+            bin_len=len(data),
+            bin_mime="audio/opus",
+        )
+        await speaker.send_frame(data)
+        envelope, received = await next_audio(other, "AUDIO")
+        answer = await speaker.receive_type("MESSAGE_PART")
+    assert received == data
+    assert (envelope["bin_len"], envelope["bin_mime"], envelope["payload"]["message_id"]) == (
+        len(data),
+        "audio/opus",
+        "clip-1",
+    )
+    assert "data" not in envelope["payload"]
+    assert answer["payload"]["text"] == "got 40000 bytes of audio/opus; I can only measure 16-bit PCM WAV"
+
+
+async def test_a_mismatched_bin_len_gets_binary_frame_error_and_the_session_lives(live: LiveServer) -> None:
+    async with member(live, **BINARY) as (peer, tx):
+        sent = await peer.send("AUDIO", {"mime": "audio/opus"}, transaction=tx, bin_len=10, bin_mime="audio/opus")
+        await peer.send_frame(b"12345")
+        mismatch = await peer.receive_type("ERROR")
+        await peer.send_frame(b"no envelope announced me")
+        unannounced = await peer.receive_type("ERROR")
+        await peer.send("PING", {"nonce": "alive"})
+        pong = await peer.receive_type("PONG")
+    assert mismatch["payload"]["code"] == "BINARY_FRAME_ERROR" and mismatch["payload"]["related_id"] == sent
+    assert unannounced["payload"]["code"] == "BINARY_FRAME_ERROR"
+    assert pong["payload"] == {"nonce": "alive"}
+
+
+async def test_audio_past_the_size_limit_is_refused(live: LiveServer) -> None:
+    async with member(live, **BINARY) as (peer, tx):
+        too_big = LIMIT + 10  # within the WebSocket frame limit, past the audio limit
+        await peer.send("AUDIO", {"mime": "audio/opus"}, transaction=tx, bin_len=too_big, bin_mime="audio/opus")
+        await peer.send_frame(bytes(too_big))
+        error = await peer.receive_type("ERROR")
+    assert error["payload"]["code"] == "MESSAGE_TOO_LARGE"
+
+
+@pytest.mark.parametrize("kind", ["sse", "stream"])
+async def test_http_transports_carry_audio_inline_and_refuse_binary_frames(kind: str, live: LiveServer) -> None:
+    clip = tone_wav(500, 0.1)
+    async with open_peer(kind, live, live.token("alice")) as peer:
+        await peer.receive()
+        await peer.hai(live.token("alice"), **EVERYTHING, **BINARY)
+        await peer.receive_type("INFO")
+        await peer.send("TRANSACTION_START", {"toolName": "tone"}, transaction="ref")
+        tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+        await peer.send("AUDIO", {"mime": "audio/opus"}, transaction=tx, bin_len=4, bin_mime="audio/opus")
+        error = await peer.receive_type("ERROR")
+        await peer.send("AUDIO", {"mime": "audio/wav", "data": base64.b64encode(clip).decode()}, transaction=tx)
+        tone = await peer.receive_type("AUDIO_CHUNK")
+    assert error["payload"]["code"] == "BINARY_FRAME_ERROR"
+    assert "bin_len" not in tone and wav_seconds(base64.b64decode(tone["payload"]["data"])) == 0.1
+
+
+def test_a_two_frame_envelope_is_inlined_for_a_text_only_transport() -> None:
+    session = Session(Principal("u"), negotiate(ALL_EVENTS), SessionConfig())
+    session.binary_frames = True  # it was on WebSocket; it resumes on SSE, say
+    data = os.urandom(300)
+    payload = {"message_id": "m", "mime": "audio/wav", "data": base64.b64encode(data).decode()}
+    session.deliver(Event("AUDIO_CHUNK", payload, channel="AUDIO_OUT"))
+    frame = session.window.get(1)
+    assert frame is not None and frame.data == data and frame.size == len(frame) + 300
+    assert json.loads(frame)["bin_len"] == 300 and "data" not in json.loads(frame)["payload"]
+    inline = json.loads(frame.inline())
+    assert "bin_len" not in inline and base64.b64decode(inline["payload"]["data"]) == data

@@ -1,0 +1,1 @@
+"""Tests of the MCP bridge against real MCP servers (stdio, HTTP, in-process)."""

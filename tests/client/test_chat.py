@@ -1,0 +1,274 @@
+"""``haip-runtime chat`` as a person uses it: a real process in a pseudo-terminal, a real server and MCP server.
+
+The terminal side is pexpect; the screen is read with ANSI escapes stripped, and the chat's
+cursor-position requests are answered as a real terminal would (prompt_toolkit draws the live
+area under the prompt only once it knows where the cursor is).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from haip_runtime.client import ClientError
+from haip_runtime.client.chat import field_value, signature, websocket_url
+from haip_runtime.client.view import readable_error
+from tests.support.serving import ROOT, LiveServer, live_server, make_config
+
+DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+CURSOR_REQUEST = "\x1b[6n"
+
+
+def chat_config() -> dict[str, object]:
+    return {
+        "agents": {
+            "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
+            # slow enough to see the answer stream in the live area before its line is printed
+            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+        },
+        "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def chat_server() -> Iterator[LiveServer]:
+    with live_server(make_config(chat_config())) as live:
+        yield live
+
+
+class Screen:
+    """What the chat printed, escapes stripped; ``expect`` waits (bounded) for a pattern after the last match."""
+
+    def __init__(self, child: pexpect.spawn) -> None:
+        self.child = child
+        self.raw = ""
+        self.text = ""
+        self.position = 0
+
+    def expect(self, pattern: str, timeout: float = 10) -> str:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.text, self.position)
+            if found:
+                self.position = found.end()
+                return found.group(0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{pattern!r} not on screen within {timeout} s; screen ends:\n{self.text[-1500:]}")
+            self._read(min(left, 0.5))
+
+    def _read(self, timeout: float) -> None:
+        try:
+            chunk = self.child.read_nonblocking(65536, timeout=timeout)
+        except pexpect.TIMEOUT:
+            return
+        self.raw += chunk
+        if CURSOR_REQUEST in chunk:
+            self.child.send("\x1b[40;1R")  # row 40, column 1: as a real terminal answers
+        self.text = ANSI.sub("", self.raw)
+
+    def wait_exit(self, timeout: float = 10) -> int:
+        deadline = time.monotonic() + timeout
+        while self.child.isalive() and time.monotonic() < deadline:
+            try:
+                self._read(0.5)
+            except pexpect.EOF:
+                break
+        self.child.close()
+        assert self.child.exitstatus is not None, "the chat did not exit"
+        return int(self.child.exitstatus)
+
+
+def spawn_chat(*args: str) -> Screen:
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "PROMPT_TOOLKIT_NO_CPR")}
+    env["TERM"] = "xterm"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "haip_runtime", "chat", *args],
+        env=env,
+        dimensions=(40, 160),
+        encoding="utf-8",
+        cwd=str(ROOT),
+    )
+    return Screen(child)
+
+
+def test_a_conversation_with_progress_an_approval_an_input_form_and_ctrl_c(chat_server: LiveServer) -> None:
+    screen = spawn_chat(f"{chat_server.http_url}/?token={chat_server.token('ann')}", "--agent", "operator")
+    try:
+        screen.expect("talking to operator")
+        screen.expect(r"[1-9]\d* tools available")
+        screen.child.sendline("/tools")
+        screen.expect(re.escape("demo.slow_count(steps: integer = 5, delay: number = 0.2)"))
+
+        screen.child.sendline('/call demo.slow_count {"steps": 4, "delay": 0.25}')
+        screen.expect(r"demo\.slow_count [█░]{20}")  # the live bar under the prompt
+        screen.expect(r"1/4 running\s+step 1 of 4")
+        screen.expect(re.escape('✓ demo.slow_count("steps": 4, "delay": 0.25) → counted to 4'))
+        screen.expect("operator › demo.slow_count returned: counted to 4")
+
+        screen.child.sendline("/call demo.delete_everything")
+        screen.expect(re.escape("demo.delete_everything needs your approval: approve? [y/n, n <reason>]"))
+        screen.child.sendline("maybe")
+        screen.expect("answer y to approve")
+        screen.child.sendline("y")
+        screen.expect("✓ demo.delete_everything.* → pretended to delete everything")
+
+        screen.child.sendline("/call demo.delete_everything")
+        screen.expect("approve\\?")
+        screen.child.sendline("n not today")
+        screen.expect("⊘ demo.delete_everything.* CANCELLED: rejected by ann: not today")
+
+        screen.child.sendline("/call demo.ask_user")
+        screen.expect("asks: Who are you, and which colour do you like best?")
+        screen.expect(re.escape("Name (string, required):"))
+        screen.child.sendline("")
+        screen.expect("this field is required")
+        screen.child.sendline("Ada")
+        screen.expect(re.escape("Favourite Colour (string, required):"))
+        screen.child.sendline("green")
+        screen.expect("✓ demo.ask_user.* → Ada likes green")
+
+        screen.child.sendline('/call demo.sleep {"seconds": 30}')
+        screen.expect(r"demo\.sleep [█░]{20} running")
+        screen.child.sendintr()  # Ctrl-C: cancel the running turn
+        screen.expect("cancelling")
+        screen.expect("⊘ demo.sleep.* CANCELLED")
+        screen.child.sendline("/agents")
+        screen.expect(r"\* operator")
+        screen.child.sendline("/agents storyteller")
+        screen.expect("talking to storyteller")
+        screen.child.sendline("a dragon")
+        screen.expect("\n storyteller › Once")  # streaming, in the live area under the prompt ...
+        assert "The end." not in screen.text[: screen.position]  # ... before the story is finished
+        screen.expect("storyteller › Once upon a time, someone said 'a dragon'. .* smiled. The end.")
+        screen.child.sendintr()
+        screen.expect("nothing to cancel")
+        screen.child.sendintr()  # a second Ctrl-C quits
+        assert screen.wait_exit() == 0
+        assert "Traceback" not in screen.text
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_the_chat_survives_a_server_restart(tmp_path: Path) -> None:
+    config = make_config({"storage": {"backend": "sqlite", "path": str(tmp_path / "haip.db")}})
+    with live_server(config) as first:
+        port, token = first.port, first.token("ann")  # signed with the dev key kept beside the database
+        screen = spawn_chat(first.http_url, "--agent", "echo", "--token", token)
+        try:
+            screen.expect("talking to echo")
+            screen.child.sendline("before the restart")
+            screen.expect("echo › .*before the restart")
+        except BaseException:
+            screen.child.terminate(force=True)
+            raise
+    try:
+        screen.expect("the connection dropped; reconnecting")
+        with live_server(config, port=port):
+            screen.expect("reconnected: the server had restarted; the conversation was rejoined")
+            screen.child.sendline("after the restart")
+            screen.expect("echo › .*after the restart")
+            screen.child.sendline("/quit")
+            assert screen.wait_exit() == 0
+        assert "Traceback" not in screen.text
+        assert "RESUME_FAILED" not in screen.text  # expected after a restart: said once, in words
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_a_server_that_stays_away_is_one_line_not_a_traceback() -> None:
+    with live_server(make_config()) as live:
+        screen = spawn_chat(live.ws_url, "--agent", "echo", "--token", live.token("ann"), "--reconnect", "1")
+        try:
+            screen.expect("talking to echo")
+            screen.child.sendline("hello")
+            screen.expect("echo › .*hello")
+        except BaseException:
+            screen.child.terminate(force=True)
+            raise
+    try:
+        screen.expect("haip-runtime: the connection to the server was lost")
+        assert screen.wait_exit() == 1
+        assert "Traceback" not in screen.text
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_bad_urls_and_tokens_are_one_line(chat_server: LiveServer) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "haip_runtime", "chat", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+    refused = run(chat_server.ws_url, "--token", "not-a-token")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "haip-runtime: handshake refused: authentication failed: invalid token (AUTHENTICATION_FAILED)"
+    ]
+    unknown = run(chat_server.http_url, "--agent", "nobody", "--token", chat_server.token("ann"))
+    assert unknown.returncode == 1 and unknown.stderr.strip().endswith("no agent named 'nobody' (AGENT_NOT_FOUND)")
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    wrong = run("ftp://example.invalid/")
+    assert wrong.returncode == 1 and wrong.stderr.strip() == (
+        "haip-runtime: 'ftp://example.invalid/' is not an http(s):// or ws(s):// URL"
+    )
+
+
+def test_piped_input_talks_and_answers_without_a_terminal(chat_server: LiveServer) -> None:
+    lines = "/call demo.delete_everything\ny\n/quit\n"
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--agent", "operator"]
+    command += ["--token", chat_server.token("ann")]
+    done = subprocess.run(command, input=lines, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "needs your approval" in done.stdout
+    assert "operator › demo.delete_everything returned: pretended to delete everything" in done.stdout
+
+
+def test_urls_map_to_the_websocket_path() -> None:
+    assert websocket_url("http://127.0.0.1:8080") == ("ws://127.0.0.1:8080/haip/websocket", None)
+    assert websocket_url("https://h.example/?token=abc") == ("wss://h.example/haip/websocket", "abc")
+    assert websocket_url("ws://h:1/") == ("ws://h:1/haip/websocket", None)
+    assert websocket_url("wss://h/custom/path") == ("wss://h/custom/path", None)
+    assert websocket_url("127.0.0.1:8080") == ("ws://127.0.0.1:8080/haip/websocket", None)
+    for bad in ("file:///tmp/x", "http://", "mailto://someone"):
+        with pytest.raises(ClientError):
+            websocket_url(bad)
+
+
+def test_input_fields_are_typed_from_their_schema() -> None:
+    assert field_value({"type": "integer"}, "42", True) == 42
+    assert field_value({"type": "number"}, "2.5", True) == 2.5
+    assert field_value({"type": "boolean"}, "y", True) is True
+    assert field_value({"type": "string"}, "", False) is None
+    assert field_value({"enum": ["red", "green"]}, "green", True) == "green"
+    for schema, text in (({"type": "integer"}, "x"), ({"enum": ["a"]}, "b"), ({"type": "boolean"}, "maybe")):
+        with pytest.raises(ValueError):
+            field_value(schema, text, True)
+    with pytest.raises(ValueError, match="required"):
+        field_value({"type": "string"}, "", True)
+
+
+def test_tool_signatures_and_errors_read_as_one_line() -> None:
+    schema = {
+        "properties": {"a": {"type": "number"}, "n": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": 1}},
+        "required": ["a"],
+    }
+    assert signature(schema) == "a: number, n: integer/null = 1"
+    pydantic_dump = (
+        "Error executing tool add: 1 validation error for addArguments\na\n"
+        "  Input should be a valid number [type=float_parsing, input_value='x', input_type=str]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/float_parsing"
+    )
+    assert readable_error(pydantic_dump) == (
+        "Error executing tool add: 1 validation error for addArguments; a; Input should be a valid number"
+    )

@@ -1,0 +1,1 @@
+"""Tests of configuration loading, validation and its schema."""

@@ -1,0 +1,231 @@
+"""haip.toml loading: expansion, paths, one-line errors, the check command and the schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from haip_runtime.config import (
+    ConfigError,
+    HaipConfig,
+    json_schema,
+    load_config,
+    masked_dump,
+    secret_values,
+    validate_config,
+)
+from haip_runtime.config.loading import expand
+from tests.support.serving import ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "haip.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_default_haip_toml_loads_with_no_environment() -> None:
+    config = load_config(ROOT / "haip.toml", env={})
+    assert config.auth.mode == "dev" and config.server.host == "127.0.0.1"
+    assert "echo" in config.agents
+
+
+def test_empty_file_gives_every_default(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env={}).model_dump(exclude={"base_dir"}) == HaipConfig().model_dump(
+        exclude={"base_dir"}
+    )
+
+
+def test_variables_and_defaults_are_expanded(tmp_path: Path) -> None:
+    text = (
+        '[server]\nhost = "${HOST:-127.0.0.1}"\nport = 0\n'
+        '[agents.e]\nplugin = "echo"\ndescription = "$${HOST} ${WHO}"\n'
+    )
+    config = load_config(write(tmp_path, text), env={"WHO": "ops"})
+    assert config.server.host == "127.0.0.1"
+    assert config.agents["e"].description == "${HOST} ops"
+
+
+def test_empty_variable_takes_the_default_but_plain_form_keeps_it() -> None:
+    assert expand("${A:-x}", {"A": ""}, "k") == "x"
+    assert expand("${A}", {"A": ""}, "k") == ""
+
+
+def test_missing_variable_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[auth]\nmode = "jwt"\nsecret = "${HAIP_JWT_SECRET}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert (
+        str(caught.value) == f"{path}: auth.secret: environment variable HAIP_JWT_SECRET is not set "
+        "(write ${HAIP_JWT_SECRET:-default} for a default)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nport = 99999\n", "server.port: Input should be less than or equal to 65535 (got 99999)"),
+        ("[server]\nprot = 1\n", "server.prot: unknown key (check the spelling; see config/haip.schema.json)"),
+        ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
+        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
+        ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
+        (
+            "[server]\nhost = '0.0.0.0'\n",
+            "(root): auth.mode = 'dev' may only bind a loopback address, not '0.0.0.0'; use mode = 'jwt'",
+        ),
+        (
+            "[agents.a]\nplugin = 'echo'\nmcp_servers = ['nope']\n",
+            "(root): agents.a.mcp_servers names unknown server 'nope'",
+        ),
+    ],
+    ids=["range", "typo", "missing", "jwt-without-secret", "short-secret", "dev-on-public-address", "unknown-server"],
+)
+def test_invalid_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == f"{path}: {expected}"
+    assert "\n" not in str(caught.value)
+
+
+def test_a_secret_never_appears_in_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[auth]\nmode = 'jwt'\nsecret = 'tiny-but-secret'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert "tiny-but-secret" not in str(caught.value)
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: invalid TOML: ") and "line 1" in str(caught.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "absent.toml")
+    assert "cannot read" in str(caught.value)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    text = "[mcp.servers.demo]\ntransport = 'stdio'\ncommand = 'python'\ncwd = 'servers'\n"
+    config = load_config(write(tmp_path, text), env={})
+    assert config.mcp.servers["demo"].cwd == (tmp_path / "servers").resolve()
+    assert config.base_dir == tmp_path.resolve()
+
+
+def test_config_is_frozen() -> None:
+    config = HaipConfig()
+    with pytest.raises(Exception, match="frozen"):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_generated_schema_is_committed_and_current() -> None:
+    committed = json.loads((ROOT / "config" / "haip.schema.json").read_text())
+    assert committed == json_schema(), "run: haip-runtime schema --output config/haip.schema.json"
+    assert committed["properties"]["server"]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+    )
+
+
+def test_check_prints_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    secret = "s" * 40
+    path = write(tmp_path, f"[auth]\nmode = 'jwt'\nsecret = '{secret}'\n[agents.e]\nplugin = 'echo'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["auth"]["secret"] == "**********" and secret not in result.stdout + result.stderr
+    assert "is valid (1 agent(s), 0 MCP server(s))" in result.stderr
+
+
+def test_check_on_a_bad_file_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 'eighty'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert (
+        result.stderr == f"haip-runtime: {path}: server.port: Input should be a valid integer, unable to parse "
+        "string as an integer (got 'eighty')\n"
+    )
+
+
+def test_check_reports_a_plugin_that_cannot_be_imported(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.x]\nplugin = 'no_such_module:Agent'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("haip-runtime: agents.x.plugin: cannot import 'no_such_module'")
+
+
+def test_check_reports_bad_plugin_options_by_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.x]\nplugin = 'echo'\noptions = { prefix = 3 }\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr == "haip-runtime: agents.x.options.prefix: Input should be a valid string\n"
+
+
+def test_plugin_file_path_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text(
+        "from haip_runtime import Agent, Turn\n\nclass Mine(Agent):\n"
+        "    async def on_message(self, turn: Turn) -> None:\n        await turn.say('mine')\n"
+    )
+    path = write(tmp_path, "[agents.mine]\nplugin = 'mine.py:Mine'\n[agents.mod]\nplugin = 'mine:Mine'\n")
+    result = run_cli("check", "--config", str(path), cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.x]\nplugin = 'json:dumps'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.stderr == "haip-runtime: agents.x.plugin: 'json:dumps' is not a subclass of haip_runtime.Agent\n"
+
+
+def test_builtin_agents_are_registered_as_entry_points() -> None:
+    from haip_runtime.agents.echo import EchoAgent
+    from haip_runtime.agents.registry import resolve_plugin
+    from haip_runtime.config.references import _entry_point
+
+    assert _entry_point("echo", "haip_runtime.agents") == "haip_runtime.agents.echo:EchoAgent"
+    assert resolve_plugin("echo", ROOT, "agents.e.plugin") is EchoAgent
+
+
+def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agents.x]\nplugin = 'ech'\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1
+    expected = "haip-runtime: agents.x.plugin: 'ech' is neither a known agent (assistant, echo, operator"
+    assert result.stderr.startswith(expected)
+
+
+def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[agents.e]\nplugin = 'echo'\n[agents.e.options]\nprefix = 'visible: '\n"
+        "[mcp.servers.s]\ntransport = 'stdio'\ncommand = 'x'\nenv = { API_KEY = 'sk-secret123' }\n"
+        "[mcp.servers.h]\ntransport = 'http'\nurl = 'http://127.0.0.1:1/mcp'\n"
+        "headers = { Authorization = 'Bearer hdr-secret' }\n",
+    )
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["mcp"]["servers"]["s"]["env"] == {"API_KEY": "**********"}
+    assert shown["mcp"]["servers"]["h"]["headers"] == {"Authorization": "**********"}
+    assert "sk-secret123" not in result.stdout and "hdr-secret" not in result.stdout
+    assert shown["agents"]["e"]["options"] == {"prefix": "visible: "}
+
+
+def test_masked_dump_and_secret_values_cover_nested_agent_options() -> None:
+    data = {
+        "agents": {"a": {"plugin": "echo", "options": {"llm": {"api_key": "k-123456789", "model": "m"}, "n": 1}}},
+        "auth": {"mode": "jwt", "secret": "z" * 40},
+    }
+    config = validate_config(data, base_dir=ROOT)
+    assert masked_dump(config)["agents"]["a"]["options"] == {"llm": {"api_key": "**********", "model": "m"}, "n": 1}
+    assert set(secret_values(config)) == {"z" * 40, "k-123456789"}

@@ -1,0 +1,1 @@
+"""Tests of transactions: members, runs and their limit, the log and the agents' history."""

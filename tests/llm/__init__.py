@@ -1,0 +1,1 @@
+"""Tests of the LLM providers, each against a local server speaking its vendor's format."""

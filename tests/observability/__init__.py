@@ -1,0 +1,1 @@
+"""Tests of logging (redaction, budgets) and metrics."""

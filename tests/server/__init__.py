@@ -1,0 +1,1 @@
+"""Tests of the ASGI app's own routes and the browser playground."""

@@ -1,0 +1,284 @@
+"""The browser playground, driven in Debian's Chromium (headless) against a real server and MCP server.
+
+Each test clicks and types as a person would and waits on what the page shows. Screenshots go
+to ``test-artifacts/`` (gitignored); ``docs/playground.png`` is one of them.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from tests.support.serving import ROOT, LiveServer, live_server, make_config
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def playground_server() -> Iterator[LiveServer]:
+    config = make_config(
+        {
+            "agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}},
+            "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+            "roles": {"user": {"may_join_others": True}},  # a second person may join by id
+        }
+    )
+    with live_server(config) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, playground_server: LiveServer, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh tab on the playground, logged in with a token in the URL; screenshot kept at the end."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.goto(f"{playground_server.http_url}/?token={playground_server.token('dev')}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect(tab.locator("#connection")).to_have_attribute("data-state", "open")
+    yield tab
+    tab.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def start(page: Page, agent: str) -> None:
+    page.click(f"li.agent[data-agent={agent}]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    if agent == "operator":
+        expect(page.locator("li.tool[data-tool='demo.slow_count']")).to_be_visible()
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def card(page: Page, tool: str, index: int = 0) -> Locator:
+    return page.locator(f".card[data-tool='{tool}']").nth(index)
+
+
+#: Records every progress value a tool card shows, as the page shows it (not sampled by polling).
+WATCH_PROGRESS = """() => {
+  window.progressSeen = [];
+  new MutationObserver((changes) => {
+    for (const change of changes) window.progressSeen.push(change.target.dataset.progress);
+  }).observe(document.getElementById("log"), {subtree: true, attributeFilter: ["data-progress"]});
+}"""
+
+
+def delivered(page: Page) -> list[int]:
+    seqs: list[int] = page.evaluate("window.playground.delivered")
+    return seqs
+
+
+def test_the_page_is_served_at_root_with_its_modules(playground_server: LiveServer) -> None:
+    with urllib.request.urlopen(f"{playground_server.http_url}/") as response:
+        assert "<title>haip-runtime playground</title>" in response.read().decode()
+    with urllib.request.urlopen(f"{playground_server.http_url}/playground/haip-client.js") as response:
+        assert response.headers["content-type"].startswith("text/javascript")
+        assert "export class HaipClient" in response.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{playground_server.http_url}/playground/__init__.py")
+    assert refused.value.code == 404
+    refused.value.close()
+
+
+def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) -> None:
+    expect(page.locator("li.agent")).to_have_count(3)  # echo, storyteller, operator: TOOL_LIST outside a transaction
+    start(page, "storyteller")
+    say(page, "a dragon")
+    expect(page.locator(".msg.mine")).to_have_text("dev" + "a dragon")
+    answer = page.locator(".msg[data-author=storyteller]")
+    expect(answer).to_contain_text("everyone who heard 'a dragon' smiled. The end.")
+    expect(answer).not_to_have_class("streaming")
+    expect(page.locator("#run")).to_be_hidden()
+
+
+def test_the_slow_tool_shows_a_live_progress_bar_that_reaches_done(page: Page) -> None:
+    start(page, "operator")
+    page.evaluate(WATCH_PROGRESS)
+    say(page, '/call demo.slow_count {"steps": 4, "delay": 0.25}')
+    count = card(page, "demo.slow_count")
+    expect(page.locator("#run")).to_be_visible()  # the run, with its stop button
+    expect(count.locator(".progress-text")).to_have_text("step 4 of 4 · 4 of 4")
+    expect(count).to_have_attribute("data-status", "OK")
+    shown: list[str] = page.evaluate("window.progressSeen")
+    fractions = [int(value.split("/")[0]) for value in shown]
+    assert len(shown) >= 2 and shown[-1] == "4/4" and fractions == sorted(set(fractions)), shown  # live, in order
+    expect(count.locator(".fill")).to_have_attribute("style", "width: 100%;")
+    expect(count.locator(".result")).to_have_text("counted to 4")
+    expect(page.locator(".msg[data-author=operator]")).to_contain_text("demo.slow_count returned: counted to 4")
+    expect(page.locator("#run")).to_be_hidden()
+
+
+def test_the_cancel_button_cancels_the_call_and_stop_ends_the_run(page: Page) -> None:
+    start(page, "operator")
+    say(page, '/call demo.sleep {"seconds": 30}')
+    sleeping = card(page, "demo.sleep")
+    expect(sleeping).to_have_attribute("data-status", "RUNNING")
+    sleeping.locator("button.cancel").click()
+    expect(sleeping).to_have_attribute("data-status", "CANCELLED")
+    expect(sleeping.locator(".result")).to_contain_text("CANCELLED")
+    say(page, '/call demo.sleep {"seconds": 30}')
+    expect(card(page, "demo.sleep", 1)).to_have_attribute("data-status", "RUNNING")
+    page.click("#stop")
+    expect(card(page, "demo.sleep", 1)).to_have_attribute("data-status", "CANCELLED")
+    expect(page.locator("#run")).to_be_hidden()
+
+
+def test_one_call_approved_and_one_refused(page: Page) -> None:
+    start(page, "operator")
+    say(page, "/call demo.delete_everything")
+    first = card(page, "demo.delete_everything")
+    first.locator("button.approve").click()
+    expect(first).to_have_attribute("data-status", "OK")
+    expect(first.locator(".result")).to_have_text("pretended to delete everything")
+    say(page, '/call demo.slow_count {"steps": 10, "delay": 0.15}')
+    expect(card(page, "demo.slow_count")).to_have_attribute("data-status", "RUNNING")
+    say(page, "/call demo.delete_everything")
+    second = card(page, "demo.delete_everything", 1)
+    second.locator("input.reason").fill("not today")
+    expect(card(page, "demo.slow_count")).to_have_attribute("data-progress", re.compile("^[2-7]/10$"))
+    page.screenshot(path=str(ARTIFACTS / "playground.png"))  # the one docs/playground.png comes from
+    second.locator("button.reject").click()
+    expect(second).to_have_attribute("data-status", "CANCELLED")
+    expect(second.locator(".result")).to_contain_text("REJECTED")
+    answers = page.locator(".msg[data-author=operator]")
+    expect(answers.filter(has_text="delete_everything ended CANCELLED: rejected by dev: not today")).to_have_count(1)
+    expect(card(page, "demo.slow_count")).to_have_attribute("data-status", "OK")
+
+
+def test_an_input_request_is_a_form_made_from_its_schema(page: Page) -> None:
+    start(page, "operator")
+    say(page, "/call demo.ask_user")
+    asking = card(page, "demo.ask_user")
+    expect(asking).to_have_attribute("data-status", "INPUT_REQUIRED")
+    expect(asking.locator(".question")).to_have_text("Who are you, and which colour do you like best?")
+    asking.get_by_label("Name").fill("Ada")
+    asking.get_by_label("Favourite Colour").fill("green")
+    asking.get_by_role("button", name="Send").click()
+    expect(asking).to_have_attribute("data-status", "OK")
+    expect(asking.locator(".result")).to_have_text("Ada likes green")
+
+
+def test_a_tool_is_called_directly_from_its_schema_form(page: Page) -> None:
+    start(page, "operator")
+    tool = page.locator("li.tool[data-tool='demo.add']")
+    tool.locator("summary").click()
+    expect(tool.locator("pre")).to_contain_text('"a"')  # TOOL_SCHEMA, fetched on demand
+    tool.get_by_label("A").fill("2")
+    tool.get_by_label("B").fill("3.5")
+    tool.get_by_role("button", name="Call").click()
+    added = card(page, "demo.add")
+    expect(added).to_have_attribute("data-status", "OK")
+    expect(added.locator(".caller")).to_have_text("called by dev")
+    expect(added.locator(".result")).to_have_text("5.5")
+
+
+def test_a_dropped_connection_resumes_with_nothing_missing_or_repeated(page: Page) -> None:
+    start(page, "operator")
+    say(page, '/call demo.slow_count {"steps": 6, "delay": 0.2}')
+    counting = card(page, "demo.slow_count")
+    expect(counting).to_have_attribute("data-progress", re.compile("^[1-4]/6$"))
+    page.click("#drop")  # the socket closes as a network failure would; the call runs on
+    say(page, "/help")  # sent while away: it waits and goes out after the resume
+    expect(page.locator("#connection-text")).to_have_text("connected as dev (resumed)")
+    expect(counting).to_have_attribute("data-status", "OK")
+    expect(page.locator(".msg[data-author=operator]")).to_have_count(2)
+    answers = page.locator(".msg[data-author=operator]")
+    expect(answers.filter(has_text="returned: counted to 6")).to_have_count(1)
+    expect(answers.filter(has_text="I run MCP tools for you")).to_have_count(1)  # answered while the call ran
+    expect(page.locator(".card")).to_have_count(1)
+    seqs = delivered(page)
+    assert seqs == list(range(1, len(seqs) + 1))  # every envelope once, in order, across both sockets
+    say(page, '/call demo.add {"a": 1, "b": 1}')
+    expect(card(page, "demo.add")).to_have_attribute("data-status", "OK")
+
+
+def test_a_server_restart_is_survived_by_rejoining_the_conversation(browser: Browser, tmp_path: Path) -> None:
+    config = make_config({"storage": {"backend": "sqlite", "path": str(tmp_path / "haip.db")}})
+    tab = browser.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    try:
+        with live_server(config) as first:
+            port, token = first.port, first.token("dev")  # the dev key is kept beside the database
+            tab.goto(f"{first.http_url}/?token={token}")
+            start(tab, "echo")
+            say(tab, "before the restart")
+            expect(tab.locator(".msg[data-author=echo]")).to_contain_text("before the restart")
+        expect(tab.locator("#connection")).to_have_attribute("data-state", "reconnecting")
+        say(tab, "while it was down")  # waits, and goes out in the new session after the rejoin
+        with live_server(config, port=port):
+            expect(tab.locator("#connection-text")).to_have_text("connected as dev (restarted)")
+            expect(tab.locator(".note").filter(has_text="conversation rejoined")).to_have_count(1)
+            expect(tab.locator(".msg[data-author=echo]").nth(1)).to_contain_text("while it was down")
+            say(tab, "after the restart")
+            expect(tab.locator(".msg[data-author=echo]").nth(2)).to_contain_text("after the restart")
+            expect(tab.locator(".msg[data-author=echo]")).to_have_count(3)  # nothing repeated by the rejoin
+            tab.screenshot(path=str(ARTIFACTS / "server-restart.png"))
+    finally:
+        tab.close()
+
+
+def test_another_person_joins_and_speaks(browser: Browser, page: Page, playground_server: LiveServer) -> None:
+    start(page, "echo")
+    say(page, "first words")
+    expect(page.locator(".msg[data-author=echo]")).to_contain_text("first words")
+    transaction = page.locator("#transaction-id").inner_text()
+    bob = browser.new_page()
+    bob.set_default_timeout(TIMEOUT_MS)
+    try:
+        bob.goto(f"{playground_server.http_url}/?token={playground_server.token('bob')}")
+        bob.fill("#join-id", transaction)
+        bob.click("#join button")
+        expect(bob.locator(".msg[data-author=echo]")).to_contain_text("first words")  # the history
+        expect(page.locator(".note").filter(has_text="bob joined the conversation")).to_have_count(1)
+        say(bob, "hello from bob")
+        expect(page.locator(".msg[data-author=bob]")).to_have_text("bob" + "hello from bob")
+        expect(page.locator(".msg[data-author=echo]").nth(1)).to_contain_text("hello from bob")
+        expect(bob.locator(".msg[data-author=echo]").nth(1)).to_contain_text("hello from bob")
+        page.screenshot(path=str(ARTIFACTS / "another-person-joins.png"))
+    finally:
+        bob.close()
+
+
+def test_a_missing_token_asks_for_one(browser: Browser, playground_server: LiveServer) -> None:
+    tab = browser.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    try:
+        tab.goto(playground_server.http_url + "/")
+        expect(tab.locator("#login")).to_be_visible()
+        tab.fill("#token", "not-a-token")
+        tab.click("#login button")
+        expect(tab.locator(".note.error")).to_contain_text("AUTHENTICATION_FAILED")
+        expect(tab.locator("#connection")).to_have_attribute("data-state", "closed")
+    finally:
+        tab.close()
+
+
+def test_the_playground_is_off_when_configured_off() -> None:
+    with live_server(make_config({"server": {"playground": False}})) as live:
+        with urllib.request.urlopen(f"{live.http_url}/") as response:
+            assert response.read().decode().startswith("haip-runtime: connect a HAIP client")

@@ -1,0 +1,1 @@
+"""Tests of the stores, memory and SQLite, against one contract."""

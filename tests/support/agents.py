@@ -1,0 +1,68 @@
+"""Agent plugins used by the tests (loaded as ``tests.support.agents:Name`` like any plugin)."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+from pydantic import BaseModel
+
+from haip_runtime import Agent, NoOptions, Turn
+
+
+class FailingAgent(Agent[NoOptions]):
+    description = "Raises on every message."
+
+    async def on_message(self, turn: Turn) -> None:
+        if turn.text == "fine":
+            await turn.say("all good")
+            return
+        async with turn.stream() as out:
+            await out.write("about to fail")
+            raise ValueError("the plugin broke")
+
+
+class WaitingAgent(Agent[NoOptions]):
+    """Streams one part, then waits until the run is cancelled."""
+
+    async def on_message(self, turn: Turn) -> None:
+        async with turn.stream() as out:
+            await out.write("thinking")
+            await anyio.sleep_forever()
+
+
+class GreeterAgent(Agent[NoOptions]):
+    async def on_start(self, turn: Turn) -> None:
+        await turn.say(f"hello {self.context.started_by}, params={sorted(self.context.params)}")
+
+    async def on_message(self, turn: Turn) -> None:
+        history = " | ".join(f"{entry.role}:{entry.text}" for entry in turn.history)
+        await turn.say(history)
+
+
+class Order(BaseModel):
+    text: str
+    quantity: int
+
+
+class OrderAgent(Agent[NoOptions]):
+    input_schema = Order
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(f"ordered {turn.payload.get('quantity', 1)} x {turn.text}")
+
+
+#: Set by ``FloodAgent`` when it has written its last part (test servers run in the test's process).
+FLOODED = threading.Event()
+
+
+class FloodAgent(Agent[NoOptions]):
+    """Streams ``count=N size=S``: N parts as fast as it can, part i being i padded to S characters."""
+
+    async def on_message(self, turn: Turn) -> None:
+        asked = dict(word.split("=", 1) for word in turn.text.split())
+        count, size = int(asked["count"]), int(asked["size"])
+        async with turn.stream() as out:
+            for index in range(count):
+                await out.write(str(index).rjust(size, "."))
+        FLOODED.set()

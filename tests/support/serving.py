@@ -1,0 +1,94 @@
+"""A real uvicorn serving the runtime on 127.0.0.1 (an ephemeral port), in a thread of its own."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from haip_runtime.config import HaipConfig, validate_config
+from haip_runtime.server.app import Runtime, create_app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LiveServer:
+    runtime: Runtime
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/haip/websocket"
+
+    @property
+    def bare_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, user: str = "alice", **claims: Any) -> str:
+        return self.runtime.authenticator.issue(user, **claims)
+
+
+def make_config(data: dict[str, Any] | None = None) -> HaipConfig:
+    base: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "agents": {
+            "echo": {"plugin": "echo"},
+            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 2000}},
+        },
+    }
+    for key, value in (data or {}).items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return validate_config(base, base_dir=ROOT)
+
+
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server that sets ``ready`` once it listens (for servers run in a thread by tests)."""
+
+    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@contextmanager
+def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
+    """Serve ``config`` on 127.0.0.1 (``port`` 0: a free one) until the block ends."""
+    runtime = Runtime(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    port = sock.getsockname()[1]
+    ready = threading.Event()
+    uv_config = uvicorn.Config(
+        create_app(config, runtime),
+        log_config=None,
+        ws_per_message_deflate=False,
+        ws_ping_interval=config.session.heartbeat_interval_seconds,
+        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
+        ws_max_size=config.server.max_frame_bytes + 1024,
+    )
+    server = ReadyServer(uv_config, ready)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        if not ready.wait(timeout=15):
+            raise RuntimeError("uvicorn did not start within 15 s")
+        yield LiveServer(runtime, port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -1,0 +1,156 @@
+"""The in-memory agent harness, as a plugin author uses it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from haip_runtime import Agent, NoOptions, Turn
+from haip_runtime.testing import AgentHarness, FakeToolContext, FakeToolError
+from plugins.storyteller import Storyteller
+from tests.support.agents import FailingAgent, GreeterAgent, WaitingAgent
+
+pytestmark = pytest.mark.anyio
+
+
+class Helpdesk(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        found = await turn.call_tool("tickets.search", {"q": turn.text})
+        if not found.ok:
+            await turn.say(f"search failed: {found.text}")
+            return
+        closed = await turn.call_tool("tickets.close", {"id": found.structured_content["id"]})  # type: ignore[index]
+        await turn.say(f"ticket {found.structured_content['id']}: {closed.status}")  # type: ignore[index]
+
+
+def search(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Find a ticket."""
+    if arguments["q"] == "nothing":
+        raise FakeToolError("no such ticket")
+    return {"id": 42}
+
+
+async def close(arguments: dict[str, Any]) -> str:
+    await anyio.lowlevel.checkpoint()
+    return f"closed {arguments['id']}"
+
+
+TOOLS = {"tickets.search": search, "tickets.close": close}
+
+
+async def test_streaming_plugin_turn_is_recorded_in_order() -> None:
+    async with AgentHarness(Storyteller, options={"words_per_second": 10_000}) as agent:
+        turn = await agent.send("a dragon")
+    assert turn.status == "OK"
+    assert turn.messages == [turn.text] and turn.text.startswith("Once upon a time, someone said 'a dragon'.")
+    kinds = [e.type for e in turn.events]
+    assert kinds[0] == "RUN_STARTED" and kinds[1] == "MESSAGE_START" and kinds[-2:] == ["MESSAGE_END", "RUN_FINISHED"]
+
+
+async def test_fake_tools_are_called_through_the_real_proxy() -> None:
+    async with AgentHarness(Helpdesk, tools=TOOLS, require_approval=["tickets.close"]) as agent:
+        turn = await agent.send("printer on fire")
+    assert turn.text == "ticket 42: OK"
+    assert [call["tool"] for call in turn.tool_calls] == ["tickets.search", "tickets.close"]
+    assert turn.tool_results[0]["result"]["structuredContent"] == {"id": 42}
+    statuses = [e.payload.get("status") for e in turn.events if e.type == "TOOL_UPDATE"]  # type: ignore[union-attr]
+    assert "AWAITING_APPROVAL" in statuses
+
+
+async def test_refused_approval_and_failing_tools_are_values() -> None:
+    async with AgentHarness(Helpdesk, tools=TOOLS, require_approval=["tickets.*"], approve=False) as agent:
+        refused = await agent.send("printer on fire")
+    async with AgentHarness(Helpdesk, tools=TOOLS) as agent:
+        failed = await agent.send("nothing")
+    assert refused.text == "search failed: rejected by tester: harness"
+    assert failed.text == "search failed: no such ticket" and failed.tool_results[0]["status"] == "ERROR"
+
+
+async def test_greeting_history_and_errors() -> None:
+    async with AgentHarness(GreeterAgent, user="dana", params={"topic": "tea"}) as agent:
+        assert agent.greeting is not None and agent.greeting.text == "hello dana, params=['topic']"
+        turn = await agent.send("hi")
+    async with AgentHarness(FailingAgent) as failing:
+        broken = await failing.send("break")
+    assert turn.text == "agent:hello dana, params=['topic'] | user:hi"
+    assert broken.status == "ERROR" and broken.error is not None and "ValueError" in broken.error["message"]
+
+
+async def test_a_turn_that_does_not_end_times_out() -> None:
+    async with AgentHarness(WaitingAgent) as agent:
+        with pytest.raises(TimeoutError):
+            await agent.send("think", timeout=0.05)
+
+
+def test_fake_tool_names_need_a_server() -> None:
+    with pytest.raises(ValueError, match="'server.tool'"):
+        AgentHarness(Helpdesk, tools={"search": search})
+
+
+async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
+    # The demo server's own functions, once as fake tools and once behind the real MCP server (in-process).
+    from mcp import Client
+
+    import plugins.demo_mcp_server as demo
+
+    async def stats(arguments: dict[str, Any]) -> Any:
+        return {"calls": 1, "cancelled": 0}
+
+    fakes = {
+        "demo.add": lambda args: demo.add(float(args["a"]), float(args["b"])),
+        "demo.pid": lambda args: 4242,
+        "demo.stats": stats,
+        "demo.slow_count": lambda args: f"counted to {args['steps']}",
+    }
+    calls = {"add": {"a": 2, "b": 3}, "pid": {}, "stats": {}, "slow_count": {"steps": 1, "delay": 0}}
+
+    class CallsAll(Agent[NoOptions]):
+        async def on_message(self, turn: Turn) -> None:
+            for tool, arguments in calls.items():
+                await turn.call_tool(f"demo.{tool}", arguments)
+
+    async with AgentHarness(CallsAll, tools=fakes) as agent:
+        turn = await agent.send("go")
+    faked = {r["call_id"]: r["result"] for r in turn.tool_results}
+    by_tool = {c["tool"].partition(".")[2]: faked[c["call_id"]] for c in turn.tool_calls}
+    assert by_tool["add"]["content"] == [{"type": "text", "text": "5.0"}]  # not '{"result": 5.0}'
+    demo.STATS.calls = 1
+    async with Client(demo.server) as client:
+        for tool, arguments in calls.items():
+            real = await client.call_tool(tool, arguments)
+            expected = {
+                "content": real.model_dump(by_alias=True, mode="json", exclude_none=True)["content"],
+                "structuredContent": real.structured_content,
+            }
+            if tool == "pid":
+                expected["content"][0]["text"], expected["structuredContent"] = "4242", {"result": 4242}
+            if tool == "stats":
+                expected["structuredContent"] = {"calls": 1, "cancelled": 0}
+                expected["content"][0]["text"] = '{\n  "calls": 1,\n  "cancelled": 0\n}'
+            assert by_tool[tool] == expected, tool
+
+
+async def slow_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
+    for step in (1, 2):
+        await ctx.report_progress(step, 2, f"step {step}")
+    answer = await ctx.elicit("Your name?", {"type": "object", "properties": {"name": {"type": "string"}}})
+    return "declined" if answer is None else f"hello {answer['name']}"
+
+
+class Surveyor(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        result = await turn.call_tool("forms.survey")
+        await turn.say(result.text)
+
+
+@pytest.mark.parametrize(("user_input", "said"), [({"name": "Ada"}, "hello Ada"), (None, "declined")])
+async def test_fake_tools_report_progress_and_ask_the_user(user_input: dict[str, str] | None, said: str) -> None:
+    async with AgentHarness(Surveyor, tools={"forms.survey": slow_survey}, user_input=user_input) as agent:
+        turn = await agent.send("go")
+    assert turn.text == said
+    updates = [e.payload for e in turn.events if e.type == "TOOL_UPDATE"]
+    statuses = [u.get("status") for u in updates]  # type: ignore[union-attr]
+    assert "INPUT_REQUIRED" in statuses
+    assert [u.get("progress") for u in updates if u.get("progress") is not None][-1] == 2  # type: ignore[union-attr]

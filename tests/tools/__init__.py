@@ -1,0 +1,1 @@
+"""Tests of the tool proxy: permissions, approvals, progress, cancellation."""

@@ -1,0 +1,1 @@
+"""Tests of the transports on their own."""
