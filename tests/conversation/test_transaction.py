@@ -1,0 +1,86 @@
+"""A transaction on its own: the log's order and fan-out, the run limit it owns, the members it admits."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from haip_runtime.agents.registry import load_agents
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
+from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.session.negotiation import negotiate
+from haip_runtime.session.session import Session
+from haip_runtime.store.memory import MemoryStore
+from tests.support.serving import make_config
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = make_config({"agents": {"waiting": {"plugin": "tests.support.agents:WaitingAgent"}}})
+
+
+def member(user: str) -> Session:
+    return Session(Principal(user), negotiate(ALL_EVENTS), SessionConfig())
+
+
+def received(session: Session) -> list[dict[str, Any]]:
+    """What the session was sent (its replay window holds every frame, connected or not)."""
+    frames = (session.window.get(seq) for seq in range(1, session.last_seq + 1))
+    return [json.loads(frame) for frame in frames if frame is not None]
+
+
+def registry(spawn: Any, *, max_runs: int = 4, limits: LimitsConfig | None = None) -> TransactionRegistry:
+    agents = load_agents(CONFIG)
+    return TransactionRegistry(TransactionsConfig(), agents, MemoryStore(), spawn, limits=limits, max_runs=max_runs)
+
+
+async def test_publish_numbers_the_log_and_skips_only_the_excluded_member() -> None:
+    transactions = registry(lambda *a: None)
+    transaction = transactions.new("ann", None)
+    ann, bob = member("ann"), member("bob")
+    transaction.add_member(ann)
+    transaction.add_member(bob)
+    transaction.publish(Event("INFO", {"n": 1}))
+    transaction.publish(Event("INFO", {"n": 2}, exclude=frozenset({ann.id})))
+    assert [(e["tseq"], e["payload"]["n"]) for e in received(bob)] == [("1", 1), ("2", 2)]
+    assert [e["payload"]["n"] for e in received(ann)] == [1]
+
+
+async def test_a_message_past_the_run_limit_is_refused_before_anything_is_published() -> None:
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon, max_runs=1)
+        first, second = transactions.new("ann", None), transactions.new("ann", None)
+        ann, bob = member("ann"), member("bob")
+        for transaction in (first, second):
+            transaction.add_member(ann)
+            transaction.add_member(bob)
+            transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+        [run] = first.user_message(ann, "one", {}, "m1")
+        seen_by_bob = len(received(bob))
+        with pytest.raises(ProtocolError) as refused:
+            second.user_message(ann, "two", {}, "m2")  # the limit counts across transactions
+        nothing_more = len(received(bob)) == seen_by_bob
+        second.user_message(bob, "bob's own", {}, "m3")  # another member's runs are not counted against ann
+        first.cancel_run(run.id)
+        await run.wait()
+        second.user_message(ann, "again", {}, "m4")  # the ended run gave its place back
+        tg.cancel_scope.cancel()
+    assert refused.value.code == "RUN_LIMIT_EXCEEDED" and refused.value.related_id == "m2"
+    assert nothing_more and transactions.run_limit.running(ann) == 1
+
+
+async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() -> None:
+    transactions = registry(lambda *a: None, limits=LimitsConfig(members_per_transaction=1))
+    transaction = transactions.new("ann", None)
+    ann = member("ann")
+    transaction.add_member(ann)
+    transaction.check_room(ann, "j1")
+    with pytest.raises(ProtocolError) as refused:
+        transaction.check_room(member("bob"), "j2")
+    assert refused.value.code == "RATE_LIMITED" and refused.value.detail == {"limit": "limits.members_per_transaction"}
