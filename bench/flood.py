@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from haip_runtime.protocol.envelope import new_id, now_ms  # noqa: E402
 from haip_runtime.session.session import Session  # noqa: E402
-from tests.serving import LiveServer, live_server, make_config  # noqa: E402
+from tests.support.serving import LiveServer, live_server, make_config  # noqa: E402
 
 PROBES = 40
 MAX_MESSAGES = 200_000

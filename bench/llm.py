@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.llm.local import default_model_path  # noqa: E402
-from tests.serving import live_server, make_config  # noqa: E402
+from tests.support.serving import live_server, make_config  # noqa: E402
 
 INSTRUCTIONS = "You are a storyteller."
 PROMPT = "Tell me a long story about a lighthouse keeper."

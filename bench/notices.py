@@ -36,7 +36,7 @@ from haip_runtime.protocol.events import EventType  # noqa: E402
 from haip_runtime.server.app import Runtime  # noqa: E402
 from haip_runtime.session.session import Session  # noqa: E402
 from haip_runtime.session.window import Outbox  # noqa: E402
-from tests.serving import make_config  # noqa: E402
+from tests.support.serving import make_config  # noqa: E402
 
 CONFIG = make_config({"mcp": {"servers": {"s": {"transport": "stdio", "command": "/nonexistent"}}}})
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from common import BASELINE_APP, time_until_ready  # noqa: E402  # type: ignore[import-not-found]
 
 from haip_runtime.client import HaipClient  # noqa: E402
-from tests.serving import live_server, make_config  # noqa: E402
+from tests.support.serving import live_server, make_config  # noqa: E402
 
 
 def startup(rounds: int) -> dict[str, float]:

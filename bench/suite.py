@@ -213,8 +213,8 @@ def tool_target(scale: Scale) -> None:
     import anyio
     import transports  # type: ignore[import-not-found]
 
-    from tests.demo_mcp import start_http_demo
-    from tests.demo_mcp import stop as stop_demo
+    from tests.support.demo_mcp import start_http_demo
+    from tests.support.demo_mcp import stop as stop_demo
 
     port = transports.unused_port()
     demo = start_http_demo(port)
@@ -418,8 +418,8 @@ idle_seconds = 5
 def soak_target(scale: Scale) -> None:
     import transports  # type: ignore[import-not-found]
 
-    from tests.demo_mcp import start_http_demo
-    from tests.demo_mcp import stop as stop_demo
+    from tests.support.demo_mcp import start_http_demo
+    from tests.support.demo_mcp import stop as stop_demo
 
     port = transports.unused_port()
     demo = start_http_demo(port)

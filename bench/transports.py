@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from haip_runtime.client import HaipClient  # noqa: E402
-from tests.demo_mcp import start_http_demo, stop  # noqa: E402
-from tests.serving import live_server, make_config  # noqa: E402
+from tests.support.demo_mcp import start_http_demo, stop  # noqa: E402
+from tests.support.serving import live_server, make_config  # noqa: E402
 
 DEMO = ROOT / "plugins" / "demo_mcp_server.py"
 TRANSPORTS = ("python", "stdio", "http")

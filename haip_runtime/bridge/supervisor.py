@@ -30,9 +30,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from haip_runtime.bridge.calls import Call, elicitation_callback, wire
+from haip_runtime.bridge.dialer import describe_failure, open_transport, watching_end
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
-from haip_runtime.bridge.dialer import describe_failure, open_transport, watching_end
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
 
