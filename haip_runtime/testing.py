@@ -40,7 +40,7 @@ from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.llm.provider import Provider
 from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
+from haip_runtime.protocol.events import ALL_EVENTS, EventType, RunOutcome, ToolStatus
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
 from haip_runtime.tools.proxy import ToolProxy
@@ -88,9 +88,9 @@ class TurnResult:
 
     @property
     def status(self) -> str:
-        """``OK``, ``CANCELLED`` (RUN_FINISHED) or ``ERROR`` (RUN_ERROR)."""
+        """A ``RunOutcome``: ``OK``, ``CANCELLED`` (RUN_FINISHED) or ``ERROR`` (RUN_ERROR)."""
         last = self.events[-1]
-        return "ERROR" if last.type == EventType.RUN_ERROR else str(_payload(last).get("status"))
+        return RunOutcome.ERROR if last.type == EventType.RUN_ERROR else str(_payload(last).get("status"))
 
     @property
     def messages(self) -> list[str]:
@@ -118,7 +118,7 @@ class TurnResult:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        return _payload(self.events[-1]) if self.status == "ERROR" else None
+        return _payload(self.events[-1]) if self.status == RunOutcome.ERROR else None
 
 
 class AgentHarness:

@@ -25,6 +25,7 @@ from rich.text import Text
 from haip_runtime.client.haip_client import HaipClient, Received
 from haip_runtime.client.terminal import INTERRUPTED, Terminal, open_terminal, progress_bar, short
 from haip_runtime.exceptions import ClientError
+from haip_runtime.protocol.events import ToolOutcome, ToolStatus
 
 HELP = (
     "Type to talk to the agent. /agents lists agents, /agents <name> starts a conversation with one, "
@@ -256,9 +257,9 @@ class Chat:
             call.progress, call.total = event.get("progress"), event.get("total")
         call.message = event.get("message") or (None if call.progress is None else call.message)
         self._drop_question(call_id)
-        if call.status == "AWAITING_APPROVAL":
+        if call.status == ToolStatus.AWAITING_APPROVAL:
             self.ask(Question(call_id, "approval", call.tool))
-        elif call.status == "INPUT_REQUIRED":
+        elif call.status == ToolStatus.INPUT_REQUIRED:
             request = event.get("request") or {}
             schema = request.get("schema") or {}
             required = set(schema.get("required", []))
@@ -276,15 +277,15 @@ class Chat:
         seconds = time.monotonic() - call.started
         head = f"{call.tool}({short(json.dumps(call.params)[1:-1], 40)})"
         status = event.get("status")
-        if status == "OK":
+        if status == ToolOutcome.OK:
             result = event.get("result") or {}
             texts = [block.get("text", "") for block in result.get("content", []) if block.get("type") == "text"]
             shown = " ".join(texts) if texts else json.dumps(result.get("structuredContent"))
             self.say(f"✓ {head} → {short(shown, 100)}  ({seconds:.1f} s)", "green")
         else:
             error = event.get("error") or {}
-            style = "yellow" if status == "CANCELLED" else "red"
-            mark = "⊘" if status == "CANCELLED" else "✗"
+            style = "yellow" if status == ToolOutcome.CANCELLED else "red"
+            mark = "⊘" if status == ToolOutcome.CANCELLED else "✗"
             self.say(f"{mark} {head} {status}: {short(readable_error(str(error.get('message', ''))), 140)}", style)
 
     # --- questions ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from haip_runtime.config.models import TransactionsConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 from haip_runtime.tools.proxy import content_text
 
@@ -329,8 +329,8 @@ class Transaction:
             message = f"agent {run.agent!r} failed: {type(exc).__name__}"
             self._finish(run, EventType.RUN_ERROR, {"code": ErrorCode.INTERNAL_ERROR.value, "message": message})
         else:
-            status = "CANCELLED" if run.scope.cancel_called else "OK"
-            self._finish(run, EventType.RUN_FINISHED, {"status": status})
+            status = RunOutcome.CANCELLED if run.scope.cancel_called else RunOutcome.OK
+            self._finish(run, EventType.RUN_FINISHED, {"status": status.value})
 
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)

@@ -20,6 +20,8 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+from haip_runtime.protocol.events import ServerState
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -174,7 +176,7 @@ class Metrics:
 
     def server_state(self, server: str, state: str) -> None:
         """An MCP server's new state: connecting again after having been connected counts a reconnect."""
-        if state == "connected":
+        if state == ServerState.CONNECTED:
             if server in self._ever_connected and server not in self._connected:
                 self._restarts.inc(server)
             self._ever_connected.add(server)
@@ -277,7 +279,7 @@ class RuntimeCollector:
         )
         tools = GaugeMetricFamily("haip_mcp_server_tools", "Tools an MCP server offers.", labels=["server"])
         for name, (state, count, _error) in self.runtime.server_health().items():
-            servers.add_metric([name, state], 1.0 if state == "connected" else 0.0)
+            servers.add_metric([name, state], 1.0 if state == ServerState.CONNECTED else 0.0)
             tools.add_metric([name], count)
         yield servers
         yield tools
