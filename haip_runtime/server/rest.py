@@ -17,6 +17,7 @@ from starlette.routing import Route
 from haip_runtime.auth.tokens import Credentials, Principal
 from haip_runtime.exceptions import HandshakeError
 from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import TransactionRecord
 
@@ -67,7 +68,7 @@ def _answering(handler: Any) -> Any:
         try:
             response: JSONResponse = await handler(request)
         except _Refusal as refusal:
-            body = {"error": {"code": refusal.code.value, "message": refusal.message}}
+            body = {"error": error_body(refusal.code, refusal.message)}
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
             return JSONResponse(body, status_code=refusal.status, headers=headers)
         return response

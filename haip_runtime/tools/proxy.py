@@ -23,6 +23,7 @@ from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
 from haip_runtime.protocol.envelope import new_id
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import (
     Channel,
     ErrorCode,
@@ -244,14 +245,16 @@ class ToolProxy:
         self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
     ) -> dict[str, Any] | None:
         if server not in allowed:
-            return _error(ToolErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
+            return error_body(ToolErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
         if self.find(name) is None:
             down = self._unavailable(server)
             if down is not None:
-                return _error(ToolErrorCode.SERVER_UNAVAILABLE, down)
-            return _error(ToolErrorCode.TOOL_NOT_FOUND, f"MCP server {server!r} has no tool {name.partition('.')[2]!r}")
+                return error_body(ToolErrorCode.SERVER_UNAVAILABLE, down)
+            return error_body(
+                ToolErrorCode.TOOL_NOT_FOUND, f"MCP server {server!r} has no tool {name.partition('.')[2]!r}"
+            )
         if not permissions.may_use_tool(name):
-            return _error(ToolErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
+            return error_body(ToolErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
         return None
 
     async def _run(
@@ -294,7 +297,7 @@ class ToolProxy:
             return _failed(active, name, ToolErrorCode.TOOL_FAILED, str(exc))
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
         error = (
-            _error(ToolErrorCode.TOOL_ERROR, content_text(outcome.content) or "tool error")
+            error_body(ToolErrorCode.TOOL_ERROR, content_text(outcome.content) or "tool error")
             if outcome.is_error
             else None
         )
@@ -326,10 +329,10 @@ class ToolProxy:
         update.send(ToolStatus.AWAITING_APPROVAL, message="waiting for a member to approve or reject this call")
         answer = await self._wait_answer(active, server)
         if answer is None:
-            return _error(ToolErrorCode.APPROVAL_TIMEOUT, "nobody approved the call in time")
+            return error_body(ToolErrorCode.APPROVAL_TIMEOUT, "nobody approved the call in time")
         if answer.get("decision") != "approve":
             reason = answer.get("reason")
-            return _error(ToolErrorCode.REJECTED, f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
+            return error_body(ToolErrorCode.REJECTED, f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
         return None
 
     async def _elicit(
@@ -457,15 +460,13 @@ class _Updates:
 
 
 def _failed(active: ActiveCall, name: str, code: ToolErrorCode, message: str) -> ToolCallResult:
-    return ToolCallResult(active.call_id, name, ToolOutcome.ERROR, error=_error(code, message))
+    return ToolCallResult(active.call_id, name, ToolOutcome.ERROR, error=error_body(code, message))
 
 
 def _cancelled(active: ActiveCall, name: str, reason: str) -> ToolCallResult:
-    return ToolCallResult(active.call_id, name, ToolOutcome.CANCELLED, error=_error(ToolErrorCode.CANCELLED, reason))
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"code": str(code), "message": message}
+    return ToolCallResult(
+        active.call_id, name, ToolOutcome.CANCELLED, error=error_body(ToolErrorCode.CANCELLED, reason)
+    )
 
 
 def content_text(content: list[dict[str, Any]]) -> str:

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.session.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
@@ -152,13 +153,13 @@ def sse_routes(runtime: Runtime) -> list[BaseRoute]:
 
     async def open_stream(scope: Scope, receive: Receive, send: Send) -> None:
         if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
+            await send_json(send, 403, error_body(ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
         credentials = http_credentials(scope)
         try:
             principal = await runtime.authenticator.authenticate(credentials.first(None))
         except ProtocolError as error:
-            await send_json(send, 401, {"code": error.code.value, "message": error.message})
+            await send_json(send, 401, error_body(error.code, error.message))
             return
         link = Link("sse", credentials, resume=_resume_hint(scope))
         transport = SseTransport(link, principal.user, send, receive, registry)
@@ -167,19 +168,19 @@ def sse_routes(runtime: Runtime) -> list[BaseRoute]:
 
     async def post(scope: Scope, receive: Receive, send: Send) -> None:
         if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
+            await send_json(send, 403, error_body(ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
         try:
             principal = await runtime.authenticator.authenticate(http_credentials(scope).first(None))
         except ProtocolError as error:
-            await send_json(send, 401, {"code": error.code.value, "message": error.message})
+            await send_json(send, 401, error_body(error.code, error.message))
             return
         session_id = str(scope["path_params"]["session"])
         session = runtime.hub.sessions.sessions.get(session_id)
         transport = registry.find(session_id, session.outbox if session is not None else None)
         if transport is None or transport.user != principal.user or transport.inbound is None:
             message = "no open SSE stream for this session; open GET /haip/sse first"
-            await send_json(send, 404, {"code": ErrorCode.RESUME_FAILED.value, "message": message})
+            await send_json(send, 404, error_body(ErrorCode.RESUME_FAILED, message))
             return
         limit = config.server.max_frame_bytes * MAX_BODY_FRAMES
         status, items = 202, []
@@ -191,11 +192,12 @@ def sse_routes(runtime: Runtime) -> list[BaseRoute]:
             for item in items:
                 await transport.inbound.send(item)  # a bad body is answered on the stream too, as on WebSocket
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await send_json(send, 404, {"code": ErrorCode.RESUME_FAILED.value, "message": "the stream has closed"})
+            await send_json(send, 404, error_body(ErrorCode.RESUME_FAILED, "the stream has closed"))
             return
         if status != 202:
-            assert isinstance(items[0], ProtocolError)
-            await send_json(send, status, _error_body(items[0]))
+            refused = items[0]
+            assert isinstance(refused, ProtocolError)
+            await send_json(send, status, error_body(refused.code, refused.message, detail=refused.detail))
             return
         await send_json(send, 202, {"accepted": len(items)})
 
@@ -253,10 +255,3 @@ def _decode(frame: str | bytes, max_frame_bytes: int) -> Inbound:
         return decode(frame, max_bytes=max_frame_bytes)
     except DecodeError as error:
         return error
-
-
-def _error_body(error: ProtocolError) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": error.code.value, "message": error.message}
-    if error.detail:
-        body["detail"] = error.detail
-    return body

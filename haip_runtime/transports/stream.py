@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.session.session import Outbox
 from haip_runtime.transports.base import Inbound, Link, cancel_when_stalled, frames_as_text
@@ -150,7 +151,7 @@ def stream_routes(runtime: Runtime) -> list[BaseRoute]:
 
     async def exchange(scope: Scope, receive: Receive, send: Send) -> None:
         if refused_origin(scope, config.server.allowed_origins):
-            await send_json(send, 403, {"code": ErrorCode.UNAUTHORIZED.value, "message": "origin not allowed"})
+            await send_json(send, 403, error_body(ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
         link = Link("stream", http_credentials(scope))
         await runtime.serve(StreamTransport(link, send, receive, max_frame_bytes=config.server.max_frame_bytes))
