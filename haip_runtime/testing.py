@@ -37,6 +37,7 @@ from haip_runtime.bridge.models import (
 )
 from haip_runtime.config.models import AgentConfig, McpServerConfig, SessionConfig
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.exceptions import FakeToolError
 from haip_runtime.llm.provider import Provider
 from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.protocol.envelope import Event
@@ -51,10 +52,6 @@ from haip_runtime.tools.proxy import ToolProxy
 #: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
 #: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
 ToolFunc = Callable[..., Any]
-
-
-class FakeToolError(Exception):
-    """Raise in a fake tool to return an error result (``is_error``) with this message."""
 
 
 class FakeToolContext:

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from haip_runtime.auth.tokens import Credentials, Principal
-from haip_runtime.exceptions import HandshakeError
+from haip_runtime.exceptions import HandshakeError, RequestRefusedError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode
@@ -43,7 +43,7 @@ def history_routes(runtime: Runtime) -> list[Route]:
         transaction_id = request.path_params["transaction_id"]
         record = await runtime.hub.store.transaction(transaction_id)
         if record is None or not runtime.hub.transactions.may_see(record.members, principal):
-            raise _Refusal(404, ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}")
+            raise RequestRefusedError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}", status=404)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await runtime.hub.store.events(transaction_id, after=after, limit=limit)
@@ -58,16 +58,11 @@ def history_routes(runtime: Runtime) -> list[Route]:
     ]
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
-        self.status, self.code, self.message = status, code, message
-
-
 def _answering(handler: Any) -> Any:
     async def endpoint(request: Request) -> JSONResponse:
         try:
             response: JSONResponse = await handler(request)
-        except _Refusal as refusal:
+        except RequestRefusedError as refusal:
             body = {"error": error_body(refusal.code, refusal.message)}
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
             return JSONResponse(body, status_code=refusal.status, headers=headers)
@@ -83,7 +78,7 @@ async def _principal(runtime: Runtime, request: Request) -> Principal:
     try:
         return await runtime.authenticator.authenticate(credentials.first(None))
     except HandshakeError as error:
-        raise _Refusal(401, error.code, error.message) from error
+        raise RequestRefusedError(error.code, error.message, status=401) from error
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -91,7 +86,9 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     if raw is None:
         return default
     if not raw.isdecimal() or not low <= int(raw) <= high:
-        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}")
+        raise RequestRefusedError(
+            ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}", status=400
+        )
     return int(raw)
 
 
@@ -102,7 +99,7 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
     try:
         return float(stamp), transaction_id
     except ValueError as exc:
-        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave") from exc
+        raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave", status=400) from exc
 
 
 def _listed(runtime: Runtime, record: TransactionRecord) -> dict[str, Any]:
