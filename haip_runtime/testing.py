@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -146,6 +147,7 @@ class AgentHarness:
         self.proxy = ToolProxy(servers, self._fakes)
         self.member = _Member(Principal(user), self, approve, user_input)
         self.params = dict(params or {})
+        self._stack = AsyncExitStack()
         self._task_group: TaskGroup | None = None
         self.transaction: Transaction | None = None
 
@@ -155,8 +157,9 @@ class AgentHarness:
         return self.member.events
 
     async def __aenter__(self) -> Self:
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
+        async with AsyncExitStack() as stack:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._stack = stack.pop_all()
         self.transaction = Transaction(
             owner=self.member.user, thread_id=None, spawn=self._task_group.start_soon, tools=self.proxy
         )
@@ -175,7 +178,7 @@ class AgentHarness:
         with anyio.CancelScope(shield=True):
             await self.transaction.end("harness closed")
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(*exc_info)
+        await self._stack.__aexit__(*exc_info)
 
     async def send(self, message: str | dict[str, Any], *, timeout: float = 30) -> TurnResult:
         """Send a user message (text, or an object payload) and wait for the agent's turn to end."""
