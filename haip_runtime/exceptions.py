@@ -1,7 +1,8 @@
 """The one exception tree of haip-runtime.
 
-Anything that can reach the wire carries a protocol ``code`` (PROTOCOL.md section 14).
-Foreign exceptions are translated where they enter, always with ``raise ... from exc``.
+Anything that can reach the wire carries a protocol ``code`` (PROTOCOL.md section 14) and becomes
+wire data in one place, ``haip_runtime.protocol.errors``. Foreign exceptions are translated where
+they enter, always with ``raise ... from exc``. Every exception class of the package is here.
 
     HaipError
     ├── ConfigError                 a haip.toml that cannot be used (one line: file, key path, expected)
@@ -9,10 +10,13 @@ Foreign exceptions are translated where they enter, always with ``raise ... from
     ├── ProtocolError (code)        something a peer sent; becomes a wire ERROR
     │   ├── DecodeError             INVALID_MESSAGE / MESSAGE_TOO_LARGE / UNSUPPORTED_TYPE
     │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
+    │   ├── RequestRefusedError     an HTTP request refused (REST history): an HTTP status beside the code
     │   └── ... any code from ErrorCode, raised as ProtocolError(code, message)
+    ├── KeyUnavailableError         no JWKS key for a token; the authenticator refuses it (AUTHENTICATION_FAILED)
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
     │   ├── ToolUnavailableError    its server is not connected
     │   └── ToolTimeoutError        the server did not answer in time
+    ├── FakeToolError               raised by a fake tool of the agent harness: the call ends TOOL_ERROR
     ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
     └── ClientError                 raised by the Python client library (haip_runtime.client.haip_client)
 """
@@ -27,11 +31,14 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DecodeError",
+    "FakeToolError",
     "HaipError",
     "HandshakeError",
+    "KeyUnavailableError",
     "LlmError",
     "PluginError",
     "ProtocolError",
+    "RequestRefusedError",
     "ToolError",
     "ToolTimeoutError",
     "ToolUnavailableError",
@@ -80,6 +87,18 @@ class HandshakeError(ProtocolError):
         self.close_code = close_code
 
 
+class RequestRefusedError(ProtocolError):
+    """An HTTP request refused: answered with HTTP ``status`` and the error body of ``code`` and ``message``."""
+
+    def __init__(self, code: ErrorCode, message: str, *, status: int) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+class KeyUnavailableError(HaipError):
+    """No key for a token: the JWKS has no such ``kid``, or cannot be fetched (``auth.jwks``)."""
+
+
 class ToolError(HaipError):
     """A tool call could not be carried out (as opposed to a tool that ran and reported an error)."""
 
@@ -94,6 +113,13 @@ class ToolUnavailableError(ToolError):
 
 class ToolTimeoutError(ToolError):
     """The MCP server did not answer within the server's ``timeout_seconds``."""
+
+
+class FakeToolError(HaipError):
+    """Raise in a fake tool of ``haip_runtime.testing`` to return an error result (``is_error``) with this message.
+
+    Not a ``ToolError``: the tool ran and reported a failure, as an MCP tool that fails does.
+    """
 
 
 class LlmError(HaipError):

@@ -23,7 +23,7 @@ from haip_runtime.config.models import AgentConfig
 from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.llm.provider import HistoryEntry, Provider
 from haip_runtime.protocol.envelope import new_id
-from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode
+from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode, ToolOutcome
 from haip_runtime.tools.proxy import Emit, ToolCallResult, ToolProxy, ToolView
 
 __all__ = [
@@ -302,7 +302,7 @@ class Turn:
         call_id = new_id()
         args = arguments or {}
         self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
-        status, text = "CANCELLED", "the call was cancelled"
+        status, text = ToolOutcome.CANCELLED, "the call was cancelled"
         try:
             result = await services.tools.call(
                 name,

@@ -17,6 +17,7 @@ from haip_runtime.agents.api import Agent, MessageStream, Turn
 from haip_runtime.agents.operator import COMMANDS, run_command
 from haip_runtime.llm.provider import HistoryEntry, ToolCall, Usage
 from haip_runtime.protocol.envelope import new_id
+from haip_runtime.protocol.events import ToolOutcome
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly. Use a tool only when it helps."
 HELP = f"Talk to me in plain words; I answer with my language model and may use tools. Commands:\n{COMMANDS}"
@@ -82,7 +83,13 @@ class AssistantAgent(Agent[AssistantOptions]):
             )
             turn.record(
                 HistoryEntry(
-                    "tool_result", call.name, problem, call_id, call_id=call_id, tool=call.name, status="ERROR"
+                    "tool_result",
+                    call.name,
+                    problem,
+                    call_id,
+                    call_id=call_id,
+                    tool=call.name,
+                    status=ToolOutcome.ERROR,
                 )
             )
             return

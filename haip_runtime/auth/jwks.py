@@ -19,14 +19,12 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from haip_runtime.exceptions import KeyUnavailableError as KeyUnavailableError  # where tests import it
+
 logger = logging.getLogger(__name__)
 
 #: A key set larger than this is refused (a JWKS is a few KiB).
 MAX_JWKS_BYTES = 1024 * 1024
-
-
-class KeyUnavailableError(Exception):
-    """No key for this token: the set has no such ``kid``, or the set cannot be fetched."""
 
 
 class JwksKeys:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions, permissions_for, roles_of
 from haip_runtime.config.models import HMAC_ALGORITHMS, AuthConfig, RoleConfig
-from haip_runtime.exceptions import ConfigError, HandshakeError
+from haip_runtime.exceptions import ConfigError, HandshakeError, KeyUnavailableError
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
@@ -104,8 +104,6 @@ class Authenticator:
         key = self._key
         if self._jwks is not None and token:
             import jwt
-
-            from haip_runtime.auth.jwks import KeyUnavailableError
 
             try:
                 kid = jwt.get_unverified_header(token).get("kid")

@@ -7,6 +7,7 @@ what they currently offer (`status`, `tools`), and `call_tool` through the live 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TextIO
@@ -51,15 +52,17 @@ class McpBridge:
             )
             for name, config in servers.items()
         }
+        self._stack = AsyncExitStack()
         self._task_group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
         if self._task_group is not None or self._stopping.is_set():
             raise RuntimeError("an McpBridge can be entered only once")
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        for supervisor in self._supervisors.values():
-            self._task_group.start_soon(supervisor.run, name=f"MCP server {supervisor.name!r}")
+        async with AsyncExitStack() as stack:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            for supervisor in self._supervisors.values():
+                self._task_group.start_soon(supervisor.run, name=f"MCP server {supervisor.name!r}")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -73,7 +76,7 @@ class McpBridge:
             for supervisor in self._supervisors.values():
                 await supervisor.stopped.wait()
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(exc_type, exc, tb)
+        await self._stack.__aexit__(exc_type, exc, tb)
 
     def status(self) -> dict[str, ServerStatus]:
         return {name: supervisor.status() for name, supervisor in self._supervisors.items()}

@@ -1,26 +1,16 @@
-"""The values the bridge hands out: server states and statuses, tools, progress, elicitations, results.
+"""The values the bridge hands out: server statuses, tools, progress, elicitations, results.
 
-Plain frozen dataclasses with no MCP SDK types in them, so callers never see the SDK.
+Plain frozen dataclasses with no MCP SDK types in them, so callers never see the SDK. A server's
+state (``ServerState``) is a name of the wire, so it lives in ``protocol.events``; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-
-class ServerState(enum.Enum):
-    CONNECTING = "connecting"
-    """The first connection attempt is in progress."""
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    """The connection was lost, or an attempt failed: a new attempt is due or in progress."""
-    FAILED = "failed"
-    """The last attempt failed; another follows after a backoff."""
-    STOPPED = "stopped"
-    """The bridge is closed."""
+from haip_runtime.protocol.events import ServerState as ServerState  # re-exported: statuses carry it
 
 
 @dataclass(frozen=True)

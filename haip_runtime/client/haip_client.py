@@ -22,6 +22,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -121,6 +122,7 @@ class HaipClient:
         self._last_rx = 0
         self._unacked: OrderedDict[int, str] = OrderedDict()
         self._ws: ClientConnection | None = None
+        self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
         self._waiters: list[_Waiter] = []
         self._handshake: _Waiter | None = None
@@ -133,8 +135,7 @@ class HaipClient:
         self._send_events, self._events = anyio.create_memory_object_stream[Received](buffer)
 
     async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
         try:
             await self._connect(resume=False)
         except BaseException:
@@ -153,7 +154,7 @@ class HaipClient:
                 await self._ws.close()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+            await self._stack.aclose()
             self._tg = None
         self._send_events.close()
         self._events.close()

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from haip_runtime.client.haip_client import Received
 from haip_runtime.client.terminal import Terminal, progress_bar, short
+from haip_runtime.protocol.events import ToolOutcome
 
 
 def readable_error(message: str) -> str:
@@ -228,15 +229,15 @@ class ChatView:
         seconds = time.monotonic() - call.started
         head = f"{call.tool}({short(json.dumps(call.params)[1:-1], 40)})"
         status = event.get("status")
-        if status == "OK":
+        if status == ToolOutcome.OK:
             result = event.get("result") or {}
             texts = [block.get("text", "") for block in result.get("content", []) if block.get("type") == "text"]
             shown = " ".join(texts) if texts else json.dumps(result.get("structuredContent"))
             self.say(f"✓ {head} → {short(shown, 100)}  ({seconds:.1f} s)", "green")
         else:
             error = event.get("error") or {}
-            style = "yellow" if status == "CANCELLED" else "red"
-            mark = "⊘" if status == "CANCELLED" else "✗"
+            style = "yellow" if status == ToolOutcome.CANCELLED else "red"
+            mark = "⊘" if status == ToolOutcome.CANCELLED else "✗"
             self.say(f"{mark} {head} {status}: {short(readable_error(str(error.get('message', ''))), 140)}", style)
 
     # --- questions ---------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from haip_runtime.conversation.runs import Run, RunLimit
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
@@ -276,14 +277,14 @@ class Transaction:
                 await hook(turn)
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
             logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
-            self._finish(run, EventType.RUN_ERROR, {"code": exc.code.value, "message": exc.message})
+            self._finish(run, EventType.RUN_ERROR, error_body(exc.code, exc.message))
         except Exception as exc:
             logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
             message = f"agent {run.agent!r} failed: {type(exc).__name__}"
-            self._finish(run, EventType.RUN_ERROR, {"code": ErrorCode.INTERNAL_ERROR.value, "message": message})
+            self._finish(run, EventType.RUN_ERROR, error_body(ErrorCode.INTERNAL_ERROR, message))
         else:
-            status = "CANCELLED" if run.scope.cancel_called else "OK"
-            self._finish(run, EventType.RUN_FINISHED, {"status": status})
+            status = RunOutcome.CANCELLED if run.scope.cancel_called else RunOutcome.OK
+            self._finish(run, EventType.RUN_FINISHED, {"status": status.value})
 
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -79,6 +80,7 @@ class Hub:
         self.on_freed: Callable[[], None] = lambda: None
         self._task_group: TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] | None = None
+        self._stack = AsyncExitStack()
         self.context = HubContext(config, agents, tools, self.transactions, self.spawn)
         by_type = {
             EventType.TRANSACTION_START: lifecycle.transaction_start,
@@ -98,10 +100,11 @@ class Hub:
         self._handlers: dict[str, Handler] = {kind: bind(self.context, handler) for kind, handler in by_type.items()}
 
     async def __aenter__(self) -> Self:
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._maintain)
-        self._tasks = set()
+        async with AsyncExitStack() as stack:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group.start_soon(self._maintain)
+            self._tasks = set()
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -115,7 +118,7 @@ class Hub:
         with anyio.CancelScope(shield=True):
             await self._cancel_tasks()
         self._task_group.cancel_scope.cancel()
-        return await self._task_group.__aexit__(*exc_info)
+        return await self._stack.__aexit__(*exc_info)
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run ``func(*args)`` as a task of the hub (agent turns, tool calls, ends of transactions).

@@ -16,6 +16,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from haip_runtime.protocol.events import ToolOutcome
+
 
 @dataclass(frozen=True)
 class HistoryEntry:
@@ -23,7 +25,7 @@ class HistoryEntry:
 
     ``role`` ``user`` / ``agent``: a message (``text``, ``message_id``). ``tool_call``: ``author``
     (an agent) called ``tool`` with ``arguments``. ``tool_result``: how call ``call_id`` ended
-    (``status`` ``OK``/``ERROR``/``CANCELLED``; ``text`` is what the tool returned, or the error).
+    (``status``, a ``ToolOutcome``: ``OK``/``ERROR``/``CANCELLED``; ``text`` is what the tool returned, or the error).
     ``turn.call_tool`` records both tool entries, so an LLM sees them on its next request.
     """
 
@@ -250,5 +252,5 @@ def conversation(history: Sequence[HistoryEntry]) -> list[Exchange]:
             if not isinstance(last, ToolResults):
                 last = ToolResults()
                 out.append(last)
-            last.results.append((str(entry.call_id), entry.text, entry.status != "OK"))
+            last.results.append((str(entry.call_id), entry.text, entry.status != ToolOutcome.OK))
     return out

@@ -19,6 +19,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from haip_runtime.protocol.events import ServerState
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -177,7 +179,7 @@ class Metrics:
 
     def server_state(self, server: str, state: str) -> None:
         """An MCP server's new state: connecting again after having been connected counts a reconnect."""
-        if state == "connected":
+        if state == ServerState.CONNECTED:
             if server in self._ever_connected and server not in self._connected:
                 self._restarts.inc(server)
             self._ever_connected.add(server)

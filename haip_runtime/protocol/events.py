@@ -1,4 +1,8 @@
-"""Names of the wire: event types, channels, error codes and close codes (PROTOCOL.md)."""
+"""Names of the wire: event types, channels, error codes, close codes, and how calls and turns end (PROTOCOL.md).
+
+Every value here is a string (or a number) exactly as it travels; the ``StrEnum`` members compare
+equal to those strings, so code compares and builds with members and the wire stays the same.
+"""
 
 from __future__ import annotations
 
@@ -107,11 +111,73 @@ class CloseCode(enum.IntEnum):
 
 
 class ToolStatus(enum.StrEnum):
+    """``TOOL_UPDATE.status``: where a tool call is while it runs (how it ended is a ``ToolOutcome``)."""
+
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     CANCELLING = "CANCELLING"
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     INPUT_REQUIRED = "INPUT_REQUIRED"
+
+
+class ToolOutcome(enum.StrEnum):
+    """``TOOL_DONE.status``: how a tool call ended (``error.code``, a ``ToolErrorCode``, says why if not OK)."""
+
+    OK = "OK"
+    """The tool ran; ``result`` holds what it returned."""
+    ERROR = "ERROR"
+    """The tool reported an error, or the call could not be carried out."""
+    CANCELLED = "CANCELLED"
+    """The call was cancelled, or refused at approval."""
+
+
+class ToolErrorCode(enum.StrEnum):
+    """``TOOL_DONE.error.code``: why a call did not end ``OK`` (PROTOCOL.md section 14)."""
+
+    TOOL_ERROR = "TOOL_ERROR"
+    """The tool ran and reported an error; the message is the tool's (status ERROR)."""
+    TOOL_NOT_FOUND = "TOOL_NOT_FOUND"
+    """The conversation has no such tool: not one of its servers, or the server lacks it (status ERROR)."""
+    SERVER_UNAVAILABLE = "SERVER_UNAVAILABLE"
+    """The tool's MCP server is not connected right now, or the servers are still starting (status ERROR)."""
+    UNAUTHORIZED = "UNAUTHORIZED"
+    """The caller's roles do not allow the tool (status ERROR)."""
+    TIMEOUT = "TIMEOUT"
+    """The server did not answer within its ``timeout_seconds``; the call was cancelled there (status ERROR)."""
+    TOOL_FAILED = "TOOL_FAILED"
+    """The call broke: the server refused it, disconnected during it or answered wrongly (status ERROR)."""
+    REJECTED = "REJECTED"
+    """A member rejected the call at approval (status CANCELLED)."""
+    APPROVAL_TIMEOUT = "APPROVAL_TIMEOUT"
+    """Nobody approved the call within ``approval_timeout_seconds`` (status CANCELLED)."""
+    CANCELLED = "CANCELLED"
+    """``TOOL_CANCEL``, ``RUN_CANCEL`` or the end of the transaction stopped the call (status CANCELLED)."""
+
+
+class RunOutcome(enum.StrEnum):
+    """``RUN_FINISHED.status``: how an agent's turn ended."""
+
+    OK = "OK"
+    """The agent finished its turn."""
+    CANCELLED = "CANCELLED"
+    """``RUN_CANCEL`` (or the end of the transaction) stopped the turn and its tool calls."""
+    ERROR = "ERROR"
+    """The agent failed. The runtime says so with ``RUN_ERROR {run_id, code, message}`` instead."""
+
+
+class ServerState(enum.StrEnum):
+    """An MCP server's connection (``INFO mcp.server {state}``, ``/health`` ``mcp.<server>.state``)."""
+
+    CONNECTING = "connecting"
+    """The first connection attempt is in progress."""
+    CONNECTED = "connected"
+    """Connected: its tools are offered."""
+    RECONNECTING = "reconnecting"
+    """The connection was lost, or an attempt failed: a new attempt is due or in progress."""
+    FAILED = "failed"
+    """The last attempt failed; another follows after a backoff."""
+    STOPPED = "stopped"
+    """The bridge is closed."""
 
 
 #: Everything the runtime understands, advertised in its HAI.

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from haip_runtime.protocol.events import HAIP_VERSION
+from haip_runtime.protocol.events import HAIP_VERSION, RunOutcome, ToolOutcome
 
 
 class Payload(BaseModel):
@@ -168,7 +168,7 @@ class RunStarted(Payload):
 
 class RunFinished(Payload):
     run_id: str
-    status: Literal["OK", "CANCELLED", "ERROR"]
+    status: RunOutcome
     summary: str | None = None
 
 
@@ -229,7 +229,7 @@ class ToolUpdate(Payload):
 
 class ToolDone(Payload):
     call_id: str
-    status: Literal["OK", "ERROR", "CANCELLED"]
+    status: ToolOutcome
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 

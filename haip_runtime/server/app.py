@@ -38,6 +38,7 @@ from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
 from haip_runtime.llm.metered import metered
 from haip_runtime.observability.metrics import Metrics
+from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
@@ -78,7 +79,7 @@ class Runtime:
             self.tools.on_done = self.metrics.tool_call
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
-        self._server_states: dict[str, str] = {}
+        self._server_states: dict[str, ServerState] = {}
         self._shown: dict[str, tuple[bool, object, str | None]] = {}
         self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
 
@@ -126,11 +127,12 @@ class Runtime:
             await anyio.sleep_forever()
 
     def _server_changed(self, status: ServerStatus) -> None:
-        if status.state.value == "connected" and self._server_states.get(status.name) != "connected":
+        connected = status.state is ServerState.CONNECTED
+        if connected and self._server_states.get(status.name) is not ServerState.CONNECTED:
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
-        self._server_states[status.name] = status.state.value
-        self.metrics.server_state(status.name, status.state.value)
-        shown = (status.state.value == "connected", status.tools, status.error)
+        self._server_states[status.name] = status.state
+        self.metrics.server_state(status.name, status.state)
+        shown = (connected, status.tools, status.error)
         if self._shown.get(status.name) == shown:
             return  # another retry of a failing server: nothing a member sees has changed
         self._shown[status.name] = shown
@@ -177,7 +179,7 @@ class Runtime:
         down = {
             name: f"{state}: {error}" if error else state
             for name, (state, _tools, error) in servers.items()
-            if state != "connected"
+            if state != ServerState.CONNECTED
         }
         return {
             "status": "degraded" if down else "ok",

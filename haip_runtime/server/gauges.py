@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.observability.metrics import Metrics, counter, event_loop_tasks, gauge
+from haip_runtime.protocol.events import ServerState
 from haip_runtime.session.registry import SessionRegistry
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class RuntimeGauges:
         )
         tools = GaugeMetricFamily("haip_mcp_server_tools", "Tools an MCP server offers.", labels=["server"])
         for name, (state, count, _error) in self.server_health().items():
-            servers.add_metric([name, state], 1.0 if state == "connected" else 0.0)
+            servers.add_metric([name, state], 1.0 if state == ServerState.CONNECTED else 0.0)
             tools.add_metric([name], count)
         yield servers
         yield tools

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.registry import TransactionRegistry
-from haip_runtime.exceptions import HandshakeError, ProtocolError
+from haip_runtime.exceptions import HandshakeError, RequestRefusedError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import Store, TransactionRecord
@@ -47,7 +47,7 @@ def history_routes(
         transaction_id = request.path_params["transaction_id"]
         record = await store.transaction(transaction_id)
         if record is None or not transactions.may_see(record.members, principal):
-            raise _Refusal(404, ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}")
+            raise RequestRefusedError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}", status=404)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await store.events(transaction_id, after=after, limit=limit)
@@ -62,17 +62,12 @@ def history_routes(
     ]
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
-        self.status, self.code, self.message = status, code, message
-
-
 def _answering(handler: Any) -> Any:
     async def endpoint(request: Request) -> JSONResponse:
         try:
             response: JSONResponse = await handler(request)
-        except _Refusal as refusal:
-            body = http_error_body(ProtocolError(refusal.code, refusal.message))
+        except RequestRefusedError as refusal:
+            body = http_error_body(refusal)
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
             return JSONResponse(body, status_code=refusal.status, headers=headers)
         return response
@@ -87,7 +82,7 @@ async def _principal(authenticate: Callable[[str | None], Awaitable[Principal]],
     try:
         return await authenticate(credentials.first(None))
     except HandshakeError as error:
-        raise _Refusal(401, error.code, error.message) from error
+        raise RequestRefusedError(error.code, error.message, status=401) from error
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -95,7 +90,9 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     if raw is None:
         return default
     if not raw.isdecimal() or not low <= int(raw) <= high:
-        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}")
+        raise RequestRefusedError(
+            ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}", status=400
+        )
     return int(raw)
 
 
@@ -106,7 +103,7 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
     try:
         return float(stamp), transaction_id
     except ValueError as exc:
-        raise _Refusal(400, ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave") from exc
+        raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave", status=400) from exc
 
 
 def _listed(transactions: TransactionRegistry, record: TransactionRecord) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
 
 _TOOL_EVENTS = {"TOOL_CALL": "call", "TOOL_UPDATE": "update", "TOOL_DONE": "done", "TOOL_CANCEL": "cancel"}
@@ -44,11 +45,8 @@ class Downgrader:
         if kind in _TOOL_EVENTS:
             return self._as_info(event, "tool", _TOOL_EVENTS[kind])
         if kind == EventType.RUN_ERROR and isinstance(event.payload, dict) and "ERROR" in self.accepted:
-            error = {
-                "code": event.payload.get("code"),
-                "message": event.payload.get("message"),
-                "related_id": event.payload.get("run_id"),
-            }
+            body = event.payload  # RUN_ERROR {run_id, code, message}, as the transaction made it
+            error = error_body(body["code"], body["message"], related_id=body["run_id"])
             return [event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM)]
         if kind == EventType.AUDIO_CHUNK and "AUDIO" in self.accepted:
             return [event.with_changes(type=EventType.AUDIO)]

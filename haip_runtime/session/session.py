@@ -33,6 +33,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import FlowControlConfig, LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Envelope, Event, secret_id
+from haip_runtime.protocol.errors import error_payload
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
 from haip_runtime.session.flow import (
     MAX_MERGED_PART,
@@ -435,13 +436,3 @@ def _two_frame(event: Event) -> tuple[Event, bytes | None]:
     raw = base64.b64decode(data)
     mime = str(event.payload.get("mime") or "application/octet-stream")
     return event.with_changes(payload=body, bin_len=len(raw), bin_mime=mime), raw
-
-
-def error_payload(error: ProtocolError) -> dict[str, Any]:
-    """The ``ERROR`` payload of a protocol error: the one place errors become wire data."""
-    payload: dict[str, Any] = {"code": error.code.value, "message": error.message}
-    if error.related_id:
-        payload["related_id"] = error.related_id
-    if error.detail:
-        payload["detail"] = error.detail
-    return payload

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -74,6 +75,7 @@ class SqliteStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        self._stack = AsyncExitStack()
         self._task_group: TaskGroup | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -83,9 +85,10 @@ class SqliteStore:
             self._writer, self._reader = await anyio.to_thread.run_sync(self._open)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"storage.path: cannot open SQLite database {str(self.path)!r}: {exc}") from exc
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._write_loop)
+        async with AsyncExitStack() as stack:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group.start_soon(self._write_loop)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -93,7 +96,7 @@ class SqliteStore:
         with anyio.move_on_after(10, shield=True):
             await self.flush()
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+        await self._stack.aclose()
         for connection in (self._writer, self._reader):
             if connection is not None:
                 connection.close()

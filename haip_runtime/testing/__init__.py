@@ -12,8 +12,9 @@ tool's return value becomes the result a real MCP server (the SDK's ``MCPServer`
 """
 
 from haip_runtime.bridge.models import ToolResult
+from haip_runtime.exceptions import FakeToolError
 from haip_runtime.llm.scripted import ScriptedLLM
-from haip_runtime.testing.fakes import FakeToolContext, FakeToolError, ToolFunc
+from haip_runtime.testing.fakes import FakeToolContext, ToolFunc
 from haip_runtime.testing.harness import AgentHarness, TurnResult
 
 __all__ = ["AgentHarness", "FakeToolContext", "FakeToolError", "ScriptedLLM", "ToolFunc", "ToolResult", "TurnResult"]

@@ -23,6 +23,7 @@ from haip_runtime.bridge.models import (
     ToolResult,
 )
 from haip_runtime.config.models import McpServerConfig
+from haip_runtime.exceptions import FakeToolError
 
 #: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
 #: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
@@ -30,10 +31,6 @@ from haip_runtime.config.models import McpServerConfig
 #: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
 #: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
 ToolFunc = Callable[..., Any]
-
-
-class FakeToolError(Exception):
-    """Raise in a fake tool to return an error result (``is_error``) with this message."""
 
 
 class FakeToolContext:

@@ -8,6 +8,7 @@ Plugin authors import it from ``haip_runtime.testing``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -21,7 +22,7 @@ from haip_runtime.config.models import AgentConfig, SessionConfig
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.llm.provider import Provider
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.protocol.events import ALL_EVENTS, EventType, ToolStatus
+from haip_runtime.protocol.events import ALL_EVENTS, EventType, RunOutcome, ToolStatus
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
 from haip_runtime.testing.fakes import FakeTools, ToolFunc
@@ -36,9 +37,9 @@ class TurnResult:
 
     @property
     def status(self) -> str:
-        """``OK``, ``CANCELLED`` (RUN_FINISHED) or ``ERROR`` (RUN_ERROR)."""
+        """A ``RunOutcome``: ``OK``, ``CANCELLED`` (RUN_FINISHED) or ``ERROR`` (RUN_ERROR)."""
         last = self.events[-1]
-        return "ERROR" if last.type == EventType.RUN_ERROR else str(_payload(last).get("status"))
+        return RunOutcome.ERROR if last.type == EventType.RUN_ERROR else str(_payload(last).get("status"))
 
     @property
     def messages(self) -> list[str]:
@@ -66,7 +67,7 @@ class TurnResult:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        return _payload(self.events[-1]) if self.status == "ERROR" else None
+        return _payload(self.events[-1]) if self.status == RunOutcome.ERROR else None
 
 
 class AgentHarness:
@@ -97,6 +98,7 @@ class AgentHarness:
         self.proxy = ToolProxy(servers, self._fakes)
         self.member = _Member(Principal(user), self, approve, user_input)
         self.params = dict(params or {})
+        self._stack = AsyncExitStack()
         self._task_group: TaskGroup | None = None
         self.transaction: Transaction | None = None
 
@@ -106,8 +108,9 @@ class AgentHarness:
         return self.member.events
 
     async def __aenter__(self) -> Self:
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
+        async with AsyncExitStack() as stack:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._stack = stack.pop_all()
         self.transaction = Transaction(
             owner=self.member.user, thread_id=None, spawn=self._task_group.start_soon, tools=self.proxy
         )
@@ -126,7 +129,7 @@ class AgentHarness:
         with anyio.CancelScope(shield=True):
             await self.transaction.end("harness closed")
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(*exc_info)
+        await self._stack.__aexit__(*exc_info)
 
     async def send(self, message: str | dict[str, Any], *, timeout: float = 30) -> TurnResult:
         """Send a user message (text, or an object payload) and wait for the agent's turn to end."""

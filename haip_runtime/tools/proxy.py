@@ -24,7 +24,16 @@ from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
 from haip_runtime.protocol.envelope import new_id
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import (
+    Channel,
+    ErrorCode,
+    EventType,
+    ServerState,
+    ToolErrorCode,
+    ToolOutcome,
+    ToolStatus,
+)
 from haip_runtime.protocol.payloads import ToolEntry
 
 if TYPE_CHECKING:
@@ -43,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Progress updates per call are sent at most this often (about 20 a second); the latest wins.
 PROGRESS_INTERVAL = 0.05
-
-DoneStatus = Literal["OK", "ERROR", "CANCELLED"]
 
 
 class Emit(Protocol):
@@ -111,18 +118,18 @@ class ToolView:
 @dataclass(frozen=True)
 class ToolCallResult:
     """How a call ended. ``status`` OK: the tool ran; ERROR: it failed or could not run; CANCELLED:
-    cancelled or refused (``error["code"]`` says which)."""
+    cancelled or refused (``error["code"]``, a ``ToolErrorCode``, says which)."""
 
     call_id: str
     tool: str
-    status: DoneStatus
+    status: ToolOutcome
     content: list[dict[str, Any]] = field(default_factory=list)
     structured_content: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "OK"
+        return self.status == ToolOutcome.OK
 
     @property
     def text(self) -> str:
@@ -156,8 +163,8 @@ class ToolCallResult:
         )
 
     def done_payload(self) -> dict[str, Any]:
-        payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status}
-        if self.status != "CANCELLED" and (self.content or self.structured_content is not None):
+        payload: dict[str, Any] = {"call_id": self.call_id, "status": self.status.value}
+        if self.status != ToolOutcome.CANCELLED and (self.content or self.structured_content is not None):
             payload["result"] = {"content": self.content, "structuredContent": self.structured_content}
         if self.error is not None:
             payload["error"] = self.error
@@ -247,7 +254,7 @@ class ToolProxy:
         )
         refusal = self._refusal(name, server, allowed_servers, permissions)
         if refusal is not None:
-            return self._done(emit, ToolCallResult(active.call_id, name, "ERROR", error=refusal), started)
+            return self._done(emit, ToolCallResult(active.call_id, name, ToolOutcome.ERROR, error=refusal), started)
         self.calls[key] = active
         try:
             result = await self._run(active, name, server, tool, arguments, emit)
@@ -263,14 +270,16 @@ class ToolProxy:
         self, name: str, server: str, allowed: Iterable[str], permissions: Permissions
     ) -> dict[str, Any] | None:
         if server not in allowed:
-            return _error(ErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
+            return error_body(ToolErrorCode.TOOL_NOT_FOUND, f"no tool {name!r} available here")
         if self.find(name) is None:
             down = self._unavailable(server)
             if down is not None:
-                return _error("SERVER_UNAVAILABLE", down)
-            return _error(ErrorCode.TOOL_NOT_FOUND, f"MCP server {server!r} has no tool {name.partition('.')[2]!r}")
+                return error_body(ToolErrorCode.SERVER_UNAVAILABLE, down)
+            return error_body(
+                ToolErrorCode.TOOL_NOT_FOUND, f"MCP server {server!r} has no tool {name.partition('.')[2]!r}"
+            )
         if not permissions.may_use_tool(name):
-            return _error(ErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
+            return error_body(ToolErrorCode.UNAUTHORIZED, f"you may not use {name!r}")
         return None
 
     async def _run(
@@ -281,7 +290,7 @@ class ToolProxy:
             if self._needs_approval(server, tool):
                 refused = await self._approve(active, server, update)
                 if refused is not None:
-                    return ToolCallResult(active.call_id, name, "CANCELLED", error=refused)
+                    return ToolCallResult(active.call_id, name, ToolOutcome.CANCELLED, error=refused)
             update.send(ToolStatus.RUNNING)
             async with anyio.create_task_group() as timers:
                 update.timers = timers
@@ -305,14 +314,18 @@ class ToolProxy:
                 on_elicit=lambda request: self._elicit(active, server, request, update),
             )
         except ToolTimeoutError as exc:
-            return ToolCallResult(active.call_id, name, "ERROR", error=_error("TIMEOUT", str(exc)))
+            return _failed(active, name, ToolErrorCode.TIMEOUT, str(exc))
         except ToolUnavailableError as exc:
-            code = "SERVER_UNAVAILABLE" if self._unavailable(server) else ErrorCode.TOOL_NOT_FOUND
-            return ToolCallResult(active.call_id, name, "ERROR", error=_error(code, str(exc)))
+            code = ToolErrorCode.SERVER_UNAVAILABLE if self._unavailable(server) else ToolErrorCode.TOOL_NOT_FOUND
+            return _failed(active, name, code, str(exc))
         except ToolError as exc:
-            return ToolCallResult(active.call_id, name, "ERROR", error=_error("TOOL_FAILED", str(exc)))
-        status: DoneStatus = "ERROR" if outcome.is_error else "OK"
-        error = _error("TOOL_ERROR", content_text(outcome.content) or "tool error") if outcome.is_error else None
+            return _failed(active, name, ToolErrorCode.TOOL_FAILED, str(exc))
+        status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
+        error = (
+            error_body(ToolErrorCode.TOOL_ERROR, content_text(outcome.content) or "tool error")
+            if outcome.is_error
+            else None
+        )
         return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
 
     def is_down(self, server: str, servers: Iterable[str]) -> bool:
@@ -324,7 +337,7 @@ class ToolProxy:
         if self.bridge is None:
             return "the MCP servers are still starting; try again in a moment"
         status = self.bridge.status().get(server)
-        if status is None or status.state.value == "connected":
+        if status is None or status.state is ServerState.CONNECTED:
             return None
         reason = f": {status.error}" if status.error else ""
         return f"MCP server {server!r} is not connected ({status.state.value}{reason})"
@@ -341,10 +354,10 @@ class ToolProxy:
         update.send(ToolStatus.AWAITING_APPROVAL, message="waiting for a member to approve or reject this call")
         answer = await self._wait_answer(active, server)
         if answer is None:
-            return _error("APPROVAL_TIMEOUT", "nobody approved the call in time")
+            return error_body(ToolErrorCode.APPROVAL_TIMEOUT, "nobody approved the call in time")
         if answer.get("decision") != "approve":
             reason = answer.get("reason")
-            return _error("REJECTED", f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
+            return error_body(ToolErrorCode.REJECTED, f"rejected by {answer['by']}" + (f": {reason}" if reason else ""))
         return None
 
     async def _elicit(
@@ -471,12 +484,14 @@ class _Updates:
             self._pending, self._last_sent = None, time.monotonic()
 
 
+def _failed(active: ActiveCall, name: str, code: ToolErrorCode, message: str) -> ToolCallResult:
+    return ToolCallResult(active.call_id, name, ToolOutcome.ERROR, error=error_body(code, message))
+
+
 def _cancelled(active: ActiveCall, name: str, reason: str) -> ToolCallResult:
-    return ToolCallResult(active.call_id, name, "CANCELLED", error=_error("CANCELLED", reason))
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"code": str(code), "message": message}
+    return ToolCallResult(
+        active.call_id, name, ToolOutcome.CANCELLED, error=error_body(ToolErrorCode.CANCELLED, reason)
+    )
 
 
 def content_text(content: list[dict[str, Any]]) -> str:

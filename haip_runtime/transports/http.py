@@ -20,6 +20,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.transports.base import Credentials, FrameSource, Inbound, cancel_when_stalled
 from haip_runtime.transports.origin import origin_allowed
 
@@ -51,10 +52,7 @@ async def send_json(send: Send, status: int, body: dict[str, Any], headers: Sequ
 
 def http_error_body(error: ProtocolError) -> dict[str, Any]:
     """The body of every HTTP error the runtime answers (REST, SSE, HTTP streaming, health)."""
-    fields: dict[str, Any] = {"code": error.code.value, "message": error.message}
-    if error.detail:
-        fields["detail"] = error.detail
-    return {"error": fields}
+    return {"error": error_body(error.code, error.message, detail=error.detail)}
 
 
 async def send_error(send: Send, status: int, error: ProtocolError) -> None:
