@@ -212,10 +212,9 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
-    def user_message(self, member: Member, text: str, payload: dict[str, Any], related_id: str = "") -> list[Run]:
-        """Forward a user's message to the other members and start a turn for every agent
-        (``RUN_LIMIT_EXCEEDED``, with nothing published, if the member has too many running)."""
-        self.admit_runs(member, len(self.agents), related_id)
+    def user_message(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
+        """Forward a user's message to the other members and start a turn for every agent (the hub
+        has checked ``admit_runs`` first; the agent harness has no limit)."""
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
@@ -285,6 +284,11 @@ class Transaction:
         else:
             status = RunOutcome.CANCELLED if run.scope.cancel_called else RunOutcome.OK
             self._finish(run, EventType.RUN_FINISHED, {"status": status.value})
+        finally:
+            if self.runs.pop(run.id, None) is not None:  # cancelled from outside its own scope (shutdown)
+                if run.member is not None:
+                    self.run_limit.release(run.member)
+                run.finish()
 
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)

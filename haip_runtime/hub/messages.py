@@ -18,7 +18,8 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
         schema = slot.instance.input_schema
         if schema is not None and isinstance(envelope.payload, dict):
             parse_payload(envelope, schema)
-    transaction.user_message(session, message.text, envelope.payload_dict, envelope.id)
+    transaction.admit_runs(session, len(transaction.agents), envelope.id)
+    transaction.user_message(session, message.text, envelope.payload_dict)
 
 
 async def message_update(ctx: HubContext, session: Session, envelope: Envelope) -> None:

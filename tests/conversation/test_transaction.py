@@ -61,18 +61,20 @@ async def test_a_message_past_the_run_limit_is_refused_before_anything_is_publis
             transaction.add_member(ann)
             transaction.add_member(bob)
             transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
-        [run] = first.user_message(ann, "one", {}, "m1")
-        seen_by_bob = len(received(bob))
+        first.admit_runs(ann, 1, "m1")
+        [run] = first.user_message(ann, "one", {})
         with pytest.raises(ProtocolError) as refused:
-            second.user_message(ann, "two", {}, "m2")  # the limit counts across transactions
-        nothing_more = len(received(bob)) == seen_by_bob
-        second.user_message(bob, "bob's own", {}, "m3")  # another member's runs are not counted against ann
+            second.admit_runs(ann, 1, "m2")  # the limit counts across transactions
+        second.admit_runs(bob, 1, "m3")  # another member's runs are not counted against ann
         first.cancel_run(run.id)
         await run.wait()
-        second.user_message(ann, "again", {}, "m4")  # the ended run gave its place back
-        tg.cancel_scope.cancel()
+        second.admit_runs(ann, 1, "m4")  # the ended run gave its place back
+        [again] = second.user_message(ann, "again", {})
+        running_before_shutdown = transactions.run_limit.running(ann)
+        tg.cancel_scope.cancel()  # as the hub does at shutdown: the run is cancelled from outside
+    await again.wait()
     assert refused.value.code == "RUN_LIMIT_EXCEEDED" and refused.value.related_id == "m2"
-    assert nothing_more and transactions.run_limit.running(ann) == 1
+    assert running_before_shutdown == 1 and transactions.run_limit.running(ann) == 0 and not second.runs
 
 
 async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() -> None:
