@@ -71,13 +71,12 @@ class Connection:
         session = await self._open(inbound)
         if session is None:
             return
-        self.sessions.active_connections += 1
         logger.info("session %s of user %r connected", session.id, session.user)
         session.watch(self.gateway.timers, self.link)
         try:
-            await self._read_loop(inbound, session)
+            with self.sessions.serving():
+                await self._read_loop(inbound, session)
         finally:
-            self.sessions.active_connections -= 1
             session.detach(self.outbox)
             if session.outbox is None:
                 self.sessions.save(session)
@@ -94,7 +93,8 @@ class Connection:
             try:
                 principal = await self.gateway.authenticate(self.link.credentials.first(None))
                 session = await self._resume(session_id, last_seq, principal, related_id="")
-                self.sessions.total_connections += 1
+                self.sessions.opened()
+                session.ready(self.sessions.epoch, resumed=True)
                 return session
             except ProtocolError as error:
                 failure = error  # sent after the server HAI of a fresh handshake
@@ -127,7 +127,7 @@ class Connection:
     # --- handshake ---------------------------------------------------------------------------------
 
     async def _handshake(self, inbound: ObjectReceiveStream[Inbound], provisional: Session) -> Session | None:
-        self.sessions.total_connections += 1
+        self.sessions.opened()
         try:
             with anyio.fail_after(self.config.handshake_timeout_seconds):
                 first = await inbound.receive()
@@ -198,11 +198,12 @@ class Connection:
             except ProtocolError as error:
                 failure = error
             else:
-                resumed.accept_inbound(first)
+                resumed.accept_inbound(first)  # acknowledged by the session.ready that follows
+                resumed.ready(self.sessions.epoch, resumed=True)
                 return resumed
         provisional.authenticate(principal, negotiate(hai.accept_events))
+        self.sessions.add(provisional)  # may refuse (the user's sessions are full) before the HAI is taken
         provisional.accept_inbound(first)
-        self.sessions.add(provisional)
         if failure is not None:
             provisional.send_error(failure)
         provisional.ready(self.sessions.epoch, resumed=False)
@@ -210,8 +211,8 @@ class Connection:
 
     async def _resume(self, session_id: str, last_seq: int | str, principal: Principal, *, related_id: str) -> Session:
         """The one resume path (a HAI's ``last_rx_seq``, or the transport's own resume): the session
-        re-attached to this connection, with the new token's rights and expiry from now on.
-        Raises ``ProtocolError(RESUME_FAILED)``."""
+        re-attached to this connection, with the new token's rights and expiry from now on; the
+        caller sends ``session.ready``. Raises ``ProtocolError(RESUME_FAILED)``."""
         try:
             if isinstance(last_seq, str):
                 last_seq = parse_seq(last_seq, "last_rx_seq", related_id, ErrorCode.RESUME_FAILED)
@@ -222,7 +223,6 @@ class Connection:
         self.gateway.metrics.resumed()
         session.principal = principal
         session.binary_frames = session.binary_frames and self.link.binary_frames
-        session.ready(self.sessions.epoch, resumed=True)
         return session
 
     # --- after the handshake -----------------------------------------------------------------------
@@ -237,7 +237,7 @@ class Connection:
                 self.gateway.metrics.received(item.type)
                 if not session.take(item):
                     continue  # a duplicate of something already processed
-                self.sessions.quotas.check_message(session.user, item.id)
+                self.sessions.check_rate(session.user, item.id)
                 check_event(session.principal.permissions, item)
                 await self._dispatch(session, item)
             except ProtocolError as error:

@@ -46,7 +46,8 @@ class Downgrader:
             return self._as_info(event, "tool", _TOOL_EVENTS[kind])
         if kind == EventType.RUN_ERROR and isinstance(event.payload, dict) and "ERROR" in self.accepted:
             body = event.payload  # RUN_ERROR {run_id, code, message}, as the transaction made it
-            error = error_body(body["code"], body["message"], related_id=body["run_id"])
+            code, message, run_id = body.get("code", "INTERNAL_ERROR"), body.get("message", ""), body.get("run_id")
+            error = error_body(str(code), str(message), related_id=str(run_id) if run_id else None)
             return [event.with_changes(id=new_id(), type=EventType.ERROR, payload=error, channel=Channel.SYSTEM)]
         if kind == EventType.AUDIO_CHUNK and "AUDIO" in self.accepted:
             return [event.with_changes(type=EventType.AUDIO)]

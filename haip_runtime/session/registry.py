@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from haip_runtime.config.models import LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
@@ -35,12 +36,29 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         #: Called with each session dropped (the hub takes it out of its transactions).
         self.on_drop: Callable[[Session], None] = lambda session: None
-        #: Connections that completed a handshake or a resume, and those of them still open.
+        #: Connections that started a handshake (or resumed without one), and those serving a session now.
         self.total_connections = 0
         self.active_connections = 0
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    def opened(self) -> None:
+        """A connection started its handshake (or resumed a session without one)."""
+        self.total_connections += 1
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """While a connection serves an authenticated session: it counts as active."""
+        self.active_connections += 1
+        try:
+            yield
+        finally:
+            self.active_connections -= 1
+
+    def check_rate(self, user: str, related_id: str) -> None:
+        """One inbound envelope of ``user`` against their sessions' message rate together."""
+        self.quotas.check_message(user, related_id)
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)

@@ -1,5 +1,6 @@
-"""Quotas (`[limits]`) with their owners: the token bucket, a session's own rate and tool calls, a user's
-sessions and their rate together, a transaction's members, a user's transactions, a member's runs."""
+"""Quotas (`[limits]`) of the session layer: the token bucket, a session's own rate and tool calls, a
+user's sessions and their rate together. A transaction's members, a user's transactions and a member's
+runs are the conversation layer's (tests/conversation/)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ import pytest
 
 import haip_runtime.session.limits as limits_module
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
-from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.registry import TransactionRegistry
-from haip_runtime.conversation.runs import RunLimit
-from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.config.models import LimitsConfig, SessionConfig
 from haip_runtime.exceptions import HandshakeError, ProtocolError
 from haip_runtime.protocol.envelope import Envelope
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session.limits import TokenBucket, UserQuotas
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
-from haip_runtime.store.memory import MemoryStore
 
 
 class Clock:
@@ -83,34 +79,6 @@ def test_a_new_session_replaces_the_oldest_disconnected_ones_or_is_refused() -> 
     assert caught.value.code == "RATE_LIMITED" and caught.value.close_code == 1008
 
 
-def test_transactions_per_user_count_only_open_ones_of_that_owner() -> None:
-    registry = TransactionRegistry(
-        TransactionsConfig(), {}, MemoryStore(), lambda *a: None, limits=LimitsConfig(transactions_per_user=2)
-    )
-    for owner, ended in (("u", False), ("u", True), ("v", False)):
-        transaction = registry.new(owner, None)
-        transaction.ended = ended
-        registry.live[transaction.id] = transaction
-    registry.check_room("u", "e")
-    extra = registry.new("u", None)
-    registry.live[extra.id] = extra
-    with pytest.raises(ProtocolError) as caught:
-        registry.check_room("u", "e")
-    assert caught.value.detail == {"limit": "limits.transactions_per_user"}
-
-
-def test_members_per_transaction_let_members_rejoin() -> None:
-    transaction = Transaction(
-        owner="u", thread_id=None, spawn=lambda *a: None, limits=LimitsConfig(members_per_transaction=1)
-    )
-    member, stranger = session("u", LimitsConfig()), session("u", LimitsConfig())
-    transaction.add_member(member)
-    transaction.check_room(member, "e")
-    with pytest.raises(ProtocolError) as caught:
-        transaction.check_room(stranger, "e")
-    assert caught.value.detail == {"limit": "limits.members_per_transaction"}
-
-
 def test_tool_calls_in_flight_are_claimed_and_released() -> None:
     own = session("u", LimitsConfig(tool_calls_per_session=2))
     own.claim_tool_call("a")
@@ -120,22 +88,6 @@ def test_tool_calls_in_flight_are_claimed_and_released() -> None:
     own.release_tool_call()
     own.claim_tool_call("d")
     assert caught.value.related_id == "c" and own.tool_calls == 2
-
-
-def test_a_members_runs_are_counted_across_transactions_and_refused_past_the_limit() -> None:
-    limit = RunLimit(2)
-    member, other = cast(Member, FakeSession("u", id="m")), cast(Member, FakeSession("u", id="o"))
-    limit.check(member, 2, "e1")
-    limit.claim(member)
-    limit.claim(member)
-    with pytest.raises(ProtocolError) as caught:
-        limit.check(member, 1, "e2")
-    limit.check(other, 2, "e3")  # its own count
-    limit.release(member)
-    limit.check(member, 1, "e4")
-    limit.check(member, 0, "e5")  # nothing wanted: never refused
-    assert caught.value.code == "RUN_LIMIT_EXCEEDED" and caught.value.related_id == "e2"
-    assert limit.running(member) == 1
 
 
 def test_a_users_sessions_share_the_user_rate_and_idle_users_are_forgotten() -> None:
