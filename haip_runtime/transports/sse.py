@@ -61,11 +61,11 @@ class SseTransport:
     async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
         def start(writer: ResponseWriter, inbound: MemoryObjectSendStream[Inbound], tg: TaskGroup) -> None:
             self.inbound = inbound
+            self._registry.add(self, outbox)  # POSTs find it from now on, with somewhere to put what they carry
             tg.start_soon(self._write, writer, outbox, tg.cancel_scope)
             tg.start_soon(self._keep_alive, writer)
             tg.start_soon(end_on_disconnect, self._receive, tg.cancel_scope)
 
-        self._registry.add(self, outbox)
         try:
             async with streamed_response(self._send, b"text/event-stream; charset=utf-8", outbox, start) as receive:
                 yield receive
