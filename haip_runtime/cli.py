@@ -155,8 +155,14 @@ async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int
 def _chat(args: argparse.Namespace) -> int:
     import anyio
 
-    from haip_runtime.client.chat import chat
     from haip_runtime.exceptions import ClientError
+
+    try:
+        from haip_runtime.client.chat import chat
+    except ModuleNotFoundError as exc:  # prompt-toolkit or rich: the `chat` extra
+        needs = f"chat needs the chat extra ({exc.name} is missing): pip install 'haip-runtime[chat]'"
+        print(f"haip-runtime: {needs}", file=sys.stderr)
+        return 2
 
     try:
         anyio.run(chat, args.url, args.token, args.agent, args.reconnect)

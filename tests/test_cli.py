@@ -139,3 +139,26 @@ def run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def test_the_server_runs_without_the_chat_extra_and_chat_says_how_to_get_it() -> None:
+    """prompt-toolkit and rich are the `chat` extra: the server never imports them, `chat` names the extra."""
+    hide = "import sys; sys.modules['prompt_toolkit'] = None; sys.modules['rich'] = None; "
+    server = subprocess.run(
+        [sys.executable, "-c", hide + "from haip_runtime.server.app import create_app; import haip_runtime.client"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            hide + "from haip_runtime.cli import main; sys.exit(main(['chat', 'ws://127.0.0.1:9']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert server.returncode == 0, server.stderr
+    assert chat.returncode == 2 and "pip install 'haip-runtime[chat]'" in chat.stderr

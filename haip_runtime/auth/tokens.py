@@ -1,8 +1,10 @@
 """Who is connecting: bearer JWT validation and the `dev` mode's throwaway signing key.
 
-Owns credential extraction order (PROTOCOL.md section 3), token checks (pinned algorithms; a
-secret, a PEM public key or a JWKS URL, see ``jwks.py``) and the end of a session's rights when
-its token expires; knows nothing about sockets. Every failure is a
+Owns token checks (pinned algorithms; a secret, a PEM public key or a JWKS URL, see ``jwks.py``)
+and what a token grants (``Principal``: the user, roles, permissions and when the rights end);
+knows nothing about sockets. Where a transport found the token, and in what order they are tried,
+is ``transports.base.Credentials``; ending a connection at its token's expiry is the session's
+(``session/liveness.py``). Every failure is a
 ``HandshakeError(AUTHENTICATION_FAILED)`` that reveals nothing about the server beyond "not
 accepted", and is logged without the token. Tokens are checked with PyJWT, imported on the first
 check (with ``cryptography`` it is about a sixth of the start-up); issuing, always HMAC, needs

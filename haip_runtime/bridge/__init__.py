@@ -4,7 +4,7 @@
 HTTP, or an `MCPServer` in this process), follows their tool lists, and carries tool calls with
 progress, elicitation, timeouts and cancellation. It does not decide who may call what and does
 not coalesce progress: the tool proxy does. Modules: `models` (the values handed out), `mcp_bridge`,
-`supervisor` (one server's connection), `calls` (one tool call), `transport` (opening stdio /
+`supervisor` (one server's connection), `calls` (one tool call), `dialer` (opening stdio /
 HTTP), `inprocess` (finding a `python` server's `MCPServer`).
 """
 

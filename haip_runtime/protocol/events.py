@@ -168,6 +168,8 @@ class RunOutcome(enum.StrEnum):
 class ServerState(enum.StrEnum):
     """An MCP server's connection (``INFO mcp.server {state}``, ``/health`` ``mcp.<server>.state``)."""
 
+    STARTING = "starting"
+    """The runtime has not begun connecting it yet (it loads the MCP SDK first): ``/health`` only."""
     CONNECTING = "connecting"
     """The first connection attempt is in progress."""
     CONNECTED = "connected"

@@ -165,7 +165,7 @@ class Runtime:
     def server_health(self) -> dict[str, tuple[str, int, str | None]]:
         """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""
         statuses = self.bridge.status() if self.bridge else {}
-        starting: tuple[str, int, str | None] = ("starting", 0, None)
+        starting: tuple[str, int, str | None] = (ServerState.STARTING, 0, None)
         health = dict.fromkeys(self.config.mcp.servers, starting)
         for name, status in statuses.items():
             health[name] = (status.state.value, len(status.tools), status.error)

@@ -21,8 +21,7 @@ from haip_runtime.exceptions import HandshakeError, RequestRefusedError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import Store, TransactionRecord
-from haip_runtime.transports.base import Credentials
-from haip_runtime.transports.http import http_error_body
+from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers
 
 MAX_PAGE = 1000
 
@@ -67,20 +66,16 @@ def _answering(handler: Any) -> Any:
         try:
             response: JSONResponse = await handler(request)
         except RequestRefusedError as refusal:
-            body = http_error_body(refusal)
-            headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
-            return JSONResponse(body, status_code=refusal.status, headers=headers)
+            headers = http_error_headers(refusal.status)
+            return JSONResponse(http_error_body(refusal), status_code=refusal.status, headers=headers)
         return response
 
     return endpoint
 
 
 async def _principal(authenticate: Callable[[str | None], Awaitable[Principal]], request: Request) -> Principal:
-    credentials = Credentials(
-        authorization=request.headers.get("authorization"), query_token=request.query_params.get("token")
-    )
     try:
-        return await authenticate(credentials.first(None))
+        return await authenticate(http_credentials(request.scope).first(None))
     except HandshakeError as error:
         raise RequestRefusedError(error.code, error.message, status=401) from error
 

@@ -156,7 +156,7 @@ class ToolCallResult:
         return cls(
             str(done.get("call_id", "")),
             tool,
-            done.get("status", "ERROR"),
+            next((outcome for outcome in ToolOutcome if outcome == done.get("status")), ToolOutcome.ERROR),
             content if isinstance(content, list) else [],
             structured if isinstance(structured, dict) else None,
             error if isinstance(error, dict) else None,

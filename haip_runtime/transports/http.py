@@ -55,9 +55,14 @@ def http_error_body(error: ProtocolError) -> dict[str, Any]:
     return {"error": error_body(error.code, error.message, detail=error.detail)}
 
 
+def http_error_headers(status: int) -> dict[str, str]:
+    """The headers an error answer carries: a 401 names the scheme the credentials must use."""
+    return {"www-authenticate": "Bearer"} if status == 401 else {}
+
+
 async def send_error(send: Send, status: int, error: ProtocolError) -> None:
-    """Answer a plain ASGI request with ``status`` and the error's body (401 also names the scheme)."""
-    headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    """Answer a plain ASGI request with ``status`` and the error's body."""
+    headers = [(name.encode(), value.encode()) for name, value in http_error_headers(status).items()]
     await send_json(send, status, http_error_body(error), headers)
 
 

@@ -429,3 +429,15 @@ async def test_a_call_id_in_use_is_refused_even_in_the_same_instant(tool_server:
         starts = [e for e in client.received if e.type == "TOOL_CALL" and e.get("call_id") == "twice"]
     assert error.get("code") == "INVALID_PAYLOAD" and error.get("related_id") == second
     assert len(starts) == 1
+
+
+def test_a_result_read_back_from_its_tool_done_says_what_the_model_was_told() -> None:
+    from haip_runtime.tools.proxy import ToolCallResult
+
+    ok = {"call_id": "c1", "status": "OK", "result": {"content": [], "structuredContent": {"sum": 5}}}
+    failed = {"call_id": "c2", "status": "ERROR", "error": {"code": "TIMEOUT", "message": "too slow"}}
+    odd = {"call_id": "c3", "status": "MAYBE"}
+    read = [ToolCallResult.from_done("demo.add", done) for done in (ok, failed, odd)]
+    assert [result.model_text for result in read[:2]] == ['{"sum": 5}', "TIMEOUT: too slow"]
+    assert read[0].done_payload() == ok and read[1].done_payload() == failed
+    assert read[2].status == "ERROR" and read[2].done_payload() == {"call_id": "c3", "status": "ERROR"}
