@@ -100,12 +100,16 @@ async def test_a_hai_with_last_rx_seq_resumes_the_session_and_replays_what_came_
         await ready(first)
         await first.send("PING", {"nonce": "a"})
         pong = await first.receive_type("PONG")
+        sent = first.seq
     async with door.connect() as second:
         await second.receive()  # this connection's own server HAI
+        second.seq = sent  # a resuming client numbers on from where it was
+        hai_seq = second.seq + 1
         await second.hai(token, session=session_id, last_rx_seq=str(int(pong["seq"]) - 1))
         replayed = await second.receive_type("PONG")
         info = await ready(second)
     assert replayed["seq"] == pong["seq"] and replayed["session"] == session_id
+    assert info["ack"] == str(hai_seq)  # session.ready acknowledges the HAI that resumed it
     assert info["payload"]["resumed"] is True and info["session"] == session_id
     assert door.sessions.total_connections == 2
 
