@@ -44,10 +44,15 @@ class TransactionRegistry:
         *,
         limits: LimitsConfig | None = None,
         max_runs: int | None = None,
+        max_queued: int | None = None,
     ) -> None:
         self.config = config
         self.limits = limits or LimitsConfig()
-        self.run_limit = RunLimit(SessionConfig().max_concurrent_runs if max_runs is None else max_runs)
+        defaults = SessionConfig()
+        self.run_limit = RunLimit(
+            defaults.max_concurrent_runs if max_runs is None else max_runs,
+            defaults.max_queued_messages if max_queued is None else max_queued,
+        )
         self.agents = agents
         self.store = store
         self.tools = tools
