@@ -313,6 +313,9 @@ class McpServerConfig(Model):
     """Glob patterns of tool names (without the server prefix) that are exposed."""
     require_approval: list[str] = Field(default_factory=list)
     """Glob patterns of tools that wait for a member's approval before they run."""
+    connect_timeout_seconds: float = Field(default=30, gt=0)
+    """A server gets this long to start, finish the MCP handshake and list its tools; a turn that starts while
+    it is making its first connection waits for it at most this long (then its tools are missing)."""
     timeout_seconds: float = Field(default=60, gt=0)
     """A call that takes longer ends with TOOL_DONE ERROR and is cancelled on the server."""
     approval_timeout_seconds: float = Field(default=120, gt=0)

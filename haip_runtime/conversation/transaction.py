@@ -76,6 +76,7 @@ class Transaction:
         config: TransactionsConfig | None = None,
         limits: LimitsConfig | None = None,
         run_limit: RunLimit | None = None,
+        ready: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         id: str | None = None,
         tseq: int = 0,
         created_at: float | None = None,
@@ -109,6 +110,8 @@ class Transaction:
         self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
         self._tail_bytes = 0
         self._spawn = spawn
+        #: Waits for MCP servers still making their first connection (``tools.readiness``), if any are configured.
+        self._ready = ready
         #: Called with (agent, status or error code) when a run ends.
         self.on_run_end: Callable[[str, str], None] | None = None
 
@@ -295,7 +298,7 @@ class Transaction:
         if member is not None:
             self.run_limit.claim(member)
         turn = self._turn(slot, run, text, payload, member)
-        self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
+        self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers)
         return run
 
     def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
@@ -321,13 +324,17 @@ class Transaction:
             services=services,
         )
 
-    async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
+    async def _execute(
+        self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn, servers: tuple[str, ...] = ()
+    ) -> None:
         started = {"run_id": run.id, "agent": run.agent}
         if turn.payload.get("message_id"):
             started["message_id"] = str(turn.payload["message_id"])  # the message it answers (it may have waited)
         self.publish(Event(EventType.RUN_STARTED, started, channel=Channel.AGENT, run_id=run.id))
         try:
             with run.scope:
+                if servers and self._ready is not None:
+                    await self._ready(servers)  # the agent is offered the tools of servers still connecting
                 await hook(turn)
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
             logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)

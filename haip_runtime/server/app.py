@@ -48,6 +48,7 @@ from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools.proxy import ToolProxy
+from haip_runtime.tools.readiness import Readiness
 from haip_runtime.transports.base import FrameSource, Transport
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ class Runtime:
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
-        self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
+        #: Turns wait for MCP servers still making their first connection (their tools are offered then).
+        self.readiness = Readiness(config.mcp.servers)
+        self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics, readiness=self.readiness)
         self.hub.on_freed = allocator.release
         self.metrics.watch(RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health))
         self.timers = Timers()
@@ -124,9 +127,11 @@ class Runtime:
             self.bridge = bridge
             assert self.tools is not None
             self.tools.attach(bridge)
+            self.readiness.attach(bridge.status)
             await anyio.sleep_forever()
 
     def _server_changed(self, status: ServerStatus) -> None:
+        self.readiness.changed()
         connected = status.state is ServerState.CONNECTED
         if connected and self._server_states.get(status.name) is not ServerState.CONNECTED:
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))

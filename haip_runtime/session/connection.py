@@ -221,6 +221,7 @@ class Connection:
             raise
         self.gateway.metrics.resumed()
         session.principal = principal
+        session.resumed = True
         session.binary_frames = session.binary_frames and self.link.binary_frames
         session.ready(self.sessions.epoch, resumed=True)
         return session
