@@ -43,13 +43,13 @@ from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
-from haip_runtime.session.connection import Connection, Gateway
+from haip_runtime.session.connection import Connection, Gateway, serve_detached
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools.proxy import ToolProxy
 from haip_runtime.tools.readiness import Readiness
-from haip_runtime.transports.base import FrameSource, Transport
+from haip_runtime.transports.base import FrameSource, Inbound, Transport
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import McpBridge, ServerStatus
@@ -165,7 +165,10 @@ class Runtime:
             session = self.hub.sessions.get(session_id)
             return session.outbox if session is not None else None
 
-        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of)
+        async def detached(session_id: str, user: str, items: list[Inbound]) -> bool:
+            return await serve_detached(self.gateway, session_id, user, items)
+
+        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of, detached)
 
     def server_health(self) -> dict[str, tuple[str, int, str | None]]:
         """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""

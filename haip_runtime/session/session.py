@@ -99,7 +99,7 @@ class Session:
         self._seq = 0
         self._clock = clock
         self.window = ReplayWindow(
-            config.replay_window_messages, config.replay_window_seconds, config.replay_window_bytes, clock
+            config.replay_window_messages, config.replay_window_seconds, config.replay_window_bytes, clock, self.id
         )
         self._inbound_numeric: bool | None = None
         self._last_in = 0
