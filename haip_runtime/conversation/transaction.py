@@ -198,6 +198,10 @@ class Transaction:
         while len(tail) > 1 and self._tail_bytes > TAIL_BYTES:
             self._tail_bytes -= len(tail.popleft().payload_json)
 
+    def recent(self) -> list[Event]:
+        """The latest events, as kept in memory (at most ``TAIL_EVENTS``), oldest first."""
+        return list(self._tail)
+
     async def catch_up(self, since: int) -> tuple[list[Event], int]:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
 

@@ -112,6 +112,22 @@ async def rejoin(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     found.check_room(session, envelope.id)
     logger.info("session %s of %r rejoined transaction %s by sending to it", session.id, session.user, found.id)
     admit(ctx, session, found, [], 0)
+    for event in waiting_calls(ctx, found):
+        session.deliver(event)  # a question asked before the drop is asked again: it may be answered now
+
+
+def waiting_calls(ctx: HubContext, transaction: Transaction) -> list[Event]:
+    """The recent TOOL_CALL and TOOL_UPDATE events of the calls in ``transaction`` that wait for a member's answer."""
+    if ctx.tools is None:
+        return []
+    waiting = {call_id for (tx, call_id), call in ctx.tools.calls.items() if tx == transaction.id and call.waiting_for}
+    return [
+        event
+        for event in transaction.recent()
+        if event.type in (EventType.TOOL_CALL, EventType.TOOL_UPDATE)
+        and isinstance(event.payload, dict)
+        and event.payload.get("call_id") in waiting
+    ]
 
 
 async def add_agent(ctx: HubContext, session: Session, envelope: Envelope, transaction: Transaction, name: str) -> None:

@@ -277,3 +277,16 @@ async def test_an_input_request_is_answered_in_words(operator_server: LiveServer
     ]
     assert again["payload"].startswith("Still needed: favourite_colour.")
     assert answered["payload"] == "demo.ask_user returned: Ada likes green"
+
+
+async def test_an_approval_asked_before_a_drop_is_answered_after_the_reconnect(operator_server: LiveServer) -> None:
+    async with sdk(operator_server) as first:
+        transaction = await first.start("operator")
+        await first.say(transaction, "/call demo.delete_everything")
+        asked = await first.shown()
+    async with sdk(operator_server) as second:  # reconnected without resume, as the SDK does
+        await second.say(transaction, "yes")
+        asked_again = await second.shown()  # joining it, the new session is asked again; "yes" answers
+        granted = await second.shown()
+    assert asked["payload"] == asked_again["payload"] and "needs your approval" in asked["payload"]
+    assert granted["payload"] == "demo.delete_everything returned: pretended to delete everything"
