@@ -37,9 +37,10 @@ class Downgrader:
     def __init__(self, accepted: frozenset[str]) -> None:
         self.accepted = accepted
         self._streams: dict[str, _Buffered] = {}
-        #: Approvals and input requests asked in words (only for a client without TOOL_CALL and TOOL_UPDATE).
-        self.questions = Questions()
         self._in_words = "MESSAGE" in accepted and not {"TOOL_CALL", "TOOL_UPDATE"} & accepted
+        #: Approvals and input requests asked in words (only a client without TOOL_CALL and TOOL_UPDATE is
+        #: asked so; the others share one that stays empty).
+        self.questions = Questions() if self._in_words else _NO_QUESTIONS
 
     def adapt(self, event: Event) -> list[Event]:
         kind = event.type
@@ -95,6 +96,9 @@ class Downgrader:
             return []
         body = event.payload if isinstance(event.payload, dict) else {"value": event.payload}
         return [event.with_changes(type=EventType.INFO, payload={"event": family, "action": action, **body})]
+
+
+_NO_QUESTIONS = Questions()
 
 
 def _about_runs(event: Event) -> bool:

@@ -48,29 +48,36 @@ class Question:
 
 
 class Questions:
-    """The open questions of one session by transaction, oldest first, and the calls they are about."""
+    """The open questions of one session by transaction, oldest first, and the calls they are about.
+
+    Sessions are many and most never get a question: the state is made when the first tool call is seen."""
+
+    __slots__ = ("_calls", "_open")
 
     def __init__(self) -> None:
-        self._calls: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self._calls: OrderedDict[str, tuple[str, Any]] | None = None
         self._open: list[Question] = []
 
     def follow(self, event: Event) -> str | None:
         """Track one tool event; the text of the MESSAGE to send instead if it asks something."""
         body = event.payload if isinstance(event.payload, dict) else {}
         call_id = str(body.get("call_id", ""))
+        calls = self._calls
+        if calls is None:
+            calls = self._calls = OrderedDict()
         if event.type == EventType.TOOL_CALL:
-            self._calls[call_id] = (str(body.get("tool", "")), body.get("params"))
-            while len(self._calls) > MAX_CALLS:
-                self._calls.popitem(last=False)
+            calls[call_id] = (str(body.get("tool", "")), body.get("params"))
+            while len(calls) > MAX_CALLS:
+                calls.popitem(last=False)
             return None
         self._close(call_id)  # whatever the call does now, an earlier question of it is over
         if event.type == EventType.TOOL_DONE:
-            self._calls.pop(call_id, None)
+            calls.pop(call_id, None)
             return None
         status = body.get("status")
         if event.type != EventType.TOOL_UPDATE or status not in _ASKING:
             return None
-        tool, params = self._calls.get(call_id, ("a tool", None))
+        tool, params = calls.get(call_id, ("a tool", None))
         transaction = event.transaction or ""
         if status == ToolStatus.AWAITING_APPROVAL:
             self._add(Question(call_id, transaction, "approval", tool))
@@ -89,7 +96,8 @@ class Questions:
             self._open.remove(question)
 
     def _close(self, call_id: str) -> None:
-        self._open = [q for q in self._open if q.call_id != call_id]
+        if self._open:
+            self._open = [q for q in self._open if q.call_id != call_id]
 
     def _add(self, question: Question) -> None:
         self._open.append(question)
