@@ -290,3 +290,19 @@ async def test_an_approval_asked_before_a_drop_is_answered_after_the_reconnect(o
         granted = await second.shown()
     assert asked["payload"] == asked_again["payload"] and "needs your approval" in asked["payload"]
     assert granted["payload"] == "demo.delete_everything returned: pretended to delete everything"
+
+
+async def test_an_approval_nobody_answers_in_words_times_out_as_ever() -> None:
+    demo = {**DEMO, "require_approval": ["delete_everything"], "approval_timeout_seconds": 0.3}
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}}
+    with live_server(make_config({"agents": agents, "mcp": {"servers": {"demo": demo}}})) as live:
+        async with sdk(live) as client:
+            transaction = await client.start("operator")
+            await client.say(transaction, "/call demo.delete_everything")
+            asked = await client.shown()
+            timed_out = await client.shown()
+            await client.say(transaction, "yes")  # too late: no question is open, so the agent gets it
+            to_the_agent = await client.shown()
+    assert "needs your approval" in asked["payload"]
+    assert timed_out["payload"] == "demo.delete_everything ended CANCELLED: nobody approved the call in time"
+    assert to_the_agent["type"] == "MESSAGE" and to_the_agent["payload"].startswith("I only run tools.")
