@@ -87,7 +87,8 @@ class Hub:
         self._task_group: TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] | None = None
         self._stack = AsyncExitStack()
-        self.context = HubContext(config, agents, tools, self.transactions, self.spawn)
+        ready = readiness.wait if readiness is not None else None
+        self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready)
         by_type = {
             EventType.TRANSACTION_START: lifecycle.transaction_start,
             EventType.TRANSACTION_JOIN: lifecycle.transaction_join,

@@ -71,3 +71,15 @@ async def test_the_first_message_waits_for_servers_still_connecting_and_the_mode
     assert {"demo_add", "demo_slow_count", "demo_ask_user"} <= offered
     assert not any(name.startswith("ghost_") for name in offered)  # the server that failed costs its tools only
     assert lists[0] == [] and any(tool["name"] == "demo.add" for tool in lists[-1])  # told again once connected
+
+
+async def test_a_tool_called_directly_right_after_start_up_waits_for_its_server(starting: LiveServer) -> None:
+    async with HaipClient(starting.ws_url, token=starting.token(), timeout=20) as client:
+        tx = await client.start_transaction("assistant")
+        state_when_sent = starting.runtime.server_health()["demo"][0]
+        await client.send(
+            "TOOL_CALL", {"call_id": "c1", "tool": "demo.add", "params": {"a": 2, "b": 3}}, transaction=tx
+        )
+        done = await client.wait_for("TOOL_DONE")
+    assert state_when_sent in ("starting", "connecting")
+    assert done.get("status") == "OK" and done.get("result")["structuredContent"] == {"result": 5.0}
