@@ -25,7 +25,7 @@ MAX_CALLS = 256
 MAX_QUESTIONS = 64
 YES = frozenset({"yes", "y", "yeah", "yep", "ok", "okay", "sure", "approve", "approved", "go"})
 NO = frozenset({"no", "n", "nope", "reject", "rejected", "deny", "denied", "cancel", "stop"})
-DECLINE = frozenset({"decline", "no", "cancel", "skip"})
+DECLINE = frozenset({"decline", "cancel", "skip"})  # not "no": the answer to a yes/no field
 _ASKING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
 _FIRST_WORD = re.compile(r"\s*([A-Za-z]+)\W*(.*)", re.DOTALL)
 _FIELD_LINE = re.compile(r"\s*([^:=\n]+?)\s*[:=]\s*(.*?)\s*$")

@@ -97,3 +97,5 @@ def test_input_is_read_from_lines_json_or_decline_and_bad_values_are_explained()
         "c2", "tx", "input", "demo.ask", {"properties": {"city": {"type": "string"}}, "required": ["city"]}
     )
     assert single.read("Lisbon") == {"input": {"city": "Lisbon"}}  # one field: the reply is its value
+    consent = Question("c3", "tx", "input", "demo.ask", {"properties": {"agree": {"type": "boolean"}}})
+    assert consent.read("no") == {"input": {"agree": False}} and consent.read("cancel") == {"decision": "decline"}
