@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 BACKOFF_FIRST = 0.2
 """Seconds before the first reconnect attempt; doubles per failed attempt, reset by a healthy connection."""
 BACKOFF_MAX = 10.0
-CONNECT_TIMEOUT = 30.0
-"""Seconds a server gets to start, finish the MCP handshake and list its tools."""
 HEALTH_INTERVAL = 5.0
 """Seconds between pings (2025 protocol) or tool-list polls (2026 servers without subscriptions/listen)."""
 HEALTH_TIMEOUT = 10.0
@@ -146,7 +144,7 @@ class ServerSupervisor:
         """One connection's life: connect, list tools, serve until lost. True if it got connected."""
         self._link = link = Link()
         try:
-            with anyio.fail_after(CONNECT_TIMEOUT) as attempt:
+            with anyio.fail_after(self.config.connect_timeout_seconds) as attempt:
                 self._attempt = attempt
                 async with self._open_client(link) as client:
                     await self._relist(client)
@@ -160,7 +158,7 @@ class ServerSupervisor:
                         self._set_state(ServerState.RECONNECTING, f"connection lost: {link.reason}")
         except Exception as exc:  # the top of a connection's life: every failure becomes the server's state
             self._client = None
-            message = describe_failure(self.config, exc, connect_timeout=CONNECT_TIMEOUT)
+            message = describe_failure(self.config, exc, connect_timeout=self.config.connect_timeout_seconds)
             if link.connected:
                 self._set_state(ServerState.RECONNECTING, f"connection lost: {message}")
             else:

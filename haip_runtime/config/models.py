@@ -69,7 +69,9 @@ class SessionConfig(Model):
     """A peer from which nothing at all came this long after a PING is disconnected; on WebSocket, one that
     does not answer the WebSocket ping (its session stays resumable)."""
     max_concurrent_runs: int = Field(default=4, ge=1)
-    """Agent turns one session may have running at once; more gets ERROR RUN_LIMIT_EXCEEDED."""
+    """Agent turns one session may have running at once; a message past it waits in its transaction's queue."""
+    max_queued_messages: int = Field(default=16, ge=0)
+    """User messages that may wait in one transaction for a run to end (in order); past it ERROR RUN_LIMIT_EXCEEDED."""
     max_buffered_messages: int = Field(default=1000, ge=16)
     """Envelopes one connection may be behind in reading, and envelopes flow control may hold for it;
     past either it is closed with 1013 (its session stays resumable)."""
@@ -311,6 +313,9 @@ class McpServerConfig(Model):
     """Glob patterns of tool names (without the server prefix) that are exposed."""
     require_approval: list[str] = Field(default_factory=list)
     """Glob patterns of tools that wait for a member's approval before they run."""
+    connect_timeout_seconds: float = Field(default=30, gt=0)
+    """A server gets this long to start, finish the MCP handshake and list its tools; a turn that starts while
+    it is making its first connection waits for it at most this long (then its tools are missing)."""
     timeout_seconds: float = Field(default=60, gt=0)
     """A call that takes longer ends with TOOL_DONE ERROR and is cancelled on the server."""
     approval_timeout_seconds: float = Field(default=120, gt=0)

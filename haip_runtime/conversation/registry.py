@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,15 +44,22 @@ class TransactionRegistry:
         *,
         limits: LimitsConfig | None = None,
         max_runs: int | None = None,
+        max_queued: int | None = None,
+        ready: Callable[[Iterable[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.limits = limits or LimitsConfig()
-        self.run_limit = RunLimit(SessionConfig().max_concurrent_runs if max_runs is None else max_runs)
+        defaults = SessionConfig()
+        self.run_limit = RunLimit(
+            defaults.max_concurrent_runs if max_runs is None else max_runs,
+            defaults.max_queued_messages if max_queued is None else max_queued,
+        )
         self.agents = agents
         self.store = store
         self.tools = tools
         self.live: dict[str, Transaction] = {}
         self._spawn = spawn
+        self._ready = ready
         self._loading: dict[str, anyio.Event] = {}
         #: Called with (agent, status) when a run ends (the runtime's metrics).
         self.on_run_end: Callable[[str, str], None] | None = None
@@ -70,6 +77,7 @@ class TransactionRegistry:
             config=self.config,
             limits=self.limits,
             run_limit=self.run_limit,
+            ready=self._ready,
             id=id,
             **state,
         )

@@ -3,11 +3,14 @@
 A run is one hook call of one agent (``on_message``, ``on_audio``, ``on_start``) with its own
 cancel scope. The limit (``session.max_concurrent_runs``) counts the runs a member started across
 every transaction; transactions claim and release through the one ``RunLimit`` their registry
-gives them, so the check and the count live here and nowhere else.
+gives them, so the check and the count live here and nowhere else. A message that finds no room
+waits in its transaction's queue (at most ``session.max_queued_messages``); the limit wakes the
+transactions waiting for a member when one of its runs ends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -46,21 +49,44 @@ class Run:
 
 
 class RunLimit:
-    """At most ``most`` runs at once started by one member (a session), whichever transactions they are in."""
+    """At most ``most`` runs at once started by one member (a session), whichever transactions they are in;
+    at most ``queued`` messages waiting for room in one transaction."""
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, queued: int = 16) -> None:
         self.most = most
+        self.queued = queued
         self._running: dict[str, int] = {}
+        #: By member id: the transactions with messages of that member waiting for room (their drains).
+        self._waiting: dict[str, dict[str, Callable[[], None]]] = {}
 
     def running(self, member: Member) -> int:
         return self._running.get(member.id, 0)
 
+    def room(self, member: Member, wanted: int) -> bool:
+        """Whether ``member`` may start ``wanted`` more runs now."""
+        return self.running(member) + wanted <= self.most
+
     def check(self, member: Member, wanted: int, related_id: str) -> None:
         """Room for ``wanted`` more runs of ``member``, or ``RUN_LIMIT_EXCEEDED`` (nothing started)."""
-        if wanted and self.running(member) + wanted > self.most:
-            raise ProtocolError(
-                ErrorCode.RUN_LIMIT_EXCEEDED, f"at most {self.most} runs at once per session", related_id=related_id
-            )
+        if wanted and not self.room(member, wanted):
+            raise self._refusal(f"at most {self.most} runs at once per session", related_id)
+
+    def check_queue(self, waiting: int, wanted: int, related_id: str) -> None:
+        """Room in a transaction's queue that holds ``waiting`` messages, for a message that needs
+        ``wanted`` runs; ``RUN_LIMIT_EXCEEDED`` past the bound (or if the message could never run)."""
+        if wanted > self.most:
+            raise self._refusal(f"this message needs {wanted} runs; at most {self.most} run at once", related_id)
+        if waiting >= self.queued:
+            message = f"at most {self.most} runs at once per session, and {waiting} messages are already waiting"
+            raise self._refusal(message, related_id)
+
+    @staticmethod
+    def _refusal(message: str, related_id: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, message, related_id=related_id)
+
+    def wait(self, member: Member, transaction_id: str, drain: Callable[[], None]) -> None:
+        """Call ``drain`` when a run of ``member`` ends (once; wait again if still blocked)."""
+        self._waiting.setdefault(member.id, {})[transaction_id] = drain
 
     def claim(self, member: Member) -> None:
         self._running[member.id] = self._running.get(member.id, 0) + 1
@@ -71,3 +97,5 @@ class RunLimit:
             self._running[member.id] = left
         else:
             self._running.pop(member.id, None)
+        for drain in self._waiting.pop(member.id, {}).values():
+            drain()

@@ -53,6 +53,15 @@ class AgentSlot:
     tool_servers: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _Queued:
+    """A user message waiting for room under the run limit."""
+
+    member: Member
+    text: str
+    payload: dict[str, Any]
+
+
 class Transaction:
     """One conversation: members, agents, runs, history; its log lives in the store."""
 
@@ -67,6 +76,7 @@ class Transaction:
         config: TransactionsConfig | None = None,
         limits: LimitsConfig | None = None,
         run_limit: RunLimit | None = None,
+        ready: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         id: str | None = None,
         tseq: int = 0,
         created_at: float | None = None,
@@ -95,9 +105,13 @@ class Transaction:
         self.users: dict[str, None] = dict.fromkeys([owner, *users])
         #: When the last member left (monotonic), for eviction of idle transactions.
         self.memberless_since: float | None = time.monotonic()
+        #: User messages waiting for room under the run limit, in order.
+        self._queue: list[_Queued] = []
         self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
         self._tail_bytes = 0
         self._spawn = spawn
+        #: Waits for MCP servers still making their first connection (``tools.readiness``), if any are configured.
+        self._ready = ready
         #: Called with (agent, status or error code) when a run ends.
         self.on_run_end: Callable[[str, str], None] | None = None
 
@@ -184,6 +198,10 @@ class Transaction:
         while len(tail) > 1 and self._tail_bytes > TAIL_BYTES:
             self._tail_bytes -= len(tail.popleft().payload_json)
 
+    def recent(self) -> list[Event]:
+        """The latest events, as kept in memory (at most ``TAIL_EVENTS``), oldest first."""
+        return list(self._tail)
+
     async def catch_up(self, since: int) -> tuple[list[Event], int]:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
 
@@ -212,20 +230,63 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
-    def user_message(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
-        """Forward a user's message to the other members and start a turn for every agent (the hub
-        has checked ``admit_runs`` first; the agent harness has no limit)."""
+    def user_message(self, member: Member, text: str, payload: dict[str, Any], related_id: str = "") -> list[Run]:
+        """Forward a user's message to the other members and start a turn for every agent.
+
+        A message for which ``member`` has no room (or that follows one of theirs still waiting) waits
+        in the transaction's queue (``INFO run.queued``) and its turns start, in order, when runs end;
+        past the queue's bound it is ``RUN_LIMIT_EXCEEDED``, with nothing published. Returns the runs
+        started now (none if it waits)."""
+        wanted = len(self.agents)
+        waits = bool(wanted) and (
+            not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
+        )
+        if waits:
+            self.run_limit.check_queue(len(self._queue), wanted, related_id)
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
+        if not waits:
+            return self._answer(member, text, {**payload, "message_id": message_id})
+        self._queue.append(_Queued(member, text, {**payload, "message_id": message_id}))
+        self.run_limit.wait(member, self.id, self._drain)
+        queued = {
+            "event": "run.queued",
+            "message_id": message_id,
+            "position": len(self._queue),
+            "agents": list(self.agents),
+        }
+        self.publish(Event(EventType.INFO, queued, channel=Channel.AGENT))
+        return []
+
+    def _answer(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
+        message_id = str(payload["message_id"])
         self.history.append(HistoryEntry("user", member.user, text, message_id))
-        runs = [
-            self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message")
-            for slot in self.agents.values()
-        ]
+        runs = [self.start_run(slot, member, text, payload, "on_message") for slot in self.agents.values()]
         if not runs:
             self.save()  # otherwise the end of each run saves (the log has the message meanwhile)
         return runs
+
+    def _drain(self) -> None:
+        """Start the waiting messages that have room now, in order (a member's stay behind its first blocked one)."""
+        if self.ended:
+            self._queue.clear()
+            return
+        blocked: set[str] = set()
+        for waiting in list(self._queue):
+            if waiting.member.id in blocked:
+                continue
+            if self.run_limit.room(waiting.member, len(self.agents)):
+                self._queue.remove(waiting)
+                self._answer(waiting.member, waiting.text, waiting.payload)
+            else:
+                blocked.add(waiting.member.id)
+                self.run_limit.wait(waiting.member, self.id, self._drain)
+
+    @property
+    def queued(self) -> list[str]:
+        """The message ids waiting for room, in order."""
+        return [str(waiting.payload["message_id"]) for waiting in self._queue]
 
     def edit_message(self, member: Member, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit)."""
@@ -241,7 +302,7 @@ class Transaction:
         if member is not None:
             self.run_limit.claim(member)
         turn = self._turn(slot, run, text, payload, member)
-        self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
+        self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers)
         return run
 
     def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
@@ -267,12 +328,17 @@ class Transaction:
             services=services,
         )
 
-    async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
-        self.publish(
-            Event(EventType.RUN_STARTED, {"run_id": run.id, "agent": run.agent}, channel=Channel.AGENT, run_id=run.id)
-        )
+    async def _execute(
+        self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn, servers: tuple[str, ...] = ()
+    ) -> None:
+        started = {"run_id": run.id, "agent": run.agent}
+        if turn.payload.get("message_id"):
+            started["message_id"] = str(turn.payload["message_id"])  # the message it answers (it may have waited)
+        self.publish(Event(EventType.RUN_STARTED, started, channel=Channel.AGENT, run_id=run.id))
         try:
             with run.scope:
+                if servers and self._ready is not None:
+                    await self._ready(servers)  # the agent is offered the tools of servers still connecting
                 await hook(turn)
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
             logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
@@ -292,31 +358,39 @@ class Transaction:
 
     def _finish(self, run: Run, type: str, body: dict[str, Any]) -> None:
         self.runs.pop(run.id, None)
-        if run.member is not None:
-            self.run_limit.release(run.member)
         self.publish(Event(type, {"run_id": run.id, **body}, channel=Channel.AGENT, run_id=run.id))
         if self.on_run_end is not None:
             self.on_run_end(run.agent, body.get("status") or body["code"])
         self.save()
         run.finish()
+        if run.member is not None:
+            self.run_limit.release(run.member)  # after RUN_FINISHED: a waiting message may start now
 
-    def cancel_run(self, run_id: str) -> bool:
+    def cancel_run(self, run_id: str, by: str = "") -> bool:
+        """Cancel a running turn, or take a waiting message (named by its message id) out of the queue."""
         run = self.runs.get(run_id)
-        if run is None:
-            return False
-        run.scope.cancel()
-        return True
+        if run is not None:
+            run.scope.cancel()
+            return True
+        for waiting in self._queue:
+            if waiting.payload["message_id"] == run_id:
+                self._queue.remove(waiting)
+                unqueued = {"event": "run.unqueued", "message_id": run_id, "reason": f"cancelled by {by}".strip()}
+                self.publish(Event(EventType.INFO, unqueued, channel=Channel.AGENT))
+                return True
+        return False
 
     @property
     def busy(self) -> bool:
-        """Whether anything is running in it (turns, or tool calls members started)."""
-        return bool(self.runs) or (self.tools is not None and self.tools.has_calls(self.id))
+        """Whether anything is running or waiting in it (turns, queued messages, tool calls members started)."""
+        return bool(self.runs or self._queue) or (self.tools is not None and self.tools.has_calls(self.id))
 
     async def end(self, reason: str) -> None:
         """Cancel running turns, call every agent's ``on_end``, tell the members. Idempotent."""
         if self.ended:
             return
         self.ended = True
+        self._queue.clear()
         runs = list(self.runs.values())
         for run in runs:
             run.scope.cancel()

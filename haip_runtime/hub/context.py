@@ -8,7 +8,7 @@ every topic makes (the sender is a member; the transaction is open; which tools 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,8 @@ class HubContext:
     transactions: TransactionRegistry
     #: Run a coroutine function as a task of the hub (turns, tool calls, ends of transactions).
     spawn: Callable[..., None]
+    #: Wait for MCP servers still making their first connection (``tools.readiness``); ``None``: nothing to wait for.
+    ready: Callable[[Iterable[str]], Awaitable[None]] | None = None
 
     def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
         """The transaction the envelope names, if the sender is a member (else not found)."""

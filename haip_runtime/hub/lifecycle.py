@@ -79,7 +79,13 @@ async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope
         return
     transaction.check_room(session, envelope.id)
     history, omitted = await transaction.catch_up(since)
-    # No await from here on: the member is added exactly after the history it was sent.
+    admit(ctx, session, transaction, history, omitted)
+
+
+def admit(ctx: HubContext, session: Session, transaction: Transaction, history: list[Event], omitted: int) -> None:
+    """Make ``session`` a member: the TRANSACTION_JOIN reply, ``history``, the announcement, its TOOL_LIST.
+
+    No await in here: the member is added exactly after the history it was sent."""
     new_user = transaction.add_member(session)
     joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
     reply = {**joined.dump(), "tseq": str(transaction.tseq), "omitted": omitted}
@@ -90,6 +96,38 @@ async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope
         announce = {**joined.dump(), "joined": session.user}
         transaction.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({session.id})))
     ctx.send_tool_list(transaction, only=session)
+
+
+async def rejoin(ctx: HubContext, session: Session, envelope: Envelope) -> None:
+    """A client of the transaction era reconnects without resume and goes on sending to its transaction
+    (PROTOCOL.md section 12): a session that never resumed, sending to an open transaction its user owns
+    or was a member of, joins it as with TRANSACTION_JOIN (from now on: the client saw the history).
+    Anything else is left to the handler, which answers TRANSACTION_NOT_FOUND, revealing nothing."""
+    transaction_id = envelope.transaction or ""
+    if session.resumed or ctx.transactions.get_member(transaction_id, session) is not None:
+        return
+    found = await ctx.transactions.find(transaction_id, session.principal)
+    if not isinstance(found, Transaction) or found.ended or session.user not in found.users:
+        return
+    found.check_room(session, envelope.id)
+    logger.info("session %s of %r rejoined transaction %s by sending to it", session.id, session.user, found.id)
+    admit(ctx, session, found, [], 0)
+    for event in waiting_calls(ctx, found):
+        session.deliver(event)  # a question asked before the drop is asked again: it may be answered now
+
+
+def waiting_calls(ctx: HubContext, transaction: Transaction) -> list[Event]:
+    """The recent TOOL_CALL and TOOL_UPDATE events of the calls in ``transaction`` that wait for a member's answer."""
+    if ctx.tools is None:
+        return []
+    waiting = {call_id for (tx, call_id), call in ctx.tools.calls.items() if tx == transaction.id and call.waiting_for}
+    return [
+        event
+        for event in transaction.recent()
+        if event.type in (EventType.TOOL_CALL, EventType.TOOL_UPDATE)
+        and isinstance(event.payload, dict)
+        and event.payload.get("call_id") in waiting
+    ]
 
 
 async def add_agent(ctx: HubContext, session: Session, envelope: Envelope, transaction: Transaction, name: str) -> None:

@@ -1,25 +1,50 @@
-"""Handlers of what members say: MESSAGE (a turn for every agent), MESSAGE_UPDATE (an author's edit), RUN_CANCEL."""
+"""Handlers of what members say: MESSAGE (a turn for every agent, or the answer to a question asked in
+words), MESSAGE_UPDATE (an author's edit), RUN_CANCEL (of a turn, or of a message still waiting)."""
 
 from __future__ import annotations
 
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.session.questions import Question
 from haip_runtime.session.session import Session
 
 
 async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
     message = parse_payload(envelope, p.Message)
+    question = session.questions.first(transaction.id)
+    if question is not None and answered_in_words(ctx, session, transaction, question, message.text, envelope.id):
+        return
     for slot in transaction.agents.values():
         schema = slot.instance.input_schema
         if schema is not None and isinstance(envelope.payload, dict):
             parse_payload(envelope, schema)
-    transaction.admit_runs(session, len(transaction.agents), envelope.id)
-    transaction.user_message(session, message.text, envelope.payload_dict)
+    transaction.user_message(session, message.text, envelope.payload_dict, envelope.id)
+
+
+def answered_in_words(
+    ctx: HubContext, session: Session, transaction: Transaction, question: Question, text: str, related_id: str
+) -> bool:
+    """The member was asked in words (PROTOCOL.md section 12): their MESSAGE answers, and is not passed to
+    the agent; text that is no answer gets a MESSAGE saying how to answer. ``False``: the call has moved
+    on meanwhile, so the text is an ordinary message."""
+    answer = question.read(text)
+    if isinstance(answer, str):
+        session.send(EventType.MESSAGE, answer, transaction=transaction.id, channel=Channel.AGENT)
+        return True
+    session.questions.close(question)
+    if ctx.tools is None:
+        return False
+    try:
+        ctx.tools.answer(question.call_id, transaction.id, session.user, answer, related_id)
+    except ProtocolError:
+        return False  # answered by someone else, timed out or cancelled since
+    return True
 
 
 async def message_update(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -41,10 +66,10 @@ async def message_update(ctx: HubContext, session: Session, envelope: Envelope) 
 async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.member_transaction(session, envelope)
     request = parse_payload(envelope, p.RunCancel)
-    if not transaction.cancel_run(request.run_id):
+    if not transaction.cancel_run(request.run_id, session.user):
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,
-            f"no running run {request.run_id!r}",
+            f"no running run or waiting message {request.run_id!r}",
             related_id=envelope.id,
             detail={"where": "/payload/run_id"},
         )

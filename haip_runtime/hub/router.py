@@ -36,9 +36,12 @@ from haip_runtime.store.memory import MemoryStore
 
 if TYPE_CHECKING:
     from haip_runtime.tools.proxy import ToolProxy
+    from haip_runtime.tools.readiness import Readiness
 
 logger = logging.getLogger(__name__)
 
+#: Types whose ``transaction`` is not an existing transaction to rejoin (a reference id; one joined explicitly).
+_OWN_TRANSACTION_FIELD = frozenset({EventType.TRANSACTION_START, EventType.TRANSACTION_JOIN})
 #: How often expired sessions and idle transactions are looked for, at most.
 MAINTENANCE_INTERVAL = 30.0
 
@@ -55,6 +58,7 @@ class Hub:
         *,
         epoch: str | None = None,
         metrics: Metrics | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self.config = config
         self.agents = agents
@@ -72,6 +76,8 @@ class Hub:
             tools,
             limits=config.limits,
             max_runs=config.session.max_concurrent_runs,
+            max_queued=config.session.max_queued_messages,
+            ready=readiness.wait if readiness is not None else None,
         )
         self.metrics = metrics or Metrics()
         self.transactions.on_run_end = self.metrics.run_finished
@@ -81,7 +87,8 @@ class Hub:
         self._task_group: TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] | None = None
         self._stack = AsyncExitStack()
-        self.context = HubContext(config, agents, tools, self.transactions, self.spawn)
+        ready = readiness.wait if readiness is not None else None
+        self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready)
         by_type = {
             EventType.TRANSACTION_START: lifecycle.transaction_start,
             EventType.TRANSACTION_JOIN: lifecycle.transaction_join,
@@ -192,6 +199,8 @@ class Hub:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_TYPE, f"this runtime does not handle {envelope.type!r}", related_id=envelope.id
             )
+        if envelope.transaction is not None and envelope.type not in _OWN_TRANSACTION_FIELD:
+            await lifecycle.rejoin(self.context, session, envelope)
         await handler(session, envelope)
 
     async def server_changed(self, server: str, state: str, error: str | None) -> None:

@@ -119,6 +119,8 @@ async def direct_call(
 
     assert ctx.tools is not None
     try:
+        if ctx.ready is not None:
+            await ctx.ready([server])  # just after start-up: the server may still be connecting
         await ctx.tools.call(
             request.tool,
             request.params,

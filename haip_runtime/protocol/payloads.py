@@ -164,6 +164,8 @@ class RunStarted(Payload):
     run_id: str
     agent: str
     thread_id: str | None = None
+    message_id: str | None = None
+    """The user message the turn answers (it may have waited in the transaction's queue)."""
 
 
 class RunFinished(Payload):

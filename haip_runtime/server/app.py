@@ -43,12 +43,13 @@ from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
-from haip_runtime.session.connection import Connection, Gateway
+from haip_runtime.session.connection import Connection, Gateway, serve_detached
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
 from haip_runtime.tools.proxy import ToolProxy
-from haip_runtime.transports.base import FrameSource, Transport
+from haip_runtime.tools.readiness import Readiness
+from haip_runtime.transports.base import FrameSource, Inbound, Transport
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import McpBridge, ServerStatus
@@ -68,7 +69,9 @@ class Runtime:
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
         self.store = open_store(config.storage)
-        self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
+        #: Turns wait for MCP servers still making their first connection (their tools are offered then).
+        self.readiness = Readiness(config.mcp.servers)
+        self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics, readiness=self.readiness)
         self.hub.on_freed = allocator.release
         self.metrics.watch(RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health))
         self.timers = Timers()
@@ -124,9 +127,11 @@ class Runtime:
             self.bridge = bridge
             assert self.tools is not None
             self.tools.attach(bridge)
+            self.readiness.attach(bridge.status)
             await anyio.sleep_forever()
 
     def _server_changed(self, status: ServerStatus) -> None:
+        self.readiness.changed()
         connected = status.state is ServerState.CONNECTED
         if connected and self._server_states.get(status.name) is not ServerState.CONNECTED:
             logger.info("MCP server %r connected with %d tool(s)", status.name, len(status.tools))
@@ -160,7 +165,10 @@ class Runtime:
             session = self.hub.sessions.get(session_id)
             return session.outbox if session is not None else None
 
-        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of)
+        async def detached(session_id: str, user: str, items: list[Inbound]) -> bool:
+            return await serve_detached(self.gateway, session_id, user, items)
+
+        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of, detached)
 
     def server_health(self) -> dict[str, tuple[str, int, str | None]]:
         """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""

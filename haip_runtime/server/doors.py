@@ -22,7 +22,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.protocol.events import CloseCode, ErrorCode
-from haip_runtime.transports.base import FrameSource, Link, Transport
+from haip_runtime.transports.base import FrameSource, Inbound, Link, Transport
 from haip_runtime.transports.http import Asgi, http_credentials, refused_origin, send_error, send_json
 from haip_runtime.transports.origin import origin_allowed
 from haip_runtime.transports.sse import (
@@ -51,6 +51,9 @@ class Doorway:
     serve: Callable[[Transport], Awaitable[None]]
     #: The outbox a session's frames currently go to (``None``: unknown or detached).
     outbox_of: Callable[[str], FrameSource | None]
+    #: Serve envelopes POSTed to a user's session that no stream serves now but that is resumable
+    #: (``False``: there is none); their answers wait in its window for the next stream.
+    serve_detached: Callable[[str, str, list[Inbound]], Awaitable[bool]]
 
 
 def haip_routes(door: Doorway) -> list[BaseRoute]:
@@ -95,27 +98,36 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         if principal is None:
             return
         session_id = str(scope["path_params"]["session"])
-        transport = registry.find(session_id, door.outbox_of(session_id))
-        if transport is None or transport.user != principal.user or transport.inbound is None:
-            message = "no open SSE stream for this session; open GET /haip/sse first"
-            await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
-            return
         max_frame = config.server.max_frame_bytes
         refusal: DecodeError | None = None  # the body as a whole, not one of its envelopes
         try:
             items = parse_batch(await read_body(receive, max_frame * MAX_BODY_FRAMES), max_frame)
         except DecodeError as error:
             refusal, items = error, [error]
-        try:
-            for item in items:
-                await transport.inbound.send(item)  # a bad body is answered on the stream too, as on WebSocket
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, "the stream has closed"))
+        if not await post_items(principal.user, session_id, items):  # a bad body is answered on the stream too
+            message = "no open SSE stream or resumable session with this id; open GET /haip/sse first"
+            await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
             return
         if refusal is not None:
             await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
             return
         await send_json(send, 202, {"accepted": len(items)})
+
+    async def post_items(user: str, session_id: str, items: list[Inbound]) -> bool:
+        """Hand POSTed envelopes to the stream serving the session or, between two streams (or while one
+        closes), have them served at once; ``False`` if there is neither."""
+        outbox = door.outbox_of(session_id)
+        if (outbox is None or outbox.close_code is not None) and await door.serve_detached(session_id, user, items):
+            return True
+        transport = registry.find(session_id, outbox)
+        if transport is None or transport.user != user or transport.inbound is None:
+            return False
+        try:
+            for item in items:
+                await transport.inbound.send(item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
 
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         if not await refused(scope, send):

@@ -11,6 +11,7 @@ arrive while authentication runs simply wait in the stream. The session owns its
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from haip_runtime.transports.base import Inbound, Link
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Connection", "Gateway", "Inbound"]
+__all__ = ["Connection", "Gateway", "Inbound", "process", "serve_detached"]
 
 #: Accepted and dropped: a later HAI (section 3); PONG, which only proves liveness (any frame does);
 #: INFO and ERROR from a client.
@@ -222,6 +223,7 @@ class Connection:
             raise
         self.gateway.metrics.resumed()
         session.principal = principal
+        session.resumed = True
         session.binary_frames = session.binary_frames and self.link.binary_frames
         return session
 
@@ -230,53 +232,75 @@ class Connection:
     async def _read_loop(self, inbound: ObjectReceiveStream[Inbound], session: Session) -> None:
         async for item in inbound:
             session.heard()
-            if isinstance(item, DecodeError):
-                session.send_error(item)
-                continue
-            try:
-                self.gateway.metrics.received(item.type)
-                if not session.take(item):
-                    continue  # a duplicate of something already processed
-                self.sessions.check_rate(session.user, item.id)
-                check_event(session.principal.permissions, item)
-                await self._dispatch(session, item)
-            except ProtocolError as error:
-                session.send_error(error, transaction=item.transaction)
-            except Exception:
-                logger.exception("internal error handling %s from session %s", item.type, session.id)
-                session.send_error(
-                    ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
-                    transaction=item.transaction,
-                )
+            await process(self.gateway, session, item)
 
-    async def _dispatch(self, session: Session, envelope: Envelope) -> None:
-        kind = envelope.type
-        if kind in _IGNORED:
-            return
-        if kind == EventType.PING:
-            ping = parse_payload(envelope, p.Ping)
-            session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())
-        elif kind in (EventType.FLOW_UPDATE, EventType.PAUSE_CHANNEL, EventType.RESUME_CHANNEL):
-            self._flow_control(session, envelope)
-        elif kind == EventType.REPLAY_REQUEST:
-            request = parse_payload(envelope, p.ReplayRequest)
-            start = parse_seq(request.from_seq, "from_seq", envelope.id)
-            end = parse_seq(request.to_seq, "to_seq", envelope.id) if request.to_seq else None
-            session.replay(start, end, envelope.id)
+
+async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
+    """One inbound envelope (or decode error) of an authenticated session, answered with ``ERROR`` if it
+    fails. The read loop's step, and how envelopes POSTed to a session between two SSE streams are served
+    (``serve_detached``): the answers wait in the session's window for the next stream."""
+    if isinstance(item, DecodeError):
+        session.send_error(item)
+        return
+    try:
+        gateway.metrics.received(item.type)
+        if not session.take(item):
+            return  # a duplicate of something already processed
+        gateway.sessions.check_rate(session.user, item.id)
+        check_event(session.principal.permissions, item)
+        await _dispatch(gateway, session, item)
+    except ProtocolError as error:
+        session.send_error(error, transaction=item.transaction)
+    except Exception:
+        logger.exception("internal error handling %s from session %s", item.type, session.id)
+        session.send_error(
+            ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
+            transaction=item.transaction,
+        )
+
+
+async def serve_detached(gateway: Gateway, session_id: str, user: str, items: list[Inbound]) -> bool:
+    """Envelopes for ``user``'s session ``session_id`` while no connection serves it (an SSE client POSTing
+    between two streams, or while its stream is closing): processed now, answered into the window.
+    ``False`` if there is no such session that is resumable and unserved."""
+    session = gateway.sessions.get(session_id)
+    if session is None or session.user != user or session.expired(time.monotonic()):
+        return False
+    if session.outbox is not None and session.outbox.close_code is None:
+        return False  # a connection serves it: its own transport takes what it is sent
+    for item in items:
+        await process(gateway, session, item)
+    return True
+
+
+async def _dispatch(gateway: Gateway, session: Session, envelope: Envelope) -> None:
+    kind = envelope.type
+    if kind in _IGNORED:
+        return
+    if kind == EventType.PING:
+        ping = parse_payload(envelope, p.Ping)
+        session.send(EventType.PONG, p.Ping(nonce=ping.nonce).dump())
+    elif kind in (EventType.FLOW_UPDATE, EventType.PAUSE_CHANNEL, EventType.RESUME_CHANNEL):
+        _flow_control(session, envelope)
+    elif kind == EventType.REPLAY_REQUEST:
+        request = parse_payload(envelope, p.ReplayRequest)
+        start = parse_seq(request.from_seq, "from_seq", envelope.id)
+        end = parse_seq(request.to_seq, "to_seq", envelope.id) if request.to_seq else None
+        session.replay(start, end, envelope.id)
+    else:
+        await gateway.dispatch(session, envelope)
+
+
+def _flow_control(session: Session, envelope: Envelope) -> None:
+    """FLOW_UPDATE, PAUSE_CHANNEL, RESUME_CHANNEL: what the client may receive (PROTOCOL.md section 13)."""
+    try:
+        if envelope.type == EventType.FLOW_UPDATE:
+            update = parse_payload(envelope, p.FlowUpdate)
+            session.grant(update.channel, update.add_messages, update.add_bytes)
+        elif envelope.type == EventType.PAUSE_CHANNEL:
+            session.pause(parse_payload(envelope, p.ChannelControl).channel)
         else:
-            await self.gateway.dispatch(session, envelope)
-
-    @staticmethod
-    def _flow_control(session: Session, envelope: Envelope) -> None:
-        """FLOW_UPDATE, PAUSE_CHANNEL, RESUME_CHANNEL: what the client may receive (PROTOCOL.md section 13)."""
-        try:
-            if envelope.type == EventType.FLOW_UPDATE:
-                update = parse_payload(envelope, p.FlowUpdate)
-                session.grant(update.channel, update.add_messages, update.add_bytes)
-            elif envelope.type == EventType.PAUSE_CHANNEL:
-                session.pause(parse_payload(envelope, p.ChannelControl).channel)
-            else:
-                session.resume_channel(parse_payload(envelope, p.ChannelControl).channel)
-        except ProtocolError as error:
-            error.related_id = error.related_id or envelope.id
-            raise
+            session.resume_channel(parse_payload(envelope, p.ChannelControl).channel)
+    except ProtocolError as error:
+        error.related_id = error.related_id or envelope.id
+        raise

@@ -2,8 +2,9 @@
 
 PROTOCOL.md section 12. One ``Downgrader`` per session; it keeps the text of streamed messages
 so a client without ``MESSAGE_START`` gets one whole ``MESSAGE`` at ``MESSAGE_END``. A client
-without ``RUN_*`` gets no run events at all (the reference SDK logs every INFO as unknown), but a
-``RUN_ERROR`` still reaches it as ``ERROR``.
+without ``RUN_*`` gets no run events at all, nor the INFOs about waiting messages (the reference SDK
+logs every INFO as unknown), but a ``RUN_ERROR`` still reaches it as ``ERROR``. A client without
+``TOOL_CALL`` and ``TOOL_UPDATE`` is asked for approvals and input in words (``questions.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
+from haip_runtime.session.questions import Questions
 
 _TOOL_EVENTS = {"TOOL_CALL": "call", "TOOL_UPDATE": "update", "TOOL_DONE": "done", "TOOL_CANCEL": "cancel"}
 _NEVER_DOWNGRADED = {"PAUSE_CHANNEL", "RESUME_CHANNEL"}
@@ -35,14 +37,23 @@ class Downgrader:
     def __init__(self, accepted: frozenset[str]) -> None:
         self.accepted = accepted
         self._streams: dict[str, _Buffered] = {}
+        self._in_words = "MESSAGE" in accepted and not {"TOOL_CALL", "TOOL_UPDATE"} & accepted
+        #: Approvals and input requests asked in words (only a client without TOOL_CALL and TOOL_UPDATE is
+        #: asked so; the others share one that stays empty).
+        self.questions = Questions() if self._in_words else _NO_QUESTIONS
 
     def adapt(self, event: Event) -> list[Event]:
         kind = event.type
+        if kind == EventType.INFO and "RUN_STARTED" not in self.accepted and _about_runs(event):
+            return []
         if kind in self.accepted:
             return [self._object_message_for_legacy(event)] if kind == EventType.MESSAGE else [event]
         if kind in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END"):
             return self._stream_to_message(event)
         if kind in _TOOL_EVENTS:
+            question = self.questions.follow(event) if self._in_words else None
+            if question is not None:
+                return [self._agent_message(event, question)]
             return self._as_info(event, "tool", _TOOL_EVENTS[kind])
         if kind == EventType.RUN_ERROR and isinstance(event.payload, dict) and "ERROR" in self.accepted:
             body = event.payload  # RUN_ERROR {run_id, code, message}, as the transaction made it
@@ -75,11 +86,25 @@ class Downgrader:
                 return [event.with_changes(type=EventType.MESSAGE, payload=text, channel=Channel.AGENT)]
         return []
 
+    def _agent_message(self, event: Event, text: str) -> Event:
+        payload: dict[str, Any] | str = text
+        if "MESSAGE_START" in self.accepted:
+            payload = {"text": text, "message_id": new_id(), "author": "runtime"}
+        return event.with_changes(id=new_id(), type=EventType.MESSAGE, payload=payload, channel=Channel.AGENT)
+
     def _as_info(self, event: Event, family: str, action: str) -> list[Event]:
         if "INFO" not in self.accepted:
             return []
         body = event.payload if isinstance(event.payload, dict) else {"value": event.payload}
         return [event.with_changes(type=EventType.INFO, payload={"event": family, "action": action, **body})]
+
+
+_NO_QUESTIONS = Questions()
+
+
+def _about_runs(event: Event) -> bool:
+    """An INFO of the run family (``run.queued``, ``run.unqueued``)."""
+    return isinstance(event.payload, dict) and str(event.payload.get("event", "")).startswith("run.")
 
 
 class _Buffered:

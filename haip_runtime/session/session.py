@@ -47,6 +47,7 @@ from haip_runtime.session.flow import (
 from haip_runtime.session.limits import TokenBucket, limited
 from haip_runtime.session.liveness import Liveness
 from haip_runtime.session.negotiation import Downgrader
+from haip_runtime.session.questions import Questions
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox, ReplayWindow
 from haip_runtime.transports.base import Link
@@ -93,10 +94,12 @@ class Session:
         self._rate: TokenBucket | None = None  # made with the first inbound envelope
         self._tool_calls = 0
         self.detached_at: float | None = None
+        #: Whether a client ever resumed it (it then rejoins its transactions itself; PROTOCOL.md section 12).
+        self.resumed = False
         self._seq = 0
         self._clock = clock
         self.window = ReplayWindow(
-            config.replay_window_messages, config.replay_window_seconds, config.replay_window_bytes, clock
+            config.replay_window_messages, config.replay_window_seconds, config.replay_window_bytes, clock, self.id
         )
         self._inbound_numeric: bool | None = None
         self._last_in = 0
@@ -137,6 +140,11 @@ class Session:
     @property
     def accepted(self) -> frozenset[str]:
         return self.downgrader.accepted
+
+    @property
+    def questions(self) -> Questions:
+        """Approvals and input requests this client was asked in words (PROTOCOL.md section 12)."""
+        return self.downgrader.questions
 
     @property
     def last_seq(self) -> int:

@@ -25,7 +25,11 @@ class ReplayWindow:
     """The session's recent outbound frames by seq: at least ``messages`` or ``seconds`` of them,
     whichever holds more, but never more than ``max_bytes`` (the newest frame is always kept)."""
 
-    def __init__(self, messages: int, seconds: float, max_bytes: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, messages: int, seconds: float, max_bytes: int, clock: Callable[[], float], session: str = ""
+    ) -> None:
+        #: The id of the session whose frames these are (each ``Frame`` read carries it).
+        self.session = session
         self.messages = messages
         self.seconds = seconds
         self.max_bytes = max_bytes
@@ -80,7 +84,8 @@ class ReplayWindow:
         index = seq - self._first
         if not 0 <= index < len(self._frames) - self._head:
             return None
-        return Frame.make(self._frames[self._head + index][1], seq, self._binary.get(seq) if self._binary else None)
+        data = self._binary.get(seq) if self._binary else None
+        return Frame.make(self._frames[self._head + index][1], seq, data, self.session)
 
     def holds(self, from_seq: int) -> bool:
         """Whether every frame from ``from_seq`` on is still here."""

@@ -7,6 +7,7 @@ Plugin authors import it from ``haip_runtime.testing``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import AgentConfig, SessionConfig
+from haip_runtime.conversation.runs import RunLimit
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.llm.provider import Provider
 from haip_runtime.protocol.envelope import Event
@@ -112,7 +114,11 @@ class AgentHarness:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             self._stack = stack.pop_all()
         self.transaction = Transaction(
-            owner=self.member.user, thread_id=None, spawn=self._task_group.start_soon, tools=self.proxy
+            owner=self.member.user,
+            thread_id=None,
+            spawn=self._task_group.start_soon,
+            tools=self.proxy,
+            run_limit=RunLimit(sys.maxsize),  # the run limit is a session's policy; a plugin's test has none
         )
         self.transaction.add_member(self.member)
         instance = self.spec.create(transaction_id=self.transaction.id, started_by=self.member.user, params=self.params)

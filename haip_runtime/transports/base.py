@@ -61,17 +61,18 @@ def token_from_subprotocols(offered: list[str]) -> str | None:
 
 
 class Frame(str):
-    """One outbound envelope as the window hands it out: its JSON text, its ``seq`` and, in two-frame
-    mode, its binary part. Made when read; the window keeps plain text (a ``str`` subclass carries a
-    ``__dict__``, several hundred bytes a frame)."""
+    """One outbound envelope as the window hands it out: its JSON text, its ``seq``, the session it
+    belongs to and, in two-frame mode, its binary part. Made when read; the window keeps plain text (a
+    ``str`` subclass carries a ``__dict__``, several hundred bytes a frame)."""
 
     seq: int
     data: bytes | None
+    session: str
 
     @classmethod
-    def make(cls, text: str, seq: int, data: bytes | None = None) -> Frame:
+    def make(cls, text: str, seq: int, data: bytes | None = None, session: str = "") -> Frame:
         frame = cls(text)
-        frame.seq, frame.data = seq, data
+        frame.seq, frame.data, frame.session = seq, data, session
         return frame
 
     @property

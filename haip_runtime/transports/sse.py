@@ -2,14 +2,16 @@
 
 The GET needs credentials (``Authorization: Bearer`` or ``?token=``, which a browser's
 ``EventSource`` can send); its user is the one every POST must authenticate as. The stream
-opens with the server ``HAI`` (``id: 1``; its envelope ``session`` names the session), each
-envelope an event with ``id: <seq>`` and ``data: <json>``; comments keep proxies from closing an
+opens with the server ``HAI`` (its envelope ``session`` names the session), each envelope an
+event with ``id: <session>:<seq>`` and ``data: <json>``; comments keep proxies from closing an
 idle stream. The client sends its ``HAI``, then everything else, as POSTs of one envelope or a
-JSON array of them to ``/haip/sse/<session>`` (the HAI's session, or the resumed one). Resume:
-``GET /haip/sse?session=<id>`` with ``Last-Event-ID`` (``EventSource`` sends it when it
-reconnects to that URL) or ``&last_event_id=`` re-attaches the session without a HAI; a client
-may also resume with a HAI carrying ``last_rx_seq`` as on WebSocket. The stream ends with an
-``event: close`` whose data is ``{"code", "reason"}`` (the WebSocket close code it stands for).
+JSON array of them to ``/haip/sse/<session>`` (the HAI's session, or the resumed one). Resume: a
+GET with ``Last-Event-ID: <session>:<seq>`` (what a plain ``EventSource`` sends when it reconnects
+to the URL it was made with) re-attaches the session without a HAI, as do ``?session=<id>`` with a
+bare seq in ``Last-Event-ID`` or ``&last_event_id=``; a client may also resume with a HAI carrying
+``last_rx_seq`` as on WebSocket. POSTs to a session between two streams are the router's to route
+(``server/doors.py``). The stream ends with an ``event: close`` whose data is ``{"code", "reason"}``
+(the WebSocket close code it stands for).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from haip_runtime.exceptions import DecodeError
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
-from haip_runtime.transports.base import FrameSource, Inbound, Link, frames_as_text
+from haip_runtime.transports.base import FrameSource, Inbound, Link
 from haip_runtime.transports.http import (
     ResponseWriter,
     end_on_disconnect,
@@ -74,10 +76,13 @@ class SseTransport:
 
     async def _write(self, writer: ResponseWriter, outbox: FrameSource, scope: anyio.CancelScope) -> None:
         try:
-            async for seq, text in frames_as_text(outbox):
-                if seq == 1:
-                    self._registry.name(self, json.loads(text).get("session", ""))
-                await writer.write(b"id: %d\ndata: %s\n\n" % (seq, text.encode()))
+            session = ""
+            async for frame in outbox.frames():
+                if frame.session != session:  # the first frame, or a HAI's resume moved the stream
+                    session = frame.session
+                    self._registry.name(self, session)
+                event_id = f"{session}:{frame.seq}".encode()
+                await writer.write(b"id: %s\ndata: %s\n\n" % (event_id, frame.inline().encode()))
             close = {"code": outbox.close_code or CloseCode.NORMAL, "reason": outbox.close_reason}
             await writer.end(b"event: close\ndata: %s\n\n" % json.dumps(close).encode())
         except OSError:
@@ -120,9 +125,13 @@ class SseRegistry:
 
 
 def resume_hint(scope: Scope) -> tuple[str, int] | None:
+    """The resume a GET asks for: ``Last-Event-ID`` (or ``?last_event_id=``) as ``<session>:<seq>``, or a
+    bare seq with ``?session=``; ``None`` if none (a fresh session)."""
     query = QueryParams(scope.get("query_string", b""))
-    session = query.get("session")
-    last = parse_uint64(Headers(scope=scope).get("last-event-id") or query.get("last_event_id"))
+    last_event_id = Headers(scope=scope).get("last-event-id") or query.get("last_event_id") or ""
+    named, _, seq = last_event_id.rpartition(":")
+    session = named or query.get("session")
+    last = parse_uint64(seq)
     return (session, last) if session and last is not None else None
 
 

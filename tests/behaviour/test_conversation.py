@@ -39,7 +39,7 @@ async def test_echo_conversation(server: LiveServer) -> None:
         run = of_run(client.received, finished.run_id)
     kinds = [kind for kind, _ in run]
     assert kinds == ["RUN_STARTED", "MESSAGE_START", "MESSAGE_PART", "MESSAGE_END", "RUN_FINISHED"]
-    assert run[0][1] == {"run_id": finished.run_id, "agent": "echo"}
+    assert run[0][1] == {"run_id": finished.run_id, "agent": "echo", "message_id": run[0][1]["message_id"]}  # type: ignore[index]
     assert run[1][1] == {"message_id": run[2][1]["message_id"], "author": "echo"}  # type: ignore[index]
     assert run[2][1]["text"] == "you said: hello there"  # type: ignore[index]
     assert finished.payload == {"run_id": finished.run_id, "status": "OK"}
@@ -119,19 +119,32 @@ async def test_run_cancel_stops_the_turn(agents_server: LiveServer) -> None:
     assert ended.get("message_id") == part.get("message_id")
 
 
-async def test_more_runs_than_allowed_gets_run_limit_exceeded(agents_server: LiveServer) -> None:
+async def test_a_message_past_the_run_limit_waits_and_starts_when_a_run_ends(agents_server: LiveServer) -> None:
     async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
         tx = await client.start_transaction("waiting")
         for text in ("one", "two"):
             await client.send_text(tx, text)
-        third = await client.send_text(tx, "three")
-        error = await client.wait_for("ERROR")
-        # The refusal may arrive before the two runs announce themselves: they start on their own tasks.
         first = await client.wait_for("RUN_STARTED")
-        await client.wait_for(lambda e: e.type == "RUN_STARTED" and e.run_id != first.run_id)
-        started = [e for e in client.received if e.type == "RUN_STARTED"]
-    assert error.get("code") == "RUN_LIMIT_EXCEEDED" and error.get("related_id") == third
-    assert len(started) == 2
+        await client.send_text(tx, "three")  # at the limit of 2: it waits
+        queued = await client.wait_for(lambda e: e.type == "INFO" and e.get("event") == "run.queued")
+        await client.send_text(tx, "four")
+        fourth = await client.wait_for(lambda e: e.type == "INFO" and e.get("position") == 2)
+        await client.send("RUN_CANCEL", {"run_id": fourth.get("message_id")}, transaction=tx)  # taken out of the queue
+        unqueued = await client.wait_for(lambda e: e.type == "INFO" and e.get("event") == "run.unqueued")
+        await client.send("RUN_CANCEL", {"run_id": first.run_id}, transaction=tx)
+        third = await client.wait_for(
+            lambda e: e.type == "RUN_STARTED" and e.get("message_id") == queued.get("message_id")
+        )
+        errors = [e for e in client.received if e.type == "ERROR"]
+        finished = [e.run_id for e in client.received if e.type == "RUN_FINISHED"]
+    assert queued.payload == {
+        "event": "run.queued",
+        "message_id": queued.get("message_id"),
+        "position": 1,
+        "agents": ["waiting"],
+    }
+    assert unqueued.get("message_id") == fourth.get("message_id") and unqueued.get("reason") == "cancelled by alice"
+    assert errors == [] and finished == [first.run_id] and third.get("agent") == "waiting"
 
 
 async def test_on_start_greets_and_history_reaches_the_agent(agents_server: LiveServer) -> None:

@@ -113,3 +113,32 @@ async def test_an_idle_sse_stream_carries_keep_alive_comments(quick: LiveServer)
                 if line.startswith(":"):
                     break
     assert line == ": keep-alive"
+
+
+async def test_posts_to_a_dropped_sse_session_are_served_and_answered_on_its_next_stream(quick: LiveServer) -> None:
+    token = quick.token("ann")
+    async with open_peer("sse", quick, token) as peer:
+        await peer.receive()
+        await peer.hai(token)
+        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+        started = await peer.receive_type("TRANSACTION_START")
+        await peer.closed(timeout=5)  # silent after a PING: the server dropped the stream
+        peer.seq += 1
+        message = {
+            "id": "between",
+            "session": peer.session,
+            "transaction": started["transaction"],
+            "seq": str(peer.seq),
+            "ts": "1",
+            "channel": "USER",
+            "type": "MESSAGE",
+            "payload": "between two streams",
+        }
+        accepted = await peer.post(json.dumps(message))
+        refused = await peer.post(json.dumps({**message, "id": "stranger"}), token=quick.token("bob"))
+        last = peer.last_event_id
+    assert last is not None
+    async with open_peer("sse", quick, token, headers={"last-event-id": last}) as again:
+        reply = await again.receive_type("MESSAGE")
+    assert accepted.status_code == 202 and refused.status_code == 404
+    assert reply["payload"] == "you said: between two streams" and reply["session"] == peer.session

@@ -3,6 +3,7 @@ handshake and its failures, a conversation, tool progress, errors, resume."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -176,6 +177,23 @@ async def test_sse_last_event_id_resumes_without_a_hai(live: LiveServer) -> None
     assert reply["payload"] == "you said: resumed by id"
 
 
+async def test_sse_last_event_id_names_its_session_so_the_same_url_resumes(live: LiveServer) -> None:
+    token = live.token("ann")
+    async with open_peer("sse", live, token) as peer:
+        await handshake(peer, token)
+        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+        started = await peer.receive_type("TRANSACTION_START")
+        last = peer.last_event_id
+    assert isinstance(peer, SsePeer) and last is not None and last.rpartition(":")[0] == peer.session
+    async with open_peer("sse", live, token, headers={"last-event-id": last}) as again:  # no ?session=
+        again.seq = peer.seq
+        ready = await again.receive_type("INFO")
+        await again.send("MESSAGE", "same URL", transaction=started["transaction"], channel="USER")
+        reply = await again.receive_type("MESSAGE")
+    assert ready["payload"]["resumed"] is True and ready["session"] == peer.session
+    assert reply["payload"] == "you said: same URL" and again.last_event_id == f"{peer.session}:{reply['seq']}"
+
+
 async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None:
     async with open_peer("sse", live, live.token("ann")) as peer:
         await handshake(peer, live.token("ann"))
@@ -233,7 +251,8 @@ async def test_sse_stream_is_unbuffered_and_kept_alive(live: LiveServer) -> None
     assert response.headers["cache-control"] == "no-cache, no-transform"
     assert response.headers["x-accel-buffering"] == "no"
     assert "gzip" not in response.headers.get("content-encoding", "")
-    assert first[0] == "id: 1" and first[1].startswith('data: {"id":')
+    session = json.loads(first[1].removeprefix("data: "))["session"]
+    assert first[0] == f"id: {session}:1" and first[1].startswith('data: {"id":')  # EventSource resumes with it
 
 
 def test_ndjson_lines_are_put_back_together_and_an_overlong_line_is_skipped_to_its_end() -> None:

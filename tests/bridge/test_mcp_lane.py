@@ -11,7 +11,6 @@ import anyio
 import httpx2
 import pytest
 
-import haip_runtime.bridge.supervisor as supervisor_module
 from haip_runtime.bridge import McpBridge, ServerState, ServerStatus
 from haip_runtime.bridge.dialer import describe_failure, shown_url
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
@@ -25,11 +24,11 @@ GARBAGE = "for i in range(200): print(f'not json {i}', flush=True)"
 
 
 async def test_a_server_printing_garbage_costs_a_bounded_number_of_log_lines(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(supervisor_module, "CONNECT_TIMEOUT", 5)
     caplog.set_level(logging.INFO)
-    servers = {"noisy": McpServerConfig(transport="stdio", command=sys.executable, args=["-c", GARBAGE])}
+    noisy = McpServerConfig(transport="stdio", command=sys.executable, args=["-c", GARBAGE], connect_timeout_seconds=5)
+    servers = {"noisy": noisy}
     changes: list[ServerStatus] = []
     done = anyio.Event()
 
@@ -46,9 +45,13 @@ async def test_a_server_printing_garbage_costs_a_bounded_number_of_log_lines(
     assert "not json" in sdk[0].getMessage()
 
 
-async def test_a_server_that_never_finishes_the_handshake_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor_module, "CONNECT_TIMEOUT", 0.5)
-    silent = McpServerConfig(transport="stdio", command=sys.executable, args=["-c", "import sys; sys.stdin.read()"])
+async def test_a_server_that_never_finishes_the_handshake_says_so() -> None:
+    silent = McpServerConfig(
+        transport="stdio",
+        command=sys.executable,
+        args=["-c", "import sys; sys.stdin.read()"],
+        connect_timeout_seconds=0.5,
+    )
     async with McpBridge({"silent": silent}, McpStdioConfig(), base_dir=ROOT) as bridge:
         await bridge.wait_settled(20)
         status = bridge.status()["silent"]

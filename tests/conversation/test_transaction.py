@@ -35,9 +35,13 @@ def received(session: Session) -> list[dict[str, Any]]:
     return [json.loads(frame) for frame in frames if frame is not None]
 
 
-def registry(spawn: Any, *, max_runs: int = 4, limits: LimitsConfig | None = None) -> TransactionRegistry:
+def registry(
+    spawn: Any, *, max_runs: int = 4, max_queued: int = 16, limits: LimitsConfig | None = None
+) -> TransactionRegistry:
     agents = load_agents(CONFIG)
-    return TransactionRegistry(TransactionsConfig(), agents, MemoryStore(), spawn, limits=limits, max_runs=max_runs)
+    return TransactionRegistry(
+        TransactionsConfig(), agents, MemoryStore(), spawn, limits=limits, max_runs=max_runs, max_queued=max_queued
+    )
 
 
 async def test_publish_numbers_the_log_and_skips_only_the_excluded_member() -> None:
@@ -52,29 +56,42 @@ async def test_publish_numbers_the_log_and_skips_only_the_excluded_member() -> N
     assert [e["payload"]["n"] for e in received(ann)] == [1]
 
 
-async def test_a_message_past_the_run_limit_is_refused_before_anything_is_published() -> None:
+async def test_a_message_past_the_run_limit_waits_in_order_and_starts_when_a_run_ends() -> None:
     async with anyio.create_task_group() as tg:
-        transactions = registry(tg.start_soon, max_runs=1)
+        transactions = registry(tg.start_soon, max_runs=1, max_queued=2)
         first, second = transactions.new("ann", None), transactions.new("ann", None)
         ann, bob = member("ann"), member("bob")
         for transaction in (first, second):
             transaction.add_member(ann)
             transaction.add_member(bob)
             transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
-        first.admit_runs(ann, 1, "m1")
-        [run] = first.user_message(ann, "one", {})
+        [run] = first.user_message(ann, "one", {}, "m1")
+        assert (
+            second.user_message(ann, "two", {"message_id": "two"}, "m2") == []
+        )  # the limit counts across transactions
+        assert second.user_message(ann, "three", {"message_id": "three"}, "m3") == []
+        seen_by_bob = len(received(bob))
         with pytest.raises(ProtocolError) as refused:
-            second.admit_runs(ann, 1, "m2")  # the limit counts across transactions
-        second.admit_runs(bob, 1, "m3")  # another member's runs are not counted against ann
+            second.user_message(ann, "four", {}, "m4")  # past the queue's bound
+        nothing_more = len(received(bob)) == seen_by_bob
+        [bobs] = second.user_message(bob, "bob's own", {}, "m5")  # another member's runs are not counted against ann
+        queued = [e["payload"] for e in received(bob) if e["payload"].get("event") == "run.queued"]
         first.cancel_run(run.id)
         await run.wait()
-        second.admit_runs(ann, 1, "m4")  # the ended run gave its place back
-        [again] = second.user_message(ann, "again", {})
-        running_before_shutdown = transactions.run_limit.running(ann)
-        tg.cancel_scope.cancel()  # as the hub does at shutdown: the run is cancelled from outside
-    await again.wait()
-    assert refused.value.code == "RUN_LIMIT_EXCEEDED" and refused.value.related_id == "m2"
-    assert running_before_shutdown == 1 and transactions.run_limit.running(ann) == 0 and not second.runs
+        assert second.queued == ["three"] and transactions.run_limit.running(ann) == 1  # "two" started, in order
+        await anyio.wait_all_tasks_blocked()
+        started = [e for e in received(ann) if e["type"] == "RUN_STARTED" and e["transaction"] == second.id]
+        assert second.cancel_run("three", "ann")  # a waiting message is cancelled by its message id
+        unqueued = received(bob)[-1]["payload"]
+        tg.cancel_scope.cancel()
+    assert refused.value.code == "RUN_LIMIT_EXCEEDED" and refused.value.related_id == "m4"
+    assert nothing_more and [(q["message_id"], q["position"]) for q in queued] == [("two", 1), ("three", 2)]
+    assert [e["payload"].get("message_id") for e in started if e["run_id"] != bobs.id] == ["two"]
+    assert second.queued == [] and unqueued == {
+        "event": "run.unqueued",
+        "message_id": "three",
+        "reason": "cancelled by ann",
+    }
 
 
 async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() -> None:
@@ -86,3 +103,18 @@ async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() ->
     with pytest.raises(ProtocolError) as refused:
         transaction.check_room(member("bob"), "j2")
     assert refused.value.code == "RATE_LIMITED" and refused.value.detail == {"limit": "limits.members_per_transaction"}
+
+
+async def test_a_run_cancelled_from_outside_gives_its_place_back() -> None:
+    """The hub's shutdown cancels turns from outside their own scope: they still leave the count."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon, max_runs=1)
+        transaction = transactions.new("ann", None)
+        ann = member("ann")
+        transaction.add_member(ann)
+        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+        [run] = transaction.user_message(ann, "one", {}, "m1")
+        running_before = transactions.run_limit.running(ann)
+        tg.cancel_scope.cancel()
+    await run.wait()
+    assert running_before == 1 and transactions.run_limit.running(ann) == 0 and not transaction.runs
