@@ -57,14 +57,18 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> HaipC
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+    return validate_config(read_toml(text, shown, env), base_dir=file.resolve().parent, source=shown)
+
+
+def read_toml(text: str, source: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The TOML ``text`` parsed and expanded (``${HAIP_PYTHON}`` is this interpreter), not yet validated."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{shown}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
     environment = {"HAIP_PYTHON": sys.executable, **(os.environ if env is None else env)}
-    expanded = _expand_tree(raw, environment, "", shown)
-    base_dir = file.resolve().parent
-    return validate_config(expanded, base_dir=base_dir, source=shown)
+    expanded: dict[str, Any] = _expand_tree(raw, environment, "", source)
+    return expanded
 
 
 def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<config>") -> HaipConfig:

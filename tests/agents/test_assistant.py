@@ -14,7 +14,7 @@ from haip_runtime import LlmError, LlmErrorCode
 from haip_runtime.agents.assistant import AssistantAgent
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.testing import AgentHarness, FakeToolError, ScriptedLLM
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 from tests.support.vendor import (
     Reply,
     VendorServer,
@@ -28,7 +28,7 @@ from tests.support.vendor import (
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-assistant-test-key"
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 @pytest.fixture(scope="module")

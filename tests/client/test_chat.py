@@ -23,7 +23,7 @@ from haip_runtime.client.chat import field_value, signature, websocket_url
 from haip_runtime.client.view import readable_error
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 CURSOR_REQUEST = "\x1b[6n"
 
@@ -33,7 +33,7 @@ def chat_config() -> dict[str, object]:
         "agents": {
             "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
             # slow enough to see the answer stream in the live area before its line is printed
-            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+            "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 20}},
         },
         "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
     }

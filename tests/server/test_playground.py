@@ -20,7 +20,7 @@ from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 TIMEOUT_MS = 10_000
 
 
