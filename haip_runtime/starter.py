@@ -12,7 +12,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from haip_runtime.config import HaipConfig, read_toml, validate_config
+from haip_runtime.config import HaipConfig, validate_config
+from haip_runtime.config.loading import read_toml
 from haip_runtime.exceptions import ConfigError
 
 #: What the embedded defaults are called in messages (they have no file of their own).
