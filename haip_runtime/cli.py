@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
     chat.add_argument("--token", help="bearer token (printed by `serve` in dev mode)")
     chat.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
+    chat.add_argument("--join", metavar="ID", help="join this conversation (see /history) instead of starting one")
     chat.add_argument(
         "--reconnect", type=float, default=60, help="seconds to keep trying to resume a dropped link (default: 60)"
     )
@@ -229,7 +230,7 @@ def _chat(args: argparse.Namespace) -> int:
     from haip_runtime.exceptions import ClientError
 
     try:
-        anyio.run(chat, args.url, args.token, args.agent, args.reconnect)
+        anyio.run(chat, args.url, args.token, args.agent, args.reconnect, args.join)
     except ClientError as exc:
         print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
         return 1

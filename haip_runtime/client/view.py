@@ -80,15 +80,31 @@ class ChatView:
         self.questions: list[Question] = []
         self.tools: list[dict[str, Any]] = []
 
-    def begin(self, agent: str, transaction: str) -> None:
-        """A new conversation with ``agent``: forget everything shown of the last one."""
+    def begin(self, agent: str, transaction: str, *, joined: bool = False) -> None:
+        """A new conversation with ``agent`` (or one ``joined``): forget everything shown of the last one."""
         self.agent = agent
         self.calls.clear()
         self.streams.clear()
         self.runs.clear()
         self.questions.clear()
         self.tools = []
-        self.say(f"talking to {agent} (conversation {transaction})", "dim")
+        self.say(f"{'joined' if joined else 'talking to'} {agent} (conversation {transaction})", "dim")
+
+    def print_past(self, message: dict[str, Any], user: str | None) -> None:
+        """One message of the REST history (``.../messages``), as it was shown when it happened."""
+        author = str(message.get("author") or "someone")
+        if message.get("text"):
+            self.print_message(author, str(message["text"]))
+        for call in message.get("tool_calls") or []:
+            mark = {"OK": "✓", "ERROR": "✗", "CANCELLED": "⊘"}.get(str(call.get("status")), "…")
+            outcome = call.get("result") if call.get("status") == "OK" else (call.get("error") or {}).get("message")
+            head = f"{call.get('tool')}({short(json.dumps(call.get('arguments') or {})[1:-1], 40)})"
+            self.say(f"{mark} {head} → {short(str(outcome or ''), 100)}", "dim")
+        if message.get("stop_reason") == "length":
+            self.say("  [cut: the answer reached the model's token limit]", "yellow")
+        if message.get("run"):
+            error = (message["run"].get("error") or {}).get("message")
+            self.say(f"  ({author}: the turn ended {message['run']['status']}{': ' + error if error else ''})", "dim")
 
     def forget_runs(self) -> None:
         """The server restarted: its turns, calls and questions are gone (its log replays what they said)."""

@@ -272,3 +272,41 @@ def test_tool_signatures_and_errors_read_as_one_line() -> None:
     assert readable_error(pydantic_dump) == (
         "Error executing tool add: 1 validation error for addArguments; a; Input should be a valid number"
     )
+
+
+def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(chat_server: LiveServer) -> None:
+    token = chat_server.token("joe")
+    screen = spawn_chat(chat_server.http_url, "--agent", "storyteller", "--token", token)
+    try:
+        first = screen.expect(r"talking to storyteller \(conversation [0-9a-f-]{36}\)")[-37:-1]
+        screen.child.sendline("a lighthouse")
+        screen.expect("storyteller › Once upon a time, someone said 'a lighthouse'.* The end.")
+        screen.child.sendline("/agents operator")
+        screen.expect("talking to operator")
+        screen.child.sendline("/history")
+        screen.expect(rf"  {first}  \d{{4}}-\d\d-\d\d \d\d:\d\d  storyteller  a lighthouse")
+        screen.expect(r"/join <id>")
+        screen.child.sendline(f"/join {first[:8]}")
+        screen.expect(rf"joined storyteller \(conversation {first}\)")
+        screen.expect("joe › a lighthouse")
+        screen.expect("storyteller › Once upon a time, someone said 'a lighthouse'.* The end.")
+        screen.expect("in this conversation: storyteller")
+        screen.child.sendline("a bell")  # the conversation goes on where it was
+        screen.expect("storyteller › Once upon a time, someone said 'a bell'.* The end.")
+        screen.child.sendline("/join nope")
+        screen.expect("✗ .*TRANSACTION_NOT_FOUND")
+        screen.child.sendline("/quit")
+        assert screen.wait_exit() == 0
+    finally:
+        screen.child.terminate(force=True)
+    again = spawn_chat(chat_server.http_url, "--join", first, "--token", token)
+    try:
+        again.expect(rf"joined storyteller \(conversation {first}\)")
+        again.expect("joe › a lighthouse")
+        again.expect("joe › a bell")
+        again.expect("storyteller › Once upon a time, someone said 'a bell'.* The end.")
+        again.child.sendline("/quit")
+        assert again.wait_exit() == 0
+        assert "Traceback" not in screen.text + again.text
+    finally:
+        again.child.terminate(force=True)
