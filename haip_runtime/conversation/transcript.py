@@ -62,7 +62,7 @@ class Transcript:
                 message["state"] = "complete"
                 if body.get("stop_reason"):
                     message["stop_reason"] = body["stop_reason"]
-        elif kind == EventType.AUDIO:
+        elif kind in (EventType.AUDIO, EventType.AUDIO_CHUNK):  # a clip (an agent's comes as one chunk)
             author = self._agents.get(event.run_id or "", str(body.get("author", "")))
             item = self._start(event, author, _role(event), "", "complete")
             if item is not None:

@@ -135,3 +135,13 @@ def test_the_summary_titles_by_the_first_user_message_and_previews_the_latest() 
     described = summary(log.events, log.events, title_chars=20)
     assert described["title"] == "Tell me a story abo…" and described["preview"] == "Once upon a time"
     assert summary([], []) == {"title": None, "preview": "", "last_activity": None}
+
+
+def test_audio_is_a_message_with_its_clip_described_not_its_bytes() -> None:
+    log = Log()
+    log.add("RUN_STARTED", {"run_id": "r1", "agent": "tone"}, run_id="r1")
+    clip = {"message_id": "a1", "mime": "audio/wav", "data": "UklGRg==", "author": "tone", "duration_ms": 500}
+    log.add("AUDIO_CHUNK", clip, channel="AUDIO_OUT", run_id="r1")
+    (item,) = read(log.events).items
+    assert item["author"] == "tone" and item["role"] == "agent"
+    assert item["audio"] == {"message_id": "a1", "mime": "audio/wav", "duration_ms": 500}
