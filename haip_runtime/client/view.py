@@ -100,8 +100,6 @@ class ChatView:
             outcome = call.get("result") if call.get("status") == "OK" else (call.get("error") or {}).get("message")
             head = f"{call.get('tool')}({short(json.dumps(call.get('arguments') or {})[1:-1], 40)})"
             self.say(f"{mark} {head} → {short(str(outcome or ''), 100)}", "dim")
-        if message.get("stop_reason") == "length":
-            self.say("  [cut: the answer reached the model's token limit]", "yellow")
         if message.get("run"):
             error = (message["run"].get("error") or {}).get("message")
             self.say(f"  ({author}: the turn ended {message['run']['status']}{': ' + error if error else ''})", "dim")

@@ -370,10 +370,7 @@ function endMessage({ message_id: id, stop_reason: stopReason }) {
   if (!body) return;
   body.closest(".msg").classList.remove("streaming");
   body.replaceChildren(renderMarkdown(state.raw.get(id) || ""));
-  if (stopReason === "length") {
-    body.append(el("div", { class: "cut", title: "MESSAGE_END stop_reason: length" },
-      "… cut: the answer reached the model's token limit"));
-  }
+  if (stopReason) body.closest(".msg").dataset.stopReason = stopReason; // "length": the text ends with the cut marker
   scrollDown();
 }
 
