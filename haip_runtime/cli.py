@@ -63,8 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("folder", nargs="?", default=".", type=Path, help="where to write it (default: here)")
     init.set_defaults(func=_init)
 
-    check = command("check", "validate a config, load its plugins and print it with secrets masked")
+    check = command(
+        "check",
+        "validate a config, load its plugins, look for commands, model and key files that are missing,"
+        " and print it with secrets masked",
+    )
     _config_arg(check)
+    check.add_argument(
+        "--connect", action="store_true", help="also start each MCP server and reach each LLM endpoint, one line each"
+    )
+    check.add_argument("--timeout", type=float, default=30, help="seconds to wait with --connect (default: 30)")
     check.set_defaults(func=_check)
 
     token = command(
@@ -145,11 +153,40 @@ def _check(args: argparse.Namespace) -> int:
         from haip_runtime.bridge.inprocess import load_servers
 
         load_servers(config)
+    from haip_runtime.preflight import problems
+
+    found = [f"haip-runtime: {args.config}: {line}" for line in problems(config)]
     print(json.dumps(masked_dump(config), indent=2))
+    for line in found:
+        print(line, file=sys.stderr)
+    if args.connect:
+        found += _connect(config, args.timeout)
+    if found:
+        print(f"haip-runtime: {args.config}: {len(found)} problem(s)", file=sys.stderr)
+        return 1
     print(
         f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))", file=sys.stderr
     )
     return 0
+
+
+def _connect(config: HaipConfig, timeout: float) -> list[str]:
+    """``check --connect``: each MCP server and LLM endpoint reached, one line each; the failed ones."""
+    import logging
+
+    import anyio
+
+    from haip_runtime.preflight import connect
+
+    logging.disable(logging.CRITICAL)  # the lines say it all (in-process servers and HTTP clients log too)
+    failed = []
+    with open(os.devnull, "w") as quiet:  # the stdio servers' own stderr chatter
+        results = anyio.run(connect, config, timeout, quiet)
+    for ok, line in results:
+        print(f"{'reached' if ok else 'failed'}: {line}", file=sys.stderr)
+        if not ok:
+            failed.append(line)
+    return failed
 
 
 def _token(args: argparse.Namespace) -> int:

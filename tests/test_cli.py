@@ -242,3 +242,51 @@ def test_version_and_every_command_has_a_description() -> None:
         assert described.returncode == 0
         description = described.stdout.split("\n\n")[1]
         assert len(description) > 30 and not description.startswith(("positional", "options")), command
+
+
+def test_check_names_each_thing_that_would_fail_at_start_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    config = tmp_path / "haip.toml"
+    config.write_text(
+        "[auth]\nmode = 'jwt'\nalgorithms = ['RS256']\npublic_key_file = 'keys'\n"
+        "[mcp.servers.ghost]\ntransport = 'stdio'\ncommand = 'no-such-mcp-server-here'\n"
+        "[mcp.servers.script]\ntransport = 'stdio'\ncommand = './missing.sh'\n"
+        "[llm.offline]\nkind = 'local'\nmodel_path = 'models/none.gguf'\n"
+    )
+    result = run(["check", "--config", str(config)])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"haip-runtime: {config}: mcp.servers.ghost.command: 'no-such-mcp-server-here' is not on PATH",
+        f"haip-runtime: {config}: mcp.servers.script.command: './missing.sh' is not an executable file",
+        f"haip-runtime: {config}: llm.offline.model_path: cannot read '{tmp_path / 'models/none.gguf'}': "
+        "No such file or directory",
+        f"haip-runtime: {config}: auth.public_key_file: cannot read '{tmp_path / 'keys'}': Is a directory",
+        f"haip-runtime: {config}: 4 problem(s)",
+    ]
+
+
+def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Path) -> None:
+    from tests.support.vendor import vendor_server
+
+    with vendor_server() as vendor:
+        vendor.accepted_key = "sk-good"
+        config = tmp_path / "haip.toml"
+        config.write_text(
+            "[mcp.servers.demo]\ntransport = 'stdio'\ncommand = '${HAIP_PYTHON}'\n"
+            "args = ['-m', 'haip_runtime.demo.mcp_server']\n"
+            "[mcp.servers.team]\ntransport = 'python'\nserver = 'haip_runtime.demo.team_tools:server'\n"
+            f"[llm.good]\nkind = 'openai'\nmodel = 'm'\nbase_url = '{vendor.url}/v1'\napi_key = 'sk-good'\n"
+            f"[llm.refused]\nkind = 'anthropic'\nmodel = 'c'\nbase_url = '{vendor.url}'\napi_key = 'sk-bad'\n"
+            "[llm.away]\nkind = 'openai'\nmodel = 'm'\nbase_url = 'http://127.0.0.1:1/v1'\n"
+        )
+        result = run(["check", "--config", str(config), "--connect", "--timeout", "30"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "reached: mcp.servers.demo: connected, 10 tool(s)",
+        "reached: mcp.servers.team: connected, 8 tool(s)",
+        f"reached: llm.good: {vendor.url}/v1/models answered HTTP 200",
+        f"failed: llm.refused.api_key: refused by {vendor.url}/v1/models (HTTP 401)",
+        "failed: llm.away.base_url: cannot reach http://127.0.0.1:1/v1/models: ConnectError",
+        f"haip-runtime: {config}: 2 problem(s)",
+    ]
+    assert "sk-good" not in result.stderr + result.stdout and "sk-bad" not in result.stderr + result.stdout

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("conversation",),
     ("hub",),
     ("server", "testing"),
-    ("cli", "__main__", "starter", "demo"),  # demo: what the default haip.toml runs; starter: init
+    ("cli", "__main__", "starter", "preflight", "demo"),  # demo: the default haip.toml's; starter: init
 )
 #: Beside the server, not above it: what ``client/`` may import.
 CLIENT_MAY_USE = ("protocol", "exceptions", "client")
