@@ -64,6 +64,8 @@ class Chat:
         self.lost: str | None = None
         self._turn: _Turn | None = None  # piped input waits for this before its next line
         self.recent: list[str] = []  # the ids /history showed last: /join takes the start of one
+        self.failed: list[str] = []  # codes of the turns that failed (piped input then exits 1)
+        self.down: dict[str, Any] = {}  # MCP servers /health said were not connected
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class Chat:
             if event.type == "PING":
                 continue
             if event.transaction in (None, self.transaction):
+                if event.type == "RUN_ERROR" and event.transaction is not None:
+                    self.failed.append(str(event.get("code")))
                 try:
                     self.view.on_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a payload not as documented
@@ -145,6 +149,19 @@ class Chat:
     async def start(self, agent: str) -> None:
         self.transaction = await self.client.start_transaction(agent)
         self.view.begin(agent, self.transaction)
+        await self.report_servers()
+
+    async def report_servers(self) -> None:
+        """One line per MCP server that is down (``/health``): its tools are missing, and this says why."""
+        try:
+            health = await self.rest("/health", {})
+        except ClientError:
+            return  # an older server, or a proxy that hides /health: the INFO events still tell
+        servers = health.get("mcp") or {}
+        self.down = {name: s for name, s in servers.items() if s.get("state") in ("failed", "reconnecting")}
+        for name, status in self.down.items():
+            error = f": {status['error']}" if status.get("error") else ""
+            self.view.say(f"MCP server {name} {status['state']}{error}", "yellow")
 
     async def join(self, wanted: str) -> None:
         """Join a conversation (``wanted``: its id, or the start of one /history listed) and show its last messages."""
@@ -165,6 +182,7 @@ class Chat:
             self.view.print_past(message, self.client.user)
         others = [str(member) for member in joined.get("members") or [] if member != self.client.user]
         self.view.say(f"in this conversation: {', '.join(others + agents)}", "dim")
+        await self.report_servers()
 
     async def messages(self, transaction: str) -> tuple[list[dict[str, Any]], int]:
         """The conversation's last ``SHOWN_ON_JOIN`` messages, and how many came before them."""
@@ -255,7 +273,8 @@ class Chat:
 
     async def list_tools(self) -> None:
         if not self.view.tools:
-            self.view.say("no tools in this conversation (yet)", "dim")
+            down = f" (MCP servers not connected: {', '.join(self.down)})" if self.down else ""
+            self.view.say(f"no tools in this conversation (yet){down}", "dim")
             return
         out = Text()
         for tool in self.view.tools:
@@ -399,3 +418,8 @@ async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0,
                 tg.cancel_scope.cancel()
     if error is not None:
         raise error
+    if (
+        session.failed and session.terminal is not None and not session.terminal.echoes_input
+    ):  # a script must see that its turn failed
+        count = "a turn" if len(session.failed) == 1 else f"{len(session.failed)} turns"
+        raise ClientError(f"{count} failed: {', '.join(session.failed)}")

@@ -77,6 +77,7 @@ class ChatView:
         self.runs: dict[str, str] = {}
         self.calls: dict[str, Call] = {}
         self.streams: dict[str, list[str]] = {}  # message_id -> [author, text not printed yet]
+        self.continued: set[str] = set()  # streamed messages whose first line is printed
         self.questions: list[Question] = []
         self.tools: list[dict[str, Any]] = []
 
@@ -85,6 +86,7 @@ class ChatView:
         self.agent = agent
         self.calls.clear()
         self.streams.clear()
+        self.continued.clear()
         self.runs.clear()
         self.questions.clear()
         self.tools = []
@@ -184,14 +186,17 @@ class ChatView:
         if event.type == "MESSAGE_PART":
             stream[1] += str(event.get("text") or "")
             done, _, rest = stream[1].rpartition("\n")
-            if done:  # whole lines are printed as they complete; the rest shows in the live area
-                self.print_message(stream[0], done)
+            if done or stream[1].endswith("\n"):  # whole lines print as they complete; the rest is live
+                if done.strip() or message_id in self.continued:  # (leading blank lines are dropped)
+                    self.print_message(stream[0], done, continued=message_id in self.continued)
+                    self.continued.add(message_id)
                 stream[1] = rest
-                stream[0] = " " * len(stream[0])
             return
         del self.streams[message_id]
-        if stream[1]:
-            self.print_message(stream[0], stream[1])
+        continued = message_id in self.continued
+        self.continued.discard(message_id)
+        if stream[1].strip():
+            self.print_message(stream[0], stream[1].rstrip("\n"), continued=continued)
 
     def _message(self, event: Received) -> None:
         if isinstance(event.payload, str):
@@ -199,13 +204,19 @@ class ChatView:
         else:
             self.print_message(str(event.get("author") or "someone"), str(event.get("text") or ""))
 
-    def print_message(self, author: str, text: str) -> None:
-        lines = text.split("\n")
+    def print_message(self, author: str, text: str, *, continued: bool = False) -> None:
+        """``author › text``, later lines indented under the text; ``continued``: more of a message
+        whose first line is printed already (no ``›`` again). Blank lines stay blank."""
+        indent = " " * (len(author) + 3)
         out = Text()
-        out.append(f"{author} › ", style="bold cyan" if author.strip() else "")
-        out.append(lines[0])
-        for line in lines[1:]:
-            out.append("\n" + " " * (len(author) + 3) + line)
+        for index, line in enumerate(text.split("\n")):
+            if index:
+                out.append("\n")
+            if index == 0 and not continued:
+                out.append(f"{author} › ", style="bold cyan")
+                out.append(line)
+            elif line.strip():
+                out.append(indent + line)
         self.say(out)
 
     def _tool_list(self, tools: list[dict[str, Any]]) -> None:

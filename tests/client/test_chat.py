@@ -34,8 +34,16 @@ def chat_config() -> dict[str, object]:
             "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
             # slow enough to see the answer stream in the live area before its line is printed
             "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 20}},
+            "poet": {"plugin": "tests.support.agents:ParagraphsAgent"},
+            "failing": {"plugin": "tests.support.agents:FailingAgent"},
+            "stranded": {"plugin": "operator", "mcp_servers": ["ghost"]},
         },
-        "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+        "mcp": {
+            "servers": {
+                "demo": {**DEMO, "require_approval": ["delete_everything"]},
+                "ghost": {"transport": "stdio", "command": "/nonexistent/mcp-server"},
+            }
+        },
     }
 
 
@@ -310,3 +318,48 @@ def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(
         assert "Traceback" not in screen.text + again.text
     finally:
         again.child.terminate(force=True)
+
+
+POEM = ["poet › Roses are red,", "       violets are blue.", "", "       A new paragraph", "       ends here."]
+
+
+def test_lines_of_a_streamed_answer_carry_no_stray_marks_in_a_terminal(chat_server: LiveServer) -> None:
+    screen = spawn_chat(chat_server.http_url, "--agent", "poet", "--token", chat_server.token("ann"))
+    try:
+        screen.expect("talking to poet")
+        screen.child.sendline("a poem please")
+        screen.expect("ends here.")
+        tail = screen.text[screen.text.rindex("poet › Roses") :]
+        shown = [line.replace(" \b", "").replace("\b", "") for line in tail.splitlines()]  # cursor moves
+        # the prompt is redrawn between printed lines: what was printed is each of the poem's lines
+        # as it was written, and no line that only carries a "›" (at a paragraph break, or the last)
+        for line in POEM[1:]:
+            if line:
+                assert line in [printed.rstrip() for printed in shown], line
+        assert not [line for line in shown if re.match(r"^\s*›", line)], shown
+        screen.child.sendline("/quit")
+        assert screen.wait_exit() == 0
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_piped_lines_carry_no_stray_marks_and_a_failed_turn_exits_non_zero(chat_server: LiveServer) -> None:
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--token", chat_server.token("ann")]
+    poem = subprocess.run([*command, "--agent", "poet"], input="a poem\n", capture_output=True, text=True, timeout=30)
+    assert poem.returncode == 0, poem.stderr
+    lines = [line.rstrip() for line in poem.stdout.splitlines()]
+    start = lines.index(POEM[0])
+    assert lines[start : start + 5] == POEM and "›" not in "".join(lines[start + 1 :])
+    failed = subprocess.run([*command, "--agent", "failing"], input="hi\n", capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == ["haip-runtime: a turn failed: INTERNAL_ERROR"]
+
+
+def test_each_mcp_server_that_failed_is_named_in_one_line(chat_server: LiveServer) -> None:
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--token", chat_server.token("ann")]
+    done = subprocess.run(
+        [*command, "--agent", "stranded"], input="/tools\n", capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "MCP server ghost failed: cannot start '/nonexistent/mcp-server': command not found" in done.stdout
+    assert "no tools in this conversation (yet) (MCP servers not connected: ghost)" in done.stdout

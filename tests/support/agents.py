@@ -66,3 +66,14 @@ class FloodAgent(Agent[NoOptions]):
             for index in range(count):
                 await out.write(str(index).rjust(size, "."))
         FLOODED.set()
+
+
+class ParagraphsAgent(Agent[NoOptions]):
+    """Streams an answer of several lines and a paragraph break, split mid-line as models split it."""
+
+    PARTS = ("Roses are", " red,\nviolets", " are blue.\n", "\nA new", " paragraph\nends here.")
+
+    async def on_message(self, turn: Turn) -> None:
+        async with turn.stream() as out:
+            for part in self.PARTS:
+                await out.write(part)
