@@ -30,7 +30,10 @@ TIMEOUT_MS = 10_000
 def playground_server() -> Iterator[LiveServer]:
     config = make_config(
         {
-            "agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}},
+            "agents": {
+                "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
+                "beep": {"plugin": "tests.support.agents:BeepAgent"},
+            },
             "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
             "roles": {"user": {"may_join_others": True}},  # a second person may join by id
         }
@@ -108,7 +111,9 @@ def test_the_page_is_served_at_root_with_its_modules(playground_server: LiveServ
 
 
 def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) -> None:
-    expect(page.locator("li.agent")).to_have_count(3)  # echo, storyteller, operator: TOOL_LIST outside a transaction
+    expect(page.locator("li.agent")).to_have_count(
+        4
+    )  # echo, storyteller, operator, beep: TOOL_LIST outside a transaction
     start(page, "storyteller")
     say(page, "a dragon")
     expect(page.locator(".msg.mine")).to_have_text("dev" + "a dragon")
@@ -439,3 +444,17 @@ def test_leaving_a_tool_that_waits_for_you_asks_first_and_a_stop_leaves_a_note(
         expect(tab.locator(".note.stopped")).to_have_text("operator's turn was stopped")
         tab.click("#new-conversation")  # nothing waits for an answer now: no question
         expect(tab.locator("#conversation-head")).to_have_text("Pick an agent to start a conversation.")
+
+
+def test_an_agent_s_audio_is_a_player(browser: Browser, playground_server: LiveServer) -> None:
+    with tab_for(browser, playground_server, "olga") as tab:
+        start(tab, "beep")
+        say(tab, "beep please")
+        clip = tab.locator(".msg.audio[data-author=beep]")
+        expect(clip.locator("audio[controls]")).to_have_count(1)
+        expect(clip).to_contain_text("0.3 s")
+        assert clip.locator("audio").get_attribute("src").startswith("data:audio/wav;base64,UklGR")  # type: ignore[union-attr]
+        duration = tab.wait_for_function(
+            "() => { const a = document.querySelector('.msg.audio audio'); return a.duration > 0 && a.duration; }"
+        ).json_value()
+        assert abs(float(duration) - 0.25) < 0.01  # the browser decoded the clip itself
