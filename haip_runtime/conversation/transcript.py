@@ -90,7 +90,7 @@ class Transcript:
             "author": author,
             "role": role,
             "text": text,
-            "time": int(event.ts),
+            "time": _ms(event.ts),
             "state": state,
             "tool_calls": [],
         }
@@ -132,6 +132,14 @@ class Transcript:
                 item["run"]["error"] = {k: body[k] for k in ("code", "message") if k in body}
 
 
+def _ms(ts: str) -> int | None:
+    """An envelope's ``ts`` (epoch milliseconds, as text) as a number; ``None`` if it is not one."""
+    try:
+        return int(ts)
+    except (TypeError, ValueError):
+        return None
+
+
 def _role(event: Event) -> str:
     return "user" if event.channel in (Channel.USER, Channel.AUDIO_IN) else "agent"
 
@@ -157,7 +165,7 @@ def summary(head: list[Event], tail: list[Event], title_chars: int = 80, preview
     return {
         "title": _cut(title, title_chars) if title is not None else None,
         "preview": _cut(preview, preview_chars),
-        "last_activity": int(tail[-1].ts) if tail else None,
+        "last_activity": _ms(tail[-1].ts) if tail else None,
     }
 
 

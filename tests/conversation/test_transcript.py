@@ -145,3 +145,11 @@ def test_audio_is_a_message_with_its_clip_described_not_its_bytes() -> None:
     (item,) = read(log.events).items
     assert item["author"] == "tone" and item["role"] == "agent"
     assert item["audio"] == {"message_id": "a1", "mime": "audio/wav", "duration_ms": 500}
+
+
+def test_a_time_that_is_not_a_number_is_none_not_an_error() -> None:
+    log = Log()
+    log.user("hello")
+    log.events[0].ts = "yesterday"
+    assert read(log.events).items[0]["time"] is None
+    assert summary(log.events, log.events)["last_activity"] is None
