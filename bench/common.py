@@ -179,7 +179,7 @@ transport = "python"
 server = "{demo}:server"
 """
 
-DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+DEMO = ROOT / "haip_runtime" / "demo" / "mcp_server.py"
 
 
 def bench_config(directory: Path, mcp_url: str | None = None, extra: str = "", resume_timeout: float = 120) -> Path:

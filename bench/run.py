@@ -79,7 +79,7 @@ def round_trips(count: int) -> dict[str, float]:
     return {"haip_turns_per_s": ours, "baseline_round_trips_per_s": base}
 
 
-DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+DEMO = ROOT / "haip_runtime" / "demo" / "mcp_server.py"
 SLOW = {"steps": 100000, "delay": 0.02}
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/transports.py [--calls N]
 
-The same server (plugins/demo_mcp_server.py, tool `add`) is reached three ways by one runtime:
+The same server (haip_runtime/demo/mcp_server.py, tool `add`) is reached three ways by one runtime:
 `python` (the module's `MCPServer` in-process), `stdio` (a subprocess) and `http` (streamable HTTP to
 a subprocess). A HAIP client calls `add` directly (TOOL_CALL → TOOL_DONE over a real WebSocket) and
 the calls are interleaved across transports so each sees the same machine load. The baseline is the
@@ -34,7 +34,7 @@ from haip_runtime.client import HaipClient  # noqa: E402
 from tests.support.demo_mcp import start_http_demo, stop  # noqa: E402
 from tests.support.serving import live_server, make_config  # noqa: E402
 
-DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+DEMO = ROOT / "haip_runtime" / "demo" / "mcp_server.py"
 TRANSPORTS = ("python", "stdio", "http")
 WARM_UP = 30
 ARGS = {"a": 1, "b": 2}
@@ -49,7 +49,7 @@ def unused_port() -> int:
 
 def servers(url: str) -> dict[str, dict[str, Any]]:
     return {
-        "python": {"transport": "python", "server": "plugins/demo_mcp_server.py:server"},
+        "python": {"transport": "python", "server": "haip_runtime.demo.mcp_server:server"},
         "stdio": {"transport": "stdio", "command": sys.executable, "args": [str(DEMO)]},
         "http": {"transport": "http", "url": url},
     }
@@ -170,7 +170,7 @@ def main() -> None:
         f"Python {platform.python_version()}, {platform.machine()}, shared 2-core machine; "
         f"{args.calls} calls per transport and path, all interleaved, after {WARM_UP} warm-up calls each.",
         "",
-        "A trivial call (`add`, plugins/demo_mcp_server.py) from a HAIP client: TOOL_CALL in, TOOL_CALL, "
+        "A trivial call (`add`, haip_runtime/demo/mcp_server.py) from a HAIP client: TOOL_CALL in, TOOL_CALL, "
         "TOOL_UPDATE RUNNING and TOOL_DONE out, over a real WebSocket, through session, transaction, "
         "tool proxy and MCP bridge. Baseline: the MCP SDK's `Client` calling the same tool over the "
         "same transport, without the runtime. Connect: the SDK's `Client` entering (start-up and "

@@ -1,4 +1,4 @@
-"""``haip-runtime``: serve, check a config, issue a token, write the config schema.
+"""``haip-runtime``: serve, check a config, issue a token, write the config schema, start a project.
 
 Every failure the operator can fix is one line on stderr and exit code 1; never a traceback.
 """
@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,6 +19,10 @@ from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dum
 from haip_runtime.exceptions import ConfigError, PluginError
 
 DEFAULT_CONFIG = "haip.toml"
+DESCRIPTION = (
+    "Host LLM agent plugins, bridge them to MCP servers and show people what they do, over HAIP. "
+    "Without --config, each command reads ./haip.toml, or the embedded defaults when there is none."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,73 +38,170 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haip-runtime", description=__doc__.splitlines()[0] if __doc__ else None)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    try:
+        return version("haip-runtime")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
-    serve = commands.add_parser("serve", help="run the server")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haip-runtime", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"haip-runtime {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+    serve = command("serve", "run the server: the WebSocket, SSE and stream doors, REST history and the playground")
     _config_arg(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
     serve.set_defaults(func=_serve)
 
-    check = commands.add_parser("check", help="validate a config and print it, secrets masked")
+    init = command("init", "write a starter project: haip.toml, an agent, a tool module, their tests, .gitignore")
+    init.add_argument("folder", nargs="?", default=".", type=Path, help="where to write it (default: here)")
+    init.set_defaults(func=_init)
+
+    check = command(
+        "check",
+        "validate a config, load its plugins, look for commands, model and key files that are missing,"
+        " and print it with secrets masked",
+    )
     _config_arg(check)
+    check.add_argument(
+        "--connect", action="store_true", help="also start each MCP server and reach each LLM endpoint, one line each"
+    )
+    check.add_argument("--timeout", type=float, default=30, help="seconds to wait with --connect (default: 30)")
     check.set_defaults(func=_check)
 
-    token = commands.add_parser("token", help="issue a token signed with the config's auth.secret")
+    token = command(
+        "token", "issue a token signed with auth.secret, or in dev mode with this runtime's dev key (any user, roles)"
+    )
     _config_arg(token)
     token.add_argument("--user", default="operator", help="the token's subject (default: operator)")
     token.add_argument("--ttl", type=float, default=12 * 3600, help="lifetime in seconds")
     token.add_argument("--roles", help="comma-separated roles, put in the auth.roles_claim claim (e.g. user,admin)")
     token.set_defaults(func=_token)
 
-    tools = commands.add_parser("tools", help="connect every MCP server and list its state and tools")
+    tools = command("tools", "connect every MCP server of a config and list its state and tools")
     _config_arg(tools)
     tools.add_argument("--timeout", type=float, default=30, help="seconds to wait for the servers (default: 30)")
     tools.set_defaults(func=_tools)
 
-    chat = commands.add_parser("chat", help="talk to an agent from this terminal")
+    chat = command("chat", "talk to an agent of a running server from this terminal")
     chat.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
     chat.add_argument("--token", help="bearer token (printed by `serve` in dev mode)")
     chat.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
+    chat.add_argument("--join", metavar="ID", help="join this conversation (see /history) instead of starting one")
     chat.add_argument(
         "--reconnect", type=float, default=60, help="seconds to keep trying to resume a dropped link (default: 60)"
     )
     chat.set_defaults(func=_chat)
 
-    schema = commands.add_parser("schema", help="print (or write) the JSON Schema of haip.toml")
+    schema = command("schema", "print (or write) the JSON Schema of haip.toml")
     schema.add_argument("--output", type=Path, help="write it to this file")
     schema.set_defaults(func=_schema)
     return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="path to haip.toml (default: ./haip.toml)")
+    parser.add_argument("--config", "-c", help="path to haip.toml (default: ./haip.toml, else the embedded defaults)")
+
+
+def _load(args: argparse.Namespace) -> HaipConfig:
+    """The config named by --config, else ./haip.toml, else the embedded defaults (said on stderr)."""
+    config, note = _resolve(args)
+    if note:
+        print(note, file=sys.stderr)
+    return config
+
+
+def _resolve(args: argparse.Namespace) -> tuple[HaipConfig, str]:
+    """The config and, for the embedded defaults, the line that says so; sets ``args.config`` for messages."""
+    if args.config is not None or Path(DEFAULT_CONFIG).exists():
+        args.config = args.config or DEFAULT_CONFIG
+        return load_config(args.config), ""
+    from haip_runtime.starter import EMBEDDED, embedded_config
+
+    config, dropped = embedded_config(Path.cwd())
+    args.config = EMBEDDED
+    return config, (
+        f"haip-runtime: no {DEFAULT_CONFIG} here: running the embedded defaults{dropped}"
+        f" (haip-runtime init writes a {DEFAULT_CONFIG} to edit)"
+    )
+
+
+def _init(args: argparse.Namespace) -> int:
+    from haip_runtime.starter import init
+
+    folder: Path = args.folder
+    written = init(folder)
+    for path in written:
+        print(f"  wrote {path}")
+    where = "" if folder.resolve() == Path.cwd() else f"cd {folder} && "
+    print(f"next: {where}haip-runtime serve   (and: pytest plugins, to run the starter tests)")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from haip_runtime.agents.registry import load_agents
 
-    config = load_config(args.config)
+    config = _load(args)
     agents = load_agents(config)
     if any(server.transport == "python" for server in config.mcp.servers.values()):
         from haip_runtime.bridge.inprocess import load_servers
 
         load_servers(config)
+    from haip_runtime.preflight import problems
+
+    found = [f"haip-runtime: {args.config}: {line}" for line in problems(config)]
     print(json.dumps(masked_dump(config), indent=2))
+    for line in found:
+        print(line, file=sys.stderr)
+    if args.connect:
+        found += _connect(config, args.timeout)
+    if found:
+        print(f"haip-runtime: {args.config}: {len(found)} problem(s)", file=sys.stderr)
+        return 1
     print(
         f"ok: {args.config} is valid ({len(agents)} agent(s), {len(config.mcp.servers)} MCP server(s))", file=sys.stderr
     )
     return 0
 
 
+def _connect(config: HaipConfig, timeout: float) -> list[str]:
+    """``check --connect``: each MCP server and LLM endpoint reached, one line each; the failed ones."""
+    import logging
+
+    import anyio
+
+    from haip_runtime.preflight import connect
+
+    logging.disable(logging.CRITICAL)  # the lines say it all (in-process servers and HTTP clients log too)
+    failed = []
+    with open(os.devnull, "w") as quiet:  # the stdio servers' own stderr chatter
+        results = anyio.run(connect, config, timeout, quiet)
+    for ok, line in results:
+        print(f"{'reached' if ok else 'failed'}: {line}", file=sys.stderr)
+        if not ok:
+            failed.append(line)
+    return failed
+
+
 def _token(args: argparse.Namespace) -> int:
     from haip_runtime.auth.tokens import Authenticator
+    from haip_runtime.server.app import dev_key
 
-    config = load_config(args.config)
-    if config.auth.mode != "jwt":
-        raise ConfigError(f"{args.config}: auth.mode: 'token' needs mode = 'jwt' (dev mode prints its token at start)")
+    config = _load(args)
+    key = None
+    if config.auth.mode == "dev":
+        if config.storage.backend != "sqlite":
+            raise ConfigError(
+                f"{args.config}: storage.backend: dev mode keeps its key beside a durable store; with"
+                " backend = 'memory' each start makes a new key: use the token `serve` prints"
+            )
+        key = dev_key(config.storage)
     claims: dict[str, list[str]] = {}
     if args.roles is not None:
         roles = [role.strip() for role in args.roles.split(",") if role.strip()]
@@ -107,12 +209,18 @@ def _token(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"{args.config}: roles: no [roles.{unknown[0]}] in this config")
         claims[config.auth.roles_claim] = roles
-    print(Authenticator(config.auth).issue(args.user, ttl_seconds=args.ttl, **claims))
+    print(Authenticator(config.auth, dev_key=key).issue(args.user, ttl_seconds=args.ttl, **claims))
+    if key is not None:
+        print(
+            "haip-runtime: a dev-mode token: it works only with this runtime's dev key"
+            f" ({config.storage.path}.dev-key), on loopback",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _tools(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _load(args)
     if not config.mcp.servers:
         print(f"{args.config} declares no MCP servers ([mcp.servers.<name>])", file=sys.stderr)
         return 0
@@ -165,7 +273,7 @@ def _chat(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        anyio.run(chat, args.url, args.token, args.agent, args.reconnect)
+        anyio.run(chat, args.url, args.token, args.agent, args.reconnect, args.join)
     except ClientError as exc:
         print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
         return 1
@@ -182,7 +290,9 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config, note = _resolve(args)
+    if note:  # the first line of the banner: what is running is not a file the user can see
+        print(note, flush=True)
     overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         data = config.model_dump()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,36 +15,23 @@ import anyio
 import pytest
 
 from haip_runtime.client import HaipClient
+from tests.support import serving
 from tests.support.serving import ROOT
 
 
 @pytest.fixture
-def serve_process() -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(ROOT / "haip.toml"), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
-    assert process.stdout is not None
-    banner: dict[str, str] = {}
-    try:
-        for line in process.stdout:  # bounded: the banner is six lines, then the loop breaks
-            key, _, value = line.strip().partition(": ")
-            banner[key.strip()] = value.strip()
-            if key.strip() == "try":
-                break
-        yield process, banner
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        finally:
-            process.kill() if process.poll() is None else None
-            process.stdout.close()
-            assert process.stderr is not None
-            process.stderr.close()
+def config_copy(tmp_path: Path) -> Path:
+    """The repository's haip.toml in a folder of its own: its store and dev key go there, not into the checkout."""
+    copy = tmp_path / "haip.toml"
+    shutil.copyfile(ROOT / "haip.toml", copy)
+    return copy
+
+
+@pytest.fixture
+def serve_process(config_copy: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--port", "0"]
+    with serving.serve_process(command, cwd=Path("/")) as served:
+        yield served.process, served.banner
 
 
 def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
@@ -75,9 +63,9 @@ def test_serve_stops_cleanly_on_interrupt(serve_process: tuple[subprocess.Popen[
     assert "Application shutdown complete" in process.stderr.read()
 
 
-def test_serve_refuses_dev_mode_on_a_public_address(tmp_path: Path) -> None:
+def test_serve_refuses_dev_mode_on_a_public_address(config_copy: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(ROOT / "haip.toml"), "--host", "0.0.0.0"],
+        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -135,9 +123,9 @@ def test_token_carries_the_roles_given_and_refuses_unknown_ones(tmp_path: Path) 
     assert bad.returncode == 1 and bad.stderr.strip().endswith("roles: no [roles.root] in this config")
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "haip_runtime", *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd
     )
 
 
@@ -162,3 +150,166 @@ def test_the_server_runs_without_the_chat_extra_and_chat_says_how_to_get_it() ->
     )
     assert server.returncode == 0, server.stderr
     assert chat.returncode == 2 and "pip install 'haip-runtime[chat]'" in chat.stderr
+
+
+def test_the_repository_haip_toml_is_the_embedded_default() -> None:
+    embedded = ROOT / "haip_runtime" / "demo" / "haip.toml"
+    assert (ROOT / "haip.toml").read_text() == embedded.read_text()
+
+
+def test_serve_without_a_config_runs_the_embedded_defaults_and_says_so_first(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--port", "0"]
+    with serving.serve_process(command, cwd=tmp_path) as served:
+        assert served.lines[0].startswith("haip-runtime: no haip.toml here: running the embedded defaults")
+        assert served.lines[1].startswith("haip-runtime listening on http://127.0.0.1:")
+        assert served.banner["agents"] == "echo, storyteller, operator, assistant"
+        assert served.banner["history"].endswith(f"(kept in {tmp_path / 'haip.db'})")
+
+        async def talk() -> str:
+            async with HaipClient(served.banner["WebSocket"].split()[0], token=served.banner["token"]) as client:
+                tx = await client.start_transaction("storyteller")
+                await client.send_text(tx, "a lamp")
+                return str((await client.wait_for("MESSAGE_END")).get("message_id"))
+
+        assert anyio.run(talk)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["haip.db", "haip.db.dev-key"]
+
+
+def test_check_names_the_embedded_defaults_on_stderr(tmp_path: Path) -> None:
+    result = run(["check"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first, last = result.stderr.splitlines()
+    assert first.startswith("haip-runtime: no haip.toml here: running the embedded defaults")
+    assert last == "ok: (embedded defaults) is valid (4 agent(s), 2 MCP server(s))"
+
+
+def test_init_writes_a_project_whose_tests_pass_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    made = run(["init", "proj"], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "proj"
+    written = sorted(str(path.relative_to(project)) for path in project.rglob("*") if path.is_file())
+    assert written == [
+        ".gitignore",
+        "haip.toml",
+        "plugins/__init__.py",
+        "plugins/conftest.py",
+        "plugins/greeter.py",
+        "plugins/notes.py",
+        "plugins/test_greeter.py",
+        "plugins/test_notes.py",
+    ]
+    assert made.stdout.splitlines()[-1].startswith("next: cd proj && haip-runtime serve")
+    checked = run(["check"], cwd=project)
+    assert checked.returncode == 0 and checked.stderr.strip() == "ok: haip.toml is valid (2 agent(s), 1 MCP server(s))"
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "plugins"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert tests.returncode == 0 and "4 passed" in tests.stdout, tests.stdout
+    lint = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "E,F,W,I,UP,B", "--line-length", "120", "."],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert lint.returncode == 0, lint.stdout
+    again = run(["init", "proj"], cwd=tmp_path)
+    assert (
+        again.returncode == 1
+        and again.stderr
+        == "haip-runtime: proj/haip.toml: already exists; init writes only into a folder without its files\n"
+    )
+
+
+def test_token_in_dev_mode_signs_with_the_dev_key_for_any_user_and_roles(config_copy: Path) -> None:
+    import jwt
+
+    made = run(["token", "--config", str(config_copy), "--user", "ann", "--roles", "admin,user"])
+    assert made.returncode == 0, made.stderr
+    key = (config_copy.parent / "haip.db.dev-key").read_text().strip()
+    claims = jwt.decode(made.stdout.strip(), key, algorithms=["HS256"], issuer="haip-runtime-dev")
+    assert claims["sub"] == "ann" and claims["roles"] == ["admin", "user"]
+    assert "works only with this runtime's dev key" in made.stderr
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--port", "0"]
+    with serving.serve_process(command, cwd=config_copy.parent) as served:
+
+        async def talk() -> str:
+            async with HaipClient(served.banner["WebSocket"].split()[0], token=made.stdout.strip()) as client:
+                tx = await client.start_transaction("echo")
+                await client.send_text(tx, "it is ann")
+                return str((await client.wait_for("MESSAGE_PART")).get("text"))
+
+        assert anyio.run(talk) == "you said: it is ann"
+
+
+def test_token_in_dev_mode_without_a_durable_store_says_to_use_the_printed_one(tmp_path: Path) -> None:
+    config = tmp_path / "haip.toml"
+    config.write_text("[auth]\nmode = 'dev'\n")
+    result = run(["token", "--config", str(config)])
+    assert result.returncode == 1 and "use the token `serve` prints" in result.stderr
+
+
+def test_version_and_every_command_has_a_description() -> None:
+    version = run(["--version"])
+    assert version.returncode == 0 and version.stdout.strip() == "haip-runtime 0.1.0"
+    top = run(["--help"])
+    assert "``" not in top.stdout
+    for command in ("serve", "init", "check", "token", "tools", "chat", "schema"):
+        described = run([command, "--help"])
+        assert described.returncode == 0
+        description = described.stdout.split("\n\n")[1]
+        assert len(description) > 30 and not description.startswith(("positional", "options")), command
+
+
+def test_check_names_each_thing_that_would_fail_at_start_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    config = tmp_path / "haip.toml"
+    config.write_text(
+        "[auth]\nmode = 'jwt'\nalgorithms = ['RS256']\npublic_key_file = 'keys'\n"
+        "[mcp.servers.ghost]\ntransport = 'stdio'\ncommand = 'no-such-mcp-server-here'\n"
+        "[mcp.servers.script]\ntransport = 'stdio'\ncommand = './missing.sh'\n"
+        "[llm.offline]\nkind = 'local'\nmodel_path = 'models/none.gguf'\n"
+    )
+    result = run(["check", "--config", str(config)])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"haip-runtime: {config}: mcp.servers.ghost.command: 'no-such-mcp-server-here' is not on PATH",
+        f"haip-runtime: {config}: mcp.servers.script.command: './missing.sh' is not an executable file",
+        f"haip-runtime: {config}: llm.offline.model_path: cannot read '{tmp_path / 'models/none.gguf'}': "
+        "No such file or directory",
+        f"haip-runtime: {config}: auth.public_key_file: cannot read '{tmp_path / 'keys'}': Is a directory",
+        f"haip-runtime: {config}: 4 problem(s)",
+    ]
+
+
+def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Path) -> None:
+    from tests.support.vendor import vendor_server
+
+    with vendor_server() as vendor:
+        vendor.accepted_key = "sk-good"
+        config = tmp_path / "haip.toml"
+        config.write_text(
+            "[mcp.servers.demo]\ntransport = 'stdio'\ncommand = '${HAIP_PYTHON}'\n"
+            "args = ['-m', 'haip_runtime.demo.mcp_server']\n"
+            "[mcp.servers.team]\ntransport = 'python'\nserver = 'haip_runtime.demo.team_tools:server'\n"
+            f"[llm.good]\nkind = 'openai'\nmodel = 'm'\nbase_url = '{vendor.url}/v1'\napi_key = 'sk-good'\n"
+            f"[llm.refused]\nkind = 'anthropic'\nmodel = 'c'\nbase_url = '{vendor.url}'\napi_key = 'sk-bad'\n"
+            "[llm.away]\nkind = 'openai'\nmodel = 'm'\nbase_url = 'http://127.0.0.1:1/v1'\n"
+        )
+        result = run(["check", "--config", str(config), "--connect", "--timeout", "30"])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "reached: mcp.servers.demo: connected, 10 tool(s)",
+        "reached: mcp.servers.team: connected, 8 tool(s)",
+        f"reached: llm.good: {vendor.url}/v1/models answered HTTP 200",
+        f"failed: llm.refused.api_key: refused by {vendor.url}/v1/models (HTTP 401)",
+        "failed: llm.away.base_url: cannot reach http://127.0.0.1:1/v1/models: ConnectError",
+        f"haip-runtime: {config}: 2 problem(s)",
+    ]
+    assert "sk-good" not in result.stderr + result.stdout and "sk-bad" not in result.stderr + result.stdout

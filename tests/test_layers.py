@@ -29,7 +29,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("conversation",),
     ("hub",),
     ("server", "testing"),
-    ("cli", "__main__"),
+    ("starter", "preflight"),  # init and the embedded defaults; check's look beyond the file
+    ("cli", "__main__", "demo"),  # demo: the default haip.toml's agents and MCP servers (run, never imported)
 )
 #: The only imports between different rooms of one layer (rooms of a layer are otherwise strangers:
 #: a transport never reaches into the store or the bridge, the server never into the test harness).

@@ -152,6 +152,8 @@ class MessageStream:
         self._started = False
         self.tokens: int | None = None
         """Tokens the model spent on this message; sent as MESSAGE_END ``tokens`` if set."""
+        self.stop_reason: str | None = None
+        """Why the model stopped (``stop``, ``length``, ``tool_calls``); sent as MESSAGE_END ``stop_reason`` if set."""
 
     @property
     def text(self) -> str:
@@ -180,6 +182,8 @@ class MessageStream:
         end: dict[str, Any] = {"message_id": self.message_id}
         if self.tokens is not None:
             end["tokens"] = self.tokens
+        if self.stop_reason is not None:
+            end["stop_reason"] = self.stop_reason
         self._emit(EventType.MESSAGE_END, end)
 
 

@@ -20,6 +20,8 @@ from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import ToolOutcome
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly. Use a tool only when it helps."
+#: Ends an answer the model stopped at its ``max_tokens`` (MESSAGE_END then says ``stop_reason: "length"``).
+CUT_MARKER = " … [cut: the answer reached the model's max_tokens]"
 HELP = f"Talk to me in plain words; I answer with my language model and may use tools. Commands:\n{COMMANDS}"
 
 
@@ -69,7 +71,11 @@ class AssistantAgent(Agent[AssistantOptions]):
                     calls.append(delta.tool_call)
                 if delta.usage is not None:
                     spent = spent + delta.usage
+                if delta.stop_reason is not None and out is not None:
+                    out.stop_reason = delta.stop_reason
             if out is not None:
+                if out.stop_reason == "length":  # cut mid-sentence: say so where everyone reads it
+                    await out.write(CUT_MARKER)
                 out.tokens, spent = spent.output_tokens, Usage()
         return calls, spent
 

@@ -2,18 +2,22 @@
 
 ``Chat`` is the session loop: it reads lines at the prompt and sends them (to the agent, or as
 answers to approvals and input requests, asked field by field from the request's JSON Schema), runs
-the commands ``/agents [name]``, ``/tools``, ``/help``, ``/quit``, and cancels on Ctrl-C (twice quits).
-What is shown is ``view.py``'s; the connection, resumed after a drop, is ``haip_client.HaipClient``.
+the commands ``/agents [name]``, ``/tools``, ``/history``, ``/join <id>``, ``/help``, ``/quit``, and
+cancels on Ctrl-C (twice quits). What is shown is ``view.py``'s; the connection, resumed after a drop,
+is ``haip_client.HaipClient``; ``/history`` and what ``/join`` shows of a conversation come from the
+REST history (``GET /haip/transactions``, ``.../messages``) with the same token.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import anyio
+import httpx2
 from rich.text import Text
 
 from haip_runtime.client.haip_client import HaipClient, Received
@@ -23,8 +27,11 @@ from haip_runtime.exceptions import ClientError
 
 HELP = (
     "Type to talk to the agent. /agents lists agents, /agents <name> starts a conversation with one, "
-    "/tools lists the tools with their arguments, /quit leaves. Ctrl-C cancels what is running, twice quits."
+    "/tools lists the tools with their arguments, /history your recent conversations, /join <id> goes back "
+    "to one, /quit leaves. Ctrl-C cancels what is running, twice quits."
 )
+#: How many of a joined conversation's last messages ``/join`` prints.
+SHOWN_ON_JOIN = 20
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
@@ -39,6 +46,12 @@ def websocket_url(url: str) -> tuple[str, str | None]:
     return urlunsplit((scheme, parts.netloc, path, "", "")), token
 
 
+def http_base(ws_url: str) -> str:
+    """``http(s)://host:port`` of the server a WebSocket URL points at (where its REST history is)."""
+    parts = urlsplit(ws_url)
+    return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
+
+
 class Chat:
     """One chat session: the prompt's lines to the server, the server's events to the view."""
 
@@ -50,6 +63,9 @@ class Chat:
         self.interrupts = 0
         self.lost: str | None = None
         self._turn: _Turn | None = None  # piped input waits for this before its next line
+        self.recent: list[str] = []  # the ids /history showed last: /join takes the start of one
+        self.failed: list[str] = []  # codes of the turns that failed (piped input then exits 1)
+        self.down: dict[str, Any] = {}  # MCP servers /health said were not connected
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -74,6 +90,8 @@ class Chat:
             if event.type == "PING":
                 continue
             if event.transaction in (None, self.transaction):
+                if event.type == "RUN_ERROR" and event.transaction is not None:
+                    self.failed.append(str(event.get("code")))
                 try:
                     self.view.on_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a payload not as documented
@@ -131,6 +149,79 @@ class Chat:
     async def start(self, agent: str) -> None:
         self.transaction = await self.client.start_transaction(agent)
         self.view.begin(agent, self.transaction)
+        await self.report_servers()
+
+    async def report_servers(self) -> None:
+        """One line per MCP server that is down (``/health``): its tools are missing, and this says why."""
+        try:
+            health = await self.rest("/health", {})
+        except ClientError:
+            return  # an older server, or a proxy that hides /health: the INFO events still tell
+        servers = health.get("mcp") or {}
+        self.down = {name: s for name, s in servers.items() if s.get("state") in ("failed", "reconnecting")}
+        for name, status in self.down.items():
+            error = f": {status['error']}" if status.get("error") else ""
+            self.view.say(f"MCP server {name} {status['state']}{error}", "yellow")
+
+    async def join(self, wanted: str) -> None:
+        """Join a conversation (``wanted``: its id, or the start of one /history listed) and show its last messages."""
+        matches = [tx for tx in self.recent if tx.startswith(wanted)]
+        transaction = matches[0] if len(matches) == 1 else wanted
+        before, self.transaction = self.transaction, transaction  # its live events show from now on
+        try:
+            joined = await self.client.join(transaction)
+        except ClientError:
+            self.transaction = before
+            raise
+        agents = [str(agent) for agent in joined.get("agents") or []]
+        self.view.begin(agents[0] if agents else "", transaction, joined=True)
+        messages, more = await self.messages(transaction)
+        if more:
+            self.view.say(f"… {more} earlier message(s) (GET /haip/transactions/{transaction}/messages)", "dim")
+        for message in messages:
+            self.view.print_past(message, self.client.user)
+        others = [str(member) for member in joined.get("members") or [] if member != self.client.user]
+        self.view.say(f"in this conversation: {', '.join(others + agents)}", "dim")
+        await self.report_servers()
+
+    async def messages(self, transaction: str) -> tuple[list[dict[str, Any]], int]:
+        """The conversation's last ``SHOWN_ON_JOIN`` messages, and how many came before them."""
+        kept: list[dict[str, Any]] = []
+        after: int | None = 0
+        while after is not None:
+            page = await self.rest(f"/haip/transactions/{quote(transaction)}/messages", {"after": after, "limit": 1000})
+            kept += page["messages"]
+            after = page["next_after"]
+        return kept[-SHOWN_ON_JOIN:], max(0, len(kept) - SHOWN_ON_JOIN)
+
+    async def history(self) -> None:
+        listed = (await self.rest("/haip/transactions", {"limit": 10}))["transactions"]
+        if not listed:
+            self.view.say("no conversations yet", "dim")
+            return
+        out = Text()
+        for item in listed:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["last_activity"] / 1000))
+            out.append(f"{'*' if item['id'] == self.transaction else ' '} {item['id']}", style="bold")
+            out.append(f"  {when}  {', '.join(item['agents'])}  ", style="dim")
+            out.append(f"{short(item.get('title') or '(nothing said yet)', 60)}\n")
+        out.append("/join <id> (or its first characters) goes back to one", style="dim")
+        self.recent = [item["id"] for item in listed]
+        self.view.say(out)
+
+    async def rest(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A GET of the server's REST history, with this chat's token; a refusal raises ``ClientError``."""
+        headers = {"Authorization": f"Bearer {self.client.token}"} if self.client.token else {}
+        try:
+            async with httpx2.AsyncClient(timeout=self.client.timeout) as http:
+                response = await http.get(http_base(self.client.url) + path, params=params, headers=headers)
+            body: dict[str, Any] = response.json()
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise ClientError(f"cannot read the history: {exc}") from None
+        if response.status_code != 200:
+            error = body.get("error") or {}
+            raise ClientError(str(error.get("message") or response.status_code), code=error.get("code"))
+        return body
 
     async def command(self, line: str) -> bool:
         """Handle a line; ``False`` means quit."""
@@ -144,6 +235,10 @@ class Chat:
             await (self.start(rest) if rest else self.list_agents())
         elif verb == "/tools":
             await self.list_tools()
+        elif verb == "/history":
+            await self.history()
+        elif verb == "/join":
+            await (self.join(rest) if rest else self.history())
         elif line.strip():
             assert self.transaction is not None and self.terminal is not None
             if self.terminal.echoes_input:
@@ -178,7 +273,8 @@ class Chat:
 
     async def list_tools(self) -> None:
         if not self.view.tools:
-            self.view.say("no tools in this conversation (yet)", "dim")
+            down = f" (MCP servers not connected: {', '.join(self.down)})" if self.down else ""
+            self.view.say(f"no tools in this conversation (yet){down}", "dim")
             return
         out = Text()
         for tool in self.view.tools:
@@ -292,8 +388,9 @@ def signature(schema: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0) -> None:
-    """Connect, start a conversation with ``agent`` and run the chat until the person quits.
+async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0, join: str | None = None) -> None:
+    """Connect, start a conversation with ``agent`` (or join conversation ``join``) and run the chat
+    until the person quits.
 
     A dropped connection is resumed (or, after a server restart, the conversation rejoined) for up
     to ``reconnect`` seconds; then the chat ends with one line.
@@ -312,7 +409,7 @@ async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0)
             session.attach(terminal)
             session.view.say(f"connected to {ws_url} as {client.user}. {HELP}", "dim")
             try:
-                await session.start(agent)
+                await (session.join(join) if join else session.start(agent))
                 tg.start_soon(session.watch)
                 await session.run(terminal)
             except ClientError as exc:  # raised outside the group, so the CLI gets it, not an ExceptionGroup
@@ -321,3 +418,8 @@ async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0)
                 tg.cancel_scope.cancel()
     if error is not None:
         raise error
+    if (
+        session.failed and session.terminal is not None and not session.terminal.echoes_input
+    ):  # a script must see that its turn failed
+        count = "a turn" if len(session.failed) == 1 else f"{len(session.failed)} turns"
+        raise ClientError(f"{count} failed: {', '.join(session.failed)}")

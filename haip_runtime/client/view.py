@@ -77,18 +77,34 @@ class ChatView:
         self.runs: dict[str, str] = {}
         self.calls: dict[str, Call] = {}
         self.streams: dict[str, list[str]] = {}  # message_id -> [author, text not printed yet]
+        self.continued: set[str] = set()  # streamed messages whose first line is printed
         self.questions: list[Question] = []
         self.tools: list[dict[str, Any]] = []
 
-    def begin(self, agent: str, transaction: str) -> None:
-        """A new conversation with ``agent``: forget everything shown of the last one."""
+    def begin(self, agent: str, transaction: str, *, joined: bool = False) -> None:
+        """A new conversation with ``agent`` (or one ``joined``): forget everything shown of the last one."""
         self.agent = agent
         self.calls.clear()
         self.streams.clear()
+        self.continued.clear()
         self.runs.clear()
         self.questions.clear()
         self.tools = []
-        self.say(f"talking to {agent} (conversation {transaction})", "dim")
+        self.say(f"{'joined' if joined else 'talking to'} {agent} (conversation {transaction})", "dim")
+
+    def print_past(self, message: dict[str, Any], user: str | None) -> None:
+        """One message of the REST history (``.../messages``), as it was shown when it happened."""
+        author = str(message.get("author") or "someone")
+        if message.get("text"):
+            self.print_message(author, str(message["text"]))
+        for call in message.get("tool_calls") or []:
+            mark = {"OK": "✓", "ERROR": "✗", "CANCELLED": "⊘"}.get(str(call.get("status")), "…")
+            outcome = call.get("result") if call.get("status") == "OK" else (call.get("error") or {}).get("message")
+            head = f"{call.get('tool')}({short(json.dumps(call.get('arguments') or {})[1:-1], 40)})"
+            self.say(f"{mark} {head} → {short(str(outcome or ''), 100)}", "dim")
+        if message.get("run"):
+            error = (message["run"].get("error") or {}).get("message")
+            self.say(f"  ({author}: the turn ended {message['run']['status']}{': ' + error if error else ''})", "dim")
 
     def forget_runs(self) -> None:
         """The server restarted: its turns, calls and questions are gone (its log replays what they said)."""
@@ -170,14 +186,17 @@ class ChatView:
         if event.type == "MESSAGE_PART":
             stream[1] += str(event.get("text") or "")
             done, _, rest = stream[1].rpartition("\n")
-            if done:  # whole lines are printed as they complete; the rest shows in the live area
-                self.print_message(stream[0], done)
+            if done or stream[1].endswith("\n"):  # whole lines print as they complete; the rest is live
+                if done.strip() or message_id in self.continued:  # (leading blank lines are dropped)
+                    self.print_message(stream[0], done, continued=message_id in self.continued)
+                    self.continued.add(message_id)
                 stream[1] = rest
-                stream[0] = " " * len(stream[0])
             return
         del self.streams[message_id]
-        if stream[1]:
-            self.print_message(stream[0], stream[1])
+        continued = message_id in self.continued
+        self.continued.discard(message_id)
+        if stream[1].strip():
+            self.print_message(stream[0], stream[1].rstrip("\n"), continued=continued)
 
     def _message(self, event: Received) -> None:
         if isinstance(event.payload, str):
@@ -185,13 +204,19 @@ class ChatView:
         else:
             self.print_message(str(event.get("author") or "someone"), str(event.get("text") or ""))
 
-    def print_message(self, author: str, text: str) -> None:
-        lines = text.split("\n")
+    def print_message(self, author: str, text: str, *, continued: bool = False) -> None:
+        """``author › text``, later lines indented under the text; ``continued``: more of a message
+        whose first line is printed already (no ``›`` again). Blank lines stay blank."""
+        indent = " " * (len(author) + 3)
         out = Text()
-        out.append(f"{author} › ", style="bold cyan" if author.strip() else "")
-        out.append(lines[0])
-        for line in lines[1:]:
-            out.append("\n" + " " * (len(author) + 3) + line)
+        for index, line in enumerate(text.split("\n")):
+            if index:
+                out.append("\n")
+            if index == 0 and not continued:
+                out.append(f"{author} › ", style="bold cyan")
+                out.append(line)
+            elif line.strip():
+                out.append(indent + line)
         self.say(out)
 
     def _tool_list(self, tools: list[dict[str, Any]]) -> None:

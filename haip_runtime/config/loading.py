@@ -57,14 +57,18 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> HaipC
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+    return validate_config(read_toml(text, shown, env), base_dir=file.resolve().parent, source=shown)
+
+
+def read_toml(text: str, source: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The TOML ``text`` parsed and expanded (``${HAIP_PYTHON}`` is this interpreter), not yet validated."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{shown}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
     environment = {"HAIP_PYTHON": sys.executable, **(os.environ if env is None else env)}
-    expanded = _expand_tree(raw, environment, "", shown)
-    base_dir = file.resolve().parent
-    return validate_config(expanded, base_dir=base_dir, source=shown)
+    expanded: dict[str, Any] = _expand_tree(raw, environment, "", source)
+    return expanded
 
 
 def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<config>") -> HaipConfig:
@@ -72,12 +76,30 @@ def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<con
     try:
         return HaipConfig.model_validate({**data, "base_dir": base_dir}, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+        raise ConfigError(f"{source}: {_describe(exc, data)}") from exc
 
 
-def _describe(exc: ValidationError) -> str:
+def _written(loc: tuple[int | str, ...], data: Any) -> str:
+    """The key path of an error as written in the file: without the tags pydantic adds for a
+    union member (``llm.local.local.max_tokens`` is ``llm.local.max_tokens`` in the file)."""
+    parts: list[str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and part in node.values():
+            continue  # not a key of the file: the tag of the union member (`kind = "local"`)
+        else:
+            node = None  # a missing key: the rest of the path is below it
+        parts.append(f"[{part}]" if isinstance(part, int) else str(part))
+    return ".".join(parts).replace(".[", "[")
+
+
+def _describe(exc: ValidationError, data: Any = None) -> str:
     error = exc.errors()[0]
-    loc = ".".join(str(part) for part in error["loc"])
+    loc = _written(error["loc"], data) if data is not None else ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see config/haip.schema.json)"
@@ -87,7 +109,7 @@ def _describe(exc: ValidationError) -> str:
         message = f"{message} (got {_short(error.get('input'))})"
     more = len(exc.errors()) - 1
     suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{loc or '(root)'}: {message}{suffix}"
+    return f"{loc}: {message}{suffix}" if loc else f"{message}{suffix}"
 
 
 def _showable(value: object, loc: str) -> bool:

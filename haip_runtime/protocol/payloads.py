@@ -148,6 +148,7 @@ class MessagePart(Payload):
 class MessageEnd(Payload):
     message_id: str
     tokens: int | None = None
+    stop_reason: str | None = None
 
 
 class Audio(Payload):

@@ -1,9 +1,12 @@
 """History over REST: a user's transactions and their event logs (PROTOCOL.md section 1).
 
 ``GET /haip/transactions?limit=&cursor=`` lists the caller's transactions (started or joined),
-most recently active first; ``GET /haip/transactions/{id}/events?after=&limit=`` pages through one
-transaction's log in ``tseq`` order. Same bearer credentials as the socket (``Authorization``
-header or ``?token=``); 401 without them, 404 for a transaction the caller may not see.
+most recently active first, each with a ``title``, a ``preview`` and its ``last_activity``;
+``GET /haip/transactions/{id}/events?after=&limit=`` pages through one transaction's log in
+``tseq`` order; ``GET /haip/transactions/{id}/messages?after=&limit=`` pages through it as
+assembled messages (``conversation/transcript.py``). Same bearer credentials as the socket
+(``Authorization`` header or ``?token=``); 401 without them, 404 for a transaction the caller may
+not see.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from starlette.routing import Route
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.transcript import Transcript, summary
 from haip_runtime.exceptions import HandshakeError, RequestRefusedError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
@@ -24,6 +28,10 @@ from haip_runtime.store.base import Store, TransactionRecord
 from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers
 
 MAX_PAGE = 1000
+#: Events a conversation list reads of each transaction: from its start (the title), from its end (the preview).
+HEAD_EVENTS, TAIL_EVENTS = 40, 200
+#: Events one page of messages reads at most (a page of long streamed answers, with their tool calls).
+SCAN_CHUNK, MAX_SCAN = 500, 50_000
 
 
 def history_routes(
@@ -37,16 +45,20 @@ def history_routes(
         cursor = _cursor(request.query_params.get("cursor"))
         records = await store.transactions_of(principal.user, limit=limit + 1, before=cursor)
         page = records[:limit]
-        body: dict[str, Any] = {"transactions": [_listed(transactions, record) for record in page]}
+        body: dict[str, Any] = {"transactions": [await _listed(store, transactions, record) for record in page]}
         body["next_cursor"] = f"{page[-1].updated_at!r}|{page[-1].id}" if len(records) > limit else None
         return JSONResponse(body)
 
-    async def events(request: Request) -> JSONResponse:
+    async def visible(request: Request) -> str:
         principal = await _principal(authenticate, request)
-        transaction_id = request.path_params["transaction_id"]
+        transaction_id: str = request.path_params["transaction_id"]
         record = await store.transaction(transaction_id)
         if record is None or not transactions.may_see(record.members, principal):
             raise RequestRefusedError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}", status=404)
+        return transaction_id
+
+    async def events(request: Request) -> JSONResponse:
+        transaction_id = await visible(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await store.events(transaction_id, after=after, limit=limit)
@@ -55,9 +67,29 @@ def history_routes(
             {"transaction": transaction_id, "events": [_event(e) for e in page], "next_after": next_after}
         )
 
+    async def messages(request: Request) -> JSONResponse:
+        transaction_id = await visible(request)
+        after = _int_param(request, "after", 0, 0, 2**63 - 1)
+        transcript = Transcript(_int_param(request, "limit", 50, 1, MAX_PAGE))
+        cursor, read = after, 0
+        while read < MAX_SCAN:
+            chunk = await store.events(transaction_id, after=cursor, limit=SCAN_CHUNK)
+            for event in chunk:
+                transcript.feed(event)
+            read += len(chunk)
+            if len(chunk) < SCAN_CHUNK or (transcript.next_after is not None and transcript.complete):
+                break
+            cursor = chunk[-1].tseq or cursor
+        next_after = transcript.next_after
+        if next_after is None and read >= MAX_SCAN:  # a page of very long messages: go on from here
+            next_after = cursor
+        body = {"transaction": transaction_id, "messages": transcript.items, "next_after": next_after}
+        return JSONResponse(body)
+
     return [
         Route("/haip/transactions", _answering(listing)),
         Route("/haip/transactions/{transaction_id}/events", _answering(events)),
+        Route("/haip/transactions/{transaction_id}/messages", _answering(messages)),
     ]
 
 
@@ -101,11 +133,16 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
         raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave", status=400) from exc
 
 
-def _listed(transactions: TransactionRegistry, record: TransactionRecord) -> dict[str, Any]:
+async def _listed(store: Store, transactions: TransactionRegistry, record: TransactionRecord) -> dict[str, Any]:
     body = record.public()
     live = transactions.live.get(record.id)
     if live is not None:  # the store's copy is written at turn boundaries; memory is exact
         body["last_tseq"] = live.tseq
+    head = await store.events(record.id, limit=HEAD_EVENTS)
+    tail = head if len(head) < HEAD_EVENTS else await store.tail(record.id, limit=TAIL_EVENTS)
+    body.update(summary(head, tail))
+    if body["last_activity"] is None:
+        body["last_activity"] = body["updated_at"]
     return body
 
 

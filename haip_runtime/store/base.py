@@ -109,6 +109,10 @@ class Store(Protocol):
         """Up to ``limit`` events with ``tseq > after``, in order."""
         ...
 
+    async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
+        """The last ``limit`` events of the log, in order (what a conversation list previews)."""
+        ...
+
     async def session(self, session_id: str) -> SessionRecord | None: ...
 
     async def flush(self) -> None:

@@ -81,6 +81,9 @@ class MemoryStore:
         start = bisect.bisect_right(log, after, key=lambda e: e.tseq or 0)
         return log[start : start + limit]
 
+    async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
+        return self._logs.get(transaction_id, [])[-limit:] if limit > 0 else []
+
     async def session(self, session_id: str) -> SessionRecord | None:
         return self._sessions.get(session_id)
 

@@ -250,6 +250,14 @@ class SqliteStore:
         rows = await self._read(query)
         return [event_from_json(transaction_id, tseq, body) for tseq, body in rows]
 
+    async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
+        def query(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            sql = "SELECT tseq, body FROM events WHERE tx = ? ORDER BY tseq DESC LIMIT ?"
+            return db.execute(sql, (transaction_id, limit)).fetchall()
+
+        rows = await self._read(query)
+        return [event_from_json(transaction_id, tseq, body) for tseq, body in reversed(rows)]
+
     async def session(self, session_id: str) -> SessionRecord | None:
         def query(db: sqlite3.Connection) -> SessionRecord | None:
             row = db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()

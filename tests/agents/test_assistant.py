@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from haip_runtime import LlmError, LlmErrorCode
-from haip_runtime.agents.assistant import AssistantAgent
+from haip_runtime.agents.assistant import CUT_MARKER, AssistantAgent
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.testing import AgentHarness, FakeToolError, ScriptedLLM
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 from tests.support.vendor import (
     Reply,
     VendorServer,
@@ -28,7 +28,7 @@ from tests.support.vendor import (
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-assistant-test-key"
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,28 @@ async def test_a_refused_approval_is_told_to_the_model_as_the_tool_result() -> N
     assert turn.tool_results[0]["status"] == "CANCELLED" and turn.text == "Fine, I will not add."
     result = llm.requests[1].history[-1]
     assert result.status == "CANCELLED" and result.text == "REJECTED: rejected by tester: harness"
+
+
+async def test_an_answer_cut_at_max_tokens_says_so_and_its_end_carries_the_stop_reason(
+    runtime: LiveServer, vendor: VendorServer
+) -> None:
+    cut = openai_text("A creature ", "of", usage=(30, 2))
+    cut[-3] = openai_chunk({}, "length")  # the finish: the model ran out of max_tokens
+    vendor.script(Reply(cut))
+    async with HaipClient(runtime.ws_url, token=runtime.token(), timeout=20) as client:
+        tx = await start(client)
+        await client.send_text(tx, "describe a dragon")
+        finished = await client.wait_for("RUN_FINISHED")
+        run = [e for e in client.received if e.run_id == finished.run_id]
+    text = "".join(str(e.get("text")) for e in of_type(run, "MESSAGE_PART"))
+    assert text == "A creature of" + CUT_MARKER
+    (end,) = of_type(run, "MESSAGE_END")
+    assert end.get("stop_reason") == "length" and end.get("tokens") == 2
+
+
+async def test_a_whole_answer_ends_with_stop_and_no_marker() -> None:
+    async with AgentHarness(AssistantAgent, llm=ScriptedLLM(["All done."])) as agent:
+        turn = await agent.send("hi")
+    assert turn.text == "All done."
+    (end,) = [e for e in turn.events if e.type == "MESSAGE_END"]
+    assert end.payload["stop_reason"] == "stop"  # type: ignore[index]

@@ -27,9 +27,10 @@ class Loose(Agent[LooseOptions]):
 
 def test_a_missing_class_in_a_plugin_file_is_named_with_the_classes_there() -> None:
     with pytest.raises(PluginError) as caught:
-        resolve_plugin("plugins/storyteller.py:StoryTeller", ROOT, "agents.s.plugin")
+        resolve_plugin("haip_runtime/demo/storyteller.py:StoryTeller", ROOT, "agents.s.plugin")
     assert str(caught.value) == (
-        "agents.s.plugin: 'plugins/storyteller.py' has no attribute 'StoryTeller' (agents defined there: Storyteller)"
+        "agents.s.plugin: 'haip_runtime/demo/storyteller.py' has no attribute 'StoryTeller'"
+        " (agents defined there: Storyteller)"
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.support.raw import RawPeer, raw_peer
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -41,14 +41,14 @@ SDK_MESSAGE = (
 REFERENCE_ID = "e0b9360a-3c4d-4e5f-a071-8293a4b5c6d7"
 
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 @pytest.fixture(scope="module")
 def pirate_server() -> Iterator[LiveServer]:
     agents = {
         "pirate": {"plugin": "echo", "options": {"prefix": "Arr! you said: "}},
-        "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 200}},
+        "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 200}},
     }
     config = make_config({"agents": agents, "session": {"heartbeat_interval_seconds": 0.2}})
     with live_server(config) as live:

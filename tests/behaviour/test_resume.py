@@ -16,19 +16,19 @@ from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session import liveness
 from tests.support.raw import RawPeer, raw_peer
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
 EVERYTHING: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[LiveServer]:
     """Agents that take long enough to be interrupted: a slow storyteller and the operator's demo tools."""
     agents = {
-        "slowstory": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 150}},
+        "slowstory": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 150}},
         "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
     }
     config = make_config({"agents": agents, "mcp": {"servers": {"demo": DEMO}}})

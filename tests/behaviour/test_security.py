@@ -27,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 from haip_runtime.client import HaipClient
 from tests.support.jwks_server import JwksServer, jwk_of, serve_jwks
 from tests.support.raw import RawPeer, raw_peer
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -227,7 +227,7 @@ async def test_an_event_type_outside_the_role_is_unauthorized_and_costs_only_its
     assert [tool["name"] for tool in listing["payload"]["tools"]] == ["echo", "storyteller"]
 
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 async def test_tools_outside_the_role_call_ids_and_in_flight_calls() -> None:

@@ -42,7 +42,7 @@ def starting(vendor: VendorServer) -> Iterator[LiveServer]:
     slow = {
         "transport": "stdio",
         "command": sys.executable,
-        "args": ["-c", SLOW_DEMO, str(ROOT / "plugins" / "demo_mcp_server.py")],
+        "args": ["-c", SLOW_DEMO, str(ROOT / "haip_runtime" / "demo" / "mcp_server.py")],
     }
     ghost = {"transport": "stdio", "command": "/nonexistent/mcp-server"}
     config = {

@@ -15,13 +15,13 @@ from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.server.app import Runtime
 from haip_runtime.transports.stream import LineSplitter
 from tests.support.peers import KINDS, InProcess, SsePeer, StreamPeer, open_peer
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 every_transport = pytest.mark.parametrize("kind", KINDS)
 every_transport_and_memory = pytest.mark.parametrize("kind", [*KINDS, "memory"])
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 EVERYTHING: dict[str, Any] = {"accept_events": list(ALL_EVENTS)}
 
 

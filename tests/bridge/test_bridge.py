@@ -38,7 +38,7 @@ from tests.support.demo_mcp import start_http_demo, stop
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "plugins" / "demo_mcp_server.py"
+DEMO = ROOT / "haip_runtime" / "demo" / "mcp_server.py"
 DEMO_TOOLS = set("add slow_count sleep fail delete_everything ask_user toggle_extra_tool stats env_names pid".split())
 #: The demo server reached five ways: stdio and HTTP, each in the 2026 protocol (auto) and the 2025 one,
 #: and stdio with the 2026 protocol forced (no probe).

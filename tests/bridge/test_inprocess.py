@@ -1,4 +1,4 @@
-"""Custom tools in Python (`transport = "python"`): the example plugins/team_tools.py through a real server,
+"""Custom tools in Python (`transport = "python"`): the example haip_runtime/demo/team_tools.py through a real server,
 then the bridge itself (elicitation per protocol era, factories, load failures) and `haip-runtime check`."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-TEAM = {"transport": "python", "server": "plugins/team_tools.py:server"}
+TEAM = {"transport": "python", "server": "haip_runtime.demo.team_tools:server"}
 
 
 def team_config(**extra: Any) -> dict[str, Any]:
@@ -281,7 +281,7 @@ async def test_a_changed_tool_list_is_followed_in_process(mode: Literal["auto", 
         if "extra" in listings[-1]:
             changed.set()
 
-    demo = {"demo": python_server("plugins/demo_mcp_server.py:server", protocol_mode=mode)}
+    demo = {"demo": python_server("haip_runtime.demo.mcp_server:server", protocol_mode=mode)}
     async with McpBridge(demo, McpStdioConfig(), base_dir=ROOT, on_change=on_change) as bridge:
         await bridge.wait_settled(10)
         added = await bridge.call_tool("demo", "toggle_extra_tool", {})

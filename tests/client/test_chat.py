@@ -23,7 +23,7 @@ from haip_runtime.client.chat import field_value, signature, websocket_url
 from haip_runtime.client.view import readable_error
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 CURSOR_REQUEST = "\x1b[6n"
 
@@ -33,9 +33,17 @@ def chat_config() -> dict[str, object]:
         "agents": {
             "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
             # slow enough to see the answer stream in the live area before its line is printed
-            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+            "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 20}},
+            "poet": {"plugin": "tests.support.agents:ParagraphsAgent"},
+            "failing": {"plugin": "tests.support.agents:FailingAgent"},
+            "stranded": {"plugin": "operator", "mcp_servers": ["ghost"]},
         },
-        "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+        "mcp": {
+            "servers": {
+                "demo": {**DEMO, "require_approval": ["delete_everything"]},
+                "ghost": {"transport": "stdio", "command": "/nonexistent/mcp-server"},
+            }
+        },
     }
 
 
@@ -272,3 +280,86 @@ def test_tool_signatures_and_errors_read_as_one_line() -> None:
     assert readable_error(pydantic_dump) == (
         "Error executing tool add: 1 validation error for addArguments; a; Input should be a valid number"
     )
+
+
+def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(chat_server: LiveServer) -> None:
+    token = chat_server.token("joe")
+    screen = spawn_chat(chat_server.http_url, "--agent", "storyteller", "--token", token)
+    try:
+        first = screen.expect(r"talking to storyteller \(conversation [0-9a-f-]{36}\)")[-37:-1]
+        screen.child.sendline("a lighthouse")
+        screen.expect("storyteller › Once upon a time, someone said 'a lighthouse'.* The end.")
+        screen.child.sendline("/agents operator")
+        screen.expect("talking to operator")
+        screen.child.sendline("/history")
+        screen.expect(rf"  {first}  \d{{4}}-\d\d-\d\d \d\d:\d\d  storyteller  a lighthouse")
+        screen.expect(r"/join <id>")
+        screen.child.sendline(f"/join {first[:8]}")
+        screen.expect(rf"joined storyteller \(conversation {first}\)")
+        screen.expect("joe › a lighthouse")
+        screen.expect("storyteller › Once upon a time, someone said 'a lighthouse'.* The end.")
+        screen.expect("in this conversation: storyteller")
+        screen.child.sendline("a bell")  # the conversation goes on where it was
+        screen.expect("storyteller › Once upon a time, someone said 'a bell'.* The end.")
+        screen.child.sendline("/join nope")
+        screen.expect("✗ .*TRANSACTION_NOT_FOUND")
+        screen.child.sendline("/quit")
+        assert screen.wait_exit() == 0
+    finally:
+        screen.child.terminate(force=True)
+    again = spawn_chat(chat_server.http_url, "--join", first, "--token", token)
+    try:
+        again.expect(rf"joined storyteller \(conversation {first}\)")
+        again.expect("joe › a lighthouse")
+        again.expect("joe › a bell")
+        again.expect("storyteller › Once upon a time, someone said 'a bell'.* The end.")
+        again.child.sendline("/quit")
+        assert again.wait_exit() == 0
+        assert "Traceback" not in screen.text + again.text
+    finally:
+        again.child.terminate(force=True)
+
+
+POEM = ["poet › Roses are red,", "       violets are blue.", "", "       A new paragraph", "       ends here."]
+
+
+def test_lines_of_a_streamed_answer_carry_no_stray_marks_in_a_terminal(chat_server: LiveServer) -> None:
+    screen = spawn_chat(chat_server.http_url, "--agent", "poet", "--token", chat_server.token("ann"))
+    try:
+        screen.expect("talking to poet")
+        screen.child.sendline("a poem please")
+        screen.expect("ends here.")
+        tail = screen.text[screen.text.rindex("poet › Roses") :]
+        shown = [line.replace(" \b", "").replace("\b", "") for line in tail.splitlines()]  # cursor moves
+        # the prompt is redrawn between printed lines: what was printed is each of the poem's lines
+        # as it was written, and no line that only carries a "›" (at a paragraph break, or the last)
+        for line in POEM[1:]:
+            if line:
+                assert line in [printed.rstrip() for printed in shown], line
+        assert not [line for line in shown if re.match(r"^\s*›", line)], shown
+        screen.child.sendline("/quit")
+        assert screen.wait_exit() == 0
+    finally:
+        screen.child.terminate(force=True)
+
+
+def test_piped_lines_carry_no_stray_marks_and_a_failed_turn_exits_non_zero(chat_server: LiveServer) -> None:
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--token", chat_server.token("ann")]
+    poem = subprocess.run([*command, "--agent", "poet"], input="a poem\n", capture_output=True, text=True, timeout=30)
+    assert poem.returncode == 0, poem.stderr
+    lines = [line.rstrip() for line in poem.stdout.splitlines()]
+    start = lines.index(POEM[0])
+    assert lines[start : start + 5] == POEM and "›" not in "".join(lines[start + 1 :])
+    failed = subprocess.run([*command, "--agent", "failing"], input="hi\n", capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == ["haip-runtime: a turn failed: INTERNAL_ERROR"]
+
+
+def test_each_mcp_server_that_failed_is_named_in_one_line(chat_server: LiveServer) -> None:
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--token", chat_server.token("ann")]
+    done = subprocess.run(
+        [*command, "--agent", "stranded"], input="/tools\n", capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "MCP server ghost failed: cannot start '/nonexistent/mcp-server': command not found" in done.stdout
+    assert "no tools in this conversation (yet) (MCP servers not connected: ghost)" in done.stdout

@@ -75,14 +75,32 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
         (
             "[server]\nhost = '0.0.0.0'\n",
-            "(root): auth.mode = 'dev' may only bind a loopback address, not '0.0.0.0'; use mode = 'jwt'",
+            "auth.mode = 'dev' may only bind a loopback address, not '0.0.0.0'; use mode = 'jwt'",
         ),
         (
             "[agents.a]\nplugin = 'echo'\nmcp_servers = ['nope']\n",
-            "(root): agents.a.mcp_servers names unknown server 'nope'",
+            "agents.a.mcp_servers names unknown server 'nope'",
+        ),
+        (  # pydantic's path has the union tag too (llm.local.local.max_tokens): the file's has not
+            "[llm.local]\nkind = 'local'\nmax_tokens = 'x'\n",
+            "llm.local.max_tokens: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            "[mcp.servers.x]\ntransport = 'stdio'\ncommand = 'x'\nargs = ['a', 1]\n",
+            "mcp.servers.x.args[1]: Input should be a valid string (got 1)",
         ),
     ],
-    ids=["range", "typo", "missing", "jwt-without-secret", "short-secret", "dev-on-public-address", "unknown-server"],
+    ids=[
+        "range",
+        "typo",
+        "missing",
+        "jwt-without-secret",
+        "short-secret",
+        "dev-on-public-address",
+        "unknown-server",
+        "union-member",
+        "list-item",
+    ],
 )
 def test_invalid_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
@@ -208,7 +226,7 @@ def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path)
     path = write(
         tmp_path,
         "[agents.e]\nplugin = 'echo'\n[agents.e.options]\nprefix = 'visible: '\n"
-        "[mcp.servers.s]\ntransport = 'stdio'\ncommand = 'x'\nenv = { API_KEY = 'sk-secret123' }\n"
+        "[mcp.servers.s]\ntransport = 'stdio'\ncommand = 'true'\nenv = { API_KEY = 'sk-secret123' }\n"
         "[mcp.servers.h]\ntransport = 'http'\nurl = 'http://127.0.0.1:1/mcp'\n"
         "headers = { Authorization = 'Bearer hdr-secret' }\n",
     )

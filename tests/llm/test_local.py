@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from haip_runtime import HistoryEntry, LlmError, LlmErrorCode
-from haip_runtime.agents.assistant import AssistantAgent
+from haip_runtime.agents.assistant import CUT_MARKER, AssistantAgent
 from haip_runtime.config.models import LocalLlmConfig
 from haip_runtime.llm.local import LocalProvider, default_model_path
 from haip_runtime.testing import AgentHarness
@@ -102,3 +102,11 @@ async def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
 async def _loaded(llm: LocalProvider) -> object:
     await llm.load()
     return llm._server
+
+
+async def test_an_offline_answer_cut_at_max_tokens_ends_with_the_marker(local: LocalProvider) -> None:
+    async with AgentHarness(AssistantAgent, llm=local) as agent:
+        turn = await agent.send("Write a long story about a dragon.", timeout=60)
+    (end,) = [e for e in turn.events if e.type == "MESSAGE_END"]
+    assert isinstance(end.payload, dict) and end.payload["stop_reason"] == "length" and end.payload["tokens"] == 8
+    assert turn.text.endswith(CUT_MARKER) and len(turn.text) > len(CUT_MARKER)

@@ -18,11 +18,11 @@ from haip_runtime.llm.scripted import ScriptedLLM
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS, LlmErrorCode
 from tests.support.raw import raw_peer
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 EVERYTHING: dict[str, Any] = {"accept_events": sorted(TRANSACTION_ERA_EVENTS)}
 
 

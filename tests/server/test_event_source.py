@@ -55,7 +55,10 @@ def server() -> Iterator[LiveServer]:
     config = make_config(
         {
             "agents": {
-                "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 5}}
+                "storyteller": {
+                    "plugin": "haip_runtime.demo.storyteller:Storyteller",
+                    "options": {"words_per_second": 5},
+                }
             },
             "session": {"heartbeat_interval_seconds": 0.5, "heartbeat_timeout_seconds": 1},
         }

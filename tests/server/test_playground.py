@@ -11,16 +11,18 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
 
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 TIMEOUT_MS = 10_000
 
 
@@ -28,7 +30,10 @@ TIMEOUT_MS = 10_000
 def playground_server() -> Iterator[LiveServer]:
     config = make_config(
         {
-            "agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}},
+            "agents": {
+                "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
+                "beep": {"plugin": "tests.support.agents:BeepAgent"},
+            },
             "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
             "roles": {"user": {"may_join_others": True}},  # a second person may join by id
         }
@@ -106,7 +111,9 @@ def test_the_page_is_served_at_root_with_its_modules(playground_server: LiveServ
 
 
 def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) -> None:
-    expect(page.locator("li.agent")).to_have_count(3)  # echo, storyteller, operator: TOOL_LIST outside a transaction
+    expect(page.locator("li.agent")).to_have_count(
+        4
+    )  # echo, storyteller, operator, beep: TOOL_LIST outside a transaction
     start(page, "storyteller")
     say(page, "a dragon")
     expect(page.locator(".msg.mine")).to_have_text("dev" + "a dragon")
@@ -282,3 +289,172 @@ def test_the_playground_is_off_when_configured_off() -> None:
     with live_server(make_config({"server": {"playground": False}})) as live:
         with urllib.request.urlopen(f"{live.http_url}/") as response:
             assert response.read().decode().startswith("haip-runtime: connect a HAIP client")
+
+
+@contextmanager
+def tab_for(browser: Browser, server: LiveServer, user: str, **context: Any) -> Iterator[Page]:
+    """A tab of ``user`` (a fresh one per test: their conversation list is theirs alone), connected."""
+    options: dict[str, Any] = {"viewport": {"width": 1280, "height": 860}, **context}
+    browser_context = browser.new_context(**options)
+    browser_context.set_default_timeout(TIMEOUT_MS)
+    tab = browser_context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        tab.goto(f"{server.http_url}/?token={server.token(user)}")
+        expect(tab.locator("#connection")).to_have_attribute("data-state", "open")
+        yield tab
+        ARTIFACTS.mkdir(exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / f"{user}.png"))
+    finally:
+        browser_context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_the_conversation_list_opens_yours_and_the_url_follows(browser: Browser, playground_server: LiveServer) -> None:
+    with tab_for(browser, playground_server, "lisa") as tab:
+        start(tab, "echo")
+        say(tab, "the first talk")
+        expect(tab.locator(".msg[data-author=echo]")).to_contain_text("the first talk")
+        first = tab.locator("#transaction-id").inner_text()
+        assert tab.evaluate("location.hash") == f"#/c/{first}"
+        tab.click("#new-conversation")
+        expect(tab.locator("#conversation-head")).to_have_text("Pick an agent to start a conversation.")
+        start(tab, "storyteller")
+        say(tab, "the second talk")
+        expect(tab.locator(".msg[data-author=storyteller]")).to_contain_text("The end.")
+        second = tab.locator("#transaction-id").inner_text()
+        listed = tab.locator("#conversations li.conversation")
+        expect(listed.locator(".title")).to_have_text(["the second talk", "the first talk"])  # newest first
+        expect(listed.first.locator(".desc")).to_contain_text("storyteller")
+        expect(listed.first).to_have_class(re.compile(r"\bactive\b"))
+        listed.nth(1).click()
+        expect(tab.locator("#transaction-id")).to_have_text(first)
+        expect(tab.locator(".msg.mine")).to_contain_text("the first talk")  # yours, on your side, after the join
+        assert tab.evaluate("location.hash") == f"#/c/{first}"
+        tab.go_back()
+        expect(tab.locator("#transaction-id")).to_have_text(second)
+        expect(tab.locator(".msg.mine")).to_contain_text("the second talk")
+
+
+def test_a_reload_or_a_shared_link_returns_to_the_open_conversation(
+    browser: Browser, playground_server: LiveServer
+) -> None:
+    with tab_for(browser, playground_server, "rita") as tab:
+        start(tab, "echo")
+        say(tab, "remember this")
+        expect(tab.locator(".msg[data-author=echo]")).to_contain_text("remember this")
+        transaction = tab.locator("#transaction-id").inner_text()
+        link = tab.url
+        tab.reload()
+        expect(tab.locator("#transaction-id")).to_have_text(transaction)
+        expect(tab.locator(".msg.mine")).to_have_text("rita" + "remember this")
+        expect(tab.locator(".msg[data-author=echo]")).to_have_count(1)  # the history, once
+        say(tab, "and this")
+        expect(tab.locator(".msg[data-author=echo]").nth(1)).to_contain_text("and this")
+    with tab_for(browser, playground_server, "rita") as other:
+        other.goto(link)
+        expect(other.locator("#transaction-id")).to_have_text(transaction)
+        expect(other.locator(".msg.mine")).to_have_count(2)
+
+
+def test_on_a_phone_the_conversation_and_composer_come_first(browser: Browser, playground_server: LiveServer) -> None:
+    with tab_for(browser, playground_server, "pavel", viewport={"width": 390, "height": 844}, is_mobile=True) as tab:
+        expect(tab.locator("#sidebar")).to_be_hidden()
+        expect(tab.locator("#composer")).to_be_in_viewport()
+        tab.click("#menu")
+        expect(tab.locator("#sidebar")).to_be_visible()
+        start(tab, "echo")
+        expect(tab.locator("#sidebar")).to_be_hidden()  # the conversation is what you see
+        for part in ("#log", "#text", "#send", "#conversation-head"):
+            expect(tab.locator(part)).to_be_in_viewport()
+        say(tab, "hello from a phone " * 8)
+        answer = tab.locator(".msg[data-author=echo]")
+        expect(answer).to_contain_text("hello from a phone")
+        box = answer.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        width = tab.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways: {width} px wide"
+        tab.screenshot(path=str(ARTIFACTS / "phone.png"))
+
+
+def test_markdown_is_rendered_and_html_in_a_message_is_only_text(
+    browser: Browser, playground_server: LiveServer
+) -> None:
+    with tab_for(browser, playground_server, "mara") as tab:
+        start(tab, "echo")
+        tab.fill("#text", "**bold** and `code` <script>window.pwned = 1</script> <b>not bold</b>\n- one\n- two")
+        tab.press("#text", "Enter")
+        answer = tab.locator(".msg[data-author=echo] .text")
+        expect(answer.locator("strong")).to_have_text("bold")
+        expect(answer.locator("code")).to_have_text("code")
+        expect(answer.locator("li")).to_have_text(["one", "two"])
+        expect(answer).to_contain_text("<script>window.pwned = 1</script> <b>not bold</b>")
+        assert tab.locator(".msg script, .msg b").count() == 0
+        assert tab.evaluate("window.pwned") is None
+        mine = tab.locator(".msg.mine .text")
+        expect(mine.locator("strong")).to_have_text("bold")
+        rendered = tab.evaluate(
+            """() => { const box = document.createElement("div");
+            import("/playground/markdown.js").then(({ renderMarkdown }) => {
+              box.append(renderMarkdown("[x](javascript:alert(1)) [ok](https://example.org)\\n```\\n<i>raw</i>\\n```"));
+              window.rendered = box.innerHTML;
+            }); }"""
+        )
+        assert rendered is None
+        tab.wait_for_function("window.rendered !== undefined")
+        html = tab.evaluate("window.rendered")
+        assert "[x](javascript:alert(1))" in html and 'href="https://example.org"' in html
+        assert "<pre><code>&lt;i&gt;raw&lt;/i&gt;</code></pre>" in html
+
+
+@pytest.mark.parametrize(("scheme", "background"), [("dark", "rgb(19, 22, 27)"), ("light", "rgb(246, 247, 249)")])
+def test_the_colours_follow_the_system_setting(
+    browser: Browser, playground_server: LiveServer, scheme: str, background: str
+) -> None:
+    with tab_for(browser, playground_server, f"{scheme}-user", color_scheme=scheme) as tab:
+        assert tab.evaluate("getComputedStyle(document.body).backgroundColor") == background
+        panel = tab.evaluate("getComputedStyle(document.querySelector('aside')).backgroundColor")
+        assert panel == ("rgb(27, 31, 38)" if scheme == "dark" else "rgb(255, 255, 255)")
+
+
+def test_leaving_a_tool_that_waits_for_you_asks_first_and_a_stop_leaves_a_note(
+    browser: Browser, playground_server: LiveServer
+) -> None:
+    with tab_for(browser, playground_server, "ines") as tab:
+        start(tab, "operator")
+        say(tab, "/call demo.ask_user")
+        expect(card(tab, "demo.ask_user")).to_have_attribute("data-status", "INPUT_REQUIRED")
+        transaction = tab.locator("#transaction-id").inner_text()
+        asked: list[str] = []
+
+        def decline_to_leave(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            dialog.dismiss()
+
+        tab.once("dialog", decline_to_leave)
+        tab.click("#new-conversation")
+        expect(tab.locator("#transaction-id")).to_have_text(transaction)  # stayed
+        assert asked == ["demo.ask_user is waiting for your answer in this conversation. Leave it unanswered?"]
+        card(tab, "demo.ask_user").locator("button.decline").click()
+        expect(card(tab, "demo.ask_user")).to_have_attribute("data-status", re.compile("OK|ERROR|CANCELLED"))
+        say(tab, '/call demo.sleep {"seconds": 30}')
+        expect(card(tab, "demo.sleep")).to_have_attribute("data-status", "RUNNING")
+        tab.click("#stop")
+        expect(tab.locator(".note.stopped")).to_have_text("operator's turn was stopped")
+        tab.click("#new-conversation")  # nothing waits for an answer now: no question
+        expect(tab.locator("#conversation-head")).to_have_text("Pick an agent to start a conversation.")
+
+
+def test_an_agent_s_audio_is_a_player(browser: Browser, playground_server: LiveServer) -> None:
+    with tab_for(browser, playground_server, "olga") as tab:
+        start(tab, "beep")
+        say(tab, "beep please")
+        clip = tab.locator(".msg.audio[data-author=beep]")
+        expect(clip.locator("audio[controls]")).to_have_count(1)
+        expect(clip).to_contain_text("0.3 s")
+        assert clip.locator("audio").get_attribute("src").startswith("data:audio/wav;base64,UklGR")  # type: ignore[union-attr]
+        duration = tab.wait_for_function(
+            "() => { const a = document.querySelector('.msg.audio audio'); return a.duration > 0 && a.duration; }"
+        ).json_value()
+        assert abs(float(duration) - 0.25) < 0.01  # the browser decoded the clip itself

@@ -60,6 +60,15 @@ async def test_events_come_back_in_tseq_order_with_their_fields_and_paged(store:
     assert await store.events("nope") == []
 
 
+async def test_the_tail_is_the_last_events_in_order(store: Store) -> None:
+    for tseq in range(1, 8):
+        store.append(event("t1", tseq))
+    store.append(event("t2", 1))
+    assert [e.tseq for e in await store.tail("t1", limit=3)] == [5, 6, 7]
+    assert [e.payload for e in await store.tail("t1", limit=100)][0] == {"text": "m1"}
+    assert await store.tail("t1", limit=0) == [] and await store.tail("nope", limit=5) == []
+
+
 async def test_a_user_lists_what_they_started_or_joined_newest_first_in_pages(store: Store) -> None:
     store.save_transaction(record("a", updated_at=1.0))
     store.save_transaction(record("b", updated_at=3.0))

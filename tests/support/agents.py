@@ -66,3 +66,33 @@ class FloodAgent(Agent[NoOptions]):
             for index in range(count):
                 await out.write(str(index).rjust(size, "."))
         FLOODED.set()
+
+
+class ParagraphsAgent(Agent[NoOptions]):
+    """Streams an answer of several lines and a paragraph break, split mid-line as models split it."""
+
+    PARTS = ("Roses are", " red,\nviolets", " are blue.\n", "\nA new", " paragraph\nends here.")
+
+    async def on_message(self, turn: Turn) -> None:
+        async with turn.stream() as out:
+            for part in self.PARTS:
+                await out.write(part)
+
+
+class BeepAgent(Agent[NoOptions]):
+    """Answers every message with a short beep: a WAV clip sent as agent audio."""
+
+    async def on_message(self, turn: Turn) -> None:
+        import io
+        import math
+        import struct
+        import wave
+
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as clip:
+            clip.setnchannels(1)
+            clip.setsampwidth(2)
+            clip.setframerate(8000)
+            samples = (int(8000 * math.sin(2 * math.pi * 440 * n / 8000)) for n in range(2000))
+            clip.writeframes(b"".join(struct.pack("<h", sample) for sample in samples))
+        await turn.send_audio(buffer.getvalue(), "audio/wav", duration_ms=250)

@@ -1,4 +1,4 @@
-"""The demo MCP server (plugins/demo_mcp_server.py) run over streamable HTTP as a real subprocess."""
+"""The demo MCP server (haip_runtime/demo/mcp_server.py) run over streamable HTTP as a real subprocess."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[2] / "plugins" / "demo_mcp_server.py"
+DEMO = Path(__file__).resolve().parents[2] / "haip_runtime" / "demo" / "mcp_server.py"
 
 
 def start_http_demo(port: int) -> subprocess.Popen[str]:

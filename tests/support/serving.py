@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +46,10 @@ def make_config(data: dict[str, Any] | None = None) -> HaipConfig:
         "server": {"host": "127.0.0.1", "port": 0},
         "agents": {
             "echo": {"plugin": "echo"},
-            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 2000}},
+            "storyteller": {
+                "plugin": "haip_runtime.demo.storyteller:Storyteller",
+                "options": {"words_per_second": 2000},
+            },
         },
     }
     for key, value in (data or {}).items():
@@ -92,3 +97,40 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@dataclass
+class ServeProcess:
+    """``haip-runtime serve`` in a subprocess: its banner lines, and the lines keyed by label."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]
+    banner: dict[str, str]
+
+
+@contextmanager
+def serve_process(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
+    """Run ``command`` (a ``serve`` in dev mode) in ``cwd`` until its banner's ``try:`` line, then
+    yield it; interrupt it (as Ctrl-C does) when the block ends."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    assert process.stdout is not None and process.stderr is not None
+    lines: list[str] = []
+    banner: dict[str, str] = {}
+    try:
+        for line in process.stdout:  # bounded: the banner is a dozen lines, then the loop breaks
+            lines.append(line.rstrip("\n"))
+            key, _, value = line.strip().partition(": ")
+            banner[key.strip()] = value.strip()
+            if key.strip() == "try":
+                break
+        else:
+            raise AssertionError(f"serve ended before its banner: {process.stderr.read()}")
+        yield ServeProcess(process, lines, banner)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        finally:
+            process.kill() if process.poll() is None else None
+            process.stdout.close()
+            process.stderr.close()

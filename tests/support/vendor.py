@@ -53,6 +53,7 @@ class VendorServer:
         self.requests: list[Recorded] = []
         self.url = ""
         self._released = threading.Event()
+        self.accepted_key: str | None = None
 
     def release(self) -> None:
         """End every stall."""
@@ -60,6 +61,13 @@ class VendorServer:
 
     async def _stall(self) -> None:
         await anyio.to_thread.run_sync(self._released.wait, 10)
+
+    async def models(self, request: Request) -> Response:
+        """``GET .../models``, which ``check --connect`` asks: 401 unless the key is ``accepted_key``."""
+        key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.accepted_key is not None and key != self.accepted_key:
+            return JSONResponse({"error": {"message": "invalid key"}}, status_code=401)
+        return JSONResponse({"object": "list", "data": [{"id": "m"}]})
 
     def script(self, *replies: Reply) -> None:
         self.replies[:] = list(replies)
@@ -91,7 +99,9 @@ class VendorServer:
 @contextmanager
 def vendor_server() -> Iterator[VendorServer]:
     vendor = VendorServer()
-    app = Starlette(routes=[Route("/{path:path}", vendor.handle, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/{path:path}", vendor.handle, methods=["POST"]), Route("/{path:path}", vendor.models)]
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     vendor.url = f"http://127.0.0.1:{sock.getsockname()[1]}"

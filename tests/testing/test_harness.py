@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from haip_runtime import Agent, NoOptions, Turn
+from haip_runtime.demo.storyteller import Storyteller
 from haip_runtime.testing import AgentHarness, FakeToolContext, FakeToolError
-from plugins.storyteller import Storyteller
 from tests.support.agents import FailingAgent, GreeterAgent, WaitingAgent
 
 pytestmark = pytest.mark.anyio
@@ -93,7 +93,7 @@ async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
     # The demo server's own functions, once as fake tools and once behind the real MCP server (in-process).
     from mcp import Client
 
-    import plugins.demo_mcp_server as demo
+    import haip_runtime.demo.mcp_server as demo
 
     async def stats(arguments: dict[str, Any]) -> Any:
         return {"calls": 1, "cancelled": 0}

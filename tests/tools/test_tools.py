@@ -16,11 +16,11 @@ import pytest
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.support.demo_mcp import start_http_demo, stop
-from tests.support.serving import ROOT, LiveServer, live_server, make_config
+from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
 def tools_config(**extra: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The browser playground: static files (HTML, CSS, JavaScript modules) served at ``/``.
 
 No build step: the files in this folder are what the browser gets. ``haip-client.js`` is the
-HAIP client (copy it into your own front-end); ``playground.js`` is the page built on it.
+HAIP client (copy it into your own front-end); ``playground.js`` is the page built on it;
+``markdown.js`` renders messages safely (DOM nodes and text only, never HTML).
 The app mounts these routes when ``[server] playground`` is on (``ServerConfig.serves_playground``).
 """
 
@@ -15,7 +16,12 @@ from starlette.routing import BaseRoute, Route
 
 FILES = Path(__file__).resolve().parent
 #: What the page loads; nothing else in this folder (Python files, caches) is served.
-ASSETS = {"haip-client.js": "text/javascript", "playground.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {
+    "haip-client.js": "text/javascript",
+    "markdown.js": "text/javascript",
+    "playground.js": "text/javascript",
+    "style.css": "text/css",
+}
 _HEADERS = {"Cache-Control": "no-cache"}
 
 

@@ -2,6 +2,7 @@
 // All protocol work is in haip-client.js; this file is only UI.
 
 import { HaipClient, HaipError } from "./haip-client.js";
+import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,7 +25,9 @@ const state = {
   tx: null, // the transaction shown
   agent: null,
   members: new Set(),
+  token: null,
   messages: new Map(), // message_id -> element of its text
+  raw: new Map(), // message_id -> its text as written (Markdown), rendered once it is whole
   calls: new Map(), // call_id -> {card, ...parts}
   runs: new Map(), // run_id -> agent
   delivered: [], // seqs of every envelope delivered, for the tests and the curious
@@ -51,6 +54,7 @@ function start() {
 }
 
 async function connect(token) {
+  state.token = token;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const client = new HaipClient(`${scheme}://${location.host}/haip/websocket`, { token });
   state.client = client;
@@ -67,6 +71,9 @@ async function connect(token) {
     const ready = await client.connect();
     state.user = ready.user;
     showAgents(await client.listAgents());
+    window.addEventListener("hashchange", route);
+    await route();
+    refreshConversations();
   } catch (error) {
     fail(error);
     if (error.code === "AUTHENTICATION_FAILED") $("login").hidden = false;
@@ -94,7 +101,7 @@ function showAgents(agents) {
   for (const agent of agents) {
     list.append(el("li", { class: "agent", dataset: { agent: agent.name }, onclick: () => startConversation(agent.name) },
       el("div", { class: "name" }, agent.name),
-      el("div", { class: "desc" }, agent.description || "")));
+      el("div", { class: "desc" }, renderMarkdown(agent.description || ""))));
   }
   if (!agents.length) list.append(el("li", { class: "muted" }, "no agents you may start"));
 }
@@ -102,6 +109,7 @@ function showAgents(agents) {
 function resetConversation() {
   state.tx = null;
   state.messages.clear();
+  state.raw.clear();
   state.calls.clear();
   state.runs.clear();
   state.members.clear();
@@ -112,6 +120,7 @@ function resetConversation() {
 }
 
 async function startConversation(agent) {
+  if (!mayLeave()) return;
   resetConversation();
   for (const item of document.querySelectorAll("#agents li")) item.classList.toggle("active", item.dataset.agent === agent);
   try {
@@ -121,6 +130,8 @@ async function startConversation(agent) {
     return;
   }
   openConversation(agent);
+  showInUrl(state.tx);
+  refreshConversations();
 }
 
 function openConversation(agent) {
@@ -129,13 +140,13 @@ function openConversation(agent) {
   $("conversation-head").append(
     `Talking to ${agent} · conversation `, el("code", { id: "transaction-id" }, state.tx));
   $("text").disabled = $("send").disabled = false;
+  showSidebar(false);
+  markActive();
   $("text").focus();
 }
 
-$("join").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const id = $("join-id").value.trim();
-  if (!id || !state.client) return;
+/** Open conversation `id` (the user's own, or one a role lets them join): its history, then live. */
+async function joinConversation(id) {
   resetConversation();
   state.tx = id; // set first: the history follows the reply at once
   try {
@@ -144,8 +155,107 @@ $("join").addEventListener("submit", async (event) => {
   } catch (error) {
     state.tx = null;
     fail(error);
+    showInUrl(null);
   }
+}
+
+$("join").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const id = $("join-id").value.trim();
+  if (id && state.client) goTo(id);
 });
+
+// --- where you are: the open conversation in the URL (#/c/<id>), the list of yours -----------------------
+
+function conversationInUrl() {
+  const match = location.hash.match(/^#\/c\/([^/?#]+)$/);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+function showInUrl(id) {
+  const hash = id ? `#/c/${encodeURIComponent(id)}` : "#/";
+  if (location.hash !== hash) history.pushState(null, "", `${location.pathname}${location.search}${hash}`);
+}
+
+/** Follow the URL: reload, back and forward, and a shared link land on the conversation they name. */
+async function route() {
+  const id = conversationInUrl();
+  if (id === state.tx) return;
+  if (!mayLeave()) { showInUrl(state.tx); return; }
+  if (id) await joinConversation(id);
+  else newConversation();
+}
+
+function goTo(id) {
+  if (id === state.tx) { showSidebar(false); return; }
+  if (!mayLeave()) return;
+  state.leaving = true; // asked already: route() must not ask again
+  showInUrl(id);
+  route().finally(() => { state.leaving = false; });
+}
+
+/** A tool waiting for this person's answer would be left waiting: ask before leaving it. */
+function mayLeave() {
+  if (state.leaving || !state.tx) return true;
+  const waiting = [...state.calls.values()].filter((parts) =>
+    ["INPUT_REQUIRED", "AWAITING_APPROVAL"].includes(parts.card.dataset.status));
+  if (!waiting.length) return true;
+  const tools = waiting.map((parts) => parts.card.dataset.tool).join(", ");
+  return confirm(`${tools} is waiting for your answer in this conversation. Leave it unanswered?`);
+}
+
+function newConversation() {
+  resetConversation();
+  state.agent = null;
+  $("conversation-head").textContent = "Pick an agent to start a conversation.";
+  for (const item of document.querySelectorAll("#agents li")) item.classList.remove("active");
+  markActive();
+}
+
+$("new-conversation").addEventListener("click", () => {
+  if (!mayLeave()) return;
+  state.leaving = true;
+  showInUrl(null);
+  newConversation();
+  state.leaving = false;
+  showSidebar(true); // the agents are there
+});
+
+async function refreshConversations() {
+  let listing;
+  try {
+    const response = await fetch("/haip/transactions?limit=30", { headers: { Authorization: `Bearer ${state.token}` } });
+    listing = await response.json();
+    if (!response.ok) throw new Error(listing.error?.message || response.status);
+  } catch (error) {
+    $("conversations").replaceChildren(el("li", { class: "note error" }, `cannot list conversations: ${error.message}`));
+    return;
+  }
+  const list = $("conversations");
+  list.replaceChildren();
+  for (const item of listing.transactions) {
+    const when = new Date(item.last_activity).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+    list.append(el("li", { class: "conversation", dataset: { id: item.id }, title: item.preview || "", onclick: () => goTo(item.id) },
+      el("div", { class: "title" }, item.title || "(nothing said yet)"),
+      el("div", { class: "desc" }, `${item.agents.join(", ")} · ${when}${item.state === "ended" ? " · ended" : ""}`)));
+  }
+  if (!listing.transactions.length) list.append(el("li", { class: "muted" }, "none yet"));
+  markActive();
+}
+
+function markActive() {
+  for (const item of document.querySelectorAll("#conversations li.conversation")) {
+    item.classList.toggle("active", item.dataset.id === state.tx);
+  }
+}
+
+// --- the sidebar on a narrow screen: behind the ☰ button -----------------------------------------------
+
+function showSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  $("menu").setAttribute("aria-expanded", String(open));
+}
+$("menu").addEventListener("click", () => showSidebar(!document.body.classList.contains("sidebar-open")));
 
 // --- the composer --------------------------------------------------------------------------------------
 
@@ -182,20 +292,31 @@ function render(env) {
     case "TRANSACTION_END": return note(`The conversation ended: ${p.reason || ""}`);
     case "MESSAGE_START": return addMessage(p.message_id, p.author || "agent", "", { streaming: true });
     case "MESSAGE_PART": return appendMessage(p.message_id, p.text || "");
-    case "MESSAGE_END": return state.messages.get(p.message_id)?.closest(".msg").classList.remove("streaming");
+    case "MESSAGE_END": return endMessage(p);
     case "MESSAGE":
       if (typeof env.payload === "string") return addMessage(env.id, env.channel === "AGENT" ? "agent" : "someone", env.payload);
-      return addMessage(p.message_id || env.id, p.author || "someone", p.text || "");
-    case "MESSAGE_UPDATE": {
-      const text = state.messages.get(p.message_id);
-      if (text) text.textContent = p.text;
+      return addMessage(p.message_id || env.id, p.author || "someone", p.text || "",
+        { mine: env.channel === "USER" && p.author === state.user });
+    case "MESSAGE_UPDATE":
+      if (state.messages.has(p.message_id)) {
+        state.raw.set(p.message_id, p.text || "");
+        state.messages.get(p.message_id).replaceChildren(renderMarkdown(p.text || ""));
+      }
       return;
-    }
+    case "AUDIO":
+    case "AUDIO_CHUNK": return addAudio(env, p);
     case "RUN_STARTED": state.runs.set(p.run_id, p.agent); return showRuns();
-    case "RUN_FINISHED": state.runs.delete(p.run_id); return showRuns();
+    case "RUN_FINISHED": {
+      const agent = state.runs.get(p.run_id);
+      state.runs.delete(p.run_id);
+      showRuns();
+      if (p.status === "CANCELLED") note(`${agent || "the agent"}'s turn was stopped`, "stopped");
+      return refreshConversations();
+    }
     case "RUN_ERROR":
       state.runs.delete(p.run_id);
       showRuns();
+      refreshConversations();
       return note(`${p.code}: ${p.message}`, "error");
     case "TOOL_CALL": return toolCall(p);
     case "TOOL_UPDATE": return toolUpdate(p);
@@ -227,16 +348,39 @@ function describe(error) {
 }
 
 function addMessage(id, author, text, { mine = false, streaming = false } = {}) {
-  const body = el("span", { class: "text" }, text);
+  const body = el("div", { class: "text" }, streaming ? text : renderMarkdown(text));
   const cls = ["msg", mine ? "mine" : "", streaming ? "streaming" : ""].join(" ").trim();
   $("log").append(el("div", { class: cls, dataset: { messageId: id, author } }, el("span", { class: "author" }, author), body));
   state.messages.set(id, body);
+  state.raw.set(id, text);
   scrollDown();
 }
 
+/** While it streams a message is plain text; whole, it is rendered as Markdown. */
 function appendMessage(id, text) {
-  const body = state.messages.get(id) || (addMessage(id, "agent", "", { streaming: true }), state.messages.get(id));
-  body.textContent += text;
+  if (!state.messages.has(id)) addMessage(id, "agent", "", { streaming: true });
+  const raw = (state.raw.get(id) || "") + text;
+  state.raw.set(id, raw);
+  state.messages.get(id).textContent = raw;
+  scrollDown();
+}
+
+function endMessage({ message_id: id, stop_reason: stopReason }) {
+  const body = state.messages.get(id);
+  if (!body) return;
+  body.closest(".msg").classList.remove("streaming");
+  body.replaceChildren(renderMarkdown(state.raw.get(id) || ""));
+  if (stopReason) body.closest(".msg").dataset.stopReason = stopReason; // "length": the text ends with the cut marker
+  scrollDown();
+}
+
+function addAudio(env, p) {
+  if (!p.data) return; // two-frame audio is not asked for by this page
+  const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
+  const player = el("audio", { controls: true, preload: "metadata", src: `data:${p.mime || "audio/wav"};base64,${p.data}` });
+  const seconds = typeof p.duration_ms === "number" ? el("span", { class: "muted" }, ` ${(p.duration_ms / 1000).toFixed(1)} s`) : null;
+  $("log").append(el("div", { class: `msg audio${author === state.user ? " mine" : ""}`, dataset: { author } },
+    el("span", { class: "author" }, author), player, seconds));
   scrollDown();
 }
 
@@ -264,7 +408,7 @@ function showTools(tools) {
     details.addEventListener("toggle", () => details.open && loadSchema(tool.name, details), { once: true });
     list.append(el("li", { class: "tool", dataset: { tool: tool.name } },
       el("div", { class: "name" }, tool.name),
-      el("div", { class: "desc" }, tool.description || ""),
+      el("div", { class: "desc" }, renderMarkdown(tool.description || "")),
       details));
   }
 }

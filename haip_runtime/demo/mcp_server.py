@@ -2,11 +2,11 @@
 
 Run it over stdio (how haip-runtime starts it from haip.toml)::
 
-    python plugins/demo_mcp_server.py
+    python -m haip_runtime.demo.mcp_server
 
 or over streamable HTTP (``--port 0`` picks a free port; the address is printed once it listens)::
 
-    python plugins/demo_mcp_server.py --http --host 127.0.0.1 --port 0
+    python -m haip_runtime.demo.mcp_server --http --host 127.0.0.1 --port 0
 
 Every tool shows one thing the runtime surfaces to humans: results, progress, errors,
 cancellation, elicitation (asking the user) and a changing tool list.

@@ -3,7 +3,7 @@
 Enable it in haip.toml::
 
     [agents.storyteller]
-    plugin = "plugins/storyteller.py:Storyteller"
+    plugin = "haip_runtime.demo.storyteller:Storyteller"
     options = { words_per_second = 40 }
 """
 

