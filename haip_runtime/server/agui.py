@@ -108,6 +108,10 @@ class AguiMember:
         self.failure: dict[str, Any] | None = None
         self.output_tokens = 0
         self.cancelled = False
+        #: AG-UI events made while no AG-UI run is open but our HAIP runs go on (after an interrupt).
+        self.held: deque[BaseEvent] = deque(maxlen=JOURNAL_EVENTS)
+        #: Interrupts that were settled some other way (a HAIP member answered, the call ended).
+        self.settled: deque[str] = deque(maxlen=256)
         self._changed = anyio.Event()
 
     @property
@@ -117,6 +121,9 @@ class AguiMember:
     # --- out: the journal --------------------------------------------------------------------------
 
     def emit(self, event: BaseEvent, ends: bool = False) -> None:
+        if self.run_id is None:  # our HAIP runs go on between two AG-UI runs: for the next one
+            self.held.append(event)
+            return
         self.last_id += 1
         self.journal.append((self.last_id, dump(event), ends))
         self._changed.set()
@@ -134,15 +141,16 @@ class AguiMember:
             await self._changed.wait()
 
     def open(self, run_id: str) -> None:
+        """Start an AG-UI run: RUN_STARTED, then what our HAIP runs did since the last one ended."""
         self.run_id = run_id
-        self.failure = None
-        self.cancelled = False
-        self.output_tokens = 0
         self.emit(RunStartedEvent(thread_id=self.thread_id, run_id=run_id, protocol_version=PROTOCOL_VERSION))
+        held, self.held = self.held, deque(maxlen=JOURNAL_EVENTS)
+        for event in held:
+            self.emit(event)
 
     def close(self, **outcome: Any) -> None:
         """End the open AG-UI run: finished (with an outcome), or failed if a HAIP run failed."""
-        run_id, self.run_id = self.run_id, None
+        run_id = self.run_id
         if run_id is None:
             return
         usage = [TokenUsage(output_tokens=self.output_tokens)] if self.output_tokens else None
@@ -150,6 +158,7 @@ class AguiMember:
             self.emit(RunErrorEvent(message=self.failure["message"], code=self.failure["code"], usage=usage), True)
         else:
             self.emit(RunFinishedEvent(thread_id=self.thread_id, run_id=run_id, usage=usage, **outcome), True)
+        self.run_id, self.failure, self.cancelled, self.output_tokens = None, None, False, 0
 
     def settle(self) -> None:
         """Close the open run if nothing is left for it: it waits on interrupts, or its runs ended."""
@@ -175,8 +184,8 @@ class AguiMember:
             return
         if kind == EventType.TOOL_UPDATE and payload.get("call_id") in self.calls:
             self._tool_update(payload)
-        if self.run_id is None:
-            return  # between AG-UI runs: nobody to tell (the transaction's log has it)
+        if self.run_id is None and not self.runs:
+            return  # between AG-UI runs, nothing of ours going on: the transaction's log has it
         if kind == EventType.MESSAGE:
             role = "user" if event.channel == Channel.USER else "assistant"
             message_id = str(payload.get("message_id") or event.id)
@@ -205,7 +214,7 @@ class AguiMember:
             self.emit(activity)
         elif kind == EventType.TOOL_DONE:
             self.calls.discard(str(payload["call_id"]))
-            self.interrupts.pop(str(payload["call_id"]), None)
+            self._settle_interrupt(str(payload["call_id"]))
             result = payload.get("result") if payload.get("status") == "OK" else payload.get("error")
             text = tool_text(result, payload.get("status", ""))
             self.emit(
@@ -226,9 +235,13 @@ class AguiMember:
             schema = request.get("schema") if isinstance(request.get("schema"), dict) else {"type": "object"}
             asked = {"reason": "input_required", "response_schema": schema, "message": request.get("message")}
         else:
-            self.interrupts.pop(call_id, None)
+            self._settle_interrupt(call_id)
             return
         self.interrupts[call_id] = {"id": call_id, "tool_call_id": call_id, **asked}
+
+    def _settle_interrupt(self, call_id: str) -> None:
+        if self.interrupts.pop(call_id, None) is not None:
+            self.settled.append(call_id)
 
 
 def tool_text(result: Any, status: str) -> str:
@@ -372,28 +385,32 @@ class AguiDoor:
         """Open an AG-UI run: answer the interrupts it resumes, send its user message, or both."""
         transaction = self.hub.transactions.live[member.thread_id]
         text = last_user_text(run)
+        resuming = bool(run.resume)
         answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
         for entry, asked in answers:
             if asked is None:
+                if entry.interrupt_id in member.settled:
+                    continue  # answered meanwhile by a HAIP member, or its call ended: nothing to do
                 raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
             payload = entry.payload if isinstance(entry.payload, dict) else {}
             if asked["reason"] == "tool_approval" and "editedArgs" in payload:
                 raise ProtocolError(
                     ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
                 )
-        if text is not None and not answers:
+        if text is not None and not resuming:
             transaction.admit_runs(member, len(transaction.agents), run.run_id)
         member.open(run.run_id)
         for entry, asked in answers:
-            assert asked is not None
+            if asked is None:
+                continue
             member.interrupts.pop(entry.interrupt_id, None)
             self._answer(transaction, member, entry.interrupt_id, asked["reason"], entry.status, entry.payload)
-        if text is not None and not answers:
+        if text is not None and not resuming:
             # Under the client's own message id: the client has the message already, members see it.
             user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
             runs = transaction.user_message(member, text, user_message)
             member.runs.update(each.id for each in runs)
-        elif text is None and not answers and not member.runs:
+        elif text is None and not resuming and not member.runs:
             member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}
         member.settle()
 

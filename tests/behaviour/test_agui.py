@@ -59,6 +59,7 @@ def runtime(vendor: VendorServer) -> Iterator[LiveServer]:
         "llm": {"gpt": gpt},
         "agents": {"assistant": {"plugin": "assistant", "llm": "gpt", "mcp_servers": ["demo"]}},
         "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["slow_count"]}}},
+        "roles": {"user": {}, "support": {"may_join_others": True}},
     }
     with live_server(make_config(config)) as live:
         yield live
@@ -274,3 +275,32 @@ async def test_bad_requests_get_a_clear_error_and_change_nothing(runtime: LiveSe
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "AGENT_NOT_FOUND"
         foreign = await http.post("/ag-ui/echo", json=body, headers={**headers, "origin": "https://evil.example"})
         assert foreign.status_code == 403
+
+
+async def test_a_haip_member_approves_and_the_next_ag_ui_run_gets_what_happened_meanwhile(
+    runtime: LiveServer, vendor: VendorServer
+) -> None:
+    vendor.script(
+        Reply(openai_tool_call("demo_slow_count", '{"steps": 2, "delay": 0.01}', "call_8")),
+        Reply(openai_text("Done counting.")),
+    )
+    await tools_connected(runtime)
+    thread = f"thread-{uuid.uuid4()}"
+    driver = Driver(runtime, "assistant", thread)
+    try:
+        events, done = await driver.step(say="count to two")
+        [interrupt] = events[-1]["outcome"]["interrupts"]
+        async with HaipClient(runtime.ws_url, token=runtime.token("bob", roles=["support"])) as bob:
+            await bob.join(thread, since=0)
+            approve = {"call_id": interrupt["toolCallId"], "decision": "approve"}
+            await bob.send("TOOL_UPDATE", approve, transaction=thread)
+            await seen(bob, thread, "RUN_FINISHED")
+        # The client must still address its pending interrupt; the run then hands over what it missed.
+        resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": {"approved": True}}]
+        events, done = await driver.step(resume=resume)
+        kinds = types(events)
+        assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED" and "outcome" not in events[-1]
+        assert "TOOL_CALL_RESULT" in kinds and text_of(events) == "Done counting."
+        assert done["pendingInterrupts"] == []
+    finally:
+        driver.close()
