@@ -271,6 +271,22 @@ def last_user_id(request: RunAgentInput) -> str | None:
     return str(users[-1].id) if users and users[-1].id else None
 
 
+def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
+    """Every resume entry answers an interrupt of this thread, open or settled meanwhile (by a HAIP
+    member, or its call ended); edited arguments are refused (no approval policy permits them)."""
+    for entry in run.resume or ():
+        asked = member.interrupts.get(entry.interrupt_id) if member is not None else None
+        if asked is None:
+            if member is not None and entry.interrupt_id in member.settled:
+                continue
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        if asked["reason"] == "tool_approval" and "editedArgs" in payload:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
+            )
+
+
 def error(status: int, code: str, message: str, where: str | None = None) -> JSONResponse:
     body = error_body(code, message)
     if where is not None:
@@ -360,6 +376,7 @@ class AguiDoor:
             raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
         if found is not None and (not isinstance(found, Transaction) or found.ended):
             raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
+        check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
         if member is None:
             member = AguiMember(principal, thread)
             self.members[key] = member
@@ -387,16 +404,6 @@ class AguiDoor:
         text = last_user_text(run)
         resuming = bool(run.resume)
         answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
-        for entry, asked in answers:
-            if asked is None:
-                if entry.interrupt_id in member.settled:
-                    continue  # answered meanwhile by a HAIP member, or its call ended: nothing to do
-                raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
-            payload = entry.payload if isinstance(entry.payload, dict) else {}
-            if asked["reason"] == "tool_approval" and "editedArgs" in payload:
-                raise ProtocolError(
-                    ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
-                )
         if text is not None and not resuming:
             transaction.admit_runs(member, len(transaction.agents), run.run_id)
         member.open(run.run_id)

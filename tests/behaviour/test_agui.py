@@ -275,6 +275,16 @@ async def test_bad_requests_get_a_clear_error_and_change_nothing(runtime: LiveSe
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "AGENT_NOT_FOUND"
         foreign = await http.post("/ag-ui/echo", json=body, headers={**headers, "origin": "https://evil.example"})
         assert foreign.status_code == 403
+        resume = {**body, "resume": [{"interruptId": "nothing", "status": "resolved"}]}
+        stray = await http.post("/ag-ui/echo", json=resume, headers=headers)
+        assert stray.status_code == 400 and "no open interrupt" in stray.json()["error"]["message"]
+        history = await http.get("/haip/transactions/t-none/events", headers=headers)
+        assert history.status_code == 404  # refused before anything was made
+        mallory = {"authorization": f"Bearer {runtime.token('mallory')}"}
+        made = await http.post("/ag-ui/echo", json={**body, "threadId": "t-alice"}, headers=headers)
+        assert made.status_code == 200
+        taken = await http.post("/ag-ui/echo", json={**body, "threadId": "t-alice"}, headers=mallory)
+        assert taken.status_code == 404 and taken.json()["error"]["code"] == "TRANSACTION_NOT_FOUND"
 
 
 async def test_a_haip_member_approves_and_the_next_ag_ui_run_gets_what_happened_meanwhile(
@@ -302,5 +312,26 @@ async def test_a_haip_member_approves_and_the_next_ag_ui_run_gets_what_happened_
         assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED" and "outcome" not in events[-1]
         assert "TOOL_CALL_RESULT" in kinds and text_of(events) == "Done counting."
         assert done["pendingInterrupts"] == []
+    finally:
+        driver.close()
+
+
+async def test_an_input_request_is_an_interrupt_answered_with_the_input(
+    runtime: LiveServer, vendor: VendorServer
+) -> None:
+    vendor.script(Reply(openai_tool_call("demo_ask_user", "{}", "call_9")), Reply(openai_text("Nice colour.")))
+    await tools_connected(runtime)
+    driver = Driver(runtime, "assistant", f"thread-{uuid.uuid4()}")
+    try:
+        events, _ = await driver.step(say="ask me something")
+        [interrupt] = events[-1]["outcome"]["interrupts"]
+        assert interrupt["reason"] == "input_required" and "colour" in interrupt["message"]
+        assert set(interrupt["responseSchema"]["properties"]) == {"name", "favourite_colour"}
+        answer = {"name": "Ada", "favourite_colour": "green"}
+        resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": answer}]
+        events, _ = await driver.step(resume=resume)
+        [result] = [e for e in events if e["type"] == "TOOL_CALL_RESULT"]
+        assert result["content"] == "Ada likes green"
+        assert text_of(events) == "Nice colour."
     finally:
         driver.close()
