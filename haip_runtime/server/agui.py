@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -52,6 +52,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub import lifecycle
+from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
@@ -112,6 +113,8 @@ class AguiMember:
         self.held: deque[BaseEvent] = deque(maxlen=JOURNAL_EVENTS)
         #: Interrupts that were settled some other way (a HAIP member answered, the call ended).
         self.settled: deque[str] = deque(maxlen=256)
+        #: Called when the member has become idle (the door lets it leave the transaction).
+        self.on_idle: Callable[[AguiMember], None] | None = None
         self._changed = anyio.Event()
 
     @property
@@ -159,6 +162,13 @@ class AguiMember:
         else:
             self.emit(RunFinishedEvent(thread_id=self.thread_id, run_id=run_id, usage=usage, **outcome), True)
         self.run_id, self.failure, self.cancelled, self.output_tokens = None, None, False, 0
+        if self.idle and self.on_idle is not None:
+            self.on_idle(self)
+
+    @property
+    def idle(self) -> bool:
+        """No AG-UI run open and nothing of ours going on or waiting: the user has left, for now."""
+        return self.run_id is None and not self.runs and not self.interrupts
 
     def settle(self) -> None:
         """Close the open run if nothing is left for it: it waits on interrupts, or its runs ended."""
@@ -379,6 +389,7 @@ class AguiDoor:
         check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
         if member is None:
             member = AguiMember(principal, thread)
+            member.on_idle = self._idle
             self.members[key] = member
             while len(self.members) > MAX_MEMBERS:
                 self._forget(self.members.popitem(last=False)[1])
@@ -387,10 +398,23 @@ class AguiDoor:
         elif isinstance(found, Transaction):
             if not found.is_member(member):
                 found.check_room(member, run.run_id)
-                found.add_member(member)
+                if found.add_member(member):
+                    joined = p.TransactionJoined(members=found.member_users, agents=list(found.agents))
+                    announce = {**joined.dump(), "joined": member.user}
+                    found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
             if agent not in found.agents:
                 await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
         return member
+
+    def _idle(self, member: AguiMember) -> None:
+        """Between runs the AG-UI user leaves the transaction (so an idle one can leave memory), and
+        joins again with the next run. After the event being published now: the hub runs it next."""
+
+        async def leave() -> None:
+            if member.idle:
+                self._forget(member)
+
+        self.hub.spawn(leave)
 
     def _forget(self, member: AguiMember) -> None:
         for transaction_id in list(member.transactions):

@@ -159,3 +159,18 @@ def test_the_newest_user_message_is_read_from_text_or_parts() -> None:
     assert last_user_text(run_input()) is None
     assert tool_text({"content": [{"type": "text", "text": "5"}]}, "OK") == "5"
     assert tool_text(None, "CANCELLED") == "CANCELLED"
+
+
+def test_the_member_says_it_is_idle_only_once_nothing_of_its_own_goes_on() -> None:
+    agui = member()
+    idle: list[AguiMember] = []
+    agui.on_idle = idle.append
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.add", "params": {}}))
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "AWAITING_APPROVAL"}))
+    assert agui.run_id is None and idle == []  # ended by an interrupt: the user is still needed
+    agui.open("run-b")
+    agui.interrupts.clear()
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    assert idle == [agui]
