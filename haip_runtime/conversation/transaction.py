@@ -27,6 +27,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import Run, RunLimit
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.provider import HistoryEntry
+from haip_runtime.observability import tracing
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome
@@ -212,15 +213,18 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
-    def user_message(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
+    def user_message(
+        self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None = None
+    ) -> list[Run]:
         """Forward a user's message to the other members and start a turn for every agent (the hub
-        has checked ``admit_runs`` first; the agent harness has no limit)."""
+        has checked ``admit_runs`` first; the agent harness has no limit); ``traceparent`` is the
+        client's trace, which the runs' traces continue."""
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
         self.history.append(HistoryEntry("user", member.user, text, message_id))
         runs = [
-            self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message")
+            self.start_run(slot, member, text, {**payload, "message_id": message_id}, "on_message", traceparent)
             for slot in self.agents.values()
         ]
         if not runs:
@@ -235,13 +239,21 @@ class Transaction:
                 return True
         return False
 
-    def start_run(self, slot: AgentSlot, member: Member | None, text: str, payload: dict[str, Any], hook: str) -> Run:
+    def start_run(
+        self,
+        slot: AgentSlot,
+        member: Member | None,
+        text: str,
+        payload: dict[str, Any],
+        hook: str,
+        traceparent: str | None = None,
+    ) -> Run:
         run = Run(id=new_id(), agent=slot.name, member=member)
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
         turn = self._turn(slot, run, text, payload, member)
-        self._spawn(self._execute, run, getattr(slot.instance, hook), turn)
+        self._spawn(self._execute, run, getattr(slot.instance, hook), turn, traceparent)
         return run
 
     def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
@@ -267,12 +279,14 @@ class Transaction:
             services=services,
         )
 
-    async def _execute(self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn) -> None:
+    async def _execute(
+        self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn, traceparent: str | None = None
+    ) -> None:
         self.publish(
             Event(EventType.RUN_STARTED, {"run_id": run.id, "agent": run.agent}, channel=Channel.AGENT, run_id=run.id)
         )
         try:
-            with run.scope:
+            with run.scope, tracing.agent_span(run.agent, self.id, run.id, traceparent):
                 await hook(turn)
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
             logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)

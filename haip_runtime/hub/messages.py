@@ -19,7 +19,10 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
         if schema is not None and isinstance(envelope.payload, dict):
             parse_payload(envelope, schema)
     transaction.admit_runs(session, len(transaction.agents), envelope.id)
-    transaction.user_message(session, message.text, envelope.payload_dict)
+    traceparent = (envelope.model_extra or {}).get("traceparent")  # a client's trace, continued by the runs
+    transaction.user_message(
+        session, message.text, envelope.payload_dict, traceparent if isinstance(traceparent, str) else None
+    )
 
 
 async def message_update(ctx: HubContext, session: Session, envelope: Envelope) -> None:

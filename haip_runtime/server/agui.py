@@ -341,7 +341,7 @@ class AguiDoor:
                         ErrorCode.RUN_LIMIT_EXCEEDED, f"a run is already open on thread {run.thread_id!r}"
                     )
                 after = member.last_id
-                self._start(member, run, agent)
+                self._start(member, run, agent, request.headers.get("traceparent"))
         except ProtocolError as failure:
             return error(STATUS.get(failure.code, 400), failure.code, failure.message)
 
@@ -422,7 +422,7 @@ class AguiDoor:
             if transaction is not None:
                 transaction.remove_member(member)
 
-    def _start(self, member: AguiMember, run: RunAgentInput, agent: str) -> None:
+    def _start(self, member: AguiMember, run: RunAgentInput, agent: str, traceparent: str | None = None) -> None:
         """Open an AG-UI run: answer the interrupts it resumes, send its user message, or both."""
         transaction = self.hub.transactions.live[member.thread_id]
         text = last_user_text(run)
@@ -439,7 +439,7 @@ class AguiDoor:
         if text is not None and not resuming:
             # Under the client's own message id: the client has the message already, members see it.
             user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
-            runs = transaction.user_message(member, text, user_message)
+            runs = transaction.user_message(member, text, user_message, traceparent)
             member.runs.update(each.id for each in runs)
         elif text is None and not resuming and not member.runs:
             member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}

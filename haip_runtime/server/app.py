@@ -37,6 +37,7 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
 from haip_runtime.llm.metered import metered
+from haip_runtime.observability import tracing
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
@@ -85,6 +86,8 @@ class Runtime:
         self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
 
     async def __aenter__(self) -> Self:
+        if self.config.observability.tracing != "off":
+            tracing.configure(self.config.observability)
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.store)
             await stack.enter_async_context(self.hub)
@@ -105,6 +108,8 @@ class Runtime:
             with anyio.CancelScope(shield=True):
                 for llm in self.llms.values():
                     await llm.aclose()
+            if self.config.observability.tracing != "off":
+                await anyio.to_thread.run_sync(tracing.shutdown)  # exports what is pending
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.
