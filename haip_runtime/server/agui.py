@@ -322,9 +322,11 @@ class AguiDoor:
             principal = await self.door.authenticate(http_credentials(request.scope).first(None))
         except ProtocolError as failure:
             return error(401, failure.code, failure.message)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return error(413, ErrorCode.MESSAGE_TOO_LARGE, f"a RunAgentInput is at most {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:  # refused as it comes, never held whole
+                return error(413, ErrorCode.MESSAGE_TOO_LARGE, f"a RunAgentInput is at most {MAX_BODY_BYTES} bytes")
         try:
             run = RunAgentInput.model_validate_json(body)
         except ValidationError as invalid:
@@ -376,16 +378,21 @@ class AguiDoor:
         thread = run.thread_id
         if not thread or len(thread) > 128:
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 characters")
+        found = await hub.transactions.find(thread, principal)
+        taken = found is None and await hub.store.transaction(thread) is not None
+        # No await from here on: two first runs of one thread at once make one transaction, one member.
+        if found is None:
+            found = hub.transactions.live.get(thread)
+            taken = taken or (found is not None and not hub.transactions.may_see(found.users, principal))
+        if taken:
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
+        if found is not None and (not isinstance(found, Transaction) or found.ended):
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
         key = (thread, principal.user)
         member = self.members.get(key)
         if member is not None:
             member.principal = principal  # the newest token's rights
             self.members.move_to_end(key)
-        found = await hub.transactions.find(thread, principal)
-        if found is None and (thread in hub.transactions.live or await hub.store.transaction(thread) is not None):
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
-        if found is not None and (not isinstance(found, Transaction) or found.ended):
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
         check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
         if member is None:
             member = AguiMember(principal, thread)

@@ -335,3 +335,32 @@ async def test_an_input_request_is_an_interrupt_answered_with_the_input(
         assert text_of(events) == "Nice colour."
     finally:
         driver.close()
+
+
+async def test_two_first_runs_of_one_thread_at_once_make_one_transaction(runtime: LiveServer) -> None:
+    thread = f"thread-{uuid.uuid4()}"
+    headers = {"authorization": f"Bearer {runtime.token('alice')}"}
+    statuses: list[int] = []
+
+    async def first_run(number: int) -> None:
+        body = {
+            "threadId": thread,
+            "runId": f"r{number}",
+            "messages": [{"id": f"m{number}", "role": "user", "content": "hi"}],
+        }
+        async with httpx.AsyncClient(base_url=runtime.http_url, headers=headers) as http:
+            statuses.append((await http.post("/ag-ui/echo", json=body)).status_code)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_run, 1)
+        tg.start_soon(first_run, 2)
+    assert 200 in statuses and set(statuses) <= {200, 429}  # the second waits its turn, or is told a run is open
+    transaction = runtime.runtime.hub.transactions.live[thread]
+    assert transaction.owner == "alice" and list(transaction.agents) == ["echo"]
+
+
+async def test_a_body_past_the_limit_is_refused_before_it_is_read_whole(runtime: LiveServer) -> None:
+    headers = {"authorization": f"Bearer {runtime.token('alice')}", "content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=runtime.http_url) as http:
+        answer = await http.post("/ag-ui/echo", content=b"[" + b" " * (5 * 1024 * 1024) + b"]", headers=headers)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "MESSAGE_TOO_LARGE"
