@@ -19,7 +19,8 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
         if schema is not None and isinstance(envelope.payload, dict):
             parse_payload(envelope, schema)
     transaction.admit_runs(session, len(transaction.agents), envelope.id)
-    traceparent = (envelope.model_extra or {}).get("traceparent")  # a client's trace, continued by the runs
+    # A client's trace, continued by the runs: the envelope's own, else that of the request that opened the stream.
+    traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
     transaction.user_message(
         session, message.text, envelope.payload_dict, traceparent if isinstance(traceparent, str) else None
     )

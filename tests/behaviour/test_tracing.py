@@ -20,7 +20,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from haip_runtime.client.haip_client import HaipClient
 from haip_runtime.config.models import ObservabilityConfig
 from haip_runtime.observability import tracing
+from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.support.otlp_receiver import otlp_receiver
+from tests.support.peers import open_peer
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 from tests.support.vendor import Reply, VendorServer, openai_text, openai_tool_call, vendor_server
 
@@ -151,3 +153,25 @@ async def test_the_otlp_http_exporter_sends_the_trace_to_a_collector(vendor: Ven
     [tool] = [span for span in receiver.spans if span.name == "execute_tool demo.add"]
     assert tool.parent_id == agent.span_id
     assert [span.name for span in receiver.spans if span.parent_id == tool.span_id] == ["MCP send tools/call add"]
+
+
+@pytest.mark.parametrize("kind", ["stream", "sse"])
+async def test_a_traceparent_header_on_the_streaming_and_sse_doors_continues_the_clients_trace(kind: str) -> None:
+    exporter = InMemorySpanExporter()
+    tracing.configure(ObservabilityConfig(tracing="otlp"), exporter=exporter)
+    header = {"traceparent": f"00-{AGUI_TRACE_ID}-{CLIENT_SPAN}-01"}
+    try:
+        with live_server(make_config()) as live:
+            async with open_peer(kind, live, live.token("alice"), headers=header) as peer:
+                await peer.receive()
+                await peer.hai(live.token("alice"), accept_events=[*sorted(TRANSACTION_ERA_EVENTS), "RUN_FINISHED"])
+                await peer.receive_type("INFO")
+                await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+                tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+                await peer.send("MESSAGE", "hello", transaction=tx, channel="USER")
+                await peer.receive_type("RUN_FINISHED")
+    finally:
+        tracing.shutdown()
+    agent = one(list(exporter.get_finished_spans()), "invoke_agent echo")
+    assert agent.context is not None and agent.parent is not None
+    assert f"{agent.context.trace_id:032x}" == AGUI_TRACE_ID and f"{agent.parent.span_id:016x}" == CLIENT_SPAN
