@@ -15,7 +15,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, EventType
-from haip_runtime.server.agui import AguiMember, check_resume, last_user_text, tool_text
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(AguiEvent)
 
