@@ -22,6 +22,7 @@ from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import AgentConfig
 from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.llm.provider import HistoryEntry, Provider
+from haip_runtime.observability import tracing
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode, ToolOutcome
 from haip_runtime.tools.proxy import Emit, ToolCallResult, ToolProxy, ToolView
@@ -308,17 +309,18 @@ class Turn:
         self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
         status, text = ToolOutcome.CANCELLED, "the call was cancelled"
         try:
-            result = await services.tools.call(
-                name,
-                args,
-                transaction_id=self.transaction_id,
-                run_id=self.run_id,
-                allowed_servers=services.tool_servers,
-                caller=self.agent,
-                emit=self._emit,
-                permissions=services.permissions,
-                call_id=call_id,
-            )
+            with tracing.tool_span(name, call_id):
+                result = await services.tools.call(
+                    name,
+                    args,
+                    transaction_id=self.transaction_id,
+                    run_id=self.run_id,
+                    allowed_servers=services.tool_servers,
+                    caller=self.agent,
+                    emit=self._emit,
+                    permissions=services.permissions,
+                    call_id=call_id,
+                )
             status, text = result.status, result.model_text
             return result
         finally:

@@ -366,6 +366,15 @@ class ObservabilityConfig(Model):
     metrics: bool = True
     """Serve Prometheus metrics at `GET /metrics` (unauthenticated, like `/health`: bind it to a private
     interface or turn it off where the counts themselves are sensitive)."""
+    tracing: Literal["off", "otlp"] = "off"
+    """`otlp`: OpenTelemetry traces (one per run: model requests and tool calls) sent over OTLP/HTTP;
+    needs the `otel` extra. `off` costs nothing."""
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    """Where traces are sent (an OTLP/HTTP collector's traces URL)."""
+    service_name: str = "haip-runtime"
+    """The `service.name` of the traces."""
+    sampling_ratio: float = Field(default=1.0, ge=0, le=1)
+    """The share of runs traced (a client's sampled `traceparent` is always followed)."""
 
 
 class HaipConfig(Model):

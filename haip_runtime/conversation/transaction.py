@@ -27,6 +27,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import Run, RunLimit
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.provider import HistoryEntry
+from haip_runtime.observability import tracing
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome
@@ -60,6 +61,7 @@ class _Queued:
     member: Member
     text: str
     payload: dict[str, Any]
+    traceparent: str | None = None
 
 
 class Transaction:
@@ -230,13 +232,20 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
-    def user_message(self, member: Member, text: str, payload: dict[str, Any], related_id: str = "") -> list[Run]:
+    def user_message(
+        self,
+        member: Member,
+        text: str,
+        payload: dict[str, Any],
+        related_id: str = "",
+        traceparent: str | None = None,
+    ) -> list[Run]:
         """Forward a user's message to the other members and start a turn for every agent.
 
         A message for which ``member`` has no room (or that follows one of theirs still waiting) waits
         in the transaction's queue (``INFO run.queued``) and its turns start, in order, when runs end;
         past the queue's bound it is ``RUN_LIMIT_EXCEEDED``, with nothing published. Returns the runs
-        started now (none if it waits)."""
+        started now (none if it waits). ``traceparent`` is the client's trace, which the runs continue."""
         wanted = len(self.agents)
         waits = bool(wanted) and (
             not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
@@ -247,8 +256,8 @@ class Transaction:
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
         if not waits:
-            return self._answer(member, text, {**payload, "message_id": message_id})
-        self._queue.append(_Queued(member, text, {**payload, "message_id": message_id}))
+            return self._answer(member, text, {**payload, "message_id": message_id}, traceparent)
+        self._queue.append(_Queued(member, text, {**payload, "message_id": message_id}, traceparent))
         self.run_limit.wait(member, self.id, self._drain)
         queued = {
             "event": "run.queued",
@@ -259,10 +268,10 @@ class Transaction:
         self.publish(Event(EventType.INFO, queued, channel=Channel.AGENT))
         return []
 
-    def _answer(self, member: Member, text: str, payload: dict[str, Any]) -> list[Run]:
+    def _answer(self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None) -> list[Run]:
         message_id = str(payload["message_id"])
         self.history.append(HistoryEntry("user", member.user, text, message_id))
-        runs = [self.start_run(slot, member, text, payload, "on_message") for slot in self.agents.values()]
+        runs = [self.start_run(slot, member, text, payload, "on_message", traceparent) for slot in self.agents.values()]
         if not runs:
             self.save()  # otherwise the end of each run saves (the log has the message meanwhile)
         return runs
@@ -278,7 +287,7 @@ class Transaction:
                 continue
             if self.run_limit.room(waiting.member, len(self.agents)):
                 self._queue.remove(waiting)
-                self._answer(waiting.member, waiting.text, waiting.payload)
+                self._answer(waiting.member, waiting.text, waiting.payload, waiting.traceparent)
             else:
                 blocked.add(waiting.member.id)
                 self.run_limit.wait(waiting.member, self.id, self._drain)
@@ -296,13 +305,21 @@ class Transaction:
                 return True
         return False
 
-    def start_run(self, slot: AgentSlot, member: Member | None, text: str, payload: dict[str, Any], hook: str) -> Run:
+    def start_run(
+        self,
+        slot: AgentSlot,
+        member: Member | None,
+        text: str,
+        payload: dict[str, Any],
+        hook: str,
+        traceparent: str | None = None,
+    ) -> Run:
         run = Run(id=new_id(), agent=slot.name, member=member)
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
         turn = self._turn(slot, run, text, payload, member)
-        self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers)
+        self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers, traceparent)
         return run
 
     def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
@@ -329,14 +346,19 @@ class Transaction:
         )
 
     async def _execute(
-        self, run: Run, hook: Callable[[Turn], Awaitable[None]], turn: Turn, servers: tuple[str, ...] = ()
+        self,
+        run: Run,
+        hook: Callable[[Turn], Awaitable[None]],
+        turn: Turn,
+        servers: tuple[str, ...] = (),
+        traceparent: str | None = None,
     ) -> None:
         started = {"run_id": run.id, "agent": run.agent}
         if turn.payload.get("message_id"):
             started["message_id"] = str(turn.payload["message_id"])  # the message it answers (it may have waited)
         self.publish(Event(EventType.RUN_STARTED, started, channel=Channel.AGENT, run_id=run.id))
         try:
-            with run.scope:
+            with run.scope, tracing.agent_span(run.agent, self.id, run.id, traceparent):
                 if servers and self._ready is not None:
                     await self._ready(servers)  # the agent is offered the tools of servers still connecting
                 await hook(turn)

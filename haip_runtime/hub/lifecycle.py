@@ -9,8 +9,11 @@ in between; an end stops the turns and lets the transaction leave memory.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from haip_runtime.agents.api import Agent
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
@@ -38,22 +41,39 @@ async def transaction_start(ctx: HubContext, session: Session, envelope: Envelop
             f"no agent named {request.agent_name!r}",
             related_id=envelope.transaction or envelope.id,
         )
-    ctx.transactions.check_room(session.user, envelope.id)
-    transaction = ctx.transactions.new(session.user, request.thread_id or envelope.thread_id)
-    slot = ctx.transactions.slot(spec, transaction, session.user, request.params)  # a failing plugin costs nothing
-    logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)
-    transaction.add_member(session)
+    thread_id = request.thread_id or envelope.thread_id
+    begin(ctx, session, spec, thread_id, request.params, envelope.transaction, envelope.id)
+
+
+def begin(
+    ctx: HubContext,
+    member: Member,
+    spec: AgentSpec,
+    thread_id: str | None,
+    params: dict[str, Any],
+    reference: str | None,
+    related_id: str,
+    id: str | None = None,
+) -> Transaction:
+    """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
+    TRANSACTION_START does, for every door (the AG-UI door starts threads through it too)."""
+    ctx.transactions.check_room(member.user, related_id)
+    transaction = ctx.transactions.new(member.user, thread_id, id=id)
+    slot = ctx.transactions.slot(spec, transaction, member.user, params)  # a failing plugin costs nothing
+    logger.info("transaction %s started by %r with agent %r", transaction.id, member.user, spec.name)
+    transaction.add_member(member)
     transaction.add_agent(slot)
     ctx.transactions.add(transaction)
-    reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
+    reply = p.TransactionStarted(referenceId=reference, agent=spec.name, thread_id=transaction.thread_id)
     transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
     ctx.send_tool_list(transaction)
-    greet(transaction, slot, session)
+    greet(transaction, slot, member)
+    return transaction
 
 
-def greet(transaction: Transaction, slot: AgentSlot, session: Session) -> None:
+def greet(transaction: Transaction, slot: AgentSlot, member: Member) -> None:
     if type(slot.instance).on_start is not Agent.on_start:
-        transaction.start_run(slot, session, "", {}, "on_start")
+        transaction.start_run(slot, member, "", {}, "on_start")
 
 
 async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -75,7 +95,7 @@ async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope
         )
     transaction = found
     if request.agent:
-        await add_agent(ctx, session, envelope, transaction, request.agent)
+        await add_agent(ctx, session, envelope.id, transaction, request.agent)
         return
     transaction.check_room(session, envelope.id)
     history, omitted = await transaction.catch_up(since)
@@ -130,26 +150,26 @@ def waiting_calls(ctx: HubContext, transaction: Transaction) -> list[Event]:
     ]
 
 
-async def add_agent(ctx: HubContext, session: Session, envelope: Envelope, transaction: Transaction, name: str) -> None:
+async def add_agent(ctx: HubContext, member: Member, related_id: str, transaction: Transaction, name: str) -> None:
     spec = ctx.agents.get(name)
     if spec is None:
-        raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {name!r}", related_id=envelope.id)
-    if not session.principal.permissions.may_start(name):
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {name!r}", related_id=envelope.id)
-    if not transaction.is_member(session):
+        raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {name!r}", related_id=related_id)
+    if not member.principal.permissions.may_start(name):
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {name!r}", related_id=related_id)
+    if not transaction.is_member(member):
         raise ProtocolError(
             ErrorCode.TRANSACTION_NOT_FOUND,
             f"join transaction {transaction.id} before adding an agent to it",
-            related_id=envelope.id,
+            related_id=related_id,
         )
-    slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction, session.user, {})
+    slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction, member.user, {})
     if slot is not None:
         transaction.add_agent(slot)
     joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
     transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()))
     if slot is not None:
         ctx.send_tool_list(transaction)
-        greet(transaction, slot, session)
+        greet(transaction, slot, member)
 
 
 async def transaction_end(ctx: HubContext, session: Session, envelope: Envelope) -> None:

@@ -24,7 +24,10 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
         schema = slot.instance.input_schema
         if schema is not None and isinstance(envelope.payload, dict):
             parse_payload(envelope, schema)
-    transaction.user_message(session, message.text, envelope.payload_dict, envelope.id)
+    # A client's trace, continued by the runs: the envelope's own, else that of the request that opened the stream.
+    traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
+    trace = traceparent if isinstance(traceparent, str) else None
+    transaction.user_message(session, message.text, envelope.payload_dict, envelope.id, trace)
 
 
 def answered_in_words(

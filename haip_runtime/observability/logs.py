@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from haip_runtime.config.models import ObservabilityConfig
+from haip_runtime.observability import tracing
 
 REDACTED = "<redacted>"
 _PATTERNS = (
@@ -88,6 +89,15 @@ def limit_logger(name: str, limit: int = 5, window: float = 60.0) -> None:
         logger.addFilter(LogBudget(limit, window))
 
 
+class TraceIds(logging.Filter):
+    """Puts the current span's ``trace_id`` and ``span_id`` on each record ("-" outside a span)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = tracing.current_ids()
+        record.trace_id, record.span_id = ids if ids is not None else ("-", "-")
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         body = {
@@ -96,6 +106,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "-")
+        if trace_id != "-":
+            body["trace_id"], body["span_id"] = trace_id, getattr(record, "span_id", "-")
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
         return json.dumps(body, ensure_ascii=False)
@@ -104,10 +117,14 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redactor(secrets))
+    traced = config.tracing != "off"
+    if traced:
+        handler.addFilter(TraceIds())
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        ids = " [trace=%(trace_id)s span=%(span_id)s]" if traced else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s %(name)s{ids}: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -3,7 +3,7 @@
 ``Runtime`` owns the long-lived parts (store, hub, authenticator, tool proxy, LLM providers) for
 the lifetime of an ``async with``; ``create_app`` wraps it in a Starlette app whose lifespan enters
 it. Routes: ``/haip/websocket`` and ``/`` (WebSocket), ``/haip/sse`` (SSE), ``/haip/stream`` (HTTP
-streaming), ``/health``, ``/metrics`` (Prometheus, unless ``observability.metrics`` is off),
+streaming), ``/ag-ui/{agent}`` (AG-UI), ``/health``, ``/metrics`` (Prometheus, unless ``observability.metrics`` is off),
 ``/haip/transactions`` (REST history), and the browser playground at ``/`` (``haip_runtime.server.playground``).
 """
 
@@ -37,9 +37,11 @@ from haip_runtime.exceptions import ConfigError
 from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
 from haip_runtime.llm.metered import metered
+from haip_runtime.observability import tracing
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
+from haip_runtime.server.agui import AguiDoor
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
@@ -87,6 +89,8 @@ class Runtime:
         self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
 
     async def __aenter__(self) -> Self:
+        if self.config.observability.tracing != "off":
+            tracing.configure(self.config.observability)
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.store)
             await stack.enter_async_context(self.hub)
@@ -107,6 +111,8 @@ class Runtime:
             with anyio.CancelScope(shield=True):
                 for llm in self.llms.values():
                     await llm.aclose()
+            if self.config.observability.tracing != "off":
+                await anyio.to_thread.run_sync(tracing.shutdown)  # exports what is pending
 
     async def _run_bridge(self) -> None:
         """Own the MCP bridge for the runtime's lifetime, without delaying the HTTP listener.
@@ -228,6 +234,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         Route("/health", health),
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
         *haip_routes(rt.doorway()),
+        *AguiDoor(rt.doorway(), rt.hub).routes(),
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]

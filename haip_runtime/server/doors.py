@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -88,7 +89,7 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         principal = await caller(scope, send)
         if principal is None:
             return
-        link = Link("sse", http_credentials(scope), resume=resume_hint(scope))
+        link = Link("sse", http_credentials(scope), resume=resume_hint(scope), traceparent=traceparent(scope))
         transport = SseTransport(link, principal.user, send, receive, registry)
         transport.keepalive_seconds = min(KEEPALIVE_SECONDS, config.session.heartbeat_interval_seconds / 2)
         await door.serve(transport)
@@ -131,7 +132,7 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
 
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         if not await refused(scope, send):
-            link = Link("stream", http_credentials(scope))
+            link = Link("stream", http_credentials(scope), traceparent=traceparent(scope))
             await door.serve(StreamTransport(link, send, receive, max_frame_bytes=config.server.max_frame_bytes))
 
     return [
@@ -141,3 +142,8 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         Route("/haip/sse/{session}", Asgi(post_sse), methods=["POST"]),
         Route("/haip/stream", Asgi(stream), methods=["POST"]),
     ]
+
+
+def traceparent(scope: Scope) -> str | None:
+    """The W3C ``traceparent`` header of an HTTP door's request: a trace the client's messages continue."""
+    return Headers(scope=scope).get("traceparent")

@@ -90,6 +90,8 @@ class Session:
         self.outbox: Outbox | None = None
         #: The deadlines of the connection serving it (``watch``), if one does.
         self.liveness: Liveness | None = None
+        #: The client's trace, from the request that opened its connection (``Link.traceparent``).
+        self.traceparent: str | None = None
         self.limits = limits or LimitsConfig()
         self._rate: TokenBucket | None = None  # made with the first inbound envelope
         self._tool_calls = 0
@@ -363,6 +365,7 @@ class Session:
         """Start the deadlines of the connection now serving this session (heartbeat, token expiry, gaps)."""
         assert self.outbox is not None
         self.unwatch()
+        self.traceparent = link.traceparent
         self.liveness = Liveness(self, timers, self.outbox, link)
         self.liveness.start()
 

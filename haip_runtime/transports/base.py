@@ -124,6 +124,8 @@ class Link:
     watches_liveness: bool = False
     #: A resume asked for outside a HAI: ``(session id, last seq received)`` (SSE ``Last-Event-ID``).
     resume: tuple[str, int] | None = None
+    #: A W3C ``traceparent`` the request that opened it carried (SSE, HTTP streaming): the client's trace.
+    traceparent: str | None = None
 
 
 class Transport(Protocol):

@@ -1,0 +1,226 @@
+"""The AG-UI route: ``POST /ag-ui/{agent}``. Checks the caller as the HAIP doors do, finds or starts
+the thread's transaction through the hub's own paths, opens the AG-UI run (a message, answers to
+interrupts, or both) and streams the member's journal as SSE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ag_ui.core import RunAgentInput
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.hub import lifecycle
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import ErrorCode, EventType
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text
+from haip_runtime.transports.http import http_credentials, refused_origin
+
+if TYPE_CHECKING:
+    from haip_runtime.hub.router import Hub
+    from haip_runtime.server.doors import Doorway
+
+logger = logging.getLogger(__name__)
+
+#: AG-UI members kept (one per thread and user); the least recently used leaves its transaction past this.
+MAX_MEMBERS = 4096
+#: The largest RunAgentInput taken (it carries the client's whole message history).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: The HTTP status of each error a request is refused with (others: 400).
+STATUS = {
+    ErrorCode.UNAUTHORIZED: 403,
+    ErrorCode.AGENT_NOT_FOUND: 404,
+    ErrorCode.TRANSACTION_NOT_FOUND: 404,
+    ErrorCode.RESUME_FAILED: 404,
+    ErrorCode.REPLAY_TOO_OLD: 410,
+    ErrorCode.RUN_LIMIT_EXCEEDED: 429,
+    ErrorCode.RATE_LIMITED: 429,
+}
+
+
+def error(status: int, code: str, message: str, where: str | None = None) -> JSONResponse:
+    body = error_body(code, message)
+    if where is not None:
+        body["detail"] = {"where": where}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class AguiDoor:
+    """The AG-UI route and the AG-UI members of every thread."""
+
+    def __init__(self, door: Doorway, hub: Hub) -> None:
+        self.door = door
+        self.hub = hub
+        self.members: OrderedDict[tuple[str, str], AguiMember] = OrderedDict()
+
+    def routes(self) -> list[BaseRoute]:
+        return [Route("/ag-ui/{agent}", self.run, methods=["POST"])]
+
+    async def run(self, request: Request) -> Response:
+        if refused_origin(request.scope, self.door.config.server.allowed_origins):
+            return error(403, ErrorCode.UNAUTHORIZED, "origin not allowed")
+        try:
+            principal = await self.door.authenticate(http_credentials(request.scope).first(None))
+        except ProtocolError as failure:
+            return error(401, failure.code, failure.message)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:  # refused as it comes, never held whole
+                return error(413, ErrorCode.MESSAGE_TOO_LARGE, f"a RunAgentInput is at most {MAX_BODY_BYTES} bytes")
+        try:
+            run = RunAgentInput.model_validate_json(body)
+        except ValidationError as invalid:
+            first = invalid.errors()[0]
+            where = "/" + "/".join(str(part) for part in first["loc"])
+            return error(400, ErrorCode.INVALID_PAYLOAD, f"not an AG-UI RunAgentInput: {first['msg']}", where)
+        agent = request.path_params["agent"]
+        try:
+            member = await self._member(principal, agent, run)
+            after = self._last_event_id(request, member)
+            if after is None:
+                if member.run_id is not None:
+                    raise ProtocolError(
+                        ErrorCode.RUN_LIMIT_EXCEEDED, f"a run is already open on thread {run.thread_id!r}"
+                    )
+                after = member.last_id
+                self._start(member, run, agent, request.headers.get("traceparent"))
+        except ProtocolError as failure:
+            return error(STATUS.get(failure.code, 400), failure.code, failure.message)
+
+        async def stream() -> AsyncIterator[str]:
+            async for frame in member.frames(after):
+                yield frame
+
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    def _last_event_id(self, request: Request, member: AguiMember) -> int | None:
+        """The SSE id a reconnecting client saw last (``<thread>:<n>`` or ``n``); ``None`` for a new run."""
+        header = request.headers.get("last-event-id")
+        if header is None:
+            return None
+        number = header.rpartition(":")[2]
+        if not number.isdecimal() or int(number) > member.last_id:
+            raise ProtocolError(ErrorCode.RESUME_FAILED, f"Last-Event-ID {header!r} is not one this thread sent")
+        oldest = member.journal[0][0] if member.journal else member.last_id + 1
+        if int(number) + 1 < oldest:
+            raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"events after {header!r} are no longer kept")
+        return int(number)
+
+    async def _member(self, principal: Principal, agent: str, run: RunAgentInput) -> AguiMember:
+        """The AG-UI member of this thread for this user, with the thread's transaction live and open."""
+        hub = self.hub
+        spec = hub.agents.get(agent)
+        if spec is None:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {agent!r}")
+        if not principal.permissions.may_start(agent):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {agent!r}")
+        thread = run.thread_id
+        if not thread or len(thread) > 128:
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 characters")
+        found = await hub.transactions.find(thread, principal)
+        taken = found is None and await hub.store.transaction(thread) is not None
+        # No await from here on: two first runs of one thread at once make one transaction, one member.
+        if found is None:
+            found = hub.transactions.live.get(thread)
+            taken = taken or (found is not None and not hub.transactions.may_see(found.users, principal))
+        if taken:
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
+        if found is not None and (not isinstance(found, Transaction) or found.ended):
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
+        key = (thread, principal.user)
+        member = self.members.get(key)
+        if member is not None:
+            member.principal = principal  # the newest token's rights
+            self.members.move_to_end(key)
+        check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
+        if member is None:
+            member = AguiMember(principal, thread)
+            member.on_idle = self._idle
+            self.members[key] = member
+            while len(self.members) > MAX_MEMBERS:
+                self._forget(self.members.popitem(last=False)[1])
+        if found is None:
+            lifecycle.begin(hub.context, member, spec, None, {}, thread, run.run_id, id=thread)
+        elif isinstance(found, Transaction):
+            if not found.is_member(member):
+                found.check_room(member, run.run_id)
+                if found.add_member(member):
+                    joined = p.TransactionJoined(members=found.member_users, agents=list(found.agents))
+                    announce = {**joined.dump(), "joined": member.user}
+                    found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
+            if agent not in found.agents:
+                await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
+        return member
+
+    def _idle(self, member: AguiMember) -> None:
+        """Between runs the AG-UI user leaves the transaction (so an idle one can leave memory), and
+        joins again with the next run. After the event being published now: the hub runs it next."""
+
+        async def leave() -> None:
+            if member.idle:
+                self._forget(member)
+
+        self.hub.spawn(leave)
+
+    def _forget(self, member: AguiMember) -> None:
+        for transaction_id in list(member.transactions):
+            transaction = self.hub.transactions.live.get(transaction_id)
+            if transaction is not None:
+                transaction.remove_member(member)
+
+    def _start(self, member: AguiMember, run: RunAgentInput, agent: str, traceparent: str | None = None) -> None:
+        """Open an AG-UI run: answer the interrupts it resumes, send its user message, or both."""
+        transaction = self.hub.transactions.live[member.thread_id]
+        text = last_user_text(run)
+        resuming = bool(run.resume)
+        answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
+        if text is not None and not resuming:
+            transaction.admit_runs(member, len(transaction.agents), run.run_id)
+        member.open(run.run_id)
+        for entry, asked in answers:
+            if asked is None:
+                continue
+            member.interrupts.pop(entry.interrupt_id, None)
+            self._answer(transaction, member, entry.interrupt_id, asked["reason"], entry.status, entry.payload)
+        if text is not None and not resuming:
+            # Under the client's own message id: the client has the message already, members see it.
+            user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
+            runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
+            member.runs.update(each.id for each in runs)
+        elif text is None and not resuming and not member.runs:
+            member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}
+        member.settle()
+
+    def _answer(
+        self, transaction: Transaction, member: AguiMember, call_id: str, reason: str, status: str, payload: Any
+    ) -> None:
+        tools = self.hub.tools
+        if tools is None:
+            return
+        fields = payload if isinstance(payload, dict) else {}
+        if reason == "tool_approval":
+            approved = status == "resolved" and fields.get("approved") is True
+            answer: dict[str, Any] = {"decision": "approve" if approved else "reject"}
+            if fields.get("reason"):
+                answer["reason"] = str(fields["reason"])
+        elif status == "resolved":
+            answer = {"input": fields}
+        else:
+            answer = {"decision": "decline"}
+        try:
+            tools.answer(call_id, transaction.id, member.user, answer, call_id)
+        except ProtocolError as failure:  # answered meanwhile (by a HAIP member) or timed out: it has moved on
+            logger.info("AG-UI resume of %s in %s: %s", call_id, transaction.id, failure.message)

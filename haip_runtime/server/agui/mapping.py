@@ -1,0 +1,259 @@
+"""The AG-UI mapping: ``AguiMember`` turns a transaction's HAIP events into AG-UI 1.0 events.
+
+One member per thread and user, a member of the transaction like a session: it is handed every
+event (``deliver``), maps those of its open AG-UI run (docs/protocol-guide.md section 12 has the
+table), keeps them numbered for ``Last-Event-ID``, and turns approvals and input requests of its
+own runs' tool calls into interrupts. What its runs do while no AG-UI run is open (after an
+interrupt) is held for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from ag_ui.core import (
+    PROTOCOL_VERSION,
+    ActivitySnapshotEvent,
+    BaseEvent,
+    Interrupt,
+    RunAgentInput,
+    RunErrorEvent,
+    RunFinishedEvent,
+    RunStartedEvent,
+    TextMessageContentEvent,
+    TextMessageEndEvent,
+    TextMessageStartEvent,
+    TokenUsage,
+    ToolCallArgsEvent,
+    ToolCallEndEvent,
+    ToolCallResultEvent,
+    ToolCallStartEvent,
+)
+from ag_ui.core.events import RunFinishedCancelledOutcome, RunFinishedInterruptOutcome
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+
+#: AG-UI events a thread keeps for clients that reconnect with ``Last-Event-ID``.
+JOURNAL_EVENTS = 2048
+APPROVAL_SCHEMA = {
+    "type": "object",
+    "properties": {"approved": {"type": "boolean"}, "reason": {"type": "string"}},
+    "required": ["approved"],
+}
+
+
+def dump(event: BaseEvent) -> str:
+    return event.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class AguiMember:
+    """One AG-UI user in one thread: a member of its transaction, turning events into AG-UI's."""
+
+    def __init__(self, principal: Principal, thread_id: str) -> None:
+        self.id = f"ag-ui:{new_id()}"
+        self.principal = principal
+        self.thread_id = thread_id
+        self.transactions: set[str] = set()
+        #: (SSE id, AG-UI event as JSON, whether it ends a run)
+        self.journal: deque[tuple[int, str, bool]] = deque(maxlen=JOURNAL_EVENTS)
+        self.last_id = 0
+        self.run_id: str | None = None  # the AG-UI run open now, if any
+        self.runs: set[str] = set()  # HAIP runs the AG-UI user's messages started, until they end
+        self.interrupts: dict[str, dict[str, Any]] = {}  # interrupt id (= call id) -> what it asked
+        self.calls: set[str] = set()  # tool calls of those runs
+        self.failure: dict[str, Any] | None = None
+        self.output_tokens = 0
+        self.cancelled = False
+        #: AG-UI events made while no AG-UI run is open but our HAIP runs go on (after an interrupt).
+        self.held: deque[BaseEvent] = deque(maxlen=JOURNAL_EVENTS)
+        #: Interrupts that were settled some other way (a HAIP member answered, the call ended).
+        self.settled: deque[str] = deque(maxlen=256)
+        #: Called when the member has become idle (the door lets it leave the transaction).
+        self.on_idle: Callable[[AguiMember], None] | None = None
+        self._changed = anyio.Event()
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+    # --- out: the journal --------------------------------------------------------------------------
+
+    def emit(self, event: BaseEvent, ends: bool = False) -> None:
+        if self.run_id is None:  # our HAIP runs go on between two AG-UI runs: for the next one
+            self.held.append(event)
+            return
+        self.last_id += 1
+        self.journal.append((self.last_id, dump(event), ends))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def frames(self, after: int) -> AsyncIterator[str]:
+        """SSE frames of the journal after id ``after``, live, until one that ends a run."""
+        while True:
+            for number, data, ends in list(self.journal):
+                if number > after:
+                    after = number
+                    yield f"id: {self.thread_id}:{number}\ndata: {data}\n\n"
+                    if ends:
+                        return
+            await self._changed.wait()
+
+    def open(self, run_id: str) -> None:
+        """Start an AG-UI run: RUN_STARTED, then what our HAIP runs did since the last one ended."""
+        self.run_id = run_id
+        self.emit(RunStartedEvent(thread_id=self.thread_id, run_id=run_id, protocol_version=PROTOCOL_VERSION))
+        held, self.held = self.held, deque(maxlen=JOURNAL_EVENTS)
+        for event in held:
+            self.emit(event)
+
+    def close(self, **outcome: Any) -> None:
+        """End the open AG-UI run: finished (with an outcome), or failed if a HAIP run failed."""
+        run_id = self.run_id
+        if run_id is None:
+            return
+        usage = [TokenUsage(output_tokens=self.output_tokens)] if self.output_tokens else None
+        if self.failure is not None:
+            self.emit(RunErrorEvent(message=self.failure["message"], code=self.failure["code"], usage=usage), True)
+        else:
+            self.emit(RunFinishedEvent(thread_id=self.thread_id, run_id=run_id, usage=usage, **outcome), True)
+        self.run_id, self.failure, self.cancelled, self.output_tokens = None, None, False, 0
+        if self.idle and self.on_idle is not None:
+            self.on_idle(self)
+
+    @property
+    def idle(self) -> bool:
+        """No AG-UI run open and nothing of ours going on or waiting: the user has left, for now."""
+        return self.run_id is None and not self.runs and not self.interrupts
+
+    def settle(self) -> None:
+        """Close the open run if nothing is left for it: it waits on interrupts, or its runs ended."""
+        if self.run_id is None:
+            return
+        if self.interrupts:
+            interrupts = [Interrupt(**asked) for asked in self.interrupts.values()]
+            self.close(outcome=RunFinishedInterruptOutcome(interrupts=interrupts))
+        elif not self.runs:
+            self.close(outcome=RunFinishedCancelledOutcome()) if self.cancelled else self.close()
+
+    # --- in: the transaction's events --------------------------------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
+        kind = event.type
+        if kind in (EventType.RUN_FINISHED, EventType.RUN_ERROR) and event.run_id in self.runs:
+            self.runs.discard(event.run_id)
+            self.cancelled = self.cancelled or payload.get("status") == "CANCELLED"
+            if kind == EventType.RUN_ERROR:
+                self.failure = {"code": payload.get("code"), "message": payload.get("message") or "the run failed"}
+            self.settle()
+            return
+        if kind == EventType.TOOL_UPDATE and payload.get("call_id") in self.calls:
+            self._tool_update(payload)
+        if self.run_id is None and not self.runs:
+            return  # between AG-UI runs, nothing of ours going on: the transaction's log has it
+        if kind == EventType.MESSAGE:
+            role = "user" if event.channel == Channel.USER else "assistant"
+            message_id = str(payload.get("message_id") or event.id)
+            self.emit(TextMessageStartEvent(message_id=message_id, role=role))
+            self.emit(TextMessageContentEvent(message_id=message_id, delta=str(payload.get("text", ""))))
+            self.emit(TextMessageEndEvent(message_id=message_id))
+        elif kind == EventType.MESSAGE_START:
+            self.emit(TextMessageStartEvent(message_id=payload["message_id"], role="assistant"))
+        elif kind == EventType.MESSAGE_PART:
+            self.emit(TextMessageContentEvent(message_id=payload["message_id"], delta=payload.get("text", "")))
+        elif kind == EventType.MESSAGE_END:
+            self.output_tokens += int(payload.get("tokens") or 0)
+            self.emit(TextMessageEndEvent(message_id=payload["message_id"]))
+        elif kind == EventType.TOOL_CALL:
+            call_id = str(payload["call_id"])
+            if event.run_id in self.runs:
+                self.calls.add(call_id)
+            self.emit(ToolCallStartEvent(tool_call_id=call_id, tool_call_name=payload["tool"]))
+            self.emit(ToolCallArgsEvent(tool_call_id=call_id, delta=json.dumps(payload.get("params") or {})))
+            self.emit(ToolCallEndEvent(tool_call_id=call_id))
+        elif kind == EventType.TOOL_UPDATE and "status" in payload:
+            content = {k: payload[k] for k in ("call_id", "status", "progress", "total", "message") if k in payload}
+            activity = ActivitySnapshotEvent(
+                message_id=f"tool-{payload['call_id']}", activity_type="tool_progress", content=content
+            )
+            self.emit(activity)
+        elif kind == EventType.TOOL_DONE:
+            self.calls.discard(str(payload["call_id"]))
+            self._settle_interrupt(str(payload["call_id"]))
+            result = payload.get("result") if payload.get("status") == "OK" else payload.get("error")
+            text = tool_text(result, payload.get("status", ""))
+            self.emit(
+                ToolCallResultEvent(message_id=new_id(), tool_call_id=payload["call_id"], content=text, role="tool")
+            )
+        if kind == EventType.TOOL_UPDATE:
+            self.settle()
+
+    def _tool_update(self, payload: dict[str, Any]) -> None:
+        """An approval or input request of one of our calls becomes an interrupt; any other status ends it."""
+        call_id = str(payload["call_id"])
+        status = payload.get("status")
+        if status == "AWAITING_APPROVAL":
+            message = payload.get("message") or "approve this tool call?"
+            asked = {"reason": "tool_approval", "response_schema": APPROVAL_SCHEMA, "message": message}
+        elif status == "INPUT_REQUIRED":
+            request = payload.get("request") or {}
+            schema = request.get("schema") if isinstance(request.get("schema"), dict) else {"type": "object"}
+            asked = {"reason": "input_required", "response_schema": schema, "message": request.get("message")}
+        else:
+            self._settle_interrupt(call_id)
+            return
+        self.interrupts[call_id] = {"id": call_id, "tool_call_id": call_id, **asked}
+
+    def _settle_interrupt(self, call_id: str) -> None:
+        if self.interrupts.pop(call_id, None) is not None:
+            self.settled.append(call_id)
+
+
+def tool_text(result: Any, status: str) -> str:
+    """A TOOL_CALL_RESULT's content: the MCP result's text blocks, else the result as JSON."""
+    if isinstance(result, dict) and isinstance(result.get("content"), list):
+        texts = [block.get("text", "") for block in result["content"] if isinstance(block, dict)]
+        if any(texts):
+            return "\n".join(texts)
+    if result is None:
+        return status
+    return result if isinstance(result, str) else json.dumps(result)
+
+
+def last_user_text(request: RunAgentInput) -> str | None:
+    """The text of the newest user message (the transaction keeps the rest of the conversation)."""
+    for message in reversed(request.messages):
+        if message.role == "user":
+            content = message.content
+            if isinstance(content, str):
+                return content
+            return "".join(getattr(part, "text", "") for part in content)
+    return None
+
+
+def last_user_id(request: RunAgentInput) -> str | None:
+    users = [message for message in request.messages if message.role == "user"]
+    return str(users[-1].id) if users and users[-1].id else None
+
+
+def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
+    """Every resume entry answers an interrupt of this thread, open or settled meanwhile (by a HAIP
+    member, or its call ended); edited arguments are refused (no approval policy permits them)."""
+    for entry in run.resume or ():
+        asked = member.interrupts.get(entry.interrupt_id) if member is not None else None
+        if asked is None:
+            if member is not None and entry.interrupt_id in member.settled:
+                continue
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
+        payload = entry.payload if isinstance(entry.payload, dict) else {}
+        if asked["reason"] == "tool_approval" and "editedArgs" in payload:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
+            )

@@ -1,0 +1,176 @@
+"""The AG-UI mapping in memory: an ``AguiMember`` handed HAIP events, and what AG-UI events it makes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+from ag_ui.core import Event as AguiEvent
+from ag_ui.core import RunAgentInput
+from pydantic import TypeAdapter
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import Channel, EventType
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text
+
+EVENTS: TypeAdapter[Any] = TypeAdapter(AguiEvent)
+
+
+def member() -> AguiMember:
+    return AguiMember(Principal("alice"), "thread-1")
+
+
+def sent(agui: AguiMember, after: int = 0) -> list[dict[str, Any]]:
+    """The AG-UI events in the journal after ``after``, each validated against the protocol's models."""
+    events = [json.loads(data) for number, data, _ends in agui.journal if number > after]
+    for event in events:
+        EVENTS.validate_python(event)
+    return events
+
+
+def haip(type: str, payload: dict[str, Any], run_id: str | None = "r1", channel: str = Channel.AGENT) -> Event:
+    return Event(type, payload, channel=channel, run_id=run_id)
+
+
+def test_a_failed_haip_run_ends_the_ag_ui_run_with_run_error_and_the_usage_so_far() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "partial"}))
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "m1", "tokens": 7}))
+    agui.deliver(haip(EventType.RUN_ERROR, {"run_id": "r1", "code": "LLM_TIMEOUT", "message": "too slow"}))
+    events = sent(agui)
+    assert [e["type"] for e in events][-1] == "RUN_ERROR"
+    assert events[-1] == {
+        "type": "RUN_ERROR",
+        "message": "too slow",
+        "code": "LLM_TIMEOUT",
+        "usage": [{"outputTokens": 7}],
+    }
+    assert agui.run_id is None and agui.failure is None  # the next run starts clean
+
+
+def test_a_cancelled_run_finishes_with_the_cancelled_outcome() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "CANCELLED"}))
+    assert sent(agui)[-1]["outcome"] == {"type": "cancelled"}
+
+
+def test_another_members_message_is_a_user_text_message_and_nothing_is_sent_between_runs() -> None:
+    agui = member()
+    agui.deliver(haip(EventType.MESSAGE, {"text": "early", "author": "bob"}, None, Channel.USER))
+    assert sent(agui) == []  # no AG-UI run open and none of ours going on
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.MESSAGE, {"text": "hi all", "author": "bob", "message_id": "b1"}, None, Channel.USER))
+    events = sent(agui)[1:]
+    assert [(e["type"], e.get("role"), e.get("delta")) for e in events] == [
+        ("TEXT_MESSAGE_START", "user", None),
+        ("TEXT_MESSAGE_CONTENT", None, "hi all"),
+        ("TEXT_MESSAGE_END", None, None),
+    ]
+
+
+def test_a_failed_tool_call_result_carries_its_error_and_progress_is_an_activity() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.fail", "server": "demo", "params": {}}))
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "RUNNING", "progress": 1, "total": 2}))
+    error = {"code": "TOOL_ERROR", "message": "this tool always fails"}
+    agui.deliver(haip(EventType.TOOL_DONE, {"call_id": "c1", "status": "ERROR", "error": error}))
+    events = sent(agui)
+    [activity] = [e for e in events if e["type"] == "ACTIVITY_SNAPSHOT"]
+    assert activity["content"] == {"call_id": "c1", "status": "RUNNING", "progress": 1, "total": 2}
+    [result] = [e for e in events if e["type"] == "TOOL_CALL_RESULT"]
+    assert json.loads(result["content"]) == error and result["role"] == "tool"
+
+
+def test_what_our_runs_do_between_two_ag_ui_runs_is_sent_in_the_next() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.add", "params": {"a": 1}}))
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "AWAITING_APPROVAL"}))
+    first = sent(agui)
+    assert first[-1]["outcome"]["type"] == "interrupt"
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "RUNNING"}))  # a HAIP member approved
+    assert "c1" in agui.settled and not agui.interrupts
+    agui.deliver(haip(EventType.MESSAGE, {"text": "3", "message_id": "m2"}))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    assert sent(agui, agui.last_id) == []  # held, not sent: no AG-UI run is open
+    after = agui.last_id
+    agui.open("run-b")
+    agui.settle()
+    kinds = [e["type"] for e in sent(agui, after)]
+    assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED"
+    assert "ACTIVITY_SNAPSHOT" in kinds and "TEXT_MESSAGE_CONTENT" in kinds
+
+
+@pytest.mark.anyio
+async def test_frames_carry_sse_ids_and_stop_after_the_event_that_ends_the_run() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    frames: list[str] = []
+
+    async def read() -> None:
+        async for frame in agui.frames(0):
+            frames.append(frame)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()
+        agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    assert [frame.split("\n")[0] for frame in frames] == ["id: thread-1:1", "id: thread-1:2"]
+
+
+def run_input(**fields: Any) -> RunAgentInput:
+    return RunAgentInput.model_validate({"threadId": "t", "runId": "r", "messages": [], **fields})
+
+
+def test_resume_entries_must_answer_an_interrupt_and_edited_arguments_are_refused() -> None:
+    agui = member()
+    with pytest.raises(ProtocolError, match="no open interrupt"):
+        check_resume(None, run_input(resume=[{"interruptId": "x", "status": "resolved"}]))
+    agui.interrupts["c1"] = {"id": "c1", "reason": "tool_approval"}
+    edited = {"interruptId": "c1", "status": "resolved", "payload": {"approved": True, "editedArgs": {"a": 2}}}
+    with pytest.raises(ProtocolError, match="edited arguments"):
+        check_resume(agui, run_input(resume=[edited]))
+    check_resume(agui, run_input(resume=[{"interruptId": "c1", "status": "resolved", "payload": {"approved": True}}]))
+    agui.settled.append("c0")
+    check_resume(agui, run_input(resume=[{"interruptId": "c0", "status": "resolved"}]))
+
+
+def test_the_newest_user_message_is_read_from_text_or_parts() -> None:
+    messages = [
+        {"id": "1", "role": "user", "content": "first"},
+        {"id": "2", "role": "assistant", "content": "ok"},
+        {"id": "3", "role": "user", "content": [{"type": "text", "text": "sec"}, {"type": "text", "text": "ond"}]},
+    ]
+    assert last_user_text(run_input(messages=messages)) == "second"
+    assert last_user_text(run_input()) is None
+    assert tool_text({"content": [{"type": "text", "text": "5"}]}, "OK") == "5"
+    assert tool_text(None, "CANCELLED") == "CANCELLED"
+
+
+def test_the_member_says_it_is_idle_only_once_nothing_of_its_own_goes_on() -> None:
+    agui = member()
+    idle: list[AguiMember] = []
+    agui.on_idle = idle.append
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.add", "params": {}}))
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "AWAITING_APPROVAL"}))
+    assert agui.run_id is None and idle == []  # ended by an interrupt: the user is still needed
+    agui.open("run-b")
+    agui.interrupts.clear()
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    assert idle == [agui]
