@@ -231,6 +231,7 @@ class Connection:
         async for item in inbound:
             session.heard()
             if isinstance(item, DecodeError):
+                logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
                 session.send_error(item)
                 continue
             try:

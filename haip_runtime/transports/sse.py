@@ -27,7 +27,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.exceptions import DecodeError
-from haip_runtime.protocol.codec import decode
+from haip_runtime.protocol.codec import decode, load_json
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.transports.base import FrameSource, Inbound, Link, frames_as_text
@@ -147,10 +147,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 def parse_batch(body: bytes, max_frame_bytes: int) -> list[Inbound]:
     """One envelope or a JSON array of them; each that fails to decode becomes its ``DecodeError``."""
-    try:
-        raw: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"body is not JSON: {exc}", detail={"where": "body"}) from exc
+    raw: Any = load_json(body, where="body")  # not JSON, too deep, unkeepable: the body as a whole
     if not isinstance(raw, list):
         return [_decode(body, max_frame_bytes)]
     if len(raw) > MAX_BATCH:
