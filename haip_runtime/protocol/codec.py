@@ -67,8 +67,8 @@ def load_json(frame: str | bytes, *, where: str = "frame") -> Any:
     (so the encoder and the store never meet a value the decoder let through)."""
     try:
         raw = fastjson.loads(frame)
-    except fastjson.UnkeepableValue as exc:
-        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"unusable JSON: {exc}", detail={"where": where}) from exc
+    except DecodeError as exc:  # a lone surrogate, a number past a double
+        raise DecodeError(exc.code, exc.message, detail={"where": where}) from exc
     except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": where}) from exc
     except RecursionError as exc:

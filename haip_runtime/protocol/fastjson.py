@@ -12,7 +12,7 @@ not JSON), and integers past 64 bits in input are read as floats, as a JavaScrip
 What is read can be written and stored: text that is valid JSON but carries a value nothing
 downstream can encode (a lone UTF-16 surrogate escape such as ``"\\ud800"``, which UTF-8 cannot
 hold, or a number past the range of a double, such as a 5,000-digit integer) raises
-``UnkeepableValue`` (a ``ValueError``), as orjson refuses them too.
+``DecodeError`` ``INVALID_MESSAGE``, as orjson refuses them too.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ from typing import Any
 
 import orjson
 
+from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol.events import ErrorCode
+
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INT64 = 2**64
 
 
-class UnkeepableValue(ValueError):
+def _unkeepable(message: str) -> DecodeError:
     """Valid JSON carrying a value the runtime could not encode, store or send."""
+    return DecodeError(ErrorCode.INVALID_MESSAGE, f"unusable JSON: {message}", detail={"where": "frame"})
 
 
 def dumps(value: Any) -> str:
@@ -44,7 +48,7 @@ def dumps(value: Any) -> str:
 
 def loads(text: str | bytes) -> Any:
     """Parse JSON text; raises ``json.JSONDecodeError`` (or ``RecursionError``) as ``json.loads`` does,
-    and ``UnkeepableValue`` for a lone surrogate or a number past a double's range."""
+    and ``DecodeError`` for a lone surrogate or a number past a double's range."""
     try:
         return _orjson_loads(text)
     except orjson.JSONDecodeError:
@@ -64,7 +68,7 @@ def _parse_float(digits: str) -> float:
     number = float(digits)  # never raises for JSON number syntax; past the range it is infinite
     if math.isinf(number):
         shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} characters)"
-        raise UnkeepableValue(f"number {shown} is out of range")
+        raise _unkeepable(f"number {shown} is out of range")
     return number
 
 
@@ -85,4 +89,4 @@ def _refuse_surrogates(value: Any) -> None:
             continue
         for string in strings:
             if _SURROGATE.search(string):
-                raise UnkeepableValue("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), not a character")
+                raise _unkeepable("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), not a character")

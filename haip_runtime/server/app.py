@@ -43,10 +43,12 @@ from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
+from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
 from haip_runtime.session.connection import Connection, Gateway
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
+from haip_runtime.store.base import StorageState
 from haip_runtime.tools.proxy import ToolProxy
 from haip_runtime.transports.base import FrameSource, Transport
 
@@ -70,7 +72,10 @@ class Runtime:
         self.store = open_store(config.storage)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics)
         self.hub.on_freed = allocator.release
-        self.metrics.watch(RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health))
+        self.store.on_storage = tell_members(self.hub.transactions)
+        gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
+        gauges.extra = lambda: storage_metrics(self.store)
+        self.metrics.watch(gauges)
         self.timers = Timers()
         self.gateway = Gateway(
             config, self.hub.sessions, self.authenticator.authenticate, self.hub.handle, self.timers, self.metrics
@@ -172,8 +177,8 @@ class Runtime:
         return health
 
     def health(self) -> dict[str, Any]:
-        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected;
-        ``degraded`` then says why, per server."""
+        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected
+        or the store cannot write; ``degraded`` then says why, per server (and ``storage``)."""
         hub = self.hub
         servers = self.server_health()
         down = {
@@ -181,6 +186,8 @@ class Runtime:
             for name, (state, _tools, error) in servers.items()
             if state != ServerState.CONNECTED
         }
+        if self.store.health.state is not StorageState.OK:
+            down["storage"] = f"{self.store.health.state}: {self.store.health.error}"
         return {
             "status": "degraded" if down else "ok",
             **({"degraded": down} if down else {}),
@@ -190,7 +197,7 @@ class Runtime:
             "version": __version__,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
-            "storage": {"backend": self.config.storage.backend, "pending_writes": self.store.pending},
+            "storage": storage_status(self.config.storage.backend, self.store),
             "mcp": {
                 name: {"state": state, "tools": tools, "error": error}
                 for name, (state, tools, error) in servers.items()

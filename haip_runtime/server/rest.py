@@ -17,10 +17,10 @@ from starlette.routing import Route
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.registry import TransactionRegistry
-from haip_runtime.exceptions import HandshakeError, RequestRefusedError
+from haip_runtime.exceptions import HandshakeError, RequestRefusedError, StorageError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.store.base import Store, TransactionRecord
+from haip_runtime.store.base import StorageState, Store, TransactionRecord
 from haip_runtime.transports.base import Credentials
 from haip_runtime.transports.http import http_error_body
 
@@ -46,6 +46,9 @@ def history_routes(
         principal = await _principal(authenticate, request)
         transaction_id = request.path_params["transaction_id"]
         record = await store.transaction(transaction_id)
+        if record is None and store.health.state is not StorageState.OK:
+            message = f"transaction {transaction_id!r} is not stored: the store cannot write ({store.health.error})"
+            raise RequestRefusedError(ErrorCode.STORAGE_UNAVAILABLE, message, status=503)
         if record is None or not transactions.may_see(record.members, principal):
             raise RequestRefusedError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}", status=404)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
@@ -70,6 +73,8 @@ def _answering(handler: Any) -> Any:
             body = http_error_body(refusal)
             headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
             return JSONResponse(body, status_code=refusal.status, headers=headers)
+        except StorageError as error:
+            return JSONResponse(http_error_body(error), status_code=503)
         return response
 
     return endpoint

@@ -9,11 +9,12 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Self
 
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.store.base import Cursor, SessionRecord, TransactionRecord
+from haip_runtime.store.base import Cursor, SessionRecord, StorageHealth, TransactionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ class MemoryStore:
 
     def __init__(self, *, max_events: int = 200_000) -> None:
         self.max_events = max_events
+        self.health = StorageHealth()  # memory never fails to write
+        self.on_storage: Callable[[str, str | None], None] | None = None
         self._records: dict[str, TransactionRecord] = {}
         self._logs: OrderedDict[str, list[Event]] = OrderedDict()  # least recently appended first
         self._sessions: dict[str, SessionRecord] = {}
