@@ -195,6 +195,10 @@ def serve(config: HaipConfig) -> int:
     from haip_runtime.server.app import Runtime, create_app
 
     configure_logging(config.observability, secrets=secret_values(config))
+    if config.storage.backend == "sqlite":
+        from haip_runtime.store.guard import preflight
+
+        preflight(config.storage.path)  # another runtime on the file, or damage: one line, exit 1
     allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)

@@ -61,4 +61,23 @@ def check_integrity(db: sqlite3.Connection, path: Path, seconds: float) -> None:
     finally:
         db.set_progress_handler(None, 0)
     if rows and rows[0][0] != "ok":
-        raise sqlite3.DatabaseError(f"database is damaged ({rows[0][0]}); restore it from a backup")
+        found = " ".join(str(rows[0][0]).split())  # one line
+        raise sqlite3.DatabaseError(f"database is damaged ({found}); restore it from a backup")
+
+
+def preflight(path: Path) -> None:
+    """What opening the store at ``path`` would refuse, checked before a server starts (so the
+    refusal is one line, not a failed start-up): another process holding it, or damage."""
+    handle = hold_lock(path)
+    try:
+        if not path.exists():
+            return
+        db = sqlite3.connect(path)
+        try:
+            check_integrity(db, path, INTEGRITY_CHECK_SECONDS)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"storage.path: cannot open SQLite database {str(path)!r}: {exc}") from exc
+        finally:
+            db.close()
+    finally:
+        handle.close()

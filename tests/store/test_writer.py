@@ -57,8 +57,8 @@ async def test_a_full_disk_is_reported_retried_and_told_once_per_transaction(tmp
             while len(told) < 4:  # the writer's own backoff decides when it retries
                 await store._batch_done.wait()
         stored = await store.events("t1", limit=100)
-    assert [tx for tx, _ in told] == ["t1", "t2", "t1", "t2"] and "full" in str(told[0][1])
-    assert told[2][1] is None and told[3][1] is None  # written again
+    assert [tx for tx, _ in told[:2]] == ["t1", "t2"] and "full" in str(told[0][1])
+    assert sorted(told[2:]) == [("t1", None), ("t2", None)]  # written again
     assert len(stored) == 29 and store.health.write_failures >= 1 and store.health.writes_dropped == 0
 
 
