@@ -41,6 +41,7 @@ from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
+from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
 from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
@@ -230,7 +231,9 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
+    return app
 
 
 def dev_key(storage: StorageConfig) -> str | None:
