@@ -39,6 +39,7 @@ class JsonFailsafe:
         try:
             await self.app(scope, receive, sending)
         except Exception as exc:
+            error: ProtocolError
             if isinstance(exc, StorageError):
                 logger.error("%s %s: %s", scope.get("method"), scope.get("path"), exc.message)
                 status, error = 503, exc
