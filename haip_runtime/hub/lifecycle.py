@@ -38,7 +38,7 @@ async def transaction_start(ctx: HubContext, session: Session, envelope: Envelop
             f"no agent named {request.agent_name!r}",
             related_id=envelope.transaction or envelope.id,
         )
-    ctx.transactions.check_room(session.user, envelope.id)
+    await ctx.transactions.check_room(session.user, envelope.id)
     transaction = ctx.transactions.new(session.user, request.thread_id or envelope.thread_id)
     slot = ctx.transactions.slot(spec, transaction, session.user, request.params)  # a failing plugin costs nothing
     logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)

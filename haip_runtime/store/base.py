@@ -148,6 +148,10 @@ class Store(Protocol):
         """Up to ``limit`` events with ``tseq > after``, in order."""
         ...
 
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        """Ids of up to ``limit`` transactions ``user`` started that have not ended (quotas count them)."""
+        ...
+
     async def session(self, session_id: str) -> SessionRecord | None: ...
 
     async def flush(self) -> None:

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions(
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL, thread_id TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, last_tseq INTEGER NOT NULL, end_reason TEXT);
+CREATE INDEX IF NOT EXISTS transactions_by_owner ON transactions(owner, state);
 CREATE TABLE IF NOT EXISTS members(user TEXT NOT NULL, tx TEXT NOT NULL, PRIMARY KEY(user, tx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events(
     tx TEXT NOT NULL, tseq INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY(tx, tseq)) WITHOUT ROWID;
@@ -378,6 +379,13 @@ class SqliteStore:
             return [event_from_json(transaction_id, tseq, body) for tseq, body in query(db)]
 
         return await self._read(parsed)
+
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        def query(db: sqlite3.Connection) -> list[str]:
+            sql = "SELECT id FROM transactions WHERE owner = ? AND state = ? LIMIT ?"
+            return [row[0] for row in db.execute(sql, (user, TransactionState.OPEN.value, limit))]
+
+        return await self._read(query)
 
     async def session(self, session_id: str) -> SessionRecord | None:
         def query(db: sqlite3.Connection) -> SessionRecord | None:
