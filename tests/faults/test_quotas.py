@@ -33,8 +33,9 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
 
 async def start(peer: Any) -> dict[str, Any]:
     await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-    while (envelope := await peer.receive())["type"] not in ("TRANSACTION_START", "ERROR"):
-        pass
+    envelope: dict[str, Any] = await peer.receive()
+    while envelope["type"] not in ("TRANSACTION_START", "ERROR"):
+        envelope = await peer.receive()
     return envelope
 
 
