@@ -315,6 +315,9 @@ class McpServerConfig(Model):
     """A call that takes longer ends with TOOL_DONE ERROR and is cancelled on the server."""
     approval_timeout_seconds: float = Field(default=120, gt=0)
     """How long an approval or elicitation waits for an answer; silence counts as a refusal."""
+    max_result_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
+    """A tool result larger than this as JSON reaches members and the model cut, with a note saying how
+    much was cut, and is stored cut; the TOOL_DONE frame carrying it stays within this size."""
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
     """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
     speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""

@@ -429,3 +429,16 @@ async def test_a_call_id_in_use_is_refused_even_in_the_same_instant(tool_server:
         starts = [e for e in client.received if e.type == "TOOL_CALL" and e.get("call_id") == "twice"]
     assert error.get("code") == "INVALID_PAYLOAD" and error.get("related_id") == second
     assert len(starts) == 1
+
+
+def test_a_result_over_the_limit_is_cut_with_a_note_and_fits() -> None:
+    from haip_runtime.tools.cutting import cut_result, json_size
+
+    image = {"type": "image", "data": "i" * 30_000, "mimeType": "image/png"}
+    content = [{"type": "text", "text": '"quoted"\n' * 10_000}, image, {"type": "text", "text": "tail"}]
+    kept, structured = cut_result(content, {"again": "s" * 50_000}, 40_000, "demo")
+    assert json_size({"content": kept, "structuredContent": structured}) <= 40_000
+    assert structured is None and [block["type"] for block in kept] == ["text", "text"]
+    assert kept[0]["text"].startswith('"quoted"\n') and "mcp.servers.demo.max_result_bytes" in kept[-1]["text"]
+    small = [{"type": "text", "text": "fine"}]
+    assert cut_result(small, {"a": 1}, 40_000, "demo") == (small, {"a": 1})
