@@ -222,7 +222,9 @@ def serve(config: HaipConfig) -> int:
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
     )
     allocator.settle()
-    Server(uv_config).run(sockets=[sock])
+    server = Server(uv_config)
+    runtime.reaper.attach(server)  # sockets of ended connections whose peer stopped reading are aborted
+    server.run(sockets=[sock])
     return 0
 
 

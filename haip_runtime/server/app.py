@@ -44,6 +44,7 @@ from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
+from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
 from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
 from haip_runtime.session.connection import Connection, Gateway
 from haip_runtime.session.timers import Timers
@@ -83,6 +84,7 @@ class Runtime:
         )
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
+        self.reaper = SocketReaper()  # the server that serves the app attaches itself (serve, live_server)
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, ServerState] = {}
@@ -233,6 +235,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
+    app.add_middleware(ReapOnEnd, reaper=rt.reaper)  # outermost: sees every connection end
     return app
 
 

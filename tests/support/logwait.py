@@ -12,27 +12,32 @@ import anyio.to_thread
 
 
 class LogWaiter(logging.Handler):
-    """Counts records whose message contains ``text``; ``await wait(n)`` until ``n`` were logged."""
+    """Keeps the messages that contain ``text``; ``await wait(n, also)`` until ``n`` of them also contain ``also``."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
-        self.count = 0
+        self.messages: list[str] = []
         self._changed = threading.Condition()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
+        message = record.getMessage()
+        if self.text in message:
             with self._changed:
-                self.count += 1
+                self.messages.append(message)
                 self._changed.notify_all()
 
-    async def wait(self, count: int, timeout: float = 10) -> None:
+    def count(self, also: str = "") -> int:
+        return sum(also in message for message in self.messages)
+
+    async def wait(self, count: int, timeout: float = 10, *, also: str = "") -> None:
         def until() -> bool:
             with self._changed:
-                return self._changed.wait_for(lambda: self.count >= count, timeout)
+                return self._changed.wait_for(lambda: self.count(also) >= count, timeout)
 
         if not await anyio.to_thread.run_sync(until):
-            raise TimeoutError(f"{count} log lines with {self.text!r} within {timeout} s; saw {self.count}")
+            seen = self.count(also)
+            raise TimeoutError(f"{count} log lines with {self.text!r} and {also!r} within {timeout} s; saw {seen}")
 
 
 @contextmanager
