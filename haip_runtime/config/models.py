@@ -46,6 +46,11 @@ class ServerConfig(Model):
     """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
     origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
     Others are refused at the upgrade with HTTP 403."""
+    header_timeout_seconds: float = Field(default=10, gt=0)
+    """An HTTP connection that has not sent a complete request head (request line and headers) this long
+    after it opened, or after its last response, is closed: a slow client cannot hold connections open."""
+    body_timeout_seconds: float = Field(default=15, gt=0)
+    """An SSE POST whose body has not fully arrived this long after its head is refused (INVALID_MESSAGE)."""
     playground: bool | None = None
     """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
 

@@ -97,6 +97,7 @@ class Runtime:
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
+        self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)
         if self.tools is not None:
             self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)

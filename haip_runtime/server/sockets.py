@@ -19,9 +19,11 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,28 @@ class SocketReaper:
             transport.abort()
             logger.info("aborted the socket of %s:%d: %d bytes unread by a peer that stopped reading", *client, waiting)
             return
+
+    async def patrol(self, head_timeout: float) -> None:
+        """Close HTTP connections that sent no complete request head within ``head_timeout`` seconds
+        of opening or of their last response (``server.header_timeout_seconds``): slow-header clients."""
+        first_seen: dict[tuple[int, int], float] = {}
+        while True:
+            await anyio.sleep(min(1.0, head_timeout / 4))
+            now, seen, closed = time.monotonic(), {}, 0
+            for connection in self.connections():
+                if not hasattr(connection, "cycle") or connection.transport.is_closing():
+                    continue  # a WebSocket, or already going
+                cycle = connection.cycle
+                if cycle is not None and not cycle.response_complete:
+                    continue  # a request is under way: its head is complete
+                key = (id(connection), id(cycle))
+                seen[key] = since = first_seen.get(key, now)
+                if now - since >= head_timeout:
+                    connection.transport.close()
+                    closed += 1
+            first_seen = seen
+            if closed:
+                logger.info("closed %d connections with no complete request head in %g s", closed, head_timeout)
 
 
 class ReapOnEnd:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -126,8 +127,19 @@ def resume_hint(scope: Scope) -> tuple[str, int] | None:
     return (session, last) if session and last is not None else None
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body; ``MESSAGE_TOO_LARGE`` past ``limit`` bytes."""
+async def read_body(receive: Receive, limit: int, timeout: float = math.inf) -> bytes:
+    """The whole request body; ``MESSAGE_TOO_LARGE`` past ``limit`` bytes, ``INVALID_MESSAGE`` if it
+    has not all arrived within ``timeout`` seconds (``server.body_timeout_seconds``)."""
+    with anyio.move_on_after(timeout):
+        return await _read_body(receive, limit)
+    raise DecodeError(
+        ErrorCode.INVALID_MESSAGE,
+        f"request body not received within {timeout:g} s (server.body_timeout_seconds)",
+        detail={"where": "body", "limit": timeout},
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     body = bytearray()
     while True:
         message = await receive()
