@@ -17,7 +17,7 @@ import httpx2
 import pytest
 
 from tests.faults.conftest import sqlite_config
-from tests.store.test_writer import damage
+from tests.support.damage import damage
 from tests.support.peers import open_peer
 from tests.support.serving import ROOT, LiveServer, live_server
 

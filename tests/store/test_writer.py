@@ -4,7 +4,6 @@ are retried with backoff and are bounded; closing never waits on a store that ca
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import anyio
@@ -14,6 +13,7 @@ from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.store import SqliteStore
 from haip_runtime.store.base import StorageState
 from tests.store.test_store import event, record
+from tests.support.damage import damage
 
 pytestmark = pytest.mark.anyio
 
@@ -100,14 +100,3 @@ async def test_damage_refuses_the_start_and_damage_met_later_is_storage_error(tm
         async with SqliteStore(path):
             pass
     assert "damaged" in str(refused.value)
-
-
-def damage(path: Path) -> None:
-    """Overwrite a page in the middle of the events table with noise."""
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-    with open(path, "r+b") as file:
-        file.seek(size * (pages // 2) + 100)
-        file.write(b"\xa5" * (size // 2))
