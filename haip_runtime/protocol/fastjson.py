@@ -39,11 +39,14 @@ def _unkeepable(message: str) -> DecodeError:
 
 
 def dumps(value: Any) -> str:
-    """``value`` as compact JSON text (non-ASCII kept as is)."""
+    """``value`` as compact JSON text (non-ASCII kept as is, a lone surrogate as U+FFFD)."""
     try:
         return _orjson_dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError: a big integer, a non-string key, a subclass it will not take
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except TypeError:  # orjson.JSONEncodeError: a big integer, a non-string key, a lone surrogate...
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate can only come from the runtime's own side (a plugin, a tool): the decoder
+    # refuses them. Written as U+FFFD, so what is sent and stored is always valid UTF-8.
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def loads(text: str | bytes) -> Any:

@@ -128,3 +128,9 @@ def test_a_surrogate_pair_and_a_long_but_finite_integer_are_kept() -> None:
     envelope = decode(HEAD + '"payload":{"t":"\\ud83d\\ude00","n":' + "1" * 30 + "}}")
     assert envelope.payload == {"t": "\U0001f600", "n": 1.111111111111111e29}
     assert Event(type="MESSAGE", payload=envelope.payload).payload_json  # and it encodes
+
+
+def test_a_lone_surrogate_from_the_runtimes_own_side_is_sent_as_a_replacement_character() -> None:
+    event = Event(type="MESSAGE", payload={"text": "a\ud800b", "n": 2**70})
+    assert event.payload_json == '{"text":"a\ufffdb","n":' + str(2**70) + "}"
+    assert event.payload_json.encode()  # valid UTF-8: it can be sent and stored
