@@ -311,6 +311,10 @@ def serve(config: HaipConfig) -> int:
     from haip_runtime.server.app import Runtime, create_app
 
     configure_logging(config.observability, secrets=secret_values(config))
+    if config.storage.backend == "sqlite":
+        from haip_runtime.store.guard import preflight
+
+        preflight(config.storage.path)  # another runtime on the file, or damage: one line, exit 1
     allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)
@@ -334,7 +338,9 @@ def serve(config: HaipConfig) -> int:
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
     )
     allocator.settle()
-    Server(uv_config).run(sockets=[sock])
+    server = Server(uv_config)
+    runtime.reaper.attach(server)  # sockets of ended connections whose peer stopped reading are aborted
+    server.run(sockets=[sock])
     return 0
 
 

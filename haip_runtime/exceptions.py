@@ -11,6 +11,7 @@ they enter, always with ``raise ... from exc``. Every exception class of the pac
     │   ├── DecodeError             INVALID_MESSAGE / MESSAGE_TOO_LARGE / UNSUPPORTED_TYPE
     │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
     │   ├── RequestRefusedError     an HTTP request refused (REST history): an HTTP status beside the code
+    │   ├── StorageError            STORAGE_ERROR: the store could not read (a damaged database)
     │   └── ... any code from ErrorCode, raised as ProtocolError(code, message)
     ├── KeyUnavailableError         no JWKS key for a token; the authenticator refuses it (AUTHENTICATION_FAILED)
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
@@ -39,6 +40,7 @@ __all__ = [
     "PluginError",
     "ProtocolError",
     "RequestRefusedError",
+    "StorageError",
     "ToolError",
     "ToolTimeoutError",
     "ToolUnavailableError",
@@ -93,6 +95,13 @@ class RequestRefusedError(ProtocolError):
     def __init__(self, code: ErrorCode, message: str, *, status: int) -> None:
         super().__init__(code, message)
         self.status = status
+
+
+class StorageError(ProtocolError):
+    """The store failed to read what was asked (a damaged page, an I/O error): ``STORAGE_ERROR``, HTTP 503."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.STORAGE_ERROR, message)
 
 
 class KeyUnavailableError(HaipError):

@@ -172,7 +172,7 @@ def test_serve_without_a_config_runs_the_embedded_defaults_and_says_so_first(tmp
                 return str((await client.wait_for("MESSAGE_END")).get("message_id"))
 
         assert anyio.run(talk)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["haip.db", "haip.db.dev-key"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["haip.db", "haip.db.dev-key", "haip.db.lock"]
 
 
 def test_check_names_the_embedded_defaults_on_stderr(tmp_path: Path) -> None:

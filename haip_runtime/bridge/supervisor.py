@@ -30,6 +30,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
 
 from haip_runtime.bridge.calls import Call, elicitation_callback, wire
+from haip_runtime.bridge.childlog import ChildLog
 from haip_runtime.bridge.dialer import describe_failure, open_transport, watching_end
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
@@ -81,6 +82,7 @@ class ServerSupervisor:
         self._stdio = stdio
         self._base_dir = base_dir
         self._stderr = stderr
+        self._child_log = ChildLog(name)  # stderr=None: the child's stderr reaches the log, bounded
         self._stopping = stopping
         self._on_change = on_change
         self.state = ServerState.CONNECTING
@@ -172,8 +174,12 @@ class ServerSupervisor:
             if self.config.transport == "python":
                 target = load_server(self.name, self.config, self._base_dir)  # reached in-process; never ends
             else:
+                stderr = self._stderr
+                if stderr is None and self.config.transport == "stdio":
+                    stderr = self._child_log.pipe()
+                    stack.callback(stderr.close)  # the child holds its own copy
                 transport = await open_transport(
-                    self.config, self._stdio, stack, base_dir=self._base_dir, stderr=self._stderr
+                    self.config, self._stdio, stack, base_dir=self._base_dir, stderr=stderr
                 )
                 ended = "the server process exited" if self.config.transport == "stdio" else "the HTTP transport closed"
                 target = watching_end(transport, lambda: link.lose(ended))

@@ -46,6 +46,11 @@ class ServerConfig(Model):
     """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
     origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
     Others are refused at the upgrade with HTTP 403."""
+    header_timeout_seconds: float = Field(default=10, gt=0)
+    """An HTTP connection that has not sent a complete request head (request line and headers) this long
+    after it opened, or after its last response, is closed: a slow client cannot hold connections open."""
+    body_timeout_seconds: float = Field(default=15, gt=0)
+    """An SSE POST whose body has not fully arrived this long after its head is refused (INVALID_MESSAGE)."""
     playground: bool | None = None
     """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
 
@@ -320,6 +325,9 @@ class McpServerConfig(Model):
     """A call that takes longer ends with TOOL_DONE ERROR and is cancelled on the server."""
     approval_timeout_seconds: float = Field(default=120, gt=0)
     """How long an approval or elicitation waits for an answer; silence counts as a refusal."""
+    max_result_bytes: int = Field(default=1024 * 1024, ge=16 * 1024)
+    """A tool result larger than this as JSON reaches members and the model cut, with a note saying how
+    much was cut, and is stored cut; the TOOL_DONE frame carrying it stays within this size."""
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
     """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
     speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""

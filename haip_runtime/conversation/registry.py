@@ -84,10 +84,14 @@ class TransactionRegistry:
         transaction.on_run_end = self.on_run_end
         return transaction
 
-    def check_room(self, user: str, related_id: str) -> None:
-        """Before ``user`` starts another transaction (``limits.transactions_per_user``)."""
-        owned = sum(1 for transaction in self.live.values() if transaction.owner == user and not transaction.ended)
-        if owned >= self.limits.transactions_per_user:
+    async def check_room(self, user: str, related_id: str) -> None:
+        """Before ``user`` starts another transaction (``limits.transactions_per_user``): counts every
+        open one they own, idle ones that left memory included (the store knows those)."""
+        limit = self.limits.transactions_per_user
+        stored = await self.store.open_owned(user, limit=limit + len(self.live))
+        live = [t for t in self.live.values() if t.owner == user]  # newer than the store, and read after it
+        owned = len(set(stored) - {t.id for t in live if t.ended} | {t.id for t in live if not t.ended})
+        if owned >= limit:
             raise limited(f"you already have {owned} open transactions", "transactions_per_user", related_id)
 
     def add(self, transaction: Transaction) -> None:

@@ -42,10 +42,10 @@ async def transaction_start(ctx: HubContext, session: Session, envelope: Envelop
             related_id=envelope.transaction or envelope.id,
         )
     thread_id = request.thread_id or envelope.thread_id
-    begin(ctx, session, spec, thread_id, request.params, envelope.transaction, envelope.id)
+    await begin(ctx, session, spec, thread_id, request.params, envelope.transaction, envelope.id)
 
 
-def begin(
+async def begin(
     ctx: HubContext,
     member: Member,
     spec: AgentSpec,
@@ -57,7 +57,7 @@ def begin(
 ) -> Transaction:
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
     TRANSACTION_START does, for every door (the AG-UI door starts threads through it too)."""
-    ctx.transactions.check_room(member.user, related_id)
+    await ctx.transactions.check_room(member.user, related_id)
     transaction = ctx.transactions.new(member.user, thread_id, id=id)
     slot = ctx.transactions.slot(spec, transaction, member.user, params)  # a failing plugin costs nothing
     logger.info("transaction %s started by %r with agent %r", transaction.id, member.user, spec.name)

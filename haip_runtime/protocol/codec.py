@@ -7,7 +7,6 @@ of its type and reports failures as a JSON pointer.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -37,14 +36,7 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
             f"frame of {size} bytes exceeds the limit of {max_bytes}",
             detail={"where": "frame", "limit": max_bytes},
         )
-    try:
-        raw = fastjson.loads(frame)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": "frame"}) from exc
-    except RecursionError as exc:
-        raise _too_deep() from exc
-    if _may_be_deep(frame) and _depth(raw) > MAX_DEPTH:
-        raise _too_deep()
+    raw = load_json(frame)
     if not isinstance(raw, dict):
         raise DecodeError(ErrorCode.INVALID_MESSAGE, "an envelope must be a JSON object", detail={"where": "/"})
     related = raw.get("id") if isinstance(raw.get("id"), str) else None
@@ -69,6 +61,23 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
     return envelope
 
 
+def load_json(frame: str | bytes, *, where: str = "frame") -> Any:
+    """Parse JSON the runtime can keep: ``DecodeError`` INVALID_MESSAGE for text that is not JSON,
+    nests deeper than ``MAX_DEPTH``, or carries a lone surrogate or a number past a double's range
+    (so the encoder and the store never meet a value the decoder let through)."""
+    try:
+        raw = fastjson.loads(frame)
+    except DecodeError as exc:  # a lone surrogate, a number past a double
+        raise DecodeError(exc.code, exc.message, detail={"where": where}) from exc
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"not JSON: {exc}", detail={"where": where}) from exc
+    except RecursionError as exc:
+        raise _too_deep(where) from exc
+    if _may_be_deep(frame) and _depth(raw) > MAX_DEPTH:
+        raise _too_deep(where)
+    return raw
+
+
 def _may_be_deep(frame: str | bytes) -> bool:
     """Cheap pre-check (C-speed counts): fewer brackets than the cap cannot nest past it."""
     if isinstance(frame, bytes):
@@ -91,11 +100,11 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _too_deep() -> DecodeError:
+def _too_deep(where: str = "frame") -> DecodeError:
     return DecodeError(
         ErrorCode.INVALID_MESSAGE,
         f"JSON nested deeper than {MAX_DEPTH} levels",
-        detail={"where": "frame", "limit": MAX_DEPTH},
+        detail={"where": where, "limit": MAX_DEPTH},
     )
 
 
@@ -130,4 +139,4 @@ def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
     return pointer or "/", error["msg"]
 
 
-__all__ = ["DEFAULT_MAX_FRAME_BYTES", "MAX_DEPTH", "decode", "parse_payload"]
+__all__ = ["DEFAULT_MAX_FRAME_BYTES", "MAX_DEPTH", "decode", "load_json", "parse_payload"]

@@ -8,30 +8,88 @@ several times faster and writes the same compact UTF-8 form (``separators=(",", 
 the fallback costs only on such rare values. Two differences remain, both toward standard JSON:
 ``NaN`` and infinities are written as ``null`` (the standard library writes ``NaN``, which is
 not JSON), and integers past 64 bits in input are read as floats, as a JavaScript client reads them.
+
+What is read can be written and stored: text that is valid JSON but carries a value nothing
+downstream can encode (a lone UTF-16 surrogate escape such as ``"\\ud800"``, which UTF-8 cannot
+hold, or a number past the range of a double, such as a 5,000-digit integer) raises
+``DecodeError`` ``INVALID_MESSAGE``, as orjson refuses them too.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import orjson
 
+from haip_runtime.exceptions import DecodeError
+from haip_runtime.protocol.events import ErrorCode
+
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64 = 2**64
+
+
+def _unkeepable(message: str) -> DecodeError:
+    """Valid JSON carrying a value the runtime could not encode, store or send."""
+    return DecodeError(ErrorCode.INVALID_MESSAGE, f"unusable JSON: {message}", detail={"where": "frame"})
 
 
 def dumps(value: Any) -> str:
-    """``value`` as compact JSON text (non-ASCII kept as is)."""
+    """``value`` as compact JSON text (non-ASCII kept as is, a lone surrogate as U+FFFD)."""
     try:
         return _orjson_dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError: a big integer, a non-string key, a subclass it will not take
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except TypeError:  # orjson.JSONEncodeError: a big integer, a non-string key, a lone surrogate...
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate can only come from the runtime's own side (a plugin, a tool): the decoder
+    # refuses them. Written as U+FFFD, so what is sent and stored is always valid UTF-8.
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def loads(text: str | bytes) -> Any:
-    """Parse JSON text; raises ``json.JSONDecodeError`` (or ``RecursionError``) as ``json.loads`` does."""
+    """Parse JSON text; raises ``json.JSONDecodeError`` (or ``RecursionError``) as ``json.loads`` does,
+    and ``DecodeError`` for a lone surrogate or a number past a double's range."""
     try:
         return _orjson_loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)  # the standard library's verdict and error message
+        # the standard library's verdict and error message, with what orjson refused refused too
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
+        _refuse_surrogates(value)
+        return value
+
+
+def _parse_int(digits: str) -> int | float:
+    if len(digits) > 20 or abs(number := int(digits)) >= _INT64:
+        return _parse_float(digits)  # past 64 bits: a float, as orjson and JavaScript read it
+    return number
+
+
+def _parse_float(digits: str) -> float:
+    number = float(digits)  # never raises for JSON number syntax; past the range it is infinite
+    if math.isinf(number):
+        shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} characters)"
+        raise _unkeepable(f"number {shown} is out of range")
+    return number
+
+
+def _refuse_surrogates(value: Any) -> None:
+    """Walk the parsed value (without recursion) for a lone surrogate in a key or a string."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings: Any = (item,)
+        elif isinstance(item, dict):
+            strings = item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for string in strings:
+            if _SURROGATE.search(string):
+                raise _unkeepable("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), not a character")

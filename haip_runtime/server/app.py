@@ -43,12 +43,16 @@ from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.agui import AguiDoor
 from haip_runtime.server.doors import Doorway, haip_routes
+from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.rest import history_routes
+from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
+from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
 from haip_runtime.session.connection import Connection, Gateway, serve_detached
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
 from haip_runtime.store import open_store
+from haip_runtime.store.base import StorageState
 from haip_runtime.tools.proxy import ToolProxy
 from haip_runtime.tools.readiness import Readiness
 from haip_runtime.transports.base import FrameSource, Inbound, Transport
@@ -75,13 +79,17 @@ class Runtime:
         self.readiness = Readiness(config.mcp.servers)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics, readiness=self.readiness)
         self.hub.on_freed = allocator.release
-        self.metrics.watch(RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health))
+        self.store.on_storage = tell_members(self.hub.transactions)
+        gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
+        gauges.extra = lambda: storage_metrics(self.store)
+        self.metrics.watch(gauges)
         self.timers = Timers()
         self.gateway = Gateway(
             config, self.hub.sessions, self.authenticator.authenticate, self.hub.handle, self.timers, self.metrics
         )
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
+        self.reaper = SocketReaper()  # the server that serves the app attaches itself (serve, live_server)
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, ServerState] = {}
@@ -96,6 +104,7 @@ class Runtime:
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
+        self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)
         if self.tools is not None:
             self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
             self.hub.spawn(self._run_bridge)
@@ -186,8 +195,8 @@ class Runtime:
         return health
 
     def health(self) -> dict[str, Any]:
-        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected;
-        ``degraded`` then says why, per server."""
+        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected
+        or the store cannot write; ``degraded`` then says why, per server (and ``storage``)."""
         hub = self.hub
         servers = self.server_health()
         down = {
@@ -195,6 +204,8 @@ class Runtime:
             for name, (state, _tools, error) in servers.items()
             if state != ServerState.CONNECTED
         }
+        if self.store.health.state is not StorageState.OK:
+            down["storage"] = f"{self.store.health.state}: {self.store.health.error}"
         return {
             "status": "degraded" if down else "ok",
             **({"degraded": down} if down else {}),
@@ -204,7 +215,7 @@ class Runtime:
             "version": __version__,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
-            "storage": {"backend": self.config.storage.backend, "pending_writes": self.store.pending},
+            "storage": storage_status(self.config.storage.backend, self.store),
             "mcp": {
                 name: {"state": state, "tools": tools, "error": error}
                 for name, (state, tools, error) in servers.items()
@@ -238,7 +249,10 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
+    app.add_middleware(ReapOnEnd, reaper=rt.reaper)  # outermost: sees every connection end
+    return app
 
 
 def dev_key(storage: StorageConfig) -> str | None:

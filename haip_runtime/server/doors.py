@@ -102,7 +102,8 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         max_frame = config.server.max_frame_bytes
         refusal: DecodeError | None = None  # the body as a whole, not one of its envelopes
         try:
-            items = parse_batch(await read_body(receive, max_frame * MAX_BODY_FRAMES), max_frame)
+            body = await read_body(receive, max_frame * MAX_BODY_FRAMES, config.server.body_timeout_seconds)
+            items = parse_batch(body, max_frame)
         except DecodeError as error:
             refusal, items = error, [error]
         if not await post_items(principal.user, session_id, items):  # a bad body is answered on the stream too

@@ -32,6 +32,8 @@ class RuntimeGauges:
         self.sessions = sessions
         self.transactions = transactions
         self.server_health = server_health
+        #: More gauges and counters read at scrape time (the store's).
+        self.extra: Callable[[], Iterable[Metric]] = tuple
 
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -66,3 +68,4 @@ class RuntimeGauges:
             tools.add_metric([name], count)
         yield servers
         yield tools
+        yield from self.extra()

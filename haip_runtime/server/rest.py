@@ -21,10 +21,10 @@ from starlette.routing import Route
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.transcript import Transcript, summary
-from haip_runtime.exceptions import HandshakeError, RequestRefusedError
+from haip_runtime.exceptions import HandshakeError, RequestRefusedError, StorageError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.store.base import Store, TransactionRecord
+from haip_runtime.store.base import StorageState, Store, TransactionRecord
 from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers
 
 MAX_PAGE = 1000
@@ -53,6 +53,9 @@ def history_routes(
         principal = await _principal(authenticate, request)
         transaction_id: str = request.path_params["transaction_id"]
         record = await store.transaction(transaction_id)
+        if record is None and store.health.state is not StorageState.OK:
+            message = f"transaction {transaction_id!r} is not stored: the store cannot write ({store.health.error})"
+            raise RequestRefusedError(ErrorCode.STORAGE_UNAVAILABLE, message, status=503)
         if record is None or not transactions.may_see(record.members, principal):
             raise RequestRefusedError(ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {transaction_id!r}", status=404)
         return transaction_id
@@ -100,6 +103,8 @@ def _answering(handler: Any) -> Any:
         except RequestRefusedError as refusal:
             headers = http_error_headers(refusal.status)
             return JSONResponse(http_error_body(refusal), status_code=refusal.status, headers=headers)
+        except StorageError as error:
+            return JSONResponse(http_error_body(error), status_code=503)
         return response
 
     return endpoint

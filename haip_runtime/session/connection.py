@@ -240,6 +240,7 @@ async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
     fails. The read loop's step, and how envelopes POSTed to a session between two SSE streams are served
     (``serve_detached``): the answers wait in the session's window for the next stream."""
     if isinstance(item, DecodeError):
+        logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
         session.send_error(item)
         return
     try:

@@ -12,6 +12,7 @@ The interface is deliberately small and free of any database's idioms, so that o
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -67,6 +68,38 @@ class SessionRecord:
     updated_at: float
 
 
+class StorageState(enum.StrEnum):
+    OK = "ok"
+    #: Writes fail (disk full, locked, read-only, I/O error); they wait in memory and are retried.
+    UNAVAILABLE = "unavailable"
+    #: The database file is damaged (a read or a write met a malformed page).
+    DAMAGED = "damaged"
+
+
+@dataclass
+class StorageHealth:
+    """What ``/health`` and ``/metrics`` say of the store; the counters only ever grow."""
+
+    state: StorageState = StorageState.OK
+    #: The last failure, one line (``None`` while ``ok``).
+    error: str | None = None
+    #: Batches whose write failed (each retry counts).
+    write_failures: int = 0
+    #: Writes given up because they cannot be stored at all (one bad row costs itself only).
+    writes_lost: int = 0
+    #: Writes dropped, oldest first, because too many waited while the store could not write.
+    writes_dropped: int = 0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "write_failures": self.write_failures,
+            "writes_lost": self.writes_lost,
+            "writes_dropped": self.writes_dropped,
+        }
+
+
 #: A page position in a user's transaction list: (updated_at, id) of the last record of the previous page.
 Cursor = tuple[float, str]
 
@@ -76,6 +109,12 @@ class Store(Protocol):
 
     #: Whether what it keeps outlives the process (open transactions then survive a restart).
     durable: bool
+    #: Whether it can write and read now, and what it has failed to keep.
+    health: StorageHealth
+    #: Called (in the event loop) with a transaction's id and the error, once per transaction per
+    #: outage, when its history cannot be written, and with ``None`` when it is written again: the
+    #: runtime tells its members.
+    on_storage: Callable[[str, str | None], None] | None
 
     @property
     def pending(self) -> int:
@@ -111,6 +150,10 @@ class Store(Protocol):
 
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
         """The last ``limit`` events of the log, in order (what a conversation list previews)."""
+        ...
+
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        """Ids of up to ``limit`` transactions ``user`` started that have not ended (quotas count them)."""
         ...
 
     async def session(self, session_id: str) -> SessionRecord | None: ...

@@ -7,13 +7,15 @@ transactions updated least recently are forgotten whole (and logged), so memory 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Self
 
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.store.base import Cursor, SessionRecord, TransactionRecord
+from haip_runtime.store.base import Cursor, SessionRecord, StorageHealth, TransactionRecord, TransactionState
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ class MemoryStore:
 
     def __init__(self, *, max_events: int = 200_000) -> None:
         self.max_events = max_events
+        self.health = StorageHealth()  # memory never fails to write
+        self.on_storage: Callable[[str, str | None], None] | None = None
         self._records: dict[str, TransactionRecord] = {}
         self._logs: OrderedDict[str, list[Event]] = OrderedDict()  # least recently appended first
         self._sessions: dict[str, SessionRecord] = {}
@@ -75,6 +79,10 @@ class MemoryStore:
         if before is not None:
             mine = [r for r in mine if (r.updated_at, r.id) < before]
         return mine[:limit]
+
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        owned = (r.id for r in self._records.values() if r.owner == user and r.state is TransactionState.OPEN)
+        return list(itertools.islice(owned, limit))
 
     async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
         log = self._logs.get(transaction_id, [])

@@ -35,6 +35,7 @@ from haip_runtime.protocol.events import (
     ToolStatus,
 )
 from haip_runtime.protocol.payloads import ToolEntry
+from haip_runtime.tools.cutting import cut_result
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import (
@@ -320,13 +321,13 @@ class ToolProxy:
             return _failed(active, name, code, str(exc))
         except ToolError as exc:
             return _failed(active, name, ToolErrorCode.TOOL_FAILED, str(exc))
+        limit = self.servers[server].max_result_bytes
+        content, structured = cut_result(outcome.content, outcome.structured_content, limit, server)
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
         error = (
-            error_body(ToolErrorCode.TOOL_ERROR, content_text(outcome.content) or "tool error")
-            if outcome.is_error
-            else None
+            error_body(ToolErrorCode.TOOL_ERROR, content_text(content) or "tool error") if outcome.is_error else None
         )
-        return ToolCallResult(active.call_id, name, status, outcome.content, outcome.structured_content, error)
+        return ToolCallResult(active.call_id, name, status, content, structured, error)
 
     def is_down(self, server: str, servers: Iterable[str]) -> bool:
         """Whether ``server``, one of ``servers``, is configured but cannot take calls right now."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +30,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.exceptions import DecodeError
-from haip_runtime.protocol.codec import decode
+from haip_runtime.protocol.codec import decode, load_json
 from haip_runtime.protocol.envelope import parse_uint64
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.transports.base import FrameSource, Inbound, Link
@@ -135,8 +136,19 @@ def resume_hint(scope: Scope) -> tuple[str, int] | None:
     return (session, last) if session and last is not None else None
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body; ``MESSAGE_TOO_LARGE`` past ``limit`` bytes."""
+async def read_body(receive: Receive, limit: int, timeout: float = math.inf) -> bytes:
+    """The whole request body; ``MESSAGE_TOO_LARGE`` past ``limit`` bytes, ``INVALID_MESSAGE`` if it
+    has not all arrived within ``timeout`` seconds (``server.body_timeout_seconds``)."""
+    with anyio.move_on_after(timeout):
+        return await _read_body(receive, limit)
+    raise DecodeError(
+        ErrorCode.INVALID_MESSAGE,
+        f"request body not received within {timeout:g} s (server.body_timeout_seconds)",
+        detail={"where": "body", "limit": timeout},
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     body = bytearray()
     while True:
         message = await receive()
@@ -156,10 +168,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 def parse_batch(body: bytes, max_frame_bytes: int) -> list[Inbound]:
     """One envelope or a JSON array of them; each that fails to decode becomes its ``DecodeError``."""
-    try:
-        raw: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(ErrorCode.INVALID_MESSAGE, f"body is not JSON: {exc}", detail={"where": "body"}) from exc
+    raw: Any = load_json(body, where="body")  # not JSON, too deep, unkeepable: the body as a whole
     if not isinstance(raw, list):
         return [_decode(body, max_frame_bytes)]
     if len(raw) > MAX_BATCH:

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from haip_runtime.protocol.codec import decode
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode
+from tests.support.peers import KINDS, open_peer
 from tests.support.raw import raw_peer
 from tests.support.serving import LiveServer
 
@@ -108,6 +109,54 @@ async def test_random_and_mutated_envelopes_get_valid_answers(server: LiveServer
                         break
         except ConnectionClosed:
             assert peer.ws.close_code in DOCUMENTED_CLOSES
+
+
+HOSTILE = st.one_of(
+    st.sampled_from(["\\ud800", "\\udfff", "\\uDBFF", "\\udc00x"]).map(lambda escape: f'"{escape}"'),
+    st.integers(min_value=310, max_value=6000).map(lambda digits: "9" * digits),
+    st.integers(min_value=65, max_value=3000).map(lambda depth: "[" * depth + "]" * depth),
+)
+"""JSON the runtime must refuse: lone surrogate escapes, integers past a double, nesting past the cap."""
+
+
+@st.composite
+def hostile_frames(draw: st.DrawFn) -> str:
+    """A well-formed envelope with one hostile value spliced in at a field or deep in its payload."""
+    envelope = json.loads(SENTINEL) | {"id": "hostile", "seq": "h", "type": draw(st.sampled_from(["PING", "MESSAGE"]))}
+    field = draw(st.sampled_from(["id", "seq", "payload", "nested", "key"]))
+    marker = '"@@"'
+    if field == "payload":
+        envelope["payload"] = {"nonce": "@@", "text": "@@"}
+    elif field == "nested":
+        envelope["payload"] = {"text": "x", "extra": [{"a": ["@@"]}]}
+    elif field == "key":
+        envelope["payload"] = {"text": "x", "@@": 1}
+        marker = '"@@"'
+    else:
+        envelope[field] = "@@"
+    value = draw(HOSTILE)
+    if field == "key" and not value.startswith('"'):
+        value = '"\\ud800"'  # a key must be a string
+    return json.dumps(envelope).replace(marker, value, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=hostile_frames())
+async def test_hostile_json_is_invalid_message_and_the_connection_goes_on(
+    kind: str, server: LiveServer, frame: str
+) -> None:
+    token = server.token(f"hostile-{kind}")
+    async with open_peer(kind, server, token) as peer:
+        await peer.receive()
+        await peer.hai(token)
+        await peer.receive_type("INFO")
+        await peer.send_frame(frame)
+        error = await peer.receive_type("ERROR")
+        await peer.send_frame(SENTINEL)
+        pong = await peer.receive_type("PONG")
+    assert error["payload"]["code"] == "INVALID_MESSAGE", error
+    assert pong["payload"]["nonce"] == "end-of-batch"
 
 
 async def test_the_server_is_up_after_the_fuzzing(server: LiveServer) -> None:

@@ -23,7 +23,8 @@ class FakeMember:
     transactions: set[str] = field(default_factory=set)
 
 
-def test_transactions_per_user_count_only_open_ones_of_that_owner() -> None:
+@pytest.mark.anyio
+async def test_transactions_per_user_count_only_open_ones_of_that_owner() -> None:
     registry = TransactionRegistry(
         TransactionsConfig(), {}, MemoryStore(), lambda *a: None, limits=LimitsConfig(transactions_per_user=2)
     )
@@ -31,11 +32,11 @@ def test_transactions_per_user_count_only_open_ones_of_that_owner() -> None:
         transaction = registry.new(owner, None)
         transaction.ended = ended
         registry.live[transaction.id] = transaction
-    registry.check_room("u", "e")
+    await registry.check_room("u", "e")
     extra = registry.new("u", None)
     registry.live[extra.id] = extra
     with pytest.raises(ProtocolError) as caught:
-        registry.check_room("u", "e")
+        await registry.check_room("u", "e")
     assert caught.value.detail == {"limit": "limits.transactions_per_user"}
 
 

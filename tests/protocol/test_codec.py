@@ -108,3 +108,29 @@ def test_json_nested_up_to_the_cap_decodes_and_many_flat_brackets_are_fine() -> 
     assert decode(at_cap).type == "MESSAGE"
     wide = decode(frame(payload={"rows": [[i] for i in range(500)]}))
     assert len(wide.payload["rows"]) == 500  # type: ignore[index]
+
+
+HEAD = '{"id":"1","session":"","seq":"1","ts":"1","channel":"USER","type":"MESSAGE",'
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"\\ud800"', '"a\\uDFFFb"', '{"\\udc00": 1}', "9" * 5000, "-" + "1" * 400, "1e400", "[NaN, 1" + "0" * 320 + "]"],
+)
+def test_values_nothing_could_encode_or_store_are_invalid_message(value: str) -> None:
+    frame = HEAD + '"payload":{"v":' + value + "}}"
+    with pytest.raises(DecodeError) as caught:
+        decode(frame)
+    assert caught.value.code is ErrorCode.INVALID_MESSAGE and caught.value.detail == {"where": "frame"}
+
+
+def test_a_surrogate_pair_and_a_long_but_finite_integer_are_kept() -> None:
+    envelope = decode(HEAD + '"payload":{"t":"\\ud83d\\ude00","n":' + "1" * 30 + "}}")
+    assert envelope.payload == {"t": "\U0001f600", "n": 1.111111111111111e29}
+    assert Event(type="MESSAGE", payload=envelope.payload).payload_json  # and it encodes
+
+
+def test_a_lone_surrogate_from_the_runtimes_own_side_is_sent_as_a_replacement_character() -> None:
+    event = Event(type="MESSAGE", payload={"text": "a\ud800b", "n": 2**70})
+    assert event.payload_json == '{"text":"a\ufffdb","n":' + str(2**70) + "}"
+    assert event.payload_json.encode()  # valid UTF-8: it can be sent and stored

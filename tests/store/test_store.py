@@ -185,3 +185,12 @@ def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
     assert [e.text[0] for e in history] == ["c", "d"] and history.bytes == 100
     history.append(entry("x" * 500))  # the newest always stays, whatever its size
     assert [e.text[0] for e in history] == ["x"] and history.bytes == 500
+
+
+async def test_open_owned_lists_the_open_transactions_a_user_started(store: Store) -> None:
+    store.save_transaction(record("a1", owner="ann"))
+    store.save_transaction(record("a2", owner="ann", state=TransactionState.ENDED))
+    store.save_transaction(record("b1", owner="bob", members=("bob", "ann")))
+    store.save_transaction(record("a3", owner="ann"))
+    assert sorted(await store.open_owned("ann", limit=10)) == ["a1", "a3"]
+    assert len(await store.open_owned("ann", limit=1)) == 1

@@ -56,3 +56,16 @@ def returns_none() -> None:
 
 def broken_factory() -> MCPServer:
     raise RuntimeError("no database")
+
+
+huge = MCPServer("huge")
+
+
+class Blob(BaseModel):
+    data: str
+
+
+@huge.tool()
+def blob(megabytes: float = 10) -> Blob:
+    """A result of ``megabytes`` MB, as text and again as structured content."""
+    return Blob(data="b" * int(megabytes * 1024 * 1024))

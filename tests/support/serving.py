@@ -87,6 +87,7 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
         ws_max_size=config.server.max_frame_bytes + 1024,
     )
     server = ReadyServer(uv_config, ready)
+    runtime.reaper.attach(server)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -441,3 +441,16 @@ def test_a_result_read_back_from_its_tool_done_says_what_the_model_was_told() ->
     assert [result.model_text for result in read[:2]] == ['{"sum": 5}', "TIMEOUT: too slow"]
     assert read[0].done_payload() == ok and read[1].done_payload() == failed
     assert read[2].status == "ERROR" and read[2].done_payload() == {"call_id": "c3", "status": "ERROR"}
+
+
+def test_a_result_over_the_limit_is_cut_with_a_note_and_fits() -> None:
+    from haip_runtime.tools.cutting import cut_result, json_size
+
+    image = {"type": "image", "data": "i" * 30_000, "mimeType": "image/png"}
+    content = [{"type": "text", "text": '"quoted"\n' * 10_000}, image, {"type": "text", "text": "tail"}]
+    kept, structured = cut_result(content, {"again": "s" * 50_000}, 40_000, "demo")
+    assert json_size({"content": kept, "structuredContent": structured}) <= 40_000
+    assert structured is None and [block["type"] for block in kept] == ["text", "text"]
+    assert kept[0]["text"].startswith('"quoted"\n') and "mcp.servers.demo.max_result_bytes" in kept[-1]["text"]
+    small = [{"type": "text", "text": "fine"}]
+    assert cut_result(small, {"a": 1}, 40_000, "demo") == (small, {"a": 1})

@@ -153,7 +153,7 @@ class AguiDoor:
             while len(self.members) > MAX_MEMBERS:
                 self._forget(self.members.popitem(last=False)[1])
         if found is None:
-            lifecycle.begin(hub.context, member, spec, None, {}, thread, run.run_id, id=thread)
+            await lifecycle.begin(hub.context, member, spec, None, {}, thread, run.run_id, id=thread)
         elif isinstance(found, Transaction):
             if not found.is_member(member):
                 found.check_room(member, run.run_id)

@@ -1,0 +1,50 @@
+"""The last line of every HTTP route: an exception nothing else answered becomes a JSON error.
+
+Starlette answers an unhandled exception with a plain-text ``Internal Server Error`` and re-raises
+it for uvicorn to log a second time. ``JsonFailsafe`` wraps the whole app instead: it logs the
+exception once, with its traceback, and answers the one HTTP error shape (``{"error": {"code",
+"message"}}``): ``STORAGE_ERROR`` (503) for a store that could not read, ``INTERNAL_ERROR`` (500)
+for anything else. A response already under way (a stream) can only be ended; WebSocket and
+lifespan messages pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from haip_runtime.exceptions import ProtocolError, StorageError
+from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.transports.http import send_error
+
+logger = logging.getLogger(__name__)
+
+
+class JsonFailsafe:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            error: ProtocolError
+            if isinstance(exc, StorageError):
+                logger.error("%s %s: %s", scope.get("method"), scope.get("path"), exc.message)
+                status, error = 503, exc
+            else:
+                logger.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+                status, error = 500, ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log")
+            if not started:
+                await send_error(send, status, error)

@@ -1,0 +1,57 @@
+"""Fault 10: a 10 MB tool result became one 20 MB ``TOOL_DONE`` frame (text plus
+``structuredContent``), twenty times the inbound frame limit, stored whole. Now a result over
+``[mcp.servers.<name>] max_result_bytes`` (1 MiB by default) reaches members cut, with a note
+saying how much was cut, within a frame a default WebSocket client (1 MiB) can receive; the store
+keeps the same cut result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.faults.conftest import sqlite_config
+from tests.support.raw import raw_peer
+from tests.support.serving import LiveServer, live_server
+
+pytestmark = pytest.mark.anyio
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveServer]:
+    servers = {"huge": {"transport": "python", "server": "tests.support.python_servers:huge"}}
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["huge"]}}
+    with live_server(sqlite_config(tmp_path / "haip.db", agents=agents, mcp={"servers": servers})) as server:
+        yield server
+
+
+async def test_fault_10_a_10_mb_tool_result_is_cut_to_the_limit_with_a_note(live: LiveServer) -> None:
+    token = live.token("tom")
+    async with raw_peer(live.ws_url, max_size=MIB) as peer:  # what a default websockets client takes
+        await peer.hai(token, accept_events=list(ALL_EVENTS))
+        await peer.receive_type("INFO")
+        await peer.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
+        tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+        while "huge.blob" not in {t["name"] for t in (await peer.receive_type("TOOL_LIST", 15))["payload"]["tools"]}:
+            pass
+        await peer.send("MESSAGE", {"text": '/call huge.blob {"megabytes": 10}'}, transaction=tx, channel="USER")
+        done = await peer.receive_type("TOOL_DONE", timeout=30)
+        said = await peer.receive_type("MESSAGE_PART", timeout=10)  # the connection took it all and goes on
+    async with httpx2.AsyncClient() as http:
+        stored = await http.get(
+            f"{live.http_url}/haip/transactions/{tx}/events",
+            params={"limit": 1000},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    result = done["payload"]["result"]
+    *kept, note = result["content"]
+    assert done["payload"]["status"] == "OK" and result["structuredContent"] is None
+    assert note["text"].startswith("[result cut: ") and "mcp.servers.huge.max_result_bytes" in note["text"]
+    assert MIB - 8192 < len(kept[0]["text"]) < MIB and kept[0]["text"].count("b") > MIB - 8192
+    assert said["payload"]["text"].startswith("huge.blob returned")
+    [stored_done] = [e for e in stored.json()["events"] if e["type"] == "TOOL_DONE"]
+    assert stored_done["payload"]["result"] == result

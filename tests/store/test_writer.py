@@ -1,0 +1,102 @@
+"""The SQLite writer never dies and never loses a write silently: a row it cannot store costs
+itself only; while the file cannot be written (here: full, via ``max_page_count``) writes wait,
+are retried with backoff and are bounded; closing never waits on a store that cannot write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from haip_runtime.exceptions import ConfigError, StorageError
+from haip_runtime.store import SqliteStore
+from haip_runtime.store.base import StorageState
+from tests.store.test_store import event, record
+from tests.support.damage import damage
+
+pytestmark = pytest.mark.anyio
+
+
+def fill(store: SqliteStore, pages: int | None = None) -> None:
+    writer = store._writer
+    assert writer is not None
+    size = writer.execute("PRAGMA page_count").fetchone()[0] if pages is None else pages
+    writer.execute(f"PRAGMA max_page_count = {size}")
+
+
+async def test_a_row_sqlite_cannot_bind_costs_itself_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with SqliteStore(tmp_path / "haip.db") as store:
+        store.save_transaction(record("t1"))
+        for tseq in range(1, 11):
+            store.append(event("t1", 2**64 if tseq == 4 else tseq))  # SQLite integers stop at 2**63 - 1
+        await store.flush()
+        stored = await store.events("t1")
+        after = await store.transaction("t1")
+    assert [e.tseq for e in stored] == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert after is not None and store.pending == 0
+    assert store.health.state is StorageState.OK and store.health.writes_lost == 1
+    [line] = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
+    assert line.startswith(f"store: gave up event {2**64} of transaction t1, which cannot be stored (OverflowError:")
+
+
+async def test_a_full_disk_is_reported_retried_and_told_once_per_transaction(tmp_path: Path) -> None:
+    told: list[tuple[str, str | None]] = []
+    async with SqliteStore(tmp_path / "haip.db", flush_interval=0.01) as store:
+        store.on_storage = lambda tx, error: told.append((tx, error))
+        store.save_transaction(record("t1"))
+        await store.flush()
+        fill(store)
+        for tseq in range(1, 30):
+            store.append(event("t1", tseq, "x" * 3000))
+        await store.flush()  # returns: the store cannot write, nothing to wait for
+        assert store.health.state is StorageState.UNAVAILABLE and store.pending == 29
+        store.append(event("t2", 1))  # a transaction first written during the outage is told too
+        fill(store, 1_000_000)
+        with anyio.fail_after(10):
+            while len(told) < 4:  # the writer's own backoff decides when it retries
+                await store._batch_done.wait()
+        stored = await store.events("t1", limit=100)
+    assert [tx for tx, _ in told[:2]] == ["t1", "t2"] and "full" in str(told[0][1])
+    assert sorted(told[2:]) == [("t1", None), ("t2", None)]  # written again
+    assert len(stored) == 29 and store.health.write_failures >= 1 and store.health.writes_dropped == 0
+
+
+async def test_pending_writes_are_bounded_oldest_dropped_and_closing_does_not_wait(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "haip.db", flush_interval=0.01, max_pending=5)
+    with anyio.fail_after(5):  # closing gives up the writes the store cannot take, at once
+        async with store:
+            fill(store)
+            for tseq in range(1, 21):
+                store.append(event("t1", tseq, "x" * 3000))
+            await store.flush()
+            assert store.pending <= 5 and store.health.writes_dropped >= 15
+
+
+async def test_a_second_store_on_one_file_refuses_with_one_line_naming_the_process(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "haip.db"):
+        with pytest.raises(ConfigError) as refused:
+            async with SqliteStore(tmp_path / "haip.db"):
+                pass
+    message = str(refused.value)
+    assert "in use by another haip-runtime (pid " in message and "\n" not in message
+    async with SqliteStore(tmp_path / "haip.db"):  # released when the first closed
+        pass
+
+
+async def test_damage_refuses_the_start_and_damage_met_later_is_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "haip.db"
+    async with SqliteStore(path) as store:
+        store.save_transaction(record("t1"))
+        for tseq in range(1, 400):
+            store.append(event("t1", tseq, "y" * 500))
+        await store.flush()
+    async with SqliteStore(path) as store:  # intact at start; damaged while it runs
+        damage(path)
+        with pytest.raises(StorageError) as later:
+            await store.events("t1", limit=1000)
+    assert later.value.code == "STORAGE_ERROR" and store.health.state is StorageState.DAMAGED
+    with pytest.raises(ConfigError, match="damaged|malformed") as refused:
+        async with SqliteStore(path):
+            pass
+    assert "damaged" in str(refused.value)
