@@ -174,3 +174,27 @@ def test_the_member_says_it_is_idle_only_once_nothing_of_its_own_goes_on() -> No
     agui.interrupts.clear()
     agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
     assert idle == [agui]
+
+
+def test_a_message_that_waits_in_the_run_queue_keeps_the_ag_ui_run_open_until_its_run_ends() -> None:
+    agui = member()
+    agui.open("run-a")
+    agui.waiting.add("m1")
+    agui.settle()  # nothing running yet, but a message of ours waits: the run stays open
+    still_open = agui.run_id
+    agui.deliver(haip(EventType.RUN_STARTED, {"run_id": "r1", "agent": "echo", "message_id": "m1"}))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    assert still_open == "run-a" and agui.run_id is None and agui.idle
+    assert [e["type"] for e in sent(agui)] == ["RUN_STARTED", "RUN_FINISHED"]
+
+
+def test_a_waiting_message_taken_out_of_the_queue_ends_the_ag_ui_run_cancelled() -> None:
+    agui = member()
+    agui.open("run-a")
+    agui.waiting.add("m1")
+    unqueued = {"event": "run.unqueued", "message_id": "m1", "reason": "cancelled by alice"}
+    agui.deliver(haip(EventType.INFO, unqueued, run_id=None))
+    events = sent(agui)
+    assert agui.run_id is None and agui.waiting == set()
+    cancelled = {"type": "RUN_FINISHED", "threadId": "thread-1", "runId": "run-a", "outcome": {"type": "cancelled"}}
+    assert events[-1] == cancelled

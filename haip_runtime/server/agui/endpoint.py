@@ -200,6 +200,8 @@ class AguiDoor:
             user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
             runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
             member.runs.update(each.id for each in runs)
+            if not runs and user_message["message_id"] in transaction.queued:
+                member.waiting.add(str(user_message["message_id"]))  # its runs start when the queue reaches it
         elif text is None and not resuming and not member.runs:
             member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}
         member.settle()

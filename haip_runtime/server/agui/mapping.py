@@ -66,6 +66,8 @@ class AguiMember:
         self.last_id = 0
         self.run_id: str | None = None  # the AG-UI run open now, if any
         self.runs: set[str] = set()  # HAIP runs the AG-UI user's messages started, until they end
+        #: Message ids of this user waiting in the transaction's run queue: their runs are ours when they start.
+        self.waiting: set[str] = set()
         self.interrupts: dict[str, dict[str, Any]] = {}  # interrupt id (= call id) -> what it asked
         self.calls: set[str] = set()  # tool calls of those runs
         self.failure: dict[str, Any] | None = None
@@ -130,7 +132,7 @@ class AguiMember:
     @property
     def idle(self) -> bool:
         """No AG-UI run open and nothing of ours going on or waiting: the user has left, for now."""
-        return self.run_id is None and not self.runs and not self.interrupts
+        return self.run_id is None and not self.runs and not self.waiting and not self.interrupts
 
     def settle(self) -> None:
         """Close the open run if nothing is left for it: it waits on interrupts, or its runs ended."""
@@ -139,7 +141,7 @@ class AguiMember:
         if self.interrupts:
             interrupts = [Interrupt(**asked) for asked in self.interrupts.values()]
             self.close(outcome=RunFinishedInterruptOutcome(interrupts=interrupts))
-        elif not self.runs:
+        elif not self.runs and not self.waiting:
             self.close(outcome=RunFinishedCancelledOutcome()) if self.cancelled else self.close()
 
     # --- in: the transaction's events --------------------------------------------------------------
@@ -152,6 +154,18 @@ class AguiMember:
             self.cancelled = self.cancelled or payload.get("status") == "CANCELLED"
             if kind == EventType.RUN_ERROR:
                 self.failure = {"code": payload.get("code"), "message": payload.get("message") or "the run failed"}
+            self.settle()
+            return
+        if kind == EventType.RUN_STARTED and payload.get("message_id") in self.waiting:
+            self.waiting.discard(str(payload["message_id"]))  # a queued message of ours started at last
+            self.runs.add(str(payload["run_id"]))
+        elif (
+            kind == EventType.INFO
+            and payload.get("event") == "run.unqueued"
+            and payload.get("message_id") in self.waiting
+        ):
+            self.waiting.discard(str(payload["message_id"]))
+            self.cancelled = True
             self.settle()
             return
         if kind == EventType.TOOL_UPDATE and payload.get("call_id") in self.calls:
