@@ -48,13 +48,7 @@ def vendor() -> Iterator[VendorServer]:
 
 @pytest.fixture(scope="module")
 def runtime(vendor: VendorServer) -> Iterator[LiveServer]:
-    gpt = {
-        "kind": "openai",
-        "base_url": vendor.url + "/v1",
-        "api_key": "sk-test",
-        "model": "gpt-test",
-        "max_retries": 0,
-    }
+    gpt = vendor.openai_llm()
     config = {
         "llm": {"gpt": gpt},
         "agents": {"assistant": {"plugin": "assistant", "llm": "gpt", "mcp_servers": ["demo"]}},

@@ -32,13 +32,7 @@ def vendor() -> Iterator[VendorServer]:
 @pytest.fixture
 def starting(vendor: VendorServer) -> Iterator[LiveServer]:
     """A runtime that has just started: the client talks to it before its MCP servers are up."""
-    gpt = {
-        "kind": "openai",
-        "base_url": vendor.url + "/v1",
-        "api_key": "sk-test",
-        "model": "gpt-test",
-        "max_retries": 0,
-    }
+    gpt = vendor.openai_llm()
     slow = {
         "transport": "stdio",
         "command": sys.executable,

@@ -41,13 +41,7 @@ def vendor() -> Iterator[VendorServer]:
 
 
 def config(vendor: VendorServer, **observability: Any) -> Any:
-    gpt = {
-        "kind": "openai",
-        "base_url": vendor.url + "/v1",
-        "api_key": "sk-test",
-        "model": "gpt-test",
-        "max_retries": 0,
-    }
+    gpt = vendor.openai_llm()
     return make_config(
         {
             "llm": {"gpt": gpt},

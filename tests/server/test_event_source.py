@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from tests.support.serving import LiveServer, live_server, make_config
 
-CHROMIUM = "/usr/bin/chromium"
 TIMEOUT_MS = 20_000
 
 #: The page's whole client: an EventSource, POSTs for what it sends, PONG for every PING while ``answer``.
@@ -65,15 +64,6 @@ def server() -> Iterator[LiveServer]:
     )
     with live_server(config) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -95,6 +95,10 @@ class VendorServer:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=reply.headers)
 
+    def openai_llm(self, model: str = "gpt-test") -> dict[str, Any]:
+        """An ``[llm.<id>]`` table that points an OpenAI-format provider at this server (no retries)."""
+        return {"kind": "openai", "base_url": self.url + "/v1", "api_key": "sk-test", "model": model, "max_retries": 0}
+
 
 @contextmanager
 def vendor_server() -> Iterator[VendorServer]:
