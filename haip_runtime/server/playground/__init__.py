@@ -15,7 +15,12 @@ from starlette.routing import BaseRoute, Route
 
 FILES = Path(__file__).resolve().parent
 #: What the page loads; nothing else in this folder (Python files, caches) is served.
-ASSETS = {"haip-client.js": "text/javascript", "playground.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {
+    "haip-client.js": "text/javascript",
+    "playground.js": "text/javascript",
+    "voice.js": "text/javascript",
+    "style.css": "text/css",
+}
 _HEADERS = {"Cache-Control": "no-cache"}
 
 

@@ -2,6 +2,7 @@
 // All protocol work is in haip-client.js; this file is only UI.
 
 import { HaipClient, HaipError } from "./haip-client.js";
+import { attachVoice } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -63,6 +64,7 @@ async function connect(token) {
     note("The server restarted: new session, conversation rejoined.");
   });
   $("drop").addEventListener("click", () => client.dropConnection());
+  attachVoice(state, client);
   try {
     const ready = await client.connect();
     state.user = ready.user;
