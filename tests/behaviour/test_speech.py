@@ -21,7 +21,7 @@ from haip_runtime.protocol.events import ALL_EVENTS
 from tests.support.peers import open_peer
 from tests.support.raw import RawPeer
 from tests.support.serving import LiveServer, live_server, make_config
-from tests.support.speech import espeak, wav_seconds, words
+from tests.support.speech import SpeechVendor, espeak, speech_vendor, wav_seconds, words
 from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
 
 pytestmark = pytest.mark.anyio
@@ -43,14 +43,21 @@ def vendor() -> Iterator[VendorServer]:
 
 
 @pytest.fixture(scope="module")
-def live(vendor: VendorServer) -> Iterator[LiveServer]:
+def cloud() -> Iterator[SpeechVendor]:
+    with speech_vendor() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def live(vendor: VendorServer, cloud: SpeechVendor) -> Iterator[LiveServer]:
     gpt = {"kind": "openai", "base_url": vendor.url + "/v1", "model": "gpt-test", "max_retries": 0}
     config = {
         "llm": {"gpt": gpt},
-        "speech": {"local": {"kind": "local"}},
+        "speech": {"local": {"kind": "local"}, "cloud": {"kind": "openai", "base_url": cloud.url, "api_key": "sk-a"}},
         "agents": {
             "assistant": {"plugin": "assistant", "llm": "gpt", "speech": "local"},
             "echo": {"plugin": "echo", "speech": "local", "reply_audio": True},
+            "parrot": {"plugin": "echo", "speech": "cloud"},
         },
     }
     with live_server(make_config(config)) as server:
@@ -104,6 +111,10 @@ def is_final_audio(message_id: str | None = None) -> Any:
         )
 
     return check
+
+
+def is_info(event: str) -> Any:
+    return lambda e: e["type"] == "INFO" and isinstance(e["payload"], dict) and e["payload"].get("event") == event
 
 
 async def start(peer: Any, live: LiveServer, agent: str, accept: list[str], **hai: Any) -> tuple[Listener, str]:
@@ -268,3 +279,31 @@ async def test_cancelling_a_half_sent_audio_message_drops_it(live: LiveServer, q
     assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == again
     assert not_understood["payload"]["code"] == "SPEECH_NOT_UNDERSTOOD"
     assert not [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
+
+
+async def test_a_hosted_speech_service_hears_and_speaks_and_its_failure_is_told(
+    live: LiveServer, cloud: SpeechVendor, question: bytes
+) -> None:
+    cloud.requests.clear()
+    cloud.transcripts[:] = ["Hello parrot.", "Again."]
+    token = live.token("alice")
+    try:
+        async with open_peer("websocket", live, token) as peer:
+            listener, tx = await start(peer, live, "parrot", EVERYTHING)
+            await speak(peer, tx, question, "cloud-1", binary=False, pieces=2)
+            spoken = await listener.until(is_final_audio())
+            cloud.speech_status = 503
+            await speak(peer, tx, question, "cloud-2", binary=False, pieces=1)
+            failed = await listener.until(is_info("speech.failed"))
+    finally:
+        cloud.speech_status = 200
+    heard, said, _, _ = cloud.requests
+    assert heard["path"] == "/v1/audio/transcriptions" and heard["bytes"] == question
+    assert heard["authorization"] == "Bearer sk-a" and heard["content_type"] == "audio/wav"
+    assert said["path"] == "/v1/audio/speech" and said["input"] == "you said: Hello parrot."
+    assert spoken["payload"]["text"] == "you said: Hello parrot." and spoken["payload"]["final"]
+    assert spoken["payload"]["duration_ms"] == round(0.06 * len("you said: Hello parrot.") * 1000)
+    assert failed["payload"]["code"] == "SPEECH_FAILED" and "503" in failed["payload"]["message"]
+    assert "sk-a" not in failed["payload"]["message"]
+    texts = [e["payload"]["text"] for e in listener.of("MESSAGE") if e["payload"].get("spoken")]
+    assert texts == ["Hello parrot.", "Again."]

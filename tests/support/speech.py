@@ -73,6 +73,8 @@ class SpeechVendor:
     """The next transcriptions to answer, in order."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     status: int = 200
+    speech_status: int = 200
+    """The status of /audio/speech alone."""
 
     async def transcriptions(self, request: Request) -> Response:
         async with request.form() as form:
@@ -99,8 +101,8 @@ class SpeechVendor:
     async def speech(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append({"path": request.url.path, "authorization": request.headers.get("authorization"), **body})
-        if self.status != 200:
-            return _error(self.status, "the model is overloaded")
+        if self.status != 200 or self.speech_status != 200:
+            return _error(self.status if self.status != 200 else self.speech_status, "the model is overloaded")
         if not body.get("input") or body.get("response_format") != "wav":
             return _error(400, "input and response_format wav are required here")
         return Response(tone(0.06 * len(body["input"]), 24_000), media_type="audio/wav")
