@@ -10,10 +10,11 @@
   transaction (``INFO speech.interrupted``). ``RUN_CANCEL`` naming the audio message id, or the end
   of the transaction, stops its transcription.
 - Speaking: the desk watches each transaction's events. A run of a speech agent that answers a
-  spoken message (or any run, with ``reply_audio``) gets a ``Speaker``: the run's message text is
-  cut into sentences as it streams, each spoken and published as an ``AUDIO_CHUNK`` on
-  ``AUDIO_OUT`` whose ``message_id`` is the text message's, with ``seq_in_message``, the sentence
-  as ``text``, and ``final: true`` on the message's last. A cancelled run stops speaking.
+  spoken message (or any run, with ``reply_audio``), while some member accepts audio, gets a
+  ``Speaker``: the run's message text is cut into sentences as it streams, each spoken and
+  published as an ``AUDIO_CHUNK`` on ``AUDIO_OUT`` whose ``message_id`` is the text message's,
+  with ``seq_in_message``, the sentence as ``text``, and ``final: true`` on the message's last.
+  A cancelled run stops speaking.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ OPEN_CLIPS_PER_SESSION = 4
 SPOKEN_REMEMBERED = 1024
 #: One spoken message may be this many times ``server.max_frame_bytes`` (its chunks joined).
 CLIP_FRAMES = 16
+#: What a member's client must accept to hear an answer (else it is not synthesized at all).
+_AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
 #: The end of a spoken answer whose last sentence already went out: a WAV of no frames.
 _EMPTY_WAV = pcm_wav(b"", 16_000)
 
@@ -215,7 +218,8 @@ class SpeechDesk:
         if kind == EventType.RUN_STARTED:
             agent = str(payload.get("agent"))
             voice = self.voices.get(agent)
-            if voice is not None and (agent in self.always or payload.get("message_id") in self._spoken):
+            wanted = agent in self.always or payload.get("message_id") in self._spoken
+            if voice is not None and wanted and any(_AUDIO & m.accepted for m in transaction.members.values()):
                 speaker = Speaker(transaction, str(payload["run_id"]), agent, voice)
                 self._speakers.setdefault(transaction.id, {})[speaker.run_id] = speaker
                 self._spawn(self._speak, speaker)

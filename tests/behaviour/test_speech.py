@@ -307,3 +307,19 @@ async def test_a_hosted_speech_service_hears_and_speaks_and_its_failure_is_told(
     assert "sk-a" not in failed["payload"]["message"]
     texts = [e["payload"]["text"] for e in listener.of("MESSAGE") if e["payload"].get("spoken")]
     assert texts == ["Hello parrot.", "Again."]
+
+
+async def test_when_no_member_accepts_audio_the_answer_is_not_synthesized(
+    live: LiveServer, cloud: SpeechVendor, question: bytes
+) -> None:
+    cloud.requests.clear()
+    cloud.transcripts[:] = ["Quietly now."]
+    token = live.token("alice")
+    async with open_peer("websocket", live, token) as peer:
+        listener, tx = await start(peer, live, "parrot", NO_AUDIO)
+        await speak(peer, tx, question, "quiet-1", binary=False, pieces=1)
+        await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+        await peer.send("MESSAGE", {"text": "fence"}, transaction=tx)
+        await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+    assert [r["path"] for r in cloud.requests] == ["/v1/audio/transcriptions"]
+    assert "you said: Quietly now." in [e["payload"]["text"] for e in listener.of("MESSAGE_PART")]
