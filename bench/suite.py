@@ -730,6 +730,11 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str]) 
         "- One load process on one core can itself be the limit: the bare echo baseline is bounded by",
         "  the load generator's Python, which flatters no one but narrows the ratios.",
         "",
+        "## Speech",
+        "",
+        "`bench/speech.py` writes bench/SPEECH-RESULTS.md: end of speech → transcript and → first audio chunk",
+        "through the runtime against the engines called directly, and each engine's real-time factor on this CPU.",
+        "",
     ]
     if NOTES:
         lines += ["## Notes from this run", "", *[f"- {note}" for note in NOTES], ""]

@@ -19,6 +19,7 @@ they enter, always with ``raise ... from exc``. Every exception class of the pac
     │   └── ToolTimeoutError        the server did not answer in time
     ├── FakeToolError               raised by a fake tool of the agent harness: the call ends TOOL_ERROR
     ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
+    ├── SpeechError (code)          a speech provider failed (SpeechErrorCode); an ERROR to the member who spoke
     └── ClientError                 raised by the Python client library (haip_runtime.client.haip_client)
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from haip_runtime.protocol.events import ErrorCode, LlmErrorCode
+from haip_runtime.protocol.events import ErrorCode, LlmErrorCode, SpeechErrorCode
 
 __all__ = [
     "ClientError",
@@ -40,6 +41,7 @@ __all__ = [
     "PluginError",
     "ProtocolError",
     "RequestRefusedError",
+    "SpeechError",
     "StorageError",
     "ToolError",
     "ToolTimeoutError",
@@ -129,6 +131,15 @@ class FakeToolError(HaipError):
 
     Not a ``ToolError``: the tool ran and reported a failure, as an MCP tool that fails does.
     """
+
+
+class SpeechError(HaipError):
+    """A speech provider could not hear or speak. ``message`` is readable by the user and never holds a key."""
+
+    def __init__(self, code: SpeechErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class LlmError(HaipError):

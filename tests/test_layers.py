@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("auth",),
     ("session",),
     ("tools",),
-    ("llm",),
+    ("llm", "speech"),
     ("agents", ""),  # "" is the package's own __init__: the plugin authors' surface
     ("conversation",),
     ("hub",),

@@ -21,6 +21,7 @@ import httpx2
 from rich.text import Text
 
 from haip_runtime.client.haip_client import HaipClient, Received
+from haip_runtime.client.recording import SpokenAnswers, send_recording
 from haip_runtime.client.terminal import INTERRUPTED, Terminal, open_terminal, short
 from haip_runtime.client.view import ChatView, Question
 from haip_runtime.exceptions import ClientError
@@ -28,7 +29,7 @@ from haip_runtime.exceptions import ClientError
 HELP = (
     "Type to talk to the agent. /agents lists agents, /agents <name> starts a conversation with one, "
     "/tools lists the tools with their arguments, /history your recent conversations, /join <id> goes back "
-    "to one, /quit leaves. Ctrl-C cancels what is running, twice quits."
+    "to one, /say FILE.wav sends a recording, /quit leaves. Ctrl-C cancels what is running, twice quits."
 )
 #: How many of a joined conversation's last messages ``/join`` prints.
 SHOWN_ON_JOIN = 20
@@ -66,6 +67,7 @@ class Chat:
         self.recent: list[str] = []  # the ids /history showed last: /join takes the start of one
         self.failed: list[str] = []  # codes of the turns that failed (piped input then exits 1)
         self.down: dict[str, Any] = {}  # MCP servers /health said were not connected
+        self.spoken = SpokenAnswers()
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -96,6 +98,8 @@ class Chat:
                     self.view.on_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a payload not as documented
                     self.view.say(f"✗ cannot show {event.type}: {exc!r}", "red")
+                if (line := self.spoken.see(event)) is not None:
+                    self.view.say(line, "magenta")
             if self._turn is not None:
                 self._turn.see(event, self.view)
             if self.terminal is not None:
@@ -239,6 +243,8 @@ class Chat:
             await self.history()
         elif verb == "/join":
             await (self.join(rest) if rest else self.history())
+        elif verb == "/say" and self.transaction is not None:
+            await self.say(rest)
         elif line.strip():
             assert self.transaction is not None and self.terminal is not None
             if self.terminal.echoes_input:
@@ -249,6 +255,18 @@ class Chat:
                 self._turn.message_id = await self.client.send_text(self.transaction, line.strip())
                 await self._turn.settled.wait()
         return True
+
+    async def say(self, path: str) -> None:
+        """Send a recording; piped, wait for the answer and its speech before the next line."""
+        assert self.transaction is not None and self.terminal is not None
+        if not path:
+            self.view.say("/say FILE.wav sends a recording to the agent", "yellow")
+        elif self.terminal.echoes_input:
+            await send_recording(self.client, self.transaction, path)
+        else:
+            self._turn = _Turn(started=False)
+            self._turn.message_id = await send_recording(self.client, self.transaction, path)
+            await self._turn.settled.wait()
 
     async def request(self, type: str, payload: dict[str, Any], answer: str) -> Received:
         """Send a request; its answer of type ``answer`` (or the ERROR it caused raises ``ClientError``)."""
@@ -345,12 +363,22 @@ class _Turn:
     started: bool
     message_id: str | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
+    heard: bool = False  # the line was a recording, heard as words: its answers will be spoken too
+    answers: set[str] = field(default_factory=set)
+    spoken: set[str] = field(default_factory=set)
 
     def see(self, event: Received, view: ChatView) -> None:
         if event.type == "RUN_STARTED":
             self.started = True
+        elif event.type == "MESSAGE" and isinstance(event.payload, dict) and event.get("spoken"):
+            self.heard = self.heard or event.get("audio_message_id") == self.message_id
+        elif event.type == "MESSAGE_END":
+            self.answers.add(str(event.get("message_id")))
+        elif (event.type == "AUDIO_CHUNK" and event.get("final")) or event.get("event") == "speech.interrupted":
+            self.spoken.add(str(event.get("message_id")))
         refused = event.type == "ERROR" and self.message_id is not None and event.get("related_id") == self.message_id
-        if view.questions or refused or (self.started and not view.runs):
+        done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
+        if view.questions or refused or done:
             self.settled.set()
 
 

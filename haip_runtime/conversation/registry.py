@@ -63,6 +63,8 @@ class TransactionRegistry:
         self._loading: dict[str, anyio.Event] = {}
         #: Called with (agent, status) when a run ends (the runtime's metrics).
         self.on_run_end: Callable[[str, str], None] | None = None
+        #: Called with every transaction made (new, or brought back from the store).
+        self.on_new: Callable[[Transaction], None] | None = None
 
     def __len__(self) -> int:
         return len(self.live)
@@ -82,6 +84,8 @@ class TransactionRegistry:
             **state,
         )
         transaction.on_run_end = self.on_run_end
+        if self.on_new is not None:
+            self.on_new(transaction)
         return transaction
 
     async def check_room(self, user: str, related_id: str) -> None:

@@ -116,6 +116,8 @@ class Transaction:
         self._ready = ready
         #: Called with (agent, status or error code) when a run ends.
         self.on_run_end: Callable[[str, str], None] | None = None
+        #: Called with every event after it is published (the hub's speech follows the answers it speaks).
+        self.watchers: list[Callable[[Event], None]] = []
 
     # --- the record ------------------------------------------------------------------------------
 
@@ -189,6 +191,8 @@ class Transaction:
         for member_id, member in list(self.members.items()):
             if member_id not in exclude:
                 member.deliver(event)
+        for watch in self.watchers:
+            watch(event)
         return event
 
     def _remember(self, event: Event) -> None:
@@ -239,13 +243,16 @@ class Transaction:
         payload: dict[str, Any],
         related_id: str = "",
         traceparent: str | None = None,
+        *,
+        echo: bool = False,
     ) -> list[Run]:
         """Forward a user's message to the other members and start a turn for every agent.
 
         A message for which ``member`` has no room (or that follows one of theirs still waiting) waits
         in the transaction's queue (``INFO run.queued``) and its turns start, in order, when runs end;
         past the queue's bound it is ``RUN_LIMIT_EXCEEDED``, with nothing published. Returns the runs
-        started now (none if it waits). ``traceparent`` is the client's trace, which the runs continue."""
+        started now (none if it waits). ``traceparent`` is the client's trace, which the runs continue;
+        ``echo``: the author gets the MESSAGE too (a transcript of their audio)."""
         wanted = len(self.agents)
         waits = bool(wanted) and (
             not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
@@ -254,7 +261,8 @@ class Transaction:
             self.run_limit.check_queue(len(self._queue), wanted, related_id)
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
-        self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=frozenset({member.id})))
+        exclude = frozenset() if echo else frozenset({member.id})
+        self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude))
         if not waits:
             return self._answer(member, text, {**payload, "message_id": message_id}, traceparent)
         self._queue.append(_Queued(member, text, {**payload, "message_id": message_id}, traceparent))

@@ -3,8 +3,9 @@
 ``receive_audio`` checks a clip (a transaction the sender is in; its bytes from the binary frame
 the transport attached, or from base64 ``data``; at most ``server.max_frame_bytes``), forwards it
 to the other members as ``AUDIO_CHUNK`` on ``AUDIO_IN`` (each client gets it as it accepts it:
-``AUDIO`` or ``AUDIO_CHUNK``, two-frame or inline) and starts an ``on_audio`` turn for each agent
-that has one. It does not know transports.
+``AUDIO`` or ``AUDIO_CHUNK``, two-frame or inline), hands it to the speech desk (``voice.py``:
+agents with ``speech`` hear it as words) and starts an ``on_audio`` turn for each agent that has
+one. It does not know transports.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     }
     if audio.duration_ms is not None:
         forwarded["duration_ms"] = audio.duration_ms
+    if audio.seq_in_message is not None:
+        forwarded["seq_in_message"] = audio.seq_in_message
+    if audio.final:
+        forwarded["final"] = True
+    whole = envelope.type == EventType.AUDIO or audio.final or audio.message_id is None  # an unnamed chunk stands alone
+    if ctx.speech is not None:
+        ctx.speech.hear(
+            transaction, session, message_id=message_id, mime=audio.mime, data=data, whole=whole, related_id=envelope.id
+        )
     listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
     transaction.admit_runs(session, len(listeners), envelope.id)
     transaction.publish(

@@ -18,6 +18,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.hub.voice import SpeechDesk
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import ErrorCode, EventType
@@ -38,6 +39,8 @@ class HubContext:
     spawn: Callable[..., None]
     #: Wait for MCP servers still making their first connection (``tools.readiness``); ``None``: nothing to wait for.
     ready: Callable[[Iterable[str]], Awaitable[None]] | None = None
+    #: Agents that listen and answer aloud; ``None``: no agent uses speech.
+    speech: SpeechDesk | None = None
 
     def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
         """The transaction the envelope names, if the sender is a member (else not found)."""

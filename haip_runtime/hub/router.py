@@ -26,6 +26,7 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub import audio, lifecycle, messages, tool_requests
 from haip_runtime.hub.context import Handler, HubContext, bind
+from haip_runtime.hub.voice import speech_desk
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.envelope import Envelope, secret_id
 from haip_runtime.protocol.events import ErrorCode, EventType
@@ -88,7 +89,11 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] | None = None
         self._stack = AsyncExitStack()
         ready = readiness.wait if readiness is not None else None
-        self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready)
+        #: Agents that listen and answer aloud (``agents.<name>.speech``), if any do.
+        self.speech = speech_desk(config, agents, self.spawn)
+        if self.speech is not None:
+            self.transactions.on_new = self.speech.attach
+        self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready, self.speech)
         by_type = {
             EventType.TRANSACTION_START: lifecycle.transaction_start,
             EventType.TRANSACTION_JOIN: lifecycle.transaction_join,
@@ -110,6 +115,8 @@ class Hub:
         async with AsyncExitStack() as stack:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             self._task_group.start_soon(self._maintain)
+            if self.speech is not None:
+                self._task_group.start_soon(self.speech.load)
             self._tasks = set()
             self._stack = stack.pop_all()
         return self
@@ -125,6 +132,9 @@ class Hub:
         with anyio.CancelScope(shield=True):
             await self._cancel_tasks()
         self._task_group.cancel_scope.cancel()
+        if self.speech is not None:
+            with anyio.CancelScope(shield=True):
+                await self.speech.aclose()
         return await self._stack.__aexit__(*exc_info)
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
@@ -176,6 +186,8 @@ class Hub:
 
     def _leave_transactions(self, session: Session) -> None:
         """A session was dropped: it leaves every transaction it was a member of."""
+        if self.speech is not None:
+            self.speech.forget_session(session.id)
         for transaction_id in list(session.transactions):
             transaction = self.transactions.live.get(transaction_id)
             if transaction is not None:

@@ -78,6 +78,17 @@ class ErrorCode(enum.StrEnum):
     STORAGE_ERROR = "STORAGE_ERROR"
 
 
+class SpeechErrorCode(enum.StrEnum):
+    """Codes of ``ERROR`` to a member whose audio could not be transcribed, or of ``INFO speech.failed``."""
+
+    SPEECH_UNAVAILABLE = "SPEECH_UNAVAILABLE"
+    """The engine is not installed (the `speech` extra, or Debian's espeak-ng), or its model is missing."""
+    SPEECH_NOT_UNDERSTOOD = "SPEECH_NOT_UNDERSTOOD"
+    """The audio could not be decoded, or held no words."""
+    SPEECH_FAILED = "SPEECH_FAILED"
+    """The speech service refused or failed (HTTP error, timeout, unreachable)."""
+
+
 class LlmErrorCode(enum.StrEnum):
     """Codes of ``RUN_ERROR`` when an agent's LLM provider fails (the message says what to fix)."""
 

@@ -156,6 +156,9 @@ class Audio(Payload):
     mime: str
     data: str | None = None
     duration_ms: int | None = None
+    seq_in_message: int | None = Field(default=None, ge=0)
+    final: bool = False
+    """The last chunk of its ``message_id``: the member has finished speaking (a spoken answer has ended)."""
 
 
 # --- runs -------------------------------------------------------------------------------------

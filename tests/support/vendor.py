@@ -38,6 +38,8 @@ class Reply:
     """Cut the connection after ``events`` instead of ending the stream."""
     stall: bool = False
     """Go silent after ``events`` (before the headers if there are none) until ``release()``, at most 10 s."""
+    then: list[str] = field(default_factory=list)
+    """After a stall: the rest of the stream."""
 
 
 @dataclass
@@ -92,6 +94,8 @@ class VendorServer:
                 raise ConnectionAbortedError("the vendor dropped the stream")  # uvicorn cuts the connection
             if reply.stall:
                 await self._stall()
+                for event in reply.then:
+                    yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=reply.headers)
 

@@ -38,7 +38,7 @@ from ag_ui.core.events import RunFinishedCancelledOutcome, RunFinishedInterruptO
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event, new_id
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.protocol.events import ALL_EVENTS, Channel, ErrorCode, EventType
 
 #: AG-UI events a thread keeps for clients that reconnect with ``Last-Event-ID``.
 JOURNAL_EVENTS = 2048
@@ -51,6 +51,10 @@ APPROVAL_SCHEMA = {
 
 def dump(event: BaseEvent) -> str:
     return event.model_dump_json(by_alias=True, exclude_none=True)
+
+
+#: The HAIP events an AG-UI user is said to accept (the transaction asks, e.g. before it speaks an answer).
+_ACCEPTED = frozenset(ALL_EVENTS) - {EventType.AUDIO, EventType.AUDIO_CHUNK}
 
 
 class AguiMember:
@@ -80,6 +84,11 @@ class AguiMember:
         #: Called when the member has become idle (the door lets it leave the transaction).
         self.on_idle: Callable[[AguiMember], None] | None = None
         self._changed = anyio.Event()
+
+    @property
+    def accepted(self) -> frozenset[str]:
+        """What an AG-UI client takes: every event but audio (AG-UI carries none, so none is made for it)."""
+        return _ACCEPTED
 
     @property
     def user(self) -> str:

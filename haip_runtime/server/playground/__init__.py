@@ -20,6 +20,7 @@ ASSETS = {
     "haip-client.js": "text/javascript",
     "markdown.js": "text/javascript",
     "playground.js": "text/javascript",
+    "voice.js": "text/javascript",
     "style.css": "text/css",
 }
 _HEADERS = {"Cache-Control": "no-cache"}

@@ -3,6 +3,7 @@
 
 import { HaipClient, HaipError } from "./haip-client.js";
 import { renderMarkdown } from "./markdown.js";
+import { attachVoice } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -67,6 +68,7 @@ async function connect(token) {
     note("The server restarted: new session, conversation rejoined.");
   });
   $("drop").addEventListener("click", () => client.dropConnection());
+  attachVoice(state, client);
   try {
     const ready = await client.connect();
     state.user = ready.user;
@@ -376,6 +378,7 @@ function endMessage({ message_id: id, stop_reason: stopReason }) {
 
 function addAudio(env, p) {
   if (!p.data) return; // two-frame audio is not asked for by this page
+  if (env.channel === "AUDIO_OUT" && typeof p.text === "string") return; // a spoken answer's sentence: voice.js plays it
   const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
   const player = el("audio", { controls: true, preload: "metadata", src: `data:${p.mime || "audio/wav"};base64,${p.data}` });
   const seconds = typeof p.duration_ms === "number" ? el("span", { class: "muted" }, ` ${(p.duration_ms / 1000).toFixed(1)} s`) : null;

@@ -1,0 +1,352 @@
+"""Agents that listen and answer aloud (``agents.<name>.speech``; PROTOCOL.md section 9).
+
+``SpeechDesk`` sits between members' audio and the transaction:
+
+- ``hear``: a member's audio message (one ``AUDIO``, or ``AUDIO_CHUNK``s of one ``message_id``
+  ending with ``final: true``; their bytes are joined) is transcribed by the provider of the first
+  speech agent in the transaction, in a task of the hub, and published as that member's
+  ``MESSAGE {text, spoken: true, audio_message_id}`` (the author gets it too); the agents answer it
+  as any message. New audio from a member stops whatever the agents are speaking in that
+  transaction (``INFO speech.interrupted``). ``RUN_CANCEL`` naming the audio message id, or the end
+  of the transaction, stops its transcription.
+- Speaking: the desk watches each transaction's events. A run of a speech agent that answers a
+  spoken message (or any run, with ``reply_audio``), while some member accepts audio, gets a
+  ``Speaker``: the run's message text is cut into sentences as it streams, each spoken and
+  published as an ``AUDIO_CHUNK`` on ``AUDIO_OUT`` whose ``message_id`` is the text message's,
+  with ``seq_in_message``, the sentence as ``text``, and ``final: true`` on the message's last.
+  A cancelled run stops speaking.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ProtocolError, SpeechError
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome, SpeechErrorCode
+from haip_runtime.session.session import Session
+from haip_runtime.speech import create_speech_providers
+from haip_runtime.speech.provider import SpeechProvider, pcm_wav
+from haip_runtime.speech.sentences import SentenceSplitter
+
+logger = logging.getLogger(__name__)
+
+#: Audio messages one session may have half-sent (chunks without their final one) at once.
+OPEN_CLIPS_PER_SESSION = 4
+#: Transcript message ids remembered, so the runs answering them (perhaps after a wait) are spoken.
+SPOKEN_REMEMBERED = 1024
+#: One spoken message may be this many times ``server.max_frame_bytes`` (its chunks joined).
+CLIP_FRAMES = 16
+#: What a member's client must accept to hear an answer (else it is not synthesized at all).
+_AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
+#: The end of a spoken answer whose last sentence already went out: a WAV of no frames.
+_EMPTY_WAV = pcm_wav(b"", 16_000)
+
+
+@dataclass
+class _Clip:
+    transaction: str
+    mime: str
+    data: bytearray
+
+
+def speech_desk(config: HaipConfig, agents: Mapping[str, AgentSpec], spawn: Callable[..., None]) -> SpeechDesk | None:
+    """The desk of the agents that use speech (with a provider per ``[speech.<id>]``), or ``None`` if none does."""
+    if not any(spec.config.speech for spec in agents.values()):
+        return None
+    providers = create_speech_providers(config.speech)
+    return SpeechDesk(agents, providers, spawn, config.server.max_frame_bytes * CLIP_FRAMES)
+
+
+class SpeechDesk:
+    def __init__(
+        self,
+        agents: Mapping[str, AgentSpec],
+        providers: Mapping[str, SpeechProvider],
+        spawn: Callable[..., None],
+        max_clip_bytes: int,
+    ) -> None:
+        self.providers = providers
+        self.voices = {name: providers[spec.config.speech] for name, spec in agents.items() if spec.config.speech}
+        self.always = {name for name, spec in agents.items() if spec.config.speech and spec.config.reply_audio}
+        self.max_clip_bytes = max_clip_bytes
+        self._spawn = spawn
+        self._clips: dict[tuple[str, str], _Clip] = {}  # (session id, audio message id)
+        self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
+        self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
+        self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
+
+    async def load(self) -> None:
+        """Load the models of the providers agents use (at start-up, in the background, off the event loop)."""
+        for provider in {id(p): p for p in self.voices.values()}.values():
+            try:
+                await provider.load()
+            except SpeechError as exc:  # said again to each member whose audio it cannot hear
+                logger.warning("speech %r cannot load: %s", provider.id, exc.message)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+    def attach(self, transaction: Transaction) -> None:
+        transaction.watchers.append(lambda event: self._watch(transaction, event))
+
+    # --- hearing ---------------------------------------------------------------------------------
+
+    def provider_for(self, transaction: Transaction) -> SpeechProvider | None:
+        return next((self.voices[name] for name in transaction.agents if name in self.voices), None)
+
+    def hear(
+        self,
+        transaction: Transaction,
+        session: Session,
+        *,
+        message_id: str,
+        mime: str,
+        data: bytes,
+        whole: bool,
+        related_id: str,
+    ) -> bool:
+        """Take a piece of a member's audio message; ``False`` if no agent in the transaction listens."""
+        provider = self.provider_for(transaction)
+        if provider is None:
+            return False
+        key = (session.id, message_id)
+        clip = self._clips.get(key)
+        if clip is None:
+            self.interrupt(transaction, session.user)
+            if not whole and sum(1 for sid, _ in self._clips if sid == session.id) >= OPEN_CLIPS_PER_SESSION:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"at most {OPEN_CLIPS_PER_SESSION} audio messages may be open at once: end one with final: true",
+                    related_id=related_id,
+                    detail={"limit": "open_audio_messages"},
+                )
+            clip = _Clip(transaction.id, mime, bytearray())
+        if len(clip.data) + len(data) > self.max_clip_bytes:
+            self._clips.pop(key, None)
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"audio message {message_id} exceeds {self.max_clip_bytes} bytes; it was dropped",
+                related_id=related_id,
+                detail={"where": "/payload/data", "limit": self.max_clip_bytes},
+            )
+        clip.data += data
+        if not whole:
+            self._clips[key] = clip
+            return True
+        self._clips.pop(key, None)
+        scope = anyio.CancelScope()
+        self._hearing[message_id] = (transaction.id, scope)
+        self._spawn(self._transcribe, transaction, session, provider, bytes(clip.data), clip.mime, message_id, scope)
+        return True
+
+    def cancel(self, transaction: Transaction, message_id: str) -> bool:
+        """Stop transcribing (or collecting) an audio message; ``False`` if there is none."""
+        hearing = self._hearing.get(message_id)
+        if hearing is not None and hearing[0] == transaction.id:
+            hearing[1].cancel()
+            return True
+        for key, clip in list(self._clips.items()):
+            if key[1] == message_id and clip.transaction == transaction.id:
+                del self._clips[key]
+                return True
+        return False
+
+    def forget_session(self, session_id: str) -> None:
+        """A session left: drop its half-sent audio."""
+        for key in [key for key in self._clips if key[0] == session_id]:
+            del self._clips[key]
+
+    async def _transcribe(
+        self,
+        transaction: Transaction,
+        session: Session,
+        provider: SpeechProvider,
+        data: bytes,
+        mime: str,
+        audio_message_id: str,
+        scope: anyio.CancelScope,
+    ) -> None:
+        try:
+            with scope:
+                text = await provider.transcribe(data, mime)
+            if scope.cancel_called or transaction.ended:
+                return
+            if not text:
+                raise SpeechError(SpeechErrorCode.SPEECH_NOT_UNDERSTOOD, "no words were heard in that audio")
+            message_id = new_id()
+            payload = {"message_id": message_id, "spoken": True, "audio_message_id": audio_message_id}
+            self._remember(message_id)
+            transaction.user_message(session, text, payload, audio_message_id, echo=True)
+        except SpeechError as exc:
+            logger.info("speech %r: %s: %s", provider.id, exc.code, exc.message)
+            body = error_body(exc.code, exc.message, related_id=audio_message_id)
+            session.send(EventType.ERROR, body, transaction=transaction.id)
+        except ProtocolError as exc:  # no room for the runs (RUN_LIMIT_EXCEEDED)
+            session.send_error(exc, transaction=transaction.id)
+        finally:
+            self._hearing.pop(audio_message_id, None)
+
+    def _remember(self, message_id: str) -> None:
+        self._spoken[message_id] = None
+        while len(self._spoken) > SPOKEN_REMEMBERED:
+            self._spoken.popitem(last=False)
+
+    # --- speaking --------------------------------------------------------------------------------
+
+    def interrupt(self, transaction: Transaction, by: str) -> None:
+        """Stop every answer being spoken in ``transaction`` (a member spoke)."""
+        for speaker in list(self._speakers.get(transaction.id, {}).values()):
+            speaker.interrupt(by)
+
+    def _watch(self, transaction: Transaction, event: Event) -> None:
+        kind = event.type
+        payload: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
+        speakers = self._speakers.get(transaction.id)
+        if kind == EventType.RUN_STARTED:
+            agent = str(payload.get("agent"))
+            voice = self.voices.get(agent)
+            wanted = agent in self.always or payload.get("message_id") in self._spoken
+            if voice is not None and wanted and any(_AUDIO & m.accepted for m in transaction.members.values()):
+                speaker = Speaker(transaction, str(payload["run_id"]), agent, voice)
+                self._speakers.setdefault(transaction.id, {})[speaker.run_id] = speaker
+                self._spawn(self._speak, speaker)
+        elif kind == EventType.TRANSACTION_END:
+            for speaker in list((speakers or {}).values()):
+                speaker.stop()
+            for tid, scope in list(self._hearing.values()):
+                if tid == transaction.id:
+                    scope.cancel()
+        elif speakers and event.run_id in speakers:
+            speaker = speakers[event.run_id]
+            if kind in (EventType.MESSAGE_START, EventType.MESSAGE_PART, EventType.MESSAGE_END):
+                speaker.follow(kind, payload)
+            elif kind == EventType.RUN_FINISHED and payload.get("status") == RunOutcome.CANCELLED:
+                speaker.stop()
+            elif kind in (EventType.RUN_FINISHED, EventType.RUN_ERROR):
+                speaker.close()
+
+    async def _speak(self, speaker: Speaker) -> None:
+        try:
+            await speaker.run()
+        finally:
+            speakers = self._speakers.get(speaker.transaction.id, {})
+            speakers.pop(speaker.run_id, None)
+            if not speakers:
+                self._speakers.pop(speaker.transaction.id, None)
+
+
+class Speaker:
+    """Speaks one run's messages, sentence by sentence, in order."""
+
+    def __init__(self, transaction: Transaction, run_id: str, agent: str, voice: SpeechProvider) -> None:
+        self.transaction = transaction
+        self.run_id = run_id
+        self.agent = agent
+        self.voice = voice
+        self.scope = anyio.CancelScope()
+        self._queue: deque[tuple[str, str | None]] = deque()  # (message id, sentence; None: its end)
+        self._splitters: dict[str, SentenceSplitter] = {}
+        self._seq: dict[str, int] = {}
+        self._finals: set[str] = set()
+        self._wake = anyio.Event()
+        self._closed = False
+        self._speaking: str | None = None
+
+    def follow(self, kind: str, payload: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        message_id = str(payload.get("message_id", ""))
+        splitter = self._splitters.setdefault(message_id, SentenceSplitter())
+        if kind == EventType.MESSAGE_PART:
+            self._put(message_id, splitter.feed(str(payload.get("text", ""))))
+        elif kind == EventType.MESSAGE_END:
+            self._put(message_id, [*splitter.flush(), None])
+            del self._splitters[message_id]
+
+    def _put(self, message_id: str, sentences: Sequence[str | None]) -> None:
+        if sentences:
+            self._queue.extend((message_id, sentence) for sentence in sentences)
+            self._wake.set()
+
+    def close(self) -> None:
+        """The run ended: speak what is queued, then stop."""
+        self._closed = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop at once (the run was cancelled, the transaction ended)."""
+        self._closed = True
+        self._queue.clear()
+        self.scope.cancel()
+
+    def interrupt(self, by: str) -> None:
+        if self._closed and not self._queue and self._speaking is None:
+            return
+        unfinished = [message_id for message_id in self._seq if message_id not in self._finals]
+        message_id = self._speaking or (self._queue[0][0] if self._queue else None) or next(iter(unfinished), None)
+        self.stop()
+        info: dict[str, Any] = {"event": "speech.interrupted", "run_id": self.run_id, "agent": self.agent, "by": by}
+        if message_id is not None:
+            info["message_id"] = message_id
+        self.transaction.publish(Event(EventType.INFO, info, channel=Channel.AUDIO_OUT, run_id=self.run_id))
+
+    async def run(self) -> None:
+        with self.scope:
+            while True:
+                if not self._queue:
+                    if self._closed:
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                message_id, sentence = self._queue.popleft()
+                if sentence is None:
+                    if message_id in self._seq and message_id not in self._finals:
+                        self._send(message_id, _EMPTY_WAV, 0, "", final=True)
+                    continue
+                self._speaking = message_id
+                try:
+                    speech = await self.voice.synthesize(sentence)
+                except SpeechError as exc:
+                    logger.warning("speech %r: %s: %s", self.voice.id, exc.code, exc.message)
+                    failed = {"event": "speech.failed", "run_id": self.run_id, "code": exc.code, "message": exc.message}
+                    self.transaction.publish(
+                        Event(EventType.INFO, failed, channel=Channel.AUDIO_OUT, run_id=self.run_id)
+                    )
+                    return
+                finally:
+                    self._speaking = None
+                final = bool(self._queue) and self._queue[0] == (message_id, None)
+                if final:
+                    self._queue.popleft()
+                self._send(message_id, speech.data, speech.duration_ms, sentence, final=final)
+
+    def _send(self, message_id: str, data: bytes, duration_ms: int, text: str, *, final: bool) -> None:
+        seq = self._seq.get(message_id, 0)
+        self._seq[message_id] = seq + 1
+        if final:
+            self._finals.add(message_id)
+        payload: dict[str, Any] = {
+            "message_id": message_id,
+            "mime": "audio/wav",
+            "data": base64.b64encode(data).decode("ascii"),
+            "author": self.agent,
+            "duration_ms": duration_ms,
+            "seq_in_message": seq,
+            "final": final,
+            "text": text,
+        }
+        self.transaction.publish(Event(EventType.AUDIO_CHUNK, payload, channel=Channel.AUDIO_OUT, run_id=self.run_id))

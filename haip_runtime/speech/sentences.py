@@ -1,0 +1,44 @@
+"""Cut streamed text into sentences, so an answer is spoken while it is still being written."""
+
+from __future__ import annotations
+
+import re
+
+#: A sentence ends at . ! ? or … (and closing quotes or brackets) followed by white space, or at a line break.
+_END = re.compile(r"""[.!?…]+["'”’)\]]*\s+|\n+""")
+#: A sentence longer than this is cut at its last comma, semicolon or space before the limit.
+MAX_CHARS = 240
+
+
+class SentenceSplitter:
+    """Feed text as it streams; get back each sentence once it is complete."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._pending += text
+        out: list[str] = []
+        while True:
+            match = _END.search(self._pending)
+            if match is None:
+                break
+            out += _said(self._pending[: match.end()])
+            self._pending = self._pending[match.end() :]
+        while len(self._pending) > MAX_CHARS:
+            cut = max(self._pending.rfind(mark, 0, MAX_CHARS) for mark in (", ", "; ", " "))
+            cut = cut + 1 if cut > 0 else MAX_CHARS
+            out += _said(self._pending[:cut])
+            self._pending = self._pending[cut:]
+        return out
+
+    def flush(self) -> list[str]:
+        """What is left at the end of the message."""
+        rest, self._pending = self._pending, ""
+        return _said(rest)
+
+
+def _said(text: str) -> list[str]:
+    """``text`` stripped, if it has anything to say (letters or digits)."""
+    text = text.strip()
+    return [text] if any(ch.isalnum() for ch in text) else []

@@ -1,0 +1,325 @@
+"""Agents that listen and answer aloud (``agents.<name>.speech``), over a real uvicorn with the offline
+engines (whisper tiny.en hears, espeak-ng speaks) and a stand-in for the LLM at the wire.
+
+Speech made by espeak-ng ("what is two plus three") goes in as AUDIO_CHUNKs (WebSocket two-frame and
+inline, SSE inline); the member's transcript comes back as a spoken MESSAGE, the assistant's answer as
+text and as WAV audio sentence by sentence; new audio interrupts an answer being spoken; a client
+that accepts no audio gets the text only; undecodable audio is an error that costs nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.peers import open_peer
+from tests.support.raw import RawPeer
+from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.speech import SpeechVendor, espeak, speech_vendor, wav_seconds, words
+from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
+
+pytestmark = pytest.mark.anyio
+
+EVERYTHING = sorted(ALL_EVENTS)
+NO_AUDIO = sorted(set(ALL_EVENTS) - {"AUDIO", "AUDIO_CHUNK"})
+ANSWER = ("Two plus three", " is five. Anything", " else?")
+
+
+@pytest.fixture(scope="module")
+def question() -> bytes:
+    return espeak("what is two plus three")
+
+
+@pytest.fixture(scope="module")
+def vendor() -> Iterator[VendorServer]:
+    with vendor_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[SpeechVendor]:
+    with speech_vendor() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def live(vendor: VendorServer, cloud: SpeechVendor) -> Iterator[LiveServer]:
+    gpt = {"kind": "openai", "base_url": vendor.url + "/v1", "model": "gpt-test", "max_retries": 0}
+    config = {
+        "llm": {"gpt": gpt},
+        "speech": {"local": {"kind": "local"}, "cloud": {"kind": "openai", "base_url": cloud.url, "api_key": "sk-a"}},
+        "agents": {
+            "assistant": {"plugin": "assistant", "llm": "gpt", "speech": "local"},
+            "echo": {"plugin": "echo", "speech": "local", "reply_audio": True},
+            "parrot": {"plugin": "echo", "speech": "cloud"},
+        },
+    }
+    with live_server(make_config(config)) as server:
+        yield server
+
+
+class Listener:
+    """Reads a peer's envelopes (and the binary frames of two-frame audio) into one list, in order."""
+
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+        self.seen: list[dict[str, Any]] = []
+
+    async def next(self) -> dict[str, Any]:
+        if isinstance(self.peer, RawPeer):
+            frame = await self.peer.ws.recv()
+            assert isinstance(frame, str), "a binary frame without its envelope"
+            envelope: dict[str, Any] = json.loads(frame)
+            if "bin_len" in envelope:
+                data = await self.peer.ws.recv()
+                assert isinstance(data, bytes) and len(data) == envelope["bin_len"]
+                envelope["binary"] = data
+        else:
+            envelope = await self.peer.receive(20)
+        self.seen.append(envelope)
+        return envelope
+
+    async def until(self, done: Any, timeout: float = 30) -> dict[str, Any]:
+        with anyio.fail_after(timeout):
+            while True:
+                envelope = await self.next()
+                if done(envelope):
+                    return envelope
+
+    def of(self, type: str) -> list[dict[str, Any]]:
+        return [e for e in self.seen if e["type"] == type]
+
+
+def audio_bytes(envelope: dict[str, Any]) -> bytes:
+    return envelope.get("binary") or base64.b64decode(envelope["payload"]["data"])
+
+
+def is_final_audio(message_id: str | None = None) -> Any:
+    def check(e: dict[str, Any]) -> bool:
+        payload = e["payload"] if isinstance(e.get("payload"), dict) else {}
+        return (
+            e["type"] == "AUDIO_CHUNK"
+            and e.get("channel") == "AUDIO_OUT"
+            and bool(payload.get("final"))
+            and (message_id is None or payload.get("message_id") == message_id)
+        )
+
+    return check
+
+
+def is_info(event: str) -> Any:
+    return lambda e: e["type"] == "INFO" and isinstance(e["payload"], dict) and e["payload"].get("event") == event
+
+
+async def start(peer: Any, live: LiveServer, agent: str, accept: list[str], **hai: Any) -> tuple[Listener, str]:
+    listener = Listener(peer)
+    await listener.until(lambda e: e["type"] == "HAI")
+    await peer.hai(live.token("alice"), accept_events=accept, **hai)
+    await listener.until(lambda e: e["type"] == "INFO")
+    await peer.send("TRANSACTION_START", {"toolName": agent}, transaction="ref")
+    started = await listener.until(lambda e: e["type"] == "TRANSACTION_START")
+    return listener, str(started["transaction"])
+
+
+async def speak(peer: Any, tx: str, clip: bytes, message_id: str, *, binary: bool, pieces: int = 3) -> None:
+    """``clip`` as ``pieces`` AUDIO_CHUNKs of one message, the last one final."""
+    size = -(-len(clip) // pieces)
+    for seq in range(pieces):
+        part = clip[seq * size : (seq + 1) * size]
+        payload: dict[str, Any] = {"message_id": message_id, "mime": "audio/wav", "seq_in_message": seq}
+        if seq == pieces - 1:
+            payload["final"] = True
+        if binary:
+            await peer.send("AUDIO_CHUNK", payload, transaction=tx, bin_len=len(part), bin_mime="audio/wav")
+            await peer.send_frame(part)
+        else:
+            await peer.send("AUDIO_CHUNK", {**payload, "data": base64.b64encode(part).decode()}, transaction=tx)
+
+
+def check_spoken_answer(listener: Listener, audio_message_id: str, vendor: VendorServer) -> None:
+    """The transcript, the answer's text and its audio, as the member who spoke saw them."""
+    (transcript,) = [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
+    said = transcript["payload"]
+    assert said["author"] == "alice" and said["audio_message_id"] == audio_message_id
+    assert words(said["text"]) == ["what", "is", "two", "plus", "three"]
+    assert vendor.requests[-1].body["messages"][-1] == {"role": "user", "content": said["text"]}
+    end = listener.of("MESSAGE_END")[0]  # the first answer (a typed message may follow; it is not spoken)
+    answer_id = end["payload"]["message_id"]
+    text = "".join(e["payload"]["text"] for e in listener.of("MESSAGE_PART") if e["payload"]["message_id"] == answer_id)
+    assert text == "".join(ANSWER)
+    chunks = [e for e in listener.of("AUDIO_CHUNK") if e["channel"] == "AUDIO_OUT"]
+    assert [c["payload"]["message_id"] for c in chunks] == [answer_id, answer_id]
+    assert [c["payload"]["seq_in_message"] for c in chunks] == [0, 1]
+    assert [c["payload"]["final"] for c in chunks] == [False, True]
+    assert [c["payload"]["text"] for c in chunks] == ["Two plus three is five.", "Anything else?"]
+    seconds = [wav_seconds(audio_bytes(c)) for c in chunks]
+    assert 1.0 < seconds[0] < 4.0 and 0.5 < seconds[1] < 3.0, seconds
+    assert [c["payload"]["duration_ms"] for c in chunks] == [round(s * 1000) for s in seconds]
+    assert all(c["payload"]["author"] == "assistant" and c["payload"]["mime"] == "audio/wav" for c in chunks)
+
+
+@pytest.mark.parametrize(("kind", "binary"), [("websocket", True), ("websocket", False), ("sse", False)])
+async def test_spoken_question_is_transcribed_answered_in_text_and_spoken_back(
+    live: LiveServer, vendor: VendorServer, question: bytes, kind: str, binary: bool
+) -> None:
+    vendor.script(Reply(openai_text(*ANSWER)))
+    hai: dict[str, Any] = {"capabilities": {"binary_frames": True}} if binary else {}
+    token = live.token("alice")
+    async with open_peer(kind, live, token) as peer:
+        listener, tx = await start(peer, live, "assistant", EVERYTHING, **hai)
+        await speak(peer, tx, question, f"q-{kind}-{binary}", binary=binary)
+        await listener.until(is_final_audio())
+    check_spoken_answer(listener, f"q-{kind}-{binary}", vendor)
+    assert all(("binary" in c) == binary for c in listener.of("AUDIO_CHUNK") if c["channel"] == "AUDIO_OUT")
+
+
+async def test_a_member_without_audio_gets_the_transcript_and_the_text_only(
+    live: LiveServer, vendor: VendorServer, question: bytes
+) -> None:
+    vendor.script(Reply(openai_text(*ANSWER)), Reply(openai_text("Pong.")))
+    token = live.token("alice")
+    async with open_peer("websocket", live, token) as speaker, open_peer("websocket", live, token) as quiet:
+        talking, tx = await start(speaker, live, "assistant", EVERYTHING)
+        reading = Listener(quiet)
+        await reading.until(lambda e: e["type"] == "HAI")
+        await quiet.hai(token, accept_events=NO_AUDIO)
+        await reading.until(lambda e: e["type"] == "INFO")
+        await quiet.send("TRANSACTION_JOIN", {}, transaction=tx)
+        await reading.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+        await speak(speaker, tx, question, "q-quiet", binary=False)
+        await talking.until(is_final_audio())
+        await speaker.send("MESSAGE", {"text": "ping"}, transaction=tx)  # after all the audio, in the log's order
+        await reading.until(lambda e: e["type"] == "MESSAGE" and e["payload"].get("text") == "ping")
+        await talking.until(lambda e: e["type"] == "RUN_FINISHED")
+        vendor.requests.pop()
+    check_spoken_answer(talking, "q-quiet", vendor)
+    transcripts = [e for e in reading.of("MESSAGE") if e["payload"].get("spoken")]
+    assert [words(t["payload"]["text"]) for t in transcripts] == [["what", "is", "two", "plus", "three"]]
+    assert "".join(e["payload"]["text"] for e in reading.of("MESSAGE_PART")).startswith("".join(ANSWER))
+    assert not reading.of("AUDIO_CHUNK") and not reading.of("AUDIO")
+
+
+async def test_speaking_while_the_agent_speaks_interrupts_its_audio(
+    live: LiveServer, vendor: VendorServer, question: bytes
+) -> None:
+    stream = openai_text("Two plus three is five. ", "I could go on. ", "And on.")
+    first = Reply(stream[:2], stall=True, then=stream[2:])
+    vendor.script(first, Reply(openai_text("Yes?")))
+    token = live.token("alice")
+    try:
+        async with open_peer("websocket", live, token) as peer:
+            listener, tx = await start(peer, live, "assistant", EVERYTHING)
+            await speak(peer, tx, question, "q-1", binary=False, pieces=1)
+            spoken = await listener.until(lambda e: e["type"] == "AUDIO_CHUNK")
+            answer_id = spoken["payload"]["message_id"]
+            assert spoken["payload"]["text"] == "Two plus three is five." and not spoken["payload"]["final"]
+            await speak(peer, tx, question, "q-2", binary=False, pieces=2)
+            info = await listener.until(
+                lambda e: e["type"] == "INFO" and e["payload"].get("event") == "speech.interrupted"
+            )
+            vendor.release()  # the first answer's text goes on; its audio does not
+            await listener.until(lambda e: e["type"] == "MESSAGE_END" and e["payload"]["message_id"] == answer_id)
+            second = await listener.until(is_final_audio())
+    finally:
+        vendor.release()
+    assert info["payload"]["message_id"] == answer_id and info["payload"]["by"] == "alice"
+    assert second["payload"]["message_id"] != answer_id and second["payload"]["text"] == "Yes?"
+    first_text = "".join(
+        e["payload"]["text"] for e in listener.of("MESSAGE_PART") if e["payload"]["message_id"] == answer_id
+    )
+    assert first_text == "Two plus three is five. I could go on. And on."
+    first_audio = [e for e in listener.of("AUDIO_CHUNK") if e["payload"]["message_id"] == answer_id]
+    assert len(first_audio) == 1
+
+
+async def test_reply_audio_speaks_answers_to_typed_messages_too(live: LiveServer) -> None:
+    token = live.token("alice")
+    async with open_peer("websocket", live, token) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("MESSAGE", {"text": "hello there"}, transaction=tx)
+        spoken = await listener.until(is_final_audio())
+    assert spoken["payload"]["author"] == "echo" and wav_seconds(audio_bytes(spoken)) > 0.3
+    assert words(spoken["payload"]["text"])[-2:] == ["hello", "there"]
+
+
+async def test_audio_that_is_no_speech_gets_an_error_and_the_session_goes_on(live: LiveServer) -> None:
+    token = live.token("alice")
+    async with open_peer("websocket", live, token) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        noise = base64.b64encode(b"RIFF this is not audio at all" * 10).decode()
+        await peer.send("AUDIO", {"message_id": "junk", "mime": "audio/wav", "data": noise}, transaction=tx)
+        error = await listener.until(lambda e: e["type"] == "ERROR")
+        await peer.send("MESSAGE", {"text": "still here"}, transaction=tx)
+        echoed = await listener.until(lambda e: e["type"] == "MESSAGE_PART")
+    assert error["payload"]["code"] == "SPEECH_NOT_UNDERSTOOD" and error["payload"]["related_id"] == "junk"
+    assert "still here" in echoed["payload"]["text"]
+
+
+async def test_cancelling_a_half_sent_audio_message_drops_it(live: LiveServer, question: bytes) -> None:
+    token = live.token("alice")
+    third = len(question) // 3
+    async with open_peer("websocket", live, token) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        for seq in range(2):  # two chunks of three: no final one
+            data = base64.b64encode(question[seq * third : (seq + 1) * third]).decode()
+            payload = {"message_id": "half", "mime": "audio/wav", "seq_in_message": seq, "data": data}
+            await peer.send("AUDIO_CHUNK", payload, transaction=tx)
+        await peer.send("RUN_CANCEL", {"run_id": "half"}, transaction=tx)
+        again = await peer.send("RUN_CANCEL", {"run_id": "half"}, transaction=tx)
+        error = await listener.until(lambda e: e["type"] == "ERROR")
+        last = {"message_id": "half", "mime": "audio/wav", "final": True, "data": base64.b64encode(b"x").decode()}
+        await peer.send("AUDIO_CHUNK", last, transaction=tx)  # alone, it is no speech
+        not_understood = await listener.until(lambda e: e["type"] == "ERROR")
+    assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == again
+    assert not_understood["payload"]["code"] == "SPEECH_NOT_UNDERSTOOD"
+    assert not [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
+
+
+async def test_a_hosted_speech_service_hears_and_speaks_and_its_failure_is_told(
+    live: LiveServer, cloud: SpeechVendor, question: bytes
+) -> None:
+    cloud.requests.clear()
+    cloud.transcripts[:] = ["Hello parrot.", "Again."]
+    token = live.token("alice")
+    try:
+        async with open_peer("websocket", live, token) as peer:
+            listener, tx = await start(peer, live, "parrot", EVERYTHING)
+            await speak(peer, tx, question, "cloud-1", binary=False, pieces=2)
+            spoken = await listener.until(is_final_audio())
+            cloud.speech_status = 503
+            await speak(peer, tx, question, "cloud-2", binary=False, pieces=1)
+            failed = await listener.until(is_info("speech.failed"))
+    finally:
+        cloud.speech_status = 200
+    heard, said, _, _ = cloud.requests
+    assert heard["path"] == "/v1/audio/transcriptions" and heard["bytes"] == question
+    assert heard["authorization"] == "Bearer sk-a" and heard["content_type"] == "audio/wav"
+    assert said["path"] == "/v1/audio/speech" and said["input"] == "you said: Hello parrot."
+    assert spoken["payload"]["text"] == "you said: Hello parrot." and spoken["payload"]["final"]
+    assert spoken["payload"]["duration_ms"] == round(0.06 * len("you said: Hello parrot.") * 1000)
+    assert failed["payload"]["code"] == "SPEECH_FAILED" and "503" in failed["payload"]["message"]
+    assert "sk-a" not in failed["payload"]["message"]
+    texts = [e["payload"]["text"] for e in listener.of("MESSAGE") if e["payload"].get("spoken")]
+    assert texts == ["Hello parrot.", "Again."]
+
+
+async def test_when_no_member_accepts_audio_the_answer_is_not_synthesized(
+    live: LiveServer, cloud: SpeechVendor, question: bytes
+) -> None:
+    cloud.requests.clear()
+    cloud.transcripts[:] = ["Quietly now."]
+    token = live.token("alice")
+    async with open_peer("websocket", live, token) as peer:
+        listener, tx = await start(peer, live, "parrot", NO_AUDIO)
+        await speak(peer, tx, question, "quiet-1", binary=False, pieces=1)
+        await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+        await peer.send("MESSAGE", {"text": "fence"}, transaction=tx)
+        await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+    assert [r["path"] for r in cloud.requests] == ["/v1/audio/transcriptions"]
+    assert "you said: Quietly now." in [e["payload"]["text"] for e in listener.of("MESSAGE_PART")]

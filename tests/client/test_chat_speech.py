@@ -1,0 +1,55 @@
+"""``/say FILE`` in the terminal chat (piped, as a script would run it) to an agent with offline speech:
+the recording is heard as the user's words, the answer is printed and its speech saved as a WAV."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from haip_runtime.client.recording import join_wavs
+from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.speech import espeak, wav_seconds, words
+
+
+@pytest.fixture(scope="module")
+def speech_server() -> Iterator[LiveServer]:
+    config = {"speech": {"local": {"kind": "local"}}, "agents": {"echo": {"plugin": "echo", "speech": "local"}}}
+    with live_server(make_config(config)) as live:
+        yield live
+
+
+def test_say_sends_a_recording_and_the_spoken_answer_is_saved(speech_server: LiveServer, tmp_path: Path) -> None:
+    question = tmp_path / "question.wav"
+    question.write_bytes(espeak("what is two plus three"))
+    (tmp_path / "notes.txt").write_text("not audio")
+    lines = f"/say {question}\n/say {tmp_path / 'missing.wav'}\n/say {tmp_path / 'notes.txt'}\n/quit\n"
+    command = [sys.executable, "-m", "haip_runtime", "chat", speech_server.bare_url, "--agent", "echo"]
+    command += ["--token", speech_server.token("ann")]
+    env = {**os.environ, "PATH": str(tmp_path), "TMPDIR": str(tmp_path)}  # no audio player: saved, not played
+    done = subprocess.run(command, input=lines, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    heard = re.search(r"^ann › (.+)$", done.stdout, re.MULTILINE)
+    assert heard is not None, done.stdout
+    assert words(heard.group(1)) == ["what", "is", "two", "plus", "three"]
+    assert f"echo › you said: {heard.group(1)}" in done.stdout
+    saved = re.search(r"♪ echo spoke \(([0-9.]+) s\), saved to (\S+\.wav)", done.stdout)
+    assert saved is not None, done.stdout
+    path = Path(saved.group(2))
+    assert path.parent.parent == tmp_path and 1.0 < wav_seconds(path.read_bytes()) < 6.0
+    assert abs(wav_seconds(path.read_bytes()) - float(saved.group(1))) < 0.06
+    assert "cannot read" in done.stdout and "missing.wav" in done.stdout
+    assert "/say takes a recording" in done.stdout and "notes.txt" in done.stdout
+
+
+def test_spoken_sentences_join_into_one_wav() -> None:
+    one, two = espeak("one"), espeak("two")
+    joined, seconds = join_wavs([one, two])
+    assert joined is not None and abs(wav_seconds(joined) - wav_seconds(one) - wav_seconds(two)) < 0.001
+    assert abs(seconds - wav_seconds(joined)) < 0.001
+    assert join_wavs([one, b"not a wav"]) == (None, 0.0) and join_wavs([]) == (None, 0.0)

@@ -1,0 +1,106 @@
+"""Hold-to-talk in the playground, in Debian's Chromium with a fake microphone that plays a WAV file.
+
+Chromium's fake media stream (``--use-file-for-fake-audio-capture``) plays espeak-ng's "what is two
+plus three" (with silence around it) as the microphone; the page records it while the button is
+held, sends it as AUDIO_CHUNKs (WebM/Opus), and shows the transcript as the member's spoken message
+and the agent's spoken answer as audio players.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.server.conftest import CHROMIUM
+from tests.server.test_playground import ARTIFACTS
+from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.speech import espeak, wav
+
+TIMEOUT_MS = 30_000
+#: Pieces of 250 ms the page must have sent before the button is released: 2.5 s, the sentence and some silence.
+PIECES = 10
+
+
+@pytest.fixture(scope="module")
+def voice_server() -> Iterator[LiveServer]:
+    config = make_config(
+        {"speech": {"local": {"kind": "local"}}, "agents": {"echo": {"plugin": "echo", "speech": "local"}}}
+    )
+    with live_server(config) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def microphone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sentence with 0.3 s of silence before and 3 s after (the fake device plays it in a loop)."""
+    sentence = espeak("what is two plus three")
+    frames = sentence[44:]
+    silence = bytes(2 * 22_050 * 3)
+    path = tmp_path_factory.mktemp("mic") / "question.wav"
+    path.write_bytes(wav(silence[: 2 * 6615] + frames + silence, 22_050))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(microphone: Path) -> Iterator[Browser]:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, voice_server: LiveServer, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(TIMEOUT_MS)
+    context.grant_permissions(["microphone"])
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    tab.goto(f"{voice_server.http_url}/?token={voice_server.token('dev')}")
+    expect(tab.locator("#connection")).to_have_attribute("data-state", "open")
+    yield tab
+    ARTIFACTS.mkdir(exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_holding_the_button_sends_speech_and_the_spoken_answer_plays(page: Page) -> None:
+    page.click("li.agent[data-agent=echo]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    talk = page.locator("#talk")
+    box = talk.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    expect(talk).to_have_class("talk recording")
+    page.wait_for_function(f"window.playground.voice.sent >= {PIECES}")
+    page.mouse.up()
+    expect(talk).not_to_have_class("talk recording")
+    mine = page.locator(".msg.spoken[data-author=dev]")
+    expect(mine).to_have_count(1)
+    heard = mine.locator(".text").inner_text().lower()
+    assert "what is" in heard and ("2" in heard or "two" in heard) and ("3" in heard or "three" in heard), heard
+    answer = page.locator(".msg[data-author=echo]")
+    expect(answer).to_contain_text("you said:")
+    player = answer.locator(".speech audio")
+    expect(player).to_have_count(1)
+    seconds = page.wait_for_function(
+        "() => { const a = document.querySelector('.msg[data-author=echo] .speech audio');"
+        " return a && a.readyState >= 1 && a.duration; }"
+    ).json_value()
+    assert 1.0 < float(seconds) < 8.0, seconds

@@ -1,0 +1,167 @@
+"""The speech providers on their own: local (whisper tiny.en and espeak-ng, on this CPU, offline) and openai
+(against a stand-in at the wire speaking OpenAI's audio API); the sentence splitter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from pydantic import SecretStr
+
+from haip_runtime.config.models import LocalSpeechConfig, OpenAiSpeechConfig
+from haip_runtime.exceptions import SpeechError
+from haip_runtime.protocol.events import SpeechErrorCode
+from haip_runtime.speech import create_speech_provider
+from haip_runtime.speech.local import LocalSpeech, streamed_wav
+from haip_runtime.speech.openai import OpenAiSpeech
+from haip_runtime.speech.sentences import MAX_CHARS, SentenceSplitter
+from tests.support.speech import SpeechVendor, espeak, speech_vendor, wav_seconds, words
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def local() -> LocalSpeech:
+    provider = create_speech_provider("local", LocalSpeechConfig(kind="local"))
+    assert isinstance(provider, LocalSpeech)
+    return provider
+
+
+@pytest.fixture(scope="module")
+def vendor() -> Iterator[SpeechVendor]:
+    with speech_vendor() as server:
+        yield server
+
+
+async def test_local_hears_an_espeak_sentence(local: LocalSpeech) -> None:
+    heard = await local.transcribe(espeak("what is two plus three"), "audio/wav")
+    assert words(heard) == ["what", "is", "two", "plus", "three"]
+
+
+async def test_local_speaks_a_wav_that_it_can_hear_back(local: LocalSpeech) -> None:
+    speech = await local.synthesize("Two plus three is five.")
+    assert speech.mime == "audio/wav"
+    assert 0.8 < wav_seconds(speech.data) < 4 and abs(speech.duration_ms / 1000 - wav_seconds(speech.data)) < 0.01
+    assert words(await local.transcribe(speech.data, "audio/wav")) == ["two", "plus", "three", "is", "five"]
+
+
+async def test_local_says_what_it_cannot_decode(local: LocalSpeech) -> None:
+    with pytest.raises(SpeechError) as caught:
+        await local.transcribe(b"RIFF not really a wave file" * 20, "audio/wav")
+    assert caught.value.code == SpeechErrorCode.SPEECH_NOT_UNDERSTOOD
+
+
+async def test_a_cancelled_transcription_returns_at_once(local: LocalSpeech) -> None:
+    clip = espeak("the weather in paris is sunny and warm, and tomorrow it will rain")
+    await local.load()
+    with anyio.move_on_after(0.05) as scope:
+        await local.transcribe(clip, "audio/wav")
+    assert scope.cancelled_caught
+    assert words(await local.transcribe(espeak("turn off the lights"), "audio/wav"))[:2] == ["turn", "off"]
+
+
+async def test_a_missing_model_folder_is_a_clear_error(tmp_path: anyio.Path) -> None:
+    provider = LocalSpeech("x", LocalSpeechConfig(kind="local", model_path=tmp_path / "nowhere"))
+    with pytest.raises(SpeechError) as caught:
+        await provider.transcribe(b"", "audio/wav")
+    assert caught.value.code == SpeechErrorCode.SPEECH_UNAVAILABLE and "nowhere" in caught.value.message
+
+
+def test_espeak_stdout_wav_gets_true_sizes() -> None:
+    with pytest.raises(SpeechError):
+        streamed_wav(b"not a wav")
+
+
+async def test_openai_transcribes_with_a_multipart_upload(vendor: SpeechVendor) -> None:
+    config = OpenAiSpeechConfig(kind="openai", base_url=vendor.url, api_key=SecretStr("sk-test"), language="en")
+    provider = create_speech_provider("cloud", config)
+    assert isinstance(provider, OpenAiSpeech)
+    vendor.requests.clear()
+    vendor.transcripts[:] = ["What is 2 plus 3?"]
+    clip = espeak("what is two plus three")
+    try:
+        assert await provider.transcribe(clip, "audio/webm;codecs=opus") == "What is 2 plus 3?"
+    finally:
+        await provider.aclose()
+    (request,) = vendor.requests
+    assert request["authorization"] == "Bearer sk-test" and request["model"] == "whisper-1"
+    assert (request["filename"], request["content_type"], request["language"]) == ("speech.webm", "audio/webm", "en")
+    assert request["bytes"] == clip
+
+
+async def test_openai_speaks_wav(vendor: SpeechVendor) -> None:
+    provider = OpenAiSpeech("cloud", OpenAiSpeechConfig(kind="openai", base_url=vendor.url, voice="nova"))
+    vendor.requests.clear()
+    try:
+        speech = await provider.synthesize("Five.")
+    finally:
+        await provider.aclose()
+    assert speech.mime == "audio/wav" and speech.duration_ms == 300 and wav_seconds(speech.data) == 0.3
+    (request,) = vendor.requests
+    assert (request["model"], request["voice"], request["input"], request["authorization"]) == (
+        "tts-1",
+        "nova",
+        "Five.",
+        None,
+    )
+
+
+async def test_openai_errors_are_speech_errors_without_the_key(vendor: SpeechVendor) -> None:
+    provider = OpenAiSpeech("cloud", OpenAiSpeechConfig(kind="openai", base_url=vendor.url, api_key=SecretStr("sk-x")))
+    vendor.transcripts.clear()
+    try:
+        with pytest.raises(SpeechError) as refused:
+            await provider.transcribe(b"noise", "audio/wav")
+        vendor.status = 503
+        with pytest.raises(SpeechError) as failed:
+            await provider.synthesize("hello")
+    finally:
+        vendor.status = 200
+        await provider.aclose()
+    assert refused.value.code == SpeechErrorCode.SPEECH_NOT_UNDERSTOOD
+    assert "could not be decoded" in refused.value.message
+    assert failed.value.code == SpeechErrorCode.SPEECH_FAILED and "503" in failed.value.message
+    assert "sk-x" not in refused.value.message + failed.value.message
+
+
+async def test_openai_unreachable_is_a_speech_error() -> None:
+    with socket_port() as port:
+        provider = OpenAiSpeech("cloud", OpenAiSpeechConfig(kind="openai", base_url=f"http://127.0.0.1:{port}/v1"))
+        try:
+            with pytest.raises(SpeechError) as caught:
+                await provider.synthesize("hello")
+        finally:
+            await provider.aclose()
+    assert caught.value.code == SpeechErrorCode.SPEECH_FAILED and "unreachable" in caught.value.message
+
+
+def test_sentences_come_out_as_the_text_streams() -> None:
+    splitter = SentenceSplitter()
+    assert splitter.feed("Two plus three") == []
+    assert splitter.feed(" is five. Any") == ["Two plus three is five."]
+    assert splitter.feed("thing else?\nYes!") == ["Anything else?"]
+    assert splitter.feed(" ... ") == ["Yes!"]
+    assert splitter.flush() == []
+    assert splitter.feed("3.5 is a number") == [] and splitter.flush() == ["3.5 is a number"]
+
+
+def test_a_long_sentence_is_cut_at_a_comma_or_space() -> None:
+    splitter = SentenceSplitter()
+    parts = splitter.feed("word, " * 100)
+    assert parts and all(len(part) <= MAX_CHARS for part in parts)
+    assert " ".join(parts + splitter.flush()).split() == ["word,"] * 100
+
+
+class socket_port:
+    """A port on 127.0.0.1 with nothing listening."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        return int(self._sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
