@@ -323,6 +323,8 @@ class McpServerConfig(Model):
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
     """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
     speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""
+    use_tasks: bool = False
+    """Call tools whose task support is `optional` as MCP tasks too (tools that require tasks always are)."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:

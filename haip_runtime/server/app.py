@@ -122,6 +122,7 @@ class Runtime:
             mcp.stdio,
             base_dir=self.config.base_dir,
             on_change=self._server_changed,
+            on_task_end=self.metrics.task_ended,
         )
         async with bridge:
             self.bridge = bridge
