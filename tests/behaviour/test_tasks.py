@@ -19,13 +19,19 @@ from tests.support.serving import LiveServer, live_server, make_config
 pytestmark = pytest.mark.anyio
 
 RESEARCH = "everything.simulate-research-query"
+GATED = "gated.simulate-research-query"
 
 
 @pytest.fixture(scope="module")
 def task_server() -> Iterator[LiveServer]:
     config = {
-        "agents": {"operator": {"plugin": "operator", "mcp_servers": ["everything"]}},
-        "mcp": {"servers": {"everything": everything_server()}},
+        "agents": {"operator": {"plugin": "operator", "mcp_servers": ["everything", "gated"]}},
+        "mcp": {
+            "servers": {
+                "everything": everything_server(),
+                "gated": everything_server(require_approval=["simulate-research-query"], approval_timeout_seconds=5),
+            }
+        },
     }
     with live_server(make_config(config)) as live:
         yield live
@@ -35,7 +41,8 @@ def task_server() -> Iterator[LiveServer]:
 async def member(live: LiveServer) -> AsyncIterator[tuple[HaipClient, str]]:
     async with HaipClient(live.ws_url, token=live.token(), timeout=20) as client:
         tx = await client.start_transaction("operator")
-        await client.wait_for(lambda e: e.type == "TOOL_LIST" and RESEARCH in {t["name"] for t in e.get("tools", [])})
+        wanted = {RESEARCH, GATED}
+        await client.wait_for(lambda e: e.type == "TOOL_LIST" and wanted <= {t["name"] for t in e.get("tools", [])})
         yield client, tx
 
 
@@ -85,6 +92,19 @@ async def test_tool_cancel_cancels_the_task_and_the_member_sees_the_server_confi
     assert len(confirmed) == 1 and confirmed[0].get("status") == "CANCELLING"
     assert confirmed[0].get("message").endswith(": Client cancelled task execution.")  # the server's own words
     assert await tasks_metric(task_server, "cancelled") == before + 1
+
+
+async def test_a_task_tool_under_require_approval_waits_for_a_member_before_its_task_starts(
+    task_server: LiveServer,
+) -> None:
+    async with member(task_server) as (client, tx):
+        await client.send("TOOL_CALL", {"call_id": "g1", "tool": GATED, "params": {"topic": "x"}}, transaction=tx)
+        await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+        await client.send("TOOL_UPDATE", {"call_id": "g1", "decision": "reject", "reason": "not now"}, transaction=tx)
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "g1")
+        seen = updates(client, "g1")
+    assert done.get("status") == "CANCELLED" and done.get("error")["code"] == "REJECTED"
+    assert not any(e.get("task") for e in seen)  # no task was created on the server
 
 
 def test_the_tools_command_marks_the_tools_that_run_as_tasks(tmp_path: Path) -> None:
