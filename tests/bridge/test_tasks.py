@@ -12,7 +12,7 @@ import pytest
 from haip_runtime.bridge import ElicitationAnswer, ElicitationRequest, McpBridge, ServerStatus, TaskState
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolTimeoutError
-from tests.support.everything import everything_server
+from tests.support.everything import everything_over_http, everything_server
 
 pytestmark = pytest.mark.anyio
 
@@ -38,8 +38,9 @@ class Watched:
 
 
 @asynccontextmanager
-async def everything(watched: Watched, **extra: object) -> AsyncIterator[McpBridge]:
-    config = McpServerConfig.model_validate(everything_server(**extra))
+async def everything(watched: Watched, url: str | None = None, **extra: object) -> AsyncIterator[McpBridge]:
+    table = everything_server(**extra) if url is None else {"transport": "http", "url": url, **extra}
+    config = McpServerConfig.model_validate(table)
     listed = anyio.Event()
 
     def changed(status: ServerStatus) -> None:
@@ -128,3 +129,26 @@ async def test_an_optional_task_tool_runs_plainly_unless_use_tasks_is_on() -> No
         assert not supervisor.runs_as_task("echo") and supervisor.runs_as_task(RESEARCH)
         result = await bridge.call_tool("ev", "echo", {"message": "hi"}, on_task=watched.on_task)
     assert result.content[0]["text"] == "Echo: hi" and watched.states == [] and watched.ends == []
+
+
+async def test_over_streamable_http_the_task_asks_through_its_result_stream_and_is_cancelled() -> None:
+    watched = Watched()
+    asked: list[str] = []
+
+    async def answer(request: ElicitationRequest) -> ElicitationAnswer:
+        asked.append(request.message)
+        return ElicitationAnswer("accept", {"interpretation": "comedy"})
+
+    with everything_over_http() as url:
+        async with everything(watched, url, protocol_mode="legacy") as bridge:
+            with anyio.fail_after(30):
+                arguments = {"topic": "python", "ambiguous": True}
+                result = await bridge.call_tool("ev", RESEARCH, arguments, on_task=watched.on_task, on_elicit=answer)
+                watched.reached.clear()  # the first task reached every stage already
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: bridge.call_tool("ev", RESEARCH, {"topic": "x"}, on_task=watched.on_task))
+                    await watched.when("Analyzing content").wait()
+                    group.cancel_scope.cancel()
+    assert len(asked) == 1 and result.content[0]["text"].startswith("# Research Report: python (comedy)")
+    assert watched.states[-1].status == "cancelled"
+    assert watched.ends == [("ev", "completed"), ("ev", "cancelled")]
