@@ -360,6 +360,13 @@ class McpConfig(Model):
         return self
 
 
+class McpServerDoorConfig(Model):
+    enabled: bool = False
+    """Offer the agents as an MCP server (streamable HTTP): each agent a caller may start is a tool."""
+    path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_-]*[A-Za-z0-9_-]$")
+    """Where it is served; the same bearer tokens and roles as HAIP."""
+
+
 class ObservabilityConfig(Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the runtime's loggers."""
@@ -385,6 +392,8 @@ class HaipConfig(Model):
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
     """What each role may do. With no roles configured, every user may use every agent and tool."""
     mcp: McpConfig = Field(default_factory=McpConfig)
+    mcp_server: McpServerDoorConfig = Field(default_factory=McpServerDoorConfig)
+    """haip-runtime's agents offered to MCP clients (`[mcp_server]`)."""
     llm: dict[str, LlmConfig] = Field(default_factory=dict)
     """LLM providers, by name; agents name theirs with `agents.<name>.llm`."""
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from haip_runtime.agents.api import Agent
+from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.transaction import AgentSlot, Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
@@ -25,35 +26,45 @@ logger = logging.getLogger(__name__)
 
 async def transaction_start(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     request = parse_payload(envelope, p.TransactionStart)
+    start(ctx, session, request, envelope.id, envelope.transaction, envelope.thread_id)
+
+
+def start(
+    ctx: HubContext,
+    member: Member,
+    request: p.TransactionStart,
+    related_id: str,
+    reference: str | None = None,
+    thread_id: str | None = None,
+) -> Transaction:
+    """Start a transaction of ``member`` with the agent ``request`` names (any door: a session, an MCP caller)."""
     spec = ctx.agents.get(request.agent_name or "")
-    if spec is not None and not session.principal.permissions.may_start(spec.name):
-        raise ProtocolError(
-            ErrorCode.UNAUTHORIZED,
-            f"you may not start {spec.name!r}",
-            related_id=envelope.transaction or envelope.id,
-        )
+    if spec is not None and not member.principal.permissions.may_start(spec.name):
+        message = f"you may not start {spec.name!r}"
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, message, related_id=reference or related_id)
     if spec is None:
         raise ProtocolError(
             ErrorCode.AGENT_NOT_FOUND,
             f"no agent named {request.agent_name!r}",
-            related_id=envelope.transaction or envelope.id,
+            related_id=reference or related_id,
         )
-    ctx.transactions.check_room(session.user, envelope.id)
-    transaction = ctx.transactions.new(session.user, request.thread_id or envelope.thread_id)
-    slot = ctx.transactions.slot(spec, transaction, session.user, request.params)  # a failing plugin costs nothing
-    logger.info("transaction %s started by %r with agent %r", transaction.id, session.user, spec.name)
-    transaction.add_member(session)
+    ctx.transactions.check_room(member.user, related_id)
+    transaction = ctx.transactions.new(member.user, request.thread_id or thread_id)
+    slot = ctx.transactions.slot(spec, transaction, member.user, request.params)  # a failing plugin costs nothing
+    logger.info("transaction %s started by %r with agent %r", transaction.id, member.user, spec.name)
+    transaction.add_member(member)
     transaction.add_agent(slot)
     ctx.transactions.add(transaction)
-    reply = p.TransactionStarted(referenceId=envelope.transaction, agent=spec.name, thread_id=transaction.thread_id)
+    reply = p.TransactionStarted(referenceId=reference, agent=spec.name, thread_id=transaction.thread_id)
     transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
     ctx.send_tool_list(transaction)
-    greet(transaction, slot, session)
+    greet(transaction, slot, member)
+    return transaction
 
 
-def greet(transaction: Transaction, slot: AgentSlot, session: Session) -> None:
+def greet(transaction: Transaction, slot: AgentSlot, member: Member) -> None:
     if type(slot.instance).on_start is not Agent.on_start:
-        transaction.start_run(slot, session, "", {}, "on_start")
+        transaction.start_run(slot, member, "", {}, "on_start")
 
 
 async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -93,9 +104,21 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
     for event in history:
         session.deliver(event)
     if new_user:
-        announce = {**joined.dump(), "joined": session.user}
-        transaction.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({session.id})))
+        announce(transaction, session)
     ctx.send_tool_list(transaction, only=session)
+
+
+def enter(transaction: Transaction, member: Member, related_id: str) -> None:
+    """Make ``member`` (an MCP caller continuing a conversation) a member from now on, announced to the others."""
+    transaction.check_room(member, related_id)
+    if transaction.add_member(member):
+        announce(transaction, member)
+
+
+def announce(transaction: Transaction, member: Member) -> None:
+    joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+    body = {**joined.dump(), "joined": member.user}
+    transaction.publish(Event(EventType.TRANSACTION_JOIN, body, exclude=frozenset({member.id})))
 
 
 async def rejoin(ctx: HubContext, session: Session, envelope: Envelope) -> None:

@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -42,6 +42,7 @@ from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.gauges import RuntimeGauges
+from haip_runtime.server.mcp_door import McpEndpoint
 from haip_runtime.server.rest import history_routes
 from haip_runtime.session.connection import Connection, Gateway, serve_detached
 from haip_runtime.session.timers import Timers
@@ -211,9 +212,11 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     """The ASGI app. Pass ``runtime`` to share it with the caller (the CLI prints its dev token)."""
     rt = runtime or Runtime(config)
 
+    mcp = McpEndpoint(config, rt.hub.context, rt.authenticator.authenticate) if config.mcp_server.enabled else None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with rt:
+        async with rt, mcp.lifespan() if mcp is not None else nullcontext():
             yield {"runtime": rt}
 
     async def health(request: Request) -> JSONResponse:
@@ -230,6 +233,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
         *haip_routes(rt.doorway()),
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
+        *([Route(config.mcp_server.path, mcp)] if mcp is not None else []),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,231 @@
+"""The MCP door: haip-runtime's agents offered to MCP clients at `[mcp_server] path` (PROTOCOL.md section 15).
+
+Each agent the caller may start is a tool; a `tools/call` is one turn in an ordinary transaction,
+started (or continued, by `conversation_id`) through the hub's own paths, with the caller a member
+(`McpMember`) for the length of the call: humans who joined over HAIP see the turn live and answer
+its approvals. The answer is the run's messages as text plus structured content (conversation id,
+the tool calls and their outcomes); progress notifications carry the streamed text and the tool
+calls; an MCP cancellation cancels the run. The MCP SDK's side is `bridge.facade`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import HandshakeError, ProtocolError
+from haip_runtime.hub import lifecycle
+from haip_runtime.hub.context import HubContext
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.events import ErrorCode, EventType, ToolStatus
+from haip_runtime.transports.http import http_credentials, refused_origin, send_error
+
+logger = logging.getLogger(__name__)
+
+
+class McpMember:
+    """An MCP caller, a member of the transaction while its `tools/call` runs (the `Member` protocol)."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.id = f"mcp-{new_id()}"
+        self.principal = principal
+        self.transactions: set[str] = set()
+        self._send, self.events = anyio.create_memory_object_stream[Event](math.inf)
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+    def deliver(self, event: Event) -> None:
+        try:
+            self._send.send_nowait(event)
+        except anyio.ClosedResourceError:
+            pass  # the call has returned; it no longer listens
+
+    def close(self) -> None:
+        self._send.close()
+        self.events.close()
+
+
+class McpDoor:
+    """The `AgentHost` of `bridge.facade`: who may start which agent, and one run per call."""
+
+    def __init__(self, ctx: HubContext) -> None:
+        self._ctx = ctx
+
+    def agents(self, caller: Any) -> list[Any]:
+        from haip_runtime.bridge.facade import AgentTool
+
+        if not isinstance(caller, Principal):
+            return []
+        permissions = caller.permissions
+        return [
+            AgentTool(name, spec.description)
+            for name, spec in sorted(self._ctx.agents.items())
+            if permissions.may_start(name)
+        ]
+
+    async def run(
+        self,
+        caller: Any,
+        agent: str,
+        message: str,
+        conversation_id: str | None,
+        report: Callable[[str], Awaitable[None]],
+    ) -> Any:
+        from haip_runtime.bridge.facade import AgentAnswer
+
+        assert isinstance(caller, Principal), "the door authenticates every request"
+        member = McpMember(caller)
+        run = _Run(agent, report)
+        try:
+            transaction = await self._conversation(member, agent, conversation_id)
+            run.conversation_id = transaction.id
+            message_id = new_id()
+            transaction.user_message(member, message, {"text": message, "message_id": message_id}, message_id)
+            await run.follow(member, transaction, message_id)
+        except ProtocolError as error:
+            run.failed(error.code, error.message)
+        finally:
+            for transaction_id in list(member.transactions):
+                live = self._ctx.transactions.live.get(transaction_id)
+                if live is not None:
+                    live.remove_member(member)
+            member.close()
+        return AgentAnswer(run.text(), run.structured(), is_error=run.status not in ("OK", "CANCELLED"))
+
+    async def _conversation(self, member: McpMember, agent: str, conversation_id: str | None) -> Transaction:
+        related = new_id()
+        if conversation_id is None:
+            return lifecycle.start(self._ctx, member, p.TransactionStart(agent=agent), related)
+        found = await self._ctx.transactions.find(conversation_id, member.principal)
+        if not isinstance(found, Transaction) or found.ended:
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no open conversation {conversation_id!r}")
+        if agent not in found.agents:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"conversation {conversation_id} has no agent {agent!r}")
+        lifecycle.enter(found, member, related)
+        return found
+
+
+class _Run:
+    """What one call saw of its run: the agent's text, its tool calls, how it ended."""
+
+    def __init__(self, agent: str, report: Callable[[str], Awaitable[None]]) -> None:
+        self.agent = agent
+        self.report = report
+        self.conversation_id = ""
+        self.status = "RUNNING"
+        self.error: str | None = None
+        self.run_id: str | None = None
+        self.parts: dict[str, list[str]] = {}
+        self.calls: dict[str, dict[str, Any]] = {}
+
+    async def follow(self, member: McpMember, transaction: Transaction, message_id: str) -> None:
+        try:
+            async for event in member.events:
+                await self._see(event, message_id)
+                if self.status != "RUNNING":
+                    return
+        except anyio.get_cancelled_exc_class():
+            transaction.cancel_run(self.run_id or message_id, member.user)  # the MCP client cancelled
+            raise
+
+    async def _see(self, event: Event, message_id: str) -> None:
+        body = event.payload if isinstance(event.payload, dict) else {}
+        if (
+            event.type == EventType.RUN_STARTED
+            and body.get("message_id") == message_id
+            and body.get("agent") == self.agent
+        ):
+            self.run_id = str(body["run_id"])
+            return
+        if self.run_id is None or event.run_id != self.run_id:
+            return
+        if event.type == EventType.MESSAGE_PART:
+            self.parts.setdefault(str(body.get("message_id")), []).append(str(body.get("text", "")))
+            await self.report(str(body.get("text", "")))
+        elif event.type == EventType.TOOL_CALL:
+            self.calls[str(body["call_id"])] = {
+                "call_id": body["call_id"],
+                "tool": body["tool"],
+                "params": body.get("params"),
+            }
+            await self.report(f"[calling {body['tool']}]")
+        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.AWAITING_APPROVAL:
+            await self.report(f"[{self._tool(body)} waits for a member's approval]")
+        elif event.type == EventType.TOOL_DONE:
+            call = self.calls.setdefault(str(body["call_id"]), {"call_id": body["call_id"], "tool": ""})
+            call.update({key: body[key] for key in ("status", "result", "error") if key in body})
+            await self.report(f"[{call['tool']}: {body.get('status')}]")
+        elif event.type == EventType.RUN_FINISHED:
+            self.status = str(body.get("status", "OK"))
+        elif event.type == EventType.RUN_ERROR:
+            self.failed(str(body.get("code", ErrorCode.INTERNAL_ERROR)), str(body.get("message", "")))
+
+    def _tool(self, body: dict[str, Any]) -> str:
+        return str(self.calls.get(str(body.get("call_id")), {}).get("tool", "a tool"))
+
+    def failed(self, code: str, message: str) -> None:
+        self.status, self.error = code, message
+
+    def text(self) -> str:
+        said = "\n\n".join("".join(parts) for parts in self.parts.values())
+        if self.error is not None:
+            return f"{self.status}: {self.error}" + (f"\n\n{said}" if said else "")
+        return said
+
+    def structured(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "conversation_id": self.conversation_id,
+            "agent": self.agent,
+            "status": self.status,
+            "tool_calls": list(self.calls.values()),
+        }
+        if self.error is not None:
+            body["error"] = {"code": self.status, "message": self.error}
+        return body
+
+
+class McpEndpoint:
+    """The ASGI app at `[mcp_server] path`: the Origin and the bearer token are checked, then the SDK serves."""
+
+    def __init__(
+        self, config: HaipConfig, ctx: HubContext, authenticate: Callable[[str | None], Awaitable[Principal]]
+    ) -> None:
+        from haip_runtime import __version__
+        from haip_runtime.bridge.facade import agent_server
+
+        self._origins = config.server.allowed_origins
+        self._authenticate = authenticate
+        self._server = agent_server(McpDoor(ctx), name="haip-runtime", version=__version__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from haip_runtime.bridge.facade import CALLER
+
+        if scope["type"] != "http":
+            return
+        if refused_origin(scope, self._origins):
+            await send_error(send, 403, ProtocolError(ErrorCode.UNAUTHORIZED, "origin not allowed"))
+            return
+        try:
+            principal = await self._authenticate(http_credentials(scope).first(None))
+        except HandshakeError as error:
+            await send_error(send, 401, ProtocolError(error.code, error.message))
+            return
+        await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Enter for as long as the app serves (the SDK's session manager runs meanwhile)."""
+        async with self._server.lifespan():
+            yield

@@ -1,0 +1,178 @@
+"""haip-runtime's agents as an MCP server: a real `mcp.Client` over streamable HTTP (both protocol eras)
+against a real uvicorn, with HAIP members over WebSocket watching the same conversations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, TextContent
+
+from haip_runtime.client import HaipClient
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
+
+pytestmark = pytest.mark.anyio
+
+MODES = ["auto", "legacy"]  # the 2026-07-28 protocol (auto picks it) and the 2025-11-25 handshake
+
+
+@pytest.fixture(scope="module")
+def vendor() -> Iterator[VendorServer]:
+    with vendor_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def door(vendor: VendorServer) -> Iterator[LiveServer]:
+    gpt = {
+        "kind": "openai",
+        "base_url": vendor.url + "/v1",
+        "api_key": "sk-test",
+        "model": "gpt-test",
+        "max_retries": 0,
+    }
+    config = {
+        "mcp_server": {"enabled": True},
+        "llm": {"gpt": gpt},
+        "agents": {
+            "assistant": {"plugin": "assistant", "llm": "gpt"},
+            "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+        },
+        "roles": {"user": {"agents": ["echo", "assistant"]}, "admin": {}},
+    }
+    with live_server(make_config(config)) as live:
+        yield live
+
+
+def text(result: CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+@asynccontextmanager
+async def mcp_client(live: LiveServer, mode: str = "auto", token: str | None = None) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token or live.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(streamable_http_client(f"{live.http_url}/mcp", http_client=http), mode=mode) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_agents_a_caller_may_start_are_its_tools(door: LiveServer, mode: str) -> None:
+    async with mcp_client(door, mode) as admin, mcp_client(door, mode, door.token("bob")) as user:
+        everything = await admin.list_tools()
+        limited = await user.list_tools()
+    assert {tool.name for tool in everything.tools} == {"echo", "assistant", "storyteller"}
+    assert {tool.name for tool in limited.tools} == {"echo", "assistant"}  # role "user"
+    echo = next(tool for tool in everything.tools if tool.name == "echo")
+    assert echo.description == "Repeats what you say. Needs no LLM, no keys, no network."
+    assert echo.input_schema["required"] == ["message"] and "conversation_id" in echo.input_schema["properties"]
+
+
+async def test_without_a_valid_token_the_door_answers_401(door: LiveServer) -> None:
+    async with httpx2.AsyncClient() as http:
+        answer = await http.post(f"{door.http_url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        forged = await http.post(f"{door.http_url}/mcp", json={}, headers={"Authorization": "Bearer not-a-token"})
+    assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+    assert answer.json()["error"]["code"] == "AUTHENTICATION_FAILED" and forged.status_code == 401
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_echo_answers_with_text_and_its_conversation_which_a_later_call_continues(
+    door: LiveServer, mode: str
+) -> None:
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    async with mcp_client(door, mode) as client:
+        first = await client.call_tool("echo", {"message": "hello"}, progress_callback=seen)
+        conversation = first.structured_content["conversation_id"]
+        again = await client.call_tool("echo", {"message": "again", "conversation_id": conversation})
+    assert not first.is_error and text(first) == "you said: hello"
+    assert first.structured_content == {
+        "conversation_id": conversation,
+        "agent": "echo",
+        "status": "OK",
+        "tool_calls": [],
+    }
+    assert said == ["you said: hello"]
+    assert text(again) == "you said: again" and again.structured_content["conversation_id"] == conversation
+
+
+async def test_a_member_who_joined_over_websocket_sees_the_mcp_callers_turn_live(door: LiveServer) -> None:
+    async with mcp_client(door) as client:
+        first = await client.call_tool("echo", {"message": "start"})
+        conversation = first.structured_content["conversation_id"]
+        async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as watcher:
+            await watcher.join(conversation)
+            await client.call_tool("echo", {"message": "watched", "conversation_id": conversation})
+            finished = await watcher.wait_for("RUN_FINISHED")
+            seen = [(e.type, e.get("text")) for e in watcher.received if e.transaction == conversation]
+    assert finished.get("status") == "OK"
+    messages = [body for kind, body in seen if kind == "MESSAGE"]
+    parts = [body for kind, body in seen if kind == "MESSAGE_PART"]
+    assert messages[-1] == "watched" and parts[-1] == "you said: watched"
+    kinds = [kind for kind, _ in seen]
+    assert (
+        kinds.index("RUN_STARTED")
+        < kinds.index("MESSAGE_START")
+        < kinds.index("MESSAGE_END")
+        < kinds.index("RUN_FINISHED")
+    )
+
+
+async def test_assistant_streams_its_answer_as_progress(door: LiveServer, vendor: VendorServer) -> None:
+    vendor.script(Reply(openai_text("The answer ", "is ", "42.")))
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    async with mcp_client(door) as client:
+        answer = await client.call_tool("assistant", {"message": "what is six times seven?"}, progress_callback=seen)
+    assert text(answer) == "The answer is 42." and answer.structured_content["status"] == "OK"
+    assert "".join(message or "" for message in said) == "The answer is 42."
+    assert vendor.requests[0].body["messages"][-1]["content"] == "what is six times seven?"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancelling_the_call_cancels_the_run_which_a_member_sees_end_cancelled(
+    door: LiveServer, mode: str
+) -> None:
+    async with HaipClient(
+        door.ws_url, token=door.token("alice", roles=["admin"]), accept_events=list(ALL_EVENTS)
+    ) as watcher:
+        conversation = await watcher.start_transaction("storyteller")
+        async with mcp_client(door, mode) as client:
+            streaming = anyio.Event()
+
+            async def seen(progress: float, total: float | None, message: str | None) -> None:
+                streaming.set()
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    arguments: dict[str, Any] = {"message": "a dragon", "conversation_id": conversation}
+                    group.start_soon(lambda: client.call_tool("storyteller", arguments, progress_callback=seen))
+                    await streaming.wait()
+                    group.cancel_scope.cancel()
+            ended = await watcher.wait_for(lambda e: e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED")
+            answered = await client.call_tool("echo", {"message": "still here"})  # the session goes on
+    assert ended.transaction == conversation
+    assert text(answered) == "you said: still here"
+
+
+async def test_an_unknown_conversation_is_an_error_result(door: LiveServer) -> None:
+    async with mcp_client(door) as client:
+        answer = await client.call_tool("echo", {"message": "x", "conversation_id": "nope"})
+    assert answer.is_error and text(answer) == "TRANSACTION_NOT_FOUND: no open conversation 'nope'"
