@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from mcp_types import CallToolResult, TextContent
 
 from haip_runtime.client import HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.inspector import inspect
 from tests.support.serving import LiveServer, live_server, make_config
 from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
 
@@ -176,3 +178,12 @@ async def test_an_unknown_conversation_is_an_error_result(door: LiveServer) -> N
     async with mcp_client(door) as client:
         answer = await client.call_tool("echo", {"message": "x", "conversation_id": "nope"})
     assert answer.is_error and text(answer) == "TRANSACTION_NOT_FOUND: no open conversation 'nope'"
+
+
+def test_the_mcp_inspector_cli_lists_and_calls_an_agent(door: LiveServer, tmp_path: Path) -> None:
+    url, token = f"{door.http_url}/mcp", door.token("bob")
+    listed = inspect(url, token, tmp_path, "--method", "tools/list")
+    called = inspect(url, token, tmp_path, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=hi")
+    assert [tool["name"] for tool in listed["tools"]] == ["assistant", "echo"]  # bob's role: not storyteller
+    assert called["content"] == [{"type": "text", "text": "you said: hi"}] and called["isError"] is False
+    assert called["structuredContent"]["agent"] == "echo" and called["structuredContent"]["status"] == "OK"
