@@ -3,6 +3,7 @@ against a real uvicorn, with HAIP members over WebSocket watching the same conve
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,11 +19,12 @@ from mcp_types import CallToolResult, TextContent
 from haip_runtime.client import HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
 from tests.support.inspector import inspect
-from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.serving import ROOT, LiveServer, live_server, make_config
 from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
 
 pytestmark = pytest.mark.anyio
 
+DEMO = {"transport": "stdio", "command": sys.executable, "args": [str(ROOT / "plugins" / "demo_mcp_server.py")]}
 MODES = ["auto", "legacy"]  # the 2026-07-28 protocol (auto picks it) and the 2025-11-25 handshake
 
 
@@ -47,7 +49,9 @@ def door(vendor: VendorServer) -> Iterator[LiveServer]:
         "agents": {
             "assistant": {"plugin": "assistant", "llm": "gpt"},
             "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 20}},
+            "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
         },
+        "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
         "roles": {"user": {"agents": ["echo", "assistant"]}, "admin": {}},
     }
     with live_server(make_config(config)) as live:
@@ -73,7 +77,7 @@ async def test_the_agents_a_caller_may_start_are_its_tools(door: LiveServer, mod
     async with mcp_client(door, mode) as admin, mcp_client(door, mode, door.token("bob")) as user:
         everything = await admin.list_tools()
         limited = await user.list_tools()
-    assert {tool.name for tool in everything.tools} == {"echo", "assistant", "storyteller"}
+    assert {tool.name for tool in everything.tools} == {"echo", "assistant", "storyteller", "operator"}
     assert {tool.name for tool in limited.tools} == {"echo", "assistant"}  # role "user"
     echo = next(tool for tool in everything.tools if tool.name == "echo")
     assert echo.description == "Repeats what you say. Needs no LLM, no keys, no network."
@@ -180,10 +184,37 @@ async def test_an_unknown_conversation_is_an_error_result(door: LiveServer) -> N
     assert answer.is_error and text(answer) == "TRANSACTION_NOT_FOUND: no open conversation 'nope'"
 
 
+async def test_a_tool_call_of_the_run_waits_for_a_humans_approval_over_haip(door: LiveServer) -> None:
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    token = door.token("alice", roles=["admin"])
+    async with HaipClient(door.ws_url, token=token, accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door) as client, anyio.create_task_group() as group:
+            answers: list[CallToolResult] = []
+
+            async def ask() -> None:
+                arguments = {"message": "/call demo.delete_everything", "conversation_id": conversation}
+                answers.append(await client.call_tool("operator", arguments, progress_callback=seen))
+
+            group.start_soon(ask)
+            waiting = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+            await human.send(
+                "TOOL_UPDATE", {"call_id": waiting.get("call_id"), "decision": "approve"}, transaction=conversation
+            )
+    calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
+    assert [(call["tool"], call["status"]) for call in calls] == [("demo.delete_everything", "OK")]
+    assert calls[0]["result"]["content"][0]["text"] == "pretended to delete everything"
+    assert "[demo.delete_everything waits for a member's approval]" in said
+
+
 def test_the_mcp_inspector_cli_lists_and_calls_an_agent(door: LiveServer, tmp_path: Path) -> None:
     url, token = f"{door.http_url}/mcp", door.token("bob")
     listed = inspect(url, token, tmp_path, "--method", "tools/list")
     called = inspect(url, token, tmp_path, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=hi")
-    assert [tool["name"] for tool in listed["tools"]] == ["assistant", "echo"]  # bob's role: not storyteller
+    assert [tool["name"] for tool in listed["tools"]] == ["assistant", "echo"]  # bob's role: not the others
     assert called["content"] == [{"type": "text", "text": "you said: hi"}] and called["isError"] is False
     assert called["structuredContent"]["agent"] == "echo" and called["structuredContent"]["status"] == "OK"
