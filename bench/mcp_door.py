@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="timed turns per client (default: 1000)")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default: 10)")
     args = parser.parse_args()
-    config = make_config({"mcp_server": {"enabled": True}})
+    limits = {"messages_per_second": 1e6, "user_messages_per_second": 1e6}  # the bench measures latency, not quotas
+    config = make_config({"mcp_server": {"enabled": True}, "limits": limits})
     with live_server(config) as live:
         samples = anyio.run(measure, live, args.calls, args.rounds)
     haip = samples["HAIP WebSocket"]
