@@ -212,7 +212,9 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     """The ASGI app. Pass ``runtime`` to share it with the caller (the CLI prints its dev token)."""
     rt = runtime or Runtime(config)
 
-    mcp = McpEndpoint(config, rt.hub.context, rt.authenticator.authenticate) if config.mcp_server.enabled else None
+    mcp = None
+    if config.mcp_server.enabled:
+        mcp = McpEndpoint(config, rt.hub.context, rt.authenticator.authenticate, rt.hub.sessions.quotas.check_message)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -58,10 +58,16 @@ class McpMember:
 
 
 class McpDoor:
-    """The `AgentHost` of `bridge.facade`: who may start which agent, and one run per call."""
+    """The `AgentHost` of `bridge.facade`: who may start which agent, and one run per call.
 
-    def __init__(self, ctx: HubContext) -> None:
+    A call counts against the caller's quotas like a HAIP message: the message rate of all their
+    sessions together (``check_message``), and at most ``session.max_concurrent_runs`` calls at once.
+    """
+
+    def __init__(self, ctx: HubContext, check_message: Callable[[str, str], None]) -> None:
         self._ctx = ctx
+        self._check_message = check_message
+        self._running: dict[str, int] = {}
 
     def agents(self, caller: Any) -> list[Any]:
         from haip_runtime.bridge.facade import AgentTool
@@ -89,7 +95,33 @@ class McpDoor:
         member = McpMember(caller)
         run = _Run(agent, report)
         try:
-            transaction = await self._conversation(member, agent, conversation_id)
+            with self._counted(member):
+                return await self._run(member, run, message, conversation_id)
+        except ProtocolError as error:  # refused before it started
+            run.failed(error.code, error.message)
+            return AgentAnswer(run.text(), run.structured(), is_error=True)
+        finally:
+            member.close()
+
+    @contextmanager
+    def _counted(self, member: McpMember) -> Iterator[None]:
+        self._check_message(member.user, member.id)
+        limit = self._ctx.config.session.max_concurrent_runs
+        if self._running.get(member.user, 0) >= limit:
+            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, f"you already have {limit} MCP calls running")
+        self._running[member.user] = self._running.get(member.user, 0) + 1
+        try:
+            yield
+        finally:
+            self._running[member.user] -= 1
+            if not self._running[member.user]:
+                del self._running[member.user]
+
+    async def _run(self, member: McpMember, run: _Run, message: str, conversation_id: str | None) -> Any:
+        from haip_runtime.bridge.facade import AgentAnswer
+
+        try:
+            transaction = await self._conversation(member, run.agent, conversation_id)
             run.conversation_id = transaction.id
             message_id = new_id()
             transaction.user_message(member, message, {"text": message, "message_id": message_id}, message_id)
@@ -101,7 +133,6 @@ class McpDoor:
                 live = self._ctx.transactions.live.get(transaction_id)
                 if live is not None:
                     live.remove_member(member)
-            member.close()
         return AgentAnswer(run.text(), run.structured(), is_error=run.status not in ("OK", "CANCELLED"))
 
     async def _conversation(self, member: McpMember, agent: str, conversation_id: str | None) -> Transaction:
@@ -200,14 +231,18 @@ class McpEndpoint:
     """The ASGI app at `[mcp_server] path`: the Origin and the bearer token are checked, then the SDK serves."""
 
     def __init__(
-        self, config: HaipConfig, ctx: HubContext, authenticate: Callable[[str | None], Awaitable[Principal]]
+        self,
+        config: HaipConfig,
+        ctx: HubContext,
+        authenticate: Callable[[str | None], Awaitable[Principal]],
+        check_message: Callable[[str, str], None],
     ) -> None:
         from haip_runtime import __version__
         from haip_runtime.bridge.facade import agent_server
 
         self._origins = config.server.allowed_origins
         self._authenticate = authenticate
-        self._server = agent_server(McpDoor(ctx), name="haip-runtime", version=__version__)
+        self._server = agent_server(McpDoor(ctx, check_message), name="haip-runtime", version=__version__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         from haip_runtime.bridge.facade import CALLER

@@ -218,3 +218,34 @@ def test_the_mcp_inspector_cli_lists_and_calls_an_agent(door: LiveServer, tmp_pa
     assert [tool["name"] for tool in listed["tools"]] == ["assistant", "echo"]  # bob's role: not the others
     assert called["content"] == [{"type": "text", "text": "you said: hi"}] and called["isError"] is False
     assert called["structuredContent"]["agent"] == "echo" and called["structuredContent"]["status"] == "OK"
+
+
+async def test_mcp_calls_count_against_the_callers_quotas() -> None:
+    config = make_config(
+        {
+            "mcp_server": {"enabled": True},
+            "agents": {
+                "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 5}}
+            },
+            "session": {"max_concurrent_runs": 1},
+            "limits": {"user_messages_per_second": 0.001, "user_message_burst": 3},
+        }
+    )
+    with live_server(config) as live:
+        async with mcp_client(live) as client:
+            streaming = anyio.Event()
+
+            async def seen(progress: float, total: float | None, message: str | None) -> None:
+                streaming.set()
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: client.call_tool("storyteller", {"message": "x"}, progress_callback=seen))
+                    await streaming.wait()
+                    busy = await client.call_tool("echo", {"message": "meanwhile"})
+                    group.cancel_scope.cancel()
+            allowed = await client.call_tool("echo", {"message": "third"})
+            flooded = await client.call_tool("echo", {"message": "fourth"})
+    assert busy.is_error and text(busy) == "RUN_LIMIT_EXCEEDED: you already have 1 MCP calls running"
+    assert not allowed.is_error  # the burst of 3 messages: storyteller, the refused echo, this one
+    assert flooded.is_error and text(flooded).startswith("RATE_LIMITED: ")
