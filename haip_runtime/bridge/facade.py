@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp
 
 CALLER = "haip.mcp_caller"
@@ -23,6 +24,8 @@ CALLER = "haip.mcp_caller"
 
 Report = Callable[[str], Awaitable[None]]
 """Tell the MCP client how the run goes (a progress notification carrying the text)."""
+Ask = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+"""Ask the MCP client's user (elicitation, form mode): the values if they accepted, else ``None``."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class AgentHost(Protocol):
     def agents(self, caller: Any) -> list[AgentTool]: ...
 
     async def run(
-        self, caller: Any, agent: str, message: str, conversation_id: str | None, report: Report
+        self, caller: Any, agent: str, message: str, conversation_id: str | None, report: Report, ask: Ask | None
     ) -> AgentAnswer: ...
 
 
@@ -126,7 +129,7 @@ def agent_server(host: AgentHost, *, name: str, version: str) -> AgentServer:
             steps += 1
             await ctx.session.report_progress(steps, None, text)
 
-        answer = await host.run(_caller(ctx), params.name, message, conversation, report)
+        answer = await host.run(_caller(ctx), params.name, message, conversation, report, _asker(ctx))
         content = [types.TextContent(type="text", text=answer.text)]
         return types.CallToolResult(content=content, structured_content=answer.structured, is_error=answer.is_error)
 
@@ -140,6 +143,22 @@ def _caller(ctx: ServerRequestContext[Any, Any]) -> Any:
     request = ctx.request
     scope = getattr(request, "scope", None)
     return scope.get(CALLER) if isinstance(scope, dict) else None
+
+
+def _asker(ctx: ServerRequestContext[Any, Any]) -> Ask | None:
+    """How to ask this call's client, if it can be asked: it declared elicitation, and it speaks the
+    2025-11-25 protocol (there a request may go to the client during the call, on the call's stream)."""
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        return None
+    capabilities = ctx.session.client_capabilities
+    if capabilities is None or capabilities.elicitation is None:
+        return None
+
+    async def ask(message: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        result = await ctx.session.elicit_form(message, schema, related_request_id=ctx.request_id)
+        return dict(result.content or {}) if result.action == "accept" else None
+
+    return ask
 
 
 def _error(text: str) -> types.CallToolResult:

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 from starlette.types import Receive, Scope, Send
 
 from haip_runtime.auth.tokens import Principal
@@ -31,6 +32,9 @@ from haip_runtime.protocol.events import ErrorCode, EventType, ToolStatus
 from haip_runtime.transports.http import http_credentials, refused_origin, send_error
 
 logger = logging.getLogger(__name__)
+
+Report = Callable[[str], Awaitable[None]]
+Ask = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class McpMember:
@@ -87,13 +91,14 @@ class McpDoor:
         agent: str,
         message: str,
         conversation_id: str | None,
-        report: Callable[[str], Awaitable[None]],
+        report: Report,
+        ask: Ask | None = None,
     ) -> Any:
         from haip_runtime.bridge.facade import AgentAnswer
 
         assert isinstance(caller, Principal), "the door authenticates every request"
         member = McpMember(caller)
-        run = _Run(agent, report)
+        run = _Run(agent, report, ask, self._answer)
         try:
             with self._counted(member):
                 return await self._run(member, run, message, conversation_id)
@@ -135,6 +140,17 @@ class McpDoor:
                     live.remove_member(member)
         return AgentAnswer(run.text(), run.structured(), is_error=run.status not in ("OK", "CANCELLED"))
 
+    def _answer(
+        self, member: McpMember, transaction: Transaction, call_id: str, content: dict[str, Any] | None
+    ) -> None:
+        """The MCP client's answer to a call's input request, unless a human answered it first."""
+        answer: dict[str, Any] = {"input": content} if content is not None else {"decision": "decline"}
+        if self._ctx.tools is not None:
+            try:
+                self._ctx.tools.answer(call_id, transaction.id, member.user, answer, new_id())
+            except ProtocolError:
+                logger.info("call %s was answered before the MCP client answered it", call_id)
+
     async def _conversation(self, member: McpMember, agent: str, conversation_id: str | None) -> Transaction:
         related = new_id()
         if conversation_id is None:
@@ -151,9 +167,12 @@ class McpDoor:
 class _Run:
     """What one call saw of its run: the agent's text, its tool calls, how it ended."""
 
-    def __init__(self, agent: str, report: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, agent: str, report: Report, ask: Ask | None, answer: Callable[..., None]) -> None:
         self.agent = agent
         self.report = report
+        self.ask = ask
+        self.answer = answer
+        self.asking: dict[str, anyio.CancelScope] = {}
         self.conversation_id = ""
         self.status = "RUNNING"
         self.error: str | None = None
@@ -163,10 +182,13 @@ class _Run:
 
     async def follow(self, member: McpMember, transaction: Transaction, message_id: str) -> None:
         try:
-            async for event in member.events:
-                await self._see(event, message_id)
-                if self.status != "RUNNING":
-                    return
+            async with anyio.create_task_group() as questions:
+                async for event in member.events:
+                    await self._see(event, message_id)
+                    self._relay_question(event, questions, member, transaction)
+                    if self.status != "RUNNING":
+                        break
+                questions.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             transaction.cancel_run(self.run_id or message_id, member.user)  # the MCP client cancelled
             raise
@@ -202,6 +224,31 @@ class _Run:
             self.status = str(body.get("status", "OK"))
         elif event.type == EventType.RUN_ERROR:
             self.failed(str(body.get("code", ErrorCode.INTERNAL_ERROR)), str(body.get("message", "")))
+
+    def _relay_question(
+        self, event: Event, questions: anyio.abc.TaskGroup, member: McpMember, transaction: Transaction
+    ) -> None:
+        """An input request of a call in this run goes to the MCP client too, if it can be asked; any
+        later news of the call (a human answered, it timed out, it ended) withdraws the question."""
+        body = event.payload if isinstance(event.payload, dict) else {}
+        call_id = str(body.get("call_id"))
+        if event.type not in (EventType.TOOL_UPDATE, EventType.TOOL_DONE) or call_id not in self.calls:
+            return
+        if call_id in self.asking:
+            self.asking.pop(call_id).cancel()
+        request = body.get("request")
+        if self.ask is None or body.get("status") != ToolStatus.INPUT_REQUIRED or not isinstance(request, dict):
+            return
+        scope = self.asking[call_id] = anyio.CancelScope()
+        ask = self.ask
+
+        async def relay() -> None:
+            with scope:
+                content = await ask(str(request.get("message", "")), dict(request.get("schema") or {}))
+                self.asking.pop(call_id, None)
+                self.answer(member, transaction, call_id, content)
+
+        questions.start_soon(relay)
 
     def _tool(self, body: dict[str, Any]) -> str:
         return str(self.calls.get(str(body.get("call_id")), {}).get("tool", "a tool"))

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
 from haip_runtime.client import HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
@@ -249,3 +249,42 @@ async def test_mcp_calls_count_against_the_callers_quotas() -> None:
     assert busy.is_error and text(busy) == "RUN_LIMIT_EXCEEDED: you already have 1 MCP calls running"
     assert not allowed.is_error  # the burst of 3 messages: storyteller, the refused echo, this one
     assert flooded.is_error and text(flooded).startswith("RATE_LIMITED: ")
+
+
+async def test_an_input_request_goes_to_an_mcp_client_that_can_be_asked(door: LiveServer) -> None:
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": "Ada", "favourite_colour": "green"})
+
+    headers = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(
+            streamable_http_client(f"{door.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
+        ) as client,
+    ):
+        answer = await client.call_tool("operator", {"message": "/call demo.ask_user"})
+    calls = answer.structured_content["tool_calls"] if answer.structured_content else []
+    assert asked == ["Who are you, and which colour do you like best?"]
+    assert calls[0]["status"] == "OK" and calls[0]["result"]["content"][0]["text"] == "Ada likes green"
+
+
+async def test_an_input_request_a_client_cannot_be_asked_goes_to_the_human_members(door: LiveServer) -> None:
+    token = door.token("alice", roles=["admin"])
+    async with HaipClient(door.ws_url, token=token, accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door) as client, anyio.create_task_group() as group:  # 2026 protocol: no asking
+            answers: list[CallToolResult] = []
+
+            async def ask() -> None:
+                arguments = {"message": "/call demo.ask_user", "conversation_id": conversation}
+                answers.append(await client.call_tool("operator", arguments))
+
+            group.start_soon(ask)
+            asking = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            reply = {"call_id": asking.get("call_id"), "input": {"name": "Grace", "favourite_colour": "blue"}}
+            await human.send("TOOL_UPDATE", reply, transaction=conversation)
+    calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
+    assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
