@@ -220,7 +220,7 @@ def test_the_mcp_inspector_cli_lists_and_calls_an_agent(door: LiveServer, tmp_pa
     assert called["structuredContent"]["agent"] == "echo" and called["structuredContent"]["status"] == "OK"
 
 
-async def test_mcp_calls_count_against_the_callers_quotas() -> None:
+async def test_mcp_calls_at_once_are_limited_per_user() -> None:
     config = make_config(
         {
             "mcp_server": {"enabled": True},
@@ -228,7 +228,6 @@ async def test_mcp_calls_count_against_the_callers_quotas() -> None:
                 "storyteller": {"plugin": "plugins/storyteller.py:Storyteller", "options": {"words_per_second": 5}}
             },
             "session": {"max_concurrent_runs": 1},
-            "limits": {"user_messages_per_second": 0.001, "user_message_burst": 3},
         }
     )
     with live_server(config) as live:
@@ -244,11 +243,17 @@ async def test_mcp_calls_count_against_the_callers_quotas() -> None:
                     await streaming.wait()
                     busy = await client.call_tool("echo", {"message": "meanwhile"})
                     group.cancel_scope.cancel()
-            allowed = await client.call_tool("echo", {"message": "third"})
-            flooded = await client.call_tool("echo", {"message": "fourth"})
     assert busy.is_error and text(busy) == "RUN_LIMIT_EXCEEDED: you already have 1 MCP calls running"
-    assert not allowed.is_error  # the burst of 3 messages: storyteller, the refused echo, this one
-    assert flooded.is_error and text(flooded).startswith("RATE_LIMITED: ")
+    assert busy.structured_content is not None and busy.structured_content["status"] == "RUN_LIMIT_EXCEEDED"
+
+
+async def test_mcp_calls_share_the_users_message_rate() -> None:
+    limits = {"user_messages_per_second": 0.001, "user_message_burst": 2}
+    with live_server(make_config({"mcp_server": {"enabled": True}, "limits": limits})) as live:
+        async with mcp_client(live) as client:
+            answers = [await client.call_tool("echo", {"message": str(n)}) for n in range(3)]
+    assert [answer.is_error for answer in answers] == [False, False, True]
+    assert text(answers[2]).startswith("RATE_LIMITED: more than 0.001 messages a second")
 
 
 async def test_an_input_request_goes_to_an_mcp_client_that_can_be_asked(door: LiveServer) -> None:
