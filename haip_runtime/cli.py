@@ -253,11 +253,19 @@ async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int
             width = max(len(tool.full_name) for tool in status.tools)
             for tool in status.tools:
                 summary = (tool.description or "").splitlines()[0] if tool.description else ""
-                print(f"  {tool.full_name.ljust(width)}  {summary}")
+                task = _task_mark(tool.task_support, config.mcp.servers[status.name].use_tasks)
+                print(f"  {tool.full_name.ljust(width)}  {task}{summary}")
     failed = [s.name for s in statuses.values() if s.state is not ServerState.CONNECTED]
     if failed:
         print(f"\nhaip-runtime: not connected: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _task_mark(support: str, use_tasks: bool) -> str:
+    """``[task]`` before a tool called as an MCP task (it requires tasks, or allows them and ``use_tasks``)."""
+    if support == "required" or (support == "optional" and use_tasks):
+        return "[task] "
+    return "[task optional] " if support == "optional" else ""
 
 
 def _chat(args: argparse.Namespace) -> int:

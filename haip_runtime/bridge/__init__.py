@@ -4,8 +4,8 @@
 HTTP, or an `MCPServer` in this process), follows their tool lists, and carries tool calls with
 progress, elicitation, timeouts and cancellation. It does not decide who may call what and does
 not coalesce progress: the tool proxy does. Modules: `models` (the values handed out), `mcp_bridge`,
-`supervisor` (one server's connection), `calls` (one tool call), `dialer` (opening stdio /
-HTTP), `inprocess` (finding a `python` server's `MCPServer`).
+`supervisor` (one server's connection), `calls` (one tool call), `tasks` (a call run as an MCP task),
+`dialer` (opening stdio / HTTP), `inprocess` (finding a `python` server's `MCPServer`).
 """
 
 from haip_runtime.bridge.mcp_bridge import McpBridge
@@ -14,9 +14,11 @@ from haip_runtime.bridge.models import (
     ElicitationRequest,
     OnElicit,
     OnProgress,
+    OnTask,
     Progress,
     ServerState,
     ServerStatus,
+    TaskState,
     ToolInfo,
     ToolResult,
 )
@@ -27,9 +29,11 @@ __all__ = [
     "McpBridge",
     "OnElicit",
     "OnProgress",
+    "OnTask",
     "Progress",
     "ServerState",
     "ServerStatus",
+    "TaskState",
     "ToolInfo",
     "ToolResult",
 ]

@@ -6,8 +6,9 @@ SDK and the bridge's values. Does not own connections: the supervisor hands over
 Elicitation routing: the SDK runs the elicitation callback in the calling task's context for
 2026-protocol servers (input_required is driven inside `call_tool`) and for 2025-protocol servers
 over HTTP (the request arrives on the call's own response stream), so `current_call` names the
-call. Over stdio with the 2025 protocol nothing links the request to its call: it goes to the only
-call in flight on that server, and is declined when there are several.
+call. Over stdio with the 2025 protocol a request for a task names the task in its `_meta`; nothing
+else links the request to its call: it goes to the only call in flight on that server, and is
+declined when there are several. A call run as an MCP task is carried by `tasks.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +25,18 @@ import anyio
 import mcp_types as types
 from mcp import Client, InputRequiredRoundsExceededError, MCPError
 from mcp.client import ClientRequestContext
-from mcp.client.session import ElicitationFnT
+from mcp.client.session import ClientSession, ElicitationFnT
 from mcp.shared.dispatcher import ProgressFnT
 from pydantic import BaseModel, ValidationError
 
-from haip_runtime.bridge.models import ElicitationAnswer, ElicitationRequest, OnElicit, OnProgress, Progress, ToolResult
+from haip_runtime.bridge.models import (
+    ElicitationAnswer,
+    ElicitationRequest,
+    OnElicit,
+    OnProgress,
+    Progress,
+    ToolResult,
+)
 from haip_runtime.exceptions import ToolError, ToolTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +50,17 @@ class Call:
     on_elicit: OnElicit | None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: bool = False
+    task_id: str | None = None
+    """The MCP task running the call, once the server created it."""
+    report: Callable[..., Awaitable[None]] | None = None
+    """Where the task's states go (`tasks.py`)."""
     _waiting: int = 0
     _remaining: float = 0.0
+
+    @property
+    def asking(self) -> bool:
+        """Whether the call is waiting for a human's answer to the server's question."""
+        return self._waiting > 0
 
     @contextmanager
     def deadline_paused(self) -> Iterator[None]:
@@ -62,6 +79,12 @@ class Call:
 #: The call the current task is making (see the module docstring).
 current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("haip_mcp_call", default=None)
 
+RELATED_TASK = "io.modelcontextprotocol/related-task"
+"""The `_meta` key tying a server's request (an elicitation) to the task it is for."""
+
+TaskRunner = Callable[[ClientSession], Awaitable[types.CallToolResult]]
+"""Runs the call as an MCP task on a session (`tasks.run_task`, bound to its call)."""
+
 
 async def call_tool(
     client: Client,
@@ -72,12 +95,18 @@ async def call_tool(
     limit: float,
     on_progress: OnProgress | None,
     on_lost: Callable[[str], None],
+    as_task: TaskRunner | None = None,
 ) -> ToolResult:
-    """Run `tools/call` on the live `client`; `on_lost` is told when the connection turns out dead."""
+    """Run `tools/call` on the live `client` (as an MCP task with `as_task`); `on_lost` is told when
+    the connection turns out dead."""
     token = current_call.set(call)
     try:
         with anyio.fail_after(limit) as call.scope:
-            result = await client.call_tool(tool, arguments, progress_callback=_progress_callback(call, on_progress))
+            if as_task is not None:
+                result = await as_task(client.session)
+            else:
+                progress = _progress_callback(call, on_progress)
+                result = await client.call_tool(tool, arguments, progress_callback=progress)
     except TimeoutError as exc:
         raise ToolTimeoutError(
             f"MCP tool '{call.server}.{tool}' did not finish within {limit:g} s; it was cancelled on the server"
@@ -126,7 +155,7 @@ def elicitation_callback(server: str, calls: set[Call], patience: float) -> Elic
     """The SDK callback for one server's elicitations: find the asking call and ask its caller."""
 
     async def elicit(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
-        call = _asking_call(server, calls)
+        call = _asking_call(server, calls, _task_of(context.meta))
         if call is None or call.on_elicit is None or not isinstance(params, types.ElicitRequestFormParams):
             logger.info("MCP server %r asked for input no caller can answer; declined", server)
             return types.ElicitResult(action="decline")
@@ -141,7 +170,9 @@ def elicitation_callback(server: str, calls: set[Call], patience: float) -> Elic
     return elicit
 
 
-def _asking_call(server: str, calls: set[Call]) -> Call | None:
+def _asking_call(server: str, calls: set[Call], task_id: str | None) -> Call | None:
+    if task_id is not None:
+        return next((call for call in calls if call.task_id == task_id), None)
     call = current_call.get()
     if call is not None and call.server == server:
         return call
@@ -158,6 +189,13 @@ async def _ask(call: Call, on_elicit: OnElicit, request: ElicitationRequest, pat
         except Exception:  # the caller's bug must not break the MCP session's request handling
             logger.exception("on_elicit failed; declining the elicitation")
     return ElicitationAnswer(action="decline")
+
+
+def _task_of(meta: Any) -> str | None:
+    """The task id a server's request names in its `_meta`, if any."""
+    related = meta.get(RELATED_TASK) if isinstance(meta, dict) else None
+    task_id = related.get("taskId") if isinstance(related, dict) else None
+    return task_id if isinstance(task_id, str) else None
 
 
 def wire(model: BaseModel) -> dict[str, Any]:

@@ -14,10 +14,13 @@ from typing import Any, Self, TextIO
 
 import anyio
 import anyio.abc
+from mcp.client.session import ClientSession
+from mcp_types import CallToolResult
 
-from haip_runtime.bridge.calls import Call, call_tool
-from haip_runtime.bridge.models import OnElicit, OnProgress, ServerStatus, ToolInfo, ToolResult
+from haip_runtime.bridge.calls import Call, TaskRunner, call_tool
+from haip_runtime.bridge.models import OnElicit, OnProgress, OnTask, ServerStatus, ToolInfo, ToolResult
 from haip_runtime.bridge.supervisor import ServerSupervisor
+from haip_runtime.bridge.tasks import OnTaskEnd, run_task
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
 from haip_runtime.observability.logs import limit_logger
@@ -31,7 +34,8 @@ class McpBridge:
 
     Enter and exit it in the same task. Entering starts one supervisor task per server and returns
     at once: servers connect in parallel (`wait_settled` waits for each one's first outcome), and
-    `on_change` hears every change of a server's state or tool set.
+    `on_change` hears every change of a server's state or tool set, `on_task_end` the final status of
+    every MCP task a call ran as.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class McpBridge:
         base_dir: Path,
         on_change: Callable[[ServerStatus], None] | None = None,
         stderr: TextIO | None = None,
+        on_task_end: OnTaskEnd | None = None,
     ) -> None:
         # The SDK logs a full traceback for every stdout line of a server that is not JSON-RPC.
         limit_logger("mcp.client.stdio")
@@ -54,6 +59,7 @@ class McpBridge:
         }
         self._stack = AsyncExitStack()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._on_task_end = on_task_end
 
     async def __aenter__(self) -> Self:
         if self._task_group is not None or self._stopping.is_set():
@@ -106,6 +112,7 @@ class McpBridge:
         on_progress: OnProgress | None = None,
         on_elicit: OnElicit | None = None,
         timeout: float | None = None,
+        on_task: OnTask | None = None,
     ) -> ToolResult:
         """Call `tool` on `server` through its live session.
 
@@ -114,7 +121,9 @@ class McpBridge:
         default the server's `timeout_seconds`; cancelled on the server) or `ToolError` (the
         connection broke). Cancelling the caller cancels the request on the server. Time spent
         in `on_elicit` does not count against the timeout; `on_elicit` should give up after the
-        server's `approval_timeout_seconds` (the bridge declines by itself a little later).
+        server's `approval_timeout_seconds` (the bridge declines by itself a little later). A tool the
+        server runs as an MCP task (`ServerSupervisor.runs_as_task`) is followed to its end the same way:
+        its states reach `on_task`, and cancelling cancels the task.
         """
         supervisor = self._supervisors.get(server)
         if supervisor is None:
@@ -122,10 +131,19 @@ class McpBridge:
         client, link = supervisor.live(tool)
         call = Call(server, on_elicit)
         limit = supervisor.config.timeout_seconds if timeout is None else timeout
+        as_task: TaskRunner | None = None
+        if supervisor.runs_as_task(tool):
+            ttl = limit + supervisor.config.approval_timeout_seconds
+
+            async def as_task(session: ClientSession) -> CallToolResult:
+                return await run_task(
+                    session, call, tool, arguments, ttl_seconds=ttl, on_task=on_task, on_end=self._on_task_end
+                )
+
         supervisor.calls.add(call)
         try:
             return await call_tool(
-                client, call, tool, arguments, limit=limit, on_progress=on_progress, on_lost=link.lose
+                client, call, tool, arguments, limit=limit, on_progress=on_progress, on_lost=link.lose, as_task=as_task
             )
         finally:
             supervisor.calls.discard(call)

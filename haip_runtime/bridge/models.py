@@ -23,10 +23,15 @@ class ToolInfo:
     output_schema: dict[str, Any] | None
     annotations: dict[str, Any] | None
     """MCP tool annotations in wire form (`readOnlyHint`, ...)."""
+    task_support: TaskSupport = "forbidden"
+    """Whether the server runs the tool as an MCP task (2025-11-25 `execution.taskSupport`)."""
 
     @property
     def full_name(self) -> str:
         return f"{self.server}.{self.name}"
+
+
+TaskSupport = Literal["forbidden", "optional", "required"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,23 @@ class Progress:
     progress: float
     total: float | None
     message: str | None
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """Where an MCP task stands, as its server last said (`tasks/get`, `tasks/cancel`)."""
+
+    task_id: str
+    status: str
+    """`working`, `input_required`, `completed`, `failed` or `cancelled`."""
+    message: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_TASK_STATES
+
+
+TERMINAL_TASK_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -75,4 +97,6 @@ class ToolResult:
 
 
 OnProgress = Callable[[Progress], Awaitable[None]]
+OnTask = Callable[[TaskState], Awaitable[None]]
+"""Told each new state of the MCP task a call runs as."""
 OnElicit = Callable[[ElicitationRequest], Awaitable[ElicitationAnswer]]

@@ -34,6 +34,7 @@ from haip_runtime.bridge.childlog import ChildLog
 from haip_runtime.bridge.dialer import describe_failure, open_transport, watching_end
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
+from haip_runtime.bridge.tasks import TaskStatusListener
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
 
@@ -120,6 +121,12 @@ class ServerSupervisor:
             raise ToolUnavailableError(f"MCP server {self.name!r} has no tool {tool!r}")
         return client, self._link
 
+    def runs_as_task(self, tool: str) -> bool:
+        """Whether calls of `tool` are MCP tasks: it requires them, or allows them and `use_tasks` is on."""
+        info = next((known for known in self.tools if known.name == tool), None)
+        support = "forbidden" if info is None else info.task_support
+        return support == "required" or (support == "optional" and self.config.use_tasks)
+
     def cancel_connecting(self) -> None:
         """Abandon an attempt that has not connected yet (there is nothing to close gracefully)."""
         if self._client is None and self._attempt is not None:
@@ -189,6 +196,7 @@ class ServerSupervisor:
                 cache=None,
                 message_handler=self._message_handler(),
                 elicitation_callback=elicitation_callback(self.name, self.calls, self.config.approval_timeout_seconds),
+                extensions=[TaskStatusListener(self.calls)],
             )
             yield await stack.enter_async_context(client)
 
@@ -305,4 +313,5 @@ def _tool_info(server: str, tool: types.Tool) -> ToolInfo:
         input_schema=tool.input_schema,
         output_schema=tool.output_schema,
         annotations=None if tool.annotations is None else wire(tool.annotations),
+        task_support=(tool.execution.task_support if tool.execution else None) or "forbidden",
     )

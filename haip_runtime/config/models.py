@@ -376,6 +376,8 @@ class McpServerConfig(Model):
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
     """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
     speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""
+    use_tasks: bool = False
+    """Call tools whose task support is `optional` as MCP tasks too (tools that require tasks always are)."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:
@@ -409,6 +411,13 @@ class McpConfig(Model):
             if allowed is not None and server.transport == "stdio" and server.command not in allowed:
                 raise ValueError(f"servers.{name}.command {server.command!r} is not in mcp.stdio.allowed_commands")
         return self
+
+
+class McpServerDoorConfig(Model):
+    enabled: bool = False
+    """Offer the agents as an MCP server (streamable HTTP): each agent a caller may start is a tool."""
+    path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_-]*[A-Za-z0-9_-]$")
+    """Where it is served; the same bearer tokens and roles as HAIP."""
 
 
 class ObservabilityConfig(Model):
@@ -445,6 +454,8 @@ class HaipConfig(Model):
     roles: dict[str, RoleConfig] = Field(default_factory=dict)
     """What each role may do. With no roles configured, every user may use every agent and tool."""
     mcp: McpConfig = Field(default_factory=McpConfig)
+    mcp_server: McpServerDoorConfig = Field(default_factory=McpServerDoorConfig)
+    """haip-runtime's agents offered to MCP clients (`[mcp_server]`)."""
     llm: dict[str, LlmConfig] = Field(default_factory=dict)
     """LLM providers, by name; agents name theirs with `agents.<name>.llm`."""
     speech: dict[str, SpeechConfig] = Field(default_factory=dict)

@@ -28,21 +28,29 @@ logger = logging.getLogger(__name__)
 
 async def transaction_start(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     request = parse_payload(envelope, p.TransactionStart)
+    await start(ctx, session, request, envelope.id, envelope.transaction, envelope.thread_id)
+
+
+async def start(
+    ctx: HubContext,
+    member: Member,
+    request: p.TransactionStart,
+    related_id: str,
+    reference: str | None = None,
+    thread_id: str | None = None,
+) -> Transaction:
+    """Start a transaction of ``member`` with the agent ``request`` names (any door: a session, an MCP caller)."""
     spec = ctx.agents.get(request.agent_name or "")
-    if spec is not None and not session.principal.permissions.may_start(spec.name):
-        raise ProtocolError(
-            ErrorCode.UNAUTHORIZED,
-            f"you may not start {spec.name!r}",
-            related_id=envelope.transaction or envelope.id,
-        )
+    if spec is not None and not member.principal.permissions.may_start(spec.name):
+        message = f"you may not start {spec.name!r}"
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, message, related_id=reference or related_id)
     if spec is None:
         raise ProtocolError(
             ErrorCode.AGENT_NOT_FOUND,
             f"no agent named {request.agent_name!r}",
-            related_id=envelope.transaction or envelope.id,
+            related_id=reference or related_id,
         )
-    thread_id = request.thread_id or envelope.thread_id
-    await begin(ctx, session, spec, thread_id, request.params, envelope.transaction, envelope.id)
+    return await begin(ctx, member, spec, request.thread_id or thread_id, request.params, reference, related_id)
 
 
 async def begin(
@@ -113,9 +121,21 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
     for event in history:
         session.deliver(event)
     if new_user:
-        announce = {**joined.dump(), "joined": session.user}
-        transaction.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({session.id})))
+        announce(transaction, session)
     ctx.send_tool_list(transaction, only=session)
+
+
+def enter(transaction: Transaction, member: Member, related_id: str) -> None:
+    """Make ``member`` (an MCP caller continuing a conversation) a member from now on, announced to the others."""
+    transaction.check_room(member, related_id)
+    if transaction.add_member(member):
+        announce(transaction, member)
+
+
+def announce(transaction: Transaction, member: Member) -> None:
+    joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+    body = {**joined.dump(), "joined": member.user}
+    transaction.publish(Event(EventType.TRANSACTION_JOIN, body, exclude=frozenset({member.id})))
 
 
 async def rejoin(ctx: HubContext, session: Session, envelope: Envelope) -> None:

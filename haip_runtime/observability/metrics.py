@@ -147,9 +147,13 @@ class Metrics:
             LLM_BUCKETS,
         )
         self._llm_errors = LabelledCounter("haip_llm_errors", "LLM requests that failed, by provider.", ["provider"])
+        self._tasks = LabelledCounter(
+            "haip_mcp_tasks", "Tool calls run as MCP tasks, ended, by MCP server and the task's final status.",
+            ["server", "status"],
+        )  # fmt: skip
         self._own = (
             self._runs, self._tools, self._tool_seconds, self._restarts, self._resumes,
-            self._llm_tokens, self._llm_seconds, self._llm_errors,
+            self._llm_tokens, self._llm_seconds, self._llm_errors, self._tasks,
         )  # fmt: skip
         self._gauges: Collector | None = None
         self._registry: CollectorRegistry | None = None
@@ -170,6 +174,9 @@ class Metrics:
     def tool_call(self, server: str, status: str, seconds: float) -> None:
         self._tools.inc(server, status)
         self._tool_seconds.observe(server, value=seconds)
+
+    def task_ended(self, server: str, status: str) -> None:
+        self._tasks.inc(server, status)
 
     def resumed(self) -> None:
         self._resumes.inc("resumed", "")

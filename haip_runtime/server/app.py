@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -45,6 +45,7 @@ from haip_runtime.server.agui import AguiDoor
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.gauges import RuntimeGauges
+from haip_runtime.server.mcp_door import McpEndpoint
 from haip_runtime.server.rest import history_routes
 from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
 from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
@@ -137,6 +138,7 @@ class Runtime:
             mcp.stdio,
             base_dir=self.config.base_dir,
             on_change=self._server_changed,
+            on_task_end=self.metrics.task_ended,
         )
         async with bridge:
             self.bridge = bridge
@@ -227,9 +229,13 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     """The ASGI app. Pass ``runtime`` to share it with the caller (the CLI prints its dev token)."""
     rt = runtime or Runtime(config)
 
+    mcp = None
+    if config.mcp_server.enabled:
+        mcp = McpEndpoint(config, rt.hub.context, rt.authenticator.authenticate, rt.hub.sessions.quotas.check_message)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with rt:
+        async with rt, mcp.lifespan() if mcp is not None else nullcontext():
             yield {"runtime": rt}
 
     async def health(request: Request) -> JSONResponse:
@@ -247,6 +253,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *haip_routes(rt.doorway()),
         *AguiDoor(rt.doorway(), rt.hub).routes(),
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
+        *([Route(config.mcp_server.path, mcp)] if mcp is not None else []),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -16,6 +16,7 @@ from haip_runtime.bridge.models import (
     ElicitationRequest,
     OnElicit,
     OnProgress,
+    OnTask,
     Progress,
     ServerState,
     ServerStatus,
@@ -103,7 +104,9 @@ class FakeTools:
         on_progress: OnProgress | None = None,
         on_elicit: OnElicit | None = None,
         timeout: float | None = None,
+        on_task: OnTask | None = None,
     ) -> ToolResult:
+        """Run the fake tool; fakes never run as MCP tasks, so ``on_task`` is never called."""
         func = self._funcs[f"{server}.{tool}"]
         try:
             if _takes_context(func):

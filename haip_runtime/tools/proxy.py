@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
-from anyio.abc import TaskGroup
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig
@@ -26,7 +25,6 @@ from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, 
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import (
-    Channel,
     ErrorCode,
     EventType,
     ServerState,
@@ -36,6 +34,8 @@ from haip_runtime.protocol.events import (
 )
 from haip_runtime.protocol.payloads import ToolEntry
 from haip_runtime.tools.cutting import cut_result
+from haip_runtime.tools.updates import Emit as Emit  # re-exported: agents publish through it
+from haip_runtime.tools.updates import Updates
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import (
@@ -43,22 +43,13 @@ if TYPE_CHECKING:
         ElicitationRequest,
         OnElicit,
         OnProgress,
-        Progress,
+        OnTask,
         ServerStatus,
         ToolInfo,
         ToolResult,
     )
 
 logger = logging.getLogger(__name__)
-
-#: Progress updates per call are sent at most this often (about 20 a second); the latest wins.
-PROGRESS_INTERVAL = 0.05
-
-
-class Emit(Protocol):
-    """Publish one event into the agent's transaction, stamped with the current run."""
-
-    def __call__(self, type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None: ...
 
 
 class ToolBackend(Protocol):
@@ -79,6 +70,7 @@ class ToolBackend(Protocol):
         on_progress: OnProgress | None = None,
         on_elicit: OnElicit | None = None,
         timeout: float | None = None,
+        on_task: OnTask | None = None,
     ) -> ToolResult: ...
 
 
@@ -184,7 +176,7 @@ class ActiveCall:
     answer: dict[str, Any] | None = None
     cancel_reason: str | None = None
     finished: anyio.Event = field(default_factory=anyio.Event)
-    updates: _Updates | None = None
+    updates: Updates | None = None
 
     def ask(self, kind: Literal["approval", "input"]) -> None:
         self.waiting_for, self.answer, self.answered = kind, None, anyio.Event()
@@ -286,7 +278,7 @@ class ToolProxy:
     async def _run(
         self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], emit: Emit
     ) -> ToolCallResult:
-        update = active.updates = _Updates(active.call_id, emit)
+        update = active.updates = Updates(active.call_id, emit)
         with active.scope:
             if self._needs_approval(server, tool):
                 refused = await self._approve(active, server, update)
@@ -303,7 +295,7 @@ class ToolProxy:
         return _cancelled(active, name, active.cancel_reason or "cancelled")
 
     async def _call_bridge(
-        self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], update: _Updates
+        self, active: ActiveCall, name: str, server: str, tool: str, arguments: dict[str, Any], update: Updates
     ) -> ToolCallResult:
         assert self.bridge is not None  # _refusal found the tool, so the bridge is attached
         try:
@@ -313,6 +305,7 @@ class ToolProxy:
                 arguments,
                 on_progress=update.progress,
                 on_elicit=lambda request: self._elicit(active, server, request, update),
+                on_task=update.task,
             )
         except ToolTimeoutError as exc:
             return _failed(active, name, ToolErrorCode.TIMEOUT, str(exc))
@@ -349,7 +342,7 @@ class ToolProxy:
     def _patience(self, server: str) -> float:
         return self.servers[server].approval_timeout_seconds
 
-    async def _approve(self, active: ActiveCall, server: str, update: _Updates) -> dict[str, Any] | None:
+    async def _approve(self, active: ActiveCall, server: str, update: Updates) -> dict[str, Any] | None:
         """``None`` if a member approved; else the refusal (rejected, or no answer in time)."""
         active.ask("approval")
         update.send(ToolStatus.AWAITING_APPROVAL, message="waiting for a member to approve or reject this call")
@@ -362,7 +355,7 @@ class ToolProxy:
         return None
 
     async def _elicit(
-        self, active: ActiveCall, server: str, request: ElicitationRequest, update: _Updates
+        self, active: ActiveCall, server: str, request: ElicitationRequest, update: Updates
     ) -> ElicitationAnswer:
         from haip_runtime.bridge import ElicitationAnswer
 
@@ -439,50 +432,6 @@ class ToolProxy:
                 detail={"where": "/payload/call_id"},
             )
         return active
-
-
-class _Updates:
-    """TOOL_UPDATEs of one call; progress is coalesced to one per ``PROGRESS_INTERVAL``, latest wins."""
-
-    def __init__(self, call_id: str, emit: Emit) -> None:
-        self.call_id = call_id
-        self.timers: TaskGroup | None = None
-        self._emit = emit
-        self._last_sent = 0.0
-        self._pending: dict[str, Any] | None = None
-        self._flush_scheduled = False
-        self._cancelling = False
-
-    def send(self, status: ToolStatus, **fields: Any) -> None:
-        self.flush()
-        self._cancelling = status is ToolStatus.CANCELLING
-        self._emit(EventType.TOOL_UPDATE, {"call_id": self.call_id, "status": status.value, **fields})
-
-    async def progress(self, progress: Progress) -> None:
-        if self._cancelling:
-            return  # late progress of a call being cancelled would read as if it were still running
-        body = {"call_id": self.call_id, "status": ToolStatus.RUNNING.value, "progress": progress.progress}
-        if progress.total is not None:
-            body["total"] = progress.total
-        if progress.message:
-            body["message"] = progress.message
-        self._pending = body
-        wait = PROGRESS_INTERVAL - (time.monotonic() - self._last_sent)
-        if wait <= 0:
-            self.flush()
-        elif not self._flush_scheduled and self.timers is not None:
-            self._flush_scheduled = True
-            self.timers.start_soon(self._flush_later, wait)
-
-    async def _flush_later(self, delay: float) -> None:
-        await anyio.sleep(delay)
-        self._flush_scheduled = False
-        self.flush()
-
-    def flush(self) -> None:
-        if self._pending is not None:
-            self._emit(EventType.TOOL_UPDATE, self._pending)
-            self._pending, self._last_sent = None, time.monotonic()
 
 
 def _failed(active: ActiveCall, name: str, code: ToolErrorCode, message: str) -> ToolCallResult:

@@ -1,0 +1,322 @@
+"""The MCP door: haip-runtime's agents offered to MCP clients at `[mcp_server] path` (PROTOCOL.md section 15).
+
+Each agent the caller may start is a tool; a `tools/call` is one turn in an ordinary transaction,
+started (or continued, by `conversation_id`) through the hub's own paths, with the caller a member
+(`McpMember`) for the length of the call: humans who joined over HAIP see the turn live and answer
+its approvals. The answer is the run's messages as text plus structured content (conversation id,
+the tool calls and their outcomes); progress notifications carry the streamed text and the tool
+calls; an MCP cancellation cancels the run. The MCP SDK's side is `bridge.facade`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+from starlette.types import Receive, Scope, Send
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import HandshakeError, ProtocolError
+from haip_runtime.hub import lifecycle
+from haip_runtime.hub.context import HubContext
+from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, ToolStatus
+from haip_runtime.transports.http import http_credentials, refused_origin, send_error
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[str], Awaitable[None]]
+Ask = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+#: The HAIP events an MCP caller is said to accept (the transaction asks, e.g. before it speaks an answer).
+_NO_AUDIO = frozenset(ALL_EVENTS) - {EventType.AUDIO, EventType.AUDIO_CHUNK}
+
+
+class McpMember:
+    """An MCP caller, a member of the transaction while its `tools/call` runs (the `Member` protocol)."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.id = f"mcp-{new_id()}"
+        self.principal = principal
+        self.transactions: set[str] = set()
+        self._send, self.events = anyio.create_memory_object_stream[Event](math.inf)
+
+    @property
+    def accepted(self) -> frozenset[str]:
+        """What an MCP caller takes: every event but audio (its answer is text), so none is spoken for it."""
+        return _NO_AUDIO
+
+    @property
+    def user(self) -> str:
+        return self.principal.user
+
+    def deliver(self, event: Event) -> None:
+        try:
+            self._send.send_nowait(event)
+        except anyio.ClosedResourceError:
+            pass  # the call has returned; it no longer listens
+
+    def close(self) -> None:
+        self._send.close()
+        self.events.close()
+
+
+class McpDoor:
+    """The `AgentHost` of `bridge.facade`: who may start which agent, and one run per call.
+
+    A call counts against the caller's quotas like a HAIP message: the message rate of all their
+    sessions together (``check_message``), and at most ``session.max_concurrent_runs`` calls at once.
+    """
+
+    def __init__(self, ctx: HubContext, check_message: Callable[[str, str], None]) -> None:
+        self._ctx = ctx
+        self._check_message = check_message
+        self._running: dict[str, int] = {}
+
+    def agents(self, caller: Any) -> list[Any]:
+        from haip_runtime.bridge.facade import AgentTool
+
+        if not isinstance(caller, Principal):
+            return []
+        permissions = caller.permissions
+        return [
+            AgentTool(name, spec.description)
+            for name, spec in sorted(self._ctx.agents.items())
+            if permissions.may_start(name)
+        ]
+
+    async def run(
+        self,
+        caller: Any,
+        agent: str,
+        message: str,
+        conversation_id: str | None,
+        report: Report,
+        ask: Ask | None = None,
+    ) -> Any:
+        from haip_runtime.bridge.facade import AgentAnswer
+
+        assert isinstance(caller, Principal), "the door authenticates every request"
+        member = McpMember(caller)
+        run = _Run(agent, report, ask, self._answer)
+        try:
+            with self._counted(member):
+                return await self._run(member, run, message, conversation_id)
+        except ProtocolError as error:  # refused before it started
+            run.failed(error.code, error.message)
+            return AgentAnswer(run.text(), run.structured(), is_error=True)
+        finally:
+            member.close()
+
+    @contextmanager
+    def _counted(self, member: McpMember) -> Iterator[None]:
+        self._check_message(member.user, member.id)
+        limit = self._ctx.config.session.max_concurrent_runs
+        if self._running.get(member.user, 0) >= limit:
+            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, f"you already have {limit} MCP calls running")
+        self._running[member.user] = self._running.get(member.user, 0) + 1
+        try:
+            yield
+        finally:
+            self._running[member.user] -= 1
+            if not self._running[member.user]:
+                del self._running[member.user]
+
+    async def _run(self, member: McpMember, run: _Run, message: str, conversation_id: str | None) -> Any:
+        from haip_runtime.bridge.facade import AgentAnswer
+
+        try:
+            transaction = await self._conversation(member, run.agent, conversation_id)
+            run.conversation_id = transaction.id
+            message_id = new_id()
+            transaction.user_message(member, message, {"text": message, "message_id": message_id}, message_id)
+            await run.follow(member, transaction, message_id)
+        except ProtocolError as error:
+            run.failed(error.code, error.message)
+        finally:
+            for transaction_id in list(member.transactions):
+                live = self._ctx.transactions.live.get(transaction_id)
+                if live is not None:
+                    live.remove_member(member)
+        return AgentAnswer(run.text(), run.structured(), is_error=run.status not in ("OK", "CANCELLED"))
+
+    def _answer(
+        self, member: McpMember, transaction: Transaction, call_id: str, content: dict[str, Any] | None
+    ) -> None:
+        """The MCP client's answer to a call's input request, unless a human answered it first."""
+        answer: dict[str, Any] = {"input": content} if content is not None else {"decision": "decline"}
+        if self._ctx.tools is not None:
+            try:
+                self._ctx.tools.answer(call_id, transaction.id, member.user, answer, new_id())
+            except ProtocolError:
+                logger.info("call %s was answered before the MCP client answered it", call_id)
+
+    async def _conversation(self, member: McpMember, agent: str, conversation_id: str | None) -> Transaction:
+        related = new_id()
+        if conversation_id is None:
+            return await lifecycle.start(self._ctx, member, p.TransactionStart(agent=agent), related)
+        found = await self._ctx.transactions.find(conversation_id, member.principal)
+        if not isinstance(found, Transaction) or found.ended:
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no open conversation {conversation_id!r}")
+        if agent not in found.agents:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"conversation {conversation_id} has no agent {agent!r}")
+        lifecycle.enter(found, member, related)
+        return found
+
+
+class _Run:
+    """What one call saw of its run: the agent's text, its tool calls, how it ended."""
+
+    def __init__(self, agent: str, report: Report, ask: Ask | None, answer: Callable[..., None]) -> None:
+        self.agent = agent
+        self.report = report
+        self.ask = ask
+        self.answer = answer
+        self.asking: dict[str, anyio.CancelScope] = {}
+        self.conversation_id = ""
+        self.status = "RUNNING"
+        self.error: str | None = None
+        self.run_id: str | None = None
+        self.parts: dict[str, list[str]] = {}
+        self.calls: dict[str, dict[str, Any]] = {}
+
+    async def follow(self, member: McpMember, transaction: Transaction, message_id: str) -> None:
+        try:
+            async with anyio.create_task_group() as questions:
+                async for event in member.events:
+                    await self._see(event, message_id)
+                    self._relay_question(event, questions, member, transaction)
+                    if self.status != "RUNNING":
+                        break
+                questions.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            transaction.cancel_run(self.run_id or message_id, member.user)  # the MCP client cancelled
+            raise
+
+    async def _see(self, event: Event, message_id: str) -> None:
+        body = event.payload if isinstance(event.payload, dict) else {}
+        if (
+            event.type == EventType.RUN_STARTED
+            and body.get("message_id") == message_id
+            and body.get("agent") == self.agent
+        ):
+            self.run_id = str(body["run_id"])
+            return
+        if self.run_id is None or event.run_id != self.run_id:
+            return
+        if event.type == EventType.MESSAGE_PART:
+            self.parts.setdefault(str(body.get("message_id")), []).append(str(body.get("text", "")))
+            await self.report(str(body.get("text", "")))
+        elif event.type == EventType.TOOL_CALL:
+            self.calls[str(body["call_id"])] = {
+                "call_id": body["call_id"],
+                "tool": body["tool"],
+                "params": body.get("params"),
+            }
+            await self.report(f"[calling {body['tool']}]")
+        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.AWAITING_APPROVAL:
+            await self.report(f"[{self._tool(body)} waits for a member's approval]")
+        elif event.type == EventType.TOOL_DONE:
+            call = self.calls.setdefault(str(body["call_id"]), {"call_id": body["call_id"], "tool": ""})
+            call.update({key: body[key] for key in ("status", "result", "error") if key in body})
+            await self.report(f"[{call['tool']}: {body.get('status')}]")
+        elif event.type == EventType.RUN_FINISHED:
+            self.status = str(body.get("status", "OK"))
+        elif event.type == EventType.RUN_ERROR:
+            self.failed(str(body.get("code", ErrorCode.INTERNAL_ERROR)), str(body.get("message", "")))
+
+    def _relay_question(
+        self, event: Event, questions: anyio.abc.TaskGroup, member: McpMember, transaction: Transaction
+    ) -> None:
+        """An input request of a call in this run goes to the MCP client too, if it can be asked; any
+        later news of the call (a human answered, it timed out, it ended) withdraws the question."""
+        body = event.payload if isinstance(event.payload, dict) else {}
+        call_id = str(body.get("call_id"))
+        if event.type not in (EventType.TOOL_UPDATE, EventType.TOOL_DONE) or call_id not in self.calls:
+            return
+        if call_id in self.asking:
+            self.asking.pop(call_id).cancel()
+        request = body.get("request")
+        if self.ask is None or body.get("status") != ToolStatus.INPUT_REQUIRED or not isinstance(request, dict):
+            return
+        scope = self.asking[call_id] = anyio.CancelScope()
+        ask = self.ask
+
+        async def relay() -> None:
+            with scope:
+                content = await ask(str(request.get("message", "")), dict(request.get("schema") or {}))
+                self.asking.pop(call_id, None)
+                self.answer(member, transaction, call_id, content)
+
+        questions.start_soon(relay)
+
+    def _tool(self, body: dict[str, Any]) -> str:
+        return str(self.calls.get(str(body.get("call_id")), {}).get("tool", "a tool"))
+
+    def failed(self, code: str, message: str) -> None:
+        self.status, self.error = code, message
+
+    def text(self) -> str:
+        said = "\n\n".join("".join(parts) for parts in self.parts.values())
+        if self.error is not None:
+            return f"{self.status}: {self.error}" + (f"\n\n{said}" if said else "")
+        return said
+
+    def structured(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "conversation_id": self.conversation_id,
+            "agent": self.agent,
+            "status": self.status,
+            "tool_calls": list(self.calls.values()),
+        }
+        if self.error is not None:
+            body["error"] = {"code": self.status, "message": self.error}
+        return body
+
+
+class McpEndpoint:
+    """The ASGI app at `[mcp_server] path`: the Origin and the bearer token are checked, then the SDK serves."""
+
+    def __init__(
+        self,
+        config: HaipConfig,
+        ctx: HubContext,
+        authenticate: Callable[[str | None], Awaitable[Principal]],
+        check_message: Callable[[str, str], None],
+    ) -> None:
+        from haip_runtime import __version__
+        from haip_runtime.bridge.facade import agent_server
+
+        self._origins = config.server.allowed_origins
+        self._authenticate = authenticate
+        self._server = agent_server(McpDoor(ctx, check_message), name="haip-runtime", version=__version__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from haip_runtime.bridge.facade import CALLER
+
+        if scope["type"] != "http":
+            return
+        if refused_origin(scope, self._origins):
+            await send_error(send, 403, ProtocolError(ErrorCode.UNAUTHORIZED, "origin not allowed"))
+            return
+        try:
+            principal = await self._authenticate(http_credentials(scope).first(None))
+        except HandshakeError as error:
+            await send_error(send, 401, ProtocolError(error.code, error.message))
+            return
+        await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Enter for as long as the app serves (the SDK's session manager runs meanwhile)."""
+        async with self._server.lifespan():
+            yield

@@ -1,0 +1,298 @@
+"""haip-runtime's agents as an MCP server: a real `mcp.Client` over streamable HTTP (both protocol eras)
+against a real uvicorn, with HAIP members over WebSocket watching the same conversations."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
+
+from haip_runtime.client import HaipClient
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.inspector import inspect
+from tests.support.serving import LiveServer, live_server, make_config
+from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
+
+pytestmark = pytest.mark.anyio
+
+DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
+MODES = ["auto", "legacy"]  # the 2026-07-28 protocol (auto picks it) and the 2025-11-25 handshake
+
+
+@pytest.fixture(scope="module")
+def vendor() -> Iterator[VendorServer]:
+    with vendor_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def door(vendor: VendorServer) -> Iterator[LiveServer]:
+    gpt = {
+        "kind": "openai",
+        "base_url": vendor.url + "/v1",
+        "api_key": "sk-test",
+        "model": "gpt-test",
+        "max_retries": 0,
+    }
+    config = {
+        "mcp_server": {"enabled": True},
+        "llm": {"gpt": gpt},
+        "agents": {
+            "assistant": {"plugin": "assistant", "llm": "gpt"},
+            "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 20}},
+            "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
+        },
+        "mcp": {"servers": {"demo": {**DEMO, "require_approval": ["delete_everything"]}}},
+        "roles": {"user": {"agents": ["echo", "assistant"]}, "admin": {}},
+    }
+    with live_server(make_config(config)) as live:
+        yield live
+
+
+def text(result: CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+@asynccontextmanager
+async def mcp_client(live: LiveServer, mode: str = "auto", token: str | None = None) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token or live.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(streamable_http_client(f"{live.http_url}/mcp", http_client=http), mode=mode) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_agents_a_caller_may_start_are_its_tools(door: LiveServer, mode: str) -> None:
+    async with mcp_client(door, mode) as admin, mcp_client(door, mode, door.token("bob")) as user:
+        everything = await admin.list_tools()
+        limited = await user.list_tools()
+    assert {tool.name for tool in everything.tools} == {"echo", "assistant", "storyteller", "operator"}
+    assert {tool.name for tool in limited.tools} == {"echo", "assistant"}  # role "user"
+    echo = next(tool for tool in everything.tools if tool.name == "echo")
+    assert echo.description == "Repeats what you say. Needs no LLM, no keys, no network."
+    assert echo.input_schema["required"] == ["message"] and "conversation_id" in echo.input_schema["properties"]
+
+
+async def test_without_a_valid_token_the_door_answers_401(door: LiveServer) -> None:
+    async with httpx2.AsyncClient() as http:
+        answer = await http.post(f"{door.http_url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        forged = await http.post(f"{door.http_url}/mcp", json={}, headers={"Authorization": "Bearer not-a-token"})
+    assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+    assert answer.json()["error"]["code"] == "AUTHENTICATION_FAILED" and forged.status_code == 401
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_echo_answers_with_text_and_its_conversation_which_a_later_call_continues(
+    door: LiveServer, mode: str
+) -> None:
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    async with mcp_client(door, mode) as client:
+        first = await client.call_tool("echo", {"message": "hello"}, progress_callback=seen)
+        conversation = first.structured_content["conversation_id"]
+        again = await client.call_tool("echo", {"message": "again", "conversation_id": conversation})
+    assert not first.is_error and text(first) == "you said: hello"
+    assert first.structured_content == {
+        "conversation_id": conversation,
+        "agent": "echo",
+        "status": "OK",
+        "tool_calls": [],
+    }
+    assert said == ["you said: hello"]
+    assert text(again) == "you said: again" and again.structured_content["conversation_id"] == conversation
+
+
+async def test_a_member_who_joined_over_websocket_sees_the_mcp_callers_turn_live(door: LiveServer) -> None:
+    async with mcp_client(door) as client:
+        first = await client.call_tool("echo", {"message": "start"})
+        conversation = first.structured_content["conversation_id"]
+        async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as watcher:
+            await watcher.join(conversation)
+            await client.call_tool("echo", {"message": "watched", "conversation_id": conversation})
+            finished = await watcher.wait_for("RUN_FINISHED")
+            seen = [(e.type, e.get("text")) for e in watcher.received if e.transaction == conversation]
+    assert finished.get("status") == "OK"
+    messages = [body for kind, body in seen if kind == "MESSAGE"]
+    parts = [body for kind, body in seen if kind == "MESSAGE_PART"]
+    assert messages[-1] == "watched" and parts[-1] == "you said: watched"
+    kinds = [kind for kind, _ in seen]
+    assert (
+        kinds.index("RUN_STARTED")
+        < kinds.index("MESSAGE_START")
+        < kinds.index("MESSAGE_END")
+        < kinds.index("RUN_FINISHED")
+    )
+
+
+async def test_assistant_streams_its_answer_as_progress(door: LiveServer, vendor: VendorServer) -> None:
+    vendor.script(Reply(openai_text("The answer ", "is ", "42.")))
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    async with mcp_client(door) as client:
+        answer = await client.call_tool("assistant", {"message": "what is six times seven?"}, progress_callback=seen)
+    assert text(answer) == "The answer is 42." and answer.structured_content["status"] == "OK"
+    assert "".join(message or "" for message in said) == "The answer is 42."
+    assert vendor.requests[0].body["messages"][-1]["content"] == "what is six times seven?"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancelling_the_call_cancels_the_run_which_a_member_sees_end_cancelled(
+    door: LiveServer, mode: str
+) -> None:
+    async with HaipClient(
+        door.ws_url, token=door.token("alice", roles=["admin"]), accept_events=list(ALL_EVENTS)
+    ) as watcher:
+        conversation = await watcher.start_transaction("storyteller")
+        async with mcp_client(door, mode) as client:
+            streaming = anyio.Event()
+
+            async def seen(progress: float, total: float | None, message: str | None) -> None:
+                streaming.set()
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    arguments: dict[str, Any] = {"message": "a dragon", "conversation_id": conversation}
+                    group.start_soon(lambda: client.call_tool("storyteller", arguments, progress_callback=seen))
+                    await streaming.wait()
+                    group.cancel_scope.cancel()
+            ended = await watcher.wait_for(lambda e: e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED")
+            answered = await client.call_tool("echo", {"message": "still here"})  # the session goes on
+    assert ended.transaction == conversation
+    assert text(answered) == "you said: still here"
+
+
+async def test_an_unknown_conversation_is_an_error_result(door: LiveServer) -> None:
+    async with mcp_client(door) as client:
+        answer = await client.call_tool("echo", {"message": "x", "conversation_id": "nope"})
+    assert answer.is_error and text(answer) == "TRANSACTION_NOT_FOUND: no open conversation 'nope'"
+
+
+async def test_a_tool_call_of_the_run_waits_for_a_humans_approval_over_haip(door: LiveServer) -> None:
+    said: list[str | None] = []
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    token = door.token("alice", roles=["admin"])
+    async with HaipClient(door.ws_url, token=token, accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door) as client, anyio.create_task_group() as group:
+            answers: list[CallToolResult] = []
+
+            async def ask() -> None:
+                arguments = {"message": "/call demo.delete_everything", "conversation_id": conversation}
+                answers.append(await client.call_tool("operator", arguments, progress_callback=seen))
+
+            group.start_soon(ask)
+            waiting = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+            await human.send(
+                "TOOL_UPDATE", {"call_id": waiting.get("call_id"), "decision": "approve"}, transaction=conversation
+            )
+    calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
+    assert [(call["tool"], call["status"]) for call in calls] == [("demo.delete_everything", "OK")]
+    assert calls[0]["result"]["content"][0]["text"] == "pretended to delete everything"
+    assert "[demo.delete_everything waits for a member's approval]" in said
+
+
+def test_the_mcp_inspector_cli_lists_and_calls_an_agent(door: LiveServer, tmp_path: Path) -> None:
+    url, token = f"{door.http_url}/mcp", door.token("bob")
+    listed = inspect(url, token, tmp_path, "--method", "tools/list")
+    called = inspect(url, token, tmp_path, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=hi")
+    assert [tool["name"] for tool in listed["tools"]] == ["assistant", "echo"]  # bob's role: not the others
+    assert called["content"] == [{"type": "text", "text": "you said: hi"}] and called["isError"] is False
+    assert called["structuredContent"]["agent"] == "echo" and called["structuredContent"]["status"] == "OK"
+
+
+async def test_mcp_calls_at_once_are_limited_per_user() -> None:
+    config = make_config(
+        {
+            "mcp_server": {"enabled": True},
+            "agents": {
+                "storyteller": {
+                    "plugin": "haip_runtime.demo.storyteller:Storyteller",
+                    "options": {"words_per_second": 5},
+                }
+            },
+            "session": {"max_concurrent_runs": 1},
+        }
+    )
+    with live_server(config) as live:
+        async with mcp_client(live) as client:
+            streaming = anyio.Event()
+
+            async def seen(progress: float, total: float | None, message: str | None) -> None:
+                streaming.set()
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: client.call_tool("storyteller", {"message": "x"}, progress_callback=seen))
+                    await streaming.wait()
+                    busy = await client.call_tool("echo", {"message": "meanwhile"})
+                    group.cancel_scope.cancel()
+    assert busy.is_error and text(busy) == "RUN_LIMIT_EXCEEDED: you already have 1 MCP calls running"
+    assert busy.structured_content is not None and busy.structured_content["status"] == "RUN_LIMIT_EXCEEDED"
+
+
+async def test_mcp_calls_share_the_users_message_rate() -> None:
+    limits = {"user_messages_per_second": 0.001, "user_message_burst": 2}
+    with live_server(make_config({"mcp_server": {"enabled": True}, "limits": limits})) as live:
+        async with mcp_client(live) as client:
+            answers = [await client.call_tool("echo", {"message": str(n)}) for n in range(3)]
+    assert [answer.is_error for answer in answers] == [False, False, True]
+    assert text(answers[2]).startswith("RATE_LIMITED: more than 0.001 messages a second")
+
+
+async def test_an_input_request_goes_to_an_mcp_client_that_can_be_asked(door: LiveServer) -> None:
+    asked: list[str] = []
+
+    async def elicit(context: Any, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"name": "Ada", "favourite_colour": "green"})
+
+    headers = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(
+            streamable_http_client(f"{door.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
+        ) as client,
+    ):
+        answer = await client.call_tool("operator", {"message": "/call demo.ask_user"})
+    calls = answer.structured_content["tool_calls"] if answer.structured_content else []
+    assert asked == ["Who are you, and which colour do you like best?"]
+    assert calls[0]["status"] == "OK" and calls[0]["result"]["content"][0]["text"] == "Ada likes green"
+
+
+async def test_an_input_request_a_client_cannot_be_asked_goes_to_the_human_members(door: LiveServer) -> None:
+    token = door.token("alice", roles=["admin"])
+    async with HaipClient(door.ws_url, token=token, accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door) as client, anyio.create_task_group() as group:  # 2026 protocol: no asking
+            answers: list[CallToolResult] = []
+
+            async def ask() -> None:
+                arguments = {"message": "/call demo.ask_user", "conversation_id": conversation}
+                answers.append(await client.call_tool("operator", arguments))
+
+            group.start_soon(ask)
+            asking = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            reply = {"call_id": asking.get("call_id"), "input": {"name": "Grace", "favourite_colour": "blue"}}
+            await human.send("TOOL_UPDATE", reply, transaction=conversation)
+    calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
+    assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
