@@ -236,6 +236,17 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
+    def check_message(self, member: Member, related_id: str) -> bool:
+        """Whether a message of ``member`` now would wait in the queue; ``RUN_LIMIT_EXCEEDED`` if it could
+        not even wait (the queue is full, or it needs more runs than the limit). Publishes nothing."""
+        wanted = len(self.agents)
+        waits = bool(wanted) and (
+            not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
+        )
+        if waits:
+            self.run_limit.check_queue(len(self._queue), wanted, related_id)
+        return waits
+
     def user_message(
         self,
         member: Member,
@@ -253,12 +264,7 @@ class Transaction:
         past the queue's bound it is ``RUN_LIMIT_EXCEEDED``, with nothing published. Returns the runs
         started now (none if it waits). ``traceparent`` is the client's trace, which the runs continue;
         ``echo``: the author gets the MESSAGE too (a transcript of their audio)."""
-        wanted = len(self.agents)
-        waits = bool(wanted) and (
-            not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
-        )
-        if waits:
-            self.run_limit.check_queue(len(self._queue), wanted, related_id)
+        waits = self.check_message(member, related_id)
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         exclude = frozenset() if echo else frozenset({member.id})
@@ -287,7 +293,7 @@ class Transaction:
     def _drain(self) -> None:
         """Start the waiting messages that have room now, in order (a member's stay behind its first blocked one)."""
         if self.ended:
-            self._queue.clear()
+            self._unqueue_all("the transaction ended")
             return
         blocked: set[str] = set()
         for waiting in list(self._queue):
@@ -299,6 +305,13 @@ class Transaction:
             else:
                 blocked.add(waiting.member.id)
                 self.run_limit.wait(waiting.member, self.id, self._drain)
+
+    def _unqueue_all(self, reason: str) -> None:
+        """Every waiting message leaves the queue unanswered, each with ``INFO run.unqueued`` (doors wait on it)."""
+        waiting, self._queue = self._queue, []
+        for each in waiting:
+            unqueued = {"event": "run.unqueued", "message_id": each.payload["message_id"], "reason": reason}
+            self.publish(Event(EventType.INFO, unqueued, channel=Channel.AGENT))
 
     @property
     def queued(self) -> list[str]:
@@ -420,7 +433,7 @@ class Transaction:
         if self.ended:
             return
         self.ended = True
-        self._queue.clear()
+        self._unqueue_all(f"the transaction ended: {reason}")
         runs = list(self.runs.values())
         for run in runs:
             run.scope.cancel()

@@ -64,8 +64,22 @@ async def begin(
     id: str | None = None,
 ) -> Transaction:
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
-    TRANSACTION_START does, for every door (the AG-UI door starts threads through it too)."""
+    TRANSACTION_START does, for every door, after the user's quota of open transactions."""
     await ctx.transactions.check_room(member.user, related_id)
+    return create(ctx, member, spec, thread_id, params, reference, id)
+
+
+def create(
+    ctx: HubContext,
+    member: Member,
+    spec: AgentSpec,
+    thread_id: str | None,
+    params: dict[str, Any],
+    reference: str | None,
+    id: str | None = None,
+) -> Transaction:
+    """``begin`` without the quota check, and without an await: for a door that checked the quota
+    itself and must make the transaction in the same step as it found none (the AG-UI door)."""
     transaction = ctx.transactions.new(member.user, thread_id, id=id)
     slot = ctx.transactions.slot(spec, transaction, member.user, params)  # a failing plugin costs nothing
     logger.info("transaction %s started by %r with agent %r", transaction.id, member.user, spec.name)

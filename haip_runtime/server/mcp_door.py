@@ -28,7 +28,7 @@ from haip_runtime.hub import lifecycle
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
-from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, RunOutcome, ToolStatus
 from haip_runtime.transports.http import http_credentials, refused_origin, send_error
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,12 @@ class _Run:
             and body.get("agent") == self.agent
         ):
             self.run_id = str(body["run_id"])
+            return
+        if self.run_id is None and body.get("event") == "run.unqueued" and body.get("message_id") == message_id:
+            self.status = RunOutcome.CANCELLED  # taken out of the queue before it ran
+            return
+        if event.type == EventType.TRANSACTION_END and self.run_id is None:
+            self.failed(ErrorCode.TRANSACTION_NOT_FOUND, "the conversation ended before the message ran")
             return
         if self.run_id is None or event.run_id != self.run_id:
             return

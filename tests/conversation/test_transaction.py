@@ -118,3 +118,21 @@ async def test_a_run_cancelled_from_outside_gives_its_place_back() -> None:
         tg.cancel_scope.cancel()
     await run.wait()
     assert running_before == 1 and transactions.run_limit.running(ann) == 0 and not transaction.runs
+
+
+async def test_ending_a_transaction_tells_each_waiting_message_it_left_the_queue() -> None:
+    """Doors that wait on a queued message (the MCP door, AG-UI) learn it will not run: ``run.unqueued``."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon, max_runs=1)
+        transaction = transactions.new("ann", None)
+        ann, bob = member("ann"), member("bob")
+        transaction.add_member(ann)
+        transaction.add_member(bob)
+        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+        transaction.user_message(ann, "one", {}, "m1")
+        assert transaction.user_message(ann, "two", {"message_id": "two"}, "m2") == []
+        await transaction.end("done")
+        tg.cancel_scope.cancel()
+    unqueued = [e["payload"] for e in received(bob) if e["payload"].get("event") == "run.unqueued"]
+    assert unqueued == [{"event": "run.unqueued", "message_id": "two", "reason": "the transaction ended: done"}]
+    assert transaction.queued == []

@@ -25,7 +25,7 @@ from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text
-from haip_runtime.transports.http import http_credentials, refused_origin
+from haip_runtime.transports.http import http_credentials, http_error_headers, refused_origin
 
 if TYPE_CHECKING:
     from haip_runtime.hub.router import Hub
@@ -46,14 +46,16 @@ STATUS = {
     ErrorCode.REPLAY_TOO_OLD: 410,
     ErrorCode.RUN_LIMIT_EXCEEDED: 429,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.STORAGE_ERROR: 503,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
 }
 
 
-def error(status: int, code: str, message: str, where: str | None = None) -> JSONResponse:
-    body = error_body(code, message)
-    if where is not None:
-        body["detail"] = {"where": where}
-    return JSONResponse({"error": body}, status_code=status)
+def error(status: int, code: str, message: str, where: str | None = None, detail: Any = None) -> JSONResponse:
+    """The one HTTP error shape (``transports/http.py``), with its headers (a 401 names the scheme)."""
+    fields = {**(detail or {}), **({"where": where} if where is not None else {})}
+    body = {"error": error_body(code, message, detail=fields or None)}
+    return JSONResponse(body, status_code=status, headers=http_error_headers(status))
 
 
 class AguiDoor:
@@ -97,7 +99,7 @@ class AguiDoor:
                 after = member.last_id
                 self._start(member, run, agent, request.headers.get("traceparent"))
         except ProtocolError as failure:
-            return error(STATUS.get(failure.code, 400), failure.code, failure.message)
+            return error(STATUS.get(failure.code, 400), failure.code, failure.message, detail=failure.detail)
 
         async def stream() -> AsyncIterator[str]:
             async for frame in member.frames(after):
@@ -132,6 +134,8 @@ class AguiDoor:
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 characters")
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
+        if found is None and not taken:
+            await hub.transactions.check_room(principal.user, run.run_id)  # before the step that makes it
         # No await from here on: two first runs of one thread at once make one transaction, one member.
         if found is None:
             found = hub.transactions.live.get(thread)
@@ -153,7 +157,7 @@ class AguiDoor:
             while len(self.members) > MAX_MEMBERS:
                 self._forget(self.members.popitem(last=False)[1])
         if found is None:
-            await lifecycle.begin(hub.context, member, spec, None, {}, thread, run.run_id, id=thread)
+            lifecycle.create(hub.context, member, spec, None, {}, thread, id=thread)
         elif isinstance(found, Transaction):
             if not found.is_member(member):
                 found.check_room(member, run.run_id)
@@ -188,7 +192,8 @@ class AguiDoor:
         resuming = bool(run.resume)
         answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
         if text is not None and not resuming:
-            transaction.admit_runs(member, len(transaction.agents), run.run_id)
+            self.hub.sessions.check_rate(member.user, run.run_id)  # the user's messages a second, every door together
+            transaction.check_message(member, run.run_id)  # refused (nothing sent yet), or it runs or waits
         member.open(run.run_id)
         for entry, asked in answers:
             if asked is None:
