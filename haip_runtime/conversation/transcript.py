@@ -31,6 +31,7 @@ class Transcript:
         #: The ``tseq`` after which the next page starts (``None``: no item was left out).
         self.next_after: int | None = None
         self._messages: dict[str, dict[str, Any]] = {}
+        self._audio_items: dict[str, dict[str, Any]] = {}  # a clip's message_id -> its item
         self._calls: dict[str, dict[str, Any]] = {}
         self._runs: dict[str, dict[str, Any]] = {}  # run_id -> its latest item
         self._agents: dict[str, str] = {}  # run_id -> the agent running it
@@ -48,6 +49,11 @@ class Transcript:
         if kind == EventType.MESSAGE or kind == EventType.MESSAGE_START:
             role = "user" if event.channel == Channel.USER else "agent"
             state = "streaming" if kind == EventType.MESSAGE_START else "complete"
+            spoken = self._audio_items.get(str(body.get("audio_message_id", "")))
+            if spoken is not None and not spoken["text"]:  # the transcript of a clip already listed
+                spoken["text"], spoken["spoken"] = str(body.get("text", "")), True
+                self._messages[str(body.get("message_id", ""))] = spoken
+                return
             item = self._start(event, str(body.get("author", "")), role, str(body.get("text", "")), state)
             if item is not None:
                 self._messages[str(body.get("message_id", ""))] = item
@@ -62,11 +68,8 @@ class Transcript:
                 message["state"] = "complete"
                 if body.get("stop_reason"):
                     message["stop_reason"] = body["stop_reason"]
-        elif kind in (EventType.AUDIO, EventType.AUDIO_CHUNK):  # a clip (an agent's comes as one chunk)
-            author = self._agents.get(event.run_id or "", str(body.get("author", "")))
-            item = self._start(event, author, _role(event), "", "complete")
-            if item is not None:
-                item["audio"] = {k: body[k] for k in ("message_id", "mime", "duration_ms") if body.get(k) is not None}
+        elif kind in (EventType.AUDIO, EventType.AUDIO_CHUNK):
+            self._audio(event, body)
         elif kind == EventType.RUN_STARTED and event.run_id is not None:
             self._agents[event.run_id] = str(body.get("agent", ""))
         elif kind == EventType.TOOL_CALL:
@@ -79,7 +82,25 @@ class Transcript:
         elif kind in (EventType.RUN_ERROR, EventType.RUN_FINISHED) and event.run_id is not None:
             self._run_ended(event, body)
 
-    def _start(self, event: Event, author: str, role: str, text: str, state: str) -> dict[str, Any] | None:
+    def _audio(self, event: Event, body: dict[str, Any]) -> None:
+        """A clip is one item however many chunks it came in; a spoken answer's sentences (chunks with
+        the ``message_id`` of its text) and a spoken message's chunks (named by ``audio_message_id``)
+        belong to that message."""
+        audio_id = str(body.get("message_id", ""))
+        item = self._messages.get(audio_id) or self._audio_items.get(audio_id)
+        if item is None:
+            author = self._agents.get(event.run_id or "", str(body.get("author", "")))
+            item = self._start(event, author, _role(event), "", "complete", run=False)
+            if item is None:
+                return
+            self._audio_items[audio_id] = item
+        audio = item.setdefault("audio", {"message_id": audio_id, "mime": body.get("mime")})
+        if body.get("duration_ms") is not None:
+            audio["duration_ms"] = audio.get("duration_ms", 0) + int(body["duration_ms"])
+
+    def _start(
+        self, event: Event, author: str, role: str, text: str, state: str, *, run: bool = True
+    ) -> dict[str, Any] | None:
         if len(self.items) >= self.limit:
             if self.next_after is None and event.tseq is not None:
                 self.next_after = event.tseq - 1
@@ -95,7 +116,7 @@ class Transcript:
             "tool_calls": [],
         }
         self.items.append(item)
-        if event.run_id is not None:
+        if run and event.run_id is not None:
             self._runs[event.run_id] = item
         return item
 

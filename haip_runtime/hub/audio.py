@@ -42,12 +42,12 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     if audio.final:
         forwarded["final"] = True
     whole = envelope.type == EventType.AUDIO or audio.final or audio.message_id is None  # an unnamed chunk stands alone
+    listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
+    transaction.admit_runs(session, len(listeners), envelope.id)  # before anything is heard or sent
     if ctx.speech is not None:
         ctx.speech.hear(
             transaction, session, message_id=message_id, mime=audio.mime, data=data, whole=whole, related_id=envelope.id
         )
-    listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
-    transaction.admit_runs(session, len(listeners), envelope.id)
     transaction.publish(
         Event(EventType.AUDIO_CHUNK, forwarded, channel=Channel.AUDIO_IN, exclude=frozenset({session.id}))
     )

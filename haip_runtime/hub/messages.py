@@ -17,8 +17,7 @@ from haip_runtime.session.session import Session
 async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
     message = parse_payload(envelope, p.Message)
-    question = session.questions.first(transaction.id)
-    if question is not None and answered_in_words(ctx, session, transaction, question, message.text, envelope.id):
+    if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
     for slot in transaction.agents.values():
         schema = slot.instance.input_schema
@@ -28,6 +27,13 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
     traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
     trace = traceparent if isinstance(traceparent, str) else None
     transaction.user_message(session, message.text, envelope.payload_dict, envelope.id, trace)
+
+
+def answered_if_asked(ctx: HubContext, session: Session, transaction: Transaction, text: str, related_id: str) -> bool:
+    """Whether ``text`` (typed, or the transcript of what the member said) answers a question they were
+    asked in words; if so it is taken as the answer and is not a message to the agent."""
+    question = session.questions.first(transaction.id)
+    return question is not None and answered_in_words(ctx, session, transaction, question, text, related_id)
 
 
 def answered_in_words(

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -94,6 +95,8 @@ class Hub:
         if self.speech is not None:
             self.transactions.on_new = self.speech.attach
         self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready, self.speech)
+        if self.speech is not None:
+            self.speech.answered = partial(messages.answered_if_asked, self.context)
         by_type = {
             EventType.TRANSACTION_START: lifecycle.transaction_start,
             EventType.TRANSACTION_JOIN: lifecycle.transaction_join,

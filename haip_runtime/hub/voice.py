@@ -82,6 +82,8 @@ class SpeechDesk:
         self.always = {name for name, spec in agents.items() if spec.config.speech and spec.config.reply_audio}
         self.max_clip_bytes = max_clip_bytes
         self._spawn = spawn
+        #: Whether a transcript answers a question its speaker was asked in words (the hub sets it).
+        self.answered: Callable[[Session, Transaction, str, str], bool] | None = None
         self._clips: dict[tuple[str, str], _Clip] = {}  # (session id, audio message id)
         self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
         self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
@@ -186,10 +188,12 @@ class SpeechDesk:
                 return
             if not text:
                 raise SpeechError(SpeechErrorCode.SPEECH_NOT_UNDERSTOOD, "no words were heard in that audio")
+            if self.answered is not None and self.answered(session, transaction, text, audio_message_id):
+                return  # a yes or no to a question asked in words: an answer, not a message to the agent
             message_id = new_id()
             payload = {"message_id": message_id, "spoken": True, "audio_message_id": audio_message_id}
             self._remember(message_id)
-            transaction.user_message(session, text, payload, audio_message_id, echo=True)
+            transaction.user_message(session, text, payload, audio_message_id, session.traceparent, echo=True)
         except SpeechError as exc:
             logger.info("speech %r: %s: %s", provider.id, exc.code, exc.message)
             body = error_body(exc.code, exc.message, related_id=audio_message_id)

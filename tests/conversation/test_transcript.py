@@ -153,3 +153,26 @@ def test_a_time_that_is_not_a_number_is_none_not_an_error() -> None:
     log.events[0].ts = "yesterday"
     assert read(log.events).items[0]["time"] is None
     assert summary(log.events, log.events)["last_activity"] is None
+
+
+def test_a_spoken_exchange_is_two_messages_however_many_chunks_it_came_in() -> None:
+    """A clip in chunks and its transcript are one message; a spoken answer's sentences belong to its text."""
+    log = Log()
+    for seq in range(3):
+        chunk = {"message_id": "a1", "mime": "audio/webm", "data": "AAAA", "author": "ann", "seq_in_message": seq}
+        log.add("AUDIO_CHUNK", {**chunk, "final": seq == 2}, channel="AUDIO_IN")
+    spoken = {"message_id": "u1", "author": "ann", "text": "what time is it", "spoken": True, "audio_message_id": "a1"}
+    log.add("MESSAGE", spoken, channel="USER")
+    log.add("RUN_STARTED", {"run_id": "r1", "agent": "bot", "message_id": "u1"}, run_id="r1")
+    log.answer("r1", "m1", "It is noon. ", "Have fun.")
+    for seq, sentence in enumerate(["It is noon.", "Have fun."]):
+        chunk = {"message_id": "m1", "mime": "audio/wav", "data": "AAAA", "duration_ms": 500, "text": sentence}
+        log.add("AUDIO_CHUNK", {**chunk, "seq_in_message": seq, "final": seq == 1}, channel="AUDIO_OUT", run_id="r1")
+    log.add("RUN_FINISHED", {"run_id": "r1", "status": "OK"}, run_id="r1")
+    items = read(log.events).items
+    assert [(item["role"], item["text"]) for item in items] == [
+        ("user", "what time is it"),
+        ("agent", "It is noon. Have fun."),
+    ]
+    assert items[0]["spoken"] and items[0]["audio"] == {"message_id": "a1", "mime": "audio/webm"}
+    assert items[1]["audio"] == {"message_id": "m1", "mime": "audio/wav", "duration_ms": 1000}
