@@ -77,3 +77,17 @@ async def test_fault_8_an_sse_post_whose_body_does_not_arrive_in_time_is_refused
     assert status.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["code"] == "INVALID_MESSAGE" and b"body_timeout_seconds" in body
     assert error["payload"]["code"] == "INVALID_MESSAGE"
+
+
+async def test_fault_8_an_ag_ui_post_whose_body_does_not_arrive_in_time_is_refused(live: LiveServer) -> None:
+    sock = connect(live)
+    head = (
+        f"POST /ag-ui/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live.token('slow')}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    sock.sendall(head.encode())  # then nothing more
+    answer = await anyio.to_thread.run_sync(read_all, sock)
+    sock.close()
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["code"] == "INVALID_MESSAGE" and b"body_timeout_seconds" in body

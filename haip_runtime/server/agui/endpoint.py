@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.transaction import Transaction
-from haip_runtime.exceptions import ProtocolError
+from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
@@ -26,6 +26,7 @@ from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text
 from haip_runtime.transports.http import http_credentials, http_error_headers, refused_origin
+from haip_runtime.transports.sse import read_body
 
 if TYPE_CHECKING:
     from haip_runtime.hub.router import Hub
@@ -76,11 +77,11 @@ class AguiDoor:
             principal = await self.door.authenticate(http_credentials(request.scope).first(None))
         except ProtocolError as failure:
             return error(401, failure.code, failure.message)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:  # refused as it comes, never held whole
-                return error(413, ErrorCode.MESSAGE_TOO_LARGE, f"a RunAgentInput is at most {MAX_BODY_BYTES} bytes")
+        try:  # refused as it comes, never held whole, and within server.body_timeout_seconds
+            body = await read_body(request.receive, MAX_BODY_BYTES, self.door.config.server.body_timeout_seconds)
+        except DecodeError as refusal:
+            status = 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400
+            return error(status, refusal.code, refusal.message, detail=refusal.detail)
         try:
             run = RunAgentInput.model_validate_json(body)
         except ValidationError as invalid:
