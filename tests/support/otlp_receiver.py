@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -20,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.support.serving import ReadyServer
+from tests.support.serving import served
 
 
 @dataclass
@@ -70,18 +68,6 @@ def _value(value: Any) -> Any:
 def otlp_receiver() -> Iterator[OtlpReceiver]:
     receiver = OtlpReceiver()
     app = Starlette(routes=[Route("/v1/traces", receiver.handle, methods=["POST"])])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    receiver.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/traces"
-    ready = threading.Event()
-    server = ReadyServer(uvicorn.Config(app, log_config=None, lifespan="off"), ready)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        if not ready.wait(timeout=15):
-            raise RuntimeError("the OTLP receiver did not start within 15 s")
+    with served(app, "the OTLP receiver") as url:
+        receiver.url = url + "/v1/traces"
         yield receiver
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()

@@ -6,13 +6,14 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from haip_runtime.config import HaipConfig, validate_config
 from haip_runtime.server.app import Runtime, create_app
@@ -70,14 +71,41 @@ class ReadyServer(uvicorn.Server):
 
 
 @contextmanager
-def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
-    """Serve ``config`` on 127.0.0.1 (``port`` 0: a free one) until the block ends."""
-    runtime = Runtime(config)
+def running(
+    config: uvicorn.Config, what: str, port: int = 0, before: Callable[[ReadyServer], None] | None = None
+) -> Iterator[int]:
+    """A uvicorn server for ``config`` in a thread, on 127.0.0.1 (``port`` 0: a free one), until the
+    block ends; yields the port. ``before`` sees the server before it starts."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    port = sock.getsockname()[1]
     ready = threading.Event()
+    server = ReadyServer(config, ready)
+    if before is not None:
+        before(server)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        if not ready.wait(timeout=15):
+            raise RuntimeError(f"{what} did not start within 15 s")
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@contextmanager
+def served(app: ASGIApp, what: str) -> Iterator[str]:
+    """A stand-in service (an ASGI ``app``) on a free 127.0.0.1 port until the block ends; yields its base URL."""
+    with running(uvicorn.Config(app, log_config=None, lifespan="off"), what) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
+    """Serve ``config`` on 127.0.0.1 (``port`` 0: a free one) until the block ends."""
+    runtime = Runtime(config)
     uv_config = uvicorn.Config(
         create_app(config, runtime),
         log_config=None,
@@ -86,18 +114,8 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
         ws_ping_timeout=config.session.heartbeat_timeout_seconds,
         ws_max_size=config.server.max_frame_bytes + 1024,
     )
-    server = ReadyServer(uv_config, ready)
-    runtime.reaper.attach(server)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        if not ready.wait(timeout=15):
-            raise RuntimeError("uvicorn did not start within 15 s")
-        yield LiveServer(runtime, port)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with running(uv_config, "uvicorn", port, runtime.reaper.attach) as bound:
+        yield LiveServer(runtime, bound)
 
 
 @dataclass

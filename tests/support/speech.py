@@ -8,9 +8,7 @@ import io
 import math
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import wave
 from array import array
 from collections.abc import Iterator
@@ -18,14 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.serving import ReadyServer
+from tests.support.serving import served
 
 _NUMBERS = {"2": "two", "3": "three", "4": "four", "5": "five"}
 
@@ -121,18 +118,6 @@ def speech_vendor() -> Iterator[SpeechVendor]:
             Route("/v1/audio/speech", vendor.speech, methods=["POST"]),
         ]
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    vendor.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    ready = threading.Event()
-    server = ReadyServer(uvicorn.Config(app, log_config=None, lifespan="off"), ready)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        if not ready.wait(timeout=15):
-            raise RuntimeError("the speech stand-in did not start within 15 s")
+    with served(app, "the speech stand-in") as url:
+        vendor.url = url + "/v1"
         yield vendor
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()

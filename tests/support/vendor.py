@@ -8,7 +8,6 @@ error status with a vendor error body, or a stream cut off mid-way (the connecti
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -17,13 +16,12 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.support.serving import ReadyServer
+from tests.support.serving import served
 
 
 @dataclass
@@ -110,21 +108,9 @@ def vendor_server() -> Iterator[VendorServer]:
     app = Starlette(
         routes=[Route("/{path:path}", vendor.handle, methods=["POST"]), Route("/{path:path}", vendor.models)]
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    vendor.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    ready = threading.Event()
-    server = ReadyServer(uvicorn.Config(app, log_config=None, lifespan="off"), ready)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        if not ready.wait(timeout=15):
-            raise RuntimeError("the vendor stand-in did not start within 15 s")
+    with served(app, "the vendor stand-in") as url:
+        vendor.url = url + ""
         yield vendor
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 # --- OpenAI chat completions ------------------------------------------------------------------------
