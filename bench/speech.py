@@ -32,7 +32,7 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haip_runtime.config.models import LocalSpeechConfig  # noqa: E402
+from haip_runtime.config.providers import LocalSpeechConfig  # noqa: E402
 from haip_runtime.protocol.events import ALL_EVENTS  # noqa: E402
 from haip_runtime.speech.local import LocalSpeech  # noqa: E402
 from tests.support.raw import raw_peer  # noqa: E402

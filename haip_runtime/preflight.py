@@ -18,7 +18,7 @@ import anyio
 import httpx2
 
 from haip_runtime.config import HaipConfig
-from haip_runtime.config.models import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
+from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.local import INSTALL_HINT, default_model_path
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from haip_runtime.config.models import AnthropicLlmConfig, LlmConfig, OpenAiLlmConfig
+from haip_runtime.config.providers import AnthropicLlmConfig, LlmConfig, OpenAiLlmConfig
 from haip_runtime.llm.provider import Delta, Provider, Reply, ToolCall, ToolSpec, Usage
 from haip_runtime.llm.scripted import ScriptedLLM
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from haip_runtime.config.models import AnthropicLlmConfig
+from haip_runtime.config.providers import AnthropicLlmConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.http import HttpStreamer, events
 from haip_runtime.llm.provider import (

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import httpx2
 
-from haip_runtime.config.models import LlmOptions
+from haip_runtime.config.providers import LlmOptions
 from haip_runtime.exceptions import LlmError
 from haip_runtime.protocol.events import LlmErrorCode
 

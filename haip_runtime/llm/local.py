@@ -28,7 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
-from haip_runtime.config.models import LocalLlmConfig
+from haip_runtime.config.providers import LocalLlmConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.openai import ChunkReader, chat_request
 from haip_runtime.llm.provider import Delta, Provider, ToolLike, ToolNames

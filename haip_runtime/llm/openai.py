@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from haip_runtime.config.models import LlmOptions, OpenAiLlmConfig
+from haip_runtime.config.providers import LlmOptions, OpenAiLlmConfig
 from haip_runtime.exceptions import LlmError
 from haip_runtime.llm.http import HttpStreamer, events
 from haip_runtime.llm.provider import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from haip_runtime.config.models import OpenAiSpeechConfig, SpeechConfig
+from haip_runtime.config.providers import OpenAiSpeechConfig, SpeechConfig
 from haip_runtime.speech.provider import Speech, SpeechProvider
 
 __all__ = ["Speech", "SpeechProvider", "create_speech_provider", "create_speech_providers"]

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from haip_runtime.config.models import LocalSpeechConfig
+from haip_runtime.config.providers import LocalSpeechConfig
 from haip_runtime.exceptions import SpeechError
 from haip_runtime.protocol.events import SpeechErrorCode
 from haip_runtime.speech.provider import Speech, SpeechProvider, pcm_wav

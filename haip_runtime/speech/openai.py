@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx2
 
-from haip_runtime.config.models import OpenAiSpeechConfig
+from haip_runtime.config.providers import OpenAiSpeechConfig
 from haip_runtime.exceptions import SpeechError
 from haip_runtime.protocol.events import SpeechErrorCode
 from haip_runtime.speech.provider import Speech, SpeechProvider, wav_duration_ms

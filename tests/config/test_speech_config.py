@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from haip_runtime.config import load_config
-from haip_runtime.config.models import LocalSpeechConfig, OpenAiSpeechConfig
+from haip_runtime.config.providers import LocalSpeechConfig, OpenAiSpeechConfig
 from haip_runtime.exceptions import ConfigError
 
 

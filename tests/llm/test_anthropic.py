@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from haip_runtime import HistoryEntry, LlmError, LlmErrorCode, ToolSpec
-from haip_runtime.config.models import AnthropicLlmConfig
+from haip_runtime.config.providers import AnthropicLlmConfig
 from haip_runtime.llm import ToolCall, Usage
 from haip_runtime.llm.anthropic import AnthropicProvider
 from tests.support.vendor import (

@@ -12,7 +12,7 @@ import pytest
 
 from haip_runtime import HistoryEntry, LlmError, LlmErrorCode
 from haip_runtime.agents.assistant import CUT_MARKER, AssistantAgent
-from haip_runtime.config.models import LocalLlmConfig
+from haip_runtime.config.providers import LocalLlmConfig
 from haip_runtime.llm.local import LocalProvider, default_model_path
 from haip_runtime.testing import AgentHarness
 

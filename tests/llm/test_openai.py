@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from haip_runtime import HistoryEntry, LlmError, LlmErrorCode, ToolSpec
-from haip_runtime.config.models import OpenAiLlmConfig
+from haip_runtime.config.providers import OpenAiLlmConfig
 from haip_runtime.llm import Reply as LlmReply
 from haip_runtime.llm import ToolCall, Usage
 from haip_runtime.llm.openai import OpenAiProvider

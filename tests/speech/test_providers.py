@@ -9,7 +9,7 @@ import anyio
 import pytest
 from pydantic import SecretStr
 
-from haip_runtime.config.models import LocalSpeechConfig, OpenAiSpeechConfig
+from haip_runtime.config.providers import LocalSpeechConfig, OpenAiSpeechConfig
 from haip_runtime.exceptions import SpeechError
 from haip_runtime.protocol.events import SpeechErrorCode
 from haip_runtime.speech import create_speech_provider
