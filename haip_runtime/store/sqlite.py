@@ -15,38 +15,30 @@ import json
 import logging
 import sqlite3
 import threading
-from collections import deque
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
-import anyio
 import anyio.to_thread
-from anyio.abc import TaskGroup
 
 from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.store.base import (
     Cursor,
     SessionRecord,
-    StorageHealth,
     StorageState,
     TransactionRecord,
     TransactionState,
     event_from_json,
     event_to_json,
 )
+from haip_runtime.store.batching import BatchingWriter, Write
 from haip_runtime.store.guard import INTEGRITY_CHECK_SECONDS, check_integrity, hold_lock
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Backoff between retries while the store cannot write: doubling from the first to the last.
-RETRY_FIRST = 0.1
-RETRY_MAX = 5.0
 
 SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -63,33 +55,15 @@ CREATE TABLE IF NOT EXISTS sessions(
     id TEXT PRIMARY KEY, user TEXT NOT NULL, epoch TEXT NOT NULL, transactions TEXT NOT NULL, updated_at REAL NOT NULL);
 """
 
-# One queued write: (kind, arguments). Kinds: "event", "transaction", "session", "forget", "prune".
-_Write = tuple[str, tuple[Any, ...]]
 
-
-class SqliteStore:
-    durable = True
-
+class SqliteStore(BatchingWriter):
     def __init__(self, path: Path, *, flush_interval: float = 0.05, max_pending: int = 100_000) -> None:
+        super().__init__(name=str(path), flush_interval=flush_interval, max_pending=max_pending)
         self.path = path
-        self.flush_interval = flush_interval
-        self.max_pending = max_pending
-        self._pending: deque[_Write] = deque()
-        self._queued = 0  # writes ever queued
-        self._written = 0  # writes ever committed (or dropped)
-        self._wake = anyio.Event()
-        self._batch_done = anyio.Event()
-        self._urgent = False
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        self._stack = AsyncExitStack()
-        self._task_group: TaskGroup | None = None
         self._lock: IO[str] | None = None
-        self._alive = True  # the writer task runs (until the store is closed)
-        self._told: set[str] = set()  # transactions told, in this outage, that their history is not kept
-        self.health = StorageHealth()
-        self.on_storage: Callable[[str, str | None], None] | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
 
@@ -103,21 +77,11 @@ class SqliteStore:
         except BaseException:
             self._lock.close()
             raise
-        async with AsyncExitStack() as stack:
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            self._task_group.start_soon(self._write_loop)
-            self._stack = stack.pop_all()
+        await self._start_writer()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task_group is not None
-        with anyio.move_on_after(10, shield=True):
-            await self.flush()
-        self._task_group.cancel_scope.cancel()
-        await self._stack.aclose()
-        if self.pending:
-            error = self.health.error
-            logger.error("store %s closed with %d writes it could not store (%s)", self.path, self.pending, error)
+        await self._stop_writer()
         for connection in (self._writer, self._reader):
             if connection is not None:
                 connection.close()
@@ -140,158 +104,20 @@ class SqliteStore:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    def _queue(self, kind: str, *args: Any) -> None:
-        if len(self._pending) >= self.max_pending:
-            self._drop_oldest()
-        self._pending.append((kind, args))
-        self._queued += 1
-        self._wake.set()
-        if self.health.state is not StorageState.OK:
-            self._tell(_transaction_of((kind, args)))
-
-    def _drop_oldest(self) -> None:
-        dropped = self._pending.popleft()
-        self._written += 1
-        self.health.writes_dropped += 1
-        if self.health.writes_dropped % 10_000 == 1:  # the first, then one line per 10,000
-            logger.error(
-                "store: %d writes waiting (storage.max_pending_writes); dropped the oldest (a %s write), "
-                "%d dropped so far",
-                self.max_pending,
-                dropped[0],
-                self.health.writes_dropped,
-            )
-
     def append(self, event: Event) -> None:
         assert event.transaction is not None and event.tseq is not None
-        self._queue("event", event.transaction, event.tseq, event_to_json(event))
+        self._queue("event", event.transaction, event.tseq, event_to_json(event), event.id)
 
-    def save_transaction(self, record: TransactionRecord) -> None:
-        self._queue("transaction", record)
+    async def _attempt(self, batch: list[Write]) -> None:
+        await anyio.to_thread.run_sync(self._write_batch, batch)
 
-    def save_session(self, record: SessionRecord) -> None:
-        self._queue("session", record)
+    def _unavailable(self, exc: BaseException) -> bool:
+        return _unavailable(exc)
 
-    def forget_session(self, session_id: str) -> None:
-        self._queue("forget", session_id)
+    def _damaged(self, exc: BaseException) -> bool:
+        return _damaged(exc)
 
-    def prune_sessions(self, older_than: float) -> None:
-        self._queue("prune", older_than)
-
-    @property
-    def pending(self) -> int:
-        """Writes queued and not yet committed."""
-        return self._queued - self._written
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is written, or the store cannot write (then return:
-        what waits is retried by the writer, and a reader sees what is stored)."""
-        target = self._queued
-        while self._written < target and self._alive and self.health.state is StorageState.OK:
-            self._urgent = True
-            self._wake.set()
-            await self._batch_done.wait()
-
-    async def _write_loop(self) -> None:
-        """Commit batches until cancelled. Nothing ends it early: a batch that fails is split around
-        its bad writes, or (the store cannot write) put back and retried with backoff."""
-        backoff = RETRY_FIRST
-        try:
-            while True:
-                await self._wake.wait()
-                if not self._urgent:
-                    await anyio.sleep(self.flush_interval)  # let a batch gather
-                self._wake = anyio.Event()
-                self._urgent = False
-                batch = list(self._pending)
-                self._pending.clear()
-                try:
-                    done, lost, failure = await anyio.to_thread.run_sync(self._commit, batch)
-                except Exception as exc:  # the writer never dies: report, and retry unless it is cancelled
-                    done, lost, failure = 0, [], exc
-                if failure is None:
-                    backoff = RETRY_FIRST
-                    self._recovered()
-                else:
-                    self._pending.extendleft(reversed(batch[done:]))
-                    while len(self._pending) > self.max_pending:
-                        self._drop_oldest()
-                    self._failed(failure)
-                self._written += done
-                self._lost(lost)
-                done_event, self._batch_done = self._batch_done, anyio.Event()
-                done_event.set()
-                if self.health.state is not StorageState.OK:
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, RETRY_MAX)
-                    self._wake.set()
-        finally:
-            self._alive = False
-            self._batch_done.set()
-
-    def _commit(self, batch: list[_Write]) -> tuple[int, list[tuple[_Write, BaseException]], Exception | None]:
-        """Write ``batch`` (in a worker thread); a chunk that fails for one of its rows is split in
-        halves until the bad write is alone, and given up. Returns (writes done, writes lost, and
-        the failure that stopped it when the store itself cannot write: the rest waits)."""
-        done = 0
-        lost: list[tuple[_Write, BaseException]] = []
-        chunks = [batch]
-        while chunks:
-            chunk = chunks.pop()
-            try:
-                self._write_batch(chunk)
-            except Exception as exc:
-                if _unavailable(exc):
-                    return done, lost, exc
-                if len(chunk) > 1:
-                    middle = len(chunk) // 2
-                    chunks += [chunk[middle:], chunk[:middle]]  # the first half next: order is kept
-                    continue
-                lost.append((chunk[0], exc))
-            done += len(chunk)
-        return done, lost, None
-
-    def _failed(self, exc: BaseException) -> None:
-        health = self.health
-        health.write_failures += 1
-        error = f"{type(exc).__name__}: {exc}"
-        state = StorageState.DAMAGED if _damaged(exc) else StorageState.UNAVAILABLE
-        if health.state is StorageState.OK or health.error != error:
-            logger.error("store cannot write %s (%s); %d writes wait and are retried", self.path, error, self.pending)
-        health.state, health.error = state, error
-        for write in list(self._pending):
-            self._tell(_transaction_of(write))
-
-    def _recovered(self) -> None:
-        if self.health.state is not StorageState.OK:
-            logger.warning("store %s writes again (%d failed attempts so far)", self.path, self.health.write_failures)
-            self.health.state, self.health.error = StorageState.OK, None
-            told, self._told = self._told, set()
-            for transaction_id in told:
-                self._call_on_storage(transaction_id, None)
-
-    def _lost(self, lost: list[tuple[_Write, BaseException]]) -> None:
-        for (kind, args), exc in lost:
-            self.health.writes_lost += 1
-            what = f"event {args[1]} of transaction {args[0]}" if kind == "event" else f"a {kind} write"
-            logger.error("store: gave up %s, which cannot be stored (%s: %s)", what, type(exc).__name__, exc)
-            self._tell(_transaction_of((kind, args)))
-
-    def _tell(self, transaction_id: str | None) -> None:
-        """Tell a transaction's members (once per outage) that its history is not being kept."""
-        if transaction_id is None or transaction_id in self._told or self.on_storage is None:
-            return
-        self._told.add(transaction_id)
-        self._call_on_storage(transaction_id, self.health.error or "a write could not be stored")
-
-    def _call_on_storage(self, transaction_id: str, error: str | None) -> None:
-        if self.on_storage is not None:
-            try:
-                self.on_storage(transaction_id, error)
-            except Exception:
-                logger.exception("store: telling transaction %s about storage failed", transaction_id)
-
-    def _write_batch(self, batch: list[_Write]) -> None:
+    def _write_batch(self, batch: list[Write]) -> None:
         """One SQLite transaction for the whole batch; a transaction saved several times is written once."""
         assert self._writer is not None
         db = self._writer
@@ -299,7 +125,7 @@ class SqliteStore:
         transactions: dict[str, TransactionRecord] = {}
         for kind, args in batch:
             if kind == "event":
-                events.append(args)
+                events.append(args[:3])
             elif kind == "transaction":
                 record: TransactionRecord = args[0]
                 known = transactions.get(record.id)
@@ -427,15 +253,6 @@ def _unavailable(exc: BaseException) -> bool:
 def _damaged(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (11, 26)  # CORRUPT, NOTADB
-
-
-def _transaction_of(write: _Write) -> str | None:
-    kind, args = write
-    if kind == "event":
-        return str(args[0])
-    if kind == "transaction":
-        return str(args[0].id)
-    return None
 
 
 def _transaction_row(record: TransactionRecord) -> tuple[Any, ...]:
