@@ -323,6 +323,12 @@ def serve(config: HaipConfig) -> int:
         from haip_runtime.store.guard import preflight
 
         preflight(config.storage.path)  # another runtime on the file, or damage: one line, exit 1
+    elif config.storage.backend == "postgres":
+        import anyio
+
+        from haip_runtime.store import postgres
+
+        anyio.run(postgres.preflight, config.storage)  # unreachable, or a newer schema: one line, exit 1
     allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)
@@ -371,6 +377,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def _storage(storage: Any) -> str:
     if storage.backend == "sqlite":
         return f"kept in {storage.path}"
+    if storage.backend == "postgres":
+        from haip_runtime.config.masking import masked_url
+
+        return f"kept in PostgreSQL at {masked_url(storage.url.get_secret_value())}"
     return "in memory: lost when the runtime stops; set [storage] backend = 'sqlite' to keep it"
 
 

@@ -1,13 +1,15 @@
 """Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
 
-Masked: every ``SecretStr``, MCP servers' ``env`` values and agent options whose key looks like a
-secret. ``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
+Masked: every ``SecretStr`` (a database URL shows all but its password), MCP servers' ``env``
+values and agent options whose key looks like a secret. ``haip-runtime check`` prints
+``masked_dump``; the log redactor is given ``secret_values``.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from haip_runtime.config.models import HaipConfig
 
@@ -23,6 +25,8 @@ def masked_dump(config: HaipConfig) -> dict[str, Any]:
     ``options`` whose key looks like a secret (``api_key``, ``token``, ...).
     """
     data: dict[str, Any] = config.model_dump(mode="json", exclude={"base_dir"})
+    if config.storage.url is not None:
+        data["storage"]["url"] = masked_url(config.storage.url.get_secret_value())
     for server in data["mcp"]["servers"].values():
         server["env"] = dict.fromkeys(server["env"], MASK)
     for agent in data["agents"].values():
@@ -35,12 +39,29 @@ def secret_values(config: HaipConfig) -> list[str]:
     found: list[str] = []
     if config.auth.secret is not None:
         found.append(config.auth.secret.get_secret_value())
+    if config.storage.url is not None:
+        password = urlsplit(config.storage.url.get_secret_value()).password
+        found += [password] if password else []
     for server in config.mcp.servers.values():
         found += [value.get_secret_value() for value in server.headers.values()]
         found += list(server.env.values())
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
     return found
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return MASK  # not a URL we can take apart: show none of it
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:{MASK}@{host}"))
 
 
 def _secretish_values(value: Any, secretish: bool = False) -> list[str]:

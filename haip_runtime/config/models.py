@@ -85,18 +85,41 @@ class TransactionsConfig(Model):
 
 
 class StorageConfig(Model):
-    backend: Literal["memory", "sqlite"] = "memory"
+    backend: Literal["memory", "sqlite", "postgres"] = "memory"
     """`memory`: conversations live in this process only (tests, throwaway runs).
-    `sqlite`: transaction logs and metadata in the file at `path`, kept across restarts."""
+    `sqlite`: transaction logs and metadata in the file at `path`, kept across restarts (one process).
+    `postgres`: in the PostgreSQL database at `url`, which several runtime processes and nodes share."""
     path: ConfigPath = Path("haip.db")
     """sqlite: the database file (relative to the config file's folder). The dev auth key is kept
     beside it (`<path>.dev-key`), so a restart does not invalidate the printed token."""
+    url: SecretStr | None = None
+    """postgres: `postgresql://user:password@host:port/database` (libpq's URL form; `?sslmode=...` and
+    the other libpq parameters asyncpg knows are honoured). Use `${PGPASSWORD}`-style references for
+    the password; it is masked wherever the URL is shown or logged."""
+    pool_size: int = Field(default=5, ge=2, le=100)
+    """postgres: connections this process keeps open at most (one is the writer's, the rest serve reads)."""
+    statement_timeout_seconds: float = Field(default=10, gt=0)
+    """postgres: the server cancels any statement of ours running longer than this (a batch then waits
+    and is retried, a read answers STORAGE_ERROR): a stuck database never holds the runtime."""
+    connect_timeout_seconds: float = Field(default=10, gt=0)
+    """postgres: how long opening a connection may take; at start the runtime refuses to start (one
+    line) if the database cannot be reached in this time."""
     flush_interval_seconds: float = Field(default=0.05, gt=0, le=5)
-    """sqlite: writes are batched and committed at most this long after they happen. A crash loses at
-    most the events of this interval."""
+    """sqlite, postgres: writes are batched and committed at most this long after they happen. A crash
+    loses at most the events of this interval."""
     max_pending_writes: int = Field(default=100_000, ge=1000)
-    """sqlite: events waiting for the writer; past this the oldest waiting batch is dropped and logged
-    (only a disk far slower than the conversations gets there)."""
+    """sqlite, postgres: writes waiting for the writer; past this the oldest waiting write is dropped and
+    logged (only a database far slower than the conversations, or one down for long, gets there)."""
+
+    @model_validator(mode="after")
+    def _url_for_postgres(self) -> StorageConfig:
+        if self.backend == "postgres":
+            if self.url is None:
+                raise ValueError("storage.url is required with backend = 'postgres'")
+            scheme, separator, _ = self.url.get_secret_value().partition("://")
+            if not separator or scheme not in ("postgresql", "postgres"):
+                raise ValueError("storage.url must be a postgresql://user:password@host:port/database URL")
+        return self
 
 
 class FlowControlConfig(Model):

@@ -158,6 +158,21 @@ class TransactionRegistry:
         logger.info("transaction %s brought back from the store at tseq %d", transaction.id, last)
         return transaction
 
+    def sequenced(self, transaction_id: str, published: int, stored: int) -> None:
+        """The store's ``on_sequenced``: another process wrote to this transaction in the shared store,
+        so its event published as ``published`` is kept as ``stored``; number the next ones after it
+        (members here saw this process's numbers; the stored log, which history and rejoin read, is
+        the one order)."""
+        transaction = self.live.get(transaction_id)
+        if transaction is not None and stored > transaction.tseq:
+            logger.info(
+                "transaction %s: event %d is stored as %d (another process writes to it); numbering on from there",
+                transaction_id,
+                published,
+                stored,
+            )
+            transaction.tseq = stored
+
     def forget(self, transaction: Transaction) -> None:
         """It ended: it leaves memory (its log and record stay in the store)."""
         if self.live.get(transaction.id) is transaction:

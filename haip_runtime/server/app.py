@@ -81,6 +81,7 @@ class Runtime:
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics, readiness=self.readiness)
         self.hub.on_freed = allocator.release
         self.store.on_storage = tell_members(self.hub.transactions)
+        self.store.on_sequenced = self.hub.transactions.sequenced
         gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
         gauges.extra = lambda: storage_metrics(self.store)
         self.metrics.watch(gauges)

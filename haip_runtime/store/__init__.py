@@ -1,4 +1,4 @@
-"""Stores: where conversations outlive memory. The only code that touches SQLite (or, later, Redis)."""
+"""Stores: where conversations outlive memory. The only code that touches SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from haip_runtime.store.base import (
     event_to_json,
 )
 from haip_runtime.store.memory import MemoryStore
+from haip_runtime.store.postgres import PostgresStore
 from haip_runtime.store.sqlite import SqliteStore
 
 __all__ = [
     "Cursor",
     "MemoryStore",
+    "PostgresStore",
     "SessionRecord",
     "SqliteStore",
     "Store",
@@ -35,4 +37,6 @@ def open_store(config: StorageConfig) -> Store:
         return SqliteStore(
             config.path, flush_interval=config.flush_interval_seconds, max_pending=config.max_pending_writes
         )
+    if config.backend == "postgres":
+        return PostgresStore(config)
     return MemoryStore()

@@ -5,15 +5,15 @@ A ``Store`` keeps what must outlive memory and processes: every transaction's or
 took part, agents, state, timestamps), and a small record per session so that a client resuming
 after a restart learns what happened. Writes (``append``, ``save_*``) never block: they are queued
 and written by the backend's own writer. Reads are async and see every write queued before them.
-The interface is deliberately small and free of any database's idioms, so that other backends
-(Redis, for several nodes) implement the same few methods.
+The interface is deliberately small and free of any database's idioms: memory, SQLite and
+PostgreSQL implement the same few methods, and nothing above ``store/`` knows which it talks to.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Self
 
 from haip_runtime.protocol import fastjson
@@ -115,6 +115,11 @@ class Store(Protocol):
     #: outage, when its history cannot be written, and with ``None`` when it is written again: the
     #: runtime tells its members.
     on_storage: Callable[[str, str | None], None] | None
+    #: Called (in the event loop) with a transaction's id, the ``tseq`` an event was published
+    #: under and the one the store keeps it under, when they differ: another process wrote to the
+    #: same transaction meanwhile (only a store several processes share does this). The runtime then
+    #: numbers its next events after the stored ones.
+    on_sequenced: Callable[[str, int, int], None] | None
 
     @property
     def pending(self) -> int:
@@ -129,7 +134,8 @@ class Store(Protocol):
         """Queue ``event`` (with ``transaction`` and ``tseq`` set) for its transaction's log."""
 
     def save_transaction(self, record: TransactionRecord) -> None:
-        """Queue an insert-or-replace of a transaction's metadata (members are only ever added)."""
+        """Queue an insert-or-update of a transaction's metadata (members are only ever added; its
+        ``last_tseq`` is the store's own count of what was appended)."""
 
     def save_session(self, record: SessionRecord) -> None: ...
 
@@ -160,6 +166,11 @@ class Store(Protocol):
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written."""
+
+
+def merged(earlier: TransactionRecord, later: TransactionRecord) -> TransactionRecord:
+    """Two saves of one transaction: the later wins, but members are only ever added."""
+    return replace(later, members=tuple(dict.fromkeys(earlier.members + later.members)))
 
 
 def event_to_json(event: Event) -> str:

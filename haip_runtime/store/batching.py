@@ -56,6 +56,7 @@ class BatchingWriter:
         self.max_pending = max_pending
         self.health = StorageHealth()
         self.on_storage: Callable[[str, str | None], None] | None = None
+        self.on_sequenced: Callable[[str, int, int], None] | None = None
         self._pending: deque[Write] = deque()
         self._queued = 0  # writes ever queued
         self._written = 0  # writes ever written (or dropped, or given up)
@@ -254,6 +255,13 @@ class BatchingWriter:
                 self.on_storage(transaction_id, error)
             except Exception:
                 logger.exception("store: telling transaction %s about storage failed", transaction_id)
+
+    def _sequenced(self, transaction_id: str, published: int, stored: int) -> None:
+        if self.on_sequenced is not None:
+            try:
+                self.on_sequenced(transaction_id, published, stored)
+            except Exception:
+                logger.exception("store: telling transaction %s its stored tseq failed", transaction_id)
 
 
 def transaction_of(write: Write) -> str | None:

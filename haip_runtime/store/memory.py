@@ -11,11 +11,10 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Self
 
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.store.base import Cursor, SessionRecord, StorageHealth, TransactionRecord, TransactionState
+from haip_runtime.store.base import Cursor, SessionRecord, StorageHealth, TransactionRecord, TransactionState, merged
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +27,7 @@ class MemoryStore:
         self.max_events = max_events
         self.health = StorageHealth()  # memory never fails to write
         self.on_storage: Callable[[str, str | None], None] | None = None
+        self.on_sequenced: Callable[[str, int, int], None] | None = None  # one writer: never called
         self._records: dict[str, TransactionRecord] = {}
         self._logs: OrderedDict[str, list[Event]] = OrderedDict()  # least recently appended first
         self._sessions: dict[str, SessionRecord] = {}
@@ -54,7 +54,7 @@ class MemoryStore:
     def save_transaction(self, record: TransactionRecord) -> None:
         known = self._records.get(record.id)
         if known is not None:
-            record = replace(record, members=tuple(dict.fromkeys(known.members + record.members)))
+            record = merged(known, record)
         self._records[record.id] = record
 
     def save_session(self, record: SessionRecord) -> None:

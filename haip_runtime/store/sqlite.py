@@ -16,7 +16,6 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
@@ -32,6 +31,7 @@ from haip_runtime.store.base import (
     TransactionState,
     event_from_json,
     event_to_json,
+    merged,
 )
 from haip_runtime.store.batching import BatchingWriter, Write
 from haip_runtime.store.guard import INTEGRITY_CHECK_SECONDS, check_integrity, hold_lock
@@ -129,7 +129,7 @@ class SqliteStore(BatchingWriter):
             elif kind == "transaction":
                 record: TransactionRecord = args[0]
                 known = transactions.get(record.id)
-                transactions[record.id] = record if known is None else _merged(known, record)
+                transactions[record.id] = record if known is None else merged(known, record)
         db.execute("BEGIN")
         try:
             db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", events)
@@ -267,11 +267,6 @@ def _transaction_row(record: TransactionRecord) -> tuple[Any, ...]:
         record.last_tseq,
         record.end_reason,
     )
-
-
-def _merged(earlier: TransactionRecord, later: TransactionRecord) -> TransactionRecord:
-    """Two saves of one transaction in a batch: the later wins, but members are only ever added."""
-    return replace(later, members=tuple(dict.fromkeys(earlier.members + later.members)))
 
 
 def _transaction(db: sqlite3.Connection, row: tuple[Any, ...]) -> TransactionRecord:

@@ -1,4 +1,4 @@
-"""Stores: the same behaviour from memory and from a real SQLite file, and SQLite across a reopen."""
+"""Stores: the same behaviour from memory, a real SQLite file and a real PostgreSQL; SQLite across a reopen."""
 
 from __future__ import annotations
 
@@ -9,14 +9,28 @@ from pathlib import Path
 import pytest
 
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.store import MemoryStore, SessionRecord, SqliteStore, Store, TransactionRecord, TransactionState
+from haip_runtime.config.models import StorageConfig
+from haip_runtime.store import (
+    MemoryStore,
+    PostgresStore,
+    SessionRecord,
+    SqliteStore,
+    Store,
+    TransactionRecord,
+    TransactionState,
+)
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "haip.db")
+    backend: Store
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        backend = PostgresStore(StorageConfig(backend="postgres", url=url))
+    else:
+        backend = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "haip.db")
     async with backend:
         yield backend
 

@@ -1,0 +1,123 @@
+"""The PostgreSQL schema, as forward-only migrations applied at start under an advisory lock.
+
+``haip_schema`` records each migration applied (its number, when, what). At start a runtime takes
+a transaction-level advisory lock, reads the highest number applied, and applies the ones after
+it, each in the same transaction as its row in ``haip_schema``: several processes starting at once
+migrate once (the others wait for the lock, then find nothing to do), and a migration that fails
+leaves the database as it was. A database migrated by a newer haip-runtime (a number this one does
+not know) is refused in one line: this runtime would misread it.
+
+Every table is prefixed ``haip_`` so the database (or schema) can be shared with other programs.
+Migrations are never edited once released; a change is a new migration.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from haip_runtime.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+logger = logging.getLogger(__name__)
+
+#: A connection, on its own or lent by a pool.
+Db: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+#: An arbitrary constant naming "haip-runtime's schema" among the database's advisory locks.
+LOCK_KEY = 0x4841_4950_0001
+
+#: (number, what it does, SQL). Append only.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "transactions, members, events, sessions",
+        """
+        CREATE TABLE haip_transactions (
+            id text PRIMARY KEY,
+            owner text NOT NULL,
+            agents text[] NOT NULL,
+            state text NOT NULL,
+            thread_id text,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            -- the last tseq allocated: the database hands out every event's tseq (several writers)
+            last_tseq bigint NOT NULL,
+            end_reason text
+        );
+        -- open_owned: a user's open transactions (quotas), without reading the ended ones
+        CREATE INDEX haip_transactions_open_by_owner ON haip_transactions (owner) WHERE state = 'open';
+        CREATE TABLE haip_members (
+            user_id text NOT NULL,
+            tx text NOT NULL,
+            PRIMARY KEY (user_id, tx)
+        );
+        -- a transaction's members, for its record
+        CREATE INDEX haip_members_by_tx ON haip_members (tx);
+        CREATE TABLE haip_events (
+            tx text NOT NULL,
+            tseq bigint NOT NULL,
+            id text NOT NULL,
+            body text NOT NULL,
+            PRIMARY KEY (tx, tseq)
+        );
+        -- one event (envelope id) is stored once, even when a batch is retried after a lost commit
+        CREATE UNIQUE INDEX haip_events_once ON haip_events (tx, id);
+        CREATE TABLE haip_sessions (
+            id text PRIMARY KEY,
+            user_id text NOT NULL,
+            epoch text NOT NULL,
+            transactions text[] NOT NULL,
+            updated_at double precision NOT NULL
+        );
+        CREATE INDEX haip_sessions_by_age ON haip_sessions (updated_at);
+        """,
+    ),
+]
+
+#: The schema this runtime reads and writes.
+LATEST = MIGRATIONS[-1][0]
+
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS haip_schema (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    note text NOT NULL
+)
+"""
+
+
+async def current_version(db: Db) -> int:
+    """The highest migration applied (0 for a database haip-runtime never used)."""
+    exists = await db.fetchval("SELECT to_regclass('haip_schema') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM haip_schema"))
+
+
+def refuse_newer(version: int, where: str) -> None:
+    if version > LATEST:
+        raise ConfigError(
+            f"storage.url: {where} has haip-runtime schema version {version}; this haip-runtime knows up to"
+            f" {LATEST}: run a newer haip-runtime (schemas only move forward)"
+        )
+
+
+async def migrate(db: Db, where: str) -> int:
+    """Bring the database to ``LATEST`` (under the advisory lock); the version it had before."""
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        before = await current_version(db)
+        refuse_newer(before, where)
+        if before == LATEST:
+            return before
+        await db.execute(_VERSION_TABLE)
+        for number, note, sql in MIGRATIONS:
+            if number > before:
+                await db.execute(sql)
+                await db.execute("INSERT INTO haip_schema (version, note) VALUES ($1, $2)", number, note)
+                logger.warning("store: migrated %s to schema version %d (%s)", where, number, note)
+    return before

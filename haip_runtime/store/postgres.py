@@ -1,0 +1,330 @@
+"""The PostgreSQL store: one database that several runtime processes and nodes share.
+
+Writes go through the batching writer every durable store has (``batching.py``): queued, never
+waited on, written by one writer task per process as one database transaction per batch, retried
+with backoff while the database cannot be reached. What a crash of the runtime can lose: the
+writes of the last ``flush_interval`` (50 ms by default), never part of a batch. What PostgreSQL
+has committed is its own to keep (its WAL; see docs/postgres.md for the settings that trade that).
+
+Several writers, no overwrite: the database hands out ``tseq``. A batch takes each of its
+transactions' rows in id order (so two writers never wait on each other in a circle), advances
+``last_tseq`` by the number of events it adds, and inserts them at the numbers it got, in the
+order they were published. A runtime whose events were numbered differently in the database (another
+process wrote to the same transaction meanwhile) is told through ``on_sequenced`` and numbers the
+next ones after them. Inserts never replace: ``(tx, tseq)`` is the primary key and ``(tx, id)``
+unique, and a batch retried after a commit whose answer was lost skips what is already there.
+Metadata updates merge rather than clobber: members and agents are only added, an ended
+transaction stays ended, ``updated_at`` only moves forward.
+
+asyncpg, not psycopg 3: measured on this machine (PostgreSQL 15 on 127.0.0.1, 20,000 events in
+batches of 100, same table): asyncpg wrote 96-175 k events/s, psycopg 40-77 k; point reads took
+44-64 µs against 77-78 µs; reading 1,000 events took the same (2.3-2.8 ms).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Self, TypeVar
+
+import asyncpg
+
+from haip_runtime.config.masking import masked_url
+from haip_runtime.config.models import StorageConfig
+from haip_runtime.exceptions import ConfigError, StorageError
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.store.base import (
+    Cursor,
+    SessionRecord,
+    StorageState,
+    TransactionRecord,
+    TransactionState,
+    event_from_json,
+    event_to_json,
+    merged,
+)
+from haip_runtime.store.batching import BatchingWriter, Write, one_line
+from haip_runtime.store.migrations import Db, current_version, migrate, refuse_newer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_UPSERT_TRANSACTION = """
+INSERT INTO haip_transactions AS t
+    (id, owner, agents, state, thread_id, created_at, updated_at, last_tseq, end_reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)
+ON CONFLICT (id) DO UPDATE SET
+    owner = CASE WHEN t.owner = '' THEN excluded.owner ELSE t.owner END,
+    agents = t.agents || ARRAY(
+        SELECT a FROM unnest(excluded.agents) WITH ORDINALITY AS x(a, n) WHERE NOT a = ANY(t.agents) ORDER BY n),
+    state = CASE WHEN t.state = 'ended' THEN t.state ELSE excluded.state END,
+    end_reason = CASE WHEN t.state = 'ended' THEN t.end_reason ELSE excluded.end_reason END,
+    thread_id = coalesce(t.thread_id, excluded.thread_id),
+    created_at = least(t.created_at, excluded.created_at),
+    updated_at = greatest(t.updated_at, excluded.updated_at)
+"""
+_ADD_MEMBERS = "INSERT INTO haip_members (user_id, tx) SELECT unnest($2::text[]), $1 ON CONFLICT DO NOTHING"
+# Take n numbers for a transaction's new events. The row is locked until the batch commits, so
+# writers of one transaction take turns; a row not saved yet is made (its metadata follows).
+# greatest(...) keeps the counter past every stored event even if the row was restored behind them.
+_ALLOCATE = """
+INSERT INTO haip_transactions AS t (id, owner, agents, state, created_at, updated_at, last_tseq)
+VALUES ($1, '', '{}', 'open', $3, $3, $2)
+ON CONFLICT (id) DO UPDATE SET last_tseq = greatest(
+    t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events WHERE tx = $1)) + $2
+RETURNING last_tseq
+"""
+_INSERT_EVENTS = (
+    "INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])"
+)
+_STORED_IDS = "SELECT id FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
+_SAVE_SESSION = """
+INSERT INTO haip_sessions AS s (id, user_id, epoch, transactions, updated_at) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (id) DO UPDATE SET
+    user_id = excluded.user_id, epoch = excluded.epoch, transactions = excluded.transactions,
+    updated_at = excluded.updated_at
+WHERE s.updated_at <= excluded.updated_at
+"""
+_RECORD = "SELECT t.*, ARRAY(SELECT user_id FROM haip_members WHERE tx = t.id ORDER BY user_id) AS members"
+
+#: SQLSTATE classes that mean the database cannot write now, whatever the row: retry later.
+#: 08 connection, 25 read-only transaction state, 28 authorization, 3D no such database, 40 rolled
+#: back (deadlock, serialization), 42 a table or privilege missing, 53 out of resources (disk full),
+#: 54 program limits, 55 lock not available, 57 operator intervention (shutdown, statement timeout),
+#: 58 system (I/O), XX internal (damage).
+_STORE_CLASSES = {"08", "25", "28", "3D", "40", "42", "53", "54", "55", "57", "58", "XX"}
+
+
+class PostgresStore(BatchingWriter):
+    def __init__(self, config: StorageConfig) -> None:
+        assert config.url is not None
+        self.url = config.url.get_secret_value()
+        super().__init__(
+            name=masked_url(self.url),
+            flush_interval=config.flush_interval_seconds,
+            max_pending=config.max_pending_writes,
+        )
+        self.config = config
+        self._pool: asyncpg.Pool | None = None
+
+    # --- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.config.pool_size,
+                timeout=self.config.connect_timeout_seconds,
+                server_settings={
+                    "application_name": "haip-runtime",
+                    "statement_timeout": str(int(self.config.statement_timeout_seconds * 1000)),
+                },
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise ConfigError(f"storage.url: cannot open PostgreSQL database {self.name}: {_short(exc)}") from exc
+        try:
+            async with self._pool.acquire() as db:
+                await migrate(db, self.name)
+        except BaseException as exc:
+            await self._pool.close()
+            if isinstance(exc, asyncpg.PostgresError | OSError):
+                raise ConfigError(
+                    f"storage.url: cannot prepare PostgreSQL database {self.name}: {_short(exc)}"
+                ) from exc
+            raise
+        await self._start_writer()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stop_writer()
+        if self._pool is not None:
+            try:
+                await self._pool.close()
+            except Exception:
+                self._pool.terminate()
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def append(self, event: Event) -> None:
+        assert event.transaction is not None and event.tseq is not None
+        self._queue("event", event.transaction, event.tseq, event_to_json(event), event.id)
+
+    def _unavailable(self, exc: BaseException) -> bool:
+        if isinstance(exc, asyncpg.PostgresError):
+            state = exc.sqlstate or ""
+            return state[:2] in _STORE_CLASSES
+        if isinstance(exc, asyncpg.DataError):  # a value asyncpg will not send: that row's fault
+            return False
+        return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | MemoryError)
+
+    def _damaged(self, exc: BaseException) -> bool:
+        return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "").startswith("XX")
+
+    async def _attempt(self, batch: list[Write]) -> None:
+        """One database transaction for ``batch``, its transactions' rows taken in id order."""
+        assert self._pool is not None
+        records: dict[str, TransactionRecord] = {}
+        events: dict[str, list[tuple[Any, ...]]] = {}
+        for kind, args in batch:
+            if kind == "event":
+                events.setdefault(args[0], []).append(args)
+            elif kind == "transaction":
+                record: TransactionRecord = args[0]
+                known = records.get(record.id)
+                records[record.id] = record if known is None else merged(known, record)
+        renumbered: list[tuple[str, int, int]] = []
+        async with self._pool.acquire() as db, db.transaction():
+            for transaction_id in sorted(records.keys() | events.keys()):
+                if transaction_id in records:
+                    await self._save_record(db, records[transaction_id])
+                if transaction_id in events:
+                    renumbered += await self._insert_events(db, transaction_id, events[transaction_id])
+            for kind, args in batch:  # few, and their order matters (a save, then a forget)
+                if kind == "session":
+                    session: SessionRecord = args[0]
+                    await db.execute(
+                        _SAVE_SESSION,
+                        session.id,
+                        session.user,
+                        session.epoch,
+                        list(session.transactions),
+                        session.updated_at,
+                    )
+                elif kind == "forget":
+                    await db.execute("DELETE FROM haip_sessions WHERE id = $1", *args)
+                elif kind == "prune":
+                    await db.execute("DELETE FROM haip_sessions WHERE updated_at < $1", *args)
+        for transaction_id, published, stored in renumbered:  # committed: now it is true
+            self._sequenced(transaction_id, published, stored)
+
+    async def _save_record(self, db: Db, record: TransactionRecord) -> None:
+        await db.execute(
+            _UPSERT_TRANSACTION,
+            record.id,
+            record.owner,
+            list(record.agents),
+            record.state.value,
+            record.thread_id,
+            record.created_at,
+            record.updated_at,
+            record.end_reason,
+        )
+        await db.execute(_ADD_MEMBERS, record.id, list(record.members))
+
+    async def _insert_events(
+        self, db: Db, transaction_id: str, rows: list[tuple[Any, ...]]
+    ) -> list[tuple[str, int, int]]:
+        """Insert a transaction's events at the numbers the database hands out; the ones whose number
+        differs from the one they were published under."""
+        if self._retrying:  # the last attempt may have committed without our hearing it
+            stored = {row["id"] for row in await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])}
+            rows = [row for row in rows if row[3] not in stored]
+            if not rows:
+                return []
+        last = await db.fetchval(_ALLOCATE, transaction_id, len(rows), time.time())
+        first = int(last) - len(rows) + 1
+        numbers = list(range(first, first + len(rows)))
+        await db.execute(_INSERT_EVENTS, transaction_id, numbers, [row[3] for row in rows], [row[2] for row in rows])
+        return [(transaction_id, row[1], number) for row, number in zip(rows, numbers, strict=True) if row[1] != number]
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[Db], Awaitable[T]]) -> T:
+        await self.flush()
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire(timeout=self.config.connect_timeout_seconds) as db:
+                return await query(db)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError) as exc:
+            unreadable = isinstance(exc, ValueError) and not isinstance(exc, asyncpg.InterfaceError)
+            if self._damaged(exc) or unreadable:  # a stored body that no longer parses
+                self.health.state, self.health.error = StorageState.DAMAGED, one_line(exc)
+            logger.error("store: a read of %s failed (%s)", self.name, one_line(exc))
+            raise StorageError(f"the store could not read this ({_short(exc)}); see /health") from exc
+
+    async def transaction(self, transaction_id: str) -> TransactionRecord | None:
+        async def query(db: Db) -> TransactionRecord | None:
+            row = await db.fetchrow(f"{_RECORD} FROM haip_transactions t WHERE t.id = $1", transaction_id)
+            return None if row is None else _transaction(row)
+
+        return await self._read(query)
+
+    async def transactions_of(self, user: str, *, limit: int, before: Cursor | None = None) -> list[TransactionRecord]:
+        async def query(db: Db) -> list[TransactionRecord]:
+            sql = f"{_RECORD} FROM haip_members m JOIN haip_transactions t ON t.id = m.tx WHERE m.user_id = $1"
+            if before is not None:
+                sql += " AND (t.updated_at, t.id) < ($3, $4)"
+            sql += " ORDER BY t.updated_at DESC, t.id DESC LIMIT $2"
+            return [_transaction(row) for row in await db.fetch(sql, user, limit, *(before or ()))]
+
+        return await self._read(query)
+
+    async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        async def query(db: Db) -> list[Event]:
+            sql = "SELECT tseq, body FROM haip_events WHERE tx = $1 AND tseq > $2 ORDER BY tseq LIMIT $3"
+            rows = await db.fetch(sql, transaction_id, after, limit)
+            return [event_from_json(transaction_id, row[0], row[1]) for row in rows]
+
+        return await self._read(query)
+
+    async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
+        async def query(db: Db) -> list[Event]:
+            sql = "SELECT tseq, body FROM haip_events WHERE tx = $1 ORDER BY tseq DESC LIMIT $2"
+            rows = await db.fetch(sql, transaction_id, limit)
+            return [event_from_json(transaction_id, row[0], row[1]) for row in reversed(rows)]
+
+        return await self._read(query) if limit > 0 else []
+
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        async def query(db: Db) -> list[str]:
+            sql = "SELECT id FROM haip_transactions WHERE owner = $1 AND state = 'open' LIMIT $2"
+            return [row[0] for row in await db.fetch(sql, user, limit)]
+
+        return await self._read(query)
+
+    async def session(self, session_id: str) -> SessionRecord | None:
+        async def query(db: Db) -> SessionRecord | None:
+            row = await db.fetchrow("SELECT * FROM haip_sessions WHERE id = $1", session_id)
+            if row is None:
+                return None
+            return SessionRecord(row["id"], row["user_id"], row["epoch"], tuple(row["transactions"]), row["updated_at"])
+
+        return await self._read(query)
+
+
+async def preflight(config: StorageConfig) -> None:
+    """What opening the store would refuse, checked before a server starts (so the refusal is one
+    line): a database that cannot be reached, or one of a newer schema."""
+    assert config.url is not None
+    url = config.url.get_secret_value()
+    try:
+        db = await asyncpg.connect(url, timeout=config.connect_timeout_seconds)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        raise ConfigError(f"storage.url: cannot open PostgreSQL database {masked_url(url)}: {_short(exc)}") from exc
+    try:
+        refuse_newer(await current_version(db), masked_url(url))
+    finally:
+        await db.close()
+
+
+def _short(exc: BaseException) -> str:
+    """An error in one line, without anything that could be the password."""
+    return " ".join((str(exc) or type(exc).__name__).split())
+
+
+def _transaction(row: asyncpg.Record) -> TransactionRecord:
+    return TransactionRecord(
+        id=row["id"],
+        owner=row["owner"],
+        agents=tuple(row["agents"]),
+        members=tuple(row["members"]),
+        state=TransactionState(row["state"]),
+        thread_id=row["thread_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_tseq=row["last_tseq"],
+        end_reason=row["end_reason"],
+    )
