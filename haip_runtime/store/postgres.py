@@ -45,7 +45,7 @@ from haip_runtime.store.base import (
     merged,
 )
 from haip_runtime.store.batching import BatchingWriter, Write, one_line
-from haip_runtime.store.migrations import Db, current_version, migrate, refuse_newer
+from haip_runtime.store.migrations import Db, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +296,9 @@ class PostgresStore(BatchingWriter):
 
 
 async def preflight(config: StorageConfig) -> None:
-    """What opening the store would refuse, checked before a server starts (so the refusal is one
-    line): a database that cannot be reached, or one of a newer schema."""
+    """What opening the store would refuse, met before a server starts (so the refusal is one line,
+    not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
+    schema, or one that needs migrating by a role that may not. Migrates it (what the store would do)."""
     assert config.url is not None
     url = config.url.get_secret_value()
     try:
@@ -305,7 +306,9 @@ async def preflight(config: StorageConfig) -> None:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         raise ConfigError(f"storage.url: cannot open PostgreSQL database {masked_url(url)}: {_short(exc)}") from exc
     try:
-        refuse_newer(await current_version(db), masked_url(url))
+        await migrate(db, masked_url(url))
+    except asyncpg.PostgresError as exc:
+        raise ConfigError(f"storage.url: cannot prepare PostgreSQL database {masked_url(url)}: {_short(exc)}") from exc
     finally:
         await db.close()
 

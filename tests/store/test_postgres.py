@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -14,7 +15,7 @@ import pytest
 
 from haip_runtime.config.models import StorageConfig
 from haip_runtime.exceptions import ConfigError, StorageError
-from haip_runtime.store import PostgresStore, TransactionState
+from haip_runtime.store import PostgresStore, SessionRecord, TransactionState
 from haip_runtime.store.base import StorageState
 from haip_runtime.store.migrations import LATEST
 from tests.store.test_store import event, record
@@ -264,8 +265,6 @@ async def test_reads_use_their_indexes_on_a_large_log(postgres_url: str) -> None
 
 
 async def test_session_records_written_late_do_not_overwrite_newer_ones(postgres_url: str) -> None:
-    from haip_runtime.store import SessionRecord
-
     now = time.time()
     async with opened(postgres_url) as a, opened(postgres_url) as b:
         a.save_session(SessionRecord("s", "ann", "epoch-2", ("t2",), now))
@@ -273,3 +272,58 @@ async def test_session_records_written_late_do_not_overwrite_newer_ones(postgres
         b.save_session(SessionRecord("s", "ann", "epoch-1", ("t1",), now - 60))  # older, arriving later
         kept = await b.session("s")
     assert kept is not None and (kept.epoch, kept.transactions) == ("epoch-2", ("t2",))
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{user}:{password}@{rest.rpartition('@')[2]}"
+
+
+async def test_a_least_privilege_role_runs_a_migrated_database_and_cannot_migrate_one(postgres_url: str) -> None:
+    """docs/postgres.md's grants: the owner migrates, the app role only reads and writes."""
+    name = postgres_url.rsplit("/", 1)[1]
+    owner, app = f"{name}_owner", f"{name}_app"
+    await sql(
+        postgres_url,
+        f"""
+        CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw';
+        CREATE ROLE {app} LOGIN PASSWORD 'app-pw';
+        REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+        GRANT CREATE, USAGE ON SCHEMA public TO {owner};
+        GRANT USAGE ON SCHEMA public TO {app};
+        ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public
+            GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app};
+        """,
+    )
+    app_url = with_user(postgres_url, app, "app-pw")
+    with pytest.raises(ConfigError) as refused:
+        async with opened(app_url):
+            pass
+    assert "permission denied for schema public" in str(refused.value) and "app-pw" not in str(refused.value)
+    async with opened(with_user(postgres_url, owner, "owner-pw")):
+        pass
+    async with opened(app_url) as store:
+        store.save_transaction(record("t"))
+        store.append(event("t", 1))
+        store.save_session(SessionRecord("s", "ann", "e", ("t",), time.time()))
+        store.forget_session("s")
+        assert [e.tseq for e in await store.events("t")] == [1] and store.health.writes_lost == 0
+        assert store.health.state is StorageState.OK
+
+
+def test_serve_refuses_a_newer_schema_in_one_line(postgres_url: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    anyio.run(_open_and_close, postgres_url)
+    anyio.run(sql, postgres_url, "INSERT INTO haip_schema (version, note) VALUES (999, 'future')")
+    (tmp_path / "haip.toml").write_text(f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schema version 999" in lines[0], done.stderr
