@@ -79,7 +79,7 @@ async def test_a_crash_cuts_sessions_and_recovery_keeps_every_commit(
         assert await db.fetchval("SELECT count(*) FROM kept") == 100
 
 
-async def test_stop_and_start_are_skipped_for_an_external_server(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_and_start_are_skipped_for_an_external_server() -> None:
     external = PostgresServer(external_url="postgresql://haip:secret@127.0.0.1:1/haip")
     assert not external.owned and external.running
     with pytest.raises(pytest.skip.Exception, match="HAIP_TEST_POSTGRES_URL"):
