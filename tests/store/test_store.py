@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from haip_runtime.protocol.envelope import Event
 from haip_runtime.config.models import StorageConfig
+from haip_runtime.protocol.envelope import Event
 from haip_runtime.store import (
     MemoryStore,
     PostgresStore,
