@@ -118,6 +118,9 @@ class PostgresStore(BatchingWriter):
                 min_size=1,
                 max_size=self.config.pool_size,
                 timeout=self.config.connect_timeout_seconds,
+                # The server cancels a slow statement; this catches a network that hangs (no answer
+                # at all), which the server cannot see.
+                command_timeout=self.config.statement_timeout_seconds + 2,
                 server_settings={
                     "application_name": "haip-runtime",
                     "statement_timeout": str(int(self.config.statement_timeout_seconds * 1000)),
