@@ -6,15 +6,17 @@ with backoff while the database cannot be reached. What a crash of the runtime c
 writes of the last ``flush_interval`` (50 ms by default), never part of a batch. What PostgreSQL
 has committed is its own to keep (its WAL; see docs/postgres.md for the settings that trade that).
 
-Several writers, no overwrite: the database hands out ``tseq``. A batch takes each of its
-transactions' rows in id order (so two writers never wait on each other in a circle), advances
-``last_tseq`` by the number of events it adds, and inserts them at the numbers it got, in the
-order they were published. A runtime whose events were numbered differently in the database (another
-process wrote to the same transaction meanwhile) is told through ``on_sequenced`` and numbers the
-next ones after them. Inserts never replace: ``(tx, tseq)`` is the primary key and ``(tx, id)``
-unique, and a batch retried after a commit whose answer was lost skips what is already there.
-Metadata updates merge rather than clobber: members and agents are only added, an ended
-transaction stays ended, ``updated_at`` only moves forward.
+Several writers, no overwrite: the database decides ``tseq``. A batch takes each of its
+transactions' rows in id order (so two writers never wait on each other in a circle) and inserts
+each event at the number it was published under if that comes after what is stored (one writer:
+always, so live and stored numbers agree, a gap left by a lost write included), else at the next
+free number, in the order they were published; ``last_tseq`` follows. A runtime whose events were
+numbered differently in the database (another process wrote to the same transaction meanwhile) is
+told through ``on_sequenced`` and numbers the next ones after them. Inserts never replace:
+``(tx, tseq)`` is the primary key and ``(tx, id)`` unique, and a batch retried after a commit
+whose answer was lost skips what is already there. Metadata updates merge rather than clobber:
+members and agents are only added, an ended transaction stays ended, ``updated_at`` only moves
+forward.
 
 asyncpg, not psycopg 3: measured on this machine (PostgreSQL 15 on 127.0.0.1, 20,000 events in
 batches of 100, same table): asyncpg wrote 96-175 k events/s, psycopg 40-77 k; point reads took
@@ -66,19 +68,20 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at = greatest(t.updated_at, excluded.updated_at)
 """
 _ADD_MEMBERS = "INSERT INTO haip_members (user_id, tx) SELECT unnest($2::text[]), $1 ON CONFLICT DO NOTHING"
-# Take n numbers for a transaction's new events. The row is locked until the batch commits, so
-# writers of one transaction take turns; a row not saved yet is made (its metadata follows).
-# greatest(...) keeps the counter past every stored event even if the row was restored behind them.
-_ALLOCATE = """
+# Lock a transaction's row for the rest of the batch (writers of one transaction take turns) and
+# read what is stored up to; a row not saved yet is made (its metadata follows). The count is kept
+# past every stored event even if the row was restored behind them.
+_LOCK_LAST = """
 INSERT INTO haip_transactions AS t (id, owner, agents, state, created_at, updated_at, last_tseq)
-VALUES ($1, '', '{}', 'open', $3, $3, $2)
+VALUES ($1, '', '{}', 'open', $2, $2, 0)
 ON CONFLICT (id) DO UPDATE SET last_tseq = greatest(
-    t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events WHERE tx = $1)) + $2
+    t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events WHERE tx = $1))
 RETURNING last_tseq
 """
-_INSERT_EVENTS = (
-    "INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])"
-)
+_INSERT_EVENTS = """
+WITH counted AS (UPDATE haip_transactions SET last_tseq = $5 WHERE id = $1)
+INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
+"""
 _STORED_IDS = "SELECT id FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
 _SAVE_SESSION = """
 INSERT INTO haip_sessions AS s (id, user_id, epoch, transactions, updated_at) VALUES ($1, $2, $3, $4, $5)
@@ -220,17 +223,20 @@ class PostgresStore(BatchingWriter):
     async def _insert_events(
         self, db: Db, transaction_id: str, rows: list[tuple[Any, ...]]
     ) -> list[tuple[str, int, int]]:
-        """Insert a transaction's events at the numbers the database hands out; the ones whose number
-        differs from the one they were published under."""
+        """Insert a transaction's events at the numbers they were published under where those come
+        after what is stored, else at the next free ones; the ones whose number changed."""
         if self._retrying:  # the last attempt may have committed without our hearing it
             stored = {row["id"] for row in await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])}
             rows = [row for row in rows if row[3] not in stored]
             if not rows:
                 return []
-        last = await db.fetchval(_ALLOCATE, transaction_id, len(rows), time.time())
-        first = int(last) - len(rows) + 1
-        numbers = list(range(first, first + len(rows)))
-        await db.execute(_INSERT_EVENTS, transaction_id, numbers, [row[3] for row in rows], [row[2] for row in rows])
+        last = int(await db.fetchval(_LOCK_LAST, transaction_id, time.time()))
+        numbers = []
+        for row in rows:  # its own number if free, else the next free one: order kept, no gap made
+            last = max(row[1], last + 1)
+            numbers.append(last)
+        ids, bodies = [row[3] for row in rows], [row[2] for row in rows]
+        await db.execute(_INSERT_EVENTS, transaction_id, numbers, ids, bodies, last)
         return [(transaction_id, row[1], number) for row, number in zip(rows, numbers, strict=True) if row[1] != number]
 
     # --- reads -----------------------------------------------------------------------------------

@@ -337,3 +337,22 @@ def test_serve_refuses_a_newer_schema_in_one_line(postgres_url: str, tmp_path: P
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "schema version 999" in lines[0], done.stderr
+
+
+async def test_one_writer_keeps_its_numbers_even_around_a_lost_event(postgres_url: str) -> None:
+    """Live numbers and stored numbers agree for a single writer: an event that could not be stored
+    leaves a gap (as in SQLite), it does not shift the ones after it."""
+    told: list[tuple[int, int]] = []
+    async with opened(postgres_url) as store:
+        store.on_sequenced = lambda tx, published, stored: told.append((published, stored))
+        for tseq in range(1, 6):
+            one = event("t", tseq)
+            if tseq == 2:
+                one.id = "nul\x00byte"
+            store.append(one)
+        await store.flush()
+        store.append(event("t", 6))
+        stored = await store.events("t")
+        kept = await store.transaction("t")
+    assert [e.tseq for e in stored] == [1, 3, 4, 5, 6] and told == []
+    assert kept is not None and kept.last_tseq == 6
