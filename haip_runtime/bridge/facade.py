@@ -16,8 +16,12 @@ from typing import Any, Protocol
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp
+
+MAX_BODY_BYTES: int = DEFAULT_MAX_REQUEST_BODY_SIZE
+"""The largest request body the SDK takes (the door reads bodies itself, within its deadline)."""
 
 CALLER = "haip.mcp_caller"
 """The ASGI scope key where the server's authentication puts the caller (opaque here)."""
