@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from typing import Any
 
 import anyio
@@ -103,12 +103,18 @@ class McpDoor:
         conversation_id: str | None,
         report: Report,
         ask: Ask | None = None,
+        *,
+        on_run: Callable[[_Run], None] | None = None,
     ) -> Any:
+        """One turn of `agent`, to its answer; `on_run` is handed the run as it starts (a task keeps it
+        to say what the run did if the task is cancelled)."""
         from haip_runtime.bridge.facade import AgentAnswer
 
         assert isinstance(caller, Principal), "the door authenticates every request"
         member = McpMember(caller)
         run = _Run(agent, report, ask, self._answer)
+        if on_run is not None:
+            on_run(run)
         try:
             with self._counted(member):
                 return await self._run(member, run, message, conversation_id)
@@ -299,6 +305,7 @@ class McpEndpoint:
         ctx: HubContext,
         authenticate: Callable[[str | None], Awaitable[Principal]],
         check_message: Callable[[str, str], None],
+        tasks: Callable[[McpDoor], Any] | None = None,
     ) -> None:
         from haip_runtime import __version__
         from haip_runtime.bridge.facade import MAX_BODY_BYTES, agent_server
@@ -307,7 +314,9 @@ class McpEndpoint:
         self._body_timeout = config.server.body_timeout_seconds
         self._max_body = MAX_BODY_BYTES
         self._authenticate = authenticate
-        self._server = agent_server(McpDoor(ctx, check_message), name="haip-runtime", version=__version__)
+        door = McpDoor(ctx, check_message)
+        self.tasks = tasks(door) if tasks is not None else None  # `mcp_tasks.AgentTasks`: runs outliving calls
+        self._server = agent_server(door, name="haip-runtime", version=__version__, tasks=self.tasks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         from haip_runtime.bridge.facade import CALLER
@@ -334,7 +343,7 @@ class McpEndpoint:
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         """Enter for as long as the app serves (the SDK's session manager runs meanwhile)."""
-        async with self._server.lifespan():
+        async with self._server.lifespan(), self.tasks.running() if self.tasks is not None else nullcontext():
             yield
 
 
