@@ -19,7 +19,7 @@ from mcp.client.extension import ClientExtension, NotificationBinding
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from haip_runtime.bridge import McpBridge, ServerStatus, TaskState
+from haip_runtime.bridge import McpBridge, Progress, ServerStatus, TaskState
 from haip_runtime.bridge.tasks import _create
 from haip_runtime.client import HaipClient
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
@@ -197,7 +197,9 @@ async def test_a_tasks_question_goes_to_its_client_through_tasks_result(door: Li
 
 
 async def test_haip_runtimes_own_bridge_calls_an_agent_as_a_task(door: LiveServer) -> None:
-    """The bridge's task client (tasks.py) against the task server: `use_tasks` on an `optional` tool."""
+    """The bridge's task client (tasks.py) against the task server: `use_tasks` on an `optional` tool,
+    the run's streamed text reaching `on_progress` though the task's `tools/call` was answered at once
+    (server-everything's `simulate-research-query` sends no progress, only task states)."""
     table = {
         "transport": "http",
         "url": f"{door.http_url}/mcp",
@@ -216,6 +218,11 @@ async def test_haip_runtimes_own_bridge_calls_an_agent_as_a_task(door: LiveServe
     async def seen(state: TaskState) -> None:
         states.append(state)
 
+    said: list[str | None] = []
+
+    async def progress(update: Progress) -> None:
+        said.append(update.message)
+
     async with McpBridge(
         {"door": McpServerConfig.model_validate(table)},
         McpStdioConfig(),
@@ -225,10 +232,14 @@ async def test_haip_runtimes_own_bridge_calls_an_agent_as_a_task(door: LiveServe
     ) as bridge:
         with anyio.fail_after(20):
             await listed.wait()
-        answer = await bridge.call_tool("door", "storyteller", {"message": "a kite"}, on_task=seen)
+        answer = await bridge.call_tool(
+            "door", "storyteller", {"message": "a kite"}, on_task=seen, on_progress=progress
+        )
     assert not answer.is_error and "a kite" in "".join(str(block.get("text", "")) for block in answer.content)
     assert states[0].status == "working" and all(state.status in ("working", "completed") for state in states)
     assert ends == [("door", "completed")]
+    told = "".join(message or "" for message in said)  # the task's progress, under the call's token
+    assert told.startswith("Once upon") and "a kite" in told
 
 
 async def test_a_task_is_cancelled_and_forgotten_when_its_ttl_runs_out(door: LiveServer) -> None:
