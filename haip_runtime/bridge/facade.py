@@ -34,6 +34,8 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp
 
+from haip_runtime.exceptions import TaskRefusedError
+
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: int = DEFAULT_MAX_REQUEST_BODY_SIZE
@@ -77,15 +79,11 @@ class TaskView:
     poll_ms: int
 
 
-class TaskRefused(Exception):
-    """The host refuses a task request: no such task (for this caller), it has ended, too many tasks."""
-
-
 OnStatus = Callable[[TaskView], Coroutine[Any, Any, None]]
 
 
 class TaskHost(Protocol):
-    """Runs agent turns as tasks that outlive the request creating them; raises `TaskRefused`."""
+    """Runs agent turns as tasks that outlive the request creating them; raises `TaskRefusedError`."""
 
     def start_task(
         self,
@@ -300,7 +298,7 @@ def _serve_tasks(server: Server[Any], tasks: TaskHost) -> None:
     async def result(ctx: ServerRequestContext[Any, Any], params: types.GetTaskPayloadRequestParams) -> dict[str, Any]:
         try:
             answer = await tasks.task_result(_caller(ctx), params.task_id, _task_asker(ctx, params.task_id))
-        except TaskRefused as refusal:
+        except TaskRefusedError as refusal:
             raise MCPError(types.INVALID_PARAMS, str(refusal)) from None
         return _wire(_answer(answer), meta={TASK_META: {"taskId": params.task_id}})
 
@@ -406,7 +404,7 @@ def _task_asker(ctx: ServerRequestContext[Any, Any], task_id: str) -> Ask | None
 def _asked(question: Callable[[], TaskView]) -> TaskView:
     try:
         return question()
-    except TaskRefused as refusal:
+    except TaskRefusedError as refusal:
         raise MCPError(types.INVALID_PARAMS, str(refusal)) from None
 
 

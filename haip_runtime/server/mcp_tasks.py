@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 
 from haip_runtime.auth.tokens import Principal
+from haip_runtime.exceptions import TaskRefusedError
 from haip_runtime.protocol.envelope import new_id
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class _Task:
     kept: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """The whole task's, run and keeping: cancelling it forgets the task."""
     questions: list[_Question] = field(default_factory=list)
+    news: list[Any] = field(default_factory=list)
+    """States not yet told to the client, in order."""
+    telling: bool = False
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     @property
@@ -154,11 +158,9 @@ class AgentTasks:
         on_status: OnStatus,
         can_ask: bool,
     ) -> Any:
-        from haip_runtime.bridge.facade import TaskRefused
-
         assert isinstance(caller, Principal), "the door authenticates every request"
         if self._group is None:
-            raise TaskRefused("the server is shutting down")
+            raise TaskRefusedError("the server is shutting down")
         self._make_room(caller.user)
         ttl = self._ttl_ms if ttl_ms is None else max(1, min(ttl_ms, self._ttl_ms))
         task = _Task(f"task-{new_id()}", caller.user, agent, ttl, on_status)
@@ -196,11 +198,9 @@ class AgentTasks:
         return task.answer
 
     def cancel_task(self, caller: Any, task_id: str) -> Any:
-        from haip_runtime.bridge.facade import TaskRefused
-
         task = self._find(caller, task_id)
         if task.terminal:
-            raise TaskRefused(f"task {task_id} has already ended ({task.status})")
+            raise TaskRefusedError(f"task {task_id} has already ended ({task.status})")
         self._end(task, "cancelled", "cancelled by the client", self._cancelled_answer(task))
         task.scope.cancel()
         return task.view()
@@ -272,8 +272,18 @@ class AgentTasks:
             self._on_end(task.agent, status)
 
     def _tell(self, task: _Task) -> None:
-        if self._group is not None:
-            self._group.start_soon(task.on_status, task.view())
+        """Tell the client the task's new state: one teller per task, so states arrive in order."""
+        task.news.append(task.view())
+        if self._group is not None and not task.telling:
+            task.telling = True
+            self._group.start_soon(self._teller, task)
+
+    async def _teller(self, task: _Task) -> None:
+        try:
+            while task.news:
+                await task.on_status(task.news.pop(0))
+        finally:
+            task.telling = False
 
     def _failed_answer(self, task: _Task) -> Any:
         from haip_runtime.bridge.facade import AgentAnswer
@@ -295,21 +305,17 @@ class AgentTasks:
     # --- bookkeeping -------------------------------------------------------------------------------
 
     def _find(self, caller: Any, task_id: str) -> _Task:
-        from haip_runtime.bridge.facade import TaskRefused
-
         task = self._tasks.get(task_id)
         if task is None or not isinstance(caller, Principal) or task.user != caller.user:
-            raise TaskRefused(f"no task {task_id!r}")  # another user's task is not theirs to know of
+            raise TaskRefusedError(f"no task {task_id!r}")  # another user's task is not theirs to know of
         return task
 
     def _make_room(self, user: str) -> None:
-        from haip_runtime.bridge.facade import TaskRefused
-
         held = sorted((task for task in self._tasks.values() if task.user == user), key=lambda task: task.created)
         if len(held) < self._per_user:
             return
         ended = next((task for task in held if task.terminal), None)
         if ended is None:
-            raise TaskRefused(f"RUN_LIMIT_EXCEEDED: you already have {self._per_user} MCP tasks running")
+            raise TaskRefusedError(f"RUN_LIMIT_EXCEEDED: you already have {self._per_user} MCP tasks running")
         self._tasks.pop(ended.id, None)
         ended.kept.cancel()  # the answer is dropped
