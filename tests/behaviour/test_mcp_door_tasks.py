@@ -51,7 +51,9 @@ async def mcp_client(live: LiveServer, user: str = "alice", **options: Any) -> A
     headers = {"Authorization": f"Bearer {live.token(user)}"}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=30) as http,
-        Client(streamable_http_client(f"{live.http_url}/mcp", http_client=http), mode="legacy", **options) as client,
+        Client(
+            streamable_http_client(f"{live.http_url}/mcp", http_client=http), **{"mode": "legacy", **options}
+        ) as client,
     ):
         yield client
 
@@ -113,9 +115,12 @@ def text(answer: types.CallToolResult) -> str:
 
 
 async def test_legacy_clients_are_offered_tasks_and_every_agent_may_run_as_one(door: LiveServer) -> None:
-    async with mcp_client(door) as legacy:
+    async with mcp_client(door) as legacy, mcp_client(door, mode="auto") as modern:
         tools = await legacy.list_tools()
         offered = legacy.server_capabilities.tasks
+        modern_tools = await modern.list_tools()
+        assert modern.server_capabilities.tasks is None  # the 2026 protocol has tasks as an extension only
+    assert all(tool.execution is None for tool in modern_tools.tools)
     assert offered is not None and offered.requests is not None and offered.requests.tools is not None
     assert offered.requests.tools.call is not None and offered.cancel is not None and offered.list is not None
     assert {tool.name: tool.execution.task_support if tool.execution else None for tool in tools.tools} == {
@@ -194,6 +199,22 @@ async def test_a_tasks_question_goes_to_its_client_through_tasks_result(door: Li
         "working",
         "completed",
     ]
+
+
+async def test_a_question_a_task_client_cannot_answer_goes_to_the_human_members(door: LiveServer) -> None:
+    async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door) as client:  # no elicitation callback: it declares no elicitation
+            arguments = {"message": "/call demo.ask_user", "conversation_id": conversation}
+            created = await create(client, "operator", arguments)
+            asking = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            meanwhile = await get(client.session, created.task_id)
+            reply = {"call_id": asking.get("call_id"), "input": {"name": "Grace", "favourite_colour": "blue"}}
+            await human.send("TOOL_UPDATE", reply, transaction=conversation)
+            answer = await result(client.session, created.task_id)
+    assert meanwhile.status == "working"  # nothing for the client to answer
+    calls = answer.structured_content["tool_calls"] if answer.structured_content else []
+    assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
 
 
 async def test_haip_runtimes_own_bridge_calls_an_agent_as_a_task(door: LiveServer) -> None:
