@@ -76,6 +76,8 @@ class _Question:
     answer: dict[str, Any] | None = None
     taken: bool = False
     """A `tasks/result` is asking the client now, or has given up on it (the humans may still answer)."""
+    asking: anyio.CancelScope | None = None
+    """The `tasks/result` asking it: withdrawn (a human answered first), the question is taken back."""
 
 
 @dataclass(eq=False)
@@ -185,16 +187,17 @@ class AgentTasks:
                 await task.changed.wait()
                 continue
             question.taken = True
-            try:
-                answer = await ask(question.message, question.schema)
-            except anyio.get_cancelled_exc_class():
-                question.taken = False  # the next tasks/result asks again
-                raise
-            except Exception as exc:  # the client could not answer: the humans still may
-                logger.info("the MCP client could not answer task %s's question: %s", task.id, exc)
-                continue
-            question.answer = answer
-            question.answered.set()
+            with anyio.CancelScope() as question.asking:
+                try:
+                    answer = await ask(question.message, question.schema)
+                except anyio.get_cancelled_exc_class():
+                    question.taken = False  # the request went (the next tasks/result asks again), or it was withdrawn
+                    raise
+                except Exception as exc:  # the client could not answer: the humans still may
+                    logger.info("the MCP client could not answer task %s's question: %s", task.id, exc)
+                    continue
+                question.answer = answer
+                question.answered.set()
         return task.answer
 
     def cancel_task(self, caller: Any, task_id: str) -> Any:
@@ -256,6 +259,8 @@ class AgentTasks:
                 return question.answer
             finally:
                 task.questions.remove(question)
+                if question.asking is not None:
+                    question.asking.cancel()  # answered by a human, or the run ended: the client's question goes
                 if not task.questions:
                     task.move("working", "the agent is running")
                     self._tell(task)

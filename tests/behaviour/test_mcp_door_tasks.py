@@ -217,6 +217,35 @@ async def test_a_question_a_task_client_cannot_answer_goes_to_the_human_members(
     assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
 
 
+async def test_a_human_answering_first_withdraws_the_question_from_the_task_client(door: LiveServer) -> None:
+    asked = anyio.Event()
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.set()
+        await anyio.sleep_forever()  # a client whose user never answers
+        raise AssertionError("unreachable")
+
+    async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as human:
+        conversation = await human.start_transaction("operator")
+        async with mcp_client(door, elicitation_callback=elicit) as client, anyio.create_task_group() as group:
+            group.cancel_scope.deadline = anyio.current_time() + 20  # tasks/result must not wait on the client
+            arguments = {"message": "/call demo.ask_user", "conversation_id": conversation}
+            created = await create(client, "operator", arguments)
+            answers: list[types.CallToolResult] = []
+
+            async def wait_for_result() -> None:
+                answers.append(await result(client.session, created.task_id))
+
+            group.start_soon(wait_for_result)
+            asking = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            with anyio.fail_after(10):
+                await asked.wait()  # the client is being asked too
+            reply = {"call_id": asking.get("call_id"), "input": {"name": "Grace", "favourite_colour": "blue"}}
+            await human.send("TOOL_UPDATE", reply, transaction=conversation)
+    calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
+    assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
+
+
 async def test_haip_runtimes_own_bridge_calls_an_agent_as_a_task(door: LiveServer) -> None:
     """The bridge's task client (tasks.py) against the task server: `use_tasks` on an `optional` tool,
     the run's streamed text reaching `on_progress` though the task's `tools/call` was answered at once
