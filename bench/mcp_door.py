@@ -5,8 +5,9 @@
 One runtime (a real uvicorn on 127.0.0.1, in its own thread) with `[mcp_server] enabled`. Each
 client keeps one connection and one conversation, and times a message to `echo` until its answer
 is complete: over MCP a `tools/call` (continuing the conversation by id) until its result, in the
-2026-07-28 protocol and in the 2025-11-25 one; over HAIP a `MESSAGE` until `RUN_FINISHED`. The
-three are measured in alternating rounds, side by side, so the machine's load hits them alike.
+2026-07-28 protocol and in the 2025-11-25 one, and the same call as an MCP task (2025-11-25: the
+task-augmented `tools/call`, then `tasks/result`); over HAIP a `MESSAGE` until `RUN_FINISHED`. The
+four are measured in alternating rounds, side by side, so the machine's load hits them alike.
 Results go to bench/RESULTS-mcp-door.md.
 """
 
@@ -26,10 +27,12 @@ import httpx2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import mcp_types as types  # noqa: E402
 from mcp import Client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
 from bench.common import percentile  # noqa: E402
+from haip_runtime.bridge.tasks import _create  # noqa: E402  (the SDK sends no task-augmented call)
 from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.protocol.events import ALL_EVENTS  # noqa: E402
 from tests.support.serving import LiveServer, live_server, make_config  # noqa: E402
@@ -39,7 +42,12 @@ Turn = Callable[[], Awaitable[None]]
 
 
 async def measure(live: LiveServer, calls: int, rounds: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"MCP (2026-07-28)": [], "MCP (2025-11-25)": [], "HAIP WebSocket": []}
+    samples: dict[str, list[float]] = {
+        "MCP (2026-07-28)": [],
+        "MCP (2025-11-25)": [],
+        "MCP task (2025-11-25)": [],
+        "HAIP WebSocket": [],
+    }
     headers = {"Authorization": f"Bearer {live.token()}"}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=30) as http_modern,
@@ -51,6 +59,7 @@ async def measure(live: LiveServer, calls: int, rounds: int) -> dict[str, list[f
         turns = {
             "MCP (2026-07-28)": await mcp_turn(modern),
             "MCP (2025-11-25)": await mcp_turn(legacy),
+            "MCP task (2025-11-25)": await task_turn(legacy),
             "HAIP WebSocket": await haip_turn(haip),
         }
         for turn in turns.values():  # warm-up
@@ -72,6 +81,20 @@ async def mcp_turn(client: Client) -> Turn:
 
     async def turn() -> None:
         result = await client.call_tool("echo", {"message": "hello", "conversation_id": conversation})
+        assert not result.is_error
+
+    return turn
+
+
+async def task_turn(client: Client) -> Turn:
+    first = await client.call_tool("echo", {"message": "hello"})
+    assert first.structured_content is not None
+    arguments = {"message": "hello", "conversation_id": first.structured_content["conversation_id"]}
+
+    async def turn() -> None:
+        created = await _create(client.session, "echo", arguments, 60)
+        request = types.GetTaskPayloadRequest(params=types.GetTaskPayloadRequestParams(task_id=created.task.task_id))
+        result = await client.session.send_request(request, types.CallToolResult)
         assert not result.is_error
 
     return turn
@@ -116,7 +139,8 @@ def main() -> None:
             *rows,
             "",
             "A turn: one message to `echo` in a conversation kept open, until its answer is complete (MCP: the",
-            "`tools/call` result, which waits for the run's end; HAIP: `RUN_FINISHED`). Measured in alternating",
+            "`tools/call` result, which waits for the run's end; an MCP task: the task-augmented `tools/call`, then",
+            "`tasks/result`, two requests; HAIP: `RUN_FINISHED`). Measured in alternating",
             "rounds on one connection each; the MCP SDK's client and server costs (JSON-RPC, SSE framing, a POST",
             "per call) are part of the MCP numbers.",
             "",

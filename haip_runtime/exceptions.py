@@ -17,6 +17,7 @@ they enter, always with ``raise ... from exc``. Every exception class of the pac
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
     │   ├── ToolUnavailableError    its server is not connected
     │   └── ToolTimeoutError        the server did not answer in time
+    ├── TaskRefusedError            an MCP client's task request at /mcp refused (no such task, ended, too many)
     ├── FakeToolError               raised by a fake tool of the agent harness: the call ends TOOL_ERROR
     ├── LlmError (code)             an LLM provider failed (LlmErrorCode); becomes RUN_ERROR {code, message}
     ├── SpeechError (code)          a speech provider failed (SpeechErrorCode); an ERROR to the member who spoke
@@ -43,6 +44,7 @@ __all__ = [
     "RequestRefusedError",
     "SpeechError",
     "StorageError",
+    "TaskRefusedError",
     "ToolError",
     "ToolTimeoutError",
     "ToolUnavailableError",
@@ -124,6 +126,11 @@ class ToolUnavailableError(ToolError):
 
 class ToolTimeoutError(ToolError):
     """The MCP server did not answer within the server's ``timeout_seconds``."""
+
+
+class TaskRefusedError(HaipError):
+    """An MCP client's request about an agent task refused: no such task (for this caller), it has
+    already ended, or the user holds too many. The MCP door answers it as a JSON-RPC invalid-params error."""
 
 
 class FakeToolError(HaipError):

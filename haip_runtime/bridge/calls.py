@@ -54,6 +54,11 @@ class Call:
     """The MCP task running the call, once the server created it."""
     report: Callable[..., Awaitable[None]] | None = None
     """Where the task's states go (`tasks.py`)."""
+    progress_token: str | None = None
+    """The `progressToken` a call run as an MCP task sent: the task's progress notifications carry it."""
+    on_progress: OnProgress | None = None
+    """Where those go (`tasks.route_progress`): the SDK follows a request's progress only until it is
+    answered, and a task's `tools/call` is answered at once."""
     _waiting: int = 0
     _remaining: float = 0.0
 

@@ -137,7 +137,14 @@ class McpBridge:
 
             async def as_task(session: ClientSession) -> CallToolResult:
                 return await run_task(
-                    session, call, tool, arguments, ttl_seconds=ttl, on_task=on_task, on_end=self._on_task_end
+                    session,
+                    call,
+                    tool,
+                    arguments,
+                    ttl_seconds=ttl,
+                    on_task=on_task,
+                    on_end=self._on_task_end,
+                    on_progress=on_progress,
                 )
 
         supervisor.calls.add(call)

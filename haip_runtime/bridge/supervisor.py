@@ -34,7 +34,7 @@ from haip_runtime.bridge.childlog import ChildLog
 from haip_runtime.bridge.dialer import describe_failure, open_transport, watching_end
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
-from haip_runtime.bridge.tasks import TaskStatusListener
+from haip_runtime.bridge.tasks import TaskStatusListener, route_progress
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
 
@@ -256,6 +256,8 @@ class ServerSupervisor:
         async def handle(message: IncomingMessage) -> None:
             if isinstance(message, types.ToolListChangedNotification):
                 self._link.relist.set()
+            elif isinstance(message, types.ProgressNotification):  # a task's, past its tools/call
+                await route_progress(self.calls, message.params)
             elif isinstance(message, Exception):
                 logger.debug("MCP server %r transport reported %r", self.name, message)
 

@@ -6,12 +6,18 @@ its id, meanwhile), and follows the task's state beside it: `notifications/tasks
 through the SDK's `ClientExtension`) and `tasks/get` polls. Cancelling the call (TOOL_CANCEL, the
 timeout) sends `tasks/cancel` and reports the server's answer. The SDK has typed models for these
 methods but no runtime; it also validates every `tools/call` answer as a plain result, so `_create`
-is the one place that sends below `ClientSession.send_request`.
+is the one place that sends below `ClientSession.send_request` (the SDK's public way around that
+check, `ClientExtension` result claims, exists only for the 2026 protocol).
+
+The task's progress notifications carry the `progressToken` the call sent, for the task's whole life;
+the SDK stops following a request's progress once it is answered, but hands every progress
+notification to the client's `message_handler` too, where `route_progress` gives it to its call.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +29,7 @@ from mcp.client.session import ClientSession
 from pydantic import ValidationError
 
 from haip_runtime.bridge.calls import Call
-from haip_runtime.bridge.models import OnTask, TaskState
+from haip_runtime.bridge.models import OnProgress, OnTask, Progress, TaskState
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +53,12 @@ async def run_task(
     ttl_seconds: float,
     on_task: OnTask | None,
     on_end: OnTaskEnd | None,
+    on_progress: OnProgress | None = None,
 ) -> types.CallToolResult:
     """Run `tool` as a task on `session` to its result; cancelling this cancels the task on the server."""
-    created = await _create(session, tool, arguments, ttl_seconds)
+    if on_progress is not None:
+        call.progress_token, call.on_progress = f"haip-{uuid.uuid4()}", on_progress
+    created = await _create(session, tool, arguments, ttl_seconds, call.progress_token)
     call.task_id = created.task.task_id
     call.report = _Reporter(call, on_task)
     final = "lost"
@@ -72,7 +81,9 @@ async def run_task(
             on_end(call.server, final)
 
 
-async def _create(session: ClientSession, tool: str, arguments: dict[str, Any], ttl: float) -> types.CreateTaskResult:
+async def _create(
+    session: ClientSession, tool: str, arguments: dict[str, Any], ttl: float, progress_token: str | None = None
+) -> types.CreateTaskResult:
     """Send the task-augmented `tools/call` and read its `CreateTaskResult`.
 
     `send_request` would validate the answer as a `CallToolResult` (right for plain calls, wrong here),
@@ -82,6 +93,8 @@ async def _create(session: ClientSession, tool: str, arguments: dict[str, Any], 
         params=types.CallToolRequestParams(name=tool, arguments=arguments, task=types.TaskMetadata(ttl=int(ttl * 1000)))
     )
     data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+    if progress_token is not None:
+        data["params"].setdefault("_meta", {})["progressToken"] = progress_token
     options: Any = {}
     session._stamp(data, options)  # private: see the docstring
     raw = await session._dispatcher.send_raw_request(data["method"], data.get("params"), options)
@@ -142,6 +155,14 @@ class _Reporter:
             return
         self._last = state
         await self._on_task(state)
+
+
+async def route_progress(calls: set[Call], params: types.ProgressNotificationParams) -> None:
+    """Give a progress notification to the task call whose token it carries (others have their own
+    request's callback), never after the call returned."""
+    call = next((each for each in calls if each.progress_token == params.progress_token), None)
+    if call is not None and call.on_progress is not None and not call.done:
+        await call.on_progress(Progress(params.progress, params.total, params.message))
 
 
 class TaskStatusListener(ClientExtension):

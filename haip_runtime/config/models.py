@@ -333,6 +333,11 @@ class McpServerDoorConfig(Model):
     """Offer the agents as an MCP server (streamable HTTP): each agent a caller may start is a tool."""
     path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9/_-]*[A-Za-z0-9_-]$")
     """Where it is served; the same bearer tokens and roles as HAIP."""
+    task_ttl_seconds: float = Field(default=3600, gt=0)
+    """The longest an agent run called as an MCP task is kept, from its creation (a client may ask for less):
+    one still running then is cancelled, and its answer is forgotten."""
+    max_tasks_per_user: int = Field(default=20, ge=1)
+    """MCP tasks a user holds at once; a new one drops their oldest finished one, or is refused."""
 
 
 class ObservabilityConfig(Model):

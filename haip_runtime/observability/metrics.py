@@ -151,9 +151,13 @@ class Metrics:
             "haip_mcp_tasks", "Tool calls run as MCP tasks, ended, by MCP server and the task's final status.",
             ["server", "status"],
         )  # fmt: skip
+        self._served_tasks = LabelledCounter(
+            "haip_mcp_served_tasks", "Agent runs called as MCP tasks at /mcp, ended, by agent and final status.",
+            ["agent", "status"],
+        )  # fmt: skip
         self._own = (
             self._runs, self._tools, self._tool_seconds, self._restarts, self._resumes,
-            self._llm_tokens, self._llm_seconds, self._llm_errors, self._tasks,
+            self._llm_tokens, self._llm_seconds, self._llm_errors, self._tasks, self._served_tasks,
         )  # fmt: skip
         self._gauges: Collector | None = None
         self._registry: CollectorRegistry | None = None
@@ -177,6 +181,10 @@ class Metrics:
 
     def task_ended(self, server: str, status: str) -> None:
         self._tasks.inc(server, status)
+
+    def served_task_ended(self, agent: str, status: str) -> None:
+        """An agent run called as an MCP task (the `[mcp_server]` door) ended."""
+        self._served_tasks.inc(agent, status)
 
     def resumed(self) -> None:
         self._resumes.inc("resumed", "")

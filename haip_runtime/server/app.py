@@ -46,6 +46,7 @@ from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.mcp_door import McpEndpoint
+from haip_runtime.server.mcp_tasks import AgentTasks
 from haip_runtime.server.rest import history_routes
 from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
 from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
@@ -232,7 +233,18 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
 
     mcp = None
     if config.mcp_server.enabled:
-        mcp = McpEndpoint(config, rt.hub.context, rt.authenticator.authenticate, rt.hub.sessions.quotas.check_message)
+        mcp = McpEndpoint(
+            config,
+            rt.hub.context,
+            rt.authenticator.authenticate,
+            rt.hub.sessions.quotas.check_message,
+            tasks=lambda door: AgentTasks(
+                door.run,
+                ttl_seconds=config.mcp_server.task_ttl_seconds,
+                per_user=config.mcp_server.max_tasks_per_user,
+                on_end=rt.metrics.served_task_ended,
+            ),
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

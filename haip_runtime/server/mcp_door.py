@@ -13,23 +13,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from typing import Any
 
 import anyio
 import anyio.abc
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.conversation.transaction import Transaction
-from haip_runtime.exceptions import HandshakeError, ProtocolError
+from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, RunOutcome, ToolStatus
 from haip_runtime.transports.http import http_credentials, refused_origin, send_error
+from haip_runtime.transports.sse import read_body
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +103,18 @@ class McpDoor:
         conversation_id: str | None,
         report: Report,
         ask: Ask | None = None,
+        *,
+        on_run: Callable[[_Run], None] | None = None,
     ) -> Any:
+        """One turn of `agent`, to its answer; `on_run` is handed the run as it starts (a task keeps it
+        to say what the run did if the task is cancelled)."""
         from haip_runtime.bridge.facade import AgentAnswer
 
         assert isinstance(caller, Principal), "the door authenticates every request"
         member = McpMember(caller)
         run = _Run(agent, report, ask, self._answer)
+        if on_run is not None:
+            on_run(run)
         try:
             with self._counted(member):
                 return await self._run(member, run, message, conversation_id)
@@ -298,13 +305,18 @@ class McpEndpoint:
         ctx: HubContext,
         authenticate: Callable[[str | None], Awaitable[Principal]],
         check_message: Callable[[str, str], None],
+        tasks: Callable[[McpDoor], Any] | None = None,
     ) -> None:
         from haip_runtime import __version__
-        from haip_runtime.bridge.facade import agent_server
+        from haip_runtime.bridge.facade import MAX_BODY_BYTES, agent_server
 
         self._origins = config.server.allowed_origins
+        self._body_timeout = config.server.body_timeout_seconds
+        self._max_body = MAX_BODY_BYTES
         self._authenticate = authenticate
-        self._server = agent_server(McpDoor(ctx, check_message), name="haip-runtime", version=__version__)
+        door = McpDoor(ctx, check_message)
+        self.tasks = tasks(door) if tasks is not None else None  # `mcp_tasks.AgentTasks`: runs outliving calls
+        self._server = agent_server(door, name="haip-runtime", version=__version__, tasks=self.tasks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         from haip_runtime.bridge.facade import CALLER
@@ -319,10 +331,27 @@ class McpEndpoint:
         except HandshakeError as error:
             await send_error(send, 401, ProtocolError(error.code, error.message))
             return
+        if scope.get("method") == "POST":  # the SDK reads the body itself, with no deadline: read it here
+            try:
+                body = await read_body(receive, self._max_body, self._body_timeout)
+            except DecodeError as refusal:
+                await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
+                return
+            receive = _replaying(body, receive)
         await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         """Enter for as long as the app serves (the SDK's session manager runs meanwhile)."""
-        async with self._server.lifespan():
+        async with self._server.lifespan(), self.tasks.running() if self.tasks is not None else nullcontext():
             yield
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for an app after the body was read: the body once, then the connection's own messages."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

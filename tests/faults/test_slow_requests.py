@@ -91,3 +91,37 @@ async def test_fault_8_an_ag_ui_post_whose_body_does_not_arrive_in_time_is_refus
     status, _, body = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 400")
     assert json.loads(body)["error"]["code"] == "INVALID_MESSAGE" and b"body_timeout_seconds" in body
+
+
+async def test_fault_8_an_mcp_post_whose_body_does_not_arrive_in_time_is_refused() -> None:
+    with live_server(make_config({"server": {"body_timeout_seconds": 1}, "mcp_server": {"enabled": True}})) as live:
+        sock = connect(live)
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live.token('slow')}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            'Content-Length: 1000\r\n\r\n{"jsonrpc": "2.0", '
+        )
+        sock.sendall(head.encode())  # then nothing more
+        answer = await anyio.to_thread.run_sync(read_all, sock)
+        sock.close()
+        fine = connect(live)  # a whole body reaches the SDK as before (which wants a session for a ping)
+        ping = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+        fine.sendall(
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live.token('fast')}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            f"Connection: close\r\nContent-Length: {len(ping)}\r\n\r\n".encode()
+            + ping
+        )
+        served = await anyio.to_thread.run_sync(read_all_until_closed, fine)
+        fine.close()
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["code"] == "INVALID_MESSAGE" and b"body_timeout_seconds" in body
+    assert b'"jsonrpc":"2.0"' in served and b"Missing session ID" in served
+
+
+def read_all_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
