@@ -1,7 +1,8 @@
 """Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
 
-Masked: every ``SecretStr``, MCP servers' ``env`` values and agent options whose key looks like a
-secret. ``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
+Masked: every ``SecretStr``, MCP servers' ``env`` values, agent options whose key looks like a
+secret and the password in ``cluster.redis_url``. ``haip-runtime check`` prints ``masked_dump``; the log
+redactor is given ``secret_values``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def masked_dump(config: HaipConfig) -> dict[str, Any]:
         server["env"] = dict.fromkeys(server["env"], MASK)
     for agent in data["agents"].values():
         agent["options"] = _mask_secretish(agent["options"])
+    if config.cluster is not None:
+        data["cluster"]["redis_url"] = config.cluster.masked_url
     return data
 
 
@@ -40,6 +43,8 @@ def secret_values(config: HaipConfig) -> list[str]:
         found += list(server.env.values())
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
+    if config.cluster is not None and config.cluster.redis_password:
+        found.append(config.cluster.redis_password)
     return found
 
 
