@@ -66,6 +66,7 @@ class Feed:
         self._hosted: dict[str, Hosted] = {}
         self._by_channel: dict[bytes, str] = {}
         self._pubsub: PubSub | None = None
+        self._task_status: TaskStatus[None] | None = None
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
 
@@ -112,12 +113,11 @@ class Feed:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled: connect, subscribe everything hosted, catch up, follow; again on loss."""
-        delay, started = 0.05, False
+        delay, self._task_status = 0.05, task_status
         while True:
             pubsub = self._subscriber.pubsub()
             try:
-                await self._listen(pubsub, task_status if not started else None)
-                started = True
+                await self._listen(pubsub)
             except (RedisError, OSError) as exc:
                 self._health.failed(exc)
                 logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
@@ -129,7 +129,7 @@ class Feed:
             delay = min(delay * 2, 1.0)
             self.reconnects += 1
 
-    async def _listen(self, pubsub: PubSub, task_status: TaskStatus[None] | None) -> None:
+    async def _listen(self, pubsub: PubSub) -> None:
         # No await between choosing the channels and publishing the connection: a host() after this
         # point subscribes itself, one before it is in the list.
         channels = [self._node_channel, *(self._keys.channel(t) for t in self._hosted)]
@@ -145,9 +145,9 @@ class Feed:
                 pending.discard(message["channel"])
                 if not pending:  # everything of before the loss is subscribed again: read what was missed
                     self._health.succeeded()
-                    if task_status is not None:
-                        task_status.started()
-                        task_status = None
+                    if self._task_status is not None:  # the first time: the bus is ready
+                        self._task_status.started()
+                        self._task_status = None
                     await self._catch_up_all(awaiting)
             elif kind == "subscribe":  # a later host()'s subscription
                 self._confirm(message)

@@ -89,6 +89,19 @@ class Leases:
         with translating(self._health, f"release lease {name}"):
             return bool(await self._release(keys=[self._keys.lease(name)], args=[token]))
 
+    async def wait_acquire(self, name: str, ttl: float | None = None) -> str:
+        """Acquire ``name``, waiting while another holds it: the next try is when its lease would expire.
+
+        How the next turn of a dead owner's transaction lands elsewhere. Bound it with ``anyio.fail_after``.
+        """
+        while True:
+            token = await self.acquire(name, ttl)
+            if token is not None:
+                return token
+            with translating(self._health, f"read lease {name}"):
+                left_ms = int(await self._redis.pttl(self._keys.lease(name)))
+            await anyio.sleep(max(left_ms, 1) / 1000)
+
     async def holder(self, name: str) -> str | None:
         """The token holding ``name`` now, if any."""
         with translating(self._health, f"read lease {name}"):
