@@ -152,7 +152,10 @@ class Feed:
             elif kind == "subscribe":  # a later host()'s subscription
                 self._confirm(message)
             elif kind == "message":
-                await self._receive(message)
+                try:
+                    await self._receive(message)
+                except ValueError:  # not one of ours (someone else published on the channel): skip it
+                    logger.exception("cluster feed: a message on %s is not a log message", message["channel"])
 
     def _confirm(self, message: dict[str, Any]) -> None:
         transaction = self._by_channel.get(message["channel"])

@@ -123,18 +123,23 @@ class Leases:
             yield None
             return
         lease = HeldLease(name, token)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep, lease, ttl, sent + ttl, on_lost)
-            try:
-                yield lease
-            finally:
-                tg.cancel_scope.cancel()
-                if not lease.lost.is_set():
-                    with anyio.move_on_after(2, shield=True):
-                        try:
-                            await self.release(name, token)
-                        except ClusterError:
-                            pass  # it expires by itself
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep, lease, ttl, sent + ttl, on_lost)
+                try:
+                    yield lease
+                finally:
+                    tg.cancel_scope.cancel()
+                    if not lease.lost.is_set():
+                        with anyio.move_on_after(2, shield=True):
+                            try:
+                                await self.release(name, token)
+                            except ClusterError:
+                                pass  # it expires by itself
+        except BaseExceptionGroup as group:  # the block's own error, as it raised it (the keeper raises none)
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def _keep(
         self, lease: HeldLease, ttl: float, deadline: float, on_lost: Callable[[HeldLease], None] | None

@@ -65,3 +65,13 @@ async def test_a_holder_is_told_when_its_lease_was_taken(redis_url: str, bus_at:
                 await lease.lost.wait()
             assert lost == [lease]
         assert await b.leases.holder("run:T") == taken  # leaving the block did not release b's lease
+
+
+async def test_an_error_in_the_block_comes_out_as_itself_and_the_lease_is_released(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a:
+        with pytest.raises(KeyError):
+            async with a.leases.hold("run:T", 10):
+                raise KeyError("x")
+        assert await a.leases.holder("run:T") is None

@@ -145,3 +145,16 @@ async def test_unhosting_stops_deliveries(redis_url: str, bus_at: BusFactory) ->
         assert gone.items == [] and kept.items == [LogEntry("U", 1, b"u")]
         with pytest.raises(ValueError, match="already hosted"):
             await b.feed.host("U", kept)
+
+
+async def test_a_foreign_message_on_the_channel_is_skipped(
+    redis_url: str, bus_at: BusFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        seen = Collector()
+        await b.feed.host("T", seen)
+        await a.redis.publish(a.keys.channel("T"), b"hello there")
+        await a.log.append("T", b"ours")
+        await seen.wait(1)
+        assert seen.items == [LogEntry("T", 1, b"ours")]
+        assert "is not a log message" in caplog.text
