@@ -59,7 +59,7 @@ class Bus:
         self.log = TransactionLog(
             self.redis, self.keys, self.health, max_events=config.log_max_events, idle_seconds=config.log_idle_seconds
         )
-        self.feed = Feed(self._subscriber, self.log, self.keys, self.health, self.node_id)
+        self.feed = Feed(self._subscriber, self.redis, self.log, self.keys, self.health, self.node_id)
         self.batcher = PartBatcher(self.log, batch_ms=config.part_batch_ms, batch_bytes=config.part_batch_bytes)
         self.replay = ReplayStreams(
             self.redis,

@@ -8,8 +8,9 @@ channel per node, with a set of hosting nodes per transaction read by the append
 publish per hosting node and a set that goes stale when a node dies without saying so.
 
 Exactly once, in order (the agno design: read the stream, then follow, so nothing falls between):
-each hosted transaction remembers the next tseq it expects. ``host`` subscribes, waits for Redis to
-confirm, then reads the stream from that tseq; the channel's messages then follow. A message past the
+each hosted transaction remembers the next tseq it expects. ``host`` has the listening task
+subscribe (only that task touches the pub/sub connection), waits for Redis to confirm, then reads
+the stream from that tseq; the channel's messages then follow. A message past the
 expected tseq (one was missed) is preceded by an ``XRANGE`` from the expected tseq; anything already
 delivered is dropped. After the connection is lost (Redis restarted, the connection killed) the feed
 reconnects with backoff, subscribes again and reads every hosted stream from its expected tseq.
@@ -41,6 +42,8 @@ logger = logging.getLogger("haip_runtime.cluster")
 Deliver = Callable[[Sequence[LogEntry | LogGap]], None]
 
 CATCH_UP_PAGE = 1000
+#: The first wait before reconnecting; doubled after each failure up to a second.
+FIRST_RETRY = 0.05
 
 
 @dataclass
@@ -57,16 +60,19 @@ class Hosted:
 class Feed:
     """Delivers the hosted transactions' events; owns the pub/sub connection and its reconnects."""
 
-    def __init__(self, subscriber: Redis, log: TransactionLog, keys: Keyspace, health: BusHealth, node: str):
+    def __init__(
+        self, subscriber: Redis, commands: Redis, log: TransactionLog, keys: Keyspace, health: BusHealth, node: str
+    ):
         self._subscriber = subscriber
+        self._commands = commands
         self._log = log
         self._keys = keys
         self._health = health
         self._node_channel = keys.node_channel(node)
         self._hosted: dict[str, Hosted] = {}
         self._by_channel: dict[bytes, str] = {}
-        self._pubsub: PubSub | None = None
         self._task_status: TaskStatus[None] | None = None
+        self._delay = FIRST_RETRY
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
 
@@ -85,12 +91,7 @@ class Feed:
         hosted = self._hosted[transaction] = Hosted(transaction, deliver, after + 1)
         channel = self._keys.channel(transaction)
         self._by_channel[channel.encode()] = transaction
-        pubsub = self._pubsub
-        if pubsub is not None:
-            try:
-                await pubsub.subscribe(channel)
-            except (RedisError, OSError) as exc:
-                self._health.failed(exc)  # the reconnect that follows subscribes it
+        await self._ask_listener(b"host", transaction)
         try:
             with anyio.fail_after(timeout):
                 await hosted.subscribed.wait()
@@ -103,17 +104,24 @@ class Feed:
         hosted = self._hosted.pop(transaction, None)
         if hosted is None:
             return
-        channel = self._keys.channel(transaction)
-        self._by_channel.pop(channel.encode(), None)
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.unsubscribe(channel)
-            except (RedisError, OSError) as exc:
-                self._health.failed(exc)
+        self._by_channel.pop(self._keys.channel(transaction).encode(), None)
+        await self._ask_listener(b"unhost", transaction)
+
+    async def _ask_listener(self, verb: bytes, transaction: str) -> None:
+        """Have the listening task (un)subscribe: it alone uses the pub/sub connection, so no two tasks
+        ever reconnect it at once (redis-py reconnects a connection from whichever task's command failed).
+
+        Sent on this node's own channel, which the listener always follows; if Redis cannot be reached
+        the reconnect that follows subscribes to everything hosted then.
+        """
+        try:
+            await self._commands.publish(self._node_channel, verb + b" " + transaction.encode())
+        except (RedisError, OSError) as exc:
+            self._health.failed(exc)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled: connect, subscribe everything hosted, catch up, follow; again on loss."""
-        delay, self._task_status = 0.05, task_status
+        self._task_status = task_status
         while True:
             pubsub = self._subscriber.pubsub()
             try:
@@ -122,19 +130,16 @@ class Feed:
                 self._health.failed(exc)
                 logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
             finally:
-                self._pubsub = None
                 with anyio.move_on_after(1, shield=True):
                     await pubsub.aclose()
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await anyio.sleep(self._delay)
+            self._delay = min(self._delay * 2, 1.0)
             self.reconnects += 1
 
     async def _listen(self, pubsub: PubSub) -> None:
-        # No await between choosing the channels and publishing the connection: a host() after this
-        # point subscribes itself, one before it is in the list.
-        channels = [self._node_channel, *(self._keys.channel(t) for t in self._hosted)]
-        awaiting, pending = set(self._hosted), {channel.encode() for channel in channels}
-        self._pubsub = pubsub
+        awaiting = set(self._hosted)
+        channels = [self._node_channel, *(self._keys.channel(t) for t in awaiting)]
+        pending = {channel.encode() for channel in channels}
         await pubsub.subscribe(*channels)
         while True:
             message = await pubsub.get_message(timeout=None)
@@ -145,17 +150,40 @@ class Feed:
                 pending.discard(message["channel"])
                 if not pending:  # everything of before the loss is subscribed again: read what was missed
                     self._health.succeeded()
+                    self._delay = FIRST_RETRY
                     if self._task_status is not None:  # the first time: the bus is ready
                         self._task_status.started()
                         self._task_status = None
                     await self._catch_up_all(awaiting)
+                    await self._settle(pubsub, awaiting)
             elif kind == "subscribe":  # a later host()'s subscription
                 self._confirm(message)
+            elif kind == "message" and message["channel"] == self._node_channel.encode():
+                await self._obey(pubsub, message["data"])
             elif kind == "message":
                 try:
                     await self._receive(message)
                 except ValueError:  # not one of ours (someone else published on the channel): skip it
                     logger.exception("cluster feed: a message on %s is not a log message", message["channel"])
+
+    async def _settle(self, pubsub: PubSub, subscribed: set[str]) -> None:
+        """(Un)subscribe what host() and unhost() changed while this connection was being made: their
+        requests on the node's channel may have come before the listener followed it."""
+        late = [self._keys.channel(t) for t in self._hosted if t not in subscribed]
+        gone = [self._keys.channel(t) for t in subscribed if t not in self._hosted]
+        if late:
+            await pubsub.subscribe(*late)
+        if gone:
+            await pubsub.unsubscribe(*gone)
+
+    async def _obey(self, pubsub: PubSub, request: bytes) -> None:
+        """A host() or unhost() of this node, asking for a (un)subscription."""
+        verb, _, name = request.decode(errors="replace").partition(" ")
+        channel = self._keys.channel(name)
+        if verb == "host" and name in self._hosted:
+            await pubsub.subscribe(channel)
+        elif verb == "unhost" and name not in self._hosted:
+            await pubsub.unsubscribe(channel)
 
     def _confirm(self, message: dict[str, Any]) -> None:
         transaction = self._by_channel.get(message["channel"])

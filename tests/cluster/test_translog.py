@@ -158,3 +158,35 @@ async def test_a_foreign_message_on_the_channel_is_skipped(
         await seen.wait(1)
         assert seen.items == [LogEntry("T", 1, b"ours")]
         assert "is not a log message" in caplog.text
+
+
+async def test_hosting_and_appending_through_repeated_connection_kills_loses_nothing(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        seen = {name: Collector() for name in ("T0", "T1", "T2", "T3", "T4", "T5")}
+
+        async def host_all() -> None:
+            for name, collector in seen.items():
+                await b.feed.host(name, collector)
+
+        async def append_all() -> None:
+            for round_ in range(20):
+                for name in seen:
+                    await a.log.append(name, b"%d" % round_)
+
+        async def kill_some() -> None:
+            for _ in range(10):
+                await a.redis.client_kill_filter(_type="pubsub")
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()  # let appends and reconnects run in between
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host_all)
+            tg.start_soon(append_all)
+            tg.start_soon(kill_some)
+        assert b.feed.reconnects >= 1
+        for collector in seen.values():
+            await collector.wait(20, timeout=10)
+            assert collector.tseqs == list(range(1, 21))
+            assert collector.payloads == [b"%d" % n for n in range(20)]
