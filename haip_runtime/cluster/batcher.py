@@ -63,7 +63,11 @@ class PartBatcher:
         queue = self._queues.setdefault(transaction, _Queue())
         async with queue.lock:
             batch = [*self._take(transaction, queue), data]
-            first = await self._append(transaction, queue, batch, floor)
+            try:
+                first = await self._append(transaction, queue, batch, floor)
+            except ClusterError:
+                self.parts_lost += len(batch) - 1  # the caller learns of its own event by the error
+                raise
         return first + len(batch) - 1
 
     async def flush(self, transaction: str) -> None:

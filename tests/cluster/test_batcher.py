@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
+from haip_runtime.exceptions import ClusterError
 from tests.cluster.conftest import BusFactory, Collector
+from tests.support.redis import running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -55,3 +58,17 @@ async def test_parts_left_at_the_end_are_flushed_when_the_bus_closes(redis_url: 
             await a.batcher.part("T", b"last words")
         await seen.wait(1)
         assert seen.payloads == [b"last words"]
+
+
+async def test_parts_whose_append_fails_are_counted_as_lost(bus_at: BusFactory) -> None:
+    with running_redis() as server:
+        async with bus_at(server.url, part_batch_ms=60_000) as a:
+            await a.batcher.part("T", b"p1")
+            await a.batcher.part("T", b"p2")
+            await anyio.to_thread.run_sync(server.stop)
+            with pytest.raises(ClusterError):
+                await a.batcher.event("T", b"end")
+            await a.batcher.part("T", b"p3")
+            await a.batcher.flush("T")
+            assert a.batcher.parts_lost == 3 and a.batcher.batches == 0
+            await anyio.to_thread.run_sync(server.start)

@@ -7,6 +7,7 @@ import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
 from tests.cluster.conftest import BusFactory, Collector
+from tests.support.redis import running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -102,8 +103,6 @@ async def test_a_killed_subscriber_connection_reconnects_and_misses_nothing(redi
 
 
 async def test_a_restarted_redis_is_reconnected_and_the_log_goes_on(bus_at: BusFactory) -> None:
-    from tests.support.redis import running_redis
-
     with running_redis(appendonly=True) as server:
         async with bus_at(server.url) as a, bus_at(server.url) as b:
             seen = Collector()
@@ -118,8 +117,6 @@ async def test_a_restarted_redis_is_reconnected_and_the_log_goes_on(bus_at: BusF
 
 
 async def test_after_redis_lost_everything_the_floor_keeps_tseqs_growing(bus_at: BusFactory) -> None:
-    from tests.support.redis import running_redis
-
     with running_redis() as server:
         async with bus_at(server.url) as a, bus_at(server.url) as b:
             seen = Collector()
