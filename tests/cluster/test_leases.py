@@ -7,6 +7,7 @@ import pytest
 
 from haip_runtime.cluster import HeldLease
 from tests.cluster.conftest import BusFactory, until
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +76,15 @@ async def test_an_error_in_the_block_comes_out_as_itself_and_the_lease_is_releas
             async with a.leases.hold("run:T", 10):
                 raise KeyError("x")
         assert await a.leases.holder("run:T") is None
+
+
+async def test_a_holder_cut_off_from_redis_counts_its_lease_lost_when_it_would_have_expired(
+    own_redis: RedisServer, bus_at: BusFactory
+) -> None:
+    async with bus_at(own_redis.url) as a:
+        async with a.leases.hold("run:T", 0.4) as lease:
+            assert lease is not None
+            await anyio.to_thread.run_sync(own_redis.stop)
+            with anyio.fail_after(5):
+                await lease.lost.wait()  # it cannot know whether another took it: it must stop
+        await anyio.to_thread.run_sync(own_redis.start)
