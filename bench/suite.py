@@ -735,6 +735,12 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str]) 
         "`bench/speech.py` writes bench/SPEECH-RESULTS.md: end of speech → transcript and → first audio chunk",
         "through the runtime against the engines called directly, and each engine's real-time factor on this CPU.",
         "",
+        "## Cluster bus",
+        "",
+        "`bench/cluster_bus.py` writes bench/CLUSTER-RESULTS.md in a few seconds: appends per second through the",
+        "Lua script (one at a time, 16 in flight, 16 per call, and streamed parts through the batcher), each",
+        "delivered to a second node, and Redis commands per appended event from `INFO commandstats`.",
+        "",
     ]
     if NOTES:
         lines += ["## Notes from this run", "", *[f"- {note}" for note in NOTES], ""]

@@ -12,6 +12,7 @@ they enter, always with ``raise ... from exc``. Every exception class of the pac
     │   ├── HandshakeError          HANDSHAKE_REQUIRED / VERSION_INCOMPATIBLE / AUTHENTICATION_FAILED
     │   ├── RequestRefusedError     an HTTP request refused (REST history): an HTTP status beside the code
     │   ├── StorageError            STORAGE_ERROR: the store could not read (a damaged database)
+    │   ├── ClusterError            STORAGE_UNAVAILABLE: Redis, the cluster's bus, cannot be reached or refused
     │   └── ... any code from ErrorCode, raised as ProtocolError(code, message)
     ├── KeyUnavailableError         no JWKS key for a token; the authenticator refuses it (AUTHENTICATION_FAILED)
     ├── ToolError                   an MCP tool could not be called (code TOOL_NOT_FOUND / INTERNAL_ERROR)
@@ -32,6 +33,7 @@ from haip_runtime.protocol.events import ErrorCode, LlmErrorCode, SpeechErrorCod
 
 __all__ = [
     "ClientError",
+    "ClusterError",
     "ConfigError",
     "DecodeError",
     "FakeToolError",
@@ -106,6 +108,16 @@ class StorageError(ProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.STORAGE_ERROR, message)
+
+
+class ClusterError(ProtocolError):
+    """Redis, the bus between the nodes of a cluster, could not be reached in time or refused a command.
+
+    ``STORAGE_UNAVAILABLE``: what was asked (an append, a lease) did not happen and may be retried.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.STORAGE_UNAVAILABLE, message)
 
 
 class KeyUnavailableError(HaipError):

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "haip_runtime"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("protocol", "exceptions"),
     ("config", "observability"),
-    ("transports", "store", "bridge"),
+    ("transports", "store", "bridge", "cluster"),
     ("auth",),
     ("session",),
     ("tools",),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic.functional_validators import AfterValidator
@@ -22,3 +23,21 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: How a secret is shown.
+MASK = "**********"
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return MASK  # not a URL we can take apart: show none of it
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:{MASK}@{host}"))

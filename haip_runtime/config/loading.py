@@ -113,8 +113,8 @@ def _describe(exc: ValidationError, data: Any = None) -> str:
 
 
 def _showable(value: object, loc: str) -> bool:
-    """Echo a bad value only if it is a scalar and cannot be a secret."""
-    secretish = any(word in loc.lower() for word in ("secret", "key", "token", "password", "header"))
+    """Echo a bad value only if it is a scalar and cannot be a secret (a URL may carry a password)."""
+    secretish = any(word in loc.lower() for word in ("secret", "key", "token", "password", "header", "url"))
     return isinstance(value, str | int | float | bool) and not secretish
 
 

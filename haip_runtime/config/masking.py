@@ -1,19 +1,21 @@
 """Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
 
 Masked: every ``SecretStr`` (a database URL shows all but its password), MCP servers' ``env``
-values and agent options whose key looks like a secret. ``haip-runtime check`` prints
-``masked_dump``; the log redactor is given ``secret_values``.
+values, agent options whose key looks like a secret and the password in ``cluster.redis_url``.
+``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from haip_runtime.config.base import MASK, masked_url
 from haip_runtime.config.models import HaipConfig
 
-MASK = "**********"
+__all__ = ["MASK", "masked_dump", "masked_url", "secret_values"]
+
 _SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
 
 
@@ -31,6 +33,8 @@ def masked_dump(config: HaipConfig) -> dict[str, Any]:
         server["env"] = dict.fromkeys(server["env"], MASK)
     for agent in data["agents"].values():
         agent["options"] = _mask_secretish(agent["options"])
+    if config.cluster is not None:
+        data["cluster"]["redis_url"] = config.cluster.masked_url
     return data
 
 
@@ -47,21 +51,9 @@ def secret_values(config: HaipConfig) -> list[str]:
         found += list(server.env.values())
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
+    if config.cluster is not None and config.cluster.redis_password:
+        found.append(config.cluster.redis_password)
     return found
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return MASK  # not a URL we can take apart: show none of it
-    if not password:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{name}:{MASK}@{host}"))
 
 
 def _secretish_values(value: Any, secretish: bool = False) -> list[str]:

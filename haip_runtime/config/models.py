@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from haip_runtime.config.base import ConfigPath, Model
+from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.providers import LlmConfig, SpeechConfig
 
 #: Environment variables a stdio MCP server inherits unless its config says otherwise.
@@ -381,6 +382,8 @@ class HaipConfig(Model):
     speech: dict[str, SpeechConfig] = Field(default_factory=dict)
     """Speech providers (speech to text, text to speech), by name; agents name theirs with `agents.<name>.speech`."""
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    cluster: ClusterConfig | None = None
+    """Several runtime processes sharing conversations through Redis (`[cluster]`); none: one process."""
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
     """(Not a key.) The config file's folder."""
 

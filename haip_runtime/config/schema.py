@@ -1,7 +1,8 @@
 """The JSON Schema of haip.toml (``config/haip.schema.json``, for editors), generated from the models.
 
-Each property's description is its attribute docstring in ``models.py`` or ``providers.py``, read from the
-sources here rather than by pydantic at every import (``use_attribute_docstrings`` parses each class).
+Each property's description is its attribute docstring in ``models.py``, ``providers.py`` or
+``clustering.py``, read from the sources here rather than by pydantic at every import
+(``use_attribute_docstrings`` parses each class).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic.json_schema import GenerateJsonSchema
 
-from haip_runtime.config import models, providers
+from haip_runtime.config import clustering, models, providers
 from haip_runtime.config.models import HaipConfig
 
 
@@ -23,7 +24,7 @@ def json_schema() -> dict[str, Any]:
     schema = HaipConfig.model_json_schema(mode="validation")
     docs = _attribute_docstrings()
     for name, definition in [(HaipConfig.__name__, schema), *schema.get("$defs", {}).items()]:
-        model = vars(models).get(name) or vars(providers).get(name)
+        model = vars(models).get(name) or vars(providers).get(name) or vars(clustering).get(name)
         classes = [base.__name__ for base in getattr(model, "__mro__", ())]
         for field, property in definition.get("properties", {}).items():
             found = [docs[cls][field] for cls in classes if field in docs.get(cls, {})]
@@ -37,9 +38,8 @@ def json_schema() -> dict[str, Any]:
 def _attribute_docstrings() -> dict[str, dict[str, str]]:
     """{class: {attribute: docstring}} for the option classes: a string right after an annotated attribute."""
     docs: dict[str, dict[str, str]] = {}
-    nodes = [
-        node for module in (models, providers) for node in ast.parse(Path(str(module.__file__)).read_text("utf-8")).body
-    ]
+    modules = (models, providers, clustering)
+    nodes = [node for module in modules for node in ast.parse(Path(str(module.__file__)).read_text("utf-8")).body]
     for node in nodes:
         if isinstance(node, ast.ClassDef):
             docs[node.name] = attributes = {}

@@ -1,0 +1,29 @@
+"""The cluster's bus: Redis shared by every node (the only code that imports ``redis``).
+
+Layer 2: imports only ``protocol``, ``exceptions``, ``config`` and ``observability``. Not used by the
+runtime yet: the conversation, hub and session layers will build on this API.
+"""
+
+from haip_runtime.cluster.bus import Bus, make_node_id
+from haip_runtime.cluster.feed import Deliver, Feed
+from haip_runtime.cluster.health import BusHealth, BusState
+from haip_runtime.cluster.leases import HeldLease, Leases
+from haip_runtime.cluster.replay import ReplayOutcome, ReplayRead, ReplayStreams
+from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog
+
+__all__ = [
+    "Bus",
+    "BusHealth",
+    "BusState",
+    "Deliver",
+    "Feed",
+    "HeldLease",
+    "Leases",
+    "LogEntry",
+    "LogGap",
+    "ReplayOutcome",
+    "ReplayRead",
+    "ReplayStreams",
+    "TransactionLog",
+    "make_node_id",
+]

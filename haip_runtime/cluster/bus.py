@@ -1,0 +1,122 @@
+"""The bus: one node's whole connection to the cluster's Redis, and the parts that use it.
+
+``Bus`` is an async context manager: entering reaches Redis (with backoff, up to
+``connect_timeout_seconds``) and starts the node's tasks: the feed (its one subscription), the
+part batcher's timer and the heartbeat (presence, quota slots, and the health check). Leaving
+flushes the batched parts, says the node is leaving and closes the connections. While inside,
+losing Redis sets ``health`` to ``unavailable``; every part reconnects by itself and the health is
+``ok`` again once Redis answers. Nothing else in the runtime imports ``redis``.
+
+The parts, each with its guarantees in its own module: ``log`` (translog: appends with tseqs
+allocated in Redis), ``feed`` (deliveries in tseq order, each once), ``batcher`` (streamed parts
+coalesced, never reordered), ``replay`` (sessions' windows), ``dedup`` (inbound envelope ids),
+``leases`` (one holder at a time), ``quotas`` (per-user slots and rates), ``nodes`` (presence).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Self
+
+import anyio
+
+from haip_runtime.cluster.batcher import PartBatcher
+from haip_runtime.cluster.dedup import InboundDedup
+from haip_runtime.cluster.dialing import command_client, reach, subscriber_client
+from haip_runtime.cluster.feed import Feed
+from haip_runtime.cluster.health import BusHealth
+from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.leases import Leases
+from haip_runtime.cluster.presence import Presence
+from haip_runtime.cluster.quotas import Quotas
+from haip_runtime.cluster.replay import ReplayStreams
+from haip_runtime.cluster.translog import TransactionLog
+from haip_runtime.config.clustering import ClusterConfig
+from haip_runtime.exceptions import ClusterError
+
+logger = logging.getLogger("haip_runtime.cluster")
+
+
+def make_node_id() -> str:
+    """A node name unique enough among a cluster's nodes: the host name and a random part."""
+    return f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+
+
+class Bus:
+    """This node's parts of the cluster, over one command connection pool and one subscriber connection."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.node_id = config.node_id or make_node_id()
+        self.health = BusHealth()
+        self.keys = Keyspace(config.key_prefix)
+        self.redis = command_client(config.redis_url)
+        self._subscriber = subscriber_client(config.redis_url)
+        self.log = TransactionLog(
+            self.redis, self.keys, self.health, max_events=config.log_max_events, idle_seconds=config.log_idle_seconds
+        )
+        self.feed = Feed(self._subscriber, self.redis, self.log, self.keys, self.health, self.node_id)
+        self.batcher = PartBatcher(self.log, batch_ms=config.part_batch_ms, batch_bytes=config.part_batch_bytes)
+        self.replay = ReplayStreams(
+            self.redis,
+            self.keys,
+            self.health,
+            max_events=config.replay_max_events,
+            max_age_seconds=config.replay_max_age_seconds,
+        )
+        self.dedup = InboundDedup(self.redis, self.keys, self.health, ttl_seconds=config.dedup_seconds)
+        self.leases = Leases(self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds)
+        self.quotas = Quotas(self.redis, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
+        self.nodes = Presence(
+            self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds
+        )
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_clients)
+            await reach(self.redis, self.health, self.config.connect_timeout_seconds)
+            await self.nodes.beat()
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            with anyio.fail_after(self.config.connect_timeout_seconds):
+                await tg.start(self.feed.run)
+            await tg.start(self.batcher.run)
+            tg.start_soon(self._heartbeat)
+            self._stack = stack.pop_all()
+        logger.info("cluster: node %s joined through %s", self.node_id, self.config.masked_url)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.move_on_after(2, shield=True):
+            try:
+                await self.batcher.flush_all()
+                await self.nodes.leave()
+            except ClusterError as error:
+                logger.warning("cluster: leaving without telling redis: %s", error)
+        await self._stack.aclose()
+
+    async def _heartbeat(self) -> None:
+        """Beat (presence, quota slots) every ``heartbeat_seconds``; while Redis is away, retry sooner."""
+        retry = 0.05
+        while True:
+            try:
+                await self.nodes.beat()
+                await self.quotas.refresh()
+            except ClusterError:
+                await anyio.sleep(min(retry, self.config.heartbeat_seconds))
+                retry = min(retry * 2, 1.0)
+                continue
+            retry = 0.05
+            await anyio.sleep(self.config.heartbeat_seconds)
+
+    async def _close_clients(self) -> None:
+        with anyio.move_on_after(2, shield=True):
+            await self.redis.aclose()
+            await self._subscriber.aclose()

@@ -1,0 +1,57 @@
+"""Redis clients made the way the bus needs them, and reaching Redis at start with backoff.
+
+Two kinds of connection: commands (short socket timeout, a few quick retries, so a dead Redis shows
+within a second and the health follows), and the subscriber's (no socket timeout and no retries of
+its own: a blocking read waits as long as it must, and the feed reconnects and catches up itself —
+redis-py's defaults would resend a blocking read for a minute, see LIBRARY-NOTES "Redis").
+"""
+
+from __future__ import annotations
+
+import anyio
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from haip_runtime.cluster.health import BusHealth
+from haip_runtime.exceptions import ClusterError
+
+COMMAND_SOCKET_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+
+
+def command_client(url: str) -> Redis:
+    """For every command but blocking reads: reconnects by itself on the next command after a restart."""
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=2)
+    return Redis.from_url(
+        url,
+        socket_timeout=COMMAND_SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+def subscriber_client(url: str) -> Redis:
+    """For the feed's one pub/sub connection: waits without a timeout, never retries behind our back."""
+    return Redis.from_url(url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0))
+
+
+async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
+    """PING until Redis answers, backing off from 50 ms to 1 s; ``ClusterError`` after ``timeout``."""
+    delay = 0.05
+    with anyio.move_on_after(timeout):
+        while True:
+            try:
+                await client.ping()
+            except (RedisError, OSError) as exc:
+                health.failed(exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            else:
+                health.succeeded()
+                return
+    raise ClusterError(f"redis did not answer within {timeout:g} s: {health.error}")

@@ -1,0 +1,239 @@
+"""The node's one subscription: every event of the transactions it hosts, each once, in tseq order.
+
+Fan-out choice: one channel per transaction, and each node subscribes once to the channels of the
+transactions it hosts (however many of its members are in each), all on one pub/sub connection.
+An append then costs one ``PUBLISH`` whatever the number of nodes, Redis does the fan-out, and who
+listens is Redis's own state, which vanishes with a dead node's connection. The other design (a
+channel per node, with a set of hosting nodes per transaction read by the append script) costs a
+publish per hosting node and a set that goes stale when a node dies without saying so.
+
+Exactly once, in order (the agno design: read the stream, then follow, so nothing falls between):
+each hosted transaction remembers the next tseq it expects. ``host`` has the listening task
+subscribe (only that task touches the pub/sub connection), waits for Redis to confirm, then reads
+the stream from that tseq; the channel's messages then follow. A message past the
+expected tseq (one was missed) is preceded by an ``XRANGE`` from the expected tseq; anything already
+delivered is dropped. After the connection is lost (Redis restarted, the connection killed) the feed
+reconnects with backoff, subscribes again and reads every hosted stream from its expected tseq.
+Events Redis no longer holds (trimmed) are delivered as a ``LogGap`` for the caller to read from the
+durable store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from haip_runtime.cluster.health import BusHealth
+from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog, parse_message
+from haip_runtime.exceptions import ClusterError
+
+logger = logging.getLogger("haip_runtime.cluster")
+
+#: Called in the feed's task with the next events of one transaction (gaps in place), in order.
+Deliver = Callable[[Sequence[LogEntry | LogGap]], None]
+
+CATCH_UP_PAGE = 1000
+#: The first wait before reconnecting; doubled after each failure up to a second.
+FIRST_RETRY = 0.05
+
+
+@dataclass
+class Hosted:
+    """One transaction this node hosts: where its delivery stands."""
+
+    transaction: str
+    deliver: Deliver
+    #: The tseq delivered next; everything before it was delivered (or reported as a gap).
+    next: int
+    subscribed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Feed:
+    """Delivers the hosted transactions' events; owns the pub/sub connection and its reconnects."""
+
+    def __init__(
+        self, subscriber: Redis, commands: Redis, log: TransactionLog, keys: Keyspace, health: BusHealth, node: str
+    ):
+        self._subscriber = subscriber
+        self._commands = commands
+        self._log = log
+        self._keys = keys
+        self._health = health
+        self._node_channel = keys.node_channel(node)
+        self._hosted: dict[str, Hosted] = {}
+        self._by_channel: dict[bytes, str] = {}
+        self._task_status: TaskStatus[None] | None = None
+        self._delay = FIRST_RETRY
+        #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
+        self.reconnects = 0
+
+    @property
+    def hosted(self) -> frozenset[str]:
+        return frozenset(self._hosted)
+
+    async def host(self, transaction: str, deliver: Deliver, *, after: int = 0, timeout: float = 10) -> None:
+        """Deliver every event of ``transaction`` with tseq > ``after`` to ``deliver``, from now on.
+
+        Returns once subscribed and caught up with what the stream held; ``ClusterError`` if Redis
+        does not confirm within ``timeout`` (the transaction stays hosted: the feed keeps trying).
+        """
+        if transaction in self._hosted:
+            raise ValueError(f"transaction {transaction} is already hosted")
+        hosted = self._hosted[transaction] = Hosted(transaction, deliver, after + 1)
+        channel = self._keys.channel(transaction)
+        self._by_channel[channel.encode()] = transaction
+        await self._ask_listener(b"host", transaction)
+        try:
+            with anyio.fail_after(timeout):
+                await hosted.subscribed.wait()
+        except TimeoutError:
+            raise ClusterError(f"redis did not confirm subscribing to {transaction} within {timeout:g} s") from None
+        await self._catch_up(hosted)
+
+    async def unhost(self, transaction: str) -> None:
+        """Stop delivering ``transaction``'s events."""
+        hosted = self._hosted.pop(transaction, None)
+        if hosted is None:
+            return
+        self._by_channel.pop(self._keys.channel(transaction).encode(), None)
+        await self._ask_listener(b"unhost", transaction)
+
+    async def _ask_listener(self, verb: bytes, transaction: str) -> None:
+        """Have the listening task (un)subscribe: it alone uses the pub/sub connection, so no two tasks
+        ever reconnect it at once (redis-py reconnects a connection from whichever task's command failed).
+
+        Sent on this node's own channel, which the listener always follows; if Redis cannot be reached
+        the reconnect that follows subscribes to everything hosted then.
+        """
+        try:
+            await self._commands.publish(self._node_channel, verb + b" " + transaction.encode())
+        except (RedisError, OSError) as exc:
+            self._health.failed(exc)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled: connect, subscribe everything hosted, catch up, follow; again on loss."""
+        self._task_status = task_status
+        while True:
+            pubsub = self._subscriber.pubsub()
+            try:
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                self._health.failed(exc)
+                logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
+            finally:
+                with anyio.move_on_after(1, shield=True):
+                    await pubsub.aclose()
+            await anyio.sleep(self._delay)
+            self._delay = min(self._delay * 2, 1.0)
+            self.reconnects += 1
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        awaiting = set(self._hosted)
+        channels = [self._node_channel, *(self._keys.channel(t) for t in awaiting)]
+        pending = {channel.encode() for channel in channels}
+        await pubsub.subscribe(*channels)
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "subscribe" and message["channel"] in pending:
+                pending.discard(message["channel"])
+                if not pending:  # everything of before the loss is subscribed again: read what was missed
+                    self._health.succeeded()
+                    self._delay = FIRST_RETRY
+                    if self._task_status is not None:  # the first time: the bus is ready
+                        self._task_status.started()
+                        self._task_status = None
+                    await self._catch_up_all(awaiting)
+                    await self._settle(pubsub, awaiting)
+            elif kind == "subscribe":  # a later host()'s subscription
+                self._confirm(message)
+            elif kind == "message" and message["channel"] == self._node_channel.encode():
+                await self._obey(pubsub, message["data"])
+            elif kind == "message":
+                try:
+                    await self._receive(message)
+                except ValueError:  # not one of ours (someone else published on the channel): skip it
+                    logger.exception("cluster feed: a message on %s is not a log message", message["channel"])
+
+    async def _settle(self, pubsub: PubSub, subscribed: set[str]) -> None:
+        """(Un)subscribe what host() and unhost() changed while this connection was being made: their
+        requests on the node's channel may have come before the listener followed it."""
+        late = [self._keys.channel(t) for t in self._hosted if t not in subscribed]
+        gone = [self._keys.channel(t) for t in subscribed if t not in self._hosted]
+        if late:
+            await pubsub.subscribe(*late)
+        if gone:
+            await pubsub.unsubscribe(*gone)
+
+    async def _obey(self, pubsub: PubSub, request: bytes) -> None:
+        """A host() or unhost() of this node, asking for a (un)subscription."""
+        verb, _, name = request.decode(errors="replace").partition(" ")
+        channel = self._keys.channel(name)
+        if verb == "host" and name in self._hosted:
+            await pubsub.subscribe(channel)
+        elif verb == "unhost" and name not in self._hosted:
+            await pubsub.unsubscribe(channel)
+
+    def _confirm(self, message: dict[str, Any]) -> None:
+        transaction = self._by_channel.get(message["channel"])
+        if transaction is not None and transaction in self._hosted:
+            self._hosted[transaction].subscribed.set()
+
+    async def _catch_up_all(self, transactions: set[str]) -> None:
+        for transaction in list(self._hosted):
+            hosted = self._hosted.get(transaction)
+            if hosted is None:
+                continue
+            if transaction in transactions:
+                await self._catch_up(hosted)
+                hosted.subscribed.set()  # a host() waiting across the reconnect was subscribed by it
+
+    async def _receive(self, message: dict[str, Any]) -> None:
+        transaction = self._by_channel.get(message["channel"])
+        hosted = self._hosted.get(transaction) if transaction is not None else None
+        if hosted is None:
+            return
+        entries = parse_message(hosted.transaction, message["data"])
+        if entries and entries[0].tseq > hosted.next:
+            await self._catch_up(hosted)  # a message was missed: the stream has it
+        self._accept(hosted, entries)
+
+    async def _catch_up(self, hosted: Hosted) -> None:
+        """Deliver what the stream holds from ``hosted.next`` on, page by page."""
+        while hosted.transaction in self._hosted:
+            try:
+                entries = await self._log.read(hosted.transaction, hosted.next - 1, limit=CATCH_UP_PAGE)
+            except ClusterError:
+                return  # the reconnect that follows catches up again
+            self._accept(hosted, entries, authoritative=True)
+            if len(entries) < CATCH_UP_PAGE:
+                return
+
+    def _accept(self, hosted: Hosted, entries: Sequence[LogEntry], *, authoritative: bool = False) -> None:
+        """Deliver the entries not delivered yet; a hole is a gap only when the stream itself has it."""
+        out: list[LogEntry | LogGap] = []
+        for entry in entries:
+            if entry.tseq < hosted.next:
+                continue
+            if entry.tseq > hosted.next:
+                if not authoritative:
+                    break  # the catch-up could not read: wait for the next one
+                out.append(LogGap(hosted.transaction, hosted.next, entry.tseq - 1))
+            out.append(entry)
+            hosted.next = entry.tseq + 1
+        if out:
+            try:
+                hosted.deliver(out)
+            except Exception:
+                logger.exception("delivering events of transaction %s failed", hosted.transaction)

@@ -1,0 +1,81 @@
+"""The bus's health: whether Redis answers now, the last failure, and how often it came back.
+
+Like the store's ``StorageHealth``: ``/health`` and ``/metrics`` read it. Every part of the bus reports
+through ``translating``, which also turns redis-py's exceptions into ``ClusterError`` where they enter.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from redis.exceptions import RedisError
+
+from haip_runtime.exceptions import ClusterError
+
+
+class BusState(enum.StrEnum):
+    OK = "ok"
+    #: Redis does not answer (down, restarting, unreachable); the bus keeps trying by itself.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass
+class BusHealth:
+    """What the bus knows of Redis; the counters only ever grow."""
+
+    state: BusState = BusState.OK
+    #: The last failure, one line (``None`` while ``ok``).
+    error: str | None = None
+    #: Commands and checks that failed.
+    failures: int = 0
+    #: Times Redis answered again after being unavailable.
+    recoveries: int = 0
+    _changed: anyio.Event | None = field(default=None, repr=False)
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self._set(BusState.UNAVAILABLE)
+
+    def succeeded(self) -> None:
+        if self.state is not BusState.OK:
+            self.recoveries += 1
+            self.error = None
+            self._set(BusState.OK)
+
+    async def wait_for(self, state: BusState) -> None:
+        """Return once the bus is in ``state`` (bound it with ``anyio.fail_after``)."""
+        while self.state is not state:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "failures": self.failures,
+            "recoveries": self.recoveries,
+        }
+
+    def _set(self, state: BusState) -> None:
+        self.state = state
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+@contextmanager
+def translating(health: BusHealth, doing: str) -> Iterator[None]:
+    """Run Redis commands: a failure marks the bus unavailable and is raised as ``ClusterError``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        health.failed(exc)
+        raise ClusterError(f"redis: {doing} failed: {exc}") from exc
+    health.succeeded()

@@ -1,0 +1,53 @@
+"""Every Redis key and channel name the cluster uses, in one place.
+
+Keys of one transaction, one session, one user or one lease share a hash tag (``{t:...}``), so each
+Lua script touches keys of one Redis Cluster slot and the layout moves to a Redis Cluster unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Names under one ``key_prefix`` (several deployments may share a Redis)."""
+
+    prefix: str
+
+    def sequence(self, transaction: str) -> str:
+        return f"{self.prefix}:{{t:{transaction}}}:seq"
+
+    def log(self, transaction: str) -> str:
+        return f"{self.prefix}:{{t:{transaction}}}:log"
+
+    def channel(self, transaction: str) -> str:
+        return f"{self.prefix}:tx:{transaction}"
+
+    def node_channel(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}"
+
+    def replay(self, session: str) -> str:
+        return f"{self.prefix}:{{s:{session}}}:replay"
+
+    def replay_meta(self, session: str) -> str:
+        return f"{self.prefix}:{{s:{session}}}:meta"
+
+    def inbound(self, session: str, envelope: str) -> str:
+        return f"{self.prefix}:{{s:{session}}}:in:{envelope}"
+
+    def lease(self, name: str) -> str:
+        return f"{self.prefix}:{{l:{name}}}"
+
+    def fence(self, name: str) -> str:
+        return f"{self.prefix}:{{l:{name}}}:fence"
+
+    def slots(self, user: str, kind: str) -> str:
+        return f"{self.prefix}:{{u:{user}}}:slots:{kind}"
+
+    def rate_stem(self, user: str, kind: str) -> str:
+        """Rate windows' keys are this stem and the window's number (made by the script, from Redis's clock)."""
+        return f"{self.prefix}:{{u:{user}}}:rate:{kind}:"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"

@@ -1,0 +1,48 @@
+"""Which nodes are alive: each beats into one sorted set (score: when it is no longer alive).
+
+Times are Redis's clock, so nodes' clocks need not agree. A node that stops beating drops out of
+``live`` ``node_ttl_seconds`` after its last beat; one that leaves says so at once.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from haip_runtime.cluster.health import BusHealth, translating
+from haip_runtime.cluster.keyspace import Keyspace
+
+#: KEYS: nodes. ARGV: node, ttl ms (0: only list). The live nodes, after dropping the expired.
+BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+class Presence:
+    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, node: str, ttl_seconds: float):
+        self._redis = redis
+        self._keys = keys
+        self._health = health
+        self._node = node
+        self._ttl_ms = max(1, int(ttl_seconds * 1000))
+        self._beat = redis.register_script(BEAT)
+
+    async def beat(self) -> list[str]:
+        """Say this node is alive for another ``node_ttl_seconds``; the live nodes."""
+        return await self._run(self._ttl_ms, "beat")
+
+    async def live(self) -> list[str]:
+        """The nodes heard from within their time to live, sorted."""
+        return await self._run(0, "list the nodes")
+
+    async def leave(self) -> None:
+        with translating(self._health, "leave the cluster"):
+            await self._redis.zrem(self._keys.nodes(), self._node)
+
+    async def _run(self, ttl_ms: int, doing: str) -> list[str]:
+        with translating(self._health, doing):
+            nodes = await self._beat(keys=[self._keys.nodes()], args=[self._node, ttl_ms])
+        return sorted(node.decode() for node in nodes)

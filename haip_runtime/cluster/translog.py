@@ -1,0 +1,140 @@
+"""Each transaction's event log on the bus: one ordered sequence (tseq) allocated in Redis.
+
+``append`` runs one Lua script (Centrifugo's design): it moves the transaction's counter, adds the
+events to the transaction's stream with ids made from their tseqs (``<tseq>-0``, capped by
+``MAXLEN ~``) and publishes them, in one message, on the transaction's channel. The script runs
+atomically, so tseqs are dense, the stream holds them in order, and the channel carries them in the
+same order. Nodes read the channel through ``feed.Feed``; ``read`` is how they fill a gap.
+
+The caller may pass a floor (a transaction loaded from the durable store continues after its stored
+last tseq): the counter moves to the floor first if it is behind. The Redis log is a catch-up
+buffer, not the durable record: it is trimmed to ``log_max_events`` and vanishes after
+``log_idle_seconds`` without appends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from haip_runtime.cluster.health import BusHealth, translating
+from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.replies import Arg, stream_rows
+
+#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, payload...
+#: When the counter is gone but the stream is not, the stream's last id is the floor too.
+APPEND = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  cur = tonumber(cur)
+else
+  cur = 0
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if last[1] then cur = tonumber(string.match(last[1][1], '^(%d+)')) end
+end
+local floor = tonumber(ARGV[1])
+if cur < floor then cur = floor end
+local first = cur + 1
+local out = {string.format('%d ', first)}
+for i = 5, #ARGV do
+  cur = cur + 1
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], string.format('%d-0', cur), 'd', ARGV[i])
+  out[#out + 1] = string.format('%d:', #ARGV[i])
+  out[#out + 1] = ARGV[i]
+end
+redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], table.concat(out))
+return first
+"""
+
+#: KEYS: counter. ARGV: floor, idle ms. The counter after it (never moved back).
+SEED = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < tonumber(ARGV[1]) then
+  cur = tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', ARGV[2])
+end
+return cur
+"""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One event of a transaction's log: its tseq and the bytes the appender gave."""
+
+    transaction: str
+    tseq: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LogGap:
+    """Events ``first``..``last`` are no longer in Redis (trimmed or expired): read them from the durable store."""
+
+    transaction: str
+    first: int
+    last: int
+
+
+class TransactionLog:
+    """Appends to and reads from the transactions' logs in Redis."""
+
+    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, max_events: int, idle_seconds: float):
+        self._redis = redis
+        self._keys = keys
+        self._health = health
+        self._max_events = max_events
+        self._idle_ms = int(idle_seconds * 1000)
+        self._append = redis.register_script(APPEND)
+        self._seed = redis.register_script(SEED)
+
+    async def append(self, transaction: str, data: bytes, *, floor: int = 0) -> int:
+        """Append one event; its tseq."""
+        return await self.append_many(transaction, [data], floor=floor)
+
+    async def append_many(self, transaction: str, payloads: Sequence[bytes], *, floor: int = 0) -> int:
+        """Append events in this order, atomically and as one bus message; the tseq of the first.
+
+        A ``ClusterError`` means Redis could not be reached: the events may or may not have been
+        appended (a reply lost after the script ran looks the same as a request never sent).
+        """
+        if not payloads:
+            raise ValueError("append_many needs at least one event")
+        keys = [self._keys.sequence(transaction), self._keys.log(transaction)]
+        args: list[Arg] = [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
+        with translating(self._health, f"append to transaction {transaction}"):
+            return int(await self._append(keys=keys, args=args))
+
+    async def seed(self, transaction: str, floor: int) -> int:
+        """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""
+        with translating(self._health, f"seed transaction {transaction}"):
+            return int(await self._seed(keys=[self._keys.sequence(transaction)], args=[floor, self._idle_ms]))
+
+    async def last_tseq(self, transaction: str) -> int:
+        """The latest tseq allocated (0: none, or the counter expired)."""
+        with translating(self._health, f"read the counter of {transaction}"):
+            value = await self._redis.get(self._keys.sequence(transaction))
+        return int(value) if value is not None else 0
+
+    async def read(self, transaction: str, after: int, *, limit: int = 1000) -> list[LogEntry]:
+        """Up to ``limit`` events with tseq > ``after`` that Redis still holds, in tseq order."""
+        with translating(self._health, f"read transaction {transaction}"):
+            rows = stream_rows(
+                await self._redis.xrange(self._keys.log(transaction), f"{after + 1}-0", "+", count=limit)
+            )
+        return [LogEntry(transaction, int(entry_id.split(b"-")[0]), fields[b"d"]) for entry_id, fields in rows]
+
+
+def parse_message(transaction: str, message: bytes) -> list[LogEntry]:
+    """The events of one published message: ``<first tseq> `` then each payload as ``<length>:<bytes>``."""
+    head, _, body = message.partition(b" ")
+    tseq, entries, at = int(head), [], 0
+    while at < len(body):
+        colon = body.index(b":", at)
+        end = colon + 1 + int(body[at:colon])
+        entries.append(LogEntry(transaction, tseq, body[colon + 1 : end]))
+        tseq, at = tseq + 1, end
+    return entries

@@ -1,0 +1,73 @@
+"""`[cluster]`: several runtime processes sharing conversations through Redis.
+
+Without the section nothing changes (one process, no Redis). ``cluster/`` reads these options;
+``masking.py`` hides the password in ``redis_url``. Named ``clustering`` so that no module shares a
+noun with the ``cluster/`` folder.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from haip_runtime.config import base
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+class ClusterConfig(base.Model):
+    redis_url: str
+    """Where the Redis shared by every node is: `redis://[:password@]host:port/db`, `rediss://` (TLS) or
+    `unix:///path.sock`. Use `${VAR}` for the password; `check` and the logs show it masked."""
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """This process's name among the nodes; default: one made at start (host name and a random part)."""
+    key_prefix: str = Field(default="haip", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    """First part of every Redis key and channel, so that several deployments may share one Redis."""
+    connect_timeout_seconds: float = Field(default=10, gt=0)
+    """At start, how long to keep trying to reach Redis (with backoff) before giving up with an error."""
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    """How often a node tells Redis it is alive (and checks Redis is there); the bus's health follows."""
+    node_ttl_seconds: float = Field(default=5, gt=0)
+    """A node not heard from this long is no longer listed as live; its quota slots last `slot_ttl_seconds`."""
+    lease_seconds: float = Field(default=10, gt=0)
+    """Time to live of a run-owner lease; renewed every third of it while its holder lives. A dead node's
+    transactions run again elsewhere at most this long after it died."""
+    log_max_events: int = Field(default=10_000, ge=100)
+    """Events kept per transaction in Redis (trimmed approximately) for nodes catching up after a gap;
+    older ones are read from the durable store."""
+    log_idle_seconds: float = Field(default=86_400, gt=0)
+    """A transaction's Redis log and sequence counter vanish this long after its last append (the next
+    append continues from the durable store's last tseq)."""
+    replay_max_events: int = Field(default=1000, ge=1)
+    """Outbound envelopes kept per session for a resume on any node (trimmed approximately)..."""
+    replay_max_age_seconds: float = Field(default=300, gt=0)
+    """...and none older than this."""
+    dedup_seconds: float = Field(default=300, gt=0)
+    """How long an inbound envelope id is remembered, cluster-wide, to drop a resent duplicate."""
+    slot_ttl_seconds: float = Field(default=30, gt=0)
+    """A quota slot (a session, an open transaction) not refreshed this long is freed: the tolerance of
+    per-user limits after a node dies."""
+    part_batch_ms: float = Field(default=5, ge=0)
+    """Streamed message parts wait at most this long to cross the bus together (0: each at once)..."""
+    part_batch_bytes: int = Field(default=16 * 1024, ge=1)
+    """...or until this many bytes wait."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in URL_SCHEMES:
+            shown = f"{scheme}://" if scheme else repr(value)
+            raise ValueError(f"must start with redis://, rediss:// or unix://, not {shown}")
+        return value
+
+    @property
+    def redis_password(self) -> str | None:
+        """The password in ``redis_url``, if any (for the log redactor)."""
+        return urlsplit(self.redis_url).password
+
+    @property
+    def masked_url(self) -> str:
+        """``redis_url`` with its password replaced by ``**********``."""
+        return base.masked_url(self.redis_url)

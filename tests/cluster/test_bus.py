@@ -1,0 +1,70 @@
+"""The bus: reaching Redis, its health through a Redis outage, and which nodes are alive."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from haip_runtime.cluster import Bus, BusState
+from haip_runtime.exceptions import ClusterError
+from haip_runtime.protocol.events import ErrorCode
+from tests.cluster.conftest import BusFactory, Collector, make_config, until
+from tests.support.redis import RedisServer, free_port
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_redis_that_never_answers_is_a_clear_error() -> None:
+    config = make_config(f"redis://127.0.0.1:{free_port()}/0", "t", connect_timeout_seconds=0.3)
+    with pytest.raises(ClusterError) as caught:
+        async with Bus(config):
+            pass  # pragma: no cover
+    assert caught.value.code is ErrorCode.STORAGE_UNAVAILABLE
+    assert "did not answer within 0.3 s" in str(caught.value)
+
+
+async def test_health_goes_unavailable_when_redis_stops_and_ok_by_itself_when_it_is_back(
+    own_redis: RedisServer, bus_at: BusFactory
+) -> None:
+    async with bus_at(own_redis.url) as a, bus_at(own_redis.url) as b:
+        seen = Collector()
+        await b.feed.host("T", seen)
+        assert a.health.public() == {"state": "ok", "error": None, "failures": 0, "recoveries": 0}
+        await anyio.to_thread.run_sync(own_redis.stop)
+        with anyio.fail_after(5):
+            await a.health.wait_for(BusState.UNAVAILABLE)
+        assert a.health.error is not None and "onnect" in a.health.error
+        with pytest.raises(ClusterError):
+            await a.log.append("T", b"nowhere")
+        await anyio.to_thread.run_sync(own_redis.start)
+        with anyio.fail_after(10):
+            await a.health.wait_for(BusState.OK)
+            await b.health.wait_for(BusState.OK)
+        assert a.health.recoveries >= 1 and a.health.error is None
+        await a.log.append("T", b"back", floor=0)
+        await seen.wait(1)
+        assert seen.payloads == [b"back"]
+
+
+async def test_live_nodes_are_listed_and_a_leaving_node_drops_out(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, node_id="one") as a:
+        async with bus_at(redis_url, node_id="two") as b:
+            assert await a.nodes.live() == ["one", "two"] and b.node_id == "two"
+        assert await a.nodes.live() == ["one"]
+
+
+async def test_a_node_that_stops_beating_drops_out(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, node_id="one") as a:
+        await a.redis.zadd(a.keys.nodes(), {"ghost": 0})  # a node whose last beat ran out long ago
+        assert await a.nodes.live() == ["one"]
+        async with bus_at(redis_url, node_id="short", node_ttl_seconds=0.2, heartbeat_seconds=60):
+
+            async def gone() -> bool:
+                return await a.nodes.live() == ["one"]
+
+            await until(gone)
+
+
+async def test_a_node_id_is_made_when_none_is_configured(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        assert a.node_id != b.node_id and sorted(await a.nodes.live()) == sorted([a.node_id, b.node_id])

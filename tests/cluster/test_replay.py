@@ -1,0 +1,100 @@
+"""Sessions' replay windows: any node resumes a session, with every missed envelope once, in order."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from haip_runtime.cluster import ReplayOutcome, ReplayRead
+from tests.cluster.conftest import BusFactory
+from tests.support.redis import running_redis
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_another_node_reads_every_envelope_after_a_seq(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        epoch = await a.replay.start("S")
+        for seq in range(1, 8):
+            assert await a.replay.append("S", epoch, seq, f'{{"seq":{seq}}}')
+        assert await b.replay.epoch("S") == epoch
+        read = await b.replay.read_after("S", epoch, 4)
+        assert read == ReplayRead(ReplayOutcome.OK, [(5, b'{"seq":5}'), (6, b'{"seq":6}'), (7, b'{"seq":7}')], 7)
+        assert await b.replay.read_after("S", epoch, 7) == ReplayRead(ReplayOutcome.OK, [], 7)
+        assert (await b.replay.read_after("S", epoch, 9)).outcome is ReplayOutcome.AHEAD
+        with pytest.raises(ValueError, match="seq 7 is not after"):
+            await a.replay.append("S", epoch, 7, "again")
+
+
+async def test_a_long_miss_is_read_in_pages(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, replay_max_events=2000) as a:
+        epoch = await a.replay.start("S")
+        for seq in range(1, 1201):
+            await a.replay.append("S", epoch, seq, b"e%d" % seq)
+        read = await a.replay.read_after("S", epoch, 100)
+        assert read.outcome is ReplayOutcome.OK and [seq for seq, _ in read.envelopes] == list(range(101, 1201))
+
+
+async def test_the_window_is_trimmed_by_length(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, replay_max_events=5) as a:
+        epoch = await a.replay.start("S")
+        for seq in range(1, 9):
+            await a.replay.append("S", epoch, seq, b"e%d" % seq)
+        assert await a.redis.xlen(a.keys.replay("S")) == 5
+        assert (await a.replay.read_after("S", epoch, 2)).outcome is ReplayOutcome.TOO_OLD
+        read = await a.replay.read_after("S", epoch, 3)
+        assert read.outcome is ReplayOutcome.OK and [seq for seq, _ in read.envelopes] == [4, 5, 6, 7, 8]
+
+
+async def test_the_window_is_trimmed_by_age(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, replay_max_age_seconds=60) as a:
+        epoch = await a.replay.start("S")
+        seconds, _ = await a.redis.time()
+        old = (int(seconds) - 120) * 1000  # envelopes kept two minutes ago, as their stream ids say
+        for seq in (1, 2):
+            await a.redis.xadd(a.keys.replay("S"), {"s": seq, "d": b"old"}, id=f"{old}-{seq}")
+        await a.redis.hset(a.keys.replay_meta("S"), "last", 2)
+        await a.replay.append("S", epoch, 3, b"new")
+        assert await a.redis.xlen(a.keys.replay("S")) == 1
+        assert (await a.replay.read_after("S", epoch, 1)).outcome is ReplayOutcome.TOO_OLD
+        assert (await a.replay.read_after("S", epoch, 2)).envelopes == [(3, b"new")]
+        assert 0 < await a.redis.pttl(a.keys.replay("S")) <= 60_000
+
+
+async def test_a_new_epoch_tells_the_resuming_node_the_history_is_gone(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        old = await a.replay.start("S")
+        await a.replay.append("S", old, 1, b"one")
+        new = await b.replay.start("S")
+        assert new != old
+        assert await b.replay.read_after("S", old, 0) == ReplayRead(ReplayOutcome.RESTARTED, last=0)
+        assert not await a.replay.append("S", old, 2, b"two")  # the old epoch's writer learns it too
+        assert await b.replay.read_after("S", new, 0) == ReplayRead(ReplayOutcome.OK, [], 0)
+
+
+async def test_a_window_redis_lost_is_never_taken_for_an_empty_one(bus_at: BusFactory) -> None:
+    with running_redis() as server:
+        async with bus_at(server.url) as a:
+            epoch = await a.replay.start("S")
+            await a.replay.append("S", epoch, 1, b"one")
+            await anyio.to_thread.run_sync(server.restart)  # no persistence
+            assert await a.replay.read_after("S", epoch, 1) == ReplayRead(ReplayOutcome.UNKNOWN)
+            assert not await a.replay.append("S", epoch, 2, b"two")
+
+
+async def test_a_closed_session_window_is_deleted(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url) as a:
+        epoch = await a.replay.start("S")
+        await a.replay.append("S", epoch, 1, b"one")
+        await a.replay.delete("S")
+        assert await a.replay.epoch("S") is None
+        assert await a.redis.exists(a.keys.replay("S"), a.keys.replay_meta("S")) == 0
+
+
+async def test_inbound_dedup_is_shared_by_the_nodes(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, dedup_seconds=30) as a, bus_at(redis_url) as b:
+        assert not await a.dedup.seen("S", "m1")
+        assert await b.dedup.seen("S", "m1")
+        assert await a.dedup.seen("S", "m1")
+        assert not await b.dedup.seen("S", "m2") and not await b.dedup.seen("R", "m1")
+        assert 0 < await a.redis.pttl(a.keys.inbound("S", "m1")) <= 30_000

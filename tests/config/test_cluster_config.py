@@ -1,0 +1,69 @@
+"""`[cluster]`: optional, its URL checked, its password masked in `check` and known to the log redactor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from haip_runtime.config import ConfigError, load_config, masked_dump, secret_values
+from haip_runtime.config.base import masked_url
+from tests.config.test_config import run_cli, write
+
+
+def test_without_the_section_there_is_no_cluster(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env={}).cluster is None
+
+
+def test_the_url_may_come_from_the_environment_and_its_password_is_masked(tmp_path: Path) -> None:
+    path = write(tmp_path, '[cluster]\nredis_url = "redis://:${REDIS_PASSWORD}@127.0.0.1:6379/2"\nnode_id = "n1"\n')
+    config = load_config(path, env={"REDIS_PASSWORD": "hunter2-long"})
+    assert config.cluster is not None and config.cluster.node_id == "n1"
+    assert config.cluster.redis_url == "redis://:hunter2-long@127.0.0.1:6379/2"
+    assert masked_dump(config)["cluster"]["redis_url"] == "redis://:**********@127.0.0.1:6379/2"
+    assert "hunter2-long" in secret_values(config)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("rediss://app:pw@redis.example:6380/1", "rediss://app:**********@redis.example:6380/1"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_only_the_password_is_hidden(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
+
+
+def test_a_url_of_another_scheme_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[cluster]\nredis_url = "http://127.0.0.1:6379"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == (
+        f"{path}: cluster.redis_url: must start with redis://, rediss:// or unix://, not http://"
+    )  # the value is not echoed: a URL may carry a password
+
+
+def test_check_shows_the_cluster_without_its_password(tmp_path: Path) -> None:
+    path = write(tmp_path, '[cluster]\nredis_url = "redis://:s3cret-pw@127.0.0.1:6379/0"\n')
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cluster"]["redis_url"] == "redis://:**********@127.0.0.1:6379/0"
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_a_bad_database_or_redis_url_is_refused_without_echoing_its_password(tmp_path: Path) -> None:
+    from haip_runtime.config import load_config
+    from haip_runtime.exceptions import ConfigError
+
+    for section in (
+        '[cluster]\nredis_url = "http://u:hunter2@h:1/0"',
+        '[storage]\nbackend = "postgres"\nurl = "mysql://u:hunter2@h/db"',
+    ):
+        path = tmp_path / "haip.toml"
+        path.write_text(section + "\n")
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+        assert "hunter2" not in str(refused.value) and "url" in str(refused.value)
