@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 from pydantic.functional_validators import AfterValidator
@@ -30,14 +29,23 @@ MASK = "**********"
 
 
 def masked_url(url: str) -> str:
-    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return MASK  # not a URL we can take apart: show none of it
-    if not password:
+    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print.
+
+    Done by hand, not by ``urlsplit`` alone: a password with ``/``, ``?`` or ``#`` in it (not
+    percent-encoded) ends ``urlsplit``'s idea of the host early and would be shown whole. Everything
+    between the scheme and the last ``@`` is the user part; after its first ``:``, the password.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return MASK if "@" in url else url  # not a URL we can take apart: show none of a secret
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{name}:{MASK}@{host}"))
+    return f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{host}"
+
+
+def url_password(url: str) -> str | None:
+    """The password in ``url``'s user part, as written (what a log redactor must hide)."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    password = userinfo.partition(":")[2] if at and ":" in userinfo else ""
+    return password or None

@@ -65,7 +65,7 @@ class ClusterConfig(base.Model):
     @property
     def redis_password(self) -> str | None:
         """The password in ``redis_url``, if any (for the log redactor)."""
-        return urlsplit(self.redis_url).password
+        return base.url_password(self.redis_url)
 
     @property
     def masked_url(self) -> str:

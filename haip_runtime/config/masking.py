@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
-from haip_runtime.config.base import MASK, masked_url
+from haip_runtime.config.base import MASK, masked_url, url_password
 from haip_runtime.config.models import HaipConfig
 
 __all__ = ["MASK", "masked_dump", "masked_url", "secret_values"]
@@ -44,7 +43,7 @@ def secret_values(config: HaipConfig) -> list[str]:
     if config.auth.secret is not None:
         found.append(config.auth.secret.get_secret_value())
     if config.storage.url is not None:
-        password = urlsplit(config.storage.url.get_secret_value()).password
+        password = url_password(config.storage.url.get_secret_value())
         found += [password] if password else []
     for server in config.mcp.servers.values():
         found += [value.get_secret_value() for value in server.headers.values()]

@@ -95,10 +95,10 @@ class StorageConfig(Model):
     beside it (`<path>.dev-key`), so a restart does not invalidate the printed token."""
     url: SecretStr | None = None
     """postgres: `postgresql://user:password@host:port/database` (libpq's URL form; `?sslmode=...` and
-    the other libpq parameters asyncpg knows are honoured). Use `${PGPASSWORD}`-style references for
-    the password; it is masked wherever the URL is shown or logged."""
+    the other libpq parameters asyncpg knows are honoured; percent-encode `/ ? # @ :` in the password).
+    Use `${PGPASSWORD}`-style references for the password; it is masked wherever the URL is shown."""
     pool_size: int = Field(default=5, ge=2, le=100)
-    """postgres: connections this process keeps open at most (one is the writer's, the rest serve reads)."""
+    """postgres: connections this process keeps open at most, shared by its writer and its reads."""
     statement_timeout_seconds: float = Field(default=10, gt=0)
     """postgres: the server cancels any statement of ours running longer than this (a batch then waits
     and is retried, a read answers STORAGE_ERROR): a stuck database never holds the runtime."""

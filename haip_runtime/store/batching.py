@@ -12,7 +12,7 @@ same whatever the database:
   turns ``unavailable`` and each transaction with a waiting write is told once per outage
   (``on_storage``), and told again when it is written;
 - past ``max_pending`` waiting writes the oldest are dropped (and counted): memory stays bounded
-  whatever the outage costs.
+  whatever the outage costs; a backlog is written ``MAX_BATCH`` writes at a time.
 
 A backend says how to write one batch (``_attempt``) and which failures are the store's rather than
 one row's (``_unavailable``, ``_damaged``).
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 #: Backoff between retries while the store cannot write: doubling from the first to the last.
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
+
+#: Most writes in one batch: a backlog (after an outage, or a burst) is written in batches any
+#: database takes within its statement timeout, rather than as one that never fits.
+MAX_BATCH = 2000
 
 #: One queued write: (kind, arguments). Kinds: "event" (transaction, tseq, body, id), "transaction",
 #: "session", "forget", "prune".
@@ -164,8 +168,10 @@ class BatchingWriter:
                     await anyio.sleep(self.flush_interval)  # let a batch gather
                 self._wake = anyio.Event()
                 self._urgent = False
-                batch = list(self._pending)
-                self._pending.clear()
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_BATCH))]
+                if self._pending:  # a backlog: the next batch goes at once, as urgent as this one
+                    self._wake.set()
+                    self._urgent = True
                 try:
                     done, lost, failure = await self._commit(batch)
                 except Exception as exc:  # the writer never dies: report, and retry unless it is cancelled

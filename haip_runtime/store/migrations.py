@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import asyncpg
+
 from haip_runtime.exceptions import ConfigError
 
 if TYPE_CHECKING:
-    import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE haip_members (
             user_id text NOT NULL,
             tx text NOT NULL,
+            -- the transaction's updated_at, kept here so a user's list is read in order from an index
+            updated_at double precision NOT NULL,
             PRIMARY KEY (user_id, tx)
         );
         -- a transaction's members, for its record
         CREATE INDEX haip_members_by_tx ON haip_members (tx);
+        -- a user's transactions, most recently updated first, a page at a time however many they have
+        CREATE INDEX haip_members_by_recent ON haip_members (user_id, updated_at DESC, tx DESC);
         CREATE TABLE haip_events (
             tx text NOT NULL,
             tseq bigint NOT NULL,
@@ -106,10 +111,18 @@ def refuse_newer(version: int, where: str) -> None:
         )
 
 
-async def migrate(db: Db, where: str) -> int:
-    """Bring the database to ``LATEST`` (under the advisory lock); the version it had before."""
+async def migrate(db: Db, where: str, *, lock_timeout: float) -> int:
+    """Bring the database to ``LATEST`` (under the advisory lock, waited for at most ``lock_timeout``
+    seconds: then ``ConfigError``); the version it had before."""
     async with db.transaction():
-        await db.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        await db.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
+        try:
+            await db.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        except asyncpg.exceptions.LockNotAvailableError as exc:
+            raise ConfigError(
+                f"storage.url: {where}: another process has held haip-runtime's migration lock for over"
+                f" {lock_timeout:g} s (a migration still running, or a stuck session: see pg_locks)"
+            ) from exc
         before = await current_version(db)
         refuse_newer(before, where)
         if before == LATEST:

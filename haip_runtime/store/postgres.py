@@ -26,10 +26,12 @@ batches of 100, same table): asyncpg wrote 96-175 k events/s, psycopg 40-77 k; p
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
+import anyio
 import asyncpg
 
 from haip_runtime.config.masking import masked_url
@@ -53,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: What failing to reach or talk to the database raises.
+_REACHING = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 _UPSERT_TRANSACTION = """
 INSERT INTO haip_transactions AS t
     (id, owner, agents, state, thread_id, created_at, updated_at, last_tseq, end_reason)
@@ -66,8 +71,13 @@ ON CONFLICT (id) DO UPDATE SET
     thread_id = coalesce(t.thread_id, excluded.thread_id),
     created_at = least(t.created_at, excluded.created_at),
     updated_at = greatest(t.updated_at, excluded.updated_at)
+RETURNING updated_at
 """
-_ADD_MEMBERS = "INSERT INTO haip_members (user_id, tx) SELECT unnest($2::text[]), $1 ON CONFLICT DO NOTHING"
+# Members are only added; every member's row carries the transaction's updated_at (for the list).
+_ADD_MEMBERS = """
+INSERT INTO haip_members (user_id, tx, updated_at) SELECT unnest($2::text[]), $1, $3 ON CONFLICT DO NOTHING
+"""
+_MEMBERS_UPDATED = "UPDATE haip_members SET updated_at = $2 WHERE tx = $1 AND updated_at < $2"
 # Lock a transaction's row for the rest of the batch (writers of one transaction take turns) and
 # read what is stored up to; a row not saved yet is made (its metadata follows). The count is kept
 # past every stored event even if the row was restored behind them.
@@ -82,7 +92,10 @@ _INSERT_EVENTS = """
 WITH counted AS (UPDATE haip_transactions SET last_tseq = $5 WHERE id = $1)
 INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
 """
-_STORED_IDS = "SELECT id FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
+_STORED_IDS = "SELECT id, tseq FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
+# A record's last_tseq counts numbers handed out live, also to events that were never stored (given
+# up, dropped in an outage): a transaction brought back later must not hand them out again.
+_KEEP_LAST = "UPDATE haip_transactions SET last_tseq = greatest(last_tseq, $2) WHERE id = $1"
 _SAVE_SESSION = """
 INSERT INTO haip_sessions AS s (id, user_id, epoch, transactions, updated_at) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (id) DO UPDATE SET
@@ -91,13 +104,30 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE s.updated_at <= excluded.updated_at
 """
 _RECORD = "SELECT t.*, ARRAY(SELECT user_id FROM haip_members WHERE tx = t.id ORDER BY user_id) AS members"
+# The reads, each on an index (tests/store/test_postgres.py EXPLAINs them on a large log).
+READS = {
+    "transaction": f"{_RECORD} FROM haip_transactions t WHERE t.id = $1",
+    "transactions_of": f"{_RECORD} FROM haip_members m JOIN haip_transactions t ON t.id = m.tx WHERE m.user_id = $1"
+    " ORDER BY m.updated_at DESC, m.tx DESC LIMIT $2",
+    "transactions_of_before": f"{_RECORD} FROM haip_members m JOIN haip_transactions t ON t.id = m.tx"
+    " WHERE m.user_id = $1 AND (m.updated_at, m.tx) < ($3, $4) ORDER BY m.updated_at DESC, m.tx DESC LIMIT $2",
+    "events": "SELECT tseq, body FROM haip_events WHERE tx = $1 AND tseq > $2 ORDER BY tseq LIMIT $3",
+    "tail": "SELECT tseq, body FROM haip_events WHERE tx = $1 ORDER BY tseq DESC LIMIT $2",
+    "open_owned": "SELECT id FROM haip_transactions WHERE owner = $1 AND state = 'open' LIMIT $2",
+    "session": "SELECT * FROM haip_sessions WHERE id = $1",
+}
 
 #: SQLSTATE classes that mean the database cannot write now, whatever the row: retry later.
 #: 08 connection, 25 read-only transaction state, 28 authorization, 3D no such database, 40 rolled
 #: back (deadlock, serialization), 42 a table or privilege missing, 53 out of resources (disk full),
-#: 54 program limits, 55 lock not available, 57 operator intervention (shutdown, statement timeout),
-#: 58 system (I/O), XX internal (damage).
-_STORE_CLASSES = {"08", "25", "28", "3D", "40", "42", "53", "54", "55", "57", "58", "XX"}
+#: 55 lock not available, 57 operator intervention (shutdown, statement timeout), 58 system (I/O),
+#: XX internal (damage). Not 54 (program limits: one row too big for an index is that row's fault)
+#: nor 22 and 23 (a value or a constraint: that row's).
+_STORE_CLASSES = {"08", "25", "28", "3D", "40", "42", "53", "55", "57", "58", "XX"}
+#: Failures two writers cause each other (serialization, deadlock, lock not available): tried again
+#: at once, a few times, before they count as the store failing.
+_TRANSIENT = {"40001", "40P01", "55P03"}
+TRANSIENT_TRIES = 4
 
 
 class PostgresStore(BatchingWriter):
@@ -129,14 +159,14 @@ class PostgresStore(BatchingWriter):
                     "statement_timeout": str(int(self.config.statement_timeout_seconds * 1000)),
                 },
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        except (*_REACHING, ValueError) as exc:
             raise ConfigError(f"storage.url: cannot open PostgreSQL database {self.name}: {_short(exc)}") from exc
         try:
             async with self._pool.acquire() as db:
-                await migrate(db, self.name)
+                await migrate(db, self.name, lock_timeout=self.config.connect_timeout_seconds)
         except BaseException as exc:
-            await self._pool.close()
-            if isinstance(exc, asyncpg.PostgresError | OSError):
+            self._pool.terminate()  # at once: closing politely could itself be cancelled
+            if isinstance(exc, _REACHING):
                 raise ConfigError(
                     f"storage.url: cannot prepare PostgreSQL database {self.name}: {_short(exc)}"
                 ) from exc
@@ -147,9 +177,9 @@ class PostgresStore(BatchingWriter):
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stop_writer()
         if self._pool is not None:
-            try:
+            with anyio.move_on_after(5, shield=True):
                 await self._pool.close()
-            except Exception:
+            if not self._pool.is_closing() or self._pool.get_size():
                 self._pool.terminate()
 
     # --- writes ----------------------------------------------------------------------------------
@@ -170,44 +200,65 @@ class PostgresStore(BatchingWriter):
         return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "").startswith("XX")
 
     async def _attempt(self, batch: list[Write]) -> None:
-        """One database transaction for ``batch``, its transactions' rows taken in id order."""
+        """Write ``batch``; what two writers do to each other (a deadlock) is tried again at once."""
+        for tries in range(1, TRANSIENT_TRIES + 1):
+            try:
+                return await self._write(batch)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in _TRANSIENT or tries == TRANSIENT_TRIES:
+                    raise
+                logger.info("store: %s (try %d of %d), writing the batch again", one_line(exc), tries, TRANSIENT_TRIES)
+                await anyio.sleep(random.uniform(0.005, 0.02) * tries)  # a jitter, not a secret
+
+    async def _write(self, batch: list[Write]) -> None:
+        """One database transaction for ``batch``. Rows are locked in one order whoever writes, so
+        two writers do not wait on each other in a circle: transactions by id, then sessions by id,
+        then the prunes."""
         assert self._pool is not None
         records: dict[str, TransactionRecord] = {}
         events: dict[str, list[tuple[Any, ...]]] = {}
-        for kind, args in batch:
+        sessions: list[tuple[int, str, int, Write]] = []
+        for index, (kind, args) in enumerate(batch):
             if kind == "event":
                 events.setdefault(args[0], []).append(args)
             elif kind == "transaction":
                 record: TransactionRecord = args[0]
                 known = records.get(record.id)
                 records[record.id] = record if known is None else merged(known, record)
+            elif kind == "session":
+                sessions.append((0, args[0].id, index, (kind, args)))
+            elif kind == "forget":
+                sessions.append((0, args[0], index, (kind, args)))
+            else:  # prune: many rows, after the rest
+                sessions.append((1, "", index, (kind, args)))
         renumbered: list[tuple[str, int, int]] = []
         async with self._pool.acquire() as db, db.transaction():
             for transaction_id in sorted(records.keys() | events.keys()):
-                if transaction_id in records:
-                    await self._save_record(db, records[transaction_id])
+                record_ = records.get(transaction_id)
+                if record_ is not None:
+                    await self._save_record(db, record_)
                 if transaction_id in events:
                     renumbered += await self._insert_events(db, transaction_id, events[transaction_id])
-            for kind, args in batch:  # few, and their order matters (a save, then a forget)
-                if kind == "session":
-                    session: SessionRecord = args[0]
-                    await db.execute(
-                        _SAVE_SESSION,
-                        session.id,
-                        session.user,
-                        session.epoch,
-                        list(session.transactions),
-                        session.updated_at,
-                    )
-                elif kind == "forget":
-                    await db.execute("DELETE FROM haip_sessions WHERE id = $1", *args)
-                elif kind == "prune":
-                    await db.execute("DELETE FROM haip_sessions WHERE updated_at < $1", *args)
+                if record_ is not None and record_.last_tseq:  # numbers handed out live, stored or not
+                    await db.execute(_KEEP_LAST, transaction_id, record_.last_tseq)
+            for _, _, _, (kind, args) in sorted(sessions, key=lambda item: item[:3]):
+                await self._write_session(db, kind, args)
         for transaction_id, published, stored in renumbered:  # committed: now it is true
             self._sequenced(transaction_id, published, stored)
 
+    @staticmethod
+    async def _write_session(db: Db, kind: str, args: tuple[Any, ...]) -> None:
+        if kind == "session":
+            session: SessionRecord = args[0]
+            row = (session.id, session.user, session.epoch, list(session.transactions), session.updated_at)
+            await db.execute(_SAVE_SESSION, *row)
+        elif kind == "forget":
+            await db.execute("DELETE FROM haip_sessions WHERE id = $1", *args)
+        else:
+            await db.execute("DELETE FROM haip_sessions WHERE updated_at < $1", *args)
+
     async def _save_record(self, db: Db, record: TransactionRecord) -> None:
-        await db.execute(
+        updated_at = await db.fetchval(
             _UPSERT_TRANSACTION,
             record.id,
             record.owner,
@@ -218,18 +269,22 @@ class PostgresStore(BatchingWriter):
             record.updated_at,
             record.end_reason,
         )
-        await db.execute(_ADD_MEMBERS, record.id, list(record.members))
+        await db.execute(_ADD_MEMBERS, record.id, list(record.members), updated_at)
+        await db.execute(_MEMBERS_UPDATED, record.id, updated_at)
 
     async def _insert_events(
         self, db: Db, transaction_id: str, rows: list[tuple[Any, ...]]
     ) -> list[tuple[str, int, int]]:
         """Insert a transaction's events at the numbers they were published under where those come
         after what is stored, else at the next free ones; the ones whose number changed."""
+        moved: list[tuple[str, int, int]] = []
         if self._retrying:  # the last attempt may have committed without our hearing it
-            stored = {row["id"] for row in await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])}
+            found = await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])
+            stored = {found_row["id"]: found_row["tseq"] for found_row in found}
+            moved = [(transaction_id, row[1], stored[row[3]]) for row in rows if stored.get(row[3], row[1]) != row[1]]
             rows = [row for row in rows if row[3] not in stored]
             if not rows:
-                return []
+                return moved
         last = int(await db.fetchval(_LOCK_LAST, transaction_id, time.time()))
         numbers = []
         for row in rows:  # its own number if free, else the next free one: order kept, no gap made
@@ -237,7 +292,7 @@ class PostgresStore(BatchingWriter):
             numbers.append(last)
         ids, bodies = [row[3] for row in rows], [row[2] for row in rows]
         await db.execute(_INSERT_EVENTS, transaction_id, numbers, ids, bodies, last)
-        return [(transaction_id, row[1], number) for row, number in zip(rows, numbers, strict=True) if row[1] != number]
+        return moved + [(transaction_id, row[1], n) for row, n in zip(rows, numbers, strict=True) if row[1] != n]
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -256,47 +311,44 @@ class PostgresStore(BatchingWriter):
 
     async def transaction(self, transaction_id: str) -> TransactionRecord | None:
         async def query(db: Db) -> TransactionRecord | None:
-            row = await db.fetchrow(f"{_RECORD} FROM haip_transactions t WHERE t.id = $1", transaction_id)
+            row = await db.fetchrow(READS["transaction"], transaction_id)
             return None if row is None else _transaction(row)
 
         return await self._read(query)
 
     async def transactions_of(self, user: str, *, limit: int, before: Cursor | None = None) -> list[TransactionRecord]:
         async def query(db: Db) -> list[TransactionRecord]:
-            sql = f"{_RECORD} FROM haip_members m JOIN haip_transactions t ON t.id = m.tx WHERE m.user_id = $1"
-            if before is not None:
-                sql += " AND (t.updated_at, t.id) < ($3, $4)"
-            sql += " ORDER BY t.updated_at DESC, t.id DESC LIMIT $2"
-            return [_transaction(row) for row in await db.fetch(sql, user, limit, *(before or ()))]
+            if before is None:
+                rows = await db.fetch(READS["transactions_of"], user, limit)
+            else:
+                rows = await db.fetch(READS["transactions_of_before"], user, limit, *before)
+            return [_transaction(row) for row in rows]
 
         return await self._read(query)
 
     async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
         async def query(db: Db) -> list[Event]:
-            sql = "SELECT tseq, body FROM haip_events WHERE tx = $1 AND tseq > $2 ORDER BY tseq LIMIT $3"
-            rows = await db.fetch(sql, transaction_id, after, limit)
+            rows = await db.fetch(READS["events"], transaction_id, after, limit)
             return [event_from_json(transaction_id, row[0], row[1]) for row in rows]
 
         return await self._read(query)
 
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
         async def query(db: Db) -> list[Event]:
-            sql = "SELECT tseq, body FROM haip_events WHERE tx = $1 ORDER BY tseq DESC LIMIT $2"
-            rows = await db.fetch(sql, transaction_id, limit)
+            rows = await db.fetch(READS["tail"], transaction_id, limit)
             return [event_from_json(transaction_id, row[0], row[1]) for row in reversed(rows)]
 
         return await self._read(query) if limit > 0 else []
 
     async def open_owned(self, user: str, *, limit: int) -> list[str]:
         async def query(db: Db) -> list[str]:
-            sql = "SELECT id FROM haip_transactions WHERE owner = $1 AND state = 'open' LIMIT $2"
-            return [row[0] for row in await db.fetch(sql, user, limit)]
+            return [row[0] for row in await db.fetch(READS["open_owned"], user, limit)]
 
         return await self._read(query)
 
     async def session(self, session_id: str) -> SessionRecord | None:
         async def query(db: Db) -> SessionRecord | None:
-            row = await db.fetchrow("SELECT * FROM haip_sessions WHERE id = $1", session_id)
+            row = await db.fetchrow(READS["session"], session_id)
             if row is None:
                 return None
             return SessionRecord(row["id"], row["user_id"], row["epoch"], tuple(row["transactions"]), row["updated_at"])
@@ -307,23 +359,31 @@ class PostgresStore(BatchingWriter):
 async def preflight(config: StorageConfig) -> None:
     """What opening the store would refuse, met before a server starts (so the refusal is one line,
     not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
-    schema, or one that needs migrating by a role that may not. Migrates it (what the store would do)."""
+    schema, one that needs migrating by a role that may not, or a migration lock held too long.
+    Migrates it (what the store would do). Nothing here waits longer than the configured timeouts."""
     assert config.url is not None
-    url = config.url.get_secret_value()
+    url, where = config.url.get_secret_value(), masked_url(config.url.get_secret_value())
+    timeout = config.connect_timeout_seconds
     try:
-        db = await asyncpg.connect(url, timeout=config.connect_timeout_seconds)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-        raise ConfigError(f"storage.url: cannot open PostgreSQL database {masked_url(url)}: {_short(exc)}") from exc
+        db = await asyncpg.connect(url, timeout=timeout, command_timeout=config.statement_timeout_seconds + timeout)
+    except (*_REACHING, ValueError) as exc:
+        raise ConfigError(f"storage.url: cannot open PostgreSQL database {where}: {_short(exc)}") from exc
     try:
-        await migrate(db, masked_url(url))
-    except asyncpg.PostgresError as exc:
-        raise ConfigError(f"storage.url: cannot prepare PostgreSQL database {masked_url(url)}: {_short(exc)}") from exc
+        await migrate(db, where, lock_timeout=timeout)
+    except _REACHING as exc:
+        raise ConfigError(f"storage.url: cannot prepare PostgreSQL database {where}: {_short(exc)}") from exc
     finally:
-        await db.close()
+        with anyio.move_on_after(timeout, shield=True):
+            await db.close()
+        if not db.is_closed():
+            db.terminate()
 
 
 def _short(exc: BaseException) -> str:
-    """An error in one line, without anything that could be the password."""
+    """An error in one line, without anything that could be the password (a URL the driver could
+    not parse is not echoed: the part it chokes on may be the password)."""
+    if isinstance(exc, ValueError) and not isinstance(exc, asyncpg.InterfaceError):
+        return "the URL cannot be read (percent-encode any of / ? # @ : in the user name or password)"
     return " ".join((str(exc) or type(exc).__name__).split())
 
 

@@ -67,3 +67,24 @@ def test_a_bad_database_or_redis_url_is_refused_without_echoing_its_password(tmp
         with pytest.raises(ConfigError) as refused:
             load_config(path)
         assert "hunter2" not in str(refused.value) and "url" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "password"),
+    [
+        ("postgresql://haip:pa/ss@db/haip", "postgresql://haip:**********@db/haip", "pa/ss"),
+        (
+            "postgresql://haip:p?a#s@s@db:5432/h?sslmode=require",
+            "postgresql://haip:**********@db:5432/h?sslmode=require",
+            "p?a#s@s",
+        ),
+        ("postgresql://db/haip", "postgresql://db/haip", None),
+        ("postgresql://u@db/x", "postgresql://u@db/x", None),
+    ],
+)
+def test_a_password_with_url_characters_is_masked_and_redacted_whole(
+    url: str, shown: str, password: str | None
+) -> None:
+    from haip_runtime.config.base import url_password
+
+    assert masked_url(url) == shown and url_password(url) == password
