@@ -58,6 +58,8 @@ class TransactionRegistry:
         self.store = store
         self.tools = tools
         self.live: dict[str, Transaction] = {}
+        #: Transactions whose numbering another process moved (logged once each, at INFO).
+        self._renumbered: set[str] = set()
         self._spawn = spawn
         self._ready = ready
         self._loading: dict[str, anyio.Event] = {}
@@ -123,6 +125,9 @@ class TransactionRegistry:
         if transaction is not None:
             return transaction if self.may_see(transaction.users, principal) else None
         record = await self.store.transaction(transaction_id)
+        if record is None and self.store.lag:  # just started by another process, perhaps: not yet written
+            await anyio.sleep(self.store.lag)
+            record = await self.store.transaction(transaction_id)
         if record is None or not self.may_see(record.members, principal):
             return None
         if record.state is TransactionState.ENDED:
@@ -165,7 +170,10 @@ class TransactionRegistry:
         the one order)."""
         transaction = self.live.get(transaction_id)
         if transaction is not None and stored > transaction.tseq:
-            logger.info(
+            first = transaction_id not in self._renumbered
+            self._renumbered.add(transaction_id)
+            logger.log(
+                logging.INFO if first else logging.DEBUG,
                 "transaction %s: event %d is stored as %d (another process writes to it); numbering on from there",
                 transaction_id,
                 published,
@@ -177,6 +185,7 @@ class TransactionRegistry:
         """It ended: it leaves memory (its log and record stay in the store)."""
         if self.live.get(transaction.id) is transaction:
             del self.live[transaction.id]
+        self._renumbered.discard(transaction.id)
 
     def idle(self) -> list[Transaction]:
         """Transactions nobody is in and nothing runs in, for longer than ``idle_seconds``."""

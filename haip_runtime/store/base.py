@@ -109,6 +109,10 @@ class Store(Protocol):
 
     #: Whether what it keeps outlives the process (open transactions then survive a restart).
     durable: bool
+    #: 0 when no other process writes here; else how long what another process has published may
+    #: take to be readable here (its batching interval and a commit): a lookup that finds nothing
+    #: looks once more after it.
+    lag: float
     #: Whether it can write and read now, and what it has failed to keep.
     health: StorageHealth
     #: Called (in the event loop) with a transaction's id and the error, once per transaction per

@@ -52,6 +52,7 @@ class BatchingWriter:
     """The queue, the writer task and the health of a durable store (a base for the backends)."""
 
     durable = True
+    lag = 0.0  # one process a store, unless a backend says otherwise
 
     def __init__(self, *, name: str, flush_interval: float, max_pending: int) -> None:
         #: How the store is named in logs (a file, or a database URL without its password).

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 class MemoryStore:
     durable = False
+    lag = 0.0
     pending = 0  # writes are done at once
 
     def __init__(self, *, max_events: int = 200_000) -> None:

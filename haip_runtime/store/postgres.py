@@ -140,6 +140,9 @@ class PostgresStore(BatchingWriter):
             max_pending=config.max_pending_writes,
         )
         self.config = config
+        #: Other processes write here too: what they published is readable within their batching
+        #: interval (the same setting, by their config) and a commit.
+        self.lag = config.flush_interval_seconds + 0.2
         self._pool: asyncpg.Pool | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
