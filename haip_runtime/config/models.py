@@ -38,7 +38,8 @@ class ServerConfig(Model):
     """An HTTP connection that has not sent a complete request head (request line and headers) this long
     after it opened, or after its last response, is closed: a slow client cannot hold connections open."""
     body_timeout_seconds: float = Field(default=15, gt=0)
-    """An SSE POST whose body has not fully arrived this long after its head is refused (INVALID_MESSAGE)."""
+    """A request body (an SSE POST, an AG-UI POST, any request to `/mcp`) that has not fully arrived this
+    long after its head is refused (INVALID_MESSAGE)."""
     playground: bool | None = None
     """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
 

@@ -240,6 +240,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
             rt.hub.sessions.quotas.check_message,
             tasks=lambda door: AgentTasks(
                 door.run,
+                door.reserve,
                 ttl_seconds=config.mcp_server.task_ttl_seconds,
                 per_user=config.mcp_server.max_tasks_per_user,
                 on_end=rt.metrics.served_task_ended,

@@ -105,9 +105,11 @@ class McpDoor:
         ask: Ask | None = None,
         *,
         on_run: Callable[[_Run], None] | None = None,
+        slot: RunSlot | None = None,
     ) -> Any:
         """One turn of `agent`, to its answer; `on_run` is handed the run as it starts (a task keeps it
-        to say what the run did if the task is cancelled)."""
+        to say what the run did if the task is cancelled). With a `slot` (from `reserve`), the run
+        was admitted already and gives the slot back when it ends."""
         from haip_runtime.bridge.facade import AgentAnswer
 
         assert isinstance(caller, Principal), "the door authenticates every request"
@@ -116,7 +118,7 @@ class McpDoor:
         if on_run is not None:
             on_run(run)
         try:
-            with self._counted(member):
+            with self._counted(member) if slot is None else _giving_back(slot):
                 return await self._run(member, run, message, conversation_id)
         except ProtocolError as error:  # refused before it started
             run.failed(error.code, error.message)
@@ -124,19 +126,28 @@ class McpDoor:
         finally:
             member.close()
 
+    def reserve(self, caller: Any, agent: str) -> RunSlot:
+        """Admit a run of `agent` for `caller` now (it may start it, its message rate, its runs at
+        once), before anything is promised to the client (a task); `ProtocolError` if not."""
+        assert isinstance(caller, Principal), "the door authenticates every request"
+        if agent not in self._ctx.agents:
+            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"no agent named {agent!r}")
+        if not caller.permissions.may_start(agent):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {agent!r}")
+        return self._take(caller.user, new_id())
+
+    def _take(self, user: str, related_id: str) -> RunSlot:
+        self._check_message(user, related_id)
+        limit = self._ctx.config.session.max_concurrent_runs
+        if self._running.get(user, 0) >= limit:
+            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, f"you already have {limit} MCP calls running")
+        self._running[user] = self._running.get(user, 0) + 1
+        return RunSlot(self._running, user)
+
     @contextmanager
     def _counted(self, member: McpMember) -> Iterator[None]:
-        self._check_message(member.user, member.id)
-        limit = self._ctx.config.session.max_concurrent_runs
-        if self._running.get(member.user, 0) >= limit:
-            raise ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, f"you already have {limit} MCP calls running")
-        self._running[member.user] = self._running.get(member.user, 0) + 1
-        try:
+        with _giving_back(self._take(member.user, member.id)):
             yield
-        finally:
-            self._running[member.user] -= 1
-            if not self._running[member.user]:
-                del self._running[member.user]
 
     async def _run(self, member: McpMember, run: _Run, message: str, conversation_id: str | None) -> Any:
         from haip_runtime.bridge.facade import AgentAnswer
@@ -296,6 +307,28 @@ class _Run:
         return body
 
 
+class RunSlot:
+    """One of a user's runs at once (`session.max_concurrent_runs`), held until given back (once)."""
+
+    def __init__(self, running: dict[str, int], user: str) -> None:
+        self._running, self._user, self._held = running, user, True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._running[self._user] -= 1
+            if not self._running[self._user]:
+                del self._running[self._user]
+
+
+@contextmanager
+def _giving_back(slot: RunSlot) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        slot.give_back()
+
+
 class McpEndpoint:
     """The ASGI app at `[mcp_server] path`: the Origin and the bearer token are checked, then the SDK serves."""
 
@@ -331,13 +364,14 @@ class McpEndpoint:
         except HandshakeError as error:
             await send_error(send, 401, ProtocolError(error.code, error.message))
             return
-        if scope.get("method") == "POST":  # the SDK reads the body itself, with no deadline: read it here
-            try:
-                body = await read_body(receive, self._max_body, self._body_timeout)
-            except DecodeError as refusal:
-                await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
-                return
-            receive = _replaying(body, receive)
+        # Any method may send a body, and the SDK reads it with no deadline: read it here (a GET or
+        # DELETE without one reads an empty body at once).
+        try:
+            body = await read_body(receive, self._max_body, self._body_timeout)
+        except DecodeError as refusal:
+            await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
+            return
+        receive = _replaying(body, receive)
         await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
 
     @asynccontextmanager

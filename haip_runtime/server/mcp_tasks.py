@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.exceptions import TaskRefusedError
+from haip_runtime.exceptions import ProtocolError, TaskRefusedError
 from haip_runtime.protocol.envelope import new_id
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,15 @@ class RunAgent(Protocol):
         ask: Ask | None = None,
         *,
         on_run: Callable[[Any], None] | None = None,
+        slot: Any = None,
     ) -> Any: ...
+
+
+class Reserve(Protocol):
+    """`McpDoor.reserve`: admit a run now (a `ProtocolError` if not); the slot it returns is given back
+    (`give_back()`, once) when the run ends."""
+
+    def __call__(self, caller: Any, agent: str) -> Any: ...
 
 
 OnStatus = Callable[[Any], Coroutine[Any, Any, None]]
@@ -74,10 +82,10 @@ class _Question:
     schema: dict[str, Any]
     answered: anyio.Event = field(default_factory=anyio.Event)
     answer: dict[str, Any] | None = None
-    taken: bool = False
-    """A `tasks/result` is asking the client now, or has given up on it (the humans may still answer)."""
     asking: anyio.CancelScope | None = None
-    """The `tasks/result` asking it: withdrawn (a human answered first), the question is taken back."""
+    """The `tasks/result` asking the client now. Cancelled when a human answered first (the run
+    withdraws it), or when a newer `tasks/result` takes the question over: a client may drop a
+    `tasks/result` stream and ask again, and the question must not stay with the dropped one."""
 
 
 @dataclass(eq=False)
@@ -126,8 +134,17 @@ class _Task:
 class AgentTasks:
     """The tasks of the MCP door (the `TaskHost` of `bridge.facade`)."""
 
-    def __init__(self, run: RunAgent, *, ttl_seconds: float, per_user: int, on_end: OnEnd | None = None) -> None:
+    def __init__(
+        self,
+        run: RunAgent,
+        reserve: Reserve,
+        *,
+        ttl_seconds: float,
+        per_user: int,
+        on_end: OnEnd | None = None,
+    ) -> None:
         self._run = run
+        self._reserve = reserve
         self._ttl_ms = int(ttl_seconds * 1000)
         self._per_user = per_user
         self._on_end = on_end
@@ -164,11 +181,15 @@ class AgentTasks:
         if self._group is None:
             raise TaskRefusedError("the server is shutting down")
         self._make_room(caller.user)
+        try:  # refused now, not as a task that fails at once: no such agent, not allowed, too many runs
+            slot = self._reserve(caller, agent)
+        except ProtocolError as refusal:
+            raise TaskRefusedError(f"{refusal.code}: {refusal.message}") from refusal
         ttl = self._ttl_ms if ttl_ms is None else max(1, min(ttl_ms, self._ttl_ms))
         task = _Task(f"task-{new_id()}", caller.user, agent, ttl, on_status)
         self._tasks[task.id] = task
         ask = self._asker(task) if can_ask else None
-        self._group.start_soon(self._live, task, caller, message, conversation_id, report, ask)
+        self._group.start_soon(self._live, task, caller, message, conversation_id, report, ask, slot)
         return task.view()
 
     def task(self, caller: Any, task_id: str) -> Any:
@@ -179,25 +200,35 @@ class AgentTasks:
         return [task.view() for task in self._tasks.values() if task.user == user]
 
     async def task_result(self, caller: Any, task_id: str, ask: Ask | None) -> Any:
-        """The task's answer once it has ended; meanwhile its questions go to the client through `ask`."""
+        """The task's answer once it has ended; meanwhile its questions go to the client through `ask`.
+
+        The newest `tasks/result` asks: one that finds a question another is asking takes it over (the
+        other's client may be gone, and nothing tells the server so). A question this call's client
+        could not answer, or that a newer call took, is left to the others and the humans."""
         task = self._find(caller, task_id)
+        left: set[int] = set()  # questions this call leaves alone
         while not task.terminal:
-            question = next((each for each in task.questions if not each.taken), None)
+            question = next((each for each in task.questions if id(each) not in left), None)
             if question is None or ask is None:
                 await task.changed.wait()
                 continue
-            question.taken = True
-            with anyio.CancelScope() as question.asking:
+            if question.asking is not None:
+                question.asking.cancel()  # taken over
+            with anyio.CancelScope() as scope:
+                question.asking = scope
                 try:
                     answer = await ask(question.message, question.schema)
-                except anyio.get_cancelled_exc_class():
-                    question.taken = False  # the request went (the next tasks/result asks again), or it was withdrawn
-                    raise
                 except Exception as exc:  # the client could not answer: the humans still may
                     logger.info("the MCP client could not answer task %s's question: %s", task.id, exc)
+                    left.add(id(question))
                     continue
+                finally:
+                    if question.asking is scope:
+                        question.asking = None
                 question.answer = answer
                 question.answered.set()
+            if scope.cancelled_caught:  # withdrawn (a human answered) or taken over by a newer call
+                left.add(id(question))
         return task.answer
 
     def cancel_task(self, caller: Any, task_id: str) -> Any:
@@ -218,6 +249,7 @@ class AgentTasks:
         conversation_id: str | None,
         report: Report,
         ask: Ask | None,
+        slot: Any,
     ) -> None:
         def seen(run: Any) -> None:
             task.run = run
@@ -227,7 +259,9 @@ class AgentTasks:
             with task.kept:
                 with task.scope:
                     try:
-                        answer = await self._run(caller, task.agent, message, conversation_id, report, ask, on_run=seen)
+                        answer = await self._run(
+                            caller, task.agent, message, conversation_id, report, ask, on_run=seen, slot=slot
+                        )
                     except Exception:  # a bug in the run must not take the other tasks down with it
                         logger.exception("MCP task %s failed", task.id)
                         answer = self._failed_answer(task)
@@ -241,6 +275,7 @@ class AgentTasks:
                 await anyio.sleep_forever()  # the answer is kept until the ttl ends
             self._end(task, "cancelled", "the task's ttl ran out", self._cancelled_answer(task))
         finally:
+            slot.give_back()  # the run gave it back, unless it never started (cancelled at once)
             self._tasks.pop(task.id, None)
             if not task.terminal:  # the server stops
                 self._end(task, "cancelled", "the server stopped", self._cancelled_answer(task))

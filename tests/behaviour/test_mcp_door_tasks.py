@@ -47,8 +47,11 @@ def door() -> Iterator[LiveServer]:
 
 
 @asynccontextmanager
-async def mcp_client(live: LiveServer, user: str = "alice", **options: Any) -> AsyncIterator[Client]:
-    headers = {"Authorization": f"Bearer {live.token(user)}"}
+async def mcp_client(
+    live: LiveServer, user: str = "alice", roles: list[str] | None = None, **options: Any
+) -> AsyncIterator[Client]:
+    claims = {} if roles is None else {"roles": roles}
+    headers = {"Authorization": f"Bearer {live.token(user, **claims)}"}
     async with (
         httpx2.AsyncClient(headers=headers, timeout=30) as http,
         Client(
@@ -321,3 +324,60 @@ async def test_a_user_holds_a_bounded_number_of_tasks() -> None:
                 await get(client.session, running.task_id)
     assert "RUN_LIMIT_EXCEEDED: you already have 1 MCP tasks running" in refused.value.error.message
     assert text(answer) == "you said: now there is room"
+
+
+async def test_a_newer_tasks_result_takes_over_a_question_an_older_one_holds(door: LiveServer) -> None:
+    """A client may drop a `tasks/result` stream and ask again (nothing tells the server): the newest
+    asks the question, where it once stayed with the first for good."""
+    first_asked = anyio.Event()
+
+    async def never(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        first_asked.set()
+        await anyio.sleep_forever()  # the first stream's client is gone
+        raise AssertionError("unreachable")
+
+    async def answer(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        return types.ElicitResult(action="accept", content={"name": "Ada", "favourite_colour": "green"})
+
+    async with mcp_client(door, elicitation_callback=never) as first, anyio.create_task_group() as group:
+        created = await create(first, "operator", {"message": "/call demo.ask_user"})
+        group.start_soon(result, first.session, created.task_id)
+        with anyio.fail_after(10):
+            await first_asked.wait()
+        async with mcp_client(door, elicitation_callback=answer) as second:  # the same user, asking again
+            with anyio.fail_after(20):
+                answered = await result(second.session, created.task_id)
+        group.cancel_scope.cancel()
+    calls = answered.structured_content["tool_calls"] if answered.structured_content else []
+    assert calls[0]["result"]["content"][0]["text"] == "Ada likes green"
+
+
+async def test_a_task_is_refused_at_once_for_an_agent_the_caller_may_not_run(door: LiveServer) -> None:
+    """No task is promised (and no metric series made) for a name that is no agent, an agent the
+    role may not start, or a run past the user's runs at once."""
+    config = {
+        "mcp_server": {"enabled": True},
+        "session": {"max_concurrent_runs": 1},
+        "agents": {"storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller"}},
+        "roles": {"reader": {"agents": ["echo"]}, "writer": {}},
+    }
+    with live_server(make_config(config)) as live:
+        async with mcp_client(live, user="bob", roles=["writer"]) as client:
+            with pytest.raises(MCPError) as unknown:
+                await create(client, "no-such-agent", {"message": "x"})
+            running = await create(client, "storyteller", {"message": "a long story"})
+            with pytest.raises(MCPError) as too_many:
+                await create(client, "echo", {"message": "a second run at once"})
+            await cancel(client.session, running.task_id)
+        headers = {"Authorization": f"Bearer {live.token('rita', roles=['reader'])}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=30) as http,
+            Client(streamable_http_client(f"{live.http_url}/mcp", http_client=http), mode="legacy") as reader,
+        ):
+            with pytest.raises(MCPError) as forbidden:
+                await create(reader, "storyteller", {"message": "x"})
+        metrics = httpx2.get(f"{live.http_url}/metrics").text
+    assert "AGENT_NOT_FOUND" in unknown.value.error.message
+    assert "RUN_LIMIT_EXCEEDED" in too_many.value.error.message
+    assert "UNAUTHORIZED" in forbidden.value.error.message
+    assert "no-such-agent" not in metrics

@@ -125,3 +125,18 @@ def read_all_until_closed(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_fault_8_an_mcp_get_or_delete_whose_body_does_not_arrive_in_time_is_refused(method: str) -> None:
+    """The SDK reads a body with no deadline whatever the method: a GET or DELETE declaring one it
+    never sends once held its connection for good."""
+    with live_server(make_config({"server": {"body_timeout_seconds": 1}, "mcp_server": {"enabled": True}})) as live:
+        sock = connect(live)
+        sock.sendall(
+            f"{method} /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live.token('slow')}\r\n"
+            "Accept: application/json, text/event-stream\r\nMcp-Session-Id: abc\r\nContent-Length: 10\r\n\r\n".encode()
+        )
+        answer = await anyio.to_thread.run_sync(read_all, sock)
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400") and b"body_timeout_seconds" in answer
