@@ -11,10 +11,10 @@ running) for the supervisor's next connection, tells its caller meanwhile that i
 follows the same task id there; a server that no longer knows the task ends the call with an error.
 A cancel while the connection is down goes out on the next one, if that comes within the grace.
 
-The SDK has typed models for these
-methods but no runtime; it also validates every `tools/call` answer as a plain result, so `_create`
-is the one place that sends below `ClientSession.send_request` (the SDK's public way around that
-check, `ClientExtension` result claims, exists only for the 2026 protocol).
+The SDK has typed models for these methods but no runtime; it also validates every `tools/call`
+answer as a plain result, so `_create` is the one place that sends below `ClientSession.send_request`
+(the SDK's public way around that check, `ClientExtension` result claims, exists only for the 2026
+protocol).
 
 The task's progress notifications carry the `progressToken` the call sent, for the task's whole life;
 the SDK stops following a request's progress once it is answered, but hands every progress
@@ -250,7 +250,7 @@ class _Follow:
             while True:
                 try:
                     session = self._line.session if self._attached else await self._line.reconnect()
-                    self._attached = True
+                    self._attached, why = True, f"no answer within {CANCEL_GRACE:g} s"
                     answer = _state(await session.send_request(request, types.CancelTaskResult))
                 except ToolUnavailableError as exc:
                     why = str(exc)
@@ -287,7 +287,8 @@ class _Reporter:
         self.closing = False
 
     async def __call__(self, state: TaskState, *, final: bool = False) -> None:
-        self.known = state
+        if not state.local:
+            self.known = state
         if self._on_task is None or state == self._last:
             return
         if not final and (self.closing or self._call.done or self._call.asking or self._ended):
