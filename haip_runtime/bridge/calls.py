@@ -25,7 +25,7 @@ import anyio
 import mcp_types as types
 from mcp import Client, InputRequiredRoundsExceededError, MCPError
 from mcp.client import ClientRequestContext
-from mcp.client.session import ClientSession, ElicitationFnT
+from mcp.client.session import ElicitationFnT
 from mcp.shared.dispatcher import ProgressFnT
 from pydantic import BaseModel, ValidationError
 
@@ -87,8 +87,8 @@ current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("haip
 RELATED_TASK = "io.modelcontextprotocol/related-task"
 """The `_meta` key tying a server's request (an elicitation) to the task it is for."""
 
-TaskRunner = Callable[[ClientSession], Awaitable[types.CallToolResult]]
-"""Runs the call as an MCP task on a session (`tasks.run_task`, bound to its call)."""
+TaskRunner = Callable[[], Awaitable[types.CallToolResult]]
+"""Runs the call as an MCP task (`tasks.run_task`, bound to its call and its server's connection)."""
 
 
 async def call_tool(
@@ -108,7 +108,7 @@ async def call_tool(
     try:
         with anyio.fail_after(limit) as call.scope:
             if as_task is not None:
-                result = await as_task(client.session)
+                result = await as_task()
             else:
                 progress = _progress_callback(call, on_progress)
                 result = await client.call_tool(tool, arguments, progress_callback=progress)

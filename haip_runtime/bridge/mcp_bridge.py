@@ -14,12 +14,11 @@ from typing import Any, Self, TextIO
 
 import anyio
 import anyio.abc
-from mcp.client.session import ClientSession
 from mcp_types import CallToolResult
 
 from haip_runtime.bridge.calls import Call, TaskRunner, call_tool
 from haip_runtime.bridge.models import OnElicit, OnProgress, OnTask, ServerStatus, ToolInfo, ToolResult
-from haip_runtime.bridge.supervisor import ServerSupervisor
+from haip_runtime.bridge.supervisor import ServerSupervisor, TaskLine
 from haip_runtime.bridge.tasks import OnTaskEnd, run_task
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.exceptions import ToolUnavailableError
@@ -123,7 +122,8 @@ class McpBridge:
         in `on_elicit` does not count against the timeout; `on_elicit` should give up after the
         server's `approval_timeout_seconds` (the bridge declines by itself a little later). A tool the
         server runs as an MCP task (`ServerSupervisor.runs_as_task`) is followed to its end the same way:
-        its states reach `on_task`, and cancelling cancels the task.
+        its states reach `on_task`, and cancelling cancels the task. Such a call outlives a reconnect of
+        the server's connection when the server keeps the task (`tasks.py`); `ToolError` if it does not.
         """
         supervisor = self._supervisors.get(server)
         if supervisor is None:
@@ -134,10 +134,11 @@ class McpBridge:
         as_task: TaskRunner | None = None
         if supervisor.runs_as_task(tool):
             ttl = limit + supervisor.config.approval_timeout_seconds
+            line = TaskLine(supervisor, client, link)
 
-            async def as_task(session: ClientSession) -> CallToolResult:
+            async def as_task() -> CallToolResult:
                 return await run_task(
-                    session,
+                    line,
                     call,
                     tool,
                     arguments,

@@ -61,6 +61,9 @@ class TaskState:
     status: str
     """`working`, `input_required`, `completed`, `failed` or `cancelled`."""
     message: str | None
+    local: bool = False
+    """The bridge's own word on the task, not the server's: it waits for the lost connection to come
+    back, or its cancel could not reach the server (`status` is then the last one the server said)."""
 
     @property
     def terminal(self) -> bool:

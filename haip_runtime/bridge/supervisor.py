@@ -24,7 +24,7 @@ import anyio
 import mcp_types as types
 from mcp import Client, MCPError
 from mcp.client import IncomingMessage, Transport
-from mcp.client.session import MessageHandlerFnT
+from mcp.client.session import ClientSession, MessageHandlerFnT
 from mcp.client.subscriptions import SubscriptionLost
 from mcp.server.mcpserver import MCPServer
 from mcp_types.version import LATEST_MODERN_VERSION, MODERN_PROTOCOL_VERSIONS
@@ -99,6 +99,8 @@ class ServerSupervisor:
         self._link = Link()
         self._attempt: anyio.CancelScope | None = None
         self._reported: ServerStatus | None = None
+        self._changed = anyio.Event()
+        """Set (and replaced) at every change of state: what `reconnected` waits on."""
 
     def status(self) -> ServerStatus:
         tools = self.tools if self.state is ServerState.CONNECTED else ()
@@ -126,6 +128,17 @@ class ServerSupervisor:
         info = next((known for known in self.tools if known.name == tool), None)
         support = "forbidden" if info is None else info.task_support
         return support == "required" or (support == "optional" and self.config.use_tasks)
+
+    async def reconnected(self, since: Link) -> tuple[Client, Link]:
+        """The first live connection after `since`, waiting through the backoff and failed attempts
+        (callers bound the wait: their call's timeout); `ToolUnavailableError` once the bridge stops."""
+        while True:
+            client, link = self._client, self._link
+            if client is not None and link is not since and link.connected and self.state is ServerState.CONNECTED:
+                return client, link
+            if self._stopping.is_set() or self.state is ServerState.STOPPED:
+                raise ToolUnavailableError(f"MCP server {self.name!r} is stopping (the bridge is closing)")
+            await self._changed.wait()
 
     def cancel_connecting(self) -> None:
         """Abandon an attempt that has not connected yet (there is nothing to close gracefully)."""
@@ -269,6 +282,8 @@ class ServerSupervisor:
         self.state, self.error = state, error
         if state in (ServerState.CONNECTED, ServerState.FAILED):
             self.settled.set()
+        self._changed.set()
+        self._changed = anyio.Event()
         self._report()
 
     def _report(self) -> None:
@@ -282,6 +297,31 @@ class ServerSupervisor:
             self._on_change(status)
         except Exception:  # a listener's bug must not take the connection down
             logger.exception("on_change failed for MCP server %r", self.name)
+
+
+class TaskLine:
+    """A task call's hold on its server's connection across reconnects (`tasks.Line`): a task the
+    server keeps outlives the connection it was started on."""
+
+    def __init__(self, supervisor: ServerSupervisor, client: Client, link: Link) -> None:
+        self._supervisor = supervisor
+        self._client = client
+        self._link = link
+
+    @property
+    def session(self) -> ClientSession:
+        return self._client.session
+
+    @property
+    def lost(self) -> anyio.Event:
+        return self._link.lost
+
+    def lose(self, why: str) -> None:
+        self._link.lose(why)
+
+    async def reconnect(self) -> ClientSession:
+        self._client, self._link = await self._supervisor.reconnected(self._link)
+        return self._client.session
 
 
 async def _ping_until_silent(client: Client, link: Link) -> None:

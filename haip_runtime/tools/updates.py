@@ -70,15 +70,19 @@ class Updates:
             self._pending, self._last_sent = None, time.monotonic()
 
     async def task(self, state: TaskState) -> None:
-        """An MCP task's new state: ``RUNNING`` with the server's status message and ``task: {id, status}``.
+        """An MCP task's new state: ``RUNNING`` with the server's status message and ``task: {id, status}``
+        (the bridge's own message while it waits for a lost connection to come back).
 
-        Its end shows in TOOL_DONE; only a cancellation the server confirmed is told here (``CANCELLING``),
-        so members see that the server, not just the runtime, stopped the work.
+        Its end shows in TOOL_DONE. While the call is being cancelled only the cancel's outcome comes
+        here, told as ``CANCELLING``: the server confirmed it, so members see that the server, not just
+        the runtime, stopped the work; or it could not reach the server, whose task may run on.
         """
         task = {"id": state.task_id, "status": state.status}
         if state.status == "cancelled" and self._cancelling:
             why = f": {state.message}" if state.message else ""
             message = f"the MCP server cancelled its task {state.task_id}{why}"
             self.send(ToolStatus.CANCELLING, message=message, task=task)
+        elif self._cancelling and state.local:
+            self.send(ToolStatus.CANCELLING, message=state.message, task=task)
         elif not self._cancelling and not state.terminal:
             self.send(ToolStatus.RUNNING, **({"message": state.message} if state.message else {}), task=task)

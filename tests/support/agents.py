@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from pydantic import BaseModel
 
 from haip_runtime import Agent, NoOptions, Turn
@@ -96,3 +98,53 @@ class BeepAgent(Agent[NoOptions]):
             samples = (int(8000 * math.sin(2 * math.pi * 440 * n / 8000)) for n in range(2000))
             clip.writeframes(b"".join(struct.pack("<h", sample) for sample in samples))
         await turn.send_audio(buffer.getvalue(), "audio/wav", duration_ms=250)
+
+
+class Gate:
+    """A gate the test opens from its own thread for runs of ``GateAgent`` on the server's event loop
+    (test servers run in a thread of the test's process): it counts the runs and holds them until opened."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.cancelled = threading.Event()
+        """Set when a run waiting at the gate is cancelled."""
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiting: list[tuple[anyio.lowlevel.EventLoopToken, anyio.Event]] = []
+
+    def open(self) -> None:
+        with self._lock:
+            self._open, waiting = True, list(self._waiting)
+        for token, event in waiting:
+            anyio.from_thread.run_sync(event.set, token=token)
+
+    async def wait(self) -> None:
+        waiter = (anyio.lowlevel.current_token(), anyio.Event())
+        with self._lock:
+            self.runs += 1
+            if self._open:
+                return
+            self._waiting.append(waiter)
+        try:
+            await waiter[1].wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.set()
+            raise
+        finally:
+            with self._lock:
+                self._waiting.remove(waiter)
+
+
+#: The gates ``GateAgent`` runs wait at, by the message they are given (one per test).
+GATES: dict[str, Gate] = {}
+
+
+class GateAgent(Agent[NoOptions]):
+    """Streams that it waits, waits at the gate named by the message (``GATES``), then answers."""
+
+    async def on_message(self, turn: Turn) -> None:
+        gate = GATES[turn.text]
+        async with turn.stream() as out:
+            await out.write("waiting at the gate")
+            await gate.wait()
+            await out.write(f"; through the gate {turn.text}")
