@@ -1,6 +1,6 @@
 """The PostgreSQL store against SQLite (issue 20), side by side in one run; writes bench/STORE-RESULTS.md.
 
-    .venv/bin/python bench/store.py            # the full run (a few minutes; 1,000,000 events for the reads)
+    .venv/bin/python bench/store.py            # the full run (about 3 minutes; 1,000,000 events for the reads)
     .venv/bin/python bench/store.py --short    # well under a minute, the same code with small numbers,
                                                # to prove the bench runs (bench/suite.py --short runs it)
 
@@ -81,7 +81,7 @@ class Scale:
     big_events: int
 
 
-FULL = Scale(rounds=4, write_events=50_000, echo_trips=2000, reads=200, big_events=1_000_000)
+FULL = Scale(rounds=6, write_events=50_000, echo_trips=3000, reads=300, big_events=1_000_000)
 SHORT = Scale(rounds=2, write_events=2_000, echo_trips=40, reads=10, big_events=20_000)
 
 
@@ -521,6 +521,51 @@ def read_table(reads: dict[tuple[str, int, str], tuple[Series, Series]], big: in
     return lines
 
 
+#: What a py-spy profile of the served runtime showed; kept with the code, revise it when the store changes.
+PROFILE_NOTE = (
+    "What a profile shows (py-spy on the server answering the first list page from PostgreSQL, 2026-12-06): "
+    "the largest single cost is asyncpg's `Connection.reset()`, which the pool runs on every release (a "
+    "sixth of the samples), so each store read makes a second round trip; a list page is 1 + 2 reads per "
+    "transaction listed (its first 40 and last 200 events). Replacing `reset` by a no-op took a 40-event "
+    "read from about 170 to 130 µs (in-process, 3 runs): about 0.3 ms of a list page's 1.3 ms over "
+    "SQLite; the rest is the queries' own round trips to another process. `create_pool(reset=...)` or one "
+    "connection per request would save it; not changed by this bench. Parsing the events read "
+    "(`event_from_json`, `fastjson.loads`) is the next largest cost, on both backends."
+)
+
+
+def summary(
+    writes: dict[str, Series],
+    echo: dict[str, Series],
+    reads: dict[tuple[str, int, str], tuple[Series, Series]],
+    big: int,
+) -> list[str]:
+    """What this run's tables say, in three lines (computed, so it stays true of the run that wrote it)."""
+    rate, rate100 = writes["rate"], writes["rate100"]
+    stores = [name for name in rate.figures if name != "sqlite"]
+    stored = "; ".join(f"{name} {rate.median(name):,.0f} ({rate100.median(name):,.0f})" for name in stores)
+    p99 = echo["p99"].figures
+    added = ", ".join(
+        f"{name} {statistics.median(a - b for a, b in zip(p99[name], p99['memory'], strict=True)):+.2f} ms"
+        for name in p99
+        if name != "memory"
+    )
+    ratios = [
+        big50.median("") / reads[backend, SMALL_EVENTS, label][0].median("")
+        for (backend, events, label), (big50, _) in reads.items()
+        if events == big
+    ]
+    return [
+        f"- Events stored per second, one batch (batches of 100): sqlite {rate.median('sqlite'):,.0f} "
+        f"({rate100.median('sqlite'):,.0f}); {stored}.",
+        f"- Added to the echo round trip's p99 over the memory store: {added} (medians of per-round "
+        "differences; the p50 does not move. Other processes on this machine move a round's p99 by "
+        "milliseconds: see the rounds).",
+        f"- REST reads at {big:,} events against {SMALL_EVENTS:,}: p50 ratios "
+        f"{min(ratios):.2f}x to {max(ratios):.2f}x, on both backends.",
+    ]
+
+
 def report(scale: Scale, short: bool, started: float, found: Clusters, sections: dict[str, list[str]]) -> str:
     settings = [f"- {name}: {text}" for name, text in found.settings.items()]
     lines = [
@@ -542,6 +587,7 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
             "events in place of 1,000,000).",
             "",
         ]
+    lines += ["## In short", "", *sections["summary"], ""]
     lines += ["PostgreSQL servers measured:", "", *settings, *[f"- {note}" for note in found.notes], ""]
     lines += [
         f"## 1. Events stored per second ({scale.write_events:,} events, the store alone)",
@@ -567,8 +613,11 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
         "`haip-runtime serve` (bench/common.py's config plus `[storage]`), all up throughout. The store "
         "never delays a turn directly (writes are queued, batched each `flush_interval`, 50 ms): what it adds "
         "is the CPU of queueing and, for PostgreSQL, the writer's asyncpg work in the same event loop; "
-        "for SQLite, a worker thread taking the GIL. The server's CPU per turn (its `/proc/<pid>/stat` user "
-        "and system time over the timed turns) is the steadier measure on a shared machine; PostgreSQL's "
+        "for SQLite, a worker thread taking the GIL. So the p50 stays, and the tail is where a store shows: "
+        "a turn that arrives while the writer handles a batch (every 50 ms here, some 300 events, on the "
+        "order of a millisecond of CPU at part 1's rate) waits for it. The server's CPU per turn (its "
+        "`/proc/<pid>/stat` user and system time over the timed turns) is the steadier measure on a shared "
+        "machine; PostgreSQL's "
         "own processes are not in it. A turn stores six events (the user's MESSAGE, RUN_STARTED, "
         "MESSAGE_START, MESSAGE_PART, MESSAGE_END, RUN_FINISHED).",
         "",
@@ -585,6 +634,8 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
         f"user's transactions. {scale.reads} requests per request kind per round, on a kept-alive connection, "
         "after 5 unmeasured ones; every answer is checked (a full page of the dev user's, tseq 501-600). "
         "Warm caches: the databases fit in this machine's memory.",
+        "",
+        PROFILE_NOTE,
         "",
     ]
     return "\n".join(lines)
@@ -603,11 +654,14 @@ def main() -> None:
     sections: dict[str, list[str]] = {}
     with clusters() as found, tempfile.TemporaryDirectory(prefix="haip-bench-store-") as tmp:
         log("1: events stored per second")
-        sections["writes"] = write_table(write_rates(scale, found, Path(tmp)))
+        writes = write_rates(scale, found, Path(tmp))
         log("2: echo round trips")
-        sections["echo"] = echo_table(echo_latency(scale, found))
+        echo = echo_latency(scale, found)
         log("3: REST reads")
-        sections["reads"] = read_table(rest_reads(scale, found, Path(tmp)), scale.big_events)
+        reads = rest_reads(scale, found, Path(tmp))
+    sections["writes"], sections["echo"] = write_table(writes), echo_table(echo)
+    sections["reads"] = read_table(reads, scale.big_events)
+    sections["summary"] = summary(writes, echo, reads, scale.big_events)
     text = report(scale, args.short, started, found, sections)
     output.write_text(text, encoding="utf-8")
     print(text)
