@@ -541,21 +541,27 @@ def store_bench(short: bool) -> list[str]:
 
 
 def store_tables(text: str, name: str) -> list[str]:
-    """The section of BENCHMARKS.md for bench/store.py: its numbered headings and tables, and where the rest is."""
+    """The section of BENCHMARKS.md for bench/store.py: its summary, numbered headings and tables, and
+    where the rest is (how each part is measured, the servers' settings, the machine)."""
+    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
     lines = [
         "## The PostgreSQL store against SQLite (issue 20)",
         "",
-        f"`bench/store.py` writes bench/{name}: how each part is measured, the PostgreSQL servers' settings "
-        "(the test cluster runs with `fsync=off`; a second one with `fsync=on` is measured beside it), and the "
-        "machine. Its tables from this run:",
+        f"`bench/store.py` wrote bench/{name} on {written}: how each part is measured, the PostgreSQL servers' "
+        "settings (the test cluster runs with `fsync=off`; a second one with `fsync=on` is measured beside it) "
+        "and the machine are there. Its summary and tables:",
         "",
     ]
+    bullets = False
     for line in text.splitlines():
         if line.startswith("## "):
             lines += ["#" + line, ""]
-        elif line.startswith("|"):
+            bullets = line == "## In short"
+        elif line.startswith("|") or (bullets and line.startswith("- ")):
             lines.append(line)
-        elif lines[-1].startswith("|"):
+        elif line and bullets:
+            bullets = False  # the summary ends at its first line that is not a bullet
+        if not line.startswith(("|", "- ")) and lines[-1].startswith(("|", "- ")):
             lines.append("")
     return lines
 
