@@ -1,7 +1,7 @@
 """Every target of issue 11, each against its baseline run alternately with it; writes BENCHMARKS.md.
 
-    .venv/bin/python bench/suite.py            # the full run (about 25 minutes, a 10-minute soak)
-    .venv/bin/python bench/suite.py --short    # about three minutes, the same code with smaller numbers,
+    .venv/bin/python bench/suite.py            # the full run (about 20 minutes, a 10-minute soak)
+    .venv/bin/python bench/suite.py --short    # about two minutes, the same code with smaller numbers,
                                                # written to bench/BENCHMARKS-short.md (scripts/bench-short)
 
 Servers are subprocesses pinned to one core (`haip-runtime serve` on a generated config, or the bare
