@@ -112,14 +112,16 @@ class Clusters:
 
 @contextmanager
 def clusters() -> Iterator[Clusters]:
+    """The servers for the whole run, stopped and deleted (or, external, cleared of our databases) after it."""
     found = Clusters()
     try:
         found.servers["postgres"] = PostgresServer.create()
+        durable = PostgresServer(settings=DURABLE)
         try:
-            durable = PostgresServer(settings=DURABLE)
             durable.start()
             found.servers["postgres fsync=on"] = durable
         except (PostgresError, OSError) as exc:
+            durable.close()
             found.notes.append(f"no PostgreSQL with fsync=on: could not start a cluster of our own ({exc})")
         for name, server in found.servers.items():
             found.settings[name] = anyio.run(describe, server.url)
@@ -502,10 +504,15 @@ def echo_table(echo: dict[str, Series]) -> list[str]:
     return lines
 
 
+def round_ratios(big: Series, small: Series) -> list[float]:
+    """Each round's big-database figure over the small one's (the two measured one after the other)."""
+    return [b / a for b, a in zip(big.figures[""], small.figures[""], strict=True)]
+
+
 def read_table(reads: dict[tuple[str, int, str], tuple[Series, Series]], big: int) -> list[str]:
     lines = [
         f"| request | backend | p50 / p99 ms at {SMALL_EVENTS:,} events | p50 / p99 ms at {big:,} events "
-        "| ratio p50, p99 (big / small) |",
+        "| ratio p50 (rounds), p99: big / small |",
         "|---|---|---|---|---|",
     ]
     labels = dict.fromkeys(label for _, _, label in reads)
@@ -513,10 +520,11 @@ def read_table(reads: dict[tuple[str, int, str], tuple[Series, Series]], big: in
         for backend in ("sqlite", "postgres"):
             small50, small99 = reads[backend, SMALL_EVENTS, label]
             big50, big99 = reads[backend, big, label]
+            p50s, p99s = round_ratios(big50, small50), round_ratios(big99, small99)
             lines.append(
                 f"| {label} | {backend} | {small50.median(''):.2f} / {small99.median(''):.2f} "
-                f"| {big50.median(''):.2f} / {big99.median(''):.2f} "
-                f"| {big50.median('') / small50.median(''):.2f}x, {big99.median('') / small99.median(''):.2f}x |"
+                f"| {big50.median(''):.2f} / {big99.median(''):.2f} | {statistics.median(p50s):.2f}x "
+                f"({min(p50s):.2f}–{max(p50s):.2f}x), {statistics.median(p99s):.2f}x |"
             )
     return lines
 
@@ -527,9 +535,10 @@ PROFILE_NOTE = (
     "the largest single cost is asyncpg's `Connection.reset()`, which the pool runs on every release (a "
     "sixth of the samples), so each store read makes a second round trip; a list page is 1 + 2 reads per "
     "transaction listed (its first 40 and last 200 events). Replacing `reset` by a no-op took a 40-event "
-    "read from about 170 to 130 µs (in-process, 3 runs): about 0.3 ms of a list page's 1.3 ms over "
-    "SQLite; the rest is the queries' own round trips to another process. `create_pool(reset=...)` or one "
-    "connection per request would save it; not changed by this bench. Parsing the events read "
+    "read from about 170 to 130 µs (in-process, 3 runs): about 0.3 ms per list page of seven reads; the "
+    "rest of PostgreSQL's time over SQLite is the queries' own round trips to another process. "
+    "`create_pool(reset=...)` or one connection per request would save it; not changed by this bench. "
+    "Parsing the events read "
     "(`event_from_json`, `fastjson.loads`) is the next largest cost, on both backends."
 )
 
@@ -544,25 +553,25 @@ def summary(
     rate, rate100 = writes["rate"], writes["rate100"]
     stores = [name for name in rate.figures if name != "sqlite"]
     stored = "; ".join(f"{name} {rate.median(name):,.0f} ({rate100.median(name):,.0f})" for name in stores)
-    p99 = echo["p99"].figures
-    added = ", ".join(
-        f"{name} {statistics.median(a - b for a, b in zip(p99[name], p99['memory'], strict=True)):+.2f} ms"
-        for name in p99
-        if name != "memory"
-    )
+
+    def added(name: str, measure: str) -> float:
+        figures = echo[measure].figures
+        return statistics.median(a - b for a, b in zip(figures[name], figures["memory"], strict=True))
+
+    others = [name for name in echo["p99"].figures if name != "memory"]
+    turns = ", ".join(f"{name} {added(name, 'p50'):+.2f} / {added(name, 'p99'):+.2f} ms" for name in others)
     ratios = [
-        big50.median("") / reads[backend, SMALL_EVENTS, label][0].median("")
+        statistics.median(round_ratios(big50, reads[backend, SMALL_EVENTS, label][0]))
         for (backend, events, label), (big50, _) in reads.items()
         if events == big
     ]
     return [
         f"- Events stored per second, one batch (batches of 100): sqlite {rate.median('sqlite'):,.0f} "
         f"({rate100.median('sqlite'):,.0f}); {stored}.",
-        f"- Added to the echo round trip's p99 over the memory store: {added} (medians of per-round "
-        "differences; the p50 does not move. Other processes on this machine move a round's p99 by "
-        "milliseconds: see the rounds).",
-        f"- REST reads at {big:,} events against {SMALL_EVENTS:,}: p50 ratios "
-        f"{min(ratios):.2f}x to {max(ratios):.2f}x, on both backends.",
+        f"- Added to the echo round trip's p50 / p99 over the memory store: {turns} (medians of per-round "
+        "differences; other processes on this machine move a round's p99 by milliseconds: see the rounds).",
+        f"- REST reads at {big:,} events against {SMALL_EVENTS:,}: p50 ratios (medians of per-round ratios) "
+        f"{min(ratios):.2f}x to {max(ratios):.2f}x, over both backends and the three requests.",
     ]
 
 
@@ -633,7 +642,9 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
         "`next_cursor` once and then requested repeatedly. Events: `after=500&limit=100` in one of the dev "
         f"user's transactions. {scale.reads} requests per request kind per round, on a kept-alive connection, "
         "after 5 unmeasured ones; every answer is checked (a full page of the dev user's, tseq 501-600). "
-        "Warm caches: the databases fit in this machine's memory.",
+        "Warm caches: the databases fit in this machine's memory. The ratio is the median of the per-round "
+        "ratios (each round reads the small database, then the big one); PostgreSQL's processes are not "
+        "pinned and compete with the machine's other load, so its absolute figures move more between runs.",
         "",
         PROFILE_NOTE,
         "",
