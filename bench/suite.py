@@ -8,6 +8,8 @@ Servers are subprocesses pinned to one core (`haip-runtime serve` on a generated
 Starlette app of bench/baseline.py), load generators are bench/load.py processes pinned to the other.
 Rounds alternate A, B, A, B and a ratio is the median of the per-round ratios. The short mode is for CI
 to prove the suite runs; its absolute numbers are no pass/fail gate (scripts/check does not run it).
+Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite; ``--short`` with the suite's)
+and copies that bench's tables into the report.
 """
 
 from __future__ import annotations
@@ -519,6 +521,51 @@ def startup_target(scale: Scale, directory: Path) -> None:
     )
 
 
+# -- the PostgreSQL store (issue 20) -------------------------------------------------------------------------
+
+
+def store_bench(short: bool) -> list[str]:
+    """Run bench/store.py (its own short mode with --short) on all the cores this suite was given; the
+    tables of what it wrote, for the report."""
+    output = BENCH / ("STORE-RESULTS-short.md" if short else "STORE-RESULTS.md")
+    command = [PYTHON, str(BENCH / "store.py"), "--output", str(output), *(["--short"] if short else [])]
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=3600,
+        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
+    )
+    return store_tables(output.read_text(encoding="utf-8"), output.name)
+
+
+def store_tables(text: str, name: str) -> list[str]:
+    """The section of BENCHMARKS.md for bench/store.py: its summary, numbered headings and tables, and
+    where the rest is (how each part is measured, the servers' settings, the machine)."""
+    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+    lines = [
+        "## The PostgreSQL store against SQLite (issue 20)",
+        "",
+        f"`bench/store.py` wrote bench/{name} on {written}: how each part is measured, the PostgreSQL servers' "
+        "settings (the test cluster runs with `fsync=off`; a second one with `fsync=on` is measured beside it) "
+        "and the machine are there. Its summary and tables:",
+        "",
+    ]
+    bullets = False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            lines += ["#" + line, ""]
+            bullets = line == "## In short"
+        elif line.startswith("|") or (bullets and line.startswith("- ")):
+            lines.append(line)
+        elif line and bullets:
+            bullets = False  # the summary ends at its first line that is not a bullet
+        if not line.startswith(("|", "- ")) and lines[-1].startswith(("|", "- ")):
+            lines.append("")
+    return lines
+
+
 # -- profile -------------------------------------------------------------------------------------------------
 
 
@@ -678,7 +725,7 @@ PROFILE_NOTE = (
 )
 
 
-def write_report(scale: Scale, short: bool, started: float, profile: list[str]) -> str:
+def write_report(scale: Scale, short: bool, started: float, profile: list[str], store: list[str]) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -741,6 +788,7 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str]) 
         "Lua script (one at a time, 16 in flight, 16 per call, and streamed parts through the batcher), each",
         "delivered to a second node, and Redis commands per appended event from `INFO commandstats`.",
         "",
+        *store,
     ]
     if NOTES:
         lines += ["## Notes from this run", "", *[f"- {note}" for note in NOTES], ""]
@@ -784,8 +832,10 @@ def main() -> None:
     memory_target(scale)
     log("10: soak")
     soak_target(scale)
+    log("store: SQLite against PostgreSQL (bench/store.py)")
+    store = store_bench(args.short)
     ROWS.sort(key=lambda r: r.number)
-    report = write_report(scale, args.short, started, profile)
+    report = write_report(scale, args.short, started, profile, store)
     args.output.write_text(report, encoding="utf-8")
     print(report)
 

@@ -79,6 +79,22 @@ async def test_a_crash_cuts_sessions_and_recovery_keeps_every_commit(
         assert await db.fetchval("SELECT count(*) FROM kept") == 100
 
 
+async def test_a_cluster_of_our_own_takes_settings_over_the_test_ones(postgres_server: PostgresServer) -> None:
+    if not postgres_server.owned:
+        pytest.skip("starting a second cluster needs PostgreSQL installed here, not only HAIP_TEST_POSTGRES_URL")
+    durable = PostgresServer(settings={"fsync": "on", "full_page_writes": "on"})
+    try:
+        durable.start()
+        async with connected(durable.url) as db:
+            assert await db.fetchval("SHOW fsync") == "on"
+            assert await db.fetchval("SHOW full_page_writes") == "on"
+            assert await db.fetchval("SHOW max_connections") == "200"  # the other test settings stay
+    finally:
+        durable.close()
+    async with connected(postgres_server.url) as db:  # the session's cluster keeps the test settings
+        assert await db.fetchval("SHOW fsync") == "off"
+
+
 async def test_stop_and_start_are_skipped_for_an_external_server() -> None:
     external = PostgresServer(external_url="postgresql://haip:secret@127.0.0.1:1/haip")
     assert not external.owned and external.running

@@ -8,6 +8,8 @@ refuses to run as root). Its superuser has a password, so URLs look like product
 It is tuned for tests: ``fsync=off`` and ``full_page_writes=off`` only matter when the machine itself
 crashes, never when the server process does. ``synchronous_commit`` stays on: a crash (``crash()``,
 as ``pg_ctl stop -m immediate``) must keep every commit the server acknowledged, as in production.
+``PostgresServer(settings=...)`` overrides them for a cluster of one's own (bench/store.py measures one
+with ``fsync=on`` beside the test one).
 
 The postmaster is our child process: it is stopped when the session ends, at interpreter exit
 (``atexit``) for whatever is left, and, when started from the main thread, by the kernel if the test
@@ -200,6 +202,7 @@ class PostgresServer:
         database: str = "haip",
         auth: Literal["scram-sha-256", "md5", "trust"] = "scram-sha-256",
         external_url: str | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.user = user
         self.password = password
@@ -207,6 +210,9 @@ class PostgresServer:
         self.auth = auth
         self.port = 0
         self._external_url = external_url
+        #: Server settings over ``TEST_SETTINGS`` for our own cluster (bench/store.py runs one with
+        #: ``fsync=on`` to compare with a production-like server); an external server keeps its own.
+        self.settings = {**TEST_SETTINGS, **(settings or {})}
         self._cluster: _Cluster | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -362,7 +368,7 @@ class PostgresServer:
                     raise
 
     def _launch(self, cluster: _Cluster) -> None:
-        settings = {**TEST_SETTINGS, "port": str(self.port), "unix_socket_directories": str(cluster.sockets)}
+        settings = {**self.settings, "port": str(self.port), "unix_socket_directories": str(cluster.sockets)}
         command = [str(cluster.binaries / "postgres"), "-D", str(cluster.data)]
         for key, value in settings.items():
             command += ["-c", f"{key}={value}"]
