@@ -157,6 +157,7 @@ class PostgresStore(BatchingWriter):
                 # The server cancels a slow statement; this catches a network that hangs (no answer
                 # at all), which the server cannot see.
                 command_timeout=self.config.statement_timeout_seconds + 2,
+                reset=_nothing_to_reset,
                 server_settings={
                     "application_name": "haip-runtime",
                     "statement_timeout": str(int(self.config.statement_timeout_seconds * 1000)),
@@ -380,6 +381,13 @@ async def preflight(config: StorageConfig) -> None:
             await db.close()
         if not db.is_closed():
             db.terminate()
+
+
+async def _nothing_to_reset(db: Db) -> None:
+    """The pool's reset of a connection given back: nothing, beyond the rollback of an open
+    transaction asyncpg always does. The store changes no session state (its only setting is
+    `SET LOCAL`, its only lock a transaction's), so asyncpg's default `RESET ALL`, `UNLISTEN *`...
+    would cost a round trip per read and per batch for nothing (measured: 170 -> 130 us a read)."""
 
 
 def _short(exc: BaseException) -> str:
