@@ -196,7 +196,7 @@ def _token(args: argparse.Namespace) -> int:
     config = _load(args)
     key = None
     if config.auth.mode == "dev":
-        if config.storage.backend != "sqlite":
+        if config.storage.backend == "memory":
             raise ConfigError(
                 f"{args.config}: storage.backend: dev mode keeps its key beside a durable store; with"
                 " backend = 'memory' each start makes a new key: use the token `serve` prints"

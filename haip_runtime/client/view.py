@@ -167,6 +167,8 @@ class ChatView:
             pass  # the reconnect line already says the server restarted and the conversation was rejoined
         elif kind == "ERROR":
             self.say(f"✗ {event.get('code')}: {event.get('message')}", "red")
+        elif kind == "INFO" and event.get("event") == "storage":
+            self.say(f"history is being written again (storage {event.get('state')})", "dim")
         elif kind == "INFO" and event.get("event") == "mcp.server":
             error = f": {event.get('error')}" if event.get("error") else ""
             self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")

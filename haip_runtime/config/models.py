@@ -121,6 +121,9 @@ class StorageConfig(Model):
             scheme, separator, _ = self.url.get_secret_value().partition("://")
             if not separator or scheme not in ("postgresql", "postgres"):
                 raise ValueError("storage.url must be a postgresql://user:password@host:port/database URL")
+            userinfo = self.url.get_secret_value().partition("://")[2].rpartition("@")[0]
+            if any(character in userinfo for character in "/?#@"):
+                raise ValueError("storage.url: percent-encode / ? # @ in the user name or password (/ is %2F)")
         return self
 
 

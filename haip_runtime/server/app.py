@@ -277,9 +277,10 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
 
 
 def dev_key(storage: StorageConfig) -> str | None:
-    """The dev-mode signing key kept beside a durable store (made on first use), so that a restart
-    does not invalidate tokens already handed out; ``None`` (a key per process) without one."""
-    if storage.backend != "sqlite":
+    """The dev-mode signing key kept in a file (made on first use) beside a durable store's path, so
+    that a restart does not invalidate tokens already handed out, and processes of one machine on one
+    PostgreSQL database accept each other's; ``None`` (a key per process) with the memory store."""
+    if storage.backend == "memory":
         return None
     path = Path(f"{storage.path}.dev-key")
     try:

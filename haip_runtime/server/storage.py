@@ -3,8 +3,9 @@
 The store (``store/sqlite.py``) never loses a write silently: while it cannot write it keeps the
 writes in memory and retries, and calls ``on_storage`` once per transaction per outage. Here
 that becomes an ``ERROR STORAGE_UNAVAILABLE`` to the members of that transaction, who go on talking
-live but learn that their history is not being kept; when the store writes again (what waited is
-then stored) they get ``INFO {"event": "storage", "state": "ok"}``.
+live but learn that their history is not being written (it waits in memory, bounded by
+``storage.max_pending_writes``, and is lost if the process stops first); when the store writes
+again (what waited is then stored) they get ``INFO {"event": "storage", "state": "ok"}``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def tell_members(transactions: TransactionRegistry) -> Callable[[str, str | None
         if error is None:
             event = Event(EventType.INFO, {"event": "storage", "state": "ok"}, transaction=transaction_id)
         else:
-            message = f"history is not being kept: the store cannot write ({error}); the conversation goes on live"
+            message = (
+                f"history is not being written: the store cannot write ({error}); the conversation goes on live,"
+                " and what is said waits in memory until the store is back"
+            )
             payload = error_payload(ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, message))
             event = Event(EventType.ERROR, payload, transaction=transaction_id)
         for member in list(transaction.members.values()):

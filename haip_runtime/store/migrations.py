@@ -96,8 +96,13 @@ CREATE TABLE IF NOT EXISTS haip_schema (
 
 
 async def current_version(db: Db) -> int:
-    """The highest migration applied (0 for a database haip-runtime never used)."""
-    exists = await db.fetchval("SELECT to_regclass('haip_schema') IS NOT NULL")
+    """The highest migration applied (0 for a database haip-runtime never used). Asks the catalog
+    with an ordinary query (its snapshot sees what another process committed while this one waited
+    for the lock; ``to_regclass`` may answer from a catalog cache taken before)."""
+    exists = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables"
+        " WHERE tablename = 'haip_schema' AND schemaname = ANY (current_schemas(false)))"
+    )
     if not exists:
         return 0
     return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM haip_schema"))
@@ -114,6 +119,10 @@ def refuse_newer(version: int, where: str) -> None:
 async def migrate(db: Db, where: str, *, lock_timeout: float) -> int:
     """Bring the database to ``LATEST`` (under the advisory lock, waited for at most ``lock_timeout``
     seconds: then ``ConfigError``); the version it had before."""
+    before = await current_version(db)  # current (every start but the first after an upgrade): no lock
+    refuse_newer(before, where)
+    if before == LATEST:
+        return before
     async with db.transaction():
         await db.execute(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}")
         try:
@@ -132,5 +141,5 @@ async def migrate(db: Db, where: str, *, lock_timeout: float) -> int:
             if number > before:
                 await db.execute(sql)
                 await db.execute("INSERT INTO haip_schema (version, note) VALUES ($1, $2)", number, note)
-                logger.warning("store: migrated %s to schema version %d (%s)", where, number, note)
+                logger.info("store: migrated %s to schema version %d (%s)", where, number, note)
     return before

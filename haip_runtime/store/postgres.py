@@ -151,7 +151,7 @@ class PostgresStore(BatchingWriter):
         try:
             self._pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                min_size=0,  # connections opened as needed: no warning storms restoring a floor in an outage
                 max_size=self.config.pool_size,
                 timeout=self.config.connect_timeout_seconds,
                 # The server cancels a slow statement; this catches a network that hangs (no answer
@@ -166,14 +166,16 @@ class PostgresStore(BatchingWriter):
         except (*_REACHING, ValueError) as exc:
             raise ConfigError(f"storage.url: cannot open PostgreSQL database {self.name}: {_short(exc)}") from exc
         try:
-            async with self._pool.acquire() as db:
-                await migrate(db, self.name, lock_timeout=self.config.connect_timeout_seconds)
+            async with self._pool.acquire() as db:  # the first connection: the database is reached here
+                try:
+                    await migrate(db, self.name, lock_timeout=self.config.connect_timeout_seconds)
+                except _REACHING as exc:
+                    message = f"storage.url: cannot prepare PostgreSQL database {self.name}: {_short(exc)}"
+                    raise ConfigError(message) from exc
         except BaseException as exc:
             self._pool.terminate()  # at once: closing politely could itself be cancelled
-            if isinstance(exc, _REACHING):
-                raise ConfigError(
-                    f"storage.url: cannot prepare PostgreSQL database {self.name}: {_short(exc)}"
-                ) from exc
+            if isinstance(exc, (*_REACHING, ValueError)) and not isinstance(exc, ConfigError):
+                raise ConfigError(f"storage.url: cannot open PostgreSQL database {self.name}: {_short(exc)}") from exc
             raise
         await self._start_writer()
         return self

@@ -461,3 +461,32 @@ def _renumbered(original: Event, tseq: int) -> Event:
     copy = event("t", tseq)
     copy.id = original.id
     return copy
+
+
+def test_a_url_with_unencoded_url_characters_in_its_password_is_refused_by_check_without_echoing_it() -> None:
+    from pydantic import ValidationError
+
+    for password in ("ab/cd", "ab#cd", "ab?cd", "ab@cd"):
+        with pytest.raises(ValidationError) as refused:
+            config(f"postgresql://haip:{password}@127.0.0.1:5432/haip")
+        assert "percent-encode" in str(refused.value) and password not in str(refused.value)
+    assert config("postgresql://haip:ab%2Fcd@127.0.0.1:5432/haip").url is not None
+
+
+async def test_a_current_schema_starts_without_the_migration_lock(postgres_url: str) -> None:
+    """Only a start that must migrate waits for the lock: a held lock does not stop a current database."""
+    from haip_runtime.store import postgres
+    from haip_runtime.store.migrations import LOCK_KEY
+
+    async with opened(postgres_url):
+        pass
+    holder = await asyncpg.connect(postgres_url)
+    held = holder.transaction()
+    await held.start()
+    await holder.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+    try:
+        with anyio.fail_after(10):
+            await postgres.preflight(config(postgres_url, connect_timeout_seconds=1))
+    finally:
+        await held.rollback()
+        await holder.close()
