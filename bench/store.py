@@ -305,7 +305,7 @@ async def fill_postgres(url: str, events: int) -> None:
     dev_index = transactions // TX_PER_USER // 2
     db = await asyncpg.connect(url)
     try:
-        await migrate(db, "bench")
+        await migrate(db, "bench", lock_timeout=10)
         base = time.time() - transactions
         await db.execute(
             f"""INSERT INTO haip_transactions
@@ -315,7 +315,7 @@ async def fill_postgres(url: str, events: int) -> None:
             base,
             transactions,
         )
-        await db.execute("INSERT INTO haip_members SELECT owner, id FROM haip_transactions")
+        await db.execute("INSERT INTO haip_members SELECT owner, id, updated_at FROM haip_transactions")
         await db.execute(
             f"""INSERT INTO haip_events
                 SELECT 'tx-' || t, s, 'ev-' || t || '-' || s, replace(replace($1, '@ID', 'ev-' || t || '-' || s),
@@ -531,14 +531,13 @@ def read_table(reads: dict[tuple[str, int, str], tuple[Series, Series]], big: in
 
 #: What a py-spy profile of the served runtime showed; kept with the code, revise it when the store changes.
 PROFILE_NOTE = (
-    "What a profile shows (py-spy on the server answering the first list page from PostgreSQL, 2026-12-06): "
-    "the largest single cost is asyncpg's `Connection.reset()`, which the pool runs on every release (a "
-    "sixth of the samples), so each store read makes a second round trip; a list page is 1 + 2 reads per "
+    "What a profile showed (py-spy on the server answering the first list page from PostgreSQL, 2026-12-06): "
+    "the largest single cost was asyncpg's `Connection.reset()`, which the pool ran on every release (a "
+    "sixth of the samples), so each store read made a second round trip; a list page is 1 + 2 reads per "
     "transaction listed (its first 40 and last 200 events). Replacing `reset` by a no-op took a 40-event "
-    "read from about 170 to 130 µs (in-process, 3 runs): about 0.3 ms per list page of seven reads; the "
-    "rest of PostgreSQL's time over SQLite is the queries' own round trips to another process. "
-    "`create_pool(reset=...)` or one connection per request would save it; not changed by this bench. "
-    "Parsing the events read "
+    "read from about 170 to 130 µs (in-process, 3 runs): about 0.3 ms per list page of seven reads. The "
+    "store now passes such a no-op (`create_pool(reset=...)`: it changes no session state); the rest of "
+    "PostgreSQL's time over SQLite is the queries' own round trips to another process. Parsing the events read "
     "(`event_from_json`, `fastjson.loads`) is the next largest cost, on both backends."
 )
 
