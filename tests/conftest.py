@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.postgres import PostgresServer
+from tests.support.redis import RedisServer, running_redis, shared_redis_url
 from tests.support.serving import LiveServer, live_server, make_config
 
 
@@ -43,3 +44,23 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
     finally:
         postgres_server.ensure_running()
         postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The test session's Redis (shared: each test uses keys of its own prefix)."""
+    with shared_redis_url() as url:
+        yield url
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis for this test alone, which it may stop, kill and restart."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Redis keys of this test's own (``cluster.key_prefix``), on a Redis shared by the session."""
+    return f"t{secrets.token_hex(4)}"

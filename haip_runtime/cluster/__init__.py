@@ -1,7 +1,8 @@
 """The cluster's bus: Redis shared by every node (the only code that imports ``redis``).
 
-Layer 2: imports only ``protocol``, ``exceptions``, ``config`` and ``observability``. Not used by the
-runtime yet: the conversation, hub and session layers will build on this API.
+Layer 2: imports only ``protocol``, ``exceptions``, ``config`` and ``observability``. The runtime
+uses its quotas and presence (``server/fleet.py``: per-user limits over every node); the
+conversation, hub and session layers will build on the rest of this API.
 """
 
 from haip_runtime.cluster.bus import Bus, make_node_id

@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -44,6 +44,7 @@ from haip_runtime.server import allocator, playground
 from haip_runtime.server.agui import AguiDoor
 from haip_runtime.server.doors import Doorway, haip_routes
 from haip_runtime.server.failsafe import JsonFailsafe
+from haip_runtime.server.fleet import Fleet
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.mcp_door import McpEndpoint
 from haip_runtime.server.mcp_tasks import AgentTasks
@@ -60,6 +61,8 @@ from haip_runtime.tools.readiness import Readiness
 from haip_runtime.transports.base import FrameSource, Inbound, Transport
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from haip_runtime.bridge import McpBridge, ServerStatus
 
 
@@ -84,7 +87,9 @@ class Runtime:
         self.store.on_storage = tell_members(self.hub.transactions)
         self.store.on_sequenced = self.hub.transactions.sequenced
         gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
-        gauges.extra = lambda: storage_metrics(self.store)
+        #: This process as a node of a cluster (``[cluster]``): per-user limits counted over every node.
+        self.fleet = Fleet(config.cluster, self.hub.sessions) if config.cluster is not None else None
+        gauges.extra = self._extra_metrics
         self.metrics.watch(gauges)
         self.timers = Timers()
         self.gateway = Gateway(
@@ -104,6 +109,8 @@ class Runtime:
             tracing.configure(self.config.observability)
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.store)
+            if self.fleet is not None:
+                await stack.enter_async_context(self.fleet)
             await stack.enter_async_context(self.hub)
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
@@ -189,6 +196,12 @@ class Runtime:
 
         return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of, detached)
 
+    def _extra_metrics(self) -> Iterable[Metric]:
+        """The store's gauges, and the cluster's when there is one."""
+        yield from storage_metrics(self.store)
+        if self.fleet is not None:
+            yield from self.fleet.metrics()
+
     def server_health(self) -> dict[str, tuple[str, int, str | None]]:
         """(state, tool count, error) of every configured MCP server; ``starting`` until the bridge is up."""
         statuses = self.bridge.status() if self.bridge else {}
@@ -210,6 +223,9 @@ class Runtime:
         }
         if self.store.health.state is not StorageState.OK:
             down["storage"] = f"{self.store.health.state}: {self.store.health.error}"
+        cluster = self.fleet.status() if self.fleet is not None else None
+        if cluster is not None and cluster["state"] != "ok":
+            down["cluster"] = f"{cluster['state']}: {cluster.get('error')}"
         return {
             "status": "degraded" if down else "ok",
             **({"degraded": down} if down else {}),
@@ -220,6 +236,7 @@ class Runtime:
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
             "storage": storage_status(self.config.storage.backend, self.store),
+            **({"cluster": cluster} if cluster is not None else {}),
             "mcp": {
                 name: {"state": state, "tools": tools, "error": error}
                 for name, (state, tools, error) in servers.items()

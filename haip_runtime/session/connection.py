@@ -203,7 +203,7 @@ class Connection:
                 resumed.ready(self.sessions.epoch, resumed=True)
                 return resumed
         provisional.authenticate(principal, negotiate(hai.accept_events))
-        self.sessions.add(provisional)  # may refuse (the user's sessions are full) before the HAI is taken
+        await self.sessions.admit(provisional)  # may refuse (the user's sessions are full) before the HAI is taken
         provisional.accept_inbound(first)
         if failure is not None:
             provisional.send_error(failure)

@@ -5,6 +5,10 @@ only the envelope that hit it). ``UserQuotas`` (owned by the ``SessionRegistry``
 belongs to no single session: how many sessions a user may have and their messages a second
 together. What belongs to one session (its own rate, its direct tool calls) is the ``Session``'s;
 what belongs to a transaction (members, runs) is the conversation layer's.
+
+In a cluster (``[cluster]``) the same two quotas count over every node, without a round trip to Redis
+on the hot path: the user's message rate is shared out (``UserQuotas.share``: each node allows
+``1/n`` of it, ``n`` the live nodes), and sessions are counted in ``SharedSlots`` the server wires in.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ class Holder(Protocol):
     detached_at: float | None
 
 
+class SharedSlots(Protocol):
+    """A user's sessions counted over every node of a cluster (the server wires the bus's quotas in)."""
+
+    async def claim(self, user: str, holder: str, limit: int) -> bool:
+        """Count ``holder`` among ``user``'s at most ``limit`` sessions; ``False`` if they are all taken."""
+        ...
+
+    def release(self, user: str, holder: str) -> None:
+        """``holder`` ended: its place is free (soon: without waiting for the caller)."""
+        ...
+
+
 #: Users whose message rate is tracked before idle ones are forgotten (bounds the table).
 MAX_TRACKED_USERS = 10_000
 
@@ -34,7 +50,7 @@ MAX_TRACKED_USERS = 10_000
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; each message takes one."""
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = float(burst)
@@ -59,6 +75,30 @@ class UserQuotas:
         self.config = config
         self._clock = clock
         self._user_buckets: dict[str, TokenBucket] = {}
+        #: The nodes the user's message rate is shared out over (1 without a cluster).
+        self.nodes = 1
+
+    @property
+    def user_rate(self) -> float:
+        """This node's share of ``user_messages_per_second``."""
+        return self.config.user_messages_per_second / self.nodes
+
+    @property
+    def user_burst(self) -> float:
+        """This node's share of ``user_message_burst`` (at least one message)."""
+        return max(1.0, self.config.user_message_burst / self.nodes)
+
+    def share(self, nodes: int) -> None:
+        """Allow ``1/nodes`` of each user's rate and burst here, so that all nodes together allow at
+        most the configured rate however a user's sessions are spread (a user on one node only gets
+        that node's share: the price of not asking Redis about every envelope)."""
+        nodes = max(1, nodes)
+        if nodes == self.nodes:
+            return
+        self.nodes = nodes
+        for bucket in self._user_buckets.values():
+            bucket.rate, bucket.burst = self.user_rate, self.user_burst
+            bucket.tokens = min(bucket.tokens, bucket.burst)
 
     def check_message(self, user: str, related_id: str) -> None:
         """One inbound envelope of ``user`` against their sessions' message rate together."""
@@ -76,13 +116,13 @@ class UserQuotas:
         if bucket is None:
             if len(self._user_buckets) >= MAX_TRACKED_USERS:
                 self._forget_idle_users(now)
-            bucket = TokenBucket(self.config.user_messages_per_second, self.config.user_message_burst, now)
+            bucket = TokenBucket(self.user_rate, self.user_burst, now)
             self._user_buckets[user] = bucket
         return bucket
 
     def _forget_idle_users(self, now: float) -> None:
         """Drop the buckets that have refilled: forgetting them changes nothing."""
-        refill = self.config.user_message_burst / self.config.user_messages_per_second
+        refill = self.user_burst / self.user_rate
         self._user_buckets = {u: b for u, b in self._user_buckets.items() if now - b.updated < refill}
 
     def sessions_to_drop(self, sessions: Iterable[H], user: str) -> list[H]:
@@ -102,6 +142,21 @@ class UserQuotas:
                 close_code=CloseCode.POLICY,
             )
         return detached[:excess]
+
+    @staticmethod
+    def oldest_detached(sessions: Iterable[H], user: str) -> H | None:
+        """``user``'s session disconnected longest ago, to make room for a new one."""
+        detached = [s for s in sessions if s.user == user and s.detached_at is not None]
+        return min(detached, key=lambda s: s.detached_at or 0.0, default=None)
+
+    def cluster_full(self, user: str) -> HandshakeError:
+        """The refusal when ``user``'s sessions on every node together are at the limit."""
+        return HandshakeError(
+            ErrorCode.RATE_LIMITED,
+            f"user {user!r} already has {self.config.sessions_per_user} sessions in the cluster"
+            " (limits.sessions_per_user)",
+            close_code=CloseCode.POLICY,
+        )
 
 
 def limited(message: str, limit: str, related_id: str) -> ProtocolError:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from haip_runtime.config.models import LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.session.limits import UserQuotas
+from haip_runtime.session.limits import SharedSlots, UserQuotas
 from haip_runtime.session.session import Session
 from haip_runtime.session.window import Outbox
 from haip_runtime.store.base import SessionRecord, Store
@@ -33,6 +33,8 @@ class SessionRegistry:
         #: This process's run of the runtime; a client that sees it change knows the runtime restarted.
         self.epoch = epoch
         self.quotas = UserQuotas(limits or LimitsConfig())
+        #: In a cluster, where each user's sessions are counted over every node (``None``: this process only).
+        self.slots: SharedSlots | None = None
         self.sessions: dict[str, Session] = {}
         #: Called with each session dropped (the hub takes it out of its transactions).
         self.on_drop: Callable[[Session], None] = lambda session: None
@@ -70,6 +72,25 @@ class SessionRegistry:
             self.drop(stale)
         self.sessions[session.id] = session
         self.save(session)
+
+    async def admit(self, session: Session) -> None:
+        """``add``, after counting the session among its user's on every node when in a cluster.
+
+        Room is made as ``add`` makes it, then, while the cluster is full, by dropping this node's
+        oldest disconnected sessions of the user; a disconnected session on another node counts until
+        it expires there. ``HandshakeError`` RATE_LIMITED (close 1008) when no room is left."""
+        if self.slots is None:
+            self.add(session)
+            return
+        user = session.user
+        for stale in self.quotas.sessions_to_drop(self.sessions.values(), user):
+            self.drop(stale)
+        while not await self.slots.claim(user, session.id, self.quotas.config.sessions_per_user):
+            oldest = self.quotas.oldest_detached(self.sessions.values(), user)
+            if oldest is None:
+                raise self.quotas.cluster_full(user)
+            self.drop(oldest)
+        self.add(session)
 
     def save(self, session: Session) -> None:
         record = SessionRecord(session.id, session.user, self.epoch, tuple(sorted(session.transactions)), time.time())
@@ -113,6 +134,8 @@ class SessionRegistry:
     def drop(self, session: Session) -> None:
         """The session is over (expired, or made room for a newer one of its user)."""
         self.sessions.pop(session.id, None)
+        if self.slots is not None:
+            self.slots.release(session.user, session.id)
         self.store.forget_session(session.id)
         self.on_drop(session)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
 from haip_runtime.config.clustering import ClusterConfig
-from tests.support.redis import RedisServer, running_redis, shared_redis_url
 
 #: Short timings so that expiries and heartbeats happen within a test.
 FAST: dict[str, Any] = {"heartbeat_seconds": 0.1, "node_ttl_seconds": 1, "connect_timeout_seconds": 5}
@@ -20,27 +18,8 @@ FAST: dict[str, Any] = {"heartbeat_seconds": 0.1, "node_ttl_seconds": 1, "connec
 BusFactory = Callable[..., AbstractAsyncContextManager[Bus]]
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """The test session's Redis (shared: each test uses keys of its own prefix)."""
-    with shared_redis_url() as url:
-        yield url
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis for this test alone, which it may stop, kill and restart."""
-    with running_redis() as server:
-        yield server
-
-
 def make_config(url: str, prefix: str, **options: Any) -> ClusterConfig:
     return ClusterConfig(redis_url=url, key_prefix=prefix, **{**FAST, **options})
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{secrets.token_hex(4)}"
 
 
 @pytest.fixture

@@ -114,3 +114,35 @@ def test_the_user_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.now += 5
     quotas.check_message("late", "e")
     assert list(quotas._user_buckets) == ["late"]
+
+
+def accepted(quotas: UserQuotas, user: str, count: int) -> int:
+    taken = 0
+    for number in range(count):
+        try:
+            quotas.check_message(user, f"e{number}")
+        except ProtocolError:
+            continue
+        taken += 1
+    return taken
+
+
+def test_in_a_cluster_each_node_allows_its_share_of_a_users_rate() -> None:
+    clock = Clock()
+    quotas = UserQuotas(LimitsConfig(user_messages_per_second=10, user_message_burst=8), clock)
+    assert accepted(quotas, "ann", 2) == 2  # a bucket made with the whole burst...
+    quotas.share(4)  # ...is cut to this node's share when a cluster of four is seen
+    assert (quotas.user_rate, quotas.user_burst) == (2.5, 2.0)
+    assert accepted(quotas, "ann", 10) == 2
+    clock.now += 1
+    assert accepted(quotas, "ann", 10) == 2  # refilled at 2.5 a second, up to the share of the burst
+    assert accepted(quotas, "bob", 10) == 2  # new users get the share too
+    quotas.share(0)  # never less than one node
+    clock.now += 10
+    assert quotas.nodes == 1 and accepted(quotas, "ann", 20) == 8
+
+
+def test_a_share_of_the_burst_is_at_least_one_message() -> None:
+    quotas = UserQuotas(LimitsConfig(user_messages_per_second=1, user_message_burst=1))
+    quotas.share(3)
+    assert quotas.user_burst == 1.0 and accepted(quotas, "ann", 3) == 1

@@ -75,3 +75,41 @@ async def test_a_resume_past_what_was_sent_fails_and_leaves_the_session_as_it_wa
     resumed = await registry.resume(ann.id, "ann", Outbox(10), ann.last_seq, "r3")
     assert caught.value.detail == {"where": "/payload/last_rx_seq", "reason": "ahead"}
     assert caught.value.related_id == "r2" and resumed is ann and ann.outbox is not None
+
+
+class Slots:
+    """Shared slots that hold ``room`` sessions per user for the whole cluster (others' included)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.held: list[str] = []
+        self.released: list[str] = []
+
+    async def claim(self, user: str, holder: str, limit: int) -> bool:
+        if len(self.held) >= min(limit, self.room):
+            return False
+        self.held.append(holder)
+        return True
+
+    def release(self, user: str, holder: str) -> None:
+        self.released.append(holder)
+        if holder in self.held:
+            self.held.remove(holder)
+
+
+async def test_in_a_cluster_room_is_made_by_this_nodes_disconnected_sessions_or_refused() -> None:
+    registry = SessionRegistry(SessionConfig(), MemoryStore(), "e", LimitsConfig(sessions_per_user=3))
+    slots = Slots(room=2)  # one of the user's three sessions is on another node
+    registry.slots = slots
+    old, live = detached("ann"), session("ann")
+    await registry.admit(old)
+    await registry.admit(live)
+    newer = session("ann")
+    await registry.admit(newer)  # the cluster is full: this node's disconnected session makes room
+    with pytest.raises(HandshakeError) as refused:
+        await registry.admit(session("ann"))  # nothing here to drop: refused
+    registry.drop(live)
+    assert registry.get(old.id) is None and slots.released == [old.id, live.id]
+    assert slots.held == [newer.id] and len(registry) == 1
+    assert refused.value.code == "RATE_LIMITED" and refused.value.close_code == 1008
+    assert "in the cluster" in refused.value.message
