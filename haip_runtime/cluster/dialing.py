@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from haip_runtime.cluster.health import BusHealth
-from haip_runtime.exceptions import ClusterError
+from haip_runtime.exceptions import ClusterError, ConfigError
 
 COMMAND_SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
@@ -55,3 +55,15 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                 health.succeeded()
                 return
     raise ClusterError(f"redis did not answer within {timeout:g} s: {health.error}")
+
+
+async def preflight(url: str, masked: str, timeout: float) -> None:
+    """Whether Redis answers at ``url`` within ``timeout``, met before a server starts (so the refusal
+    is one line, not a failed start-up): ``ConfigError`` naming the URL without its password."""
+    client = command_client(url)
+    try:
+        await reach(client, BusHealth(), timeout)
+    except ClusterError as exc:
+        raise ConfigError(f"cluster.redis_url: cannot reach Redis at {masked}: {exc}") from exc
+    finally:
+        await client.aclose()
