@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=30, help="seconds to wait with --connect (default: 30)")
     check.set_defaults(func=_check)
 
+    migrate = command("migrate", "bring a PostgreSQL store's schema up to date, and exit (serve does it too, first)")
+    _config_arg(migrate)
+    migrate.set_defaults(func=_migrate)
+
     token = command(
         "token", "issue a token signed with auth.secret, or in dev mode with this runtime's dev key (any user, roles)"
     )
@@ -187,6 +191,27 @@ def _connect(config: HaipConfig, timeout: float) -> list[str]:
         if not ok:
             failed.append(line)
     return failed
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """For operators who migrate with an owner role and serve with a least-privilege one (docs/postgres.md)."""
+    import anyio
+
+    from haip_runtime.config.base import masked_url
+    from haip_runtime.store import postgres
+    from haip_runtime.store.migrations import LATEST
+
+    storage = _load(args).storage
+    if storage.backend != "postgres" or storage.url is None:
+        raise ConfigError(
+            f"{args.config}: storage.backend is {storage.backend!r}: only a PostgreSQL store is migrated"
+            " (a SQLite file gets its schema when it is opened)"
+        )
+    before = anyio.run(postgres.preflight, storage)
+    where = masked_url(storage.url.get_secret_value())
+    change = "already current" if before == LATEST else f"migrated from {before}"
+    print(f"haip-runtime: {where}: schema version {LATEST} ({change})")
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -362,11 +362,12 @@ class PostgresStore(BatchingWriter):
         return await self._read(query)
 
 
-async def preflight(config: StorageConfig) -> None:
+async def preflight(config: StorageConfig) -> int:
     """What opening the store would refuse, met before a server starts (so the refusal is one line,
     not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
     schema, one that needs migrating by a role that may not, or a migration lock held too long.
-    Migrates it (what the store would do). Nothing here waits longer than the configured timeouts."""
+    Migrates it (what the store would do); the schema version it had. Nothing here waits longer than
+    the configured timeouts."""
     assert config.url is not None
     url, where = config.url.get_secret_value(), masked_url(config.url.get_secret_value())
     timeout = config.connect_timeout_seconds
@@ -375,7 +376,7 @@ async def preflight(config: StorageConfig) -> None:
     except (*_REACHING, ValueError) as exc:
         raise ConfigError(f"storage.url: cannot open PostgreSQL database {where}: {_short(exc)}") from exc
     try:
-        await migrate(db, where, lock_timeout=timeout)
+        return await migrate(db, where, lock_timeout=timeout)
     except _REACHING as exc:
         raise ConfigError(f"storage.url: cannot prepare PostgreSQL database {where}: {_short(exc)}") from exc
     finally:

@@ -490,3 +490,22 @@ async def test_a_current_schema_starts_without_the_migration_lock(postgres_url: 
     finally:
         await held.rollback()
         await holder.close()
+
+
+def test_migrate_brings_the_schema_up_to_date_in_one_line_and_refuses_other_stores(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    def migrate(config: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "haip.toml").write_text(config)
+        command = [sys.executable, "-m", "haip_runtime", "migrate", "--config", str(tmp_path / "haip.toml")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    first = migrate(f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n')
+    again = migrate(f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n')
+    sqlite = migrate('[storage]\nbackend = "sqlite"\n')
+    assert first.returncode == 0 and first.stdout.strip().endswith(f"schema version {LATEST} (migrated from 0)")
+    assert again.returncode == 0 and again.stdout.strip().endswith(f"schema version {LATEST} (already current)")
+    assert sqlite.returncode == 1 and "only a PostgreSQL store is migrated" in sqlite.stderr
