@@ -19,7 +19,7 @@ import httpx2
 
 from haip_runtime.config import HaipConfig
 from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
-from haip_runtime.exceptions import LlmError
+from haip_runtime.exceptions import ConfigError, LlmError
 from haip_runtime.llm.local import INSTALL_HINT, default_model_path
 
 
@@ -80,6 +80,32 @@ async def connect(config: HaipConfig, timeout: float, stderr: TextIO) -> list[tu
                 results.append((False, f"mcp.servers.{name}: {status.state.value}: {status.error or 'no answer'}"))
     for name, llm in config.llm.items():
         results.append(await _reach(name, llm, timeout))
+    results += await _stores(config, timeout)
+    return results
+
+
+async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
+    """The PostgreSQL database and the cluster's Redis, if the config names them: reached or not."""
+    results: list[tuple[bool, str]] = []
+    if config.storage.backend == "postgres":
+        from haip_runtime.store import postgres
+
+        storage = config.storage.model_copy(
+            update={"connect_timeout_seconds": min(timeout, config.storage.connect_timeout_seconds)}
+        )
+        try:
+            results.append((True, await postgres.inspect(storage)))
+        except ConfigError as exc:
+            results.append((False, str(exc)))
+    if config.cluster is not None:
+        from haip_runtime.cluster.dialing import preflight as reach_redis
+
+        cluster = config.cluster
+        try:
+            await reach_redis(cluster.redis_url, cluster.masked_url, min(timeout, cluster.connect_timeout_seconds))
+            results.append((True, f"cluster.redis_url: {cluster.masked_url} answered"))
+        except ConfigError as exc:
+            results.append((False, str(exc)))
     return results
 
 

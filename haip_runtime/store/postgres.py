@@ -49,7 +49,7 @@ from haip_runtime.store.base import (
     merged,
 )
 from haip_runtime.store.batching import BatchingWriter, Write, one_line
-from haip_runtime.store.migrations import Db, migrate
+from haip_runtime.store.migrations import LATEST, Db, current_version, migrate, refuse_newer
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +391,27 @@ async def _nothing_to_reset(db: Db) -> None:
     transaction asyncpg always does. The store changes no session state (its only setting is
     `SET LOCAL`, its only lock a transaction's), so asyncpg's default `RESET ALL`, `UNLISTEN *`...
     would cost a round trip per read and per batch for nothing (measured: 170 -> 130 us a read)."""
+
+
+async def inspect(config: StorageConfig) -> str:
+    """What ``check --connect`` says of the database, without changing it: reached, and its schema
+    version against this runtime's; ``ConfigError`` (one line) if it cannot be reached or read."""
+    assert config.url is not None
+    url, where = config.url.get_secret_value(), masked_url(config.url.get_secret_value())
+    timeout = config.connect_timeout_seconds
+    try:
+        db = await asyncpg.connect(url, timeout=timeout, command_timeout=config.statement_timeout_seconds + timeout)
+    except (*_REACHING, ValueError) as exc:
+        raise ConfigError(f"storage.url: cannot open PostgreSQL database {where}: {_short(exc)}") from exc
+    try:
+        version = await current_version(db)
+    except _REACHING as exc:
+        raise ConfigError(f"storage.url: cannot read PostgreSQL database {where}: {_short(exc)}") from exc
+    finally:
+        db.terminate()
+    refuse_newer(version, where)
+    state = "current" if version == LATEST else f"{version}: serve or migrate brings it to {LATEST}"
+    return f"storage.url: {where} reached, schema version {state}"
 
 
 def _short(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import anyio
 import asyncpg
 import pytest
 
+from haip_runtime.config.base import masked_url
 from haip_runtime.config.models import StorageConfig
 from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.protocol.envelope import Event
@@ -509,3 +510,27 @@ def test_migrate_brings_the_schema_up_to_date_in_one_line_and_refuses_other_stor
     assert first.returncode == 0 and first.stdout.strip().endswith(f"schema version {LATEST} (migrated from 0)")
     assert again.returncode == 0 and again.stdout.strip().endswith(f"schema version {LATEST} (already current)")
     assert sqlite.returncode == 1 and "only a PostgreSQL store is migrated" in sqlite.stderr
+
+
+def test_check_connect_reaches_the_database_and_says_its_schema_without_changing_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    def check(url: str) -> list[str]:
+        (tmp_path / "haip.toml").write_text(f'[storage]\nbackend = "postgres"\nurl = "{url}"\n')
+        command = [sys.executable, "-m", "haip_runtime", "check", "--config", str(tmp_path / "haip.toml"), "--connect"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return [line for line in done.stderr.splitlines() if line.startswith(("reached:", "failed:"))]
+
+    before = check(postgres_url)
+    with socket_that_refuses() as port:
+        away = check(f"postgresql://haip:hunter2@127.0.0.1:{port}/haip")
+    shown = masked_url(postgres_url)
+    assert before == [
+        f"reached: storage.url: {shown} reached, schema version 0: serve or migrate brings it to {LATEST}"
+    ]
+    assert anyio.run(sql, postgres_url, "SELECT to_regclass('haip_schema') IS NULL AS untouched")[0]["untouched"]
+    assert len(away) == 1 and away[0].startswith("failed: storage.url: cannot open PostgreSQL database")
+    assert "hunter2" not in away[0]
