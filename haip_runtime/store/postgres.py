@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -362,12 +363,11 @@ class PostgresStore(BatchingWriter):
         return await self._read(query)
 
 
-async def preflight(config: StorageConfig) -> int:
-    """What opening the store would refuse, met before a server starts (so the refusal is one line,
-    not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
-    schema, one that needs migrating by a role that may not, or a migration lock held too long.
-    Migrates it (what the store would do); the schema version it had. Nothing here waits longer than
-    the configured timeouts."""
+@asynccontextmanager
+async def _one_connection(config: StorageConfig, doing: str) -> AsyncIterator[tuple[Db, str]]:
+    """One connection outside the pool, for a look before (or instead of) serving, with the URL as
+    shown; what fails, opening it or ``doing`` with it, is one ``ConfigError`` line. Nothing waits
+    longer than the configured timeouts."""
     assert config.url is not None
     url, where = config.url.get_secret_value(), masked_url(config.url.get_secret_value())
     timeout = config.connect_timeout_seconds
@@ -376,9 +376,9 @@ async def preflight(config: StorageConfig) -> int:
     except (*_REACHING, ValueError) as exc:
         raise ConfigError(f"storage.url: cannot open PostgreSQL database {where}: {_short(exc)}") from exc
     try:
-        return await migrate(db, where, lock_timeout=timeout)
+        yield db, where
     except _REACHING as exc:
-        raise ConfigError(f"storage.url: cannot prepare PostgreSQL database {where}: {_short(exc)}") from exc
+        raise ConfigError(f"storage.url: cannot {doing} PostgreSQL database {where}: {_short(exc)}") from exc
     finally:
         with anyio.move_on_after(timeout, shield=True):
             await db.close()
@@ -386,32 +386,30 @@ async def preflight(config: StorageConfig) -> int:
             db.terminate()
 
 
-async def _nothing_to_reset(db: Db) -> None:
-    """The pool's reset of a connection given back: nothing, beyond the rollback of an open
-    transaction asyncpg always does. The store changes no session state (its only setting is
-    `SET LOCAL`, its only lock a transaction's), so asyncpg's default `RESET ALL`, `UNLISTEN *`...
-    would cost a round trip per read and per batch for nothing (measured: 170 -> 130 us a read)."""
+async def preflight(config: StorageConfig) -> int:
+    """What opening the store would refuse, met before a server starts (so the refusal is one line,
+    not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
+    schema, one that needs migrating by a role that may not, or a migration lock held too long.
+    Migrates it (what the store would do); the schema version it had."""
+    async with _one_connection(config, "prepare") as (db, where):
+        return await migrate(db, where, lock_timeout=config.connect_timeout_seconds)
 
 
 async def inspect(config: StorageConfig) -> str:
     """What ``check --connect`` says of the database, without changing it: reached, and its schema
     version against this runtime's; ``ConfigError`` (one line) if it cannot be reached or read."""
-    assert config.url is not None
-    url, where = config.url.get_secret_value(), masked_url(config.url.get_secret_value())
-    timeout = config.connect_timeout_seconds
-    try:
-        db = await asyncpg.connect(url, timeout=timeout, command_timeout=config.statement_timeout_seconds + timeout)
-    except (*_REACHING, ValueError) as exc:
-        raise ConfigError(f"storage.url: cannot open PostgreSQL database {where}: {_short(exc)}") from exc
-    try:
+    async with _one_connection(config, "read") as (db, where):
         version = await current_version(db)
-    except _REACHING as exc:
-        raise ConfigError(f"storage.url: cannot read PostgreSQL database {where}: {_short(exc)}") from exc
-    finally:
-        db.terminate()
     refuse_newer(version, where)
     state = "current" if version == LATEST else f"{version}: serve or migrate brings it to {LATEST}"
     return f"storage.url: {where} reached, schema version {state}"
+
+
+async def _nothing_to_reset(db: Db) -> None:
+    """The pool's reset of a connection given back: nothing, beyond the rollback of an open
+    transaction asyncpg always does. The store changes no session state (its only setting is
+    `SET LOCAL`, its only lock a transaction's), so asyncpg's default `RESET ALL`, `UNLISTEN *`...
+    would cost a round trip per read and per batch for nothing (measured: 170 -> 130 us a read)."""
 
 
 def _short(exc: BaseException) -> str:
