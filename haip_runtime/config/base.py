@@ -28,24 +28,30 @@ class Model(BaseModel):
 MASK = "**********"
 
 
-def masked_url(url: str) -> str:
-    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print.
+def url_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme, user part, the rest)`` of ``url``, or ``None`` if it has no ``scheme://...@``.
 
-    Done by hand, not by ``urlsplit`` alone: a password with ``/``, ``?`` or ``#`` in it (not
-    percent-encoded) ends ``urlsplit``'s idea of the host early and would be shown whole. Everything
-    between the scheme and the last ``@`` is the user part; after its first ``:``, the password.
-    """
+    Done by hand, not by ``urlsplit``: a password with ``/``, ``?`` or ``#`` in it (not
+    percent-encoded) ends ``urlsplit``'s idea of the host early. Everything between the scheme and
+    the last ``@`` is the user part; after its first ``:``, the password. Masking, the log
+    redactor and the check of a URL all read the user part here, so they agree on it."""
     scheme, separator, rest = url.partition("://")
-    if not separator:
-        return MASK if "@" in url else url  # not a URL we can take apart: show none of a secret
     userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
+    return (scheme, userinfo, host) if separator and at else None
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
+    if "://" not in url:
+        return MASK if "@" in url else url  # not a URL we can take apart: show none of a secret
+    parts = url_userinfo(url)
+    if parts is None or ":" not in parts[1]:
         return url
+    scheme, userinfo, host = parts
     return f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{host}"
 
 
 def url_password(url: str) -> str | None:
     """The password in ``url``'s user part, as written (what a log redactor must hide)."""
-    userinfo, at, _ = url.partition("://")[2].rpartition("@")
-    password = userinfo.partition(":")[2] if at and ":" in userinfo else ""
-    return password or None
+    parts = url_userinfo(url)
+    return (parts[1].partition(":")[2] or None) if parts is not None else None

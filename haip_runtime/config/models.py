@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from haip_runtime.config.base import ConfigPath, Model
+from haip_runtime.config.base import ConfigPath, Model, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.providers import LlmConfig, SpeechConfig
 
@@ -121,8 +121,8 @@ class StorageConfig(Model):
             scheme, separator, _ = self.url.get_secret_value().partition("://")
             if not separator or scheme not in ("postgresql", "postgres"):
                 raise ValueError("storage.url must be a postgresql://user:password@host:port/database URL")
-            userinfo = self.url.get_secret_value().partition("://")[2].rpartition("@")[0]
-            if any(character in userinfo for character in "/?#@"):
+            parts = url_userinfo(self.url.get_secret_value())
+            if parts is not None and any(character in parts[1] for character in "/?#@"):
                 raise ValueError("storage.url: percent-encode / ? # @ in the user name or password (/ is %2F)")
         return self
 
