@@ -31,14 +31,12 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.auth.permissions import Permissions
-from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.history import History, history_from_events
+from haip_runtime.conversation.members import remote_member
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
@@ -63,46 +61,6 @@ MAX_OUTBOX = 10_000
 REHYDRATE_EVENTS = 20_000
 _ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
 _WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
-
-
-@dataclass
-class RemoteMember:
-    """A member whose session is on another node: what the owner's turns need of them (never delivered
-    to here: its own node's feed delivers to it)."""
-
-    id: str
-    user: str
-    principal: Principal
-    accepted: frozenset[str] = frozenset()
-    transactions: set[str] = field(default_factory=set)
-
-    def deliver(self, event: Event) -> None:
-        return None
-
-
-def describe(member: Member) -> dict[str, Any]:
-    """What the owner needs to run a turn for ``member``: its id, user, roles and what they permit."""
-    principal = member.principal
-    rights = principal.permissions
-    return {
-        "id": member.id,
-        "user": member.user,
-        "roles": list(principal.roles),
-        "agents": None if rights.agents is None else list(rights.agents),
-        "tools": None if rights.tools is None else list(rights.tools),
-        "join_others": rights.join_others,
-        "events": None if rights.events is None else list(rights.events),
-    }
-
-
-def remote_member(about: dict[str, Any]) -> RemoteMember:
-    def globs(key: str) -> tuple[str, ...] | None:
-        value = about.get(key)
-        return None if value is None else tuple(str(item) for item in value)
-
-    rights = Permissions(globs("agents"), globs("tools"), bool(about.get("join_others")), globs("events"))
-    principal = Principal(str(about["user"]), roles=tuple(about.get("roles") or ()), permissions=rights)
-    return RemoteMember(str(about["id"]), principal.user, principal)
 
 
 def _wire(event: Event, node: str, turn: dict[str, Any] | None) -> bytes:
@@ -193,6 +151,7 @@ class SharedLog:
         self._outbox: deque[tuple[bytes, bool, float]] = deque()
         self._mine: dict[str, Event] = {}
         self._then: dict[str, Callable[[], None]] = {}
+        self._reconnects = relay.bus.feed.reconnects
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
         self._filling: list[Any] | None = None
@@ -295,6 +254,8 @@ class SharedLog:
         delay = 0.05
         while True:
             try:
+                if self.relay.bus.feed.reconnects != self._reconnects:
+                    await self._refloor()
                 floor = max(self.floor, self.transaction.tseq)
                 await self.relay.bus.log.append_many(self.transaction.id, batch, floor=floor)
                 return
@@ -302,8 +263,24 @@ class SharedLog:
                 logger.warning(
                     "transaction %s: appending to the log failed (%s); trying again", self.transaction.id, error
                 )
+                self._reconnects = -1  # Redis may come back without its counters: read the floor again
                 await anyio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY)
+
+    async def _refloor(self) -> None:
+        """After losing Redis: number after what the store holds, not only after what this node saw
+        (another node may have delivered further before a restart that lost the counter)."""
+        self._reconnects = self.relay.bus.feed.reconnects
+        try:
+            await self.relay.store.flush()
+            record = await self.relay.store.transaction(self.transaction.id)
+        except Exception as error:
+            logger.warning(
+                "transaction %s: could not read its last tseq from the store: %s", self.transaction.id, error
+            )
+            return
+        if record is not None:
+            self.floor = max(self.floor, record.last_tseq)
 
     # --- delivery -----------------------------------------------------------------------------------
 
@@ -357,15 +334,22 @@ class SharedLog:
         else:
             event = _event(self.transaction, tseq, body)
         self._follow(event, body)
-        self.transaction.logged(event)
+        transaction = self.transaction
+        ending = event.type == EventType.TRANSACTION_END
+        if ending:
+            transaction.ended = True
+        transaction.logged(event)
         then = self._then.pop(event.id, None)
         if then is not None:
             then()
         turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn)
-        if event.type == EventType.TRANSACTION_END and self.relay.on_ended is not None:
-            self.relay.on_ended(self.transaction)
+        if ending:
+            if transaction.end_seen is not None:
+                transaction.end_seen.set()
+            if self.relay.on_ended is not None:
+                self.relay.on_ended(transaction)
 
     def _remember_id(self, event_id: str) -> None:
         self._seen[event_id] = None
