@@ -37,6 +37,7 @@ import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
 from haip_runtime.conversation.members import remote_member
+from haip_runtime.conversation.shared import entry, entry_event
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
@@ -61,31 +62,6 @@ MAX_OUTBOX = 10_000
 REHYDRATE_EVENTS = 20_000
 _ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
 _WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
-
-
-def _wire(event: Event, node: str, turn: dict[str, Any] | None) -> bytes:
-    head: dict[str, Any] = {"n": node, "id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
-    if event.run_id is not None:
-        head["run_id"] = event.run_id
-    if event.exclude:
-        head["exclude"] = sorted(event.exclude)
-    if turn is not None:
-        head["turn"] = turn
-    return (fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}").encode()
-
-
-def _event(transaction: Transaction, tseq: int, data: dict[str, Any]) -> Event:
-    event = Event(
-        type=data["type"],
-        payload=data["payload"],
-        channel=data["channel"],
-        run_id=data.get("run_id"),
-        id=data["id"],
-        ts=data["ts"],
-        exclude=frozenset(data.get("exclude") or ()),
-    )
-    event.stamp(transaction.id, tseq, transaction.thread_id)
-    return event
 
 
 class Relay:
@@ -120,6 +96,15 @@ class Relay:
         if transaction.shared is not None:
             transaction.shared.stop()
 
+    def counts(self) -> dict[str, int]:
+        """For ``/health`` and ``/metrics``: transactions hosted here, those whose turns run here, and
+        events waiting to be appended (Redis slow or away)."""
+        return {
+            "hosted": len(self._logs),
+            "runsHere": sum(1 for shared in self._logs if shared.owner),
+            "waiting": sum(shared.waiting for shared in self._logs),
+        }
+
     async def close(self, timeout: float = 2.0) -> None:
         """The node is stopping: send what every transaction still has queued, give the leases back."""
         logs = list(self._logs)
@@ -152,6 +137,8 @@ class SharedLog:
         self._mine: dict[str, Event] = {}
         self._then: dict[str, Callable[[], None]] = {}
         self._reconnects = relay.bus.feed.reconnects
+        #: Set at each delivery (a takeover waits to have caught up).
+        self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
         self._filling: list[Any] | None = None
@@ -159,6 +146,11 @@ class SharedLog:
         self._scope = anyio.CancelScope()
         #: Set when it has stopped following the log here.
         self.done = anyio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """Events published here and not yet appended to the log."""
+        return len(self._outbox)
 
     # --- publishing ---------------------------------------------------------------------------------
 
@@ -168,7 +160,7 @@ class SharedLog:
         self._mine[event.id] = event
         if then is not None:
             self._then[event.id] = then
-        self._queue(_wire(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART)
+        self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART)
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
@@ -322,17 +314,20 @@ class SharedLog:
     def _entry(self, tseq: int, data: bytes) -> None:
         body = fastjson.loads(data)
         if "ctl" in body:
+            self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
+            self._progress.set()
             if self.owner and not self.transaction.ended:
                 self._obey(body)
             return
         if body["id"] in self._seen:
             return  # an append retried after its answer was lost: delivered already
         self._remember_id(body["id"])
+        self._progress.set()
         event = self._mine.pop(body["id"], None)
         if event is not None:
             event.stamp(self.transaction.id, tseq, self.transaction.thread_id)
         else:
-            event = _event(self.transaction, tseq, body)
+            event = entry_event(body, self.transaction.id, tseq, self.transaction.thread_id)
         self._follow(event, body)
         transaction = self.transaction
         ending = event.type == EventType.TRANSACTION_END
@@ -446,11 +441,24 @@ class SharedLog:
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
 
+    async def _caught_up(self, timeout: float = 2.0) -> None:
+        """Until the feed has delivered what the log held when the lease came (what the last owner
+        published before it let go, a cancelled run's end among it), or ``timeout``."""
+        try:
+            last = await self.relay.bus.log.last_tseq(self.transaction.id)
+        except ClusterError:
+            return
+        with anyio.move_on_after(timeout):
+            while self.transaction.tseq < last:
+                self._progress = anyio.Event()
+                await self._progress.wait()
+
     async def _take_over(self) -> None:
         """This node runs the turns from now on: end what the last owner left running, rebuild the
         agents' history from the log, answer the messages no run has answered."""
         transaction = self.transaction
         logger.info("transaction %s: its turns run on this node now", transaction.id)
+        await self._caught_up()
         try:
             await self.relay.store.flush()
             start = max(0, transaction.tseq - REHYDRATE_EVENTS)

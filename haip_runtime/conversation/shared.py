@@ -1,4 +1,5 @@
-"""What a transaction needs of its log when a cluster shares it: ``Shared`` (``relay.SharedLog`` is one).
+"""What a transaction needs of its log when a cluster shares it: ``Shared`` (``relay.SharedLog`` is one),
+and the form of an event in the log on the bus (``entry``, ``entry_event``).
 
 Kept apart from ``relay.py`` so that the transaction knows only this narrow view and the relay
 alone knows the transaction (imports go one way)."""
@@ -7,10 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol import fastjson
+from haip_runtime.protocol.envelope import Event
 
 
 class Shared(Protocol):
@@ -35,3 +36,32 @@ class Shared(Protocol):
 
     def stop(self) -> None:
         """The transaction left this node: send what is queued, then stop following the log."""
+
+
+def entry(event: Event, node: str, turn: dict[str, Any] | None = None) -> bytes:
+    """``event`` as an entry of the log on the bus: its envelope fields and payload (encoded once, as
+    every member gets it), the node that published it and, for a message another node answers,
+    who sent it (``turn``)."""
+    head: dict[str, Any] = {"n": node, "id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
+    if event.run_id is not None:
+        head["run_id"] = event.run_id
+    if event.exclude:
+        head["exclude"] = sorted(event.exclude)
+    if turn is not None:
+        head["turn"] = turn
+    return (fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}").encode()
+
+
+def entry_event(data: dict[str, Any], transaction: str, tseq: int, thread_id: str | None) -> Event:
+    """The event an entry of ``transaction``'s log (decoded) carries, at ``tseq``."""
+    event = Event(
+        type=data["type"],
+        payload=data["payload"],
+        channel=data["channel"],
+        run_id=data.get("run_id"),
+        id=data["id"],
+        ts=data["ts"],
+        exclude=frozenset(data.get("exclude") or ()),
+    )
+    event.stamp(transaction, tseq, thread_id)
+    return event

@@ -85,6 +85,7 @@ async def test_members_on_two_nodes_see_one_ordered_log_and_each_is_answered_onc
             for client in (alice, sam):
                 await client.wait_for(all_answered(client, tx, 10))
             on_a, on_b = logged(alice, tx), logged(sam, tx)
+            counts = [node.runtime.fleet.status()["transactions"] for node in (a, b) if node.runtime.fleet]
     expected = {f"you said: {who} {n}" for who in ("alice", "sam") for n in range(5)}
     for client in (alice, sam):
         assert sorted(answers(client, tx)) == sorted(expected)  # each message answered once, seen by both
@@ -92,6 +93,7 @@ async def test_members_on_two_nodes_see_one_ordered_log_and_each_is_answered_onc
         assert [tseq for tseq, _ in log] == sorted({tseq for tseq, _ in log})  # in tseq order, no repeats
     both = dict(on_a).keys() & dict(on_b).keys()
     assert len(both) > 20 and all(dict(on_a)[tseq] == dict(on_b)[tseq] for tseq in both)  # one log
+    assert [(c["hosted"], c["runsHere"]) for c in counts] == [(1, 1), (1, 0)]  # hosted on both, run on A
     announced = [sorted(e.get("members")) for e in alice.received if e.type == "TRANSACTION_JOIN" and e.get("joined")]
     assert announced == [["alice", "sam"]]  # the member list counts the member on the other node
 
