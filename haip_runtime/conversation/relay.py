@@ -133,7 +133,10 @@ class SharedLog:
         self.waiting_calls: set[str] = set()
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
-        self._outbox: deque[tuple[bytes, bool, float]] = deque()
+        #: (entry, a streamed part?, when queued, its run) waiting to be appended, in order.
+        self._outbox: deque[tuple[bytes, bool, float, str | None]] = deque()
+        #: Runs this node stopped when it lost the lease: what they still publish is not appended.
+        self._given_up: set[str] = set()
         self._mine: dict[str, Event] = {}
         self._then: dict[str, Callable[[], None]] = {}
         self._reconnects = relay.bus.feed.reconnects
@@ -157,23 +160,25 @@ class SharedLog:
     def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
         """Queue ``event`` for the log (its tseq comes with its delivery); ``turn``: the owner answers
         it; ``then``: called once it is delivered here."""
+        if event.run_id is not None and event.run_id in self._given_up:
+            return  # a run this node stopped when it lost the lease: the new owner ended it (NODE_LOST)
         self._mine[event.id] = event
         if then is not None:
             self._then[event.id] = then
-        self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART)
+        self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
         body = {"n": self.relay.node, "ctl": kind, **fields}
-        self._queue(fastjson.dumps(body).encode(), False)
+        self._queue(fastjson.dumps(body).encode(), False, None)
 
-    def _queue(self, data: bytes, part: bool) -> None:
+    def _queue(self, data: bytes, part: bool, run_id: str | None) -> None:
         if len(self._outbox) >= MAX_OUTBOX:
             self._outbox.popleft()
             logger.error(
                 "transaction %s: %d events wait for redis; the oldest is given up", self.transaction.id, MAX_OUTBOX
             )
-        self._outbox.append((data, part, time.monotonic()))
+        self._outbox.append((data, part, time.monotonic(), run_id))
         self._wake.set()
 
     async def run(self) -> None:
@@ -223,9 +228,10 @@ class SharedLog:
             self._wake = anyio.Event()
             while self._outbox:
                 await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
-                batch = [data for data, _, _ in self._outbox]
+                batch = list(self._outbox)
                 await self._append(batch)
-                for _ in batch:
+                sent = {id(queued) for queued in batch}  # a lost lease may have taken some out meanwhile
+                while self._outbox and id(self._outbox[0]) in sent:
                     self._outbox.popleft()
             if self._stopped:
                 self._scope.cancel()
@@ -233,8 +239,8 @@ class SharedLog:
 
     async def _linger(self, seconds: float, most: int) -> None:
         """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
-        while all(part for _, part, _ in self._outbox) and not self._stopped:
-            size = sum(len(data) for data, _, _ in self._outbox)
+        while all(part for _, part, _, _ in self._outbox) and not self._stopped:
+            size = sum(len(data) for data, _, _, _ in self._outbox)
             left = self._outbox[0][2] + seconds - time.monotonic()
             if size >= most or left <= 0:
                 return
@@ -242,14 +248,17 @@ class SharedLog:
             with anyio.move_on_after(left):
                 await self._wake.wait()
 
-    async def _append(self, batch: list[bytes]) -> None:
+    async def _append(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
         delay = 0.05
         while True:
             try:
                 if self.relay.bus.feed.reconnects != self._reconnects:
                     await self._refloor()
+                payloads = [data for data, _, _, run in batch if run not in self._given_up]
+                if not payloads:
+                    return
                 floor = max(self.floor, self.transaction.tseq)
-                await self.relay.bus.log.append_many(self.transaction.id, batch, floor=floor)
+                await self.relay.bus.log.append_many(self.transaction.id, payloads, floor=floor)
                 return
             except ClusterError as error:
                 logger.warning(
@@ -438,8 +447,13 @@ class SharedLog:
         """Another node runs the turns now (this one could not renew its lease): stop what runs here."""
         logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
         self.owner = False
+        self._given_up.update(self.transaction.runs)
+        self._given_up.update(self.open_runs)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
+        kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
+        self._outbox.clear()
+        self._outbox.extend(kept)
 
     async def _caught_up(self, timeout: float = 2.0) -> None:
         """Until the feed has delivered what the log held when the lease came (what the last owner
