@@ -1,26 +1,15 @@
 """Transactions shared by the nodes of a cluster (``[cluster]``): one log in Redis, one runner.
 
-Without ``[cluster]`` a ``Transaction`` numbers, stores and delivers its events itself. With it,
-every node that has a member in a transaction hosts it, and the transaction's ``SharedLog``
-changes three things:
+Each node with a member in a transaction hosts it, and its ``SharedLog`` changes three things
+(docs/cluster.md, "Conversations across nodes", says what each guarantees):
 
-- **Publishing** appends to the transaction's log on the bus, in publish order (one sender task per
-  transaction, whatever was published during the last append goes in the next as one script run;
-  streamed parts wait up to ``part_batch_ms`` or ``part_batch_bytes`` to go in one batch). Redis
-  hands out the ``tseq``. ``publish`` stays synchronous; an append that fails is retried, in order,
-  until Redis answers (an append whose answer was lost may land twice: the copy is dropped on
-  delivery by event id).
-- **Delivery** comes only from the bus's feed, on every hosting node alike, so every member on every
-  node sees one order. Each hosting node also writes what it delivers to the store (PostgreSQL,
-  numbered by the log: a row already written by another node is skipped), so the durable log holds
-  every event as long as one hosting node lives.
-- **Runs** have one owner: the node holding the lease ``run:<transaction>``. A message from a member
-  on another node is published with what the owner needs to answer it (who sent it, their roles),
-  and the owner starts the turns when the feed brings it. Approvals, input answers, cancels and ends
-  from other nodes travel the same way, as control entries no member sees. Every hosting node waits
-  for the lease; when the owner dies (its lease runs out), the next holder publishes ``RUN_ERROR
-  NODE_LOST`` for each run the log shows started and not finished, rebuilds the agents' history from
-  the log as after a restart, and answers the messages still waiting.
+- **publishing** appends to the transaction's log on the bus, in order, from one sender per
+  transaction (Redis hands out the ``tseq``; streamed parts are batched);
+- **delivery** comes only from the bus's feed, on every node alike (one order for every member),
+  and each hosting node writes what it delivers to the store;
+- **runs** have one owner, the holder of the lease ``run:<transaction>``: messages, answers, cancels
+  and ends from members elsewhere reach it through the log; when it dies, the next holder ends its
+  runs with ``RUN_ERROR NODE_LOST``, rebuilds the agents' history and answers what waits.
 
 Nothing here imports ``redis``: the bus is given, and only its methods are called.
 """
@@ -37,12 +26,12 @@ import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
 from haip_runtime.conversation.members import remote_member
-from haip_runtime.conversation.shared import entry, entry_event
+from haip_runtime.conversation.shared import entry, entry_event, follow
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -60,8 +49,6 @@ MAX_RETRY = 1.0
 MAX_OUTBOX = 10_000
 #: Events read back from the store to rebuild the agents' history when this node takes the runs over.
 REHYDRATE_EVENTS = 20_000
-_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
-_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
 
 
 class Relay:
@@ -166,6 +153,14 @@ class SharedLog:
         if then is not None:
             self._then[event.id] = then
         self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
+
+    def authored(self, user: str, message_id: str) -> bool:
+        return any(
+            event.type == EventType.MESSAGE
+            and isinstance(event.payload, dict)
+            and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
+            for event in [*self.transaction.recent(), *self._mine.values()]  # delivered, or on its way
+        )
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
@@ -361,24 +356,12 @@ class SharedLog:
             self._seen.popitem(last=False)
 
     def _follow(self, event: Event, body: dict[str, Any]) -> None:
-        """Keep what a takeover and members here need to know of the log: runs, waiting calls, users."""
+        """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
+        follow(self, event, self.transaction.users)
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == EventType.RUN_STARTED and event.run_id:
-            self.open_runs[event.run_id] = str(payload.get("agent", ""))
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type in _ENDS and event.run_id:
-            self.open_runs.pop(event.run_id, None)
-        elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
-            self.waiting_calls.add(str(payload.get("call_id", "")))
-        elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
-            self.waiting_calls.discard(str(payload["call_id"]))
-        elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
-            self.users_elsewhere.add(str(payload["joined"]))
-            self.transaction.users.setdefault(str(payload["joined"]), None)
-        elif event.type == EventType.INFO and payload.get("event") == "member.left":
-            self.users_elsewhere.discard(str(payload.get("user", "")))
+        if event.type == EventType.MESSAGE_UPDATE and self.owner and body.get("n") != self.relay.node:
+            author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
+            self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 
     def _asked(self, event: Event, turn: dict[str, Any]) -> None:
         """A member elsewhere said something the agents answer: the owner starts the turns."""
@@ -386,6 +369,8 @@ class SharedLog:
         message_id = str(payload.get("message_id", ""))
         if not self.owner:
             self.unanswered[message_id] = (turn, payload)
+            if len(self.unanswered) > MAX_OUTBOX:  # no owner for a long while: the oldest stay unanswered
+                self.unanswered.popitem(last=False)
             return
         self._answer(turn, payload)
 

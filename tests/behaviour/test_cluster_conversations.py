@@ -144,10 +144,15 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             started = await sam.wait_for("RUN_STARTED")
             await sam.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
             finished = await alice.wait_for("RUN_FINISHED")
+            typo = {"text": "helo", "message_id": "m-typo"}
+            await sam.send("MESSAGE", typo, transaction=tx)
+            await sam.send("MESSAGE_UPDATE", {"message_id": "m-typo", "text": "hello"}, transaction=tx)
+            edited = await alice.wait_for("MESSAGE_UPDATE")
             await sam.end_transaction(tx, "done here")
             ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
     assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
     assert [e.get("reason") for e in ended] == ["done here", "done here"]
+    assert (edited.get("author"), edited.get("text")) == ("sam", "hello")  # an edit made on the other node
     assert tx not in a.runtime.hub.transactions.live and tx not in b.runtime.hub.transactions.live
 
 
