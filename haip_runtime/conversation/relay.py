@@ -152,6 +152,9 @@ class SharedLog:
         self._mine[event.id] = event
         if then is not None:
             self._then[event.id] = then
+        if len(self._mine) > SEEN_IDS:  # never delivered (lost with a Redis that crashed): let them go
+            self._then.pop(next(iter(self._mine)), None)
+            del self._mine[next(iter(self._mine))]
         self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
 
     def authored(self, user: str, message_id: str) -> bool:
