@@ -63,6 +63,8 @@ class Relay:
         self.on_end_asked: Callable[[Transaction, str], None] | None = None
         #: Called when a transaction another node ended is delivered here as ended.
         self.on_ended: Callable[[Transaction], None] | None = None
+        #: Called when another node announces a change of an MCP server the transaction uses.
+        self.on_tools_changed: Callable[[Transaction], None] | None = None
         self._logs: set[SharedLog] = set()
 
     def attach(self, transaction: Transaction, *, new: bool, floor: int = 0) -> None:
@@ -347,6 +349,9 @@ class SharedLog:
         turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn)
+        elif event.type == EventType.INFO and body.get("n") != self.relay.node and self.relay.on_tools_changed:
+            if isinstance(event.payload, dict) and event.payload.get("event") == "mcp.server":
+                self.relay.on_tools_changed(transaction)
         if ending:
             if transaction.end_seen is not None:
                 transaction.end_seen.set()

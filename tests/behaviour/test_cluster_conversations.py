@@ -5,6 +5,7 @@ an end asked from either node; Redis restarted mid-conversation."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -222,3 +223,28 @@ async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_w
     assert lost.get("code") == "NODE_LOST" and lost.run_id == started.get("run_id")
     assert caught_up.transaction == tx and tseqs == sorted(set(tseqs))  # in order, nothing twice
     assert [(e.type, e.get("code")) for e in ends] == [("RUN_STARTED", None), ("RUN_ERROR", "NODE_LOST")]
+
+
+async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_every_node(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    demo = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
+    extra = make_config(
+        {"agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}}, "mcp": {"servers": {"demo": demo}}}
+    )
+    config = node_config(redis_url, postgres_url, prefix).model_copy(update={"agents": extra.agents, "mcp": extra.mcp})
+    with live_server(config) as a, live_server(config) as b:
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("operator")  # its turns, and its tools, are A's
+            await sam.join(tx)
+            lists_before = sum(1 for e in sam.received if e.type == "TOOL_LIST")
+            await alice.send_text(tx, "/call demo.toggle_extra_tool {}")
+            told = await sam.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
+            await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
+            await sam.wait_for(lambda e: sum(1 for x in sam.received if x.type == "TOOL_LIST") > lists_before)
+            infos = [e for e in alice.received + sam.received if e.type == "INFO" and e.get("event") == "mcp.server"]
+    assert told.get("server") == "demo"
+    assert len(infos) == 2  # once for each member: announced by A alone, not once per node
