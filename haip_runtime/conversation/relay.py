@@ -26,7 +26,7 @@ import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
 from haip_runtime.conversation.members import remote_member
-from haip_runtime.conversation.shared import entry, entry_event, follow
+from haip_runtime.conversation.shared import entry, entry_event, follow, wrote
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
@@ -65,7 +65,8 @@ class Relay:
         self.on_ended: Callable[[Transaction], None] | None = None
         #: Called when another node announces a change of an MCP server the transaction uses.
         self.on_tools_changed: Callable[[Transaction], None] | None = None
-        self._logs: set[SharedLog] = set()
+        #: The transactions this node hosts.
+        self.logs: set[SharedLog] = set()
 
     def attach(self, transaction: Transaction, *, new: bool, floor: int = 0) -> None:
         """Host ``transaction`` here: its events come from the feed from now on, its lease is contended.
@@ -77,7 +78,7 @@ class Relay:
         """
         shared = SharedLog(self, transaction, owner=new, floor=floor)
         transaction.shared = shared
-        self._logs.add(shared)
+        self.logs.add(shared)
         self.spawn(shared.run)
 
     def detach(self, transaction: Transaction) -> None:
@@ -85,18 +86,9 @@ class Relay:
         if transaction.shared is not None:
             transaction.shared.stop()
 
-    def counts(self) -> dict[str, int]:
-        """For ``/health`` and ``/metrics``: transactions hosted here, those whose turns run here, and
-        events waiting to be appended (Redis slow or away)."""
-        return {
-            "hosted": len(self._logs),
-            "runsHere": sum(1 for shared in self._logs if shared.owner),
-            "waiting": sum(shared.waiting for shared in self._logs),
-        }
-
     async def close(self, timeout: float = 2.0) -> None:
         """The node is stopping: send what every transaction still has queued, give the leases back."""
-        logs = list(self._logs)
+        logs = list(self.logs)
         for shared in logs:
             shared.stop()
         with anyio.move_on_after(timeout, shield=True):
@@ -133,6 +125,8 @@ class SharedLog:
         self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
+        #: Set when the log says the lease's holder gave it back.
+        self._lease_free = anyio.Event()
         self._filling: list[Any] | None = None
         self._stopped = False
         self._scope = anyio.CancelScope()
@@ -160,12 +154,7 @@ class SharedLog:
         self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
 
     def authored(self, user: str, message_id: str) -> bool:
-        return any(
-            event.type == EventType.MESSAGE
-            and isinstance(event.payload, dict)
-            and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
-            for event in [*self.transaction.recent(), *self._mine.values()]  # delivered, or on its way
-        )
+        return wrote(user, message_id, [*self.transaction.recent(), *self._mine.values()])  # delivered, or on its way
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
@@ -196,7 +185,7 @@ class SharedLog:
                     await feed.unhost(transaction.id)
                 except ClusterError as error:
                     logger.warning("transaction %s: could not stop following it: %s", transaction.id, error)
-            self.relay._logs.discard(self)
+            self.relay.logs.discard(self)
             self.done.set()
 
     async def _host_then_contend(self) -> None:
@@ -300,18 +289,11 @@ class SharedLog:
     async def _fill(self, first: int, last: int) -> None:
         """Deliver ``first``..``last`` from the store, then what came meanwhile, in order."""
         transaction = self.transaction
-        logger.warning(
-            "transaction %s: events %d..%d are read from the store (redis no longer has them)",
-            transaction.id,
-            first,
-            last,
-        )
+        logger.warning("transaction %s: events %d..%d are read from the store", transaction.id, first, last)
         try:
             events = await self.relay.store.events(transaction.id, after=first - 1, limit=last - first + 1)
         except Exception:
-            logger.exception(
-                "transaction %s: reading %d..%d from the store failed; they are skipped", transaction.id, first, last
-            )
+            logger.exception("transaction %s: reading %d..%d failed; skipped", transaction.id, first, last)
             events = []
         for event in events:
             if event.id not in self._seen:
@@ -325,6 +307,8 @@ class SharedLog:
         if "ctl" in body:
             self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
             self._progress.set()
+            if body["ctl"] == "released":
+                self._lease_free.set()
             if self.owner and not self.transaction.ended:
                 self._obey(body)
             return
@@ -415,7 +399,7 @@ class SharedLog:
         delay = 0.05
         while not self._stopped:
             try:
-                token = await leases.wait_acquire(self.lease_name)
+                token = await self._acquire()
             except ClusterError:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY)
@@ -430,11 +414,29 @@ class SharedLog:
             finally:
                 if not lost:  # leaving (or stopping): the next node need not wait for it to run out
                     with anyio.move_on_after(2, shield=True):
-                        try:
-                            await leases.release(self.lease_name, token)
-                        except ClusterError:
-                            pass  # it runs out by itself
+                        await self._release(token)
             self._lose()
+
+    async def _acquire(self) -> str:
+        """The lease, once free: tried again when the holder's would run out, or at once when the log
+        says the holder gave it back."""
+        leases = self.relay.bus.leases
+        while True:
+            token = await leases.acquire(self.lease_name)
+            if token is not None:
+                return token
+            self._lease_free = anyio.Event()
+            with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
+                await self._lease_free.wait()
+
+    async def _release(self, token: str) -> None:
+        """Give the lease back and say so in the log, so a node waiting for it takes it now."""
+        try:
+            if await self.relay.bus.leases.release(self.lease_name, token):
+                released = fastjson.dumps({"n": self.relay.node, "ctl": "released"}).encode()
+                await self.relay.bus.log.append(self.transaction.id, released, floor=self.transaction.tseq)
+        except ClusterError:
+            pass  # it runs out by itself
 
     def _lose(self) -> None:
         """Another node runs the turns now (this one could not renew its lease): stop what runs here."""

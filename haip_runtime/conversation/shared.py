@@ -95,3 +95,13 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
         users.setdefault(str(payload["joined"]), None)
     elif event.type == EventType.INFO and payload.get("event") == "member.left":
         shared.users_elsewhere.discard(str(payload.get("user", "")))
+
+
+def wrote(user: str, message_id: str, events: list[Event]) -> bool:
+    """Whether ``events`` hold ``user``'s message ``message_id``."""
+    return any(
+        event.type == EventType.MESSAGE
+        and isinstance(event.payload, dict)
+        and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
+        for event in events
+    )

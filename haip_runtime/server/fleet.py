@@ -183,8 +183,14 @@ class Fleet:
             "nodes": self.sessions.quotas.nodes,
             "sessionSlots": len(self.claimed),
             "unrecordedSessions": len(self.unrecorded),
-            "transactions": self.relay.counts() if self.relay is not None else {},
+            "transactions": self.hosted(),
         }
+
+    def hosted(self) -> dict[str, int]:
+        """Transactions this node hosts, those whose turns run here, and events waiting for Redis."""
+        logs = list(self.relay.logs) if self.relay is not None else []
+        waiting = sum(shared.waiting for shared in logs)
+        return {"hosted": len(logs), "runsHere": sum(1 for shared in logs if shared.owner), "waiting": waiting}
 
     @property
     def up(self) -> bool:
@@ -195,7 +201,7 @@ class Fleet:
         nodes = self.sessions.quotas.nodes
         yield gauge("haip_cluster_nodes", "Live nodes the users' message rates are shared out over.", nodes)
         yield gauge("haip_cluster_session_slots", "Session slots this node holds in Redis.", len(self.claimed))
-        counts = self.relay.counts() if self.relay is not None else {}
+        counts = self.hosted()
         yield gauge(
             "haip_cluster_transactions", "Transactions this node hosts (follows on the bus).", counts.get("hosted", 0)
         )

@@ -254,3 +254,34 @@ async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_
     assert told.get("server") == "demo"
     # Announced by A alone (its connecting, then the change), each once to each member; not once per node.
     assert seen[0] == seen[1] and len(seen[1]) == len(set(seen[1])) <= 2
+
+
+async def test_a_node_stopped_cleanly_ends_its_turns_and_hands_its_transactions_over_at_once(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    agents = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}}).agents
+    slow = node_config(redis_url, postgres_url, prefix)
+    config = slow.model_copy(
+        update={"agents": agents, "cluster": slow.cluster.model_copy(update={"lease_seconds": 60})}
+        if slow.cluster
+        else {}
+    )
+    with live_server(config) as b:
+        async with HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam:
+            with live_server(config) as a:
+                async with HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice:
+                    tx = await alice.start_transaction("patient")  # its turns run on A
+                    await sam.join(tx)
+                    await sam.send_text(tx, "wait")
+                    started = await sam.wait_for("RUN_STARTED")
+                    await sam.wait_for("MESSAGE_PART")
+            # A stopped (as on SIGTERM in a rolling deploy): its run ended, its lease given back.
+            ended = await sam.wait_for(
+                lambda e: e.type.startswith("RUN_") and e.run_id == started.get("run_id") and e.type != "RUN_STARTED"
+            )
+            await sam.send_text(tx, "next")
+            answered = await sam.wait_for(
+                lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: next", timeout=10
+            )
+    assert (ended.type, ended.get("status")) == ("RUN_FINISHED", "CANCELLED")  # not NODE_LOST: it said so itself
+    assert answered.transaction == tx  # within seconds, though the lease would last a minute: it was given back
