@@ -169,9 +169,12 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
             await sam.join(tx)
             await sam.send_text(tx, "before")
             await alice.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: before")
-            own_redis.restart()  # no persistence: counters, logs and leases are gone
-            await alice.send_text(tx, "after")
+            own_redis.stop()  # and started again below, without persistence: counters, logs and leases are gone
+            told = [await client.wait_for(lambda e: e.type == "ERROR") for client in (alice, sam)]
+            await alice.send_text(tx, "after")  # waits on A, in order, until Redis is back
+            own_redis.start()
             for client in (alice, sam):
+                await client.wait_for(lambda e: e.type == "INFO" and e.get("event") == "cluster")
                 await client.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: after")
             seen = [tseq for tseq, _ in logged(sam, tx)]
             async with httpx2.AsyncClient(
@@ -184,6 +187,7 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
                         said = [e["payload"]["text"] for _, e in stored if e["type"] == "MESSAGE"]
                         if said == ["before", "after"] and stored[-1][1]["type"] == "RUN_FINISHED":
                             break
+    assert [e.get("code") for e in told] == ["STORAGE_UNAVAILABLE"] * 2  # members on both nodes were told
     assert seen == sorted(set(seen))  # numbering went on after the restart, never from 1 again
     assert [tseq for tseq, _ in stored] == sorted({tseq for tseq, _ in stored})
     finished = [e["payload"]["status"] for _, e in stored if e["type"] == "RUN_FINISHED"]
