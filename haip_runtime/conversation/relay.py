@@ -62,6 +62,10 @@ class Relay:
         self.on_ended: Callable[[Transaction], None] | None = None
         #: Called when another node announces a change of an MCP server the transaction uses.
         self.on_tools_changed: Callable[[Transaction], None] | None = None
+        #: Called with (transaction, member description, agent) when a member elsewhere adds an agent here.
+        self.on_add_agent: Callable[[Transaction, dict[str, Any], str], None] | None = None
+        #: Called with the agents a transaction's log lists, when some are not here yet.
+        self.on_agents: Callable[[Transaction, list[str]], None] | None = None
         #: The transactions this node hosts.
         self.logs: set[SharedLog] = set()
 
@@ -346,6 +350,10 @@ class SharedLog(Succession):
         turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn, body.get("n"))
+        elif event.type == EventType.TRANSACTION_JOIN and self.relay.on_agents is not None:
+            agents = event.payload.get("agents") if isinstance(event.payload, dict) else None
+            if isinstance(agents, list) and any(name not in transaction.agents for name in agents):
+                self.relay.on_agents(transaction, [str(name) for name in agents])
         elif event.type == EventType.INFO and body.get("n") != self.relay.node and self.relay.on_tools_changed:
             if isinstance(event.payload, dict) and event.payload.get("event") == "mcp.server":
                 self.relay.on_tools_changed(transaction)
@@ -418,5 +426,7 @@ class SharedLog(Succession):
                 transaction.tools.cancel(str(body["call_id"]), transaction.id, str(body["user"]), reason, "")
             elif kind == "end":
                 self._end(str(body.get("reason", "")))
+            elif kind == "add_agent" and self.relay.on_add_agent is not None:
+                self.relay.on_add_agent(transaction, body["member"], str(body["name"]))
         except Exception as error:  # answered by someone else meanwhile, or the call has ended
             logger.info("transaction %s: %s from node %s not done: %s", transaction.id, kind, body.get("n"), error)

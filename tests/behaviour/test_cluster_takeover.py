@@ -145,3 +145,26 @@ async def test_a_join_with_since_on_a_node_that_brings_the_transaction_back_repe
                 got = [int(e.raw["tseq"]) for e in again.received if e.transaction == tx and "tseq" in e.raw]
     assert int(reply.get("tseq")) >= last  # the join's position is the log's end, not where B brought it back
     assert got and min(got) > last and got == sorted(set(got))  # nothing before since, nothing twice
+
+
+async def test_an_agent_added_on_a_node_that_does_not_run_the_turns_answers_from_the_one_that_does(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(redis_url, postgres_url, prefix) as (a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=15) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), accept_events=WHOLE, timeout=15) as sam,
+        ):
+            tx = await alice.start_transaction("echo")  # its turns run on A
+            await sam.join(tx)
+            await sam.send("TRANSACTION_JOIN", {"agent": "storyteller"}, transaction=tx)
+            await sam.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and "storyteller" in e.get("agents", []))
+            await alice.send_text(tx, "hi")
+            told = [await client.wait_for(storied) for client in (alice, sam)]
+            started = [e.get("agent") for e in alice.received if e.type == "RUN_STARTED"]
+    assert all(e.transaction == tx for e in told)
+    assert sorted(started) == ["echo", "storyteller"]  # one turn each, run on A, for the message after it joined
+
+
+def storied(event: Received) -> bool:
+    return event.type == "MESSAGE" and "Once upon a time, someone said 'hi'" in str(event.payload)
