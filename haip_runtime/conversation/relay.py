@@ -191,7 +191,9 @@ class SharedLog:
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self._outbox: deque[tuple[bytes, bool, float]] = deque()
-        self._mine: dict[str, Event] = {}
+        #: Events published here and not delivered yet, with the turn they ask for.
+        self._mine: dict[str, tuple[Event, dict[str, Any] | None]] = {}
+        self._own_head = fastjson.dumps({"n": relay.node, "id": ""})[:-2].encode()  # b'{"n":"<node>","id":"'
         self._then: dict[str, Callable[[], None]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
@@ -206,7 +208,7 @@ class SharedLog:
     def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
         """Queue ``event`` for the log (its tseq comes with its delivery); ``turn``: the owner answers
         it; ``then``: called once it is delivered here."""
-        self._mine[event.id] = event
+        self._mine[event.id] = (event, turn)
         if then is not None:
             self._then[event.id] = then
         self._queue(_wire(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART)
@@ -322,18 +324,12 @@ class SharedLog:
     async def _fill(self, first: int, last: int) -> None:
         """Deliver ``first``..``last`` from the store, then what came meanwhile, in order."""
         transaction = self.transaction
-        logger.warning(
-            "transaction %s: events %d..%d are read from the store (redis no longer has them)",
-            transaction.id,
-            first,
-            last,
-        )
+        where = (transaction.id, first, last)
+        logger.warning("transaction %s: events %d..%d are read from the store (redis has them no more)", *where)
         try:
             events = await self.relay.store.events(transaction.id, after=first - 1, limit=last - first + 1)
         except Exception:
-            logger.exception(
-                "transaction %s: reading %d..%d from the store failed; they are skipped", transaction.id, first, last
-            )
+            logger.exception("transaction %s: reading %d..%d from the store failed; they are skipped", *where)
             events = []
         for event in events:
             if event.id not in self._seen:
@@ -343,36 +339,42 @@ class SharedLog:
         self.deliver(held)
 
     def _entry(self, tseq: int, data: bytes) -> None:
-        body = fastjson.loads(data)
-        if "ctl" in body:
-            if self.owner and not self.transaction.ended:
-                self._obey(body)
-            return
-        if body["id"] in self._seen:
-            return  # an append retried after its answer was lost: delivered already
-        self._remember_id(body["id"])
-        event = self._mine.pop(body["id"], None)
-        if event is not None:
+        event_id = self._own_id(data)
+        mine = self._mine.pop(event_id, None) if event_id is not None else None
+        if mine is not None:  # published here: known already, the bytes need no parsing
+            event, turn = mine
             event.stamp(self.transaction.id, tseq, self.transaction.thread_id)
         else:
-            event = _event(self.transaction, tseq, body)
-        self._follow(event, body)
+            body = fastjson.loads(data)
+            if "ctl" in body:
+                if self.owner and not self.transaction.ended:
+                    self._obey(body)
+                return
+            event, turn = _event(self.transaction, tseq, body), body.get("turn")
+        if event.id in self._seen:
+            return  # an append retried after its answer was lost (or filled from the store): delivered already
+        self._remember_id(event.id)
+        self._follow(event)
         self.transaction.logged(event)
         then = self._then.pop(event.id, None)
         if then is not None:
             then()
-        turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn)
         if event.type == EventType.TRANSACTION_END and self.relay.on_ended is not None:
             self.relay.on_ended(self.transaction)
+
+    def _own_id(self, data: bytes) -> str | None:
+        """The event id of an entry this node wrote (``_wire`` begins with the node, then the id), else None."""
+        head = self._own_head
+        return data[len(head) : data.find(b'"', len(head))].decode() if data.startswith(head) else None
 
     def _remember_id(self, event_id: str) -> None:
         self._seen[event_id] = None
         if len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
 
-    def _follow(self, event: Event, body: dict[str, Any]) -> None:
+    def _follow(self, event: Event) -> None:
         """Keep what a takeover and members here need to know of the log: runs, waiting calls, users."""
         payload = event.payload if isinstance(event.payload, dict) else {}
         if event.type == EventType.RUN_STARTED and event.run_id:
