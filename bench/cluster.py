@@ -52,6 +52,8 @@ SERVER, LOAD = cores()
 #: one core the other benches give a server, they would also take turns on it with each other.
 ANY = SERVER | LOAD
 TITLE = "Cluster benchmarks (issue 21)"
+#: bench/cluster_load.py gives a member up this long after the stream's own duration.
+LINGER_NOTE = "30 s after the stream's duration"
 
 
 @dataclass(frozen=True)
@@ -216,13 +218,24 @@ def fanout(scale: Scale, found: Backends) -> list[dict[str, dict[str, Any]]]:
     return runs
 
 
+def ending(result: dict[str, Any]) -> str:
+    """How the run ended, and what went wrong on the members' side if anything did."""
+    text = str(result["run_end"])
+    if result["unfinished"]:
+        text += f"; {result['unfinished']} members still waiting for the end {LINGER_NOTE}"
+    if result["errors"]:
+        text += "; " + "; ".join(str(error) for error in result["errors"])
+    return text
+
+
 def fanout_table(runs: list[dict[str, dict[str, Any]]], tokens: int) -> tuple[list[str], bool]:
     """The table, and whether every member of the two nodes' runs got every token once and in order."""
     lines = [
         "| run | where | members with every token, once, in order | lag p50 / p99 / max ms "
         "| p99 by node (first, second) ms | stream to its last member: seconds (tokens/s) "
-        "| CPU of the nodes, Redis, this load process (% of one core) |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU of the nodes, Redis, this load process (% of one core) | waiting for a core: the nodes, Redis "
+        "(% of the time) | the run ended |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     complete = True
     for number, results in enumerate(runs, 1):
@@ -231,10 +244,13 @@ def fanout_table(runs: list[dict[str, dict[str, Any]]], tokens: int) -> tuple[li
             cpu = r["cpu"]
             shares = ", ".join(f"{cpu[k] / r['seconds'] * 100:.0f}" for k in ("a", "b", "redis", "load") if k in cpu)
             by_node = ", ".join(f"{p:.1f}" for p in r["p99_by_node_ms"])
+            waits = ", ".join(
+                f"{r['waited'][k] / r['seconds'] * 100:.0f}" for k in ("a", "b", "redis") if k in r["waited"]
+            )
             lines.append(
                 f"| {number} | {where} | {r['complete']} of {r['members']} ({r['tokens']:,} tokens, {r['wrong']} "
                 f"out of order) | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | {by_node} "
-                f"| {r['seconds']:.1f} ({tokens / r['seconds']:,.0f}) | {shares} |"
+                f"| {r['seconds']:.1f} ({tokens / r['seconds']:,.0f}) | {shares} | {waits} | {ending(r)} |"
             )
         two = results["two"]
         complete = complete and two["complete"] == two["members"] and two["tokens"] == two["members"] * tokens
@@ -255,6 +271,45 @@ def machine() -> str:
     )
     versions = ", ".join(f"{name} {version(name)}" for name in ("haip-runtime", "redis", "asyncpg", "uvicorn"))
     return f"{os.cpu_count()} × {cpu}, Linux {platform.release()}, Python {platform.python_version()}; {versions}"
+
+
+#: What a profile showed (py-spy at 250 Hz on each server under the 50 × 4 echo load, 12 s each, 2026-12-06;
+#: µs per round trip = each function's share of the samples × the server's CPU per round trip). Kept with
+#: the code; revise it when the figures change.
+LIMITS = [
+    "Where `[cluster]`'s server CPU goes (py-spy on both servers under the 50 × 4 load: 143 µs per round trip "
+    "off, 227 on). Redis commands per round trip were 0.55 script runs (`INFO commandstats`): with 4 messages "
+    "in flight a transaction's events of about two round trips share an append; with one in flight (about "
+    "2) the user's message and the turn's events are appends of their own, which is why that shape's ratio "
+    "is higher. "
+    "Each append cycle costs the server about 100-150 µs: sending the script run through redis-py "
+    "(packing, the pool's connection, the retry wrapper, reading the reply: about 40 µs), the socket "
+    "write itself (about 20 µs: a `send` on this VM costs as much, and the off server's one write per "
+    "round trip to its client shows the same), the pub/sub message coming back (redis-py's `PubSub`, "
+    "`parse_message`, the feed's bookkeeping: about 15 µs) and the relay's own work per event (the wire "
+    "form, the seen-id window, following runs and calls for a takeover: about 3 µs an event). The "
+    "deliveries to members, the store and the turn cost the same on both servers.",
+    "What would take it further (not done here): one pipeline of script runs for every transaction "
+    "ready at once on a node (one write and one read instead of one per transaction); reading the "
+    "pub/sub connection without redis-py's `PubSub` message dictionaries; starting the owner's turn "
+    "when the message is published rather than when it comes back from the feed (the turn's events "
+    "would then share the message's append). PostgreSQL's own CPU per round trip is also higher with "
+    "`[cluster]` (events are inserted at the log's number, `ON CONFLICT DO NOTHING`, as each node "
+    "writes what it delivers); that is PostgreSQL's processes, beside the ratio.",
+    "The fan-out on this machine: the nodes' main threads spent about half of each stream or more ready to run but "
+    "waiting for a core (the waiting column; other engineers' test suites and browsers were running), so "
+    "the node's own CPU stays well under a core while the lag grows. The two setups take that shortage "
+    "differently. One node delivers each token to its members before the agent writes the next, so it "
+    "slows the agent down (the stream takes longer; each token's lag stays small). With `[cluster]` the "
+    "agent's writes go to Redis and nothing waits for the deliveries, so a starved node falls behind the "
+    "stream and the lag is its backlog; a node's CPU per delivered token is lower with `[cluster]` (parts "
+    "cross the bus and reach the members in batches). Not explained yet: the two nodes were neither "
+    "running nor waiting for a core for about a fifth of each stream while the backlog grew (the owner "
+    "appends one batch at a time per transaction, each waiting for Redis's answer, and its agent, its "
+    "deliveries and its appends share one event loop). Not done here: making a streaming agent wait while "
+    "its transaction's own events are far behind on their way back from the bus (back-pressure across "
+    "the bus), which would turn the backlog into a slower stream as on one node.",
+]
 
 
 def report(scale: Scale, short: bool, started: float, echo: dict[str, list[dict[str, dict[str, Any]]]],
@@ -325,11 +380,17 @@ def report(scale: Scale, short: bool, started: float, echo: dict[str, list[dict[
         "one machine). Parts that wait for a member's socket go out merged, so a frame may carry several "
         "tokens; each token counts. A lag includes, with `[cluster]`, the batching of streamed parts "
         "(`part_batch_ms`, 5 ms by default) and the trip through Redis to both nodes. The CPU column is each "
-        "process's CPU time over the stream divided by its duration. A node without `[cluster]` delivers each "
+        "process's CPU time over the stream divided by its duration; the waiting column is the time its main "
+        "thread was ready to run but waited for a core (`/proc/<pid>/schedstat`), other processes running. "
+        "A node without `[cluster]` delivers each "
         "token to its members before the agent writes the next, so a node short of CPU slows the agent down "
         "(the stream takes longer than its count at 1,000/s; each token's lag stays small); with `[cluster]` "
         "the agent's writes go to Redis and do not wait for the deliveries, so a node short of CPU falls "
         "behind the stream and the lag grows with its backlog. Hence the seconds column beside the lag.",
+        "",
+        "### What limits it",
+        "",
+        *[f"- {text}" for text in LIMITS],
         "",
     ]
     return lines

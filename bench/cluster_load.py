@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import cpu_seconds, percentile  # type: ignore[import-not-found]
+from common import cpu_seconds, percentile, waited_seconds  # type: ignore[import-not-found]
 from load import Peer, drop, open_peer  # type: ignore[import-not-found]
 
 #: Tries of a join on a node that does not know the transaction yet (the starting node writes it to
@@ -75,6 +75,7 @@ async def join(url: str, token: str, tx: str) -> Peer:
 
 
 async def fanout(spec: dict[str, Any]) -> dict[str, Any]:
+    """Open and join the members, have the agent stream, read every member's stream; what each got."""
     urls, tokens, count = spec["urls"], spec["tokens"], spec["count"]
     watch: dict[str, list[Any]] = spec.get("watch") or {}
     leader = await open_peer(urls[0], tokens[0])
@@ -86,6 +87,7 @@ async def fanout(spec: dict[str, Any]) -> dict[str, Any]:
             joined = await asyncio.gather(*(join(url, token, tx) for _ in range(min(20, wanted - batch))))
             members += [Member(node, peer) for peer in joined]
     before = {name: cpu_seconds(pid, children) for name, (pid, children) in watch.items()}
+    waited = {name: waited_seconds(pid) for name, (pid, _) in watch.items()}
     started, own = time.perf_counter(), time.process_time()
     await leader.message(tx, f"count={count} rate={spec['rate']} stamp=1 number=1")
     reading = [asyncio.create_task(m.read()) for m in members]
@@ -93,14 +95,17 @@ async def fanout(spec: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     for task in unfinished:  # counted below as members without every token
         task.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)  # their reads are over before the leader's next
     errors = [
         repr(task.exception())[:300] for task in reading if task.done() and not task.cancelled() and task.exception()
     ]
     cpu = {name: cpu_seconds(pid, children) - before[name] for name, (pid, children) in watch.items()}
     cpu["load"] = time.process_time() - own  # this process: when it is busy, lags are partly its own
+    waited = {name: waited_seconds(pid) - waited[name] for name, (pid, _) in watch.items()}
+    ended = await run_end(members[0])
+    lags = [lag for m in members for lag in m.lags]
     for member in members:
         drop(member.peer)
-    lags = [lag for m in members for lag in m.lags]
     by_node = [[lag for m in members if m.node == node for lag in m.lags] for node in range(len(urls))]
     return {
         "members": len(members),
@@ -109,14 +114,31 @@ async def fanout(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens": sum(m.tokens for m in members),
         "p50_ms": percentile(lags, 50) * 1000,
         "p99_ms": percentile(lags, 99) * 1000,
-        "max_ms": max(lags) * 1000,
+        "max_ms": max(lags, default=float("nan")) * 1000,
         "p99_by_node_ms": [percentile(node_lags, 99) * 1000 for node_lags in by_node],
         "seconds": elapsed,
         "unfinished": len(unfinished),
         "errors": errors[:3],
         "short_by_node": [sum(count - m.tokens for m in members if m.node == node) for node in range(len(urls))],
         "cpu": cpu,
+        "waited": waited,
+        "run_end": ended,
     }
+
+
+async def run_end(leader: Member) -> str:
+    """How the agent's run ended, as the member who asked saw it (RUN_FINISHED's status, or RUN_ERROR's
+    code and message): a stream cut short ends with MESSAGE_END too."""
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                frame = json.loads(await leader.peer.ws.recv())
+                if frame["type"] in ("RUN_FINISHED", "RUN_ERROR"):
+                    payload = frame["payload"]
+                    detail = payload.get("status") or f"{payload.get('code')}: {payload.get('message')}"
+                    return f"{frame['type']} {detail}"
+    except TimeoutError:
+        return "no RUN_FINISHED or RUN_ERROR within 10 s"
 
 
 def main() -> None:

@@ -389,6 +389,12 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def waited_seconds(pid: int) -> float:
+    """Seconds ``pid``'s main thread has spent runnable but waiting for a core (``/proc/<pid>/schedstat``):
+    on a shared machine, the time the scheduler gave to other processes while this one had work."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 # -- results files shared by several benches ---------------------------------------------------------------
 
 
