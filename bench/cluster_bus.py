@@ -9,7 +9,7 @@ one ``append`` at a time (one script run per event); 16 appends in flight at onc
 connection pool's connections); ``append_many`` of 16 events (one script run, one message); and
 streamed parts through the ``PartBatcher`` (a batch every 5 ms or 16 KB). Commands per event come
 from ``INFO commandstats`` before and after (commands run inside the script count too).
-Results go to bench/CLUSTER-RESULTS.md. Runs in seconds by default.
+Results go to its part of bench/CLUSTER-RESULTS.md (bench/cluster.py writes another). Runs in seconds by default.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(1, str(ROOT / "bench"))
+
+from common import write_section  # noqa: E402  # type: ignore[import-not-found]
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap  # noqa: E402
 from haip_runtime.config.clustering import ClusterConfig  # noqa: E402
@@ -119,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = anyio.run(run, args.events)
     lines = [
-        "# Cluster bus: appends through the Lua script",
+        "## Cluster bus: appends through the Lua script",
         "",
         f"Written by `bench/cluster_bus.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {platform.machine()}, shared 2-core machine; a local redis-server, "
@@ -134,7 +138,7 @@ def main() -> None:
         "EVALSHA itself: one event alone costs 6; in a batch of n, XADD is per event and the rest per batch.",
         "",
     ]
-    (ROOT / "bench" / "CLUSTER-RESULTS.md").write_text("\n".join(lines), encoding="utf-8")
+    write_section(ROOT / "bench" / "CLUSTER-RESULTS.md", "cluster_bus", "Cluster benchmarks (issue 21)", lines)
     print("\n".join(lines))
 
 

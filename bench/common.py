@@ -278,10 +278,11 @@ def stop(process: subprocess.Popen[str]) -> None:
 # -- load processes ----------------------------------------------------------------------------------------
 
 
-def load(where: set[int], spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """Run one bench/load.py process with ``spec``, pinned to ``where``; its JSON result."""
+def load(where: set[int], spec: dict[str, Any], timeout: float = 600, script: str = "load.py") -> dict[str, Any]:
+    """Run one bench/load.py process (or another ``script`` of bench/) with ``spec``, pinned to ``where``;
+    its JSON result."""
     process = subprocess.Popen(
-        [PYTHON, str(BENCH / "load.py"), json.dumps(spec)],
+        [PYTHON, str(BENCH / script), json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -360,3 +361,52 @@ class Rounds:
     def spread(self) -> str:
         ratios = self.ratios
         return f"{min(ratios):.2f}–{max(ratios):.2f}x over {len(ratios)} rounds"
+
+
+# -- CPU time of other processes ---------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (the state is [0], the parent [1])."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User and system CPU seconds of ``pid`` so far, all its threads. With ``children``, its children's
+    too: the live ones' and those it has reaped (PostgreSQL's backends are the postmaster's children)."""
+    fields = _stat(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    child = _stat(int(entry))
+                except OSError:
+                    continue  # it ended between the listing and the read
+                if child[1] == str(pid):
+                    ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def waited_seconds(pid: int) -> float:
+    """Seconds ``pid``'s main thread has spent runnable but waiting for a core (``/proc/<pid>/schedstat``):
+    on a shared machine, the time the scheduler gave to other processes while this one had work."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+# -- results files shared by several benches ---------------------------------------------------------------
+
+
+def write_section(path: Path, name: str, title: str, lines: list[str]) -> None:
+    """Put ``lines`` in ``path`` between ``<!-- name -->`` and ``<!-- /name -->``, replacing what was there
+    and keeping the other benches' parts (bench/CLUSTER-RESULTS.md is written by several benches)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else f"# {title}\n"
+    part = "\n".join([start, *lines, end])
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        text = head + part + rest.partition(end)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + part + "\n"
+    path.write_text(text, encoding="utf-8")

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common import percentile, raise_fd_limit  # type: ignore[import-not-found]
+from common import cpu_seconds, percentile, raise_fd_limit  # type: ignore[import-not-found]
 from websockets.asyncio.client import ClientConnection, connect
 
 # The reference TypeScript SDK's accept_events (REFERENCE-CLIENTS.md): no runs, no streamed parts.
@@ -128,13 +128,24 @@ def drop(peer: Peer) -> None:
 
 
 async def echo(spec: dict[str, Any]) -> dict[str, Any]:
-    """``conns`` connections × ``inflight`` messages in flight for ``seconds`` after ``warmup``."""
+    """``conns`` connections × ``inflight`` messages in flight for ``seconds`` after ``warmup``.
+
+    ``watch`` ({name: [pid, with children]}, optional): the CPU seconds those processes spend over the
+    same timed window are returned too (bench/cluster.py: the server's, Redis's, PostgreSQL's)."""
     token, conns, inflight = spec["token"], spec["conns"], spec["inflight"]
     peers = await asyncio.gather(*(_echo_peer(spec) for _ in range(conns)))
     counted: list[int] = [0]
     latencies: list[float] = []
     start = time.perf_counter()
     warm, stop = start + spec["warmup"], start + spec["warmup"] + spec["seconds"]
+    watch: dict[str, list[Any]] = spec.get("watch") or {}
+    cpu: dict[str, float] = {}
+
+    async def sample() -> None:
+        await asyncio.sleep(warm - time.perf_counter())
+        before = {name: cpu_seconds(pid, children) for name, (pid, children) in watch.items()}
+        await asyncio.sleep(stop - time.perf_counter())
+        cpu.update({name: cpu_seconds(pid, children) - before[name] for name, (pid, children) in watch.items()})
 
     async def run(peer: Peer, tx: str | None) -> None:
         sent: deque[float] = deque()
@@ -155,10 +166,12 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
             sent.append(time.perf_counter())
             await peer.message(tx, "hello") if token else await peer.send("MESSAGE", "hello", channel="USER")
 
-    await asyncio.gather(*(run(peer, tx) for peer, tx in peers))
+    await asyncio.gather(sample(), *(run(peer, tx) for peer, tx in peers))
     for peer, _ in peers:
         drop(peer)
     return {
+        "trips": counted[0],
+        "cpu": cpu,
         "rate": counted[0] / spec["seconds"],
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,

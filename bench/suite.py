@@ -8,8 +8,8 @@ Servers are subprocesses pinned to one core (`haip-runtime serve` on a generated
 Starlette app of bench/baseline.py), load generators are bench/load.py processes pinned to the other.
 Rounds alternate A, B, A, B and a ratio is the median of the per-round ratios. The short mode is for CI
 to prove the suite runs; its absolute numbers are no pass/fail gate (scripts/check does not run it).
-Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite; ``--short`` with the suite's)
-and copies that bench's tables into the report.
+Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite) and bench/cluster.py (issue 21:
+``[cluster]`` against one process), each ``--short`` with the suite's, and copies their tables into the report.
 """
 
 from __future__ import annotations
@@ -566,6 +566,47 @@ def store_tables(text: str, name: str) -> list[str]:
     return lines
 
 
+# -- the cluster (issue 21) ----------------------------------------------------------------------------------
+
+
+def cluster_bench(short: bool) -> list[str]:
+    """Run bench/cluster.py (its own short mode with --short) on all the cores this suite was given; its
+    summary and tables, for the report."""
+    output = BENCH / ("CLUSTER-RESULTS-short.md" if short else "CLUSTER-RESULTS.md")
+    command = [PYTHON, str(BENCH / "cluster.py"), "--output", str(output), *(["--short"] if short else [])]
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=3600,
+        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
+    )
+    return cluster_tables(output.read_text(encoding="utf-8"), output.name)
+
+
+def cluster_tables(text: str, name: str) -> list[str]:
+    """The section of BENCHMARKS.md for bench/cluster.py: its part of the results file (between its
+    markers), headings, summary and tables only; how each is measured stays in the file."""
+    part = text.partition("<!-- cluster -->")[2].partition("<!-- /cluster -->")[0]
+    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", part)) else "?"
+    lines = [
+        "## The cluster: `[cluster]` against one process (issue 21)",
+        "",
+        f"`bench/cluster.py` wrote its part of bench/{name} on {written}: how each part is measured, the "
+        "machine's load during the run and the processes' pinning are there. Its summary and tables:",
+        "",
+    ]
+    for line in part.splitlines():
+        if line.startswith("### "):
+            lines += [line, ""]
+        elif line.startswith(("|", "- ")):
+            lines.append(line)
+        elif lines[-1].startswith(("|", "- ")):
+            lines.append("")
+    return lines
+
+
 # -- profile -------------------------------------------------------------------------------------------------
 
 
@@ -725,7 +766,9 @@ PROFILE_NOTE = (
 )
 
 
-def write_report(scale: Scale, short: bool, started: float, profile: list[str], store: list[str]) -> str:
+def write_report(
+    scale: Scale, short: bool, started: float, profile: list[str], store: list[str], cluster: list[str]
+) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -784,10 +827,11 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str], 
         "",
         "## Cluster bus",
         "",
-        "`bench/cluster_bus.py` writes bench/CLUSTER-RESULTS.md in a few seconds: appends per second through the",
-        "Lua script (one at a time, 16 in flight, 16 per call, and streamed parts through the batcher), each",
-        "delivered to a second node, and Redis commands per appended event from `INFO commandstats`.",
+        "`bench/cluster_bus.py` writes its part of bench/CLUSTER-RESULTS.md in a few seconds: appends per second",
+        "through the Lua script (one at a time, 16 in flight, 16 per call, and streamed parts through the batcher),",
+        "each delivered to a second node, and Redis commands per appended event from `INFO commandstats`.",
         "",
+        *cluster,
         *store,
     ]
     if NOTES:
@@ -834,8 +878,10 @@ def main() -> None:
     soak_target(scale)
     log("store: SQLite against PostgreSQL (bench/store.py)")
     store = store_bench(args.short)
+    log("cluster: [cluster] on against off (bench/cluster.py)")
+    cluster = cluster_bench(args.short)
     ROWS.sort(key=lambda r: r.number)
-    report = write_report(scale, args.short, started, profile, store)
+    report = write_report(scale, args.short, started, profile, store, cluster)
     args.output.write_text(report, encoding="utf-8")
     print(report)
 

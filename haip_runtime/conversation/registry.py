@@ -145,8 +145,8 @@ class TransactionRegistry:
             return None
         if record.state is TransactionState.ENDED:
             return record
-        if transaction_id in self.live:  # brought back by someone else meanwhile
-            return self.live[transaction_id]
+        if transaction_id in self.live or transaction_id in self._loading:  # another call brings it back meanwhile
+            return await self.find(transaction_id, principal)  # waits for it: one Transaction, hosted once
         self._loading[transaction_id] = anyio.Event()
         try:
             return await self._bring_back(record)

@@ -122,7 +122,9 @@ class SharedLog(Succession):
         self._outbox: deque[tuple[bytes, bool, float, str | None]] = deque()
         #: Runs this node stopped when it lost the lease: what they still publish is not appended.
         self._given_up: set[str] = set()
-        self._mine: dict[str, Event] = {}
+        #: Events published here and not delivered yet, with the turn they ask for.
+        self._mine: dict[str, tuple[Event, dict[str, Any] | None]] = {}
+        self._own_head = fastjson.dumps({"n": relay.node, "id": ""})[:-2].encode()  # b'{"n":"<node>","id":"'
         self._then: dict[str, Callable[[], None]] = {}
         self._reconnects = relay.bus.feed.reconnects
         #: Set at each delivery (a takeover waits to have caught up).
@@ -156,7 +158,7 @@ class SharedLog(Succession):
         agents answer; ``then``: called once it is delivered here."""
         if event.run_id is not None and event.run_id in self._given_up:
             return  # a run this node stopped when it lost the lease: the new owner ended it (NODE_LOST)
-        self._mine[event.id] = event
+        self._mine[event.id] = (event, turn)
         if then is not None:
             self._then[event.id] = then
         if len(self._mine) > MAX_OUTBOX:  # never delivered (lost with a Redis that crashed): let them go
@@ -170,7 +172,8 @@ class SharedLog(Succession):
         return {"member": describe(member), "traceparent": traceparent, "answered": answered}
 
     def authored(self, user: str, message_id: str) -> bool:
-        return wrote(user, message_id, [*self.transaction.recent(), *self._mine.values()])  # delivered, or on its way
+        on_its_way = [event for event, _ in self._mine.values()]
+        return wrote(user, message_id, [*self.transaction.recent(), *on_its_way])
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
@@ -302,7 +305,11 @@ class SharedLog(Succession):
                 self.relay.spawn(self._fill, item.first, item.last)
                 return
             try:
-                self._entry(item.tseq, fastjson.loads(item.data))
+                mine = self._mine.pop(self._own_id(item.data), None)
+                if mine is not None:  # published here: known already, the bytes need no parsing
+                    self._event(item.tseq, mine[0], mine[1], self.relay.node, stored=False)
+                else:
+                    self._entry(item.tseq, fastjson.loads(item.data))
             except Exception:  # one bad entry costs itself
                 logger.exception("transaction %s: entry %d could not be delivered", self.transaction.id, item.tseq)
 
@@ -321,40 +328,47 @@ class SharedLog(Succession):
                 break
             await anyio.sleep(0.1 * (attempt + 1))  # another node may not have written them yet
         for event in events:
-            self._entry(event.tseq or 0, {"id": event.id, "type": event.type, "payload": event.payload}, event)
+            self._event(event.tseq or 0, event, None, None, stored=True)
         held, self._filling = self._filling or [], None
         self.deliver(held)
 
-    def _entry(self, tseq: int, body: dict[str, Any], stored: Event | None = None) -> None:
-        transaction = self.transaction
+    def _entry(self, tseq: int, body: dict[str, Any]) -> None:
+        """An entry another node wrote (or this one, before a restart): a control entry, or an event."""
         if "ctl" in body:
             self._control(tseq, body)
             return
-        if body["id"] in self._seen:
-            return  # an append retried after its answer was lost: delivered already
-        self._remember_id(body["id"])
+        event = entry_event(body, self.transaction.id, tseq, self.transaction.thread_id)
+        self._event(tseq, event, body.get("turn"), body.get("n"), stored=False)
+
+    def _own_id(self, data: bytes) -> str:
+        """The event id of an entry this node wrote (``entry`` begins with the node, then the id), else ''."""
+        head = self._own_head
+        return data[len(head) : data.find(b'"', len(head))].decode() if data.startswith(head) else ""
+
+    def _event(self, tseq: int, event: Event, turn: dict[str, Any] | None, node: str | None, *, stored: bool) -> None:
+        """The log's next event: followed, delivered to the members here, stored (unless it came from
+        the store), and acted on (a message to answer, an announcement, an end)."""
+        transaction = self.transaction
+        if event.id in self._seen:
+            return  # an append retried after its answer was lost (or filled from the store): delivered already
+        self._remember_id(event.id)
         self._progress.set()
-        event = stored or self._mine.pop(body["id"], None)
-        if event is not None:
-            event.stamp(transaction.id, tseq, transaction.thread_id)
-        else:
-            event = entry_event(body, transaction.id, tseq, transaction.thread_id)
-        self._follow(event, body)
+        event.stamp(transaction.id, tseq, transaction.thread_id)
+        self._follow(event, node)
         ending = event.type == EventType.TRANSACTION_END
         if ending:
             transaction.ended = True
-        transaction.logged(event, store=stored is None)
+        transaction.logged(event, store=not stored)
         then = self._then.pop(event.id, None)
         if then is not None:
             then()
-        turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
-            self._asked(event, turn, body.get("n"))
+            self._asked(event, turn, node)
         elif event.type == EventType.TRANSACTION_JOIN and self.relay.on_agents is not None:
             agents = event.payload.get("agents") if isinstance(event.payload, dict) else None
             if isinstance(agents, list) and any(name not in transaction.agents for name in agents):
                 self.relay.on_agents(transaction, [str(name) for name in agents])
-        elif event.type == EventType.INFO and body.get("n") != self.relay.node and self.relay.on_tools_changed:
+        elif event.type == EventType.INFO and node != self.relay.node and self.relay.on_tools_changed:
             if isinstance(event.payload, dict) and event.payload.get("event") == "mcp.server":
                 self.relay.on_tools_changed(transaction)
         if ending:
@@ -380,11 +394,11 @@ class SharedLog(Succession):
         if len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
 
-    def _follow(self, event: Event, body: dict[str, Any]) -> None:
+    def _follow(self, event: Event, node: str | None) -> None:
         """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
         follow(self, event, self.transaction.users)
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == EventType.MESSAGE_UPDATE and self.owner and body.get("n") != self.relay.node:
+        if event.type == EventType.MESSAGE_UPDATE and self.owner and node != self.relay.node:
             author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
             self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anyio
@@ -17,6 +18,7 @@ from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
+from haip_runtime.store.base import TransactionRecord, TransactionState
 from haip_runtime.store.memory import MemoryStore
 from tests.support.serving import make_config
 
@@ -136,3 +138,31 @@ async def test_ending_a_transaction_tells_each_waiting_message_it_left_the_queue
     unqueued = [e["payload"] for e in received(bob) if e["payload"].get("event") == "run.unqueued"]
     assert unqueued == [{"event": "run.unqueued", "message_id": "two", "reason": "the transaction ended: done"}]
     assert transaction.queued == []
+
+
+class YieldingStore(MemoryStore):
+    """A store whose reads yield to the event loop, as a database's do (the memory store's never do)."""
+
+    async def transaction(self, transaction_id: str) -> TransactionRecord | None:
+        await anyio.lowlevel.checkpoint()
+        return await super().transaction(transaction_id)
+
+    async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        await anyio.lowlevel.checkpoint()
+        return await super().events(transaction_id, after=after, limit=limit)
+
+
+async def test_members_joining_at_once_bring_a_stored_transaction_back_as_one() -> None:
+    store = YieldingStore()
+    now = time.time()
+    store.save_transaction(TransactionRecord("t1", "ann", ("waiting",), ("ann",), TransactionState.OPEN, now, now))
+    transactions = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), store, lambda *a: None)
+    found: list[object] = []
+
+    async def find() -> None:
+        found.append(await transactions.find("t1", Principal("ann")))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(find)
+    assert len(found) == 20 and all(each is transactions.live["t1"] for each in found)

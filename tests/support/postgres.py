@@ -240,6 +240,11 @@ class PostgresServer:
         return not self.owned or (self._process is not None and self._process.poll() is None)
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (our own running cluster only): bench/cluster.py counts its CPU."""
+        return self._process.pid if self.owned and self.running and self._process is not None else None
+
+    @property
     def url(self) -> str:
         """The superuser's URL of the default database (``postgresql://haip:secret@127.0.0.1:PORT/haip``)."""
         if self._external_url is not None:
