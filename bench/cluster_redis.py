@@ -282,8 +282,9 @@ def report(
             "",
             "## Redis's ceiling on this machine",
             "",
-            f"Redis runs commands on one core: at {cpu_us:.0f} µs per round trip, **{capacity:,.0f} echo round trips/s** "
-            "fill it. `redis-benchmark` (50 clients, no pipelining) for comparison, with Redis's CPU per command:",
+            f"Redis runs commands on one core: at {cpu_us:.0f} µs per round trip, "
+            f"**{capacity:,.0f} echo round trips/s** fill it. `redis-benchmark` (50 clients, no pipelining) "
+            "for comparison, with Redis's CPU per command:",
             "",
             "| command | commands/s | Redis CPU per command |",
             "|---|---|---|",

@@ -25,6 +25,7 @@ from haip_runtime.client import HaipClient
 from haip_runtime.cluster import Bus
 from haip_runtime.config.clustering import ClusterConfig
 from tests.support.deployment import Deployment, Node, deployment
+from tests.support.netcut import netcut
 from tests.support.peers import SsePeer, StreamPeer
 from tests.support.postgres import PostgresServer
 from tests.support.proxy import Balancer, balancer
@@ -256,3 +257,51 @@ async def test_a_node_stopped_with_sigterm_closes_its_clients_and_the_rest_carri
     assert slots == 0  # a clean stop gave back its sessions' slots (a killed node's count for slot_ttl_seconds)
     assert close == 1012  # "service restart": a HAIP client reconnects (through the balancer: another node)
     assert answer == "you said: still here"
+
+
+async def until_only(front: Balancer, node_id: str, timeout: float = 20) -> float:
+    """Until 4 answers in a row of /health through ``front`` come from ``node_id``; the seconds it took."""
+    started = time.monotonic()
+    in_a_row = 0
+    with anyio.fail_after(timeout):
+        while in_a_row < 4:
+            in_a_row = in_a_row + 1 if (await health(front.http_url))["cluster"]["node"] == node_id else 0
+            if in_a_row == 0:
+                await anyio.sleep(0.1)  # the balancer's next health check decides: nothing to wait on
+    return time.monotonic() - started
+
+
+async def test_a_node_cut_from_redis_is_degraded_haproxy_takes_it_out_and_nginx_does_not(
+    redis: RedisServer, postgres_server: PostgresServer
+) -> None:
+    postgres_server.ensure_running()
+    url = postgres_server.create_database("deploy_partition")
+    try:
+        with netcut(redis.port) as line:
+            urls = [redis.url, f"redis://127.0.0.1:{line.port}/0"]  # the second node reaches Redis through the cut
+            with deployment(2, urls, url) as nodes:
+                ports = [node.port for node in nodes.nodes]
+                with balancer("haproxy", ports) as haproxy, balancer("nginx", ports) as nginx:
+                    kept, cut = [(await health(node.http_url))["cluster"]["node"] for node in nodes.nodes]
+                    await until_both_answer(haproxy, nodes)
+                    line.cut()
+                    await until_degraded(nodes.nodes[1].http_url)
+                    taken_out_after = await until_only(haproxy, kept)
+                    answers = [await echo_round_trip(haproxy.ws_url, nodes.token("gus"), f"cut {n}") for n in range(2)]
+                    through_nginx = {(await health(nginx.http_url))["cluster"]["node"] for _ in range(4)}
+                    line.heal()
+                    await until_both_answer(haproxy, nodes, timeout=20)  # back in once its Redis answers
+    finally:
+        postgres_server.ensure_running()
+        postgres_server.drop_database("deploy_partition")
+    assert answers == ["you said: cut 0", "you said: cut 1"]
+    assert taken_out_after < 10  # HAProxy: 2 failed checks 2 s apart
+    assert through_nginx == {kept, cut}  # nginx's passive checks see connection errors, not a degraded node
+
+
+async def until_degraded(url: str, timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            if (await health(url))["status"] == "degraded":
+                return
+            await anyio.sleep(0.05)  # the node's next heartbeat finds Redis gone: nothing to wait on

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +93,10 @@ def example_env(redis_url: str, postgres_url: str, jwks_url: str, port: int) -> 
 
 
 @contextmanager
-def deployment(count: int, redis_url: str, postgres_url: str) -> Iterator[Deployment]:
-    """``count`` nodes of ``config/multi-node.toml`` on ``redis_url`` and ``postgres_url``, until the block ends."""
+def deployment(count: int, redis_url: str | Sequence[str], postgres_url: str) -> Iterator[Deployment]:
+    """``count`` nodes of ``config/multi-node.toml`` on ``redis_url`` and ``postgres_url``, until the block
+    ends. ``redis_url`` may be a list (one URL per node: one of them through a ``netcut`` proxy)."""
+    urls = [redis_url] * count if isinstance(redis_url, str) else list(redis_url)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with serve_jwks() as jwks, tempfile.TemporaryDirectory(prefix="haip-nodes-") as directory, ExitStack() as stack:
         jwks.keys = [jwk_of(key, "deploy-1")]
@@ -102,7 +104,7 @@ def deployment(count: int, redis_url: str, postgres_url: str) -> Iterator[Deploy
         nodes = []
         for index in range(count):  # all started before any is waited for: they start side by side
             port = free_port()
-            env = {**os.environ, **example_env(redis_url, postgres_url, jwks.url, port)}
+            env = {**os.environ, **example_env(urls[index], postgres_url, jwks.url, port)}
             log = folder / f"node{index + 1}.log"
             process = _start(env, log)
             stack.callback(_stop, process)
