@@ -133,8 +133,26 @@ async def until_both_answer(front: Balancer, cluster: Deployment, timeout: float
                 await anyio.sleep(0.1)  # the balancer has no node in yet (503): its next check adds them
 
 
-async def test_http_streaming_passes_each_line_both_ways_at_once(nginx: Balancer, cluster: Deployment) -> None:
-    async with await anyio.connect_tcp("127.0.0.1", nginx.port) as stream, anyio.create_task_group() as tg:
+#: Caddy 2.6 (Debian 12's) cannot: Go's HTTP/1.1 server ends the request body once the response starts
+#: (full duplex came with Go 1.21 and Caddy 2.7's ``enable_full_duplex``). The guide says so.
+CADDY_HALF_DUPLEX = pytest.mark.xfail(strict=True, reason="Caddy 2.6 has no full-duplex HTTP/1.1")
+
+
+@pytest.mark.parametrize("program", ["nginx", "haproxy", pytest.param("caddy", marks=CADDY_HALF_DUPLEX)])
+async def test_http_streaming_passes_each_line_both_ways_at_once(program: str, cluster: Deployment) -> None:
+    with balancer(program, [node.port for node in cluster.nodes]) as front:
+        if program != "nginx":
+            await until_both_answer(front, cluster)
+        reply, elapsed, hai, ready = await stream_round_trip(front, cluster)
+    assert hai["type"] == "HAI" and ready["payload"]["user"] == "bob"
+    assert reply["payload"] == "you said: through the balancer" and elapsed < PROMPT
+
+
+async def stream_round_trip(
+    front: Balancer, cluster: Deployment
+) -> tuple[dict[str, Any], float, dict[str, Any], dict[str, Any]]:
+    """One duplex ``POST /haip/stream``: handshake, echo transaction, a message; (reply, its delay, HAI, INFO)."""
+    async with await anyio.connect_tcp("127.0.0.1", front.port) as stream, anyio.create_task_group() as tg:
         head = (
             "POST /haip/stream HTTP/1.1\r\nHost: haip.example.com\r\n"
             "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
@@ -143,38 +161,42 @@ async def test_http_streaming_passes_each_line_both_ways_at_once(nginx: Balancer
         await stream.send(head.encode())
         peer = StreamPeer(stream)
         tg.start_soon(peer.run)
-        hai = await peer.receive(timeout=10)  # the request body is still open: the response streams already
-        await peer.hai(cluster.token("bob"))
-        ready = await peer.receive_type("INFO")
-        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-        started = await peer.receive_type("TRANSACTION_START")
-        sent = time.monotonic()
-        await peer.send("MESSAGE", "through nginx", transaction=started["transaction"], channel="USER")
-        reply = await peer.receive_type("MESSAGE")
-        elapsed = time.monotonic() - sent
-        tg.cancel_scope.cancel()
-        peer.aclose()
-    assert hai["type"] == "HAI" and ready["payload"]["user"] == "bob"
-    assert reply["payload"] == "you said: through nginx" and elapsed < PROMPT
+        try:
+            hai = await peer.receive(timeout=10)  # the request body is still open: the response streams already
+            await peer.hai(cluster.token("bob"))
+            ready = await peer.receive_type("INFO")
+            await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+            started = await peer.receive_type("TRANSACTION_START")
+            sent = time.monotonic()
+            await peer.send("MESSAGE", "through the balancer", transaction=started["transaction"], channel="USER")
+            reply = await peer.receive_type("MESSAGE")
+            elapsed = time.monotonic() - sent
+        finally:
+            tg.cancel_scope.cancel()
+            peer.aclose()
+    return reply, elapsed, hai, ready
 
 
-async def test_sse_events_arrive_at_once_through_the_balancer(cluster: Deployment) -> None:
-    """One node behind nginx: every POST reaches the node holding the stream (two nodes: the next test)."""
-    with balancer("nginx", [cluster.nodes[0].port]) as front:
+@pytest.mark.parametrize("program", ["nginx", "haproxy", "caddy"])
+async def test_sse_events_arrive_at_once_through_the_balancer(program: str, cluster: Deployment) -> None:
+    """One node behind the balancer: every POST reaches the node holding the stream (two nodes: the next test)."""
+    with balancer(program, [cluster.nodes[0].port]) as front:
         async with httpx2.AsyncClient(timeout=None) as http, anyio.create_task_group() as tg:
             token = cluster.token("cid")
             sse = SsePeer(http, front.http_url, token)
             tg.start_soon(sse.run, {"token": token}, {})
-            hai = await sse.receive(timeout=10)
-            await sse.hai(token)
-            await sse.receive_type("INFO")
-            sent = time.monotonic()
-            nonce = await sse.send("PING", {"nonce": "through nginx"})
-            pong = await sse.receive_type("PONG")
-            elapsed = time.monotonic() - sent
-            tg.cancel_scope.cancel()
-            sse.aclose()
-    assert hai["type"] == "HAI" and nonce and pong["payload"]["nonce"] == "through nginx"
+            try:
+                hai = await sse.receive(timeout=10)
+                await sse.hai(token)
+                await sse.receive_type("INFO")
+                sent = time.monotonic()
+                nonce = await sse.send("PING", {"nonce": "through the balancer"})
+                pong = await sse.receive_type("PONG")
+                elapsed = time.monotonic() - sent
+            finally:
+                tg.cancel_scope.cancel()
+                sse.aclose()
+    assert hai["type"] == "HAI" and nonce and pong["payload"]["nonce"] == "through the balancer"
     assert elapsed < PROMPT  # buffered by the balancer, the PONG would wait for 4 KiB more of stream
 
 
@@ -257,6 +279,46 @@ async def test_a_node_stopped_with_sigterm_closes_its_clients_and_the_rest_carri
     assert slots == 0  # a clean stop gave back its sessions' slots (a killed node's count for slot_ttl_seconds)
     assert close == 1012  # "service restart": a HAIP client reconnects (through the balancer: another node)
     assert answer == "you said: still here"
+
+
+async def test_a_rolling_restart_the_client_reconnects_through_nginx_and_its_conversation_goes_on(
+    redis: RedisServer, postgres_server: PostgresServer
+) -> None:
+    """The haip_runtime client through nginx; its node stopped with SIGTERM (a deploy): it reconnects to
+    the other node by itself, and the transaction (kept in PostgreSQL) answers there."""
+    postgres_server.ensure_running()
+    url = postgres_server.create_database("deploy_roll")
+    states: list[str] = []
+    back = anyio.Event()
+
+    def told(state: str) -> None:
+        states.append(state)
+        if state in ("resumed", "restarted"):
+            back.set()
+
+    try:
+        with deployment(2, redis.url, url) as nodes, balancer("nginx", [n.port for n in nodes.nodes]) as front:
+            before = await connections(nodes)
+            async with HaipClient(front.ws_url, token=nodes.token("hal"), reconnect=30, on_connection=told) as client:
+                transaction = await client.start_transaction("echo")
+                await client.send_text(transaction, "before")
+                await client.wait_for("RUN_FINISHED")
+                landed = [a - b for a, b in zip(await connections(nodes), before, strict=True)].index(1)
+                stopped, other = nodes.nodes[landed], nodes.nodes[1 - landed]
+                await anyio.to_thread.run_sync(stopped.terminate)
+                with anyio.fail_after(30):
+                    await back.wait()
+                await client.send_text(transaction, "after")
+                answer = await client.wait_for(
+                    lambda event: event.type == "MESSAGE_PART" and event.payload.get("text") == "you said: after"
+                )
+            served = (await health(other.http_url))["totalConnections"]
+    finally:
+        postgres_server.ensure_running()
+        postgres_server.drop_database("deploy_roll")
+    # "restarted" (a new session, its transactions rejoined) until sessions resume on any node: "resumed".
+    assert states[0] == "reconnecting" and states[1] in ("resumed", "restarted")
+    assert answer.transaction == transaction and served >= 1
 
 
 async def until_only(front: Balancer, node_id: str, timeout: float = 20) -> float:
