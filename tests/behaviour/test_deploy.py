@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from haip_runtime.client import HaipClient
 from haip_runtime.cluster import Bus
@@ -367,3 +368,21 @@ async def until_degraded(url: str, timeout: float = 10) -> None:
             if (await health(url))["status"] == "degraded":
                 return
             await anyio.sleep(0.05)  # the node's next heartbeat finds Redis gone: nothing to wait on
+
+
+@pytest.mark.parametrize("program", ["nginx", "haproxy", "caddy"])
+async def test_a_browser_page_of_the_balancers_own_origin_may_open_a_websocket_and_others_may_not(
+    program: str, cluster: Deployment
+) -> None:
+    """The runtime allows the page whose Origin is the Host it was asked for: the balancer must pass the
+    client's Host on unchanged, port included (nginx's ``$host`` would drop the port)."""
+    with balancer(program, [node.port for node in cluster.nodes]) as front:
+        if program != "nginx":
+            await until_both_answer(front, cluster)
+        async with raw_peer(front.ws_url, origin=f"http://127.0.0.1:{front.port}") as peer:
+            hai = await peer.receive()
+        with pytest.raises(InvalidStatus) as refused:
+            async with raw_peer(front.ws_url, origin="https://elsewhere.example"):
+                pass
+    assert hai["type"] == "HAI"
+    assert refused.value.response.status_code == 403
