@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -312,12 +313,89 @@ def report(
     )
 
 
-async def run(processes: int, lanes: int, per_lane: int) -> str:
+async def measure_serve(url: str, round_trips: int, clients: int) -> dict[str, object]:
+    """Real ``serve`` nodes (two, of config/multi-node.toml, on PostgreSQL) doing echo round trips over
+    WebSocket, ``clients`` at once spread over both: Redis commands and CPU per round trip as the runtime
+    does them today (whatever of the bus its code uses), heartbeats included."""
+    from haip_runtime.client import HaipClient
+    from tests.support.deployment import deployment
+    from tests.support.postgres import PostgresServer
+
+    database = PostgresServer.create()
+    try:
+        with deployment(2, url, database.create_database("bench_nodes")) as nodes:
+            async with Bus(ClusterConfig(redis_url=url)) as probe, AsyncExitStack() as stack:
+                sessions = []
+                for number in range(clients):
+                    node = nodes.nodes[number % 2]
+                    client = HaipClient(node.ws_url, token=nodes.token(f"u{number}"))
+                    client = await stack.enter_async_context(client)
+                    sessions.append((client, await client.start_transaction("echo")))
+                for client, transaction in sessions:  # warm-up
+                    await turns(client, transaction, 5)
+                before_cpu, before_stats = await cpu_seconds(probe), await commandstats(probe)
+                started = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for client, transaction in sessions:
+                        tg.start_soon(turns, client, transaction, round_trips // clients)
+                elapsed = time.perf_counter() - started
+                after_cpu, after_stats = await cpu_seconds(probe), await commandstats(probe)
+    finally:
+        database.close()
+    total = clients * (round_trips // clients)
+    calls = delta(after_stats, before_stats)
+    return {
+        "round_trips": total,
+        "seconds": elapsed,
+        "rate": total / elapsed,
+        "cpu_us": (after_cpu - before_cpu) / total * 1e6,
+        "commands": sum(calls.values()) / total,
+        "by_command": {name: count / total for name, count in sorted(calls.items())},
+    }
+
+
+async def turns(client: Any, transaction: str, count: int) -> None:
+    """``count`` echo round trips, one after another: a message, then its run's ``RUN_FINISHED``."""
+    events = client.events()
+    for _ in range(count):
+        await client.send_text(transaction, "hello")
+        with anyio.fail_after(30):
+            async for event in events:
+                if event.type == "RUN_FINISHED" and event.transaction == transaction:
+                    break
+
+
+def serve_section(result: dict[str, object]) -> list[str]:
+    by_command = result["by_command"]
+    assert isinstance(by_command, dict)
+    listed = ", ".join(f"{name} {count:.2f}" for name, count in by_command.items()) or "none"
+    return [
+        "## Real `serve` nodes",
+        "",
+        f"Two `haip-runtime serve` nodes of config/multi-node.toml (PostgreSQL, the bus on this Redis), "
+        f"{result['round_trips']:,} echo round trips over WebSocket from clients spread over both, in "
+        f"{float(result['seconds']):.1f} s ({float(result['rate']):,.0f}/s), heartbeats included:",  # type: ignore[arg-type]
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| **Redis commands per echo round trip** | **{float(result['commands']):.2f}** |",  # type: ignore[arg-type]
+        f"| Redis CPU per echo round trip | {float(result['cpu_us']):.1f} µs |",  # type: ignore[arg-type]
+        "",
+        f"By command, per round trip: {listed}. What the runtime asks of the bus today: per-user limits",
+        "(session slots at a handshake, the node count and slot refreshes every heartbeat); conversations",
+        "do not cross the bus yet, so this is the floor the integration adds its appends to.",
+        "",
+    ]
+
+
+async def run(processes: int, lanes: int, per_lane: int, serve: int) -> str:
     with running_redis() as server:
         result = await measure_round_trips(server.url, processes, lanes, per_lane)
         heartbeat, lease = await measure_background(server.url, 500)
         ceiling = await benchmark_ceiling(server)
-    return report(result, heartbeat, lease, ceiling, processes, lanes)
+        served = await measure_serve(server.url, serve, 8) if serve else None
+    text = report(result, heartbeat, lease, ceiling, processes, lanes)
+    return text + "\n" + "\n".join(serve_section(served)) if served is not None else text
 
 
 def main() -> None:
@@ -325,12 +403,13 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=100, help="per lane")
     parser.add_argument("--lanes", type=int, default=32, help="users per load process")
     parser.add_argument("--processes", type=int, default=3, help="load processes, each a pair of nodes")
+    parser.add_argument("--serve", type=int, default=2000, help="echo round trips through real serve nodes (0: skip)")
     parser.add_argument("--worker", metavar="REDIS_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         anyio.run(worker, args.worker, args.lanes, args.round_trips)
         return
-    text = anyio.run(run, args.processes, args.lanes, args.round_trips)
+    text = anyio.run(run, args.processes, args.lanes, args.round_trips, args.serve)
     (ROOT / "bench" / "CLUSTER-REDIS-RESULTS.md").write_text(text, encoding="utf-8")
     print(text)
 
