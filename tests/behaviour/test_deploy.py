@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -22,9 +22,10 @@ import httpx2
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client import HaipClient, Received
 from haip_runtime.cluster import Bus
 from haip_runtime.config.clustering import ClusterConfig
+from haip_runtime.protocol.events import ALL_EVENTS
 from tests.support.deployment import Deployment, Node, deployment
 from tests.support.netcut import netcut
 from tests.support.peers import SsePeer, StreamPeer
@@ -96,6 +97,63 @@ async def echo_round_trip(url: str, token: str, text: str) -> str:
         answer = await client.wait_for(lambda event: event.type == "MESSAGE_PART" and event.transaction == transaction)
         await client.wait_for("RUN_FINISHED")
     return str(answer.payload["text"])
+
+
+def logged(client: HaipClient, transaction: str) -> list[tuple[int, str]]:
+    """(tseq, event id) of what ``client`` got of ``transaction``'s log, in the order it got them."""
+    return [
+        (int(event.raw["tseq"]), str(event.raw["id"]))
+        for event in client.received
+        if event.transaction == transaction and "tseq" in event.raw
+    ]
+
+
+def answered(client: HaipClient, transaction: str) -> list[str]:
+    return [
+        str(event.payload)
+        for event in client.received
+        if event.transaction == transaction and event.type == "MESSAGE" and event.raw.get("channel") == "AGENT"
+    ]
+
+
+def all_answered(client: HaipClient, transaction: str, count: int) -> Callable[[Received], bool]:
+    return lambda _: len(answered(client, transaction)) >= count
+
+
+async def test_two_members_through_nginx_on_different_nodes_see_one_ordered_log(
+    nginx: Balancer, cluster: Deployment
+) -> None:
+    whole = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
+    landed = []
+    async with AsyncExitStack() as stack:
+        members = []
+        for _ in range(2):  # one at a time: each node's count says where each landed
+            before = await connections(cluster)
+            client = HaipClient(nginx.ws_url, token=cluster.token("ivy"), accept_events=whole, reconnect=0)
+            members.append(await stack.enter_async_context(client))
+            after = await connections(cluster)
+            landed.append([a - b for a, b in zip(after, before, strict=True)].index(1))
+        first, second = members
+        transaction = await first.start_transaction("echo")
+        await second.join(transaction, since=0)
+
+        async def say(client: HaipClient, who: str) -> None:
+            for number in range(4):
+                await client.send_text(transaction, f"{who} {number}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(say, first, "first")
+            tg.start_soon(say, second, "second")
+        for client in members:
+            await client.wait_for(all_answered(client, transaction, 8), timeout=20)
+        logs = [logged(client, transaction) for client in members]
+    assert sorted(landed) == [0, 1]  # round robin put them on different nodes
+    expected = sorted(f"you said: {who} {n}" for who in ("first", "second") for n in range(4))
+    assert [sorted(answered(client, transaction)) for client in members] == [expected, expected]
+    for log in logs:
+        assert [tseq for tseq, _ in log] == sorted({tseq for tseq, _ in log})  # in tseq order, each once
+    shared = dict(logs[0]).keys() & dict(logs[1]).keys()
+    assert len(shared) >= 16 and all(dict(logs[0])[tseq] == dict(logs[1])[tseq] for tseq in shared)
 
 
 async def test_the_balancer_runs_the_guides_config_with_only_the_addresses_changed(nginx: Balancer) -> None:
