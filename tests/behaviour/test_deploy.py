@@ -11,6 +11,7 @@ clients see (the guide's "rolling deploys").
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,10 @@ from websockets.exceptions import InvalidStatus
 
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.cluster import Bus
+from haip_runtime.config import load_config
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.protocol.events import ALL_EVENTS
-from tests.support.deployment import Deployment, Node, deployment
+from tests.support.deployment import EXAMPLE, Deployment, Node, deployment, example_env
 from tests.support.netcut import netcut
 from tests.support.peers import SsePeer, StreamPeer
 from tests.support.postgres import PostgresServer
@@ -161,6 +163,10 @@ async def test_the_balancer_runs_the_guides_config_with_only_the_addresses_chang
     assert f"listen 127.0.0.1:{nginx.port};" in config
     assert "proxy_buffering off;" in config and "proxy_request_buffering off;" in config
     assert "10.0.0.1" not in config and config.count("max_fails=1 fail_timeout=10s;") == 2
+    # A quiet, healthy stream is never cut: the read timeout outlasts a heartbeat and its timeout.
+    session = load_config(EXAMPLE, env=example_env("redis://r", "postgresql://p/d", "http://j", 8080)).session
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", config).group(1))  # type: ignore[union-attr]
+    assert read_timeout > session.heartbeat_interval_seconds + session.heartbeat_timeout_seconds
 
 
 @pytest.mark.parametrize("program", ["nginx", "haproxy", "caddy"])
