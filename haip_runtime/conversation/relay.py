@@ -1,26 +1,15 @@
 """Transactions shared by the nodes of a cluster (``[cluster]``): one log in Redis, one runner.
 
-Without ``[cluster]`` a ``Transaction`` numbers, stores and delivers its events itself. With it,
-every node that has a member in a transaction hosts it, and the transaction's ``SharedLog``
-changes three things:
+Each node with a member in a transaction hosts it, and its ``SharedLog`` changes three things
+(docs/cluster.md, "Conversations across nodes", says what each guarantees):
 
-- **Publishing** appends to the transaction's log on the bus, in publish order (one sender task per
-  transaction, whatever was published during the last append goes in the next as one script run;
-  streamed parts wait up to ``part_batch_ms`` or ``part_batch_bytes`` to go in one batch). Redis
-  hands out the ``tseq``. ``publish`` stays synchronous; an append that fails is retried, in order,
-  until Redis answers (an append whose answer was lost may land twice: the copy is dropped on
-  delivery by event id).
-- **Delivery** comes only from the bus's feed, on every hosting node alike, so every member on every
-  node sees one order. Each hosting node also writes what it delivers to the store (PostgreSQL,
-  numbered by the log: a row already written by another node is skipped), so the durable log holds
-  every event as long as one hosting node lives.
-- **Runs** have one owner: the node holding the lease ``run:<transaction>``. A message from a member
-  on another node is published with what the owner needs to answer it (who sent it, their roles),
-  and the owner starts the turns when the feed brings it. Approvals, input answers, cancels and ends
-  from other nodes travel the same way, as control entries no member sees. Every hosting node waits
-  for the lease; when the owner dies (its lease runs out), the next holder publishes ``RUN_ERROR
-  NODE_LOST`` for each run the log shows started and not finished, rebuilds the agents' history from
-  the log as after a restart, and answers the messages still waiting.
+- **publishing** appends to the transaction's log on the bus, in order, from one sender per
+  transaction (Redis hands out the ``tseq``; streamed parts are batched);
+- **delivery** comes only from the bus's feed, on every node alike (one order for every member),
+  and each hosting node writes what it delivers to the store;
+- **runs** have one owner, the holder of the lease ``run:<transaction>``: messages, answers, cancels
+  and ends from members elsewhere reach it through the log; when it dies, the next holder ends its
+  runs with ``RUN_ERROR NODE_LOST``, rebuilds the agents' history and answers what waits.
 
 Nothing here imports ``redis``: the bus is given, and only its methods are called.
 """
@@ -37,12 +26,12 @@ import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
 from haip_runtime.conversation.members import remote_member
-from haip_runtime.conversation.shared import entry, entry_event
+from haip_runtime.conversation.shared import entry, entry_event, follow, wrote
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -60,8 +49,6 @@ MAX_RETRY = 1.0
 MAX_OUTBOX = 10_000
 #: Events read back from the store to rebuild the agents' history when this node takes the runs over.
 REHYDRATE_EVENTS = 20_000
-_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
-_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
 
 
 class Relay:
@@ -76,7 +63,10 @@ class Relay:
         self.on_end_asked: Callable[[Transaction, str], None] | None = None
         #: Called when a transaction another node ended is delivered here as ended.
         self.on_ended: Callable[[Transaction], None] | None = None
-        self._logs: set[SharedLog] = set()
+        #: Called when another node announces a change of an MCP server the transaction uses.
+        self.on_tools_changed: Callable[[Transaction], None] | None = None
+        #: The transactions this node hosts.
+        self.logs: set[SharedLog] = set()
 
     def attach(self, transaction: Transaction, *, new: bool, floor: int = 0) -> None:
         """Host ``transaction`` here: its events come from the feed from now on, its lease is contended.
@@ -88,7 +78,7 @@ class Relay:
         """
         shared = SharedLog(self, transaction, owner=new, floor=floor)
         transaction.shared = shared
-        self._logs.add(shared)
+        self.logs.add(shared)
         self.spawn(shared.run)
 
     def detach(self, transaction: Transaction) -> None:
@@ -96,18 +86,9 @@ class Relay:
         if transaction.shared is not None:
             transaction.shared.stop()
 
-    def counts(self) -> dict[str, int]:
-        """For ``/health`` and ``/metrics``: transactions hosted here, those whose turns run here, and
-        events waiting to be appended (Redis slow or away)."""
-        return {
-            "hosted": len(self._logs),
-            "runsHere": sum(1 for shared in self._logs if shared.owner),
-            "waiting": sum(shared.waiting for shared in self._logs),
-        }
-
     async def close(self, timeout: float = 2.0) -> None:
         """The node is stopping: send what every transaction still has queued, give the leases back."""
-        logs = list(self._logs)
+        logs = list(self.logs)
         for shared in logs:
             shared.stop()
         with anyio.move_on_after(timeout, shield=True):
@@ -144,6 +125,8 @@ class SharedLog:
         self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
+        #: Set when the log says the lease's holder gave it back.
+        self._lease_free = anyio.Event()
         self._filling: list[Any] | None = None
         self._stopped = False
         self._scope = anyio.CancelScope()
@@ -165,7 +148,13 @@ class SharedLog:
         self._mine[event.id] = event
         if then is not None:
             self._then[event.id] = then
+        if len(self._mine) > SEEN_IDS:  # never delivered (lost with a Redis that crashed): let them go
+            self._then.pop(next(iter(self._mine)), None)
+            del self._mine[next(iter(self._mine))]
         self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
+
+    def authored(self, user: str, message_id: str) -> bool:
+        return wrote(user, message_id, [*self.transaction.recent(), *self._mine.values()])  # delivered, or on its way
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
@@ -196,7 +185,7 @@ class SharedLog:
                     await feed.unhost(transaction.id)
                 except ClusterError as error:
                     logger.warning("transaction %s: could not stop following it: %s", transaction.id, error)
-            self.relay._logs.discard(self)
+            self.relay.logs.discard(self)
             self.done.set()
 
     async def _host_then_contend(self) -> None:
@@ -300,18 +289,11 @@ class SharedLog:
     async def _fill(self, first: int, last: int) -> None:
         """Deliver ``first``..``last`` from the store, then what came meanwhile, in order."""
         transaction = self.transaction
-        logger.warning(
-            "transaction %s: events %d..%d are read from the store (redis no longer has them)",
-            transaction.id,
-            first,
-            last,
-        )
+        logger.warning("transaction %s: events %d..%d are read from the store", transaction.id, first, last)
         try:
             events = await self.relay.store.events(transaction.id, after=first - 1, limit=last - first + 1)
         except Exception:
-            logger.exception(
-                "transaction %s: reading %d..%d from the store failed; they are skipped", transaction.id, first, last
-            )
+            logger.exception("transaction %s: reading %d..%d failed; skipped", transaction.id, first, last)
             events = []
         for event in events:
             if event.id not in self._seen:
@@ -325,6 +307,8 @@ class SharedLog:
         if "ctl" in body:
             self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
             self._progress.set()
+            if body["ctl"] == "released":
+                self._lease_free.set()
             if self.owner and not self.transaction.ended:
                 self._obey(body)
             return
@@ -349,6 +333,9 @@ class SharedLog:
         turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn)
+        elif event.type == EventType.INFO and body.get("n") != self.relay.node and self.relay.on_tools_changed:
+            if isinstance(event.payload, dict) and event.payload.get("event") == "mcp.server":
+                self.relay.on_tools_changed(transaction)
         if ending:
             if transaction.end_seen is not None:
                 transaction.end_seen.set()
@@ -361,24 +348,12 @@ class SharedLog:
             self._seen.popitem(last=False)
 
     def _follow(self, event: Event, body: dict[str, Any]) -> None:
-        """Keep what a takeover and members here need to know of the log: runs, waiting calls, users."""
+        """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
+        follow(self, event, self.transaction.users)
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == EventType.RUN_STARTED and event.run_id:
-            self.open_runs[event.run_id] = str(payload.get("agent", ""))
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type in _ENDS and event.run_id:
-            self.open_runs.pop(event.run_id, None)
-        elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
-            self.waiting_calls.add(str(payload.get("call_id", "")))
-        elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
-            self.waiting_calls.discard(str(payload["call_id"]))
-        elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
-            self.users_elsewhere.add(str(payload["joined"]))
-            self.transaction.users.setdefault(str(payload["joined"]), None)
-        elif event.type == EventType.INFO and payload.get("event") == "member.left":
-            self.users_elsewhere.discard(str(payload.get("user", "")))
+        if event.type == EventType.MESSAGE_UPDATE and self.owner and body.get("n") != self.relay.node:
+            author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
+            self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 
     def _asked(self, event: Event, turn: dict[str, Any]) -> None:
         """A member elsewhere said something the agents answer: the owner starts the turns."""
@@ -386,6 +361,8 @@ class SharedLog:
         message_id = str(payload.get("message_id", ""))
         if not self.owner:
             self.unanswered[message_id] = (turn, payload)
+            if len(self.unanswered) > MAX_OUTBOX:  # no owner for a long while: the oldest stay unanswered
+                self.unanswered.popitem(last=False)
             return
         self._answer(turn, payload)
 
@@ -422,7 +399,7 @@ class SharedLog:
         delay = 0.05
         while not self._stopped:
             try:
-                token = await leases.wait_acquire(self.lease_name)
+                token = await self._acquire()
             except ClusterError:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY)
@@ -437,11 +414,29 @@ class SharedLog:
             finally:
                 if not lost:  # leaving (or stopping): the next node need not wait for it to run out
                     with anyio.move_on_after(2, shield=True):
-                        try:
-                            await leases.release(self.lease_name, token)
-                        except ClusterError:
-                            pass  # it runs out by itself
+                        await self._release(token)
             self._lose()
+
+    async def _acquire(self) -> str:
+        """The lease, once free: tried again when the holder's would run out, or at once when the log
+        says the holder gave it back."""
+        leases = self.relay.bus.leases
+        while True:
+            token = await leases.acquire(self.lease_name)
+            if token is not None:
+                return token
+            self._lease_free = anyio.Event()
+            with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
+                await self._lease_free.wait()
+
+    async def _release(self, token: str) -> None:
+        """Give the lease back and say so in the log, so a node waiting for it takes it now."""
+        try:
+            if await self.relay.bus.leases.release(self.lease_name, token):
+                released = fastjson.dumps({"n": self.relay.node, "ctl": "released"}).encode()
+                await self.relay.bus.log.append(self.transaction.id, released, floor=self.transaction.tseq)
+        except ClusterError:
+            pass  # it runs out by itself
 
     def _lose(self) -> None:
         """Another node runs the turns now (this one could not renew its lease): stop what runs here."""

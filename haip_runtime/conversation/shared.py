@@ -12,6 +12,10 @@ from typing import Any, Protocol
 
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import EventType, ToolStatus
+
+_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
+_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
 
 
 class Shared(Protocol):
@@ -33,6 +37,9 @@ class Shared(Protocol):
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (a log entry no member sees)."""
+
+    def authored(self, user: str, message_id: str) -> bool:
+        """Whether the recent log holds ``user``'s message ``message_id`` (for an edit, where no history is kept)."""
 
     def stop(self) -> None:
         """The transaction left this node: send what is queued, then stop following the log."""
@@ -65,3 +72,36 @@ def entry_event(data: dict[str, Any], transaction: str, tseq: int, thread_id: st
     )
     event.stamp(transaction, tseq, thread_id)
     return event
+
+
+def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
+    """Keep what a takeover and the members of this node need to know of the log: the runs open, the
+    messages unanswered, the calls waiting for an answer, the users joined elsewhere (``users``:
+    the transaction's readers, who join it)."""
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    if event.type == EventType.RUN_STARTED and event.run_id:
+        shared.open_runs[event.run_id] = str(payload.get("agent", ""))
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type in _ENDS and event.run_id:
+        shared.open_runs.pop(event.run_id, None)
+    elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
+        shared.waiting_calls.add(str(payload.get("call_id", "")))
+    elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
+        shared.waiting_calls.discard(str(payload["call_id"]))
+    elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
+        shared.users_elsewhere.add(str(payload["joined"]))
+        users.setdefault(str(payload["joined"]), None)
+    elif event.type == EventType.INFO and payload.get("event") == "member.left":
+        shared.users_elsewhere.discard(str(payload.get("user", "")))
+
+
+def wrote(user: str, message_id: str, events: list[Event]) -> bool:
+    """Whether ``events`` hold ``user``'s message ``message_id``."""
+    return any(
+        event.type == EventType.MESSAGE
+        and isinstance(event.payload, dict)
+        and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
+        for event in events
+    )

@@ -286,7 +286,8 @@ class Transaction:
         exclude = frozenset() if echo else frozenset({member.id})
         message = Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude)
         if self.shared is not None and not self.shared.owner:  # the node running the turns answers it
-            self.shared.send(message, turn={"member": describe(member), "traceparent": traceparent})
+            turn = {"member": describe(member), "traceparent": traceparent} if self.agents else None
+            self.shared.send(message, turn=turn)
             return []
         waits = self.check_message(member, related_id)
         self.publish(message)
@@ -357,13 +358,14 @@ class Transaction:
         """The message ids waiting for room, in order."""
         return [str(waiting.payload["message_id"]) for waiting in self._queue]
 
-    def edit_message(self, member: Member, message_id: str, text: str) -> bool:
-        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit)."""
+    def edit_message(self, user: str, message_id: str, text: str) -> bool:
+        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A
+        node that does not run the turns keeps no history: it checks the recent log (the owner edits)."""
         for index, entry in enumerate(self.history):
-            if entry.message_id == message_id and entry.author == member.user and entry.role == "user":
+            if entry.message_id == message_id and entry.author == user and entry.role == "user":
                 self.history[index] = replace(entry, text=text)
                 return True
-        return False
+        return self.shared is not None and not self.shared.owner and self.shared.authored(user, message_id)
 
     def start_run(
         self,

@@ -132,6 +132,7 @@ class Hub:
         relay = Relay(bus, self.store, self.spawn)
         relay.on_end_asked = lambda transaction, reason: self.spawn(lifecycle.end, self.context, transaction, reason)
         relay.on_ended = self._ended_elsewhere
+        relay.on_tools_changed = partial(tool_requests.tools_changed_elsewhere, self.context)
         self.transactions.relay = relay
         return relay
 
