@@ -229,6 +229,11 @@ async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_w
     assert [(e.type, e.get("code")) for e in ends] == [("RUN_STARTED", None), ("RUN_ERROR", "NODE_LOST")]
 
 
+def announced(client: HaipClient) -> list[int]:
+    """The tseqs of the ``INFO mcp.server`` announcements ``client`` got."""
+    return sorted(int(e.raw["tseq"]) for e in client.received if e.type == "INFO" and e.get("event") == "mcp.server")
+
+
 async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_every_node(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
@@ -249,12 +254,8 @@ async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_
             told = await sam.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
             await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
             await sam.wait_for(lambda e: sum(1 for x in sam.received if x.type == "TOOL_LIST") > lists_before)
-            seen = [
-                sorted(
-                    int(e.raw["tseq"]) for e in client.received if e.type == "INFO" and e.get("event") == "mcp.server"
-                )
-                for client in (alice, sam)
-            ]
+            await sam.wait_for(lambda _: announced(sam) == announced(alice))  # each node's members, the same ones
+            seen = [announced(alice), announced(sam)]
     assert told.get("server") == "demo"
     # Announced by A alone (its connecting, then the change), each once to each member; not once per node.
     assert seen[0] == seen[1] and len(seen[1]) == len(set(seen[1])) <= 2
