@@ -9,7 +9,7 @@ redis-py's defaults would resend a blocking read for a minute, see LIBRARY-NOTES
 from __future__ import annotations
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,19 +20,29 @@ from haip_runtime.cluster.health import BusHealth
 from haip_runtime.exceptions import ClusterError, ConfigError
 
 COMMAND_SOCKET_TIMEOUT = 5.0
+#: Connections a node's commands share (more commands at once wait for one).
+COMMAND_CONNECTIONS = 32
 CONNECT_TIMEOUT = 2.0
 
 
 def command_client(url: str) -> Redis:
-    """For every command but blocking reads: reconnects by itself on the next command after a restart."""
+    """For every command but blocking reads: reconnects by itself on the next command after a restart.
+
+    At most ``COMMAND_CONNECTIONS`` connections; a command finding them all busy waits for one (up to
+    the socket timeout). redis-py's default pool refuses at once past its limit ("Too many
+    connections"): under load, with a transaction's appends, leases and windows in flight at
+    once, that failed commands that only had to wait."""
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=2)
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=COMMAND_CONNECTIONS,
+        timeout=COMMAND_SOCKET_TIMEOUT,
         socket_timeout=COMMAND_SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 
 
 def subscriber_client(url: str) -> Redis:

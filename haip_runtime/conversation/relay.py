@@ -281,8 +281,7 @@ class SharedLog(Succession):
     async def _refloor(self) -> bool:
         """After losing Redis: number after what the store holds, not only after what this node saw
         (another node may have delivered further before a restart that lost the counter)."""
-        try:
-            await self.relay.store.flush()
+        try:  # what this node delivered is in transaction.tseq: the store's own view is what matters here
             record = await self.relay.store.transaction(self.transaction.id)
         except Exception as error:
             logger.warning("transaction %s: could not read its last tseq: %s", self.transaction.id, error)

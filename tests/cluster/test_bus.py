@@ -68,3 +68,19 @@ async def test_a_node_that_stops_beating_drops_out(redis_url: str, bus_at: BusFa
 async def test_a_node_id_is_made_when_none_is_configured(redis_url: str, bus_at: BusFactory) -> None:
     async with bus_at(redis_url) as a, bus_at(redis_url) as b:
         assert a.node_id != b.node_id and sorted(await a.nodes.live()) == sorted([a.node_id, b.node_id])
+
+
+async def test_more_commands_at_once_than_connections_wait_for_one_rather_than_fail(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    tseqs: list[int] = []
+
+    async def append(n: int) -> None:
+        tseqs.append(await bus.log.append(f"busy-{n}", b"x"))
+
+    async with bus_at(redis_url) as bus:
+        async with anyio.create_task_group() as tg:
+            for n in range(300):  # past redis-py's default pool (100: "Too many connections") and ours (32)
+                tg.start_soon(append, n)
+        state = bus.health.state
+    assert tseqs == [1] * 300 and state is BusState.OK
