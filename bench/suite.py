@@ -9,7 +9,8 @@ Starlette app of bench/baseline.py), load generators are bench/load.py processes
 Rounds alternate A, B, A, B and a ratio is the median of the per-round ratios. The short mode is for CI
 to prove the suite runs; its absolute numbers are no pass/fail gate (scripts/check does not run it).
 Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite; ``--short`` with the suite's)
-and copies that bench's tables into the report.
+and bench/workers.py (issue 21: ``serve --workers 2`` against one process), and copies their tables into
+the report.
 """
 
 from __future__ import annotations
@@ -540,6 +541,32 @@ def store_bench(short: bool) -> list[str]:
     return store_tables(output.read_text(encoding="utf-8"), output.name)
 
 
+def workers_bench(short: bool) -> list[str]:
+    """Run bench/workers.py (issue 21: `serve --workers 2` against one process) on all the cores this suite
+    was given, as a deployment on this machine would; its tables, for the report."""
+    output = BENCH / ("WORKERS-RESULTS-short.md" if short else "WORKERS-RESULTS.md")
+    command = [PYTHON, str(BENCH / "workers.py"), "--output", str(output), *(["--short"] if short else [])]
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=3600,
+        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
+    )
+    text = output.read_text(encoding="utf-8")
+    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+    return [
+        "## `serve --workers 2` against one process (issue 21)",
+        "",
+        f"`bench/workers.py` wrote bench/{output.name} on {written} (how it is measured is there):"
+        " echo round trips per second, nothing pinned, the load generators sharing the cores.",
+        "",
+        *text[text.index("| server") :].splitlines(),  # its tables and verdict, as it wrote them
+        "",
+    ]
+
+
 def store_tables(text: str, name: str) -> list[str]:
     """The section of BENCHMARKS.md for bench/store.py: its summary, numbered headings and tables, and
     where the rest is (how each part is measured, the servers' settings, the machine)."""
@@ -725,7 +752,9 @@ PROFILE_NOTE = (
 )
 
 
-def write_report(scale: Scale, short: bool, started: float, profile: list[str], store: list[str]) -> str:
+def write_report(
+    scale: Scale, short: bool, started: float, profile: list[str], store: list[str], workers: list[str]
+) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -789,6 +818,7 @@ def write_report(scale: Scale, short: bool, started: float, profile: list[str], 
         "delivered to a second node, and Redis commands per appended event from `INFO commandstats`.",
         "",
         *store,
+        *workers,
     ]
     if NOTES:
         lines += ["## Notes from this run", "", *[f"- {note}" for note in NOTES], ""]
@@ -834,8 +864,10 @@ def main() -> None:
     soak_target(scale)
     log("store: SQLite against PostgreSQL (bench/store.py)")
     store = store_bench(args.short)
+    log("workers: serve --workers 2 against one process (bench/workers.py)")
+    workers = workers_bench(args.short)
     ROWS.sort(key=lambda r: r.number)
-    report = write_report(scale, args.short, started, profile, store)
+    report = write_report(scale, args.short, started, profile, store, workers)
     args.output.write_text(report, encoding="utf-8")
     print(report)
 

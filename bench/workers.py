@@ -1,0 +1,272 @@
+"""Echo throughput of `serve --workers 2` against one process, on this machine's cores (issue 21).
+
+    .venv/bin/python bench/workers.py            # about three minutes
+    .venv/bin/python bench/workers.py --short    # well under a minute, to prove the bench runs
+
+Three servers run side by side on one real PostgreSQL (the test cluster: `fsync=off`) and, for the
+first two, one real redis-server: `serve --workers 2` with `[cluster]`, `serve --workers 1` with the
+same `[cluster]`, and one process without `[cluster]`. Nothing is pinned: the servers, Redis,
+PostgreSQL and the load share every core, as they would on a small machine. Each round drives the
+three in turn (the order rotates) with the same load: `LOADERS` bench/load.py processes, each with
+`conns` connections, each in a transaction of its own, `inflight` echo messages in flight per
+connection. Ratios are per round, their median reported. Server CPU per round trip sums user and
+system time of the server's processes (supervisor and workers) over the measured seconds. Redis
+commands per round trip come from `INFO commandstats` before and after (each clustered server has a
+Redis of its own; its heartbeats count too). Writes bench/WORKERS-RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))
+
+from common import BENCH_TOML, PYTHON, load, stop  # type: ignore[import-not-found]  # noqa: E402
+
+from tests.support.postgres import PostgresServer  # noqa: E402
+from tests.support.redis import running_redis  # noqa: E402
+
+#: Load generator processes per measurement (each one Python process: one of them alone can be the limit).
+LOADERS = 2
+NAMES = ("workers2", "workers1", "single")
+LABELS = {
+    "workers2": "`serve --workers 2`, `[cluster]`",
+    "workers1": "`serve --workers 1`, same `[cluster]`",
+    "single": "one process, no `[cluster]`",
+}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Served:
+    name: str
+    process: subprocess.Popen[str]
+    port: int
+    token: str
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU of the server: the process and every worker it started (children)."""
+        total = 0.0
+        for pid in [self.process.pid, *children(self.process.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+        return total
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@dataclass
+class Figures:
+    rates: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
+    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
+    p99_ms: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
+    redis_per_rt: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
+
+    def ratios(self, ours: str, base: str) -> list[float]:
+        return [a / b for a, b in zip(self.rates[ours], self.rates[base], strict=True)]
+
+
+def config_text(postgres_url: str, redis_url: str | None, prefix: str) -> str:
+    cluster = f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n' if redis_url else ""
+    storage = f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+    return BENCH_TOML.format(
+        streamer=ROOT / "bench" / "streamer.py", mcp="", extra=storage + cluster, resume_timeout=120
+    ).replace("[server]\n", "[server]\n", 1)
+
+
+@contextmanager
+def server(name: str, folder: Path, text: str, workers: int) -> Iterator[Served]:
+    folder.mkdir()
+    (folder / "haip.toml").write_text(text, encoding="utf-8")
+    command = [PYTHON, "-m", "haip_runtime", "serve", "--config", "haip.toml", "--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(folder / "stderr.log", "w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=folder, env=env)
+    try:
+        port = token = None
+        assert process.stdout is not None
+        for line in process.stdout:
+            key, _, value = line.strip().partition(": ")
+            if key == "health":
+                port = int(value.split(":")[2].split("/")[0])
+            elif key == "token":
+                token = value
+                break
+        if port is None or token is None:
+            raise RuntimeError(f"{name} did not start: {(folder / 'stderr.log').read_text()[-2000:]}")
+        drain = threading.Thread(target=lambda: [None for _ in process.stdout or ()], daemon=True)
+        drain.start()
+        yield Served(name, process, port, token)
+    finally:
+        stop(process)
+        log.close()
+
+
+def commands(redis_port: int) -> int:
+    """Commands Redis has run so far (``INFO commandstats``), the INFO calls themselves left out."""
+    import redis
+
+    with redis.Redis(port=redis_port) as client:
+        stats = client.info("commandstats")
+    return sum(int(value["calls"]) for key, value in stats.items() if key != "cmdstat_info")
+
+
+def measure(served: Served, spec: dict[str, Any], redis_port: int | None) -> tuple[float, float, float, float]:
+    """(round trips/s, server CPU µs per round trip, p99 ms, Redis commands per round trip) of one run."""
+    spec = {**spec, "url": f"ws://127.0.0.1:{served.port}/haip/websocket", "token": served.token, "mode": "echo"}
+    results: list[dict[str, Any]] = []
+    cpu: list[float] = []
+    redis_before = commands(redis_port) if redis_port else 0
+    everyone = set(os.sched_getaffinity(0))
+
+    clock = threading.Event()  # never set: its wait is the sampler's timer
+
+    def sample_cpu() -> None:  # over the measured seconds only, after the warm-up
+        clock.wait(spec["warmup"])
+        start = served.cpu_seconds()
+        clock.wait(spec["seconds"])
+        cpu.append(served.cpu_seconds() - start)
+
+    threads = [threading.Thread(target=lambda: results.append(load(everyone, spec))) for _ in range(LOADERS)]
+    threads.append(threading.Thread(target=sample_cpu))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rate = sum(result["rate"] for result in results)
+    trips = rate * spec["seconds"]
+    redis_per_rt = (commands(redis_port) - redis_before) / max(trips, 1) if redis_port else 0.0
+    return rate, cpu[0] / max(trips, 1) * 1e6, max(result["p99_ms"] for result in results), redis_per_rt
+
+
+def run(short: bool) -> tuple[Figures, dict[str, Any]]:
+    rounds = 2 if short else 5
+    spec = {"conns": 16 if short else 32, "inflight": 2, "warmup": 1 if short else 2, "seconds": 2 if short else 8}
+    figures = Figures()
+    with ExitStack() as stack:
+        postgres = PostgresServer.create()
+        stack.callback(postgres.close)
+        # A Redis per clustered server, so that each one's commands are counted apart.
+        redis_ports = {name: stack.enter_context(running_redis()).port for name in ("workers2", "workers1")}
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="haip-workers-")))
+        url = "redis://127.0.0.1:{}/0".format
+        servers = {
+            "workers2": (config_text(postgres.create_database("w2"), url(redis_ports["workers2"]), "w2"), 2),
+            "workers1": (config_text(postgres.create_database("w1"), url(redis_ports["workers1"]), "w1"), 1),
+            "single": (config_text(postgres.create_database("s1"), None, ""), 1),
+        }
+        served = {name: stack.enter_context(server(name, folder / name, *args)) for name, args in servers.items()}
+        for number in range(rounds):
+            order = NAMES[number % 3 :] + NAMES[: number % 3]
+            for name in order:
+                rate, cpu_us, p99, per_rt = measure(served[name], spec, redis_ports.get(name))
+                figures.rates[name].append(rate)
+                figures.cpu_us[name].append(cpu_us)
+                figures.p99_ms[name].append(p99)
+                figures.redis_per_rt[name].append(per_rt)
+                print(
+                    f"round {number + 1} {name}: {rate:,.0f}/s, {cpu_us:.0f} µs CPU, {per_rt:.2f} Redis cmds",
+                    flush=True,
+                )
+    return figures, {**spec, "rounds": rounds, "loaders": LOADERS}
+
+
+def report(figures: Figures, spec: dict[str, Any], short: bool) -> str:
+    median = statistics.median
+    vs_one = figures.ratios("workers2", "workers1")
+    vs_plain = figures.ratios("workers2", "single")
+    cluster_cpu = [a / b for a, b in zip(figures.cpu_us["workers1"], figures.cpu_us["single"], strict=True)]
+    met = median(vs_one) >= 1.3 and median(vs_plain) >= 1.3
+    written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        "# `serve --workers 2` against one process: echo throughput (issue 21)",
+        "",
+        f"Written by `bench/workers.py{' --short' if short else ''}` on {written},"
+        f" Python {platform.python_version()}, {platform.machine()}, {len(os.sched_getaffinity(0))} cores shared by"
+        " the servers, Redis, PostgreSQL and the load generators (nothing pinned).",
+        "",
+        f"Load: {spec['loaders']} bench/load.py processes × {spec['conns']} connections, each in a transaction"
+        f" of its own with the echo agent, {spec['inflight']} messages in flight per connection;"
+        f" {spec['warmup']} s warm-up, {spec['seconds']} s measured; {spec['rounds']} rounds, the three servers"
+        " driven in turn (order rotating), all three running throughout. One PostgreSQL store each (a database"
+        " per server on one test cluster); a redis-server for each of the two with `[cluster]`.",
+        "",
+    ]
+    if short:
+        lines += ["**Short mode**: proves the bench runs; its numbers are too small to judge by.", ""]
+    lines += [
+        "| server | round trips/s (median) | per round | server CPU per round trip | p99 (worst loader)"
+        " | Redis commands per round trip |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in NAMES:
+        rates = figures.rates[name]
+        redis = f"{median(figures.redis_per_rt[name]):.2f}" if name != "single" else "–"
+        lines.append(
+            f"| {LABELS[name]} | {median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} |"
+            f" {median(figures.cpu_us[name]):.0f} µs | {median(figures.p99_ms[name]):.1f} ms | {redis} |"
+        )
+    lines += [
+        "",
+        "| ratio | median | per round | target |",
+        "|---|---|---|---|",
+        f"| `--workers 2` / `--workers 1` (both `[cluster]`) | **{median(vs_one):.2f}×** |"
+        f" {', '.join(f'{r:.2f}' for r in vs_one)} | ≥ 1.3× |",
+        f"| `--workers 2` / one process without `[cluster]` | **{median(vs_plain):.2f}×** |"
+        f" {', '.join(f'{r:.2f}' for r in vs_plain)} | ≥ 1.3× |",
+        f"| server CPU per round trip, `[cluster]` on / off (one process each) | {median(cluster_cpu):.2f}× |"
+        f" {', '.join(f'{r:.2f}' for r in cluster_cpu)} | ≤ 1.25× |",
+        "",
+        f"Throughput target {'met' if met else 'missed'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--short", action="store_true", help="well under a minute, to prove the bench runs")
+    parser.add_argument(
+        "--output", type=Path, help="default: bench/WORKERS-RESULTS.md (--short: WORKERS-RESULTS-short.md)"
+    )
+    args = parser.parse_args()
+    output = args.output or ROOT / "bench" / ("WORKERS-RESULTS-short.md" if args.short else "WORKERS-RESULTS.md")
+    figures, spec = run(args.short)
+    text = report(figures, spec, args.short)
+    output.write_text(text, encoding="utf-8")
+    print(text)
+    print(json.dumps({name: statistics.median(rates) for name, rates in figures.rates.items()}))
+
+
+if __name__ == "__main__":
+    main()
