@@ -360,15 +360,10 @@ def _workers_refusal(config: HaipConfig, workers: int, named: str) -> str:
     """Why ``workers`` processes cannot serve ``config``: each would hold conversations of its own."""
     if workers == 1:
         return ""
-    if config.cluster is None:
+    if config.cluster is None:  # ([cluster] itself needs the PostgreSQL store: the config check says so)
         return (
             f"{named} {workers} needs [cluster] (a Redis the workers share conversations through);"
             " without it each worker would keep conversations of its own"
-        )
-    if config.storage.backend != "postgres":
-        return (
-            f"{named} {workers} needs [storage] backend = 'postgres' (one durable log for every worker),"
-            f" not {config.storage.backend!r}"
         )
     return ""
 
@@ -394,7 +389,14 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
 
 
 def _preflight(config: HaipConfig) -> None:
-    """The store and the cluster's Redis reached, once, before anything serves: one line, exit 1, if not."""
+    """Redis and the store reached, once, before anything serves: one line, exit 1, if not."""
+    if config.cluster is not None:  # first: it changes nothing, where the database's preflight may migrate
+        import anyio
+
+        from haip_runtime.cluster.dialing import preflight as reach_redis
+
+        cluster = config.cluster
+        anyio.run(reach_redis, cluster.redis_url, cluster.masked_url, cluster.connect_timeout_seconds)
     if config.storage.backend == "sqlite":
         from haip_runtime.store.guard import preflight
 
@@ -405,13 +407,6 @@ def _preflight(config: HaipConfig) -> None:
         from haip_runtime.store import postgres
 
         anyio.run(postgres.preflight, config.storage)  # unreachable, or a newer schema: one line, exit 1
-    if config.cluster is not None:
-        import anyio
-
-        from haip_runtime.cluster.dialing import preflight as reach_redis
-
-        cluster = config.cluster
-        anyio.run(reach_redis, cluster.redis_url, cluster.masked_url, cluster.connect_timeout_seconds)
 
 
 def _supervise(config: HaipConfig, workers: int, host: str, port: int) -> int:

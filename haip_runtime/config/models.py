@@ -27,8 +27,8 @@ class ServerConfig(Model):
     port: int = Field(default=8080, ge=0, le=65535)
     """TCP port; 0 picks a free one (the chosen port is printed)."""
     workers: int = Field(default=1, ge=1, le=64)
-    """Processes `serve` runs on the port, each a node of the cluster: more than 1 needs `[cluster]` and the
-    PostgreSQL store. `serve --workers N` overrides it."""
+    """Processes `serve` runs on the port, each a node of the cluster: more than 1 needs `[cluster]`.
+    `serve --workers N` overrides it."""
     max_frame_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
@@ -408,6 +408,11 @@ class HaipConfig(Model):
                 )
             if agent.reply_audio and agent.speech is None:
                 raise ValueError(f"agents.{name}.reply_audio needs agents.{name}.speech")
+        if self.cluster is not None and self.storage.backend != "postgres":
+            raise ValueError(
+                f"[cluster] needs [storage] backend = 'postgres', not {self.storage.backend!r}: every node "
+                "reads and writes the one durable log of the conversations they share"
+            )
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"

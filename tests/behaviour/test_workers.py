@@ -5,7 +5,7 @@ Two workers answer on one port as two nodes (two node ids in ``/health``) and ac
 the banner prints; a worker killed with SIGKILL is replaced and the port keeps serving; SIGTERM to
 the supervisor stops every worker gracefully and leaves no process; a supervisor killed with SIGKILL
 leaves none either; a worker that cannot start stops the serve; more than one worker without
-``[cluster]`` and the PostgreSQL store is refused.
+``[cluster]`` is refused.
 """
 
 from __future__ import annotations
@@ -306,17 +306,4 @@ def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tm
     assert result.stderr == (
         f"haip-runtime: {named} needs [cluster] (a Redis the workers share conversations through);"
         " without it each worker would keep conversations of its own\n"
-    )
-
-
-def test_more_than_one_worker_without_the_postgres_store_is_refused(redis_url: str, tmp_path: Path) -> None:
-    config = tmp_path / "haip.toml"
-    config.write_text(f'[storage]\nbackend = "sqlite"\n[cluster]\nredis_url = "{redis_url}"\n')
-    result = subprocess.run(
-        serve_command(config, "--workers", "3"), capture_output=True, text=True, timeout=60, env=ENV
-    )
-    assert result.returncode == 2
-    assert result.stderr == (
-        "haip-runtime: --workers 3 needs [storage] backend = 'postgres' (one durable log for every worker),"
-        " not 'sqlite'\n"
     )
