@@ -1,6 +1,6 @@
 """Echo throughput of `serve --workers 2` against one process, on this machine's cores (issue 21).
 
-    .venv/bin/python bench/workers.py            # about three minutes
+    .venv/bin/python bench/workers.py            # about five minutes
     .venv/bin/python bench/workers.py --short    # well under a minute, to prove the bench runs
 
 Three servers run side by side on one real PostgreSQL (the test cluster: `fsync=off`) and, for the
@@ -12,7 +12,10 @@ three in turn (the order rotates) with the same load: `LOADERS` bench/load.py pr
 connection. Ratios are per round, their median reported. Server CPU per round trip sums user and
 system time of the server's processes (supervisor and workers) over the measured seconds. Redis
 commands per round trip come from `INFO commandstats` before and after (each clustered server has a
-Redis of its own; its heartbeats count too). Writes bench/WORKERS-RESULTS.md.
+Redis of its own; its heartbeats count too). The cores busy outside the bench (other work on a shared
+machine) are measured beside each run. In the full mode a last run of each (not counted) is profiled
+with py-spy: one worker of `--workers 2`, and the process without `[cluster]`. Writes
+bench/WORKERS-RESULTS.md.
 """
 
 from __future__ import annotations
@@ -167,7 +170,43 @@ def commands(redis_port: int) -> int:
     return sum(int(value["calls"]) for key, value in stats.items() if key != "cmdstat_info")
 
 
-def measure(served: Served, spec: dict[str, Any], redis_port: int | None) -> tuple[float, float, float, float, float]:
+SPY = Path(PYTHON).with_name("py-spy")
+PROFILE_RATE = 250
+
+
+@contextmanager
+def profiled(pid: int | None, seconds: float, into: list[str]) -> Iterator[None]:
+    """py-spy on ``pid`` for ``seconds`` (from when the block starts), its summary appended to ``into``."""
+    if pid is None or not SPY.exists():
+        yield
+        return
+    raw = Path(tempfile.mkstemp(suffix=".txt", prefix="haip-spy-")[1])
+    command = [str(SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(PROFILE_RATE)]
+    record = subprocess.Popen(
+        [*command, "--format", "raw", "--output", str(raw), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        record.wait(timeout=120)
+        text = raw.read_text() if raw.exists() else ""
+        raw.unlink(missing_ok=True)
+        samples = sum(int(line.rpartition(" ")[2]) for line in text.splitlines() if line.rpartition(" ")[2].isdigit())
+        from suite import summarise_profile  # type: ignore[import-not-found]
+
+        into += [
+            f"On CPU {samples / (PROFILE_RATE * int(seconds)) * 100:.0f} % of the time sampled"
+            " (py-spy counts a sample only when the process runs).",
+            "",
+            *summarise_profile(text, top=12),
+        ]
+
+
+def measure(
+    served: Served, spec: dict[str, Any], redis_port: int | None, profile: tuple[int | None, list[str]] = (None, [])
+) -> tuple[float, float, float, float, float]:
     """(round trips/s, server CPU µs per round trip, p99 ms, Redis commands per round trip, cores busy
     outside this bench) of one run."""
     spec = {**spec, "url": f"ws://127.0.0.1:{served.port}/haip/websocket", "token": served.token, "mode": "echo"}
@@ -182,7 +221,8 @@ def measure(served: Served, spec: dict[str, Any], redis_port: int | None) -> tup
     def sample_cpu() -> None:  # over the measured seconds only, after the warm-up
         clock.wait(spec["warmup"])
         start = served.cpu_seconds()
-        others.append(outside_cores(spec["seconds"], lambda: clock.wait(spec["seconds"])))
+        with profiled(profile[0], spec["seconds"] - 1, profile[1]):
+            others.append(outside_cores(spec["seconds"], lambda: clock.wait(spec["seconds"])))
         cpu.append(served.cpu_seconds() - start)
 
     threads = [threading.Thread(target=lambda: results.append(load(everyone, spec))) for _ in range(LOADERS)]
@@ -198,10 +238,13 @@ def measure(served: Served, spec: dict[str, Any], redis_port: int | None) -> tup
     return rate, cpu[0] / max(trips, 1) * 1e6, p99, redis_per_rt, others[0]
 
 
-def run(short: bool) -> tuple[Figures, dict[str, Any]]:
-    rounds = 2 if short else 5
-    spec = {"conns": 16 if short else 32, "inflight": 2, "warmup": 1 if short else 2, "seconds": 2 if short else 8}
+def run(short: bool, profile: bool) -> tuple[Figures, dict[str, Any], dict[str, list[str]]]:
+    # Many short rounds: on a shared machine the work of others comes and goes within tens of seconds,
+    # and a ratio is only fair between runs close in time.
+    rounds = 2 if short else 10
+    spec = {"conns": 16 if short else 32, "inflight": 2, "warmup": 1 if short else 1.5, "seconds": 2 if short else 5}
     figures = Figures()
+    profiles: dict[str, list[str]] = {}
     with ExitStack() as stack:
         postgres = PostgresServer.create()
         stack.callback(postgres.close)
@@ -229,10 +272,15 @@ def run(short: bool) -> tuple[Figures, dict[str, Any]]:
                     f" {outside:.2f} cores busy outside",
                     flush=True,
                 )
-    return figures, {**spec, "rounds": rounds, "loaders": LOADERS}
+        if profile:  # one more run each, not counted: py-spy costs CPU of its own
+            workers = descendants(served["workers2"].process.pid, processes())
+            for name, pid in (("workers2", min(workers)), ("single", served["single"].process.pid)):
+                profiles[name] = []
+                measure(served[name], spec, redis_ports.get(name), (pid, profiles[name]))
+    return figures, {**spec, "rounds": rounds, "loaders": LOADERS}, profiles
 
 
-def report(figures: Figures, spec: dict[str, Any], short: bool) -> str:
+def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[str, list[str]]) -> str:
     median = statistics.median
     vs_one = figures.ratios("workers2", "workers1")
     vs_plain = figures.ratios("workers2", "single")
@@ -284,6 +332,10 @@ def report(figures: Figures, spec: dict[str, Any], short: bool) -> str:
         " seconds: what other work on a shared machine took from the cores the workers were meant to use.",
         "",
     ]
+    for name in ("workers2", "single"):
+        if profiles.get(name):
+            which = "one worker of `--workers 2`" if name == "workers2" else "the one process without `[cluster]`"
+            lines += [f"## Profile: {which}, a run after the rounds (py-spy)", "", *profiles[name], ""]
     return "\n".join(lines)
 
 
@@ -295,8 +347,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     output = args.output or ROOT / "bench" / ("WORKERS-RESULTS-short.md" if args.short else "WORKERS-RESULTS.md")
-    figures, spec = run(args.short)
-    text = report(figures, spec, args.short)
+    figures, spec, profiles = run(args.short, not args.short and SPY.exists())
+    text = report(figures, spec, args.short, profiles)
     output.write_text(text, encoding="utf-8")
     print(text)
     print(json.dumps({name: statistics.median(rates) for name, rates in figures.rates.items()}))
