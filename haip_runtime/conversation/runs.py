@@ -11,15 +11,19 @@ transactions waiting for a member when one of its runs ends.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from haip_runtime.agents.api import Turn, TurnServices
+from haip_runtime.auth.permissions import UNRESTRICTED
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import Channel, ErrorCode
 
 if TYPE_CHECKING:
     from haip_runtime.conversation.members import Member
+    from haip_runtime.conversation.transaction import Transaction
 
 
 class Run:
@@ -99,3 +103,38 @@ class RunLimit:
             self._running.pop(member.id, None)
         for drain in self._waiting.pop(member.id, {}).values():
             drain()
+
+
+def make_turn(
+    transaction: Transaction,
+    agent: str,
+    tool_servers: tuple[str, ...],
+    llm: Any,
+    run: Run,
+    text: str,
+    payload: dict[str, Any],
+    member: Member | None,
+) -> Turn:
+    """What an agent's hook gets for ``run``: the message, and services bound to the transaction."""
+
+    def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
+        transaction.publish(Event(type, payload, channel=channel, run_id=run.id))
+
+    services = TurnServices(
+        emit=emit,
+        history=transaction.history,
+        record=transaction.history.append,
+        tools=transaction.tools,
+        tool_servers=tool_servers,
+        permissions=member.principal.permissions if member else UNRESTRICTED,
+        llm=llm,
+    )
+    return Turn(
+        agent=agent,
+        transaction_id=transaction.id,
+        run_id=run.id,
+        text=text,
+        payload=payload,
+        author=member.user if member else transaction.owner,
+        services=services,
+    )

@@ -1,0 +1,72 @@
+"""A node dies (SIGKILL) mid-turn: the members on the other node get ``RUN_ERROR NODE_LOST``, and
+their next message is answered there. Two ``haip-runtime serve`` processes, one real Redis, one
+real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from haip_runtime.client import HaipClient
+from tests.support.serving import ROOT, ServeProcess, serve_process
+
+pytestmark = pytest.mark.anyio
+
+
+@contextmanager
+def node(redis: str, database: str, prefix: str, folder: Path) -> Iterator[ServeProcess]:
+    """A node of the cluster (dev mode, the ``patient`` agent) as a process of its own."""
+    folder.mkdir()
+    config = folder / "haip.toml"
+    config.write_text(
+        '[server]\nport = 0\n[storage]\nbackend = "postgres"\n'
+        f'url = "{database}"\nflush_interval_seconds = 0.005\n'
+        f'[cluster]\nredis_url = "{redis}"\nkey_prefix = "{prefix}"\nlease_seconds = 1.5\n'
+        "heartbeat_seconds = 0.2\nnode_ttl_seconds = 2\n"
+        '[agents.patient]\nplugin = "tests.support.agents:PatientAgent"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config)]
+    with serve_process(command, cwd=folder, env=env) as served:
+        yield served
+
+
+async def test_a_turn_whose_node_dies_ends_with_node_lost_and_the_next_message_is_answered_elsewhere(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
+            async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
+                tx = await on_a.start_transaction("patient")  # its turns run on A, where it started
+                await on_b.join(tx)
+                await on_b.send_text(tx, "wait")
+                started = await on_b.wait_for("RUN_STARTED")
+                await on_b.wait_for("MESSAGE_PART")  # the turn is under way on A
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait(timeout=10)
+            lost = await on_b.wait_for("RUN_ERROR")
+            await on_b.send_text(tx, "anyone there?")
+            answered = await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and "anyone there?" in e.get("text", ""))
+            finished = await on_b.wait_for(lambda e: e.type == "RUN_FINISHED" and e.run_id == answered.run_id)
+            base = b.banner["health"].removesuffix("/health")
+            headers = {"Authorization": f"Bearer {b.banner['token']}"}
+            async with httpx2.AsyncClient(base_url=base, headers=headers) as http:
+                stored = (await http.get(f"/haip/transactions/{tx}/events", params={"limit": 500})).json()["events"]
+    assert lost.run_id == started.get("run_id") and lost.get("code") == "NODE_LOST"
+    assert finished.get("status") == "OK"
+    ends = [
+        (e["type"], e["payload"].get("code") or e["payload"].get("status"))
+        for e in stored
+        if e["type"].startswith("RUN_") and e["type"] != "RUN_STARTED"
+    ]
+    assert ends[0] == ("RUN_ERROR", "NODE_LOST")  # in the durable log too, kept by the node that lived
