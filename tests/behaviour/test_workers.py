@@ -2,14 +2,15 @@
 and PostgreSQL (the session's fixtures).
 
 Two workers answer on one port as two nodes (two node ids in ``/health``) and accept the one dev token
-the banner prints; a worker killed with SIGKILL is replaced and the port keeps serving; SIGTERM to
-the supervisor stops every worker gracefully and leaves no process; a supervisor killed with SIGKILL
-leaves none either; a worker that cannot start stops the serve; more than one worker without
-``[cluster]`` is refused.
+the banner prints; members of one conversation on both workers see one ordered log; a worker killed
+with SIGKILL is replaced and the port keeps serving; SIGTERM to the supervisor stops every worker
+gracefully and leaves no process; a supervisor killed with SIGKILL leaves none either; a worker that
+cannot start stops the serve; more than one worker without ``[cluster]`` is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client import HaipClient, Received
+from haip_runtime.protocol.events import ALL_EVENTS
 from tests.support.serving import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -232,6 +234,80 @@ async def test_two_workers_serve_one_port_as_two_nodes_with_one_dev_token(
     assert all(answer["totalConnections"] >= 1 for answer in seen.values())
     assert sum(answer["totalConnections"] for answer in seen.values()) >= 21
     assert tagged == {"w1", "w2"}  # each worker's log lines say which worker wrote them
+
+
+#: Whole messages, not streamed parts: one MESSAGE per answer is easy to count.
+WHOLE = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
+
+
+def logged(client: HaipClient, tx: str) -> list[tuple[int, str]]:
+    """(tseq, event id) of what ``client`` got of ``tx``'s log, in the order it got them."""
+    return [(int(e.raw["tseq"]), str(e.raw["id"])) for e in client.received if e.transaction == tx and "tseq" in e.raw]
+
+
+def answers(client: HaipClient, tx: str) -> list[str]:
+    return [
+        str(e.payload)
+        for e in client.received
+        if e.transaction == tx and e.type == "MESSAGE" and e.raw["channel"] == "AGENT"
+    ]
+
+
+def every_answer(client: HaipClient, tx: str, count: int) -> Callable[[Received], bool]:
+    return lambda _: len(answers(client, tx)) >= count
+
+
+def messages(client: HaipClient, tx: str) -> list[tuple[tuple[int, str], bool]]:
+    """((tseq, id), whether the agent said it) of each MESSAGE of ``tx`` that ``client`` got, in order."""
+    found = [e for e in client.received if e.transaction == tx and e.type == "MESSAGE"]
+    return [((int(e.raw["tseq"]), str(e.raw["id"])), e.raw["channel"] == "AGENT") for e in found]
+
+
+async def test_members_of_one_conversation_on_both_workers_see_one_ordered_log(
+    postgres_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    with serving(write_config(tmp_path / "site", postgres_url, redis_url, prefix)) as served:
+        token = served.banner["token"]
+        async with contextlib.AsyncExitStack() as stack:
+            members: list[HaipClient] = []
+
+            async def member() -> HaipClient:
+                client = HaipClient(served.ws_url, token=token, accept_events=WHOLE, timeout=30)
+                members.append(await stack.enter_async_context(client))
+                return client
+
+            tx = await (await member()).start_transaction("echo")
+            # Each new connection lands on a worker by the kernel's hash: join until both workers hold members.
+            while len(members) < 30 and not all(n["activeConnections"] for n in nodes(served.port).values()):
+                await (await member()).join(tx, since=0)
+            spread = {node: answer["activeConnections"] for node, answer in nodes(served.port).items()}
+
+            async def say(index: int, client: HaipClient) -> None:
+                for n in range(3):
+                    await client.send_text(tx, f"member {index} says {n}")
+
+            async with anyio.create_task_group() as tg:
+                for index, client in enumerate(members):
+                    tg.start_soon(say, index, client)
+            expected = {f"you said: member {i} says {n}" for i in range(len(members)) for n in range(3)}
+            for client in members:
+                await client.wait_for(every_answer(client, tx, len(expected)))
+            logs = [logged(client, tx) for client in members]
+            conversations = [messages(client, tx) for client in members]
+            said = [sorted(answers(client, tx)) for client in members]
+    assert len(spread) == 2 and all(spread.values())  # members on both workers
+    assert all(answered == sorted(expected) for answered in said)  # every message answered once, seen by all
+    for log in logs:
+        assert [tseq for tseq, _ in log] == sorted({tseq for tseq, _ in log})  # in tseq order, no repeats
+    # One log: the agent's answers under the same tseqs, in the same order, for every member, and every
+    # other member's messages (what a member was told of joins differs with when it joined: the logs
+    # are compared where they overlap).
+    replies = [[message for message, agent in conversation if agent] for conversation in conversations]
+    assert all(same == replies[0] for same in replies[1:]) and len(replies[0]) == len(expected)
+    others = 3 * (len(members) - 1)  # a member is not sent its own messages back
+    assert all(len(conversation) == len(expected) + others for conversation in conversations)
+    first = dict(logs[0])
+    assert all(first[tseq] == event for log in logs[1:] for tseq, event in log if tseq in first)
 
 
 async def test_a_worker_killed_is_replaced_and_the_port_keeps_serving(
