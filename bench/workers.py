@@ -101,28 +101,40 @@ def machine_busy() -> float:
     return (sum(fields) - fields[3] - fields[4]) / TICKS  # all but idle and iowait
 
 
-def outside_cores(seconds: float, sample: Callable[[], None]) -> float:
-    """While ``sample`` runs (``seconds`` long): the cores busy with processes that are not this bench's
-    (another engineer's tests on a shared machine), on average."""
+def split_cpu(seconds: float, sample: Callable[[], None]) -> tuple[float, float]:
+    """While ``sample`` runs (``seconds`` long): (cores busy with processes that are not this bench's,
+    such as another engineer's tests on a shared machine, on average; CPU seconds of this bench's own:
+    servers, load, Redis, PostgreSQL)."""
     table = processes()
-    ours = descendants(os.getpid(), table)
-    busy, mine = machine_busy(), cpu_of(ours, table) + cpu_of({os.getpid()}, table)
+    ours = descendants(os.getpid(), table) | {os.getpid()}
+    busy, mine = machine_busy(), cpu_of(ours, table)
     sample()
     table = processes()
-    busy_after, mine_after = machine_busy(), cpu_of(ours, table) + cpu_of({os.getpid()}, table)
-    return max(0.0, (busy_after - busy) - (mine_after - mine)) / seconds
+    used = cpu_of(ours, table) - mine
+    return max(0.0, machine_busy() - busy - used) / seconds, used
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured run against one server."""
+
+    rate: float  # round trips per second, every loader together
+    server_us: float  # the server's CPU per round trip (supervisor and workers)
+    bench_us: float  # all of this bench's CPU per round trip: the server, load, Redis, PostgreSQL
+    p99_ms: float  # the worst loader's
+    redis_per_rt: float  # Redis commands per round trip (0 without [cluster])
+    outside: float  # cores busy with other work on the machine meanwhile
 
 
 @dataclass
 class Figures:
-    rates: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
-    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
-    p99_ms: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
-    redis_per_rt: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
-    outside: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in NAMES})
+    runs: dict[str, list[Run]] = field(default_factory=lambda: {name: [] for name in NAMES})
 
-    def ratios(self, ours: str, base: str) -> list[float]:
-        return [a / b for a, b in zip(self.rates[ours], self.rates[base], strict=True)]
+    def of(self, name: str, what: str) -> list[float]:
+        return [float(getattr(run, what)) for run in self.runs[name]]
+
+    def ratios(self, ours: str, base: str, what: str = "rate") -> list[float]:
+        return [a / b for a, b in zip(self.of(ours, what), self.of(base, what), strict=True)]
 
 
 def config_text(postgres_url: str, redis_url: str | None, prefix: str) -> str:
@@ -206,24 +218,22 @@ def profiled(pid: int | None, seconds: float, into: list[str]) -> Iterator[None]
 
 def measure(
     served: Served, spec: dict[str, Any], redis_port: int | None, profile: tuple[int | None, list[str]] = (None, [])
-) -> tuple[float, float, float, float, float]:
-    """(round trips/s, server CPU µs per round trip, p99 ms, Redis commands per round trip, cores busy
-    outside this bench) of one run."""
+) -> Run:
+    """One run of ``LOADERS`` load processes against ``served``; ``profile``: py-spy on that pid meanwhile."""
     spec = {**spec, "url": f"ws://127.0.0.1:{served.port}/haip/websocket", "token": served.token, "mode": "echo"}
     results: list[dict[str, Any]] = []
-    cpu: list[float] = []
-    others: list[float] = []
+    server_cpu: list[float] = []
+    split: list[tuple[float, float]] = []
     redis_before = commands(redis_port) if redis_port else 0
     everyone = set(os.sched_getaffinity(0))
-
     clock = threading.Event()  # never set: its wait is the sampler's timer
 
     def sample_cpu() -> None:  # over the measured seconds only, after the warm-up
         clock.wait(spec["warmup"])
         start = served.cpu_seconds()
         with profiled(profile[0], spec["seconds"] - 1, profile[1]):
-            others.append(outside_cores(spec["seconds"], lambda: clock.wait(spec["seconds"])))
-        cpu.append(served.cpu_seconds() - start)
+            split.append(split_cpu(spec["seconds"], lambda: clock.wait(spec["seconds"])))
+        server_cpu.append(served.cpu_seconds() - start)
 
     threads = [threading.Thread(target=lambda: results.append(load(everyone, spec))) for _ in range(LOADERS)]
     threads.append(threading.Thread(target=sample_cpu))
@@ -232,10 +242,16 @@ def measure(
     for thread in threads:
         thread.join()
     rate = sum(result["rate"] for result in results)
-    trips = rate * spec["seconds"]
-    redis_per_rt = (commands(redis_port) - redis_before) / max(trips, 1) if redis_port else 0.0
-    p99 = max(result["p99_ms"] for result in results)
-    return rate, cpu[0] / max(trips, 1) * 1e6, p99, redis_per_rt, others[0]
+    trips = max(rate * spec["seconds"], 1)
+    outside, ours = split[0]
+    return Run(
+        rate=rate,
+        server_us=server_cpu[0] / trips * 1e6,
+        bench_us=ours / trips * 1e6,
+        p99_ms=max(result["p99_ms"] for result in results),
+        redis_per_rt=(commands(redis_port) - redis_before) / trips if redis_port else 0.0,
+        outside=outside,
+    )
 
 
 def run(short: bool, profile: bool) -> tuple[Figures, dict[str, Any], dict[str, list[str]]]:
@@ -261,17 +277,9 @@ def run(short: bool, profile: bool) -> tuple[Figures, dict[str, Any], dict[str, 
         for number in range(rounds):
             order = NAMES[number % 3 :] + NAMES[: number % 3]
             for name in order:
-                rate, cpu_us, p99, per_rt, outside = measure(served[name], spec, redis_ports.get(name))
-                figures.outside[name].append(outside)
-                figures.rates[name].append(rate)
-                figures.cpu_us[name].append(cpu_us)
-                figures.p99_ms[name].append(p99)
-                figures.redis_per_rt[name].append(per_rt)
-                print(
-                    f"round {number + 1} {name}: {rate:,.0f}/s, {cpu_us:.0f} µs CPU, {per_rt:.2f} Redis cmds,"
-                    f" {outside:.2f} cores busy outside",
-                    flush=True,
-                )
+                done = measure(served[name], spec, redis_ports.get(name))
+                figures.runs[name].append(done)
+                print(f"round {number + 1} {name}: {done}", flush=True)
         if profile:  # one more run each, not counted: py-spy costs CPU of its own
             workers = descendants(served["workers2"].process.pid, processes())
             for name, pid in (("workers2", min(workers)), ("single", served["single"].process.pid)):
@@ -284,14 +292,15 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
     median = statistics.median
     vs_one = figures.ratios("workers2", "workers1")
     vs_plain = figures.ratios("workers2", "single")
-    cluster_cpu = [a / b for a, b in zip(figures.cpu_us["workers1"], figures.cpu_us["single"], strict=True)]
+    cluster_cpu = figures.ratios("workers1", "single", "server_us")
     met = median(vs_one) >= 1.3 and median(vs_plain) >= 1.3
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cores = len(os.sched_getaffinity(0))
     lines = [
         "# `serve --workers 2` against one process: echo throughput (issue 21)",
         "",
         f"Written by `bench/workers.py{' --short' if short else ''}` on {written},"
-        f" Python {platform.python_version()}, {platform.machine()}, {len(os.sched_getaffinity(0))} cores shared by"
+        f" Python {platform.python_version()}, {platform.machine()}, {cores} cores shared by"
         " the servers, Redis, PostgreSQL and the load generators (nothing pinned).",
         "",
         f"Load: {spec['loaders']} bench/load.py processes × {spec['conns']} connections, each in a transaction"
@@ -304,17 +313,17 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
     if short:
         lines += ["**Short mode**: proves the bench runs; its numbers are too small to judge by.", ""]
     lines += [
-        "| server | round trips/s (median) | per round | server CPU per round trip | p99 (worst loader)"
-        " | Redis commands per round trip | cores busy outside this bench |",
-        "|---|---|---|---|---|---|---|",
+        "| server | round trips/s (median) | per round | server CPU per round trip | all of the bench's CPU"
+        " per round trip | p99 (worst loader) | Redis commands per round trip | cores busy outside this bench |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in NAMES:
-        rates = figures.rates[name]
-        redis = f"{median(figures.redis_per_rt[name]):.2f}" if name != "single" else "–"
+        rates = figures.of(name, "rate")
+        redis = f"{median(figures.of(name, 'redis_per_rt')):.2f}" if name != "single" else "–"
         lines.append(
             f"| {LABELS[name]} | {median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} |"
-            f" {median(figures.cpu_us[name]):.0f} µs | {median(figures.p99_ms[name]):.1f} ms | {redis} |"
-            f" {median(figures.outside[name]):.2f} |"
+            f" {median(figures.of(name, 'server_us')):.0f} µs | {median(figures.of(name, 'bench_us')):.0f} µs |"
+            f" {median(figures.of(name, 'p99_ms')):.1f} ms | {redis} | {median(figures.of(name, 'outside')):.2f} |"
         )
     lines += [
         "",
@@ -327,9 +336,35 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
         f"| server CPU per round trip, `[cluster]` on / off (one process each) | {median(cluster_cpu):.2f}× |"
         f" {', '.join(f'{r:.2f}' for r in cluster_cpu)} | ≤ 1.25× |",
         "",
-        f'Throughput target {"met" if met else "missed"}. "Cores busy outside this bench" is the machine\'s busy'
-        " time less that of this bench's processes (servers, load, Redis, PostgreSQL), over the measured"
-        " seconds: what other work on a shared machine took from the cores the workers were meant to use.",
+        f"Throughput target {'met' if met else 'missed'}.",
+        "",
+        "## What bounds the rate here",
+        "",
+        '"All of the bench\'s CPU" is the CPU of every process this bench started (the server, the load'
+        ' generators, Redis, PostgreSQL) per round trip; "cores busy outside" is the machine\'s busy time'
+        " less that, over the measured seconds: other work on a shared machine. When the cores are all"
+        " busy, the rate cannot pass (cores − outside) ÷ (the bench's CPU per round trip), whatever the"
+        " number of workers; the ceiling for each, with the medians:",
+        "",
+        "| server | ceiling on this machine now | ceiling with the machine to itself | measured |",
+        "|---|---|---|---|",
+    ]
+    for name in NAMES:
+        per_rt = median(figures.of(name, "bench_us")) / 1e6
+        free = cores - median(figures.of(name, "outside"))
+        lines.append(
+            f"| {LABELS[name]} | {free / per_rt:,.0f} | {cores / per_rt:,.0f} |"
+            f" {median(figures.of(name, 'rate')):,.0f} |"
+        )
+    best = {name: idle_ceiling(figures, name, cores) for name in NAMES}
+    lines += [
+        "",
+        "One process cannot use more than one core of its own, so its rate also stops at 1 ÷ (its server CPU"
+        " per round trip); `--workers 2` lifts that bound and no other. With the machine to itself, at these"
+        f" costs per round trip, `--workers 2` could reach at most {best['workers2']:,.0f}/s, `--workers 1`"
+        f" {best['workers1']:,.0f}/s and the process without `[cluster]` {best['single']:,.0f}/s: a best case"
+        f" of {best['workers2'] / best['workers1']:.2f}× and {best['workers2'] / best['single']:.2f}× against"
+        " the targets' 1.3×.",
         "",
     ]
     for name in ("workers2", "single"):
@@ -337,6 +372,16 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
             which = "one worker of `--workers 2`" if name == "workers2" else "the one process without `[cluster]`"
             lines += [f"## Profile: {which}, a run after the rounds (py-spy)", "", *profiles[name], ""]
     return "\n".join(lines)
+
+
+def idle_ceiling(figures: Figures, name: str, cores: int) -> float:
+    """The most round trips per second ``name`` could serve on this machine with nothing else running, at
+    the CPU per round trip measured: all cores over the bench's cost, and one core over the server's for
+    a single process."""
+    bench = cores / (statistics.median(figures.of(name, "bench_us")) / 1e6)
+    if name == "workers2":
+        return bench
+    return min(bench, 1 / (statistics.median(figures.of(name, "server_us")) / 1e6))
 
 
 def main() -> None:
@@ -351,7 +396,7 @@ def main() -> None:
     text = report(figures, spec, args.short, profiles)
     output.write_text(text, encoding="utf-8")
     print(text)
-    print(json.dumps({name: statistics.median(rates) for name, rates in figures.rates.items()}))
+    print(json.dumps({name: statistics.median(figures.of(name, "rate")) for name in NAMES}))
 
 
 if __name__ == "__main__":
