@@ -19,8 +19,8 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.history import history_from_events
 from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.runs import RunLimit
-from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.conversation.runs import AgentSlot, RunLimit
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 

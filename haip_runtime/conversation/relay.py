@@ -1,26 +1,15 @@
 """Transactions shared by the nodes of a cluster (``[cluster]``): one log in Redis, one runner.
 
-Without ``[cluster]`` a ``Transaction`` numbers, stores and delivers its events itself. With it,
-every node that has a member in a transaction hosts it, and the transaction's ``SharedLog``
-changes three things:
+Each node with a member in a transaction hosts it, and its ``SharedLog`` changes three things
+(docs/cluster.md, "Conversations across nodes", says what each guarantees):
 
-- **Publishing** appends to the transaction's log on the bus, in publish order (one sender task per
-  transaction, whatever was published during the last append goes in the next as one script run;
-  streamed parts wait up to ``part_batch_ms`` or ``part_batch_bytes`` to go in one batch). Redis
-  hands out the ``tseq``. ``publish`` stays synchronous; an append that fails is retried, in order,
-  until Redis answers (an append whose answer was lost may land twice: the copy is dropped on
-  delivery by event id).
-- **Delivery** comes only from the bus's feed, on every hosting node alike, so every member on every
-  node sees one order. Each hosting node also writes what it delivers to the store (PostgreSQL,
-  numbered by the log: a row already written by another node is skipped), so the durable log holds
-  every event as long as one hosting node lives.
-- **Runs** have one owner: the node holding the lease ``run:<transaction>``. A message from a member
-  on another node is published with what the owner needs to answer it (who sent it, their roles),
-  and the owner starts the turns when the feed brings it. Approvals, input answers, cancels and ends
-  from other nodes travel the same way, as control entries no member sees. Every hosting node waits
-  for the lease; when the owner dies (its lease runs out), the next holder publishes ``RUN_ERROR
-  NODE_LOST`` for each run the log shows started and not finished, rebuilds the agents' history from
-  the log as after a restart, and answers the messages still waiting.
+- **publishing** appends to the transaction's log on the bus, in order, from one sender per
+  transaction (Redis hands out the ``tseq``; streamed parts are batched);
+- **delivery** comes only from the bus's feed, on every node alike (one order for every member),
+  and each hosting node writes what it delivers to the store;
+- **runs** have one owner, the holder of the lease ``run:<transaction>``: messages, answers, cancels
+  and ends from members elsewhere reach it through the log; when it dies, the next holder ends its
+  runs with ``RUN_ERROR NODE_LOST``, rebuilds the agents' history and answers what waits.
 
 Nothing here imports ``redis``: the bus is given, and only its methods are called.
 """
@@ -31,19 +20,18 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.auth.permissions import Permissions
-from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.history import History, history_from_events
+from haip_runtime.conversation.members import remote_member
+from haip_runtime.conversation.shared import entry, entry_event, follow
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolStatus
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -61,73 +49,6 @@ MAX_RETRY = 1.0
 MAX_OUTBOX = 10_000
 #: Events read back from the store to rebuild the agents' history when this node takes the runs over.
 REHYDRATE_EVENTS = 20_000
-_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
-_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
-
-
-@dataclass
-class RemoteMember:
-    """A member whose session is on another node: what the owner's turns need of them (never delivered
-    to here: its own node's feed delivers to it)."""
-
-    id: str
-    user: str
-    principal: Principal
-    accepted: frozenset[str] = frozenset()
-    transactions: set[str] = field(default_factory=set)
-
-    def deliver(self, event: Event) -> None:
-        return None
-
-
-def describe(member: Member) -> dict[str, Any]:
-    """What the owner needs to run a turn for ``member``: its id, user, roles and what they permit."""
-    principal = member.principal
-    rights = principal.permissions
-    return {
-        "id": member.id,
-        "user": member.user,
-        "roles": list(principal.roles),
-        "agents": None if rights.agents is None else list(rights.agents),
-        "tools": None if rights.tools is None else list(rights.tools),
-        "join_others": rights.join_others,
-        "events": None if rights.events is None else list(rights.events),
-    }
-
-
-def remote_member(about: dict[str, Any]) -> RemoteMember:
-    def globs(key: str) -> tuple[str, ...] | None:
-        value = about.get(key)
-        return None if value is None else tuple(str(item) for item in value)
-
-    rights = Permissions(globs("agents"), globs("tools"), bool(about.get("join_others")), globs("events"))
-    principal = Principal(str(about["user"]), roles=tuple(about.get("roles") or ()), permissions=rights)
-    return RemoteMember(str(about["id"]), principal.user, principal)
-
-
-def _wire(event: Event, node: str, turn: dict[str, Any] | None) -> bytes:
-    head: dict[str, Any] = {"n": node, "id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
-    if event.run_id is not None:
-        head["run_id"] = event.run_id
-    if event.exclude:
-        head["exclude"] = sorted(event.exclude)
-    if turn is not None:
-        head["turn"] = turn
-    return (fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}").encode()
-
-
-def _event(transaction: Transaction, tseq: int, data: dict[str, Any]) -> Event:
-    event = Event(
-        type=data["type"],
-        payload=data["payload"],
-        channel=data["channel"],
-        run_id=data.get("run_id"),
-        id=data["id"],
-        ts=data["ts"],
-        exclude=frozenset(data.get("exclude") or ()),
-    )
-    event.stamp(transaction.id, tseq, transaction.thread_id)
-    return event
 
 
 class Relay:
@@ -162,6 +83,15 @@ class Relay:
         if transaction.shared is not None:
             transaction.shared.stop()
 
+    def counts(self) -> dict[str, int]:
+        """For ``/health`` and ``/metrics``: transactions hosted here, those whose turns run here, and
+        events waiting to be appended (Redis slow or away)."""
+        return {
+            "hosted": len(self._logs),
+            "runsHere": sum(1 for shared in self._logs if shared.owner),
+            "waiting": sum(shared.waiting for shared in self._logs),
+        }
+
     async def close(self, timeout: float = 2.0) -> None:
         """The node is stopping: send what every transaction still has queued, give the leases back."""
         logs = list(self._logs)
@@ -190,9 +120,15 @@ class SharedLog:
         self.waiting_calls: set[str] = set()
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
-        self._outbox: deque[tuple[bytes, bool, float]] = deque()
+        #: (entry, a streamed part?, when queued, its run) waiting to be appended, in order.
+        self._outbox: deque[tuple[bytes, bool, float, str | None]] = deque()
+        #: Runs this node stopped when it lost the lease: what they still publish is not appended.
+        self._given_up: set[str] = set()
         self._mine: dict[str, Event] = {}
         self._then: dict[str, Callable[[], None]] = {}
+        self._reconnects = relay.bus.feed.reconnects
+        #: Set at each delivery (a takeover waits to have caught up).
+        self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = anyio.Event()
         self._filling: list[Any] | None = None
@@ -201,28 +137,43 @@ class SharedLog:
         #: Set when it has stopped following the log here.
         self.done = anyio.Event()
 
+    @property
+    def waiting(self) -> int:
+        """Events published here and not yet appended to the log."""
+        return len(self._outbox)
+
     # --- publishing ---------------------------------------------------------------------------------
 
     def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
         """Queue ``event`` for the log (its tseq comes with its delivery); ``turn``: the owner answers
         it; ``then``: called once it is delivered here."""
+        if event.run_id is not None and event.run_id in self._given_up:
+            return  # a run this node stopped when it lost the lease: the new owner ended it (NODE_LOST)
         self._mine[event.id] = event
         if then is not None:
             self._then[event.id] = then
-        self._queue(_wire(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART)
+        self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
+
+    def authored(self, user: str, message_id: str) -> bool:
+        return any(
+            event.type == EventType.MESSAGE
+            and isinstance(event.payload, dict)
+            and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
+            for event in [*self.transaction.recent(), *self._mine.values()]  # delivered, or on its way
+        )
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (answer a call, cancel a run, end): a log entry no member sees."""
         body = {"n": self.relay.node, "ctl": kind, **fields}
-        self._queue(fastjson.dumps(body).encode(), False)
+        self._queue(fastjson.dumps(body).encode(), False, None)
 
-    def _queue(self, data: bytes, part: bool) -> None:
+    def _queue(self, data: bytes, part: bool, run_id: str | None) -> None:
         if len(self._outbox) >= MAX_OUTBOX:
             self._outbox.popleft()
             logger.error(
                 "transaction %s: %d events wait for redis; the oldest is given up", self.transaction.id, MAX_OUTBOX
             )
-        self._outbox.append((data, part, time.monotonic()))
+        self._outbox.append((data, part, time.monotonic(), run_id))
         self._wake.set()
 
     async def run(self) -> None:
@@ -272,9 +223,10 @@ class SharedLog:
             self._wake = anyio.Event()
             while self._outbox:
                 await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
-                batch = [data for data, _, _ in self._outbox]
+                batch = list(self._outbox)
                 await self._append(batch)
-                for _ in batch:
+                sent = {id(queued) for queued in batch}  # a lost lease may have taken some out meanwhile
+                while self._outbox and id(self._outbox[0]) in sent:
                     self._outbox.popleft()
             if self._stopped:
                 self._scope.cancel()
@@ -282,8 +234,8 @@ class SharedLog:
 
     async def _linger(self, seconds: float, most: int) -> None:
         """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
-        while all(part for _, part, _ in self._outbox) and not self._stopped:
-            size = sum(len(data) for data, _, _ in self._outbox)
+        while all(part for _, part, _, _ in self._outbox) and not self._stopped:
+            size = sum(len(data) for data, _, _, _ in self._outbox)
             left = self._outbox[0][2] + seconds - time.monotonic()
             if size >= most or left <= 0:
                 return
@@ -291,19 +243,40 @@ class SharedLog:
             with anyio.move_on_after(left):
                 await self._wake.wait()
 
-    async def _append(self, batch: list[bytes]) -> None:
+    async def _append(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
         delay = 0.05
         while True:
             try:
+                if self.relay.bus.feed.reconnects != self._reconnects:
+                    await self._refloor()
+                payloads = [data for data, _, _, run in batch if run not in self._given_up]
+                if not payloads:
+                    return
                 floor = max(self.floor, self.transaction.tseq)
-                await self.relay.bus.log.append_many(self.transaction.id, batch, floor=floor)
+                await self.relay.bus.log.append_many(self.transaction.id, payloads, floor=floor)
                 return
             except ClusterError as error:
                 logger.warning(
                     "transaction %s: appending to the log failed (%s); trying again", self.transaction.id, error
                 )
+                self._reconnects = -1  # Redis may come back without its counters: read the floor again
                 await anyio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY)
+
+    async def _refloor(self) -> None:
+        """After losing Redis: number after what the store holds, not only after what this node saw
+        (another node may have delivered further before a restart that lost the counter)."""
+        self._reconnects = self.relay.bus.feed.reconnects
+        try:
+            await self.relay.store.flush()
+            record = await self.relay.store.transaction(self.transaction.id)
+        except Exception as error:
+            logger.warning(
+                "transaction %s: could not read its last tseq from the store: %s", self.transaction.id, error
+            )
+            return
+        if record is not None:
+            self.floor = max(self.floor, record.last_tseq)
 
     # --- delivery -----------------------------------------------------------------------------------
 
@@ -345,27 +318,37 @@ class SharedLog:
     def _entry(self, tseq: int, data: bytes) -> None:
         body = fastjson.loads(data)
         if "ctl" in body:
+            self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
+            self._progress.set()
             if self.owner and not self.transaction.ended:
                 self._obey(body)
             return
         if body["id"] in self._seen:
             return  # an append retried after its answer was lost: delivered already
         self._remember_id(body["id"])
+        self._progress.set()
         event = self._mine.pop(body["id"], None)
         if event is not None:
             event.stamp(self.transaction.id, tseq, self.transaction.thread_id)
         else:
-            event = _event(self.transaction, tseq, body)
+            event = entry_event(body, self.transaction.id, tseq, self.transaction.thread_id)
         self._follow(event, body)
-        self.transaction.logged(event)
+        transaction = self.transaction
+        ending = event.type == EventType.TRANSACTION_END
+        if ending:
+            transaction.ended = True
+        transaction.logged(event)
         then = self._then.pop(event.id, None)
         if then is not None:
             then()
         turn = body.get("turn")
         if turn is not None and event.type == EventType.MESSAGE:
             self._asked(event, turn)
-        if event.type == EventType.TRANSACTION_END and self.relay.on_ended is not None:
-            self.relay.on_ended(self.transaction)
+        if ending:
+            if transaction.end_seen is not None:
+                transaction.end_seen.set()
+            if self.relay.on_ended is not None:
+                self.relay.on_ended(transaction)
 
     def _remember_id(self, event_id: str) -> None:
         self._seen[event_id] = None
@@ -373,24 +356,12 @@ class SharedLog:
             self._seen.popitem(last=False)
 
     def _follow(self, event: Event, body: dict[str, Any]) -> None:
-        """Keep what a takeover and members here need to know of the log: runs, waiting calls, users."""
+        """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
+        follow(self, event, self.transaction.users)
         payload = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == EventType.RUN_STARTED and event.run_id:
-            self.open_runs[event.run_id] = str(payload.get("agent", ""))
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type in _ENDS and event.run_id:
-            self.open_runs.pop(event.run_id, None)
-        elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
-            self.unanswered.pop(str(payload.get("message_id", "")), None)
-        elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
-            self.waiting_calls.add(str(payload.get("call_id", "")))
-        elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
-            self.waiting_calls.discard(str(payload["call_id"]))
-        elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
-            self.users_elsewhere.add(str(payload["joined"]))
-            self.transaction.users.setdefault(str(payload["joined"]), None)
-        elif event.type == EventType.INFO and payload.get("event") == "member.left":
-            self.users_elsewhere.discard(str(payload.get("user", "")))
+        if event.type == EventType.MESSAGE_UPDATE and self.owner and body.get("n") != self.relay.node:
+            author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
+            self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 
     def _asked(self, event: Event, turn: dict[str, Any]) -> None:
         """A member elsewhere said something the agents answer: the owner starts the turns."""
@@ -398,6 +369,8 @@ class SharedLog:
         message_id = str(payload.get("message_id", ""))
         if not self.owner:
             self.unanswered[message_id] = (turn, payload)
+            if len(self.unanswered) > MAX_OUTBOX:  # no owner for a long while: the oldest stay unanswered
+                self.unanswered.popitem(last=False)
             return
         self._answer(turn, payload)
 
@@ -459,14 +432,32 @@ class SharedLog:
         """Another node runs the turns now (this one could not renew its lease): stop what runs here."""
         logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
         self.owner = False
+        self._given_up.update(self.transaction.runs)
+        self._given_up.update(self.open_runs)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
+        kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
+        self._outbox.clear()
+        self._outbox.extend(kept)
+
+    async def _caught_up(self, timeout: float = 2.0) -> None:
+        """Until the feed has delivered what the log held when the lease came (what the last owner
+        published before it let go, a cancelled run's end among it), or ``timeout``."""
+        try:
+            last = await self.relay.bus.log.last_tseq(self.transaction.id)
+        except ClusterError:
+            return
+        with anyio.move_on_after(timeout):
+            while self.transaction.tseq < last:
+                self._progress = anyio.Event()
+                await self._progress.wait()
 
     async def _take_over(self) -> None:
         """This node runs the turns from now on: end what the last owner left running, rebuild the
         agents' history from the log, answer the messages no run has answered."""
         transaction = self.transaction
         logger.info("transaction %s: its turns run on this node now", transaction.id)
+        await self._caught_up()
         try:
             await self.relay.store.flush()
             start = max(0, transaction.tseq - REHYDRATE_EVENTS)

@@ -11,6 +11,7 @@ transactions waiting for a member when one of its runs ends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,8 +23,19 @@ from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, ErrorCode
 
 if TYPE_CHECKING:
+    from haip_runtime.agents.api import Agent
+    from haip_runtime.conversation.history import History
     from haip_runtime.conversation.members import Member
-    from haip_runtime.conversation.transaction import Transaction
+    from haip_runtime.tools.proxy import ToolProxy
+
+
+@dataclass(frozen=True)
+class AgentSlot:
+    """One agent of a transaction: its name, its instance (per transaction), the MCP servers it uses."""
+
+    name: str
+    instance: Agent[Any]
+    tool_servers: tuple[str, ...]
 
 
 class Run:
@@ -106,35 +118,37 @@ class RunLimit:
 
 
 def make_turn(
-    transaction: Transaction,
-    agent: str,
-    tool_servers: tuple[str, ...],
-    llm: Any,
+    transaction_id: str,
+    owner: str,
+    publish: Callable[[Event], object],
+    history: History,
+    tools: ToolProxy | None,
+    slot: AgentSlot,
     run: Run,
     text: str,
     payload: dict[str, Any],
     member: Member | None,
 ) -> Turn:
-    """What an agent's hook gets for ``run``: the message, and services bound to the transaction."""
+    """What an agent's hook gets for ``run``: the message, and services bound to its transaction."""
 
     def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
-        transaction.publish(Event(type, payload, channel=channel, run_id=run.id))
+        publish(Event(type, payload, channel=channel, run_id=run.id))
 
     services = TurnServices(
         emit=emit,
-        history=transaction.history,
-        record=transaction.history.append,
-        tools=transaction.tools,
-        tool_servers=tool_servers,
+        history=history,
+        record=history.append,
+        tools=tools,
+        tool_servers=slot.tool_servers,
         permissions=member.principal.permissions if member else UNRESTRICTED,
-        llm=llm,
+        llm=slot.instance.context.llm,
     )
     return Turn(
-        agent=agent,
-        transaction_id=transaction.id,
+        agent=slot.name,
+        transaction_id=transaction_id,
         run_id=run.id,
         text=text,
         payload=payload,
-        author=member.user if member else transaction.owner,
+        author=member.user if member else owner,
         services=services,
     )

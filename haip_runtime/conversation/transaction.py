@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.agents.api import Agent, Turn
+from haip_runtime.agents.api import Turn
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.history import History
-from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.relay import describe
-from haip_runtime.conversation.runs import Run, RunLimit, make_turn
+from haip_runtime.conversation.members import Member, describe
+from haip_runtime.conversation.runs import AgentSlot, Run, RunLimit, make_turn
 from haip_runtime.exceptions import LlmError, ProtocolError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.observability import tracing
@@ -35,7 +34,7 @@ from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
-    from haip_runtime.conversation.relay import SharedLog
+    from haip_runtime.conversation.shared import Shared
     from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
@@ -46,13 +45,6 @@ END_GRACE_SECONDS = 5.0
 TAIL_EVENTS = 256
 #: ...but never more than this many bytes of them (the newest is always kept).
 TAIL_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class AgentSlot:
-    name: str
-    instance: Agent[Any]
-    tool_servers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -121,8 +113,9 @@ class Transaction:
         self.watchers: list[Callable[[Event], None]] = []
         #: In a cluster: the log on the bus that numbers and delivers the events, and whether this
         #: node runs the turns (``conversation/relay.py``); ``None``: this process alone.
-        self.shared: SharedLog | None = None
-        self._end_seen: anyio.Event | None = None
+        self.shared: Shared | None = None
+        #: In a cluster, while ending: set when the ``TRANSACTION_END`` came back through the log.
+        self.end_seen: anyio.Event | None = None
 
     # --- the record ------------------------------------------------------------------------------
 
@@ -212,10 +205,6 @@ class Transaction:
         self._remember(event)
         if store and self.store is not None:
             self.store.append(event)
-        if event.type == EventType.TRANSACTION_END and self.shared is not None:
-            self.ended = True
-            if self._end_seen is not None:
-                self._end_seen.set()
         exclude = event.exclude
         for member_id, member in list(self.members.items()):
             if member_id not in exclude:
@@ -297,7 +286,8 @@ class Transaction:
         exclude = frozenset() if echo else frozenset({member.id})
         message = Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude)
         if self.shared is not None and not self.shared.owner:  # the node running the turns answers it
-            self.shared.send(message, turn={"member": describe(member), "traceparent": traceparent})
+            turn = {"member": describe(member), "traceparent": traceparent} if self.agents else None
+            self.shared.send(message, turn=turn)
             return []
         waits = self.check_message(member, related_id)
         self.publish(message)
@@ -368,13 +358,14 @@ class Transaction:
         """The message ids waiting for room, in order."""
         return [str(waiting.payload["message_id"]) for waiting in self._queue]
 
-    def edit_message(self, member: Member, message_id: str, text: str) -> bool:
-        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit)."""
+    def edit_message(self, user: str, message_id: str, text: str) -> bool:
+        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A
+        node that does not run the turns keeps no history: it checks the recent log (the owner edits)."""
         for index, entry in enumerate(self.history):
-            if entry.message_id == message_id and entry.author == member.user and entry.role == "user":
+            if entry.message_id == message_id and entry.author == user and entry.role == "user":
                 self.history[index] = replace(entry, text=text)
                 return True
-        return False
+        return self.shared is not None and not self.shared.owner and self.shared.authored(user, message_id)
 
     def start_run(
         self,
@@ -389,7 +380,7 @@ class Transaction:
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
-        turn = make_turn(self, slot.name, slot.tool_servers, slot.instance.context.llm, run, text, payload, member)
+        turn = make_turn(self.id, self.owner, self.publish, self.history, self.tools, slot, run, text, payload, member)
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers, traceparent)
         return run
 
@@ -473,7 +464,7 @@ class Transaction:
             await self.stop_turns(f"the transaction ended: {reason}", hooks=reason)
             self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
         if self.shared is not None:
-            self._end_seen = seen = anyio.Event()
+            self.end_seen = seen = anyio.Event()
             with anyio.move_on_after(END_GRACE_SECONDS + 2, shield=True):
                 await seen.wait()
             if not seen.is_set():  # nobody runs it, or the bus is away: it ends here regardless

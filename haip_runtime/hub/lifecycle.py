@@ -14,7 +14,8 @@ from typing import Any
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.conversation.runs import AgentSlot
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p

@@ -126,13 +126,14 @@ class Hub:
             self._stack = stack.pop_all()
         return self
 
-    def share(self, bus: Bus) -> None:
+    def share(self, bus: Bus) -> Relay:
         """Join the cluster's conversations through ``bus`` (``[cluster]``): every transaction made from
         now on is shared with the other nodes (``conversation/relay.py``)."""
         relay = Relay(bus, self.store, self.spawn)
         relay.on_end_asked = lambda transaction, reason: self.spawn(lifecycle.end, self.context, transaction, reason)
         relay.on_ended = self._ended_elsewhere
         self.transactions.relay = relay
+        return relay
 
     def _ended_elsewhere(self, transaction: Transaction) -> None:
         """A transaction's end came through the log: its members here leave it, and it leaves memory."""

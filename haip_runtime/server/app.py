@@ -113,7 +113,7 @@ class Runtime:
                 await stack.enter_async_context(self.fleet)
             await stack.enter_async_context(self.hub)
             if self.fleet is not None and self.fleet.bus is not None:
-                self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
+                self.fleet.relay = self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
         self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)

@@ -15,6 +15,7 @@ import pytest
 
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.netcut import netcut
 from tests.support.redis import RedisServer
 from tests.support.serving import LiveServer, live_server, make_config
 
@@ -85,6 +86,7 @@ async def test_members_on_two_nodes_see_one_ordered_log_and_each_is_answered_onc
             for client in (alice, sam):
                 await client.wait_for(all_answered(client, tx, 10))
             on_a, on_b = logged(alice, tx), logged(sam, tx)
+            counts = [node.runtime.fleet.status()["transactions"] for node in (a, b) if node.runtime.fleet]
     expected = {f"you said: {who} {n}" for who in ("alice", "sam") for n in range(5)}
     for client in (alice, sam):
         assert sorted(answers(client, tx)) == sorted(expected)  # each message answered once, seen by both
@@ -92,6 +94,7 @@ async def test_members_on_two_nodes_see_one_ordered_log_and_each_is_answered_onc
         assert [tseq for tseq, _ in log] == sorted({tseq for tseq, _ in log})  # in tseq order, no repeats
     both = dict(on_a).keys() & dict(on_b).keys()
     assert len(both) > 20 and all(dict(on_a)[tseq] == dict(on_b)[tseq] for tseq in both)  # one log
+    assert [(c["hosted"], c["runsHere"]) for c in counts] == [(1, 1), (1, 0)]  # hosted on both, run on A
     announced = [sorted(e.get("members")) for e in alice.received if e.type == "TRANSACTION_JOIN" and e.get("joined")]
     assert announced == [["alice", "sam"]]  # the member list counts the member on the other node
 
@@ -141,10 +144,15 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             started = await sam.wait_for("RUN_STARTED")
             await sam.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
             finished = await alice.wait_for("RUN_FINISHED")
+            typo = {"text": "helo", "message_id": "m-typo"}
+            await sam.send("MESSAGE", typo, transaction=tx)
+            await sam.send("MESSAGE_UPDATE", {"message_id": "m-typo", "text": "hello"}, transaction=tx)
+            edited = await alice.wait_for("MESSAGE_UPDATE")
             await sam.end_transaction(tx, "done here")
             ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
     assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
     assert [e.get("reason") for e in ended] == ["done here", "done here"]
+    assert (edited.get("author"), edited.get("text")) == ("sam", "hello")  # an edit made on the other node
     assert tx not in a.runtime.hub.transactions.live and tx not in b.runtime.hub.transactions.live
 
 
@@ -179,3 +187,38 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
     assert [tseq for tseq, _ in stored] == sorted({tseq for tseq, _ in stored})
     finished = [e["payload"]["status"] for _, e in stored if e["type"] == "RUN_FINISHED"]
     assert finished == ["OK", "OK"]  # both turns, each once, in the durable log
+
+
+async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_when_the_network_heals(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    agents = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}}).agents
+    with netcut(port) as cut:
+        behind_cut = node_config(redis_url.replace(f":{port}/", f":{cut.port}/"), postgres_url, prefix)
+        direct = node_config(redis_url, postgres_url, prefix)
+        with (
+            live_server(behind_cut.model_copy(update={"agents": agents})) as a,
+            live_server(direct.model_copy(update={"agents": agents})) as b,
+        ):
+            async with (
+                HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+                HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+            ):
+                tx = await alice.start_transaction("patient")  # its turns run on A
+                await sam.join(tx)
+                await sam.send_text(tx, "wait")
+                started = await sam.wait_for("RUN_STARTED")
+                await sam.wait_for("MESSAGE_PART")
+                cut.cut()  # A can reach neither Redis nor B: its lease runs out, B takes the turns
+                lost = await sam.wait_for("RUN_ERROR")
+                await sam.send_text(tx, "still there?")
+                answer = "you said: still there?"
+                await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == answer)
+                cut.heal()  # A's feed reconnects and reads what it missed
+                caught_up = await alice.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == answer)
+                tseqs = [int(e.raw["tseq"]) for e in alice.received if e.transaction == tx and "tseq" in e.raw]
+                ends = [e for e in alice.received if e.run_id == started.get("run_id") and e.type.startswith("RUN_")]
+    assert lost.get("code") == "NODE_LOST" and lost.run_id == started.get("run_id")
+    assert caught_up.transaction == tx and tseqs == sorted(set(tseqs))  # in order, nothing twice
+    assert [(e.type, e.get("code")) for e in ends] == [("RUN_STARTED", None), ("RUN_ERROR", "NODE_LOST")]

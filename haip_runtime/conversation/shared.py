@@ -1,0 +1,97 @@
+"""What a transaction needs of its log when a cluster shares it: ``Shared`` (``relay.SharedLog`` is one),
+and the form of an event in the log on the bus (``entry``, ``entry_event``).
+
+Kept apart from ``relay.py`` so that the transaction knows only this narrow view and the relay
+alone knows the transaction (imports go one way)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from haip_runtime.protocol import fastjson
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import EventType, ToolStatus
+
+_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
+_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
+
+
+class Shared(Protocol):
+    """A transaction's log on the cluster's bus, seen from one node."""
+
+    #: Whether this node runs the transaction's turns.
+    owner: bool
+    #: Runs the log shows started and not ended, by run id.
+    open_runs: dict[str, str]
+    #: Messages from members elsewhere no run has answered yet, by message id.
+    unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
+    #: Users the log shows joined on other nodes.
+    users_elsewhere: set[str]
+    #: Calls the log shows waiting for a member's answer.
+    waiting_calls: set[str]
+
+    def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
+        """Queue ``event`` for the log; ``turn``: the owner answers it; ``then``: once delivered here."""
+
+    def control(self, kind: str, **fields: Any) -> None:
+        """Ask the owner to do something (a log entry no member sees)."""
+
+    def authored(self, user: str, message_id: str) -> bool:
+        """Whether the recent log holds ``user``'s message ``message_id`` (for an edit, where no history is kept)."""
+
+    def stop(self) -> None:
+        """The transaction left this node: send what is queued, then stop following the log."""
+
+
+def entry(event: Event, node: str, turn: dict[str, Any] | None = None) -> bytes:
+    """``event`` as an entry of the log on the bus: its envelope fields and payload (encoded once, as
+    every member gets it), the node that published it and, for a message another node answers,
+    who sent it (``turn``)."""
+    head: dict[str, Any] = {"n": node, "id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
+    if event.run_id is not None:
+        head["run_id"] = event.run_id
+    if event.exclude:
+        head["exclude"] = sorted(event.exclude)
+    if turn is not None:
+        head["turn"] = turn
+    return (fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}").encode()
+
+
+def entry_event(data: dict[str, Any], transaction: str, tseq: int, thread_id: str | None) -> Event:
+    """The event an entry of ``transaction``'s log (decoded) carries, at ``tseq``."""
+    event = Event(
+        type=data["type"],
+        payload=data["payload"],
+        channel=data["channel"],
+        run_id=data.get("run_id"),
+        id=data["id"],
+        ts=data["ts"],
+        exclude=frozenset(data.get("exclude") or ()),
+    )
+    event.stamp(transaction, tseq, thread_id)
+    return event
+
+
+def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
+    """Keep what a takeover and the members of this node need to know of the log: the runs open, the
+    messages unanswered, the calls waiting for an answer, the users joined elsewhere (``users``:
+    the transaction's readers, who join it)."""
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    if event.type == EventType.RUN_STARTED and event.run_id:
+        shared.open_runs[event.run_id] = str(payload.get("agent", ""))
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type in _ENDS and event.run_id:
+        shared.open_runs.pop(event.run_id, None)
+    elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
+        shared.waiting_calls.add(str(payload.get("call_id", "")))
+    elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
+        shared.waiting_calls.discard(str(payload["call_id"]))
+    elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
+        shared.users_elsewhere.add(str(payload["joined"]))
+        users.setdefault(str(payload["joined"]), None)
+    elif event.type == EventType.INFO and payload.get("event") == "member.left":
+        shared.users_elsewhere.discard(str(payload.get("user", "")))
