@@ -554,16 +554,23 @@ def workers_bench(short: bool) -> list[str]:
         timeout=3600,
         preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
     )
-    text = output.read_text(encoding="utf-8")
+    return workers_section(output.read_text(encoding="utf-8"), output.name)
+
+
+def workers_section(text: str, name: str) -> list[str]:
+    """The section of BENCHMARKS.md for bench/workers.py's results (``text``, written to ``name``)."""
     written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
     return [
         "## `serve --workers 2` against one process (issue 21)",
         "",
-        f"`bench/workers.py` wrote bench/{output.name} on {written} (how it is measured is there):"
+        f"`bench/workers.py` wrote bench/{name} on {written} (how it is measured is there):"
         " echo round trips per second, nothing pinned, the load generators sharing the cores.",
         "",
-        *text[text.index("| server") :].splitlines(),  # its tables and verdict, as it wrote them
-        "",
+        *[
+            "#" + line if line.startswith("## ") else line  # its tables, verdict and bounds, one level down
+            for line in text[text.index("| server") :].partition("## Profile")[0].splitlines()
+        ],
+        *([f"The py-spy profile of a worker is in bench/{name}.", ""] if "## Profile" in text else []),
     ]
 
 
