@@ -142,6 +142,8 @@ def main() -> int:
         print(f"haip-runtime: worker {spec.index}: {exc}", file=sys.stderr, flush=True)
         tell_supervisor("failed", error=str(exc))
         return START_FAILED
+    finally:  # exiting already: a SIGTERM now must not cut short what runs at exit (flushes, atexit)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not served:
         tell_supervisor("failed", error="the runtime did not start (its log says why)")
         return START_FAILED

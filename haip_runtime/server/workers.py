@@ -86,6 +86,14 @@ def node_id(base: str, index: int, generation: int) -> str:
     return base[: MAX_NODE_ID - len(suffix)] + suffix
 
 
+def send(process: Process, signum: signal.Signals) -> None:
+    """``signum`` to ``process``, unless it has just ended (it is still listed until it is reaped)."""
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
 def backoff(deaths_in_a_row: int) -> float:
     return float(min(FIRST_BACKOFF_SECONDS * 2 ** max(deaths_in_a_row - 1, 0), MAX_BACKOFF_SECONDS))
 
@@ -138,7 +146,7 @@ class Supervisor:
     async def _stop(self) -> None:
         """SIGTERM to every worker; those still running after ``STOP_TIMEOUT_SECONDS`` are killed."""
         for process in list(self.live.values()):
-            process.send_signal(signal.SIGTERM)
+            send(process, signal.SIGTERM)
         await anyio.sleep(STOP_TIMEOUT_SECONDS)  # cancelled as soon as the last worker has stopped
         logger.error("workers still running %.0f s after SIGTERM: killing them", STOP_TIMEOUT_SECONDS)
         self._kill_all()
@@ -146,7 +154,7 @@ class Supervisor:
     def _kill_all(self) -> None:
         for process in list(self.live.values()):
             self.forced = True
-            process.kill()
+            send(process, signal.SIGKILL)
 
     async def _keep(self, index: int, port: int) -> None:
         """Worker ``index``, started again each time it dies, until the supervisor stops."""
@@ -186,7 +194,7 @@ class Supervisor:
         error: str | None = None
         try:
             if self.stopping.is_set():
-                process.send_signal(signal.SIGTERM)
+                send(process, signal.SIGTERM)
             assert process.stdin is not None and process.stdout is not None
             try:
                 await process.stdin.send(pickle.dumps(spec))  # stdin then stays open: the worker watches it
