@@ -8,8 +8,9 @@ Servers are subprocesses pinned to one core (`haip-runtime serve` on a generated
 Starlette app of bench/baseline.py), load generators are bench/load.py processes pinned to the other.
 Rounds alternate A, B, A, B and a ratio is the median of the per-round ratios. The short mode is for CI
 to prove the suite runs; its absolute numbers are no pass/fail gate (scripts/check does not run it).
-Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite) and bench/cluster.py (issue 21:
-``[cluster]`` against one process), each ``--short`` with the suite's, and copies their tables into the report.
+Last, it runs bench/store.py (issue 20: the PostgreSQL store against SQLite), bench/cluster.py (issue 21:
+``[cluster]`` against one process) and bench/workers.py (issue 21: ``serve --workers 2`` against one
+process), each ``--short`` with the suite's, and copies their tables into the report.
 """
 
 from __future__ import annotations
@@ -540,6 +541,39 @@ def store_bench(short: bool) -> list[str]:
     return store_tables(output.read_text(encoding="utf-8"), output.name)
 
 
+def workers_bench(short: bool) -> list[str]:
+    """Run bench/workers.py (issue 21: `serve --workers 2` against one process) on all the cores this suite
+    was given, as a deployment on this machine would; its tables, for the report."""
+    output = BENCH / ("WORKERS-RESULTS-short.md" if short else "WORKERS-RESULTS.md")
+    command = [PYTHON, str(BENCH / "workers.py"), "--output", str(output), *(["--short"] if short else [])]
+    subprocess.run(
+        command,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=3600,
+        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
+    )
+    return workers_section(output.read_text(encoding="utf-8"), output.name)
+
+
+def workers_section(text: str, name: str) -> list[str]:
+    """The section of BENCHMARKS.md for bench/workers.py's results (``text``, written to ``name``)."""
+    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+    return [
+        "## `serve --workers 2` against one process (issue 21)",
+        "",
+        f"`bench/workers.py` wrote bench/{name} on {written} (how it is measured is there):"
+        " echo round trips per second, nothing pinned, the load generators sharing the cores.",
+        "",
+        *[
+            "#" + line if line.startswith("## ") else line  # its tables, verdict and bounds, one level down
+            for line in text[text.index("| server") :].partition("## Profile")[0].splitlines()
+        ],
+        *([f"The py-spy profile of a worker is in bench/{name}.", ""] if "## Profile" in text else []),
+    ]
+
+
 def store_tables(text: str, name: str) -> list[str]:
     """The section of BENCHMARKS.md for bench/store.py: its summary, numbered headings and tables, and
     where the rest is (how each part is measured, the servers' settings, the machine)."""
@@ -767,7 +801,13 @@ PROFILE_NOTE = (
 
 
 def write_report(
-    scale: Scale, short: bool, started: float, profile: list[str], store: list[str], cluster: list[str]
+    scale: Scale,
+    short: bool,
+    started: float,
+    profile: list[str],
+    store: list[str],
+    cluster: list[str],
+    workers: list[str],
 ) -> str:
     cpu = next(
         (
@@ -833,6 +873,7 @@ def write_report(
         "",
         *cluster,
         *store,
+        *workers,
     ]
     if NOTES:
         lines += ["## Notes from this run", "", *[f"- {note}" for note in NOTES], ""]
@@ -880,8 +921,10 @@ def main() -> None:
     store = store_bench(args.short)
     log("cluster: [cluster] on against off (bench/cluster.py)")
     cluster = cluster_bench(args.short)
+    log("workers: serve --workers 2 against one process (bench/workers.py)")
+    workers = workers_bench(args.short)
     ROWS.sort(key=lambda r: r.number)
-    report = write_report(scale, args.short, started, profile, store, cluster)
+    report = write_report(scale, args.short, started, profile, store, cluster, workers)
     args.output.write_text(report, encoding="utf-8")
     print(report)
 

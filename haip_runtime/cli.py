@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -57,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 picks a free port)")
+    serve.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        help="override server.workers: N processes on the port, each a node of the cluster (N > 1 needs [cluster])",
+    )
     serve.set_defaults(func=_serve)
 
     init = command("init", "write a starter project: haip.toml, an agent, a tool module, their tests, .gitignore")
@@ -107,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--output", type=Path, help="write it to this file")
     schema.set_defaults(func=_schema)
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 64")
+    return value
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -333,17 +348,48 @@ def _serve(args: argparse.Namespace) -> int:
         from haip_runtime.config import validate_config
 
         config = validate_config(data, base_dir=config.base_dir, source=args.config)
-    return serve(config)
+    workers = args.workers or config.server.workers
+    refusal = _workers_refusal(config, workers, "--workers" if args.workers else f"{args.config}: server.workers =")
+    if refusal:
+        print(f"haip-runtime: {refusal}", file=sys.stderr)
+        return 2
+    return serve(config, workers)
 
 
-def serve(config: HaipConfig) -> int:
-    import uvicorn
+def _workers_refusal(config: HaipConfig, workers: int, named: str) -> str:
+    """Why ``workers`` processes cannot serve ``config``: each would hold conversations of its own."""
+    if workers == 1:
+        return ""
+    if config.cluster is None:  # ([cluster] itself needs the PostgreSQL store: the config check says so)
+        return (
+            f"{named} {workers} needs [cluster] (a Redis the workers share conversations through);"
+            " without it each worker would keep conversations of its own"
+        )
+    return ""
 
+
+def serve(config: HaipConfig, workers: int = 1) -> int:
+    """Check once what every process needs (the store, Redis), then serve in this process or in ``workers``."""
     from haip_runtime.observability.logs import configure_logging
-    from haip_runtime.server import allocator
-    from haip_runtime.server.app import Runtime, create_app
+    from haip_runtime.server import node
 
     configure_logging(config.observability, secrets=secret_values(config))
+    _preflight(config)
+    sock = node.bind(config.server.host, config.server.port, share_port=workers > 1, listen=workers == 1)
+    host, port = sock.getsockname()[:2]
+    if workers > 1:
+        with sock:  # reserved, never listening: the workers listen on sockets of their own
+            return _supervise(config, workers, host, port)
+
+    def ready(runtime: Any) -> None:
+        _announce(runtime.config, list(runtime.agents), runtime.authenticator, host, port)
+
+    node.run(config, sock, ready)
+    return 0
+
+
+def _preflight(config: HaipConfig) -> None:
+    """Redis and the store reached, once, before anything serves: one line, exit 1, if not."""
     if config.cluster is not None:  # first: it changes nothing, where the database's preflight may migrate
         import anyio
 
@@ -361,49 +407,31 @@ def serve(config: HaipConfig) -> int:
         from haip_runtime.store import postgres
 
         anyio.run(postgres.preflight, config.storage)  # unreachable, or a newer schema: one line, exit 1
-    allocator.tune()
-    runtime = Runtime(config)
-    sock = _bind(config.server.host, config.server.port)
-    host, port = sock.getsockname()[:2]
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if not self.should_exit:
-                _announce(runtime, host, port)
-
-    app = create_app(config, runtime)
-    uv_config = uvicorn.Config(
-        app,
-        log_config=None,
-        ws_max_size=config.server.max_frame_bytes + 1024,
-        ws_per_message_deflate=config.server.ws_per_message_deflate,
-        timeout_graceful_shutdown=5,
-        # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
-        ws_ping_interval=config.session.heartbeat_interval_seconds,
-        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
-    )
-    allocator.settle()
-    server = Server(uv_config)
-    runtime.reaper.attach(server)  # sockets of ended connections whose peer stopped reading are aborted
-    server.run(sockets=[sock])
-    return 0
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP;
-    # without it every streamed frame after the first waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"server: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+def _supervise(config: HaipConfig, workers: int, host: str, port: int) -> int:
+    """``serve --workers N``: the banner once every worker serves; non-zero if the supervisor gave up."""
+    import anyio
+
+    from haip_runtime.auth.tokens import Authenticator
+    from haip_runtime.cluster import make_node_id
+    from haip_runtime.server.app import dev_key
+    from haip_runtime.server.workers import Ready, Supervisor
+
+    # The dev key is made here, once, before any worker reads it: one token for every worker.
+    authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
+    base = config.cluster.node_id if config.cluster is not None and config.cluster.node_id else make_node_id()
+
+    def ready(workers: list[Ready]) -> None:
+        nodes = [worker.node or f"pid {worker.pid}" for worker in workers]
+        _announce(config, workers[0].agents, authenticator, host, port, nodes)
+
+    supervisor = Supervisor(config, workers, base, ready)
+    anyio.run(supervisor.run, port)
+    if supervisor.failure:
+        print(f"haip-runtime: {supervisor.failure}", file=sys.stderr)
+        return 1
+    return 1 if supervisor.forced else 0
 
 
 def _storage(storage: Any) -> str:
@@ -416,23 +444,26 @@ def _storage(storage: Any) -> str:
     return "in memory: lost when the runtime stops; set [storage] backend = 'sqlite' to keep it"
 
 
-def _announce(runtime: Any, host: str, port: int) -> None:
+def _announce(
+    config: HaipConfig, agents: list[str], authenticator: Any, host: str, port: int, nodes: list[str] | None = None
+) -> None:
     shown = f"[{host}]" if ":" in host else host
     lines = [
         f"haip-runtime listening on http://{shown}:{port}",
         f"  WebSocket: ws://{shown}:{port}/haip/websocket  (also ws://{shown}:{port}/)",
         f"  health:    http://{shown}:{port}/health",
-        f"  agents:    {', '.join(runtime.agents) or '(none configured)'}",
-        f"  history:   http://{shown}:{port}/haip/transactions  ({_storage(runtime.config.storage)})",
+        f"  agents:    {', '.join(agents) or '(none configured)'}",
+        f"  history:   http://{shown}:{port}/haip/transactions  ({_storage(config.storage)})",
     ]
-    dev = runtime.config.auth.mode == "dev"
-    token = runtime.authenticator.issue("dev") if dev else None
-    if runtime.config.server.serves_playground:
+    if nodes:
+        lines.append(f"  workers:   {len(nodes)} processes on this port, nodes {', '.join(nodes)}")
+    token = authenticator.issue("dev") if config.auth.mode == "dev" else None
+    if config.server.serves_playground:
         # Ready to open: in dev mode the page takes its token from the URL.
         query = f"?token={token}" if token else "  (add ?token=<jwt>)"
         lines.insert(1, f"  playground: http://{shown}:{port}/{query}")
     if token is not None:
-        agent = "operator" if "operator" in runtime.agents else next(iter(runtime.agents), "echo")
+        agent = "operator" if "operator" in agents else next(iter(agents), "echo")
         lines += [
             "  auth:      dev mode (loopback only); a ready token for user 'dev':",
             f"  token:     {token}",

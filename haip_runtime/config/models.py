@@ -26,6 +26,9 @@ class ServerConfig(Model):
     """Address to listen on. In `dev` auth mode only loopback addresses are allowed."""
     port: int = Field(default=8080, ge=0, le=65535)
     """TCP port; 0 picks a free one (the chosen port is printed)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Processes `serve` runs on the port, each a node of the cluster: more than 1 needs `[cluster]`.
+    `serve --workers N` overrides it."""
     max_frame_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False

@@ -99,10 +99,15 @@ class TraceIds(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         body = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
+            **({"worker": self.worker} if self.worker else {}),
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -114,17 +119,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, ensure_ascii=False)
 
 
-def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = ()) -> None:
+def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = (), worker: str | None = None) -> None:
+    """Every record to stderr, redacted; ``worker`` (``serve --workers``: ``w1``, ``w2``...) tags each line
+    of one worker process, whose stderr it shares with the others and the supervisor."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redactor(secrets))
     traced = config.tracing != "off"
     if traced:
         handler.addFilter(TraceIds())
     if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
         ids = " [trace=%(trace_id)s span=%(span_id)s]" if traced else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s %(name)s{ids}: %(message)s", "%H:%M:%S"))
+        tag = f"[{worker}] " if worker else ""
+        line = f"%(asctime)s %(levelname)-7s {tag}%(name)s{ids}: %(message)s"
+        handler.setFormatter(logging.Formatter(line, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -77,3 +77,13 @@ def test_a_log_budget_drops_past_its_limit_and_strips_tracebacks() -> None:
     now[0] = 61
     later = record()
     assert budget.filter(later) and later.getMessage().endswith("(1 similar lines dropped)")
+
+
+def test_a_workers_lines_say_which_worker_they_are(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(ObservabilityConfig(), worker="w2")
+    logging.getLogger("haip_runtime.test").warning("from a worker")
+    configure_logging(ObservabilityConfig(log_format="json"), worker="w2")
+    logging.getLogger("haip_runtime.test").warning("in json")
+    console, json_line = capsys.readouterr().err.splitlines()
+    assert console.endswith("WARNING [w2] haip_runtime.test: from a worker")
+    assert json.loads(json_line)["worker"] == "w2"

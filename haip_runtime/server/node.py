@@ -1,0 +1,158 @@
+"""One runtime process under uvicorn: what ``serve`` runs, alone or as each worker of ``serve --workers N``.
+
+``run`` serves a ``Runtime`` on a listening socket made by ``bind``. A worker is this module run as a
+program (``python -m haip_runtime.server.node``, started by ``workers.Supervisor``): it reads its
+``WorkerSpec`` from stdin, binds a listening socket of its own on the port the supervisor reserved
+(``SO_REUSEPORT``), tells the supervisor on stdout when it serves, and stops gracefully when its stdin
+closes, which happens when the supervisor is gone, even killed with SIGKILL: no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import uvicorn
+
+from haip_runtime.config import HaipConfig, secret_values
+from haip_runtime.exceptions import ConfigError, PluginError
+from haip_runtime.observability.logs import configure_logging
+from haip_runtime.server import allocator
+from haip_runtime.server.app import Runtime, create_app
+
+logger = logging.getLogger(__name__)
+
+#: A worker's stdout lines that start with this are for the supervisor (the rest is passed through).
+MARK = "\x1ehaip-worker "
+#: Seconds a worker whose supervisor is gone has to stop gracefully before it exits regardless.
+ORPHAN_GRACE_SECONDS = 15.0
+#: The exit code of a worker that could not start (a config or plugin error, a port it cannot bind).
+START_FAILED = 3
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor hands a worker: its config (``server.port`` the reserved port,
+    ``cluster.node_id`` its own) and its number, which tags its log lines."""
+
+    config: HaipConfig
+    index: int
+
+
+def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``host:port``; ``share_port`` sets ``SO_REUSEPORT``, so that each worker
+    listens on a socket of its own on one port and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP;
+    # without it every streamed frame after the first waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    if listen:
+        sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], None]) -> bool:
+    """Serve ``config`` on ``sock`` until a signal stops uvicorn; ``on_ready`` once it serves.
+    ``False`` when it never served (uvicorn logged why: the runtime's start-up failed)."""
+    allocator.tune()
+    runtime = Runtime(config)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                on_ready(runtime)
+
+    uv_config = uvicorn.Config(
+        create_app(config, runtime),
+        log_config=None,
+        ws_max_size=config.server.max_frame_bytes + 1024,
+        ws_per_message_deflate=config.server.ws_per_message_deflate,
+        timeout_graceful_shutdown=5,
+        # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
+        ws_ping_interval=config.session.heartbeat_interval_seconds,
+        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
+    )
+    allocator.settle()
+    server = Server(uv_config)
+    runtime.reaper.attach(server)  # sockets of ended connections whose peer stopped reading are aborted
+    server.run(sockets=[sock])
+    return server.started
+
+
+def tell_supervisor(kind: str, **fields: Any) -> None:
+    """One line for the supervisor on stdout: ``ready`` (with the node and agents) or ``failed``."""
+    sys.stdout.write(f"{MARK}{kind} {json.dumps(fields)}\n")
+    sys.stdout.flush()
+
+
+def watch_supervisor(pipe: IO[bytes]) -> threading.Thread:
+    """Stop this worker when ``pipe`` (its stdin, whose other end only the supervisor holds) closes:
+    SIGTERM to itself (uvicorn's graceful stop), then exit after ``ORPHAN_GRACE_SECONDS`` regardless."""
+
+    def watch() -> None:
+        while pipe.read(4096):  # the supervisor writes nothing more: this returns at EOF
+            pass
+        logger.warning("the supervisor is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = threading.Timer(ORPHAN_GRACE_SECONDS, os._exit, (1,))
+        deadline.daemon = True
+        deadline.start()
+
+    thread = threading.Thread(target=watch, name="supervisor-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def main() -> int:
+    """A worker: the spec from stdin, then ``run`` on a socket of its own until SIGTERM or its supervisor goes."""
+    spec: WorkerSpec = pickle.load(sys.stdin.buffer)
+    config, tag = spec.config, f"w{spec.index}"
+    configure_logging(config.observability, secrets=secret_values(config), worker=tag)
+    # Until uvicorn takes SIGTERM over, and when it raises it again after its graceful stop: exit 0.
+    signal.signal(signal.SIGTERM, _stop)
+    watch_supervisor(sys.stdin.buffer)
+
+    def ready(runtime: Runtime) -> None:
+        node = runtime.fleet.bus.node_id if runtime.fleet is not None and runtime.fleet.bus is not None else None
+        tell_supervisor("ready", pid=os.getpid(), node=node, agents=list(runtime.agents))
+
+    try:
+        sock = bind(config.server.host, config.server.port, share_port=True)
+        served = run(config, sock, ready)
+    except (ConfigError, PluginError) as exc:
+        print(f"haip-runtime: worker {spec.index}: {exc}", file=sys.stderr, flush=True)
+        tell_supervisor("failed", error=str(exc))
+        return START_FAILED
+    finally:  # exiting already: a SIGTERM now must not cut short what runs at exit (flushes, atexit)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not served:
+        tell_supervisor("failed", error="the runtime did not start (its log says why)")
+        return START_FAILED
+    return 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
