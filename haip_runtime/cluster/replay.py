@@ -261,7 +261,8 @@ class ReplayStreams:
         """(node, user) of the node holding ``session`` and its user; ``None`` if it has no window."""
         with translating(self._health, f"find the node of {session}"):
             node, user = await self._redis.hmget(self._keys.replay_meta(session), ["node", "user"])
-        return (node.decode(), user.decode()) if node is not None and user is not None else None
+        node_name, user_name = text(node), text(user)
+        return (node_name, user_name) if node_name is not None and user_name is not None else None
 
     async def claim(self, session: str, user: str) -> Claimed | None:
         """Take ``user``'s ``session`` over for this node (its old node's mirroring is refused from now
