@@ -122,7 +122,12 @@ class Roaming:
     async def _take_over(self, session_id: str, principal: Principal, last_seq: int) -> Session | None:
         bus = self.bus
         holder = await bus.replay.holder(session_id)
-        if holder is None or holder[1] != principal.user:
+        if holder is None:
+            # Gone, or Redis lost everything: then the epoch is new, and the failure says "restarted"
+            # (with the transactions to rejoin) even before this node's next heartbeat reads it.
+            self.hub.sessions.epoch = await bus.nodes.epoch()
+            return None
+        if holder[1] != principal.user:
             return None
         if holder[0] != bus.node_id:
             await self._ask_release(holder[0], session_id)
