@@ -20,7 +20,7 @@ import pytest
 from haip_runtime.config.models import HaipConfig
 from tests.behaviour.test_cluster_limits import until
 from tests.support.peers import SsePeer, open_peer
-from tests.support.raw import RawPeer, raw_peer
+from tests.support.raw import Numbered, RawPeer, raw_peer
 from tests.support.redis import RedisServer
 from tests.support.serving import LiveServer, live_server, make_config
 
@@ -49,7 +49,7 @@ def two_nodes(redis_url: str, prefix: str, postgres_url: str) -> Iterator[tuple[
         yield a, b
 
 
-async def until_type(peer: Any, type: str, into: list[dict[str, Any]]) -> dict[str, Any]:
+async def until_type(peer: Numbered, type: str, into: list[dict[str, Any]]) -> dict[str, Any]:
     """The next envelope of ``type``; everything received on the way (it included) is kept in ``into``."""
     while True:
         envelope = await peer.receive()
