@@ -344,6 +344,13 @@ def serve(config: HaipConfig) -> int:
     from haip_runtime.server.app import Runtime, create_app
 
     configure_logging(config.observability, secrets=secret_values(config))
+    if config.cluster is not None:  # first: it changes nothing, where the database's preflight may migrate
+        import anyio
+
+        from haip_runtime.cluster.dialing import preflight as reach_redis
+
+        cluster = config.cluster
+        anyio.run(reach_redis, cluster.redis_url, cluster.masked_url, cluster.connect_timeout_seconds)
     if config.storage.backend == "sqlite":
         from haip_runtime.store.guard import preflight
 
@@ -354,13 +361,6 @@ def serve(config: HaipConfig) -> int:
         from haip_runtime.store import postgres
 
         anyio.run(postgres.preflight, config.storage)  # unreachable, or a newer schema: one line, exit 1
-    if config.cluster is not None:
-        import anyio
-
-        from haip_runtime.cluster.dialing import preflight as reach_redis
-
-        cluster = config.cluster
-        anyio.run(reach_redis, cluster.redis_url, cluster.masked_url, cluster.connect_timeout_seconds)
     allocator.tune()
     runtime = Runtime(config)
     sock = _bind(config.server.host, config.server.port)

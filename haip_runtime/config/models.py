@@ -405,6 +405,11 @@ class HaipConfig(Model):
                 )
             if agent.reply_audio and agent.speech is None:
                 raise ValueError(f"agents.{name}.reply_audio needs agents.{name}.speech")
+        if self.cluster is not None and self.storage.backend != "postgres":
+            raise ValueError(
+                f"[cluster] needs [storage] backend = 'postgres', not {self.storage.backend!r}: every node "
+                "reads and writes the one durable log of the conversations they share"
+            )
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"

@@ -34,11 +34,15 @@ pytestmark = pytest.mark.anyio
 FAST = {"heartbeat_seconds": 0.1, "node_ttl_seconds": 1, "connect_timeout_seconds": 5, "slot_ttl_seconds": 1}
 
 
-def node_config(url: str, prefix: str, limits: dict[str, Any] | None = None, **session: Any) -> HaipConfig:
-    """A runtime that is a node of the cluster on the Redis at ``url`` (keys under ``prefix``)."""
+def node_config(
+    url: str, database: str, prefix: str, limits: dict[str, Any] | None = None, **session: Any
+) -> HaipConfig:
+    """A runtime that is a node of the cluster on the Redis at ``url`` (keys under ``prefix``) and the
+    PostgreSQL ``database``."""
     return make_config(
         {
             "cluster": {"redis_url": url, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": database, "flush_interval_seconds": 0.01},
             "limits": {"sessions_per_user": 2, **(limits or {})},
             "session": session,
         }
@@ -101,9 +105,9 @@ async def admitted(live: LiveServer, user: str) -> bool:
 
 
 async def test_a_user_at_the_limit_on_one_node_is_refused_on_another_until_a_slot_frees(
-    redis_url: str, prefix: str
+    redis_url: str, prefix: str, postgres_url: str
 ) -> None:
-    config = node_config(redis_url, prefix, resume_timeout_seconds=0.3)
+    config = node_config(redis_url, postgres_url, prefix, resume_timeout_seconds=0.3)
     with live_server(config) as a, live_server(config) as b:
         async with probe(redis_url, prefix) as bus:
             async with raw_peer(a.ws_url) as first:
@@ -123,8 +127,8 @@ async def test_a_user_at_the_limit_on_one_node_is_refused_on_another_until_a_slo
     assert info["payload"]["user"] == "ann"
 
 
-async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(redis_url: str, prefix: str) -> None:
-    with live_server(node_config(redis_url, prefix)) as b:
+async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(redis_url: str, prefix: str, postgres_url: str) -> None:
+    with live_server(node_config(redis_url, postgres_url, prefix)) as b:
         async with probe(redis_url, prefix) as counter:
             async with probe(redis_url, prefix) as dead:
                 for session in ("s1", "s2"):
@@ -139,9 +143,9 @@ async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(redis_url:
     assert freed_after <= FAST["slot_ttl_seconds"] + 0.5
 
 
-async def test_a_node_that_stops_cleanly_frees_its_slots_at_once(redis_url: str, prefix: str) -> None:
+async def test_a_node_that_stops_cleanly_frees_its_slots_at_once(redis_url: str, prefix: str, postgres_url: str) -> None:
     async with probe(redis_url, prefix) as counter:
-        with live_server(node_config(redis_url, prefix, resume_timeout_seconds=60)) as a:
+        with live_server(node_config(redis_url, postgres_url, prefix, resume_timeout_seconds=60)) as a:
             async with raw_peer(a.ws_url) as first, raw_peer(a.ws_url) as second:
                 await ready(first, a.token("ann"))
                 await ready(second, a.token("ann"))
@@ -161,10 +165,10 @@ async def pings(live: LiveServer, user: str, count: int) -> int:
 
 
 async def test_a_users_message_rate_over_two_nodes_stays_within_the_stated_tolerance(
-    redis_url: str, prefix: str
+    redis_url: str, prefix: str, postgres_url: str
 ) -> None:
     limits = {"user_messages_per_second": 1, "user_message_burst": 10, "messages_per_second": 1000}
-    config = node_config(redis_url, prefix, {**limits, "message_burst": 1000})
+    config = node_config(redis_url, postgres_url, prefix, {**limits, "message_burst": 1000})
     with live_server(config) as a, live_server(config) as b:
         nodes = [live.runtime.hub.sessions.quotas for live in (a, b)]
         await until(seen(lambda: all(quotas.nodes == 2 for quotas in nodes)))
@@ -189,9 +193,9 @@ async def health(http: httpx2.AsyncClient) -> dict[str, Any]:
 
 
 async def test_without_redis_sessions_are_admitted_on_the_local_limit_and_counted_once_it_is_back(
-    own_redis: RedisServer, prefix: str
+    own_redis: RedisServer, prefix: str, postgres_url: str
 ) -> None:
-    with live_server(node_config(own_redis.url, prefix, {"sessions_per_user": 1})) as a:
+    with live_server(node_config(own_redis.url, postgres_url, prefix, {"sessions_per_user": 1})) as a:
         async with httpx2.AsyncClient(base_url=a.http_url) as http:
             assert (await health(http))["cluster"]["state"] == "ok"
             assert "haip_cluster_up 1.0" in (await http.get("/metrics")).text

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 
-def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path) -> None:
+def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path, postgres_url: str) -> None:
     with socket.socket() as unused:  # bound, never listening: connecting is refused at once
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
         (tmp_path / "haip.toml").write_text(
-            f'[server]\nport = 0\n[cluster]\nredis_url = "redis://:hunter2@127.0.0.1:{port}/0"\n'
-            "connect_timeout_seconds = 1\n"
+            f'[server]\nport = 0\n[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+            f'[cluster]\nredis_url = "redis://:hunter2@127.0.0.1:{port}/0"\nconnect_timeout_seconds = 1\n'
         )
         done = subprocess.run(
             [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml")],

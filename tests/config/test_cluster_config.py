@@ -11,13 +11,16 @@ from haip_runtime.config import ConfigError, load_config, masked_dump, secret_va
 from haip_runtime.config.base import masked_url
 from tests.config.test_config import run_cli, write
 
+#: ``[cluster]`` needs the PostgreSQL store (not reached by these tests).
+POSTGRES = '[storage]\nbackend = "postgres"\nurl = "postgresql://haip@127.0.0.1:5432/haip"\n'
+
 
 def test_without_the_section_there_is_no_cluster(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, ""), env={}).cluster is None
 
 
 def test_the_url_may_come_from_the_environment_and_its_password_is_masked(tmp_path: Path) -> None:
-    path = write(tmp_path, '[cluster]\nredis_url = "redis://:${REDIS_PASSWORD}@127.0.0.1:6379/2"\nnode_id = "n1"\n')
+    path = write(tmp_path, f'{POSTGRES}[cluster]\nredis_url = "redis://:${{REDIS_PASSWORD}}@127.0.0.1:6379/2"\nnode_id = "n1"\n')
     config = load_config(path, env={"REDIS_PASSWORD": "hunter2-long"})
     assert config.cluster is not None and config.cluster.node_id == "n1"
     assert config.cluster.redis_url == "redis://:hunter2-long@127.0.0.1:6379/2"
@@ -47,7 +50,7 @@ def test_a_url_of_another_scheme_is_one_line_naming_the_key(tmp_path: Path) -> N
 
 
 def test_check_shows_the_cluster_without_its_password(tmp_path: Path) -> None:
-    path = write(tmp_path, '[cluster]\nredis_url = "redis://:s3cret-pw@127.0.0.1:6379/0"\n')
+    path = write(tmp_path, f'{POSTGRES}[cluster]\nredis_url = "redis://:s3cret-pw@127.0.0.1:6379/0"\n')
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["cluster"]["redis_url"] == "redis://:**********@127.0.0.1:6379/0"
@@ -88,3 +91,9 @@ def test_a_password_with_url_characters_is_masked_and_redacted_whole(
     from haip_runtime.config.base import url_password
 
     assert masked_url(url) == shown and url_password(url) == password
+
+
+def test_a_cluster_needs_the_postgres_store(tmp_path: Path) -> None:
+    path = write(tmp_path, '[storage]\nbackend = "sqlite"\n[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\n')
+    with pytest.raises(ConfigError, match="needs \\[storage\\] backend = 'postgres', not 'sqlite'"):
+        load_config(path, env={})
