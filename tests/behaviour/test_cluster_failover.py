@@ -112,7 +112,7 @@ async def test_a_client_resumes_on_another_node_after_its_node_is_killed_with_no
     assert resumed_epoch == epoch  # one epoch over the cluster: the client sees a resume, not a restart
     assert [event.seq for event in received] == list(range(received[0].seq, received[-1].seq + 1))
     mine = [event for event in received if event.transaction == transaction and event.tseq is not None]
-    tseqs = [event.tseq for event in mine]
+    tseqs = [event.tseq or 0 for event in mine]
     assert len(tseqs) == len(set(tseqs)) and tseqs == sorted(tseqs)  # each event once, in order
     own = {f"before-{n}" for n in range(3)} | {"after"}
     expected = [e["tseq"] for e in events if not (e["type"] == "MESSAGE" and said(e) in own)]
