@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
-from haip_runtime.cluster.replies import Arg, fields, stream_rows, text
+from haip_runtime.cluster.replies import Arg, text
 
 #: KEYS: meta, stream. ARGV: epoch, seq, envelope, max events, max age ms.
 #: 1 appended; 0 the epoch is not the session's (its window was lost or replaced); -1 seq not after the last.
@@ -103,6 +103,31 @@ redis.call('HSET', KEYS[1], 'node', ARGV[1])
 return {2, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
+#: KEYS: meta, stream. ARGV: epoch, after, page. {outcome, last, then seq, envelope... newest first}:
+#: outcome 0 no window, 1 another epoch, 2 ahead, 3 read (from the newest down to the first after ``after``).
+READ_AFTER = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {0, 0} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+if epoch ~= ARGV[1] then return {1, last} end
+local after = tonumber(ARGV[2])
+if after > last then return {2, last} end
+local out = {3, last}
+local page = tonumber(ARGV[3])
+local high = '+'
+while true do
+  local rows = redis.call('XREVRANGE', KEYS[2], high, '-', 'COUNT', page)
+  for _, row in ipairs(rows) do
+    local entry = row[2]
+    if tonumber(entry[2]) <= after then return out end
+    out[#out + 1] = entry[2]
+    out[#out + 1] = entry[4]
+  end
+  if #rows < page then return out end
+  high = '(' .. rows[#rows][1]
+end
+"""
+
 PAGE = 500
 #: Inbound envelope ids kept per session for the next node's dedup (as many as a node remembers itself).
 MAX_IDS = 1024
@@ -120,6 +145,10 @@ class ReplayOutcome(enum.StrEnum):
     AHEAD = "ahead"
     #: Envelopes after the client's seq have been trimmed away.
     TOO_OLD = "too_old"
+
+
+#: ``READ_AFTER``'s first number.
+READ_OUTCOMES = (ReplayOutcome.UNKNOWN, ReplayOutcome.RESTARTED, ReplayOutcome.AHEAD, ReplayOutcome.OK)
 
 
 class Mirrored(enum.IntEnum):
@@ -192,6 +221,7 @@ class ReplayStreams:
         self._start = redis.register_script(START)
         self._mirror = redis.register_script(MIRROR)
         self._claim = redis.register_script(CLAIM)
+        self._read = redis.register_script(READ_AFTER)
 
     async def start(self, session: str) -> str:
         """Begin a new window for ``session`` (dropping any old one); its new epoch."""
@@ -217,22 +247,26 @@ class ReplayStreams:
             return text(await self._redis.hget(self._keys.replay_meta(session), "epoch"))
 
     async def read_after(self, session: str, epoch: str, after: int) -> ReplayRead:
-        """Every envelope after seq ``after``, once and in order, if the window of ``epoch`` holds them all."""
+        """Every envelope after seq ``after``, once and in order, if the window of ``epoch`` holds them all.
+
+        One script run reads the hash and the stream together, backwards from the newest until seq
+        ``after`` (so the cost follows what was missed), and answers a flat list: parsing a stream
+        reply entry by entry in Python was most of a takeover's time."""
         with translating(self._health, f"read the replay window of {session}"):
-            meta = fields(await self._redis.hgetall(self._keys.replay_meta(session)))
-            if b"epoch" not in meta:
-                return ReplayRead(ReplayOutcome.UNKNOWN)
-            last = int(meta.get(b"last", b"0"))
-            if meta[b"epoch"].decode() != epoch:
-                return ReplayRead(ReplayOutcome.RESTARTED, last=last)
-            if after > last:
-                return ReplayRead(ReplayOutcome.AHEAD, last=last)
-            newest_first = await self._newest_after(session, after)
-        envelopes = newest_first[::-1]
-        first_missing = after + 1
-        if after < last and (not envelopes or envelopes[0][0] != first_missing):
+            reply = await self._read(keys=self._names(session), args=[epoch, after, PAGE])
+        outcome, last = READ_OUTCOMES[int(reply[0])], int(reply[1])
+        if outcome is not ReplayOutcome.OK:
+            return ReplayRead(outcome, last=last)
+        flat = reply[2:]
+        envelopes = [(int(seq), data) for seq, data in zip(flat[-2::-2], flat[::-2], strict=True)]
+        if after < last and (not envelopes or envelopes[0][0] != after + 1):
             return ReplayRead(ReplayOutcome.TOO_OLD, last=last)
         return ReplayRead(ReplayOutcome.OK, envelopes, last)
+
+    async def delete(self, session: str) -> None:
+        """The session closed: its window goes."""
+        with translating(self._health, f"delete the replay window of {session}"):
+            await self._redis.delete(*self._all_names(session))
 
     async def mirror(self, updates: list[WindowUpdate]) -> list[Mirrored]:
         """Keep several sessions' new envelopes and state: one pipeline, one script run per session."""
@@ -274,26 +308,6 @@ class ReplayStreams:
             return None
         flat = [item.decode() for item in reply[1]]
         return Claimed(dict(zip(flat[::2], flat[1::2], strict=True)), [item.decode() for item in reply[2]][::-1])
-
-    async def delete(self, session: str) -> None:
-        """The session closed: its window goes."""
-        with translating(self._health, f"delete the replay window of {session}"):
-            await self._redis.delete(*self._all_names(session))
-
-    async def _newest_after(self, session: str, after: int) -> list[tuple[int, bytes]]:
-        """Read backwards from the newest until seq ``after`` (or the oldest kept): cost follows what was missed."""
-        found: list[tuple[int, bytes]] = []
-        high = b"+"
-        while True:
-            rows = stream_rows(await self._redis.xrevrange(self._keys.replay(session), high, "-", count=PAGE))
-            for _, entry in rows:
-                seq = int(entry[b"s"])
-                if seq <= after:
-                    return found
-                found.append((seq, entry[b"d"]))
-            if len(rows) < PAGE:
-                return found
-            high = b"(" + rows[-1][0]
 
     def _names(self, session: str) -> list[str]:
         return [self._keys.replay_meta(session), self._keys.replay(session)]
