@@ -127,7 +127,9 @@ async def test_a_user_at_the_limit_on_one_node_is_refused_on_another_until_a_slo
     assert info["payload"]["user"] == "ann"
 
 
-async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(redis_url: str, prefix: str, postgres_url: str) -> None:
+async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
     with live_server(node_config(redis_url, postgres_url, prefix)) as b:
         async with probe(redis_url, prefix) as counter:
             async with probe(redis_url, prefix) as dead:
@@ -143,7 +145,9 @@ async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(redis_url:
     assert freed_after <= FAST["slot_ttl_seconds"] + 0.5
 
 
-async def test_a_node_that_stops_cleanly_frees_its_slots_at_once(redis_url: str, prefix: str, postgres_url: str) -> None:
+async def test_a_node_that_stops_cleanly_frees_its_slots_at_once(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
     async with probe(redis_url, prefix) as counter:
         with live_server(node_config(redis_url, postgres_url, prefix, resume_timeout_seconds=60)) as a:
             async with raw_peer(a.ws_url) as first, raw_peer(a.ws_url) as second:

@@ -20,7 +20,9 @@ def test_without_the_section_there_is_no_cluster(tmp_path: Path) -> None:
 
 
 def test_the_url_may_come_from_the_environment_and_its_password_is_masked(tmp_path: Path) -> None:
-    path = write(tmp_path, f'{POSTGRES}[cluster]\nredis_url = "redis://:${{REDIS_PASSWORD}}@127.0.0.1:6379/2"\nnode_id = "n1"\n')
+    path = write(
+        tmp_path, f'{POSTGRES}[cluster]\nredis_url = "redis://:${{REDIS_PASSWORD}}@127.0.0.1:6379/2"\nnode_id = "n1"\n'
+    )
     config = load_config(path, env={"REDIS_PASSWORD": "hunter2-long"})
     assert config.cluster is not None and config.cluster.node_id == "n1"
     assert config.cluster.redis_url == "redis://:hunter2-long@127.0.0.1:6379/2"
