@@ -18,7 +18,7 @@ import httpx2
 import pytest
 
 from haip_runtime.config.models import HaipConfig
-from tests.behaviour.test_cluster_limits import until
+from tests.behaviour.test_cluster_limits import probe, until
 from tests.support.peers import SsePeer, open_peer
 from tests.support.raw import Numbered, RawPeer, raw_peer
 from tests.support.redis import RedisServer
@@ -220,3 +220,37 @@ async def test_after_redis_lost_everything_a_resume_elsewhere_fails_and_the_clie
     assert fresh["payload"]["resumed"] is False and fresh["payload"]["epoch"] != ready["payload"]["epoch"]
     assert joined["payload"]["tseq"] and [event["type"] for event in history][:1] == ["TRANSACTION_START"]
     assert reply["payload"] == "you said: after"
+
+
+async def test_a_window_redis_lost_while_its_client_stayed_connected_is_made_again_from_the_node(
+    own_redis: RedisServer, prefix: str, postgres_url: str
+) -> None:
+    with two_nodes(own_redis.url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai = await first.receive()
+            seen.append(hai)
+            await first.hai(token)
+            await until_type(first, "INFO", seen)
+            own_redis.kill()
+            own_redis.start()  # empty; the client stays connected to A all along
+            for n in range(3):
+                await first.send("PING", {"nonce": str(n)})
+                await until_type(first, "PONG", seen)
+            async with probe(own_redis.url, prefix) as bus:
+
+                async def made_again() -> bool:  # A's mirror learnt the window was lost and made it again
+                    last = await bus.redis.hget(bus.keys.replay_meta(hai["session"]), "last")
+                    return last == seen[-1]["seq"].encode()
+
+                await until(made_again)
+            claimed = int(seen[1]["seq"])  # the client says it read only the first two
+        async with raw_peer(b.ws_url) as second:
+            await second.receive()
+            second.seq = first.seq
+            await second.hai(token, session=hai["session"], last_rx_seq=str(claimed))
+            again: list[dict[str, Any]] = []
+            ready = await until_type(second, "INFO", again)
+    missed = [envelope for envelope in seen if int(envelope["seq"]) > claimed]
+    assert again[:-1] == missed and ready["payload"]["resumed"] is True
