@@ -242,7 +242,7 @@ async def test_a_window_redis_lost_while_its_client_stayed_connected_is_made_aga
 
                 async def made_again() -> bool:  # A's mirror learnt the window was lost and made it again
                     last = await bus.redis.hget(bus.keys.replay_meta(hai["session"]), "last")
-                    return last == seen[-1]["seq"].encode()
+                    return bool(last == seen[-1]["seq"].encode())
 
                 await until(made_again)
             claimed = int(seen[1]["seq"])  # the client says it read only the first two
