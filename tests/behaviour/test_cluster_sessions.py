@@ -234,6 +234,8 @@ async def test_a_window_redis_lost_while_its_client_stayed_connected_is_made_aga
             await first.hai(token)
             await until_type(first, "INFO", seen)
             own_redis.kill()
+            await first.send("PING", {"nonce": "while redis is down"})  # kept by A's mirror until it is back
+            await until_type(first, "PONG", seen)
             own_redis.start()  # empty; the client stays connected to A all along
             for n in range(3):
                 await first.send("PING", {"nonce": str(n)})
@@ -254,3 +256,23 @@ async def test_a_window_redis_lost_while_its_client_stayed_connected_is_made_aga
             ready = await until_type(second, "INFO", again)
     missed = [envelope for envelope in seen if int(envelope["seq"]) > claimed]
     assert again[:-1] == missed and ready["payload"]["resumed"] is True
+
+
+async def test_a_node_whose_session_was_claimed_behind_its_back_lets_it_go_at_its_next_flush(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    with two_nodes(redis_url, prefix, postgres_url) as (a, _):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai = await first.receive()
+            await first.hai(token)
+            await until_type(first, "INFO", seen)
+            async with probe(redis_url, prefix, node_id="elsewhere") as other:
+                # Another node took the session over without reaching A (A did not hear it, say).
+                assert await other.replay.claim(hai["session"], "ann") is not None
+                assert await other.replay.claim(hai["session"], "bob") is None
+                await first.send("PING", {"nonce": "after the claim"})
+                closed = await first.closed()
+        assert hai["session"] not in a.runtime.hub.sessions.sessions
+    assert closed == 1000  # A let the session go: two nodes never both deliver to it
