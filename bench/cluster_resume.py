@@ -262,7 +262,12 @@ async def takeover(redis_url: str, postgres_url: str, resumes: int, missed: int)
     }
 
 
-def write(mirror: dict[str, Any], moved: dict[str, Any]) -> None:
+def load_average() -> str:
+    """The machine's 1-minute load average: other processes share these cores (what moves the latencies)."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def write(mirror: dict[str, Any], moved: dict[str, Any], load: str) -> None:
     low, high = mirror["added_range"]
     share = mirror["added_us"] / ECHO_ROUND_TRIP_US
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -270,7 +275,8 @@ def write(mirror: dict[str, Any], moved: dict[str, Any]) -> None:
         f"""# Sessions across nodes: mirroring the windows, and a resume on another node after a kill
 
 Written by `bench/cluster_resume.py` on {now}, Python {platform.python_version()}, {platform.machine()},
-shared 2-core machine; a local redis-server (no persistence), PostgreSQL from Debian.
+shared 2-core machine (1-minute load average {load} when it started, {load_average()} when it ended: other
+processes' work shares the cores); a local redis-server (no persistence), PostgreSQL from Debian.
 
 ## Mirroring the replay windows (the send path's cost)
 
@@ -321,6 +327,7 @@ def main() -> None:
     parser.add_argument("--resumes", type=int, default=20)
     parser.add_argument("--missed", type=int, default=1000)
     args = parser.parse_args()
+    load = load_average()
     with running_redis() as redis:
         mirror = anyio.run(mirroring, redis.url, args.envelopes, args.rounds)
         print(f"mirroring: {mirror}", flush=True)
@@ -331,7 +338,7 @@ def main() -> None:
         finally:
             postgres.close()
         print(f"takeover: {moved}", flush=True)
-    write(mirror, moved)
+    write(mirror, moved, load)
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
