@@ -1,8 +1,8 @@
 """The cluster's bus: Redis shared by every node (the only code that imports ``redis``).
 
 Layer 2: imports only ``protocol``, ``exceptions``, ``config`` and ``observability``. The runtime
-uses its quotas and presence (``server/fleet.py``: per-user limits over every node); the
-conversation, hub and session layers will build on the rest of this API.
+uses its quotas and presence (``server/fleet.py``: per-user limits over every node), and its logs,
+feed and leases (``conversation/relay.py``: transactions shared by the nodes).
 """
 
 from haip_runtime.cluster.bus import Bus, make_node_id

@@ -141,6 +141,12 @@ class Leases:
                 raise group.exceptions[0] from None
             raise
 
+    async def keep(self, name: str, token: str, ttl: float | None = None) -> None:
+        """Renew the lease ``token`` holds every third of the TTL; return once it is lost (taken over,
+        or Redis not reached before it would have run out by this node's clock). Cancel to stop."""
+        ttl = ttl if ttl is not None else self._ttl
+        await self._keep(HeldLease(name, token), ttl, anyio.current_time() + ttl, None)
+
     async def _keep(
         self, lease: HeldLease, ttl: float, deadline: float, on_lost: Callable[[HeldLease], None] | None
     ) -> None:

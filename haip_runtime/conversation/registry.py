@@ -19,18 +19,22 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.history import history_from_events
 from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.runs import RunLimit
-from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.conversation.runs import AgentSlot, RunLimit
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
+    from haip_runtime.conversation.relay import Relay
     from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
 
 #: Events read back to rebuild the agents' history of a transaction brought back from the store.
 REHYDRATE_EVENTS = 20_000
+#: In a cluster, the last events a transaction brought back from the store has delivered again from
+#: the bus's log: the store may not hold the newest yet (every node writes in batches).
+REDELIVERED = 64
 
 
 class TransactionRegistry:
@@ -67,11 +71,17 @@ class TransactionRegistry:
         self.on_run_end: Callable[[str, str], None] | None = None
         #: Called with every transaction made (new, or brought back from the store).
         self.on_new: Callable[[Transaction], None] | None = None
+        #: In a cluster (``[cluster]``): every transaction here is shared through the bus.
+        self.relay: Relay | None = None
 
     def __len__(self) -> int:
         return len(self.live)
 
-    def new(self, owner: str, thread_id: str | None, id: str | None = None, **state: Any) -> Transaction:
+    def new(
+        self, owner: str, thread_id: str | None, id: str | None = None, *, floor: int | None = None, **state: Any
+    ) -> Transaction:
+        """A transaction: a new one (``floor`` None), or one brought back from the store with what it
+        knew (``state``) and, in a cluster, the last tseq the store holds (``floor``)."""
         transaction = Transaction(
             owner=owner,
             thread_id=thread_id,
@@ -86,6 +96,8 @@ class TransactionRegistry:
             **state,
         )
         transaction.on_run_end = self.on_run_end
+        if self.relay is not None:
+            self.relay.attach(transaction, new=floor is None, floor=floor or 0)
         if self.on_new is not None:
             self.on_new(transaction)
         return transaction
@@ -144,10 +156,15 @@ class TransactionRegistry:
         tail = await self.store.events(record.id, after=record.last_tseq, limit=1_000_000)
         last = tail[-1].tseq or record.last_tseq if tail else record.last_tseq
         events = await self.store.events(record.id, after=max(0, last - REHYDRATE_EVENTS), limit=REHYDRATE_EVENTS)
+        floor = max(last, record.last_tseq)
+        if self.relay is not None:  # the newest come again from the bus (the other nodes' may not be stored yet)
+            last = max(0, last - REDELIVERED)
+            events = [event for event in events if (event.tseq or 0) <= last]
         transaction = self.new(
             record.owner,
             record.thread_id,
             id=record.id,
+            floor=floor,
             tseq=last,
             created_at=record.created_at,
             users=record.members,
@@ -159,6 +176,8 @@ class TransactionRegistry:
                 logger.warning("transaction %s: agent %r is no longer configured; it stays out", record.id, name)
                 continue
             transaction.add_agent(self.slot(spec, transaction, record.owner, {}))
+        if transaction.shared is not None:  # members elsewhere, as far as the store knows (joins and leaves follow)
+            transaction.shared.users_elsewhere.update(record.members)
         self.live[transaction.id] = transaction
         logger.info("transaction %s brought back from the store at tseq %d", transaction.id, last)
         return transaction
@@ -185,6 +204,8 @@ class TransactionRegistry:
         """It ended: it leaves memory (its log and record stay in the store)."""
         if self.live.get(transaction.id) is transaction:
             del self.live[transaction.id]
+            if self.relay is not None:
+                self.relay.detach(transaction)
         self._renumbered.discard(transaction.id)
 
     def idle(self) -> list[Transaction]:

@@ -11,15 +11,31 @@ transactions waiting for a member when one of its runs ends.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from haip_runtime.agents.api import Turn, TurnServices
+from haip_runtime.auth.permissions import UNRESTRICTED
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.protocol.events import ErrorCode
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import Channel, ErrorCode
 
 if TYPE_CHECKING:
+    from haip_runtime.agents.api import Agent
+    from haip_runtime.conversation.history import History
     from haip_runtime.conversation.members import Member
+    from haip_runtime.tools.proxy import ToolProxy
+
+
+@dataclass(frozen=True)
+class AgentSlot:
+    """One agent of a transaction: its name, its instance (per transaction), the MCP servers it uses."""
+
+    name: str
+    instance: Agent[Any]
+    tool_servers: tuple[str, ...]
 
 
 class Run:
@@ -99,3 +115,40 @@ class RunLimit:
             self._running.pop(member.id, None)
         for drain in self._waiting.pop(member.id, {}).values():
             drain()
+
+
+def make_turn(
+    transaction_id: str,
+    owner: str,
+    publish: Callable[[Event], object],
+    history: History,
+    tools: ToolProxy | None,
+    slot: AgentSlot,
+    run: Run,
+    text: str,
+    payload: dict[str, Any],
+    member: Member | None,
+) -> Turn:
+    """What an agent's hook gets for ``run``: the message, and services bound to its transaction."""
+
+    def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
+        publish(Event(type, payload, channel=channel, run_id=run.id))
+
+    services = TurnServices(
+        emit=emit,
+        history=history,
+        record=history.append,
+        tools=tools,
+        tool_servers=slot.tool_servers,
+        permissions=member.principal.permissions if member else UNRESTRICTED,
+        llm=slot.instance.context.llm,
+    )
+    return Turn(
+        agent=slot.name,
+        transaction_id=transaction_id,
+        run_id=run.id,
+        text=text,
+        payload=payload,
+        author=member.user if member else owner,
+        services=services,
+    )

@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.agents.api import Agent, Turn, TurnServices
-from haip_runtime.auth.permissions import UNRESTRICTED
+from haip_runtime.agents.api import Turn
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.history import History
-from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.runs import Run, RunLimit
-from haip_runtime.exceptions import LlmError
+from haip_runtime.conversation.members import Member, describe
+from haip_runtime.conversation.runs import AgentSlot, Run, RunLimit, make_turn
+from haip_runtime.exceptions import LlmError, ProtocolError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.observability import tracing
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
@@ -35,6 +34,7 @@ from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
+    from haip_runtime.conversation.shared import Shared
     from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
@@ -45,13 +45,6 @@ END_GRACE_SECONDS = 5.0
 TAIL_EVENTS = 256
 #: ...but never more than this many bytes of them (the newest is always kept).
 TAIL_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class AgentSlot:
-    name: str
-    instance: Agent[Any]
-    tool_servers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -118,6 +111,11 @@ class Transaction:
         self.on_run_end: Callable[[str, str], None] | None = None
         #: Called with every event after it is published (the hub's speech follows the answers it speaks).
         self.watchers: list[Callable[[Event], None]] = []
+        #: In a cluster: the log on the bus that numbers and delivers the events, and whether this
+        #: node runs the turns (``conversation/relay.py``); ``None``: this process alone.
+        self.shared: Shared | None = None
+        #: In a cluster, while ending: set when the ``TRANSACTION_END`` came back through the log.
+        self.end_seen: anyio.Event | None = None
 
     # --- the record ------------------------------------------------------------------------------
 
@@ -143,7 +141,13 @@ class Transaction:
 
     @property
     def member_users(self) -> list[str]:
-        return sorted({member.user for member in self.members.values()})
+        here = {member.user for member in self.members.values()}
+        return sorted(here | self.shared.users_elsewhere if self.shared is not None else here)
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether this node runs the agents' turns (always, but in a cluster where another node does)."""
+        return self.shared is None or self.shared.owner
 
     def add_member(self, member: Member) -> bool:
         """Add a member; ``True`` if its user was not among the members already."""
@@ -181,13 +185,27 @@ class Transaction:
         self.agents[slot.name] = slot
         self.save()
 
-    def publish(self, event: Event) -> Event:
+    def publish(self, event: Event, then: Callable[[], None] | None = None) -> Event:
         """Log ``event`` (next ``tseq``, stamped in place: a new event, not yet seen by anyone) and
-        deliver it to every member it is meant for."""
+        deliver it to every member it is meant for; ``then``: called once the members here have it.
+        In a cluster the bus's log numbers it and delivery follows from the feed (``logged``), on
+        every node alike."""
+        if self.shared is not None:
+            self.shared.send(event, then=then)
+            return event
         self.tseq += 1
         event.stamp(self.id, self.tseq, self.thread_id)
+        self.logged(event)
+        if then is not None:
+            then()
+        return event
+
+    def logged(self, event: Event, *, store: bool = True) -> None:
+        """``event`` is the log's next: keep it, store it, deliver it to the members here."""
+        if event.tseq is not None and event.tseq > self.tseq:
+            self.tseq = event.tseq
         self._remember(event)
-        if self.store is not None:
+        if store and self.store is not None:
             self.store.append(event)
         exclude = event.exclude
         for member_id, member in list(self.members.items()):
@@ -195,7 +213,6 @@ class Transaction:
                 member.deliver(event)
         for watch in self.watchers:
             watch(event)
-        return event
 
     def _remember(self, event: Event) -> None:
         tail = self._tail
@@ -266,19 +283,41 @@ class Transaction:
         past the queue's bound it is ``RUN_LIMIT_EXCEEDED``, with nothing published. Returns the runs
         started now (none if it waits). ``traceparent`` is the client's trace, which the runs continue;
         ``echo``: the author gets the MESSAGE too (a transcript of their audio)."""
-        waits = self.check_message(member, related_id)
         message_id = str(payload.get("message_id") or new_id())
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         exclude = frozenset() if echo else frozenset({member.id})
-        self.publish(Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude))
+        message = Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude)
+        if self.shared is not None and not self.shared.owner:  # the node running the turns answers it
+            self.shared.send(message, turn={"member": describe(member), "traceparent": traceparent})
+            return []
+        waits = self.check_message(member, related_id)
+        self.publish(message)
+        return self._answer_or_wait(member, text, {**payload, "message_id": message_id}, traceparent, waits)
+
+    def answer_elsewhere(self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None) -> None:
+        """A message a member on another node published (this node runs the turns): answered, or
+        queued, as ``user_message`` does; past the queue's bound it is given up with ``INFO
+        run.unqueued`` (the member's node could not know the limit when it published)."""
+        try:
+            waits = self.check_message(member, "")
+        except ProtocolError as refusal:
+            unqueued = {"event": "run.unqueued", "message_id": payload["message_id"], "reason": refusal.message}
+            self.publish(Event(EventType.INFO, unqueued, channel=Channel.AGENT))
+            return
+        self._answer_or_wait(member, text, payload, traceparent, waits)
+
+    def _answer_or_wait(
+        self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None, waits: bool
+    ) -> list[Run]:
         if not waits:
-            return self._answer(member, text, {**payload, "message_id": message_id}, traceparent)
-        self._queue.append(_Queued(member, text, {**payload, "message_id": message_id}, traceparent))
+            return self._answer(member, text, payload, traceparent)
+        self._queue.append(_Queued(member, text, payload, traceparent))
         self.run_limit.wait(member, self.id, self._drain)
+        position = len(self._queue)
         queued = {
             "event": "run.queued",
-            "message_id": message_id,
-            "position": len(self._queue),
+            "message_id": payload["message_id"],
+            "position": position,
             "agents": list(self.agents),
         }
         self.publish(Event(EventType.INFO, queued, channel=Channel.AGENT))
@@ -341,32 +380,9 @@ class Transaction:
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
-        turn = self._turn(slot, run, text, payload, member)
+        turn = make_turn(self.id, self.owner, self.publish, self.history, self.tools, slot, run, text, payload, member)
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers, traceparent)
         return run
-
-    def _turn(self, slot: AgentSlot, run: Run, text: str, payload: dict[str, Any], member: Member | None) -> Turn:
-        def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
-            self.publish(Event(type, payload, channel=channel, run_id=run.id))
-
-        services = TurnServices(
-            emit=emit,
-            history=self.history,
-            record=self.history.append,
-            tools=self.tools,
-            tool_servers=slot.tool_servers,
-            permissions=member.principal.permissions if member else UNRESTRICTED,
-            llm=slot.instance.context.llm,
-        )
-        return Turn(
-            agent=slot.name,
-            transaction_id=self.id,
-            run_id=run.id,
-            text=text,
-            payload=payload,
-            author=member.user if member else self.owner,
-            services=services,
-        )
 
     async def _execute(
         self,
@@ -417,6 +433,10 @@ class Transaction:
         if run is not None:
             run.scope.cancel()
             return True
+        shared = self.shared
+        if shared is not None and not shared.owner and (run_id in shared.open_runs or run_id in shared.unanswered):
+            shared.control("cancel", run_id=run_id, by=by)
+            return True
         for waiting in self._queue:
             if waiting.payload["message_id"] == run_id:
                 self._queue.remove(waiting)
@@ -431,24 +451,42 @@ class Transaction:
         return bool(self.runs or self._queue) or (self.tools is not None and self.tools.has_calls(self.id))
 
     async def end(self, reason: str) -> None:
-        """Cancel running turns, call every agent's ``on_end``, tell the members. Idempotent."""
+        """Cancel running turns, call every agent's ``on_end``, tell the members. Idempotent.
+
+        In a cluster the node running the turns ends it (asked through the log from elsewhere), and
+        this returns once the ``TRANSACTION_END`` came back through the log to the members here."""
         if self.ended:
             return
-        self.ended = True
-        self._unqueue_all(f"the transaction ended: {reason}")
+        if self.shared is not None and not self.shared.owner:
+            self.shared.control("end", reason=reason)
+        else:
+            self.ended = True
+            await self.stop_turns(f"the transaction ended: {reason}", hooks=reason)
+            self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
+        if self.shared is not None:
+            self.end_seen = seen = anyio.Event()
+            with anyio.move_on_after(END_GRACE_SECONDS + 2, shield=True):
+                await seen.wait()
+            if not seen.is_set():  # nobody runs it, or the bus is away: it ends here regardless
+                logger.warning("transaction %s: its end did not come back through the log", self.id)
+                self.ended = True
+        self.save(end_reason=reason)
+
+    async def stop_turns(self, reason: str, *, hooks: str | None = None) -> None:
+        """Unqueue the waiting messages, cancel the runs and tool calls and wait for them (bounded);
+        with ``hooks``, call each agent's ``on_end`` with it."""
+        self._unqueue_all(reason)
         runs = list(self.runs.values())
         for run in runs:
             run.scope.cancel()
-        calls = self.tools.cancel_transaction(self.id, f"the transaction ended: {reason}") if self.tools else []
+        calls = self.tools.cancel_transaction(self.id, reason) if self.tools else []
         with anyio.move_on_after(END_GRACE_SECONDS, shield=True):
             for run in runs:
                 await run.wait()
             for call in calls:
                 await call.finished.wait()
-            for slot in self.agents.values():
-                await self._call_end_hook(slot, reason)
-        self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
-        self.save(end_reason=reason)
+            for slot in self.agents.values() if hooks is not None else ():
+                await self._call_end_hook(slot, reason if hooks is None else hooks)
 
     async def _call_end_hook(self, slot: AgentSlot, reason: str) -> None:
         try:

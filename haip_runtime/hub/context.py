@@ -72,6 +72,40 @@ class HubContext:
             tools = [tool.entry() for tool in self.transaction_tools(transaction, member)]
             member.deliver(Event(EventType.TOOL_LIST, p.ToolList(tools=tools).dump(), transaction=transaction.id))
 
+    def answer_call(
+        self, transaction: Transaction, call_id: str, user: str, answer: dict[str, Any], related_id: str
+    ) -> None:
+        """A member's answer to a call waiting for one (approval, input): here, or in a cluster to the
+        node running the transaction's turns, where the agents' calls are."""
+        if self._elsewhere(transaction, call_id, related_id):
+            assert transaction.shared is not None
+            transaction.shared.control("answer", call_id=call_id, user=user, answer=answer)
+        elif self.tools is not None:
+            self.tools.answer(call_id, transaction.id, user, answer, related_id)
+
+    def cancel_call(
+        self, transaction: Transaction, call_id: str, user: str, reason: str | None, related_id: str
+    ) -> None:
+        if self._elsewhere(transaction, call_id, related_id, waiting=False):
+            assert transaction.shared is not None
+            transaction.shared.control("tool_cancel", call_id=call_id, user=user, reason=reason)
+        elif self.tools is not None:
+            self.tools.cancel(call_id, transaction.id, user, reason, related_id)
+
+    def _elsewhere(self, transaction: Transaction, call_id: str, related_id: str, *, waiting: bool = True) -> bool:
+        """Whether the call is the agents' on the node running the turns (not one of this node's)."""
+        shared = transaction.shared
+        if shared is None or shared.owner or (self.tools is not None and (transaction.id, call_id) in self.tools.calls):
+            return False
+        if waiting and call_id not in shared.waiting_calls:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"call {call_id} is not waiting for an answer",
+                related_id=related_id,
+                detail={"where": "/payload/call_id"},
+            )
+        return True
+
 
 def check_open(transaction: Transaction, related_id: str) -> None:
     if transaction.ended:

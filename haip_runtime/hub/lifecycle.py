@@ -14,7 +14,8 @@ from typing import Any
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.conversation.members import Member
-from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.conversation.runs import AgentSlot
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
@@ -87,8 +88,7 @@ def create(
     transaction.add_agent(slot)
     ctx.transactions.add(transaction)
     reply = p.TransactionStarted(referenceId=reference, agent=spec.name, thread_id=transaction.thread_id)
-    transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()))
-    ctx.send_tool_list(transaction)
+    transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()), then=lambda: ctx.send_tool_list(transaction))
     greet(transaction, slot, member)
     return transaction
 
@@ -200,9 +200,9 @@ async def add_agent(ctx: HubContext, member: Member, related_id: str, transactio
     if slot is not None:
         transaction.add_agent(slot)
     joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
-    transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()))
+    tell = (lambda: ctx.send_tool_list(transaction)) if slot is not None else None
+    transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()), then=tell)
     if slot is not None:
-        ctx.send_tool_list(transaction)
         greet(transaction, slot, member)
 
 

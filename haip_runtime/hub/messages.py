@@ -50,7 +50,7 @@ def answered_in_words(
     if ctx.tools is None:
         return False
     try:
-        ctx.tools.answer(question.call_id, transaction.id, session.user, answer, related_id)
+        ctx.answer_call(transaction, question.call_id, session.user, answer, related_id)
     except ProtocolError:
         return False  # answered by someone else, timed out or cancelled since
     return True

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.relay import Relay
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub import audio, lifecycle, messages, tool_requests
@@ -37,6 +38,7 @@ from haip_runtime.store.base import Store
 from haip_runtime.store.memory import MemoryStore
 
 if TYPE_CHECKING:
+    from haip_runtime.cluster import Bus
     from haip_runtime.tools.proxy import ToolProxy
     from haip_runtime.tools.readiness import Readiness
 
@@ -125,6 +127,21 @@ class Hub:
             self._stack = stack.pop_all()
         return self
 
+    def share(self, bus: Bus) -> Relay:
+        """Join the cluster's conversations through ``bus`` (``[cluster]``): every transaction made from
+        now on is shared with the other nodes (``conversation/relay.py``)."""
+        relay = Relay(bus, self.store, self.spawn)
+        relay.on_end_asked = lambda transaction, reason: self.spawn(lifecycle.end, self.context, transaction, reason)
+        relay.on_ended = self._ended_elsewhere
+        self.transactions.relay = relay
+        return relay
+
+    def _ended_elsewhere(self, transaction: Transaction) -> None:
+        """A transaction's end came through the log: its members here leave it, and it leaves memory."""
+        for member in list(transaction.members.values()):
+            member.transactions.discard(transaction.id)
+        self.transactions.forget(transaction)
+
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         assert self._task_group is not None
         with anyio.move_on_after(10, shield=True):
@@ -133,6 +150,8 @@ class Hub:
                     await self._stop_for_restart(transaction)  # to be continued after the restart
                 else:
                     await transaction.end("runtime shutting down")
+            if self.transactions.relay is not None:
+                await self.transactions.relay.close()
         with anyio.CancelScope(shield=True):
             await self._cancel_tasks()
         self._task_group.cancel_scope.cancel()

@@ -147,7 +147,7 @@ async def tool_update(ctx: HubContext, session: Session, envelope: Envelope) -> 
             related_id=envelope.id,
             detail={"where": "/payload"},
         )
-    ctx.tools.answer(update.call_id, transaction.id, session.user, answer, envelope.id)
+    ctx.answer_call(transaction, update.call_id, session.user, answer, envelope.id)
 
 
 async def tool_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -155,7 +155,7 @@ async def tool_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> 
     request = parse_payload(envelope, p.ToolCancel)
     if ctx.tools is None:
         raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "no tool calls here", related_id=envelope.id)
-    ctx.tools.cancel(request.call_id, transaction.id, session.user, request.reason, envelope.id)
+    ctx.cancel_call(transaction, request.call_id, session.user, request.reason, envelope.id)
 
 
 def agent_input(spec: AgentSpec) -> dict[str, Any]:

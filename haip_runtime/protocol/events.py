@@ -76,6 +76,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL_ERROR = "INTERNAL_ERROR"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     STORAGE_ERROR = "STORAGE_ERROR"
+    NODE_LOST = "NODE_LOST"
 
 
 class SpeechErrorCode(enum.StrEnum):

@@ -80,7 +80,7 @@ class Runtime:
         self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
-        self.store = open_store(config.storage)
+        self.store = open_store(config.storage, clustered=config.cluster is not None)
         #: Turns wait for MCP servers still making their first connection (their tools are offered then).
         self.readiness = Readiness(config.mcp.servers)
         self.hub = Hub(config, self.agents, self.tools, self.store, metrics=self.metrics, readiness=self.readiness)
@@ -121,6 +121,8 @@ class Runtime:
             if self.roaming is not None:  # before the hub: it flushes what the hub's stop sends
                 await stack.enter_async_context(self.roaming)
             await stack.enter_async_context(self.hub)
+            if self.fleet is not None and self.fleet.bus is not None:
+                self.fleet.relay = self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
         self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)

@@ -1,7 +1,7 @@
 """This runtime as one node of a cluster (``[cluster]``): the bus, and per-user limits over every node.
 
-What the cluster does for the runtime today is count per-user limits over every node; conversations
-are not shared between nodes yet. ``Fleet`` owns the ``Bus`` for the runtime's lifetime and:
+``Fleet`` owns the ``Bus`` for the runtime's lifetime (the hub shares its conversations through it:
+``conversation/relay.py``) and:
 
 - counts each user's sessions in the bus's quota slots (``SharedSlots`` of the session registry):
   a slot is claimed when a session is admitted and released when it is dropped; the bus's heartbeat
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from haip_runtime.cluster import Bus
+    from haip_runtime.conversation.relay import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Fleet:
         self.config = config
         self.sessions = sessions
         self.bus: Bus | None = None
+        #: The conversations this node shares (set by the runtime once the hub runs).
+        self.relay: Relay | None = None
         #: (user, session) whose slot this node holds in Redis.
         self.claimed: set[tuple[str, str]] = set()
         #: (user, session) admitted while Redis could not be asked: recorded once it answers.
@@ -190,6 +193,7 @@ class Fleet:
             "nodes": self.sessions.quotas.nodes,
             "sessionSlots": len(self.claimed),
             "unrecordedSessions": len(self.unrecorded),
+            "transactions": self.relay.counts() if self.relay is not None else {},
         }
 
     @property
@@ -201,3 +205,13 @@ class Fleet:
         nodes = self.sessions.quotas.nodes
         yield gauge("haip_cluster_nodes", "Live nodes the users' message rates are shared out over.", nodes)
         yield gauge("haip_cluster_session_slots", "Session slots this node holds in Redis.", len(self.claimed))
+        counts = self.relay.counts() if self.relay is not None else {}
+        yield gauge(
+            "haip_cluster_transactions", "Transactions this node hosts (follows on the bus).", counts.get("hosted", 0)
+        )
+        yield gauge(
+            "haip_cluster_runs_here", "Hosted transactions whose turns run on this node.", counts.get("runsHere", 0)
+        )
+        yield gauge(
+            "haip_cluster_events_waiting", "Events published here, not yet appended to Redis.", counts.get("waiting", 0)
+        )

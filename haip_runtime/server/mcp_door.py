@@ -174,7 +174,7 @@ class McpDoor:
         answer: dict[str, Any] = {"input": content} if content is not None else {"decision": "decline"}
         if self._ctx.tools is not None:
             try:
-                self._ctx.tools.answer(call_id, transaction.id, member.user, answer, new_id())
+                self._ctx.answer_call(transaction, call_id, member.user, answer, new_id())
             except ProtocolError:
                 logger.info("call %s was answered before the MCP client answered it", call_id)
 

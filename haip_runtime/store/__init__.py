@@ -31,12 +31,17 @@ __all__ = [
 ]
 
 
-def open_store(config: StorageConfig) -> Store:
-    """The store ``[storage]`` describes (not yet entered: use it with ``async with``)."""
+def open_store(config: StorageConfig, *, clustered: bool = False) -> Store:
+    """The store ``[storage]`` describes (not yet entered: use it with ``async with``).
+
+    ``clustered``: the nodes of a cluster share it, and the bus numbers the events (PostgreSQL only:
+    ``[cluster]`` needs it, which the config check says)."""
     if config.backend == "sqlite":
         return SqliteStore(
             config.path, flush_interval=config.flush_interval_seconds, max_pending=config.max_pending_writes
         )
     if config.backend == "postgres":
-        return PostgresStore(config)
+        store = PostgresStore(config)
+        store.numbered_by_caller = clustered
+        return store
     return MemoryStore()

@@ -93,6 +93,13 @@ _INSERT_EVENTS = """
 WITH counted AS (UPDATE haip_transactions SET last_tseq = $5 WHERE id = $1)
 INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
 """
+# In a cluster every event comes numbered by the bus's log, and every node hosting the transaction
+# writes what it delivers: a row another node wrote already is skipped, never moved.
+_INSERT_NUMBERED = """
+WITH counted AS (UPDATE haip_transactions SET last_tseq = greatest(last_tseq, $5) WHERE id = $1)
+INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
+ON CONFLICT DO NOTHING
+"""
 _STORED_IDS = "SELECT id, tseq FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
 # A record's last_tseq counts numbers handed out live, also to events that were never stored (given
 # up, dropped in an outage): a transaction brought back later must not hand them out again.
@@ -144,6 +151,9 @@ class PostgresStore(BatchingWriter):
         #: Other processes write here too: what they published is readable within their batching
         #: interval (the same setting, by their config) and a commit.
         self.lag = config.flush_interval_seconds + 0.2
+        #: Events come numbered by the cluster's log (``[cluster]``): kept at their number, a copy
+        #: another node wrote already skipped; never renumbered (``on_sequenced`` is not called).
+        self.numbered_by_caller = False
         self._pool: asyncpg.Pool | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -284,6 +294,11 @@ class PostgresStore(BatchingWriter):
     ) -> list[tuple[str, int, int]]:
         """Insert a transaction's events at the numbers they were published under where those come
         after what is stored, else at the next free ones; the ones whose number changed."""
+        if self.numbered_by_caller:
+            await db.fetchval(_LOCK_LAST, transaction_id, time.time())
+            numbers, ids, bodies = [row[1] for row in rows], [row[3] for row in rows], [row[2] for row in rows]
+            await db.execute(_INSERT_NUMBERED, transaction_id, numbers, ids, bodies, max(numbers))
+            return []
         moved: list[tuple[str, int, int]] = []
         if self._retrying:  # the last attempt may have committed without our hearing it
             found = await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])

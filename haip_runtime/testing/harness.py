@@ -20,8 +20,8 @@ from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec, validate_options
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import AgentConfig, SessionConfig
-from haip_runtime.conversation.runs import RunLimit
-from haip_runtime.conversation.transaction import AgentSlot, Transaction
+from haip_runtime.conversation.runs import AgentSlot, RunLimit
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.llm.provider import Provider
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, RunOutcome, ToolStatus

@@ -3,7 +3,7 @@ a session resumed on the other node while its node still holds it (a load balanc
 an SSE stream resumed by ``Last-Event-ID`` on the other node, POSTs to the node that does not hold the
 session, a resent envelope processed once across nodes, and a Redis that lost everything.
 
-The node that is killed outright (SIGKILL) is in ``test_cluster_failover.py``.
+The node that is killed outright (SIGKILL) is in ``test_session_failover.py``.
 """
 
 from __future__ import annotations

@@ -148,3 +148,14 @@ class GateAgent(Agent[NoOptions]):
             await out.write("waiting at the gate")
             await gate.wait()
             await out.write(f"; through the gate {turn.text}")
+
+
+class PatientAgent(Agent[NoOptions]):
+    """Waits until cancelled (or its node dies) when told ``wait``; echoes anything else."""
+
+    async def on_message(self, turn: Turn) -> None:
+        if turn.text == "wait":
+            async with turn.stream() as out:
+                await out.write("waiting")
+                await anyio.sleep_forever()
+        await turn.say(f"you said: {turn.text}")

@@ -206,7 +206,7 @@ class AguiDoor:
             user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
             runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
             member.runs.update(each.id for each in runs)
-            if not runs and user_message["message_id"] in transaction.queued:
+            if not runs and (user_message["message_id"] in transaction.queued or not transaction.runs_here):
                 member.waiting.add(str(user_message["message_id"]))  # its runs start when the queue reaches it
         elif text is None and not resuming and not member.runs:
             member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}
@@ -229,6 +229,6 @@ class AguiDoor:
         else:
             answer = {"decision": "decline"}
         try:
-            tools.answer(call_id, transaction.id, member.user, answer, call_id)
+            self.hub.context.answer_call(transaction, call_id, member.user, answer, call_id)
         except ProtocolError as failure:  # answered meanwhile (by a HAIP member) or timed out: it has moved on
             logger.info("AG-UI resume of %s in %s: %s", call_id, transaction.id, failure.message)

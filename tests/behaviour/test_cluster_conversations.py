@@ -1,0 +1,183 @@
+"""One conversation over two nodes: two runtimes on one real Redis and one real PostgreSQL, members
+on each, one ordered log; approvals and input answers from the node that does not run the turns;
+an end asked from either node; Redis restarted mid-conversation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from haip_runtime.client import HaipClient, Received
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.redis import RedisServer
+from tests.support.serving import LiveServer, live_server, make_config
+
+pytestmark = pytest.mark.anyio
+
+ROLES = {"user": {}, "support": {"may_join_others": True}}
+FAST = {"heartbeat_seconds": 0.2, "node_ttl_seconds": 2, "connect_timeout_seconds": 5, "lease_seconds": 1.5}
+#: Whole messages, not streamed parts: one MESSAGE per answer is easy to count.
+WHOLE = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
+TEAM = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
+
+
+def node_config(redis: str, database: str, prefix: str) -> Any:
+    return make_config(
+        {
+            "cluster": {"redis_url": redis, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": database, "flush_interval_seconds": 0.01},
+            "roles": ROLES,
+            "agents": {"operator": {"plugin": "operator", "mcp_servers": ["team"]}},
+            "mcp": {"servers": {"team": TEAM}},
+        }
+    )
+
+
+@contextmanager
+def two_nodes(redis: str, database: str, prefix: str) -> Iterator[tuple[LiveServer, LiveServer]]:
+    config = node_config(redis, database, prefix)
+    with live_server(config) as a, live_server(config) as b:
+        yield a, b
+
+
+def logged(client: HaipClient, tx: str) -> list[tuple[int, str]]:
+    """(tseq, event id) of what ``client`` got of ``tx``'s log, in the order it got them."""
+    return [(int(e.raw["tseq"]), str(e.raw["id"])) for e in client.received if e.transaction == tx and "tseq" in e.raw]
+
+
+def answers(client: HaipClient, tx: str) -> list[str]:
+    return [
+        str(e.payload)
+        for e in client.received
+        if e.transaction == tx and e.type == "MESSAGE" and e.raw["channel"] == "AGENT"
+    ]
+
+
+def all_answered(client: HaipClient, tx: str, count: int) -> Callable[[Received], bool]:
+    return lambda _: len(answers(client, tx)) >= count
+
+
+async def test_members_on_two_nodes_see_one_ordered_log_and_each_is_answered_once(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(redis_url, postgres_url, prefix) as (a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=15) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), accept_events=WHOLE, timeout=15) as sam,
+        ):
+            tx = await alice.start_transaction("echo")
+            await sam.join(tx, since=0)
+            await alice.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.get("joined") == "sam")
+
+            async def say(client: HaipClient, who: str) -> None:
+                for n in range(5):
+                    await client.send_text(tx, f"{who} {n}")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(say, alice, "alice")
+                tg.start_soon(say, sam, "sam")
+            for client in (alice, sam):
+                await client.wait_for(all_answered(client, tx, 10))
+            on_a, on_b = logged(alice, tx), logged(sam, tx)
+            counts = [node.runtime.fleet.status()["transactions"] for node in (a, b) if node.runtime.fleet]
+    expected = {f"you said: {who} {n}" for who in ("alice", "sam") for n in range(5)}
+    for client in (alice, sam):
+        assert sorted(answers(client, tx)) == sorted(expected)  # each message answered once, seen by both
+    for log in (on_a, on_b):
+        assert [tseq for tseq, _ in log] == sorted({tseq for tseq, _ in log})  # in tseq order, no repeats
+    both = dict(on_a).keys() & dict(on_b).keys()
+    assert len(both) > 20 and all(dict(on_a)[tseq] == dict(on_b)[tseq] for tseq in both)  # one log
+    assert [(c["hosted"], c["runsHere"]) for c in counts] == [(1, 1), (1, 0)]  # hosted on both, run on A
+    announced = [sorted(e.get("members")) for e in alice.received if e.type == "TRANSACTION_JOIN" and e.get("joined")]
+    assert announced == [["alice", "sam"]]  # the member list counts the member on the other node
+
+
+async def test_an_approval_and_an_input_answer_from_the_other_node_reach_the_run(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(redis_url, postgres_url, prefix) as (a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("operator")  # its turns run on A, where it started
+            await sam.join(tx)
+            await alice.send_text(tx, '/call team.word_count {"text": "one two three"}')
+            asked = await sam.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+            await sam.send("TOOL_UPDATE", {"call_id": asked.get("call_id"), "decision": "approve"}, transaction=tx)
+            counted = await alice.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asked.get("call_id"))
+
+            await alice.send_text(tx, '/call team.book_meeting {"topic": "roadmap"}')
+            asking = await sam.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            reply = {"call_id": asking.get("call_id"), "input": {"day": "Tuesday", "room": "Lovelace"}}
+            await sam.send("TOOL_UPDATE", reply, transaction=tx)
+            booked = await alice.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asking.get("call_id"))
+
+            await sam.send("TOOL_UPDATE", {"call_id": "no-such-call", "decision": "approve"}, transaction=tx)
+            refused = await sam.wait_for("ERROR")
+    assert counted.get("status") == "OK" and json.loads(counted.get("result")["content"][0]["text"]) == 3
+    assert booked.get("result")["content"][0]["text"] == "booked 'roadmap' on Tuesday in Lovelace"
+    assert refused.get("code") == "INVALID_PAYLOAD"  # checked on the member's own node, as on one node
+
+
+async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the_turn_runs(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    config = node_config(redis_url, postgres_url, prefix)
+    agents = {"waiting": {"plugin": "tests.support.agents:WaitingAgent"}}
+    config = config.model_copy(update={"agents": {**config.agents, **make_config({"agents": agents}).agents}})
+    with live_server(config) as a, live_server(config) as b:
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=15) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=15) as sam,
+        ):
+            tx = await alice.start_transaction("waiting")
+            await sam.join(tx)
+            await sam.send_text(tx, "think")  # answered on A, where the turn runs
+            started = await sam.wait_for("RUN_STARTED")
+            await sam.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
+            finished = await alice.wait_for("RUN_FINISHED")
+            await sam.end_transaction(tx, "done here")
+            ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
+    assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
+    assert [e.get("reason") for e in ended] == ["done here", "done here"]
+    assert tx not in a.runtime.hub.transactions.live and tx not in b.runtime.hub.transactions.live
+
+
+async def test_redis_restarted_mid_conversation_every_node_goes_on(
+    own_redis: RedisServer, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(own_redis.url, postgres_url, prefix) as (a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), accept_events=WHOLE, timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("echo")
+            await sam.join(tx)
+            await sam.send_text(tx, "before")
+            await alice.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: before")
+            own_redis.restart()  # no persistence: counters, logs and leases are gone
+            await alice.send_text(tx, "after")
+            for client in (alice, sam):
+                await client.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: after")
+            seen = [tseq for tseq, _ in logged(sam, tx)]
+            async with httpx2.AsyncClient(
+                base_url=b.http_url, headers={"Authorization": f"Bearer {b.token('sam')}"}
+            ) as http:
+                with anyio.fail_after(10):  # every node writes what it delivers, in batches
+                    while True:
+                        page = (await http.get(f"/haip/transactions/{tx}/events", params={"limit": 500})).json()
+                        stored = [(int(e["tseq"]), e) for e in page["events"]]
+                        said = [e["payload"]["text"] for _, e in stored if e["type"] == "MESSAGE"]
+                        if said == ["before", "after"] and stored[-1][1]["type"] == "RUN_FINISHED":
+                            break
+    assert seen == sorted(set(seen))  # numbering went on after the restart, never from 1 again
+    assert [tseq for tseq, _ in stored] == sorted({tseq for tseq, _ in stored})
+    finished = [e["payload"]["status"] for _, e in stored if e["type"] == "RUN_FINISHED"]
+    assert finished == ["OK", "OK"]  # both turns, each once, in the durable log
