@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a node taking a session over waits for the old node (still listening) to let it go.
 HANDOVER_SECONDS = 2.0
+#: How long a rejoin waits for this node's copy of a transaction to catch up with what the session was sent.
+REJOIN_SECONDS = 5.0
+REJOIN_CHECK = 0.05
 #: Hands POSTed envelopes to the stream serving a session of this node (``doors.py``); ``False`` if none.
 LocalPost = Callable[[str, str, list[Inbound]], Awaitable[bool]]
 
@@ -166,11 +169,36 @@ class Roaming:
             found = await self.hub.transactions.find(transaction_id, principal)
             if not isinstance(found, Transaction) or found.ended:
                 continue
+            await self._reached(found, int(tseq))
             history, _ = await found.catch_up(int(tseq))
             found.add_member(session)  # no await since the catch-up: nothing falls between
             for event in history:
                 if session.id not in event.exclude:
                     session.deliver(event)
+
+    @staticmethod
+    async def _reached(transaction: Transaction, tseq: int) -> None:
+        """Wait (briefly) until this node's copy of ``transaction`` is at ``tseq``, the last the session was
+        sent: a transaction just brought back from the store starts a little behind it and has its newest
+        events delivered again from the bus, which the member must not get twice. Woken by each event
+        logged; checked every ``REJOIN_CHECK`` too, as a number taken by a control entry logs nothing."""
+        if transaction.tseq >= tseq:
+            return
+        logged = anyio.Event()
+        transaction.watchers.append(lambda event: logged.set())
+        watch = transaction.watchers[-1]
+        try:
+            with anyio.move_on_after(REJOIN_SECONDS):
+                while transaction.tseq < tseq:
+                    with anyio.move_on_after(REJOIN_CHECK):
+                        await logged.wait()
+                    logged = anyio.Event()
+        finally:
+            transaction.watchers.remove(watch)
+        if transaction.tseq < tseq:
+            logger.warning(
+                "transaction %s: at tseq %d here, not %d; rejoined from there", transaction.id, transaction.tseq, tseq
+            )
 
     async def _ask_release(self, node: str, session_id: str) -> None:
         """Have ``node`` let the session go, if it still listens; wait (briefly) until it has."""

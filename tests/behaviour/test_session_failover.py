@@ -39,7 +39,7 @@ def node_process(folder: Path, shared: Path, redis_url: str, prefix: str, postgr
     config.write_text(
         "[server]\nport = 0\n"
         f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\npath = "{shared}"\nflush_interval_seconds = 0.005\n'
-        f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nheartbeat_seconds = 0.1\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nheartbeat_seconds = 0.1\nlease_seconds = 1.5\n'
         "[limits]\nmessages_per_second = 1000\nuser_messages_per_second = 1000\n"
         '[agents.echo]\nplugin = "echo"\n'
     )
