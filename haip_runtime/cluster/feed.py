@@ -44,6 +44,8 @@ Deliver = Callable[[Sequence[LogEntry | LogGap]], None]
 Notice = Callable[[bytes], None]
 
 CATCH_UP_PAGE = 1000
+#: How long the listener waits for a message before it retries the catch-ups that failed.
+BEHIND_RETRY = 1.0
 #: The first wait before reconnecting; doubled after each failure up to a second.
 FIRST_RETRY = 0.05
 
@@ -57,6 +59,8 @@ class Hosted:
     #: The tseq delivered next; everything before it was delivered (or reported as a gap).
     next: int
     subscribed: anyio.Event = field(default_factory=anyio.Event)
+    #: A catch-up failed: what the stream holds after ``next`` is read again when the feed is quiet.
+    behind: bool = False
 
 
 class Feed:
@@ -146,8 +150,10 @@ class Feed:
         pending = {channel.encode() for channel in channels}
         await pubsub.subscribe(*channels)
         while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
+            message = await pubsub.get_message(timeout=BEHIND_RETRY)
+            if message is None:  # quiet: read again what a failed catch-up left behind
+                for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
+                    await self._catch_up(hosted)
                 continue
             kind = message["type"]
             if kind == "subscribe" and message["channel"] in pending:
@@ -226,7 +232,9 @@ class Feed:
             try:
                 entries = await self._log.read(hosted.transaction, hosted.next - 1, limit=CATCH_UP_PAGE)
             except ClusterError:
-                return  # the reconnect that follows catches up again
+                hosted.behind = True  # the next quiet second, or the reconnect that follows, tries again
+                return
+            hosted.behind = False
             self._accept(hosted, entries, authoritative=True)
             if len(entries) < CATCH_UP_PAGE:
                 return

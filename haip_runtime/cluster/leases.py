@@ -89,6 +89,11 @@ class Leases:
         with translating(self._health, f"release lease {name}"):
             return bool(await self._release(keys=[self._keys.lease(name)], args=[token]))
 
+    async def left(self, name: str) -> float:
+        """Seconds until the lease on ``name`` runs out unless renewed (0: nobody holds it)."""
+        with translating(self._health, f"read lease {name}"):
+            return max(int(await self._redis.pttl(self._keys.lease(name))), 0) / 1000
+
     async def wait_acquire(self, name: str, ttl: float | None = None) -> str:
         """Acquire ``name``, waiting while another holds it: the next try is when its lease would expire.
 

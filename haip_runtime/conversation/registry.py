@@ -20,6 +20,7 @@ from haip_runtime.config.models import LimitsConfig, SessionConfig, Transactions
 from haip_runtime.conversation.history import history_from_events
 from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
+from haip_runtime.conversation.shared import follow
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
@@ -176,9 +177,14 @@ class TransactionRegistry:
                 logger.warning("transaction %s: agent %r is no longer configured; it stays out", record.id, name)
                 continue
             transaction.add_agent(self.slot(spec, transaction, record.owner, {}))
-        if transaction.shared is not None:  # members elsewhere, as far as the store knows (joins and leaves follow)
-            transaction.shared.users_elsewhere.update(record.members)
+        shared = transaction.shared
+        if shared is not None:  # what the log before the redelivered part says: members, open runs, calls
+            shared.users_elsewhere.update(record.members)
+            for event in events:
+                follow(shared, event, transaction.users)
         self.live[transaction.id] = transaction
+        if shared is not None:
+            await shared.following()  # what Redis holds of the log is delivered: a join continues from it
         logger.info("transaction %s brought back from the store at tseq %d", transaction.id, last)
         return transaction
 

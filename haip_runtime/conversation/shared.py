@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import EventType, ToolStatus
+
+if TYPE_CHECKING:
+    from haip_runtime.conversation.members import Member
+
+_ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
+_WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
 
 
 class Shared(Protocol):
@@ -25,14 +32,25 @@ class Shared(Protocol):
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: Users the log shows joined on other nodes.
     users_elsewhere: set[str]
-    #: Calls the log shows waiting for a member's answer.
-    waiting_calls: set[str]
+    #: Calls the log shows waiting for a member's answer, with the run each belongs to.
+    waiting_calls: dict[str, str | None]
+    #: How long the turns may take to move to another node.
+    handover: float
 
     def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
         """Queue ``event`` for the log; ``turn``: the owner answers it; ``then``: once delivered here."""
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (a log entry no member sees)."""
+
+    def turn(self, member: Member, traceparent: str | None, *, answered: bool) -> dict[str, Any]:
+        """What a message carries for the node running the turns."""
+
+    async def following(self) -> None:
+        """Until the feed follows the log (a transaction just brought back: what Redis held is delivered)."""
+
+    def authored(self, user: str, message_id: str) -> bool:
+        """Whether the recent log holds ``user``'s message ``message_id`` (for an edit, where no history is kept)."""
 
     def stop(self) -> None:
         """The transaction left this node: send what is queued, then stop following the log."""
@@ -65,3 +83,38 @@ def entry_event(data: dict[str, Any], transaction: str, tseq: int, thread_id: st
     )
     event.stamp(transaction, tseq, thread_id)
     return event
+
+
+def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
+    """Keep what a takeover and the members of this node need to know of the log: the runs open, the
+    messages unanswered, the calls waiting for an answer, the users joined elsewhere (``users``:
+    the transaction's readers, who join it)."""
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    if event.type == EventType.RUN_STARTED and event.run_id:
+        shared.open_runs[event.run_id] = str(payload.get("agent", ""))
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type in _ENDS and event.run_id:
+        shared.open_runs.pop(event.run_id, None)
+        for call_id in [call for call, run in shared.waiting_calls.items() if run == event.run_id]:
+            del shared.waiting_calls[call_id]  # its run ended (NODE_LOST among others): nobody waits
+    elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
+        shared.unanswered.pop(str(payload.get("message_id", "")), None)
+    elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
+        shared.waiting_calls[str(payload.get("call_id", ""))] = event.run_id
+    elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
+        shared.waiting_calls.pop(str(payload["call_id"]), None)
+    elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
+        shared.users_elsewhere.add(str(payload["joined"]))
+        users.setdefault(str(payload["joined"]), None)
+    elif event.type == EventType.INFO and payload.get("event") == "member.left":
+        shared.users_elsewhere.discard(str(payload.get("user", "")))
+
+
+def wrote(user: str, message_id: str, events: list[Event]) -> bool:
+    """Whether ``events`` hold ``user``'s message ``message_id``."""
+    return any(
+        event.type == EventType.MESSAGE
+        and isinstance(event.payload, dict)
+        and (event.payload.get("message_id"), event.payload.get("author")) == (message_id, user)
+        for event in events
+    )

@@ -22,7 +22,7 @@ import anyio
 from haip_runtime.agents.api import Turn
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.history import History
-from haip_runtime.conversation.members import Member, describe
+from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, Run, RunLimit, make_turn
 from haip_runtime.exceptions import LlmError, ProtocolError
 from haip_runtime.llm.provider import HistoryEntry
@@ -287,11 +287,15 @@ class Transaction:
         forwarded = {**payload, "text": text, "author": member.user, "message_id": message_id}
         exclude = frozenset() if echo else frozenset({member.id})
         message = Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude)
-        if self.shared is not None and not self.shared.owner:  # the node running the turns answers it
-            self.shared.send(message, turn={"member": describe(member), "traceparent": traceparent})
+        shared = self.shared
+        if shared is not None and not shared.owner:  # the node running the turns answers it
+            shared.send(message, turn=shared.turn(member, traceparent, answered=False) if self.agents else None)
             return []
         waits = self.check_message(member, related_id)
-        self.publish(message)
+        if shared is not None and self.agents:  # should this node lose the turns, the next owner knows it
+            shared.send(message, turn=shared.turn(member, traceparent, answered=True))
+        else:
+            self.publish(message)
         return self._answer_or_wait(member, text, {**payload, "message_id": message_id}, traceparent, waits)
 
     def answer_elsewhere(self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None) -> None:
@@ -333,8 +337,8 @@ class Transaction:
 
     def _drain(self) -> None:
         """Start the waiting messages that have room now, in order (a member's stay behind its first blocked one)."""
-        if self.ended:
-            self._unqueue_all("the transaction ended")
+        if self.ended or not self.runs_here:  # ended; or another node runs the turns now, and answers these
+            self._unqueue_all("the transaction ended") if self.ended else self._queue.clear()
             return
         blocked: set[str] = set()
         for waiting in list(self._queue):
@@ -359,13 +363,14 @@ class Transaction:
         """The message ids waiting for room, in order."""
         return [str(waiting.payload["message_id"]) for waiting in self._queue]
 
-    def edit_message(self, member: Member, message_id: str, text: str) -> bool:
-        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit)."""
+    def edit_message(self, user: str, message_id: str, text: str) -> bool:
+        """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A
+        node that does not run the turns keeps no history: it checks the recent log (the owner edits)."""
         for index, entry in enumerate(self.history):
-            if entry.message_id == message_id and entry.author == member.user and entry.role == "user":
+            if entry.message_id == message_id and entry.author == user and entry.role == "user":
                 self.history[index] = replace(entry, text=text)
                 return True
-        return False
+        return self.shared is not None and not self.shared.owner and self.shared.authored(user, message_id)
 
     def start_run(
         self,
@@ -465,7 +470,7 @@ class Transaction:
             self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
         if self.shared is not None:
             self.end_seen = seen = anyio.Event()
-            with anyio.move_on_after(END_GRACE_SECONDS + 2, shield=True):
+            with anyio.move_on_after(END_GRACE_SECONDS + 2 + self.shared.handover, shield=True):
                 await seen.wait()
             if not seen.is_set():  # nobody runs it, or the bus is away: it ends here regardless
                 logger.warning("transaction %s: its end did not come back through the log", self.id)

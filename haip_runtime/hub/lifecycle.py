@@ -13,7 +13,7 @@ from typing import Any
 
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
-from haip_runtime.conversation.members import Member
+from haip_runtime.conversation.members import Member, describe
 from haip_runtime.conversation.runs import AgentSlot
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
@@ -196,6 +196,15 @@ async def add_agent(ctx: HubContext, member: Member, related_id: str, transactio
             f"join transaction {transaction.id} before adding an agent to it",
             related_id=related_id,
         )
+    if transaction.shared is not None and not transaction.runs_here:  # the node running the turns adds it
+        transaction.shared.control("add_agent", name=name, member=describe(member))
+        return
+    attach_agent(ctx, member, transaction, spec)
+
+
+def attach_agent(ctx: HubContext, member: Member, transaction: Transaction, spec: AgentSpec) -> None:
+    """Add ``spec``'s agent (if it is not there yet), tell the members, greet: ``add_agent`` once checked."""
+    name = spec.name
     slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction, member.user, {})
     if slot is not None:
         transaction.add_agent(slot)
@@ -204,6 +213,19 @@ async def add_agent(ctx: HubContext, member: Member, related_id: str, transactio
     transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()), then=tell)
     if slot is not None:
         greet(transaction, slot, member)
+
+
+def mirror_agents(ctx: HubContext, transaction: Transaction, names: list[str]) -> None:
+    """In a cluster, agents another node added: their slots here too (this node may run the turns
+    next), and a fresh TOOL_LIST for the members here."""
+    added = False
+    for name in names:
+        spec = ctx.agents.get(name)
+        if spec is not None and name not in transaction.agents:
+            transaction.agents[name] = ctx.transactions.slot(spec, transaction, transaction.owner, {})
+            added = True
+    if added:
+        ctx.send_tool_list(transaction)
 
 
 async def transaction_end(ctx: HubContext, session: Session, envelope: Envelope) -> None:

@@ -59,7 +59,7 @@ def answered_in_words(
 async def message_update(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.member_transaction(session, envelope)
     update = parse_payload(envelope, p.MessageUpdate)
-    if not transaction.edit_message(session, update.message_id, update.text):
+    if not transaction.edit_message(session.user, update.message_id, update.text):
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,
             "you can only edit your own messages",

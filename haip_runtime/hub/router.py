@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup
 
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.members import remote_member
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.relay import Relay
 from haip_runtime.conversation.transaction import Transaction
@@ -133,8 +134,17 @@ class Hub:
         relay = Relay(bus, self.store, self.spawn)
         relay.on_end_asked = lambda transaction, reason: self.spawn(lifecycle.end, self.context, transaction, reason)
         relay.on_ended = self._ended_elsewhere
+        relay.on_tools_changed = partial(tool_requests.tools_changed_elsewhere, self.context)
+        relay.on_agents = partial(lifecycle.mirror_agents, self.context)
+        relay.on_add_agent = self._add_agent_asked
         self.transactions.relay = relay
         return relay
+
+    def _add_agent_asked(self, transaction: Transaction, about: dict[str, Any], name: str) -> None:
+        """A member on another node added an agent, checked there: add it here, where the turns run."""
+        spec = self.agents.get(name)
+        if spec is not None:
+            lifecycle.attach_agent(self.context, remote_member(about), transaction, spec)
 
     def _ended_elsewhere(self, transaction: Transaction) -> None:
         """A transaction's end came through the log: its members here leave it, and it leaves memory."""

@@ -40,15 +40,18 @@ async def tool_list(ctx: HubContext, session: Session, envelope: Envelope) -> No
 async def server_changed(ctx: HubContext, server: str, state: str, error: str | None) -> None:
     """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it.
 
-    Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST.
+    Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST. In a
+    cluster the INFO comes from the node running the transaction's turns, and every node sends its
+    members a fresh TOOL_LIST when it comes through the log (``tools_changed_elsewhere``).
     Yields to other tasks every 100 transactions, so thousands of them never stall the loop.
     """
     for count, transaction in enumerate(list(ctx.transactions.live.values()), 1):
         if count % 100 == 0:
             await anyio.lowlevel.checkpoint()
         if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
-            info = {"event": "mcp.server", "server": server, "state": state, "error": error}
-            transaction.publish(Event(EventType.INFO, info))
+            if transaction.runs_here:  # in a cluster, the agents' tools are those of the node running them
+                info = {"event": "mcp.server", "server": server, "state": state, "error": error}
+                transaction.publish(Event(EventType.INFO, info))  # to members on every node
             ctx.send_tool_list(transaction)
 
 
@@ -161,3 +164,8 @@ async def tool_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> 
 def agent_input(spec: AgentSpec) -> dict[str, Any]:
     schema = spec.cls.input_schema
     return {"type": "string"} if schema is None else schema.model_json_schema()
+
+
+def tools_changed_elsewhere(ctx: HubContext, transaction: Transaction) -> None:
+    """Another node announced a change of an MCP server in ``transaction``: a fresh TOOL_LIST here."""
+    ctx.send_tool_list(transaction)

@@ -123,6 +123,7 @@ class Runtime:
             await stack.enter_async_context(self.hub)
             if self.fleet is not None and self.fleet.bus is not None:
                 self.fleet.relay = self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
+                self.hub.spawn(self.fleet.watch)  # members told when Redis stops answering, and when it is back
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
         self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)

@@ -32,6 +32,9 @@ import anyio
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.observability.metrics import gauge
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.session.registry import SessionRegistry
 
 if TYPE_CHECKING:
@@ -193,8 +196,36 @@ class Fleet:
             "nodes": self.sessions.quotas.nodes,
             "sessionSlots": len(self.claimed),
             "unrecordedSessions": len(self.unrecorded),
-            "transactions": self.relay.counts() if self.relay is not None else {},
+            "transactions": self.hosted(),
         }
+
+    async def watch(self, quiet: float = 1.0) -> None:
+        """Tell the members here when Redis stops answering for longer than ``quiet`` seconds (nothing
+        crosses between nodes, and what is said waits) and when it answers again."""
+        from haip_runtime.cluster.health import BusState  # imports redis: only with [cluster]
+
+        assert self.bus is not None
+        health = self.bus.health
+        while True:
+            await health.wait_for(BusState.UNAVAILABLE)
+            with anyio.move_on_after(quiet):
+                await health.wait_for(BusState.OK)
+                continue  # a blip
+            message = f"the cluster's Redis does not answer ({health.error}); what is said waits, in order"
+            self._tell(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message)))
+            await health.wait_for(BusState.OK)
+            self._tell(Event(EventType.INFO, {"event": "cluster", "state": "ok"}))
+
+    def _tell(self, event: Event) -> None:
+        for shared in list(self.relay.logs) if self.relay is not None else []:
+            for member in list(shared.transaction.members.values()):
+                member.deliver(event.with_changes(transaction=shared.transaction.id))
+
+    def hosted(self) -> dict[str, int]:
+        """Transactions this node hosts, those whose turns run here, and events waiting for Redis."""
+        logs = list(self.relay.logs) if self.relay is not None else []
+        waiting = sum(shared.waiting for shared in logs)
+        return {"hosted": len(logs), "runsHere": sum(1 for shared in logs if shared.owner), "waiting": waiting}
 
     @property
     def up(self) -> bool:
@@ -205,7 +236,7 @@ class Fleet:
         nodes = self.sessions.quotas.nodes
         yield gauge("haip_cluster_nodes", "Live nodes the users' message rates are shared out over.", nodes)
         yield gauge("haip_cluster_session_slots", "Session slots this node holds in Redis.", len(self.claimed))
-        counts = self.relay.counts() if self.relay is not None else {}
+        counts = self.hosted()
         yield gauge(
             "haip_cluster_transactions", "Transactions this node hosts (follows on the bus).", counts.get("hosted", 0)
         )

@@ -5,6 +5,7 @@ an end asked from either node; Redis restarted mid-conversation."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.netcut import netcut
 from tests.support.redis import RedisServer
 from tests.support.serving import LiveServer, live_server, make_config
 
@@ -143,10 +145,15 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             started = await sam.wait_for("RUN_STARTED")
             await sam.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
             finished = await alice.wait_for("RUN_FINISHED")
+            typo = {"text": "helo", "message_id": "m-typo"}
+            await sam.send("MESSAGE", typo, transaction=tx)
+            await sam.send("MESSAGE_UPDATE", {"message_id": "m-typo", "text": "hello"}, transaction=tx)
+            edited = await alice.wait_for("MESSAGE_UPDATE")
             await sam.end_transaction(tx, "done here")
             ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
     assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
     assert [e.get("reason") for e in ended] == ["done here", "done here"]
+    assert (edited.get("author"), edited.get("text")) == ("sam", "hello")  # an edit made on the other node
     assert tx not in a.runtime.hub.transactions.live and tx not in b.runtime.hub.transactions.live
 
 
@@ -162,9 +169,12 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
             await sam.join(tx)
             await sam.send_text(tx, "before")
             await alice.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: before")
-            own_redis.restart()  # no persistence: counters, logs and leases are gone
-            await alice.send_text(tx, "after")
+            own_redis.stop()  # and started again below, without persistence: counters, logs and leases are gone
+            told = [await client.wait_for(lambda e: e.type == "ERROR") for client in (alice, sam)]
+            await alice.send_text(tx, "after")  # waits on A, in order, until Redis is back
+            own_redis.start()
             for client in (alice, sam):
+                await client.wait_for(lambda e: e.type == "INFO" and e.get("event") == "cluster")
                 await client.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: after")
             seen = [tseq for tseq, _ in logged(sam, tx)]
             async with httpx2.AsyncClient(
@@ -177,7 +187,106 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
                         said = [e["payload"]["text"] for _, e in stored if e["type"] == "MESSAGE"]
                         if said == ["before", "after"] and stored[-1][1]["type"] == "RUN_FINISHED":
                             break
+    assert [e.get("code") for e in told] == ["STORAGE_UNAVAILABLE"] * 2  # members on both nodes were told
     assert seen == sorted(set(seen))  # numbering went on after the restart, never from 1 again
     assert [tseq for tseq, _ in stored] == sorted({tseq for tseq, _ in stored})
     finished = [e["payload"]["status"] for _, e in stored if e["type"] == "RUN_FINISHED"]
     assert finished == ["OK", "OK"]  # both turns, each once, in the durable log
+
+
+async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_when_the_network_heals(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    agents = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}}).agents
+    with netcut(port) as cut:
+        behind_cut = node_config(redis_url.replace(f":{port}/", f":{cut.port}/"), postgres_url, prefix)
+        direct = node_config(redis_url, postgres_url, prefix)
+        with (
+            live_server(behind_cut.model_copy(update={"agents": agents})) as a,
+            live_server(direct.model_copy(update={"agents": agents})) as b,
+        ):
+            async with (
+                HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+                HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+            ):
+                tx = await alice.start_transaction("patient")  # its turns run on A
+                await sam.join(tx)
+                await sam.send_text(tx, "wait")
+                started = await sam.wait_for("RUN_STARTED")
+                await sam.wait_for("MESSAGE_PART")
+                cut.cut()  # A can reach neither Redis nor B: its lease runs out, B takes the turns
+                lost = await sam.wait_for("RUN_ERROR")
+                await sam.send_text(tx, "still there?")
+                answer = "you said: still there?"
+                await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == answer)
+                cut.heal()  # A's feed reconnects and reads what it missed
+                caught_up = await alice.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == answer)
+                tseqs = [int(e.raw["tseq"]) for e in alice.received if e.transaction == tx and "tseq" in e.raw]
+                ends = [e for e in alice.received if e.run_id == started.get("run_id") and e.type.startswith("RUN_")]
+    assert lost.get("code") == "NODE_LOST" and lost.run_id == started.get("run_id")
+    assert caught_up.transaction == tx and tseqs == sorted(set(tseqs))  # in order, nothing twice
+    assert [(e.type, e.get("code")) for e in ends] == [("RUN_STARTED", None), ("RUN_ERROR", "NODE_LOST")]
+
+
+def announced(client: HaipClient) -> list[int]:
+    """The tseqs of the ``INFO mcp.server`` announcements ``client`` got."""
+    return sorted(int(e.raw["tseq"]) for e in client.received if e.type == "INFO" and e.get("event") == "mcp.server")
+
+
+async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_every_node(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    demo = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
+    extra = make_config(
+        {"agents": {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}}, "mcp": {"servers": {"demo": demo}}}
+    )
+    config = node_config(redis_url, postgres_url, prefix).model_copy(update={"agents": extra.agents, "mcp": extra.mcp})
+    with live_server(config) as a, live_server(config) as b:
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("operator")  # its turns, and its tools, are A's
+            await sam.join(tx)
+            lists_before = sum(1 for e in sam.received if e.type == "TOOL_LIST")
+            await alice.send_text(tx, "/call demo.toggle_extra_tool {}")
+            told = await sam.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
+            await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "mcp.server")
+            await sam.wait_for(lambda e: sum(1 for x in sam.received if x.type == "TOOL_LIST") > lists_before)
+            await sam.wait_for(lambda _: announced(sam) == announced(alice))  # each node's members, the same ones
+            seen = [announced(alice), announced(sam)]
+    assert told.get("server") == "demo"
+    # Announced by A alone (its connecting, then the change), each once to each member; not once per node.
+    assert seen[0] == seen[1] and len(seen[1]) == len(set(seen[1])) <= 2
+
+
+async def test_a_node_stopped_cleanly_ends_its_turns_and_hands_its_transactions_over_at_once(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    agents = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}}).agents
+    slow = node_config(redis_url, postgres_url, prefix)
+    config = slow.model_copy(
+        update={"agents": agents, "cluster": slow.cluster.model_copy(update={"lease_seconds": 60})}
+        if slow.cluster
+        else {}
+    )
+    with live_server(config) as b:
+        async with HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam:
+            with live_server(config) as a:
+                async with HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice:
+                    tx = await alice.start_transaction("patient")  # its turns run on A
+                    await sam.join(tx)
+                    await sam.send_text(tx, "wait")
+                    started = await sam.wait_for("RUN_STARTED")
+                    await sam.wait_for("MESSAGE_PART")
+            # A stopped (as on SIGTERM in a rolling deploy): its run ended, its lease given back.
+            ended = await sam.wait_for(
+                lambda e: e.type.startswith("RUN_") and e.run_id == started.get("run_id") and e.type != "RUN_STARTED"
+            )
+            await sam.send_text(tx, "next")
+            answered = await sam.wait_for(
+                lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: next", timeout=10
+            )
+    assert (ended.type, ended.get("status")) == ("RUN_FINISHED", "CANCELLED")  # not NODE_LOST: it said so itself
+    assert answered.transaction == tx  # within seconds, though the lease would last a minute: it was given back

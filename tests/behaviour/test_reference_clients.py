@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ import pytest
 
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
+from tests.support.postgres import PostgresServer
 from tests.support.raw import RawPeer, raw_peer
 from tests.support.serving import LiveServer, live_server, make_config
 
@@ -44,23 +46,42 @@ REFERENCE_ID = "e0b9360a-3c4d-4e5f-a071-8293a4b5c6d7"
 DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
 
 
-@pytest.fixture(scope="module")
-def pirate_server() -> Iterator[LiveServer]:
+@contextmanager
+def serving(request: pytest.FixtureRequest, config: dict[str, Any]) -> Iterator[LiveServer]:
+    """One runtime; or, for the ``cluster`` param, the second of two nodes sharing Redis and PostgreSQL
+    (the clients must not see a difference)."""
+    if request.param == "one process":
+        with live_server(make_config(config)) as live:
+            yield live
+        return
+    postgres: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"t_{secrets.token_hex(6)}"
+    cluster = {"redis_url": request.getfixturevalue("redis_url"), "key_prefix": name}
+    storage = {"backend": "postgres", "url": postgres.create_database(name), "flush_interval_seconds": 0.01}
+    clustered = make_config({**config, "cluster": cluster, "storage": storage})
+    try:
+        with live_server(clustered), live_server(clustered) as second:
+            yield second
+    finally:
+        postgres.drop_database(name)
+
+
+@pytest.fixture(scope="module", params=["one process", "cluster"])
+def pirate_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     agents = {
         "pirate": {"plugin": "echo", "options": {"prefix": "Arr! you said: "}},
         "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 200}},
     }
-    config = make_config({"agents": agents, "session": {"heartbeat_interval_seconds": 0.2}})
-    with live_server(config) as live:
+    with serving(request, {"agents": agents, "session": {"heartbeat_interval_seconds": 0.2}}) as live:
         yield live
 
 
-@pytest.fixture(scope="module")
-def operator_server() -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["one process", "cluster"])
+def operator_server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     """The operator with the demo MCP server, whose delete_everything needs approval."""
     demo = {**DEMO, "require_approval": ["delete_everything"]}
     agents = {"operator": {"plugin": "operator", "mcp_servers": ["demo"]}}
-    with live_server(make_config({"agents": agents, "mcp": {"servers": {"demo": demo}}})) as live:
+    with serving(request, {"agents": agents, "mcp": {"servers": {"demo": demo}}}) as live:
         yield live
 
 

@@ -1,0 +1,186 @@
+"""Who runs a shared transaction's turns: the lease ``run:<transaction>``, held, lost and taken over.
+
+``Succession`` is the owner side of ``relay.SharedLog`` (its base class): every node hosting a
+transaction contends for the lease; the holder renews it from the moment it has it (a takeover that
+reads the store for a while must not let it run out unnoticed); a holder that cannot renew stops its
+turns; the next holder ends the runs the log shows open with ``RUN_ERROR NODE_LOST``, rebuilds the
+agents' history from the log, carries out an end asked while nobody held the lease, and answers
+the messages no run has answered. A node that leaves gives the lease back and says so in the log,
+so a waiting node takes it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from haip_runtime.conversation.history import History, history_from_events
+from haip_runtime.exceptions import ClusterError
+from haip_runtime.protocol import fastjson
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+
+if TYPE_CHECKING:
+    from haip_runtime.cluster import Bus
+    from haip_runtime.conversation.transaction import Transaction
+    from haip_runtime.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+#: The longest wait between two tries while Redis does not answer.
+MAX_RETRY = 1.0
+#: Events read back from the store to rebuild the agents' history when this node takes the runs over.
+REHYDRATE_EVENTS = 20_000
+LOST = "the node running this turn was lost; send the message again"
+
+
+class Succession:
+    """The lease of one transaction's turns, from one node (``SharedLog`` sets what is declared here)."""
+
+    bus: Bus
+    store: Store
+    node: str
+    transaction: Transaction
+    lease_name: str
+    #: Whether this node runs the transaction's turns (holds its lease, or started it just now).
+    owner: bool
+    open_runs: dict[str, str]
+    unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
+    #: An end a member asked for while no node held the lease: the next holder carries it out.
+    end_asked: str | None
+    _given_up: set[str]
+    _outbox: deque[tuple[bytes, bool, float, str | None]]
+    _stopped: bool
+    _lease_free: anyio.Event
+    _progress: anyio.Event
+
+    def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _end(self, reason: str) -> None:
+        raise NotImplementedError
+
+    async def _contend(self) -> None:
+        """Hold the lease while the transaction is here; wait for it while another node holds it."""
+        delay = 0.05
+        while not self._stopped:
+            try:
+                token = await self._acquire()
+            except ClusterError:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY)
+                continue
+            delay = 0.05
+            if await self._hold(token):
+                self._lose()
+
+    async def _hold(self, token: str) -> bool:
+        """Renew the lease from now on, taking over meanwhile; ``True`` once it is lost, ``False`` if
+        the node let it go (leaving, or the transaction left its memory)."""
+        lost = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def keep() -> None:
+                    nonlocal lost
+                    await self.bus.leases.keep(self.lease_name, token)
+                    lost = True
+                    tg.cancel_scope.cancel()  # a takeover still under way stops: another node has it
+
+                tg.start_soon(keep)
+                if not self.owner:
+                    await self._take_over()
+                await anyio.sleep_forever()
+        finally:
+            if not lost:
+                with anyio.move_on_after(2, shield=True):
+                    await self._release(token)
+        return lost
+
+    async def _acquire(self) -> str:
+        """The lease, once free: tried again when the holder's would run out, or at once when the log
+        says the holder gave it back."""
+        leases = self.bus.leases
+        while True:
+            token = await leases.acquire(self.lease_name)
+            if token is not None:
+                return token
+            self._lease_free = anyio.Event()
+            with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
+                await self._lease_free.wait()
+
+    async def _release(self, token: str) -> None:
+        """Give the lease back and say so in the log, so a node waiting for it takes it now."""
+        try:
+            if await self.bus.leases.release(self.lease_name, token):
+                released = fastjson.dumps({"n": self.node, "ctl": "released"}).encode()
+                await self.bus.log.append(self.transaction.id, released, floor=self.transaction.tseq)
+        except ClusterError:
+            pass  # it runs out by itself
+
+    def _lose(self) -> None:
+        """Another node runs the turns now (this one could not renew its lease): stop what runs here;
+        the waiting messages are the next owner's to answer (it knows them from the log)."""
+        logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
+        self.owner = False
+        self._given_up.update(self.transaction.runs)
+        for run in list(self.transaction.runs.values()):
+            run.scope.cancel()
+        kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
+        self._outbox.clear()
+        self._outbox.extend(kept)
+
+    async def _caught_up(self, timeout: float) -> None:
+        """Until the feed has delivered what the log held when the lease came (what the last owner
+        published before it let go, a cancelled run's end among it), or ``timeout``."""
+        try:
+            last = await self.bus.log.last_tseq(self.transaction.id)
+        except ClusterError:
+            return
+        with anyio.move_on_after(timeout):
+            while self.transaction.tseq < last:
+                self._progress = anyio.Event()
+                await self._progress.wait()
+
+    async def _take_over(self) -> None:
+        """This node runs the turns from now on: end what the last owner left running, rebuild the
+        agents' history from the log, answer the messages no run has answered. Reading is bounded by
+        a third of the lease each (it is renewed meanwhile)."""
+        transaction = self.transaction
+        logger.info("transaction %s: its turns run on this node now", transaction.id)
+        third = self.bus.config.lease_seconds / 3
+        await self._caught_up(min(2.0, third))
+        stored: list[Event] = []
+        with anyio.move_on_after(third):
+            try:
+                await self.store.flush()
+                start = max(0, transaction.tseq - REHYDRATE_EVENTS)
+                stored = await self.store.events(transaction.id, after=start, limit=REHYDRATE_EVENTS)
+            except Exception:
+                logger.exception(
+                    "transaction %s: its history could not be read; the agents start afresh", transaction.id
+                )
+        last = stored[-1].tseq or 0 if stored else 0
+        newer = [event for event in transaction.recent() if (event.tseq or 0) > last]
+        config = transaction.config
+        transaction.history = History(
+            history_from_events([*stored, *newer]),
+            maxlen=config.agent_history_messages,
+            max_bytes=config.agent_history_bytes,
+        )
+        self.owner = True
+        for run_id in [run_id for run_id in self.open_runs if run_id not in transaction.runs]:
+            self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
+            lost = Event(EventType.RUN_ERROR, {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, LOST)})
+            transaction.publish(lost.with_changes(channel=Channel.AGENT, run_id=run_id))
+            self.open_runs.pop(run_id, None)
+        if self.end_asked is not None:
+            self._end(self.end_asked)
+            return
+        waiting, self.unanswered = list(self.unanswered.values()), OrderedDict()
+        for turn, payload in waiting:
+            self._answer(turn, payload)

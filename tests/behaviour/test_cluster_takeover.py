@@ -1,0 +1,170 @@
+"""When the turns move between nodes: a node cut from Redis past its lease (through netcut), an end
+asked while nobody holds the lease, a message queued at the node that lost it, a run started long
+before the node taking over hosted the transaction, and a join with ``since`` on a node that brings
+the transaction back. Two runtimes on one real Redis and one real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from haip_runtime.client import HaipClient, Received
+from tests.behaviour.test_cluster_conversations import WHOLE, node_config, two_nodes
+from tests.behaviour.test_cluster_limits import seen, until
+from tests.support.netcut import NetCut, netcut
+from tests.support.serving import LiveServer, live_server, make_config
+
+pytestmark = pytest.mark.anyio
+
+PATIENT = {"patient": {"plugin": "tests.support.agents:PatientAgent"}}
+
+
+@contextmanager
+def cut_and_direct(
+    redis_url: str, postgres_url: str, prefix: str, **extra: Any
+) -> Iterator[tuple[NetCut, LiveServer, LiveServer]]:
+    """Node A reaches Redis through a cut the test controls; node B directly."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    update = {key: getattr(make_config({"agents": PATIENT, **extra}), key) for key in ("agents", *extra)}
+    with netcut(port) as cut:
+        behind = node_config(redis_url.replace(f":{port}/", f":{cut.port}/"), postgres_url, prefix)
+        direct = node_config(redis_url, postgres_url, prefix)
+        with live_server(behind.model_copy(update=update)) as a, live_server(direct.model_copy(update=update)) as b:
+            yield cut, a, b
+
+
+def said(text: str) -> Callable[[Received], bool]:
+    return lambda e: e.type == "MESSAGE_PART" and e.get("text") == text
+
+
+def whole(text: str) -> Callable[[Received], bool]:
+    return lambda e: e.type == "MESSAGE" and e.payload == text
+
+
+async def runs_nothing(node: LiveServer) -> None:
+    """Until ``node`` runs no transaction's turns (its lease ran out by Redis's clock: no event says so)."""
+    fleet = node.runtime.fleet
+    assert fleet is not None
+    await until(seen(lambda: fleet.hosted()["runsHere"] == 0))
+
+
+async def test_a_node_that_loses_its_lease_and_takes_it_back_ends_the_run_it_lost(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, _):
+        async with HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice:
+            tx = await alice.start_transaction("patient")  # A alone hosts it
+            await alice.send_text(tx, "wait")
+            started = await alice.wait_for("RUN_STARTED")
+            await alice.wait_for("MESSAGE_PART")
+            cut.cut()
+            await runs_nothing(a)  # its lease ran out: the run is stopped
+            cut.heal()  # A takes the lease again, and must end the run it stopped
+            lost = await alice.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.run_id)
+            await alice.send_text(tx, "hello")
+            await alice.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: hello")
+    assert lost.get("code") == "NODE_LOST"
+
+
+async def test_an_end_asked_while_the_owner_is_cut_off_is_carried_out_by_the_next_owner(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=30) as sam,
+        ):
+            tx = await alice.start_transaction("patient")
+            await sam.join(tx)
+            cut.cut()  # A holds the lease, but cannot hear the end
+            await sam.end_transaction(tx, "bye")
+            ended = await sam.wait_for("TRANSACTION_END")
+    assert ended.get("reason") == "bye" and ended.transaction == tx
+
+
+async def test_a_message_queued_at_the_owner_that_loses_its_lease_is_answered_by_the_next(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with cut_and_direct(redis_url, postgres_url, prefix, session={"max_concurrent_runs": 1}) as (cut, a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("patient")
+            await sam.join(tx)
+            await alice.send_text(tx, "wait")
+            started = await sam.wait_for("RUN_STARTED")
+            await alice.send_text(tx, "second")  # alice may run one at a time: it waits at A
+            await sam.wait_for(lambda e: e.type == "INFO" and e.get("event") == "run.queued")
+            cut.cut()
+            lost = await sam.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.get("run_id"))
+            answered = await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: second")
+            cut.heal()
+            await alice.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: second")
+            said = [e for e in sam.received if e.type == "MESSAGE_PART" and e.get("text") == "you said: second"]
+    assert lost.get("code") == "NODE_LOST" and answered.transaction == tx
+    assert len(said) == 1  # answered once: by B, not again by A when the network healed
+
+
+async def test_a_run_started_long_before_the_next_owner_hosted_the_transaction_ends_with_node_lost(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
+        async with HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice:
+            tx = await alice.start_transaction("patient")
+            await alice.send_text(tx, "wait")
+            started = await alice.wait_for("RUN_STARTED")
+            for n in range(14):  # more than the last events a node brings back from Redis (64)
+                await alice.send_text(tx, f"x{n}")
+                await alice.wait_for(said(f"you said: x{n}"))
+            async with HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam:
+                await sam.join(tx)
+                cut.cut()
+                lost = await sam.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.run_id)
+                cut.heal()
+    assert lost.get("code") == "NODE_LOST"
+
+
+async def test_a_join_with_since_on_a_node_that_brings_the_transaction_back_repeats_nothing(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(redis_url, postgres_url, prefix) as (a, b):
+        async with HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=15) as alice:
+            tx = await alice.start_transaction("echo")
+            for n in range(3):
+                await alice.send_text(tx, f"m{n}")
+                await alice.wait_for(whole(f"you said: m{n}"))
+            last = max(int(e.raw["tseq"]) for e in alice.received if e.transaction == tx and "tseq" in e.raw)
+            async with HaipClient(b.ws_url, token=b.token("alice"), accept_events=WHOLE, timeout=15) as again:
+                reply = await again.join(tx, since=last)
+                await alice.send_text(tx, "m3")
+                await again.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: m3")
+                got = [int(e.raw["tseq"]) for e in again.received if e.transaction == tx and "tseq" in e.raw]
+    assert int(reply.get("tseq")) >= last  # the join's position is the log's end, not where B brought it back
+    assert got and min(got) > last and got == sorted(set(got))  # nothing before since, nothing twice
+
+
+async def test_an_agent_added_on_a_node_that_does_not_run_the_turns_answers_from_the_one_that_does(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with two_nodes(redis_url, postgres_url, prefix) as (a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=15) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), accept_events=WHOLE, timeout=15) as sam,
+        ):
+            tx = await alice.start_transaction("echo")  # its turns run on A
+            await sam.join(tx)
+            await sam.send("TRANSACTION_JOIN", {"agent": "storyteller"}, transaction=tx)
+            await sam.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and "storyteller" in e.get("agents", []))
+            await alice.send_text(tx, "hi")
+            told = [await client.wait_for(storied) for client in (alice, sam)]
+            started = [e.get("agent") for e in alice.received if e.type == "RUN_STARTED"]
+    assert all(e.transaction == tx for e in told)
+    assert sorted(started) == ["echo", "storyteller"]  # one turn each, run on A, for the message after it joined
+
+
+def storied(event: Received) -> bool:
+    return event.type == "MESSAGE" and "Once upon a time, someone said 'hi'" in str(event.payload)
