@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 HANDOVER_SECONDS = 2.0
 #: How long a rejoin waits for this node's copy of a transaction to catch up with what the session was sent.
 REJOIN_SECONDS = 5.0
+#: How long a handshake waits for its new session's window to reach Redis (one flush) before it goes on.
+PUBLISH_SECONDS = 1.0
 REJOIN_CHECK = 0.05
 #: Hands POSTed envelopes to the stream serving a session of this node (``doors.py``); ``False`` if none.
 LocalPost = Callable[[str, str, list[Inbound]], Awaitable[bool]]
@@ -106,6 +108,14 @@ class Roaming:
     def admitted(self, session: Session) -> None:
         if self.mirror is not None and session.id not in self.mirror:
             self.mirror.track(session)
+
+    async def published(self, session: Session) -> None:
+        if self.mirror is not None:
+            with anyio.move_on_after(PUBLISH_SECONDS):
+                try:
+                    await self.mirror.flush()
+                except ClusterError:
+                    pass  # the flusher keeps trying; meanwhile only this node knows the session
 
     def dropped(self, session: Session) -> None:
         if self.mirror is not None:

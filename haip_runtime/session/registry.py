@@ -42,6 +42,11 @@ class Roaming(Protocol):
         """The session is over (expired, or made room): its shared window goes too."""
         ...
 
+    async def published(self, session: Session) -> None:
+        """Wait (briefly) until the admitted session's window is where every node reads it, so that its
+        client, told it is ready, finds it from any node (a POST through another node)."""
+        ...
+
 
 class SessionRegistry:
     """The sessions of this runtime by id; the one way a session is admitted, resumed or dropped."""
@@ -116,6 +121,8 @@ class SessionRegistry:
                 raise self.quotas.cluster_full(user)
             self.drop(oldest)
         self.add(session)
+        if self.roaming is not None:
+            await self.roaming.published(session)
 
     def save(self, session: Session) -> None:
         record = SessionRecord(session.id, session.user, self.epoch, tuple(sorted(session.transactions)), time.time())

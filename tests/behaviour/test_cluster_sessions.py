@@ -117,13 +117,15 @@ async def test_sse_last_event_id_on_another_node_resumes_and_posts_reach_the_hol
             await peer.receive_type("INFO")
             # A POST to B, which does not hold the session, is handed to A and answered on A's stream.
             on_b = SsePeer(peer.client, b.http_url, token)
-            on_b.session, on_b.seq = peer.session, peer.seq
-            await on_b.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-            peer.seq = on_b.seq
-            started = await peer.receive_type("TRANSACTION_START")
-            last = peer.last_event_id
-            elsewhere = await on_b.post(json.dumps({"type": "PING"}), session="no-such-session")
-            on_b.aclose()
+            try:
+                on_b.session, on_b.seq = peer.session, peer.seq
+                await on_b.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+                peer.seq = on_b.seq
+                started = await peer.receive_type("TRANSACTION_START")
+                last = peer.last_event_id
+                elsewhere = await on_b.post(json.dumps({"type": "PING"}), session="no-such-session")
+            finally:
+                on_b.aclose()
         assert last is not None
         async with open_peer("sse", b, token, headers={"last-event-id": last}) as again:
             assert isinstance(again, SsePeer)
