@@ -6,25 +6,29 @@ feed and leases (``conversation/relay.py``: transactions shared by the nodes).
 """
 
 from haip_runtime.cluster.bus import Bus, make_node_id
-from haip_runtime.cluster.feed import Deliver, Feed
+from haip_runtime.cluster.feed import Deliver, Feed, Notice
 from haip_runtime.cluster.health import BusHealth, BusState
 from haip_runtime.cluster.leases import HeldLease, Leases
-from haip_runtime.cluster.replay import ReplayOutcome, ReplayRead, ReplayStreams
+from haip_runtime.cluster.replay import Claimed, Mirrored, ReplayOutcome, ReplayRead, ReplayStreams, WindowUpdate
 from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog
 
 __all__ = [
     "Bus",
     "BusHealth",
     "BusState",
+    "Claimed",
     "Deliver",
     "Feed",
     "HeldLease",
     "Leases",
     "LogEntry",
     "LogGap",
+    "Mirrored",
+    "Notice",
     "ReplayOutcome",
     "ReplayRead",
     "ReplayStreams",
     "TransactionLog",
+    "WindowUpdate",
     "make_node_id",
 ]

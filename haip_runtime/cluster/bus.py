@@ -28,7 +28,7 @@ from haip_runtime.cluster.batcher import PartBatcher
 from haip_runtime.cluster.dedup import InboundDedup
 from haip_runtime.cluster.dialing import command_client, reach, subscriber_client
 from haip_runtime.cluster.feed import Feed
-from haip_runtime.cluster.health import BusHealth
+from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.cluster.leases import Leases
 from haip_runtime.cluster.presence import Presence
@@ -67,6 +67,7 @@ class Bus:
             self.health,
             max_events=config.replay_max_events,
             max_age_seconds=config.replay_max_age_seconds,
+            node=self.node_id,
         )
         self.dedup = InboundDedup(self.redis, self.keys, self.health, ttl_seconds=config.dedup_seconds)
         self.leases = Leases(self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds)
@@ -101,6 +102,12 @@ class Bus:
             except ClusterError as error:
                 logger.warning("cluster: leaving without telling redis: %s", error)
         await self._stack.aclose()
+
+    async def tell(self, node: str, notice: bytes) -> bool:
+        """Send ``notice`` to ``node`` (its feed's ``on_notice``); ``False`` if no such node listens now
+        (it died, or left): Redis tells how many subscribers a message reached."""
+        with translating(self.health, f"tell node {node}"):
+            return int(await self.redis.publish(self.keys.node_channel(node), notice)) > 0
 
     async def _heartbeat(self) -> None:
         """Beat (presence, quota slots) every ``heartbeat_seconds``; while Redis is away, retry sooner."""

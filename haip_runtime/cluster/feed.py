@@ -40,6 +40,8 @@ logger = logging.getLogger("haip_runtime.cluster")
 
 #: Called in the feed's task with the next events of one transaction (gaps in place), in order.
 Deliver = Callable[[Sequence[LogEntry | LogGap]], None]
+#: Called in the feed's task with a message other nodes sent this one (``Bus.tell``); must not block.
+Notice = Callable[[bytes], None]
 
 CATCH_UP_PAGE = 1000
 #: How long the listener waits for a message before it retries the catch-ups that failed.
@@ -79,6 +81,8 @@ class Feed:
         self._delay = FIRST_RETRY
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
+        #: Where messages from other nodes on this node's channel go (anything but the feed's own).
+        self.on_notice: Notice | None = None
 
     @property
     def hosted(self) -> frozenset[str]:
@@ -183,7 +187,14 @@ class Feed:
             await pubsub.unsubscribe(*gone)
 
     async def _obey(self, pubsub: PubSub, request: bytes) -> None:
-        """A host() or unhost() of this node, asking for a (un)subscription."""
+        """A host() or unhost() of this node, asking for a (un)subscription; or another node's notice."""
+        if not request.startswith((b"host ", b"unhost ")):
+            if self.on_notice is not None:
+                try:
+                    self.on_notice(request)
+                except Exception:
+                    logger.exception("cluster feed: handling a notice failed")
+            return
         verb, _, name = request.decode(errors="replace").partition(" ")
         channel = self._keys.channel(name)
         if verb == "host" and name in self._hosted:

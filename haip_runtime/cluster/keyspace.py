@@ -33,6 +33,9 @@ class Keyspace:
     def replay_meta(self, session: str) -> str:
         return f"{self.prefix}:{{s:{session}}}:meta"
 
+    def replay_ids(self, session: str) -> str:
+        return f"{self.prefix}:{{s:{session}}}:ids"
+
     def inbound(self, session: str, envelope: str) -> str:
         return f"{self.prefix}:{{s:{session}}}:in:{envelope}"
 
@@ -51,3 +54,6 @@ class Keyspace:
 
     def nodes(self) -> str:
         return f"{self.prefix}:nodes"
+
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"

@@ -6,6 +6,8 @@ Times are Redis's clock, so nodes' clocks need not agree. A node that stops beat
 
 from __future__ import annotations
 
+import secrets
+
 from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
@@ -21,6 +23,13 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+#: KEYS: epoch. ARGV: a new epoch. The cluster's epoch, made by the first node to ask after Redis lost it.
+EPOCH = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+
 class Presence:
     def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, node: str, ttl_seconds: float):
         self._redis = redis
@@ -29,6 +38,7 @@ class Presence:
         self._node = node
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._beat = redis.register_script(BEAT)
+        self._epoch = redis.register_script(EPOCH)
 
     async def beat(self) -> list[str]:
         """Say this node is alive for another ``node_ttl_seconds``; the live nodes."""
@@ -37,6 +47,12 @@ class Presence:
     async def live(self) -> list[str]:
         """The nodes heard from within their time to live, sorted."""
         return await self._run(0, "list the nodes")
+
+    async def epoch(self) -> str:
+        """The cluster's epoch: the same on every node, new only when Redis lost what it held (a restart
+        without persistence), which is exactly when the sessions' windows are gone too."""
+        with translating(self._health, "read the cluster's epoch"):
+            return str((await self._epoch(keys=[self._keys.epoch()], args=[secrets.token_hex(8)])).decode())
 
     async def leave(self) -> None:
         with translating(self._health, "leave the cluster"):

@@ -7,6 +7,14 @@ without persistence, an expiry) is noticed by the next append and by a resume, n
 empty window. Windows keep at most ``max_events`` envelopes and none older than ``max_age_seconds``
 (exact trimming: they are small), and vanish ``max_age_seconds`` after their last append or at
 ``delete``. Times are Redis's clock (``TIME``), so nodes' clocks need not agree.
+
+What a running node uses is ``mirror``: one script run per session per flush, all of them in one
+pipeline, carrying the session's new envelopes, the inbound envelope ids it took (kept in a capped
+list beside the window: the next node's dedup) and what another node needs to take the session
+over (``user``, ``accepted``, ``tx``: the transactions it is in with the last tseq it was sent,
+``in``: the client's last contiguous seq). The hash's ``node`` says which node holds the session:
+``claim`` moves it in one step, after which the old holder's ``mirror`` is refused (``TAKEN``), so
+two nodes never both keep (and deliver) one session.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
-from haip_runtime.cluster.replies import Arg, fields, stream_rows, text
+from haip_runtime.cluster.replies import Arg, text
 
 #: KEYS: meta, stream. ARGV: epoch, seq, envelope, max events, max age ms.
 #: 1 appended; 0 the epoch is not the session's (its window was lost or replaced); -1 seq not after the last.
@@ -45,7 +53,84 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+#: KEYS: meta, stream, ids. ARGV: node, epoch, fresh (1: make the window), max events, max age ms, max ids,
+#: field count, id count, then field/value pairs, ids, seq/envelope pairs. 1 kept; 0 the window of this
+#: epoch is gone; -1 another node holds the session now. Envelopes not after the last kept are skipped.
+MIRROR = """
+local age = tonumber(ARGV[5])
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'last', 0, 'node', ARGV[1])
+else
+  if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return 0 end
+  if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return -1 end
+end
+local i = 9
+for _ = 1, tonumber(ARGV[7]) do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+local ids = tonumber(ARGV[8])
+if ids > 0 then
+  for _ = 1, ids do redis.call('LPUSH', KEYS[3], ARGV[i]); i = i + 1 end
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
+  redis.call('PEXPIRE', KEYS[3], age)
+end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+local kept = last
+while i < #ARGV do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 's', ARGV[i], 'd', ARGV[i + 1])
+    last = seq
+  end
+  i = i + 2
+end
+if last > kept then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', now - age))
+  redis.call('HSET', KEYS[1], 'last', last)
+  redis.call('PEXPIRE', KEYS[2], age)
+end
+redis.call('PEXPIRE', KEYS[1], age)
+return 1
+"""
+
+#: KEYS: meta, ids. ARGV: node, user. {0} no window; {1} another user's; {2, meta, ids} taken by the node.
+CLAIM = """
+local user = redis.call('HGET', KEYS[1], 'user')
+if not user or not redis.call('HGET', KEYS[1], 'epoch') then return {0} end
+if user ~= ARGV[2] then return {1} end
+redis.call('HSET', KEYS[1], 'node', ARGV[1])
+return {2, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
+#: KEYS: meta, stream. ARGV: epoch, after, page. {outcome, last, then seq, envelope... newest first}:
+#: outcome 0 no window, 1 another epoch, 2 ahead, 3 read (from the newest down to the first after ``after``).
+READ_AFTER = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then return {0, 0} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+if epoch ~= ARGV[1] then return {1, last} end
+local after = tonumber(ARGV[2])
+if after > last then return {2, last} end
+local out = {3, last}
+local page = tonumber(ARGV[3])
+local high = '+'
+while true do
+  local rows = redis.call('XREVRANGE', KEYS[2], high, '-', 'COUNT', page)
+  for _, row in ipairs(rows) do
+    local entry = row[2]
+    if tonumber(entry[2]) <= after then return out end
+    out[#out + 1] = entry[2]
+    out[#out + 1] = entry[4]
+  end
+  if #rows < page then return out end
+  high = '(' .. rows[#rows][1]
+end
+"""
+
 PAGE = 500
+#: Inbound envelope ids kept per session for the next node's dedup (as many as a node remembers itself).
+MAX_IDS = 1024
 
 
 class ReplayOutcome(enum.StrEnum):
@@ -62,6 +147,48 @@ class ReplayOutcome(enum.StrEnum):
     TOO_OLD = "too_old"
 
 
+#: ``READ_AFTER``'s first number.
+READ_OUTCOMES = (ReplayOutcome.UNKNOWN, ReplayOutcome.RESTARTED, ReplayOutcome.AHEAD, ReplayOutcome.OK)
+
+
+class Mirrored(enum.IntEnum):
+    """What became of one session's part of a ``mirror`` flush."""
+
+    KEPT = 1
+    #: The window of that epoch is gone (Redis lost it, or it expired): make a new one.
+    LOST = 0
+    #: Another node took the session over: this node must let it go.
+    TAKEN = -1
+
+
+@dataclass
+class WindowUpdate:
+    """One session's part of a ``mirror`` flush."""
+
+    session: str
+    epoch: str
+    #: (seq, envelope), seqs growing.
+    frames: list[tuple[int, bytes]] = field(default_factory=list)
+    #: Hash fields to set beside the window (what another node needs to take the session over).
+    fields: dict[str, str] = field(default_factory=dict)
+    #: Inbound envelope ids the session took since the last flush.
+    ids: list[str] = field(default_factory=list)
+    #: Make the window (dropping whatever was there): the session is new, or its window was lost.
+    fresh: bool = False
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A session taken over by this node: its hash fields and the inbound ids it took lately."""
+
+    fields: dict[str, str]
+    ids: list[str]
+
+    @property
+    def epoch(self) -> str:
+        return self.fields["epoch"]
+
+
 @dataclass(frozen=True)
 class ReplayRead:
     outcome: ReplayOutcome
@@ -74,14 +201,27 @@ class ReplayRead:
 class ReplayStreams:
     """Append, read and delete sessions' replay windows."""
 
-    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, max_events: int, max_age_seconds: float):
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keyspace,
+        health: BusHealth,
+        *,
+        max_events: int,
+        max_age_seconds: float,
+        node: str = "",
+    ):
         self._redis = redis
+        self._node = node
         self._keys = keys
         self._health = health
         self._max_events = max_events
         self._max_age_ms = int(max_age_seconds * 1000)
         self._append = redis.register_script(APPEND)
         self._start = redis.register_script(START)
+        self._mirror = redis.register_script(MIRROR)
+        self._claim = redis.register_script(CLAIM)
+        self._read = redis.register_script(READ_AFTER)
 
     async def start(self, session: str) -> str:
         """Begin a new window for ``session`` (dropping any old one); its new epoch."""
@@ -107,42 +247,70 @@ class ReplayStreams:
             return text(await self._redis.hget(self._keys.replay_meta(session), "epoch"))
 
     async def read_after(self, session: str, epoch: str, after: int) -> ReplayRead:
-        """Every envelope after seq ``after``, once and in order, if the window of ``epoch`` holds them all."""
+        """Every envelope after seq ``after``, once and in order, if the window of ``epoch`` holds them all.
+
+        One script run reads the hash and the stream together, backwards from the newest until seq
+        ``after`` (so the cost follows what was missed), and answers a flat list: parsing a stream
+        reply entry by entry in Python was most of a takeover's time."""
         with translating(self._health, f"read the replay window of {session}"):
-            meta = fields(await self._redis.hgetall(self._keys.replay_meta(session)))
-            if b"epoch" not in meta:
-                return ReplayRead(ReplayOutcome.UNKNOWN)
-            last = int(meta.get(b"last", b"0"))
-            if meta[b"epoch"].decode() != epoch:
-                return ReplayRead(ReplayOutcome.RESTARTED, last=last)
-            if after > last:
-                return ReplayRead(ReplayOutcome.AHEAD, last=last)
-            newest_first = await self._newest_after(session, after)
-        envelopes = newest_first[::-1]
-        first_missing = after + 1
-        if after < last and (not envelopes or envelopes[0][0] != first_missing):
+            reply = await self._read(keys=self._names(session), args=[epoch, after, PAGE])
+        outcome, last = READ_OUTCOMES[int(reply[0])], int(reply[1])
+        if outcome is not ReplayOutcome.OK:
+            return ReplayRead(outcome, last=last)
+        flat = reply[2:]
+        envelopes = [(int(seq), data) for seq, data in zip(flat[-2::-2], flat[::-2], strict=True)]
+        if after < last and (not envelopes or envelopes[0][0] != after + 1):
             return ReplayRead(ReplayOutcome.TOO_OLD, last=last)
         return ReplayRead(ReplayOutcome.OK, envelopes, last)
 
     async def delete(self, session: str) -> None:
         """The session closed: its window goes."""
         with translating(self._health, f"delete the replay window of {session}"):
-            await self._redis.delete(*self._names(session))
+            await self._redis.delete(*self._all_names(session))
 
-    async def _newest_after(self, session: str, after: int) -> list[tuple[int, bytes]]:
-        """Read backwards from the newest until seq ``after`` (or the oldest kept): cost follows what was missed."""
-        found: list[tuple[int, bytes]] = []
-        high = b"+"
-        while True:
-            rows = stream_rows(await self._redis.xrevrange(self._keys.replay(session), high, "-", count=PAGE))
-            for _, entry in rows:
-                seq = int(entry[b"s"])
-                if seq <= after:
-                    return found
-                found.append((seq, entry[b"d"]))
-            if len(rows) < PAGE:
-                return found
-            high = b"(" + rows[-1][0]
+    async def mirror(self, updates: list[WindowUpdate]) -> list[Mirrored]:
+        """Keep several sessions' new envelopes and state: one pipeline, one script run per session."""
+        if not updates:
+            return []
+        with translating(self._health, f"mirror {len(updates)} replay window(s)"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for update in updates:
+                    await self._mirror(
+                        keys=self._all_names(update.session), args=self._mirror_args(update), client=pipe
+                    )
+                replies = await pipe.execute()
+        return [Mirrored(int(reply)) for reply in replies]
+
+    def _mirror_args(self, update: WindowUpdate) -> list[Arg]:
+        args: list[Arg] = [self._node, update.epoch, int(update.fresh), self._max_events, self._max_age_ms, MAX_IDS]
+        args += [len(update.fields), len(update.ids)]
+        for name, value in update.fields.items():
+            args += [name, value]
+        args += update.ids
+        for seq, envelope in update.frames:
+            args += [seq, envelope]
+        return args
+
+    async def holder(self, session: str) -> tuple[str, str] | None:
+        """(node, user) of the node holding ``session`` and its user; ``None`` if it has no window."""
+        with translating(self._health, f"find the node of {session}"):
+            node, user = await self._redis.hmget(self._keys.replay_meta(session), ["node", "user"])
+        node_name, user_name = text(node), text(user)
+        return (node_name, user_name) if node_name is not None and user_name is not None else None
+
+    async def claim(self, session: str, user: str) -> Claimed | None:
+        """Take ``user``'s ``session`` over for this node (its old node's mirroring is refused from now
+        on); ``None`` if there is no such window, or it is another user's (the caller says neither)."""
+        keys = [self._keys.replay_meta(session), self._keys.replay_ids(session)]
+        with translating(self._health, f"take over {session}"):
+            reply = await self._claim(keys=keys, args=[self._node, user])
+        if int(reply[0]) != 2:
+            return None
+        flat = [item.decode() for item in reply[1]]
+        return Claimed(dict(zip(flat[::2], flat[1::2], strict=True)), [item.decode() for item in reply[2]][::-1])
 
     def _names(self, session: str) -> list[str]:
         return [self._keys.replay_meta(session), self._keys.replay(session)]
+
+    def _all_names(self, session: str) -> list[str]:
+        return [*self._names(session), self._keys.replay_ids(session)]

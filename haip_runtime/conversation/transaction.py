@@ -160,13 +160,15 @@ class Transaction:
             self.save()
         return new_user
 
-    def remove_member(self, member: Member) -> None:
+    def remove_member(self, member: Member, *, quietly: bool = False) -> None:
+        """Take ``member`` out; the others are told when its user has no member left, unless ``quietly``
+        (the member moved to another node of a cluster, where it goes on)."""
         if self.members.pop(member.id, None) is None:
             return
         member.transactions.discard(self.id)
         if not self.members:
             self.memberless_since = time.monotonic()
-        if not self.ended and member.user not in {m.user for m in self.members.values()}:
+        if not quietly and not self.ended and member.user not in {m.user for m in self.members.values()}:
             self.publish(Event(EventType.INFO, {"event": "member.left", "user": member.user}))
 
     def is_member(self, member: Member) -> bool:

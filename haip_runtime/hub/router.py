@@ -73,6 +73,7 @@ class Hub:
         self.epoch = epoch or secret_id()
         self.sessions = SessionRegistry(config.session, self.store, self.epoch, config.limits)
         self.sessions.on_drop = self._leave_transactions
+        self.sessions.on_give_up = self._let_go
         self.transactions = TransactionRegistry(
             config.transactions,
             agents,
@@ -224,6 +225,16 @@ class Hub:
             transaction = self.transactions.live.get(transaction_id)
             if transaction is not None:
                 transaction.remove_member(session)
+
+    def _let_go(self, session: Session) -> None:
+        """A session moved to another node: it leaves this node's transactions without a ``member.left``
+        (its user is still there, through the other node)."""
+        if self.speech is not None:
+            self.speech.forget_session(session.id)
+        for transaction_id in list(session.transactions):
+            transaction = self.transactions.live.get(transaction_id)
+            if transaction is not None:
+                transaction.remove_member(session, quietly=True)
 
     async def _stop_for_restart(self, transaction: Transaction) -> None:
         """The runtime is stopping: cancel what runs; the transaction stays open in the store."""

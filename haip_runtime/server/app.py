@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from haip_runtime.bridge import McpBridge, ServerStatus
+    from haip_runtime.server.roaming import Roaming
 
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,12 @@ class Runtime:
         gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
         #: This process as a node of a cluster (``[cluster]``): per-user limits counted over every node.
         self.fleet = Fleet(config.cluster, self.hub.sessions) if config.cluster is not None else None
+        #: Sessions that outlive this node: mirrored to Redis, resumed from any node (``[cluster]``).
+        self.roaming: Roaming | None = None
+        if self.fleet is not None:
+            from haip_runtime.server.roaming import Roaming  # it needs redis: only a cluster imports it
+
+            self.roaming = Roaming(config, self.fleet, self.hub, self.metrics)
         gauges.extra = self._extra_metrics
         self.metrics.watch(gauges)
         self.timers = Timers()
@@ -111,6 +118,8 @@ class Runtime:
             await stack.enter_async_context(self.store)
             if self.fleet is not None:
                 await stack.enter_async_context(self.fleet)
+            if self.roaming is not None:  # before the hub: it flushes what the hub's stop sends
+                await stack.enter_async_context(self.roaming)
             await stack.enter_async_context(self.hub)
             if self.fleet is not None and self.fleet.bus is not None:
                 self.fleet.relay = self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
@@ -197,7 +206,16 @@ class Runtime:
         async def detached(session_id: str, user: str, items: list[Inbound]) -> bool:
             return await serve_detached(self.gateway, session_id, user, items)
 
-        return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of, detached)
+        roaming = self.roaming
+        if roaming is None:
+            return Doorway(self.config, self.authenticator.authenticate, self.serve, outbox_of, detached)
+
+        def on_forwarded(post: Callable[[str, str, list[Inbound]], Awaitable[bool]]) -> None:
+            roaming.local_post = post
+
+        return Doorway(
+            self.config, self.authenticator.authenticate, self.serve, outbox_of, detached, roaming.forward, on_forwarded
+        )
 
     def _extra_metrics(self) -> Iterable[Metric]:
         """The store's gauges, and the cluster's when there is one."""

@@ -55,6 +55,10 @@ class Doorway:
     #: Serve envelopes POSTed to a user's session that no stream serves now but that is resumable
     #: (``False``: there is none); their answers wait in its window for the next stream.
     serve_detached: Callable[[str, str, list[Inbound]], Awaitable[bool]]
+    #: In a cluster: send a POST's body to the node holding the user's session (``False``: no node does).
+    forward: Callable[[str, str, bytes], Awaitable[bool]] | None = None
+    #: In a cluster: where POSTs forwarded to this node from others go (given the door's own handler).
+    on_forwarded: Callable[[Callable[[str, str, list[Inbound]], Awaitable[bool]]], None] | None = None
 
 
 def haip_routes(door: Doorway) -> list[BaseRoute]:
@@ -101,12 +105,20 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         session_id = str(scope["path_params"]["session"])
         max_frame = config.server.max_frame_bytes
         refusal: DecodeError | None = None  # the body as a whole, not one of its envelopes
+        body: bytes | None = None
         try:
             body = await read_body(receive, max_frame * MAX_BODY_FRAMES, config.server.body_timeout_seconds)
             items = parse_batch(body, max_frame)
         except DecodeError as error:
             refusal, items = error, [error]
-        if not await post_items(principal.user, session_id, items):  # a bad body is answered on the stream too
+        taken = await post_items(principal.user, session_id, items)  # a bad body is answered on the stream too
+        if not taken and door.forward is not None and body is not None:
+            try:
+                taken = await door.forward(session_id, principal.user, body)  # held by another node?
+            except ProtocolError as error:  # the cluster's bus is unavailable
+                await send_error(send, 503, error)
+                return
+        if not taken:
             message = "no open SSE stream or resumable session with this id; open GET /haip/sse first"
             await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
             return
@@ -130,6 +142,9 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return False
         return True
+
+    if door.on_forwarded is not None:
+        door.on_forwarded(post_items)
 
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         if not await refused(scope, send):

@@ -79,6 +79,7 @@ class Fleet:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             await self._count_nodes()
+            await self._read_epoch()
             tg.start_soon(self._upkeep)
             tg.start_soon(self._drain_releases)
             self.sessions.slots = self
@@ -156,9 +157,18 @@ class Fleet:
             await anyio.sleep(self.config.heartbeat_seconds)
             try:
                 await self._count_nodes()
+                await self._read_epoch()
                 await self._record_unrecorded()
             except ClusterError:
                 continue  # the health says so; the next beat tries again
+
+    async def _read_epoch(self) -> None:
+        """The runtime's epoch is the cluster's: the same on every node, so a session resumed on another
+        node is seen as resumed; new only when Redis lost what it held (the sessions' windows with it)."""
+        epoch = await self._live_bus().nodes.epoch()
+        if epoch != self.sessions.epoch:
+            logger.info("cluster: epoch %s", epoch)
+            self.sessions.epoch = epoch
 
     async def _count_nodes(self) -> None:
         self.sessions.quotas.share(len(await self._live_bus().nodes.live()))

@@ -217,7 +217,9 @@ class Connection:
         try:
             if isinstance(last_seq, str):
                 last_seq = parse_seq(last_seq, "last_rx_seq", related_id, ErrorCode.RESUME_FAILED)
-            session = await self.sessions.resume(session_id, principal.user, self.outbox, last_seq, related_id)
+            session = await self.sessions.resume(
+                session_id, principal.user, self.outbox, last_seq, related_id, principal=principal
+            )
         except ProtocolError as error:
             self.gateway.metrics.resume_failed(str((error.detail or {}).get("reason") or "invalid"))
             raise

@@ -12,7 +12,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
+from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.events import ErrorCode
@@ -22,6 +24,28 @@ from haip_runtime.session.window import Outbox
 from haip_runtime.store.base import SessionRecord, Store
 
 logger = logging.getLogger(__name__)
+
+
+class Roaming(Protocol):
+    """Sessions that move between the nodes of a cluster (``server/roaming.py``)."""
+
+    async def adopt(self, session_id: str, principal: Principal, last_seq: int, related_id: str) -> Session | None:
+        """``principal``'s session ``session_id`` taken over from wherever it was, ready to attach after
+        ``last_seq``; ``None`` if no node has it (``ProtocolError`` RESUME_FAILED if it cannot resume)."""
+        ...
+
+    def admitted(self, session: Session) -> None:
+        """A session of this node from now on: its frames go where every node can read them."""
+        ...
+
+    def dropped(self, session: Session) -> None:
+        """The session is over (expired, or made room): its shared window goes too."""
+        ...
+
+    async def published(self, session: Session) -> None:
+        """Wait (briefly) until the admitted session's window is where every node reads it, so that its
+        client, told it is ready, finds it from any node (a POST through another node)."""
+        ...
 
 
 class SessionRegistry:
@@ -38,6 +62,10 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
         #: Called with each session dropped (the hub takes it out of its transactions).
         self.on_drop: Callable[[Session], None] = lambda session: None
+        #: Called with each session given up to another node (the hub lets it go without a word to the others).
+        self.on_give_up: Callable[[Session], None] = lambda session: None
+        #: In a cluster, where sessions of other nodes are found and this node's are mirrored.
+        self.roaming: Roaming | None = None
         #: Connections that started a handshake (or resumed without one), and those serving a session now.
         self.total_connections = 0
         self.active_connections = 0
@@ -72,6 +100,8 @@ class SessionRegistry:
             self.drop(stale)
         self.sessions[session.id] = session
         self.save(session)
+        if self.roaming is not None:
+            self.roaming.admitted(session)
 
     async def admit(self, session: Session) -> None:
         """``add``, after counting the session among its user's on every node when in a cluster.
@@ -91,15 +121,28 @@ class SessionRegistry:
                 raise self.quotas.cluster_full(user)
             self.drop(oldest)
         self.add(session)
+        if self.roaming is not None:
+            await self.roaming.published(session)
 
     def save(self, session: Session) -> None:
         record = SessionRecord(session.id, session.user, self.epoch, tuple(sorted(session.transactions)), time.time())
         self.store.save_session(record)
 
-    async def resume(self, session_id: str, user: str, outbox: Outbox, last_seq: int, related_id: str) -> Session:
+    async def resume(
+        self,
+        session_id: str,
+        user: str,
+        outbox: Outbox,
+        last_seq: int,
+        related_id: str,
+        principal: Principal | None = None,
+    ) -> Session:
         """Re-attach ``user``'s session ``session_id`` to ``outbox``, re-sending what came after
-        ``last_seq``. Raises ``ProtocolError(RESUME_FAILED)`` saying why not (the session is untouched)."""
+        ``last_seq``. Raises ``ProtocolError(RESUME_FAILED)`` saying why not (the session is untouched).
+        In a cluster, a session this node does not hold is taken over from the node that does."""
         session = self.sessions.get(session_id)
+        if session is None and self.roaming is not None and principal is not None and session_id:
+            session = await self._adopt(session_id, principal, last_seq, related_id)
         if session is None or session.user != user or session.expired(time.monotonic()):
             raise await self._resume_failure(session_id, user, related_id)
         try:
@@ -108,6 +151,22 @@ class SessionRegistry:
             error.related_id = related_id or error.related_id
             raise
         return session
+
+    async def _adopt(self, session_id: str, principal: Principal, last_seq: int, related_id: str) -> Session | None:
+        assert self.roaming is not None
+        try:
+            session = await self.roaming.adopt(session_id, principal, last_seq, related_id)
+        except ProtocolError as error:
+            error.related_id = related_id or error.related_id
+            raise
+        if session is not None:
+            await self.admit(session)
+        return session
+
+    def give_up(self, session: Session) -> None:
+        """Another node took the session over: it leaves this one, its slot and shared window stay."""
+        if self.sessions.pop(session.id, None) is not None:
+            self.on_give_up(session)
 
     async def _resume_failure(self, session_id: str, user: str, related_id: str) -> ProtocolError:
         """Why ``session_id`` cannot be resumed by ``user``, as the ERROR to send."""
@@ -136,6 +195,8 @@ class SessionRegistry:
         self.sessions.pop(session.id, None)
         if self.slots is not None:
             self.slots.release(session.user, session.id)
+        if self.roaming is not None:
+            self.roaming.dropped(session)
         self.store.forget_session(session.id)
         self.on_drop(session)
 

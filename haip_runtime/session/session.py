@@ -27,7 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import FlowControlConfig, LimitsConfig, SessionConfig
@@ -58,6 +58,15 @@ logger = logging.getLogger(__name__)
 MAX_INBOUND_GAP = 1000
 #: Inbound envelope ids remembered per session, so a client that re-sends after a reconnect is not served twice.
 DEDUP_WINDOW = 1024
+
+
+class WindowSink(Protocol):
+    """Where a session's outbound frames and inbound ids go besides its own window (in a cluster: Redis,
+    so that another node can take the session over). Called in the send path: must not block."""
+
+    def recorded(self, session: Session, seq: int, text: str, data: bytes | None, event: Event) -> None: ...
+
+    def took(self, session: Session, envelope_id: str) -> None: ...
 
 
 class Session:
@@ -112,6 +121,8 @@ class Session:
         self._pending_size = 0
         #: Called with the type of every envelope sent (the runtime's metrics).
         self.on_sent: Callable[[str], None] | None = None
+        #: Where frames and inbound ids are mirrored (``None``: nowhere, outside a cluster).
+        self.sink: WindowSink | None = None
 
     @classmethod
     def provisional(
@@ -206,6 +217,8 @@ class Session:
         unwritten = None if self.outbox is None else self.outbox.written + 1
         text = event.to_wire(session=self.id, seq=self._seq, ack=ack)
         self.window.record(self._seq, text, data, unwritten_from=unwritten)
+        if self.sink is not None:
+            self.sink.recorded(self, self._seq, text, data, event)
         if self.on_sent is not None:
             self.on_sent(event.type)
         if self.outbox is not None:
@@ -266,6 +279,8 @@ class Session:
         self._seen_ids[envelope.id] = None
         if len(self._seen_ids) > DEDUP_WINDOW:
             self._seen_ids.popitem(last=False)
+        if self.sink is not None:
+            self.sink.took(self, envelope.id)
         number = envelope.numeric_seq
         if self._inbound_numeric is None:
             self._inbound_numeric = number == 1
@@ -281,6 +296,29 @@ class Session:
         elif number > self._last_in:
             self._ahead.add(number)
         return True  # (or a late straggler of a gap given up on: served, not counted)
+
+    @property
+    def inbound_state(self) -> tuple[bool | None, int]:
+        """Whether the client numbers its envelopes (``None``: not known yet), and its last contiguous seq."""
+        return self._inbound_numeric, self._last_in
+
+    def carry_on(
+        self,
+        frames: list[tuple[int, str, bytes | None]],
+        last_seq: int,
+        inbound: tuple[bool | None, int],
+        seen: list[str],
+    ) -> None:
+        """Continue a session another node served (PROTOCOL.md section 10, in a cluster): its frames
+        from the first the client lacks (``frames``, in order, or none), numbering on after ``last_seq``,
+        and its inbound order and dedup as they stood there."""
+        self.window.start_at(frames[0][0] if frames else last_seq + 1)
+        for seq, text, data in frames:
+            self.window.record(seq, text, data)
+        self._seq = last_seq
+        self._inbound_numeric, self._last_in = inbound
+        self._seen_ids = OrderedDict.fromkeys(seen[-DEDUP_WINDOW:])
+        self.detached_at = self._clock()
 
     def _close_ranks(self) -> None:
         while self._last_in + 1 in self._ahead:

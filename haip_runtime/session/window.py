@@ -80,6 +80,11 @@ class ReplayWindow:
             del frames[: self._head]  # amortised: the list is trimmed once half of it is gone
             self._head = 0
 
+    def start_at(self, seq: int) -> None:
+        """An empty window whose first frame will be ``seq`` (a session continued from another node)."""
+        assert not len(self), "only an empty window starts elsewhere"
+        self._first = seq
+
     def get(self, seq: int) -> Frame | None:
         index = seq - self._first
         if not 0 <= index < len(self._frames) - self._head:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from haip_runtime.cluster import ReplayOutcome, ReplayRead
+from haip_runtime.cluster import Mirrored, ReplayOutcome, ReplayRead, WindowUpdate
 from tests.cluster.conftest import BusFactory
 from tests.support.redis import running_redis
 
@@ -98,3 +98,58 @@ async def test_inbound_dedup_is_shared_by_the_nodes(redis_url: str, bus_at: BusF
         assert await a.dedup.seen("S", "m1")
         assert not await b.dedup.seen("S", "m2") and not await b.dedup.seen("R", "m1")
         assert 0 < await a.redis.pttl(a.keys.inbound("S", "m1")) <= 30_000
+
+
+async def test_mirrored_windows_carry_state_and_ids_and_are_taken_over_whole(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        first = WindowUpdate("S", "e1", [(1, b"one"), (2, b"two")], {"user": "ann", "in": "3"}, ["i1", "i2"], True)
+        other = WindowUpdate("T", "e2", [(1, b"x")], {"user": "bob"}, [], True)
+        assert await a.replay.mirror([first, other]) == [Mirrored.KEPT, Mirrored.KEPT]
+        again = WindowUpdate("S", "e1", [(2, b"two"), (3, b"three")], {"tx": '{"T1": 4}'}, ["i3"])
+        assert await a.replay.mirror([again]) == [Mirrored.KEPT]  # seq 2 again is skipped, not kept twice
+        assert await b.replay.holder("S") == ("node-a", "ann")
+        assert await b.replay.claim("S", "bob") is None  # another user's: nothing said, nothing moved
+        assert await b.replay.claim("nobody", "ann") is None
+        claimed = await b.replay.claim("S", "ann")
+        assert claimed is not None and claimed.epoch == "e1" and claimed.ids == ["i1", "i2", "i3"]
+        assert (
+            claimed.fields["in"] == "3" and claimed.fields["tx"] == '{"T1": 4}' and claimed.fields["node"] == "node-b"
+        )
+        read = await b.replay.read_after("S", "e1", 0)
+        assert read.envelopes == [(1, b"one"), (2, b"two"), (3, b"three")]
+        # The old node's next flush is refused: two nodes never both keep the session.
+        assert await a.replay.mirror([WindowUpdate("S", "e1", [(4, b"late")])]) == [Mirrored.TAKEN]
+        assert await b.replay.mirror([WindowUpdate("S", "e1", [(4, b"four")])]) == [Mirrored.KEPT]
+        assert await b.replay.mirror([WindowUpdate("S", "stale", [(5, b"five")])]) == [Mirrored.LOST]
+        assert (await b.replay.read_after("S", "e1", 3)).envelopes == [(4, b"four")]
+        await b.replay.delete("S")
+        assert await a.replay.holder("S") is None
+
+
+async def test_nodes_agree_on_one_epoch_until_redis_loses_it(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        epoch = await a.nodes.epoch()
+        assert await b.nodes.epoch() == epoch
+        await a.redis.delete(a.keys.epoch())  # as a restart without persistence does
+        renewed = await b.nodes.epoch()
+        assert renewed != epoch and await a.nodes.epoch() == renewed
+
+
+async def test_a_notice_reaches_the_node_it_is_told_to_and_no_other(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        heard: list[bytes] = []
+        arrived = anyio.Event()
+
+        def note(message: bytes) -> None:
+            heard.append(message)
+            arrived.set()
+
+        a.feed.on_notice = note
+        b.feed.on_notice = note
+        assert await b.tell("node-a", b"release S")
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert not await b.tell("node-gone", b"release S")  # nobody listens: the sender knows at once
+    assert heard == [b"release S"]

@@ -1,0 +1,291 @@
+"""Sessions that outlive their node (``[cluster]``): resumed on any node, POSTs to them taken by any node.
+
+- **Mirrored.** Each session this node admits is mirrored to its window in Redis (``mirror.py``).
+- **Taken over.** A resume (a ``HAI`` with ``last_rx_seq``, SSE ``Last-Event-ID`` or ``?session=``)
+  naming a session this node does not hold looks for its window. If the node that holds it still
+  listens (a client that reconnected through a load balancer), it is asked to let the session go: it
+  flushes what it recorded, leaves the session's transactions without a word to the others, closes
+  the old connection and answers. Then this node ``claim``s the window (from then on the old node's
+  mirroring is refused: two nodes never both deliver to the session), makes the session with the same
+  id, seqs, inbound order and recent inbound ids (dedup), and rejoins its transactions: each from the
+  last tseq the session was sent there, so what was published after the old node died reaches the
+  client once, after the frames it missed. The caller attaches it as any resume.
+- **POSTs forwarded.** ``POST /haip/sse/{session}`` at a node that does not hold the session is sent to
+  the node that does, on that node's channel (``Bus.tell``); 202 once it was handed over (a listening
+  node got it), 404 ``RESUME_FAILED`` if no node holds the session.
+
+Notices on a node's channel: ``release <session> <asking node>``, ``released <session>``, and
+``post ["<session>", "<user>"]`` followed by a newline and the request's body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.cluster import Bus, ReplayOutcome
+from haip_runtime.config.models import HaipConfig
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ClusterError, DecodeError, ProtocolError
+from haip_runtime.hub.router import Hub
+from haip_runtime.observability.metrics import Metrics
+from haip_runtime.protocol.events import ALL_EVENTS, CloseCode, ErrorCode
+from haip_runtime.server.fleet import Fleet
+from haip_runtime.server.mirror import WindowMirror, parse_inbound, unwire
+from haip_runtime.session.session import Session
+from haip_runtime.transports.base import Inbound
+from haip_runtime.transports.sse import parse_batch
+
+logger = logging.getLogger(__name__)
+
+#: How long a node taking a session over waits for the old node (still listening) to let it go.
+HANDOVER_SECONDS = 2.0
+#: How long a rejoin waits for this node's copy of a transaction to catch up with what the session was sent.
+REJOIN_SECONDS = 5.0
+#: How long a handshake waits for its new session's window to reach Redis (one flush) before it goes on.
+PUBLISH_SECONDS = 1.0
+REJOIN_CHECK = 0.05
+#: Hands POSTed envelopes to the stream serving a session of this node (``doors.py``); ``False`` if none.
+LocalPost = Callable[[str, str, list[Inbound]], Awaitable[bool]]
+
+
+class Roaming:
+    """This node's part in sessions moving between nodes; entered after the ``Fleet``, before the hub."""
+
+    def __init__(self, config: HaipConfig, fleet: Fleet, hub: Hub, metrics: Metrics) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.hub = hub
+        self.metrics = metrics
+        self.mirror: WindowMirror | None = None
+        #: Where POSTs forwarded here go (set by the SSE door).
+        self.local_post: LocalPost | None = None
+        self._released: dict[str, anyio.Event] = {}
+        self._stack = AsyncExitStack()
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        bus = self.bus
+        async with AsyncExitStack() as stack:
+            self.mirror = WindowMirror(bus, self._let_go)
+            stack.push_async_callback(self._last_flush)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(self._tg.cancel_scope.cancel)
+            self._tg.start_soon(self.mirror.run)
+            bus.feed.on_notice = self._notice
+            stack.callback(setattr, bus.feed, "on_notice", None)
+            self.hub.sessions.roaming = self
+            stack.callback(setattr, self.hub.sessions, "roaming", None)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._stack.aclose()
+
+    @property
+    def bus(self) -> Bus:
+        assert self.fleet.bus is not None, "roaming is entered after the fleet"
+        return self.fleet.bus
+
+    async def _last_flush(self) -> None:
+        """Stopping: what the sessions recorded goes to Redis, so their clients resume on another node."""
+        if self.mirror is not None:
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await self.mirror.flush()
+                except ClusterError as error:
+                    logger.warning("cluster: stopping without mirroring the sessions' last frames: %s", error)
+
+    # --- Roaming (the session registry's) ----------------------------------------------------------
+
+    def admitted(self, session: Session) -> None:
+        if self.mirror is not None and session.id not in self.mirror:
+            self.mirror.track(session)
+
+    async def published(self, session: Session) -> None:
+        if self.mirror is not None:
+            with anyio.move_on_after(PUBLISH_SECONDS):
+                try:
+                    await self.mirror.flush()
+                except ClusterError:
+                    pass  # the flusher keeps trying; meanwhile only this node knows the session
+
+    def dropped(self, session: Session) -> None:
+        if self.mirror is not None:
+            self.mirror.forget(session, delete=True)
+
+    async def adopt(self, session_id: str, principal: Principal, last_seq: int, related_id: str) -> Session | None:
+        try:
+            return await self._take_over(session_id, principal, last_seq)
+        except ClusterError as error:
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"the session could not be looked for in the cluster ({error.message}); started a new one",
+                related_id=related_id,
+                detail={"reason": "unavailable", "epoch": self.hub.sessions.epoch},
+            ) from error
+
+    async def _take_over(self, session_id: str, principal: Principal, last_seq: int) -> Session | None:
+        bus = self.bus
+        holder = await bus.replay.holder(session_id)
+        if holder is None:
+            # Gone, or Redis lost everything: then the epoch is new, and the failure says "restarted"
+            # (with the transactions to rejoin) even before this node's next heartbeat reads it.
+            self.hub.sessions.epoch = await bus.nodes.epoch()
+            return None
+        if holder[1] != principal.user:
+            return None
+        if holder[0] != bus.node_id:
+            await self._ask_release(holder[0], session_id)
+        claimed = await bus.replay.claim(session_id, principal.user)
+        if claimed is None:
+            return None
+        read = await bus.replay.read_after(session_id, claimed.epoch, last_seq)
+        if read.outcome is not ReplayOutcome.OK:
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"the session's window in the cluster cannot resume after seq {last_seq} ({read.outcome})",
+                detail={"where": "/payload/last_rx_seq", "reason": str(read.outcome)},
+            )
+        session = self._make(session_id, principal, claimed.fields)
+        frames = [(seq, *unwire(kept)) for seq, kept in read.envelopes]
+        session.carry_on(frames, read.last, parse_inbound(claimed.fields.get("in", "")), claimed.ids)
+        assert self.mirror is not None
+        self.mirror.track(session, epoch=claimed.epoch, state=claimed.fields)
+        await self._rejoin(session, principal, json.loads(claimed.fields.get("tx", "{}")))
+        logger.info("session %s of %r taken over from node %s", session_id, principal.user, holder[0])
+        return session
+
+    def _make(self, session_id: str, principal: Principal, fields: dict[str, str]) -> Session:
+        accepted = frozenset(json.loads(fields.get("accepted", "[]"))) or frozenset(ALL_EVENTS)
+        config = self.config
+        session = Session(
+            principal, accepted, config.session, id=session_id, flow=config.flow_control, limits=config.limits
+        )
+        session.on_sent = self.metrics.sent
+        session.binary_frames = fields.get("binary") == "1"
+        return session
+
+    async def _rejoin(self, session: Session, principal: Principal, tseqs: dict[str, int]) -> None:
+        """Back into each transaction the session was in, with every event after the last it was sent."""
+        for transaction_id, tseq in tseqs.items():
+            found = await self.hub.transactions.find(transaction_id, principal)
+            if not isinstance(found, Transaction) or found.ended:
+                continue
+            await self._reached(found, int(tseq))
+            history, _ = await found.catch_up(int(tseq))
+            found.add_member(session)  # no await since the catch-up: nothing falls between
+            for event in history:
+                if session.id not in event.exclude:
+                    session.deliver(event)
+
+    @staticmethod
+    async def _reached(transaction: Transaction, tseq: int) -> None:
+        """Wait (briefly) until this node's copy of ``transaction`` is at ``tseq``, the last the session was
+        sent: a transaction just brought back from the store starts a little behind it and has its newest
+        events delivered again from the bus, which the member must not get twice. Woken by each event
+        logged; checked every ``REJOIN_CHECK`` too, as a number taken by a control entry logs nothing."""
+        if transaction.tseq >= tseq:
+            return
+        logged = anyio.Event()
+        transaction.watchers.append(lambda event: logged.set())
+        watch = transaction.watchers[-1]
+        try:
+            with anyio.move_on_after(REJOIN_SECONDS):
+                while transaction.tseq < tseq:
+                    with anyio.move_on_after(REJOIN_CHECK):
+                        await logged.wait()
+                    logged = anyio.Event()
+        finally:
+            transaction.watchers.remove(watch)
+        if transaction.tseq < tseq:
+            logger.warning(
+                "transaction %s: at tseq %d here, not %d; rejoined from there", transaction.id, transaction.tseq, tseq
+            )
+
+    async def _ask_release(self, node: str, session_id: str) -> None:
+        """Have ``node`` let the session go, if it still listens; wait (briefly) until it has."""
+        released = self._released[session_id] = anyio.Event()
+        try:
+            if await self.bus.tell(node, f"release {session_id} {self.bus.node_id}".encode()):
+                with anyio.move_on_after(HANDOVER_SECONDS):
+                    await released.wait()
+        finally:
+            self._released.pop(session_id, None)
+
+    # --- notices from other nodes ------------------------------------------------------------------
+
+    def _notice(self, message: bytes) -> None:
+        verb, _, rest = message.partition(b" ")
+        if self._tg is None:
+            return
+        if verb == b"release":
+            session_id, _, asker = rest.decode(errors="replace").partition(" ")
+            self._tg.start_soon(self._release, session_id, asker)
+        elif verb == b"released":
+            waiting = self._released.get(rest.decode(errors="replace"))
+            if waiting is not None:
+                waiting.set()
+        elif verb == b"post":
+            self._tg.start_soon(self._take_post, rest)
+        else:
+            logger.warning("cluster: an unknown notice %r", message[:40])
+
+    async def _release(self, session_id: str, asker: str) -> None:
+        """Another node takes this session over: let it go, with everything it recorded in its window."""
+        session = self.hub.sessions.get(session_id)
+        if session is not None:
+            self._let_go(session, flushed=False)
+            assert self.mirror is not None
+            try:
+                await self.mirror.flush()  # what the session recorded, up to its connection's close
+            except ClusterError as error:
+                logger.warning("cluster: session %s let go without its last frames: %s", session_id, error)
+            self.mirror.forget(session, delete=False)
+        try:
+            await self.bus.tell(asker, f"released {session_id}".encode())
+        except ClusterError as error:
+            logger.info("cluster: could not tell %s that session %s was let go: %s", asker, session_id, error)
+
+    def _let_go(self, session: Session, *, flushed: bool = True) -> None:
+        """The session goes on at another node: out of this node's registry and transactions (quietly),
+        its slot kept (the other node holds it under the same id), its connection closed."""
+        self.hub.sessions.give_up(session)
+        self.fleet.claimed.discard((session.user, session.id))
+        self.fleet.unrecorded.discard((session.user, session.id))
+        if session.outbox is not None:
+            session.outbox.close(CloseCode.NORMAL, "the session was resumed on another node")
+        if flushed and self.mirror is not None:
+            self.mirror.forget(session, delete=False)
+
+    # --- POSTs at a node that does not hold the session --------------------------------------------
+
+    async def forward(self, session_id: str, user: str, body: bytes) -> bool:
+        """Send a POST's body to the node holding ``user``'s session; ``False`` if no node (listening) does."""
+        holder = await self.bus.replay.holder(session_id)
+        if holder is None or holder[1] != user or holder[0] == self.bus.node_id:
+            return False
+        header = json.dumps([session_id, user]).encode()
+        return await self.bus.tell(holder[0], b"post " + header + b"\n" + body)
+
+    async def _take_post(self, message: bytes) -> None:
+        header, _, body = message.partition(b"\n")
+        try:
+            session_id, user = json.loads(header)
+        except (ValueError, TypeError):
+            logger.warning("cluster: a forwarded POST with a bad header %r", header[:80])
+            return
+        items: list[Inbound]
+        try:
+            items = parse_batch(body, self.config.server.max_frame_bytes)
+        except DecodeError as error:
+            items = [error]
+        if self.local_post is None or not await self.local_post(str(user), str(session_id), items):
+            logger.warning("cluster: a POST forwarded to session %s found it gone from this node", session_id)
