@@ -108,8 +108,12 @@ def watch_supervisor(pipe: IO[bytes]) -> threading.Thread:
     """Stop this worker when ``pipe`` (its stdin, whose other end only the supervisor holds) closes:
     SIGTERM to itself (uvicorn's graceful stop), then exit after ``ORPHAN_GRACE_SECONDS`` regardless."""
 
+    fd = pipe.fileno()
+
     def watch() -> None:
-        while pipe.read(4096):  # the supervisor writes nothing more: this returns at EOF
+        # The descriptor, not the buffered reader: a daemon thread blocked in the reader holds its lock,
+        # and the interpreter, taking that lock at exit, died with "Fatal Python error" on every stop.
+        while os.read(fd, 4096):  # the supervisor writes nothing more: this returns at EOF
             pass
         logger.warning("the supervisor is gone: stopping")
         os.kill(os.getpid(), signal.SIGTERM)

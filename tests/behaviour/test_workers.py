@@ -335,6 +335,9 @@ async def test_sigterm_stops_every_worker_gracefully_and_leaves_no_process(
         served.process.send_signal(signal.SIGTERM)
         code = served.process.wait(timeout=40)
         stopped = served.log.wait(r"\[(w\d)\] .*Application shutdown complete", 2)
+        assert served.process.stderr is not None
+        served.log.close(served.process.stderr)  # every line the workers wrote as they exited, read
+    assert not served.log.matching("Fatal Python error")  # a clean stop looks clean in the operator's log
     assert code == 0
     assert {match.group(1) for match in stopped} == {"w1", "w2"}
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
