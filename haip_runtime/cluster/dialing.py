@@ -14,12 +14,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from haip_runtime.cluster.health import BusHealth
 from haip_runtime.exceptions import ClusterError, ConfigError
 
-COMMAND_SOCKET_TIMEOUT = 5.0
+#: How long a command waits for Redis's answer. A Redis that hangs (or a network that drops packets)
+#: is noticed this long after the first command it does not answer: it is not asked again (a timed-out
+#: append may have run), and the bus's health says ``unavailable``.
+COMMAND_SOCKET_TIMEOUT = 2.0
 #: Connections a node's commands share (more commands at once wait for one).
 COMMAND_CONNECTIONS = 32
 CONNECT_TIMEOUT = 2.0
@@ -40,7 +42,7 @@ def command_client(url: str) -> Redis:
         socket_timeout=COMMAND_SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError],
     )
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 

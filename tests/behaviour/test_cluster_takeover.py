@@ -168,3 +168,18 @@ async def test_an_agent_added_on_a_node_that_does_not_run_the_turns_answers_from
 
 def storied(event: Received) -> bool:
     return event.type == "MESSAGE" and "Once upon a time, someone said 'hi'" in str(event.payload)
+
+
+async def test_a_redis_that_hangs_is_noticed_in_seconds_and_the_members_are_told(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, _):
+        async with HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=8) as alice:
+            tx = await alice.start_transaction("patient")
+            cut.cut("hang")  # packets dropped: no error, only silence (a frozen Redis, a partition)
+            await alice.send_text(tx, "anyone?")  # its append waits for an answer that does not come
+            told = await alice.wait_for("ERROR")  # within a command's timeout (2 s) and a second more
+            cut.heal()
+            await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "cluster")
+            answered = await alice.wait_for(whole("you said: anyone?"))
+    assert told.get("code") == "STORAGE_UNAVAILABLE" and answered.transaction == tx
