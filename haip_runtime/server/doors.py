@@ -120,6 +120,8 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
                 return
         if not taken:
             message = "no open SSE stream or resumable session with this id; open GET /haip/sse first"
+            if door.forward is not None:  # a cluster: the stream may be open on another node, too new to know
+                message += " (in a cluster, an SSE stream's first POST must reach the node holding the stream)"
             await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
             return
         if refusal is not None:
