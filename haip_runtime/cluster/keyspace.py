@@ -36,6 +36,9 @@ class Keyspace:
     def replay_ids(self, session: str) -> str:
         return f"{self.prefix}:{{s:{session}}}:ids"
 
+    def stream(self, session: str) -> str:
+        return f"{self.prefix}:{{s:{session}}}:stream"
+
     def inbound(self, session: str, envelope: str) -> str:
         return f"{self.prefix}:{{s:{session}}}:in:{envelope}"
 

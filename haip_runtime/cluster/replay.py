@@ -198,6 +198,10 @@ class ReplayRead:
     last: int = 0
 
 
+#: How long a new SSE stream's node is noted for its first POSTs (the session has a window soon after).
+STREAM_SECONDS = 120.0
+
+
 class ReplayStreams:
     """Append, read and delete sessions' replay windows."""
 
@@ -290,6 +294,19 @@ class ReplayStreams:
         for seq, envelope in update.frames:
             args += [seq, envelope]
         return args
+
+    async def stream_opened(self, session: str, user: str, ttl_seconds: float = STREAM_SECONDS) -> None:
+        """An SSE stream of ``user`` opened here for the new ``session``: the POSTs that follow (its
+        ``HAI`` first, before the session has a window) may land on another node, which looks here."""
+        with translating(self._health, f"note the stream of {session}"):
+            await self._redis.set(self._keys.stream(session), f"{self._node}\n{user}", px=int(ttl_seconds * 1000))
+
+    async def stream_holder(self, session: str) -> tuple[str, str] | None:
+        """(node, user) of a new SSE stream noted by ``stream_opened``; ``None`` if none (or expired)."""
+        with translating(self._health, f"find the stream of {session}"):
+            value = text(await self._redis.get(self._keys.stream(session)))
+        node, _, user = (value or "").partition("\n")
+        return (node, user) if node and user else None
 
     async def holder(self, session: str) -> tuple[str, str] | None:
         """(node, user) of the node holding ``session`` and its user; ``None`` if it has no window."""

@@ -214,7 +214,14 @@ class Runtime:
             roaming.local_post = post
 
         return Doorway(
-            self.config, self.authenticator.authenticate, self.serve, outbox_of, detached, roaming.forward, on_forwarded
+            self.config,
+            self.authenticator.authenticate,
+            self.serve,
+            outbox_of,
+            detached,
+            roaming.forward,
+            on_forwarded,
+            roaming.stream_opened,
         )
 
     def _extra_metrics(self) -> Iterable[Metric]:

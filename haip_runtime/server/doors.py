@@ -59,11 +59,13 @@ class Doorway:
     forward: Callable[[str, str, bytes], Awaitable[bool]] | None = None
     #: In a cluster: where POSTs forwarded to this node from others go (given the door's own handler).
     on_forwarded: Callable[[Callable[[str, str, list[Inbound]], Awaitable[bool]]], None] | None = None
+    #: In a cluster: a new SSE stream of a user opened here for a session (its first POSTs may land elsewhere).
+    on_stream: Callable[[str, str], Awaitable[None]] | None = None
 
 
 def haip_routes(door: Doorway) -> list[BaseRoute]:
     config = door.config
-    registry = SseRegistry()
+    registry = SseRegistry(door.on_stream)
 
     async def refused(scope: Scope, send: Send) -> bool:
         """The Origin check of every HTTP door; ``True`` once it has answered 403."""
@@ -120,8 +122,7 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
                 return
         if not taken:
             message = "no open SSE stream or resumable session with this id; open GET /haip/sse first"
-            if door.forward is not None:  # a cluster: the stream may be open on another node, too new to know
-                message += " (in a cluster, an SSE stream's first POST must reach the node holding the stream)"
+
             await send_error(send, 404, ProtocolError(ErrorCode.RESUME_FAILED, message))
             return
         if refusal is not None:

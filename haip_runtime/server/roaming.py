@@ -267,9 +267,17 @@ class Roaming:
 
     # --- POSTs at a node that does not hold the session --------------------------------------------
 
+    async def stream_opened(self, session_id: str, user: str) -> None:
+        """A new SSE stream here: noted, so that its first POSTs (sent before the session has a window)
+        are forwarded here from any node. Redis away: those POSTs must reach this node themselves."""
+        try:
+            await self.bus.replay.stream_opened(session_id, user)
+        except ClusterError as error:
+            logger.warning("cluster: the stream of session %s is not noted: %s", session_id, error)
+
     async def forward(self, session_id: str, user: str, body: bytes) -> bool:
         """Send a POST's body to the node holding ``user``'s session; ``False`` if no node (listening) does."""
-        holder = await self.bus.replay.holder(session_id)
+        holder = await self.bus.replay.holder(session_id) or await self.bus.replay.stream_holder(session_id)
         if holder is None or holder[1] != user or holder[0] == self.bus.node_id:
             return False
         header = json.dumps([session_id, user]).encode()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -80,8 +80,10 @@ class SseTransport:
             session = ""
             async for frame in outbox.frames():
                 if frame.session != session:  # the first frame, or a HAI's resume moved the stream
-                    session = frame.session
+                    fresh, session = not session, frame.session
                     self._registry.name(self, session)
+                    if fresh and self._registry.on_opened is not None and self.link.resume is None:
+                        await self._registry.on_opened(session, self.user)  # before the client learns its id
                 event_id = f"{session}:{frame.seq}".encode()
                 await writer.write(b"id: %s\ndata: %s\n\n" % (event_id, frame.inline().encode()))
             close = {"code": outbox.close_code or CloseCode.NORMAL, "reason": outbox.close_reason}
@@ -101,7 +103,9 @@ class SseTransport:
 class SseRegistry:
     """The open SSE streams by the session ids they serve (a POST names one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_opened: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+        #: Awaited with (session id, user) when a new stream learns its session, before it writes anything.
+        self.on_opened = on_opened
         self._by_session: dict[str, SseTransport] = {}
         self._by_outbox: dict[FrameSource, SseTransport] = {}
 
