@@ -525,11 +525,12 @@ def startup_target(scale: Scale, directory: Path) -> None:
 # -- the PostgreSQL store (issue 20) -------------------------------------------------------------------------
 
 
-def store_bench(short: bool) -> list[str]:
-    """Run bench/store.py (its own short mode with --short) on all the cores this suite was given; the
-    tables of what it wrote, for the report."""
-    output = BENCH / ("STORE-RESULTS-short.md" if short else "STORE-RESULTS.md")
-    command = [PYTHON, str(BENCH / "store.py"), "--output", str(output), *(["--short"] if short else [])]
+def run_part(script: str, results: str, short: bool) -> tuple[str, str]:
+    """Run ``bench/<script>`` (its own short mode with --short) on all the cores this suite was given, as a
+    deployment on this machine would; what it wrote to ``bench/<results>.md`` (``-short`` in short mode),
+    and that file's name."""
+    output = BENCH / (f"{results}-short.md" if short else f"{results}.md")
+    command = [PYTHON, str(BENCH / script), "--output", str(output), *(["--short"] if short else [])]
     subprocess.run(
         command,
         check=True,
@@ -538,28 +539,27 @@ def store_bench(short: bool) -> list[str]:
         timeout=3600,
         preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
     )
-    return store_tables(output.read_text(encoding="utf-8"), output.name)
+    return output.read_text(encoding="utf-8"), output.name
+
+
+def written_on(text: str) -> str:
+    """When a bench's results file says it was written ("?" if it does not)."""
+    return match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+
+
+def store_bench(short: bool) -> list[str]:
+    """bench/store.py's tables, for the report."""
+    return store_tables(*run_part("store.py", "STORE-RESULTS", short))
 
 
 def workers_bench(short: bool) -> list[str]:
-    """Run bench/workers.py (issue 21: `serve --workers 2` against one process) on all the cores this suite
-    was given, as a deployment on this machine would; its tables, for the report."""
-    output = BENCH / ("WORKERS-RESULTS-short.md" if short else "WORKERS-RESULTS.md")
-    command = [PYTHON, str(BENCH / "workers.py"), "--output", str(output), *(["--short"] if short else [])]
-    subprocess.run(
-        command,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        cwd=ROOT,
-        timeout=3600,
-        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
-    )
-    return workers_section(output.read_text(encoding="utf-8"), output.name)
+    """bench/workers.py's tables (issue 21: `serve --workers 2` against one process), for the report."""
+    return workers_section(*run_part("workers.py", "WORKERS-RESULTS", short))
 
 
 def workers_section(text: str, name: str) -> list[str]:
     """The section of BENCHMARKS.md for bench/workers.py's results (``text``, written to ``name``)."""
-    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+    written = written_on(text)
     return [
         "## `serve --workers 2` against one process (issue 21)",
         "",
@@ -577,7 +577,7 @@ def workers_section(text: str, name: str) -> list[str]:
 def store_tables(text: str, name: str) -> list[str]:
     """The section of BENCHMARKS.md for bench/store.py: its summary, numbered headings and tables, and
     where the rest is (how each part is measured, the servers' settings, the machine)."""
-    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)) else "?"
+    written = written_on(text)
     lines = [
         "## The PostgreSQL store against SQLite (issue 20)",
         "",
@@ -604,26 +604,15 @@ def store_tables(text: str, name: str) -> list[str]:
 
 
 def cluster_bench(short: bool) -> list[str]:
-    """Run bench/cluster.py (its own short mode with --short) on all the cores this suite was given; its
-    summary and tables, for the report."""
-    output = BENCH / ("CLUSTER-RESULTS-short.md" if short else "CLUSTER-RESULTS.md")
-    command = [PYTHON, str(BENCH / "cluster.py"), "--output", str(output), *(["--short"] if short else [])]
-    subprocess.run(
-        command,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        cwd=ROOT,
-        timeout=3600,
-        preexec_fn=lambda: os.sched_setaffinity(0, SERVER | LOAD),  # this process is pinned to LOAD
-    )
-    return cluster_tables(output.read_text(encoding="utf-8"), output.name)
+    """bench/cluster.py's summary and tables, for the report."""
+    return cluster_tables(*run_part("cluster.py", "CLUSTER-RESULTS", short))
 
 
 def cluster_tables(text: str, name: str) -> list[str]:
     """The section of BENCHMARKS.md for bench/cluster.py: its part of the results file (between its
     markers), headings, summary and tables only; how each is measured stays in the file."""
     part = text.partition("<!-- cluster -->")[2].partition("<!-- /cluster -->")[0]
-    written = match.group(1) if (match := re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", part)) else "?"
+    written = written_on(part)
     lines = [
         "## The cluster: `[cluster]` against one process (issue 21)",
         "",
