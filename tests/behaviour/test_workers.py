@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,8 @@ from typing import Any
 import anyio
 import pytest
 
-from haip_runtime.client import HaipClient, Received
-from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.client import HaipClient
+from tests.behaviour.test_cluster_conversations import WHOLE, all_answered, answers, logged
 from tests.support.serving import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -236,27 +236,6 @@ async def test_two_workers_serve_one_port_as_two_nodes_with_one_dev_token(
     assert tagged == {"w1", "w2"}  # each worker's log lines say which worker wrote them
 
 
-#: Whole messages, not streamed parts: one MESSAGE per answer is easy to count.
-WHOLE = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
-
-
-def logged(client: HaipClient, tx: str) -> list[tuple[int, str]]:
-    """(tseq, event id) of what ``client`` got of ``tx``'s log, in the order it got them."""
-    return [(int(e.raw["tseq"]), str(e.raw["id"])) for e in client.received if e.transaction == tx and "tseq" in e.raw]
-
-
-def answers(client: HaipClient, tx: str) -> list[str]:
-    return [
-        str(e.payload)
-        for e in client.received
-        if e.transaction == tx and e.type == "MESSAGE" and e.raw["channel"] == "AGENT"
-    ]
-
-
-def every_answer(client: HaipClient, tx: str, count: int) -> Callable[[Received], bool]:
-    return lambda _: len(answers(client, tx)) >= count
-
-
 def messages(client: HaipClient, tx: str) -> list[tuple[tuple[int, str], bool]]:
     """((tseq, id), whether the agent said it) of each MESSAGE of ``tx`` that ``client`` got, in order."""
     found = [e for e in client.received if e.transaction == tx and e.type == "MESSAGE"]
@@ -291,7 +270,7 @@ async def test_members_of_one_conversation_on_both_workers_see_one_ordered_log(
                     tg.start_soon(say, index, client)
             expected = {f"you said: member {i} says {n}" for i in range(len(members)) for n in range(3)}
             for client in members:
-                await client.wait_for(every_answer(client, tx, len(expected)))
+                await client.wait_for(all_answered(client, tx, len(expected)))
             logs = [logged(client, tx) for client in members]
             conversations = [messages(client, tx) for client in members]
             said = [sorted(answers(client, tx)) for client in members]
