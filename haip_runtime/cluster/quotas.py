@@ -32,12 +32,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-#: KEYS: slots... ARGV: ttl ms, then for each key its holder. Refreshes only members still there.
+#: KEYS: slots... ARGV: ttl ms, then for each key its holder. Every slot this node holds is written again,
+#: also one Redis lost (restarted empty) or let expire (a heartbeat late): the node still holds it.
 REFRESH = """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', until_, ARGV[i + 1])
+  redis.call('ZADD', KEYS[i], until_, ARGV[i + 1])
   redis.call('PEXPIRE', KEYS[i], ARGV[1])
 end
 return #KEYS
@@ -100,7 +101,7 @@ class Quotas:
             return int(await self._redis.zcount(key, f"({now_ms}", "+inf"))
 
     async def refresh(self) -> None:
-        """Extend every slot this node holds by ``slot_ttl_seconds`` (one script run)."""
+        """Extend every slot this node holds by ``slot_ttl_seconds``, writing again any Redis lost (one script run)."""
         held = sorted(self._held)
         if not held:
             return

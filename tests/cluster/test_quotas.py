@@ -51,3 +51,20 @@ async def test_a_rate_counts_every_nodes_hits(redis_url: str, bus_at: BusFactory
         assert not await a.quotas.hit("ann", "messages", 5, 3600)
         assert not await b.quotas.hit("ann", "messages", 5, 3600)
         assert await b.quotas.hit("bob", "messages", 5, 3600)
+
+
+async def test_a_slot_redis_lost_is_written_again_by_its_nodes_next_heartbeat(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a:
+        assert await a.quotas.acquire_slot("ann", "sessions", "s1", limit=2)
+        await a.redis.delete(a.keys.slots("ann", "sessions"))  # as a restart without persistence loses it
+
+        async def counted_again() -> bool:
+            return await a.quotas.count("ann", "sessions") == 1
+
+        await until(counted_again)  # the node still holds the session: it counts again
+        await a.quotas.release_slot("ann", "sessions", "s1")
+        await a.quotas.refresh()
+        released = await a.quotas.count("ann", "sessions")
+    assert released == 0  # a released slot is not written again
