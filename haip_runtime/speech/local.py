@@ -97,7 +97,10 @@ class LocalSpeech(SpeechProvider):
                 SpeechErrorCode.SPEECH_UNAVAILABLE, "local speech needs espeak-ng: apt-get install espeak-ng"
             )
         command = [exe, "--stdout", "-v", self.config.voice, "-s", str(self.config.words_per_minute), "--stdin"]
-        done = await anyio.run_process(command, input=text.encode(), check=False)  # cancelled: killed
+        try:
+            done = await anyio.run_process(command, input=text.encode(), check=False)  # cancelled: killed
+        except OSError as exc:  # the exec itself failed: not an executable, no memory, a VM's EFAULT
+            raise SpeechError(SpeechErrorCode.SPEECH_FAILED, f"espeak-ng could not be started: {exc}") from exc
         if done.returncode != 0:
             why = done.stderr.decode(errors="replace").strip()[:200]
             raise SpeechError(SpeechErrorCode.SPEECH_FAILED, f"espeak-ng failed ({done.returncode}): {why}")

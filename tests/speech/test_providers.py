@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -66,6 +67,18 @@ async def test_a_missing_model_folder_is_a_clear_error(tmp_path: anyio.Path) -> 
     with pytest.raises(SpeechError) as caught:
         await provider.transcribe(b"", "audio/wav")
     assert caught.value.code == SpeechErrorCode.SPEECH_UNAVAILABLE and "nowhere" in caught.value.message
+
+
+async def test_an_espeak_that_cannot_be_started_is_a_speech_error(
+    local: LocalSpeech, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "espeak-ng"
+    broken.write_bytes(b"\x7fELF not really a program")
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SpeechError) as caught:
+        await local.synthesize("hello")
+    assert caught.value.code == SpeechErrorCode.SPEECH_FAILED and "could not be started" in caught.value.message
 
 
 def test_espeak_stdout_wav_gets_true_sizes() -> None:
