@@ -26,11 +26,12 @@ import anyio
 
 from haip_runtime.cluster.batcher import PartBatcher
 from haip_runtime.cluster.dedup import InboundDedup
-from haip_runtime.cluster.dialing import command_client, reach, subscriber_client
+from haip_runtime.cluster.dialing import COMMAND_SOCKET_TIMEOUT, CONNECT_TIMEOUT, command_client, reach
 from haip_runtime.cluster.feed import Feed
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.cluster.leases import Leases
+from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.presence import Presence
 from haip_runtime.cluster.quotas import Quotas
 from haip_runtime.cluster.replay import ReplayStreams
@@ -47,7 +48,8 @@ def make_node_id() -> str:
 
 
 class Bus:
-    """This node's parts of the cluster, over one command connection pool and one subscriber connection."""
+    """This node's parts of the cluster, over one command connection pool, one pipelined connection for
+    appends and one subscriber connection."""
 
     def __init__(self, config: ClusterConfig):
         self.config = config
@@ -55,14 +57,21 @@ class Bus:
         self.health = BusHealth()
         self.keys = Keyspace(config.key_prefix)
         self.redis = command_client(config.redis_url)
-        self._subscriber = subscriber_client(config.redis_url)
+        #: The hot path (appends): one pipelined connection, see ``pipe``.
+        self.pipe = Pipe(config.redis_url, timeout=COMMAND_SOCKET_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)
         self.log = TransactionLog(
-            self.redis, self.keys, self.health, max_events=config.log_max_events, idle_seconds=config.log_idle_seconds
+            self.redis,
+            self.pipe,
+            self.keys,
+            self.health,
+            max_events=config.log_max_events,
+            idle_seconds=config.log_idle_seconds,
         )
-        self.feed = Feed(self._subscriber, self.redis, self.log, self.keys, self.health, self.node_id)
+        self.feed = Feed(config.redis_url, self.redis, self.log, self.keys, self.health, self.node_id)
         self.batcher = PartBatcher(self.log, batch_ms=config.part_batch_ms, batch_bytes=config.part_batch_bytes)
         self.replay = ReplayStreams(
             self.redis,
+            self.pipe,
             self.keys,
             self.health,
             max_events=config.replay_max_events,
@@ -126,4 +135,4 @@ class Bus:
     async def _close_clients(self) -> None:
         with anyio.move_on_after(2, shield=True):
             await self.redis.aclose()
-            await self._subscriber.aclose()
+            await self.pipe.aclose()

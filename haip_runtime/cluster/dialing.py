@@ -1,9 +1,9 @@
-"""Redis clients made the way the bus needs them, and reaching Redis at start with backoff.
+"""redis-py's client made the way the bus needs it, and reaching Redis at start with backoff.
 
-Two kinds of connection: commands (short socket timeout, a few quick retries, so a dead Redis shows
-within a second and the health follows), and the subscriber's (no socket timeout and no retries of
-its own: a blocking read waits as long as it must, and the feed reconnects and catches up itself —
-redis-py's defaults would resend a blocking read for a minute, see LIBRARY-NOTES "Redis").
+Commands get a short socket timeout and quick retries of a failed connection only, so a dead Redis
+shows within seconds and the health follows. The hot path (appends, the feed's subscription) does
+not use redis-py: see ``pipe``; its subscription waits as long as it must and never resends behind
+the feed's back (redis-py's defaults would resend a blocking read for a minute, LIBRARY-NOTES "Redis").
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -45,11 +45,6 @@ def command_client(url: str) -> Redis:
         retry_on_error=[RedisConnectionError],
     )
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
-
-
-def subscriber_client(url: str) -> Redis:
-    """For the feed's one pub/sub connection: waits without a timeout, never retries behind our back."""
-    return Redis.from_url(url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT, retry=Retry(NoBackoff(), 0))
 
 
 async def reach(client: Redis, health: BusHealth, timeout: float) -> None:

@@ -23,16 +23,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from haip_runtime.cluster.dialing import CONNECT_TIMEOUT
 from haip_runtime.cluster.health import BusHealth
 from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.pipe import Subscriber
 from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog, parse_message
 from haip_runtime.exceptions import ClusterError
 
@@ -66,10 +66,8 @@ class Hosted:
 class Feed:
     """Delivers the hosted transactions' events; owns the pub/sub connection and its reconnects."""
 
-    def __init__(
-        self, subscriber: Redis, commands: Redis, log: TransactionLog, keys: Keyspace, health: BusHealth, node: str
-    ):
-        self._subscriber = subscriber
+    def __init__(self, url: str, commands: Redis, log: TransactionLog, keys: Keyspace, health: BusHealth, node: str):
+        self._url = url
         self._commands = commands
         self._log = log
         self._keys = keys
@@ -131,62 +129,59 @@ class Feed:
         """Listen until cancelled: connect, subscribe everything hosted, catch up, follow; again on loss."""
         self._task_status = task_status
         while True:
-            pubsub = self._subscriber.pubsub()
+            subscription = Subscriber(self._url, connect_timeout=CONNECT_TIMEOUT)
             try:
-                await self._listen(pubsub)
+                await subscription.connect()
+                await self._listen(subscription)
             except (RedisError, OSError) as exc:
                 self._health.failed(exc)
                 logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
             finally:
-                with anyio.move_on_after(1, shield=True):
-                    await pubsub.aclose()
+                subscription.close()
             await anyio.sleep(self._delay)
             self._delay = min(self._delay * 2, 1.0)
             self.reconnects += 1
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, subscription: Subscriber) -> None:
         awaiting = set(self._hosted)
         channels = [self._node_channel, *(self._keys.channel(t) for t in awaiting)]
         pending = {channel.encode() for channel in channels}
-        await pubsub.subscribe(*channels)
+        node_channel = self._node_channel.encode()
+        subscription.subscribe(*channels)
         while True:
-            message = await pubsub.get_message(timeout=BEHIND_RETRY)
-            if message is None:  # quiet: read again what a failed catch-up left behind
+            batch = await subscription.messages(timeout=BEHIND_RETRY)
+            if not batch:  # quiet: read again what a failed catch-up left behind
                 for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
                     await self._catch_up(hosted)
                 continue
-            kind = message["type"]
-            if kind == "subscribe" and message["channel"] in pending:
-                pending.discard(message["channel"])
-                if not pending:  # everything of before the loss is subscribed again: read what was missed
-                    self._health.succeeded()
-                    self._delay = FIRST_RETRY
-                    if self._task_status is not None:  # the first time: the bus is ready
-                        self._task_status.started()
-                        self._task_status = None
-                    await self._catch_up_all(awaiting)
-                    await self._settle(pubsub, awaiting)
-            elif kind == "subscribe":  # a later host()'s subscription
-                self._confirm(message)
-            elif kind == "message" and message["channel"] == self._node_channel.encode():
-                await self._obey(pubsub, message["data"])
-            elif kind == "message":
-                try:
-                    await self._receive(message)
-                except ValueError:  # not one of ours (someone else published on the channel): skip it
-                    logger.exception("cluster feed: a message on %s is not a log message", message["channel"])
+            for kind, channel, data in batch:
+                if kind == b"message" and channel != node_channel:
+                    try:
+                        await self._receive(channel, data)
+                    except ValueError:  # not one of ours (someone else published on the channel): skip it
+                        logger.exception("cluster feed: a message on %s is not a log message", channel)
+                elif kind == b"message":
+                    await self._obey(subscription, data)
+                elif kind == b"subscribe" and channel in pending:
+                    pending.discard(channel)
+                    if not pending:  # everything of before the loss is subscribed again: read what was missed
+                        self._health.succeeded()
+                        self._delay = FIRST_RETRY
+                        if self._task_status is not None:  # the first time: the bus is ready
+                            self._task_status.started()
+                            self._task_status = None
+                        await self._catch_up_all(awaiting)
+                        self._settle(subscription, awaiting)
+                elif kind == b"subscribe":  # a later host()'s subscription
+                    self._confirm(channel)
 
-    async def _settle(self, pubsub: PubSub, subscribed: set[str]) -> None:
+    def _settle(self, subscription: Subscriber, subscribed: set[str]) -> None:
         """(Un)subscribe what host() and unhost() changed while this connection was being made: their
         requests on the node's channel may have come before the listener followed it."""
-        late = [self._keys.channel(t) for t in self._hosted if t not in subscribed]
-        gone = [self._keys.channel(t) for t in subscribed if t not in self._hosted]
-        if late:
-            await pubsub.subscribe(*late)
-        if gone:
-            await pubsub.unsubscribe(*gone)
+        subscription.subscribe(*[self._keys.channel(t) for t in self._hosted if t not in subscribed])
+        subscription.unsubscribe(*[self._keys.channel(t) for t in subscribed if t not in self._hosted])
 
-    async def _obey(self, pubsub: PubSub, request: bytes) -> None:
+    async def _obey(self, subscription: Subscriber, request: bytes) -> None:
         """A host() or unhost() of this node, asking for a (un)subscription; or another node's notice."""
         if not request.startswith((b"host ", b"unhost ")):
             if self.on_notice is not None:
@@ -198,12 +193,12 @@ class Feed:
         verb, _, name = request.decode(errors="replace").partition(" ")
         channel = self._keys.channel(name)
         if verb == "host" and name in self._hosted:
-            await pubsub.subscribe(channel)
+            subscription.subscribe(channel)
         elif verb == "unhost" and name not in self._hosted:
-            await pubsub.unsubscribe(channel)
+            subscription.unsubscribe(channel)
 
-    def _confirm(self, message: dict[str, Any]) -> None:
-        transaction = self._by_channel.get(message["channel"])
+    def _confirm(self, channel: bytes) -> None:
+        transaction = self._by_channel.get(channel)
         if transaction is not None and transaction in self._hosted:
             self._hosted[transaction].subscribed.set()
 
@@ -216,12 +211,12 @@ class Feed:
                 await self._catch_up(hosted)
                 hosted.subscribed.set()  # a host() waiting across the reconnect was subscribed by it
 
-    async def _receive(self, message: dict[str, Any]) -> None:
-        transaction = self._by_channel.get(message["channel"])
+    async def _receive(self, channel: bytes, data: bytes) -> None:
+        transaction = self._by_channel.get(channel)
         hosted = self._hosted.get(transaction) if transaction is not None else None
         if hosted is None:
             return
-        entries = parse_message(hosted.transaction, message["data"])
+        entries = parse_message(hosted.transaction, data)
         if entries and entries[0].tseq > hosted.next:
             await self._catch_up(hosted)  # a message was missed: the stream has it
         self._accept(hosted, entries)

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.replies import Arg, text
 
 #: KEYS: meta, stream. ARGV: epoch, seq, envelope, max events, max age ms.
@@ -208,6 +209,7 @@ class ReplayStreams:
     def __init__(
         self,
         redis: Redis,
+        pipe: Pipe,
         keys: Keyspace,
         health: BusHealth,
         *,
@@ -216,6 +218,7 @@ class ReplayStreams:
         node: str = "",
     ):
         self._redis = redis
+        self._pipe = pipe
         self._node = node
         self._keys = keys
         self._health = health
@@ -223,7 +226,6 @@ class ReplayStreams:
         self._max_age_ms = int(max_age_seconds * 1000)
         self._append = redis.register_script(APPEND)
         self._start = redis.register_script(START)
-        self._mirror = redis.register_script(MIRROR)
         self._claim = redis.register_script(CLAIM)
         self._read = redis.register_script(READ_AFTER)
 
@@ -273,16 +275,13 @@ class ReplayStreams:
             await self._redis.delete(*self._all_names(session))
 
     async def mirror(self, updates: list[WindowUpdate]) -> list[Mirrored]:
-        """Keep several sessions' new envelopes and state: one pipeline, one script run per session."""
+        """Keep several sessions' new envelopes and state: one script run per session, written together
+        on the bus's pipe (every envelope a session sends comes here: the hot path)."""
         if not updates:
             return []
+        calls = [(self._all_names(update.session), self._mirror_args(update)) for update in updates]
         with translating(self._health, f"mirror {len(updates)} replay window(s)"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for update in updates:
-                    await self._mirror(
-                        keys=self._all_names(update.session), args=self._mirror_args(update), client=pipe
-                    )
-                replies = await pipe.execute()
+            replies = await self._pipe.scripts(MIRROR, calls)
         return [Mirrored(int(reply)) for reply in replies]
 
     def _mirror_args(self, update: WindowUpdate) -> list[Arg]:

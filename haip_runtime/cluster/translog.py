@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.replies import Arg, stream_rows
 
 #: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, payload...
@@ -82,13 +83,15 @@ class LogGap:
 class TransactionLog:
     """Appends to and reads from the transactions' logs in Redis."""
 
-    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, max_events: int, idle_seconds: float):
+    def __init__(
+        self, redis: Redis, pipe: Pipe, keys: Keyspace, health: BusHealth, *, max_events: int, idle_seconds: float
+    ):
         self._redis = redis
+        self._pipe = pipe
         self._keys = keys
         self._health = health
         self._max_events = max_events
         self._idle_ms = int(idle_seconds * 1000)
-        self._append = redis.register_script(APPEND)
         self._seed = redis.register_script(SEED)
 
     async def append(self, transaction: str, data: bytes, *, floor: int = 0) -> int:
@@ -99,14 +102,15 @@ class TransactionLog:
         """Append events in this order, atomically and as one bus message; the tseq of the first.
 
         A ``ClusterError`` means Redis could not be reached: the events may or may not have been
-        appended (a reply lost after the script ran looks the same as a request never sent).
+        appended (a reply lost after the script ran looks the same as a request never sent). The
+        appends of every transaction share the bus's ``Pipe``: those issued together leave in one write.
         """
         if not payloads:
             raise ValueError("append_many needs at least one event")
         keys = [self._keys.sequence(transaction), self._keys.log(transaction)]
         args: list[Arg] = [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
         with translating(self._health, f"append to transaction {transaction}"):
-            return int(await self._append(keys=keys, args=args))
+            return int(await self._pipe.script(APPEND, keys, args))
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""
