@@ -154,7 +154,10 @@ class Feed:
                 for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
                     await self._catch_up(hosted)
                 continue
-            for kind, channel, data in batch:
+            for reply in batch:
+                if len(reply) != 3:  # not a (un)subscription nor a message: nothing this feed asked for
+                    continue
+                kind, channel, data = reply
                 if kind == b"message" and channel != node_channel:
                     try:
                         await self._receive(channel, data)

@@ -5,9 +5,12 @@ wrapper, an ``asyncio.timeout`` per read, one ``send`` and one ``recv`` each): m
 a clustered echo round trip. Appends and the feed's subscription are two commands and one message
 per round trip, so they go through this instead (bench/CLUSTER-RESULTS.md has the profile):
 
-- ``Pipe`` is a pipelined command connection. Every command issued in one turn of the event loop
-  leaves in one ``write``; Redis answers in order on the connection, and every reply in a read is
-  matched to its caller at once (hiredis parses). One timer watches the oldest command in flight
+- ``Pipe`` is a pipelined command connection with one write in flight at a time (group commit):
+  commands issued while Redis has not answered the last write wait, and all of them leave in the
+  next ``write`` once it has (at once when nothing is in flight: idle, a command costs one round
+  trip; under load, the commands of a round trip's time share one write and their replies one
+  read). Redis answers in order on the connection, and every reply in a read is matched to its
+  caller at once (hiredis parses). One timer watches the oldest command in flight
   instead of one per command: a command unanswered for ``timeout`` seconds closes the connection,
   failing everything in flight (a timed-out append may have run: never resent behind the caller's
   back). The next command reconnects.
@@ -49,11 +52,9 @@ class _Endpoint:
         self.path: str | None = options.get("path")
         self.connect_timeout = connect_timeout
         self.ssl: ssl.SSLContext | None = None
-        if options.get("connection_class") is SSLConnection:
-            self.ssl = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-            if str(options.get("ssl_cert_reqs", "required")).lower() == "none":
-                self.ssl.check_hostname = False
-                self.ssl.verify_mode = ssl.CERT_NONE
+        if options.get("connection_class") is SSLConnection:  # the context redis-py makes of the same URL
+            redis_py = SSLConnection(**{k: v for k, v in options.items() if k != "connection_class"})
+            self.ssl = redis_py.ssl_context.get()
         #: Sent first on every connection: who we are, and which database.
         self.hello: list[tuple[Arg, ...]] = []
         if options.get("password") is not None:
@@ -61,6 +62,8 @@ class _Endpoint:
             self.hello.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
         if int(options.get("db", 0) or 0):
             self.hello.append(("SELECT", int(options["db"])))
+        if options.get("client_name"):
+            self.hello.append(("CLIENT", "SETNAME", options["client_name"]))
 
     async def connect(self, protocol: _Protocol) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
@@ -106,10 +109,14 @@ class Pipe:
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        #: Connected, and the connection's ``AUTH``/``SELECT`` answered: commands may go.
+        self._usable = False
         #: Commands written (or about to be) and not answered: their futures and when they were sent.
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._out: list[bytes] = []
+        #: Commands written and not answered yet: while there are any, new ones wait in ``_out``.
+        self._in_flight = 0
         self._flush_soon = False
         self._watch: asyncio.TimerHandle | None = None
         self._closed = False
@@ -123,7 +130,7 @@ class Pipe:
     async def call(self, *args: Arg) -> Any:
         """One command's reply; ``ResponseError`` for an error reply, ``ConnectionError`` or
         ``TimeoutError`` if the connection failed before it came (the command may have run)."""
-        if self._transport is None:
+        if not self._usable:
             await self._connect()
         return await self._issue(_pack(args))
 
@@ -145,7 +152,7 @@ class Pipe:
         """Run a Lua script once per ``(keys, args)``, all written together; the replies in order.
         The first error reply is raised (after every reply came: none is left unread)."""
         sha = _sha1(source)
-        if self._transport is None:
+        if not self._usable:
             await self._connect()
         verb, head = ("EVALSHA", sha) if sha in self._loaded else ("EVAL", source)
         futures = [self._issue(_pack((verb, head, len(keys), *keys, *args))) for keys, args in calls]
@@ -165,6 +172,8 @@ class Pipe:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._transport is not None:
             self._transport.close()
         self._fail(RedisConnectionError("the bus is closing"))
@@ -172,25 +181,39 @@ class Pipe:
     # --- the connection -----------------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        """Until connected (``AUTH``, ``SELECT`` answered): the first caller starts the connect in a
+        task of the pipe's own, so a caller cancelled meanwhile never fails the others waiting on it."""
         if self._closed:
             raise RedisConnectionError("the bus is closed")
-        if self._connecting is not None:  # another caller is connecting: wait for it
-            await asyncio.shield(self._connecting)
-            return
-        self._connecting = asyncio.get_running_loop().create_future()
+        if self._connecting is None:
+            # Owned by the pipe, not by one caller (aclose cancels it): callers wait on it shielded.
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+            self._connecting.add_done_callback(_retrieved)
+        connecting = self._connecting
+        try:
+            await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            if connecting.cancelled() and self._closed:  # aclose() stopped it: not this caller's cancel
+                raise RedisConnectionError("the bus is closed") from None
+            raise
+
+    async def _open(self) -> None:
         try:
             protocol = _Protocol(self)
             transport = await self._endpoint.connect(protocol)
+            if self._closed:
+                transport.abort()
+                raise RedisConnectionError("the bus is closed")
             self._transport, self._protocol = transport, protocol
-            for command in self._endpoint.hello:
-                await self._issue(_pack(command))
-            self._connecting.set_result(None)
-        except BaseException as exc:
-            self._connecting.set_exception(exc if isinstance(exc, Exception) else RedisConnectionError("cancelled"))
-            self._connecting.exception()  # retrieved: only callers waiting on it care
-            if self._transport is not None:
-                self._transport.abort()
-            raise
+            try:
+                async with asyncio.timeout(self._endpoint.connect_timeout):
+                    for command in self._endpoint.hello:
+                        await self._issue(_pack(command))
+            except (RedisError, TimeoutError) as exc:
+                transport.abort()
+                self._fail(exc if isinstance(exc, RedisError) else RedisTimeoutError("redis did not answer AUTH"))
+                raise
+            self._usable = True
         finally:
             self._connecting = None
 
@@ -202,7 +225,7 @@ class Pipe:
         self._pending.append((future, time.monotonic()))
         self._out.append(packed)
         self.commands += 1
-        if not self._flush_soon:
+        if not self._in_flight and not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush)
         if self._watch is None:
@@ -213,6 +236,7 @@ class Pipe:
         self._flush_soon = False
         if self._out and self._transport is not None:
             self._transport.write(b"".join(self._out))
+            self._in_flight += len(self._out)
             self.writes += 1
         self._out.clear()
 
@@ -237,6 +261,7 @@ class Pipe:
         for reply in replies:
             if not pending:
                 break  # nothing asked for it (cannot happen with a well-behaved Redis)
+            self._in_flight -= 1
             future, _ = pending.popleft()
             if future.done():  # its caller was cancelled
                 continue
@@ -244,6 +269,11 @@ class Pipe:
                 future.set_exception(ResponseError(str(reply)))
             else:
                 future.set_result(reply)
+        if not self._in_flight and not self._flush_soon:
+            # Everything written is answered: send what waited, after the callers just answered ran
+            # (what they issue next goes in the same write).
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is not self._protocol:
@@ -253,7 +283,9 @@ class Pipe:
     def _fail(self, error: Exception) -> None:
         """The connection is gone: everything in flight fails with ``error``; the next call reconnects."""
         self._transport = self._protocol = None
+        self._usable = False
         self._out.clear()
+        self._in_flight = 0
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -293,18 +325,19 @@ class Subscriber:
 
     async def messages(self, timeout: float) -> list[list[Any]]:
         """What came since the last call (``[kind, channel, data-or-count]`` each, kinds as bytes), waiting
-        up to ``timeout`` for something; ``ConnectionError`` once the connection is lost."""
-        if not self._inbox and self._error is None:
-            self._ready.clear()
-            try:
-                async with asyncio.timeout(timeout):
+        up to ``timeout`` for something (``[]`` if nothing came); once the connection is lost, or Redis
+        refused its ``AUTH``/``SELECT``, the ``ConnectionError`` or ``ResponseError`` saying why."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._inbox and self._error is None:
+                    self._ready.clear()
                     await self._ready.wait()
-            except TimeoutError:
-                return []
+        except TimeoutError:
+            return []
         if self._inbox:
             inbox, self._inbox = self._inbox, []
             return inbox
-        assert self._error is not None
+        assert self._error is not None  # the loop above ends on one or the other
         raise self._error
 
     def close(self) -> None:
@@ -331,7 +364,8 @@ class Subscriber:
                 return
             else:
                 self._inbox.append(reply)
-        self._ready.set()
+        if self._inbox:
+            self._ready.set()
 
     def lost(self, protocol: _Protocol, exc: Exception | None) -> None:
         if protocol is not self._protocol:
@@ -345,6 +379,12 @@ class Subscriber:
         if self._transport is not None:
             self._transport.abort()
         self._ready.set()
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Its failure was raised to every caller waiting; none left waiting must not make it a warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settled(futures: list[asyncio.Future[Any]]) -> list[Any]:

@@ -104,6 +104,9 @@ class TransactionLog:
         A ``ClusterError`` means Redis could not be reached: the events may or may not have been
         appended (a reply lost after the script ran looks the same as a request never sent). The
         appends of every transaction share the bus's ``Pipe``: those issued together leave in one write.
+        Two appends reach Redis in the order they were issued only on one connection: a transaction's
+        order rests on its callers awaiting each append before the next (the relay's sender, the
+        batcher's lock), never on two in flight at once.
         """
         if not payloads:
             raise ValueError("append_many needs at least one event")

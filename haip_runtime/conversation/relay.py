@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,8 +45,16 @@ logger = logging.getLogger(__name__)
 SEEN_IDS = 4096
 #: Published events waiting for Redis, per transaction, before the oldest are given up (logged).
 MAX_OUTBOX = 10_000
+#: The most event-loop passes a sender waits for more of its transaction's events before an append.
+GATHER_PASSES = 3
 #: How long a transaction brought back waits to follow its log before a member joins it.
 FOLLOW_SECONDS = 5.0
+
+
+@types.coroutine
+def _pass() -> Generator[None, None, None]:
+    """Let every other ready task run once (``asyncio.sleep(0)`` without anyio's checkpoint bookkeeping)."""
+    yield
 
 
 class Relay:
@@ -240,6 +249,7 @@ class SharedLog(Succession):
             self._wake = anyio.Event()
             while self._outbox:
                 await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
+                await self._gather()
                 batch = list(self._outbox)
                 await self._append(batch)
                 sent = {id(queued) for queued in batch}  # a lost lease may have taken some out meanwhile
@@ -259,6 +269,18 @@ class SharedLog(Succession):
             self._wake = anyio.Event()
             with anyio.move_on_after(left):
                 await self._wake.wait()
+
+    async def _gather(self) -> None:
+        """Let the event loop go round while this transaction keeps publishing (at most ``GATHER_PASSES``
+        times), so one append carries what a step of work publishes in a few: a message and the turn it
+        starts here (RUN_STARTED, the answer, RUN_FINISHED come over the next two passes). An append
+        costs more than a pass; this halved them for echo turns (bench/CLUSTER-RESULTS.md)."""
+        size = len(self._outbox)
+        for _ in range(GATHER_PASSES):
+            await _pass()
+            if len(self._outbox) == size:
+                return
+            size = len(self._outbox)
 
     async def _append(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
         delay = 0.05

@@ -3,19 +3,21 @@ forgot, a Redis that hangs or dies, passwords and databases, and the subscriber'
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from haip_runtime.cluster.pipe import Pipe, Subscriber
-from tests.support.netcut import netcut
-from tests.support.redis import RedisServer, running_redis
+from tests.support.netcut import NetCut, netcut
+from tests.support.redis import RedisServer, free_port, running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -157,3 +159,159 @@ async def test_the_subscriber_gets_messages_in_order_and_hears_its_connection_di
     finally:
         subscriber.close()
         await pipe.aclose()
+
+
+async def test_the_subscriber_with_a_password_waits_quietly_for_its_first_message(tmp_path: Path) -> None:
+    """AUTH's and SELECT's answers are not messages: ``messages`` keeps waiting through them."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        setup = pipe_to(server.url)
+        await setup.call("CONFIG", "SET", "requirepass", "pw")
+        await setup.aclose()
+        for _ in range(20):  # whether AUTH's answer comes in a read of its own varies: try it often
+            subscriber = Subscriber(f"redis://:pw@127.0.0.1:{server.port}/2", connect_timeout=2)
+            await subscriber.connect()
+            assert await subscriber.messages(timeout=0.01) == []
+            subscriber.subscribe("x")
+            with anyio.fail_after(5):
+                got = await subscriber.messages(timeout=5)
+            assert got == [[b"subscribe", b"x", 1]]
+            subscriber.close()
+        refused = Subscriber(f"redis://:wrong@127.0.0.1:{server.port}/0", connect_timeout=2)
+        await refused.connect()
+        with anyio.fail_after(5), pytest.raises(ResponseError):
+            await refused.messages(timeout=5)
+        refused.close()
+    finally:
+        server.stop()
+
+
+async def test_a_caller_cancelled_while_connecting_does_not_fail_the_others(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        setup = pipe_to(server.url)
+        await setup.call("CONFIG", "SET", "requirepass", "pw")
+        await setup.aclose()
+        with netcut(server.port) as cut:
+            pipe = pipe_to(f"redis://:pw@127.0.0.1:{cut.port}/0")
+            cut.cut("hang")  # connections are accepted, nothing answers: the connect waits on AUTH
+            answers: list[object] = []
+
+            async def second() -> None:
+                answers.append(await pipe.call("PING"))
+
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as first:
+                    tg.start_soon(second)
+                    await anyio.to_thread.run_sync(cut.wait_until, accepted)  # the connect is under way
+                    first.cancel()
+                    await pipe.call("PING")  # the first caller, cancelled while AUTH waits
+                cut.heal()
+            assert answers == [b"PONG"]
+            await pipe.aclose()
+            with pytest.raises(RedisConnectionError, match="closed"):
+                await pipe.call("PING")
+    finally:
+        server.stop()
+
+
+async def test_a_pipe_closed_while_it_connects_stays_closed(redis: RedisServer) -> None:
+    with netcut(redis.port) as cut:
+        cut.cut("hang")
+        pipe = Pipe(f"redis://:pw@127.0.0.1:{cut.port}/0", timeout=2, connect_timeout=5)
+        outcome: list[BaseException] = []
+
+        async def caller() -> None:
+            try:
+                await pipe.call("PING")
+            except RedisConnectionError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await anyio.to_thread.run_sync(cut.wait_until, accepted)
+            await pipe.aclose()
+        assert len(outcome) == 1
+        cut.heal()
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await pipe.call("PING")
+        cut.wait_until(lambda c: c.active == 0)
+
+
+def accepted(cut: NetCut) -> bool:
+    return cut.accepted > 0
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_file.write_bytes(pem)
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
+    """A redis-server speaking only TLS (Redis asks clients for a certificate by default): port, cert, key."""
+    cert, key = make_certificate(tmp_path)
+    port = free_port()
+    tls = ["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+    tls += ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+    process = subprocess.Popen(["redis-server", *tls], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:  # its log says when it listens
+            if b"Ready to accept connections" in line:
+                break
+        yield port, cert, key
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+
+
+async def test_rediss_urls_mean_what_they_mean_to_redis_py(tls_redis: tuple[int, Path, Path]) -> None:
+    """TLS as redis-py makes it of the same URL: a CA file, a client certificate, or no verification."""
+    port, cert, key = tls_redis
+    base = f"rediss://127.0.0.1:{port}/0"
+    client = f"ssl_certfile={cert}&ssl_keyfile={key}"
+    for query in [f"ssl_ca_certs={cert}&{client}", f"ssl_cert_reqs=none&{client}"]:
+        pipe = pipe_to(f"{base}?{query}")
+        assert await pipe.call("PING") == b"PONG"
+        subscriber = Subscriber(f"{base}?{query}", connect_timeout=2)
+        await subscriber.connect()
+        subscriber.subscribe("t")
+        with anyio.fail_after(5):
+            assert await subscriber.messages(timeout=5) == [[b"subscribe", b"t", 1]]
+        subscriber.close()
+        await pipe.aclose()
+    unverified = pipe_to(f"{base}?{client}")  # the system's CAs do not know this certificate
+    with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        await unverified.call("PING")
+    await unverified.aclose()
