@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: Frames a session may have waiting for Redis (while it does not answer) before they are given up
 #: for a new window made from the session's own once Redis is back.
 MAX_WAITING = 4096
+#: How long inbound ids alone wait for the session's next frame, so both go in one script run: an
+#: echo's message and its answer are one run, not two. Ids matter only to the node that takes the
+#: session over (its dedup); one not yet flushed when the node dies is the documented cost.
+IDS_LINGER = 0.02
 #: The first wait before retrying a failed flush; doubled up to a second.
 FIRST_RETRY = 0.05
 
@@ -58,6 +65,8 @@ class Mirroring:
     #: The hash fields as last written.
     written: dict[str, str] = field(default_factory=dict)
     queued: bool = False
+    #: Inbound ids wait (``IDS_LINGER``) for the session's next frame.
+    lingering: bool = False
     gone: bool = False
 
 
@@ -93,6 +102,8 @@ class WindowMirror:
         self._on_taken = on_taken
         self._tracked: dict[str, Mirroring] = {}
         self._queue: list[Mirroring] = []
+        #: Sessions whose inbound ids wait for a frame, with when the first of them came.
+        self._lingering: deque[tuple[Mirroring, float]] = deque()
         self._deletes: list[str] = []
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
@@ -151,8 +162,11 @@ class WindowMirror:
         tracked = self._tracked.get(session.id)
         if tracked is not None:
             tracked.ids.append(envelope_id)
-            if not tracked.queued:
-                self._queue_up(tracked)
+            if not tracked.queued and not tracked.lingering:
+                tracked.lingering = True
+                self._lingering.append((tracked, time.monotonic()))
+                if len(self._lingering) == 1:
+                    self._wake.set()  # the flusher's wait now ends when this one's linger does
 
     def _queue_up(self, tracked: Mirroring) -> None:
         tracked.queued = True
@@ -165,10 +179,12 @@ class WindowMirror:
         """Flush whenever something waits, until cancelled; retry with backoff while Redis does not answer."""
         delay = FIRST_RETRY
         while True:
-            await self._wake.wait()
+            with anyio.move_on_after(self._linger_left()):
+                await self._wake.wait()
             self._wake = anyio.Event()
+            self._unlinger()
             try:
-                await self.flush()
+                await self.flush(lingering=False)
             except ClusterError as error:
                 logger.debug("cluster: mirroring sessions' windows failed, retrying: %s", error)
                 self._wake.set()
@@ -177,8 +193,25 @@ class WindowMirror:
                 continue
             delay = FIRST_RETRY
 
-    async def flush(self) -> None:
-        """Send everything waiting now; ``ClusterError`` (everything stays waiting) if Redis fails."""
+    def _linger_left(self) -> float:
+        if not self._lingering:
+            return math.inf
+        return max(0.0, self._lingering[0][1] + IDS_LINGER - time.monotonic())
+
+    def _unlinger(self, *, everything: bool = False) -> None:
+        """Queue the sessions whose ids have waited long enough (the others went with a frame meanwhile)."""
+        now = math.inf if everything else time.monotonic()
+        while self._lingering and self._lingering[0][1] + IDS_LINGER <= now:
+            tracked, _ = self._lingering.popleft()
+            tracked.lingering = False
+            if tracked.ids and not tracked.queued and not tracked.gone:
+                self._queue_up(tracked)
+
+    async def flush(self, *, lingering: bool = True) -> None:
+        """Send everything waiting now (``lingering``: inbound ids waiting for a frame too); ``ClusterError``
+        (everything stays waiting) if Redis fails."""
+        if lingering:
+            self._unlinger(everything=True)
         async with self._lock:
             await self._flush_deletes()
             batch, self._queue = [tracked for tracked in self._queue if not tracked.gone], []
