@@ -27,8 +27,8 @@ async def test_inbound_ids_go_with_the_next_frame_or_alone_after_their_linger(re
         ids_key = bus.keys.replay_ids(session.id)
 
         async def kept_ids() -> list[bytes]:
-            kept: list[bytes] = await bus.redis.lrange(ids_key, 0, -1)  # newest first
-            return kept[::-1]
+            kept = await bus.redis.lrange(ids_key, 0, -1)  # newest first
+            return [bytes(item) for item in reversed(kept) if isinstance(item, bytes)]
 
         mirror.track(session)
         await mirror.flush(lingering=False)  # the new window
