@@ -26,11 +26,13 @@ cluster, tests/support/postgres.py, or the one HAIP_TEST_POSTGRES_URL names), on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import Server, cores, haip_server, load, pin, write_section  # noqa: E402  # type: ignore[import-not-found]
+from common import Server, cores, cpu_seconds, haip_server, load, pin, write_section  # noqa: E402  # type: ignore[import-not-found]
 
 from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.redis import RedisServer, running_redis  # noqa: E402
@@ -113,8 +115,15 @@ def backends() -> Iterator[Backends]:
             postgres.close()
 
 
-def node_toml(database: str, redis: str | None = None, prefix: str = "") -> str:
+#: The echo part's servers may queue this many writes: each writes everything it was sent (the default,
+#: 100,000, let the faster server drop most of its events at the store and save their cost).
+ECHO_PENDING = 2_000_000
+
+
+def node_toml(database: str, redis: str | None = None, prefix: str = "", max_pending: int | None = None) -> str:
     text = f'[storage]\nbackend = "postgres"\nurl = "{database}"\n'
+    if max_pending is not None:
+        text += f"max_pending_writes = {max_pending}\n"
     if redis is not None:
         text += f'[cluster]\nredis_url = "{redis}"\nkey_prefix = "{prefix}"\n'
     return text
@@ -128,8 +137,8 @@ def echo_cpu(scale: Scale, found: Backends) -> dict[str, list[dict[str, dict[str
     watched process). Both servers are up throughout; each round runs every shape on both, in turn."""
     shapes: dict[str, list[dict[str, dict[str, Any]]]] = {shape: [] for shape in SHAPES}
     with (
-        haip_server(SERVER, extra=node_toml(found.database())) as off,
-        haip_server(SERVER, extra=node_toml(found.database(), found.redis.url, "cpu")) as on,
+        haip_server(SERVER, extra=node_toml(found.database(), max_pending=ECHO_PENDING)) as off,
+        haip_server(SERVER, extra=node_toml(found.database(), found.redis.url, "cpu", ECHO_PENDING)) as on,
     ):
         servers = {"off": off, "on": on}
         for number in range(scale.rounds):
@@ -137,25 +146,50 @@ def echo_cpu(scale: Scale, found: Backends) -> dict[str, list[dict[str, dict[str
                 results = {}
                 for name in ["off", "on"] if number % 2 == 0 else ["on", "off"]:
                     server = servers[name]
+                    for each in servers.values():  # nothing of an earlier load still being written
+                        drain(each, {})
                     spec = {**ECHO, "url": server.ws(), "token": server.token, "seconds": scale.echo_seconds}
                     spec |= {"conns": conns, "inflight": inflight, "watch": found.watch(server)}
+                    dropped = store_health(server)["writes_dropped"]
                     results[name] = load(LOAD, spec)
+                    for process, seconds in drain(server, found.watch(server)).items():
+                        results[name]["cpu"][process] += seconds  # the load's writes, stored after the window
+                    results[name]["dropped"] = store_health(server)["writes_dropped"] - dropped
                 shapes[shape].append(results)
                 ratio = per_trip(results["on"], "server") / per_trip(results["off"], "server")
                 log(f"echo round {number + 1}, {shape}: server CPU per trip, on / off: {ratio:.2f}x")
     return shapes
 
 
+def store_health(server: Server) -> dict[str, Any]:
+    with urllib.request.urlopen(server.http("/health"), timeout=10) as answer:
+        storage: dict[str, Any] = json.load(answer)["storage"]
+    return storage
+
+
+def drain(server: Server, watch: dict[str, list[Any]], timeout: float = 300) -> dict[str, float]:
+    """Wait until ``server``'s store has written everything waiting; the CPU seconds each watched process
+    spent meanwhile. A server's store writes behind its round trips (``storage.flush_interval_seconds``),
+    and under this load it falls behind: what it writes after the timed window is part of the load's cost."""
+    before = {name: float(cpu_seconds(pid, children)) for name, (pid, children) in watch.items()}
+    deadline = time.monotonic() + timeout
+    while store_health(server)["pending_writes"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the store of the server on port {server.port} did not drain in {timeout:g} s")
+        time.sleep(0.05)  # a bench between loads, polling /health: no event to wait on across processes
+    return {name: float(cpu_seconds(pid, children)) - before[name] for name, (pid, children) in watch.items()}
+
+
 def per_trip(result: dict[str, Any], process: str) -> float:
-    """µs of ``process``'s CPU per round trip in one load's timed window."""
-    return float(result["cpu"].get(process, float("nan"))) / result["trips"] * 1e6
+    """µs of ``process``'s CPU per round trip in one load's timed window (and the drain of its writes after it)."""
+    return float(result["cpu"].get(process, float("nan"))) / float(result["trips"]) * 1e6
 
 
 def echo_table(rounds: list[dict[str, dict[str, Any]]]) -> tuple[list[str], float]:
     lines = [
         "| round | off: round trips/s | off: server µs per trip | on: round trips/s | on: server µs per trip "
-        "| ratio on / off | Redis µs per trip (on) | PostgreSQL µs per trip (off, on) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ratio on / off | Redis µs per trip (on) | PostgreSQL µs per trip (off, on) | writes dropped (off, on) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = []
     for number, results in enumerate(rounds, 1):
@@ -165,7 +199,8 @@ def echo_table(rounds: list[dict[str, dict[str, Any]]]) -> tuple[list[str], floa
         lines.append(
             f"| {number} | {off['rate']:,.0f} | {per_trip(off, 'server'):.0f} | {on['rate']:,.0f} "
             f"| {per_trip(on, 'server'):.0f} | {ratio:.2f}x | {per_trip(on, 'redis'):.0f} "
-            f"| {per_trip(off, 'postgres'):.0f}, {per_trip(on, 'postgres'):.0f} |"
+            f"| {per_trip(off, 'postgres'):.0f}, {per_trip(on, 'postgres'):.0f} "
+            f"| {off.get('dropped', 0):,}, {on.get('dropped', 0):,} |"
         )
 
     def median(name: str, process: str) -> float:
@@ -178,7 +213,7 @@ def echo_table(rounds: list[dict[str, dict[str, Any]]]) -> tuple[list[str], floa
     lines.append(
         f"| **median** | {rate('off'):,.0f} | {median('off', 'server'):.0f} | {rate('on'):,.0f} "
         f"| {median('on', 'server'):.0f} | **{ratio:.2f}x** ({min(ratios):.2f}–{max(ratios):.2f}x) "
-        f"| {median('on', 'redis'):.0f} | {median('off', 'postgres'):.0f}, {median('on', 'postgres'):.0f} |"
+        f"| {median('on', 'redis'):.0f} | {median('off', 'postgres'):.0f}, {median('on', 'postgres'):.0f} | |"
     )
     return lines, ratio
 
@@ -357,8 +392,12 @@ def report(scale: Scale, short: bool, started: float, echo: dict[str, list[dict[
         f"Redis, one node). A load process pinned to core(s) {sorted(LOAD)} (bench/load.py `echo`, the reference "
         "dialect: every connection in a transaction of its own) drives one, then the other (A, B, B, A, ...), "
         "each load shape in turn; after 1 s of warm-up it reads each watched process's CPU time "
-        "(`/proc/<pid>/stat`, user + system, every thread) at the start and end of the timed window and divides "
-        "by the round trips completed in it. The ratio is the median of the per-round ratios of server CPU. "
+        "(`/proc/<pid>/stat`, user + system, every thread) at the start and end of the timed window; then the "
+        "bench waits until the server's store has written everything the load left waiting (`/health` "
+        "`storage.pending_writes` back to 0) and adds the CPU spent meanwhile, and divides by the round trips "
+        "completed in the window. Before each load, both servers' stores are drained, so no server writes "
+        "an earlier load's events in another's window; each may queue 2,000,000 writes "
+        "(`storage.max_pending_writes`), so neither drops any (the writes dropped column says so). The ratio is the median of the per-round ratios of server CPU. "
         "Redis's CPU (one `redis-server` process) and PostgreSQL's (the postmaster and its backends) are beside "
         "it, not in it: they are other processes, unpinned. A round trip stores six events (the user's MESSAGE, "
         "RUN_STARTED, MESSAGE_START, MESSAGE_PART, MESSAGE_END, RUN_FINISHED); with `[cluster]` they also go "
