@@ -239,6 +239,15 @@ class Runtime:
             health[name] = (status.state.value, len(status.tools), status.error)
         return health
 
+    def serving(self) -> tuple[bool, dict[str, Any]]:
+        """``/health/ready``: whether a balancer should send this node new connections. Only a node cut
+        from the cluster's Redis is not (its members would hear nothing of the others); what every node
+        shares (PostgreSQL, an MCP server) does not count: taking every node out would leave no service."""
+        cluster = self.fleet.status() if self.fleet is not None else None
+        if cluster is not None and cluster["state"] != "ok":
+            return False, {"ready": False, "cluster": f"{cluster['state']}: {cluster.get('error')}"}
+        return True, {"ready": True}
+
     def health(self) -> dict[str, Any]:
         """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected
         or the store cannot write; ``degraded`` then says why, per server (and ``storage``)."""
@@ -300,6 +309,10 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(rt.health())
 
+    async def ready(request: Request) -> JSONResponse:
+        serving, body = rt.serving()
+        return JSONResponse(body, status_code=200 if serving else 503)
+
     async def metrics(request: Request) -> Response:
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
@@ -308,6 +321,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
 
     routes: list[BaseRoute] = [
         Route("/health", health),
+        Route("/health/ready", ready),
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
         *haip_routes(rt.doorway()),
         *AguiDoor(rt.doorway(), rt.hub).routes(),

@@ -399,7 +399,7 @@ async def until_only(front: Balancer, node_id: str, timeout: float = 20) -> floa
     return time.monotonic() - started
 
 
-async def test_a_node_cut_from_redis_is_degraded_haproxy_takes_it_out_and_nginx_does_not(
+async def test_a_node_cut_from_redis_is_not_ready_haproxy_and_caddy_take_it_out_and_nginx_does_not(
     redis: RedisServer, postgres_server: PostgresServer
 ) -> None:
     postgres_server.ensure_running()
@@ -409,22 +409,42 @@ async def test_a_node_cut_from_redis_is_degraded_haproxy_takes_it_out_and_nginx_
             urls = [redis.url, f"redis://127.0.0.1:{line.port}/0"]  # the second node reaches Redis through the cut
             with deployment(2, urls, url) as nodes:
                 ports = [node.port for node in nodes.nodes]
-                with balancer("haproxy", ports) as haproxy, balancer("nginx", ports) as nginx:
+                with (
+                    balancer("haproxy", ports) as haproxy,
+                    balancer("caddy", ports) as caddy,
+                    balancer("nginx", ports) as nginx,
+                ):
                     kept, cut = [(await health(node.http_url))["cluster"]["node"] for node in nodes.nodes]
                     await until_both_answer(haproxy, nodes)
+                    await until_both_answer(caddy, nodes)
                     line.cut()
                     await until_degraded(nodes.nodes[1].http_url)
+                    readiness = [await ready(node.http_url) for node in nodes.nodes]
                     taken_out_after = await until_only(haproxy, kept)
+                    caddy_out_after = await until_only(caddy, kept)
                     answers = [await echo_round_trip(haproxy.ws_url, nodes.token("gus"), f"cut {n}") for n in range(2)]
                     through_nginx = {(await health(nginx.http_url))["cluster"]["node"] for _ in range(4)}
                     line.heal()
                     await until_both_answer(haproxy, nodes, timeout=20)  # back in once its Redis answers
+                    await until_both_answer(caddy, nodes, timeout=20)
+                    healed = await ready(nodes.nodes[1].http_url)
     finally:
         postgres_server.ensure_running()
         postgres_server.drop_database("deploy_partition")
+    assert readiness[0] == (200, {"ready": True})
+    assert readiness[1][0] == 503 and readiness[1][1]["cluster"].startswith("unavailable")
+    assert healed == (200, {"ready": True})
     assert answers == ["you said: cut 0", "you said: cut 1"]
     assert taken_out_after < 10  # HAProxy: 2 failed checks 2 s apart
+    assert caddy_out_after < 10  # Caddy: a failed check every 2 s
     assert through_nginx == {kept, cut}  # nginx's passive checks see connection errors, not a degraded node
+
+
+async def ready(url: str) -> tuple[int, dict[str, Any]]:
+    """``/health/ready`` of the node at ``url``: its status code and body."""
+    async with httpx2.AsyncClient(base_url=url) as http:
+        response = await http.get("/health/ready")
+    return response.status_code, response.json()
 
 
 async def until_degraded(url: str, timeout: float = 10) -> None:
