@@ -7,8 +7,8 @@ is ``transports.base.Credentials``; ending a connection at its token's expiry is
 (``session/liveness.py``). Every failure is a
 ``HandshakeError(AUTHENTICATION_FAILED)`` that reveals nothing about the server beyond "not
 accepted", and is logged without the token. Tokens are checked with PyJWT, imported on the first
-check (with ``cryptography`` it is about a sixth of the start-up); issuing, always HMAC, needs
-only the standard library.
+check (with ``cryptography`` it is about a sixth of the start-up) or by ``warm``, which a serving node
+runs in a thread once it listens; issuing, always HMAC, needs only the standard library.
 """
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ class Authenticator:
         if self._audience:
             body["aud"] = self._audience
         return _sign_hmac(body, self._key, self._algorithms[0])
+
+    @staticmethod
+    def warm() -> None:
+        """Import PyJWT now: a serving node calls it (in a thread) once it listens, so that its first
+        handshake (a client resuming there after its node died, say) does not wait for the import."""
+        import jwt  # noqa: F401
 
     async def authenticate(self, token: str | None) -> Principal:
         """Check ``token`` (fetching JWKS keys off the event loop when needed)."""

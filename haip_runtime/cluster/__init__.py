@@ -9,7 +9,15 @@ from haip_runtime.cluster.bus import Bus, make_node_id
 from haip_runtime.cluster.feed import Deliver, Feed, Notice
 from haip_runtime.cluster.health import BusHealth, BusState
 from haip_runtime.cluster.leases import HeldLease, Leases
-from haip_runtime.cluster.replay import Claimed, Mirrored, ReplayOutcome, ReplayRead, ReplayStreams, WindowUpdate
+from haip_runtime.cluster.replay import (
+    Claimed,
+    Mirrored,
+    ReplayOutcome,
+    ReplayRead,
+    ReplayStreams,
+    Taken,
+    WindowUpdate,
+)
 from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "ReplayOutcome",
     "ReplayRead",
     "ReplayStreams",
+    "Taken",
     "TransactionLog",
     "WindowUpdate",
     "make_node_id",

@@ -80,7 +80,7 @@ class Bus:
         )
         self.dedup = InboundDedup(self.redis, self.keys, self.health, ttl_seconds=config.dedup_seconds)
         self.leases = Leases(self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds)
-        self.quotas = Quotas(self.redis, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
+        self.quotas = Quotas(self.redis, self.pipe, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
         self.nodes = Presence(
             self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds
         )

@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.pipe import Pipe
+from haip_runtime.cluster.replies import Arg
 
 #: KEYS: slots. ARGV: holder, limit, ttl ms. 1 held (new or refreshed), 0 full.
 ACQUIRE_SLOT = """
@@ -65,13 +67,14 @@ return 1
 class Quotas:
     """Cluster-wide slots and rates; refresh the slots this node holds at every heartbeat."""
 
-    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, slot_ttl_seconds: float):
+    def __init__(self, redis: Redis, pipe: Pipe, keys: Keyspace, health: BusHealth, *, slot_ttl_seconds: float):
         self._redis = redis
+        #: Where slots are acquired (in every handshake, a resume on another node's too): the bus's pipe.
+        self._pipe = pipe
         self._keys = keys
         self._health = health
         self._ttl_ms = max(1, int(slot_ttl_seconds * 1000))
         self._held: set[tuple[str, str, str]] = set()
-        self._acquire = redis.register_script(ACQUIRE_SLOT)
         self._refresh = redis.register_script(REFRESH)
         self._hit = redis.register_script(HIT)
 
@@ -82,8 +85,9 @@ class Quotas:
 
     async def acquire_slot(self, user: str, kind: str, holder: str, limit: int) -> bool:
         """Take one of ``user``'s ``limit`` slots of ``kind`` for ``holder``; ``False`` if all are taken."""
+        args: list[Arg] = [holder, limit, self._ttl_ms]
         with translating(self._health, f"acquire a {kind} slot of {user}"):
-            got = await self._acquire(keys=[self._keys.slots(user, kind)], args=[holder, limit, self._ttl_ms])
+            got = await self._pipe.script(ACQUIRE_SLOT, [self._keys.slots(user, kind)], args)
         if got:
             self._held.add((user, kind, holder))
         return bool(got)

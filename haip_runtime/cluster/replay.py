@@ -14,7 +14,9 @@ list beside the window: the next node's dedup) and what another node needs to ta
 over (``user``, ``accepted``, ``tx``: the transactions it is in with the last tseq it was sent,
 ``in``: the client's last contiguous seq). The hash's ``node`` says which node holds the session:
 ``claim`` moves it in one step, after which the old holder's ``mirror`` is refused (``TAKEN``), so
-two nodes never both keep (and deliver) one session.
+two nodes never both keep (and deliver) one session. What a resume on another node uses is
+``take_over``: the claim (which first asks a holder still listening to let the session go) and the
+read of what the client missed, in two round trips on the pipe.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
+import anyio
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
@@ -95,13 +100,20 @@ redis.call('PEXPIRE', KEYS[1], age)
 return 1
 """
 
-#: KEYS: meta, ids. ARGV: node, user. {0} no window; {1} another user's; {2, meta, ids} taken by the node.
+#: KEYS: meta, ids. ARGV: node, user, the prefix of nodes' channels, the release notice, force.
+#: {0} no window; {1} another user's; {3} another node holds the session and listens: it was sent the notice
+#: (to let the session go) and nothing moved (claim again with force once it has); {2, the node that held
+#: it, meta, ids}: taken by the node (the old holder's mirroring is refused from now on).
 CLAIM = """
 local user = redis.call('HGET', KEYS[1], 'user')
 if not user or not redis.call('HGET', KEYS[1], 'epoch') then return {0} end
 if user ~= ARGV[2] then return {1} end
+local holder = redis.call('HGET', KEYS[1], 'node')
+if ARGV[5] ~= '1' and holder and holder ~= ARGV[1] then
+  if redis.call('PUBLISH', ARGV[3] .. holder, ARGV[4]) > 0 then return {3} end
+end
 redis.call('HSET', KEYS[1], 'node', ARGV[1])
-return {2, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+return {2, holder or '', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
 #: KEYS: meta, stream. ARGV: epoch, after, page. {outcome, last, then seq, envelope... newest first}:
@@ -184,6 +196,8 @@ class Claimed:
 
     fields: dict[str, str]
     ids: list[str]
+    #: The node that held the session until then ("" if none was named).
+    holder: str = ""
 
     @property
     def epoch(self) -> str:
@@ -197,6 +211,18 @@ class ReplayRead:
     envelopes: list[tuple[int, bytes]] = field(default_factory=list)
     #: The session's last seq in the window (0 when unknown).
     last: int = 0
+
+
+class Taken(enum.Enum):
+    """Why ``take_over`` took nothing."""
+
+    #: No window for this session (never started, expired, deleted, or Redis lost it all).
+    UNKNOWN = "unknown"
+    #: The window is another user's (the caller says nothing of it).
+    OTHER_USER = "other_user"
+    #: Another node holds the session and listens: it was asked to let the session go; take it over
+    #: again with ``force`` once it has (or has had the time to).
+    ASKED = "asked"
 
 
 #: How long a new SSE stream's node is noted for its first POSTs (the session has a window soon after).
@@ -226,7 +252,6 @@ class ReplayStreams:
         self._max_age_ms = int(max_age_seconds * 1000)
         self._append = redis.register_script(APPEND)
         self._start = redis.register_script(START)
-        self._claim = redis.register_script(CLAIM)
         self._read = redis.register_script(READ_AFTER)
 
     async def start(self, session: str) -> str:
@@ -316,14 +341,81 @@ class ReplayStreams:
 
     async def claim(self, session: str, user: str) -> Claimed | None:
         """Take ``user``'s ``session`` over for this node (its old node's mirroring is refused from now
-        on); ``None`` if there is no such window, or it is another user's (the caller says neither)."""
-        keys = [self._keys.replay_meta(session), self._keys.replay_ids(session)]
+        on), whichever node holds it; ``None`` if there is no such window, or it is another user's (the
+        caller says neither)."""
         with translating(self._health, f"take over {session}"):
-            reply = await self._claim(keys=keys, args=[self._node, user])
-        if int(reply[0]) != 2:
-            return None
-        flat = [item.decode() for item in reply[1]]
-        return Claimed(dict(zip(flat[::2], flat[1::2], strict=True)), [item.decode() for item in reply[2]][::-1])
+            taken = await self._take(session, user, force=True)
+        return taken if isinstance(taken, Claimed) else None
+
+    async def take_over(
+        self, session: str, user: str, after: int, *, force: bool = False
+    ) -> tuple[Claimed, ReplayRead] | Taken:
+        """A resume's look at ``user``'s window, on the pipe: unless ``force``, if another node holds the
+        session and still listens, it is sent ``release <session> <this node>`` and nothing moves
+        (``Taken.ASKED``); otherwise the session is claimed for this node (as ``claim``: the old holder's
+        mirroring is refused from then on) and its window read after seq ``after``, as ``read_after`` reads
+        it. The read may say it cannot resume (``AHEAD``, ``TOO_OLD``...): the session is claimed even so."""
+        with translating(self._health, f"take over {session}"):
+            taken = await self._take(session, user, force)
+            if isinstance(taken, Taken):
+                return taken
+            return taken, await self._read_claimed(session, taken, after)
+
+    async def _take(self, session: str, user: str, force: bool) -> Claimed | Taken:
+        keys = [self._keys.replay_meta(session), self._keys.replay_ids(session)]
+        args: list[Arg] = [self._node, user, self._keys.node_channel(""), f"release {session} {self._node}", int(force)]
+        reply = await self._pipe.script(CLAIM, keys, args)
+        kind = int(reply[0])
+        if kind != 2:
+            return Taken.ASKED if kind == 3 else Taken.OTHER_USER if kind == 1 else Taken.UNKNOWN
+        flat = [item.decode() for item in reply[2]]
+        ids = [item.decode() for item in reply[3]][::-1]
+        return Claimed(dict(zip(flat[::2], flat[1::2], strict=True)), ids, reply[1].decode())
+
+    async def _read_claimed(self, session: str, claimed: Claimed, after: int) -> ReplayRead:
+        """The window just claimed, read after seq ``after``: its newest ``last - after`` entries, by plain
+        ``XREVRANGE`` (a script handing them over costs Redis about five times as much: each entry made a
+        Lua table and back), then its epoch read again behind them on the same connection. Claimed, the
+        window takes no other node's frames; the same epoch afterwards says nothing made it anew or deleted
+        it in between (an epoch is never made twice), so the entries read are that window's."""
+        last = int(claimed.fields.get("last") or 0)
+        if after > last:
+            return ReplayRead(ReplayOutcome.AHEAD, last=last)
+        stream, meta = self._keys.replay(session), self._keys.replay_meta(session)
+        rows: list[Any] = []
+        high, count = "+", last - after
+        epoch: str | None = claimed.epoch
+        while count > 0:  # (more than one page only if the window's seqs had a gap: they never do)
+            page, now = await self._together(("XREVRANGE", stream, high, "-", "COUNT", count), ("HGET", meta, "epoch"))
+            rows, epoch = rows + page, text(now)
+            if len(page) < count or int(page[-1][1][1]) <= after + 1:
+                break
+            high, count = b"(" + page[-1][0], PAGE
+        if epoch != claimed.epoch:
+            return ReplayRead(ReplayOutcome.UNKNOWN if epoch is None else ReplayOutcome.RESTARTED, last=last)
+        envelopes = [(seq, fields[3]) for _, fields in reversed(rows) if (seq := int(fields[1])) > after]
+        if after < last and (not envelopes or envelopes[0][0] != after + 1):
+            return ReplayRead(ReplayOutcome.TOO_OLD, last=last)
+        return ReplayRead(ReplayOutcome.OK, envelopes, last)
+
+    async def _together(self, *commands: tuple[Arg, ...]) -> list[Any]:
+        """Commands written together on the pipe (one round trip; Redis runs them in this order, as the
+        tasks issue them in the order they start), their replies; the first error is raised."""
+        replies: list[Any] = [None] * len(commands)
+
+        async def call(index: int, command: tuple[Arg, ...]) -> None:
+            try:
+                replies[index] = await self._pipe.call(*command)
+            except (RedisError, OSError) as error:  # raised below as itself, not in a group
+                replies[index] = error
+
+        async with anyio.create_task_group() as tg:
+            for index, command in enumerate(commands):
+                tg.start_soon(call, index, command)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     def _names(self, session: str) -> list[str]:
         return [self._keys.replay_meta(session), self._keys.replay(session)]

@@ -68,6 +68,8 @@ class Mirroring:
     #: Inbound ids wait (``IDS_LINGER``) for the session's next frame.
     lingering: bool = False
     gone: bool = False
+    #: Its window is in Redis, held by this node (made by a flush, or taken over from another node).
+    made: bool = False
 
 
 def wire(text: str, data: bytes | None) -> bytes:
@@ -114,12 +116,17 @@ class WindowMirror:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._tracked
 
+    def made(self, session_id: str) -> bool:
+        """Whether the session's window is in Redis, held by this node: another node resuming it finds it."""
+        tracked = self._tracked.get(session_id)
+        return tracked is not None and tracked.made
+
     def track(self, session: Session, *, epoch: str | None = None, state: dict[str, str] | None = None) -> None:
         """Mirror ``session`` from now on: a new window with every frame it has (``epoch`` ``None``), or,
         for a session taken over from another node, the window of ``epoch`` continued (``state``: its
         hash fields as that node left them)."""
         fresh = epoch is None
-        tracked = Mirroring(session, epoch or secrets.token_hex(8), fresh)
+        tracked = Mirroring(session, epoch or secrets.token_hex(8), fresh, made=not fresh)
         if fresh:
             tracked.frames = self._own_frames(session)
         else:
@@ -127,7 +134,8 @@ class WindowMirror:
             tracked.tseqs = {tx: int(tseq) for tx, tseq in json.loads(tracked.written.get("tx", "{}")).items()}
         self._tracked[session.id] = tracked
         session.sink = self
-        self._queue_up(tracked)
+        if fresh:  # (a window taken over is in Redis already: the session's next frame is flushed there)
+            self._queue_up(tracked)
 
     def forget(self, session: Session, *, delete: bool) -> None:
         """Stop mirroring ``session``; with ``delete``, its window goes too (the session is over)."""
@@ -266,12 +274,14 @@ class WindowMirror:
     def _settle(self, tracked: Mirroring, update: WindowUpdate, result: Mirrored) -> None:
         if result is Mirrored.KEPT:
             tracked.written |= update.fields
+            tracked.made = True
             self.flushes += 1
             self.frames += len(update.frames)
         elif result is Mirrored.LOST and not tracked.gone:
             logger.info("cluster: the replay window of session %s was lost; making it again", tracked.session.id)
             tracked.fresh, tracked.frames = True, self._own_frames(tracked.session)
             tracked.epoch = secrets.token_hex(8)
+            tracked.made = False
             if not tracked.queued:
                 self._queue_up(tracked)
         elif result is Mirrored.TAKEN and not tracked.gone:

@@ -2,11 +2,12 @@
 
 - **Mirrored.** Each session this node admits is mirrored to its window in Redis (``mirror.py``).
 - **Taken over.** A resume (a ``HAI`` with ``last_rx_seq``, SSE ``Last-Event-ID`` or ``?session=``)
-  naming a session this node does not hold looks for its window. If the node that holds it still
-  listens (a client that reconnected through a load balancer), it is asked to let the session go: it
-  flushes what it recorded, leaves the session's transactions without a word to the others, closes
-  the old connection and answers. Then this node ``claim``s the window (from then on the old node's
-  mirroring is refused: two nodes never both deliver to the session), makes the session with the same
+  naming a session this node does not hold looks for its window (``ReplayStreams.take_over``). If the
+  node that holds it still listens (a client that reconnected through a load balancer), it is asked
+  to let the session go: it flushes what it recorded, leaves the session's transactions without a
+  word to the others, closes the old connection and answers. Then this node claims the window (from
+  then on the old node's mirroring is refused: two nodes never both deliver to the session; a dead
+  node's session is claimed at the first look), reads what the client missed, makes the session with the same
   id, seqs, inbound order and recent inbound ids (dedup), and rejoins its transactions: each from the
   last tseq the session was sent there, so what was published after the old node died reaches the
   client once, after the frames it missed. The caller attaches it as any resume.
@@ -30,7 +31,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.cluster import Bus, ReplayOutcome
+from haip_runtime.cluster import Bus, Claimed, ReplayOutcome, ReplayRead, Taken
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ClusterError, DecodeError, ProtocolError
@@ -110,7 +111,7 @@ class Roaming:
             self.mirror.track(session)
 
     async def published(self, session: Session) -> None:
-        if self.mirror is not None:
+        if self.mirror is not None and not self.mirror.made(session.id):  # (a session taken over: already there)
             with anyio.move_on_after(PUBLISH_SECONDS):
                 try:
                     await self.mirror.flush()
@@ -134,20 +135,15 @@ class Roaming:
 
     async def _take_over(self, session_id: str, principal: Principal, last_seq: int) -> Session | None:
         bus = self.bus
-        holder = await bus.replay.holder(session_id)
-        if holder is None:
+        taken = await self._claim(session_id, principal.user, last_seq)
+        if taken is Taken.UNKNOWN:
             # Gone, or Redis lost everything: then the epoch is new, and the failure says "restarted"
             # (with the transactions to rejoin) even before this node's next heartbeat reads it.
             self.hub.sessions.epoch = await bus.nodes.epoch()
             return None
-        if holder[1] != principal.user:
+        if not isinstance(taken, tuple):
             return None
-        if holder[0] != bus.node_id:
-            await self._ask_release(holder[0], session_id)
-        claimed = await bus.replay.claim(session_id, principal.user)
-        if claimed is None:
-            return None
-        read = await bus.replay.read_after(session_id, claimed.epoch, last_seq)
+        claimed, read = taken
         if read.outcome is not ReplayOutcome.OK:
             raise ProtocolError(
                 ErrorCode.RESUME_FAILED,
@@ -160,8 +156,24 @@ class Roaming:
         assert self.mirror is not None
         self.mirror.track(session, epoch=claimed.epoch, state=claimed.fields)
         await self._rejoin(session, principal, json.loads(claimed.fields.get("tx", "{}")))
-        logger.info("session %s of %r taken over from node %s", session_id, principal.user, holder[0])
+        logger.info("session %s of %r taken over from node %s", session_id, principal.user, claimed.holder)
         return session
+
+    async def _claim(self, session_id: str, user: str, last_seq: int) -> tuple[Claimed, ReplayRead] | Taken:
+        """The session claimed for this node and its window read (``take_over``: two round trips); if the
+        node holding it still listens, it is asked to let the session go first, and given
+        ``HANDOVER_SECONDS`` to."""
+        replay = self.bus.replay
+        released = self._released[session_id] = anyio.Event()  # before the notice: the answer may come first
+        try:
+            taken = await replay.take_over(session_id, user, last_seq)
+            if taken is not Taken.ASKED:
+                return taken
+            with anyio.move_on_after(HANDOVER_SECONDS):
+                await released.wait()
+        finally:
+            self._released.pop(session_id, None)
+        return await replay.take_over(session_id, user, last_seq, force=True)
 
     def _make(self, session_id: str, principal: Principal, fields: dict[str, str]) -> Session:
         accepted = frozenset(json.loads(fields.get("accepted", "[]"))) or frozenset(ALL_EVENTS)
@@ -209,16 +221,6 @@ class Roaming:
             logger.warning(
                 "transaction %s: at tseq %d here, not %d; rejoined from there", transaction.id, transaction.tseq, tseq
             )
-
-    async def _ask_release(self, node: str, session_id: str) -> None:
-        """Have ``node`` let the session go, if it still listens; wait (briefly) until it has."""
-        released = self._released[session_id] = anyio.Event()
-        try:
-            if await self.bus.tell(node, f"release {session_id} {self.bus.node_id}".encode()):
-                with anyio.move_on_after(HANDOVER_SECONDS):
-                    await released.wait()
-        finally:
-            self._released.pop(session_id, None)
 
     # --- notices from other nodes ------------------------------------------------------------------
 

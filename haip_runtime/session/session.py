@@ -313,8 +313,7 @@ class Session:
         from the first the client lacks (``frames``, in order, or none), numbering on after ``last_seq``,
         and its inbound order and dedup as they stood there."""
         self.window.start_at(frames[0][0] if frames else last_seq + 1)
-        for seq, text, data in frames:
-            self.window.record(seq, text, data)
+        self.window.extend(frames)
         self._seq = last_seq
         self._inbound_numeric, self._last_in = inbound
         self._seen_ids = OrderedDict.fromkeys(seen[-DEDUP_WINDOW:])

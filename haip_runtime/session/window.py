@@ -80,6 +80,30 @@ class ReplayWindow:
             del frames[: self._head]  # amortised: the list is trimmed once half of it is gone
             self._head = 0
 
+    def extend(self, frames: list[tuple[int, str, bytes | None]]) -> None:
+        """Keep ``frames`` (in order, the first right after the last kept) at once: a session continued
+        from another node, all of whose frames are the resume's backlog, so that, as ``record``'s
+        unwritten frames, they outlive the count and age bounds, never the bytes bound."""
+        if not frames:
+            return
+        assert frames[0][0] == self.last_seq + 1 and frames[-1][0] == frames[0][0] + len(frames) - 1, "in order"
+        now = self._clock()
+        self._frames += [(now, text) for _, text, _ in frames]
+        self.bytes += sum(len(text) for _, text, _ in frames)
+        for seq, _, data in frames:
+            if data is not None:
+                self._binary[seq] = data
+                self.bytes += len(data)
+        while len(self._frames) - self._head > 1 and self.bytes > self.max_bytes:
+            self.bytes -= len(self._frames[self._head][1])
+            self._head += 1
+            dropped = self._binary.pop(self._first, None)
+            self.bytes -= len(dropped) if dropped is not None else 0
+            self._first += 1
+        if self._head >= 64 and self._head * 2 >= len(self._frames):
+            del self._frames[: self._head]
+            self._head = 0
+
     def start_at(self, seq: int) -> None:
         """An empty window whose first frame will be ``seq`` (a session continued from another node)."""
         assert not len(self), "only an empty window starts elsewhere"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from haip_runtime.cluster import Mirrored, ReplayOutcome, ReplayRead, WindowUpdate
+from haip_runtime.cluster import Mirrored, ReplayOutcome, ReplayRead, Taken, WindowUpdate
 from tests.cluster.conftest import BusFactory
 from tests.support.redis import running_redis
 
@@ -153,3 +153,96 @@ async def test_a_notice_reaches_the_node_it_is_told_to_and_no_other(redis_url: s
             await arrived.wait()
         assert not await b.tell("node-gone", b"release S")  # nobody listens: the sender knows at once
     assert heard == [b"release S"]
+
+
+async def test_a_take_over_claims_and_reads_the_window_of_a_node_gone(redis_url: str, bus_at: BusFactory) -> None:
+    """A dead node's session: claimed and read at once, with the state and ids beside it."""
+    async with bus_at(redis_url, node_id="node-b", replay_max_events=2000) as b:
+        frames = [(seq, b"e%d" % seq) for seq in range(1, 1201)]  # more than a page (500)
+        update = WindowUpdate("S", "e1", frames, {"user": "ann", "in": "n:4"}, ["i1", "i2"], True)
+        assert await b.replay.mirror([update]) == [Mirrored.KEPT]
+        await b.redis.hset(b.keys.replay_meta("S"), "node", "node-gone")  # as a node that died left it
+        assert await b.replay.take_over("S", "bob", 0) is Taken.OTHER_USER
+        assert await b.replay.take_over("nobody", "ann", 0) is Taken.UNKNOWN
+        assert await b.redis.hget(b.keys.replay_meta("S"), "node") == b"node-gone"  # neither moved it
+        taken = await b.replay.take_over("S", "ann", 150)
+        assert not isinstance(taken, Taken)
+        claimed, read = taken
+        assert claimed.holder == "node-gone" and claimed.fields["node"] == "node-b" and claimed.ids == ["i1", "i2"]
+        assert claimed.fields["in"] == "n:4" and claimed.epoch == "e1"
+        assert read.outcome is ReplayOutcome.OK and read.last == 1200
+        assert read.envelopes == frames[150:]  # every one after seq 150, once, in order
+        again = await b.replay.take_over("S", "ann", 1200)  # nothing missed
+        assert not isinstance(again, Taken) and again[1] == ReplayRead(ReplayOutcome.OK, [], 1200)
+        ahead = await b.replay.take_over("S", "ann", 1201)
+        assert not isinstance(ahead, Taken) and ahead[1] == ReplayRead(ReplayOutcome.AHEAD, last=1200)
+
+
+async def test_a_take_over_asks_a_listening_holder_first_and_moves_nothing(redis_url: str, bus_at: BusFactory) -> None:
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        heard: list[bytes] = []
+        arrived = anyio.Event()
+
+        def note(message: bytes) -> None:
+            heard.append(message)
+            arrived.set()
+
+        a.feed.on_notice = note
+        update = WindowUpdate("S", "e1", [(1, b"one"), (2, b"two")], {"user": "ann"}, [], True)
+        assert await a.replay.mirror([update]) == [Mirrored.KEPT]
+        assert await b.replay.take_over("S", "ann", 0) is Taken.ASKED
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert heard == [b"release S node-b"]
+        assert await a.replay.mirror([WindowUpdate("S", "e1", [(3, b"three")])]) == [Mirrored.KEPT]  # still a's
+        taken = await b.replay.take_over("S", "ann", 1, force=True)  # once a let it go (or had the time to)
+        assert not isinstance(taken, Taken) and taken[0].holder == "node-a"
+        assert taken[1] == ReplayRead(ReplayOutcome.OK, [(2, b"two"), (3, b"three")], 3)
+        assert await a.replay.mirror([WindowUpdate("S", "e1", [(4, b"late")])]) == [Mirrored.TAKEN]
+        mine = await b.replay.take_over("S", "ann", 3)  # the holder is this node: nobody to ask
+        assert not isinstance(mine, Taken) and mine[0].holder == "node-b"
+
+
+async def test_a_take_over_says_too_old_when_the_window_lost_what_the_client_missed(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url, node_id="node-b", replay_max_events=5) as b:
+        frames = [(seq, b"e%d" % seq) for seq in range(1, 9)]
+        assert await b.replay.mirror([WindowUpdate("S", "e1", frames, {"user": "ann"}, [], True)]) == [Mirrored.KEPT]
+        taken = await b.replay.take_over("S", "ann", 2)
+        assert not isinstance(taken, Taken) and taken[1] == ReplayRead(ReplayOutcome.TOO_OLD, last=8)
+        taken = await b.replay.take_over("S", "ann", 3)
+        assert not isinstance(taken, Taken) and [seq for seq, _ in taken[1].envelopes] == [4, 5, 6, 7, 8]
+        await b.redis.delete(b.keys.replay("S"))  # the stream expired while its hash lived on
+        taken = await b.replay.take_over("S", "ann", 3)
+        assert not isinstance(taken, Taken) and taken[1].outcome is ReplayOutcome.TOO_OLD
+
+
+async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed_one(
+    redis_url: str, bus_at: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch is read again behind the envelopes: a window replaced between the claim and the read
+    (its envelopes another epoch's) says so instead of handing those envelopes over."""
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        old = WindowUpdate("S", "e1", [(1, b"one"), (2, b"two")], {"user": "ann"}, [], True)
+        assert await a.replay.mirror([old]) == [Mirrored.KEPT]
+        claim = b.replay._take
+
+        async def claim_then_replaced(session: str, user: str, force: bool) -> object:
+            claimed = await claim(session, user, force)
+            new = WindowUpdate("S", "e2", [(1, b"uno"), (2, b"dos")], {"user": "ann"}, [], True)
+            assert await a.replay.mirror([new]) == [Mirrored.KEPT]
+            return claimed
+
+        monkeypatch.setattr(b.replay, "_take", claim_then_replaced)
+        taken = await b.replay.take_over("S", "ann", 0, force=True)
+        assert not isinstance(taken, Taken) and taken[1] == ReplayRead(ReplayOutcome.RESTARTED, last=2)
+
+        async def claim_then_deleted(session: str, user: str, force: bool) -> object:
+            claimed = await claim(session, user, force)
+            await a.replay.delete("S")
+            return claimed
+
+        monkeypatch.setattr(b.replay, "_take", claim_then_deleted)
+        taken = await b.replay.take_over("S", "ann", 0, force=True)
+        assert not isinstance(taken, Taken) and taken[1] == ReplayRead(ReplayOutcome.UNKNOWN, last=2)

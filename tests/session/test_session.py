@@ -178,6 +178,36 @@ async def test_a_resume_from_the_front_of_a_full_window_survives_new_frames_arri
     assert session.window.first_seq > 1
 
 
+async def test_a_session_continued_from_another_node_resends_its_whole_backlog_and_numbers_on() -> None:
+    """``carry_on`` keeps the frames another node sent at once: more than the count bound (they are the
+    resume's backlog), the binary part of a two-frame envelope too; the session's own seqs follow them."""
+    session = make_session()
+    frames: list[tuple[int, str, bytes | None]] = [
+        (seq, json.dumps({"seq": str(seq)}), b"pcm" if seq == 1200 else None) for seq in range(11, 1211)
+    ]
+    session.carry_on(frames, 1210, (True, 7), ["a", "b"])
+    assert session.window.first_seq == 11 and len(session.window) == 1200
+    audio = session.window.get(1200)
+    assert audio is not None and audio.data == b"pcm"
+    assert session.window.bytes == sum(len(text) for _, text, _ in frames) + 3
+    outbox = Outbox(16)
+    session.attach(outbox, last_rx_seq=10)
+    session.send("INFO", {"event": "live"})
+    assert [int(str(e["seq"])) for e in await drain(outbox)] == list(range(11, 1212))
+    assert not session.take(inbound("7")) and not session.take(inbound("9", id="a"))  # its inbound order and dedup
+
+
+def test_a_backlog_from_another_node_is_still_bound_by_bytes() -> None:
+    config = SessionConfig(replay_window_bytes=64 * 1024)
+    session = Session(Principal("u"), negotiate(ALL_EVENTS), config, clock=Clock())
+    frames: list[tuple[int, str, bytes | None]] = [
+        (seq, json.dumps({"seq": str(seq), "text": "x" * 4000}), None) for seq in range(1, 101)
+    ]
+    session.carry_on(frames, 100, (None, 0), [])
+    assert session.window.bytes <= 64 * 1024
+    assert 10 <= len(session.window) < 20 and session.window.last_seq == 100
+
+
 def test_sessions_accepting_the_same_events_share_one_set() -> None:
     """Clients of one kind all send the same accept_events: their sessions keep one copy of it."""
     first, second = Session.provisional(SessionConfig()), Session.provisional(SessionConfig())
