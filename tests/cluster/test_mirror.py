@@ -1,7 +1,9 @@
-"""The window mirror (``server/mirror.py``) on a real redis-server: when a session's window is in Redis."""
+"""The window mirror (``server/mirror.py``) on a real redis-server: when a session's window is in Redis, and
+inbound ids waiting for the session's next frame (one script run for an echo's message and its answer)."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from haip_runtime.auth.tokens import Principal
@@ -10,7 +12,7 @@ from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.server.mirror import WindowMirror
 from haip_runtime.session.session import Session
-from tests.cluster.conftest import BusFactory
+from tests.cluster.conftest import BusFactory, until
 
 pytestmark = pytest.mark.anyio
 
@@ -45,3 +47,43 @@ async def test_a_new_window_is_made_at_the_first_flush_and_a_window_taken_over_i
         read = await b.replay.read_after("S", claimed.epoch, 1)
         assert read.outcome is ReplayOutcome.OK and [seq for seq, _ in read.envelopes] == [2]
         assert not new.made("T")
+
+
+async def test_inbound_ids_go_with_the_next_frame_or_alone_after_their_linger(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as bus:
+        mirror = WindowMirror(bus, on_taken=lambda session: None)
+        session = Session(Principal("u"), frozenset(ALL_EVENTS), SessionConfig())
+        ids_key = bus.keys.replay_ids(session.id)
+
+        async def kept_ids() -> list[bytes]:
+            kept = await bus.redis.lrange(ids_key, 0, -1)  # newest first
+            return [bytes(item) for item in reversed(kept) if isinstance(item, bytes)]
+
+        mirror.track(session)
+        await mirror.flush(lingering=False)  # the new window
+        assert mirror.flushes == 1
+
+        mirror.took(session, "message-1")
+        await mirror.flush(lingering=False)
+        assert mirror.flushes == 1 and await kept_ids() == []  # the id waits for a frame
+        session.send("MESSAGE", {"text": "the answer"})
+        await mirror.flush(lingering=False)
+        assert mirror.flushes == 2 and mirror.frames == 1  # one script run: the frame and the id
+        assert await kept_ids() == [b"message-1"]
+
+        mirror.took(session, "message-2")
+        await mirror.flush()  # a session handed over or closing: everything, lingering ids too
+        assert mirror.flushes == 3 and await kept_ids() == [b"message-1", b"message-2"]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mirror.run)
+            mirror.took(session, "message-3")  # nothing follows: it goes alone once its linger is over
+
+            async def third_kept() -> bool:
+                return b"message-3" in await kept_ids()
+
+            await until(third_kept)
+            tg.cancel_scope.cancel()
+        assert mirror.flushes == 4
