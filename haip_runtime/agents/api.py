@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import types
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -83,6 +83,9 @@ class TurnServices:
     permissions: Permissions = UNRESTRICTED
     """The permissions of the user the turn answers; tool calls are checked against them."""
     llm: Provider | None = None
+    pace: Callable[[], Awaitable[None] | None] | None = None
+    """Called after each streamed part: something to wait for while the transaction is far behind the
+    stream (in a cluster, its parts on their way through the bus), else ``None``."""
 
 
 class Agent(Generic[OptionsT]):
@@ -145,9 +148,10 @@ def _pass_turn() -> Generator[None, None, None]:
 class MessageStream:
     """One agent message sent in parts: MESSAGE_START, MESSAGE_PART..., MESSAGE_END."""
 
-    def __init__(self, emit: Emit, author: str) -> None:
+    def __init__(self, emit: Emit, author: str, pace: Callable[[], Awaitable[None] | None] | None = None) -> None:
         self.message_id = new_id()
         self._emit = emit
+        self._pace = pace
         self._author = author
         self._parts: list[str] = []
         self._started = False
@@ -163,7 +167,11 @@ class MessageStream:
 
     async def write(self, text: str) -> None:
         if self._put(text):
-            await _pass_turn()
+            behind = None if self._pace is None else self._pace()
+            if behind is None:
+                await _pass_turn()
+            else:  # back-pressure: the transaction's members are far behind the stream
+                await behind
 
     def _put(self, text: str) -> bool:
         if not text:
@@ -274,7 +282,7 @@ class Turn:
     @asynccontextmanager
     async def stream(self) -> AsyncIterator[MessageStream]:
         """Send a message in parts. Clients that cannot take parts get one MESSAGE at the end."""
-        out = MessageStream(self._emit, self.agent)
+        out = MessageStream(self._emit, self.agent, self._services.pace)
         try:
             yield out
         finally:

@@ -52,6 +52,10 @@ class ClusterConfig(base.Model):
     """Streamed message parts wait at most this long to cross the bus together (0: each at once)..."""
     part_batch_bytes: int = Field(default=16 * 1024, ge=1)
     """...or until this many bytes wait."""
+    stream_behind_ms: float = Field(default=20, ge=0)
+    """A streaming agent waits while its own parts have been on their way through the bus (appended,
+    then back through this node's feed to its members) longer than this: a node short of CPU then slows
+    the stream, as one node without [cluster] does, instead of falling behind it (0: never waits)."""
 
     @field_validator("redis_url")
     @classmethod

@@ -20,7 +20,7 @@ import logging
 import time
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -32,6 +32,7 @@ from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
+from haip_runtime.session.flow import merged_parts, same_message
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -49,6 +50,9 @@ MAX_OUTBOX = 10_000
 GATHER_PASSES = 3
 #: How long a transaction brought back waits to follow its log before a member joins it.
 FOLLOW_SECONDS = 5.0
+#: A streamed part published here and not back through the feed after this long is not waited for by
+#: the stream's back-pressure (Redis lost it, or is failing: the bus's health says so).
+PACE_GIVE_UP = 1.0
 
 
 @types.coroutine
@@ -133,6 +137,12 @@ class SharedLog(Succession):
         self._given_up: set[str] = set()
         #: Events published here and not delivered yet, with the turn they ask for.
         self._mine: dict[str, tuple[Event, dict[str, Any] | None]] = {}
+        #: Streamed parts published here, (when, event id), oldest first, the delivered ones taken out
+        #: lazily: how far the stream is ahead of its members here (``pace``).
+        self._parts_out: deque[tuple[float, str]] = deque()
+        self._behind_limit = relay.bus.config.stream_behind_ms / 1000
+        #: Set at each delivery of this node's own events (a stream held back by ``pace`` goes on).
+        self._back = anyio.Event()
         self._own_head = fastjson.dumps({"n": relay.node, "id": ""})[:-2].encode()  # b'{"n":"<node>","id":"'
         self._then: dict[str, Callable[[], None]] = {}
         self._reconnects = relay.bus.feed.reconnects
@@ -168,12 +178,43 @@ class SharedLog(Succession):
         if event.run_id is not None and event.run_id in self._given_up:
             return  # a run this node stopped when it lost the lease: the new owner ended it (NODE_LOST)
         self._mine[event.id] = (event, turn)
+        if event.type == EventType.MESSAGE_PART and self._behind_limit:
+            self._parts_out.append((time.monotonic(), event.id))
         if then is not None:
             self._then[event.id] = then
         if len(self._mine) > MAX_OUTBOX:  # never delivered (lost with a Redis that crashed): let them go
             self._then.pop(next(iter(self._mine)), None)
             del self._mine[next(iter(self._mine))]
         self._queue(entry(event, self.relay.node, turn), event.type == EventType.MESSAGE_PART, event.run_id)
+
+    def pace(self) -> Awaitable[None] | None:
+        """Back-pressure for a streaming agent (``TurnServices.pace``): ``None`` while this node's own
+        streamed parts are back from the bus within ``stream_behind_ms``, else what to wait for.
+
+        On one node an agent's write delivers the part before the next, so a node short of CPU slows the
+        stream; here delivery comes back through the bus, and without this a starved node would fall
+        ever further behind the stream (the lag its backlog). A part on its way longer than
+        ``PACE_GIVE_UP`` is not waited for, nor anything while Redis does not answer."""
+        if self._behind(time.monotonic()) <= self._behind_limit:
+            return None
+        return self._catch_up()
+
+    def _behind(self, now: float) -> float:
+        """How long the oldest of this node's streamed parts still on its way has been."""
+        out, mine = self._parts_out, self._mine
+        while out and (out[0][1] not in mine or now - out[0][0] > PACE_GIVE_UP):
+            out.popleft()
+        return now - out[0][0] if out else 0.0
+
+    async def _catch_up(self) -> None:
+        while not self._stopped and self.relay.bus.health.state == "ok":  # (BusState.OK)
+            behind = self._behind(time.monotonic())
+            if behind <= self._behind_limit:
+                return
+            if self._back.is_set():  # (one event for every stream of the transaction waiting)
+                self._back = anyio.Event()
+            with anyio.move_on_after(PACE_GIVE_UP - behind):
+                await self._back.wait()
 
     def turn(self, member: Member, traceparent: str | None, *, answered: bool) -> dict[str, Any]:
         """What a message carries for the node running the turns: who sent it; ``answered``: this node
@@ -316,23 +357,41 @@ class SharedLog(Succession):
     # --- delivery -----------------------------------------------------------------------------------
 
     def deliver(self, items: Sequence[Any]) -> None:
-        """The feed's next entries of this transaction, in tseq order (a ``LogGap`` has no ``data``)."""
+        """The feed's next entries of this transaction, in tseq order (a ``LogGap`` has no ``data``).
+
+        Consecutive streamed parts of one message among them (those that crossed the bus together)
+        reach the members here as one part, as parts do on one node when a member's socket is behind;
+        each is still logged and stored as the log numbered it."""
         if self._filling is not None:
             self._filling.extend(items)
             return
-        for index, item in enumerate(items):
-            if getattr(item, "data", None) is None:  # the bus no longer holds these: the store does
-                self._filling = list(items[index + 1 :])
-                self.relay.spawn(self._fill, item.first, item.last)
-                return
-            try:
-                mine = self._mine.pop(self._own_id(item.data), None)
-                if mine is not None:  # published here: known already, the bytes need no parsing
-                    self._event(item.tseq, mine[0], mine[1], self.relay.node, stored=False)
-                else:
-                    self._entry(item.tseq, fastjson.loads(item.data))
-            except Exception:  # one bad entry costs itself
-                logger.exception("transaction %s: entry %d could not be delivered", self.transaction.id, item.tseq)
+        parts: list[Event] = []  # streamed parts of one message, logged, for the members as one part
+        try:
+            for index, item in enumerate(items):
+                if getattr(item, "data", None) is None:  # the bus no longer holds these: the store does
+                    self._to_members(parts)
+                    self._filling = list(items[index + 1 :])
+                    self.relay.spawn(self._fill, item.first, item.last)
+                    return
+                try:
+                    mine = self._mine.pop(self._own_id(item.data), None)
+                    if mine is not None:  # published here: known already, the bytes need no parsing
+                        self._event(item.tseq, mine[0], mine[1], self.relay.node, stored=False, parts=parts)
+                        self._back.set()
+                    else:
+                        self._entry(item.tseq, fastjson.loads(item.data), parts)
+                except Exception:  # one bad entry costs itself
+                    logger.exception("transaction %s: entry %d could not be delivered", self.transaction.id, item.tseq)
+        finally:
+            self._to_members(parts)
+
+    def _to_members(self, parts: list[Event]) -> None:
+        """The parts held by ``deliver``, to the members here as one (what they would get merged if their
+        sockets were behind: one frame each for a batch, not one per token); ``parts`` is emptied."""
+        if parts:
+            merged = merged_parts(parts)
+            parts.clear()
+            self.transaction.to_members(merged)
 
     async def _fill(self, first: int, last: int) -> None:
         """Deliver ``first``..``last`` from the store (waiting a little for rows other nodes have yet to
@@ -353,22 +412,32 @@ class SharedLog(Succession):
         held, self._filling = self._filling or [], None
         self.deliver(held)
 
-    def _entry(self, tseq: int, body: dict[str, Any]) -> None:
+    def _entry(self, tseq: int, body: dict[str, Any], parts: list[Event] | None = None) -> None:
         """An entry another node wrote (or this one, before a restart): a control entry, or an event."""
         if "ctl" in body:
             self._control(tseq, body)
             return
         event = entry_event(body, self.transaction.id, tseq, self.transaction.thread_id)
-        self._event(tseq, event, body.get("turn"), body.get("n"), stored=False)
+        self._event(tseq, event, body.get("turn"), body.get("n"), stored=False, parts=parts)
 
     def _own_id(self, data: bytes) -> str:
         """The event id of an entry this node wrote (``entry`` begins with the node, then the id), else ''."""
         head = self._own_head
         return data[len(head) : data.find(b'"', len(head))].decode() if data.startswith(head) else ""
 
-    def _event(self, tseq: int, event: Event, turn: dict[str, Any] | None, node: str | None, *, stored: bool) -> None:
+    def _event(
+        self,
+        tseq: int,
+        event: Event,
+        turn: dict[str, Any] | None,
+        node: str | None,
+        *,
+        stored: bool,
+        parts: list[Event] | None = None,
+    ) -> None:
         """The log's next event: followed, delivered to the members here, stored (unless it came from
-        the store), and acted on (a message to answer, an announcement, an end)."""
+        the store), and acted on (a message to answer, an announcement, an end). ``parts``: where a
+        streamed part waits to reach the members merged with the next parts of its message (``deliver``)."""
         transaction = self.transaction
         if event.id in self._seen:
             return  # an append retried after its answer was lost (or filled from the store): delivered already
@@ -376,6 +445,14 @@ class SharedLog(Succession):
         self._progress.set()
         event.stamp(transaction.id, tseq, transaction.thread_id)
         self._follow(event, node)
+        if parts is not None:
+            merge = event.type == EventType.MESSAGE_PART and not event.exclude and event.id not in self._then
+            if parts and not (merge and same_message(parts[0], event)):
+                self._to_members(parts)
+            if merge:
+                transaction.logged(event, store=not stored, members=False)
+                parts.append(event)
+                return
         ending = event.type == EventType.TRANSACTION_END
         if ending:
             transaction.ended = True

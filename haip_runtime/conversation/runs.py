@@ -10,7 +10,7 @@ transactions waiting for a member when one of its runs ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -128,8 +128,10 @@ def make_turn(
     text: str,
     payload: dict[str, Any],
     member: Member | None,
+    pace: Callable[[], Awaitable[None] | None] | None = None,
 ) -> Turn:
-    """What an agent's hook gets for ``run``: the message, and services bound to its transaction."""
+    """What an agent's hook gets for ``run``: the message, and services bound to its transaction
+    (``pace``: the back-pressure of its streams, ``TurnServices.pace``)."""
 
     def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
         publish(Event(type, payload, channel=channel, run_id=run.id))
@@ -142,6 +144,7 @@ def make_turn(
         tool_servers=slot.tool_servers,
         permissions=member.principal.permissions if member else UNRESTRICTED,
         llm=slot.instance.context.llm,
+        pace=pace,
     )
     return Turn(
         agent=slot.name,

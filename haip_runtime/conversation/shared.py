@@ -7,7 +7,7 @@ alone knows the transaction (imports go one way)."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from haip_runtime.protocol import fastjson
@@ -39,6 +39,10 @@ class Shared(Protocol):
 
     def send(self, event: Event, turn: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> None:
         """Queue ``event`` for the log; ``turn``: the owner answers it; ``then``: once delivered here."""
+
+    def pace(self) -> Awaitable[None] | None:
+        """Back-pressure for a streaming agent: what to wait for while this node's own streamed parts are
+        far behind on their way through the bus, else ``None``."""
 
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (a log entry no member sees)."""

@@ -200,19 +200,25 @@ class Transaction:
             then()
         return event
 
-    def logged(self, event: Event, *, store: bool = True) -> None:
-        """``event`` is the log's next: keep it, store it, deliver it to the members here."""
+    def logged(self, event: Event, *, store: bool = True, members: bool = True) -> None:
+        """``event`` is the log's next: keep it, store it, deliver it to the members here (unless
+        ``members`` is false: the caller delivers it to them with ``to_members``, merged with others)."""
         if event.tseq is not None and event.tseq > self.tseq:
             self.tseq = event.tseq
         self._remember(event)
         if store and self.store is not None:
             self.store.append(event)
+        if members:
+            self.to_members(event)
+        for watch in self.watchers:
+            watch(event)
+
+    def to_members(self, event: Event) -> None:
+        """Deliver ``event`` to the members here it is meant for."""
         exclude = event.exclude
         for member_id, member in list(self.members.items()):
             if member_id not in exclude:
                 member.deliver(event)
-        for watch in self.watchers:
-            watch(event)
 
     def _remember(self, event: Event) -> None:
         tail = self._tail
@@ -385,7 +391,10 @@ class Transaction:
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
-        turn = make_turn(self.id, self.owner, self.publish, self.history, self.tools, slot, run, text, payload, member)
+        pace = None if self.shared is None else self.shared.pace
+        turn = make_turn(
+            self.id, self.owner, self.publish, self.history, self.tools, slot, run, text, payload, member, pace
+        )
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers, traceparent)
         return run
 

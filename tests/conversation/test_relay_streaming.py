@@ -1,0 +1,141 @@
+"""A transaction's ``SharedLog`` with streamed parts, its bus stood in for: parts that come back from the
+feed together reach the members as one part (each still logged at its tseq, a repeat dropped), and a
+streaming agent's back-pressure (``pace``) waits for its own parts to come back, within bounds."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+
+from haip_runtime.cluster.translog import LogEntry
+from haip_runtime.config.clustering import ClusterConfig
+from haip_runtime.conversation import relay as relay_module
+from haip_runtime.conversation.relay import Relay, SharedLog
+from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import EventType
+
+pytestmark = pytest.mark.anyio
+
+
+class Listener:
+    """A member here: what it was delivered."""
+
+    id = "m1"
+    user = "alice"
+    transactions: set[str] = set()
+
+    def __init__(self) -> None:
+        self.got: list[Event] = []
+
+    def deliver(self, event: Event) -> None:
+        self.got.append(event)
+
+
+def shared_log(behind_ms: float = 20) -> tuple[SharedLog, Transaction, Listener, Any]:
+    bus = SimpleNamespace(
+        node_id="n1",
+        config=ClusterConfig(redis_url="redis://127.0.0.1:1/0", stream_behind_ms=behind_ms),
+        feed=SimpleNamespace(reconnects=0),
+        health=SimpleNamespace(state="ok"),
+    )
+    transaction = Transaction(owner="alice", thread_id=None, spawn=lambda *args: None)
+    shared = SharedLog(Relay(bus, store=None, spawn=lambda *args: None), transaction, owner=True)  # type: ignore[arg-type]
+    transaction.shared = shared
+    listener = Listener()
+    transaction.members[listener.id] = listener  # type: ignore[assignment]
+    return shared, transaction, listener, bus
+
+
+def text_of(event: Event) -> str | None:
+    return str(event.payload["text"]) if isinstance(event.payload, dict) and "text" in event.payload else None
+
+
+def part(text: str, message_id: str = "msg1") -> Event:
+    return Event(EventType.MESSAGE_PART, {"message_id": message_id, "text": text}, run_id="r1")
+
+
+def appended(shared: SharedLog, first: int = 1) -> list[LogEntry]:
+    """What the sender would append now, as the feed brings it back (numbered from ``first``)."""
+    queued = [data for data, _, _, _ in shared._outbox]
+    shared._outbox.clear()
+    return [LogEntry(shared.transaction.id, first + index, data) for index, data in enumerate(queued)]
+
+
+async def test_parts_that_come_back_together_reach_the_members_as_one_and_are_logged_each() -> None:
+    shared, transaction, listener, _ = shared_log()
+    for text in ("Once ", "upon ", "a ", "time"):
+        transaction.publish(part(text))
+    transaction.publish(Event(EventType.MESSAGE_END, {"message_id": "msg1"}, run_id="r1"))
+    transaction.publish(part("other", message_id="msg2"))
+    entries = appended(shared)
+    shared.deliver(entries)
+    shared.deliver(entries)  # an append that landed twice: dropped by event id
+    assert [(e.type, text_of(e)) for e in listener.got] == [
+        (EventType.MESSAGE_PART, "Once upon a time"),
+        (EventType.MESSAGE_END, None),
+        (EventType.MESSAGE_PART, "other"),
+    ]
+    assert [e.tseq for e in listener.got] == [4, 5, 6]  # the merged part: the last one's tseq
+    assert [(e.tseq, e.type) for e in transaction.recent()] == [
+        (1, EventType.MESSAGE_PART),
+        (2, EventType.MESSAGE_PART),
+        (3, EventType.MESSAGE_PART),
+        (4, EventType.MESSAGE_PART),
+        (5, EventType.MESSAGE_END),
+        (6, EventType.MESSAGE_PART),
+    ]
+
+
+async def test_a_stream_waits_while_its_own_parts_are_behind_and_goes_on_when_they_come_back() -> None:
+    shared, transaction, listener, _ = shared_log(behind_ms=20)
+    transaction.publish(part("a "))
+    assert shared.pace() is None  # just published: not behind
+    await anyio.sleep(0.03)
+    waiting = shared.pace()
+    assert waiting is not None
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+
+        async def come_back() -> None:
+            await anyio.sleep(0.1)
+            shared.deliver(appended(shared))
+
+        tg.start_soon(come_back)
+        await waiting
+    assert 0.08 < time.monotonic() - started < 0.5
+    assert [text_of(e) for e in listener.got] == ["a "]
+    assert shared.pace() is None
+
+
+async def test_a_stream_does_not_wait_for_parts_lost_on_the_way_nor_while_redis_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "PACE_GIVE_UP", 0.2)
+    shared, transaction, _, bus = shared_log(behind_ms=20)
+    transaction.publish(part("lost "))  # never comes back (a Redis that crashed)
+    await anyio.sleep(0.03)
+    waiting = shared.pace()
+    assert waiting is not None
+    started = time.monotonic()
+    await waiting
+    assert 0.1 < time.monotonic() - started < 0.5  # given up after PACE_GIVE_UP
+    assert shared.pace() is None
+    transaction.publish(part("held "))
+    await anyio.sleep(0.03)
+    bus.health.state = "unavailable"
+    waiting = shared.pace()
+    assert waiting is not None
+    with anyio.fail_after(0.05):
+        await waiting  # the bus is down: the outbox keeps the parts; nothing to wait for
+
+
+async def test_no_back_pressure_when_it_is_off() -> None:
+    shared, transaction, _, _ = shared_log(behind_ms=0)
+    transaction.publish(part("a "))
+    await anyio.sleep(0.03)
+    assert shared.pace() is None
