@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.conversation.members import describe, remote_member
+from haip_runtime.conversation.members import describe
 from haip_runtime.conversation.shared import entry, entry_event, follow, wrote
 from haip_runtime.conversation.succession import MAX_RETRY, Succession
 from haip_runtime.exceptions import ClusterError
@@ -475,18 +475,6 @@ class SharedLog(Succession):
             if self.relay.on_ended is not None:
                 self.relay.on_ended(transaction)
 
-    def _control(self, tseq: int, body: dict[str, Any]) -> None:
-        self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
-        self._progress.set()
-        if body["ctl"] == "released":
-            self._lease_free.set()
-        elif self.transaction.ended:
-            return
-        elif self.owner:
-            self._obey(body)
-        elif body["ctl"] == "end":  # nobody may hold the lease now: the next holder ends it
-            self.end_asked = str(body.get("reason", ""))
-
     def _remember_id(self, event_id: str) -> None:
         self._seen[event_id] = None
         if len(self._seen) > SEEN_IDS:
@@ -500,45 +488,10 @@ class SharedLog(Succession):
             author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
             self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 
-    def _asked(self, event: Event, turn: dict[str, Any], node: str | None) -> None:
-        """A message the agents answer: the owner starts the turns (unless it did as it sent it); the
-        others keep it until a run starts for it, in case they take over first."""
-        payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
-        message_id = str(payload.get("message_id", ""))
-        if not self.owner:
-            self.unanswered[message_id] = (turn, payload)
-            if len(self.unanswered) > MAX_OUTBOX:  # no owner for a long while: the oldest stay unanswered
-                self.unanswered.popitem(last=False)
-        elif not (turn.get("answered") and node == self.relay.node):
-            self._answer(turn, payload)
-
-    def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
-        transaction = self.transaction
-        if transaction.ended:
-            return
-        about = turn["member"]
-        member: Member = transaction.members.get(str(about["id"])) or remote_member(about)
-        forwarded = {k: v for k, v in payload.items() if k != "author"}
-        transaction.answer_elsewhere(member, str(payload.get("text", "")), forwarded, turn.get("traceparent"))
-
     def _end(self, reason: str) -> None:
         if self.relay.on_end_asked is not None:
             self.relay.on_end_asked(self.transaction, reason)
 
-    def _obey(self, body: dict[str, Any]) -> None:
-        """A control entry from a member's node, done here because this node runs the turns."""
-        transaction, kind = self.transaction, body["ctl"]
-        try:
-            if kind == "cancel":
-                transaction.cancel_run(str(body["run_id"]), str(body.get("by", "")))
-            elif kind == "answer" and transaction.tools is not None:
-                transaction.tools.answer(str(body["call_id"]), transaction.id, str(body["user"]), body["answer"], "")
-            elif kind == "tool_cancel" and transaction.tools is not None:
-                reason = body.get("reason")
-                transaction.tools.cancel(str(body["call_id"]), transaction.id, str(body["user"]), reason, "")
-            elif kind == "end":
-                self._end(str(body.get("reason", "")))
-            elif kind == "add_agent" and self.relay.on_add_agent is not None:
-                self.relay.on_add_agent(transaction, body["member"], str(body["name"]))
-        except Exception as error:  # answered by someone else meanwhile, or the call has ended
-            logger.info("transaction %s: %s from node %s not done: %s", transaction.id, kind, body.get("n"), error)
+    def _add_agent(self, member: dict[str, Any], name: str) -> None:
+        if self.relay.on_add_agent is not None:
+            self.relay.on_add_agent(self.transaction, member, name)

@@ -6,7 +6,8 @@ reads the store for a while must not let it run out unnoticed); a holder that ca
 turns; the next holder ends the runs the log shows open with ``RUN_ERROR NODE_LOST``, rebuilds the
 agents' history from the log, carries out an end asked while nobody held the lease, and answers
 the messages no run has answered. A node that leaves gives the lease back and says so in the log,
-so a waiting node takes it at once.
+so a waiting node takes it at once. The holder also does what members elsewhere ask through the log
+(control entries: answers, cancels, an end, an agent added) and starts the turns their messages ask for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
+from haip_runtime.conversation.members import remote_member
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
@@ -26,6 +28,7 @@ from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
+    from haip_runtime.conversation.members import Member
     from haip_runtime.conversation.transaction import Transaction
     from haip_runtime.store.base import Store
 
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 MAX_RETRY = 1.0
 #: Events read back from the store to rebuild the agents' history when this node takes the runs over.
 REHYDRATE_EVENTS = 20_000
+#: Messages kept for a takeover while no node runs the turns (the oldest stay unanswered past it).
+MAX_UNANSWERED = 10_000
 LOST = "the node running this turn was lost; send the message again"
 
 
@@ -58,11 +63,64 @@ class Succession:
     _lease_free: anyio.Event
     _progress: anyio.Event
 
-    def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def _end(self, reason: str) -> None:
         raise NotImplementedError
+
+    def _add_agent(self, member: dict[str, Any], name: str) -> None:
+        raise NotImplementedError
+
+    # --- the log's entries for whoever runs the turns ------------------------------------------------
+
+    def _control(self, tseq: int, body: dict[str, Any]) -> None:
+        self.transaction.tseq = max(self.transaction.tseq, tseq)  # a number no member sees
+        self._progress.set()
+        if body["ctl"] == "released":
+            self._lease_free.set()
+        elif self.transaction.ended:
+            return
+        elif self.owner:
+            self._obey(body)
+        elif body["ctl"] == "end":  # nobody may hold the lease now: the next holder ends it
+            self.end_asked = str(body.get("reason", ""))
+
+    def _asked(self, event: Event, turn: dict[str, Any], node: str | None) -> None:
+        """A message the agents answer: the owner starts the turns (unless it did as it sent it); the
+        others keep it until a run starts for it, in case they take over first."""
+        payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
+        message_id = str(payload.get("message_id", ""))
+        if not self.owner:
+            self.unanswered[message_id] = (turn, payload)
+            if len(self.unanswered) > MAX_UNANSWERED:  # no owner for a long while: the oldest stay unanswered
+                self.unanswered.popitem(last=False)
+        elif not (turn.get("answered") and node == self.node):
+            self._answer(turn, payload)
+
+    def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
+        transaction = self.transaction
+        if transaction.ended:
+            return
+        about = turn["member"]
+        member: Member = transaction.members.get(str(about["id"])) or remote_member(about)
+        forwarded = {k: v for k, v in payload.items() if k != "author"}
+        transaction.answer_elsewhere(member, str(payload.get("text", "")), forwarded, turn.get("traceparent"))
+
+    def _obey(self, body: dict[str, Any]) -> None:
+        """A control entry from a member's node, done here because this node runs the turns."""
+        transaction, kind = self.transaction, body["ctl"]
+        try:
+            if kind == "cancel":
+                transaction.cancel_run(str(body["run_id"]), str(body.get("by", "")))
+            elif kind == "answer" and transaction.tools is not None:
+                transaction.tools.answer(str(body["call_id"]), transaction.id, str(body["user"]), body["answer"], "")
+            elif kind == "tool_cancel" and transaction.tools is not None:
+                reason = body.get("reason")
+                transaction.tools.cancel(str(body["call_id"]), transaction.id, str(body["user"]), reason, "")
+            elif kind == "end":
+                self._end(str(body.get("reason", "")))
+            elif kind == "add_agent":
+                self._add_agent(body["member"], str(body["name"]))
+        except Exception as error:  # answered by someone else meanwhile, or the call has ended
+            logger.info("transaction %s: %s from node %s not done: %s", transaction.id, kind, body.get("n"), error)
 
     async def _contend(self) -> None:
         """Hold the lease while the transaction is here; wait for it while another node holds it."""

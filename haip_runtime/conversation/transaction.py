@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ import anyio
 
 from haip_runtime.agents.api import Turn
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
+from haip_runtime.conversation.backlog import Backlog
 from haip_runtime.conversation.history import History
 from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, Run, RunLimit, make_turn
@@ -41,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
-#: Recent events kept in memory, so a join never waits on the store for what just happened...
-TAIL_EVENTS = 256
-#: ...but never more than this many bytes of them (the newest is always kept).
-TAIL_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,8 +98,7 @@ class Transaction:
         self.memberless_since: float | None = time.monotonic()
         #: User messages waiting for room under the run limit, in order.
         self._queue: list[_Queued] = []
-        self._tail: deque[Event] = deque(maxlen=TAIL_EVENTS)
-        self._tail_bytes = 0
+        self._backlog = Backlog()
         self._spawn = spawn
         #: Waits for MCP servers still making their first connection (``tools.readiness``), if any are configured.
         self._ready = ready
@@ -205,7 +200,7 @@ class Transaction:
         ``members`` is false: the caller delivers it to them with ``to_members``, merged with others)."""
         if event.tseq is not None and event.tseq > self.tseq:
             self.tseq = event.tseq
-        self._remember(event)
+        self._backlog.remember(event)
         if store and self.store is not None:
             self.store.append(event)
         if members:
@@ -220,39 +215,16 @@ class Transaction:
             if member_id not in exclude:
                 member.deliver(event)
 
-    def _remember(self, event: Event) -> None:
-        tail = self._tail
-        if len(tail) == tail.maxlen:
-            self._tail_bytes -= len(tail[0].payload_json)
-        tail.append(event)
-        self._tail_bytes += len(event.payload_json)
-        while len(tail) > 1 and self._tail_bytes > TAIL_BYTES:
-            self._tail_bytes -= len(tail.popleft().payload_json)
-
     def recent(self) -> list[Event]:
-        """The latest events, as kept in memory (at most ``TAIL_EVENTS``), oldest first."""
-        return list(self._tail)
+        """The latest events, as kept in memory (``backlog.TAIL_EVENTS`` at most), oldest first."""
+        return self._backlog.recent()
 
     async def catch_up(self, since: int) -> tuple[list[Event], int]:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
-
-        Reads the store, then the in-memory tail for what was published meanwhile; the caller adds
-        the member without awaiting in between, so nothing falls between history and live stream.
-        """
+        The caller adds the member without awaiting in between, so nothing falls between history and
+        live stream."""
         start = max(since, self.tseq - self.config.join_history_events)
-        omitted = start - since
-        events: list[Event] = []
-        after = start
-        while after < self.tseq:
-            if (self._tail and self._tail[0].tseq is not None and self._tail[0].tseq <= after + 1) or not self.store:
-                events += [e for e in self._tail if (e.tseq or 0) > after]
-                break
-            page = await self.store.events(self.id, after=after, limit=self.tseq - after)
-            if not page:
-                break
-            events += page
-            after = page[-1].tseq or self.tseq
-        return events, omitted
+        return await self._backlog.catch_up(self.store, self.id, start, self.tseq), start - since
 
     # --- messages and runs -----------------------------------------------------------------------
 
