@@ -308,29 +308,31 @@ def machine() -> str:
     return f"{os.cpu_count()} × {cpu}, Linux {platform.release()}, Python {platform.python_version()}; {versions}"
 
 
-#: What a profile showed (py-spy at 250 Hz on each server under the 50 × 4 echo load, 12 s each, 2026-12-06;
-#: µs per round trip = each function's share of the samples × the server's CPU per round trip). Kept with
-#: the code; revise it when the figures change.
+#: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
+#: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
-    "Where `[cluster]`'s server CPU goes (py-spy on both servers under the 50 × 4 load: 143 µs per round trip "
-    "off, 227 on). Redis commands per round trip were 0.55 script runs (`INFO commandstats`): with 4 messages "
-    "in flight a transaction's events of about two round trips share an append; with one in flight (about "
-    "2) the user's message and the turn's events are appends of their own, which is why that shape's ratio "
-    "is higher. "
-    "Each append cycle costs the server about 100-150 µs: sending the script run through redis-py "
-    "(packing, the pool's connection, the retry wrapper, reading the reply: about 40 µs), the socket "
-    "write itself (about 20 µs: a `send` on this VM costs as much, and the off server's one write per "
-    "round trip to its client shows the same), the pub/sub message coming back (redis-py's `PubSub`, "
-    "`parse_message`, the feed's bookkeeping: about 15 µs) and the relay's own work per event (the wire "
-    "form, the seen-id window, following runs and calls for a takeover: about 3 µs an event). The "
-    "deliveries to members, the store and the turn cost the same on both servers.",
-    "What would take it further (not done here): one pipeline of script runs for every transaction "
-    "ready at once on a node (one write and one read instead of one per transaction); reading the "
-    "pub/sub connection without redis-py's `PubSub` message dictionaries; starting the owner's turn "
-    "when the message is published rather than when it comes back from the feed (the turn's events "
-    "would then share the message's append). PostgreSQL's own CPU per round trip is also higher with "
-    "`[cluster]` (events are inserted at the log's number, `ON CONFLICT DO NOTHING`, as each node "
-    "writes what it delivers); that is PostgreSQL's processes, beside the ratio.",
+    "Where `[cluster]`'s server CPU went, and what changed on 2026-12-06 (py-spy on each server, one at a "
+    "time, 10 s of the 100 × 1 load on a quiet machine). Before: 528 µs per round trip on, 187 off. A third "
+    "of the on server's CPU was redis-py on the hot path: a pooled connection, a retry wrapper and an "
+    "`asyncio.timeout` per command, one `send` and one `recv` per command, and `PubSub` message dictionaries "
+    "(about 100 µs per append, 35 µs per message received). Appends, the sessions' window mirrors and the "
+    "feed's subscription now go through `haip_runtime/cluster/pipe.py`: RESP spoken on one connection, "
+    "hiredis packing and parsing, the commands issued while the previous write is unanswered sent together "
+    "(group commit), one timer for the oldest command instead of one per command: 268 µs. A transaction's "
+    "sender also lets the event loop go round while its transaction keeps publishing (at most 3 passes), so "
+    "an echo's message and the turn it starts share an append (script runs per round trip, warm-up "
+    "included, 5.6 to 4.2, by `INFO commandstats` side by side), and inbound ids wait up to 20 ms for the "
+    "session's next frame instead of a mirror run of their own (mirror runs per append, by `MONITOR`: 1.24 "
+    "to 1.04). What is left on top of the off "
+    "server: the relay's work per event (the entry's JSON, the seen-id window, following runs for a "
+    "takeover), the feed's per message, the mirror's script runs and the Redis socket's reads and writes.",
+    "How the ratio is measured changed the same day: the server without `[cluster]`, being faster, fell "
+    "behind writing to PostgreSQL and dropped most of its events at the store (101,665 writes in one 4 s "
+    "window at 100 × 1, past `storage.max_pending_writes`), which saved it their cost, and what it still had "
+    "queued was written during the other server's window, counted against `[cluster]` there (PostgreSQL's "
+    "CPU, and the cores it took). Both stores are now drained before each load, may queue 2,000,000 writes, "
+    "and the CPU of writing a load's events after its window counts for that load; the writes dropped column "
+    "shows neither drops any. The earlier results (1.79x, 2.71x) were measured the old way.",
     "The fan-out with `[cluster]` (issue 21's third target), where a token's lag went before 2026-12-06 05:00 "
     "UTC (a trace of the owner's append cycles and each node's deliveries, py-spy on both nodes, 1,000-token "
     "runs): members' p99 0.4-1.6 s while the agent kept its 1,000/s. The owner made only 21 appends of the "
