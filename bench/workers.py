@@ -30,9 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ class Run:
     p99_ms: float  # the worst loader's
     redis_per_rt: float  # Redis commands per round trip (0 without [cluster])
     outside: float  # cores busy with other work on the machine meanwhile
+    dropped: int = 0  # writes the server's store dropped during the run (storage.max_pending_writes)
+    behind: float = 0.0  # seconds its store took after the run to write what the run left waiting
 
 
 @dataclass
@@ -137,9 +140,14 @@ class Figures:
         return [a / b for a, b in zip(self.of(ours, what), self.of(base, what), strict=True)]
 
 
+#: Writes each server may queue for PostgreSQL: enough that none is dropped in a run (the default, 100,000,
+#: let the fastest server drop events at the store and save their cost).
+MAX_PENDING = 2_000_000
+
+
 def config_text(postgres_url: str, redis_url: str | None, prefix: str) -> str:
     cluster = f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n' if redis_url else ""
-    storage = f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+    storage = f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\nmax_pending_writes = {MAX_PENDING}\n'
     return BENCH_TOML.format(
         streamer=ROOT / "bench" / "streamer.py", mcp="", extra=storage + cluster, resume_timeout=120
     ).replace("[server]\n", "[server]\n", 1)
@@ -171,6 +179,34 @@ def server(name: str, folder: Path, text: str, workers: int) -> Iterator[Served]
     finally:
         stop(process)
         log.close()
+
+
+def stores(served: Served, workers: int, timeout: float = 300) -> dict[str, dict[str, Any]]:
+    """The ``storage`` section of ``/health`` of each of the server's processes (a worker answers at
+    random: asked until every one has), by node (``single`` without ``[cluster]``)."""
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{served.name}: not every worker answered /health")
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/health", timeout=10) as answer:
+            health = json.load(answer)
+        seen[health.get("cluster", {}).get("node", "single")] = health["storage"]
+    return seen
+
+
+def drain(served: Served, workers: int, timeout: float = 300) -> float:
+    """Wait until every process of the server has written what it had waiting; the seconds it took."""
+    started = time.monotonic()
+    while any(store["pending_writes"] for store in stores(served, workers).values()):
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"{served.name}: its store did not catch up in {timeout:g} s")
+        time.sleep(0.05)  # between runs, polling /health: no event to wait on across processes
+    return time.monotonic() - started
+
+
+def dropped(served: Served, workers: int) -> int:
+    return sum(int(store["writes_dropped"]) for store in stores(served, workers).values())
 
 
 def commands(redis_port: int) -> int:
@@ -291,7 +327,12 @@ def run(short: bool, profile: bool) -> tuple[Figures, dict[str, Any], dict[str, 
         for number in range(rounds):
             order = NAMES[number % 3 :] + NAMES[: number % 3]
             for name in order:
+                for other, (_, processes_of) in servers.items():  # no earlier run's writes in this one
+                    drain(served[other], processes_of)
+                before = dropped(served[name], servers[name][1])
                 done = measure(served[name], spec, redis_ports.get(name))
+                behind = drain(served[name], servers[name][1])
+                done = replace(done, behind=behind, dropped=dropped(served[name], servers[name][1]) - before)
                 figures.runs[name].append(done)
                 print(f"round {number + 1} {name}: {done}", flush=True)
         if profile:  # one more run each, not counted: py-spy costs CPU of its own
@@ -328,8 +369,9 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
         lines += ["**Short mode**: proves the bench runs; its numbers are too small to judge by.", ""]
     lines += [
         "| server | round trips/s (median) | per round | server CPU per round trip | all of the bench's CPU"
-        " per round trip | p99 (worst loader) | Redis commands per round trip | cores busy outside this bench |",
-        "|---|---|---|---|---|---|---|---|",
+        " per round trip | p99 (worst loader) | Redis commands per round trip | cores busy outside this bench"
+        " | writes dropped (all rounds) | its store caught up after (median) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in NAMES:
         rates = figures.of(name, "rate")
@@ -338,6 +380,7 @@ def report(figures: Figures, spec: dict[str, Any], short: bool, profiles: dict[s
             f"| {LABELS[name]} | {median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} |"
             f" {median(figures.of(name, 'server_us')):.0f} µs | {median(figures.of(name, 'bench_us')):.0f} µs |"
             f" {median(figures.of(name, 'p99_ms')):.1f} ms | {redis} | {median(figures.of(name, 'outside')):.2f} |"
+            f" {sum(int(run.dropped) for run in figures.runs[name]):,} | {median(figures.of(name, 'behind')):.2f} s |"
         )
     lines += [
         "",
