@@ -79,6 +79,8 @@ class Feed:
         self._delay = FIRST_RETRY
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
+        #: Whether the subscription is up (subscribed again to everything hosted): deliveries can come.
+        self.connected = False
         #: Where messages from other nodes on this node's channel go (anything but the feed's own).
         self.on_notice: Notice | None = None
 
@@ -137,6 +139,7 @@ class Feed:
                 self._health.failed(exc)
                 logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
             finally:
+                self.connected = False
                 subscription.close()
             await anyio.sleep(self._delay)
             self._delay = min(self._delay * 2, 1.0)
@@ -169,6 +172,7 @@ class Feed:
                     pending.discard(channel)
                     if not pending:  # everything of before the loss is subscribed again: read what was missed
                         self._health.succeeded()
+                        self.connected = True
                         self._delay = FIRST_RETRY
                         if self._task_status is not None:  # the first time: the bus is ready
                             self._task_status.started()

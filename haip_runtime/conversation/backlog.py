@@ -8,6 +8,7 @@ happened. ``catch_up`` reads the store for what the tail no longer holds, then t
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.store.base import Store
@@ -37,18 +38,19 @@ class Backlog:
     def recent(self) -> list[Event]:
         return list(self._tail)
 
-    async def catch_up(self, store: Store | None, transaction: str, since: int, last: int) -> list[Event]:
-        """The events after ``since`` up to ``last``: from the store while the tail does not reach back
-        that far, then the tail (what was published meanwhile)."""
+    async def catch_up(self, store: Store | None, transaction: str, since: int, last: Callable[[], int]) -> list[Event]:
+        """The events after ``since`` up to ``last()``, the transaction's latest tseq, read again after
+        each page (what is logged while the store is read comes too): from the store while the tail does
+        not reach back that far, then the tail."""
         events: list[Event] = []
         after, tail = since, self._tail
-        while after < last:
+        while after < last():
             if (tail and tail[0].tseq is not None and tail[0].tseq <= after + 1) or not store:
                 events += [e for e in tail if (e.tseq or 0) > after]
                 break
-            page = await store.events(transaction, after=after, limit=last - after)
+            page = await store.events(transaction, after=after, limit=last() - after)
             if not page:
                 break
             events += page
-            after = page[-1].tseq or last
+            after = page[-1].tseq or last()
         return events

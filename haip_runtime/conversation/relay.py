@@ -195,9 +195,14 @@ class SharedLog(Succession):
         stream; here delivery comes back through the bus, and without this a starved node would fall
         ever further behind the stream (the lag its backlog). A part on its way longer than
         ``PACE_GIVE_UP`` is not waited for, nor anything while Redis does not answer."""
-        if self._behind(time.monotonic()) <= self._behind_limit:
+        if not self._pacing() or self._behind(time.monotonic()) <= self._behind_limit:
             return None
         return self._catch_up()
+
+    def _pacing(self) -> bool:
+        """Whether own parts can come back now: the log is followed, Redis answers, the feed listens."""
+        bus = self.relay.bus
+        return not self._stopped and bus.health.state == "ok" and bus.feed.connected  # (BusState.OK)
 
     def _behind(self, now: float) -> float:
         """How long the oldest of this node's streamed parts still on its way has been."""
@@ -207,14 +212,19 @@ class SharedLog(Succession):
         return now - out[0][0] if out else 0.0
 
     async def _catch_up(self) -> None:
-        while not self._stopped and self.relay.bus.health.state == "ok":  # (BusState.OK)
+        """Wait while this node's own parts are behind (a stream's write: it always lets others run once)."""
+        waited = False
+        while self._pacing():
             behind = self._behind(time.monotonic())
             if behind <= self._behind_limit:
-                return
+                break
             if self._back.is_set():  # (one event for every stream of the transaction waiting)
                 self._back = anyio.Event()
             with anyio.move_on_after(PACE_GIVE_UP - behind):
                 await self._back.wait()
+            waited = True
+        if not waited:
+            await _pass()
 
     def turn(self, member: Member, traceparent: str | None, *, answered: bool) -> dict[str, Any]:
         """What a message carries for the node running the turns: who sent it; ``answered``: this node
@@ -282,6 +292,7 @@ class SharedLog(Succession):
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+        self._back.set()  # a stream waiting for its parts: they will not come back here
 
     async def _send_loop(self) -> None:
         config = self.relay.bus.config
@@ -408,7 +419,9 @@ class SharedLog(Succession):
                 break
             await anyio.sleep(0.1 * (attempt + 1))  # another node may not have written them yet
         for event in events:
+            self._mine.pop(event.id, None)  # published here, come back through the store
             self._event(event.tseq or 0, event, None, None, stored=True)
+        self._back.set()
         held, self._filling = self._filling or [], None
         self.deliver(held)
 
@@ -450,8 +463,8 @@ class SharedLog(Succession):
             if parts and not (merge and same_message(parts[0], event)):
                 self._to_members(parts)
             if merge:
+                parts.append(event)  # first: a watcher that fails in ``logged`` costs the members nothing
                 transaction.logged(event, store=not stored, members=False)
-                parts.append(event)
                 return
         ending = event.type == EventType.TRANSACTION_END
         if ending:

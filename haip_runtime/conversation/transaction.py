@@ -213,7 +213,10 @@ class Transaction:
         exclude = event.exclude
         for member_id, member in list(self.members.items()):
             if member_id not in exclude:
-                member.deliver(event)
+                try:
+                    member.deliver(event)
+                except Exception:  # one member's failure costs only that member
+                    logger.exception("transaction %s: delivering to member %s failed", self.id, member_id)
 
     def recent(self) -> list[Event]:
         """The latest events, as kept in memory (``backlog.TAIL_EVENTS`` at most), oldest first."""
@@ -224,7 +227,7 @@ class Transaction:
         The caller adds the member without awaiting in between, so nothing falls between history and
         live stream."""
         start = max(since, self.tseq - self.config.join_history_events)
-        return await self._backlog.catch_up(self.store, self.id, start, self.tseq), start - since
+        return await self._backlog.catch_up(self.store, self.id, start, lambda: self.tseq), start - since
 
     # --- messages and runs -----------------------------------------------------------------------
 

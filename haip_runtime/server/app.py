@@ -245,7 +245,10 @@ class Runtime:
         shares (PostgreSQL, an MCP server) does not count: taking every node out would leave no service."""
         cluster = self.fleet.status() if self.fleet is not None else None
         if cluster is not None and cluster["state"] != "ok":
-            return False, {"ready": False, "cluster": f"{cluster['state']}: {cluster.get('error')}"}
+            why = f"{cluster['state']}: {cluster['error']}" if cluster.get("error") else cluster["state"]
+            return False, {"ready": False, "cluster": why}
+        if cluster is not None and not cluster.get("subscribed"):  # commands answer, deliveries do not come
+            return False, {"ready": False, "cluster": "reconnecting: the node's subscription to Redis is down"}
         return True, {"ready": True}
 
     def health(self) -> dict[str, Any]:

@@ -192,6 +192,7 @@ class Fleet:
             return {"state": "starting"}
         return {
             **bus.health.public(),
+            "subscribed": bus.feed.connected,
             "node": bus.node_id,
             "nodes": self.sessions.quotas.nodes,
             "sessionSlots": len(self.claimed),

@@ -114,7 +114,7 @@ class Roaming:
         if self.mirror is not None and not self.mirror.made(session.id):  # (a session taken over: already there)
             with anyio.move_on_after(PUBLISH_SECONDS):
                 try:
-                    await self.mirror.flush()
+                    await self.mirror.flush(lingering=False)  # the new window; others' ids may linger on
                 except ClusterError:
                     pass  # the flusher keeps trying; meanwhile only this node knows the session
 

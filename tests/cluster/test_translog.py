@@ -6,7 +6,8 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
-from tests.cluster.conftest import BusFactory, Collector
+from tests.cluster.conftest import BusFactory, Collector, until
+from tests.support.netcut import netcut
 from tests.support.redis import running_redis
 
 pytestmark = pytest.mark.anyio
@@ -187,3 +188,24 @@ async def test_hosting_and_appending_through_repeated_connection_kills_loses_not
             await collector.wait(20, timeout=10)
             assert collector.tseqs == list(range(1, 21))
             assert collector.payloads == [b"%d" % n for n in range(20)]
+
+
+async def test_the_feed_says_whether_its_subscription_is_up(redis_url: str, bus_at: BusFactory) -> None:
+    """``feed.connected`` (what /health/ready and a stream's back-pressure read): down while the
+    subscription cannot be made again, though commands on the other connections may answer."""
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    with netcut(int(port), host) as cut:
+        async with bus_at(f"redis://{host}:{cut.port}/0") as node:
+            assert node.feed.connected
+            cut.cut()  # every connection reset, new ones refused
+
+            async def down() -> bool:
+                return not node.feed.connected
+
+            await until(down)
+            cut.heal()
+
+            async def up() -> bool:
+                return node.feed.connected
+
+            await until(up)

@@ -166,3 +166,24 @@ async def test_members_joining_at_once_bring_a_stored_transaction_back_as_one() 
         for _ in range(20):
             tg.start_soon(find)
     assert len(found) == 20 and all(each is transactions.live["t1"] for each in found)
+
+
+async def test_a_join_from_the_store_also_gets_what_is_logged_while_the_store_is_read() -> None:
+    """A member joining from far back reads the store (the tail no longer reaches there); an agent
+    streaming meanwhile logs more: those events come too, not lost between history and live stream."""
+
+    class Busy(MemoryStore):
+        async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+            page = await super().events(transaction_id, after=after, limit=limit)
+            if len(logged_meanwhile) < 3:  # the agent publishes while each page is read
+                logged_meanwhile.append(transaction.publish(Event("INFO", {"n": "meanwhile"})).tseq or 0)
+            return page
+
+    logged_meanwhile: list[int] = []
+    transactions = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), Busy(), lambda *a: None)
+    transaction = transactions.new("ann", None)
+    for n in range(400):  # more than the tail keeps (backlog.TAIL_EVENTS)
+        transaction.publish(Event("INFO", {"n": n}))
+    events, omitted = await transaction.catch_up(0)
+    assert omitted == 0 and logged_meanwhile
+    assert [event.tseq for event in events] == list(range(1, transaction.tseq + 1))
