@@ -185,7 +185,8 @@ class TransactionRegistry:
         self.live[transaction.id] = transaction
         if shared is not None:
             await shared.following()  # what Redis holds of the log is delivered: a join continues from it
-        logger.info("transaction %s brought back from the store at tseq %d", transaction.id, last)
+            await shared.filled(floor)  # and what it no longer holds (lost in a restart, expired) from the store
+        logger.info("transaction %s brought back from the store at tseq %d", transaction.id, transaction.tseq)
         return transaction
 
     def sequenced(self, transaction_id: str, published: int, stored: int) -> None:

@@ -404,6 +404,13 @@ class SharedLog(Succession):
             parts.clear()
             self.transaction.to_members(merged)
 
+    async def filled(self, last: int) -> None:
+        """Deliver from the store up to ``last`` what the feed did not bring (``Shared.filled``): after a
+        Redis that lost its data, or a log idle past its expiry, nothing on the bus says it is gone."""
+        if self._filling is None and self.transaction.tseq < last:
+            self._filling = []  # what the feed delivers meanwhile waits, as for a gap
+            await self._fill(self.transaction.tseq + 1, last)
+
     async def _fill(self, first: int, last: int) -> None:
         """Deliver ``first``..``last`` from the store (waiting a little for rows other nodes have yet to
         write), then what came meanwhile, in order. Control entries are not stored: they are lost."""

@@ -53,6 +53,10 @@ class Shared(Protocol):
     async def following(self) -> None:
         """Until the feed follows the log (a transaction just brought back: what Redis held is delivered)."""
 
+    async def filled(self, last: int) -> None:
+        """Once the feed follows the log: deliver from the store what it holds up to ``last`` that the
+        bus did not bring (Redis lost or trimmed it), so the transaction here is at ``last``."""
+
     def authored(self, user: str, message_id: str) -> bool:
         """Whether the recent log holds ``user``'s message ``message_id`` (for an edit, where no history is kept)."""
 

@@ -280,3 +280,44 @@ async def test_a_node_whose_session_was_claimed_behind_its_back_lets_it_go_at_it
                 closed = await first.closed()
         assert hai["session"] not in a.runtime.hub.sessions.sessions
     assert closed == 1000  # A let the session go: two nodes never both deliver to it
+
+
+async def test_a_resume_after_redis_lost_the_log_repeats_nothing(
+    own_redis: RedisServer, prefix: str, postgres_url: str
+) -> None:
+    """Redis restarted empty under a conversation; the client's node made its window again; the client
+    resumes on the other node, which brings the transaction back from PostgreSQL (Redis no longer holds
+    its log): the client gets what it missed, and none of what it had again."""
+    with two_nodes(own_redis.url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai = await first.receive()
+            await first.hai(token)
+            await until_type(first, "INFO", seen)
+            await first.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+            started = await until_type(first, "TRANSACTION_START", seen)
+            await echo_on(first, started["transaction"], "before", seen)
+            own_redis.kill()
+            own_redis.start()  # empty: the transaction's log in Redis is gone, and the session's window
+            await first.send("PING", {"nonce": "after the restart"})  # its PONG makes A make the window again
+            await until_type(first, "PONG", seen)
+            async with probe(own_redis.url, prefix) as bus:
+
+                async def made_again() -> bool:
+                    last = await bus.redis.hget(bus.keys.replay_meta(hai["session"]), "last")
+                    return bool(last == seen[-1]["seq"].encode())
+
+                await until(made_again)
+        had = max(int(envelope["tseq"]) for envelope in seen if envelope.get("tseq"))
+        async with raw_peer(b.ws_url) as second:
+            await second.receive()
+            second.seq = first.seq
+            await second.hai(token, session=hai["session"], last_rx_seq=seen[-1]["seq"])
+            after: list[dict[str, Any]] = []
+            ready = await until_type(second, "INFO", after)
+            reply = await echo_on(second, started["transaction"], "after", after)
+    assert ready["payload"]["resumed"] is True
+    again = [envelope for envelope in after if envelope.get("tseq") and int(envelope["tseq"]) <= had]
+    assert again == []  # nothing of what it had came twice
+    assert reply["payload"] == "you said: after" and int(reply["tseq"]) > had
