@@ -363,7 +363,8 @@ def _workers_refusal(config: HaipConfig, workers: int, named: str) -> str:
     if config.cluster is None:  # ([cluster] itself needs the PostgreSQL store: the config check says so)
         return (
             f"{named} {workers} needs [cluster] (a Redis the workers share conversations through);"
-            " without it each worker would keep conversations of its own"
+            " without it each worker would keep conversations of its own: add [cluster] redis_url = ..."
+            " (docs/cluster.md), or serve one process"
         )
     return ""
 

@@ -56,6 +56,11 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                 await client.ping()
             except (RedisError, OSError) as exc:
                 health.failed(exc)
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # no retry will make the certificate trusted
+                    raise ClusterError(
+                        f"redis's TLS certificate is not trusted ({exc}); name the CA that signed it in the URL:"
+                        " rediss://host:6379/0?ssl_ca_certs=/path/to/ca.pem"
+                    ) from exc
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             else:

@@ -351,17 +351,29 @@ def test_a_worker_that_cannot_start_stops_the_serve_with_the_reason(
     assert started and not any(alive(pid) for pid in started)
 
 
-@pytest.mark.parametrize("where", ["flag", "config"])
-def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tmp_path: Path, where: str) -> None:
+def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "site", postgres_url, None, "")
-    extra = ["--workers", "2"]
-    if where == "config":
-        config.write_text(config.read_text().replace("port = 0\n", "port = 0\nworkers = 2\n"))
-        extra = []
-    result = subprocess.run(serve_command(config, *extra), capture_output=True, text=True, timeout=60, env=ENV)
-    assert result.returncode == 2 and result.stdout == ""
-    named = "--workers 2" if where == "flag" else f"{config}: server.workers = 2"
-    assert result.stderr == (
-        f"haip-runtime: {named} needs [cluster] (a Redis the workers share conversations through);"
-        " without it each worker would keep conversations of its own\n"
+    result = subprocess.run(
+        serve_command(config, "--workers", "2"), capture_output=True, text=True, timeout=60, env=ENV
     )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "haip-runtime: --workers 2 needs [cluster] (a Redis the workers share conversations through);"
+        " without it each worker would keep conversations of its own: add [cluster] redis_url = ..."
+        " (docs/cluster.md), or serve one process\n"
+    )
+    config.write_text(config.read_text().replace("port = 0\n", "port = 0\nworkers = 2\n"))
+    for command in ("check", "serve"):  # in the file: the config check refuses it, as serve does
+        refused = subprocess.run(
+            [sys.executable, "-m", "haip_runtime", command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=ENV,
+        )
+        assert refused.returncode == 1 and refused.stdout == "", command
+        assert refused.stderr == (
+            f"haip-runtime: {config}: server.workers = 2 needs [cluster] (a Redis the workers share conversations"
+            " through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres',"
+            " or set server.workers = 1\n"
+        ), command

@@ -15,7 +15,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from haip_runtime.cluster.dialing import command_client, reach
+from haip_runtime.cluster.health import BusHealth
 from haip_runtime.cluster.pipe import Pipe, Subscriber
+from haip_runtime.exceptions import ClusterError
 from tests.support.netcut import NetCut, netcut
 from tests.support.redis import RedisServer, free_port, running_redis
 
@@ -315,3 +318,9 @@ async def test_rediss_urls_mean_what_they_mean_to_redis_py(tls_redis: tuple[int,
     with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         await unverified.call("PING")
     await unverified.aclose()
+    commands = command_client(f"{base}?{client}")
+    try:  # reaching Redis at start says so at once (no retry makes it trusted), and what to add
+        with pytest.raises(ClusterError, match=r"not trusted .*\?ssl_ca_certs="):
+            await reach(commands, BusHealth(), timeout=30)
+    finally:
+        await commands.aclose()
