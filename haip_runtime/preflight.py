@@ -26,6 +26,12 @@ from haip_runtime.llm.local import INSTALL_HINT, default_model_path
 def problems(config: HaipConfig) -> list[str]:
     """One line per thing that would fail at start, in the order of the file's sections."""
     found: list[str] = []
+    if config.server.workers > 1 and config.cluster is None:  # (serve says so too; --workers 1 overrides it)
+        found.append(
+            f"server.workers = {config.server.workers} needs [cluster] (a Redis the workers share conversations"
+            " through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres',"
+            " or set server.workers = 1"
+        )
     for name, server in config.mcp.servers.items():
         if server.transport != "stdio" or server.command is None:
             continue

@@ -57,10 +57,13 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
             except (RedisError, OSError) as exc:
                 health.failed(exc)
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # no retry will make the certificate trusted
-                    raise ClusterError(
-                        f"redis's TLS certificate is not trusted ({exc}); name the CA that signed it in the URL:"
-                        " rediss://host:6379/0?ssl_ca_certs=/path/to/ca.pem"
-                    ) from exc
+                    unknown = any(why in str(exc) for why in ("self-signed", "self signed", "local issuer"))
+                    hint = (
+                        "; name the CA that signed it in the URL: rediss://host:6379/0?ssl_ca_certs=/path/to/ca.pem"
+                        if unknown
+                        else ""
+                    )
+                    raise ClusterError(f"redis's TLS certificate was refused ({exc}){hint}") from exc
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             else:

@@ -413,12 +413,6 @@ class HaipConfig(Model):
                 f"[cluster] needs [storage] backend = 'postgres', not {self.storage.backend!r}: every node "
                 "reads and writes the one durable log of the conversations they share"
             )
-        if self.server.workers > 1 and self.cluster is None:
-            raise ValueError(
-                f"server.workers = {self.server.workers} needs [cluster] (a Redis the workers share conversations "
-                "through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres', "
-                "or set server.workers = 1"
-            )
         if self.auth.mode == "dev" and not _is_loopback(self.server.host):
             raise ValueError(
                 f"auth.mode = 'dev' may only bind a loopback address, not {self.server.host!r}; use mode = 'jwt'"

@@ -157,7 +157,8 @@ class TransactionRegistry:
         tail = await self.store.events(record.id, after=record.last_tseq, limit=1_000_000)
         last = tail[-1].tseq or record.last_tseq if tail else record.last_tseq
         events = await self.store.events(record.id, after=max(0, last - REHYDRATE_EVENTS), limit=REHYDRATE_EVENTS)
-        floor = max(last, record.last_tseq)
+        newest = (tail or events)[-1].tseq or 0 if tail or events else 0  # the newest row the store holds
+        floor = max(last, record.last_tseq)  # numbers control entries took count too: never numbered again
         if self.relay is not None:  # the newest come again from the bus (the other nodes' may not be stored yet)
             last = max(0, last - REDELIVERED)
             events = [event for event in events if (event.tseq or 0) <= last]
@@ -185,7 +186,7 @@ class TransactionRegistry:
         self.live[transaction.id] = transaction
         if shared is not None:
             await shared.following()  # what Redis holds of the log is delivered: a join continues from it
-            await shared.filled(floor)  # and what it no longer holds (lost in a restart, expired) from the store
+            await shared.filled(newest)  # and what it no longer holds (lost in a restart, expired) from the store
         logger.info("transaction %s brought back from the store at tseq %d", transaction.id, transaction.tseq)
         return transaction
 

@@ -405,32 +405,40 @@ class SharedLog(Succession):
             self.transaction.to_members(merged)
 
     async def filled(self, last: int) -> None:
-        """Deliver from the store up to ``last`` what the feed did not bring (``Shared.filled``): after a
-        Redis that lost its data, or a log idle past its expiry, nothing on the bus says it is gone."""
+        """Deliver from the store up to ``last`` (its newest row) what the feed did not bring
+        (``Shared.filled``): after a Redis that lost its data, or a log idle past its expiry, nothing on
+        the bus says it is gone. The rows are there already: one read, no waiting for other nodes'."""
         if self._filling is None and self.transaction.tseq < last:
             self._filling = []  # what the feed delivers meanwhile waits, as for a gap
-            await self._fill(self.transaction.tseq + 1, last)
+            await self._fill(self.transaction.tseq + 1, last, attempts=1)
 
-    async def _fill(self, first: int, last: int) -> None:
+    async def _fill(self, first: int, last: int, *, attempts: int = 10) -> None:
         """Deliver ``first``..``last`` from the store (waiting a little for rows other nodes have yet to
-        write), then what came meanwhile, in order. Control entries are not stored: they are lost."""
+        write, ``attempts`` reads at most), then what came meanwhile, in order. Control entries are not
+        stored: they are lost. However it ends (cancelled, a failure), what the feed held is delivered."""
         transaction, events, after = self.transaction, [], first - 1
         logger.warning("transaction %s: events %d..%d are read from the store", transaction.id, first, last)
-        for attempt in range(10):
-            try:
-                events += await self.relay.store.events(transaction.id, after=after, limit=last - after)
-            except Exception as error:
-                logger.warning("transaction %s: reading %d..%d failed: %s", transaction.id, after + 1, last, error)
-            after = events[-1].tseq or after if events else after
-            if after >= last:
-                break
-            await anyio.sleep(0.1 * (attempt + 1))  # another node may not have written them yet
-        for event in events:
-            self._mine.pop(event.id, None)  # published here, come back through the store
-            self._event(event.tseq or 0, event, None, None, stored=True)
-        self._back.set()
-        held, self._filling = self._filling or [], None
-        self.deliver(held)
+        try:
+            for attempt in range(attempts):
+                try:
+                    events += await self.relay.store.events(transaction.id, after=after, limit=last - after)
+                except Exception as error:
+                    logger.warning("transaction %s: reading %d..%d failed: %s", transaction.id, after + 1, last, error)
+                after = events[-1].tseq or after if events else after
+                if after >= last or attempt == attempts - 1:
+                    break
+                await anyio.sleep(0.1 * (attempt + 1))  # another node may not have written them yet
+            for event in events:
+                self._mine.pop(event.id, None)  # published here, come back through the store
+                try:
+                    self._event(event.tseq or 0, event, None, None, stored=True)
+                except Exception:  # one bad event costs itself
+                    logger.exception("transaction %s: event %s could not be delivered", transaction.id, event.tseq)
+        finally:
+            self._back.set()
+            held, self._filling = self._filling or [], None
+            self._progress.set()  # a takeover waiting for the fill to end
+            self.deliver(held)
 
     def _entry(self, tseq: int, body: dict[str, Any], parts: list[Event] | None = None) -> None:
         """An entry another node wrote (or this one, before a restart): a control entry, or an event."""

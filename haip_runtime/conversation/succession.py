@@ -62,6 +62,8 @@ class Succession:
     _stopped: bool
     _lease_free: anyio.Event
     _progress: anyio.Event
+    #: Set while events are read from the store in place of the bus's (a gap, or a log Redis lost).
+    _filling: list[Any] | None
 
     def _end(self, reason: str) -> None:
         raise NotImplementedError
@@ -200,7 +202,7 @@ class Succession:
         except ClusterError:
             return
         with anyio.move_on_after(timeout):
-            while self.transaction.tseq < last:
+            while self.transaction.tseq < last or self._filling is not None:  # (a fill from the store too)
                 self._progress = anyio.Event()
                 await self._progress.wait()
 

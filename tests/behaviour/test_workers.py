@@ -363,17 +363,28 @@ def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tm
         " (docs/cluster.md), or serve one process\n"
     )
     config.write_text(config.read_text().replace("port = 0\n", "port = 0\nworkers = 2\n"))
-    for command in ("check", "serve"):  # in the file: the config check refuses it, as serve does
-        refused = subprocess.run(
-            [sys.executable, "-m", "haip_runtime", command, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=ENV,
-        )
-        assert refused.returncode == 1 and refused.stdout == "", command
-        assert refused.stderr == (
-            f"haip-runtime: {config}: server.workers = 2 needs [cluster] (a Redis the workers share conversations"
-            " through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres',"
-            " or set server.workers = 1\n"
-        ), command
+    serve = subprocess.run(serve_command(config), capture_output=True, text=True, timeout=60, env=ENV)
+    assert serve.returncode == 2 and serve.stdout == ""
+    assert serve.stderr.startswith(f"haip-runtime: {config}: server.workers = 2 needs [cluster]")
+    check = [sys.executable, "-m", "haip_runtime", "check", "--config", str(config)]
+    checked = subprocess.run(check, capture_output=True, text=True, timeout=60, env=ENV)
+    assert checked.returncode == 1  # the config check says it too, with what to do
+    assert (
+        f"haip-runtime: {config}: server.workers = 2 needs [cluster] (a Redis the workers share conversations"
+        " through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres',"
+        " or set server.workers = 1\n"
+    ) in checked.stderr
+    one = subprocess.Popen(  # the flag overrides the file: one process, no [cluster] needed
+        serve_command(config, "--workers", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert one.stdout is not None
+        banner = []
+        for _, line in zip(range(40), one.stdout, strict=False):  # the banner is a dozen lines
+            if "listening on" in line:
+                banner.append(line)
+                break
+    finally:
+        one.terminate()
+        one.communicate(timeout=30)
+    assert banner, "serve --workers 1 did not start on a file that says workers = 2"
