@@ -214,3 +214,35 @@ async def test_no_back_pressure_when_it_is_off() -> None:
     transaction.publish(part("a "))
     await anyio.sleep(0.03)
     assert shared.pace() is None
+
+
+async def test_a_fill_cancelled_or_failing_lets_the_feed_deliver_again() -> None:
+    """A fill from the store that is cancelled (a handshake whose client left) or fails must not leave the
+    transaction holding every later delivery from the feed."""
+    shared, transaction, listener, _ = shared_log(behind_ms=0)
+
+    async def forever(*args: Any, **kwargs: Any) -> list[Event]:
+        await anyio.sleep_forever()
+        return []
+
+    shared.relay.store = SimpleNamespace(events=forever)
+    with anyio.move_on_after(0.05):
+        await shared.filled(5)  # the store never answers: the caller gives up
+    transaction.publish(part("after "))
+    shared.deliver(appended(shared, first=6))
+    assert [text_of(e) for e in listener.got] == ["after "]
+
+    async def broken(*args: Any, **kwargs: Any) -> list[Event]:
+        return [part("stored ")]  # no tseq: delivering it fails
+
+    shared.relay.store = SimpleNamespace(events=broken)
+
+    def failing(event: Event) -> None:
+        if text_of(event) == "stored ":
+            raise RuntimeError("a watcher that fails")
+
+    transaction.watchers.append(failing)
+    await shared.filled(10)
+    transaction.publish(part("later "))
+    shared.deliver(appended(shared, first=11))
+    assert [text_of(e) for e in listener.got][-1] == "later "
