@@ -134,19 +134,16 @@ class Pipe:
             await self._connect()
         return await self._issue(_pack(args))
 
+    async def calls(self, *commands: tuple[Arg, ...]) -> list[Any]:
+        """Commands written together (one write: Redis runs them in this order), their replies in order.
+        The first error reply or failure is raised (after every reply came: none is left unread)."""
+        if not self._usable:
+            await self._connect()
+        return _raised(await _settled([self._issue(_pack(command)) for command in commands]))
+
     async def script(self, source: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """Run a Lua script by its SHA1; its source is sent only when Redis does not have it yet."""
-        sha = _sha1(source)
-        if sha in self._loaded:
-            try:
-                return await self.call("EVALSHA", sha, len(keys), *keys, *args)
-            except ResponseError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                self._loaded.discard(sha)  # Redis restarted, or SCRIPT FLUSH: load it again
-        reply = await self.call("EVAL", source, len(keys), *keys, *args)
-        self._loaded.add(sha)
-        return reply
+        return (await self.scripts(source, [(keys, args)]))[0]
 
     async def scripts(self, source: str, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]]) -> list[Any]:
         """Run a Lua script once per ``(keys, args)``, all written together; the replies in order.
@@ -164,9 +161,7 @@ class Pipe:
             ]
             for i, reply in zip(missing, await _settled(again), strict=True):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
+        _raised(replies)
         self._loaded.add(sha)
         return replies
 
@@ -401,6 +396,14 @@ async def _settled(futures: list[asyncio.Future[Any]]) -> list[Any]:
         for future in futures:
             future.cancel()
     return out
+
+
+def _raised(replies: list[Any]) -> list[Any]:
+    """``replies``, unless one is an error: then the first is raised."""
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return replies
 
 
 def _noscript(reply: Any) -> bool:

@@ -26,9 +26,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
@@ -386,7 +384,9 @@ class ReplayStreams:
         high, count = "+", last - after
         epoch: str | None = claimed.epoch
         while count > 0:  # (more than one page only if the window's seqs had a gap: they never do)
-            page, now = await self._together(("XREVRANGE", stream, high, "-", "COUNT", count), ("HGET", meta, "epoch"))
+            page, now = await self._pipe.calls(
+                ("XREVRANGE", stream, high, "-", "COUNT", count), ("HGET", meta, "epoch")
+            )
             rows, epoch = rows + page, text(now)
             if len(page) < count or int(page[-1][1][1]) <= after + 1:
                 break
@@ -397,25 +397,6 @@ class ReplayStreams:
         if after < last and (not envelopes or envelopes[0][0] != after + 1):
             return ReplayRead(ReplayOutcome.TOO_OLD, last=last)
         return ReplayRead(ReplayOutcome.OK, envelopes, last)
-
-    async def _together(self, *commands: tuple[Arg, ...]) -> list[Any]:
-        """Commands written together on the pipe (one round trip; Redis runs them in this order, as the
-        tasks issue them in the order they start), their replies; the first error is raised."""
-        replies: list[Any] = [None] * len(commands)
-
-        async def call(index: int, command: tuple[Arg, ...]) -> None:
-            try:
-                replies[index] = await self._pipe.call(*command)
-            except (RedisError, OSError) as error:  # raised below as itself, not in a group
-                replies[index] = error
-
-        async with anyio.create_task_group() as tg:
-            for index, command in enumerate(commands):
-                tg.start_soon(call, index, command)
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies
 
     def _names(self, session: str) -> list[str]:
         return [self._keys.replay_meta(session), self._keys.replay(session)]

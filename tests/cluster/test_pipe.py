@@ -57,6 +57,12 @@ async def test_commands_issued_together_leave_in_one_write_and_answer_in_order(r
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await pipe.call("LPUSH", "k", "x")
         assert await pipe.call("GET", "k") == b"50"  # an error reply costs only its own command
+        writes = pipe.writes
+        assert await pipe.calls(("SET", "a", 1), ("INCR", "a"), ("GET", "a")) == [b"OK", 2, b"2"]
+        assert pipe.writes == writes + 1  # one write, run in order
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await pipe.calls(("INCR", "a"), ("LPUSH", "a", "x"), ("INCR", "a"))
+        assert await pipe.call("GET", "a") == b"4"  # the error was its own: both INCRs ran
     finally:
         await pipe.aclose()
 
