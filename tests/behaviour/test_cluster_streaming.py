@@ -9,8 +9,8 @@ across the bus) instead of running ahead of its members, then finishes with noth
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -91,17 +91,24 @@ class HeldFeed:
             self.deliver(items)
 
 
+@asynccontextmanager
+async def alice_and_sam(a: LiveServer, b: LiveServer) -> AsyncIterator[tuple[HaipClient, HaipClient, str]]:
+    """alice on ``a`` starts a storyteller transaction; sam on ``b`` joins it (alice has seen him join)."""
+    async with (
+        HaipClient(a.ws_url, token=a.token("alice"), timeout=15) as alice,
+        HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=15) as sam,
+    ):
+        tx = await alice.start_transaction("storyteller")
+        await sam.join(tx, since=0)
+        await alice.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.get("joined") == "sam")
+        yield alice, sam, tx
+
+
 async def test_members_on_both_nodes_get_a_stream_whole_once_and_in_order_and_the_log_keeps_each_part(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
     with two_nodes(redis_url, postgres_url, prefix) as (a, b):
-        async with (
-            HaipClient(a.ws_url, token=a.token("alice"), timeout=15) as alice,
-            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=15) as sam,
-        ):
-            tx = await alice.start_transaction("storyteller")
-            await sam.join(tx, since=0)
-            await alice.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.get("joined") == "sam")
+        async with alice_and_sam(a, b) as (alice, sam, tx):
             await alice.send_text(tx, SUBJECT)
             for client in (alice, sam):
                 await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx)
@@ -117,13 +124,7 @@ async def test_a_stream_whose_parts_are_held_back_on_the_bus_waits_for_them_and_
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
     with two_nodes(redis_url, postgres_url, prefix) as (a, b):
-        async with (
-            HaipClient(a.ws_url, token=a.token("alice"), timeout=15) as alice,
-            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=15) as sam,
-        ):
-            tx = await alice.start_transaction("storyteller")
-            await sam.join(tx, since=0)
-            await alice.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.get("joined") == "sam")
+        async with alice_and_sam(a, b) as (alice, sam, tx):
             relay = a.runtime.hub.transactions.relay
             assert relay is not None
             hosted = relay.bus.feed._hosted[tx]

@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +32,18 @@ COUNT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 def redis() -> Iterator[RedisServer]:
     with running_redis() as server:
         yield server
+
+
+#: The password of ``locked``'s Redis.
+PASSWORD = "pw"
+
+
+@pytest.fixture
+def locked(redis: RedisServer) -> RedisServer:
+    """The test's Redis, asking for ``PASSWORD``."""
+    with Redis(port=redis.port) as client:
+        client.config_set("requirepass", PASSWORD)
+    return redis
 
 
 def pipe_to(url: str, timeout: float = 2.0) -> Pipe:
@@ -116,30 +129,22 @@ async def test_a_dead_redis_fails_at_once_and_a_restarted_one_is_used_again(redi
         await pipe.aclose()
 
 
-async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        open_pipe = pipe_to(server.url)
-        await open_pipe.call("CONFIG", "SET", "requirepass", "s3cret")
-        await open_pipe.aclose()
-        wrong = pipe_to(f"redis://:nope@127.0.0.1:{server.port}/0")
-        with pytest.raises(ResponseError, match="WRONGPASS|invalid"):
-            await wrong.call("PING")
-        await wrong.aclose()
-        pipe = pipe_to(f"redis://:s3cret@127.0.0.1:{server.port}/3")
-        await pipe.call("SET", "where", "three")
-        assert await pipe.call("GET", "where") == b"three"
-        await pipe.call("SELECT", 0)
-        assert await pipe.call("GET", "where") is None  # it was in database 3
-        await pipe.aclose()
-        subscriber = Subscriber(f"redis://:s3cret@127.0.0.1:{server.port}/3", connect_timeout=2)
-        await subscriber.connect()
-        subscriber.subscribe("ch")
-        assert await subscriber.messages(timeout=2) == [[b"subscribe", b"ch", 1]]
-        subscriber.close()
-    finally:
-        server.stop()
+async def test_password_and_database_from_the_url(locked: RedisServer) -> None:
+    wrong = pipe_to(f"redis://:nope@127.0.0.1:{locked.port}/0")
+    with pytest.raises(ResponseError, match="WRONGPASS|invalid"):
+        await wrong.call("PING")
+    await wrong.aclose()
+    pipe = pipe_to(f"redis://:{PASSWORD}@127.0.0.1:{locked.port}/3")
+    await pipe.call("SET", "where", "three")
+    assert await pipe.call("GET", "where") == b"three"
+    await pipe.call("SELECT", 0)
+    assert await pipe.call("GET", "where") is None  # it was in database 3
+    await pipe.aclose()
+    subscriber = Subscriber(f"redis://:{PASSWORD}@127.0.0.1:{locked.port}/3", connect_timeout=2)
+    await subscriber.connect()
+    subscriber.subscribe("ch")
+    assert await subscriber.messages(timeout=2) == [[b"subscribe", b"ch", 1]]
+    subscriber.close()
 
 
 async def test_the_subscriber_gets_messages_in_order_and_hears_its_connection_die(redis: RedisServer) -> None:
@@ -170,60 +175,44 @@ async def test_the_subscriber_gets_messages_in_order_and_hears_its_connection_di
         await pipe.aclose()
 
 
-async def test_the_subscriber_with_a_password_waits_quietly_for_its_first_message(tmp_path: Path) -> None:
+async def test_the_subscriber_with_a_password_waits_quietly_for_its_first_message(locked: RedisServer) -> None:
     """AUTH's and SELECT's answers are not messages: ``messages`` keeps waiting through them."""
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        setup = pipe_to(server.url)
-        await setup.call("CONFIG", "SET", "requirepass", "pw")
-        await setup.aclose()
-        for _ in range(20):  # whether AUTH's answer comes in a read of its own varies: try it often
-            subscriber = Subscriber(f"redis://:pw@127.0.0.1:{server.port}/2", connect_timeout=2)
-            await subscriber.connect()
-            assert await subscriber.messages(timeout=0.01) == []
-            subscriber.subscribe("x")
-            with anyio.fail_after(5):
-                got = await subscriber.messages(timeout=5)
-            assert got == [[b"subscribe", b"x", 1]]
-            subscriber.close()
-        refused = Subscriber(f"redis://:wrong@127.0.0.1:{server.port}/0", connect_timeout=2)
-        await refused.connect()
-        with anyio.fail_after(5), pytest.raises(ResponseError):
-            await refused.messages(timeout=5)
-        refused.close()
-    finally:
-        server.stop()
+    for _ in range(20):  # whether AUTH's answer comes in a read of its own varies: try it often
+        subscriber = Subscriber(f"redis://:{PASSWORD}@127.0.0.1:{locked.port}/2", connect_timeout=2)
+        await subscriber.connect()
+        assert await subscriber.messages(timeout=0.01) == []
+        subscriber.subscribe("x")
+        with anyio.fail_after(5):
+            got = await subscriber.messages(timeout=5)
+        assert got == [[b"subscribe", b"x", 1]]
+        subscriber.close()
+    refused = Subscriber(f"redis://:wrong@127.0.0.1:{locked.port}/0", connect_timeout=2)
+    await refused.connect()
+    with anyio.fail_after(5), pytest.raises(ResponseError):
+        await refused.messages(timeout=5)
+    refused.close()
 
 
-async def test_a_caller_cancelled_while_connecting_does_not_fail_the_others(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        setup = pipe_to(server.url)
-        await setup.call("CONFIG", "SET", "requirepass", "pw")
-        await setup.aclose()
-        with netcut(server.port) as cut:
-            pipe = pipe_to(f"redis://:pw@127.0.0.1:{cut.port}/0")
-            cut.cut("hang")  # connections are accepted, nothing answers: the connect waits on AUTH
-            answers: list[object] = []
+async def test_a_caller_cancelled_while_connecting_does_not_fail_the_others(locked: RedisServer) -> None:
+    with netcut(locked.port) as cut:
+        pipe = pipe_to(f"redis://:{PASSWORD}@127.0.0.1:{cut.port}/0")
+        cut.cut("hang")  # connections are accepted, nothing answers: the connect waits on AUTH
+        answers: list[object] = []
 
-            async def second() -> None:
-                answers.append(await pipe.call("PING"))
+        async def second() -> None:
+            answers.append(await pipe.call("PING"))
 
-            async with anyio.create_task_group() as tg:
-                with anyio.CancelScope() as first:
-                    tg.start_soon(second)
-                    await anyio.to_thread.run_sync(cut.wait_until, accepted)  # the connect is under way
-                    first.cancel()
-                    await pipe.call("PING")  # the first caller, cancelled while AUTH waits
-                cut.heal()
-            assert answers == [b"PONG"]
-            await pipe.aclose()
-            with pytest.raises(RedisConnectionError, match="closed"):
-                await pipe.call("PING")
-    finally:
-        server.stop()
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as first:
+                tg.start_soon(second)
+                await anyio.to_thread.run_sync(cut.wait_until, accepted)  # the connect is under way
+                first.cancel()
+                await pipe.call("PING")  # the first caller, cancelled while AUTH waits
+            cut.heal()
+        assert answers == [b"PONG"]
+        await pipe.aclose()
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await pipe.call("PING")
 
 
 async def test_a_pipe_closed_while_it_connects_stays_closed(redis: RedisServer) -> None:
