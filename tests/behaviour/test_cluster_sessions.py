@@ -58,6 +58,18 @@ async def until_type(peer: Numbered, type: str, into: list[dict[str, Any]]) -> d
             return envelope
 
 
+async def echo_started(
+    peer: RawPeer, token: str, seen: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A new session's handshake up to ``session.ready``, then a transaction with the echo agent:
+    (its HAI, the ready INFO, the TRANSACTION_START); what came on the way is kept in ``seen``."""
+    hai = await peer.receive()
+    await peer.hai(token)
+    ready = await until_type(peer, "INFO", seen)
+    await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+    return hai, ready, await until_type(peer, "TRANSACTION_START", seen)
+
+
 async def echo_on(peer: RawPeer, transaction: str, text: str, seen: list[dict[str, Any]]) -> dict[str, Any]:
     await peer.send("MESSAGE", text, transaction=transaction, channel="USER")
     while True:
@@ -77,11 +89,7 @@ async def test_a_session_resumed_on_another_node_while_its_node_holds_it_moves_t
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            ready = await until_type(first, "INFO", seen)
-            await first.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-            started = await until_type(first, "TRANSACTION_START", seen)
+            hai, ready, started = await echo_started(first, token, seen)
             transaction = started["transaction"]
             await echo_on(first, transaction, "one", seen)
             await echo_on(first, transaction, "two", seen)
@@ -146,11 +154,7 @@ async def test_an_envelope_resent_to_another_node_after_a_resume_is_processed_on
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            await until_type(first, "INFO", seen)
-            await first.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-            started = await until_type(first, "TRANSACTION_START", seen)
+            hai, _, started = await echo_started(first, token, seen)
             message = {
                 "id": "resent-once",
                 "session": hai["session"],
@@ -188,11 +192,7 @@ async def test_after_redis_lost_everything_a_resume_elsewhere_fails_and_the_clie
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            ready = await until_type(first, "INFO", seen)
-            await first.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-            started = await until_type(first, "TRANSACTION_START", seen)
+            hai, ready, started = await echo_started(first, token, seen)
             await echo_on(first, started["transaction"], "before", seen)
 
         async def recorded() -> bool:  # the record of the session as its disconnect left it, in PostgreSQL
@@ -292,11 +292,7 @@ async def test_a_resume_after_redis_lost_the_log_repeats_nothing(
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            await until_type(first, "INFO", seen)
-            await first.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-            started = await until_type(first, "TRANSACTION_START", seen)
+            hai, _, started = await echo_started(first, token, seen)
             await echo_on(first, started["transaction"], "before", seen)
             own_redis.kill()
             own_redis.start()  # empty: the transaction's log in Redis is gone, and the session's window
