@@ -26,13 +26,11 @@ cluster, tests/support/postgres.py, or the one HAIP_TEST_POSTGRES_URL names), on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import Server, cores, cpu_seconds, haip_server, load, pin, write_section  # noqa: E402  # type: ignore[import-not-found]
+from common import Server, cores, drain, haip_server, load, pin, write_section, writes_dropped  # noqa: E402  # type: ignore[import-not-found]
 
 from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.redis import RedisServer, running_redis  # noqa: E402
@@ -147,37 +145,18 @@ def echo_cpu(scale: Scale, found: Backends) -> dict[str, list[dict[str, dict[str
                 for name in ["off", "on"] if number % 2 == 0 else ["on", "off"]:
                     server = servers[name]
                     for each in servers.values():  # nothing of an earlier load still being written
-                        drain(each, {})
+                        drain(each.port)
                     spec = {**ECHO, "url": server.ws(), "token": server.token, "seconds": scale.echo_seconds}
                     spec |= {"conns": conns, "inflight": inflight, "watch": found.watch(server)}
-                    dropped = store_health(server)["writes_dropped"]
+                    dropped = writes_dropped(server.port)
                     results[name] = load(LOAD, spec)
-                    for process, seconds in drain(server, found.watch(server)).items():
+                    for process, seconds in drain(server.port, watch=found.watch(server))[1].items():
                         results[name]["cpu"][process] += seconds  # the load's writes, stored after the window
-                    results[name]["dropped"] = store_health(server)["writes_dropped"] - dropped
+                    results[name]["dropped"] = writes_dropped(server.port) - dropped
                 shapes[shape].append(results)
                 ratio = per_trip(results["on"], "server") / per_trip(results["off"], "server")
                 log(f"echo round {number + 1}, {shape}: server CPU per trip, on / off: {ratio:.2f}x")
     return shapes
-
-
-def store_health(server: Server) -> dict[str, Any]:
-    with urllib.request.urlopen(server.http("/health"), timeout=10) as answer:
-        storage: dict[str, Any] = json.load(answer)["storage"]
-    return storage
-
-
-def drain(server: Server, watch: dict[str, list[Any]], timeout: float = 300) -> dict[str, float]:
-    """Wait until ``server``'s store has written everything waiting; the CPU seconds each watched process
-    spent meanwhile. A server's store writes behind its round trips (``storage.flush_interval_seconds``),
-    and under this load it falls behind: what it writes after the timed window is part of the load's cost."""
-    before = {name: float(cpu_seconds(pid, children)) for name, (pid, children) in watch.items()}
-    deadline = time.monotonic() + timeout
-    while store_health(server)["pending_writes"]:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the store of the server on port {server.port} did not drain in {timeout:g} s")
-        time.sleep(0.05)  # a bench between loads, polling /health: no event to wait on across processes
-    return {name: float(cpu_seconds(pid, children)) - before[name] for name, (pid, children) in watch.items()}
 
 
 def per_trip(result: dict[str, Any], process: str) -> float:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -369,6 +370,42 @@ class Rounds:
 def _stat(pid: int) -> list[str]:
     """The fields of /proc/<pid>/stat after the command name (the state is [0], the parent [1])."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def stores(port: int, processes: int = 1, timeout: float = 300) -> dict[str, dict[str, Any]]:
+    """The ``storage`` section of ``/health`` of each process serving ``port`` (with ``serve --workers N``
+    a worker answers at random: asked until every one has), by node (``single`` without ``[cluster]``)."""
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every process on port {port} answered /health")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            health = json.load(answer)
+        seen[health.get("cluster", {}).get("node", "single")] = health["storage"]
+    return seen
+
+
+def writes_dropped(port: int, processes: int = 1) -> int:
+    """Writes the stores of the processes on ``port`` dropped so far (``storage.max_pending_writes``)."""
+    return sum(int(store["writes_dropped"]) for store in stores(port, processes).values())
+
+
+def drain(
+    port: int, processes: int = 1, watch: dict[str, list[Any]] | None = None, timeout: float = 300
+) -> tuple[float, dict[str, float]]:
+    """Wait until every store on ``port`` has written what it had waiting (a server's store writes behind
+    its round trips, and under load falls behind: what it writes after a load is part of the load's
+    cost); the seconds it took, and the CPU seconds each process in ``watch`` spent meanwhile."""
+    watch = watch or {}
+    before = {name: float(cpu_seconds(pid, children)) for name, (pid, children) in watch.items()}
+    started = time.monotonic()
+    while any(store["pending_writes"] for store in stores(port, processes).values()):
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"the stores on port {port} did not catch up in {timeout:g} s")
+        time.sleep(0.05)  # between loads, polling /health: no event to wait on across processes
+    spent = {name: float(cpu_seconds(pid, children)) - before[name] for name, (pid, children) in watch.items()}
+    return time.monotonic() - started, spent
 
 
 def cpu_seconds(pid: int, children: bool = False) -> float:

@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import BENCH_TOML, PYTHON, load, stop  # type: ignore[import-not-found]  # noqa: E402
+from common import BENCH_TOML, PYTHON, drain, load, stop, writes_dropped  # type: ignore[import-not-found]  # noqa: E402
 
 from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.redis import running_redis  # noqa: E402
@@ -181,34 +180,6 @@ def server(name: str, folder: Path, text: str, workers: int) -> Iterator[Served]
         log.close()
 
 
-def stores(served: Served, workers: int, timeout: float = 300) -> dict[str, dict[str, Any]]:
-    """The ``storage`` section of ``/health`` of each of the server's processes (a worker answers at
-    random: asked until every one has), by node (``single`` without ``[cluster]``)."""
-    seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while len(seen) < workers:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{served.name}: not every worker answered /health")
-        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/health", timeout=10) as answer:
-            health = json.load(answer)
-        seen[health.get("cluster", {}).get("node", "single")] = health["storage"]
-    return seen
-
-
-def drain(served: Served, workers: int, timeout: float = 300) -> float:
-    """Wait until every process of the server has written what it had waiting; the seconds it took."""
-    started = time.monotonic()
-    while any(store["pending_writes"] for store in stores(served, workers).values()):
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"{served.name}: its store did not catch up in {timeout:g} s")
-        time.sleep(0.05)  # between runs, polling /health: no event to wait on across processes
-    return time.monotonic() - started
-
-
-def dropped(served: Served, workers: int) -> int:
-    return sum(int(store["writes_dropped"]) for store in stores(served, workers).values())
-
-
 def commands(redis_port: int) -> int:
     """Commands Redis has run so far (``INFO commandstats``), the INFO calls themselves left out."""
     import redis
@@ -328,11 +299,12 @@ def run(short: bool, profile: bool) -> tuple[Figures, dict[str, Any], dict[str, 
             order = NAMES[number % 3 :] + NAMES[: number % 3]
             for name in order:
                 for other, (_, processes_of) in servers.items():  # no earlier run's writes in this one
-                    drain(served[other], processes_of)
-                before = dropped(served[name], servers[name][1])
+                    drain(served[other].port, processes_of)
+                port, processes_of = served[name].port, servers[name][1]
+                before = writes_dropped(port, processes_of)
                 done = measure(served[name], spec, redis_ports.get(name))
-                behind = drain(served[name], servers[name][1])
-                done = replace(done, behind=behind, dropped=dropped(served[name], servers[name][1]) - before)
+                behind, _ = drain(port, processes_of)
+                done = replace(done, behind=behind, dropped=writes_dropped(port, processes_of) - before)
                 figures.runs[name].append(done)
                 print(f"round {number + 1} {name}: {done}", flush=True)
         if profile:  # one more run each, not counted: py-spy costs CPU of its own
