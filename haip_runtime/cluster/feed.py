@@ -167,7 +167,7 @@ class Feed:
                     except ValueError:  # not one of ours (someone else published on the channel): skip it
                         logger.exception("cluster feed: a message on %s is not a log message", channel)
                 elif kind == b"message":
-                    await self._obey(subscription, data)
+                    self._obey(subscription, data)
                 elif kind == b"subscribe" and channel in pending:
                     pending.discard(channel)
                     if not pending:  # everything of before the loss is subscribed again: read what was missed
@@ -188,7 +188,7 @@ class Feed:
         subscription.subscribe(*[self._keys.channel(t) for t in self._hosted if t not in subscribed])
         subscription.unsubscribe(*[self._keys.channel(t) for t in subscribed if t not in self._hosted])
 
-    async def _obey(self, subscription: Subscriber, request: bytes) -> None:
+    def _obey(self, subscription: Subscriber, request: bytes) -> None:
         """A host() or unhost() of this node, asking for a (un)subscription; or another node's notice."""
         if not request.startswith((b"host ", b"unhost ")):
             if self.on_notice is not None:
