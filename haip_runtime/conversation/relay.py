@@ -33,6 +33,7 @@ from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.flow import merged_parts, same_message
+from haip_runtime.session.signal import Signal
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -149,7 +150,7 @@ class SharedLog(Succession):
         #: Set at each delivery (a takeover waits to have caught up).
         self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._wake = anyio.Event()
+        self._wake = Signal()
         #: Set when the log says the lease's holder gave it back.
         self._lease_free = anyio.Event()
         #: Set once the feed follows the log (and has delivered what Redis held of it).
@@ -298,7 +299,6 @@ class SharedLog(Succession):
         config = self.relay.bus.config
         while True:
             await self._wake.wait()
-            self._wake = anyio.Event()
             while self._outbox:
                 await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
                 await self._gather()
@@ -318,7 +318,6 @@ class SharedLog(Succession):
             left = self._outbox[0][2] + seconds - time.monotonic()
             if size >= most or left <= 0:
                 return
-            self._wake = anyio.Event()
             with anyio.move_on_after(left):
                 await self._wake.wait()
 
@@ -511,8 +510,8 @@ class SharedLog(Succession):
     def _follow(self, event: Event, node: str | None) -> None:
         """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
         follow(self, event, self.transaction.users)
-        payload = event.payload if isinstance(event.payload, dict) else {}
         if event.type == EventType.MESSAGE_UPDATE and self.owner and node != self.relay.node:
+            payload = event.payload if isinstance(event.payload, dict) else {}
             author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))
             self.transaction.edit_message(author, message_id, str(payload.get("text", "")))
 

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 
 _ENDS = (EventType.RUN_FINISHED, EventType.RUN_ERROR)
 _WAITING = (ToolStatus.AWAITING_APPROVAL, ToolStatus.INPUT_REQUIRED)
+#: The types ``follow`` looks at (most of a log is not: messages and their parts go by at once).
+_FOLLOWED = frozenset(
+    {
+        EventType.RUN_STARTED,
+        *_ENDS,
+        EventType.INFO,
+        EventType.TOOL_UPDATE,
+        EventType.TOOL_DONE,
+        EventType.TRANSACTION_JOIN,
+    }
+)
 
 
 class Shared(Protocol):
@@ -97,6 +108,8 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
     """Keep what a takeover and the members of this node need to know of the log: the runs open, the
     messages unanswered, the calls waiting for an answer, the users joined elsewhere (``users``:
     the transaction's readers, who join it)."""
+    if event.type not in _FOLLOWED:
+        return
     payload = event.payload if isinstance(event.payload, dict) else {}
     if event.type == EventType.RUN_STARTED and event.run_id:
         shared.open_runs[event.run_id] = str(payload.get("agent", ""))

@@ -36,6 +36,7 @@ from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.session import Session
+from haip_runtime.session.signal import Signal
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class WindowMirror:
         #: Sessions whose inbound ids wait for a frame, with when the first of them came.
         self._lingering: deque[tuple[Mirroring, float]] = deque()
         self._deletes: list[str] = []
-        self._wake = anyio.Event()
+        self._wake = Signal()
         self._lock = anyio.Lock()
         #: Flushes done, and frames they kept (for /metrics and the benchmark).
         self.flushes = 0
@@ -187,9 +188,12 @@ class WindowMirror:
         """Flush whenever something waits, until cancelled; retry with backoff while Redis does not answer."""
         delay = FIRST_RETRY
         while True:
-            with anyio.move_on_after(self._linger_left()):
+            left = self._linger_left()
+            if left == math.inf:  # (no cancel scope to build on the way of every flush)
                 await self._wake.wait()
-            self._wake = anyio.Event()
+            else:
+                with anyio.move_on_after(left):
+                    await self._wake.wait()
             self._unlinger()
             try:
                 await self.flush(lingering=False)

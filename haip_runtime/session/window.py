@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from haip_runtime.protocol.events import CloseCode
+from haip_runtime.session.signal import Signal
 from haip_runtime.transports.base import Frame
 
 #: REPLAY_REQUESTs a connection may have waiting; more from a client that does not read closes it with 1013.
@@ -121,34 +122,6 @@ class ReplayWindow:
         return from_seq >= self._first
 
 
-class _Signal:
-    """A wake-up flag with at most one waiter (the connection's writer), cleared as it is taken.
-
-    An ``asyncio.Event`` keeps a deque of waiters, about 0.7 KB for every connection."""
-
-    __slots__ = ("_set", "_waiter")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def wait(self) -> None:
-        """Until set (at once if it is); then clear it."""
-        if not self._set:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        self._set = False
-
-
 class Outbox:
     """One connection's cursor over its session's outbound frames, and its close request.
 
@@ -172,7 +145,7 @@ class Outbox:
         self._replays: list[tuple[int, int]] = []  # at most MAX_PENDING_REPLAYS
         #: Set when there may be something to write (one flag, reused: an event per wait was a
         #: measurable part of every streamed frame).
-        self._wake = _Signal()
+        self._wake = Signal()
         #: Called when the connection must go at once (1013): the transport stops waiting on a stalled peer.
         self.on_abort: Callable[[], None] | None = None
         #: Called when the writer has written every recorded frame (the session records a held part).
