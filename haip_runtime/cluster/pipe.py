@@ -18,8 +18,10 @@ per round trip, so they go through this instead (bench/CLUSTER-RESULTS.md has th
   confirmations come out of ``messages()`` as lists, all that one read held.
 
 Both raise redis-py's own exceptions (``ConnectionError``, ``TimeoutError``, ``ResponseError``), so
-``health.translating`` treats them as every other bus command. Everything else (leases, windows,
-quotas, reads) stays on redis-py: rare commands, where its conveniences cost nothing that matters.
+``health.translating`` treats them as every other bus command. The leases' renewals go through the
+``Pipe`` too (one write renews every lease a node holds). Everything else (acquiring and releasing
+leases, windows, quotas, reads) stays on redis-py: rare commands, where its conveniences cost
+nothing that matters.
 """
 
 from __future__ import annotations
