@@ -2,10 +2,11 @@
 
 ``Bus`` is an async context manager: entering reaches Redis (with backoff, up to
 ``connect_timeout_seconds``) and starts the node's tasks: the feed (its one subscription), the
-part batcher's timer and the heartbeat (presence, quota slots, and the health check). Leaving
-flushes the batched parts, says the node is leaving and closes the connections. While inside,
-losing Redis sets ``health`` to ``unavailable``; every part reconnects by itself and the health is
-``ok`` again once Redis answers. Nothing else in the runtime imports ``redis``.
+part batcher's timer, the leases' renewals (every lease the node holds, together) and the
+heartbeat (presence, quota slots, and the health check). Leaving flushes the batched parts, says
+the node is leaving and closes the connections. While inside, losing Redis sets ``health`` to
+``unavailable``; every part reconnects by itself and the health is ``ok`` again once Redis answers.
+Nothing else in the runtime imports ``redis``.
 
 The parts, each with its guarantees in its own module: ``log`` (translog: appends with tseqs
 allocated in Redis), ``feed`` (deliveries in tseq order, each once), ``batcher`` (streamed parts
@@ -79,7 +80,9 @@ class Bus:
             node=self.node_id,
         )
         self.dedup = InboundDedup(self.redis, self.keys, self.health, ttl_seconds=config.dedup_seconds)
-        self.leases = Leases(self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds)
+        self.leases = Leases(
+            self.redis, self.pipe, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds
+        )
         self.quotas = Quotas(self.redis, self.pipe, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
         self.nodes = Presence(
             self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds
@@ -96,6 +99,7 @@ class Bus:
             with anyio.fail_after(self.config.connect_timeout_seconds):
                 await tg.start(self.feed.run)
             await tg.start(self.batcher.run)
+            await tg.start(self.leases.run)
             tg.start_soon(self._heartbeat)
             self._stack = stack.pop_all()
         logger.info("cluster: node %s joined through %s", self.node_id, self.config.masked_url)

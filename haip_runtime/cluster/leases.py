@@ -4,25 +4,39 @@
 number (it grows with every acquisition of the name, so a store can refuse a late write of an
 older holder). ``renew`` and ``release`` compare the token and extend or delete in one script, so a
 holder whose lease expired and went to another can neither extend nor delete the new one.
-``hold`` keeps one alive: it renews every third of the time to live and, when renewing fails
-(taken over, or Redis not reached before the lease would have run out by this node's clock), sets
-``lost`` — the holder must stop what the lease guarded.
+
+``hold`` and ``keep`` keep leases alive, all of a node's together: they enter the lease in one
+registry, and one loop (``run``, a task of the bus) renews it a third of its time to live after its
+last renewal (or its acquisition), at the latest. A lease entered while the loop waits is renewed
+in its next round (early, never late), and each round renews every lease due within the next sixth
+of its TTL too, so the leases stay in step and one write on the bus's pipe renews them all: a
+node's renewals cost one round trip per third of the TTL, however many transactions it holds (the
+renewal script still touches only its own lease's key; leases of different TTLs each keep theirs).
+A lease is lost, ``lost`` set, when a renewal says another holder has it, or when it was not
+renewed before it would have run out by this node's clock (its last successful renewal's send time
+plus the TTL): Redis unreachable, or one lease's renewal failing alone. Until then a failed renewal
+is tried again soon; a round waiting on a Redis that hangs is given up when the first lease's time
+runs out. The holder must stop what a lost lease guarded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
-from haip_runtime.cluster.replies import text
+from haip_runtime.cluster.pipe import Pipe
+from haip_runtime.cluster.replies import Arg, text
 from haip_runtime.exceptions import ClusterError
 
 logger = logging.getLogger("haip_runtime.cluster")
@@ -45,6 +59,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+#: The first wait before renewing again while Redis cannot be reached; it doubles up to ``MAX_RETRY``.
+FIRST_RETRY = 0.05
+MAX_RETRY = 1.0
+
 
 @dataclass
 class HeldLease:
@@ -61,9 +79,29 @@ class HeldLease:
         return int(self.token.split(":", 1)[0])
 
 
+@dataclass(eq=False)
+class _Kept:
+    """A lease in the renewal loop's registry (times by this node's clock, ``anyio.current_time``)."""
+
+    lease: HeldLease
+    ttl: float
+    #: When it may have run out: the last successful renewal's (or the acquisition's) send time + ``ttl``.
+    deadline: float
+    on_lost: Callable[[HeldLease], None] | None
+    #: When to renew it at the latest: a third of ``ttl`` after the last renewal, sooner after a failure.
+    due: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.due = self.deadline - self.ttl * 2 / 3
+
+
 class Leases:
-    def __init__(self, redis: Redis, keys: Keyspace, health: BusHealth, *, node: str, ttl_seconds: float):
+    """Acquire, renew and release leases; keep this node's leases renewed, together (``run``)."""
+
+    def __init__(self, redis: Redis, pipe: Pipe, keys: Keyspace, health: BusHealth, *, node: str, ttl_seconds: float):
         self._redis = redis
+        #: Where the renewal loop writes every due lease's renewal at once.
+        self._pipe = pipe
         self._keys = keys
         self._health = health
         self._node = node
@@ -71,6 +109,20 @@ class Leases:
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
+        #: The leases ``hold`` and ``keep`` keep alive: the loop renews them.
+        self._kept: set[_Kept] = set()
+        self._running = False
+        #: When the loop wakes next, and what wakes it sooner (a lease due before then).
+        self._wake_at = math.inf
+        self._woken = anyio.Event()
+        #: The renewal round in flight: it ends when the first kept lease may have run out.
+        self._round: anyio.CancelScope | None = None
+        self._retry = FIRST_RETRY
+
+    @property
+    def held(self) -> int:
+        """Leases this node keeps renewed."""
+        return len(self._kept)
 
     async def acquire(self, name: str, ttl: float | None = None) -> str | None:
         """The token of a new lease on ``name``, or ``None`` if someone holds it."""
@@ -121,6 +173,7 @@ class Leases:
         Released when the block ends (if still held). ``lease.lost`` is set, and ``on_lost`` called,
         when it stops being this holder's.
         """
+        self._check_running()  # before acquiring: a lease nobody would renew is not taken
         ttl = ttl if ttl is not None else self._ttl
         sent = anyio.current_time()
         token = await self.acquire(name, ttl)
@@ -128,49 +181,114 @@ class Leases:
             yield None
             return
         lease = HeldLease(name, token)
+        kept = self._enter(_Kept(lease, ttl, sent + ttl, on_lost))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep, lease, ttl, sent + ttl, on_lost)
-                try:
-                    yield lease
-                finally:
-                    tg.cancel_scope.cancel()
-                    if not lease.lost.is_set():
-                        with anyio.move_on_after(2, shield=True):
-                            try:
-                                await self.release(name, token)
-                            except ClusterError:
-                                pass  # it expires by itself
-        except BaseExceptionGroup as group:  # the block's own error, as it raised it (the keeper raises none)
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            yield lease
+        finally:
+            self._kept.discard(kept)
+            if not lease.lost.is_set():
+                with anyio.move_on_after(2, shield=True):
+                    try:
+                        await self.release(name, token)
+                    except ClusterError:
+                        pass  # it expires by itself
 
     async def keep(self, name: str, token: str, ttl: float | None = None) -> None:
-        """Renew the lease ``token`` holds every third of the TTL; return once it is lost (taken over,
-        or Redis not reached before it would have run out by this node's clock). Cancel to stop."""
+        """Keep the lease ``token`` holds renewed; return once it is lost (taken over, or Redis not
+        reached before it would have run out by this node's clock). Cancel to stop renewing it."""
         ttl = ttl if ttl is not None else self._ttl
-        await self._keep(HeldLease(name, token), ttl, anyio.current_time() + ttl, None)
+        lease = HeldLease(name, token)
+        kept = self._enter(_Kept(lease, ttl, anyio.current_time() + ttl, None))
+        try:
+            await lease.lost.wait()
+        finally:
+            self._kept.discard(kept)
 
-    async def _keep(
-        self, lease: HeldLease, ttl: float, deadline: float, on_lost: Callable[[HeldLease], None] | None
-    ) -> None:
-        """Renew every third of ``ttl``; give up once renewing fails for good or the deadline passes."""
-        while True:
-            await anyio.sleep(max(0.0, min(ttl / 3, deadline - anyio.current_time())))
-            sent = anyio.current_time()
-            if sent >= deadline:
-                break
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Renew the kept leases as they fall due, together (the bus runs this for as long as it is
+        entered). When it stops, the leases it still kept are lost: nobody renews them any more."""
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                await self._until_due()
+                await self._renew_due()
+        finally:
+            self._running = False
+            for kept in list(self._kept):
+                self._lose(kept)
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise RuntimeError("leases are kept only while the bus runs (enter it first)")
+
+    def _enter(self, kept: _Kept) -> _Kept:
+        self._check_running()  # (a bus leaving while ``hold`` acquired: the lease runs out by itself)
+        self._kept.add(kept)
+        if kept.due < self._wake_at:  # due before the loop would wake: wake it
+            self._woken.set()
+        elif self._wake_at > -math.inf:  # renewed early, in the loop's next round: one write keeps renewing all
+            kept.due = self._wake_at
+        if self._round is not None and kept.deadline < self._round.deadline:
+            self._round.deadline = kept.deadline
+        return kept
+
+    async def _until_due(self) -> None:
+        """Until the first kept lease is due (or one entered meanwhile is due sooner)."""
+        self._wake_at = min((kept.due for kept in self._kept), default=math.inf)
+        delay = self._wake_at - anyio.current_time()
+        if delay > 0:
+            self._woken = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._woken.wait()
+        self._wake_at = -math.inf  # until it sleeps again, nothing needs to wake it
+
+    async def _renew_due(self) -> None:
+        """Renew every lease due within a sixth of its TTL, in one write; lose those whose time ran out."""
+        now = anyio.current_time()
+        for kept in [kept for kept in self._kept if kept.deadline <= now]:
+            self._lose(kept)
+        due = [kept for kept in self._kept if kept.due - kept.ttl / 6 <= now]
+        if not due:
+            return
+        calls: list[tuple[list[Arg], list[Arg]]] = [
+            ([self._keys.lease(kept.lease.name)], [kept.lease.token, self._ms(kept.ttl)]) for kept in due
+        ]
+        replies: list[object] | None = None
+        with anyio.CancelScope(deadline=min(kept.deadline for kept in self._kept)) as self._round:
             try:
-                if not await self.renew(lease.name, lease.token, ttl):
-                    break
-            except ClusterError:
-                continue  # try again until the deadline: the lease may still be ours
-            deadline = sent + ttl
-        logger.warning("lease %s lost", lease.name)
-        lease.lost.set()
-        if on_lost is not None:
-            on_lost(lease)
+                with translating(self._health, f"renew {len(due)} lease(s)"):
+                    replies = await self._pipe.scripts(RENEW, calls, settle=True)
+            except ClusterError as error:
+                logger.warning("%s; trying again", error)
+        self._round = None
+        if replies is None:  # Redis not reached (or not before a lease's time ran out): soon again
+            retry, self._retry = self._retry, min(self._retry * 2, MAX_RETRY)
+            for kept in due:
+                kept.due = min(now + min(retry, kept.ttl / 3), kept.deadline)
+            return
+        self._retry = FIRST_RETRY
+        for kept, reply in zip(due, replies, strict=True):
+            if kept not in self._kept:  # no longer kept (``keep`` cancelled, the block left): nothing to do
+                continue
+            if isinstance(reply, ResponseError):  # this lease's alone: try again until its time runs out
+                logger.warning("renewing lease %s failed: %s", kept.lease.name, reply)
+                kept.due = min(now + kept.ttl / 3, kept.deadline)
+            elif reply:
+                kept.deadline = now + kept.ttl
+                kept.due = now + kept.ttl / 3
+            else:  # another holder has it
+                self._lose(kept)
+
+    def _lose(self, kept: _Kept) -> None:
+        self._kept.discard(kept)
+        logger.warning("lease %s lost", kept.lease.name)
+        kept.lease.lost.set()
+        if kept.on_lost is not None:
+            try:
+                kept.on_lost(kept.lease)
+            except Exception:  # one holder's callback must not stop the others' renewals
+                logger.exception("lease %s: on_lost failed", kept.lease.name)
 
     def _ms(self, ttl: float | None) -> int:
         return max(1, int((ttl if ttl is not None else self._ttl) * 1000))

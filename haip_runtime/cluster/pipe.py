@@ -18,8 +18,10 @@ per round trip, so they go through this instead (bench/CLUSTER-RESULTS.md has th
   confirmations come out of ``messages()`` as lists, all that one read held.
 
 Both raise redis-py's own exceptions (``ConnectionError``, ``TimeoutError``, ``ResponseError``), so
-``health.translating`` treats them as every other bus command. Everything else (leases, windows,
-quotas, reads) stays on redis-py: rare commands, where its conveniences cost nothing that matters.
+``health.translating`` treats them as every other bus command. The leases' renewals go through the
+``Pipe`` too (one write renews every lease a node holds). Everything else (acquiring and releasing
+leases, windows, quotas, reads) stays on redis-py: rare commands, where its conveniences cost
+nothing that matters.
 """
 
 from __future__ import annotations
@@ -145,9 +147,13 @@ class Pipe:
         """Run a Lua script by its SHA1; its source is sent only when Redis does not have it yet."""
         return (await self.scripts(source, [(keys, args)]))[0]
 
-    async def scripts(self, source: str, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]]) -> list[Any]:
+    async def scripts(
+        self, source: str, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]], *, settle: bool = False
+    ) -> list[Any]:
         """Run a Lua script once per ``(keys, args)``, all written together; the replies in order.
-        The first error reply is raised (after every reply came: none is left unread)."""
+        The first error reply is raised (after every reply came: none is left unread); with ``settle``,
+        each error reply comes back in its place as a ``ResponseError``, so one bad run spoils none of
+        the others (a failed connection is still raised)."""
         sha = _sha1(source)
         if not self._usable:
             await self._connect()
@@ -161,7 +167,7 @@ class Pipe:
             ]
             for i, reply in zip(missing, await _settled(again), strict=True):
                 replies[i] = reply
-        _raised(replies)
+        _raised([reply for reply in replies if not isinstance(reply, ResponseError)] if settle else replies)
         self._loaded.add(sha)
         return replies
 

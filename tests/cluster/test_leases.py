@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import anyio
+import anyio.to_thread
 import pytest
 
-from haip_runtime.cluster import HeldLease
-from tests.cluster.conftest import BusFactory, until
+from haip_runtime.cluster import Bus, HeldLease
+from tests.cluster.conftest import BusFactory, make_config, until
+from tests.support.netcut import netcut
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -88,3 +92,152 @@ async def test_a_holder_cut_off_from_redis_counts_its_lease_lost_when_it_would_h
             with anyio.fail_after(5):
                 await lease.lost.wait()  # it cannot know whether another took it: it must stop
         await anyio.to_thread.run_sync(own_redis.start)
+
+
+async def expiry(bus: Bus, name: str) -> int:
+    """When Redis lets the lease on ``name`` expire (ms since the epoch)."""
+    return int(await bus.redis.pexpiretime(bus.keys.lease(name)))
+
+
+async def renewed(bus: Bus, names: list[str]) -> None:
+    """Until Redis has extended each lease in ``names`` past where it stood."""
+    before = {name: await expiry(bus, name) for name in names}
+
+    async def all_later() -> bool:
+        return all([await expiry(bus, name) > when for name, when in before.items()])
+
+    await until(all_later)
+
+
+async def test_the_leases_a_node_holds_are_renewed_together_in_one_write(redis_url: str, bus_at: BusFactory) -> None:
+    names = [f"run:T{i}" for i in range(20)]
+    async with bus_at(redis_url) as a, AsyncExitStack() as stack:
+        leases = [await stack.enter_async_context(a.leases.hold(name, 0.9)) for name in names]
+        assert a.leases.held == len(names)
+        commands, writes = a.pipe.commands, a.pipe.writes  # the leases alone use the pipe here
+
+        async def two_rounds() -> bool:
+            return a.pipe.commands - commands >= 2 * len(names)
+
+        await until(two_rounds)
+        renewals, rounds = a.pipe.commands - commands, a.pipe.writes - writes
+        assert renewals % len(names) == 0 and rounds <= renewals // len(names)  # each write renewed them all
+        await renewed(a, names)
+        assert all(lease is not None and not lease.lost.is_set() for lease in leases)
+
+
+async def test_a_lease_taken_between_renewals_of_a_longer_one_is_renewed_within_its_own_ttl(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a:
+        async with a.leases.hold("run:long", 1.5) as long:
+            commands = a.pipe.commands
+
+            async def long_renewed() -> bool:
+                return a.pipe.commands > commands
+
+            await until(long_renewed)  # just renewed: its next renewal is half a second away
+            async with a.leases.hold("run:short", 0.3) as short:
+                assert long is not None and short is not None
+                for _ in range(3):  # renewed past three times its ttl: it never waited for the long one
+                    await renewed(a, ["run:short"])
+                assert await a.leases.holder("run:short") == short.token and not short.lost.is_set()
+            assert not long.lost.is_set()
+
+
+async def test_one_lease_taken_over_does_not_stop_the_others_being_renewed(redis_url: str, bus_at: BusFactory) -> None:
+    lost: list[HeldLease] = []
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        async with AsyncExitStack() as stack:
+            held = [
+                await stack.enter_async_context(a.leases.hold(f"run:T{i}", 0.6, on_lost=lost.append)) for i in range(3)
+            ]
+            await b.redis.delete(b.keys.lease("run:T1"))  # it expired while this node was paused...
+            taken = await b.leases.acquire("run:T1", 10)  # ...and another node took it
+            assert held[1] is not None
+            with anyio.fail_after(5):
+                await held[1].lost.wait()
+            assert lost == [held[1]] and a.leases.held == 2
+            await renewed(a, ["run:T0", "run:T2"])
+            assert [lease is not None and lease.lost.is_set() for lease in held] == [False, True, False]
+        assert await b.leases.holder("run:T1") == taken  # leaving the blocks did not release b's lease
+
+
+async def test_a_lease_whose_renewal_fails_alone_is_lost_in_time_and_the_others_are_renewed(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a, AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(a.leases.hold(f"run:T{i}", 0.6)) for i in range(3)]
+        assert held[1] is not None
+        key = a.keys.lease("run:T1")
+        await a.redis.delete(key)
+        await a.redis.hset(key, "not", "a lease")  # its renewal's GET now answers WRONGTYPE
+        with anyio.fail_after(5):
+            await held[1].lost.wait()  # it could not be renewed: by its deadline, it counts as lost
+        await renewed(a, ["run:T0", "run:T2"])
+        assert [lease is not None and lease.lost.is_set() for lease in held] == [False, True, False]
+
+
+async def test_redis_away_and_back_within_the_ttl_keeps_every_lease(own_redis: RedisServer, bus_at: BusFactory) -> None:
+    names = ["run:T0", "run:T1", "run:T2"]
+    with netcut(own_redis.port) as line:
+        async with bus_at(own_redis.url) as watcher, bus_at(f"redis://127.0.0.1:{line.port}/0") as a:
+            async with AsyncExitStack() as stack:
+                held = [await stack.enter_async_context(a.leases.hold(name, 3)) for name in names]
+                await renewed(watcher, names)
+                await anyio.to_thread.run_sync(line.cut)
+
+                async def past_due() -> bool:  # a third of the ttl and more since the last renewal: due, and failed
+                    left = [await watcher.leases.left(name) for name in names]
+                    return max(left) < 1.8
+
+                await until(past_due)
+                await anyio.to_thread.run_sync(line.heal)
+                await renewed(watcher, names)
+                assert all(lease is not None and not lease.lost.is_set() for lease in held)
+                assert [await watcher.leases.holder(name) for name in names] == [
+                    lease and lease.token for lease in held
+                ]
+
+
+async def test_cancelling_keep_stops_renewing_and_leaves_the_lease_to_expire(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    async with bus_at(redis_url) as a:
+        token = await a.leases.acquire("run:T", 0.3)
+        assert token is not None
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.leases.keep, "run:T", token, 0.3)
+                await renewed(a, ["run:T"])
+                assert a.leases.held == 1
+                scope.cancel()
+        assert a.leases.held == 0
+
+        async def expired() -> bool:
+            return await a.leases.holder("run:T") is None
+
+        await until(expired)  # not renewed since, and not released either: it ran out by itself
+
+
+async def test_keep_needs_a_running_bus_and_a_bus_that_stops_loses_what_it_kept(
+    redis_url: str, bus_at: BusFactory, prefix: str
+) -> None:
+    idle = Bus(make_config(redis_url, prefix))  # never entered: nothing would renew
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="bus"):
+        await idle.leases.keep("run:T", "1:x", 10)
+    lost = anyio.Event()
+
+    async def keep(bus: Bus, token: str) -> None:
+        await bus.leases.keep("run:T", token, 10)
+        lost.set()
+
+    async with anyio.create_task_group() as tg:
+        async with bus_at(redis_url) as a:
+            token = await a.leases.acquire("run:T", 10)
+            assert token is not None
+            tg.start_soon(keep, a, token)
+            await anyio.wait_all_tasks_blocked()
+            assert a.leases.held == 1
+        with anyio.fail_after(5):
+            await lost.wait()  # nobody renews it any more: the holder must stop

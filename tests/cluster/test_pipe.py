@@ -92,6 +92,8 @@ async def test_a_script_redis_forgot_is_sent_again_with_its_source(redis: RedisS
         with pytest.raises(ResponseError):
             await pipe.scripts(COUNT, [(["n"], [1]), (["n"], ["not a number"])])
         assert await pipe.call("GET", "n") == b"9"  # the first of that batch ran; the error was its own
+        replies = await pipe.scripts(COUNT, [(["n"], [1]), (["n"], ["not a number"]), (["n"], [1])], settle=True)
+        assert replies[0::2] == [10, 11] and isinstance(replies[1], ResponseError)  # each its own reply
     finally:
         await pipe.aclose()
 
