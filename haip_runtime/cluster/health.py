@@ -7,9 +7,8 @@ through ``translating``, which also turns redis-py's exceptions into ``ClusterEr
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -70,12 +69,26 @@ class BusHealth:
             self._changed = None
 
 
-@contextmanager
-def translating(health: BusHealth, doing: str) -> Iterator[None]:
-    """Run Redis commands: a failure marks the bus unavailable and is raised as ``ClusterError``."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        health.failed(exc)
-        raise ClusterError(f"redis: {doing} failed: {exc}") from exc
-    health.succeeded()
+class translating:  # (lower case: used like the function it was, ``with translating(health, "what"):``)
+    """Run Redis commands: a failure marks the bus unavailable and is raised as ``ClusterError``.
+
+    A class, not a ``@contextmanager`` generator: every append and mirror run enters one, and a
+    generator-based manager costs about three times as much (0.8 µs)."""
+
+    __slots__ = ("_doing", "_health")
+
+    def __init__(self, health: BusHealth, doing: str) -> None:
+        self._health = health
+        self._doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self._health.succeeded()
+        elif isinstance(exc, (RedisError, OSError)):
+            self._health.failed(exc)
+            raise ClusterError(f"redis: {self._doing} failed: {exc}") from exc

@@ -27,6 +27,7 @@ nothing that matters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
 import time
@@ -422,5 +423,7 @@ def _pack(args: tuple[Arg, ...]) -> bytes:
     return packed
 
 
+@functools.cache
 def _sha1(source: str) -> str:
+    """A script's SHA1 (scripts are a handful of constants: hashed once each, not at every run)."""
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()

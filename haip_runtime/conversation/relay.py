@@ -304,15 +304,26 @@ class SharedLog(Succession):
                 await self._gather()
                 batch = list(self._outbox)
                 await self._append(batch)
-                sent = {id(queued) for queued in batch}  # a lost lease may have taken some out meanwhile
-                while self._outbox and id(self._outbox[0]) in sent:
-                    self._outbox.popleft()
+                self._sent(batch)
             if self._stopped:
                 self._scope.cancel()
                 return
 
+    def _sent(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
+        """Take ``batch`` out of the outbox, which it begins unless a lost lease took some out meanwhile."""
+        outbox, count = self._outbox, len(batch)
+        if len(outbox) >= count and outbox[0] is batch[0] and outbox[count - 1] is batch[-1]:
+            for _ in range(count):
+                outbox.popleft()
+            return
+        sent = {id(queued) for queued in batch}
+        while outbox and id(outbox[0]) in sent:
+            outbox.popleft()
+
     async def _linger(self, seconds: float, most: int) -> None:
         """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
+        if not self._outbox[0][1]:
+            return
         while all(part for _, part, _, _ in self._outbox) and not self._stopped:
             size = sum(len(data) for data, _, _, _ in self._outbox)
             left = self._outbox[0][2] + seconds - time.monotonic()
@@ -325,9 +336,12 @@ class SharedLog(Succession):
         """Let the event loop go round while this transaction keeps publishing (at most ``GATHER_PASSES``
         times), so one append carries what a step of work publishes in a few: a message and the turn it
         starts here (RUN_STARTED, the answer, RUN_FINISHED come over the next two passes). An append
-        costs more than a pass; this halved them for echo turns (bench/CLUSTER-RESULTS.md)."""
-        size = len(self._outbox)
+        costs more than a pass; this halved them for echo turns (bench/CLUSTER-RESULTS.md). With no turn
+        under way here, nothing more is coming: it goes at once."""
+        size, runs = len(self._outbox), self.transaction.runs
         for _ in range(GATHER_PASSES):
+            if not runs:
+                return
             await _pass()
             if len(self._outbox) == size:
                 return
