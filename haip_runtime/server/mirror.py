@@ -33,6 +33,7 @@ import anyio
 
 from haip_runtime.cluster import Bus, Mirrored, WindowUpdate
 from haip_runtime.exceptions import ClusterError
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.session import Session
@@ -250,14 +251,14 @@ class WindowMirror:
     def _update(self, tracked: Mirroring) -> WindowUpdate:
         session = tracked.session
         wanted = {
-            "tx": json.dumps({tx: tracked.tseqs.get(tx, 0) for tx in sorted(session.transactions)}),
+            "tx": fastjson.dumps({tx: tracked.tseqs.get(tx, 0) for tx in sorted(session.transactions)}),
             "in": inbound_field(session),
         }
         if tracked.fresh:
             tracked.written = {}
             wanted |= {
                 "user": session.user,
-                "accepted": json.dumps(sorted(session.accepted)),
+                "accepted": fastjson.dumps(sorted(session.accepted)),
                 "binary": "1" if session.binary_frames else "",
             }
         fields = {name: value for name, value in wanted.items() if tracked.written.get(name) != value}
