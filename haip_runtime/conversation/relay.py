@@ -390,6 +390,7 @@ class SharedLog(Succession):
             self._filling.extend(items)
             return
         parts: list[Event] = []  # streamed parts of one message, logged, for the members as one part
+        own = False
         try:
             for index, item in enumerate(items):
                 if getattr(item, "data", None) is None:  # the bus no longer holds these: the store does
@@ -401,13 +402,16 @@ class SharedLog(Succession):
                     mine = self._mine.pop(self._own_id(item.data), None)
                     if mine is not None:  # published here: known already, the bytes need no parsing
                         self._event(item.tseq, mine[0], mine[1], self.relay.node, stored=False, parts=parts)
-                        self._back.set()
+                        own = True
                     else:
                         self._entry(item.tseq, fastjson.loads(item.data), parts)
                 except Exception:  # one bad entry costs itself
                     logger.exception("transaction %s: entry %d could not be delivered", self.transaction.id, item.tseq)
         finally:
             self._to_members(parts)
+            self._progress.set()  # (once a batch: a takeover waits for it to have caught up)
+            if own:
+                self._back.set()
 
     def _to_members(self, parts: list[Event]) -> None:
         """The parts held by ``deliver``, to the members here as one (what they would get merged if their
@@ -483,7 +487,6 @@ class SharedLog(Succession):
         if event.id in self._seen:
             return  # an append retried after its answer was lost (or filled from the store): delivered already
         self._remember_id(event.id)
-        self._progress.set()
         event.stamp(transaction.id, tseq, transaction.thread_id)
         self._follow(event, node)
         if parts is not None:
