@@ -62,22 +62,35 @@ return 1
 #: epoch is gone; -1 another node holds the session now. Envelopes not after the last kept are skipped.
 MIRROR = """
 local age = tonumber(ARGV[5])
-if ARGV[3] == '1' then
+local fresh = ARGV[3] == '1'
+local last = 0
+local hset = {}
+if fresh then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'last', 0, 'node', ARGV[1])
+  hset = {'epoch', ARGV[2], 'node', ARGV[1]}
 else
-  if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return 0 end
-  if redis.call('HGET', KEYS[1], 'node') ~= ARGV[1] then return -1 end
+  local meta = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'last')
+  if meta[1] ~= ARGV[2] then return 0 end
+  if meta[2] ~= ARGV[1] then return -1 end
+  last = tonumber(meta[3] or '0')
 end
 local i = 9
-for _ = 1, tonumber(ARGV[7]) do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+for _ = 1, tonumber(ARGV[7]) do
+  hset[#hset + 1] = ARGV[i]
+  hset[#hset + 1] = ARGV[i + 1]
+  i = i + 2
+end
 local ids = tonumber(ARGV[8])
 if ids > 0 then
-  for _ = 1, ids do redis.call('LPUSH', KEYS[3], ARGV[i]); i = i + 1 end
+  local stop = i + ids - 1
+  while i <= stop do
+    local upto = math.min(i + 999, stop)
+    redis.call('LPUSH', KEYS[3], unpack(ARGV, i, upto))
+    i = upto + 1
+  end
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
   redis.call('PEXPIRE', KEYS[3], age)
 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
 local kept = last
 while i < #ARGV do
   local seq = tonumber(ARGV[i])
@@ -91,9 +104,13 @@ if last > kept then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', now - age))
-  redis.call('HSET', KEYS[1], 'last', last)
   redis.call('PEXPIRE', KEYS[2], age)
 end
+if last > kept or fresh then
+  hset[#hset + 1] = 'last'
+  hset[#hset + 1] = last
+end
+if #hset > 0 then redis.call('HSET', KEYS[1], unpack(hset)) end
 redis.call('PEXPIRE', KEYS[1], age)
 return 1
 """

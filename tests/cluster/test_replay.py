@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Mirrored, ReplayOutcome, ReplayRead, Taken, WindowUpdate
+from haip_runtime.cluster.replay import MAX_IDS
 from tests.cluster.conftest import BusFactory
 from tests.support.redis import running_redis
 
@@ -126,6 +127,20 @@ async def test_mirrored_windows_carry_state_and_ids_and_are_taken_over_whole(
         assert (await b.replay.read_after("S", "e1", 3)).envelopes == [(4, b"four")]
         await b.replay.delete("S")
         assert await a.replay.holder("S") is None
+
+
+async def test_a_flush_with_more_ids_than_are_kept_keeps_the_newest_in_order(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """Ids piled up while Redis was away go in one run (pushed in chunks): the newest ``MAX_IDS`` stay."""
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        ids = [f"id{n}" for n in range(2 * MAX_IDS + 500)]
+        assert await a.replay.mirror([WindowUpdate("S", "e1", [(1, b"one")], {"user": "ann"}, ids, True)]) == [
+            Mirrored.KEPT
+        ]
+        claimed = await b.replay.claim("S", "ann")
+        assert claimed is not None and claimed.ids == ids[-MAX_IDS:]
+        assert (await b.replay.read_after("S", "e1", 0)).envelopes == [(1, b"one")]
 
 
 async def test_nodes_agree_on_one_epoch_until_redis_loses_it(redis_url: str, bus_at: BusFactory) -> None:
