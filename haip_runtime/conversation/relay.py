@@ -303,6 +303,8 @@ class SharedLog(Succession):
                 await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
                 await self._gather()
                 batch = list(self._outbox)
+                if not batch:  # a lost lease took out what was queued (its runs' events) meanwhile
+                    break
                 await self._append(batch)
                 self._sent(batch)
             if self._stopped:
@@ -324,7 +326,7 @@ class SharedLog(Succession):
         """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
         if not self._outbox[0][1]:
             return
-        while all(part for _, part, _, _ in self._outbox) and not self._stopped:
+        while self._outbox and all(part for _, part, _, _ in self._outbox) and not self._stopped:
             size = sum(len(data) for data, _, _, _ in self._outbox)
             left = self._outbox[0][2] + seconds - time.monotonic()
             if size >= most or left <= 0:

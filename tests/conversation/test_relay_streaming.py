@@ -5,7 +5,8 @@ streaming agent's back-pressure (``pace``) waits for its own parts to come back,
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Generator
 from types import SimpleNamespace
 from typing import Any
 
@@ -246,3 +247,62 @@ async def test_a_fill_cancelled_or_failing_lets_the_feed_deliver_again() -> None
     transaction.publish(part("later "))
     shared.deliver(appended(shared, first=11))
     assert [text_of(e) for e in listener.got][-1] == "later "
+
+
+def running_r1(transaction: Transaction) -> None:
+    """A run of this node's under way in ``transaction`` (what ``_lose`` gives up and cancels)."""
+    transaction.runs["r1"] = SimpleNamespace(scope=anyio.CancelScope())  # type: ignore[assignment]
+
+
+async def test_the_sender_survives_a_lost_lease_emptying_its_outbox_while_it_gathers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lease lost while the sender lets the loop go round takes out every queued event of the runs
+    it stopped: nothing is left to append, and the sender goes on with what comes next."""
+    shared, transaction, _, bus = shared_log()
+    sent: list[list[bytes]] = []
+    appended_again = anyio.Event()
+
+    async def append_many(transaction_id: str, payloads: list[bytes], *, floor: int = 0) -> int:
+        sent.append(list(payloads))
+        appended_again.set()
+        return 1
+
+    bus.log = SimpleNamespace(append_many=append_many)
+    running_r1(transaction)
+    lost: list[bool] = []
+
+    @types.coroutine
+    def losing_pass() -> Generator[None, None, None]:
+        if not lost:
+            lost.append(True)
+            shared._lose()  # the contend task, while the sender's pass lets it run
+        yield
+
+    monkeypatch.setattr(relay_module, "_pass", losing_pass)
+    shared._queue(b'{"of":"r1"}', False, "r1")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shared._send_loop)
+        with anyio.fail_after(5):
+            while not lost or shared._wake._waiter is None:  # until the sender waits for more again
+                await anyio.lowlevel.checkpoint()
+            shared._queue(b'{"after":"the loss"}', False, None)
+            await appended_again.wait()
+        shared.stop()
+    assert sent == [[b'{"after":"the loss"}']]
+
+
+async def test_a_lingering_stream_whose_parts_a_lost_lease_took_out_stops_lingering() -> None:
+    shared, transaction, _, _ = shared_log()
+    running_r1(transaction)
+    shared._queue(b'{"part":1}', True, "r1")  # a streamed part: the sender lingers for more
+
+    async def lose_meanwhile() -> None:
+        shared._lose()
+        shared._wake.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(shared._linger, 60.0, 1 << 20)
+            tg.start_soon(lose_meanwhile)
+    assert shared.waiting == 0
