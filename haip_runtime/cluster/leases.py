@@ -95,6 +95,18 @@ class _Kept:
         self.due = self.deadline - self.ttl * 2 / 3
 
 
+#: Error replies that say Redis itself cannot serve now, not that one lease's key is wrong.
+NOT_SERVING = frozenset({"LOADING", "READONLY", "BUSY", "MISCONF", "OOM", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN"})
+
+
+def _refusal(replies: list[object]) -> ResponseError | None:
+    """The first of ``replies`` that says Redis serves nobody now, if any."""
+    for reply in replies:
+        if isinstance(reply, ResponseError) and str(reply).split(" ", 1)[0] in NOT_SERVING:
+            return reply
+    return None
+
+
 class Leases:
     """Acquire, renew and release leases; keep this node's leases renewed, together (``run``)."""
 
@@ -262,6 +274,11 @@ class Leases:
             except ClusterError as error:
                 logger.warning("%s; trying again", error)
         self._round = None
+        refused = _refusal(replies or [])
+        if refused is not None:  # Redis answers but serves nobody now (loading, a replica, out of memory...)
+            self._health.failed(refused)
+            logger.warning("renewing %d lease(s) failed: %s; trying again", len(due), refused)
+            replies = None
         if replies is None:  # Redis not reached (or not before a lease's time ran out): soon again
             retry, self._retry = self._retry, min(self._retry * 2, MAX_RETRY)
             for kept in due:

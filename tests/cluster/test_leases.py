@@ -9,6 +9,7 @@ import anyio.to_thread
 import pytest
 
 from haip_runtime.cluster import Bus, HeldLease
+from haip_runtime.cluster.health import BusState
 from tests.cluster.conftest import BusFactory, make_config, until
 from tests.support.netcut import netcut
 from tests.support.redis import RedisServer
@@ -241,3 +242,24 @@ async def test_keep_needs_a_running_bus_and_a_bus_that_stops_loses_what_it_kept(
             assert a.leases.held == 1
         with anyio.fail_after(5):
             await lost.wait()  # nobody renews it any more: the holder must stop
+
+
+async def test_a_redis_that_serves_no_writes_marks_the_bus_unavailable_until_it_does(
+    own_redis: RedisServer, bus_at: BusFactory
+) -> None:
+    """Renewals refused by Redis itself (here a replica's READONLY; LOADING, OOM...) are the bus failing,
+    not one lease's trouble: the bus says so, and the leases go on once Redis serves again."""
+    async with bus_at(own_redis.url, heartbeat_seconds=600) as a, a.leases.hold("run:T0", 3) as lease:
+        assert lease is not None
+        await a.redis.replicaof("127.0.0.1", 1)  # a replica now: writes answer READONLY
+
+        async def refused_renewals() -> bool:  # the renewals' own verdict (the heartbeat's is a ReadOnlyError)
+            return (a.health.error or "").startswith("ResponseError: READONLY")
+
+        await until(refused_renewals)
+        assert a.health.state is BusState.UNAVAILABLE
+        await a.redis.replicaof("NO", "ONE")
+        with anyio.fail_after(5):
+            await a.health.wait_for(BusState.OK)
+        await renewed(a, ["run:T0"])
+        assert not lease.lost.is_set()
