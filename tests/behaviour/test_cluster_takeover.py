@@ -51,6 +51,14 @@ async def runs_nothing(node: LiveServer) -> None:
     await until(seen(lambda: fleet.hosted()["runsHere"] == 0))
 
 
+async def keeps_a_lease(node: LiveServer) -> None:
+    """Until ``node`` keeps a run lease renewed: a new transaction's turns start before its lease is taken."""
+    fleet = node.runtime.fleet
+    assert fleet is not None and fleet.bus is not None
+    leases = fleet.bus.leases
+    await until(seen(lambda: leases.held == 1))
+
+
 async def test_a_node_that_loses_its_lease_and_takes_it_back_ends_the_run_it_lost(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
@@ -60,6 +68,7 @@ async def test_a_node_that_loses_its_lease_and_takes_it_back_ends_the_run_it_los
             await alice.send_text(tx, "wait")
             started = await alice.wait_for("RUN_STARTED")
             await alice.wait_for("MESSAGE_PART")
+            await keeps_a_lease(a)  # (taken behind the first turn: cut before, there is no lease to lose)
             cut.cut()
             await runs_nothing(a)  # its lease ran out: the run is stopped
             cut.heal()  # A takes the lease again, and must end the run it stopped
@@ -79,6 +88,7 @@ async def test_an_end_asked_while_the_owner_is_cut_off_is_carried_out_by_the_nex
         ):
             tx = await alice.start_transaction("patient")
             await sam.join(tx)
+            await keeps_a_lease(a)
             cut.cut()  # A holds the lease, but cannot hear the end
             await sam.end_transaction(tx, "bye")
             ended = await sam.wait_for("TRANSACTION_END")
@@ -99,6 +109,7 @@ async def test_a_message_queued_at_the_owner_that_loses_its_lease_is_answered_by
             started = await sam.wait_for("RUN_STARTED")
             await alice.send_text(tx, "second")  # alice may run one at a time: it waits at A
             await sam.wait_for(lambda e: e.type == "INFO" and e.get("event") == "run.queued")
+            await keeps_a_lease(a)
             cut.cut()
             lost = await sam.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.get("run_id"))
             answered = await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: second")
