@@ -324,8 +324,6 @@ class SharedLog(Succession):
 
     async def _linger(self, seconds: float, most: int) -> None:
         """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
-        if not self._outbox[0][1]:
-            return
         while self._outbox and all(part for _, part, _, _ in self._outbox) and not self._stopped:
             size = sum(len(data) for data, _, _, _ in self._outbox)
             left = self._outbox[0][2] + seconds - time.monotonic()
