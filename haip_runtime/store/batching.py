@@ -38,8 +38,11 @@ RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
 
 #: Most writes in one batch: a backlog (after an outage, or a burst) is written in batches any
-#: database takes within its statement timeout, rather than as one that never fits.
-MAX_BATCH = 2000
+#: database takes within its statement timeout, rather than as one that never fits. Under load a
+#: batch waits for the event loop at each of its few round trips, so its size is what lets the
+#: writer keep up with a busy process: at 2,000 the writer of one process answering echoes on a
+#: full core fell further behind every second; at 10,000 it keeps up (bench/workers.py).
+MAX_BATCH = 10_000
 
 #: One queued write: (kind, arguments). Kinds: "event" (transaction, tseq, body, id), "transaction",
 #: "session", "forget", "prune".

@@ -38,6 +38,7 @@ import asyncpg
 from haip_runtime.config.masking import masked_url
 from haip_runtime.config.models import StorageConfig
 from haip_runtime.exceptions import ConfigError, StorageError
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.store.base import (
     Cursor,
@@ -59,51 +60,80 @@ T = TypeVar("T")
 #: What failing to reach or talk to the database raises.
 _REACHING = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-_UPSERT_TRANSACTION = """
-INSERT INTO haip_transactions AS t
+# A batch is a few set-based statements, whatever number of transactions it touches: each
+# statement is one round trip, and under load a round trip waits for the event loop's turn (one
+# statement per transaction let the writer fall behind a busy process's log for good).
+#
+# 1. Make the rows the batch needs that are not there yet, in id order: a record's own values, or a
+#    placeholder for a transaction whose events come before its record (its metadata follows).
+#    Returns the ids it made. Rows made by another writer's uncommitted batch are waited for in id
+#    order too, so two writers never wait on each other in a circle.
+_MAKE_ROWS = """
+INSERT INTO haip_transactions
     (id, owner, agents, state, thread_id, created_at, updated_at, last_tseq, end_reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)
-ON CONFLICT (id) DO UPDATE SET
-    owner = CASE WHEN t.owner = '' THEN excluded.owner ELSE t.owner END,
+SELECT r.id, r.owner, ARRAY(SELECT a FROM jsonb_array_elements_text(r.agents::jsonb) WITH ORDINALITY AS x(a, n)
+    ORDER BY n), r.state, r.thread_id, r.created_at, r.updated_at, 0, r.end_reason
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[])
+    AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason)
+ORDER BY r.id
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+# 2. Lock every row of the batch, in id order (writers of one transaction take turns), and read what
+#    is stored up to. The count is kept past every stored event even if the row was restored behind them.
+_LOCK_ROWS = """
+WITH locked AS (SELECT id FROM haip_transactions WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)
+UPDATE haip_transactions t SET last_tseq = greatest(
+    t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events e WHERE e.tx = t.id))
+FROM locked WHERE t.id = locked.id
+RETURNING t.id, t.last_tseq
+"""
+# 3. Merge records into rows that were there already: members and agents are only added, an ended
+#    transaction stays ended, updated_at only moves forward.
+_MERGE_RECORDS = """
+UPDATE haip_transactions t SET
+    owner = CASE WHEN t.owner = '' THEN r.owner ELSE t.owner END,
     agents = t.agents || ARRAY(
-        SELECT a FROM unnest(excluded.agents) WITH ORDINALITY AS x(a, n) WHERE NOT a = ANY(t.agents) ORDER BY n),
-    state = CASE WHEN t.state = 'ended' THEN t.state ELSE excluded.state END,
-    end_reason = CASE WHEN t.state = 'ended' THEN t.end_reason ELSE excluded.end_reason END,
-    thread_id = coalesce(t.thread_id, excluded.thread_id),
-    created_at = least(t.created_at, excluded.created_at),
-    updated_at = greatest(t.updated_at, excluded.updated_at)
-RETURNING updated_at
+        SELECT a FROM jsonb_array_elements_text(r.agents::jsonb) WITH ORDINALITY AS x(a, n)
+        WHERE NOT a = ANY(t.agents) ORDER BY n),
+    state = CASE WHEN t.state = 'ended' THEN t.state ELSE r.state END,
+    end_reason = CASE WHEN t.state = 'ended' THEN t.end_reason ELSE r.end_reason END,
+    thread_id = coalesce(t.thread_id, r.thread_id),
+    created_at = least(t.created_at, r.created_at),
+    updated_at = greatest(t.updated_at, r.updated_at)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[])
+    AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason)
+WHERE t.id = r.id
 """
-# Members are only added; every member's row carries the transaction's updated_at (for the list).
+# 4. Members are only added; every member's row carries the transaction's updated_at (for the list).
 _ADD_MEMBERS = """
-INSERT INTO haip_members (user_id, tx, updated_at) SELECT unnest($2::text[]), $1, $3 ON CONFLICT DO NOTHING
-"""
-_MEMBERS_UPDATED = "UPDATE haip_members SET updated_at = $2 WHERE tx = $1 AND updated_at < $2"
-# Lock a transaction's row for the rest of the batch (writers of one transaction take turns) and
-# read what is stored up to; a row not saved yet is made (its metadata follows). The count is kept
-# past every stored event even if the row was restored behind them.
-_LOCK_LAST = """
-INSERT INTO haip_transactions AS t (id, owner, agents, state, created_at, updated_at, last_tseq)
-VALUES ($1, '', '{}', 'open', $2, $2, 0)
-ON CONFLICT (id) DO UPDATE SET last_tseq = greatest(
-    t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events WHERE tx = $1))
-RETURNING last_tseq
-"""
-_INSERT_EVENTS = """
-WITH counted AS (UPDATE haip_transactions SET last_tseq = $5 WHERE id = $1)
-INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
-"""
-# In a cluster every event comes numbered by the bus's log, and every node hosting the transaction
-# writes what it delivers: a row another node wrote already is skipped, never moved.
-_INSERT_NUMBERED = """
-WITH counted AS (UPDATE haip_transactions SET last_tseq = greatest(last_tseq, $5) WHERE id = $1)
-INSERT INTO haip_events (tx, tseq, id, body) SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[])
+INSERT INTO haip_members (user_id, tx, updated_at)
+SELECT m.user_id, m.tx, t.updated_at FROM unnest($1::text[], $2::text[]) AS m(tx, user_id)
+JOIN haip_transactions t ON t.id = m.tx
 ON CONFLICT DO NOTHING
 """
-_STORED_IDS = "SELECT id, tseq FROM haip_events WHERE tx = $1 AND id = ANY($2::text[])"
-# A record's last_tseq counts numbers handed out live, also to events that were never stored (given
-# up, dropped in an outage): a transaction brought back later must not hand them out again.
-_KEEP_LAST = "UPDATE haip_transactions SET last_tseq = greatest(last_tseq, $2) WHERE id = $1"
+_MEMBERS_UPDATED = """
+UPDATE haip_members m SET updated_at = t.updated_at FROM haip_transactions t
+WHERE t.id = ANY($1::text[]) AND m.tx = t.id AND m.updated_at < t.updated_at
+"""
+# 5. The events, every transaction's at once. In a cluster every event comes numbered by the bus's
+#    log, and every node hosting the transaction writes what it delivers: a row another node wrote
+#    already is skipped, never moved.
+_INSERT_EVENTS = """
+INSERT INTO haip_events (tx, tseq, id, body) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
+"""
+_INSERT_NUMBERED = _INSERT_EVENTS + "ON CONFLICT DO NOTHING\n"
+# 6. A record's last_tseq counts numbers handed out live, also to events that were never stored
+#    (given up, dropped in an outage): a transaction brought back later must not hand them out again.
+_KEEP_LAST = """
+UPDATE haip_transactions t SET last_tseq = greatest(t.last_tseq, u.last)
+FROM unnest($1::text[], $2::bigint[]) AS u(id, last) WHERE t.id = u.id
+"""
+# A retried batch: which of its events the attempt before committed without our hearing it.
+_STORED_IDS = """
+SELECT e.tx, e.id, e.tseq FROM haip_events e JOIN unnest($1::text[], $2::text[]) AS u(tx, id)
+ON e.tx = u.tx AND e.id = u.id
+"""
 _SAVE_SESSION = """
 INSERT INTO haip_sessions AS s (id, user_id, epoch, transactions, updated_at) VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (id) DO UPDATE SET
@@ -228,9 +258,9 @@ class PostgresStore(BatchingWriter):
                 await anyio.sleep(random.uniform(0.005, 0.02) * tries)  # a jitter, not a secret
 
     async def _write(self, batch: list[Write]) -> None:
-        """One database transaction for ``batch``. Rows are locked in one order whoever writes, so
-        two writers do not wait on each other in a circle: transactions by id, then sessions by id,
-        then the prunes."""
+        """One database transaction for ``batch``, in a few set-based statements whatever number of
+        transactions it touches. Rows are locked in one order whoever writes, so two writers do not
+        wait on each other in a circle: transactions by id, then sessions by id, then the prunes."""
         assert self._pool is not None
         records: dict[str, TransactionRecord] = {}
         events: dict[str, list[tuple[Any, ...]]] = {}
@@ -248,20 +278,82 @@ class PostgresStore(BatchingWriter):
                 sessions.append((0, args[0], index, (kind, args)))
             else:  # prune: many rows, after the rest
                 sessions.append((1, "", index, (kind, args)))
+        ids = sorted(records.keys() | events.keys())
         renumbered: list[tuple[str, int, int]] = []
         async with self._pool.acquire() as db, db.transaction():
-            for transaction_id in sorted(records.keys() | events.keys()):
-                record_ = records.get(transaction_id)
-                if record_ is not None:
-                    await self._save_record(db, record_)
-                if transaction_id in events:
-                    renumbered += await self._insert_events(db, transaction_id, events[transaction_id])
-                if record_ is not None and record_.last_tseq:  # numbers handed out live, stored or not
-                    await db.execute(_KEEP_LAST, transaction_id, record_.last_tseq)
+            if ids:
+                renumbered = await self._write_transactions(db, ids, records, events)
             for _, _, _, (kind, args) in sorted(sessions, key=lambda item: item[:3]):
                 await self._write_session(db, kind, args)
         for transaction_id, published, stored in renumbered:  # committed: now it is true
             self._sequenced(transaction_id, published, stored)
+
+    async def _write_transactions(
+        self,
+        db: Db,
+        ids: list[str],
+        records: dict[str, TransactionRecord],
+        events: dict[str, list[tuple[Any, ...]]],
+    ) -> list[tuple[str, int, int]]:
+        """The rows, metadata and events of the transactions ``ids`` (sorted); the events whose
+        number changed: (transaction, published, stored)."""
+        now = time.time()
+        made = {
+            row["id"]
+            for row in await db.fetch(_MAKE_ROWS, *_columns([records.get(i) or _placeholder(i, now) for i in ids]))
+        }
+        stored_up_to = {row["id"]: int(row["last_tseq"]) for row in await db.fetch(_LOCK_ROWS, ids)}
+        if records:
+            known = [record for record_id, record in records.items() if record_id not in made]
+            if known:
+                await db.execute(_MERGE_RECORDS, *_columns(known))
+            pairs = [(record.id, member) for record in records.values() for member in record.members]
+            await db.execute(_ADD_MEMBERS, [tx for tx, _ in pairs], [member for _, member in pairs])
+            await db.execute(_MEMBERS_UPDATED, list(records))
+        # numbers handed out live, stored or not
+        last = {record_id: record.last_tseq for record_id, record in records.items() if record.last_tseq}
+        renumbered: list[tuple[str, int, int]] = []
+        if events:
+            rows, renumbered = await self._numbered(db, events, stored_up_to)
+            await db.execute(_INSERT_NUMBERED if self.numbered_by_caller else _INSERT_EVENTS, *rows)
+            for tx, tseq in zip(rows[0], rows[1], strict=True):
+                last[tx] = max(last.get(tx, 0), tseq)
+        if last:
+            await db.execute(_KEEP_LAST, list(last), list(last.values()))
+        return renumbered
+
+    async def _numbered(
+        self, db: Db, events: dict[str, list[tuple[Any, ...]]], stored_up_to: dict[str, int]
+    ) -> tuple[list[list[Any]], list[tuple[str, int, int]]]:
+        """The events to insert as columns (tx, tseq, id, body), and those whose number changed.
+
+        Each goes in at the number it was published under if that is free and after what is stored,
+        else at the next free one: order kept, no gap made. In a cluster the bus's numbers are kept."""
+        columns: list[list[Any]] = [[], [], [], []]
+        moved: list[tuple[str, int, int]] = []
+        if self._retrying and not self.numbered_by_caller:  # the last attempt may have committed unheard
+            asked = [(tx, row[3]) for tx, rows in events.items() for row in rows]
+            found = await db.fetch(_STORED_IDS, [tx for tx, _ in asked], [event_id for _, event_id in asked])
+            stored = {(row["tx"], row["id"]): row["tseq"] for row in found}
+            for tx, rows in events.items():
+                moved += [
+                    (tx, row[1], stored[tx, row[3]]) for row in rows if stored.get((tx, row[3]), row[1]) != row[1]
+                ]
+            events = {
+                tx: kept for tx, rows in events.items() if (kept := [row for row in rows if (tx, row[3]) not in stored])
+            }
+        for tx in sorted(events):
+            last = stored_up_to.get(tx, 0)
+            for row in events[tx]:
+                number = row[1] if self.numbered_by_caller else max(row[1], last + 1)
+                last = max(last, number)
+                columns[0].append(tx)
+                columns[1].append(number)
+                columns[2].append(row[3])
+                columns[3].append(row[2])
+                if number != row[1]:
+                    moved.append((tx, row[1], number))
+        return columns, moved
 
     @staticmethod
     async def _write_session(db: Db, kind: str, args: tuple[Any, ...]) -> None:
@@ -273,48 +365,6 @@ class PostgresStore(BatchingWriter):
             await db.execute("DELETE FROM haip_sessions WHERE id = $1", *args)
         else:
             await db.execute("DELETE FROM haip_sessions WHERE updated_at < $1", *args)
-
-    async def _save_record(self, db: Db, record: TransactionRecord) -> None:
-        updated_at = await db.fetchval(
-            _UPSERT_TRANSACTION,
-            record.id,
-            record.owner,
-            list(record.agents),
-            record.state.value,
-            record.thread_id,
-            record.created_at,
-            record.updated_at,
-            record.end_reason,
-        )
-        await db.execute(_ADD_MEMBERS, record.id, list(record.members), updated_at)
-        await db.execute(_MEMBERS_UPDATED, record.id, updated_at)
-
-    async def _insert_events(
-        self, db: Db, transaction_id: str, rows: list[tuple[Any, ...]]
-    ) -> list[tuple[str, int, int]]:
-        """Insert a transaction's events at the numbers they were published under where those come
-        after what is stored, else at the next free ones; the ones whose number changed."""
-        if self.numbered_by_caller:
-            await db.fetchval(_LOCK_LAST, transaction_id, time.time())
-            numbers, ids, bodies = [row[1] for row in rows], [row[3] for row in rows], [row[2] for row in rows]
-            await db.execute(_INSERT_NUMBERED, transaction_id, numbers, ids, bodies, max(numbers))
-            return []
-        moved: list[tuple[str, int, int]] = []
-        if self._retrying:  # the last attempt may have committed without our hearing it
-            found = await db.fetch(_STORED_IDS, transaction_id, [row[3] for row in rows])
-            stored = {found_row["id"]: found_row["tseq"] for found_row in found}
-            moved = [(transaction_id, row[1], stored[row[3]]) for row in rows if stored.get(row[3], row[1]) != row[1]]
-            rows = [row for row in rows if row[3] not in stored]
-            if not rows:
-                return moved
-        last = int(await db.fetchval(_LOCK_LAST, transaction_id, time.time()))
-        numbers = []
-        for row in rows:  # its own number if free, else the next free one: order kept, no gap made
-            last = max(row[1], last + 1)
-            numbers.append(last)
-        ids, bodies = [row[3] for row in rows], [row[2] for row in rows]
-        await db.execute(_INSERT_EVENTS, transaction_id, numbers, ids, bodies, last)
-        return moved + [(transaction_id, row[1], n) for row, n in zip(rows, numbers, strict=True) if row[1] != n]
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -448,3 +498,22 @@ def _transaction(row: asyncpg.Record) -> TransactionRecord:
         last_tseq=row["last_tseq"],
         end_reason=row["end_reason"],
     )
+
+
+def _placeholder(transaction_id: str, now: float) -> TransactionRecord:
+    """The row of a transaction whose events are written before its record: its metadata follows."""
+    return TransactionRecord(transaction_id, "", (), (), TransactionState.OPEN, now, now)
+
+
+def _columns(records: list[TransactionRecord]) -> list[list[Any]]:
+    """``records`` as the columns _MAKE_ROWS and _MERGE_RECORDS take (agents as JSON, kept in order)."""
+    return [
+        [record.id for record in records],
+        [record.owner for record in records],
+        [fastjson.dumps(list(record.agents)) for record in records],
+        [record.state.value for record in records],
+        [record.thread_id for record in records],
+        [record.created_at for record in records],
+        [record.updated_at for record in records],
+        [record.end_reason for record in records],
+    ]

@@ -534,3 +534,63 @@ def test_check_connect_reaches_the_database_and_says_its_schema_without_changing
     assert anyio.run(sql, postgres_url, "SELECT to_regclass('haip_schema') IS NULL AS untouched")[0]["untouched"]
     assert len(away) == 1 and away[0].startswith("failed: storage.url: cannot open PostgreSQL database")
     assert "hunter2" not in away[0]
+
+
+async def test_a_batch_of_many_transactions_takes_a_few_statements_not_a_few_per_transaction(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load each statement waits for the event loop's turn: at several statements a transaction,
+    a busy process's writer fell further behind every second (bench/workers.py). 200 transactions,
+    each new with a record and events, some with only events, go in one batch of a few statements."""
+    statements: list[str] = []
+    for method in ("execute", "fetch", "fetchval"):
+        original = getattr(asyncpg.Connection, method)
+
+        async def counted(self: asyncpg.Connection, query: str, *args: object, _original=original, **kw: object):  # type: ignore[no-untyped-def]
+            statements.append(query)
+            return await _original(self, query, *args, **kw)
+
+        monkeypatch.setattr(asyncpg.Connection, method, counted)
+    async with opened(postgres_url, flush_interval_seconds=5) as store:
+        await store.flush()
+        statements.clear()
+        for n in range(200):
+            if n % 4:
+                store.save_transaction(record(f"t{n}", members=("ann", f"u{n}"), last_tseq=3))
+            for tseq in (1, 2):
+                store.append(event(f"t{n}", tseq))
+        await store.flush()
+        written = len(statements)
+        kept = [await store.transaction(f"t{n}") for n in (0, 1)]
+        stored = await store.events("t7")
+    assert written <= 8, statements
+    assert kept[0] is not None and kept[0].owner == "" and kept[0].last_tseq == 2  # its record not written yet
+    assert kept[1] is not None and kept[1].members == ("ann", "u1") and kept[1].last_tseq == 3
+    assert [e.tseq for e in stored] == [1, 2]
+
+
+async def test_two_writers_splitting_records_and_events_oppositely_do_not_deadlock(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each writer writes one half of the transactions' records and the other half's events, new rows
+    each round: both lock rows (and wait for rows the other is making) in one order, so neither waits
+    for the other in a circle (PostgreSQL would break it after deadlock_timeout, and log a retry)."""
+    async with opened(postgres_url, flush_interval_seconds=0.001) as a, opened(postgres_url) as b:
+
+        async def write(store: PostgresStore, mine: int) -> None:
+            for round_ in range(20):
+                for n in range(40):
+                    tx = f"r{round_}-{n:02d}"
+                    if n % 2 == mine:
+                        store.save_transaction(record(tx, members=(f"u{mine}",)))
+                    else:
+                        store.append(event(tx, 1, f"w{mine}"))
+                await store.flush()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write, a, 0)
+            group.start_soon(write, b, 1)
+        kept = await a.transaction("r19-01")
+    assert a.health.write_failures == 0 and b.health.write_failures == 0
+    assert "writing the batch again" not in caplog.text
+    assert kept is not None and kept.members == ("u1",)
