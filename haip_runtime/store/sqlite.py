@@ -22,6 +22,7 @@ from typing import IO, Any, Self, TypeVar
 import anyio.to_thread
 
 from haip_runtime.exceptions import ConfigError, StorageError
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.store.base import (
     Cursor,
@@ -54,6 +55,30 @@ CREATE TABLE IF NOT EXISTS events(
 CREATE TABLE IF NOT EXISTS sessions(
     id TEXT PRIMARY KEY, user TEXT NOT NULL, epoch TEXT NOT NULL, transactions TEXT NOT NULL, updated_at REAL NOT NULL);
 """
+
+
+# Each kind of row goes in as one statement over a JSON array, not an executemany: sqlite3 lets go of
+# the GIL around every step, one step a row, and a worker thread takes it back only when the event
+# loop's thread yields it (every 5 ms when it is busy). Under load, 10,000 rows by executemany took
+# 11 s instead of 17 ms, and the writer fell behind for good; as one statement they take 37 ms.
+
+
+def _from_json(verb: str, table: str, columns: int) -> str:
+    """``verb`` INTO ``table`` the rows of a JSON array of arrays, the statement's one parameter."""
+    values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(columns))
+    return f"{verb} INTO {table} SELECT {values} FROM json_each(?)"
+
+
+_INSERT_EVENTS = _from_json("INSERT OR REPLACE", "events", 3)
+_INSERT_TRANSACTIONS = _from_json("INSERT OR REPLACE", "transactions", 9)
+_INSERT_MEMBERS = _from_json("INSERT OR IGNORE", "members", 2)
+
+
+def _integer(value: int) -> int:
+    """``value``, if SQLite can keep it as an integer (in JSON a larger one would be read as a float)."""
+    if not -(2**63) <= value < 2**63:
+        raise OverflowError(f"{value} does not fit SQLite's 64-bit integers")
+    return value
 
 
 class SqliteStore(BatchingWriter):
@@ -125,22 +150,22 @@ class SqliteStore(BatchingWriter):
         transactions: dict[str, TransactionRecord] = {}
         for kind, args in batch:
             if kind == "event":
-                events.append(args[:3])
+                events.append((args[0], _integer(args[1]), args[2]))
             elif kind == "transaction":
                 record: TransactionRecord = args[0]
+                _integer(record.last_tseq)
                 known = transactions.get(record.id)
                 transactions[record.id] = record if known is None else merged(known, record)
+        members = [(user, record.id) for record in transactions.values() for user in record.members]
         db.execute("BEGIN")
         try:
-            db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", events)
-            db.executemany(
-                "INSERT OR REPLACE INTO transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_transaction_row(record) for record in transactions.values()],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO members VALUES (?, ?)",
-                [(user, record.id) for record in transactions.values() for user in record.members],
-            )
+            for statement, rows in (
+                (_INSERT_EVENTS, events),
+                (_INSERT_TRANSACTIONS, [_transaction_row(record) for record in transactions.values()]),
+                (_INSERT_MEMBERS, members),
+            ):
+                if rows:
+                    db.execute(statement, (fastjson.dumps(rows),))
             for kind, args in batch:  # few, and their order matters (a save, then a forget)
                 if kind == "session":
                     session: SessionRecord = args[0]
