@@ -74,6 +74,16 @@ _INSERT_TRANSACTIONS = _from_json("INSERT OR REPLACE", "transactions", 9)
 _INSERT_MEMBERS = _from_json("INSERT OR IGNORE", "members", 2)
 
 
+def _log(db: sqlite3.Connection, sql: str, *params: Any) -> list[tuple[int, str]]:
+    """The (tseq, body) rows ``sql`` selects, in tseq order, read in one step as one JSON array: a
+    step a row would give up the GIL a row, and wait for the busy event loop's thread each time
+    (157 rows: 182 ms with the loop's thread busy against 0.2 ms so)."""
+    (text,) = db.execute(f"SELECT json_group_array(json_array(tseq, body)) FROM ({sql})", params).fetchone()
+    rows: list[tuple[int, str]] = [(tseq, body) for tseq, body in fastjson.loads(text)]
+    rows.sort()
+    return rows
+
+
 def _integer(value: int) -> int:
     """``value``, if SQLite can keep it as an integer (in JSON a larger one would be read as a float)."""
     if not -(2**63) <= value < 2**63:
@@ -222,14 +232,14 @@ class SqliteStore(BatchingWriter):
         return await self._read(query)
 
     async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
-        def query(db: sqlite3.Connection) -> list[tuple[int, str]]:
+        def query(db: sqlite3.Connection) -> list[Event]:
             sql = "SELECT tseq, body FROM events WHERE tx = ? AND tseq > ? ORDER BY tseq LIMIT ?"
-            return db.execute(sql, (transaction_id, after, limit)).fetchall()
+            return [
+                event_from_json(transaction_id, tseq, body)
+                for tseq, body in _log(db, sql, transaction_id, after, limit)
+            ]
 
-        def parsed(db: sqlite3.Connection) -> list[Event]:
-            return [event_from_json(transaction_id, tseq, body) for tseq, body in query(db)]
-
-        return await self._read(parsed)
+        return await self._read(query)
 
     async def open_owned(self, user: str, *, limit: int) -> list[str]:
         def query(db: sqlite3.Connection) -> list[str]:
@@ -239,12 +249,11 @@ class SqliteStore(BatchingWriter):
         return await self._read(query)
 
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
-        def query(db: sqlite3.Connection) -> list[tuple[int, str]]:
+        def query(db: sqlite3.Connection) -> list[Event]:
             sql = "SELECT tseq, body FROM events WHERE tx = ? ORDER BY tseq DESC LIMIT ?"
-            return db.execute(sql, (transaction_id, limit)).fetchall()
+            return [event_from_json(transaction_id, tseq, body) for tseq, body in _log(db, sql, transaction_id, limit)]
 
-        rows = await self._read(query)
-        return [event_from_json(transaction_id, tseq, body) for tseq, body in reversed(rows)]
+        return await self._read(query)
 
     async def session(self, session_id: str) -> SessionRecord | None:
         def query(db: sqlite3.Connection) -> SessionRecord | None:
