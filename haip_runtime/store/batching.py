@@ -12,7 +12,8 @@ same whatever the database:
   turns ``unavailable`` and each transaction with a waiting write is told once per outage
   (``on_storage``), and told again when it is written;
 - past ``max_pending`` waiting writes the oldest are dropped (and counted): memory stays bounded
-  whatever the outage costs; a backlog is written ``MAX_BATCH`` writes at a time.
+  whatever the outage costs; a backlog is written in batches of at most ``MAX_BATCH`` writes
+  or ``MAX_BATCH_CHARS`` characters of events' bodies.
 
 A backend says how to write one batch (``_attempt``) and which failures are the store's rather than
 one row's (``_unavailable``, ``_damaged``).
@@ -37,12 +38,14 @@ logger = logging.getLogger(__name__)
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
 
-#: Most writes in one batch: a backlog (after an outage, or a burst) is written in batches any
-#: database takes within its statement timeout, rather than as one that never fits. Under load a
-#: batch waits for the event loop at each of its few round trips, so its size is what lets the
-#: writer keep up with a busy process: at 2,000 the writer of one process answering echoes on a
-#: full core fell further behind every second; at 10,000 it keeps up (bench/workers.py).
-MAX_BATCH = 10_000
+#: Most writes in one batch, and most characters of events' bodies: a backlog (after an outage, or a
+#: burst) is written in batches any database takes within its statement timeout, rather than as one
+#: that never fits. Under load a batch waits for the event loop at each of its few round trips, so
+#: the batch's size is what lets the writer keep up with a busy process: at 2,000 writes the writer
+#: of one process answering echoes on a full core fell further behind every second; with these it
+#: keeps up (bench/store.py, part 4).
+MAX_BATCH = 50_000
+MAX_BATCH_CHARS = 16_000_000
 
 #: One queued write: (kind, arguments). Kinds: "event" (transaction, tseq, body, id), "transaction",
 #: "session", "forget", "prune".
@@ -172,7 +175,7 @@ class BatchingWriter:
                     await anyio.sleep(self.flush_interval)  # let a batch gather
                 self._wake = anyio.Event()
                 self._urgent = False
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_BATCH))]
+                batch = self._take()
                 if self._pending:  # a backlog: the next batch goes at once, as urgent as this one
                     self._wake.set()
                     self._urgent = True
@@ -201,6 +204,17 @@ class BatchingWriter:
         finally:
             self._alive = False
             self._batch_done.set()
+
+    def _take(self) -> list[Write]:
+        """The next batch: the oldest writes, up to ``MAX_BATCH`` of them or ``MAX_BATCH_CHARS`` of bodies."""
+        pending, chars = self._pending, 0
+        batch: list[Write] = []
+        while pending and len(batch) < MAX_BATCH and chars < MAX_BATCH_CHARS:
+            write = pending.popleft()
+            if write[0] == "event":  # ("event", (transaction, tseq, body, id))
+                chars += len(write[1][2])
+            batch.append(write)
+        return batch
 
     async def _commit(self, batch: list[Write]) -> Outcome:
         """Write ``batch``; a chunk that fails for one of its rows is split in halves until the bad

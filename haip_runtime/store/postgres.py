@@ -3,7 +3,9 @@
 Writes go through the batching writer every durable store has (``batching.py``): queued, never
 waited on, written by one writer task per process as one database transaction per batch, retried
 with backoff while the database cannot be reached. What a crash of the runtime can lose: the
-writes of the last ``flush_interval`` (50 ms by default), never part of a batch. What PostgreSQL
+writes still waiting (``/health``'s ``pending_writes``): those of the last ``flush_interval`` (50 ms
+by default), and under load those of the batch being written too (under half a second with a full
+core of echo load, bench/store.py part 4). What PostgreSQL
 has committed is its own to keep (its WAL; see docs/postgres.md for the settings that trade that).
 
 Several writers, no overwrite: the database decides ``tseq``. A batch takes each of its

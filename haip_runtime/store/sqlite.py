@@ -4,7 +4,8 @@ Writes are queued in memory and committed by a single writer task, in one transa
 in a worker thread (the event loop never waits on the disk). A batch is written at most
 ``flush_interval`` after its first write, or at once when a reader needs it (reads wait for every
 write queued before them, so a reader always sees its own writes). What a crash can lose: the
-writes of the last ``flush_interval`` (50 ms by default), never part of a batch (a batch is one
+writes still waiting (``/health``'s ``pending_writes``): those of the last ``flush_interval`` (50 ms
+by default), and under load those of the batch being written too (a batch is one
 SQLite transaction; the file is in WAL mode with ``synchronous=NORMAL``, so an OS crash may also lose
 the last commits, but never corrupts the file).
 """

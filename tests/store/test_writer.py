@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from haip_runtime.exceptions import ConfigError, StorageError
-from haip_runtime.store import SqliteStore
+from haip_runtime.store import SqliteStore, batching
 from haip_runtime.store.base import StorageState
 from tests.store.test_store import event, record
 from tests.support.damage import damage
@@ -100,3 +100,31 @@ async def test_damage_refuses_the_start_and_damage_met_later_is_storage_error(tm
         async with SqliteStore(path):
             pass
     assert "damaged" in str(refused.value)
+
+
+async def test_a_backlog_is_taken_in_batches_bounded_by_writes_and_by_characters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small events fill a batch by count, large ones by the characters of their bodies (so a batch of
+    large events still fits a statement timeout); every write is written once, in order."""
+    monkeypatch.setattr(batching, "MAX_BATCH", 50)
+    monkeypatch.setattr(batching, "MAX_BATCH_CHARS", 10_000)
+    batches: list[list[int]] = []  # the body lengths of each batch's events
+    async with SqliteStore(tmp_path / "haip.db", flush_interval=5) as store:
+        attempt = store._attempt
+
+        async def counted(batch: list[batching.Write]) -> None:
+            batches.append([len(args[2]) for kind, args in batch if kind == "event"])
+            await attempt(batch)
+
+        monkeypatch.setattr(store, "_attempt", counted)
+        for tseq in range(1, 121):
+            store.append(event("t", tseq))
+        for tseq in range(121, 141):
+            store.append(event("t", tseq, "x" * 3000))
+        await store.flush()
+        stored = await store.events("t", limit=1000)
+    assert [e.tseq for e in stored] == list(range(1, 141))
+    assert sum(map(len, batches)) == 140 and all(len(batch) <= 50 for batch in batches)
+    assert all(sum(batch[:-1]) < 10_000 for batch in batches)  # full once past the bound, not before
+    assert len(batches[0]) == 50 and len(batches[-2]) < 5  # by count, then by characters
