@@ -36,11 +36,11 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import asyncpg
+import orjson
 
 from haip_runtime.config.masking import masked_url
 from haip_runtime.config.models import StorageConfig
 from haip_runtime.exceptions import ConfigError, StorageError
-from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.store.base import (
     Cursor,
@@ -77,14 +77,14 @@ SELECT r.id, r.owner, ARRAY(SELECT a FROM jsonb_array_elements_text(r.agents::js
     ORDER BY n), r.state, r.thread_id, r.created_at, r.updated_at, 0, r.end_reason
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[])
     AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason)
-ORDER BY r.id
+ORDER BY r.id COLLATE "C"  -- code point order, as Python sorts: every version of the writer agrees
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
 # 2. Lock every row of the batch, in id order (writers of one transaction take turns), and read what
 #    is stored up to. The count is kept past every stored event even if the row was restored behind them.
 _LOCK_ROWS = """
-WITH locked AS (SELECT id FROM haip_transactions WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)
+WITH locked AS (SELECT id FROM haip_transactions WHERE id = ANY($1::text[]) ORDER BY id COLLATE "C" FOR UPDATE)
 UPDATE haip_transactions t SET last_tseq = greatest(
     t.last_tseq, (SELECT coalesce(max(tseq), 0) FROM haip_events e WHERE e.tx = t.id))
 FROM locked WHERE t.id = locked.id
@@ -512,7 +512,7 @@ def _columns(records: list[TransactionRecord]) -> list[list[Any]]:
     return [
         [record.id for record in records],
         [record.owner for record in records],
-        [fastjson.dumps(list(record.agents)) for record in records],
+        [orjson.dumps(record.agents).decode() for record in records],  # a lone surrogate refused, not changed
         [record.state.value for record in records],
         [record.thread_id for record in records],
         [record.created_at for record in records],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
 import anyio.to_thread
+import orjson
 
 from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.protocol import fastjson
@@ -58,29 +59,54 @@ CREATE TABLE IF NOT EXISTS sessions(
 """
 
 
-# Each kind of row goes in as one statement over a JSON array, not an executemany: sqlite3 lets go of
-# the GIL around every step, one step a row, and a worker thread takes it back only when the event
-# loop's thread yields it (every 5 ms when it is busy). Under load, 10,000 rows by executemany took
-# 11 s instead of 17 ms, and the writer fell behind for good; as one statement they take 37 ms.
+def _insert(db: sqlite3.Connection, verb: str, table: str, rows: list[tuple[Any, ...]]) -> None:
+    """``verb`` INTO ``table`` ``rows``, as one statement over a JSON array of them.
+
+    Not an executemany: sqlite3 lets go of the GIL around every step, one step a row, and the writer
+    thread takes it back only when the event loop's thread yields it (every 5 ms when it is busy).
+    Under load, 10,000 rows by executemany took 11 s instead of 17 ms, and the writer fell behind for
+    good; as one statement they take 37 ms. Text JSON cannot bring to SQLite intact goes the slow way:
+    ``json_extract`` cuts a string at a NUL. orjson refuses a lone surrogate (UTF-8 cannot hold one),
+    as sqlite3 would, so that row is given up alone rather than changed."""
+    if not rows:
+        return
+    if any("\x00" in value for row in rows for value in row if isinstance(value, str)):
+        db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        return
+    values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(len(rows[0])))
+    db.execute(f"{verb} INTO {table} SELECT {values} FROM json_each(?)", (orjson.dumps(rows).decode(),))
 
 
-def _from_json(verb: str, table: str, columns: int) -> str:
-    """``verb`` INTO ``table`` the rows of a JSON array of arrays, the statement's one parameter."""
-    values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(columns))
-    return f"{verb} INTO {table} SELECT {values} FROM json_each(?)"
+#: Events read per step (reads are a loop of these): a page's JSON is built whole by SQLite, which
+#: refuses text past 1e9 bytes and, meanwhile, holds it beside the rows.
+READ_CHUNK = 500
 
 
-_INSERT_EVENTS = _from_json("INSERT OR REPLACE", "events", 3)
-_INSERT_TRANSACTIONS = _from_json("INSERT OR REPLACE", "transactions", 9)
-_INSERT_MEMBERS = _from_json("INSERT OR IGNORE", "members", 2)
-
-
-def _log(db: sqlite3.Connection, sql: str, *params: Any) -> list[tuple[int, str]]:
-    """The (tseq, body) rows ``sql`` selects, in tseq order, read in one step as one JSON array: a
-    step a row would give up the GIL a row, and wait for the busy event loop's thread each time
-    (157 rows: 182 ms with the loop's thread busy against 0.2 ms so)."""
-    (text,) = db.execute(f"SELECT json_group_array(json_array(tseq, body)) FROM ({sql})", params).fetchone()
-    rows: list[tuple[int, str]] = [(tseq, body) for tseq, body in fastjson.loads(text)]
+def _log(db: sqlite3.Connection, transaction_id: str, limit: int, after: int | None = None) -> list[tuple[int, str]]:
+    """The (tseq, body) rows of a transaction, in tseq order: the first ``limit`` after ``after``, or
+    without it the last ``limit``. Read as JSON arrays of ``READ_CHUNK`` rows, one step each: a step a
+    row would give up the GIL a row, and wait for the busy event loop's thread each time (157 rows:
+    182 ms with the loop's thread busy against 0.2 ms so)."""
+    newest = after is None
+    sql = (
+        "SELECT tseq, body FROM events WHERE tx = ? AND tseq < ? ORDER BY tseq DESC LIMIT ?"
+        if newest
+        else "SELECT tseq, body FROM events WHERE tx = ? AND tseq > ? ORDER BY tseq LIMIT ?"
+    )
+    rows: list[tuple[int, str]] = []
+    bound = 2**63 - 1 if after is None else after
+    while len(rows) < limit:
+        asked = min(READ_CHUNK, limit - len(rows))
+        params = (transaction_id, bound, asked)
+        try:
+            (text,) = db.execute(f"SELECT json_group_array(json_array(tseq, body)) FROM ({sql})", params).fetchone()
+            chunk = [(tseq, body) for tseq, body in fastjson.loads(text)]
+        except sqlite3.DataError:  # past SQLite's longest text: these rows one step each
+            chunk = db.execute(sql, params).fetchall()
+        rows += chunk
+        if len(chunk) < asked:
+            break
+        bound = min(tseq for tseq, _ in chunk) if newest else max(tseq for tseq, _ in chunk)
     rows.sort()
     return rows
 
@@ -170,13 +196,9 @@ class SqliteStore(BatchingWriter):
         members = [(user, record.id) for record in transactions.values() for user in record.members]
         db.execute("BEGIN")
         try:
-            for statement, rows in (
-                (_INSERT_EVENTS, events),
-                (_INSERT_TRANSACTIONS, [_transaction_row(record) for record in transactions.values()]),
-                (_INSERT_MEMBERS, members),
-            ):
-                if rows:
-                    db.execute(statement, (fastjson.dumps(rows),))
+            _insert(db, "INSERT OR REPLACE", "events", events)
+            _insert(db, "INSERT OR REPLACE", "transactions", [_transaction_row(r) for r in transactions.values()])
+            _insert(db, "INSERT OR IGNORE", "members", members)
             for kind, args in batch:  # few, and their order matters (a save, then a forget)
                 if kind == "session":
                     session: SessionRecord = args[0]
@@ -234,10 +256,8 @@ class SqliteStore(BatchingWriter):
 
     async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
         def query(db: sqlite3.Connection) -> list[Event]:
-            sql = "SELECT tseq, body FROM events WHERE tx = ? AND tseq > ? ORDER BY tseq LIMIT ?"
             return [
-                event_from_json(transaction_id, tseq, body)
-                for tseq, body in _log(db, sql, transaction_id, after, limit)
+                event_from_json(transaction_id, tseq, body) for tseq, body in _log(db, transaction_id, limit, after)
             ]
 
         return await self._read(query)
@@ -251,8 +271,7 @@ class SqliteStore(BatchingWriter):
 
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
         def query(db: sqlite3.Connection) -> list[Event]:
-            sql = "SELECT tseq, body FROM events WHERE tx = ? ORDER BY tseq DESC LIMIT ?"
-            return [event_from_json(transaction_id, tseq, body) for tseq, body in _log(db, sql, transaction_id, limit)]
+            return [event_from_json(transaction_id, tseq, body) for tseq, body in _log(db, transaction_id, limit)]
 
         return await self._read(query)
 

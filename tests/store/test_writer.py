@@ -4,6 +4,7 @@ are retried with backoff and are bounded; closing never waits on a store that ca
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,7 @@ import pytest
 from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.store import SqliteStore, batching
 from haip_runtime.store.base import StorageState
+from tests.store.test_postgres import text_of
 from tests.store.test_store import event, record
 from tests.support.damage import damage
 
@@ -128,3 +130,50 @@ async def test_a_backlog_is_taken_in_batches_bounded_by_writes_and_by_characters
     assert sum(map(len, batches)) == 140 and all(len(batch) <= 50 for batch in batches)
     assert all(sum(batch[:-1]) < 10_000 for batch in batches)  # full once past the bound, not before
     assert len(batches[0]) == 50 and len(batches[-2]) < 5  # by count, then by characters
+
+
+async def test_text_json_cannot_carry_intact_is_kept_whole_or_its_row_given_up(tmp_path: Path) -> None:
+    """Rows go to SQLite as JSON; json_extract would cut a string at a NUL (two ids differing after one
+    would become one), and a lone surrogate cannot be UTF-8: a NUL is kept, such a row given up alone."""
+    async with SqliteStore(tmp_path / "haip.db") as store:
+        store.save_transaction(record("a", members=("ann",)))
+        store.save_transaction(record("a\x00b", owner="eve", members=("eve",), end_reason="done\x00 by eve"))
+        store.save_transaction(record("s", end_reason="x\ud800y"))
+        store.append(event("a", 1, "ann's"))
+        store.append(event("a\x00b", 1, "eve's\x00"))
+        await store.flush()
+        first, second, lone = [await store.transaction(tx) for tx in ("a", "a\x00b", "s")]
+        texts = [text_of(e) for tx in ("a", "a\x00b") for e in await store.events(tx)]
+    assert first is not None and first.owner == "ann" and first.members == ("ann",)
+    assert second is not None and second.owner == "eve" and second.end_reason == "done\x00 by eve"
+    assert lone is None and store.health.writes_lost == 1
+    assert texts == ["ann's", "eve's\x00"]
+
+
+async def test_reads_longer_than_a_step_come_whole_and_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events are read READ_CHUNK at a time, each chunk one JSON text; a chunk past SQLite's longest
+    text is read a row at a time instead of failing the read."""
+    from haip_runtime.store import sqlite
+
+    monkeypatch.setattr(sqlite, "READ_CHUNK", 7)
+    async with SqliteStore(tmp_path / "haip.db") as store:
+        for tseq in range(1, 51):
+            store.append(event("t", tseq, "x" * (1500 if tseq == 30 else 10)))
+        store.append(event("other", 1))
+        await store.flush()
+        pages = [await store.events("t", after=after, limit=limit) for after, limit in ((0, 100), (5, 20), (45, 10))]
+        tails = [await store.tail("t", limit=limit) for limit in (1, 7, 23, 100)]
+        assert store._reader is not None
+        store._reader.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 2000)  # the chunk holding tseq 30 is now too long
+        limited = [await store.events("t", limit=100), await store.tail("t", limit=100)]
+    assert [[e.tseq for e in page] for page in pages] == [list(range(1, 51)), list(range(6, 26)), list(range(46, 51))]
+    assert [[e.tseq for e in tail] for tail in tails] == [
+        [50],
+        list(range(44, 51)),
+        list(range(28, 51)),
+        list(range(1, 51)),
+    ]
+    assert [[e.tseq for e in page] for page in limited] == [list(range(1, 51))] * 2
+    assert text_of(limited[0][29]) == "x" * 1500
