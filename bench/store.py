@@ -33,6 +33,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import Server, cores, haip_server, percentile, pin  # noqa: E402  # type: ignore[import-not-found]
+from common import Server, cores, drain, haip_server, load, percentile, pin, stores  # noqa: E402  # type: ignore[import-not-found]
 
 from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.config.models import StorageConfig  # noqa: E402
@@ -80,9 +81,11 @@ class Scale:
     reads: int
     big_events: int
 
+    busy_seconds: float
 
-FULL = Scale(rounds=6, write_events=50_000, echo_trips=3000, reads=300, big_events=1_000_000)
-SHORT = Scale(rounds=2, write_events=2_000, echo_trips=40, reads=10, big_events=20_000)
+
+FULL = Scale(rounds=6, write_events=50_000, echo_trips=3000, reads=300, big_events=1_000_000, busy_seconds=10)
+SHORT = Scale(rounds=2, write_events=2_000, echo_trips=40, reads=10, big_events=20_000, busy_seconds=1.5)
 
 
 def log(text: str) -> None:
@@ -280,6 +283,69 @@ def echo_latency(scale: Scale, found: Clusters) -> dict[str, Series]:
                 for p in (50, 90, 99):
                     results[f"p{p}"].add(name, percentile(samples, p) * 1000)
                 results["cpu"].add(name, cpu * 1e6)
+    return results
+
+
+# -- 4: the writer under full load ---------------------------------------------------------------------------
+
+#: Part 4's load: connections, each in a transaction of its own with the echo agent, and messages in flight.
+BUSY_LOAD = {"conns": 64, "inflight": 4, "warmup": 1}
+#: How often part 4 reads each server's pending writes during its load.
+BUSY_POLL = 0.25
+
+
+#: What part 4 found when it was added, before the writers changed (not measured by this file's code).
+BUSY_NOTE = (
+    "Why part 4 exists (2026-12-06): both durable stores fell behind under this load and never caught up. "
+    "PostgreSQL's writer ran about seven statements per transaction in a batch, each waiting for the busy "
+    "event loop's turn: at about 5,400 round trips/s its writes waiting grew by about 36,000 a second "
+    "(724,000 after 20 s; 13.5 s to catch up after). SQLite's wrote each row by `executemany`, whose every "
+    "row gives up the GIL, which the writer thread then waits for while the event loop's thread is busy "
+    "(10,000 rows: 10.9 s instead of 17 ms): it reached `max_pending_writes` within 3 s and dropped the "
+    "oldest writes for the rest of the load. Now a PostgreSQL batch is eight set-based statements whatever "
+    "it holds, batches go up to 10,000 writes, and SQLite writes each kind of row, and reads a "
+    "transaction's events, in one statement over a JSON array."
+)
+
+
+def busy_round(server: Server, seconds: float) -> dict[str, float]:
+    """One echo load as fast as the server answers, with the store's pending writes read meanwhile:
+    round trips/s, the most writes waiting at once, those waiting at the end of the load, the writes
+    dropped (``storage.max_pending_writes``, default 100,000) and the seconds to catch up after."""
+    spec = {**BUSY_LOAD, "seconds": seconds, "mode": "echo", "url": server.ws(), "token": server.token}
+    dropped_before = stores(server.port)["single"].get("writes_dropped", 0)
+    done: list[dict[str, Any]] = []
+    worker = threading.Thread(target=lambda: done.append(load(LOAD, spec, timeout=seconds + 120)))
+    worker.start()
+    pending: list[int] = []
+    while worker.is_alive():  # polling /health: another process, no event to wait on
+        pending.append(int(stores(server.port)["single"].get("pending_writes", 0)))
+        worker.join(BUSY_POLL)
+    if not done:
+        raise RuntimeError("part 4's load failed (see its stderr above)")
+    at_end = pending[-1] if pending else 0
+    behind, _ = drain(server.port)
+    dropped = stores(server.port)["single"].get("writes_dropped", 0) - dropped_before
+    return {
+        "rate": done[0]["rate"],
+        "peak": max(pending, default=0),
+        "end": at_end,
+        "dropped": dropped,
+        "behind": behind,
+    }
+
+
+def busy_writers(scale: Scale, found: Clusters) -> dict[str, Series]:
+    """Part 4 per backend (memory for the rate without a store), one server each up throughout, rounds
+    interleaved."""
+    results = {name: Series() for name in ("rate", "peak", "end", "dropped", "behind")}
+    names = ["memory", "sqlite", *found.servers]
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(haip_server(SERVER, extra=storage_toml(name, found))) for name in names}
+        for _ in range(scale.rounds):
+            for name in names:
+                for figure, value in busy_round(servers[name], scale.busy_seconds).items():
+                    results[figure].add(name, value)
     return results
 
 
@@ -504,6 +570,25 @@ def echo_table(echo: dict[str, Series]) -> list[str]:
     return lines
 
 
+def busy_table(busy: dict[str, Series]) -> list[str]:
+    rate = busy["rate"]
+    lines = [
+        "| backend | round trips/s (rounds) | against memory | most writes waiting (rounds) |"
+        " waiting at the load's end |"
+        " writes dropped (all rounds) | caught up after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in rate.figures:
+        ratio = statistics.median(a / b for a, b in zip(rate.figures[name], rate.figures["memory"], strict=True))
+        peaks = ", ".join(f"{value:,.0f}" for value in busy["peak"].figures[name])
+        lines.append(
+            f"| {name} | {rate.median(name):,.0f} ({rate.spread(name)}) | {ratio:.2f}x | {peaks} |"
+            f" {busy['end'].median(name):,.0f} | {sum(busy['dropped'].figures[name]):,.0f} |"
+            f" {busy['behind'].median(name):.2f} s |"
+        )
+    return lines
+
+
 def round_ratios(big: Series, small: Series) -> list[float]:
     """Each round's big-database figure over the small one's (the two measured one after the other)."""
     return [b / a for b, a in zip(big.figures[""], small.figures[""], strict=True)]
@@ -572,6 +657,16 @@ def summary(
         f"- REST reads at {big:,} events against {SMALL_EVENTS:,}: p50 ratios (medians of per-round ratios) "
         f"{min(ratios):.2f}x to {max(ratios):.2f}x, over both backends and the three requests.",
     ]
+
+
+def busy_summary(busy: dict[str, Series]) -> list[str]:
+    stored = [name for name in busy["rate"].figures if name != "memory"]
+    kept = "; ".join(
+        f"{name} {busy['rate'].median(name):,.0f}/s, at most {max(busy['peak'].figures[name]):,.0f} writes waiting, "
+        f"{sum(busy['dropped'].figures[name]):,.0f} dropped"
+        for name in stored
+    )
+    return [f"- Under full echo load (memory: {busy['rate'].median('memory'):,.0f} round trips/s): {kept}."]
 
 
 def report(scale: Scale, short: bool, started: float, found: Clusters, sections: dict[str, list[str]]) -> str:
@@ -647,6 +742,22 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
         "",
         PROFILE_NOTE,
         "",
+        f"## 4. The writer under full load ({scale.busy_seconds:g} s of echo load per round)",
+        "",
+        *sections["busy"],
+        "",
+        f"A load process pinned to core(s) {sorted(LOAD)} (bench/load.py `echo`: {BUSY_LOAD['conns']} "
+        f"connections, each in a transaction of its own with the echo agent, {BUSY_LOAD['inflight']} messages "
+        "in flight on each) drives each server as fast as it answers, after "
+        f"{BUSY_LOAD['warmup']} s of warm-up; the server's core is full. Meanwhile the bench reads the store's "
+        f"`pending_writes` from `/health` every {BUSY_POLL} s. The store must write what the load makes "
+        "(six events and a record save a round trip) while its event loop is busy: a writer that falls "
+        "behind shows as writes waiting that grow through the load, then as writes dropped past "
+        "`storage.max_pending_writes` (the default, 100,000, here) and a long catch-up after. "
+        '"Caught up after": seconds from the load\'s end until nothing waits (`/health` polled).',
+        "",
+        BUSY_NOTE,
+        "",
     ]
     return "\n".join(lines)
 
@@ -669,9 +780,12 @@ def main() -> None:
         echo = echo_latency(scale, found)
         log("3: REST reads")
         reads = rest_reads(scale, found, Path(tmp))
+        log("4: the writer under full load")
+        busy = busy_writers(scale, found)
     sections["writes"], sections["echo"] = write_table(writes), echo_table(echo)
+    sections["busy"] = busy_table(busy)
     sections["reads"] = read_table(reads, scale.big_events)
-    sections["summary"] = summary(writes, echo, reads, scale.big_events)
+    sections["summary"] = summary(writes, echo, reads, scale.big_events) + busy_summary(busy)
     text = report(scale, args.short, started, found, sections)
     output.write_text(text, encoding="utf-8")
     print(text)

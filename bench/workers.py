@@ -139,14 +139,11 @@ class Figures:
         return [a / b for a, b in zip(self.of(ours, what), self.of(base, what), strict=True)]
 
 
-#: Writes each server may queue for PostgreSQL: enough that none is dropped in a run (the default, 100,000,
-#: let the fastest server drop events at the store and save their cost).
-MAX_PENDING = 2_000_000
-
-
 def config_text(postgres_url: str, redis_url: str | None, prefix: str) -> str:
     cluster = f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\n' if redis_url else ""
-    storage = f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\nmax_pending_writes = {MAX_PENDING}\n'
+    # storage.max_pending_writes as operators have it (100,000): a store that fell behind would drop
+    # writes, and the writes dropped column would say so.
+    storage = f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
     return BENCH_TOML.format(
         streamer=ROOT / "bench" / "streamer.py", mcp="", extra=storage + cluster, resume_timeout=120
     ).replace("[server]\n", "[server]\n", 1)
