@@ -303,8 +303,8 @@ BUSY_NOTE = (
     "row gives up the GIL, which the writer thread then waits for while the event loop's thread is busy "
     "(10,000 rows: 10.9 s instead of 17 ms): it reached `max_pending_writes` within 3 s and dropped the "
     "oldest writes for the rest of the load. Now a PostgreSQL batch is eight set-based statements whatever "
-    "it holds, batches go up to 50,000 writes or 16 million characters of bodies, and SQLite writes each kind of row, and reads a "
-    "transaction's events, in one statement over a JSON array."
+    "it holds, batches go up to 50,000 writes or 16 million characters of bodies, and SQLite writes each "
+    "kind of row, and reads a transaction's events, in one statement over a JSON array."
 )
 
 
