@@ -89,7 +89,7 @@ def _log(db: sqlite3.Connection, transaction_id: str, limit: int, after: int | N
     182 ms with the loop's thread busy against 0.2 ms so)."""
     newest = after is None
     sql = (
-        "SELECT tseq, body FROM events WHERE tx = ? AND tseq < ? ORDER BY tseq DESC LIMIT ?"
+        "SELECT tseq, body FROM events WHERE tx = ? AND tseq <= ? ORDER BY tseq DESC LIMIT ?"
         if newest
         else "SELECT tseq, body FROM events WHERE tx = ? AND tseq > ? ORDER BY tseq LIMIT ?"
     )
@@ -106,7 +106,9 @@ def _log(db: sqlite3.Connection, transaction_id: str, limit: int, after: int | N
         rows += chunk
         if len(chunk) < asked:
             break
-        bound = min(tseq for tseq, _ in chunk) if newest else max(tseq for tseq, _ in chunk)
+        bound = min(tseq for tseq, _ in chunk) - 1 if newest else max(tseq for tseq, _ in chunk)
+        if bound < -(2**63):
+            break  # nothing comes before SQLite's smallest integer
     rows.sort()
     return rows
 

@@ -124,10 +124,11 @@ async def test_a_backlog_is_taken_in_batches_bounded_by_writes_and_by_characters
             store.append(event("t", tseq))
         for tseq in range(121, 141):
             store.append(event("t", tseq, "x" * 3000))
+        store.append(event("t", 141, "y" * 20_000))  # one write past the bound alone: taken all the same
         await store.flush()
         stored = await store.events("t", limit=1000)
-    assert [e.tseq for e in stored] == list(range(1, 141))
-    assert sum(map(len, batches)) == 140 and all(len(batch) <= 50 for batch in batches)
+    assert [e.tseq for e in stored] == list(range(1, 142))
+    assert sum(map(len, batches)) == 141 and all(0 < len(batch) <= 50 for batch in batches)
     assert all(sum(batch[:-1]) < 10_000 for batch in batches)  # full once past the bound, not before
     assert len(batches[0]) == 50 and len(batches[-2]) < 5  # by count, then by characters
 
@@ -162,7 +163,10 @@ async def test_reads_longer_than_a_step_come_whole_and_in_order(
         for tseq in range(1, 51):
             store.append(event("t", tseq, "x" * (1500 if tseq == 30 else 10)))
         store.append(event("other", 1))
+        store.append(event("edge", 2**63 - 1))  # SQLite's largest integer: still the newest
+        store.append(event("edge", 2**63 - 2))
         await store.flush()
+        edge = [[e.tseq for e in await store.tail("edge", limit=limit)] for limit in (1, 5)]
         pages = [await store.events("t", after=after, limit=limit) for after, limit in ((0, 100), (5, 20), (45, 10))]
         tails = [await store.tail("t", limit=limit) for limit in (1, 7, 23, 100)]
         assert store._reader is not None
@@ -177,3 +181,4 @@ async def test_reads_longer_than_a_step_come_whole_and_in_order(
     ]
     assert [[e.tseq for e in page] for page in limited] == [list(range(1, 51))] * 2
     assert text_of(limited[0][29]) == "x" * 1500
+    assert edge == [[2**63 - 1], [2**63 - 2, 2**63 - 1]]
