@@ -118,13 +118,15 @@ _MEMBERS_UPDATED = """
 UPDATE haip_members m SET updated_at = t.updated_at FROM haip_transactions t
 WHERE t.id = ANY($1::text[]) AND m.tx = t.id AND m.updated_at < t.updated_at
 """
-# 5. The events, every transaction's at once. In a cluster every event comes numbered by the bus's
-#    log, and every node hosting the transaction writes what it delivers: a row another node wrote
-#    already is skipped, never moved.
-_INSERT_EVENTS = """
+# 5. The events, every transaction's at once: by COPY (binary), which took 55 ms of PostgreSQL's time
+#    and 3 ms of ours for 20,000 rows where this INSERT took 97 and 19. In a cluster every event comes
+#    numbered by the bus's log, and every node hosting the transaction writes what it delivers: a row
+#    another node wrote already is skipped, never moved, which COPY cannot do.
+_EVENT_COLUMNS = ["tx", "tseq", "id", "body"]
+_INSERT_NUMBERED = """
 INSERT INTO haip_events (tx, tseq, id, body) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
+ON CONFLICT DO NOTHING
 """
-_INSERT_NUMBERED = _INSERT_EVENTS + "ON CONFLICT DO NOTHING\n"
 # 6. A record's last_tseq counts numbers handed out live, also to events that were never stored
 #    (given up, dropped in an outage): a transaction brought back later must not hand them out again.
 _KEEP_LAST = """
@@ -317,7 +319,10 @@ class PostgresStore(BatchingWriter):
         renumbered: list[tuple[str, int, int]] = []
         if events:
             rows, renumbered = await self._numbered(db, events, stored_up_to)
-            await db.execute(_INSERT_NUMBERED if self.numbered_by_caller else _INSERT_EVENTS, *rows)
+            if self.numbered_by_caller:
+                await db.execute(_INSERT_NUMBERED, *rows)
+            else:
+                await db.copy_records_to_table("haip_events", records=zip(*rows, strict=True), columns=_EVENT_COLUMNS)
             for tx, tseq in zip(rows[0], rows[1], strict=True):
                 last[tx] = max(last.get(tx, 0), tseq)
         if last:
