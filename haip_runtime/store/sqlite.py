@@ -65,21 +65,23 @@ def _insert(db: sqlite3.Connection, verb: str, table: str, rows: list[tuple[Any,
     Not an executemany: sqlite3 lets go of the GIL around every step, one step a row, and the writer
     thread takes it back only when the event loop's thread yields it (every 5 ms when it is busy).
     Under load, 10,000 rows by executemany took 11 s instead of 17 ms, and the writer fell behind for
-    good; as one statement they take 37 ms. Text JSON cannot bring to SQLite intact goes the slow way:
-    ``json_extract`` cuts a string at a NUL. orjson refuses a lone surrogate (UTF-8 cannot hold one),
-    as sqlite3 would, so that row is given up alone rather than changed."""
-    if not rows:
-        return
-    if any("\x00" in value for row in rows for value in row if isinstance(value, str)):
-        db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
-        return
-    values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(len(rows[0])))
-    db.execute(f"{verb} INTO {table} SELECT {values} FROM json_each(?)", (orjson.dumps(rows).decode(),))
+    good; as one statement they take 37 ms. A row whose text JSON cannot bring to SQLite intact goes the
+    slow way: ``json_extract`` cuts a string at a NUL (such a row shares no key with the others: the NUL
+    is in it). orjson refuses a lone surrogate (UTF-8 cannot hold one), as sqlite3 would, so that row is
+    given up alone rather than changed."""
+    whole = [row for row in rows if any("\x00" in value for value in row if isinstance(value, str))]
+    if whole:
+        rows = [row for row in rows if not any("\x00" in value for value in row if isinstance(value, str))]
+        db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(whole[0]))})", whole)
+    if rows:
+        values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(len(rows[0])))
+        db.execute(f"{verb} INTO {table} SELECT {values} FROM json_each(?)", (orjson.dumps(rows).decode(),))
 
 
-#: Events read per step (reads are a loop of these): a page's JSON is built whole by SQLite, which
-#: refuses text past 1e9 bytes and, meanwhile, holds it beside the rows.
-READ_CHUNK = 500
+#: Events read per step (reads are a loop of these): a step's JSON is built whole by SQLite, which
+#: refuses text past 1e9 bytes and, meanwhile, holds it beside the rows (events of up to a frame, 1 MiB
+#: by default, escaped: up to about 200 MB a step).
+READ_CHUNK = 100
 
 
 def _log(db: sqlite3.Connection, transaction_id: str, limit: int, after: int | None = None) -> list[tuple[int, str]]:
@@ -95,13 +97,19 @@ def _log(db: sqlite3.Connection, transaction_id: str, limit: int, after: int | N
     )
     rows: list[tuple[int, str]] = []
     bound = 2**63 - 1 if after is None else after
+    rowwise = False  # once a step's JSON is past SQLite's longest text: the rest a row a step
     while len(rows) < limit:
         asked = min(READ_CHUNK, limit - len(rows))
         params = (transaction_id, bound, asked)
-        try:
-            (text,) = db.execute(f"SELECT json_group_array(json_array(tseq, body)) FROM ({sql})", params).fetchone()
-            chunk = [(tseq, body) for tseq, body in fastjson.loads(text)]
-        except sqlite3.DataError:  # past SQLite's longest text: these rows one step each
+        chunk: list[tuple[int, str]] = []
+        if not rowwise:
+            try:
+                query = f"SELECT json_group_array(json_array(tseq, body)) FROM ({sql})"
+                (text,) = db.execute(query, params).fetchone()
+                chunk = [(tseq, body) for tseq, body in fastjson.loads(text)]
+            except sqlite3.DataError:
+                rowwise = True
+        if rowwise:
             chunk = db.execute(sql, params).fetchall()
         rows += chunk
         if len(chunk) < asked:
