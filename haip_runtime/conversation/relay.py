@@ -155,7 +155,10 @@ class SharedLog(Succession):
         self._lease_free = anyio.Event()
         #: Set once the feed follows the log (and has delivered what Redis held of it).
         self._following = anyio.Event()
+        #: While events are read from the store (``_fill``): what the feed delivers meanwhile, held.
         self._filling: list[Any] | None = None
+        #: Set when the fill under way ends (a new one, a new event).
+        self._fill_ended = anyio.Event()
         self._stopped = False
         self._scope = anyio.CancelScope()
         #: Set when it has stopped following the log here.
@@ -395,7 +398,7 @@ class SharedLog(Succession):
             for index, item in enumerate(items):
                 if getattr(item, "data", None) is None:  # the bus no longer holds these: the store does
                     self._to_members(parts)
-                    self._filling = list(items[index + 1 :])
+                    self._filling, self._fill_ended = list(items[index + 1 :]), anyio.Event()
                     self.relay.spawn(self._fill, item.first, item.last)
                     return
                 try:
@@ -424,16 +427,19 @@ class SharedLog(Succession):
     async def filled(self, last: int) -> None:
         """Deliver from the store up to ``last`` (its newest row) what the feed did not bring
         (``Shared.filled``): after a Redis that lost its data, or a log idle past its expiry, nothing on
-        the bus says it is gone. The rows are there already: one read, no waiting for other nodes'."""
-        if self._filling is None and self.transaction.tseq < last:
-            self._filling = []  # what the feed delivers meanwhile waits, as for a gap
+        the bus says it is gone. The rows are there already: one read, no waiting for other nodes'.
+        A fill under way (a gap the feed reported) is waited for first: it may end short of ``last``."""
+        while self._filling is not None:
+            await self._fill_ended.wait()
+        if self.transaction.tseq < last:
+            self._filling, self._fill_ended = [], anyio.Event()  # what the feed delivers meanwhile waits
             await self._fill(self.transaction.tseq + 1, last, attempts=1)
 
     async def _fill(self, first: int, last: int, *, attempts: int = 10) -> None:
         """Deliver ``first``..``last`` from the store (waiting a little for rows other nodes have yet to
         write, ``attempts`` reads at most), then what came meanwhile, in order. Control entries are not
         stored: they are lost. However it ends (cancelled, a failure), what the feed held is delivered."""
-        transaction, events, after = self.transaction, [], first - 1
+        transaction, events, after, ended = self.transaction, [], first - 1, self._fill_ended
         logger.warning("transaction %s: events %d..%d are read from the store", transaction.id, first, last)
         try:
             for attempt in range(attempts):
@@ -455,7 +461,10 @@ class SharedLog(Succession):
             self._back.set()
             held, self._filling = self._filling or [], None
             self._progress.set()  # a takeover waiting for the fill to end
-            self.deliver(held)
+            try:
+                self.deliver(held)  # (a gap among them starts a fill of its own)
+            finally:
+                ended.set()
 
     def _entry(self, tseq: int, body: dict[str, Any], parts: list[Event] | None = None) -> None:
         """An entry another node wrote (or this one, before a restart): a control entry, or an event."""

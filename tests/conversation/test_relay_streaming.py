@@ -249,6 +249,33 @@ async def test_a_fill_cancelled_or_failing_lets_the_feed_deliver_again() -> None
     assert [text_of(e) for e in listener.got][-1] == "later "
 
 
+async def test_filling_up_to_the_stores_newest_waits_for_a_gaps_fill_under_way() -> None:
+    """A transaction brought back while the feed's gap is being read from the store: the gap's fill may
+    end short of the store's newest row, so ``filled`` waits for it and then reads the rest (it returned
+    at once, and the transaction stayed behind the store)."""
+    shared, transaction, listener, _ = shared_log(behind_ms=0)
+    for text in ("one ", "two ", "three ", "four "):
+        transaction.publish(part(text))
+    stored = [entry_event(fastjson.loads(e.data), transaction.id, e.tseq, None) for e in appended(shared)]
+    release, reading = anyio.Event(), anyio.Event()
+
+    async def events(transaction_id: str, *, after: int, limit: int) -> list[Event]:
+        reading.set()
+        await release.wait()
+        return [e for e in stored if after < (e.tseq or 0) <= after + limit]
+
+    shared.relay.store = SimpleNamespace(events=events)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            shared._filling, shared._fill_ended = [], anyio.Event()  # as ``deliver`` does at a gap
+            group.start_soon(shared._fill, 1, 2)
+            await reading.wait()
+            group.start_soon(shared.filled, 4)
+            await anyio.lowlevel.checkpoint()
+            release.set()
+    assert transaction.tseq == 4 and [text_of(e) for e in listener.got] == ["one ", "two ", "three ", "four "]
+
+
 def running_r1(transaction: Transaction) -> None:
     """A run of this node's under way in ``transaction`` (what ``_lose`` gives up and cancels)."""
     transaction.runs["r1"] = SimpleNamespace(scope=anyio.CancelScope())  # type: ignore[assignment]
