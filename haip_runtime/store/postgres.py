@@ -318,12 +318,12 @@ class PostgresStore(BatchingWriter):
         last = {record_id: record.last_tseq for record_id, record in records.items() if record.last_tseq}
         renumbered: list[tuple[str, int, int]] = []
         if events:
-            rows, renumbered = await self._numbered(db, events, stored_up_to)
+            rows, renumbered, stored_last = await self._numbered(db, events, stored_up_to)
             if self.numbered_by_caller:
-                await db.execute(_INSERT_NUMBERED, *rows)
+                await db.execute(_INSERT_NUMBERED, *[list(column) for column in zip(*rows, strict=True)])
             else:
-                await db.copy_records_to_table("haip_events", records=zip(*rows, strict=True), columns=_EVENT_COLUMNS)
-            for tx, tseq in zip(rows[0], rows[1], strict=True):
+                await db.copy_records_to_table("haip_events", records=rows, columns=_EVENT_COLUMNS)
+            for tx, tseq in stored_last.items():
                 last[tx] = max(last.get(tx, 0), tseq)
         if last:
             await db.execute(_KEEP_LAST, list(last), list(last.values()))
@@ -331,13 +331,15 @@ class PostgresStore(BatchingWriter):
 
     async def _numbered(
         self, db: Db, events: dict[str, list[tuple[Any, ...]]], stored_up_to: dict[str, int]
-    ) -> tuple[list[list[Any]], list[tuple[str, int, int]]]:
-        """The events to insert as columns (tx, tseq, id, body), and those whose number changed.
+    ) -> tuple[list[tuple[str, int, str, str]], list[tuple[str, int, int]], dict[str, int]]:
+        """The events to insert as rows (tx, tseq, id, body), those whose number changed, and each
+        transaction's last number after them.
 
         Each goes in at the number it was published under if that is free and after what is stored,
         else at the next free one: order kept, no gap made. In a cluster the bus's numbers are kept."""
-        columns: list[list[Any]] = [[], [], [], []]
+        rows_out: list[tuple[str, int, str, str]] = []
         moved: list[tuple[str, int, int]] = []
+        lasts: dict[str, int] = {}
         if self._retrying and not self.numbered_by_caller:  # the last attempt may have committed unheard
             asked = [(tx, row[3]) for tx, rows in events.items() for row in rows]
             found = await db.fetch(_STORED_IDS, [tx for tx, _ in asked], [event_id for _, event_id in asked])
@@ -354,13 +356,11 @@ class PostgresStore(BatchingWriter):
             for row in events[tx]:
                 number = row[1] if self.numbered_by_caller else max(row[1], last + 1)
                 last = max(last, number)
-                columns[0].append(tx)
-                columns[1].append(number)
-                columns[2].append(row[3])
-                columns[3].append(row[2])
+                rows_out.append((tx, number, row[3], row[2]))
                 if number != row[1]:
                     moved.append((tx, row[1], number))
-        return columns, moved
+            lasts[tx] = last
+        return rows_out, moved, lasts
 
     @staticmethod
     async def _write_session(db: Db, kind: str, args: tuple[Any, ...]) -> None:

@@ -69,9 +69,10 @@ def _insert(db: sqlite3.Connection, verb: str, table: str, rows: list[tuple[Any,
     slow way: ``json_extract`` cuts a string at a NUL (such a row shares no key with the others: the NUL
     is in it). orjson refuses a lone surrogate (UTF-8 cannot hold one), as sqlite3 would, so that row is
     given up alone rather than changed."""
-    whole = [row for row in rows if any("\x00" in value for value in row if isinstance(value, str))]
-    if whole:
-        rows = [row for row in rows if not any("\x00" in value for value in row if isinstance(value, str))]
+    nul = [any("\x00" in value for value in row if isinstance(value, str)) for row in rows]
+    if any(nul):
+        whole = [row for row, odd in zip(rows, nul, strict=True) if odd]
+        rows = [row for row, odd in zip(rows, nul, strict=True) if not odd]
         db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(whole[0]))})", whole)
     if rows:
         values = ", ".join(f"json_extract(value, '$[{column}]')" for column in range(len(rows[0])))
