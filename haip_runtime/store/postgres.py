@@ -121,7 +121,11 @@ WHERE t.id = ANY($1::text[]) AND m.tx = t.id AND m.updated_at < t.updated_at
 # 5. The events, every transaction's at once: by COPY (binary), which took 55 ms of PostgreSQL's time
 #    and 3 ms of ours for 20,000 rows where this INSERT took 97 and 19. In a cluster every event comes
 #    numbered by the bus's log, and every node hosting the transaction writes what it delivers: a row
-#    another node wrote already is skipped, never moved, which COPY cannot do.
+#    another node wrote already is skipped, never moved, which COPY cannot do. So a clustered writer
+#    copies only the events numbered past the row's last_tseq, which it holds locked (no writer can
+#    have stored them: every one raises last_tseq past what it stores, under the same lock), and
+#    inserts the rest with this; should a copied event's id be stored already (an append that landed
+#    twice, under two numbers), the batch is written again with this alone.
 _EVENT_COLUMNS = ["tx", "tseq", "id", "body"]
 _INSERT_NUMBERED = """
 INSERT INTO haip_events (tx, tseq, id, body) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
@@ -252,16 +256,23 @@ class PostgresStore(BatchingWriter):
 
     async def _attempt(self, batch: list[Write]) -> None:
         """Write ``batch``; what two writers do to each other (a deadlock) is tried again at once."""
-        for tries in range(1, TRANSIENT_TRIES + 1):
+        tries, copy = 1, self.numbered_by_caller
+        while True:
             try:
-                return await self._write(batch)
+                return await self._write(batch, copy_numbered=copy)
+            except asyncpg.UniqueViolationError:
+                if not copy:
+                    raise
+                copy = False  # an event copied was stored already (section 5): again, every one by INSERT
+                continue
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in _TRANSIENT or tries == TRANSIENT_TRIES:
                     raise
                 logger.info("store: %s (try %d of %d), writing the batch again", one_line(exc), tries, TRANSIENT_TRIES)
                 await anyio.sleep(random.uniform(0.005, 0.02) * tries)  # a jitter, not a secret
+                tries += 1
 
-    async def _write(self, batch: list[Write]) -> None:
+    async def _write(self, batch: list[Write], *, copy_numbered: bool = False) -> None:
         """One database transaction for ``batch``, in a few set-based statements whatever number of
         transactions it touches. Rows are locked in one order whoever writes, so two writers do not
         wait on each other in a circle: transactions by id, then sessions by id, then the prunes."""
@@ -286,7 +297,7 @@ class PostgresStore(BatchingWriter):
         renumbered: list[tuple[str, int, int]] = []
         async with self._pool.acquire() as db, db.transaction():
             if ids:
-                renumbered = await self._write_transactions(db, ids, records, events)
+                renumbered = await self._write_transactions(db, ids, records, events, copy_numbered)
             for _, _, _, (kind, args) in sorted(sessions, key=lambda item: item[:3]):
                 await self._write_session(db, kind, args)
         for transaction_id, published, stored in renumbered:  # committed: now it is true
@@ -298,9 +309,11 @@ class PostgresStore(BatchingWriter):
         ids: list[str],
         records: dict[str, TransactionRecord],
         events: dict[str, list[tuple[Any, ...]]],
+        copy_numbered: bool = False,
     ) -> list[tuple[str, int, int]]:
         """The rows, metadata and events of the transactions ``ids`` (sorted); the events whose
-        number changed: (transaction, published, stored)."""
+        number changed: (transaction, published, stored). ``copy_numbered``: events numbered by the
+        cluster's log past the stored ones go by COPY (section 5)."""
         now = time.time()
         made = {
             row["id"]
@@ -320,7 +333,7 @@ class PostgresStore(BatchingWriter):
         if events:
             rows, renumbered, stored_last = await self._numbered(db, events, stored_up_to)
             if self.numbered_by_caller:
-                await db.execute(_INSERT_NUMBERED, *[list(column) for column in zip(*rows, strict=True)])
+                await self._insert_numbered(db, rows, stored_up_to if copy_numbered else None)
             else:
                 await db.copy_records_to_table("haip_events", records=rows, columns=_EVENT_COLUMNS)
             for tx, tseq in stored_last.items():
@@ -328,6 +341,28 @@ class PostgresStore(BatchingWriter):
         if last:
             await db.execute(_KEEP_LAST, list(last), list(last.values()))
         return renumbered
+
+    @staticmethod
+    async def _insert_numbered(db: Db, rows: list[tuple[str, int, str, str]], stored: dict[str, int] | None) -> None:
+        """Events numbered by the cluster's log: those past ``stored`` (what the locked rows say is
+        stored) by COPY, the others (another node may have written them) by ``_INSERT_NUMBERED``;
+        every one by the latter when ``stored`` is ``None`` (section 5 above)."""
+        copied: list[tuple[str, int, str, str]] = []
+        inserted: list[tuple[str, int, str, str]] = []
+        if stored is not None:
+            top = dict(stored)
+            for row in rows:
+                if row[1] > top.get(row[0], 0):
+                    copied.append(row)
+                    top[row[0]] = row[1]
+                else:
+                    inserted.append(row)
+        else:
+            inserted = rows
+        if copied:
+            await db.copy_records_to_table("haip_events", records=copied, columns=_EVENT_COLUMNS)
+        if inserted:
+            await db.execute(_INSERT_NUMBERED, *[list(column) for column in zip(*inserted, strict=True)])
 
     async def _numbered(
         self, db: Db, events: dict[str, list[tuple[Any, ...]]], stored_up_to: dict[str, int]

@@ -594,3 +594,66 @@ async def test_two_writers_splitting_records_and_events_oppositely_do_not_deadlo
     assert a.health.write_failures == 0 and b.health.write_failures == 0
     assert "writing the batch again" not in caplog.text
     assert kept is not None and kept.members == ("u1",)
+
+
+@asynccontextmanager
+async def clustered(url: str, **options: object) -> AsyncIterator[PostgresStore]:
+    """A store as a node of a cluster has it: the bus numbers the events, every hosting node writes them."""
+    store = PostgresStore(config(url, **options))
+    store.numbered_by_caller = True
+    async with store:
+        yield store
+
+
+async def test_clustered_writers_copy_new_events_and_skip_those_another_node_wrote(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes hosting one transaction write the same events, numbered by the bus, in interleaved
+    batches: each event is stored once at its number, and what was new to the store went by COPY."""
+    copied: list[int] = []
+    original = asyncpg.Connection.copy_records_to_table
+
+    async def counted(self: asyncpg.Connection, table: str, *, records: list[object], **kw: object) -> str:
+        copied.append(len(records))
+        return await original(self, table, records=records, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counted)
+    events = [event("t", tseq) for tseq in range(1, 201)]
+    async with clustered(postgres_url, flush_interval_seconds=0.001) as a, clustered(postgres_url) as b:
+
+        async def write(store: PostgresStore, step: int) -> None:
+            for start in range(0, 200, step):
+                for one in events[start : start + step]:
+                    store.append(one)
+                await store.flush()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write, a, 20)
+            group.start_soon(write, b, 30)
+        stored = await a.events("t", limit=1000)
+        kept = await b.transaction("t")
+    assert [(e.id, e.tseq) for e in stored] == [(e.id, e.tseq) for e in events]
+    assert kept is not None and kept.last_tseq == 200
+    assert a.health.writes_lost == b.health.writes_lost == a.health.write_failures == b.health.write_failures == 0
+    assert 200 <= sum(copied) < 400  # every event copied by the first node to write it, none twice
+
+
+async def test_an_event_appended_twice_under_two_numbers_is_stored_once_in_a_clustered_batch(
+    postgres_url: str,
+) -> None:
+    """A retried append that landed twice: the bus delivers one event at 3 and again at 5 to a node that
+    missed the first. Its COPY of 5 meets the stored id, and the batch goes again by INSERT: 4 and 6
+    are stored, 5 skipped, nothing given up."""
+    async with clustered(postgres_url) as first, clustered(postgres_url) as second:
+        twice = event("t", 3)
+        for tseq in (1, 2):
+            first.append(event("t", tseq))
+        first.append(twice)
+        await first.flush()
+        second.append(event("t", 4))
+        second.append(_renumbered(twice, 5))
+        second.append(event("t", 6))
+        await second.flush()
+        stored = await second.events("t")
+    assert [e.tseq for e in stored] == [1, 2, 3, 4, 6] and stored[2].id == twice.id
+    assert second.health.writes_lost == 0 and second.health.write_failures == 0
