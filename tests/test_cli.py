@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -53,6 +54,31 @@ def test_serve_prints_where_to_connect_and_a_dev_token_that_works(
             return str((await client.wait_for("MESSAGE_PART")).get("text"))
 
     assert anyio.run(talk) == "you said: hi from the CLI test"
+
+
+def test_serve_runs_on_uvloop_unless_the_config_asks_for_asyncio(config_copy: Path) -> None:
+    """``server.event_loop``: ``auto`` (the default) is uvloop, which comes with the runtime here;
+    ``asyncio`` is Python's own. ``/health`` says which one serves, and both answer a turn."""
+    loops = []
+    for asked in ("auto", "asyncio"):
+        text = config_copy.read_text()
+        config_copy.write_text(text.replace("[server]\n", f'[server]\nevent_loop = "{asked}"\n', 1))
+        command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--port", "0"]
+        with serving.serve_process(command, cwd=Path("/")) as served:
+            url = served.banner["WebSocket"].split()[0]
+            health = url.replace("ws://", "http://").replace("/haip/websocket", "/health")
+            with urllib.request.urlopen(health) as answer:
+                loops.append(json.loads(answer.read())["eventLoop"])
+
+            async def talk(url: str = url, token: str = served.banner["token"]) -> str:
+                async with HaipClient(url, token=token) as client:
+                    tx = await client.start_transaction("echo")
+                    await client.send_text(tx, "hi")
+                    return str((await client.wait_for("MESSAGE_PART")).get("text"))
+
+            assert anyio.run(talk) == "you said: hi"
+        config_copy.write_text(text)
+    assert loops == ["uvloop", "asyncio"]
 
 
 def test_serve_stops_cleanly_on_interrupt(serve_process: tuple[subprocess.Popen[str], dict[str, str]]) -> None:

@@ -80,8 +80,7 @@ class _Endpoint:
             raise RedisTimeoutError(f"connecting to redis timed out after {self.connect_timeout:g} s") from None
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
-        assert isinstance(transport, asyncio.Transport)
-        return transport
+        return transport  # (under uvloop, not an asyncio.Transport subclass: its methods only)
 
 
 class _Protocol(asyncio.Protocol):

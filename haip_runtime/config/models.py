@@ -7,11 +7,12 @@ Reading a file, ``${VAR}`` expansion and error lines are ``loading.py``'s; secre
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from haip_runtime.config.base import ConfigPath, Model, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
@@ -33,6 +34,9 @@ class ServerConfig(Model):
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
     """WebSocket compression. Off by default: it costs ~50 KiB per connection and HAIP frames are small."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop: `uvloop` (installed with the runtime on Linux and macOS), `asyncio` (Python's own), or
+    `auto`, uvloop where it is installed, else asyncio."""
     allowed_origins: list[str] = Field(default_factory=list)
     """Browser origins (`https://app.example`) allowed to open the WebSocket, besides the server's own
     origin; `*` allows any. Clients that send no `Origin` (non-browser clients) are always allowed.
@@ -45,6 +49,16 @@ class ServerConfig(Model):
     long after its head is refused (INVALID_MESSAGE)."""
     playground: bool | None = None
     """Serve the browser playground (HTML, CSS, JavaScript) at `/`. Default: on when `host` is a loopback address."""
+
+    @field_validator("event_loop")
+    @classmethod
+    def _uvloop_installed(cls, value: str) -> str:
+        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError(
+                "'uvloop' is not installed here (it comes with haip-runtime on Linux and macOS; `pip install"
+                " uvloop`); 'auto' uses it where it is, 'asyncio' is Python's own"
+            )
+        return value
 
     @property
     def serves_playground(self) -> bool:

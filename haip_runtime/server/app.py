@@ -9,6 +9,7 @@ streaming), ``/ag-ui/{agent}`` (AG-UI), ``/health``, ``/metrics`` (Prometheus, u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -273,6 +274,7 @@ class Runtime:
             "activeConnections": hub.sessions.active_connections,
             "totalConnections": hub.sessions.total_connections,
             "version": __version__,
+            "eventLoop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
             "storage": storage_status(self.config.storage.backend, self.store),

@@ -88,6 +88,7 @@ def run(config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], N
         log_config=None,
         ws_max_size=config.server.max_frame_bytes + 1024,
         ws_per_message_deflate=config.server.ws_per_message_deflate,
+        loop=config.server.event_loop,
         timeout_graceful_shutdown=5,
         # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
         ws_ping_interval=config.session.heartbeat_interval_seconds,
