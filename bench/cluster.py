@@ -290,6 +290,17 @@ def machine() -> str:
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
 #: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
+    "Read this first, then the next paragraph (2026-12-06 12:40 UTC, this file's run): both servers now "
+    "run on uvloop (the runtime's default event loop since that day; uvicorn had run asyncio's own), and "
+    "a cluster node's PostgreSQL writer copies the events numbered past the locked rows' last tseq "
+    "(binary COPY, as the off server does) and inserts only the others with ON CONFLICT. Side by side "
+    "before this run (four servers pinned to one core, 3 rounds): uvloop took the off server from 160 to "
+    "146 µs per round trip at 100 × 1 and from 147 to 140 at 50 × 4, the on server from 255 to 232 and "
+    "from 204 to 191, so the ratio did not move (1.59x and 1.39x on asyncio, 1.59x and 1.36x on uvloop); "
+    "the COPY took PostgreSQL's CPU per round trip with `[cluster]` from 83 to 55 µs and from 67 to 50, "
+    "the node's own by nothing measurable. Here: off 151 and 163 µs, on 214 and 280, ratios 1.37x and "
+    "1.66x; at 100 × 1 the on server's CPU per trip spread 234-291 µs over rounds with nothing changed "
+    "between them (ratios 1.43-1.85x).",
     "Read this first (2026-12-06, from 10:30 UTC): the ratio is now measured against an off server whose "
     "store no longer costs it extra. Until then both servers' PostgreSQL writers ran several statements per "
     "conversation per batch (each waiting for the busy event loop's turn) and fell further behind every "
