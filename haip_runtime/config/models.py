@@ -7,7 +7,6 @@ Reading a file, ``${VAR}`` expansion and error lines are ``loading.py``'s; secre
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
@@ -53,11 +52,14 @@ class ServerConfig(Model):
     @field_validator("event_loop")
     @classmethod
     def _uvloop_installed(cls, value: str) -> str:
-        if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            raise ValueError(
-                "'uvloop' is not installed here (it comes with haip-runtime on Linux and macOS; `pip install"
-                " uvloop`); 'auto' uses it where it is, 'asyncio' is Python's own"
-            )
+        if value == "uvloop":
+            try:
+                import uvloop  # noqa: F401  (importable, not only found: a broken install fails here, in one line)
+            except ImportError as exc:
+                raise ValueError(
+                    f"'uvloop' cannot be imported here ({exc}; it comes with haip-runtime on Linux and macOS:"
+                    " `pip install uvloop`); 'auto' uses it where it is, 'asyncio' is Python's own"
+                ) from None
         return value
 
     @property

@@ -111,8 +111,11 @@ class Runtime:
         self._server_states: dict[str, ServerState] = {}
         self._shown: dict[str, tuple[bool, object, str | None]] = {}
         self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
+        #: The event loop serving it (``server.event_loop``): known once started.
+        self.event_loop = ""
 
     async def __aenter__(self) -> Self:
+        self.event_loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         if self.config.observability.tracing != "off":
             tracing.configure(self.config.observability)
         async with AsyncExitStack() as stack:
@@ -274,7 +277,7 @@ class Runtime:
             "activeConnections": hub.sessions.active_connections,
             "totalConnections": hub.sessions.total_connections,
             "version": __version__,
-            "eventLoop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
+            "eventLoop": self.event_loop,
             "sessions": len(hub.sessions),
             "transactions": sum(1 for t in hub.transactions.live.values() if not t.ended),
             "storage": storage_status(self.config.storage.backend, self.store),

@@ -124,8 +124,9 @@ WHERE t.id = ANY($1::text[]) AND m.tx = t.id AND m.updated_at < t.updated_at
 #    another node wrote already is skipped, never moved, which COPY cannot do. So a clustered writer
 #    copies only the events numbered past the row's last_tseq, which it holds locked (no writer can
 #    have stored them: every one raises last_tseq past what it stores, under the same lock), and
-#    inserts the rest with this; should a copied event's id be stored already (an append that landed
-#    twice, under two numbers), the batch is written again with this alone.
+#    inserts the rest with this, first; should a copied event's id be stored already (an append that
+#    landed twice, under two numbers, and came before, in the table or in this batch), the COPY fails
+#    and the batch is written again with this alone, in its order: the first copy is the one kept.
 _EVENT_COLUMNS = ["tx", "tseq", "id", "body"]
 _INSERT_NUMBERED = """
 INSERT INTO haip_events (tx, tseq, id, body) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
@@ -264,6 +265,7 @@ class PostgresStore(BatchingWriter):
                 if not copy:
                     raise
                 copy = False  # an event copied was stored already (section 5): again, every one by INSERT
+                logger.info("store: an event of the batch was stored already under another number; written again")
                 continue
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in _TRANSIENT or tries == TRANSIENT_TRIES:
@@ -359,10 +361,10 @@ class PostgresStore(BatchingWriter):
                     inserted.append(row)
         else:
             inserted = rows
+        if inserted:  # first: a copied row that shares an id with one of these (in the table now) fails the COPY
+            await db.execute(_INSERT_NUMBERED, *[list(column) for column in zip(*inserted, strict=True)])
         if copied:
             await db.copy_records_to_table("haip_events", records=copied, columns=_EVENT_COLUMNS)
-        if inserted:
-            await db.execute(_INSERT_NUMBERED, *[list(column) for column in zip(*inserted, strict=True)])
 
     async def _numbered(
         self, db: Db, events: dict[str, list[tuple[Any, ...]]], stored_up_to: dict[str, int]

@@ -44,9 +44,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION = "1"
-_SCHEMA = """
+#: Made first: a file of another schema version is refused before anything else in it changes.
+_META = """
 PRAGMA journal_mode=WAL;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions(
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL, thread_id TEXT,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, last_tseq INTEGER NOT NULL, end_reason TEXT);
@@ -171,14 +174,15 @@ class SqliteStore(BatchingWriter):
     def _open(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        writer.executescript(_SCHEMA)
+        writer.executescript(_META)
         writer.execute("PRAGMA synchronous=NORMAL")
         check_integrity(writer, self.path, INTEGRITY_CHECK_SECONDS)
         row = writer.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and row[0] != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {row[0]}, this runtime reads {SCHEMA_VERSION}")
+        writer.executescript(_SCHEMA)  # (what an older runtime's file lacks, an index, is made here)
         if row is None:
             writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"schema version {row[0]}, this runtime reads {SCHEMA_VERSION}")
         reader = sqlite3.connect(self.path, check_same_thread=False)
         return writer, reader
 
@@ -343,7 +347,7 @@ def _transaction_row(record: TransactionRecord) -> tuple[Any, ...]:
 
 def _transaction(row: tuple[Any, ...]) -> TransactionRecord:
     """A record from a row of ``_RECORD``: the transaction's columns, then its members as JSON."""
-    members = tuple(sorted(json.loads(row[9])))  # (by user, as they were read before, and as PostgreSQL reads them)
+    members = tuple(sorted(json.loads(row[9])))  # by user, in code point order, as they were read before
     return TransactionRecord(
         id=row[0],
         owner=row[1],

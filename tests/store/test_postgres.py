@@ -657,3 +657,29 @@ async def test_an_event_appended_twice_under_two_numbers_is_stored_once_in_a_clu
         stored = await second.events("t")
     assert [e.tseq for e in stored] == [1, 2, 3, 4, 6] and stored[2].id == twice.id
     assert second.health.writes_lost == 0 and second.health.write_failures == 0
+
+
+@pytest.mark.parametrize(
+    ("before", "batch", "kept"),
+    [
+        # numbers up to 5 handed out (none stored); the same event delivered at 3, then again at 7
+        (5, [("x", 3), ("x", 7)], [3]),
+        # one delivered out of order (a replay): 4, then the event at 3, then again at 7
+        (0, [("y", 4), ("x", 3), ("x", 7)], [3, 4]),
+    ],
+)
+async def test_an_event_twice_in_one_clustered_batch_is_kept_at_its_first_number(
+    postgres_url: str, before: int, batch: list[tuple[str, int]], kept: list[int]
+) -> None:
+    """As when every event went by INSERT in the batch's order: the first copy of an event is the one
+    stored, even when the later copy is past the stored rows (found by review: it was kept instead)."""
+    async with clustered(postgres_url) as node:
+        if before:
+            node.save_transaction(record("t", last_tseq=before))
+            await node.flush()
+        x = event("t", 3)
+        for name, tseq in batch:
+            node.append(_renumbered(x, tseq) if name == "x" else event("t", tseq))
+        await node.flush()
+        stored = await node.events("t")
+    assert [e.tseq for e in stored] == kept and stored[kept.index(3)].id == x.id

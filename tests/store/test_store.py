@@ -171,10 +171,13 @@ async def test_a_database_of_another_schema_version_is_refused_in_one_line(tmp_p
         pass
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        db.execute("DROP INDEX members_by_tx")  # as if version 99 had none: refused, it must not be made
     with pytest.raises(ConfigError) as caught:
         async with SqliteStore(path):
             pass
     assert "schema version 99" in str(caught.value) and "\n" not in str(caught.value)
+    with sqlite3.connect(path) as db:  # refused before anything in it changed
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'members_by_tx'").fetchone() == (0,)
 
 
 async def test_the_memory_store_forgets_the_least_recent_transactions_past_its_bound() -> None:
