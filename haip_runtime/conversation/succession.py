@@ -68,6 +68,9 @@ class Succession:
     def _end(self, reason: str) -> None:
         raise NotImplementedError
 
+    def control(self, kind: str, **fields: Any) -> None:
+        raise NotImplementedError
+
     def _add_agent(self, member: dict[str, Any], name: str) -> None:
         raise NotImplementedError
 
@@ -87,15 +90,37 @@ class Succession:
 
     def _asked(self, event: Event, turn: dict[str, Any], node: str | None) -> None:
         """A message the agents answer: the owner starts the turns (unless it did as it sent it); the
-        others keep it until a run starts for it, in case they take over first."""
+        others keep it until a run starts for it, in case they take over first.
+
+        A message another node answered as it sent it (it ran the turns then) reaches this owner only
+        across a change of owner: that node's run for it follows in the log, or that node gave the run
+        up with its lease and says so (``given_up``). Kept until then, not answered a second time (a
+        node cut from Redis appended its message and its run after this one took the lease over)."""
         payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(payload.get("message_id", ""))
-        if not self.owner:
-            self.unanswered[message_id] = (turn, payload)
+        if not self.owner or (turn.get("answered") and node != self.node):
+            self.unanswered[message_id] = ({**turn, "by": node}, payload)
             if len(self.unanswered) > MAX_UNANSWERED:  # no owner for a long while: the oldest stay unanswered
                 self.unanswered.popitem(last=False)
-        elif not (turn.get("answered") and node == self.node):
+        elif not turn.get("answered"):
             self._answer(turn, payload)
+
+    def _given_up_by(self, node: str, runs: list[str]) -> None:
+        """``node`` lost the lease and stopped ``runs``, after publishing what it had: those that reached
+        the log end with ``NODE_LOST``, and the messages it answered that no run reached the log for are
+        answered here (everything ``node`` published before this is in the log before it)."""
+        for run_id in runs:
+            if run_id in self.open_runs:
+                self._node_lost(run_id)
+        for message_id in [m for m, (turn, _) in self.unanswered.items() if turn.get("by") == node]:
+            self._answer(*self.unanswered.pop(message_id))
+
+    def _node_lost(self, run_id: str) -> None:
+        """End ``run_id``, which a node that lost the lease left open in the log."""
+        self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
+        lost = Event(EventType.RUN_ERROR, {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, LOST)})
+        self.transaction.publish(lost.with_changes(channel=Channel.AGENT, run_id=run_id))
+        self.open_runs.pop(run_id, None)
 
     def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
         transaction = self.transaction
@@ -121,6 +146,8 @@ class Succession:
                 self._end(str(body.get("reason", "")))
             elif kind == "add_agent":
                 self._add_agent(body["member"], str(body["name"]))
+            elif kind == "given_up":
+                self._given_up_by(str(body.get("n", "")), [str(run_id) for run_id in body.get("runs", ())])
         except Exception as error:  # answered by someone else meanwhile, or the call has ended
             logger.info("transaction %s: %s from node %s not done: %s", transaction.id, kind, body.get("n"), error)
 
@@ -187,12 +214,15 @@ class Succession:
         the waiting messages are the next owner's to answer (it knows them from the log)."""
         logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
         self.owner = False
-        self._given_up.update(self.transaction.runs)
+        stopped = list(self.transaction.runs)
+        self._given_up.update(stopped)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
         kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
         self._outbox.clear()
         self._outbox.extend(kept)
+        # After what is kept: the next owner ends those runs and answers what this node answered in vain.
+        self.control("given_up", runs=stopped)
 
     async def _caught_up(self, timeout: float) -> None:
         """Until the feed has delivered what the log held when the lease came (what the last owner
@@ -234,10 +264,7 @@ class Succession:
         )
         self.owner = True
         for run_id in [run_id for run_id in self.open_runs if run_id not in transaction.runs]:
-            self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
-            lost = Event(EventType.RUN_ERROR, {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, LOST)})
-            transaction.publish(lost.with_changes(channel=Channel.AGENT, run_id=run_id))
-            self.open_runs.pop(run_id, None)
+            self._node_lost(run_id)
         if self.end_asked is not None:
             self._end(self.end_asked)
             return

@@ -120,6 +120,63 @@ async def test_a_message_queued_at_the_owner_that_loses_its_lease_is_answered_by
     assert len(said) == 1  # answered once: by B, not again by A when the network healed
 
 
+async def test_a_message_the_cut_off_owner_answered_is_not_answered_again_by_the_next_owner(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """A cut from Redis still holds the lease by its clock: it answers alice's message at once, and both
+    wait for Redis. B takes the lease over; when the network heals A's message and its run reach the log
+    after B runs the turns. B answered it again (found by a tester restarting Redis): once now."""
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("echo")
+            await sam.join(tx)
+            await keeps_a_lease(a)
+            cut.cut()
+            await alice.send_text(tx, "while cut off")  # A runs the turn now; both wait for Redis
+            await runs_nothing(a)
+            fleet = b.runtime.fleet
+            assert fleet is not None
+            await until(seen(lambda: fleet.hosted()["runsHere"] == 1))  # B runs the turns
+            cut.heal()
+            await sam.wait_for(said("you said: while cut off"))
+            await alice.send_text(tx, "after")
+            await sam.wait_for(said("you said: after"))
+            await alice.wait_for(said("you said: after"))
+    for member in (sam, alice):
+        answers = [e for e in member.received if said("you said: while cut off")(e)]
+        started = [e for e in member.received if e.type == "RUN_STARTED" and e.transaction == tx]
+        assert len(answers) == 1 and len(started) == 2, [e.type for e in member.received if e.transaction == tx]
+
+
+async def test_a_message_whose_run_the_cut_off_owner_gave_up_is_answered_by_the_next_owner(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """As above, but A's run for the message is still running when A's lease runs out: A stops it and
+    drops its events, so only the message reaches the log, after B runs the turns, and then A's word
+    that it gave its runs up. B answers the message then (else nobody would)."""
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("patient")
+            await sam.join(tx)
+            await keeps_a_lease(a)
+            cut.cut()
+            await alice.send_text(tx, "wait")  # A's run waits until its lease runs out and A stops it
+            await runs_nothing(a)
+            fleet = b.runtime.fleet
+            assert fleet is not None
+            await until(seen(lambda: fleet.hosted()["runsHere"] == 1))
+            cut.heal()
+            started = await sam.wait_for(lambda e: e.type == "RUN_STARTED" and e.transaction == tx)
+            streamed = await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "waiting")
+    assert started.run_id == streamed.run_id  # B's run: A's never reached the log
+
+
 async def test_a_run_started_long_before_the_next_owner_hosted_the_transaction_ends_with_node_lost(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
