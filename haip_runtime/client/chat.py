@@ -33,6 +33,8 @@ HELP = (
 )
 #: How many of a joined conversation's last messages ``/join`` prints.
 SHOWN_ON_JOIN = 20
+#: ``since`` of a join that wants no history replayed in the stream (past any tseq: nothing is after it).
+NO_REPLAY = 2**63 - 1
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
 
@@ -172,14 +174,14 @@ class Chat:
         matches = [tx for tx in self.recent if tx.startswith(wanted)]
         transaction = matches[0] if len(matches) == 1 else wanted
         before, self.transaction = self.transaction, transaction  # its live events show from now on
-        try:
-            joined = await self.client.join(transaction)
+        try:  # no history in the stream: the last messages come from the REST history, up to the join
+            joined = await self.client.join(transaction, since=NO_REPLAY)
         except ClientError:
             self.transaction = before
             raise
         agents = [str(agent) for agent in joined.get("agents") or []]
         self.view.begin(agents[0] if agents else "", transaction, joined=True)
-        messages, more = await self.messages(transaction)
+        messages, more = await self.messages(transaction, upto=int(joined.get("tseq") or 0))
         if more:
             self.view.say(f"… {more} earlier message(s) (GET /haip/transactions/{transaction}/messages)", "dim")
         for message in messages:
@@ -188,13 +190,14 @@ class Chat:
         self.view.say(f"in this conversation: {', '.join(others + agents)}", "dim")
         await self.report_servers()
 
-    async def messages(self, transaction: str) -> tuple[list[dict[str, Any]], int]:
-        """The conversation's last ``SHOWN_ON_JOIN`` messages, and how many came before them."""
+    async def messages(self, transaction: str, upto: int) -> tuple[list[dict[str, Any]], int]:
+        """The conversation's last ``SHOWN_ON_JOIN`` messages up to ``upto`` (a tseq: what came after it
+        comes live), and how many came before them."""
         kept: list[dict[str, Any]] = []
         after: int | None = 0
         while after is not None:
             page = await self.rest(f"/haip/transactions/{quote(transaction)}/messages", {"after": after, "limit": 1000})
-            kept += page["messages"]
+            kept += [message for message in page["messages"] if int(message.get("tseq") or 0) <= upto]
             after = page["next_after"]
         return kept[-SHOWN_ON_JOIN:], max(0, len(kept) - SHOWN_ON_JOIN)
 

@@ -169,6 +169,8 @@ class ChatView:
             self.say(f"✗ {event.get('code')}: {event.get('message')}", "red")
         elif kind == "INFO" and event.get("event") == "storage":
             self.say(f"history is being written again (storage {event.get('state')})", "dim")
+        elif kind == "INFO" and event.get("event") == "cluster":
+            self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
         elif kind == "INFO" and event.get("event") == "mcp.server":
             error = f": {event.get('error')}" if event.get("error") else ""
             self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")

@@ -313,9 +313,12 @@ def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(
         again.expect("joe › a lighthouse")
         again.expect("joe › a bell")
         again.expect("storyteller › Once upon a time, someone said 'a bell'.* The end.")
+        again.expect("in this conversation: storyteller")
         again.child.sendline("/quit")
         assert again.wait_exit() == 0
         assert "Traceback" not in screen.text + again.text
+        # once each: the stream replayed the history too, and it showed twice (found by a tester)
+        assert again.text.count("someone said 'a lighthouse'") == 1 and again.text.count("joe › a bell") == 1
     finally:
         again.child.terminate(force=True)
 
@@ -363,3 +366,17 @@ def test_each_mcp_server_that_failed_is_named_in_one_line(chat_server: LiveServe
     assert done.returncode == 0, done.stderr
     assert "MCP server ghost failed: cannot start '/nonexistent/mcp-server': command not found" in done.stdout
     assert "no tools in this conversation (yet) (MCP servers not connected: ghost)" in done.stdout
+
+
+def test_the_chat_says_when_the_clusters_redis_answers_again() -> None:
+    """The server tells members when Redis stops answering (an ERROR) and when it answers again (INFO
+    cluster ok): the chat showed the first and never the second (found by a tester)."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))  # type: ignore[assignment]
+    view.on_event(Received({"type": "INFO", "payload": {"event": "cluster", "state": "ok"}}))
+    assert shown == ["the cluster's Redis answers again (cluster ok): what waited goes on"]
