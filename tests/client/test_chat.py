@@ -377,6 +377,6 @@ def test_the_chat_says_when_the_clusters_redis_answers_again() -> None:
     from haip_runtime.client.view import ChatView
 
     view, shown = ChatView(), []
-    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))  # type: ignore[assignment]
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
     view.on_event(Received({"type": "INFO", "payload": {"event": "cluster", "state": "ok"}}))
     assert shown == ["the cluster's Redis answers again (cluster ok): what waited goes on"]
