@@ -12,8 +12,8 @@ import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from haip_runtime.cluster.health import BusHealth
 from haip_runtime.exceptions import ClusterError, ConfigError
@@ -56,6 +56,9 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                 await client.ping()
             except (RedisError, OSError) as exc:
                 health.failed(exc)
+                refusal = _refusal(exc)
+                if refusal:  # Redis answered: no retry will change its answer
+                    raise ClusterError(refusal) from exc
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # no retry will make the certificate trusted
                     unknown = any(why in str(exc) for why in ("self-signed", "self signed", "local issuer"))
                     hint = (
@@ -70,6 +73,18 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                 health.succeeded()
                 return
     raise ClusterError(f"redis did not answer within {timeout:g} s: {health.error}")
+
+
+def _refusal(exc: BaseException) -> str:
+    """What Redis's answer means when it refused the connection for good (a password, a user's rights,
+    a database number), else ''. Other errors (not reached, still loading its data) are waited out."""
+    if isinstance(exc, (AuthenticationError, AuthorizationError)) or "NOAUTH" in str(exc):
+        return f"redis refused the password (or user) in the URL: {exc}"
+    if isinstance(exc, NoPermissionError):
+        return f"redis's user in the URL may not run the commands the cluster needs: {exc}"
+    if isinstance(exc, ResponseError) and "DB index is out of range" in str(exc):
+        return f"redis has no such database (the number after the port in the URL): {exc}"
+    return ""
 
 
 async def preflight(url: str, masked: str, timeout: float) -> None:

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
+from tests.support.redis import RedisServer
+
 
 def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path, postgres_url: str) -> None:
     with socket.socket() as unused:  # bound, never listening: connecting is refused at once
@@ -29,3 +33,37 @@ def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path, postgres
         f"haip-runtime: cluster.redis_url: cannot reach Redis at redis://:**********@127.0.0.1:{port}/0"
     )
     assert "hunter2" not in done.stderr
+
+
+def serve_refusal(tmp_path: Path, postgres_url: str, redis_url: str) -> list[str]:
+    """``serve``'s lines on stderr (it must exit 1) with ``redis_url``, given 30 s to reach Redis."""
+    (tmp_path / "haip.toml").write_text(
+        f'[server]\nport = 0\n[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nconnect_timeout_seconds = 30\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    return done.stderr.strip().splitlines()
+
+
+def test_serve_refuses_a_redis_database_that_does_not_exist_at_once_saying_so(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """Redis answered (no such database): no retry will change that, so it is said at once, not
+    after ``connect_timeout_seconds`` as 'did not answer' (found by a tester)."""
+    lines = serve_refusal(tmp_path, postgres_url, redis_url.rsplit("/", 1)[0] + "/99")
+    assert len(lines) == 1 and "redis has no such database" in lines[0] and "did not answer" not in lines[0]
+
+
+def test_serve_refuses_a_wrong_redis_password_at_once_saying_so(
+    tmp_path: Path, postgres_url: str, own_redis: RedisServer
+) -> None:
+    with redis.Redis(port=own_redis.port) as admin:
+        admin.config_set("requirepass", "right")
+    lines = serve_refusal(tmp_path, postgres_url, f"redis://:hunter3@127.0.0.1:{own_redis.port}/0")
+    assert len(lines) == 1 and "redis refused the password" in lines[0] and "hunter3" not in lines[0]
