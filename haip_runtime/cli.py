@@ -6,6 +6,7 @@ Every failure the operator can fix is one line on stderr and exit code 1; never 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -375,7 +376,7 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
     from haip_runtime.server import node
 
     configure_logging(config.observability, secrets=secret_values(config))
-    _preflight(config)
+    _preflight(config, workers)
     sock = node.bind(config.server.host, config.server.port, share_port=workers > 1, listen=workers == 1)
     host, port = sock.getsockname()[:2]
     if workers > 1:
@@ -389,15 +390,27 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
     return 0
 
 
-def _preflight(config: HaipConfig) -> None:
+def _preflight(config: HaipConfig, workers: int = 1) -> None:
     """Redis and the store reached, once, before anything serves: one line, exit 1, if not."""
     if config.cluster is not None:  # first: it changes nothing, where the database's preflight may migrate
         import anyio
 
         from haip_runtime.cluster.dialing import preflight as reach_redis
+        from haip_runtime.server.workers import node_id as worker_node
 
         cluster = config.cluster
-        anyio.run(reach_redis, cluster.redis_url, cluster.masked_url, cluster.connect_timeout_seconds)
+        # A configured node_id must not be a live process's (each worker's id is made from it).
+        given, nodes = cluster.node_id, []
+        if given:
+            nodes = [given] if workers == 1 else [worker_node(given, k, 1) for k in range(1, workers + 1)]
+        timeout = cluster.connect_timeout_seconds
+        anyio.run(
+            functools.partial(reach_redis, prefix=cluster.key_prefix),
+            cluster.redis_url,
+            cluster.masked_url,
+            timeout,
+            nodes,
+        )
     if config.storage.backend == "sqlite":
         from haip_runtime.store.guard import preflight
 

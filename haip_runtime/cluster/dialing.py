@@ -8,6 +8,9 @@ the feed's back (redis-py's defaults would resend a blocking read for a minute, 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -16,7 +19,11 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from haip_runtime.cluster.health import BusHealth
+from haip_runtime.cluster.keyspace import Keyspace
+from haip_runtime.cluster.presence import Presence
 from haip_runtime.exceptions import ClusterError, ConfigError
+
+logger = logging.getLogger("haip_runtime.cluster")
 
 #: How long a command waits for Redis's answer. A Redis that hangs (or a network that drops packets)
 #: is noticed this long after the first command it does not answer: it is not asked again (a timed-out
@@ -25,6 +32,8 @@ COMMAND_SOCKET_TIMEOUT = 2.0
 #: Connections a node's commands share (more commands at once wait for one).
 COMMAND_CONNECTIONS = 32
 CONNECT_TIMEOUT = 2.0
+#: Past a node's time to live, how much longer a starting node waits to see whether one of its id beats.
+LIVE_CHECK_MARGIN = 1.5
 
 
 def command_client(url: str) -> Redis:
@@ -87,13 +96,38 @@ def _refusal(exc: BaseException) -> str:
     return ""
 
 
-async def preflight(url: str, masked: str, timeout: float) -> None:
+async def preflight(url: str, masked: str, timeout: float, nodes: Sequence[str] = (), *, prefix: str = "") -> None:
     """Whether Redis answers at ``url`` within ``timeout``, met before a server starts (so the refusal
-    is one line, not a failed start-up): ``ConfigError`` naming the URL without its password."""
+    is one line, not a failed start-up): ``ConfigError`` naming the URL without its password. Then
+    that no live process beats as one of ``nodes`` (the ids a configured ``node_id`` gives), under
+    the key ``prefix``."""
     client = command_client(url)
     try:
         await reach(client, BusHealth(), timeout)
+        for node in nodes:
+            await _not_in_use(Presence(client, Keyspace(prefix), BusHealth(), node=node, ttl_seconds=1), node)
     except ClusterError as exc:
         raise ConfigError(f"cluster.redis_url: cannot reach Redis at {masked}: {exc}") from exc
     finally:
         await client.aclose()
+
+
+async def _not_in_use(presence: Presence, node: str) -> None:
+    """``ConfigError`` if a live process beats as ``node``. One that beat within its time to live may be
+    this node before a crash: waited out (it beats no more), not refused."""
+    until, now = await presence.alive_until(node)
+    if until <= now:
+        return
+    logger.warning(
+        "cluster: a node %s is alive in Redis for %.1f s more by its last beat (this one, before a crash?):"
+        " waiting to see whether it still beats",
+        node,
+        (until - now) / 1000,
+    )
+    await anyio.sleep((until - now) / 1000 + LIVE_CHECK_MARGIN)
+    again, _ = await presence.alive_until(node)
+    if again > until:
+        raise ConfigError(
+            f"cluster.node_id: another live process is node {node!r} (it beats in this Redis): give each node"
+            " its own node_id, or leave node_id out (each process then makes a unique one)"
+        )

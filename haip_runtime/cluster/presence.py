@@ -23,6 +23,14 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+#: KEYS: nodes. ARGV: node. Until when the node is alive (ms, Redis's clock; 0: not in the set), and now.
+ALIVE_UNTIL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0'), now}
+"""
+
+
 #: KEYS: epoch. ARGV: a new epoch. The cluster's epoch, made by the first node to ask after Redis lost it.
 EPOCH = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
@@ -53,6 +61,12 @@ class Presence:
         without persistence), which is exactly when the sessions' windows are gone too."""
         with translating(self._health, "read the cluster's epoch"):
             return str((await self._epoch(keys=[self._keys.epoch()], args=[secrets.token_hex(8)])).decode())
+
+    async def alive_until(self, node: str) -> tuple[int, int]:
+        """Until when ``node`` is alive by its last beat (ms, Redis's clock; 0: it is not in the set), and now."""
+        with translating(self._health, "read a node's last beat"):
+            until, now = await self._redis.eval(ALIVE_UNTIL, 1, self._keys.nodes(), node)
+        return int(until), int(now)
 
     async def leave(self) -> None:
         with translating(self._health, "leave the cluster"):

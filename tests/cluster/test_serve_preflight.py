@@ -6,6 +6,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -67,3 +70,63 @@ def test_serve_refuses_a_wrong_redis_password_at_once_saying_so(
         admin.config_set("requirepass", "right")
     lines = serve_refusal(tmp_path, postgres_url, f"redis://:hunter3@127.0.0.1:{own_redis.port}/0")
     assert len(lines) == 1 and "redis refused the password" in lines[0] and "hunter3" not in lines[0]
+
+
+@contextmanager
+def beating(redis_url: str, prefix: str, node: str) -> Iterator[None]:
+    """A live process as ``node`` as far as Redis can tell: its beat every 0.2 s, alive 1 s past each."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        with redis.Redis.from_url(redis_url) as client:
+            while not stop.is_set():
+                seconds, micros = client.time()
+                client.zadd(f"{prefix}:nodes", {node: seconds * 1000 + micros // 1000 + 1000})
+                stop.wait(0.2)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def serve_node(tmp_path: Path, postgres_url: str, redis_url: str, prefix: str, node: str) -> subprocess.Popen[str]:
+    (tmp_path / "haip.toml").write_text(
+        f'[server]\nport = 0\n[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nnode_id = "{node}"\n'
+    )
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml")]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_refuses_a_node_id_a_live_process_has(tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    """Two nodes with one id counted as one (the per-user limits divide by the live nodes) and shared
+    one name in Redis, silently (found by a tester uncommenting node_id in the shared example file)."""
+    with beating(redis_url, "twins", "twin"):
+        process = serve_node(tmp_path, postgres_url, redis_url, "twins", "twin")
+        _, err = process.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert process.returncode == 1 and "another live process is node 'twin'" in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_serve_starts_as_a_node_id_whose_last_process_died_moments_ago(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """The same id as a process that crashed 0 s ago (its beat still counts for a second): waited out."""
+    with redis.Redis.from_url(redis_url) as client:
+        seconds, micros = client.time()
+        client.zadd("crashed:nodes", {"phoenix": seconds * 1000 + micros // 1000 + 1000})
+    process = serve_node(tmp_path, postgres_url, redis_url, "crashed", "phoenix")
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # (ends if it exits)
+            if "listening on" in line:
+                break
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)  # (its pipes closed)
