@@ -7,9 +7,10 @@ noun with the ``cluster/`` folder.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from haip_runtime.config import base
 
@@ -20,9 +21,9 @@ class ClusterConfig(base.Model):
     redis_url: str
     """Where the Redis shared by every node is: `redis://[:password@]host:port/db`, `rediss://` (TLS) or
     `unix:///path.sock`. Use `${VAR}` for the password; `check` and the logs show it masked."""
-    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    node_id: str | None = Field(default=None, json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]{1,64}$"})
     """This process's name among the nodes; default: one made at start (host name and a random part)."""
-    key_prefix: str = Field(default="haip", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    key_prefix: str = Field(default="haip", json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]{1,32}$"})
     """First part of every Redis key and channel, so that several deployments may share one Redis."""
     connect_timeout_seconds: float = Field(default=10, gt=0)
     """At start, how long to keep trying to reach Redis (with backoff) before giving up with an error."""
@@ -57,13 +58,28 @@ class ClusterConfig(base.Model):
     then back through this node's feed to its members) longer than this: a node short of CPU then slows
     the stream, as one node without [cluster] does, instead of falling behind it (0: never waits)."""
 
+    @field_validator("node_id", "key_prefix")
+    @classmethod
+    def _plain_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        most = 64 if info.field_name == "node_id" else 32
+        if value is not None and not re.fullmatch(rf"[A-Za-z0-9_.-]{{1,{most}}}", value):
+            raise ValueError(
+                f"1 to {most} letters, digits, '_', '.' or '-' (it goes into Redis's key and channel names:"
+                f" {'web-1' if info.field_name == 'node_id' else 'haip-prod'}), not {value!r}"
+            )
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme = urlsplit(value).scheme
         if scheme not in URL_SCHEMES:
-            shown = f"{scheme}://" if scheme else repr(value)
-            raise ValueError(f"must start with redis://, rediss:// or unix://, not {shown}")
+            # "localhost:6379" parses as the scheme "localhost": say what was written (never a password)
+            if value.startswith(f"{scheme}://"):
+                shown = f"{scheme}://"
+            else:
+                shown = "a value without one" if "@" in value else repr(value)
+            raise ValueError(f"must start with redis://, rediss:// or unix:// (redis://host:6379/0), not {shown}")
         return value
 
     @property

@@ -47,8 +47,33 @@ def test_a_url_of_another_scheme_is_one_line_naming_the_key(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={})
     assert str(caught.value) == (
-        f"{path}: cluster.redis_url: must start with redis://, rediss:// or unix://, not http://"
+        f"{path}: cluster.redis_url: must start with redis://, rediss:// or unix:// (redis://host:6379/0), not http://"
     )  # the value is not echoed: a URL may carry a password
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        ("localhost:6379", "not 'localhost:6379'"),  # was: "not localhost://", which nobody wrote
+        (":s3cret@localhost:6379", "not a value without one"),
+    ],
+)
+def test_a_url_without_a_scheme_is_named_as_written_and_never_its_password(
+    tmp_path: Path, written: str, said: str
+) -> None:
+    path = write(tmp_path, f'[cluster]\nredis_url = "{written}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value).endswith(said) and "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("prefix", ["", "my app", "{prod}", "haip:", "x" * 33])
+def test_a_key_prefix_redis_keys_cannot_carry_is_refused_saying_what_may_be_in_it(tmp_path: Path, prefix: str) -> None:
+    path = write(tmp_path, f'[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nkey_prefix = "{prefix}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert "cluster.key_prefix: 1 to 32 letters, digits, '_', '.' or '-'" in str(caught.value)
+    assert str(caught.value).endswith(f"not {prefix!r}")
 
 
 def test_check_shows_the_cluster_without_its_password(tmp_path: Path) -> None:
