@@ -84,6 +84,8 @@ class Chat:
             self.view.say("reconnected: the server had restarted; the conversation was rejoined", "green")
         elif state == "lost":
             self.lost = self.lost or "the connection to the server was lost and could not be resumed"
+            if self._turn is not None:  # piped input waiting for a turn that will not end here
+                self._turn.settled.set()
             if self.terminal is not None:
                 self.terminal.interrupt()
         if self.terminal is not None:

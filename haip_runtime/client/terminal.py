@@ -9,14 +9,17 @@ no live area. Both print with rich. The chat's loop is ``chat.py``; what it show
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
-from anyio.abc import TaskGroup
 from prompt_toolkit import PromptSession
 from prompt_toolkit.formatted_text import StyleAndTextTuples
 from prompt_toolkit.history import InMemoryHistory
@@ -104,17 +107,32 @@ class LineTerminal:
 
     echoes_input = False
 
-    def __init__(self, tg: TaskGroup) -> None:
+    def __init__(self) -> None:
         self.console = Console(highlight=False, soft_wrap=True)
-        self._send, self._lines = anyio.create_memory_object_stream[str | None](100)
+        self._send, self._lines = anyio.create_memory_object_stream[str | None](math.inf)
         self._scope: anyio.CancelScope | None = None
-        tg.start_soon(self._pump)
+        loop = asyncio.get_running_loop()
+        # A daemon thread of its own: a read of a pipe held open cannot be interrupted, and waiting for
+        # it (in anyio's worker thread, which the interpreter waits for) kept a chat that had lost its
+        # server open until the next line came.
+        threading.Thread(target=self._read_stdin, args=(loop,), name="chat-stdin", daemon=True).start()
 
-    async def _pump(self) -> None:
-        async with self._send:
-            async for line in anyio.wrap_file(sys.stdin):
-                await self._send.send(line.rstrip("\n"))
-            await self._send.send(None)
+    def _read_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
+        for line in sys.stdin:
+            if not self._hand_over(loop, line.rstrip("\n")):
+                return
+        self._hand_over(loop, None)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, line: str | None) -> bool:
+        try:
+            loop.call_soon_threadsafe(self._put, line)
+        except RuntimeError:  # the loop has closed: the chat ended
+            return False
+        return True
+
+    def _put(self, line: str | None) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(line)
 
     async def read(self, prompt: str, *, question: bool = False) -> str:
         if question:
@@ -145,9 +163,7 @@ async def open_terminal(live: LiveArea) -> AsyncIterator[Terminal]:
         with patch_stdout(raw=True):
             yield PromptTerminal(live)
         return
-    async with anyio.create_task_group() as tg:
-        yield LineTerminal(tg)
-        tg.cancel_scope.cancel()
+    yield LineTerminal()
 
 
 def progress_bar(done: float | None, total: float | None, width: int = 20) -> str:

@@ -21,6 +21,7 @@ import pytest
 from haip_runtime.client import ClientError
 from haip_runtime.client.chat import field_value, signature, websocket_url
 from haip_runtime.client.view import readable_error
+from tests.support import serving
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
 DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
@@ -211,6 +212,43 @@ def test_a_server_that_stays_away_is_one_line_not_a_traceback() -> None:
         assert "Traceback" not in screen.text
     finally:
         screen.child.terminate(force=True)
+
+
+def test_piped_input_waiting_for_a_turn_ends_when_the_server_stays_away(tmp_path: Path) -> None:
+    """Piped, the chat waits for each turn to end before reading the next line; a server killed mid-turn
+    (no close frame) left it waiting past ``--reconnect`` until the next line came (found by a tester):
+    it ends then, exit 1."""
+    config = tmp_path / "haip.toml"
+    config.write_text(
+        '[server]\nport = 0\n[agents.slow]\nplugin = "haip_runtime.demo.storyteller:Storyteller"\n'
+        "options = { words_per_second = 1 }\n"
+    )
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config)]
+    with serving.serve_process(command, cwd=tmp_path) as served:
+        url, token = served.banner["WebSocket"].split()[0], served.banner["token"]
+        command = [sys.executable, "-m", "haip_runtime", "chat", url, "--agent", "slow", "--token", token]
+        chat = subprocess.Popen(
+            [*command, "--reconnect", "1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert chat.stdin is not None and chat.stdout is not None
+        chat.stdin.write("a long story\n")  # a turn of many seconds; stdin stays open
+        chat.stdin.flush()
+        for line in chat.stdout:  # its first words: the turn runs, and the chat waits for its end
+            if "slow ›" in line:
+                break
+        served.process.kill()  # gone without a word, as a crashed host
+    try:
+        chat.wait(timeout=60)  # stdin stays open: it ends by itself, or not at all
+        assert chat.stderr is not None
+        err = chat.stderr.read()
+    finally:
+        chat.kill()
+        chat.communicate()  # (its pipes closed)
+    assert chat.returncode == 1 and "the connection to the server was lost" in err and "Traceback" not in err
 
 
 def test_bad_urls_and_tokens_are_one_line(chat_server: LiveServer) -> None:
