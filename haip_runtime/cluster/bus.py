@@ -83,6 +83,7 @@ class Bus:
         self.leases = Leases(
             self.redis, self.pipe, self.keys, self.health, node=self.node_id, ttl_seconds=config.lease_seconds
         )
+        self.feed.on_lost = self.leases.doubt  # a Redis restarted without its data lost every lease
         self.quotas = Quotas(self.redis, self.pipe, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
         self.nodes = Presence(
             self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds

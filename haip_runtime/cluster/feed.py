@@ -83,6 +83,8 @@ class Feed:
         self.connected = False
         #: Where messages from other nodes on this node's channel go (anything but the feed's own).
         self.on_notice: Notice | None = None
+        #: Called when the subscription is lost (Redis restarted, or cut off): what it held may be gone.
+        self.on_lost: Callable[[], None] | None = None
 
     @property
     def hosted(self) -> frozenset[str]:
@@ -138,6 +140,11 @@ class Feed:
             except (RedisError, OSError) as exc:
                 self._health.failed(exc)
                 logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
+                if self.on_lost is not None:
+                    try:
+                        self.on_lost()
+                    except Exception:
+                        logger.exception("cluster feed: handling the loss of redis failed")
             finally:
                 self.connected = False
                 subscription.close()

@@ -130,6 +130,12 @@ class Leases:
         #: The renewal round in flight: it ends when the first kept lease may have run out.
         self._round: anyio.CancelScope | None = None
         self._retry = FIRST_RETRY
+        #: Leases kept when Redis was lost (``doubt``), not renewed since, by name (with the doubt's number):
+        #: whether they are still this node's is not known (a Redis restarted without its data lost them).
+        self._doubted: dict[str, int] = {}
+        self._doubts = 0
+        #: Called with a lease's name once a renewal begun after the doubt says it is still this node's.
+        self.on_confirmed: list[Callable[[str], None]] = []
 
     @property
     def held(self) -> int:
@@ -197,7 +203,7 @@ class Leases:
         try:
             yield lease
         finally:
-            self._kept.discard(kept)
+            self._forget(kept)
             if not lease.lost.is_set():
                 with anyio.move_on_after(2, shield=True):
                     try:
@@ -214,7 +220,7 @@ class Leases:
         try:
             await lease.lost.wait()
         finally:
-            self._kept.discard(kept)
+            self._forget(kept)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Renew the kept leases as they fall due, together (the bus runs this for as long as it is
@@ -229,6 +235,28 @@ class Leases:
             self._running = False
             for kept in list(self._kept):
                 self._lose(kept)
+
+    def doubt(self) -> None:
+        """Redis was lost (the feed's connection dropped): until a renewal of every kept lease, started
+        after now, succeeds, none is sure to be this node's still. They are all renewed at once."""
+        self._doubts += 1
+        now = anyio.current_time()
+        for kept in self._kept:
+            self._doubted[kept.lease.name] = self._doubts
+            kept.due = min(kept.due, now)
+        self._woken.set()
+
+    def doubting(self, name: str) -> bool:
+        """Whether lease ``name`` is kept here but not renewed since Redis was lost (``doubt``)."""
+        return name in self._doubted
+
+    def _confirmed(self, name: str) -> None:
+        del self._doubted[name]
+        for callback in list(self.on_confirmed):
+            try:
+                callback(name)
+            except Exception:
+                logger.exception("lease %s: a callback on its renewal failed", name)
 
     def _check_running(self) -> None:
         if not self._running:
@@ -257,7 +285,7 @@ class Leases:
 
     async def _renew_due(self) -> None:
         """Renew every lease due within a sixth of its TTL, in one write; lose those whose time ran out."""
-        now = anyio.current_time()
+        now, doubts = anyio.current_time(), self._doubts
         for kept in [kept for kept in self._kept if kept.deadline <= now]:
             self._lose(kept)
         due = [kept for kept in self._kept if kept.due - kept.ttl / 6 <= now]
@@ -294,11 +322,19 @@ class Leases:
             elif reply:
                 kept.deadline = now + kept.ttl
                 kept.due = now + kept.ttl / 3
+                if self._doubted.get(kept.lease.name, doubts + 1) <= doubts:  # renewed since the doubt began
+                    self._confirmed(kept.lease.name)
             else:  # another holder has it
                 self._lose(kept)
 
-    def _lose(self, kept: _Kept) -> None:
+    def _forget(self, kept: _Kept) -> None:
+        """``kept`` is no longer renewed (lost, or let go): no longer in doubt either."""
         self._kept.discard(kept)
+        if not any(other.lease.name == kept.lease.name for other in self._kept):
+            self._doubted.pop(kept.lease.name, None)
+
+    def _lose(self, kept: _Kept) -> None:
+        self._forget(kept)
         logger.warning("lease %s lost", kept.lease.name)
         kept.lease.lost.set()
         if kept.on_lost is not None:

@@ -82,6 +82,13 @@ class Relay:
         self.on_agents: Callable[[Transaction, list[str]], None] | None = None
         #: The transactions this node hosts.
         self.logs: set[SharedLog] = set()
+        bus.leases.on_confirmed.append(self._confirmed)
+
+    def _confirmed(self, lease: str) -> None:
+        """A lease this node keeps was renewed after Redis was lost: its transaction answers what waited."""
+        for shared in list(self.logs):
+            if shared.lease_name == lease:
+                shared.confirmed()
 
     def attach(self, transaction: Transaction, *, new: bool, floor: int = 0) -> None:
         """Host ``transaction`` here: its events come from the feed from now on, its lease is contended.

@@ -98,12 +98,25 @@ class Succession:
         node cut from Redis appended its message and its run after this one took the lease over)."""
         payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(payload.get("message_id", ""))
-        if not self.owner or (turn.get("answered") and node != self.node):
+        claimed = bool(turn.get("answered"))
+        if self.owner and claimed and node == self.node:
+            return  # answered here as it was sent
+        if not self.owner or claimed or self.bus.leases.doubting(self.lease_name):
+            # In doubt (Redis was lost, the lease not renewed since): another node may hold it now, and
+            # answer this too. Answered once the lease is renewed (``confirmed``), else by the new owner.
             self.unanswered[message_id] = ({**turn, "by": node}, payload)
             if len(self.unanswered) > MAX_UNANSWERED:  # no owner for a long while: the oldest stay unanswered
                 self.unanswered.popitem(last=False)
-        elif not turn.get("answered"):
-            self._answer(turn, payload)
+            return
+        self._answer(turn, payload)
+
+    def confirmed(self) -> None:
+        """The lease was renewed after Redis was lost: still this node's. The messages kept meanwhile
+        (not those another node answered as it sent them: their runs come) are answered now."""
+        if not self.owner:
+            return
+        for message_id in [m for m, (turn, _) in self.unanswered.items() if not turn.get("answered")]:
+            self._answer(*self.unanswered.pop(message_id))
 
     def _given_up_by(self, node: str, runs: list[str]) -> None:
         """``node`` lost the lease and stopped ``runs``, after publishing what it had: those that reached

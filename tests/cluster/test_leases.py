@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import anyio
@@ -263,3 +264,44 @@ async def test_a_redis_that_serves_no_writes_marks_the_bus_unavailable_until_it_
             await a.health.wait_for(BusState.OK)
         await renewed(a, ["run:T0"])
         assert not lease.lost.is_set()
+
+
+async def test_leases_kept_when_redis_is_lost_are_in_doubt_until_renewed_or_lost(
+    own_redis: RedisServer, bus_at: BusFactory
+) -> None:
+    """After the feed loses Redis, whether a kept lease is still this node's is not known until a renewal
+    begun after the loss answers: a Redis restarted without its data lost it (another node may hold it
+    already). In doubt, the runs' owner answers nobody's message (a tester saw two nodes answer one)."""
+
+    def doubting(bus: Bus, *names: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return all(bus.leases.doubting(name) for name in names)
+
+        return check
+
+    async with bus_at(own_redis.url) as a:
+        confirmed: list[str] = []
+        told = anyio.Event()
+
+        def on_confirmed(name: str) -> None:
+            confirmed.append(name)
+            told.set()
+
+        a.leases.on_confirmed.append(on_confirmed)
+        async with a.leases.hold("run:kept", 3) as kept, a.leases.hold("run:gone", 3) as gone:
+            assert kept is not None and gone is not None
+            assert not a.leases.doubting("run:kept")
+            await anyio.to_thread.run_sync(own_redis.stop)  # without its data: both leases are gone
+            await until(doubting(a, "run:kept", "run:gone"))
+            await anyio.to_thread.run_sync(own_redis.start)
+            with anyio.fail_after(10):
+                await kept.lost.wait()
+                await gone.lost.wait()
+            assert not a.leases.doubting("run:kept") and confirmed == []  # lost, never confirmed
+        async with a.leases.hold("run:again", 3) as again:  # a blip that kept Redis's data
+            assert again is not None
+            a.leases.doubt()
+            assert a.leases.doubting("run:again")
+            with anyio.fail_after(5):
+                await told.wait()
+            assert confirmed == ["run:again"] and not a.leases.doubting("run:again") and not again.lost.is_set()

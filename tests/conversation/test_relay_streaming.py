@@ -19,7 +19,7 @@ from haip_runtime.cluster.translog import LogEntry
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.conversation import relay as relay_module
 from haip_runtime.conversation.relay import Relay, SharedLog
-from haip_runtime.conversation.shared import entry_event
+from haip_runtime.conversation.shared import entry, entry_event
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
@@ -43,11 +43,13 @@ class Listener:
 
 
 def shared_log(behind_ms: float = 20) -> tuple[SharedLog, Transaction, Listener, Any]:
+    doubted: set[str] = set()
     bus = SimpleNamespace(
         node_id="n1",
         config=ClusterConfig(redis_url="redis://127.0.0.1:1/0", stream_behind_ms=behind_ms),
         feed=SimpleNamespace(reconnects=0, connected=True),
         health=SimpleNamespace(state="ok"),
+        leases=SimpleNamespace(on_confirmed=[], doubted=doubted, doubting=doubted.__contains__),
     )
     transaction = Transaction(owner="alice", thread_id=None, spawn=lambda *args: None)
     shared = SharedLog(Relay(bus, store=None, spawn=lambda *args: None), transaction, owner=True)  # type: ignore[arg-type]
@@ -339,3 +341,46 @@ async def test_a_lingering_stream_whose_parts_a_lost_lease_took_out_stops_linger
             tg.start_soon(shared._linger, 60.0, 1 << 20)
             tg.start_soon(lose_meanwhile)
     assert [data for data, *_ in shared._outbox] == [GIVEN_UP]  # the parts are out; no part left to wait for
+
+
+def message_from(node: str, text: str, *, answered: bool) -> bytes:
+    """A member's message as another node appends it (``answered``: that node ran the turns as it sent it)."""
+    event = Event(EventType.MESSAGE, {"message_id": f"m-{text}", "text": text}, channel="USER")
+    member = {"id": "s-bob", "user": "bob", "roles": ["user"], "kind": "session"}
+    return entry(event, node, {"member": member, "traceparent": None, "answered": answered})
+
+
+async def test_an_owner_in_doubt_of_its_lease_answers_a_message_only_once_it_is_renewed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis was lost and this node has not renewed its lease since: another node may hold it and answer
+    too (a tester saw both answer after a Redis restart). The message waits; renewed, it is answered."""
+    shared, transaction, _, bus = shared_log()
+    shared.relay.logs.add(shared)  # (as attach does)
+    answered: list[str] = []
+    monkeypatch.setattr(shared, "_answer", lambda turn, payload: answered.append(payload["text"]))
+    bus.leases.doubted.add(shared.lease_name)
+    shared.deliver([LogEntry(transaction.id, 1, message_from("n2", "in doubt", answered=False))])
+    assert answered == [] and "m-in doubt" in shared.unanswered
+    bus.leases.doubted.discard(shared.lease_name)
+    for confirmed in bus.leases.on_confirmed:
+        confirmed(shared.lease_name)
+    shared.deliver([LogEntry(transaction.id, 2, message_from("n2", "after", answered=False))])
+    assert answered == ["in doubt", "after"] and not shared.unanswered
+
+
+async def test_a_message_another_node_answered_as_it_sent_it_waits_for_its_run_or_its_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reaching the owner across a change of owner: not answered again. Its run coming takes it out;
+    the sending node saying it gave its runs up has it answered here."""
+    shared, transaction, _, _ = shared_log()
+    answered: list[str] = []
+    monkeypatch.setattr(shared, "_answer", lambda turn, payload: answered.append(payload["text"]))
+    shared.deliver([LogEntry(transaction.id, 1, message_from("n2", "ran there", answered=True))])
+    started = Event(EventType.RUN_STARTED, {"message_id": "m-ran there", "agent": "echo"}, run_id="r9")
+    shared.deliver([LogEntry(transaction.id, 2, entry(started, "n2"))])
+    shared.deliver([LogEntry(transaction.id, 3, message_from("n2", "given up", answered=True))])
+    assert answered == [] and list(shared.unanswered) == ["m-given up"]
+    shared.deliver([LogEntry(transaction.id, 4, b'{"n":"n2","ctl":"given_up","runs":[]}')])
+    assert answered == ["given up"] and not shared.unanswered
