@@ -107,7 +107,11 @@ def test_serve_refuses_a_node_id_a_live_process_has(tmp_path: Path, postgres_url
     one name in Redis, silently (found by a tester uncommenting node_id in the shared example file)."""
     with beating(redis_url, "twins", "twin"):
         process = serve_node(tmp_path, postgres_url, redis_url, "twins", "twin")
-        _, err = process.communicate(timeout=60)
+        try:
+            _, err = process.communicate(timeout=60)
+        finally:  # (one that serves instead of refusing is not left running)
+            process.kill()
+            process.communicate()
     lines = err.strip().splitlines()
     assert process.returncode == 1 and "another live process is node 'twin'" in lines[-1], err
     assert "Traceback" not in err
