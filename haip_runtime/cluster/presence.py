@@ -47,6 +47,7 @@ class Presence:
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._beat = redis.register_script(BEAT)
         self._epoch = redis.register_script(EPOCH)
+        self._alive_until = redis.register_script(ALIVE_UNTIL)
 
     async def beat(self) -> list[str]:
         """Say this node is alive for another ``node_ttl_seconds``; the live nodes."""
@@ -65,7 +66,7 @@ class Presence:
     async def alive_until(self, node: str) -> tuple[int, int]:
         """Until when ``node`` is alive by its last beat (ms, Redis's clock; 0: it is not in the set), and now."""
         with translating(self._health, "read a node's last beat"):
-            until, now = await self._redis.eval(ALIVE_UNTIL, 1, self._keys.nodes(), node)
+            until, now = await self._alive_until(keys=[self._keys.nodes()], args=[node])
         return int(until), int(now)
 
     async def leave(self) -> None:

@@ -5,8 +5,8 @@ the transaction back. Two runtimes on one real Redis and one real PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -120,6 +120,30 @@ async def test_a_message_queued_at_the_owner_that_loses_its_lease_is_answered_by
     assert len(said) == 1  # answered once: by B, not again by A when the network healed
 
 
+@asynccontextmanager
+async def said_while_cut_off(
+    cut: NetCut, a: LiveServer, b: LiveServer, agent: str, text: str
+) -> AsyncIterator[tuple[HaipClient, HaipClient, str]]:
+    """alice on A and sam on B in a transaction with ``agent`` whose turns A runs; A cut from Redis,
+    alice says ``text`` (A answers it at once, by its clock still the owner), B takes the turns over,
+    the network heals: (alice, sam, the transaction)."""
+    async with (
+        HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+        HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+    ):
+        tx = await alice.start_transaction(agent)
+        await sam.join(tx)
+        await keeps_a_lease(a)
+        cut.cut()
+        await alice.send_text(tx, text)  # both wait for Redis
+        await runs_nothing(a)
+        fleet = b.runtime.fleet
+        assert fleet is not None
+        await until(seen(lambda: fleet.hosted()["runsHere"] == 1))  # B runs the turns
+        cut.heal()
+        yield alice, sam, tx
+
+
 async def test_a_message_the_cut_off_owner_answered_is_not_answered_again_by_the_next_owner(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
@@ -127,20 +151,7 @@ async def test_a_message_the_cut_off_owner_answered_is_not_answered_again_by_the
     wait for Redis. B takes the lease over; when the network heals A's message and its run reach the log
     after B runs the turns. B answered it again (found by a tester restarting Redis): once now."""
     with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
-        async with (
-            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
-            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
-        ):
-            tx = await alice.start_transaction("echo")
-            await sam.join(tx)
-            await keeps_a_lease(a)
-            cut.cut()
-            await alice.send_text(tx, "while cut off")  # A runs the turn now; both wait for Redis
-            await runs_nothing(a)
-            fleet = b.runtime.fleet
-            assert fleet is not None
-            await until(seen(lambda: fleet.hosted()["runsHere"] == 1))  # B runs the turns
-            cut.heal()
+        async with said_while_cut_off(cut, a, b, "echo", "while cut off") as (alice, sam, tx):
             await sam.wait_for(said("you said: while cut off"))
             await alice.send_text(tx, "after")
             await sam.wait_for(said("you said: after"))
@@ -158,20 +169,8 @@ async def test_a_message_whose_run_the_cut_off_owner_gave_up_is_answered_by_the_
     drops its events, so only the message reaches the log, after B runs the turns, and then A's word
     that it gave its runs up. B answers the message then (else nobody would)."""
     with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
-        async with (
-            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
-            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
-        ):
-            tx = await alice.start_transaction("patient")
-            await sam.join(tx)
-            await keeps_a_lease(a)
-            cut.cut()
-            await alice.send_text(tx, "wait")  # A's run waits until its lease runs out and A stops it
-            await runs_nothing(a)
-            fleet = b.runtime.fleet
-            assert fleet is not None
-            await until(seen(lambda: fleet.hosted()["runsHere"] == 1))
-            cut.heal()
+        # A's run waits until its lease runs out and A stops it
+        async with said_while_cut_off(cut, a, b, "patient", "wait") as (_, sam, tx):
             started = await sam.wait_for(lambda e: e.type == "RUN_STARTED" and e.transaction == tx)
             streamed = await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "waiting")
     assert started.run_id == streamed.run_id  # B's run: A's never reached the log

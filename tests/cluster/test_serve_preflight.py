@@ -16,33 +16,11 @@ import redis
 from tests.support.redis import RedisServer
 
 
-def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path, postgres_url: str) -> None:
-    with socket.socket() as unused:  # bound, never listening: connecting is refused at once
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-        (tmp_path / "haip.toml").write_text(
-            f'[server]\nport = 0\n[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
-            f'[cluster]\nredis_url = "redis://:hunter2@127.0.0.1:{port}/0"\nconnect_timeout_seconds = 1\n'
-        )
-        done = subprocess.run(
-            [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 1 and len(lines) == 1, done.stderr
-    assert lines[0].startswith(
-        f"haip-runtime: cluster.redis_url: cannot reach Redis at redis://:**********@127.0.0.1:{port}/0"
-    )
-    assert "hunter2" not in done.stderr
-
-
-def serve_refusal(tmp_path: Path, postgres_url: str, redis_url: str) -> list[str]:
-    """``serve``'s lines on stderr (it must exit 1) with ``redis_url``, given 30 s to reach Redis."""
+def serve_refusal(tmp_path: Path, postgres_url: str, redis_url: str, connect_timeout: float = 30) -> list[str]:
+    """``serve``'s lines on stderr (it must exit 1) with ``redis_url``, given ``connect_timeout`` s to reach Redis."""
     (tmp_path / "haip.toml").write_text(
         f'[server]\nport = 0\n[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
-        f'[cluster]\nredis_url = "{redis_url}"\nconnect_timeout_seconds = 30\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nconnect_timeout_seconds = {connect_timeout}\n'
     )
     done = subprocess.run(
         [sys.executable, "-m", "haip_runtime", "serve", "--config", str(tmp_path / "haip.toml")],
@@ -52,6 +30,18 @@ def serve_refusal(tmp_path: Path, postgres_url: str, redis_url: str) -> list[str
     )
     assert done.returncode == 1, done.stderr
     return done.stderr.strip().splitlines()
+
+
+def test_serve_refuses_an_unreachable_redis_in_one_line(tmp_path: Path, postgres_url: str) -> None:
+    with socket.socket() as unused:  # bound, never listening: connecting is refused at once
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        lines = serve_refusal(tmp_path, postgres_url, f"redis://:hunter2@127.0.0.1:{port}/0", connect_timeout=1)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"haip-runtime: cluster.redis_url: cannot reach Redis at redis://:**********@127.0.0.1:{port}/0"
+    )
+    assert "hunter2" not in "\n".join(lines)
 
 
 def test_serve_refuses_a_redis_database_that_does_not_exist_at_once_saying_so(
