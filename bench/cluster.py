@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import Server, cores, drain, haip_server, load, pin, write_section, writes_dropped  # noqa: E402  # type: ignore[import-not-found]
+from common import Server, cores, drain, haip_server, load, machine, pin, write_section, writes_dropped  # noqa: E402  # type: ignore[import-not-found]
 
 from tests.support.postgres import PostgresServer  # noqa: E402
 from tests.support.redis import RedisServer, running_redis  # noqa: E402
@@ -271,20 +269,10 @@ def fanout_table(runs: list[dict[str, dict[str, Any]]], tokens: int) -> tuple[li
     return lines, complete
 
 
+#: Whose versions a results file gives.
+PACKAGES = ("haip-runtime", "redis", "asyncpg", "uvicorn")
+
 # -- the report ----------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
-    versions = ", ".join(f"{name} {version(name)}" for name in ("haip-runtime", "redis", "asyncpg", "uvicorn"))
-    return f"{os.cpu_count()} × {cpu}, Linux {platform.release()}, Python {platform.python_version()}; {versions}"
 
 
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
@@ -419,7 +407,7 @@ def report(scale: Scale, short: bool, started: float, echo: dict[str, list[dict[
         "",
         f"Written by `bench/cluster.py{' --short' if short else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {(time.monotonic() - started) / 60:.1f} minutes. "
-        f"{machine()}. The machine is shared with other engineers' test runs (load average, 1 minute, at the "
+        f"{machine(PACKAGES)}. The machine is shared with other engineers' test runs (load average, 1 minute, at the "
         f"start and end of each part: {'; '.join(f'part {part}: {text}' for part, text in loads.items())}): "
         "compare the columns of one run, not runs with each other.",
         "",

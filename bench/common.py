@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -16,9 +17,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,22 @@ class S(uvicorn.Server):
 sock = socket.socket(); sock.bind(("127.0.0.1", 0)); sock.listen(128)
 S(uvicorn.Config(Starlette(routes=[Route("/", hi)]), log_level="warning")).run(sockets=[sock])
 """
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (what platform knows, elsewhere)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(packages: Iterable[str]) -> str:
+    """One line for a results file: the cores, the processor, the kernel, Python and ``packages``' versions."""
+    versions = ", ".join(f"{name} {version(name)}" for name in packages)
+    return (
+        f"{os.cpu_count()} × {cpu_model()}, Linux {platform.release()}, Python {platform.python_version()}; {versions}"
+    )
 
 
 def cores() -> tuple[set[int], set[int]]:

@@ -28,7 +28,6 @@ import http.client
 import json
 import logging
 import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -38,7 +37,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -49,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from common import Server, cores, drain, haip_server, load, percentile, pin, stores  # noqa: E402  # type: ignore[import-not-found]
+from common import Server, cores, drain, haip_server, load, machine, percentile, pin, stores  # noqa: E402  # type: ignore[import-not-found]
 
 from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.config.models import StorageConfig  # noqa: E402
@@ -513,23 +511,10 @@ def rest_reads(scale: Scale, found: Clusters, tmp: Path) -> dict[tuple[str, int,
     return results
 
 
+#: Whose versions a results file gives.
+PACKAGES = ("haip-runtime", "asyncpg", "uvicorn", "websockets")
+
 # -- the report ----------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
-    versions = ", ".join(f"{name} {version(name)}" for name in ("haip-runtime", "asyncpg", "uvicorn", "websockets"))
-    return (
-        f"{os.cpu_count()} × {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"SQLite {sqlite3.sqlite_version}; {versions}"
-    )
 
 
 def write_table(writes: dict[str, Series]) -> list[str]:
@@ -676,7 +661,8 @@ def report(scale: Scale, short: bool, started: float, found: Clusters, sections:
         "",
         f"Written by `bench/store.py{' --short' if short else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"in {(time.monotonic() - started) / 60:.1f} minutes. {machine()}. Servers pinned to core(s) {sorted(SERVER)}, "
+        f"in {(time.monotonic() - started) / 60:.1f} minutes. {machine(PACKAGES)}, SQLite {sqlite3.sqlite_version}. "
+        f"Servers pinned to core(s) {sorted(SERVER)}, "
         f"this process (the client, and the store in part 1) to {sorted(LOAD)}; PostgreSQL unpinned. "
         f"{scale.rounds} rounds, interleaved (A, B, A, B); each figure is the median of the per-round figures. "
         "The machine is shared with other engineers' test runs at the same time: compare the columns of one run, "

@@ -19,7 +19,6 @@ import argparse
 import compileall
 import logging
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -29,7 +28,6 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from common import (  # type: ignore[import-not-found]
     haip_server,
     held_load,
     load,
+    machine,
     pin,
     raise_fd_limit,
     time_until_ready,
@@ -789,6 +788,10 @@ PROFILE_NOTE = (
 )
 
 
+#: Whose versions the report gives.
+PACKAGES = ("haip-runtime", "uvicorn", "starlette", "websockets", "mcp", "anyio")
+
+
 def write_report(
     scale: Scale,
     short: bool,
@@ -798,17 +801,6 @@ def write_report(
     cluster: list[str],
     workers: list[str],
 ) -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or platform.machine(),
-    )
-    versions = ", ".join(
-        f"{name} {version(name)}" for name in ("haip-runtime", "uvicorn", "starlette", "websockets", "mcp", "anyio")
-    )
     rows = [
         f"| {r.number} | {r.what} | {r.ours} | {r.base} | {r.ratio} | {r.spread} | {r.target} | "
         f"{'too short to judge' if r.met is None else 'met' if r.met else 'MISSED'} |"
@@ -820,8 +812,7 @@ def write_report(
         "",
         f"Written by `bench/suite.py{' --short' if short else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"in {(time.monotonic() - started) / 60:.1f} minutes. {os.cpu_count()} × {cpu}, Linux "
-        f"{platform.release()}, Python {platform.python_version()}; {versions}. "
+        f"in {(time.monotonic() - started) / 60:.1f} minutes. {machine(PACKAGES)}. "
         f"Server pinned to core(s) {sorted(SERVER)}, load generators to {sorted(LOAD)}. The machine is shared "
         "with other engineers' test runs, which is why every ratio is the median of per-round ratios.",
         "",
