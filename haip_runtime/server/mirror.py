@@ -69,6 +69,9 @@ class Mirroring:
     queued: bool = False
     #: Inbound ids wait (``IDS_LINGER``) for the session's next frame.
     lingering: bool = False
+    #: The session's transactions when it was handed to another node (letting it go here takes it out of
+    #: them, which is not leaving them): what its last flush writes. ``None``: the session's own, live.
+    handed_over: frozenset[str] | None = None
     gone: bool = False
     #: Its window is in Redis, held by this node (made by a flush, or taken over from another node).
     made: bool = False
@@ -138,6 +141,13 @@ class WindowMirror:
         session.sink = self
         if fresh:  # (a window taken over is in Redis already: the session's next frame is flushed there)
             self._queue_up(tracked)
+
+    def hand_over(self, session: Session) -> None:
+        """``session`` goes on at another node: its window keeps the transactions it is in now, which the
+        other node rejoins, though letting it go here takes it out of them before its last flush."""
+        tracked = self._tracked.get(session.id)
+        if tracked is not None:
+            tracked.handed_over = frozenset(session.transactions)
 
     def forget(self, session: Session, *, delete: bool) -> None:
         """Stop mirroring ``session``; with ``delete``, its window goes too (the session is over)."""
@@ -250,8 +260,9 @@ class WindowMirror:
 
     def _update(self, tracked: Mirroring) -> WindowUpdate:
         session = tracked.session
+        joined = session.transactions if tracked.handed_over is None else tracked.handed_over
         wanted = {
-            "tx": fastjson.dumps({tx: tracked.tseqs.get(tx, 0) for tx in sorted(session.transactions)}),
+            "tx": fastjson.dumps({tx: tracked.tseqs.get(tx, 0) for tx in sorted(joined)}),
             "in": inbound_field(session),
         }
         if tracked.fresh:

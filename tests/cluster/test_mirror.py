@@ -3,13 +3,16 @@ inbound ids waiting for the session's next frame (one script run for an echo's m
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import pytest
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.cluster import ReplayOutcome
 from haip_runtime.config.models import SessionConfig
-from haip_runtime.protocol.events import ALL_EVENTS
+from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import ALL_EVENTS, Channel, EventType
 from haip_runtime.server.mirror import WindowMirror
 from haip_runtime.session.session import Session
 from tests.cluster.conftest import BusFactory, until
@@ -87,3 +90,31 @@ async def test_inbound_ids_go_with_the_next_frame_or_alone_after_their_linger(
             await until(third_kept)
             tg.cancel_scope.cancel()
         assert mirror.flushes == 4
+
+
+async def test_a_session_handed_over_keeps_its_transactions_in_its_window_though_let_go_here(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """Letting a session go takes it out of this node's transactions before its last frames are flushed:
+    the window must still name them, or the node taking it over rejoins none (found by a tester: a client
+    resumed through a round-robin balancer stopped getting its conversation)."""
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        mirror = WindowMirror(a, lambda taken: None)
+        held = session("H")
+        mirror.track(held)
+        held.transactions.add("T")
+        event = Event(EventType.MESSAGE, "hello", channel=Channel.USER)
+        event.stamp("T", 7, None)
+        held.deliver(event)
+        await mirror.flush()
+        answer = Event(EventType.MESSAGE, "the answer", channel=Channel.AGENT)
+        answer.stamp("T", 9, None)
+        held.deliver(answer)  # recorded, not flushed yet: the release comes now
+
+        mirror.hand_over(held)
+        held.transactions.discard("T")  # what letting it go does (``Hub._let_go``)
+        await mirror.flush()
+
+        claimed = await b.replay.claim("H", "ann")
+        assert claimed is not None
+        assert json.loads(claimed.fields["tx"]) == {"T": 9}
