@@ -92,6 +92,11 @@ class Quotas:
             self._held.add((user, kind, holder))
         return bool(got)
 
+    def let_go(self, user: str, kind: str, holder: str) -> None:
+        """Stop refreshing a slot another node holds now (a session taken over there: same holder);
+        Redis is left as it is, for that node to keep or release."""
+        self._held.discard((user, kind, holder))
+
     async def release_slot(self, user: str, kind: str, holder: str) -> None:
         self._held.discard((user, kind, holder))
         with translating(self._health, f"release a {kind} slot of {user}"):

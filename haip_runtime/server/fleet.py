@@ -119,6 +119,13 @@ class Fleet:
             self._releases.append((user, holder))
             self._released.set()
 
+    def handed_over(self, user: str, holder: str) -> None:
+        """The session went on at another node, which holds its slot under the same id from now on: this
+        node stops counting and refreshing it, and does not release it (the other node's drop does)."""
+        self.unrecorded.discard((user, holder))
+        self.claimed.discard((user, holder))
+        self._live_bus().quotas.let_go(user, SESSIONS, holder)
+
     async def _release_pending(self, user: str) -> None:
         """Release ``user``'s queued slots now: a claim right after a drop must see the room it made."""
         mine = [item for item in self._releases if item[0] == user]

@@ -244,8 +244,9 @@ class Roaming:
         """Another node takes this session over: let it go, with everything it recorded in its window."""
         session = self.hub.sessions.get(session_id)
         if session is not None:
-            self._let_go(session, flushed=False)
             assert self.mirror is not None
+            self.mirror.hand_over(session)
+            self._let_go(session, flushed=False)
             try:
                 await self.mirror.flush()  # what the session recorded, up to its connection's close
             except ClusterError as error:
@@ -258,10 +259,9 @@ class Roaming:
 
     def _let_go(self, session: Session, *, flushed: bool = True) -> None:
         """The session goes on at another node: out of this node's registry and transactions (quietly),
-        its slot kept (the other node holds it under the same id), its connection closed."""
+        its slot handed over (the other node holds it under the same id), its connection closed."""
         self.hub.sessions.give_up(session)
-        self.fleet.claimed.discard((session.user, session.id))
-        self.fleet.unrecorded.discard((session.user, session.id))
+        self.fleet.handed_over(session.user, session.id)
         if session.outbox is not None:
             session.outbox.close(CloseCode.NORMAL, "the session was resumed on another node")
         if flushed and self.mirror is not None:

@@ -78,6 +78,12 @@ async def echo_on(peer: RawPeer, transaction: str, text: str, seen: list[dict[st
             return envelope
 
 
+def slots_held(node: LiveServer) -> int:
+    """The session slots ``node`` holds in Redis and refreshes at each heartbeat."""
+    assert node.runtime.fleet is not None and node.runtime.fleet.bus is not None
+    return node.runtime.fleet.bus.quotas.held
+
+
 def seqs(envelopes: list[dict[str, Any]]) -> list[int]:
     return [int(envelope["seq"]) for envelope in envelopes]
 
@@ -104,6 +110,9 @@ async def test_a_session_resumed_on_another_node_while_its_node_holds_it_moves_t
                 first_closed = await first.closed()
                 after = await echo_on(second, transaction, "three", again)
         assert session not in a.runtime.hub.sessions.sessions and session in b.runtime.hub.sessions.sessions
+        # Its slot moved too: the old node no longer refreshes it (else it outlives the session, and the
+        # user is refused sessions once enough have moved), the new node holds it under the same id.
+        assert slots_held(a) == 0 and slots_held(b) == 1
     missed = [envelope for envelope in seen if int(envelope["seq"]) > last_rx]
     assert again[: len(missed)] == missed  # the very frames, seqs and all, once, in order
     assert seqs(again) == list(range(last_rx + 1, int(after["seq"]) + 1))  # then numbering goes on
