@@ -223,11 +223,14 @@ class Succession:
             pass  # it runs out by itself
 
     def _lose(self) -> None:
-        """Another node runs the turns now (this one could not renew its lease): stop what runs here;
-        the waiting messages are the next owner's to answer (it knows them from the log)."""
+        """Another node runs the turns now (this one could not renew its lease): stop what runs here, and
+        drop what every run published that has not reached the log (one that ended here meanwhile too:
+        the next owner ends with ``NODE_LOST`` the runs the log shows open, and a run ends once); the
+        waiting messages are the next owner's to answer (it knows them from the log)."""
         logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
         self.owner = False
-        stopped = list(self.transaction.runs)
+        unlogged = [run_id for _, _, _, run_id in self._outbox if run_id is not None]
+        stopped = list(dict.fromkeys([*self.transaction.runs, *unlogged]))
         self._given_up.update(stopped)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()

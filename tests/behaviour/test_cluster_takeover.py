@@ -14,12 +14,16 @@ import pytest
 from haip_runtime.client import HaipClient, Received
 from tests.behaviour.test_cluster_conversations import WHOLE, node_config, two_nodes
 from tests.behaviour.test_cluster_limits import seen, until
+from tests.support.agents import GATES, Gate
 from tests.support.netcut import NetCut, netcut
 from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
-PATIENT = {"patient": {"plugin": "tests.support.agents:PatientAgent"}}
+PATIENT = {
+    "patient": {"plugin": "tests.support.agents:PatientAgent"},
+    "gate": {"plugin": "tests.support.agents:GateAgent"},
+}
 
 
 @contextmanager
@@ -174,6 +178,44 @@ async def test_a_message_whose_run_the_cut_off_owner_gave_up_is_answered_by_the_
             started = await sam.wait_for(lambda e: e.type == "RUN_STARTED" and e.transaction == tx)
             streamed = await sam.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "waiting")
     assert started.run_id == streamed.run_id  # B's run: A's never reached the log
+
+
+async def test_a_run_that_ends_on_the_cut_off_owner_before_its_lease_runs_out_ends_once_with_node_lost(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """A's run streamed its first words to the log, then A is cut off and the run ends there while A
+    still holds the lease by its clock: its last events wait for Redis. B ends the run NODE_LOST (it
+    saw it open), so when the network heals those events must not follow: a run ends once (found by a
+    tester: RUN_ERROR NODE_LOST, then the rest of the answer and RUN_FINISHED OK)."""
+    GATES["cut off"], GATES["after"] = gate, after = Gate(), Gate()
+    after.open()
+    with cut_and_direct(redis_url, postgres_url, prefix) as (cut, a, b):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), timeout=20) as alice,
+            HaipClient(b.ws_url, token=b.token("sam", roles=["support"]), timeout=20) as sam,
+        ):
+            tx = await alice.start_transaction("gate")
+            await sam.join(tx)
+            await keeps_a_lease(a)
+            await alice.send_text(tx, "cut off")
+            started = await sam.wait_for("RUN_STARTED")
+            await sam.wait_for(said("waiting at the gate"))
+            cut.cut()
+            gate.open()  # the run ends on A, which still runs the turns
+            transaction = a.runtime.hub.transactions.live[tx]
+            await until(seen(lambda: not transaction.runs))
+            await runs_nothing(a)
+            lost = await sam.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.run_id)
+            cut.heal()
+            await alice.send_text(tx, "after")  # answered by B; anything of A's run would be in the log before
+            await sam.wait_for(lambda e: e.type == "RUN_FINISHED" and e.run_id != started.run_id)
+            await alice.wait_for(lambda e: e.type == "RUN_FINISHED" and e.run_id != started.run_id)
+    assert not gate.cancelled.is_set()  # the run did end on A, before A stopped its turns
+    assert lost.get("code") == "NODE_LOST"
+    for member in (sam, alice):
+        ends = [e.type for e in member.received if e.run_id == started.run_id and e.type.startswith("RUN_")]
+        assert ends == ["RUN_STARTED", "RUN_ERROR"], ends
+        assert not any(said("; through the gate cut off")(e) for e in member.received)
 
 
 async def test_a_run_started_long_before_the_next_owner_hosted_the_transaction_ends_with_node_lost(
