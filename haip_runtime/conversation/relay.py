@@ -136,6 +136,8 @@ class SharedLog(Succession):
         self.unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
         #: Calls the log shows waiting for a member's answer, with their run (an answer from here is forwarded).
         self.waiting_calls: dict[str, str | None] = {}
+        #: Calls the log shows made and not done, with their run (a run ended ``NODE_LOST`` ends them too).
+        self.open_calls: dict[str, str | None] = {}
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self.end_asked: str | None = None

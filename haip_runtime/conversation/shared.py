@@ -25,6 +25,7 @@ _FOLLOWED = frozenset(
         EventType.RUN_STARTED,
         *_ENDS,
         EventType.INFO,
+        EventType.TOOL_CALL,
         EventType.TOOL_UPDATE,
         EventType.TOOL_DONE,
         EventType.TRANSACTION_JOIN,
@@ -45,6 +46,8 @@ class Shared(Protocol):
     users_elsewhere: set[str]
     #: Calls the log shows waiting for a member's answer, with the run each belongs to.
     waiting_calls: dict[str, str | None]
+    #: Calls the log shows made and not done, with the run each belongs to (a lost run's end them).
+    open_calls: dict[str, str | None]
     #: How long the turns may take to move to another node.
     handover: float
 
@@ -116,14 +119,19 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type in _ENDS and event.run_id:
         shared.open_runs.pop(event.run_id, None)
-        for call_id in [call for call, run in shared.waiting_calls.items() if run == event.run_id]:
-            del shared.waiting_calls[call_id]  # its run ended (NODE_LOST among others): nobody waits
+        for calls in (shared.waiting_calls, shared.open_calls):
+            for call_id in [call for call, run in calls.items() if run == event.run_id]:
+                del calls[call_id]  # its run ended (NODE_LOST among others): nobody waits
     elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
         shared.waiting_calls[str(payload.get("call_id", ""))] = event.run_id
+    elif event.type == EventType.TOOL_CALL and payload.get("call_id"):
+        shared.open_calls[str(payload["call_id"])] = event.run_id
     elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
         shared.waiting_calls.pop(str(payload["call_id"]), None)
+        if event.type == EventType.TOOL_DONE:
+            shared.open_calls.pop(str(payload["call_id"]), None)
     elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):
         shared.users_elsewhere.add(str(payload["joined"]))
         users.setdefault(str(payload["joined"]), None)

@@ -24,7 +24,7 @@ from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolErrorCode, ToolOutcome
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -41,6 +41,7 @@ REHYDRATE_EVENTS = 20_000
 #: Messages kept for a takeover while no node runs the turns (the oldest stay unanswered past it).
 MAX_UNANSWERED = 10_000
 LOST = "the node running this turn was lost; send the message again"
+CALL_LOST = "the node running this call was lost; its result, if any, is lost with it"
 
 
 class Succession:
@@ -54,6 +55,7 @@ class Succession:
     #: Whether this node runs the transaction's turns (holds its lease, or started it just now).
     owner: bool
     open_runs: dict[str, str]
+    open_calls: dict[str, str | None]
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: An end a member asked for while no node held the lease: the next holder carries it out.
     end_asked: str | None
@@ -129,8 +131,16 @@ class Succession:
             self._answer(*self.unanswered.pop(message_id))
 
     def _node_lost(self, run_id: str) -> None:
-        """End ``run_id``, which a node that lost the lease left open in the log."""
+        """End ``run_id``, which a node that lost the lease left open in the log, and its tool calls not done
+        (the node that made them stopped them, or died: their ``TOOL_DONE`` never came)."""
         self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
+        for call_id in [call for call, run in self.open_calls.items() if run == run_id]:
+            failed = {
+                "call_id": call_id,
+                "status": ToolOutcome.ERROR,
+                "error": error_body(ToolErrorCode.TOOL_FAILED, CALL_LOST),
+            }
+            self.transaction.publish(Event(EventType.TOOL_DONE, failed, channel=Channel.AGENT, run_id=run_id))
         lost = Event(EventType.RUN_ERROR, {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, LOST)})
         self.transaction.publish(lost.with_changes(channel=Channel.AGENT, run_id=run_id))
         self.open_runs.pop(run_id, None)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.anyio
 
 @contextmanager
 def node(redis: str, database: str, prefix: str, folder: Path) -> Iterator[ServeProcess]:
-    """A node of the cluster (dev mode, the ``patient`` agent) as a process of its own."""
+    """A node of the cluster (dev mode, the ``patient`` and ``operator`` agents, a tool that waits for a
+    member's approval) as a process of its own."""
     folder.mkdir()
     config = folder / "haip.toml"
     config.write_text(
@@ -31,6 +32,9 @@ def node(redis: str, database: str, prefix: str, folder: Path) -> Iterator[Serve
         f'[cluster]\nredis_url = "{redis}"\nkey_prefix = "{prefix}"\nlease_seconds = 1.5\n'
         "heartbeat_seconds = 0.2\nnode_ttl_seconds = 2\n"
         '[agents.patient]\nplugin = "tests.support.agents:PatientAgent"\n'
+        '[agents.operator]\nplugin = "operator"\nmcp_servers = ["made"]\n'
+        '[mcp.servers.made]\ntransport = "python"\nserver = "tests.support.python_servers:make_server"\n'
+        'require_approval = ["hello"]\n'
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config)]
@@ -70,3 +74,29 @@ async def test_a_turn_whose_node_dies_ends_with_node_lost_and_the_next_message_i
         if e["type"].startswith("RUN_") and e["type"] != "RUN_STARTED"
     ]
     assert ends[0] == ("RUN_ERROR", "NODE_LOST")  # in the durable log too, kept by the node that lived
+
+
+async def test_a_tool_call_whose_node_dies_ends_with_its_run(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The run's node dies while a tool call waits for a member's approval: the node that ends the run
+    NODE_LOST ends the call too (TOOL_DONE ERROR), else the members' UIs wait on it for ever (found by
+    a tester)."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
+            async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
+                tx = await on_a.start_transaction("operator")  # its turns run on A
+                await on_b.join(tx)
+                await on_b.send_text(tx, '/call made.hello {"who": "ada"}')
+                call = await on_b.wait_for("TOOL_CALL")
+                await on_b.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait(timeout=10)
+            done = await on_b.wait_for("TOOL_DONE")
+            lost = await on_b.wait_for("RUN_ERROR")
+    assert done.get("call_id") == call.get("call_id") and done.run_id == call.run_id == lost.run_id
+    assert done.get("status") == "ERROR" and done.get("error")["code"] == "TOOL_FAILED"
+    assert lost.get("code") == "NODE_LOST"
