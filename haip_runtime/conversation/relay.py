@@ -253,6 +253,10 @@ class SharedLog(Succession):
         body = {"n": self.relay.node, "ctl": kind, **fields}
         self._queue(fastjson.dumps(body).encode(), False, None)
 
+    def unavailable(self) -> str | None:
+        health = self.relay.bus.health
+        return None if health.state == "ok" else health.error or "redis does not answer"  # (BusState.OK)
+
     def _queue(self, data: bytes, part: bool, run_id: str | None) -> None:
         if len(self._outbox) >= MAX_OUTBOX:
             self._outbox.popleft()

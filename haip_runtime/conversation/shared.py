@@ -61,6 +61,9 @@ class Shared(Protocol):
     def control(self, kind: str, **fields: Any) -> None:
         """Ask the owner to do something (a log entry no member sees)."""
 
+    def unavailable(self) -> str | None:
+        """Why the bus cannot take what is published now (Redis does not answer: it waits, in order), else ``None``."""
+
     def turn(self, member: Member, traceparent: str | None, *, answered: bool) -> dict[str, Any]:
         """What a message carries for the node running the turns."""
 

@@ -21,6 +21,7 @@ from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, parse_seq
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.session.session import Session
 
@@ -67,7 +68,16 @@ async def begin(
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
     TRANSACTION_START does, for every door, after the user's quota of open transactions."""
     await ctx.transactions.check_room(member.user, related_id)
-    return create(ctx, member, spec, thread_id, params, reference, id)
+    transaction = create(ctx, member, spec, thread_id, params, reference, id)
+    waiting = transaction.shared.unavailable() if transaction.shared is not None else None
+    if waiting is not None:  # its TRANSACTION_START reaches the member only once Redis answers: say why now
+        # Not related to the request (the start did not fail), nor in the transaction (not known yet).
+        message = (
+            f"the cluster's Redis does not answer ({waiting}): transaction {transaction.id} is started, and "
+            "its start and what is said in it reach its members, in order, once Redis answers"
+        )
+        member.deliver(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message)))
+    return transaction
 
 
 def create(

@@ -194,6 +194,37 @@ async def test_redis_restarted_mid_conversation_every_node_goes_on(
     assert finished == ["OK", "OK"]  # both turns, each once, in the durable log
 
 
+async def test_a_transaction_started_while_redis_is_down_is_said_to_wait_at_once_then_starts(
+    own_redis: RedisServer, postgres_url: str, prefix: str
+) -> None:
+    """Its TRANSACTION_START goes through the log, so it comes once Redis is back; meanwhile the member is
+    told why, at once (a tester's new user waited 11 s with no word)."""
+    with two_nodes(own_redis.url, postgres_url, prefix) as (a, _):
+        async with (
+            HaipClient(a.ws_url, token=a.token("alice"), accept_events=WHOLE, timeout=20) as alice,
+            HaipClient(a.ws_url, token=a.token("bob"), accept_events=WHOLE, timeout=10) as bob,
+        ):
+            await alice.start_transaction("echo")
+            own_redis.stop()
+            await alice.wait_for(lambda e: e.type == "ERROR")  # the members then were told; bob was none
+            starting = anyio.Event()
+            async with anyio.create_task_group() as tg:
+
+                async def start() -> None:
+                    starting.set()
+                    started.append(await bob.start_transaction("echo"))
+
+                started: list[str] = []
+                tg.start_soon(start)
+                await starting.wait()
+                told = await bob.wait_for(lambda e: e.type == "ERROR")
+                own_redis.start()
+            reply = await bob.wait_for("TRANSACTION_START")
+    assert told.get("code") == "STORAGE_UNAVAILABLE" and told.transaction is None
+    assert reply.transaction is not None and started == [reply.transaction]
+    assert reply.transaction in str(told.get("message"))
+
+
 async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_when_the_network_heals(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
