@@ -104,8 +104,10 @@ class UserQuotas:
         """One inbound envelope of ``user`` against their sessions' message rate together."""
         now = self._clock()
         if not self._user_bucket(user, now).take(now):
+            rate = self.config.user_messages_per_second
+            where = "" if self.nodes == 1 else f" on this node ({rate:g} shared by {self.nodes} nodes)"
             raise limited(
-                f"more than {self.config.user_messages_per_second:g} messages a second from your sessions together;"
+                f"more than {self.user_rate:g} messages a second from your sessions together{where};"
                 " this one was dropped",
                 "user_messages_per_second",
                 related_id,

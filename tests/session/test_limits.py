@@ -137,6 +137,10 @@ def test_in_a_cluster_each_node_allows_its_share_of_a_users_rate() -> None:
     clock.now += 1
     assert accepted(quotas, "ann", 10) == 2  # refilled at 2.5 a second, up to the share of the burst
     assert accepted(quotas, "bob", 10) == 2  # new users get the share too
+    with pytest.raises(ProtocolError) as caught:
+        quotas.check_message("bob", "over")
+    assert "more than 2.5 messages a second" in caught.value.message  # what was applied here, and why
+    assert "on this node (10 shared by 4 nodes)" in caught.value.message
     quotas.share(0)  # never less than one node
     clock.now += 10
     assert quotas.nodes == 1 and accepted(quotas, "ann", 20) == 8
