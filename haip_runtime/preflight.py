@@ -19,7 +19,7 @@ import httpx2
 
 from haip_runtime.config import HaipConfig
 from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
-from haip_runtime.exceptions import ConfigError, LlmError
+from haip_runtime.exceptions import ConfigError, KeyUnavailableError, LlmError
 from haip_runtime.llm.local import INSTALL_HINT, default_model_path
 
 
@@ -87,7 +87,25 @@ async def connect(config: HaipConfig, timeout: float, stderr: TextIO) -> list[tu
     for name, llm in config.llm.items():
         results.append(await _reach(name, llm, timeout))
     results += await _stores(config, timeout)
+    results += await _keys(config, timeout)
     return results
+
+
+async def _keys(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
+    """The JWKS endpoint, if the config names one: its key set fetched (a set without keys is refused)."""
+    url = config.auth.jwks_url
+    if url is None:
+        return []
+    from haip_runtime.auth.jwks import JwksKeys
+
+    keys = JwksKeys(
+        url, cache_seconds=0.001, min_refetch_seconds=0, timeout=min(timeout, config.auth.jwks_timeout_seconds)
+    )
+    try:
+        count = await keys.fetch()
+    except KeyUnavailableError as exc:
+        return [(False, f"auth.jwks_url: cannot fetch the key set: {exc}")]
+    return [(True, f"auth.jwks_url: {url} holds {count} key(s)")]
 
 
 async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:

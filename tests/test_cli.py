@@ -339,3 +339,24 @@ def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Pat
         f"haip-runtime: {config}: 2 problem(s)",
     ]
     assert "sk-good" not in result.stderr + result.stdout and "sk-bad" not in result.stderr + result.stdout
+
+
+def test_check_connect_fetches_the_jwks_key_set(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tests.support.jwks_server import jwk_of, serve_jwks
+
+    def check(url: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "haip.toml"
+        config.write_text(f"[auth]\nmode = 'jwt'\nalgorithms = ['RS256']\njwks_url = '{url}'\n")
+        return run(["check", "--config", str(config), "--connect", "--timeout", "10"])
+
+    with serve_jwks() as jwks:
+        jwks.keys = [jwk_of(rsa.generate_private_key(public_exponent=65537, key_size=2048), "k1")]
+        held = check(jwks.url)
+        jwks.keys = []
+        empty = check(jwks.url)
+    away = check("http://127.0.0.1:1/jwks.json")
+    assert held.returncode == 0 and f"reached: auth.jwks_url: {jwks.url} holds 1 key(s)" in held.stderr
+    assert empty.returncode == 1 and "did not contain any keys" in empty.stderr
+    assert away.returncode == 1 and "failed: auth.jwks_url: cannot fetch the key set: http://127.0.0.1:1" in away.stderr

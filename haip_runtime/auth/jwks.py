@@ -67,6 +67,14 @@ class JwksKeys:
             raise KeyUnavailableError("signing keys unavailable")
         raise KeyUnavailableError(f"no signing key with kid {kid!r}" if kid else "token names no kid")
 
+    async def fetch(self) -> int:
+        """Fetch the key set now (``check --connect``): how many keys it holds; ``KeyUnavailableError``
+        saying why if it cannot be had."""
+        await self._refresh()
+        if self._failure is not None:
+            raise KeyUnavailableError(self._failure)
+        return len(self._keys)
+
     def _find(self, kid: str | None) -> Any:
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))
