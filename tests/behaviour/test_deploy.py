@@ -81,6 +81,11 @@ async def health(url: str) -> dict[str, Any]:
         return dict(response.json())
 
 
+async def status(url: str, path: str) -> int:
+    async with httpx2.AsyncClient(base_url=url, timeout=10) as http:
+        return (await http.get(path)).status_code
+
+
 async def node_ids(cluster: Deployment) -> list[str]:
     """Each node's cluster id, asked of the node itself."""
     return [(await health(node.http_url))["cluster"]["node"] for node in cluster.nodes]
@@ -169,6 +174,12 @@ async def test_the_balancer_runs_the_guides_config_with_only_the_addresses_chang
     assert read_timeout > session.heartbeat_interval_seconds + session.heartbeat_timeout_seconds
 
 
+async def test_a_body_nginx_refuses_as_too_large_gets_a_json_error(nginx: Balancer) -> None:
+    async with httpx2.AsyncClient(base_url=nginx.http_url, timeout=30) as http:
+        response = await http.post("/haip/sse/some-session", content=b"[" + b" " * (6 * 1024 * 1024) + b"]")
+    assert response.status_code == 413 and response.json()["error"]["code"] == "MESSAGE_TOO_LARGE"
+
+
 @pytest.mark.parametrize("program", ["nginx", "haproxy", "caddy"])
 async def test_health_and_websocket_round_trips_reach_both_nodes_through_the_balancer(
     program: str, cluster: Deployment
@@ -180,6 +191,8 @@ async def test_health_and_websocket_round_trips_reach_both_nodes_through_the_bal
         before = await connections(cluster)
         answers = [await echo_round_trip(front.ws_url, cluster.token("ann"), f"hello {n}") for n in range(4)]
         after = await connections(cluster)
+        metrics = [await status(url, "/metrics") for url in (front.http_url, cluster.nodes[0].http_url)]
+    assert metrics == [404, 200]  # the scraper's, on the node's own address; not the public's
     assert answered == set(await node_ids(cluster))
     assert answers == [f"you said: hello {n}" for n in range(4)]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]  # round robin: two each
