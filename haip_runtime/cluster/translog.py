@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.replies import Arg, stream_rows
+from haip_runtime.exceptions import ClusterError
 
 #: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, payload...
 #: When the counter is gone but the stream is not, the stream's last id is the floor too.
@@ -115,6 +117,26 @@ class TransactionLog:
         args: list[Arg] = [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
         with translating(self._health, f"append to transaction {transaction}"):
             return int(await self._pipe.script(APPEND, keys, args))
+
+    async def append_batches(self, calls: Sequence[tuple[str, Sequence[bytes], int]]) -> list[int | ClusterError]:
+        """``append_many`` for several transactions at once, ``(transaction, payloads, floor)`` each, all in
+        one write: each one's first tseq, or the ``ClusterError`` of its script run alone (Redis refused
+        it); ``ClusterError`` raised if Redis could not be reached (then none is known to have run)."""
+        scripted: list[tuple[list[Arg], list[Arg]]] = [
+            (
+                [self._keys.sequence(transaction), self._keys.log(transaction)],
+                [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads],
+            )
+            for transaction, payloads, floor in calls
+        ]
+        with translating(self._health, f"append to {len(calls)} transaction(s)"):
+            replies = await self._pipe.scripts(APPEND, scripted, settle=True)
+        return [
+            ClusterError(f"redis refused the append to {transaction}: {reply}")
+            if isinstance(reply, ResponseError)
+            else int(reply)
+            for (transaction, _, _), reply in zip(calls, replies, strict=True)
+        ]
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""

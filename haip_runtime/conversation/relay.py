@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from haip_runtime.conversation.members import describe
+from haip_runtime.conversation.sender import Queued, Sender, pass_once
 from haip_runtime.conversation.shared import entry, entry_event, follow, wrote
 from haip_runtime.conversation.succession import MAX_RETRY, Succession
 from haip_runtime.exceptions import ClusterError
@@ -47,19 +47,11 @@ logger = logging.getLogger(__name__)
 SEEN_IDS = 4096
 #: Published events waiting for Redis, per transaction, before the oldest are given up (logged).
 MAX_OUTBOX = 10_000
-#: The most event-loop passes a sender waits for more of its transaction's events before an append.
-GATHER_PASSES = 3
 #: How long a transaction brought back waits to follow its log before a member joins it.
 FOLLOW_SECONDS = 5.0
 #: A streamed part published here and not back through the feed after this long is not waited for by
 #: the stream's back-pressure (Redis lost it, or is failing: the bus's health says so).
 PACE_GIVE_UP = 1.0
-
-
-@types.coroutine
-def _pass() -> Generator[None, None, None]:
-    """Let every other ready task run once (``asyncio.sleep(0)`` without anyio's checkpoint bookkeeping)."""
-    yield
 
 
 class Relay:
@@ -82,6 +74,9 @@ class Relay:
         self.on_agents: Callable[[Transaction, list[str]], None] | None = None
         #: The transactions this node hosts.
         self.logs: set[SharedLog] = set()
+        #: Appends what they publish (one task for them all, started with the first).
+        self.sender = Sender(bus)
+        self._sending = False
         bus.leases.on_confirmed.append(self._confirmed)
 
     def _confirmed(self, lease: str) -> None:
@@ -101,6 +96,9 @@ class Relay:
         shared = SharedLog(self, transaction, owner=new, floor=floor)
         transaction.shared = shared
         self.logs.add(shared)
+        if not self._sending:
+            self._sending = True
+            self.spawn(self.sender.run)
         self.spawn(shared.run)
 
     def detach(self, transaction: Transaction) -> None:
@@ -141,8 +139,8 @@ class SharedLog(Succession):
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self.end_asked: str | None = None
-        #: (entry, a streamed part?, when queued, its run) waiting to be appended, in order.
-        self._outbox: deque[tuple[bytes, bool, float, str | None]] = deque()
+        #: Events waiting to be appended, in order (the relay's sender takes them).
+        self._outbox: deque[Queued] = deque()
         #: Runs this node stopped when it lost the lease: what they still publish is not appended.
         self._given_up: set[str] = set()
         #: Events published here and not delivered yet, with the turn they ask for.
@@ -159,6 +157,7 @@ class SharedLog(Succession):
         #: Set at each delivery (a takeover waits to have caught up).
         self._progress = anyio.Event()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        #: Set when the transaction stops here or its outbox empties while it stops (``run`` may end).
         self._wake = Signal()
         #: Set when the log says the lease's holder gave it back.
         self._lease_free = anyio.Event()
@@ -177,6 +176,10 @@ class SharedLog(Succession):
     def waiting(self) -> int:
         """Events published here and not yet appended to the log."""
         return len(self._outbox)
+
+    @property
+    def outbox(self) -> deque[Queued]:
+        return self._outbox
 
     async def following(self) -> None:
         """Until the feed follows the log and has delivered what Redis held (at most ``FOLLOW_SECONDS``)."""
@@ -237,7 +240,7 @@ class SharedLog(Succession):
                 await self._back.wait()
             waited = True
         if not waited:
-            await _pass()
+            await pass_once()
 
     def turn(self, member: Member, traceparent: str | None, *, answered: bool) -> dict[str, Any]:
         """What a message carries for the node running the turns: who sent it; ``answered``: this node
@@ -264,7 +267,7 @@ class SharedLog(Succession):
                 "transaction %s: %d events wait for redis; the oldest is dropped", self.transaction.id, MAX_OUTBOX
             )
         self._outbox.append((data, part, time.monotonic(), run_id))
-        self._wake.set()
+        self.relay.sender.ready(self)
 
     async def run(self) -> None:
         """Follow the log, send what is published and contend for the lease, until the transaction
@@ -274,8 +277,9 @@ class SharedLog(Succession):
             with self._scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._host_then_contend)
-                    await self._send_loop()
+                    await self._until_sent()
         finally:
+            self.relay.sender.forget(self)
             with anyio.move_on_after(2, shield=True):
                 try:
                     await feed.unhost(transaction.id)
@@ -309,25 +313,48 @@ class SharedLog(Succession):
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
+        self.relay.sender.ready(self)  # what is queued goes now (streamed parts linger no longer)
         self._back.set()  # a stream waiting for its parts: they will not come back here
 
-    async def _send_loop(self) -> None:
-        config = self.relay.bus.config
-        while True:
+    async def _until_sent(self) -> None:
+        """Until the transaction stops here with nothing left to send; then it stops following the log."""
+        while not (self._stopped and not self._outbox):
             await self._wake.wait()
-            while self._outbox:
-                await self._linger(config.part_batch_ms / 1000, config.part_batch_bytes)
-                await self._gather()
-                batch = list(self._outbox)
-                if not batch:  # a lost lease took out what was queued (its runs' events) meanwhile
-                    break
-                await self._append(batch)
-                self._sent(batch)
-            if self._stopped:
-                self._scope.cancel()
-                return
+        self._scope.cancel()
 
-    def _sent(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
+    # --- what the sender asks (``sender.py``) ---------------------------------------------------------
+
+    def due_at(self, linger: float, most: int) -> float:
+        """When the outbox (not empty) should go: streamed parts wait ``linger`` seconds from the oldest
+        for more, unless ``most`` bytes of them are queued; anything else goes at once (0)."""
+        outbox = self._outbox
+        if self._stopped or not all(part for _, part, _, _ in outbox):
+            return 0.0
+        if sum(len(data) for data, _, _, _ in outbox) >= most:
+            return 0.0
+        return outbox[0][2] + linger
+
+    def payloads(self, batch: list[Queued]) -> list[bytes]:
+        """What of ``batch`` to append: not what runs this node gave up with its lease published."""
+        return [data for data, _, _, run in batch if run not in self._given_up]
+
+    def numbered_after(self) -> int:
+        """The floor for Redis's numbering: past what the store holds and what was delivered here."""
+        return max(self.floor, self.transaction.tseq)
+
+    async def floor_known(self) -> bool:
+        """Whether ``numbered_after`` is sure: after losing Redis, the store's last tseq is read first."""
+        return self.relay.bus.feed.reconnects == self._reconnects or await self._refloor()
+
+    def append_failed(self) -> None:
+        self._reconnects = -1  # Redis may come back without its counters: read the floor again
+
+    def drained(self) -> None:
+        """The outbox is empty: a transaction leaving this node may stop now."""
+        if self._stopped:
+            self._wake.set()
+
+    def sent(self, batch: list[Queued]) -> None:
         """Take ``batch`` out of the outbox, which it begins unless a lost lease took some out meanwhile."""
         outbox, count = self._outbox, len(batch)
         if len(outbox) >= count and outbox[0] is batch[0] and outbox[count - 1] is batch[-1]:
@@ -337,49 +364,6 @@ class SharedLog(Succession):
         sent = {id(queued) for queued in batch}
         while outbox and id(outbox[0]) in sent:
             outbox.popleft()
-
-    async def _linger(self, seconds: float, most: int) -> None:
-        """Streamed parts wait a few ms for more (one append for many tokens); anything else goes at once."""
-        while self._outbox and all(part for _, part, _, _ in self._outbox) and not self._stopped:
-            size = sum(len(data) for data, _, _, _ in self._outbox)
-            left = self._outbox[0][2] + seconds - time.monotonic()
-            if size >= most or left <= 0:
-                return
-            with anyio.move_on_after(left):
-                await self._wake.wait()
-
-    async def _gather(self) -> None:
-        """Let the event loop go round while this transaction keeps publishing (at most ``GATHER_PASSES``
-        times), so one append carries what a step of work publishes in a few: a message and the turn it
-        starts here (RUN_STARTED, the answer, RUN_FINISHED come over the next two passes). An append
-        costs more than a pass; this halved them for echo turns (bench/CLUSTER-RESULTS.md). With no turn
-        under way here, nothing more is coming: it goes at once."""
-        size, runs = len(self._outbox), self.transaction.runs
-        for _ in range(GATHER_PASSES):
-            if not runs:
-                return
-            await _pass()
-            if len(self._outbox) == size:
-                return
-            size = len(self._outbox)
-
-    async def _append(self, batch: list[tuple[bytes, bool, float, str | None]]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                if self.relay.bus.feed.reconnects != self._reconnects and not await self._refloor():
-                    raise ClusterError("the store's last tseq could not be read")  # never number below it
-                payloads = [data for data, _, _, run in batch if run not in self._given_up]
-                if not payloads:
-                    return
-                floor = max(self.floor, self.transaction.tseq)
-                await self.relay.bus.log.append_many(self.transaction.id, payloads, floor=floor)
-                return
-            except ClusterError as error:
-                logger.warning("transaction %s: appending failed (%s); trying again", self.transaction.id, error)
-                self._reconnects = -1  # Redis may come back without its counters: read the floor again
-                await anyio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY)
 
     async def _refloor(self) -> bool:
         """After losing Redis: number after what the store holds, not only after what this node saw

@@ -18,9 +18,11 @@ from haip_runtime.agents.api import MessageStream
 from haip_runtime.cluster.translog import LogEntry
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.conversation import relay as relay_module
+from haip_runtime.conversation import sender as sender_module
 from haip_runtime.conversation.relay import Relay, SharedLog
 from haip_runtime.conversation.shared import entry, entry_event
 from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
@@ -291,18 +293,19 @@ async def test_the_sender_survives_a_lost_lease_emptying_its_outbox_while_it_gat
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The lease lost while the sender lets the loop go round takes out every queued event of the runs
-    it stopped: nothing is left to append, and the sender goes on with what comes next."""
+    it stopped: nothing is left of them to append, and the sender goes on with what comes next."""
     shared, transaction, _, bus = shared_log()
     sent: list[list[bytes]] = []
     appended_again = anyio.Event()
 
-    async def append_many(transaction_id: str, payloads: list[bytes], *, floor: int = 0) -> int:
-        sent.append(list(payloads))
-        if b'{"after":"the loss"}' in payloads:
-            appended_again.set()
-        return 1
+    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int]:
+        for _, payloads, _ in calls:
+            sent.append(list(payloads))
+            if b'{"after":"the loss"}' in payloads:
+                appended_again.set()
+        return [1] * len(calls)
 
-    bus.log = SimpleNamespace(append_many=append_many)
+    bus.log = SimpleNamespace(append_batches=append_batches)
     running_r1(transaction)
     lost: list[bool] = []
 
@@ -313,16 +316,17 @@ async def test_the_sender_survives_a_lost_lease_emptying_its_outbox_while_it_gat
             shared._lose()  # the contend task, while the sender's pass lets it run
         yield
 
-    monkeypatch.setattr(relay_module, "_pass", losing_pass)
+    monkeypatch.setattr(sender_module, "pass_once", losing_pass)
+    sender = shared.relay.sender
     shared._queue(b'{"of":"r1"}', False, "r1")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(shared._send_loop)
+        tg.start_soon(sender.run)
         with anyio.fail_after(5):
-            while not lost or shared._wake._waiter is None:  # until the sender waits for more again
+            while not lost or shared.outbox or sender._wake._waiter is None:  # until it waits for more again
                 await anyio.lowlevel.checkpoint()
             shared._queue(b'{"after":"the loss"}', False, None)
             await appended_again.wait()
-        shared.stop()
+        tg.cancel_scope.cancel()
     # the run's event is not appended; the word that the run was given up is, then what came next
     assert [payload for batch in sent for payload in batch] == [GIVEN_UP, b'{"after":"the loss"}']
 
@@ -330,17 +334,44 @@ async def test_the_sender_survives_a_lost_lease_emptying_its_outbox_while_it_gat
 async def test_a_lingering_stream_whose_parts_a_lost_lease_took_out_stops_lingering() -> None:
     shared, transaction, _, _ = shared_log()
     running_r1(transaction)
-    shared._queue(b'{"part":1}', True, "r1")  # a streamed part: the sender lingers for more
+    shared._queue(b'{"part":1}', True, "r1")  # a streamed part: it waits for more
+    assert shared.due_at(60.0, 1 << 20) > time.monotonic()
+    shared._lose()
+    assert [data for data, *_ in shared.outbox] == [GIVEN_UP]  # the parts are out; no part left to wait for
+    assert shared.due_at(60.0, 1 << 20) == 0.0
 
-    async def lose_meanwhile() -> None:
-        shared._lose()
-        shared._wake.set()
 
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(shared._linger, 60.0, 1 << 20)
-            tg.start_soon(lose_meanwhile)
-    assert [data for data, *_ in shared._outbox] == [GIVEN_UP]  # the parts are out; no part left to wait for
+async def test_the_sender_appends_for_every_ready_transaction_in_one_write_and_retries_a_refused_one_alone() -> None:
+    first, _, _, bus = shared_log()
+    second = SharedLog(first.relay, Transaction(owner="bob", thread_id=None, spawn=lambda *args: None), owner=True)
+    calls_made: list[list[str]] = []
+    refused = {second.transaction.id}  # Redis refuses the second's first append (its script run alone)
+    retried = anyio.Event()
+
+    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int | ClusterError]:
+        calls_made.append([transaction for transaction, _, _ in calls])
+        results: list[int | ClusterError] = []
+        for transaction, _, _ in calls:
+            results.append(ClusterError("refused") if transaction in refused else 1)
+            refused.discard(transaction)
+        if len(calls_made) == 2:
+            retried.set()
+        return results
+
+    async def no_record(transaction: str) -> None:
+        return None  # the store knows nothing past what was delivered: a retry numbers after that
+
+    bus.log = SimpleNamespace(append_batches=append_batches)
+    first.relay.store = SimpleNamespace(transaction=no_record)
+    first._queue(b'{"n":1}', False, None)
+    second._queue(b'{"n":2}', False, None)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.relay.sender.run)
+        with anyio.fail_after(5):
+            await retried.wait()
+        tg.cancel_scope.cancel()
+    assert not first.outbox and not second.outbox
+    assert calls_made == [[first.transaction.id, second.transaction.id], [second.transaction.id]]
 
 
 def message_from(node: str, text: str, *, answered: bool) -> bytes:
