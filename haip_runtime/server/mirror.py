@@ -11,8 +11,9 @@ so a session's frames reach Redis in seq order; a flush that fails is retried wi
 Beside the frames goes what another node needs to take the session over: its user, the event types it
 accepts, whether it takes two-frame audio (written when its window is made), and, when they change,
 its transactions with the last tseq it was sent in each (``tx``: followed as frames are recorded, so it
-matches the frames kept) and the client's inbound order (``in``). The inbound envelope ids go too: the
-next node's dedup.
+matches the frames kept), the client's inbound order (``in``) and the approvals and input requests it
+was asked in words and has not answered (``q``: its next MESSAGE answers them, on any node). The
+inbound envelope ids go too: the next node's dedup.
 
 A window Redis lost (``LOST``: Redis restarted, or the window expired while the session was quiet) is
 made again from this node's own window; a session another node took over (``TAKEN``) is let go.
@@ -264,6 +265,7 @@ class WindowMirror:
         wanted = {
             "tx": fastjson.dumps({tx: tracked.tseqs.get(tx, 0) for tx in sorted(joined)}),
             "in": inbound_field(session),
+            "q": session.questions.kept(),
         }
         if tracked.fresh:
             tracked.written = {}

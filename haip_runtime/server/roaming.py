@@ -151,11 +151,14 @@ class Roaming:
                 detail={"where": "/payload/last_rx_seq", "reason": str(read.outcome)},
             )
         session = self._make(session_id, principal, claimed.fields)
+        session.questions.restore(claimed.fields.get("q", ""))
         frames = [(seq, *unwire(kept)) for seq, kept in read.envelopes]
         session.carry_on(frames, read.last, parse_inbound(claimed.fields.get("in", "")), claimed.ids)
         assert self.mirror is not None
         self.mirror.track(session, epoch=claimed.epoch, state=claimed.fields)
-        await self._rejoin(session, principal, json.loads(claimed.fields.get("tx", "{}")))
+        rejoined = await self._rejoin(session, principal, json.loads(claimed.fields.get("tx", "{}")))
+        # Asked in words and not answered: the calls the log shows waiting still (the window may be behind).
+        session.questions.retain({call for found in rejoined if found.shared for call in found.shared.waiting_calls})
         logger.info("session %s of %r taken over from node %s", session_id, principal.user, claimed.holder)
         return session
 
@@ -185,18 +188,22 @@ class Roaming:
         session.binary_frames = fields.get("binary") == "1"
         return session
 
-    async def _rejoin(self, session: Session, principal: Principal, tseqs: dict[str, int]) -> None:
-        """Back into each transaction the session was in, with every event after the last it was sent."""
+    async def _rejoin(self, session: Session, principal: Principal, tseqs: dict[str, int]) -> list[Transaction]:
+        """Back into each transaction the session was in, with every event after the last it was sent;
+        the transactions it is back in."""
+        rejoined: list[Transaction] = []
         for transaction_id, tseq in tseqs.items():
             found = await self.hub.transactions.find(transaction_id, principal)
             if not isinstance(found, Transaction) or found.ended:
                 continue
+            rejoined.append(found)
             await self._reached(found, int(tseq))
             history, _ = await found.catch_up(int(tseq))
             found.add_member(session)  # no await since the catch-up: nothing falls between
             for event in history:
                 if session.id not in event.exclude:
                     session.deliver(event)
+        return rejoined
 
     @staticmethod
     async def _reached(transaction: Transaction, tseq: int) -> None:

@@ -95,6 +95,35 @@ class Questions:
         if question in self._open:
             self._open.remove(question)
 
+    def kept(self) -> str:
+        """The open questions as text for the session's window in a cluster ("" when none), so that the
+        node the session moves to knows what the member's next MESSAGE answers (``restore``)."""
+        if not self._open:
+            return ""
+        return json.dumps([[q.call_id, q.transaction_id, q.kind, q.tool, q.schema] for q in self._open])
+
+    def restore(self, kept: str) -> None:
+        """The open questions as another node ``kept`` them (the session moved here); a field that does
+        not read as such is ignored (nothing is asked then, as before it was kept)."""
+        try:
+            rows = json.loads(kept) if kept else []
+            questions = [
+                Question(
+                    str(call_id), str(transaction), "approval" if kind == "approval" else "input", str(tool), schema
+                )
+                for call_id, transaction, kind, tool, schema in rows
+                if isinstance(schema, dict)
+            ]
+        except (ValueError, TypeError):
+            return
+        for question in questions:
+            self._add(question)
+
+    def retain(self, waiting: set[str]) -> None:
+        """Keep only the questions about calls in ``waiting`` (those the log shows still waiting for an
+        answer: one answered or ended after the window was last written is closed)."""
+        self._open = [q for q in self._open if q.call_id in waiting]
+
     def _close(self, call_id: str) -> None:
         if self._open:
             self._open = [q for q in self._open if q.call_id != call_id]

@@ -326,3 +326,52 @@ async def test_a_resume_after_redis_lost_the_log_repeats_nothing(
     again = [envelope for envelope in after if envelope.get("tseq") and int(envelope["tseq"]) <= had]
     assert again == []  # nothing of what it had came twice
     assert reply["payload"] == "you said: after" and int(reply["tseq"]) > had
+
+
+async def test_an_approval_asked_in_words_is_answered_after_the_session_moved_to_another_node(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """A client without TOOL_* events (the reference SDK's) is asked approvals in words, and its next
+    MESSAGE answers. It moved to another node (a balancer) between the question and its answer: the
+    answer must still answer, not reach the agent as a message (found by a tester)."""
+    config = node_config(redis_url, prefix, postgres_url).model_copy(
+        update={key: getattr(make_config(TOOLS), key) for key in ("agents", "mcp")}
+    )
+    with live_server(config) as a, live_server(config) as b:
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai = await first.receive()
+            await first.hai(token)
+            await until_type(first, "INFO", seen)
+            await first.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
+            transaction = (await until_type(first, "TRANSACTION_START", seen))["transaction"]
+            await first.send("MESSAGE", '/call made.hello {"who": "ann"}', transaction=transaction, channel="USER")
+            while "needs your approval" not in str((asked := await until_type(first, "MESSAGE", seen))["payload"]):
+                pass
+            async with raw_peer(b.ws_url) as second:  # through another node, while the first connection lives
+                await second.receive()
+                second.seq = first.seq
+                await second.hai(token, session=hai["session"], last_rx_seq=asked["seq"])
+                again: list[dict[str, Any]] = []
+                await until_type(second, "INFO", again)
+                await second.send("MESSAGE", "yes", transaction=transaction, channel="USER")
+                while "returned" not in str((result := await until_type(second, "MESSAGE", again))["payload"]):
+                    pass
+    assert result["payload"] == "made.hello returned: hello, ann"
+    assert not any("I only run tools" in str(envelope["payload"]) for envelope in again)  # "yes" was the answer
+
+
+#: The operator agent and a tool that waits for a member's approval.
+TOOLS = {
+    "agents": {"operator": {"plugin": "operator", "mcp_servers": ["made"]}},
+    "mcp": {
+        "servers": {
+            "made": {
+                "transport": "python",
+                "server": "tests.support.python_servers:make_server",
+                "require_approval": ["hello"],
+            }
+        }
+    },
+}

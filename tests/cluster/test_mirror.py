@@ -12,8 +12,9 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.cluster import ReplayOutcome
 from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.protocol.events import ALL_EVENTS, Channel, EventType
+from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
 from haip_runtime.server.mirror import WindowMirror
+from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
 from tests.cluster.conftest import BusFactory, until
 
@@ -118,3 +119,34 @@ async def test_a_session_handed_over_keeps_its_transactions_in_its_window_though
         claimed = await b.replay.claim("H", "ann")
         assert claimed is not None
         assert json.loads(claimed.fields["tx"]) == {"T": 9}
+
+
+async def test_a_question_asked_in_words_goes_with_the_window_and_closes_there_when_answered(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """A client without TOOL_* events is asked approvals in words; its next MESSAGE answers, on whichever
+    node it resumes (found by a tester: after a move the answer went to the agent as a message)."""
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        mirror = WindowMirror(a, lambda taken: None)
+        legacy = Session(Principal("ann"), negotiate(sorted(TRANSACTION_ERA_EVENTS)), SessionConfig(), id="L")
+        mirror.track(legacy)
+        for type, payload in (("TOOL_CALL", {"tool": "demo.wipe"}), ("TOOL_UPDATE", {"status": "AWAITING_APPROVAL"})):
+            event = Event(type, {"call_id": "c1", **payload}, channel=Channel.AGENT)
+            event.stamp("T", 3, None)
+            legacy.deliver(event)
+        await mirror.flush()
+        kept = await b.redis.hget(b.keys.replay_meta("L"), "q")  # what the node taking it over reads
+        assert isinstance(kept, bytes)
+        moved = Session(Principal("ann"), negotiate(sorted(TRANSACTION_ERA_EVENTS)), SessionConfig(), id="L")
+        moved.questions.restore(kept.decode())
+        question = moved.questions.first("T")
+        assert question is not None and (question.call_id, question.kind) == ("c1", "approval")
+
+        done = Event(EventType.TOOL_DONE, {"call_id": "c1", "status": "OK"}, channel=Channel.AGENT)
+        done.stamp("T", 4, None)
+        said = Event(EventType.MESSAGE, "demo.wipe returned: done", channel=Channel.AGENT)
+        said.stamp("T", 5, None)
+        legacy.deliver(done)  # (a client without TOOL_* gets no frame of it; the next frame writes the window)
+        legacy.deliver(said)
+        await mirror.flush()  # answered: nothing is open any more
+        assert await a.redis.hget(a.keys.replay_meta("L"), "q") == b""

@@ -3,6 +3,7 @@ and how its next MESSAGE is read."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from haip_runtime.protocol.envelope import Event
@@ -99,3 +100,34 @@ def test_input_is_read_from_lines_json_or_decline_and_bad_values_are_explained()
     assert single.read("Lisbon") == {"input": {"city": "Lisbon"}}  # one field: the reply is its value
     consent = Question("c3", "tx", "input", "demo.ask", {"properties": {"agree": {"type": "boolean"}}})
     assert consent.read("no") == {"input": {"agree": False}} and consent.read("cancel") == {"decision": "decline"}
+
+
+def test_open_questions_kept_as_text_come_back_whole_on_another_node() -> None:
+    asking = Downgrader(negotiate(sorted(TRANSACTION_ERA_EVENTS)))
+    asking.adapt(tool_event("TOOL_CALL", tool="demo.wipe", params={}))
+    asking.adapt(tool_event("TOOL_UPDATE", status="AWAITING_APPROVAL"))
+    asked = tool_event("TOOL_UPDATE", status="INPUT_REQUIRED", request={"message": "Who?", "schema": SCHEMA})
+    asked.payload["call_id"] = "c2"  # type: ignore[index]
+    asking.adapt(asked)
+    kept = asking.questions.kept()
+
+    moved = Downgrader(negotiate(sorted(TRANSACTION_ERA_EVENTS)))
+    moved.questions.restore(kept)
+    first = moved.questions.first("tx")
+    assert first == Question("c1", "tx", "approval", "demo.wipe")
+    moved.questions.close(first)
+    assert moved.questions.first("tx") == Question("c2", "tx", "input", "a tool", SCHEMA)
+    assert Questions().kept() == ""  # nothing asked: nothing kept
+    for spoiled in ("not json", "[1]", '[["c", "tx", "approval", "t", "no schema"]]'):
+        unread = Questions()
+        unread.restore(spoiled)
+        assert unread.first("tx") is None
+
+
+def test_restored_questions_keep_only_the_calls_the_log_shows_waiting() -> None:
+    kept = json.dumps([["c1", "tx", "approval", "t", {}], ["c2", "tx", "approval", "t", {}]])
+    moved = Questions()
+    moved.restore(kept)
+    moved.retain({"c2"})  # c1 was answered after the window was last written
+    first = moved.first("tx")
+    assert first is not None and first.call_id == "c2"
