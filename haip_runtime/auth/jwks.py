@@ -8,6 +8,7 @@ runtime into a fetch amplifier. While the URL is unreachable the last good key s
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -92,7 +93,7 @@ class JwksKeys:
             try:
                 data = await anyio.to_thread.run_sync(self._fetch)
                 keys = {key.key_id: key.key for key in jwt.PyJWKSet.from_dict(data).keys}
-            except (OSError, ValueError, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
+            except (OSError, ValueError, http.client.HTTPException, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
                 self._failure = f"{self.url}: {exc}"
                 logger.warning("cannot fetch the JWT key set from %s: %s", self.url, exc)
                 return

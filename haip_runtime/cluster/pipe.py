@@ -154,6 +154,15 @@ class Pipe:
         The first error reply is raised (after every reply came: none is left unread); with ``settle``,
         each error reply comes back in its place as a ``ResponseError``, so one bad run spoils none of
         the others (a failed connection is still raised)."""
+        replies = await self.script_replies(source, calls)
+        _raised([reply for reply in replies if not isinstance(reply, ResponseError)] if settle else replies)
+        return replies
+
+    async def script_replies(self, source: str, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]]) -> list[Any]:
+        """``scripts``, each reply in its place whatever it is: a value, a ``ResponseError`` (Redis refused
+        that run), or the ``RedisError`` of a connection lost before that run's answer came (it may or
+        may not have run); those answered before the loss are values. Raised only when no connection
+        can be made."""
         sha = _sha1(source)
         if not self._usable:
             await self._connect()
@@ -167,8 +176,8 @@ class Pipe:
             ]
             for i, reply in zip(missing, await _settled(again), strict=True):
                 replies[i] = reply
-        _raised([reply for reply in replies if not isinstance(reply, ResponseError)] if settle else replies)
-        self._loaded.add(sha)
+        if any(not isinstance(reply, BaseException) for reply in replies):
+            self._loaded.add(sha)
         return replies
 
     async def aclose(self) -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
@@ -120,8 +119,9 @@ class TransactionLog:
 
     async def append_batches(self, calls: Sequence[tuple[str, Sequence[bytes], int]]) -> list[int | ClusterError]:
         """``append_many`` for several transactions at once, ``(transaction, payloads, floor)`` each, all in
-        one write: each one's first tseq, or the ``ClusterError`` of its script run alone (Redis refused
-        it); ``ClusterError`` raised if Redis could not be reached (then none is known to have run)."""
+        one write: each one's first tseq, or a ``ClusterError`` for that one alone (Redis refused it, or
+        the connection was lost before its answer: it may or may not have run, as with ``append_many``);
+        those answered before a loss are appended. ``ClusterError`` raised if Redis could not be reached."""
         scripted: list[tuple[list[Arg], list[Arg]]] = [
             (
                 [self._keys.sequence(transaction), self._keys.log(transaction)],
@@ -130,13 +130,15 @@ class TransactionLog:
             for transaction, payloads, floor in calls
         ]
         with translating(self._health, f"append to {len(calls)} transaction(s)"):
-            replies = await self._pipe.scripts(APPEND, scripted, settle=True)
-        return [
-            ClusterError(f"redis refused the append to {transaction}: {reply}")
-            if isinstance(reply, ResponseError)
-            else int(reply)
-            for (transaction, _, _), reply in zip(calls, replies, strict=True)
-        ]
+            replies = await self._pipe.script_replies(APPEND, scripted)
+        results: list[int | ClusterError] = []
+        for (transaction, _, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, BaseException):  # refused (read-only, out of memory...), or not answered
+                self._health.failed(reply)
+                results.append(ClusterError(f"redis: append to transaction {transaction} failed: {reply}"))
+            else:
+                results.append(int(reply))
+        return results
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""

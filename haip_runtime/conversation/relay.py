@@ -97,8 +97,8 @@ class Relay:
         transaction.shared = shared
         self.logs.add(shared)
         if not self._sending:
-            self._sending = True
             self.spawn(self.sender.run)
+            self._sending = True
         self.spawn(shared.run)
 
     def detach(self, transaction: Transaction) -> None:
@@ -139,8 +139,15 @@ class SharedLog(Succession):
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self.end_asked: str | None = None
-        #: Events waiting to be appended, in order (the relay's sender takes them).
+        #: Events waiting to be appended, in order (the relay's sender takes them), their bytes, and how
+        #: many of them are not streamed parts (``due_at`` without a walk of the outbox).
         self._outbox: deque[Queued] = deque()
+        self._queued_bytes = 0
+        self._not_parts = 0
+        #: A read of the store's last tseq under way (``floor_known``): the sender leaves this one out.
+        self.reading_floor = False
+        #: Set once ``run`` has ended: nothing published after it is sent.
+        self._left = False
         #: Runs this node stopped when it lost the lease: what they still publish is not appended.
         self._given_up: set[str] = set()
         #: Events published here and not delivered yet, with the turn they ask for.
@@ -261,13 +268,30 @@ class SharedLog(Succession):
         return None if health.state == "ok" else health.error or "redis does not answer"  # (BusState.OK)
 
     def _queue(self, data: bytes, part: bool, run_id: str | None) -> None:
+        if self._left:
+            logger.debug("transaction %s left this node: an event published since is not sent", self.transaction.id)
+            return
         if len(self._outbox) >= MAX_OUTBOX:
-            self._outbox.popleft()
+            self._forget_queued(self._outbox.popleft())
             logger.error(
                 "transaction %s: %d events wait for redis; the oldest is dropped", self.transaction.id, MAX_OUTBOX
             )
         self._outbox.append((data, part, time.monotonic(), run_id))
-        self.relay.sender.ready(self)
+        self._queued_bytes += len(data)
+        self._not_parts += not part
+        # A streamed part waits for the oldest's linger, unless it fills the batch: no need to wake the sender.
+        urgent = not part or self._queued_bytes >= self.relay.bus.config.part_batch_bytes
+        self.relay.sender.ready(self, urgent=urgent)
+
+    def _forget_queued(self, queued: Queued) -> None:
+        """``queued`` left the outbox (sent, given up, or dropped): out of its counts too."""
+        self._queued_bytes -= len(queued[0])
+        self._not_parts -= not queued[1]
+
+    def recount(self) -> None:
+        """The outbox was rebuilt (a lost lease took some out): count it again."""
+        self._queued_bytes = sum(len(data) for data, _, _, _ in self._outbox)
+        self._not_parts = sum(1 for _, part, _, _ in self._outbox if not part)
 
     async def run(self) -> None:
         """Follow the log, send what is published and contend for the lease, until the transaction
@@ -279,6 +303,7 @@ class SharedLog(Succession):
                     tg.start_soon(self._host_then_contend)
                     await self._until_sent()
         finally:
+            self._left = True
             self.relay.sender.forget(self)
             with anyio.move_on_after(2, shield=True):
                 try:
@@ -313,7 +338,8 @@ class SharedLog(Succession):
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
-        self.relay.sender.ready(self)  # what is queued goes now (streamed parts linger no longer)
+        if not self._left:
+            self.relay.sender.ready(self, urgent=True)  # what is queued goes now (parts linger no longer)
         self._back.set()  # a stream waiting for its parts: they will not come back here
 
     async def _until_sent(self) -> None:
@@ -327,12 +353,9 @@ class SharedLog(Succession):
     def due_at(self, linger: float, most: int) -> float:
         """When the outbox (not empty) should go: streamed parts wait ``linger`` seconds from the oldest
         for more, unless ``most`` bytes of them are queued; anything else goes at once (0)."""
-        outbox = self._outbox
-        if self._stopped or not all(part for _, part, _, _ in outbox):
+        if self._stopped or self._not_parts or self._queued_bytes >= most:
             return 0.0
-        if sum(len(data) for data, _, _, _ in outbox) >= most:
-            return 0.0
-        return outbox[0][2] + linger
+        return self._outbox[0][2] + linger
 
     def payloads(self, batch: list[Queued]) -> list[bytes]:
         """What of ``batch`` to append: not what runs this node gave up with its lease published."""
@@ -342,9 +365,27 @@ class SharedLog(Succession):
         """The floor for Redis's numbering: past what the store holds and what was delivered here."""
         return max(self.floor, self.transaction.tseq)
 
-    async def floor_known(self) -> bool:
-        """Whether ``numbered_after`` is sure: after losing Redis, the store's last tseq is read first."""
-        return self.relay.bus.feed.reconnects == self._reconnects or await self._refloor()
+    def floor_known(self) -> bool:
+        """Whether ``numbered_after`` is sure. After Redis was lost it is not until the store's last tseq
+        is read: that read starts now, in a task of its own (the sender goes on with the others, and
+        leaves this one out until it is ready again)."""
+        if self.relay.bus.feed.reconnects == self._reconnects:
+            return True
+        if not self.reading_floor:
+            self.reading_floor = True
+            self.relay.spawn(self._read_floor)
+        return False
+
+    async def _read_floor(self) -> None:
+        delay = 0.05
+        try:
+            while not await self._refloor():
+                await anyio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY)
+        finally:
+            self.reading_floor = False
+            if not self._left:
+                self.relay.sender.ready(self, urgent=True)
 
     def append_failed(self) -> None:
         self._reconnects = -1  # Redis may come back without its counters: read the floor again
@@ -359,11 +400,11 @@ class SharedLog(Succession):
         outbox, count = self._outbox, len(batch)
         if len(outbox) >= count and outbox[0] is batch[0] and outbox[count - 1] is batch[-1]:
             for _ in range(count):
-                outbox.popleft()
+                self._forget_queued(outbox.popleft())
             return
         sent = {id(queued) for queued in batch}
         while outbox and id(outbox[0]) in sent:
-            outbox.popleft()
+            self._forget_queued(outbox.popleft())
 
     async def _refloor(self) -> bool:
         """After losing Redis: number after what the store holds, not only after what this node saw

@@ -57,6 +57,8 @@ class Outbox(Protocol):
     """What the sender needs of a transaction's log on the bus (``relay.SharedLog`` is one)."""
 
     transaction: Transaction
+    #: A read of the store's last tseq under way: left out of the rounds until it calls ``ready``.
+    reading_floor: bool
 
     @property
     def outbox(self) -> deque[Queued]:
@@ -71,8 +73,8 @@ class Outbox(Protocol):
     def numbered_after(self) -> int:
         """The floor for Redis's numbering."""
 
-    async def floor_known(self) -> bool:
-        """Whether the floor is sure (read again from the store after Redis was lost)."""
+    def floor_known(self) -> bool:
+        """Whether the floor is sure; if not, it is read again from the store (``reading_floor``)."""
 
     def append_failed(self) -> None:
         """An append failed: the floor is read again before the next."""
@@ -103,8 +105,14 @@ class Sender:
         self._retry: dict[Outbox, tuple[float, float]] = {}
         self._wake = Signal()
 
-    def ready(self, shared: Outbox) -> None:
-        """``shared`` queued events (or is leaving): send them at the next round."""
+    def ready(self, shared: Outbox, *, urgent: bool = True) -> None:
+        """``shared`` queued events (or is leaving): send them at the next round. Not ``urgent`` (a streamed
+        part that does not fill the batch), a transaction ready already is not looked at again now: its
+        linger runs from its oldest part, which has not changed."""
+        if shared in self._ready:
+            if urgent:
+                self._wake.set()
+            return
         self._ready[shared] = None
         self._wake.set()
 
@@ -140,6 +148,8 @@ class Sender:
             if not shared.outbox:  # sent, or a lost lease took out what was queued
                 self._done_with(shared)
                 continue
+            if shared.reading_floor:  # ready again once read
+                continue
             retry = self._retry.get(shared)
             at = retry[0] if retry is not None and retry[0] > now else shared.due_at(self._linger, self._most)
             if at <= now:
@@ -165,20 +175,24 @@ class Sender:
             size = now
 
     async def _send(self, due: list[Outbox]) -> None:
-        """One append per transaction, all in one write; then each one's outbox, or its retry."""
+        """One append per transaction, all in one write; then each one's outbox, or its retry. What goes
+        wrong with one transaction (an exception of its own) costs that one a retry, not the round."""
         calls: list[tuple[str, list[bytes], int]] = []
         batches: list[tuple[Outbox, list[Queued]]] = []
         for shared in due:
-            if not await shared.floor_known():
-                self._failed(shared, ClusterError("the store's last tseq could not be read"))  # never number below it
-                continue
-            batch = list(shared.outbox)
-            payloads = shared.payloads(batch)
-            if not payloads:  # every one of a run this node gave up with its lease
-                shared.sent(batch)
-                continue
-            calls.append((shared.transaction.id, payloads, shared.numbered_after()))
-            batches.append((shared, batch))
+            try:
+                if not shared.floor_known():  # (read meanwhile, by a task of its own: never number below it)
+                    continue
+                batch = list(shared.outbox)
+                payloads = shared.payloads(batch)
+                if not payloads:  # every one of a run this node gave up with its lease
+                    shared.sent(batch)
+                    continue
+                calls.append((shared.transaction.id, payloads, shared.numbered_after()))
+                batches.append((shared, batch))
+            except Exception as error:
+                logger.exception("transaction %s: its events could not be prepared", shared.transaction.id)
+                self._failed(shared, ClusterError(str(error)))
         if calls:
             results: list[int | ClusterError]
             try:
@@ -188,9 +202,12 @@ class Sender:
             for (shared, batch), result in zip(batches, results, strict=True):
                 if isinstance(result, ClusterError):
                     self._failed(shared, result)
-                else:
-                    self._retry.pop(shared, None)
+                    continue
+                self._retry.pop(shared, None)
+                try:
                     shared.sent(batch)
+                except Exception:
+                    logger.exception("transaction %s: its sent events could not be taken out", shared.transaction.id)
         for shared in due:
             if not shared.outbox:
                 self._done_with(shared)

@@ -129,7 +129,7 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
         shared.waiting_calls[str(payload.get("call_id", ""))] = event.run_id
-    elif event.type == EventType.TOOL_CALL and payload.get("call_id"):
+    elif event.type == EventType.TOOL_CALL and payload.get("call_id") and event.run_id:  # (a run's: NODE_LOST ends it)
         shared.open_calls[str(payload["call_id"])] = event.run_id
     elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
         shared.waiting_calls.pop(str(payload["call_id"]), None)

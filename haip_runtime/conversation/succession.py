@@ -76,6 +76,9 @@ class Succession:
     def _add_agent(self, member: dict[str, Any], name: str) -> None:
         raise NotImplementedError
 
+    def recount(self) -> None:
+        raise NotImplementedError
+
     # --- the log's entries for whoever runs the turns ------------------------------------------------
 
     def _control(self, tseq: int, body: dict[str, Any]) -> None:
@@ -247,6 +250,7 @@ class Succession:
         kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
         self._outbox.clear()
         self._outbox.extend(kept)
+        self.recount()
         # After what is kept: the next owner ends those runs and answers what this node answered in vain.
         self.control("given_up", runs=stopped)
 

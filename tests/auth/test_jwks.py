@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -72,3 +74,23 @@ async def test_a_key_set_with_no_usable_key_is_refused(jwks: JwksServer) -> None
     jwks.keys = [{"kty": "nonsense"}]
     with pytest.raises(KeyUnavailableError, match="signing keys unavailable"):
         await keys_at(jwks, Clock()).key("k1")
+
+
+async def test_an_endpoint_that_does_not_speak_http_is_a_clear_error() -> None:
+    """A TLS port, or anything that answers other than HTTP: refused keys, not a traceback (a reviewer
+    made ``check --connect`` crash so)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer_garbage() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"\x15\x03\x01\x00\x02\x02\x46 not http\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        keys = JwksKeys(f"http://127.0.0.1:{port}/jwks.json", cache_seconds=300, min_refetch_seconds=30, timeout=5)
+        with pytest.raises(KeyUnavailableError, match="127.0.0.1"):
+            await keys.fetch()
+        thread.join(timeout=5)

@@ -191,8 +191,9 @@ async def test_health_and_websocket_round_trips_reach_both_nodes_through_the_bal
         before = await connections(cluster)
         answers = [await echo_round_trip(front.ws_url, cluster.token("ann"), f"hello {n}") for n in range(4)]
         after = await connections(cluster)
-        metrics = [await status(url, "/metrics") for url in (front.http_url, cluster.nodes[0].http_url)]
-    assert metrics == [404, 200]  # the scraper's, on the node's own address; not the public's
+        paths = ("/metrics", "/%6Detrics")  # (the runtime decodes the path: so must the balancer's rule)
+        metrics = [await status(url, path) for url in (front.http_url, cluster.nodes[0].http_url) for path in paths]
+    assert metrics == [404, 404, 200, 200]  # the scraper's, on the node's own address; not the public's
     assert answered == set(await node_ids(cluster))
     assert answers == [f"you said: hello {n}" for n in range(4)]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]  # round robin: two each

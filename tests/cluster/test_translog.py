@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
+from haip_runtime.exceptions import ClusterError
 from tests.cluster.conftest import BusFactory, Collector, until
 from tests.support.netcut import netcut
 from tests.support.redis import running_redis
@@ -209,3 +210,19 @@ async def test_the_feed_says_whether_its_subscription_is_up(redis_url: str, bus_
                 return node.feed.connected
 
             await until(up)
+
+
+async def test_appends_for_several_transactions_answer_each_alone(redis_url: str, bus_at: BusFactory) -> None:
+    """One write for several transactions (the node's sender): a run Redis refuses fails that transaction
+    alone, the others are appended, and the bus's health says Redis refused (a reviewer's finding: all
+    refused kept it "ok")."""
+    async with bus_at(redis_url) as bus:
+        await bus.redis.set(bus.keys.sequence("spoiled"), "not a number")  # its script run fails
+        results = await bus.log.append_batches([("A", [b"a1", b"a2"], 0), ("spoiled", [b"s"], 0), ("B", [b"b"], 5)])
+        assert results[0] == 1 and results[2] == 6
+        assert isinstance(results[1], ClusterError) and "spoiled" in results[1].message
+        assert bus.health.state == "unavailable"
+        assert [entry.data for entry in await bus.log.read("A", 0)] == [b"a1", b"a2"]
+        assert [entry.tseq for entry in await bus.log.read("B", 0)] == [6]
+        await bus.log.append("A", b"a3")
+        assert bus.health.state == "ok"  # the next append answered

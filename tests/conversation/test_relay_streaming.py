@@ -366,12 +366,50 @@ async def test_the_sender_appends_for_every_ready_transaction_in_one_write_and_r
     first._queue(b'{"n":1}', False, None)
     second._queue(b'{"n":2}', False, None)
     async with anyio.create_task_group() as tg:
+        first.relay.spawn = tg.start_soon  # (the floor's read again after a failure, in a task of its own)
         tg.start_soon(first.relay.sender.run)
         with anyio.fail_after(5):
             await retried.wait()
         tg.cancel_scope.cancel()
     assert not first.outbox and not second.outbox
     assert calls_made == [[first.transaction.id, second.transaction.id], [second.transaction.id]]
+
+
+async def test_a_transaction_reading_its_floor_from_the_store_holds_up_no_other() -> None:
+    """After Redis was lost each transaction reads its last tseq from the store before it appends; a slow
+    read (a store under load, or away) must not hold up the other transactions' appends (a reviewer's
+    finding: the one sender read them one after another)."""
+    first, _, _, bus = shared_log()
+    second = SharedLog(first.relay, Transaction(owner="bob", thread_id=None, spawn=lambda *args: None), owner=True)
+    store_answers = anyio.Event()
+    second_appended = anyio.Event()
+    appended: list[str] = []
+
+    async def slow_record(transaction: str) -> None:
+        await store_answers.wait()
+
+    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int]:
+        appended.extend(transaction for transaction, _, _ in calls)
+        if second.transaction.id in appended:
+            second_appended.set()
+        return [1] * len(calls)
+
+    bus.log = SimpleNamespace(append_batches=append_batches)
+    first.relay.store = SimpleNamespace(transaction=slow_record)
+    first.append_failed()  # its floor must be read again first (as after a feed reconnect)
+    first._queue(b'{"n":1}', False, None)
+    second._queue(b'{"n":2}', False, None)
+    async with anyio.create_task_group() as tg:
+        first.relay.spawn = tg.start_soon
+        tg.start_soon(first.relay.sender.run)
+        with anyio.fail_after(5):
+            await second_appended.wait()  # while the first one's read has not answered
+            assert appended == [second.transaction.id] and first.reading_floor
+            store_answers.set()
+            while first.outbox:
+                await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert appended == [second.transaction.id, first.transaction.id]
 
 
 def message_from(node: str, text: str, *, answered: bool) -> bytes:
@@ -415,3 +453,23 @@ async def test_a_message_another_node_answered_as_it_sent_it_waits_for_its_run_o
     assert answered == [] and list(shared.unanswered) == ["m-given up"]
     shared.deliver([LogEntry(transaction.id, 4, b'{"n":"n2","ctl":"given_up","runs":[]}')])
     assert answered == ["given up"] and not shared.unanswered
+
+
+async def test_what_is_published_after_the_transaction_left_the_node_is_not_sent() -> None:
+    """Its log is no longer followed here and its lease was given back: a late event (a run's last word,
+    cancelled) is not appended after the node's "released" (a reviewer's finding)."""
+    shared, _, _, bus = shared_log()
+
+    async def unhost(transaction: str) -> None:
+        pass
+
+    async def host(transaction: str, deliver: object, *, after: int) -> None:
+        pass
+
+    bus.feed.host, bus.feed.unhost = host, unhost
+    shared.stop()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shared.run)  # (nothing queued: it ends at once)
+    assert shared.done.is_set()
+    shared._queue(b'{"late":1}', False, None)
+    assert not shared.outbox and shared not in shared.relay.sender._ready
