@@ -278,7 +278,18 @@ PACKAGES = ("haip-runtime", "redis", "asyncpg", "uvicorn")
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
 #: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
-    "Read this first, then the next paragraph (2026-12-06 12:40 UTC, this file's run): both servers now "
+    "Read this first (2026-12-06 16:23 UTC, this file's run): a node's appends now come from one task for "
+    "every transaction it hosts (conversation/sender.py), which writes the appends of all the transactions "
+    "with something queued together on the pipe, instead of a task per transaction that woke up, let the "
+    "loop go round and awaited its own answer. Side by side before this run (the code before and after, "
+    "two clustered servers pinned to one core, alternating rounds): server CPU per round trip with "
+    "`[cluster]` 243 to 225 µs at 100 × 1 and 181 to 173 at 50 × 4. A run of this bench just after that "
+    "change (16:10 UTC): ratios 1.34x and 1.53x, off 134 and 157 µs, on 183 and 231. What is left on top "
+    "of the off server at 100 × 1 (py-spy, µs per round trip): the feed's delivery of the node's own "
+    "events (parsing, the seen-id window, following runs: about 20), publishing (the entry's JSON, the "
+    "outbox: 14), the window mirror (14), the sender (13) and the Redis sockets' reads and writes. "
+    "Both ratio targets stay missed.",
+    "Before that (2026-12-06 12:40 UTC): both servers now "
     "run on uvloop (the runtime's default event loop since that day; uvicorn had run asyncio's own), and "
     "a cluster node's PostgreSQL writer copies the events numbered past the locked rows' last tseq "
     "(binary COPY, as the off server does) and inserts only the others with ON CONFLICT. Side by side "

@@ -282,10 +282,13 @@ STORE_NOTE = (
     "`--workers 1` was 1.25× in the last run before the change, 1.23× and 1.25× in the two after it. "
     "From 2026-12-06 12:39 UTC every server runs on uvloop (the runtime's default event loop since then) "
     "and a cluster node's writer copies the events new to the store (bench/cluster.py says what each "
-    "saved); that run: 1.21×. On two cores this ratio is about 2 × (one process's CPU per round trip) ÷ "
-    "(all of the bench's CPU per round trip with `--workers 2`): the load generators, Redis and "
-    "PostgreSQL share the cores, so a cheaper server alone lowers it. 1.3× needs everything but the "
-    "servers to cost under about half of one server's CPU per round trip; it costs more than that here."
+    "saved); that run: 1.21×. From 16:10 UTC one task per node appends for all its transactions "
+    "(bench/cluster.py); the run at 16:14 UTC, before the review's fixes to it: 1.21×; after them "
+    "(16:27 UTC): 1.29×, per round 1.13-1.51×. On two cores this ratio is about 2 × (one process's CPU "
+    "per round trip) ÷ (all of the bench's CPU per round trip with `--workers 2`): the load generators, "
+    "Redis and PostgreSQL share the cores, so a cheaper server alone lowers it. 1.3× needs everything "
+    "but the servers to cost under about half of one server's CPU per round trip; it costs more than "
+    "that here."
 )
 
 
