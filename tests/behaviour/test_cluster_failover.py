@@ -42,13 +42,22 @@ def node(redis: str, database: str, prefix: str, folder: Path) -> Iterator[Serve
         yield served
 
 
+@contextmanager
+def two_nodes(
+    redis: str, database: str, prefix: str, folder: Path
+) -> Iterator[tuple[ServeProcess, ServeProcess, str, str]]:
+    """Nodes A and B, and their WebSocket URLs."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis, database, prefix, folder / "a"))
+        b = stack.enter_context(node(redis, database, prefix, folder / "b"))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        yield a, b, url_a, url_b
+
+
 async def test_a_turn_whose_node_dies_ends_with_node_lost_and_the_next_message_is_answered_elsewhere(
     redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    with ExitStack() as stack:
-        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
-        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
-        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+    with two_nodes(redis_url, postgres_url, prefix, tmp_path) as (a, b, url_a, url_b):
         async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
             async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
                 tx = await on_a.start_transaction("patient")  # its turns run on A, where it started
@@ -82,10 +91,7 @@ async def test_a_tool_call_whose_node_dies_ends_with_its_run(
     """The run's node dies while a tool call waits for a member's approval: the node that ends the run
     NODE_LOST ends the call too (TOOL_DONE ERROR), else the members' UIs wait on it for ever (found by
     a tester)."""
-    with ExitStack() as stack:
-        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
-        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
-        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+    with two_nodes(redis_url, postgres_url, prefix, tmp_path) as (a, b, url_a, url_b):
         async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
             async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
                 tx = await on_a.start_transaction("operator")  # its turns run on A

@@ -58,6 +58,14 @@ async def until_type(peer: Numbered, type: str, into: list[dict[str, Any]]) -> d
             return envelope
 
 
+async def ready_on(peer: RawPeer, token: str, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """A new session's handshake up to ``session.ready`` (kept in ``seen``); the server's HAI."""
+    hai = await peer.receive()
+    await peer.hai(token)
+    await until_type(peer, "INFO", seen)
+    return hai
+
+
 async def echo_started(
     peer: RawPeer, token: str, seen: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -278,9 +286,7 @@ async def test_a_node_whose_session_was_claimed_behind_its_back_lets_it_go_at_it
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            await until_type(first, "INFO", seen)
+            hai = await ready_on(first, token, seen)
             async with probe(redis_url, prefix, node_id="elsewhere") as other:
                 # Another node took the session over without reaching A (A did not hear it, say).
                 assert await other.replay.claim(hai["session"], "ann") is not None
@@ -341,9 +347,7 @@ async def test_an_approval_asked_in_words_is_answered_after_the_session_moved_to
         token = a.token("ann")
         seen: list[dict[str, Any]] = []
         async with raw_peer(a.ws_url) as first:
-            hai = await first.receive()
-            await first.hai(token)
-            await until_type(first, "INFO", seen)
+            hai = await ready_on(first, token, seen)
             await first.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
             transaction = (await until_type(first, "TRANSACTION_START", seen))["transaction"]
             await first.send("MESSAGE", '/call made.hello {"who": "ann"}', transaction=transaction, channel="USER")
