@@ -91,4 +91,4 @@ class translating:  # (lower case: used like the function it was, ``with transla
             self._health.succeeded()
         elif isinstance(exc, (RedisError, OSError)):
             self._health.failed(exc)
-            raise ClusterError(f"redis: {self._doing} failed: {exc}") from exc
+            raise ClusterError(f"redis: {self._doing} failed: {exc or type(exc).__name__}") from exc

@@ -135,7 +135,9 @@ class TransactionLog:
         for (transaction, _, _), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):  # refused (read-only, out of memory...), or not answered
                 self._health.failed(reply)
-                results.append(ClusterError(f"redis: append to transaction {transaction} failed: {reply}"))
+                results.append(
+                    ClusterError(f"redis: append to transaction {transaction} failed: {reply or type(reply).__name__}")
+                )
             else:
                 results.append(int(reply))
         return results
