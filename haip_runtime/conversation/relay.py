@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from haip_runtime.conversation.members import describe
-from haip_runtime.conversation.sender import Queued, Sender, pass_once
+from haip_runtime.conversation.sender import Pending, Queued, Sender, pass_once
 from haip_runtime.conversation.shared import entry, entry_event, follow, wrote
 from haip_runtime.conversation.succession import MAX_RETRY, Succession
 from haip_runtime.exceptions import ClusterError
@@ -139,11 +139,8 @@ class SharedLog(Succession):
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self.end_asked: str | None = None
-        #: Events waiting to be appended, in order (the relay's sender takes them), their bytes, and how
-        #: many of them are not streamed parts (``due_at`` without a walk of the outbox).
-        self._outbox: deque[Queued] = deque()
-        self._queued_bytes = 0
-        self._not_parts = 0
+        #: Events waiting to be appended, in order (the relay's sender takes them).
+        self._outbox = Pending()
         #: A read of the store's last tseq under way (``floor_known``): the sender leaves this one out.
         self.reading_floor = False
         #: Set once ``run`` has ended: nothing published after it is sent.
@@ -185,7 +182,7 @@ class SharedLog(Succession):
         return len(self._outbox)
 
     @property
-    def outbox(self) -> deque[Queued]:
+    def outbox(self) -> Pending:
         return self._outbox
 
     async def following(self) -> None:
@@ -272,26 +269,14 @@ class SharedLog(Succession):
             logger.debug("transaction %s left this node: an event published since is not sent", self.transaction.id)
             return
         if len(self._outbox) >= MAX_OUTBOX:
-            self._forget_queued(self._outbox.popleft())
+            self._outbox.popleft()
             logger.error(
                 "transaction %s: %d events wait for redis; the oldest is dropped", self.transaction.id, MAX_OUTBOX
             )
         self._outbox.append((data, part, time.monotonic(), run_id))
-        self._queued_bytes += len(data)
-        self._not_parts += not part
         # A streamed part waits for the oldest's linger, unless it fills the batch: no need to wake the sender.
-        urgent = not part or self._queued_bytes >= self.relay.bus.config.part_batch_bytes
+        urgent = not part or self._outbox.size >= self.relay.bus.config.part_batch_bytes
         self.relay.sender.ready(self, urgent=urgent)
-
-    def _forget_queued(self, queued: Queued) -> None:
-        """``queued`` left the outbox (sent, given up, or dropped): out of its counts too."""
-        self._queued_bytes -= len(queued[0])
-        self._not_parts -= not queued[1]
-
-    def recount(self) -> None:
-        """The outbox was rebuilt (a lost lease took some out): count it again."""
-        self._queued_bytes = sum(len(data) for data, _, _, _ in self._outbox)
-        self._not_parts = sum(1 for _, part, _, _ in self._outbox if not part)
 
     async def run(self) -> None:
         """Follow the log, send what is published and contend for the lease, until the transaction
@@ -353,7 +338,7 @@ class SharedLog(Succession):
     def due_at(self, linger: float, most: int) -> float:
         """When the outbox (not empty) should go: streamed parts wait ``linger`` seconds from the oldest
         for more, unless ``most`` bytes of them are queued; anything else goes at once (0)."""
-        if self._stopped or self._not_parts or self._queued_bytes >= most:
+        if self._stopped or self._outbox.not_parts or self._outbox.size >= most:
             return 0.0
         return self._outbox[0][2] + linger
 
@@ -400,11 +385,11 @@ class SharedLog(Succession):
         outbox, count = self._outbox, len(batch)
         if len(outbox) >= count and outbox[0] is batch[0] and outbox[count - 1] is batch[-1]:
             for _ in range(count):
-                self._forget_queued(outbox.popleft())
+                outbox.popleft()
             return
         sent = {id(queued) for queued in batch}
         while outbox and id(outbox[0]) in sent:
-            self._forget_queued(outbox.popleft())
+            outbox.popleft()
 
     async def _refloor(self) -> bool:
         """After losing Redis: number after what the store holds, not only after what this node saw

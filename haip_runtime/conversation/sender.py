@@ -27,7 +27,7 @@ import logging
 import time
 import types
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -53,6 +53,51 @@ FIRST_RETRY = 0.05
 Queued = tuple[bytes, bool, float, str | None]
 
 
+class Pending:
+    """One transaction's events waiting to be appended, in order, with their bytes and how many are not
+    streamed parts kept as the queue changes (the sender asks at every wake-up: no walk of the queue)."""
+
+    __slots__ = ("_queued", "size", "not_parts")
+
+    def __init__(self) -> None:
+        self._queued: deque[Queued] = deque()
+        #: Bytes of the entries queued.
+        self.size = 0
+        #: Entries queued that are not streamed parts.
+        self.not_parts = 0
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def __iter__(self) -> Iterator[Queued]:
+        return iter(self._queued)
+
+    def __getitem__(self, index: int) -> Queued:
+        return self._queued[index]
+
+    def append(self, queued: Queued) -> None:
+        self._queued.append(queued)
+        self.size += len(queued[0])
+        self.not_parts += not queued[1]
+
+    def popleft(self) -> Queued:
+        queued = self._queued.popleft()
+        self.size -= len(queued[0])
+        self.not_parts -= not queued[1]
+        return queued
+
+    def keep(self, wanted: Callable[[Queued], bool]) -> None:
+        """Keep only what is ``wanted``, in order."""
+        kept = [queued for queued in self._queued if wanted(queued)]
+        self.clear()
+        for queued in kept:
+            self.append(queued)
+
+    def clear(self) -> None:
+        self._queued.clear()
+        self.size = self.not_parts = 0
+
+
 class Outbox(Protocol):
     """What the sender needs of a transaction's log on the bus (``relay.SharedLog`` is one)."""
 
@@ -61,7 +106,7 @@ class Outbox(Protocol):
     reading_floor: bool
 
     @property
-    def outbox(self) -> deque[Queued]:
+    def outbox(self) -> Pending:
         """The events waiting to be appended, in order."""
 
     def due_at(self, linger: float, most: int) -> float:

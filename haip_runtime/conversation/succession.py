@@ -13,7 +13,7 @@ so a waiting node takes it at once. The holder also does what members elsewhere 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -29,6 +29,7 @@ from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolErro
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
     from haip_runtime.conversation.members import Member
+    from haip_runtime.conversation.sender import Pending
     from haip_runtime.conversation.transaction import Transaction
     from haip_runtime.store.base import Store
 
@@ -60,7 +61,7 @@ class Succession:
     #: An end a member asked for while no node held the lease: the next holder carries it out.
     end_asked: str | None
     _given_up: set[str]
-    _outbox: deque[tuple[bytes, bool, float, str | None]]
+    _outbox: Pending
     _stopped: bool
     _lease_free: anyio.Event
     _progress: anyio.Event
@@ -74,9 +75,6 @@ class Succession:
         raise NotImplementedError
 
     def _add_agent(self, member: dict[str, Any], name: str) -> None:
-        raise NotImplementedError
-
-    def recount(self) -> None:
         raise NotImplementedError
 
     # --- the log's entries for whoever runs the turns ------------------------------------------------
@@ -247,10 +245,7 @@ class Succession:
         self._given_up.update(stopped)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
-        kept = [queued for queued in self._outbox if queued[3] not in self._given_up]
-        self._outbox.clear()
-        self._outbox.extend(kept)
-        self.recount()
+        self._outbox.keep(lambda queued: queued[3] not in self._given_up)
         # After what is kept: the next owner ends those runs and answers what this node answered in vain.
         self.control("given_up", runs=stopped)
 

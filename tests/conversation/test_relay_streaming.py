@@ -20,6 +20,7 @@ from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.conversation import relay as relay_module
 from haip_runtime.conversation import sender as sender_module
 from haip_runtime.conversation.relay import Relay, SharedLog
+from haip_runtime.conversation.sender import Pending
 from haip_runtime.conversation.shared import entry, entry_event
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ClusterError
@@ -85,8 +86,8 @@ def part(text: str, message_id: str = "msg1") -> Event:
 
 def appended(shared: SharedLog, first: int = 1) -> list[LogEntry]:
     """What the sender would append now, as the feed brings it back (numbered from ``first``)."""
-    queued = [data for data, _, _, _ in shared._outbox]
-    shared._outbox.clear()
+    queued = [data for data, _, _, _ in shared.outbox]
+    shared.outbox.clear()
     return [LogEntry(shared.transaction.id, first + index, data) for index, data in enumerate(queued)]
 
 
@@ -473,3 +474,15 @@ async def test_what_is_published_after_the_transaction_left_the_node_is_not_sent
     assert shared.done.is_set()
     shared._queue(b'{"late":1}', False, None)
     assert not shared.outbox and shared not in shared.relay.sender._ready
+
+
+def test_the_pending_queue_keeps_its_counts_through_every_change() -> None:
+    pending = Pending()
+    for data, part in ((b"ab", True), (b"cde", False), (b"f", True)):
+        pending.append((data, part, 0.0, None))
+    assert (len(pending), pending.size, pending.not_parts) == (3, 6, 1)
+    assert pending.popleft()[0] == b"ab" and (pending.size, pending.not_parts) == (4, 1)
+    pending.keep(lambda queued: queued[1])  # the streamed parts only
+    assert [data for data, *_ in pending] == [b"f"] and (pending.size, pending.not_parts) == (1, 0)
+    pending.clear()
+    assert not pending and (pending.size, pending.not_parts) == (0, 0)
