@@ -112,23 +112,15 @@ class TransactionLog:
         """
         if not payloads:
             raise ValueError("append_many needs at least one event")
-        keys = [self._keys.sequence(transaction), self._keys.log(transaction)]
-        args: list[Arg] = [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
         with translating(self._health, f"append to transaction {transaction}"):
-            return int(await self._pipe.script(APPEND, keys, args))
+            return int(await self._pipe.script(APPEND, *self._script_call(transaction, payloads, floor)))
 
     async def append_batches(self, calls: Sequence[tuple[str, Sequence[bytes], int]]) -> list[int | ClusterError]:
         """``append_many`` for several transactions at once, ``(transaction, payloads, floor)`` each, all in
         one write: each one's first tseq, or a ``ClusterError`` for that one alone (Redis refused it, or
         the connection was lost before its answer: it may or may not have run, as with ``append_many``);
         those answered before a loss are appended. ``ClusterError`` raised if Redis could not be reached."""
-        scripted: list[tuple[list[Arg], list[Arg]]] = [
-            (
-                [self._keys.sequence(transaction), self._keys.log(transaction)],
-                [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads],
-            )
-            for transaction, payloads, floor in calls
-        ]
+        scripted = [self._script_call(transaction, payloads, floor) for transaction, payloads, floor in calls]
         with translating(self._health, f"append to {len(calls)} transaction(s)"):
             replies = await self._pipe.script_replies(APPEND, scripted)
         results: list[int | ClusterError] = []
@@ -141,6 +133,11 @@ class TransactionLog:
             else:
                 results.append(int(reply))
         return results
+
+    def _script_call(self, transaction: str, payloads: Sequence[bytes], floor: int) -> tuple[list[Arg], list[Arg]]:
+        """The APPEND script's keys and arguments for ``payloads`` appended to ``transaction``."""
+        keys: list[Arg] = [self._keys.sequence(transaction), self._keys.log(transaction)]
+        return keys, [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""
