@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+import uvloop
 from common import cpu_seconds, percentile, waited_seconds  # type: ignore[import-not-found]
 from load import Peer, drop, open_peer  # type: ignore[import-not-found]
 
@@ -43,7 +45,7 @@ class Member:
     async def read(self) -> None:
         """Read to the stream's MESSAGE_END: count the tokens, check their indexes, take their lags."""
         while True:
-            frame = json.loads(await self.peer.ws.recv())
+            frame = orjson.loads(await self.peer.ws.recv())
             kind = frame["type"]
             if kind == "MESSAGE_PART":
                 now = time.time()
@@ -132,7 +134,7 @@ async def run_end(leader: Member) -> str:
     try:
         async with asyncio.timeout(10):
             while True:
-                frame = json.loads(await leader.peer.ws.recv())
+                frame = orjson.loads(await leader.peer.ws.recv())
                 if frame["type"] in ("RUN_FINISHED", "RUN_ERROR"):
                     payload = frame["payload"]
                     detail = payload.get("status") or f"{payload.get('code')}: {payload.get('message')}"
@@ -143,7 +145,7 @@ async def run_end(leader: Member) -> str:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    print(json.dumps(asyncio.run(fanout(spec))), flush=True)
+    print(json.dumps(uvloop.run(fanout(spec))), flush=True)
 
 
 if __name__ == "__main__":
