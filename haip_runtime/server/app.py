@@ -48,6 +48,7 @@ from haip_runtime.server.failsafe import JsonFailsafe
 from haip_runtime.server.fleet import Fleet
 from haip_runtime.server.gauges import RuntimeGauges
 from haip_runtime.server.mcp_door import McpEndpoint
+from haip_runtime.server.mcp_relay import McpRelay
 from haip_runtime.server.mcp_tasks import AgentTasks
 from haip_runtime.server.rest import history_routes
 from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
@@ -311,7 +312,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with rt, mcp.lifespan() if mcp is not None else nullcontext():
+        async with rt, mcp.lifespan() if mcp is not None else nullcontext(), mcp_sessions_shared(rt, mcp):
             yield {"runtime": rt}
 
     async def health(request: Request) -> JSONResponse:
@@ -341,6 +342,22 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
     app.add_middleware(ReapOnEnd, reaper=rt.reaper)  # outermost: sees every connection end
     return app
+
+
+@asynccontextmanager
+async def mcp_sessions_shared(rt: Runtime, mcp: McpEndpoint | None) -> AsyncIterator[None]:
+    """In a cluster, the `/mcp` door's sessions are served from any node (``mcp_relay.py``)."""
+    if mcp is None or rt.roaming is None:
+        yield
+        return
+    roaming = rt.roaming
+    relay = McpRelay(roaming.bus, mcp)
+    async with relay.running():
+        mcp.relay, roaming.on_mcp = relay, relay.notice
+        try:
+            yield
+        finally:
+            mcp.relay = roaming.on_mcp = None
 
 
 def dev_key(storage: StorageConfig) -> str | None:

@@ -29,6 +29,7 @@ from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, RunOutcome, ToolStatus
+from haip_runtime.server.mcp_relay import FORWARDED, McpRelay, session_header, tagging, untagged, with_session
 from haip_runtime.transports.http import http_credentials, refused_origin, send_error
 from haip_runtime.transports.sse import read_body
 
@@ -350,6 +351,8 @@ class McpEndpoint:
         door = McpDoor(ctx, check_message)
         self.tasks = tasks(door) if tasks is not None else None  # `mcp_tasks.AgentTasks`: runs outliving calls
         self._server = agent_server(door, name="haip-runtime", version=__version__, tasks=self.tasks)
+        #: In a cluster: carries requests for MCP sessions other nodes hold (``mcp_relay.py``).
+        self.relay: McpRelay | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         from haip_runtime.bridge.facade import CALLER
@@ -371,6 +374,16 @@ class McpEndpoint:
         except DecodeError as refusal:
             await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
             return
+        relay = self.relay
+        if relay is not None:  # a cluster: the session may be another node's, and its id names this one
+            value = session_header(scope)
+            session_id, node = untagged(value) if value is not None else (None, None)
+            if node is not None and node != relay.node and not scope.get(FORWARDED):
+                if await relay.forward(node, scope, body, receive, send):
+                    return
+            if session_id is not None:
+                scope = with_session(scope, session_id)
+            send = tagging(send, relay.node)
         receive = _replaying(body, receive)
         await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
 

@@ -16,7 +16,8 @@
   node got it), 404 ``RESUME_FAILED`` if no node holds the session.
 
 Notices on a node's channel: ``release <session> <asking node>``, ``released <session>``, and
-``post ["<session>", "<user>"]`` followed by a newline and the request's body.
+``post ["<session>", "<user>"]`` followed by a newline and the request's body; those of the `/mcp`
+door's sessions (``mcp...``) go to ``on_mcp`` (``mcp_relay.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Roaming:
         self.mirror: WindowMirror | None = None
         #: Where POSTs forwarded here go (set by the SSE door).
         self.local_post: LocalPost | None = None
+        #: Where the `/mcp` door's notices go (``mcp_relay.McpRelay.notice``), when it is served.
+        self.on_mcp: Callable[[bytes, bytes], None] | None = None
         self._released: dict[str, anyio.Event] = {}
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
@@ -244,6 +247,8 @@ class Roaming:
                 waiting.set()
         elif verb == b"post":
             self._tg.start_soon(self._take_post, rest)
+        elif verb.startswith(b"mcp") and self.on_mcp is not None:
+            self.on_mcp(verb, rest)
         else:
             logger.warning("cluster: an unknown notice %r", message[:40])
 

@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, TextContent
 
 from haip_runtime.client import HaipClient
 from tests.behaviour.test_cluster_conversations import WHOLE, all_answered, answers, logged
@@ -287,6 +291,28 @@ async def test_members_of_one_conversation_on_both_workers_see_one_ordered_log(
     assert all(len(conversation) == len(expected) + others for conversation in conversations)
     first = dict(logs[0])
     assert all(first[tseq] == event for log in logs[1:] for tseq, event in log if tseq in first)
+
+
+async def test_an_mcp_clients_session_is_served_by_whichever_worker_its_requests_reach(
+    postgres_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "site", postgres_url, redis_url, prefix)
+    config.write_text(config.read_text() + "[mcp_server]\nenabled = true\n")
+    with serving(config) as served:
+        headers = {"Authorization": f"Bearer {served.banner['token']}"}
+        # A new connection per request, as through most balancers: the kernel spreads them over the workers.
+        fresh, url = httpx2.Limits(max_keepalive_connections=0), f"http://127.0.0.1:{served.port}/mcp"
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=30, limits=fresh) as http,
+            Client(streamable_http_client(url, http_client=http), mode="legacy") as mcp,
+        ):
+            said = [await mcp.call_tool("echo", {"message": f"hello {n}"}) for n in range(10)]
+    # 21 requests or more, each on a connection of its own: that all reached one worker is a chance of 2^-20.
+    assert [text_of(answer) for answer in said] == [f"you said: hello {n}" for n in range(10)]
+
+
+def text_of(answer: CallToolResult) -> str:
+    return "".join(block.text for block in answer.content if isinstance(block, TextContent))
 
 
 async def test_a_worker_killed_is_replaced_and_the_port_keeps_serving(
