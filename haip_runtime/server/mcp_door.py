@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import HaipConfig
@@ -30,7 +30,7 @@ from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, RunOutcome, ToolStatus
 from haip_runtime.server.mcp_relay import FORWARDED, McpRelay, session_header, tagging, untagged, with_session
-from haip_runtime.transports.http import http_credentials, refused_origin, send_error
+from haip_runtime.transports.http import http_credentials, refused_origin, replaying, send_error
 from haip_runtime.transports.sse import read_body
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ class McpEndpoint:
             if session_id is not None:
                 scope = with_session(scope, session_id)
             send = tagging(send, relay.node)
-        receive = _replaying(body, receive)
+        receive = replaying(body, receive)
         await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
 
     @asynccontextmanager
@@ -392,13 +392,3 @@ class McpEndpoint:
         """Enter for as long as the app serves (the SDK's session manager runs meanwhile)."""
         async with self._server.lifespan(), self.tasks.running() if self.tasks is not None else nullcontext():
             yield
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """`receive` for an app after the body was read: the body once, then the connection's own messages."""
-    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay

@@ -7,39 +7,45 @@ connections over the workers), the client's next request may reach another node,
 know the session ("Session not found"). So in a cluster the id a client is given names the node:
 ``<SDK's id>~<node>``. A request naming another node is sent to it on its channel (``Bus.tell``);
 that node serves it as if it had come in itself (the door's Origin and token checks included) and
-sends the response back in order, its start and each part of its body, on the asking node's
+sends the response back, its start and each part of its body numbered, on the asking node's
 channel; the asking node streams them to the client. The 2026-07-28 protocol has no sessions: any
 node serves any of its requests, and nothing here is involved.
 
-Either side may go: a client that goes away is a disconnect at the serving node too (``mcp!``); the
-serving node asks every ``PING_SECONDS`` whether the asking node still waits (``mcp?``), and stops
-serving when it does not (it died, or forgot the request); the asking node ends a response when the
-serving node has said nothing for ``3 × PING_SECONDS`` (it died). A session whose node is gone is
-the SDK's own "Session not found" (404): the client starts a new session, as the MCP spec says.
+What cannot be carried whole is cut short, never passed on with a hole: a part missing (Redis lost
+a message; one sent twice is dropped), more parts waiting than ``MAX_WAITING`` (a client reading slower than the
+node answers), or silence from the serving node for ``3 × PING_SECONDS`` (it died) end the
+response where it stands (a 502 ``NODE_LOST`` if it had not started). A serving node that fails, or
+stops, ends its response itself. A client that goes away is a disconnect at the serving node too
+(``mcp!``); the serving node asks every ``PING_SECONDS`` whether the asking node still waits
+(``mcp?``) and stops when it does not. A session whose node is gone is the SDK's own "Session not
+found" (404): the client starts a new session, as the MCP spec says.
 
-Notices (on a node's channel, after ``roaming.py``'s): ``mcp> <head>\\n<body>`` a request,
-``mcp< <head>\\n<bytes>`` a response's start or a part of its body, ``mcp! <id>`` cancel,
-``mcp? <id> <node>`` still waiting?
+Notices (on a node's channel, beside ``roaming.py``'s): ``mcp> <head>\\n<body>`` a request,
+``mcp< <head>\\n<bytes>`` a response's start (part 0) or a part of its body, ``mcp! <id>`` the
+client went away, ``mcp? <id> <serving node>`` still waiting? Parts are cut to ``PART_BYTES`` at
+most: a pub/sub message past Redis's output buffer limit (32 MB by default) would cost the asking
+node its subscription, which carries its conversations too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from haip_runtime.exceptions import ClusterError, ProtocolError
 from haip_runtime.protocol.events import ErrorCode
-from haip_runtime.transports.http import send_error
+from haip_runtime.transports.http import http_error_body, replaying, send_error
 
 if TYPE_CHECKING:  # (redis is imported by a cluster only)
     from haip_runtime.cluster import Bus
@@ -47,13 +53,20 @@ if TYPE_CHECKING:  # (redis is imported by a cluster only)
 logger = logging.getLogger(__name__)
 
 HEADER = b"mcp-session-id"
-#: Between the SDK's session id and the node's (node ids are ``[A-Za-z0-9_.-]``; MCP allows visible ASCII).
+#: Between the SDK's session id and the node's (MCP allows visible ASCII in a session id).
 SEPARATOR = "~"
+_NODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # (``cluster.node_id``'s pattern)
 #: How often the node serving a forwarded request checks that the asking node still waits for it.
 PING_SECONDS = 5.0
+#: The largest part of a response body one notice carries.
+PART_BYTES = 256 * 1024
+#: Parts a response may have waiting at the asking node for its client (at most 16 MB).
+MAX_WAITING = 64
 #: Marks a scope carried from another node: it is served here, never sent on.
 FORWARDED = "haip.mcp_forwarded"
 _SCOPE_KEYS = ("method", "path", "raw_path", "query_string", "scheme", "http_version", "client", "server")
+
+Part = tuple[dict[str, Any], bytes]
 
 
 def tagged(session_id: str, node: str) -> str:
@@ -62,9 +75,9 @@ def tagged(session_id: str, node: str) -> str:
 
 
 def untagged(value: str) -> tuple[str, str | None]:
-    """The SDK's session id and the node named in a client's ``Mcp-Session-Id`` (``None``: no node named)."""
+    """The SDK's session id and the node named in a client's ``Mcp-Session-Id`` (``None``: none named)."""
     session_id, separator, node = value.rpartition(SEPARATOR)
-    return (session_id, node) if separator and session_id and node else (value, None)
+    return (session_id, node) if separator and session_id and _NODE.fullmatch(node) else (value, None)
 
 
 def session_header(scope: Scope) -> str | None:
@@ -96,6 +109,24 @@ def _tag(name: bytes, value: bytes, node: str) -> bytes:
     return tagged(bytes(value).decode("latin-1"), node).encode("latin-1") if name.lower() == HEADER else value
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """A request sent to another node: its response's parts as they come, and the next one expected."""
+
+    parts: MemoryObjectSendStream[Part]
+    #: Set once a notice could not be queued (too many waiting): the response ends here.
+    overflowed: bool = False
+
+
+@dataclass(eq=False)
+class _Serving:
+    """A request from another node served here."""
+
+    asker: str
+    #: Set when the client went away (or the asking node did): the app sees a disconnect.
+    gone: anyio.Event = field(default_factory=anyio.Event)
+
+
 class McpRelay:
     """Carries `/mcp` requests between this node and the node holding their MCP session (see the module)."""
 
@@ -103,10 +134,8 @@ class McpRelay:
         self._bus = bus
         self._app = app
         self.node = bus.node_id
-        #: Requests sent to another node, waiting for its response here: by request id.
-        self._waiting: dict[str, MemoryObjectSendStream[tuple[dict[str, Any], bytes]]] = {}
-        #: Requests from other nodes served here: by request id, what tells them their client went away.
-        self._serving: dict[str, anyio.Event] = {}
+        self._waiting: dict[str, _Waiting] = {}
+        self._serving: dict[str, _Serving] = {}
         self._tg: TaskGroup | None = None
 
     @asynccontextmanager
@@ -127,55 +156,65 @@ class McpRelay:
         not listen (the session is gone with it: the caller serves the request, the SDK says so)."""
         request = secrets.token_hex(8)
         carried = {key: _plain(scope[key]) for key in _SCOPE_KEYS if key in scope}
-        carried["headers"] = [[bytes(k).decode("latin-1"), bytes(v).decode("latin-1")] for k, v in scope["headers"]]
-        head = json.dumps({"id": request, "from": self.node, "scope": carried}).encode()
-        inbox, self._waiting[request] = _channel()
+        head = {"id": request, "from": self.node, "scope": {**carried, "headers": _plain(scope["headers"])}}
+        parts, inbox = anyio.create_memory_object_stream[Part](MAX_WAITING)
+        self._waiting[request] = _Waiting(parts)
         try:
             try:
-                if not await self._bus.tell(node, b"mcp> " + head + b"\n" + body):
+                if not await self._bus.tell(node, _notice(b"mcp>", head, body)):
                     return False
-            except ClusterError as error:
-                await send_error(send, 503, ProtocolError(ErrorCode.STORAGE_UNAVAILABLE, error.message))
+            except ClusterError as error:  # (a ProtocolError: STORAGE_UNAVAILABLE)
+                await send_error(send, 503, error)
                 return True
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._until_disconnect, receive, node, request, tg)
-                await self._relay(inbox, send, node)
+                await self._relay(inbox, send, node, request)
                 tg.cancel_scope.cancel()
         finally:
-            self._waiting.pop(request).close()
+            self._waiting.pop(request).parts.close()
             inbox.close()
         return True
 
-    async def _relay(self, inbox: Any, send: Send, node: str) -> None:
-        """The response's messages as they come, until its last part (or the serving node goes quiet)."""
-        started = False
+    async def _relay(self, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str) -> None:
+        """The response's parts in order as they come, until its last; cut short on a part missing or
+        twice, too many waiting, or the serving node's silence."""
+        expected = 0
         while True:
+            part: Part | None = None
             with anyio.move_on_after(3 * PING_SECONDS):
-                head, data = await inbox.receive()
-                if "status" in head:
-                    started = True
-                    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]]
-                    await send({"type": "http.response.start", "status": head["status"], "headers": headers})
-                elif "more" in head:
-                    await send({"type": "http.response.body", "body": data, "more_body": head["more"]})
-                    if not head["more"]:
-                        return
-                continue  # (a ping: the serving node still serves)
-            logger.warning("mcp: node %s stopped answering a request it serves; ending its response", node)
-            if started:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                try:
+                    part = await inbox.receive()
+                except anyio.EndOfStream:
+                    why = "more of its response waited than the client took"
+                    break
+            if part is None:
+                why = "stopped answering"
+                break
+            head, data = part
+            if "n" not in head or head["n"] < expected:
+                continue  # a ping (the serving node still serves), or a part sent again (a publish retried)
+            if head["n"] > expected:
+                why = f"sent part {head['n']} of its response where {expected} was due (a message was lost)"
+                break
+            expected += 1
+            if "status" in head:
+                await send({"type": "http.response.start", "status": head["status"], "headers": _raw(head["headers"])})
             else:
-                await send_error(send, 502, ProtocolError(ErrorCode.NODE_LOST, f"node {node} stopped answering"))
-            return
+                await send({"type": "http.response.body", "body": data, "more_body": head["more"]})
+                if not head["more"]:
+                    return
+        logger.warning("mcp: a request served by node %s is cut short: it %s", node, why)
+        await self._tell(node, f"mcp! {request}".encode())
+        if expected:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await send_error(send, 502, ProtocolError(ErrorCode.NODE_LOST, f"node {node} {why}"))
 
     async def _until_disconnect(self, receive: Receive, node: str, request: str, tg: TaskGroup) -> None:
         """The client went away: the serving node is told (its SDK sees the disconnect), and this ends."""
         while (await receive())["type"] != "http.disconnect":
             pass
-        try:
-            await self._bus.tell(node, f"mcp! {request}".encode())
-        except ClusterError:
-            pass  # the serving node's ping finds the request gone
+        await self._tell(node, f"mcp! {request}".encode())  # (if not heard, its next ping finds us gone)
         tg.cancel_scope.cancel()
 
     # --- notices ------------------------------------------------------------------------------------
@@ -185,87 +224,113 @@ class McpRelay:
         if verb == b"mcp<":
             head_text, _, data = rest.partition(b"\n")
             head = json.loads(head_text)
-            waiting = self._waiting.get(str(head["id"]))
-            if waiting is not None:
-                waiting.send_nowait((head, data))
+            self._queue(str(head["id"]), (head, data))
         elif verb == b"mcp>":
-            if self._tg is not None:
-                self._tg.start_soon(self._serve, rest)
+            head_text, _, body = rest.partition(b"\n")
+            head = json.loads(head_text)
+            request, asker = str(head["id"]), str(head["from"])
+            if self._tg is not None and request not in self._serving:
+                # Known at once: a cancel in the same batch of notices finds it.
+                serving = self._serving[request] = _Serving(asker)
+                self._tg.start_soon(self._serve, request, serving, head["scope"], body)
         elif verb == b"mcp!":
             cancelled = self._serving.get(rest.decode(errors="replace"))
             if cancelled is not None:
-                cancelled.set()
+                cancelled.gone.set()
         elif verb == b"mcp?":
-            request, _, asker = rest.decode(errors="replace").partition(" ")
-            waiting = self._waiting.get(request)
-            if waiting is not None:
-                waiting.send_nowait(({}, b""))  # the serving node is alive
+            request, _, server = rest.decode(errors="replace").partition(" ")
+            if request in self._waiting:
+                self._queue(request, ({}, b""))  # the serving node is alive
             elif self._tg is not None:
-                self._tg.start_soon(self._tell, asker, f"mcp! {request}".encode())
+                self._tg.start_soon(self._tell, server, f"mcp! {request}".encode())
+
+    def _queue(self, request: str, part: Part) -> None:
+        waiting = self._waiting.get(request)
+        if waiting is None or waiting.overflowed:
+            return
+        try:
+            waiting.parts.send_nowait(part)
+        except anyio.WouldBlock:
+            waiting.overflowed = True
+            waiting.parts.close()  # what waits is read, then the response ends
 
     # --- the serving side --------------------------------------------------------------------------
 
-    async def _serve(self, message: bytes) -> None:
-        head_text, _, body = message.partition(b"\n")
-        try:
-            head = json.loads(head_text)
-            request, asker, carried = str(head["id"]), str(head["from"]), dict(head["scope"])
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in carried.pop("headers")]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            logger.warning("mcp: a forwarded request with a bad head %r", head_text[:80])
-            return
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "root_path": "", **_scope(carried)}
-        scope.update(headers=headers, **{FORWARDED: True})
-        gone = self._serving[request] = anyio.Event()
-        pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+    async def _serve(self, request: str, serving: _Serving, carried: dict[str, Any], body: bytes) -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "root_path": "", **_scope(carried), FORWARDED: True}
+        numbered, ended, lost = 0, False, False
 
-        async def receive() -> Message:
-            if pending:
-                return pending.pop()
-            await gone.wait()
+        async def disconnected() -> Message:
+            await serving.gone.wait()
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
+            nonlocal numbered, ended, lost
             if message["type"] == "http.response.start":
-                reply = {"status": message["status"], "headers": _plain(message.get("headers", []))}
+                parts = [({"status": message["status"], "headers": _plain(message.get("headers", []))}, b"")]
             elif message["type"] == "http.response.body":
-                reply = {"more": bool(message.get("more_body", False))}
+                ended = not message.get("more_body", False)
+                parts = _cut(bytes(message.get("body", b"")), ended)
             else:
                 return
-            data = bytes(message.get("body", b""))
-            if not await self._tell(asker, b"mcp< " + json.dumps({"id": request, **reply}).encode() + b"\n" + data):
-                gone.set()
-                tg.cancel_scope.cancel()  # the asking node went: nobody reads this response
+            for head, data in parts:
+                if serving.gone.is_set():
+                    return  # nobody reads it
+                if not await self._tell(serving.asker, _notice(b"mcp<", {"id": request, "n": numbered, **head}, data)):
+                    lost = True  # not delivered: the app stops, and the response there is cut short
+                    serving.gone.set()
+                    return
+                numbered += 1
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._ping, asker, request, gone, tg)
-                await self._app(scope, receive, send)
+                tg.start_soon(self._ping, request, serving)
+                await self._app(scope, replaying(body, disconnected), send)
                 tg.cancel_scope.cancel()
         except Exception:
-            logger.exception("mcp: serving a request forwarded by node %s failed", asker)
+            logger.exception("mcp: serving a request forwarded by node %s failed", serving.asker)
         finally:
-            del self._serving[request]
+            with anyio.move_on_after(2, shield=True):
+                if lost:  # the part after the lost one: the asking node sees the hole at once
+                    await self._tell(serving.asker, _notice(b"mcp<", {"id": request, "n": numbered + 1}, b""))
+                elif not ended and not serving.gone.is_set():  # failed, or this node stops: end it there
+                    await self._end(request, serving.asker, numbered)
+            self._serving.pop(request, None)
 
-    async def _ping(self, asker: str, request: str, gone: anyio.Event, tg: TaskGroup) -> None:
-        while not gone.is_set():
+    async def _end(self, request: str, asker: str, numbered: int) -> None:
+        """The last parts of a response the app did not end (it failed, or this node stops)."""
+        if numbered:
+            parts: list[Part] = [({"more": False}, b"")]
+        else:
+            error = ProtocolError(ErrorCode.INTERNAL_ERROR, f"node {self.node} could not serve this request")
+            start = {"status": 500, "headers": [["content-type", "application/json"]]}
+            parts = [(start, b""), ({"more": False}, json.dumps(http_error_body(error)).encode())]
+        for n, (head, data) in enumerate(parts, start=numbered):
+            await self._tell(asker, _notice(b"mcp<", {"id": request, "n": n, **head}, data))
+
+    async def _ping(self, request: str, serving: _Serving) -> None:
+        while not serving.gone.is_set():
             await anyio.sleep(PING_SECONDS)
-            if not await self._tell(asker, f"mcp? {request} {self.node}".encode()):
-                gone.set()
-                tg.cancel_scope.cancel()
+            if not await self._tell(serving.asker, f"mcp? {request} {self.node}".encode()):
+                serving.gone.set()
 
     async def _tell(self, node: str, notice: bytes) -> bool:
-        """``Bus.tell``; ``True`` while Redis does not answer (the node may well be waiting still)."""
+        """``Bus.tell``; ``False`` if ``node`` did not get it (it does not listen, or Redis failed)."""
         try:
             return await self._bus.tell(node, notice)
         except ClusterError as error:
             logger.warning("mcp: could not reach node %s: %s", node, error)
-            return True
+            return False
 
 
-def _channel() -> tuple[Any, MemoryObjectSendStream[tuple[dict[str, Any], bytes]]]:
-    send, receive = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](math.inf)
-    return receive, send
+def _notice(verb: bytes, head: dict[str, Any], data: bytes) -> bytes:
+    return verb + b" " + json.dumps(head).encode() + b"\n" + data
+
+
+def _cut(body: bytes, last: bool) -> list[tuple[dict[str, Any], bytes]]:
+    """A body message as parts of at most ``PART_BYTES``; only the last of the response's last says so."""
+    pieces = [body[at : at + PART_BYTES] for at in range(0, len(body), PART_BYTES)] or [b""]
+    return [({"more": not (last and i == len(pieces) - 1)}, piece) for i, piece in enumerate(pieces)]
 
 
 def _plain(value: Any) -> Any:
@@ -277,9 +342,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _raw(headers: Sequence[Sequence[str]]) -> list[tuple[bytes, bytes]]:
+    """Headers carried as text, as ASGI has them."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
 def _scope(carried: dict[str, Any]) -> dict[str, Any]:
     """The carried scope's values back as ASGI has them."""
     scope = dict(carried)
+    scope["headers"] = _raw(scope.get("headers", []))
     for key in ("raw_path", "query_string"):
         if isinstance(scope.get(key), str):
             scope[key] = scope[key].encode("latin-1")

@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.datastructures import Headers, QueryParams
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.errors import error_body
@@ -41,6 +41,16 @@ def http_credentials(scope: Scope) -> Credentials:
 
 def refused_origin(scope: Scope, allowed: Sequence[str]) -> bool:
     return not origin_allowed(Headers(scope=scope), allowed)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for an app after the body was read: the body once, then the connection's own messages."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> None:

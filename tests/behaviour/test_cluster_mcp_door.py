@@ -210,3 +210,33 @@ async def test_a_session_whose_node_stopped_is_not_found_and_a_new_one_is_served
     assert gone.status_code == 404 and "Session not found" in gone.text
     assert fresh.endswith(f"~{node_of(b)}")
     assert answer_of(served)["result"]["content"][0]["text"] == "you said: again"
+
+
+async def test_a_call_streaming_from_a_node_that_stops_ends_at_the_other_without_waiting(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    config = node_config(redis_url, prefix, postgres_url)
+    params = {"name": "storyteller", "arguments": {"message": "a long tale"}, "_meta": {"progressToken": 1}}
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+    headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": LEGACY}
+    before: list[str] = []
+    after: list[str] = []
+    with live_server(config) as b:
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {b.token('alice')}"}, timeout=30) as http:
+            with ExitStack() as stack:
+                a = stack.enter_context(live_server(config))
+                session = await initialized(http, a.http_url)
+                headers["Mcp-Session-Id"] = session
+                async with http.stream("POST", f"{b.http_url}/mcp", json=call, headers=headers) as response:
+                    lines = response.aiter_lines()
+                    with anyio.fail_after(20):
+                        async for line in lines:  # until the story streams (served by a, through b)
+                            before.append(line)
+                            if "notifications/progress" in line:
+                                break
+                    stack.close()  # node a stops: its runtime ends the run, its relay ends the response
+                    with anyio.fail_after(10):  # not the 15 s of silence that means a node died
+                        after = [line async for line in lines]
+    assert response.status_code == 200 and any("notifications/progress" in line for line in before)
+    # It ended (the run cancelled, or cut where it stood), in whole events: every data line is a message.
+    assert all(json.loads(line[5:])["jsonrpc"] == "2.0" for line in after if line.startswith("data:"))
