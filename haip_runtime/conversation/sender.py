@@ -258,7 +258,9 @@ class Sender:
                 self._done_with(shared)
 
     def _failed(self, shared: Outbox, error: ClusterError) -> None:
-        logger.warning("transaction %s: appending failed (%s); trying again", shared.transaction.id, error)
+        # Once per failing streak: Redis away, every transaction with something to say retries each second.
+        log = logger.debug if shared in self._retry else logger.warning
+        log("transaction %s: appending failed (%s); trying again until it works", shared.transaction.id, error)
         shared.append_failed()
         wait = self._retry[shared][1] if shared in self._retry else FIRST_RETRY
         self._retry[shared] = (time.monotonic() + wait, min(wait * 2, MAX_RETRY))

@@ -346,18 +346,16 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
 
 @asynccontextmanager
 async def mcp_sessions_shared(rt: Runtime, mcp: McpEndpoint | None) -> AsyncIterator[None]:
-    """In a cluster, the `/mcp` door's sessions are served from any node (``mcp_relay.py``)."""
+    """In a cluster, the `/mcp` door's sessions are served from any node (``mcp_relay.py``). Its notices
+    are heard for as long as the node follows the bus: those that come while it stops are sent back."""
     if mcp is None or rt.roaming is None:
         yield
         return
     roaming = rt.roaming
-    relay = McpRelay(roaming.bus, mcp)
-    async with relay.running():
-        mcp.relay, roaming.on_mcp = relay, relay.notice
-        try:
-            yield
-        finally:
-            mcp.relay = roaming.on_mcp = None
+    relay = McpRelay(roaming.bus, mcp, roaming.spawn)
+    mcp.relay, roaming.on_mcp = relay, relay.notice
+    async with relay.serving():
+        yield
 
 
 def dev_key(storage: StorageConfig) -> str | None:

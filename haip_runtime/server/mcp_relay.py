@@ -12,19 +12,22 @@ channel; the asking node streams them to the client. The 2026-07-28 protocol has
 node serves any of its requests, and nothing here is involved.
 
 What cannot be carried whole is cut short, never passed on with a hole: a part missing (Redis lost
-a message; one sent twice is dropped), more parts waiting than ``MAX_WAITING`` (a client reading slower than the
-node answers), or silence from the serving node for ``3 × PING_SECONDS`` (it died) end the
-response where it stands (a 502 ``NODE_LOST`` if it had not started). A serving node that fails, or
-stops, ends its response itself. A client that goes away is a disconnect at the serving node too
-(``mcp!``); the serving node asks every ``PING_SECONDS`` whether the asking node still waits
-(``mcp?``) and stops when it does not. A session whose node is gone is the SDK's own "Session not
-found" (404): the client starts a new session, as the MCP spec says.
+a message; one sent twice is dropped), more parts waiting than ``MAX_WAITING`` (a client reading
+slower than the node answers), or the serving node gone (the asking node asks after each
+``PING_SECONDS`` without a word, and Redis says at once when nobody listens on a node's channel) or
+silent for ``3 × PING_SECONDS`` end the response where it stands (a 502 ``NODE_LOST`` if it had not
+started). A serving node that fails ends its response itself (a 500 if nothing was sent); one that
+stops ends those under way (a 503 ``NODE_LOST`` if nothing was sent) and sends back at once those
+that come while it leaves the bus, which the asking node then serves itself: the SDK's "Session not
+found" (404), after which a client starts a new session, as the MCP spec says. A client that goes
+away is a disconnect at the serving node too (``mcp!``); the serving node asks every
+``PING_SECONDS`` whether the asking node still waits (``mcp?``) and stops when it does not.
 
 Notices (on a node's channel, beside ``roaming.py``'s): ``mcp> <head>\\n<body>`` a request,
-``mcp< <head>\\n<bytes>`` a response's start (part 0) or a part of its body, ``mcp! <id>`` the
-client went away, ``mcp? <id> <serving node>`` still waiting? Parts are cut to ``PART_BYTES`` at
-most: a pub/sub message past Redis's output buffer limit (32 MB by default) would cost the asking
-node its subscription, which carries its conversations too.
+``mcp< <head>\\n<bytes>`` a response's start (part 0) or a part of its body (or ``closed``: sent
+back), ``mcp! <id>`` the client went away, ``mcp? <id> <node>`` still there? Parts are cut to
+``PART_BYTES`` at most: a pub/sub message past Redis's output buffer limit (32 MB by default)
+would cost the asking node its subscription, which carries its conversations too.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,6 +70,8 @@ FORWARDED = "haip.mcp_forwarded"
 _SCOPE_KEYS = ("method", "path", "raw_path", "query_string", "scheme", "http_version", "client", "server")
 
 Part = tuple[dict[str, Any], bytes]
+#: Starts ``func(*args)`` in a task of the node's (``Roaming.spawn``).
+Spawn = Callable[..., object]
 
 
 def tagged(session_id: str, node: str) -> str:
@@ -125,29 +130,35 @@ class _Serving:
     asker: str
     #: Set when the client went away (or the asking node did): the app sees a disconnect.
     gone: anyio.Event = field(default_factory=anyio.Event)
+    #: Cancelled when this node stops serving `/mcp`: the response ends where it stands.
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 class McpRelay:
     """Carries `/mcp` requests between this node and the node holding their MCP session (see the module)."""
 
-    def __init__(self, bus: Bus, app: ASGIApp) -> None:
+    def __init__(self, bus: Bus, app: ASGIApp, spawn: Spawn) -> None:
         self._bus = bus
         self._app = app
+        #: Starts a task that lives as long as this node follows the bus (``Roaming.spawn``).
+        self._spawn = spawn
         self.node = bus.node_id
         self._waiting: dict[str, _Waiting] = {}
         self._serving: dict[str, _Serving] = {}
-        self._tg: TaskGroup | None = None
+        #: Set once this node stops serving `/mcp`: requests still coming are sent back at once.
+        self._closed = False
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """While entered, requests from other nodes are served here."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            try:
-                yield
-            finally:
-                self._tg = None
-                tg.cancel_scope.cancel()
+    async def serving(self) -> AsyncIterator[None]:
+        """While entered, requests from other nodes are served here; on leaving (the node stops), those
+        under way end where they stand and those still coming are sent back (the asking node answers
+        "Session not found": the session goes with this node)."""
+        try:
+            yield
+        finally:
+            self._closed = True
+            for served in self._serving.values():
+                served.scope.cancel()
 
     # --- the asking side ---------------------------------------------------------------------------
 
@@ -166,33 +177,44 @@ class McpRelay:
             except ClusterError as error:  # (a ProtocolError: STORAGE_UNAVAILABLE)
                 await send_error(send, 503, error)
                 return True
+            served = True  # (unless that node sends it back: then it is served here)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._until_disconnect, receive, node, request, tg)
-                await self._relay(inbox, send, node, request)
+                served = await self._relay(inbox, send, node, request)
                 tg.cancel_scope.cancel()
         finally:
             self._waiting.pop(request).parts.close()
             inbox.close()
-        return True
+        return served
 
-    async def _relay(self, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str) -> None:
-        """The response's parts in order as they come, until its last; cut short on a part missing or
-        twice, too many waiting, or the serving node's silence."""
-        expected = 0
+    async def _relay(self, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str) -> bool:
+        """The response's parts in order as they come, until its last; cut short on a part missing,
+        too many waiting, or the serving node gone or silent. ``False``: that node sent the request
+        back before answering anything (it stops)."""
+        expected, silent = 0, 0
         while True:
             part: Part | None = None
-            with anyio.move_on_after(3 * PING_SECONDS):
+            with anyio.move_on_after(PING_SECONDS):
                 try:
                     part = await inbox.receive()
                 except anyio.EndOfStream:
                     why = "more of its response waited than the client took"
                     break
-            if part is None:
-                why = "stopped answering"
-                break
+            if part is None:  # quiet: is the node still there (Redis knows at once when it died)?
+                silent += 1
+                if not await self._tell(node, f"mcp? {request} {self.node}".encode()):
+                    why = "is gone"
+                    break
+                if silent >= 3:
+                    why = "stopped answering"
+                    break
+                continue
             head, data = part
+            silent = 0
             if "n" not in head or head["n"] < expected:
                 continue  # a ping (the serving node still serves), or a part sent again (a publish retried)
+            if head.get("closed") and not expected:
+                return False
             if head["n"] > expected:
                 why = f"sent part {head['n']} of its response where {expected} was due (a message was lost)"
                 break
@@ -202,13 +224,14 @@ class McpRelay:
             else:
                 await send({"type": "http.response.body", "body": data, "more_body": head["more"]})
                 if not head["more"]:
-                    return
+                    return True
         logger.warning("mcp: a request served by node %s is cut short: it %s", node, why)
         await self._tell(node, f"mcp! {request}".encode())
         if expected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             await send_error(send, 502, ProtocolError(ErrorCode.NODE_LOST, f"node {node} {why}"))
+        return True
 
     async def _until_disconnect(self, receive: Receive, node: str, request: str, tg: TaskGroup) -> None:
         """The client went away: the serving node is told (its SDK sees the disconnect), and this ends."""
@@ -229,10 +252,12 @@ class McpRelay:
             head_text, _, body = rest.partition(b"\n")
             head = json.loads(head_text)
             request, asker = str(head["id"]), str(head["from"])
-            if self._tg is not None and request not in self._serving:
+            if self._closed:
+                self._spawn(self._tell, asker, _notice(b"mcp<", {"id": request, "n": 0, "closed": True}, b""))
+            elif request not in self._serving:
                 # Known at once: a cancel in the same batch of notices finds it.
                 serving = self._serving[request] = _Serving(asker)
-                self._tg.start_soon(self._serve, request, serving, head["scope"], body)
+                self._spawn(self._serve, request, serving, head["scope"], body)
         elif verb == b"mcp!":
             cancelled = self._serving.get(rest.decode(errors="replace"))
             if cancelled is not None:
@@ -241,8 +266,8 @@ class McpRelay:
             request, _, server = rest.decode(errors="replace").partition(" ")
             if request in self._waiting:
                 self._queue(request, ({}, b""))  # the serving node is alive
-            elif self._tg is not None:
-                self._tg.start_soon(self._tell, server, f"mcp! {request}".encode())
+            elif request not in self._serving:  # (a probe of the asking node's: this one serves it)
+                self._spawn(self._tell, server, f"mcp! {request}".encode())
 
     def _queue(self, request: str, part: Part) -> None:
         waiting = self._waiting.get(request)
@@ -276,17 +301,22 @@ class McpRelay:
             for head, data in parts:
                 if serving.gone.is_set():
                     return  # nobody reads it
-                if not await self._tell(serving.asker, _notice(b"mcp<", {"id": request, "n": numbered, **head}, data)):
+                with anyio.CancelScope(shield=True):  # sent or not, never unknown: ``_end`` numbers after it
+                    told = await self._tell(
+                        serving.asker, _notice(b"mcp<", {"id": request, "n": numbered, **head}, data)
+                    )
+                if not told:
                     lost = True  # not delivered: the app stops, and the response there is cut short
                     serving.gone.set()
                     return
                 numbered += 1
 
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._ping, request, serving)
-                await self._app(scope, replaying(body, disconnected), send)
-                tg.cancel_scope.cancel()
+            with serving.scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._ping, request, serving)
+                    await self._app(scope, replaying(body, disconnected), send)
+                    tg.cancel_scope.cancel()
         except Exception:
             logger.exception("mcp: serving a request forwarded by node %s failed", serving.asker)
         finally:
@@ -298,12 +328,15 @@ class McpRelay:
             self._serving.pop(request, None)
 
     async def _end(self, request: str, asker: str, numbered: int) -> None:
-        """The last parts of a response the app did not end (it failed, or this node stops)."""
-        if numbered:
-            parts: list[Part] = [({"more": False}, b"")]
-        else:
-            error = ProtocolError(ErrorCode.INTERNAL_ERROR, f"node {self.node} could not serve this request")
-            start = {"status": 500, "headers": [["content-type", "application/json"]]}
+        """The last parts of a response the app did not end: it failed (500), or this node stops (503)."""
+        parts: list[Part] = [({"more": False}, b"")]
+        if not numbered:
+            status, error = (
+                (503, ProtocolError(ErrorCode.NODE_LOST, f"node {self.node} stopped while serving this request"))
+                if self._closed
+                else (500, ProtocolError(ErrorCode.INTERNAL_ERROR, f"node {self.node} could not serve this request"))
+            )
+            start = {"status": status, "headers": [["content-type", "application/json"]]}
             parts = [(start, b""), ({"more": False}, json.dumps(http_error_body(error)).encode())]
         for n, (head, data) in enumerate(parts, start=numbered):
             await self._tell(asker, _notice(b"mcp<", {"id": request, "n": n, **head}, data))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any, Self
 
@@ -92,6 +92,11 @@ class Roaming:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self._stack.aclose()
+
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run ``func(*args)`` in a task that lives as long as this node follows the bus (not if it stopped)."""
+        if self._tg is not None:
+            self._tg.start_soon(func, *args)
 
     @property
     def bus(self) -> Bus:

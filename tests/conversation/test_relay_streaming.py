@@ -4,6 +4,7 @@ streaming agent's back-pressure (``pace``) waits for its own parts to come back,
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 from collections.abc import Coroutine, Generator
@@ -374,6 +375,44 @@ async def test_the_sender_appends_for_every_ready_transaction_in_one_write_and_r
         tg.cancel_scope.cancel()
     assert not first.outbox and not second.outbox
     assert calls_made == [[first.transaction.id, second.transaction.id], [second.transaction.id]]
+
+
+async def test_a_failing_append_is_a_warning_once_until_it_works_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sender_module, "FIRST_RETRY", 0.001)
+    monkeypatch.setattr(sender_module, "MAX_RETRY", 0.001)
+    shared, _, _, bus = shared_log()
+    outages = [3, 2]  # Redis refuses three appends, takes one; later refuses two, takes one
+    appended = [anyio.Event(), anyio.Event()]
+    tries: list[bool] = []
+
+    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int | ClusterError]:
+        outage = len([event for event in appended if event.is_set()])
+        refused = outages[outage] > 0
+        tries.append(refused)
+        if refused:
+            outages[outage] -= 1
+            return [ClusterError("redis: Connection refused")]
+        appended[outage].set()
+        return [1]
+
+    async def no_record(transaction: str) -> None:
+        return None
+
+    bus.log = SimpleNamespace(append_batches=append_batches)
+    shared.relay.store = SimpleNamespace(transaction=no_record)
+    async with anyio.create_task_group() as tg:
+        shared.relay.spawn = tg.start_soon  # (the floor's read again after a failure)
+        tg.start_soon(shared.relay.sender.run)
+        with anyio.fail_after(5):
+            for n, event in enumerate(appended):
+                shared._queue(b'{"n":%d}' % n, False, None)
+                await event.wait()
+        tg.cancel_scope.cancel()
+    warned = [r for r in caplog.records if "appending failed" in r.getMessage() and r.levelno == logging.WARNING]
+    assert tries == [True, True, True, False, True, True, False]
+    assert len(warned) == 2  # one per outage, not one per retry
 
 
 async def test_a_transaction_reading_its_floor_from_the_store_holds_up_no_other() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from anyio.abc import TaskGroup
 from starlette.types import Message
 
 from haip_runtime.exceptions import ClusterError
@@ -87,14 +88,22 @@ class Client:
         return b"".join(m.get("body", b"") for m in self.sent[1:])
 
 
+def pair(tg: TaskGroup, app: Any, lose: Callable[[bytes], bool] = lambda notice: False) -> tuple[McpRelay, McpRelay]:
+    """Node ``a`` (it asks) and node ``b`` (it serves with ``app``), their tasks in ``tg``."""
+    net: dict[str, McpRelay] = {}
+    net["a"] = McpRelay(Bus(net, "a", lose), app, tg.start_soon)  # type: ignore[arg-type]
+    net["b"] = McpRelay(Bus(net, "b", lose), app, tg.start_soon)  # type: ignore[arg-type]
+    return net["a"], net["b"]
+
+
 @asynccontextmanager
 async def relays(app: Any, lose: Callable[[bytes], bool] = lambda notice: False) -> AsyncIterator[McpRelay]:
-    """Node ``a`` (yielded: it asks) and node ``b`` (it serves with ``app``)."""
-    net: dict[str, McpRelay] = {}
-    net["a"] = McpRelay(Bus(net, "a", lose), app)  # type: ignore[arg-type]
-    net["b"] = McpRelay(Bus(net, "b", lose), app)  # type: ignore[arg-type]
-    async with net["a"].running(), net["b"].running():
-        yield net["a"]
+    """``pair``, both serving, until the block ends; ``a`` yielded."""
+    async with anyio.create_task_group() as tg:
+        a, b = pair(tg, app, lose)
+        async with a.serving(), b.serving():
+            yield a
+        tg.cancel_scope.cancel()
 
 
 def events(count: int) -> Any:
@@ -297,3 +306,60 @@ async def test_redis_refusing_the_request_is_a_503() -> None:
     async with relays(events(1), lose=lambda notice: notice.startswith(b"mcp>")) as a:
         assert await a.forward("b", SCOPE, b"{}", client.receive, client.send)
     assert client.status == 503 and json.loads(client.body)["error"]["code"] == "STORAGE_UNAVAILABLE"
+
+
+async def test_a_request_that_reaches_a_node_that_stopped_serving_is_sent_back_at_once() -> None:
+    client = Client()
+    async with anyio.create_task_group() as tg:
+        a, b = pair(tg, events(1))
+        async with b.serving():
+            pass  # b stops serving /mcp, and still hears the bus (its node is on its way out)
+        async with a.serving():
+            with anyio.fail_after(mcp_relay.PING_SECONDS / 2):
+                served = await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+        tg.cancel_scope.cancel()
+    assert served is False and client.sent == []  # the door serves it: "Session not found"
+
+
+async def test_a_node_that_stops_while_it_serves_says_so_at_once() -> None:
+    asked, stop = anyio.Event(), anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        asked.set()
+        await anyio.sleep_forever()
+
+    async def serve_until_stopped(b: McpRelay) -> None:
+        async with b.serving():
+            await stop.wait()
+
+    client = Client()
+    async with anyio.create_task_group() as tg:
+        a, b = pair(tg, app)
+        tg.start_soon(serve_until_stopped, b)
+        async with a.serving(), anyio.create_task_group() as asking:
+            asking.start_soon(a.forward, "b", SCOPE, b"{}", client.receive, client.send)
+            with anyio.fail_after(mcp_relay.PING_SECONDS / 2):
+                await asked.wait()
+                stop.set()  # b's node stops (SIGTERM)
+        tg.cancel_scope.cancel()
+    error = json.loads(client.body)["error"]
+    assert client.status == 503 and error["code"] == "NODE_LOST" and "stopped while serving" in error["message"]
+
+
+async def test_a_serving_node_that_died_is_found_gone_when_it_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mcp_relay, "PING_SECONDS", 0.05)
+    asked = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        asked.set()
+        await anyio.sleep_forever()  # it never answers: its node is killed meanwhile
+
+    client = Client()
+    async with relays(app) as a:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.forward, "b", SCOPE, b"{}", client.receive, client.send)
+                await asked.wait()
+                del a._bus.net["b"]  # type: ignore[attr-defined]  # SIGKILL: nobody listens on its channel
+    error = json.loads(client.body)["error"]
+    assert client.status == 502 and (error["code"], error["message"]) == ("NODE_LOST", "node b is gone")
