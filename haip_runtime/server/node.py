@@ -65,7 +65,8 @@ def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True)
         raise ConfigError(f"server: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     if listen:
         sock.listen(2048)
-    sock.set_inheritable(True)
+    # Not inheritable (Python's default, kept): uvloop, unlike asyncio, does not close a child's inherited
+    # descriptors, and a stdio MCP server holding the port would outlive a killed node on it.
     return sock
 
 
