@@ -25,13 +25,13 @@ from haip_runtime.config.models import HaipConfig
 from haip_runtime.protocol.events import ALL_EVENTS
 from tests.behaviour.test_cluster_sessions import FAST, SECRET
 from tests.behaviour.test_mcp_door_tasks import RELATED, StatusNotes, create, result, until_status
+from tests.support.mcp_http import LEGACY, answer_of, echo_call, initialized, rpc
 from tests.support.proxy import Balancer, balancer
 from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
 
 DEMO = {"transport": "stdio", "command": sys.executable, "args": ["-m", "haip_runtime.demo.mcp_server"]}
-LEGACY = "2025-11-25"
 
 
 def node_config(redis_url: str, prefix: str, postgres_url: str) -> HaipConfig:
@@ -74,38 +74,6 @@ async def legacy_client(url: str, token: str, **options: Any) -> AsyncIterator[C
         yield client
 
 
-async def rpc(http: httpx2.AsyncClient, url: str, body: dict[str, Any], session: str | None = None) -> httpx2.Response:
-    """One JSON-RPC POST of the 2025-11-25 streamable HTTP transport, its whole response read."""
-    headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": LEGACY}
-    if session is not None:
-        headers["Mcp-Session-Id"] = session
-    return await http.post(f"{url}/mcp", json=body, headers=headers)
-
-
-def answer_of(response: httpx2.Response) -> dict[str, Any]:
-    """The JSON-RPC answer in a response (a JSON body, or the last `data:` of an event stream)."""
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        return dict(json.loads([item for item in data if item][-1]))
-    return dict(response.json())
-
-
-async def initialized(http: httpx2.AsyncClient, url: str) -> str:
-    """A new session at ``url``: its id, once `initialize` is answered and acknowledged."""
-    params = {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}
-    response = await rpc(http, url, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
-    assert response.status_code == 200, response.text
-    session = response.headers["mcp-session-id"]
-    acknowledged = await rpc(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
-    assert acknowledged.status_code == 202, acknowledged.text
-    return session
-
-
-def echo_call(number: int, message: str) -> dict[str, Any]:
-    params = {"name": "echo", "arguments": {"message": message}}
-    return {"jsonrpc": "2.0", "id": number, "method": "tools/call", "params": params}
-
-
 async def test_a_session_made_on_one_node_is_served_at_the_other(
     redis_url: str, prefix: str, postgres_url: str
 ) -> None:
@@ -116,11 +84,14 @@ async def test_a_session_made_on_one_node_is_served_at_the_other(
             there = await rpc(http, b.http_url, echo_call(2, "hello from b"), session)
             here = await rpc(http, a.http_url, echo_call(3, "hello from a"), session)
             unknown = await rpc(http, b.http_url, echo_call(4, "x"), session.replace(node_of(a), "no-such-node"))
+            bob = {"Authorization": f"Bearer {a.token('bob')}"}
+            taken = await rpc(http, b.http_url, echo_call(5, "x"), session, headers=bob)  # checked at a's node
     assert session.endswith(f"~{node_of(a)}")
     assert there.status_code == 200 and here.status_code == 200
     assert answer_of(there)["result"]["content"][0]["text"] == "you said: hello from b"
     assert answer_of(here)["result"]["content"][0]["text"] == "you said: hello from a"
     assert unknown.status_code == 404 and "Session not found" in unknown.text
+    assert taken.status_code == 404 and "Session not found" in taken.text
 
 
 async def test_a_legacy_client_behind_a_round_robin_balancer_calls_with_progress(

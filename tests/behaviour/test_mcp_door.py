@@ -19,6 +19,7 @@ from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextCon
 from haip_runtime.client import HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
 from tests.support.inspector import inspect
+from tests.support.mcp_http import answer_of, echo_call, initialized, rpc
 from tests.support.serving import LiveServer, live_server, make_config
 from tests.support.vendor import Reply, VendorServer, openai_text, vendor_server
 
@@ -296,3 +297,19 @@ async def test_an_input_request_a_client_cannot_be_asked_goes_to_the_human_membe
             await human.send("TOOL_UPDATE", reply, transaction=conversation)
     calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
     assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
+
+
+async def test_a_session_is_its_users_alone_another_user_naming_it_finds_none(door: LiveServer) -> None:
+    alice = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
+    bob = {"Authorization": f"Bearer {door.token('bob')}"}
+    async with httpx2.AsyncClient(headers=alice, timeout=30) as http:
+        session = await initialized(http, door.http_url)
+        taken = await rpc(http, door.http_url, echo_call(2, "mine"), session, headers=bob)
+        ended = await http.delete(f"{door.http_url}/mcp", headers={**bob, "Mcp-Session-Id": session})
+        still = await rpc(http, door.http_url, echo_call(3, "still mine"), session)
+        closed = await http.delete(f"{door.http_url}/mcp", headers={"Mcp-Session-Id": session})
+        gone = await rpc(http, door.http_url, echo_call(4, "after"), session)
+    assert taken.status_code == 404 and answer_of(taken)["error"]["message"] == "Session not found"
+    assert ended.status_code == 404  # nor can they end it
+    assert answer_of(still)["result"]["content"][0]["text"] == "you said: still mine"
+    assert closed.status_code == 200 and gone.status_code == 404
