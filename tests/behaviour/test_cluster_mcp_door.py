@@ -24,6 +24,7 @@ from haip_runtime.client import HaipClient
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.protocol.events import ALL_EVENTS
 from tests.behaviour.test_cluster_sessions import FAST, SECRET
+from tests.behaviour.test_mcp_door import cancel_a_story
 from tests.behaviour.test_mcp_door_tasks import RELATED, StatusNotes, create, result, until_status
 from tests.support.mcp_http import LEGACY, answer_of, echo_call, initialized, rpc
 from tests.support.proxy import Balancer, balancer
@@ -122,17 +123,7 @@ async def test_a_cancel_that_reaches_the_other_node_cancels_the_run(
             legacy_client(front.http_url, a.token("alice")) as client,
         ):
             conversation = await watcher.start_transaction("storyteller")
-            streaming = anyio.Event()
-
-            async def seen(progress: float, total: float | None, message: str | None) -> None:
-                streaming.set()
-
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as group:
-                    arguments: dict[str, Any] = {"message": "a dragon", "conversation_id": conversation}
-                    group.start_soon(lambda: client.call_tool("storyteller", arguments, progress_callback=seen))
-                    await streaming.wait()
-                    group.cancel_scope.cancel()
+            await cancel_a_story(client, conversation)
             ended = await watcher.wait_for(lambda e: e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED")
             after = [await client.call_tool("echo", {"message": f"still here {n}"}) for n in range(2)]
     assert ended.transaction == conversation

@@ -153,6 +153,21 @@ async def test_assistant_streams_its_answer_as_progress(door: LiveServer, vendor
     assert vendor.requests[0].body["messages"][-1]["content"] == "what is six times seven?"
 
 
+async def cancel_a_story(client: Client, conversation: str) -> None:
+    """A storyteller call in ``conversation``, cancelled (MCP cancellation) once it streams."""
+    streaming = anyio.Event()
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        streaming.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            arguments: dict[str, Any] = {"message": "a dragon", "conversation_id": conversation}
+            group.start_soon(lambda: client.call_tool("storyteller", arguments, progress_callback=seen))
+            await streaming.wait()
+            group.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_cancelling_the_call_cancels_the_run_which_a_member_sees_end_cancelled(
     door: LiveServer, mode: str
@@ -162,17 +177,7 @@ async def test_cancelling_the_call_cancels_the_run_which_a_member_sees_end_cance
     ) as watcher:
         conversation = await watcher.start_transaction("storyteller")
         async with mcp_client(door, mode) as client:
-            streaming = anyio.Event()
-
-            async def seen(progress: float, total: float | None, message: str | None) -> None:
-                streaming.set()
-
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as group:
-                    arguments: dict[str, Any] = {"message": "a dragon", "conversation_id": conversation}
-                    group.start_soon(lambda: client.call_tool("storyteller", arguments, progress_callback=seen))
-                    await streaming.wait()
-                    group.cancel_scope.cancel()
+            await cancel_a_story(client, conversation)
             ended = await watcher.wait_for(lambda e: e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED")
             answered = await client.call_tool("echo", {"message": "still here"})  # the session goes on
     assert ended.transaction == conversation
