@@ -13,11 +13,12 @@ node serves any of its requests, and nothing here is involved.
 
 What cannot be carried whole is cut short, never passed on with a hole: a part missing (Redis lost
 a message; one sent twice is dropped), more parts waiting than ``MAX_WAITING`` (a client reading
-slower than the node answers), or the serving node gone (the asking node asks after each
-``PING_SECONDS`` without a word, and Redis says at once when nobody listens on a node's channel) or
-silent for ``3 × PING_SECONDS`` end the response where it stands (a 502 ``NODE_LOST`` if it had not
-started). A serving node that fails ends its response itself (a 500 if nothing was sent); one that
-stops ends those under way (a 503 ``NODE_LOST`` if nothing was sent) and sends back at once those
+slower than the node answers), or the serving node gone or not knowing the request (the asking
+node asks after each ``PING_SECONDS`` without a word: Redis says at once when nobody listens on a
+node's channel, and the node answers ``mcp!`` for a request that never reached it) or silent for
+``3 × PING_SECONDS`` end the response where it stands (a 502 ``NODE_LOST`` if it had not started).
+A serving node that fails ends its response itself (a 500 if nothing was sent); one that stops ends
+those under way (a 503 ``NODE_LOST`` if nothing was sent) and sends back at once those
 that come while it leaves the bus, which the asking node then serves itself: the SDK's "Session not
 found" (404), after which a client starts a new session, as the MCP spec says. A client that goes
 away is a disconnect at the serving node too (``mcp!``); the serving node asks every
@@ -119,8 +120,9 @@ class _Waiting:
     """A request sent to another node: its response's parts as they come, and the next one expected."""
 
     parts: MemoryObjectSendStream[Part]
-    #: Set once a notice could not be queued (too many waiting): the response ends here.
-    overflowed: bool = False
+    #: Why the parts stopped coming before the last (too many waiting; the serving node does not know the
+    #: request): what waits is passed on, then the response ends.
+    cut: str | None = None
 
 
 @dataclass(eq=False)
@@ -180,14 +182,16 @@ class McpRelay:
             served = True  # (unless that node sends it back: then it is served here)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._until_disconnect, receive, node, request, tg)
-                served = await self._relay(inbox, send, node, request)
+                served = await self._relay(self._waiting[request], inbox, send, node, request)
                 tg.cancel_scope.cancel()
         finally:
             self._waiting.pop(request).parts.close()
             inbox.close()
         return served
 
-    async def _relay(self, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str) -> bool:
+    async def _relay(
+        self, waiting: _Waiting, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str
+    ) -> bool:
         """The response's parts in order as they come, until its last; cut short on a part missing,
         too many waiting, or the serving node gone or silent. ``False``: that node sent the request
         back before answering anything (it stops)."""
@@ -198,7 +202,7 @@ class McpRelay:
                 try:
                     part = await inbox.receive()
                 except anyio.EndOfStream:
-                    why = "more of its response waited than the client took"
+                    why = waiting.cut or "stopped"
                     break
             if part is None:  # quiet: is the node still there (Redis knows at once when it died)?
                 silent += 1
@@ -259,9 +263,12 @@ class McpRelay:
                 serving = self._serving[request] = _Serving(asker)
                 self._spawn(self._serve, request, serving, head["scope"], body)
         elif verb == b"mcp!":
-            cancelled = self._serving.get(rest.decode(errors="replace"))
-            if cancelled is not None:
+            request = rest.decode(errors="replace")
+            cancelled, waiting = self._serving.get(request), self._waiting.get(request)
+            if cancelled is not None:  # its client went away
                 cancelled.gone.set()
+            elif waiting is not None and waiting.cut is None:  # the answer to a probe: it never got there
+                self._cut(waiting, "does not know the request (it was lost on its way)")
         elif verb == b"mcp?":
             request, _, server = rest.decode(errors="replace").partition(" ")
             if request in self._waiting:
@@ -271,13 +278,17 @@ class McpRelay:
 
     def _queue(self, request: str, part: Part) -> None:
         waiting = self._waiting.get(request)
-        if waiting is None or waiting.overflowed:
+        if waiting is None or waiting.cut is not None:
             return
         try:
             waiting.parts.send_nowait(part)
         except anyio.WouldBlock:
-            waiting.overflowed = True
-            waiting.parts.close()  # what waits is read, then the response ends
+            self._cut(waiting, "had more of its response waiting than the client took")
+
+    @staticmethod
+    def _cut(waiting: _Waiting, why: str) -> None:
+        waiting.cut = why
+        waiting.parts.close()  # what waits is read, then the response ends
 
     # --- the serving side --------------------------------------------------------------------------
 

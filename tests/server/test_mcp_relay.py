@@ -45,12 +45,16 @@ class Bus:
     def __init__(self, net: dict[str, McpRelay], node: str, lose: Callable[[bytes], bool]) -> None:
         self.net, self.node_id, self.lose = net, node, lose
         self.told: list[bytes] = []
+        #: Notices Redis takes and nobody gets (a subscription lost and remade meanwhile).
+        self.vanish: Callable[[bytes], bool] = lambda notice: False
 
     async def tell(self, node: str, notice: bytes) -> bool:
         await anyio.lowlevel.checkpoint()  # (a publish lets others run)
         self.told.append(notice)
         if self.lose(notice):
             raise ClusterError("redis: tell failed: Connection refused")
+        if self.vanish(notice):
+            return True
         relay = self.net.get(node)
         if relay is None:
             return False
@@ -363,3 +367,16 @@ async def test_a_serving_node_that_died_is_found_gone_when_it_is_quiet(monkeypat
                 del a._bus.net["b"]  # type: ignore[attr-defined]  # SIGKILL: nobody listens on its channel
     error = json.loads(client.body)["error"]
     assert client.status == 502 and (error["code"], error["message"]) == ("NODE_LOST", "node b is gone")
+
+
+async def test_a_request_lost_on_its_way_is_found_out_when_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mcp_relay, "PING_SECONDS", 0.05)
+    client = Client()
+    async with relays(events(1)) as a:
+        a._bus.vanish = lambda notice: notice.startswith(b"mcp>")  # type: ignore[attr-defined]
+        with anyio.fail_after(5):
+            await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+    error = json.loads(client.body)["error"]
+    assert client.status == 502 and error["code"] == "NODE_LOST" and "lost on its way" in error["message"]
