@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from typing import Any
 
 import anyio
 import anyio.abc
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import HaipConfig
@@ -38,7 +37,7 @@ from haip_runtime.server.mcp_relay import (
     untagged,
     with_session,
 )
-from haip_runtime.transports.http import http_credentials, refused_origin, replaying, send_error, send_json
+from haip_runtime.transports.http import http_credentials, refused_origin, replaying, send_error
 from haip_runtime.transports.sse import read_body
 
 logger = logging.getLogger(__name__)
@@ -338,44 +337,6 @@ def _giving_back(slot: RunSlot) -> Iterator[None]:
         slot.give_back()
 
 
-#: What the SDK answers for a session it does not know.
-NOT_FOUND = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}}
-
-
-class SessionOwners:
-    """Who made each MCP session (the 2025-11-25 handshake's ``Mcp-Session-Id``): a request of another
-    user's naming it finds no session, as the MCP spec's security advice asks (a session id is bound
-    to its user, not a key to it). The ``MOST`` newest are kept; one forgotten is checked no more."""
-
-    MOST = 100_000
-
-    def __init__(self) -> None:
-        self._users: OrderedDict[str, str] = OrderedDict()
-
-    def allows(self, session_id: str, user: str) -> bool:
-        owner = self._users.get(session_id)
-        if owner is not None:
-            self._users.move_to_end(session_id)
-        return owner in (None, user)
-
-    def recording(self, send: Send, user: str, *, ending: str | None) -> Send:
-        """``send``, noting the user of a session its response makes; ``ending``: the session a DELETE
-        ends, forgotten once the SDK has answered it."""
-
-        async def note(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                made = session_header(message)  # (a response start's headers, read as a scope's)
-                if made is not None and made not in self._users:
-                    self._users[made] = user
-                    if len(self._users) > self.MOST:
-                        self._users.popitem(last=False)
-                if ending is not None and message["status"] < 300:
-                    self._users.pop(ending, None)
-            await send(message)
-
-        return note
-
-
 class McpEndpoint:
     """The ASGI app at `[mcp_server] path`: the Origin and the bearer token are checked, then the SDK serves."""
 
@@ -399,9 +360,11 @@ class McpEndpoint:
         self._server = agent_server(door, name="haip-runtime", version=__version__, tasks=self.tasks)
         #: In a cluster: carries requests for MCP sessions other nodes hold (``mcp_relay.py``).
         self.relay: McpRelay | None = None
-        self._owners = SessionOwners()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+        from mcp.server.auth.provider import AccessToken
+
         from haip_runtime.bridge.facade import CALLER
 
         if scope["type"] != "http":
@@ -432,12 +395,12 @@ class McpEndpoint:
             if session_id is not None:
                 scope = with_session(scope, session_id)
             send = tagging(send, relay.node)
-        if session_id is not None and not self._owners.allows(session_id, principal.user):
-            await send_json(send, 404, NOT_FOUND)  # another user's session: as if there were none
-            return
-        send = self._owners.recording(send, principal.user, ending=session_id if scope["method"] == "DELETE" else None)
         receive = replaying(body, receive)
-        await self._server.app({**scope, CALLER: principal, "path": "/", "root_path": ""}, receive, send)
+        # The SDK binds a session to the user that made it: another user's request naming it is "Session
+        # not found", as if there were none (the MCP spec's security advice). No token is kept in it.
+        user = AuthenticatedUser(AccessToken(token="", client_id="haip-runtime", scopes=[], subject=principal.user))
+        scope = {**scope, CALLER: principal, "user": user, "path": "/", "root_path": ""}
+        await self._server.app(scope, receive, send)
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:

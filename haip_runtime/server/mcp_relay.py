@@ -11,18 +11,21 @@ sends the response back, its start and each part of its body numbered, on the as
 channel; the asking node streams them to the client. The 2026-07-28 protocol has no sessions: any
 node serves any of its requests, and nothing here is involved.
 
-What cannot be carried whole is cut short, never passed on with a hole: a part missing (Redis lost
-a message; one sent twice is dropped), more parts waiting than ``MAX_WAITING`` (a client reading
-slower than the node answers), or the serving node gone or not knowing the request (the asking
-node asks after each ``PING_SECONDS`` without a word: Redis says at once when nobody listens on a
-node's channel, and the node answers ``mcp!`` for a request that never reached it) or silent for
-``3 × PING_SECONDS`` end the response where it stands (a 502 ``NODE_LOST`` if it had not started).
-A serving node that fails ends its response itself (a 500 if nothing was sent); one that stops ends
-those under way (a 503 ``NODE_LOST`` if nothing was sent) and sends back at once those
-that come while it leaves the bus, which the asking node then serves itself: the SDK's "Session not
-found" (404), after which a client starts a new session, as the MCP spec says. A client that goes
-away is a disconnect at the serving node too (``mcp!``); the serving node asks every
-``PING_SECONDS`` whether the asking node still waits (``mcp?``) and stops when it does not.
+What cannot be carried whole is cut short, never passed on with a hole: a part missing, or one
+whose publish failed (Redis lost it, or cannot say; one sent twice is dropped), more than
+``MAX_WAITING_BYTES`` waiting (a client reading slower than the node answers), the serving node not
+knowing the request, or silent for ``3 × PING_SECONDS``, end the response where it stands (a 502
+``NODE_LOST`` if it had not started). After each ``PING_SECONDS`` without a word the asking node
+asks (``mcp?``): Redis says at once when nobody listens on a node's channel (for ``LISTEN_GRACE``
+seconds: a node resubscribes after a Redis restart), the node's heartbeat says when its host
+vanished, and the node answers ``mcp!`` for a request it never got. A serving node
+gone before answering anything, or one that stops and sends the request back (``closed``), leaves it
+to the asking node: the SDK's "Session not found" (404), after which a client starts a new session,
+as the MCP spec says. A serving node that fails ends its response itself (a 500 if nothing was
+sent); one that stops ends those under way (a 503 ``NODE_LOST`` if nothing was sent). A client that
+goes away is a disconnect at the serving node too (``mcp!``); the serving node asks every
+``PING_SECONDS`` whether the asking node still waits (``mcp?``) and stops when nobody listens there.
+A request published twice (redis-py retries a publish whose answer was lost) is served once.
 
 Notices (on a node's channel, beside ``roaming.py``'s): ``mcp> <head>\\n<body>`` a request,
 ``mcp< <head>\\n<bytes>`` a response's start (part 0) or a part of its body (or ``closed``: sent
@@ -37,6 +40,7 @@ import json
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,8 +68,15 @@ _NODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # (``cluster.node_id``'s pattern)
 PING_SECONDS = 5.0
 #: The largest part of a response body one notice carries.
 PART_BYTES = 256 * 1024
-#: Parts a response may have waiting at the asking node for its client (at most 16 MB).
-MAX_WAITING = 64
+#: Bytes of a response that may wait at the asking node for its client (a client reading slower than
+#: the node answers is cut there), and parts (small ones count too).
+MAX_WAITING_BYTES = 16 * 1024 * 1024
+MAX_WAITING_PARTS = 4096
+#: Requests served here remembered after their end, so that one published twice is not run again.
+FINISHED_KEPT = 4096
+#: How long a node's channel may have no listener before the node is taken for gone (it resubscribes
+#: within a second of a Redis restart; a dead node's sessions wait this long for their 404).
+LISTEN_GRACE = 2.0
 #: Marks a scope carried from another node: it is served here, never sent on.
 FORWARDED = "haip.mcp_forwarded"
 _SCOPE_KEYS = ("method", "path", "raw_path", "query_string", "scheme", "http_version", "client", "server")
@@ -123,6 +134,10 @@ class _Waiting:
     #: Why the parts stopped coming before the last (too many waiting; the serving node does not know the
     #: request): what waits is passed on, then the response ends.
     cut: str | None = None
+    #: Bytes queued and not yet passed on.
+    size: int = 0
+    #: The serving node said it still serves (``mcp?``) since the asking node last looked.
+    heard: bool = False
 
 
 @dataclass(eq=False)
@@ -147,6 +162,7 @@ class McpRelay:
         self.node = bus.node_id
         self._waiting: dict[str, _Waiting] = {}
         self._serving: dict[str, _Serving] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         #: Set once this node stops serving `/mcp`: requests still coming are sent back at once.
         self._closed = False
 
@@ -170,11 +186,11 @@ class McpRelay:
         request = secrets.token_hex(8)
         carried = {key: _plain(scope[key]) for key in _SCOPE_KEYS if key in scope}
         head = {"id": request, "from": self.node, "scope": {**carried, "headers": _plain(scope["headers"])}}
-        parts, inbox = anyio.create_memory_object_stream[Part](MAX_WAITING)
+        parts, inbox = anyio.create_memory_object_stream[Part](MAX_WAITING_PARTS)
         self._waiting[request] = _Waiting(parts)
         try:
             try:
-                if not await self._bus.tell(node, _notice(b"mcp>", head, body)):
+                if not await self._listening(node, _notice(b"mcp>", head, body)):
                     return False
             except ClusterError as error:  # (a ProtocolError: STORAGE_UNAVAILABLE)
                 await send_error(send, 503, error)
@@ -193,8 +209,8 @@ class McpRelay:
         self, waiting: _Waiting, inbox: MemoryObjectReceiveStream[Part], send: Send, node: str, request: str
     ) -> bool:
         """The response's parts in order as they come, until its last; cut short on a part missing,
-        too many waiting, or the serving node gone or silent. ``False``: that node sent the request
-        back before answering anything (it stops)."""
+        too much waiting, or the serving node gone or silent. ``False``: nothing was answered, and that
+        node sent the request back or is gone (the caller serves it: "Session not found")."""
         expected, silent = 0, 0
         while True:
             part: Part | None = None
@@ -204,9 +220,12 @@ class McpRelay:
                 except anyio.EndOfStream:
                     why = waiting.cut or "stopped"
                     break
-            if part is None:  # quiet: is the node still there (Redis knows at once when it died)?
-                silent += 1
-                if not await self._tell(node, f"mcp? {request} {self.node}".encode()):
+            if part is None:  # quiet: is the node still there?
+                silent = 0 if waiting.heard else silent + 1
+                waiting.heard = False
+                if silent and not await self._still_there(node, request):
+                    if not expected:
+                        return False
                     why = "is gone"
                     break
                 if silent >= 3:
@@ -214,13 +233,17 @@ class McpRelay:
                     break
                 continue
             head, data = part
+            waiting.size -= len(data)
             silent = 0
-            if "n" not in head or head["n"] < expected:
-                continue  # a ping (the serving node still serves), or a part sent again (a publish retried)
+            if head.get("lost"):  # the serving node could not tell whether a part got here: it stopped
+                why = "lost part of its response on the way"
+                break
+            if head["n"] < expected:
+                continue  # a part sent again (a publish retried after it had run)
             if head.get("closed") and not expected:
                 return False
             if head["n"] > expected:
-                why = f"sent part {head['n']} of its response where {expected} was due (a message was lost)"
+                why = f"lost part {expected} of its response on the way"
                 break
             expected += 1
             if "status" in head:
@@ -237,6 +260,30 @@ class McpRelay:
             await send_error(send, 502, ProtocolError(ErrorCode.NODE_LOST, f"node {node} {why}"))
         return True
 
+    async def _still_there(self, node: str, request: str) -> bool:
+        """Whether ``node`` may still be serving ``request``: it listens on its channel (Redis knows at
+        once when its connection closed) and its heartbeat has not run out (a host that vanished keeps
+        its connection open in Redis for minutes). Redis not answering proves nothing: yes."""
+        try:
+            if not await self._listening(node, f"mcp? {request} {self.node}".encode()):
+                return False
+            until, now = await self._bus.nodes.alive_until(node)
+        except ClusterError:
+            return True
+        return not 0 < until < now  # (0: not in the set, which a Redis that restarted has yet to fill)
+
+    async def _listening(self, node: str, notice: bytes) -> bool:
+        """Tell ``node``; ``False`` if nobody listens on its channel for ``LISTEN_GRACE`` seconds: a node
+        resubscribes within a second of Redis coming back, and a session must not be given up meanwhile."""
+        waited = 0.0
+        while not await self._bus.tell(node, notice):
+            if waited >= LISTEN_GRACE:
+                return False
+            delay = min(max(waited, 0.1), LISTEN_GRACE - waited)  # 0.1, 0.1, 0.2, 0.4, 0.8, then the rest
+            await anyio.sleep(delay)
+            waited += delay
+        return True
+
     async def _until_disconnect(self, receive: Receive, node: str, request: str, tg: TaskGroup) -> None:
         """The client went away: the serving node is told (its SDK sees the disconnect), and this ends."""
         while (await receive())["type"] != "http.disconnect":
@@ -251,14 +298,14 @@ class McpRelay:
         if verb == b"mcp<":
             head_text, _, data = rest.partition(b"\n")
             head = json.loads(head_text)
-            self._queue(str(head["id"]), (head, data))
+            self._queue(str(head["id"]), head, data)
         elif verb == b"mcp>":
             head_text, _, body = rest.partition(b"\n")
             head = json.loads(head_text)
             request, asker = str(head["id"]), str(head["from"])
             if self._closed:
                 self._spawn(self._tell, asker, _notice(b"mcp<", {"id": request, "n": 0, "closed": True}, b""))
-            elif request not in self._serving:
+            elif request not in self._serving and request not in self._finished:  # (not one published twice)
                 # Known at once: a cancel in the same batch of notices finds it.
                 serving = self._serving[request] = _Serving(asker)
                 self._spawn(self._serve, request, serving, head["scope"], body)
@@ -271,19 +318,25 @@ class McpRelay:
                 self._cut(waiting, "does not know the request (it was lost on its way)")
         elif verb == b"mcp?":
             request, _, server = rest.decode(errors="replace").partition(" ")
-            if request in self._waiting:
-                self._queue(request, ({}, b""))  # the serving node is alive
+            waiting = self._waiting.get(request)
+            if waiting is not None:
+                waiting.heard = True  # the serving node is alive
             elif request not in self._serving:  # (a probe of the asking node's: this one serves it)
                 self._spawn(self._tell, server, f"mcp! {request}".encode())
 
-    def _queue(self, request: str, part: Part) -> None:
+    def _queue(self, request: str, head: dict[str, Any], data: bytes) -> None:
         waiting = self._waiting.get(request)
         if waiting is None or waiting.cut is not None:
             return
+        if waiting.size + len(data) > MAX_WAITING_BYTES:
+            self._cut(waiting, "had more of its response waiting than the client took")
+            return
         try:
-            waiting.parts.send_nowait(part)
+            waiting.parts.send_nowait((head, data))
         except anyio.WouldBlock:
             self._cut(waiting, "had more of its response waiting than the client took")
+            return
+        waiting.size += len(data)
 
     @staticmethod
     def _cut(waiting: _Waiting, why: str) -> None:
@@ -316,9 +369,9 @@ class McpRelay:
                     told = await self._tell(
                         serving.asker, _notice(b"mcp<", {"id": request, "n": numbered, **head}, data)
                     )
-                if not told:
-                    lost = True  # not delivered: the app stops, and the response there is cut short
-                    serving.gone.set()
+                if told is not True:
+                    lost = told is None  # (Redis failed: it may have got there) the asking node is told
+                    serving.gone.set()  # the app stops
                     return
                 numbered += 1
 
@@ -332,11 +385,15 @@ class McpRelay:
             logger.exception("mcp: serving a request forwarded by node %s failed", serving.asker)
         finally:
             with anyio.move_on_after(2, shield=True):
-                if lost:  # the part after the lost one: the asking node sees the hole at once
-                    await self._tell(serving.asker, _notice(b"mcp<", {"id": request, "n": numbered + 1}, b""))
+                if lost:  # a part that may not have got there: the asking node cuts the response
+                    notice = _notice(b"mcp<", {"id": request, "n": numbered, "lost": True}, b"")
+                    await self._tell(serving.asker, notice)
                 elif not ended and not serving.gone.is_set():  # failed, or this node stops: end it there
                     await self._end(request, serving.asker, numbered)
             self._serving.pop(request, None)
+            self._finished[request] = None
+            if len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
 
     async def _end(self, request: str, asker: str, numbered: int) -> None:
         """The last parts of a response the app did not end: it failed (500), or this node stops (503)."""
@@ -355,16 +412,17 @@ class McpRelay:
     async def _ping(self, request: str, serving: _Serving) -> None:
         while not serving.gone.is_set():
             await anyio.sleep(PING_SECONDS)
-            if not await self._tell(serving.asker, f"mcp? {request} {self.node}".encode()):
-                serving.gone.set()
+            if await self._tell(serving.asker, f"mcp? {request} {self.node}".encode()) is False:
+                serving.gone.set()  # (Redis failing is no proof: it asks again)
 
-    async def _tell(self, node: str, notice: bytes) -> bool:
-        """``Bus.tell``; ``False`` if ``node`` did not get it (it does not listen, or Redis failed)."""
+    async def _tell(self, node: str, notice: bytes) -> bool | None:
+        """``Bus.tell``: ``True`` delivered, ``False`` nobody listens on ``node``'s channel, ``None`` Redis
+        failed (it may or may not have got there)."""
         try:
             return await self._bus.tell(node, notice)
         except ClusterError as error:
             logger.warning("mcp: could not reach node %s: %s", node, error)
-            return False
+            return None
 
 
 def _notice(verb: bytes, head: dict[str, Any], data: bytes) -> bytes:

@@ -82,6 +82,7 @@ class Roaming:
             stack.push_async_callback(self._last_flush)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(self._tg.cancel_scope.cancel)
+            stack.callback(setattr, self, "_tg", None)  # (``spawn`` starts nothing once it is gone)
             self._tg.start_soon(self.mirror.run)
             bus.feed.on_notice = self._notice
             stack.callback(setattr, bus.feed, "on_notice", None)

@@ -47,6 +47,14 @@ class Bus:
         self.told: list[bytes] = []
         #: Notices Redis takes and nobody gets (a subscription lost and remade meanwhile).
         self.vanish: Callable[[bytes], bool] = lambda notice: False
+        #: Notices Redis says nobody listened to (the node resubscribing after Redis restarted).
+        self.deaf: Callable[[bytes], bool] = lambda notice: False
+        #: Notices delivered whose publish still failed (its answer lost): the sender cannot know.
+        self.unanswered: Callable[[bytes], bool] = lambda notice: False
+        self.nodes = self  # (``Presence``: a node of the net beats)
+
+    async def alive_until(self, node: str) -> tuple[int, int]:
+        return (2, 1) if node in self.net else (0, 1)
 
     async def tell(self, node: str, notice: bytes) -> bool:
         await anyio.lowlevel.checkpoint()  # (a publish lets others run)
@@ -56,10 +64,12 @@ class Bus:
         if self.vanish(notice):
             return True
         relay = self.net.get(node)
-        if relay is None:
+        if relay is None or self.deaf(notice):
             return False
         verb, _, rest = notice.partition(b" ")
         relay.notice(verb, rest)
+        if self.unanswered(notice):
+            raise ClusterError("redis: tell failed: Timeout reading from socket")  # (after it ran)
         return True
 
 
@@ -92,6 +102,12 @@ class Client:
         return b"".join(m.get("body", b"") for m in self.sent[1:])
 
 
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's channel without a listener is taken for a dead node at once (but in the grace's test)."""
+    monkeypatch.setattr(mcp_relay, "LISTEN_GRACE", 0.0)
+
+
 def pair(tg: TaskGroup, app: Any, lose: Callable[[bytes], bool] = lambda notice: False) -> tuple[McpRelay, McpRelay]:
     """Node ``a`` (it asks) and node ``b`` (it serves with ``app``), their tasks in ``tg``."""
     net: dict[str, McpRelay] = {}
@@ -122,7 +138,7 @@ def events(count: int) -> Any:
     return app
 
 
-def stream(count: int) -> bytes:
+def stream_of(count: int) -> bytes:
     return b"".join(f"data: event {n}\n\n".encode() for n in range(count))
 
 
@@ -148,7 +164,7 @@ async def test_the_serving_node_sees_the_request_as_its_client_sent_it_and_the_c
     scope, body = seen[0]
     assert body == b'{"jsonrpc": "2.0"}' and scope[FORWARDED] is True
     assert {k: scope[k] for k in SCOPE} == SCOPE
-    assert client.status == 200 and client.body == stream(3)
+    assert client.status == 200 and client.body == stream_of(3)
     assert client.sent[0]["headers"] == [(b"content-type", b"text/event-stream")]
 
 
@@ -163,7 +179,7 @@ async def test_a_lost_part_cuts_the_response_short_instead_of_leaving_a_hole() -
     client = Client()
     async with relays(events(3), lose=lambda notice: b"event 1" in notice) as a:
         await a.forward("b", SCOPE, b"{}", client.receive, client.send)
-    assert client.status == 200 and client.body == stream(1)  # event 0, then the end: never 0 and 2
+    assert client.status == 200 and client.body == stream_of(1)  # event 0, then the end: never 0 and 2
 
 
 async def test_a_lost_start_is_a_502_node_lost_and_no_body_goes_first() -> None:
@@ -188,7 +204,7 @@ async def test_a_part_sent_twice_is_passed_on_once() -> None:
 
         a.notice = twice  # type: ignore[method-assign]
         await a.forward("b", SCOPE, b"{}", client.receive, client.send)
-    assert client.body == stream(3)
+    assert client.body == stream_of(3)
 
 
 async def test_an_app_that_fails_at_the_serving_node_is_a_500_at_once() -> None:
@@ -212,7 +228,7 @@ async def test_an_app_that_fails_mid_stream_ends_the_stream_there() -> None:
     async with relays(app) as a:
         with anyio.fail_after(mcp_relay.PING_SECONDS):
             await a.forward("b", SCOPE, b"{}", client.receive, client.send)
-    assert client.status == 200 and client.body == stream(1) and client.sent[-1]["more_body"] is False
+    assert client.status == 200 and client.body == stream_of(1) and client.sent[-1]["more_body"] is False
 
 
 async def test_a_slow_client_gets_every_part(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +236,7 @@ async def test_a_slow_client_gets_every_part(monkeypatch: pytest.MonkeyPatch) ->
     client = Client(slow=0.2)
     async with relays(events(3)) as a:
         await a.forward("b", SCOPE, b"{}", client.receive, client.send)
-    assert client.body == stream(3)
+    assert client.body == stream_of(3)
 
 
 async def test_a_body_is_carried_in_parts_of_bounded_size_and_reassembled() -> None:
@@ -238,10 +254,10 @@ async def test_a_body_is_carried_in_parts_of_bounded_size_and_reassembled() -> N
     assert max(len(notice) for notice in told) < mcp_relay.PART_BYTES + 200
 
 
-async def test_more_parts_waiting_than_allowed_cut_the_response_and_stop_the_serving_node(
+async def test_more_waiting_than_allowed_cuts_the_response_and_stops_the_serving_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(mcp_relay, "MAX_WAITING", 4)
+    monkeypatch.setattr(mcp_relay, "MAX_WAITING_BYTES", 64)
     stopped = anyio.Event()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -264,7 +280,7 @@ async def test_more_parts_waiting_than_allowed_cut_the_response_and_stop_the_ser
             await a.forward("b", SCOPE, b"{}", client.receive, client.send)
             await stopped.wait()
     assert client.status == 200 and client.sent[-1]["more_body"] is False
-    assert client.body.startswith(stream(1)) and len(client.body) < len(stream(1000))
+    assert client.body.startswith(stream_of(1)) and len(client.body) < len(stream_of(1000))
 
 
 async def test_a_cancel_in_the_same_batch_as_its_request_reaches_the_app() -> None:
@@ -352,21 +368,30 @@ async def test_a_node_that_stops_while_it_serves_says_so_at_once() -> None:
 
 async def test_a_serving_node_that_died_is_found_gone_when_it_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mcp_relay, "PING_SECONDS", 0.05)
-    asked = anyio.Event()
+    asked, streamed = anyio.Event(), anyio.Event()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         asked.set()
-        await anyio.sleep_forever()  # it never answers: its node is killed meanwhile
+        if scope["method"] == "GET":  # a stream that started, then its node was killed
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"data: event 0\n\n", "more_body": True})
+            streamed.set()
+        await anyio.sleep_forever()
 
-    client = Client()
+    answered, stream = Client(), Client()
     async with relays(app) as a:
+        net = a._bus.net  # type: ignore[attr-defined]
+        b = net["b"]
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(a.forward, "b", SCOPE, b"{}", client.receive, client.send)
+                tg.start_soon(a.forward, "b", SCOPE, b"{}", answered.receive, answered.send)
+                tg.start_soon(a.forward, "b", {**SCOPE, "method": "GET"}, b"", stream.receive, stream.send)
                 await asked.wait()
-                del a._bus.net["b"]  # type: ignore[attr-defined]  # SIGKILL: nobody listens on its channel
-    error = json.loads(client.body)["error"]
-    assert client.status == 502 and (error["code"], error["message"]) == ("NODE_LOST", "node b is gone")
+                await streamed.wait()
+                del net["b"]  # SIGKILL: nobody listens on its channel
+        net["b"] = b
+    assert answered.sent == []  # nothing was answered: the door serves it ("Session not found")
+    assert stream.status == 200 and stream.body == stream_of(1) and stream.sent[-1]["more_body"] is False
 
 
 async def test_a_request_lost_on_its_way_is_found_out_when_quiet(
@@ -380,3 +405,75 @@ async def test_a_request_lost_on_its_way_is_found_out_when_quiet(
             await a.forward("b", SCOPE, b"{}", client.receive, client.send)
     error = json.loads(client.body)["error"]
     assert client.status == 502 and error["code"] == "NODE_LOST" and "lost on its way" in error["message"]
+
+
+async def test_a_part_that_got_there_though_its_publish_failed_ends_the_response_cleanly() -> None:
+    client = Client()
+    async with relays(events(3)) as a:
+        b = a._bus.net["b"]  # type: ignore[attr-defined]
+        b._bus.unanswered = lambda notice: b"event 0" in notice
+        await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+    assert client.status == 200 and client.body == stream_of(1) and client.sent[-1]["more_body"] is False
+
+
+async def test_a_request_published_twice_is_served_once() -> None:
+    served: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        served.append((await receive())["body"])
+        await events(1)(scope, receive, send)
+
+    client = Client()
+    async with relays(app) as a:
+        await a.forward("b", SCOPE, b"call", client.receive, client.send)
+        request = next(notice for notice in a._bus.told if notice.startswith(b"mcp>"))  # type: ignore[attr-defined]
+        verb, _, rest = request.partition(b" ")
+        a._bus.net["b"].notice(verb, rest)  # type: ignore[attr-defined]  # redis-py sent it again
+        await anyio.wait_all_tasks_blocked()
+    assert served == [b"call"] and client.body == stream_of(1)
+
+
+async def test_redis_failing_a_ping_or_a_probe_once_cuts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mcp_relay, "PING_SECONDS", 0.05)
+    failed: list[bytes] = []
+
+    def once(notice: bytes) -> bool:  # the first ping of each side fails
+        side = notice.split(b" ")[-1]
+        if notice.startswith(b"mcp?") and side not in failed:
+            failed.append(side)
+            return True
+        return False
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(0.4)  # several quiet moments
+        await events(2)(scope, receive, send)
+
+    client = Client()
+    async with relays(app, lose=once) as a:
+        await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+    assert sorted(failed) == [b"a", b"b"]
+    assert client.status == 200 and client.body == stream_of(2)
+
+
+async def test_many_small_parts_waiting_for_a_slow_client_are_not_cut() -> None:
+    client = Client(slow=0.001)
+    async with relays(events(300)) as a:  # 300 parts queue at once (the bus delivers as fast as it can)
+        await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+    assert client.body == stream_of(300)
+
+
+async def test_a_node_resubscribing_after_a_redis_restart_is_not_taken_for_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mcp_relay, "LISTEN_GRACE", 2.0)
+    unheard = [0]
+
+    def resubscribing(notice: bytes) -> bool:  # its first two publishes reach nobody
+        unheard[0] += notice.startswith(b"mcp>")
+        return notice.startswith(b"mcp>") and unheard[0] <= 2
+
+    client = Client()
+    async with relays(events(1)) as a:
+        a._bus.deaf = resubscribing  # type: ignore[attr-defined]
+        assert await a.forward("b", SCOPE, b"{}", client.receive, client.send)
+    assert unheard[0] == 3 and client.status == 200 and client.body == stream_of(1)
