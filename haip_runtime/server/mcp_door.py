@@ -384,15 +384,14 @@ class McpEndpoint:
         except DecodeError as refusal:
             await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
             return
-        session_id, relay = session_header(scope), self.relay
+        relay = self.relay
         if relay is not None:  # a cluster: the session may be another node's, and its id names this one
-            node = None
-            if session_id is not None:
-                session_id, node = untagged(session_id)
-            if node is not None and node != relay.node and not scope.get(FORWARDED):
-                if await relay.forward(node, scope, body, receive, send):
-                    return
-            if session_id is not None:
+            named = session_header(scope)
+            if named is not None:
+                session_id, node = untagged(named)
+                if node is not None and node != relay.node and not scope.get(FORWARDED):  # another node's
+                    if await relay.forward(node, scope, body, receive, send):
+                        return
                 scope = with_session(scope, session_id)
             send = tagging(send, relay.node)
         receive = replaying(body, receive)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from haip_runtime.exceptions import ClusterError, ProtocolError
@@ -98,10 +99,7 @@ def untagged(value: str) -> tuple[str, str | None]:
 
 
 def session_header(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == HEADER:
-            return bytes(value).decode("latin-1")
-    return None
+    return Headers(scope=scope).get("mcp-session-id")
 
 
 def with_session(scope: Scope, session_id: str) -> Scope:
@@ -187,7 +185,7 @@ class McpRelay:
         carried = {key: _plain(scope[key]) for key in _SCOPE_KEYS if key in scope}
         head = {"id": request, "from": self.node, "scope": {**carried, "headers": _plain(scope["headers"])}}
         parts, inbox = anyio.create_memory_object_stream[Part](MAX_WAITING_PARTS)
-        self._waiting[request] = _Waiting(parts)
+        waiting = self._waiting[request] = _Waiting(parts)
         try:
             try:
                 if not await self._listening(node, _notice(b"mcp>", head, body)):
@@ -198,10 +196,11 @@ class McpRelay:
             served = True  # (unless that node sends it back: then it is served here)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._until_disconnect, receive, node, request, tg)
-                served = await self._relay(self._waiting[request], inbox, send, node, request)
+                served = await self._relay(waiting, inbox, send, node, request)
                 tg.cancel_scope.cancel()
         finally:
-            self._waiting.pop(request).parts.close()
+            del self._waiting[request]
+            parts.close()
             inbox.close()
         return served
 
