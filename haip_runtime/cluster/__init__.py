@@ -18,9 +18,10 @@ from haip_runtime.cluster.replay import (
     Taken,
     WindowUpdate,
 )
-from haip_runtime.cluster.translog import LogEntry, LogGap, TransactionLog
+from haip_runtime.cluster.translog import Appended, LogEntry, LogGap, TransactionLog
 
 __all__ = [
+    "Appended",
     "Bus",
     "BusHealth",
     "BusState",

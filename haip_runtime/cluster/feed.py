@@ -16,11 +16,22 @@ delivered is dropped. After the connection is lost (Redis restarted, the connect
 reconnects with backoff, subscribes again and reads every hosted stream from its expected tseq.
 Events Redis no longer holds (trimmed) are delivered as a ``LogGap`` for the caller to read from the
 durable store.
+
+A node's own appends are delivered at their answer (``appended``), not when they come back on the
+channel: the bytes are known, and a conversation hosted by one node only costs no publish and no
+message back (the append is ``solo``, ``translog.py``). Delivery stays in tseq order: an answer past
+the expected tseq (another node's events come first) is held until the channel brings those, and the
+stream is read if it does not within ``HELD_WAIT``. What comes back on the channel of an append
+delivered already is dropped, as any repeat is. A solo append run while this node's subscription was
+dying unseen was published to nobody though another node listened: after each reconnect, other nodes
+are nudged (an empty message naming the next tseq) to read the stream of every transaction this node
+appended to alone.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +59,10 @@ CATCH_UP_PAGE = 1000
 BEHIND_RETRY = 1.0
 #: The first wait before reconnecting; doubled after each failure up to a second.
 FIRST_RETRY = 0.05
+#: How long an own append answered ahead of the feed waits for the events before it before the stream
+#: is read for them (another node's message on its way; or, rarely, an append of this node that ran but
+#: whose answer was lost, tried again since).
+HELD_WAIT = 0.1
 
 
 @dataclass
@@ -61,6 +76,14 @@ class Hosted:
     subscribed: anyio.Event = field(default_factory=anyio.Event)
     #: A catch-up failed: what the stream holds after ``next`` is read again when the feed is quiet.
     behind: bool = False
+    #: This node's own appends answered past ``next``, by first tseq: delivered once the feed gets there.
+    held: dict[int, list[LogEntry]] = field(default_factory=dict)
+    #: When the stream is read for what the held appends wait for (``HELD_WAIT`` after the first held).
+    held_until: float = 0.0
+    #: An own append was published to nobody since the subscription was last made: nudge after a reconnect.
+    alone: bool = False
+    #: ``Feed.reconnects`` when this node last asked to append alone.
+    asked_at: int = -1
 
 
 class Feed:
@@ -73,9 +96,15 @@ class Feed:
         self._keys = keys
         self._health = health
         self._node_channel = keys.node_channel(node)
+        #: The subscription's name in Redis's ``CLIENT LIST``.
+        self.connection_name = f"{keys.prefix}:feed:{node}"
         self._hosted: dict[str, Hosted] = {}
         self._by_channel: dict[bytes, str] = {}
         self._task_status: TaskStatus[None] | None = None
+        #: Transactions whose other hosts are to be nudged (``_nudge_soon``).
+        self._nudges: set[str] = set()
+        #: Transactions with own appends held (``appended``).
+        self._holding: set[str] = set()
         self._delay = FIRST_RETRY
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
@@ -89,6 +118,38 @@ class Feed:
     @property
     def hosted(self) -> frozenset[str]:
         return frozenset(self._hosted)
+
+    def solo(self, transaction: str) -> bool:
+        """Whether this node's next append to ``transaction`` may leave its publish out when no other node
+        listens (``TransactionLog.append_batches``): the feed follows the transaction's channel now. The
+        caller then hands the answer to ``appended``."""
+        hosted = self._hosted.get(transaction)
+        if hosted is None or not self.connected or not hosted.subscribed.is_set():
+            return False
+        hosted.asked_at = self.reconnects
+        return True
+
+    def appended(self, transaction: str, first: int, payloads: Sequence[bytes], *, published: bool = True) -> None:
+        """This node appended ``payloads`` to ``transaction``, numbered from ``first``: deliver them, in
+        turn (now, unless events numbered before them are still to come); ``published``: as the append
+        answered."""
+        hosted = self._hosted.get(transaction)
+        if hosted is None:
+            return  # not followed here (any more): the stream has them for whoever hosts it next
+        if not published:
+            hosted.alone = True
+            if self.connected and hosted.asked_at != self.reconnects:
+                self._nudge_soon(hosted)  # asked before a reconnect whose nudge went out before this answer
+        if first < hosted.next:
+            return  # the channel or a catch-up brought them already
+        entries = [LogEntry(transaction, tseq, data) for tseq, data in enumerate(payloads, first)]
+        if first == hosted.next:
+            self._accept(hosted, entries)
+            return
+        if not hosted.held:
+            hosted.held_until = time.monotonic() + HELD_WAIT
+            self._holding.add(transaction)
+        hosted.held[first] = entries
 
     async def host(self, transaction: str, deliver: Deliver, *, after: int = 0, timeout: float = 10) -> None:
         """Deliver every event of ``transaction`` with tseq > ``after`` to ``deliver``, from now on.
@@ -133,7 +194,7 @@ class Feed:
         """Listen until cancelled: connect, subscribe everything hosted, catch up, follow; again on loss."""
         self._task_status = task_status
         while True:
-            subscription = Subscriber(self._url, connect_timeout=CONNECT_TIMEOUT)
+            subscription = Subscriber(self._url, connect_timeout=CONNECT_TIMEOUT, name=self.connection_name)
             try:
                 await subscription.connect()
                 await self._listen(subscription)
@@ -159,7 +220,11 @@ class Feed:
         node_channel = self._node_channel.encode()
         subscription.subscribe(*channels)
         while True:
-            batch = await subscription.messages(timeout=BEHIND_RETRY)
+            batch = await subscription.messages(timeout=HELD_WAIT if self._holding else BEHIND_RETRY)
+            if self._holding:
+                await self._read_held()
+            if self._nudges and self.connected:
+                await self._send_nudges()
             if not batch:  # quiet: read again what a failed catch-up left behind
                 for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
                     await self._catch_up(hosted)
@@ -186,6 +251,11 @@ class Feed:
                             self._task_status = None
                         await self._catch_up_all(awaiting)
                         self._settle(subscription, awaiting)
+                        for hosted in self._hosted.values():
+                            if hosted.alone:  # its solo appends may have gone unpublished while we were deaf
+                                hosted.alone = False
+                                self._nudge_soon(hosted)
+                        await self._send_nudges()
                 elif kind == b"subscribe":  # a later host()'s subscription
                     self._confirm(channel)
 
@@ -231,7 +301,8 @@ class Feed:
         if hosted is None:
             return
         entries = parse_message(hosted.transaction, data)
-        if entries and entries[0].tseq > hosted.next:
+        first = entries[0].tseq if entries else int(data.partition(b" ")[0])  # (no events: a nudge)
+        if first > hosted.next:
             await self._catch_up(hosted)  # a message was missed: the stream has it
         self._accept(hosted, entries)
 
@@ -248,6 +319,50 @@ class Feed:
             if len(entries) < CATCH_UP_PAGE:
                 return
 
+    def _release(self, hosted: Hosted, out: list[LogEntry | LogGap]) -> None:
+        """Add to ``out`` the held own appends the feed has now reached; forget those it went past."""
+        held = hosted.held
+        for first in sorted(held):
+            if first > hosted.next:
+                break
+            for entry in held.pop(first):
+                if entry.tseq == hosted.next:
+                    out.append(entry)
+                    hosted.next += 1
+        if held:
+            hosted.held_until = time.monotonic() + HELD_WAIT  # the next one waits afresh
+        else:
+            self._holding.discard(hosted.transaction)
+
+    async def _read_held(self) -> None:
+        """Read the stream for the transactions whose held own appends have waited ``HELD_WAIT``."""
+        now = time.monotonic()
+        for transaction in list(self._holding):
+            hosted = self._hosted.get(transaction)
+            if hosted is None or not hosted.held:
+                self._holding.discard(transaction)
+            elif hosted.held_until <= now:
+                hosted.held_until = now + HELD_WAIT
+                await self._catch_up(hosted)
+
+    def _nudge_soon(self, hosted: Hosted) -> None:
+        """Tell the other nodes hosting ``hosted`` to read its stream up to what this node delivered (a
+        message with no events naming the next tseq: ``_receive``); the listener sends it."""
+        self._nudges.add(hosted.transaction)
+
+    async def _send_nudges(self) -> None:
+        nudges, self._nudges = self._nudges, set()
+        for transaction in nudges:
+            hosted = self._hosted.get(transaction)
+            if hosted is None:
+                continue
+            try:
+                await self._commands.publish(self._keys.channel(transaction), b"%d " % hosted.next)
+            except (RedisError, OSError) as exc:
+                self._health.failed(exc)
+                self._nudges.add(transaction)
+                return
+
     def _accept(self, hosted: Hosted, entries: Sequence[LogEntry], *, authoritative: bool = False) -> None:
         """Deliver the entries not delivered yet; a hole is a gap only when the stream itself has it."""
         out: list[LogEntry | LogGap] = []
@@ -260,6 +375,8 @@ class Feed:
                 out.append(LogGap(hosted.transaction, hosted.next, entry.tseq - 1))
             out.append(entry)
             hosted.next = entry.tseq + 1
+        if hosted.held and out:
+            self._release(hosted, out)
         if out:
             try:
                 hosted.deliver(out)

@@ -309,8 +309,12 @@ class Pipe:
 class Subscriber:
     """A pub/sub connection (see the module). ``connect`` first; after a loss, make a new one."""
 
-    def __init__(self, url: str, *, connect_timeout: float) -> None:
+    def __init__(self, url: str, *, connect_timeout: float, name: str | None = None) -> None:
+        """``name``: the connection's name in Redis's ``CLIENT LIST`` (in place of the URL's ``client_name``)."""
         self._endpoint = _Endpoint(url, connect_timeout)
+        if name is not None:
+            hello = [command for command in self._endpoint.hello if command[:2] != ("CLIENT", "SETNAME")]
+            self._endpoint.hello = [*hello, ("CLIENT", "SETNAME", name)]
         self._transport: asyncio.Transport | None = None
         self._protocol: _Protocol | None = None
         self._inbox: list[list[Any]] = []

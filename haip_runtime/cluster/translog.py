@@ -6,6 +6,12 @@ events to the transaction's stream with ids made from their tseqs (``<tseq>-0``,
 atomically, so tseqs are dense, the stream holds them in order, and the channel carries them in the
 same order. Nodes read the channel through ``feed.Feed``; ``read`` is how they fill a gap.
 
+An append may be ``solo``: its node follows the channel and delivers its own events at the answer
+(``Feed.appended``). Then the publish is left out while that node is the channel's only subscriber:
+no other node hosts the transaction, and the one that does would only hear its own events back (the
+common case, a conversation whose members are all on one node). A node subscribing later reads the
+stream after its subscription is confirmed, as it does for what was published before it listened.
+
 The caller may pass a floor (a transaction loaded from the durable store continues after its stored
 last tseq): the counter moves to the floor first if it is behind. The Redis log is a catch-up
 buffer, not the durable record: it is trimmed to ``log_max_events`` and vanishes after
@@ -14,7 +20,7 @@ buffer, not the durable record: it is trimmed to ``log_max_events`` and vanishes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,8 +32,9 @@ from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.replies import Arg, stream_rows
 from haip_runtime.exceptions import ClusterError
 
-#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, payload...
+#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, solo ('1' or ''), payload...
 #: When the counter is gone but the stream is not, the stream's last id is the floor too.
+#: The answer: the first tseq, and 1 if the events were published (0: solo, and nobody else listens).
 APPEND = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -40,17 +47,23 @@ end
 local floor = tonumber(ARGV[1])
 if cur < floor then cur = floor end
 local first = cur + 1
+local publish = ARGV[5] ~= '1' or redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] > 1
 local out = {string.format('%d ', first)}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   cur = cur + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], string.format('%d-0', cur), 'd', ARGV[i])
-  out[#out + 1] = string.format('%d:', #ARGV[i])
-  out[#out + 1] = ARGV[i]
+  if publish then
+    out[#out + 1] = string.format('%d:', #ARGV[i])
+    out[#out + 1] = ARGV[i]
+  end
 end
 redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], table.concat(out))
-return first
+if publish then
+  redis.call('PUBLISH', ARGV[4], table.concat(out))
+  return {first, 1}
+end
+return {first, 0}
 """
 
 #: KEYS: counter. ARGV: floor, idle ms. The counter after it (never moved back).
@@ -62,6 +75,14 @@ if cur < tonumber(ARGV[1]) then
 end
 return cur
 """
+
+
+class Appended(NamedTuple):
+    """An append's answer: the tseq of its first event, and whether it was published on the channel
+    (not: a solo append no other node listened to)."""
+
+    first: int
+    published: bool
 
 
 class LogEntry(NamedTuple):
@@ -113,17 +134,25 @@ class TransactionLog:
         if not payloads:
             raise ValueError("append_many needs at least one event")
         with translating(self._health, f"append to transaction {transaction}"):
-            return int(await self._pipe.script(APPEND, *self._script_call(transaction, payloads, floor)))
+            reply = await self._pipe.script(APPEND, *self._script_call(transaction, payloads, floor, solo=False))
+        return int(reply[0])
 
-    async def append_batches(self, calls: Sequence[tuple[str, Sequence[bytes], int]]) -> list[int | ClusterError]:
+    async def append_batches(
+        self, calls: Sequence[tuple[str, Sequence[bytes], int]], *, solo: Container[str] = ()
+    ) -> list[Appended | ClusterError]:
         """``append_many`` for several transactions at once, ``(transaction, payloads, floor)`` each, all in
-        one write: each one's first tseq, or a ``ClusterError`` for that one alone (Redis refused it, or
+        one write: each one's answer, or a ``ClusterError`` for that one alone (Redis refused it, or
         the connection was lost before its answer: it may or may not have run, as with ``append_many``);
-        those answered before a loss are appended. ``ClusterError`` raised if Redis could not be reached."""
-        scripted = [self._script_call(transaction, payloads, floor) for transaction, payloads, floor in calls]
+        those answered before a loss are appended. ``ClusterError`` raised if Redis could not be reached.
+        ``solo``: the transactions whose events the caller delivers itself at the answer, as
+        ``Feed.solo`` allows (their publish is left out while nobody else listens)."""
+        scripted = [
+            self._script_call(transaction, payloads, floor, solo=transaction in solo)
+            for transaction, payloads, floor in calls
+        ]
         with translating(self._health, f"append to {len(calls)} transaction(s)"):
             replies = await self._pipe.script_replies(APPEND, scripted)
-        results: list[int | ClusterError] = []
+        results: list[Appended | ClusterError] = []
         for (transaction, _, _), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):  # refused (read-only, out of memory...), or not answered
                 self._health.failed(reply)
@@ -131,13 +160,16 @@ class TransactionLog:
                     ClusterError(f"redis: append to transaction {transaction} failed: {reply or type(reply).__name__}")
                 )
             else:
-                results.append(int(reply))
+                results.append(Appended(int(reply[0]), bool(reply[1])))
         return results
 
-    def _script_call(self, transaction: str, payloads: Sequence[bytes], floor: int) -> tuple[list[Arg], list[Arg]]:
+    def _script_call(
+        self, transaction: str, payloads: Sequence[bytes], floor: int, *, solo: bool
+    ) -> tuple[list[Arg], list[Arg]]:
         """The APPEND script's keys and arguments for ``payloads`` appended to ``transaction``."""
         keys: list[Arg] = [self._keys.sequence(transaction), self._keys.log(transaction)]
-        return keys, [floor, self._max_events, self._idle_ms, self._keys.channel(transaction), *payloads]
+        channel = self._keys.channel(transaction)
+        return keys, [floor, self._max_events, self._idle_ms, channel, "1" if solo else "", *payloads]
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""

@@ -5,8 +5,9 @@ Each node with a member in a transaction hosts it, and its ``SharedLog`` changes
 
 - **publishing** appends to the transaction's log on the bus, in order, from one sender per
   transaction (Redis hands out the ``tseq``; streamed parts are batched);
-- **delivery** comes only from the bus's feed, on every node alike (one order for every member),
-  and each hosting node writes what it delivers to the store;
+- **delivery** comes only from the bus's feed, in tseq order on every node alike (one order for every
+  member; a node's own appends at their answer, in their place), and each hosting node writes what
+  it delivers to the store;
 - **runs** have one owner, the holder of the lease ``run:<transaction>``: messages, answers, cancels
   and ends from members elsewhere reach it through the log; when it dies, the next holder ends its
   runs with ``RUN_ERROR NODE_LOST``, rebuilds the agents' history and answers what waits.
@@ -49,7 +50,7 @@ SEEN_IDS = 4096
 MAX_OUTBOX = 10_000
 #: How long a transaction brought back waits to follow its log before a member joins it.
 FOLLOW_SECONDS = 5.0
-#: A streamed part published here and not back through the feed after this long is not waited for by
+#: A streamed part published here and not delivered after this long is not waited for by
 #: the stream's back-pressure (Redis lost it, or is failing: the bus's health says so).
 PACE_GIVE_UP = 1.0
 
@@ -212,7 +213,7 @@ class SharedLog(Succession):
         streamed parts are back from the bus within ``stream_behind_ms``, else what to wait for.
 
         On one node an agent's write delivers the part before the next, so a node short of CPU slows the
-        stream; here delivery comes back through the bus, and without this a starved node would fall
+        stream; here delivery waits for the append on the bus, and without this a starved node would fall
         ever further behind the stream (the lag its backlog). A part on its way longer than
         ``PACE_GIVE_UP`` is not waited for, nor anything while Redis does not answer."""
         if not self._pacing() or self._behind(time.monotonic()) <= self._behind_limit:

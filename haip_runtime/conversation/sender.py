@@ -17,6 +17,8 @@ Per transaction, as before it was one task:
 - while a turn runs on this node, the sender lets the event loop go round (at most ``GATHER_PASSES``
   times, while the ready transactions keep publishing), so that a message and the turn it starts here
   share an append;
+- each append's events are delivered here at its answer (``Feed.appended``), and it is ``solo`` (not
+  published while no other node listens) once the feed follows the transaction;
 - an append that fails is tried again after a backoff (doubling up to ``MAX_RETRY``), for that
   transaction alone; after the feed reconnected, its floor is read again from the store first.
 """
@@ -36,7 +38,7 @@ from haip_runtime.exceptions import ClusterError
 from haip_runtime.session.signal import Signal
 
 if TYPE_CHECKING:
-    from haip_runtime.cluster import Bus
+    from haip_runtime.cluster import Appended, Bus
     from haip_runtime.conversation.transaction import Transaction
 
 logger = logging.getLogger(__name__)
@@ -223,7 +225,9 @@ class Sender:
         """One append per transaction, all in one write; then each one's outbox, or its retry. What goes
         wrong with one transaction (an exception of its own) costs that one a retry, not the round."""
         calls: list[tuple[str, list[bytes], int]] = []
-        batches: list[tuple[Outbox, list[Queued]]] = []
+        batches: list[tuple[Outbox, list[Queued], list[bytes]]] = []
+        feed = self._bus.feed
+        solo: set[str] = set()
         for shared in due:
             try:
                 if not shared.floor_known():  # (read meanwhile, by a task of its own: never number below it)
@@ -234,17 +238,19 @@ class Sender:
                     shared.sent(batch)
                     continue
                 calls.append((shared.transaction.id, payloads, shared.numbered_after()))
-                batches.append((shared, batch))
+                batches.append((shared, batch, payloads))
+                if feed.solo(shared.transaction.id):
+                    solo.add(shared.transaction.id)
             except Exception as error:
                 logger.exception("transaction %s: its events could not be prepared", shared.transaction.id)
                 self._failed(shared, ClusterError(str(error)))
         if calls:
-            results: list[int | ClusterError]
+            results: list[Appended | ClusterError]
             try:
-                results = await self._bus.log.append_batches(calls)
+                results = await self._bus.log.append_batches(calls, solo=solo)
             except ClusterError as error:
                 results = [error] * len(calls)
-            for (shared, batch), result in zip(batches, results, strict=True):
+            for (shared, batch, payloads), result in zip(batches, results, strict=True):
                 if isinstance(result, ClusterError):
                     self._failed(shared, result)
                     continue
@@ -253,6 +259,8 @@ class Sender:
                     shared.sent(batch)
                 except Exception:
                     logger.exception("transaction %s: its sent events could not be taken out", shared.transaction.id)
+                # Delivered here now, in turn (the feed drops them if they come back on the channel).
+                feed.appended(shared.transaction.id, result.first, payloads, published=result.published)
         for shared in due:
             if not shared.outbox:
                 self._done_with(shared)

@@ -219,7 +219,7 @@ async def test_appends_for_several_transactions_answer_each_alone(redis_url: str
     async with bus_at(redis_url) as bus:
         await bus.redis.set(bus.keys.sequence("spoiled"), "not a number")  # its script run fails
         results = await bus.log.append_batches([("A", [b"a1", b"a2"], 0), ("spoiled", [b"s"], 0), ("B", [b"b"], 5)])
-        assert results[0] == 1 and results[2] == 6
+        assert results[0] == (1, True) and results[2] == (6, True)  # published: not solo
         assert isinstance(results[1], ClusterError) and "spoiled" in results[1].message
         assert bus.health.state == "unavailable"
         assert [entry.data for entry in await bus.log.read("A", 0)] == [b"a1", b"a2"]

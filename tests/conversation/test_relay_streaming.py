@@ -16,7 +16,7 @@ import anyio.lowlevel
 import pytest
 
 from haip_runtime.agents.api import MessageStream
-from haip_runtime.cluster.translog import LogEntry
+from haip_runtime.cluster.translog import Appended, LogEntry
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.conversation import relay as relay_module
 from haip_runtime.conversation import sender as sender_module
@@ -46,12 +46,18 @@ class Listener:
         self.got.append(event)
 
 
+#: What the sender hands the bus's log in one write: (transaction, payloads, floor) each.
+Calls = list[tuple[str, list[bytes], int]]
+
+
 def shared_log(behind_ms: float = 20) -> tuple[SharedLog, Transaction, Listener, Any]:
     doubted: set[str] = set()
     bus = SimpleNamespace(
         node_id="n1",
         config=ClusterConfig(redis_url="redis://127.0.0.1:1/0", stream_behind_ms=behind_ms),
-        feed=SimpleNamespace(reconnects=0, connected=True),
+        feed=SimpleNamespace(
+            reconnects=0, connected=True, solo=lambda transaction: False, appended=lambda *a, **k: None
+        ),
         health=SimpleNamespace(state="ok"),
         leases=SimpleNamespace(on_confirmed=[], doubted=doubted, doubting=doubted.__contains__),
     )
@@ -300,12 +306,12 @@ async def test_the_sender_survives_a_lost_lease_emptying_its_outbox_while_it_gat
     sent: list[list[bytes]] = []
     appended_again = anyio.Event()
 
-    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int]:
+    async def append_batches(calls: Calls, **options: object) -> list[Appended]:
         for _, payloads, _ in calls:
             sent.append(list(payloads))
             if b'{"after":"the loss"}' in payloads:
                 appended_again.set()
-        return [1] * len(calls)
+        return [Appended(1, True)] * len(calls)
 
     bus.log = SimpleNamespace(append_batches=append_batches)
     running_r1(transaction)
@@ -350,11 +356,13 @@ async def test_the_sender_appends_for_every_ready_transaction_in_one_write_and_r
     refused = {second.transaction.id}  # Redis refuses the second's first append (its script run alone)
     retried = anyio.Event()
 
-    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int | ClusterError]:
+    async def append_batches(
+        calls: list[tuple[str, list[bytes], int]], **options: object
+    ) -> list[Appended | ClusterError]:
         calls_made.append([transaction for transaction, _, _ in calls])
-        results: list[int | ClusterError] = []
+        results: list[Appended | ClusterError] = []
         for transaction, _, _ in calls:
-            results.append(ClusterError("refused") if transaction in refused else 1)
+            results.append(ClusterError("refused") if transaction in refused else Appended(1, True))
             refused.discard(transaction)
         if len(calls_made) == 2:
             retried.set()
@@ -387,7 +395,9 @@ async def test_a_failing_append_is_a_warning_once_until_it_works_again(
     appended = [anyio.Event(), anyio.Event()]
     tries: list[bool] = []
 
-    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int | ClusterError]:
+    async def append_batches(
+        calls: list[tuple[str, list[bytes], int]], **options: object
+    ) -> list[Appended | ClusterError]:
         outage = len([event for event in appended if event.is_set()])
         refused = outages[outage] > 0
         tries.append(refused)
@@ -395,7 +405,7 @@ async def test_a_failing_append_is_a_warning_once_until_it_works_again(
             outages[outage] -= 1
             return [ClusterError("redis: Connection refused")]
         appended[outage].set()
-        return [1]
+        return [Appended(1, True)]
 
     async def no_record(transaction: str) -> None:
         return None
@@ -428,11 +438,11 @@ async def test_a_transaction_reading_its_floor_from_the_store_holds_up_no_other(
     async def slow_record(transaction: str) -> None:
         await store_answers.wait()
 
-    async def append_batches(calls: list[tuple[str, list[bytes], int]]) -> list[int]:
+    async def append_batches(calls: Calls, **options: object) -> list[Appended]:
         appended.extend(transaction for transaction, _, _ in calls)
         if second.transaction.id in appended:
             second_appended.set()
-        return [1] * len(calls)
+        return [Appended(1, True)] * len(calls)
 
     bus.log = SimpleNamespace(append_batches=append_batches)
     first.relay.store = SimpleNamespace(transaction=slow_record)
