@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Appended, Bus, LogEntry
-from tests.cluster.conftest import BusFactory, Collector
+from tests.cluster.conftest import BusFactory, Collector, until
 
 pytestmark = pytest.mark.anyio
 
@@ -101,3 +101,26 @@ async def test_a_node_deaf_without_knowing_it_nudges_the_others_once_it_hears_ag
         await there.wait(1)  # a's reconnect nudged b
         assert there.items == [LogEntry("T", 1, b"unheard")]
         assert a.feed.reconnects > reconnects and b.feed.reconnects == 0
+
+
+async def test_an_answer_coming_after_the_reconnect_nudges_too(redis_url: str, bus_at: BusFactory) -> None:
+    """The same, when the unpublished append's answer comes after the reconnect (whose nudges had gone
+    out): the answer itself has the other nodes nudged."""
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        here, there = Collector(), Collector()
+        await a.feed.host("T", here)
+        await b.feed.host("T", there)
+        reconnects = a.feed.reconnects
+        assert a.feed.solo("T")
+        await kill_connection(a, a.feed.connection_name)
+        [answer] = await a.log.append_batches([("T", [b"late"], 0)], solo={"T"})
+        assert answer == Appended(1, False)
+
+        async def heard_again() -> bool:
+            return a.feed.connected and a.feed.reconnects > reconnects
+
+        await until(heard_again)  # (no event says the feed subscribed again)
+        assert there.items == []  # nothing told b yet
+        a.feed.appended("T", 1, [b"late"], published=False)
+        await there.wait(1)
+        assert there.items == here.items == [LogEntry("T", 1, b"late")]
