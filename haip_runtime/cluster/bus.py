@@ -65,6 +65,7 @@ class Bus:
             self.pipe,
             self.keys,
             self.health,
+            node=self.node_id,
             max_events=config.log_max_events,
             idle_seconds=config.log_idle_seconds,
         )

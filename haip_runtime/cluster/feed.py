@@ -19,13 +19,17 @@ durable store.
 
 A node's own appends are delivered at their answer (``appended``), not when they come back on the
 channel: the bytes are known, and a conversation hosted by one node only costs no publish and no
-message back (the append is ``solo``, ``translog.py``). Delivery stays in tseq order: an answer past
-the expected tseq (another node's events come first) is held until the channel brings those, and the
-stream is read if it does not within ``HELD_WAIT``. What comes back on the channel of an append
-delivered already is dropped, as any repeat is. A solo append run while this node's subscription was
-dying unseen was published to nobody though another node listened: after each reconnect, other nodes
-are nudged (an empty message naming the next tseq) to read the stream of every transaction this node
-appended to alone.
+message back (the append is ``solo``, ``translog.py``: the script publishes unless the transaction's
+channel has no subscriber but one and this node's own channel has exactly one, this feed). Delivery
+stays in tseq order: an answer past the expected tseq (another node's events come first) is held
+until the channel brings those, and the stream is read if it does not within ``HELD_WAIT``. What
+comes back on the channel of an append delivered already is dropped, as any repeat is.
+
+A solo append is asked for only while Redis has this node subscribed to the transaction's channel
+as far as the feed can know: the listener counts the (un)subscriptions it has written per channel and
+takes a channel for subscribed only at the confirmation of the last of them (a confirmation of an
+earlier ``SUBSCRIBE`` followed by an ``UNSUBSCRIBE`` is not one). A subscription Redis dropped is
+caught by the script itself: this node's own channel then has no subscriber, and it publishes.
 """
 
 from __future__ import annotations
@@ -80,10 +84,6 @@ class Hosted:
     held: dict[int, list[LogEntry]] = field(default_factory=dict)
     #: When the stream is read for what the held appends wait for (``HELD_WAIT`` after the first held).
     held_until: float = 0.0
-    #: An own append was published to nobody since the subscription was last made: nudge after a reconnect.
-    alone: bool = False
-    #: ``Feed.reconnects`` when this node last asked to append alone.
-    asked_at: int = -1
 
 
 class Feed:
@@ -101,8 +101,9 @@ class Feed:
         self._hosted: dict[str, Hosted] = {}
         self._by_channel: dict[bytes, str] = {}
         self._task_status: TaskStatus[None] | None = None
-        #: Transactions whose other hosts are to be nudged (``_nudge_soon``).
-        self._nudges: set[str] = set()
+        #: The (un)subscriptions written on the current connection and not confirmed yet, per channel.
+        self._unconfirmed: dict[bytes, int] = {}
+        self._subscription: Subscriber | None = None
         #: Transactions with own appends held (``appended``).
         self._holding: set[str] = set()
         self._delay = FIRST_RETRY
@@ -124,24 +125,14 @@ class Feed:
         listens (``TransactionLog.append_batches``): the feed follows the transaction's channel now. The
         caller then hands the answer to ``appended``."""
         hosted = self._hosted.get(transaction)
-        if hosted is None or not self.connected or not hosted.subscribed.is_set():
-            return False
-        hosted.asked_at = self.reconnects
-        return True
+        return hosted is not None and self.connected and hosted.subscribed.is_set()
 
-    def appended(self, transaction: str, first: int, payloads: Sequence[bytes], *, published: bool = True) -> None:
+    def appended(self, transaction: str, first: int, payloads: Sequence[bytes]) -> None:
         """This node appended ``payloads`` to ``transaction``, numbered from ``first``: deliver them, in
-        turn (now, unless events numbered before them are still to come); ``published``: as the append
-        answered."""
+        turn (now, unless events numbered before them are still to come)."""
         hosted = self._hosted.get(transaction)
-        if hosted is None:
-            return  # not followed here (any more): the stream has them for whoever hosts it next
-        if not published:
-            hosted.alone = True
-            if self.connected and hosted.asked_at != self.reconnects:
-                self._nudge_soon(hosted)  # asked before a reconnect whose nudge went out before this answer
-        if first < hosted.next:
-            return  # the channel or a catch-up brought them already
+        if hosted is None or first < hosted.next:
+            return  # not followed here (the stream has them for whoever hosts it next), or delivered already
         entries = [LogEntry(transaction, tseq, data) for tseq, data in enumerate(payloads, first)]
         if first == hosted.next:
             self._accept(hosted, entries)
@@ -149,6 +140,8 @@ class Feed:
         if not hosted.held:
             hosted.held_until = time.monotonic() + HELD_WAIT
             self._holding.add(transaction)
+            if self._subscription is not None:
+                self._subscription.wake()  # its wait is shortened to HELD_WAIT
         hosted.held[first] = entries
 
     async def host(self, transaction: str, deliver: Deliver, *, after: int = 0, timeout: float = 10) -> None:
@@ -218,13 +211,12 @@ class Feed:
         channels = [self._node_channel, *(self._keys.channel(t) for t in awaiting)]
         pending = {channel.encode() for channel in channels}
         node_channel = self._node_channel.encode()
-        subscription.subscribe(*channels)
+        self._subscription, self._unconfirmed = subscription, {}
+        self._subscribe(subscription, channels)
         while True:
             batch = await subscription.messages(timeout=HELD_WAIT if self._holding else BEHIND_RETRY)
             if self._holding:
                 await self._read_held()
-            if self._nudges and self.connected:
-                await self._send_nudges()
             if not batch:  # quiet: read again what a failed catch-up left behind
                 for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
                     await self._catch_up(hosted)
@@ -240,7 +232,10 @@ class Feed:
                         logger.exception("cluster feed: a message on %s is not a log message", channel)
                 elif kind == b"message":
                     self._obey(subscription, data)
+                elif kind == b"unsubscribe":
+                    self._confirmed(channel)
                 elif kind == b"subscribe" and channel in pending:
+                    self._confirmed(channel)
                     pending.discard(channel)
                     if not pending:  # everything of before the loss is subscribed again: read what was missed
                         self._health.succeeded()
@@ -251,19 +246,33 @@ class Feed:
                             self._task_status = None
                         await self._catch_up_all(awaiting)
                         self._settle(subscription, awaiting)
-                        for hosted in self._hosted.values():
-                            if hosted.alone:  # its solo appends may have gone unpublished while we were deaf
-                                hosted.alone = False
-                                self._nudge_soon(hosted)
-                        await self._send_nudges()
-                elif kind == b"subscribe":  # a later host()'s subscription
+                elif kind == b"subscribe" and self._confirmed(channel):  # a later host()'s subscription
                     self._confirm(channel)
 
     def _settle(self, subscription: Subscriber, subscribed: set[str]) -> None:
         """(Un)subscribe what host() and unhost() changed while this connection was being made: their
         requests on the node's channel may have come before the listener followed it."""
-        subscription.subscribe(*[self._keys.channel(t) for t in self._hosted if t not in subscribed])
-        subscription.unsubscribe(*[self._keys.channel(t) for t in subscribed if t not in self._hosted])
+        self._subscribe(subscription, [self._keys.channel(t) for t in self._hosted if t not in subscribed])
+        self._subscribe(subscription, [self._keys.channel(t) for t in subscribed if t not in self._hosted], b"UN")
+
+    def _subscribe(self, subscription: Subscriber, channels: Sequence[str], un: bytes = b"") -> None:
+        """(Un)subscribe ``channels``, counting each until Redis confirms it (``_confirmed``)."""
+        for channel in channels:
+            key = channel.encode()
+            self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
+        if un:
+            subscription.unsubscribe(*channels)
+        else:
+            subscription.subscribe(*channels)
+
+    def _confirmed(self, channel: bytes) -> bool:
+        """A confirmation of ``channel`` came: whether it was of the last (un)subscription written for it."""
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return False
+        self._unconfirmed.pop(channel, None)
+        return True
 
     def _obey(self, subscription: Subscriber, request: bytes) -> None:
         """A host() or unhost() of this node, asking for a (un)subscription; or another node's notice."""
@@ -277,9 +286,9 @@ class Feed:
         verb, _, name = request.decode(errors="replace").partition(" ")
         channel = self._keys.channel(name)
         if verb == "host" and name in self._hosted:
-            subscription.subscribe(channel)
+            self._subscribe(subscription, [channel])
         elif verb == "unhost" and name not in self._hosted:
-            subscription.unsubscribe(channel)
+            self._subscribe(subscription, [channel], b"UN")
 
     def _confirm(self, channel: bytes) -> None:
         transaction = self._by_channel.get(channel)
@@ -293,7 +302,8 @@ class Feed:
                 continue
             if transaction in transactions:
                 await self._catch_up(hosted)
-                hosted.subscribed.set()  # a host() waiting across the reconnect was subscribed by it
+                if self._keys.channel(transaction).encode() not in self._unconfirmed:
+                    hosted.subscribed.set()  # a host() waiting across the reconnect was subscribed by it
 
     async def _receive(self, channel: bytes, data: bytes) -> None:
         transaction = self._by_channel.get(channel)
@@ -301,8 +311,7 @@ class Feed:
         if hosted is None:
             return
         entries = parse_message(hosted.transaction, data)
-        first = entries[0].tseq if entries else int(data.partition(b" ")[0])  # (no events: a nudge)
-        if first > hosted.next:
+        if entries and entries[0].tseq > hosted.next:
             await self._catch_up(hosted)  # a message was missed: the stream has it
         self._accept(hosted, entries)
 
@@ -318,6 +327,22 @@ class Feed:
             self._accept(hosted, entries, authoritative=True)
             if len(entries) < CATCH_UP_PAGE:
                 return
+
+    def _reach(self, hosted: Hosted, tseq: int, out: list[LogEntry | LogGap], authoritative: bool) -> bool:
+        """Fill ``out`` up to ``tseq`` (excluded): this node's own held events, and, where the stream no
+        longer has what lies between (``authoritative``: it was read), gaps around them; ``False`` if
+        something before ``tseq`` is still to come."""
+        while hosted.next < tseq:
+            if hosted.held:
+                self._release(hosted, out)
+            if hosted.next >= tseq:
+                break
+            if not authoritative:
+                return False
+            upto = min([first - 1 for first in hosted.held if first - 1 >= hosted.next] + [tseq - 1])
+            out.append(LogGap(hosted.transaction, hosted.next, upto))
+            hosted.next = upto + 1
+        return True
 
     def _release(self, hosted: Hosted, out: list[LogEntry | LogGap]) -> None:
         """Add to ``out`` the held own appends the feed has now reached; forget those it went past."""
@@ -345,34 +370,14 @@ class Feed:
                 hosted.held_until = now + HELD_WAIT
                 await self._catch_up(hosted)
 
-    def _nudge_soon(self, hosted: Hosted) -> None:
-        """Tell the other nodes hosting ``hosted`` to read its stream up to what this node delivered (a
-        message with no events naming the next tseq: ``_receive``); the listener sends it."""
-        self._nudges.add(hosted.transaction)
-
-    async def _send_nudges(self) -> None:
-        nudges, self._nudges = self._nudges, set()
-        for transaction in nudges:
-            hosted = self._hosted.get(transaction)
-            if hosted is None:
-                continue
-            try:
-                await self._commands.publish(self._keys.channel(transaction), b"%d " % hosted.next)
-            except (RedisError, OSError) as exc:
-                self._health.failed(exc)
-                self._nudges.add(transaction)
-                return
-
     def _accept(self, hosted: Hosted, entries: Sequence[LogEntry], *, authoritative: bool = False) -> None:
         """Deliver the entries not delivered yet; a hole is a gap only when the stream itself has it."""
         out: list[LogEntry | LogGap] = []
         for entry in entries:
+            if entry.tseq > hosted.next and not self._reach(hosted, entry.tseq, out, authoritative):
+                break  # the catch-up could not read: wait for the next one
             if entry.tseq < hosted.next:
                 continue
-            if entry.tseq > hosted.next:
-                if not authoritative:
-                    break  # the catch-up could not read: wait for the next one
-                out.append(LogGap(hosted.transaction, hosted.next, entry.tseq - 1))
             out.append(entry)
             hosted.next = entry.tseq + 1
         if hosted.held and out:

@@ -1,7 +1,8 @@
 """Every Redis key and channel name the cluster uses, in one place.
 
 Keys of one transaction, one session, one user or one lease share a hash tag (``{t:...}``), so each
-Lua script touches keys of one Redis Cluster slot and the layout moves to a Redis Cluster unchanged.
+Lua script touches keys of one Redis Cluster slot. The keys would move to a Redis Cluster unchanged; the
+solo appends would not (``translog.py``: ``PUBSUB NUMSUB`` counts one shard's subscribers).
 """
 
 from __future__ import annotations

@@ -310,8 +310,10 @@ class Subscriber:
     """A pub/sub connection (see the module). ``connect`` first; after a loss, make a new one."""
 
     def __init__(self, url: str, *, connect_timeout: float, name: str | None = None) -> None:
-        """``name``: the connection's name in Redis's ``CLIENT LIST`` (in place of the URL's ``client_name``)."""
+        """``name``: the connection's name in Redis's ``CLIENT LIST`` (in place of the URL's ``client_name``;
+        a Redis whose ACL refuses ``CLIENT SETNAME`` leaves it unnamed)."""
         self._endpoint = _Endpoint(url, connect_timeout)
+        self._named = name is not None
         if name is not None:
             hello = [command for command in self._endpoint.hello if command[:2] != ("CLIENT", "SETNAME")]
             self._endpoint.hello = [*hello, ("CLIENT", "SETNAME", name)]
@@ -321,6 +323,7 @@ class Subscriber:
         self._ready: asyncio.Event = asyncio.Event()
         self._error: Exception | None = None
         self._hellos = 0
+        self._woken = False
 
     async def connect(self) -> None:
         protocol = _Protocol(self)
@@ -339,20 +342,28 @@ class Subscriber:
 
     async def messages(self, timeout: float) -> list[list[Any]]:
         """What came since the last call (``[kind, channel, data-or-count]`` each, kinds as bytes), waiting
-        up to ``timeout`` for something (``[]`` if nothing came); once the connection is lost, or Redis
-        refused its ``AUTH``/``SELECT``, the ``ConnectionError`` or ``ResponseError`` saying why."""
+        up to ``timeout`` for something (``[]`` if nothing came, or ``wake`` was called); once the
+        connection is lost, or Redis refused its ``AUTH``/``SELECT``, the ``ConnectionError`` or
+        ``ResponseError`` saying why."""
         try:
             async with asyncio.timeout(timeout):
-                while not self._inbox and self._error is None:
+                while not self._inbox and self._error is None and not self._woken:
                     self._ready.clear()
                     await self._ready.wait()
         except TimeoutError:
-            return []
+            pass
+        self._woken = False
         if self._inbox:
             inbox, self._inbox = self._inbox, []
             return inbox
-        assert self._error is not None  # the loop above ends on one or the other
-        raise self._error
+        if self._error is not None:
+            raise self._error
+        return []
+
+    def wake(self) -> None:
+        """End the wait of ``messages`` under way (or the next one) at once, with whatever came."""
+        self._woken = True
+        self._ready.set()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -370,7 +381,7 @@ class Subscriber:
         for reply in replies:
             if self._hellos:  # AUTH's or SELECT's answer
                 self._hellos -= 1
-                if isinstance(reply, hiredis.ReplyError):
+                if isinstance(reply, hiredis.ReplyError) and not (self._named and not self._hellos):
                     self._lose(ResponseError(str(reply)))
                     return
             elif isinstance(reply, hiredis.ReplyError):

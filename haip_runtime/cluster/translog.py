@@ -9,8 +9,13 @@ same order. Nodes read the channel through ``feed.Feed``; ``read`` is how they f
 An append may be ``solo``: its node follows the channel and delivers its own events at the answer
 (``Feed.appended``). Then the publish is left out while that node is the channel's only subscriber:
 no other node hosts the transaction, and the one that does would only hear its own events back (the
-common case, a conversation whose members are all on one node). A node subscribing later reads the
-stream after its subscription is confirmed, as it does for what was published before it listened.
+common case, a conversation whose members are all on one node). The script knows the subscriber is
+the appending node by that node's own channel, which only its feed's connection subscribes: the
+transaction's channel must have at most one subscriber and the node's exactly one, so a node whose
+subscription Redis dropped (not yet seen by the node) has its appends published. A node subscribing
+later reads the stream after its subscription is confirmed, as it does for what was published
+before it listened. ``PUBSUB NUMSUB`` counts the subscribers of one server: the runtime's Redis is one
+server (with replicas, or Sentinel), not a Redis Cluster.
 
 The caller may pass a floor (a transaction loaded from the durable store continues after its stored
 last tseq): the counter moves to the floor first if it is behind. The Redis log is a catch-up
@@ -32,7 +37,8 @@ from haip_runtime.cluster.pipe import Pipe
 from haip_runtime.cluster.replies import Arg, stream_rows
 from haip_runtime.exceptions import ClusterError
 
-#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, solo ('1' or ''), payload...
+#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, the appending node's channel if solo
+#: (else ''), payload...
 #: When the counter is gone but the stream is not, the stream's last id is the floor too.
 #: The answer: the first tseq, and 1 if the events were published (0: solo, and nobody else listens).
 APPEND = """
@@ -47,7 +53,11 @@ end
 local floor = tonumber(ARGV[1])
 if cur < floor then cur = floor end
 local first = cur + 1
-local publish = ARGV[5] ~= '1' or redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] > 1
+local publish = true
+if ARGV[5] ~= '' then
+  local listening = redis.call('PUBSUB', 'NUMSUB', ARGV[4], ARGV[5])
+  publish = listening[2] > 1 or listening[4] ~= 1
+end
 local out = {string.format('%d ', first)}
 for i = 6, #ARGV do
   cur = cur + 1
@@ -107,8 +117,17 @@ class TransactionLog:
     """Appends to and reads from the transactions' logs in Redis."""
 
     def __init__(
-        self, redis: Redis, pipe: Pipe, keys: Keyspace, health: BusHealth, *, max_events: int, idle_seconds: float
+        self,
+        redis: Redis,
+        pipe: Pipe,
+        keys: Keyspace,
+        health: BusHealth,
+        *,
+        node: str,
+        max_events: int,
+        idle_seconds: float,
     ):
+        self._node_channel = keys.node_channel(node)
         self._redis = redis
         self._pipe = pipe
         self._keys = keys
@@ -169,7 +188,7 @@ class TransactionLog:
         """The APPEND script's keys and arguments for ``payloads`` appended to ``transaction``."""
         keys: list[Arg] = [self._keys.sequence(transaction), self._keys.log(transaction)]
         channel = self._keys.channel(transaction)
-        return keys, [floor, self._max_events, self._idle_ms, channel, "1" if solo else "", *payloads]
+        return keys, [floor, self._max_events, self._idle_ms, channel, self._node_channel if solo else "", *payloads]
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""

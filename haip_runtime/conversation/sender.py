@@ -260,7 +260,7 @@ class Sender:
                 except Exception:
                     logger.exception("transaction %s: its sent events could not be taken out", shared.transaction.id)
                 # Delivered here now, in turn (the feed drops them if they come back on the channel).
-                feed.appended(shared.transaction.id, result.first, payloads, published=result.published)
+                feed.appended(shared.transaction.id, result.first, payloads)
         for shared in due:
             if not shared.outbox:
                 self._done_with(shared)
