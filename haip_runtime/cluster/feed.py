@@ -253,17 +253,21 @@ class Feed:
         """(Un)subscribe what host() and unhost() changed while this connection was being made: their
         requests on the node's channel may have come before the listener followed it."""
         self._subscribe(subscription, [self._keys.channel(t) for t in self._hosted if t not in subscribed])
-        self._subscribe(subscription, [self._keys.channel(t) for t in subscribed if t not in self._hosted], b"UN")
+        self._unsubscribe(subscription, [self._keys.channel(t) for t in subscribed if t not in self._hosted])
 
-    def _subscribe(self, subscription: Subscriber, channels: Sequence[str], un: bytes = b"") -> None:
-        """(Un)subscribe ``channels``, counting each until Redis confirms it (``_confirmed``)."""
+    def _subscribe(self, subscription: Subscriber, channels: Sequence[str]) -> None:
+        self._count(channels)
+        subscription.subscribe(*channels)
+
+    def _unsubscribe(self, subscription: Subscriber, channels: Sequence[str]) -> None:
+        self._count(channels)
+        subscription.unsubscribe(*channels)
+
+    def _count(self, channels: Sequence[str]) -> None:
+        """Count each of ``channels`` as (un)subscribed until Redis confirms it (``_confirmed``)."""
         for channel in channels:
             key = channel.encode()
             self._unconfirmed[key] = self._unconfirmed.get(key, 0) + 1
-        if un:
-            subscription.unsubscribe(*channels)
-        else:
-            subscription.subscribe(*channels)
 
     def _confirmed(self, channel: bytes) -> bool:
         """A confirmation of ``channel`` came: whether it was of the last (un)subscription written for it."""
@@ -288,7 +292,7 @@ class Feed:
         if verb == "host" and name in self._hosted:
             self._subscribe(subscription, [channel])
         elif verb == "unhost" and name not in self._hosted:
-            self._subscribe(subscription, [channel], b"UN")
+            self._unsubscribe(subscription, [channel])
 
     def _confirm(self, channel: bytes) -> None:
         transaction = self._by_channel.get(channel)
