@@ -84,12 +84,13 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
             await send_error(send, 401, error)
             return None
 
-    async def websocket(ws: WebSocket) -> None:
+    def websocket(ws: WebSocket) -> Awaitable[None]:
+        # Not a coroutine itself: Starlette awaits what it returns, so this step keeps no frame of its
+        # own for as long as the connection lives (about 230 bytes of each idle connection).
         if not origin_allowed(ws.headers, config.server.allowed_origins):
             logger.warning("refused a WebSocket from origin %r (not in server.allowed_origins)", ws.headers["origin"])
-            await ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
-            return
-        await door.serve(WebSocketTransport(ws, max_frame_bytes=config.server.max_frame_bytes))
+            return ws.close(CloseCode.POLICY)  # before accept: the upgrade is answered with HTTP 403
+        return door.serve(WebSocketTransport(ws, max_frame_bytes=config.server.max_frame_bytes))
 
     async def open_sse(scope: Scope, receive: Receive, send: Send) -> None:
         principal = await caller(scope, send)

@@ -74,10 +74,20 @@ class Connection:
             return
         logger.info("session %s of user %r connected", session.id, session.user)
         session.watch(self.gateway.timers, self.link)
+        self.sessions.serving()
         try:
-            with self.sessions.serving():
-                await self._read_loop(inbound, session)
+            # The read loop, here rather than in a method of its own and with ``receive`` rather than
+            # ``async for`` (anyio's ``__anext__``): each would be one more coroutine that every idle
+            # connection holds while it waits (about 230 bytes apiece).
+            while True:
+                try:
+                    item = await inbound.receive()
+                except anyio.EndOfStream:
+                    break
+                session.heard()
+                await process(self.gateway, session, item)
         finally:
+            self.sessions.served()
             session.detach(self.outbox)
             if session.outbox is None:
                 self.sessions.save(session)
@@ -228,13 +238,6 @@ class Connection:
         session.resumed = True
         session.binary_frames = session.binary_frames and self.link.binary_frames
         return session
-
-    # --- after the handshake -----------------------------------------------------------------------
-
-    async def _read_loop(self, inbound: ObjectReceiveStream[Inbound], session: Session) -> None:
-        async for item in inbound:
-            session.heard()
-            await process(self.gateway, session, item)
 
 
 async def process(gateway: Gateway, session: Session, item: Inbound) -> None:

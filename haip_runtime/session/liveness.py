@@ -55,6 +55,9 @@ class Watched(Protocol):
 class Liveness:
     """The deadlines of one connection of a session (PROTOCOL.md section 3)."""
 
+    # Slots: every idle connection holds one.
+    __slots__ = ("_beat", "_expiry", "_gap", "_heard", "link", "outbox", "session", "timers")
+
     def __init__(self, session: Watched, timers: Timers, outbox: Outbox, link: Link) -> None:
         self.session = session
         self.timers = timers

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 from haip_runtime.auth.tokens import Principal
@@ -77,14 +76,16 @@ class SessionRegistry:
         """A connection started its handshake (or resumed a session without one)."""
         self.total_connections += 1
 
-    @contextmanager
-    def serving(self) -> Iterator[None]:
-        """While a connection serves an authenticated session: it counts as active."""
+    def serving(self) -> None:
+        """A connection started serving an authenticated session: it counts as active until ``served``.
+
+        A pair of calls, not a context manager: a ``@contextmanager`` is a generator and an object held
+        for as long as the connection lives (about 320 bytes of each idle connection)."""
         self.active_connections += 1
-        try:
-            yield
-        finally:
-            self.active_connections -= 1
+
+    def served(self) -> None:
+        """The connection of ``serving`` ended."""
+        self.active_connections -= 1
 
     def check_rate(self, user: str, related_id: str) -> None:
         """One inbound envelope of ``user`` against their sessions' message rate together."""
