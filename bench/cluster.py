@@ -278,7 +278,18 @@ PACKAGES = ("haip-runtime", "redis", "asyncpg", "uvicorn")
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
 #: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
-    "Read this first (2026-12-06 16:23 UTC, this file's run): a node's appends now come from one task for "
+    "Read this first (2026-12-06, from 21:25 UTC, this file's run): a node's own appends are delivered at "
+    "their answer instead of coming back through its subscription, and an append to a transaction no other "
+    "node hosts is not published at all (solo appends: haip_runtime/cluster/feed.py, translog.py). Every "
+    "echo conversation of this bench is hosted by one node, so its message back, the feed's parsing of it "
+    "and Redis's PUBLISH are gone: Redis commands per round trip at 100 × 1, PUBLISH 1.02 to 0.03 (one "
+    "PUBSUB NUMSUB inside the append script instead). Side by side before this run (the code before and "
+    "after, two clustered servers pinned to one core, 10 alternating rounds of 100 × 1): server CPU per "
+    "round trip after / before, median 0.92 (0.80-1.15 per round). This machine was slower and noisier "
+    "that evening than earlier in the day: the same code measured 393-623 µs per round trip from round to "
+    "round (178 and 211 µs at 19:15 UTC), so the saving is within its noise, and this run's "
+    "figures are not comparable with the earlier runs'.",
+    "Earlier (2026-12-06 16:23 UTC): a node's appends now come from one task for "
     "every transaction it hosts (conversation/sender.py), which writes the appends of all the transactions "
     "with something queued together on the pipe, instead of a task per transaction that woke up, let the "
     "loop go round and awaited its own answer. Side by side before this run (the code before and after, "
@@ -459,7 +470,8 @@ def report(scale: Scale, short: bool, started: float, echo: dict[str, list[dict[
         "it, not in it: they are other processes, unpinned. A round trip stores six events (the user's MESSAGE, "
         "RUN_STARTED, MESSAGE_START, MESSAGE_PART, MESSAGE_END, RUN_FINISHED); with `[cluster]` they also go "
         "through the transaction's log in Redis (one script run per append: whatever the transaction published "
-        "meanwhile goes in one) and come back through the node's subscription before any member gets them.",
+        "meanwhile goes in one), and reach the members when the append answers (not published: no other node "
+        "hosts the transaction).",
         "",
         f"### 2. One transaction, 100 members over two nodes, the agent streaming {scale.tokens:,} tokens at "
         "1,000 tokens/s",
