@@ -67,6 +67,9 @@ FIRST_RETRY = 0.05
 #: is read for them (another node's message on its way; or, rarely, an append of this node that ran but
 #: whose answer was lost, tried again since).
 HELD_WAIT = 0.1
+#: Own events held per transaction at most: past it the events before them are given up for read from
+#: the store (a ``LogGap``), as if the stream had lost them, and the held ones are delivered.
+MAX_HELD = 10_000
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Hosted:
     behind: bool = False
     #: This node's own appends answered past ``next``, by first tseq: delivered once the feed gets there.
     held: dict[int, list[LogEntry]] = field(default_factory=dict)
+    #: How many events ``held`` holds.
+    held_events: int = 0
     #: When the stream is read for what the held appends wait for (``HELD_WAIT`` after the first held).
     held_until: float = 0.0
 
@@ -143,6 +148,16 @@ class Feed:
             if self._subscription is not None:
                 self._subscription.wake()  # its wait is shortened to HELD_WAIT
         hosted.held[first] = entries
+        hosted.held_events += len(entries)
+        if hosted.held_events > MAX_HELD:  # the stream cannot be read for what comes before them
+            logger.warning(
+                "transaction %s: %d own events wait for earlier ones; those are read from the store",
+                transaction,
+                hosted.held_events,
+            )
+            out: list[LogEntry | LogGap] = []
+            self._reach(hosted, entries[-1].tseq + 1, out, authoritative=True)
+            self._deliver(hosted, out)
 
     async def host(self, transaction: str, deliver: Deliver, *, after: int = 0, timeout: float = 10) -> None:
         """Deliver every event of ``transaction`` with tseq > ``after`` to ``deliver``, from now on.
@@ -354,7 +369,9 @@ class Feed:
         for first in sorted(held):
             if first > hosted.next:
                 break
-            for entry in held.pop(first):
+            entries = held.pop(first)
+            hosted.held_events -= len(entries)
+            for entry in entries:
                 if entry.tseq == hosted.next:
                     out.append(entry)
                     hosted.next += 1
@@ -386,6 +403,10 @@ class Feed:
             hosted.next = entry.tseq + 1
         if hosted.held and out:
             self._release(hosted, out)
+        self._deliver(hosted, out)
+
+    @staticmethod
+    def _deliver(hosted: Hosted, out: list[LogEntry | LogGap]) -> None:
         if out:
             try:
                 hosted.deliver(out)

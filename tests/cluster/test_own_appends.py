@@ -240,3 +240,23 @@ async def test_a_redis_refusing_to_name_connections_still_serves_the_feed(redis_
                 assert here.tseqs == [1]
         finally:
             await admin.redis.acl_deluser(user)
+
+
+async def test_own_events_held_past_the_bound_are_delivered_and_what_they_waited_for_is_a_gap(
+    redis_url: str, bus_at: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held answers are bounded: past ``MAX_HELD`` events the wait for what comes before them (a stream that
+    cannot give it) is given up for a gap the store fills, and the held events are delivered."""
+    monkeypatch.setattr(feed_module, "HELD_WAIT", 60.0)
+    monkeypatch.setattr(feed_module, "MAX_HELD", 3)
+    async with bus_at(redis_url) as a:
+        here = Collector()
+        await a.feed.host("T", here)
+        await a.redis.incr(a.keys.sequence("T"))  # tseq 1, never in the stream nor on the channel
+        for number in range(3):
+            await append_here(a, "T", b"%d" % number)
+        assert here.items == []  # 3 held: at the bound
+        await append_here(a, "T", b"3")
+        assert here.items == [LogGap("T", 1, 1), *(LogEntry("T", n + 2, b"%d" % n) for n in range(4))]
+        await append_here(a, "T", b"4")
+        assert here.tseqs[-1] == 6  # and on as before
