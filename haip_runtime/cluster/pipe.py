@@ -379,9 +379,10 @@ class Subscriber:
         if protocol is not self._protocol:
             return
         for reply in replies:
-            if self._hellos:  # AUTH's or SELECT's answer
+            if self._hellos:  # AUTH's, SELECT's or (last) CLIENT SETNAME's answer
                 self._hellos -= 1
-                if isinstance(reply, hiredis.ReplyError) and not (self._named and not self._hellos):
+                naming = self._named and not self._hellos  # (a refused name is no reason to fail)
+                if isinstance(reply, hiredis.ReplyError) and not naming:
                     self._lose(ResponseError(str(reply)))
                     return
             elif isinstance(reply, hiredis.ReplyError):
