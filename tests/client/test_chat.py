@@ -214,15 +214,28 @@ def test_a_server_that_stays_away_is_one_line_not_a_traceback() -> None:
         screen.child.terminate(force=True)
 
 
+#: An agent whose turn says one thing and then goes on until cancelled (a long tool call, a slow LLM).
+ENDLESS = """
+import anyio
+from haip_runtime import Agent, Turn
+
+
+class Endless(Agent):
+    name = "endless"
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say("still thinking")
+        await anyio.sleep_forever()
+"""
+
+
 def test_piped_input_waiting_for_a_turn_ends_when_the_server_stays_away(tmp_path: Path) -> None:
     """Piped, the chat waits for each turn to end before reading the next line; a server killed mid-turn
     (no close frame) left it waiting past ``--reconnect`` until the next line came (found by a tester):
     it ends then, exit 1."""
+    (tmp_path / "endless.py").write_text(ENDLESS)  # (``python -m`` puts the server's cwd on its path)
     config = tmp_path / "haip.toml"
-    config.write_text(
-        '[server]\nport = 0\n[agents.slow]\nplugin = "haip_runtime.demo.storyteller:Storyteller"\n'
-        "options = { words_per_second = 1 }\n"
-    )
+    config.write_text('[server]\nport = 0\n[agents.slow]\nplugin = "endless:Endless"\n')
     command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config)]
     with serving.serve_process(command, cwd=tmp_path) as served:
         url, token = served.banner["WebSocket"].split()[0], served.banner["token"]
@@ -235,9 +248,9 @@ def test_piped_input_waiting_for_a_turn_ends_when_the_server_stays_away(tmp_path
             text=True,
         )
         assert chat.stdin is not None and chat.stdout is not None
-        chat.stdin.write("a long story\n")  # a turn of many seconds; stdin stays open
+        chat.stdin.write("a long story\n")  # a turn that never ends; stdin stays open
         chat.stdin.flush()
-        for line in chat.stdout:  # its first words: the turn runs, and the chat waits for its end
+        for line in chat.stdout:  # its first message: the turn runs on, and the chat waits for its end
             if "slow ›" in line:
                 break
         served.process.kill()  # gone without a word, as a crashed host
