@@ -124,7 +124,7 @@ http {{
 """
 
 #: Caddy without its admin endpoint (a second port) or automatic HTTPS (the site is http:// here).
-CADDY_GLOBAL = "{\n    admin off\n    auto_https off\n}\n"
+CADDY_GLOBAL = "{\n    admin off\n    auto_https off\n    grace_period 1s\n}\n"
 
 
 @dataclass
