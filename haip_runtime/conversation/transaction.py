@@ -453,7 +453,9 @@ class Transaction:
             await self.stop_turns(f"the transaction ended: {reason}", hooks=reason)
             self.publish(Event(EventType.TRANSACTION_END, {"reason": reason}))
         if self.shared is not None:
-            self.end_seen = seen = anyio.Event()
+            if self.end_seen is None:  # one for every caller: an end asked here may be carried out here too
+                self.end_seen = anyio.Event()  # (this node took the turns over meanwhile, and ends it again)
+            seen = self.end_seen
             with anyio.move_on_after(END_GRACE_SECONDS + 2 + self.shared.handover, shield=True):
                 await seen.wait()
             if not seen.is_set():  # nobody runs it, or the bus is away: it ends here regardless
