@@ -211,6 +211,12 @@ class Hub:
         """Drop expired sessions and let idle transactions leave memory (and the process give it back)."""
         expired, idle = self.sessions.expired(), self.transactions.idle()
         for session in expired:
+            logger.info(
+                "session %s of user %r ended: not resumed within %g s",
+                session.id,
+                session.user,
+                self.config.session.resume_timeout_seconds,
+            )
             self.sessions.drop(session)
         for transaction in idle:
             self.transactions.evict(transaction)
