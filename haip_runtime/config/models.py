@@ -235,7 +235,9 @@ class LimitsConfig(Model):
     """Sessions one user may hold. A new one first replaces the user's oldest disconnected session; if all
     are connected the handshake is refused with RATE_LIMITED and close 1008."""
     transactions_per_user: int = Field(default=100, ge=1)
-    """Open transactions one user may own; TRANSACTION_START beyond it gets RATE_LIMITED."""
+    """Open transactions one user may own. At the limit a new one first ends the user's least recently
+    active transaction that nobody is in and nothing runs in (its history stays readable); if each is in
+    use, TRANSACTION_START gets RATE_LIMITED."""
     members_per_transaction: int = Field(default=50, ge=1)
     """Sessions in one transaction; a join beyond it gets RATE_LIMITED."""
     tool_calls_per_session: int = Field(default=16, ge=1)

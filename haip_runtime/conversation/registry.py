@@ -103,15 +103,38 @@ class TransactionRegistry:
             self.on_new(transaction)
         return transaction
 
-    async def check_room(self, user: str, related_id: str) -> None:
-        """Before ``user`` starts another transaction (``limits.transactions_per_user``): counts every
-        open one they own, idle ones that left memory included (the store knows those)."""
+    async def room_for(self, user: str, related_id: str) -> str | None:
+        """Before ``user`` starts another transaction (``limits.transactions_per_user``): ``None`` while they
+        own fewer open ones than the limit (idle ones that left memory count: the store knows those);
+        at the limit, the one to end first (``hub.lifecycle.begin`` ends it), as a new session replaces
+        the oldest disconnected one: the least recently active with nobody in it and nothing running.
+        ``RATE_LIMITED`` if there is none."""
         limit = self.limits.transactions_per_user
-        stored = await self.store.open_owned(user, limit=limit + len(self.live))
-        live = [t for t in self.live.values() if t.owner == user]  # newer than the store, and read after it
-        owned = len(set(stored) - {t.id for t in live if t.ended} | {t.id for t in live if not t.ended})
-        if owned >= limit:
-            raise limited(f"you already have {owned} open transactions", "transactions_per_user", related_id)
+        stored = dict(await self.store.open_owned(user, limit=limit + len(self.live)))  # the oldest first
+        live = {t.id: t for t in self.live.values() if t.owner == user}  # newer than the store, and read after it
+        owned = [tx for tx in stored if tx not in live or not live[tx].ended]
+        owned += [tx for tx, t in live.items() if not t.ended and tx not in stored]
+        if len(owned) < limit:
+            return None
+        horizon = time.time() - self.config.idle_seconds
+        for tx in owned:  # (the ones only in memory are the newest: last)
+            transaction = live.get(tx)
+            if transaction is not None and self.vacant(transaction):
+                return tx
+            # Not in memory here: idle, unless another process may hold it (a store it shares: ``lag``);
+            # then idle once nothing happened in it for ``idle_seconds`` (a turn there saves it).
+            if transaction is None and (not self.store.lag or stored[tx] < horizon):
+                return tx
+        raise limited(
+            f"you already have {len(owned)} open transactions, and none is idle (end one with TRANSACTION_END)",
+            "transactions_per_user",
+            related_id,
+        )
+
+    @staticmethod
+    def vacant(transaction: Transaction) -> bool:
+        """Open, with nobody in it and nothing running: it may end to make room for its owner's new one."""
+        return not transaction.ended and not transaction.members and not transaction.busy
 
     def add(self, transaction: Transaction) -> None:
         self.live[transaction.id] = transaction

@@ -13,6 +13,7 @@ from typing import Any
 
 from haip_runtime.agents.api import Agent
 from haip_runtime.agents.registry import AgentSpec
+from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.members import Member, describe
 from haip_runtime.conversation.runs import AgentSlot
 from haip_runtime.conversation.transaction import Transaction
@@ -23,6 +24,7 @@ from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, parse_seq
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
+from haip_runtime.session.limits import limited
 from haip_runtime.session.session import Session
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ async def begin(
 ) -> Transaction:
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
     TRANSACTION_START does, for every door, after the user's quota of open transactions."""
-    await ctx.transactions.check_room(member.user, related_id)
+    await make_room(ctx, member.principal, related_id)
     transaction = create(ctx, member, spec, thread_id, params, reference, id)
     waiting = transaction.shared.unavailable() if transaction.shared is not None else None
     if waiting is not None:  # its TRANSACTION_START reaches the member only once Redis answers: say why now
@@ -78,6 +80,30 @@ async def begin(
         )
         member.deliver(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message)))
     return transaction
+
+
+#: The reason a transaction ended to make room for its owner's new one says.
+REPLACED = "replaced: its owner started a new transaction past limits.transactions_per_user"
+
+
+async def make_room(ctx: HubContext, principal: Principal, related_id: str) -> None:
+    """``limits.transactions_per_user``, before ``principal`` starts a transaction: at the limit, their least
+    recently active one with nobody in it and nothing running ends (its history stays readable), as a
+    new session replaces the user's oldest disconnected one; ``RATE_LIMITED`` if none can. Clients that
+    never end what they start (the reference CLI, MCP and AG-UI callers, which have no way to) would
+    otherwise be refused for good at their limit."""
+    replaced = await ctx.transactions.room_for(principal.user, related_id)
+    if replaced is None:
+        return
+    found = await ctx.transactions.find(replaced, principal)  # brought back if it left memory (or is elsewhere)
+    if not isinstance(found, Transaction) or found.ended:
+        return  # another start of this user's ended it just now: both go on (one over the limit)
+    if not ctx.transactions.vacant(found):  # someone joined it meanwhile: it stays, and there is no room
+        raise limited(
+            f"your least recently used transaction {replaced} is in use again", "transactions_per_user", related_id
+        )
+    logger.info("transaction %s ends to make room for a new one of %r", replaced, principal.user)
+    await end(ctx, found, REPLACED)
 
 
 def create(

@@ -353,6 +353,28 @@ async def test_two_first_runs_of_one_thread_at_once_make_one_transaction(runtime
     assert transaction.owner == "alice" and list(transaction.agents) == ["echo"]
 
 
+async def test_a_new_thread_past_the_users_open_transactions_ends_the_least_recently_active_one() -> None:
+    """AG-UI has no way to end a thread: each new ``threadId`` is a transaction, and past
+    ``limits.transactions_per_user`` the oldest idle one ends to make room (it was refused for good)."""
+    config = make_config({"limits": {"transactions_per_user": 2}})
+    with live_server(config) as live:
+        statuses = []
+        async with httpx.AsyncClient(
+            base_url=live.http_url, headers={"authorization": f"Bearer {live.token('ann')}"}
+        ) as http:
+            for number in range(3):
+                body = {
+                    "threadId": f"t{number}",
+                    "runId": "r",
+                    "messages": [{"id": "m", "role": "user", "content": "hi"}],
+                }
+                statuses.append((await http.post("/ag-ui/echo", json=body)).status_code)
+            again = await http.post("/ag-ui/echo", json={**body, "threadId": "t0", "runId": "r2"})
+    # (between runs the AG-UI user leaves the thread's transaction: t0 had nobody in it when t2 came)
+    assert statuses == [200, 200, 200]
+    assert again.status_code == 404 and again.json()["error"]["message"] == "thread 't0' has ended"
+
+
 async def test_a_body_past_the_limit_is_refused_before_it_is_read_whole(runtime: LiveServer) -> None:
     headers = {"authorization": f"Bearer {runtime.token('alice')}", "content-type": "application/json"}
     async with httpx.AsyncClient(base_url=runtime.http_url) as http:

@@ -21,10 +21,13 @@ import anyio
 import httpx2
 import pytest
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client import ClientError, HaipClient
 from haip_runtime.cluster import Bus
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.models import HaipConfig
+from haip_runtime.hub.lifecycle import REPLACED
+from haip_runtime.protocol.events import ALL_EVENTS
+from tests.support.logwait import waiting_for_log
 from tests.support.raw import RawPeer, raw_peer
 from tests.support.redis import RedisServer
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
@@ -237,11 +240,53 @@ async def test_open_transactions_per_user_are_counted_by_the_shared_postgres(pos
         async with HaipClient(a.ws_url, token=a.token("owner")) as on_a:
             await on_a.start_transaction("echo")
             await until(seen(lambda: a.runtime.store.pending == 0))  # stored: the other process reads it
-            async with HaipClient(b.ws_url, token=b.token("owner")) as on_b:
-                await on_b.send("TRANSACTION_START", {"toolName": "echo"}, transaction="second")
-                refusal = await on_b.wait_for("ERROR")
+            whole = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
+        async with HaipClient(b.ws_url, token=b.token("owner"), accept_events=whole) as on_b:
+            await on_b.send("TRANSACTION_START", {"toolName": "echo"}, transaction="second")
+            refusal = await on_b.wait_for("ERROR")
     assert refusal.get("code") == "RATE_LIMITED"
     assert refusal.get("detail") == {"limit": "limits.transactions_per_user"}
+
+
+async def test_a_transaction_idle_on_another_node_ends_to_make_room_for_its_owners_new_one(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """At the limit, a node ends the owner's transaction another node held, once nothing happened in it
+    for ``transactions.idle_seconds`` (with the members' sessions gone there, it left that node's memory)."""
+    config = make_config(
+        {
+            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
+            "limits": {"transactions_per_user": 1},
+            "session": {"resume_timeout_seconds": 0.2},
+            "transactions": {"idle_seconds": 0.3},
+        }
+    )
+    with live_server(config) as a, live_server(config) as b:
+        with waiting_for_log("left memory (idle)") as evicted:
+            async with HaipClient(a.ws_url, token=a.token("owner")) as on_a:
+                first = await on_a.start_transaction("echo")
+            await evicted.wait(1)
+        whole = [kind for kind in ALL_EVENTS if kind not in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END")]
+        async with HaipClient(b.ws_url, token=b.token("owner"), accept_events=whole) as on_b:
+            with anyio.fail_after(15):
+                while True:  # refused until idle_seconds have passed since A saved it (as it left memory)
+                    try:
+                        second = await on_b.start_transaction("echo")
+                        break
+                    except ClientError as refused:
+                        assert refused.code == "RATE_LIMITED"
+                    await anyio.sleep(0.1)
+            await on_b.send_text(second, "still here")
+            echoed = await on_b.wait_for(lambda e: e.type == "MESSAGE" and e.payload == "you said: still here")
+        async with httpx2.AsyncClient(headers={"authorization": f"Bearer {a.token('owner')}"}) as http:
+
+            async def ended() -> bool:  # (each node writes to the store in batches)
+                listed = (await http.get(f"{a.http_url}/haip/transactions")).json()["transactions"]
+                return any(t["id"] == first and t["end_reason"] == REPLACED for t in listed)
+
+            await until(ended)
+    assert echoed.transaction == second
 
 
 NO_REDIS = """

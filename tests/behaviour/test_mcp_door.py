@@ -256,6 +256,21 @@ async def test_mcp_calls_at_once_are_limited_per_user() -> None:
     assert busy.structured_content is not None and busy.structured_content["status"] == "RUN_LIMIT_EXCEEDED"
 
 
+async def test_calls_past_the_users_open_conversations_end_the_least_recently_active_one() -> None:
+    """MCP has no way to end a conversation: each call without ``conversation_id`` opens one, and past
+    ``limits.transactions_per_user`` the oldest idle one ends to make room (it was refused for good)."""
+    config = make_config({"mcp_server": {"enabled": True}, "limits": {"transactions_per_user": 2}})
+    with live_server(config) as live:
+        async with mcp_client(live) as client:
+            answers = [await client.call_tool("echo", {"message": str(n)}) for n in range(4)]
+            opened = [answer.structured_content["conversation_id"] for answer in answers]
+            newest = await client.call_tool("echo", {"message": "on", "conversation_id": opened[-1]})
+            oldest = await client.call_tool("echo", {"message": "back", "conversation_id": opened[0]})
+    assert [answer.is_error for answer in answers] == [False] * 4 and len(set(opened)) == 4
+    assert not newest.is_error and text(newest) == "you said: on"
+    assert oldest.is_error and text(oldest) == f"TRANSACTION_NOT_FOUND: no open conversation {opened[0]!r}"
+
+
 async def test_mcp_calls_share_the_users_message_rate() -> None:
     limits = {"user_messages_per_second": 0.001, "user_message_burst": 2}
     with live_server(make_config({"mcp_server": {"enabled": True}, "limits": limits})) as live:

@@ -1,9 +1,10 @@
 """The conversation layer's quotas: a member's runs across transactions (``RunLimit``) and a user's
-open transactions (``TransactionRegistry.check_room``)."""
+open transactions (``TransactionRegistry.room_for``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import pytest
@@ -13,6 +14,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.runs import RunLimit
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.store.base import TransactionRecord, TransactionState
 from haip_runtime.store.memory import MemoryStore
 
 
@@ -28,16 +30,47 @@ async def test_transactions_per_user_count_only_open_ones_of_that_owner() -> Non
     registry = TransactionRegistry(
         TransactionsConfig(), {}, MemoryStore(), lambda *a: None, limits=LimitsConfig(transactions_per_user=2)
     )
-    for owner, ended in (("u", False), ("u", True), ("v", False)):
+    for number, (owner, ended) in enumerate((("u", False), ("u", True), ("v", False))):
         transaction = registry.new(owner, None)
         transaction.ended = ended
         registry.live[transaction.id] = transaction
-    await registry.check_room("u", "e")
+        transaction.add_member(cast(Member, FakeMember(owner, id=f"m{number}")))
+    assert await registry.room_for("u", "e") is None
     extra = registry.new("u", None)
     registry.live[extra.id] = extra
-    with pytest.raises(ProtocolError) as caught:
-        await registry.check_room("u", "e")
+    extra.add_member(cast(Member, FakeMember("u", id="m3")))
+    with pytest.raises(ProtocolError) as caught:  # both open ones have someone in them
+        await registry.room_for("u", "e")
     assert caught.value.detail == {"limit": "limits.transactions_per_user"}
+    assert "none is idle" in caught.value.message
+    extra.remove_member(extra.members["m3"], quietly=True)
+    assert await registry.room_for("u", "e") == extra.id  # nobody in it any more: it may end for a new one
+
+
+@pytest.mark.anyio
+async def test_at_the_limit_the_least_recently_active_transaction_nobody_is_in_is_the_one_to_end() -> None:
+    store = MemoryStore()
+    registry = TransactionRegistry(
+        TransactionsConfig(), {}, store, lambda *a: None, limits=LimitsConfig(transactions_per_user=3)
+    )
+    now = time.time()
+    gone = TransactionRecord("gone", "u", ("echo",), ("u",), TransactionState.OPEN, now - 60, now - 10)
+    store.save_transaction(gone)  # left memory (or the process restarted): only the store has it
+    in_use, vacant = registry.new("u", None), registry.new("u", None)
+    for transaction, updated in ((in_use, now - 30), (vacant, now - 20)):
+        registry.live[transaction.id] = transaction
+        store.save_transaction(replace(transaction.record(), updated_at=updated))
+    in_use.add_member(cast(Member, FakeMember("u", id="m")))
+    assert await registry.room_for("u", "e") == vacant.id  # older than "gone", but in use: skipped
+    vacant.ended = True
+    assert await registry.room_for("u", "e") is None  # ended: it no longer counts
+    vacant.ended = False
+    store.lag = 0.5  # a store other processes share: "gone" may be live in one of them
+    registry.live.pop(vacant.id)  # (as if it were another node's)
+    with pytest.raises(ProtocolError):  # nothing happened in either for idle_seconds: not known to be idle
+        await registry.room_for("u", "e")
+    store.save_transaction(replace(gone, updated_at=now - TransactionsConfig().idle_seconds - 1))
+    assert await registry.room_for("u", "e") == "gone"
 
 
 def test_a_members_runs_are_counted_across_transactions_and_refused_past_the_limit() -> None:

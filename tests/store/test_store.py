@@ -236,10 +236,13 @@ def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
     assert [e.text[0] for e in history] == ["x"] and history.bytes == 500
 
 
-async def test_open_owned_lists_the_open_transactions_a_user_started(store: Store) -> None:
-    store.save_transaction(record("a1", owner="ann"))
-    store.save_transaction(record("a2", owner="ann", state=TransactionState.ENDED))
+async def test_open_owned_lists_the_open_transactions_a_user_started_least_recently_active_first(
+    store: Store,
+) -> None:
+    store.save_transaction(record("a1", owner="ann", updated_at=1003.0))
+    store.save_transaction(record("a2", owner="ann", state=TransactionState.ENDED, updated_at=1000.0))
     store.save_transaction(record("b1", owner="bob", members=("bob", "ann")))
-    store.save_transaction(record("a3", owner="ann"))
-    assert sorted(await store.open_owned("ann", limit=10)) == ["a1", "a3"]
-    assert len(await store.open_owned("ann", limit=1)) == 1
+    store.save_transaction(record("a3", owner="ann", updated_at=1001.0))
+    store.save_transaction(record("a4", owner="ann", updated_at=1002.0))
+    assert await store.open_owned("ann", limit=10) == [("a3", 1001.0), ("a4", 1002.0), ("a1", 1003.0)]
+    assert await store.open_owned("ann", limit=1) == [("a3", 1001.0)]

@@ -136,7 +136,7 @@ class AguiDoor:
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
         if found is None and not taken:
-            await hub.transactions.check_room(principal.user, run.run_id)  # before the step that makes it
+            await lifecycle.make_room(hub.context, principal, run.run_id)  # before the step that makes it
         # No await from here on: two first runs of one thread at once make one transaction, one member.
         if found is None:
             found = hub.transactions.live.get(thread)
