@@ -126,7 +126,8 @@ class TransactionRegistry:
             if transaction is None and (not self.store.lag or stored[tx] < horizon):
                 return tx
         raise limited(
-            f"you already have {len(owned)} open transactions, and none is idle (end one with TRANSACTION_END)",
+            f"you already have {len(owned)} open transactions, and none is idle (each has a member, connected "
+            "or still able to resume, or a run under way): end one with TRANSACTION_END",
             "transactions_per_user",
             related_id,
         )
