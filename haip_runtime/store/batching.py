@@ -74,6 +74,8 @@ class BatchingWriter:
         self._wake = anyio.Event()
         self._batch_done = anyio.Event()
         self._urgent = False
+        #: Set by ``flush``: a batch gathering now goes at once (a reader waits for it).
+        self._hurry = anyio.Event()
         self._retrying = False  # the batch being written was tried before (it may be half there)
         self._writer_stack = AsyncExitStack()
         self._task_group: TaskGroup | None = None
@@ -162,6 +164,7 @@ class BatchingWriter:
         while self._written < target and self._alive and self.health.state is StorageState.OK:
             self._urgent = True
             self._wake.set()
+            self._hurry.set()
             await self._batch_done.wait()
 
     async def _write_loop(self) -> None:
@@ -171,9 +174,10 @@ class BatchingWriter:
         try:
             while True:
                 await self._wake.wait()
-                if not self._urgent:
-                    await anyio.sleep(self.flush_interval)  # let a batch gather
-                self._wake = anyio.Event()
+                if not self._urgent:  # let a batch gather, unless a reader waits for it meanwhile
+                    with anyio.move_on_after(self.flush_interval):
+                        await self._hurry.wait()
+                self._wake, self._hurry = anyio.Event(), anyio.Event()
                 self._urgent = False
                 batch = self._take()
                 if self._pending:  # a backlog: the next batch goes at once, as urgent as this one

@@ -6,6 +6,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from haip_runtime.config.models import StorageConfig
@@ -246,3 +248,26 @@ async def test_open_owned_lists_the_open_transactions_a_user_started_least_recen
     store.save_transaction(record("a4", owner="ann", updated_at=1002.0))
     assert await store.open_owned("ann", limit=10) == [("a3", 1001.0), ("a4", 1002.0), ("a1", 1003.0)]
     assert await store.open_owned("ann", limit=1) == [("a3", 1001.0)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_read_does_not_wait_out_the_batching_interval(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Reads see what was queued before them (they flush first); the batch then gathering goes at once
+    rather than at the end of ``flush_interval_seconds`` (every TRANSACTION_START reads the user's open
+    transactions: it waited 50 ms on the defaults)."""
+    interval = 5.0  # (the most the config allows)
+    if backend == "postgres":
+        config = StorageConfig(backend="postgres", url=request.getfixturevalue("postgres_url"))
+        store: Store = PostgresStore(config.model_copy(update={"flush_interval_seconds": interval}))
+    else:
+        store = SqliteStore(tmp_path / "haip.db", flush_interval=interval)
+    async with store:
+        await store.open_owned("ann", limit=1)  # the writer's first wake-up is behind it
+        store.save_transaction(record("t1"))
+        for _ in range(3):  # the writer wakes up for it and starts gathering a batch
+            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(interval / 2):
+            owned = await store.open_owned("ann", limit=10)
+    assert owned == [("t1", 1000.0)]
