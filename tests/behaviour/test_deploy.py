@@ -167,7 +167,7 @@ async def test_the_balancer_runs_the_guides_config_with_only_the_addresses_chang
     config = nginx.config
     assert f"listen 127.0.0.1:{nginx.port};" in config
     assert "proxy_buffering off;" in config and "proxy_request_buffering off;" in config
-    assert "10.0.0.1" not in config and config.count("max_fails=1 fail_timeout=10s;") == 2
+    assert "10.0.0.1" not in config and config.count("max_fails=0;") == 2
     # A quiet, healthy stream is never cut: the read timeout outlasts a heartbeat and its timeout.
     session = load_config(EXAMPLE, env=example_env("redis://r", "postgresql://p/d", "http://j", 8080)).session
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", config).group(1))  # type: ignore[union-attr]
@@ -329,6 +329,37 @@ async def test_a_killed_node_its_clients_see_the_close_and_new_connections_reach
     assert sorted(landed) == [0, 1] and pong["payload"]["nonce"] == "still"
     assert answers == [f"you said: after {n}" for n in range(4)]  # none refused: nginx tried the live node
     assert answered == [live_id] * 4
+
+
+async def test_a_rolling_deploy_of_both_nodes_through_nginx_refuses_no_new_connection(
+    redis: RedisServer, postgres_server: PostgresServer
+) -> None:
+    """The guide's order: stop a node, start its new version, wait for /health ok, then the next. With
+    passive checks that marked a node down on a refused connection (max_fails=1), nginx still held the
+    restarted node down (its WebSockets never end, which is what would clear the mark) when the other
+    stopped: every new connection got 502 for fail_timeout (found by a tester: 10 s of them)."""
+    postgres_server.ensure_running()
+    url = postgres_server.create_database("deploy_rolling")
+    try:
+        with deployment(2, redis.url, url) as nodes, balancer("nginx", [n.port for n in nodes.nodes]) as front:
+            first, second = nodes.nodes
+            await anyio.to_thread.run_sync(second.terminate)
+            during = [await echo_round_trip(front.ws_url, nodes.token("ida"), f"during {n}") for n in range(3)]
+            await anyio.to_thread.run_sync(second.start_again)
+            assert (await health(second.http_url))["status"] == "ok"
+            async with AsyncExitStack() as stack:  # clients that stay, as they do: some on the new node
+                for _ in range(4):
+                    peer = await stack.enter_async_context(raw_peer(front.ws_url))
+                    await peer.receive()
+                    await peer.hai(nodes.token("ida"))
+                    await peer.receive_type("INFO")
+                await anyio.to_thread.run_sync(first.terminate)
+                after = [await echo_round_trip(front.ws_url, nodes.token("ida"), f"after {n}") for n in range(4)]
+    finally:
+        postgres_server.ensure_running()
+        postgres_server.drop_database("deploy_rolling")
+    assert during == [f"you said: during {n}" for n in range(3)]
+    assert after == [f"you said: after {n}" for n in range(4)]
 
 
 async def test_a_node_stopped_with_sigterm_closes_its_clients_and_the_rest_carries_on(

@@ -47,6 +47,7 @@ class Node:
     process: subprocess.Popen[str]
     port: int
     log: Path
+    env: dict[str, str]
     banner: list[str] = field(default_factory=list)
 
     @property
@@ -66,6 +67,17 @@ class Node:
         """SIGTERM, as systemd or Kubernetes stop a node; waits for it to exit and returns its code."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL if it lingers: the process running now (started again, perhaps)."""
+        _stop(self.process)
+
+    def start_again(self) -> None:
+        """A new process on the same port and config (a deploy's next version), once it says it is ready."""
+        assert self.process.poll() is not None, "stop it first"
+        _stop(self.process)  # (its pipe closed)
+        self.process = _start(self.env, self.log)
+        self.banner = _banner(self)
 
 
 @dataclass
@@ -106,9 +118,9 @@ def deployment(count: int, redis_url: str | Sequence[str], postgres_url: str) ->
             port = free_port()
             env = {**os.environ, **example_env(urls[index], postgres_url, jwks.url, port)}
             log = folder / f"node{index + 1}.log"
-            process = _start(env, log)
-            stack.callback(_stop, process)
-            nodes.append(Node(process, port, log))
+            node = Node(_start(env, log), port, log, env)
+            stack.callback(node.stop)
+            nodes.append(node)
         for node in nodes:
             node.banner = _banner(node)
         yield Deployment(nodes, key, folder)
