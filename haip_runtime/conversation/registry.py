@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,6 +23,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.shared import follow
 from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ClusterError
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
@@ -68,6 +70,8 @@ class TransactionRegistry:
         self._spawn = spawn
         self._ready = ready
         self._loading: dict[str, anyio.Event] = {}
+        #: Per user with a start under way: one at a time (``starting``).
+        self._starting: dict[str, anyio.Lock] = {}
         #: Called with (agent, status) when a run ends (the runtime's metrics).
         self.on_run_end: Callable[[str, str], None] | None = None
         #: Called with every transaction made (new, or brought back from the store).
@@ -103,39 +107,61 @@ class TransactionRegistry:
             self.on_new(transaction)
         return transaction
 
-    async def room_for(self, user: str, related_id: str) -> str | None:
-        """Before ``user`` starts another transaction (``limits.transactions_per_user``): ``None`` while they
-        own fewer open ones than the limit (idle ones that left memory count: the store knows those);
-        at the limit, the one to end first (``hub.lifecycle.begin`` ends it), as a new session replaces
-        the oldest disconnected one: the least recently active with nobody in it and nothing running.
-        ``RATE_LIMITED`` if there is none."""
+    @asynccontextmanager
+    async def starting(self, user: str) -> AsyncIterator[None]:
+        """One start of ``user``'s at a time, from the quota's count to the new transaction in ``live``:
+        the room one start makes is not taken by another meanwhile."""
+        lock = self._starting.setdefault(user, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._starting.pop(user, None)
+
+    async def room_for(self, user: str, related_id: str, *, passed: Collection[str] = ()) -> str | None:
+        """Before ``user`` starts another transaction (``limits.transactions_per_user``), within ``starting``:
+        ``None`` while they own fewer open ones than the limit (idle ones that left memory count: the store
+        knows those); at the limit, the one to end first (``hub.lifecycle.room_made`` ends it), as a new
+        session replaces the oldest disconnected one: the least recently saved one with nobody in it and
+        nothing running (``passed``: found in use since). ``RATE_LIMITED`` if there is none."""
         limit = self.limits.transactions_per_user
-        stored = dict(await self.store.open_owned(user, limit=limit + len(self.live)))  # the oldest first
+        stored = await self.store.open_owned(user, limit=limit + len(self.live))  # the least recently saved first
         live = {t.id: t for t in self.live.values() if t.owner == user}  # newer than the store, and read after it
         owned = [tx for tx in stored if tx not in live or not live[tx].ended]
         owned += [tx for tx, t in live.items() if not t.ended and tx not in stored]
         if len(owned) < limit:
             return None
-        horizon = time.time() - self.config.idle_seconds
         for tx in owned:  # (the ones only in memory are the newest: last)
-            transaction = live.get(tx)
-            if transaction is not None and self.vacant(transaction):
-                return tx
-            # Not in memory here: idle, unless another process may hold it (a store it shares: ``lag``);
-            # then idle once nothing happened in it for ``idle_seconds`` (a turn there saves it).
-            if transaction is None and (not self.store.lag or stored[tx] < horizon):
+            if tx not in passed and await self._idle(tx, live.get(tx)):
                 return tx
         raise limited(
-            f"you already have {len(owned)} open transactions, and none is idle (each has a member, connected "
-            "or still able to resume, or a run under way): end one with TRANSACTION_END",
+            f"you already have {len(owned)} open transactions, and none can end to make room: each has someone "
+            "in it (connected, or able to resume) or a run under way",
             "transactions_per_user",
             related_id,
         )
 
+    async def _idle(self, transaction_id: str, transaction: Transaction | None) -> bool:
+        """Whether nobody is in ``transaction_id`` and nothing runs in it (``transaction``: it is in memory here)."""
+        if transaction is not None:
+            return self.vacant(transaction)
+        if self.relay is not None:  # no node runs its turns: none hosts it, so nobody is in it anywhere
+            try:
+                return not await self.relay.runs_anywhere(transaction_id)
+            except ClusterError:
+                return False  # not known now: left alone
+        return not self.store.lag  # a store other processes share without a bus: one may hold it, unseen
+
     @staticmethod
     def vacant(transaction: Transaction) -> bool:
-        """Open, with nobody in it and nothing running: it may end to make room for its owner's new one."""
-        return not transaction.ended and not transaction.members and not transaction.busy
+        """Open, with nobody in it and nothing running, here or (in a cluster) on another node as the log
+        shows: it may end to make room for its owner's new one."""
+        shared = transaction.shared
+        elsewhere = shared is not None and bool(
+            shared.users_elsewhere or shared.open_runs or shared.waiting_calls or shared.unanswered
+        )
+        return not transaction.ended and not transaction.members and not transaction.busy and not elsewhere
 
     def add(self, transaction: Transaction) -> None:
         self.live[transaction.id] = transaction

@@ -102,6 +102,12 @@ class Relay:
             self._sending = True
         self.spawn(shared.run)
 
+    async def runs_anywhere(self, transaction_id: str) -> bool:
+        """Whether a node runs the transaction's turns now (holds its lease): every node hosting it
+        contends, and one hosts it while someone is in it there, or was until ``idle_seconds`` ago.
+        ``ClusterError`` if Redis does not answer."""
+        return await self.bus.leases.holder(f"run:{transaction_id}") is not None
+
     def detach(self, transaction: Transaction) -> None:
         """It left this node's memory: stop following it (what it still had to send is sent first)."""
         if transaction.shared is not None:

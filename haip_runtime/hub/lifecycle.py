@@ -9,6 +9,8 @@ in between; an end stops the turns and lets the transaction leave memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from haip_runtime.agents.api import Agent
@@ -24,7 +26,6 @@ from haip_runtime.protocol.codec import parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, parse_seq
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
-from haip_runtime.session.limits import limited
 from haip_runtime.session.session import Session
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ async def begin(
 ) -> Transaction:
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
     TRANSACTION_START does, for every door, after the user's quota of open transactions."""
-    await make_room(ctx, member.principal, related_id)
-    transaction = create(ctx, member, spec, thread_id, params, reference, id)
+    async with room_made(ctx, member.principal, related_id):
+        transaction = create(ctx, member, spec, thread_id, params, reference, id)
     waiting = transaction.shared.unavailable() if transaction.shared is not None else None
     if waiting is not None:  # its TRANSACTION_START reaches the member only once Redis answers: say why now
         # Not related to the request (the start did not fail), nor in the transaction (not known yet).
@@ -86,24 +87,27 @@ async def begin(
 REPLACED = "replaced: its owner started a new transaction past limits.transactions_per_user"
 
 
-async def make_room(ctx: HubContext, principal: Principal, related_id: str) -> None:
-    """``limits.transactions_per_user``, before ``principal`` starts a transaction: at the limit, their least
-    recently active one with nobody in it and nothing running ends (its history stays readable), as a
-    new session replaces the user's oldest disconnected one; ``RATE_LIMITED`` if none can. Clients that
-    never end what they start (the reference CLI, MCP and AG-UI callers, which have no way to) would
-    otherwise be refused for good at their limit."""
-    replaced = await ctx.transactions.room_for(principal.user, related_id)
-    if replaced is None:
-        return
-    found = await ctx.transactions.find(replaced, principal)  # brought back if it left memory (or is elsewhere)
-    if not isinstance(found, Transaction) or found.ended:
-        return  # another start of this user's ended it just now: both go on (one over the limit)
-    if not ctx.transactions.vacant(found):  # someone joined it meanwhile: it stays, and there is no room
-        raise limited(
-            f"your least recently used transaction {replaced} is in use again", "transactions_per_user", related_id
-        )
-    logger.info("transaction %s ends to make room for a new one of %r", replaced, principal.user)
-    await end(ctx, found, REPLACED)
+@asynccontextmanager
+async def room_made(ctx: HubContext, principal: Principal, related_id: str) -> AsyncIterator[None]:
+    """``limits.transactions_per_user``, around the making of ``principal``'s new transaction: at the limit,
+    their least recently saved one with nobody in it and nothing running ends first (its history stays
+    readable), as a new session replaces the user's oldest disconnected one; ``RATE_LIMITED`` if none
+    can. Clients that never end what they start (the reference CLI, MCP and AG-UI callers, which have
+    no way to) were otherwise refused for good at their limit. The user's starts go one at a time
+    through this, so the room one makes is its own."""
+    async with ctx.transactions.starting(principal.user):
+        passed: set[str] = set()
+        while (replaced := await ctx.transactions.room_for(principal.user, related_id, passed=passed)) is not None:
+            found = await ctx.transactions.find(replaced, principal)  # brought back if it left memory
+            if not isinstance(found, Transaction) or found.ended:
+                break  # ended meanwhile: the room is made
+            if not ctx.transactions.vacant(found):
+                passed.add(replaced)  # someone came back to it meanwhile: the next one
+                continue
+            logger.info("transaction %s ends to make room for a new one of %r", replaced, principal.user)
+            await end(ctx, found, REPLACED)
+            break
+        yield
 
 
 def create(
@@ -145,19 +149,25 @@ async def transaction_join(ctx: HubContext, session: Session, envelope: Envelope
             ErrorCode.TRANSACTION_NOT_FOUND, f"no transaction {envelope.transaction!r}", related_id=envelope.id
         )
     if not isinstance(found, Transaction) or found.ended:
-        raise ProtocolError(
-            ErrorCode.TRANSACTION_NOT_FOUND,
-            f"transaction {envelope.transaction} has ended; its history is at "
-            f"GET /haip/transactions/{envelope.transaction}/events",
-            related_id=envelope.id,
-        )
+        raise ended_join(envelope)
     transaction = found
     if request.agent:
         await add_agent(ctx, session, envelope.id, transaction, request.agent)
         return
     transaction.check_room(session, envelope.id)
     history, omitted = await transaction.catch_up(since)
+    if transaction.ended:  # meanwhile (its owner's new one took its place, say): no member of an ended one
+        raise ended_join(envelope)
     admit(ctx, session, transaction, history, omitted)
+
+
+def ended_join(envelope: Envelope) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.TRANSACTION_NOT_FOUND,
+        f"transaction {envelope.transaction} has ended; its history is at "
+        f"GET /haip/transactions/{envelope.transaction}/events",
+        related_id=envelope.id,
+    )
 
 
 def admit(ctx: HubContext, session: Session, transaction: Transaction, history: list[Event], omitted: int) -> None:

@@ -162,9 +162,9 @@ class Store(Protocol):
         """The last ``limit`` events of the log, in order (what a conversation list previews)."""
         ...
 
-    async def open_owned(self, user: str, *, limit: int) -> list[tuple[str, float]]:
-        """``(id, updated_at)`` of up to ``limit`` transactions ``user`` started that have not ended, the
-        least recently active first (quotas count them, and end the oldest idle one to make room)."""
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        """Ids of up to ``limit`` transactions ``user`` started that have not ended, the least recently
+        saved first (quotas count them, and end the oldest idle one to make room)."""
         ...
 
     async def session(self, session_id: str) -> SessionRecord | None: ...

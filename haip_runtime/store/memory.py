@@ -80,9 +80,9 @@ class MemoryStore:
             mine = [r for r in mine if (r.updated_at, r.id) < before]
         return mine[:limit]
 
-    async def open_owned(self, user: str, *, limit: int) -> list[tuple[str, float]]:
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
         owned = [r for r in self._records.values() if r.owner == user and r.state is TransactionState.OPEN]
-        return [(r.id, r.updated_at) for r in sorted(owned, key=lambda r: (r.updated_at, r.id))[:limit]]
+        return [r.id for r in sorted(owned, key=lambda r: (r.updated_at, r.id))[:limit]]
 
     async def events(self, transaction_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
         log = self._logs.get(transaction_id, [])

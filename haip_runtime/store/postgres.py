@@ -161,8 +161,7 @@ READS = {
     "events": "SELECT tseq, body FROM haip_events WHERE tx = $1 AND tseq > $2 ORDER BY tseq LIMIT $3",
     "tail": "SELECT tseq, body FROM haip_events WHERE tx = $1 ORDER BY tseq DESC LIMIT $2",
     "open_owned": (
-        "SELECT id, updated_at FROM haip_transactions WHERE owner = $1 AND state = 'open' "
-        "ORDER BY updated_at, id LIMIT $2"
+        "SELECT id FROM haip_transactions WHERE owner = $1 AND state = 'open' ORDER BY updated_at, id LIMIT $2"
     ),
     "session": "SELECT * FROM haip_sessions WHERE id = $1",
 }
@@ -459,9 +458,9 @@ class PostgresStore(BatchingWriter):
 
         return await self._read(query) if limit > 0 else []
 
-    async def open_owned(self, user: str, *, limit: int) -> list[tuple[str, float]]:
-        async def query(db: Db) -> list[tuple[str, float]]:
-            return [(row[0], row[1]) for row in await db.fetch(READS["open_owned"], user, limit)]
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        async def query(db: Db) -> list[str]:
+            return [row[0] for row in await db.fetch(READS["open_owned"], user, limit)]
 
         return await self._read(query)
 

@@ -284,11 +284,10 @@ class SqliteStore(BatchingWriter):
 
         return await self._read(query)
 
-    async def open_owned(self, user: str, *, limit: int) -> list[tuple[str, float]]:
-        def query(db: sqlite3.Connection) -> list[tuple[str, float]]:
-            sql = "SELECT id, updated_at FROM transactions WHERE owner = ? AND state = ? ORDER BY updated_at, id"
-            sql += " LIMIT ?"
-            return [(row[0], row[1]) for row in db.execute(sql, (user, TransactionState.OPEN.value, limit))]
+    async def open_owned(self, user: str, *, limit: int) -> list[str]:
+        def query(db: sqlite3.Connection) -> list[str]:
+            sql = "SELECT id FROM transactions WHERE owner = ? AND state = ? ORDER BY updated_at, id LIMIT ?"
+            return [row[0] for row in db.execute(sql, (user, TransactionState.OPEN.value, limit))]
 
         return await self._read(query)
 

@@ -289,6 +289,66 @@ async def test_a_transaction_idle_on_another_node_ends_to_make_room_for_its_owne
     assert echoed.transaction == second
 
 
+async def test_a_transaction_whose_turn_runs_on_another_node_is_not_ended_to_make_room(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """A reviewer's finding: the store's updated_at (saved at a run's end, not its start) said idle, and a
+    start on A ended the transaction whose member on B was hearing a story. Now a transaction another
+    node hosts (holds its lease) is never taken."""
+    storyteller = {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 4}}
+    config = make_config(
+        {
+            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
+            "limits": {"transactions_per_user": 1},
+            "transactions": {"idle_seconds": 0.3},
+            "agents": {"storyteller": storyteller},
+        }
+    )
+    with live_server(config) as a, live_server(config) as b:
+        async with HaipClient(b.ws_url, token=b.token("owner")) as on_b:
+            story = await on_b.start_transaction("storyteller")
+            await on_b.send_text(story, "dragons")
+            # Three words in: stored, and past idle_seconds since its last save (at its start), mid-turn.
+            await on_b.wait_for(lambda _: sum(e.type == "MESSAGE_PART" for e in on_b.received) >= 3)
+            async with HaipClient(a.ws_url, token=a.token("owner")) as on_a:
+                with pytest.raises(ClientError) as refused:
+                    await on_a.start_transaction("echo")
+            finished = await on_b.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == story, timeout=30)
+    assert refused.value.code == "RATE_LIMITED" and "none can end to make room" in str(refused.value)
+    assert finished.get("status") == "OK"
+    assert not [e for e in on_b.received if e.type == "TRANSACTION_END"]
+
+
+async def test_a_transaction_a_member_sits_in_silently_on_another_node_is_not_ended_to_make_room(
+    redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """Nothing in the log says the owner is still there on B (a start is not a join, and nothing runs):
+    B holding the transaction's lease does."""
+    config = make_config(
+        {
+            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
+            "limits": {"transactions_per_user": 1},
+            "transactions": {"idle_seconds": 0.3},
+            "session": {"heartbeat_interval_seconds": 0.5},
+        }
+    )
+    with live_server(config) as a, live_server(config) as b:
+        async with HaipClient(b.ws_url, token=b.token("owner")) as on_b:
+            chat = await on_b.start_transaction("echo")
+            await on_b.send_text(chat, "hi")
+            await on_b.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == chat)
+            await on_b.wait_for("PING")  # silent past idle_seconds since its last save (the run's end)
+            async with HaipClient(a.ws_url, token=a.token("owner")) as on_a:
+                with pytest.raises(ClientError) as refused:
+                    await on_a.start_transaction("echo")
+            await on_b.send_text(chat, "still here")
+            echoed = await on_b.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == chat)
+    assert refused.value.code == "RATE_LIMITED"
+    assert echoed.get("status") == "OK" and not [e for e in on_b.received if e.type == "TRANSACTION_END"]
+
+
 NO_REDIS = """
 import sys
 sys.modules["redis"] = None  # any import of redis now fails

@@ -11,6 +11,7 @@ them is still refused."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,7 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
 
 async def start(peer: Any) -> dict[str, Any]:
     await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
-    envelope: dict[str, Any] = await peer.receive()
-    while envelope["type"] not in ("TRANSACTION_START", "ERROR"):
-        envelope = await peer.receive()
-    return envelope
+    return await start_answer(peer)
 
 
 async def listed(live: LiveServer, token: str) -> dict[str, dict[str, Any]]:
@@ -108,4 +106,40 @@ async def test_a_transaction_its_client_left_without_ending_gives_way_while_stil
     assert [records[tx]["end_reason"] for tx in first] == [REPLACED] * QUOTA
     assert refused["type"] == "ERROR" and refused["payload"]["code"] == "RATE_LIMITED"
     assert refused["payload"]["detail"] == {"limit": "limits.transactions_per_user"}
-    assert "none is idle" in refused["payload"]["message"]
+    assert "none can end to make room" in refused["payload"]["message"]
+
+
+async def test_starts_at_once_at_the_limit_never_leave_more_than_the_limit_open(live: LiveServer) -> None:
+    """Each start ends one idle transaction for itself: starts at the same moment, one at a time (a
+    reviewer's finding: they all picked the same one, ended it once, and all went on: 14 open of 2)."""
+    token = live.token("sid")
+    with waiting_for_log("left memory (idle)") as evicted:
+        async with open_peer("websocket", live, token) as peer:
+            await peer.receive()
+            await peer.hai(token)
+            await peer.receive_type("INFO")
+            for _ in range(QUOTA):
+                await start(peer)
+        await evicted.wait(QUOTA)
+    async with AsyncExitStack() as stack:
+        peers = []
+        for _ in range(QUOTA + 2):
+            peer = await stack.enter_async_context(open_peer("websocket", live, token))
+            await peer.receive()
+            await peer.hai(token)
+            await peer.receive_type("INFO")
+            peers.append(peer)
+        for peer in peers:  # all sent before any answer is read
+            await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+        answers = [await start_answer(peer) for peer in peers]
+        records = await listed(live, token)
+    kinds = sorted(answer["type"] for answer in answers)
+    assert kinds == ["ERROR"] * 2 + ["TRANSACTION_START"] * QUOTA  # the new ones each have someone in them
+    assert [record["state"] for record in records.values()].count("open") == QUOTA
+
+
+async def start_answer(peer: Any) -> dict[str, Any]:
+    envelope: dict[str, Any] = await peer.receive()
+    while envelope["type"] not in ("TRANSACTION_START", "ERROR"):
+        envelope = await peer.receive()
+    return envelope

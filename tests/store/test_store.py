@@ -238,7 +238,7 @@ def test_the_agents_history_keeps_its_bounds_by_count_and_by_bytes() -> None:
     assert [e.text[0] for e in history] == ["x"] and history.bytes == 500
 
 
-async def test_open_owned_lists_the_open_transactions_a_user_started_least_recently_active_first(
+async def test_open_owned_lists_the_open_transactions_a_user_started_least_recently_saved_first(
     store: Store,
 ) -> None:
     store.save_transaction(record("a1", owner="ann", updated_at=1003.0))
@@ -246,8 +246,8 @@ async def test_open_owned_lists_the_open_transactions_a_user_started_least_recen
     store.save_transaction(record("b1", owner="bob", members=("bob", "ann")))
     store.save_transaction(record("a3", owner="ann", updated_at=1001.0))
     store.save_transaction(record("a4", owner="ann", updated_at=1002.0))
-    assert await store.open_owned("ann", limit=10) == [("a3", 1001.0), ("a4", 1002.0), ("a1", 1003.0)]
-    assert await store.open_owned("ann", limit=1) == [("a3", 1001.0)]
+    assert await store.open_owned("ann", limit=10) == ["a3", "a4", "a1"]
+    assert await store.open_owned("ann", limit=1) == ["a3"]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -270,4 +270,4 @@ async def test_a_read_does_not_wait_out_the_batching_interval(
             await anyio.lowlevel.checkpoint()
         with anyio.fail_after(interval / 2):
             owned = await store.open_owned("ann", limit=10)
-    assert owned == [("t1", 1000.0)]
+    assert owned == ["t1"]

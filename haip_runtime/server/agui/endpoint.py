@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from ag_ui.core import RunAgentInput
@@ -135,39 +136,40 @@ class AguiDoor:
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 characters")
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
-        if found is None and not taken:
-            await lifecycle.make_room(hub.context, principal, run.run_id)  # before the step that makes it
-        # No await from here on: two first runs of one thread at once make one transaction, one member.
-        if found is None:
-            found = hub.transactions.live.get(thread)
-            taken = taken or (found is not None and not hub.transactions.may_see(found.users, principal))
-        if taken:
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
-        if found is not None and (not isinstance(found, Transaction) or found.ended):
-            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
-        key = (thread, principal.user)
-        member = self.members.get(key)
-        if member is not None:
-            member.principal = principal  # the newest token's rights
-            self.members.move_to_end(key)
-        check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
-        if member is None:
-            member = AguiMember(principal, thread)
-            member.on_idle = self._idle
-            self.members[key] = member
-            while len(self.members) > MAX_MEMBERS:
-                self._forget(self.members.popitem(last=False)[1])
-        if found is None:
-            lifecycle.create(hub.context, member, spec, None, {}, thread, id=thread)
-        elif isinstance(found, Transaction):
-            if not found.is_member(member):
-                found.check_room(member, run.run_id)
-                if found.add_member(member):
-                    joined = p.TransactionJoined(members=found.member_users, agents=list(found.agents))
-                    announce = {**joined.dump(), "joined": member.user}
-                    found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
-            if agent not in found.agents:
-                await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
+        async with AsyncExitStack() as starting:
+            if found is None and not taken:  # the quota, around the step that makes it
+                await starting.enter_async_context(lifecycle.room_made(hub.context, principal, run.run_id))
+            # No await from here on: two first runs of one thread at once make one transaction, one member.
+            if found is None:
+                found = hub.transactions.live.get(thread)
+                taken = taken or (found is not None and not hub.transactions.may_see(found.users, principal))
+            if taken:
+                raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no thread {thread!r} you may continue")
+            if found is not None and (not isinstance(found, Transaction) or found.ended):
+                raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"thread {thread!r} has ended")
+            key = (thread, principal.user)
+            member = self.members.get(key)
+            if member is not None:
+                member.principal = principal  # the newest token's rights
+                self.members.move_to_end(key)
+            check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
+            if member is None:
+                member = AguiMember(principal, thread)
+                member.on_idle = self._idle
+                self.members[key] = member
+                while len(self.members) > MAX_MEMBERS:
+                    self._forget(self.members.popitem(last=False)[1])
+            if found is None:
+                lifecycle.create(hub.context, member, spec, None, {}, thread, id=thread)
+            elif isinstance(found, Transaction):
+                if not found.is_member(member):
+                    found.check_room(member, run.run_id)
+                    if found.add_member(member):
+                        joined = p.TransactionJoined(members=found.member_users, agents=list(found.agents))
+                        announce = {**joined.dump(), "joined": member.user}
+                        found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
+                if agent not in found.agents:
+                    await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
         return member
 
     def _idle(self, member: AguiMember) -> None:
