@@ -12,6 +12,7 @@ clients see (the guide's "rolling deploys").
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+import redis as sync_redis
 from websockets.exceptions import InvalidStatus
 
 from haip_runtime.client import HaipClient, Received
@@ -32,7 +34,7 @@ from tests.support.deployment import EXAMPLE, Deployment, Node, deployment, exam
 from tests.support.netcut import netcut
 from tests.support.peers import SsePeer, StreamPeer
 from tests.support.postgres import PostgresServer
-from tests.support.proxy import Balancer, balancer
+from tests.support.proxy import GUIDE, Balancer, balancer
 from tests.support.raw import raw_peer
 from tests.support.redis import RedisServer, running_redis
 
@@ -360,6 +362,65 @@ async def test_a_rolling_deploy_of_both_nodes_through_nginx_refuses_no_new_conne
         postgres_server.drop_database("deploy_rolling")
     assert during == [f"you said: during {n}" for n in range(3)]
     assert after == [f"you said: after {n}" for n in range(4)]
+
+
+def guide_acl() -> list[str]:
+    """The ``ACL SETUSER`` line of docs/deploy.md, as redis-cli's arguments."""
+    line = next(line.strip() for line in GUIDE.read_text().splitlines() if line.strip().startswith("ACL SETUSER "))
+    return line.split()
+
+
+async def test_a_redis_user_with_the_guides_acl_is_refused_nothing(postgres_server: PostgresServer) -> None:
+    """The guide's ACL line as it stands, on a Redis of this test's own: two nodes behind nginx, a
+    conversation on both, a client whose node is killed resuming on the other, which takes the turns
+    over; then Redis's ACL LOG holds no refusal (a tester found the list the guide gave refused PING,
+    UNSUBSCRIBE, DEL, EXISTS, PEXPIRE and PTTL: nodes said ready, and no conversation worked)."""
+    postgres_server.ensure_running()
+    url = postgres_server.create_database("deploy_acl")
+    states: list[str] = []
+    back = anyio.Event()
+
+    def told(state: str) -> None:
+        states.append(state)
+        if state in ("resumed", "restarted"):
+            back.set()
+
+    try:
+        with running_redis() as redis:
+            cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"  # (as an operator pastes the line)
+            await anyio.run_process([cli, "-p", str(redis.port), *guide_acl()])
+            admin = sync_redis.Redis(port=redis.port)
+            user_url = f"redis://haip:CHANGE-ME@127.0.0.1:{redis.port}/0"
+            with deployment(2, user_url, url) as nodes, balancer("nginx", [n.port for n in nodes.nodes]) as front:
+                async with AsyncExitStack() as stack:
+                    before = await connections(nodes)
+                    ann = await stack.enter_async_context(
+                        HaipClient(front.ws_url, token=nodes.token("ann"), reconnect=30, on_connection=told)
+                    )
+                    landed = [a - b for a, b in zip(await connections(nodes), before, strict=True)].index(1)
+                    transaction = await ann.start_transaction("echo")
+                    others = [  # one on each node, directly: the conversation on both
+                        await stack.enter_async_context(HaipClient(node.ws_url, token=nodes.token("ann"), reconnect=0))
+                        for node in nodes.nodes
+                    ]
+                    for client in others:
+                        await client.join(transaction, since=0)
+                    await others[1 - landed].send_text(transaction, "from the other node")
+                    await others[landed].wait_for(lambda e: e.type == "RUN_FINISHED")
+                    await anyio.to_thread.run_sync(nodes.nodes[landed].kill)
+                    with anyio.fail_after(30):
+                        await back.wait()
+                    await ann.send_text(transaction, "after")
+                    answer = await ann.wait_for(
+                        lambda e: e.type == "MESSAGE_PART" and e.payload.get("text") == "you said: after", timeout=30
+                    )
+            refused = admin.acl_log()
+            admin.close()
+    finally:
+        postgres_server.ensure_running()
+        postgres_server.drop_database("deploy_acl")
+    assert states[0] == "reconnecting" and answer.transaction == transaction
+    assert refused == []
 
 
 async def test_a_node_stopped_with_sigterm_closes_its_clients_and_the_rest_carries_on(
