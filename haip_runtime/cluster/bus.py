@@ -56,7 +56,7 @@ class Bus:
         self.config = config
         self.node_id = config.node_id or make_node_id()
         self.health = BusHealth()
-        self.keys = Keyspace(config.key_prefix)
+        self.keys = Keyspace(config.key_prefix, config.database)
         self.redis = command_client(config.redis_url)
         #: The hot path (appends): one pipelined connection, see ``pipe``.
         self.pipe = Pipe(config.redis_url, timeout=COMMAND_SOCKET_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)

@@ -12,9 +12,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Keyspace:
-    """Names under one ``key_prefix`` (several deployments may share a Redis)."""
+    """Names under one ``key_prefix`` (several deployments may share a Redis).
+
+    Channels also name the database (``db``) when it is not 0: keys live in a database, channels do
+    not, so two deployments on one Redis with different database numbers and the same prefix heard
+    each other's messages (another's forwarded POSTs, bearer tokens included: found by a tester)."""
 
     prefix: str
+    db: int = 0
+
+    @property
+    def _channels(self) -> str:
+        return f"{self.prefix}:db{self.db}" if self.db else self.prefix
 
     def sequence(self, transaction: str) -> str:
         return f"{self.prefix}:{{t:{transaction}}}:seq"
@@ -23,10 +32,10 @@ class Keyspace:
         return f"{self.prefix}:{{t:{transaction}}}:log"
 
     def channel(self, transaction: str) -> str:
-        return f"{self.prefix}:tx:{transaction}"
+        return f"{self._channels}:tx:{transaction}"
 
     def node_channel(self, node: str) -> str:
-        return f"{self.prefix}:node:{node}"
+        return f"{self._channels}:node:{node}"
 
     def replay(self, session: str) -> str:
         return f"{self.prefix}:{{s:{session}}}:replay"

@@ -8,7 +8,7 @@ noun with the ``cluster/`` folder.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -80,7 +80,19 @@ class ClusterConfig(base.Model):
             else:
                 shown = "a value without one" if "@" in value else repr(value)
             raise ValueError(f"must start with redis://, rediss:// or unix:// (redis://host:6379/0), not {shown}")
+        path = urlsplit(value).path
+        if scheme != "unix" and path.strip("/") and not path.strip("/").isdecimal():
+            raise ValueError(f"the database after the port must be a number (redis://host:6379/0), not {path!r}")
         return value
+
+    @property
+    def database(self) -> int:
+        """The database number in ``redis_url`` (0 unless it names one)."""
+        split = urlsplit(self.redis_url)
+        if split.scheme == "unix":
+            numbers = [v for k, v in parse_qsl(split.query) if k == "db" and v.isdecimal()]
+            return int(numbers[0]) if numbers else 0
+        return int(split.path.strip("/") or 0)
 
     @property
     def redis_password(self) -> str | None:

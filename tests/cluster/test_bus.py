@@ -84,3 +84,25 @@ async def test_more_commands_at_once_than_connections_wait_for_one_rather_than_f
                 tg.start_soon(append, n)
         state = bus.health.state
     assert tseqs == [1] * 300 and state is BusState.OK
+
+
+async def test_deployments_on_two_databases_of_one_redis_do_not_hear_each_other(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """Keys live in a database, channels do not: a node on db 5 named like one on db 0 (a staging
+    deployment beside production, same default prefix) was subscribed to its channels and got its
+    forwarded POSTs (a tester's finding). Channels now name the database when it is not 0."""
+    other_db = redis_url.rsplit("/", 1)[0] + "/5"
+    async with bus_at(redis_url, node_id="same") as production, bus_at(other_db, node_id="same") as staging:
+        got, seen_elsewhere = Collector(), Collector()
+        await production.feed.host("T", got)
+        await staging.feed.host("T", seen_elsewhere)
+        listeners = await production.redis.pubsub_numsub(
+            production.keys.node_channel("same"), production.keys.channel("T")
+        )
+        await production.log.append("T", b"for production only", floor=0)
+        await got.wait(1)
+        told = await staging.tell("same", b"hello")  # reaches staging's own node, not production's
+    assert production.keys.node_channel("same") != staging.keys.node_channel("same")
+    assert [count for _, count in listeners] == [1, 1]
+    assert got.payloads == [b"for production only"] and seen_elsewhere.payloads == [] and told

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.config import ConfigError, load_config, masked_dump, secret_values
 from haip_runtime.config.base import masked_url
+from haip_runtime.config.clustering import ClusterConfig
 from tests.config.test_config import run_cli, write
 
 #: ``[cluster]`` needs the PostgreSQL store (not reached by these tests).
@@ -49,6 +51,21 @@ def test_a_url_of_another_scheme_is_one_line_naming_the_key(tmp_path: Path) -> N
     assert str(caught.value) == (
         f"{path}: cluster.redis_url: must start with redis://, rediss:// or unix:// (redis://host:6379/0), not http://"
     )  # the value is not echoed: a URL may carry a password
+
+
+def test_a_database_that_is_not_a_number_is_refused_and_channels_name_the_database(tmp_path: Path) -> None:
+    """``/abc`` was taken as database 0 (``check --connect`` said "answered"); and channels, which no
+    database holds, name the database when it is not 0 (two deployments on one Redis apart)."""
+    path = write(tmp_path, '[cluster]\nredis_url = "redis://:pw@127.0.0.1:6379/abc"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value) == (
+        f"{path}: cluster.redis_url: the database after the port must be a number (redis://host:6379/0), not '/abc'"
+    )
+    five = ClusterConfig(redis_url="redis://127.0.0.1:6379/5")
+    assert five.database == 5 and ClusterConfig(redis_url="unix:///run/redis.sock?db=3").database == 3
+    assert Keyspace("haip", five.database).node_channel("a") == "haip:db5:node:a"
+    assert Keyspace("haip", 0).node_channel("a") == "haip:node:a"  # (as before: a rolling upgrade hears all)
 
 
 @pytest.mark.parametrize(
