@@ -35,13 +35,30 @@ class BusHealth:
     #: Times Redis answered again after being unavailable.
     recoveries: int = 0
     _changed: anyio.Event | None = field(default=None, repr=False)
+    #: Redis answers, but refuses the appends (out of memory, read-only, an ACL): unavailable until one
+    #: succeeds, whatever else it answers meanwhile (its heartbeats and reads kept saying "ok" while every
+    #: conversation stood still: found by a tester with maxmemory and noeviction).
+    _refusing: bool = field(default=False, repr=False)
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
         self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self._set(BusState.UNAVAILABLE)
 
+    def refused(self, exc: BaseException) -> None:
+        """Redis refused appends (``ResponseError``): unavailable until ``appended``."""
+        self.failed(exc)
+        self.error = f"redis refuses appends: {exc}".splitlines()[0]
+        self._refusing = True
+
+    def appended(self) -> None:
+        """An append went through: whatever refused the earlier ones is over."""
+        self._refusing = False
+        self.succeeded()
+
     def succeeded(self) -> None:
+        if self._refusing:
+            return
         if self.state is not BusState.OK:
             self.recoveries += 1
             self.error = None

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
@@ -174,12 +175,21 @@ class TransactionLog:
         results: list[Appended | ClusterError] = []
         for (transaction, _, _), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):  # refused (read-only, out of memory...), or not answered
-                self._health.failed(reply)
                 results.append(
                     ClusterError(f"redis: append to transaction {transaction} failed: {reply or type(reply).__name__}")
                 )
             else:
                 results.append(Appended(int(reply[0]), bool(reply[1])))
+        errors = [reply for reply in replies if isinstance(reply, BaseException)]
+        lost = [error for error in errors if not isinstance(error, ResponseError)]
+        if lost:
+            self._health.failed(lost[0])
+        elif errors and len(errors) == len(replies):
+            self._health.refused(errors[0])  # every append refused: unavailable until one goes through
+        else:
+            self._health.appended()
+            if errors:  # one transaction's refusal among appends: said, until the next command answers
+                self._health.failed(errors[0])
         return results
 
     def _script_call(

@@ -219,7 +219,7 @@ class Fleet:
             with anyio.move_on_after(quiet):
                 await health.wait_for(BusState.OK)
                 continue  # a blip
-            message = f"the cluster's Redis does not answer ({health.error}); what is said waits, in order"
+            message = f"the cluster's Redis is unavailable ({health.error}); what is said waits, in order"
             self._tell(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message)))
             await health.wait_for(BusState.OK)
             self._tell(Event(EventType.INFO, {"event": "cluster", "state": "ok"}))

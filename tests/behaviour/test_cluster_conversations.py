@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+import redis as redis_py
 
 from haip_runtime.client import HaipClient, Received
 from haip_runtime.protocol.events import ALL_EVENTS
@@ -327,3 +328,36 @@ async def test_a_node_stopped_cleanly_ends_its_turns_and_hands_its_transactions_
             )
     assert (ended.type, ended.get("status")) == ("RUN_FINISHED", "CANCELLED")  # not NODE_LOST: it said so itself
     assert answered.transaction == tx  # within seconds, though the lease would last a minute: it was given back
+
+
+async def test_a_redis_out_of_memory_is_told_to_the_members_and_health_until_appends_go_through(
+    own_redis: RedisServer, postgres_url: str, prefix: str
+) -> None:
+    """maxmemory with noeviction, as docs/deploy.md advises, reached: Redis refuses every append but
+    answers reads, heartbeats' reads and renewals. Members heard nothing and /health said ok while every
+    conversation stood still (a tester's finding). Now the bus is unavailable from the first refused
+    append until one goes through: members are told, /health is degraded, and what waited follows in order."""
+    admin = redis_py.Redis(port=own_redis.port)
+    with live_server(node_config(own_redis.url, postgres_url, prefix)) as node:
+        async with (
+            HaipClient(node.ws_url, token=node.token("olga"), accept_events=WHOLE, timeout=15) as olga,
+            httpx2.AsyncClient(base_url=node.http_url) as http,
+        ):
+            tx = await olga.start_transaction("echo")
+            await olga.send_text(tx, "before")
+            await olga.wait_for(all_answered(olga, tx, 1))
+            admin.config_set("maxmemory", 1)  # past it already: every command that would add memory is refused
+            try:
+                await olga.send_text(tx, "while full")
+                told = await olga.wait_for(lambda e: e.type == "ERROR" and e.transaction == tx)
+                during = (await http.get("/health")).json()
+            finally:
+                admin.config_set("maxmemory", 0)
+            back = await olga.wait_for(lambda e: e.type == "INFO" and e.get("event") == "cluster")
+            await olga.wait_for(all_answered(olga, tx, 2))
+            after = (await http.get("/health")).json()
+    admin.close()
+    assert told.get("code") == "STORAGE_UNAVAILABLE" and "maxmemory" in str(told.get("message"))
+    assert during["status"] == "degraded" and during["cluster"]["state"] == "unavailable"
+    assert back.get("state") == "ok" and after["cluster"]["state"] == "ok"
+    assert answers(olga, tx) == ["you said: before", "you said: while full"]

@@ -212,6 +212,21 @@ async def test_the_feed_says_whether_its_subscription_is_up(redis_url: str, bus_
             await until(up)
 
 
+async def test_every_append_refused_keeps_the_bus_unavailable_until_one_goes_through(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """Redis out of memory refuses the appends and answers the rest: the other commands' answers do not
+    make the bus "ok" again (members would hear nothing while nothing moves); an append that goes through does."""
+    async with bus_at(redis_url) as bus:
+        await bus.redis.set(bus.keys.sequence("spoiled"), "not a number")  # its script run fails
+        [refused] = await bus.log.append_batches([("spoiled", [b"s"], 0)])
+        assert isinstance(refused, ClusterError) and bus.health.state == "unavailable"
+        assert await bus.leases.holder("anything") is None  # another command answers meanwhile
+        assert bus.health.state == "unavailable" and (bus.health.error or "").startswith("redis refuses appends")
+        [appended] = await bus.log.append_batches([("A", [b"a"], 0)])
+        assert appended == (1, True) and bus.health.state == "ok"
+
+
 async def test_appends_for_several_transactions_answer_each_alone(redis_url: str, bus_at: BusFactory) -> None:
     """One write for several transactions (the node's sender): a run Redis refuses fails that transaction
     alone, the others are appended, and the bus's health says Redis refused (a reviewer's finding: all
