@@ -143,6 +143,8 @@ class SharedLog(Succession):
         self.waiting_calls: dict[str, str | None] = {}
         #: Calls the log shows made and not done, with their run (a run ended ``NODE_LOST`` ends them too).
         self.open_calls: dict[str, str | None] = {}
+        #: Streamed messages the log shows started and not ended, with their run (a lost run's end them).
+        self.open_messages: dict[str, str] = {}
         #: Users the log shows joined (members on other nodes), for the member lists sent from here.
         self.users_elsewhere: set[str] = set()
         self.end_asked: str | None = None

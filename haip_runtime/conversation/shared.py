@@ -29,6 +29,8 @@ _FOLLOWED = frozenset(
         EventType.TOOL_UPDATE,
         EventType.TOOL_DONE,
         EventType.TRANSACTION_JOIN,
+        EventType.MESSAGE_START,
+        EventType.MESSAGE_END,
     }
 )
 
@@ -48,6 +50,8 @@ class Shared(Protocol):
     waiting_calls: dict[str, str | None]
     #: Calls the log shows made and not done, with the run each belongs to (a lost run's end them).
     open_calls: dict[str, str | None]
+    #: Streamed messages the log shows started and not ended, with the run each belongs to.
+    open_messages: dict[str, str]
     #: How long the turns may take to move to another node.
     handover: float
 
@@ -117,14 +121,18 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
     if event.type not in _FOLLOWED:
         return
     payload = event.payload if isinstance(event.payload, dict) else {}
-    if event.type == EventType.RUN_STARTED and event.run_id:
+    if event.type == EventType.MESSAGE_START and event.run_id and payload.get("message_id"):
+        shared.open_messages[str(payload["message_id"])] = event.run_id
+    elif event.type == EventType.MESSAGE_END:
+        shared.open_messages.pop(str(payload.get("message_id", "")), None)
+    elif event.type == EventType.RUN_STARTED and event.run_id:
         shared.open_runs[event.run_id] = str(payload.get("agent", ""))
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type in _ENDS and event.run_id:
         shared.open_runs.pop(event.run_id, None)
-        for calls in (shared.waiting_calls, shared.open_calls):
-            for call_id in [call for call, run in calls.items() if run == event.run_id]:
-                del calls[call_id]  # its run ended (NODE_LOST among others): nobody waits
+        for open_ in (shared.waiting_calls, shared.open_calls, shared.open_messages):
+            for key in [key for key, run in open_.items() if run == event.run_id]:
+                del open_[key]  # its run ended (NODE_LOST among others): nobody waits
     elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:

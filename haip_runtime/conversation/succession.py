@@ -57,6 +57,7 @@ class Succession:
     owner: bool
     open_runs: dict[str, str]
     open_calls: dict[str, str | None]
+    open_messages: dict[str, str]
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: An end a member asked for while no node held the lease: the next holder carries it out.
     end_asked: str | None
@@ -132,9 +133,14 @@ class Succession:
             self._answer(*self.unanswered.pop(message_id))
 
     def _node_lost(self, run_id: str) -> None:
-        """End ``run_id``, which a node that lost the lease left open in the log, and its tool calls not done
-        (the node that made them stopped them, or died: their ``TOOL_DONE`` never came)."""
+        """End ``run_id``, which a node that lost the lease left open in the log, its streamed message cut
+        short (``MESSAGE_END``, as a run cancelled on one node ends it: clients that show a message at its
+        end showed nothing) and its tool calls not done (the node that made them stopped them, or died:
+        their ``TOOL_DONE`` never came)."""
         self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
+        for message_id in [message for message, run in self.open_messages.items() if run == run_id]:
+            end = Event(EventType.MESSAGE_END, {"message_id": message_id}, channel=Channel.AGENT, run_id=run_id)
+            self.transaction.publish(end)
         for call_id in [call for call, run in self.open_calls.items() if run == run_id]:
             failed = {
                 "call_id": call_id,
