@@ -43,7 +43,9 @@ def command_client(url: str) -> Redis:
     the socket timeout). redis-py's default pool refuses at once past its limit ("Too many
     connections"): under load, with a transaction's appends, leases and windows in flight at
     once, that failed commands that only had to wait."""
-    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=2)
+    # Retried: a connection refused or lost (Redis restarting). Not a timeout: the command may have run
+    # (an INCR twice), and a Redis that hangs was noticed only after three of them (6 s, not 2: a tester).
+    retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=2, supported_errors=(RedisConnectionError,))
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=COMMAND_CONNECTIONS,

@@ -6,9 +6,11 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Bus, BusState
+from haip_runtime.cluster.dialing import COMMAND_SOCKET_TIMEOUT
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol.events import ErrorCode
 from tests.cluster.conftest import BusFactory, Collector, make_config, until
+from tests.support.netcut import netcut
 from tests.support.redis import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -106,3 +108,19 @@ async def test_deployments_on_two_databases_of_one_redis_do_not_hear_each_other(
     assert production.keys.node_channel("same") != staging.keys.node_channel("same")
     assert [count for _, count in listeners] == [1, 1]
     assert got.payloads == [b"for production only"] and seen_elsewhere.payloads == [] and told
+
+
+async def test_a_redis_that_hangs_makes_even_an_idle_node_unavailable_within_a_commands_timeout(
+    own_redis: RedisServer, bus_at: BusFactory
+) -> None:
+    """A node with nothing to say notices through its heartbeat; redis-py tried each timed-out command
+    twice more (6 s where the guide's failure table says 2 s: a tester), and a retried write may run twice."""
+    with netcut(own_redis.port) as cut:
+        async with bus_at(f"redis://127.0.0.1:{cut.port}/0", heartbeat_seconds=0.2) as bus:
+            await bus.nodes.beat()
+            cut.cut("hang")
+            with anyio.fail_after(COMMAND_SOCKET_TIMEOUT + 1.5):  # one timeout and a heartbeat, not three
+                await bus.health.wait_for(BusState.UNAVAILABLE)
+            said = bus.health.error
+            cut.heal()
+    assert said is not None and "Timeout" in said
