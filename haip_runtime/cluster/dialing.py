@@ -67,7 +67,7 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                 await client.ping()
             except (RedisError, OSError) as exc:
                 health.failed(exc)
-                refusal = _refusal(exc)
+                refusal = _refusal(exc, client.connection_pool.connection_kwargs.get("password") is not None)
                 if refusal:  # Redis answered: no retry will change its answer
                     raise ClusterError(refusal) from exc
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # no retry will make the certificate trusted
@@ -86,10 +86,16 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
     raise ClusterError(f"redis did not answer within {timeout:g} s: {health.error}")
 
 
-def _refusal(exc: BaseException) -> str:
+def _refusal(exc: BaseException, password: bool) -> str:
     """What Redis's answer means when it refused the connection for good (a password, a user's rights,
-    a database number), else ''. Other errors (not reached, still loading its data) are waited out."""
+    a database number), else ''. Other errors (not reached, still loading its data) are waited out.
+    ``password``: the URL has one."""
     if isinstance(exc, (AuthenticationError, AuthorizationError)) or "NOAUTH" in str(exc):
+        if not password:  # (Redis's own words then speak of HELLO, which nobody wrote)
+            return (
+                "redis asks for a password and the URL has none: redis://:PASSWORD@host:6379/0 "
+                "(USER:PASSWORD@ for an ACL user)"
+            )
         return f"redis refused the password (or user) in the URL: {exc}"
     if isinstance(exc, NoPermissionError):
         return f"redis's user in the URL may not run the commands the cluster needs: {exc}"

@@ -60,6 +60,9 @@ def test_serve_refuses_a_wrong_redis_password_at_once_saying_so(
         admin.config_set("requirepass", "right")
     lines = serve_refusal(tmp_path, postgres_url, f"redis://:hunter3@127.0.0.1:{own_redis.port}/0")
     assert len(lines) == 1 and "redis refused the password" in lines[0] and "hunter3" not in lines[0]
+    # No password at all: said so (Redis's own words spoke of HELLO, which nobody wrote: a tester).
+    missing = serve_refusal(tmp_path, postgres_url, f"redis://127.0.0.1:{own_redis.port}/0")
+    assert len(missing) == 1 and "redis asks for a password and the URL has none" in missing[0]
 
 
 @contextmanager
