@@ -286,8 +286,7 @@ class Leases:
     async def _renew_due(self) -> None:
         """Renew every lease due within a sixth of its TTL, in one write; lose those whose time ran out."""
         now, doubts = anyio.current_time(), self._doubts
-        for kept in [kept for kept in self._kept if kept.deadline <= now]:
-            self._lose(kept)
+        self._lose_all([kept for kept in self._kept if kept.deadline <= now], "not renewed in time")
         due = [kept for kept in self._kept if kept.due - kept.ttl / 6 <= now]
         if not due:
             return
@@ -313,6 +312,7 @@ class Leases:
                 kept.due = min(now + min(retry, kept.ttl / 3), kept.deadline)
             return
         self._retry = FIRST_RETRY
+        taken: list[_Kept] = []
         for kept, reply in zip(due, replies, strict=True):
             if kept not in self._kept:  # no longer kept (``keep`` cancelled, the block left): nothing to do
                 continue
@@ -324,8 +324,9 @@ class Leases:
                 kept.due = now + kept.ttl / 3
                 if self._doubted.get(kept.lease.name, doubts + 1) <= doubts:  # renewed since the doubt began
                     self._confirmed(kept.lease.name)
-            else:  # another holder has it
-                self._lose(kept)
+            else:  # another holder has it (or Redis lost it)
+                taken.append(kept)
+        self._lose_all(taken, "another holder has them, or redis lost them")
 
     def _forget(self, kept: _Kept) -> None:
         """``kept`` is no longer renewed (lost, or let go): no longer in doubt either."""
@@ -333,9 +334,18 @@ class Leases:
         if not any(other.lease.name == kept.lease.name for other in self._kept):
             self._doubted.pop(kept.lease.name, None)
 
+    def _lose_all(self, lost: list[_Kept], why: str) -> None:
+        """Lose ``lost``, said in one line (a Redis restarted without its data loses every lease a node
+        holds: a line each was a screenful per restart)."""
+        if lost:
+            names = ", ".join(kept.lease.name for kept in lost[:3]) + (", ..." if len(lost) > 3 else "")
+            logger.warning("%d lease(s) lost (%s): %s", len(lost), why, names)
+        for kept in lost:
+            self._lose(kept)
+
     def _lose(self, kept: _Kept) -> None:
         self._forget(kept)
-        logger.warning("lease %s lost", kept.lease.name)
+        logger.debug("lease %s lost", kept.lease.name)
         kept.lease.lost.set()
         if kept.on_lost is not None:
             try:

@@ -244,10 +244,12 @@ class Succession:
         drop what every run published that has not reached the log (one that ended here meanwhile too:
         the next owner ends with ``NODE_LOST`` the runs the log shows open, and a run ends once); the
         waiting messages are the next owner's to answer (it knows them from the log)."""
-        logger.warning("transaction %s: its lease was lost; its turns stop here", self.transaction.id)
         self.owner = False
         unlogged = [run_id for _, _, _, run_id in self._outbox if run_id is not None]
         stopped = list(dict.fromkeys([*self.transaction.runs, *unlogged]))
+        # (Said when it stops something: a Redis restarted without its data loses every lease at once.)
+        log = logger.warning if stopped else logger.debug
+        log("transaction %s: its lease was lost; %d run(s) stop here", self.transaction.id, len(stopped))
         self._given_up.update(stopped)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
@@ -272,7 +274,9 @@ class Succession:
         agents' history from the log, answer the messages no run has answered. Reading is bounded by
         a third of the lease each (it is renewed meanwhile)."""
         transaction = self.transaction
-        logger.info("transaction %s: its turns run on this node now", transaction.id)
+        # (Said when there is something to take over: after a Redis restart every transaction takes its lease again.)
+        log = logger.info if self.open_runs or self.unanswered or self.end_asked is not None else logger.debug
+        log("transaction %s: its turns run on this node now", transaction.id)
         third = self.bus.config.lease_seconds / 3
         await self._caught_up(min(2.0, third))
         stored: list[Event] = []

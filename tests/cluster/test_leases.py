@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -305,3 +306,21 @@ async def test_leases_kept_when_redis_is_lost_are_in_doubt_until_renewed_or_lost
             with anyio.fail_after(5):
                 await told.wait()
             assert confirmed == ["run:again"] and not a.leases.doubting("run:again") and not again.lost.is_set()
+
+
+async def test_leases_lost_together_are_said_in_one_line(
+    redis_url: str, bus_at: BusFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted without its data loses every lease a node holds: a warning each (and two more per
+    transaction from the relay) was a screenful per restart (a tester: 127 lines for 40 transactions)."""
+    caplog.set_level(logging.DEBUG, logger="haip_runtime.cluster.leases")
+    async with bus_at(redis_url) as a, AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(a.leases.hold(f"run:T{i}", 0.6)) for i in range(5)]
+        await a.redis.delete(*(a.keys.lease(f"run:T{i}") for i in range(5)))  # gone, as with a restart
+        with anyio.fail_after(5):
+            for lease in held:
+                assert lease is not None
+                await lease.lost.wait()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "lost" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("5 lease(s) lost (another holder has them, or redis lost")
+    assert warnings[0].endswith(", ...")  # three names, then the rest left out
