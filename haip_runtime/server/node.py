@@ -144,7 +144,10 @@ def main() -> int:
         tell_supervisor("ready", pid=os.getpid(), node=node, agents=list(runtime.agents))
 
     try:
-        sock = bind(config.server.host, config.server.port, share_port=True)
+        # Listening only once the runtime has started (uvicorn listens on it then): the kernel spreads
+        # connections over the listening sockets of the port, and one queued at a worker still reaching
+        # Redis waited out its start-up, then was reset if it failed (found by a tester).
+        sock = bind(config.server.host, config.server.port, share_port=True, listen=False)
         served = run(config, sock, ready)
     except (ConfigError, PluginError) as exc:
         print(f"haip-runtime: worker {spec.index}: {exc}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ hash of their addresses, evenly. The price: connections still queued at a worker
 The supervisor forwards SIGINT and SIGTERM to the workers as SIGTERM (a graceful stop, bounded by
 ``STOP_TIMEOUT_SECONDS``; a second signal kills them), starts a worker that dies unexpectedly again
 after a backoff, and gives up, stopping the others, when one fails to start ``START_ATTEMPTS`` times in a
-row. Workers run in a session of their own (Ctrl-C reaches the supervisor only) and stop when their
+row while none serves. Workers run in a session of their own (Ctrl-C reaches the supervisor only) and stop when their
 stdin closes: the supervisor is gone, even if it was killed with SIGKILL.
 """
 
@@ -37,7 +37,10 @@ from haip_runtime.server.node import MARK, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-#: Starts in a row that end before the worker serves, after which the supervisor gives up.
+#: Starts in a row that end before the worker serves, after which the supervisor gives up, while no
+#: other worker serves (a bad config, a port taken: none ever will). While another serves, it keeps
+#: trying, every ``MAX_BACKOFF_SECONDS`` at most: a worker that died during a Redis outage cannot start
+#: until Redis is back, and giving up stopped the workers that served on, degraded (found by a tester).
 START_ATTEMPTS = 3
 #: The wait before a dead worker is started again, doubled for each death in a row...
 FIRST_BACKOFF_SECONDS = 0.5
@@ -167,7 +170,7 @@ class Supervisor:
             failed_starts = failed_starts + 1 if outcome.served_seconds is None else 0
             deaths = 0 if (outcome.served_seconds or 0) >= STABLE_SECONDS else deaths + 1
             what = f"worker {index} (pid {outcome.pid}) {outcome.describe()}"
-            if failed_starts >= START_ATTEMPTS:
+            if failed_starts >= START_ATTEMPTS and not self.ready:  # (others serve: keep trying, they are up)
                 reason = outcome.error or f"it {outcome.describe()}; its log lines above say why"
                 self.failure = f"worker {index} failed to start {START_ATTEMPTS} times in a row: {reason}"
                 logger.error("%s: stopping the other workers", self.failure)

@@ -34,6 +34,7 @@ from mcp_types import CallToolResult, TextContent
 
 from haip_runtime.client import HaipClient
 from tests.behaviour.test_cluster_conversations import WHOLE, all_answered, answers, logged
+from tests.support.redis import RedisServer
 from tests.support.serving import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -329,6 +330,39 @@ async def test_a_worker_killed_is_replaced_and_the_port_keeps_serving(
     assert int(replaced.group(1)) != victim and replaced.group(2).endswith("-w1.2")  # a new node
     assert set(seen) == {replaced.group(2), next(node for node in seen if node.endswith("-w2"))}
     assert not alive(victim)
+
+
+async def test_a_worker_killed_while_redis_is_down_comes_back_with_redis_and_the_other_serves_on(
+    postgres_url: str, own_redis: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Found by a tester: a worker that died during a Redis outage failed to start three times (it
+    cannot start without Redis), and the supervisor gave up and stopped the other worker too, which
+    was serving, degraded; and connections the kernel queued at the starting worker's socket waited
+    out its start-up, then were reset. Now it keeps trying while another serves, and listens only once
+    it serves."""
+    config = write_config(tmp_path / "site", postgres_url, own_redis.url, prefix)
+    config.write_text(config.read_text().replace("connect_timeout_seconds = 5", "connect_timeout_seconds = 1"))
+    with serving(config) as served:
+        victim = served.worker_pids()[1]
+        await anyio.to_thread.run_sync(own_redis.stop)
+        os.kill(victim, signal.SIGKILL)
+        served.log.wait(rf"worker 1 \(pid {victim}\) was killed by SIGKILL")  # (what it had queued is reset)
+        failed_start = r"worker 1 \(pid \d+\) .* before it served; starting it again in"
+        during: list[str] = []
+        for _ in range(100_000):  # /health over new connections while worker 1 fails to start, and after
+            if len(served.log.matching(failed_start)) >= 3:  # where the supervisor gave up
+                break
+            try:
+                during.append(health(served.port)["status"])
+            except OSError as error:  # reset: queued at the starting worker's socket, which then failed
+                during.append(repr(error))
+        served.log.wait(failed_start, 3)
+        await anyio.to_thread.run_sync(own_redis.start)
+        back = served.log.wait(r"worker 1 serving: pid (\d+)", 2)[1]
+        answer = await echo(served.ws_url, served.banner["token"], "all back")
+        running = served.process.poll()
+    assert running is None and int(back.group(1)) != victim and answer == "you said: all back"
+    assert during and set(during) == {"degraded"}
 
 
 async def test_sigterm_stops_every_worker_gracefully_and_leaves_no_process(
