@@ -129,19 +129,20 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="path to haip.toml (default: ./haip.toml, else the embedded defaults)")
 
 
-def _load(args: argparse.Namespace) -> HaipConfig:
-    """The config named by --config, else ./haip.toml, else the embedded defaults (said on stderr)."""
-    config, note = _resolve(args)
+def _load(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> HaipConfig:
+    """The config named by --config, else ./haip.toml, else the embedded defaults (said on stderr);
+    ``only``: the sections of a file to read (``load_config``)."""
+    config, note = _resolve(args, only)
     if note:
         print(note, file=sys.stderr)
     return config
 
 
-def _resolve(args: argparse.Namespace) -> tuple[HaipConfig, str]:
+def _resolve(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> tuple[HaipConfig, str]:
     """The config and, for the embedded defaults, the line that says so; sets ``args.config`` for messages."""
     if args.config is not None or Path(DEFAULT_CONFIG).exists():
         args.config = args.config or DEFAULT_CONFIG
-        return load_config(args.config), ""
+        return load_config(args.config, only=only), ""
     from haip_runtime.starter import EMBEDDED, embedded_config
 
     config, dropped = embedded_config(Path.cwd())
@@ -234,7 +235,10 @@ def _token(args: argparse.Namespace) -> int:
     from haip_runtime.auth.tokens import Authenticator
     from haip_runtime.server.app import dev_key
 
-    config = _load(args)
+    # What signing needs, not the rest: a node's config reads ${HAIP_REDIS_URL} and the like (a tester).
+    config = _load(args, only=("auth", "roles"))
+    if config.auth.mode == "dev" and Path(args.config).is_file():  # its key is kept beside the store
+        config, _ = _resolve(args, only=("auth", "roles", "storage"))
     key = None
     if config.auth.mode == "dev":
         if config.storage.backend == "memory":

@@ -147,6 +147,15 @@ def test_token_carries_the_roles_given_and_refuses_unknown_ones(tmp_path: Path) 
     assert made.returncode == 0 and claims["sub"] == "ann" and claims["grp"] == ["user", "admin"]
     bad = run(["token", "--config", str(config), "--roles", "root"])
     assert bad.returncode == 1 and bad.stderr.strip().endswith("roles: no [roles.root] in this config")
+    # A node's config: what token does not need is not read (a tester: it asked for HAIP_REDIS_URL).
+    node = tmp_path / "node.toml"
+    node.write_text(
+        config.read_text()
+        + '[storage]\nbackend = "postgres"\nurl = "${HAIP_DATABASE_URL}"\n[cluster]\nredis_url = "${HAIP_REDIS_URL}"\n'
+    )
+    from_node = run(["token", "--config", str(node), "--user", "bob"])
+    assert from_node.returncode == 0, from_node.stderr
+    assert jwt.decode(from_node.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "bob"
 
 
 def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

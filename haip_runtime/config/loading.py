@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,23 +49,32 @@ def _expand_tree(value: Any, env: Mapping[str, str], path: str, file: str) -> An
     return value
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> HaipConfig:
-    """Read, expand and validate a haip.toml. Every failure is a one-line ``ConfigError``."""
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, *, only: Collection[str] | None = None
+) -> HaipConfig:
+    """Read, expand and validate a haip.toml. Every failure is a one-line ``ConfigError``. ``only``: the
+    top-level sections to read (the others take their defaults, their ``${VARS}`` not needed): for a
+    command that needs a few, such as ``token``."""
     file = Path(path)
     shown = str(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
-    return validate_config(read_toml(text, shown, env), base_dir=file.resolve().parent, source=shown)
+    return validate_config(read_toml(text, shown, env, only=only), base_dir=file.resolve().parent, source=shown)
 
 
-def read_toml(text: str, source: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The TOML ``text`` parsed and expanded (``${HAIP_PYTHON}`` is this interpreter), not yet validated."""
+def read_toml(
+    text: str, source: str, env: Mapping[str, str] | None = None, *, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The TOML ``text`` parsed and expanded (``${HAIP_PYTHON}`` is this interpreter), not yet validated;
+    ``only``: these top-level sections alone."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    if only is not None:
+        raw = {section: value for section, value in raw.items() if section in only}
     environment = {"HAIP_PYTHON": sys.executable, **(os.environ if env is None else env)}
     expanded: dict[str, Any] = _expand_tree(raw, environment, "", source)
     return expanded
