@@ -191,6 +191,8 @@ class TransactionRegistry:
         if record is None and self.store.lag:  # just started by another process, perhaps: not yet written
             await anyio.sleep(self.store.lag)
             record = await self.store.transaction(transaction_id)
+        if record is None and self.relay is not None:
+            record = await self._from_log(transaction_id)
         if record is None or not self.may_see(record.members, principal):
             return None
         if record.state is TransactionState.ENDED:
@@ -202,6 +204,33 @@ class TransactionRegistry:
             return await self._bring_back(record)
         finally:
             self._loading.pop(transaction_id).set()
+
+    async def _from_log(self, transaction_id: str) -> TransactionRecord | None:
+        """A transaction the store does not know and the bus's log does: the node that started it died
+        before its store wrote the record. Made again from the log's TRANSACTION_START, and saved; its
+        events follow from the log as for any transaction brought back."""
+        assert self.relay is not None
+        seed = await self.relay.seed(transaction_id)
+        if seed is None:
+            return None
+        owner = str(seed["owner"])
+        record = TransactionRecord(
+            id=transaction_id,
+            owner=owner,
+            agents=tuple(str(agent) for agent in seed.get("agents") or ()),
+            members=(owner,),
+            state=TransactionState.OPEN,
+            created_at=float(seed.get("created_at") or time.time()),
+            updated_at=time.time(),
+            thread_id=seed.get("thread_id") if isinstance(seed.get("thread_id"), str) else None,
+        )
+        logger.warning(
+            "transaction %s: not in the store; made again from the start of its log on the bus (the node that"
+            " started it stopped before writing it)",
+            transaction_id,
+        )
+        self.store.save_transaction(record)
+        return record
 
     async def _bring_back(self, record: TransactionRecord) -> Transaction:
         tail = await self.store.events(record.id, after=record.last_tseq, limit=1_000_000)

@@ -85,10 +85,10 @@ class Shared(Protocol):
         """The transaction left this node: send what is queued, then stop following the log."""
 
 
-def entry(event: Event, node: str, turn: dict[str, Any] | None = None) -> bytes:
+def entry(event: Event, node: str, turn: dict[str, Any] | None = None, seed: dict[str, Any] | None = None) -> bytes:
     """``event`` as an entry of the log on the bus: its envelope fields and payload (encoded once, as
     every member gets it), the node that published it and, for a message another node answers,
-    who sent it (``turn``)."""
+    who sent it (``turn``); for the TRANSACTION_START, what its record begins with (``seed``)."""
     head: dict[str, Any] = {"n": node, "id": event.id, "type": event.type, "channel": event.channel, "ts": event.ts}
     if event.run_id is not None:
         head["run_id"] = event.run_id
@@ -96,6 +96,8 @@ def entry(event: Event, node: str, turn: dict[str, Any] | None = None) -> bytes:
         head["exclude"] = sorted(event.exclude)
     if turn is not None:
         head["turn"] = turn
+    if seed is not None:
+        head["seed"] = seed
     return (fastjson.dumps(head)[:-1] + ',"payload":' + event.payload_json + "}").encode()
 
 
