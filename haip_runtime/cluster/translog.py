@@ -155,6 +155,7 @@ class TransactionLog:
             raise ValueError("append_many needs at least one event")
         with translating(self._health, f"append to transaction {transaction}"):
             reply = await self._pipe.script(APPEND, *self._script_call(transaction, payloads, floor, solo=False))
+        self._health.appended()
         return int(reply[0])
 
     async def append_batches(
@@ -184,8 +185,8 @@ class TransactionLog:
         lost = [error for error in errors if not isinstance(error, ResponseError)]
         if lost:
             self._health.failed(lost[0])
-        elif errors and len(errors) == len(replies):
-            self._health.refused(errors[0])  # every append refused: unavailable until one goes through
+        elif errors and len(errors) == len(replies) and all(refusing(error) for error in errors):
+            self._health.refused(errors[0])  # Redis refuses every append: unavailable until one goes through
         else:
             self._health.appended()
             if errors:  # one transaction's refusal among appends: said, until the next command answers
@@ -218,6 +219,15 @@ class TransactionLog:
                 await self._redis.xrange(self._keys.log(transaction), f"{after + 1}-0", "+", count=limit)
             )
         return [LogEntry(transaction, int(entry_id.split(b"-")[0]), fields[b"d"]) for entry_id, fields in rows]
+
+
+#: What Redis answers when it refuses writes for everyone, not for one transaction's own reason.
+REFUSING = ("OOM", "READONLY", "NOPERM", "MISCONF")
+
+
+def refusing(error: BaseException) -> bool:
+    """Whether ``error`` is Redis refusing writes as a whole (out of memory, a replica, an ACL, a failed save)."""
+    return str(error).startswith(REFUSING)
 
 
 def parse_message(transaction: str, message: bytes) -> list[LogEntry]:

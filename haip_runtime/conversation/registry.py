@@ -218,7 +218,7 @@ class TransactionRegistry:
             id=transaction_id,
             owner=owner,
             agents=tuple(str(agent) for agent in seed.get("agents") or ()),
-            members=(owner,),
+            members=tuple(str(member) for member in seed.get("members") or (owner,)),
             state=TransactionState.OPEN,
             created_at=float(seed.get("created_at") or time.time()),
             updated_at=time.time(),

@@ -50,6 +50,8 @@ SEEN_IDS = 4096
 MAX_OUTBOX = 10_000
 #: How long a transaction brought back waits to follow its log before a member joins it.
 FOLLOW_SECONDS = 5.0
+#: Entries of a log read to make again a transaction's record its starting node never stored (``Relay.seed``).
+SEED_READ = 1000
 #: A streamed part published here and not delivered after this long is not waited for by
 #: the stream's back-pressure (Redis lost it, or is failing: the bus's health says so).
 PACE_GIVE_UP = 1.0
@@ -106,14 +108,25 @@ class Relay:
         """What the record of ``transaction_id`` began with, from its TRANSACTION_START on the bus's log
         (``SharedLog._seed``), if Redis still holds it; ``None`` otherwise (Redis not answering included)."""
         try:
-            first = await self.bus.log.read(transaction_id, 0, limit=1)
+            entries = await self.bus.log.read(transaction_id, 0, limit=SEED_READ)
         except ClusterError:
             return None
-        if not first or first[0].tseq != 1:
+        if not entries or entries[0].tseq != 1:
             return None
-        body = fastjson.loads(first[0].data)
-        seed = body.get("seed") if isinstance(body, dict) and body.get("type") == EventType.TRANSACTION_START else None
-        return seed if isinstance(seed, dict) and isinstance(seed.get("owner"), str) else None
+        bodies = [fastjson.loads(entry.data) for entry in entries]
+        start = bodies[0] if isinstance(bodies[0], dict) else {}
+        seed = start.get("seed") if start.get("type") == EventType.TRANSACTION_START else None
+        if not isinstance(seed, dict) or not isinstance(seed.get("owner"), str):
+            return None
+        joined = [  # the members the record would have listed: who joined since, as far as read
+            str(body["payload"]["joined"])
+            for body in bodies[1:]
+            if isinstance(body, dict)
+            and body.get("type") == EventType.TRANSACTION_JOIN
+            and isinstance(body.get("payload"), dict)
+            and body["payload"].get("joined")
+        ]
+        return {**seed, "members": list(dict.fromkeys([seed["owner"], *joined]))}
 
     async def runs_anywhere(self, transaction_id: str) -> bool:
         """Whether a node runs the transaction's turns now (holds its lease): every node hosting it
@@ -584,6 +597,10 @@ class SharedLog(Succession):
         if ending:
             if transaction.end_seen is not None:
                 transaction.end_seen.set()
+            # Stored ended by every node it reaches: the node that ended it may have died before its
+            # store wrote it (a record made again from the log's start stayed "open": a reviewer).
+            reason = event.payload.get("reason") if isinstance(event.payload, dict) else None
+            transaction.save(end_reason=str(reason) if reason is not None else None)
             if self.relay.on_ended is not None:
                 self.relay.on_ended(transaction)
 

@@ -100,7 +100,8 @@ async def room_made(ctx: HubContext, principal: Principal, related_id: str) -> A
         while (replaced := await ctx.transactions.room_for(principal.user, related_id, passed=passed)) is not None:
             found = await ctx.transactions.find(replaced, principal)  # brought back if it left memory
             if not isinstance(found, Transaction) or found.ended:
-                break  # ended meanwhile: the room is made
+                passed.add(replaced)  # ended meanwhile (or its log says so): counted again, without it
+                continue
             if not ctx.transactions.vacant(found):
                 passed.add(replaced)  # someone came back to it meanwhile: the next one
                 continue

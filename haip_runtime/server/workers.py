@@ -37,10 +37,11 @@ from haip_runtime.server.node import MARK, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-#: Starts in a row that end before the worker serves, after which the supervisor gives up, while no
-#: other worker serves (a bad config, a port taken: none ever will). While another serves, it keeps
-#: trying, every ``MAX_BACKOFF_SECONDS`` at most: a worker that died during a Redis outage cannot start
-#: until Redis is back, and giving up stopped the workers that served on, degraded (found by a tester).
+#: Starts in a row that end before the worker serves, after which the supervisor gives up: at start-up
+#: (a bad config, a port taken, something only one process can hold: it would never serve), or later
+#: when no other worker serves. Once every worker has served and another still does, it keeps trying,
+#: every ``MAX_BACKOFF_SECONDS`` at most: a worker that died during a Redis outage cannot start until
+#: Redis is back, and giving up stopped the workers that served on, degraded (found by a tester).
 START_ATTEMPTS = 3
 #: The wait before a dead worker is started again, doubled for each death in a row...
 FIRST_BACKOFF_SECONDS = 0.5
@@ -170,7 +171,7 @@ class Supervisor:
             failed_starts = failed_starts + 1 if outcome.served_seconds is None else 0
             deaths = 0 if (outcome.served_seconds or 0) >= STABLE_SECONDS else deaths + 1
             what = f"worker {index} (pid {outcome.pid}) {outcome.describe()}"
-            if failed_starts >= START_ATTEMPTS and not self.ready:  # (others serve: keep trying, they are up)
+            if failed_starts >= START_ATTEMPTS and not (self._announced and self.ready):  # (else others serve on)
                 reason = outcome.error or f"it {outcome.describe()}; its log lines above say why"
                 self.failure = f"worker {index} failed to start {START_ATTEMPTS} times in a row: {reason}"
                 logger.error("%s: stopping the other workers", self.failure)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client import ClientError, HaipClient
 from tests.support.serving import ROOT, ServeProcess, serve_process
 
 pytestmark = pytest.mark.anyio
@@ -141,3 +141,28 @@ async def test_a_transaction_whose_node_dies_before_storing_it_is_made_again_fro
                 listed = (await http.get("/haip/transactions")).json()["transactions"]
     assert earlier.transaction == answered.transaction == tx
     assert [(t["id"], t["owner"], t["agents"], t["state"]) for t in listed] == [(tx, "dev", ["patient"], "open")]
+
+
+async def test_a_transaction_ended_before_its_node_stored_anything_is_stored_ended_by_the_next(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A reviewer's finding: made again from the log's start as "open", its TRANSACTION_END (in the log
+    too) then reached the next node's members and memory but not its store: "open" for good, and the
+    quota took it for an idle one to end, again and again."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a", flush=5))  # (writes nothing)
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
+        async with HaipClient(a.banner["WebSocket"].split()[0], token=a.banner["token"], timeout=20) as on_a:
+            tx = await on_a.start_transaction("patient")
+            await on_a.end_transaction(tx, "done here")
+            await on_a.wait_for("TRANSACTION_END")
+            a.process.send_signal(signal.SIGKILL)
+            a.process.wait(timeout=10)
+        async with HaipClient(b.banner["WebSocket"].split()[0], token=b.banner["token"], timeout=20) as on_b:
+            with pytest.raises(ClientError) as refused:
+                await on_b.join(tx, since=0)
+        base, headers = b.banner["health"].removesuffix("/health"), {"Authorization": f"Bearer {b.banner['token']}"}
+        async with httpx2.AsyncClient(base_url=base, headers=headers) as http:
+            listed = (await http.get("/haip/transactions")).json()["transactions"]
+    assert "has ended" in str(refused.value)
+    assert [(t["id"], t["state"], t["end_reason"]) for t in listed] == [(tx, "ended", "done here")]

@@ -411,6 +411,36 @@ def test_a_worker_that_cannot_start_stops_the_serve_with_the_reason(
     assert started and not any(alive(pid) for pid in started)
 
 
+#: A plugin only one process of the machine may load at a time (it holds a lock beside it).
+ONLY_ONE = """
+import fcntl
+from pathlib import Path
+
+from haip_runtime.agents.echo import EchoAgent as Agent
+
+_held = open(Path(__file__).with_suffix(".lock"), "w")
+fcntl.flock(_held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a second process: BlockingIOError, its start fails
+"""
+
+
+def test_a_worker_that_never_starts_while_the_other_serves_stops_the_serve_at_start_up(
+    postgres_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Keeping on trying a worker while another serves is for one that served before (a reviewer: at
+    start-up the serve retried for ever, never printing its banner nor saying why)."""
+    config = write_config(tmp_path / "site", postgres_url, redis_url, prefix, agent="only_one:Agent")
+    (config.parent / "only_one.py").write_text(ONLY_ONE)
+    result = subprocess.run(
+        serve_command(config, "--workers", "2"), capture_output=True, text=True, timeout=180, cwd=config.parent, env=ENV
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and re.fullmatch(
+        r"haip-runtime: worker \d failed to start 3 times in a row: .*", last
+    )
+    assert "BlockingIOError" in last or "Resource temporarily unavailable" in last, last
+    assert "haip-runtime listening" not in result.stdout
+
+
 def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "site", postgres_url, None, "")
     result = subprocess.run(
