@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -113,6 +114,28 @@ async def test_a_tool_call_whose_node_dies_ends_with_its_run(
     assert lost.get("code") == "NODE_LOST"
 
 
+@contextmanager
+def unstored_and_other(
+    redis: str, database: str, prefix: str, folder: Path
+) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+    """Node A, whose store writes nothing within a test (it batches for 5 s), and node B."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis, database, prefix, folder / "a", flush=5))
+        yield a, stack.enter_context(node(redis, database, prefix, folder / "b"))
+
+
+def client_of(node: ServeProcess) -> HaipClient:
+    return HaipClient(node.banner["WebSocket"].split()[0], token=node.banner["token"], timeout=20)
+
+
+async def listed_at(node: ServeProcess) -> list[dict[str, Any]]:
+    """The dev user's transactions as ``node``'s REST history lists them."""
+    base, headers = node.banner["health"].removesuffix("/health"), {"Authorization": f"Bearer {node.banner['token']}"}
+    async with httpx2.AsyncClient(base_url=base, headers=headers) as http:
+        listed: list[dict[str, Any]] = (await http.get("/haip/transactions")).json()["transactions"]
+    return listed
+
+
 async def test_a_transaction_whose_node_dies_before_storing_it_is_made_again_from_the_log(
     redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -120,16 +143,14 @@ async def test_a_transaction_whose_node_dies_before_storing_it_is_made_again_fro
     transaction's events in Redis and no record in PostgreSQL: the client resumed elsewhere was in no
     transaction any more, and a join was TRANSACTION_NOT_FOUND, for good. The log's TRANSACTION_START
     now carries what the record begins with, and the next node makes the record from it."""
-    with ExitStack() as stack:
-        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a", flush=5))  # (writes nothing)
-        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
-        async with HaipClient(a.banner["WebSocket"].split()[0], token=a.banner["token"], timeout=20) as on_a:
+    with unstored_and_other(redis_url, postgres_url, prefix, tmp_path) as (a, b):
+        async with client_of(a) as on_a:
             tx = await on_a.start_transaction("patient")
             await on_a.send_text(tx, "hello")
             await on_a.wait_for("RUN_FINISHED")
             a.process.send_signal(signal.SIGKILL)
             a.process.wait(timeout=10)
-        async with HaipClient(b.banner["WebSocket"].split()[0], token=b.banner["token"], timeout=20) as on_b:
+        async with client_of(b) as on_b:
             await on_b.join(tx, since=0)
             earlier = await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "you said: hello")
             await on_b.send_text(tx, "again")
@@ -149,20 +170,16 @@ async def test_a_transaction_ended_before_its_node_stored_anything_is_stored_end
     """A reviewer's finding: made again from the log's start as "open", its TRANSACTION_END (in the log
     too) then reached the next node's members and memory but not its store: "open" for good, and the
     quota took it for an idle one to end, again and again."""
-    with ExitStack() as stack:
-        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a", flush=5))  # (writes nothing)
-        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b"))
-        async with HaipClient(a.banner["WebSocket"].split()[0], token=a.banner["token"], timeout=20) as on_a:
+    with unstored_and_other(redis_url, postgres_url, prefix, tmp_path) as (a, b):
+        async with client_of(a) as on_a:
             tx = await on_a.start_transaction("patient")
             await on_a.end_transaction(tx, "done here")
             await on_a.wait_for("TRANSACTION_END")
             a.process.send_signal(signal.SIGKILL)
             a.process.wait(timeout=10)
-        async with HaipClient(b.banner["WebSocket"].split()[0], token=b.banner["token"], timeout=20) as on_b:
+        async with client_of(b) as on_b:
             with pytest.raises(ClientError) as refused:
                 await on_b.join(tx, since=0)
-        base, headers = b.banner["health"].removesuffix("/health"), {"Authorization": f"Bearer {b.banner['token']}"}
-        async with httpx2.AsyncClient(base_url=base, headers=headers) as http:
-            listed = (await http.get("/haip/transactions")).json()["transactions"]
+        listed = await listed_at(b)
     assert "has ended" in str(refused.value)
     assert [(t["id"], t["state"], t["end_reason"]) for t in listed] == [(tx, "ended", "done here")]

@@ -248,20 +248,25 @@ async def test_open_transactions_per_user_are_counted_by_the_shared_postgres(pos
     assert refusal.get("detail") == {"limit": "limits.transactions_per_user"}
 
 
+def one_each(url: str, database: str, prefix: str, **sections: Any) -> HaipConfig:
+    """Nodes where a user may own one open transaction, idle after 0.3 s; ``sections`` added."""
+    return make_config(
+        {
+            "cluster": {"redis_url": url, "key_prefix": prefix, **FAST},
+            "storage": {"backend": "postgres", "url": database, "flush_interval_seconds": 0.01},
+            "limits": {"transactions_per_user": 1},
+            "transactions": {"idle_seconds": 0.3},
+            **sections,
+        }
+    )
+
+
 async def test_a_transaction_idle_on_another_node_ends_to_make_room_for_its_owners_new_one(
     redis_url: str, postgres_url: str, prefix: str
 ) -> None:
     """At the limit, a node ends the owner's transaction another node held, once nothing happened in it
     for ``transactions.idle_seconds`` (with the members' sessions gone there, it left that node's memory)."""
-    config = make_config(
-        {
-            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
-            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
-            "limits": {"transactions_per_user": 1},
-            "session": {"resume_timeout_seconds": 0.2},
-            "transactions": {"idle_seconds": 0.3},
-        }
-    )
+    config = one_each(redis_url, postgres_url, prefix, session={"resume_timeout_seconds": 0.2})
     with live_server(config) as a, live_server(config) as b:
         with waiting_for_log("left memory (idle)") as evicted:
             async with HaipClient(a.ws_url, token=a.token("owner")) as on_a:
@@ -295,16 +300,8 @@ async def test_a_transaction_whose_turn_runs_on_another_node_is_not_ended_to_mak
     """A reviewer's finding: the store's updated_at (saved at a run's end, not its start) said idle, and a
     start on A ended the transaction whose member on B was hearing a story. Now a transaction another
     node hosts (holds its lease) is never taken."""
-    storyteller = {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 4}}
-    config = make_config(
-        {
-            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
-            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
-            "limits": {"transactions_per_user": 1},
-            "transactions": {"idle_seconds": 0.3},
-            "agents": {"storyteller": storyteller},
-        }
-    )
+    storyteller = {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 8}}
+    config = one_each(redis_url, postgres_url, prefix, agents={"storyteller": storyteller})
     with live_server(config) as a, live_server(config) as b:
         async with HaipClient(b.ws_url, token=b.token("owner")) as on_b:
             story = await on_b.start_transaction("storyteller")
@@ -325,15 +322,7 @@ async def test_a_transaction_a_member_sits_in_silently_on_another_node_is_not_en
 ) -> None:
     """Nothing in the log says the owner is still there on B (a start is not a join, and nothing runs):
     B holding the transaction's lease does."""
-    config = make_config(
-        {
-            "cluster": {"redis_url": redis_url, "key_prefix": prefix, **FAST},
-            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
-            "limits": {"transactions_per_user": 1},
-            "transactions": {"idle_seconds": 0.3},
-            "session": {"heartbeat_interval_seconds": 0.5},
-        }
-    )
+    config = one_each(redis_url, postgres_url, prefix, session={"heartbeat_interval_seconds": 0.5})
     with live_server(config) as a, live_server(config) as b:
         async with HaipClient(b.ws_url, token=b.token("owner")) as on_b:
             chat = await on_b.start_transaction("echo")

@@ -243,7 +243,7 @@ async def stream_round_trip(
         peer = StreamPeer(stream)
         tg.start_soon(peer.run)
         try:
-            hai = await peer.receive(timeout=10)  # the request body is still open: the response streams already
+            hai = await peer.receive(timeout=4)  # the request body is still open: the response streams already
             await peer.hai(cluster.token("bob"))
             ready = await peer.receive_type("INFO")
             await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
@@ -364,6 +364,19 @@ async def test_a_rolling_deploy_of_both_nodes_through_nginx_refuses_no_new_conne
     assert after == [f"you said: after {n}" for n in range(4)]
 
 
+class Reconnects:
+    """A client's reconnect news (``on_connection``): every state, and ``back`` once it is back."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+        self.back = anyio.Event()
+
+    def __call__(self, state: str) -> None:
+        self.states.append(state)
+        if state in ("resumed", "restarted"):
+            self.back.set()
+
+
 def guide_acl() -> list[str]:
     """The ``ACL SETUSER`` line of docs/deploy.md, as redis-cli's arguments."""
     line = next(line.strip() for line in GUIDE.read_text().splitlines() if line.strip().startswith("ACL SETUSER "))
@@ -377,13 +390,7 @@ async def test_a_redis_user_with_the_guides_acl_is_refused_nothing(postgres_serv
     UNSUBSCRIBE, DEL, EXISTS, PEXPIRE and PTTL: nodes said ready, and no conversation worked)."""
     postgres_server.ensure_running()
     url = postgres_server.create_database("deploy_acl")
-    states: list[str] = []
-    back = anyio.Event()
-
-    def told(state: str) -> None:
-        states.append(state)
-        if state in ("resumed", "restarted"):
-            back.set()
+    told = Reconnects()
 
     try:
         with running_redis() as redis:
@@ -409,7 +416,7 @@ async def test_a_redis_user_with_the_guides_acl_is_refused_nothing(postgres_serv
                     await others[landed].wait_for(lambda e: e.type == "RUN_FINISHED")
                     await anyio.to_thread.run_sync(nodes.nodes[landed].kill)
                     with anyio.fail_after(30):
-                        await back.wait()
+                        await told.back.wait()
                     await ann.send_text(transaction, "after")
                     answer = await ann.wait_for(
                         lambda e: e.type == "MESSAGE_PART" and e.payload.get("text") == "you said: after", timeout=30
@@ -419,7 +426,7 @@ async def test_a_redis_user_with_the_guides_acl_is_refused_nothing(postgres_serv
     finally:
         postgres_server.ensure_running()
         postgres_server.drop_database("deploy_acl")
-    assert states[0] == "reconnecting" and answer.transaction == transaction
+    assert told.states[0] == "reconnecting" and answer.transaction == transaction
     assert refused == []
 
 
@@ -460,13 +467,7 @@ async def test_a_rolling_restart_the_client_reconnects_through_nginx_and_its_con
     the other node by itself, and the transaction (kept in PostgreSQL) answers there."""
     postgres_server.ensure_running()
     url = postgres_server.create_database("deploy_roll")
-    states: list[str] = []
-    back = anyio.Event()
-
-    def told(state: str) -> None:
-        states.append(state)
-        if state in ("resumed", "restarted"):
-            back.set()
+    told = Reconnects()
 
     try:
         with deployment(2, redis.url, url) as nodes, balancer("nginx", [n.port for n in nodes.nodes]) as front:
@@ -479,7 +480,7 @@ async def test_a_rolling_restart_the_client_reconnects_through_nginx_and_its_con
                 stopped, other = nodes.nodes[landed], nodes.nodes[1 - landed]
                 await anyio.to_thread.run_sync(stopped.terminate)
                 with anyio.fail_after(30):
-                    await back.wait()
+                    await told.back.wait()
                 await client.send_text(transaction, "after")
                 answer = await client.wait_for(
                     lambda event: event.type == "MESSAGE_PART" and event.payload.get("text") == "you said: after"
@@ -489,7 +490,7 @@ async def test_a_rolling_restart_the_client_reconnects_through_nginx_and_its_con
         postgres_server.ensure_running()
         postgres_server.drop_database("deploy_roll")
     # "restarted" (a new session, its transactions rejoined) until sessions resume on any node: "resumed".
-    assert states[0] == "reconnecting" and states[1] in ("resumed", "restarted")
+    assert told.states[0] == "reconnecting" and told.states[1] in ("resumed", "restarted")
     assert answer.transaction == transaction and served >= 1
 
 

@@ -341,7 +341,7 @@ async def test_a_worker_killed_while_redis_is_down_comes_back_with_redis_and_the
     out its start-up, then were reset. Now it keeps trying while another serves, and listens only once
     it serves."""
     config = write_config(tmp_path / "site", postgres_url, own_redis.url, prefix)
-    config.write_text(config.read_text().replace("connect_timeout_seconds = 5", "connect_timeout_seconds = 1"))
+    config.write_text(config.read_text().replace("connect_timeout_seconds = 5", "connect_timeout_seconds = 0.3"))
     with serving(config) as served:
         victim = served.worker_pids()[1]
         await anyio.to_thread.run_sync(own_redis.stop)

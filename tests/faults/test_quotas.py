@@ -28,15 +28,19 @@ pytestmark = pytest.mark.anyio
 QUOTA = 3
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveServer]:
-    config = sqlite_config(
-        tmp_path / "haip.db",
+def quota_config(folder: Path, idle_seconds: float) -> Any:
+    """SQLite, QUOTA open transactions a user, sessions resumable 0.2 s, transactions idle after ``idle_seconds``."""
+    return sqlite_config(
+        folder / "haip.db",
         limits={"transactions_per_user": QUOTA},
         session={"resume_timeout_seconds": 0.2},
-        transactions={"idle_seconds": 0.2},
+        transactions={"idle_seconds": idle_seconds},
     )
-    with live_server(config) as server:
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LiveServer]:
+    with live_server(quota_config(tmp_path, idle_seconds=0.2)) as server:
         yield server
 
 
@@ -78,13 +82,7 @@ async def test_fault_9_transactions_that_left_memory_still_count_and_the_oldest_
 
 async def test_a_transaction_its_client_left_without_ending_gives_way_while_still_in_memory(tmp_path: Path) -> None:
     """The reference CLI's way: start, talk, close the socket (1006), never TRANSACTION_END."""
-    config = sqlite_config(
-        tmp_path / "haip.db",
-        limits={"transactions_per_user": QUOTA},
-        session={"resume_timeout_seconds": 0.2},
-        transactions={"idle_seconds": 300},
-    )
-    with live_server(config) as live:
+    with live_server(quota_config(tmp_path, idle_seconds=300)) as live:
         token = live.token("rita")
         with waiting_for_log("not resumed within") as expired:
             async with open_peer("websocket", live, token) as peer:
