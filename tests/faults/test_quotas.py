@@ -10,8 +10,8 @@ them is still refused."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,16 @@ def live(tmp_path: Path) -> Iterator[LiveServer]:
         yield server
 
 
+@asynccontextmanager
+async def ready(live: LiveServer, token: str) -> AsyncIterator[Any]:
+    """A WebSocket peer past its handshake (HAI, its INFO) as the user of ``token``."""
+    async with open_peer("websocket", live, token) as peer:
+        await peer.receive()
+        await peer.hai(token)
+        await peer.receive_type("INFO")
+        yield peer
+
+
 async def start(peer: Any) -> dict[str, Any]:
     await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
     return await start_answer(peer)
@@ -59,16 +69,10 @@ async def listed(live: LiveServer, token: str) -> dict[str, dict[str, Any]]:
 async def test_fault_9_transactions_that_left_memory_still_count_and_the_oldest_gives_way(live: LiveServer) -> None:
     token = live.token("quinn")
     with waiting_for_log("left memory (idle)") as evicted:
-        async with open_peer("websocket", live, token) as peer:
-            await peer.receive()
-            await peer.hai(token)
-            await peer.receive_type("INFO")
+        async with ready(live, token) as peer:
             first = [await start(peer) for _ in range(QUOTA)]
         await evicted.wait(QUOTA)  # the session expired, and its transactions left memory, still open
-    async with open_peer("websocket", live, token) as peer:
-        await peer.receive()
-        await peer.hai(token)
-        await peer.receive_type("INFO")
+    async with ready(live, token) as peer:
         with waiting_for_log("ends to make room") as replaced:
             another = await start(peer)
             await replaced.wait(1)
@@ -85,17 +89,11 @@ async def test_a_transaction_its_client_left_without_ending_gives_way_while_stil
     with live_server(quota_config(tmp_path, idle_seconds=300)) as live:
         token = live.token("rita")
         with waiting_for_log("not resumed within") as expired:
-            async with open_peer("websocket", live, token) as peer:
-                await peer.receive()
-                await peer.hai(token)
-                await peer.receive_type("INFO")
+            async with ready(live, token) as peer:
                 first = [(await start(peer))["transaction"] for _ in range(QUOTA)]
             await expired.wait(1)  # (0.2 s): its transactions have nobody in them, and stay in memory
         assert all(not live.runtime.hub.transactions.live[tx].members for tx in first)
-        async with open_peer("websocket", live, token) as peer:
-            await peer.receive()
-            await peer.hai(token)
-            await peer.receive_type("INFO")
+        async with ready(live, token) as peer:
             another = await start(peer)
             again = [await start(peer) for _ in range(QUOTA - 1)]  # each ends the next oldest
             refused = await start(peer)  # now every open one has this session in it
@@ -112,20 +110,14 @@ async def test_starts_at_once_at_the_limit_never_leave_more_than_the_limit_open(
     reviewer's finding: they all picked the same one, ended it once, and all went on: 14 open of 2)."""
     token = live.token("sid")
     with waiting_for_log("left memory (idle)") as evicted:
-        async with open_peer("websocket", live, token) as peer:
-            await peer.receive()
-            await peer.hai(token)
-            await peer.receive_type("INFO")
+        async with ready(live, token) as peer:
             for _ in range(QUOTA):
                 await start(peer)
         await evicted.wait(QUOTA)
     async with AsyncExitStack() as stack:
         peers = []
         for _ in range(QUOTA + 2):
-            peer = await stack.enter_async_context(open_peer("websocket", live, token))
-            await peer.receive()
-            await peer.hai(token)
-            await peer.receive_type("INFO")
+            peer = await stack.enter_async_context(ready(live, token))
             peers.append(peer)
         for peer in peers:  # all sent before any answer is read
             await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
