@@ -278,7 +278,20 @@ PACKAGES = ("haip-runtime", "redis", "asyncpg", "uvicorn")
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
 #: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
-    "Read this first (2026-12-06, from 21:25 UTC, this file's run): a node's own appends are delivered at "
+    "Read this first (2026-12-07, from 01:10 UTC, this file's run): no change to the echo path but two "
+    "dictionary operations per round trip (the log's followers keep the streamed messages open, so that a run "
+    "ended NODE_LOST ends its message). Measured side by side before this run (the code of that evening, both "
+    "servers pinned to one core, 4 alternating rounds of 6 s): 1.52x at 100 x 1 (per round 1.41-1.54) and "
+    "1.43x at 50 x 4 (1.34-1.48). With the sessions' window mirror switched off for an experiment (not "
+    "shipped): 1.29x and 1.30x, so the mirror is 0.05-0.18 of the ratio and the target is missed without it "
+    "too. What is left on top of the off server (py-spy self time, on less off, per round trip at 100 x 1): "
+    "the relay's per-event work about 34 us, the pipe's commands and replies 19, the sender 12, the mirror "
+    "10, the entries' JSON 8, the event loop and anyio's task bookkeeping 15: no large part, and the trims "
+    "left (own events handed to the relay unparsed, one mirror script per flush, entries built without a "
+    "dict) would save an estimated 10-15 us together. Reaching 1.25x would take a change of design: a node "
+    "numbering a solo transaction's events itself under a lease and appending behind, or session windows "
+    "rebuilt from the transaction logs at takeover instead of mirrored; not attempted.",
+    "Earlier (2026-12-06, from 21:25 UTC): a node's own appends are delivered at "
     "their answer instead of coming back through its subscription, and an append to a transaction no other "
     "node hosts is not published at all (solo appends: haip_runtime/cluster/feed.py, translog.py). Every "
     "echo conversation of this bench is hosted by one node, so its message back, the feed's parsing of it "
