@@ -210,20 +210,9 @@ class TransactionRegistry:
         before its store wrote the record. Made again from the log's TRANSACTION_START, and saved; its
         events follow from the log as for any transaction brought back."""
         assert self.relay is not None
-        seed = await self.relay.seed(transaction_id)
-        if seed is None:
+        record = await self.relay.record_from_log(transaction_id)
+        if record is None:
             return None
-        owner = str(seed["owner"])
-        record = TransactionRecord(
-            id=transaction_id,
-            owner=owner,
-            agents=tuple(str(agent) for agent in seed.get("agents") or ()),
-            members=tuple(str(member) for member in seed.get("members") or (owner,)),
-            state=TransactionState.OPEN,
-            created_at=float(seed.get("created_at") or time.time()),
-            updated_at=time.time(),
-            thread_id=seed.get("thread_id") if isinstance(seed.get("thread_id"), str) else None,
-        )
         logger.warning(
             "transaction %s: not in the store; made again from the start of its log on the bus (the node that"
             " started it stopped before writing it)",

@@ -35,6 +35,7 @@ from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.flow import merged_parts, same_message
 from haip_runtime.session.signal import Signal
+from haip_runtime.store.base import TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -104,9 +105,10 @@ class Relay:
             self._sending = True
         self.spawn(shared.run)
 
-    async def seed(self, transaction_id: str) -> dict[str, Any] | None:
-        """What the record of ``transaction_id`` began with, from its TRANSACTION_START on the bus's log
-        (``SharedLog._seed``), if Redis still holds it; ``None`` otherwise (Redis not answering included)."""
+    async def record_from_log(self, transaction_id: str) -> TransactionRecord | None:
+        """The record of ``transaction_id`` as it began (its TRANSACTION_START's ``SharedLog._seed`` on the
+        bus's log) with the members who joined since, as far as ``SEED_READ`` entries go, if Redis still
+        holds it; ``None`` otherwise (Redis not answering included)."""
         try:
             entries = await self.bus.log.read(transaction_id, 0, limit=SEED_READ)
         except ClusterError:
@@ -118,7 +120,7 @@ class Relay:
         seed = start.get("seed") if start.get("type") == EventType.TRANSACTION_START else None
         if not isinstance(seed, dict) or not isinstance(seed.get("owner"), str):
             return None
-        joined = [  # the members the record would have listed: who joined since, as far as read
+        joined = [
             str(body["payload"]["joined"])
             for body in bodies[1:]
             if isinstance(body, dict)
@@ -126,7 +128,17 @@ class Relay:
             and isinstance(body.get("payload"), dict)
             and body["payload"].get("joined")
         ]
-        return {**seed, "members": list(dict.fromkeys([seed["owner"], *joined]))}
+        owner, thread_id = seed["owner"], seed.get("thread_id")
+        return TransactionRecord(
+            id=transaction_id,
+            owner=owner,
+            agents=tuple(str(agent) for agent in seed.get("agents") or ()),
+            members=tuple(dict.fromkeys([owner, *joined])),
+            state=TransactionState.OPEN,
+            created_at=float(seed.get("created_at") or time.time()),
+            updated_at=time.time(),
+            thread_id=thread_id if isinstance(thread_id, str) else None,
+        )
 
     async def runs_anywhere(self, transaction_id: str) -> bool:
         """Whether a node runs the transaction's turns now (holds its lease): every node hosting it
@@ -246,7 +258,7 @@ class SharedLog(Succession):
     def _seed(self) -> dict[str, Any]:
         """What the transaction's record begins with, in its TRANSACTION_START's entry: if this node dies
         before its store has written the record (it writes in batches), the next node makes it from the
-        log (``Relay.seed``) instead of losing the transaction (found by a tester: a node killed 0.1 s
+        log (``Relay.record_from_log``) instead of losing the transaction (found by a tester: a node killed 0.1 s
         after a start)."""
         record = self.transaction.record()
         return {
