@@ -174,14 +174,15 @@ class TransactionLog:
         with translating(self._health, f"append to {len(calls)} transaction(s)"):
             replies = await self._pipe.script_replies(APPEND, scripted)
         results: list[Appended | ClusterError] = []
+        errors: list[BaseException] = []
         for (transaction, _, _), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):  # refused (read-only, out of memory...), or not answered
+                errors.append(reply)
                 results.append(
                     ClusterError(f"redis: append to transaction {transaction} failed: {reply or type(reply).__name__}")
                 )
             else:
                 results.append(Appended(int(reply[0]), bool(reply[1])))
-        errors = [reply for reply in replies if isinstance(reply, BaseException)]
         lost = [error for error in errors if not isinstance(error, ResponseError)]
         if lost:
             self._health.failed(lost[0])

@@ -99,11 +99,8 @@ async def room_made(ctx: HubContext, principal: Principal, related_id: str) -> A
         passed: set[str] = set()
         while (replaced := await ctx.transactions.room_for(principal.user, related_id, passed=passed)) is not None:
             found = await ctx.transactions.find(replaced, principal)  # brought back if it left memory
-            if not isinstance(found, Transaction) or found.ended:
-                passed.add(replaced)  # ended meanwhile (or its log says so): counted again, without it
-                continue
-            if not ctx.transactions.vacant(found):
-                passed.add(replaced)  # someone came back to it meanwhile: the next one
+            if not isinstance(found, Transaction) or not ctx.transactions.vacant(found):
+                passed.add(replaced)  # ended meanwhile (or its log says so), or someone came back: the next
                 continue
             logger.info("transaction %s ends to make room for a new one of %r", replaced, principal.user)
             await end(ctx, found, REPLACED)
