@@ -295,8 +295,8 @@ async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_
             await sam.join(tx)
             # A's server may still be connecting at the start (that is announced too): the changes below
             # are what this test follows, so it waits until both members see the server's tools.
-            for member in (alice, sam):
-                await member.wait_for(lambda _, member=member: lists_tool(member, "demo.toggle_extra_tool"))
+            await alice.wait_for(lambda _: lists_tool(alice, "demo.toggle_extra_tool"))
+            await sam.wait_for(lambda _: lists_tool(sam, "demo.toggle_extra_tool"))
             await alice.send_text(tx, "/call demo.toggle_extra_tool {}")
             after = int((await sam.wait_for("TOOL_CALL")).raw["tseq"])
             await alice.wait_for(lambda _: lists_tool(alice, "demo.extra"))  # the tools of A's server
