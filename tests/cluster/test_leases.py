@@ -132,15 +132,16 @@ async def test_the_leases_a_node_holds_are_renewed_together_in_one_write(redis_u
 async def test_a_lease_taken_between_renewals_of_a_longer_one_is_renewed_within_its_own_ttl(
     redis_url: str, bus_at: BusFactory
 ) -> None:
+    # (TTLs with room for a loaded machine: a renewal late by more than two thirds of 0.3 s lost the lease.)
     async with bus_at(redis_url) as a:
-        async with a.leases.hold("run:long", 1.5) as long:
+        async with a.leases.hold("run:long", 6) as long:
             commands = a.pipe.commands
 
             async def long_renewed() -> bool:
                 return a.pipe.commands > commands
 
-            await until(long_renewed)  # just renewed: its next renewal is half a second away
-            async with a.leases.hold("run:short", 0.3) as short:
+            await until(long_renewed)  # just renewed: its next renewal is two seconds away
+            async with a.leases.hold("run:short", 1.2) as short:
                 assert long is not None and short is not None
                 for _ in range(3):  # renewed past three times its ttl: it never waited for the long one
                     await renewed(a, ["run:short"])
@@ -251,17 +252,18 @@ async def test_a_redis_that_serves_no_writes_marks_the_bus_unavailable_until_it_
 ) -> None:
     """Renewals refused by Redis itself (here a replica's READONLY; LOADING, OOM...) are the bus failing,
     not one lease's trouble: the bus says so, and the leases go on once Redis serves again."""
-    async with bus_at(own_redis.url, heartbeat_seconds=600) as a, a.leases.hold("run:T0", 3) as lease:
+    # (A TTL with room for a loaded machine: the lease must outlive the refused renewals.)
+    async with bus_at(own_redis.url, heartbeat_seconds=600) as a, a.leases.hold("run:T0", 9) as lease:
         assert lease is not None
         await a.redis.replicaof("127.0.0.1", 1)  # a replica now: writes answer READONLY
 
         async def refused_renewals() -> bool:  # the renewals' own verdict (the heartbeat's is a ReadOnlyError)
             return (a.health.error or "").startswith("ResponseError: READONLY")
 
-        await until(refused_renewals)
+        await until(refused_renewals, timeout=10)
         assert a.health.state is BusState.UNAVAILABLE
         await a.redis.replicaof("NO", "ONE")
-        with anyio.fail_after(5):
+        with anyio.fail_after(10):
             await a.health.wait_for(BusState.OK)
         await renewed(a, ["run:T0"])
         assert not lease.lost.is_set()
