@@ -198,6 +198,17 @@ transport = "python"
 server = "{demo}:server"
 """
 
+#: BENCH_TOML's [limits], for the benches that serve in-process (``make_config``): they measure the
+#: pipeline, not the throttles (past 100 messages a second a session's next is refused RATE_LIMITED).
+RAISED_LIMITS = {
+    "limits": {
+        "messages_per_second": 1e6,
+        "message_burst": 1_000_000,
+        "user_messages_per_second": 1e6,
+        "user_message_burst": 1_000_000,
+    }
+}
+
 DEMO = ROOT / "haip_runtime" / "demo" / "mcp_server.py"
 
 

@@ -29,7 +29,7 @@ from haip_runtime.agents.registry import load_agents  # noqa: E402
 from haip_runtime.auth.tokens import Principal  # noqa: E402
 from haip_runtime.bridge.models import ServerState, ServerStatus  # noqa: E402
 from haip_runtime.config.models import SessionConfig  # noqa: E402
-from haip_runtime.conversation.transaction import AgentSlot, Transaction  # noqa: E402
+from haip_runtime.conversation.transaction import AgentSlot  # noqa: E402
 from haip_runtime.hub.router import Hub  # noqa: E402
 from haip_runtime.protocol.envelope import Event  # noqa: E402
 from haip_runtime.protocol.events import EventType  # noqa: E402
@@ -46,19 +46,19 @@ def populate(hub: Hub, count: int) -> None:
     for number in range(count):
         session = Session(Principal(f"user{number}"), frozenset({"INFO", "TOOL_LIST"}), SessionConfig())
         session.attach(Outbox(10**6))
-        transaction = Transaction(owner=session.user, thread_id=None, spawn=hub.spawn)
+        transaction = hub.transactions.new(session.user, None)
         transaction.add_member(session)
         instance = spec.create(transaction_id=transaction.id, started_by=session.user, params={})
         transaction.add_agent(AgentSlot("echo", instance, ("s",)))
-        hub.transactions[transaction.id] = transaction
+        hub.transactions.add(transaction)
 
 
 def all_at_once(hub: Hub, server: str, state: str, error: str | None) -> None:
     """The fan-out as it was: one synchronous loop over every transaction."""
-    for transaction in list(hub.transactions.values()):
+    for transaction in list(hub.transactions.live.values()):
         if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
             transaction.publish(Event(EventType.INFO, {"event": "mcp.server", "server": server, "state": state}))
-            hub.send_tool_list(transaction)
+            hub.context.send_tool_list(transaction)
 
 
 async def longest_stall(fan_out: object) -> float:
@@ -98,7 +98,7 @@ async def measure(count: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             baseline.append(await longest_stall(lambda: all_at_once(hub, "s", "failed", "down")))
             ours.append(await longest_stall(lambda: hub.server_changed("s", "failed", "down")))
-        hub.transactions.clear()
+        hub.transactions.live.clear()
     return {"baseline": statistics.median(baseline), "ours": statistics.median(ours)}
 
 

@@ -29,7 +29,7 @@ from websockets.asyncio.server import serve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import BASELINE_APP, time_until_ready  # noqa: E402  # type: ignore[import-not-found]
+from common import BASELINE_APP, RAISED_LIMITS, time_until_ready  # noqa: E402  # type: ignore[import-not-found]
 
 from haip_runtime.client import HaipClient  # noqa: E402
 from tests.support.serving import live_server, make_config  # noqa: E402
@@ -42,18 +42,6 @@ def startup(rounds: int) -> dict[str, float]:
         ours.append(time_until_ready(serve, "haip-runtime listening on"))
         base.append(time_until_ready([sys.executable, "-c", BASELINE_APP], "listening"))
     return {"haip_median_s": statistics.median(ours), "baseline_median_s": statistics.median(base)}
-
-
-#: The bench measures round trips, not the rate limits (past 100 messages a second a session's next
-#: is refused RATE_LIMITED, and this loop waited for ever for its RUN_FINISHED).
-UNLIMITED = {
-    "limits": {
-        "messages_per_second": 1e6,
-        "message_burst": 1_000_000,
-        "user_messages_per_second": 1e6,
-        "user_message_burst": 1_000_000,
-    }
-}
 
 
 async def echo_round_trips(url: str, token: str, count: int) -> float:
@@ -88,7 +76,7 @@ async def raw_round_trips(count: int) -> float:
 
 
 def round_trips(count: int) -> dict[str, float]:
-    with live_server(make_config(UNLIMITED)) as live:
+    with live_server(make_config(RAISED_LIMITS)) as live:
         ours = anyio.run(echo_round_trips, live.ws_url, live.token(), count)
     base = anyio.run(raw_round_trips, count)
     return {"haip_turns_per_s": ours, "baseline_round_trips_per_s": base}

@@ -30,6 +30,8 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import RAISED_LIMITS  # noqa: E402  # type: ignore[import-not-found]
+
 from haip_runtime.client import HaipClient  # noqa: E402
 from tests.support.demo_mcp import start_http_demo, stop  # noqa: E402
 from tests.support.serving import live_server, make_config  # noqa: E402
@@ -146,6 +148,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/mcp"
     try:
         config = {
+            **RAISED_LIMITS,
             "agents": {"operator": {"plugin": "operator", "mcp_servers": list(TRANSPORTS)}},
             "mcp": {"servers": servers(url)},
         }
