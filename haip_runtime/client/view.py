@@ -172,8 +172,11 @@ class ChatView:
         elif kind == "INFO" and event.get("event") == "cluster":
             self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
         elif kind == "INFO" and event.get("event") == "mcp.server":
-            error = f": {event.get('error')}" if event.get("error") else ""
-            self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
+            if event.get("tools_changed"):  # connected all along; the new TOOL_LIST follows
+                self.say(f"MCP server {event.get('server')} changed its tools", "dim")
+            else:
+                error = f": {event.get('error')}" if event.get("error") else ""
+                self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
         elif kind == "TRANSACTION_JOIN":
             self.say(f"in this conversation: {', '.join(event.get('members', []) + event.get('agents', []))}", "dim")
         elif kind == "TRANSACTION_END":

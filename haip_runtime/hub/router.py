@@ -264,6 +264,6 @@ class Hub:
             await lifecycle.rejoin(self.context, session, envelope)
         await handler(session, envelope)
 
-    async def server_changed(self, server: str, state: str, error: str | None) -> None:
+    async def server_changed(self, server: str, state: str, error: str | None, *, tools_changed: bool = False) -> None:
         """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it."""
-        await tool_requests.server_changed(self.context, server, state, error)
+        await tool_requests.server_changed(self.context, server, state, error, tools_changed=tools_changed)

@@ -37,10 +37,13 @@ async def tool_list(ctx: HubContext, session: Session, envelope: Envelope) -> No
     ctx.send_tool_list(ctx.member_transaction(session, envelope), only=session)
 
 
-async def server_changed(ctx: HubContext, server: str, state: str, error: str | None) -> None:
+async def server_changed(
+    ctx: HubContext, server: str, state: str, error: str | None, *, tools_changed: bool = False
+) -> None:
     """An MCP server (re)connected, dropped or changed its tools: tell every transaction using it.
 
-    Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` and a fresh TOOL_LIST. In a
+    Members get ``INFO {"event": "mcp.server", "server", "state", "error"}`` (with ``"tools_changed": true``
+    when a server connected all along changed its tools) and a fresh TOOL_LIST. In a
     cluster the INFO comes from the node running the transaction's turns, and every node sends its
     members a fresh TOOL_LIST when it comes through the log (``tools_changed_elsewhere``).
     Yields to other tasks every 100 transactions, so thousands of them never stall the loop.
@@ -50,7 +53,9 @@ async def server_changed(ctx: HubContext, server: str, state: str, error: str | 
             await anyio.lowlevel.checkpoint()
         if not transaction.ended and any(server in slot.tool_servers for slot in transaction.agents.values()):
             if transaction.runs_here:  # in a cluster, the agents' tools are those of the node running them
-                info = {"event": "mcp.server", "server": server, "state": state, "error": error}
+                info: dict[str, Any] = {"event": "mcp.server", "server": server, "state": state, "error": error}
+                if tools_changed:
+                    info["tools_changed"] = True
                 transaction.publish(Event(EventType.INFO, info))  # to members on every node
             ctx.send_tool_list(transaction)
 

@@ -111,7 +111,7 @@ class Runtime:
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, ServerState] = {}
         self._shown: dict[str, tuple[bool, object, str | None]] = {}
-        self._notices: MemoryObjectSendStream[tuple[str, str, str | None]] | None = None
+        self._notices: MemoryObjectSendStream[tuple[str, str, str | None, bool]] | None = None
         #: The event loop serving it (``server.event_loop``): known once started.
         self.event_loop = ""
 
@@ -133,7 +133,7 @@ class Runtime:
         self.hub.spawn(self.timers.run)
         self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)
         if self.tools is not None:
-            self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None]](math.inf)
+            self._notices, pending = anyio.create_memory_object_stream[tuple[str, str, str | None, bool]](math.inf)
             self.hub.spawn(self._run_bridge)
             self.hub.spawn(self._notify_members, pending)
         return self
@@ -181,18 +181,20 @@ class Runtime:
         self._server_states[status.name] = status.state
         self.metrics.server_state(status.name, status.state)
         shown = (connected, status.tools, status.error)
-        if self._shown.get(status.name) == shown:
+        before = self._shown.get(status.name)
+        if before == shown:
             return  # another retry of a failing server: nothing a member sees has changed
         self._shown[status.name] = shown
+        tools_changed = connected and before is not None and before[0]  # connected all along: its tools changed
         if self._notices is not None:
             with contextlib.suppress(anyio.ClosedResourceError):
-                self._notices.send_nowait((status.name, status.state.value, status.error))
+                self._notices.send_nowait((status.name, status.state.value, status.error, tools_changed))
 
-    async def _notify_members(self, pending: MemoryObjectReceiveStream[tuple[str, str, str | None]]) -> None:
+    async def _notify_members(self, pending: MemoryObjectReceiveStream[tuple[str, str, str | None, bool]]) -> None:
         """Tell transactions about server changes in order, off the supervisor's call stack."""
         async with pending:
-            async for name, state, error in pending:
-                await self.hub.server_changed(name, state, error)
+            async for name, state, error, tools_changed in pending:
+                await self.hub.server_changed(name, state, error, tools_changed=tools_changed)
 
     async def serve(self, transport: Transport) -> None:
         """Serve one connection over ``transport`` until either side ends it."""

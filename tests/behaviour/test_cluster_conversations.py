@@ -309,7 +309,8 @@ async def test_a_tool_list_change_on_the_node_running_the_turns_is_announced_on_
             await sam.wait_for(lambda e: e.type == "TOOL_LIST" and sam.received.index(e) > position(sam, last))
             seen = [announced(alice, after), announced(sam, after)]
             told = [e for e in sam.received if e.type == "INFO" and int(e.raw.get("tseq") or 0) in seen[1]]
-    assert [(e.get("server"), e.get("state")) for e in told] == [("demo", "connected")] * 2
+    changes = [(e.get("server"), e.get("state"), e.get("tools_changed")) for e in told]
+    assert changes == [("demo", "connected", True)] * 2
     # Announced by A alone, each change once to each member: not once per node.
     assert seen[0] == seen[1] and len(set(seen[1])) == 2
 

@@ -11,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from haip_runtime.bridge import McpBridge, ServerState, ServerStatus
+from haip_runtime.bridge import McpBridge, ServerState, ServerStatus, ToolInfo
 from haip_runtime.bridge.dialer import describe_failure, shown_url
 from haip_runtime.config.models import McpServerConfig, McpStdioConfig
 from haip_runtime.server.app import Runtime
@@ -61,20 +61,26 @@ async def test_a_server_that_never_finishes_the_handshake_says_so() -> None:
 async def test_members_hear_of_state_changes_not_of_every_retry() -> None:
     config = make_config({"mcp": {"servers": {"ghost": {"transport": "stdio", "command": "/nonexistent"}}}})
     runtime = Runtime(config)
-    send, receive = anyio.create_memory_object_stream[tuple[str, str, str | None]](100)
+    send, receive = anyio.create_memory_object_stream[tuple[str, str, str | None, bool]](100)
     runtime._notices = send
     down = "cannot start '/nonexistent': command not found"
+    tool = ToolInfo("ghost", "boo", "", {"type": "object"}, None, None)
     for state in [ServerState.FAILED, ServerState.RECONNECTING] * 5:
         runtime._server_changed(ServerStatus("ghost", state, (), down, 0))
     runtime._server_changed(ServerStatus("ghost", ServerState.CONNECTED, (), None, 1))
+    runtime._server_changed(ServerStatus("ghost", ServerState.CONNECTED, (tool,), None, 1))  # a tool came
+    runtime._server_changed(ServerStatus("ghost", ServerState.CONNECTED, (tool,), None, 1))  # a relist, the same
     runtime._server_changed(ServerStatus("ghost", ServerState.RECONNECTING, (), "connection lost: gone", 1))
+    runtime._server_changed(ServerStatus("ghost", ServerState.CONNECTED, (tool,), None, 2))  # back: not a change
     send.close()
     async with receive:
         notices = [notice async for notice in receive]
     assert notices == [
-        ("ghost", "failed", down),
-        ("ghost", "connected", None),
-        ("ghost", "reconnecting", "connection lost: gone"),
+        ("ghost", "failed", down, False),
+        ("ghost", "connected", None, False),
+        ("ghost", "connected", None, True),
+        ("ghost", "reconnecting", "connection lost: gone", False),
+        ("ghost", "connected", None, False),
     ]
 
 

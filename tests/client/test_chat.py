@@ -431,3 +431,19 @@ def test_the_chat_says_when_the_clusters_redis_answers_again() -> None:
     view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
     view.on_event(Received({"type": "INFO", "payload": {"event": "cluster", "state": "ok"}}))
     assert shown == ["the cluster's Redis answers again (cluster ok): what waited goes on"]
+
+
+def test_the_chat_says_a_connected_server_changed_its_tools_rather_than_that_it_connected() -> None:
+    """A server's tool-list change was shown as its state: the chat said "MCP server demo connected"
+    in the middle of a conversation (seen trying it)."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
+    for extra in ({}, {"tools_changed": True}):  # it connects during the conversation, then changes its tools
+        payload = {"event": "mcp.server", "server": "demo", "state": "connected", "error": None, **extra}
+        view.on_event(Received({"type": "INFO", "payload": payload}))
+    assert shown == ["MCP server demo connected", "MCP server demo changed its tools"]

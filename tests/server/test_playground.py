@@ -113,6 +113,17 @@ def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) 
     expect(page.locator("#run")).to_be_hidden()
 
 
+def test_a_server_changing_its_tools_is_said_so_and_the_list_follows(page: Page) -> None:
+    start(page, "operator")
+    expect(page.locator("li.tool[data-tool='demo.add']")).to_be_visible()
+    say(page, "/call demo.toggle_extra_tool")
+    expect(page.locator("li.tool[data-tool='demo.extra']")).to_be_visible()
+    expect(page.locator(".note", has_text="MCP server demo changed its tools")).to_have_count(1)
+    say(page, "/call demo.toggle_extra_tool")  # and back, for the tests after this one
+    expect(page.locator("li.tool[data-tool='demo.extra']")).to_have_count(0)
+    expect(page.locator(".note", has_text="MCP server demo changed its tools")).to_have_count(2)
+
+
 def test_the_slow_tool_shows_a_live_progress_bar_that_reaches_done(page: Page) -> None:
     start(page, "operator")
     page.evaluate(WATCH_PROGRESS)

@@ -324,7 +324,11 @@ function render(env) {
     case "TOOL_UPDATE": return toolUpdate(p);
     case "TOOL_DONE": return toolDone(p);
     case "INFO":
-      if (p.event === "mcp.server") note(`MCP server ${p.server}: ${p.state}${p.error ? ` (${p.error})` : ""}`);
+      if (p.event === "mcp.server" && p.tools_changed) {
+        note(`MCP server ${p.server} changed its tools`);  // connected all along: the new list follows
+      } else if (p.event === "mcp.server") {
+        note(`MCP server ${p.server}: ${p.state}${p.error ? ` (${p.error})` : ""}`);
+      }
       return;
     default:
   }
