@@ -172,7 +172,7 @@ class ChatView:
         elif kind == "INFO" and event.get("event") == "cluster":
             self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
         elif kind == "INFO" and event.get("event") == "mcp.server":
-            if event.get("tools_changed"):  # connected all along; the new TOOL_LIST follows
+            if event.get("tools_changed"):  # connected all along; a fresh TOOL_LIST follows
                 self.say(f"MCP server {event.get('server')} changed its tools", "dim")
             else:
                 error = f": {event.get('error')}" if event.get("error") else ""

@@ -143,7 +143,7 @@ async def test_a_lease_taken_between_renewals_of_a_longer_one_is_renewed_within_
             await until(long_renewed)  # just renewed: its next renewal is two seconds away
             async with a.leases.hold("run:short", 1.2) as short:
                 assert long is not None and short is not None
-                for _ in range(3):  # renewed past three times its ttl: it never waited for the long one
+                for _ in range(3):  # renewed three times before the long one's next renewal: it never waited for it
                     await renewed(a, ["run:short"])
                 assert await a.leases.holder("run:short") == short.token and not short.lost.is_set()
             assert not long.lost.is_set()
