@@ -31,7 +31,7 @@ import mcp_types as types  # noqa: E402
 from mcp import Client  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 
-from bench.common import percentile  # noqa: E402
+from bench.common import RAISED_LIMITS, percentile  # noqa: E402
 from haip_runtime.bridge.tasks import _create  # noqa: E402  (the SDK sends no task-augmented call)
 from haip_runtime.client import HaipClient  # noqa: E402
 from haip_runtime.protocol.events import ALL_EVENTS  # noqa: E402
@@ -116,8 +116,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="timed turns per client (default: 1000)")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (default: 10)")
     args = parser.parse_args()
-    limits = {"messages_per_second": 1e6, "user_messages_per_second": 1e6}  # the bench measures latency, not quotas
-    config = make_config({"mcp_server": {"enabled": True}, "limits": limits})
+    config = make_config({**RAISED_LIMITS, "mcp_server": {"enabled": True}})  # latency, not quotas
     with live_server(config) as live:
         samples = anyio.run(measure, live, args.calls, args.rounds)
     haip = samples["HAIP WebSocket"]
