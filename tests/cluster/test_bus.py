@@ -11,7 +11,8 @@ from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol.events import ErrorCode
 from tests.cluster.conftest import BusFactory, Collector, make_config, until
 from tests.support.netcut import netcut
-from tests.support.redis import RedisServer, free_port
+from tests.support.ports import free_port
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.anyio
 

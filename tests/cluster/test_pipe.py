@@ -21,7 +21,8 @@ from haip_runtime.cluster.health import BusHealth
 from haip_runtime.cluster.pipe import Pipe, Subscriber
 from haip_runtime.exceptions import ClusterError
 from tests.support.netcut import NetCut, netcut
-from tests.support.redis import RedisServer, free_port, running_redis
+from tests.support.ports import free_port
+from tests.support.redis import RedisServer, running_redis
 
 pytestmark = pytest.mark.anyio
 

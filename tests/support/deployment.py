@@ -28,7 +28,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.jwks_server import jwk_of, serve_jwks
-from tests.support.redis import free_port
+from tests.support.ports import free_port
 from tests.support.serving import ROOT
 
 EXAMPLE = ROOT / "config" / "multi-node.toml"

@@ -29,7 +29,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -40,6 +39,8 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+
+from tests.support.ports import free_port
 
 #: Names a PostgreSQL to use instead of starting one: a superuser's URL (it creates databases).
 URL_VARIABLE = "HAIP_TEST_POSTGRES_URL"
@@ -87,14 +88,6 @@ def find_binaries() -> Path:
 def _version(folder: str) -> tuple[int, ...]:
     name = Path(folder).parent.name
     return tuple(int(part) for part in name.split(".") if part.isdigit())
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the server binds it moments later; ``start`` retries a lost race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def server_account() -> pwd.struct_passwd | None:

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.ports import free_port
 from tests.support.postgres import server_account
-from tests.support.redis import free_port
 from tests.support.serving import ROOT
 
 GUIDE = ROOT / "docs" / "deploy.md"

@@ -22,14 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from tests.support.ports import free_port
+
 READY_LINE = b"Ready to accept connections"
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def ping(port: int, timeout: float = 5.0) -> None:
