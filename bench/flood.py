@@ -208,8 +208,9 @@ def report(results: dict[str, Any], seconds: float) -> str:
         "|---|---|",
         f"| flooder closed with | {results['close_code']} ({results['close_reason']}) |",
         f"| closed after | {results['closed_after']:.2f} s |",
-        f"| its socket cut after | {results['cut_after']:.2f} s ({results['sent']} messages sent until then: after"
-        " the close frame uvicorn reads and discards until the client's close reply or its close timeout) |",
+        f"| its socket cut after | {results['cut_after']:.2f} s ({results['sent']} messages sent until then: uvicorn"
+        " reads a WebSocket it closed until the close reply, and the runtime aborts one with none within"
+        " 2 s, server/sockets.py; uvicorn alone would read for 10 s) |",
         f"| frames it was behind at its close | {results['backlog_at_close']} "
         "(bound: session.max_buffered_messages = 1000) |",
         f"| FLOW_CONTROL_VIOLATIONs it was sent | {results['violations']} |",

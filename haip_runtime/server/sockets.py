@@ -8,6 +8,11 @@ it looks at the connection it came on after ``GRACE`` seconds and again after as
 are still waiting and none left in between, the peer is not reading, and the socket is aborted
 (RST, its buffer freed). A peer that reads, or an idle keep-alive connection, is left alone.
 
+A WebSocket the runtime closed waits for the peer's close frame; uvicorn (its websockets-sansio
+protocol) meanwhile reads and discards whatever the peer sends, for up to 10 s (a timeout it does not
+let us set): a client flooding a session that was closed for it went on being read. So a WebSocket
+whose close frame went out and that is still open at the reaper's first look is closed at once.
+
 uvicorn does not give the app its transport: ``attach(server)`` lets the reaper find the
 connection by the client address in the scope, among the server's open connections.
 """
@@ -54,15 +59,17 @@ class SocketReaper:
                 continue
             waiting = transport.get_write_buffer_size()
             if not waiting:
+                if getattr(connection, "close_sent", False) is True and not transport.is_closing():
+                    # Our close frame went out and no close came back (uvicorn would read for 10 s). Closed,
+                    # not reset: a slow client still reads what was sent (the kernel resets only a peer
+                    # that keeps sending).
+                    transport.close()
+                    logger.info("closed the socket of %s:%d: its peer did not answer the close frame", *client)
                 return  # drained (or an idle keep-alive connection): nothing stuck
             if before is None or waiting < before:  # first look, or the peer reads: look again later
                 asyncio.get_running_loop().call_later(self.grace, self._look, client, waiting)
                 return
-            sock = transport.get_extra_info("socket")
-            if sock is not None:  # close with a reset: the kernel frees what it still holds for the peer
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.abort()
+            _abort(transport)
             logger.info("aborted the socket of %s:%d: %d bytes unread by a peer that stopped reading", *client, waiting)
             return
 
@@ -87,6 +94,15 @@ class SocketReaper:
             first_seen = seen
             if closed:
                 logger.info("closed %d connections with no complete request head in %g s", closed, head_timeout)
+
+
+def _abort(transport: Any) -> None:
+    """Close with a reset: the kernel frees at once what it still holds for the peer, both ways."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ReapOnEnd:

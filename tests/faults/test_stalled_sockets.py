@@ -5,7 +5,10 @@ within seconds when bytes wait and none leave."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -119,3 +122,77 @@ async def test_fault_6_the_socket_of_a_client_that_never_reads_is_aborted(kind: 
                 await http.get(f"{live.http_url}/health")
             still = established(live.port, port)
     assert not still
+
+
+def masked_text(text: str) -> bytes:
+    """One masked client text frame (RFC 6455 section 5.2), built by hand: no library answers for us."""
+    data, mask = text.encode(), os.urandom(4)
+    length = len(data)
+    head = bytes([0x81]) + (
+        bytes([0x80 | length])
+        if length < 126
+        else bytes([0x80 | 126]) + length.to_bytes(2, "big")
+        if length < 65536
+        else bytes([0x80 | 127]) + length.to_bytes(8, "big")
+    )
+    return head + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(data))
+
+
+async def upgraded(live: LiveServer) -> tuple[socket.socket, int]:
+    """A plain socket through the WebSocket handshake (then frames by hand); with its port."""
+    sock = socket.create_connection(("127.0.0.1", live.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /haip/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await anyio.to_thread.run_sync(sock.recv, 4096)
+    assert head.startswith(b"HTTP/1.1 101"), head[:80]
+    return sock, int(sock.getsockname()[1])
+
+
+async def test_a_websocket_that_never_answers_the_close_frame_is_closed(live: LiveServer) -> None:
+    """uvicorn reads a WebSocket it closed until the peer's close frame, for up to 10 s; a client that
+    keeps sending instead (a flood) was read all that time. Now the reaper closes it at its first look."""
+    sock, port = await upgraded(live)
+    try:
+        with waiting_for_log("closed the socket of 127.0.0.1") as closed:
+            sock.sendall(masked_text(hai("not-a-token")))  # refused: the runtime closes the WebSocket
+            with anyio.fail_after(20):
+                while not closed.count(also=f":{port}:"):  # sending on, never a close frame back
+                    try:
+                        sock.sendall(masked_text(ping(2)))
+                    except OSError:
+                        break  # cut
+                    with contextlib.suppress(TimeoutError):
+                        await closed.wait(1, timeout=0.2, also=f":{port}:")
+            await closed.wait(1, timeout=5, also=f":{port}:")
+        why = [message for message in closed.messages if f":{port}:" in message]
+        assert "did not answer the close frame" in why[0], why
+        async with httpx2.AsyncClient() as http:  # the server's loop has closed that socket by now
+            await http.get(f"{live.http_url}/health")
+        assert not established(live.port, port)
+    finally:
+        sock.close()
+
+
+async def test_a_quiet_client_late_to_answer_the_close_still_reads_everything_then_the_end(live: LiveServer) -> None:
+    """Closed, not reset: a client that is slow to read (and sends nothing) gets the runtime's error, its
+    close frame and then the end of the stream, not a reset that would drop what it had not read."""
+    sock, port = await upgraded(live)
+    try:
+        with waiting_for_log("closed the socket of 127.0.0.1") as closed:
+            sock.sendall(masked_text(hai("not-a-token")))
+            await closed.wait(1, timeout=20, also=f":{port}:")
+        data = b""
+        with anyio.fail_after(10):
+            while chunk := await anyio.to_thread.run_sync(sock.recv, 65536):  # ConnectionResetError if reset
+                data += chunk
+        assert b'"code":"AUTHENTICATION_FAILED"' in data, data[:300]
+        close = data.rfind(b"\x88")  # the server's close frame (FIN + opcode 8, unmasked) ends the stream
+        assert close > 0 and data[close + 4 :] == b"authentication failed: invalid token", data[-60:]
+        assert int.from_bytes(data[close + 2 : close + 4], "big") == 1008, data[close:]
+    finally:
+        sock.close()
