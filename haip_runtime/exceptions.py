@@ -84,7 +84,11 @@ class ProtocolError(HaipError):
 
 
 class DecodeError(ProtocolError):
-    """Bytes that are not a valid envelope. ``detail["where"]`` names the offending field."""
+    """Bytes that are not a valid envelope. ``detail["where"]`` names the offending field; ``seq`` is the
+    frame's own ``seq`` when it could be read (a refused envelope still takes its place in the client's
+    numbering: no gap to ask for)."""
+
+    seq: str | None = None
 
 
 class HandshakeError(ProtocolError):

@@ -358,6 +358,8 @@ class Chat:
             except ClientError as exc:
                 if self.lost is None:
                     self.view.say(f"✗ {exc}" + (f" ({exc.code})" if exc.code else ""), "red")
+                    if not terminal.echoes_input and exc.code:  # a script must see that a line was refused
+                        self.failed.append(exc.code)
         raise ClientError(self.lost)
 
 

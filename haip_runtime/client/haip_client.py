@@ -43,6 +43,8 @@ Predicate = Callable[["Received"], bool]
 _FINAL_CLOSE_CODES = frozenset({1000, 1002, 1008, 1009})
 #: Envelopes kept until the runtime acknowledges them, to re-send after a reconnect.
 MAX_UNACKED = 10_000
+#: PROTOCOL.md section 2's default frame limit, for a server whose HAI does not say its own.
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class HaipClient:
         self.on_connection = on_connection
         self.session_id: str | None = None
         self.epoch: str | None = None
+        #: The largest frame the server takes (its HAI's ``capabilities.max_frame_bytes``; 1 MiB until it says).
+        self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
         self.user: str | None = None
         self.received: list[Received] = []
         #: The last ``tseq`` seen per transaction: where to rejoin from after a restart.
@@ -325,8 +329,11 @@ class HaipClient:
             extra.setdefault("id", new_id())
             self._held.append((type, payload, transaction, channel, extra))
             return str(extra["id"])
+        frame = self._envelope(type, payload, seq=self._seq + 1, transaction=transaction, channel=channel, **extra)
+        if (size := len(frame.encode())) > self.max_frame_bytes:  # refused here: the server would refuse it
+            message = f"{type} of {size} bytes is over the server's limit of {self.max_frame_bytes}; not sent"
+            raise ClientError(message, code="MESSAGE_TOO_LARGE")
         self._seq += 1
-        frame = self._envelope(type, payload, seq=self._seq, transaction=transaction, channel=channel, **extra)
         self._unacked[self._seq] = frame
         if len(self._unacked) > MAX_UNACKED:
             self._unacked.popitem(last=False)
@@ -407,6 +414,8 @@ class HaipClient:
             self._reading.set()
 
     def _on_event(self, event: Received) -> None:
+        if event.type == "HAI" and isinstance(limit := event.get("capabilities", {}).get("max_frame_bytes"), int):
+            self.max_frame_bytes = limit
         if self.session_id is None or event.raw.get("session") != self.session_id:
             # A new connection's own session: kept until the handshake says whether it is ours.
             if self._pending is not None:

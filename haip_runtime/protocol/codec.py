@@ -28,37 +28,60 @@ P = TypeVar("P", bound=BaseModel)
 
 
 def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
-    """Decode one frame. Raises ``DecodeError`` (INVALID_MESSAGE, MESSAGE_TOO_LARGE, UNSUPPORTED_TYPE)."""
+    """Decode one frame. Raises ``DecodeError`` (INVALID_MESSAGE, MESSAGE_TOO_LARGE, UNSUPPORTED_TYPE),
+    with the frame's ``id`` as ``related_id`` and its ``seq`` when they can be read."""
     size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
     if size > max_bytes:
-        raise DecodeError(
-            ErrorCode.MESSAGE_TOO_LARGE,
-            f"frame of {size} bytes exceeds the limit of {max_bytes}",
-            detail={"where": "frame", "limit": max_bytes},
+        raise _identified(
+            DecodeError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"frame of {size} bytes exceeds the limit of {max_bytes}",
+                detail={"where": "frame", "limit": max_bytes},
+            ),
+            _readable(frame) if size <= max_bytes * READ_OVERSIZE else None,
         )
     raw = load_json(frame)
     if not isinstance(raw, dict):
         raise DecodeError(ErrorCode.INVALID_MESSAGE, "an envelope must be a JSON object", detail={"where": "/"})
-    related = raw.get("id") if isinstance(raw.get("id"), str) else None
     try:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
         where, what = _first_error(exc)
-        raise DecodeError(
-            ErrorCode.INVALID_MESSAGE,
-            f"invalid envelope at {where}: {what}",
-            related_id=related,
-            detail={"where": where},
-        ) from exc
+        error = DecodeError(ErrorCode.INVALID_MESSAGE, f"invalid envelope at {where}: {what}", detail={"where": where})
+        raise _identified(error, raw) from exc
     envelope._size = size
     if envelope.crit and envelope.unknown_fields:
-        raise DecodeError(
+        error = DecodeError(
             ErrorCode.UNSUPPORTED_TYPE,
             f"critical envelope carries unknown fields: {', '.join(envelope.unknown_fields)}",
             related_id=envelope.id,
             detail={"where": "/" + envelope.unknown_fields[0]},
         )
+        error.seq = envelope.seq
+        raise error
     return envelope
+
+
+#: A frame over the limit is still read for its ``id`` and ``seq`` up to this many times the limit
+#: (past it, only the transport's own bound applies, and the frame is not parsed at all).
+READ_OVERSIZE = 4
+
+
+def _readable(frame: str | bytes) -> Any:
+    try:
+        return load_json(frame)
+    except DecodeError:
+        return None
+
+
+def _identified(error: DecodeError, raw: Any) -> DecodeError:
+    """``error`` with the ``id`` (as ``related_id``) and ``seq`` of the refused frame, where it has them."""
+    if isinstance(raw, dict):
+        if isinstance(raw.get("id"), str):
+            error.related_id = raw["id"]
+        if isinstance(raw.get("seq"), str):
+            error.seq = raw["seq"]
+    return error
 
 
 def load_json(frame: str | bytes, *, where: str = "frame") -> Any:

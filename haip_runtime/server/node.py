@@ -26,6 +26,7 @@ import uvicorn
 from haip_runtime.config import HaipConfig, secret_values
 from haip_runtime.exceptions import ConfigError, PluginError
 from haip_runtime.observability.logs import configure_logging
+from haip_runtime.protocol.codec import READ_OVERSIZE
 from haip_runtime.server import allocator
 from haip_runtime.server.app import Runtime, create_app
 
@@ -87,19 +88,28 @@ def run(config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], N
     uv_config = uvicorn.Config(
         create_app(config, runtime),
         log_config=None,
-        ws_max_size=config.server.max_frame_bytes + 1024,
-        ws_per_message_deflate=config.server.ws_per_message_deflate,
         loop=config.server.event_loop,
         timeout_graceful_shutdown=5,
-        # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
-        ws_ping_interval=config.session.heartbeat_interval_seconds,
-        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
+        **websocket_options(config),
     )
     allocator.settle()
     server = Server(uv_config)
     runtime.reaper.attach(server)  # sockets of ended connections whose peer stopped reading are aborted
     server.run(sockets=[sock])
     return server.started
+
+
+def websocket_options(config: HaipConfig) -> dict[str, Any]:
+    """uvicorn's WebSocket settings for ``config``."""
+    return {
+        # Frames over the limit, up to READ_OVERSIZE times it, reach the runtime and get ERROR MESSAGE_TOO_LARGE
+        # (the connection stays, the frame keeps its seq); only larger ones are closed 1009 by uvicorn.
+        "ws_max_size": config.server.max_frame_bytes * READ_OVERSIZE + 1024,
+        "ws_per_message_deflate": config.server.ws_per_message_deflate,
+        # WebSocket ping/pong finds dead peers: a healthy client silent in HAIP stays (PROTOCOL.md section 3).
+        "ws_ping_interval": config.session.heartbeat_interval_seconds,
+        "ws_ping_timeout": config.session.heartbeat_timeout_seconds,
+    }
 
 
 def tell_supervisor(kind: str, **fields: Any) -> None:

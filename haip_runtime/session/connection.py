@@ -125,6 +125,8 @@ class Connection:
             "binary_frames": self.link.binary_frames,
             "flow_control": self.gateway.config.flow_control.model_dump(),
             "max_concurrent_runs": self.config.max_concurrent_runs,
+            # The largest frame taken (MESSAGE_TOO_LARGE past it): a client can say so before it sends.
+            "max_frame_bytes": self.gateway.config.server.max_frame_bytes,
             "signed_envelopes": False,
         }
         return {
@@ -246,6 +248,7 @@ async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
     (``serve_detached``): the answers wait in the session's window for the next stream."""
     if isinstance(item, DecodeError):
         logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
+        session.refused_inbound(item.seq)
         session.send_error(item)
         return
     try:

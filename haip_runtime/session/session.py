@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import FlowControlConfig, LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
-from haip_runtime.protocol.envelope import Envelope, Event, secret_id
+from haip_runtime.protocol.envelope import Envelope, Event, parse_uint64, secret_id
 from haip_runtime.protocol.errors import error_payload
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, CloseCode, ErrorCode, EventType
 from haip_runtime.session.flow import (
@@ -283,7 +283,18 @@ class Session:
             self._seen_ids.popitem(last=False)
         if self.sink is not None:
             self.sink.took(self, envelope.id)
-        number = envelope.numeric_seq
+        return self._count_inbound(envelope.numeric_seq)
+
+    def refused_inbound(self, seq: str | None) -> None:
+        """A frame refused before it was an envelope (too large, invalid) whose ``seq`` could be read: it
+        arrived, so it takes its place in a numbered client's seqs (acked; no gap asked for)."""
+        number = parse_uint64(seq)
+        if number is not None and self._inbound_numeric:
+            self._count_inbound(number)
+            if self.liveness is not None:
+                self.liveness.watch_gap()
+
+    def _count_inbound(self, number: int | None) -> bool:
         if self._inbound_numeric is None:
             self._inbound_numeric = number == 1
         if not self._inbound_numeric or number is None:

@@ -293,6 +293,19 @@ def test_piped_input_talks_and_answers_without_a_terminal(chat_server: LiveServe
     assert "operator › demo.delete_everything returned: pretended to delete everything" in done.stdout
 
 
+def test_a_piped_line_over_the_servers_limit_is_refused_and_the_next_one_is_answered(chat_server: LiveServer) -> None:
+    """A tester's find: a 2,000,000-character line closed the socket (1009) and the chat gave up, losing the
+    lines after it. The client now refuses it before sending (the server's HAI says its limit)."""
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--agent", "echo"]
+    command += ["--token", chat_server.token("ann")]
+    lines = "z" * 2_000_000 + "\nafter the big one\n"
+    done = subprocess.run(command, input=lines, capture_output=True, text=True, timeout=60)
+    assert "✗ MESSAGE of 2000" in done.stdout and "over the server's limit of 1048576; not sent" in done.stdout
+    assert "echo › you said: after the big one" in done.stdout, done.stdout[-500:]
+    assert done.returncode == 1  # a script must see that a line was refused
+    assert done.stderr.strip().splitlines() == ["haip-runtime: a turn failed: MESSAGE_TOO_LARGE"]
+
+
 def test_urls_map_to_the_websocket_path() -> None:
     assert websocket_url("http://127.0.0.1:8080") == ("ws://127.0.0.1:8080/haip/websocket", None)
     assert websocket_url("https://h.example/?token=abc") == ("wss://h.example/haip/websocket", "abc")

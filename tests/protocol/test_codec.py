@@ -80,6 +80,29 @@ def test_frame_size_limit_is_in_bytes() -> None:
     assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
 
 
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (frame(id="big", seq="7", payload="x" * 2000), ErrorCode.MESSAGE_TOO_LARGE),
+        (frame(id="bad", seq="7", channel="not a channel"), ErrorCode.INVALID_MESSAGE),
+        (frame(id="crit", seq="7", crit=True, extra=1), ErrorCode.UNSUPPORTED_TYPE),
+    ],
+)
+def test_a_refused_frame_says_its_id_and_seq_where_it_has_them(raw: str, code: ErrorCode) -> None:
+    """So the client learns which of its envelopes failed, and the session counts its seq (no gap)."""
+    with pytest.raises(DecodeError) as caught:
+        decode(raw, max_bytes=1024)
+    assert caught.value.code is code
+    assert (caught.value.related_id, caught.value.seq) == (json.loads(raw)["id"], "7")
+
+
+def test_a_frame_far_over_the_limit_is_not_parsed_for_its_seq() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(frame(seq="7", payload="x" * 5000), max_bytes=1024)
+    assert caught.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert (caught.value.related_id, caught.value.seq) == (None, None)
+
+
 def test_event_encodes_its_payload_once_for_every_session() -> None:
     event = Event(type="MESSAGE_PART", payload={"message_id": "m", "text": "ü"}, transaction="t", run_id="r")
     first = json.loads(event.to_wire(session="a", seq=1, ack=None))

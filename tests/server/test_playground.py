@@ -113,6 +113,20 @@ def test_typing_a_message_shows_the_streamed_answer_with_its_author(page: Page) 
     expect(page.locator("#run")).to_be_hidden()
 
 
+def test_a_message_over_the_servers_limit_is_refused_on_the_page_and_nothing_else_is_lost(page: Page) -> None:
+    """A tester's find: 2,000,000 characters closed the socket (1009), and the page re-sent them at every
+    resume, reconnecting for ever. The page now refuses them itself (the server's HAI says its limit)."""
+    start(page, "storyteller")
+    page.evaluate("document.getElementById('text').value = 'y'.repeat(2000000)")
+    page.press("#text", "Enter")
+    expect(page.locator(".note.error").last).to_contain_text("MESSAGE_TOO_LARGE: MESSAGE of 2000")
+    assert page.eval_on_selector("#text", "t => t.value.length") == 2_000_000  # kept, to shorten
+    expect(page.locator(".msg.mine")).to_have_count(0)
+    say(page, "a dragon")
+    expect(page.locator(".msg[data-author=storyteller]")).to_contain_text("everyone who heard 'a dragon' smiled")
+    expect(page.locator("#connection-text")).to_have_text("connected as dev")  # one socket all along: no resume
+
+
 def test_a_server_changing_its_tools_is_said_so_and_the_list_follows(page: Page) -> None:
     start(page, "operator")
     expect(page.locator("li.tool[data-tool='demo.add']")).to_be_visible()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from haip_runtime.client import ClientError, HaipClient
 from haip_runtime.protocol.events import ALL_EVENTS
@@ -22,6 +24,7 @@ async def test_server_sends_hai_at_once_with_its_session_id(server: LiveServer) 
     assert hai["payload"]["haip_version"] == "1.1.2" and hai["payload"]["accept_major"] == [1]
     assert "MESSAGE_START" in hai["payload"]["accept_events"]
     assert hai["payload"]["capabilities"]["max_concurrent_runs"] == 4
+    assert hai["payload"]["capabilities"]["max_frame_bytes"] == 1024 * 1024
     assert len(hai["session"]) == 36
 
 
@@ -204,6 +207,36 @@ async def test_frame_over_the_limit_is_message_too_large(server: LiveServer) -> 
         await peer.send("PING", {"nonce": "small"})
         await peer.receive_type("PONG")
     assert error["payload"]["code"] == "MESSAGE_TOO_LARGE"
+
+
+async def test_a_refused_frame_keeps_its_place_in_a_numbered_clients_seqs(server: LiveServer) -> None:
+    """A tester's find: an envelope refused as too large, invalid or critical was never counted, so a
+    numbered client got a REPLAY_REQUEST for it, its acks stayed behind, and a SEQ_VIOLATION 5 s later."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        big = await peer.send("PING", {"nonce": "x" * (2 * 1024 * 1024)})  # past 1 MiB + 1 KiB: uvicorn's old cap
+        too_large = await peer.receive_type("ERROR")
+        peer.seq += 1  # a PING with no channel and no payload: not an envelope
+        await peer.send_frame(json.dumps({"id": "odd", "session": "", "seq": str(peer.seq), "ts": "1", "type": "PING"}))
+        invalid = await peer.receive_type("ERROR")
+        last = await peer.send("PING", {"nonce": "small"})
+        pong = await peer.receive_type("PONG")
+    assert too_large["payload"]["code"] == "MESSAGE_TOO_LARGE" and too_large["payload"]["related_id"] == big
+    assert too_large["ack"] == "2"  # the HAI, then the frame refused
+    assert invalid["payload"]["code"] == "INVALID_MESSAGE" and invalid["payload"]["related_id"] == "odd"
+    assert invalid["ack"] == "3"
+    assert pong["ack"] == "4" and pong["payload"]["nonce"] == "small", last
+
+
+async def test_a_frame_past_four_times_the_limit_closes_the_websocket_with_1009(server: LiveServer) -> None:
+    async with raw_peer(server.ws_url) as peer:
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        with contextlib.suppress(ConnectionClosed):  # the close may come while the frame is still going out
+            await peer.send("PING", {"nonce": "x" * (4 * 1024 * 1024 + 2048)})
+        closed = await peer.closed()
+    assert closed == 1009
 
 
 async def test_frames_sent_before_authentication_are_processed_in_order_after_it(server: LiveServer) -> None:

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 
 from haip_runtime.config import HaipConfig, validate_config
 from haip_runtime.server.app import Runtime, create_app
+from haip_runtime.server.node import websocket_options
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,10 +110,7 @@ def live_server(config: HaipConfig, port: int = 0) -> Iterator[LiveServer]:
     uv_config = uvicorn.Config(
         create_app(config, runtime),
         log_config=None,
-        ws_per_message_deflate=False,
-        ws_ping_interval=config.session.heartbeat_interval_seconds,
-        ws_ping_timeout=config.session.heartbeat_timeout_seconds,
-        ws_max_size=config.server.max_frame_bytes + 1024,
+        **{**websocket_options(config), "ws_per_message_deflate": False},
     )
     with running(uv_config, "uvicorn", port, runtime.reaper.attach) as bound:
         yield LiveServer(runtime, bound)

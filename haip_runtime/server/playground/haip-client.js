@@ -39,6 +39,8 @@ export const ACCEPT_EVENTS = [
 
 const GAP_GRACE_MS = 500;
 const REQUEST_TIMEOUT_MS = 10000;
+/** PROTOCOL.md section 2's default frame limit, until the server's HAI says its own. */
+const DEFAULT_MAX_FRAME_BYTES = 1024 * 1024;
 /** Close codes after which reconnecting cannot help (authentication, version, policy). */
 const FATAL_CLOSE_CODES = new Set([1002, 1008]);
 /** What a person sent that is worth sending again in a new session (not session mechanics). */
@@ -277,12 +279,27 @@ export class HaipClient extends EventTarget {
    * @param {{transaction?: string|null, channel?: string, id?: string}} options
    */
   send(type, payload, options = {}) {
-    this._txSeq += 1;
-    const env = this._envelope(type, payload, { ...options, seq: this._txSeq });
+    const env = this._envelope(type, payload, { ...options, seq: this._txSeq + 1 });
     const frame = JSON.stringify(env);
+    this._checkSize(type, frame);
+    this._txSeq += 1;
     this._unacked.push({ seq: this._txSeq, frame, type, payload, options });
     if (this._ready && this._ws.readyState === WebSocket.OPEN) this._ws.send(frame);
     return env.id;
+  }
+
+  /**
+   * Throws `HaipError` MESSAGE_TOO_LARGE for a frame over the server's limit (its HAI's
+   * `capabilities.max_frame_bytes`): refused here, not sent, so it is never re-sent after a reconnect
+   * either (a WebSocket frame far over the limit closes the connection with 1009).
+   */
+  _checkSize(type, frame) {
+    const limit = this.serverHai?.capabilities?.max_frame_bytes ?? DEFAULT_MAX_FRAME_BYTES;
+    if (frame.length * 3 <= limit) return; // UTF-8 takes at most 3 bytes per UTF-16 unit
+    const size = new TextEncoder().encode(frame).length;
+    if (size > limit) {
+      throw new HaipError("MESSAGE_TOO_LARGE", `${type} of ${size} bytes is over the server's limit of ${limit}; not sent`);
+    }
   }
 
   /** The first envelope from now on for which `match(envelope)` is true (0 = no time limit). */

@@ -265,7 +265,13 @@ $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("text").value.trim();
   if (!text || !state.tx) return;
-  const id = state.client.sendText(state.tx, text);
+  let id;
+  try {
+    id = state.client.sendText(state.tx, text);
+  } catch (error) {
+    note(describe(error), "error"); // (too large: the text stays in the composer)
+    return;
+  }
   addMessage(id, state.user || "you", text, { mine: true });
   $("text").value = "";
 });
