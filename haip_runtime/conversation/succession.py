@@ -96,15 +96,15 @@ class Succession:
         """A message the agents answer: the owner starts the turns (unless it did as it sent it); the
         others keep it until a run starts for it, in case they take over first.
 
-        A message another node answered as it sent it (it ran the turns then) reaches this owner only
-        across a change of owner: that node's run for it follows in the log, or that node gave the run
-        up with its lease and says so (``given_up``). Kept until then, not answered a second time (a
-        node cut from Redis appended its message and its run after this one took the lease over)."""
+        A message a node answered as it sent it (it ran the turns then) is kept until its run shows in
+        the log (``follow``), or that node says it gave the run up with its lease (``given_up``): then it
+        is answered by whoever runs the turns. This node's own too: it may have lost the lease and taken
+        it back before its message was appended, and its run for it was stopped (a tester's message sent
+        during a Redis restart was never answered). Not answered a second time otherwise (a node cut
+        from Redis appended its message and its run after this one took the lease over)."""
         payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(payload.get("message_id", ""))
         claimed = bool(turn.get("answered"))
-        if self.owner and claimed and node == self.node:
-            return  # answered here as it was sent
         if not self.owner or claimed or self.bus.leases.doubting(self.lease_name):
             # In doubt (Redis was lost, the lease not renewed since): another node may hold it now, and
             # answer this too. Answered once the lease is renewed (``confirmed``), else by the new owner.

@@ -505,6 +505,27 @@ async def test_a_message_another_node_answered_as_it_sent_it_waits_for_its_run_o
     assert answered == ["given up"] and not shared.unanswered
 
 
+async def test_the_owners_own_message_whose_run_it_gave_up_is_answered_when_it_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tester's find: a member on the owner's node spoke while Redis restarted. The owner answered as it
+    sent, lost the lease when Redis came back without it (its run stopped, never logged), took the lease
+    back, and only then was the message appended: delivered to an owner, from itself, "answered" so
+    skipped, and never answered. Now it waits for its run or its node's word like any other."""
+    shared, transaction, _, _ = shared_log()
+    answered: list[str] = []
+    monkeypatch.setattr(shared, "_answer", lambda turn, payload: answered.append(payload["text"]))
+    assert shared.owner and shared.node == "n1"
+    shared.deliver([LogEntry(transaction.id, 1, message_from("n1", "ran here", answered=True))])
+    started = Event(EventType.RUN_STARTED, {"message_id": "m-ran here", "agent": "echo"}, run_id="r1")
+    shared.deliver([LogEntry(transaction.id, 2, entry(started, "n1"))])
+    assert answered == [] and not shared.unanswered  # its run came: nothing to keep
+    shared.deliver([LogEntry(transaction.id, 3, message_from("n1", "cut off", answered=True))])
+    assert answered == [] and list(shared.unanswered) == ["m-cut off"]
+    shared.deliver([LogEntry(transaction.id, 4, b'{"n":"n1","ctl":"given_up","runs":["r2"]}')])
+    assert answered == ["cut off"] and not shared.unanswered
+
+
 async def test_what_is_published_after_the_transaction_left_the_node_is_not_sent() -> None:
     """Its log is no longer followed here and its lease was given back: a late event (a run's last word,
     cancelled) is not appended after the node's "released" (a reviewer's finding)."""
