@@ -98,6 +98,8 @@ class Chat:
             if event.transaction in (None, self.transaction):
                 if event.type == "RUN_ERROR" and event.transaction is not None:
                     self.failed.append(str(event.get("code")))
+                elif event.type == "INFO" and event.get("event") == "audio.unheard":
+                    self.failed.append("AUDIO_UNHEARD")
                 try:
                     self.view.on_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a payload not as documented
@@ -383,7 +385,10 @@ class _Turn:
             self.answers.add(str(event.get("message_id")))
         elif (event.type == "AUDIO_CHUNK" and event.get("final")) or event.get("event") == "speech.interrupted":
             self.spoken.add(str(event.get("message_id")))
-        refused = event.type == "ERROR" and self.message_id is not None and event.get("related_id") == self.message_id
+        refused = self.message_id is not None and (
+            (event.type == "ERROR" and event.get("related_id") == self.message_id)
+            or (event.get("event") == "audio.unheard" and event.get("message_id") == self.message_id)
+        )
         done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
         if view.questions or refused or done:
             self.settled.set()

@@ -171,6 +171,8 @@ class ChatView:
             self.say(f"history is being written again (storage {event.get('state')})", "dim")
         elif kind == "INFO" and event.get("event") == "cluster":
             self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
+        elif kind == "INFO" and event.get("event") == "audio.unheard":
+            self.say(f"✗ {event.get('reason')} ({', '.join(event.get('agents') or []) or 'no agents'})", "red")
         elif kind == "INFO" and event.get("event") == "mcp.server":
             if event.get("tools_changed"):  # connected all along; a fresh TOOL_LIST follows
                 self.say(f"MCP server {event.get('server')} changed its tools", "dim")

@@ -44,10 +44,13 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     whole = envelope.type == EventType.AUDIO or audio.final or audio.message_id is None  # an unnamed chunk stands alone
     listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
     transaction.admit_runs(session, len(listeners), envelope.id)  # before anything is heard or sent
-    if ctx.speech is not None:
-        ctx.speech.hear(
-            transaction, session, message_id=message_id, mime=audio.mime, data=data, whole=whole, related_id=envelope.id
-        )
+    heard = ctx.speech is not None and ctx.speech.hear(
+        transaction, session, message_id=message_id, mime=audio.mime, data=data, whole=whole, related_id=envelope.id
+    )
+    if whole and not heard and not listeners:  # the other members get it; the sender learns no agent did
+        unheard = {"event": "audio.unheard", "message_id": message_id, "agents": sorted(transaction.agents)}
+        unheard["reason"] = "no agent in this conversation hears audio: none has a speech provider or an on_audio hook"
+        session.send(EventType.INFO, unheard, transaction=transaction.id)
     transaction.publish(
         Event(EventType.AUDIO_CHUNK, forwarded, channel=Channel.AUDIO_IN, exclude=frozenset({session.id}))
     )

@@ -166,3 +166,31 @@ def test_a_two_frame_envelope_is_inlined_for_a_text_only_transport() -> None:
     assert json.loads(frame)["bin_len"] == 300 and "data" not in json.loads(frame)["payload"]
     inline = json.loads(frame.inline())
     assert "bin_len" not in inline and base64.b64decode(inline["payload"]["data"]) == data
+
+
+async def test_audio_no_agent_hears_reaches_the_members_and_its_sender_is_told() -> None:
+    """A tester's find: /say to an agent with no speech and no on_audio got no word at all (a piped chat
+    waited for ever). The other members still get the audio; the sender gets INFO audio.unheard."""
+    clip = base64.b64encode(tone_wav(440, 0.2)).decode()
+    with live_server(make_config({"agents": {"echo": {"plugin": "echo"}}})) as deaf:
+        async with raw_peer(deaf.ws_url) as speaker, raw_peer(deaf.ws_url) as other:
+            for peer in (speaker, other):
+                await peer.receive()
+                await peer.hai(deaf.token("alice"), **EVERYTHING)
+                await peer.receive_type("INFO")
+            await speaker.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+            tx = str((await speaker.receive_type("TRANSACTION_START"))["transaction"])
+            await other.send("TRANSACTION_JOIN", {}, transaction=tx)
+            await other.receive_type("TRANSACTION_JOIN")
+            for chunk in ({"message_id": "a1", "data": clip}, {"message_id": "a1", "data": clip, "final": True}):
+                await speaker.send("AUDIO_CHUNK", {"mime": "audio/wav", **chunk}, transaction=tx)
+            unheard = await speaker.receive_type("INFO")
+            while unheard["payload"].get("event") != "audio.unheard":
+                unheard = await speaker.receive_type("INFO")
+            heard = [(await next_audio(other, "AUDIO_CHUNK"))[0] for _ in range(2)]
+            await speaker.send("PING", {"nonce": "after"})
+            later = [await speaker.receive() for _ in range(1)]
+    assert unheard["transaction"] == tx and unheard["payload"]["message_id"] == "a1"
+    assert unheard["payload"]["agents"] == ["echo"] and "none has a speech provider" in unheard["payload"]["reason"]
+    assert [envelope["payload"].get("final", False) for envelope in heard] == [False, True]
+    assert [envelope["type"] for envelope in later] == ["PONG"]  # one INFO for the message, not one per chunk

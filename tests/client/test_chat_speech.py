@@ -53,3 +53,16 @@ def test_spoken_sentences_join_into_one_wav() -> None:
     assert joined is not None and abs(wav_seconds(joined) - wav_seconds(one) - wav_seconds(two)) < 0.001
     assert abs(seconds - wav_seconds(joined)) < 0.001
     assert join_wavs([one, b"not a wav"]) == (None, 0.0) and join_wavs([]) == (None, 0.0)
+
+
+def test_say_to_an_agent_that_does_not_hear_says_so_and_a_script_ends(tmp_path: Path) -> None:
+    """A tester's find: piped, it waited for an answer for ever (no agent hears audio without speech)."""
+    question = tmp_path / "question.wav"
+    question.write_bytes(espeak("hello"))
+    with live_server(make_config({"agents": {"echo": {"plugin": "echo"}}})) as deaf:
+        command = [sys.executable, "-m", "haip_runtime", "chat", deaf.bare_url, "--agent", "echo"]
+        command += ["--token", deaf.token("ann")]
+        done = subprocess.run(command, input=f"/say {question}\nhi\n", capture_output=True, text=True, timeout=60)
+    assert "✗ no agent in this conversation hears audio" in done.stdout and "(echo)" in done.stdout
+    assert "echo › you said: hi" in done.stdout  # the next line goes on
+    assert done.returncode == 1 and "AUDIO_UNHEARD" in done.stderr
