@@ -1,7 +1,9 @@
 """Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
 
 Masked: every ``SecretStr`` (a database URL shows all but its password), MCP servers' ``env``
-values, agent options whose key looks like a secret and the password in ``cluster.redis_url``.
+values, the password and query values of their ``url``, their ``args`` that follow or carry a flag
+that looks like a secret (``--api-key X``, ``--token=X``), agent options whose key looks like a
+secret and the password in ``cluster.redis_url``.
 ``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from haip_runtime.config.base import MASK, masked_url, url_password
 from haip_runtime.config.models import HaipConfig
@@ -30,6 +33,9 @@ def masked_dump(config: HaipConfig) -> dict[str, Any]:
         data["storage"]["url"] = masked_url(config.storage.url.get_secret_value())
     for server in data["mcp"]["servers"].values():
         server["env"] = dict.fromkeys(server["env"], MASK)
+        server["args"] = _masked_args(server["args"])
+        if server.get("url"):
+            server["url"] = _masked_endpoint(server["url"])
     for agent in data["agents"].values():
         agent["options"] = _mask_secretish(agent["options"])
     if config.cluster is not None:
@@ -48,11 +54,48 @@ def secret_values(config: HaipConfig) -> list[str]:
     for server in config.mcp.servers.values():
         found += [value.get_secret_value() for value in server.headers.values()]
         found += list(server.env.values())
+        args = list(getattr(server, "args", []))
+        found += [args[index] for index in _secret_args(args)]
+        found += [arg.partition("=")[2] for arg in args if _mask_flag_value(arg) != arg]
+        if url := getattr(server, "url", None):
+            password = url_password(url)
+            found += [password] if password else []
+            found += [value for values in parse_qs(urlsplit(url).query).values() for value in values if value]
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
     if config.cluster is not None and config.cluster.redis_password:
         found.append(config.cluster.redis_password)
     return found
+
+
+def _masked_endpoint(url: str) -> str:
+    """An MCP server's URL with its password and every query value masked (``?api_key=...`` is common)."""
+    shown = masked_url(url)
+    head, question, query = shown.partition("?")
+    if not question:
+        return shown
+    query, hash_, fragment = query.partition("#")
+    masked = "&".join(f"{pair.partition('=')[0]}={MASK}" if "=" in pair else pair for pair in query.split("&"))
+    return f"{head}?{masked}{hash_}{fragment}"
+
+
+def _is_secret_flag(arg: str) -> bool:
+    return arg.startswith("-") and bool(_SECRETISH.search(arg.partition("=")[0]))
+
+
+def _secret_args(args: list[str]) -> set[int]:
+    """Indexes of the arguments that follow a flag like ``--api-key`` (its value, given apart)."""
+    return {index + 1 for index, arg in enumerate(args[:-1]) if _is_secret_flag(arg) and "=" not in arg}
+
+
+def _masked_args(args: list[str]) -> list[str]:
+    hidden = _secret_args(args)
+    return [MASK if index in hidden else _mask_flag_value(arg) for index, arg in enumerate(args)]
+
+
+def _mask_flag_value(arg: str) -> str:
+    """``--token=X`` as ``--token=**********``; any other argument as it is."""
+    return f"{arg.partition('=')[0]}={MASK}" if _is_secret_flag(arg) and "=" in arg else arg
 
 
 def _secretish_values(value: Any, secretish: bool = False) -> list[str]:
