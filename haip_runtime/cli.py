@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from haip_runtime.config import HaipConfig, json_schema, load_config, masked_dump, secret_values
 from haip_runtime.exceptions import ConfigError, PluginError
@@ -201,8 +200,7 @@ def _connect(config: HaipConfig, timeout: float) -> list[str]:
 
     logging.disable(logging.CRITICAL)  # the lines say it all (in-process servers and HTTP clients log too)
     failed = []
-    with open(os.devnull, "w") as quiet:  # the stdio servers' own stderr chatter
-        results = anyio.run(connect, config, timeout, quiet)
+    results = anyio.run(connect, config, timeout)  # (the stdio servers' stderr: only a failed one's last lines)
     for ok, line in results:
         print(f"{'reached' if ok else 'failed'}: {line}", file=sys.stderr)
         if not ok:
@@ -273,22 +271,24 @@ def _tools(args: argparse.Namespace) -> int:
 
     import anyio
 
-    logging.getLogger("haip_runtime").setLevel(logging.CRITICAL)  # the table says it all
-    logging.basicConfig(handlers=[logging.NullHandler()])  # nor may in-process servers' own logging
-    with open(os.devnull, "w") as quiet:  # the servers' own stderr chatter would drown the table
-        return anyio.run(_list_tools, config, args.timeout, quiet)
+    logging.getLogger("haip_runtime").setLevel(logging.CRITICAL)  # the table says it all (and the servers'
+    logging.basicConfig(handlers=[logging.NullHandler()])  # stderr: only a failed one's last lines), nor may
+    return anyio.run(_list_tools, config, args.timeout)  # in-process servers' own logging
 
 
-async def _list_tools(config: HaipConfig, timeout: float, stderr: TextIO) -> int:
+async def _list_tools(config: HaipConfig, timeout: float) -> int:
+    import anyio.to_thread
+
     from haip_runtime.bridge import McpBridge, ServerState
 
-    async with McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir, stderr=stderr) as bridge:
+    async with McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir) as bridge:
         await bridge.wait_settled(timeout)
         statuses = bridge.status()
     rows = [("SERVER", "TRANSPORT", "STATE", "TOOLS", "ERROR")]
     for name, status in statuses.items():
         transport = config.mcp.servers[name].transport
-        rows.append((name, transport, status.state.value, str(len(status.tools)), status.error or ""))
+        error = "" if status.state is ServerState.CONNECTED else await anyio.to_thread.run_sync(bridge.failure, status)
+        rows.append((name, transport, status.state.value, str(len(status.tools)), error))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print(("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]).rstrip())

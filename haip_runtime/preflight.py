@@ -12,7 +12,6 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import TextIO
 
 import anyio
 import httpx2
@@ -68,14 +67,16 @@ def _unreadable(where: str, path: Path) -> list[str]:
     return []
 
 
-async def connect(config: HaipConfig, timeout: float, stderr: TextIO) -> list[tuple[bool, str]]:
+async def connect(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
     """Start every MCP server and reach every LLM endpoint: ``(ok, line)`` for each, in file order.
-    ``stderr`` takes the stdio servers' own chatter."""
+    A stdio server that failed has the last lines of its stderr on its line."""
+    import anyio.to_thread
+
     from haip_runtime.bridge import McpBridge, ServerState
 
     results: list[tuple[bool, str]] = []
     if config.mcp.servers:
-        bridge = McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir, stderr=stderr)
+        bridge = McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir)
         async with bridge:
             await bridge.wait_settled(timeout)
             statuses = bridge.status()
@@ -83,7 +84,8 @@ async def connect(config: HaipConfig, timeout: float, stderr: TextIO) -> list[tu
             if status.state is ServerState.CONNECTED:
                 results.append((True, f"mcp.servers.{name}: connected, {len(status.tools)} tool(s)"))
             else:
-                results.append((False, f"mcp.servers.{name}: {status.state.value}: {status.error or 'no answer'}"))
+                why = await anyio.to_thread.run_sync(bridge.failure, status)
+                results.append((False, f"mcp.servers.{name}: {status.state.value}: {why}"))
     for name, llm in config.llm.items():
         results.append(await _reach(name, llm, timeout))
     results += await _stores(config, timeout)

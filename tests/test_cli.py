@@ -136,6 +136,24 @@ def test_tools_command_fails_with_the_reason_when_a_server_cannot_start(tmp_path
     assert result.stderr == "\nhaip-runtime: not connected: ghost\n"
 
 
+def test_tools_and_check_connect_show_what_a_failed_server_said_on_stderr(tmp_path: Path) -> None:
+    """A tester's find: both said "closed the connection (see its stderr)" and showed none of it."""
+    config = tmp_path / "haip.toml"
+    config.write_text(
+        "[mcp.servers.exits]\ntransport = 'stdio'\ncommand = '${HAIP_PYTHON}'\n"
+        "args = ['-c', 'import sys; print(\"starting\", file=sys.stderr); "
+        'print("fatal: missing API key", file=sys.stderr); sys.exit(2)\']\n'
+    )
+    said = "closed the connection; its stderr ended: starting | fatal: missing API key"
+    tools = run(["tools", "--config", str(config), "--timeout", "30"])
+    assert tools.returncode == 1
+    assert tools.stdout.splitlines()[1].endswith(said), tools.stdout
+    check = run(["check", "--config", str(config), "--connect", "--timeout", "30"])
+    assert check.returncode == 1
+    assert check.stderr.splitlines()[0].startswith("failed: mcp.servers.exits: failed: ")
+    assert check.stderr.splitlines()[0].endswith(said), check.stderr
+
+
 def test_token_carries_the_roles_given_and_refuses_unknown_ones(tmp_path: Path) -> None:
     import jwt
 

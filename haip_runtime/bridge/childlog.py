@@ -4,7 +4,8 @@ The child's stderr is a pipe the runtime reads in a thread of its own, line by l
 cut at ``MAX_LINE`` bytes). Each server may put ``BURST`` lines into the log at once and then
 ``PER_MINUTE`` lines a minute; what is over is dropped and counted, and the next line that is
 logged (or the end of the pipe) says how many were dropped. A server writing megabytes a second
-to stderr costs a few log lines a minute, not the disk.
+to stderr costs a few log lines a minute, not the disk. The last few lines (logged or not) are kept
+too: ``haip-runtime tools`` and ``check --connect``, which log nothing, show them for a server that failed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import IO, TextIO
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,9 @@ logger = logging.getLogger(__name__)
 BURST = 20
 PER_MINUTE = 6
 MAX_LINE = 2048
+#: The last lines kept for ``tail``, each cut at ``TAIL_CHARS``.
+TAIL_LINES = 3
+TAIL_CHARS = 300
 
 
 class RateLimit:
@@ -48,21 +53,38 @@ class ChildLog:
     def __init__(self, server: str) -> None:
         self.server = server
         self.limit = RateLimit()  # one budget per server, across its restarts
+        self.last: deque[str] = deque(maxlen=TAIL_LINES)
+        self._ended = threading.Event()
+        self._ended.set()
 
     def pipe(self) -> TextIO:
         """The write end to give the child as its stderr; close it once the child has started."""
         read_fd, write_fd = os.pipe()
         reader = os.fdopen(read_fd, "rb")
-        threading.Thread(target=self._pump, args=(reader,), name=f"mcp-stderr-{self.server}", daemon=True).start()
+        self._ended = ended = threading.Event()
+        name = f"mcp-stderr-{self.server}"
+        threading.Thread(target=self._pump, args=(reader, ended), name=name, daemon=True).start()
         return os.fdopen(write_fd, "w", encoding="utf-8")
 
-    def _pump(self, reader: IO[bytes]) -> None:
-        with reader:
-            while line := reader.readline(MAX_LINE):
-                if self.limit.allow():
-                    self._emit(line.decode("utf-8", "replace").rstrip())
-        if self.limit.dropped:
-            self._emit(None)
+    def tail(self, wait: float = 0.0) -> list[str]:
+        """The last non-blank lines of the child's stderr; first waiting up to ``wait`` seconds for the
+        latest child's stderr to end (it exited: its last words may still be in the pipe)."""
+        self._ended.wait(wait)
+        return list(self.last)
+
+    def _pump(self, reader: IO[bytes], ended: threading.Event) -> None:
+        try:
+            with reader:
+                while line := reader.readline(MAX_LINE):
+                    text = line.decode("utf-8", "replace").rstrip()
+                    if text.strip():
+                        self.last.append(text[:TAIL_CHARS])
+                    if self.limit.allow():
+                        self._emit(text)
+            if self.limit.dropped:
+                self._emit(None)
+        finally:
+            ended.set()
 
     def _emit(self, text: str | None) -> None:
         dropped, self.limit.dropped = self.limit.dropped, 0

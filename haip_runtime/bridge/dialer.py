@@ -130,6 +130,9 @@ def shown_url(url: str) -> str:
 
 def _describe(config: McpServerConfig, leaf: BaseException, where: str, connect_timeout: float) -> str:
     if isinstance(leaf, FileNotFoundError):
+        cwd = getattr(config, "cwd", None)
+        if cwd is not None and not Path(cwd).is_dir():  # (the process's folder, not its command, is missing)
+            return f"cannot start {where}: its cwd {str(cwd)!r} is not a folder"
         return f"cannot start {where}: command not found"
     if isinstance(leaf, httpx2.ConnectError):
         return f"cannot connect to {where}: {leaf}"

@@ -86,6 +86,16 @@ class McpBridge:
     def status(self) -> dict[str, ServerStatus]:
         return {name: supervisor.status() for name, supervisor in self._supervisors.items()}
 
+    def failure(self, status: ServerStatus, *, wait: float = 1.0) -> str:
+        """Why a server is not connected (``status``, as it was), for an operator: its error, with the last
+        lines it wrote to stderr when it is a stdio server that said something (waiting up to ``wait``
+        seconds for them, as a child that just exited may not have been read to its end)."""
+        error = status.error or "no answer"
+        tail = self._supervisors[status.name].stderr_tail(wait)
+        if not tail:
+            return error
+        return f"{error.removesuffix(' (see its stderr)')}; its stderr ended: {' | '.join(tail)}"
+
     def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]:
         """The allowed tools of the CONNECTED servers (all of them, or only the named ones)."""
         names = self._supervisors.keys() if servers is None else servers

@@ -162,6 +162,13 @@ class ServerSupervisor:
             self._set_state(ServerState.STOPPED, None)
             self.stopped.set()
 
+    def stderr_tail(self, wait: float = 0.0) -> list[str]:
+        """The last lines a stdio server wrote to stderr (``ChildLog.tail``); none for other transports,
+        or when the bridge was given a stderr of its own."""
+        if self.config.transport != "stdio" or self._stderr is not None:
+            return []
+        return self._child_log.tail(wait)
+
     async def _connect_and_serve(self) -> bool:
         """One connection's life: connect, list tools, serve until lost. True if it got connected."""
         self._link = link = Link()

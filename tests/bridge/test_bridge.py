@@ -189,6 +189,16 @@ async def test_a_missing_command_fails_clearly_and_other_servers_are_unaffected(
     assert text(await bridge.call_tool("demo", "add", {"a": 1, "b": 1})) == "2.0"
 
 
+async def test_a_missing_cwd_is_said_so_not_taken_for_a_missing_command(tmp_path: Path) -> None:
+    """A tester's find: ``cwd = "nonexistent_dir"`` read "command not found" in serve and tools."""
+    gone = tmp_path / "gone"
+    config = McpServerConfig(transport="stdio", command=sys.executable, cwd=gone)
+    async with McpBridge({"lost": config}, McpStdioConfig(), base_dir=tmp_path) as bridge:
+        await bridge.wait_settled(10)
+        lost = bridge.status()["lost"]
+    assert lost.error == f"cannot start {sys.executable!r}: its cwd {str(gone)!r} is not a folder"
+
+
 async def test_a_server_that_exits_at_start_fails_clearly(bridge: McpBridge) -> None:
     broken = bridge.status()["broken"]
     assert broken.state in (ServerState.FAILED, ServerState.RECONNECTING)
