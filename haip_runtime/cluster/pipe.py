@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import ssl
 import time
 from collections import deque
@@ -43,6 +44,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: A command's arguments as Redis takes them.
 Arg = bytes | str | int | float
+
+logger = logging.getLogger("haip_runtime.cluster")
 
 
 class _Endpoint:
@@ -60,6 +63,7 @@ class _Endpoint:
             self.ssl = redis_py.ssl_context.get()
         #: Sent first on every connection: who we are, and which database.
         self.hello: list[tuple[Arg, ...]] = []
+        self._said_no_password = False
         if options.get("password") is not None:
             user = options.get("username")
             self.hello.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
@@ -67,6 +71,12 @@ class _Endpoint:
             self.hello.append(("SELECT", int(options["db"])))
         if options.get("client_name"):
             self.hello.append(("CLIENT", "SETNAME", options["client_name"]))
+
+    def password_ignored(self) -> None:
+        """Redis has no password, and the URL one: said once (``no_password_set``)."""
+        if not self._said_no_password:
+            self._said_no_password = True
+            logger.warning("cluster: redis has no password; the one in cluster.redis_url is not needed (ignored)")
 
     async def connect(self, protocol: _Protocol) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
@@ -218,7 +228,12 @@ class Pipe:
             try:
                 async with asyncio.timeout(self._endpoint.connect_timeout):
                     for command in self._endpoint.hello:
-                        await self._issue(_pack(command))
+                        try:
+                            await self._issue(_pack(command))
+                        except ResponseError as refused:
+                            if not no_password_set(command, refused):
+                                raise
+                            self._endpoint.password_ignored()
             except (RedisError, TimeoutError) as exc:
                 transport.abort()
                 self._fail(exc if isinstance(exc, RedisError) else RedisTimeoutError("redis did not answer AUTH"))
@@ -382,7 +397,10 @@ class Subscriber:
             if self._hellos:  # AUTH's, SELECT's or (last) CLIENT SETNAME's answer
                 self._hellos -= 1
                 naming = self._named and not self._hellos  # (a refused name is no reason to fail)
-                if isinstance(reply, hiredis.ReplyError) and not naming:
+                command = self._endpoint.hello[len(self._endpoint.hello) - self._hellos - 1]
+                if isinstance(reply, hiredis.ReplyError) and no_password_set(command, reply):
+                    self._endpoint.password_ignored()
+                elif isinstance(reply, hiredis.ReplyError) and not naming:
                     self._lose(ResponseError(str(reply)))
                     return
             elif isinstance(reply, hiredis.ReplyError):
@@ -439,6 +457,17 @@ def _raised(replies: list[Any]) -> list[Any]:
 
 def _noscript(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+
+
+#: What Redis answers ``AUTH`` when it has no password (>= 6, and before): nothing to authenticate.
+_NO_PASSWORD_SET = ("called without any password configured", "no password is set")
+
+
+def no_password_set(command: tuple[Arg, ...], refused: object) -> bool:
+    """Whether ``refused`` is Redis saying it has no password, to an ``AUTH``: then the URL's password is
+    not needed, and ignored (as redis-py's ``HELLO 3 AUTH`` ignores it: a tester's ``check --connect``
+    said Redis answered, and ``serve`` then failed to start)."""
+    return command[:1] == ("AUTH",) and any(words in str(refused) for words in _NO_PASSWORD_SET)
 
 
 def _pack(args: tuple[Arg, ...]) -> bytes:

@@ -196,6 +196,28 @@ async def test_the_subscriber_with_a_password_waits_quietly_for_its_first_messag
     refused.close()
 
 
+async def test_a_password_for_a_redis_that_has_none_is_ignored_as_redis_py_ignores_it(redis: RedisServer) -> None:
+    """A tester's find: ``check --connect`` (redis-py, ``HELLO 3 AUTH``) said Redis answered; ``serve`` (this
+    pipe, ``AUTH``: "called without any password configured") then failed to start, with a traceback."""
+    url = f"redis://:not-needed@127.0.0.1:{redis.port}/1"
+    client = command_client(url)
+    await reach(client, BusHealth(), 5)  # what check --connect does
+    await client.aclose()
+    pipe, subscriber = pipe_to(url), Subscriber(url, connect_timeout=2)
+    try:
+        await subscriber.connect()
+        subscriber.subscribe("x")
+        with anyio.fail_after(5):
+            assert await subscriber.messages(timeout=5) == [[b"subscribe", b"x", 1]]
+        assert await pipe.call("PUBLISH", "x", "hello") == 1
+        await pipe.call("SET", "in-db-1", "yes")  # SELECT came after the AUTH Redis did not need
+        with Redis(port=redis.port, db=1) as check:
+            assert check.get("in-db-1") == b"yes"
+    finally:
+        subscriber.close()
+        await pipe.aclose()
+
+
 async def test_a_caller_cancelled_while_connecting_does_not_fail_the_others(locked: RedisServer) -> None:
     with netcut(locked.port) as cut:
         pipe = pipe_to(f"redis://:{PASSWORD}@127.0.0.1:{cut.port}/0")
