@@ -174,6 +174,8 @@ class MessageStream:
                 await behind
 
     def _put(self, text: str) -> bool:
+        if not isinstance(text, str):  # before anything is sent: members never see a number for text
+            raise TypeError(f"an agent's message is text (str), not {type(text).__name__}: {text!r:.80}")
         if not text:
             return False
         self._open()

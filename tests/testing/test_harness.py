@@ -168,3 +168,17 @@ async def test_the_harness_runs_as_many_turns_at_once_as_it_is_sent() -> None:
             for number in range(6):
                 tg.start_soon(send, number)
     assert results == ["OK"] * 6
+
+
+class SaysANumber(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(12345)  # type: ignore[arg-type]
+
+
+async def test_an_agent_saying_something_that_is_not_text_fails_before_anything_is_sent() -> None:
+    """A tester's find: members got MESSAGE_PART {"text": 12345} (and the store kept it) before the
+    TypeError; now nothing goes out but the run's error (the log has the TypeError's words)."""
+    async with AgentHarness(SaysANumber) as agent:
+        turn = await agent.send("hi")
+    assert [e.type for e in turn.events] == ["RUN_STARTED", "RUN_ERROR"]
+    assert turn.error is not None and turn.error["message"] == "agent 'saysanumber' failed: TypeError"
