@@ -331,6 +331,8 @@ class Turn:
                     permissions=services.permissions,
                     call_id=call_id,
                 )
+                if result.status == ToolOutcome.ERROR:
+                    tracing.tool_failed(str((result.error or {}).get("code", "TOOL_ERROR")), result.model_text)
             status, text = result.status, result.model_text
             return result
         finally:

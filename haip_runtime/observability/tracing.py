@@ -147,6 +147,18 @@ def tool_span(tool: str, call_id: str) -> AbstractContextManager[None]:
     return _current(f"execute_tool {tool}", attributes, None, None)
 
 
+def tool_failed(code: str, message: str) -> None:
+    """The tool call of the current ``execute_tool`` span failed (``TOOL_DONE`` ``ERROR``): its span says
+    so, ``error.type`` the tool error code, as the GenAI conventions ask of an operation that failed."""
+    if _tracer is None:
+        return
+    from opentelemetry.trace import StatusCode, get_current_span
+
+    span = get_current_span()
+    span.set_attribute("error.type", code)
+    span.set_status(StatusCode.ERROR, message)
+
+
 @contextmanager
 def _current(name: str, attributes: dict[str, Any], parent: Any, conversation: str | None) -> Iterator[None]:
     from opentelemetry.trace import SpanKind

@@ -105,3 +105,36 @@ def test_tracing_without_the_extra_is_a_config_error(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError, match=r"haip-runtime\[otel\]"):
         tracing.configure(ObservabilityConfig(tracing="otlp"))
     assert not tracing.enabled()
+
+
+@pytest.mark.anyio
+async def test_a_failed_tool_calls_span_says_it_failed_and_why() -> None:
+    """A tester's find: ``execute_tool`` spans of calls that failed (TOOL_ERROR, TOOL_FAILED) had no status."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from haip_runtime import Agent, NoOptions, Turn
+    from haip_runtime.testing import AgentHarness, FakeToolError
+
+    class Caller(Agent[NoOptions]):
+        async def on_message(self, turn: Turn) -> None:
+            await turn.call_tool("t.works")
+            await turn.call_tool("t.breaks")
+
+    def breaks(arguments: dict[str, object]) -> str:
+        raise FakeToolError("it broke")
+
+    exporter = InMemorySpanExporter()
+    tracing.configure(ON, exporter=exporter)
+    try:
+        async with AgentHarness(Caller, tools={"t.works": lambda arguments: "fine", "t.breaks": breaks}) as agent:
+            turn = await agent.send("go")
+    finally:
+        tracing.shutdown()
+    assert [done["status"] for done in turn.tool_results] == ["OK", "ERROR"]
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    works, breaks_span = spans["execute_tool t.works"], spans["execute_tool t.breaks"]
+    assert works.status.status_code is StatusCode.UNSET and "error.type" not in (works.attributes or {})
+    assert breaks_span.status.status_code is StatusCode.ERROR
+    assert breaks_span.status.description == "TOOL_ERROR: it broke"
+    assert (breaks_span.attributes or {})["error.type"] == "TOOL_ERROR"
