@@ -45,7 +45,14 @@ async def start(
     thread_id: str | None = None,
 ) -> Transaction:
     """Start a transaction of ``member`` with the agent ``request`` names (any door: a session, an MCP caller)."""
-    spec = ctx.agents.get(request.agent_name or "")
+    if not request.agent_name:
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            "TRANSACTION_START names no agent: give toolName (or agent)",
+            related_id=reference or related_id,
+            detail={"where": "/payload/toolName"},
+        )
+    spec = ctx.agents.get(request.agent_name)
     if spec is not None and not member.principal.permissions.may_start(spec.name):
         message = f"you may not start {spec.name!r}"
         raise ProtocolError(ErrorCode.UNAUTHORIZED, message, related_id=reference or related_id)

@@ -157,9 +157,31 @@ def parse_payload(envelope: Envelope, model: type[P] | None = None) -> P:
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
-    error = exc.errors()[0]
-    pointer = prefix + "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in error["loc"])
-    return pointer or "/", error["msg"]
+    """The first error's place as a JSON pointer, and what is wrong there. Where a union failed, pydantic
+    puts the name of each of its members in the place (``payload/dict[str,any]``), which is not in the
+    JSON: the place ends before it, and the message says what the union takes."""
+    errors = exc.errors()
+    loc, message = errors[0]["loc"], errors[0]["msg"]
+    cut = next((index for index, part in enumerate(loc) if _takes(part)), len(loc))
+    if cut < len(loc):
+        place = loc[:cut]
+        takes = sorted(
+            {_takes(error["loc"][cut]) for error in errors if len(error["loc"]) > cut and error["loc"][:cut] == place}
+        )
+        loc, message = place, f"expected {' or '.join(takes)}"
+    pointer = prefix + "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in loc)
+    return pointer or "/", message
+
+
+#: What the members of a union in an error's place take.
+_UNION_MEMBERS = {"str": "text", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _takes(part: object) -> str:
+    """What a union member named in an error's place takes (``an object``, ``text``); '' for a real place."""
+    if isinstance(part, str) and part.startswith("dict["):
+        return "an object"
+    return _UNION_MEMBERS.get(part, "") if isinstance(part, str) else ""
 
 
 __all__ = ["DEFAULT_MAX_FRAME_BYTES", "MAX_DEPTH", "decode", "load_json", "parse_payload"]

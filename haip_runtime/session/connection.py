@@ -196,7 +196,8 @@ class Connection:
         if not set(hai.accept_major) & set(ACCEPT_MAJOR):
             raise HandshakeError(
                 ErrorCode.VERSION_INCOMPATIBLE,
-                f"this runtime speaks HAIP major {ACCEPT_MAJOR}, the client {hai.accept_major}",
+                f"this runtime speaks HAIP major {', '.join(map(str, ACCEPT_MAJOR))}; the client accepts"
+                f" {', '.join(map(str, hai.accept_major)) or 'none'}",
                 close_code=CloseCode.PROTOCOL,
                 related_id=first.id,
             )

@@ -8,6 +8,7 @@ import pytest
 
 from haip_runtime.client import ClientError, HaipClient, Received
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
+from tests.support.raw import raw_peer
 from tests.support.serving import LiveServer, live_server, make_config
 
 pytestmark = pytest.mark.anyio
@@ -179,6 +180,30 @@ async def test_unknown_agent_gets_agent_not_found_with_the_reference_id(server: 
         tx = await client.start_transaction("echo")  # the connection is still good
     assert caught.value.code == "AGENT_NOT_FOUND"
     assert error.transaction == error.get("related_id") and tx
+
+
+async def test_a_start_naming_no_agent_is_invalid_payload_and_a_payload_of_the_wrong_kind_says_so(
+    server: LiveServer,
+) -> None:
+    """A tester's finds: "no agent named None" (AGENT_NOT_FOUND), and a MESSAGE whose payload was 42 said
+    where it was wrong as "/payload/dict[str,any]", pydantic's name for a member of a union."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        await peer.send("TRANSACTION_START", {"params": {}}, transaction="ref-1")
+        nameless = await peer.receive_type("ERROR")
+        await peer.send("MESSAGE", 42, transaction="ref-1")
+        wrong_kind = await peer.receive_type("ERROR")
+    assert (nameless["payload"]["code"], nameless["payload"]["detail"]) == (
+        "INVALID_PAYLOAD",
+        {"where": "/payload/toolName"},
+    )
+    assert nameless["payload"]["message"] == "TRANSACTION_START names no agent: give toolName (or agent)"
+    assert wrong_kind["payload"]["code"] == "INVALID_MESSAGE" and wrong_kind["payload"]["detail"] == {
+        "where": "/payload"
+    }
+    assert wrong_kind["payload"]["message"] == "invalid envelope at /payload: expected an object or text"
 
 
 async def test_tool_list_outside_a_transaction_lists_the_agents(server: LiveServer) -> None:

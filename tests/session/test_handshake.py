@@ -111,6 +111,7 @@ async def test_unsupported_major_gets_version_incompatible_and_close_1002(server
         error = await peer.receive_type("ERROR")
         assert await peer.closed() == 1002
     assert error["payload"]["code"] == "VERSION_INCOMPATIBLE"
+    assert error["payload"]["message"] == "this runtime speaks HAIP major 1; the client accepts 2"  # not (1,)
 
 
 async def test_version_is_checked_before_credentials(server: LiveServer) -> None:
