@@ -55,6 +55,12 @@ def http_base(ws_url: str) -> str:
     return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, "", "", ""))
 
 
+#: Characters in a conversation's id; a shorter ``--join``/``/join`` is the start of one of yours.
+FULL_ID = 36
+#: How many of the user's latest conversations such a start is looked for among.
+PREFIX_SEARCH = 200
+
+
 class Chat:
     """One chat session: the prompt's lines to the server, the server's events to the view."""
 
@@ -176,7 +182,12 @@ class Chat:
     async def join(self, wanted: str) -> None:
         """Join a conversation (``wanted``: its id, or the start of one /history listed) and show its last messages."""
         matches = [tx for tx in self.recent if tx.startswith(wanted)]
-        transaction = matches[0] if len(matches) == 1 else wanted
+        if not matches and len(wanted) < FULL_ID:  # (--join, or /join before /history): the latest ones
+            listed = (await self.rest("/haip/transactions", {"limit": PREFIX_SEARCH}))["transactions"]
+            matches = [item["id"] for item in listed if item["id"].startswith(wanted)]
+        if len(matches) > 1:
+            raise ClientError(f"{len(matches)} of your conversations begin with {wanted!r}: give more of its id")
+        transaction = matches[0] if matches else wanted
         before, self.transaction = self.transaction, transaction  # its live events show from now on
         try:  # no history in the stream: the last messages come from the REST history, up to the join
             joined = await self.client.join(transaction, since=NO_REPLAY)

@@ -179,6 +179,8 @@ class ChatView:
             else:
                 error = f": {event.get('error')}" if event.get("error") else ""
                 self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
+        elif kind == "TRANSACTION_JOIN" and event.get("omitted") is not None:
+            pass  # the answer to this chat's own join: it says who is there after the conversation so far
         elif kind == "TRANSACTION_JOIN":
             self.say(f"in this conversation: {', '.join(event.get('members', []) + event.get('agents', []))}", "dim")
         elif kind == "TRANSACTION_END":

@@ -371,7 +371,7 @@ def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(
         assert screen.wait_exit() == 0
     finally:
         screen.child.terminate(force=True)
-    again = spawn_chat(chat_server.http_url, "--join", first, "--token", token)
+    again = spawn_chat(chat_server.http_url, "--join", first[:8], "--token", token)  # the start of its id
     try:
         again.expect(rf"joined storyteller \(conversation {first}\)")
         again.expect("joe › a lighthouse")
@@ -383,6 +383,7 @@ def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(
         assert "Traceback" not in screen.text + again.text
         # once each: the stream replayed the history too, and it showed twice (found by a tester)
         assert again.text.count("someone said 'a lighthouse'") == 1 and again.text.count("joe › a bell") == 1
+        assert again.text.count("in this conversation:") == 1  # not also the join's answer, with joe in it
     finally:
         again.child.terminate(force=True)
 
