@@ -237,6 +237,7 @@ class TransactionRegistry:
             floor=floor,
             tseq=last,
             created_at=record.created_at,
+            active_at=record.updated_at,
             users=record.members,
             history=history_from_events(events),
         )

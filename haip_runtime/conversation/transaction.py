@@ -71,6 +71,7 @@ class Transaction:
         id: str | None = None,
         tseq: int = 0,
         created_at: float | None = None,
+        active_at: float | None = None,
         users: Iterable[str] = (),
         history: Iterable[HistoryEntry] = (),
     ) -> None:
@@ -92,6 +93,11 @@ class Transaction:
         self.store = store
         self.tseq = tseq
         self.created_at = created_at or time.time()
+        #: When something last happened in it (seconds): its record's ``updated_at``, which conversation
+        #: lists sort by. Set from the ``ts`` of each event logged but ``INFO`` (a member's session that
+        #: expired, a server's state: not the conversation's), so a save (at a shutdown, say) moves nothing.
+        self.active_at = active_at or self.created_at
+        self._active_ts = ""
         #: Users who have ever been members: who may read it back.
         self.users: dict[str, None] = dict.fromkeys([owner, *users])
         #: When the last member left (monotonic), for eviction of idle transactions.
@@ -122,11 +128,17 @@ class Transaction:
             members=tuple(self.users),
             state=TransactionState.ENDED if self.ended else TransactionState.OPEN,
             created_at=self.created_at,
-            updated_at=time.time(),
+            updated_at=self.last_active,
             last_tseq=self.tseq,
             thread_id=self.thread_id,
             end_reason=end_reason,
         )
+
+    @property
+    def last_active(self) -> float:
+        """When something last happened in it, in seconds: the last event's ``ts`` that counts (``logged``)."""
+        latest = self._active_ts
+        return max(self.active_at, int(latest) / 1000) if latest.isdigit() else self.active_at
 
     def save(self, end_reason: str | None = None) -> None:
         if self.store is not None:
@@ -200,6 +212,8 @@ class Transaction:
         ``members`` is false: the caller delivers it to them with ``to_members``, merged with others)."""
         if event.tseq is not None and event.tseq > self.tseq:
             self.tseq = event.tseq
+        if event.type != EventType.INFO:
+            self._active_ts = event.ts  # (made a number when a record needs it: ``last_active``)
         self._backlog.remember(event)
         if store and self.store is not None:
             self.store.append(event)

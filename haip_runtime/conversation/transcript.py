@@ -180,13 +180,15 @@ def _outcome(call: dict[str, Any], body: dict[str, Any]) -> None:
 def summary(head: list[Event], tail: list[Event], title_chars: int = 80, preview_chars: int = 140) -> dict[str, Any]:
     """What a conversation list shows of one: ``title`` (its first user message, cut; ``None``
     before one), ``preview`` (its latest message with text, cut) and ``last_activity`` (the time
-    of its latest event, ms; ``None`` for an empty log), from the first and last events of its log."""
+    of its latest event but ``INFO``, ms, as ``Transaction.active_at``; ``None`` for an empty log),
+    from the first and last events of its log."""
     title = next((i["text"] for i in _items(head) if i["role"] == "user" and i["text"].strip()), None)
     preview = next((i["text"] for i in reversed(_items(tail)) if i["text"].strip()), "")
+    last = next((event for event in reversed(tail) if event.type != EventType.INFO), None)
     return {
         "title": _cut(title, title_chars) if title is not None else None,
         "preview": _cut(preview, preview_chars),
-        "last_activity": _ms(tail[-1].ts) if tail else None,
+        "last_activity": _ms(last.ts) if last is not None else None,
     }
 
 

@@ -187,3 +187,22 @@ async def test_a_join_from_the_store_also_gets_what_is_logged_while_the_store_is
     events, omitted = await transaction.catch_up(0)
     assert omitted == 0 and logged_meanwhile
     assert [event.tseq for event in events] == list(range(1, transaction.tseq + 1))
+
+
+def test_its_record_says_when_something_last_happened_in_it_not_when_it_was_saved() -> None:
+    """A tester's find: conversation lists sort by ``updated_at``, which every save set to now (a shutdown
+    saved every open one at one instant), and showed ``last_activity``, which counted the INFO of a member's
+    session expiring two minutes later: the two disagreed, and neither was when anyone last spoke."""
+    from haip_runtime.conversation.transaction import Transaction
+    from haip_runtime.conversation.transcript import summary
+
+    transaction = Transaction(owner="ann", thread_id=None, spawn=lambda *args: None, created_at=100.0)
+    assert transaction.record().updated_at == 100.0
+    said = Event("MESSAGE", {"message_id": "m", "text": "hi", "author": "ann"}, channel="USER", ts="200000", tseq=1)
+    left = Event("INFO", {"event": "member.left", "user": "ann"}, ts="320000", tseq=2)
+    for event in (said, left):
+        transaction.logged(event)
+    assert transaction.record().updated_at == 200.0  # not the INFO's time, nor the time of this save
+    assert summary([said, left], [said, left])["last_activity"] == 200_000
+    brought_back = Transaction(owner="ann", thread_id=None, spawn=lambda *args: None, created_at=100.0, active_at=200.0)
+    assert brought_back.record().updated_at == 200.0  # from its stored record, until something happens
