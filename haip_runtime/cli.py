@@ -29,7 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
-    except (ConfigError, PluginError) as exc:
+    except ConfigError as exc:  # one line per problem (the schema's), then how many
+        for problem in exc.problems:
+            print(f"haip-runtime: {problem}", file=sys.stderr)
+        if len(exc.problems) > 1:
+            print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    except PluginError as exc:
         print(f"haip-runtime: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -58,7 +58,12 @@ class HaipError(Exception):
 
 
 class ConfigError(HaipError):
-    """The configuration cannot be used. ``str(error)`` is one line: file, key path, what was expected."""
+    """The configuration cannot be used. ``str(error)`` is one line: file, key path, what was expected;
+    ``problems`` has one such line for each thing wrong, when there are several."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class PluginError(HaipError):

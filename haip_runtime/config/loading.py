@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.exceptions import ConfigError
@@ -85,7 +86,10 @@ def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<con
     try:
         return HaipConfig.model_validate({**data, "base_dir": base_dir}, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, data)}") from exc
+        problems = [f"{source}: {_describe(error, data)}" for error in exc.errors()]
+        more = len(problems) - 1
+        suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(problems[0] + suffix, problems) from exc
 
 
 def _written(loc: tuple[int | str, ...], data: Any) -> str:
@@ -106,8 +110,7 @@ def _written(loc: tuple[int | str, ...], data: Any) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
-def _describe(exc: ValidationError, data: Any = None) -> str:
-    error = exc.errors()[0]
+def _describe(error: ErrorDetails, data: Any = None) -> str:
     loc = _written(error["loc"], data) if data is not None else ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -116,9 +119,7 @@ def _describe(exc: ValidationError, data: Any = None) -> str:
         message = "required key is missing"
     elif _showable(error.get("input"), loc):
         message = f"{message} (got {_short(error.get('input'))})"
-    more = len(exc.errors()) - 1
-    suffix = f" (+{more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{loc}: {message}{suffix}" if loc else f"{message}{suffix}"
+    return f"{loc}: {message}" if loc else message
 
 
 def _showable(value: object, loc: str) -> bool:

@@ -222,6 +222,23 @@ def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
     assert result.stderr.startswith(expected)
 
 
+def test_every_schema_error_of_a_file_is_a_line_of_its_own(tmp_path: Path) -> None:
+    """A tester's find: check said the first and "(+2 more errors)", though it promises one line per problem."""
+    path = write(tmp_path, "[server]\nport = 'x'\nhost = 5\n[session]\nbogus = 1\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"haip-runtime: {path}: server.host: Input should be a valid string (got 5)",
+        f"haip-runtime: {path}: server.port: Input should be a valid integer, unable to parse string as an integer"
+        " (got 'x')",
+        f"haip-runtime: {path}: session.bogus: unknown key (check the spelling; see config/haip.schema.json)",
+        "haip-runtime: 3 problem(s)",
+    ]
+    with pytest.raises(ConfigError) as refused:  # where one line is all there is room for
+        validate_config({"server": {"port": "x", "host": 5}}, base_dir=ROOT, source="f.toml")
+    assert str(refused.value) == "f.toml: server.host: Input should be a valid string (got 5) (+1 more error)"
+
+
 def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path) -> None:
     path = write(
         tmp_path,
