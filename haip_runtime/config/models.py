@@ -8,6 +8,7 @@ Reading a file, ``${VAR}`` expansion and error lines are ``loading.py``'s; secre
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.providers import LlmConfig, SpeechConfig
 
 #: Environment variables a stdio MCP server inherits unless its config says otherwise.
+#: What an agent's name may be: MCP's tool-name characters, and nothing a URL path must escape.
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SAFE_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TMPDIR", "USER")
 
 
@@ -415,6 +418,11 @@ class HaipConfig(Model):
     @model_validator(mode="after")
     def _cross_checks(self) -> HaipConfig:
         for name, agent in self.agents.items():
+            if not AGENT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"agents.{name!r}: an agent's name is 1 to 64 letters, digits, '_', '-' or '.', beginning with a"
+                    " letter or digit (it is a HAIP toolName, an MCP tool name and a path segment of /ag-ui/<name>)"
+                )
             for server in agent.mcp_servers:
                 if server not in self.mcp.servers:
                     raise ValueError(f"agents.{name}.mcp_servers names unknown server {server!r}")

@@ -239,6 +239,20 @@ def test_every_schema_error_of_a_file_is_a_line_of_its_own(tmp_path: Path) -> No
     assert str(refused.value) == "f.toml: server.host: Input should be a valid string (got 5) (+1 more error)"
 
 
+@pytest.mark.parametrize("name", ["my agent", "é/x", "-dash", "x" * 65, ""])
+def test_an_agent_name_no_client_could_call_is_refused(name: str) -> None:
+    """A tester's find: "my agent" and "é/x" passed check; MCP clients reject such tool names, and the
+    second could not be reached at /ag-ui/<name> at all."""
+    with pytest.raises(ConfigError, match="an agent's name is 1 to 64 letters"):
+        validate_config({"agents": {name: {"plugin": "echo"}}}, base_dir=ROOT)
+
+
+def test_agent_names_clients_can_call_are_taken() -> None:
+    names = ["echo", "Help-Desk_2", "v1.2", "x" * 64]
+    config = validate_config({"agents": {name: {"plugin": "echo"} for name in names}}, base_dir=ROOT)
+    assert list(config.agents) == names
+
+
 def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path) -> None:
     path = write(
         tmp_path,
