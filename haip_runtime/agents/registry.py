@@ -8,6 +8,7 @@ not a user's first message.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,23 @@ def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent[Any]]:
     target, cls = resolve(spec, base_dir, where, AGENTS, hint=_agents_defined)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise PluginError(f"{where}: {target!r} is not a subclass of haip_runtime.Agent")
+    _check_hooks(cls, target, where)
     return cls
+
+
+#: The hooks the runtime awaits: a plain ``def`` among them fails at its first turn, so it fails here.
+HOOKS = ("on_start", "on_message", "on_end", "on_audio")
+
+
+def _check_hooks(cls: type[Agent[Any]], target: str, where: str) -> None:
+    """What would fail at every turn, found at load (``check``, ``serve``): a hook that is not ``async
+    def``, and a class that answers no message (``on_message`` is required)."""
+    for hook in HOOKS:
+        method = getattr(cls, hook, None)
+        if method is not None and not inspect.iscoroutinefunction(method):
+            raise PluginError(f"{where}: {target!r}.{hook} must be 'async def' (the runtime awaits it)")
+    if cls.on_message is Agent.on_message:
+        raise PluginError(f"{where}: {target!r} does not define on_message, which answers a member's message")
 
 
 def _agents_defined(module: Any) -> str:

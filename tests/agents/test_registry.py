@@ -100,3 +100,29 @@ async def test_each_llm_kind_gets_its_provider() -> None:
     ]
     for provider in providers.values():
         await provider.aclose()
+
+
+class Silent(Agent[LooseOptions]):
+    Options = LooseOptions
+
+
+class Blocking(Agent[LooseOptions]):
+    Options = LooseOptions
+
+    def on_message(self, turn: Turn) -> None:  # type: ignore[override]
+        turn.say("never awaited")  # type: ignore[unused-coroutine]
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("Silent", "'tests.agents.test_registry:Silent' does not define on_message, which answers a member's message"),
+        ("Blocking", "'tests.agents.test_registry:Blocking'.on_message must be 'async def' (the runtime awaits it)"),
+    ],
+)
+def test_a_plugin_whose_hooks_would_fail_every_turn_is_refused_when_it_loads(name: str, said: str) -> None:
+    """A tester's find: both passed check, and failed at run time (NotImplementedError; a TypeError and
+    "coroutine 'Turn.say' was never awaited")."""
+    with pytest.raises(PluginError) as caught:
+        resolve_plugin(f"tests.agents.test_registry:{name}", ROOT, "agents.a.plugin")
+    assert str(caught.value) == f"agents.a.plugin: {said}"
