@@ -167,8 +167,8 @@ class TransactionRegistry:
         self.live[transaction.id] = transaction
         transaction.save()
 
-    def slot(self, spec: AgentSpec, transaction: Transaction, started_by: str, params: dict[str, Any]) -> AgentSlot:
-        instance = spec.create(transaction_id=transaction.id, started_by=started_by, params=params)
+    def slot(self, spec: AgentSpec, transaction_id: str, started_by: str, params: dict[str, Any]) -> AgentSlot:
+        instance = spec.create(transaction_id=transaction_id, started_by=started_by, params=params)
         return AgentSlot(spec.name, instance, tuple(spec.config.mcp_servers))
 
     def get_member(self, transaction_id: str | None, member: Member) -> Transaction | None:
@@ -246,7 +246,7 @@ class TransactionRegistry:
             if spec is None:
                 logger.warning("transaction %s: agent %r is no longer configured; it stays out", record.id, name)
                 continue
-            transaction.add_agent(self.slot(spec, transaction, record.owner, {}))
+            transaction.add_agent(self.slot(spec, transaction.id, record.owner, {}))
         shared = transaction.shared
         if shared is not None:  # what the log before the redelivered part says: members, open runs, calls
             shared.users_elsewhere.update(record.members)

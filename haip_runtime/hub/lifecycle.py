@@ -23,7 +23,7 @@ from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import parse_payload
-from haip_runtime.protocol.envelope import Envelope, Event, parse_seq
+from haip_runtime.protocol.envelope import Envelope, Event, parse_seq, secret_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.session.session import Session
@@ -78,7 +78,7 @@ async def begin(
     """Make a transaction with ``member`` in it and ``spec``'s agent, announce it, greet: what a
     TRANSACTION_START does, for every door, after the user's quota of open transactions."""
     async with room_made(ctx, member.principal, related_id):
-        transaction = create(ctx, member, spec, thread_id, params, reference, id)
+        transaction = create(ctx, member, spec, thread_id, params, reference, id, related_id)
     waiting = transaction.shared.unavailable() if transaction.shared is not None else None
     if waiting is not None:  # its TRANSACTION_START reaches the member only once Redis answers: say why now
         # Not related to the request (the start did not fail), nor in the transaction (not known yet).
@@ -123,11 +123,18 @@ def create(
     params: dict[str, Any],
     reference: str | None,
     id: str | None = None,
+    related_id: str = "",
 ) -> Transaction:
     """``begin`` without the quota check, and without an await: for a door that checked the quota
     itself and must make the transaction in the same step as it found none (the AG-UI door)."""
-    transaction = ctx.transactions.new(member.user, thread_id, id=id)
-    slot = ctx.transactions.slot(spec, transaction, member.user, params)  # a failing plugin costs nothing
+    transaction_id = id or secret_id()
+    try:  # first: a plugin that fails to be made leaves no transaction behind (nor, in a cluster, its log)
+        slot = ctx.transactions.slot(spec, transaction_id, member.user, params)
+    except Exception as exc:
+        logger.exception("agent %r could not be made for a new transaction: its class raised", spec.name)
+        message = f"agent {spec.name!r} could not be started: {type(exc).__name__} (the server log says more)"
+        raise ProtocolError(ErrorCode.INTERNAL_ERROR, message, related_id=reference or related_id) from exc
+    transaction = ctx.transactions.new(member.user, thread_id, id=transaction_id)
     logger.info("transaction %s started by %r with agent %r", transaction.id, member.user, spec.name)
     transaction.add_member(member)
     transaction.add_agent(slot)
@@ -256,7 +263,7 @@ async def add_agent(ctx: HubContext, member: Member, related_id: str, transactio
 def attach_agent(ctx: HubContext, member: Member, transaction: Transaction, spec: AgentSpec) -> None:
     """Add ``spec``'s agent (if it is not there yet), tell the members, greet: ``add_agent`` once checked."""
     name = spec.name
-    slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction, member.user, {})
+    slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction.id, member.user, {})
     if slot is not None:
         transaction.add_agent(slot)
     joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
@@ -273,7 +280,7 @@ def mirror_agents(ctx: HubContext, transaction: Transaction, names: list[str]) -
     for name in names:
         spec = ctx.agents.get(name)
         if spec is not None and name not in transaction.agents:
-            transaction.agents[name] = ctx.transactions.slot(spec, transaction, transaction.owner, {})
+            transaction.agents[name] = ctx.transactions.slot(spec, transaction.id, transaction.owner, {})
             added = True
     if added:
         ctx.send_tool_list(transaction)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx2
 import pytest
 
 from haip_runtime.client import ClientError, HaipClient, Received
@@ -204,6 +205,33 @@ async def test_a_start_naming_no_agent_is_invalid_payload_and_a_payload_of_the_w
         "where": "/payload"
     }
     assert wrong_kind["payload"]["message"] == "invalid envelope at /payload: expected an object or text"
+
+
+async def test_an_agent_whose_class_cannot_be_made_is_said_so_and_leaves_no_transaction() -> None:
+    """A tester's find: an agent whose ``__init__`` raised got "internal error; see the server log" (HAIP)
+    and the same HTTP 500 (AG-UI), naming no agent."""
+    config = make_config(
+        {"agents": {"broken": {"plugin": "tests.support.agents:BrokenAgent"}, "echo": {"plugin": "echo"}}}
+    )
+    with live_server(config) as live:
+        async with HaipClient(live.ws_url, token=live.token()) as client:
+            with pytest.raises(ClientError) as caught:
+                await client.start_transaction("broken")
+            tx = await client.start_transaction("echo")  # the session goes on
+        async with httpx2.AsyncClient(base_url=live.http_url) as http:
+            agui = await http.post(
+                "/ag-ui/broken",
+                json={"threadId": "t-broken", "runId": "r", "messages": []},
+                headers={"authorization": f"Bearer {live.token()}"},
+            )
+        live_transactions = list(live.runtime.hub.transactions.live)
+    assert agui.status_code == 500 and agui.json()["error"]["code"] == "INTERNAL_ERROR"
+    assert (
+        agui.json()["error"]["message"] == "agent 'broken' could not be started: ValueError (the server log says more)"
+    )
+    assert caught.value.code == "INTERNAL_ERROR"
+    assert str(caught.value).endswith("agent 'broken' could not be started: ValueError (the server log says more)")
+    assert live_transactions == [tx]  # nothing left of the one that failed
 
 
 async def test_tool_list_outside_a_transaction_lists_the_agents(server: LiveServer) -> None:

@@ -66,7 +66,7 @@ async def test_a_message_past_the_run_limit_waits_in_order_and_starts_when_a_run
         for transaction in (first, second):
             transaction.add_member(ann)
             transaction.add_member(bob)
-            transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+            transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction.id, "ann", {}))
         [run] = first.user_message(ann, "one", {}, "m1")
         assert (
             second.user_message(ann, "two", {"message_id": "two"}, "m2") == []
@@ -114,7 +114,7 @@ async def test_a_run_cancelled_from_outside_gives_its_place_back() -> None:
         transaction = transactions.new("ann", None)
         ann = member("ann")
         transaction.add_member(ann)
-        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction.id, "ann", {}))
         [run] = transaction.user_message(ann, "one", {}, "m1")
         running_before = transactions.run_limit.running(ann)
         tg.cancel_scope.cancel()
@@ -130,7 +130,7 @@ async def test_ending_a_transaction_tells_each_waiting_message_it_left_the_queue
         ann, bob = member("ann"), member("bob")
         transaction.add_member(ann)
         transaction.add_member(bob)
-        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction, "ann", {}))
+        transaction.add_agent(transactions.slot(transactions.agents["waiting"], transaction.id, "ann", {}))
         transaction.user_message(ann, "one", {}, "m1")
         assert transaction.user_message(ann, "two", {"message_id": "two"}, "m2") == []
         await transaction.end("done")

@@ -9,7 +9,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from pydantic import BaseModel
 
-from haip_runtime import Agent, NoOptions, Turn
+from haip_runtime import Agent, AgentContext, NoOptions, Turn
 
 
 class FailingAgent(Agent[NoOptions]):
@@ -22,6 +22,16 @@ class FailingAgent(Agent[NoOptions]):
         async with turn.stream() as out:
             await out.write("about to fail")
             raise ValueError("the plugin broke")
+
+
+class BrokenAgent(Agent[NoOptions]):
+    """Its class cannot be made: its ``__init__`` raises (a missing key, say)."""
+
+    def __init__(self, context: AgentContext) -> None:
+        raise ValueError("no API key in the environment")
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say("unreachable")
 
 
 class WaitingAgent(Agent[NoOptions]):

@@ -50,6 +50,7 @@ STATUS = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.STORAGE_ERROR: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.INTERNAL_ERROR: 500,
 }
 
 
