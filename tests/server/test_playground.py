@@ -170,6 +170,23 @@ def test_the_cancel_button_cancels_the_call_and_stop_ends_the_run(page: Page) ->
     expect(page.locator("#run")).to_be_hidden()
 
 
+def test_stop_also_takes_out_the_messages_waiting_for_a_turn(page: Page) -> None:
+    """A tester's find: six quick messages (four run, two wait under the run limit), Stop: the two waiting
+    then ran to the end. The page now shows them waiting, and Stop takes them out of the queue too."""
+    start(page, "operator")
+    for _ in range(6):
+        say(page, '/call demo.sleep {"seconds": 30}')
+    expect(page.locator(".card[data-tool='demo.sleep'][data-status='RUNNING']")).to_have_count(4)
+    expect(page.locator("#run-text")).to_have_text("operator is working… (2 messages waiting)")
+    page.click("#stop")
+    expect(page.locator(".card[data-tool='demo.sleep'][data-status='CANCELLED']")).to_have_count(4)
+    expect(page.locator(".note.stopped", has_text="a message was not answered: cancelled by dev")).to_have_count(2)
+    expect(page.locator("#run")).to_be_hidden()
+    say(page, '/call demo.add {"a": 1, "b": 1}')  # the next message is answered at once: nothing was left waiting
+    expect(card(page, "demo.add")).to_have_attribute("data-status", "OK")
+    expect(page.locator(".card[data-tool='demo.sleep']")).to_have_count(4)
+
+
 def test_one_call_approved_and_one_refused(page: Page) -> None:
     start(page, "operator")
     say(page, "/call demo.delete_everything")

@@ -31,6 +31,7 @@ const state = {
   raw: new Map(), // message_id -> its text as written (Markdown), rendered once it is whole
   calls: new Map(), // call_id -> {card, ...parts}
   runs: new Map(), // run_id -> agent
+  queued: new Set(), // message ids waiting for a turn (INFO run.queued): Stop takes them out too
   delivered: [], // seqs of every envelope delivered, for the tests and the curious
 };
 window.playground = state;
@@ -114,6 +115,7 @@ function resetConversation() {
   state.raw.clear();
   state.calls.clear();
   state.runs.clear();
+  state.queued.clear();
   state.members.clear();
   $("log").replaceChildren();
   showRuns();
@@ -283,6 +285,9 @@ $("text").addEventListener("keydown", (event) => {
 });
 
 $("stop").addEventListener("click", () => {
+  // The waiting messages first (a RUN_CANCEL naming one takes it out of the queue), so none starts as
+  // the running turns end.
+  for (const messageId of state.queued) state.client.cancelRun(state.tx, messageId);
   for (const runId of state.runs.keys()) state.client.cancelRun(state.tx, runId);
   $("run-text").textContent = "stopping…";
 });
@@ -313,7 +318,10 @@ function render(env) {
       return;
     case "AUDIO":
     case "AUDIO_CHUNK": return addAudio(env, p);
-    case "RUN_STARTED": state.runs.set(p.run_id, p.agent); return showRuns();
+    case "RUN_STARTED":
+      state.runs.set(p.run_id, p.agent);
+      state.queued.delete(p.message_id);
+      return showRuns();
     case "RUN_FINISHED": {
       const agent = state.runs.get(p.run_id);
       state.runs.delete(p.run_id);
@@ -330,7 +338,14 @@ function render(env) {
     case "TOOL_UPDATE": return toolUpdate(p);
     case "TOOL_DONE": return toolDone(p);
     case "INFO":
-      if (p.event === "mcp.server" && p.tools_changed) {
+      if (p.event === "run.queued") {
+        state.queued.add(p.message_id);
+        showRuns();
+      } else if (p.event === "run.unqueued") {
+        state.queued.delete(p.message_id);
+        showRuns();
+        if (p.reason) note(`a message was not answered: ${p.reason}`, "stopped");
+      } else if (p.event === "mcp.server" && p.tools_changed) {
         note(`MCP server ${p.server} changed its tools`);  // connected all along: the new list follows
       } else if (p.event === "mcp.server") {
         note(`MCP server ${p.server}: ${p.state}${p.error ? ` (${p.error})` : ""}`);
@@ -406,8 +421,10 @@ function showMembers({ members = [], agents = [] }) {
 }
 
 function showRuns() {
-  $("run").hidden = state.runs.size === 0;
-  if (state.runs.size) $("run-text").textContent = `${[...new Set(state.runs.values())].join(", ")} is working…`;
+  $("run").hidden = state.runs.size === 0 && state.queued.size === 0;
+  const waiting = state.queued.size ? ` (${state.queued.size} message${state.queued.size > 1 ? "s" : ""} waiting)` : "";
+  const working = state.runs.size ? `${[...new Set(state.runs.values())].join(", ")} is working…` : "waiting…";
+  if (!$("run").hidden) $("run-text").textContent = working + waiting;
 }
 
 // --- MCP tools ----------------------------------------------------------------------------------------
