@@ -240,8 +240,11 @@ def _asker(ctx: ServerRequestContext[Any, Any]) -> Ask | None:
 def _arguments(params: types.CallToolRequestParams) -> tuple[str, str | None]:
     arguments = params.arguments or {}
     message, conversation = arguments.get("message"), arguments.get("conversation_id")
-    if not isinstance(message, str) or not (conversation is None or isinstance(conversation, str)):
-        raise ValueError("arguments: 'message' (a string) is required; 'conversation_id' must be a string")
+    if not isinstance(message, str):
+        got = "none" if message is None else type(message).__name__
+        raise ValueError(f"arguments: 'message' (a string) is required; got {got}")
+    if not (conversation is None or isinstance(conversation, str)):
+        raise ValueError(f"arguments: 'conversation_id' must be a string, not {type(conversation).__name__}")
     return message, conversation
 
 

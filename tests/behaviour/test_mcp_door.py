@@ -190,6 +190,21 @@ async def test_an_unknown_conversation_is_an_error_result(door: LiveServer) -> N
     assert answer.is_error and text(answer) == "TRANSACTION_NOT_FOUND: no open conversation 'nope'"
 
 
+async def test_bad_arguments_say_which_one_is_wrong(door: LiveServer) -> None:
+    """A tester's find: {"message": 1} was told "'conversation_id' must be a string", which nobody sent."""
+    async with mcp_client(door) as client:
+        answers = [
+            await client.call_tool("echo", arguments)
+            for arguments in ({"message": 1}, {}, {"message": "x", "conversation_id": 7})
+        ]
+    assert [answer.is_error for answer in answers] == [True, True, True]
+    assert [text(answer) for answer in answers] == [
+        "arguments: 'message' (a string) is required; got int",
+        "arguments: 'message' (a string) is required; got none",
+        "arguments: 'conversation_id' must be a string, not int",
+    ]
+
+
 async def test_a_tool_call_of_the_run_waits_for_a_humans_approval_over_haip(door: LiveServer) -> None:
     said: list[str | None] = []
 
