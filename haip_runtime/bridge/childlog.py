@@ -93,5 +93,5 @@ class ChildLog:
             logger.warning(
                 "MCP server %r stderr: %d lines dropped (over %d a minute)", self.server, dropped, PER_MINUTE
             )
-        else:
-            logger.warning("MCP server %r stderr: %s%s", self.server, text, note)
+        else:  # (INFO: stderr is where an MCP server logs, its own INFO lines too; a failure says it apart)
+            logger.info("MCP server %r stderr: %s%s", self.server, text, note)
