@@ -64,6 +64,8 @@ class TaskState:
     local: bool = False
     """The bridge's own word on the task, not the server's: it waits for the lost connection to come
     back, or its cancel could not reach the server (`status` is then the last one the server said)."""
+    cancel: bool = False
+    """The outcome of the bridge's `tasks/cancel` (the call was cancelled: by a member, its run, its timeout)."""
 
     @property
     def terminal(self) -> bool:

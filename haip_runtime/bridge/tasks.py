@@ -261,11 +261,11 @@ class _Follow:
                         continue
                     logger.info("MCP server %r did not cancel task %s: %s", server, self._task_id, exc)
                     return "lost"
-                await self._report(answer, final=True)
+                await self._report(replace(answer, cancel=True), final=True)
                 return answer.status
         logger.info("tasks/cancel for %s could not reach MCP server %r: %s", self._task_id, server, why)
         unreached = f"the cancel could not reach MCP server {server!r} ({why}); its task may still run there"
-        await self._report(replace(self._report.known, message=unreached, local=True), final=True)
+        await self._report(replace(self._report.known, message=unreached, local=True, cancel=True), final=True)
         return "lost"
 
 

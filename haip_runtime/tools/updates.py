@@ -78,11 +78,12 @@ class Updates:
         the runtime, stopped the work; or it could not reach the server, whose task may run on.
         """
         task = {"id": state.task_id, "status": state.status}
-        if state.status == "cancelled" and self._cancelling:
+        cancelling = self._cancelling or state.cancel  # (a run cancelled, a timeout: no TOOL_CANCEL said so)
+        if state.status == "cancelled" and cancelling:
             why = f": {state.message}" if state.message else ""
             message = f"the MCP server cancelled its task {state.task_id}{why}"
             self.send(ToolStatus.CANCELLING, message=message, task=task)
-        elif self._cancelling and state.local:
+        elif cancelling and state.local:
             self.send(ToolStatus.CANCELLING, message=state.message, task=task)
         elif not self._cancelling and not state.terminal:
             self.send(ToolStatus.RUNNING, **({"message": state.message} if state.message else {}), task=task)

@@ -94,6 +94,25 @@ async def test_tool_cancel_cancels_the_task_and_the_member_sees_the_server_confi
     assert await tasks_metric(task_server, "cancelled") == before + 1
 
 
+async def test_run_cancel_cancels_the_runs_task_and_the_member_sees_the_server_confirm_it(
+    task_server: LiveServer,
+) -> None:
+    """A tester's find: a RUN_CANCEL sent tasks/cancel but members saw no CANCELLING, only TOOL_DONE."""
+    async with member(task_server) as (client, tx):
+        await client.send_text(tx, f'/call {RESEARCH} {{"topic": "tides"}}')
+        started = await client.wait_for("RUN_STARTED")
+        call = await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("message") == "Analyzing content...")
+        await client.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == call.get("call_id"))
+        await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED")
+        seen = updates(client, str(call.get("call_id")))
+    confirmed = [e for e in seen if e.get("task", {}).get("status") == "cancelled"]
+    assert done.get("status") == "CANCELLED"
+    assert len(confirmed) == 1 and confirmed[0].get("status") == "CANCELLING"
+    assert confirmed[0].get("message").endswith(": Client cancelled task execution.")
+    assert seen.index(confirmed[0]) == len(seen) - 1  # the last word before TOOL_DONE
+
+
 async def test_a_task_tool_under_require_approval_waits_for_a_member_before_its_task_starts(
     task_server: LiveServer,
 ) -> None:
