@@ -25,11 +25,12 @@ GATED = "gated.simulate-research-query"
 @pytest.fixture(scope="module")
 def task_server() -> Iterator[LiveServer]:
     config = {
-        "agents": {"operator": {"plugin": "operator", "mcp_servers": ["everything", "gated"]}},
+        "agents": {"operator": {"plugin": "operator", "mcp_servers": ["everything", "gated", "timed"]}},
         "mcp": {
             "servers": {
                 "everything": everything_server(),
                 "gated": everything_server(require_approval=["simulate-research-query"], approval_timeout_seconds=5),
+                "timed": everything_server(timeout_seconds=1),
             }
         },
     }
@@ -111,6 +112,21 @@ async def test_run_cancel_cancels_the_runs_task_and_the_member_sees_the_server_c
     assert len(confirmed) == 1 and confirmed[0].get("status") == "CANCELLING"
     assert confirmed[0].get("message").endswith(": Client cancelled task execution.")
     assert seen.index(confirmed[0]) == len(seen) - 1  # the last word before TOOL_DONE
+
+
+async def test_a_task_past_its_timeout_is_cancelled_and_the_member_sees_the_server_confirm_it(
+    task_server: LiveServer,
+) -> None:
+    async with member(task_server) as (client, tx):
+        await client.wait_for(lambda e: e.type == "TOOL_LIST" and "timed.simulate-research-query" in str(e.payload))
+        call = {"call_id": "t1", "tool": "timed.simulate-research-query", "params": {"topic": "tides"}}
+        await client.send("TOOL_CALL", call, transaction=tx)
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "t1", timeout=20)
+        seen = updates(client, "t1")
+    confirmed = [e for e in seen if e.get("task", {}).get("status") == "cancelled"]
+    assert done.get("status") == "ERROR" and done.get("error")["code"] == "TIMEOUT"
+    assert "it was cancelled on the server" in done.get("error")["message"]
+    assert len(confirmed) == 1 and confirmed[0].get("status") == "CANCELLING"
 
 
 async def test_a_task_tool_under_require_approval_waits_for_a_member_before_its_task_starts(
