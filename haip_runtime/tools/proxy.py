@@ -172,14 +172,16 @@ class ActiveCall:
     transaction_id: str
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     waiting_for: Literal["approval", "input"] | None = None
+    #: The JSON Schema an input request's answer must fit (the server's ``requestedSchema``).
+    schema: dict[str, Any] | None = None
     answered: anyio.Event = field(default_factory=anyio.Event)
     answer: dict[str, Any] | None = None
     cancel_reason: str | None = None
     finished: anyio.Event = field(default_factory=anyio.Event)
     updates: Updates | None = None
 
-    def ask(self, kind: Literal["approval", "input"]) -> None:
-        self.waiting_for, self.answer, self.answered = kind, None, anyio.Event()
+    def ask(self, kind: Literal["approval", "input"], schema: dict[str, Any] | None = None) -> None:
+        self.waiting_for, self.schema, self.answer, self.answered = kind, schema, None, anyio.Event()
 
 
 class ToolProxy:
@@ -359,7 +361,7 @@ class ToolProxy:
     ) -> ElicitationAnswer:
         from haip_runtime.bridge import ElicitationAnswer
 
-        active.ask("input")
+        active.ask("input", request.schema if isinstance(request.schema, dict) else None)
         # "server" says who is asking: the text is the MCP server's, not the runtime's or an agent's.
         asked = {"message": request.message, "schema": request.schema, "server": server}
         update.send(ToolStatus.INPUT_REQUIRED, request=asked)
@@ -400,6 +402,8 @@ class ToolProxy:
                 related_id=related_id,
                 detail={"where": "/payload/decision"},
             )
+        if active.waiting_for == "input" and answer.get("input") is not None and active.schema is not None:
+            _check_input(answer["input"], active.schema, related_id)  # a mistake is asked again, not sent on
         active.answer = {**answer, "by": user}
         active.answered.set()
 
@@ -432,6 +436,27 @@ class ToolProxy:
                 detail={"where": "/payload/call_id"},
             )
         return active
+
+
+def _check_input(given: Any, schema: dict[str, Any], related_id: str) -> None:
+    """``INVALID_PAYLOAD`` (naming the field) for an answer to an input request that does not fit the
+    schema the server asked with: the server would refuse it, and the whole call would fail with it.
+    The request goes on waiting for a good answer."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        error = next(iter(Draft202012Validator(schema).iter_errors(given)), None)
+    except SchemaError:  # the server's own schema is broken: it checks what it gets itself
+        return
+    if error is not None:
+        where = "/payload/input" + "".join(f"/{part}" for part in error.absolute_path)
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"the answer does not fit the input request at {where}: {error.message}; the request still waits",
+            related_id=related_id,
+            detail={"where": where},
+        )
 
 
 def _failed(active: ActiveCall, name: str, code: ToolErrorCode, message: str) -> ToolCallResult:

@@ -213,6 +213,22 @@ async def test_elicitation_answered_or_declined(tool_server: LiveServer, answer:
     assert text == ("Ada likes green" if answer == "input" else "declined")
 
 
+async def test_an_answer_that_does_not_fit_the_request_is_refused_and_asked_again(tool_server: LiveServer) -> None:
+    """A tester's find: {"name": 5} went to the server as it was, which refused it, and the call failed."""
+    async with operator(tool_server) as (client, tx):
+        await client.send_text(tx, "/call demo.ask_user")
+        asking = await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+        call_id = asking.get("call_id")
+        wrong = await client.send("TOOL_UPDATE", {"call_id": call_id, "input": {"name": 5}}, transaction=tx)
+        refused = await client.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == wrong)
+        right = {"call_id": call_id, "input": {"name": "Ada", "favourite_colour": "green"}}
+        await client.send("TOOL_UPDATE", right, transaction=tx)
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == call_id)
+    assert refused.get("code") == "INVALID_PAYLOAD" and refused.get("detail") == {"where": "/payload/input/name"}
+    assert refused.get("message").endswith("5 is not of type 'string'; the request still waits")
+    assert done.get("status") == "OK" and done.get("result")["content"][0]["text"] == "Ada likes green"
+
+
 async def test_tool_list_changed_sends_a_new_tool_list(tool_server: LiveServer) -> None:
     async with operator(tool_server) as (client, tx):
         await call(client, tx, "/call demo.toggle_extra_tool")
