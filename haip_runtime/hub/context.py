@@ -66,6 +66,22 @@ class HubContext:
         servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
         return self.tools.visible_tools(servers, member.principal.permissions)
 
+    def tell_servers_not_ready(self, transaction: Transaction, member: Member) -> None:
+        """To a member just in (started or joined): ``INFO mcp.server`` for each of the transaction's MCP
+        servers that is not connected now (connecting, reconnecting, failed), as each change of state is
+        told, so a client can tell "no tools" from "tools still coming" (a tester's client could not)."""
+        if self.tools is None:
+            return
+        used = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
+        bridge = self.tools.bridge  # (none yet: the runtime still imports the MCP SDK; every server is to connect)
+        statuses = bridge.status() if bridge is not None else {}
+        states = {name: (status.state.value, status.error) for name, status in statuses.items()}
+        for name in used:
+            state, error = states.get(name, ("connecting", None))
+            if state != "connected":
+                info = {"event": "mcp.server", "server": name, "state": state, "error": error}
+                member.deliver(Event(EventType.INFO, info, transaction=transaction.id))
+
     def send_tool_list(self, transaction: Transaction, only: Member | None = None) -> None:
         """TOOL_LIST of the transaction's tools to each member (or to ``only``), as each may see them."""
         for member in [only] if only is not None else list(transaction.members.values()):

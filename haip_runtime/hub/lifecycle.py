@@ -140,7 +140,12 @@ def create(
     transaction.add_agent(slot)
     ctx.transactions.add(transaction)
     reply = p.TransactionStarted(referenceId=reference, agent=spec.name, thread_id=transaction.thread_id)
-    transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()), then=lambda: ctx.send_tool_list(transaction))
+
+    def tell() -> None:
+        ctx.tell_servers_not_ready(transaction, member)
+        ctx.send_tool_list(transaction)
+
+    transaction.publish(Event(EventType.TRANSACTION_START, reply.dump()), then=tell)
     greet(transaction, slot, member)
     return transaction
 
@@ -194,6 +199,7 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
         session.deliver(event)
     if new_user:
         announce(transaction, session)
+    ctx.tell_servers_not_ready(transaction, session)
     ctx.send_tool_list(transaction, only=session)
 
 

@@ -262,8 +262,9 @@ async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_w
 
 
 def announced(client: HaipClient, after: int = 0) -> list[int]:
-    """The tseqs of the ``INFO mcp.server`` announcements ``client`` got past tseq ``after``."""
-    infos = (e for e in client.received if e.type == "INFO" and e.get("event") == "mcp.server")
+    """The tseqs of the ``INFO mcp.server`` announcements ``client`` got past tseq ``after`` (through the log:
+    not the note of the servers not connected yet that a member gets alone as it joins, which has no tseq)."""
+    infos = (e for e in client.received if e.type == "INFO" and e.get("event") == "mcp.server" and "tseq" in e.raw)
     return sorted(tseq for tseq in (int(e.raw["tseq"]) for e in infos) if tseq > after)
 
 

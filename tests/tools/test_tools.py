@@ -416,6 +416,12 @@ async def test_a_server_that_is_down_costs_only_its_own_tools() -> None:
             demo = await call(client, tx, '/call demo.add {"a": 1, "b": 1}')
             await client.send("TOOL_CALL", {"tool": "ghost.anything", "call_id": "mine", "params": {}}, transaction=tx)
             direct = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "mine")
+            said = [e for e in client.received if e.transaction == tx and e.type in ("INFO", "TOOL_LIST")]
+    # Before the first TOOL_LIST, the new member is told which of the transaction's servers are not
+    # connected (a tester's client could not tell "no tools" from "tools still coming").
+    first_list = next(index for index, e in enumerate(said) if e.type == "TOOL_LIST")
+    told = {e.get("server"): e.get("state") for e in said[:first_list] if e.get("event") == "mcp.server"}
+    assert told.get("ghost") in ("connecting", "failed", "reconnecting")
     assert direct.get("error") == ghost.get("error")  # one answer, whoever calls
     assert ghost.get("status") == "ERROR" and ghost.get("error")["code"] == "SERVER_UNAVAILABLE"
     assert ghost.get("error")["message"].startswith("MCP server 'ghost' is not connected (")
