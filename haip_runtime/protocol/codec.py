@@ -62,6 +62,8 @@ def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> E
     return envelope
 
 
+#: The longest ``id`` and ``seq`` of a refused frame taken back to the client (an envelope's own bounds).
+MAX_ID, MAX_SEQ = 128, 32
 #: A frame over the limit is still read for its ``id`` and ``seq`` up to this many times the limit
 #: (past it, only the transport's own bound applies, and the frame is not parsed at all).
 READ_OVERSIZE = 4
@@ -77,10 +79,13 @@ def _readable(frame: str | bytes) -> Any:
 def _identified(error: DecodeError, raw: Any) -> DecodeError:
     """``error`` with the ``id`` (as ``related_id``) and ``seq`` of the refused frame, where it has them."""
     if isinstance(raw, dict):
-        if isinstance(raw.get("id"), str):
+        if isinstance(raw.get("id"), str) and len(raw["id"]) <= MAX_ID:
             error.related_id = raw["id"]
-        if isinstance(raw.get("seq"), str):
-            error.seq = raw["seq"]
+        seq = raw.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):  # (lenient clients number with integers)
+            seq = str(seq)
+        if isinstance(seq, str) and len(seq) <= MAX_SEQ:  # as an envelope's own seq may be
+            error.seq = seq
     return error
 
 

@@ -116,7 +116,8 @@ class Envelope(BaseModel):
 
 
 def parse_uint64(value: str | None) -> int | None:
-    if value is None or not value.isdecimal() or not value.isascii():
+    # (20 digits at most: 2**64 has 20, and ``int`` refuses strings past 4,300 digits with a ValueError.)
+    if value is None or len(value) > 20 or not value.isdecimal() or not value.isascii():
         return None
     number = int(value)
     return number if number < 2**64 else None

@@ -249,7 +249,10 @@ async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
     (``serve_detached``): the answers wait in the session's window for the next stream."""
     if isinstance(item, DecodeError):
         logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
-        session.refused_inbound(item.seq)
+        try:
+            session.refused_inbound(item.seq)
+        except Exception:  # its place in the client's seqs is lost at worst; the answer still goes
+            logger.exception("session %s: the seq of a refused frame could not be counted", session.id)
         session.send_error(item)
         return
     try:

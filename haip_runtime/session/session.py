@@ -289,7 +289,8 @@ class Session:
         """A frame refused before it was an envelope (too large, invalid) whose ``seq`` could be read: it
         arrived, so it takes its place in a numbered client's seqs (acked; no gap asked for)."""
         number = parse_uint64(seq)
-        if number is not None and self._inbound_numeric:
+        # (Not past the gap a client may open: a refused frame must not move its numbering far ahead.)
+        if number is not None and self._inbound_numeric and number <= self._last_in + MAX_INBOUND_GAP:
             self._count_inbound(number)
             if self.liveness is not None:
                 self.liveness.watch_gap()

@@ -184,12 +184,14 @@ class _Reassembler:
 
 
 def _binary_error(envelope: Envelope, message: str) -> DecodeError:
-    return DecodeError(
+    error = DecodeError(
         ErrorCode.BINARY_FRAME_ERROR,
         f"{message}; the pair was dropped",
         related_id=envelope.id,
         detail={"where": "/bin_len"},
     )
+    error.seq = envelope.seq  # it arrived: its place in the client's seqs is taken
+    return error
 
 
 #: A connection's writer task ends after this long with nothing to write (the next frame starts one).

@@ -127,6 +127,7 @@ async def test_a_mismatched_bin_len_gets_binary_frame_error_and_the_session_live
     assert mismatch["payload"]["code"] == "BINARY_FRAME_ERROR" and mismatch["payload"]["related_id"] == sent
     assert unannounced["payload"]["code"] == "BINARY_FRAME_ERROR"
     assert pong["payload"] == {"nonce": "alive"}
+    assert mismatch["ack"] == str(peer.seq - 1) and pong["ack"] == str(peer.seq)  # the pair took its seq: no gap
 
 
 async def test_audio_past_the_size_limit_is_refused(live: LiveServer) -> None:

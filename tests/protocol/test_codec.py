@@ -96,6 +96,13 @@ def test_a_refused_frame_says_its_id_and_seq_where_it_has_them(raw: str, code: E
     assert (caught.value.related_id, caught.value.seq) == (json.loads(raw)["id"], "7")
 
 
+def test_a_refused_frames_seq_is_taken_as_an_envelopes_would_be() -> None:
+    for seq, kept in ((7, "7"), ("8" * 32, "8" * 32), ("9" * 33, None), (True, None)):
+        with pytest.raises(DecodeError) as caught:
+            decode(json.dumps({"id": "i", "seq": seq, "type": "PING"}))
+        assert caught.value.seq == kept, seq
+
+
 def test_a_frame_far_over_the_limit_is_not_parsed_for_its_seq() -> None:
     with pytest.raises(DecodeError) as caught:
         decode(frame(seq="7", payload="x" * 5000), max_bytes=1024)

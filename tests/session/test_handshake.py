@@ -230,6 +230,21 @@ async def test_a_refused_frame_keeps_its_place_in_a_numbered_clients_seqs(server
     assert pong["ack"] == "4" and pong["payload"]["nonce"] == "small", last
 
 
+async def test_a_refused_frame_with_an_absurd_seq_costs_only_itself(server: LiveServer) -> None:
+    """A reviewer's find: a seq of 5,000 digits made ``int()`` raise outside the error handling, and the
+    connection closed (1000); and a refused frame must not move the client's numbering far ahead."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        for seq in ("0" * 4999 + "2", str(2**64 - 1), str(10**9)):
+            await peer.send_frame(json.dumps({"id": "odd", "session": "", "seq": seq, "ts": "1", "type": "PING"}))
+            refused = await peer.receive_type("ERROR")
+            assert refused["payload"]["code"] == "INVALID_MESSAGE" and refused["ack"] == "1"
+        await peer.send("PING", {"nonce": "still here"})  # seq 2: counted as the next one
+        pong = await peer.receive_type("PONG")
+    assert pong["payload"]["nonce"] == "still here" and pong["ack"] == "2"
+
+
 async def test_a_frame_past_four_times_the_limit_closes_the_websocket_with_1009(server: LiveServer) -> None:
     async with raw_peer(server.ws_url) as peer:
         await peer.hai(server.token())
