@@ -46,13 +46,22 @@ def answered_in_words(
     if isinstance(answer, str):
         session.send(EventType.MESSAGE, answer, transaction=transaction.id, channel=Channel.AGENT)
         return True
-    session.questions.close(question)
     if ctx.tools is None:
+        session.questions.close(question)
         return False
     try:
         ctx.answer_call(transaction, question.call_id, session.user, answer, related_id)
-    except ProtocolError:
+    except ProtocolError as refused:
+        where = str((refused.detail or {}).get("where", ""))
+        if where.startswith("/payload/input"):  # it does not fit the request's schema: asked again, in words
+            field = where.removeprefix("/payload/input").strip("/") or "the answer"
+            why = refused.message.rpartition(": ")[2].removesuffix("; the request still waits")
+            again = f"{field}: {why}. Answer again, or say decline."
+            session.send(EventType.MESSAGE, again, transaction=transaction.id, channel=Channel.AGENT)
+            return True
+        session.questions.close(question)
         return False  # answered by someone else, timed out or cancelled since
+    session.questions.close(question)
     return True
 
 

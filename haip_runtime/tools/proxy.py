@@ -10,6 +10,7 @@ the bridge. A tool failure, a refusal or a cancelled call is a ``ToolCallResult`
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import time
@@ -441,13 +442,17 @@ class ToolProxy:
 def _check_input(given: Any, schema: dict[str, Any], related_id: str) -> None:
     """``INVALID_PAYLOAD`` (naming the field) for an answer to an input request that does not fit the
     schema the server asked with: the server would refuse it, and the whole call would fail with it.
-    The request goes on waiting for a good answer."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+    The request goes on waiting for a good answer.
 
+    The schema is the MCP server's, so it is read with care: references are not followed (the default
+    registry would fetch any URL a ``$ref`` names, from the event loop) and ``pattern`` is not run (a
+    server's regular expression could take the loop for ever on a member's input); MCP's elicitation
+    schemas are flat objects of plain fields, which need neither. A schema this cannot read lets the
+    answer through: the server checks what it gets itself, as it did before."""
     try:
-        error = next(iter(Draft202012Validator(schema).iter_errors(given)), None)
-    except SchemaError:  # the server's own schema is broken: it checks what it gets itself
+        error = next(iter(_input_checker()(schema, registry=_empty_registry()).iter_errors(given)), None)
+    except Exception as unreadable:  # (UnknownType, TypeError, re.error, an unresolvable reference...)
+        logger.info("an input request's schema could not be checked against (%r); the answer goes on", unreadable)
         return
     if error is not None:
         where = "/payload/input" + "".join(f"/{part}" for part in error.absolute_path)
@@ -457,6 +462,25 @@ def _check_input(given: Any, schema: dict[str, Any], related_id: str) -> None:
             related_id=related_id,
             detail={"where": where},
         )
+
+
+@functools.cache
+def _input_checker() -> Any:
+    """Draft 2020-12 without the keywords ``_check_input`` must not run (made once, on the first answer)."""
+    from jsonschema import Draft202012Validator, validators
+
+    def skipped(*_: Any) -> None:
+        return None
+
+    keywords = ("$ref", "$dynamicRef", "pattern", "patternProperties")
+    return validators.extend(Draft202012Validator, dict.fromkeys(keywords, skipped))  # type: ignore[no-untyped-call]
+
+
+def _empty_registry() -> Any:
+    """An empty registry: a ``$ref`` to anything outside the schema is not fetched (it is not followed at all)."""
+    from referencing import Registry
+
+    return Registry()
 
 
 def _failed(active: ActiveCall, name: str, code: ToolErrorCode, message: str) -> ToolCallResult:

@@ -300,6 +300,23 @@ async def test_an_input_request_is_answered_in_words(operator_server: LiveServer
     assert answered["payload"] == "demo.ask_user returned: Ada likes green"
 
 
+async def test_an_answer_in_words_that_does_not_fit_is_asked_again_not_passed_to_the_agent(
+    operator_server: LiveServer,
+) -> None:
+    """A reviewer's find: an answer the words reader takes but the request's schema does not was passed to
+    the agent as an ordinary message, and the call waited until it timed out."""
+    async with sdk(operator_server) as client:
+        transaction = await client.start("operator")
+        await client.say(transaction, "/call demo.ask_user")
+        await client.shown()
+        await client.say(transaction, '{"name": 5, "favourite_colour": "green"}')
+        again = await client.shown()
+        await client.say(transaction, '{"name": "Ada", "favourite_colour": "green"}')
+        answered = await client.shown()
+    assert again["payload"] == "name: 5 is not of type 'string'. Answer again, or say decline."
+    assert answered["payload"] == "demo.ask_user returned: Ada likes green"
+
+
 async def test_an_approval_asked_before_a_drop_is_answered_after_the_reconnect(operator_server: LiveServer) -> None:
     async with sdk(operator_server) as first:
         transaction = await first.start("operator")

@@ -476,3 +476,31 @@ def test_a_result_over_the_limit_is_cut_with_a_note_and_fits() -> None:
     assert kept[0]["text"].startswith('"quoted"\n') and "mcp.servers.demo.max_result_bytes" in kept[-1]["text"]
     small = [{"type": "text", "text": "fine"}]
     assert cut_result(small, {"a": 1}, 40_000, "demo") == (small, {"a": 1})
+
+
+def test_an_input_answer_is_checked_without_trusting_the_servers_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reviewer's find: jsonschema's default registry fetched any URL a ``$ref`` named, from the event
+    loop; a server's ``pattern`` ran on a member's input; and a broken schema made every answer fail."""
+    import urllib.request
+
+    from haip_runtime.exceptions import ProtocolError
+    from haip_runtime.tools.proxy import _check_input
+
+    fetched: list[object] = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: fetched.append(args))
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^a$"},  # not run
+            "ref": {"$ref": "http://127.0.0.1:9/schema.json"},  # not followed
+            "age": {"type": "integer", "minimum": 0},
+        },
+        "required": ["name"],
+    }
+    _check_input({"name": "b", "ref": 1, "age": 3}, schema, "r")  # fits what is checked
+    assert fetched == []
+    with pytest.raises(ProtocolError) as refused:
+        _check_input({"name": "b", "age": -1}, schema, "r")
+    assert refused.value.detail == {"where": "/payload/input/age"}
+    for broken in ({"type": "strin"}, {"type": 5}, {"properties": {"x": {"pattern": "("}}}):
+        _check_input({"x": 1}, broken, "r")  # let through: the server checks what it gets
