@@ -253,6 +253,9 @@ class Succession:
         self._given_up.update(stopped)
         for run in list(self.transaction.runs.values()):
             run.scope.cancel()
+        # Its waiting messages too (left here, a queued one would also be answered again from the log when
+        # this node takes the lease back, and run twice: a reviewer).
+        self.transaction.drop_queue()
         self._outbox.keep(lambda queued: queued[3] not in self._given_up)
         # After what is kept: the next owner ends those runs and answers what this node answered in vain.
         self.control("given_up", runs=stopped)

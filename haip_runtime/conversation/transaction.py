@@ -346,6 +346,11 @@ class Transaction:
                 blocked.add(waiting.member.id)
                 self.run_limit.wait(waiting.member, self.id, self._drain)
 
+    def drop_queue(self) -> None:
+        """This node no longer runs the turns: the waiting messages are the next owner's to answer (it
+        knows them from the log), this node's among them, should it be the next owner itself."""
+        self._queue.clear()
+
     def _unqueue_all(self, reason: str) -> None:
         """Every waiting message leaves the queue unanswered, each with ``INFO run.unqueued`` (doors wait on it)."""
         waiting, self._queue = self._queue, []

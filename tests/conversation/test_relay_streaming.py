@@ -556,3 +556,16 @@ def test_the_pending_queue_keeps_its_counts_through_every_change() -> None:
     assert [data for data, *_ in pending] == [b"f"] and (pending.size, pending.not_parts) == (1, 0)
     pending.clear()
     assert not pending and (pending.size, pending.not_parts) == (0, 0)
+
+
+async def test_a_node_losing_the_lease_lets_its_waiting_messages_go_to_the_next_owner() -> None:
+    """A reviewer's find: a message waiting in the queue (its member at the run limit) stayed there when
+    the node lost the lease; taking the lease back, the node answered it again from the log, and when
+    the member's run ended, the queue's copy ran as well: two runs for one message."""
+    from haip_runtime.conversation.transaction import _Queued
+
+    shared, transaction, listener, _ = shared_log()
+    transaction._queue.append(_Queued(listener, "wait for me", {"message_id": "m-q"}, None))  # type: ignore[arg-type]
+    assert transaction.queued == ["m-q"]
+    shared._lose()
+    assert transaction.queued == [] and not shared.owner
