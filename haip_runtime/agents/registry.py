@@ -120,7 +120,10 @@ def _check_hooks(cls: type[Agent[Any]], target: str, where: str) -> None:
     def``, and a class that answers no message (``on_message`` is required)."""
     for hook in HOOKS:
         method = getattr(cls, hook, None)
-        if method is not None and not inspect.iscoroutinefunction(method):
+        # Only a plain function that is not async (nor wraps one, decorated) is sure to fail; a callable
+        # object, or a decorator that hides a coroutine function, may well return an awaitable.
+        plain = inspect.isfunction(method) and not inspect.iscoroutinefunction(inspect.unwrap(method))
+        if plain and not inspect.iscoroutinefunction(method):
             raise PluginError(f"{where}: {target!r}.{hook} must be 'async def' (the runtime awaits it)")
     if cls.on_message is Agent.on_message:
         raise PluginError(f"{where}: {target!r} does not define on_message, which answers a member's message")

@@ -216,12 +216,25 @@ class HaipClient:
             await self._send_held()
             self._tell("restarted")
 
+    def _fits(self, type: str, frame: str) -> None:
+        """``ClientError`` MESSAGE_TOO_LARGE for a frame over the server's limit: refused here, never sent
+        (nor kept to send again), as the server would refuse it."""
+        if (size := len(frame.encode())) > self.max_frame_bytes:
+            message = f"{type} of {size} bytes is over the server's limit of {self.max_frame_bytes}; not sent"
+            raise ClientError(message, code="MESSAGE_TOO_LARGE")
+
     async def _send_held(self) -> None:
-        """What was sent while the connection was down, now that it is back (in order)."""
+        """What was sent while the connection was down, now that it is back (in order). One the server now
+        refuses (a smaller limit than the last one's) is dropped, logged; the rest go on."""
         self._down = False
         held, self._held = self._held, []
         for type, payload, transaction, channel, extra in held:
-            await self.send(type, payload, transaction=transaction, channel=channel, **extra)
+            try:
+                await self.send(type, payload, transaction=transaction, channel=channel, **extra)
+            except ClientError as refused:
+                if refused.code != "MESSAGE_TOO_LARGE":
+                    raise
+                logger.warning("a %s held while reconnecting was not sent: %s", type, refused)
 
     async def _handshake_event(self, predicate: Predicate) -> Received:
         for event in self._pending or []:
@@ -327,12 +340,14 @@ class HaipClient:
             raise ClientError("the connection is lost (reconnecting gave up)")
         if self._down:
             extra.setdefault("id", new_id())
+            self._fits(
+                type,
+                self._envelope(type, payload, seq=self._seq + 1, transaction=transaction, channel=channel, **extra),
+            )
             self._held.append((type, payload, transaction, channel, extra))
             return str(extra["id"])
         frame = self._envelope(type, payload, seq=self._seq + 1, transaction=transaction, channel=channel, **extra)
-        if (size := len(frame.encode())) > self.max_frame_bytes:  # refused here: the server would refuse it
-            message = f"{type} of {size} bytes is over the server's limit of {self.max_frame_bytes}; not sent"
-            raise ClientError(message, code="MESSAGE_TOO_LARGE")
+        self._fits(type, frame)
         self._seq += 1
         self._unacked[self._seq] = frame
         if len(self._unacked) > MAX_UNACKED:

@@ -1,8 +1,8 @@
 """Secrets out of sight: the effective config with secrets masked, and the values a log redactor hides.
 
 Masked: every ``SecretStr`` (a database URL shows all but its password), MCP servers' ``env``
-values, the password and query values of their ``url``, their ``args`` that follow or carry a flag
-that looks like a secret (``--api-key X``, ``--token=X``), agent options whose key looks like a
+values, the password of their ``url`` and its query values named like secrets, their ``args`` that
+follow or carry a flag named like one (``--api-key X``, ``--token=X``), agent options whose key looks like a
 secret and the password in ``cluster.redis_url``.
 ``haip-runtime check`` prints ``masked_dump``; the log redactor is given ``secret_values``.
 """
@@ -60,7 +60,8 @@ def secret_values(config: HaipConfig) -> list[str]:
         if url := getattr(server, "url", None):
             password = url_password(url)
             found += [password] if password else []
-            found += [value for values in parse_qs(urlsplit(url).query).values() for value in values if value]
+            query = parse_qs(urlsplit(url).query)
+            found += [value for key, values in query.items() if _names_a_secret(key) for value in values if value]
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
     if config.cluster is not None and config.cluster.redis_password:
@@ -68,19 +69,34 @@ def secret_values(config: HaipConfig) -> list[str]:
     return found
 
 
+#: Words of a flag's or a query parameter's name that say its value is a secret (``--api-key``,
+#: ``?access_token=``), matched whole: ``--author`` and ``--no-auth`` are not secrets, nor their values.
+_SECRET_WORDS = frozenset(
+    {"secret", "key", "apikey", "token", "password", "passwd", "pass", "pwd", "credential", "credentials", "sig"}
+)
+
+
+def _names_a_secret(name: str) -> bool:
+    return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
+
+
 def _masked_endpoint(url: str) -> str:
-    """An MCP server's URL with its password and every query value masked (``?api_key=...`` is common)."""
+    """An MCP server's URL with its password, and the values of query parameters whose names say they are
+    secrets (``?api_key=...`` is common), masked."""
     shown = masked_url(url)
     head, question, query = shown.partition("?")
     if not question:
         return shown
     query, hash_, fragment = query.partition("#")
-    masked = "&".join(f"{pair.partition('=')[0]}={MASK}" if "=" in pair else pair for pair in query.split("&"))
+    pairs = [pair.partition("=") for pair in query.split("&")]
+    masked = "&".join(
+        f"{key}={MASK}" if equals and _names_a_secret(key) else f"{key}{equals}{value}" for key, equals, value in pairs
+    )
     return f"{head}?{masked}{hash_}{fragment}"
 
 
 def _is_secret_flag(arg: str) -> bool:
-    return arg.startswith("-") and bool(_SECRETISH.search(arg.partition("=")[0]))
+    return arg.startswith("-") and _names_a_secret(arg.partition("=")[0])
 
 
 def _secret_args(args: list[str]) -> set[int]:

@@ -18,9 +18,9 @@ from haip_runtime.config.base import ConfigPath, Model, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.providers import LlmConfig, SpeechConfig
 
-#: Environment variables a stdio MCP server inherits unless its config says otherwise.
 #: What an agent's name may be: MCP's tool-name characters, and nothing a URL path must escape.
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Environment variables a stdio MCP server inherits unless its config says otherwise.
 SAFE_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TMPDIR", "USER")
 
 

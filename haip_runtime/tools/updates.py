@@ -85,5 +85,5 @@ class Updates:
             self.send(ToolStatus.CANCELLING, message=message, task=task)
         elif cancelling and state.local:
             self.send(ToolStatus.CANCELLING, message=state.message, task=task)
-        elif not self._cancelling and not state.terminal:
+        elif not cancelling and not state.terminal:
             self.send(ToolStatus.RUNNING, **({"message": state.message} if state.message else {}), task=task)

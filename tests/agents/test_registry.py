@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 from pydantic import BaseModel
 
@@ -126,3 +129,26 @@ def test_a_plugin_whose_hooks_would_fail_every_turn_is_refused_when_it_loads(nam
     with pytest.raises(PluginError) as caught:
         resolve_plugin(f"tests.agents.test_registry:{name}", ROOT, "agents.a.plugin")
     assert str(caught.value) == f"agents.a.plugin: {said}"
+
+
+def logged(hook: Any) -> Any:
+    """A plain decorator around an async hook (``functools.wraps``): the hook is still awaited."""
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, turn: Turn) -> Any:
+        return hook(self, turn)
+
+    return wrapper
+
+
+class Decorated(Agent[LooseOptions]):
+    Options = LooseOptions
+
+    @logged
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say("fine")
+
+
+def test_a_hook_behind_a_plain_decorator_is_taken() -> None:
+    """A reviewer's find: ``iscoroutinefunction`` is false for an async hook wrapped by a plain decorator."""
+    assert resolve_plugin("tests.agents.test_registry:Decorated", ROOT, "agents.a.plugin") is Decorated

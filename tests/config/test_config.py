@@ -273,15 +273,24 @@ def test_check_masks_mcp_env_headers_and_secretish_agent_options(tmp_path: Path)
 def test_mcp_urls_and_secretish_arguments_are_masked_in_check_and_known_to_the_log_redactor() -> None:
     """A tester's find: an MCP server's ``url`` (user:password@, ``?api_key=``) and ``--key=`` arguments
     printed as written by ``check``, ``${VAR}`` interpolated."""
-    servers = {
-        "h": {"transport": "http", "url": "http://user:pa55word@127.0.0.1:1/mcp?api_key=sekrit123&v=2#top"},
-        "s": {"transport": "stdio", "command": "true", "args": ["--key=sekrit456", "--api-key", "sekrit789", "-v"]},
-    }
+    url = "http://user:pa55word@127.0.0.1:1/mcp?api_key=sekrit123&workspace=production#top"
+    args = ["--key=sekrit456", "--api-key", "sekrit789", "-v", "--no-auth", "/srv/mcp/server.py", "--author=ada"]
+    servers = {"h": {"transport": "http", "url": url}, "s": {"transport": "stdio", "command": "true", "args": args}}
     config = validate_config({"mcp": {"servers": servers}}, base_dir=ROOT)
     shown = masked_dump(config)["mcp"]["servers"]
-    assert shown["h"]["url"] == "http://user:**********@127.0.0.1:1/mcp?api_key=**********&v=**********#top"
-    assert shown["s"]["args"] == ["--key=**********", "--api-key", "**********", "-v"]
-    assert {"pa55word", "sekrit123", "sekrit456", "sekrit789"} <= set(secret_values(config))
+    assert shown["h"]["url"] == "http://user:**********@127.0.0.1:1/mcp?api_key=**********&workspace=production#top"
+    assert shown["s"]["args"] == [
+        "--key=**********",
+        "--api-key",
+        "**********",
+        "-v",
+        "--no-auth",  # not a secret's flag (a reviewer's find: these were masked, and redacted from the logs)
+        "/srv/mcp/server.py",
+        "--author=ada",
+    ]
+    secrets = set(secret_values(config))
+    assert {"pa55word", "sekrit123", "sekrit456", "sekrit789"} <= secrets
+    assert not {"production", "/srv/mcp/server.py", "ada"} & secrets
 
 
 def test_masked_dump_and_secret_values_cover_nested_agent_options() -> None:
