@@ -239,7 +239,7 @@ class LimitsConfig(Model):
     are connected the handshake is refused with RATE_LIMITED and close 1008."""
     transactions_per_user: int = Field(default=100, ge=1)
     """Open transactions one user may own. At the limit a new one first ends the user's least recently
-    saved transaction that nobody is in and nothing runs in (its history stays readable); if each is in
+    active transaction that nobody is in and nothing runs in (its history stays readable); if each is in
     use, TRANSACTION_START gets RATE_LIMITED."""
     members_per_transaction: int = Field(default=50, ge=1)
     """Sessions in one transaction; a join beyond it gets RATE_LIMITED."""

@@ -123,10 +123,10 @@ class TransactionRegistry:
         """Before ``user`` starts another transaction (``limits.transactions_per_user``), within ``starting``:
         ``None`` while they own fewer open ones than the limit (idle ones that left memory count: the store
         knows those); at the limit, the one to end first (``hub.lifecycle.room_made`` ends it), as a new
-        session replaces the oldest disconnected one: the least recently saved one with nobody in it and
+        session replaces the oldest disconnected one: the least recently active one with nobody in it and
         nothing running (``passed``: found in use since). ``RATE_LIMITED`` if there is none."""
         limit = self.limits.transactions_per_user
-        stored = await self.store.open_owned(user, limit=limit + len(self.live))  # the least recently saved first
+        stored = await self.store.open_owned(user, limit=limit + len(self.live))  # the least recently active first
         live = {t.id: t for t in self.live.values() if t.owner == user}  # newer than the store, and read after it
         owned = [tx for tx in stored if tx not in live or not live[tx].ended]
         owned += [tx for tx, t in live.items() if not t.ended and tx not in stored]

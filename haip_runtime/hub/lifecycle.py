@@ -97,7 +97,7 @@ REPLACED = "replaced: its owner started a new transaction past limits.transactio
 @asynccontextmanager
 async def room_made(ctx: HubContext, principal: Principal, related_id: str) -> AsyncIterator[None]:
     """``limits.transactions_per_user``, around the making of ``principal``'s new transaction: at the limit,
-    their least recently saved one with nobody in it and nothing running ends first (its history stays
+    their least recently active one with nobody in it and nothing running ends first (its history stays
     readable), as a new session replaces the user's oldest disconnected one; ``RATE_LIMITED`` if none
     can. Clients that never end what they start (the reference CLI, MCP and AG-UI callers, which have
     no way to) were otherwise refused for good at their limit. The user's starts go one at a time

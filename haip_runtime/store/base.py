@@ -164,7 +164,8 @@ class Store(Protocol):
 
     async def open_owned(self, user: str, *, limit: int) -> list[str]:
         """Ids of up to ``limit`` transactions ``user`` started that have not ended, the least recently
-        saved first (quotas count them, and end the oldest idle one to make room)."""
+        active first (``updated_at``: their last event but INFO); quotas count them, and end the oldest
+        idle one to make room."""
         ...
 
     async def session(self, session_id: str) -> SessionRecord | None: ...
