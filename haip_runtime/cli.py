@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(exc.problems) > 1:
             print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
-    except PluginError as exc:
-        print(f"haip-runtime: {exc}", file=sys.stderr)
+    except PluginError as exc:  # naming the file, as a config error does
+        source = getattr(args, "config", None)
+        print(f"haip-runtime: {source}: {exc}" if source else f"haip-runtime: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -374,11 +374,12 @@ def test_check_loads_a_python_server_relative_to_the_config_file(tmp_path: Path)
     wrong = run_check(tmp_path, "mine:other")
     assert good.returncode == 0 and "is valid (0 agent(s), 1 MCP server(s))" in good.stderr
     assert missing.returncode == 1 and missing.stdout == ""
-    assert missing.stderr == "haip-runtime: mcp.servers.mine.server: 'mine.py' has no attribute 'servre'\n"
+    config = tmp_path / "haip.toml"
+    assert missing.stderr == f"haip-runtime: {config}: mcp.servers.mine.server: 'mine.py' has no attribute 'servre'\n"
     assert wrong.returncode == 1
     assert (
-        wrong.stderr == "haip-runtime: mcp.servers.mine.server: 'mine:other' is a str, not an MCPServer or a "
-        "callable returning one\n"
+        wrong.stderr == f"haip-runtime: {config}: mcp.servers.mine.server: 'mine:other' is a str, not an MCPServer"
+        " or a callable returning one\n"
     )
 
 

@@ -179,14 +179,14 @@ def test_check_reports_a_plugin_that_cannot_be_imported(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'no_such_module:Agent'\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("haip-runtime: agents.x.plugin: cannot import 'no_such_module'")
+    assert result.stderr.startswith(f"haip-runtime: {path}: agents.x.plugin: cannot import 'no_such_module'")
 
 
 def test_check_reports_bad_plugin_options_by_key(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'echo'\noptions = { prefix = 3 }\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1
-    assert result.stderr == "haip-runtime: agents.x.options.prefix: Input should be a valid string\n"
+    assert result.stderr == f"haip-runtime: {path}: agents.x.options.prefix: Input should be a valid string\n"
 
 
 def test_plugin_file_path_resolves_against_the_config_folder(tmp_path: Path) -> None:
@@ -202,7 +202,10 @@ def test_plugin_file_path_resolves_against_the_config_folder(tmp_path: Path) -> 
 def test_plugin_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'json:dumps'\n")
     result = run_cli("check", "--config", str(path))
-    assert result.stderr == "haip-runtime: agents.x.plugin: 'json:dumps' is not a subclass of haip_runtime.Agent\n"
+    assert (
+        result.stderr
+        == f"haip-runtime: {path}: agents.x.plugin: 'json:dumps' is not a subclass of haip_runtime.Agent\n"
+    )
 
 
 def test_builtin_agents_are_registered_as_entry_points() -> None:
@@ -218,7 +221,7 @@ def test_unknown_plugin_name_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[agents.x]\nplugin = 'ech'\n")
     result = run_cli("check", "--config", str(path))
     assert result.returncode == 1
-    expected = "haip-runtime: agents.x.plugin: 'ech' is neither a known agent (assistant, echo, operator"
+    expected = f"haip-runtime: {path}: agents.x.plugin: 'ech' is neither a known agent (assistant, echo, operator"
     assert result.stderr.startswith(expected)
 
 
