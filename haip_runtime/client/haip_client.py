@@ -338,22 +338,18 @@ class HaipClient:
         """Send one envelope; returns its id. While reconnecting it waits, and goes once connected again."""
         if self._gone:
             raise ClientError("the connection is lost (reconnecting gave up)")
-        if self._down:
-            extra.setdefault("id", new_id())
-            self._fits(
-                type,
-                self._envelope(type, payload, seq=self._seq + 1, transaction=transaction, channel=channel, **extra),
-            )
-            self._held.append((type, payload, transaction, channel, extra))
-            return str(extra["id"])
+        extra.setdefault("id", new_id())
         frame = self._envelope(type, payload, seq=self._seq + 1, transaction=transaction, channel=channel, **extra)
         self._fits(type, frame)
+        if self._down:
+            self._held.append((type, payload, transaction, channel, extra))
+            return str(extra["id"])
         self._seq += 1
         self._unacked[self._seq] = frame
         if len(self._unacked) > MAX_UNACKED:
             self._unacked.popitem(last=False)
         await self._write(frame)
-        return str(json.loads(frame)["id"])
+        return str(extra["id"])
 
     async def start_transaction(self, agent: str, params: dict[str, Any] | None = None) -> str:
         """Start a conversation with ``agent``; returns the transaction id."""

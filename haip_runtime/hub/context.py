@@ -63,8 +63,7 @@ class HubContext:
         """The MCP tools the transaction's agents may call, as ``member`` may see them."""
         if self.tools is None:
             return []
-        servers = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
-        return self.tools.visible_tools(servers, member.principal.permissions)
+        return self.tools.visible_tools(_tool_servers(transaction), member.principal.permissions)
 
     def tell_servers_not_ready(self, transaction: Transaction, member: Member) -> None:
         """To a member just in (started or joined): ``INFO mcp.server`` for each of the transaction's MCP
@@ -72,7 +71,7 @@ class HubContext:
         told, so a client can tell "no tools" from "tools still coming" (a tester's client could not)."""
         if self.tools is None:
             return
-        used = sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
+        used = _tool_servers(transaction)
         bridge = self.tools.bridge  # (none yet: the runtime still imports the MCP SDK; every server is to connect)
         statuses = bridge.status() if bridge is not None else {}
         states = {name: (status.state.value, status.error) for name, status in statuses.items()}
@@ -135,3 +134,8 @@ def bind(context: HubContext, handler: Callable[[HubContext, Session, Envelope],
         await handler(context, session, envelope)
 
     return bound
+
+
+def _tool_servers(transaction: Transaction) -> list[str]:
+    """The MCP servers whose tools the transaction's agents may call, sorted."""
+    return sorted({server for slot in transaction.agents.values() for server in slot.tool_servers})
