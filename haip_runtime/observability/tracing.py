@@ -74,7 +74,8 @@ def shutdown() -> None:
 
 def _install_global() -> None:
     """Point OpenTelemetry's global tracer provider (the MCP SDK's spans) at whichever provider is
-    ours at the time: set once per process, it follows every later ``configure``."""
+    ours at the time: set once per process, it follows every later ``configure``. A library's client
+    span outside any span of ours is dropped (``_background``)."""
     global _global_set
     if _global_set:
         return
@@ -95,10 +96,24 @@ def _install_global() -> None:
             return tracer
 
         def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+            if _background(args, kwargs):
+                return trace.INVALID_SPAN
             return self._target().start_span(*args, **kwargs)
 
         def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+            if _background(args, kwargs):
+                return contextlib.nullcontext(trace.INVALID_SPAN)
             return self._target().start_as_current_span(*args, **kwargs)
+
+    def _background(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """A client span with no span around it: a library's request outside any run (the MCP SDK's
+        pings, ``tools/list`` and ``subscriptions/listen`` to each server), a trace of its own
+        every few seconds that no operator asked for. Not recorded; inside a run they are."""
+        kind = kwargs.get("kind", args[2] if len(args) > 2 else None)
+        if kind is not trace.SpanKind.CLIENT:
+            return False
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        return not trace.get_current_span(context).get_span_context().is_valid
 
     trace.set_tracer_provider(Follow())
     _global_set = True

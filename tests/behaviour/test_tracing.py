@@ -126,8 +126,9 @@ async def test_a_run_is_one_trace_agent_then_model_requests_and_tools_with_the_m
     assert (mcp[0].attributes or {})["mcp.method.name"] == "tools/call"
     ours = [agent, *chats, tool, *mcp]
     assert {f"{span.context.trace_id:032x}" for span in ours if span.context} == {TRACE_ID}
-    # The rest are the MCP SDK's own requests outside any run (initialize, tools/list): traces of their own.
-    assert all(span.name.startswith("MCP ") for span in spans if span not in ours)
+    # The MCP SDK's own requests outside any run (initialize, tools/list, pings) are not traced: a
+    # trace each, every few seconds per server, was noise an operator did not ask for (found using it).
+    assert [span.name for span in spans if span not in ours] == []
 
 
 async def test_the_otlp_http_exporter_sends_the_trace_to_a_collector(vendor: VendorServer) -> None:
@@ -141,7 +142,7 @@ async def test_the_otlp_http_exporter_sends_the_trace_to_a_collector(vendor: Ven
     names = sorted(span.name for span in receiver.spans)
     assert {"invoke_agent assistant", "execute_tool demo.add", "chat gpt-test"} <= set(names)
     assert {span.service for span in receiver.spans} == {"haip-under-test"}
-    assert {span.trace_id for span in receiver.spans if not span.name.startswith("MCP send")} == {TRACE_ID}
+    assert {span.trace_id for span in receiver.spans} == {TRACE_ID}
     [agent] = [span for span in receiver.spans if span.name == "invoke_agent assistant"]
     assert agent.parent_id == CLIENT_SPAN and agent.attributes["gen_ai.conversation.id"] == tx
     [tool] = [span for span in receiver.spans if span.name == "execute_tool demo.add"]
