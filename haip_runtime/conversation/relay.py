@@ -179,6 +179,7 @@ class SharedLog(Succession):
         self.unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
         #: Calls the log shows waiting for a member's answer, with their run (an answer from here is forwarded).
         self.waiting_calls: dict[str, str | None] = {}
+        self.asked: dict[str, tuple[str, dict[str, Any] | None]] = {}
         #: Calls the log shows made and not done, with their run (a run ended ``NODE_LOST`` ends them too).
         self.open_calls: dict[str, str | None] = {}
         #: Streamed messages the log shows started and not ended, with their run (a lost run's end them).

@@ -48,6 +48,9 @@ class Shared(Protocol):
     users_elsewhere: set[str]
     #: Calls the log shows waiting for a member's answer, with the run each belongs to.
     waiting_calls: dict[str, str | None]
+    #: What each of those waits for: ``approval``, or ``input`` with the request's schema (an answer
+    #: from here is checked before it goes to the node running the turns).
+    asked: dict[str, tuple[str, dict[str, Any] | None]]
     #: Calls the log shows made and not done, with the run each belongs to (a lost run's end them).
     open_calls: dict[str, str | None]
     #: Streamed messages the log shows started and not ended, with the run each belongs to.
@@ -135,14 +138,24 @@ def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
         for open_ in (shared.waiting_calls, shared.open_calls, shared.open_messages):
             for key in [key for key, run in open_.items() if run == event.run_id]:
                 del open_[key]  # its run ended (NODE_LOST among others): nobody waits
+        for key in [key for key in shared.asked if key not in shared.waiting_calls]:
+            del shared.asked[key]
     elif event.type == EventType.INFO and payload.get("event") == "run.unqueued":
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type == EventType.TOOL_UPDATE and payload.get("status") in _WAITING:
-        shared.waiting_calls[str(payload.get("call_id", ""))] = event.run_id
+        call_id = str(payload.get("call_id", ""))
+        shared.waiting_calls[call_id] = event.run_id
+        if payload["status"] == ToolStatus.AWAITING_APPROVAL:
+            shared.asked[call_id] = ("approval", None)
+        else:
+            request = payload.get("request")
+            schema = request.get("schema") if isinstance(request, dict) else None
+            shared.asked[call_id] = ("input", schema if isinstance(schema, dict) else None)
     elif event.type == EventType.TOOL_CALL and payload.get("call_id") and event.run_id:  # (a run's: NODE_LOST ends it)
         shared.open_calls[str(payload["call_id"])] = event.run_id
     elif event.type in (EventType.TOOL_DONE, EventType.TOOL_UPDATE) and payload.get("call_id"):
         shared.waiting_calls.pop(str(payload["call_id"]), None)
+        shared.asked.pop(str(payload["call_id"]), None)
         if event.type == EventType.TOOL_DONE:
             shared.open_calls.pop(str(payload["call_id"]), None)
     elif event.type == EventType.TRANSACTION_JOIN and payload.get("joined"):

@@ -23,7 +23,7 @@ from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.session.session import Session
-from haip_runtime.tools.proxy import ToolProxy, ToolView
+from haip_runtime.tools.proxy import ToolProxy, ToolView, check_answer
 
 #: How a handler is called; each is bound to the hub's context.
 Handler = Callable[[Session, Envelope], Awaitable[None]]
@@ -93,8 +93,12 @@ class HubContext:
         """A member's answer to a call waiting for one (approval, input): here, or in a cluster to the
         node running the transaction's turns, where the agents' calls are."""
         if self._elsewhere(transaction, call_id, related_id):
-            assert transaction.shared is not None
-            transaction.shared.control("answer", call_id=call_id, user=user, answer=answer)
+            shared = transaction.shared
+            assert shared is not None
+            asked = shared.asked.get(call_id)
+            if asked is not None:  # refused here: the node running the turns would only log it
+                check_answer(*asked, answer, related_id)
+            shared.control("answer", call_id=call_id, user=user, answer=answer)
         elif self.tools is not None:
             self.tools.answer(call_id, transaction.id, user, answer, related_id)
 

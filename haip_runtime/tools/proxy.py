@@ -396,15 +396,7 @@ class ToolProxy:
                 related_id=related_id,
                 detail={"where": "/payload/call_id"},
             )
-        if active.waiting_for == "approval" and answer.get("decision") not in ("approve", "reject"):
-            raise ProtocolError(
-                ErrorCode.INVALID_PAYLOAD,
-                "an approval needs decision 'approve' or 'reject'",
-                related_id=related_id,
-                detail={"where": "/payload/decision"},
-            )
-        if active.waiting_for == "input" and answer.get("input") is not None and active.schema is not None:
-            _check_input(answer["input"], active.schema, related_id)  # a mistake is asked again, not sent on
+        check_answer(active.waiting_for, active.schema, answer, related_id)
         active.answer = {**answer, "by": user}
         active.answered.set()
 
@@ -437,6 +429,21 @@ class ToolProxy:
                 detail={"where": "/payload/call_id"},
             )
         return active
+
+
+def check_answer(waiting_for: str, schema: dict[str, Any] | None, answer: dict[str, Any], related_id: str) -> None:
+    """``INVALID_PAYLOAD`` for an answer the call waiting for ``waiting_for`` (``approval``, ``input``
+    with ``schema``) cannot take; the call goes on waiting. Also run by a cluster node for a member
+    answering a call of the node that runs the turns, which would only log the refusal."""
+    if waiting_for == "approval" and answer.get("decision") not in ("approve", "reject"):
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            "an approval needs decision 'approve' or 'reject'",
+            related_id=related_id,
+            detail={"where": "/payload/decision"},
+        )
+    if waiting_for == "input" and answer.get("input") is not None and schema is not None:
+        _check_input(answer["input"], schema, related_id)  # a mistake is asked again, not sent on
 
 
 def _check_input(given: Any, schema: dict[str, Any], related_id: str) -> None:

@@ -113,11 +113,19 @@ async def test_an_approval_and_an_input_answer_from_the_other_node_reach_the_run
             await sam.join(tx)
             await alice.send_text(tx, '/call team.word_count {"text": "one two three"}')
             asked = await sam.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+            # Answers the run cannot take are refused on sam's node, and the call goes on waiting: the
+            # node running the turns only logged them, and sam heard nothing (found reading the code).
+            declined = {"call_id": asked.get("call_id"), "decision": "decline"}  # (for input requests only)
+            bad = await sam.send("TOOL_UPDATE", declined, transaction=tx)
+            no_decision = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == bad)
             await sam.send("TOOL_UPDATE", {"call_id": asked.get("call_id"), "decision": "approve"}, transaction=tx)
             counted = await alice.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asked.get("call_id"))
 
             await alice.send_text(tx, '/call team.book_meeting {"topic": "roadmap"}')
             asking = await sam.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
+            misfit = {"call_id": asking.get("call_id"), "input": {"day": "Tuesday", "room": 7}}
+            bad = await sam.send("TOOL_UPDATE", misfit, transaction=tx)
+            no_fit = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == bad)
             reply = {"call_id": asking.get("call_id"), "input": {"day": "Tuesday", "room": "Lovelace"}}
             await sam.send("TOOL_UPDATE", reply, transaction=tx)
             booked = await alice.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asking.get("call_id"))
@@ -127,6 +135,8 @@ async def test_an_approval_and_an_input_answer_from_the_other_node_reach_the_run
     assert counted.get("status") == "OK" and json.loads(counted.get("result")["content"][0]["text"]) == 3
     assert booked.get("result")["content"][0]["text"] == "booked 'roadmap' on Tuesday in Lovelace"
     assert refused.get("code") == "INVALID_PAYLOAD"  # checked on the member's own node, as on one node
+    assert (no_decision.get("code"), no_decision.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/decision"})
+    assert (no_fit.get("code"), no_fit.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/input/room"})
 
 
 async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the_turn_runs(
