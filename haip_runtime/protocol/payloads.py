@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from haip_runtime.protocol.events import HAIP_VERSION, RunOutcome, ToolOutcome
 
@@ -79,6 +79,12 @@ class ChannelControl(Payload):
 class ReplayRequest(Payload):
     from_seq: str
     to_seq: str | None = None
+
+    @field_validator("from_seq", "to_seq", mode="before")
+    @classmethod
+    def _numbers_as_strings(cls, value: object) -> object:
+        # Decimal strings on the wire, as an envelope's seq; JSON integers from lenient clients too.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # --- transactions -----------------------------------------------------------------------------

@@ -102,7 +102,13 @@ class Runtime:
         self.metrics.watch(gauges)
         self.timers = Timers()
         self.gateway = Gateway(
-            config, self.hub.sessions, self.authenticator.authenticate, self.hub.handle, self.timers, self.metrics
+            config,
+            self.hub.sessions,
+            self.authenticator.authenticate,
+            self.hub.handle,
+            self.timers,
+            self.metrics,
+            self.hub.spawn,
         )
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call

@@ -10,6 +10,7 @@ arrive while authentication runs simply wait in the stream. The session owns its
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,9 @@ class Gateway:
     dispatch: Callable[[Session, Envelope], Awaitable[None]]
     timers: Timers
     metrics: Metrics
+    #: Runs a task in the runtime's task group (held envelopes a gap's deadline released); ``None``:
+    #: they wait for the session's next envelope.
+    spawn: Callable[..., None] | None = None
 
 
 class Connection:
@@ -74,6 +78,9 @@ class Connection:
             return
         logger.info("session %s of user %r connected", session.id, session.user)
         session.watch(self.gateway.timers, self.link)
+        spawn = self.gateway.spawn
+        if spawn is not None:
+            session.on_released = functools.partial(spawn, released_by_deadline, self.gateway, session)
         self.sessions.serving()
         try:
             # The read loop, here rather than in a method of its own and with ``receive`` rather than
@@ -246,7 +253,20 @@ class Connection:
 async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
     """One inbound envelope (or decode error) of an authenticated session, answered with ``ERROR`` if it
     fails. The read loop's step, and how envelopes POSTed to a session between two SSE streams are served
-    (``serve_detached``): the answers wait in the session's window for the next stream."""
+    (``serve_detached``): the answers wait in the session's window for the next stream.
+
+    An envelope past a gap in a numbered client's seqs is held (``Session.take``) and processed once the
+    gap fills, after the one that fills it, or once it is given up: in seq order whatever order they
+    came in (POSTs a browser sends without waiting for each can arrive in any order)."""
+    lock = session.inbound_lock
+    if lock is None:  # (nothing was ever held: as nearly always)
+        await _process(gateway, session, item)
+        return
+    async with lock:
+        await _process(gateway, session, item)
+
+
+async def _process(gateway: Gateway, session: Session, item: Inbound) -> None:
     if isinstance(item, DecodeError):
         logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
         try:
@@ -254,22 +274,54 @@ async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
         except Exception:  # its place in the client's seqs is lost at worst; the answer still goes
             logger.exception("session %s: the seq of a refused frame could not be counted", session.id)
         session.send_error(item)
+        await _release(gateway, session)  # its seq may have filled a gap
         return
+    taken = False
     try:
         gateway.metrics.received(item.type)
-        if not session.take(item):
-            return  # a duplicate of something already processed
+        taken = session.take(item)  # False: a duplicate, or held past a gap
+    except ProtocolError as error:
+        session.send_error(error, transaction=item.transaction)
+    except Exception:
+        _internal_error(session, item)
+    if taken:
+        await _release(gateway, session, before=item)  # held ones a gap given up let go, ahead of this one
+        await _handle(gateway, session, item)
+    await _release(gateway, session)  # held ones this one's seq let go (it filled their gap)
+
+
+async def _release(gateway: Gateway, session: Session, before: Envelope | None = None) -> None:
+    """Process the held envelopes that may go now, in seq order (those before ``before``'s seq, if given)."""
+    while (held := session.released(before)) is not None:
+        await _handle(gateway, session, held)
+
+
+async def released_by_deadline(gateway: Gateway, session: Session) -> None:
+    """A gap given up by its deadline let held envelopes go: process them (one at a time with the
+    session's other envelopes; the next of those processes them first, if it comes before this)."""
+    if session.inbound_lock is not None:
+        async with session.inbound_lock:
+            await _release(gateway, session)
+
+
+async def _handle(gateway: Gateway, session: Session, item: Envelope) -> None:
+    """An envelope taken in its turn: checked against the user's rate and rights, then dispatched."""
+    try:
         gateway.sessions.check_rate(session.user, item.id)
         check_event(session.principal.permissions, item)
         await _dispatch(gateway, session, item)
     except ProtocolError as error:
         session.send_error(error, transaction=item.transaction)
     except Exception:
-        logger.exception("internal error handling %s from session %s", item.type, session.id)
-        session.send_error(
-            ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
-            transaction=item.transaction,
-        )
+        _internal_error(session, item)
+
+
+def _internal_error(session: Session, item: Envelope) -> None:
+    logger.exception("internal error handling %s from session %s", item.type, session.id)
+    session.send_error(
+        ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", related_id=item.id),
+        transaction=item.transaction,
+    )
 
 
 async def serve_detached(gateway: Gateway, session_id: str, user: str, items: list[Inbound]) -> bool:

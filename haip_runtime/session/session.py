@@ -29,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import anyio
+
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import FlowControlConfig, LimitsConfig, SessionConfig
 from haip_runtime.exceptions import ProtocolError
@@ -56,6 +58,12 @@ logger = logging.getLogger(__name__)
 
 #: Envelopes a numbered client may send past a gap before the runtime stops waiting for the gap.
 MAX_INBOUND_GAP = 1000
+#: Envelopes past a gap held back (to be processed in seq order once it fills), and their bytes, before
+#: the runtime stops waiting for the gap (``SEQ_VIOLATION``) and processes them: memory stays bounded.
+MAX_HELD = 64
+MAX_HELD_BYTES = 4 * 1024 * 1024
+#: Envelopes whose order means nothing, never held past a gap (a held PING would look like a dead link).
+_NEVER_HELD = frozenset({EventType.PING, EventType.PONG, EventType.FLOW_UPDATE, EventType.REPLAY_REQUEST})
 #: Inbound envelope ids remembered per session, so a client that re-sends after a reconnect is not served twice.
 DEDUP_WINDOW = 1024
 
@@ -117,6 +125,16 @@ class Session:
         #: Client seqs received past a gap. A dict used as a set: empty (as nearly always) it is 64 bytes,
         #: an empty set 216, and every idle session holds one.
         self._ahead: dict[int, None] = {}
+        #: The envelopes of those seqs, held back until the gap fills or is given up, then processed in
+        #: seq order (PROTOCOL.md section 10: ordered delivery, whatever order POSTs arrive in); made
+        #: with the first, ``None`` again once empty. And their bytes.
+        self._held: dict[int, Envelope] | None = None
+        self._held_bytes = 0
+        #: Made with the first envelope held: processing of this session's envelopes goes one at a
+        #: time under it from then on (a gap given up by its deadline releases envelopes from a task).
+        self.inbound_lock: anyio.Lock | None = None
+        #: Called when a gap given up by its deadline released held envelopes (the connection processes them).
+        self.on_released: Callable[[], None] | None = None
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         #: MESSAGE_PARTs of one message held while the writer is behind, recorded as one (and their text's length).
         self._pending: list[Event] = []
@@ -272,9 +290,9 @@ class Session:
 
         Any envelope whose ``id`` was seen lately is a duplicate (a client re-sending after a
         reconnect). A client whose first seq is ``"1"`` is numbered: the runtime acks the highest
-        contiguous seq and drops repeated seqs; an envelope past a gap is processed at once and
-        the gap is reported by ``missing_inbound``. Any other first seq (the reference clients send
-        timestamps) is opaque.
+        contiguous seq and drops repeated seqs; an envelope past a gap is held back by ``take``
+        and the gap is reported by ``missing_inbound``. Any other first seq (the reference clients
+        send timestamps) is opaque.
         """
         if envelope.id in self._seen_ids:
             return False
@@ -358,16 +376,59 @@ class Session:
                 detail={"where": "/seq", "missing": [str(first), str(last)]},
             )
         )
+        if self._held and min(self._held) <= self._last_in and self.on_released is not None:
+            self.on_released()
+
+    def _hold(self, number: int, envelope: Envelope) -> None:
+        held = self._held
+        if held is None:
+            held = self._held = {}
+            if self.inbound_lock is None:
+                self.inbound_lock = anyio.Lock(fast_acquire=True)
+        held[number] = envelope
+        self._held_bytes += envelope.size
+        if len(held) > MAX_HELD or self._held_bytes > MAX_HELD_BYTES:
+            while min(held) > self._last_in and self.missing_inbound() is not None:
+                self.give_up_gap()  # (the caller processes what this releases, in order)
+
+    def released(self, before: Envelope | None = None) -> Envelope | None:
+        """The next held envelope whose gap has filled or been given up, in seq order (before ``before``'s
+        seq, if given), taken out of the hold; ``None`` if there is none."""
+        held = self._held
+        if not held:
+            return None
+        first = min(held)
+        if first > self._last_in:
+            return None
+        if before is not None:
+            number = before.numeric_seq
+            if number is not None and first >= number:
+                return None
+        envelope = held.pop(first)
+        self._held_bytes -= envelope.size
+        if not held:
+            self._held, self._held_bytes = None, 0
+        return envelope
 
     def take(self, envelope: Envelope) -> bool:
-        """An inbound envelope after the handshake: ``False`` for a duplicate to drop; raises what it
-        breaks (credit, the session's message rate). A gap it opens is watched for."""
+        """An inbound envelope after the handshake: ``True`` to process it now; ``False`` for a duplicate
+        to drop, or for one past a gap in a numbered client's seqs, held until the gap fills or is given
+        up (then ``released``, in seq order). Raises what it breaks (credit, the session's message
+        rate). A gap it opens is watched for."""
         if not self.accept_inbound(envelope):
             return False
         if self.liveness is not None:
             self.liveness.watch_gap()
         self.spend_credit(envelope)
         self.check_rate(envelope)
+        if (
+            self._ahead
+            and envelope.type not in _NEVER_HELD
+            and (number := envelope.numeric_seq) is not None
+            and number > self._last_in
+        ):
+            self._hold(number, envelope)
+            return False
         return True
 
     def heard(self) -> None:

@@ -255,6 +255,63 @@ async def test_a_gap_left_open_is_asked_for_then_given_up_after_a_while(
     assert pong["payload"] == {"nonce": "later"} and int(pong["ack"]) == 5
 
 
+async def test_messages_that_overtook_each_other_are_acted_on_in_seq_order(server: LiveServer) -> None:
+    """An integrator's find: an SSE client POSTing without waiting for each answer had its seq 3 acted on
+    before its seq 2 when the POSTs overtook each other (PROTOCOL.md section 10: ordered delivery)."""
+    async with raw_peer(server.ws_url) as peer:
+        session_id = (await peer.receive())["session"]
+        await handshake(peer, server.token("orderly"))
+        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+        tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+        first = peer.seq + 1
+        peer.seq = first  # the POST carrying seq `first` is overtaken by the next one
+        await peer.send("MESSAGE", "second", transaction=tx, channel="USER")
+        await peer.send("PING", {"nonce": "taken"})  # never held: its PONG says "second" was read
+        await peer.receive_type("PONG")
+        held = list(server.runtime.hub.sessions.sessions[session_id]._held or ())
+        peer.seq = first - 1
+        await peer.send("MESSAGE", "first", transaction=tx, channel="USER")
+        answers: list[str] = []
+        while len(answers) < 2:
+            frame = await peer.receive()
+            if frame["type"] == "MESSAGE_PART":
+                answers.append(frame["payload"]["text"])
+    assert held == [first + 1]
+    assert answers == ["you said: first", "you said: second"]
+
+
+async def test_envelopes_held_past_a_gap_given_up_are_acted_on_without_another_envelope(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.01)
+    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await handshake(peer, server.token())
+        peer.seq += 1  # seq 2 is never sent
+        ids = [await peer.send("MESSAGE", "hello", transaction=f"gone-{n}", channel="USER") for n in range(3)]
+        frames = [await peer.receive()]
+        while len([f for f in frames if f["type"] == "ERROR"]) < 4:
+            frames.append(await peer.receive())
+    errors = [f["payload"] for f in frames if f["type"] == "ERROR"]
+    assert errors[0]["code"] == "SEQ_VIOLATION" and errors[0]["detail"]["missing"] == ["2", "2"]
+    assert [(e["code"], e["related_id"]) for e in errors[1:]] == [("TRANSACTION_NOT_FOUND", i) for i in ids]
+
+
+async def test_at_most_64_envelopes_wait_behind_a_gap(server: LiveServer) -> None:
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await handshake(peer, server.token("waiting"))
+        peer.seq += 1  # seq 2 is never sent
+        ids = [await peer.send("MESSAGE", "hello", transaction=f"gone-{n}", channel="USER") for n in range(65)]
+        frames = [await peer.receive()]
+        while len([f for f in frames if f["type"] == "ERROR"]) < 66:
+            frames.append(await peer.receive())
+    errors = [f["payload"] for f in frames if f["type"] == "ERROR"]
+    assert errors[0]["code"] == "SEQ_VIOLATION"  # at the 65th, long before the gap's deadline
+    assert [e["related_id"] for e in errors[1:]] == ids  # then all of them, in order
+
+
 async def test_an_envelope_resent_after_a_reconnect_does_not_run_the_agent_twice(server: LiveServer) -> None:
     token = server.token("retry")
     async with raw_peer(server.ws_url) as first:
