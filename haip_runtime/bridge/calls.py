@@ -126,6 +126,8 @@ async def call_tool(
         raise ToolError(f"MCP server {call.server!r} disconnected during the call") from exc
     except (ValidationError, InputRequiredRoundsExceededError) as exc:
         raise ToolError(f"MCP server {call.server!r} answered the call to {tool!r} wrongly: {exc}") from exc
+    except RuntimeError as exc:  # the SDK's check of a result against the tool's own outputSchema
+        raise ToolError(f"MCP server {call.server!r} answered the call to {tool!r} wrongly: {exc}") from exc
     finally:
         call.done = True
         current_call.reset(token)

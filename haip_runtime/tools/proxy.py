@@ -317,6 +317,9 @@ class ToolProxy:
             return _failed(active, name, code, str(exc))
         except ToolError as exc:
             return _failed(active, name, ToolErrorCode.TOOL_FAILED, str(exc))
+        except Exception as exc:  # whatever a server or the SDK does, the call ends and members are told
+            logger.exception("tool call %s to %s failed unexpectedly", active.call_id, name)
+            return _failed(active, name, ToolErrorCode.TOOL_FAILED, f"the call failed: {type(exc).__name__}: {exc}")
         limit = self.servers[server].max_result_bytes
         content, structured = cut_result(outcome.content, outcome.structured_content, limit, server)
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK

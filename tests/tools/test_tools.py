@@ -250,6 +250,24 @@ async def test_client_calls_a_tool_directly(tool_server: LiveServer) -> None:
     assert done.get("status") == "OK" and done.get("result")["structuredContent"] == {"result": 5.0}
 
 
+async def test_a_result_that_breaks_the_tools_own_output_schema_ends_the_call_as_failed(
+    tool_server: LiveServer,
+) -> None:
+    """A hostile probe's find: 1e308 + 1e308 is infinite, the server sends its result as null, and the MCP
+    SDK's check of it against the tool's outputSchema raised RuntimeError, which escaped the proxy: no
+    TOOL_DONE ever came, the run failed with INTERNAL_ERROR and the history showed the call RUNNING."""
+    async with operator(tool_server) as (client, tx):
+        params = {"a": 1e308, "b": 1e308}
+        await client.send("TOOL_CALL", {"call_id": "inf-1", "tool": "demo.add", "params": params}, transaction=tx)
+        direct = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "inf-1")
+        via_agent = await call(client, tx, '/call demo.add {"a": 1e308, "b": 1e308}')
+        finished = await client.wait_for("RUN_FINISHED")
+    for done in (direct, via_agent):
+        assert done.get("status") == "ERROR" and done.get("error")["code"] == "TOOL_FAILED"
+        assert "MCP server 'demo' answered the call to 'add' wrongly" in done.get("error")["message"]
+    assert finished.get("status") == "OK"
+
+
 async def test_tool_schema_on_request(tool_server: LiveServer) -> None:
     async with operator(tool_server) as (client, tx):
         await client.send("TOOL_SCHEMA", {"tool": "demo.add"}, transaction=tx)
