@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 #: Envelopes a numbered client may send past a gap before the runtime stops waiting for the gap.
 MAX_INBOUND_GAP = 1000
+#: How far past its last seq in order a numbered client's seq may jump; further, the envelope is refused.
+MAX_SEQ_JUMP = 2 * MAX_INBOUND_GAP
 #: Envelopes past a gap held back (to be processed in seq order once it fills), and their bytes, before
 #: the runtime stops waiting for the gap (``SEQ_VIOLATION``) and processes them: memory stays bounded.
 MAX_HELD = 64
@@ -415,6 +417,14 @@ class Session:
         to drop, or for one past a gap in a numbered client's seqs, held until the gap fills or is given
         up (then ``released``, in seq order). Raises what it breaks (credit, the session's message
         rate). A gap it opens is watched for."""
+        if self._inbound_numeric and (number := envelope.numeric_seq) is not None:
+            if number > self._last_in + MAX_SEQ_JUMP:  # counted, it would make every later seq a duplicate
+                raise ProtocolError(
+                    ErrorCode.SEQ_VIOLATION,
+                    f"seq {number} is more than {MAX_SEQ_JUMP} past your last in order ({self._last_in}); dropped",
+                    related_id=envelope.id,
+                    detail={"where": "/seq"},
+                )
         if not self.accept_inbound(envelope):
             return False
         if self.liveness is not None:

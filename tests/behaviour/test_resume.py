@@ -298,6 +298,23 @@ async def test_envelopes_held_past_a_gap_given_up_are_acted_on_without_another_e
     assert [(e["code"], e["related_id"]) for e in errors[1:]] == [("TRANSACTION_NOT_FOUND", i) for i in ids]
 
 
+async def test_a_seq_far_ahead_is_refused_and_the_numbering_goes_on(server: LiveServer) -> None:
+    """A hostile probe's find: one envelope with seq 2^64-1 was taken, its gap given up 5 s later, and from
+    then on every envelope of the session was dropped as a duplicate, without a word."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await handshake(peer, server.token("jumper"))
+        before = peer.seq
+        peer.seq = 2**64 - 2
+        far = await peer.send("PING", {"nonce": "far"})
+        refused = await peer.receive_type("ERROR")
+        peer.seq = before
+        await peer.send("PING", {"nonce": "next"})
+        pong = await peer.receive_type("PONG")
+    assert (refused["payload"]["code"], refused["payload"]["related_id"]) == ("SEQ_VIOLATION", far)
+    assert pong["payload"] == {"nonce": "next"} and int(pong["ack"]) == before + 1
+
+
 async def test_at_most_64_envelopes_wait_behind_a_gap(server: LiveServer) -> None:
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()
