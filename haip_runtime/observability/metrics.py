@@ -19,11 +19,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from haip_runtime.protocol.events import ServerState
+from haip_runtime.protocol.events import ALL_EVENTS, ServerState
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+
+#: The envelope types counted under their own name (``Metrics.received``).
+_KNOWN_TYPES = frozenset(ALL_EVENTS)
 
 
 class Collector(Protocol):
@@ -167,7 +171,8 @@ class Metrics:
     # --- hooks ------------------------------------------------------------------------------------
 
     def received(self, type: str) -> None:
-        self.received_counts[type] += 1
+        # A client names the type: one it made up counts as "other", so /metrics cannot be grown at will.
+        self.received_counts[type if type in _KNOWN_TYPES else "other"] += 1
 
     def sent(self, type: str) -> None:
         self.sent_counts[type] += 1

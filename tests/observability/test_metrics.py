@@ -115,6 +115,24 @@ async def test_resumes_are_counted_by_outcome_and_reason(server: LiveServer) -> 
     assert resumed == 1 and ahead - value(before, "haip_resumes_total", outcome="failed", reason="ahead") == 1
 
 
+async def test_types_a_client_makes_up_count_as_other_and_add_no_series(server: LiveServer) -> None:
+    """A hostile probe's find: each made-up ``type`` (sent even before authenticating) became a series of
+    its own for good: 300 connections took /metrics from 244 lines to 544."""
+    before = await scrape(server)
+    for n in range(5):
+        async with raw_peer(server.ws_url) as peer:
+            await peer.receive()
+            await peer.send(f"MADE_UP_{n}", {})
+            await peer.closed()
+    after = await scrape(server)
+    assert "MADE_UP" not in after
+    assert (
+        value(after, "haip_messages_received_total", type="other")
+        - value(before, "haip_messages_received_total", type="other")
+        == 5
+    )
+
+
 async def test_the_outbound_backlog_is_a_gauge_of_frames_not_yet_written(server: LiveServer) -> None:
     text = await scrape(server)
     assert "# TYPE haip_outbound_backlog gauge" in text and value(text, "haip_outbound_backlog") >= 0
