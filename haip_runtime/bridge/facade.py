@@ -193,7 +193,7 @@ def agent_server(host: AgentHost, *, name: str, version: str, tasks: TaskHost | 
         try:
             message, conversation = _arguments(params)
         except ValueError as refusal:
-            return _error(str(refusal))
+            return _error(f"INVALID_PAYLOAD: {refusal}")  # (an error's text starts with its code)
         steps = 0
 
         async def report(text: str) -> None:

@@ -27,6 +27,24 @@ the payload is echoed; no HAIP message needs more than a handful of levels."""
 P = TypeVar("P", bound=BaseModel)
 
 
+#: Room left in a frame for the envelope around a message's text (``check_text_fits``).
+ENVELOPE_ROOM = 1024
+
+
+def check_text_fits(text: str, max_bytes: int, where: str) -> None:
+    """``MESSAGE_TOO_LARGE`` for a message's text coming in by another door (AG-UI, MCP) that would not
+    fit in a HAIP frame of ``max_bytes`` (``server.max_frame_bytes``), as it would not over HAIP: the
+    members' clients take frames up to that size, and one they refuse closes their connection again
+    at every resume. ``where``: the field, for the error."""
+    size = len(fastjson.dumps(text).encode())
+    if size + ENVELOPE_ROOM > max_bytes:
+        raise DecodeError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"a message of {size} bytes is over the limit of {max_bytes - ENVELOPE_ROOM} (server.max_frame_bytes)",
+            detail={"where": where, "limit": max_bytes - ENVELOPE_ROOM},
+        )
+
+
 def decode(frame: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Envelope:
     """Decode one frame. Raises ``DecodeError`` (INVALID_MESSAGE, MESSAGE_TOO_LARGE, UNSUPPORTED_TYPE),
     with the frame's ``id`` as ``related_id`` and its ``seq`` when they can be read."""

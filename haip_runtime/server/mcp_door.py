@@ -27,6 +27,7 @@ from haip_runtime.exceptions import DecodeError, HandshakeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import check_text_fits
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, ErrorCode, EventType, RunOutcome, ToolStatus
 from haip_runtime.server.mcp_relay import (
@@ -126,6 +127,7 @@ class McpDoor:
         if on_run is not None:
             on_run(run)
         try:
+            check_text_fits(message, self._ctx.config.server.max_frame_bytes, "/arguments/message")
             with self._counted(member) if slot is None else _giving_back(slot):
                 return await self._run(member, run, message, conversation_id)
         except ProtocolError as error:  # refused before it started

@@ -44,3 +44,19 @@ async def test_the_first_message_of_a_thread_waits_for_the_greeting_under_a_run_
     with live_server(config) as live:
         status, stream = await post(live, "greeter", run_input("t-" + uuid.uuid4().hex, "hi"), live.token("alice"))
     assert status == 200 and "user:hi" in stream and '"type":"RUN_FINISHED"' in stream.replace(" ", "")
+
+
+async def test_a_message_over_the_frame_limit_and_a_thread_id_with_a_line_break_are_refused() -> None:
+    """A hostile probe's finds: AG-UI took messages HAIP refuses (server.max_frame_bytes), which members'
+    clients then could not take; and a threadId with a line break wrote events of its creator's choosing
+    into the SSE stream of everyone following the thread (it is each event's ``id:`` line)."""
+    config = make_config({"server": {"max_frame_bytes": 65536}})
+    with live_server(config) as live:
+        token = live.token("alice")
+        big = await post(live, "echo", run_input("t-" + uuid.uuid4().hex, "x" * 65536), token)
+        forged = await post(live, "echo", run_input("t\r\nevent: forged\r\ndata: {}\r\n\r\nid: 9", "hi"), token)
+        fine = await post(live, "echo", run_input("t-" + uuid.uuid4().hex, "x" * 60000), token)
+        threads = list(live.runtime.hub.transactions.live)
+    assert big[0] == 413 and '"code":"MESSAGE_TOO_LARGE"' in big[1]
+    assert forged[0] == 400 and "printable" in forged[1] and not any("\n" in thread for thread in threads)
+    assert fine[0] == 200 and '"type":"RUN_FINISHED"' in fine[1]

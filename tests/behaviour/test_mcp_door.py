@@ -199,10 +199,21 @@ async def test_bad_arguments_say_which_one_is_wrong(door: LiveServer) -> None:
         ]
     assert [answer.is_error for answer in answers] == [True, True, True]
     assert [text(answer) for answer in answers] == [
-        "arguments: 'message' (a string) is required; got int",
-        "arguments: 'message' (a string) is required; got none",
-        "arguments: 'conversation_id' must be a string, not int",
+        "INVALID_PAYLOAD: arguments: 'message' (a string) is required; got int",
+        "INVALID_PAYLOAD: arguments: 'message' (a string) is required; got none",
+        "INVALID_PAYLOAD: arguments: 'conversation_id' must be a string, not int",
     ]
+
+
+async def test_a_message_over_the_frame_limit_is_refused_as_over_haip(door: LiveServer) -> None:
+    """A hostile probe's find: /mcp took a 3 MB message that HAIP refuses (server.max_frame_bytes), and the
+    members' clients, which take frames up to that size, were closed 1009 at every resume."""
+    limit = door.runtime.config.server.max_frame_bytes
+    async with mcp_client(door) as client:
+        answer = await client.call_tool("echo", {"message": "x" * limit})
+        fits = await client.call_tool("echo", {"message": "x" * (limit - 2048)})
+    assert answer.is_error and text(answer).startswith("MESSAGE_TOO_LARGE: a message of")
+    assert not fits.is_error
 
 
 async def test_a_tool_call_of_the_run_waits_for_a_humans_approval_over_haip(door: LiveServer) -> None:

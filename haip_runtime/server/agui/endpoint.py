@@ -22,6 +22,7 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.protocol import payloads as p
+from haip_runtime.protocol.codec import check_text_fits
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
@@ -51,6 +52,7 @@ STATUS = {
     ErrorCode.STORAGE_ERROR: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.MESSAGE_TOO_LARGE: 413,
 }
 
 
@@ -92,6 +94,9 @@ class AguiDoor:
             return error(400, ErrorCode.INVALID_PAYLOAD, f"not an AG-UI RunAgentInput: {first['msg']}", where)
         agent = request.path_params["agent"]
         try:
+            text = last_user_text(run)
+            if text is not None:
+                check_text_fits(text, self.door.config.server.max_frame_bytes, "/messages/content")
             member = await self._member(principal, agent, run)
             after = self._last_event_id(request, member)
             if after is None:
@@ -133,8 +138,10 @@ class AguiDoor:
         if not principal.permissions.may_start(agent):
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {agent!r}")
         thread = run.thread_id
-        if not thread or len(thread) > 128:
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 characters")
+        if not thread or len(thread) > 128 or not thread.isprintable():
+            # (It becomes the transaction's id and each event's SSE ``id:`` line: a line break in it
+            # would let its creator write events into the stream of everyone following the thread.)
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 printable characters")
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
         async with AsyncExitStack() as starting:
