@@ -51,9 +51,8 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
         body = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         message_id = str(body.get("message_id", ""))
         if event.type == EventType.MESSAGE and event.channel == Channel.USER:
-            entries[message_id] = HistoryEntry(
-                "user", str(body.get("author", "")), str(body.get("text", "")), message_id
-            )
+            entry = HistoryEntry("user", str(body.get("author", "")), str(body.get("text", "")), message_id)
+            entries[message_id if message_id not in entries else f"{message_id}@{event.tseq}"] = entry  # (reused)
         elif event.type == EventType.MESSAGE_START:
             authors[message_id] = str(body.get("author", ""))
             entries[message_id] = HistoryEntry("agent", authors[message_id], "", message_id)
@@ -61,7 +60,8 @@ def history_from_events(events: Iterable[Event]) -> list[HistoryEntry]:
             entry = entries[message_id]
             entries[message_id] = replace(entry, text=entry.text + str(body.get("text", "")))
         elif event.type == EventType.MESSAGE_UPDATE and message_id in entries:
-            entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
+            if entries[message_id].author == body.get("author", entries[message_id].author):  # (its author's)
+                entries[message_id] = replace(entries[message_id], text=str(body.get("text", "")))
         elif event.type == EventType.TOOL_CALL and event.run_id is not None:  # an agent's call, not a member's
             call_id, tool = str(body.get("call_id", "")), str(body.get("tool", ""))
             params = body.get("params")

@@ -363,6 +363,18 @@ class Transaction:
         """The message ids waiting for room, in order."""
         return [str(waiting.payload["message_id"]) for waiting in self._queue]
 
+    def message_id_taken(self, message_id: str) -> bool:
+        """Whether a message this transaction holds in memory (the agents' history, the recent log) has
+        ``message_id``: a member may not give theirs the id of another (edits go by it)."""
+        if any(entry.message_id == message_id for entry in self.history if entry.role in ("user", "agent")):
+            return True
+        return any(
+            event.type in (EventType.MESSAGE, EventType.MESSAGE_START)
+            and isinstance(event.payload, dict)
+            and event.payload.get("message_id") == message_id
+            for event in self.recent()
+        )
+
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A
         node that does not run the turns keeps no history: it checks the recent log (the owner edits)."""

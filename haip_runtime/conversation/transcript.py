@@ -56,12 +56,13 @@ class Transcript:
                 return
             item = self._start(event, str(body.get("author", "")), role, str(body.get("text", "")), state)
             if item is not None:
-                self._messages[str(body.get("message_id", ""))] = item
+                self._messages.setdefault(str(body.get("message_id", "")), item)  # (an id reused: the first keeps it)
         elif kind == EventType.MESSAGE_PART:
             if (message := self._messages.get(str(body.get("message_id", "")))) is not None:
                 message["text"] += str(body.get("text", ""))
         elif kind == EventType.MESSAGE_UPDATE:
-            if (message := self._messages.get(str(body.get("message_id", "")))) is not None:
+            message = self._messages.get(str(body.get("message_id", "")))
+            if message is not None and message["author"] == body.get("author", message["author"]):  # (its author's)
                 message["text"], message["edited"] = str(body.get("text", "")), True
         elif kind == EventType.MESSAGE_END:
             if (message := self._messages.get(str(body.get("message_id", "")))) is not None:

@@ -19,6 +19,14 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
     message = parse_payload(envelope, p.Message)
     if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
+    if message.message_id is not None and transaction.message_id_taken(message.message_id):
+        # (An edit goes by message_id: another's id would let its author edit, or seem to edit, theirs.)
+        raise ProtocolError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"message_id {message.message_id!r} is already used in this transaction",
+            related_id=envelope.id,
+            detail={"where": "/payload/message_id"},
+        )
     for slot in transaction.agents.values():
         schema = slot.instance.input_schema
         if schema is not None and isinstance(envelope.payload, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,30 @@ async def test_only_the_author_may_edit_a_message(shared_server: LiveServer) -> 
         edited = await sam.wait_for("MESSAGE_UPDATE")
     assert error.get("code") == "INVALID_PAYLOAD"
     assert edited.payload == {"message_id": "m-7", "text": "fixed", "author": "alice"}
+
+
+def refusal_of(sent: str) -> Callable[[Received], bool]:
+    return lambda e: e.type == "ERROR" and e.get("related_id") == sent
+
+
+async def test_a_message_may_not_take_the_id_of_another(shared_server: LiveServer) -> None:
+    """A hostile probe's find: sam sent a message under alice's message_id (every member sees it), then
+    "edited" it: members were told m-7 was edited, and the history applied alice's own edit to sam's."""
+    async with (
+        HaipClient(shared_server.ws_url, token=shared_server.token("alice")) as alice,
+        HaipClient(shared_server.ws_url, token=shared_server.token("sam", roles=["support"])) as sam,
+    ):
+        tx = await alice.start_transaction("echo")
+        await sam.join(tx)
+        await alice.send("MESSAGE", {"text": "original", "message_id": "m-7"}, transaction=tx, channel="USER")
+        answered = await sam.wait_for(lambda e: e.type == "MESSAGE_START" and e.transaction == tx)
+        taken = []
+        for message_id in ("m-7", answered.get("message_id")):  # alice's, and the agent's answer's
+            sent = await sam.send("MESSAGE", {"text": "mine", "message_id": message_id}, transaction=tx, channel="USER")
+            taken.append(await sam.wait_for(refusal_of(sent)))
+    assert [(e.get("code"), e.get("detail")) for e in taken] == [
+        ("INVALID_PAYLOAD", {"where": "/payload/message_id"})
+    ] * 2
 
 
 async def test_rest_history_lists_pages_and_reads_events_with_the_same_bearer_token(shared_server: LiveServer) -> None:

@@ -176,3 +176,21 @@ def test_a_spoken_exchange_is_two_messages_however_many_chunks_it_came_in() -> N
     ]
     assert items[0]["spoken"] and items[0]["audio"] == {"message_id": "a1", "mime": "audio/webm"}
     assert items[1]["audio"] == {"message_id": "m1", "mime": "audio/wav", "duration_ms": 1000}
+
+
+def test_an_edit_applies_to_its_authors_message_and_a_reused_id_takes_nothing_over() -> None:
+    """What a log written before message ids were checked may hold (a hostile probe's find): adm's
+    message under ann's id, adm's "edit" of it, and ann's own edit."""
+    from haip_runtime.conversation.history import history_from_events
+
+    log = Log()
+    log.add("MESSAGE", {"message_id": "m-ann", "author": "ann", "text": "ann wrote"}, channel="USER")
+    log.add("MESSAGE", {"message_id": "m-ann", "author": "adm", "text": "adm wrote"}, channel="USER")
+    log.add("MESSAGE_UPDATE", {"message_id": "m-ann", "author": "adm", "text": "adm edits"}, channel="USER")
+    log.add("MESSAGE_UPDATE", {"message_id": "m-ann", "author": "ann", "text": "ann edits"}, channel="USER")
+    items = read(log.events).items
+    assert [(i["author"], i["text"], i.get("edited", False)) for i in items] == [
+        ("ann", "ann edits", True),
+        ("adm", "adm wrote", False),
+    ]
+    assert [(h.author, h.text) for h in history_from_events(log.events)] == [("ann", "ann edits"), ("adm", "adm wrote")]
