@@ -98,6 +98,25 @@ class TraceIds(logging.Filter):
         return True
 
 
+#: Control characters written escaped in a text log line (a line break in a client's text would let it
+#: write a line of its own making into the log; a terminal escape, rewrite what the operator sees).
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters escaped (a traceback still follows it)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPED)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, worker: str | None = None) -> None:
         super().__init__()
@@ -133,7 +152,7 @@ def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = (), 
         ids = " [trace=%(trace_id)s span=%(span_id)s]" if traced else ""
         tag = f"[{worker}] " if worker else ""
         line = f"%(asctime)s %(levelname)-7s {tag}%(name)s{ids}: %(message)s"
-        handler.setFormatter(logging.Formatter(line, "%H:%M:%S"))
+        handler.setFormatter(TextFormatter(line, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

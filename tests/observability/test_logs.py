@@ -87,3 +87,22 @@ def test_a_workers_lines_say_which_worker_they_are(restore_logging: None, capsys
     console, json_line = capsys.readouterr().err.splitlines()
     assert console.endswith("WARNING [w2] haip_runtime.test: from a worker")
     assert json.loads(json_line)["worker"] == "w2"
+
+
+def test_a_clients_text_cannot_write_lines_of_its_own_into_the_console_log(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hostile probe's find: a TRANSACTION_END reason of "bye\\n06:50:00 ERROR ...: a FORGED admin token"
+    and a terminal escape made a convincing log line of the client's own; a NUL made grep call it binary."""
+    configure_logging(ObservabilityConfig(log_level="info"))
+    reason = "bye\n06:50:00 ERROR   haip_runtime.auth.tokens: FORGED\r\x1b[31m\x00\u2028 é"
+    logging.getLogger("haip_runtime.test").info("transaction ended: %s", reason)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("haip_runtime.test").exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(
+        r"transaction ended: bye\n06:50:00 ERROR   haip_runtime.auth.tokens: FORGED\r\x1b[31m\x00\u2028 é"
+    )
+    assert lines[1].endswith("failed") and lines[2] == "Traceback (most recent call last):"  # tracebacks still read
