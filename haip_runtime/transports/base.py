@@ -123,7 +123,7 @@ class Link:
     #: response), so a peer silent after a ``PING`` is not dropped for that (PROTOCOL.md section 3).
     watches_liveness: bool = False
     #: A resume asked for outside a HAI: ``(session id, last seq received)`` (SSE ``Last-Event-ID``).
-    resume: tuple[str, int] | None = None
+    resume: tuple[str, int | str] | None = None
     #: A W3C ``traceparent`` the request that opened it carried (SSE, HTTP streaming): the client's trace.
     traceparent: str | None = None
 

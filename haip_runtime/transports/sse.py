@@ -129,15 +129,18 @@ class SseRegistry:
         return by_outbox or self._by_session.get(session_id)
 
 
-def resume_hint(scope: Scope) -> tuple[str, int] | None:
+def resume_hint(scope: Scope) -> tuple[str, int | str] | None:
     """The resume a GET asks for: ``Last-Event-ID`` (or ``?last_event_id=``) as ``<session>:<seq>``, or a
-    bare seq with ``?session=``; ``None`` if none (a fresh session)."""
+    bare seq with ``?session=``; ``None`` if none (a fresh session). A seq that is not one is kept as
+    given: the resume fails with ``RESUME_FAILED`` saying so, rather than starting a session unasked."""
     query = QueryParams(scope.get("query_string", b""))
     last_event_id = Headers(scope=scope).get("last-event-id") or query.get("last_event_id") or ""
     named, _, seq = last_event_id.rpartition(":")
     session = named or query.get("session")
+    if not session or not last_event_id:
+        return None
     last = parse_uint64(seq)
-    return (session, last) if session and last is not None else None
+    return (session, last if last is not None else seq)
 
 
 async def read_body(receive: Receive, limit: int, timeout: float = math.inf) -> bytes:

@@ -194,6 +194,23 @@ async def test_sse_last_event_id_names_its_session_so_the_same_url_resumes(live:
     assert reply["payload"] == "you said: same URL" and again.last_event_id == f"{peer.session}:{reply['seq']}"
 
 
+async def test_sse_last_event_id_with_a_seq_that_is_not_one_is_a_failed_resume_not_a_silent_new_session(
+    live: LiveServer,
+) -> None:
+    """A hostile probe's find: `<session>:abc` (or `:-1`, or past 2^64) quietly opened a fresh session,
+    where `<session>:999999` says RESUME_FAILED."""
+    token = live.token("ann")
+    async with open_peer("sse", live, token) as peer:
+        await handshake(peer, token)
+    assert isinstance(peer, SsePeer)
+    failed = []
+    for seq in ("abc", "-1", "18446744073709551616"):
+        async with open_peer("sse", live, token, headers={"last-event-id": f"{peer.session}:{seq}"}) as again:
+            hai = await again.receive_type("HAI")
+            failed.append((hai["session"] != peer.session, (await again.receive_type("ERROR"))["payload"]["code"]))
+    assert failed == [(True, "RESUME_FAILED")] * 3
+
+
 async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None:
     async with open_peer("sse", live, live.token("ann")) as peer:
         await handshake(peer, live.token("ann"))
