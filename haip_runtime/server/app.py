@@ -26,6 +26,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -346,10 +347,19 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *([Route(config.mcp_server.path, mcp)] if mcp is not None else []),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
     app.add_middleware(ReapOnEnd, reaper=rt.reaper)  # outermost: sees every connection end
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take) in the body every HTTP
+    error of the runtime has, ``{"error": {code, message}}``, not as plain text."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_MESSAGE")
+    body = {"error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 @asynccontextmanager

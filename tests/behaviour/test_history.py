@@ -76,3 +76,14 @@ async def test_a_conversation_is_listed_with_its_answer_as_soon_as_the_run_ends(
             messages = (await http.get(f"{server.http_url}/haip/transactions/{tx}/messages")).json()
     assert listed[0]["title"] == "ping" and listed[0]["preview"] == "you said: ping"
     assert [m["text"] for m in messages["messages"]] == ["ping", "you said: ping"]
+
+
+async def test_a_path_or_method_the_runtime_does_not_serve_is_refused_in_json_too(server: LiveServer) -> None:
+    """A hostile probe's find: these two were Starlette's plain text, where every HTTP error of the runtime
+    is ``{"error": {code, message}}`` (PROTOCOL.md section 1)."""
+    async with httpx2.AsyncClient(base_url=server.http_url) as http:
+        no_path = await http.get("/haip/transactions/some-id")
+        no_method = await http.post("/haip/transactions")
+    assert no_path.status_code == 404 and no_path.json()["error"]["code"] == "NOT_FOUND"
+    assert no_method.status_code == 405 and no_method.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert no_method.headers["allow"] == "GET, HEAD"
