@@ -41,7 +41,7 @@ class AgentSlot:
 class Run:
     """One agent turn in flight: its cancel scope, and a way to wait for its end."""
 
-    __slots__ = ("id", "agent", "member", "scope", "finished", "_done")
+    __slots__ = ("id", "agent", "member", "scope", "finished", "reason", "_done")
 
     def __init__(self, id: str, agent: str, member: Member | None) -> None:
         self.id = id
@@ -49,7 +49,13 @@ class Run:
         self.member = member
         self.scope = anyio.CancelScope()
         self.finished = False
+        #: Why it was cancelled, when the members should know more than "cancelled" (a shutdown).
+        self.reason: str | None = None
         self._done: anyio.Event | None = None  # made only if someone waits
+
+    def cancel(self, reason: str | None = None) -> None:
+        self.reason = self.reason or reason
+        self.scope.cancel()
 
     def finish(self) -> None:
         self.finished = True

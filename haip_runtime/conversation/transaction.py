@@ -430,7 +430,10 @@ class Transaction:
             self._finish(run, EventType.RUN_ERROR, error_body(ErrorCode.INTERNAL_ERROR, message))
         else:
             status = RunOutcome.CANCELLED if run.scope.cancel_called else RunOutcome.OK
-            self._finish(run, EventType.RUN_FINISHED, {"status": status.value})
+            ended = {"status": status.value}
+            if status is RunOutcome.CANCELLED and run.reason:
+                ended["reason"] = run.reason
+            self._finish(run, EventType.RUN_FINISHED, ended)
         finally:
             if self.runs.pop(run.id, None) is not None:  # cancelled from outside its own scope (shutdown)
                 if run.member is not None:

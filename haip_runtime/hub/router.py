@@ -51,6 +51,10 @@ _OWN_TRANSACTION_FIELD = frozenset({EventType.TRANSACTION_START, EventType.TRANS
 MAINTENANCE_INTERVAL = 30.0
 
 
+#: Why a run or a tool call the runtime's stop cancelled ended (``RUN_FINISHED.reason``, ``TOOL_DONE``).
+SHUTTING_DOWN = "the runtime is shutting down; the conversation goes on after its restart"
+
+
 class Hub:
     """Sessions, transactions, agents; the handlers of every transaction-level event."""
 
@@ -243,11 +247,11 @@ class Hub:
                 transaction.remove_member(session, quietly=True)
 
     async def _stop_for_restart(self, transaction: Transaction) -> None:
-        """The runtime is stopping: cancel what runs; the transaction stays open in the store."""
+        """The runtime is stopping: cancel what runs, saying why; the transaction stays open in the store."""
+        if self.tools is not None:  # (first: a call the run's cancel reached first said only "cancelled")
+            self.tools.cancel_transaction(transaction.id, SHUTTING_DOWN)
         for run in list(transaction.runs.values()):
-            run.scope.cancel()
-        if self.tools is not None:
-            self.tools.cancel_transaction(transaction.id, "the runtime is shutting down")
+            run.cancel(SHUTTING_DOWN)
         for run in list(transaction.runs.values()):
             await run.wait()
         transaction.save()

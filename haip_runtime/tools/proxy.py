@@ -255,7 +255,7 @@ class ToolProxy:
         try:
             result = await self._run(active, name, server, tool, arguments, emit)
         except anyio.get_cancelled_exc_class():
-            self._done(emit, _cancelled(active, name, "the run was cancelled"), started)
+            self._done(emit, _cancelled(active, name, active.cancel_reason or "the run was cancelled"), started)
             raise
         finally:
             self.calls.pop(key, None)

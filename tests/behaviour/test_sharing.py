@@ -203,6 +203,31 @@ async def test_a_conversation_goes_on_after_a_runtime_restart(tmp_path: Path) ->
     )
 
 
+async def test_a_restart_says_why_it_cancelled_the_turn_and_the_call_waiting_for_approval(tmp_path: Path) -> None:
+    """An integrator's find: a call waiting for approval when the runtime stopped showed, after the rejoin,
+    only TOOL_DONE CANCELLED "the run was cancelled" and RUN_FINISHED CANCELLED: nothing said a restart
+    did it."""
+    demo = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
+    config = sqlite_config(
+        tmp_path / "haip.db",
+        agents={"operator": {"plugin": "operator", "mcp_servers": ["team"]}},
+        mcp={"servers": {"team": demo}},
+    )
+    with live_server(config) as first:
+        token = first.token("dana")
+        async with HaipClient(first.ws_url, token=token) as client:
+            tx = await client.start_transaction("operator")
+            await client.send_text(tx, '/call team.word_count {"text": "one two"}')
+            await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+    with live_server(config) as second:
+        async with HaipClient(second.ws_url, token=token) as client:
+            await client.join(tx, since=0)
+            finished = await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx)
+            done = [e for e in client.received if e.type == "TOOL_DONE" and e.transaction == tx]
+    assert finished.get("status") == "CANCELLED" and "shutting down" in finished.get("reason")
+    assert [(d.get("status"), "shutting down" in d.get("error")["message"]) for d in done] == [("CANCELLED", True)]
+
+
 class LogWatch(logging.Handler):
     """Sets ``seen`` when a log line of ``logger`` starts with ``prefix`` (a wait across threads)."""
 
