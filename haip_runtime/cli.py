@@ -479,7 +479,11 @@ def _announce(
         f"  health:    http://{shown}:{port}/health",
         f"  agents:    {', '.join(agents) or '(none configured)'}",
         f"  history:   http://{shown}:{port}/haip/transactions  ({_storage(config.storage)})",
+        f"  AG-UI:     http://{shown}:{port}/ag-ui/<agent>",
     ]
+    if config.mcp_server.enabled:
+        mcp = f"http://{shown}:{port}{config.mcp_server.path}"
+        lines.append(f"  MCP:       {mcp}  (each agent a tool; streamable HTTP)")
     if nodes:
         lines.append(f"  workers:   {len(nodes)} processes on this port, nodes {', '.join(nodes)}")
     token = authenticator.issue("dev") if config.auth.mode == "dev" else None

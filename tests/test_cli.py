@@ -217,6 +217,7 @@ def test_serve_without_a_config_runs_the_embedded_defaults_and_says_so_first(tmp
         assert served.lines[1].startswith("haip-runtime listening on http://127.0.0.1:")
         assert served.banner["agents"] == "echo, storyteller, operator, assistant"
         assert served.banner["history"].endswith(f"(kept in {tmp_path / 'haip.db'})")
+        assert served.banner["AG-UI"].endswith("/ag-ui/<agent>") and "MCP" not in served.banner
 
         async def talk() -> str:
             async with HaipClient(served.banner["WebSocket"].split()[0], token=served.banner["token"]) as client:
@@ -226,6 +227,18 @@ def test_serve_without_a_config_runs_the_embedded_defaults_and_says_so_first(tmp
 
         assert anyio.run(talk)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["haip.db", "haip.db.dev-key", "haip.db.lock"]
+
+
+def test_the_banner_names_the_mcp_door_when_it_is_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """An integrator's find: with [mcp_server] enabled, nothing said where it was."""
+    from haip_runtime.auth.tokens import Authenticator
+    from haip_runtime.cli import _announce
+    from haip_runtime.config import validate_config
+
+    config = validate_config({"mcp_server": {"enabled": True}, "agents": {"echo": {"plugin": "echo"}}}, base_dir=ROOT)
+    _announce(config, ["echo"], Authenticator(config.auth, config.roles), "127.0.0.1", 8080)
+    lines = capsys.readouterr().out.splitlines()
+    assert "  MCP:       http://127.0.0.1:8080/mcp  (each agent a tool; streamable HTTP)" in lines
 
 
 def test_check_names_the_embedded_defaults_on_stderr(tmp_path: Path) -> None:
