@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from haip_runtime.protocol.events import HAIP_VERSION, RunOutcome, ToolOutcome
 
@@ -44,7 +44,7 @@ class HaiAuth(Payload):
 
 class Hai(Payload):
     haip_version: str = HAIP_VERSION
-    accept_major: list[int] = Field(default_factory=lambda: [1])
+    accept_major: list[StrictInt] = Field(default_factory=lambda: [1])  # (not true, nor 1.0)
     accept_events: list[str] | None = None
     capabilities: Capabilities | None = None
     auth: HaiAuth | None = None

@@ -114,6 +114,17 @@ async def test_unsupported_major_gets_version_incompatible_and_close_1002(server
     assert error["payload"]["message"] == "this runtime speaks HAIP major 1; the client accepts 2"  # not (1,)
 
 
+@pytest.mark.parametrize("major", [True, 1.0])
+async def test_a_major_version_that_is_not_an_integer_is_refused(server: LiveServer, major: object) -> None:
+    """A hostile probe's find: ``accept_major: [true]`` and ``[1.0]`` passed for 1."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await peer.hai(server.token(), accept_major=[major])
+        error = await peer.receive_type("ERROR")
+    assert error["payload"]["code"] == "INVALID_PAYLOAD"
+    assert error["payload"]["message"].startswith("invalid HAI payload at /payload/accept_major/0")
+
+
 async def test_version_is_checked_before_credentials(server: LiveServer) -> None:
     async with raw_peer(server.ws_url) as peer:
         await peer.hai("garbage", accept_major=[9])
