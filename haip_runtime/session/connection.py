@@ -270,7 +270,8 @@ async def _process(gateway: Gateway, session: Session, item: Inbound) -> None:
     if isinstance(item, DecodeError):
         logger.info("session %s refused a frame: %s %s", session.id, item.code, item.message)
         try:
-            session.refused_inbound(item.seq)
+            link = session.liveness.link if session.liveness is not None else None
+            session.refused_inbound(item.seq, in_order=link is not None and link.transport != "sse")
         except Exception:  # its place in the client's seqs is lost at worst; the answer still goes
             logger.exception("session %s: the seq of a refused frame could not be counted", session.id)
         session.send_error(item)

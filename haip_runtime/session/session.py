@@ -132,6 +132,8 @@ class Session:
         #: with the first, ``None`` again once empty. And their bytes.
         self._held: dict[int, Envelope] | None = None
         self._held_bytes = 0
+        #: Frames refused just now whose seq could not be read, on an in-order transport (``refused_inbound``).
+        self._unread_refused = 0
         #: Made with the first envelope held: processing of this session's envelopes goes one at a
         #: time under it from then on (a gap given up by its deadline releases envelopes from a task).
         self.inbound_lock: anyio.Lock | None = None
@@ -305,15 +307,34 @@ class Session:
             self.sink.took(self, envelope.id)
         return self._count_inbound(envelope.numeric_seq)
 
-    def refused_inbound(self, seq: str | None) -> None:
-        """A frame refused before it was an envelope (too large, invalid) whose ``seq`` could be read: it
-        arrived, so it takes its place in a numbered client's seqs (acked; no gap asked for)."""
+    def refused_inbound(self, seq: str | None, *, in_order: bool = False) -> None:
+        """A frame refused before it was an envelope (too large, invalid): it arrived, so it takes its place
+        in a numbered client's seqs (acked; no gap asked for, nothing after it held back). Its ``seq`` if it
+        could be read. Else, on a transport whose frames arrive in the order sent (``in_order``: WebSocket,
+        HTTP streaming), the next envelope says: if its seq leaves a gap of at most as many frames as were
+        refused unread just before it, those frames were that gap (a frame that was no envelope at all
+        leaves none). Over SSE (POSTs may overtake each other) an unread seq stays a gap: taking the wrong
+        one would drop the good envelope that has it."""
         number = parse_uint64(seq)
+        if number is None and in_order and self._inbound_numeric:
+            self._unread_refused += 1  # (the next envelope tells whether the client numbered it)
         # (Not past the gap a client may open: a refused frame must not move its numbering far ahead.)
         if number is not None and self._inbound_numeric and number <= self._last_in + MAX_INBOUND_GAP:
             self._count_inbound(number)
             if self.liveness is not None:
                 self.liveness.watch_gap()
+
+    def _fill_unread(self, envelope: Envelope) -> None:
+        """The envelope right after frames refused unread on an in-order transport: the gap its seq leaves,
+        if no wider than their number, was them (``refused_inbound``)."""
+        refused, self._unread_refused = self._unread_refused, 0
+        number = envelope.numeric_seq
+        if number is None or not self._inbound_numeric:
+            return
+        highest = max(self._last_in, max(self._ahead, default=0))
+        if 0 < number - highest - 1 <= refused:
+            for missing in range(highest + 1, number):
+                self._count_inbound(missing)
 
     def _count_inbound(self, number: int | None) -> bool:
         if self._inbound_numeric is None:
@@ -425,6 +446,8 @@ class Session:
                     related_id=envelope.id,
                     detail={"where": "/seq"},
                 )
+        if self._unread_refused:
+            self._fill_unread(envelope)
         if not self.accept_inbound(envelope):
             return False
         if self.liveness is not None:
@@ -487,6 +510,7 @@ class Session:
         """Start the deadlines of the connection now serving this session (heartbeat, token expiry, gaps)."""
         assert self.outbox is not None
         self.unwatch()
+        self._unread_refused = 0  # (what another connection refused says nothing of this one's order)
         self.traceparent = link.traceparent
         self.liveness = Liveness(self, timers, self.outbox, link)
         self.liveness.start()
