@@ -127,7 +127,8 @@ async def call_tool(
     except (ValidationError, InputRequiredRoundsExceededError) as exc:
         raise ToolError(f"MCP server {call.server!r} answered the call to {tool!r} wrongly: {exc}") from exc
     except RuntimeError as exc:  # the SDK's check of a result against the tool's own outputSchema
-        raise ToolError(f"MCP server {call.server!r} answered the call to {tool!r} wrongly: {exc}") from exc
+        why = str(exc).partition("\n")[0]  # (jsonschema's message goes on to print the schema)
+        raise ToolError(f"MCP server {call.server!r} answered the call to {tool!r} wrongly: {why}") from exc
     finally:
         call.done = True
         current_call.reset(token)

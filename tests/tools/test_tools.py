@@ -264,7 +264,10 @@ async def test_a_result_that_breaks_the_tools_own_output_schema_ends_the_call_as
         finished = await client.wait_for("RUN_FINISHED")
     for done in (direct, via_agent):
         assert done.get("status") == "ERROR" and done.get("error")["code"] == "TOOL_FAILED"
-        assert "MCP server 'demo' answered the call to 'add' wrongly" in done.get("error")["message"]
+        assert done.get("error")["message"] == (
+            "MCP server 'demo' answered the call to 'add' wrongly: "
+            "Invalid structured content returned by tool add: None is not of type 'number'"
+        )
     assert finished.get("status") == "OK"
 
 
