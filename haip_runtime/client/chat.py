@@ -106,6 +106,10 @@ class Chat:
                     self.failed.append(str(event.get("code")))
                 elif event.type == "INFO" and event.get("event") == "audio.unheard":
                     self.failed.append("AUDIO_UNHEARD")
+                elif event.type == "INFO" and event.get("event") == "speech.failed":
+                    self.failed.append(str(event.get("code")))
+                elif event.type == "ERROR" and self._turn is not None and self._turn.refused_by(event):
+                    self.failed.append(str(event.get("code")))  # a recording not understood, say
                 try:
                     self.view.on_event(event)
                 except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a payload not as documented
@@ -371,8 +375,8 @@ class Chat:
             except ClientError as exc:
                 if self.lost is None:
                     self.view.say(f"✗ {exc}" + (f" ({exc.code})" if exc.code else ""), "red")
-                    if not terminal.echoes_input and exc.code:  # a script must see that a line was refused
-                        self.failed.append(exc.code)
+                    if not terminal.echoes_input:  # a script must see that a line was refused
+                        self.failed.append(exc.code or "REFUSED")
         raise ClientError(self.lost)
 
 
@@ -396,13 +400,17 @@ class _Turn:
             self.answers.add(str(event.get("message_id")))
         elif (event.type == "AUDIO_CHUNK" and event.get("final")) or event.get("event") == "speech.interrupted":
             self.spoken.add(str(event.get("message_id")))
-        refused = self.message_id is not None and (
-            (event.type == "ERROR" and event.get("related_id") == self.message_id)
-            or (event.get("event") == "audio.unheard" and event.get("message_id") == self.message_id)
-        )
+        elif event.get("event") == "speech.failed":
+            self.heard = False  # nothing more of this run is spoken: its text is the answer
+        unheard = event.get("event") == "audio.unheard" and event.get("message_id") == self.message_id
+        refused = self.refused_by(event) or (unheard and self.message_id is not None)
         done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
         if view.questions or refused or done:
             self.settled.set()
+
+    def refused_by(self, event: Received) -> bool:
+        """Whether ``event`` is the ERROR that refused this turn's line (a recording not understood, say)."""
+        return self.message_id is not None and event.type == "ERROR" and event.get("related_id") == self.message_id
 
 
 def field_value(schema: dict[str, Any], text: str, required: bool) -> Any:

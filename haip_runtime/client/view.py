@@ -171,6 +171,8 @@ class ChatView:
             self.say(f"history is being written again (storage {event.get('state')})", "dim")
         elif kind == "INFO" and event.get("event") == "cluster":
             self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
+        elif kind == "INFO" and event.get("event") == "speech.failed":
+            self.say(f"✗ the answer could not be spoken: {event.get('code')}: {event.get('message')}", "red")
         elif kind == "INFO" and event.get("event") == "audio.unheard":
             self.say(f"✗ {event.get('reason')} ({', '.join(event.get('agents') or []) or 'no agents'})", "red")
         elif kind == "INFO" and event.get("event") == "mcp.server":

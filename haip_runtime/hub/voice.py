@@ -326,7 +326,13 @@ class Speaker:
                     speech = await self.voice.synthesize(sentence)
                 except SpeechError as exc:
                     logger.warning("speech %r: %s: %s", self.voice.id, exc.code, exc.message)
-                    failed = {"event": "speech.failed", "run_id": self.run_id, "code": exc.code, "message": exc.message}
+                    failed = {
+                        "event": "speech.failed",
+                        "run_id": self.run_id,
+                        "message_id": message_id,  # (the answer not spoken: a client waiting for it stops)
+                        "code": exc.code,
+                        "message": exc.message,
+                    }
                     self.transaction.publish(
                         Event(EventType.INFO, failed, channel=Channel.AUDIO_OUT, run_id=self.run_id)
                     )
