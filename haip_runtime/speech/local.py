@@ -86,7 +86,8 @@ class LocalSpeech(SpeechProvider):
                 words.append(segment.text)
         except (ValueError, OSError, RuntimeError) as exc:  # PyAV's decoding errors are ValueError/OSError
             raise SpeechError(
-                SpeechErrorCode.SPEECH_NOT_UNDERSTOOD, f"could not decode the audio ({mime}): {type(exc).__name__}"
+                SpeechErrorCode.SPEECH_NOT_UNDERSTOOD,
+                f"the recording could not be read as {mime} (too short, or cut off?): {type(exc).__name__}",
             ) from exc
         return " ".join(word.strip() for word in words if word.strip())
 

@@ -27,7 +27,10 @@ PIECES = 10
 @pytest.fixture(scope="module")
 def voice_server() -> Iterator[LiveServer]:
     config = make_config(
-        {"speech": {"local": {"kind": "local"}}, "agents": {"echo": {"plugin": "echo", "speech": "local"}}}
+        {
+            "speech": {"local": {"kind": "local"}},
+            "agents": {"echo": {"plugin": "echo", "speech": "local"}, "deaf": {"plugin": "echo"}},
+        }
     )
     with live_server(config) as live:
         yield live
@@ -104,3 +107,74 @@ def test_holding_the_button_sends_speech_and_the_spoken_answer_plays(page: Page)
         " return a && a.readyState >= 1 && a.duration; }"
     ).json_value()
     assert 1.0 < float(seconds) < 8.0, seconds
+
+
+def hold_to_talk(page: Page, pieces: int = PIECES) -> None:
+    talk = page.locator("#talk")
+    box = talk.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.wait_for_function(f"window.playground.voice.sent >= {pieces}")
+    page.mouse.up()
+
+
+def test_a_reopened_conversation_shows_its_speech_without_playing_it_and_a_recording_is_one_player(
+    page: Page,
+) -> None:
+    """A voice tester's finds: reopening a spoken conversation played every earlier answer by itself,
+    and a member's recording showed as one player per 250 ms chunk, all but the first broken."""
+    page.click("li.agent[data-agent=echo]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    hold_to_talk(page)
+    expect(page.locator(".msg[data-author=echo] .speech audio")).to_have_count(1)
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+    expect(page.locator(".msg[data-author=echo] .speech audio")).to_have_count(1)
+    expect(page.locator(".msg.audio[data-author=dev] audio")).to_have_count(1)  # one recording, one player
+    assert page.evaluate("window.playground.voice.playing === null && window.playground.voice.queue.length === 0")
+    duration = page.wait_for_function(
+        "() => { const a = document.querySelector('.msg.audio[data-author=dev] audio');"
+        " return a && a.readyState >= 1 && a.duration; }"
+    ).json_value()
+    assert float(duration) >= 2.0  # the whole recording plays, not its first 250 ms
+
+
+def test_letting_go_before_the_microphone_opens_records_nothing(page: Page) -> None:
+    """A voice tester's find: when the microphone took a moment to open (the browser asking first), a
+    release meanwhile was missed, and it went on recording and sending until the next click."""
+    page.click("li.agent[data-agent=echo]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    page.evaluate(
+        """() => {
+          const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+          navigator.mediaDevices.getUserMedia = async (asked) => {
+            await new Promise((resolve) => { window.openMicrophone = resolve; });
+            const stream = await real(asked);
+            window.microphoneOpened = true;
+            return stream;
+          };
+        }"""
+    )
+    talk = page.locator("#talk")
+    box = talk.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.wait_for_function("typeof window.openMicrophone === 'function'")
+    page.mouse.up()
+    page.evaluate("window.openMicrophone()")
+    page.wait_for_function("window.microphoneOpened === true")
+    expect(page.locator(".note", has_text="Hold the button while you speak")).to_be_visible()
+    assert page.evaluate("window.playground.voice.recording === false && window.playground.voice.sent === 0")
+    expect(talk).not_to_have_class("talk recording")
+
+
+def test_speaking_to_an_agent_that_cannot_hear_says_so(page: Page) -> None:
+    """A voice tester's find: the server said INFO audio.unheard; the page showed nothing."""
+    page.click("li.agent[data-agent=deaf]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    hold_to_talk(page, pieces=2)
+    expect(
+        page.locator(".note.error", has_text="Nobody heard that: no agent in this conversation hears audio")
+    ).to_be_visible()

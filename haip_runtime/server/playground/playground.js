@@ -32,6 +32,8 @@ const state = {
   calls: new Map(), // call_id -> {card, ...parts}
   runs: new Map(), // run_id -> agent
   queued: new Set(), // message ids waiting for a turn (INFO run.queued): Stop takes them out too
+  clips: new Map(), // a recording's message_id -> {parts, player, ...}: one player however many chunks
+  historyUpTo: 0, // the tseq this page's join was answered at: what is not later is history, not played by itself
   delivered: [], // seqs of every envelope delivered, for the tests and the curious
 };
 window.playground = state;
@@ -117,6 +119,9 @@ function resetConversation() {
   state.runs.clear();
   state.queued.clear();
   state.members.clear();
+  for (const clip of state.clips.values()) if (clip.player.src) URL.revokeObjectURL(clip.player.src);
+  state.clips.clear();
+  state.historyUpTo = 0;
   $("log").replaceChildren();
   showRuns();
   $("tools").replaceChildren(el("li", { class: "muted" }, "start a conversation to see its tools"));
@@ -301,7 +306,9 @@ function render(env) {
   if (env.transaction !== state.tx || state.tx === null) return; // another conversation, or session-level
   switch (env.type) {
     case "TOOL_LIST": return showTools(p.tools || []);
-    case "TRANSACTION_JOIN": return showMembers(p);
+    case "TRANSACTION_JOIN":
+      if (p.omitted !== undefined) state.historyUpTo = Number(p.tseq) || 0; // this page's join: the history follows
+      return showMembers(p);
     case "TRANSACTION_END": return note(`The conversation ended: ${p.reason || ""}`);
     case "MESSAGE_START": return addMessage(p.message_id, p.author || "agent", "", { streaming: true });
     case "MESSAGE_PART": return appendMessage(p.message_id, p.text || "");
@@ -349,6 +356,13 @@ function render(env) {
         note(`MCP server ${p.server} changed its tools`);  // connected all along: the new list follows
       } else if (p.event === "mcp.server") {
         note(`MCP server ${p.server}: ${p.state}${p.error ? ` (${p.error})` : ""}`);
+      } else if (p.event === "member.left" && p.user !== state.user) {
+        state.members.delete(p.user);
+        note(`${p.user} left the conversation`);
+      } else if (p.event === "audio.unheard") {
+        note(`Nobody heard that: ${p.reason}`, "error");
+      } else if (p.event === "speech.failed") {
+        note(`The answer could not be spoken: ${p.code}: ${p.message}`, "error");
       }
       return;
     default:
@@ -401,23 +415,35 @@ function endMessage({ message_id: id, stop_reason: stopReason }) {
   scrollDown();
 }
 
+/** A recording is one player however many chunks it came in (a chunk of WebM after the first does not
+ * play alone): its chunks' bytes are joined, and the player takes them anew as each comes. */
 function addAudio(env, p) {
   if (!p.data) return; // two-frame audio is not asked for by this page
   if (env.channel === "AUDIO_OUT" && typeof p.text === "string") return; // a spoken answer's sentence: voice.js plays it
-  const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
-  const player = el("audio", { controls: true, preload: "metadata", src: `data:${p.mime || "audio/wav"};base64,${p.data}` });
-  const seconds = typeof p.duration_ms === "number" ? el("span", { class: "muted" }, ` ${(p.duration_ms / 1000).toFixed(1)} s`) : null;
-  $("log").append(el("div", { class: `msg audio${author === state.user ? " mine" : ""}`, dataset: { author } },
-    el("span", { class: "author" }, author), player, seconds));
+  const id = p.message_id || env.id;
+  let clip = state.clips.get(id);
+  if (!clip) {
+    const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
+    clip = { parts: [], mime: p.mime || "audio/wav", ms: 0, player: el("audio", { controls: true, preload: "metadata" }),
+      seconds: el("span", { class: "muted" }) };
+    state.clips.set(id, clip);
+    $("log").append(el("div", { class: `msg audio${author === state.user ? " mine" : ""}`, dataset: { author, messageId: id } },
+      el("span", { class: "author" }, author), clip.player, clip.seconds));
+  }
+  clip.parts.push(Uint8Array.from(atob(p.data), (c) => c.charCodeAt(0)));
+  if (clip.player.src) URL.revokeObjectURL(clip.player.src);
+  clip.player.src = URL.createObjectURL(new Blob(clip.parts, { type: clip.mime }));
+  if (typeof p.duration_ms === "number") clip.ms += p.duration_ms;
+  clip.seconds.textContent = clip.ms ? ` ${(clip.ms / 1000).toFixed(1)} s` : "";
   scrollDown();
 }
 
-function showMembers({ members = [], agents = [] }) {
-  const fresh = members.filter((m) => !state.members.has(m) && m !== state.user);
-  for (const member of fresh) note(`${member} joined the conversation`);
+/** This page's own join or start lists who is there; someone else's join announces them. */
+function showMembers({ members = [], agents = [], joined }) {
   state.members = new Set(members);
   $("conversation-head").dataset.members = members.join(",");
-  if (!fresh.length) note(`Members: ${members.join(", ")} · agents: ${agents.join(", ")}`);
+  if (joined && joined !== state.user) note(`${joined} joined the conversation`);
+  else note(`Members: ${members.join(", ")} · agents: ${agents.join(", ")}`);
 }
 
 function showRuns() {

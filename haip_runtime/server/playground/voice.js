@@ -25,15 +25,31 @@ export function attachVoice(state, client) {
   composer.append(button);
 
   let recorder = null;
+  let opening = false;
   const press = async (event) => {
     event.preventDefault();
-    if (!state.tx || recorder) return;
+    if (!state.tx || recorder || opening) return;
     stopPlaying(voice);
+    // Listen for the release now: the microphone may take a moment to open (the browser asks the user
+    // first), and a release meanwhile must not leave it recording (a tester's find: it went on sending).
+    let stopped = false;
+    let release = () => { stopped = true; };
+    const released = () => release();
+    window.addEventListener("pointerup", released, { once: true });
+    window.addEventListener("pointercancel", released, { once: true });
     let stream;
+    opening = true;
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: true });
     } catch (error) {
       note(`Microphone: ${error.message || error}`);
+      return;
+    } finally {
+      opening = false;
+    }
+    if (stopped) { // let go before the microphone opened: nothing to send
+      for (const track of stream.getTracks()) track.stop();
+      note("Hold the button while you speak, and let go when you are done.");
       return;
     }
     const tx = state.tx;
@@ -41,7 +57,6 @@ export function attachVoice(state, client) {
     const mime = MediaRecorder.isTypeSupported("audio/webm;codecs=opus") ? "audio/webm;codecs=opus" : "";
     recorder = new MediaRecorder(stream, mime ? { mimeType: mime } : {});
     let seq = 0;
-    let stopped = false;
     let sending = Promise.resolve(); // pieces go out in order, though each is read asynchronously
     recorder.addEventListener("dataavailable", (e) => {
       const last = stopped && e.target.state === "inactive"; // the piece stop() flushes
@@ -63,11 +78,10 @@ export function attachVoice(state, client) {
     recorder.start(SLICE_MS);
     voice.recording = true;
     button.classList.add("recording");
-    const release = () => {
+    release = () => {
       stopped = true;
       if (recorder?.state === "recording") recorder.stop(); // the last dataavailable comes before "stop"
     };
-    window.addEventListener("pointerup", release, { once: true });
   };
   button.addEventListener("pointerdown", press);
 
@@ -75,7 +89,9 @@ export function attachVoice(state, client) {
     const env = e.detail;
     const p = env.payload && typeof env.payload === "object" ? env.payload : {};
     if (env.transaction !== state.tx) return;
-    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT") return hear(voice, p);
+    // What this page's join brought back (the history) is shown, not played by itself.
+    const live = !(Number(env.tseq) <= state.historyUpTo);
+    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT") return hear(voice, p, live);
     if (env.type === "INFO" && p.event === "speech.interrupted") return stopPlaying(voice);
     if (env.type === "MESSAGE" && p.spoken) {
       queueMicrotask(() => {
@@ -87,7 +103,7 @@ export function attachVoice(state, client) {
   return voice;
 }
 
-function hear(voice, p) {
+function hear(voice, p, live = true) {
   if (!p.data) return;
   const bytes = Uint8Array.from(atob(p.data), (c) => c.charCodeAt(0));
   const url = URL.createObjectURL(new Blob([bytes], { type: p.mime || "audio/wav" }));
@@ -107,6 +123,7 @@ function hear(voice, p) {
   audio.title = p.text || "";
   audio.dataset.seq = p.seq_in_message ?? "";
   player.append(audio);
+  if (!live) return;
   voice.queue.push(audio);
   if (!voice.playing) playNext(voice);
 }
