@@ -81,6 +81,8 @@ class Connection:
         spawn = self.gateway.spawn
         if spawn is not None:
             session.on_released = functools.partial(spawn, released_by_deadline, self.gateway, session)
+        if session.holding:  # resumed: its HAI's seq may have filled the gap
+            await released_by_deadline(self.gateway, session)
         self.sessions.serving()
         try:
             # The read loop, here rather than in a method of its own and with ``receive`` rather than
@@ -260,7 +262,11 @@ async def process(gateway: Gateway, session: Session, item: Inbound) -> None:
     came in (POSTs a browser sends without waiting for each can arrive in any order)."""
     lock = session.inbound_lock
     if lock is None:  # (nothing was ever held: as nearly always)
-        await _process(gateway, session, item)
+        try:
+            await _process(gateway, session, item)
+        finally:
+            if session.inbound_lock is not None:  # held its first envelope: it made the lock, and holds it
+                session.release_first_lock()
         return
     async with lock:
         await _process(gateway, session, item)

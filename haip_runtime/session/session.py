@@ -139,6 +139,8 @@ class Session:
         self.inbound_lock: anyio.Lock | None = None
         #: Called when a gap given up by its deadline released held envelopes (the connection processes them).
         self.on_released: Callable[[], None] | None = None
+        #: The task that made ``inbound_lock`` and holds it until its call ends (``release_first_lock``).
+        self._lock_holder: int | None = None
         self._seen_ids: OrderedDict[str, None] = OrderedDict()
         #: MESSAGE_PARTs of one message held while the writer is behind, recorded as one (and their text's length).
         self._pending: list[Event] = []
@@ -300,12 +302,28 @@ class Session:
         """
         if envelope.id in self._seen_ids:
             return False
-        self._seen_ids[envelope.id] = None
+        if not self._count_inbound(envelope.numeric_seq):
+            return False
+        if not self._holds(envelope):  # (a held one's id is kept once it is processed: ``released``)
+            self._took(envelope.id)
+        return True
+
+    def _took(self, envelope_id: str) -> None:
+        """Remember an envelope taken (dedup, here and, in a cluster, on the node that takes the session over)."""
+        self._seen_ids[envelope_id] = None
         if len(self._seen_ids) > DEDUP_WINDOW:
             self._seen_ids.popitem(last=False)
         if self.sink is not None:
-            self.sink.took(self, envelope.id)
-        return self._count_inbound(envelope.numeric_seq)
+            self.sink.took(self, envelope_id)
+
+    def _holds(self, envelope: Envelope) -> bool:
+        """Whether ``envelope``, just counted, came past a gap and must wait for it (``take``)."""
+        return (
+            bool(self._ahead)
+            and envelope.type not in _NEVER_HELD
+            and (number := envelope.numeric_seq) is not None
+            and number > self._last_in
+        )
 
     def refused_inbound(self, seq: str | None, *, in_order: bool = False) -> None:
         """A frame refused before it was an envelope (too large, invalid): it arrived, so it takes its place
@@ -406,8 +424,10 @@ class Session:
         held = self._held
         if held is None:
             held = self._held = {}
-            if self.inbound_lock is None:
+            if self.inbound_lock is None:  # made, and held by the call that holds this envelope (``process``)
                 self.inbound_lock = anyio.Lock(fast_acquire=True)
+                self.inbound_lock.acquire_nowait()
+                self._lock_holder = anyio.get_current_task().id
         held[number] = envelope
         self._held_bytes += envelope.size
         if len(held) > MAX_HELD or self._held_bytes > MAX_HELD_BYTES:
@@ -431,7 +451,20 @@ class Session:
         self._held_bytes -= envelope.size
         if not held:
             self._held, self._held_bytes = None, 0
+        self._took(envelope.id)
         return envelope
+
+    def release_first_lock(self) -> None:
+        """The call that made ``inbound_lock`` (holding its first envelope) lets it go, once done."""
+        if self._lock_holder is not None and self._lock_holder == anyio.get_current_task().id:
+            self._lock_holder = None
+            assert self.inbound_lock is not None
+            self.inbound_lock.release()
+
+    @property
+    def holding(self) -> bool:
+        """Whether envelopes wait for a gap in the client's seqs to fill."""
+        return bool(self._held)
 
     def take(self, envelope: Envelope) -> bool:
         """An inbound envelope after the handshake: ``True`` to process it now; ``False`` for a duplicate
@@ -454,13 +487,8 @@ class Session:
             self.liveness.watch_gap()
         self.spend_credit(envelope)
         self.check_rate(envelope)
-        if (
-            self._ahead
-            and envelope.type not in _NEVER_HELD
-            and (number := envelope.numeric_seq) is not None
-            and number > self._last_in
-        ):
-            self._hold(number, envelope)
+        if self._holds(envelope):
+            self._hold(int(envelope.numeric_seq or 0), envelope)
             return False
         return True
 
@@ -514,6 +542,7 @@ class Session:
         self.traceparent = link.traceparent
         self.liveness = Liveness(self, timers, self.outbox, link)
         self.liveness.start()
+        self.liveness.watch_gap()  # a gap left open when the last connection went: asked for, or given up, again
 
     def unwatch(self) -> None:
         if self.liveness is not None:

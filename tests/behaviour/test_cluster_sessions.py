@@ -202,6 +202,38 @@ async def test_an_envelope_resent_to_another_node_after_a_resume_is_processed_on
     assert len(said) == 2  # the user's message and its echo, once each
 
 
+async def test_an_envelope_held_past_a_gap_is_not_lost_when_the_session_moves_to_another_node(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """A reviewer's find: a held envelope's id went into the session's dedup (and its mirror) as it was
+    held, so the node that took the session over dropped the client's re-sent copy as a duplicate."""
+    with two_nodes(redis_url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai, _, started = await echo_started(first, token, seen)
+            tx = started["transaction"]
+            gap = first.seq + 1
+            first.seq = gap  # the frame with seq `gap` is lost on the way
+            held = await first.send("MESSAGE", "after the gap", transaction=tx, channel="USER")
+            await first.send("PING", {"nonce": "read"})  # never held: its PONG says the MESSAGE was read
+            await until_type(first, "PONG", seen)
+            last = first.seq
+        async with raw_peer(b.ws_url) as second:
+            await second.receive()
+            second.seq = last
+            await second.hai(token, session=hai["session"], last_rx_seq=seen[-1]["seq"])
+            await second.receive_type("INFO")
+            second.seq = gap - 1  # the client sends again what no ack covered: the lost one, the held one
+            await second.send("MESSAGE", "the gap", transaction=tx, channel="USER")
+            again = {"id": held, "session": hai["session"], "transaction": tx, "seq": str(gap + 1), "ts": "1"}
+            await second.send_frame(
+                json.dumps({**again, "channel": "USER", "type": "MESSAGE", "payload": "after the gap"})
+            )
+            answers = [(await until_type(second, "MESSAGE", []))["payload"] for _ in range(2)]
+    assert answers == ["you said: the gap", "you said: after the gap"]
+
+
 async def test_after_redis_lost_everything_a_resume_elsewhere_fails_and_the_client_rejoins(
     own_redis: RedisServer, prefix: str, postgres_url: str
 ) -> None:

@@ -315,6 +315,34 @@ async def test_a_seq_far_ahead_is_refused_and_the_numbering_goes_on(server: Live
     assert pong["payload"] == {"nonce": "next"} and int(pong["ack"]) == before + 1
 
 
+async def test_envelopes_held_when_the_connection_dropped_are_acted_on_after_the_resume(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's find: the drop cancelled the gap's deadline and the resumed connection never started
+    it again: the held envelope waited until the session expired."""
+    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.3)  # (long enough to drop the link before it)
+    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
+    token = server.token("dropper")
+    async with raw_peer(server.ws_url) as peer:
+        session_id = (await peer.receive())["session"]
+        await handshake(peer, token)
+        peer.seq += 1  # seq 2 never arrives
+        held = await peer.send("MESSAGE", "hello", transaction="gone-1", channel="USER")
+        await peer.send("PING", {"nonce": "read"})
+        await peer.receive_type("PONG")
+        seq = peer.seq
+        server.runtime.hub.sessions.sessions[session_id].unwatch()  # as if the drop came before any deadline
+    async with raw_peer(server.ws_url) as again:
+        await again.receive()
+        again.seq = seq
+        await again.hai(token, session=session_id, last_rx_seq="0", **EVERYTHING)
+        frames = [await again.receive()]
+        while not (frames[-1]["type"] == "ERROR" and frames[-1]["payload"].get("related_id") == held):
+            frames.append(await again.receive())
+    assert frames[-1]["payload"]["code"] == "TRANSACTION_NOT_FOUND"
+    assert any(f["type"] == "ERROR" and f["payload"]["code"] == "SEQ_VIOLATION" for f in frames)
+
+
 async def test_at_most_64_envelopes_wait_behind_a_gap(server: LiveServer) -> None:
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()

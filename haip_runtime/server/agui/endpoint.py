@@ -213,7 +213,10 @@ class AguiDoor:
             self._answer(transaction, member, entry.interrupt_id, asked["reason"], entry.status, entry.payload)
         if text is not None and not resuming:
             # Under the client's own message id: the client has the message already, members see it.
-            user_message = {"text": text, "message_id": last_user_id(run) or new_id(), "via": "ag-ui"}
+            message_id = last_user_id(run)
+            if not message_id or transaction.message_id_taken(message_id):  # (another's: edits go by it)
+                message_id = new_id()
+            user_message = {"text": text, "message_id": message_id, "via": "ag-ui"}
             runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
             member.runs.update(each.id for each in runs)
             if not runs and (user_message["message_id"] in transaction.queued or not transaction.runs_here):
