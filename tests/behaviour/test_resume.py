@@ -45,6 +45,13 @@ def unlimited_server() -> Iterator[LiveServer]:
         yield live
 
 
+@pytest.fixture
+def short_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gap in a client's seqs asked for after 10 ms and given up 50 ms later (0.5 s and 5 s in use)."""
+    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.01)
+    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
+
+
 def transaction_log(client: HaipClient, transaction: str) -> list[tuple[int, str, Any]]:
     """What a member saw of a transaction's log: (tseq, type, payload), in the order received."""
     return [(e.tseq, e.type, e.payload) for e in client.received if e.transaction == transaction and e.tseq]
@@ -236,11 +243,7 @@ async def test_a_gap_that_is_never_filled_is_given_up_and_the_session_goes_on(un
     assert int(received[-1]["ack"]) == 1102  # everything after the gap is acknowledged again
 
 
-async def test_a_gap_left_open_is_asked_for_then_given_up_after_a_while(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.01)
-    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
+async def test_a_gap_left_open_is_asked_for_then_given_up_after_a_while(server: LiveServer, short_gaps: None) -> None:
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()
         await handshake(peer, server.token())
@@ -281,10 +284,8 @@ async def test_messages_that_overtook_each_other_are_acted_on_in_seq_order(serve
 
 
 async def test_envelopes_held_past_a_gap_given_up_are_acted_on_without_another_envelope(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    server: LiveServer, short_gaps: None
 ) -> None:
-    monkeypatch.setattr(liveness, "GAP_GRACE_SECONDS", 0.01)
-    monkeypatch.setattr(liveness, "GAP_GIVE_UP_SECONDS", 0.05)
     async with raw_peer(server.ws_url) as peer:
         await peer.receive()
         await handshake(peer, server.token())

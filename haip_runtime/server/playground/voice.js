@@ -91,7 +91,8 @@ export function attachVoice(state, client) {
     if (env.transaction !== state.tx) return;
     // What this page's join brought back (the history) is shown, not played by itself.
     const live = !(Number(env.tseq) <= state.historyUpTo);
-    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT") return hear(voice, p, live);
+    // A spoken answer's sentences (their text beside them); other audio is a player of its own (playground.js).
+    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT" && typeof p.text === "string") return hear(voice, p, live);
     if (env.type === "INFO" && p.event === "speech.interrupted") return stopPlaying(voice);
     if (env.type === "MESSAGE" && p.spoken) {
       queueMicrotask(() => {
