@@ -24,6 +24,7 @@ import anyio
 
 from haip_runtime.client.haip_client import HaipClient, Received
 from haip_runtime.exceptions import ClientError
+from haip_runtime.protocol.codec import AUDIO_MESSAGE_FRAMES
 from haip_runtime.protocol.envelope import new_id
 
 #: The most audio one AUDIO_CHUNK carries: a minute of CD audio (10 MB) is then 20 envelopes, not 220
@@ -55,6 +56,8 @@ async def send_recording(client: HaipClient, transaction: str, name: str) -> str
         raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not data:
         raise ClientError(f"{path} is empty")
+    if len(data) > (most := AUDIO_MESSAGE_FRAMES * client.max_frame_bytes):
+        raise ClientError(f"{path.name} is {len(data):,} bytes; the server takes a recording of at most {most:,}")
     message_id = new_id()
     size = min(CHUNK_BYTES, (client.max_frame_bytes - 4096) * 3 // 4)
     pieces = range(0, len(data), size)

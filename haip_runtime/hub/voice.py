@@ -32,6 +32,7 @@ from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config.models import HaipConfig
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError, SpeechError
+from haip_runtime.protocol.codec import AUDIO_MESSAGE_FRAMES
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome, SpeechErrorCode
@@ -46,12 +47,14 @@ logger = logging.getLogger(__name__)
 OPEN_CLIPS_PER_SESSION = 4
 #: Transcript message ids remembered, so the runs answering them (perhaps after a wait) are spoken.
 SPOKEN_REMEMBERED = 1024
-#: One spoken message may be this many times ``server.max_frame_bytes`` (its chunks joined).
-CLIP_FRAMES = 16
 #: What a member's client must accept to hear an answer (else it is not synthesized at all).
 _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
 #: The end of a spoken answer whose last sentence already went out: a WAV of no frames.
 _EMPTY_WAV = pcm_wav(b"", 16_000)
+
+
+#: Messages dropped as too long remembered at most (their later chunks are let go).
+MAX_DROPPED = 256
 
 
 @dataclass
@@ -66,7 +69,7 @@ def speech_desk(config: HaipConfig, agents: Mapping[str, AgentSpec], spawn: Call
     if not any(spec.config.speech for spec in agents.values()):
         return None
     providers = create_speech_providers(config.speech)
-    return SpeechDesk(agents, providers, spawn, config.server.max_frame_bytes * CLIP_FRAMES)
+    return SpeechDesk(agents, providers, spawn, config.server.max_frame_bytes * AUDIO_MESSAGE_FRAMES)
 
 
 class SpeechDesk:
@@ -85,6 +88,9 @@ class SpeechDesk:
         #: Whether a transcript answers a question its speaker was asked in words (the hub sets it).
         self.answered: Callable[[Session, Transaction, str, str], bool] | None = None
         self._clips: dict[tuple[str, str], _Clip] = {}  # (session id, audio message id)
+        #: Messages dropped as too long whose last chunk has not come: their later chunks are let go
+        #: (a tester's find: they began a new clip, and the tail was heard as the member's words).
+        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
         self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
         self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
@@ -125,6 +131,10 @@ class SpeechDesk:
         if provider is None:
             return False
         key = (session.id, message_id)
+        if key in self._dropped:  # the rest of a message dropped as too long: not heard as a new one
+            if whole:
+                del self._dropped[key]
+            return True
         clip = self._clips.get(key)
         if clip is None:
             self.interrupt(transaction, session.user)
@@ -138,6 +148,10 @@ class SpeechDesk:
             clip = _Clip(transaction.id, mime, bytearray())
         if len(clip.data) + len(data) > self.max_clip_bytes:
             self._clips.pop(key, None)
+            if not whole:
+                self._dropped[key] = None
+                while len(self._dropped) > MAX_DROPPED:
+                    self._dropped.popitem(last=False)
             raise ProtocolError(
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"audio message {message_id} exceeds {self.max_clip_bytes} bytes; it was dropped",
@@ -170,6 +184,8 @@ class SpeechDesk:
         """A session left: drop its half-sent audio."""
         for key in [key for key in self._clips if key[0] == session_id]:
             del self._clips[key]
+        for key in [key for key in self._dropped if key[0] == session_id]:
+            del self._dropped[key]
 
     async def _transcribe(
         self,

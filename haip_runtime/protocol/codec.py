@@ -18,6 +18,8 @@ from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.protocol.payloads import INBOUND, Message, Payload
 
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+#: One audio message (its chunks together) is at most this many times ``server.max_frame_bytes``.
+AUDIO_MESSAGE_FRAMES = 16
 MAX_DEPTH = 64
 """Deepest nesting of JSON arrays and objects accepted in a frame (the envelope itself is depth 1).
 

@@ -281,6 +281,31 @@ async def test_cancelling_a_half_sent_audio_message_drops_it(live: LiveServer, q
     assert not [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
 
 
+async def test_the_rest_of_an_audio_message_dropped_as_too_long_is_not_heard(question: bytes) -> None:
+    """A tester's find: past the limit (16 frames) the message was dropped, but its next chunk began a new
+    one, and the tail was transcribed as the member's words (or, a WAV without its header, "no words")."""
+    config = {
+        "server": {"max_frame_bytes": 65536},  # a message of at most 1 MiB
+        "speech": {"local": {"kind": "local"}},
+        "agents": {"echo": {"plugin": "echo", "speech": "local"}},
+    }
+    with live_server(make_config(config)) as small:
+        async with open_peer("websocket", small, small.token("alice")) as peer:
+            listener, tx = await start(peer, small, "echo", EVERYTHING)
+            piece = base64.b64encode(bytes(40_000)).decode()
+            for seq in range(30):  # 1.2 MB: dropped at the 27th chunk; the 3 after it must not start a new one
+                payload = {"message_id": "long", "mime": "audio/wav", "seq_in_message": seq, "data": piece}
+                await peer.send("AUDIO_CHUNK", {**payload, **({"final": True} if seq == 29 else {})}, transaction=tx)
+            await speak(peer, tx, question, "short", binary=False)
+            heard = await listener.until(
+                lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+            )
+    errors = [e["payload"]["code"] for e in listener.of("ERROR")]
+    assert errors == ["MESSAGE_TOO_LARGE"]  # once; no SPEECH_NOT_UNDERSTOOD of a tail
+    assert heard["payload"]["audio_message_id"] == "short"
+    assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
+
+
 async def test_a_hosted_speech_service_hears_and_speaks_and_its_failure_is_told(
     live: LiveServer, cloud: SpeechVendor, question: bytes
 ) -> None:

@@ -106,3 +106,26 @@ def test_a_long_recording_goes_in_few_chunks_within_the_servers_frames(tmp_path:
     assert len(sizes) == 21 and max(sizes) + 4096 < Client.max_frame_bytes
     assert [payload["seq_in_message"] for payload in client.sent] == list(range(21))
     assert client.sent[-1]["final"] is True
+
+
+def test_a_recording_over_the_servers_limit_is_refused_before_it_is_sent(tmp_path: Path) -> None:
+    """A tester's find: the chat sent a 25 MB WAV; the server dropped it past 16 MiB, then heard its tail."""
+    import anyio
+
+    from haip_runtime.client.recording import send_recording
+    from haip_runtime.exceptions import ClientError
+
+    class Client:
+        max_frame_bytes = 65536
+        sent: list[object] = []
+
+        async def send(self, type: str, payload: dict[str, object], **_: object) -> str:
+            self.sent.append(payload)
+            return "id"
+
+    recording, client = tmp_path / "long.wav", Client()
+    recording.write_bytes(b"RIFF" + bytes(16 * 65536))
+    refused = r"long.wav is 1,048,580 bytes; the server takes a recording of at most 1,048,576"
+    with pytest.raises(ClientError, match=refused):
+        anyio.run(send_recording, client, "tx", str(recording))  # type: ignore[arg-type]
+    assert client.sent == []
