@@ -79,7 +79,7 @@ async def message_update(ctx: HubContext, session: Session, envelope: Envelope) 
     if not transaction.edit_message(session.user, update.message_id, update.text):
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,
-            "you can only edit your own messages",
+            f"no message {update.message_id!r} of yours to edit (you can only edit your own messages)",
             related_id=envelope.id,
             detail={"where": "/payload/message_id"},
         )

@@ -135,10 +135,10 @@ def resume_hint(scope: Scope) -> tuple[str, int | str] | None:
     given: the resume fails with ``RESUME_FAILED`` saying so, rather than starting a session unasked."""
     query = QueryParams(scope.get("query_string", b""))
     last_event_id = Headers(scope=scope).get("last-event-id") or query.get("last_event_id") or ""
-    named, _, seq = last_event_id.rpartition(":")
-    session = named or query.get("session")
-    if not session or not last_event_id:
+    if not last_event_id:
         return None
+    named, _, seq = last_event_id.rpartition(":")
+    session = named or query.get("session") or ""  # (none: not an id this runtime sent, which fails too)
     last = parse_uint64(seq)
     return (session, last if last is not None else seq)
 

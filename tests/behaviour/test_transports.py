@@ -198,17 +198,17 @@ async def test_sse_last_event_id_with_a_seq_that_is_not_one_is_a_failed_resume_n
     live: LiveServer,
 ) -> None:
     """A hostile probe's find: `<session>:abc` (or `:-1`, or past 2^64) quietly opened a fresh session,
-    where `<session>:999999` says RESUME_FAILED."""
+    where `<session>:999999` says RESUME_FAILED; and a re-tester's: so did `:5` and `x` (no session)."""
     token = live.token("ann")
     async with open_peer("sse", live, token) as peer:
         await handshake(peer, token)
     assert isinstance(peer, SsePeer)
     failed = []
-    for seq in ("abc", "-1", "18446744073709551616"):
-        async with open_peer("sse", live, token, headers={"last-event-id": f"{peer.session}:{seq}"}) as again:
+    for last in (f"{peer.session}:abc", f"{peer.session}:-1", f"{peer.session}:18446744073709551616", ":5", "x"):
+        async with open_peer("sse", live, token, headers={"last-event-id": last}) as again:
             hai = await again.receive_type("HAI")
             failed.append((hai["session"] != peer.session, (await again.receive_type("ERROR"))["payload"]["code"]))
-    assert failed == [(True, "RESUME_FAILED")] * 3
+    assert failed == [(True, "RESUME_FAILED")] * 5
 
 
 async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None:
