@@ -24,7 +24,7 @@ from haip_runtime.config.models import HaipConfig
 from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.protocol.events import CloseCode, ErrorCode
 from haip_runtime.transports.base import FrameSource, Inbound, Link, Transport
-from haip_runtime.transports.http import Asgi, http_credentials, refused_origin, send_error, send_json
+from haip_runtime.transports.http import Asgi, http_credentials, http_error_body, refused_origin, send_error, send_json
 from haip_runtime.transports.origin import origin_allowed
 from haip_runtime.transports.sse import (
     KEEPALIVE_SECONDS,
@@ -83,6 +83,12 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         except ProtocolError as error:
             await send_error(send, 401, error)
             return None
+
+    async def upgrade_required(scope: Scope, receive: Receive, send: Send) -> None:
+        """A plain HTTP request to the WebSocket door (a browser tab, curl): 426, saying what it takes."""
+        message = "this path takes a WebSocket (Upgrade: websocket); over plain HTTP use /haip/sse or /haip/stream"
+        headers = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
+        await send_json(send, 426, http_error_body(ProtocolError(ErrorCode.INVALID_MESSAGE, message)), headers)
 
     def websocket(ws: WebSocket) -> Awaitable[None]:
         # Not a coroutine itself: Starlette awaits what it returns, so this step keeps no frame of its
@@ -158,6 +164,7 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
     return [
         WebSocketRoute("/haip/websocket", websocket),
         WebSocketRoute("/", websocket),
+        Route("/haip/websocket", Asgi(upgrade_required)),
         Route("/haip/sse", Asgi(open_sse), methods=["GET"]),
         Route("/haip/sse/{session}", Asgi(post_sse), methods=["POST"]),
         Route("/haip/stream", Asgi(stream), methods=["POST"]),

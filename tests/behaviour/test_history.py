@@ -84,6 +84,9 @@ async def test_a_path_or_method_the_runtime_does_not_serve_is_refused_in_json_to
     async with httpx2.AsyncClient(base_url=server.http_url) as http:
         no_path = await http.get("/haip/transactions/some-id")
         no_method = await http.post("/haip/transactions")
+        no_upgrade = await http.get("/haip/websocket")  # (a re-tester's find: it said 404)
     assert no_path.status_code == 404 and no_path.json()["error"]["code"] == "NOT_FOUND"
     assert no_method.status_code == 405 and no_method.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
     assert set(no_method.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert no_upgrade.status_code == 426 and no_upgrade.headers["upgrade"] == "websocket"
+    assert "takes a WebSocket" in no_upgrade.json()["error"]["message"]
