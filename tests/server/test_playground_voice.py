@@ -128,6 +128,7 @@ def test_a_reopened_conversation_shows_its_speech_without_playing_it_and_a_recor
     expect(page.locator("#transaction-id")).to_be_visible()
     hold_to_talk(page)
     expect(page.locator(".msg[data-author=echo] .speech audio")).to_have_count(1)
+    expect(page.locator(".msg.audio[data-author=dev] audio")).to_have_count(1)  # your own, live (a re-tester's find)
     page.reload()
     expect(page.locator("#connection")).to_have_attribute("data-state", "open")
     expect(page.locator(".msg[data-author=echo] .speech audio")).to_have_count(1)

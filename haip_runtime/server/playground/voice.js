@@ -57,8 +57,10 @@ export function attachVoice(state, client) {
     const mime = MediaRecorder.isTypeSupported("audio/webm;codecs=opus") ? "audio/webm;codecs=opus" : "";
     recorder = new MediaRecorder(stream, mime ? { mimeType: mime } : {});
     let seq = 0;
+    const pieces = []; // kept for this page's own player of the recording (the server sends it to the others)
     let sending = Promise.resolve(); // pieces go out in order, though each is read asynchronously
     recorder.addEventListener("dataavailable", (e) => {
+      pieces.push(e.data);
       const last = stopped && e.target.state === "inactive"; // the piece stop() flushes
       const type = e.data.type || e.target.mimeType || "audio/webm";
       const reading = blobToBase64(e.data);
@@ -74,6 +76,7 @@ export function attachVoice(state, client) {
       recorder = null;
       voice.recording = false;
       button.classList.remove("recording");
+      showOwn(state, messageId, new Blob(pieces, { type: pieces[0]?.type || mime || "audio/webm" }));
     });
     recorder.start(SLICE_MS);
     voice.recording = true;
@@ -102,6 +105,26 @@ export function attachVoice(state, client) {
     }
   });
   return voice;
+}
+
+/** Your own recording, as the others see it (a reload shows it from the history the same way). */
+function showOwn(state, messageId, blob) {
+  if (!blob.size || document.querySelector(`.msg.audio[data-message-id="${CSS.escape(messageId)}"]`)) return;
+  const player = document.createElement("audio");
+  player.controls = true;
+  player.preload = "metadata";
+  player.src = URL.createObjectURL(blob);
+  const author = document.createElement("span");
+  author.className = "author";
+  author.textContent = state.user;
+  const message = document.createElement("div");
+  message.className = "msg audio mine";
+  message.dataset.author = state.user;
+  message.dataset.messageId = messageId;
+  message.append(author, player);
+  const log = document.getElementById("log");
+  log.append(message);
+  log.scrollTop = log.scrollHeight;
 }
 
 function hear(voice, p, live = true) {
