@@ -198,6 +198,9 @@ class SpeechDesk:
         scope: anyio.CancelScope,
     ) -> None:
         try:
+            if ahead := provider.waiting():  # (a tester's find: a recording waited minutes, without a word)
+                waiting = {"event": "speech.waiting", "message_id": audio_message_id, "ahead": ahead}
+                session.send(EventType.INFO, waiting, transaction=transaction.id)
             with scope:
                 text = await provider.transcribe(data, mime)
             if scope.cancel_called or transaction.ended:

@@ -36,6 +36,11 @@ class LocalSpeech(SpeechProvider):
         self._model: Any = None
         self._loading = anyio.Lock()
         self._one_at_a_time = anyio.CapacityLimiter(1)
+        #: Transcriptions asked for and not ended (loading the model, waiting for it, or being heard).
+        self._in_flight = 0
+
+    def waiting(self) -> int:
+        return self._in_flight  # (the model hears one recording at a time: every one asked before goes first)
 
     async def load(self) -> None:
         async with self._loading:
@@ -61,14 +66,16 @@ class LocalSpeech(SpeechProvider):
         return model
 
     async def transcribe(self, audio: bytes, mime: str) -> str:
-        await self.load()
+        self._in_flight += 1
         stop = threading.Event()
         try:
+            await self.load()
             return await anyio.to_thread.run_sync(
                 self._transcribe, audio, mime, stop, limiter=self._one_at_a_time, abandon_on_cancel=True
             )
         finally:
             stop.set()  # cancelled: the worker stops at its next segment
+            self._in_flight -= 1
 
     def _transcribe(self, audio: bytes, mime: str, stop: threading.Event) -> str:
         try:

@@ -41,6 +41,11 @@ class SpeechProvider(ABC):
         """Load what the first request would (models), off the event loop; the default loads nothing."""
         return None
 
+    def waiting(self) -> int:
+        """How many transcriptions one asked for now would wait behind (0: it starts at once, as with a
+        service that takes requests in parallel, the default)."""
+        return 0
+
     async def aclose(self) -> None:
         """Release connections; the default holds none."""
         return None

@@ -306,6 +306,25 @@ async def test_the_rest_of_an_audio_message_dropped_as_too_long_is_not_heard(que
     assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
 
 
+async def test_a_recording_that_must_wait_for_the_engine_is_told_so(live: LiveServer, question: bytes) -> None:
+    """A tester's find: the local engine hears one recording at a time, and one sent behind long ones got
+    nothing back for minutes, with no sign it was waiting."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await speak(peer, tx, question, "first", binary=False)
+        await speak(peer, tx, question, "second", binary=False)  # sent while the first is being heard
+        waiting = await listener.until(is_info("speech.waiting"))
+        heard = await listener.until(
+            lambda e: (
+                e["type"] == "MESSAGE"
+                and isinstance(e["payload"], dict)
+                and e["payload"].get("audio_message_id") == "second"
+            )
+        )
+    assert waiting["payload"] == {"event": "speech.waiting", "message_id": "second", "ahead": 1}
+    assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
+
+
 async def test_a_hosted_speech_service_hears_and_speaks_and_its_failure_is_told(
     live: LiveServer, cloud: SpeechVendor, question: bytes
 ) -> None:

@@ -361,6 +361,8 @@ function render(env) {
         note(`${p.user} left the conversation`);
       } else if (p.event === "audio.unheard") {
         note(`Nobody heard that: ${p.reason}`, "error");
+      } else if (p.event === "speech.waiting") {
+        note(`Your recording waits to be heard: ${p.ahead} ahead of it`);
       } else if (p.event === "speech.failed") {
         note(`The answer could not be spoken: ${p.code}: ${p.message}`, "error");
       }
