@@ -300,11 +300,15 @@ class Session:
         and the gap is reported by ``missing_inbound``. Any other first seq (the reference clients
         send timestamps) is opaque.
         """
+        return self._accept(envelope, envelope.numeric_seq)
+
+    def _accept(self, envelope: Envelope, number: int | None) -> bool:
+        """``accept_inbound``, with the envelope's seq as a number already read (``number``)."""
         if envelope.id in self._seen_ids:
             return False
-        if not self._count_inbound(envelope.numeric_seq):
+        if not self._count_inbound(number):
             return False
-        if not self._holds(envelope):  # (a held one's id is kept once it is processed: ``released``)
+        if not self._holds(envelope, number):  # (a held one's id is kept once it is processed: ``released``)
             self._took(envelope.id)
         return True
 
@@ -316,14 +320,9 @@ class Session:
         if self.sink is not None:
             self.sink.took(self, envelope_id)
 
-    def _holds(self, envelope: Envelope) -> bool:
-        """Whether ``envelope``, just counted, came past a gap and must wait for it (``take``)."""
-        return (
-            bool(self._ahead)
-            and envelope.type not in _NEVER_HELD
-            and (number := envelope.numeric_seq) is not None
-            and number > self._last_in
-        )
+    def _holds(self, envelope: Envelope, number: int | None) -> bool:
+        """Whether ``envelope`` (seq ``number``), just counted, came past a gap and must wait for it (``take``)."""
+        return bool(self._ahead) and number is not None and number > self._last_in and envelope.type not in _NEVER_HELD
 
     def refused_inbound(self, seq: str | None, *, in_order: bool = False) -> None:
         """A frame refused before it was an envelope (too large, invalid): it arrived, so it takes its place
@@ -342,11 +341,10 @@ class Session:
             if self.liveness is not None:
                 self.liveness.watch_gap()
 
-    def _fill_unread(self, envelope: Envelope) -> None:
-        """The envelope right after frames refused unread on an in-order transport: the gap its seq leaves,
-        if no wider than their number, was them (``refused_inbound``)."""
+    def _fill_unread(self, number: int | None) -> None:
+        """The envelope right after frames refused unread on an in-order transport (seq ``number``): the gap
+        its seq leaves, if no wider than their number, was them (``refused_inbound``)."""
         refused, self._unread_refused = self._unread_refused, 0
-        number = envelope.numeric_seq
         if number is None or not self._inbound_numeric:
             return
         highest = max(self._last_in, max(self._ahead, default=0))
@@ -471,7 +469,8 @@ class Session:
         to drop, or for one past a gap in a numbered client's seqs, held until the gap fills or is given
         up (then ``released``, in seq order). Raises what it breaks (credit, the session's message
         rate). A gap it opens is watched for."""
-        if self._inbound_numeric and (number := envelope.numeric_seq) is not None:
+        number = envelope.numeric_seq  # (read once: every step below needs it)
+        if self._inbound_numeric and number is not None:
             if number > self._last_in + MAX_SEQ_JUMP:  # counted, it would make every later seq a duplicate
                 raise ProtocolError(
                     ErrorCode.SEQ_VIOLATION,
@@ -480,15 +479,15 @@ class Session:
                     detail={"where": "/seq"},
                 )
         if self._unread_refused:
-            self._fill_unread(envelope)
-        if not self.accept_inbound(envelope):
+            self._fill_unread(number)
+        if not self._accept(envelope, number):
             return False
         if self.liveness is not None:
             self.liveness.watch_gap()
         self.spend_credit(envelope)
         self.check_rate(envelope)
-        if self._holds(envelope):
-            self._hold(int(envelope.numeric_seq or 0), envelope)
+        if number is not None and self._holds(envelope, number):
+            self._hold(number, envelope)
             return False
         return True
 
