@@ -422,23 +422,38 @@ function endMessage({ message_id: id, stop_reason: stopReason }) {
 function addAudio(env, p) {
   if (!p.data) return; // two-frame audio is not asked for by this page
   if (env.channel === "AUDIO_OUT" && typeof p.text === "string") return; // a spoken answer's sentence: voice.js plays it
-  const id = p.message_id || env.id;
+  const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
+  const clip = clipOf(p.message_id || env.id, author, p.mime || "audio/wav");
+  if (typeof p.duration_ms === "number") clip.ms += p.duration_ms;
+  addToClip(clip, Uint8Array.from(atob(p.data), (c) => c.charCodeAt(0)));
+}
+
+/** The player of recording `id` (made, under the log, with its first piece). */
+function clipOf(id, author, mime) {
   let clip = state.clips.get(id);
   if (!clip) {
-    const author = p.author || (env.channel === "AUDIO_OUT" ? "agent" : "someone");
-    clip = { parts: [], mime: p.mime || "audio/wav", ms: 0, player: el("audio", { controls: true, preload: "metadata" }),
+    clip = { parts: [], mime, ms: 0, player: el("audio", { controls: true, preload: "metadata" }),
       seconds: el("span", { class: "muted" }) };
     state.clips.set(id, clip);
     $("log").append(el("div", { class: `msg audio${author === state.user ? " mine" : ""}`, dataset: { author, messageId: id } },
       el("span", { class: "author" }, author), clip.player, clip.seconds));
   }
-  clip.parts.push(Uint8Array.from(atob(p.data), (c) => c.charCodeAt(0)));
+  return clip;
+}
+
+function addToClip(clip, piece) {
+  clip.parts.push(piece);
   if (clip.player.src) URL.revokeObjectURL(clip.player.src);
   clip.player.src = URL.createObjectURL(new Blob(clip.parts, { type: clip.mime }));
-  if (typeof p.duration_ms === "number") clip.ms += p.duration_ms;
   clip.seconds.textContent = clip.ms ? ` ${(clip.ms / 1000).toFixed(1)} s` : "";
   scrollDown();
 }
+
+/** Your own recording, as the others see it (voice.js: the server does not send it back to you). */
+state.showRecording = (id, blob) => {
+  const clip = clipOf(id, state.user, blob.type || "audio/webm");
+  if (!clip.parts.length) addToClip(clip, blob);
+};
 
 /** This page's own join or start lists who is there; someone else's join announces them. */
 function showMembers({ members = [], agents = [], joined }) {

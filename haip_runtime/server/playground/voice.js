@@ -76,7 +76,8 @@ export function attachVoice(state, client) {
       recorder = null;
       voice.recording = false;
       button.classList.remove("recording");
-      showOwn(state, messageId, new Blob(pieces, { type: pieces[0]?.type || mime || "audio/webm" }));
+      const recorded = new Blob(pieces, { type: pieces[0]?.type || mime || "audio/webm" });
+      if (recorded.size) state.showRecording?.(messageId, recorded);
     });
     recorder.start(SLICE_MS);
     voice.recording = true;
@@ -105,26 +106,6 @@ export function attachVoice(state, client) {
     }
   });
   return voice;
-}
-
-/** Your own recording, as the others see it (a reload shows it from the history the same way). */
-function showOwn(state, messageId, blob) {
-  if (!blob.size || document.querySelector(`.msg.audio[data-message-id="${CSS.escape(messageId)}"]`)) return;
-  const player = document.createElement("audio");
-  player.controls = true;
-  player.preload = "metadata";
-  player.src = URL.createObjectURL(blob);
-  const author = document.createElement("span");
-  author.className = "author";
-  author.textContent = state.user;
-  const message = document.createElement("div");
-  message.className = "msg audio mine";
-  message.dataset.author = state.user;
-  message.dataset.messageId = messageId;
-  message.append(author, player);
-  const log = document.getElementById("log");
-  log.append(message);
-  log.scrollTop = log.scrollHeight;
 }
 
 function hear(voice, p, live = true) {
