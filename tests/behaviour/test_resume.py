@@ -283,18 +283,24 @@ async def test_messages_that_overtook_each_other_are_acted_on_in_seq_order(serve
     assert answers == ["you said: first", "you said: second"]
 
 
+async def past_a_lost_seq(server: LiveServer, user: str, count: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """``count`` messages to transactions that do not exist, sent after seq 2 was lost: their ids, and the
+    payloads of every ERROR until one has come for each (and one for the gap)."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await handshake(peer, server.token(user))
+        peer.seq += 1  # seq 2 is never sent
+        ids = [await peer.send("MESSAGE", "hello", transaction=f"gone-{n}", channel="USER") for n in range(count)]
+        frames = [await peer.receive()]
+        while len([f for f in frames if f["type"] == "ERROR"]) < count + 1:
+            frames.append(await peer.receive())
+    return ids, [f["payload"] for f in frames if f["type"] == "ERROR"]
+
+
 async def test_envelopes_held_past_a_gap_given_up_are_acted_on_without_another_envelope(
     server: LiveServer, short_gaps: None
 ) -> None:
-    async with raw_peer(server.ws_url) as peer:
-        await peer.receive()
-        await handshake(peer, server.token())
-        peer.seq += 1  # seq 2 is never sent
-        ids = [await peer.send("MESSAGE", "hello", transaction=f"gone-{n}", channel="USER") for n in range(3)]
-        frames = [await peer.receive()]
-        while len([f for f in frames if f["type"] == "ERROR"]) < 4:
-            frames.append(await peer.receive())
-    errors = [f["payload"] for f in frames if f["type"] == "ERROR"]
+    ids, errors = await past_a_lost_seq(server, "user", 3)
     assert errors[0]["code"] == "SEQ_VIOLATION" and errors[0]["detail"]["missing"] == ["2", "2"]
     assert [(e["code"], e["related_id"]) for e in errors[1:]] == [("TRANSACTION_NOT_FOUND", i) for i in ids]
 
@@ -345,15 +351,7 @@ async def test_envelopes_held_when_the_connection_dropped_are_acted_on_after_the
 
 
 async def test_at_most_64_envelopes_wait_behind_a_gap(server: LiveServer) -> None:
-    async with raw_peer(server.ws_url) as peer:
-        await peer.receive()
-        await handshake(peer, server.token("waiting"))
-        peer.seq += 1  # seq 2 is never sent
-        ids = [await peer.send("MESSAGE", "hello", transaction=f"gone-{n}", channel="USER") for n in range(65)]
-        frames = [await peer.receive()]
-        while len([f for f in frames if f["type"] == "ERROR"]) < 66:
-            frames.append(await peer.receive())
-    errors = [f["payload"] for f in frames if f["type"] == "ERROR"]
+    ids, errors = await past_a_lost_seq(server, "waiting", 65)
     assert errors[0]["code"] == "SEQ_VIOLATION"  # at the 65th, long before the gap's deadline
     assert [e["related_id"] for e in errors[1:]] == ids  # then all of them, in order
 
