@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Event ids remembered per transaction to drop an append that landed twice (a retry after a lost answer).
+#: Event ids remembered per transaction to drop an append that landed twice (a retry after a lost answer):
+#: more than one append holds (``sender.APPEND_MOST``), with room for other nodes' events between the two.
 SEEN_IDS = 4096
 #: Published events waiting for Redis, per transaction, before the oldest are given up (logged).
 MAX_OUTBOX = 10_000

@@ -569,3 +569,31 @@ async def test_a_node_losing_the_lease_lets_its_waiting_messages_go_to_the_next_
     assert transaction.queued == ["m-q"]
     shared._lose()
     assert transaction.queued == [] and not shared.owner
+
+
+async def test_a_backlog_goes_in_appends_of_at_most_append_most_events_in_order() -> None:
+    """After an outage a transaction may have thousands queued: each append takes at most
+    ``APPEND_MOST`` of them (one script run of 10,000 held Redis for every node), the rest follow."""
+    shared, _, _, bus = shared_log()
+    appends: list[list[bytes]] = []
+    done = anyio.Event()
+    total = sender_module.APPEND_MOST * 2 + 500
+
+    async def append_batches(calls: Calls, **options: object) -> list[Appended | ClusterError]:
+        first = sum(len(payloads) for payloads in appends) + 1
+        appends.extend(payloads for _, payloads, _ in calls)
+        if sum(len(payloads) for payloads in appends) == total:
+            done.set()
+        return [Appended(first, True) for _ in calls]
+
+    bus.log = SimpleNamespace(append_batches=append_batches)
+    for index in range(total):
+        shared._queue(b'{"i":%d}' % index, False, None)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shared.relay.sender.run)
+        with anyio.fail_after(5):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    assert [len(payloads) for payloads in appends] == [1000, 1000, 500]
+    assert [payload for payloads in appends for payload in payloads] == [b'{"i":%d}' % i for i in range(total)]
+    assert not shared.outbox
