@@ -59,13 +59,17 @@ return 1
 
 #: KEYS: meta, stream, ids. ARGV: node, epoch, fresh (1: make the window), max events, max age ms, max ids,
 #: field count, id count, then field/value pairs, ids, seq/envelope pairs. 1 kept; 0 the window of this
-#: epoch is gone; -1 another node holds the session now. Envelopes not after the last kept are skipped.
+#: epoch is gone; -1 another node holds the session now (a window made anew too: a node cut off from
+#: Redis while the client resumed elsewhere must not take the session back). Envelopes not after the
+#: last kept are skipped.
 MIRROR = """
 local age = tonumber(ARGV[5])
 local fresh = ARGV[3] == '1'
 local last = 0
 local hset = {}
 if fresh then
+  local holder = redis.call('HGET', KEYS[1], 'node')
+  if holder and holder ~= ARGV[1] then return -1 end
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   hset = {'epoch', ARGV[2], 'node', ARGV[1]}
 else

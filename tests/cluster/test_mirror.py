@@ -9,10 +9,12 @@ import anyio
 import pytest
 
 from haip_runtime.auth.tokens import Principal
-from haip_runtime.cluster import ReplayOutcome
+from haip_runtime.cluster import Mirrored, ReplayOutcome, WindowUpdate
 from haip_runtime.config.models import SessionConfig
+from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS, TRANSACTION_ERA_EVENTS, Channel, EventType
+from haip_runtime.server import mirror as mirror_module
 from haip_runtime.server.mirror import WindowMirror
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
@@ -150,3 +152,47 @@ async def test_a_question_asked_in_words_goes_with_the_window_and_closes_there_w
         legacy.deliver(said)
         await mirror.flush()  # answered: nothing is open any more
         assert await a.redis.hget(a.keys.replay_meta("L"), "q") == b""
+
+
+async def test_a_node_cut_off_while_its_client_resumed_elsewhere_does_not_take_the_session_back(
+    redis_url: str, bus_at: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``MAX_WAITING`` frames waiting for a Redis that does not answer, a node makes its window anew
+    once Redis is back; if the client resumed on another node meanwhile, that node keeps the session
+    (found by a reviewer: the fresh window took it back, and the live session was let go)."""
+    monkeypatch.setattr(mirror_module, "MAX_WAITING", 8)
+    async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
+        let_go_at_a: list[str] = []
+        let_go_at_b: list[str] = []
+        old = WindowMirror(a, lambda taken: let_go_at_a.append(taken.id))
+        mine = session("S")
+        mine.send("INFO", {"event": "one"})
+        old.track(mine)
+        await old.flush()
+        mirror = a.replay.mirror
+
+        async def cut_off(updates: list[WindowUpdate]) -> list[Mirrored]:
+            raise ClusterError("redis did not answer")
+
+        monkeypatch.setattr(a.replay, "mirror", cut_off)
+        for count in range(10):  # more than MAX_WAITING: the window is to be made anew
+            mine.send("INFO", {"event": f"while cut off {count}"})
+            with pytest.raises(ClusterError):
+                await old.flush()
+        claimed = await b.replay.claim("S", "ann")  # the client resumes on node-b
+        assert claimed is not None
+        new = WindowMirror(b, lambda taken: let_go_at_b.append(taken.id))
+        moved = session("S")
+        moved.carry_on([], int(claimed.fields["last"]), (None, 0), claimed.ids)
+        new.track(moved, epoch=claimed.epoch, state=claimed.fields)
+
+        monkeypatch.setattr(a.replay, "mirror", mirror)  # node-a reaches Redis again
+        await old.flush()
+        assert let_go_at_a == ["S"]
+        holder = await b.replay.holder("S")
+        assert holder is not None and holder[0] == "node-b"
+        moved.send("INFO", {"event": "node-b's first"})
+        await new.flush()
+        assert let_go_at_b == []
+        read = await b.replay.read_after("S", claimed.epoch, 1)
+        assert read.outcome is ReplayOutcome.OK and [seq for seq, _ in read.envelopes] == [2]
