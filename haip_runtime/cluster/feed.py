@@ -59,7 +59,7 @@ Deliver = Callable[[Sequence[LogEntry | LogGap]], None]
 Notice = Callable[[bytes], None]
 
 CATCH_UP_PAGE = 1000
-#: How long the listener waits for a message before it retries the catch-ups that failed.
+#: How long after a catch-up failed it is tried again (at once when the feed is quiet that long).
 BEHIND_RETRY = 1.0
 #: The first wait before reconnecting; doubled after each failure up to a second.
 FIRST_RETRY = 0.05
@@ -111,6 +111,8 @@ class Feed:
         self._subscription: Subscriber | None = None
         #: Transactions with own appends held (``appended``).
         self._holding: set[str] = set()
+        #: When the transactions a failed catch-up left ``behind`` are read again (0: none is behind).
+        self._behind_retry = 0.0
         self._delay = FIRST_RETRY
         #: Reconnections of the pub/sub connection (each followed by a catch-up of every hosted transaction).
         self.reconnects = 0
@@ -232,9 +234,11 @@ class Feed:
             batch = await subscription.messages(timeout=HELD_WAIT if self._holding else BEHIND_RETRY)
             if self._holding:
                 await self._read_held()
-            if not batch:  # quiet: read again what a failed catch-up left behind
-                for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
-                    await self._catch_up(hosted)
+            # What a failed catch-up left behind is read again when the feed is quiet, or a while after
+            # the failure if it never is (a node busy with other conversations: found by a reviewer).
+            if self._behind_retry and (not batch or time.monotonic() >= self._behind_retry):
+                await self._read_behind()
+            if not batch:
                 continue
             for reply in batch:
                 if len(reply) != 3:  # not a (un)subscription nor a message: nothing this feed asked for
@@ -334,13 +338,21 @@ class Feed:
             await self._catch_up(hosted)  # a message was missed: the stream has it
         self._accept(hosted, entries)
 
+    async def _read_behind(self) -> None:
+        """Catch up again the transactions a failed catch-up left behind."""
+        self._behind_retry = 0.0
+        for hosted in [hosted for hosted in self._hosted.values() if hosted.behind]:
+            await self._catch_up(hosted)
+
     async def _catch_up(self, hosted: Hosted) -> None:
         """Deliver what the stream holds from ``hosted.next`` on, page by page."""
         while hosted.transaction in self._hosted:
             try:
                 entries = await self._log.read(hosted.transaction, hosted.next - 1, limit=CATCH_UP_PAGE)
             except ClusterError:
-                hosted.behind = True  # the next quiet second, or the reconnect that follows, tries again
+                hosted.behind = True  # tried again within BEHIND_RETRY (``_listen``), or at the reconnect
+                if not self._behind_retry:
+                    self._behind_retry = time.monotonic() + BEHIND_RETRY
                 return
             hosted.behind = False
             self._accept(hosted, entries, authoritative=True)

@@ -75,6 +75,39 @@ async def test_a_missed_message_is_filled_from_the_stream(redis_url: str, bus_at
         assert seen.tseqs == [1, 2, 3] and seen.payloads == [b"one", b"lost", b"three"]
 
 
+async def test_a_catch_up_that_failed_is_tried_again_though_other_conversations_keep_the_feed_busy(
+    redis_url: str, bus_at: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catch-up that failed once was tried again only after a second with no message at all: on a node
+    busy with other conversations its transaction got nothing until its next message (a reviewer)."""
+    async with bus_at(redis_url) as a, bus_at(redis_url) as b:
+        missed, busy = Collector(), Collector()
+        await a.feed.host("T", missed)
+        await a.feed.host("U", busy)
+        read, failed = a.log.read, anyio.Event()
+
+        async def failing_once(transaction: str, after: int, *, limit: int = 1000) -> list[LogEntry]:
+            if transaction == "T" and not failed.is_set():
+                failed.set()
+                raise ClusterError("redis: the read timed out")
+            return await read(transaction, after, limit=limit)
+
+        monkeypatch.setattr(a.log, "read", failing_once)
+        await b.log.append("T", b"past a hole", floor=5)  # tseq 6: node a reads the stream for 1..5, and fails
+        async with anyio.create_task_group() as tg:
+
+            async def other_conversations() -> None:  # a message for U every 0.2 s: never a quiet second
+                for number in range(100):
+                    await b.log.append("U", b"%d" % number)
+                    await anyio.sleep(0.2)
+
+            tg.start_soon(other_conversations)
+            await missed.wait(2, timeout=8)
+            tg.cancel_scope.cancel()
+        assert failed.is_set() and missed.items == [LogGap("T", 1, 5), LogEntry("T", 6, b"past a hole")]
+        assert len(busy.items) < 100  # (delivered while U's messages still came)
+
+
 async def test_events_trimmed_from_redis_arrive_as_a_gap(redis_url: str, bus_at: BusFactory) -> None:
     async with bus_at(redis_url) as a, bus_at(redis_url) as b:
         for number in range(10):
