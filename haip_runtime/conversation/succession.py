@@ -210,7 +210,7 @@ class Succession:
 
                 tg.start_soon(keep)
                 if not self.owner:
-                    await self._take_over()
+                    await self._taking_over()
                 await anyio.sleep_forever()
         finally:
             if not lost:
@@ -272,6 +272,16 @@ class Succession:
                 self._progress = anyio.Event()
                 await self._progress.wait()
 
+    async def _taking_over(self) -> None:
+        """``_take_over``, whatever fails in it: this node holds the lease, so it runs the turns from now on.
+        A failure escaping it ended the transaction's following of the log here, and everything it
+        published after was dropped, unsaid to its members (a reviewer's find)."""
+        try:
+            await self._take_over()
+        except Exception:
+            logger.exception("transaction %s: taking its turns over failed; they run here even so", self.transaction.id)
+            self.owner = True
+
     async def _take_over(self) -> None:
         """This node runs the turns from now on: end what the last owner left running, rebuild the
         agents' history from the log, answer the messages no run has answered. Reading is bounded by
@@ -294,12 +304,13 @@ class Succession:
                 )
         last = stored[-1].tseq or 0 if stored else 0
         newer = [event for event in transaction.recent() if (event.tseq or 0) > last]
+        try:
+            past = history_from_events([*stored, *newer])
+        except Exception:  # (an event not as this version writes them): the messages waiting are answered even so
+            logger.exception("transaction %s: its history could not be rebuilt; agents start afresh", transaction.id)
+            past = []
         config = transaction.config
-        transaction.history = History(
-            history_from_events([*stored, *newer]),
-            maxlen=config.agent_history_messages,
-            max_bytes=config.agent_history_bytes,
-        )
+        transaction.history = History(past, maxlen=config.agent_history_messages, max_bytes=config.agent_history_bytes)
         self.owner = True
         for run_id in [run_id for run_id in self.open_runs if run_id not in transaction.runs]:
             self._node_lost(run_id)

@@ -597,3 +597,48 @@ async def test_a_backlog_goes_in_appends_of_at_most_append_most_events_in_order(
     assert [len(payloads) for payloads in appends] == [1000, 1000, 500]
     assert [payload for payloads in appends for payload in payloads] == [b'{"i":%d}' % i for i in range(total)]
     assert not shared.outbox
+
+
+async def test_a_takeover_that_fails_still_runs_the_turns_here(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure escaping the takeover ended the transaction's following of the log on this node, and
+    whatever it published after was dropped (a reviewer). A history that cannot be rebuilt now costs the
+    history alone: the waiting message is answered; anything else failing still leaves this node the owner."""
+    from haip_runtime.conversation import succession
+
+    def unreadable(events: object) -> list[object]:
+        raise ValueError("an event not as this version writes them")
+
+    async def nothing_stored(*args: object, **options: object) -> list[Event]:
+        return []
+
+    async def flushed() -> None:
+        return None
+
+    async def last_tseq(transaction_id: str) -> int:
+        return 1
+
+    shared, transaction, _, bus = shared_log()
+    bus.log = SimpleNamespace(last_tseq=last_tseq)
+    shared.store = SimpleNamespace(flush=flushed, events=nothing_stored)
+    answered: list[str] = []
+    monkeypatch.setattr(shared, "_answer", lambda turn, payload: answered.append(payload["text"]))
+    monkeypatch.setattr(succession, "history_from_events", unreadable)
+    shared.owner = False
+    shared.deliver([LogEntry(transaction.id, 1, message_from("n2", "still here?", answered=False))])
+    assert list(shared.unanswered) == ["m-still here?"]
+    with anyio.fail_after(5):
+        await shared._taking_over()
+    assert shared.owner and answered == ["still here?"] and transaction.history is not None
+    assert "could not be rebuilt; agents start afresh" in caplog.text
+
+    def broken(run_id: str) -> None:
+        raise RuntimeError("a bug")
+
+    shared.owner = False
+    shared.open_runs["r-lost"] = "echo"
+    monkeypatch.setattr(shared, "_node_lost", broken)
+    with anyio.fail_after(5):
+        await shared._taking_over()  # (did raise, and ended ``run``)
+    assert shared.owner and "taking its turns over failed" in caplog.text
