@@ -237,7 +237,8 @@ async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed
     redis_url: str, bus_at: BusFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The epoch is read again behind the envelopes: a window replaced between the claim and the read
-    (its envelopes another epoch's) says so instead of handing those envelopes over."""
+    (its envelopes another epoch's) says so instead of handing those envelopes over. (Only the node
+    holding a session may make its window anew: node-a, which held it before the claim, is refused.)"""
     async with bus_at(redis_url, node_id="node-a") as a, bus_at(redis_url, node_id="node-b") as b:
         old = WindowUpdate("S", "e1", [(1, b"one"), (2, b"two")], {"user": "ann"}, [], True)
         assert await a.replay.mirror([old]) == [Mirrored.KEPT]
@@ -246,7 +247,8 @@ async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed
         async def claim_then_replaced(session: str, user: str, force: bool) -> object:
             claimed = await claim(session, user, force)
             new = WindowUpdate("S", "e2", [(1, b"uno"), (2, b"dos")], {"user": "ann"}, [], True)
-            assert await a.replay.mirror([new]) == [Mirrored.KEPT]
+            assert await a.replay.mirror([new]) == [Mirrored.TAKEN]
+            assert await b.replay.mirror([new]) == [Mirrored.KEPT]
             return claimed
 
         monkeypatch.setattr(b.replay, "_take", claim_then_replaced)
