@@ -204,7 +204,11 @@ class Chat:
         if more:
             self.view.say(f"… {more} earlier message(s) (GET /haip/transactions/{transaction}/messages)", "dim")
         for message in messages:
-            self.view.print_past(message, self.client.user)
+            if message.get("state") == "streaming" and message.get("message_id"):  # its next parts come live
+                text = await self.streamed_so_far(transaction, message, upto=int(joined.get("tseq") or 0))
+                self.view.resume_stream(str(message["message_id"]), str(message.get("author") or ""), text)
+            else:
+                self.view.print_past(message, self.client.user)
         others = [str(member) for member in joined.get("members") or [] if member != self.client.user]
         self.view.say(f"in this conversation: {', '.join(others + agents)}", "dim")
         await self.report_servers()
@@ -219,6 +223,23 @@ class Chat:
             kept += [message for message in page["messages"] if int(message.get("tseq") or 0) <= upto]
             after = page["next_after"]
         return kept[-SHOWN_ON_JOIN:], max(0, len(kept) - SHOWN_ON_JOIN)
+
+    async def streamed_so_far(self, transaction: str, message: dict[str, Any], upto: int) -> str:
+        """What a message still streaming at the join had said up to the join's tseq ``upto``: the history's
+        text of it may have more (parts stored since), which come live too (they showed twice)."""
+        message_id, text, after = message["message_id"], "", int(message["tseq"]) - 1
+        while after < upto:
+            page = await self.rest(f"/haip/transactions/{quote(transaction)}/events", {"after": after, "limit": 1000})
+            for event in page["events"]:
+                payload = event.get("payload")
+                if int(event.get("tseq") or 0) > upto:
+                    return text
+                if event["type"] in ("MESSAGE_START", "MESSAGE_PART") and isinstance(payload, dict):
+                    text += str(payload.get("text") or "") if payload.get("message_id") == message_id else ""
+            if page["next_after"] is None:
+                break
+            after = int(page["next_after"])
+        return text
 
     async def history(self) -> None:
         listed = (await self.rest("/haip/transactions", {"limit": 10}))["transactions"]

@@ -160,9 +160,13 @@ class ChatView:
         elif kind == "RUN_STARTED":
             self.runs[event.get("run_id")] = event.get("agent")
         elif kind in ("RUN_FINISHED", "RUN_ERROR"):
-            self.runs.pop(event.get("run_id"), None)
+            agent = self.runs.pop(event.get("run_id"), None) or "the agent"
             if kind == "RUN_ERROR":
                 self.say(f"✗ {event.get('code')}: {event.get('message')}", "red")
+            elif event.get("status") not in (None, "OK"):  # cancelled (Ctrl-C, a restart) or failed: say why
+                reason = event.get("reason") or event.get("summary")
+                said = f"{': ' + str(reason) if reason else ''}"
+                self.say(f"⊘ {agent}'s turn ended {event.get('status')}{said}", "yellow")
         elif kind == "ERROR" and _restart_notice(event):
             pass  # the reconnect line already says the server restarted and the conversation was rejoined
         elif kind == "ERROR":
@@ -200,19 +204,28 @@ class ChatView:
         if stream is None:
             return
         if event.type == "MESSAGE_PART":
-            stream[1] += str(event.get("text") or "")
-            done, _, rest = stream[1].rpartition("\n")
-            if done or stream[1].endswith("\n"):  # whole lines print as they complete; the rest is live
-                if done.strip() or message_id in self.continued:  # (leading blank lines are dropped)
-                    self.print_message(stream[0], done, continued=message_id in self.continued)
-                    self.continued.add(message_id)
-                stream[1] = rest
+            self._part(message_id, stream, str(event.get("text") or ""))
             return
         del self.streams[message_id]
         continued = message_id in self.continued
         self.continued.discard(message_id)
         if stream[1].strip():
             self.print_message(stream[0], stream[1].rstrip("\n"), continued=continued)
+
+    def _part(self, message_id: str, stream: list[str], text: str) -> None:
+        stream[1] += text
+        done, _, rest = stream[1].rpartition("\n")
+        if done or stream[1].endswith("\n"):  # whole lines print as they complete; the rest is live
+            if done.strip() or message_id in self.continued:  # (leading blank lines are dropped)
+                self.print_message(stream[0], done, continued=message_id in self.continued)
+                self.continued.add(message_id)
+            stream[1] = rest
+
+    def resume_stream(self, message_id: str, author: str, text: str) -> None:
+        """A message still streaming when this chat joined (the REST history has it so far): shown as its
+        live parts will go on with it (they were dropped, its MESSAGE_START unseen: a tester)."""
+        stream = self.streams[message_id] = [author or "agent", ""]
+        self._part(message_id, stream, text)
 
     def _message(self, event: Received) -> None:
         if isinstance(event.payload, str):

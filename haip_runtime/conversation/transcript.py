@@ -56,6 +56,8 @@ class Transcript:
                 return
             item = self._start(event, str(body.get("author", "")), role, str(body.get("text", "")), state)
             if item is not None:
+                if body.get("message_id"):  # (a client joining while it streams goes on with its parts)
+                    item["message_id"] = str(body["message_id"])
                 self._messages.setdefault(str(body.get("message_id", "")), item)  # (an id reused: the first keeps it)
         elif kind == EventType.MESSAGE_PART:
             if (message := self._messages.get(str(body.get("message_id", "")))) is not None:

@@ -35,6 +35,8 @@ def chat_config() -> dict[str, object]:
             "operator": {"plugin": "operator", "mcp_servers": ["demo"]},
             # slow enough to see the answer stream in the live area before its line is printed
             "storyteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 20}},
+            # slow enough for another chat to join while it streams (about 9 s a story)
+            "slowteller": {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 2}},
             "poet": {"plugin": "tests.support.agents:ParagraphsAgent"},
             "failing": {"plugin": "tests.support.agents:FailingAgent"},
             "stranded": {"plugin": "operator", "mcp_servers": ["ghost"]},
@@ -386,6 +388,48 @@ def test_history_join_and_join_on_the_command_line_show_the_conversation_so_far(
         assert again.text.count("in this conversation:") == 1  # not also the join's answer, with joe in it
     finally:
         again.child.terminate(force=True)
+
+
+def test_a_chat_joining_while_an_answer_streams_shows_all_of_it(chat_server: LiveServer) -> None:
+    """A tester's find: joined mid-stream, the chat printed what the history had of the answer, then
+    dropped its live parts (their MESSAGE_START came before the join): the story stopped mid-sentence."""
+    token = chat_server.token("joe")
+    teller = spawn_chat(chat_server.http_url, "--agent", "slowteller", "--token", token)
+    joined: Screen | None = None
+    try:
+        conversation = teller.expect(r"talking to slowteller \(conversation [0-9a-f-]{36}\)")[-37:-1]
+        teller.child.sendline("a lighthouse")
+        teller.expect(r"slowteller › Once")  # (the live area: it streams now)
+        joined = spawn_chat(chat_server.http_url, "--join", conversation[:8], "--token", token)
+        joined.expect(rf"joined slowteller \(conversation {conversation}\)")
+        joined.expect("joe › a lighthouse")
+        story = "Once upon a time, someone said 'a lighthouse'. The words travelled far, and everyone who heard"
+        joined.expect(re.escape(f"slowteller › {story} 'a lighthouse' smiled. The end."), timeout=20)  # once each
+        joined.child.sendline("/quit")
+        assert joined.wait_exit() == 0
+        assert "Traceback" not in joined.text
+    finally:
+        teller.child.terminate(force=True)
+        if joined is not None:
+            joined.child.terminate(force=True)
+
+
+def test_a_turn_that_did_not_end_ok_says_so_and_why() -> None:
+    """A tester's find: a turn cancelled by a restart (RUN_FINISHED CANCELLED, its reason) left a story cut
+    mid-sentence in the chat, and nothing said it had been stopped."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
+    reason = "the runtime is shutting down; ask again to go on"
+    for run_id, status, extra in (("r1", "CANCELLED", {"reason": reason}), ("r2", "OK", {}), ("r3", "ERROR", {})):
+        view.on_event(Received({"type": "RUN_STARTED", "payload": {"run_id": run_id, "agent": "teller"}}))
+        view.on_event(Received({"type": "RUN_FINISHED", "payload": {"run_id": run_id, "status": status, **extra}}))
+    assert shown == [f"⊘ teller's turn ended CANCELLED: {reason}", "⊘ teller's turn ended ERROR"]
+    assert not view.runs
 
 
 POEM = ["poet › Roses are red,", "       violets are blue.", "", "       A new paragraph", "       ends here."]
