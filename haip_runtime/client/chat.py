@@ -108,6 +108,8 @@ class Chat:
                     self.failed.append("AUDIO_UNHEARD")
                 elif event.type == "INFO" and event.get("event") == "speech.failed":
                     self.failed.append(str(event.get("code")))
+                elif event.type == "INFO" and event.get("event") == "run.unqueued" and self._turn is not None:
+                    self.failed.append("NOT_ANSWERED")
                 elif event.type == "ERROR" and self._turn is not None and self._turn.refused_by(event):
                     self.failed.append(str(event.get("code")))  # a recording not understood, say
                 try:
@@ -424,7 +426,9 @@ class _Turn:
         elif event.get("event") == "speech.failed":
             self.heard = False  # nothing more of this run is spoken: its text is the answer
         unheard = event.get("event") == "audio.unheard" and event.get("message_id") == self.message_id
-        refused = self.refused_by(event) or (unheard and self.message_id is not None)
+        # (a line's message id is the server's: a message not answered before any turn started is taken for it)
+        unanswered = event.get("event") == "run.unqueued" and not self.started
+        refused = self.refused_by(event) or (unheard and self.message_id is not None) or unanswered
         done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
         if view.questions or refused or done:
             self.settled.set()

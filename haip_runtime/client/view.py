@@ -175,6 +175,8 @@ class ChatView:
             self.say(f"history is being written again (storage {event.get('state')})", "dim")
         elif kind == "INFO" and event.get("event") == "cluster":
             self.say(f"the cluster's Redis answers again (cluster {event.get('state')}): what waited goes on", "dim")
+        elif kind == "INFO" and event.get("event") == "run.unqueued":
+            self.say(f"✗ a message was not answered: {event.get('reason')}", "red")
         elif kind == "INFO" and event.get("event") == "speech.waiting":
             ahead = event.get("ahead")
             self.say(f"your recording waits to be heard: {ahead} recording(s) ahead of it", "dim")

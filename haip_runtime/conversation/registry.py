@@ -243,6 +243,15 @@ class TransactionRegistry:
         )
         for name in record.agents:
             spec = self.agents.get(name)
+            if spec is None and self.relay is not None:  # another node may run it: it stays the transaction's
+                logger.warning(
+                    "transaction %s: agent %r is not configured on this node; the nodes that run it take this"
+                    " conversation's turns (every node of a cluster should run the same agents)",
+                    record.id,
+                    name,
+                )
+                transaction.absent_agents.append(name)
+                continue
             if spec is None:
                 logger.warning("transaction %s: agent %r is no longer configured; it stays out", record.id, name)
                 continue

@@ -41,6 +41,8 @@ MAX_RETRY = 1.0
 REHYDRATE_EVENTS = 20_000
 #: Messages kept for a takeover while no node runs the turns (the oldest stay unanswered past it).
 MAX_UNANSWERED = 10_000
+#: How often a node lacking some of a transaction's agents looks whether its lease is free (``_defer``).
+DEFER_POLL = 0.5
 LOST = "the node running this turn was lost; send the message again"
 CALL_LOST = "the node running this call was lost; its result, if any, is lost with it"
 
@@ -61,6 +63,8 @@ class Succession:
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: An end a member asked for while no node held the lease: the next holder carries it out.
     end_asked: str | None
+    #: How long the turns may take to move to another node (the lease's time).
+    handover: float
     _given_up: set[str]
     _outbox: Pending
     _stopped: bool
@@ -223,12 +227,31 @@ class Succession:
         says the holder gave it back."""
         leases = self.bus.leases
         while True:
+            if self.transaction.absent_agents:
+                await self._defer()
             token = await leases.acquire(self.lease_name)
             if token is not None:
                 return token
             self._lease_free = anyio.Event()
             with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
                 await self._lease_free.wait()
+
+    async def _defer(self) -> None:
+        """This node lacks some of the transaction's agents: a node hosting it that runs them all takes the
+        lease first (it contends at once); this one only once the lease has stayed free ``handover``
+        seconds (nobody else would take it: then the agents it has answer, and a message none of them
+        answers gets ``INFO run.unqueued`` saying why). Before, such a node took the turns over like any
+        other, and nobody was answered (a tester's cluster of nodes configured differently)."""
+        leases, free_since = self.bus.leases, None
+        while True:
+            now = anyio.current_time()
+            if await leases.holder(self.lease_name) is not None:
+                free_since = None
+            elif free_since is None:
+                free_since = now
+            elif now - free_since >= self.handover:
+                return
+            await anyio.sleep(DEFER_POLL)
 
     async def _release(self, token: str) -> None:
         """Give the lease back and say so in the log, so a node waiting for it takes it now."""

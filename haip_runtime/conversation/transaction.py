@@ -84,6 +84,9 @@ class Transaction:
         self.thread_id = thread_id
         self.members: dict[str, Member] = {}
         self.agents: dict[str, AgentSlot] = {}
+        #: In a cluster, the transaction's agents this node's config lacks (its nodes should all run the
+        #: same ones): they stay the transaction's, run by the nodes that have them.
+        self.absent_agents: list[str] = []
         self.runs: dict[str, Run] = {}
         self.history = History(
             history, maxlen=self.config.agent_history_messages, max_bytes=self.config.agent_history_bytes
@@ -120,11 +123,16 @@ class Transaction:
 
     # --- the record ------------------------------------------------------------------------------
 
+    @property
+    def agent_names(self) -> list[str]:
+        """The transaction's agents, those this node lacks included (``absent_agents``)."""
+        return [*self.agents, *(name for name in self.absent_agents if name not in self.agents)]
+
     def record(self, end_reason: str | None = None) -> TransactionRecord:
         return TransactionRecord(
             id=self.id,
             owner=self.owner,
-            agents=tuple(self.agents),
+            agents=tuple(self.agent_names),
             members=tuple(self.users),
             state=TransactionState.ENDED if self.ended else TransactionState.OPEN,
             created_at=self.created_at,
@@ -284,7 +292,8 @@ class Transaction:
         message = Event(EventType.MESSAGE, forwarded, channel=Channel.USER, exclude=exclude)
         shared = self.shared
         if shared is not None and not shared.owner:  # the node running the turns answers it
-            shared.send(message, turn=shared.turn(member, traceparent, answered=False) if self.agents else None)
+            answered = bool(self.agents or self.absent_agents)
+            shared.send(message, turn=shared.turn(member, traceparent, answered=False) if answered else None)
             return []
         waits = self.check_message(member, related_id)
         if shared is not None and self.agents:  # should this node lose the turns, the next owner knows it
@@ -325,6 +334,12 @@ class Transaction:
     def _answer(self, member: Member, text: str, payload: dict[str, Any], traceparent: str | None) -> list[Run]:
         message_id = str(payload["message_id"])
         self.history.append(HistoryEntry("user", member.user, text, message_id))
+        if self.absent_agents and not self.agents:  # this node runs the turns, and has none of the agents
+            missing = ", ".join(repr(name) for name in self.absent_agents)
+            reason = f"agent {missing} is not configured on the node running this conversation's turns now"
+            logger.warning("transaction %s: message %s not answered: %s", self.id, message_id, reason)
+            unqueued = {"event": "run.unqueued", "message_id": message_id, "reason": reason}
+            self.publish(Event(EventType.INFO, unqueued, channel=Channel.AGENT))
         runs = [self.start_run(slot, member, text, payload, "on_message", traceparent) for slot in self.agents.values()]
         if not runs:
             self.save()  # otherwise the end of each run saves (the log has the message meanwhile)

@@ -192,7 +192,7 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
 
     No await in here: the member is added exactly after the history it was sent."""
     new_user = transaction.add_member(session)
-    joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+    joined = p.TransactionJoined(members=transaction.member_users, agents=transaction.agent_names)
     reply = {**joined.dump(), "tseq": str(transaction.tseq), "omitted": omitted}
     session.send(EventType.TRANSACTION_JOIN, reply, transaction=transaction.id)
     for event in history:
@@ -211,7 +211,7 @@ def enter(transaction: Transaction, member: Member, related_id: str) -> None:
 
 
 def announce(transaction: Transaction, member: Member) -> None:
-    joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+    joined = p.TransactionJoined(members=transaction.member_users, agents=transaction.agent_names)
     body = {**joined.dump(), "joined": member.user}
     transaction.publish(Event(EventType.TRANSACTION_JOIN, body, exclude=frozenset({member.id})))
 
@@ -272,7 +272,7 @@ def attach_agent(ctx: HubContext, member: Member, transaction: Transaction, spec
     slot = None if name in transaction.agents else ctx.transactions.slot(spec, transaction.id, member.user, {})
     if slot is not None:
         transaction.add_agent(slot)
-    joined = p.TransactionJoined(members=transaction.member_users, agents=list(transaction.agents))
+    joined = p.TransactionJoined(members=transaction.member_users, agents=transaction.agent_names)
     tell = (lambda: ctx.send_tool_list(transaction)) if slot is not None else None
     transaction.publish(Event(EventType.TRANSACTION_JOIN, joined.dump()), then=tell)
     if slot is not None:
@@ -288,6 +288,14 @@ def mirror_agents(ctx: HubContext, transaction: Transaction, names: list[str]) -
         if spec is not None and name not in transaction.agents:
             transaction.agents[name] = ctx.transactions.slot(spec, transaction.id, transaction.owner, {})
             added = True
+        elif spec is None and name not in transaction.absent_agents:
+            logger.warning(
+                "transaction %s: agent %r, added on another node, is not configured on this one (every node of"
+                " a cluster should run the same agents)",
+                transaction.id,
+                name,
+            )
+            transaction.absent_agents.append(name)
     if added:
         ctx.send_tool_list(transaction)
 

@@ -22,9 +22,12 @@ pytestmark = pytest.mark.anyio
 
 
 @contextmanager
-def node(redis: str, database: str, prefix: str, folder: Path, flush: float = 0.005) -> Iterator[ServeProcess]:
+def node(
+    redis: str, database: str, prefix: str, folder: Path, flush: float = 0.005, *, patient: bool = True
+) -> Iterator[ServeProcess]:
     """A node of the cluster (dev mode, the ``patient`` and ``operator`` agents, a tool that waits for a
-    member's approval) as a process of its own; ``flush``: its store's batching interval."""
+    member's approval) as a process of its own; ``flush``: its store's batching interval; ``patient``:
+    without it, a node configured unlike the others."""
     folder.mkdir()
     config = folder / "haip.toml"
     config.write_text(
@@ -32,8 +35,8 @@ def node(redis: str, database: str, prefix: str, folder: Path, flush: float = 0.
         f'url = "{database}"\nflush_interval_seconds = {flush}\n'
         f'[cluster]\nredis_url = "{redis}"\nkey_prefix = "{prefix}"\nlease_seconds = 1.5\n'
         "heartbeat_seconds = 0.2\nnode_ttl_seconds = 2\n"
-        '[agents.patient]\nplugin = "tests.support.agents:PatientAgent"\n'
-        '[agents.operator]\nplugin = "operator"\nmcp_servers = ["made"]\n'
+        + ('[agents.patient]\nplugin = "tests.support.agents:PatientAgent"\n' if patient else "")
+        + '[agents.operator]\nplugin = "operator"\nmcp_servers = ["made"]\n'
         '[mcp.servers.made]\ntransport = "python"\nserver = "tests.support.python_servers:make_server"\n'
         'require_approval = ["hello"]\n'
     )
@@ -89,6 +92,37 @@ async def test_a_turn_whose_node_dies_ends_with_node_lost_and_the_next_message_i
         if e["type"].startswith("RUN_") and e["type"] != "RUN_STARTED"
     ]
     assert ends[0] == ("RUN_ERROR", "NODE_LOST")  # in the durable log too, kept by the node that lived
+
+
+async def test_a_node_without_the_conversations_agent_passes_messages_on_and_says_why_when_it_runs_the_turns(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A tester's cluster of nodes configured differently: a member joined on the node that lacks the
+    agent was told it had no agents, and their messages were never answered; that node then took the
+    turns over when the other died, and nobody was answered, nor told why."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b", patient=False))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
+            async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
+                tx = await on_a.start_transaction("patient")
+                joined = await on_b.join(tx)
+                assert joined.get("agents") == ["patient"]  # the transaction's, though B cannot run it
+                await on_b.send_text(tx, "hello from b")
+                await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and "hello from b" in e.get("text", ""))
+                await on_b.send_text(tx, "wait")  # a turn under way on A...
+                await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and e.get("text") == "waiting")
+                a.process.send_signal(signal.SIGKILL)  # ...when A dies
+                a.process.wait(timeout=10)
+            lost = await on_b.wait_for("RUN_ERROR")  # B takes the turns over once nobody else can
+            await on_b.send(
+                "MESSAGE", {"text": "still there?", "message_id": "m-still"}, transaction=tx, channel="USER"
+            )
+            unqueued = await on_b.wait_for(lambda e: e.type == "INFO" and e.get("event") == "run.unqueued")
+    assert lost.get("code") == "NODE_LOST"
+    assert unqueued.get("message_id") == "m-still"
+    assert "'patient' is not configured on the node running this conversation's turns" in unqueued.get("reason")
 
 
 async def test_a_tool_call_whose_node_dies_ends_with_its_run(

@@ -505,3 +505,26 @@ def test_the_chat_says_a_connected_server_changed_its_tools_rather_than_that_it_
         payload = {"event": "mcp.server", "server": "demo", "state": "connected", "error": None, **extra}
         view.on_event(Received({"type": "INFO", "payload": payload}))
     assert shown == ["MCP server demo connected", "MCP server demo changed its tools"]
+
+
+def test_a_message_not_answered_is_said_and_settles_a_piped_line() -> None:
+    """``INFO run.unqueued`` (a full queue, a cancel, or the node running the turns lacking the agent) was
+    shown by nothing, and a piped chat waited for a turn that never came."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.chat import _Turn
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
+    reason = "agent 'patient' is not configured on the node running this conversation's turns now"
+    unqueued = Received({"type": "INFO", "payload": {"event": "run.unqueued", "message_id": "m1", "reason": reason}})
+    turn = _Turn(started=False)
+    view.on_event(unqueued)
+    turn.see(unqueued, view)
+    assert shown == [f"✗ a message was not answered: {reason}"] and turn.settled.is_set()
+    running = _Turn(started=True)  # a turn under way: another member's message was given up
+    view.runs["r1"] = "patient"
+    running.see(unqueued, view)
+    assert not running.settled.is_set()

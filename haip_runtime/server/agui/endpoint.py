@@ -173,7 +173,7 @@ class AguiDoor:
                 if not found.is_member(member):
                     found.check_room(member, run.run_id)
                     if found.add_member(member):
-                        joined = p.TransactionJoined(members=found.member_users, agents=list(found.agents))
+                        joined = p.TransactionJoined(members=found.member_users, agents=found.agent_names)
                         announce = {**joined.dump(), "joined": member.user}
                         found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
                 if agent not in found.agents:
