@@ -229,7 +229,7 @@ def _migrate(args: argparse.Namespace) -> int:
             f"{args.config}: storage.backend is {storage.backend!r}: only a PostgreSQL store is migrated"
             " (a SQLite file gets its schema when it is opened)"
         )
-    before = anyio.run(postgres.preflight, storage)
+    before = anyio.run(functools.partial(postgres.preflight, storage, claim=False))
     where = masked_url(storage.url.get_secret_value())
     change = "already current" if before == LATEST else f"migrated from {before}"
     print(f"haip-runtime: {where}: schema version {LATEST} ({change})")
@@ -431,7 +431,8 @@ def _preflight(config: HaipConfig, workers: int = 1) -> None:
 
         from haip_runtime.store import postgres
 
-        anyio.run(postgres.preflight, config.storage)  # unreachable, or a newer schema: one line, exit 1
+        prefix = config.cluster.key_prefix if config.cluster is not None else None
+        anyio.run(postgres.preflight, config.storage, prefix)  # unreachable, a newer schema...: one line, exit 1
 
 
 def _supervise(config: HaipConfig, workers: int, host: str, port: int) -> int:

@@ -163,7 +163,8 @@ async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
             update={"connect_timeout_seconds": min(timeout, config.storage.connect_timeout_seconds)}
         )
         try:
-            results.append((True, await postgres.inspect(storage)))
+            prefix = config.cluster.key_prefix if config.cluster is not None else None
+            results.append((True, await postgres.inspect(storage, prefix)))
         except ConfigError as exc:
             results.append((False, str(exc)))
     if config.cluster is not None:

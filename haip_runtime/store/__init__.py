@@ -31,11 +31,12 @@ __all__ = [
 ]
 
 
-def open_store(config: StorageConfig, *, clustered: bool = False) -> Store:
+def open_store(config: StorageConfig, *, clustered: bool = False, cluster_prefix: str | None = None) -> Store:
     """The store ``[storage]`` describes (not yet entered: use it with ``async with``).
 
     ``clustered``: the nodes of a cluster share it, and the bus numbers the events (PostgreSQL only:
-    ``[cluster]`` needs it, which the config check says)."""
+    ``[cluster]`` needs it, which the config check says); ``cluster_prefix``: that cluster's key prefix
+    (a database is one cluster's log)."""
     if config.backend == "sqlite":
         return SqliteStore(
             config.path, flush_interval=config.flush_interval_seconds, max_pending=config.max_pending_writes
@@ -43,5 +44,6 @@ def open_store(config: StorageConfig, *, clustered: bool = False) -> Store:
     if config.backend == "postgres":
         store = PostgresStore(config)
         store.numbered_by_caller = clustered
+        store.cluster_prefix = cluster_prefix if clustered else None
         return store
     return MemoryStore()

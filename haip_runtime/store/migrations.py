@@ -81,10 +81,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX haip_sessions_by_age ON haip_sessions (updated_at);
         """,
     ),
+    (
+        2,
+        "who numbers the events",
+        """
+        -- writer: 'single' (servers without [cluster]: the database numbers the events), or
+        -- 'cluster:<key_prefix>' (one cluster's Redis numbers them): two numberings of one log corrupt it
+        CREATE TABLE haip_meta (key text PRIMARY KEY, value text NOT NULL);
+        """,
+    ),
 ]
 
 #: The schema this runtime reads and writes.
 LATEST = MIGRATIONS[-1][0]
+
+#: ``haip_meta``'s ``writer`` of servers without ``[cluster]``.
+SINGLE = "single"
 
 _VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS haip_schema (
@@ -143,3 +155,52 @@ async def migrate(db: Db, where: str, *, lock_timeout: float) -> int:
                 await db.execute("INSERT INTO haip_schema (version, note) VALUES ($1, $2)", number, note)
                 logger.info("store: migrated %s to schema version %d (%s)", where, number, note)
     return before
+
+
+def writer(cluster_prefix: str | None) -> str:
+    """``haip_meta``'s ``writer`` of a server: ``single``, or ``cluster:<key_prefix>``."""
+    return SINGLE if cluster_prefix is None else f"cluster:{cluster_prefix}"
+
+
+def writer_conflict(where: str, found: str | None, mine: str) -> str | None:
+    """Why a server whose ``writer`` is ``mine`` may not write the log whose ``haip_meta`` says ``found``
+    (``None``: it may). Servers without ``[cluster]`` becoming a cluster is the upgrade path: allowed
+    (stop them first); the other way, or to another cluster, is refused."""
+    if found is None or found == mine or (found == SINGLE and mine.startswith("cluster:")):
+        return None
+    theirs = "servers without [cluster]" if found == SINGLE else f"the cluster with key_prefix {found[8:]!r}"
+    yours = "a server without [cluster]" if mine == SINGLE else f"a cluster with key_prefix {mine[8:]!r}"
+    return (
+        f"storage.url: {where} is the durable log of {theirs}; {yours} would number the same conversations"
+        " apart, and each would drop the other's events. Use a database of its own, or the same"
+        " [cluster] key_prefix and Redis. (A cluster that moved to another prefix, its old nodes stopped:"
+        f" UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
+    )
+
+
+async def read_writer(db: Db) -> str | None:
+    """``haip_meta``'s ``writer`` (``None``: none yet, or a schema before it)."""
+    if await current_version(db) < 2:
+        return None
+    value = await db.fetchval("SELECT value FROM haip_meta WHERE key = 'writer'")
+    return None if value is None else str(value)
+
+
+async def claim_writer(db: Db, where: str, mine: str) -> None:
+    """Write this log as ``mine``, or refuse (``ConfigError``) if another numbering writes it: found by a
+    tester, two clusters (their ``key_prefix`` differed) on one database each skipped the other's
+    rows, and both logs lost events, silently."""
+    async with db.transaction():
+        await db.execute("INSERT INTO haip_meta (key, value) VALUES ('writer', $1) ON CONFLICT DO NOTHING", mine)
+        found = str(await db.fetchval("SELECT value FROM haip_meta WHERE key = 'writer' FOR UPDATE"))
+        refusal = writer_conflict(where, found, mine)
+        if refusal is None and found != mine:
+            await db.execute("UPDATE haip_meta SET value = $1 WHERE key = 'writer'", mine)
+            logger.warning(
+                "store: %s is the log of the cluster with key_prefix %r from now on: a server without"
+                " [cluster] may no longer use it (stop any that still does)",
+                where,
+                mine.removeprefix("cluster:"),
+            )
+    if refusal is not None:
+        raise ConfigError(refusal)

@@ -53,7 +53,17 @@ from haip_runtime.store.base import (
     merged,
 )
 from haip_runtime.store.batching import BatchingWriter, Write, one_line
-from haip_runtime.store.migrations import LATEST, Db, current_version, migrate, refuse_newer
+from haip_runtime.store.migrations import (
+    LATEST,
+    Db,
+    claim_writer,
+    current_version,
+    migrate,
+    read_writer,
+    refuse_newer,
+    writer,
+    writer_conflict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +205,9 @@ class PostgresStore(BatchingWriter):
         #: Events come numbered by the cluster's log (``[cluster]``): kept at their number, a copy
         #: another node wrote already skipped; never renumbered (``on_sequenced`` is not called).
         self.numbered_by_caller = False
+        #: The ``[cluster]`` key prefix of the servers this one writes with (``None``: no ``[cluster]``):
+        #: one database is one numbering's log (``migrations.claim_writer``).
+        self.cluster_prefix: str | None = None
         self._pool: asyncpg.Pool | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -221,6 +234,7 @@ class PostgresStore(BatchingWriter):
             async with self._pool.acquire() as db:  # the first connection: the database is reached here
                 try:
                     await migrate(db, self.name, lock_timeout=self.config.connect_timeout_seconds)
+                    await claim_writer(db, self.name, writer(self.cluster_prefix))
                 except _REACHING as exc:
                     message = f"storage.url: cannot prepare PostgreSQL database {self.name}: {_short(exc)}"
                     raise ConfigError(message) from exc
@@ -497,21 +511,29 @@ async def _one_connection(config: StorageConfig, doing: str) -> AsyncIterator[tu
             db.terminate()
 
 
-async def preflight(config: StorageConfig) -> int:
+async def preflight(config: StorageConfig, cluster_prefix: str | None = None, *, claim: bool = True) -> int:
     """What opening the store would refuse, met before a server starts (so the refusal is one line,
     not a failed start-up): a database that cannot be reached, a wrong password, one of a newer
-    schema, one that needs migrating by a role that may not, or a migration lock held too long.
-    Migrates it (what the store would do); the schema version it had."""
+    schema, one that needs migrating by a role that may not, a migration lock held too long, or the
+    log of another numbering (``cluster_prefix``: the server's ``[cluster]`` key prefix; ``claim``:
+    check it). Migrates it (what the store would do); the schema version it had."""
     async with _one_connection(config, "prepare") as (db, where):
-        return await migrate(db, where, lock_timeout=config.connect_timeout_seconds)
+        before = await migrate(db, where, lock_timeout=config.connect_timeout_seconds)
+        if claim:
+            await claim_writer(db, where, writer(cluster_prefix))
+        return before
 
 
-async def inspect(config: StorageConfig) -> str:
+async def inspect(config: StorageConfig, cluster_prefix: str | None = None) -> str:
     """What ``check --connect`` says of the database, without changing it: reached, and its schema
     version against this runtime's; ``ConfigError`` (one line) if it cannot be reached or read."""
     async with _one_connection(config, "read") as (db, where):
         version = await current_version(db)
+        found = await read_writer(db) if version <= LATEST else None
     refuse_newer(version, where)
+    refusal = writer_conflict(where, found, writer(cluster_prefix))
+    if refusal is not None:
+        raise ConfigError(refusal)
     state = "current" if version == LATEST else f"{version}: serve or migrate brings it to {LATEST}"
     return f"storage.url: {where} reached, schema version {state}"
 

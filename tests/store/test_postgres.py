@@ -18,7 +18,7 @@ from haip_runtime.config.base import masked_url
 from haip_runtime.config.models import StorageConfig
 from haip_runtime.exceptions import ConfigError, StorageError
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.store import PostgresStore, SessionRecord, TransactionState
+from haip_runtime.store import PostgresStore, SessionRecord, TransactionState, postgres
 from haip_runtime.store.base import StorageState
 from haip_runtime.store.migrations import LATEST
 from haip_runtime.store.postgres import READS
@@ -74,6 +74,41 @@ async def test_a_database_of_a_newer_schema_is_refused_in_one_line(postgres_url:
             pass
     message = str(refused.value)
     assert f"schema version {LATEST + 1}" in message and "\n" not in message
+
+
+@asynccontextmanager
+async def written_by(url: str, prefix: str | None) -> AsyncIterator[PostgresStore]:
+    """The store as a server with ``[cluster] key_prefix = prefix`` opens it (``None``: no ``[cluster]``)."""
+    store = PostgresStore(config(url))
+    store.numbered_by_caller, store.cluster_prefix = prefix is not None, prefix
+    async with store:
+        yield store
+
+
+async def test_one_database_is_the_log_of_one_numbering(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A tester pointed two clusters (their key_prefix differed) at one database: both answered, each
+    skipped the other's rows, and the durable log lost events of both, silently. Now a database keeps
+    who numbers its events; servers without [cluster] becoming a cluster is allowed, nothing else."""
+    async with written_by(postgres_url, None):  # one process first
+        pass
+    async with written_by(postgres_url, None):  # (several processes without [cluster] share one too)
+        pass
+    async with written_by(postgres_url, "haip"):  # then it grows into a cluster
+        pass
+    assert "is the log of the cluster with key_prefix 'haip' from now on" in caplog.text
+    for prefix, theirs in ((None, "a server without [cluster]"), ("other", "a cluster with key_prefix 'other'")):
+        with pytest.raises(ConfigError) as refused:
+            async with written_by(postgres_url, prefix):
+                pass
+        message = str(refused.value)
+        assert f"is the durable log of the cluster with key_prefix 'haip'; {theirs} would number" in message
+        assert "\n" not in message
+        with pytest.raises(ConfigError) as told:  # check --connect says the same, changing nothing
+            await postgres.inspect(config(postgres_url), prefix)
+        assert str(told.value) == message
+    assert "reached, schema version current" in await postgres.inspect(config(postgres_url), "haip")
+    rows = await sql(postgres_url, "SELECT value FROM haip_meta WHERE key = 'writer'")
+    assert [row["value"] for row in rows] == ["cluster:haip"]
 
 
 async def test_an_unreachable_database_is_refused_in_one_line_without_its_password() -> None:
