@@ -168,12 +168,20 @@ async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
         except ConfigError as exc:
             results.append((False, str(exc)))
     if config.cluster is not None:
+        from haip_runtime.cluster.dialing import live_as
         from haip_runtime.cluster.dialing import preflight as reach_redis
 
         cluster = config.cluster
         try:
-            await reach_redis(cluster.redis_url, cluster.masked_url, min(timeout, cluster.connect_timeout_seconds))
-            results.append((True, f"cluster.redis_url: {cluster.masked_url} answered"))
+            wait, node = min(timeout, cluster.connect_timeout_seconds), cluster.node_id
+            await reach_redis(cluster.redis_url, cluster.masked_url, wait)
+            said = f"cluster.redis_url: {cluster.masked_url} answered"
+            if node and await live_as(cluster.redis_url, wait, node, prefix=cluster.key_prefix):
+                said += (
+                    f"; a live process is node {cluster.node_id!r} now: this node's own server, running? (serve"
+                    " refuses a second process with the same node_id)"
+                )
+            results.append((True, said))
         except ConfigError as exc:
             results.append((False, str(exc)))
     return results

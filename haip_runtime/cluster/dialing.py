@@ -120,6 +120,20 @@ async def preflight(url: str, masked: str, timeout: float, nodes: Sequence[str] 
         await client.aclose()
 
 
+async def live_as(url: str, timeout: float, node: str, *, prefix: str = "") -> bool:
+    """Whether a live process beats as ``node`` in the Redis at ``url`` now (``check --connect``: its own
+    server, running, or another process given the same ``node_id``, which ``serve`` would refuse)."""
+    client = command_client(url)
+    try:
+        await reach(client, BusHealth(), timeout)
+        until, now = await Presence(client, Keyspace(prefix), BusHealth(), node=node, ttl_seconds=1).alive_until(node)
+        return bool(until > now)
+    except ClusterError:  # (it answered a moment ago: this is a note, not the check's verdict)
+        return False
+    finally:
+        await client.aclose()
+
+
 async def _not_in_use(presence: Presence, node: str) -> None:
     """``ConfigError`` if a live process beats as ``node``. One that beat within its time to live may be
     this node before a crash: waited out (it beats no more), not refused."""

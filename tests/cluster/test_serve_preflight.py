@@ -127,3 +127,21 @@ def test_serve_starts_as_a_node_id_whose_last_process_died_moments_ago(
     finally:
         process.terminate()
         process.communicate(timeout=30)  # (its pipes closed)
+
+
+def test_check_connect_names_a_live_process_with_the_configured_node_id(
+    tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """`check --connect` said nothing of a live node with this config's node_id, which `serve` then refused
+    after waiting (a tester). It says so now, as a note: it may be this node's own server, running."""
+    (tmp_path / "haip.toml").write_text(
+        f'[storage]\nbackend = "postgres"\nurl = "{postgres_url}"\n'
+        f'[cluster]\nredis_url = "{redis_url}"\nkey_prefix = "twins2"\nnode_id = "twin"\n'
+    )
+    command = [sys.executable, "-m", "haip_runtime", "check", "--config", str(tmp_path / "haip.toml"), "--connect"]
+    alone = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    with beating(redis_url, "twins2", "twin"):
+        twinned = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert alone.returncode == 0 and "a live process is node" not in alone.stderr, alone.stderr
+    assert twinned.returncode == 0, twinned.stderr
+    assert "; a live process is node 'twin' now: this node's own server, running?" in twinned.stderr
