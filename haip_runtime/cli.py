@@ -395,7 +395,9 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
             return _supervise(config, workers, host, port)
 
     def ready(runtime: Any) -> None:
-        _announce(runtime.config, list(runtime.agents), runtime.authenticator, host, port)
+        bus = runtime.fleet.bus if runtime.fleet is not None else None
+        node_id = bus.node_id if bus is not None else None
+        _announce(runtime.config, list(runtime.agents), runtime.authenticator, host, port, node_id=node_id)
 
     node.run(config, sock, ready)
     return 0
@@ -471,7 +473,14 @@ def _storage(storage: Any) -> str:
 
 
 def _announce(
-    config: HaipConfig, agents: list[str], authenticator: Any, host: str, port: int, nodes: list[str] | None = None
+    config: HaipConfig,
+    agents: list[str],
+    authenticator: Any,
+    host: str,
+    port: int,
+    nodes: list[str] | None = None,
+    *,
+    node_id: str | None = None,
 ) -> None:
     shown = f"[{host}]" if ":" in host else host
     lines = [
@@ -487,6 +496,9 @@ def _announce(
         lines.append(f"  MCP:       {mcp}  (each agent a tool; streamable HTTP)")
     if nodes:
         lines.append(f"  workers:   {len(nodes)} processes on this port, nodes {', '.join(nodes)}")
+    elif node_id is not None and config.cluster is not None:  # (a tester could not tell which node answered)
+        cluster = config.cluster
+        lines.append(f"  cluster:   node {node_id}, Redis {cluster.masked_url} (key_prefix {cluster.key_prefix!r})")
     token = authenticator.issue("dev") if config.auth.mode == "dev" else None
     if config.server.serves_playground:
         # Ready to open: in dev mode the page takes its token from the URL.

@@ -104,6 +104,9 @@ async def test_a_node_without_the_conversations_agent_passes_messages_on_and_say
         a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
         b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b", patient=False))
         url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        # (the banner names each node: a tester could not tell which of them answered)
+        assert a.banner["cluster"].startswith("node ") and f"(key_prefix '{prefix}')" in a.banner["cluster"]
+        assert a.banner["cluster"] != b.banner["cluster"]
         async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
             async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
                 tx = await on_a.start_transaction("patient")
