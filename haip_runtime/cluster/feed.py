@@ -210,7 +210,8 @@ class Feed:
                 await self._listen(subscription)
             except (RedisError, OSError) as exc:
                 self._health.failed(exc)
-                logger.warning("cluster feed lost redis (%s); reconnecting", self._health.error)
+                log = logger.warning if self._delay == FIRST_RETRY else logger.debug  # (once a streak)
+                log("cluster feed lost redis (%s); reconnecting until it answers", self._health.error)
                 if self.on_lost is not None:
                     try:
                         self.on_lost()

@@ -7,6 +7,8 @@ through ``translating``, which also turns redis-py's exceptions into ``ClusterEr
 from __future__ import annotations
 
 import enum
+import logging
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -15,6 +17,8 @@ import anyio
 from redis.exceptions import RedisError
 
 from haip_runtime.exceptions import ClusterError
+
+logger = logging.getLogger("haip_runtime.cluster")
 
 
 class BusState(enum.StrEnum):
@@ -39,10 +43,14 @@ class BusHealth:
     #: succeeds, whatever else it answers meanwhile (its heartbeats and reads kept saying "ok" while every
     #: conversation stood still: found by a tester with maxmemory and noeviction).
     _refusing: bool = field(default=False, repr=False)
+    #: When Redis stopped answering (``time.monotonic``), and the failures counted until then.
+    _down: tuple[float, int] | None = field(default=None, repr=False)
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
         self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if self.state is BusState.OK:
+            self._down = (time.monotonic(), self.failures - 1)
         self._set(BusState.UNAVAILABLE)
 
     def refused(self, exc: BaseException) -> None:
@@ -63,6 +71,14 @@ class BusHealth:
             self.recoveries += 1
             self.error = None
             self._set(BusState.OK)
+            if self._down is not None:  # (the failures were each said once a streak: this says it is over)
+                since, before = self._down
+                logger.info(
+                    "cluster: redis answers again after %.1f s (%d failed command(s) meanwhile)",
+                    time.monotonic() - since,
+                    self.failures - before,
+                )
+                self._down = None
 
     async def wait_for(self, state: BusState) -> None:
         """Return once the bus is in ``state`` (bound it with ``anyio.fail_after``)."""

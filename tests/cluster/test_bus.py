@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 
@@ -27,8 +29,9 @@ async def test_a_redis_that_never_answers_is_a_clear_error() -> None:
 
 
 async def test_health_goes_unavailable_when_redis_stops_and_ok_by_itself_when_it_is_back(
-    own_redis: RedisServer, bus_at: BusFactory
+    own_redis: RedisServer, bus_at: BusFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="haip_runtime.cluster")
     async with bus_at(own_redis.url) as a, bus_at(own_redis.url) as b:
         seen = Collector()
         await b.feed.host("T", seen)
@@ -47,6 +50,11 @@ async def test_health_goes_unavailable_when_redis_stops_and_ok_by_itself_when_it
         await a.log.append("T", b"back", floor=0)
         await seen.wait(1)
         assert seen.payloads == [b"back"]
+    # Once each, per node: the loss (each reconnect said it again: a tester counted a dozen lines for a
+    # 2.5 s restart), and the return (nothing said it was over).
+    lost = [r for r in caplog.records if "cluster feed lost redis" in r.getMessage() and r.levelno == logging.WARNING]
+    back = [r for r in caplog.records if "redis answers again after" in r.getMessage()]
+    assert len(lost) == 2 and len(back) >= 2, caplog.text
 
 
 async def test_live_nodes_are_listed_and_a_leaving_node_drops_out(redis_url: str, bus_at: BusFactory) -> None:
