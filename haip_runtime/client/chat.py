@@ -109,7 +109,8 @@ class Chat:
                 elif event.type == "INFO" and event.get("event") == "speech.failed":
                     self.failed.append(str(event.get("code")))
                 elif event.type == "INFO" and event.get("event") == "run.unqueued" and self._turn is not None:
-                    self.failed.append("NOT_ANSWERED")
+                    if not self._turn.started and not self._turn.settled.is_set():  # (this line's, as far as
+                        self.failed.append("NOT_ANSWERED")  # it can tell: another member's is not counted)
                 elif event.type == "ERROR" and self._turn is not None and self._turn.refused_by(event):
                     self.failed.append(str(event.get("code")))  # a recording not understood, say
                 try:
@@ -195,22 +196,28 @@ class Chat:
             raise ClientError(f"{len(matches)} of your conversations begin with {wanted!r}: give more of its id")
         transaction = matches[0] if matches else wanted
         before, self.transaction = self.transaction, transaction  # its live events show from now on
+        self.view.hold()  # (streamed ones wait for the history up to the join)
+        upto: int | None = None
         try:  # no history in the stream: the last messages come from the REST history, up to the join
-            joined = await self.client.join(transaction, since=NO_REPLAY)
-        except ClientError:
-            self.transaction = before
-            raise
-        agents = [str(agent) for agent in joined.get("agents") or []]
-        self.view.begin(agents[0] if agents else "", transaction, joined=True)
-        messages, more = await self.messages(transaction, upto=int(joined.get("tseq") or 0))
-        if more:
-            self.view.say(f"… {more} earlier message(s) (GET /haip/transactions/{transaction}/messages)", "dim")
-        for message in messages:
-            if message.get("state") == "streaming" and message.get("message_id"):  # its next parts come live
-                text = await self.streamed_so_far(transaction, message, upto=int(joined.get("tseq") or 0))
-                self.view.resume_stream(str(message["message_id"]), str(message.get("author") or ""), text)
-            else:
-                self.view.print_past(message, self.client.user)
+            try:
+                joined = await self.client.join(transaction, since=NO_REPLAY)
+            except ClientError:
+                self.transaction = before
+                raise
+            upto = int(joined.get("tseq") or 0)
+            agents = [str(agent) for agent in joined.get("agents") or []]
+            self.view.begin(agents[0] if agents else "", transaction, joined=True)
+            messages, more = await self.messages(transaction, upto=upto)
+            if more:
+                self.view.say(f"… {more} earlier message(s) (GET /haip/transactions/{transaction}/messages)", "dim")
+            for message in messages:
+                if message.get("state") == "streaming" and message.get("message_id"):  # its next parts come live
+                    text = await self.streamed_so_far(transaction, message, upto=upto)
+                    self.view.resume_stream(str(message["message_id"]), str(message.get("author") or ""), text)
+                else:
+                    self.view.print_past(message, self.client.user)
+        finally:
+            self.view.release(upto)
         others = [str(member) for member in joined.get("members") or [] if member != self.client.user]
         self.view.say(f"in this conversation: {', '.join(others + agents)}", "dim")
         await self.report_servers()

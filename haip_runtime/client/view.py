@@ -78,6 +78,7 @@ class ChatView:
         self.calls: dict[str, Call] = {}
         self.streams: dict[str, list[str]] = {}  # message_id -> [author, text not printed yet]
         self.continued: set[str] = set()  # streamed messages whose first line is printed
+        self.held: list[Received] | None = None  # streamed events waiting for a join's history (``hold``)
         self.questions: list[Question] = []
         self.tools: list[dict[str, Any]] = []
 
@@ -142,7 +143,9 @@ class ChatView:
 
     def on_event(self, event: Received) -> None:
         kind = event.type
-        if kind in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END"):
+        if kind in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END") and self.held is not None:
+            self.held.append(event)  # a join reads what came before: these follow it (``release``)
+        elif kind in ("MESSAGE_START", "MESSAGE_PART", "MESSAGE_END"):
             self._stream(event)
         elif kind == "MESSAGE":
             self._message(event)
@@ -222,6 +225,21 @@ class ChatView:
                 self.print_message(stream[0], done, continued=message_id in self.continued)
                 self.continued.add(message_id)
             stream[1] = rest
+
+    def hold(self) -> None:
+        """A join is reading the conversation so far: streamed events that come meanwhile wait (a part of
+        a message not taken up yet was dropped, and its end: a reviewer's find, typing /join mid-stream)."""
+        self.held = []
+
+    def release(self, after: int | None) -> None:
+        """The join has shown the conversation up to tseq ``after``: the streamed events held, past it
+        (``None``: the join failed, none)."""
+        held, self.held = self.held or [], None
+        if after is None:
+            return
+        for event in held:
+            if (event.tseq or 0) > after:
+                self._stream(event)
 
     def resume_stream(self, message_id: str, author: str, text: str) -> None:
         """A message still streaming when this chat joined (the REST history has it so far): shown as its

@@ -12,9 +12,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pexpect
 import pytest
 
@@ -400,7 +402,9 @@ def test_a_chat_joining_while_an_answer_streams_shows_all_of_it(chat_server: Liv
         conversation = teller.expect(r"talking to slowteller \(conversation [0-9a-f-]{36}\)")[-37:-1]
         teller.child.sendline("a lighthouse")
         teller.expect(r"slowteller › Once")  # (the live area: it streams now)
-        joined = spawn_chat(chat_server.http_url, "--join", conversation[:8], "--token", token)
+        joined = spawn_chat(chat_server.http_url, "--agent", "poet", "--token", token)  # (then /join: events
+        joined.expect("talking to poet")  # come in while the join reads the history: a reviewer's find)
+        joined.child.sendline(f"/join {conversation[:8]}")
         joined.expect(rf"joined slowteller \(conversation {conversation}\)")
         joined.expect("joe › a lighthouse")
         story = "Once upon a time, someone said 'a lighthouse'. The words travelled far, and everyone who heard"
@@ -412,6 +416,30 @@ def test_a_chat_joining_while_an_answer_streams_shows_all_of_it(chat_server: Liv
         teller.child.terminate(force=True)
         if joined is not None:
             joined.child.terminate(force=True)
+
+
+def test_streamed_events_that_come_while_a_join_reads_the_history_follow_it() -> None:
+    """Typed /join while an answer streams: its parts (and its end) came while the join read the history,
+    before the message was taken up, and were dropped; the message never ended (a reviewer)."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
+
+    def event(kind: str, tseq: int, **payload: object) -> Received:
+        return Received({"type": kind, "tseq": str(tseq), "payload": {"message_id": "m1", **payload}})
+
+    view.hold()
+    for each in (event("MESSAGE_PART", 5, text=" upon"), event("MESSAGE_PART", 6, text=" a time")):
+        view.on_event(each)
+    view.on_event(event("MESSAGE_END", 7))
+    assert shown == []
+    view.resume_stream("m1", "teller", "Once upon")  # the history, up to the join's tseq 5
+    view.release(5)
+    assert shown == ["teller › Once upon a time"] and not view.streams
 
 
 def test_a_turn_that_did_not_end_ok_says_so_and_why() -> None:
@@ -528,3 +556,30 @@ def test_a_message_not_answered_is_said_and_settles_a_piped_line() -> None:
     view.runs["r1"] = "patient"
     running.see(unqueued, view)
     assert not running.settled.is_set()
+
+
+def test_a_message_not_answered_after_a_line_settled_does_not_fail_the_chat() -> None:
+    """A piped chat counted every run.unqueued after its first line (another member's full queue, say) as
+    its own, and exited 1 (a reviewer)."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.chat import Chat, _Turn
+
+    chat = Chat(SimpleNamespace())  # type: ignore[arg-type]
+    chat.view.terminal = SimpleNamespace(print=lambda text: None)
+    unqueued = Received({"type": "INFO", "payload": {"event": "run.unqueued", "message_id": "m9", "reason": "full"}})
+    events = [unqueued]
+
+    async def received() -> AsyncIterator[Any]:
+        for event in events:
+            yield event
+
+    chat.client = SimpleNamespace(events=received, close_code=1000)  # type: ignore[assignment]
+    chat._turn = _Turn(started=True)
+    chat._turn.settled.set()  # the line was answered; another member's message is then given up
+    anyio.run(chat.watch)
+    assert chat.failed == []
+    chat._turn = _Turn(started=False)  # a line waiting, no turn started: taken for it
+    anyio.run(chat.watch)
+    assert chat.failed == ["NOT_ANSWERED"]
