@@ -336,10 +336,16 @@ class Succession:
         transaction.history = History(past, maxlen=config.agent_history_messages, max_bytes=config.agent_history_bytes)
         self.owner = True
         for run_id in [run_id for run_id in self.open_runs if run_id not in transaction.runs]:
-            self._node_lost(run_id)
+            try:  # (each step costs itself: the ones after it are still done)
+                self._node_lost(run_id)
+            except Exception:
+                logger.exception("transaction %s: ending run %s NODE_LOST failed", transaction.id, run_id)
         if self.end_asked is not None:
             self._end(self.end_asked)
             return
         waiting, self.unanswered = list(self.unanswered.values()), OrderedDict()
         for turn, payload in waiting:
-            self._answer(turn, payload)
+            try:
+                self._answer(turn, payload)
+            except Exception:
+                logger.exception("transaction %s: answering a waiting message failed", transaction.id)

@@ -505,7 +505,10 @@ class Transaction:
             if self.end_seen is None:  # one for every caller: an end asked here may be carried out here too
                 self.end_seen = anyio.Event()  # (this node took the turns over meanwhile, and ends it again)
             seen = self.end_seen
-            with anyio.move_on_after(END_GRACE_SECONDS + 2 + self.shared.handover, shield=True):
+            # (a node lacking one of the agents takes the turns over only after they stayed free for a
+            # handover more: ``Succession._defer``; its ends wait for that too)
+            wait = END_GRACE_SECONDS + 2 + self.shared.handover * (2 if self.absent_agents else 1) + 1
+            with anyio.move_on_after(wait, shield=True):
                 await seen.wait()
             if not seen.is_set():  # nobody runs it, or the bus is away: it ends here regardless
                 logger.warning("transaction %s: its end did not come back through the log", self.id)

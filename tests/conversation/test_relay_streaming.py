@@ -639,6 +639,18 @@ async def test_a_takeover_that_fails_still_runs_the_turns_here(
     shared.owner = False
     shared.open_runs["r-lost"] = "echo"
     monkeypatch.setattr(shared, "_node_lost", broken)
+    shared.deliver([LogEntry(transaction.id, 2, message_from("n2", "and now?", answered=False))])
     with anyio.fail_after(5):
         await shared._taking_over()  # (did raise, and ended ``run``)
+    assert shared.owner and "ending run r-lost NODE_LOST failed" in caplog.text
+    assert answered == ["still here?", "and now?"]  # the steps after the one that failed are still done
+
+    def failing(turn: object, payload: object) -> None:
+        raise RuntimeError("another bug")
+
+    shared.owner = False
+    monkeypatch.setattr(shared, "_answer", failing)
+    monkeypatch.setattr(shared, "_take_over", lambda: failing(None, None))  # what escapes it, whatever it is
+    with anyio.fail_after(5):
+        await shared._taking_over()
     assert shared.owner and "taking its turns over failed" in caplog.text
