@@ -55,6 +55,10 @@ class Keyspace:
     def lease(self, name: str) -> str:
         return f"{self.prefix}:{{l:{name}}}"
 
+    def wanted(self, name: str) -> str:
+        """Set while a node able to do all the lease's work waits for it (``Leases.want``)."""
+        return f"{self.prefix}:{{l:{name}}}:wanted"
+
     def fence(self, name: str) -> str:
         return f"{self.prefix}:{{l:{name}}}:fence"
 

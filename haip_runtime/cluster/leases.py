@@ -177,6 +177,22 @@ class Leases:
                 left_ms = int(await self._redis.pttl(self._keys.lease(name)))
             await anyio.sleep(max(left_ms, 1) / 1000)
 
+    async def want(self, name: str, ttl: float | None = None) -> None:
+        """Say this node waits for ``name`` and could do all of its work, for twice the lease's time (a
+        holder that can do only part of it gives the lease back: ``wanted``)."""
+        with translating(self._health, f"want lease {name}"):
+            await self._redis.set(self._keys.wanted(name), self._node, px=2 * self._ms(ttl))
+
+    async def unwant(self, name: str) -> None:
+        """This node has ``name`` now: no node able to do all its work waits for it."""
+        with translating(self._health, f"want lease {name}"):
+            await self._redis.delete(self._keys.wanted(name))
+
+    async def wanted(self, name: str) -> bool:
+        """Whether a node able to do all of ``name``'s work waits for it (``want``, within its time)."""
+        with translating(self._health, f"read lease {name}"):
+            return bool(await self._redis.exists(self._keys.wanted(name)))
+
     async def holder(self, name: str) -> str | None:
         """The token holding ``name`` now, if any."""
         with translating(self._health, f"read lease {name}"):

@@ -12,6 +12,7 @@ so a waiting node takes it at once. The holder also does what members elsewhere 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,8 @@ class Succession:
     end_asked: str | None
     #: How long the turns may take to move to another node (the lease's time).
     handover: float
+    #: The lease is being given to a node with every agent (``_hand_over_when_wanted``).
+    _handing: bool
     _given_up: set[str]
     _outbox: Pending
     _stopped: bool
@@ -196,7 +199,8 @@ class Succession:
                 delay = min(delay * 2, MAX_RETRY)
                 continue
             delay = 0.05
-            if await self._hold(token):
+            if await self._hold(token) or self._handing:  # (lost, or given to a node with every agent)
+                self._handing = False
                 self._lose()
 
     async def _hold(self, token: str) -> bool:
@@ -213,6 +217,8 @@ class Succession:
                     tg.cancel_scope.cancel()  # a takeover still under way stops: another node has it
 
                 tg.start_soon(keep)
+                if self.transaction.absent_agents:
+                    tg.start_soon(self._hand_over_when_wanted, tg.cancel_scope)
                 if not self.owner:
                     await self._taking_over()
                 await anyio.sleep_forever()
@@ -222,16 +228,41 @@ class Succession:
                     await self._release(token)
         return lost
 
+    async def _hand_over_when_wanted(self, scope: anyio.CancelScope) -> None:
+        """Holding the lease without every agent: give it back (and the turns with it) as soon as a node
+        that has them all wants it. A reviewer: the lacking node kept the turns for good once it had
+        them, the full node back from a restart never got them."""
+        while True:
+            try:
+                if await self.bus.leases.wanted(self.lease_name):
+                    break
+            except ClusterError:
+                pass  # (Redis away: the lease's renewal says what that means)
+            await anyio.sleep(DEFER_POLL)
+        logger.warning(
+            "transaction %s: a node with all its agents (%s) wants its turns: given to it",
+            self.transaction.id,
+            ", ".join(self.transaction.agent_names),
+        )
+        self._handing = True
+        scope.cancel()
+
     async def _acquire(self) -> str:
         """The lease, once free: tried again when the holder's would run out, or at once when the log
-        says the holder gave it back."""
+        says the holder gave it back. A node lacking some of the agents defers to one that has them
+        all (``_defer``), which says it wants the lease while another holds it (``Leases.want``)."""
         leases = self.bus.leases
         while True:
             if self.transaction.absent_agents:
                 await self._defer()
             token = await leases.acquire(self.lease_name)
+            if token is not None and not self.transaction.absent_agents:
+                with contextlib.suppress(ClusterError):  # (it runs out by itself)
+                    await leases.unwant(self.lease_name)
             if token is not None:
                 return token
+            if not self.transaction.absent_agents:
+                await leases.want(self.lease_name)
             self._lease_free = anyio.Event()
             with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
                 await self._lease_free.wait()

@@ -12,8 +12,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
+import redis.asyncio
 
 from haip_runtime.client import ClientError, HaipClient
 from tests.support.serving import ROOT, ServeProcess, serve_process
@@ -126,6 +128,42 @@ async def test_a_node_without_the_conversations_agent_passes_messages_on_and_say
     assert lost.get("code") == "NODE_LOST"
     assert unqueued.get("message_id") == "m-still"
     assert "'patient' is not configured on the node running this conversation's turns" in unqueued.get("reason")
+
+
+async def test_a_node_with_every_agent_gets_the_turns_back_from_one_that_lacks_some(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A reviewer: once a node lacking the agent had taken the turns over (nobody else hosted the
+    conversation), it kept them for good, and a full node joining later never answered."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b", patient=False))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
+            async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
+                tx = await on_a.start_transaction("patient")
+                await on_b.join(tx)
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait(timeout=10)
+            await on_b.send("MESSAGE", {"text": "anyone?", "message_id": "m-1"}, transaction=tx, channel="USER")
+            await on_b.wait_for(lambda e: e.type == "INFO" and e.get("message_id") == "m-1")  # B runs the turns
+            c = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "c"))  # a full node again
+            url_c = c.banner["WebSocket"].split()[0]
+            async with HaipClient(url_c, token=c.banner["token"], timeout=20) as on_c:
+                await on_c.join(tx)  # C hosts it now, wants the turns, and B gives them (within a poll)
+                node_c = c.banner["cluster"].split()[1].rstrip(",")
+                lease = f"{prefix}:{{l:run:{tx}}}"
+                async with redis.asyncio.Redis.from_url(redis_url) as bus:  # (no event tells a member)
+                    with anyio.fail_after(15):  # (the lease's value: "<fence>:<node>:<token>")
+                        while True:
+                            if f":{node_c}:".encode() in (await bus.get(lease) or b""):
+                                break
+                            await anyio.sleep(0.05)
+                await on_b.send_text(tx, "and now?")
+                answer = await on_b.wait_for(
+                    lambda e: e.type == "MESSAGE_PART" and "you said: and now?" in e.get("text", "")
+                )
+    assert answer.run_id is not None
 
 
 async def test_a_tool_call_whose_node_dies_ends_with_its_run(
