@@ -168,13 +168,19 @@ def writer_conflict(where: str, found: str | None, mine: str) -> str | None:
     (stop them first); the other way, or to another cluster, is refused."""
     if found is None or found == mine or (found == SINGLE and mine.startswith("cluster:")):
         return None
-    theirs = "servers without [cluster]" if found == SINGLE else f"the cluster with key_prefix {found[8:]!r}"
-    yours = "a server without [cluster]" if mine == SINGLE else f"a cluster with key_prefix {mine[8:]!r}"
+    theirs = f"the cluster with key_prefix {found[8:]!r}"
+    if mine == SINGLE:  # (a cluster's database: only its nodes may write it)
+        return (
+            f"storage.url: {where} is the durable log of {theirs}; a server without [cluster] would number"
+            " the same conversations apart, and each would drop the other's events. Give this server a"
+            " database of its own, or make it a node of that cluster ([cluster] with its Redis and key_prefix)."
+        )
+    yours = f"a cluster with key_prefix {mine[8:]!r}"
     return (
         f"storage.url: {where} is the durable log of {theirs}; {yours} would number the same conversations"
-        " apart, and each would drop the other's events. Use a database of its own, or the same"
-        " [cluster] key_prefix and Redis. (A cluster that moved to another prefix, its old nodes stopped:"
-        f" UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
+        " apart, and each would drop the other's events. Give this cluster a database of its own, or the"
+        " same key_prefix and Redis as that one. (If that cluster moved to this prefix, its old nodes"
+        f" stopped: UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
     )
 
 

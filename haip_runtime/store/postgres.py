@@ -55,6 +55,7 @@ from haip_runtime.store.base import (
 from haip_runtime.store.batching import BatchingWriter, Write, one_line
 from haip_runtime.store.migrations import (
     LATEST,
+    SINGLE,
     Db,
     claim_writer,
     current_version,
@@ -531,11 +532,15 @@ async def inspect(config: StorageConfig, cluster_prefix: str | None = None) -> s
         version = await current_version(db)
         found = await read_writer(db) if version <= LATEST else None
     refuse_newer(version, where)
-    refusal = writer_conflict(where, found, writer(cluster_prefix))
+    mine = writer(cluster_prefix)
+    refusal = writer_conflict(where, found, mine)
     if refusal is not None:
         raise ConfigError(refusal)
     state = "current" if version == LATEST else f"{version}: serve or migrate brings it to {LATEST}"
-    return f"storage.url: {where} reached, schema version {state}"
+    said = f"storage.url: {where} reached, schema version {state}"
+    if found == SINGLE and mine != SINGLE:  # (the upgrade path: serve says so too, as it takes it)
+        said += "; servers without [cluster] wrote it so far: serve makes it this cluster's log (stop them first)"
+    return said
 
 
 async def _nothing_to_reset(db: Db) -> None:

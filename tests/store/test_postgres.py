@@ -93,16 +93,20 @@ async def test_one_database_is_the_log_of_one_numbering(postgres_url: str, caplo
         pass
     async with written_by(postgres_url, None):  # (several processes without [cluster] share one too)
         pass
+    assert "serve makes it this cluster's log (stop them first)" in await postgres.inspect(config(postgres_url), "x")
     async with written_by(postgres_url, "haip"):  # then it grows into a cluster
         pass
     assert "is the log of the cluster with key_prefix 'haip' from now on" in caplog.text
-    for prefix, theirs in ((None, "a server without [cluster]"), ("other", "a cluster with key_prefix 'other'")):
+    for prefix, theirs, advice in (
+        (None, "a server without [cluster]", "Give this server a database of its own, or make it a node"),
+        ("other", "a cluster with key_prefix 'other'", "UPDATE haip_meta SET value = 'cluster:other'"),
+    ):
         with pytest.raises(ConfigError) as refused:
             async with written_by(postgres_url, prefix):
                 pass
         message = str(refused.value)
         assert f"is the durable log of the cluster with key_prefix 'haip'; {theirs} would number" in message
-        assert "\n" not in message
+        assert advice in message and "\n" not in message
         with pytest.raises(ConfigError) as told:  # check --connect says the same, changing nothing
             await postgres.inspect(config(postgres_url), prefix)
         assert str(told.value) == message
