@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
@@ -52,7 +53,7 @@ class Bus:
     """This node's parts of the cluster, over one command connection pool, one pipelined connection for
     appends and one subscriber connection."""
 
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, agents: Sequence[str] = ()):
         self.config = config
         self.node_id = config.node_id or make_node_id()
         self.health = BusHealth()
@@ -87,7 +88,7 @@ class Bus:
         self.feed.on_lost = self.leases.doubt  # a Redis restarted without its data lost every lease
         self.quotas = Quotas(self.redis, self.pipe, self.keys, self.health, slot_ttl_seconds=config.slot_ttl_seconds)
         self.nodes = Presence(
-            self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds
+            self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds, agents=agents
         )
         self._stack = AsyncExitStack()
 

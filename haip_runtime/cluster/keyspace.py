@@ -72,5 +72,9 @@ class Keyspace:
     def nodes(self) -> str:
         return f"{self.prefix}:nodes"
 
+    def node_agents(self) -> str:
+        """Each node's agents (a hash: node -> names, comma-separated), read with the live nodes."""
+        return f"{self.prefix}:node-agents"
+
     def epoch(self) -> str:
         return f"{self.prefix}:epoch"

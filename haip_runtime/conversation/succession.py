@@ -234,6 +234,9 @@ class Succession:
         them, the full node back from a restart never got them."""
         while True:
             try:
+                if not await self.bus.nodes.able(self.transaction.agent_names):
+                    await anyio.sleep(self.handover)  # (no node could take them: asked again now and then)
+                    continue
                 if await self.bus.leases.wanted(self.lease_name):
                     break
             except ClusterError:
@@ -276,6 +279,8 @@ class Succession:
         leases, free_since = self.bus.leases, None
         while True:
             now = anyio.current_time()
+            if not await self.bus.nodes.able(self.transaction.agent_names):
+                return  # no live node runs them all (an agent retired everywhere): as on one node, at once
             if await leases.holder(self.lease_name) is not None:
                 free_since = None
             elif free_since is None:

@@ -94,7 +94,7 @@ class Runtime:
         self.store.on_sequenced = self.hub.transactions.sequenced
         gauges = RuntimeGauges(self.metrics, self.hub.sessions, self.hub.transactions, self.server_health)
         #: This process as a node of a cluster (``[cluster]``): per-user limits counted over every node.
-        self.fleet = Fleet(config.cluster, self.hub.sessions) if config.cluster is not None else None
+        self.fleet = Fleet(config.cluster, self.hub.sessions, list(self.agents)) if config.cluster is not None else None
         #: Sessions that outlive this node: mirrored to Redis, resumed from any node (``[cluster]``).
         self.roaming: Roaming | None = None
         if self.fleet is not None:

@@ -23,7 +23,7 @@ Redis is only imported once a ``Fleet`` is entered, so a runtime without ``[clus
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Self
 
@@ -56,8 +56,10 @@ ALREADY_ADMITTED = 2**31 - 1
 class Fleet:
     """The runtime's membership of the cluster, entered for its lifetime (after the store, before the hub)."""
 
-    def __init__(self, config: ClusterConfig, sessions: SessionRegistry) -> None:
+    def __init__(self, config: ClusterConfig, sessions: SessionRegistry, agents: Sequence[str] = ()) -> None:
         self.config = config
+        #: This node's agents (told to the other nodes: a conversation's turns go where all its agents are).
+        self.agents = tuple(agents)
         self.sessions = sessions
         self.bus: Bus | None = None
         #: The conversations this node shares (set by the runtime once the hub runs).
@@ -74,7 +76,7 @@ class Fleet:
         from haip_runtime.cluster import Bus  # redis is an optional extra: only a cluster needs it
 
         async with AsyncExitStack() as stack:
-            self.bus = await stack.enter_async_context(Bus(self.config))
+            self.bus = await stack.enter_async_context(Bus(self.config, self.agents))
             stack.push_async_callback(self._release_all)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)

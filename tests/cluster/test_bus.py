@@ -64,10 +64,28 @@ async def test_live_nodes_are_listed_and_a_leaving_node_drops_out(redis_url: str
         assert await a.nodes.live() == ["one"]
 
 
+async def test_a_node_tells_its_agents_and_others_ask_whether_a_live_node_runs_them_all(
+    redis_url: str, prefix: str
+) -> None:
+    """A node lacking one of a conversation's agents defers its turns to a node running them all, if a
+    live one does; an agent retired everywhere is not waited for (a reviewer: every conversation that
+    had it waited a lease's time for its first turn)."""
+    async with Bus(make_config(redis_url, prefix, node_id="full"), agents=["echo", "patient"]) as full:
+        async with Bus(make_config(redis_url, prefix, node_id="lacking"), agents=["echo"]) as lacking:
+            assert await lacking.nodes.able(["patient"]) and await lacking.nodes.able(["echo", "patient"])
+            assert not await lacking.nodes.able(["patient", "retired"])
+        assert await full.nodes.able(["echo"])
+    async with Bus(make_config(redis_url, prefix, node_id="alone"), agents=["echo"]) as alone:
+        assert not await alone.nodes.able(["patient"])  # "full" left: nobody runs it now
+        assert await alone.redis.hkeys(alone.keys.node_agents()) == [b"alone"]
+
+
 async def test_a_node_that_stops_beating_drops_out(redis_url: str, bus_at: BusFactory) -> None:
     async with bus_at(redis_url, node_id="one") as a:
         await a.redis.zadd(a.keys.nodes(), {"ghost": 0})  # a node whose last beat ran out long ago
+        await a.redis.hset(a.keys.node_agents(), "ghost", "echo")
         assert await a.nodes.live() == ["one"]
+        assert await a.redis.hkeys(a.keys.node_agents()) == [b"one"]  # (its agents go with it)
         async with bus_at(redis_url, node_id="short", node_ttl_seconds=0.2, heartbeat_seconds=60):
 
             async def gone() -> bool:
