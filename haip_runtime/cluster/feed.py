@@ -232,7 +232,10 @@ class Feed:
         self._subscription, self._unconfirmed = subscription, {}
         self._subscribe(subscription, channels)
         while True:
-            batch = await subscription.messages(timeout=HELD_WAIT if self._holding else BEHIND_RETRY)
+            wait = HELD_WAIT if self._holding else BEHIND_RETRY
+            if self._behind_retry:  # (a failed catch-up is read again on time, quiet or not)
+                wait = max(0.0, min(wait, self._behind_retry - time.monotonic()))
+            batch = await subscription.messages(timeout=wait)
             if self._holding:
                 await self._read_held()
             # What a failed catch-up left behind is read again when the feed is quiet, or a while after
