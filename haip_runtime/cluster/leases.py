@@ -53,6 +53,13 @@ RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+#: KEYS: wanted. ARGV: node. Deleted if it is this node's.
+UNWANT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: What ends the token of a holder that can do only part of a lease's work (``acquire(partial=True)``).
+PARTIAL = "~partial"
 #: KEYS: lease. ARGV: token.
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -121,6 +128,7 @@ class Leases:
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
+        self._unwant = redis.register_script(UNWANT)
         #: The leases ``hold`` and ``keep`` keep alive: the loop renews them.
         self._kept: set[_Kept] = set()
         self._running = False
@@ -142,9 +150,10 @@ class Leases:
         """Leases this node keeps renewed."""
         return len(self._kept)
 
-    async def acquire(self, name: str, ttl: float | None = None) -> str | None:
-        """The token of a new lease on ``name``, or ``None`` if someone holds it."""
-        holder = f"{self._node}:{secrets.token_hex(6)}"
+    async def acquire(self, name: str, ttl: float | None = None, *, partial: bool = False) -> str | None:
+        """The token of a new lease on ``name``, or ``None`` if someone holds it. ``partial``: this node
+        can do only part of the lease's work (its token says so: ``PARTIAL``)."""
+        holder = f"{self._node}:{secrets.token_hex(6)}{PARTIAL if partial else ''}"
         keys = [self._keys.lease(name), self._keys.fence(name)]
         with translating(self._health, f"acquire lease {name}"):
             return text(await self._acquire(keys=keys, args=[holder, self._ms(ttl)]))
@@ -178,20 +187,26 @@ class Leases:
             await anyio.sleep(max(left_ms, 1) / 1000)
 
     async def want(self, name: str, ttl: float | None = None) -> None:
-        """Say this node waits for ``name`` and could do all of its work, for twice the lease's time (a
-        holder that can do only part of it gives the lease back: ``wanted``)."""
+        """Say this node waits for ``name`` and could do all of its work, for twice the lease's time: a
+        ``partial`` holder gives the lease back (``wanted``). Said again at each wait, taken back by
+        ``unwant`` when this node stops waiting."""
         with translating(self._health, f"want lease {name}"):
             await self._redis.set(self._keys.wanted(name), self._node, px=2 * self._ms(ttl))
 
     async def unwant(self, name: str) -> None:
-        """This node has ``name`` now: no node able to do all its work waits for it."""
+        """This node no longer waits for ``name`` (it has it, or left): its ``want`` is taken back, not
+        another node's."""
         with translating(self._health, f"want lease {name}"):
-            await self._redis.delete(self._keys.wanted(name))
+            await self._unwant(keys=[self._keys.wanted(name)], args=[self._node])
 
-    async def wanted(self, name: str) -> bool:
-        """Whether a node able to do all of ``name``'s work waits for it (``want``, within its time)."""
+    async def wanted(self, name: str) -> str | None:
+        """The node that waits for ``name`` and could do all its work (``want``), if one does."""
         with translating(self._health, f"read lease {name}"):
-            return bool(await self._redis.exists(self._keys.wanted(name)))
+            return text(await self._redis.get(self._keys.wanted(name)))
+
+    async def held_partly(self, name: str) -> bool:
+        """Whether ``name``'s holder can do only part of its work (it acquired it ``partial``)."""
+        return (await self.holder(name) or "").endswith(PARTIAL)
 
     async def holder(self, name: str) -> str | None:
         """The token holding ``name`` now, if any."""

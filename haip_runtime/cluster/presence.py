@@ -41,16 +41,16 @@ return {tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0'), now}
 """
 
 
-#: KEYS: nodes, node agents. ARGV: agent names. 1 if a live node runs every one of them (by what each
-#: node wrote of its agents as it joined), else 0.
+#: KEYS: nodes, node agents. ARGV: a node ('': any), agent names. 1 if a live node (that one) runs every
+#: one of them (by what each node wrote of its agents with its beat), else 0.
 ABLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
-  local have = redis.call('HGET', KEYS[2], node)
+  local have = (ARGV[1] == '' or ARGV[1] == node) and redis.call('HGET', KEYS[2], node)
   if have then
     local all = true
-    for i = 1, #ARGV do
+    for i = 2, #ARGV do
       if not string.find(',' .. have .. ',', ',' .. ARGV[i] .. ',', 1, true) then
         all = false
         break
@@ -97,11 +97,12 @@ class Presence:
         """Say this node is alive for another ``node_ttl_seconds``; the live nodes."""
         return await self._run(self._ttl_ms, "beat")
 
-    async def able(self, agents: Sequence[str]) -> bool:
-        """Whether a live node runs every one of ``agents`` (a node lacking some of a conversation's agents
-        defers its turns to one, if there is one)."""
+    async def able(self, agents: Sequence[str], node: str = "") -> bool:
+        """Whether a live node (``node``, if given) runs every one of ``agents`` (a node lacking some of a
+        conversation's agents defers its turns to one, if there is one)."""
+        keys = [self._keys.nodes(), self._keys.node_agents()]
         with translating(self._health, "find a node with the agents"):
-            return bool(await self._able(keys=[self._keys.nodes(), self._keys.node_agents()], args=list(agents)))
+            return bool(await self._able(keys=keys, args=[node, *agents]))
 
     async def live(self) -> list[str]:
         """The nodes heard from within their time to live, sorted."""

@@ -174,7 +174,7 @@ class SharedLog(Succession):
         self.owner = owner
         #: How long the turns may take to move to another node (an end asked meanwhile waits for it).
         self.handover = relay.bus.config.lease_seconds
-        self._handing = False
+        self._handing = self._wanting = False
         #: Runs the log shows started and not ended, by run id (their agent): ``NODE_LOST`` on takeover.
         self.open_runs: dict[str, str] = {}
         #: Messages no run has answered yet, with who sent them (a takeover answers them).

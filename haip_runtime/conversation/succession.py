@@ -68,6 +68,8 @@ class Succession:
     handover: float
     #: The lease is being given to a node with every agent (``_hand_over_when_wanted``).
     _handing: bool
+    #: This node said it wants the lease (``Leases.want``): taken back when it has it, or leaves.
+    _wanting: bool
     _given_up: set[str]
     _outbox: Pending
     _stopped: bool
@@ -191,17 +193,21 @@ class Succession:
     async def _contend(self) -> None:
         """Hold the lease while the transaction is here; wait for it while another node holds it."""
         delay = 0.05
-        while not self._stopped:
-            try:
-                token = await self._acquire()
-            except ClusterError:
-                await anyio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY)
-                continue
-            delay = 0.05
-            if await self._hold(token) or self._handing:  # (lost, or given to a node with every agent)
-                self._handing = False
-                self._lose()
+        try:
+            while not self._stopped:
+                try:
+                    token = await self._acquire()
+                except ClusterError:
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, MAX_RETRY)
+                    continue
+                delay = 0.05
+                if await self._hold(token):
+                    self._lose()
+        finally:
+            if self._wanting:  # (left waiting: a holder lacking agents must not give the turns to nobody)
+                with anyio.move_on_after(1, shield=True), contextlib.suppress(ClusterError):
+                    await self.bus.leases.unwant(self.lease_name)
 
     async def _hold(self, token: str) -> bool:
         """Renew the lease from now on, taking over meanwhile; ``True`` once it is lost, ``False`` if
@@ -223,6 +229,9 @@ class Succession:
                     await self._taking_over()
                 await anyio.sleep_forever()
         finally:
+            if self._handing:  # given to a node with every agent: what runs here stops first, then it goes
+                self._handing = False
+                self._lose()
             if not lost:
                 with anyio.move_on_after(2, shield=True):
                     await self._release(token)
@@ -232,20 +241,26 @@ class Succession:
         """Holding the lease without every agent: give it back (and the turns with it) as soon as a node
         that has them all wants it. A reviewer: the lacking node kept the turns for good once it had
         them, the full node back from a restart never got them."""
+        transaction = self.transaction
         while True:
             try:
-                if not await self.bus.nodes.able(self.transaction.agent_names):
+                if not await self.bus.nodes.able(transaction.agent_names):
                     await anyio.sleep(self.handover)  # (no node could take them: asked again now and then)
                     continue
-                if await self.bus.leases.wanted(self.lease_name):
-                    break
+                wanting = await self.bus.leases.wanted(self.lease_name)
+                # Not while a run is under way here (a member opening the conversation elsewhere cut an
+                # answer as NODE_LOST: a reviewer), and only to a node that is live and has every agent.
+                if wanting and not transaction.runs and not transaction.queued:
+                    if await self.bus.nodes.able(transaction.agent_names, node=wanting):
+                        break
             except ClusterError:
                 pass  # (Redis away: the lease's renewal says what that means)
             await anyio.sleep(DEFER_POLL)
         logger.warning(
-            "transaction %s: a node with all its agents (%s) wants its turns: given to it",
-            self.transaction.id,
-            ", ".join(self.transaction.agent_names),
+            "transaction %s: node %s, with all its agents (%s), wants its turns: given to it",
+            transaction.id,
+            wanting,
+            ", ".join(transaction.agent_names),
         )
         self._handing = True
         scope.cancel()
@@ -256,16 +271,19 @@ class Succession:
         all (``_defer``), which says it wants the lease while another holds it (``Leases.want``)."""
         leases = self.bus.leases
         while True:
-            if self.transaction.absent_agents:
+            partial = bool(self.transaction.absent_agents)
+            if partial:
                 await self._defer()
-            token = await leases.acquire(self.lease_name)
-            if token is not None and not self.transaction.absent_agents:
+            token = await leases.acquire(self.lease_name, partial=partial)
+            if token is not None and self._wanting:
+                self._wanting = False
                 with contextlib.suppress(ClusterError):  # (it runs out by itself)
                     await leases.unwant(self.lease_name)
             if token is not None:
                 return token
-            if not self.transaction.absent_agents:
-                await leases.want(self.lease_name)
+            if not partial and await leases.held_partly(self.lease_name):
+                await leases.want(self.lease_name)  # (a holder lacking agents gives it: ``_hand_over_when_wanted``)
+                self._wanting = True
             self._lease_free = anyio.Event()
             with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
                 await self._lease_free.wait()

@@ -25,11 +25,18 @@ pytestmark = pytest.mark.anyio
 
 @contextmanager
 def node(
-    redis: str, database: str, prefix: str, folder: Path, flush: float = 0.005, *, patient: bool = True
+    redis: str,
+    database: str,
+    prefix: str,
+    folder: Path,
+    flush: float = 0.005,
+    *,
+    patient: bool = True,
+    operator: bool = True,
 ) -> Iterator[ServeProcess]:
     """A node of the cluster (dev mode, the ``patient`` and ``operator`` agents, a tool that waits for a
-    member's approval) as a process of its own; ``flush``: its store's batching interval; ``patient``:
-    without it, a node configured unlike the others."""
+    member's approval) as a process of its own; ``flush``: its store's batching interval; ``patient``,
+    ``operator``: without one, a node configured unlike the others."""
     folder.mkdir()
     config = folder / "haip.toml"
     config.write_text(
@@ -38,8 +45,8 @@ def node(
         f'[cluster]\nredis_url = "{redis}"\nkey_prefix = "{prefix}"\nlease_seconds = 1.5\n'
         "heartbeat_seconds = 0.2\nnode_ttl_seconds = 2\n"
         + ('[agents.patient]\nplugin = "tests.support.agents:PatientAgent"\n' if patient else "")
-        + '[agents.operator]\nplugin = "operator"\nmcp_servers = ["made"]\n'
-        '[mcp.servers.made]\ntransport = "python"\nserver = "tests.support.python_servers:make_server"\n'
+        + ('[agents.operator]\nplugin = "operator"\nmcp_servers = ["made"]\n' if operator else "")
+        + '[mcp.servers.made]\ntransport = "python"\nserver = "tests.support.python_servers:make_server"\n'
         'require_approval = ["hello"]\n'
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -164,6 +171,63 @@ async def test_a_node_with_every_agent_gets_the_turns_back_from_one_that_lacks_s
                     lambda e: e.type == "MESSAGE_PART" and "you said: and now?" in e.get("text", "")
                 )
     assert answer.run_id is not None
+
+
+async def lease_holder_is(redis_url: str, lease: str, node_id: str) -> None:
+    """Until the lease's value ("<fence>:<node>:<token>") names ``node_id`` (no event tells a member)."""
+    async with redis.asyncio.Redis.from_url(redis_url) as bus:
+        with anyio.fail_after(15):
+            while True:
+                if f":{node_id}:".encode() in (await bus.get(lease) or b""):
+                    return
+                await anyio.sleep(0.05)
+
+
+async def test_the_turns_go_back_to_a_node_with_every_agent_only_once_nothing_runs(
+    redis_url: str, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A reviewer: a member merely opening the conversation on a full node made the node lacking one of
+    its agents give the turns at once, and its answer under way ended NODE_LOST though no node was lost."""
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "a"))
+        b = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "b", operator=False))
+        url_a, url_b = (served.banner["WebSocket"].split()[0] for served in (a, b))
+        lease = ""
+        async with HaipClient(url_b, token=b.banner["token"], timeout=20) as on_b:
+            async with HaipClient(url_a, token=a.banner["token"], timeout=20) as on_a:
+                tx = await on_a.start_transaction("patient")
+                lease = f"{prefix}:{{l:run:{tx}}}"
+                await on_a.send("TRANSACTION_JOIN", {"agent": "operator"}, transaction=tx)  # B lacks this one
+                await on_a.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and "operator" in e.get("agents", []))
+                await on_b.join(tx)
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait(timeout=10)
+            await lease_holder_is(redis_url, lease, b.banner["cluster"].split()[1].rstrip(","))
+            await on_b.send_text(tx, "wait")  # patient's answer, under way on B
+            started = await on_b.wait_for(lambda e: e.type == "RUN_STARTED" and e.get("agent") == "patient")
+            await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and e.run_id == started.run_id)
+            c = stack.enter_context(node(redis_url, postgres_url, prefix, tmp_path / "c"))
+            node_c = c.banner["cluster"].split()[1].rstrip(",")
+            async with HaipClient(c.banner["WebSocket"].split()[0], token=c.banner["token"], timeout=20) as on_c:
+                await on_c.join(tx)
+                async with redis.asyncio.Redis.from_url(redis_url) as bus:  # C says it wants the turns...
+                    with anyio.fail_after(15):
+                        while True:
+                            if await bus.get(f"{lease}:wanted") == node_c.encode():
+                                break
+                            await anyio.sleep(0.05)
+                cut = None
+                with anyio.move_on_after(1.5):  # ...and B, which looks twice a second, does not cut the answer
+                    cut = await on_b.wait_for(lambda e: e.type == "RUN_ERROR" and e.run_id == started.run_id)
+                assert cut is None, cut.raw
+                await on_b.send("RUN_CANCEL", {"run_id": started.run_id}, transaction=tx)
+                ended = await on_b.wait_for(
+                    lambda e: e.type in ("RUN_FINISHED", "RUN_ERROR") and e.run_id == started.run_id
+                )
+                await lease_holder_is(redis_url, lease, node_c)  # then the turns go to C
+                await on_b.send_text(tx, "and now?")
+                await on_b.wait_for(lambda e: e.type == "MESSAGE_PART" and "you said: and now?" in e.get("text", ""))
+    assert ended.type == "RUN_FINISHED" and ended.get("status") == "CANCELLED"
 
 
 async def test_a_tool_call_whose_node_dies_ends_with_its_run(

@@ -648,9 +648,55 @@ async def test_a_takeover_that_fails_still_runs_the_turns_here(
     def failing(turn: object, payload: object) -> None:
         raise RuntimeError("another bug")
 
+    shared.owner = False  # one waiting message whose answer fails costs itself: the next is answered
+    shared.open_runs.clear()
+    answer_first_fails: list[str] = []
+
+    def answering(turn: object, payload: dict[str, Any]) -> None:
+        if not answer_first_fails:
+            answer_first_fails.append("failed")
+            raise RuntimeError("a bug")
+        answered.append(payload["text"])
+
+    monkeypatch.setattr(shared, "_answer", answering)
+    for tseq, text in ((3, "first"), (4, "second")):
+        shared.deliver([LogEntry(transaction.id, tseq, message_from("n2", text, answered=False))])
+    with anyio.fail_after(5):
+        await shared._taking_over()
+    assert answered[-1] == "second" and "answering a waiting message failed" in caplog.text
+
     shared.owner = False
     monkeypatch.setattr(shared, "_answer", failing)
     monkeypatch.setattr(shared, "_take_over", lambda: failing(None, None))  # what escapes it, whatever it is
     with anyio.fail_after(5):
         await shared._taking_over()
     assert shared.owner and "taking its turns over failed" in caplog.text
+
+
+async def test_a_node_lacking_an_agent_no_live_node_runs_takes_the_turns_at_once() -> None:
+    """An agent retired from every node: its conversations are not held a lease's time before their
+    first turn (a reviewer); one that a live node runs is deferred to that node while the lease is free."""
+    shared, transaction, _, bus = shared_log()
+    transaction.absent_agents.append("retired")
+    asked: list[tuple[list[str], str]] = []
+    able = {"now": False}
+
+    async def can(agents: list[str], node: str = "") -> bool:
+        asked.append((list(agents), node))
+        return able["now"]
+
+    looked: list[str] = []
+
+    async def nobody(name: str) -> None:
+        looked.append(name)
+        return None
+
+    bus.nodes = SimpleNamespace(able=can)
+    bus.leases.holder = nobody
+    shared.handover = 0.3
+    with anyio.fail_after(5):
+        await shared._defer()  # nobody runs it: at once, the lease not even looked at
+        assert asked == [(["retired"], "")] and looked == []
+        able["now"] = True  # a live node runs it: the lease stays free a handover for it first
+        await shared._defer()
+    assert len(looked) >= 2  # (free at the first look; free still a handover later)
