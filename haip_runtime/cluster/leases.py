@@ -43,10 +43,11 @@ logger = logging.getLogger("haip_runtime.cluster")
 
 #: KEYS: lease, fence. ARGV: holder, ttl ms. The token, or nil if held.
 ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local holder = redis.call('GET', KEYS[1])
+if holder then return {0, holder} end
 local token = string.format('%d', redis.call('INCR', KEYS[2])) .. ':' .. ARGV[1]
 redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-return token
+return {1, token}
 """
 #: KEYS: lease. ARGV: token, ttl ms.
 RENEW = """
@@ -150,13 +151,23 @@ class Leases:
         """Leases this node keeps renewed."""
         return len(self._kept)
 
-    async def acquire(self, name: str, ttl: float | None = None, *, partial: bool = False) -> str | None:
-        """The token of a new lease on ``name``, or ``None`` if someone holds it. ``partial``: this node
-        can do only part of the lease's work (its token says so: ``PARTIAL``)."""
+    #: What ends the token of a holder that can do only part of a lease's work.
+    PARTIAL = PARTIAL
+
+    async def acquire(self, name: str, ttl: float | None = None) -> str | None:
+        """The token of a new lease on ``name``, or ``None`` if someone holds it."""
+        return (await self.acquire_or_holder(name, ttl))[0]
+
+    async def acquire_or_holder(
+        self, name: str, ttl: float | None = None, *, partial: bool = False
+    ) -> tuple[str | None, str]:
+        """(the token of a new lease on ``name``, '') or, if someone holds it, (``None``, its token).
+        ``partial``: this node can do only part of the lease's work (its token ends with ``PARTIAL``)."""
         holder = f"{self._node}:{secrets.token_hex(6)}{PARTIAL if partial else ''}"
         keys = [self._keys.lease(name), self._keys.fence(name)]
         with translating(self._health, f"acquire lease {name}"):
-            return text(await self._acquire(keys=keys, args=[holder, self._ms(ttl)]))
+            got, token = await self._acquire(keys=keys, args=[holder, self._ms(ttl)])
+        return (text(token), "") if got else (None, text(token) or "")
 
     async def renew(self, name: str, token: str, ttl: float | None = None) -> bool:
         """Extend the lease if ``token`` still holds it."""
@@ -203,10 +214,6 @@ class Leases:
         """The node that waits for ``name`` and could do all its work (``want``), if one does."""
         with translating(self._health, f"read lease {name}"):
             return text(await self._redis.get(self._keys.wanted(name)))
-
-    async def held_partly(self, name: str) -> bool:
-        """Whether ``name``'s holder can do only part of its work (it acquired it ``partial``)."""
-        return (await self.holder(name) or "").endswith(PARTIAL)
 
     async def holder(self, name: str) -> str | None:
         """The token holding ``name`` now, if any."""

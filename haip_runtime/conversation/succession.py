@@ -202,8 +202,9 @@ class Succession:
                     delay = min(delay * 2, MAX_RETRY)
                     continue
                 delay = 0.05
-                if await self._hold(token):
+                if await self._hold(token) and not self._handing:  # (a hand-over lost the turns already)
                     self._lose()
+                self._handing = False
         finally:
             if self._wanting:  # (left waiting: a holder lacking agents must not give the turns to nobody)
                 with anyio.move_on_after(1, shield=True), contextlib.suppress(ClusterError):
@@ -229,9 +230,6 @@ class Succession:
                     await self._taking_over()
                 await anyio.sleep_forever()
         finally:
-            if self._handing:  # given to a node with every agent: what runs here stops first, then it goes
-                self._handing = False
-                self._lose()
             if not lost:
                 with anyio.move_on_after(2, shield=True):
                     await self._release(token)
@@ -248,10 +246,10 @@ class Succession:
                     await anyio.sleep(self.handover)  # (no node could take them: asked again now and then)
                     continue
                 wanting = await self.bus.leases.wanted(self.lease_name)
-                # Not while a run is under way here (a member opening the conversation elsewhere cut an
-                # answer as NODE_LOST: a reviewer), and only to a node that is live and has every agent.
-                if wanting and not transaction.runs and not transaction.queued:
-                    if await self.bus.nodes.able(transaction.agent_names, node=wanting):
+                # Only to a node that is live and has every agent, and not while anything of a run is here
+                # (a member opening the conversation elsewhere cut an answer as NODE_LOST: a reviewer).
+                if wanting and self._idle() and await self.bus.nodes.able(transaction.agent_names, node=wanting):
+                    if self._idle():  # (again, after the last await: a message may have started a run)
                         break
             except ClusterError:
                 pass  # (Redis away: the lease's renewal says what that means)
@@ -263,7 +261,14 @@ class Succession:
             ", ".join(transaction.agent_names),
         )
         self._handing = True
+        self._lose()  # (at once, no await since the check: nothing of a run is cut; then the lease goes)
         scope.cancel()
+
+    def _idle(self) -> bool:
+        """Nothing of a run here: none under way, none waiting, nothing of one still to append (the end
+        of a run that finished here: a hand-over before it reached the log had it ended NODE_LOST)."""
+        transaction = self.transaction
+        return not transaction.runs and not transaction.queued and all(run is None for *_, run in self._outbox)
 
     async def _acquire(self) -> str:
         """The lease, once free: tried again when the holder's would run out, or at once when the log
@@ -274,16 +279,16 @@ class Succession:
             partial = bool(self.transaction.absent_agents)
             if partial:
                 await self._defer()
-            token = await leases.acquire(self.lease_name, partial=partial)
+            token, holder = await leases.acquire_or_holder(self.lease_name, partial=partial)
             if token is not None and self._wanting:
                 self._wanting = False
                 with contextlib.suppress(ClusterError):  # (it runs out by itself)
                     await leases.unwant(self.lease_name)
             if token is not None:
                 return token
-            if not partial and await leases.held_partly(self.lease_name):
+            if not partial and holder.endswith(leases.PARTIAL):
+                self._wanting = True  # (first: a stop during the write still takes it back)
                 await leases.want(self.lease_name)  # (a holder lacking agents gives it: ``_hand_over_when_wanted``)
-                self._wanting = True
             self._lease_free = anyio.Event()
             with anyio.move_on_after(max(await leases.left(self.lease_name), 0.001)):
                 await self._lease_free.wait()

@@ -700,3 +700,43 @@ async def test_a_node_lacking_an_agent_no_live_node_runs_takes_the_turns_at_once
         able["now"] = True  # a live node runs it: the lease stays free a handover for it first
         await shared._defer()
     assert len(looked) >= 2  # (free at the first look; free still a handover later)
+
+
+async def test_a_node_lacking_an_agent_hands_the_turns_over_only_with_nothing_of_a_run_here() -> None:
+    """A reviewer's probes: the end of a run still to be appended (a hand-over then had the new owner end
+    it NODE_LOST), or a run started while the hand-over asked Redis, was cut."""
+    shared, transaction, _, bus = shared_log()
+    transaction.absent_agents.append("operator")
+    looks = anyio.Event()
+    starts_a_run = {"now": False}
+
+    async def able(agents: list[str], node: str = "") -> bool:
+        if node and starts_a_run["now"]:
+            transaction.runs["r2"] = SimpleNamespace(scope=anyio.CancelScope())  # type: ignore[assignment]
+        return True
+
+    async def wanted(name: str) -> str:
+        looks.set()
+        return "full-node"
+
+    bus.nodes = SimpleNamespace(able=able)
+    bus.leases.wanted = wanted
+    ended = Event(EventType.RUN_FINISHED, {"status": "OK"}, run_id="r1")
+    shared.send(ended)  # a run that ended here, its end not appended yet
+    for blocker in ("outbox", "a run started meanwhile"):
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(shared._hand_over_when_wanted, scope)
+                with anyio.fail_after(5):
+                    for _ in range(2):  # two looks of the hand-over: the turns stay
+                        await looks.wait()
+                        looks = anyio.Event()
+                tg.cancel_scope.cancel()
+        assert shared.owner and not shared._handing, blocker
+        shared.outbox.clear()  # appended: only the run started meanwhile holds it now
+        starts_a_run["now"] = True
+    transaction.runs.clear()
+    starts_a_run["now"] = False
+    with anyio.fail_after(5), anyio.CancelScope() as scope:
+        await shared._hand_over_when_wanted(scope)  # nothing of a run here: given
+    assert shared._handing and not shared.owner and scope.cancel_called
