@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,37 +98,39 @@ async def runs_finished(client: HaipClient, tx: str, count: int) -> None:
     await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx and _count(client, tx) >= count)
 
 
-async def test_only_the_author_may_edit_a_message(shared_server: LiveServer) -> None:
+@asynccontextmanager
+async def alice_said_m7(server: LiveServer) -> AsyncIterator[tuple[HaipClient, HaipClient, str]]:
+    """(alice, sam, the transaction): sam (support) joined alice's echo conversation, and alice sent her
+    message ``m-7`` ("original"), which sam got."""
     async with (
-        HaipClient(shared_server.ws_url, token=shared_server.token("alice")) as alice,
-        HaipClient(shared_server.ws_url, token=shared_server.token("sam", roles=["support"])) as sam,
+        HaipClient(server.ws_url, token=server.token("alice")) as alice,
+        HaipClient(server.ws_url, token=server.token("sam", roles=["support"])) as sam,
     ):
         tx = await alice.start_transaction("echo")
         await sam.join(tx)
         await alice.send("MESSAGE", {"text": "original", "message_id": "m-7"}, transaction=tx, channel="USER")
         await sam.wait_for(lambda e: e.type == "MESSAGE" and e.get("message_id") == "m-7")
-        edit_id = await sam.send("MESSAGE_UPDATE", {"message_id": "m-7", "text": "forged"}, transaction=tx)
-        error = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == edit_id)
-        await alice.send("MESSAGE_UPDATE", {"message_id": "m-7", "text": "fixed"}, transaction=tx, channel="USER")
-        edited = await sam.wait_for("MESSAGE_UPDATE")
-    assert error.get("code") == "INVALID_PAYLOAD"
-    assert edited.payload == {"message_id": "m-7", "text": "fixed", "author": "alice"}
+        yield alice, sam, tx
 
 
 def refusal_of(sent: str) -> Callable[[Received], bool]:
     return lambda e: e.type == "ERROR" and e.get("related_id") == sent
 
 
+async def test_only_the_author_may_edit_a_message(shared_server: LiveServer) -> None:
+    async with alice_said_m7(shared_server) as (alice, sam, tx):
+        edit_id = await sam.send("MESSAGE_UPDATE", {"message_id": "m-7", "text": "forged"}, transaction=tx)
+        error = await sam.wait_for(refusal_of(edit_id))
+        await alice.send("MESSAGE_UPDATE", {"message_id": "m-7", "text": "fixed"}, transaction=tx, channel="USER")
+        edited = await sam.wait_for("MESSAGE_UPDATE")
+    assert error.get("code") == "INVALID_PAYLOAD"
+    assert edited.payload == {"message_id": "m-7", "text": "fixed", "author": "alice"}
+
+
 async def test_a_message_may_not_take_the_id_of_another(shared_server: LiveServer) -> None:
     """A hostile probe's find: sam sent a message under alice's message_id (every member sees it), then
     "edited" it: members were told m-7 was edited, and the history applied alice's own edit to sam's."""
-    async with (
-        HaipClient(shared_server.ws_url, token=shared_server.token("alice")) as alice,
-        HaipClient(shared_server.ws_url, token=shared_server.token("sam", roles=["support"])) as sam,
-    ):
-        tx = await alice.start_transaction("echo")
-        await sam.join(tx)
-        await alice.send("MESSAGE", {"text": "original", "message_id": "m-7"}, transaction=tx, channel="USER")
+    async with alice_said_m7(shared_server) as (_, sam, tx):
         answered = await sam.wait_for(lambda e: e.type == "MESSAGE_START" and e.transaction == tx)
         taken = []
         for message_id in ("m-7", answered.get("message_id")):  # alice's, and the agent's answer's
