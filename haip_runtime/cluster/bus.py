@@ -91,6 +91,10 @@ class Bus:
             self.redis, self.keys, self.health, node=self.node_id, ttl_seconds=config.node_ttl_seconds, agents=agents
         )
         self._stack = AsyncExitStack()
+        #: The heartbeat's scope, and set once it has stopped: a node leaving stops beating first (a beat
+        #: after the leave wrote the node and its agents back, for another node to read as live).
+        self._beating = anyio.CancelScope()
+        self._beat_stopped = anyio.Event()
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
@@ -114,6 +118,8 @@ class Bus:
         with anyio.move_on_after(2, shield=True):
             try:
                 await self.batcher.flush_all()
+                self._beating.cancel()
+                await self._beat_stopped.wait()
                 await self.nodes.leave()
             except ClusterError as error:
                 logger.warning("cluster: leaving without telling redis: %s", error)
@@ -128,16 +134,20 @@ class Bus:
     async def _heartbeat(self) -> None:
         """Beat (presence, quota slots) every ``heartbeat_seconds``; while Redis is away, retry sooner."""
         retry = 0.05
-        while True:
-            try:
-                await self.nodes.beat()
-                await self.quotas.refresh()
-            except ClusterError:
-                await anyio.sleep(min(retry, self.config.heartbeat_seconds))
-                retry = min(retry * 2, 1.0)
-                continue
-            retry = 0.05
-            await anyio.sleep(self.config.heartbeat_seconds)
+        try:
+            with self._beating:
+                while True:
+                    try:
+                        await self.nodes.beat()
+                        await self.quotas.refresh()
+                    except ClusterError:
+                        await anyio.sleep(min(retry, self.config.heartbeat_seconds))
+                        retry = min(retry * 2, 1.0)
+                        continue
+                    retry = 0.05
+                    await anyio.sleep(self.config.heartbeat_seconds)
+        finally:
+            self._beat_stopped.set()
 
     async def _close_clients(self) -> None:
         with anyio.move_on_after(2, shield=True):
