@@ -25,6 +25,7 @@ from haip_runtime.client.recording import SpokenAnswers, send_recording
 from haip_runtime.client.terminal import INTERRUPTED, Terminal, open_terminal, short
 from haip_runtime.client.view import ChatView, Question
 from haip_runtime.exceptions import ClientError
+from haip_runtime.protocol.envelope import new_id
 
 HELP = (
     "Type to talk to the agent. /agents lists agents, /agents <name> starts a conversation with one, "
@@ -74,6 +75,10 @@ class Chat:
         self._turn: _Turn | None = None  # piped input waits for this before its next line
         self.recent: list[str] = []  # the ids /history showed last: /join takes the start of one
         self.failed: list[str] = []  # codes of the turns that failed (piped input then exits 1)
+        #: What piped input sent and caused: its messages' ids (lines, recordings, their transcripts and the
+        #: answers), and the runs that answered them. Only their failures are its own (the conversation may be
+        #: shared: another member's failed turn must not fail this one's script).
+        self.mine = _Mine()
         self.down: dict[str, Any] = {}  # MCP servers /health said were not connected
         self.spoken = SpokenAnswers()
 
@@ -102,15 +107,15 @@ class Chat:
             if event.type == "PING":
                 continue
             if event.transaction in (None, self.transaction):
-                if event.type == "RUN_ERROR" and event.transaction is not None:
+                self.mine.see(event)
+                if event.type == "RUN_ERROR" and event.transaction is not None and self.mine.ran(event):
                     self.failed.append(str(event.get("code")))
-                elif event.type == "INFO" and event.get("event") == "audio.unheard":
+                elif event.type == "INFO" and event.get("event") == "audio.unheard" and self.mine.about(event):
                     self.failed.append("AUDIO_UNHEARD")
-                elif event.type == "INFO" and event.get("event") == "speech.failed":
+                elif event.type == "INFO" and event.get("event") == "speech.failed" and self.mine.about(event):
                     self.failed.append(str(event.get("code")))
-                elif event.type == "INFO" and event.get("event") == "run.unqueued" and self._turn is not None:
-                    if not self._turn.started and not self._turn.settled.is_set():  # (this line's, as far as
-                        self.failed.append("NOT_ANSWERED")  # it can tell: another member's is not counted)
+                elif event.type == "INFO" and event.get("event") == "run.unqueued" and self.mine.about(event):
+                    self.failed.append("NOT_ANSWERED")
                 elif event.type == "ERROR" and self._turn is not None and self._turn.refused_by(event):
                     self.failed.append(str(event.get("code")))  # a recording not understood, say
                 try:
@@ -303,8 +308,11 @@ class Chat:
                 await self.client.send_text(self.transaction, line.strip())
             else:  # piped: show the line, and let the agent finish (or ask) before reading the next
                 self.view.print_message(self.client.user or "you", line.strip())
-                self._turn = _Turn(started=False)
-                self._turn.message_id = await self.client.send_text(self.transaction, line.strip())
+                self._turn = _Turn(started=False, line=new_id())
+                self.mine.messages.add(self._turn.line or "")
+                self._turn.message_id = await self.client.send_text(
+                    self.transaction, line.strip(), message_id=self._turn.line
+                )
                 await self._turn.settled.wait()
         return True
 
@@ -318,6 +326,7 @@ class Chat:
         else:
             self._turn = _Turn(started=False)
             self._turn.message_id = await send_recording(self.client, self.transaction, path)
+            self.mine.messages.add(self._turn.message_id)
             await self._turn.settled.wait()
 
     async def request(self, type: str, payload: dict[str, Any], answer: str) -> Received:
@@ -415,6 +424,9 @@ class _Turn:
     """For piped input: settled once the agent has finished its turn, asks something, or refused the line."""
 
     started: bool
+    #: The line's message id (a recording's: that of its transcript, once heard): its runs name it.
+    line: str | None = None
+    #: The envelope's id (a recording's: its audio message id): what refuses it names it.
     message_id: str | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
     heard: bool = False  # the line was a recording, heard as words: its answers will be spoken too
@@ -423,9 +435,11 @@ class _Turn:
 
     def see(self, event: Received, view: ChatView) -> None:
         if event.type == "RUN_STARTED":
-            self.started = True
+            # (this line's: a run started for another member's message, in a shared conversation, is not)
+            self.started = self.started or (self.line is not None and event.get("message_id") == self.line)
         elif event.type == "MESSAGE" and isinstance(event.payload, dict) and event.get("spoken"):
-            self.heard = self.heard or event.get("audio_message_id") == self.message_id
+            if self.message_id is not None and event.get("audio_message_id") == self.message_id:
+                self.heard, self.line = True, str(event.get("message_id"))
         elif event.type == "MESSAGE_END":
             self.answers.add(str(event.get("message_id")))
         elif (event.type == "AUDIO_CHUNK" and event.get("final")) or event.get("event") == "speech.interrupted":
@@ -433,8 +447,9 @@ class _Turn:
         elif event.get("event") == "speech.failed":
             self.heard = False  # nothing more of this run is spoken: its text is the answer
         unheard = event.get("event") == "audio.unheard" and event.get("message_id") == self.message_id
-        # (a line's message id is the server's: a message not answered before any turn started is taken for it)
-        unanswered = event.get("event") == "run.unqueued" and not self.started
+        unanswered = (
+            event.get("event") == "run.unqueued" and self.line is not None and event.get("message_id") == self.line
+        )
         refused = self.refused_by(event) or (unheard and self.message_id is not None) or unanswered
         done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
         if view.questions or refused or done:
@@ -443,6 +458,32 @@ class _Turn:
     def refused_by(self, event: Received) -> bool:
         """Whether ``event`` is the ERROR that refused this turn's line (a recording not understood, say)."""
         return self.message_id is not None and event.type == "ERROR" and event.get("related_id") == self.message_id
+
+
+@dataclass
+class _Mine:
+    """The messages piped input sent (and their transcripts and answers), and the runs that answered them."""
+
+    messages: set[str] = field(default_factory=set)
+    runs: set[str] = field(default_factory=set)
+
+    def see(self, event: Received) -> None:
+        message_id = event.get("message_id")
+        if event.type == "RUN_STARTED" and message_id in self.messages and event.get("run_id"):
+            self.runs.add(str(event.get("run_id")))
+        elif event.type == "MESSAGE" and event.get("audio_message_id") in self.messages and message_id:
+            self.messages.add(str(message_id))  # a recording's transcript: the runs answer it
+        elif event.type in ("MESSAGE_START", "MESSAGE") and message_id and self.ran(event):
+            self.messages.add(str(message_id))  # an answer (its speech may fail)
+
+    def ran(self, event: Received) -> bool:
+        """Whether ``event`` belongs to a run that answered one of these messages."""
+        run_id = event.get("run_id") or event.run_id
+        return run_id is not None and str(run_id) in self.runs
+
+    def about(self, event: Received) -> bool:
+        """Whether ``event`` (an ``INFO``) is about one of these messages."""
+        return event.get("message_id") in self.messages
 
 
 def field_value(schema: dict[str, Any], text: str, required: bool) -> Any:

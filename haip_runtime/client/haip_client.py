@@ -374,8 +374,11 @@ class HaipClient:
         _raise_if_error(event)
         return event
 
-    async def send_text(self, transaction: str, text: str) -> str:
-        return await self.send("MESSAGE", text, transaction=transaction, channel="USER")
+    async def send_text(self, transaction: str, text: str, *, message_id: str | None = None) -> str:
+        """Send a message; returns the envelope's id. ``message_id``: the message's own (the server
+        makes one otherwise), which the runs that answer it name in ``RUN_STARTED``."""
+        payload: dict[str, Any] | str = text if message_id is None else {"text": text, "message_id": message_id}
+        return await self.send("MESSAGE", payload, transaction=transaction, channel="USER")
 
     async def end_transaction(self, transaction: str, reason: str | None = None) -> None:
         await self.send("TRANSACTION_END", {"reason": reason} if reason else {}, transaction=transaction)

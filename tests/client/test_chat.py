@@ -548,14 +548,13 @@ def test_a_message_not_answered_is_said_and_settles_a_piped_line() -> None:
     view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)))
     reason = "agent 'patient' is not configured on the node running this conversation's turns now"
     unqueued = Received({"type": "INFO", "payload": {"event": "run.unqueued", "message_id": "m1", "reason": reason}})
-    turn = _Turn(started=False)
+    turn = _Turn(started=False, line="m1")
     view.on_event(unqueued)
     turn.see(unqueued, view)
     assert shown == [f"✗ a message was not answered: {reason}"] and turn.settled.is_set()
-    running = _Turn(started=True)  # a turn under way: another member's message was given up
-    view.runs["r1"] = "patient"
-    running.see(unqueued, view)
-    assert not running.settled.is_set()
+    waiting = _Turn(started=False, line="m2")  # this line waits: another member's message was given up
+    waiting.see(unqueued, view)
+    assert not waiting.settled.is_set()
 
 
 def test_a_message_not_answered_after_a_line_settled_does_not_fail_the_chat() -> None:
@@ -576,10 +575,70 @@ def test_a_message_not_answered_after_a_line_settled_does_not_fail_the_chat() ->
             yield event
 
     chat.client = SimpleNamespace(events=received, close_code=1000)  # type: ignore[assignment]
-    chat._turn = _Turn(started=True)
-    chat._turn.settled.set()  # the line was answered; another member's message is then given up
+    chat._turn = _Turn(started=False, line="m8")
+    chat.mine.messages.add("m8")  # this chat's line waits; another member's message is given up
     anyio.run(chat.watch)
     assert chat.failed == []
-    chat._turn = _Turn(started=False)  # a line waiting, no turn started: taken for it
+    chat._turn = _Turn(started=False, line="m9")
+    chat.mine.messages.add("m9")  # this chat's own line, given up
     anyio.run(chat.watch)
     assert chat.failed == ["NOT_ANSWERED"]
+
+
+def test_a_piped_chat_in_a_shared_conversation_fails_only_for_its_own_turns(chat_server: LiveServer) -> None:
+    """A piped chat counted every member's failed turn as its own (it exited 1 for another's), and took
+    another member's RUN_STARTED for its own line's. Its lines now carry their message ids: the runs
+    that answer them name them."""
+    from haip_runtime.client import HaipClient
+
+    token = chat_server.token("joe")
+
+    async def scenario() -> tuple[int, str, str]:
+        async with HaipClient(chat_server.ws_url, token=token) as other:
+            conversation = await other.start_transaction("failing")
+            command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--token", token]
+            async with await anyio.open_process([*command, "--join", conversation], cwd=str(ROOT)) as chat:
+                assert chat.stdin is not None and chat.stdout is not None and chat.stderr is not None
+                out = ""
+                with anyio.fail_after(20):
+                    while "joined failing" not in out:
+                        out += (await chat.stdout.receive()).decode()
+                    await other.send_text(conversation, "boom")  # another member's turn fails
+                    while "✗ INTERNAL_ERROR" not in out:  # (the chat shows it)
+                        out += (await chat.stdout.receive()).decode()
+                    await chat.stdin.send(b"fine\nboom\n")  # this chat's: one answered, one failed
+                    await chat.stdin.aclose()
+                    async for chunk in chat.stdout:
+                        out += chunk.decode()
+                    errors = b"".join([chunk async for chunk in chat.stderr]).decode()
+                    return await chat.wait(), out, errors
+
+    code, out, errors = anyio.run(scenario)
+    assert "failing › all good" in out and out.count("✗ INTERNAL_ERROR") == 2, out  # its own failure waited for
+    assert code == 1 and errors.strip().splitlines() == ["haip-runtime: a turn failed: INTERNAL_ERROR"], errors
+
+
+def test_a_piped_line_is_started_by_its_own_run_not_by_another_members() -> None:
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.chat import _Turn
+    from haip_runtime.client.view import ChatView
+
+    view = ChatView()
+    view.terminal = SimpleNamespace(print=lambda text: None)
+    turn = _Turn(started=False, line="mine")
+    for event in (
+        {"type": "RUN_STARTED", "run_id": "r1", "payload": {"run_id": "r1", "agent": "a", "message_id": "theirs"}},
+        {"type": "RUN_FINISHED", "run_id": "r1", "payload": {"run_id": "r1", "status": "OK"}},
+    ):
+        view.on_event(Received(event))
+        turn.see(Received(event), view)
+    assert not turn.started and not turn.settled.is_set()  # another member's turn came and went: still waiting
+    for event in (
+        {"type": "RUN_STARTED", "run_id": "r2", "payload": {"run_id": "r2", "agent": "a", "message_id": "mine"}},
+        {"type": "RUN_FINISHED", "run_id": "r2", "payload": {"run_id": "r2", "status": "OK"}},
+    ):
+        view.on_event(Received(event))
+        turn.see(Received(event), view)
+    assert turn.started and turn.settled.is_set()
