@@ -94,7 +94,8 @@ class Agent(Generic[OptionsT]):
     ``Options`` (a pydantic model) is validated from ``[agents.<name>.options]`` at start-up and
     becomes ``self.options``; name the same model as the type argument (``Agent[MyOptions]``, or
     ``Agent[NoOptions]`` for none) so a type checker knows it. ``input_schema`` (a pydantic model),
-    if set, validates object MESSAGE payloads.
+    if set, validates object MESSAGE payloads with fields of their own (not plain text: a string, or an
+    object of only ``text``, ``author`` and ``message_id``).
     """
 
     name: ClassVar[str] = ""

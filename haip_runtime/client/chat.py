@@ -324,9 +324,9 @@ class Chat:
         elif self.terminal.echoes_input:
             await send_recording(self.client, self.transaction, path)
         else:
-            self._turn = _Turn(started=False)
-            self._turn.message_id = await send_recording(self.client, self.transaction, path)
-            self.mine.messages.add(self._turn.message_id)
+            self._turn = _Turn(started=False, message_id=new_id())  # (known before its events can come)
+            self.mine.messages.add(self._turn.message_id or "")
+            await send_recording(self.client, self.transaction, path, self._turn.message_id)
             await self._turn.settled.wait()
 
     async def request(self, type: str, payload: dict[str, Any], answer: str) -> Received:
@@ -435,8 +435,10 @@ class _Turn:
 
     def see(self, event: Received, view: ChatView) -> None:
         if event.type == "RUN_STARTED":
-            # (this line's: a run started for another member's message, in a shared conversation, is not)
-            self.started = self.started or (self.line is not None and event.get("message_id") == self.line)
+            # This line's: a run started for another member's message, in a shared conversation, is not. A
+            # recording's runs name its transcript, or the recording itself (an agent's ``on_audio``).
+            answered = event.get("message_id")
+            self.started = self.started or (answered is not None and answered in (self.line, self.message_id))
         elif event.type == "MESSAGE" and isinstance(event.payload, dict) and event.get("spoken"):
             if self.message_id is not None and event.get("audio_message_id") == self.message_id:
                 self.heard, self.line = True, str(event.get("message_id"))

@@ -44,8 +44,9 @@ MIME = {
 PLAYERS = ("aplay", "paplay", "afplay")
 
 
-async def send_recording(client: HaipClient, transaction: str, name: str) -> str:
-    """Send the file ``name`` (``~`` expanded) as one audio message; returns its ``message_id``."""
+async def send_recording(client: HaipClient, transaction: str, name: str, message_id: str | None = None) -> str:
+    """Send the file ``name`` (``~`` expanded) as one audio message (``message_id``, else a new one);
+    returns its ``message_id``."""
     path = await anyio.Path(name).expanduser()
     mime = MIME.get(path.suffix.lower())
     if mime is None:
@@ -58,7 +59,7 @@ async def send_recording(client: HaipClient, transaction: str, name: str) -> str
         raise ClientError(f"{path} is empty")
     if len(data) > (most := AUDIO_MESSAGE_FRAMES * client.max_frame_bytes):
         raise ClientError(f"{path.name} is {len(data):,} bytes; the server takes a recording of at most {most:,}")
-    message_id = new_id()
+    message_id = message_id or new_id()
     size = min(CHUNK_BYTES, (client.max_frame_bytes - 4096) * 3 // 4)
     pieces = range(0, len(data), size)
     for seq, offset in enumerate(pieces):

@@ -27,14 +27,26 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
             related_id=envelope.id,
             detail={"where": "/payload/message_id"},
         )
-    for slot in transaction.agents.values():
-        schema = slot.instance.input_schema
-        if schema is not None and isinstance(envelope.payload, dict):
-            parse_payload(envelope, schema)
+    if structured(envelope.payload):
+        for slot in transaction.agents.values():
+            schema = slot.instance.input_schema
+            if schema is not None:
+                parse_payload(envelope, schema)
     # A client's trace, continued by the runs: the envelope's own, else that of the request that opened the stream.
     traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
     trace = traceparent if isinstance(traceparent, str) else None
     transaction.user_message(session, message.text, envelope.payload_dict, envelope.id, trace)
+
+
+#: The fields of a plain message's object form (PROTOCOL.md section 5): with only these, it is the text form.
+PLAIN_MESSAGE = frozenset({"text", "author", "message_id"})
+
+
+def structured(payload: object) -> bool:
+    """Whether a MESSAGE payload carries fields of its own, which an agent's ``input_schema`` checks. Plain
+    text, as a string or as ``{"text", "author"?, "message_id"?}``, is not: a client that names its message
+    (to edit it later, or to know the runs that answer it) must not have it refused where the string passes."""
+    return isinstance(payload, dict) and not payload.keys() <= PLAIN_MESSAGE
 
 
 def answered_if_asked(ctx: HubContext, session: Session, transaction: Transaction, text: str, related_id: str) -> bool:

@@ -168,9 +168,13 @@ async def test_object_message_is_validated_against_the_agent_input_schema(agents
         error = await client.wait_for("ERROR")
         await client.send("MESSAGE", {"text": "tea", "quantity": 2}, transaction=tx, channel="USER")
         part = await client.wait_for("MESSAGE_PART")
+        # plain text, named (the object form of a string): not the agent's schema's to check, as the string is not
+        await client.send("MESSAGE", {"text": "coffee", "message_id": "m-coffee"}, transaction=tx, channel="USER")
+        plain = await client.wait_for(lambda e: e.type == "MESSAGE_PART" and "coffee" in str(e.get("text")))
     assert error.get("code") == "INVALID_PAYLOAD" and error.get("related_id") == bad
     assert error.get("detail") == {"where": "/payload/quantity"}
-    assert part.get("text") == "ordered 2 x tea"
+    assert part.get("text") == "ordered 2 x tea" and plain.get("text") == "ordered 1 x coffee"
+    assert [e for e in client.received if e.type == "ERROR"] == [error]
 
 
 async def test_unknown_agent_gets_agent_not_found_with_the_reference_id(server: LiveServer) -> None:

@@ -642,3 +642,29 @@ def test_a_piped_line_is_started_by_its_own_run_not_by_another_members() -> None
         view.on_event(Received(event))
         turn.see(Received(event), view)
     assert turn.started and turn.settled.is_set()
+
+
+def test_piped_lines_reach_an_agent_with_an_input_schema_and_one_that_hears_recordings(tmp_path: Path) -> None:
+    """A reviewer's finds in the first version of the above: a piped line named by its id (an object
+    payload) was checked against the agent's input schema, which a plain string never was, and refused;
+    and a recording heard by an agent's ``on_audio`` (its run names the recording, there is no transcript)
+    never settled, so the chat hung."""
+    from tests.support.speech import espeak
+
+    clip = tmp_path / "q.wav"
+    clip.write_bytes(espeak("hello"))
+    agents = {
+        "order": {"plugin": "tests.support.agents:OrderAgent"},
+        "listener": {"plugin": "tests.support.agents:ListenerAgent"},
+    }
+    with live_server(make_config({"agents": agents})) as live:
+        command = [sys.executable, "-m", "haip_runtime", "chat", live.bare_url, "--token", live.token("ann")]
+        order = subprocess.run(
+            [*command, "--agent", "order"], input="pizza\n", capture_output=True, text=True, timeout=30
+        )
+        heard = subprocess.run(
+            [*command, "--agent", "listener"], input=f"/say {clip}\nnext\n", capture_output=True, text=True, timeout=30
+        )
+    assert order.returncode == 0 and "order › ordered 1 x pizza" in order.stdout, order.stdout + order.stderr
+    assert heard.returncode == 0, heard.stdout + heard.stderr
+    assert "listener › heard" in heard.stdout and "listener › text: next" in heard.stdout, heard.stdout

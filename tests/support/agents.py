@@ -169,3 +169,14 @@ class PatientAgent(Agent[NoOptions]):
                 await out.write("waiting")
                 await anyio.sleep_forever()
         await turn.say(f"you said: {turn.text}")
+
+
+class ListenerAgent(Agent[NoOptions]):
+    """Hears a recording through ``on_audio`` (no speech provider) and answers it in words."""
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(f"text: {turn.text}")
+
+    async def on_audio(self, turn: Turn) -> None:
+        assert turn.audio is not None
+        await turn.say(f"heard {len(turn.audio.data)} bytes")
