@@ -278,7 +278,19 @@ PACKAGES = ("haip-runtime", "redis", "asyncpg", "uvicorn")
 #: What profiles and traces showed (py-spy on each server; µs per round trip = a function's share of the
 #: samples × the server's CPU per round trip), 2026-12-06. Kept with the code; revise it when the figures change.
 LIMITS = [
-    "Read this first (2026-12-07, from 01:10 UTC, this file's run): no change to the echo path but two "
+    "Read this first (2026-12-07, from 11:30 UTC): two of the trims named below, tried and measured, and "
+    "what a round trip is made of, counted. Counted in the server at 100 x 1: a round trip puts 7.2 events "
+    "in the log and 1.2 frames in the member's window, with 1.2 appends and 1.4 window updates (script "
+    "runs); at 100 x 4, 0.31 appends and 0.55 updates. The store writes the same 8.6 rows per round trip "
+    "on both servers, but in batches made every 50 ms or so (`storage.flush_interval_seconds`), so the "
+    "slower server pays each batch's statements over fewer round trips (0.010 batches per round trip "
+    "against 0.005). Tried: every append of a sender's round and every window of a mirror flush as one "
+    "script run (a wrapper running the script once per call, each protected), so the node packs, issues "
+    "and matches one command instead of 30-40: server CPU per round trip 1.02x of the code before at "
+    "100 x 1 and 1.01x at 50 x 4 (6 alternating rounds, per round 0.94-1.10), Redis's CPU no lower: the "
+    "commands' own cost is not where the gap is, and it was not kept. The ratio that morning, before this "
+    "file's run: 1.34x-1.42x at 100 x 1 and 1.28x-1.30x at 50 x 4 over three runs of the A/B rig.",
+    "Earlier (2026-12-07, from 01:10 UTC): no change to the echo path but two "
     "dictionary operations per round trip (the log's followers keep the streamed messages open, so that a run "
     "ended NODE_LOST ends its message). Measured side by side before this run (the code of that evening, both "
     "servers pinned to one core, 4 alternating rounds of 6 s): 1.52x at 100 x 1 (per round 1.41-1.54) and "
