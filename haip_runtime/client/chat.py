@@ -125,7 +125,7 @@ class Chat:
                 if (line := self.spoken.see(event)) is not None:
                     self.view.say(line, "magenta")
             if self._turn is not None:
-                self._turn.see(event, self.view)
+                self._turn.see(event, self.view, self.mine)
             if self.terminal is not None:
                 self.terminal.refresh()
         if self._turn is not None:
@@ -326,7 +326,7 @@ class Chat:
         else:
             self._turn = _Turn(started=False, message_id=new_id())  # (known before its events can come)
             self.mine.messages.add(self._turn.message_id or "")
-            await send_recording(self.client, self.transaction, path, self._turn.message_id)
+            await send_recording(self.client, self.transaction, path, self._turn.message_id, self._turn.sent)
             await self._turn.settled.wait()
 
     async def request(self, type: str, payload: dict[str, Any], answer: str) -> Received:
@@ -432,8 +432,12 @@ class _Turn:
     heard: bool = False  # the line was a recording, heard as words: its answers will be spoken too
     answers: set[str] = field(default_factory=set)
     spoken: set[str] = field(default_factory=set)
+    #: The envelopes that sent the line (a recording's chunks): an ERROR refusing it names one.
+    sent: set[str] = field(default_factory=set)
 
-    def see(self, event: Received, view: ChatView) -> None:
+    def see(self, event: Received, view: ChatView, mine: _Mine | None = None) -> None:
+        """Settle the turn on ``event`` if it ends it. ``mine``: what this chat sent and caused; its line is
+        done when its own runs are (without it, every run shown), not when another member's are."""
         if event.type == "RUN_STARTED":
             # This line's: a run started for another member's message, in a shared conversation, is not. A
             # recording's runs name its transcript, or the recording itself (an agent's ``on_audio``).
@@ -442,7 +446,7 @@ class _Turn:
         elif event.type == "MESSAGE" and isinstance(event.payload, dict) and event.get("spoken"):
             if self.message_id is not None and event.get("audio_message_id") == self.message_id:
                 self.heard, self.line = True, str(event.get("message_id"))
-        elif event.type == "MESSAGE_END":
+        elif event.type == "MESSAGE_END" and (mine is None or mine.ran(event)):
             self.answers.add(str(event.get("message_id")))
         elif (event.type == "AUDIO_CHUNK" and event.get("final")) or event.get("event") == "speech.interrupted":
             self.spoken.add(str(event.get("message_id")))
@@ -453,13 +457,16 @@ class _Turn:
             event.get("event") == "run.unqueued" and self.line is not None and event.get("message_id") == self.line
         )
         refused = self.refused_by(event) or (unheard and self.message_id is not None) or unanswered
-        done = self.started and not view.runs and (not self.heard or self.answers <= self.spoken)
+        running = view.runs.keys() if mine is None else view.runs.keys() & mine.runs
+        done = self.started and not running and (not self.heard or self.answers <= self.spoken)
         if view.questions or refused or done:
             self.settled.set()
 
     def refused_by(self, event: Received) -> bool:
-        """Whether ``event`` is the ERROR that refused this turn's line (a recording not understood, say)."""
-        return self.message_id is not None and event.type == "ERROR" and event.get("related_id") == self.message_id
+        """Whether ``event`` is the ERROR that refused this turn's line (a recording not understood, say, or
+        its run refused at the limit: that names the recording's last chunk)."""
+        related = event.get("related_id")
+        return event.type == "ERROR" and related is not None and (related == self.message_id or related in self.sent)
 
 
 @dataclass

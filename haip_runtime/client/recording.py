@@ -44,9 +44,11 @@ MIME = {
 PLAYERS = ("aplay", "paplay", "afplay")
 
 
-async def send_recording(client: HaipClient, transaction: str, name: str, message_id: str | None = None) -> str:
+async def send_recording(
+    client: HaipClient, transaction: str, name: str, message_id: str | None = None, sent: set[str] | None = None
+) -> str:
     """Send the file ``name`` (``~`` expanded) as one audio message (``message_id``, else a new one);
-    returns its ``message_id``."""
+    returns its ``message_id``. ``sent``: where the chunks' envelope ids go (an ERROR names one)."""
     path = await anyio.Path(name).expanduser()
     mime = MIME.get(path.suffix.lower())
     if mime is None:
@@ -71,7 +73,9 @@ async def send_recording(client: HaipClient, transaction: str, name: str, messag
         }
         if seq == len(pieces) - 1:
             payload["final"] = True
-        await client.send("AUDIO_CHUNK", payload, transaction=transaction, channel="AUDIO_IN")
+        envelope = await client.send("AUDIO_CHUNK", payload, transaction=transaction, channel="AUDIO_IN")
+        if sent is not None:
+            sent.add(envelope)
     return message_id
 
 

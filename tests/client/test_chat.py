@@ -668,3 +668,30 @@ def test_piped_lines_reach_an_agent_with_an_input_schema_and_one_that_hears_reco
     assert order.returncode == 0 and "order › ordered 1 x pizza" in order.stdout, order.stdout + order.stderr
     assert heard.returncode == 0, heard.stdout + heard.stderr
     assert "listener › heard" in heard.stdout and "listener › text: next" in heard.stdout, heard.stdout
+
+
+def test_a_piped_line_is_done_when_its_own_runs_are_and_refused_by_an_error_naming_a_chunk() -> None:
+    """A line waited for every run shown to end, another member's long one too; and a recording whose run
+    was refused at the limit (the ERROR names its last chunk's envelope) never settled (a reviewer)."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.chat import _Mine, _Turn
+    from haip_runtime.client.view import ChatView
+
+    view, mine = ChatView(), _Mine(messages={"mine"})
+    view.terminal = SimpleNamespace(print=lambda text: None)
+    turn = _Turn(started=False, line="mine")
+    for event in (
+        {"type": "RUN_STARTED", "run_id": "r1", "payload": {"run_id": "r1", "agent": "a", "message_id": "theirs"}},
+        {"type": "RUN_STARTED", "run_id": "r2", "payload": {"run_id": "r2", "agent": "a", "message_id": "mine"}},
+        {"type": "RUN_FINISHED", "run_id": "r2", "payload": {"run_id": "r2", "status": "OK"}},
+    ):
+        view.on_event(Received(event))
+        mine.see(Received(event))
+        turn.see(Received(event), view, mine)
+    assert view.runs == {"r1": "a"} and turn.settled.is_set()  # the other member's run goes on
+    recording = _Turn(started=False, message_id="audio-1", sent={"chunk-0", "chunk-1"})
+    error = {"type": "ERROR", "payload": {"code": "RUN_LIMIT_EXCEEDED", "related_id": "chunk-1", "message": "busy"}}
+    recording.see(Received(error), view, mine)
+    assert recording.settled.is_set()
