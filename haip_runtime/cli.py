@@ -35,9 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(exc.problems) > 1:
             print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
-    except PluginError as exc:  # naming the file, as a config error does
+    except PluginError as exc:  # naming the file, as a config error does; one line per problem
         source = getattr(args, "config", None)
-        print(f"haip-runtime: {source}: {exc}" if source else f"haip-runtime: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"haip-runtime: {source}: {problem}" if source else f"haip-runtime: {problem}", file=sys.stderr)
+        if len(exc.problems) > 1:
+            print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -67,7 +67,13 @@ class ConfigError(HaipError):
 
 
 class PluginError(HaipError):
-    """A plugin (an agent class, an in-process MCP server) cannot be found, imported or configured."""
+    """A plugin (an agent class, an in-process MCP server) cannot be found, imported or configured.
+    ``str(error)`` is one line naming the config key; ``problems`` has one such line for each thing
+    wrong, when there are several (every agent's, every option's)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class ProtocolError(HaipError):

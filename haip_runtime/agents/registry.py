@@ -70,10 +70,16 @@ def load_agents(config: HaipConfig, llms: Mapping[str, Provider] | None = None) 
     Raises ``PluginError`` naming the key.
     """
     providers = llms or {}
-    return {
-        name: load_agent(name, agent, config.base_dir, providers.get(agent.llm) if agent.llm else None)
-        for name, agent in config.agents.items()
-    }
+    loaded: dict[str, AgentSpec] = {}
+    problems: list[str] = []  # every agent's, not only the first's (an author fixes them in one go)
+    for name, agent in config.agents.items():
+        try:
+            loaded[name] = load_agent(name, agent, config.base_dir, providers.get(agent.llm) if agent.llm else None)
+        except PluginError as exc:
+            problems += exc.problems
+    if problems:
+        raise PluginError(problems[0], problems)
+    return loaded
 
 
 def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | None = None) -> AgentSpec:
@@ -86,17 +92,26 @@ def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | N
 def validate_options(cls: type[Agent[Any]], options: Mapping[str, Any], where: str) -> BaseModel:
     """``options`` through the plugin's ``Options`` model; unknown keys are refused even if the model allows them."""
     model = cls.Options
+    problems: list[str] = []
     unknown = sorted(set(options) - _option_names(model))
     if unknown and model.model_config.get("extra") != "forbid":
-        known = ", ".join(sorted(_option_names(model))) or "none"
-        raise PluginError(f"{where}.{unknown[0]}: unknown option of {cls.__name__} (it takes: {known})")
+        known = ", ".join(sorted(_option_names(model)))
+        takes = f"it takes: {known}" if known else "it declares no Options"
+        problems += [f"{where}.{key}: unknown option of {cls.__name__} ({takes})" for key in unknown]
     try:
-        return model.model_validate(dict(options))
+        validated = model.model_validate(dict(options))
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
-        message = "unknown option (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
-        raise PluginError(f"{where}.{key}: {message}") from exc
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                none = f"unknown option of {cls.__name__} (it declares no Options)"
+                message = none if not _option_names(model) else "unknown option (check the spelling)"
+            problems.append(f"{where}.{key}: {message}")
+        raise PluginError(problems[0], problems) from exc
+    if problems:
+        raise PluginError(problems[0], problems)
+    return validated
 
 
 def _option_names(model: type[BaseModel]) -> set[str]:
@@ -127,6 +142,10 @@ def _check_hooks(cls: type[Agent[Any]], target: str, where: str) -> None:
             raise PluginError(f"{where}: {target!r}.{hook} must be 'async def' (the runtime awaits it)")
     if cls.on_message is Agent.on_message:
         raise PluginError(f"{where}: {target!r} does not define on_message, which answers a member's message")
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
+        raise PluginError(
+            f"{where}: {target!r}.Options must be a pydantic model (a BaseModel subclass), not {cls.Options!r}"
+        )
 
 
 def _agents_defined(module: Any) -> str:

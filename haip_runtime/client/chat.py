@@ -106,8 +106,8 @@ class Chat:
         async for event in self.client.events():
             if event.type == "PING":
                 continue
+            self.mine.see(event)  # (before the filter: a start's reply may come before ``start`` has its id)
             if event.transaction in (None, self.transaction):
-                self.mine.see(event)
                 if event.type == "RUN_ERROR" and event.transaction is not None and self.mine.ran(event):
                     self.failed.append(str(event.get("code")))
                 elif event.type == "INFO" and event.get("event") == "audio.unheard" and self.mine.about(event):
@@ -475,11 +475,16 @@ class _Mine:
 
     messages: set[str] = field(default_factory=set)
     runs: set[str] = field(default_factory=set)
+    #: The conversations this chat started: their greetings (``on_start`` runs, answering no message) are its own.
+    started: set[str] = field(default_factory=set)
 
     def see(self, event: Received) -> None:
         message_id = event.get("message_id")
-        if event.type == "RUN_STARTED" and message_id in self.messages and event.get("run_id"):
-            self.runs.add(str(event.get("run_id")))
+        if event.type == "TRANSACTION_START" and event.transaction is not None:
+            self.started.add(event.transaction)  # (a session is sent only its own starts: others' are joins)
+        elif event.type == "RUN_STARTED" and event.get("run_id"):
+            if message_id in self.messages or (message_id is None and event.transaction in self.started):
+                self.runs.add(str(event.get("run_id")))
         elif event.type == "MESSAGE" and event.get("audio_message_id") in self.messages and message_id:
             self.messages.add(str(message_id))  # a recording's transcript: the runs answer it
         elif event.type in ("MESSAGE_START", "MESSAGE") and message_id and self.ran(event):

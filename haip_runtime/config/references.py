@@ -2,7 +2,9 @@
 
 A spec is an entry-point name of the caller's group, a built-in name, ``package.module:attr``
 (imported with the config file's folder on ``sys.path``) or ``path/to/file.py:attr`` (a file,
-relative to that folder). Every failure is one ``PluginError`` line naming the config key. What
+relative to that folder, imported with its own folder and the config's on ``sys.path``: it imports
+the modules beside it by name, and packages under the config's folder; not relatively, as it is
+no package's module). Every failure is one ``PluginError`` line naming the config key. What
 the object must be is the caller's check (``agents/registry.py``, ``bridge/inprocess.py``).
 """
 
@@ -43,6 +45,9 @@ def resolve(
     that cannot be found or imported, or a missing attribute (``hint(module)`` says what is there).
     """
     target = _entry_point(spec, kind.group) or kind.builtin.get(spec) or spec
+    if ":" not in target and target.endswith(".py"):
+        attr = kind.form.partition(":")[2]
+        raise PluginError(f"{where}: {spec!r} names a file but not what in it to use: write '{spec}:{attr}'")
     if ":" not in target:
         known = sorted({*kind.builtin, *(ep.name for ep in entry_points(group=kind.group))})
         listed = f" ({', '.join(known)})" if known else ""
@@ -67,14 +72,23 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
             path = (base_dir / module_name).resolve()
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
+            # As when Python runs a script: the modules beside it import by name; the config's folder
+            # too, as for ``module:attr`` (an author's tester found either depended on the agents' order)
+            _importable(path.parent, base_dir)
             return _import_file(path)
-        if str(base_dir) not in sys.path:
-            sys.path.insert(0, str(base_dir))
+        _importable(base_dir)
         return importlib.import_module(module_name)
     except PluginError:
         raise
     except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
         raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _importable(*folders: Path) -> None:
+    """Put ``folders`` on ``sys.path`` (in this order, ahead of the rest), unless there already."""
+    for folder in reversed(folders):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
 
 
 def _import_file(path: Path) -> Any:

@@ -3,6 +3,10 @@ words), MESSAGE_UPDATE (an author's edit), RUN_CANCEL (of a turn, or of a messag
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
@@ -16,7 +20,7 @@ from haip_runtime.session.session import Session
 
 async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
-    message = parse_payload(envelope, p.Message)
+    message = checked_message(envelope, [slot.instance.input_schema for slot in transaction.agents.values()])
     if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
     if message.message_id is not None and transaction.message_id_taken(message.message_id):
@@ -27,11 +31,6 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
             related_id=envelope.id,
             detail={"where": "/payload/message_id"},
         )
-    if structured(envelope.payload):
-        for slot in transaction.agents.values():
-            schema = slot.instance.input_schema
-            if schema is not None:
-                parse_payload(envelope, schema)
     # A client's trace, continued by the runs: the envelope's own, else that of the request that opened the stream.
     traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
     trace = traceparent if isinstance(traceparent, str) else None
@@ -47,6 +46,21 @@ def structured(payload: object) -> bool:
     text, as a string or as ``{"text", "author"?, "message_id"?}``, is not: a client that names its message
     (to edit it later, or to know the runs that answer it) must not have it refused where the string passes."""
     return isinstance(payload, dict) and not payload.keys() <= PLAIN_MESSAGE
+
+
+def checked_message(envelope: Envelope, schemas: Iterable[type[BaseModel] | None]) -> p.Message:
+    """A MESSAGE's payload as a message, checked against the agents' input schemas (those that have one)
+    when it carries fields of its own; ``ProtocolError`` (``INVALID_PAYLOAD``, the field's JSON pointer)
+    if it does not fit one. Such a payload may leave out ``text`` (its fields are the message): the
+    turn's ``text`` is then ``""``. The harness (``haip_runtime.testing``) checks with this too."""
+    declared = [schema for schema in schemas if schema is not None]
+    payload = envelope.payload
+    if declared and isinstance(payload, dict) and structured(payload):
+        for schema in declared:
+            parse_payload(envelope, schema)
+        if "text" not in payload:
+            envelope = envelope.model_copy(update={"payload": {**payload, "text": ""}})
+    return parse_payload(envelope, p.Message)
 
 
 def answered_if_asked(ctx: HubContext, session: Session, transaction: Transaction, text: str, related_id: str) -> bool:

@@ -280,6 +280,21 @@ class Session:
     def replay(self, from_seq: int, to_seq: int | None, related_id: str) -> None:
         """REPLAY_REQUEST: re-send ``from_seq`` to ``to_seq`` (inclusive) on the current connection."""
         last = self._seq if to_seq is None else min(to_seq, self._seq)
+        # A range with nothing to send is said, not met with silence a client would wait on (a tester's find)
+        if to_seq is not None and to_seq < from_seq:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"to_seq {to_seq} is before from_seq {from_seq}",
+                related_id=related_id,
+                detail={"where": "/payload/to_seq"},
+            )
+        if from_seq > self._seq:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"seq {from_seq} was not sent yet: the last sent is {self._seq}",
+                related_id=related_id,
+                detail={"where": "/payload/from_seq"},
+            )
         if from_seq < 1 or not self.window.holds(from_seq):
             raise ProtocolError(
                 ErrorCode.REPLAY_TOO_OLD,

@@ -22,8 +22,9 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import AgentConfig, SessionConfig
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.hub.messages import checked_message
 from haip_runtime.llm.provider import Provider
-from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, RunOutcome, ToolStatus
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
@@ -141,7 +142,12 @@ class AgentHarness:
         """Send a user message (text, or an object payload) and wait for the agent's turn to end."""
         assert self.transaction is not None, "use `async with AgentHarness(...)`"
         payload = {"text": message} if isinstance(message, str) else dict(message)
-        (run,) = self.transaction.user_message(self.member, str(payload.get("text", "")), payload)
+        # checked as the server checks it (the agent's input_schema): ProtocolError INVALID_PAYLOAD if refused
+        envelope = Envelope(
+            id="harness", session="harness", seq="1", ts="0", channel="USER", type="MESSAGE", payload=payload
+        )
+        text = checked_message(envelope, [self.spec.cls.input_schema]).text
+        (run,) = self.transaction.user_message(self.member, text, payload)
         return await self._finish(run, timeout)
 
     async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:

@@ -24,6 +24,7 @@ def agents_server() -> Iterator[LiveServer]:
         "waiting": {"plugin": "tests.support.agents:WaitingAgent"},
         "greeter": {"plugin": "tests.support.agents:GreeterAgent"},
         "order": {"plugin": "tests.support.agents:OrderAgent"},
+        "calc": {"plugin": "tests.support.agents:CalculatorAgent"},
     }
     with live_server(make_config({"agents": agents, "session": {"max_concurrent_runs": 2}})) as live:
         yield live
@@ -175,6 +176,23 @@ async def test_object_message_is_validated_against_the_agent_input_schema(agents
     assert error.get("detail") == {"where": "/payload/quantity"}
     assert part.get("text") == "ordered 2 x tea" and plain.get("text") == "ordered 1 x coffee"
     assert [e for e in client.received if e.type == "ERROR"] == [error]
+
+
+async def test_a_structured_message_needs_no_text_when_the_agent_declares_its_fields(agents_server: LiveServer) -> None:
+    """An author's tester: ``{"a": 2, "b": 40}`` to an agent whose schema is ``a, b`` was refused for its
+    missing ``text``, which the schema does not have."""
+    async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
+        tx = await client.start_transaction("calc")
+        await client.send("MESSAGE", {"a": 2, "b": 40}, transaction=tx, channel="USER")
+        answer = await client.wait_for("MESSAGE_PART")
+        bad = await client.send("MESSAGE", {"a": 2, "b": "many"}, transaction=tx, channel="USER")
+        error = await client.wait_for("ERROR")
+    assert answer.get("text") == "2 + 40 = 42"
+    assert (error.get("code"), error.get("related_id"), error.get("detail")) == (
+        "INVALID_PAYLOAD",
+        bad,
+        {"where": "/payload/b"},
+    )
 
 
 async def test_unknown_agent_gets_agent_not_found_with_the_reference_id(server: LiveServer) -> None:

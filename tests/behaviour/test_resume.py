@@ -186,6 +186,24 @@ async def test_replay_request_from_seq_1_on_a_fresh_session_resends_the_server_h
     assert again == hai
 
 
+async def test_a_replay_request_for_seqs_never_sent_or_backwards_gets_an_error_not_silence(server: LiveServer) -> None:
+    """A front-end tester's find: both got no answer at all, and a client waiting for the replay hung."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.receive()
+        await handshake(peer, server.token())
+        ahead = await peer.send("REPLAY_REQUEST", {"from_seq": "9999"})
+        first = await peer.receive_type("ERROR")
+        backwards = await peer.send("REPLAY_REQUEST", {"from_seq": "2", "to_seq": "1"})
+        second = await peer.receive_type("ERROR")
+        await peer.send("REPLAY_REQUEST", {"from_seq": "1", "to_seq": "1"})  # the session goes on
+        again = await peer.receive()
+    assert (first["payload"]["code"], first["payload"]["related_id"]) == ("INVALID_PAYLOAD", ahead)
+    assert first["payload"]["detail"] == {"where": "/payload/from_seq"}
+    assert (second["payload"]["code"], second["payload"]["related_id"]) == ("INVALID_PAYLOAD", backwards)
+    assert second["payload"]["detail"] == {"where": "/payload/to_seq"}
+    assert again["type"] == "HAI" and again["seq"] == "1"
+
+
 async def test_a_client_flooding_replay_requests_without_reading_is_dropped_and_stays_resumable(
     unlimited_server: LiveServer,
 ) -> None:

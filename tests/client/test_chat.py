@@ -695,3 +695,21 @@ def test_a_piped_line_is_done_when_its_own_runs_are_and_refused_by_an_error_nami
     error = {"type": "ERROR", "payload": {"code": "RUN_LIMIT_EXCEEDED", "related_id": "chunk-1", "message": "busy"}}
     recording.see(Received(error), view, mine)
     assert recording.settled.is_set()
+
+
+def test_the_greeting_of_a_conversation_the_chat_started_is_its_own_turn() -> None:
+    """An author's tester: a piped chat whose agent's on_start failed showed it but did not count it
+    (its run answers no message); in a conversation it only joined, another's greeting is not its own."""
+    from haip_runtime.client import Received
+    from haip_runtime.client.chat import _Mine
+
+    mine = _Mine()
+    for event in (
+        {"type": "TRANSACTION_START", "transaction": "t1", "payload": {"referenceId": "x"}},
+        {"type": "RUN_STARTED", "transaction": "t1", "run_id": "g1", "payload": {"run_id": "g1", "agent": "a"}},
+        {"type": "RUN_STARTED", "transaction": "t2", "run_id": "g2", "payload": {"run_id": "g2", "agent": "a"}},
+    ):
+        mine.see(Received(event))
+    failed = {"type": "RUN_ERROR", "transaction": "t1", "run_id": "g1", "payload": {"run_id": "g1", "code": "X"}}
+    joined = {"type": "RUN_ERROR", "transaction": "t2", "run_id": "g2", "payload": {"run_id": "g2", "code": "X"}}
+    assert mine.ran(Received(failed)) and not mine.ran(Received(joined))

@@ -312,3 +312,56 @@ def test_uvloop_asked_for_where_it_is_not_installed_is_refused_in_one_line(monke
         validate_config({"server": {"event_loop": "uvloop"}}, base_dir=ROOT)
     assert "server.event_loop: 'uvloop' cannot be imported here" in str(refused.value)
     assert validate_config({"server": {"event_loop": "auto"}}, base_dir=ROOT).server.event_loop == "auto"
+
+
+def test_a_plugin_file_imports_the_modules_beside_it_whatever_the_order_of_the_agents(tmp_path: Path) -> None:
+    """An author's tester: a ``path.py:Class`` plugin could not import its neighbours, and ``plugins.util``
+    imported only when a ``plugins.x:Class`` agent happened to come first in the file."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "__init__.py").write_text("")
+    (plugins / "util.py").write_text("GREETING = 'hello'\n")
+    agent = (
+        "from haip_runtime import Agent, Turn\n{imports}\n\n"
+        "class {name}(Agent):\n"
+        "    async def on_message(self, turn: Turn) -> None:\n"
+        "        await turn.say(GREETING)\n"
+    )
+    (plugins / "beside.py").write_text(agent.format(imports="from util import GREETING", name="Beside"))
+    (plugins / "package.py").write_text(agent.format(imports="from plugins.util import GREETING", name="Package"))
+    agents = "[agents.b]\nplugin = 'plugins/beside.py:Beside'\n[agents.p]\nplugin = 'plugins/package.py:Package'\n"
+    result = run_cli("check", "--config", str(write(tmp_path, agents)), cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+    bare = write(tmp_path, "[agents.b]\nplugin = 'plugins/beside.py'\n")
+    result = run_cli("check", "--config", str(bare), cwd=Path("/"))
+    assert result.stderr == (
+        f"haip-runtime: {bare}: agents.b.plugin: 'plugins/beside.py' names a file but not what in it to use:"
+        " write 'plugins/beside.py:Class'\n"
+    )
+
+
+def test_every_plugin_problem_is_a_line_of_its_own(tmp_path: Path) -> None:
+    """An author's tester: check said the first bad option and stopped, though it promises one line per problem."""
+    (tmp_path / "odd.py").write_text(
+        "from dataclasses import dataclass\nfrom haip_runtime import Agent, Turn\n\n"
+        "@dataclass\nclass Opts:\n    n: int = 1\n\n"
+        "class Odd(Agent):\n    Options = Opts\n\n    async def on_message(self, turn: Turn) -> None:\n        pass\n\n"
+        "class Plain(Agent):\n    async def on_message(self, turn: Turn) -> None:\n        pass\n"
+    )
+    path = write(
+        tmp_path,
+        "[agents.s]\nplugin = 'haip_runtime.demo.storyteller:Storyteller'\n"
+        "options = { words_per_second = 'x', greting = 1 }\n"
+        "[agents.o]\nplugin = 'odd.py:Odd'\n[agents.p]\nplugin = 'odd.py:Plain'\noptions = { n = 2 }\n",
+    )
+    result = run_cli("check", "--config", str(path), cwd=Path("/"))
+    assert result.returncode == 1
+    lines = [line.removeprefix(f"haip-runtime: {path}: ") for line in result.stderr.splitlines()]
+    assert lines[0].startswith("agents.s.options.words_per_second: Input should be a valid number")
+    assert lines[1] == "agents.s.options.greting: unknown option (check the spelling)"
+    assert lines[2].startswith("agents.o.plugin: 'odd.py:Odd'.Options must be a pydantic model (a BaseModel subclass)")
+    assert lines[3:] == [
+        "agents.p.options.n: unknown option of Plain (it declares no Options)",
+        "haip-runtime: 4 problem(s)",
+    ]
+    assert "Traceback" not in result.stderr

@@ -64,6 +64,20 @@ class OrderAgent(Agent[NoOptions]):
         await turn.say(f"ordered {turn.payload.get('quantity', 1)} x {turn.text}")
 
 
+class AddRequest(BaseModel):
+    a: int
+    b: int
+
+
+class CalculatorAgent(Agent[NoOptions]):
+    """Takes structured messages only (no ``text`` in its schema): ``{"a": 2, "b": 40}``."""
+
+    input_schema = AddRequest
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say(f"{turn.payload['a']} + {turn.payload['b']} = {turn.payload['a'] + turn.payload['b']}")
+
+
 #: Set by ``FloodAgent`` when it has written its last part (test servers run in the test's process).
 FLOODED = threading.Event()
 

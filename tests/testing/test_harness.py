@@ -182,3 +182,16 @@ async def test_an_agent_saying_something_that_is_not_text_fails_before_anything_
         turn = await agent.send("hi")
     assert [e.type for e in turn.events] == ["RUN_STARTED", "RUN_ERROR"]
     assert turn.error is not None and turn.error["message"] == "agent 'saysanumber' failed: TypeError"
+
+
+async def test_the_harness_checks_a_message_against_the_agents_input_schema_as_the_server_does() -> None:
+    """An author's tester: the harness let any payload through, so a test passed that the server refused."""
+    from haip_runtime.exceptions import ProtocolError
+    from tests.support.agents import CalculatorAgent
+
+    async with AgentHarness(CalculatorAgent) as agent:
+        turn = await agent.send({"a": 2, "b": 40})
+        with pytest.raises(ProtocolError) as refused:
+            await agent.send({"a": "x", "b": 1})
+    assert turn.text == "2 + 40 = 42"
+    assert refused.value.code == "INVALID_PAYLOAD" and refused.value.detail == {"where": "/payload/a"}
