@@ -27,6 +27,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -351,8 +352,26 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.add_middleware(JsonFailsafe)  # within Starlette's own: it never sees an exception
+    if config.server.allowed_origins:
+        app.add_middleware(CORSMiddleware, **cors(config.server.allowed_origins))
     app.add_middleware(ReapOnEnd, reaper=rt.reaper)  # outermost: sees every connection end
     return app
+
+
+def cors(allowed: list[str]) -> dict[str, Any]:
+    """What a page of an origin in ``server.allowed_origins`` (``*``: any) needs to use the HTTP doors from
+    the browser (found by a front-end tester: a page on a Vite dev server could open the WebSocket and
+    nothing else): preflights answered, and its responses readable. The origins get the CORS headers;
+    the doors' own Origin check (``transports/origin.py``) still refuses the others. Credentials are a
+    bearer token or ``?token=``, never cookies, so no ``Allow-Credentials``."""
+    origins = ["*"] if "*" in allowed else [origin.strip().rstrip("/").lower() for origin in allowed]
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST", "DELETE"],
+        "allow_headers": ["*"],  # Authorization, Content-Type, Last-Event-ID, traceparent, MCP's own...
+        "expose_headers": ["Mcp-Session-Id", "Mcp-Protocol-Version"],  # what a browser MCP client reads
+        "max_age": 600,
+    }
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
