@@ -165,7 +165,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         if len(body) > limit:
             raise DecodeError(
                 ErrorCode.MESSAGE_TOO_LARGE,
-                f"request body exceeds {limit} bytes",
+                f"request body exceeds {limit} bytes: none of it was taken; send its envelopes again in smaller"
+                " requests, with the same seqs",
                 detail={"where": "body", "limit": limit},
             )
         if not message.get("more_body", False):
@@ -181,7 +182,8 @@ def parse_batch(body: bytes, max_frame_bytes: int) -> list[Inbound]:
     if len(raw) > MAX_BATCH:
         raise DecodeError(
             ErrorCode.MESSAGE_TOO_LARGE,
-            f"at most {MAX_BATCH} envelopes per request, not {len(raw)}",
+            f"at most {MAX_BATCH} envelopes per request, not {len(raw)}: none was taken; send them again in"
+            " smaller requests, with the same seqs (a seq left unsent is a gap the later ones wait for)",
             detail={"where": "body", "limit": MAX_BATCH},
         )
     return [_decode(json.dumps(item, ensure_ascii=False), max_frame_bytes) for item in raw]

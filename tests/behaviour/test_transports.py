@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
@@ -229,6 +230,40 @@ async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None
     assert unauthenticated.status_code == 401 and unauthenticated.json()["error"]["code"] == "AUTHENTICATION_FAILED"
     assert unknown.json()["error"]["code"] == other.json()["error"]["code"] == "RESUME_FAILED"  # one shape everywhere
     assert batch.status_code == 202 and batch.json() == {"accepted": 2} and pongs == ["a", "b"]
+
+
+async def test_an_sse_post_of_too_many_envelopes_says_to_send_them_again_and_their_seqs_stay_free(
+    live: LiveServer,
+) -> None:
+    """A front-end tester: a refused batch left its seqs a gap every later envelope waited 5 s for, and the
+    413 did not say what to do. Sent again in smaller requests with the same seqs, nothing waits."""
+    async with open_peer("sse", live, live.token("ann")) as peer:
+        await handshake(peer, live.token("ann"))  # (seqs 1 and 2 are taken)
+        assert isinstance(peer, SsePeer)
+
+        def ping(seq: int) -> str:
+            return json.dumps(
+                {
+                    "id": f"p{seq}",
+                    "session": "",
+                    "seq": str(seq),
+                    "ts": "1",
+                    "channel": "SYSTEM",
+                    "type": "PING",
+                    "payload": {"nonce": str(seq)},
+                }
+            )
+
+        pings = [ping(seq) for seq in range(3, 3 + 65)]
+        refused = await peer.post("[" + ",".join(pings) + "]")
+        halves = [await peer.post("[" + ",".join(part) + "]") for part in (pings[:40], pings[40:])]
+        with anyio.fail_after(3):  # (a gap would hold them 5 s)
+            nonces = [(await peer.receive_type("PONG"))["payload"]["nonce"] for _ in range(65)]
+    assert (
+        refused.status_code == 413
+        and "send them again in smaller requests, with the same seqs" in (refused.json()["error"]["message"])
+    )
+    assert [half.status_code for half in halves] == [202, 202] and nonces == [str(seq) for seq in range(3, 68)]
 
 
 async def test_stream_lines_split_across_chunks_and_a_closed_body_still_gets_its_answer(live: LiveServer) -> None:
