@@ -10,6 +10,8 @@ the object must be is the caller's check (``agents/registry.py``, ``bridge/inpro
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -72,9 +74,11 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
             path = (base_dir / module_name).resolve()
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
-            # As when Python runs a script: the modules beside it import by name; the config's folder
-            # too, as for ``module:attr`` (an author's tester found either depended on the agents' order)
-            _importable(path.parent, base_dir)
+            # The modules beside it import by name, and packages under the config's folder (an author's
+            # tester found either depended on the agents' order); behind everything else on the path, so a
+            # plugin's folder never shadows a package of the same name (``agents/redis.py`` importing redis)
+            _importable(path.parent, base_dir, last=True)
+            _beside(path, where)
             return _import_file(path)
         _importable(base_dir)
         return importlib.import_module(module_name)
@@ -84,19 +88,61 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
         raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _importable(*folders: Path) -> None:
-    """Put ``folders`` on ``sys.path`` (in this order, ahead of the rest), unless there already."""
-    for folder in reversed(folders):
+def _importable(*folders: Path, last: bool = False) -> None:
+    """Put ``folders`` on ``sys.path`` (in this order: ahead of the rest, or ``last`` behind it), unless there."""
+    for folder in folders if last else reversed(folders):
         if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+            if last:
+                sys.path.append(str(folder))
+            else:
+                sys.path.insert(0, str(folder))
+
+
+def _beside(path: Path, where: str) -> None:
+    """Refuse a plugin file that imports a module beside it by a name that resolves elsewhere: a module
+    loaded already from another plugin's folder, or an installed or standard one (its folder comes
+    last on the path). It would silently get the other one (a reviewer's find)."""
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError):
+        return  # (the import says so, in its own words)
+    imported = {
+        alias.name.partition(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    } | {
+        node.module.partition(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+    }
+    folder = path.parent.resolve()
+    for name in sorted(imported):
+        beside = [c for c in (folder / f"{name}.py", folder / name) if c.exists() and c != path.resolve()]
+        if not beside:
+            continue
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        origin = found.origin if found is not None else None
+        if origin is not None and not (origin.startswith("/") and Path(origin).resolve().is_relative_to(folder)):
+            raise PluginError(
+                f"{where}: {path.name} imports {name!r}, which is beside it ({beside[0]}) but is {origin}"
+                " for Python (another plugin's, installed or built in): rename yours, or make the folder a"
+                " package and name the plugin 'package.module:Class'"
+            )
 
 
 def _import_file(path: Path) -> Any:
-    """Import a plugin file once: a second spec naming the same file gets the same module."""
+    """Import a plugin file once: a second spec naming the same file gets the same module (another file of
+    the same name, in another folder, a module of its own)."""
     module_name = f"haip_plugin_{path.stem}"
     loaded = sys.modules.get(module_name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
         return loaded
+    if loaded is not None:
+        module_name = f"haip_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        loaded = sys.modules.get(module_name)
+        if loaded is not None:
+            return loaded
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

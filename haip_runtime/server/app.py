@@ -346,7 +346,7 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
         *haip_routes(rt.doorway()),
         *AguiDoor(rt.doorway(), rt.hub).routes(),
-        *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate),
+        *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate, config.server.allowed_origins),
         *([Route(config.mcp_server.path, mcp)] if mcp is not None else []),
     ]
     routes += playground.routes() if config.server.serves_playground else [Route("/", index)]

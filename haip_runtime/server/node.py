@@ -160,7 +160,8 @@ def main() -> int:
         sock = bind(config.server.host, config.server.port, share_port=True, listen=False)
         served = run(config, sock, ready)
     except (ConfigError, PluginError) as exc:
-        print(f"haip-runtime: worker {spec.index}: {exc}", file=sys.stderr, flush=True)
+        for problem in exc.problems:  # (every one, as check and one process print them)
+            print(f"haip-runtime: worker {spec.index}: {problem}", file=sys.stderr, flush=True)
         tell_supervisor("failed", error=str(exc))
         return START_FAILED
     finally:  # exiting already: a SIGTERM now must not cut short what runs at exit (flushes, atexit)

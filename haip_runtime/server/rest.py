@@ -11,7 +11,7 @@ not see.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -25,7 +25,7 @@ from haip_runtime.exceptions import HandshakeError, RequestRefusedError, Storage
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import StorageState, Store, TransactionRecord
-from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers
+from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers, refused_origin
 
 MAX_PAGE = 1000
 #: Events a conversation list reads of each transaction: from its start (the title), from its end (the preview).
@@ -35,9 +35,13 @@ SCAN_CHUNK, MAX_SCAN = 500, 50_000
 
 
 def history_routes(
-    store: Store, transactions: TransactionRegistry, authenticate: Callable[[str | None], Awaitable[Principal]]
+    store: Store,
+    transactions: TransactionRegistry,
+    authenticate: Callable[[str | None], Awaitable[Principal]],
+    allowed_origins: Sequence[str] = (),
 ) -> list[Route]:
-    """The REST routes over ``store``; ``transactions`` knows who may see one, and what is newer in memory."""
+    """The REST routes over ``store``; ``transactions`` knows who may see one, and what is newer in memory.
+    A browser page of an origin not in ``allowed_origins`` (nor the server's own) gets 403, as at every door."""
 
     async def listing(request: Request) -> JSONResponse:
         principal = await _principal(authenticate, request)
@@ -90,15 +94,17 @@ def history_routes(
         return JSONResponse(body)
 
     return [
-        Route("/haip/transactions", _answering(listing)),
-        Route("/haip/transactions/{transaction_id}/events", _answering(events)),
-        Route("/haip/transactions/{transaction_id}/messages", _answering(messages)),
+        Route("/haip/transactions", _answering(listing, allowed_origins)),
+        Route("/haip/transactions/{transaction_id}/events", _answering(events, allowed_origins)),
+        Route("/haip/transactions/{transaction_id}/messages", _answering(messages, allowed_origins)),
     ]
 
 
-def _answering(handler: Any) -> Any:
+def _answering(handler: Any, allowed_origins: Sequence[str]) -> Any:
     async def endpoint(request: Request) -> JSONResponse:
         try:
+            if refused_origin(request.scope, allowed_origins):
+                raise RequestRefusedError(ErrorCode.UNAUTHORIZED, "origin not allowed", status=403)
             response: JSONResponse = await handler(request)
         except RequestRefusedError as refusal:
             headers = http_error_headers(refusal.status)

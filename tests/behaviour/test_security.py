@@ -430,3 +430,17 @@ async def test_a_browser_origin_not_on_the_list_is_refused_at_the_upgrade(guarde
         async with raw_peer(guarded.ws_url, additional_headers={"Origin": origin}):
             pass
     assert refused_upgrade.value.response.status_code == 403
+
+
+async def test_the_rest_history_refuses_a_page_of_an_origin_not_on_the_list(guarded: LiveServer) -> None:
+    """A reviewer's find: the docs said every HTTP door refuses an unlisted origin; the REST history did not."""
+    import httpx2
+
+    headers = {"authorization": f"Bearer {guarded.token()}"}
+    async with httpx2.AsyncClient(base_url=guarded.http_url) as client:
+        refused = await client.get("/haip/transactions", headers={**headers, "origin": "https://evil.example"})
+        listed = await client.get("/haip/transactions", headers={**headers, "origin": "https://app.example"})
+        plain = await client.get("/haip/transactions", headers=headers)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "UNAUTHORIZED"
+    assert listed.status_code == plain.status_code == 200
+    assert listed.headers["access-control-allow-origin"] == "https://app.example"

@@ -365,3 +365,32 @@ def test_every_plugin_problem_is_a_line_of_its_own(tmp_path: Path) -> None:
         "haip-runtime: 4 problem(s)",
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_a_plugin_file_named_after_what_it_imports_loads_and_a_neighbour_that_is_not_the_one_imported_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A reviewer's finds in the first version of the above: the plugin's folder went ahead of everything
+    on the path, so ``plugins/json.py`` importing json imported itself; and two plugin folders with a
+    ``helpers.py`` each gave the second plugin the first one's, silently."""
+    plugin = (
+        "{imports}\nfrom haip_runtime import Agent, Turn\n\n"
+        "class {name}(Agent):\n"
+        "    async def on_message(self, turn: Turn) -> None:\n"
+        "        await turn.say({says})\n"
+    )
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "helpers.py").write_text(f"NAME = {folder!r}\n")
+        code = plugin.format(imports="import helpers", name="Agent" + folder.upper(), says="helpers.NAME")
+        (tmp_path / folder / "agent.py").write_text(code)
+    (tmp_path / "a" / "json.py").write_text(plugin.format(imports="import json", name="Json", says="json.dumps(1)"))
+    same_name = write(tmp_path, "[agents.j]\nplugin = 'a/json.py:Json'\n[agents.a]\nplugin = 'a/agent.py:AgentA'\n")
+    assert run_cli("check", "--config", str(same_name), cwd=Path("/")).returncode == 0
+    both = write(tmp_path, "[agents.a]\nplugin = 'a/agent.py:AgentA'\n[agents.b]\nplugin = 'b/agent.py:AgentB'\n")
+    result = run_cli("check", "--config", str(both), cwd=Path("/"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"haip-runtime: {both}: agents.b.plugin: agent.py imports 'helpers', which is beside it"
+        f" ({tmp_path.resolve() / 'b' / 'helpers.py'}) but is {tmp_path.resolve() / 'a' / 'helpers.py'} for Python"
+    ), result.stderr
