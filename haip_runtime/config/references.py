@@ -115,7 +115,8 @@ def _beside(path: Path, where: str) -> None:
     }
     folder = path.parent.resolve()
     for name in sorted(imported):
-        beside = [c for c in (folder / f"{name}.py", folder / name) if c.exists() and c != path.resolve()]
+        modules = (folder / f"{name}.py", folder / name / "__init__.py")  # (a folder of data is no module)
+        beside = [module for module in modules if module.exists() and module != path.resolve()]
         if not beside:
             continue
         try:

@@ -385,8 +385,17 @@ def test_a_plugin_file_named_after_what_it_imports_loads_and_a_neighbour_that_is
         code = plugin.format(imports="import helpers", name="Agent" + folder.upper(), says="helpers.NAME")
         (tmp_path / folder / "agent.py").write_text(code)
     (tmp_path / "a" / "json.py").write_text(plugin.format(imports="import json", name="Json", says="json.dumps(1)"))
-    same_name = write(tmp_path, "[agents.j]\nplugin = 'a/json.py:Json'\n[agents.a]\nplugin = 'a/agent.py:AgentA'\n")
-    assert run_cli("check", "--config", str(same_name), cwd=Path("/")).returncode == 0
+    (tmp_path / "a" / "csv").mkdir()  # a folder of data named like a module it imports: no module of its own
+    (tmp_path / "a" / "csv" / "rows.txt").write_text("1,2\n")
+    csv = plugin.format(imports="import csv", name="Csv", says="csv.QUOTE_ALL")
+    (tmp_path / "a" / "tables.py").write_text(csv)
+    same_name = write(
+        tmp_path,
+        "[agents.j]\nplugin = 'a/json.py:Json'\n[agents.a]\nplugin = 'a/agent.py:AgentA'\n"
+        "[agents.c]\nplugin = 'a/tables.py:Csv'\n",
+    )
+    result = run_cli("check", "--config", str(same_name), cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
     both = write(tmp_path, "[agents.a]\nplugin = 'a/agent.py:AgentA'\n[agents.b]\nplugin = 'b/agent.py:AgentB'\n")
     result = run_cli("check", "--config", str(both), cwd=Path("/"))
     assert result.returncode == 1
