@@ -2,17 +2,17 @@
 
 A spec is an entry-point name of the caller's group, a built-in name, ``package.module:attr``
 (imported with the config file's folder on ``sys.path``) or ``path/to/file.py:attr`` (a file,
-relative to that folder, imported with its own folder and the config's on ``sys.path``: it imports
-the modules beside it by name, and packages under the config's folder; not relatively, as it is
-no package's module). Every failure is one ``PluginError`` line naming the config key. What
-the object must be is the caller's check (``agents/registry.py``, ``bridge/inprocess.py``).
+relative to that folder, imported as a module of a package made for its folder: it imports the
+modules beside it relatively, and packages under the config's folder by name). Every failure is
+one ``PluginError`` line naming the config key. What the object must be is the caller's check
+(``agents/registry.py``, ``bridge/inprocess.py``).
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping
@@ -69,81 +69,44 @@ def _entry_point(name: str, group: str) -> str | None:
 
 
 def _import(module_name: str, base_dir: Path, where: str) -> Any:
+    path: Path | None = None
     try:
+        _importable(base_dir)  # (both forms: packages under the config's folder import by name, in any order)
         if module_name.endswith(".py") or "/" in module_name:
             path = (base_dir / module_name).resolve()
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
-            # The modules beside it import by name, and packages under the config's folder (an author's
-            # tester found either depended on the agents' order); behind everything else on the path, so a
-            # plugin's folder never shadows a package of the same name (``agents/redis.py`` importing redis)
-            _importable(path.parent, base_dir, last=True)
-            _beside(path, where)
             return _import_file(path)
-        _importable(base_dir)
         return importlib.import_module(module_name)
     except PluginError:
         raise
     except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
-        raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        hint = _relative_hint(exc, path)
+        raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}{hint}") from exc
 
 
-def _importable(*folders: Path, last: bool = False) -> None:
-    """Put ``folders`` on ``sys.path`` (in this order: ahead of the rest, or ``last`` behind it), unless there."""
-    for folder in folders if last else reversed(folders):
-        if str(folder) not in sys.path:
-            if last:
-                sys.path.append(str(folder))
-            else:
-                sys.path.insert(0, str(folder))
-
-
-def _beside(path: Path, where: str) -> None:
-    """Refuse a plugin file that imports a module beside it by a name that resolves elsewhere: a module
-    loaded already from another plugin's folder, or an installed or standard one (its folder comes
-    last on the path). It would silently get the other one (a reviewer's find)."""
-    try:
-        tree = ast.parse(path.read_bytes(), str(path))
-    except (SyntaxError, ValueError):
-        return  # (the import says so, in its own words)
-    imported = {
-        alias.name.partition(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
-    } | {
-        node.module.partition(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-    }
-    folder = path.parent.resolve()
-    for name in sorted(imported):
-        modules = (folder / f"{name}.py", folder / name / "__init__.py")  # (a folder of data is no module)
-        beside = [module for module in modules if module.exists() and module != path.resolve()]
-        if not beside:
-            continue
-        try:
-            found = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        origin = found.origin if found is not None else None
-        if origin is not None and not (origin.startswith("/") and Path(origin).resolve().is_relative_to(folder)):
-            raise PluginError(
-                f"{where}: {path.name} imports {name!r}, which is beside it ({beside[0]}) but is {origin}"
-                " for Python (another plugin's, installed or built in): rename yours, or make the folder a"
-                " package and name the plugin 'package.module:Class'"
-            )
+def _importable(folder: Path) -> None:
+    """Put ``folder`` on ``sys.path``, ahead of the rest, unless it is there."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def _import_file(path: Path) -> Any:
-    """Import a plugin file once: a second spec naming the same file gets the same module (another file of
-    the same name, in another folder, a module of its own)."""
-    module_name = f"haip_plugin_{path.stem}"
+    """Import a plugin file once (a second spec naming the same file gets the same module), as a module of
+    a package made for its folder: what is beside it imports relatively (``from .helpers import X``), each
+    folder its own (two plugin folders with a ``helpers.py`` each never share one), and nothing goes on
+    ``sys.path`` to shadow an installed module (``agents/redis.py`` importing redis). Found by an author's
+    tester and a reviewer: a file could not import its neighbours, then (with its folder on the path) two
+    folders' neighbours of one name were one module."""
+    package = f"haip_plugin_{hashlib.sha1(str(path.parent).encode()).hexdigest()[:12]}"
+    module_name = f"{package}.{path.stem}"
     loaded = sys.modules.get(module_name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
         return loaded
-    if loaded is not None:
-        module_name = f"haip_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-        loaded = sys.modules.get(module_name)
-        if loaded is not None:
-            return loaded
+    if package not in sys.modules:
+        folder = importlib.machinery.ModuleSpec(package, None, is_package=True)
+        folder.submodule_search_locations = [str(path.parent)]
+        sys.modules[package] = importlib.util.module_from_spec(folder)
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -154,3 +117,14 @@ def _import_file(path: Path) -> Any:
         del sys.modules[module_name]  # a broken file is retried, not half-remembered
         raise
     return module
+
+
+def _relative_hint(exc: Exception, path: Path | None) -> str:
+    """For a plugin file that imports a module beside it by name: how to write it."""
+    name = getattr(exc, "name", None)
+    if path is None or not isinstance(exc, ModuleNotFoundError) or not name:
+        return ""
+    top = str(name).partition(".")[0]
+    if (path.parent / f"{top}.py").is_file() or (path.parent / top).is_dir():
+        return f" (a plugin file imports what is beside it relatively: 'from .{top} import ...')"
+    return ""
