@@ -10,10 +10,12 @@ one ``PluginError`` line naming the config key. What the object must be is the c
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,7 +78,9 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
             path = (base_dir / module_name).resolve()
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
-            return _import_file(path)
+            _not_itself(path, where)
+            dotted = _package_name(path)
+            return importlib.import_module(dotted) if dotted is not None else _import_file(path)
         return importlib.import_module(module_name)
     except PluginError:
         raise
@@ -91,6 +95,44 @@ def _importable(folder: Path) -> None:
         sys.path.insert(0, str(folder))
 
 
+def _package_name(path: Path) -> str | None:
+    """``package.module`` for a file inside packages (``__init__.py`` up the folders) rooted in a folder on
+    ``sys.path`` (the config's): imported by that name, so ``mystuff/agent.py:Agent`` is ``mystuff.agent:Agent``
+    (one class, not two) and the packages' ``__init__`` run. ``None`` for any other file."""
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+        if str(folder) in sys.path and all(part.isidentifier() for part in parts):
+            # (unless that name is another package already, installed or loaded: then a package of its own)
+            found = importlib.util.find_spec(parts[0])
+            origin = found.origin if found is not None else None
+            mine = origin is not None and Path(origin).resolve() == (folder / parts[0] / "__init__.py").resolve()
+            return ".".join(parts) if mine else None
+    return None
+
+
+def _not_itself(path: Path, where: str) -> None:
+    """Refuse a file on ``sys.path`` (the config's folder) that imports a module of its own name: Python
+    would import the file itself (a script named ``statistics.py`` has the same trap), at best failing
+    with "partially initialized module", at worst silently (a reviewer's find)."""
+    if str(path.parent) not in sys.path:
+        return
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError):
+        return  # (the import says so, in its own words)
+    for node in ast.walk(tree):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        if any(name.partition(".")[0] == path.stem for name in names):
+            raise PluginError(
+                f"{where}: {path.name} imports {path.stem!r}, which would be itself (the config's folder comes"
+                f" first on sys.path): rename the file"
+            )
+
+
 def _import_file(path: Path) -> Any:
     """Import a plugin file once (a second spec naming the same file gets the same module), as a module of
     a package made for its folder: what is beside it imports relatively (``from .helpers import X``), each
@@ -98,7 +140,7 @@ def _import_file(path: Path) -> Any:
     ``sys.path`` to shadow an installed module (``agents/redis.py`` importing redis). Found by an author's
     tester and a reviewer: a file could not import its neighbours, then (with its folder on the path) two
     folders' neighbours of one name were one module."""
-    package = f"haip_plugin_{hashlib.sha1(str(path.parent).encode()).hexdigest()[:12]}"
+    package = f"haip_plugin_{hashlib.sha1(os.fsencode(path.parent)).hexdigest()[:12]}"
     module_name = f"{package}.{path.stem}"
     loaded = sys.modules.get(module_name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
@@ -125,6 +167,6 @@ def _relative_hint(exc: Exception, path: Path | None) -> str:
     if path is None or not isinstance(exc, ModuleNotFoundError) or not name:
         return ""
     top = str(name).partition(".")[0]
-    if (path.parent / f"{top}.py").is_file() or (path.parent / top).is_dir():
+    if (path.parent / f"{top}.py").is_file() or (path.parent / top / "__init__.py").is_file():
         return f" (a plugin file imports what is beside it relatively: 'from .{top} import ...')"
     return ""

@@ -320,8 +320,8 @@ def test_a_plugin_file_imports_the_modules_beside_it_whatever_the_order_of_the_a
     plugin file imports relatively; an import by name says so."""
     plugins = tmp_path / "mystuff"
     plugins.mkdir()
-    (plugins / "__init__.py").write_text("")
-    (plugins / "util.py").write_text("GREETING = 'hello'\n")
+    (plugins / "__init__.py").write_text("GREETING = 'hello'\n")  # (a package: it runs, and is one with mystuff.x)
+    (plugins / "util.py").write_text("from . import GREETING\n")
     agent = (
         "from haip_runtime import Agent, Turn\n{imports}\n\n"
         "class {name}(Agent):\n"
@@ -366,6 +366,14 @@ def test_a_plugin_file_named_after_what_it_imports_loads_and_two_folders_neighbo
         imports = f"from . import helpers\nassert helpers.NAME == {folder!r}, helpers.NAME"  # (its own, or it fails)
         (tmp_path / folder / "agent.py").write_text(plugin.format(imports=imports, name="Agent", says="helpers.NAME"))
     (tmp_path / "a" / "json.py").write_text(plugin.format(imports="import json", name="Json", says="json.dumps(1)"))
+    (tmp_path / "statistics.py").write_text(plugin.format(imports="import statistics", name="Stats", says="'x'"))
+    itself = write(
+        tmp_path, "[agents.s]\nplugin = 'statistics.py:Stats'\n"
+    )  # (in the config's folder, first on the path)
+    assert run_cli("check", "--config", str(itself), cwd=Path("/")).stderr == (
+        f"haip-runtime: {itself}: agents.s.plugin: statistics.py imports 'statistics', which would be itself"
+        " (the config's folder comes first on sys.path): rename the file\n"
+    )
     config = (
         "[agents.a]\nplugin = 'a/agent.py:Agent'\n[agents.j]\nplugin = 'a/json.py:Json'\n"
         "[agents.b]\nplugin = 'b/agent.py:Agent'\n"
