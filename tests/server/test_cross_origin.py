@@ -104,6 +104,16 @@ TALK = """async ([api, token]) => {
   return {text, history: listed.status, conversations: (await listed.json()).transactions.length};
 }"""
 
+#: An AG-UI run from the page, as ``@ag-ui/client``'s HttpAgent posts it: the events' types, in order.
+AGUI = """async ([api, token]) => {
+  const body = {threadId: crypto.randomUUID(), runId: "r1", state: {}, tools: [], context: [], forwardedProps: {},
+                messages: [{id: "m1", role: "user", content: "hello over ag-ui"}]};
+  const response = await fetch(`${api}/ag-ui/echo`, {method: "POST", body: JSON.stringify(body),
+    headers: {"content-type": "application/json", accept: "text/event-stream", authorization: `Bearer ${token}`}});
+  const text = await response.text();
+  return text.split("\\n").filter((line) => line.startsWith("data: ")).map((line) => JSON.parse(line.slice(6)).type);
+}"""
+
 #: A read of the REST history from the page: its status, or the browser's refusal.
 READ = """async ([api, token]) => {
   try {
@@ -121,6 +131,14 @@ def test_a_page_of_a_listed_origin_talks_over_sse_and_reads_the_history(
     page = tab(browser, origins[0])
     result = page.evaluate(TALK, [server.http_url, server.token("dev")])
     assert result == {"text": "you said: hello from another origin", "history": 200, "conversations": 1}
+
+
+def test_a_page_of_a_listed_origin_runs_an_agent_over_ag_ui(
+    browser: Browser, server: LiveServer, origins: tuple[str, str]
+) -> None:
+    page = tab(browser, origins[0])
+    types = page.evaluate(AGUI, [server.http_url, server.token("dev")])
+    assert types[0] == "RUN_STARTED" and types[-1] == "RUN_FINISHED" and "TEXT_MESSAGE_CONTENT" in types, types
 
 
 def test_a_page_of_another_origin_is_refused_by_the_browser_and_the_runtime(
