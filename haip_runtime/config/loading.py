@@ -7,10 +7,12 @@ expected, and the bad value only when it cannot be a secret.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 import tomllib
+import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,12 +116,34 @@ def _describe(error: ErrorDetails, data: Any = None) -> str:
     loc = _written(error["loc"], data) if data is not None else ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see config/haip.schema.json)"
+        near = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(error["loc"][:-1]), n=1, cutoff=0.6)
+        guess = f"did you mean {near[0]!r}? " if near else ""
+        message = f"unknown key ({guess}check the spelling; `haip-runtime schema` prints every key)"
     elif error["type"] == "missing":
         message = "required key is missing"
     elif _showable(error.get("input"), loc):
         message = f"{message} (got {_short(error.get('input'))})"
     return f"{loc}: {message}" if loc else message
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model at ``loc`` takes (a best effort through tables, ``[name]`` maps and lists: an
+    unknown key's neighbours, for a "did you mean"); ``[]`` where it cannot tell (a union, say)."""
+    model: Any = HaipConfig
+    parts = list(loc)
+    while parts:
+        fields = getattr(model, "model_fields", None)
+        part = parts.pop(0)
+        if fields is None or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        while typing.get_origin(annotation) in (dict, list) and typing.get_args(annotation):
+            annotation = typing.get_args(annotation)[-1]  # a table of named ones, or a list: its items
+            if parts:
+                parts.pop(0)  # (the item's name or index)
+        model = annotation
+    fields = getattr(model, "model_fields", None)
+    return [] if fields is None else [field.alias or name for name, field in fields.items()]
 
 
 def _showable(value: object, loc: str) -> bool:

@@ -441,7 +441,7 @@ class Transaction:
             self._finish(run, EventType.RUN_ERROR, error_body(exc.code, exc.message))
         except Exception as exc:
             logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
-            message = f"agent {run.agent!r} failed: {type(exc).__name__}"
+            message = f"agent {run.agent!r} failed: {type(exc).__name__} (the server's log has its traceback)"
             self._finish(run, EventType.RUN_ERROR, error_body(ErrorCode.INTERNAL_ERROR, message))
         else:
             status = RunOutcome.CANCELLED if run.scope.cancel_called else RunOutcome.OK

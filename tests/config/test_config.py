@@ -69,7 +69,20 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("[server]\nport = 99999\n", "server.port: Input should be less than or equal to 65535 (got 99999)"),
-        ("[server]\nprot = 1\n", "server.prot: unknown key (check the spelling; see config/haip.schema.json)"),
+        (
+            "[server]\nprot = 1\n",
+            "server.prot: unknown key (did you mean 'port'? check the spelling; `haip-runtime schema` prints"
+            " every key)",
+        ),
+        (
+            "[agent.x]\nplugin = 'echo'\n",
+            "agent: unknown key (did you mean 'agents'? check the spelling; `haip-runtime schema` prints every key)",
+        ),
+        (
+            "[agents.x]\nplugn = 'echo'\nplugin = 'echo'\n",
+            "agents.x.plugn: unknown key (did you mean 'plugin'? check the spelling; `haip-runtime schema` prints"
+            " every key)",
+        ),
         ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
         ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
         ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
@@ -93,6 +106,8 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
     ids=[
         "range",
         "typo",
+        "table-typo",
+        "nested-typo",
         "missing",
         "jwt-without-secret",
         "short-secret",
@@ -234,7 +249,8 @@ def test_every_schema_error_of_a_file_is_a_line_of_its_own(tmp_path: Path) -> No
         f"haip-runtime: {path}: server.host: Input should be a valid string (got 5)",
         f"haip-runtime: {path}: server.port: Input should be a valid integer, unable to parse string as an integer"
         " (got 'x')",
-        f"haip-runtime: {path}: session.bogus: unknown key (check the spelling; see config/haip.schema.json)",
+        f"haip-runtime: {path}: session.bogus: unknown key (check the spelling; `haip-runtime schema` prints"
+        " every key)",
         "haip-runtime: 3 problem(s)",
     ]
     with pytest.raises(ConfigError) as refused:  # where one line is all there is room for
