@@ -270,7 +270,7 @@ class ChatView:
 
     def _tool_list(self, tools: list[dict[str, Any]]) -> None:
         if len(tools) != len(self.tools):
-            self.say(f"{len(tools)} tools available (/tools lists them)", "dim")
+            self.say(f"{len(tools)} tool{'' if len(tools) == 1 else 's'} available (/tools lists them)", "dim")
         self.tools = tools
 
     def _tool_update(self, event: Received) -> None:

@@ -181,7 +181,9 @@ async def test_an_agent_saying_something_that_is_not_text_fails_before_anything_
     async with AgentHarness(SaysANumber) as agent:
         turn = await agent.send("hi")
     assert [e.type for e in turn.events] == ["RUN_STARTED", "RUN_ERROR"]
-    assert turn.error is not None and turn.error["message"] == "agent 'saysanumber' failed: TypeError"
+    assert turn.error is not None and turn.error["message"] == (
+        "agent 'saysanumber' failed: TypeError (the server's log has its traceback)"
+    )
 
 
 async def test_the_harness_checks_a_message_against_the_agents_input_schema_as_the_server_does() -> None:
