@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tomllib
+import types
 import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -127,23 +128,55 @@ def _describe(error: ErrorDetails, data: Any = None) -> str:
 
 
 def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys the model at ``loc`` takes (a best effort through tables, ``[name]`` maps and lists: an
-    unknown key's neighbours, for a "did you mean"); ``[]`` where it cannot tell (a union, say)."""
+    """The keys the model at ``loc`` takes (a best effort through tables, ``[name]`` maps, lists and a
+    union tagged by ``kind``: an unknown key's neighbours, for a "did you mean"); ``[]`` where it cannot
+    tell. It never fails: a config error is said whatever this finds."""
+    try:
+        return _keys_at(list(loc))
+    except Exception:  # (a hint, not worth a traceback)
+        return []
+
+
+def _keys_at(parts: list[int | str]) -> list[str]:
     model: Any = HaipConfig
-    parts = list(loc)
     while parts:
         fields = getattr(model, "model_fields", None)
         part = parts.pop(0)
         if fields is None or part not in fields:
             return []
-        annotation = fields[part].annotation
-        while typing.get_origin(annotation) in (dict, list) and typing.get_args(annotation):
-            annotation = typing.get_args(annotation)[-1]  # a table of named ones, or a list: its items
-            if parts:
-                parts.pop(0)  # (the item's name or index)
-        model = annotation
+        model = _item(fields[part].annotation, parts)
     fields = getattr(model, "model_fields", None)
     return [] if fields is None else [field.alias or name for name, field in fields.items()]
+
+
+def _item(annotation: Any, parts: list[int | str]) -> Any:
+    """The model of a field's value: through ``Annotated``, tables and lists (taking the item's name or
+    index off ``parts``), and a union's member named by the next part (pydantic's tag: ``kind``)."""
+    while True:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Annotated:
+            annotation = args[0]
+        elif origin in (dict, list) and args:
+            annotation = args[-1]
+            if parts:
+                parts.pop(0)
+        elif origin in (typing.Union, types.UnionType) and len(real := [a for a in args if a is not type(None)]) == 1:
+            annotation = real[0]  # (an optional table: ``X | None``)
+        elif origin in (typing.Union, types.UnionType):
+            tag = parts[0] if parts else None
+            members = [member for member in args if tag in _kinds(member)]
+            if len(members) != 1:
+                return None
+            parts.pop(0)
+            return members[0]
+        else:
+            return annotation
+
+
+def _kinds(model: Any) -> tuple[Any, ...]:
+    """The values of a model's ``kind`` (a ``Literal``): the tags that name it in a union."""
+    field = getattr(model, "model_fields", {}).get("kind")
+    return typing.get_args(field.annotation) if field is not None else ()
 
 
 def _showable(value: object, loc: str) -> bool:

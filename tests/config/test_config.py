@@ -83,6 +83,11 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             "agents.x.plugn: unknown key (did you mean 'plugin'? check the spelling; `haip-runtime schema` prints"
             " every key)",
         ),
+        (
+            "[llm.x]\nkind = 'openai'\nmodel = 'm'\nmodle = 'm'\n",
+            "llm.x.modle: unknown key (did you mean 'model'? check the spelling; `haip-runtime schema` prints"
+            " every key)",
+        ),
         ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
         ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
         ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
@@ -108,6 +113,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         "typo",
         "table-typo",
         "nested-typo",
+        "union-typo",
         "missing",
         "jwt-without-secret",
         "short-secret",
