@@ -86,6 +86,8 @@ def read_toml(
 
 def validate_config(data: dict[str, Any], *, base_dir: Path, source: str = "<config>") -> HaipConfig:
     """``data`` (expanded already) as the config of a file in ``base_dir``; a failure is one ``ConfigError`` line."""
+    if "base_dir" in data:  # (the loader's own: the config file's folder, never the file's to set)
+        raise ConfigError(f"{source}: base_dir: unknown key (it is the config file's own folder)")
     try:
         return HaipConfig.model_validate({**data, "base_dir": base_dir}, context={"base_dir": base_dir})
     except ValidationError as exc:
@@ -146,7 +148,7 @@ def _keys_at(parts: list[int | str]) -> list[str]:
             return []
         model = _item(fields[part].annotation, parts)
     fields = getattr(model, "model_fields", None)
-    return [] if fields is None else [field.alias or name for name, field in fields.items()]
+    return [] if fields is None else [field.alias or name for name, field in fields.items() if not field.exclude]
 
 
 def _item(annotation: Any, parts: list[int | str]) -> Any:

@@ -3,14 +3,13 @@
 A spec is an entry-point name of the caller's group, a built-in name, ``package.module:attr``
 (imported with the config file's folder on ``sys.path``) or ``path/to/file.py:attr`` (a file,
 relative to that folder, imported as a module of a package made for its folder: it imports the
-modules beside it relatively, and packages under the config's folder by name). Every failure is
+modules beside it relatively; nothing goes on ``sys.path``). Every failure is
 one ``PluginError`` line naming the config key. What the object must be is the caller's check
 (``agents/registry.py``, ``bridge/inprocess.py``).
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib
 import importlib.machinery
@@ -73,19 +72,17 @@ def _entry_point(name: str, group: str) -> str | None:
 def _import(module_name: str, base_dir: Path, where: str) -> Any:
     path: Path | None = None
     try:
-        _importable(base_dir)  # (both forms: packages under the config's folder import by name, in any order)
         if module_name.endswith(".py") or "/" in module_name:
             path = (base_dir / module_name).resolve()
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
-            _not_itself(path, where)
-            dotted = _package_name(path)
-            return importlib.import_module(dotted) if dotted is not None else _import_file(path)
+            return _import_file(path)
+        _importable(base_dir)
         return importlib.import_module(module_name)
     except PluginError:
         raise
     except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
-        hint = _relative_hint(exc, path)
+        hint = _import_hint(exc, path, base_dir)
         raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}{hint}") from exc
 
 
@@ -95,51 +92,14 @@ def _importable(folder: Path) -> None:
         sys.path.insert(0, str(folder))
 
 
-def _package_name(path: Path) -> str | None:
-    """``package.module`` for a file inside packages (``__init__.py`` up the folders) rooted in a folder on
-    ``sys.path`` (the config's): imported by that name, so ``mystuff/agent.py:Agent`` is ``mystuff.agent:Agent``
-    (one class, not two) and the packages' ``__init__`` run. ``None`` for any other file."""
-    parts, folder = [path.stem], path.parent
-    while (folder / "__init__.py").is_file():
-        parts.insert(0, folder.name)
-        folder = folder.parent
-        if str(folder) in sys.path and all(part.isidentifier() for part in parts):
-            # (unless that name is another package already, installed or loaded: then a package of its own)
-            found = importlib.util.find_spec(parts[0])
-            origin = found.origin if found is not None else None
-            mine = origin is not None and Path(origin).resolve() == (folder / parts[0] / "__init__.py").resolve()
-            return ".".join(parts) if mine else None
-    return None
-
-
-def _not_itself(path: Path, where: str) -> None:
-    """Refuse a file on ``sys.path`` (the config's folder) that imports a module of its own name: Python
-    would import the file itself (a script named ``statistics.py`` has the same trap), at best failing
-    with "partially initialized module", at worst silently (a reviewer's find)."""
-    if str(path.parent) not in sys.path:
-        return
-    try:
-        tree = ast.parse(path.read_bytes(), str(path))
-    except (SyntaxError, ValueError):
-        return  # (the import says so, in its own words)
-    for node in ast.walk(tree):
-        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        if any(name.partition(".")[0] == path.stem for name in names):
-            raise PluginError(
-                f"{where}: {path.name} imports {path.stem!r}, which would be itself (the config's folder comes"
-                f" first on sys.path): rename the file"
-            )
-
-
 def _import_file(path: Path) -> Any:
     """Import a plugin file once (a second spec naming the same file gets the same module), as a module of
     a package made for its folder: what is beside it imports relatively (``from .helpers import X``), each
-    folder its own (two plugin folders with a ``helpers.py`` each never share one), and nothing goes on
-    ``sys.path`` to shadow an installed module (``agents/redis.py`` importing redis). Found by an author's
-    tester and a reviewer: a file could not import its neighbours, then (with its folder on the path) two
-    folders' neighbours of one name were one module."""
+    folder its own (two plugin folders with a ``helpers.py`` each never share one), and nothing of it goes
+    on ``sys.path`` (a file named like a module, ``statistics.py``, never shadows that module for the rest
+    of the server). Found by an author's tester and three reviewers: each way of putting a plugin's folder
+    on ``sys.path`` had a proved fault. The folder's own ``__init__.py`` does not run: for a package, name
+    the plugin ``package.module:Class``."""
     package = f"haip_plugin_{hashlib.sha1(os.fsencode(path.parent)).hexdigest()[:12]}"
     module_name = f"{package}.{path.stem}"
     loaded = sys.modules.get(module_name)
@@ -161,12 +121,22 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def _relative_hint(exc: Exception, path: Path | None) -> str:
-    """For a plugin file that imports a module beside it by name: how to write it."""
+def _import_hint(exc: Exception, path: Path | None, base_dir: Path) -> str:
+    """For a plugin file that imports by name a module beside it, or a package under the config's folder:
+    how to write it."""
     name = getattr(exc, "name", None)
     if path is None or not isinstance(exc, ModuleNotFoundError) or not name:
         return ""
     top = str(name).partition(".")[0]
-    if (path.parent / f"{top}.py").is_file() or (path.parent / top / "__init__.py").is_file():
+
+    def module_in(folder: Path) -> bool:
+        return (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
+
+    if module_in(path.parent):
         return f" (a plugin file imports what is beside it relatively: 'from .{top} import ...')"
+    if module_in(base_dir):
+        return (
+            f" ({top!r} is in the config's folder: a plugin named 'module:Class' imports it by name, a plugin"
+            " file imports what is beside it relatively)"
+        )
     return ""

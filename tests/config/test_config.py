@@ -83,6 +83,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             "agents.x.plugn: unknown key (did you mean 'plugin'? check the spelling; `haip-runtime schema` prints"
             " every key)",
         ),
+        ("base_dir = '/etc'\n", "base_dir: unknown key (it is the config file's own folder)"),
         (
             "[llm.x]\nkind = 'openai'\nmodel = 'm'\nmodle = 'm'\n",
             "llm.x.modle: unknown key (did you mean 'model'? check the spelling; `haip-runtime schema` prints"
@@ -113,6 +114,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         "typo",
         "table-typo",
         "nested-typo",
+        "base-dir",
         "union-typo",
         "missing",
         "jwt-without-secret",
@@ -339,11 +341,11 @@ def test_uvloop_asked_for_where_it_is_not_installed_is_refused_in_one_line(monke
 def test_a_plugin_file_imports_the_modules_beside_it_whatever_the_order_of_the_agents(tmp_path: Path) -> None:
     """An author's tester: a ``path.py:Class`` plugin could not import its neighbours, and ``mystuff.util``
     imported only when a ``mystuff.x:Class`` agent happened to come first in the file. What is beside a
-    plugin file imports relatively; an import by name says so."""
+    plugin file imports relatively; an import by name says how to write it."""
     plugins = tmp_path / "mystuff"
     plugins.mkdir()
-    (plugins / "__init__.py").write_text("GREETING = 'hello'\n")  # (a package: it runs, and is one with mystuff.x)
-    (plugins / "util.py").write_text("from . import GREETING\n")
+    (plugins / "__init__.py").write_text("")
+    (plugins / "util.py").write_text("GREETING = 'hello'\n")
     agent = (
         "from haip_runtime import Agent, Turn\n{imports}\n\n"
         "class {name}(Agent):\n"
@@ -353,15 +355,22 @@ def test_a_plugin_file_imports_the_modules_beside_it_whatever_the_order_of_the_a
     (plugins / "beside.py").write_text(agent.format(imports="from .util import GREETING", name="Beside"))
     (plugins / "package.py").write_text(agent.format(imports="from mystuff.util import GREETING", name="Package"))
     (plugins / "by_name.py").write_text(agent.format(imports="from util import GREETING", name="ByName"))
-    agents = "[agents.b]\nplugin = 'mystuff/beside.py:Beside'\n[agents.p]\nplugin = 'mystuff/package.py:Package'\n"
-    result = run_cli("check", "--config", str(write(tmp_path, agents)), cwd=Path("/"))
-    assert result.returncode == 0, result.stderr
-    by_name = write(tmp_path, "[agents.n]\nplugin = 'mystuff/by_name.py:ByName'\n")
-    result = run_cli("check", "--config", str(by_name), cwd=Path("/"))
-    assert result.stderr == (
-        f"haip-runtime: {by_name}: agents.n.plugin: cannot import 'mystuff/by_name.py': ModuleNotFoundError: No"
-        " module named 'util' (a plugin file imports what is beside it relatively: 'from .util import ...')\n"
-    )
+    for first, second in (("b", "p"), ("p", "b")):
+        tables = {
+            "b": "[agents.b]\nplugin = 'mystuff/beside.py:Beside'\n",
+            "p": "[agents.p]\nplugin = 'mystuff.package:Package'\n",
+        }
+        result = run_cli("check", "--config", str(write(tmp_path, tables[first] + tables[second])), cwd=Path("/"))
+        assert result.returncode == 0, result.stderr
+    hints = []
+    for spec in ("mystuff/by_name.py:ByName", "mystuff/package.py:Package"):
+        result = run_cli("check", "--config", str(write(tmp_path, f"[agents.n]\nplugin = '{spec}'\n")), cwd=Path("/"))
+        hints.append(result.stderr.rpartition("ModuleNotFoundError: ")[2].strip())
+    assert hints == [
+        "No module named 'util' (a plugin file imports what is beside it relatively: 'from .util import ...')",
+        "No module named 'mystuff' ('mystuff' is in the config's folder: a plugin named 'module:Class' imports it"
+        " by name, a plugin file imports what is beside it relatively)",
+    ]
     bare = write(tmp_path, "[agents.b]\nplugin = 'mystuff/beside.py'\n")
     result = run_cli("check", "--config", str(bare), cwd=Path("/"))
     assert result.stderr == (
@@ -373,9 +382,10 @@ def test_a_plugin_file_imports_the_modules_beside_it_whatever_the_order_of_the_a
 def test_a_plugin_file_named_after_what_it_imports_loads_and_two_folders_neighbours_are_their_own(
     tmp_path: Path,
 ) -> None:
-    """A reviewer's finds in a first version of the above, which put the plugin's folder on ``sys.path``:
-    ``agents/json.py`` importing json imported itself, and two plugin folders with a ``helpers.py`` each
-    gave the second plugin the first one's, silently."""
+    """Reviewers' finds in the first versions of the above, which put a plugin's folder on ``sys.path``:
+    ``a/json.py`` importing json imported itself; two plugin folders with a ``helpers.py`` each gave the
+    second plugin the first one's, silently; and ``statistics.py`` in the config's folder took the place
+    of the standard module for every other importer (``report.py`` here)."""
     plugin = (
         "{imports}\nfrom haip_runtime import Agent, Turn\n\n"
         "class {name}(Agent):\n"
@@ -389,16 +399,12 @@ def test_a_plugin_file_named_after_what_it_imports_loads_and_two_folders_neighbo
         (tmp_path / folder / "agent.py").write_text(plugin.format(imports=imports, name="Agent", says="helpers.NAME"))
     (tmp_path / "a" / "json.py").write_text(plugin.format(imports="import json", name="Json", says="json.dumps(1)"))
     (tmp_path / "statistics.py").write_text(plugin.format(imports="import statistics", name="Stats", says="'x'"))
-    itself = write(
-        tmp_path, "[agents.s]\nplugin = 'statistics.py:Stats'\n"
-    )  # (in the config's folder, first on the path)
-    assert run_cli("check", "--config", str(itself), cwd=Path("/")).stderr == (
-        f"haip-runtime: {itself}: agents.s.plugin: statistics.py imports 'statistics', which would be itself"
-        " (the config's folder comes first on sys.path): rename the file\n"
-    )
+    report = "import statistics\nMEAN = statistics.mean([1, 2])"  # (the standard module, whatever sits beside it)
+    (tmp_path / "report.py").write_text(plugin.format(imports=report, name="Report", says="str(MEAN)"))
     config = (
         "[agents.a]\nplugin = 'a/agent.py:Agent'\n[agents.j]\nplugin = 'a/json.py:Json'\n"
-        "[agents.b]\nplugin = 'b/agent.py:Agent'\n"
+        "[agents.b]\nplugin = 'b/agent.py:Agent'\n[agents.s]\nplugin = 'statistics.py:Stats'\n"
+        "[agents.r]\nplugin = 'report.py:Report'\n"
     )
     result = run_cli("check", "--config", str(write(tmp_path, config)), cwd=Path("/"))
     assert result.returncode == 0, result.stderr
