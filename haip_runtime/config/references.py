@@ -15,6 +15,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ def _import_file(path: Path) -> Any:
     on ``sys.path`` had a proved fault. The folder's own ``__init__.py`` does not run: for a package, name
     the plugin ``package.module:Class``."""
     package = f"haip_plugin_{hashlib.sha1(os.fsencode(path.parent)).hexdigest()[:12]}"
-    module_name = f"{package}.{path.stem}"
+    stem = re.sub(r"\W", "_", path.stem)  # (``agent.v2.py``: no dot in a module's own name)
+    module_name = f"{package}.{stem}"
     loaded = sys.modules.get(module_name)
     if loaded is not None and getattr(loaded, "__file__", None) == str(path):
         return loaded
@@ -125,9 +127,11 @@ def _import_hint(exc: Exception, path: Path | None, base_dir: Path) -> str:
     """For a plugin file that imports by name a module beside it, or a package under the config's folder:
     how to write it."""
     name = getattr(exc, "name", None)
-    if path is None or not isinstance(exc, ModuleNotFoundError) or not name:
-        return ""
+    if path is None or not isinstance(exc, ModuleNotFoundError) or not name or _failed_in(exc) != str(path):
+        return ""  # (only for the file's own imports: one failing inside a package it imports is the package's)
     top = str(name).partition(".")[0]
+    if top.startswith("haip_plugin_"):  # a relative import (the package made for the file's folder)
+        return f" (nothing named {str(name).partition('.')[2]!r} beside {path.name})"
 
     def module_in(folder: Path) -> bool:
         return (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
@@ -140,3 +144,15 @@ def _import_hint(exc: Exception, path: Path | None, base_dir: Path) -> str:
             " file imports what is beside it relatively)"
         )
     return ""
+
+
+def _failed_in(exc: BaseException) -> str | None:
+    """The file whose code raised ``exc`` last (the import machinery's own frames left out)."""
+    found = None
+    trace = exc.__traceback__
+    while trace is not None:
+        filename = trace.tb_frame.f_code.co_filename
+        if not filename.startswith("<frozen"):
+            found = filename
+        trace = trace.tb_next
+    return found

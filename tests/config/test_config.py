@@ -435,3 +435,26 @@ def test_every_plugin_problem_is_a_line_of_its_own(tmp_path: Path) -> None:
         "haip-runtime: 4 problem(s)",
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_a_plugin_files_relative_imports_are_said_in_its_own_words_and_a_dotted_name_works(tmp_path: Path) -> None:
+    """A reviewer's finds: a relative import's typo named the package made for the folder and nothing else,
+    an import failing inside a package got advice about the plugin file that did not apply, and a file
+    named ``agent.v2.py`` could not import relatively."""
+    (tmp_path / "helpers.py").write_text("Y = 2\n")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "__init__.py").write_text("from inner.core import X\n")  # (fails: not on the path)
+    (tmp_path / "inner" / "core.py").write_text("X = 1\n")
+    agent = (
+        "{imports}\nfrom haip_runtime import Agent, Turn\n\n"
+        "class A(Agent):\n    async def on_message(self, turn: Turn) -> None:\n        pass\n"
+    )
+    (tmp_path / "typo.py").write_text(agent.format(imports="from .helpres import Y"))
+    (tmp_path / "deep.py").write_text(agent.format(imports="from .inner import X"))
+    (tmp_path / "agent.v2.py").write_text(agent.format(imports="from .helpers import Y"))
+    said = []
+    for spec in ("typo.py", "deep.py", "agent.v2.py"):
+        result = run_cli("check", "--config", str(write(tmp_path, f"[agents.a]\nplugin = '{spec}:A'\n")), cwd=Path("/"))
+        said.append(result.stderr.rpartition("ModuleNotFoundError: ")[2].strip() if result.returncode else "ok")
+    assert said[0].endswith("(nothing named 'helpres' beside typo.py)")
+    assert said[1] == "No module named 'inner'" and said[2] == "ok"
