@@ -30,21 +30,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as exc:  # one line per problem (the schema's), then how many
-        for problem in exc.problems:
-            print(f"haip-runtime: {problem}", file=sys.stderr)
-        if len(exc.problems) > 1:
-            print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
+        _say_problems(exc.problems)
         return 1
-    except PluginError as exc:  # naming the file, as a config error does; one line per problem
+    except PluginError as exc:  # naming the file, as a config error does
         source = getattr(args, "config", None)
-        for problem in exc.problems:
-            print(f"haip-runtime: {source}: {problem}" if source else f"haip-runtime: {problem}", file=sys.stderr)
-        if len(exc.problems) > 1:
-            print(f"haip-runtime: {len(exc.problems)} problem(s)", file=sys.stderr)
+        _say_problems([f"{source}: {problem}" if source else problem for problem in exc.problems])
         return 1
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def _say_problems(problems: list[str]) -> None:
+    """One line per problem on stderr, then how many when there are several."""
+    for problem in problems:
+        print(f"haip-runtime: {problem}", file=sys.stderr)
+    if len(problems) > 1:
+        print(f"haip-runtime: {len(problems)} problem(s)", file=sys.stderr)
 
 
 def _version() -> str:

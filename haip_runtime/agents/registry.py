@@ -92,11 +92,11 @@ def load_agent(name: str, config: AgentConfig, base_dir: Path, llm: Provider | N
 def validate_options(cls: type[Agent[Any]], options: Mapping[str, Any], where: str) -> BaseModel:
     """``options`` through the plugin's ``Options`` model; unknown keys are refused even if the model allows them."""
     model = cls.Options
+    names = _option_names(model)
     problems: list[str] = []
-    unknown = sorted(set(options) - _option_names(model))
+    unknown = sorted(set(options) - names)
     if unknown and model.model_config.get("extra") != "forbid":
-        known = ", ".join(sorted(_option_names(model)))
-        takes = f"it takes: {known}" if known else "it declares no Options"
+        takes = f"it takes: {', '.join(sorted(names))}" if names else "it declares no Options"
         problems += [f"{where}.{key}: unknown option of {cls.__name__} ({takes})" for key in unknown]
     try:
         validated = model.model_validate(dict(options))
@@ -106,7 +106,7 @@ def validate_options(cls: type[Agent[Any]], options: Mapping[str, Any], where: s
             message = error["msg"]
             if error["type"] == "extra_forbidden":
                 none = f"unknown option of {cls.__name__} (it declares no Options)"
-                message = none if not _option_names(model) else "unknown option (check the spelling)"
+                message = none if not names else "unknown option (check the spelling)"
             problems.append(f"{where}.{key}: {message}")
         raise PluginError(problems[0], problems) from exc
     if problems:

@@ -78,19 +78,14 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
             if not path.is_file():
                 raise PluginError(f"{where}: no such file: {path}")
             return _import_file(path)
-        _importable(base_dir)
+        if str(base_dir) not in sys.path:
+            sys.path.insert(0, str(base_dir))
         return importlib.import_module(module_name)
     except PluginError:
         raise
     except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
         hint = _import_hint(exc, path, base_dir)
         raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}{hint}") from exc
-
-
-def _importable(folder: Path) -> None:
-    """Put ``folder`` on ``sys.path``, ahead of the rest, unless it is there."""
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
 
 
 def _import_file(path: Path) -> Any:

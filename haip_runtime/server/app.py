@@ -64,6 +64,7 @@ from haip_runtime.store.base import StorageState
 from haip_runtime.tools.proxy import ToolProxy
 from haip_runtime.tools.readiness import Readiness
 from haip_runtime.transports.base import FrameSource, Inbound, Transport
+from haip_runtime.transports.origin import normal_origin
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -364,7 +365,7 @@ def cors(allowed: list[str]) -> dict[str, Any]:
     nothing else): preflights answered, and its responses readable. The origins get the CORS headers;
     the doors' own Origin check (``transports/origin.py``) still refuses the others. Credentials are a
     bearer token or ``?token=``, never cookies, so no ``Allow-Credentials``."""
-    origins = ["*"] if "*" in allowed else [origin.strip().rstrip("/").lower() for origin in allowed]
+    origins = ["*"] if "*" in allowed else [normal_origin(origin) for origin in allowed]
     return {
         "allow_origins": origins,
         "allow_methods": ["GET", "POST", "DELETE"],

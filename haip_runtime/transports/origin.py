@@ -16,12 +16,13 @@ def origin_allowed(headers: Mapping[str, str], allowed: Sequence[str]) -> bool:
     origin = headers.get("origin")
     if origin is None or "*" in allowed:
         return True
-    wanted = _normal(origin)
-    if any(_normal(entry) == wanted for entry in allowed):
+    wanted = normal_origin(origin)
+    if any(normal_origin(entry) == wanted for entry in allowed):
         return True
     host = headers.get("host", "").strip().lower()
     return bool(host) and urlsplit(wanted).netloc == host
 
 
-def _normal(origin: str) -> str:
+def normal_origin(origin: str) -> str:
+    """An origin as compared here (and as the CORS answers name it): no spaces or trailing slash, lower case."""
     return origin.strip().rstrip("/").lower()
