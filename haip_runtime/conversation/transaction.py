@@ -381,14 +381,22 @@ class Transaction:
     def message_id_taken(self, message_id: str) -> bool:
         """Whether a message this transaction holds in memory (the agents' history, the recent log) has
         ``message_id``: a member may not give theirs the id of another (edits go by it)."""
-        if any(entry.message_id == message_id for entry in self.history if entry.role in ("user", "agent")):
-            return True
-        return any(
-            event.type in (EventType.MESSAGE, EventType.MESSAGE_START)
-            and isinstance(event.payload, dict)
-            and event.payload.get("message_id") == message_id
-            for event in self.recent()
-        )
+        return self.message_author(message_id) is not None
+
+    def message_author(self, message_id: str) -> str | None:
+        """Who wrote the message with ``message_id`` this transaction holds in memory (the agents'
+        history, the recent log): a user, or an agent's name; ``None`` if it holds none."""
+        for entry in self.history:
+            if entry.message_id == message_id and entry.role in ("user", "agent"):
+                return entry.author
+        for event in self.recent():
+            if (
+                event.type in (EventType.MESSAGE, EventType.MESSAGE_START)
+                and isinstance(event.payload, dict)
+                and event.payload.get("message_id") == message_id
+            ):
+                return str(event.payload.get("author") or "")
+        return None
 
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A

@@ -275,7 +275,8 @@ async def test_bad_requests_get_a_clear_error_and_change_nothing(runtime: LiveSe
         history = await http.get("/haip/transactions/t-none/events", headers=headers)
         assert history.status_code == 404  # refused before anything was made
         mallory = {"authorization": f"Bearer {runtime.token('mallory')}"}
-        made = await http.post("/ag-ui/echo", json={**body, "threadId": "t-alice"}, headers=headers)
+        hello = [{"id": "m1", "role": "user", "content": "hello"}]
+        made = await http.post("/ag-ui/echo", json={**body, "threadId": "t-alice", "messages": hello}, headers=headers)
         assert made.status_code == 200
         taken = await http.post("/ag-ui/echo", json={**body, "threadId": "t-alice"}, headers=mallory)
         assert taken.status_code == 404 and taken.json()["error"]["code"] == "TRANSACTION_NOT_FOUND"

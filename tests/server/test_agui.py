@@ -15,7 +15,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, EventType
-from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text, user_text
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(AguiEvent)
 
@@ -198,3 +198,100 @@ def test_a_waiting_message_taken_out_of_the_queue_ends_the_ag_ui_run_cancelled()
     assert agui.run_id is None and agui.waiting == set()
     cancelled = {"type": "RUN_FINISHED", "threadId": "thread-1", "runId": "run-a", "outcome": {"type": "cancelled"}}
     assert events[-1] == cancelled
+
+
+def open_texts_at_run_ends(events: list[dict[str, Any]]) -> list[str]:
+    """Text messages still open when a run finished or failed: AG-UI clients refuse such a stream."""
+    open_now: set[str] = set()
+    left: list[str] = []
+    for event in events:
+        if event["type"] == "TEXT_MESSAGE_START":
+            open_now.add(event["messageId"])
+        elif event["type"] == "TEXT_MESSAGE_END":
+            open_now.discard(event["messageId"])
+        elif event["type"] in ("RUN_FINISHED", "RUN_ERROR"):
+            left += sorted(open_now)
+    return left
+
+
+def test_another_members_run_still_streaming_when_ours_ends_leaves_no_text_message_open() -> None:
+    """An AG-UI tester's find: bob's run streamed into alice's AG-UI run, which ended with it open, and
+    @ag-ui/client refused the stream ("Cannot send 'RUN_FINISHED' while text messages are still active")."""
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "assistant"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once upon"}, "r-bob"))
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c-bob", "tool": "demo.add", "params": {}}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE, {"text": "3", "message_id": "ours"}))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    events = sent(agui)
+    assert open_texts_at_run_ends(events) == []
+    assert [e.get("messageId") for e in events if e["type"] == "TEXT_MESSAGE_START"] == ["ours"]
+    assert not any(e["type"].startswith("TOOL_CALL") for e in events)  # bob's calls are not this client's
+    after = agui.last_id
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " a time"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "theirs"}, "r-bob"))
+    assert sent(agui, after) == []  # between AG-UI runs: the history has it
+
+
+def test_another_members_message_said_during_our_run_comes_whole_at_its_end() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "assistant"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once upon"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " a time"}, "r-bob"))
+    assert sent(agui)[1:] == []  # nothing of it yet
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "theirs"}, "r-bob"))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    events = sent(agui)
+    assert [(e["type"], e.get("delta")) for e in events[1:-1]] == [
+        ("TEXT_MESSAGE_START", None),
+        ("TEXT_MESSAGE_CONTENT", "once upon a time"),
+        ("TEXT_MESSAGE_END", None),
+    ]
+    assert open_texts_at_run_ends(events) == []
+
+
+def test_a_run_that_fails_mid_stream_ends_its_open_message_and_sends_no_more_of_it() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "half"}))
+    agui.deliver(haip(EventType.RUN_ERROR, {"run_id": "r1", "code": "NODE_LOST", "message": "its node was lost"}))
+    events = sent(agui)
+    assert [e["type"] for e in events[-2:]] == ["TEXT_MESSAGE_END", "RUN_ERROR"]
+    assert open_texts_at_run_ends(events) == []
+    after = agui.last_id
+    agui.runs.add("r2")
+    agui.open("run-b")
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "m1"}, "r2"))  # late: it was ended already
+    assert [e["type"] for e in sent(agui, after)] == ["RUN_STARTED"]
+
+
+def test_an_abandoned_run_ends_cancelled_and_nothing_more_of_its_turns_is_sent() -> None:
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    agui.waiting.add("m-queued")
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "patient"}))
+    assert sorted(agui.abandon()) == ["m-queued", "r1"]
+    events = sent(agui)
+    assert events[-1]["outcome"] == {"type": "cancelled"} and open_texts_at_run_ends(events) == []
+    after = agui.last_id
+    agui.runs.add("r2")
+    agui.open("run-b")
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "late"}, "r1"))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "CANCELLED"}))
+    assert [e["type"] for e in sent(agui, after)] == ["RUN_STARTED"] and agui.run_id == "run-b"
+
+
+def test_a_user_message_with_anything_but_text_is_refused_with_where() -> None:
+    image = {"type": "image", "source": {"type": "data", "value": "aGk=", "mimeType": "image/png"}}
+    messages = [{"id": "1", "role": "user", "content": [{"type": "text", "text": "look"}, image]}]
+    with pytest.raises(ProtocolError) as refused:
+        user_text(run_input(messages=messages))
+    assert refused.value.code == "INVALID_PAYLOAD" and refused.value.detail == {"where": "/messages/0/content/1"}
+    assert "'image'" in refused.value.message

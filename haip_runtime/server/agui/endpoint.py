@@ -26,7 +26,7 @@ from haip_runtime.protocol.codec import check_text_fits
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
-from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text, user_text
 from haip_runtime.transports.http import http_credentials, http_error_headers, refused_origin
 from haip_runtime.transports.sse import read_body
 
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 MAX_MEMBERS = 4096
 #: The largest RunAgentInput taken (it carries the client's whole message history).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+#: How long a new run waits for the client of the run still open on its thread to be seen gone (a
+#: "stop", then a new message: the aborted request's connection may close a moment after the new one opens).
+ABANDON_WAIT = 1.0
 #: The HTTP status of each error a request is refused with (others: 400).
 STATUS = {
     ErrorCode.UNAUTHORIZED: 403,
@@ -84,8 +87,13 @@ class AguiDoor:
         try:  # refused as it comes, never held whole, and within server.body_timeout_seconds
             body = await read_body(request.receive, MAX_BODY_BYTES, self.door.config.server.body_timeout_seconds)
         except DecodeError as refusal:
-            status = 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400
-            return error(status, refusal.code, refusal.message, detail=refusal.detail)
+            if refusal.code is ErrorCode.MESSAGE_TOO_LARGE:
+                message = (
+                    f"the request body exceeds {MAX_BODY_BYTES} bytes: the runtime keeps the thread's history,"
+                    " so only the newest user message need be sent"
+                )
+                return error(413, refusal.code, message)
+            return error(400, refusal.code, refusal.message, detail=refusal.detail)
         try:
             run = RunAgentInput.model_validate_json(body)
         except ValidationError as invalid:
@@ -93,17 +101,16 @@ class AguiDoor:
             where = "/" + "/".join(str(part) for part in first["loc"])
             return error(400, ErrorCode.INVALID_PAYLOAD, f"not an AG-UI RunAgentInput: {first['msg']}", where)
         agent = request.path_params["agent"]
+        reconnecting = request.headers.get("last-event-id") is not None
         try:
-            text = last_user_text(run)
-            if text is not None:
-                check_text_fits(text, self.door.config.server.max_frame_bytes, "/messages/content")
-            member = await self._member(principal, agent, run)
+            said = user_text(run)
+            if said is not None:
+                check_text_fits(said[1], self.door.config.server.max_frame_bytes, f"/messages/{said[0]}/content")
+            member = await self._member(principal, agent, run, said, new_run=not reconnecting)
             after = self._last_event_id(request, member)
             if after is None:
                 if member.run_id is not None:
-                    raise ProtocolError(
-                        ErrorCode.RUN_LIMIT_EXCEEDED, f"a run is already open on thread {run.thread_id!r}"
-                    )
+                    await self._give_up_abandoned(member)
                 after = member.last_id
                 self._start(member, run, agent, request.headers.get("traceparent"))
         except ProtocolError as failure:
@@ -129,8 +136,30 @@ class AguiDoor:
             raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"events after {header!r} are no longer kept")
         return int(number)
 
-    async def _member(self, principal: Principal, agent: str, run: RunAgentInput) -> AguiMember:
-        """The AG-UI member of this thread for this user, with the thread's transaction live and open."""
+    async def _give_up_abandoned(self, member: AguiMember) -> None:
+        """A run of this user's is open on the thread. If its client went away (a "stop" in the
+        front-end, then a new message), it ends cancelled and its turns are cancelled, for the new
+        run to start; if a client still reads it, ``RUN_LIMIT_EXCEEDED``."""
+        open_run = member.run_id
+        gone = await member.unread(ABANDON_WAIT)
+        if member.run_id is None:
+            return  # it ended meanwhile
+        if not gone or member.run_id != open_run:
+            raise ProtocolError(
+                ErrorCode.RUN_LIMIT_EXCEEDED,
+                f"a run is already open on thread {member.thread_id!r}, and its client reads it",
+            )
+        transaction = self.hub.transactions.live.get(member.thread_id)
+        for run_id in member.abandon():
+            if isinstance(transaction, Transaction):
+                transaction.cancel_run(run_id, by=member.user)
+
+    async def _member(
+        self, principal: Principal, agent: str, run: RunAgentInput, said: tuple[int, str] | None, *, new_run: bool
+    ) -> AguiMember:
+        """The AG-UI member of this thread for this user, with the thread's transaction live and open.
+        ``said``: the run's newest user message, its index and text; ``new_run``: not a client reconnecting
+        with ``Last-Event-ID`` (whose body is its run's again)."""
         hub = self.hub
         spec = hub.agents.get(agent)
         if spec is None:
@@ -141,7 +170,8 @@ class AguiDoor:
         if not thread or len(thread) > 128 or not thread.isprintable():
             # (It becomes the transaction's id and each event's SSE ``id:`` line: a line break in it
             # would let its creator write events into the stream of everyone following the thread.)
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, "threadId must be 1 to 128 printable characters")
+            message = "threadId must be 1 to 128 printable characters"
+            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, message, detail={"where": "/threadId"})
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
         async with AsyncExitStack() as starting:
@@ -161,6 +191,8 @@ class AguiDoor:
                 member.principal = principal  # the newest token's rights
                 self.members.move_to_end(key)
             check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
+            if new_run:
+                self._check_new_message(member, run, said, found, principal)
             if member is None:
                 member = AguiMember(principal, thread)
                 member.on_idle = self._idle
@@ -179,6 +211,32 @@ class AguiDoor:
                 if agent not in found.agents:
                     await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
         return member
+
+    @staticmethod
+    def _check_new_message(
+        member: AguiMember | None, run: RunAgentInput, said: tuple[int, str] | None, found: object, principal: Principal
+    ) -> None:
+        """A run brings a new user message, or a ``resume``, or follows runs of this user's still going;
+        a user message sent in an earlier run is not sent again (an AG-UI client sends the whole
+        conversation each time: a retry, or a run after a front-end tool's result, would repeat it)."""
+        if run.resume:
+            return
+        if said is None:
+            if member is None or not (member.runs or member.waiting):
+                raise ProtocolError(
+                    ErrorCode.INVALID_PAYLOAD,
+                    "the run has no user message to answer (and no `resume`)",
+                    detail={"where": "/messages"},
+                )
+            return
+        message_id = last_user_id(run)
+        if message_id and isinstance(found, Transaction) and found.message_author(message_id) == principal.user:
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"the newest user message ({message_id!r}) was sent in an earlier run: a run needs a new user"
+                " message, or a `resume`; to follow a run again, POST it with Last-Event-ID",
+                detail={"where": f"/messages/{said[0]}/id"},
+            )
 
     def _idle(self, member: AguiMember) -> None:
         """Between runs the AG-UI user leaves the transaction (so an idle one can leave memory), and

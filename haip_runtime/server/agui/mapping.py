@@ -4,7 +4,9 @@ One member per thread and user, a member of the transaction like a session: it i
 event (``deliver``), maps those of its open AG-UI run (docs/protocol-guide.md section 12 has the
 table), keeps them numbered for ``Last-Event-ID``, and turns approvals and input requests of its
 own runs' tool calls into interrupts. What its runs do while no AG-UI run is open (after an
-interrupt) is held for the next one.
+interrupt) is held for the next one. What other members' runs say during an AG-UI run reaches it as
+whole messages once said (their streams and tool calls are not the client's to follow: a run of
+theirs still streaming when ours ends would leave a text message open, which AG-UI refuses).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from haip_runtime.protocol.events import ALL_EVENTS, Channel, ErrorCode, EventTy
 
 #: AG-UI events a thread keeps for clients that reconnect with ``Last-Event-ID``.
 JOURNAL_EVENTS = 2048
+#: Other members' runs' streamed messages gathered at once (to be sent whole when they end); past it the oldest goes.
+OTHERS_STREAMING = 64
+#: Ids remembered of runs given up (a client that went away, then started another run) and of text
+#: messages ended early (a run that closed with one open): what more comes of them is not sent.
+FORGOTTEN = 256
 APPROVAL_SCHEMA = {
     "type": "object",
     "properties": {"approved": {"type": "boolean"}, "reason": {"type": "string"}},
@@ -83,6 +90,15 @@ class AguiMember:
         self.settled: deque[str] = deque(maxlen=256)
         #: Called when the member has become idle (the door lets it leave the transaction).
         self.on_idle: Callable[[AguiMember], None] | None = None
+        #: Clients reading the journal now (``frames``): none means the open run's client went away.
+        self.readers = 0
+        self._unread = anyio.Event()
+        #: Text messages started in the journal and not ended.
+        self._open_texts: dict[str, None] = {}
+        #: Other runs' streamed messages, their text so far, sent whole at their end (``_others_said``).
+        self._others: dict[str, list[str]] = {}
+        #: Runs given up and text messages ended early: nothing more of them is sent.
+        self._forgotten: deque[str] = deque(maxlen=FORGOTTEN)
         self._changed = anyio.Event()
 
     @property
@@ -100,6 +116,10 @@ class AguiMember:
         if self.run_id is None:  # our HAIP runs go on between two AG-UI runs: for the next one
             self.held.append(event)
             return
+        if isinstance(event, TextMessageStartEvent):
+            self._open_texts[event.message_id] = None
+        elif isinstance(event, TextMessageEndEvent):
+            self._open_texts.pop(event.message_id, None)
         self.last_id += 1
         self.journal.append((self.last_id, dump(event), ends))
         self._changed.set()
@@ -107,14 +127,43 @@ class AguiMember:
 
     async def frames(self, after: int) -> AsyncIterator[str]:
         """SSE frames of the journal after id ``after``, live, until one that ends a run."""
-        while True:
-            for number, data, ends in list(self.journal):
-                if number > after:
-                    after = number
-                    yield f"id: {self.thread_id}:{number}\ndata: {data}\n\n"
-                    if ends:
-                        return
-            await self._changed.wait()
+        self.readers += 1
+        try:
+            while True:
+                for number, data, ends in list(self.journal):
+                    if number > after:
+                        after = number
+                        yield f"id: {self.thread_id}:{number}\ndata: {data}\n\n"
+                        if ends:
+                            return
+                await self._changed.wait()
+        finally:
+            self.readers -= 1
+            if not self.readers:
+                self._unread.set()
+                self._unread = anyio.Event()
+
+    async def unread(self, timeout: float) -> bool:
+        """Whether no client reads the journal (the open run's went away), waiting up to ``timeout``
+        seconds for one that is going: a client that aborts its run and starts another at once may
+        be quicker than the server is to see the first connection closed."""
+        with anyio.move_on_after(timeout):
+            while self.readers:
+                await self._unread.wait()
+        return not self.readers
+
+    def abandon(self) -> list[str]:
+        """The open AG-UI run's client went away and starts another run (a "stop", then a new
+        message): end the open one cancelled, and forget its HAIP runs and waiting messages, whose
+        ids are returned for the caller to cancel (what more comes of them is not sent)."""
+        cancelled = [*self.runs, *self.waiting]
+        self._forgotten.extend(self.runs)
+        self.runs.clear()
+        self.waiting.clear()
+        self.calls.clear()
+        self.cancelled = True
+        self.close(outcome=RunFinishedCancelledOutcome())
+        return cancelled
 
     def open(self, run_id: str) -> None:
         """Start an AG-UI run: RUN_STARTED, then what our HAIP runs did since the last one ended."""
@@ -130,6 +179,9 @@ class AguiMember:
         if run_id is None:
             return
         usage = [TokenUsage(output_tokens=self.output_tokens)] if self.output_tokens else None
+        for message_id in list(self._open_texts):  # (a run that failed mid-stream): AG-UI ends none open
+            self.emit(TextMessageEndEvent(message_id=message_id))
+            self._forgotten.append(message_id)
         if self.failure is not None:
             self.emit(RunErrorEvent(message=self.failure["message"], code=self.failure["code"], usage=usage), True)
         else:
@@ -156,6 +208,8 @@ class AguiMember:
     # --- in: the transaction's events --------------------------------------------------------------
 
     def deliver(self, event: Event) -> None:
+        if event.run_id is not None and event.run_id in self._forgotten:
+            return  # a run given up with the client that started it
         payload = event.payload if isinstance(event.payload, dict) else {"text": event.payload}
         kind = event.type
         if kind in (EventType.RUN_FINISHED, EventType.RUN_ERROR) and event.run_id in self.runs:
@@ -181,6 +235,11 @@ class AguiMember:
             self._tool_update(payload)
         if self.run_id is None and not self.runs:
             return  # between AG-UI runs, nothing of ours going on: the transaction's log has it
+        if event.run_id is not None and event.run_id not in self.runs:
+            self._others_said(kind, payload)
+            return
+        if kind in (EventType.MESSAGE_PART, EventType.MESSAGE_END) and payload.get("message_id") in self._forgotten:
+            return  # ended early, when the AG-UI run closed with it open
         if kind == EventType.MESSAGE:
             role = "user" if event.channel == Channel.USER else "assistant"
             message_id = str(payload.get("message_id") or event.id)
@@ -218,6 +277,27 @@ class AguiMember:
         if kind == EventType.TOOL_UPDATE:
             self.settle()
 
+    def _others_said(self, kind: str, payload: dict[str, Any]) -> None:
+        """Another member's run: its messages, each whole once said, while an AG-UI run is open."""
+        message_id = str(payload.get("message_id") or "")
+        if kind == EventType.MESSAGE_START:
+            self._others[message_id] = []
+            if len(self._others) > OTHERS_STREAMING:
+                del self._others[next(iter(self._others))]
+        elif kind == EventType.MESSAGE_PART and message_id in self._others:
+            self._others[message_id].append(str(payload.get("text", "")))
+        elif kind in (EventType.MESSAGE, EventType.MESSAGE_END) and self.run_id is not None:
+            parts = self._others.pop(message_id, None)
+            text = str(payload.get("text", "")) if kind == EventType.MESSAGE else None
+            if parts is not None:
+                text = "".join(parts)
+            if text is not None and message_id:
+                self.emit(TextMessageStartEvent(message_id=message_id, role="assistant"))
+                self.emit(TextMessageContentEvent(message_id=message_id, delta=text))
+                self.emit(TextMessageEndEvent(message_id=message_id))
+        elif kind == EventType.MESSAGE_END:
+            self._others.pop(message_id, None)
+
     def _tool_update(self, payload: dict[str, Any]) -> None:
         """An approval or input request of one of our calls becomes an interrupt; any other status ends it."""
         call_id = str(payload["call_id"])
@@ -250,20 +330,44 @@ def tool_text(result: Any, status: str) -> str:
     return result if isinstance(result, str) else json.dumps(result)
 
 
-def last_user_text(request: RunAgentInput) -> str | None:
-    """The text of the newest user message (the transaction keeps the rest of the conversation)."""
-    for message in reversed(request.messages):
-        if message.role == "user":
-            content = message.content
-            if isinstance(content, str):
-                return content
-            return "".join(getattr(part, "text", "") for part in content)
+def newest_user(request: RunAgentInput) -> tuple[int, Any] | None:
+    """The newest user message of ``request``, with its index in ``messages``."""
+    for index in range(len(request.messages) - 1, -1, -1):
+        if request.messages[index].role == "user":
+            return index, request.messages[index]
     return None
 
 
+def user_text(request: RunAgentInput) -> tuple[int, str] | None:
+    """The newest user message's index and text (the transaction keeps the rest of the conversation);
+    ``INVALID_PAYLOAD`` if it holds anything but text (an image, audio, a document): not taken here,
+    and not to be dropped without a word."""
+    found = newest_user(request)
+    if found is None:
+        return None
+    index, message = found
+    content = message.content
+    if isinstance(content, str):
+        return index, content
+    for number, part in enumerate(content):
+        if getattr(part, "type", "text") != "text":
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"only text is taken in a user message: its part {number} is {getattr(part, 'type', '?')!r}",
+                detail={"where": f"/messages/{index}/content/{number}"},
+            )
+    return index, "".join(getattr(part, "text", "") for part in content)
+
+
+def last_user_text(request: RunAgentInput) -> str | None:
+    """The newest user message's text (``user_text``)."""
+    said = user_text(request)
+    return None if said is None else said[1]
+
+
 def last_user_id(request: RunAgentInput) -> str | None:
-    users = [message for message in request.messages if message.role == "user"]
-    return str(users[-1].id) if users and users[-1].id else None
+    found = newest_user(request)
+    return str(found[1].id) if found is not None and found[1].id else None
 
 
 def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:

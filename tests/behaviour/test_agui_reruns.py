@@ -1,0 +1,121 @@
+"""What an AG-UI front-end does between runs, against a live runtime: a run that sends its user message
+again (a retry, or a run after a front-end tool's result: AG-UI clients send the whole conversation
+each time), a run with no message at all, content that is not text, and a "stop" (the client aborts
+its request) followed by a new message. Found by an AG-UI tester: the first two answered the old
+message again, or opened a transaction for nothing; the last was refused for the rest of the run."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from haip_runtime.client.haip_client import HaipClient
+from tests.support.serving import LiveServer, live_server, make_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveServer]:
+    config = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}})
+    with live_server(config) as server:
+        yield server
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex, "role": "user", "content": text}
+
+
+def body(thread: str, *messages: dict[str, Any]) -> dict[str, Any]:
+    return {"threadId": thread, "runId": uuid.uuid4().hex, "state": {}, "tools": [], "context": [],
+            "forwardedProps": {}, "messages": list(messages)}  # fmt: skip
+
+
+def events_of(stream: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")]
+
+
+async def post(live: LiveServer, agent: str, run: dict[str, Any]) -> httpx2.Response:
+    headers = {"authorization": f"Bearer {live.token('alice')}"}
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+        return await http.post(f"/ag-ui/{agent}", json=run, headers=headers)
+
+
+async def said(live: LiveServer, thread: str) -> list[str]:
+    """What the thread's REST history holds, ``author: text`` each."""
+    headers = {"authorization": f"Bearer {live.token('alice')}"}
+    async with httpx2.AsyncClient(base_url=live.http_url) as http:
+        answer = await http.get(f"/haip/transactions/{thread}/messages", headers=headers)
+    return [f"{m['author']}: {m['text']}" for m in answer.json()["messages"]]
+
+
+async def test_a_run_that_sends_its_user_message_again_is_refused_and_nothing_is_repeated(live: LiveServer) -> None:
+    thread, first = "t-" + uuid.uuid4().hex, user("only once please")
+    answered = await post(live, "echo", body(thread, first))
+    assert answered.status_code == 200 and events_of(answered.text)[-1]["type"] == "RUN_FINISHED"
+    reply = {"id": uuid.uuid4().hex, "role": "assistant", "content": "you said: only once please"}
+    tool = {"id": uuid.uuid4().hex, "role": "tool", "toolCallId": "c1", "content": "42"}
+    for again in (body(thread, first), body(thread, first, reply, tool)):
+        refused = await post(live, "echo", again)
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["code"] == "INVALID_PAYLOAD"
+        assert error["detail"] == {"where": "/messages/0/id"} and "Last-Event-ID" in error["message"]
+    follow_up = await post(live, "echo", body(thread, first, reply, user("and this")))
+    assert follow_up.status_code == 200
+    assert await said(live, thread) == [
+        "alice: only once please",
+        "echo: you said: only once please",
+        "alice: and this",
+        "echo: you said: and this",
+    ]
+
+
+async def test_a_run_with_no_user_message_is_refused_before_anything_is_made(live: LiveServer) -> None:
+    thread = "t-" + uuid.uuid4().hex
+    assistant_only = {"id": "a1", "role": "assistant", "content": "hello"}
+    for run in (body(thread), body(thread, assistant_only)):
+        refused = await post(live, "echo", run)
+        assert refused.status_code == 400 and refused.json()["error"]["detail"] == {"where": "/messages"}
+    assert thread not in live.runtime.hub.transactions.live
+    assert await live.runtime.hub.store.transaction(thread) is None  # (it counted against the user's quota)
+
+
+async def test_content_other_than_text_is_refused_not_dropped(live: LiveServer) -> None:
+    image = {"type": "image", "source": {"type": "data", "value": "aGk=", "mimeType": "image/png"}}
+    message = {"id": "u1", "role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}
+    refused = await post(live, "echo", body("t-" + uuid.uuid4().hex, message))
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["detail"] == {"where": "/messages/0/content/1"}
+
+
+async def test_a_stopped_run_is_cancelled_when_its_client_sends_the_next_message(live: LiveServer) -> None:
+    """The front-end's "stop" aborts its request; its next message cancels the run it left, where it was
+    refused (RUN_LIMIT_EXCEEDED) until that run ended by itself. A run whose client still reads it is not."""
+    thread, headers = "t-" + uuid.uuid4().hex, {"authorization": f"Bearer {live.token('alice')}"}
+    async with HaipClient(live.ws_url, token=live.token("alice")) as watcher:
+        async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+            async with http.stream("POST", "/ag-ui/patient", json=body(thread, user("wait")), headers=headers) as first:
+                lines = first.aiter_lines()  # (kept: an iterator let go of closes the stream when collected)
+                async for line in lines:
+                    if line.startswith("data: ") and json.loads(line[6:]).get("delta") == "waiting":
+                        break  # the run is under way, and this client still reads it
+                await watcher.join(thread, since=0)
+                busy = await post(live, "patient", body(thread, user("hello")))
+                assert busy.status_code == 429 and busy.json()["error"]["code"] == "RUN_LIMIT_EXCEEDED", busy.text
+            # The stream is closed: the front-end stopped. Its next message goes through.
+            with anyio.fail_after(20):
+                answered = await post(live, "patient", body(thread, user("hello again")))
+            events = events_of(answered.text)
+            assert answered.status_code == 200 and events[-1]["type"] == "RUN_FINISHED"
+            assert "you said: hello again" in "".join(e.get("delta", "") for e in events)
+        cancelled = await watcher.wait_for(
+            lambda e: e.transaction == thread and e.type == "RUN_FINISHED" and e.get("status") == "CANCELLED",
+            timeout=10,
+        )
+    assert cancelled.get("status") == "CANCELLED"
