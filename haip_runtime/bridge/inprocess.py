@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import mcp_types as types
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 
 from haip_runtime.config.models import HaipConfig, McpServerConfig
 from haip_runtime.config.references import PluginKind, resolve
 from haip_runtime.exceptions import PluginError
+from haip_runtime.observability import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,25 @@ class ExitGuard:
             return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
 
 
+class TracedInRuns:
+    """The MCP SDK's server span (its ``OpenTelemetryMiddleware``), for an in-process server's requests
+    made in a run only (under its span, or carrying its trace in ``_meta.traceparent``). The client side
+    traces none outside runs (pings, ``tools/list``: ``observability/tracing.py``), and the server's
+    spans of them stood alone, a trace of their own each (found by a tester reading the collector)."""
+
+    def __init__(self, traced: Any) -> None:
+        self.traced = traced
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if tracing.current_ids() is None and not (ctx.meta or {}).get("traceparent"):
+            return await call_next(ctx)
+        result: HandlerResult = await self.traced(ctx, call_next)
+        return result
+
+
 def _guarded(server: MCPServer) -> MCPServer:
+    chain = server.middleware  # (the server's own list: changed in place)
+    chain[:] = [TracedInRuns(each) if isinstance(each, OpenTelemetryMiddleware) else each for each in chain]
     if not any(isinstance(middleware, ExitGuard) for middleware in server.middleware):
         server.middleware.append(ExitGuard())
     return server

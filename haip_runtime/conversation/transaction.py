@@ -441,14 +441,19 @@ class Transaction:
         self.publish(Event(EventType.RUN_STARTED, started, channel=Channel.AGENT, run_id=run.id))
         try:
             with run.scope, tracing.agent_span(run.agent, self.id, run.id, traceparent):
-                if servers and self._ready is not None:
-                    await self._ready(servers)  # the agent is offered the tools of servers still connecting
-                await hook(turn)
+                try:
+                    if servers and self._ready is not None:
+                        await self._ready(servers)  # the agent is offered the tools of servers still connecting
+                    await hook(turn)
+                except LlmError as exc:  # logged in the run's span: the line carries its trace's ids
+                    logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
+                    raise
+                except Exception:
+                    logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
+                    raise
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
-            logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
             self._finish(run, EventType.RUN_ERROR, error_body(exc.code, exc.message))
         except Exception as exc:
-            logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
             message = f"agent {run.agent!r} failed: {type(exc).__name__} (the server's log has its traceback)"
             self._finish(run, EventType.RUN_ERROR, error_body(ErrorCode.INTERNAL_ERROR, message))
         else:

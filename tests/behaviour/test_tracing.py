@@ -4,6 +4,7 @@ local receiver. The model is a local OpenAI-format server; the tool is the demo 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from haip_runtime.client.haip_client import HaipClient
 from haip_runtime.config.models import ObservabilityConfig
 from haip_runtime.observability import tracing
+from haip_runtime.observability.logs import TraceIds
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from tests.support.otlp_receiver import otlp_receiver
 from tests.support.peers import open_peer
@@ -170,3 +172,55 @@ async def test_a_traceparent_header_on_the_streaming_and_sse_doors_continues_the
     agent = one(list(exporter.get_finished_spans()), "invoke_agent echo")
     assert agent.context is not None and agent.parent is not None
     assert f"{agent.context.trace_id:032x}" == AGUI_TRACE_ID and f"{agent.parent.span_id:016x}" == CLIENT_SPAN
+
+
+async def test_an_in_process_servers_own_spans_come_only_inside_runs_and_failures_log_with_trace_ids(
+    vendor: VendorServer,
+) -> None:
+    """An AG-UI and tracing tester's finds: an in-process MCP server's requests outside any run (its
+    ``server/discover``, ``tools/list``) were exported, each a trace of its own, though the README says
+    they are not traced; and an agent's failure was logged after its span had ended, without its ids."""
+    exporter = InMemorySpanExporter()
+    tracing.configure(ObservabilityConfig(tracing="otlp"), exporter=exporter)
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.addFilter(TraceIds())
+    handler.emit = lines.append  # type: ignore[method-assign]
+    logging.getLogger("haip_runtime.conversation.transaction").addHandler(handler)
+    team = {"transport": "python", "server": "haip_runtime.demo.team_tools:server"}
+    settings = make_config(
+        {
+            "llm": {"gpt": vendor.openai_llm()},
+            "agents": {
+                "assistant": {"plugin": "assistant", "llm": "gpt", "mcp_servers": ["team"]},
+                "failing": {"plugin": "tests.support.agents:FailingAgent"},
+            },
+            "mcp": {"servers": {"team": team}},
+        }
+    )
+    vendor.script(Reply(openai_tool_call("team_word_count", '{"text": "a b c"}', "call_1")), Reply(openai_text("3")))
+    try:
+        with live_server(settings) as live:
+            async with HaipClient(live.ws_url, token=live.token("alice")) as client:
+                tx = await client.start_transaction("assistant")
+                await client.wait_for(lambda e: e.type == "TOOL_LIST" and e.get("tools"))
+                await client.send("MESSAGE", {"text": "count a b c"}, transaction=tx, channel="USER")
+                done = await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=30)
+                assert done.get("status") == "OK"
+                failing = await client.start_transaction("failing")
+                await client.send("MESSAGE", {"text": "break"}, transaction=failing, channel="USER")
+                await client.wait_for(lambda e: e.type == "RUN_ERROR" and e.transaction == failing, timeout=30)
+    finally:
+        tracing.shutdown()
+        logging.getLogger("haip_runtime.conversation.transaction").removeHandler(handler)
+    spans = list(exporter.get_finished_spans())
+    tool = one(spans, "execute_tool team.word_count")
+    # In-process, the SDK's client sends no request of its own: the server's span is under the call's.
+    assert [span.name for span in children(spans, tool)] == ["tools/call word_count"]
+    run_names = {"invoke_agent assistant", "chat gpt-test", "invoke_agent failing"}
+    stray = [span.name for span in spans if span.name not in run_names and span is not tool]
+    assert stray == ["tools/call word_count"]  # nothing outside the runs: no server/discover, no tools/list
+    [failed] = [line for line in lines if line.getMessage().startswith("agent 'failing' failed")]
+    [failing_span] = [span for span in spans if span.name == "invoke_agent failing"]
+    assert failing_span.context is not None
+    assert getattr(failed, "trace_id", "-") == f"{failing_span.context.trace_id:032x}"
