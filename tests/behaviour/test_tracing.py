@@ -174,6 +174,17 @@ async def test_a_traceparent_header_on_the_streaming_and_sse_doors_continues_the
     assert f"{agent.context.trace_id:032x}" == AGUI_TRACE_ID and f"{agent.parent.span_id:016x}" == CLIENT_SPAN
 
 
+class Kept(logging.Handler):
+    """Keeps the records it is handed (after its filters: ``TraceIds`` puts the ids on them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 async def test_an_in_process_servers_own_spans_come_only_inside_runs_and_failures_log_with_trace_ids(
     vendor: VendorServer,
 ) -> None:
@@ -182,10 +193,9 @@ async def test_an_in_process_servers_own_spans_come_only_inside_runs_and_failure
     they are not traced; and an agent's failure was logged after its span had ended, without its ids."""
     exporter = InMemorySpanExporter()
     tracing.configure(ObservabilityConfig(tracing="otlp"), exporter=exporter)
-    lines: list[logging.LogRecord] = []
-    handler = logging.Handler()
+    handler = Kept()
+    lines = handler.records
     handler.addFilter(TraceIds())
-    handler.emit = lines.append  # type: ignore[method-assign]
     logging.getLogger("haip_runtime.conversation.transaction").addHandler(handler)
     team = {"transport": "python", "server": "haip_runtime.demo.team_tools:server"}
     settings = make_config(
