@@ -100,8 +100,9 @@ class TransactionsConfig(Model):
     """A transaction with no connected member and nothing running leaves memory after this long
     (its log stays in the store; a TRANSACTION_JOIN brings it back)."""
     join_history_events: int = Field(default=500, ge=1)
-    """TRANSACTION_JOIN replays at most this many of the latest events after `since`; older ones are
-    read with `GET /haip/transactions/{id}/events`."""
+    """TRANSACTION_JOIN replays at most this many of the latest events after `since`, and no more than
+    half the session's replay window (`session.replay_window_bytes`) holds; older ones are read with
+    `GET /haip/transactions/{id}/events` (the reply's `omitted` counts them)."""
     agent_history_messages: int = Field(default=200, ge=1)
     """Messages of the conversation kept for the agents (`turn.history`), newest last."""
     agent_history_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)

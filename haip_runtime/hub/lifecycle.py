@@ -188,9 +188,12 @@ def ended_join(envelope: Envelope) -> ProtocolError:
 
 
 def admit(ctx: HubContext, session: Session, transaction: Transaction, history: list[Event], omitted: int) -> None:
-    """Make ``session`` a member: the TRANSACTION_JOIN reply, ``history``, the announcement, its TOOL_LIST.
+    """Make ``session`` a member: the TRANSACTION_JOIN reply, ``history`` (its latest events that fit the
+    session's replay window: ``fitting``), the announcement, its TOOL_LIST.
 
     No await in here: the member is added exactly after the history it was sent."""
+    kept = fitting(history, session.window.max_bytes // HISTORY_SHARE)
+    history, omitted = history[len(history) - kept :], omitted + len(history) - kept
     new_user = transaction.add_member(session)
     joined = p.TransactionJoined(members=transaction.member_users, agents=transaction.agent_names)
     reply = {**joined.dump(), "tseq": str(transaction.tseq), "omitted": omitted}
@@ -201,6 +204,27 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
         announce(transaction, session)
     ctx.tell_servers_not_ready(transaction, session)
     ctx.send_tool_list(transaction, only=session)
+
+
+#: A join's history takes at most this share (1/n) of the session's replay window (``session.replay_window_bytes``).
+HISTORY_SHARE = 2
+#: What an envelope's head adds to its payload's JSON, about (ids, seqs, channel, type).
+ENVELOPE_HEAD = 300
+
+
+def fitting(history: list[Event], budget: int) -> int:
+    """How many of ``history``'s latest events fit in ``budget`` bytes as envelopes (the newest always).
+
+    The session writes a join's history out of its replay window, which is bounded by bytes: a
+    history larger than the window lost its own unsent start there, and the client was closed (1013,
+    "fell behind the replay window") at every join: a voice tester's conversation of 160 s of spoken
+    answers (9.5 MB of base64 audio) could not be opened again. What does not fit is ``omitted``."""
+    size = 0
+    for count, event in enumerate(reversed(history)):
+        size += len(event.payload_json) + ENVELOPE_HEAD
+        if size > budget and count:
+            return count
+    return len(history)
 
 
 def enter(transaction: Transaction, member: Member, related_id: str) -> None:

@@ -318,3 +318,29 @@ async def test_members_hear_when_someone_joins_and_when_they_are_gone_for_good()
             left = await alice.wait_for(lambda e: e.type == "INFO" and e.get("event") == "member.left", timeout=20)
     assert joined.get("members") == ["alice", "sam"]
     assert left.payload == {"event": "member.left", "user": "sam"} and left.transaction == tx
+
+
+async def test_a_history_larger_than_the_replay_window_is_joined_from_its_latest_events() -> None:
+    """A voice tester's find: a conversation whose history outgrew the session's replay window (160 s of
+    spoken answers) could not be joined: the history pushed its own unsent start out of the window and
+    the client was closed, 1013, at every join. Now the history sent is what fits (half the window), the
+    rest counted in ``omitted``, and the connection stays."""
+    config = make_config({"session": {"replay_window_bytes": 64 * 1024}})
+    with live_server(config) as live:
+        async with HaipClient(live.ws_url, token=live.token("alice")) as alice:
+            tx = await alice.start_transaction("echo")
+            for turn in range(8):  # 8 turns of 8 KB each way: 128 KB, twice the window
+                await alice.send_text(tx, f"{turn}:" + "x" * 8000)
+                await runs_finished(alice, tx, turn + 1)
+        states: list[str] = []
+        async with HaipClient(live.ws_url, token=live.token("alice"), on_connection=states.append) as again:
+            joined = await again.join(tx, since=0)
+            last = int(str(joined.get("tseq")))
+            await again.wait_for(lambda e: e.transaction == tx and e.tseq == last, timeout=10)
+            history = [e for e in again.received if e.transaction == tx and e.tseq]
+            await again.send_text(tx, "still here")
+            answer = await again.wait_for(lambda e: e.type == "MESSAGE_END" and e.transaction == tx, timeout=10)
+    assert states == [] and answer.get("message_id")  # never closed, never reconnected
+    assert int(str(joined.get("omitted"))) > 0
+    assert [e.tseq for e in history] == list(range(history[0].tseq or 0, last + 1))  # the latest, whole
+    assert sum(len(str(e.get("text") or "")) for e in history) <= 32 * 1024
