@@ -149,9 +149,7 @@ class SpeechDesk:
         if len(clip.data) + len(data) > self.max_clip_bytes:
             self._clips.pop(key, None)
             if not whole:
-                self._dropped[key] = None
-                while len(self._dropped) > MAX_DROPPED:
-                    self._dropped.popitem(last=False)
+                self._drop_rest(key)
             raise ProtocolError(
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"audio message {message_id} exceeds {self.max_clip_bytes} bytes; it was dropped",
@@ -177,8 +175,15 @@ class SpeechDesk:
         for key, clip in list(self._clips.items()):
             if key[1] == message_id and clip.transaction == transaction.id:
                 del self._clips[key]
+                self._drop_rest(key)  # (chunks of it still on their way are not a new message: a tester's find)
                 return True
         return False
+
+    def _drop_rest(self, key: tuple[str, str]) -> None:
+        """The chunks of this message still to come are let go, up to its last (``final``)."""
+        self._dropped[key] = None
+        while len(self._dropped) > MAX_DROPPED:
+            self._dropped.popitem(last=False)
 
     def forget_session(self, session_id: str) -> None:
         """A session left: drop its half-sent audio."""

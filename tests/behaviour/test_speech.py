@@ -261,7 +261,11 @@ async def test_audio_that_is_no_speech_gets_an_error_and_the_session_goes_on(liv
     assert "still here" in echoed["payload"]["text"]
 
 
-async def test_cancelling_a_half_sent_audio_message_drops_it(live: LiveServer, question: bytes) -> None:
+async def test_cancelling_a_half_sent_audio_message_drops_it_and_the_rest_of_it(
+    live: LiveServer, question: bytes
+) -> None:
+    """A voice tester's find: the chunks still on their way after the cancel began a new message, whose
+    tail was refused (SPEECH_NOT_UNDERSTOOD, naming the cancelled message) or would have been heard."""
     token = live.token("alice")
     third = len(question) // 3
     async with open_peer("websocket", live, token) as peer:
@@ -273,12 +277,36 @@ async def test_cancelling_a_half_sent_audio_message_drops_it(live: LiveServer, q
         await peer.send("RUN_CANCEL", {"run_id": "half"}, transaction=tx)
         again = await peer.send("RUN_CANCEL", {"run_id": "half"}, transaction=tx)
         error = await listener.until(lambda e: e["type"] == "ERROR")
-        last = {"message_id": "half", "mime": "audio/wav", "final": True, "data": base64.b64encode(b"x").decode()}
-        await peer.send("AUDIO_CHUNK", last, transaction=tx)  # alone, it is no speech
-        not_understood = await listener.until(lambda e: e["type"] == "ERROR")
+        rest = base64.b64encode(question[2 * third :]).decode()
+        last = {"message_id": "half", "mime": "audio/wav", "seq_in_message": 2, "final": True, "data": rest}
+        await peer.send("AUDIO_CHUNK", last, transaction=tx)  # on its way as the cancel went: let go
+        await speak(peer, tx, question, "after", binary=False)
+        heard = await listener.until(
+            lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+        )
     assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == again
-    assert not_understood["payload"]["code"] == "SPEECH_NOT_UNDERSTOOD"
-    assert not [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
+    assert [e["payload"]["code"] for e in listener.of("ERROR")] == ["INVALID_PAYLOAD"]  # nothing of the tail
+    assert heard["payload"]["audio_message_id"] == "after"
+    spoken = [e for e in listener.of("MESSAGE") if isinstance(e["payload"], dict) and e["payload"].get("spoken")]
+    assert [e["payload"]["audio_message_id"] for e in spoken] == ["after"]
+
+
+async def test_a_last_chunk_may_only_end_its_message_with_no_data(live: LiveServer, question: bytes) -> None:
+    """``data?``, as documented: a final AUDIO_CHUNK with none ends the message (a voice tester's find: it
+    was refused, INVALID_PAYLOAD, and the message stayed open)."""
+    half = len(question) // 2
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        for seq in range(2):
+            data = base64.b64encode(question[seq * half : (seq + 1) * half]).decode()
+            payload = {"message_id": "ended", "mime": "audio/wav", "seq_in_message": seq, "data": data}
+            await peer.send("AUDIO_CHUNK", payload, transaction=tx)
+        await peer.send("AUDIO_CHUNK", {"message_id": "ended", "mime": "audio/wav", "final": True}, transaction=tx)
+        heard = await listener.until(
+            lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+        )
+    assert heard["payload"]["audio_message_id"] == "ended" and not listener.of("ERROR")
+    assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
 
 
 async def test_the_rest_of_an_audio_message_dropped_as_too_long_is_not_heard(question: bytes) -> None:
