@@ -38,7 +38,7 @@ from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome, SpeechErrorCode
 from haip_runtime.session.session import Session
 from haip_runtime.speech import create_speech_providers
-from haip_runtime.speech.provider import SpeechProvider, pcm_wav
+from haip_runtime.speech.provider import SpeechProvider, pcm_wav, wav_pieces
 from haip_runtime.speech.sentences import SentenceSplitter
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ _AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
 _EMPTY_WAV = pcm_wav(b"", 16_000)
 
 
+#: What a spoken answer's envelope holds besides its base64 audio and its sentence (ids, seqs, fields).
+ENVELOPE_ROOM = 2048
 #: Messages dropped as too long remembered at most (their later chunks are let go).
 MAX_DROPPED = 256
 
@@ -69,7 +71,7 @@ def speech_desk(config: HaipConfig, agents: Mapping[str, AgentSpec], spawn: Call
     if not any(spec.config.speech for spec in agents.values()):
         return None
     providers = create_speech_providers(config.speech)
-    return SpeechDesk(agents, providers, spawn, config.server.max_frame_bytes * AUDIO_MESSAGE_FRAMES)
+    return SpeechDesk(agents, providers, spawn, config.server.max_frame_bytes)
 
 
 class SpeechDesk:
@@ -78,12 +80,14 @@ class SpeechDesk:
         agents: Mapping[str, AgentSpec],
         providers: Mapping[str, SpeechProvider],
         spawn: Callable[..., None],
-        max_clip_bytes: int,
+        max_frame_bytes: int,
     ) -> None:
         self.providers = providers
+        #: The largest envelope clients are told of (``HAI``): a spoken sentence is cut to fit it.
+        self.max_frame_bytes = max_frame_bytes
         self.voices = {name: providers[spec.config.speech] for name, spec in agents.items() if spec.config.speech}
         self.always = {name for name, spec in agents.items() if spec.config.speech and spec.config.reply_audio}
-        self.max_clip_bytes = max_clip_bytes
+        self.max_clip_bytes = max_frame_bytes * AUDIO_MESSAGE_FRAMES
         self._spawn = spawn
         #: Whether a transcript answers a question its speaker was asked in words (the hub sets it).
         self.answered: Callable[[Session, Transaction, str, str], bool] | None = None
@@ -248,7 +252,7 @@ class SpeechDesk:
             voice = self.voices.get(agent)
             wanted = agent in self.always or payload.get("message_id") in self._spoken
             if voice is not None and wanted and any(_AUDIO & m.accepted for m in transaction.members.values()):
-                speaker = Speaker(transaction, str(payload["run_id"]), agent, voice)
+                speaker = Speaker(transaction, str(payload["run_id"]), agent, voice, self.max_frame_bytes)
                 self._speakers.setdefault(transaction.id, {})[speaker.run_id] = speaker
                 self._spawn(self._speak, speaker)
         elif kind == EventType.TRANSACTION_END:
@@ -279,8 +283,11 @@ class SpeechDesk:
 class Speaker:
     """Speaks one run's messages, sentence by sentence, in order."""
 
-    def __init__(self, transaction: Transaction, run_id: str, agent: str, voice: SpeechProvider) -> None:
+    def __init__(
+        self, transaction: Transaction, run_id: str, agent: str, voice: SpeechProvider, max_frame_bytes: int
+    ) -> None:
         self.transaction = transaction
+        self.max_frame_bytes = max_frame_bytes
         self.run_id = run_id
         self.agent = agent
         self.voice = voice
@@ -366,7 +373,20 @@ class Speaker:
                 final = bool(self._queue) and self._queue[0] == (message_id, None)
                 if final:
                     self._queue.popleft()
-                self._send(message_id, speech.data, speech.duration_ms, sentence, final=final)
+                pieces = self._pieces(speech.data, speech.duration_ms, sentence)
+                for index, (data, duration_ms) in enumerate(pieces):
+                    last = index == len(pieces) - 1
+                    self._send(message_id, data, duration_ms, sentence if index == 0 else "", final=final and last)
+
+    def _pieces(self, data: bytes, duration_ms: int, sentence: str) -> list[tuple[bytes, int]]:
+        """The sentence's WAV as whole WAVs that each fit an envelope of ``max_frame_bytes`` as base64 (a
+        voice tester's find: a long sentence, or a slow voice, made frames past the size the ``HAI``
+        gives, which a client sizing its buffer by it refuses)."""
+        room = self.max_frame_bytes - ENVELOPE_ROOM - 2 * len(sentence.encode())
+        most = max(room, 4096) * 3 // 4
+        if len(data) <= most:
+            return [(data, duration_ms)]
+        return wav_pieces(data, most)
 
     def _send(self, message_id: str, data: bytes, duration_ms: int, text: str, *, final: bool) -> None:
         seq = self._seq.get(message_id, 0)

@@ -62,6 +62,27 @@ def pcm_wav(frames: bytes, rate: int, channels: int = 1, width: int = 2) -> byte
     return out.getvalue()
 
 
+def wav_pieces(data: bytes, most: int) -> list[tuple[bytes, int]]:
+    """``data`` (a PCM WAV file) as whole WAV files of at most ``most`` bytes each, in order, with each
+    one's length in ms: ``[(data, its length)]`` if it fits, or if it is not a WAV this can cut."""
+    try:
+        with wave.open(io.BytesIO(data), "rb") as wav:
+            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+            frames = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError):
+        return [(data, wav_duration_ms(data) or 0)]
+    step = channels * width
+    if len(data) <= most or not rate or not step:
+        return [(data, round(len(frames) // max(step, 1) * 1000 / rate) if rate else 0)]
+    header = len(pcm_wav(b"", rate, channels, width))
+    per_piece = max(step, (most - header) // step * step)
+    pieces = []
+    for at in range(0, len(frames), per_piece):
+        part = frames[at : at + per_piece]
+        pieces.append((pcm_wav(part, rate, channels, width), round(len(part) // step * 1000 / rate)))
+    return pieces
+
+
 def wav_duration_ms(data: bytes) -> int | None:
     """The length of a WAV file, or ``None`` if ``data`` is not one."""
     try:

@@ -248,6 +248,31 @@ async def test_reply_audio_speaks_answers_to_typed_messages_too(live: LiveServer
     assert words(spoken["payload"]["text"])[-2:] == ["hello", "there"]
 
 
+async def test_a_spoken_sentence_comes_in_whole_wavs_that_each_fit_the_frame_size_the_hai_gives() -> None:
+    """A voice tester's find: a long sentence's audio went as one frame of 129 KB where the HAI said
+    65,536 bytes, which a client sizing its buffer by it refuses (at the default 1 MiB, a slow voice
+    passes it too). Now it comes as whole WAVs in turn, each in a frame that fits, its text on the first."""
+    config = {
+        "server": {"max_frame_bytes": 65536},
+        "speech": {"local": {"kind": "local"}},
+        "agents": {"echo": {"plugin": "echo", "speech": "local", "reply_audio": True}},
+    }
+    sentence = "This sentence goes on " + "and on " * 28 + "until it is long"
+    with live_server(make_config(config)) as small:
+        async with open_peer("websocket", small, small.token("alice")) as peer:
+            listener, tx = await start(peer, small, "echo", EVERYTHING)
+            await peer.send("MESSAGE", {"text": sentence}, transaction=tx)
+            await listener.until(is_final_audio())
+    chunks = [e for e in listener.of("AUDIO_CHUNK") if e.get("channel") == "AUDIO_OUT"]
+    sizes = [len(json.dumps(e, separators=(",", ":"))) for e in chunks]
+    assert len(chunks) > 2 and max(sizes) <= 65536
+    assert [e["payload"]["seq_in_message"] for e in chunks] == list(range(len(chunks)))
+    assert [e["payload"]["final"] for e in chunks] == [False] * (len(chunks) - 1) + [True]
+    texts = [e["payload"]["text"] for e in chunks]  # each sentence's on its first piece, the others ""
+    assert words(" ".join(texts))[-3:] == ["it", "is", "long"] and texts.count("") >= len(chunks) - 2
+    assert sum(wav_seconds(audio_bytes(e)) for e in chunks) > 5  # the whole sentence, spoken
+
+
 async def test_audio_that_is_no_speech_gets_an_error_and_the_session_goes_on(live: LiveServer) -> None:
     token = live.token("alice")
     async with open_peer("websocket", live, token) as peer:

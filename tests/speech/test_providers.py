@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from haip_runtime.protocol.events import SpeechErrorCode
 from haip_runtime.speech import create_speech_provider
 from haip_runtime.speech.local import LocalSpeech, streamed_wav
 from haip_runtime.speech.openai import OpenAiSpeech
+from haip_runtime.speech.provider import pcm_wav, wav_pieces
 from haip_runtime.speech.sentences import MAX_CHARS, SentenceSplitter
 from tests.support.speech import SpeechVendor, espeak, speech_vendor, wav_seconds, words
 
@@ -178,3 +181,21 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+def test_a_wav_is_cut_into_whole_wavs_that_fit_and_play_the_same() -> None:
+    """What a spoken sentence too large for one envelope is sent as (``hub/voice.py``): whole WAVs of at
+    most ``most`` bytes, whose samples, played in turn, are the sentence's."""
+    samples = bytes(range(256)) * 400  # 102,400 bytes: 51,200 16-bit samples, 3.2 s at 16 kHz
+    whole = pcm_wav(samples, 16_000)
+    pieces = wav_pieces(whole, 30_000)
+    assert len(pieces) == 4 and all(len(data) <= 30_000 for data, _ in pieces)
+    played = b""
+    for data, duration_ms in pieces:
+        with wave.open(io.BytesIO(data)) as wav:
+            assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (16_000, 2, 1)
+            played += wav.readframes(wav.getnframes())
+            assert duration_ms == round(wav.getnframes() * 1000 / 16_000)
+    assert played == samples and sum(ms for _, ms in pieces) == 3200
+    assert wav_pieces(whole, len(whole)) == [(whole, 3200)]  # it fits: as it is
+    assert wav_pieces(b"not a wav", 4) == [(b"not a wav", 0)]  # nothing to cut by: as it is
