@@ -46,11 +46,9 @@ class HubContext:
         """The transaction the envelope names, if the sender is a member (else not found)."""
         transaction = self.transactions.get_member(envelope.transaction, session)
         if transaction is None:
-            raise ProtocolError(
-                ErrorCode.TRANSACTION_NOT_FOUND,
-                f"no transaction {envelope.transaction!r} for this session",
-                related_id=envelope.id,
-            )
+            named = envelope.transaction
+            message = f"no transaction {named!r} for this session" if named else f"{envelope.type} names no transaction"
+            raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, message, related_id=envelope.id)
         return transaction
 
     def open_transaction(self, session: Session, envelope: Envelope) -> Transaction:

@@ -195,3 +195,13 @@ async def test_audio_no_agent_hears_reaches_the_members_and_its_sender_is_told()
     assert unheard["payload"]["agents"] == ["echo"] and "none has a speech provider" in unheard["payload"]["reason"]
     assert [envelope["payload"].get("final", False) for envelope in heard] == [False, True]
     assert [envelope["type"] for envelope in later] == ["PONG"]  # one INFO for the message, not one per chunk
+
+
+async def test_audio_that_names_no_transaction_is_told_so_in_words(live: LiveServer) -> None:
+    """A voice tester's find: the refusal read "no transaction None for this session"."""
+    async with member(live) as (peer, _tx):
+        data = base64.b64encode(b"RIFF").decode()
+        await peer.send("AUDIO", {"mime": "audio/wav", "data": data}, transaction=None)
+        error = await peer.receive_type("ERROR")
+    assert error["payload"]["code"] == "TRANSACTION_NOT_FOUND"
+    assert error["payload"]["message"] == "AUDIO names no transaction"
