@@ -154,6 +154,11 @@ OUTPUT_SCHEMA: dict[str, Any] = {
                 "required": ["call_id", "tool"],
             },
         },
+        "error": {
+            "type": "object",
+            "description": "Why the run failed (status is then its code): {code, message}.",
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        },
     },
     "required": ["conversation_id", "agent", "status", "tool_calls"],
 }
@@ -239,6 +244,11 @@ def _asker(ctx: ServerRequestContext[Any, Any]) -> Ask | None:
 
 def _arguments(params: types.CallToolRequestParams) -> tuple[str, str | None]:
     arguments = params.arguments or {}
+    unknown = sorted(set(arguments) - set(INPUT_SCHEMA["properties"]))
+    if unknown:  # (the schema says additionalProperties: false: a tester's call with one more was answered)
+        raise ValueError(
+            f"arguments: unknown {', '.join(map(repr, unknown))}; these take 'message' and 'conversation_id'"
+        )
     message, conversation = arguments.get("message"), arguments.get("conversation_id")
     if not isinstance(message, str):
         got = "none" if message is None else type(message).__name__
@@ -331,8 +341,8 @@ class _TaskCalls:
         try:
             params = types.CallToolRequestParams.model_validate(raw, by_name=False)
             message, conversation = _arguments(params)
-        except (ValidationError, ValueError) as invalid:
-            raise MCPError(types.INVALID_PARAMS, f"Invalid request parameters: {invalid}") from None
+        except (ValidationError, ValueError) as invalid:  # (a refusal's message starts with its HAIP code)
+            raise MCPError(types.INVALID_PARAMS, f"INVALID_PAYLOAD: {invalid}") from None
         ttl = params.task.ttl if params.task is not None else None
         notify = _Notifier(ctx, progress_token_from_params(raw))
         capabilities = ctx.session.client_capabilities

@@ -320,9 +320,11 @@ class McpServerConfig(Model):
     much was cut, and is stored cut; the TOOL_DONE frame carrying it stays within this size."""
     protocol_mode: Literal["auto", "legacy", "modern"] = "auto"
     """MCP protocol era, passed to the MCP SDK's client (`auto` probes, then falls back). A `python` server
-    speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`."""
+    speaks the 2026 protocol by direct dispatch unless `legacy`; only `legacy` lets its tools call `ctx.elicit`.
+    MCP tasks are the 2025-11-25 protocol's: a server that also speaks 2026-07-28 needs `legacy` for them."""
     use_tasks: bool = False
-    """Call tools whose task support is `optional` as MCP tasks too (tools that require tasks always are)."""
+    """Call tools whose task support is `optional` as MCP tasks too (tools that require tasks always are,
+    on a 2025-11-25 connection: see `protocol_mode`)."""
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:

@@ -305,12 +305,19 @@ class _Run:
             return f"{self.status}: {self.error}" + (f"\n\n{said}" if said else "")
         return said
 
-    def structured(self) -> dict[str, Any]:
+    def structured(self, *, cancelled: bool = False) -> dict[str, Any]:
+        """The answer's structured content; ``cancelled``: the caller cancelled the run (a task), whose
+        calls not seen ending here end with it (their TOOL_DONE comes after the caller has left: a
+        tester's task result listed a cancelled call with no status)."""
+        calls = list(self.calls.values())
+        if cancelled:
+            stopped = {"code": "CANCELLED", "message": "the run was cancelled before the call ended"}
+            calls = [call if "status" in call else {**call, "status": "CANCELLED", "error": stopped} for call in calls]
         body: dict[str, Any] = {
             "conversation_id": self.conversation_id,
             "agent": self.agent,
-            "status": self.status,
-            "tool_calls": list(self.calls.values()),
+            "status": "CANCELLED" if cancelled else self.status,
+            "tool_calls": calls,
         }
         if self.error is not None:
             body["error"] = {"code": self.status, "message": self.error}

@@ -43,7 +43,7 @@ class _Run(Protocol):
 
     def text(self) -> str: ...
 
-    def structured(self) -> dict[str, Any]: ...
+    def structured(self, *, cancelled: bool = False) -> dict[str, Any]: ...
 
 
 class RunAgent(Protocol):
@@ -340,7 +340,7 @@ class AgentTasks:
         if run is None:
             structured = {"conversation_id": "", "agent": task.agent, "status": "CANCELLED", "tool_calls": []}
             return AgentAnswer("", structured)
-        return AgentAnswer(run.text(), {**run.structured(), "status": "CANCELLED"})
+        return AgentAnswer(run.text(), run.structured(cancelled=True))
 
     # --- bookkeeping -------------------------------------------------------------------------------
 

@@ -381,3 +381,38 @@ async def test_a_task_is_refused_at_once_for_an_agent_the_caller_may_not_run(doo
     assert "RUN_LIMIT_EXCEEDED" in too_many.value.error.message
     assert "UNAUTHORIZED" in forbidden.value.error.message
     assert "no-such-agent" not in metrics
+
+
+async def test_a_cancelled_tasks_answer_ends_its_tool_calls_cancelled_too(door: LiveServer) -> None:
+    """An MCP integrator's find: the answer of a task cancelled mid-call listed the call with no status
+    (its TOOL_DONE comes after the caller has left the conversation)."""
+    async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as watcher:
+        conversation = await watcher.start_transaction("operator")
+        async with mcp_client(door) as client:
+            call = '/call demo.slow_count {"steps": 50, "delay": 0.2}'
+            created = await create(client, "operator", {"message": call, "conversation_id": conversation})
+            await watcher.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("progress") is not None, timeout=20)
+            await cancel(client.session, created.task_id)
+            answer = await result(client.session, created.task_id)
+    assert answer.structured_content is not None and answer.structured_content["status"] == "CANCELLED"
+    [slow] = answer.structured_content["tool_calls"]
+    assert slow["tool"] == "demo.slow_count" and slow["status"] == "CANCELLED"
+    assert slow["error"]["code"] == "CANCELLED"
+
+
+async def test_arguments_the_schema_does_not_name_are_refused_in_both_forms(door: LiveServer) -> None:
+    """An MCP integrator's finds: the tools' input schema says additionalProperties: false, yet a call
+    with one more argument was answered; the task form's refusal did not start with its HAIP code; and
+    the output schema lacked the ``error`` that failed answers carry."""
+    async with mcp_client(door) as client:
+        listed = await client.list_tools()
+        plain = await client.call_tool("echo", {"message": "x", "bogus": 1})
+        with pytest.raises(MCPError) as refused:
+            await create(client, "echo", {"message": "x", "bogus": 1})
+    [echo] = [tool for tool in listed.tools if tool.name == "echo"]
+    assert echo.output_schema is not None and "error" in echo.output_schema["properties"]
+    assert plain.is_error and text(plain) == (
+        "INVALID_PAYLOAD: arguments: unknown 'bogus'; these take 'message' and 'conversation_id'"
+    )
+    assert refused.value.error.code == types.INVALID_PARAMS
+    assert refused.value.error.message.startswith("INVALID_PAYLOAD: arguments: unknown 'bogus'")
