@@ -24,6 +24,14 @@ def member() -> AguiMember:
     return AguiMember(Principal("alice"), "thread-1")
 
 
+def running() -> AguiMember:
+    """A member whose AG-UI run ``run-a`` is open, with its HAIP run ``r1`` under way."""
+    agui = member()
+    agui.runs.add("r1")
+    agui.open("run-a")
+    return agui
+
+
 def sent(agui: AguiMember, after: int = 0) -> list[dict[str, Any]]:
     """The AG-UI events in the journal after ``after``, each validated against the protocol's models."""
     events = [json.loads(data) for number, data, _ends in agui.journal if number > after]
@@ -37,9 +45,7 @@ def haip(type: str, payload: dict[str, Any], run_id: str | None = "r1", channel:
 
 
 def test_a_failed_haip_run_ends_the_ag_ui_run_with_run_error_and_the_usage_so_far() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "partial"}))
     agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "m1", "tokens": 7}))
@@ -56,9 +62,7 @@ def test_a_failed_haip_run_ends_the_ag_ui_run_with_run_error_and_the_usage_so_fa
 
 
 def test_a_cancelled_run_finishes_with_the_cancelled_outcome() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "CANCELLED"}))
     assert sent(agui)[-1]["outcome"] == {"type": "cancelled"}
 
@@ -79,9 +83,7 @@ def test_another_members_message_is_a_user_text_message_and_nothing_is_sent_betw
 
 
 def test_a_failed_tool_call_result_carries_its_error_and_progress_is_an_activity() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.fail", "server": "demo", "params": {}}))
     agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "RUNNING", "progress": 1, "total": 2}))
     error = {"code": "TOOL_ERROR", "message": "this tool always fails"}
@@ -94,9 +96,7 @@ def test_a_failed_tool_call_result_carries_its_error_and_progress_is_an_activity
 
 
 def test_what_our_runs_do_between_two_ag_ui_runs_is_sent_in_the_next() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.add", "params": {"a": 1}}))
     agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "AWAITING_APPROVAL"}))
     first = sent(agui)
@@ -116,9 +116,7 @@ def test_what_our_runs_do_between_two_ag_ui_runs_is_sent_in_the_next() -> None:
 
 @pytest.mark.anyio
 async def test_frames_carry_sse_ids_and_stop_after_the_event_that_ends_the_run() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     frames: list[str] = []
 
     async def read() -> None:
@@ -217,9 +215,7 @@ def open_texts_at_run_ends(events: list[dict[str, Any]]) -> list[str]:
 def test_another_members_run_still_streaming_when_ours_ends_leaves_no_text_message_open() -> None:
     """An AG-UI tester's find: bob's run streamed into alice's AG-UI run, which ended with it open, and
     @ag-ui/client refused the stream ("Cannot send 'RUN_FINISHED' while text messages are still active")."""
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "assistant"}, "r-bob"))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once upon"}, "r-bob"))
     agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c-bob", "tool": "demo.add", "params": {}}, "r-bob"))
@@ -236,9 +232,7 @@ def test_another_members_run_still_streaming_when_ours_ends_leaves_no_text_messa
 
 
 def test_another_members_message_said_during_our_run_comes_whole_at_its_end() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "assistant"}, "r-bob"))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once upon"}, "r-bob"))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " a time"}, "r-bob"))
@@ -255,9 +249,7 @@ def test_another_members_message_said_during_our_run_comes_whole_at_its_end() ->
 
 
 def test_a_run_that_fails_mid_stream_ends_its_open_message_and_sends_no_more_of_it() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "half"}))
     agui.deliver(haip(EventType.RUN_ERROR, {"run_id": "r1", "code": "NODE_LOST", "message": "its node was lost"}))
@@ -272,9 +264,7 @@ def test_a_run_that_fails_mid_stream_ends_its_open_message_and_sends_no_more_of_
 
 
 def test_an_abandoned_run_ends_cancelled_and_nothing_more_of_its_turns_is_sent() -> None:
-    agui = member()
-    agui.runs.add("r1")
-    agui.open("run-a")
+    agui = running()
     agui.waiting.add("m-queued")
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "patient"}))
     assert sorted(agui.abandon()) == ["m-queued", "r1"]
