@@ -23,7 +23,12 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveServer]:
-    config = make_config({"agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}}})
+    config = make_config(
+        {
+            "agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}},
+            "roles": {"user": {}, "support": {"may_join_others": True}},
+        }
+    )
     with live_server(config) as server:
         yield server
 
@@ -119,3 +124,84 @@ async def test_a_stopped_run_is_cancelled_when_its_client_sends_the_next_message
             timeout=10,
         )
     assert cancelled.get("status") == "CANCELLED"
+
+
+async def until_waiting(lines: Any) -> None:
+    """Read a patient run's stream until it says it waits (the iterator is kept by the caller: one let
+    go of closes the stream when collected)."""
+    with anyio.fail_after(10):
+        async for line in lines:
+            if line.startswith("data: ") and json.loads(line[6:]).get("delta") == "waiting":
+                return
+
+
+async def test_two_runs_posted_at_once_run_one_and_refuse_the_other(live: LiveServer) -> None:
+    """A reviewer's find: between a run's opening and its client's first read, the run had no reader, so
+    a second POST at once (two tabs, a double click) took it for stopped and cancelled it."""
+    thread, headers = "t-" + uuid.uuid4().hex, {"authorization": f"Bearer {live.token('alice')}"}
+    outcomes: list[tuple[int, str]] = []
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+
+        async def one() -> None:
+            async with http.stream("POST", "/ag-ui/patient", json=body(thread, user("wait")), headers=headers) as run:
+                if run.status_code != 200:
+                    outcomes.append((run.status_code, json.loads(await run.aread())["error"]["code"]))
+                    return
+                lines = run.aiter_lines()
+                await until_waiting(lines)
+                outcomes.append((200, "waiting"))
+                with anyio.move_on_after(1.5):  # (the other is refused within ABANDON_WAIT: still reading)
+                    async for line in lines:
+                        if '"RUN_FINISHED"' in line:
+                            outcomes.append((200, "finished"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+    assert sorted(outcomes) == [(200, "waiting"), (429, "RUN_LIMIT_EXCEEDED")]
+
+
+async def test_a_run_refused_or_without_a_message_leaves_the_stopped_run_alone() -> None:
+    """A reviewer's finds: a new run refused (its message past the user's rate), or with no user message,
+    had already cancelled the run its client had stopped reading; the latter then failed in a 200."""
+    config = make_config(
+        {
+            "agents": {"patient": {"plugin": "tests.support.agents:PatientAgent"}},
+            "limits": {"user_messages_per_second": 0.01, "user_message_burst": 1},
+        }
+    )
+    with live_server(config) as server:
+        thread, headers = "t-" + uuid.uuid4().hex, {"authorization": f"Bearer {server.token('alice')}"}
+        wait = user("wait")
+        async with httpx2.AsyncClient(base_url=server.http_url, timeout=30) as http:
+            async with http.stream("POST", "/ag-ui/patient", json=body(thread, wait), headers=headers) as first:
+                lines = first.aiter_lines()
+                await until_waiting(lines)
+            transaction = server.runtime.hub.transactions.live[thread]
+            assistant = {"id": uuid.uuid4().hex, "role": "assistant", "content": "waiting"}
+            empty = await http.post("/ag-ui/patient", json=body(thread, wait, assistant), headers=headers)
+            refused = await http.post("/ag-ui/patient", json=body(thread, wait, user("hello")), headers=headers)
+            running = list(transaction.runs)
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "INVALID_PAYLOAD"
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "RATE_LIMITED"
+    assert len(running) == 1  # the stopped run goes on: nothing was done
+
+
+async def test_another_members_message_is_not_sent_again_as_the_ag_ui_users(live: LiveServer) -> None:
+    """A reviewer's find: bob's message, shown to alice's AG-UI client as a user message, was the newest
+    user message of her next run with nothing new of hers, and was sent again, as hers."""
+    thread, headers = "t-" + uuid.uuid4().hex, {"authorization": f"Bearer {live.token('alice')}"}
+    mine, bobs = user("wait"), {"id": "bob-1", "role": "user", "content": "bob was here"}
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+        async with http.stream("POST", "/ag-ui/patient", json=body(thread, mine), headers=headers) as first:
+            lines = first.aiter_lines()
+            await until_waiting(lines)
+            async with HaipClient(live.ws_url, token=live.token("bob", roles=["support"])) as bob:
+                await bob.join(thread, since=0)
+                await bob.send_text(thread, "bob was here", message_id="bob-1")
+                await bob.wait_for(lambda e: e.type == "MESSAGE_END" and e.transaction == thread, timeout=10)
+        again = await http.post("/ag-ui/patient", json=body(thread, mine, bobs), headers=headers)
+    error = again.json()["error"]
+    assert again.status_code == 400 and error["detail"] == {"where": "/messages/1/id"}
+    assert "not new: 'bob' sent it" in error["message"]
+    assert "alice: bob was here" not in await said(live, thread)

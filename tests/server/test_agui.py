@@ -248,7 +248,7 @@ def test_another_members_message_said_during_our_run_comes_whole_at_its_end() ->
     assert open_texts_at_run_ends(events) == []
 
 
-def test_a_run_that_fails_mid_stream_ends_its_open_message_and_sends_no_more_of_it() -> None:
+def test_a_run_that_fails_mid_stream_ends_its_open_message_first() -> None:
     agui = running()
     agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
     agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "half"}))
@@ -256,11 +256,31 @@ def test_a_run_that_fails_mid_stream_ends_its_open_message_and_sends_no_more_of_
     events = sent(agui)
     assert [e["type"] for e in events[-2:]] == ["TEXT_MESSAGE_END", "RUN_ERROR"]
     assert open_texts_at_run_ends(events) == []
+
+
+def test_a_message_cut_by_an_interrupt_starts_again_in_the_next_run_with_the_rest() -> None:
+    """An AG-UI run closed by an interrupt while its message streams ends the message (AG-UI refuses a
+    run finishing with one open); the rest of it, in the next run, starts it again under its id (the
+    client appends to the message it has)."""
+    agui = running()
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "m1", "author": "assistant"}))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": "let me check"}))
+    agui.deliver(haip(EventType.TOOL_CALL, {"call_id": "c1", "tool": "demo.add", "params": {}}))
+    agui.deliver(haip(EventType.TOOL_UPDATE, {"call_id": "c1", "status": "AWAITING_APPROVAL"}))
+    first = sent(agui)
+    assert first[-1]["outcome"]["type"] == "interrupt" and open_texts_at_run_ends(first) == []
     after = agui.last_id
-    agui.runs.add("r2")
     agui.open("run-b")
-    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "m1"}, "r2"))  # late: it was ended already
-    assert [e["type"] for e in sent(agui, after)] == ["RUN_STARTED"]
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "m1", "text": ": done"}))
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "m1"}))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    rest = sent(agui, after)
+    assert [(e["type"], e.get("messageId"), e.get("delta")) for e in rest[1:-1]] == [
+        ("TEXT_MESSAGE_START", "m1", None),
+        ("TEXT_MESSAGE_CONTENT", "m1", ": done"),
+        ("TEXT_MESSAGE_END", "m1", None),
+    ]
+    assert open_texts_at_run_ends(rest) == []
 
 
 def test_an_abandoned_run_ends_cancelled_and_nothing_more_of_its_turns_is_sent() -> None:

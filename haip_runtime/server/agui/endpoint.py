@@ -110,7 +110,12 @@ class AguiDoor:
             after = self._last_event_id(request, member)
             if after is None:
                 if member.run_id is not None:
-                    await self._give_up_abandoned(member)
+                    await self._until_unread(member)
+                self._admit(member, run)  # (a refusal changes nothing: the open run goes on)
+                if member.run_id is not None:  # its client went away: given up, its turns cancelled
+                    transaction = self.hub.transactions.live[member.thread_id]
+                    for run_id in member.abandon():
+                        transaction.cancel_run(run_id, by=member.user)
                 after = member.last_id
                 self._start(member, run, agent, request.headers.get("traceparent"))
         except ProtocolError as failure:
@@ -136,23 +141,25 @@ class AguiDoor:
             raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"events after {header!r} are no longer kept")
         return int(number)
 
-    async def _give_up_abandoned(self, member: AguiMember) -> None:
-        """A run of this user's is open on the thread. If its client went away (a "stop" in the
-        front-end, then a new message), it ends cancelled and its turns are cancelled, for the new
-        run to start; if a client still reads it, ``RUN_LIMIT_EXCEEDED``."""
+    async def _until_unread(self, member: AguiMember) -> None:
+        """A run of this user's is open on the thread: until its client has gone (a "stop" in the
+        front-end, then a new message: the caller gives it up), or it ended; ``RUN_LIMIT_EXCEEDED`` if
+        a client still reads it (a second tab), or another request took the thread meanwhile."""
         open_run = member.run_id
         gone = await member.unread(ABANDON_WAIT)
-        if member.run_id is None:
-            return  # it ended meanwhile
-        if not gone or member.run_id != open_run:
+        if member.run_id is not None and (not gone or member.run_id != open_run):
             raise ProtocolError(
                 ErrorCode.RUN_LIMIT_EXCEEDED,
                 f"a run is already open on thread {member.thread_id!r}, and its client reads it",
             )
-        transaction = self.hub.transactions.live.get(member.thread_id)
-        for run_id in member.abandon():
-            if isinstance(transaction, Transaction):
-                transaction.cancel_run(run_id, by=member.user)
+
+    def _admit(self, member: AguiMember, run: RunAgentInput) -> None:
+        """The new message's checks, before anything is done: the user's message rate, the run queue."""
+        if run.resume or last_user_text(run) is None:
+            return
+        self.hub.sessions.check_rate(member.user, run.run_id)  # the user's messages a second, every door together
+        transaction = self.hub.transactions.live[member.thread_id]
+        transaction.check_message(member, run.run_id)  # refused (nothing sent yet), or it runs or waits
 
     async def _member(
         self, principal: Principal, agent: str, run: RunAgentInput, said: tuple[int, str] | None, *, new_run: bool
@@ -222,7 +229,7 @@ class AguiDoor:
         if run.resume:
             return
         if said is None:
-            if member is None or not (member.runs or member.waiting):
+            if member is None or member.run_id is not None or not (member.runs or member.waiting):
                 raise ProtocolError(
                     ErrorCode.INVALID_PAYLOAD,
                     "the run has no user message to answer (and no `resume`)",
@@ -230,11 +237,14 @@ class AguiDoor:
                 )
             return
         message_id = last_user_id(run)
-        if message_id and isinstance(found, Transaction) and found.message_author(message_id) == principal.user:
+        author = found.message_author(message_id) if message_id and isinstance(found, Transaction) else None
+        if author is not None:  # (another member's, shown to this client as a user message, is not new either)
+            whose = "you" if author == principal.user else repr(author)
             raise ProtocolError(
                 ErrorCode.INVALID_PAYLOAD,
-                f"the newest user message ({message_id!r}) was sent in an earlier run: a run needs a new user"
-                " message, or a `resume`; to follow a run again, POST it with Last-Event-ID",
+                f"the newest user message ({message_id!r}) is not new: {whose} sent it in an earlier run. A run"
+                " needs a new user message (with an id of its own), or a `resume`; to follow a run again, POST"
+                " it with Last-Event-ID",
                 detail={"where": f"/messages/{said[0]}/id"},
             )
 
@@ -260,9 +270,6 @@ class AguiDoor:
         text = last_user_text(run)
         resuming = bool(run.resume)
         answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
-        if text is not None and not resuming:
-            self.hub.sessions.check_rate(member.user, run.run_id)  # the user's messages a second, every door together
-            transaction.check_message(member, run.run_id)  # refused (nothing sent yet), or it runs or waits
         member.open(run.run_id)
         for entry, asked in answers:
             if asked is None:

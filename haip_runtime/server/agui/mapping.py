@@ -46,8 +46,8 @@ from haip_runtime.protocol.events import ALL_EVENTS, Channel, ErrorCode, EventTy
 JOURNAL_EVENTS = 2048
 #: Other members' runs' streamed messages gathered at once (to be sent whole when they end); past it the oldest goes.
 OTHERS_STREAMING = 64
-#: Ids remembered of runs given up (a client that went away, then started another run) and of text
-#: messages ended early (a run that closed with one open): what more comes of them is not sent.
+#: Ids remembered of runs given up (a client that went away, then started another run): what more comes
+#: of them is not sent; and of text messages an AG-UI run ended early (it closed with them open).
 FORGOTTEN = 256
 APPROVAL_SCHEMA = {
     "type": "object",
@@ -92,13 +92,18 @@ class AguiMember:
         self.on_idle: Callable[[AguiMember], None] | None = None
         #: Clients reading the journal now (``frames``): none means the open run's client went away.
         self.readers = 0
+        #: An AG-UI run was opened and its client has not begun to read yet: it counts as reading.
+        self.reader_due = False
         self._unread = anyio.Event()
         #: Text messages started in the journal and not ended.
         self._open_texts: dict[str, None] = {}
         #: Other runs' streamed messages, their text so far, sent whole at their end (``_others_said``).
         self._others: dict[str, list[str]] = {}
-        #: Runs given up and text messages ended early: nothing more of them is sent.
+        #: Runs given up: nothing more of them is sent.
         self._forgotten: deque[str] = deque(maxlen=FORGOTTEN)
+        #: Text messages an AG-UI run ended while they went on (an interrupt, a failure): the next
+        #: run that carries more of them starts them again (same id: the client appends to it).
+        self._cut: deque[str] = deque(maxlen=FORGOTTEN)
         self._changed = anyio.Event()
 
     @property
@@ -128,6 +133,7 @@ class AguiMember:
     async def frames(self, after: int) -> AsyncIterator[str]:
         """SSE frames of the journal after id ``after``, live, until one that ends a run."""
         self.readers += 1
+        self.reader_due = False
         try:
             while True:
                 for number, data, ends in list(self.journal):
@@ -148,9 +154,9 @@ class AguiMember:
         seconds for one that is going: a client that aborts its run and starts another at once may
         be quicker than the server is to see the first connection closed."""
         with anyio.move_on_after(timeout):
-            while self.readers:
+            while self.readers or self.reader_due:
                 await self._unread.wait()
-        return not self.readers
+        return not (self.readers or self.reader_due)
 
     def abandon(self) -> list[str]:
         """The open AG-UI run's client went away and starts another run (a "stop", then a new
@@ -168,6 +174,7 @@ class AguiMember:
     def open(self, run_id: str) -> None:
         """Start an AG-UI run: RUN_STARTED, then what our HAIP runs did since the last one ended."""
         self.run_id = run_id
+        self.reader_due = True  # (until its client's first read: a run opened a moment ago is not abandoned)
         self.emit(RunStartedEvent(thread_id=self.thread_id, run_id=run_id, protocol_version=PROTOCOL_VERSION))
         held, self.held = self.held, deque(maxlen=JOURNAL_EVENTS)
         for event in held:
@@ -179,9 +186,9 @@ class AguiMember:
         if run_id is None:
             return
         usage = [TokenUsage(output_tokens=self.output_tokens)] if self.output_tokens else None
-        for message_id in list(self._open_texts):  # (a run that failed mid-stream): AG-UI ends none open
+        for message_id in list(self._open_texts):  # (a failure, an interrupt mid-stream): AG-UI ends none open
             self.emit(TextMessageEndEvent(message_id=message_id))
-            self._forgotten.append(message_id)
+            self._cut.append(message_id)
         if self.failure is not None:
             self.emit(RunErrorEvent(message=self.failure["message"], code=self.failure["code"], usage=usage), True)
         else:
@@ -222,6 +229,10 @@ class AguiMember:
         if kind == EventType.RUN_STARTED and payload.get("message_id") in self.waiting:
             self.waiting.discard(str(payload["message_id"]))  # a queued message of ours started at last
             self.runs.add(str(payload["run_id"]))
+        elif kind == EventType.RUN_STARTED and "message_id" not in payload and (self.run_id or self.runs):
+            self.runs.add(
+                str(payload["run_id"])
+            )  # a greeting (on_start) of the thread our run started, or of an agent added
         elif (
             kind == EventType.INFO
             and payload.get("event") == "run.unqueued"
@@ -238,8 +249,9 @@ class AguiMember:
         if event.run_id is not None and event.run_id not in self.runs:
             self._others_said(kind, payload)
             return
-        if kind in (EventType.MESSAGE_PART, EventType.MESSAGE_END) and payload.get("message_id") in self._forgotten:
-            return  # ended early, when the AG-UI run closed with it open
+        if kind in (EventType.MESSAGE_PART, EventType.MESSAGE_END) and payload.get("message_id") in self._cut:
+            self._cut.remove(payload["message_id"])  # ended early, when an AG-UI run closed with it open: again
+            self.emit(TextMessageStartEvent(message_id=payload["message_id"], role="assistant"))
         if kind == EventType.MESSAGE:
             role = "user" if event.channel == Channel.USER else "assistant"
             message_id = str(payload.get("message_id") or event.id)
