@@ -156,7 +156,7 @@ OUTPUT_SCHEMA: dict[str, Any] = {
         },
         "error": {
             "type": "object",
-            "description": "Why the run failed (status is then its code): {code, message}.",
+            "description": "Why the run failed, when it did: {code, message}.",
             "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
         },
     },

@@ -439,21 +439,26 @@ class Transaction:
         if turn.payload.get("message_id"):
             started["message_id"] = str(turn.payload["message_id"])  # the message it answers (it may have waited)
         self.publish(Event(EventType.RUN_STARTED, started, channel=Channel.AGENT, run_id=run.id))
+        logged = False  # the failure was logged in the run's span (its line carries the trace's ids)
         try:
             with run.scope, tracing.agent_span(run.agent, self.id, run.id, traceparent):
                 try:
                     if servers and self._ready is not None:
                         await self._ready(servers)  # the agent is offered the tools of servers still connecting
                     await hook(turn)
-                except LlmError as exc:  # logged in the run's span: the line carries its trace's ids
+                except LlmError as exc:
                     logger.warning("agent %r: LLM error %s in run %s: %s", run.agent, exc.code, run.id, exc.message)
+                    logged = True
                     raise
                 except Exception:
                     logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
+                    logged = True
                     raise
         except LlmError as exc:  # the provider failed: tell the user why, in words they can act on
             self._finish(run, EventType.RUN_ERROR, error_body(exc.code, exc.message))
         except Exception as exc:
+            if not logged:  # raised around the hook (leaving the run's scope, say): a reviewer's find
+                logger.exception("agent %r failed in run %s of transaction %s", run.agent, run.id, self.id)
             message = f"agent {run.agent!r} failed: {type(exc).__name__} (the server's log has its traceback)"
             self._finish(run, EventType.RUN_ERROR, error_body(ErrorCode.INTERNAL_ERROR, message))
         else:

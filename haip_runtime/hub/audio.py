@@ -15,6 +15,7 @@ import binascii
 from typing import Any
 
 from haip_runtime.agents.api import Agent, AudioClip
+from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
@@ -28,6 +29,9 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     transaction = ctx.open_transaction(session, envelope)
     audio = parse_payload(envelope, p.Audio)
     data = clip_bytes(envelope, audio, ctx.config.server.max_frame_bytes)
+    if data is None:
+        end_message(ctx, session, transaction, audio)
+        return
     message_id = audio.message_id or new_id()
     forwarded: dict[str, Any] = {
         "message_id": message_id,
@@ -44,8 +48,16 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     whole = envelope.type == EventType.AUDIO or audio.final or audio.message_id is None  # an unnamed chunk stands alone
     listeners = [slot for slot in transaction.agents.values() if type(slot.instance).on_audio is not Agent.on_audio]
     transaction.admit_runs(session, len(listeners), envelope.id)  # before anything is heard or sent
+    alone = envelope.type == EventType.AUDIO or audio.message_id is None
     heard = ctx.speech is not None and ctx.speech.hear(
-        transaction, session, message_id=message_id, mime=audio.mime, data=data, whole=whole, related_id=envelope.id
+        transaction,
+        session,
+        message_id=message_id,
+        mime=audio.mime,
+        data=data,
+        whole=whole,
+        related_id=envelope.id,
+        alone=alone,
     )
     if whole and not heard and not listeners:  # the other members get it; the sender learns no agent did
         unheard = {"event": "audio.unheard", "message_id": message_id, "agents": sorted(transaction.agents)}
@@ -59,8 +71,23 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
         transaction.start_run(slot, session, "", {"audio": clip, "message_id": message_id}, "on_audio")
 
 
-def clip_bytes(envelope: Envelope, audio: p.Audio, limit: int) -> bytes:
-    """The clip's bytes: the binary frame of a two-frame pair, else the base64 ``data``."""
+def end_message(ctx: HubContext, session: Session, transaction: Transaction, audio: p.Audio) -> None:
+    """A last chunk with no audio (``data?``: it only ends its message): the speech desk hears the message
+    now, and the other members are told it ended. No ``on_audio`` turn: there is nothing new to hear
+    (a reviewer's find: agents got an empty clip, and it counted against the run limit)."""
+    assert audio.message_id is not None, "clip_bytes: only a named message's last chunk has no data"
+    if ctx.speech is not None:
+        ctx.speech.hear(transaction, session, message_id=audio.message_id, mime=audio.mime, data=b"", whole=True,
+                        related_id="")  # fmt: skip
+    ended: dict[str, Any] = {"message_id": audio.message_id, "mime": audio.mime, "author": session.user, "final": True}
+    if audio.seq_in_message is not None:
+        ended["seq_in_message"] = audio.seq_in_message
+    transaction.publish(Event(EventType.AUDIO_CHUNK, ended, channel=Channel.AUDIO_IN, exclude=frozenset({session.id})))
+
+
+def clip_bytes(envelope: Envelope, audio: p.Audio, limit: int) -> bytes | None:
+    """The clip's bytes: the binary frame of a two-frame pair, else the base64 ``data``; ``None`` for a
+    named message's last ``AUDIO_CHUNK`` that carries none (it only ends the message)."""
     if envelope.bin_len is not None:
         if envelope.binary is None:
             raise ProtocolError(
@@ -81,7 +108,7 @@ def clip_bytes(envelope: Envelope, audio: p.Audio, limit: int) -> bytes:
                 detail={"where": "/payload/data"},
             ) from exc
     elif envelope.type == EventType.AUDIO_CHUNK and audio.final and audio.message_id is not None:
-        data = b""  # a last chunk that only ends its message (``data?``: a tester's find, it was refused)
+        return None  # a last chunk that only ends its message (``data?``: a tester's find, it was refused)
     else:
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,

@@ -118,7 +118,7 @@ async def message_update(ctx: HubContext, session: Session, envelope: Envelope) 
 async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.member_transaction(session, envelope)
     request = parse_payload(envelope, p.RunCancel)
-    if ctx.speech is not None and ctx.speech.cancel(transaction, request.run_id):
+    if ctx.speech is not None and ctx.speech.cancel(transaction, session, request.run_id):
         return  # an audio message still being transcribed
     if not transaction.cancel_run(request.run_id, session.user):
         raise ProtocolError(

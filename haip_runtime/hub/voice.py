@@ -55,8 +55,8 @@ _EMPTY_WAV = pcm_wav(b"", 16_000)
 
 #: What a spoken answer's envelope holds besides its base64 audio and its sentence (ids, seqs, fields).
 ENVELOPE_ROOM = 2048
-#: Messages dropped as too long remembered at most (their later chunks are let go).
-MAX_DROPPED = 256
+#: Messages dropped (too long, cancelled) remembered at most per session (their later chunks are let go).
+MAX_DROPPED = 64
 
 
 @dataclass
@@ -92,9 +92,10 @@ class SpeechDesk:
         #: Whether a transcript answers a question its speaker was asked in words (the hub sets it).
         self.answered: Callable[[Session, Transaction, str, str], bool] | None = None
         self._clips: dict[tuple[str, str], _Clip] = {}  # (session id, audio message id)
-        #: Messages dropped as too long whose last chunk has not come: their later chunks are let go
-        #: (a tester's find: they began a new clip, and the tail was heard as the member's words).
-        self._dropped: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Per session, its messages dropped (too long, or cancelled) whose last chunk has not come: their
+        #: later chunks are let go (a tester's find: they began a new clip, and the tail was heard as the
+        #: member's words). Per session, so that one session's many cannot push out another's.
+        self._dropped: dict[str, OrderedDict[str, None]] = {}
         self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
         self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
         self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
@@ -129,17 +130,24 @@ class SpeechDesk:
         data: bytes,
         whole: bool,
         related_id: str,
+        alone: bool = False,
     ) -> bool:
-        """Take a piece of a member's audio message; ``False`` if no agent in the transaction listens."""
+        """Take a piece of a member's audio message; ``False`` if no agent in the transaction listens.
+        ``whole``: the message ends with it; ``alone``: it is the whole message (an ``AUDIO``), never the
+        rest of one dropped before under its id."""
         provider = self.provider_for(transaction)
         if provider is None:
             return False
         key = (session.id, message_id)
-        if key in self._dropped:  # the rest of a message dropped as too long: not heard as a new one
+        dropped = self._dropped.get(session.id)
+        if dropped is not None and message_id in dropped:  # the rest of a message dropped: not a new one
             if whole:
-                del self._dropped[key]
-            return True
+                del dropped[message_id]
+            if not alone:
+                return True
         clip = self._clips.get(key)
+        if clip is None and not data:
+            return True  # a last chunk ending nothing open: nothing to hear
         if clip is None:
             self.interrupt(transaction, session.user)
             if not whole and sum(1 for sid, _ in self._clips if sid == session.id) >= OPEN_CLIPS_PER_SESSION:
@@ -170,31 +178,32 @@ class SpeechDesk:
         self._spawn(self._transcribe, transaction, session, provider, bytes(clip.data), clip.mime, message_id, scope)
         return True
 
-    def cancel(self, transaction: Transaction, message_id: str) -> bool:
-        """Stop transcribing (or collecting) an audio message; ``False`` if there is none."""
+    def cancel(self, transaction: Transaction, session: Session, message_id: str) -> bool:
+        """Stop transcribing an audio message, or collecting one of ``session``'s; ``False`` if there is none."""
         hearing = self._hearing.get(message_id)
         if hearing is not None and hearing[0] == transaction.id:
             hearing[1].cancel()
             return True
-        for key, clip in list(self._clips.items()):
-            if key[1] == message_id and clip.transaction == transaction.id:
-                del self._clips[key]
-                self._drop_rest(key)  # (chunks of it still on their way are not a new message: a tester's find)
-                return True
+        key = (session.id, message_id)
+        clip = self._clips.get(key)
+        if clip is not None and clip.transaction == transaction.id:
+            del self._clips[key]
+            self._drop_rest(key)  # (chunks of it still on their way are not a new message: a tester's find)
+            return True
         return False
 
     def _drop_rest(self, key: tuple[str, str]) -> None:
         """The chunks of this message still to come are let go, up to its last (``final``)."""
-        self._dropped[key] = None
-        while len(self._dropped) > MAX_DROPPED:
-            self._dropped.popitem(last=False)
+        dropped = self._dropped.setdefault(key[0], OrderedDict())
+        dropped[key[1]] = None
+        while len(dropped) > MAX_DROPPED:
+            dropped.popitem(last=False)
 
     def forget_session(self, session_id: str) -> None:
         """A session left: drop its half-sent audio."""
         for key in [key for key in self._clips if key[0] == session_id]:
             del self._clips[key]
-        for key in [key for key in self._dropped if key[0] == session_id]:
-            del self._dropped[key]
+        self._dropped.pop(session_id, None)
 
     async def _transcribe(
         self,

@@ -26,8 +26,7 @@ class SentenceSplitter:
             out += _said(self._pending[: match.end()])
             self._pending = self._pending[match.end() :]
         while len(self._pending) > MAX_CHARS:
-            cut = max(self._pending.rfind(mark, 0, MAX_CHARS) for mark in (", ", "; ", " "))
-            cut = cut + 1 if cut > 0 else MAX_CHARS
+            cut = _cut(self._pending)
             out += _said(self._pending[:cut])
             self._pending = self._pending[cut:]
         return out
@@ -38,7 +37,19 @@ class SentenceSplitter:
         return _said(rest)
 
 
+def _cut(text: str) -> int:
+    """Where to cut ``text`` (longer than ``MAX_CHARS``): after its last comma, semicolon or space before the limit."""
+    cut = max(text.rfind(mark, 0, MAX_CHARS) for mark in (", ", "; ", " "))
+    return cut + 1 if cut > 0 else MAX_CHARS
+
+
 def _said(text: str) -> list[str]:
-    """``text`` stripped, if it has anything to say (letters or digits)."""
+    """``text`` stripped, if it has anything to say (letters or digits), in pieces of at most ``MAX_CHARS``
+    (a long sentence that came whole, in one part, is cut as one still streaming is)."""
+    out: list[str] = []
     text = text.strip()
-    return [text] if any(ch.isalnum() for ch in text) else []
+    while len(text) > MAX_CHARS:
+        cut = _cut(text)
+        out += _said(text[:cut])
+        text = text[cut:].strip()
+    return [*out, text] if any(ch.isalnum() for ch in text) else out

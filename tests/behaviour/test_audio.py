@@ -69,7 +69,7 @@ async def next_audio(peer: RawPeer, type: str) -> tuple[dict[str, Any], bytes]:
                     data = await peer.ws.recv()
                     assert isinstance(data, bytes)
                     return envelope, data
-                return envelope, base64.b64decode(envelope["payload"]["data"])
+                return envelope, base64.b64decode(envelope["payload"].get("data", ""))
 
 
 def wav_seconds(data: bytes) -> float:
@@ -205,3 +205,22 @@ async def test_audio_that_names_no_transaction_is_told_so_in_words(live: LiveSer
         error = await peer.receive_type("ERROR")
     assert error["payload"]["code"] == "TRANSACTION_NOT_FOUND"
     assert error["payload"]["message"] == "AUDIO names no transaction"
+
+
+async def test_a_last_chunk_with_no_data_ends_the_message_and_starts_no_turn(live: LiveServer) -> None:
+    """A reviewer's find: a last chunk that only ends its message (``data?``) reached ``on_audio`` agents
+    as a clip of 0 bytes, a turn counted against the run limit ("got 0 bytes of audio/wav"). Now it
+    starts none, and the other members learn the message ended (``final``, no data)."""
+    clip = base64.b64encode(tone_wav(1000, 0.25, amplitude=0.5)).decode()
+    async with member(live, **EVERYTHING) as (speaker, tx), member(live, tx, **EVERYTHING) as (other, _):
+        await speaker.send("AUDIO_CHUNK", {"message_id": "rec", "mime": "audio/wav", "data": clip}, transaction=tx)
+        await speaker.send("AUDIO_CHUNK", {"message_id": "rec", "mime": "audio/wav", "final": True}, transaction=tx)
+        await speaker.send("AUDIO_CHUNK", {"message_id": "next", "mime": "audio/wav", "data": clip}, transaction=tx)
+        said = [(await speaker.receive_type("MESSAGE_PART"))["payload"]["text"] for _ in range(2)]
+        chunks = [(await next_audio(other, "AUDIO_CHUNK"))[0]["payload"] for _ in range(3)]
+    assert all(text.startswith("heard 0.25 s") for text in said)  # one turn per chunk with audio, no more
+    assert [(c["message_id"], c.get("final", False), "data" in c) for c in chunks] == [
+        ("rec", False, True),
+        ("rec", True, False),
+        ("next", False, True),
+    ]

@@ -420,3 +420,22 @@ async def test_when_no_member_accepts_audio_the_answer_is_not_synthesized(
         await listener.until(lambda e: e["type"] == "RUN_FINISHED")
     assert [r["path"] for r in cloud.requests] == ["/v1/audio/transcriptions"]
     assert "you said: Quietly now." in [e["payload"]["text"] for e in listener.of("MESSAGE_PART")]
+
+
+async def test_a_whole_audio_under_the_id_of_a_cancelled_recording_is_heard(question: bytes) -> None:
+    """A reviewer's find: a cancelled half-sent recording's id stayed marked for its rest, so a later
+    AUDIO (a whole message) under the same id was let go without a word."""
+    config = {"speech": {"local": {"kind": "local"}}, "agents": {"echo": {"plugin": "echo", "speech": "local"}}}
+    with live_server(make_config(config)) as small:
+        async with open_peer("websocket", small, small.token("alice")) as peer:
+            listener, tx = await start(peer, small, "echo", EVERYTHING)
+            half = base64.b64encode(question[: len(question) // 2]).decode()
+            await peer.send("AUDIO_CHUNK", {"message_id": "mic", "mime": "audio/wav", "data": half}, transaction=tx)
+            await peer.send("RUN_CANCEL", {"run_id": "mic"}, transaction=tx)
+            whole = base64.b64encode(question).decode()
+            await peer.send("AUDIO", {"message_id": "mic", "mime": "audio/wav", "data": whole}, transaction=tx)
+            heard = await listener.until(
+                lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+            )
+    assert heard["payload"]["audio_message_id"] == "mic"
+    assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]

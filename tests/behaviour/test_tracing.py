@@ -234,3 +234,23 @@ async def test_an_in_process_servers_own_spans_come_only_inside_runs_and_failure
     [failing_span] = [span for span in spans if span.name == "invoke_agent failing"]
     assert failing_span.context is not None
     assert getattr(failed, "trace_id", "-") == f"{failing_span.context.trace_id:032x}"
+
+
+async def test_a_run_that_fails_leaving_its_own_scope_is_logged_too() -> None:
+    """A reviewer's find: with the failure logged inside the run's span, one raised around the hook (on
+    leaving the run's scope) reached members as "the server's log has its traceback", and the log had none."""
+    handler = Kept()
+    logger = logging.getLogger("haip_runtime.conversation.transaction")
+    logger.addHandler(handler)
+    try:
+        with live_server(
+            make_config({"agents": {"leaky": {"plugin": "tests.support.agents:LeakyScopeAgent"}}})
+        ) as live:
+            async with HaipClient(live.ws_url, token=live.token("alice")) as client:
+                tx = await client.start_transaction("leaky")
+                await client.send_text(tx, "hi")
+                error = await client.wait_for(lambda e: e.type == "RUN_ERROR" and e.transaction == tx, timeout=10)
+    finally:
+        logger.removeHandler(handler)
+    assert "the server's log has its traceback" in str(error.get("message"))
+    assert [r.getMessage() for r in handler.records if "failed in run" in r.getMessage()] != []

@@ -169,6 +169,15 @@ def test_a_long_sentence_is_cut_at_a_comma_or_space() -> None:
     assert " ".join(parts + splitter.flush()).split() == ["word,"] * 100
 
 
+def test_a_long_sentence_that_comes_whole_is_cut_too() -> None:
+    """A reviewer's find: a sentence that ended in the part that brought it (``turn.say``) came out whole,
+    63,000 characters, and its audio envelope passed the frame size for the text alone."""
+    splitter = SentenceSplitter()
+    parts = splitter.feed(" ".join(["word"] * 12_600) + ".\n") + splitter.flush()
+    assert len(parts) > 200 and all(len(part) <= MAX_CHARS for part in parts)
+    assert " ".join(parts).split() == ["word"] * 12_599 + ["word."]
+
+
 class socket_port:
     """A port on 127.0.0.1 with nothing listening."""
 

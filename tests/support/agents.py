@@ -194,3 +194,11 @@ class ListenerAgent(Agent[NoOptions]):
     async def on_audio(self, turn: Turn) -> None:
         assert turn.audio is not None
         await turn.say(f"heard {len(turn.audio.data)} bytes")
+
+
+class LeakyScopeAgent(Agent[NoOptions]):
+    """Leaves a cancel scope entered (as a misused task group does): its run fails leaving its own scope,
+    outside the hook itself."""
+
+    async def on_message(self, turn: Turn) -> None:
+        anyio.CancelScope().__enter__()
