@@ -21,14 +21,16 @@ from haip_runtime.config.models import LimitsConfig, SessionConfig, Transactions
 from haip_runtime.conversation.history import history_from_events
 from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
-from haip_runtime.conversation.shared import follow
+from haip_runtime.conversation.shared import Followed, end_lost, follow
 from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ClusterError
+from haip_runtime.protocol.events import EventType
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
 
 if TYPE_CHECKING:
     from haip_runtime.conversation.relay import Relay
+    from haip_runtime.protocol.envelope import Event
     from haip_runtime.tools.proxy import ToolProxy
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ REHYDRATE_EVENTS = 20_000
 #: In a cluster, the last events a transaction brought back from the store has delivered again from
 #: the bus's log: the store may not hold the newest yet (every node writes in batches).
 REDELIVERED = 64
+#: How a run left open by a server that stopped without ending it (killed, crashed) ends when its
+#: transaction is brought back (``RUN_ERROR NODE_LOST``), and its tool calls.
+INTERRUPTED = "the server stopped while this turn went on (it was killed or crashed); send the message again"
+CALL_INTERRUPTED = "the server stopped while this call went on; its result, if any, is lost"
 
 
 class TransactionRegistry:
@@ -70,6 +76,9 @@ class TransactionRegistry:
         self._spawn = spawn
         self._ready = ready
         self._loading: dict[str, anyio.Event] = {}
+        #: When this process began (ms since the epoch, as events' ``ts``): runs the log shows open that
+        #: began before it are no process's now (``_end_interrupted``).
+        self._started_ms = int(time.time() * 1000)
         #: Per user with a start under way: one at a time (``starting``).
         self._starting: dict[str, anyio.Lock] = {}
         #: Called with (agent, status) when a run ends (the runtime's metrics).
@@ -261,12 +270,31 @@ class TransactionRegistry:
             shared.users_elsewhere.update(record.members)
             for event in events:
                 follow(shared, event, transaction.users)
+        else:
+            self._end_interrupted(transaction, events, self._started_ms)
         self.live[transaction.id] = transaction
         if shared is not None:
             await shared.following()  # what Redis holds of the log is delivered: a join continues from it
             await shared.filled(newest)  # and what it no longer holds (lost in a restart, expired) from the store
         logger.info("transaction %s brought back from the store at tseq %d", transaction.id, transaction.tseq)
         return transaction
+
+    @staticmethod
+    def _end_interrupted(transaction: Transaction, events: list[Event], started_ms: int) -> None:
+        """Runs its log shows open that began before this process did: nothing runs them any more (the
+        server stopped without ending them: killed, or crashed). They end ``NODE_LOST`` now, their
+        messages and calls with them (an operator's find: such a turn stayed "streaming" in the history
+        for ever). A clean stop ends them ``CANCELLED`` itself; in a cluster the next owner ends them. A
+        run that began since may be another process's on the same PostgreSQL (without ``[cluster]``)."""
+        state, begun = Followed(), {}
+        for event in events:
+            follow(state, event, {})
+            if event.type == EventType.RUN_STARTED and event.run_id:
+                begun[event.run_id] = int(event.ts) if event.ts.isdecimal() else 0
+        for run_id in [run_id for run_id in state.open_runs if begun.get(run_id, 0) < started_ms]:
+            logger.warning("transaction %s: run %s was under way when the server stopped; it ends NODE_LOST",
+                           transaction.id, run_id)  # fmt: skip
+            end_lost(transaction.publish, state, run_id, INTERRUPTED, CALL_INTERRUPTED)
 
     def sequenced(self, transaction_id: str, published: int, stored: int) -> None:
         """The store's ``on_sequenced``: another process wrote to this transaction in the shared store,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.protocol.events import EventType, ToolStatus
+from haip_runtime.protocol.errors import error_body
+from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolErrorCode, ToolOutcome, ToolStatus
 
 if TYPE_CHECKING:
     from haip_runtime.conversation.members import Member
@@ -35,13 +37,20 @@ _FOLLOWED = frozenset(
 )
 
 
-class Shared(Protocol):
-    """A transaction's log on the cluster's bus, seen from one node."""
+class OpenRuns(Protocol):
+    """The runs a log shows open, with their streamed messages and tool calls (what ``end_lost`` ends)."""
 
-    #: Whether this node runs the transaction's turns.
-    owner: bool
     #: Runs the log shows started and not ended, by run id.
     open_runs: dict[str, str]
+    #: Calls the log shows made and not done, with the run each belongs to (a lost run's end them).
+    open_calls: dict[str, str | None]
+    #: Streamed messages the log shows started and not ended, with the run each belongs to.
+    open_messages: dict[str, str]
+
+
+class LogState(OpenRuns, Protocol):
+    """What ``follow`` keeps of a transaction's log: what it shows open."""
+
     #: Messages from members elsewhere no run has answered yet, by message id.
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: Users the log shows joined on other nodes.
@@ -51,10 +60,47 @@ class Shared(Protocol):
     #: What each of those waits for: ``approval``, or ``input`` with the request's schema (an answer
     #: from here is checked before it goes to the node running the turns).
     asked: dict[str, tuple[str, dict[str, Any] | None]]
-    #: Calls the log shows made and not done, with the run each belongs to (a lost run's end them).
-    open_calls: dict[str, str | None]
-    #: Streamed messages the log shows started and not ended, with the run each belongs to.
-    open_messages: dict[str, str]
+
+
+@dataclass
+class Followed:
+    """A ``LogState`` of its own: what a stored log shows open (a transaction brought back after its
+    server stopped without ending its runs: ``end_lost``)."""
+
+    open_runs: dict[str, str] = field(default_factory=dict)
+    unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=OrderedDict)
+    users_elsewhere: set[str] = field(default_factory=set)
+    waiting_calls: dict[str, str | None] = field(default_factory=dict)
+    asked: dict[str, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
+    open_calls: dict[str, str | None] = field(default_factory=dict)
+    open_messages: dict[str, str] = field(default_factory=dict)
+
+
+def end_lost(publish: Callable[[Event], object], state: OpenRuns, run_id: str, message: str, call_message: str) -> None:
+    """End ``run_id``, which the log shows open though nothing runs it any more (its node was lost, or
+    the server stopped without ending it): its streamed messages cut short (``MESSAGE_END``, as a run
+    cancelled ends them: clients that show a message at its end showed nothing), its tool calls not
+    done (``TOOL_DONE`` ``TOOL_FAILED``: the one that made them stopped them, or died), then ``RUN_ERROR
+    NODE_LOST`` with ``message``."""
+    for message_id in [message for message, run in state.open_messages.items() if run == run_id]:
+        publish(Event(EventType.MESSAGE_END, {"message_id": message_id}, channel=Channel.AGENT, run_id=run_id))
+    for call_id in [call for call, run in state.open_calls.items() if run == run_id]:
+        failed = {
+            "call_id": call_id,
+            "status": ToolOutcome.ERROR,
+            "error": error_body(ToolErrorCode.TOOL_FAILED, call_message),
+        }
+        publish(Event(EventType.TOOL_DONE, failed, channel=Channel.AGENT, run_id=run_id))
+    lost = {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, message)}
+    publish(Event(EventType.RUN_ERROR, lost, channel=Channel.AGENT, run_id=run_id))
+    state.open_runs.pop(run_id, None)
+
+
+class Shared(LogState, Protocol):
+    """A transaction's log on the cluster's bus, seen from one node."""
+
+    #: Whether this node runs the transaction's turns.
+    owner: bool
     #: How long the turns may take to move to another node.
     handover: float
 
@@ -119,7 +165,7 @@ def entry_event(data: dict[str, Any], transaction: str, tseq: int, thread_id: st
     return event
 
 
-def follow(shared: Shared, event: Event, users: dict[str, None]) -> None:
+def follow(shared: LogState, event: Event, users: dict[str, None]) -> None:
     """Keep what a takeover and the members of this node need to know of the log: the runs open, the
     messages unanswered, the calls waiting for an answer, the users joined elsewhere (``users``:
     the transaction's readers, who join it)."""

@@ -21,11 +21,10 @@ import anyio
 
 from haip_runtime.conversation.history import History, history_from_events
 from haip_runtime.conversation.members import remote_member
+from haip_runtime.conversation.shared import end_lost
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
-from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import Channel, ErrorCode, EventType, ToolErrorCode, ToolOutcome
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -147,19 +146,7 @@ class Succession:
         end showed nothing) and its tool calls not done (the node that made them stopped them, or died:
         their ``TOOL_DONE`` never came)."""
         self._given_up.discard(run_id)  # this node may be the one that gave it up: its end must go out
-        for message_id in [message for message, run in self.open_messages.items() if run == run_id]:
-            end = Event(EventType.MESSAGE_END, {"message_id": message_id}, channel=Channel.AGENT, run_id=run_id)
-            self.transaction.publish(end)
-        for call_id in [call for call, run in self.open_calls.items() if run == run_id]:
-            failed = {
-                "call_id": call_id,
-                "status": ToolOutcome.ERROR,
-                "error": error_body(ToolErrorCode.TOOL_FAILED, CALL_LOST),
-            }
-            self.transaction.publish(Event(EventType.TOOL_DONE, failed, channel=Channel.AGENT, run_id=run_id))
-        lost = Event(EventType.RUN_ERROR, {"run_id": run_id, **error_body(ErrorCode.NODE_LOST, LOST)})
-        self.transaction.publish(lost.with_changes(channel=Channel.AGENT, run_id=run_id))
-        self.open_runs.pop(run_id, None)
+        end_lost(self.transaction.publish, self, run_id, LOST, CALL_LOST)
 
     def _answer(self, turn: dict[str, Any], payload: dict[str, Any]) -> None:
         transaction = self.transaction

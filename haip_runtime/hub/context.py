@@ -41,6 +41,9 @@ class HubContext:
     ready: Callable[[Iterable[str]], Awaitable[None]] | None = None
     #: Agents that listen and answer aloud; ``None``: no agent uses speech.
     speech: SpeechDesk | None = None
+    #: Told of a member that joined a transaction (a session's record is saved with it: a client
+    #: resuming after a crash is told what to rejoin).
+    joined: Callable[[Member], None] | None = None
 
     def member_transaction(self, session: Session, envelope: Envelope) -> Transaction:
         """The transaction the envelope names, if the sender is a member (else not found)."""

@@ -139,6 +139,8 @@ def create(
     transaction.add_member(member)
     transaction.add_agent(slot)
     ctx.transactions.add(transaction)
+    if ctx.joined is not None:
+        ctx.joined(member)
     reply = p.TransactionStarted(referenceId=reference, agent=spec.name, thread_id=transaction.thread_id)
 
     def tell() -> None:
@@ -195,6 +197,8 @@ def admit(ctx: HubContext, session: Session, transaction: Transaction, history: 
     kept = fitting(history, session.window.max_bytes // HISTORY_SHARE)
     history, omitted = history[len(history) - kept :], omitted + len(history) - kept
     new_user = transaction.add_member(session)
+    if ctx.joined is not None:
+        ctx.joined(session)
     joined = p.TransactionJoined(members=transaction.member_users, agents=transaction.agent_names)
     reply = {**joined.dump(), "tseq": str(transaction.tseq), "omitted": omitted}
     session.send(EventType.TRANSACTION_JOIN, reply, transaction=transaction.id)

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 
 from haip_runtime.agents.registry import AgentSpec
 from haip_runtime.config.models import HaipConfig
-from haip_runtime.conversation.members import remote_member
+from haip_runtime.conversation.members import Member, remote_member
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.relay import Relay
 from haip_runtime.conversation.transaction import Transaction
@@ -102,7 +102,9 @@ class Hub:
         self.speech = speech_desk(config, agents, self.spawn)
         if self.speech is not None:
             self.transactions.on_new = self.speech.attach
-        self.context = HubContext(config, agents, tools, self.transactions, self.spawn, ready, self.speech)
+        self.context = HubContext(
+            config, agents, tools, self.transactions, self.spawn, ready, self.speech, joined=self._joined
+        )
         if self.speech is not None:
             self.speech.answered = partial(messages.answered_if_asked, self.context)
         by_type = {
@@ -226,6 +228,12 @@ class Hub:
             self.transactions.evict(transaction)
         if expired or idle:
             self.on_freed()
+
+    def _joined(self, member: Member) -> None:
+        """A session here joined a transaction: its record is saved now, not only when it disconnects
+        (an operator's find: after a crash, RESUME_FAILED "restarted" listed nothing to rejoin)."""
+        if isinstance(member, Session) and self.sessions.get(member.id) is member:
+            self.sessions.save(member)
 
     def _leave_transactions(self, session: Session) -> None:
         """A session was dropped: it leaves every transaction it was a member of."""
