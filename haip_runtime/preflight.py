@@ -150,7 +150,7 @@ async def _keys(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
         count = await keys.fetch()
     except KeyUnavailableError as exc:
         return [(False, f"auth.jwks_url: cannot fetch the key set: {exc}")]
-    return [(True, f"auth.jwks_url: {url} holds {count} key(s)")]
+    return [(True, f"auth.jwks_url: {keys.url} holds {count} key(s)")]
 
 
 async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:

@@ -8,10 +8,12 @@ runtime into a fetch amplifier. While the URL is unreachable the last good key s
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,8 @@ import anyio
 import anyio.to_thread
 import jwt
 
+from haip_runtime.config.base import url_userinfo
+from haip_runtime.config.masking import masked_endpoint
 from haip_runtime.exceptions import KeyUnavailableError as KeyUnavailableError  # where tests import it
 
 logger = logging.getLogger(__name__)
@@ -40,7 +44,10 @@ class JwksKeys:
         timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = url
+        #: The URL as logs and errors show it (its password and secret-named query values masked).
+        self.url = masked_endpoint(url)
+        #: Where to GET it, and the Basic credentials its user part gives (urllib takes none from a URL).
+        self._target, self._credentials = _without_credentials(url)
         self.cache_seconds = cache_seconds
         self.min_refetch_seconds = min_refetch_seconds
         self.timeout = timeout
@@ -102,9 +109,24 @@ class JwksKeys:
 
     def _fetch(self) -> Any:
         """In a worker thread: GET the key set, bounded in time and size."""
-        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        headers = {"Accept": "application/json"}
+        if self._credentials is not None:
+            headers["Authorization"] = f"Basic {self._credentials}"
+        request = urllib.request.Request(self._target, headers=headers)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:  # http(s) only: checked in config
             body = response.read(MAX_JWKS_BYTES + 1)
         if len(body) > MAX_JWKS_BYTES:
             raise ValueError(f"key set larger than {MAX_JWKS_BYTES} bytes")
         return json.loads(body)
+
+
+def _without_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its user part, and that part as HTTP Basic credentials (base64), if it has one
+    (an operator's find: ``https://user:pass@host/jwks`` failed, "Name or service not known")."""
+    parts = url_userinfo(url)
+    if parts is None:
+        return url, None
+    scheme, userinfo, host = parts
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return f"{scheme}://{host}", base64.b64encode(pair.encode()).decode("ascii")

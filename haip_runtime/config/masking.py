@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 from haip_runtime.config.base import MASK, masked_url, url_password
 from haip_runtime.config.models import HaipConfig
 
-__all__ = ["MASK", "masked_dump", "masked_url", "secret_values"]
+__all__ = ["MASK", "masked_dump", "masked_endpoint", "masked_url", "secret_values"]
 
 _SECRETISH = re.compile(r"secret|key|token|password|passwd|credential|auth", re.IGNORECASE)
 
@@ -35,11 +35,13 @@ def masked_dump(config: HaipConfig) -> dict[str, Any]:
         server["env"] = dict.fromkeys(server["env"], MASK)
         server["args"] = _masked_args(server["args"])
         if server.get("url"):
-            server["url"] = _masked_endpoint(server["url"])
+            server["url"] = masked_endpoint(server["url"])
     for agent in data["agents"].values():
         agent["options"] = _mask_secretish(agent["options"])
     if config.cluster is not None:
         data["cluster"]["redis_url"] = config.cluster.masked_url
+    if config.auth.jwks_url is not None:  # (an operator's find: its ?api_key= was printed, and logged)
+        data["auth"]["jwks_url"] = masked_endpoint(config.auth.jwks_url)
     return data
 
 
@@ -58,10 +60,9 @@ def secret_values(config: HaipConfig) -> list[str]:
         found += [args[index] for index in _secret_args(args)]
         found += [arg.partition("=")[2] for arg in args if _mask_flag_value(arg) != arg]
         if url := getattr(server, "url", None):
-            password = url_password(url)
-            found += [password] if password else []
-            query = parse_qs(urlsplit(url).query)
-            found += [value for key, values in query.items() if _names_a_secret(key) for value in values if value]
+            found += _endpoint_secrets(url)
+    if config.auth.jwks_url is not None:
+        found += _endpoint_secrets(config.auth.jwks_url)
     for agent in config.agents.values():
         found += _secretish_values(agent.options)
     if config.cluster is not None and config.cluster.redis_password:
@@ -80,9 +81,17 @@ def _names_a_secret(name: str) -> bool:
     return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
 
 
-def _masked_endpoint(url: str) -> str:
-    """An MCP server's URL with its password, and the values of query parameters whose names say they are
-    secrets (``?api_key=...`` is common), masked."""
+def _endpoint_secrets(url: str) -> list[str]:
+    """The secrets in an endpoint's URL: its password, and the values of query parameters named as secrets."""
+    password = url_password(url)
+    query = parse_qs(urlsplit(url).query)
+    secret = [value for key, values in query.items() if _names_a_secret(key) for value in values if value]
+    return [password, *secret] if password else secret
+
+
+def masked_endpoint(url: str) -> str:
+    """An endpoint's URL (an MCP server's, the JWKS) with its password, and the values of query parameters
+    whose names say they are secrets (``?api_key=...`` is common), masked."""
     shown = masked_url(url)
     head, question, query = shown.partition("?")
     if not question:

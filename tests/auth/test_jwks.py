@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from haip_runtime.auth.jwks import JwksKeys, KeyUnavailableError
+from haip_runtime.config.loading import validate_config
+from haip_runtime.config.masking import masked_dump, secret_values
 from tests.support.jwks_server import JwksServer, jwk_of, serve_jwks
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +99,22 @@ async def test_an_endpoint_that_does_not_speak_http_is_a_clear_error() -> None:
         with pytest.raises(KeyUnavailableError, match="127.0.0.1"):
             await keys.fetch()
         thread.join(timeout=5)
+
+
+async def test_a_url_with_credentials_and_a_key_is_fetched_with_them_and_never_shown(
+    jwks: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's finds: ``http://user:pass@host/...`` failed ("Name or service not known": urllib takes
+    no credentials from a URL), and the URL, its ``?api_key=`` included, was printed by ``check`` and logged."""
+    url = jwks.url.replace("http://", "http://ops:s3cret%21@") + "?api_key=qsecret456"
+    keys = JwksKeys(url, cache_seconds=300, min_refetch_seconds=30, timeout=5)
+    with caplog.at_level(logging.INFO, logger="haip_runtime.auth.jwks"):
+        await keys.key("k1")
+    assert jwks.authorization == "Basic " + base64.b64encode(b"ops:s3cret!").decode()
+    assert jwks.path == "/jwks.json?api_key=qsecret456"
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "fetched 1 JWT signing key(s)" in logged and "s3cret" not in logged and "qsecret456" not in logged
+    config = validate_config({"auth": {"mode": "jwt", "algorithms": ["RS256"], "jwks_url": url}}, base_dir=Path("."))
+    shown = masked_dump(config)["auth"]["jwks_url"]
+    assert shown == jwks.url.replace("http://", "http://ops:**********@") + "?api_key=**********"
+    assert {"s3cret%21", "qsecret456"} <= set(secret_values(config))

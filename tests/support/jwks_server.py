@@ -24,6 +24,9 @@ class JwksServer:
         self.http = http
         self.keys: list[dict[str, Any]] = []
         self.requests = 0
+        #: The last request's path and Authorization header.
+        self.path = ""
+        self.authorization: str | None = None
         self.url = f"http://127.0.0.1:{http.server_address[1]}/jwks.json"
         self._thread = threading.Thread(target=http.serve_forever, daemon=True)
         self._thread.start()
@@ -43,6 +46,7 @@ def serve_jwks() -> Iterator[JwksServer]:
         def do_GET(self) -> None:
             server = holder[0]
             server.requests += 1
+            server.path, server.authorization = self.path, self.headers.get("Authorization")
             body = json.dumps({"keys": server.keys}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
