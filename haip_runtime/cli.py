@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(check)
     check.add_argument(
-        "--connect", action="store_true", help="also start each MCP server and reach each LLM endpoint, one line each"
+        "--connect",
+        action="store_true",
+        help="also reach what the config names (MCP servers, LLMs, the store, Redis, the JWKS), a line each",
     )
     check.add_argument("--timeout", type=float, default=30, help="seconds to wait with --connect (default: 30)")
     check.set_defaults(func=_check)

@@ -111,7 +111,8 @@ def _unreadable(where: str, path: Path) -> list[str]:
 
 
 async def connect(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
-    """Start every MCP server and reach every LLM endpoint: ``(ok, line)`` for each, in file order.
+    """Start every MCP server and reach every LLM endpoint, the store, Redis and the JWKS: ``(ok, line)`` for
+    each, in file order.
     A stdio server that failed has the last lines of its stderr on its line."""
     import anyio.to_thread
 

@@ -126,6 +126,8 @@ def _describe(error: ErrorDetails, data: Any = None) -> str:
         message = "required key is missing"
     elif _showable(error.get("input"), loc):
         message = f"{message} (got {_short(error.get('input'))})"
+    if loc and message.startswith(f"{loc}."):
+        return message  # a table's check that names its key itself ("storage.url ..."): not "storage: storage.url"
     return f"{loc}: {message}" if loc else message
 
 

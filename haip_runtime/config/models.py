@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, StrictBool, field_validator, model_validator
 
 from haip_runtime.config.base import ConfigPath, Model, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
@@ -145,8 +145,11 @@ class StorageConfig(Model):
             if not separator or scheme not in ("postgresql", "postgres"):
                 raise ValueError("storage.url must be a postgresql://user:password@host:port/database URL")
             parts = url_userinfo(self.url.get_secret_value())
-            if parts is not None and any(character in parts[1] for character in "/?#@"):
-                raise ValueError("storage.url: percent-encode / ? # @ in the user name or password (/ is %2F)")
+            found = sorted({character for character in parts[1] if character in "/?#@"}) if parts is not None else []
+            if found:  # (named, and its own code: an operator's '@' was told '/ is %2F')
+                codes = ", ".join(f"{character} as %{ord(character):02X}" for character in found)
+                shown = " ".join(found)
+                raise ValueError(f"storage.url: percent-encode {shown} in the user name or password ({codes})")
         return self
 
 
@@ -258,9 +261,10 @@ class RoleConfig(Model):
     """Glob patterns of event types this role may send (e.g. `["MESSAGE", "TRANSACTION_*", "TOOL_LIST"]`);
     others get ERROR UNAUTHORIZED. Session mechanics (HAI, PING, PONG, FLOW_UPDATE, REPLAY_REQUEST,
     PAUSE_CHANNEL, RESUME_CHANNEL) are always allowed."""
-    may_join_others: bool = False
+    may_join_others: StrictBool = False
     """Whether this role may TRANSACTION_JOIN (and read the history of) transactions other users
-    started, given the transaction id. Everyone may join their own."""
+    started, given the transaction id. Everyone may join their own. `true` or `false` only: a string
+    ("yes") granting it was taken as true (an operator's find)."""
 
 
 class AgentConfig(Model):

@@ -90,8 +90,8 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             " every key)",
         ),
         ("[agents.x]\ndescription = 'no plugin'\n", "agents.x.plugin: required key is missing"),
-        ("[auth]\nmode = 'jwt'\n", "auth: auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
-        ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth: auth.secret must be at least 32 bytes for HMAC signing"),
+        ("[auth]\nmode = 'jwt'\n", "auth.mode = 'jwt' with HS* algorithms needs auth.secret"),
+        ("[auth]\nmode = 'jwt'\nsecret = 'short'\n", "auth.secret must be at least 32 bytes for HMAC signing"),
         (
             "[server]\nhost = '0.0.0.0'\n",
             "auth.mode = 'dev' may only bind a loopback address, not '0.0.0.0'; use mode = 'jwt'",
@@ -108,6 +108,14 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             "[mcp.servers.x]\ntransport = 'stdio'\ncommand = 'x'\nargs = ['a', 1]\n",
             "mcp.servers.x.args[1]: Input should be a valid string (got 1)",
         ),
+        (  # an operator's finds: "yes" granted it; the check named the table twice, and '/' for an '@'
+            "[roles.staff]\nmay_join_others = 'yes'\n",
+            "roles.staff.may_join_others: Input should be a valid boolean (got 'yes')",
+        ),
+        (
+            "[storage]\nbackend = 'postgres'\nurl = 'postgresql://u:p@ss@127.0.0.1/db'\n",
+            "storage.url: percent-encode @ in the user name or password (@ as %40)",
+        ),
     ],
     ids=[
         "range",
@@ -123,6 +131,8 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         "unknown-server",
         "union-member",
         "list-item",
+        "strict-bool",
+        "url-userinfo",
     ],
 )
 def test_invalid_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
