@@ -76,5 +76,9 @@ class Keyspace:
         """Each node's agents (a hash: node -> names, comma-separated), read with the live nodes."""
         return f"{self.prefix}:node-agents"
 
+    def worker_metrics(self, group: str) -> str:
+        """The metrics of the workers of one ``serve --workers`` (a hash: worker -> Prometheus text)."""
+        return f"{self.prefix}:metrics:{group}"
+
     def epoch(self) -> str:
         return f"{self.prefix}:epoch"

@@ -56,6 +56,7 @@ from haip_runtime.server.mcp_tasks import AgentTasks
 from haip_runtime.server.rest import history_routes
 from haip_runtime.server.sockets import ReapOnEnd, SocketReaper
 from haip_runtime.server.storage import storage_metrics, storage_status, tell_members
+from haip_runtime.server.worker_metrics import WorkerMetrics
 from haip_runtime.session.connection import Connection, Gateway, serve_detached
 from haip_runtime.session.timers import Timers
 from haip_runtime.session.window import Outbox
@@ -79,8 +80,11 @@ logger = logging.getLogger(__name__)
 class Runtime:
     """Everything one haip-runtime process runs, started and stopped as one unit."""
 
-    def __init__(self, config: HaipConfig) -> None:
+    def __init__(self, config: HaipConfig, *, worker: tuple[str, str] | None = None) -> None:
         self.config = config
+        #: One of ``serve --workers N``: its ``/metrics`` answers for every worker (``worker_metrics``).
+        self.worker = worker
+        self.worker_metrics: WorkerMetrics | None = None
         self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
         self.metrics = Metrics()
         self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
@@ -138,8 +142,14 @@ class Runtime:
                 await stack.enter_async_context(self.roaming)
             await stack.enter_async_context(self.hub)
             if self.fleet is not None and self.fleet.bus is not None:
-                self.fleet.relay = self.hub.share(self.fleet.bus)  # conversations shared with the other nodes
+                bus = self.fleet.bus
+                self.fleet.relay = self.hub.share(bus)  # conversations shared with the other nodes
                 self.hub.spawn(self.fleet.watch)  # members told when Redis stops answering, and when it is back
+                if self.worker is not None and self.config.observability.metrics:
+                    group, tag = self.worker
+                    key = bus.keys.worker_metrics(group)
+                    self.worker_metrics = WorkerMetrics(bus.redis, key, tag, self.metrics.render)
+                    self.hub.spawn(self.worker_metrics.run)
             self._stack = stack.pop_all()
         self.hub.spawn(self.timers.run)
         self.hub.spawn(self.reaper.patrol, self.config.server.header_timeout_seconds)
@@ -336,7 +346,9 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
         return JSONResponse(body, status_code=200 if serving else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
+        shared = rt.worker_metrics
+        body = await shared.render() if shared is not None else rt.metrics.render()
+        return Response(body, media_type=rt.metrics.content_type)
 
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")

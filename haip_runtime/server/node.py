@@ -47,6 +47,8 @@ class WorkerSpec:
 
     config: HaipConfig
     index: int
+    #: The node id the workers' own are made from (``base-w1``...): names what they share (their metrics).
+    group: str = ""
 
 
 def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True) -> socket.socket:
@@ -71,11 +73,14 @@ def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True)
     return sock
 
 
-def run(config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], None]) -> bool:
+def run(
+    config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], None], worker: tuple[str, str] | None = None
+) -> bool:
     """Serve ``config`` on ``sock`` until a signal stops uvicorn; ``on_ready`` once it serves.
-    ``False`` when it never served (uvicorn logged why: the runtime's start-up failed)."""
+    ``False`` when it never served (uvicorn logged why: the runtime's start-up failed). ``worker``: (its
+    ``serve``'s group, its tag ``w<N>``) when it is one of ``serve --workers N``."""
     allocator.tune()
-    runtime = Runtime(config)
+    runtime = Runtime(config, worker=worker)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -158,7 +163,7 @@ def main() -> int:
         # connections over the listening sockets of the port, and one queued at a worker still reaching
         # Redis waited out its start-up, then was reset if it failed (found by a tester).
         sock = bind(config.server.host, config.server.port, share_port=True, listen=False)
-        served = run(config, sock, ready)
+        served = run(config, sock, ready, worker=(spec.group, tag) if spec.group else None)
     except (ConfigError, PluginError) as exc:
         for problem in exc.problems:  # (every one, as check and one process print them)
             print(f"haip-runtime: worker {spec.index}: {problem}", file=sys.stderr, flush=True)

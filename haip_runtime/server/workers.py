@@ -185,7 +185,7 @@ class Supervisor:
 
     async def _run_worker(self, index: int, generation: int, port: int) -> Outcome:
         """One process of worker ``index``, from its start to its end."""
-        spec = WorkerSpec(self._config_for(index, generation, port), index)
+        spec = WorkerSpec(self._config_for(index, generation, port), index, self.base_node_id)
         process = await anyio.open_process(
             [sys.executable, "-m", "haip_runtime.server.node"],
             stdin=subprocess.PIPE,

@@ -34,6 +34,7 @@ from mcp_types import CallToolResult, TextContent
 
 from haip_runtime.client import HaipClient
 from tests.behaviour.test_cluster_conversations import WHOLE, all_answered, answers, logged
+from tests.behaviour.test_cluster_limits import until
 from tests.support.redis import RedisServer
 from tests.support.serving import ROOT
 
@@ -231,6 +232,7 @@ async def test_two_workers_serve_one_port_as_two_nodes_with_one_dev_token(
                 for n in range(20):
                     tg.start_soon(one, n)
             seen = nodes(served.port)
+            scrapes = await every_workers_metrics(served.port)
         tagged = {match.group(1) for match in served.log.wait(r"\[(w\d)\] .*Application startup complete", 2)}
     assert sorted(answers) == sorted(f"you said: hello {n}" for n in range(20))
     assert len(seen) == 2 and all(node.endswith(("-w1", "-w2")) for node in seen)
@@ -239,6 +241,26 @@ async def test_two_workers_serve_one_port_as_two_nodes_with_one_dev_token(
     assert all(answer["totalConnections"] >= 1 for answer in seen.values())
     assert sum(answer["totalConnections"] for answer in seen.values()) >= 21
     assert tagged == {"w1", "w2"}  # each worker's log lines say which worker wrote them
+    # Whichever worker a scrape reaches, it has both workers' series (an operator's find: it had its own).
+    for families in scrapes:
+        accepted = families["haip_connections_accepted"]
+        assert {sample.labels["worker"] for sample in accepted.samples} == {"w1", "w2"}
+
+
+async def every_workers_metrics(port: int, scrapes: int = 6) -> list[dict[str, Any]]:
+    """``scrapes`` answers of ``/metrics`` (each over a new connection: either worker), parsed, once a
+    scrape has both workers' (each writes its own for the other every few seconds: the first may not yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            return {family.name: family for family in text_string_to_metric_families(answer.read().decode())}
+
+    async def both() -> bool:
+        return {s.labels.get("worker") for s in scrape()["haip_connections_accepted"].samples} == {"w1", "w2"}
+
+    await until(both, timeout=20)
+    return [scrape() for _ in range(scrapes)]
 
 
 def messages(client: HaipClient, tx: str) -> list[tuple[tuple[int, str], bool]]:
