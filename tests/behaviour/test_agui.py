@@ -335,7 +335,7 @@ async def test_an_input_request_is_an_interrupt_answered_with_the_input(
 async def test_two_first_runs_of_one_thread_at_once_make_one_transaction(runtime: LiveServer) -> None:
     thread = f"thread-{uuid.uuid4()}"
     headers = {"authorization": f"Bearer {runtime.token('alice')}"}
-    statuses: list[int] = []
+    answers: list[tuple[int, str]] = []
 
     async def first_run(number: int) -> None:
         body = {
@@ -343,13 +343,17 @@ async def test_two_first_runs_of_one_thread_at_once_make_one_transaction(runtime
             "runId": f"r{number}",
             "messages": [{"id": f"m{number}", "role": "user", "content": "hi"}],
         }
-        async with httpx.AsyncClient(base_url=runtime.http_url, headers=headers) as http:
-            statuses.append((await http.post("/ag-ui/echo", json=body)).status_code)
+        async with httpx.AsyncClient(base_url=runtime.http_url, headers=headers, timeout=30) as http:
+            answer = await http.post("/ag-ui/echo", json=body)
+            answers.append((answer.status_code, answer.text))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(first_run, 1)
         tg.start_soon(first_run, 2)
+    statuses = [status for status, _ in answers]
     assert 200 in statuses and set(statuses) <= {200, 429}  # the second waits its turn, or is told a run is open
+    # Each run that went ahead was answered to its end (one that waited for the first once reached nobody).
+    assert all('"type":"RUN_FINISHED"' in text for status, text in answers if status == 200)
     transaction = runtime.runtime.hub.transactions.live[thread]
     assert transaction.owner == "alice" and list(transaction.agents) == ["echo"]
 

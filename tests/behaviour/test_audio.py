@@ -217,7 +217,11 @@ async def test_a_last_chunk_with_no_data_ends_the_message_and_starts_no_turn(liv
         await speaker.send("AUDIO_CHUNK", {"message_id": "rec", "mime": "audio/wav", "final": True}, transaction=tx)
         await speaker.send("AUDIO_CHUNK", {"message_id": "next", "mime": "audio/wav", "data": clip}, transaction=tx)
         said = [(await speaker.receive_type("MESSAGE_PART"))["payload"]["text"] for _ in range(2)]
-        chunks = [(await next_audio(other, "AUDIO_CHUNK"))[0]["payload"] for _ in range(3)]
+        chunks: list[dict[str, Any]] = []
+        while len(chunks) < 3:  # what the speaker sent (AUDIO_IN), not the agent's tones (AUDIO_OUT)
+            envelope, _ = await next_audio(other, "AUDIO_CHUNK")
+            if envelope["channel"] == "AUDIO_IN":
+                chunks.append(envelope["payload"])
     assert all(text.startswith("heard 0.25 s") for text in said)  # one turn per chunk with audio, no more
     assert [(c["message_id"], c.get("final", False), "data" in c) for c in chunks] == [
         ("rec", False, True),

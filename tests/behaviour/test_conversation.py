@@ -243,7 +243,7 @@ async def test_an_agent_whose_class_cannot_be_made_is_said_so_and_leaves_no_tran
         async with httpx2.AsyncClient(base_url=live.http_url) as http:
             agui = await http.post(
                 "/ag-ui/broken",
-                json={"threadId": "t-broken", "runId": "r", "messages": []},
+                json={"threadId": "t-broken", "runId": "r", "messages": [{"id": "m", "role": "user", "content": "hi"}]},
                 headers={"authorization": f"Bearer {live.token()}"},
             )
         live_transactions = list(live.runtime.hub.transactions.live)

@@ -111,6 +111,9 @@ class AguiDoor:
             if after is None:
                 if member.run_id is not None:
                     await self._until_unread(member)
+                    # Again: the wait let the thread move on (the run ended, and its member may have left
+                    # the transaction, idle: the new run's events then reached nobody: the suite's find).
+                    member = await self._member(principal, agent, run, said, new_run=True)
                 self._admit(member, run)  # (a refusal changes nothing: the open run goes on)
                 if member.run_id is not None:  # its client went away: given up, its turns cancelled
                     transaction = self.hub.transactions.live[member.thread_id]
