@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 import jwt
 
-from haip_runtime.config.base import url_userinfo
+from haip_runtime.config.base import endpoint_userinfo
 from haip_runtime.config.masking import masked_endpoint
 from haip_runtime.exceptions import KeyUnavailableError as KeyUnavailableError  # where tests import it
 
@@ -123,7 +123,7 @@ class JwksKeys:
 def _without_credentials(url: str) -> tuple[str, str | None]:
     """``url`` without its user part, and that part as HTTP Basic credentials (base64), if it has one
     (an operator's find: ``https://user:pass@host/jwks`` failed, "Name or service not known")."""
-    parts = url_userinfo(url)
+    parts = endpoint_userinfo(url)
     if parts is None:
         return url, None
     scheme, userinfo, host = parts

@@ -40,6 +40,19 @@ def url_userinfo(url: str) -> tuple[str, str, str] | None:
     return (scheme, userinfo, host) if separator and at else None
 
 
+def endpoint_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme, user part, the rest)`` of an HTTP endpoint's ``url`` (a JWKS, an MCP server), or ``None``.
+    Its user part is in its authority only (before the first ``/``, ``?`` or ``#``), as a browser reads
+    it: an ``@`` in its path or query is not one (Firebase's JWKS ends ``.../securetoken@system.
+    gserviceaccount.com``: taken for a user part, it was fetched from the wrong host: a reviewer's find)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return None
+    end = min((index for index in (rest.find(mark) for mark in "/?#") if index >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    return (scheme, userinfo, host + rest[end:]) if at else None
+
+
 def masked_url(url: str) -> str:
     """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
     if "://" not in url:

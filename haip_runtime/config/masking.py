@@ -13,7 +13,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from haip_runtime.config.base import MASK, masked_url, url_password
+from haip_runtime.config.base import MASK, endpoint_userinfo, masked_url, url_password
 from haip_runtime.config.models import HaipConfig
 
 __all__ = ["MASK", "masked_dump", "masked_endpoint", "masked_url", "secret_values"]
@@ -83,7 +83,8 @@ def _names_a_secret(name: str) -> bool:
 
 def _endpoint_secrets(url: str) -> list[str]:
     """The secrets in an endpoint's URL: its password, and the values of query parameters named as secrets."""
-    password = url_password(url)
+    parts = endpoint_userinfo(url)
+    password = parts[1].partition(":")[2] if parts is not None else ""
     query = parse_qs(urlsplit(url).query)
     secret = [value for key, values in query.items() if _names_a_secret(key) for value in values if value]
     return [password, *secret] if password else secret
@@ -92,7 +93,11 @@ def _endpoint_secrets(url: str) -> list[str]:
 def masked_endpoint(url: str) -> str:
     """An endpoint's URL (an MCP server's, the JWKS) with its password, and the values of query parameters
     whose names say they are secrets (``?api_key=...`` is common), masked."""
-    shown = masked_url(url)
+    parts = endpoint_userinfo(url)
+    shown = url
+    if parts is not None and ":" in parts[1]:
+        scheme, userinfo, rest = parts
+        shown = f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{rest}"
     head, question, query = shown.partition("?")
     if not question:
         return shown

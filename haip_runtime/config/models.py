@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, StrictBool, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
 from haip_runtime.config.base import ConfigPath, Model, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
@@ -251,6 +251,16 @@ class LimitsConfig(Model):
     """Direct TOOL_CALLs one session may have in flight; more get RATE_LIMITED."""
 
 
+def true_or_false(value: object) -> object:
+    """A boolean, or the text `true` / `false` (what a `${VAR}` reference gives); anything else is refused
+    (pydantic's own bool takes "yes", "on" and 1 too)."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError("true or false")  # (the error adds what it got)
+    return value
+
+
 class RoleConfig(Model):
     agents: list[str] = Field(default_factory=lambda: ["*"])
     """Glob patterns of agent names this role may start."""
@@ -261,10 +271,10 @@ class RoleConfig(Model):
     """Glob patterns of event types this role may send (e.g. `["MESSAGE", "TRANSACTION_*", "TOOL_LIST"]`);
     others get ERROR UNAUTHORIZED. Session mechanics (HAI, PING, PONG, FLOW_UPDATE, REPLAY_REQUEST,
     PAUSE_CHANNEL, RESUME_CHANNEL) are always allowed."""
-    may_join_others: StrictBool = False
+    may_join_others: Annotated[bool, BeforeValidator(true_or_false)] = False
     """Whether this role may TRANSACTION_JOIN (and read the history of) transactions other users
-    started, given the transaction id. Everyone may join their own. `true` or `false` only: a string
-    ("yes") granting it was taken as true (an operator's find)."""
+    started, given the transaction id. Everyone may join their own. `true` or `false` (also as the
+    text a `${VAR}` gives): "yes" granting it was taken as true (an operator's find)."""
 
 
 class AgentConfig(Model):

@@ -270,7 +270,7 @@ class TransactionRegistry:
             shared.users_elsewhere.update(record.members)
             for event in events:
                 follow(shared, event, transaction.users)
-        else:
+        elif not self.store.lag:  # (a store no other process writes to: one whose runs are ours alone)
             self._end_interrupted(transaction, events, self._started_ms)
         self.live[transaction.id] = transaction
         if shared is not None:
@@ -284,8 +284,9 @@ class TransactionRegistry:
         """Runs its log shows open that began before this process did: nothing runs them any more (the
         server stopped without ending them: killed, or crashed). They end ``NODE_LOST`` now, their
         messages and calls with them (an operator's find: such a turn stayed "streaming" in the history
-        for ever). A clean stop ends them ``CANCELLED`` itself; in a cluster the next owner ends them. A
-        run that began since may be another process's on the same PostgreSQL (without ``[cluster]``)."""
+        for ever). A clean stop ends them ``CANCELLED`` itself; in a cluster the next owner ends them. Only
+        with a store no other process writes to (memory, SQLite): on a PostgreSQL that several processes
+        share without ``[cluster]``, an open run may be another's, alive (a reviewer's find)."""
         state, begun = Followed(), {}
         for event in events:
             follow(state, event, {})

@@ -3,15 +3,19 @@
 The workers share one port, so each scrape reaches one of them, by chance: each answered with its own
 numbers alone, and Prometheus saw one process's counters, then another's, as one series going up and
 down (an operator's find). Now each worker writes its metrics, as Prometheus text, to Redis every
-``SHARE_SECONDS`` (a hash for the workers of one ``serve``, a field each, expiring when none writes);
-``/metrics`` answers with its own, as they are now, and the others' as last written, every sample
-labelled ``worker="w<N>"``. A worker started again after dying writes under the same label: its
-counters start again from 0, which Prometheus takes as a reset (as for any restart).
+``SHARE_SECONDS`` (a hash for the workers of one ``serve``, a field each, stamped with when it was
+written); ``/metrics`` answers with its own, as they are now, and the others' as last written, every
+sample labelled ``worker="w<N>"``. A field not written for ``STALE_SECONDS`` is a worker gone (a serve
+started again with fewer, one that died and waits to be started again): left out, and deleted. A
+worker that stops deletes its own. A worker started again after dying writes under the same label:
+its counters start again from 0, which Prometheus takes as a reset (as for any restart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: How often a worker writes its metrics for the others to answer with.
 SHARE_SECONDS = 5.0
+#: A worker's metrics not written for this long are a worker gone: not answered with.
+STALE_SECONDS = SHARE_SECONDS * 3
 #: How long the others' metrics may take to read before a scrape answers with this worker's alone.
 READ_TIMEOUT = 1.0
 
@@ -42,30 +48,41 @@ class WorkerMetrics:
 
     async def run(self) -> None:
         """Write this worker's metrics every ``SHARE_SECONDS`` until cancelled (Redis away: next time)."""
-        while True:
-            try:
-                await self._share()
-            except (ClusterError, OSError, ConnectionError, TimeoutError) as error:
-                logger.debug("cluster: sharing this worker's metrics failed: %s", error)
-            except Exception:  # (redis-py's own errors among others): it goes on
-                logger.exception("cluster: sharing this worker's metrics failed")
-            await anyio.sleep(SHARE_SECONDS)
+        try:
+            while True:
+                try:
+                    await self._share()
+                except (ClusterError, OSError, ConnectionError, TimeoutError) as error:
+                    logger.debug("cluster: sharing this worker's metrics failed: %s", error)
+                except Exception:  # (redis-py's own errors among others): it goes on
+                    logger.exception("cluster: sharing this worker's metrics failed")
+                await anyio.sleep(SHARE_SECONDS)
+        finally:  # stopping: its metrics go with it (the others' scrapes do not answer with them)
+            with anyio.move_on_after(READ_TIMEOUT, shield=True), contextlib.suppress(Exception):
+                await self._redis.hdel(self._key, self.worker)
 
     async def _share(self) -> None:
-        text = self._render()
+        stamped = f"{time.time():.3f}\n{self._render().decode()}"
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key, self.worker, text)
-            pipe.pexpire(self._key, int(SHARE_SECONDS * 3 * 1000))
+            pipe.hset(self._key, self.worker, stamped)
+            pipe.pexpire(self._key, int(STALE_SECONDS * 1000))
             await pipe.execute()
 
     async def render(self) -> bytes:
         """This worker's metrics now and the others' as last written, each sample labelled by its worker;
         this worker's alone (labelled too) if Redis does not answer in time."""
         texts: dict[str, str] = {}
+        gone: list[str] = []
         with anyio.move_on_after(READ_TIMEOUT):
             try:
-                shared = await self._redis.hgetall(self._key)
-                texts = {_text(worker): _text(text) for worker, text in shared.items()}
+                for worker, stamped in (await self._redis.hgetall(self._key)).items():
+                    written, _, text = _text(stamped).partition("\n")
+                    if time.time() - _seconds(written) < STALE_SECONDS:
+                        texts[_text(worker)] = text
+                    else:
+                        gone.append(_text(worker))
+                if gone:
+                    await self._redis.hdel(self._key, *gone)
             except Exception as error:  # (the scrape still answers, with what this worker has)
                 logger.debug("cluster: reading the workers' metrics failed: %s", error)
         texts[self.worker] = self._render().decode()
@@ -96,3 +113,11 @@ def merged(texts: Mapping[str, str]) -> bytes:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _seconds(written: str) -> float:
+    """When a worker's metrics were written (0: unreadable, so stale)."""
+    try:
+        return float(written)
+    except ValueError:
+        return 0.0

@@ -118,3 +118,17 @@ async def test_a_url_with_credentials_and_a_key_is_fetched_with_them_and_never_s
     shown = masked_dump(config)["auth"]["jwks_url"]
     assert shown == jwks.url.replace("http://", "http://ops:**********@") + "?api_key=**********"
     assert {"s3cret%21", "qsecret456"} <= set(secret_values(config))
+
+
+async def test_an_at_sign_in_the_path_or_query_is_not_a_user_part(jwks: JwksServer) -> None:
+    """A reviewer's find: with the user part read up to the URL's last '@', Firebase's JWKS URL
+    (``.../securetoken@system.gserviceaccount.com``) was fetched from the wrong host, its path sent as
+    credentials, and shown with its port and path masked as a password."""
+    for url in (jwks.url + "@system.example.com", jwks.url + "?client=ops@example.com"):
+        keys = JwksKeys(url, cache_seconds=300, min_refetch_seconds=30, timeout=5)
+        await keys.key("k1")
+        assert jwks.authorization is None and jwks.path.startswith("/jwks.json") and keys.url == url
+        config = validate_config(
+            {"auth": {"mode": "jwt", "algorithms": ["RS256"], "jwks_url": url}}, base_dir=Path(".")
+        )
+        assert masked_dump(config)["auth"]["jwks_url"] == url and secret_values(config) == []

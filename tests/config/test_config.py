@@ -110,7 +110,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         ),
         (  # an operator's finds: "yes" granted it; the check named the table twice, and '/' for an '@'
             "[roles.staff]\nmay_join_others = 'yes'\n",
-            "roles.staff.may_join_others: Input should be a valid boolean (got 'yes')",
+            "roles.staff.may_join_others: true or false (got 'yes')",
         ),
         (
             "[storage]\nbackend = 'postgres'\nurl = 'postgresql://u:p@ss@127.0.0.1/db'\n",
@@ -468,3 +468,10 @@ def test_a_plugin_files_relative_imports_are_said_in_its_own_words_and_a_dotted_
         said.append(result.stderr.rpartition("ModuleNotFoundError: ")[2].strip() if result.returncode else "ok")
     assert said[0].endswith("(nothing named 'helpres' beside typo.py)")
     assert said[1] == "No module named 'inner'" and said[2] == "ok"
+
+
+def test_may_join_others_takes_a_variables_true_or_false() -> None:
+    """A reviewer's find: made strict, it refused the text a ``${VAR}`` gives ("true")."""
+    roles = {"roles": {"staff": {"may_join_others": "True"}, "guest": {"may_join_others": "false"}}}
+    config = validate_config(roles, base_dir=Path("."))
+    assert config.roles["staff"].may_join_others is True and config.roles["guest"].may_join_others is False

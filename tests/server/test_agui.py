@@ -305,3 +305,15 @@ def test_a_user_message_with_anything_but_text_is_refused_with_where() -> None:
         user_text(run_input(messages=messages))
     assert refused.value.code == "INVALID_PAYLOAD" and refused.value.detail == {"where": "/messages/0/content/1"}
     assert "'image'" in refused.value.message
+
+
+def test_only_the_greeting_this_member_brought_is_its_run() -> None:
+    """A greeting (a run answering no message) is the AG-UI member's when its run started the thread or
+    added the agent; another member's agent greeting is not (a reviewer's find: it was adopted, and a
+    "stop" would have cancelled it)."""
+    agui = running()
+    agui.deliver(haip(EventType.RUN_STARTED, {"run_id": "g-other", "agent": "greeter"}, "g-other"))
+    assert "g-other" not in agui.runs
+    agui.greeting_due = True
+    agui.deliver(haip(EventType.RUN_STARTED, {"run_id": "g-mine", "agent": "greeter"}, "g-mine"))
+    assert "g-mine" in agui.runs and not agui.greeting_due

@@ -210,6 +210,7 @@ class AguiDoor:
                 while len(self.members) > MAX_MEMBERS:
                     self._forget(self.members.popitem(last=False)[1])
             if found is None:
+                member.greeting_due = True
                 lifecycle.create(hub.context, member, spec, None, {}, thread, id=thread)
             elif isinstance(found, Transaction):
                 if not found.is_member(member):
@@ -219,6 +220,7 @@ class AguiDoor:
                         announce = {**joined.dump(), "joined": member.user}
                         found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
                 if agent not in found.agents:
+                    member.greeting_due = True
                     await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
         return member
 

@@ -94,6 +94,8 @@ class AguiMember:
         self.readers = 0
         #: An AG-UI run was opened and its client has not begun to read yet: it counts as reading.
         self.reader_due = False
+        #: This member started the thread or added an agent: the greeting (``on_start``) is its run.
+        self.greeting_due = False
         self._unread = anyio.Event()
         #: Text messages started in the journal and not ended.
         self._open_texts: dict[str, None] = {}
@@ -194,6 +196,7 @@ class AguiMember:
         else:
             self.emit(RunFinishedEvent(thread_id=self.thread_id, run_id=run_id, usage=usage, **outcome), True)
         self.run_id, self.failure, self.cancelled, self.output_tokens = None, None, False, 0
+        self.greeting_due = False  # (an agent that does not greet: nothing is awaited)
         if self.idle and self.on_idle is not None:
             self.on_idle(self)
 
@@ -229,10 +232,9 @@ class AguiMember:
         if kind == EventType.RUN_STARTED and payload.get("message_id") in self.waiting:
             self.waiting.discard(str(payload["message_id"]))  # a queued message of ours started at last
             self.runs.add(str(payload["run_id"]))
-        elif kind == EventType.RUN_STARTED and "message_id" not in payload and (self.run_id or self.runs):
-            self.runs.add(
-                str(payload["run_id"])
-            )  # a greeting (on_start) of the thread our run started, or of an agent added
+        elif kind == EventType.RUN_STARTED and "message_id" not in payload and self.greeting_due:
+            self.greeting_due = False  # the greeting of the thread, or of the agent, this member's run brought
+            self.runs.add(str(payload["run_id"]))
         elif (
             kind == EventType.INFO
             and payload.get("event") == "run.unqueued"
