@@ -15,6 +15,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, EventType
+from haip_runtime.server.agui.endpoint import body_path
 from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text, user_text
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(AguiEvent)
@@ -317,3 +318,42 @@ def test_only_the_greeting_this_member_brought_is_its_run() -> None:
     agui.greeting_due = True
     agui.deliver(haip(EventType.RUN_STARTED, {"run_id": "g-mine", "agent": "greeter"}, "g-mine"))
     assert "g-mine" in agui.runs and not agui.greeting_due
+
+
+def test_another_members_message_streaming_across_two_runs_comes_whole_in_the_second() -> None:
+    """A re-tester's find: the parts said between two AG-UI runs were dropped, and the message came in
+    the second run whole-looking, its middle missing."""
+    agui = running()
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "storyteller"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once"}, "r-bob"))
+    agui.deliver(haip(EventType.RUN_FINISHED, {"run_id": "r1", "status": "OK"}))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " upon a"}, "r-bob"))  # between runs
+    after = agui.last_id
+    agui.runs.add("r2")
+    agui.open("run-b")
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " time"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "theirs"}, "r-bob"))
+    said = [e.get("delta") for e in sent(agui, after) if e["type"] == "TEXT_MESSAGE_CONTENT"]
+    assert said == ["once upon a time"]
+
+
+def test_a_message_partly_missed_while_the_member_was_away_is_not_sent() -> None:
+    agui = running()
+    agui.deliver(haip(EventType.MESSAGE_START, {"message_id": "theirs", "author": "storyteller"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": "once"}, "r-bob"))
+    agui.left()  # idle between runs, out of the transaction: its parts meanwhile never came
+    after = agui.last_id
+    agui.open("run-b")
+    agui.deliver(haip(EventType.MESSAGE_PART, {"message_id": "theirs", "text": " time"}, "r-bob"))
+    agui.deliver(haip(EventType.MESSAGE_END, {"message_id": "theirs"}, "r-bob"))
+    assert [e["type"] for e in sent(agui, after)] == ["RUN_STARTED"]  # the history has it, whole
+
+
+def test_a_refused_bodys_where_is_a_path_into_the_body_not_pydantics_union_tags() -> None:
+    """A re-tester's find: ``/messages/0/user/content/str`` (the union members pydantic tried)."""
+    old_binary = [{"type": "binary", "mimeType": "image/png", "data": "aGk="}]
+    body = {"threadId": "t", "runId": "r", "messages": [{"id": "1", "role": "user", "content": old_binary}]}
+    raw = json.dumps(body).encode()
+    assert body_path(raw, ("messages", 0, "user", "content", "str")) == "/messages/0/content"
+    assert body_path(raw, ("messages", 0, "user", "name")) == "/messages/0/name"  # a missing key stays
+    assert body_path(b"{not json", ("threadId",)) == "/threadId"

@@ -5,6 +5,7 @@ interrupts, or both) and streams the member's journal as SSE.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -66,6 +67,25 @@ def error(status: int, code: str, message: str, where: str | None = None, detail
     return JSONResponse(body, status_code=status, headers=http_error_headers(status))
 
 
+def body_path(body: bytes, loc: tuple[int | str, ...]) -> str:
+    """A validation error's place as a path into the body the client sent: pydantic's ``loc`` also names
+    the union members it tried (``/messages/0/user/content/str``: a re-tester's find), which are left out."""
+    try:
+        node: Any = json.loads(body)
+    except ValueError:
+        node = None
+    parts: list[str] = []
+    for index, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif node is not None and not (isinstance(node, dict) and index == len(loc) - 1):
+            continue  # a union member's name, not a place in the body (the last, in an object: a missing key)
+        parts.append(str(part))
+    return "/" + "/".join(parts)
+
+
 class AguiDoor:
     """The AG-UI route and the AG-UI members of every thread."""
 
@@ -98,7 +118,7 @@ class AguiDoor:
             run = RunAgentInput.model_validate_json(body)
         except ValidationError as invalid:
             first = invalid.errors()[0]
-            where = "/" + "/".join(str(part) for part in first["loc"])
+            where = body_path(body, first["loc"])
             return error(400, ErrorCode.INVALID_PAYLOAD, f"not an AG-UI RunAgentInput: {first['msg']}", where)
         agent = request.path_params["agent"]
         reconnecting = request.headers.get("last-event-id") is not None
@@ -264,6 +284,7 @@ class AguiDoor:
         self.hub.spawn(leave)
 
     def _forget(self, member: AguiMember) -> None:
+        member.left()
         for transaction_id in list(member.transactions):
             transaction = self.hub.transactions.live.get(transaction_id)
             if transaction is not None:

@@ -246,11 +246,12 @@ class AguiMember:
             return
         if kind == EventType.TOOL_UPDATE and payload.get("call_id") in self.calls:
             self._tool_update(payload)
-        if self.run_id is None and not self.runs:
-            return  # between AG-UI runs, nothing of ours going on: the transaction's log has it
         if event.run_id is not None and event.run_id not in self.runs:
+            # (between AG-UI runs too: a message streaming across two of them came with its middle missing)
             self._others_said(kind, payload)
             return
+        if self.run_id is None and not self.runs:
+            return  # between AG-UI runs, nothing of ours going on: the transaction's log has it
         if kind in (EventType.MESSAGE_PART, EventType.MESSAGE_END) and payload.get("message_id") in self._cut:
             self._cut.remove(payload["message_id"])  # ended early, when an AG-UI run closed with it open: again
             self.emit(TextMessageStartEvent(message_id=payload["message_id"], role="assistant"))
@@ -291,8 +292,14 @@ class AguiMember:
         if kind == EventType.TOOL_UPDATE:
             self.settle()
 
+    def left(self) -> None:
+        """The member left the transaction (idle between runs): what it gathered of others' messages would
+        miss what is said meanwhile, so it goes (such a message is not sent: the history has it)."""
+        self._others.clear()
+
     def _others_said(self, kind: str, payload: dict[str, Any]) -> None:
-        """Another member's run: its messages, each whole once said, while an AG-UI run is open."""
+        """Another member's run: its messages, each whole once said, while an AG-UI run is open (gathered
+        between AG-UI runs too, while this member is in the transaction: one may end during the next)."""
         message_id = str(payload.get("message_id") or "")
         if kind == EventType.MESSAGE_START:
             self._others[message_id] = []
