@@ -316,12 +316,22 @@ async def test_an_input_request_is_an_interrupt_answered_with_the_input(
 ) -> None:
     vendor.script(Reply(openai_tool_call("demo_ask_user", "{}", "call_9")), Reply(openai_text("Nice colour.")))
     await tools_connected(runtime)
-    driver = Driver(runtime, "assistant", f"thread-{uuid.uuid4()}")
+    thread = f"thread-{uuid.uuid4()}"
+    driver = Driver(runtime, "assistant", thread)
     try:
         events, _ = await driver.step(say="ask me something")
         [interrupt] = events[-1]["outcome"]["interrupts"]
         assert interrupt["reason"] == "input_required" and "colour" in interrupt["message"]
         assert set(interrupt["responseSchema"]["properties"]) == {"name", "favourite_colour"}
+        # An answer that does not fit is refused before anything (a prober's find: the stream hung, and
+        # the interrupt, taken out, could not be answered again): the good one goes through after it.
+        wrong = {"name": 123, "favourite_colour": "green"}
+        bad = {"threadId": thread, "runId": "r-bad", "messages": [],
+               "resume": [{"interruptId": interrupt["id"], "status": "resolved", "payload": wrong}]}  # fmt: skip
+        async with httpx.AsyncClient(base_url=runtime.http_url, timeout=30) as http:
+            headers = {"authorization": f"Bearer {runtime.token('alice')}"}
+            refused = await http.post("/ag-ui/assistant", json=bad, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["detail"] == {"where": "/resume/0/payload/name"}
         answer = {"name": "Ada", "favourite_colour": "green"}
         resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": answer}]
         events, _ = await driver.step(resume=resume)

@@ -205,3 +205,25 @@ async def test_another_members_message_is_not_sent_again_as_the_ag_ui_users(live
     assert again.status_code == 400 and error["detail"] == {"where": "/messages/1/id"}
     assert "not new: 'bob' sent it" in error["message"]
     assert "alice: bob was here" not in await said(live, thread)
+
+
+async def test_a_hostile_body_is_refused_and_changes_nothing(live: LiveServer) -> None:
+    """A prober's finds: a message id of 3,000,000 characters was taken into the log (and killed, at every
+    join and resume, members whose clients hold the HAI's frame limit); a body 1,000 deep was a 500 with a
+    traceback; Last-Event-ID on a new thread made the thread and a stream that sent nothing."""
+    thread = "t-" + uuid.uuid4().hex
+    long_id = {"id": "x" * 3000, "role": "user", "content": "hi"}
+    deep = json.dumps({**body(thread, user("hi")), "forwardedProps": None}).replace(
+        '"forwardedProps": null', '"forwardedProps": ' + "[" * 1000 + "]" * 1000
+    )
+    headers = {"authorization": f"Bearer {live.token('alice')}"}
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+        ids = await http.post("/ag-ui/echo", json=body(thread, long_id), headers=headers)
+        nested = await http.post("/ag-ui/echo", content=deep, headers={**headers, "content-type": "application/json"})
+        following = await http.post(
+            "/ag-ui/echo", json=body(thread, user("hi")), headers={**headers, "last-event-id": f"{thread}:0"}
+        )
+    assert ids.status_code == 400 and ids.json()["error"]["detail"] == {"where": "/messages/0/id"}
+    assert nested.status_code == 400 and nested.json()["error"]["code"] == "INVALID_PAYLOAD"
+    assert following.status_code == 404 and following.json()["error"]["code"] == "RESUME_FAILED"
+    assert thread not in live.runtime.hub.transactions.live  # none of them made the thread

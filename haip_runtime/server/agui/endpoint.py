@@ -5,7 +5,6 @@ interrupts, or both) and streams the member's journal as SSE.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -23,11 +22,18 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.protocol import payloads as p
-from haip_runtime.protocol.codec import check_text_fits
+from haip_runtime.protocol.codec import check_text_fits, load_json
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
-from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_id, last_user_text, user_text
+from haip_runtime.server.agui.mapping import (
+    AguiMember,
+    check_ids,
+    check_resume,
+    last_user_id,
+    last_user_text,
+    user_text,
+)
 from haip_runtime.transports.http import http_credentials, http_error_headers, refused_origin
 from haip_runtime.transports.sse import read_body
 
@@ -67,13 +73,10 @@ def error(status: int, code: str, message: str, where: str | None = None, detail
     return JSONResponse(body, status_code=status, headers=http_error_headers(status))
 
 
-def body_path(body: bytes, loc: tuple[int | str, ...]) -> str:
-    """A validation error's place as a path into the body the client sent: pydantic's ``loc`` also names
-    the union members it tried (``/messages/0/user/content/str``: a re-tester's find), which are left out."""
-    try:
-        node: Any = json.loads(body)
-    except ValueError:
-        node = None
+def body_path(body: Any, loc: tuple[int | str, ...]) -> str:
+    """A validation error's place as a path into the body the client sent (parsed): pydantic's ``loc`` also
+    names the union members it tried (``/messages/0/user/content/str``: a re-tester's find), left out."""
+    node = body
     parts: list[str] = []
     for index, part in enumerate(loc):
         if isinstance(node, dict) and part in node:
@@ -114,15 +117,20 @@ class AguiDoor:
                 )
                 return error(413, refusal.code, message)
             return error(400, refusal.code, refusal.message, detail=refusal.detail)
+        try:  # (the depth and values HAIP keeps: a body 1,000 deep was a 500 and a traceback: a prober's find)
+            parsed = load_json(body, where="body")
+        except DecodeError as refusal:
+            return error(400, ErrorCode.INVALID_PAYLOAD, refusal.message, detail=refusal.detail)
         try:
-            run = RunAgentInput.model_validate_json(body)
+            run = RunAgentInput.model_validate(parsed)
         except ValidationError as invalid:
             first = invalid.errors()[0]
-            where = body_path(body, first["loc"])
+            where = body_path(parsed, first["loc"])
             return error(400, ErrorCode.INVALID_PAYLOAD, f"not an AG-UI RunAgentInput: {first['msg']}", where)
         agent = request.path_params["agent"]
         reconnecting = request.headers.get("last-event-id") is not None
         try:
+            check_ids(run)
             said = user_text(run)
             if said is not None:
                 check_text_fits(said[1], self.door.config.server.max_frame_bytes, f"/messages/{said[0]}/content")
@@ -156,8 +164,8 @@ class AguiDoor:
         header = request.headers.get("last-event-id")
         if header is None:
             return None
-        number = header.rpartition(":")[2]
-        if not number.isdecimal() or int(number) > member.last_id:
+        thread, _, number = header.rpartition(":")
+        if not number.isdecimal() or not 1 <= int(number) <= member.last_id or thread not in ("", member.thread_id):
             raise ProtocolError(ErrorCode.RESUME_FAILED, f"Last-Event-ID {header!r} is not one this thread sent")
         oldest = member.journal[0][0] if member.journal else member.last_id + 1
         if int(number) + 1 < oldest:
@@ -220,6 +228,8 @@ class AguiDoor:
             if member is not None:
                 member.principal = principal  # the newest token's rights
                 self.members.move_to_end(key)
+            if not new_run and member is None:  # (a prober's find: it made the thread, and a stream of nothing)
+                raise ProtocolError(ErrorCode.RESUME_FAILED, f"no run of yours on thread {thread!r} to follow")
             check_resume(member, run)  # before anything is made or joined: a bad resume changes nothing
             if new_run:
                 self._check_new_message(member, run, said, found, principal)

@@ -41,6 +41,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, Channel, ErrorCode, EventType
+from haip_runtime.tools.proxy import check_answer
 
 #: AG-UI events a thread keeps for clients that reconnect with ``Last-Event-ID``.
 JOURNAL_EVENTS = 2048
@@ -391,17 +392,59 @@ def last_user_id(request: RunAgentInput) -> str | None:
     return str(found[1].id) if found is not None and found[1].id else None
 
 
+#: The longest id a run, a message or a resume entry may have (as a thread's): ids go into every member's frames.
+MAX_ID = 128
+
+
+def check_ids(run: RunAgentInput) -> None:
+    """``INVALID_PAYLOAD`` for a ``runId``, a message ``id`` or an ``interruptId`` over ``MAX_ID``
+    characters or not printable (a prober's find: a message id of 3,000,000 characters went into the
+    log and killed, at every join and resume, members whose clients hold the HAI's frame limit)."""
+    named = [("/runId", run.run_id)]
+    named += [(f"/messages/{index}/id", message.id) for index, message in enumerate(run.messages)]
+    named += [(f"/resume/{index}/interruptId", entry.interrupt_id) for index, entry in enumerate(run.resume or ())]
+    for where, value in named:
+        if value is not None and (len(value) > MAX_ID or not str(value).isprintable()):
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"an id is at most {MAX_ID} printable characters",
+                detail={"where": where},
+            )
+
+
 def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
     """Every resume entry answers an interrupt of this thread, open or settled meanwhile (by a HAIP
-    member, or its call ended); edited arguments are refused (no approval policy permits them)."""
-    for entry in run.resume or ():
+    member, or its call ended), with what it asked: an approval ``{approved: true|false, reason?}``
+    (edited arguments are refused: no approval policy permits them), an input that fits its schema.
+    Checked before anything is done (a prober's find: an input that did not fit was only logged, the
+    stream hung, and the interrupt, taken out, could not be answered again)."""
+    for index, entry in enumerate(run.resume or ()):
         asked = member.interrupts.get(entry.interrupt_id) if member is not None else None
         if asked is None:
             if member is not None and entry.interrupt_id in member.settled:
                 continue
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
-        payload = entry.payload if isinstance(entry.payload, dict) else {}
-        if asked["reason"] == "tool_approval" and "editedArgs" in payload:
+        if entry.status != "resolved":
+            continue  # cancelled: rejected, or declined
+        where = f"/resume/{index}/payload"
+        payload = entry.payload
+        if not isinstance(payload, dict):
             raise ProtocolError(
-                ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
+                ErrorCode.INVALID_PAYLOAD, "a resolved interrupt's payload is an object", detail={"where": where}
             )
+        if asked["reason"] == "tool_approval":
+            if "editedArgs" in payload:
+                raise ProtocolError(
+                    ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
+                )
+            if not isinstance(payload.get("approved"), bool):
+                raise ProtocolError(
+                    ErrorCode.INVALID_PAYLOAD, "an approval's payload is {approved: true|false, reason?}",
+                    detail={"where": f"{where}/approved"},
+                )  # fmt: skip
+        else:
+            try:
+                check_answer("input", asked.get("response_schema"), {"input": payload}, "")
+            except ProtocolError as refused:  # (its where is HAIP's: /payload/input/<field>)
+                field = str((refused.detail or {}).get("where", "")).removeprefix("/payload/input")
+                raise ProtocolError(refused.code, refused.message, detail={"where": where + field}) from None
