@@ -227,3 +227,14 @@ async def test_a_hostile_body_is_refused_and_changes_nothing(live: LiveServer) -
     assert nested.status_code == 400 and nested.json()["error"]["code"] == "INVALID_PAYLOAD"
     assert following.status_code == 404 and following.json()["error"]["code"] == "RESUME_FAILED"
     assert thread not in live.runtime.hub.transactions.live  # none of them made the thread
+
+
+async def test_an_older_messages_long_id_from_a_haip_member_locks_nobody_out(live: LiveServer) -> None:
+    """A reviewer's find: the id bound was applied to every message of the body, and an AG-UI client
+    sends its whole history, which holds the messages other members sent over HAIP, ids as they gave
+    them: one of 200 characters locked the client out of the thread for good."""
+    thread, first = "t-" + uuid.uuid4().hex, user("hi")
+    assert (await post(live, "echo", body(thread, first))).status_code == 200
+    theirs = {"id": "h" * 200, "role": "user", "content": "from the other tab"}
+    answered = await post(live, "echo", body(thread, first, theirs, user("and now")))
+    assert answered.status_code == 200 and "you said: and now" in answered.text

@@ -118,7 +118,7 @@ class AguiDoor:
                 return error(413, refusal.code, message)
             return error(400, refusal.code, refusal.message, detail=refusal.detail)
         try:  # (the depth and values HAIP keeps: a body 1,000 deep was a 500 and a traceback: a prober's find)
-            parsed = load_json(body, where="body")
+            parsed = load_json(body, where="/")
         except DecodeError as refusal:
             return error(400, ErrorCode.INVALID_PAYLOAD, refusal.message, detail=refusal.detail)
         try:

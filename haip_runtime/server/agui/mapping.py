@@ -397,11 +397,15 @@ MAX_ID = 128
 
 
 def check_ids(run: RunAgentInput) -> None:
-    """``INVALID_PAYLOAD`` for a ``runId``, a message ``id`` or an ``interruptId`` over ``MAX_ID``
-    characters or not printable (a prober's find: a message id of 3,000,000 characters went into the
-    log and killed, at every join and resume, members whose clients hold the HAI's frame limit)."""
+    """``INVALID_PAYLOAD`` for a ``runId``, the newest user message's ``id`` or an ``interruptId`` over
+    ``MAX_ID`` characters or not printable: what of the body goes into frames (a prober's find: a message
+    id of 3,000,000 characters went into the log and killed, at every join and resume, members whose
+    clients hold the HAI's frame limit). The older messages' ids are not read (a reviewer's find: one a
+    HAIP member gave, shown to the client, would have locked it out of the thread for good)."""
     named = [("/runId", run.run_id)]
-    named += [(f"/messages/{index}/id", message.id) for index, message in enumerate(run.messages)]
+    newest = newest_user(run)
+    if newest is not None:
+        named.append((f"/messages/{newest[0]}/id", newest[1].id))
     named += [(f"/resume/{index}/interruptId", entry.interrupt_id) for index, entry in enumerate(run.resume or ())]
     for where, value in named:
         if value is not None and (len(value) > MAX_ID or not str(value).isprintable()):
