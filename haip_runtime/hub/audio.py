@@ -19,7 +19,7 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
-from haip_runtime.protocol.codec import parse_payload
+from haip_runtime.protocol.codec import ENVELOPE_ROOM, parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session.session import Session
@@ -28,7 +28,8 @@ from haip_runtime.session.session import Session
 async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
     audio = parse_payload(envelope, p.Audio)
-    data = clip_bytes(envelope, audio, ctx.config.server.max_frame_bytes)
+    # The bytes of one chunk: as much as fits, base64, in the envelope a member without binary frames gets.
+    data = clip_bytes(envelope, audio, (ctx.config.server.max_frame_bytes - ENVELOPE_ROOM) * 3 // 4)
     if data is None:
         end_message(ctx, session, transaction, audio)
         return

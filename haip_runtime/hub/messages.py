@@ -11,7 +11,7 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.context import HubContext
 from haip_runtime.protocol import payloads as p
-from haip_runtime.protocol.codec import parse_payload
+from haip_runtime.protocol.codec import ENVELOPE_ROOM, parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session.questions import Question
@@ -20,6 +20,7 @@ from haip_runtime.session.session import Session
 
 async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
+    check_forwardable(envelope, ctx.config.server.max_frame_bytes)
     message = checked_message(envelope, [slot.instance.input_schema for slot in transaction.agents.values()])
     if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
@@ -35,6 +36,22 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
     traceparent = (envelope.model_extra or {}).get("traceparent") or session.traceparent
     trace = traceparent if isinstance(traceparent, str) else None
     transaction.user_message(session, message.text, envelope.payload_dict, envelope.id, trace)
+
+
+def check_forwardable(envelope: Envelope, max_bytes: int) -> None:
+    """``MESSAGE_TOO_LARGE`` for a message whose frame leaves no room for the envelope it is forwarded in
+    (the author, the runtime's ids and seqs): the other members' clients take frames up to
+    ``server.max_frame_bytes`` and close on a larger one, at every join and resume again, the message
+    being in the log (the AG-UI door's case, a prober's find; a frame at the limit was this one)."""
+    limit = max_bytes - ENVELOPE_ROOM
+    if envelope.size > limit:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"a MESSAGE is at most {limit} bytes (server.max_frame_bytes less room for the envelope it is"
+            " forwarded in)",
+            related_id=envelope.id,
+            detail={"where": "frame", "limit": limit},
+        )
 
 
 #: The fields of a plain message's object form (PROTOCOL.md section 5): with only these, it is the text form.

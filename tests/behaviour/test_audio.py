@@ -228,3 +228,22 @@ async def test_a_last_chunk_with_no_data_ends_the_message_and_starts_no_turn(liv
         ("rec", True, False),
         ("next", False, True),
     ]
+
+
+async def test_what_a_member_sends_fits_every_others_frame_limit_once_forwarded(live: LiveServer) -> None:
+    """The prober's AG-UI find, over HAIP: a MESSAGE at the frame limit, or a binary audio chunk whose
+    base64 is larger than the limit, was forwarded to the other members in frames past the limit their
+    clients take (and closed them on it, at every join and resume, the event being in the log)."""
+    async with member(live, **BINARY) as (speaker, tx), member(live, tx) as (listener, _):
+        big = LIMIT - 600  # fits one frame (with its envelope), not with the one it is forwarded in
+        await speaker.send("MESSAGE", {"text": "x" * big}, transaction=tx, channel="USER")
+        too_long = await speaker.receive_type("ERROR")
+        chunk = LIMIT - 2048  # fits as binary, not as base64 in a frame of LIMIT
+        await speaker.send("AUDIO", {"mime": "audio/opus"}, transaction=tx, bin_len=chunk, bin_mime="audio/opus")
+        await speaker.send_frame(bytes(chunk))
+        too_big = await speaker.receive_type("ERROR")
+        await speaker.send("MESSAGE", {"text": "still here"}, transaction=tx, channel="USER")
+        heard = await listener.receive_type("MESSAGE")
+    assert too_long["payload"]["code"] == "MESSAGE_TOO_LARGE" and too_long["payload"]["detail"]["limit"] == LIMIT - 1024
+    assert too_big["payload"]["code"] == "MESSAGE_TOO_LARGE"
+    assert heard["payload"] == "still here"  # (a transaction-era client's text form): nothing of either reached it
