@@ -113,11 +113,33 @@ class JwksKeys:
         if self._credentials is not None:
             headers["Authorization"] = f"Basic {self._credentials}"
         request = urllib.request.Request(self._target, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # http(s) only: checked in config
+        with _OPENER.open(request, timeout=self.timeout) as response:  # http(s) only: checked in config
             body = response.read(MAX_JWKS_BYTES + 1)
         if len(body) > MAX_JWKS_BYTES:
             raise ValueError(f"key set larger than {MAX_JWKS_BYTES} bytes")
         return json.loads(body)
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """Redirects followed as urllib does, but the credentials go only where they were given: a redirect
+    to another scheme, host or port is followed without them (an operator's find: the Basic credentials
+    of the URL's user part went on to whatever host a redirect named)."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+_OPENER = urllib.request.build_opener(_SameOriginCredentials)
 
 
 def _without_credentials(url: str) -> tuple[str, str | None]:

@@ -132,3 +132,42 @@ async def test_an_at_sign_in_the_path_or_query_is_not_a_user_part(jwks: JwksServ
             {"auth": {"mode": "jwt", "algorithms": ["RS256"], "jwks_url": url}}, base_dir=Path(".")
         )
         assert masked_dump(config)["auth"]["jwks_url"] == url and secret_values(config) == []
+
+
+class Redirect:
+    """An HTTP server on 127.0.0.1 answering every GET with a 302 to ``to``."""
+
+    def __init__(self, to: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://ops:s3cret@127.0.0.1:{self.http.server_address[1]}/jwks.json"
+        self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self._thread.join(timeout=10)
+
+
+async def test_credentials_do_not_follow_a_redirect_to_another_host(jwks: JwksServer) -> None:
+    """An operator's find: the Basic credentials of the URL's user part went on to whatever host a redirect
+    named. To another host (``localhost`` is another name) they stay behind; the keys are still fetched."""
+    redirect = Redirect(jwks.url.replace("127.0.0.1", "localhost"))
+    try:
+        keys = JwksKeys(redirect.url, cache_seconds=300, min_refetch_seconds=30, timeout=5)
+        await keys.key("k1")
+    finally:
+        redirect.close()
+    assert jwks.requests == 1 and jwks.authorization is None
