@@ -48,7 +48,10 @@ class BusHealth:
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
-        self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        # While Redis refuses the appends, that is what the bus is unavailable for, whatever else fails
+        # meanwhile (a heartbeat refused too, out of memory: the suite, under load, saw it said so).
+        label = "redis refuses appends" if self._refusing else type(exc).__name__
+        self.error = f"{label}: {exc}".splitlines()[0]
         if self.state is BusState.OK:
             self._down = (time.monotonic(), self.failures - 1)
         self._set(BusState.UNAVAILABLE)
