@@ -16,7 +16,7 @@ from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, EventType
 from haip_runtime.server.agui.endpoint import body_path
-from haip_runtime.server.agui.mapping import AguiMember, check_resume, last_user_text, tool_text, user_text
+from haip_runtime.server.agui.mapping import AguiMember, check_resume, tool_text, user_text
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(AguiEvent)
 
@@ -154,8 +154,8 @@ def test_the_newest_user_message_is_read_from_text_or_parts() -> None:
         {"id": "2", "role": "assistant", "content": "ok"},
         {"id": "3", "role": "user", "content": [{"type": "text", "text": "sec"}, {"type": "text", "text": "ond"}]},
     ]
-    assert last_user_text(run_input(messages=messages)) == "second"
-    assert last_user_text(run_input()) is None
+    assert user_text(run_input(messages=messages)) == (2, "second")
+    assert user_text(run_input()) is None
     assert tool_text({"content": [{"type": "text", "text": "5"}]}, "OK") == "5"
     assert tool_text(None, "CANCELLED") == "CANCELLED"
 

@@ -27,11 +27,10 @@ from haip_runtime.protocol.envelope import Event, new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.server.agui.mapping import (
+    MAX_ID,
     AguiMember,
     check_ids,
     check_resume,
-    last_user_id,
-    last_user_text,
     user_text,
 )
 from haip_runtime.transports.http import http_credentials, http_error_headers, refused_origin
@@ -142,13 +141,13 @@ class AguiDoor:
                     # Again: the wait let the thread move on (the run ended, and its member may have left
                     # the transaction, idle: the new run's events then reached nobody: the suite's find).
                     member = await self._member(principal, agent, run, said, new_run=True)
-                self._admit(member, run)  # (a refusal changes nothing: the open run goes on)
+                self._admit(member, run, said)  # (a refusal changes nothing: the open run goes on)
                 if member.run_id is not None:  # its client went away: given up, its turns cancelled
                     transaction = self.hub.transactions.live[member.thread_id]
                     for run_id in member.abandon():
                         transaction.cancel_run(run_id, by=member.user)
                 after = member.last_id
-                self._start(member, run, agent, request.headers.get("traceparent"))
+                self._start(member, run, said, request.headers.get("traceparent"))
         except ProtocolError as failure:
             return error(STATUS.get(failure.code, 400), failure.code, failure.message, detail=failure.detail)
 
@@ -184,9 +183,9 @@ class AguiDoor:
                 f"a run is already open on thread {member.thread_id!r}, and its client reads it",
             )
 
-    def _admit(self, member: AguiMember, run: RunAgentInput) -> None:
+    def _admit(self, member: AguiMember, run: RunAgentInput, said: tuple[int, str] | None) -> None:
         """The new message's checks, before anything is done: the user's message rate, the run queue."""
-        if run.resume or last_user_text(run) is None:
+        if run.resume or said is None:
             return
         self.hub.sessions.check_rate(member.user, run.run_id)  # the user's messages a second, every door together
         transaction = self.hub.transactions.live[member.thread_id]
@@ -205,10 +204,10 @@ class AguiDoor:
         if not principal.permissions.may_start(agent):
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"you may not start {agent!r}")
         thread = run.thread_id
-        if not thread or len(thread) > 128 or not thread.isprintable():
+        if not thread or len(thread) > MAX_ID or not thread.isprintable():
             # (It becomes the transaction's id and each event's SSE ``id:`` line: a line break in it
             # would let its creator write events into the stream of everyone following the thread.)
-            message = "threadId must be 1 to 128 printable characters"
+            message = f"threadId must be 1 to {MAX_ID} printable characters"
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, message, detail={"where": "/threadId"})
         found = await hub.transactions.find(thread, principal)
         taken = found is None and await hub.store.transaction(thread) is not None
@@ -271,7 +270,7 @@ class AguiDoor:
                     detail={"where": "/messages"},
                 )
             return
-        message_id = last_user_id(run)
+        message_id = run.messages[said[0]].id
         author = found.message_author(message_id) if message_id and isinstance(found, Transaction) else None
         if author is not None:  # (another member's, shown to this client as a user message, is not new either)
             whose = "you" if author == principal.user else repr(author)
@@ -300,10 +299,13 @@ class AguiDoor:
             if transaction is not None:
                 transaction.remove_member(member)
 
-    def _start(self, member: AguiMember, run: RunAgentInput, agent: str, traceparent: str | None = None) -> None:
-        """Open an AG-UI run: answer the interrupts it resumes, send its user message, or both."""
+    def _start(
+        self, member: AguiMember, run: RunAgentInput, said: tuple[int, str] | None, traceparent: str | None = None
+    ) -> None:
+        """Open an AG-UI run: answer the interrupts it resumes, send its user message (``said``: its index
+        and text), or both. A run with neither follows runs of this user's still going (``_member`` saw
+        that it has some)."""
         transaction = self.hub.transactions.live[member.thread_id]
-        text = last_user_text(run)
         resuming = bool(run.resume)
         answers = [(entry, member.interrupts.get(entry.interrupt_id)) for entry in run.resume or ()]
         member.open(run.run_id)
@@ -312,18 +314,16 @@ class AguiDoor:
                 continue
             member.interrupts.pop(entry.interrupt_id, None)
             self._answer(transaction, member, entry.interrupt_id, asked["reason"], entry.status, entry.payload)
-        if text is not None and not resuming:
-            # Under the client's own message id: the client has the message already, members see it.
-            message_id = last_user_id(run)
-            if not message_id or transaction.message_id_taken(message_id):  # (another's: edits go by it)
-                message_id = new_id()
+        if said is not None and not resuming:
+            # Under the client's own message id (one the thread holds was refused: ``_check_new_message``):
+            # the client has the message already, members see it.
+            index, text = said
+            message_id = run.messages[index].id or new_id()
             user_message = {"text": text, "message_id": message_id, "via": "ag-ui"}
             runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
             member.runs.update(each.id for each in runs)
             if not runs and (user_message["message_id"] in transaction.queued or not transaction.runs_here):
                 member.waiting.add(str(user_message["message_id"]))  # its runs start when the queue reaches it
-        elif text is None and not resuming and not member.runs:
-            member.failure = {"code": ErrorCode.INVALID_PAYLOAD, "message": "the run has no user message to answer"}
         member.settle()
 
     def _answer(

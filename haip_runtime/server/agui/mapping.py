@@ -381,17 +381,6 @@ def user_text(request: RunAgentInput) -> tuple[int, str] | None:
     return index, "".join(getattr(part, "text", "") for part in content)
 
 
-def last_user_text(request: RunAgentInput) -> str | None:
-    """The newest user message's text (``user_text``)."""
-    said = user_text(request)
-    return None if said is None else said[1]
-
-
-def last_user_id(request: RunAgentInput) -> str | None:
-    found = newest_user(request)
-    return str(found[1].id) if found is not None and found[1].id else None
-
-
 #: The longest id a run, a message or a resume entry may have (as a thread's): ids go into every member's frames.
 MAX_ID = 128
 
