@@ -57,11 +57,16 @@ def masked_url(url: str) -> str:
     """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
     if "://" not in url:
         return MASK if "@" in url else url  # not a URL we can take apart: show none of a secret
-    parts = url_userinfo(url)
+    return password_masked(url, url_userinfo(url))
+
+
+def password_masked(url: str, parts: tuple[str, str, str] | None) -> str:
+    """``url``, taken apart as ``parts`` (``url_userinfo``, ``endpoint_userinfo``), with its password shown
+    as ``**********``; as it is if it has none."""
     if parts is None or ":" not in parts[1]:
         return url
-    scheme, userinfo, host = parts
-    return f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{host}"
+    scheme, userinfo, rest = parts
+    return f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{rest}"
 
 
 def url_password(url: str) -> str | None:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from haip_runtime.config.base import MASK, endpoint_userinfo, masked_url, url_password
+from haip_runtime.config.base import MASK, endpoint_userinfo, masked_url, password_masked, url_password
 from haip_runtime.config.models import HaipConfig
 
 __all__ = ["MASK", "masked_dump", "masked_endpoint", "masked_url", "secret_values"]
@@ -93,11 +93,7 @@ def _endpoint_secrets(url: str) -> list[str]:
 def masked_endpoint(url: str) -> str:
     """An endpoint's URL (an MCP server's, the JWKS) with its password, and the values of query parameters
     whose names say they are secrets (``?api_key=...`` is common), masked."""
-    parts = endpoint_userinfo(url)
-    shown = url
-    if parts is not None and ":" in parts[1]:
-        scheme, userinfo, rest = parts
-        shown = f"{scheme}://{userinfo.partition(':')[0]}:{MASK}@{rest}"
+    shown = password_masked(url, endpoint_userinfo(url))
     head, question, query = shown.partition("?")
     if not question:
         return shown
