@@ -233,12 +233,21 @@ class TransactionRegistry:
     async def _bring_back(self, record: TransactionRecord) -> Transaction:
         tail = await self.store.events(record.id, after=record.last_tseq, limit=1_000_000)
         last = tail[-1].tseq or record.last_tseq if tail else record.last_tseq
-        events = await self.store.events(record.id, after=max(0, last - REHYDRATE_EVENTS), limit=REHYDRATE_EVENTS)
+        events = await self.store.tail(record.id, limit=REHYDRATE_EVENTS)  # (by count: numbers may have gaps)
         newest = (tail or events)[-1].tseq or 0 if tail or events else 0  # the newest row the store holds
         floor = max(last, record.last_tseq)  # numbers control entries took count too: never numbered again
         if self.relay is not None:  # the newest come again from the bus (the other nodes' may not be stored yet)
             last = max(0, last - REDELIVERED)
             events = [event for event in events if (event.tseq or 0) <= last]
+        elif record.reserved_tseq > last and not self.store.lag:  # (a store no other process writes to)
+            logger.warning(  # not put away: the process was killed, and numbers past the stored log may have been seen
+                "transaction %s: the runtime that held it stopped without putting it away; its log is stored up to"
+                " tseq %d, and numbering goes on after %d, which that runtime may have used",
+                record.id,
+                last,
+                record.reserved_tseq,
+            )
+            last = record.reserved_tseq
         transaction = self.new(
             record.owner,
             record.thread_id,
@@ -333,6 +342,6 @@ class TransactionRegistry:
         ]
 
     def evict(self, transaction: Transaction) -> None:
-        transaction.save()
+        transaction.put_away()
         self.forget(transaction)
         logger.info("transaction %s left memory (idle); its log stays in the store", transaction.id)

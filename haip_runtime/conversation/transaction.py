@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
+#: How many numbers past its last a live transaction keeps reserved in its record (``reserve``): what
+#: a crash may have handed out unstored. Renewed when half are used; a crash leaves a gap this large at most.
+RESERVED_AHEAD = 4096
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Transaction:
         ready: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         id: str | None = None,
         tseq: int = 0,
+        reserved: int = 0,
         created_at: float | None = None,
         active_at: float | None = None,
         users: Iterable[str] = (),
@@ -95,6 +99,10 @@ class Transaction:
         self.tools = tools
         self.store = store
         self.tseq = tseq
+        #: Numbers up to this are reserved in its record: a runtime bringing it back after a crash
+        #: numbers on after them (``reserve``); renewed once ``tseq`` passes ``_renew_at``.
+        self.reserved = reserved
+        self._renew_at = reserved - RESERVED_AHEAD // 2
         self.created_at = created_at or time.time()
         #: When something last happened in it (seconds): its record's ``updated_at``, which conversation
         #: lists sort by. Set from the ``ts`` of each event logged but ``INFO`` (a member's session that
@@ -140,6 +148,7 @@ class Transaction:
             last_tseq=self.tseq,
             thread_id=self.thread_id,
             end_reason=end_reason,
+            reserved_tseq=self.reserved,
         )
 
     @property
@@ -151,6 +160,23 @@ class Transaction:
     def save(self, end_reason: str | None = None) -> None:
         if self.store is not None:
             self.store.save_transaction(self.record(end_reason))
+
+    def reserve(self) -> None:
+        """Reserve the next ``RESERVED_AHEAD`` numbers in its record. The store writes in batches, so
+        the events members just got may not be stored when the process is killed; without this the
+        runtime bringing it back would number new events as those members already saw, and a member
+        rejoining from the last tseq it saw would miss one. Brought back after a crash, it numbers on
+        after the reservation (a gap; ``Registry._bring_back``)."""
+        self.reserved = self.tseq + RESERVED_AHEAD
+        self._renew_at = self.tseq + RESERVED_AHEAD // 2
+        self.save()
+
+    def put_away(self) -> None:
+        """Saved as it leaves memory cleanly (idle, the runtime stopping): what it numbered is stored or
+        queued before this, so its reservation is given back (brought back, it numbers on from its last).
+        An event published after this reserves again."""
+        self.reserved = self._renew_at = self.tseq
+        self.save()
 
     # --- membership and fan-out ------------------------------------------------------------------
 
@@ -209,6 +235,8 @@ class Transaction:
             self.shared.send(event, then=then)
             return event
         self.tseq += 1
+        if self.tseq > self._renew_at:
+            self.reserve()
         event.stamp(self.id, self.tseq, self.thread_id)
         self.logged(event)
         if then is not None:
@@ -248,8 +276,18 @@ class Transaction:
         """The latest events after ``since`` (at most ``join_history_events``), and how many were left out.
         The caller adds the member without awaiting in between, so nothing falls between history and
         live stream."""
-        start = max(since, self.tseq - self.config.join_history_events)
-        return await self._backlog.catch_up(self.store, self.id, start, lambda: self.tseq), start - since
+        most = self.config.join_history_events
+        start = max(since, self.tseq - most)
+        events = await self._backlog.catch_up(self.store, self.id, start, lambda: self.tseq)
+        if start == since or len(events) >= most or self.store is None:
+            return events, start - since
+        # Fewer events than numbers: the numbering has gaps (a crash's reserved numbers, a cluster's control
+        # entries), so the latest ``most`` reach further back; what is left out is counted, not subtracted.
+        first = events[0].tseq or start + 1 if events else self.tseq + 1
+        older = [event for event in await self.store.tail(self.id, limit=most) if since < (event.tseq or 0) < first]
+        events = older[len(older) - (most - len(events)) :] + events if older else events
+        start = (events[0].tseq or 1) - 1 if events else start
+        return events, await self.store.count_events(self.id, after=since, upto=start) if start > since else 0
 
     # --- messages and runs -----------------------------------------------------------------------
 

@@ -262,7 +262,7 @@ class Hub:
             run.cancel(SHUTTING_DOWN)
         for run in list(transaction.runs.values()):
             await run.wait()
-        transaction.save()
+        transaction.put_away()
 
     # --- dispatch ----------------------------------------------------------------------------------
 

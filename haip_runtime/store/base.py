@@ -40,6 +40,9 @@ class TransactionRecord:
     last_tseq: int = 0
     thread_id: str | None = None
     end_reason: str | None = None
+    #: Numbers up to this one may have reached members while it was live: kept out of use after a crash
+    #: (``Transaction.reserve``); its ``last_tseq`` once it was put away cleanly.
+    reserved_tseq: int = 0
 
     def public(self) -> dict[str, Any]:
         """The record as the REST history shows it."""
@@ -160,6 +163,10 @@ class Store(Protocol):
 
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
         """The last ``limit`` events of the log, in order (what a conversation list previews)."""
+        ...
+
+    async def count_events(self, transaction_id: str, *, after: int, upto: int) -> int:
+        """How many events the log holds with ``after < tseq <= upto`` (numbers can have gaps)."""
         ...
 
     async def open_owned(self, user: str, *, limit: int) -> list[str]:

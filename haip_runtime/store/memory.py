@@ -92,6 +92,9 @@ class MemoryStore:
     async def tail(self, transaction_id: str, *, limit: int) -> list[Event]:
         return self._logs.get(transaction_id, [])[-limit:] if limit > 0 else []
 
+    async def count_events(self, transaction_id: str, *, after: int, upto: int) -> int:
+        return sum(1 for event in self._logs.get(transaction_id, []) if after < (event.tseq or 0) <= upto)
+
     async def session(self, session_id: str) -> SessionRecord | None:
         return self._sessions.get(session_id)
 

@@ -90,6 +90,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE haip_meta (key text PRIMARY KEY, value text NOT NULL);
         """,
     ),
+    (
+        3,
+        "numbers kept out of use after a crash",
+        """
+        -- a live transaction's tseqs up to this may have reached members before they were stored: a
+        -- runtime that brings it back after a crash numbers on after it (its last_tseq once put away)
+        ALTER TABLE haip_transactions ADD COLUMN reserved_tseq bigint NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 #: The schema this runtime reads and writes.

@@ -83,11 +83,11 @@ _REACHING = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceErro
 #    order too, so two writers never wait on each other in a circle.
 _MAKE_ROWS = """
 INSERT INTO haip_transactions
-    (id, owner, agents, state, thread_id, created_at, updated_at, last_tseq, end_reason)
+    (id, owner, agents, state, thread_id, created_at, updated_at, last_tseq, end_reason, reserved_tseq)
 SELECT r.id, r.owner, ARRAY(SELECT a FROM jsonb_array_elements_text(r.agents::jsonb) WITH ORDINALITY AS x(a, n)
-    ORDER BY n), r.state, r.thread_id, r.created_at, r.updated_at, 0, r.end_reason
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[])
-    AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason)
+    ORDER BY n), r.state, r.thread_id, r.created_at, r.updated_at, 0, r.end_reason, r.reserved_tseq
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[],
+    $9::bigint[]) AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason, reserved_tseq)
 ORDER BY r.id COLLATE "C"  -- code point order, as Python sorts: every version of the writer agrees
 ON CONFLICT (id) DO NOTHING
 RETURNING id
@@ -102,7 +102,8 @@ FROM locked WHERE t.id = locked.id
 RETURNING t.id, t.last_tseq
 """
 # 3. Merge records into rows that were there already: members and agents are only added, an ended
-#    transaction stays ended, updated_at only moves forward.
+#    transaction stays ended, updated_at only moves forward; reserved_tseq is the latest save's (a
+#    transaction put away cleanly gives its reservation back).
 _MERGE_RECORDS = """
 UPDATE haip_transactions t SET
     owner = CASE WHEN t.owner = '' THEN r.owner ELSE t.owner END,
@@ -113,9 +114,10 @@ UPDATE haip_transactions t SET
     end_reason = CASE WHEN t.state = 'ended' THEN t.end_reason ELSE r.end_reason END,
     thread_id = coalesce(t.thread_id, r.thread_id),
     created_at = least(t.created_at, r.created_at),
-    updated_at = greatest(t.updated_at, r.updated_at)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[])
-    AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason)
+    updated_at = greatest(t.updated_at, r.updated_at),
+    reserved_tseq = r.reserved_tseq
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::text[],
+    $9::bigint[]) AS r(id, owner, agents, state, thread_id, created_at, updated_at, end_reason, reserved_tseq)
 WHERE t.id = r.id
 """
 # 4. Members are only added; every member's row carries the transaction's updated_at (for the list).
@@ -171,6 +173,7 @@ READS = {
     " WHERE m.user_id = $1 AND (m.updated_at, m.tx) < ($3, $4) ORDER BY m.updated_at DESC, m.tx DESC LIMIT $2",
     "events": "SELECT tseq, body FROM haip_events WHERE tx = $1 AND tseq > $2 ORDER BY tseq LIMIT $3",
     "tail": "SELECT tseq, body FROM haip_events WHERE tx = $1 ORDER BY tseq DESC LIMIT $2",
+    "count_events": "SELECT count(*) FROM haip_events WHERE tx = $1 AND tseq > $2 AND tseq <= $3",
     "open_owned": (
         "SELECT id FROM haip_transactions WHERE owner = $1 AND state = 'open' ORDER BY updated_at, id LIMIT $2"
     ),
@@ -473,6 +476,12 @@ class PostgresStore(BatchingWriter):
 
         return await self._read(query) if limit > 0 else []
 
+    async def count_events(self, transaction_id: str, *, after: int, upto: int) -> int:
+        async def query(db: Db) -> int:
+            return int(await db.fetchval(READS["count_events"], transaction_id, after, upto))
+
+        return await self._read(query)
+
     async def open_owned(self, user: str, *, limit: int) -> list[str]:
         async def query(db: Db) -> list[str]:
             return [row[0] for row in await db.fetch(READS["open_owned"], user, limit)]
@@ -570,6 +579,7 @@ def _transaction(row: asyncpg.Record) -> TransactionRecord:
         updated_at=row["updated_at"],
         last_tseq=row["last_tseq"],
         end_reason=row["end_reason"],
+        reserved_tseq=row["reserved_tseq"],
     )
 
 
@@ -589,4 +599,5 @@ def _columns(records: list[TransactionRecord]) -> list[list[Any]]:
         [record.created_at for record in records],
         [record.updated_at for record in records],
         [record.end_reason for record in records],
+        [record.reserved_tseq for record in records],
     ]

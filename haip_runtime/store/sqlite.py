@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions(
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL, thread_id TEXT,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, last_tseq INTEGER NOT NULL, end_reason TEXT);
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, last_tseq INTEGER NOT NULL, end_reason TEXT,
+    reserved_tseq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS transactions_by_owner ON transactions(owner, state);
 CREATE TABLE IF NOT EXISTS members(user TEXT NOT NULL, tx TEXT NOT NULL, PRIMARY KEY(user, tx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS members_by_tx ON members(tx, user);
@@ -181,6 +182,9 @@ class SqliteStore(BatchingWriter):
         if row is not None and row[0] != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {row[0]}, this runtime reads {SCHEMA_VERSION}")
         writer.executescript(_SCHEMA)  # (what an older runtime's file lacks, an index, is made here)
+        columns = {column[1] for column in writer.execute("PRAGMA table_info(transactions)")}
+        if "reserved_tseq" not in columns:  # a file written before reservations (2026-12-07): none kept
+            writer.execute("ALTER TABLE transactions ADD COLUMN reserved_tseq INTEGER NOT NULL DEFAULT 0")
         if row is None:
             writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         reader = sqlite3.connect(self.path, check_same_thread=False)
@@ -213,6 +217,7 @@ class SqliteStore(BatchingWriter):
             elif kind == "transaction":
                 record: TransactionRecord = args[0]
                 _integer(record.last_tseq)
+                _integer(record.reserved_tseq)
                 known = transactions.get(record.id)
                 transactions[record.id] = record if known is None else merged(known, record)
         members = [(user, record.id) for record in transactions.values() for user in record.members]
@@ -284,6 +289,13 @@ class SqliteStore(BatchingWriter):
 
         return await self._read(query)
 
+    async def count_events(self, transaction_id: str, *, after: int, upto: int) -> int:
+        def query(db: sqlite3.Connection) -> int:
+            sql = "SELECT count(*) FROM events WHERE tx = ? AND tseq > ? AND tseq <= ?"
+            return int(db.execute(sql, (transaction_id, _integer(after), _integer(upto))).fetchone()[0])
+
+        return await self._read(query)
+
     async def open_owned(self, user: str, *, limit: int) -> list[str]:
         def query(db: sqlite3.Connection) -> list[str]:
             sql = "SELECT id FROM transactions WHERE owner = ? AND state = ? ORDER BY updated_at, id LIMIT ?"
@@ -342,12 +354,13 @@ def _transaction_row(record: TransactionRecord) -> tuple[Any, ...]:
         record.updated_at,
         record.last_tseq,
         record.end_reason,
+        record.reserved_tseq,
     )
 
 
 def _transaction(row: tuple[Any, ...]) -> TransactionRecord:
     """A record from a row of ``_RECORD``: the transaction's columns, then its members as JSON."""
-    members = tuple(sorted(json.loads(row[9])))  # by user, in code point order, as they were read before
+    members = tuple(sorted(json.loads(row[10])))  # by user, in code point order, as they were read before
     return TransactionRecord(
         id=row[0],
         owner=row[1],
@@ -359,4 +372,5 @@ def _transaction(row: tuple[Any, ...]) -> TransactionRecord:
         updated_at=row[6],
         last_tseq=row[7],
         end_reason=row[8],
+        reserved_tseq=row[9],
     )

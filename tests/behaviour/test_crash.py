@@ -5,6 +5,7 @@ nothing to rejoin), now ended ``NODE_LOST`` and told."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,3 +67,73 @@ async def test_a_server_killed_mid_turn_ends_the_turn_lost_and_tells_the_session
     assert ended.get("code") == "NODE_LOST" and "the server stopped" in str(ended.get("message"))
     assert log[-2:] == ["MESSAGE_END", "RUN_ERROR"]  # the answer cut short, then the turn lost
     assert answer.get("text") == "you said: hello again"
+
+
+def slow_writer(folder: Path) -> list[str]:
+    """``serve`` on a SQLite store that writes every 3 s: what members get stays unstored a while."""
+    command = serve(folder)
+    toml = folder / "haip.toml"
+    toml.write_text(toml.read_text().replace("flush_interval_seconds = 0.005", "flush_interval_seconds = 3"))
+    return command
+
+
+async def test_numbers_members_saw_unstored_are_not_given_again_after_a_crash(tmp_path: Path) -> None:
+    """What an operator found: the store writes in batches, so events members got in the last moments
+    before a SIGKILL were never stored, and after the restart their tseqs went to new events; a client
+    rejoining from the last tseq it saw then missed the answer numbered there. The record reserves
+    numbers ahead: after a crash, numbering goes on past them (a gap), and history before it is kept."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with serve_process(slow_writer(tmp_path), cwd=tmp_path, env=env) as first:
+        url, token = first.banner["WebSocket"].split()[0], first.banner["token"]
+        async with HaipClient(url, token=token, reconnect=False) as client:
+            tx = await client.start_transaction("patient")
+            await client.send_text(tx, "first")
+            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+            await until(lambda: written(first.banner["health"]), timeout=20)  # that much is stored
+            stored = client.transactions[tx]
+            await client.send_text(tx, "second")  # these events reach the client, not the file
+            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and (e.tseq or 0) > stored + 1, timeout=20)
+            seen = client.transactions[tx]
+            assert not await written(first.banner["health"])  # (the writer waits 3 s: still queued)
+            first.process.kill()
+            first.process.wait(timeout=10)
+    assert seen > stored
+    with serve_process(serve(tmp_path), cwd=tmp_path, env=env) as again:
+        url, token = again.banner["WebSocket"].split()[0], again.banner["token"]
+        async with HaipClient(url, token=token) as client:
+            await client.join(tx, since=seen)  # where a client that saw "second" rejoins from
+            await client.send_text(tx, "third")
+            answer = await client.wait_for(lambda e: e.type == "MESSAGE_PART" and "third" in str(e.get("text")))
+        async with HaipClient(url, token=token) as reader:
+            await reader.join(tx, since=0)
+            await reader.wait_for(lambda e: e.type == "MESSAGE_PART" and "third" in str(e.get("text")))
+            history = [(e.tseq or 0, e.type, e.get("text")) for e in reader.received if e.transaction == tx and e.tseq]
+    assert (answer.tseq or 0) > seen
+    assert ("you said: first" in [text for _, _, text in history]) and history[0][0] == 1  # the stored start kept
+    assert "you said: second" not in [text for _, _, text in history]  # (lost with the crash, as documented)
+    assert [tseq for tseq, _, _ in history] == sorted({tseq for tseq, _, _ in history})
+
+
+async def test_a_clean_restart_numbers_on_without_a_gap(tmp_path: Path) -> None:
+    """Stopped as Ctrl-C does, a transaction gives its reservation back: numbering goes on from its last."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with serve_process(serve(tmp_path), cwd=tmp_path, env=env) as first:
+        url, token = first.banner["WebSocket"].split()[0], first.banner["token"]
+        async with HaipClient(url, token=token, reconnect=False) as client:
+            tx = await client.start_transaction("patient")
+            await client.send_text(tx, "first")
+            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+            before = client.transactions[tx]
+            first.process.send_signal(signal.SIGINT)  # with its member still there
+            first.process.wait(timeout=15)
+    with serve_process(serve(tmp_path), cwd=tmp_path, env=env) as again:
+        url, token = again.banner["WebSocket"].split()[0], again.banner["token"]
+        async with HaipClient(url, token=token) as client:
+            await client.join(tx, since=before)
+            await client.send_text(tx, "second")
+            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+        async with httpx2.AsyncClient() as http:
+            history = again.banner["history"].split()[0]
+            answer = await http.get(f"{history}/{tx}/events", headers={"Authorization": f"Bearer {token}"})
+    numbers = [event["tseq"] for event in answer.json()["events"]]
+    assert numbers == list(range(1, len(numbers) + 1)) and numbers[-1] > before

@@ -206,3 +206,38 @@ def test_its_record_says_when_something_last_happened_in_it_not_when_it_was_save
     assert summary([said, left], [said, left])["last_activity"] == 200_000
     brought_back = Transaction(owner="ann", thread_id=None, spawn=lambda *args: None, created_at=100.0, active_at=200.0)
     assert brought_back.record().updated_at == 200.0  # from its stored record, until something happens
+
+
+async def test_numbering_after_a_crash_skips_the_reserved_numbers_and_joins_still_get_the_history() -> None:
+    """A transaction keeps numbers reserved ahead in its record (renewed as it goes); one brought back
+    whose record was not put away (the process was killed) numbers on after them, and a join from far
+    back still gets the latest ``join_history_events`` events, counted across the gap."""
+    from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
+
+    store = MemoryStore()
+    config = TransactionsConfig(join_history_events=50)
+    first = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
+    transaction = first.new("ann", None)
+    first.add(transaction)
+    for n in range(40):
+        transaction.publish(Event("INFO", {"n": n}))
+    assert (await store.transaction(transaction.id)).reserved_tseq == 1 + RESERVED_AHEAD  # type: ignore[union-attr]  # (at its first event)
+    for n in range(RESERVED_AHEAD // 2):  # past half the reservation: renewed
+        transaction.publish(Event("INFO", {"n": n}))
+    renewed = (await store.transaction(transaction.id)).reserved_tseq  # type: ignore[union-attr]
+    assert renewed > RESERVED_AHEAD + 1 and renewed - transaction.tseq > RESERVED_AHEAD // 2
+    last = transaction.tseq
+    # killed: nothing put it away. Another registry (the restarted process) brings it back.
+    again = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
+    back = await again.find(transaction.id, Principal("ann"))
+    assert isinstance(back, Transaction) and back.tseq == renewed
+    back.publish(Event("INFO", {"n": "after"}))
+    events, omitted = await back.catch_up(0)
+    numbers = [event.tseq for event in events]
+    assert len(events) == 50 and numbers[-1] == renewed + 1 and numbers[-2] == last
+    assert omitted == last - 49 and events[-1].payload == {"n": "after"}
+    # put away cleanly, it gives the reservation back: brought back again, it numbers on from its last
+    again.evict(back)
+    third = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
+    later = await third.find(transaction.id, Principal("ann"))
+    assert isinstance(later, Transaction) and later.tseq == renewed + 1

@@ -305,6 +305,7 @@ async def test_reads_use_their_indexes_on_a_large_log(postgres_url: str) -> None
         "transactions_of_before": "('u7', 20, 5007.0, 't5007')",
         "events": "('t7', 5, 1000)",
         "tail": "('t7', 20)",
+        "count_events": "('t7', 2, 8)",
         "open_owned": "('u7', 10)",
         "session": "('s7')",
     }

@@ -85,6 +85,27 @@ async def test_the_tail_is_the_last_events_in_order(store: Store) -> None:
     assert await store.tail("t1", limit=0) == [] and await store.tail("nope", limit=5) == []
 
 
+async def test_events_are_counted_between_two_numbers_across_gaps(store: Store) -> None:
+    for tseq in [1, 2, 3, 4100, 4101]:  # (a crash's reserved numbers between 3 and 4100)
+        store.append(event("t1", tseq))
+    assert await store.count_events("t1", after=0, upto=4101) == 5
+    assert await store.count_events("t1", after=2, upto=4100) == 2
+    assert await store.count_events("t1", after=4101, upto=9000) == 0
+    assert await store.count_events("no", after=0, upto=9) == 0
+
+
+async def test_a_records_reservation_is_its_latest_saves(store: Store) -> None:
+    """A live transaction reserves numbers ahead; put away, it saves its last as the reservation: the
+    later save wins (given back), unlike ``last_tseq``."""
+    store.save_transaction(record("t1", last_tseq=3, reserved_tseq=4099))
+    reserved = await store.transaction("t1")
+    store.save_transaction(record("t1", last_tseq=5, reserved_tseq=5))
+    await store.flush()
+    put_away = await store.transaction("t1")
+    assert reserved is not None and reserved.reserved_tseq == 4099
+    assert put_away is not None and (put_away.last_tseq, put_away.reserved_tseq) == (5, 5)
+
+
 async def test_a_user_lists_what_they_started_or_joined_newest_first_in_pages(store: Store) -> None:
     store.save_transaction(record("a", updated_at=1.0))
     store.save_transaction(record("b", updated_at=3.0))
@@ -122,6 +143,26 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
         again = await second.transaction("t1")
     assert again is not None and again.state is TransactionState.ENDED and again.end_reason == "done"
     assert again.last_tseq == 2 and again.agents == ("echo",)
+
+
+async def test_a_sqlite_file_from_before_reservations_gets_the_column(tmp_path: Path) -> None:
+    """Files written before 2026-12-07 have no ``reserved_tseq``: it is added, 0 (nothing reserved)."""
+    import sqlite3
+
+    path = tmp_path / "haip.db"
+    async with SqliteStore(path) as first:
+        first.save_transaction(record("t1", last_tseq=2))
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE transactions DROP COLUMN reserved_tseq")
+    old.commit()
+    old.close()
+    async with SqliteStore(path) as second:
+        kept = await second.transaction("t1")
+        second.save_transaction(record("t1", last_tseq=3, reserved_tseq=4099))
+    async with SqliteStore(path) as third:
+        again = await third.transaction("t1")
+    assert kept is not None and (kept.last_tseq, kept.reserved_tseq) == (2, 0)
+    assert again is not None and again.reserved_tseq == 4099
 
 
 async def test_sqlite_reads_records_and_a_users_list_on_indexes_in_one_query(tmp_path: Path) -> None:
