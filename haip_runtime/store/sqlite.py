@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Versions this runtime brings up to ``SCHEMA_VERSION`` as it opens the file (1: before reserved_tseq).
+#: A newer version is refused: a runtime that does not know its columns would write rows it cannot fill.
+_UPGRADES = {"1"}
 #: Made first: a file of another schema version is refused before anything else in it changes.
 _META = """
 PRAGMA journal_mode=WAL;
@@ -179,14 +182,13 @@ class SqliteStore(BatchingWriter):
         writer.execute("PRAGMA synchronous=NORMAL")
         check_integrity(writer, self.path, INTEGRITY_CHECK_SECONDS)
         row = writer.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is not None and row[0] != SCHEMA_VERSION:
+        if row is not None and row[0] != SCHEMA_VERSION and row[0] not in _UPGRADES:
             raise sqlite3.DatabaseError(f"schema version {row[0]}, this runtime reads {SCHEMA_VERSION}")
         writer.executescript(_SCHEMA)  # (what an older runtime's file lacks, an index, is made here)
         columns = {column[1] for column in writer.execute("PRAGMA table_info(transactions)")}
-        if "reserved_tseq" not in columns:  # a file written before reservations (2026-12-07): none kept
+        if "reserved_tseq" not in columns:  # version 1 (before 2026-12-07): nothing was reserved
             writer.execute("ALTER TABLE transactions ADD COLUMN reserved_tseq INTEGER NOT NULL DEFAULT 0")
-        if row is None:
-            writer.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        writer.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         reader = sqlite3.connect(self.path, check_same_thread=False)
         return writer, reader
 

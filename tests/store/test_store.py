@@ -146,7 +146,8 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
 
 
 async def test_a_sqlite_file_from_before_reservations_gets_the_column(tmp_path: Path) -> None:
-    """Files written before 2026-12-07 have no ``reserved_tseq``: it is added, 0 (nothing reserved)."""
+    """Files of schema version 1 (before 2026-12-07) have no ``reserved_tseq``: it is added, 0 (nothing
+    reserved), and the file is version 2 from then on."""
     import sqlite3
 
     path = tmp_path / "haip.db"
@@ -154,6 +155,7 @@ async def test_a_sqlite_file_from_before_reservations_gets_the_column(tmp_path: 
         first.save_transaction(record("t1", last_tseq=2))
     old = sqlite3.connect(path)
     old.execute("ALTER TABLE transactions DROP COLUMN reserved_tseq")
+    old.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     old.commit()
     old.close()
     async with SqliteStore(path) as second:
@@ -163,6 +165,8 @@ async def test_a_sqlite_file_from_before_reservations_gets_the_column(tmp_path: 
         again = await third.transaction("t1")
     assert kept is not None and (kept.last_tseq, kept.reserved_tseq) == (2, 0)
     assert again is not None and again.reserved_tseq == 4099
+    with sqlite3.connect(path) as db:  # a runtime of version 1 refuses it now, rather than write short rows
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
 
 
 async def test_sqlite_reads_records_and_a_users_list_on_indexes_in_one_query(tmp_path: Path) -> None:
