@@ -8,9 +8,11 @@ them; a function's return value becomes the result the MCP SDK's ``MCPServer`` w
 from __future__ import annotations
 
 import inspect
-import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
+
+import pydantic_core
 
 from haip_runtime.bridge.models import (
     ElicitationRequest,
@@ -26,11 +28,16 @@ from haip_runtime.bridge.models import (
 from haip_runtime.config.models import McpServerConfig
 from haip_runtime.exceptions import FakeToolError
 
+logger = logging.getLogger(__name__)
+
 #: A fake tool: takes the arguments and returns what an MCP tool function would (a str, number, dict,
 #: list...) or a ``ToolResult``; may be async. The result is what a real MCP server makes of that
 #: value: ``5.0`` gives text ``"5.0"`` and structured ``{"result": 5.0}``; a dict gives its JSON as
-#: text and itself as structured content. Raising ``FakeToolError`` makes an error result. A fake
-#: that takes a second argument gets a ``FakeToolContext`` to report progress and ask the user.
+#: text and itself as structured content; what JSON has no form for is given one as pydantic gives it
+#: (a datetime its ISO text, a set a list, anything else its ``str``). Raising ``FakeToolError`` makes an
+#: error result with its message; any other exception one that says only ``Error executing tool <name>``,
+#: as a real server hides a crash's text (the harness logs it). A fake that takes a second argument gets
+#: a ``FakeToolContext`` to report progress and ask the user.
 ToolFunc = Callable[..., Any]
 
 
@@ -117,7 +124,12 @@ class FakeTools:
                 value = await _awaited(value)
         except FakeToolError as exc:
             return ToolResult(True, [{"type": "text", "text": str(exc)}], None)
-        return _as_result(value)
+        except Exception:  # a crash: its text stays here, as a real MCPServer keeps it in its log
+            logger.exception("fake tool %s.%s failed", server, tool)
+            return ToolResult(True, [{"type": "text", "text": f"Error executing tool {tool}"}], None)
+        if isinstance(value, ToolResult):
+            return value
+        return _as_result(pydantic_core.to_jsonable_python(value, fallback=str))
 
 
 def _takes_context(func: ToolFunc) -> bool:
@@ -134,9 +146,7 @@ async def _awaited(value: Awaitable[Any]) -> Any:
 
 
 def _as_result(value: Any) -> ToolResult:
-    """What the MCP SDK's ``MCPServer`` returns for a tool function's return ``value``."""
-    if isinstance(value, ToolResult):
-        return value
+    """What the MCP SDK's ``MCPServer`` returns for a tool function's return ``value`` (made JSON's)."""
     if isinstance(value, dict):
         return ToolResult(False, [_text_block(value)], value)
     if isinstance(value, list | tuple):
@@ -147,5 +157,5 @@ def _as_result(value: Any) -> ToolResult:
 
 
 def _text_block(value: Any) -> dict[str, Any]:
-    text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
+    text = value if isinstance(value, str) else pydantic_core.to_json(value, fallback=str, indent=2).decode()
     return {"type": "text", "text": text}

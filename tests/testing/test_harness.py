@@ -132,6 +132,44 @@ async def test_fake_tool_results_are_what_the_real_mcp_server_returns() -> None:
             assert by_tool[tool] == expected, tool
 
 
+async def test_what_json_cannot_hold_and_a_crash_come_back_as_from_the_real_mcp_server() -> None:
+    """An author's find: a fake returning a datetime and a set failed the turn (``ExceptionGroup``) where a
+    real server gives them JSON forms, and a fake's plain exception showed its text where a real server
+    hides it. Both are now as the real ``MCPServer`` answers (the harness logs the crash)."""
+    import datetime
+
+    from mcp import Client
+    from mcp.server.mcpserver import MCPServer
+
+    def when() -> dict[str, Any]:
+        return {"at": datetime.datetime(2020, 1, 2, 3, 4, 5), "tags": {"x"}, "days": (1, 2)}
+
+    def boom() -> str:
+        raise ValueError("a secret in the message")
+
+    real = MCPServer("real")
+    real.tool()(when)
+    real.tool()(boom)
+
+    class CallsBoth(Agent[NoOptions]):
+        async def on_message(self, turn: Turn) -> None:
+            for tool in ("when", "boom"):
+                await turn.call_tool(f"real.{tool}")
+
+    fakes = {"real.when": lambda args: when(), "real.boom": lambda args: boom()}
+    async with AgentHarness(CallsBoth, tools=fakes) as agent:
+        turn = await agent.send("go")
+    assert turn.error is None
+    results = {c["tool"]: r for c, r in zip(turn.tool_calls, turn.tool_results, strict=True)}
+    async with Client(real) as client:
+        for tool in ("when", "boom"):
+            answer = await client.call_tool(tool, {})
+            done = results[f"real.{tool}"]
+            assert done["result"]["content"] == answer.model_dump(mode="json", exclude_none=True)["content"], tool
+            assert (done["status"] == "ERROR") is answer.is_error, tool
+    assert "secret" not in str(results["real.boom"])
+
+
 async def slow_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
     for step in (1, 2):
         await ctx.report_progress(step, 2, f"step {step}")
