@@ -9,6 +9,7 @@ not a user's first message.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ from haip_runtime.exceptions import PluginError
 
 if TYPE_CHECKING:
     from haip_runtime.llm.provider import Provider
+
+logger = logging.getLogger(__name__)
+
+#: Agents already said to lack ``super().__init__(context)`` (said once, not at every conversation).
+_WITHOUT_SUPER: set[str] = set()
 
 AGENTS = PluginKind(
     noun="agent",
@@ -61,7 +67,19 @@ class AgentSpec:
             options=self.options,
             llm=self.llm,
         )
-        return self.cls(context)
+        agent = self.cls(context)
+        if not hasattr(agent, "context"):  # its __init__ did not call super().__init__(context)
+            if self.name not in _WITHOUT_SUPER:
+                _WITHOUT_SUPER.add(self.name)
+                logger.warning(
+                    "agent %r: %s.__init__ does not call super().__init__(context); the runtime sets its context"
+                    " and options itself",
+                    self.name,
+                    self.cls.__qualname__,
+                )
+            agent.context = context
+            agent.options = context.options
+        return agent
 
 
 def load_agents(config: HaipConfig, llms: Mapping[str, Provider] | None = None) -> dict[str, AgentSpec]:

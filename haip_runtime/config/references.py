@@ -10,6 +10,7 @@ one ``PluginError`` line naming the config key. What the object must be is the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -84,7 +85,7 @@ def _import(module_name: str, base_dir: Path, where: str) -> Any:
     except PluginError:
         raise
     except Exception as exc:  # an import runs arbitrary plugin code: report any failure in one line
-        hint = _import_hint(exc, path, base_dir)
+        hint = _import_hint(exc, path, base_dir) or _place(exc, base_dir)
         raise PluginError(f"{where}: cannot import {module_name!r}: {type(exc).__name__}: {exc}{hint}") from exc
 
 
@@ -143,11 +144,30 @@ def _import_hint(exc: Exception, path: Path | None, base_dir: Path) -> str:
 
 def _failed_in(exc: BaseException) -> str | None:
     """The file whose code raised ``exc`` last (the import machinery's own frames left out)."""
+    found = _failed_at(exc)
+    return None if found is None else found[0]
+
+
+def _failed_at(exc: BaseException) -> tuple[str, int] | None:
+    """The file and line whose code raised ``exc`` last (the import machinery's own frames left out)."""
     found = None
     trace = exc.__traceback__
     while trace is not None:
         filename = trace.tb_frame.f_code.co_filename
         if not filename.startswith("<frozen"):
-            found = filename
+            found = (filename, trace.tb_lineno)
         trace = trace.tb_next
     return found
+
+
+def _place(exc: BaseException, base_dir: Path) -> str:
+    """Where the import failed, when that is not said already (a SyntaxError names its file and line): a
+    plugin importing a broken module beside it would otherwise name only the plugin (an author's find)."""
+    found = _failed_at(exc)
+    if found is None or isinstance(exc, SyntaxError):
+        return ""
+    filename, line = found
+    shown = Path(filename)
+    with contextlib.suppress(ValueError):
+        shown = shown.relative_to(base_dir.resolve())
+    return f" (at {shown}, line {line})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +35,19 @@ def test_a_missing_class_in_a_plugin_file_is_named_with_the_classes_there() -> N
     assert str(caught.value) == (
         "agents.s.plugin: 'haip_runtime/demo/storyteller.py' has no attribute 'StoryTeller'"
         " (agents defined there: Storyteller)"
+    )
+
+
+def test_an_import_failing_in_a_module_the_plugin_imports_names_where(tmp_path: Path) -> None:
+    """An author's find: a plugin importing a broken module beside it said only the plugin's name."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "helper.py").write_text("VALUE = 1\nOTHER = undefined_name\n")
+    (tmp_path / "plugins" / "agent.py").write_text("from .helper import VALUE\n")
+    with pytest.raises(PluginError) as caught:
+        resolve_plugin("plugins/agent.py:A", tmp_path, "agents.a.plugin")
+    assert str(caught.value) == (
+        "agents.a.plugin: cannot import 'plugins/agent.py': NameError: name 'undefined_name' is not defined"
+        f" (at {Path('plugins', 'helper.py')}, line 2)"
     )
 
 
@@ -152,3 +166,32 @@ class Decorated(Agent[LooseOptions]):
 def test_a_hook_behind_a_plain_decorator_is_taken() -> None:
     """A reviewer's find: ``iscoroutinefunction`` is false for an async hook wrapped by a plain decorator."""
     assert resolve_plugin("tests.agents.test_registry:Decorated", ROOT, "agents.a.plugin") is Decorated
+
+
+async def test_an_agent_whose_init_forgets_super_still_answers_and_the_log_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An author's find: an ``__init__`` without ``super().__init__(context)`` passed ``check``, then every
+    message was a session-level INTERNAL_ERROR (the runtime reads the agent's context to start a turn)
+    and the history showed the message unanswered. It now answers; the log says what to fix, once."""
+    import anyio
+
+    from haip_runtime import Agent, NoOptions, Turn
+    from haip_runtime.testing import AgentHarness
+
+    class Forgetful(Agent[NoOptions]):
+        def __init__(self, context: object) -> None:
+            self.count = 0
+
+        async def on_message(self, turn: Turn) -> None:
+            self.count += 1
+            await turn.say(f"count {self.count} for {self.context.name}")
+
+    with caplog.at_level("WARNING", logger="haip_runtime.agents.registry"):
+        async with AgentHarness(Forgetful) as agent:
+            first = await agent.send("one")
+            second = await agent.send("two")
+    await anyio.lowlevel.checkpoint()
+    assert (first.text, second.text) == ("count 1 for forgetful", "count 2 for forgetful")
+    said = [r.getMessage() for r in caplog.records if "super().__init__(context)" in r.getMessage()]
+    assert len(said) == 1 and "Forgetful.__init__" in said[0]

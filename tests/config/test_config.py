@@ -467,7 +467,7 @@ def test_a_plugin_files_relative_imports_are_said_in_its_own_words_and_a_dotted_
         result = run_cli("check", "--config", str(write(tmp_path, f"[agents.a]\nplugin = '{spec}:A'\n")), cwd=Path("/"))
         said.append(result.stderr.rpartition("ModuleNotFoundError: ")[2].strip() if result.returncode else "ok")
     assert said[0].endswith("(nothing named 'helpres' beside typo.py)")
-    assert said[1] == "No module named 'inner'" and said[2] == "ok"
+    assert said[1] == f"No module named 'inner' (at {Path('inner', '__init__.py')}, line 1)" and said[2] == "ok"
 
 
 def test_may_join_others_takes_a_variables_true_or_false() -> None:
