@@ -176,7 +176,7 @@ async def test_an_agent_whose_init_forgets_super_still_answers_and_the_log_says_
     and the history showed the message unanswered. It now answers; the log says what to fix, once."""
     import anyio
 
-    from haip_runtime import Agent, NoOptions, Turn
+    from haip_runtime import Agent, NoOptions
     from haip_runtime.testing import AgentHarness
 
     class Forgetful(Agent[NoOptions]):
