@@ -23,6 +23,7 @@ from haip_runtime.config.models import AgentConfig
 from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.llm.provider import HistoryEntry, Provider
 from haip_runtime.observability import tracing
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode, ToolOutcome
 from haip_runtime.tools.proxy import Emit, ToolCallResult, ToolProxy, ToolView
@@ -317,6 +318,10 @@ class Turn:
             raise ToolUnavailableError("no MCP servers are configured, so there are no tools to call")
         call_id = new_id()
         args = arguments or {}
+        try:
+            fastjson.dumps(args)
+        except TypeError as exc:  # (refused before anything is published: members never see half a call)
+            raise TypeError(f"call_tool({name!r}): the arguments must be what JSON holds: {exc}") from None
         self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
         status, text = ToolOutcome.CANCELLED, "the call was cancelled"
         try:

@@ -234,6 +234,7 @@ class Transaction:
         if self.shared is not None:
             self.shared.send(event, then=then)
             return event
+        event.payload_json  # noqa: B018  (encoded once, here: a payload JSON cannot hold takes no number)
         self.tseq += 1
         if self.tseq > self._renew_at:
             self.reserve()

@@ -241,3 +241,13 @@ async def test_numbering_after_a_crash_skips_the_reserved_numbers_and_joins_stil
     third = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
     later = await third.find(transaction.id, Principal("ann"))
     assert isinstance(later, Transaction) and later.tseq == renewed + 1
+
+
+def test_an_event_json_cannot_hold_takes_no_number() -> None:
+    """Refused before it is numbered: the next event takes the next number, no gap in the history."""
+    transactions = registry(lambda *a: None)
+    transaction = transactions.new("ann", None)
+    transaction.publish(Event("INFO", {"n": 1}))
+    with pytest.raises(TypeError):
+        transaction.publish(Event("INFO", {"n": object()}))
+    assert transaction.publish(Event("INFO", {"n": 2})).tseq == 2

@@ -235,3 +235,20 @@ async def test_the_harness_checks_a_message_against_the_agents_input_schema_as_t
             await agent.send({"a": "x", "b": 1})
     assert turn.text == "2 + 40 = 42"
     assert refused.value.code == "INVALID_PAYLOAD" and refused.value.detail == {"where": "/payload/a"}
+
+
+async def test_arguments_json_cannot_hold_fail_the_call_before_members_see_it(caplog: pytest.LogCaptureFixture) -> None:
+    """An author's find: ``call_tool`` with an ``object()`` among its arguments failed deep in the log's
+    keeping, after its TOOL_CALL had taken a tseq that was never stored (a gap in the history)."""
+
+    class Careless(Agent[NoOptions]):
+        async def on_message(self, turn: Turn) -> None:
+            await turn.call_tool("t.crunch", {"steps": object()})
+
+    async with AgentHarness(Careless, tools={"t.crunch": lambda args: 1}) as agent:
+        turn = await agent.send("go")
+    assert turn.error is not None and turn.error["code"] == "INTERNAL_ERROR"
+    assert [event.type for event in turn.events] == ["RUN_STARTED", "RUN_ERROR"]
+    numbers = [event.tseq or 0 for event in turn.events]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert "call_tool('t.crunch'): the arguments must be what JSON holds" in caplog.text  # (the traceback's)
