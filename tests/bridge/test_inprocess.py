@@ -408,3 +408,27 @@ def test_an_installed_entry_point_names_a_python_server(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].split() == ["mine", "python", "connected", "1"]
     assert "  mine.shout  Shout `text`." in result.stdout
+
+
+async def test_the_readmes_python_tools_example_runs_as_written(tmp_path: Path) -> None:
+    """An author's find: the README's example used names it never defined. It is run here as written."""
+    import importlib.util
+    import re
+
+    from mcp import Client
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# plugins/mytools\.py\n.*?)```", readme, re.S)
+    assert code is not None
+    (tmp_path / "mytools.py").write_text(code.group(1))
+    spec = importlib.util.spec_from_file_location("readme_mytools", tmp_path / "mytools.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    async with Client(module.server) as client:
+        indexed = await client.call_tool("index_notes", {"notes": 3})
+        found = await client.call_tool("lookup", {"title": "welcome"})
+        missing = await client.call_tool("lookup", {"title": "nope"})
+    assert not indexed.is_error and indexed.content[0].text == "indexed 3 notes"  # type: ignore[union-attr]
+    assert found.content[0].text == "Start here."  # type: ignore[union-attr]
+    assert missing.is_error and "no note titled 'nope'" in missing.content[0].text  # type: ignore[union-attr]
