@@ -515,7 +515,7 @@ def field_value(schema: dict[str, Any], text: str, required: bool) -> Any:
         if kind == "number":
             return float(text)
     except ValueError:
-        raise ValueError(f"a {kind} please") from None
+        raise ValueError(f"{'an' if kind == 'integer' else 'a'} {kind} please") from None
     if kind == "boolean":
         if text.lower() not in ("y", "yes", "true", "n", "no", "false"):
             raise ValueError("y or n please")

@@ -332,6 +332,10 @@ def test_input_fields_are_typed_from_their_schema() -> None:
             field_value(schema, text, True)
     with pytest.raises(ValueError, match="required"):
         field_value({"type": "string"}, "", True)
+    with pytest.raises(ValueError, match="^an integer please$"):
+        field_value({"type": "integer"}, "x", True)
+    with pytest.raises(ValueError, match="^a number please$"):
+        field_value({"type": "number"}, "x", True)
 
 
 def test_tool_signatures_and_errors_read_as_one_line() -> None:
