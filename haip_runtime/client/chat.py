@@ -394,6 +394,9 @@ class Chat:
                 prompt = question.prompt() if question else f"{self.client.user} › "
                 line = await terminal.read(prompt, question=question is not None)
             except EOFError:
+                if question is not None and not terminal.echoes_input:  # nothing left to answer it with
+                    self.view.say(f"✗ input ended with a question unanswered: {question.prompt().strip()}", "red")
+                    self.failed.append("UNANSWERED")
                 return
             except KeyboardInterrupt:
                 if not self.interrupt():

@@ -297,6 +297,17 @@ def test_piped_input_talks_and_answers_without_a_terminal(chat_server: LiveServe
     assert "operator › demo.delete_everything returned: pretended to delete everything" in done.stdout
 
 
+def test_piped_input_ending_with_an_approval_unanswered_exits_non_zero(chat_server: LiveServer) -> None:
+    """An author's find: the chat printed the approval's question, reached the end of its input and exited 0,
+    and the turn waited on the server until the approval's timeout: a script took that for success."""
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--agent", "operator"]
+    command += ["--token", chat_server.token("ann")]
+    done = subprocess.run(command, input="/call demo.delete_everything\n", capture_output=True, text=True, timeout=30)
+    assert "needs your approval" in done.stdout
+    assert done.returncode == 1 and done.stderr.strip() == "haip-runtime: a turn failed: UNANSWERED", done.stderr
+    assert "input ended with a question unanswered: demo.delete_everything needs your approval" in done.stdout
+
+
 def test_a_piped_line_over_the_servers_limit_is_refused_and_the_next_one_is_answered(chat_server: LiveServer) -> None:
     """A tester's find: a 2,000,000-character line closed the socket (1009) and the chat gave up, losing the
     lines after it. The client now refuses it before sending (the server's HAI says its limit)."""
