@@ -77,8 +77,17 @@ _SECRET_WORDS = frozenset(
 )
 
 
-def _names_a_secret(name: str) -> bool:
-    return any(word in _SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
+#: ...and those that do so in a URL's query only: ``?code=`` carries Azure Functions' key, ``?sig=`` and
+#: ``?signature=`` a signed URL's (a ``--code`` flag, by contrast, names a file or a language).
+_QUERY_SECRET_WORDS = _SECRET_WORDS | {"code", "signature", "sas"}
+
+
+def _names_a_secret(name: str, words: frozenset[str] = _SECRET_WORDS) -> bool:
+    return any(word in words for word in re.split(r"[^a-z0-9]+", name.lower()))
+
+
+def _names_a_query_secret(name: str) -> bool:
+    return _names_a_secret(name, _QUERY_SECRET_WORDS)
 
 
 def _endpoint_secrets(url: str) -> list[str]:
@@ -86,7 +95,7 @@ def _endpoint_secrets(url: str) -> list[str]:
     parts = endpoint_userinfo(url)
     password = parts[1].partition(":")[2] if parts is not None else ""
     query = parse_qs(urlsplit(url).query)
-    secret = [value for key, values in query.items() if _names_a_secret(key) for value in values if value]
+    secret = [value for key, values in query.items() if _names_a_query_secret(key) for value in values if value]
     return [password, *secret] if password else secret
 
 
@@ -100,7 +109,8 @@ def masked_endpoint(url: str) -> str:
     query, hash_, fragment = query.partition("#")
     pairs = [pair.partition("=") for pair in query.split("&")]
     masked = "&".join(
-        f"{key}={MASK}" if equals and _names_a_secret(key) else f"{key}{equals}{value}" for key, equals, value in pairs
+        f"{key}={MASK}" if equals and _names_a_query_secret(key) else f"{key}{equals}{value}"
+        for key, equals, value in pairs
     )
     return f"{head}?{masked}{hash_}{fragment}"
 

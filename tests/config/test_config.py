@@ -330,6 +330,20 @@ def test_mcp_urls_and_secretish_arguments_are_masked_in_check_and_known_to_the_l
     assert not {"production", "/srv/mcp/server.py", "ada"} & secrets
 
 
+def test_a_urls_code_and_signature_are_masked_but_a_code_flag_is_not() -> None:
+    """Left open last stop: Azure Functions' ``?code=`` key, and a signed URL's ``sig``/``signature``."""
+    url = "https://fn.example/api/mcp?code=azkey123&sig=sig456&signature=sig789&lang=en"
+    args = ["--code", "main.py"]
+    servers = {"h": {"transport": "http", "url": url}, "s": {"transport": "stdio", "command": "true", "args": args}}
+    config = validate_config({"mcp": {"servers": servers}}, base_dir=ROOT)
+    shown = masked_dump(config)["mcp"]["servers"]
+    assert shown["h"]["url"] == (
+        "https://fn.example/api/mcp?code=**********&sig=**********&signature=**********&lang=en"
+    )
+    assert shown["s"]["args"] == ["--code", "main.py"]
+    assert {"azkey123", "sig456", "sig789"} <= set(secret_values(config)) and "main.py" not in secret_values(config)
+
+
 def test_masked_dump_and_secret_values_cover_nested_agent_options() -> None:
     data = {
         "agents": {"a": {"plugin": "echo", "options": {"llm": {"api_key": "k-123456789", "model": "m"}, "n": 1}}},
