@@ -10,6 +10,7 @@ REST history (``GET /haip/transactions``, ``.../messages``) with the same token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ def http_base(ws_url: str) -> str:
 FULL_ID = 36
 #: How many of the user's latest conversations such a start is looked for among.
 PREFIX_SEARCH = 200
+#: How long ``/tools`` waits for the conversation's first TOOL_LIST (sent right after its start).
+TOOL_LIST_WAIT = 5.0
 
 
 class Chat:
@@ -178,6 +181,39 @@ class Chat:
         self.transaction = await self.client.start_transaction(agent)
         self.view.begin(agent, self.transaction)
         await self.report_servers()
+
+    async def _tools_coming(self, transaction: str) -> None:
+        """No tools yet: wait (``TOOL_LIST_WAIT`` at most) for the TOOL_LIST that follows the start, or, while
+        an MCP server makes its first connection (a server that just started), for the one that lists its
+        tools (an author's find: ``/tools`` as a script's first line said there were none)."""
+        deadline = time.monotonic() + TOOL_LIST_WAIT
+
+        def lists() -> set[int]:
+            return {id(e) for e in self.client.received if e.type == "TOOL_LIST" and e.transaction == transaction}
+
+        async def next_list(old: set[int], *, listing: bool = False) -> Received | None:
+            with contextlib.suppress(ClientError):  # (none in time: said as no tools)
+                return await self.client.wait_for(
+                    lambda e: (
+                        e.type == "TOOL_LIST"
+                        and e.transaction == transaction
+                        and id(e) not in old
+                        and (bool(e.get("tools")) or not listing)
+                    ),
+                    timeout=max(deadline - time.monotonic(), 0.01),
+                )
+            return None
+
+        if not lists():
+            first = await next_list(set())
+            if first is None or first.get("tools"):
+                return
+        try:
+            servers = (await self.rest("/health", {})).get("mcp") or {}
+        except ClientError:
+            return
+        if any(status.get("state") in ("starting", "connecting") for status in servers.values()):
+            await next_list(lists(), listing=True)
 
     async def report_servers(self) -> None:
         """One line per MCP server that is down (``/health``): its tools are missing, and this says why."""
@@ -351,12 +387,17 @@ class Chat:
         self.view.say(out)
 
     async def list_tools(self) -> None:
-        if not self.view.tools:
+        tools = self.view.tools
+        if not tools and self.transaction is not None:
+            await self._tools_coming(self.transaction)
+            lists = [e for e in self.client.received if e.type == "TOOL_LIST" and e.transaction == self.transaction]
+            tools = lists[-1].get("tools") or [] if lists else []  # (the view may not have read it yet)
+        if not tools:
             down = f" (MCP servers not connected: {', '.join(self.down)})" if self.down else ""
             self.view.say(f"no tools in this conversation (yet){down}", "dim")
             return
         out = Text()
-        for tool in self.view.tools:
+        for tool in tools:
             schema = (await self.request("TOOL_SCHEMA", {"tool": tool["name"]}, "TOOL_SCHEMA")).get("schema", {})
             out.append(f"{tool['name']}({signature(schema.get('inputSchema') or {})})", style="bold")
             out.append(f"  {short(tool.get('description') or '', 70)}\n", style="dim")

@@ -297,6 +297,15 @@ def test_piped_input_talks_and_answers_without_a_terminal(chat_server: LiveServe
     assert "operator › demo.delete_everything returned: pretended to delete everything" in done.stdout
 
 
+def test_tools_as_the_first_piped_line_lists_the_tools(chat_server: LiveServer) -> None:
+    """An author's find: ``/tools`` read before the conversation's TOOL_LIST came said there were none."""
+    command = [sys.executable, "-m", "haip_runtime", "chat", chat_server.bare_url, "--agent", "operator"]
+    command += ["--token", chat_server.token("ann")]
+    done = subprocess.run(command, input="/tools\n/quit\n", capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "no tools" not in done.stdout and "demo.delete_everything(" in done.stdout
+
+
 def test_piped_input_ending_with_an_approval_unanswered_exits_non_zero(chat_server: LiveServer) -> None:
     """An author's find: the chat printed the approval's question, reached the end of its input and exited 0,
     and the turn waited on the server until the approval's timeout: a script took that for success."""
