@@ -22,7 +22,7 @@ from haip_runtime.conversation.history import history_from_events
 from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.shared import Followed, end_lost, follow
-from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.limits import limited
@@ -96,6 +96,8 @@ class TransactionRegistry:
     ) -> Transaction:
         """A transaction: a new one (``floor`` None), or one brought back from the store with what it
         knew (``state``) and, in a cluster, the last tseq the store holds (``floor``)."""
+        if floor is None and "tseq" not in state:  # a new one: its first record reserves its first numbers
+            state["reserved"] = RESERVED_AHEAD
         transaction = Transaction(
             owner=owner,
             thread_id=thread_id,
@@ -280,6 +282,10 @@ class TransactionRegistry:
             for event in events:
                 follow(shared, event, transaction.users)
         elif not self.store.lag:  # (a store no other process writes to: one whose runs are ours alone)
+            # Its reservation is written before any event of its new stay: killed before the next batch,
+            # what members get now is not numbered again (a reviewer's find, for the first batch after).
+            transaction.reserve()
+            await self.store.flush()
             self._end_interrupted(transaction, events, self._started_ms)
         self.live[transaction.id] = transaction
         if shared is not None:

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 #: How long ending a transaction waits for cancelled turns and ``on_end`` hooks.
 END_GRACE_SECONDS = 5.0
 #: How many numbers past its last a live transaction keeps reserved in its record (``reserve``): what
-#: a crash may have handed out unstored. Renewed when half are used; a crash leaves a gap this large at most.
+#: a crash may have handed out unstored. Renewed when half are used; a crash leaves a gap this large at most
+#: (more while the store is behind: twice its pending writes).
 RESERVED_AHEAD = 4096
 
 
@@ -162,14 +163,18 @@ class Transaction:
             self.store.save_transaction(self.record(end_reason))
 
     def reserve(self) -> None:
-        """Reserve the next ``RESERVED_AHEAD`` numbers in its record. The store writes in batches, so
+        """Reserve the next ``RESERVED_AHEAD`` numbers in its record, written at once. The store writes in batches, so
         the events members just got may not be stored when the process is killed; without this the
         runtime bringing it back would number new events as those members already saw, and a member
         rejoining from the last tseq it saw would miss one. Brought back after a crash, it numbers on
         after the reservation (a gap; ``Registry._bring_back``)."""
-        self.reserved = self.tseq + RESERVED_AHEAD
-        self._renew_at = self.tseq + RESERVED_AHEAD // 2
+        # A store behind (under load, in an outage) holds more of this one's events unwritten: reserve past them.
+        ahead = max(RESERVED_AHEAD, 2 * self.store.pending) if self.store is not None else RESERVED_AHEAD
+        self.reserved = self.tseq + ahead
+        self._renew_at = self.tseq + ahead // 2
         self.save()
+        if self.store is not None:
+            self.store.hurry()  # stored in one batch's time, not the batching interval's
 
     def put_away(self) -> None:
         """Saved as it leaves memory cleanly (idle, the runtime stopping): what it numbered is stored or
@@ -286,7 +291,7 @@ class Transaction:
         # entries), so the latest ``most`` reach further back; what is left out is counted, not subtracted.
         first = events[0].tseq or start + 1 if events else self.tseq + 1
         older = [event for event in await self.store.tail(self.id, limit=most) if since < (event.tseq or 0) < first]
-        events = older[len(older) - (most - len(events)) :] + events if older else events
+        events = older[max(0, len(older) - (most - len(events))) :] + events
         start = (events[0].tseq or 1) - 1 if events else start
         return events, await self.store.count_events(self.id, after=since, upto=start) if start > since else 0
 

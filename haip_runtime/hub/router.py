@@ -170,6 +170,10 @@ class Hub:
                 await self.transactions.relay.close()
         with anyio.CancelScope(shield=True):
             await self._cancel_tasks()
+        if self.store.durable:  # what the cancelled tasks published last (a member's own tool call's end)
+            for transaction in list(self.transactions.live.values()):
+                if transaction.reserved != transaction.tseq:
+                    transaction.put_away()
         self._task_group.cancel_scope.cancel()
         if self.speech is not None:
             with anyio.CancelScope(shield=True):

@@ -11,6 +11,7 @@ not see.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.transcript import Transcript, summary
 from haip_runtime.exceptions import HandshakeError, RequestRefusedError, StorageError
-from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.envelope import Event, parse_uint64
 from haip_runtime.protocol.events import ErrorCode
 from haip_runtime.store.base import StorageState, Store, TransactionRecord
 from haip_runtime.transports.http import http_credentials, http_error_body, http_error_headers, refused_origin
@@ -127,11 +128,12 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdecimal() or not low <= int(raw) <= high:
+    number = parse_uint64(raw)  # (ASCII digits, 20 at most: a 5,000-digit one was a 500, past int()'s limit)
+    if number is None or not low <= number <= high:
         raise RequestRefusedError(
             ErrorCode.INVALID_PAYLOAD, f"{name} must be a whole number from {low} to {high}", status=400
         )
-    return int(raw)
+    return number
 
 
 def _cursor(raw: str | None) -> tuple[float, str] | None:
@@ -139,9 +141,12 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
         return None
     stamp, _, transaction_id = raw.partition("|")
     try:
-        return float(stamp), transaction_id
-    except ValueError as exc:
-        raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave", status=400) from exc
+        when = float(stamp)
+    except ValueError:
+        when = math.nan
+    if not math.isfinite(when) or not transaction_id:  # (nan, inf and no id came back as an empty page)
+        raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "cursor is not one this server gave", status=400)
+    return when, transaction_id
 
 
 async def _listed(store: Store, transactions: TransactionRegistry, record: TransactionRecord) -> dict[str, Any]:

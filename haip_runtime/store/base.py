@@ -177,6 +177,9 @@ class Store(Protocol):
 
     async def session(self, session_id: str) -> SessionRecord | None: ...
 
+    def hurry(self) -> None:
+        """Write what is queued soon, without the batching interval's wait (nothing to do in memory)."""
+
     async def flush(self) -> None:
         """Wait until everything queued so far is written."""
 

@@ -158,6 +158,14 @@ class BatchingWriter:
         """Writes queued and not yet written."""
         return self._queued - self._written
 
+    def hurry(self) -> None:
+        """Write what is queued now, without waiting out ``flush_interval`` (a reservation of numbers that
+        must be stored before they are used: ``Transaction.reserve``)."""
+        if self._pending:
+            self._urgent = True
+            self._wake.set()
+            self._hurry.set()
+
     async def flush(self) -> None:
         """Wait until everything queued so far is written, or the store cannot write (then return:
         what waits is retried by the writer, and a reader sees what is stored)."""

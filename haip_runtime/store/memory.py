@@ -93,10 +93,15 @@ class MemoryStore:
         return self._logs.get(transaction_id, [])[-limit:] if limit > 0 else []
 
     async def count_events(self, transaction_id: str, *, after: int, upto: int) -> int:
-        return sum(1 for event in self._logs.get(transaction_id, []) if after < (event.tseq or 0) <= upto)
+        log = self._logs.get(transaction_id, [])
+        key: Callable[[Event], int] = lambda event: event.tseq or 0  # noqa: E731
+        return max(0, bisect.bisect_right(log, upto, key=key) - bisect.bisect_right(log, after, key=key))
 
     async def session(self, session_id: str) -> SessionRecord | None:
         return self._sessions.get(session_id)
+
+    def hurry(self) -> None:
+        return None
 
     async def flush(self) -> None:
         return None

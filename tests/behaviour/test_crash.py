@@ -137,3 +137,58 @@ async def test_a_clean_restart_numbers_on_without_a_gap(tmp_path: Path) -> None:
             answer = await http.get(f"{history}/{tx}/events", headers={"Authorization": f"Bearer {token}"})
     numbers = [event["tseq"] for event in answer.json()["events"]]
     assert numbers == list(range(1, len(numbers) + 1)) and numbers[-1] > before
+
+
+async def test_a_clean_stop_with_a_members_own_tool_call_waiting_gives_the_reservation_back(tmp_path: Path) -> None:
+    """A reviewer's find: the stop put the conversation away, then the cancelled call published its
+    TOOL_DONE, which reserved again: the next start took the clean stop for a crash (a gap, a warning)."""
+    import sqlite3
+
+    from tests.behaviour.test_sharing import sqlite_config
+    from tests.support.serving import live_server
+
+    team = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
+    config = sqlite_config(
+        tmp_path / "haip.db",
+        agents={"operator": {"plugin": "operator", "mcp_servers": ["team"]}},
+        mcp={"servers": {"team": team}},
+    )
+    with live_server(config) as first:
+        async with HaipClient(first.ws_url, token=first.token("dana")) as client:
+            tx = await client.start_transaction("operator")
+            await client.send("TOOL_CALL", {"tool": "team.word_count", "params": {"text": "one two"}}, transaction=tx)
+            await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+    with sqlite3.connect(tmp_path / "haip.db") as db:
+        last, reserved = db.execute("SELECT last_tseq, reserved_tseq FROM transactions WHERE id = ?", (tx,)).fetchone()
+        done = db.execute("SELECT count(*) FROM events WHERE tx = ? AND body LIKE '%TOOL_DONE%'", (tx,)).fetchone()
+    assert done == (1,) and reserved == last  # the call's end is stored, and nothing is reserved past it
+
+
+async def test_a_conversation_brought_back_has_its_reservation_stored_before_its_first_event(tmp_path: Path) -> None:
+    """A reviewer's find: brought back (after an idle spell or a clean stop), its new reservation went in
+    the same batch as its first events: killed before that batch, those numbers were given again."""
+    import sqlite3
+
+    from haip_runtime.agents.registry import load_agents
+    from haip_runtime.auth.tokens import Principal
+    from haip_runtime.config.models import TransactionsConfig
+    from haip_runtime.conversation.registry import TransactionRegistry
+    from haip_runtime.conversation.transaction import Transaction
+    from haip_runtime.protocol.envelope import Event
+    from haip_runtime.store import SqliteStore
+    from tests.support.serving import make_config
+
+    agents = load_agents(make_config({"agents": {"waiting": {"plugin": "tests.support.agents:WaitingAgent"}}}))
+    async with SqliteStore(tmp_path / "haip.db", flush_interval=5) as store:
+        transactions = TransactionRegistry(TransactionsConfig(), agents, store, lambda *a: None)
+        transaction = transactions.new("ann", None)
+        transactions.add(transaction)
+        transaction.publish(Event("INFO", {"n": 1}))
+        transactions.evict(transaction)  # put away: its reservation given back
+        await store.flush()
+        back = await transactions.find(transaction.id, Principal("ann"))
+        assert isinstance(back, Transaction)
+        with sqlite3.connect(tmp_path / "haip.db") as db:  # what a process killed now would find
+            (reserved,) = db.execute("SELECT reserved_tseq FROM transactions WHERE id = ?", (back.id,)).fetchone()
+        back.publish(Event("INFO", {"n": 2}))
+    assert reserved > back.tseq

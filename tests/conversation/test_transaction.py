@@ -13,6 +13,7 @@ from haip_runtime.agents.registry import load_agents
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.registry import TransactionRegistry
+from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
@@ -212,16 +213,14 @@ async def test_numbering_after_a_crash_skips_the_reserved_numbers_and_joins_stil
     """A transaction keeps numbers reserved ahead in its record (renewed as it goes); one brought back
     whose record was not put away (the process was killed) numbers on after them, and a join from far
     back still gets the latest ``join_history_events`` events, counted across the gap."""
-    from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
-
     store = MemoryStore()
     config = TransactionsConfig(join_history_events=50)
     first = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
     transaction = first.new("ann", None)
-    first.add(transaction)
+    first.add(transaction)  # its first record reserves its first numbers
+    assert (await store.transaction(transaction.id)).reserved_tseq == RESERVED_AHEAD  # type: ignore[union-attr]
     for n in range(40):
         transaction.publish(Event("INFO", {"n": n}))
-    assert (await store.transaction(transaction.id)).reserved_tseq == 1 + RESERVED_AHEAD  # type: ignore[union-attr]  # (at its first event)
     for n in range(RESERVED_AHEAD // 2):  # past half the reservation: renewed
         transaction.publish(Event("INFO", {"n": n}))
     renewed = (await store.transaction(transaction.id)).reserved_tseq  # type: ignore[union-attr]
@@ -251,3 +250,48 @@ def test_an_event_json_cannot_hold_takes_no_number() -> None:
     with pytest.raises(TypeError):
         transaction.publish(Event("INFO", {"n": object()}))
     assert transaction.publish(Event("INFO", {"n": 2})).tseq == 2
+
+
+async def crashed_and_back(before: int, after: int, most: int = 50) -> Transaction:
+    """``before`` events, a 'crash' (the record not put away), brought back, then ``after`` events."""
+    store = MemoryStore()
+    config = TransactionsConfig(join_history_events=most)
+    first = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
+    transaction = first.new("ann", None)
+    first.add(transaction)
+    for n in range(before):
+        transaction.publish(Event("INFO", {"n": n}))
+    again = TransactionRegistry(config, load_agents(CONFIG), store, lambda *a: None)
+    back = await again.find(transaction.id, Principal("ann"))
+    assert isinstance(back, Transaction) and back.tseq == RESERVED_AHEAD  # past the gap
+    for n in range(after):
+        back.publish(Event("INFO", {"n": f"after {n}"}))
+    return back
+
+
+@pytest.mark.parametrize(("before", "after"), [(40, 1), (40, 0), (3, 10)])
+async def test_a_join_across_a_gap_gets_every_event_when_they_fit(before: int, after: int) -> None:
+    """A reviewer's find: with fewer events before the gap than room, the slice of them counted from the
+    end went negative and kept only the last few (10 of 41)."""
+    back = await crashed_and_back(before, after)
+    events, omitted = await back.catch_up(0)
+    assert (len(events), omitted) == (before + after, 0)
+    assert [e.payload.get("n") for e in events if isinstance(e.payload, dict)][:before] == list(range(before))
+
+
+async def test_a_join_across_a_gap_counts_what_it_leaves_out_in_events() -> None:
+    back = await crashed_and_back(40, 20)
+    events, omitted = await back.catch_up(0)
+    assert len(events) == 50 and omitted == 10 and events[0].payload == {"n": 10}
+
+
+async def test_the_memory_store_counts_events_across_gaps() -> None:
+    """By bisection (a reviewer's find: it scanned the whole log on the event loop), gaps and ends included."""
+    store = MemoryStore(max_events=1000)
+    for tseq in [*range(1, 11), *range(4107, 4117)]:
+        store.append(Event("INFO", {}, transaction="t", tseq=tseq))
+    counts = [
+        await store.count_events("t", after=after, upto=upto)
+        for after, upto in [(0, 10), (0, 4106), (5, 4110), (4116, 9999), (9, 3)]
+    ]
+    assert counts == [10, 10, 9, 0, 0]

@@ -23,7 +23,7 @@ from haip_runtime.exceptions import DecodeError, ProtocolError
 from haip_runtime.hub import lifecycle
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import check_text_fits, load_json
-from haip_runtime.protocol.envelope import Event, new_id
+from haip_runtime.protocol.envelope import Event, new_id, parse_uint64
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import ErrorCode, EventType
 from haip_runtime.server.agui.mapping import (
@@ -163,13 +163,14 @@ class AguiDoor:
         header = request.headers.get("last-event-id")
         if header is None:
             return None
-        thread, _, number = header.rpartition(":")
-        if not number.isdecimal() or not 1 <= int(number) <= member.last_id or thread not in ("", member.thread_id):
-            raise ProtocolError(ErrorCode.RESUME_FAILED, f"Last-Event-ID {header!r} is not one this thread sent")
+        thread, _, digits = header.rpartition(":")
+        number = parse_uint64(digits)  # (a 5,000-digit one was a 500, past int()'s limit: a prober)
+        if number is None or not 1 <= number <= member.last_id or thread not in ("", member.thread_id):
+            raise ProtocolError(ErrorCode.RESUME_FAILED, f"Last-Event-ID {header[:200]!r} is not one this thread sent")
         oldest = member.journal[0][0] if member.journal else member.last_id + 1
-        if int(number) + 1 < oldest:
+        if number + 1 < oldest:
             raise ProtocolError(ErrorCode.REPLAY_TOO_OLD, f"events after {header!r} are no longer kept")
-        return int(number)
+        return number
 
     async def _until_unread(self, member: AguiMember) -> None:
         """A run of this user's is open on the thread: until its client has gone (a "stop" in the
