@@ -4,7 +4,7 @@ Every envelope is parsed on the way in and every event's payload encoded on the 
 standard ``json`` module was the largest single cost after the event loop itself. orjson is
 several times faster and writes the same compact UTF-8 form (``separators=(",", ":")``,
 ``ensure_ascii=False``). Where it refuses a value the standard library takes (integers past
-64 bits and non-string keys in output, ``NaN`` in input), the standard library decides instead;
+64 bits and non-string keys in output), the standard library decides instead;
 the fallback costs only on such rare values. Two differences remain, both toward standard JSON:
 ``NaN`` and infinities are written as ``null`` (the standard library writes ``NaN``, which is
 not JSON), and integers past 64 bits in input are read as floats, as a JavaScript client reads them.
@@ -12,7 +12,8 @@ not JSON), and integers past 64 bits in input are read as floats, as a JavaScrip
 What is read can be written and stored: text that is valid JSON but carries a value nothing
 downstream can encode (a lone UTF-16 surrogate escape such as ``"\\ud800"``, which UTF-8 cannot
 hold, or a number past the range of a double, such as a 5,000-digit integer) raises
-``DecodeError`` ``INVALID_MESSAGE``, as orjson refuses them too.
+``DecodeError`` ``INVALID_MESSAGE``, as orjson refuses them too; so do ``NaN`` and ``Infinity``,
+which are not JSON.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def loads(text: str | bytes) -> Any:
         return _orjson_loads(text)
     except orjson.JSONDecodeError:
         # the standard library's verdict and error message, with what orjson refused refused too
-        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
         _refuse_surrogates(value)
         return value
 
@@ -73,6 +74,12 @@ def _parse_float(digits: str) -> float:
         shown = digits if len(digits) <= 24 else f"{digits[:12]}...({len(digits)} characters)"
         raise _unkeepable(f"number {shown} is out of range")
     return number
+
+
+def _parse_constant(name: str) -> float:
+    """``NaN``, ``Infinity``, ``-Infinity``: the standard library's extension, not JSON. Refused: taken, they
+    were forwarded and stored as ``null``, the data changed without a word (a prober's find)."""
+    raise _unkeepable(f"{name} is not a JSON value")
 
 
 def _refuse_surrogates(value: Any) -> None:

@@ -229,6 +229,18 @@ async def test_a_hostile_body_is_refused_and_changes_nothing(live: LiveServer) -
     assert thread not in live.runtime.hub.transactions.live  # none of them made the thread
 
 
+async def test_a_last_event_id_of_thousands_of_digits_is_refused_not_a_500(live: LiveServer) -> None:
+    """A prober's find: 5,000 nines passed ``isdecimal()``, then ``int()`` refused them (Python's
+    4,300-digit limit): a 500 with a traceback."""
+    thread, first = "t-" + uuid.uuid4().hex, user("hi")
+    assert (await post(live, "echo", body(thread, first))).status_code == 200
+    headers = {"authorization": f"Bearer {live.token('alice')}", "last-event-id": f"{thread}:{'9' * 5000}"}
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+        following = await http.post("/ag-ui/echo", json=body(thread, first), headers=headers)
+    assert following.status_code == 404 and following.json()["error"]["code"] == "RESUME_FAILED"
+    assert len(following.json()["error"]["message"]) < 400
+
+
 async def test_an_older_messages_long_id_from_a_haip_member_locks_nobody_out(live: LiveServer) -> None:
     """A reviewer's find: the id bound was applied to every message of the body, and an AG-UI client
     sends its whole history, which holds the messages other members sent over HAIP, ids as they gave

@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from haip_runtime.client import HaipClient
 from tests.support.peers import open_peer
 from tests.support.serving import LiveServer
 
@@ -52,3 +53,29 @@ async def test_an_unexpected_exception_in_a_route_is_a_json_500_logged_once(
     assert answer.json() == {"error": {"code": "INTERNAL_ERROR", "message": "internal error; see the server log"}}
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and "a bug in the store" in str(tracebacks[0].exc_info[1])  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/haip/transactions", {"limit": "9" * 5000}),  # past int()'s 4,300 digits: was a 500
+        ("/haip/transactions", {"limit": "２"}),  # a fullwidth digit: was taken
+        ("/haip/transactions", {"cursor": "nan|x"}),  # a cursor no server gives: was an empty page
+        ("/haip/transactions", {"cursor": "-inf|"}),
+        ("/haip/transactions", {"cursor": "1|"}),
+        ("/haip/transactions/{tx}/events", {"after": "9" * 5000}),
+        ("/haip/transactions/{tx}/messages", {"limit": "9" * 5000}),
+    ],
+)
+async def test_rest_parameters_no_server_gives_are_a_400(stored: LiveServer, path: str, params: dict[str, str]) -> None:
+    """A prober's finds."""
+    async with HaipClient(stored.ws_url, token=stored.token()) as client:
+        tx = await client.start_transaction("echo")
+    async with httpx2.AsyncClient() as http:
+        answer = await http.get(
+            f"{stored.http_url}{path.format(tx=tx)}",
+            params=params,
+            headers={"authorization": f"Bearer {stored.token()}"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "INVALID_PAYLOAD"

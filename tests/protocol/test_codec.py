@@ -145,7 +145,18 @@ HEAD = '{"id":"1","session":"","seq":"1","ts":"1","channel":"USER","type":"MESSA
 
 @pytest.mark.parametrize(
     "value",
-    ['"\\ud800"', '"a\\uDFFFb"', '{"\\udc00": 1}', "9" * 5000, "-" + "1" * 400, "1e400", "[NaN, 1" + "0" * 320 + "]"],
+    [
+        '"\\ud800"',
+        '"a\\uDFFFb"',
+        '{"\\udc00": 1}',
+        "9" * 5000,
+        "-" + "1" * 400,
+        "1e400",
+        "[NaN, 1" + "0" * 320 + "]",
+        "NaN",  # (a prober's find: NaN and the infinities were taken, and forwarded and stored as null)
+        "[1, Infinity]",
+        '{"x": -Infinity}',
+    ],
 )
 def test_values_nothing_could_encode_or_store_are_invalid_message(value: str) -> None:
     frame = HEAD + '"payload":{"v":' + value + "}}"
