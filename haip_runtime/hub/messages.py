@@ -39,16 +39,18 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
 
 
 def check_forwardable(envelope: Envelope, max_bytes: int) -> None:
-    """``MESSAGE_TOO_LARGE`` for a message whose frame leaves no room for the envelope it is forwarded in
-    (the author, the runtime's ids and seqs): the other members' clients take frames up to
-    ``server.max_frame_bytes`` and close on a larger one, at every join and resume again, the message
-    being in the log (the AG-UI door's case, a prober's find; a frame at the limit was this one)."""
+    """``MESSAGE_TOO_LARGE`` for an envelope whose frame leaves no room for the one it is forwarded or
+    stored in (the author, the runtime's ids and seqs): the other members' clients take frames up to
+    ``server.max_frame_bytes`` and close on a larger one, at every join and resume again, the event
+    being in the log (the AG-UI door's case, a prober's find; a frame at the limit was this one). The
+    router checks every envelope but audio's (``AUDIO`` has limits of its own): an edit's text, an
+    end's reason and a tool call's arguments were forwarded past the limit too (a prober's find)."""
     limit = max_bytes - ENVELOPE_ROOM
     if envelope.size > limit:
         raise ProtocolError(
             ErrorCode.MESSAGE_TOO_LARGE,
-            f"a MESSAGE is at most {limit} bytes (server.max_frame_bytes less room for the envelope it is"
-            " forwarded in)",
+            f"a {envelope.type} is at most {limit} bytes (server.max_frame_bytes less room for the envelope it"
+            " is forwarded in)",
             related_id=envelope.id,
             detail={"where": "frame", "limit": limit},
         )

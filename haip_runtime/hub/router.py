@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 #: Types whose ``transaction`` is not an existing transaction to rejoin (a reference id; one joined explicitly).
 _OWN_TRANSACTION_FIELD = frozenset({EventType.TRANSACTION_START, EventType.TRANSACTION_JOIN})
+#: Envelopes with size limits of their own (``hub/audio.py``): every other is checked for room to be forwarded.
+_AUDIO = frozenset({EventType.AUDIO, EventType.AUDIO_CHUNK})
 #: How often expired sessions and idle transactions are looked for, at most.
 MAINTENANCE_INTERVAL = 30.0
 
@@ -276,6 +278,8 @@ class Hub:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_TYPE, f"this runtime does not handle {envelope.type!r}", related_id=envelope.id
             )
+        if envelope.type not in _AUDIO:
+            messages.check_forwardable(envelope, self.context.config.server.max_frame_bytes)
         if envelope.transaction is not None and envelope.type not in _OWN_TRANSACTION_FIELD:
             await lifecycle.rejoin(self.context, session, envelope)
         await handler(session, envelope)

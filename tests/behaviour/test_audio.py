@@ -247,3 +247,27 @@ async def test_what_a_member_sends_fits_every_others_frame_limit_once_forwarded(
     assert too_long["payload"]["code"] == "MESSAGE_TOO_LARGE" and too_long["payload"]["detail"]["limit"] == LIMIT - 1024
     assert too_big["payload"]["code"] == "MESSAGE_TOO_LARGE"
     assert heard["payload"] == "still here"  # (a transaction-era client's text form): nothing of either reached it
+
+
+async def test_an_edit_an_end_and_a_tool_call_past_the_room_are_refused_too(live: LiveServer) -> None:
+    """A prober's find: an edit's text, an end's reason and a tool call's arguments, each in a frame at the
+    limit, were forwarded (and the edit stored) in frames past it: members whose clients hold the limit
+    were closed 1009, and again at every join while the edit was in the history."""
+    big = "x" * (LIMIT - 600)
+    async with member(live) as (speaker, tx), member(live, tx) as (listener, _):
+        await speaker.send("MESSAGE", {"text": "short", "message_id": "m1"}, transaction=tx, channel="USER")
+        await listener.receive_type("MESSAGE")
+        refused = []
+        for kind, payload in [
+            ("MESSAGE_UPDATE", {"message_id": "m1", "text": big}),
+            ("TOOL_CALL", {"tool": "nothing.here", "params": {"text": big}}),
+            ("TRANSACTION_END", {"reason": big}),
+        ]:
+            await speaker.send(kind, payload, transaction=tx, channel="USER")
+            refused.append((await speaker.receive_type("ERROR"))["payload"])
+        await speaker.send("MESSAGE", {"text": "still here"}, transaction=tx, channel="USER")
+        heard: list[Any] = []
+        while "still here" not in heard:  # (bounded: the receive times out)
+            heard.append((await listener.receive_type("MESSAGE"))["payload"])
+    assert [(r["code"], r["detail"]["limit"]) for r in refused] == [("MESSAGE_TOO_LARGE", LIMIT - 1024)] * 3
+    assert not any("xxxx" in str(payload) for payload in heard)  # nothing of the three reached it; it goes on
