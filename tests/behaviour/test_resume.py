@@ -164,6 +164,31 @@ async def test_a_bad_last_rx_seq_gets_resume_failed_and_a_working_fresh_session(
     assert pong["payload"] == {"nonce": "still-here"}
 
 
+async def test_a_resume_keeps_the_event_types_its_session_was_opened_with(server: LiveServer) -> None:
+    """A prober asked: a resume's accept_events are not read (binary_frames and credit are). The session's
+    window, the streams it is downgrading and the questions it was asked in words were made for the types it
+    opened with, so those stay, as the protocol guide says; a resume listing fewer (as the guide's own
+    example does) resumes, and still gets the streamed parts it opened asking for."""
+    token = server.token("yan")
+    async with raw_peer(server.ws_url) as first:
+        hai = await first.receive()
+        await handshake(first, token)
+        await first.send("TRANSACTION_START", {"referenceId": "r", "agent": "echo"})
+        started = await first.receive_type("TRANSACTION_START")
+        last = started["seq"]
+    async with raw_peer(server.ws_url) as narrower:
+        await narrower.receive()
+        await narrower.hai(token, session=hai["session"], last_rx_seq=last, accept_events=["HAI", "ERROR", "INFO"])
+        ready = await narrower.receive_type("INFO")
+        while ready["payload"].get("event") != "session.ready":
+            ready = await narrower.receive_type("INFO")
+        narrower.seq = first.seq  # (the session's numbering goes on)
+        await narrower.send("MESSAGE", "hello", transaction=started["transaction"], channel="USER")
+        part = await narrower.receive_type("MESSAGE_PART")
+    assert ready["payload"]["resumed"] is True and ready["session"] == hai["session"]
+    assert part["payload"]["text"] == "you said: hello"
+
+
 async def test_a_resume_of_someone_elses_session_fails_and_reveals_nothing(server: LiveServer) -> None:
     async with raw_peer(server.ws_url) as victim:
         hai = await victim.receive()
