@@ -41,12 +41,14 @@ class AgentSlot:
 class Run:
     """One agent turn in flight: its cancel scope, and a way to wait for its end."""
 
-    __slots__ = ("id", "agent", "member", "scope", "finished", "reason", "_done")
+    __slots__ = ("id", "agent", "member", "message_id", "scope", "finished", "reason", "_done")
 
-    def __init__(self, id: str, agent: str, member: Member | None) -> None:
+    def __init__(self, id: str, agent: str, member: Member | None, message_id: str | None = None) -> None:
         self.id = id
         self.agent = agent
         self.member = member
+        #: The message it answers (its RUN_STARTED names it): a RUN_CANCEL may name the run by it.
+        self.message_id = message_id
         self.scope = anyio.CancelScope()
         self.finished = False
         #: Why it was cancelled, when the members should know more than "cancelled" (a shutdown).

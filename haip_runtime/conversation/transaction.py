@@ -460,7 +460,8 @@ class Transaction:
         hook: str,
         traceparent: str | None = None,
     ) -> Run:
-        run = Run(id=new_id(), agent=slot.name, member=member)
+        message_id = payload.get("message_id")
+        run = Run(id=new_id(), agent=slot.name, member=member, message_id=str(message_id) if message_id else None)
         self.runs[run.id] = run
         if member is not None:
             self.run_limit.claim(member)
@@ -528,10 +529,17 @@ class Transaction:
             self.run_limit.release(run.member)  # after RUN_FINISHED: a waiting message may start now
 
     def cancel_run(self, run_id: str, by: str = "") -> bool:
-        """Cancel a running turn, or take a waiting message (named by its message id) out of the queue."""
+        """Cancel a running turn, or take a waiting message (named by its message id) out of the queue; a
+        message id whose message is answered already cancels the turns answering it (a client that pressed
+        "stop" right after sending cannot know which it is: a prober's find)."""
         run = self.runs.get(run_id)
         if run is not None:
             run.scope.cancel()
+            return True
+        answering = [run for run in self.runs.values() if run.message_id == run_id]
+        for run in answering:
+            run.scope.cancel()
+        if answering:
             return True
         shared = self.shared
         if shared is not None and not shared.owner and (run_id in shared.open_runs or run_id in shared.unanswered):

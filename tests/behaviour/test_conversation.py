@@ -122,6 +122,19 @@ async def test_run_cancel_stops_the_turn(agents_server: LiveServer) -> None:
     assert ended.get("message_id") == part.get("message_id")
 
 
+async def test_run_cancel_naming_a_started_message_cancels_its_turns(agents_server: LiveServer) -> None:
+    """A prober's find: "stop" right after sending names the message (its turn's id is not known yet); once
+    the turn had started, that was INVALID_PAYLOAD "no running run or waiting message" and it ran on."""
+    async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
+        tx = await client.start_transaction("waiting")
+        await client.send_text(tx, "think hard", message_id="race0")
+        started = await client.wait_for(lambda e: e.type == "RUN_STARTED" and e.get("message_id") == "race0")
+        await client.send("RUN_CANCEL", {"run_id": "race0"}, transaction=tx)
+        finished = await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.run_id == started.run_id)
+        errors = [e for e in client.received if e.type == "ERROR"]
+    assert finished.get("status") == "CANCELLED" and not errors
+
+
 async def test_a_message_past_the_run_limit_waits_and_starts_when_a_run_ends(agents_server: LiveServer) -> None:
     async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
         tx = await client.start_transaction("waiting")
