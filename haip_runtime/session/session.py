@@ -319,9 +319,9 @@ class Session:
 
     def _accept(self, envelope: Envelope, number: int | None) -> bool:
         """``accept_inbound``, with the envelope's seq as a number already read (``number``)."""
-        if envelope.id in self._seen_ids:
+        if not self._count_inbound(number):  # a seq seen already
             return False
-        if not self._count_inbound(number):
+        if envelope.id in self._seen_ids:  # its seq counted (a resend renumbered: no gap left), itself dropped
             return False
         if not self._holds(envelope, number):  # (a held one's id is kept once it is processed: ``released``)
             self._took(envelope.id)

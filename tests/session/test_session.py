@@ -125,6 +125,16 @@ def test_an_envelope_id_seen_lately_is_a_duplicate_whatever_its_seq() -> None:
     assert not opaque.accept_inbound(inbound("1795608079999", id="same"))
 
 
+def test_an_envelope_resent_under_a_new_seq_is_dropped_and_its_seq_leaves_no_gap() -> None:
+    """A prober's find: dropped as a duplicate by its id before its seq was counted, a resend under a new
+    seq left a gap: the runtime asked for it (REPLAY_REQUEST), then gave up on it (SEQ_VIOLATION)."""
+    numbered = make_session()
+    verdicts = [numbered.accept_inbound(inbound(seq, id=id)) for seq, id in (("1", "a"), ("2", "b"), ("3", "b"))]
+    assert verdicts == [True, True, False]
+    assert numbered.missing_inbound() is None and numbered.inbound_state == (True, 3)
+    assert numbered.accept_inbound(inbound("4", id="c")) and numbered.inbound_state == (True, 4)
+
+
 def test_detached_session_expires_after_the_resume_timeout() -> None:
     clock = Clock()
     session = make_session(clock)
