@@ -113,7 +113,14 @@ class TransactionStarted(Payload):
 
 class TransactionJoin(Payload):
     since: str | None = None
-    agent: str | None = None
+    #: An agent to add (multi-agent); not empty (a prober's find: ``""`` read as a plain join).
+    agent: str | None = Field(default=None, min_length=1)
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _number_as_string(cls, value: object) -> object:
+        # A decimal string, as every seq; a JSON integer taken too, as REPLAY_REQUEST takes one.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class TransactionJoined(Payload):

@@ -135,6 +135,19 @@ async def test_run_cancel_naming_a_started_message_cancels_its_turns(agents_serv
     assert finished.get("status") == "CANCELLED" and not errors
 
 
+async def test_a_join_takes_an_integer_since_and_refuses_an_empty_agent(agents_server: LiveServer) -> None:
+    """A prober's finds: ``since`` as a JSON integer was refused as "not a string" (REPLAY_REQUEST takes
+    one), and ``{"agent": ""}`` was read as a plain join, history and all."""
+    async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
+        tx = await client.start_transaction("waiting")
+        await client.send("TRANSACTION_JOIN", {"since": 0}, transaction=tx)
+        joined = await client.wait_for(lambda e: e.type == "TRANSACTION_JOIN" and e.transaction == tx)
+        sent = await client.send("TRANSACTION_JOIN", {"agent": ""}, transaction=tx)
+        refused = await client.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == sent)
+    assert "members" in joined.payload
+    assert refused.get("code") == "INVALID_PAYLOAD" and refused.get("detail", {}).get("where") == "/payload/agent"
+
+
 async def test_a_message_past_the_run_limit_waits_and_starts_when_a_run_ends(agents_server: LiveServer) -> None:
     async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
         tx = await client.start_transaction("waiting")
