@@ -18,10 +18,14 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     ours = logging.getLogger("haip_runtime").level
+    uvicorn = logging.getLogger("uvicorn.error")
+    theirs, filters = uvicorn.level, uvicorn.filters[:]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("haip_runtime").setLevel(ours)
+    uvicorn.setLevel(theirs)
+    uvicorn.filters[:] = filters
 
 
 def test_json_format_is_one_object_per_line(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,3 +110,20 @@ def test_a_clients_text_cannot_write_lines_of_its_own_into_the_console_log(
         r"transaction ended: bye\n06:50:00 ERROR   haip_runtime.auth.tokens: FORGED\r\x1b[31m\x00\u2028 é"
     )
     assert lines[1].endswith("failed") and lines[2] == "Traceback (most recent call last):"  # tracebacks still read
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_a_client_text_frame_that_is_not_utf8_is_no_server_error(
+    restore_logging: None, capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    """A prober's find: uvicorn logs it as an ERROR with a traceback; it is the client's fault (closed 1007)."""
+    configure_logging(ObservabilityConfig(log_level=level))
+    try:
+        b"\xff".decode()
+    except UnicodeDecodeError:
+        logging.getLogger("uvicorn.error").exception("Invalid UTF-8 sequence received from client.")
+    logging.getLogger("uvicorn.error").error("Exception in ASGI application")  # (any other error stays one)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "UnicodeDecodeError" not in err and "ERROR   uvicorn.error: Exception" in err
+    said = "INFO    uvicorn.error: a client sent a text frame that is not UTF-8: its connection was closed 1007"
+    assert (said in err) is (level == "info")
