@@ -59,6 +59,8 @@ class SseTransport:
         self._receive = receive
         self._registry = registry
         self.inbound: MemoryObjectSendStream[Inbound] | None = None
+        #: The session whose frames it writes now ("" until its first): a POST names the session it serves.
+        self.session_id = ""
 
     @asynccontextmanager
     async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
@@ -82,6 +84,10 @@ class SseTransport:
                 if frame.session != session:  # the first frame, or a HAI's resume moved the stream
                     fresh, session = not session, frame.session
                     self._registry.name(self, session)
+                    self.session_id = session
+                    asked = self.link.resume[0] if self.link.resume is not None else ""
+                    if fresh and asked and asked != session:  # its resume failed: the old id is not served here
+                        self._registry.unname(self, asked)
                     if fresh and self._registry.on_opened is not None and self.link.resume is None:
                         await self._registry.on_opened(session, self.user)  # before the client learns its id
                 event_id = f"{session}:{frame.seq}".encode()
@@ -117,6 +123,10 @@ class SseRegistry:
     def name(self, transport: SseTransport, session_id: str) -> None:
         if session_id:
             self._by_session[session_id] = transport
+
+    def unname(self, transport: SseTransport, session_id: str) -> None:
+        if self._by_session.get(session_id) is transport:
+            del self._by_session[session_id]
 
     def remove(self, transport: SseTransport, outbox: FrameSource) -> None:
         self._by_outbox.pop(outbox, None)

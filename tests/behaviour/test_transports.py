@@ -212,6 +212,30 @@ async def test_sse_last_event_id_with_a_seq_that_is_not_one_is_a_failed_resume_n
     assert failed == [(True, "RESUME_FAILED")] * 5
 
 
+async def test_an_sse_stream_whose_resume_failed_takes_no_post_for_the_old_session(live: LiveServer) -> None:
+    """A tester's find (a phone after the server restarted): the EventSource reconnected with the old
+    session's Last-Event-ID, the resume failed, and a message POSTed to the old session got 202, became
+    the new session's first frame (HANDSHAKE_REQUIRED) and closed the stream 1008, for good. It is now
+    404 RESUME_FAILED, as the guide says, and the new session's HAI goes on as usual."""
+    token = live.token("ann")
+    old = "0f4c0ffe-dead-4bad-8bad-000000000000"  # a session this runtime never had (as after a restart)
+    async with open_peer("sse", live, token, headers={"last-event-id": f"{old}:7"}) as again:
+        assert isinstance(again, SsePeer)
+        hai = await again.receive_type("HAI")
+        failed = await again.receive_type("ERROR")
+        message = (
+            '{"id":"m1","session":"' + old + '","seq":"8","ts":"1","channel":"USER","type":"MESSAGE","payload":"hi"}'
+        )
+        refused = await again.post(message, session=old)
+        await again.hai(token)
+        await again.receive_type("INFO")
+        await again.send("PING", {"nonce": "still open"})
+        pong = await again.receive_type("PONG")
+    assert hai["session"] != old and failed["payload"]["code"] == "RESUME_FAILED"
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "RESUME_FAILED"
+    assert pong["payload"]["nonce"] == "still open"
+
+
 async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None:
     async with open_peer("sse", live, live.token("ann")) as peer:
         await handshake(peer, live.token("ann"))
