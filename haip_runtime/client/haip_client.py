@@ -205,6 +205,9 @@ class HaipClient:
         # A fresh session: its frames so far (its HAI, perhaps RESUME_FAILED, session.ready) open the stream.
         frames, self._pending = self._pending or [], None
         self.session_id, self._last_rx, self._seq = event.raw.get("session"), 0, 1
+        # What the lost session had not acknowledged: sent again once its conversations are rejoined (a
+        # message the runtime had taken already is taken once, by its message_id; a tester's find: dropped).
+        orphans = [sent for frame in self._unacked.values() if (sent := _resendable(frame)) is not None]
         self._unacked.clear()
         for frame_event in frames:
             if frame_event.raw.get("session") == self.session_id:
@@ -213,6 +216,8 @@ class HaipClient:
             self._down = False
             for transaction, tseq in list(self.transactions.items()):
                 await self.send("TRANSACTION_JOIN", {"since": str(tseq)}, transaction=transaction)
+            for kind, payload, about, channel in orphans:
+                await self.send(kind, payload, transaction=about, channel=channel)
             await self._send_held()
             self._tell("restarted")
 
@@ -375,10 +380,12 @@ class HaipClient:
         return event
 
     async def send_text(self, transaction: str, text: str, *, message_id: str | None = None) -> str:
-        """Send a message; returns the envelope's id. ``message_id``: the message's own (the server
-        makes one otherwise), which the runs that answer it name in ``RUN_STARTED``."""
-        payload: dict[str, Any] | str = text if message_id is None else {"text": text, "message_id": message_id}
-        return await self.send("MESSAGE", payload, transaction=transaction, channel="USER")
+        """Send a message; returns the envelope's id. ``message_id``: the message's own (by default the
+        envelope's id), which the runs that answer it name in ``RUN_STARTED``; sent again after a restart
+        (what the lost session had not acknowledged), the runtime takes it once."""
+        envelope_id = new_id()
+        payload = {"text": text, "message_id": message_id or envelope_id}
+        return await self.send("MESSAGE", payload, transaction=transaction, channel="USER", id=envelope_id)
 
     async def end_transaction(self, transaction: str, reason: str | None = None) -> None:
         await self.send("TRANSACTION_END", {"reason": reason} if reason else {}, transaction=transaction)
@@ -482,6 +489,18 @@ class HaipClient:
 
 def _is_ready(event: Received) -> bool:
     return event.type == "INFO" and event.get("event") == "session.ready"
+
+
+#: What a member says or asks, sent again to the new session after a restart (the playground's client does too).
+RESENT_AFTER_RESTART = frozenset({"MESSAGE", "MESSAGE_UPDATE", "TOOL_CALL", "TOOL_UPDATE", "TOOL_CANCEL", "RUN_CANCEL"})
+
+
+def _resendable(frame: str) -> tuple[str, Any, str | None, str] | None:
+    """(type, payload, transaction, channel) of an unacknowledged frame worth sending to a new session."""
+    envelope = json.loads(frame)
+    if envelope.get("type") not in RESENT_AFTER_RESTART or not envelope.get("transaction"):
+        return None
+    return envelope["type"], envelope.get("payload"), envelope["transaction"], envelope.get("channel") or "SYSTEM"
 
 
 def _answers(event: Received, type: str, reference: str, key: Callable[[Received], Any]) -> bool:

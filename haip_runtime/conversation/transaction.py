@@ -442,6 +442,22 @@ class Transaction:
                 return str(event.payload.get("author") or "")
         return None
 
+    def said_before(self, user: str, message_id: str, text: str) -> bool:
+        """Whether ``user`` said ``text`` as ``message_id`` here already: the same message again (a client
+        sending anew what a session lost to a restart had not acknowledged), to be taken once."""
+        for entry in self.history:
+            if entry.message_id == message_id and entry.role == "user":
+                return entry.author == user and entry.text == text
+        for event in self.recent():
+            payload = event.payload
+            if (
+                event.type == EventType.MESSAGE
+                and isinstance(payload, dict)
+                and payload.get("message_id") == message_id
+            ):
+                return payload.get("author") == user and payload.get("text") == text
+        return False
+
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A
         node that does not run the turns keeps no history: it checks the recent log (the owner edits)."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import pytest
 
-from haip_runtime.client import HaipClient
+from haip_runtime.client import HaipClient, Received
 from tests.behaviour.test_cluster_limits import until
 from tests.support.raw import raw_peer
 from tests.support.serving import ROOT, serve_process
@@ -192,3 +193,55 @@ async def test_a_conversation_brought_back_has_its_reservation_stored_before_its
             (reserved,) = db.execute("SELECT reserved_tseq FROM transactions WHERE id = ?", (back.id,)).fetchone()
         back.publish(Event("INFO", {"n": 2}))
     assert reserved > back.tseq
+
+
+async def test_a_message_unacknowledged_when_the_server_restarts_is_answered_once(tmp_path: Path) -> None:
+    """A tester's finds (a phone on a stalled line while the server restarted): the Python client dropped
+    a message it had sent and never had acknowledged (the new session's window began empty), and the
+    playground's client, which sends such messages again, had one the server had already answered
+    answered twice. The clients name their messages (message_id), send the unacknowledged ones again
+    after the rejoin, and the runtime takes a message it already has from that author once."""
+    from tests.support.netcut import netcut
+    from tests.support.ports import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def command() -> list[str]:
+        argv = serve(tmp_path)
+        toml = tmp_path / "haip.toml"
+        toml.write_text(toml.read_text().replace("port = 0", f"port = {port}"))
+        return argv
+
+    def answered(text: str) -> Callable[[Received], bool]:
+        return lambda e: e.type == "MESSAGE_PART" and e.get("text") == f"you said: {text}"
+
+    states: list[str] = []
+    with netcut(port) as line:
+        with serve_process(command(), cwd=tmp_path, env=env) as first:
+            token = first.banner["token"]
+            url = f"ws://127.0.0.1:{line.port}/haip/websocket"
+            client = HaipClient(url, token=token, reconnect=30, on_connection=states.append)
+            await client.__aenter__()
+            tx = await client.start_transaction("patient")
+            m1 = await client.send_text(tx, "m1")
+            await client.wait_for(answered("m1"), timeout=20)
+            line.cut("hang")  # the line stalls: what is sent now reaches nobody, nothing is acknowledged
+            await client.send_text(tx, "m2")
+        try:
+            with serve_process(command(), cwd=tmp_path, env=env) as again:
+                line.heal()
+                await client.wait_for(answered("m2"), timeout=30)
+                # m1 again, as a client sends what it cannot know was taken (the server had answered it)
+                await client.send("MESSAGE", {"text": "m1", "message_id": m1}, transaction=tx, channel="USER")
+                await client.send_text(tx, "m3")
+                await client.wait_for(answered("m3"), timeout=20)
+                async with httpx2.AsyncClient() as http:
+                    history = again.banner["history"].split()[0]
+                    answer = await http.get(f"{history}/{tx}/messages", headers={"Authorization": f"Bearer {token}"})
+        finally:
+            await client.__aexit__(None, None, None)
+    said = [message["text"] for message in answer.json()["messages"] if message["role"] == "user"]
+    answers = [message["text"] for message in answer.json()["messages"] if message["role"] == "agent"]
+    assert said == ["m1", "m2", "m3"] and answers == [f"you said: {text}" for text in said] and "restarted" in states
+    assert not [e for e in client.received if e.type == "ERROR" and e.get("code") != "RESUME_FAILED"]

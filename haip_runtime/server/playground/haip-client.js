@@ -378,8 +378,11 @@ export class HaipClient extends EventTarget {
       (e) => e.type === "TRANSACTION_JOIN" && e.transaction === transaction);
   }
 
+  /** Send a message; returns its id, which is also its message_id: sent again after a restart (what the
+   * lost session had not acknowledged), the runtime takes it once. */
   sendText(transaction, text) {
-    return this.send("MESSAGE", text, { transaction, channel: "USER" });
+    const id = uuid();
+    return this.send("MESSAGE", { text, message_id: id }, { transaction, channel: "USER", id });
   }
 
   /** {name, description, inputSchema, outputSchema?} of an MCP tool of the transaction. */
