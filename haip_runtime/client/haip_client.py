@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -125,6 +126,8 @@ class HaipClient:
         self._seq = 0
         self._last_rx = 0
         self._unacked: OrderedDict[int, str] = OrderedDict()
+        #: The runtime's PING interval, from its HAI (``None``: it does not say): silence past twice it is a dead line.
+        self._heartbeat: float | None = None
         self._ws: ClientConnection | None = None
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
@@ -423,7 +426,16 @@ class HaipClient:
 
     async def _read(self, ws: ClientConnection) -> None:
         try:
-            async for frame in ws:
+            while True:
+                # A stalled line closes nothing: twice the runtime's PING interval (its HAI says it) and 5 s
+                # without a frame means it is dead, and it is dropped so the client reconnects and resumes.
+                silence = math.inf if self._heartbeat is None else 2 * self._heartbeat + 5
+                with anyio.move_on_after(silence) as waited:
+                    frame = await ws.recv()
+                if waited.cancelled_caught:
+                    logger.info("nothing heard from the server for %.0f s: the connection is dropped", silence)
+                    ws.transport.abort()  # (a close handshake would wait on the dead line)
+                    break
                 self._on_event(Received(json.loads(frame)))
         except ConnectionClosed:
             pass
@@ -435,8 +447,12 @@ class HaipClient:
             self._reading.set()
 
     def _on_event(self, event: Received) -> None:
-        if event.type == "HAI" and isinstance(limit := event.get("capabilities", {}).get("max_frame_bytes"), int):
-            self.max_frame_bytes = limit
+        if event.type == "HAI":
+            capabilities = event.get("capabilities", {})
+            if isinstance(limit := capabilities.get("max_frame_bytes"), int):
+                self.max_frame_bytes = limit
+            if isinstance(interval := capabilities.get("heartbeat_interval_seconds"), int | float):
+                self._heartbeat = float(interval) if interval > 0 else None
         if self.session_id is None or event.raw.get("session") != self.session_id:
             # A new connection's own session: kept until the handshake says whether it is ours.
             if self._pending is not None:

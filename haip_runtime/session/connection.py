@@ -136,6 +136,9 @@ class Connection:
             "max_concurrent_runs": self.config.max_concurrent_runs,
             # The largest frame taken (MESSAGE_TOO_LARGE past it): a client can say so before it sends.
             "max_frame_bytes": self.gateway.config.server.max_frame_bytes,
+            # How often the runtime PINGs: a client that hears nothing for twice that knows its line is dead
+            # (a stalled mobile line closes nothing, and a browser's socket never says so by itself).
+            "heartbeat_interval_seconds": self.config.heartbeat_interval_seconds,
             "signed_envelopes": False,
         }
         return {

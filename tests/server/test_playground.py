@@ -281,6 +281,30 @@ def test_a_server_restart_is_survived_by_rejoining_the_conversation(browser: Bro
         tab.close()
 
 
+def test_a_stalled_line_is_noticed_by_the_servers_heartbeat_and_the_page_resumes(browser: Browser) -> None:
+    """A flaky-network tester's find: a line that stalls (a phone between cells: no FIN, no RST) closes
+    nothing, and a browser's socket never says so; the page stayed "open" and what was typed went into the
+    dead socket. The page now drops a line it has heard nothing on for twice the runtime's PING interval
+    (its HAI says it) and 5 s, and resumes."""
+    from tests.support.netcut import netcut
+
+    config = make_config({"session": {"heartbeat_interval_seconds": 1, "heartbeat_timeout_seconds": 1}})
+    with live_server(config) as live, netcut(live.port) as line:
+        tab = browser.new_page()
+        tab.set_default_timeout(20_000)
+        try:
+            tab.goto(f"http://127.0.0.1:{line.port}/?token={live.token('dev')}")
+            start(tab, "echo")
+            line.cut("hang")
+            say(tab, "typed on the stalled line")
+            expect(tab.locator("#connection")).to_have_attribute("data-state", "reconnecting", timeout=20_000)
+            line.heal()
+            expect(tab.locator("#connection-text")).to_have_text("connected as dev (resumed)")
+            expect(tab.locator(".msg[data-author=echo]")).to_contain_text("typed on the stalled line")
+        finally:
+            tab.close()
+
+
 def test_another_person_joins_and_speaks(browser: Browser, page: Page, playground_server: LiveServer) -> None:
     start(page, "echo")
     say(page, "first words")

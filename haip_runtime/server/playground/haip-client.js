@@ -129,8 +129,31 @@ export class HaipClient extends EventTarget {
     this._ws = ws;
     this._ready = false;
     this._connectionHai = null;
-    ws.onmessage = (m) => this._onFrame(m.data);
+    ws.onmessage = (m) => {
+      this._heardAt = Date.now();
+      this._onFrame(m.data);
+    };
     ws.onclose = (e) => this._onClose(ws, e);
+    this._heardAt = Date.now();
+    clearInterval(this._watchdog);
+    this._watchdog = setInterval(() => this._checkSilence(ws), 1000);
+  }
+
+  /** A line that stalls (a phone between cells) closes nothing, and a browser's socket never says so: the
+   * runtime PINGs every heartbeat_interval_seconds (its HAI says so), so twice that (and 5 s) without a
+   * frame means the line is dead. Dropped then, as a failure would: the client reconnects and resumes. */
+  _checkSilence(ws) {
+    const interval = this._connectionHai?.payload?.capabilities?.heartbeat_interval_seconds;
+    if (ws !== this._ws || this._closing) return clearInterval(this._watchdog);
+    if (!interval || Date.now() - this._heardAt <= (2 * interval + 5) * 1000) return;
+    clearInterval(this._watchdog);
+    ws.onmessage = ws.onclose = null;
+    try {
+      ws.close(4001, "no frame from the server");
+    } catch {
+      // (closing a socket that cannot close: it is let go all the same)
+    }
+    this._onClose(ws, { code: 4001, reason: `nothing heard from the server for ${2 * interval + 5} s` });
   }
 
   _onClose(ws, event) {

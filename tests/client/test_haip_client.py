@@ -1,0 +1,62 @@
+"""``HaipClient`` as front-end developers use it: the README's example, run as written, and a stalled line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import textwrap
+
+import anyio
+import pytest
+
+from haip_runtime.client import HaipClient
+from tests.support.serving import ROOT, live_server, make_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_readmes_client_example_prints_the_answer_after_a_greeting() -> None:
+    """An author's find: the example stopped at an agent's greeting, whose RUN_FINISHED came first."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"```python\nfrom haip_runtime.client import HaipClient\n\n(.*?)```", readme, re.S)
+    assert found is not None
+    example = found.group(1).replace("ws://127.0.0.1:8080/haip/websocket", "{url}")
+    config = make_config({"agents": {"storyteller": {"plugin": "tests.support.agents:GreeterAgent"}}})
+    with live_server(config) as live:
+        code = "async def main(HaipClient, token, url):\n" + textwrap.indent(example.replace('"{url}"', "url"), "    ")
+        space: dict[str, object] = {}
+        exec(compile(code, "README.md", "exec"), space)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            await space["main"](HaipClient, live.token("ann"), live.ws_url)  # type: ignore[operator]
+    # the answer (this agent says its history, the greeting first), not the greeting alone
+    assert printed.getvalue() == "agent:hello ann, params=[] | user:a dragon"
+
+
+async def test_a_stalled_line_is_noticed_by_the_servers_heartbeat_and_the_session_resumes() -> None:
+    """A flaky-network tester's find: a line that stalls (no FIN, no RST) closes nothing; the client went
+    on writing into it until the websockets library's own keepalive gave up (about 50 s). The runtime's
+    HAI says how often it PINGs: twice that and 5 s of silence drop the line, and the client resumes."""
+    from tests.support.netcut import netcut
+
+    config = make_config({"session": {"heartbeat_interval_seconds": 1, "heartbeat_timeout_seconds": 1}})
+    states: list[str] = []
+    noticed = anyio.Event()
+
+    def told(state: str) -> None:
+        states.append(state)
+        if state == "reconnecting":
+            noticed.set()
+
+    with live_server(config) as live, netcut(live.port) as line:
+        url = f"ws://127.0.0.1:{line.port}/haip/websocket"
+        async with HaipClient(url, token=live.token("ann"), on_connection=told) as client:
+            tx = await client.start_transaction("echo")
+            line.cut("hang")
+            await client.send_text(tx, "typed on the stalled line")
+            with anyio.fail_after(20):  # (the library's own keepalive takes about 40 s)
+                await noticed.wait()
+            line.heal()
+            answer = await client.wait_for(lambda e: e.type == "MESSAGE_PART", timeout=20)
+    assert answer.get("text") == "you said: typed on the stalled line" and states[-1] in ("resumed", "restarted")
