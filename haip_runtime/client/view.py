@@ -194,7 +194,13 @@ class ChatView:
                 error = f": {event.get('error')}" if event.get("error") else ""
                 self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
         elif kind == "TRANSACTION_JOIN" and event.get("omitted") is not None:
-            pass  # the answer to this chat's own join: it says who is there after the conversation so far
+            # The answer to this chat's own join (who is there is said after the conversation so far). A rejoin
+            # that replayed only the latest events: an answer still streaming misses its middle (a tester's find).
+            omitted = event.get("omitted")
+            if isinstance(omitted, int) and omitted > 0:
+                for stream in self.streams.values():
+                    stream[1] += " [… missed while away …] "
+                self.say(f"{omitted} events were not replayed on rejoining: /history shows them", "yellow")
         elif kind == "TRANSACTION_JOIN":
             self.say(f"in this conversation: {', '.join(event.get('members', []) + event.get('agents', []))}", "dim")
         elif kind == "TRANSACTION_END":

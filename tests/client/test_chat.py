@@ -559,6 +559,28 @@ def test_the_chat_says_a_connected_server_changed_its_tools_rather_than_that_it_
     assert shown == ["MCP server demo connected", "MCP server demo changed its tools"]
 
 
+def test_a_rejoin_that_skipped_events_marks_the_gap_in_an_answer_still_streaming() -> None:
+    """A flaky-network tester's find: away long enough for the rejoin to replay only the latest events, the
+    chat printed an answer's start and end as one text, its middle missing without a word."""
+    from types import SimpleNamespace
+
+    from haip_runtime.client import Received
+    from haip_runtime.client.view import ChatView
+
+    view, shown = ChatView(), []
+    view.terminal = SimpleNamespace(print=lambda text: shown.append(str(text)), live=lambda *a: None)
+    for kind, payload in [
+        ("MESSAGE_START", {"message_id": "a", "author": "storyteller"}),
+        ("MESSAGE_PART", {"message_id": "a", "text": "w0 w1"}),
+        ("TRANSACTION_JOIN", {"members": ["ann"], "agents": ["storyteller"], "tseq": "900", "omitted": 312}),
+        ("MESSAGE_PART", {"message_id": "a", "text": "w316 w317"}),
+        ("MESSAGE_END", {"message_id": "a"}),
+    ]:
+        view.on_event(Received({"type": kind, "transaction": "t", "payload": payload}))
+    assert "312 events were not replayed on rejoining: /history shows them" in shown
+    assert any("w0 w1 [… missed while away …] w316 w317" in line for line in shown), shown
+
+
 def test_a_message_not_answered_is_said_and_settles_a_piped_line() -> None:
     """``INFO run.unqueued`` (a full queue, a cancel, or the node running the turns lacking the agent) was
     shown by nothing, and a piped chat waited for a turn that never came."""

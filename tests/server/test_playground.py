@@ -305,6 +305,27 @@ def test_a_stalled_line_is_noticed_by_the_servers_heartbeat_and_the_page_resumes
             tab.close()
 
 
+def test_a_rejoin_that_skipped_events_marks_the_gap_in_an_answer_still_streaming(page: Page) -> None:
+    """A flaky-network tester's find: away long enough for the rejoin to replay only the latest events (its
+    TRANSACTION_JOIN says how many it left out: ``omitted``), the page showed an answer's start and end as
+    one text, its middle missing without a word. The envelopes are given to the page as its client would."""
+    start(page, "echo")
+    page.evaluate(
+        """() => {
+          const state = window.playground;
+          const give = (type, payload) => state.client.dispatchEvent(new CustomEvent("envelope",
+            {detail: {type, payload, transaction: state.tx, channel: "AGENT", seq: "0"}}));
+          give("MESSAGE_START", {message_id: "m-open", author: "storyteller"});
+          give("MESSAGE_PART", {message_id: "m-open", text: "w0 w1"});
+          give("TRANSACTION_JOIN", {members: ["dev"], agents: ["echo"], tseq: "900", omitted: 312});
+          give("MESSAGE_PART", {message_id: "m-open", text: "w316 w317"});
+          give("MESSAGE_END", {message_id: "m-open"});
+        }"""
+    )
+    expect(page.locator(".note").filter(has_text="312 events were not replayed")).to_have_count(1)
+    expect(page.locator(".msg[data-gap=true]")).to_contain_text("w0 w1 [… missed while away …] w316 w317")
+
+
 def test_another_person_joins_and_speaks(browser: Browser, page: Page, playground_server: LiveServer) -> None:
     start(page, "echo")
     say(page, "first words")

@@ -308,6 +308,7 @@ function render(env) {
     case "TOOL_LIST": return showTools(p.tools || []);
     case "TRANSACTION_JOIN":
       if (p.omitted !== undefined) state.historyUpTo = Number(p.tseq) || 0; // this page's join: the history follows
+      if (Number(p.omitted) > 0) markSkipped(Number(p.omitted));
       return showMembers(p);
     case "TRANSACTION_END": return note(`The conversation ended: ${p.reason || ""}`);
     case "MESSAGE_START": return addMessage(p.message_id, p.author || "agent", "", { streaming: true });
@@ -397,6 +398,20 @@ function addMessage(id, author, text, { mine = false, streaming = false } = {}) 
   state.messages.set(id, body);
   state.raw.set(id, text);
   scrollDown();
+}
+
+/** A rejoin that replayed only the latest events (``omitted`` more: a long time away, a long answer): an
+ * answer still streaming here misses its middle, so it says so where the gap is, and the note says how
+ * to see all (a tester's find: the answer read on as if nothing were missing). */
+function markSkipped(omitted) {
+  for (const [id, body] of state.messages) {
+    const message = body.closest(".msg");
+    if (!message.classList.contains("streaming")) continue;
+    message.dataset.gap = "true";
+    state.raw.set(id, `${state.raw.get(id) || ""} [… missed while away …] `);
+    body.textContent = state.raw.get(id);
+  }
+  note(`${omitted} events were not replayed when this conversation was rejoined: reload the page to read it whole.`);
 }
 
 /** While it streams a message is plain text; whole, it is rendered as Markdown. */
