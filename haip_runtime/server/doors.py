@@ -146,10 +146,6 @@ def haip_routes(door: Doorway) -> list[BaseRoute]:
         transport = registry.find(session_id, outbox)
         if transport is None or transport.user != user or transport.inbound is None:
             return False
-        if transport.session_id and transport.session_id != session_id:
-            # Another session's stream (a reconnect whose resume of this one failed: a tester's find, where the
-            # message became the new session's first frame, HANDSHAKE_REQUIRED, and the stream was closed 1008).
-            return False
         try:
             for item in items:
                 await transport.inbound.send(item)

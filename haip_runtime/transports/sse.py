@@ -59,8 +59,6 @@ class SseTransport:
         self._receive = receive
         self._registry = registry
         self.inbound: MemoryObjectSendStream[Inbound] | None = None
-        #: The session whose frames it writes now ("" until its first): a POST names the session it serves.
-        self.session_id = ""
 
     @asynccontextmanager
     async def streams(self, outbox: FrameSource) -> AsyncIterator[ObjectReceiveStream[Inbound]]:
@@ -84,9 +82,10 @@ class SseTransport:
                 if frame.session != session:  # the first frame, or a HAI's resume moved the stream
                     fresh, session = not session, frame.session
                     self._registry.name(self, session)
-                    self.session_id = session
                     asked = self.link.resume[0] if self.link.resume is not None else ""
-                    if fresh and asked and asked != session:  # its resume failed: the old id is not served here
+                    if fresh and asked and asked != session:
+                        # Its resume failed: the old id is not served here. (A tester's find: a POST to it
+                        # became the new session's first frame, HANDSHAKE_REQUIRED, and a close 1008.)
                         self._registry.unname(self, asked)
                     if fresh and self._registry.on_opened is not None and self.link.resume is None:
                         await self._registry.on_opened(session, self.user)  # before the client learns its id

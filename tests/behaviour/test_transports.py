@@ -236,6 +236,35 @@ async def test_an_sse_stream_whose_resume_failed_takes_no_post_for_the_old_sessi
     assert pong["payload"]["nonce"] == "still open"
 
 
+def _sse_frame(peer: SsePeer, type: str, payload: object, session: str, transaction: str | None = None) -> str:
+    peer.seq += 1
+    envelope = {"id": f"x{peer.seq}-{type}", "session": session, "transaction": transaction, "seq": str(peer.seq)}
+    return json.dumps({**envelope, "ts": "1", "channel": "USER", "type": type, "payload": payload})
+
+
+async def test_sse_posts_after_a_resume_by_hai_go_to_either_session_id(live: LiveServer) -> None:
+    """A reviewer's find, in the first version of the fix above: a stream taking POSTs only for the session
+    it writes refused (404) what the guide says to do after resuming by HAI over a fresh stream: POST to the
+    stream's first session, or, what no ack covered, to the resumed one at once (before its first frame)."""
+    token = live.token("ann")
+    async with open_peer("sse", live, token) as peer:
+        hai, _ = await handshake(peer, token)
+        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="ref")
+        started = await peer.receive_type("TRANSACTION_START")
+    old, answers = hai["session"], []
+    async with open_peer("sse", live, token) as again:
+        fresh = await again.receive()  # the new stream's server HAI: a fresh session
+        assert isinstance(again, SsePeer) and fresh["session"] != old
+        again.seq = peer.seq
+        await again.hai(token, session=old, last_rx_seq="2")  # POSTed to the fresh session's id
+        answers.append((await again.post(_sse_frame(again, "PING", {"nonce": "n"}, old), session=old)).status_code)
+        ready = await again.receive_type("INFO")
+        message = _sse_frame(again, "MESSAGE", "after the resume", old, started["transaction"])
+        answers.append((await again.post(message, session=fresh["session"])).status_code)
+        reply = await again.receive_type("MESSAGE")
+    assert ready["session"] == old and answers == [202, 202] and reply["payload"] == "you said: after the resume"
+
+
 async def test_sse_posts_are_bound_to_the_streams_user(live: LiveServer) -> None:
     async with open_peer("sse", live, live.token("ann")) as peer:
         await handshake(peer, live.token("ann"))
