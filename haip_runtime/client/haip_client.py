@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -171,13 +172,24 @@ class HaipClient:
     async def _connect(self, *, resume: bool) -> None:
         """Open a socket and say HAI (resuming the session if there is one), then read in the background."""
         try:
-            self._ws = await connect(self.url, max_size=None, compression=None)
+            self._ws = await connect(self.url, max_size=None, compression=None, create_connection=_Heard)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise ClientError(f"cannot connect to {self.url}: {exc}") from exc
         assert self._tg is not None
         self._pending = []
         self._reading = anyio.Event()
-        self._tg.start_soon(self._read, self._ws)
+        self._tg.start_soon(self._read, self._ws, self._reading)
+        try:
+            await self._say_hai(resume)
+        except BaseException:
+            # A socket whose handshake failed (refused, or timed out on a line that stalled) is let go at once:
+            # its reader must not end later, and be taken for the next connection's (a tester's find: a
+            # reconnect loop of 1,800 sockets in 20 s).
+            self._ws.transport.abort()
+            raise
+
+    async def _say_hai(self, resume: bool) -> None:
+        """The handshake on the socket just opened (``_connect``); the session goes on once it is done."""
         payload: dict[str, Any] = {
             "haip_version": HAIP_VERSION,
             "accept_major": [1],
@@ -424,15 +436,21 @@ class HaipClient:
         assert waiter.result is not None
         return waiter.result
 
-    async def _read(self, ws: ClientConnection) -> None:
+    async def _read(self, ws: ClientConnection, ended: anyio.Event) -> None:
+        """Read ``ws`` until it ends, then set ``ended`` (that connection's own: a socket let go earlier may end
+        while a newer one is in use)."""
         try:
             while True:
                 # A stalled line closes nothing: twice the runtime's PING interval (its HAI says it) and 5 s
-                # without a frame means it is dead, and it is dropped so the client reconnects and resumes.
+                # without a byte means it is dead, and it is dropped so the client reconnects and resumes. Bytes,
+                # not frames: a slow line bringing a large frame is alive (a reviewer's find: dropped mid-frame,
+                # it was sent that frame again, and again).
                 silence = math.inf if self._heartbeat is None else 2 * self._heartbeat + 5
                 with anyio.move_on_after(silence) as waited:
                     frame = await ws.recv()
-                if waited.cancelled_caught:
+                if waited.cancelled_caught:  # (recv is safe to cancel: nothing of the frame is lost)
+                    if time.monotonic() - getattr(ws, "heard_at", 0.0) < silence:
+                        continue
                     logger.info("nothing heard from the server for %.0f s: the connection is dropped", silence)
                     ws.transport.abort()  # (a close handshake would wait on the dead line)
                     break
@@ -441,18 +459,18 @@ class HaipClient:
             pass
         finally:
             handshake = self._handshake
-            if handshake is not None and handshake.result is None:
+            if ws is self._ws and handshake is not None and handshake.result is None:  # (this socket's handshake)
                 handshake.result = Received({"type": "CLOSED", "payload": {"code": ws.close_code}})
                 handshake.done.set()
-            self._reading.set()
+            ended.set()
 
     def _on_event(self, event: Received) -> None:
         if event.type == "HAI":
             capabilities = event.get("capabilities", {})
             if isinstance(limit := capabilities.get("max_frame_bytes"), int):
                 self.max_frame_bytes = limit
-            if isinstance(interval := capabilities.get("heartbeat_interval_seconds"), int | float):
-                self._heartbeat = float(interval) if interval > 0 else None
+            interval = capabilities.get("heartbeat_interval_seconds")  # (each server's own: a node may not say)
+            self._heartbeat = float(interval) if isinstance(interval, int | float) and interval > 0 else None
         if self.session_id is None or event.raw.get("session") != self.session_id:
             # A new connection's own session: kept until the handshake says whether it is ours.
             if self._pending is not None:
@@ -505,6 +523,16 @@ class HaipClient:
 
 def _is_ready(event: Received) -> bool:
     return event.type == "INFO" and event.get("event") == "session.ready"
+
+
+class _Heard(ClientConnection):
+    """A connection that notes when its last bytes came (a frame still arriving counts: ``_read``)."""
+
+    heard_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.heard_at = time.monotonic()
+        super().data_received(data)
 
 
 #: What a member says or asks, sent again to the new session after a restart (the playground's client does too).

@@ -114,6 +114,7 @@ export class HaipClient extends EventTarget {
   /** Close for good (no reconnect). */
   close() {
     this._closing = true;
+    clearInterval(this._watchdog);
     this._setState("closed", "closed by the page");
     this._ws?.close(1000, "bye");
   }
@@ -141,11 +142,15 @@ export class HaipClient extends EventTarget {
 
   /** A line that stalls (a phone between cells) closes nothing, and a browser's socket never says so: the
    * runtime PINGs every heartbeat_interval_seconds (its HAI says so), so twice that (and 5 s) without a
-   * frame means the line is dead. Dropped then, as a failure would: the client reconnects and resumes. */
+   * frame means the line is dead. Dropped then, as a failure would: the client reconnects and resumes.
+   * A browser tells of whole frames only, so the wait also allows the largest frame time to come at
+   * 16 KB/s (a slow line is not a dead one: dropped mid-frame, it would be sent that frame again). */
   _checkSilence(ws) {
-    const interval = this._connectionHai?.payload?.capabilities?.heartbeat_interval_seconds;
+    const caps = this._connectionHai?.payload?.capabilities || {};
+    const interval = caps.heartbeat_interval_seconds;
     if (ws !== this._ws || this._closing) return clearInterval(this._watchdog);
-    if (!interval || Date.now() - this._heardAt <= (2 * interval + 5) * 1000) return;
+    const allowed = 2 * interval + 5 + (caps.max_frame_bytes || 0) / 16384;
+    if (!interval || Date.now() - this._heardAt <= allowed * 1000) return;
     clearInterval(this._watchdog);
     ws.onmessage = ws.onclose = null;
     try {
@@ -153,11 +158,12 @@ export class HaipClient extends EventTarget {
     } catch {
       // (closing a socket that cannot close: it is let go all the same)
     }
-    this._onClose(ws, { code: 4001, reason: `nothing heard from the server for ${2 * interval + 5} s` });
+    this._onClose(ws, { code: 4001, reason: `nothing heard from the server for ${Math.round(allowed)} s` });
   }
 
   _onClose(ws, event) {
     if (ws !== this._ws) return;
+    clearInterval(this._watchdog); // (a reviewer's find: left running, it reopened a connection closed for good)
     this._ready = false;
     if (this._closing) return;
     if (!this.reconnect || FATAL_CLOSE_CODES.has(event.code)) {
