@@ -91,7 +91,7 @@ async def test_a_handshake_that_stalls_costs_one_socket_not_a_reconnect_loop() -
             await ws.send(json.dumps({**envelope, "transaction": None, "type": type, "payload": payload}))
 
         capabilities = {"heartbeat_interval_seconds": 1}
-        hai_payload = {"haip_version": "1.1.2", "accept_major": [1], "capabilities": capabilities}
+        hai_payload: dict[str, object] = {"haip_version": "1.1.2", "accept_major": [1], "capabilities": capabilities}
         await send("HAI", hai_payload, "s1" if number == 1 else f"p{number}")  # (a later socket's: provisional)
         hai = json.loads(await ws.recv())
         resumed = "last_rx_seq" in hai["payload"]
