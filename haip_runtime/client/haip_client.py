@@ -271,7 +271,10 @@ class HaipClient:
         while True:
             await self._reading.wait()
             code = None if self._ws is None else self._ws.close_code
-            if self._closing or not self.reconnect or code in _FINAL_CLOSE_CODES:
+            reason = None if self._ws is None else self._ws.close_reason
+            # (1008 "no HAI received": the line stalled in the handshake, not a refusal: a re-tester's find.)
+            final = code in _FINAL_CLOSE_CODES and reason != "no HAI received"
+            if self._closing or not self.reconnect or final:
                 self._lost(code)
                 return
             self._down = True

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Dialog, Locator, Page, expect
+from playwright.sync_api import Browser, Dialog, Locator, Page, WebSocketRoute, expect
 
 from tests.support.serving import ROOT, LiveServer, live_server, make_config
 
@@ -288,7 +288,8 @@ def test_a_stalled_line_is_noticed_by_the_servers_heartbeat_and_the_page_resumes
     (its HAI says it) and 5 s, and resumes."""
     from tests.support.netcut import netcut
 
-    config = make_config({"session": {"heartbeat_interval_seconds": 1, "heartbeat_timeout_seconds": 1}})
+    quick = {"session": {"heartbeat_interval_seconds": 1, "heartbeat_timeout_seconds": 1}}
+    config = make_config({**quick, "server": {"max_frame_bytes": 65536}})  # (the wait allows a frame at 32 KB/s)
     with live_server(config) as live, netcut(live.port) as line:
         tab = browser.new_page()
         tab.set_default_timeout(20_000)
@@ -303,6 +304,34 @@ def test_a_stalled_line_is_noticed_by_the_servers_heartbeat_and_the_page_resumes
             expect(tab.locator(".msg[data-author=echo]")).to_contain_text("typed on the stalled line")
         finally:
             tab.close()
+
+
+def test_a_socket_whose_handshake_never_comes_is_let_go_and_the_page_resumes(browser: Browser) -> None:
+    """A re-tester's find: a reconnect whose socket opened on a line that then stalled (not a byte of the
+    server's HAI) stayed "reconnecting" for good, what was typed never sent. A socket not ready in 15 s
+    is let go now. Playwright stands between the page and the server: the second socket reaches nobody."""
+    config = make_config({"session": {"heartbeat_interval_seconds": 1, "heartbeat_timeout_seconds": 1}})
+    sockets: list[int] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(len(sockets) + 1)
+        if len(sockets) != 2:
+            ws.connect_to_server()  # (the second: open, and silent)
+
+    with live_server(config) as live:
+        tab = browser.new_page()
+        tab.set_default_timeout(30_000)
+        try:
+            tab.route_web_socket(re.compile(r".*/haip/websocket$"), route)
+            tab.goto(f"{live.http_url}/?token={live.token('dev')}")
+            start(tab, "echo")
+            tab.click("#drop")
+            say(tab, "typed while it reconnects")
+            expect(tab.locator("#connection-text")).to_have_text("connected as dev (resumed)", timeout=30_000)
+            expect(tab.locator(".msg[data-author=echo]")).to_contain_text("typed while it reconnects")
+        finally:
+            tab.close()
+    assert len(sockets) == 3
 
 
 def test_a_rejoin_that_skipped_events_marks_the_gap_in_an_answer_still_streaming(page: Page) -> None:

@@ -43,6 +43,10 @@ const REQUEST_TIMEOUT_MS = 10000;
 const DEFAULT_MAX_FRAME_BYTES = 1024 * 1024;
 /** Close codes after which reconnecting cannot help (authentication, version, policy). */
 const FATAL_CLOSE_CODES = new Set([1002, 1008]);
+/** The server closes a socket whose HAI it never got 1008 "no HAI received": on a line that stalled, not a refusal. */
+const NO_HAI = "no HAI received";
+/** How long a new socket may take to be ready (the server waits 10 s for a HAI): past it, it is let go. */
+const HANDSHAKE_MS = 15000;
 /** What a person sent that is worth sending again in a new session (not session mechanics). */
 const RESENT_AFTER_RESTART = new Set(["MESSAGE", "MESSAGE_UPDATE", "TOOL_CALL", "TOOL_UPDATE", "TOOL_CANCEL", "RUN_CANCEL"]);
 const HANDSHAKE_ERRORS = new Set(["AUTHENTICATION_FAILED", "VERSION_INCOMPATIBLE", "HANDSHAKE_REQUIRED", "INVALID_MESSAGE"]);
@@ -138,35 +142,45 @@ export class HaipClient extends EventTarget {
     this._heardAt = Date.now();
     clearInterval(this._watchdog);
     this._watchdog = setInterval(() => this._checkSilence(ws), 1000);
+    clearTimeout(this._handshakeTimer);
+    this._handshakeTimer = setTimeout(() => {
+      if (ws === this._ws && !this._ready && !this._closing) this._letGo(ws, 4002, `not ready in ${HANDSHAKE_MS / 1000} s`);
+    }, HANDSHAKE_MS);
+  }
+
+  /** Let ``ws`` go as a failure would (a line that stalled: its close may never come), and reconnect. */
+  _letGo(ws, code, reason) {
+    ws.onmessage = ws.onclose = null;
+    try {
+      ws.close(code, "given up");
+    } catch {
+      // (closing a socket that cannot close: it is let go all the same)
+    }
+    this._onClose(ws, { code, reason });
   }
 
   /** A line that stalls (a phone between cells) closes nothing, and a browser's socket never says so: the
    * runtime PINGs every heartbeat_interval_seconds (its HAI says so), so twice that (and 5 s) without a
    * frame means the line is dead. Dropped then, as a failure would: the client reconnects and resumes.
    * A browser tells of whole frames only, so the wait also allows the largest frame time to come at
-   * 16 KB/s (a slow line is not a dead one: dropped mid-frame, it would be sent that frame again). */
+   * 32 KB/s (a slow line is not a dead one: dropped mid-frame, it would be sent that frame again). */
   _checkSilence(ws) {
     const caps = this._connectionHai?.payload?.capabilities || {};
     const interval = caps.heartbeat_interval_seconds;
     if (ws !== this._ws || this._closing) return clearInterval(this._watchdog);
-    const allowed = 2 * interval + 5 + (caps.max_frame_bytes || 0) / 16384;
+    const allowed = 2 * interval + 5 + (caps.max_frame_bytes || 0) / 32768;
     if (!interval || Date.now() - this._heardAt <= allowed * 1000) return;
-    clearInterval(this._watchdog);
-    ws.onmessage = ws.onclose = null;
-    try {
-      ws.close(4001, "no frame from the server");
-    } catch {
-      // (closing a socket that cannot close: it is let go all the same)
-    }
-    this._onClose(ws, { code: 4001, reason: `nothing heard from the server for ${Math.round(allowed)} s` });
+    this._letGo(ws, 4001, `nothing heard from the server for ${Math.round(allowed)} s`);
   }
 
   _onClose(ws, event) {
     if (ws !== this._ws) return;
     clearInterval(this._watchdog); // (a reviewer's find: left running, it reopened a connection closed for good)
+    clearTimeout(this._handshakeTimer);
     this._ready = false;
     if (this._closing) return;
-    if (!this.reconnect || FATAL_CLOSE_CODES.has(event.code)) {
+    // (A re-tester's find: a line that stalled in the handshake got the server's 1008 for a HAI it never had.)
+    if (!this.reconnect || (FATAL_CLOSE_CODES.has(event.code) && event.reason !== NO_HAI)) {
       this._setState("closed", event.reason || `closed (${event.code})`);
       this._failWaiters(new HaipError("CLOSED", event.reason || `connection closed (${event.code})`));
       return;
@@ -246,6 +260,7 @@ export class HaipClient extends EventTarget {
     if (env.type === "INFO" && env.payload?.event === "session.ready") {
       this.user = env.payload.user;
       this._ready = true;
+      clearTimeout(this._handshakeTimer);
       this._attempt = 0;
       const restarted = this._restarted;
       this._restarted = false;
