@@ -444,10 +444,11 @@ class Transaction:
 
     def said_before(self, user: str, message_id: str, text: str) -> bool:
         """Whether ``user`` said ``text`` as ``message_id`` here already: the same message again (a client
-        sending anew what a session lost to a restart had not acknowledged), to be taken once."""
+        sending anew what a session lost to a restart had not acknowledged), to be taken once. Its text as
+        sent or as edited since (the resend may follow its edit: a reviewer's find)."""
         for entry in self.history:
-            if entry.message_id == message_id and entry.role == "user":
-                return entry.author == user and entry.text == text
+            if entry.message_id == message_id and entry.role == "user" and entry.author == user and entry.text == text:
+                return True
         for event in self.recent():
             payload = event.payload
             if (
@@ -457,6 +458,22 @@ class Transaction:
             ):
                 return payload.get("author") == user and payload.get("text") == text
         return False
+
+    def called_before(self, user: str, call_id: str, tool: str, params: dict[str, Any]) -> bool:
+        """Whether ``user`` called ``tool`` with ``params`` as ``call_id`` here lately: the same call again (a
+        client sending anew what a lost session had not acknowledged), which must not run twice."""
+        for event in self.recent():
+            payload = event.payload
+            if event.type != EventType.TOOL_CALL or not isinstance(payload, dict) or payload.get("call_id") != call_id:
+                continue
+            return payload.get("caller") == user and payload.get("tool") == tool and payload.get("params") == params
+        return False
+
+    def remember_stored(self, events: Iterable[Event]) -> None:
+        """Events from the store, the latest of its log, kept as the recent log of one brought back: what a
+        client sends again after a restart is known for what it is (``said_before``, ``called_before``)."""
+        for event in events:
+            self._backlog.remember(event)
 
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A

@@ -7,6 +7,7 @@ tools of the transaction's agents that their role allows.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -22,6 +23,8 @@ from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session.session import Session
 from haip_runtime.tools.proxy import ToolView
+
+logger = logging.getLogger(__name__)
 
 
 async def tool_list(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -91,6 +94,11 @@ async def tool_call(ctx: HubContext, session: Session, envelope: Envelope) -> No
     transaction, server = callable_tool(ctx, session, envelope, request.tool)
     check_open(transaction, envelope.id)
     assert ctx.tools is not None
+    if request.call_id and transaction.called_before(session.user, request.call_id, request.tool, request.params):
+        # The same call again (a client sending anew what a session lost to a restart had not acknowledged):
+        # taken once, as a message is (a reviewer's find: a tool with side effects ran twice).
+        logger.info("transaction %s: call %s came again; taken once", transaction.id, request.call_id)
+        return
     request = request.model_copy(update={"call_id": request.call_id or new_id()})
     session.claim_tool_call(envelope.id)
     if not ctx.tools.reserve(transaction.id, str(request.call_id)):

@@ -444,3 +444,45 @@ def test_gap_constants_are_what_the_protocol_says() -> None:
 
 async def _unused(_: Received) -> None:  # keeps the import honest for type checkers
     await anyio.lowlevel.checkpoint()
+
+
+async def test_a_tool_call_sent_again_by_a_new_session_runs_once(slow_server: LiveServer) -> None:
+    """A reviewer's find: clients send again what a session lost to a restart had not acknowledged; a
+    TOOL_CALL the runtime had run (its ack lost with the line) ran again, a tool with side effects twice.
+    The same call (its call_id, tool and arguments, from its caller) is taken once, as a message is."""
+    token = slow_server.token("bob")
+    call = {"tool": "demo.add", "call_id": "c1", "params": {"a": 1, "b": 2}}
+    async with raw_peer(slow_server.ws_url) as first:
+        await handshake(first, token)
+        await first.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
+        tx = (await first.receive_type("TRANSACTION_START"))["transaction"]
+        await first.send("TOOL_CALL", call, transaction=tx)
+        done = await first.receive_type("TOOL_DONE", timeout=20)
+    async with raw_peer(slow_server.ws_url) as again:  # a new session: the call sent again, then another
+        await handshake(again, token)
+        await again.send("TRANSACTION_JOIN", {"since": done["tseq"]}, transaction=tx)
+        await again.send("TOOL_CALL", call, transaction=tx)
+        await again.send("TOOL_CALL", {**call, "call_id": "c2"}, transaction=tx)
+        seen = []
+        while not seen or seen[-1] != ("TOOL_DONE", "c2"):  # (bounded: each receive times out)
+            envelope = await again.receive(timeout=20)
+            if envelope["type"] in ("TOOL_CALL", "TOOL_DONE", "ERROR"):
+                seen.append((envelope["type"], envelope["payload"].get("call_id")))
+    assert seen == [("TOOL_CALL", "c2"), ("TOOL_DONE", "c2")], seen  # c1 not run again, and no error
+
+
+async def test_a_message_sent_again_after_its_edit_is_taken_once(server: LiveServer) -> None:
+    """A reviewer's find: the resend of a message edited meanwhile was refused ("already used"), the
+    history holding the edited text."""
+    async with HaipClient(server.ws_url, token=server.token("cleo")) as client:
+        tx = await client.start_transaction("echo")
+        await client.send_text(tx, "helo", message_id="m1")
+        await client.wait_for(lambda e: e.type == "RUN_FINISHED")
+        await client.send("MESSAGE_UPDATE", {"message_id": "m1", "text": "hello"}, transaction=tx, channel="USER")
+        for text in ("helo", "hello"):  # as sent, and as edited
+            await client.send("MESSAGE", {"text": text, "message_id": "m1"}, transaction=tx, channel="USER")
+        await client.send_text(tx, "next", message_id="m2")
+        await client.wait_for(lambda e: e.type == "RUN_STARTED" and e.get("message_id") == "m2")
+        started = [e.get("message_id") for e in client.received if e.type == "RUN_STARTED"]
+        errors = [e for e in client.received if e.type == "ERROR"]
+    assert started == ["m1", "m2"] and not errors
