@@ -463,7 +463,7 @@ async def test_a_tool_call_sent_again_by_a_new_session_runs_once(slow_server: Li
         await again.send("TRANSACTION_JOIN", {"since": done["tseq"]}, transaction=tx)
         await again.send("TOOL_CALL", call, transaction=tx)
         await again.send("TOOL_CALL", {**call, "call_id": "c2"}, transaction=tx)
-        seen = []
+        seen: list[tuple[str, str | None]] = []
         while not seen or seen[-1] != ("TOOL_DONE", "c2"):  # (bounded: each receive times out)
             envelope = await again.receive(timeout=20)
             if envelope["type"] in ("TOOL_CALL", "TOOL_DONE", "ERROR"):
