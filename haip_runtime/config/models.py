@@ -32,7 +32,7 @@ class ServerConfig(Model):
     workers: int = Field(default=1, ge=1, le=64)
     """Processes `serve` runs on the port, each a node of the cluster: more than 1 needs `[cluster]`.
     `serve --workers N` overrides it."""
-    max_frame_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_frame_bytes: int = Field(default=1024 * 1024, ge=4096)
     """Largest accepted envelope (one WebSocket frame / NDJSON line), in bytes."""
     ws_per_message_deflate: bool = False
     """WebSocket compression. Off by default: it costs ~50 KiB per connection and HAIP frames are small."""

@@ -44,7 +44,9 @@ def dumps(value: Any) -> str:
     try:
         return _orjson_dumps(value).decode()
     except TypeError:  # orjson.JSONEncodeError: a big integer, a non-string key, a lone surrogate...
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        # (NaN and the infinities as null, as orjson writes them: the loader refuses them, and what the runtime
+        # writes, stored or on the bus, must read back: a reviewer's find.)
+        text = json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     # A lone surrogate can only come from the runtime's own side (a plugin, a tool): the decoder
     # refuses them. Written as U+FFFD, so what is sent and stored is always valid UTF-8.
     return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
@@ -60,6 +62,17 @@ def loads(text: str | bytes) -> Any:
         value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
         _refuse_surrogates(value)
         return value
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity made ``None`` (a copy where there are any; the value itself if not)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _parse_int(digits: str) -> int | float:

@@ -175,3 +175,17 @@ def test_a_lone_surrogate_from_the_runtimes_own_side_is_sent_as_a_replacement_ch
     event = Event(type="MESSAGE", payload={"text": "a\ud800b", "n": 2**70})
     assert event.payload_json == '{"text":"a\ufffdb","n":' + str(2**70) + "}"
     assert event.payload_json.encode()  # valid UTF-8: it can be sent and stored
+
+
+def test_what_the_runtime_writes_with_nan_reads_back() -> None:
+    """A reviewer's find: a value orjson refuses (a non-string key, an integer past 64 bits) went through the
+    standard library, which wrote NaN; the loader refuses NaN, so such an event, stored or on a cluster's
+    bus, could not be read back."""
+    import math
+
+    from haip_runtime.protocol import fastjson
+
+    for payload in ({"by_hour": {9: 1.5, 10: math.nan}}, {"id": 2**70, "scores": [math.inf, -math.inf, 1.0]}):
+        text = fastjson.dumps(payload)
+        assert "NaN" not in text and "Infinity" not in text
+        assert fastjson.loads(text) in ({"by_hour": {"9": 1.5, "10": None}}, {"id": 2**70, "scores": [None, None, 1.0]})
