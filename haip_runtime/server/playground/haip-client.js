@@ -250,6 +250,8 @@ export class HaipClient extends EventTarget {
 
   _deliver(env) {
     this.lastRxSeq = Number(env.seq);
+    // Why the last resume failed ("restarted", "too_old", "unknown"...): what a "restarted" event follows.
+    if (env.type === "ERROR" && env.payload?.code === "RESUME_FAILED") this.resumeFailure = env.payload.detail?.reason || null;
     if (env.transaction && env.tseq !== undefined) this.transactions.set(env.transaction, Number(env.tseq));
     if (env.ack !== undefined) this._acknowledged(Number(env.ack));
     if (env.type === "PING") this.send("PONG", { nonce: env.payload?.nonce });

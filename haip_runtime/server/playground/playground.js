@@ -68,7 +68,11 @@ async function connect(token) {
     render(e.detail);
   });
   client.addEventListener("restarted", () => {
-    note("The server restarted: new session, conversation rejoined.");
+    // (A re-tester's find: a resume refused for an absence past the replay window was said as a restart.)
+    const why = client.resumeFailure === "restarted" ? "The server restarted"
+      : client.resumeFailure === "too_old" ? "You were away longer than this session keeps what it sends"
+      : "This session could not be resumed";
+    note(`${why}: new session, conversation rejoined.`);
   });
   $("drop").addEventListener("click", () => client.dropConnection());
   attachVoice(state, client);
