@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx2
@@ -16,7 +17,7 @@ import pytest
 from haip_runtime.client import HaipClient, Received
 from tests.behaviour.test_cluster_limits import until
 from tests.support.raw import raw_peer
-from tests.support.serving import ROOT, serve_process
+from tests.support.serving import ROOT, ServeProcess, serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -70,6 +71,17 @@ async def test_a_server_killed_mid_turn_ends_the_turn_lost_and_tells_the_session
     assert answer.get("text") == "you said: hello again"
 
 
+@asynccontextmanager
+async def answered_once(served: ServeProcess) -> AsyncIterator[tuple[HaipClient, str]]:
+    """A client of ``served`` in a conversation with the patient agent, its first message answered."""
+    url, token = served.banner["WebSocket"].split()[0], served.banner["token"]
+    async with HaipClient(url, token=token, reconnect=False) as client:
+        tx = await client.start_transaction("patient")
+        await client.send_text(tx, "first")
+        await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+        yield client, tx
+
+
 def slow_writer(folder: Path) -> list[str]:
     """``serve`` on a SQLite store that writes every 3 s: what members get stays unstored a while."""
     command = serve(folder)
@@ -85,11 +97,7 @@ async def test_numbers_members_saw_unstored_are_not_given_again_after_a_crash(tm
     numbers ahead: after a crash, numbering goes on past them (a gap), and history before it is kept."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with serve_process(slow_writer(tmp_path), cwd=tmp_path, env=env) as first:
-        url, token = first.banner["WebSocket"].split()[0], first.banner["token"]
-        async with HaipClient(url, token=token, reconnect=False) as client:
-            tx = await client.start_transaction("patient")
-            await client.send_text(tx, "first")
-            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+        async with answered_once(first) as (client, tx):
             await until(lambda: written(first.banner["health"]), timeout=20)  # that much is stored
             stored = client.transactions[tx]
             await client.send_text(tx, "second")  # these events reach the client, not the file
@@ -119,11 +127,7 @@ async def test_a_clean_restart_numbers_on_without_a_gap(tmp_path: Path) -> None:
     """Stopped as Ctrl-C does, a transaction gives its reservation back: numbering goes on from its last."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with serve_process(serve(tmp_path), cwd=tmp_path, env=env) as first:
-        url, token = first.banner["WebSocket"].split()[0], first.banner["token"]
-        async with HaipClient(url, token=token, reconnect=False) as client:
-            tx = await client.start_transaction("patient")
-            await client.send_text(tx, "first")
-            await client.wait_for(lambda e: e.type == "RUN_FINISHED" and e.transaction == tx, timeout=20)
+        async with answered_once(first) as (client, tx):
             before = client.transactions[tx]
             first.process.send_signal(signal.SIGINT)  # with its member still there
             first.process.wait(timeout=15)

@@ -271,7 +271,8 @@ def test_a_server_restart_is_survived_by_rejoining_the_conversation(browser: Bro
         say(tab, "while it was down")  # waits, and goes out in the new session after the rejoin
         with live_server(config, port=port):
             expect(tab.locator("#connection-text")).to_have_text("connected as dev (restarted)")
-            expect(tab.locator(".note").filter(has_text="The server restarted: new session, conversation rejoined")).to_have_count(1)
+            rejoined = tab.locator(".note").filter(has_text="The server restarted: new session, conversation rejoined")
+            expect(rejoined).to_have_count(1)
             expect(tab.locator(".msg[data-author=echo]").nth(1)).to_contain_text("while it was down")
             say(tab, "after the restart")
             expect(tab.locator(".msg[data-author=echo]").nth(2)).to_contain_text("after the restart")
