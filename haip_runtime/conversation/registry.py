@@ -286,7 +286,7 @@ class TransactionRegistry:
             # what members get now is not numbered again (a reviewer's find, for the first batch after).
             transaction.reserve()
             await self.store.flush()
-            transaction.remember_stored(events)
+            transaction.remember_calls(events)
             self._end_interrupted(transaction, events, self._started_ms)
         self.live[transaction.id] = transaction
         if shared is not None:

@@ -117,6 +117,8 @@ class Transaction:
         #: User messages waiting for room under the run limit, in order.
         self._queue: list[_Queued] = []
         self._backlog = Backlog()
+        #: Members' tool calls from the stored log of one brought back (``remember_calls``).
+        self._stored_calls: list[Event] = []
         self._spawn = spawn
         #: Waits for MCP servers still making their first connection (``tools.readiness``), if any are configured.
         self._ready = ready
@@ -445,7 +447,8 @@ class Transaction:
     def said_before(self, user: str, message_id: str, text: str) -> bool:
         """Whether ``user`` said ``text`` as ``message_id`` here already: the same message again (a client
         sending anew what a session lost to a restart had not acknowledged), to be taken once. Its text as
-        sent or as edited since (the resend may follow its edit: a reviewer's find)."""
+        sent or as edited since (the resend may follow its edit: a reviewer's find). Brought back after a
+        restart, the history (made from the stored log) holds it."""
         for entry in self.history:
             if entry.message_id == message_id and entry.role == "user" and entry.author == user and entry.text == text:
                 return True
@@ -462,18 +465,17 @@ class Transaction:
     def called_before(self, user: str, call_id: str, tool: str, params: dict[str, Any]) -> bool:
         """Whether ``user`` called ``tool`` with ``params`` as ``call_id`` here lately: the same call again (a
         client sending anew what a lost session had not acknowledged), which must not run twice."""
-        for event in self.recent():
+        for event in [*self._stored_calls, *self.recent()]:
             payload = event.payload
             if event.type != EventType.TOOL_CALL or not isinstance(payload, dict) or payload.get("call_id") != call_id:
                 continue
             return payload.get("caller") == user and payload.get("tool") == tool and payload.get("params") == params
         return False
 
-    def remember_stored(self, events: Iterable[Event]) -> None:
-        """Events from the store, the latest of its log, kept as the recent log of one brought back: what a
-        client sends again after a restart is known for what it is (``said_before``, ``called_before``)."""
-        for event in events:
-            self._backlog.remember(event)
+    def remember_calls(self, events: Iterable[Event]) -> None:
+        """The members' own tool calls among ``events`` (the latest of the stored log, for one brought back):
+        one a client sends again after a restart is known for what it is (``called_before``)."""
+        self._stored_calls = [event for event in events if event.type == EventType.TOOL_CALL and event.run_id is None]
 
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A

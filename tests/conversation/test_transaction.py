@@ -295,3 +295,21 @@ async def test_the_memory_store_counts_events_across_gaps() -> None:
         for after, upto in [(0, 10), (0, 4106), (5, 4110), (4116, 9999), (9, 3)]
     ]
     assert counts == [10, 10, 9, 0, 0]
+
+
+async def test_a_members_tool_call_is_known_again_once_brought_back() -> None:
+    """A client sends again, after a restart, a tool call its lost session had not acknowledged: the
+    conversation brought back from the store knows it was made (``called_before``), and by whom."""
+    store = MemoryStore()
+    first = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), store, lambda *a: None)
+    transaction = first.new("ann", None)
+    first.add(transaction)
+    call = {"call_id": "c1", "tool": "demo.add", "server": "demo", "params": {"a": 1}, "caller": "ann"}
+    transaction.publish(Event("TOOL_CALL", call))
+    first.evict(transaction)
+    again = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), store, lambda *a: None)
+    back = await again.find(transaction.id, Principal("ann"))
+    assert isinstance(back, Transaction) and not back.recent()
+    assert back.called_before("ann", "c1", "demo.add", {"a": 1})
+    assert not back.called_before("bob", "c1", "demo.add", {"a": 1})
+    assert not back.called_before("ann", "c1", "demo.add", {})
