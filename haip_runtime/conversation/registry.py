@@ -286,8 +286,8 @@ class TransactionRegistry:
             # what members get now is not numbered again (a reviewer's find, for the first batch after).
             transaction.reserve()
             await self.store.flush()
-            transaction.remember_calls(events)
             self._end_interrupted(transaction, events, self._started_ms)
+        transaction.remember_sent(events)  # (on every store: a reviewer's find, PostgreSQL's lag left it out)
         self.live[transaction.id] = transaction
         if shared is not None:
             await shared.following()  # what Redis holds of the log is delivered: a join continues from it

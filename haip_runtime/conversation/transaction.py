@@ -117,8 +117,8 @@ class Transaction:
         #: User messages waiting for room under the run limit, in order.
         self._queue: list[_Queued] = []
         self._backlog = Backlog()
-        #: Members' tool calls from the stored log of one brought back (``remember_calls``).
-        self._stored_calls: list[Event] = []
+        #: What members sent, from the stored log of one brought back (``remember_sent``).
+        self._stored_sent: list[Event] = []
         self._spawn = spawn
         #: Waits for MCP servers still making their first connection (``tools.readiness``), if any are configured.
         self._ready = ready
@@ -447,12 +447,11 @@ class Transaction:
     def said_before(self, user: str, message_id: str, text: str) -> bool:
         """Whether ``user`` said ``text`` as ``message_id`` here already: the same message again (a client
         sending anew what a session lost to a restart had not acknowledged), to be taken once. Its text as
-        sent or as edited since (the resend may follow its edit: a reviewer's find). Brought back after a
-        restart, the history (made from the stored log) holds it."""
+        sent or as edited since (the resend may follow its edit: a reviewer's find)."""
         for entry in self.history:
             if entry.message_id == message_id and entry.role == "user" and entry.author == user and entry.text == text:
                 return True
-        for event in self.recent():
+        for event in [*self._stored_sent, *self.recent()]:
             payload = event.payload
             if (
                 event.type == EventType.MESSAGE
@@ -462,20 +461,36 @@ class Transaction:
                 return payload.get("author") == user and payload.get("text") == text
         return False
 
-    def called_before(self, user: str, call_id: str, tool: str, params: dict[str, Any]) -> bool:
-        """Whether ``user`` called ``tool`` with ``params`` as ``call_id`` here lately: the same call again (a
-        client sending anew what a lost session had not acknowledged), which must not run twice."""
-        for event in [*self._stored_calls, *self.recent()]:
+    def called_before(self, user: str, call_id: str, tool: str, params: dict[str, Any]) -> Event | None:
+        """The end (``TOOL_DONE``) of ``user``'s call of ``tool`` with ``params`` as ``call_id`` here, if it was
+        made: the same call again (a client sending anew what a lost session had not acknowledged), which
+        must not run twice; its end goes to the sender again. ``None`` if it was not made; the call itself
+        (no end yet) while it runs."""
+        made: Event | None = None
+        for event in [*self._stored_sent, *self.recent()]:
             payload = event.payload
-            if event.type != EventType.TOOL_CALL or not isinstance(payload, dict) or payload.get("call_id") != call_id:
+            if not isinstance(payload, dict) or payload.get("call_id") != call_id:
                 continue
-            return payload.get("caller") == user and payload.get("tool") == tool and payload.get("params") == params
-        return False
+            if event.type == EventType.TOOL_CALL and made is None:
+                if payload.get("caller") != user or payload.get("tool") != tool or payload.get("params") != params:
+                    return None
+                made = event
+            elif event.type == EventType.TOOL_DONE and made is not None:
+                return event
+        return made
 
-    def remember_calls(self, events: Iterable[Event]) -> None:
-        """The members' own tool calls among ``events`` (the latest of the stored log, for one brought back):
-        one a client sends again after a restart is known for what it is (``called_before``)."""
-        self._stored_calls = [event for event in events if event.type == EventType.TOOL_CALL and event.run_id is None]
+    def remember_sent(self, events: Iterable[Event]) -> None:
+        """What members sent themselves among ``events`` (the latest of the stored log, for one brought back):
+        their messages as sent, their own tool calls and those calls' ends. What a client sends again after a
+        restart is known for what it is (``said_before``, ``called_before``)."""
+
+        def call_of(event: Event) -> str | None:
+            direct = event.type in (EventType.TOOL_CALL, EventType.TOOL_DONE) and event.run_id is None
+            return str(event.payload.get("call_id")) if direct and isinstance(event.payload, dict) else None
+
+        calls = {call_of(event) for event in events if event.type == EventType.TOOL_CALL} - {None}
+        said = [event for event in events if event.type == EventType.MESSAGE and event.channel == Channel.USER]
+        self._stored_sent = said + [event for event in events if call_of(event) in calls]
 
     def edit_message(self, user: str, message_id: str, text: str) -> bool:
         """Apply a MESSAGE_UPDATE by its author; ``False`` if it is not theirs (or too old to edit). A

@@ -94,10 +94,18 @@ async def tool_call(ctx: HubContext, session: Session, envelope: Envelope) -> No
     transaction, server = callable_tool(ctx, session, envelope, request.tool)
     check_open(transaction, envelope.id)
     assert ctx.tools is not None
-    if request.call_id and transaction.called_before(session.user, request.call_id, request.tool, request.params):
+    made = (
+        transaction.called_before(session.user, request.call_id, request.tool, request.params)
+        if request.call_id
+        else None
+    )
+    if made is not None:
         # The same call again (a client sending anew what a session lost to a restart had not acknowledged):
-        # taken once, as a message is (a reviewer's find: a tool with side effects ran twice).
+        # taken once, as a message is (a reviewer's find: a tool with side effects ran twice). Its end goes to
+        # the sender again, so a client waiting for it is answered (one still running ends for every member).
         logger.info("transaction %s: call %s came again; taken once", transaction.id, request.call_id)
+        if made.type == EventType.TOOL_DONE:
+            session.send(EventType.TOOL_DONE, made.payload, transaction=transaction.id, channel=made.channel)
         return
     request = request.model_copy(update={"call_id": request.call_id or new_id()})
     session.claim_tool_call(envelope.id)

@@ -68,11 +68,15 @@ def _finite(value: Any) -> Any:
     """``value`` with every NaN and infinity made ``None`` (a copy where there are any; the value itself if not)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, dict):  # (a key NaN or infinite is written as its text, as orjson cannot take it either)
+        return {_finite_key(key): _finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def _finite_key(key: Any) -> Any:
+    return key if not isinstance(key, float) or math.isfinite(key) else str(key)
 
 
 def _parse_int(digits: str) -> int | float:

@@ -297,19 +297,35 @@ async def test_the_memory_store_counts_events_across_gaps() -> None:
     assert counts == [10, 10, 9, 0, 0]
 
 
-async def test_a_members_tool_call_is_known_again_once_brought_back() -> None:
-    """A client sends again, after a restart, a tool call its lost session had not acknowledged: the
-    conversation brought back from the store knows it was made (``called_before``), and by whom."""
-    store = MemoryStore()
+class LaggingStore(MemoryStore):
+    """A store other processes may write too (PostgreSQL's ``lag``): the reservation is not acted on there."""
+
+    lag = 0.25
+
+
+@pytest.mark.parametrize("store", [MemoryStore(), LaggingStore()], ids=["memory", "lagging"])
+async def test_what_a_member_sent_is_known_again_once_brought_back(store: MemoryStore) -> None:
+    """A client sends again, after a restart, what its lost session had not acknowledged: the conversation
+    brought back from the store knows it was sent (``said_before``, ``called_before``), and by whom; a
+    call's end goes back to the sender. Reviewers' finds: a message edited meanwhile (the history holds
+    the edited text), and a store that lags (PostgreSQL's) were left out."""
     first = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), store, lambda *a: None)
     transaction = first.new("ann", None)
     first.add(transaction)
+    said = {"text": "helo", "author": "ann", "message_id": "m1"}
+    transaction.publish(Event("MESSAGE", said, channel="USER"))
+    transaction.publish(Event("MESSAGE_UPDATE", {"message_id": "m1", "text": "hello", "author": "ann"}))
     call = {"call_id": "c1", "tool": "demo.add", "server": "demo", "params": {"a": 1}, "caller": "ann"}
     transaction.publish(Event("TOOL_CALL", call))
+    transaction.publish(Event("TOOL_DONE", {"call_id": "c1", "status": "OK", "result": {"content": []}}))
     first.evict(transaction)
     again = TransactionRegistry(TransactionsConfig(), load_agents(CONFIG), store, lambda *a: None)
     back = await again.find(transaction.id, Principal("ann"))
     assert isinstance(back, Transaction) and not back.recent()
-    assert back.called_before("ann", "c1", "demo.add", {"a": 1})
-    assert not back.called_before("bob", "c1", "demo.add", {"a": 1})
-    assert not back.called_before("ann", "c1", "demo.add", {})
+    done = back.called_before("ann", "c1", "demo.add", {"a": 1})
+    assert done is not None and done.type == "TOOL_DONE" and isinstance(done.payload, dict)
+    assert done.payload["status"] == "OK"
+    assert back.called_before("bob", "c1", "demo.add", {"a": 1}) is None
+    assert back.called_before("ann", "c1", "demo.add", {}) is None
+    assert back.said_before("ann", "m1", "helo") and not back.said_before("bob", "m1", "helo")  # as sent
+    assert [entry.text for entry in back.history if entry.message_id == "m1"] == ["hello"]  # (the history: edited)

@@ -189,3 +189,5 @@ def test_what_the_runtime_writes_with_nan_reads_back() -> None:
         text = fastjson.dumps(payload)
         assert "NaN" not in text and "Infinity" not in text
         assert fastjson.loads(text) in ({"by_hour": {"9": 1.5, "10": None}}, {"id": 2**70, "scores": [None, None, 1.0]})
+    # a key NaN or infinite (a reviewer's find: the fallback raised, and the event could not be written)
+    assert fastjson.loads(fastjson.dumps({math.nan: 1, math.inf: 2, 10**30: 3})) == {"nan": 1, "inf": 2, str(10**30): 3}

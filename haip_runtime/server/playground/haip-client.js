@@ -119,6 +119,8 @@ export class HaipClient extends EventTarget {
   close() {
     this._closing = true;
     clearInterval(this._watchdog);
+    clearTimeout(this._handshakeTimer);
+    clearTimeout(this._reconnectTimer); // (a reviewer's find: a connect() after it met the old backoff's socket)
     this._setState("closed", "closed by the page");
     this._ws?.close(1000, "bye");
   }
@@ -129,6 +131,7 @@ export class HaipClient extends EventTarget {
   }
 
   _open() {
+    clearTimeout(this._reconnectTimer);
     this._setState(this.sessionId ? "reconnecting" : "connecting");
     const ws = new WebSocket(this.url);
     this._ws = ws;
@@ -188,7 +191,8 @@ export class HaipClient extends EventTarget {
     const delay = Math.min(this.maxBackoffMs, 200 * 2 ** this._attempt) * (0.75 + Math.random() / 2);
     this._attempt += 1;
     this._setState("reconnecting", `connection lost (${event.code}); retrying in ${Math.round(delay)} ms`);
-    setTimeout(() => this._closing || this._open(), delay);
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._closing || this._open(), delay);
   }
 
   _setState(state, reason = "") {
