@@ -404,8 +404,8 @@ def fill_sqlite(path: Path, events: int) -> None:
     try:
         db.execute("BEGIN")
         db.executemany(
-            "INSERT INTO transactions VALUES (?, ?, ?, 'ended', NULL, ?, ?, ?, 'done')",
-            [(f"tx-{t}", owners[t], '["echo"]', base + t, base + t + 0.5, PER_TX) for t in range(transactions)],
+            "INSERT INTO transactions VALUES (?, ?, ?, 'ended', NULL, ?, ?, ?, 'done', ?)",  # (reserved_tseq: its last)
+            [(f"tx-{t}", owners[t], '["echo"]', base + t, base + t + 0.5, PER_TX, PER_TX) for t in range(transactions)],
         )
         db.executemany("INSERT INTO members VALUES (?, ?)", [(owners[t], f"tx-{t}") for t in range(transactions)])
         db.executemany(
