@@ -22,8 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None:
-    transaction = ctx.open_transaction(session, envelope)
-    check_forwardable(envelope, ctx.config.server.max_frame_bytes)
+    transaction = ctx.open_transaction(session, envelope)  # (its size was checked by the router: check_forwardable)
     message = checked_message(envelope, [slot.instance.input_schema for slot in transaction.agents.values()])
     if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
