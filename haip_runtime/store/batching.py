@@ -162,18 +162,20 @@ class BatchingWriter:
         """Write what is queued now, without waiting out ``flush_interval`` (a reservation of numbers that
         must be stored before they are used: ``Transaction.reserve``)."""
         if self._pending:
-            self._urgent = True
-            self._wake.set()
-            self._hurry.set()
+            self._urge()
+
+    def _urge(self) -> None:
+        """The writer goes at once, without the batching interval's wait."""
+        self._urgent = True
+        self._wake.set()
+        self._hurry.set()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written, or the store cannot write (then return:
         what waits is retried by the writer, and a reader sees what is stored)."""
         target = self._queued
         while self._written < target and self._alive and self.health.state is StorageState.OK:
-            self._urgent = True
-            self._wake.set()
-            self._hurry.set()
+            self._urge()
             await self._batch_done.wait()
 
     async def _write_loop(self) -> None:
