@@ -149,15 +149,10 @@ async def test_a_clean_stop_with_a_members_own_tool_call_waiting_gives_the_reser
     TOOL_DONE, which reserved again: the next start took the clean stop for a crash (a gap, a warning)."""
     import sqlite3
 
-    from tests.behaviour.test_sharing import sqlite_config
+    from tests.behaviour.test_sharing import approving_config
     from tests.support.serving import live_server
 
-    team = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
-    config = sqlite_config(
-        tmp_path / "haip.db",
-        agents={"operator": {"plugin": "operator", "mcp_servers": ["team"]}},
-        mcp={"servers": {"team": team}},
-    )
+    config = approving_config(tmp_path / "haip.db")
     with live_server(config) as first:
         async with HaipClient(first.ws_url, token=first.token("dana")) as client:
             tx = await client.start_transaction("operator")

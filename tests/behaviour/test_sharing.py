@@ -206,16 +206,18 @@ async def test_a_conversation_goes_on_after_a_runtime_restart(tmp_path: Path) ->
     )
 
 
+def approving_config(path: Path) -> Any:
+    """A SQLite store and the operator agent, whose in-process team tools ask approval for ``word_count``."""
+    team = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["team"]}}
+    return sqlite_config(path, agents=agents, mcp={"servers": {"team": team}})
+
+
 async def test_a_restart_says_why_it_cancelled_the_turn_and_the_call_waiting_for_approval(tmp_path: Path) -> None:
     """An integrator's find: a call waiting for approval when the runtime stopped showed, after the rejoin,
     only TOOL_DONE CANCELLED "the run was cancelled" and RUN_FINISHED CANCELLED: nothing said a restart
     did it."""
-    demo = {"transport": "python", "server": "haip_runtime.demo.team_tools:server", "require_approval": ["word_count"]}
-    config = sqlite_config(
-        tmp_path / "haip.db",
-        agents={"operator": {"plugin": "operator", "mcp_servers": ["team"]}},
-        mcp={"servers": {"team": demo}},
-    )
+    config = approving_config(tmp_path / "haip.db")
     with live_server(config) as first:
         token = first.token("dana")
         async with HaipClient(first.ws_url, token=token) as client:
