@@ -177,6 +177,8 @@ class SharedLog(Succession):
         self._handing = self._wanting = False
         #: Runs the log shows started and not ended, by run id (their agent): ``NODE_LOST`` on takeover.
         self.open_runs: dict[str, str] = {}
+        #: The message each of those runs answers (a ``RUN_CANCEL`` from here may name the run by it).
+        self.answering: dict[str, str] = {}
         #: Messages no run has answered yet, with who sent them (a takeover answers them).
         self.unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
         #: Calls the log shows waiting for a member's answer, with their run (an answer from here is forwarded).

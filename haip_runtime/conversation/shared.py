@@ -51,6 +51,8 @@ class OpenRuns(Protocol):
 class LogState(OpenRuns, Protocol):
     """What ``follow`` keeps of a transaction's log: what it shows open."""
 
+    #: The message each open run answers, by run id (a ``RUN_CANCEL`` may name a run by its message).
+    answering: dict[str, str]
     #: Messages from members elsewhere no run has answered yet, by message id.
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: Users the log shows joined on other nodes.
@@ -68,6 +70,7 @@ class Followed:
     server stopped without ending its runs: ``end_lost``)."""
 
     open_runs: dict[str, str] = field(default_factory=dict)
+    answering: dict[str, str] = field(default_factory=dict)
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=OrderedDict)
     users_elsewhere: set[str] = field(default_factory=set)
     waiting_calls: dict[str, str | None] = field(default_factory=dict)
@@ -178,9 +181,11 @@ def follow(shared: LogState, event: Event, users: dict[str, None]) -> None:
         shared.open_messages.pop(str(payload.get("message_id", "")), None)
     elif event.type == EventType.RUN_STARTED and event.run_id:
         shared.open_runs[event.run_id] = str(payload.get("agent", ""))
+        shared.answering[event.run_id] = str(payload.get("message_id", ""))
         shared.unanswered.pop(str(payload.get("message_id", "")), None)
     elif event.type in _ENDS and event.run_id:
         shared.open_runs.pop(event.run_id, None)
+        shared.answering.pop(event.run_id, None)
         for open_ in (shared.waiting_calls, shared.open_calls, shared.open_messages):
             for key in [key for key, run in open_.items() if run == event.run_id]:
                 del open_[key]  # its run ended (NODE_LOST among others): nobody waits

@@ -58,6 +58,7 @@ class Succession:
     #: Whether this node runs the transaction's turns (holds its lease, or started it just now).
     owner: bool
     open_runs: dict[str, str]
+    answering: dict[str, str]
     open_calls: dict[str, str | None]
     open_messages: dict[str, str]
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]

@@ -592,7 +592,11 @@ class Transaction:
         if answering:
             return True
         shared = self.shared
-        if shared is not None and not shared.owner and (run_id in shared.open_runs or run_id in shared.unanswered):
+        if (
+            shared is not None
+            and not shared.owner
+            and (run_id in shared.open_runs or run_id in shared.unanswered or run_id in shared.answering.values())
+        ):
             shared.control("cancel", run_id=run_id, by=by)
             return True
         for waiting in self._queue:

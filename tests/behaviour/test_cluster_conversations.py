@@ -156,6 +156,12 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             started = await sam.wait_for("RUN_STARTED")
             await sam.send("RUN_CANCEL", {"run_id": started.get("run_id")}, transaction=tx)
             finished = await alice.wait_for("RUN_FINISHED")
+            # "stop" naming the message (no run id known yet), from the node that does not run the turn
+            await sam.send("MESSAGE", {"text": "think again", "message_id": "m-think"}, transaction=tx)
+            again = await alice.wait_for(lambda e: e.type == "RUN_STARTED" and e.get("message_id") == "m-think")
+            await sam.wait_for(lambda e: e.type == "RUN_STARTED" and e.run_id == again.get("run_id"))
+            await sam.send("RUN_CANCEL", {"run_id": "m-think"}, transaction=tx)
+            stopped = await alice.wait_for(lambda e: e.type == "RUN_FINISHED" and e.run_id == again.get("run_id"))
             typo = {"text": "helo", "message_id": "m-typo"}
             await sam.send("MESSAGE", typo, transaction=tx)
             await sam.send("MESSAGE_UPDATE", {"message_id": "m-typo", "text": "hello"}, transaction=tx)
@@ -163,6 +169,7 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             await sam.end_transaction(tx, "done here")
             ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
     assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
+    assert stopped.get("status") == "CANCELLED"
     assert [e.get("reason") for e in ended] == ["done here", "done here"]
     assert (edited.get("author"), edited.get("text")) == ("sam", "hello")  # an edit made on the other node
     assert tx not in a.runtime.hub.transactions.live and tx not in b.runtime.hub.transactions.live
