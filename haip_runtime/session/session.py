@@ -323,6 +323,8 @@ class Session:
             return False
         if envelope.id in self._seen_ids:  # its seq counted (a resend renumbered: no gap left), itself dropped
             return False
+        if self._held and any(held.id == envelope.id for held in self._held.values()):
+            return False  # held past a gap, and resent renumbered meanwhile: the held one goes when due
         if not self._holds(envelope, number):  # (a held one's id is kept once it is processed: ``released``)
             self._took(envelope.id)
         return True

@@ -135,6 +135,25 @@ def test_an_envelope_resent_under_a_new_seq_is_dropped_and_its_seq_leaves_no_gap
     assert numbered.accept_inbound(inbound("4", id="c")) and numbered.inbound_state == (True, 4)
 
 
+async def test_an_envelope_held_past_a_gap_and_resent_under_a_new_seq_is_processed_once() -> None:
+    """A reviewer's find: held (its id kept only once processed), a resend under a new seq was held too,
+    and both were processed when the gap filled (a message said twice, a tool called twice)."""
+    numbered = make_session()
+
+    def message(seq: str, id: str) -> Envelope:
+        envelope = {"id": id, "session": "", "seq": seq, "ts": "1", "channel": "USER", "type": "MESSAGE"}
+        return decode(json.dumps({**envelope, "transaction": "t", "payload": {"text": id}}))
+
+    assert numbered.take(message("1", "a"))
+    assert not numbered.take(message("3", "c"))  # held: 2 is missing
+    assert not numbered.take(message("4", "c"))  # the same envelope again, renumbered: its seq counted, itself dropped
+    assert numbered.take(message("2", "b"))
+    released = []
+    while (held := numbered.released()) is not None:
+        released.append(held.id)
+    assert released == ["c"] and numbered.inbound_state == (True, 4) and numbered.missing_inbound() is None
+
+
 def test_detached_session_expires_after_the_resume_timeout() -> None:
     clock = Clock()
     session = make_session(clock)
