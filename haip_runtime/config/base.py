@@ -53,6 +53,22 @@ def endpoint_userinfo(url: str) -> tuple[str, str, str] | None:
     return (scheme, userinfo, host + rest[end:]) if at else None
 
 
+def endpoint_port_refused(url: str) -> str | None:
+    """Why an HTTP endpoint's ``url`` cannot be used, or ``None``: a port that is
+    not a number is nearly always a password with an unencoded ``/``, ``?`` or ``#``, which ends the authority
+    early (``https://svc:pa/ss@idp`` is host ``svc``, port ``pa``). Said without the URL: it holds a secret."""
+    _, separator, rest = url.partition("://")
+    if not separator:
+        return None
+    end = min((index for index in (rest.find(mark) for mark in "/?#") if index >= 0), default=len(rest))
+    host = rest[:end].rpartition("@")[2]
+    port = host.rpartition("]")[2] if host.startswith("[") else host
+    _, colon, port = port.rpartition(":")
+    if not colon or (port.isascii() and port.isdigit()) or port == "":
+        return None
+    return "its port is not a number; a password holding '/', '?' or '#' must be percent-encoded (%2F, %3F, %23)"
+
+
 def masked_url(url: str) -> str:
     """``url`` with its password (if any) shown as ``**********``: what logs and errors may print."""
     if "://" not in url:

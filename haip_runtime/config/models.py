@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from haip_runtime.config.base import ConfigPath, Model, url_userinfo
+from haip_runtime.config.base import ConfigPath, Model, endpoint_port_refused, url_userinfo
 from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.config.providers import LlmConfig, SpeechConfig
 
@@ -225,6 +225,8 @@ class AuthConfig(Model):
             raise ValueError("public-key algorithms need exactly one of auth.public_key_file and auth.jwks_url")
         if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
             raise ValueError("auth.jwks_url must be an http(s) URL")
+        if self.jwks_url is not None and (refused := endpoint_port_refused(self.jwks_url)):
+            raise ValueError(f"auth.jwks_url: {refused}")
         return self
 
 
@@ -339,6 +341,13 @@ class McpServerConfig(Model):
     use_tasks: bool = False
     """Call tools whose task support is `optional` as MCP tasks too (tools that require tasks always are,
     on a 2025-11-25 connection: see `protocol_mode`)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url_usable(cls, url: str | None) -> str | None:
+        if url is not None and (refused := endpoint_port_refused(url)):
+            raise ValueError(refused)
+        return url
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerConfig:

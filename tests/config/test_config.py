@@ -116,6 +116,16 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             "[storage]\nbackend = 'postgres'\nurl = 'postgresql://u:p@ss@127.0.0.1/db'\n",
             "storage.url: percent-encode @ in the user name or password (@ as %40)",
         ),
+        (  # last stops' note: it passed, was fetched from host "svc", and its masking showed "ss@idp..."
+            "[auth]\nmode = 'jwt'\nalgorithms = ['RS256']\njwks_url = 'https://svc:pa/ss@idp.example/jwks'\n",
+            "auth.jwks_url: its port is not a number; a password holding '/', '?' or '#' must be percent-encoded"
+            " (%2F, %3F, %23)",
+        ),
+        (
+            "[mcp.servers.x]\ntransport = 'http'\nurl = 'https://u:p#w@mcp.example:8443/mcp'\n",
+            "mcp.servers.x.url: its port is not a number; a password holding '/', '?' or '#' must be"
+            " percent-encoded (%2F, %3F, %23)",
+        ),
     ],
     ids=[
         "range",
@@ -133,6 +143,8 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         "list-item",
         "strict-bool",
         "url-userinfo",
+        "jwks-url-unencoded-password",
+        "mcp-url-unencoded-password",
     ],
 )
 def test_invalid_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
