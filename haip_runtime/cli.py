@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -187,12 +188,14 @@ def _check(args: argparse.Namespace) -> int:
         from haip_runtime.bridge.inprocess import load_servers
 
         load_servers(config)
-    from haip_runtime.preflight import problems
+    from haip_runtime.preflight import notes, problems
 
     found = [f"haip-runtime: {args.config}: {line}" for line in problems(config)]
     print(json.dumps(masked_dump(config), indent=2))
     for line in found:
         print(line, file=sys.stderr)
+    for line in notes(config):
+        print(f"haip-runtime: {args.config}: note: {line}", file=sys.stderr)
     if args.connect:
         found += _connect(config, args.timeout)
     if found:
@@ -394,6 +397,10 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
     from haip_runtime.server import node
 
     configure_logging(config.observability, secrets=secret_values(config))
+    from haip_runtime.preflight import notes
+
+    for line in notes(config):
+        logging.getLogger("haip_runtime").warning("%s", line)
     _preflight(config, workers)
     sock = node.bind(config.server.host, config.server.port, share_port=workers > 1, listen=workers == 1)
     host, port = sock.getsockname()[:2]

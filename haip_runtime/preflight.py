@@ -25,6 +25,21 @@ from haip_runtime.llm.local import INSTALL_HINT, default_model_path
 from haip_runtime.speech.local import EXTRA_HINT
 
 
+def notes(config: HaipConfig) -> list[str]:
+    """What is allowed but likely a mistake, one line each (``check`` prints them, ``serve`` logs them)."""
+    found: list[str] = []
+    if config.roles:
+        undefined = [role for role in config.auth.default_roles if role not in config.roles]
+        if undefined:
+            names = ", ".join(repr(role) for role in undefined)
+            found.append(
+                f"auth.default_roles names {names}, which [roles] does not define: a user whose token names no"
+                " role may start no agent and use no tool; define it under [roles], or set default_roles = []"
+                " to say so"
+            )
+    return found
+
+
 def problems(config: HaipConfig) -> list[str]:
     """One line per thing that would fail at start, in the order of the file's sections."""
     found: list[str] = []

@@ -354,6 +354,21 @@ def test_check_names_each_thing_that_would_fail_at_start_in_one_line(tmp_path: P
     ]
 
 
+def test_check_notes_default_roles_that_roles_does_not_define_and_still_passes(tmp_path: Path) -> None:
+    """An operator's wish: users whose token named no role could do nothing, and nothing said why."""
+    config = tmp_path / "haip.toml"
+    config.write_text("[roles.staff]\nagents = ['*']\n")
+    result = run(["check", "--config", str(config)])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"haip-runtime: {config}: note: auth.default_roles names 'user', which [roles] does not define: a user"
+        " whose token names no role may start no agent and use no tool; define it under [roles], or set"
+        " default_roles = [] to say so"
+    )
+    config.write_text("[auth]\ndefault_roles = []\n[roles.staff]\nagents = ['*']\n")
+    assert "note:" not in run(["check", "--config", str(config)]).stderr
+
+
 def test_check_finds_the_offline_speech_that_would_fail_on_first_use(tmp_path: Path) -> None:
     """A voice tester's find: each of these passed ``check`` and failed only when someone spoke."""
     (tmp_path / "haip.toml").write_text(
