@@ -20,6 +20,7 @@ import json
 import logging
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,8 @@ class Authenticator:
     ) -> None:
         self.config = config
         self.roles = dict(roles or {})
+        #: Tokens refused, by why (``/metrics``: ``haip_auth_failures``): a few fixed words, never the token.
+        self.refusals: dict[str, int] = defaultdict(int)
         self._key: Any = None
         self._jwks: JwksKeys | None = None
         self._issuer: str | None = config.issuer
@@ -109,23 +112,27 @@ class Authenticator:
 
     async def authenticate(self, token: str | None) -> Principal:
         """Check ``token`` (fetching JWKS keys off the event loop when needed)."""
-        key = self._key
-        if self._jwks is not None and token:
-            import jwt
+        try:
+            key = self._key
+            if self._jwks is not None and token:
+                import jwt
 
-            try:
-                kid = jwt.get_unverified_header(token).get("kid")
-                key = await self._jwks.key(kid if isinstance(kid, str) else None)
-            except jwt.PyJWTError as exc:
-                raise _refused(_reason(exc)) from exc
-            except KeyUnavailableError as exc:
-                raise _refused(str(exc)) from exc
-        return self.verify(token, key)
+                try:
+                    kid = jwt.get_unverified_header(token).get("kid")
+                    key = await self._jwks.key(kid if isinstance(kid, str) else None)
+                except jwt.PyJWTError as exc:
+                    raise _refused(_reason(exc)) from exc
+                except KeyUnavailableError as exc:
+                    raise _refused(str(exc), "keys_unavailable") from exc
+            return self.verify(token, key)
+        except Refused as refused:
+            self.refusals[refused.kind] += 1
+            raise
 
     def verify(self, token: str | None, key: Any = None) -> Principal:
         """Check ``token`` against ``key`` (default: the configured secret or public key)."""
         if not token:
-            raise _refused("no credentials")
+            raise _refused("no credentials", "no_credentials")
         import jwt
 
         required = list(dict.fromkeys([*ALWAYS_REQUIRED, *self.config.required_claims]))
@@ -146,7 +153,7 @@ class Authenticator:
             raise _refused(reason) from exc
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
-            raise _refused("token has no subject")
+            raise _refused("token has no subject", "no_subject")
         roles = roles_of(claims, self.config)
         expires = float(claims["exp"]) + self.config.leeway_seconds
         permissions = permissions_for(roles, self.roles)
@@ -204,8 +211,27 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
-def _refused(reason: str) -> HandshakeError:
+class Refused(HandshakeError):
+    """``AUTHENTICATION_FAILED``, with why in one word of a fixed few (``kind``: the metric's label)."""
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(
+            ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
+        )
+        self.kind = kind
+
+
+#: The kind of each of ``_reason``'s reasons (the rest are ``invalid``).
+_KINDS = {
+    "token expired": "expired",
+    "token not yet valid": "not_yet_valid",
+    "token not meant for this server": "wrong_audience_or_issuer",
+}
+
+
+def _refused(reason: str, kind: str | None = None) -> Refused:
     logger.warning("authentication failed: %s", reason)  # never the token itself
-    return HandshakeError(
-        ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
-    )
+    if kind is None:
+        named = reason.partition(" (")[0]
+        kind = "missing_claim" if named.startswith("token has no ") else _KINDS.get(named, "invalid")
+    return Refused(reason, kind)

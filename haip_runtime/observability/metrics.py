@@ -123,6 +123,8 @@ class Metrics:
         #: as counters when scraped.
         self.received_counts: dict[str, int] = defaultdict(int)
         self.sent_counts: dict[str, int] = defaultdict(int)
+        #: Tokens refused, by why: the authenticator's own counts (``Runtime`` hands them over).
+        self.auth_refusals: dict[str, int] = {}
         self._runs = LabelledCounter(
             "haip_runs_finished", "Agent runs ended, by agent and status.", ["agent", "status"]
         )
@@ -258,10 +260,10 @@ class Metrics:
         return registry
 
 
-def counter(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+def counter(name: str, documentation: str, counts: dict[str, int], label: str = "type") -> CounterMetricFamily:
     from prometheus_client.core import CounterMetricFamily
 
-    family = CounterMetricFamily(name, documentation, labels=["type"])
+    family = CounterMetricFamily(name, documentation, labels=[label])
     for type, count in list(counts.items()):
         family.add_metric([type], count)
     return family

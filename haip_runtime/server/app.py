@@ -87,6 +87,7 @@ class Runtime:
         self.worker_metrics: WorkerMetrics | None = None
         self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
         self.metrics = Metrics()
+        self.metrics.auth_refusals = self.authenticator.refusals
         self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
         self.agents = load_agents(config, self.llms)
         self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None

@@ -44,6 +44,14 @@ class RuntimeGauges:
         metrics = self.metrics
         yield counter("haip_messages_received", "Envelopes received from clients, by type.", metrics.received_counts)
         yield counter("haip_messages_sent", "Envelopes sent to clients (one per member), by type.", metrics.sent_counts)
+        yield counter(
+            "haip_auth_failures",
+            "Tokens refused (HAIP handshakes, HTTP doors), by why: no_credentials, expired, not_yet_valid,"
+            " wrong_audience_or_issuer, missing_claim, no_subject, keys_unavailable (the JWKS could not be"
+            " fetched), invalid.",
+            metrics.auth_refusals,
+            label="reason",
+        )
         yield gauge("haip_connections", "Client connections open now.", registry.active_connections)
         accepted = CounterMetricFamily("haip_connections_accepted", "Client connections that started a handshake.")
         accepted.add_metric([], registry.total_connections)

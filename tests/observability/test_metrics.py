@@ -195,3 +195,26 @@ async def test_llm_tokens_requests_and_errors_are_counted_per_provider() -> None
     assert value(text, "haip_llm_tokens_total", provider="local", direction="output") == 3
     assert value(text, "haip_llm_request_seconds_count", provider="local") == 1
     assert value(text, "haip_llm_errors_total", provider="local") == 1
+
+
+async def test_refused_tokens_are_counted_by_why(server: LiveServer) -> None:
+    """An operator's wish: nothing on /metrics said that tokens were being refused (a key rotated, a
+    clock off, an attack), only the log."""
+    before = await scrape(server)
+    for token in ("not-a-jwt", server.token("eve", ttl_seconds=-600)):
+        async with raw_peer(server.ws_url) as peer:
+            await peer.receive()
+            await peer.hai(token)
+            refused = await peer.receive_type("ERROR")
+            assert refused["payload"]["code"] == "AUTHENTICATION_FAILED"
+    async with httpx2.AsyncClient() as http:
+        assert (await http.get(f"{server.http_url}/haip/transactions")).status_code == 401
+    after = await scrape(server)
+
+    def moved(reason: str) -> float:
+        return value(after, "haip_auth_failures_total", reason=reason) - value(
+            before, "haip_auth_failures_total", reason=reason
+        )
+
+    assert (moved("invalid"), moved("expired"), moved("no_credentials")) == (1, 1, 1)
+    assert "not-a-jwt" not in after
