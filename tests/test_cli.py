@@ -81,6 +81,22 @@ def test_serve_runs_on_uvloop_unless_the_config_asks_for_asyncio(config_copy: Pa
     assert loops == ["uvloop", "asyncio"]
 
 
+def test_access_log_writes_a_line_per_http_request_with_its_token_redacted(config_copy: Path) -> None:
+    """An operator's wish: no HTTP request was logged. Off by default; on, a query's token is not written."""
+    text = config_copy.read_text()
+    config_copy.write_text(text.replace("[server]\n", "[observability]\naccess_log = true\n[server]\n", 1))
+    command = [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--port", "0"]
+    with serving.serve_process(command, cwd=Path("/")) as served:
+        base = served.banner["WebSocket"].split()[0].replace("ws://", "http://").removesuffix("haip/websocket")
+        with urllib.request.urlopen(f"{base}health?token=not-for-the-log") as answer:
+            assert answer.status == 200
+        served.process.send_signal(signal.SIGINT)
+        served.process.wait(timeout=15)
+        assert served.process.stderr is not None
+        err = served.process.stderr.read()
+    assert '"GET /health?token=<redacted> HTTP/1.1" 200' in err and "not-for-the-log" not in err
+
+
 def test_serve_stops_cleanly_on_interrupt(serve_process: tuple[subprocess.Popen[str], dict[str, str]]) -> None:
     process, _ = serve_process
     process.send_signal(signal.SIGINT)

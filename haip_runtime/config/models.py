@@ -400,6 +400,9 @@ class ObservabilityConfig(Model):
     """Log level of the runtime's loggers."""
     log_format: Literal["console", "json"] = "console"
     """`console` for people, `json` (one object per line) for log collectors."""
+    access_log: bool = False
+    """One INFO line per HTTP request (`uvicorn.access`: client, method, path, status), a `token` in the
+    query shown as `<redacted>`. WebSocket handshakes are logged at INFO either way."""
     metrics: bool = True
     """Serve Prometheus metrics at `GET /metrics` (unauthenticated, like `/health`: bind it to a private
     interface or turn it off where the counts themselves are sensitive)."""

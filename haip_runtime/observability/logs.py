@@ -173,6 +173,8 @@ def configure_logging(config: ObservabilityConfig, secrets: Iterable[str] = (), 
     level = getattr(logging, config.log_level.upper())
     for name in ("haip_runtime", "uvicorn.error"):
         logging.getLogger(name).setLevel(level)
+    # (the root's WARNING would drop its lines anyway: set, so that a second configure can turn it off)
+    logging.getLogger("uvicorn.access").setLevel(level if config.access_log else logging.WARNING)
     uvicorn_errors = logging.getLogger("uvicorn.error")
     if not any(isinstance(each, ClientFaults) for each in uvicorn_errors.filters):
         uvicorn_errors.addFilter(ClientFaults())
