@@ -59,6 +59,16 @@ class JwksKeys:
         self._failure: str | None = None
         self._lock = anyio.Lock()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last fetch failed (the URL masked), or ``None`` if it worked or none was tried yet."""
+        return self._failure
+
+    @property
+    def holding(self) -> int:
+        """How many keys are at hand (fetched earlier: still used while a new fetch fails)."""
+        return len(self._keys)
+
     async def key(self, kid: str | None) -> Any:
         """The verification key for a token whose header names ``kid`` (``None``: the set's only key)."""
         now = self._clock()

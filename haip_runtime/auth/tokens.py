@@ -110,6 +110,15 @@ class Authenticator:
         handshake (a client resuming there after its node died, say) does not wait for the import."""
         import jwt  # noqa: F401
 
+    @property
+    def keys_failure(self) -> str | None:
+        """Why the JWKS's last fetch failed (``/health`` is ``degraded`` meanwhile), or ``None``."""
+        if self._jwks is None or self._jwks.failure is None:
+            return None
+        held = self._jwks.holding
+        using = f"using the {held} key(s) fetched before" if held else "no keys: every token is refused"
+        return f"{self._jwks.failure} ({using})"
+
     async def authenticate(self, token: str | None) -> Principal:
         """Check ``token`` (fetching JWKS keys off the event loop when needed)."""
         try:

@@ -281,8 +281,9 @@ class Runtime:
         return True, {"ready": True}
 
     def health(self) -> dict[str, Any]:
-        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected
-        or the store cannot write; ``degraded`` then says why, per server (and ``storage``)."""
+        """``status`` is ``degraded`` (still HTTP 200) while a configured MCP server is not connected,
+        the store cannot write, the cluster's bus is down or the JWKS's last fetch failed; ``degraded``
+        then says why, per server (and ``storage``, ``cluster``, ``auth``)."""
         hub = self.hub
         servers = self.server_health()
         down = {
@@ -295,6 +296,8 @@ class Runtime:
         cluster = self.fleet.status() if self.fleet is not None else None
         if cluster is not None and cluster["state"] != "ok":
             down["cluster"] = f"{cluster['state']}: {cluster.get('error')}"
+        if (keys := self.authenticator.keys_failure) is not None:
+            down["auth"] = f"cannot fetch auth.jwks_url: {keys}"
         return {
             "status": "degraded" if down else "ok",
             **({"degraded": down} if down else {}),

@@ -167,6 +167,27 @@ async def test_an_unreachable_jwks_url_is_a_clear_refusal(jwks: JwksServer) -> N
     assert code == 1008
 
 
+async def test_health_is_degraded_while_the_jwks_cannot_be_fetched_and_ok_once_it_can(jwks: JwksServer) -> None:
+    """An operator's wish: /health said "ok" while nobody could log in (the JWKS unreachable)."""
+    key = rsa_key()
+    jwks.keys = [jwk_of(key, "k1")]
+    auth = {"mode": "jwt", "algorithms": ["RS256"], "jwks_url": jwks.url, "jwks_min_refetch_seconds": 0}
+    body = {"sub": "alice", "exp": int(time.time()) + 600}
+    with live_server(make_config({"auth": auth})) as live:
+        jwks.failing = True
+        await refused(live.ws_url, jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"}))
+        down = live.runtime.health()
+        jwks.failing = False
+        async with raw_peer(live.ws_url) as peer:
+            await ready_user(peer, jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"}))
+        up = live.runtime.health()
+    assert down["status"] == "degraded" and down["degraded"]["auth"].startswith(
+        f"cannot fetch auth.jwks_url: {jwks.url}"
+    )
+    assert down["degraded"]["auth"].endswith("(no keys: every token is refused)")
+    assert up["status"] == "ok" and "degraded" not in up
+
+
 async def test_a_token_that_expires_mid_session_ends_the_connection_until_a_fresh_one_resumes_it(
     jwt_server: LiveServer,
 ) -> None:

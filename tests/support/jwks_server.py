@@ -27,6 +27,8 @@ class JwksServer:
         #: The last request's path and Authorization header.
         self.path = ""
         self.authorization: str | None = None
+        #: Answer 503 (the identity provider down) instead of the keys.
+        self.failing = False
         self.url = f"http://127.0.0.1:{http.server_address[1]}/jwks.json"
         self._thread = threading.Thread(target=http.serve_forever, daemon=True)
         self._thread.start()
@@ -47,6 +49,9 @@ def serve_jwks() -> Iterator[JwksServer]:
             server = holder[0]
             server.requests += 1
             server.path, server.authorization = self.path, self.headers.get("Authorization")
+            if server.failing:
+                self.send_error(503)
+                return
             body = json.dumps({"keys": server.keys}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
