@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -123,7 +124,12 @@ class JwksKeys:
         if self._credentials is not None:
             headers["Authorization"] = f"Basic {self._credentials}"
         request = urllib.request.Request(self._target, headers=headers)
-        with _OPENER.open(request, timeout=self.timeout) as response:  # http(s) only: checked in config
+        try:
+            opened = _OPENER.open(request, timeout=self.timeout)  # http(s) only: checked in config
+        except urllib.error.HTTPError as refused:  # (it holds the response: its socket, until closed)
+            refused.close()
+            raise
+        with opened as response:
             body = response.read(MAX_JWKS_BYTES + 1)
         if len(body) > MAX_JWKS_BYTES:
             raise ValueError(f"key set larger than {MAX_JWKS_BYTES} bytes")
