@@ -34,12 +34,14 @@ def negotiate(accept_events: Iterable[str] | None) -> frozenset[str]:
 class Downgrader:
     """Turns one outbound event into what this client accepts (zero, one or two events)."""
 
-    def __init__(self, accepted: frozenset[str]) -> None:
+    def __init__(self, accepted: frozenset[str], *, may_answer: bool = True) -> None:
+        """``may_answer``: whether the member may answer a tool call (their roles let them send
+        ``TOOL_UPDATE``); one who may not is never asked in words, so their words answer nothing."""
         self.accepted = accepted
         self._streams: dict[str, _Buffered] = {}
-        self._in_words = "MESSAGE" in accepted and not {"TOOL_CALL", "TOOL_UPDATE"} & accepted
-        #: Approvals and input requests asked in words (only a client without TOOL_CALL and TOOL_UPDATE is
-        #: asked so; the others share one that stays empty).
+        self._in_words = may_answer and "MESSAGE" in accepted and not {"TOOL_CALL", "TOOL_UPDATE"} & accepted
+        #: Approvals and input requests asked in words (only a client without TOOL_CALL and TOOL_UPDATE, allowed
+        #: to answer, is asked so; the others share one that stays empty).
         self.questions = Questions() if self._in_words else _NO_QUESTIONS
 
     def adapt(self, event: Event) -> list[Event]:

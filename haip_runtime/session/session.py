@@ -159,7 +159,8 @@ class Session:
 
     def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
         self._principal = principal
-        self.downgrader = Downgrader(_shared(accepted))
+        # (a role refused TOOL_UPDATE must not approve "in words" what it may not approve: a prober's find)
+        self.downgrader = Downgrader(_shared(accepted), may_answer=principal.permissions.may_send("TOOL_UPDATE"))
 
     @property
     def principal(self) -> Principal:

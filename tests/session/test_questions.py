@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from haip_runtime.auth.permissions import Permissions
+from haip_runtime.auth.tokens import Principal
+from haip_runtime.config.models import SessionConfig
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import TRANSACTION_ERA_EVENTS
 from haip_runtime.session.negotiation import Downgrader, negotiate
 from haip_runtime.session.questions import Question, Questions
+from haip_runtime.session.session import Session
 
 SCHEMA = {
     "type": "object",
@@ -50,6 +54,20 @@ def test_a_client_with_tool_events_or_without_message_is_not_asked_in_words() ->
     mute = Downgrader(negotiate(["INFO"]))
     assert mute.adapt(tool_event("TOOL_UPDATE", status="AWAITING_APPROVAL"))[0].type == "INFO"
     assert rich.questions.first("tx") is None and mute.questions.first("tx") is None
+
+
+def test_a_member_whose_roles_refuse_tool_update_is_not_asked_in_words_so_their_yes_approves_nothing() -> None:
+    """A prober's find: a viewer (``roles.viewer.events`` without TOOL_UPDATE) was refused a TOOL_UPDATE
+    approval, but was asked in words, and their MESSAGE "yes" ran the tool."""
+    viewer = Principal("vic", roles=("viewer",), permissions=Permissions(events=("MESSAGE", "TRANSACTION_JOIN")))
+    session = Session(Principal("vic"), negotiate(TRANSACTION_ERA_EVENTS), SessionConfig())
+    session.authenticate(viewer, negotiate(TRANSACTION_ERA_EVENTS))
+    [told] = session.downgrader.adapt(tool_event("TOOL_UPDATE", status="AWAITING_APPROVAL"))
+    assert told.type == "INFO" and session.downgrader.questions.first("tx") is None
+    staff = Principal("sam", permissions=Permissions(events=("MESSAGE", "TOOL_UPDATE")))
+    session.authenticate(staff, negotiate(TRANSACTION_ERA_EVENTS))
+    [asked] = session.downgrader.adapt(tool_event("TOOL_UPDATE", status="AWAITING_APPROVAL"))
+    assert asked.type == "MESSAGE" and session.downgrader.questions.first("tx") is not None
 
 
 def test_run_infos_reach_only_clients_that_accept_runs() -> None:
