@@ -108,8 +108,12 @@ async def tool_call(ctx: HubContext, session: Session, envelope: Envelope) -> No
             session.send(EventType.TOOL_DONE, made.payload, transaction=transaction.id, channel=made.channel)
         return
     request = request.model_copy(update={"call_id": request.call_id or new_id()})
+    # In a cluster the id may be a call made on another node, the agents' included (a prober's find: reused
+    # there while it waited for an approval, the approval ran the reuser's call).
+    shared = transaction.shared
+    elsewhere = shared is not None and (request.call_id in shared.open_calls or request.call_id in shared.waiting_calls)
     session.claim_tool_call(envelope.id)
-    if not ctx.tools.reserve(transaction.id, str(request.call_id)):
+    if elsewhere or not ctx.tools.reserve(transaction.id, str(request.call_id)):
         session.release_tool_call()
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,

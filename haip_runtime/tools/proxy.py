@@ -445,6 +445,13 @@ def check_answer(waiting_for: str, schema: dict[str, Any] | None, answer: dict[s
             related_id=related_id,
             detail={"where": "/payload/decision"},
         )
+    if waiting_for == "input" and answer.get("input") is None and answer.get("decision") != "decline":
+        raise ProtocolError(  # (a prober's find: an "approve" was taken, as a decline)
+            ErrorCode.INVALID_PAYLOAD,
+            "an input request needs 'input', or decision 'decline'",
+            related_id=related_id,
+            detail={"where": "/payload/input"},
+        )
     if waiting_for == "input" and answer.get("input") is not None and schema is not None:
         _check_input(answer["input"], schema, related_id)  # a mistake is asked again, not sent on
 

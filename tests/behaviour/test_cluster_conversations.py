@@ -113,6 +113,11 @@ async def test_an_approval_and_an_input_answer_from_the_other_node_reach_the_run
             await sam.join(tx)
             await alice.send_text(tx, '/call team.word_count {"text": "one two three"}')
             asked = await sam.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
+            # A call of sam's own under the waiting call's id is refused on his node (a prober's find: taken,
+            # it waited for the same approval, and the approval ran sam's call instead of the agent's).
+            reuse = {"call_id": asked.get("call_id"), "tool": "team.word_count", "params": {"text": "mine"}}
+            reused = await sam.send("TOOL_CALL", reuse, transaction=tx)
+            taken = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == reused)
             # Answers the run cannot take are refused on sam's node, and the call goes on waiting: the
             # node running the turns only logged them, and sam heard nothing (found reading the code).
             declined = {"call_id": asked.get("call_id"), "decision": "decline"}  # (for input requests only)
@@ -126,17 +131,23 @@ async def test_an_approval_and_an_input_answer_from_the_other_node_reach_the_run
             misfit = {"call_id": asking.get("call_id"), "input": {"day": "Tuesday", "room": 7}}
             bad = await sam.send("TOOL_UPDATE", misfit, transaction=tx)
             no_fit = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == bad)
+            bad = await sam.send(
+                "TOOL_UPDATE", {"call_id": asking.get("call_id"), "decision": "approve"}, transaction=tx
+            )
+            no_input = await sam.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == bad)  # (not a decline)
             reply = {"call_id": asking.get("call_id"), "input": {"day": "Tuesday", "room": "Lovelace"}}
             await sam.send("TOOL_UPDATE", reply, transaction=tx)
             booked = await alice.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asking.get("call_id"))
 
             await sam.send("TOOL_UPDATE", {"call_id": "no-such-call", "decision": "approve"}, transaction=tx)
             refused = await sam.wait_for("ERROR")
+    assert (taken.get("code"), taken.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/call_id"})
     assert counted.get("status") == "OK" and json.loads(counted.get("result")["content"][0]["text"]) == 3
     assert booked.get("result")["content"][0]["text"] == "booked 'roadmap' on Tuesday in Lovelace"
     assert refused.get("code") == "INVALID_PAYLOAD"  # checked on the member's own node, as on one node
     assert (no_decision.get("code"), no_decision.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/decision"})
     assert (no_fit.get("code"), no_fit.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/input/room"})
+    assert (no_input.get("code"), no_input.get("detail")) == ("INVALID_PAYLOAD", {"where": "/payload/input"})
 
 
 async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the_turn_runs(

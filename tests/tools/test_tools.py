@@ -525,3 +525,16 @@ def test_an_input_answer_is_checked_without_trusting_the_servers_schema(monkeypa
     assert refused.value.detail == {"where": "/payload/input/age"}
     for broken in ({"type": "strin"}, {"type": 5}, {"properties": {"x": {"pattern": "("}}}):
         _check_input({"x": 1}, broken, "r")  # let through: the server checks what it gets
+
+
+def test_an_input_request_takes_input_or_a_decline_and_refuses_an_approval() -> None:
+    """A prober's find: ``decision: "approve"`` sent to an input request was taken, as a decline."""
+    from haip_runtime.exceptions import ProtocolError
+    from haip_runtime.tools.proxy import check_answer
+
+    check_answer("input", None, {"input": {"name": "Ada"}}, "r")
+    check_answer("input", None, {"decision": "decline"}, "r")
+    for wrong in ({"decision": "approve"}, {"decision": "reject"}, {}):
+        with pytest.raises(ProtocolError) as refused:
+            check_answer("input", None, wrong, "r")
+        assert refused.value.detail == {"where": "/payload/input"}
