@@ -69,6 +69,7 @@ class Bus:
             node=self.node_id,
             max_events=config.log_max_events,
             idle_seconds=config.log_idle_seconds,
+            max_bytes=config.log_max_bytes,
         )
         self.feed = Feed(config.redis_url, self.redis, self.log, self.keys, self.health, self.node_id)
         self.batcher = PartBatcher(self.log, batch_ms=config.part_batch_ms, batch_bytes=config.part_batch_bytes)
@@ -79,6 +80,7 @@ class Bus:
             self.health,
             max_events=config.replay_max_events,
             max_age_seconds=config.replay_max_age_seconds,
+            max_bytes=config.replay_max_bytes,
             node=self.node_id,
         )
         self.dedup = InboundDedup(self.redis, self.keys, self.health, ttl_seconds=config.dedup_seconds)

@@ -31,6 +31,14 @@ class Keyspace:
     def log(self, transaction: str) -> str:
         return f"{self.prefix}:{{t:{transaction}}}:log"
 
+    def log_bytes(self, transaction: str) -> str:
+        """About how many bytes the transaction's log holds (never fewer): its byte bound is kept by it."""
+        return f"{self.prefix}:{{t:{transaction}}}:bytes"
+
+    def log_ended(self, transaction: str) -> str:
+        """Set while an ended transaction's log is let go (its keys expire soon after each append)."""
+        return f"{self.prefix}:{{t:{transaction}}}:ended"
+
     def channel(self, transaction: str) -> str:
         return f"{self._channels}:tx:{transaction}"
 

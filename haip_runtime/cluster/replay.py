@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.cluster.pipe import Pipe
-from haip_runtime.cluster.replies import Arg, text
+from haip_runtime.cluster.replies import SHRINK, Arg, text
 
 #: KEYS: meta, stream. ARGV: epoch, seq, envelope, max events, max age ms.
 #: 1 appended; 0 the epoch is not the session's (its window was lost or replaced); -1 seq not after the last.
@@ -58,11 +58,14 @@ return 1
 """
 
 #: KEYS: meta, stream, ids. ARGV: node, epoch, fresh (1: make the window), max events, max age ms, max ids,
-#: field count, id count, then field/value pairs, ids, seq/envelope pairs. 1 kept; 0 the window of this
-#: epoch is gone; -1 another node holds the session now (a window made anew too: a node cut off from
-#: Redis while the client resumed elsewhere must not take the session back). Envelopes not after the
-#: last kept are skipped.
-MIRROR = """
+#: field count, id count, max bytes, then field/value pairs, ids, seq/envelope pairs. The window keeps at
+#: most ``max bytes`` (``shrink``; the meta's ``bytes`` is its running total) as one node's window does.
+#: 1 kept; 0 the window of this epoch is gone; -1 another node holds the session now (a window made anew
+#: too: a node cut off from Redis while the client resumed elsewhere must not take the session back).
+#: Envelopes not after the last kept are skipped.
+MIRROR = (
+    SHRINK
+    + """
 local age = tonumber(ARGV[5])
 local fresh = ARGV[3] == '1'
 local last = 0
@@ -78,7 +81,7 @@ else
   if meta[2] ~= ARGV[1] then return -1 end
   last = tonumber(meta[3] or '0')
 end
-local i = 9
+local i = 10
 for _ = 1, tonumber(ARGV[7]) do
   hset[#hset + 1] = ARGV[i]
   hset[#hset + 1] = ARGV[i + 1]
@@ -96,11 +99,13 @@ if ids > 0 then
   redis.call('PEXPIRE', KEYS[3], age)
 end
 local kept = last
+local added = 0
 while i < #ARGV do
   local seq = tonumber(ARGV[i])
   if seq > last then
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', 's', ARGV[i], 'd', ARGV[i + 1])
     last = seq
+    added = added + #ARGV[i] + #ARGV[i + 1]
   end
   i = i + 2
 end
@@ -109,6 +114,11 @@ if last > kept then
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', now - age))
   redis.call('PEXPIRE', KEYS[2], age)
+  local held = redis.call('HINCRBY', KEYS[1], 'bytes', added)
+  if held > tonumber(ARGV[9]) then
+    hset[#hset + 1] = 'bytes'
+    hset[#hset + 1] = shrink(KEYS[2], tonumber(ARGV[9]))
+  end
 end
 if last > kept or fresh then
   hset[#hset + 1] = 'last'
@@ -118,6 +128,7 @@ if #hset > 0 then redis.call('HSET', KEYS[1], unpack(hset)) end
 redis.call('PEXPIRE', KEYS[1], age)
 return 1
 """
+)
 
 #: KEYS: meta, ids. ARGV: node, user, the prefix of nodes' channels, the release notice, force.
 #: {0} no window; {1} another user's; {3} another node holds the session and listens: it was sent the notice
@@ -260,9 +271,11 @@ class ReplayStreams:
         *,
         max_events: int,
         max_age_seconds: float,
+        max_bytes: int = 8 * 1024 * 1024,
         node: str = "",
     ):
         self._redis = redis
+        self._max_bytes = max_bytes
         self._pipe = pipe
         self._node = node
         self._keys = keys
@@ -330,7 +343,7 @@ class ReplayStreams:
 
     def _mirror_args(self, update: WindowUpdate) -> list[Arg]:
         args: list[Arg] = [self._node, update.epoch, int(update.fresh), self._max_events, self._max_age_ms, MAX_IDS]
-        args += [len(update.fields), len(update.ids)]
+        args += [len(update.fields), len(update.ids), self._max_bytes]
         for name, value in update.fields.items():
             args += [name, value]
         args += update.ids

@@ -35,14 +35,20 @@ from redis.exceptions import ResponseError
 from haip_runtime.cluster.health import BusHealth, translating
 from haip_runtime.cluster.keyspace import Keyspace
 from haip_runtime.cluster.pipe import Pipe
-from haip_runtime.cluster.replies import Arg, stream_rows
+from haip_runtime.cluster.replies import SHRINK, Arg, stream_rows
 from haip_runtime.exceptions import ClusterError
 
-#: KEYS: counter, stream. ARGV: floor, maxlen, idle ms, channel, the appending node's channel if solo
-#: (else ''), payload...
+#: KEYS: counter, stream, bytes, ended. ARGV: floor, maxlen, idle ms, channel, the appending node's channel if
+#: solo (else ''), most bytes, ended ms (the transaction has ended: '' if not), payload...
 #: When the counter is gone but the stream is not, the stream's last id is the floor too.
 #: The answer: the first tseq, and 1 if the events were published (0: solo, and nobody else listens).
-APPEND = """
+#: The stream keeps at most ``maxlen`` events (about) and ``most bytes`` (``shrink``: a member sending
+#: frames near ``max_frame_bytes`` must not fill Redis for every transaction: a prober's find). Once an
+#: append says the transaction ended, the keys go ``ended ms`` after each append, not ``idle ms``: the
+#: ``ended`` key remembers it for the appends of nodes that have not seen the end yet.
+APPEND = (
+    SHRINK
+    + """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   cur = tonumber(cur)
@@ -60,22 +66,39 @@ if ARGV[5] ~= '' then
   publish = listening[2] > 1 or listening[4] ~= 1
 end
 local out = {string.format('%d ', first)}
-for i = 6, #ARGV do
+local added = 0
+local idle = ARGV[3]
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
+  idle = ARGV[7]
+else
+  local left = redis.call('PTTL', KEYS[4])
+  if left > 0 then idle = string.format('%d', left) end
+end
+for i = 8, #ARGV do
   cur = cur + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], string.format('%d-0', cur), 'd', ARGV[i])
+  added = added + #ARGV[i]
   if publish then
     out[#out + 1] = string.format('%d:', #ARGV[i])
     out[#out + 1] = ARGV[i]
   end
 end
-redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], string.format('%d', cur), 'PX', idle)
+redis.call('PEXPIRE', KEYS[2], idle)
+local held = redis.call('INCRBY', KEYS[3], added)
+if held > tonumber(ARGV[6]) then
+  redis.call('SET', KEYS[3], string.format('%d', shrink(KEYS[2], tonumber(ARGV[6]))), 'PX', idle)
+else
+  redis.call('PEXPIRE', KEYS[3], idle)
+end
 if publish then
   redis.call('PUBLISH', ARGV[4], table.concat(out))
   return {first, 1}
 end
 return {first, 0}
 """
+)
 
 #: KEYS: counter. ARGV: floor, idle ms. The counter after it (never moved back).
 SEED = """
@@ -86,6 +109,10 @@ if cur < tonumber(ARGV[1]) then
 end
 return cur
 """
+
+
+#: How long an ended transaction's log stays in Redis (a node catching up reads the rest from the store).
+ENDED_KEEP_SECONDS = 60.0
 
 
 class Appended(NamedTuple):
@@ -127,8 +154,10 @@ class TransactionLog:
         node: str,
         max_events: int,
         idle_seconds: float,
+        max_bytes: int = 16 * 1024 * 1024,
     ):
         self._node_channel = keys.node_channel(node)
+        self._max_bytes = max_bytes
         self._redis = redis
         self._pipe = pipe
         self._keys = keys
@@ -159,16 +188,22 @@ class TransactionLog:
         return int(reply[0])
 
     async def append_batches(
-        self, calls: Sequence[tuple[str, Sequence[bytes], int]], *, solo: Container[str] = ()
+        self,
+        calls: Sequence[tuple[str, Sequence[bytes], int]],
+        *,
+        solo: Container[str] = (),
+        ended: Container[str] = (),
     ) -> list[Appended | ClusterError]:
         """``append_many`` for several transactions at once, ``(transaction, payloads, floor)`` each, all in
         one write: each one's answer, or a ``ClusterError`` for that one alone (Redis refused it, or
         the connection was lost before its answer: it may or may not have run, as with ``append_many``);
         those answered before a loss are appended. ``ClusterError`` raised if Redis could not be reached.
         ``solo``: the transactions whose events the caller delivers itself at the answer, as
-        ``Feed.solo`` allows (their publish is left out while nobody else listens)."""
+        ``Feed.solo`` allows (their publish is left out while nobody else listens). ``ended``: those that
+        have ended, whose log goes ``ENDED_KEEP_SECONDS`` after this append rather than ``idle_seconds``
+        (a prober's find: ending transactions and starting new ones kept a day of large logs per user)."""
         scripted = [
-            self._script_call(transaction, payloads, floor, solo=transaction in solo)
+            self._script_call(transaction, payloads, floor, solo=transaction in solo, ended=transaction in ended)
             for transaction, payloads, floor in calls
         ]
         with translating(self._health, f"append to {len(calls)} transaction(s)"):
@@ -195,12 +230,20 @@ class TransactionLog:
         return results
 
     def _script_call(
-        self, transaction: str, payloads: Sequence[bytes], floor: int, *, solo: bool
+        self, transaction: str, payloads: Sequence[bytes], floor: int, *, solo: bool, ended: bool = False
     ) -> tuple[list[Arg], list[Arg]]:
         """The APPEND script's keys and arguments for ``payloads`` appended to ``transaction``."""
-        keys: list[Arg] = [self._keys.sequence(transaction), self._keys.log(transaction)]
+        keys: list[Arg] = [
+            self._keys.sequence(transaction),
+            self._keys.log(transaction),
+            self._keys.log_bytes(transaction),
+            self._keys.log_ended(transaction),
+        ]
         channel = self._keys.channel(transaction)
-        return keys, [floor, self._max_events, self._idle_ms, channel, self._node_channel if solo else "", *payloads]
+        solo_channel = self._node_channel if solo else ""
+        ended_ms = int(ENDED_KEEP_SECONDS * 1000) if ended else ""
+        args: list[Arg] = [floor, self._max_events, self._idle_ms, channel, solo_channel, self._max_bytes, ended_ms]
+        return keys, [*args, *payloads]
 
     async def seed(self, transaction: str, floor: int) -> int:
         """Make the counter at least ``floor`` (a transaction loaded from the store); the counter now."""

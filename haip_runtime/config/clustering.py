@@ -37,13 +37,18 @@ class ClusterConfig(base.Model):
     log_max_events: int = Field(default=10_000, ge=100)
     """Events kept per transaction in Redis (trimmed approximately) for nodes catching up after a gap;
     older ones are read from the durable store."""
+    log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
+    """...and at most about this many bytes of them: a member sending large frames must not fill Redis for
+    every transaction (the oldest are trimmed first; the newest is always kept)."""
     log_idle_seconds: float = Field(default=86_400, gt=0)
     """A transaction's Redis log and sequence counter vanish this long after its last append (the next
     append continues from the durable store's last tseq)."""
     replay_max_events: int = Field(default=1000, ge=1)
     """Outbound envelopes kept per session for a resume on any node (trimmed approximately)..."""
     replay_max_age_seconds: float = Field(default=300, gt=0)
-    """...and none older than this."""
+    """...none older than this..."""
+    replay_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """...and at most about this many bytes of them (as `session.replay_window_bytes` bounds one node's)."""
     dedup_seconds: float = Field(default=300, gt=0)
     """How long an inbound envelope id is remembered, cluster-wide, to drop a resent duplicate."""
     slot_ttl_seconds: float = Field(default=30, gt=0)

@@ -235,6 +235,7 @@ class Sender:
         batches: list[tuple[Outbox, list[Queued], list[bytes]]] = []
         feed = self._bus.feed
         solo: set[str] = set()
+        ended: set[str] = set()
         for shared in due:
             try:
                 if not shared.floor_known():  # (read meanwhile, by a task of its own: never number below it)
@@ -248,13 +249,15 @@ class Sender:
                 batches.append((shared, batch, payloads))
                 if feed.solo(shared.transaction.id):
                     solo.add(shared.transaction.id)
+                if shared.transaction.ended:
+                    ended.add(shared.transaction.id)
             except Exception as error:
                 logger.exception("transaction %s: its events could not be prepared", shared.transaction.id)
                 self._failed(shared, ClusterError(str(error)))
         if calls:
             results: list[Appended | ClusterError]
             try:
-                results = await self._bus.log.append_batches(calls, solo=solo)
+                results = await self._bus.log.append_batches(calls, solo=solo, ended=ended)
             except ClusterError as error:
                 results = [error] * len(calls)
             for (shared, batch, payloads), result in zip(batches, results, strict=True):

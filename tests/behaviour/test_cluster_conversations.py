@@ -16,7 +16,9 @@ import pytest
 import redis as redis_py
 
 from haip_runtime.client import HaipClient, Received
+from haip_runtime.cluster.translog import ENDED_KEEP_SECONDS
 from haip_runtime.protocol.events import ALL_EVENTS
+from tests.cluster.conftest import until
 from tests.support.netcut import netcut
 from tests.support.redis import RedisServer
 from tests.support.serving import LiveServer, live_server, make_config
@@ -179,6 +181,13 @@ async def test_a_cancel_and_an_end_from_the_other_node_are_carried_out_where_the
             edited = await alice.wait_for("MESSAGE_UPDATE")
             await sam.end_transaction(tx, "done here")
             ended = [await client.wait_for("TRANSACTION_END") for client in (alice, sam)]
+            # Its log leaves Redis soon after, not a day after its last append (a prober's find).
+            with redis_py.Redis.from_url(redis_url) as admin:
+
+                async def let_go() -> bool:
+                    return 0 < int(admin.pttl(f"{prefix}:{{t:{tx}}}:log")) <= ENDED_KEEP_SECONDS * 1000
+
+                await until(let_go)
     assert finished.get("status") == "CANCELLED" and finished.run_id == started.get("run_id")
     assert stopped.get("status") == "CANCELLED"
     assert [e.get("reason") for e in ended] == ["done here", "done here"]

@@ -7,6 +7,7 @@ import pytest
 
 from haip_runtime.cluster import Mirrored, ReplayOutcome, ReplayRead, Taken, WindowUpdate
 from haip_runtime.cluster.replay import MAX_IDS
+from haip_runtime.cluster.replies import stream_rows, text
 from tests.cluster.conftest import BusFactory
 from tests.support.redis import running_redis
 
@@ -263,3 +264,25 @@ async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed
         monkeypatch.setattr(b.replay, "_take", claim_then_deleted)
         taken = await b.replay.take_over("S", "ann", 0, force=True)
         assert not isinstance(taken, Taken) and taken[1] == ReplayRead(ReplayOutcome.UNKNOWN, last=2)
+
+
+async def test_a_mirrored_window_is_bounded_in_bytes_and_a_resume_past_it_is_too_old(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """A prober's find: a window kept ``replay_max_events`` envelopes whatever their size (1,000 frames of
+    1 MiB a session), so one user's large frames could fill Redis for every node."""
+    cap = 64 * 1024
+    async with bus_at(redis_url, node_id="node-a", replay_max_bytes=cap) as a:
+        big = b"x" * 10_000
+        for seq in range(1, 31):
+            fields = {"user": "ann"} if seq == 1 else {}
+            assert await a.replay.mirror([WindowUpdate("S", "e1", [(seq, big)], fields, [], seq == 1)]) == [
+                Mirrored.KEPT
+            ]
+        kept = stream_rows(await a.redis.xrange(a.keys.replay("S")))
+        held = sum(len(value) for _, fields in kept for value in fields.values())
+        counted = int(text(await a.redis.hget(a.keys.replay_meta("S"), "bytes")) or 0)
+        assert held <= cap and len(kept) >= 5 and counted >= held
+        newest = await a.replay.read_after("S", "e1", 29)
+        assert newest.outcome is ReplayOutcome.OK and newest.envelopes == [(30, big)]
+        assert (await a.replay.read_after("S", "e1", 1)).outcome is ReplayOutcome.TOO_OLD

@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
+from haip_runtime.cluster.replies import stream_rows, text
 from haip_runtime.exceptions import ClusterError
 from tests.cluster.conftest import BusFactory, Collector, until
 from tests.support.netcut import netcut
@@ -282,3 +283,24 @@ async def test_appends_for_several_transactions_answer_each_alone(redis_url: str
         assert [entry.tseq for entry in await bus.log.read("B", 0)] == [6]
         await bus.log.append("A", b"a3")
         assert bus.health.state == "ok"  # the next append answered
+
+
+async def test_a_log_is_bounded_in_bytes_and_what_it_trimmed_arrives_as_a_gap(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """A prober's find: a log kept ``log_max_events`` events whatever their size (10,000 of 1 MiB), so one
+    member's large frames could fill Redis and stop every node's appends."""
+    cap = 1024 * 1024
+    async with bus_at(redis_url, log_max_bytes=cap) as a, bus_at(redis_url) as b:
+        big = b"y" * 100_000
+        for _ in range(30):
+            await a.log.append("T", big)
+        await a.log.append("T", b"small")
+        kept = stream_rows(await a.redis.xrange(a.keys.log("T")))
+        assert sum(len(fields[b"d"]) for _, fields in kept) <= cap and len(kept) >= 7
+        assert int(text(await a.redis.get(a.keys.log_bytes("T"))) or 0) <= cap
+        seen = Collector()
+        await b.feed.host("T", seen, after=0)
+        gap = seen.items[0]
+        assert isinstance(gap, LogGap) and gap.first == 1 and seen.tseqs[-1] == 31
+        assert seen.tseqs == list(range(gap.last + 1, 32))
