@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any, Self
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: How long a node taking a session over waits for the old node (still listening) to let it go.
 HANDOVER_SECONDS = 2.0
+#: How long a POST forwarded to the node holding its session waits to hear whether it was taken there (a
+#: node of a release before this answer never says: taken, as it was then).
+FORWARD_SECONDS = 2.0
 #: How long a rejoin waits for this node's copy of a transaction to catch up with what the session was sent.
 REJOIN_SECONDS = 5.0
 #: How long a handshake waits for its new session's window to reach Redis (one flush) before it goes on.
@@ -72,6 +76,8 @@ class Roaming:
         #: Where the `/mcp` door's notices go (``mcp_relay.McpRelay.notice``), when it is served.
         self.on_mcp: Callable[[bytes, bytes], None] | None = None
         self._released: dict[str, anyio.Event] = {}
+        #: POSTs forwarded from here and not answered yet, by ticket: [answered, taken there].
+        self._posted: dict[str, tuple[anyio.Event, list[bool]]] = {}
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
 
@@ -253,6 +259,12 @@ class Roaming:
                 waiting.set()
         elif verb == b"post":
             self._tg.start_soon(self._take_post, rest)
+        elif verb == b"posted":
+            ticket, _, taken = rest.decode(errors="replace").partition(" ")
+            posted = self._posted.get(ticket)
+            if posted is not None:
+                posted[1].append(taken == "1")
+                posted[0].set()
         elif verb.startswith(b"mcp") and self.on_mcp is not None:
             self.on_mcp(verb, rest)
         else:
@@ -300,13 +312,23 @@ class Roaming:
         holder = await self.bus.replay.holder(session_id) or await self.bus.replay.stream_holder(session_id)
         if holder is None or holder[1] != user or holder[0] == self.bus.node_id:
             return False
-        header = json.dumps([session_id, user]).encode()
-        return await self.bus.tell(holder[0], b"post " + header + b"\n" + body)
+        ticket = secrets.token_hex(8)
+        answered, taken = self._posted[ticket] = (anyio.Event(), [])
+        try:
+            header = json.dumps([session_id, user, self.bus.node_id, ticket]).encode()
+            if not await self.bus.tell(holder[0], b"post " + header + b"\n" + body):
+                return False
+            # (a prober's find: a POST to a WebSocket session held elsewhere was answered 202, and dropped)
+            with anyio.move_on_after(FORWARD_SECONDS):
+                await answered.wait()
+            return taken[0] if taken else True
+        finally:
+            self._posted.pop(ticket, None)
 
     async def _take_post(self, message: bytes) -> None:
         header, _, body = message.partition(b"\n")
         try:
-            session_id, user = json.loads(header)
+            session_id, user, *reply = json.loads(header)  # (reply: the asking node and its ticket)
         except (ValueError, TypeError):
             logger.warning("cluster: a forwarded POST with a bad header %r", header[:80])
             return
@@ -315,5 +337,11 @@ class Roaming:
             items = parse_batch(body, self.config.server.max_frame_bytes)
         except DecodeError as error:
             items = [error]
-        if self.local_post is None or not await self.local_post(str(user), str(session_id), items):
-            logger.warning("cluster: a POST forwarded to session %s found it gone from this node", session_id)
+        taken = self.local_post is not None and await self.local_post(str(user), str(session_id), items)
+        if not taken:
+            logger.info("cluster: a POST forwarded to session %s found no SSE stream of it here", session_id)
+        if len(reply) == 2:
+            try:
+                await self.bus.tell(str(reply[0]), f"posted {reply[1]} {int(taken)}".encode())
+            except ClusterError as error:
+                logger.info("cluster: could not answer a forwarded POST: %s", error)

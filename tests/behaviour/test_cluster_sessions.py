@@ -164,6 +164,24 @@ async def test_sse_last_event_id_on_another_node_resumes_and_posts_reach_the_hol
     assert reply["payload"] == "you said: on b" and again.last_event_id == f"{peer.session}:{reply['seq']}"
 
 
+async def test_a_post_to_a_websocket_session_held_by_another_node_is_refused_not_dropped(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """A prober's find: the node holding the session refused it (404: no SSE stream), but another node
+    answered 202 and the envelope went nowhere."""
+    with two_nodes(redis_url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        async with raw_peer(a.ws_url) as peer:
+            hai, _, _ = await echo_started(peer, token, [])
+            ping = json.dumps({"id": "p1", "session": hai["session"], "seq": "9", "ts": "1", "type": "PING"})
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+            async with httpx2.AsyncClient(headers=headers) as http:
+                on_a = await http.post(f"{a.http_url}/haip/sse/{hai['session']}", content=ping)
+                on_b = await http.post(f"{b.http_url}/haip/sse/{hai['session']}", content=ping)
+    assert on_a.status_code == on_b.status_code == 404
+    assert on_b.json()["error"]["code"] == "RESUME_FAILED"
+
+
 async def test_an_envelope_resent_to_another_node_after_a_resume_is_processed_once(
     redis_url: str, prefix: str, postgres_url: str
 ) -> None:
