@@ -271,7 +271,16 @@ class Roaming:
             logger.warning("cluster: an unknown notice %r", message[:40])
 
     async def _release(self, session_id: str, asker: str) -> None:
-        """Another node takes this session over: let it go, with everything it recorded in its window."""
+        """Another node takes this session over: let it go, with everything it recorded in its window (once
+        a take-over of it under way here is done: it is let go then)."""
+        async with self.hub.sessions.moving(session_id):
+            await self._let_go_of(session_id)
+        try:
+            await self.bus.tell(asker, f"released {session_id}".encode())
+        except ClusterError as error:
+            logger.info("cluster: could not tell %s that session %s was let go: %s", asker, session_id, error)
+
+    async def _let_go_of(self, session_id: str) -> None:
         session = self.hub.sessions.get(session_id)
         if session is not None:
             assert self.mirror is not None
@@ -282,10 +291,6 @@ class Roaming:
             except ClusterError as error:
                 logger.warning("cluster: session %s let go without its last frames: %s", session_id, error)
             self.mirror.forget(session, delete=False)
-        try:
-            await self.bus.tell(asker, f"released {session_id}".encode())
-        except ClusterError as error:
-            logger.info("cluster: could not tell %s that session %s was let go: %s", asker, session_id, error)
 
     def _let_go(self, session: Session, *, flushed: bool = True) -> None:
         """The session goes on at another node: out of this node's registry and transactions (quietly),

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Protocol
+
+import anyio
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import LimitsConfig, SessionConfig
@@ -68,6 +71,8 @@ class SessionRegistry:
         #: Connections that started a handshake (or resumed without one), and those serving a session now.
         self.total_connections = 0
         self.active_connections = 0
+        #: Sessions being taken over from another node here, each by one resume at a time (``moving``).
+        self._moving: dict[str, tuple[anyio.Lock, list[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -143,7 +148,10 @@ class SessionRegistry:
         In a cluster, a session this node does not hold is taken over from the node that does."""
         session = self.sessions.get(session_id)
         if session is None and self.roaming is not None and principal is not None and session_id:
-            session = await self._adopt(session_id, principal, last_seq, related_id)
+            async with self.moving(session_id):  # (a prober's find: resumes at once each took it over anew)
+                session = self.sessions.get(session_id)  # taken over meanwhile: resumed here, as on one node
+                if session is None:
+                    session = await self._adopt(session_id, principal, last_seq, related_id)
         if session is None or session.user != user or session.expired(time.monotonic()):
             raise await self._resume_failure(session_id, user, related_id)
         try:
@@ -152,6 +160,21 @@ class SessionRegistry:
             error.related_id = related_id or error.related_id
             raise
         return session
+
+    @asynccontextmanager
+    async def moving(self, session_id: str) -> AsyncIterator[None]:
+        """While a session moves to or from this node (taken over, or let go at another node's asking):
+        one at a time. Two resumes at once each took it over, and both connections stayed open with one
+        getting its events; a release during a take-over found nothing to let go, and kept it too."""
+        lock, users = self._moving.setdefault(session_id, (anyio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                self._moving.pop(session_id, None)
 
     async def _adopt(self, session_id: str, principal: Principal, last_seq: int, related_id: str) -> Session | None:
         assert self.roaming is not None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx2
 import pytest
@@ -162,6 +164,42 @@ async def test_sse_last_event_id_on_another_node_resumes_and_posts_reach_the_hol
     assert elsewhere.status_code == 404 and elsewhere.json()["error"]["code"] == "RESUME_FAILED"
     assert ready["payload"]["resumed"] is True and ready["session"] == peer.session
     assert reply["payload"] == "you said: on b" and again.last_event_id == f"{peer.session}:{reply['seq']}"
+
+
+async def test_two_resumes_at_once_on_another_node_leave_one_connection_with_the_session(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """A prober's find: each took the session over anew, and both connections stayed open, one of them
+    getting nothing (a storm of them left none getting anything; one failed in the replay window)."""
+    with two_nodes(redis_url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as first:
+            hai, _, started = await echo_started(first, token, seen)
+            last, next_seq = seen[-1]["seq"], first.seq
+        async with raw_peer(b.ws_url) as one, raw_peer(b.ws_url) as other:
+            peers = (one, other)
+            for peer in peers:
+                await peer.receive()
+                peer.seq = next_seq
+            async with anyio.create_task_group() as group:
+                for peer in peers:
+                    group.start_soon(partial(peer.hai, token, session=hai["session"], last_rx_seq=last))
+            closes: dict[int, int | None] = {}
+
+            async def closed(index: int) -> None:
+                with anyio.move_on_after(5):
+                    closes[index] = await peers[index].closed(timeout=5)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(closed, 0)
+                group.start_soon(closed, 1)
+            assert len(closes) == 1  # one connection let go of the session, the other kept it
+            [(gone, _)] = closes.items()
+            survivor = peers[1 - gone]
+            await survivor.send("MESSAGE", "still here", transaction=started["transaction"], channel="USER")
+            echoed = await until_type(survivor, "MESSAGE", [])
+    assert echoed["payload"] == "you said: still here"
 
 
 async def test_a_post_to_a_websocket_session_held_by_another_node_is_refused_not_dropped(
