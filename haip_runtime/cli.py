@@ -219,8 +219,8 @@ def _connect(config: HaipConfig, timeout: float) -> list[str]:
     failed = []
     results = anyio.run(connect, config, timeout)  # (the stdio servers' stderr: only a failed one's last lines)
     for ok, line in results:
-        print(f"{'reached' if ok else 'failed'}: {line}", file=sys.stderr)
-        if not ok:
+        print(f"{'note' if ok is None else 'reached' if ok else 'failed'}: {line}", file=sys.stderr)
+        if ok is False:
             failed.append(line)
     return failed
 
@@ -461,7 +461,7 @@ def _supervise(config: HaipConfig, workers: int, host: str, port: int) -> int:
     from haip_runtime.server.workers import Ready, Supervisor
 
     # The dev key is made here, once, before any worker reads it: one token for every worker.
-    authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
+    authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage, config.auth))
     base = config.cluster.node_id if config.cluster is not None and config.cluster.node_id else make_node_id()
 
     def ready(workers: list[Ready]) -> None:

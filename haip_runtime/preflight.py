@@ -125,15 +125,15 @@ def _unreadable(where: str, path: Path) -> list[str]:
     return []
 
 
-async def connect(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
+async def connect(config: HaipConfig, timeout: float) -> list[tuple[bool | None, str]]:
     """Start every MCP server and reach every LLM endpoint, the store, Redis and the JWKS: ``(ok, line)`` for
-    each, in file order.
+    each, in file order (``None``: a note, not a failure: a tool pattern that matches none of its tools).
     A stdio server that failed has the last lines of its stderr on its line."""
     import anyio.to_thread
 
     from haip_runtime.bridge import McpBridge, ServerState
 
-    results: list[tuple[bool, str]] = []
+    results: list[tuple[bool | None, str]] = []
     if config.mcp.servers:
         bridge = McpBridge(config.mcp.servers, config.mcp.stdio, base_dir=config.base_dir)
         async with bridge:
@@ -142,9 +142,11 @@ async def connect(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
         for name, status in statuses.items():
             if status.state is ServerState.CONNECTED:
                 results.append((True, f"mcp.servers.{name}: connected, {len(status.tools)} tool(s)"))
+                results += [(None, f"mcp.servers.{name}.{line}") for line in bridge.unmatched(name)]
             else:
                 why = await anyio.to_thread.run_sync(bridge.failure, status)
-                results.append((False, f"mcp.servers.{name}: {status.state.value}: {why}"))
+                state = "" if status.state is ServerState.FAILED else f"{status.state.value}: "
+                results.append((False, f"mcp.servers.{name}: {state}{why}"))
     for name, llm in config.llm.items():
         results.append(await _reach(name, llm, timeout))
     results += await _stores(config, timeout)

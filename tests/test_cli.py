@@ -166,7 +166,7 @@ def test_tools_and_check_connect_show_what_a_failed_server_said_on_stderr(tmp_pa
     assert tools.stdout.splitlines()[1].endswith(said), tools.stdout
     check = run(["check", "--config", str(config), "--connect", "--timeout", "30"])
     assert check.returncode == 1
-    assert check.stderr.splitlines()[0].startswith("failed: mcp.servers.exits: failed: ")
+    assert check.stderr.splitlines()[0].startswith("failed: mcp.servers.exits: '")  # (its state said once)
     assert check.stderr.splitlines()[0].endswith(said), check.stderr
 
 
@@ -415,6 +415,7 @@ def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Pat
         config.write_text(
             "[mcp.servers.demo]\ntransport = 'stdio'\ncommand = '${HAIP_PYTHON}'\n"
             "args = ['-m', 'haip_runtime.demo.mcp_server']\n"
+            "require_approval = ['demo.delete_everything', 'delete_everythng']\n"  # (a typo: noted, not fatal)
             "[mcp.servers.team]\ntransport = 'python'\nserver = 'haip_runtime.demo.team_tools:server'\n"
             f"[llm.good]\nkind = 'openai'\nmodel = 'm'\nbase_url = '{vendor.url}/v1'\napi_key = 'sk-good'\n"
             f"[llm.refused]\nkind = 'anthropic'\nmodel = 'c'\nbase_url = '{vendor.url}'\napi_key = 'sk-bad'\n"
@@ -422,7 +423,10 @@ def test_check_connect_starts_each_mcp_server_and_reaches_each_llm(tmp_path: Pat
         )
         result = run(["check", "--config", str(config), "--connect", "--timeout", "30"])
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [
+    lines = result.stderr.splitlines()
+    typo = "note: mcp.servers.demo.require_approval: 'delete_everythng' matches none of its 10 tool(s) (add, "
+    assert lines.pop(1).startswith(typo), result.stderr
+    assert lines == [
         "reached: mcp.servers.demo: connected, 10 tool(s)",
         "reached: mcp.servers.team: connected, 8 tool(s)",
         f"reached: llm.good: {vendor.url}/v1/models answered HTTP 200",

@@ -69,6 +69,8 @@ class Authenticator:
         self._issuer: str | None = config.issuer
         self._audience: str | None = config.audience
         self._algorithms: list[str] = list(config.algorithms)
+        #: Dev mode's key is kept in a file beside the store (not made anew at each start).
+        self._key_kept = dev_key is not None
         if config.mode == "dev":
             self._key = dev_key or secrets.token_urlsafe(48)
             self._algorithms, self._issuer, self._audience = ["HS256"], DEV_ISSUER, None
@@ -158,7 +160,13 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             reason = _reason(exc)
             if self.config.mode == "dev" and isinstance(exc, jwt.InvalidSignatureError):
-                reason += " (dev mode makes a new key each time the server starts: use the token it printed last)"
+                reason += (
+                    " (dev mode: use a token this server printed, or `haip-runtime token --config` with its"
+                    " haip.toml; it keeps its key beside its store, so a token of another project's server"
+                    " does not work here)"
+                    if self._key_kept
+                    else " (dev mode makes a new key each time the server starts: use the token it printed last)"
+                )
             raise _refused(reason) from exc
         user = claims.get("sub")
         if not isinstance(user, str) or not user:

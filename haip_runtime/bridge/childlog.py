@@ -62,8 +62,11 @@ class ChildLog:
         read_fd, write_fd = os.pipe()
         reader = os.fdopen(read_fd, "rb")
         self._ended = ended = threading.Event()
+        # Each child's own tail: the last words of one that failed, not lines of every restart interleaved
+        # (a newcomer's find; the previous child's reader may still be adding its last lines to its own).
+        self.last = last = deque[str](maxlen=TAIL_LINES)
         name = f"mcp-stderr-{self.server}"
-        threading.Thread(target=self._pump, args=(reader, ended), name=name, daemon=True).start()
+        threading.Thread(target=self._pump, args=(reader, ended, last), name=name, daemon=True).start()
         return os.fdopen(write_fd, "w", encoding="utf-8")
 
     def tail(self, wait: float = 0.0) -> list[str]:
@@ -72,13 +75,13 @@ class ChildLog:
         self._ended.wait(wait)
         return list(self.last)
 
-    def _pump(self, reader: IO[bytes], ended: threading.Event) -> None:
+    def _pump(self, reader: IO[bytes], ended: threading.Event, last: deque[str]) -> None:
         try:
             with reader:
                 while line := reader.readline(MAX_LINE):
                     text = line.decode("utf-8", "replace").rstrip()
                     if text.strip():
-                        self.last.append(text[:TAIL_CHARS])
+                        last.append(text[:TAIL_CHARS])
                     if self.limit.allow():
                         self._emit(text)
             if self.limit.dropped:

@@ -96,6 +96,11 @@ class McpBridge:
             return error
         return f"{error.removesuffix(' (see its stderr)')}; its stderr ended: {' | '.join(tail)}"
 
+    def unmatched(self, server: str) -> list[str]:
+        """The ``allowed_tools`` and ``require_approval`` patterns of ``server`` that matched none of its tools
+        when it last listed them, one line each (``check --connect`` notes them)."""
+        return list(self._supervisors[server].unmatched)
+
     def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]:
         """The allowed tools of the CONNECTED servers (all of them, or only the named ones)."""
         names = self._supervisors.keys() if servers is None else servers

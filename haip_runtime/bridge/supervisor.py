@@ -11,10 +11,9 @@ A `python` server is an `MCPServer` in this process (`inprocess.py`), handed to 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from haip_runtime.bridge.dialer import describe_failure, open_transport, watchin
 from haip_runtime.bridge.inprocess import load_server
 from haip_runtime.bridge.models import ServerState, ServerStatus, ToolInfo
 from haip_runtime.bridge.tasks import TaskStatusListener, route_progress
-from haip_runtime.config.models import McpServerConfig, McpStdioConfig
+from haip_runtime.config.models import McpServerConfig, McpStdioConfig, tool_matches
 from haip_runtime.exceptions import ToolUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -99,6 +98,8 @@ class ServerSupervisor:
         self._link = Link()
         self._attempt: anyio.CancelScope | None = None
         self._reported: ServerStatus | None = None
+        #: Its ``allowed_tools`` and ``require_approval`` patterns that matched none of its tools (logged).
+        self.unmatched: list[str] = []
         self._changed = anyio.Event()
         """Set (and replaced) at every change of state: what `reconnected` waits on."""
 
@@ -107,7 +108,7 @@ class ServerSupervisor:
         return ServerStatus(self.name, self.state, tools, self.error, self.connects)
 
     def allows(self, tool: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.config.allowed_tools)
+        return tool_matches(self.name, tool, self.config.allowed_tools)
 
     def live(self, tool: str) -> tuple[Client, Link]:
         """The live client and its link for calling `tool`, or `ToolUnavailableError`."""
@@ -270,7 +271,18 @@ class ServerSupervisor:
     async def _relist(self, client: Client) -> None:
         tools = await _list_tools(self.name, client)
         self.tools = tuple(tool for tool in tools if self.allows(tool.name))
+        self._warn_unmatched([tool.name for tool in tools])
         self._report()
+
+    def _warn_unmatched(self, names: list[str]) -> None:
+        """Say once (until the tools change) which ``allowed_tools`` and ``require_approval`` patterns match
+        none of the server's tools: a typo there silently hides every tool, or runs one without approval
+        (a newcomer's find)."""
+        unmatched = unmatched_patterns(self.name, names, self.config)
+        if unmatched != self.unmatched:
+            self.unmatched = unmatched
+            for line in unmatched:
+                logger.warning("mcp.servers.%s.%s", self.name, line)
 
     def _message_handler(self) -> MessageHandlerFnT:
         async def handle(message: IncomingMessage) -> None:
@@ -364,3 +376,15 @@ def _tool_info(server: str, tool: types.Tool) -> ToolInfo:
         annotations=None if tool.annotations is None else wire(tool.annotations),
         task_support=(tool.execution.task_support if tool.execution else None) or "forbidden",
     )
+
+
+def unmatched_patterns(server: str, tools: Iterable[str], config: McpServerConfig) -> list[str]:
+    """One line per ``allowed_tools`` or ``require_approval`` pattern that matches none of ``tools``."""
+    names = list(tools)
+    lines = []
+    for key in ("allowed_tools", "require_approval"):
+        for pattern in getattr(config, key):
+            if not any(tool_matches(server, name, [pattern]) for name in names):
+                shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") or "none"
+                lines.append(f"{key}: {pattern!r} matches none of its {len(names)} tool(s) ({shown})")
+    return lines

@@ -7,8 +7,10 @@ Reading a file, ``${VAR}`` expansion and error lines are ``loading.py``'s; secre
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -300,6 +302,14 @@ class AgentConfig(Model):
     """Plugin options, validated by the plugin's own `Options` model."""
 
 
+def tool_matches(server: str, tool: str, patterns: Iterable[str]) -> bool:
+    """Whether ``tool`` of ``server`` matches one of ``patterns`` (``allowed_tools``, ``require_approval``),
+    written as the tool's own name or as its full name, ``server.tool``, as members and agents see it (a
+    newcomer's find: ``require_approval = ["demo.delete_everything"]`` matched nothing, and it ran unasked)."""
+    full = f"{server}.{tool}"
+    return any(fnmatch.fnmatchcase(tool, pattern) or fnmatch.fnmatchcase(full, pattern) for pattern in patterns)
+
+
 class McpServerConfig(Model):
     transport: Literal["stdio", "http", "python"]
     """`stdio`: a subprocess speaking MCP on stdin/stdout. `http`: streamable HTTP at `url`.
@@ -321,9 +331,10 @@ class McpServerConfig(Model):
     `package.module:name` or an entry-point name of group `haip_runtime.mcp_servers`, resolved relative to the
     config file's folder like agent plugins."""
     allowed_tools: list[str] = Field(default_factory=lambda: ["*"])
-    """Glob patterns of tool names (without the server prefix) that are exposed."""
+    """Glob patterns of tool names that are exposed (`add`, or `demo.add` with the server's name)."""
     require_approval: list[str] = Field(default_factory=list)
-    """Glob patterns of tools that wait for a member's approval before they run."""
+    """Glob patterns of tools that wait for a member's approval before they run (`delete_*`, or
+    `demo.delete_*`). A pattern matching none of the server's tools is logged when it connects."""
     connect_timeout_seconds: float = Field(default=30, gt=0)
     """A server gets this long to start, finish the MCP handshake and list its tools; a turn that starts while
     it is making its first connection waits for it at most this long (then its tools are missing)."""

@@ -35,7 +35,7 @@ from starlette.routing import BaseRoute, Route
 from haip_runtime import __version__
 from haip_runtime.agents.registry import load_agents
 from haip_runtime.auth.tokens import Authenticator
-from haip_runtime.config.models import HaipConfig, StorageConfig
+from haip_runtime.config.models import AuthConfig, HaipConfig, StorageConfig
 from haip_runtime.exceptions import ConfigError
 from haip_runtime.hub.router import Hub
 from haip_runtime.llm import create_providers
@@ -85,7 +85,7 @@ class Runtime:
         #: One of ``serve --workers N``: its ``/metrics`` answers for every worker (``worker_metrics``).
         self.worker = worker
         self.worker_metrics: WorkerMetrics | None = None
-        self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage))
+        self.authenticator = Authenticator(config.auth, config.roles, dev_key=dev_key(config.storage, config.auth))
         self.metrics = Metrics()
         self.metrics.auth_refusals = self.authenticator.refusals
         self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
@@ -414,11 +414,12 @@ async def mcp_sessions_shared(rt: Runtime, mcp: McpEndpoint | None) -> AsyncIter
         yield
 
 
-def dev_key(storage: StorageConfig) -> str | None:
+def dev_key(storage: StorageConfig, auth: AuthConfig | None = None) -> str | None:
     """The dev-mode signing key kept in a file (made on first use) beside a durable store's path, so
     that a restart does not invalidate tokens already handed out, and processes of one machine on one
-    PostgreSQL database accept each other's; ``None`` (a key per process) with the memory store."""
-    if storage.backend == "memory":
+    PostgreSQL database accept each other's; ``None`` (a key per process) with the memory store, and
+    with ``auth`` not in dev mode (no file made: an operator's find, in jwt mode with PostgreSQL)."""
+    if storage.backend == "memory" or (auth is not None and auth.mode != "dev"):
         return None
     path = Path(f"{storage.path}.dev-key")
     try:

@@ -9,7 +9,6 @@ the bridge. A tool failure, a refusal or a cancelled call is a ``ToolCallResult`
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
-from haip_runtime.config.models import McpServerConfig
+from haip_runtime.config.models import McpServerConfig, tool_matches
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.errors import error_body
@@ -343,7 +342,7 @@ class ToolProxy:
         return f"MCP server {server!r} is not connected ({status.state.value}{reason})"
 
     def _needs_approval(self, server: str, tool: str) -> bool:
-        return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.servers[server].require_approval)
+        return tool_matches(server, tool, self.servers[server].require_approval)
 
     def _patience(self, server: str) -> float:
         return self.servers[server].approval_timeout_seconds

@@ -82,6 +82,12 @@ def test_issued_tokens_validate_and_dev_mode_keys_differ_per_start() -> None:
     assert refusal(second, first.issue("dev")).endswith(
         "invalid token (dev mode makes a new key each time the server starts: use the token it printed last)"
     )
+    # A key kept beside the store (a newcomer's find: "a new key each start" sent them the wrong way)
+    kept = Authenticator(AuthConfig(), dev_key="k" * 64)
+    assert refusal(kept, first.issue("dev")).endswith(
+        "invalid token (dev mode: use a token this server printed, or `haip-runtime token --config` with its"
+        " haip.toml; it keeps its key beside its store, so a token of another project's server does not work here)"
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["HS256", "HS384", "HS512"])
@@ -168,3 +174,14 @@ def test_required_claims_are_enforced() -> None:
 def test_rights_end_at_expiry_plus_leeway() -> None:
     exp = int(time.time()) + 60
     assert authenticator(leeway_seconds=5).verify(token({"exp": exp})).expires_at == exp + 5
+
+
+def test_no_dev_key_file_is_made_outside_dev_mode(tmp_path: Path) -> None:
+    """An operator's find: a jwt-mode node on PostgreSQL wrote haip.db.dev-key into its folder."""
+    from haip_runtime.config.models import StorageConfig
+    from haip_runtime.server.app import dev_key
+
+    storage = StorageConfig(backend="sqlite", path=tmp_path / "haip.db")
+    assert dev_key(storage, AuthConfig(mode="jwt", secret="s" * 32)) is None
+    assert not (tmp_path / "haip.db.dev-key").exists()
+    assert dev_key(storage, AuthConfig()) == (tmp_path / "haip.db.dev-key").read_text().strip()

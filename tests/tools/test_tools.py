@@ -538,3 +538,13 @@ def test_an_input_request_takes_input_or_a_decline_and_refuses_an_approval() -> 
         with pytest.raises(ProtocolError) as refused:
             check_answer("input", None, wrong, "r")
         assert refused.value.detail == {"where": "/payload/input"}
+
+
+def test_tool_patterns_take_the_tools_own_name_or_its_full_name() -> None:
+    """A newcomer's find: ``require_approval = ["demo.delete_everything"]`` (the name shown everywhere)
+    matched nothing, and the tool ran without asking."""
+    from haip_runtime.config.models import tool_matches
+
+    assert tool_matches("demo", "delete_everything", ["demo.delete_everything"])
+    assert tool_matches("demo", "delete_everything", ["delete_*"]) and tool_matches("demo", "add", ["demo.*"])
+    assert not tool_matches("demo", "delete_everything", ["other.delete_everything", "delete_everythng"])
