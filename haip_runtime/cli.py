@@ -447,7 +447,7 @@ def _preflight(config: HaipConfig, workers: int = 1) -> None:
 
         from haip_runtime.store import postgres
 
-        prefix = config.cluster.key_prefix if config.cluster is not None else None
+        prefix = config.cluster.numbering if config.cluster is not None else None
         anyio.run(postgres.preflight, config.storage, prefix)  # unreachable, a newer schema...: one line, exit 1
 
 

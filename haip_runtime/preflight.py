@@ -181,7 +181,7 @@ async def _stores(config: HaipConfig, timeout: float) -> list[tuple[bool, str]]:
             update={"connect_timeout_seconds": min(timeout, config.storage.connect_timeout_seconds)}
         )
         try:
-            prefix = config.cluster.key_prefix if config.cluster is not None else None
+            prefix = config.cluster.numbering if config.cluster is not None else None
             results.append((True, await postgres.inspect(storage, prefix)))
         except ConfigError as exc:
             results.append((False, str(exc)))

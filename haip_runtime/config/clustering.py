@@ -91,6 +91,13 @@ class ClusterConfig(base.Model):
         return value
 
     @property
+    def numbering(self) -> str:
+        """What tells this cluster's numbering apart in the durable store: its ``key_prefix``, and its Redis
+        database when not 0 (an operator's find: a node on database 1 of the same Redis and PostgreSQL
+        started, numbered the same conversations apart, and the store lost one side's events)."""
+        return self.key_prefix if self.database == 0 else f"{self.key_prefix}@{self.database}"
+
+    @property
     def database(self) -> int:
         """The database number in ``redis_url`` (0 unless it names one)."""
         split = urlsplit(self.redis_url)

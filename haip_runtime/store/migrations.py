@@ -177,20 +177,26 @@ def writer_conflict(where: str, found: str | None, mine: str) -> str | None:
     (stop them first); the other way, or to another cluster, is refused."""
     if found is None or found == mine or (found == SINGLE and mine.startswith("cluster:")):
         return None
-    theirs = f"the cluster with key_prefix {found[8:]!r}"
+    theirs = f"the cluster with {_numbering(found)}"
     if mine == SINGLE:  # (a cluster's database: only its nodes may write it)
         return (
             f"storage.url: {where} is the durable log of {theirs}; a server without [cluster] would number"
             " the same conversations apart, and each would drop the other's events. Give this server a"
             " database of its own, or make it a node of that cluster ([cluster] with its Redis and key_prefix)."
         )
-    yours = f"a cluster with key_prefix {mine[8:]!r}"
+    yours = f"a cluster with {_numbering(mine)}"
     return (
         f"storage.url: {where} is the durable log of {theirs}; {yours} would number the same conversations"
         " apart, and each would drop the other's events. Give this cluster a database of its own, or the"
-        " same key_prefix and Redis as that one. (If that cluster moved to this prefix, its old nodes"
-        f" stopped: UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
+        " same key_prefix, Redis and Redis database as that one. (If that cluster moved to this prefix, its"
+        f" old nodes stopped: UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
     )
+
+
+def _numbering(writer: str) -> str:
+    """``cluster:<key_prefix>[@<database>]`` in words."""
+    prefix, _, database = writer.removeprefix("cluster:").partition("@")
+    return f"key_prefix {prefix!r}" + (f" on Redis database {database}" if database else "")
 
 
 async def read_writer(db: Db) -> str | None:
@@ -212,10 +218,10 @@ async def claim_writer(db: Db, where: str, mine: str) -> None:
         if refusal is None and found != mine:
             await db.execute("UPDATE haip_meta SET value = $1 WHERE key = 'writer'", mine)
             logger.warning(
-                "store: %s is the log of the cluster with key_prefix %r from now on: a server without"
+                "store: %s is the log of the cluster with %s from now on: a server without"
                 " [cluster] may no longer use it (stop any that still does)",
                 where,
-                mine.removeprefix("cluster:"),
+                _numbering(mine),
             )
     if refusal is not None:
         raise ConfigError(refusal)

@@ -141,3 +141,9 @@ def test_a_cluster_needs_the_postgres_store(tmp_path: Path) -> None:
     path = write(tmp_path, '[storage]\nbackend = "sqlite"\n[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\n')
     with pytest.raises(ConfigError, match="needs \\[storage\\] backend = 'postgres', not 'sqlite'"):
         load_config(path, env={})
+
+
+def test_the_numbering_a_store_keeps_names_the_redis_database_when_not_0() -> None:
+    assert ClusterConfig(redis_url="redis://h:6379/0", key_prefix="p").numbering == "p"
+    assert ClusterConfig(redis_url="redis://h:6379", key_prefix="p").numbering == "p"
+    assert ClusterConfig(redis_url="redis://h:6379/1", key_prefix="p").numbering == "p@1"

@@ -100,6 +100,8 @@ async def test_one_database_is_the_log_of_one_numbering(postgres_url: str, caplo
     for prefix, theirs, advice in (
         (None, "a server without [cluster]", "Give this server a database of its own, or make it a node"),
         ("other", "a cluster with key_prefix 'other'", "UPDATE haip_meta SET value = 'cluster:other'"),
+        # an operator's find: a node on Redis database 1 (same prefix) was taken, and split the log
+        ("haip@1", "a cluster with key_prefix 'haip' on Redis database 1", "same key_prefix, Redis and Redis"),
     ):
         with pytest.raises(ConfigError) as refused:
             async with written_by(postgres_url, prefix):
