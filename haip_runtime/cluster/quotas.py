@@ -102,6 +102,14 @@ class Quotas:
         with translating(self._health, f"release a {kind} slot of {user}"):
             await self._redis.zrem(self._keys.slots(user, kind), holder)
 
+    async def holders(self, user: str, kind: str) -> list[str]:
+        """Who holds ``user``'s live slots of ``kind``, every node's (the least recently refreshed first)."""
+        key = self._keys.slots(user, kind)
+        with translating(self._health, f"list the {kind} slots of {user}"):
+            now_ms = int((await self._redis.time())[0]) * 1000
+            found = await self._redis.zrangebyscore(key, f"({now_ms}", "+inf")
+        return [holder.decode() if isinstance(holder, bytes) else str(holder) for holder in found or []]
+
     async def count(self, user: str, kind: str) -> int:
         """Live slots of ``user``'s ``kind``, over every node."""
         key = self._keys.slots(user, kind)

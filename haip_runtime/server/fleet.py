@@ -128,6 +128,15 @@ class Fleet:
         self.claimed.discard((user, holder))
         self._live_bus().quotas.let_go(user, SESSIONS, holder)
 
+    async def release_now(self, user: str, holder: str) -> None:
+        """``release``, done before it returns (another node waits to take the room it makes)."""
+        self.release(user, holder)
+        await self._release_pending(user)
+
+    async def holders(self, user: str) -> list[str]:
+        """The sessions holding ``user``'s slots on every node (``ClusterError`` if Redis cannot say)."""
+        return await self._live_bus().quotas.holders(user, SESSIONS)
+
     async def _release_pending(self, user: str) -> None:
         """Release ``user``'s queued slots now: a claim right after a drop must see the room it made."""
         mine = [item for item in self._releases if item[0] == user]

@@ -259,6 +259,19 @@ class Roaming:
                 waiting.set()
         elif verb == b"post":
             self._tg.start_soon(self._take_post, rest)
+        elif verb == b"evict":
+            try:
+                session_id, user, asker, ticket = (str(part) for part in json.loads(rest))
+            except (ValueError, TypeError):
+                logger.warning("cluster: a request to make room with a bad body %r", rest[:80])
+                return
+            self._tg.start_soon(self._evict, session_id, user, asker, ticket)
+        elif verb == b"evicted":
+            ticket, _, done = rest.decode(errors="replace").partition(" ")
+            waiting_room = self._posted.get(ticket)
+            if waiting_room is not None:
+                waiting_room[1].append(done == "1")
+                waiting_room[0].set()
         elif verb == b"posted":
             ticket, _, taken = rest.decode(errors="replace").partition(" ")
             posted = self._posted.get(ticket)
@@ -301,6 +314,56 @@ class Roaming:
             session.outbox.close(CloseCode.NORMAL, "the session was resumed on another node")
         if flushed and self.mirror is not None:
             self.mirror.forget(session, delete=False)
+
+    # --- room for a user's new session, made on the node holding their oldest disconnected one ------
+
+    async def make_room(self, user: str) -> bool:
+        """Ask the nodes holding ``user``'s sessions, one session at a time, to drop one that waits for its
+        client (disconnected), releasing its slot before they answer; ``True`` once one did. An operator's
+        find: a node holding none of the user's sessions (just restarted, or the balancer's pick) refused
+        every new session of a user whose disconnected ones were all on other nodes."""
+        try:
+            holders = await self.fleet.holders(user)
+        except ClusterError:
+            return False
+        for session_id in holders:
+            if session_id in self.hub.sessions.sessions:
+                continue  # (this node's own: ``admit`` dropped what it could of them)
+            try:
+                held = await self.bus.replay.holder(session_id)
+                if held is None or held[1] != user or held[0] == self.bus.node_id:
+                    continue
+                if await self._ask(held[0], "evict", [session_id, user, self.bus.node_id]):
+                    return True
+            except ClusterError:
+                return False
+        return False
+
+    async def _ask(self, node: str, verb: str, fields: list[str]) -> bool:
+        """Send ``verb`` with ``fields`` and a ticket to ``node``; wait (``FORWARD_SECONDS``) for its yes or no."""
+        ticket = secrets.token_hex(8)
+        answered, said = self._posted[ticket] = (anyio.Event(), [])
+        try:
+            if not await self.bus.tell(node, f"{verb} {json.dumps([*fields, ticket])}".encode()):
+                return False
+            with anyio.move_on_after(FORWARD_SECONDS):
+                await answered.wait()
+            return bool(said and said[0])
+        finally:
+            self._posted.pop(ticket, None)
+
+    async def _evict(self, session_id: str, user: str, asker: str, ticket: str) -> None:
+        """Another node makes room for ``user``'s new session: drop this one if it waits for its client."""
+        session = self.hub.sessions.get(session_id)
+        done = session is not None and session.user == user and session.outbox is None
+        if done and session is not None:
+            logger.info("cluster: session %s of %r dropped to make room on node %s", session_id, user, asker)
+            self.hub.sessions.drop(session)
+            await self.fleet.release_now(user, session_id)
+        try:
+            await self.bus.tell(asker, f"evicted {ticket} {int(done)}".encode())
+        except ClusterError as error:
+            logger.info("cluster: could not answer node %s making room: %s", asker, error)
 
     # --- POSTs at a node that does not hold the session --------------------------------------------
 

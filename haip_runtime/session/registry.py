@@ -49,6 +49,10 @@ class Roaming(Protocol):
         client, told it is ready, finds it from any node (a POST through another node)."""
         ...
 
+    async def make_room(self, user: str) -> bool:
+        """Have another node drop one of ``user``'s sessions that waits for its client; ``True`` if one did."""
+        ...
+
 
 class SessionRegistry:
     """The sessions of this runtime by id; the one way a session is admitted, resumed or dropped."""
@@ -113,8 +117,8 @@ class SessionRegistry:
         """``add``, after counting the session among its user's on every node when in a cluster.
 
         Room is made as ``add`` makes it, then, while the cluster is full, by dropping this node's
-        oldest disconnected sessions of the user; a disconnected session on another node counts until
-        it expires there. ``HandshakeError`` RATE_LIMITED (close 1008) when no room is left."""
+        oldest disconnected sessions of the user, then one another node holds (asked to drop it).
+        ``HandshakeError`` RATE_LIMITED (close 1008) when no room is left."""
         if self.slots is None:
             self.add(session)
             return
@@ -123,9 +127,10 @@ class SessionRegistry:
             self.drop(stale)
         while not await self.slots.claim(user, session.id, self.quotas.config.sessions_per_user):
             oldest = self.quotas.oldest_detached(self.sessions.values(), user)
-            if oldest is None:
+            if oldest is not None:
+                self.drop(oldest)
+            elif self.roaming is None or not await self.roaming.make_room(user):  # (another node's, then)
                 raise self.quotas.cluster_full(user)
-            self.drop(oldest)
         self.add(session)
         if self.roaming is not None:
             await self.roaming.published(session)

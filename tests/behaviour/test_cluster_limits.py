@@ -130,6 +130,30 @@ async def test_a_user_at_the_limit_on_one_node_is_refused_on_another_until_a_slo
     assert info["payload"]["user"] == "ann"
 
 
+async def test_a_new_session_on_a_node_without_the_users_sessions_takes_the_room_of_one_left_elsewhere(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """An operator's find: with a user's disconnected sessions all on other nodes (a node just restarted,
+    or the balancer's pick), every new session of theirs was refused there for as long as those waited
+    for their clients, though one node alone makes room by dropping the oldest."""
+    config = node_config(redis_url, postgres_url, prefix, resume_timeout_seconds=60)
+    with live_server(config) as a, live_server(config) as b:
+        async with probe(redis_url, prefix) as bus:
+            for _ in range(2):  # the limit, both left waiting for their clients on A
+                async with raw_peer(a.ws_url) as left:
+                    await ready(left, a.token("ann"))
+            await until(seen(lambda: all(s.outbox is None for s in a.runtime.hub.sessions.sessions.values())))
+            async with raw_peer(b.ws_url) as new:
+                info = await ready(new, b.token("ann"))
+                assert await bus.quotas.count("ann", "sessions") == 2
+            async with raw_peer(a.ws_url) as first, raw_peer(a.ws_url) as second:  # connected: no room made
+                await ready(first, a.token("ann"))
+                await ready(second, a.token("ann"))
+                error, code = await refused(b, "ann")
+    assert info["payload"]["user"] == "ann" and len(a.runtime.hub.sessions) <= 2
+    assert error["payload"]["code"] == "RATE_LIMITED" and code == 1008
+
+
 async def test_a_dead_nodes_slots_free_themselves_within_the_slot_ttl(
     redis_url: str, prefix: str, postgres_url: str
 ) -> None:
