@@ -578,3 +578,41 @@ async def test_a_browser_page_of_the_balancers_own_origin_may_open_a_websocket_a
                 pass
     assert hai["type"] == "HAI"
     assert refused.value.response.status_code == 403
+
+
+async def test_with_redis_away_from_every_node_haproxy_serves_on_them_anyway(
+    redis: RedisServer, postgres_server: PostgresServer
+) -> None:
+    """An operator's find: with Redis down, every node's /health/ready said 503, HAProxy took them all
+    out ("no server available") and answered every new connection 503, though the nodes serve on
+    (sessions admitted on each node's own limits). The guide's backup lines serve them then."""
+    postgres_server.ensure_running()
+    url = postgres_server.create_database("deploy_redis_away")
+    try:
+        with netcut(redis.port) as line:
+            urls = [f"redis://127.0.0.1:{line.port}/0"] * 2  # both nodes reach Redis through the cut
+            with deployment(2, urls, url) as nodes:
+                with balancer("haproxy", [node.port for node in nodes.nodes]) as haproxy:
+                    await until_both_answer(haproxy, nodes)
+                    line.cut()
+                    for node in nodes.nodes:
+                        await until_degraded(node.http_url)
+                    unready = [(await ready(node.http_url))[0] for node in nodes.nodes]
+                    await until_logged(haproxy, ["node1 is DOWN", "node2 is DOWN"])  # both out of the rotation
+                    answered = await health(haproxy.http_url)  # served though no node is ready
+                    line.heal()
+                    await until_both_answer(haproxy, nodes, timeout=20)
+    finally:
+        postgres_server.ensure_running()
+        postgres_server.drop_database("deploy_redis_away")
+    assert unready == [503, 503]
+    assert answered["status"] == "degraded" and answered["degraded"]["cluster"].startswith("unavailable")
+
+
+async def until_logged(front: Balancer, lines: list[str], timeout: float = 20) -> None:
+    """Until ``front``'s own log (its stdout and stderr) holds each of ``lines``."""
+    with anyio.fail_after(timeout):
+        while True:
+            if all(line in (front.folder / "stdout.log").read_text(errors="replace") for line in lines):
+                return
+            await anyio.sleep(0.1)  # the balancer's next check writes it: a file, nothing to wait on

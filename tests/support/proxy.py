@@ -84,8 +84,10 @@ class Kind:
             return NGINX_MAIN.format(folder=folder, block=block)
         if self.program == "haproxy":
             block = _listen(block, r"^(\s*)bind :80$", rf"\1bind 127.0.0.1:{port}")
-            nodes = re.compile(r"^ *server (?P<name>\S+) (?P<addr>\S+:\d+)\b.*$", re.M)
-            block = _node_lines(block, upstreams, nodes, lambda index: f"node{index}")
+            checked = re.compile(r"^ *server (?P<name>\S+) (?P<addr>\S+:\d+) check\b.*$", re.M)
+            block = _node_lines(block, upstreams, checked, lambda index: f"node{index}")
+            backups = re.compile(r"^ *server (?P<name>\S+) (?P<addr>\S+:\d+) backup\b.*$", re.M)
+            block = _node_lines(block, upstreams, backups, lambda index: f"node{index}-anyway")
             return block.replace("    pidfile /run/haproxy.pid\n", f"    pidfile {folder}/haproxy.pid\n")
         block = _listen(block, r"^haip\.example\.com \{$", f"http://127.0.0.1:{port} {{")
         addresses = " ".join(f"127.0.0.1:{upstream}" for upstream in upstreams)
