@@ -81,12 +81,14 @@ async def begin(
         transaction = create(ctx, member, spec, thread_id, params, reference, id, related_id)
     waiting = transaction.shared.unavailable() if transaction.shared is not None else None
     if waiting is not None:  # its TRANSACTION_START reaches the member only once Redis answers: say why now
-        # Not related to the request (the start did not fail), nor in the transaction (not known yet).
+        # Not related to the request (the start did not fail), nor in the transaction (not known yet): the
+        # transaction and the request's reference are in its detail (an operator's find: only in the text).
         message = (
             f"the cluster's Redis does not answer ({waiting}): transaction {transaction.id} is started, and "
             "its start and what is said in it reach its members, in order, once Redis answers"
         )
-        member.deliver(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message)))
+        detail = {"transaction": transaction.id, **({"reference": reference} if reference else {})}
+        member.deliver(Event(EventType.ERROR, error_body(ErrorCode.STORAGE_UNAVAILABLE, message, detail=detail)))
     return transaction
 
 

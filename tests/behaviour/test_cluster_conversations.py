@@ -261,6 +261,7 @@ async def test_a_transaction_started_while_redis_is_down_is_said_to_wait_at_once
     assert told.get("code") == "STORAGE_UNAVAILABLE" and told.transaction is None
     assert reply.transaction is not None and started == [reply.transaction]
     assert reply.transaction in str(told.get("message"))
+    assert told.get("detail")["transaction"] == reply.transaction and "reference" in told.get("detail")
 
 
 async def test_a_node_cut_from_redis_loses_its_turns_to_another_and_catches_up_when_the_network_heals(
