@@ -123,27 +123,35 @@ class Authenticator:
 
     async def authenticate(self, token: str | None) -> Principal:
         """Check ``token`` (fetching JWKS keys off the event loop when needed)."""
-        try:
-            key = self._key
-            if self._jwks is not None and token:
-                import jwt
+        key = self._key
+        if self._jwks is not None and token:
+            import jwt
 
-                try:
-                    kid = jwt.get_unverified_header(token).get("kid")
-                    key = await self._jwks.key(kid if isinstance(kid, str) else None)
-                except jwt.PyJWTError as exc:
-                    raise _refused(_reason(exc)) from exc
-                except KeyUnavailableError as exc:
-                    raise _refused(str(exc), "keys_unavailable") from exc
-            return self.verify(token, key)
-        except Refused as refused:
-            self.refusals[refused.kind] += 1
-            raise
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+                key = await self._jwks.key(kid if isinstance(kid, str) else None)
+            except jwt.PyJWTError as exc:
+                raise self._refused(_reason(exc)) from exc
+            except KeyUnavailableError as exc:
+                raise self._refused(str(exc), "keys_unavailable") from exc
+        return self.verify(token, key)
+
+    def _refused(self, reason: str, kind: str | None = None) -> HandshakeError:
+        """``AUTHENTICATION_FAILED`` saying ``reason``, logged (never the token) and counted by ``kind``,
+        one word of a fixed few (the metric's label; from the reason when not given)."""
+        logger.warning("authentication failed: %s", reason)
+        if kind is None:
+            named = reason.partition(" (")[0]
+            kind = "missing_claim" if named.startswith("token has no ") else _KINDS.get(named, "invalid")
+        self.refusals[kind] += 1
+        return HandshakeError(
+            ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
+        )
 
     def verify(self, token: str | None, key: Any = None) -> Principal:
         """Check ``token`` against ``key`` (default: the configured secret or public key)."""
         if not token:
-            raise _refused("no credentials", "no_credentials")
+            raise self._refused("no credentials", "no_credentials")
         import jwt
 
         required = list(dict.fromkeys([*ALWAYS_REQUIRED, *self.config.required_claims]))
@@ -167,10 +175,10 @@ class Authenticator:
                     if self._key_kept
                     else " (dev mode makes a new key each time the server starts: use the token it printed last)"
                 )
-            raise _refused(reason) from exc
+            raise self._refused(reason) from exc
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
-            raise _refused("token has no subject", "no_subject")
+            raise self._refused("token has no subject", "no_subject")
         roles = roles_of(claims, self.config)
         expires = float(claims["exp"]) + self.config.leeway_seconds
         permissions = permissions_for(roles, self.roles)
@@ -228,27 +236,9 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
-class Refused(HandshakeError):
-    """``AUTHENTICATION_FAILED``, with why in one word of a fixed few (``kind``: the metric's label)."""
-
-    def __init__(self, reason: str, kind: str) -> None:
-        super().__init__(
-            ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
-        )
-        self.kind = kind
-
-
 #: The kind of each of ``_reason``'s reasons (the rest are ``invalid``).
 _KINDS = {
     "token expired": "expired",
     "token not yet valid": "not_yet_valid",
     "token not meant for this server": "wrong_audience_or_issuer",
 }
-
-
-def _refused(reason: str, kind: str | None = None) -> Refused:
-    logger.warning("authentication failed: %s", reason)  # never the token itself
-    if kind is None:
-        named = reason.partition(" (")[0]
-        kind = "missing_claim" if named.startswith("token has no ") else _KINDS.get(named, "invalid")
-    return Refused(reason, kind)
