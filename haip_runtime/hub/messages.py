@@ -91,7 +91,9 @@ def answered_if_asked(ctx: HubContext, session: Session, transaction: Transactio
     """Whether ``text`` (typed, or the transcript of what the member said) answers a question they were
     asked in words; if so it is taken as the answer and is not a message to the agent."""
     question = session.questions.first(transaction.id)
-    return question is not None and answered_in_words(ctx, session, transaction, question, text, related_id)
+    if question is None or not session.principal.permissions.may_send("TOOL_UPDATE"):
+        return False  # (asked before a resume with a token whose roles may not answer: words, not an answer)
+    return answered_in_words(ctx, session, transaction, question, text, related_id)
 
 
 def answered_in_words(

@@ -79,6 +79,12 @@ class WindowSink(Protocol):
     def took(self, session: Session, envelope_id: str) -> None: ...
 
 
+def may_answer(principal: Principal | None) -> bool:
+    """Whether the member may answer tool calls (their roles let them send ``TOOL_UPDATE``): only then are
+    they asked in words (a prober's find: a viewer refused TOOL_UPDATE approved by typing "yes")."""
+    return principal is None or principal.permissions.may_send("TOOL_UPDATE")
+
+
 class Session:
     """Protocol state of one client across its connections.
 
@@ -104,7 +110,7 @@ class Session:
         self.flow = OutboundFlow(config.max_buffered_messages)
         #: Whether audio goes to this client in two-frame mode (its HAI and its transport both allow it).
         self.binary_frames = False
-        self.downgrader = Downgrader(accepted)
+        self.downgrader = Downgrader(accepted, may_answer=may_answer(principal))
         self.transactions: set[str] = set()
         self.outbox: Outbox | None = None
         #: The deadlines of the connection serving it (``watch``), if one does.
@@ -159,8 +165,7 @@ class Session:
 
     def authenticate(self, principal: Principal, accepted: frozenset[str]) -> None:
         self._principal = principal
-        # (a role refused TOOL_UPDATE must not approve "in words" what it may not approve: a prober's find)
-        self.downgrader = Downgrader(_shared(accepted), may_answer=principal.permissions.may_send("TOOL_UPDATE"))
+        self.downgrader = Downgrader(_shared(accepted), may_answer=may_answer(principal))
 
     @property
     def principal(self) -> Principal:
