@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a node taking a session over waits for the old node (still listening) to let it go.
 HANDOVER_SECONDS = 2.0
+#: The most nodes' sessions a new session asks to make room for it (``make_room``), one after the other.
+MAX_ASKED = 3
 #: How long a POST forwarded to the node holding its session waits to hear whether it was taken there (a
 #: node of a release before this answer never says: taken, as it was then).
 FORWARD_SECONDS = 2.0
@@ -257,7 +259,7 @@ class Roaming:
             waiting = self._released.get(rest.decode(errors="replace"))
             if waiting is not None:
                 waiting.set()
-        elif verb == b"post":
+        elif verb in (b"post", b"postback"):
             self._tg.start_soon(self._take_post, rest)
         elif verb == b"evict":
             try:
@@ -326,9 +328,13 @@ class Roaming:
             holders = await self.fleet.holders(user)
         except ClusterError:
             return False
+        asked = 0
         for session_id in holders:
             if session_id in self.hub.sessions.sessions:
                 continue  # (this node's own: ``admit`` dropped what it could of them)
+            if asked == MAX_ASKED:  # (a handshake waits for the answers: nodes that do not answer cost 2 s each)
+                return False
+            asked += 1
             try:
                 held = await self.bus.replay.holder(session_id)
                 if held is None or held[1] != user or held[0] == self.bus.node_id:
@@ -383,13 +389,17 @@ class Roaming:
         ticket = secrets.token_hex(8)
         answered, taken = self._posted[ticket] = (anyio.Event(), [])
         try:
+            # "postback": answered with whether the holder took it (a prober's find: a POST to a WebSocket
+            # session held elsewhere was answered 202, and dropped there). A node from before it does not
+            # know the verb and never answers: then the POST goes again as "post", which such a node takes.
             header = json.dumps([session_id, user, self.bus.node_id, ticket]).encode()
-            if not await self.bus.tell(holder[0], b"post " + header + b"\n" + body):
+            if not await self.bus.tell(holder[0], b"postback " + header + b"\n" + body):
                 return False
-            # (a prober's find: a POST to a WebSocket session held elsewhere was answered 202, and dropped)
             with anyio.move_on_after(FORWARD_SECONDS):
                 await answered.wait()
-            return taken[0] if taken else True
+            if taken:
+                return taken[0]
+            return await self.bus.tell(holder[0], b"post " + json.dumps([session_id, user]).encode() + b"\n" + body)
         finally:
             self._posted.pop(ticket, None)
 
