@@ -307,7 +307,12 @@ def tool_matches(server: str, tool: str, patterns: Iterable[str]) -> bool:
     written as the tool's own name or as its full name, ``server.tool``, as members and agents see it (a
     newcomer's find: ``require_approval = ["demo.delete_everything"]`` matched nothing, and it ran unasked)."""
     full = f"{server}.{tool}"
-    return any(fnmatch.fnmatchcase(tool, pattern) or fnmatch.fnmatchcase(full, pattern) for pattern in patterns)
+    # A full name only for a pattern with a dot: "read*" must not match every tool of a server named "reader"
+    # (allowed_tools is an allow-list: a reviewer's find).
+    return any(
+        fnmatch.fnmatchcase(tool, pattern) or ("." in pattern and fnmatch.fnmatchcase(full, pattern))
+        for pattern in patterns
+    )
 
 
 class McpServerConfig(Model):

@@ -188,8 +188,9 @@ def writer_conflict(where: str, found: str | None, mine: str) -> str | None:
     return (
         f"storage.url: {where} is the durable log of {theirs}; {yours} would number the same conversations"
         " apart, and each would drop the other's events. Give this cluster a database of its own, or the"
-        " same key_prefix, Redis and Redis database as that one. (If that cluster moved to this prefix, its"
-        f" old nodes stopped: UPDATE haip_meta SET value = '{mine}' WHERE key = 'writer'.)"
+        " same key_prefix, Redis and Redis database as that one. (If that cluster is this one, recorded before"
+        " its Redis database was, or it moved here: stop its old nodes, then UPDATE haip_meta SET value ="
+        f" '{mine}' WHERE key = 'writer'.)"
     )
 
 

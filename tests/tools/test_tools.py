@@ -548,3 +548,4 @@ def test_tool_patterns_take_the_tools_own_name_or_its_full_name() -> None:
     assert tool_matches("demo", "delete_everything", ["demo.delete_everything"])
     assert tool_matches("demo", "delete_everything", ["delete_*"]) and tool_matches("demo", "add", ["demo.*"])
     assert not tool_matches("demo", "delete_everything", ["other.delete_everything", "delete_everythng"])
+    assert not tool_matches("reader", "delete_all", ["read*"])  # (an allow-list: no wider than it was)
