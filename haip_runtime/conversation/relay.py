@@ -181,6 +181,9 @@ class SharedLog(Succession):
         self.answering: dict[str, str] = {}
         #: Messages no run has answered yet, with who sent them (a takeover answers them).
         self.unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
+        #: Messages from members elsewhere this node answered as the owner, until the log shows their run
+        #: started (or refused): given back to ``unanswered`` if the lease is lost before.
+        self.answered_here: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
         #: Calls the log shows waiting for a member's answer, with their run (an answer from here is forwarded).
         self.waiting_calls: dict[str, str | None] = {}
         self.asked: dict[str, tuple[str, dict[str, Any] | None]] = {}
@@ -629,6 +632,8 @@ class SharedLog(Succession):
     def _follow(self, event: Event, node: str | None) -> None:
         """Keep what a takeover and members here need to know of the log; the owner applies edits made elsewhere."""
         follow(self, event, self.transaction.users)
+        if self.answered_here and event.type in (EventType.RUN_STARTED, EventType.INFO):
+            self._answered_in_log(event)
         if event.type == EventType.MESSAGE_UPDATE and self.owner and node != self.relay.node:
             payload = event.payload if isinstance(event.payload, dict) else {}
             author, message_id = str(payload.get("author", "")), str(payload.get("message_id", ""))

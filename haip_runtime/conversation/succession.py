@@ -25,6 +25,7 @@ from haip_runtime.conversation.shared import end_lost
 from haip_runtime.exceptions import ClusterError
 from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.envelope import Event
+from haip_runtime.protocol.events import EventType
 
 if TYPE_CHECKING:
     from haip_runtime.cluster import Bus
@@ -62,6 +63,7 @@ class Succession:
     open_calls: dict[str, str | None]
     open_messages: dict[str, str]
     unanswered: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
+    answered_here: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]]
     #: An end a member asked for while no node held the lease: the next holder carries it out.
     end_asked: str | None
     #: How long the turns may take to move to another node (the lease's time).
@@ -131,15 +133,24 @@ class Succession:
         for message_id in [m for m, (turn, _) in self.unanswered.items() if not turn.get("answered")]:
             self._answer(*self.unanswered.pop(message_id))
 
-    def _given_up_by(self, node: str, runs: list[str]) -> None:
+    def _given_up_by(self, node: str, runs: list[str], messages: list[str]) -> None:
         """``node`` lost the lease and stopped ``runs``, after publishing what it had: those that reached
         the log end with ``NODE_LOST``, and the messages it answered that no run reached the log for are
-        answered here (everything ``node`` published before this is in the log before it)."""
+        answered here (everything ``node`` published before this is in the log before it): its members'
+        and, named in ``messages``, those of members elsewhere it answered as the owner."""
         for run_id in runs:
             if run_id in self.open_runs:
                 self._node_lost(run_id)
-        for message_id in [m for m, (turn, _) in self.unanswered.items() if turn.get("by") == node]:
+        named = set(messages)
+        for message_id in [m for m, (turn, _) in self.unanswered.items() if turn.get("by") == node or m in named]:
             self._answer(*self.unanswered.pop(message_id))
+
+    def _answered_in_log(self, event: Event) -> None:
+        """A run started for a message this node answered (or the message was refused, ``run.unqueued``):
+        it is in the log, whoever holds the lease from now on."""
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        if event.type == EventType.RUN_STARTED or payload.get("event") == "run.unqueued":
+            self.answered_here.pop(str(payload.get("message_id", "")), None)
 
     def _node_lost(self, run_id: str) -> None:
         """End ``run_id``, which a node that lost the lease left open in the log, its streamed message cut
@@ -153,6 +164,11 @@ class Succession:
         transaction = self.transaction
         if transaction.ended:
             return
+        message_id = str(payload.get("message_id", ""))
+        if message_id:  # until its run shows in the log: a lease lost before gives it back (``_lose``)
+            self.answered_here[message_id] = (turn, payload)
+            if len(self.answered_here) > MAX_UNANSWERED:
+                self.answered_here.popitem(last=False)
         about = turn["member"]
         member: Member = transaction.members.get(str(about["id"])) or remote_member(about)
         forwarded = {k: v for k, v in payload.items() if k != "author"}
@@ -174,7 +190,8 @@ class Succession:
             elif kind == "add_agent":
                 self._add_agent(body["member"], str(body["name"]))
             elif kind == "given_up":
-                self._given_up_by(str(body.get("n", "")), [str(run_id) for run_id in body.get("runs", ())])
+                runs = [str(run_id) for run_id in body.get("runs", ())]
+                self._given_up_by(str(body.get("n", "")), runs, [str(m) for m in body.get("messages", ())])
         except Exception as error:  # answered by someone else meanwhile, or the call has ended
             logger.info("transaction %s: %s from node %s not done: %s", transaction.id, kind, body.get("n"), error)
 
@@ -327,8 +344,16 @@ class Succession:
         # this node takes the lease back, and run twice: a reviewer).
         self.transaction.drop_queue()
         self._outbox.keep(lambda queued: queued[3] not in self._given_up)
+        # The messages of members elsewhere it answered whose runs the log does not show: whoever holds the
+        # lease next answers them, this node too (a tester's message sent as Redis stopped was never
+        # answered: this node had answered it, lost the lease before its run reached the log, took the
+        # lease back, and had kept it nowhere).
+        given_back, self.answered_here = list(self.answered_here.items()), OrderedDict()
+        for message_id, (turn, payload) in given_back:
+            self.unanswered[message_id] = ({**turn, "by": self.node}, payload)
         # After what is kept: the next owner ends those runs and answers what this node answered in vain.
-        self.control("given_up", runs=stopped)
+        named = {"messages": [message_id for message_id, _ in given_back]} if given_back else {}
+        self.control("given_up", runs=stopped, **named)
 
     async def _caught_up(self, timeout: float) -> None:
         """Until the feed has delivered what the log held when the lease came (what the last owner

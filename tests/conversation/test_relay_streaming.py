@@ -4,6 +4,7 @@ streaming agent's back-pressure (``pace``) waits for its own parts to come back,
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import types
@@ -524,6 +525,30 @@ async def test_the_owners_own_message_whose_run_it_gave_up_is_answered_when_it_s
     assert answered == [] and list(shared.unanswered) == ["m-cut off"]
     shared.deliver([LogEntry(transaction.id, 4, b'{"n":"n1","ctl":"given_up","runs":["r2"]}')])
     assert answered == ["cut off"] and not shared.unanswered
+
+
+async def test_a_message_from_elsewhere_the_owner_answered_is_answered_again_when_its_run_was_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator's find: a member on another node spoke as Redis stopped. The owner answered (its run
+    started here), lost the lease before the run reached the log, took the lease back, and had kept the
+    message nowhere: no turn, no error. Now the owner keeps what it answered until the log shows its run,
+    gives it back when the lease is lost, and names it in its word to the next owner."""
+    shared, transaction, _, _ = shared_log()
+    answered: list[str] = []
+    monkeypatch.setattr(transaction, "answer_elsewhere", lambda member, text, *rest: answered.append(text))
+    shared.deliver([LogEntry(transaction.id, 1, message_from("n2", "ran", answered=False))])
+    started = Event(EventType.RUN_STARTED, {"message_id": "m-ran", "agent": "echo"}, run_id="r1")
+    shared.deliver([LogEntry(transaction.id, 2, entry(started, "n1"))])
+    shared.deliver([LogEntry(transaction.id, 3, message_from("n2", "cut off", answered=False))])
+    assert answered == ["ran", "cut off"] and list(shared.answered_here) == ["m-cut off"]
+    shared._lose()
+    assert list(shared.unanswered) == ["m-cut off"] and not shared.answered_here
+    word = json.loads(shared.outbox[len(shared.outbox) - 1][0])
+    assert (word["ctl"], word["messages"]) == ("given_up", ["m-cut off"])
+    shared.owner = True  # the lease again (here, or on the node that reads the word: the same answer)
+    shared.deliver([LogEntry(transaction.id, 4, json.dumps(word).encode())])
+    assert answered == ["ran", "cut off", "cut off"] and not shared.unanswered
 
 
 async def test_what_is_published_after_the_transaction_left_the_node_is_not_sent() -> None:
