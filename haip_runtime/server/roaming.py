@@ -78,7 +78,8 @@ class Roaming:
         #: Where the `/mcp` door's notices go (``mcp_relay.McpRelay.notice``), when it is served.
         self.on_mcp: Callable[[bytes, bytes], None] | None = None
         self._released: dict[str, anyio.Event] = {}
-        #: POSTs forwarded from here and not answered yet, by ticket: [answered, taken there].
+        #: What this node asked other nodes (a forwarded POST, room for a session) and is not answered yet,
+        #: by ticket: (answered, [yes or no]).
         self._posted: dict[str, tuple[anyio.Event, list[bool]]] = {}
         self._stack = AsyncExitStack()
         self._tg: TaskGroup | None = None
@@ -268,18 +269,12 @@ class Roaming:
                 logger.warning("cluster: a request to make room with a bad body %r", rest[:80])
                 return
             self._tg.start_soon(self._evict, session_id, user, asker, ticket)
-        elif verb == b"evicted":
-            ticket, _, done = rest.decode(errors="replace").partition(" ")
-            waiting_room = self._posted.get(ticket)
-            if waiting_room is not None:
-                waiting_room[1].append(done == "1")
-                waiting_room[0].set()
-        elif verb == b"posted":
-            ticket, _, taken = rest.decode(errors="replace").partition(" ")
-            posted = self._posted.get(ticket)
-            if posted is not None:
-                posted[1].append(taken == "1")
-                posted[0].set()
+        elif verb in (b"evicted", b"posted"):  # another node's yes or no to a ticket of this node's
+            ticket, _, said = rest.decode(errors="replace").partition(" ")
+            asked = self._posted.get(ticket)
+            if asked is not None:
+                asked[1].append(said == "1")
+                asked[0].set()
         elif verb.startswith(b"mcp") and self.on_mcp is not None:
             self.on_mcp(verb, rest)
         else:
