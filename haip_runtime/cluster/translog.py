@@ -241,7 +241,7 @@ class TransactionLog:
         ]
         channel = self._keys.channel(transaction)
         solo_channel = self._node_channel if solo else ""
-        ended_ms = int(ENDED_KEEP_SECONDS * 1000) if ended else ""
+        ended_ms = min(int(ENDED_KEEP_SECONDS * 1000), self._idle_ms) if ended else ""  # (never longer than a live one)
         args: list[Arg] = [floor, self._max_events, self._idle_ms, channel, solo_channel, self._max_bytes, ended_ms]
         return keys, [*args, *payloads]
 
