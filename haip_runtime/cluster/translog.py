@@ -113,6 +113,9 @@ return cur
 
 #: How long an ended transaction's log stays in Redis (a node catching up reads the rest from the store).
 ENDED_KEEP_SECONDS = 60.0
+#: About how many bytes of it stay meanwhile (its newest events): a user starting, filling and ending
+#: transactions over and over held their send rate times a minute of Redis (a re-tester's find).
+ENDED_KEEP_BYTES = 1024 * 1024
 
 
 class Appended(NamedTuple):
@@ -242,7 +245,8 @@ class TransactionLog:
         channel = self._keys.channel(transaction)
         solo_channel = self._node_channel if solo else ""
         ended_ms = min(int(ENDED_KEEP_SECONDS * 1000), self._idle_ms) if ended else ""  # (never longer than a live one)
-        args: list[Arg] = [floor, self._max_events, self._idle_ms, channel, solo_channel, self._max_bytes, ended_ms]
+        most = min(self._max_bytes, ENDED_KEEP_BYTES) if ended else self._max_bytes
+        args: list[Arg] = [floor, self._max_events, self._idle_ms, channel, solo_channel, most, ended_ms]
         return keys, [*args, *payloads]
 
     async def seed(self, transaction: str, floor: int) -> int:

@@ -7,6 +7,7 @@ import pytest
 
 from haip_runtime.cluster import Bus, LogEntry, LogGap
 from haip_runtime.cluster.replies import stream_rows, text
+from haip_runtime.cluster.translog import ENDED_KEEP_BYTES
 from haip_runtime.exceptions import ClusterError
 from tests.cluster.conftest import BusFactory, Collector, until
 from tests.support.netcut import netcut
@@ -304,3 +305,19 @@ async def test_a_log_is_bounded_in_bytes_and_what_it_trimmed_arrives_as_a_gap(
         gap = seen.items[0]
         assert isinstance(gap, LogGap) and gap.first == 1 and seen.tseqs[-1] == 31
         assert seen.tseqs == list(range(gap.last + 1, 32))
+
+
+async def test_an_ended_transactions_log_keeps_only_its_newest_megabyte_for_its_last_minute(
+    redis_url: str, bus_at: BusFactory
+) -> None:
+    """A re-tester's find: starting, filling (to the 16 MiB bound) and ending transactions over and over,
+    one user held their send rate times a minute of Redis in ended logs."""
+    async with bus_at(redis_url) as a:
+        big = b"z" * 200_000
+        for _ in range(20):  # 4 MB: under the live bound
+            await a.log.append("T", big)
+        live = stream_rows(await a.redis.xrange(a.keys.log("T")))
+        [ended] = await a.log.append_batches([("T", [b"the end"], 0)], ended={"T"})
+        kept = stream_rows(await a.redis.xrange(a.keys.log("T")))
+    assert len(live) == 20 and not isinstance(ended, ClusterError)
+    assert sum(len(fields[b"d"]) for _, fields in kept) <= ENDED_KEEP_BYTES and kept[-1][1][b"d"] == b"the end"
