@@ -466,7 +466,10 @@ async def test_a_call_id_in_use_is_refused_even_in_the_same_instant(tool_server:
     async with operator(tool_server) as (client, tx):
         body = {"call_id": "twice", "tool": "demo.slow_count", "params": {"steps": 3, "delay": 0.05}}
         await client.send("TOOL_CALL", body, transaction=tx)
-        second = await client.send("TOOL_CALL", body, transaction=tx)
+        # Another call under the same id (the same call sent again is taken once, as a resend: whether it
+        # came before the first was numbered or after made this test fail once in CI, with the same body)
+        other = {**body, "params": {"steps": 2, "delay": 0.05}}
+        second = await client.send("TOOL_CALL", other, transaction=tx)
         error = await client.wait_for("ERROR")
         await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == "twice")
         starts = [e for e in client.received if e.type == "TOOL_CALL" and e.get("call_id") == "twice"]
