@@ -225,6 +225,7 @@ class Chat:
         self.down = {name: s for name, s in servers.items() if s.get("state") in ("failed", "reconnecting")}
         for name, status in self.down.items():
             error = f": {status['error']}" if status.get("error") else ""
+            self.view.servers[name] = (str(status["state"]), error)
             self.view.say(f"MCP server {name} {status['state']}{error}", "yellow")
 
     async def join(self, wanted: str) -> None:

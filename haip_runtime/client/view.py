@@ -81,6 +81,9 @@ class ChatView:
         self.held: list[Received] | None = None  # streamed events waiting for a join's history (``hold``)
         self.questions: list[Question] = []
         self.tools: list[dict[str, Any]] = []
+        #: What was last said of each MCP server (state, error): the same again is not said twice (a
+        #: newcomer's find: a server down was said by the chat's /health look, then by the runtime's INFO).
+        self.servers: dict[str, tuple[str, str]] = {}
 
     def begin(self, agent: str, transaction: str, *, joined: bool = False) -> None:
         """A new conversation with ``agent`` (or one ``joined``): forget everything shown of the last one."""
@@ -192,7 +195,10 @@ class ChatView:
                 self.say(f"MCP server {event.get('server')} changed its tools", "dim")
             else:
                 error = f": {event.get('error')}" if event.get("error") else ""
-                self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
+                state = (str(event.get("state")), error)
+                if self.servers.get(str(event.get("server"))) != state:
+                    self.servers[str(event.get("server"))] = state
+                    self.say(f"MCP server {event.get('server')} {event.get('state')}{error}", "dim")
         elif kind == "TRANSACTION_JOIN" and event.get("omitted") is not None:
             # The answer to this chat's own join (who is there is said after the conversation so far). A rejoin
             # that replayed only the latest events: an answer still streaming misses its middle (a tester's find).

@@ -526,6 +526,7 @@ def test_each_mcp_server_that_failed_is_named_in_one_line(chat_server: LiveServe
     )
     assert done.returncode == 0, done.stderr
     assert "MCP server ghost failed: cannot start '/nonexistent/mcp-server': command not found" in done.stdout
+    assert done.stdout.count("MCP server ghost failed") == 1  # (said by /health and by INFO: once, a newcomer)
     assert "no tools in this conversation (yet) (MCP servers not connected: ghost)" in done.stdout
 
 
@@ -557,6 +558,10 @@ def test_the_chat_says_a_connected_server_changed_its_tools_rather_than_that_it_
         payload = {"event": "mcp.server", "server": "demo", "state": "connected", "error": None, **extra}
         view.on_event(Received({"type": "INFO", "payload": payload}))
     assert shown == ["MCP server demo connected", "MCP server demo changed its tools"]
+    payload = {"event": "mcp.server", "server": "demo", "state": "connecting", "error": None}
+    for _ in range(2):  # (after a restart the runtime said "connecting" twice: the chat says it once)
+        view.on_event(Received({"type": "INFO", "payload": payload}))
+    assert shown[2:] == ["MCP server demo connecting"]
 
 
 def test_a_rejoin_that_skipped_events_marks_the_gap_in_an_answer_still_streaming() -> None:
