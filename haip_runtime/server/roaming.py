@@ -22,6 +22,7 @@ door's sessions (``mcp...``) go to ``on_mcp`` (``mcp_relay.py``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -334,22 +335,24 @@ class Roaming:
                 held = await self.bus.replay.holder(session_id)
                 if held is None or held[1] != user or held[0] == self.bus.node_id:
                     continue
-                if await self._ask(held[0], "evict", [session_id, user, self.bus.node_id]):
+                asking = functools.partial(_notice, "evict", [session_id, user, self.bus.node_id])
+                if await self._ask(held[0], asking):
                     return True
             except ClusterError:
                 return False
         return False
 
-    async def _ask(self, node: str, verb: str, fields: list[str]) -> bool:
-        """Send ``verb`` with ``fields`` and a ticket to ``node``; wait (``FORWARD_SECONDS``) for its yes or no."""
+    async def _ask(self, node: str, notice: Callable[[str], bytes]) -> bool | None:
+        """Send ``node`` the notice made with a new ticket, and wait (``FORWARD_SECONDS``) for its yes or no
+        to that ticket; ``False`` if ``node`` does not listen, ``None`` if it did not answer in time."""
         ticket = secrets.token_hex(8)
         answered, said = self._posted[ticket] = (anyio.Event(), [])
         try:
-            if not await self.bus.tell(node, f"{verb} {json.dumps([*fields, ticket])}".encode()):
+            if not await self.bus.tell(node, notice(ticket)):
                 return False
             with anyio.move_on_after(FORWARD_SECONDS):
                 await answered.wait()
-            return bool(said and said[0])
+            return said[0] if said else None
         finally:
             self._posted.pop(ticket, None)
 
@@ -381,22 +384,17 @@ class Roaming:
         holder = await self.bus.replay.holder(session_id) or await self.bus.replay.stream_holder(session_id)
         if holder is None or holder[1] != user or holder[0] == self.bus.node_id:
             return False
-        ticket = secrets.token_hex(8)
-        answered, taken = self._posted[ticket] = (anyio.Event(), [])
-        try:
-            # "postback": answered with whether the holder took it (a prober's find: a POST to a WebSocket
-            # session held elsewhere was answered 202, and dropped there). A node from before it does not
-            # know the verb and never answers: then the POST goes again as "post", which such a node takes.
-            header = json.dumps([session_id, user, self.bus.node_id, ticket]).encode()
-            if not await self.bus.tell(holder[0], b"postback " + header + b"\n" + body):
-                return False
-            with anyio.move_on_after(FORWARD_SECONDS):
-                await answered.wait()
-            if taken:
-                return taken[0]
-            return await self.bus.tell(holder[0], b"post " + json.dumps([session_id, user]).encode() + b"\n" + body)
-        finally:
-            self._posted.pop(ticket, None)
+
+        # "postback": answered with whether the holder took it (a prober's find: a POST to a WebSocket session
+        # held elsewhere was answered 202, and dropped there). A node from before it does not know the verb
+        # and never answers: then the POST goes again as "post", which such a node takes.
+        def postback(ticket: str) -> bytes:
+            return b"postback " + json.dumps([session_id, user, self.bus.node_id, ticket]).encode() + b"\n" + body
+
+        taken = await self._ask(holder[0], postback)
+        if taken is not None:
+            return taken
+        return await self.bus.tell(holder[0], b"post " + json.dumps([session_id, user]).encode() + b"\n" + body)
 
     async def _take_post(self, message: bytes) -> None:
         header, _, body = message.partition(b"\n")
@@ -418,3 +416,8 @@ class Roaming:
                 await self.bus.tell(str(reply[0]), f"posted {reply[1]} {int(taken)}".encode())
             except ClusterError as error:
                 logger.info("cluster: could not answer a forwarded POST: %s", error)
+
+
+def _notice(verb: str, fields: list[str], ticket: str) -> bytes:
+    """A notice that asks for a yes or no: ``verb`` with ``fields`` and the ticket, as JSON."""
+    return f"{verb} {json.dumps([*fields, ticket])}".encode()
