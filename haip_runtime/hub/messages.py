@@ -16,7 +16,7 @@ from haip_runtime.protocol.codec import ENVELOPE_ROOM, parse_payload
 from haip_runtime.protocol.envelope import Envelope, Event
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType
 from haip_runtime.session.questions import Question
-from haip_runtime.session.session import Session
+from haip_runtime.session.session import Session, may_answer
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def answered_if_asked(ctx: HubContext, session: Session, transaction: Transactio
     """Whether ``text`` (typed, or the transcript of what the member said) answers a question they were
     asked in words; if so it is taken as the answer and is not a message to the agent."""
     question = session.questions.first(transaction.id)
-    if question is None or not session.principal.permissions.may_send("TOOL_UPDATE"):
+    if question is None or not may_answer(session.principal):
         return False  # (asked before a resume with a token whose roles may not answer: words, not an answer)
     return answered_in_words(ctx, session, transaction, question, text, related_id)
 
