@@ -131,18 +131,15 @@ class Authenticator:
                 kid = jwt.get_unverified_header(token).get("kid")
                 key = await self._jwks.key(kid if isinstance(kid, str) else None)
             except jwt.PyJWTError as exc:
-                raise self._refused(_reason(exc)) from exc
+                raise self._refused(*_reason(exc)) from exc
             except KeyUnavailableError as exc:
                 raise self._refused(str(exc), "keys_unavailable") from exc
         return self.verify(token, key)
 
-    def _refused(self, reason: str, kind: str | None = None) -> HandshakeError:
+    def _refused(self, reason: str, kind: str) -> HandshakeError:
         """``AUTHENTICATION_FAILED`` saying ``reason``, logged (never the token) and counted by ``kind``,
-        one word of a fixed few (the metric's label; from the reason when not given)."""
+        one word of a fixed few (the metric's label)."""
         logger.warning("authentication failed: %s", reason)
-        if kind is None:
-            named = reason.partition(" (")[0]
-            kind = "missing_claim" if named.startswith("token has no ") else _KINDS.get(named, "invalid")
         self.refusals[kind] += 1
         return HandshakeError(
             ErrorCode.AUTHENTICATION_FAILED, f"authentication failed: {reason}", close_code=CloseCode.POLICY
@@ -166,7 +163,7 @@ class Authenticator:
                 options={"require": required},
             )
         except jwt.PyJWTError as exc:
-            reason = _reason(exc)
+            reason, kind = _reason(exc)
             if self.config.mode == "dev" and isinstance(exc, jwt.InvalidSignatureError):
                 reason += (
                     " (dev mode: use a token this server printed, or `haip-runtime token --config` with its"
@@ -175,7 +172,7 @@ class Authenticator:
                     if self._key_kept
                     else " (dev mode makes a new key each time the server starts: use the token it printed last)"
                 )
-            raise self._refused(reason) from exc
+            raise self._refused(reason, kind) from exc
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
             raise self._refused("token has no subject", "no_subject")
@@ -222,23 +219,16 @@ def _public_key(path: str, algorithms: list[str]) -> Any:
     return pem
 
 
-def _reason(exc: jwt.PyJWTError) -> str:
+def _reason(exc: jwt.PyJWTError) -> tuple[str, str]:
+    """Why ``exc`` refused a token, in words and as its kind (``haip_auth_failures_total``'s label)."""
     import jwt
 
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"token has no {exc.claim!r} claim"
+        return f"token has no {exc.claim!r} claim", "missing_claim"
     if isinstance(exc, jwt.ExpiredSignatureError):
-        return "token expired"
+        return "token expired", "expired"
     if isinstance(exc, jwt.ImmatureSignatureError):
-        return "token not yet valid"
+        return "token not yet valid", "not_yet_valid"
     if isinstance(exc, jwt.InvalidAudienceError | jwt.InvalidIssuerError):
-        return "token not meant for this server"
-    return "invalid token"
-
-
-#: The kind of each of ``_reason``'s reasons (the rest are ``invalid``).
-_KINDS = {
-    "token expired": "expired",
-    "token not yet valid": "not_yet_valid",
-    "token not meant for this server": "wrong_audience_or_issuer",
-}
+        return "token not meant for this server", "wrong_audience_or_issuer"
+    return "invalid token", "invalid"
