@@ -48,9 +48,14 @@ def endpoint_userinfo(url: str) -> tuple[str, str, str] | None:
     scheme, separator, rest = url.partition("://")
     if not separator:
         return None
-    end = min((index for index in (rest.find(mark) for mark in "/?#") if index >= 0), default=len(rest))
+    end = _authority_end(rest)
     userinfo, at, host = rest[:end].rpartition("@")
     return (scheme, userinfo, host + rest[end:]) if at else None
+
+
+def _authority_end(rest: str) -> int:
+    """Where the authority of a URL's part after ``scheme://`` ends: at its first ``/``, ``?`` or ``#``."""
+    return min((index for index in (rest.find(mark) for mark in "/?#") if index >= 0), default=len(rest))
 
 
 def endpoint_port_refused(url: str) -> str | None:
@@ -60,8 +65,7 @@ def endpoint_port_refused(url: str) -> str | None:
     _, separator, rest = url.partition("://")
     if not separator:
         return None
-    end = min((index for index in (rest.find(mark) for mark in "/?#") if index >= 0), default=len(rest))
-    host = rest[:end].rpartition("@")[2]
+    host = rest[: _authority_end(rest)].rpartition("@")[2]
     port = host.rpartition("]")[2] if host.startswith("[") else host
     _, colon, port = port.rpartition(":")
     if not colon or (port.isascii() and port.isdigit()) or port == "":
