@@ -383,19 +383,22 @@ class ReplayStreams:
         self, session: str, user: str, after: int, *, force: bool = False
     ) -> tuple[Claimed, ReplayRead] | Taken:
         """A resume's look at ``user``'s window, on the pipe: unless ``force``, if another node holds the
-        session and still listens, it is sent ``release <session> <this node>`` and nothing moves
-        (``Taken.ASKED``); otherwise the session is claimed for this node (as ``claim``: the old holder's
-        mirroring is refused from then on) and its window read after seq ``after``, as ``read_after`` reads
-        it. The read may say it cannot resume (``AHEAD``, ``TOO_OLD``...): the session is claimed even so."""
+        session and still listens, it is sent ``release <session> <this node> <after>`` and nothing moves
+        (``Taken.ASKED``: that node answers ``released <session>``, or ``kept <session> <reason>`` when it
+        holds the session and a resume after ``after`` would fail there); otherwise the session is claimed
+        for this node (as ``claim``: the old holder's mirroring is refused from then on) and its window
+        read after seq ``after``, as ``read_after`` reads it. The read may say it cannot resume (``AHEAD``,
+        ``TOO_OLD``...): the session is claimed even so."""
         with translating(self._health, f"take over {session}"):
-            taken = await self._take(session, user, force)
+            taken = await self._take(session, user, force, after)
             if isinstance(taken, Taken):
                 return taken
             return taken, await self._read_claimed(session, taken, after)
 
-    async def _take(self, session: str, user: str, force: bool) -> Claimed | Taken:
+    async def _take(self, session: str, user: str, force: bool, after: int = 0) -> Claimed | Taken:
         keys = [self._keys.replay_meta(session), self._keys.replay_ids(session)]
-        args: list[Arg] = [self._node, user, self._keys.node_channel(""), f"release {session} {self._node}", int(force)]
+        asked = f"release {session} {self._node} {after}"  # (a node before ``after`` was sent ignored what follows)
+        args: list[Arg] = [self._node, user, self._keys.node_channel(""), asked, int(force)]
         reply = await self._pipe.script(CLAIM, keys, args)
         kind = int(reply[0])
         if kind != 2:

@@ -5,17 +5,19 @@
   naming a session this node does not hold looks for its window (``ReplayStreams.take_over``). If the
   node that holds it still listens (a client that reconnected through a load balancer), it is asked
   to let the session go: it flushes what it recorded, leaves the session's transactions without a
-  word to the others, closes the old connection and answers. Then this node claims the window (from
-  then on the old node's mirroring is refused: two nodes never both deliver to the session; a dead
-  node's session is claimed at the first look), reads what the client missed, makes the session with the same
-  id, seqs, inbound order and recent inbound ids (dedup), and rejoins its transactions: each from the
-  last tseq the session was sent there, so what was published after the old node died reaches the
-  client once, after the frames it missed. The caller attaches it as any resume.
+  word to the others, closes the old connection and answers; unless the resume would fail there
+  (``ahead``, ``too_old``): then it keeps the session and says why, and the resume fails here. Then
+  this node claims the window (from then on the old node's mirroring is refused: two nodes never both
+  deliver to the session; a dead node's session is claimed at the first look), reads what the client
+  missed, makes the session with the same id, seqs, inbound order and recent inbound ids (dedup), and
+  rejoins its transactions: each from the last tseq the session was sent there, so what was published
+  after the old node died reaches the client once, after the frames it missed. The caller attaches it as any resume.
 - **POSTs forwarded.** ``POST /haip/sse/{session}`` at a node that does not hold the session is sent to
   the node that does, on that node's channel (``Bus.tell``); 202 once it was handed over (a listening
   node got it), 404 ``RESUME_FAILED`` if no node holds the session.
 
-Notices on a node's channel: ``release <session> <asking node>``, ``released <session>``, and
+Notices on a node's channel: ``release <session> <asking node> <last seq the client has>``, answered
+``released <session>`` or, when that resume would fail at the holder, ``kept <session> <reason>``; and
 ``post ["<session>", "<user>"]`` followed by a newline and the request's body; those of the `/mcp`
 door's sessions (``mcp...``) go to ``on_mcp`` (``mcp_relay.py``).
 """
@@ -78,7 +80,8 @@ class Roaming:
         self.local_post: LocalPost | None = None
         #: Where the `/mcp` door's notices go (``mcp_relay.McpRelay.notice``), when it is served.
         self.on_mcp: Callable[[bytes, bytes], None] | None = None
-        self._released: dict[str, anyio.Event] = {}
+        #: Take-overs waiting for the node holding the session to let it go: (answered, [why it kept it]).
+        self._released: dict[str, tuple[anyio.Event, list[str]]] = {}
         #: What this node asked other nodes (a forwarded POST, room for a session) and is not answered yet,
         #: by ticket: (answered, [yes or no]).
         self._posted: dict[str, tuple[anyio.Event, list[bool]]] = {}
@@ -186,15 +189,22 @@ class Roaming:
         node holding it still listens, it is asked to let the session go first, and given
         ``HANDOVER_SECONDS`` to."""
         replay = self.bus.replay
-        released = self._released[session_id] = anyio.Event()  # before the notice: the answer may come first
+        # Before the notice: the answer may come first.
+        answered, kept = self._released[session_id] = (anyio.Event(), [])
         try:
             taken = await replay.take_over(session_id, user, last_seq)
             if taken is not Taken.ASKED:
                 return taken
             with anyio.move_on_after(HANDOVER_SECONDS):
-                await released.wait()
+                await answered.wait()
         finally:
             self._released.pop(session_id, None)
+        if kept:  # the holder keeps it, with its connection: this resume would fail there as here
+            raise ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"the session cannot resume after seq {last_seq} ({kept[0]})",
+                detail={"where": "/payload/last_rx_seq", "reason": kept[0]},
+            )
         return await replay.take_over(session_id, user, last_seq, force=True)
 
     def _make(self, session_id: str, principal: Principal, fields: dict[str, str]) -> Session:
@@ -255,12 +265,16 @@ class Roaming:
         if self._tg is None:
             return
         if verb == b"release":
-            session_id, _, asker = rest.decode(errors="replace").partition(" ")
-            self._tg.start_soon(self._release, session_id, asker)
-        elif verb == b"released":
-            waiting = self._released.get(rest.decode(errors="replace"))
+            session_id, _, tail = rest.decode(errors="replace").partition(" ")
+            asker, _, after = tail.partition(" ")  # (``after``: not sent by a node of an earlier version)
+            self._tg.start_soon(self._release, session_id, asker, int(after) if after.isdecimal() else None)
+        elif verb in (b"released", b"kept"):
+            session_id, _, reason = rest.decode(errors="replace").partition(" ")
+            waiting = self._released.get(session_id)
             if waiting is not None:
-                waiting.set()
+                if verb == b"kept":
+                    waiting[1].append(reason or "kept")
+                waiting[0].set()
         elif verb in (b"post", b"postback"):
             self._tg.start_soon(self._take_post, rest)
         elif verb == b"evict":
@@ -281,13 +295,20 @@ class Roaming:
         else:
             logger.warning("cluster: an unknown notice %r", message[:40])
 
-    async def _release(self, session_id: str, asker: str) -> None:
-        """Another node takes this session over: let it go, with everything it recorded in its window (once
-        a take-over of it under way here is done: it is let go then)."""
+    async def _release(self, session_id: str, asker: str, after: int | None = None) -> None:
+        """Another node takes this session over for a resume after seq ``after``: let it go, with everything
+        it recorded in its window (once a take-over of it under way here is done: it is let go then). Unless
+        that resume would fail here (``ahead``, ``too_old``): then the session stays, with its connection, as
+        a failed resume leaves it on one node (an earlier note's gap: the user's live connection closed)."""
         async with self.hub.sessions.moving(session_id):
-            await self._let_go_of(session_id)
+            session = self.hub.sessions.get(session_id)
+            refusal = session.resume_refusal(after) if session is not None else None
+            if refusal is None:
+                await self._let_go_of(session_id)
+        reason = None if refusal is None else str((refusal.detail or {}).get("reason", "refused"))
+        answer = f"released {session_id}" if reason is None else f"kept {session_id} {reason}"
         try:
-            await self.bus.tell(asker, f"released {session_id}".encode())
+            await self.bus.tell(asker, answer.encode())
         except ClusterError as error:
             logger.info("cluster: could not tell %s that session %s was let go: %s", asker, session_id, error)
 

@@ -571,25 +571,36 @@ class Session:
             self.liveness.stop()
             self.liveness = None
 
+    def resume_refusal(self, last_rx_seq: int | None) -> ProtocolError | None:
+        """Why a resume after ``last_rx_seq`` cannot be served (``RESUME_FAILED``, its ``reason`` ``ahead``
+        or ``too_old``), else ``None``: the check ``attach`` makes, which a node asked to hand the session to
+        another makes first (a failed resume elsewhere must leave the session as it is)."""
+        if last_rx_seq is None:
+            return None
+        if last_rx_seq > self._seq:
+            return ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"last_rx_seq {last_rx_seq} is past the last seq this session sent ({self._seq})",
+                detail={"where": "/payload/last_rx_seq", "reason": "ahead"},
+            )
+        if last_rx_seq < self._seq and not self.window.holds(last_rx_seq + 1):
+            return ProtocolError(
+                ErrorCode.RESUME_FAILED,
+                f"seq {last_rx_seq + 1} is no longer in the replay window (it starts at {self.window.first_seq})",
+                detail={"where": "/payload/last_rx_seq", "reason": "too_old"},
+            )
+        return None
+
     def attach(self, outbox: Outbox, last_rx_seq: int | None = None) -> None:
         """Bind a connection; with ``last_rx_seq``, re-send everything after it first.
 
         Raises ``ProtocolError(RESUME_FAILED)`` (the session is untouched) if frames after
         ``last_rx_seq`` are no longer in the window, or if the client claims frames never sent.
         """
+        refusal = self.resume_refusal(last_rx_seq)
+        if refusal is not None:
+            raise refusal
         start = self._seq + 1 if last_rx_seq is None else last_rx_seq + 1
-        if last_rx_seq is not None and last_rx_seq > self._seq:
-            raise ProtocolError(
-                ErrorCode.RESUME_FAILED,
-                f"last_rx_seq {last_rx_seq} is past the last seq this session sent ({self._seq})",
-                detail={"where": "/payload/last_rx_seq", "reason": "ahead"},
-            )
-        if start <= self._seq and not self.window.holds(start):
-            raise ProtocolError(
-                ErrorCode.RESUME_FAILED,
-                f"seq {start} is no longer in the replay window (it starts at {self.window.first_seq})",
-                detail={"where": "/payload/last_rx_seq", "reason": "too_old"},
-            )
         if self.outbox is not None and self.outbox is not outbox:
             self.outbox.close(CloseCode.NORMAL, "session resumed on another connection")
         if self.outbox is not None:

@@ -202,6 +202,31 @@ async def test_two_resumes_at_once_on_another_node_leave_one_connection_with_the
     assert echoed["payload"] == "you said: still here"
 
 
+async def test_a_resume_elsewhere_that_would_fail_leaves_the_live_session_as_it_is(
+    redis_url: str, prefix: str, postgres_url: str
+) -> None:
+    """An earlier note's gap: a resume on another node naming seqs the session never sent (or has let go)
+    had the node holding it let it go first, so the user's live connection closed and the resume failed
+    too. As on one node, the failed resume now leaves the session and its connection alone."""
+    with two_nodes(redis_url, prefix, postgres_url) as (a, b):
+        token = a.token("ann")
+        seen: list[dict[str, Any]] = []
+        async with raw_peer(a.ws_url) as live:
+            hai, _, started = await echo_started(live, token, seen)
+            await echo_on(live, started["transaction"], "before", seen)
+            async with raw_peer(b.ws_url) as stray:
+                await stray.receive()
+                stray.seq = live.seq
+                await stray.hai(token, session=hai["session"], last_rx_seq=str(int(seen[-1]["seq"]) + 50))
+                failure = await stray.receive_type("ERROR")
+                fresh = await stray.receive_type("INFO")
+            reply = await echo_on(live, started["transaction"], "still here", seen)
+    assert failure["payload"]["code"] == "RESUME_FAILED"
+    assert failure["payload"]["detail"]["reason"] == "ahead"
+    assert fresh["payload"]["resumed"] is False and fresh["session"] != hai["session"]
+    assert reply["payload"] == "you said: still here"
+
+
 async def test_a_post_to_a_websocket_session_held_by_another_node_is_refused_not_dropped(
     redis_url: str, prefix: str, postgres_url: str
 ) -> None:

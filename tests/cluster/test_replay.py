@@ -209,7 +209,7 @@ async def test_a_take_over_asks_a_listening_holder_first_and_moves_nothing(redis
         assert await b.replay.take_over("S", "ann", 0) is Taken.ASKED
         with anyio.fail_after(5):
             await arrived.wait()
-        assert heard == [b"release S node-b"]
+        assert heard == [b"release S node-b 0"]  # (the seq the resume is after: the holder checks it)
         assert await a.replay.mirror([WindowUpdate("S", "e1", [(3, b"three")])]) == [Mirrored.KEPT]  # still a's
         taken = await b.replay.take_over("S", "ann", 1, force=True)  # once a let it go (or had the time to)
         assert not isinstance(taken, Taken) and taken[0].holder == "node-a"
@@ -245,8 +245,8 @@ async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed
         assert await a.replay.mirror([old]) == [Mirrored.KEPT]
         claim = b.replay._take
 
-        async def claim_then_replaced(session: str, user: str, force: bool) -> object:
-            claimed = await claim(session, user, force)
+        async def claim_then_replaced(session: str, user: str, force: bool, after: int = 0) -> object:
+            claimed = await claim(session, user, force, after)
             new = WindowUpdate("S", "e2", [(1, b"uno"), (2, b"dos")], {"user": "ann"}, [], True)
             assert await a.replay.mirror([new]) == [Mirrored.TAKEN]
             assert await b.replay.mirror([new]) == [Mirrored.KEPT]
@@ -256,8 +256,8 @@ async def test_a_window_made_anew_while_it_was_read_is_not_taken_for_the_claimed
         taken = await b.replay.take_over("S", "ann", 0, force=True)
         assert not isinstance(taken, Taken) and taken[1] == ReplayRead(ReplayOutcome.RESTARTED, last=2)
 
-        async def claim_then_deleted(session: str, user: str, force: bool) -> object:
-            claimed = await claim(session, user, force)
+        async def claim_then_deleted(session: str, user: str, force: bool, after: int = 0) -> object:
+            claimed = await claim(session, user, force, after)
             await a.replay.delete("S")
             return claimed
 
