@@ -57,6 +57,11 @@ class AgentSpec:
     def description(self) -> str:
         return self.config.description or self.cls.description or self.cls.__doc__ or ""
 
+    @property
+    def hears(self) -> bool:
+        """Whether members' audio reaches this agent: it has a speech provider, or overrides ``on_audio``."""
+        return self.config.speech is not None or self.cls.on_audio is not Agent.on_audio
+
     def create(self, *, transaction_id: str, started_by: str, params: dict[str, Any]) -> Agent[Any]:
         context = AgentContext(
             name=self.name,

@@ -26,12 +26,15 @@ from haip_runtime.tools.proxy import ToolView
 
 logger = logging.getLogger(__name__)
 
+#: How the agents' TOOL_LIST marks one that hears members' audio (a client offers a microphone for it).
+HEARS = {"hearsAudio": True}
+
 
 async def tool_list(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     if envelope.transaction is None:
         permissions = session.principal.permissions
         tools = [
-            p.ToolEntry(name=name, description=spec.description)
+            p.ToolEntry(name=name, description=spec.description, annotations=HEARS if spec.hears else None)
             for name, spec in sorted(ctx.agents.items())
             if permissions.may_start(name)
         ]

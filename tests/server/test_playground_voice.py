@@ -171,10 +171,26 @@ def test_letting_go_before_the_microphone_opens_records_nothing(page: Page) -> N
     expect(talk).not_to_have_class("talk recording")
 
 
-def test_speaking_to_an_agent_that_cannot_hear_says_so(page: Page) -> None:
-    """A voice tester's find: the server said INFO audio.unheard; the page showed nothing."""
+def test_the_talk_button_is_there_only_for_agents_that_hear(page: Page) -> None:
+    """A newcomer's find: the button sat under every agent, and holding it for one that cannot hear
+    only got "Nobody heard that". The agents list says which hear (``annotations.hearsAudio``)."""
+    talk = page.locator("#talk")
+    expect(talk).to_be_hidden()  # no conversation yet
     page.click("li.agent[data-agent=deaf]")
     expect(page.locator("#transaction-id")).to_be_visible()
+    expect(talk).to_be_hidden()
+    page.click("#new-conversation")
+    page.click("li.agent[data-agent=echo]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    expect(talk).to_be_visible()
+
+
+def test_speaking_to_an_agent_that_cannot_hear_says_so(page: Page) -> None:
+    """A voice tester's find: the server said INFO audio.unheard; the page showed nothing. (The page shows
+    no button for such an agent now; a client may send audio even so, or an agent may leave: shown the same.)"""
+    page.click("li.agent[data-agent=deaf]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    page.evaluate("document.getElementById('talk').hidden = false")
     hold_to_talk(page, pieces=2)
     expect(
         page.locator(".note.error", has_text="Nobody heard that: no agent in this conversation hears audio")

@@ -105,6 +105,7 @@ function showConnection({ state: connection, reason }) {
 // --- agents, conversations ---------------------------------------------------------------------------
 
 function showAgents(agents) {
+  state.hearing = new Set(agents.filter((agent) => agent.annotations?.hearsAudio).map((agent) => agent.name));
   const list = $("agents");
   list.replaceChildren();
   for (const agent of agents) {
@@ -117,6 +118,7 @@ function showAgents(agents) {
 
 function resetConversation() {
   state.tx = null;
+  if ($("talk")) $("talk").hidden = true; // until a conversation with an agent that hears opens
   state.messages.clear();
   state.raw.clear();
   state.calls.clear();
@@ -142,13 +144,16 @@ async function startConversation(agent) {
     fail(error);
     return;
   }
-  openConversation(agent);
+  openConversation(agent, [agent]);
   showInUrl(state.tx);
   refreshConversations();
 }
 
-function openConversation(agent) {
+function openConversation(agent, agents) {
   state.agent = agent;
+  // Hold-to-talk only where an agent hears audio (a newcomer's find: the button sat under every agent).
+  const talk = $("talk");
+  if (talk) talk.hidden = !agents.some((name) => state.hearing?.has(name));
   $("conversation-head").textContent = "";
   $("conversation-head").append(
     `Talking to ${agent} · conversation `, el("code", { id: "transaction-id" }, state.tx));
@@ -164,7 +169,7 @@ async function joinConversation(id) {
   state.tx = id; // set first: the history follows the reply at once
   try {
     const reply = await state.client.join(id);
-    openConversation(reply.payload.agents.join(", "));
+    openConversation(reply.payload.agents.join(", "), reply.payload.agents);
   } catch (error) {
     state.tx = null;
     fail(error);

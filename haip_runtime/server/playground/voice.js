@@ -22,6 +22,7 @@ export function attachVoice(state, client) {
   button.className = "talk";
   button.textContent = "● Hold to talk";
   button.title = "Hold to speak to the agent; release to send";
+  button.hidden = true; // shown in a conversation with an agent that hears audio (playground.js)
   composer.append(button);
 
   let recorder = null;
