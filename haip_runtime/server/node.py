@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import uvicorn
 
-from haip_runtime.config import HaipConfig, secret_values
+from haip_runtime.config import HaipConfig, secret_values, validate_config
 from haip_runtime.exceptions import ConfigError, PluginError
 from haip_runtime.observability.logs import configure_logging
 from haip_runtime.protocol.codec import READ_OVERSIZE
@@ -49,6 +49,24 @@ class WorkerSpec:
     index: int
     #: The node id the workers' own are made from (``base-w1``...): names what they share (their metrics).
     group: str = ""
+
+    def sent(self) -> bytes:
+        """The spec as the supervisor writes it to a worker's stdin: plain data (the config as its fields'
+        values), which the worker validates with its own code (``received``). A pickled ``HaipConfig``
+        held the supervisor's classes: a worker restarted after the code on disk changed (an upgrade
+        under a running ``serve --workers``) crash-looped on a config model without a new field (an
+        operator's find)."""
+        config = self.config.model_dump(exclude_unset=True)  # (what the file left out: the worker's defaults)
+        sent = {"config": config, "base_dir": self.config.base_dir, "index": self.index}
+        return pickle.dumps({**sent, "group": self.group})
+
+    @classmethod
+    def received(cls, pipe: IO[bytes]) -> WorkerSpec:
+        """What ``sent`` wrote on ``pipe`` (read to its end, no further: the pipe stays open); ``ConfigError``
+        if this code's models refuse the config."""
+        spec = pickle.load(pipe)
+        config = validate_config(spec["config"], base_dir=spec["base_dir"], source="the supervisor's config")
+        return cls(config, int(spec["index"]), str(spec.get("group", "")))
 
 
 def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True) -> socket.socket:
@@ -147,7 +165,13 @@ def watch_supervisor(pipe: IO[bytes]) -> threading.Thread:
 
 def main() -> int:
     """A worker: the spec from stdin, then ``run`` on a socket of its own until SIGTERM or its supervisor goes."""
-    spec: WorkerSpec = pickle.load(sys.stdin.buffer)
+    try:
+        spec = WorkerSpec.received(sys.stdin.buffer)
+    except ConfigError as exc:  # (a supervisor of another version: ``serve`` must be restarted as a whole)
+        for problem in exc.problems:
+            print(f"haip-runtime: worker: {problem}; restart serve after changing its code", file=sys.stderr)
+        tell_supervisor("failed", error=str(exc))
+        return START_FAILED
     config, tag = spec.config, f"w{spec.index}"
     configure_logging(config.observability, secrets=secret_values(config), worker=tag)
     # Until uvicorn takes SIGTERM over, and when it raises it again after its graceful stop: exit 0.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import signal
 import subprocess
 import sys
@@ -201,7 +200,7 @@ class Supervisor:
                 send(process, signal.SIGTERM)
             assert process.stdin is not None and process.stdout is not None
             try:
-                await process.stdin.send(pickle.dumps(spec))  # stdin then stays open: the worker watches it
+                await process.stdin.send(spec.sent())  # stdin then stays open: the worker watches it
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # it died at once: its exit code says how
             async for kind, fields in self._messages(index, process.stdout):

@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from haip_runtime.config import HaipConfig
+from haip_runtime.config.models import ClusterConfig
+from haip_runtime.server.node import MARK, START_FAILED, WorkerSpec
 from haip_runtime.server.workers import MAX_BACKOFF_SECONDS, Outcome, backoff, node_id
+from tests.support.serving import make_config
 
 
 def test_each_worker_process_is_a_node_of_its_own_named_after_the_configured_one() -> None:
@@ -21,3 +32,57 @@ def test_the_backoff_doubles_with_each_death_in_a_row_up_to_a_bound() -> None:
 def test_an_outcome_says_how_the_worker_ended() -> None:
     assert Outcome(7, -9, 3.0).describe() == "was killed by SIGKILL"
     assert Outcome(7, 3, None).describe() == "exited with code 3"
+
+
+def classes_in(pickled: bytes) -> set[tuple[str, str]]:
+    """The (module, name) of every class ``pickled`` makes."""
+    found: set[tuple[str, str]] = set()
+
+    class Listing(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            found.add((module, name))
+            return super().find_class(module, name)
+
+    Listing(io.BytesIO(pickled)).load()
+    return found
+
+
+def spec_of(config: HaipConfig) -> dict[str, Any]:
+    data: dict[str, Any] = pickle.loads(WorkerSpec(config, 2, "web").sent())
+    return data
+
+
+def test_a_worker_is_sent_its_config_as_data_and_validates_it_with_its_own_code() -> None:
+    """An operator's find: the supervisor pickled its ``HaipConfig``, so a worker restarted after the code
+    on disk changed got a model of the old code's fields and crash-looped (``ClusterConfig`` without
+    ``log_max_bytes``). Now only values go (the classes of pathlib and pydantic, none of ours), and what
+    the file left out takes the worker's own defaults."""
+    postgres = {"backend": "postgres", "url": "postgresql://haip@127.0.0.1:5499/haip"}
+    config = make_config({"storage": postgres, "cluster": {"redis_url": "redis://127.0.0.1:6390/0"}})
+    sent = WorkerSpec(config, 2, "web").sent()
+    assert classes_in(sent) <= {("pathlib", "PosixPath"), ("pydantic.types", "SecretStr")}
+    assert ("haip_runtime.config.models", "HaipConfig") in classes_in(pickle.dumps(config))  # (as it was)
+    back = WorkerSpec.received(io.BytesIO(sent))
+    assert back == WorkerSpec(config, 2, "web")
+    older = spec_of(config)  # as a supervisor of a version before cluster.log_max_bytes writes it
+    older["config"]["cluster"] = {"redis_url": "redis://127.0.0.1:6390/0"}
+    received = WorkerSpec.received(io.BytesIO(pickle.dumps(older))).config
+    assert (
+        received.cluster is not None
+        and received.cluster.log_max_bytes == ClusterConfig.model_fields["log_max_bytes"].default
+    )
+
+
+def test_a_worker_refuses_a_config_its_code_does_not_know_in_one_line(tmp_path: Path) -> None:
+    newer = spec_of(make_config({}))  # as a supervisor of a later version, with an option this code lacks
+    newer["config"]["server"] = {**newer["config"].get("server", {}), "warp_speed": 9}
+    worker = subprocess.run(
+        [sys.executable, "-m", "haip_runtime.server.node"],
+        input=pickle.dumps(newer),
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert worker.returncode == START_FAILED
+    assert b"server.warp_speed: unknown key" in worker.stderr and b"restart serve" in worker.stderr
+    assert worker.stdout.startswith(MARK.encode() + b"failed ")
