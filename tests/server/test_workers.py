@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from haip_runtime.config import HaipConfig
-from haip_runtime.config.models import ClusterConfig
+from haip_runtime.config.clustering import ClusterConfig
 from haip_runtime.server.node import MARK, START_FAILED, WorkerSpec
 from haip_runtime.server.workers import MAX_BACKOFF_SECONDS, Outcome, backoff, node_id
 from tests.support.serving import make_config
