@@ -25,7 +25,7 @@ from haip_runtime.bridge.models import (
     ToolInfo,
     ToolResult,
 )
-from haip_runtime.config.models import McpServerConfig
+from haip_runtime.config.models import McpServerConfig, tool_matches
 from haip_runtime.exceptions import FakeToolError
 
 logger = logging.getLogger(__name__)
@@ -78,15 +78,19 @@ class FakeTools:
             description = inspect.getdoc(func) or ""
             self._infos[full_name] = ToolInfo(server, tool, description, {"type": "object"}, None, None)
 
-    def servers(self, require_approval: set[str]) -> dict[str, McpServerConfig]:
+    def servers(self, require_approval: Iterable[str]) -> dict[str, McpServerConfig]:
+        """A config per fake server, each with every ``require_approval`` pattern: matched as haip.toml's are
+        (``tool_matches``: a tool's own name, or with a dot its full name), so patterns copied from haip.toml
+        work here. A pattern that matches no fake tool is a ``ValueError``: it would test nothing (an agent
+        author's find: ``"place_order"`` and ``"*"`` were dropped, and the tool ran without approval)."""
+        patterns = sorted(set(require_approval))
+        for pattern in patterns:
+            if not any(tool_matches(info.server, info.name, [pattern]) for info in self._infos.values()):
+                known = ", ".join(sorted(self._infos)) or "none"
+                raise ValueError(f"require_approval pattern {pattern!r} matches none of the fake tools ({known})")
         names = {info.server for info in self._infos.values()}
         return {
-            server: McpServerConfig(
-                transport="stdio",
-                command="(fake)",
-                require_approval=[n.partition(".")[2] for n in require_approval if n.startswith(server + ".")],
-            )
-            for server in names
+            server: McpServerConfig(transport="stdio", command="(fake)", require_approval=patterns) for server in names
         }
 
     def tools(self, servers: Iterable[str] | None = None) -> list[ToolInfo]:

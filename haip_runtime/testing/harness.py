@@ -22,6 +22,7 @@ from haip_runtime.auth.tokens import Principal
 from haip_runtime.config.models import AgentConfig, SessionConfig
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.transaction import Transaction
+from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.messages import checked_message
 from haip_runtime.llm.provider import Provider
 from haip_runtime.protocol.envelope import Envelope, Event
@@ -101,6 +102,8 @@ class AgentHarness:
         self.proxy = ToolProxy(servers, self._fakes)
         self.member = _Member(Principal(user), self, approve, user_input)
         self.params = dict(params or {})
+        #: The ``on_start`` turn, if the agent has one.
+        self.greeting: TurnResult | None = None
         self._stack = AsyncExitStack()
         self._task_group: TaskGroup | None = None
         self.transaction: Transaction | None = None
@@ -126,9 +129,7 @@ class AgentHarness:
         self.slot = AgentSlot(self.spec.name, instance, tuple(self.spec.config.mcp_servers))
         self.transaction.add_agent(self.slot)
         if type(instance).on_start is not Agent.on_start:
-            self.greeting: TurnResult | None = await self._finish(
-                self.transaction.start_run(self.slot, self.member, "", {}, "on_start")
-            )
+            self.greeting = await self._finish(self.transaction.start_run(self.slot, self.member, "", {}, "on_start"))
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -153,6 +154,9 @@ class AgentHarness:
     async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:
         with anyio.fail_after(timeout):
             await run.wait()
+        refused, self.member.refused = self.member.refused, None
+        if refused is not None:  # the harness's own answer did not fit: the test's mistake, said at once
+            raise refused
         return TurnResult([e for e in self.events if e.run_id == run.id])
 
 
@@ -167,18 +171,31 @@ class _Member(Session):
         self._harness = harness
         self._approve = approve
         self._input = None if user_input is None else dict(user_input)
+        #: The runtime refused an answer the harness gave (a ``user_input`` that does not fit the request):
+        #: the run is cancelled and ``send`` raises this (it waited out its timeout: an agent author's find).
+        self.refused: ProtocolError | None = None
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
         body = _payload(event)
-        if event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.AWAITING_APPROVAL:
-            decision = {"decision": "approve" if self._approve else "reject", "reason": "harness"}
-            assert event.transaction is not None
-            self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, decision, event.id)
-        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.INPUT_REQUIRED:
+        if event.type != EventType.TOOL_UPDATE or event.transaction is None:
+            return
+        if body.get("status") == ToolStatus.AWAITING_APPROVAL:
+            answer: dict[str, Any] = {"decision": "approve" if self._approve else "reject", "reason": "harness"}
+        elif body.get("status") == ToolStatus.INPUT_REQUIRED:
             answer = {"decision": "decline"} if self._input is None else {"input": self._input}
-            assert event.transaction is not None
+        else:
+            return
+        try:
             self._harness.proxy.answer(str(body["call_id"]), event.transaction, self.user, answer, event.id)
+        except ProtocolError as refusal:
+            calls = [_payload(e) for e in self.events if e.type == EventType.TOOL_CALL]
+            tool = next((c.get("tool") for c in calls if c.get("call_id") == body["call_id"]), body["call_id"])
+            said = f"AgentHarness: the runtime refused its answer to {tool}: {refusal.message}"
+            self.refused = ProtocolError(refusal.code, said, detail=refusal.detail)
+            transaction = self._harness.transaction
+            if transaction is not None and event.run_id is not None:
+                transaction.cancel_run(event.run_id)
 
 
 def _payload(event: Event) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 
 from haip_runtime import Agent, NoOptions, Turn
 from haip_runtime.demo.storyteller import Storyteller
+from haip_runtime.exceptions import ProtocolError
 from haip_runtime.testing import AgentHarness, FakeToolContext, FakeToolError
 from tests.support.agents import FailingAgent, GreeterAgent, WaitingAgent
 
@@ -252,3 +253,34 @@ async def test_arguments_json_cannot_hold_fail_the_call_before_members_see_it(ca
     numbers = [event.tseq or 0 for event in turn.events]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     assert "call_tool('t.crunch'): the arguments must be what JSON holds" in caplog.text  # (the traceback's)
+
+
+@pytest.mark.parametrize("pattern", ["*", "close", "tickets.close", "*.close", "tickets.*"])
+async def test_approval_patterns_match_as_haip_toml_s_do(pattern: str) -> None:
+    """An agent author's find: patterns copied from haip.toml (a tool's own name, ``*``) were dropped, and
+    the tool ran without approval while the test passed."""
+    async with AgentHarness(Helpdesk, tools=TOOLS, require_approval=[pattern], approve=False) as agent:
+        turn = await agent.send("printer on fire")
+    statuses = [e.payload.get("status") for e in turn.events if e.type == "TOOL_UPDATE"]  # type: ignore[union-attr]
+    assert "AWAITING_APPROVAL" in statuses
+    assert turn.text in ("search failed: rejected by tester: harness", "ticket 42: CANCELLED")  # (which one asked)
+
+
+def test_an_approval_pattern_that_matches_no_fake_tool_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"require_approval pattern 'tickets\.clsoe' matches none of the fake tools"):
+        AgentHarness(Helpdesk, tools=TOOLS, require_approval=["tickets.clsoe"])
+
+
+async def test_an_input_the_request_refuses_fails_the_send_at_once_saying_why() -> None:
+    """An agent author's find: a ``user_input`` that did not fit the request's schema waited out the 30 s
+    timeout and raised a bare TimeoutError; the reason was only in the log."""
+    async with AgentHarness(Surveyor, tools={"forms.survey": strict_survey}, user_input={"nom": "Ada"}) as agent:
+        with anyio.fail_after(10), pytest.raises(ProtocolError, match="refused its answer to forms.survey.*'name'"):
+            await agent.send("go")
+        assert agent.greeting is None  # (no on_start: the attribute is there, None)
+
+
+async def strict_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    answer = await ctx.elicit("Your name?", schema)
+    return "declined" if answer is None else f"hello {answer['name']}"
