@@ -157,10 +157,31 @@ class MessageStream:
         self._author = author
         self._parts: list[str] = []
         self._started = False
-        self.tokens: int | None = None
-        """Tokens the model spent on this message; sent as MESSAGE_END ``tokens`` if set."""
-        self.stop_reason: str | None = None
-        """Why the model stopped (``stop``, ``length``, ``tool_calls``); sent as MESSAGE_END ``stop_reason`` if set."""
+        self._closed = False
+        self._tokens: int | None = None
+        self._stop_reason: str | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens the model spent on this message; sent as MESSAGE_END ``tokens`` if set (a whole number)."""
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise TypeError(f"MessageStream.tokens is a whole number of tokens (or None), not {value!r:.40}")
+        self._tokens = value
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the model stopped (``stop``, ``length``, ``tool_calls``...); MESSAGE_END ``stop_reason`` if set."""
+        return self._stop_reason
+
+    @stop_reason.setter
+    def stop_reason(self, value: str | None) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"MessageStream.stop_reason is text (or None), not {type(value).__name__}")
+        self._stop_reason = value
 
     @property
     def text(self) -> str:
@@ -178,6 +199,10 @@ class MessageStream:
     def _put(self, text: str) -> bool:
         if not isinstance(text, str):  # before anything is sent: members never see a number for text
             raise TypeError(f"an agent's message is text (str), not {type(text).__name__}: {text!r:.80}")
+        if self._closed:  # (an agent author's find: the part went out after MESSAGE_END, and joined the text)
+            raise RuntimeError(
+                f"message {self.message_id} has ended (its `async with turn.stream()` block is over): write inside it"
+            )
         if not text:
             return False
         self._open()
@@ -191,12 +216,15 @@ class MessageStream:
             self._emit(EventType.MESSAGE_START, {"message_id": self.message_id, "author": self._author})
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._open()
+        self._closed = True
         end: dict[str, Any] = {"message_id": self.message_id}
-        if self.tokens is not None:
-            end["tokens"] = self.tokens
-        if self.stop_reason is not None:
-            end["stop_reason"] = self.stop_reason
+        if self._tokens is not None:
+            end["tokens"] = self._tokens
+        if self._stop_reason is not None:
+            end["stop_reason"] = self._stop_reason
         self._emit(EventType.MESSAGE_END, end)
 
 

@@ -10,6 +10,7 @@ transactions waiting for a member when one of its runs ends.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from haip_runtime.conversation.history import History
     from haip_runtime.conversation.members import Member
     from haip_runtime.tools.proxy import ToolProxy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,12 @@ def make_turn(
     (``pace``: the back-pressure of its streams, ``TurnServices.pace``)."""
 
     def emit(type: str, payload: dict[str, Any] | str, *, channel: str = Channel.AGENT) -> None:
+        if run.finished:  # (an agent author's find: a task the hook left running spoke after RUN_FINISHED)
+            logger.warning("agent %s sent %s after its run %s ended: not sent", slot.name, type, run.id)
+            raise RuntimeError(
+                f"the turn of agent {slot.name!r} (run {run.id}) has ended: what it sends now reaches nobody "
+                "(await the work the hook starts before it returns)"
+            )
         publish(Event(type, payload, channel=channel, run_id=run.id))
 
     services = TurnServices(

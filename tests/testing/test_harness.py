@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -284,3 +285,49 @@ async def strict_survey(arguments: dict[str, Any], ctx: FakeToolContext) -> str:
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     answer = await ctx.elicit("Your name?", schema)
     return "declined" if answer is None else f"hello {answer['name']}"
+
+
+class LateWriter(Agent[NoOptions]):
+    """Writes to its stream after the block, and leaves a task that speaks after the turn."""
+
+    failures: list[BaseException] = []
+    turn_over = asyncio.Event()
+    spoke_late = asyncio.Event()
+
+    async def on_message(self, turn: Turn) -> None:
+        async with turn.stream() as out:
+            await out.write("a")
+        try:
+            await out.write("after the end")
+        except RuntimeError as error:
+            LateWriter.failures.append(error)
+        with pytest.raises(TypeError, match="whole number"):
+            out.tokens = "many"  # type: ignore[assignment]
+        self.context_task = asyncio.ensure_future(self._later(turn))
+
+    async def _later(self, turn: Turn) -> None:
+        await LateWriter.turn_over.wait()
+        try:
+            await turn.say("too late")
+        except RuntimeError as error:
+            LateWriter.failures.append(error)
+        finally:
+            LateWriter.spoke_late.set()
+
+
+async def test_nothing_an_agent_sends_after_its_message_or_its_turn_ended_goes_out() -> None:
+    """An agent author's finds: a write after the stream's block went out after MESSAGE_END (and joined the
+    message's text), and a task the hook left running spoke after RUN_FINISHED with the finished run's id."""
+    LateWriter.failures.clear()
+    async with AgentHarness(LateWriter) as agent:
+        turn = await agent.send("go")
+        LateWriter.turn_over.set()
+        with anyio.fail_after(5):
+            await LateWriter.spoke_late.wait()
+        after = [e.type for e in agent.events if e.run_id == turn.events[0].run_id]
+    assert turn.messages == ["a"]
+    assert after[-3:] == ["MESSAGE_PART", "MESSAGE_END", "RUN_FINISHED"]  # nothing after the end, nor the run's
+    assert [str(error).split(":")[0] for error in LateWriter.failures] == [
+        f"message {turn.events[1].payload['message_id']} has ended (its `async with turn.stream()` block is over)",  # type: ignore[index]
+        f"the turn of agent 'latewriter' (run {turn.events[0].run_id}) has ended",
+    ]
