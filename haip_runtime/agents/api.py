@@ -10,12 +10,14 @@ into the transaction; ``HistoryEntry`` (from the LLM seam) is how the conversati
 from __future__ import annotations
 
 import base64
+import logging
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
@@ -24,9 +26,24 @@ from haip_runtime.exceptions import LlmError, ToolUnavailableError
 from haip_runtime.llm.provider import HistoryEntry, Provider
 from haip_runtime.observability import tracing
 from haip_runtime.protocol import fastjson
+from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES, ENVELOPE_ROOM
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.events import Channel, EventType, LlmErrorCode, ToolOutcome
 from haip_runtime.tools.proxy import Emit, ToolCallResult, ToolProxy, ToolView
+
+logger = logging.getLogger(__name__)
+
+#: How a message cut at ``TurnServices.max_message_bytes`` ends.
+CUT_NOTE = " … [cut: the message reached the most one frame holds, server.max_frame_bytes]"
+
+
+def _json_size(text: str) -> int:
+    """Bytes of ``text`` as a JSON string's content (escapes and UTF-8), without its quotes."""
+    try:
+        return len(orjson.dumps(text)) - 2
+    except TypeError:  # a lone surrogate: written as U+FFFD (fastjson)
+        return len(fastjson.dumps(text).encode()) - 2
+
 
 __all__ = [
     "Agent",
@@ -87,6 +104,9 @@ class TurnServices:
     pace: Callable[[], Awaitable[None] | None] | None = None
     """Called after each streamed part: something to wait for while the transaction is far behind the
     stream (in a cluster, its parts on their way through the bus), else ``None``."""
+    max_message_bytes: int = DEFAULT_MAX_FRAME_BYTES - ENVELOPE_ROOM
+    """The most bytes of one message's text, as JSON: what a frame holds (``server.max_frame_bytes``) less
+    room for the envelope, so that its parts, and the one ``MESSAGE`` clients without parts get, fit."""
 
 
 class Agent(Generic[OptionsT]):
@@ -150,7 +170,13 @@ def _pass_turn() -> Generator[None, None, None]:
 class MessageStream:
     """One agent message sent in parts: MESSAGE_START, MESSAGE_PART..., MESSAGE_END."""
 
-    def __init__(self, emit: Emit, author: str, pace: Callable[[], Awaitable[None] | None] | None = None) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        author: str,
+        pace: Callable[[], Awaitable[None] | None] | None = None,
+        most: int = DEFAULT_MAX_FRAME_BYTES - ENVELOPE_ROOM,
+    ) -> None:
         self.message_id = new_id()
         self._emit = emit
         self._pace = pace
@@ -158,6 +184,10 @@ class MessageStream:
         self._parts: list[str] = []
         self._started = False
         self._closed = False
+        #: Bytes of the text as JSON so far, and the most it may reach (``TurnServices.max_message_bytes``).
+        self._size, self._most = 0, most
+        #: Cut at ``_most``: what is written after is dropped (the message says it was cut).
+        self._full = False
         self._tokens: int | None = None
         self._stop_reason: str | None = None
 
@@ -203,12 +233,37 @@ class MessageStream:
             raise RuntimeError(
                 f"message {self.message_id} has ended (its `async with turn.stream()` block is over): write inside it"
             )
-        if not text:
+        if not text or self._full:
             return False
+        size = _json_size(text)
+        if self._size + size > self._most:  # (an agent author's find: a frame past the limit closed clients)
+            text, size = self._cut(text)
         self._open()
+        self._size += size
         self._parts.append(text)
         self._emit(EventType.MESSAGE_PART, {"message_id": self.message_id, "text": text})
         return True
+
+    def _cut(self, text: str) -> tuple[str, int]:
+        """What of ``text`` fits with ``CUT_NOTE`` in what is left of the message, and its size; the message
+        is full from then on (logged once)."""
+        self._full = True
+        room = self._most - self._size - _json_size(CUT_NOTE)
+        low, high = 0, len(text)  # the longest prefix whose JSON fits ``room``
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _json_size(text[:middle]) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        logger.warning(
+            "agent %s: message %s cut at %d bytes of text (server.max_frame_bytes: a frame holds it whole)",
+            self._author,
+            self.message_id,
+            self._most,
+        )
+        kept = text[:low] + CUT_NOTE
+        return kept, _json_size(kept)
 
     def _open(self) -> None:
         if not self._started:
@@ -303,8 +358,9 @@ class Turn:
         return self._services.llm
 
     async def say(self, text: str) -> str:
-        """Send one whole message; returns its message id."""
-        out = MessageStream(self._emit, self.agent)  # what ``stream`` does, without a context manager's cost
+        """Send one whole message; returns its message id. A message is at most ``max_message_bytes`` of
+        text (as JSON); past it, it is cut, and ends saying so (``stream`` too)."""
+        out = MessageStream(self._emit, self.agent, most=self._services.max_message_bytes)  # ``stream``'s, faster
         out._put(text)
         out.close()
         self.record(HistoryEntry("agent", self.agent, out.text, out.message_id))
@@ -314,7 +370,7 @@ class Turn:
     @asynccontextmanager
     async def stream(self) -> AsyncIterator[MessageStream]:
         """Send a message in parts. Clients that cannot take parts get one MESSAGE at the end."""
-        out = MessageStream(self._emit, self.agent, self._services.pace)
+        out = MessageStream(self._emit, self.agent, self._services.pace, self._services.max_message_bytes)
         try:
             yield out
         finally:

@@ -24,6 +24,7 @@ from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.shared import Followed, end_lost, follow
 from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
 from haip_runtime.exceptions import ClusterError
+from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.limits import limited
 from haip_runtime.store.base import Store, TransactionRecord, TransactionState
@@ -59,9 +60,11 @@ class TransactionRegistry:
         max_runs: int | None = None,
         max_queued: int | None = None,
         ready: Callable[[Iterable[str]], Awaitable[None]] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.config = config
         self.limits = limits or LimitsConfig()
+        self.max_frame_bytes = max_frame_bytes
         defaults = SessionConfig()
         self.run_limit = RunLimit(
             defaults.max_concurrent_runs if max_runs is None else max_runs,
@@ -109,6 +112,7 @@ class TransactionRegistry:
             run_limit=self.run_limit,
             ready=self._ready,
             id=id,
+            max_frame_bytes=self.max_frame_bytes,
             **state,
         )
         transaction.on_run_end = self.on_run_end

@@ -20,6 +20,7 @@ import anyio
 from haip_runtime.agents.api import Turn, TurnServices
 from haip_runtime.auth.permissions import UNRESTRICTED
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES, ENVELOPE_ROOM
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import Channel, ErrorCode
 
@@ -140,6 +141,7 @@ def make_turn(
     payload: dict[str, Any],
     member: Member | None,
     pace: Callable[[], Awaitable[None] | None] | None = None,
+    max_message_bytes: int = DEFAULT_MAX_FRAME_BYTES - ENVELOPE_ROOM,
 ) -> Turn:
     """What an agent's hook gets for ``run``: the message, and services bound to its transaction
     (``pace``: the back-pressure of its streams, ``TurnServices.pace``)."""
@@ -162,6 +164,7 @@ def make_turn(
         permissions=member.principal.permissions if member else UNRESTRICTED,
         llm=slot.instance.context.llm,
         pace=pace,
+        max_message_bytes=max_message_bytes,
     )
     return Turn(
         agent=slot.name,

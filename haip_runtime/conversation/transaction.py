@@ -27,6 +27,7 @@ from haip_runtime.conversation.runs import AgentSlot, Run, RunLimit, make_turn
 from haip_runtime.exceptions import LlmError, ProtocolError
 from haip_runtime.llm.provider import HistoryEntry
 from haip_runtime.observability import tracing
+from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES, ENVELOPE_ROOM
 from haip_runtime.protocol.envelope import Event, new_id, secret_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import Channel, ErrorCode, EventType, RunOutcome
@@ -79,8 +80,11 @@ class Transaction:
         active_at: float | None = None,
         users: Iterable[str] = (),
         history: Iterable[HistoryEntry] = (),
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.config = config or TransactionsConfig()
+        #: ``server.max_frame_bytes``: an agent's message is cut to fit one frame (``TurnServices``).
+        self.max_frame_bytes = max_frame_bytes
         self.limits = limits or LimitsConfig()
         #: How many runs a member may have at once (shared by the transactions of one registry).
         self.run_limit = run_limit or RunLimit(SessionConfig().max_concurrent_runs)
@@ -517,7 +521,18 @@ class Transaction:
             self.run_limit.claim(member)
         pace = None if self.shared is None else self.shared.pace
         turn = make_turn(
-            self.id, self.owner, self.publish, self.history, self.tools, slot, run, text, payload, member, pace
+            self.id,
+            self.owner,
+            self.publish,
+            self.history,
+            self.tools,
+            slot,
+            run,
+            text,
+            payload,
+            member,
+            pace,
+            self.max_frame_bytes - ENVELOPE_ROOM,
         )
         self._spawn(self._execute, run, getattr(slot.instance, hook), turn, slot.tool_servers, traceparent)
         return run

@@ -90,6 +90,7 @@ class Hub:
             max_runs=config.session.max_concurrent_runs,
             max_queued=config.session.max_queued_messages,
             ready=readiness.wait if readiness is not None else None,
+            max_frame_bytes=config.server.max_frame_bytes,
         )
         self.metrics = metrics or Metrics()
         self.transactions.on_run_end = self.metrics.run_finished

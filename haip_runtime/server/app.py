@@ -90,7 +90,8 @@ class Runtime:
         self.metrics.auth_refusals = self.authenticator.refusals
         self.llms = {name: metered(name, llm, self.metrics) for name, llm in create_providers(config.llm).items()}
         self.agents = load_agents(config, self.llms)
-        self.tools = ToolProxy(config.mcp.servers) if config.mcp.servers else None
+        servers, frame = config.mcp.servers, config.server.max_frame_bytes
+        self.tools = ToolProxy(servers, max_frame_bytes=frame) if servers else None
         prefix = config.cluster.numbering if config.cluster is not None else None
         self.store = open_store(config.storage, clustered=config.cluster is not None, cluster_prefix=prefix)
         #: Turns wait for MCP servers still making their first connection (their tools are offered then).

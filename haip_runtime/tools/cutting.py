@@ -26,9 +26,10 @@ def json_size(value: Any) -> int:
 
 
 def cut_result(
-    content: list[dict[str, Any]], structured: dict[str, Any] | None, limit: int, server: str
+    content: list[dict[str, Any]], structured: dict[str, Any] | None, limit: int, server: str, where: str = ""
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """``(content, structured)`` whole if they fit ``limit`` bytes as JSON, else cut with a note."""
+    """``(content, structured)`` whole if they fit ``limit`` bytes as JSON, else cut with a note naming the
+    option that set ``limit`` (``where``; the server's ``max_result_bytes`` unless said)."""
     whole = json_size({"content": content, "structuredContent": structured})
     budget = max(limit - ENVELOPE_ROOM, 2 * NOTE_ROOM)
     if whole <= budget:
@@ -44,7 +45,7 @@ def cut_result(
             kept.append({**block, "text": _cut_text(str(block.get("text", "")), room - 64)})
             room = 0
     used = json_size({"content": kept, "structuredContent": None})
-    where = f"mcp.servers.{server}.max_result_bytes"
+    where = where or f"mcp.servers.{server}.max_result_bytes"
     note = f"[result cut: {whole} bytes, over the limit of {limit} ({where}); {used} bytes kept]"
     return [*kept, {"type": "text", "text": note}], None
 

@@ -22,6 +22,7 @@ import anyio
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig, tool_matches
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
+from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.errors import error_body
 from haip_runtime.protocol.events import (
@@ -187,9 +188,17 @@ class ActiveCall:
 class ToolProxy:
     """Runs tool calls through the MCP bridge with approval, elicitation, progress and cancellation."""
 
-    def __init__(self, servers: Mapping[str, McpServerConfig], bridge: ToolBackend | None = None) -> None:
+    def __init__(
+        self,
+        servers: Mapping[str, McpServerConfig],
+        bridge: ToolBackend | None = None,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self.servers = servers
         self.bridge = bridge
+        #: A result is cut to its server's ``max_result_bytes``, and never past what one frame holds.
+        self.max_frame_bytes = max_frame_bytes
         self.calls: dict[tuple[str, str], ActiveCall] = {}
         """Calls in flight by (transaction id, call id): call ids are scoped per transaction, so one
         user cannot learn which ids another user's transaction is using."""
@@ -319,8 +328,10 @@ class ToolProxy:
         except Exception as exc:  # whatever a server or the SDK does, the call ends and members are told
             logger.exception("tool call %s to %s failed unexpectedly", active.call_id, name)
             return _failed(active, name, ToolErrorCode.TOOL_FAILED, f"the call failed: {type(exc).__name__}: {exc}")
-        limit = self.servers[server].max_result_bytes
-        content, structured = cut_result(outcome.content, outcome.structured_content, limit, server)
+        limit, where = self.servers[server].max_result_bytes, ""
+        if self.max_frame_bytes < limit:
+            limit, where = self.max_frame_bytes, "server.max_frame_bytes"
+        content, structured = cut_result(outcome.content, outcome.structured_content, limit, server, where)
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
         error = (
             error_body(ToolErrorCode.TOOL_ERROR, content_text(content) or "tool error") if outcome.is_error else None

@@ -55,3 +55,27 @@ async def test_fault_10_a_10_mb_tool_result_is_cut_to_the_limit_with_a_note(live
     assert said["payload"]["text"].startswith("huge.blob returned")
     [stored_done] = [e for e in stored.json()["events"] if e["type"] == "TOOL_DONE"]
     assert stored_done["payload"]["result"] == result
+
+
+async def test_a_result_is_cut_to_the_frame_limit_when_that_is_the_smaller(tmp_path: Path) -> None:
+    """``max_result_bytes`` (1 MiB) over ``server.max_frame_bytes`` (64 KiB): the TOOL_DONE frame still fits the
+    frame limit the server's HAI advertises, and the agent's answer quoting it too."""
+    servers = {"huge": {"transport": "python", "server": "tests.support.python_servers:huge"}}
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["huge"]}}
+    config = sqlite_config(tmp_path / "haip.db", agents=agents, mcp={"servers": servers})
+    small = config.model_copy(update={"server": config.server.model_copy(update={"max_frame_bytes": 64 * 1024})})
+    with live_server(small) as server:
+        async with raw_peer(server.ws_url, max_size=64 * 1024) as peer:  # (closes 1009 on a larger frame)
+            await peer.hai(server.token("tom"), accept_events=list(ALL_EVENTS))
+            await peer.receive_type("INFO")
+            await peer.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
+            tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+            listed: set[str] = set()
+            while "huge.blob" not in listed:
+                listed = {t["name"] for t in (await peer.receive_type("TOOL_LIST", 15))["payload"]["tools"]}
+            await peer.send("MESSAGE", {"text": '/call huge.blob {"megabytes": 1}'}, transaction=tx, channel="USER")
+            done = await peer.receive_type("TOOL_DONE", timeout=30)
+            finished = await peer.receive_type("RUN_FINISHED", timeout=10)  # the connection took it all
+    note = done["payload"]["result"]["content"][-1]["text"]
+    assert note.startswith("[result cut: ") and "server.max_frame_bytes" in note
+    assert finished["payload"]["status"] == "OK"

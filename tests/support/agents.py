@@ -202,3 +202,11 @@ class LeakyScopeAgent(Agent[NoOptions]):
 
     async def on_message(self, turn: Turn) -> None:
         anyio.CancelScope().__enter__()
+
+
+class LoudAgent(Agent[NoOptions]):
+    """Says ``N`` repetitions of a quote, an accented letter and a newline (each escaped or two bytes in
+    JSON) in one message: past ``server.max_frame_bytes`` for a large N."""
+
+    async def on_message(self, turn: Turn) -> None:
+        await turn.say('"é\n' * int(turn.text))
