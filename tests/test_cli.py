@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
 
 from haip_runtime.client import HaipClient
@@ -103,6 +104,27 @@ def test_serve_stops_cleanly_on_interrupt(serve_process: tuple[subprocess.Popen[
     assert process.wait(timeout=15) in (0, 130)  # uvicorn re-raises the signal after a graceful shutdown
     assert process.stderr is not None
     assert "Application shutdown complete" in process.stderr.read()
+
+
+def test_a_stop_ends_an_open_event_stream_with_1012_at_once(
+    serve_process: tuple[subprocess.Popen[str], dict[str, str]],
+) -> None:
+    """A front-end developer's find: an open SSE response held the stop for uvicorn's 5 s, was then cancelled
+    with a traceback, and its client got no ``event: close`` to resume on (WebSockets got their 1012)."""
+    process, banner = serve_process
+    base = banner["WebSocket"].split()[0].replace("ws://", "http://").removesuffix("/haip/websocket")
+    with httpx2.Client(timeout=20) as http:
+        with http.stream("GET", f"{base}/haip/sse", headers={"authorization": f"Bearer {banner['token']}"}) as sse:
+            lines = sse.iter_lines()
+            received = [next(lines)]  # open: the server's HAI is on its way
+            process.send_signal(signal.SIGTERM)
+            received += list(lines)  # until the server ends the response
+    assert process.wait(timeout=15) in (0, -signal.SIGTERM)  # (uvicorn raises the signal again once stopped)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    closing = [line for line in received if line.startswith("data: ") and "1012" in line]
+    assert received[-3:-1] == ["event: close", closing[-1]] and "resume" in closing[-1], received[-4:]
+    assert "Traceback" not in stderr and "graceful shutdown exceeded" not in stderr
 
 
 def test_serve_refuses_dev_mode_on_a_public_address(config_copy: Path) -> None:

@@ -121,6 +121,7 @@ class CloseCode(enum.IntEnum):
     POLICY = 1008  # authentication / handshake
     TOO_LARGE = 1009
     INTERNAL = 1011
+    SERVICE_RESTART = 1012  # the server is stopping: resume (on it again, or another node)
     TRY_AGAIN_LATER = 1013
 
 

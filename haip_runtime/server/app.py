@@ -43,7 +43,7 @@ from haip_runtime.llm.metered import metered
 from haip_runtime.observability import tracing
 from haip_runtime.observability.metrics import Metrics
 from haip_runtime.protocol.errors import error_body
-from haip_runtime.protocol.events import ServerState
+from haip_runtime.protocol.events import CloseCode, ServerState
 from haip_runtime.server import allocator, playground
 from haip_runtime.server.agui import AguiDoor
 from haip_runtime.server.doors import Doorway, haip_routes
@@ -75,6 +75,10 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+
+
+#: Why the connections close when the server stops (1012: resume).
+STOPPING = "the server is restarting: resume"
 
 
 class Runtime:
@@ -124,6 +128,9 @@ class Runtime:
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
         self.reaper = SocketReaper()  # the server that serves the app attaches itself (serve, live_server)
+        #: The connections' outboxes (``closing`` ends them all), and whether the server is stopping.
+        self._outboxes: set[Outbox] = set()
+        self._closing = False
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, ServerState] = {}
@@ -222,9 +229,24 @@ class Runtime:
     async def serve(self, transport: Transport) -> None:
         """Serve one connection over ``transport`` until either side ends it."""
         outbox = Outbox(self.config.session.max_buffered_messages)
-        connection = Connection(self.gateway, transport.link, outbox)
-        async with transport.streams(outbox) as inbound:
-            await connection.serve(inbound)
+        if self._closing:
+            outbox.close(CloseCode.SERVICE_RESTART, STOPPING)
+        self._outboxes.add(outbox)
+        try:
+            connection = Connection(self.gateway, transport.link, outbox)
+            async with transport.streams(outbox) as inbound:
+                await connection.serve(inbound)
+        finally:
+            self._outboxes.discard(outbox)
+
+    def closing(self) -> None:
+        """The server begins to stop: every connection ends after what it was sent, with 1012 (a WebSocket's
+        close; an SSE or HTTP stream's last event), so its client resumes. uvicorn closes WebSockets itself
+        but waits for HTTP responses: an open SSE stream held the stop for its 5 s and was cancelled with a
+        traceback, and its client got no ``event: close`` (a front-end developer's find)."""
+        self._closing = True
+        for outbox in list(self._outboxes):
+            outbox.close(CloseCode.SERVICE_RESTART, STOPPING)
 
     def doorway(self) -> Doorway:
         """What the transport routes may use of the runtime."""

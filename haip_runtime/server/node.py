@@ -101,6 +101,10 @@ def run(
     runtime = Runtime(config, worker=worker)
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            runtime.closing()  # SSE and HTTP streams end now, as WebSockets do: uvicorn would wait for them
+            await super().shutdown(sockets)
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if not self.should_exit:

@@ -380,9 +380,14 @@ class ToolProxy:
         asked = {"message": request.message, "schema": request.schema, "server": server}
         update.send(ToolStatus.INPUT_REQUIRED, request=asked)
         answer = await self._wait_answer(active, server)
-        update.send(ToolStatus.RUNNING)
-        if answer is None or answer.get("decision") == "decline" or answer.get("input") is None:
+        if answer is None:  # MCP's "cancel": dismissed without a choice (an agent author's find: a timeout
+            # looked like a member's decline to the tool, and members saw the call run on without a word)
+            update.send(ToolStatus.RUNNING, message=f"nobody answered within {self._patience(server):g} s")
+            return ElicitationAnswer("cancel")
+        if answer.get("decision") == "decline" or answer.get("input") is None:
+            update.send(ToolStatus.RUNNING, message=f"declined by {answer['by']}")
             return ElicitationAnswer("decline")
+        update.send(ToolStatus.RUNNING, message=f"answered by {answer['by']}")
         return ElicitationAnswer("accept", answer["input"])
 
     async def _wait_answer(self, active: ActiveCall, server: str) -> dict[str, Any] | None:
