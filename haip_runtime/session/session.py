@@ -358,6 +358,10 @@ class Session:
         number = parse_uint64(seq)
         if number is None and in_order and self._inbound_numeric:
             self._unread_refused += 1  # (the next envelope tells whether the client numbered it)
+        elif number is not None and self._unread_refused:
+            # A refused frame whose seq was read tells as the next envelope does (a front-end developer's
+            # find: an unreadable frame, then one too large, left a gap the runtime waited 5 s for).
+            self._fill_unread(number)
         # (Not past the gap a client may open: a refused frame must not move its numbering far ahead.)
         if number is not None and self._inbound_numeric and number <= self._last_in + MAX_INBOUND_GAP:
             self._count_inbound(number)

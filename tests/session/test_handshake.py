@@ -241,6 +241,23 @@ async def test_a_refused_frame_keeps_its_place_in_a_numbered_clients_seqs(server
     assert pong["ack"] == "4" and pong["payload"]["nonce"] == "small", last
 
 
+async def test_an_unreadable_frame_then_a_refused_one_with_a_seq_leave_no_gap(server: LiveServer) -> None:
+    """A front-end developer's find: "not json" (its seq unread), then a frame too large (its seq read), then a
+    good one: the runtime asked for the unreadable one's seq and held the good one for 5 s."""
+    async with raw_peer(server.ws_url) as peer:
+        await peer.hai(server.token())
+        await peer.receive_type("INFO")
+        peer.seq += 1  # seq 2, never readable
+        await peer.send_frame("not json")
+        unreadable = await peer.receive_type("ERROR")
+        await peer.send("PING", {"nonce": "x" * (2 * 1024 * 1024)})  # seq 3, read from the frame it is in
+        too_large = await peer.receive_type("ERROR")
+        await peer.send("PING", {"nonce": "small"})  # seq 4: nothing before it is missing
+        answer = await peer.receive(timeout=2)  # (held past a gap, it would wait 5 s behind a REPLAY_REQUEST)
+    assert unreadable["payload"]["code"] == "INVALID_MESSAGE" and too_large["payload"]["code"] == "MESSAGE_TOO_LARGE"
+    assert answer["type"] == "PONG" and answer["ack"] == "4" and too_large["ack"] == "3"
+
+
 async def test_a_refused_frame_with_an_absurd_seq_costs_only_itself(server: LiveServer) -> None:
     """A reviewer's find: a seq of 5,000 digits made ``int()`` raise outside the error handling, and the
     connection closed (1000); and a refused frame must not move the client's numbering far ahead."""
