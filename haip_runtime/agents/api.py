@@ -123,6 +123,11 @@ class Agent(Generic[OptionsT]):
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
     input_schema: ClassVar[type[BaseModel] | None] = None
+    concurrent_turns: ClassVar[int | None] = 1
+    """How many of this agent's turns may run at once in one conversation: one, by default, so messages
+    typed faster than it answers wait their turn and are answered in order, each turn seeing the answers
+    before it. ``None``: as many as the session's ``max_concurrent_runs`` (an agent whose turns are
+    independent, such as ``echo``). ``agents.<name>.concurrent_turns`` overrides it."""
 
     def __init__(self, context: AgentContext) -> None:
         self.context = context

@@ -18,6 +18,7 @@ class EchoAgent(Agent[EchoOptions]):
     name = "echo"
     description = "Repeats what you say. Needs no LLM, no keys, no network."
     Options = EchoOptions
+    concurrent_turns = None  # each answer stands alone: no order to keep between them
 
     async def on_message(self, turn: Turn) -> None:
         await turn.say(f"{self.options.prefix}{turn.text}")

@@ -34,6 +34,7 @@ async def run_command(turn: Turn, help_text: str = HELP) -> bool:
 class OperatorAgent(Agent[NoOptions]):
     name = "operator"
     description = "Runs MCP tools on request: /tools, /call <tool> <json>. Needs no LLM."
+    concurrent_turns = None  # each command stands alone: several tools may run at once, as a shell's jobs
 
     async def on_message(self, turn: Turn) -> None:
         if not await run_command(turn):

@@ -313,7 +313,9 @@ class Transaction:
         not even wait (the queue is full, or it needs more runs than the limit). Publishes nothing."""
         wanted = len(self.agents)
         waits = bool(wanted) and (
-            not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
+            not self.run_limit.room(member, wanted)
+            or any(q.member.id == member.id for q in self._queue)
+            or self._agents_busy()
         )
         if waits:
             self.run_limit.check_queue(len(self._queue), wanted, related_id)
@@ -402,6 +404,8 @@ class Transaction:
             return
         blocked: set[str] = set()
         for waiting in list(self._queue):
+            if self._agents_busy():
+                return  # the next is started when a turn of theirs ends (``_finish``), in order
             if waiting.member.id in blocked:
                 continue
             if self.run_limit.room(waiting.member, len(self.agents)):
@@ -410,6 +414,18 @@ class Transaction:
             else:
                 blocked.add(waiting.member.id)
                 self.run_limit.wait(waiting.member, self.id, self._drain)
+
+    def _agents_busy(self) -> bool:
+        """Whether an agent of the transaction runs as many turns as it may at once (``concurrent_turns``):
+        a message now waits its turn (a front-end developer's find: three lines typed fast to an LLM agent
+        ran at once and were answered out of order, none seeing the others' answers)."""
+        if not self.runs:
+            return False
+        for slot in self.agents.values():
+            most = slot.instance.context.config.concurrent_turns or type(slot.instance).concurrent_turns
+            if most is not None and sum(run.agent == slot.name for run in self.runs.values()) >= most:
+                return True
+        return False
 
     def drop_queue(self) -> None:
         """This node no longer runs the turns: the waiting messages are the next owner's to answer (it
@@ -592,6 +608,8 @@ class Transaction:
         run.finish()
         if run.member is not None:
             self.run_limit.release(run.member)  # after RUN_FINISHED: a waiting message may start now
+        if self._queue:
+            self._drain()  # its agent is free again: the next message waiting for it
 
     def cancel_run(self, run_id: str, by: str = "") -> bool:
         """Cancel a running turn, or take a waiting message (named by its message id) out of the queue; a

@@ -25,7 +25,7 @@ from haip_runtime.conversation.transaction import Transaction
 from haip_runtime.exceptions import ProtocolError
 from haip_runtime.hub.messages import checked_message
 from haip_runtime.llm.provider import Provider
-from haip_runtime.protocol.envelope import Envelope, Event
+from haip_runtime.protocol.envelope import Envelope, Event, new_id
 from haip_runtime.protocol.events import ALL_EVENTS, EventType, RunOutcome, ToolStatus
 from haip_runtime.session.negotiation import negotiate
 from haip_runtime.session.session import Session
@@ -148,8 +148,13 @@ class AgentHarness:
             id="harness", session="harness", seq="1", ts="0", channel="USER", type="MESSAGE", payload=payload
         )
         text = checked_message(envelope, [self.spec.cls.input_schema]).text
-        (run,) = self.transaction.user_message(self.member, text, payload)
-        return await self._finish(run, timeout)
+        payload.setdefault("message_id", new_id())
+        with anyio.fail_after(timeout):
+            runs = self.transaction.user_message(self.member, text, payload)
+            while not runs:  # it waits its turn (the agent's ``concurrent_turns``): until its run starts
+                await self.member.arrived()
+                runs = [r for r in self.transaction.runs.values() if r.message_id == payload["message_id"]]
+        return await self._finish(runs[0], timeout)
 
     async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:
         with anyio.fail_after(timeout):
@@ -174,9 +179,17 @@ class _Member(Session):
         #: The runtime refused an answer the harness gave (a ``user_input`` that does not fit the request):
         #: the run is cancelled and ``send`` raises this (it waited out its timeout: an agent author's find).
         self.refused: ProtocolError | None = None
+        self._arrived = anyio.Event()
+
+    async def arrived(self) -> None:
+        """Until the transaction sends something more."""
+        if self._arrived.is_set():
+            self._arrived = anyio.Event()
+        await self._arrived.wait()
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
+        self._arrived.set()
         body = _payload(event)
         if event.type != EventType.TOOL_UPDATE or event.transaction is None:
             return

@@ -115,7 +115,9 @@ async def test_a_client_that_reads_slowly_gets_merged_parts_not_1013() -> None:
     merge, so its backlog stays far below ``max_buffered_messages`` (1000). Unmerged, the 20,000
     parts the socket buffers cannot take went past it, and the client was closed with 1013."""
     session = {"replay_window_bytes": 64 * 1024 * 1024}  # room for what the socket does not take
-    config = make_config({"agents": {"flood": {"plugin": "tests.support.agents:FloodAgent"}}, "session": session})
+    server = {"max_frame_bytes": 32 * 1024 * 1024}  # a message is at most a frame: this one is 20 MB
+    agents_ = {"flood": {"plugin": "tests.support.agents:FloodAgent"}}
+    config = make_config({"agents": agents_, "session": session, "server": server})
     count, size = 20_000, 1000
     with live_server(config) as live:
         # max_queue=4: the client library stops reading the socket while four frames wait to be read.

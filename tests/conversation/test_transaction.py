@@ -25,7 +25,9 @@ from tests.support.serving import make_config
 
 pytestmark = pytest.mark.anyio
 
-CONFIG = make_config({"agents": {"waiting": {"plugin": "tests.support.agents:WaitingAgent"}}})
+# (several turns of it at once: these tests are about the session's run limit; ``in_turn`` takes them one by one)
+WAITING = {"plugin": "tests.support.agents:WaitingAgent", "concurrent_turns": 16}
+CONFIG = make_config({"agents": {"waiting": WAITING, "in_turn": {"plugin": "tests.support.agents:WaitingAgent"}}})
 
 
 def member(user: str) -> Session:
@@ -95,6 +97,34 @@ async def test_a_message_past_the_run_limit_waits_in_order_and_starts_when_a_run
         "message_id": "three",
         "reason": "cancelled by ann",
     }
+
+
+async def test_an_agents_turns_run_one_at_a_time_in_the_order_of_the_messages() -> None:
+    """A front-end developer's find: lines typed faster than an LLM agent answers all ran at once and were
+    answered out of order, none seeing the answers before it. An agent takes one turn at a time in a
+    conversation (``concurrent_turns``): the next message waits, whoever sent it, and starts when it ends."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon)
+        transaction = transactions.new("ann", None)
+        ann, bob = member("ann"), member("bob")
+        transaction.add_member(ann)
+        transaction.add_member(bob)
+        transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+        [first] = transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
+        assert transaction.user_message(ann, "two", {"message_id": "two"}, "m2") == []
+        assert transaction.user_message(bob, "three", {"message_id": "three"}, "m3") == []
+        assert transaction.queued == ["two", "three"]
+        transaction.cancel_run(first.id)
+        await first.wait()
+        [second] = transaction.runs.values()  # "two" started as "one" ended; "three" waits for it
+        assert second.message_id == "two" and transaction.queued == ["three"]
+        transaction.cancel_run(second.id)
+        await second.wait()
+        [third] = transaction.runs.values()
+        tg.cancel_scope.cancel()
+    assert third.message_id == "three"
+    started = [e["payload"].get("message_id") for e in received(bob) if e["type"] == "RUN_STARTED"]
+    assert started == ["one", "two", "three"]
 
 
 async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() -> None:

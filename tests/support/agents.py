@@ -175,7 +175,9 @@ class GateAgent(Agent[NoOptions]):
 
 
 class PatientAgent(Agent[NoOptions]):
-    """Waits until cancelled (or its node dies) when told ``wait``; echoes anything else."""
+    """Waits until cancelled (or its node dies) when told ``wait``; echoes anything else, meanwhile too."""
+
+    concurrent_turns = None  # (its other turns answer while one waits)
 
     async def on_message(self, turn: Turn) -> None:
         if turn.text == "wait":

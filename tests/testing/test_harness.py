@@ -196,18 +196,19 @@ async def test_fake_tools_report_progress_and_ask_the_user(user_input: dict[str,
     assert [u.get("progress") for u in updates if u.get("progress") is not None][-1] == 2  # type: ignore[union-attr]
 
 
-async def test_the_harness_runs_as_many_turns_at_once_as_it_is_sent() -> None:
-    """The run limit is the hub's policy for sessions; a plugin author's harness has none."""
+async def test_the_harness_answers_messages_sent_at_once_each_in_its_turn() -> None:
+    """The session's run limit is the hub's policy; a plugin author's harness has none. The agent's own
+    (``concurrent_turns``, one) holds: each message waits its turn, and is answered, in order."""
     results: list[str] = []
     async with AgentHarness(Storyteller, options={"words_per_second": 10_000}) as agent:
 
         async def send(number: int) -> None:
-            results.append((await agent.send(f"story {number}")).status)
+            results.append((await agent.send(f"story {number}")).text.split("'")[1])
 
         async with anyio.create_task_group() as tg:
             for number in range(6):
                 tg.start_soon(send, number)
-    assert results == ["OK"] * 6
+    assert results == [f"story {number}" for number in range(6)]
 
 
 class SaysANumber(Agent[NoOptions]):
