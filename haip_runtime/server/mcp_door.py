@@ -195,9 +195,9 @@ class McpDoor:
         found = await self._ctx.transactions.find(conversation_id, member.principal)
         if not isinstance(found, Transaction) or found.ended:
             raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no open conversation {conversation_id!r}")
-        if agent not in found.agents:
-            raise ProtocolError(ErrorCode.AGENT_NOT_FOUND, f"conversation {conversation_id} has no agent {agent!r}")
         lifecycle.enter(found, member, related)
+        if agent not in found.agents:  # added, as AG-UI and TRANSACTION_JOIN {agent} do (a front-end developer's
+            await lifecycle.add_agent(self._ctx, member, related, found, agent)  # find: only this door refused)
         return found
 
 

@@ -332,6 +332,7 @@ async def test_an_input_request_is_an_interrupt_answered_with_the_input(
             headers = {"authorization": f"Bearer {runtime.token('alice')}"}
             refused = await http.post("/ag-ui/assistant", json=bad, headers=headers)
         assert refused.status_code == 400 and refused.json()["error"]["detail"] == {"where": "/resume/0/payload/name"}
+        assert "at /resume/0/payload/name" in refused.json()["error"]["message"]  # (not HAIP's /payload/input)
         answer = {"name": "Ada", "favourite_colour": "green"}
         resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": answer}]
         events, _ = await driver.step(resume=resume)

@@ -117,6 +117,17 @@ async def test_echo_answers_with_text_and_its_conversation_which_a_later_call_co
     assert text(again) == "you said: again" and again.structured_content["conversation_id"] == conversation
 
 
+async def test_a_call_to_another_agent_in_a_conversation_adds_it_as_ag_ui_does(door: LiveServer) -> None:
+    """A front-end developer's find: the AG-UI door adds the agent a request names to the conversation, this
+    door refused (``AGENT_NOT_FOUND``, though the agent exists)."""
+    async with mcp_client(door) as client:
+        first = await client.call_tool("echo", {"message": "hello"})
+        conversation = first.structured_content["conversation_id"]
+        story = await client.call_tool("storyteller", {"message": "a fox", "conversation_id": conversation})
+    assert not story.is_error and story.structured_content["agent"] == "storyteller"
+    assert story.structured_content["conversation_id"] == conversation and "a fox" in text(story)
+
+
 async def test_a_member_who_joined_over_websocket_sees_the_mcp_callers_turn_live(door: LiveServer) -> None:
     async with mcp_client(door) as client:
         first = await client.call_tool("echo", {"message": "start"})

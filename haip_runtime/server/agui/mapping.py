@@ -439,5 +439,8 @@ def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
             try:
                 check_answer("input", asked.get("response_schema"), {"input": payload}, "")
             except ProtocolError as refused:  # (its where is HAIP's: /payload/input/<field>)
-                field = str((refused.detail or {}).get("where", "")).removeprefix("/payload/input")
-                raise ProtocolError(refused.code, refused.message, detail={"where": where + field}) from None
+                haip = str((refused.detail or {}).get("where", ""))
+                field = haip.removeprefix("/payload/input")
+                # The message names the same place as ``where`` (a front-end developer's find: it said HAIP's).
+                said = refused.message.replace(f"at {haip}", f"at {where + field}") if haip else refused.message
+                raise ProtocolError(refused.code, said, detail={"where": where + field}) from None
