@@ -97,20 +97,23 @@ class RunLimit:
     def check(self, member: Member, wanted: int, related_id: str) -> None:
         """Room for ``wanted`` more runs of ``member``, or ``RUN_LIMIT_EXCEEDED`` (nothing started)."""
         if wanted and not self.room(member, wanted):
-            raise self._refusal(f"at most {self.most} runs at once per session", related_id)
+            raise self._refusal(f"at most {self.most} runs at once per session", related_id, "max_concurrent_runs")
 
     def check_queue(self, waiting: int, wanted: int, related_id: str) -> None:
         """Room in a transaction's queue that holds ``waiting`` messages, for a message that needs
         ``wanted`` runs; ``RUN_LIMIT_EXCEEDED`` past the bound (or if the message could never run)."""
         if wanted > self.most:
-            raise self._refusal(f"this message needs {wanted} runs; at most {self.most} run at once", related_id)
+            message = f"this message needs {wanted} runs; at most {self.most} run at once"
+            raise self._refusal(message, related_id, "max_concurrent_runs")
         if waiting >= self.queued:
             message = f"at most {self.most} runs at once per session, and {waiting} messages are already waiting"
-            raise self._refusal(message, related_id)
+            raise self._refusal(message, related_id, "max_queued_messages")
 
     @staticmethod
-    def _refusal(message: str, related_id: str) -> ProtocolError:
-        return ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, message, related_id=related_id)
+    def _refusal(message: str, related_id: str, limit: str) -> ProtocolError:
+        """``RUN_LIMIT_EXCEEDED``; ``detail.limit`` names the setting, as ``RATE_LIMITED``'s does."""
+        detail = {"limit": f"session.{limit}"}
+        return ProtocolError(ErrorCode.RUN_LIMIT_EXCEEDED, message, related_id=related_id, detail=detail)
 
     def wait(self, member: Member, transaction_id: str, drain: Callable[[], None]) -> None:
         """Call ``drain`` when a run of ``member`` ends (once; wait again if still blocked)."""

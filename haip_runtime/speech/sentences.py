@@ -8,6 +8,9 @@ import re
 _END = re.compile(r"""[.!?…]+["'”’)\]]*\s+|\n+""")
 #: A sentence longer than this is cut at its last comma, semicolon or space before the limit.
 MAX_CHARS = 240
+#: Notes for readers that are not read out: "[cut: ...]" at the end of a message cut short (a front-end
+#: developer's find: the spoken answer ended with the note's words).
+_UNSPOKEN = re.compile(r"\[cut:[^\]]*\]")
 
 
 class SentenceSplitter:
@@ -47,7 +50,7 @@ def _said(text: str) -> list[str]:
     """``text`` stripped, if it has anything to say (letters or digits), in pieces of at most ``MAX_CHARS``
     (a long sentence that came whole, in one part, is cut as one still streaming is)."""
     out: list[str] = []
-    text = text.strip()
+    text = _UNSPOKEN.sub("", text).strip()
     while len(text) > MAX_CHARS:
         cut = _cut(text)
         out += _said(text[:cut])

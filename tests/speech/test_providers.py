@@ -162,6 +162,17 @@ def test_sentences_come_out_as_the_text_streams() -> None:
     assert splitter.feed("3.5 is a number") == [] and splitter.flush() == ["3.5 is a number"]
 
 
+def test_a_cut_note_is_shown_not_spoken() -> None:
+    """A front-end developer's find: the spoken answer read out "[cut: the answer reached ...]"."""
+    from haip_runtime.agents.api import CUT_NOTE
+    from haip_runtime.agents.assistant import CUT_MARKER
+
+    for note in (CUT_MARKER, CUT_NOTE):
+        splitter = SentenceSplitter()
+        said = splitter.feed("The sea is wide and") + splitter.feed(note) + splitter.flush()
+        assert said == ["The sea is wide and …"], said  # (the note, not a word of it)
+
+
 def test_a_long_sentence_is_cut_at_a_comma_or_space() -> None:
     splitter = SentenceSplitter()
     parts = splitter.feed("word, " * 100)

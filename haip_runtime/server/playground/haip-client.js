@@ -142,6 +142,9 @@ export class HaipClient extends EventTarget {
       this._onFrame(m.data);
     };
     ws.onclose = (e) => this._onClose(ws, e);
+    // A failed connection's close follows its error, and reconnects; with no handler Node's `ws` threw the
+    // error out of the process (a front-end developer's find: ECONNREFUSED while the server restarted).
+    ws.onerror = () => {};
     this._heardAt = Date.now();
     clearInterval(this._watchdog);
     this._watchdog = setInterval(() => this._checkSilence(ws), 1000);
@@ -153,7 +156,7 @@ export class HaipClient extends EventTarget {
 
   /** Let ``ws`` go as a failure would (a line that stalled: its close may never come), and reconnect. */
   _letGo(ws, code, reason) {
-    ws.onmessage = ws.onclose = null;
+    ws.onmessage = ws.onclose = null; // (onerror stays: a late error must not throw)
     try {
       ws.close(code, "given up");
     } catch {
