@@ -50,7 +50,7 @@ RESERVED_AHEAD = 4096
 
 @dataclass(frozen=True)
 class _Queued:
-    """A user message waiting for room under the run limit."""
+    """A user message waiting its turn: room under its member's run limit, or its agents' next turn."""
 
     member: Member
     text: str
@@ -85,6 +85,8 @@ class Transaction:
         self.config = config or TransactionsConfig()
         #: ``server.max_frame_bytes``: an agent's message is cut to fit one frame (``TurnServices``).
         self.max_frame_bytes = max_frame_bytes
+        #: The runtime is stopping: no waiting message starts (``Hub._stop_for_restart``).
+        self.stopping = False
         self.limits = limits or LimitsConfig()
         #: How many runs a member may have at once (shared by the transactions of one registry).
         self.run_limit = run_limit or RunLimit(SessionConfig().max_concurrent_runs)
@@ -399,8 +401,10 @@ class Transaction:
 
     def _drain(self) -> None:
         """Start the waiting messages that have room now, in order (a member's stay behind its first blocked one)."""
+        if self.stopping:  # the runtime is stopping: nothing starts now (``Hub._stop_for_restart``)
+            return
         if self.ended or not self.runs_here:  # ended; or another node runs the turns now, and answers these
-            self._unqueue_all("the transaction ended") if self.ended else self._queue.clear()
+            self.unqueue_all("the transaction ended") if self.ended else self._queue.clear()
             return
         blocked: set[str] = set()
         for waiting in list(self._queue):
@@ -432,7 +436,7 @@ class Transaction:
         knows them from the log), this node's among them, should it be the next owner itself."""
         self._queue.clear()
 
-    def _unqueue_all(self, reason: str) -> None:
+    def unqueue_all(self, reason: str) -> None:
         """Every waiting message leaves the queue unanswered, each with ``INFO run.unqueued`` (doors wait on it)."""
         waiting, self._queue = self._queue, []
         for each in waiting:
@@ -518,6 +522,10 @@ class Transaction:
         for index, entry in enumerate(self.history):
             if entry.message_id == message_id and entry.author == user and entry.role == "user":
                 self.history[index] = replace(entry, text=text)
+                return True
+        for index, waiting in enumerate(self._queue):  # (a reviewer's find: refused, and the old text answered)
+            if waiting.payload.get("message_id") == message_id and waiting.member.user == user:
+                self._queue[index] = replace(waiting, text=text, payload={**waiting.payload, "text": text})
                 return True
         return self.shared is not None and not self.shared.owner and self.shared.authored(user, message_id)
 
@@ -675,7 +683,7 @@ class Transaction:
     async def stop_turns(self, reason: str, *, hooks: str | None = None) -> None:
         """Unqueue the waiting messages, cancel the runs and tool calls and wait for them (bounded);
         with ``hooks``, call each agent's ``on_end`` with it."""
-        self._unqueue_all(reason)
+        self.unqueue_all(reason)
         runs = list(self.runs.values())
         for run in runs:
             run.scope.cancel()

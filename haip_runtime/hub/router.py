@@ -262,7 +262,16 @@ class Hub:
                 transaction.remove_member(session, quietly=True)
 
     async def _stop_for_restart(self, transaction: Transaction) -> None:
-        """The runtime is stopping: cancel what runs, saying why; the transaction stays open in the store."""
+        """The runtime is stopping: cancel what runs, saying why; the transaction stays open in the store.
+
+        The messages waiting their turn are not started as the runs end (a reviewer's find: each cancelled
+        run started the next, which nothing waited for and nothing ended). In a cluster they are the next
+        owner's to answer (the log has them); on one node they are given up, ``INFO run.unqueued`` saying why."""
+        transaction.stopping = True
+        if transaction.shared is not None:
+            transaction.drop_queue()
+        else:
+            transaction.unqueue_all(SHUTTING_DOWN)
         if self.tools is not None:  # (first: a call the run's cancel reached first said only "cancelled")
             self.tools.cancel_transaction(transaction.id, SHUTTING_DOWN)
         for run in list(transaction.runs.values()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -15,6 +16,7 @@ from haip_runtime.config.models import LimitsConfig, SessionConfig, Transactions
 from haip_runtime.conversation.registry import TransactionRegistry
 from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
 from haip_runtime.exceptions import ProtocolError
+from haip_runtime.hub.router import Hub
 from haip_runtime.protocol.envelope import Event
 from haip_runtime.protocol.events import ALL_EVENTS
 from haip_runtime.session.negotiation import negotiate
@@ -125,6 +127,44 @@ async def test_an_agents_turns_run_one_at_a_time_in_the_order_of_the_messages() 
     assert third.message_id == "three"
     started = [e["payload"].get("message_id") for e in received(bob) if e["type"] == "RUN_STARTED"]
     assert started == ["one", "two", "three"]
+
+
+async def test_a_stop_starts_none_of_the_waiting_messages_and_says_they_were_given_up() -> None:
+    """A reviewer's find: each run the stop cancelled started the next message waiting its turn, which
+    nothing waited for and nothing ended (in a cluster, the next owner ended it NODE_LOST instead of answering it)."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon)
+        transaction = transactions.new("ann", None)
+        ann = member("ann")
+        transaction.add_member(ann)
+        transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+        [first] = transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
+        assert transaction.user_message(ann, "two", {"message_id": "two"}, "m2") == []
+        await Hub._stop_for_restart(SimpleNamespace(tools=None), transaction)  # type: ignore[arg-type]
+        left = list(transaction.runs.values())
+        tg.cancel_scope.cancel()
+    assert left == [] and first.finished
+    started = [e["payload"].get("message_id") for e in received(ann) if e["type"] == "RUN_STARTED"]
+    unqueued = [e["payload"] for e in received(ann) if e["payload"].get("event") == "run.unqueued"]
+    assert started == ["one"] and [u["message_id"] for u in unqueued] == ["two"]
+    assert "shutting down" in unqueued[0]["reason"]
+
+
+async def test_a_waiting_message_may_be_edited_and_its_turn_answers_the_new_text() -> None:
+    """A reviewer's find: the edit of a message waiting its turn was refused, and the agent answered the old text."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon)
+        transaction = transactions.new("ann", None)
+        ann = member("ann")
+        transaction.add_member(ann)
+        transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+        [first] = transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
+        transaction.user_message(ann, "teh typo", {"message_id": "two"}, "m2")
+        assert transaction.edit_message("ann", "two", "the fix") and not transaction.edit_message("bob", "two", "x")
+        transaction.cancel_run(first.id)
+        await first.wait()
+        tg.cancel_scope.cancel()
+    assert [entry.text for entry in transaction.history if entry.role == "user"] == ["one", "the fix"]
 
 
 async def test_a_full_transaction_refuses_newcomers_but_lets_members_rejoin() -> None:
