@@ -109,6 +109,15 @@ class TurnServices:
     room for the envelope, so that its parts, and the one ``MESSAGE`` clients without parts get, fit."""
 
 
+def concurrent_turns(agent: Agent[Any]) -> int | None:
+    """How many turns of ``agent`` may run at once in one conversation (``None``: no bound of its own):
+    ``agents.<name>.concurrent_turns`` (0: no bound) if set, else its class's ``concurrent_turns``."""
+    configured = agent.context.config.concurrent_turns
+    if configured is None:
+        return type(agent).concurrent_turns
+    return configured or None
+
+
 class Agent(Generic[OptionsT]):
     """Base class of agent plugins. Override ``on_message``; the other hooks are optional.
 

@@ -146,6 +146,9 @@ def resolve_plugin(spec: str, base_dir: Path, where: str) -> type[Agent[Any]]:
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise PluginError(f"{where}: {target!r} is not a subclass of haip_runtime.Agent")
     _check_hooks(cls, target, where)
+    turns = cls.concurrent_turns
+    if turns is not None and (not isinstance(turns, int) or isinstance(turns, bool) or turns < 1):
+        raise PluginError(f"{where}: {target}.concurrent_turns is a number of turns from 1 up, or None; not {turns!r}")
     return cls
 
 

@@ -298,9 +298,10 @@ class AgentConfig(Model):
     to spoken messages are spoken back (AUDIO_CHUNKs)."""
     reply_audio: bool = False
     """Speak every answer of this agent (needs `speech`), not only answers to spoken messages."""
-    concurrent_turns: int | None = Field(default=None, ge=1)
+    concurrent_turns: int | None = Field(default=None, ge=0)
     """How many of its turns may run at once in one conversation (more messages wait their turn, in order);
-    unset: the agent class's `concurrent_turns` (1 for most, unbounded for `echo` and `operator`)."""
+    0: no bound but the session's; unset: the agent class's `concurrent_turns` (1 for most, no bound for
+    `echo` and `operator`)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Plugin options, validated by the plugin's own `Options` model."""
 

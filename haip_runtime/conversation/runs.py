@@ -99,14 +99,16 @@ class RunLimit:
         if wanted and not self.room(member, wanted):
             raise self._refusal(f"at most {self.most} runs at once per session", related_id, "max_concurrent_runs")
 
-    def check_queue(self, waiting: int, wanted: int, related_id: str) -> None:
+    def check_queue(self, waiting: int, wanted: int, related_id: str, *, agents_busy: bool = False) -> None:
         """Room in a transaction's queue that holds ``waiting`` messages, for a message that needs
-        ``wanted`` runs; ``RUN_LIMIT_EXCEEDED`` past the bound (or if the message could never run)."""
+        ``wanted`` runs; ``RUN_LIMIT_EXCEEDED`` past the bound (or if the message could never run).
+        ``agents_busy``: it would wait for its agents' turn, not for its member's room (said so)."""
         if wanted > self.most:
             message = f"this message needs {wanted} runs; at most {self.most} run at once"
             raise self._refusal(message, related_id, "max_concurrent_runs")
         if waiting >= self.queued:
-            message = f"at most {self.most} runs at once per session, and {waiting} messages are already waiting"
+            why = "the agents are answering" if agents_busy else f"at most {self.most} runs at once per session"
+            message = f"{why}, and {waiting} messages are already waiting their turn"
             raise self._refusal(message, related_id, "max_queued_messages")
 
     @staticmethod

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from haip_runtime.agents.api import Turn
+from haip_runtime.agents.api import Turn, concurrent_turns
 from haip_runtime.config.models import LimitsConfig, SessionConfig, TransactionsConfig
 from haip_runtime.conversation.backlog import Backlog
 from haip_runtime.conversation.history import History
@@ -314,13 +314,12 @@ class Transaction:
         """Whether a message of ``member`` now would wait in the queue; ``RUN_LIMIT_EXCEEDED`` if it could
         not even wait (the queue is full, or it needs more runs than the limit). Publishes nothing."""
         wanted = len(self.agents)
-        waits = bool(wanted) and (
-            not self.run_limit.room(member, wanted)
-            or any(q.member.id == member.id for q in self._queue)
-            or self._agents_busy()
-        )
+        if not wanted:
+            return False
+        busy = self._agents_busy()
+        waits = busy or not self.run_limit.room(member, wanted) or any(q.member.id == member.id for q in self._queue)
         if waits:
-            self.run_limit.check_queue(len(self._queue), wanted, related_id)
+            self.run_limit.check_queue(len(self._queue), wanted, related_id, agents_busy=busy)
         return waits
 
     def user_message(
@@ -426,7 +425,7 @@ class Transaction:
         if not self.runs:
             return False
         for slot in self.agents.values():
-            most = slot.instance.context.config.concurrent_turns or type(slot.instance).concurrent_turns
+            most = concurrent_turns(slot.instance)
             if most is not None and sum(run.agent == slot.name for run in self.runs.values()) >= most:
                 return True
         return False

@@ -195,3 +195,16 @@ async def test_an_agent_whose_init_forgets_super_still_answers_and_the_log_says_
     assert (first.text, second.text) == ("count 1 for forgetful", "count 2 for forgetful")
     said = [r.getMessage() for r in caplog.records if "super().__init__(context)" in r.getMessage()]
     assert len(said) == 1 and "Forgetful.__init__" in said[0]
+
+
+def test_a_class_s_concurrent_turns_is_checked_when_it_loads(tmp_path: Path) -> None:
+    (tmp_path / "greedy.py").write_text(
+        "from haip_runtime import Agent, NoOptions, Turn\n\n"
+        "class Greedy(Agent[NoOptions]):\n"
+        "    concurrent_turns = 0\n\n"
+        "    async def on_message(self, turn: Turn) -> None:\n"
+        "        await turn.say('hi')\n"
+    )
+    with pytest.raises(PluginError) as caught:
+        resolve_plugin("greedy.py:Greedy", tmp_path, "agents.g.plugin")
+    assert "concurrent_turns is a number of turns from 1 up, or None; not 0" in str(caught.value)

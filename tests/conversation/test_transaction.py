@@ -29,7 +29,9 @@ pytestmark = pytest.mark.anyio
 
 # (several turns of it at once: these tests are about the session's run limit; ``in_turn`` takes them one by one)
 WAITING = {"plugin": "tests.support.agents:WaitingAgent", "concurrent_turns": 16}
-CONFIG = make_config({"agents": {"waiting": WAITING, "in_turn": {"plugin": "tests.support.agents:WaitingAgent"}}})
+IN_TURN = {"plugin": "tests.support.agents:WaitingAgent"}
+ANY_NUMBER = {"plugin": "tests.support.agents:WaitingAgent", "concurrent_turns": 0}  # (0: no bound of its own)
+CONFIG = make_config({"agents": {"waiting": WAITING, "in_turn": IN_TURN, "any_number": ANY_NUMBER}})
 
 
 def member(user: str) -> Session:
@@ -127,6 +129,27 @@ async def test_an_agents_turns_run_one_at_a_time_in_the_order_of_the_messages() 
     assert third.message_id == "three"
     started = [e["payload"].get("message_id") for e in received(bob) if e["type"] == "RUN_STARTED"]
     assert started == ["one", "two", "three"]
+
+
+async def test_the_queue_full_behind_a_busy_agent_says_so_and_a_config_of_0_lets_turns_run_at_once() -> None:
+    """A reviewer's find: bob, with no run at all, was refused 'at most 4 runs at once per session'."""
+    async with anyio.create_task_group() as tg:
+        transactions = registry(tg.start_soon, max_queued=1)
+        transaction, free = transactions.new("ann", None), transactions.new("ann", None)
+        ann, bob = member("ann"), member("bob")
+        for each, agent in ((transaction, "in_turn"), (free, "any_number")):
+            each.add_member(ann)
+            each.add_member(bob)
+            each.add_agent(transactions.slot(transactions.agents[agent], each.id, "ann", {}))
+        transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
+        transaction.user_message(ann, "two", {"message_id": "two"}, "m2")
+        with pytest.raises(ProtocolError) as refused:
+            transaction.user_message(bob, "three", {"message_id": "three"}, "m3")
+        at_once = [free.user_message(bob, f"b{n}", {"message_id": f"b{n}"}, f"b{n}") for n in range(2)]
+        tg.cancel_scope.cancel()
+    assert refused.value.message == "the agents are answering, and 1 messages are already waiting their turn"
+    assert refused.value.detail == {"limit": "session.max_queued_messages"}
+    assert [len(runs) for runs in at_once] == [1, 1]
 
 
 async def test_a_stop_starts_none_of_the_waiting_messages_and_says_they_were_given_up() -> None:
