@@ -336,6 +336,12 @@ class Turn:
 
         Clients that advertise ``binary_frames`` on WebSocket get it as two frames, others as base64.
         """
+        most = self._services.max_message_bytes * 3 // 4  # as base64, with room for the envelope: one frame
+        if len(data) > most:  # (a reviewer's find: 1 MiB of audio went out as a 1.4 MB frame)
+            raise ValueError(
+                f"send_audio: {len(data)} bytes of audio is over the {most} one frame holds "
+                "(server.max_frame_bytes): send it in pieces"
+            )
         message_id = new_id()
         payload: dict[str, Any] = {
             "message_id": message_id,

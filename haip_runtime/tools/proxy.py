@@ -333,9 +333,7 @@ class ToolProxy:
             limit, where = self.max_frame_bytes, "server.max_frame_bytes"
         content, structured = cut_result(outcome.content, outcome.structured_content, limit, server, where)
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
-        error = (
-            error_body(ToolErrorCode.TOOL_ERROR, content_text(content) or "tool error") if outcome.is_error else None
-        )
+        error = error_body(ToolErrorCode.TOOL_ERROR, _said(content_text(content))) if outcome.is_error else None
         return ToolCallResult(active.call_id, name, status, content, structured, error)
 
     def is_down(self, server: str, servers: Iterable[str]) -> bool:
@@ -528,3 +526,15 @@ def _cancelled(active: ActiveCall, name: str, reason: str) -> ToolCallResult:
 def content_text(content: list[dict[str, Any]]) -> str:
     """The text content blocks of an MCP result, joined."""
     return "\n".join(str(block.get("text", "")) for block in content if block.get("type") == "text")
+
+
+#: The most characters of a tool error's text repeated as its ``error.message`` (the whole is in its content,
+#: cut to fit the frame: a reviewer's find, the repeat took a cut error past the frame limit again).
+ERROR_TEXT_MOST = 512
+
+
+def _said(text: str) -> str:
+    """A tool error's message: the start of its text."""
+    if not text:
+        return "tool error"
+    return text if len(text) <= ERROR_TEXT_MOST else text[:ERROR_TEXT_MOST] + " …"

@@ -332,3 +332,33 @@ async def test_nothing_an_agent_sends_after_its_message_or_its_turn_ended_goes_o
         f"message {turn.events[1].payload['message_id']} has ended (its `async with turn.stream()` block is over)",  # type: ignore[index]
         f"the turn of agent 'latewriter' (run {turn.events[0].run_id}) has ended",
     ]
+
+
+class CallsBig(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        await turn.call_tool("big.fail", {})
+
+
+class SendsAudio(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        try:
+            await turn.send_audio(b"\0" * int(turn.text), "audio/wav")
+        except ValueError as error:
+            await turn.say(str(error))
+
+
+async def test_a_large_tool_error_and_audio_stay_within_a_frame() -> None:
+    """A reviewer's finds: a tool error cut to the frame limit was repeated whole as ``error.message`` (a 2 MB
+    TOOL_DONE), and ``send_audio`` sent 1 MiB of audio as a 1.4 MB frame."""
+
+    def fail(arguments: dict[str, Any]) -> None:
+        raise FakeToolError("x" * (3 * 1024 * 1024 // 2))
+
+    async with AgentHarness(CallsBig, tools={"big.fail": fail}) as agent:
+        failed = await agent.send("go")
+    async with AgentHarness(SendsAudio) as agent:
+        small, big = await agent.send("1000"), await agent.send(str(1024 * 1024))
+    [done] = [e for e in failed.events if e.type == "TOOL_DONE"]
+    assert len(done.payload_json) < 1024 * 1024 and done.payload["error"]["message"].endswith(" …")  # type: ignore[index]
+    assert [e.type for e in small.events].count("AUDIO_CHUNK") == 1
+    assert "AUDIO_CHUNK" not in [e.type for e in big.events] and "send it in pieces" in big.text
