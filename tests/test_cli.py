@@ -127,6 +127,30 @@ def test_a_stop_ends_an_open_event_stream_with_1012_at_once(
     assert "Traceback" not in stderr and "graceful shutdown exceeded" not in stderr
 
 
+def test_a_stop_ends_an_open_ag_ui_run_with_run_error_at_once(
+    serve_process: tuple[subprocess.Popen[str], dict[str, str]],
+) -> None:
+    """A reviewer's find: an AG-UI run's stream (the storyteller's, which takes seconds) held the stop for
+    uvicorn's 5 s and was cut without an end."""
+    process, banner = serve_process
+    base = banner["WebSocket"].split()[0].replace("ws://", "http://").removesuffix("/haip/websocket")
+    run = {"threadId": "t-stop", "runId": "r1", "messages": [{"id": "m1", "role": "user", "content": "a fox"}]}
+    run |= {"state": {}, "tools": [], "context": [], "forwardedProps": {}}
+    with httpx2.Client(timeout=20) as http:
+        headers = {"authorization": f"Bearer {banner['token']}"}
+        with http.stream("POST", f"{base}/ag-ui/storyteller", json=run, headers=headers) as answer:
+            lines = answer.iter_lines()
+            received = [next(line for line in lines if "TEXT_MESSAGE_CONTENT" in line)]  # the story is going
+            process.send_signal(signal.SIGTERM)
+            received += list(lines)
+    assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    [end] = [json.loads(line[6:]) for line in received if line.startswith("data: ") and "RUN_ERROR" in line]
+    assert end["code"] == "SHUTTING_DOWN" and "restarting" in end["message"]
+    assert "Traceback" not in stderr and "graceful shutdown exceeded" not in stderr
+
+
 def test_serve_refuses_dev_mode_on_a_public_address(config_copy: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "haip_runtime", "serve", "--config", str(config_copy), "--host", "0.0.0.0"],

@@ -128,9 +128,11 @@ class Runtime:
         if self.tools is not None:
             self.tools.on_done = self.metrics.tool_call
         self.reaper = SocketReaper()  # the server that serves the app attaches itself (serve, live_server)
-        #: The connections' outboxes (``closing`` ends them all), and whether the server is stopping.
+        #: The connections' outboxes (``close_connections`` ends them all), and whether the server is stopping.
         self._outboxes: set[Outbox] = set()
         self._closing = False
+        #: Called with why when the server begins to stop: doors whose responses are not outboxes end them.
+        self.on_closing: list[Callable[[str], None]] = []
         self._stack = AsyncExitStack()
         self.bridge: McpBridge | None = None
         self._server_states: dict[str, ServerState] = {}
@@ -239,14 +241,17 @@ class Runtime:
         finally:
             self._outboxes.discard(outbox)
 
-    def closing(self) -> None:
+    def close_connections(self) -> None:
         """The server begins to stop: every connection ends after what it was sent, with 1012 (a WebSocket's
-        close; an SSE or HTTP stream's last event), so its client resumes. uvicorn closes WebSockets itself
-        but waits for HTTP responses: an open SSE stream held the stop for its 5 s and was cancelled with a
-        traceback, and its client got no ``event: close`` (a front-end developer's find)."""
+        close; an SSE or HTTP stream's last event), so its client resumes; an open AG-UI run ends with
+        ``RUN_ERROR`` (``on_closing``). uvicorn closes WebSockets itself but waits for HTTP responses: an
+        open SSE stream held the stop for its 5 s and was cancelled with a traceback, and its client got no
+        ``event: close`` (a front-end developer's find; AG-UI's, a reviewer's)."""
         self._closing = True
         for outbox in list(self._outboxes):
             outbox.close(CloseCode.SERVICE_RESTART, STOPPING)
+        for close in self.on_closing:
+            close(STOPPING)
 
     def doorway(self) -> Doorway:
         """What the transport routes may use of the runtime."""
@@ -380,12 +385,14 @@ def create_app(config: HaipConfig, runtime: Runtime | None = None) -> Starlette:
     async def index(request: Request) -> PlainTextResponse:
         return PlainTextResponse("haip-runtime: connect a HAIP client over WebSocket to /haip/websocket\n")
 
+    agui = AguiDoor(rt.doorway(), rt.hub)
+    rt.on_closing.append(agui.close_runs)
     routes: list[BaseRoute] = [
         Route("/health", health),
         Route("/health/ready", ready),
         *([Route("/metrics", metrics)] if config.observability.metrics else []),
         *haip_routes(rt.doorway()),
-        *AguiDoor(rt.doorway(), rt.hub).routes(),
+        *agui.routes(),
         *history_routes(rt.store, rt.hub.transactions, rt.authenticator.authenticate, config.server.allowed_origins),
         *([Route(config.mcp_server.path, mcp)] if mcp is not None else []),
     ]

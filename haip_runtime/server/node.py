@@ -102,7 +102,7 @@ def run(
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            runtime.closing()  # SSE and HTTP streams end now, as WebSockets do: uvicorn would wait for them
+            runtime.close_connections()  # SSE, HTTP and AG-UI streams end now: uvicorn would wait for them
             await super().shutdown(sockets)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:

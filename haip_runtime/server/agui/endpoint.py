@@ -99,6 +99,15 @@ class AguiDoor:
     def routes(self) -> list[BaseRoute]:
         return [Route("/ag-ui/{agent}", self.run, methods=["POST"])]
 
+    def close_runs(self, why: str) -> None:
+        """The server is stopping: every open AG-UI run ends now with ``RUN_ERROR`` (code ``SHUTTING_DOWN``),
+        so its response ends and its client may run again once the server is back (a reviewer's find: the
+        stream held the stop for uvicorn's 5 s and was cut without an end)."""
+        for member in list(self.members.values()):
+            if member.run_id is not None:
+                member.failure = {"code": "SHUTTING_DOWN", "message": why}
+                member.close()
+
     async def run(self, request: Request) -> Response:
         if refused_origin(request.scope, self.door.config.server.allowed_origins):
             return error(403, ErrorCode.UNAUTHORIZED, "origin not allowed")
