@@ -242,6 +242,10 @@ class _Run:
         if self.run_id is None and body.get("event") == "run.unqueued" and body.get("message_id") == message_id:
             self.status = RunOutcome.CANCELLED  # taken out of the queue before it ran
             return
+        if self.run_id is None and body.get("event") == "run.queued" and body.get("message_id") == message_id:
+            # Said as progress: the caller's client sees the call alive while it waits (a reviewer's find).
+            await self.report(f"[waiting for its turn: {body.get('position')} in the queue]")
+            return
         if event.type == EventType.TRANSACTION_END and self.run_id is None:
             self.failed(ErrorCode.TRANSACTION_NOT_FOUND, "the conversation ended before the message ran")
             return

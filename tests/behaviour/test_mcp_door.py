@@ -3,6 +3,7 @@ against a real uvicorn, with HAIP members over WebSocket watching the same conve
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -126,6 +127,32 @@ async def test_a_call_to_another_agent_in_a_conversation_adds_it_as_ag_ui_does(d
         story = await client.call_tool("storyteller", {"message": "a fox", "conversation_id": conversation})
     assert not story.is_error and story.structured_content["agent"] == "storyteller"
     assert story.structured_content["conversation_id"] == conversation and "a fox" in text(story)
+
+
+async def test_a_call_that_waits_its_turn_says_so_then_is_answered(door: LiveServer) -> None:
+    """A reviewer's find: a call queued behind the agent's turn in its conversation said nothing while it
+    waited (an MCP client gives up on a call it hears nothing of)."""
+    said: list[str | None] = []
+    telling = anyio.Event()
+
+    async def seen(progress: float, total: float | None, message: str | None) -> None:
+        said.append(message)
+
+    async def hen_seen(progress: float, total: float | None, message: str | None) -> None:
+        telling.set()
+
+    async with mcp_client(door) as client:
+        first = await client.call_tool("echo", {"message": "hello"})
+        conversation = first.structured_content["conversation_id"]
+        hen = {"message": "a hen", "conversation_id": conversation}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(client.call_tool, "storyteller", hen, progress_callback=hen_seen))
+            with anyio.fail_after(20):
+                await telling.wait()  # the storyteller is telling the first story
+            cat = {"message": "a cat", "conversation_id": conversation}
+            second = await client.call_tool("storyteller", cat, progress_callback=seen)
+    assert said[0] == "[waiting for its turn: 1 in the queue]", said[:3]
+    assert not second.is_error and "a cat" in text(second)
 
 
 async def test_a_member_who_joined_over_websocket_sees_the_mcp_callers_turn_live(door: LiveServer) -> None:
