@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -134,8 +135,8 @@ def test_a_stop_ends_an_open_ag_ui_run_with_run_error_at_once(
     uvicorn's 5 s and was cut without an end."""
     process, banner = serve_process
     base = banner["WebSocket"].split()[0].replace("ws://", "http://").removesuffix("/haip/websocket")
-    run = {"threadId": "t-stop", "runId": "r1", "messages": [{"id": "m1", "role": "user", "content": "a fox"}]}
-    run |= {"state": {}, "tools": [], "context": [], "forwardedProps": {}}
+    run: dict[str, Any] = {"threadId": "t-stop", "runId": "r1", "state": {}, "tools": [], "context": []}
+    run |= {"messages": [{"id": "m1", "role": "user", "content": "a fox"}], "forwardedProps": {}}
     with httpx2.Client(timeout=20) as http:
         headers = {"authorization": f"Bearer {banner['token']}"}
         with http.stream("POST", f"{base}/ag-ui/storyteller", json=run, headers=headers) as answer:
