@@ -7,6 +7,7 @@ Plugin authors import it from ``haip_runtime.testing``.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -148,13 +149,20 @@ class AgentHarness:
             id="harness", session="harness", seq="1", ts="0", channel="USER", type="MESSAGE", payload=payload
         )
         text = checked_message(envelope, [self.spec.cls.input_schema]).text
-        payload.setdefault("message_id", new_id())
-        with anyio.fail_after(timeout):
+        message_id = payload.setdefault("message_id", new_id())
+        with anyio.fail_after(timeout):  # (one deadline for its wait and its turn)
             runs = self.transaction.user_message(self.member, text, payload)
             while not runs:  # it waits its turn (the agent's ``concurrent_turns``): until its run starts
+                given_up = [
+                    body.get("reason")
+                    for event in self.member.events
+                    if (body := _payload(event)).get("event") == "run.unqueued" and body.get("message_id") == message_id
+                ]
+                if given_up:  # (a reviewer's find: a cancelled waiting message waited out the whole timeout)
+                    raise RuntimeError(f"AgentHarness: message {message_id} never ran: {given_up[0]}")
                 await self.member.arrived()
-                runs = [r for r in self.transaction.runs.values() if r.message_id == payload["message_id"]]
-        return await self._finish(runs[0], timeout)
+                runs = [r for r in self.transaction.runs.values() if r.message_id == message_id]
+            return await self._finish(runs[0], math.inf)
 
     async def _finish(self, run: Any, timeout: float = 30) -> TurnResult:
         with anyio.fail_after(timeout):
@@ -182,14 +190,13 @@ class _Member(Session):
         self._arrived = anyio.Event()
 
     async def arrived(self) -> None:
-        """Until the transaction sends something more."""
-        if self._arrived.is_set():
-            self._arrived = anyio.Event()
+        """Until the transaction sends something more (to every task waiting)."""
         await self._arrived.wait()
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
         self._arrived.set()
+        self._arrived = anyio.Event()
         body = _payload(event)
         if event.type != EventType.TOOL_UPDATE or event.transaction is None:
             return

@@ -362,3 +362,29 @@ async def test_a_large_tool_error_and_audio_stay_within_a_frame() -> None:
     assert len(done.payload_json) < 1024 * 1024 and done.payload["error"]["message"].endswith(" …")  # type: ignore[index]
     assert [e.type for e in small.events].count("AUDIO_CHUNK") == 1
     assert "AUDIO_CHUNK" not in [e.type for e in big.events] and "send it in pieces" in big.text
+
+
+async def test_a_waiting_message_taken_out_of_the_queue_fails_its_send_at_once() -> None:
+    """A reviewer's find: ``send`` of a message cancelled while it waited its turn waited out its timeout."""
+    async with AgentHarness(WaitingAgent) as agent, anyio.create_task_group() as tg:
+        failures: list[str] = []
+        ended = anyio.Event()
+
+        async def second() -> None:
+            try:
+                await agent.send({"text": "two", "message_id": "two"}, timeout=20)
+            except RuntimeError as error:
+                failures.append(str(error))
+            finally:
+                ended.set()
+
+        tg.start_soon(agent.send, "one")
+        tg.start_soon(second)
+        with anyio.fail_after(10):
+            while agent.transaction is None or agent.transaction.queued != ["two"]:
+                await agent.member.arrived()
+        agent.transaction.cancel_run("two", "tester")
+        with anyio.fail_after(10):  # (far less than its own timeout, 20 s)
+            await ended.wait()
+        tg.cancel_scope.cancel()
+    assert failures == ["AgentHarness: message two never ran: cancelled by tester"]
