@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-import orjson
 from pydantic import BaseModel, ConfigDict
 
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
@@ -39,10 +38,7 @@ CUT_NOTE = " … [cut: the message reached the most one frame holds, server.max_
 
 def _json_size(text: str) -> int:
     """Bytes of ``text`` as a JSON string's content (escapes and UTF-8), without its quotes."""
-    try:
-        return len(orjson.dumps(text)) - 2
-    except TypeError:  # a lone surrogate: written as U+FFFD (fastjson)
-        return len(fastjson.dumps(text).encode()) - 2
+    return fastjson.size(text) - 2
 
 
 __all__ = [
@@ -263,20 +259,13 @@ class MessageStream:
         is full from then on (logged once)."""
         self._full = True
         room = self._most - self._size - _json_size(CUT_NOTE)
-        low, high = 0, len(text)  # the longest prefix whose JSON fits ``room``
-        while low < high:
-            middle = (low + high + 1) // 2
-            if _json_size(text[:middle]) <= room:
-                low = middle
-            else:
-                high = middle - 1
+        kept = fastjson.fitting_start(text, room + 2) + CUT_NOTE  # (+ 2: its quotes, not counted here)
         logger.warning(
             "agent %s: message %s cut at %d bytes of text (server.max_frame_bytes: a frame holds it whole)",
             self._author,
             self.message_id,
             self._most,
         )
-        kept = text[:low] + CUT_NOTE
         return kept, _json_size(kept)
 
     def _open(self) -> None:

@@ -54,7 +54,7 @@ _EMPTY_WAV = pcm_wav(b"", 16_000)
 
 
 #: What a spoken answer's envelope holds besides its base64 audio and its sentence (ids, seqs, fields).
-ENVELOPE_ROOM = 2048
+SPOKEN_ENVELOPE_ROOM = 2048
 #: Messages dropped (too long, cancelled) remembered at most per session (their later chunks are let go).
 MAX_DROPPED = 64
 
@@ -391,7 +391,7 @@ class Speaker:
         """The sentence's WAV as whole WAVs that each fit an envelope of ``max_frame_bytes`` as base64 (a
         voice tester's find: a long sentence, or a slow voice, made frames past the size the ``HAI``
         gives, which a client sizing its buffer by it refuses)."""
-        room = self.max_frame_bytes - ENVELOPE_ROOM - 2 * len(sentence.encode())
+        room = self.max_frame_bytes - SPOKEN_ENVELOPE_ROOM - 2 * len(sentence.encode())
         most = max(room, 4096) * 3 // 4
         if len(data) <= most:
             return [(data, duration_ms)]

@@ -64,6 +64,29 @@ def loads(text: str | bytes) -> Any:
         return value
 
 
+def size(value: Any) -> int:
+    """Bytes of ``value`` as ``dumps`` writes it (UTF-8): how much of a frame it takes."""
+    if isinstance(value, str):  # (the common case, on every streamed part: no text made)
+        try:
+            return len(_orjson_dumps(value))
+        except TypeError:  # a lone surrogate: written as U+FFFD
+            pass
+    return len(dumps(value).encode())
+
+
+def fitting_start(text: str, room: int) -> str:
+    """The longest start of ``text`` that takes at most ``room`` bytes as a JSON string (quotes included):
+    escapes and UTF-8 make a prefix's size not its length, so it is searched for."""
+    low, high = 0, min(len(text), room)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if size(text[:middle]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
 def _finite(value: Any) -> Any:
     """``value`` with every NaN and infinity made ``None`` (a copy where there are any; the value itself if not)."""
     if isinstance(value, float):

@@ -2,7 +2,7 @@
 
 A 10 MB tool result became one 20 MB ``TOOL_DONE`` frame (text plus ``structuredContent``), twenty
 times what a client may send, stored whole. ``cut_result`` keeps what fits of the result as JSON
-(``content`` and ``structuredContent``, less ``ENVELOPE_ROOM`` for the envelope around it):
+(``content`` and ``structuredContent``, less ``RESULT_ENVELOPE_ROOM`` for the envelope around it):
 ``structuredContent`` goes first when the whole does not fit (MCP asks servers to repeat it as
 text), then text blocks are kept in order and the last one that does not fit is cut at a
 character boundary; other blocks (images, resources) are kept only whole. A last text block says
@@ -16,13 +16,12 @@ from typing import Any
 from haip_runtime.protocol import fastjson
 
 #: Bytes kept free for the envelope and the rest of the TOOL_DONE payload.
-ENVELOPE_ROOM = 4096
+RESULT_ENVELOPE_ROOM = 4096
 #: Bytes kept for the note that says what was cut.
 NOTE_ROOM = 256
 
 
-def json_size(value: Any) -> int:
-    return len(fastjson.dumps(value).encode())
+json_size = fastjson.size
 
 
 def cut_result(
@@ -31,7 +30,7 @@ def cut_result(
     """``(content, structured)`` whole if they fit ``limit`` bytes as JSON, else cut with a note naming the
     option that set ``limit`` (``where``; the server's ``max_result_bytes`` unless said)."""
     whole = json_size({"content": content, "structuredContent": structured})
-    budget = max(limit - ENVELOPE_ROOM, 2 * NOTE_ROOM)
+    budget = max(limit - RESULT_ENVELOPE_ROOM, 2 * NOTE_ROOM)
     if whole <= budget:
         return content, structured
     room = budget - NOTE_ROOM - json_size({"content": [], "structuredContent": None})
@@ -42,21 +41,9 @@ def cut_result(
             kept.append(block)
             room -= size
         elif block.get("type") == "text" and room > 64:
-            kept.append({**block, "text": _cut_text(str(block.get("text", "")), room - 64)})
+            kept.append({**block, "text": fastjson.fitting_start(str(block.get("text", "")), room - 64)})
             room = 0
     used = json_size({"content": kept, "structuredContent": None})
     where = where or f"mcp.servers.{server}.max_result_bytes"
     note = f"[result cut: {whole} bytes, over the limit of {limit} ({where}); {used} bytes kept]"
     return [*kept, {"type": "text", "text": note}], None
-
-
-def _cut_text(text: str, room: int) -> str:
-    """The longest start of ``text`` whose JSON string fits ``room`` bytes."""
-    low, high = 0, min(len(text), room)
-    while low < high:  # JSON escapes make the size of a prefix not its length: search for it
-        middle = (low + high + 1) // 2
-        if json_size(text[:middle]) <= room:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low]
