@@ -39,7 +39,7 @@ def tools_config(**extra: Any) -> dict[str, Any]:
                     "timeout_seconds": 0.5,
                     "approval_timeout_seconds": 0.3,
                     "require_approval": ["delete_everything"],
-                    "allowed_tools": ["sleep", "stats", "delete_everything"],
+                    "allowed_tools": ["sleep", "stats", "delete_everything", "ask_user"],
                 },
             }
         },
@@ -86,11 +86,12 @@ async def test_tool_list_reaches_the_client_with_server_and_description(tool_ser
         listing = [e for e in client.received if e.type == "TOOL_LIST"][-1]
     add = next(tool for tool in listing.get("tools") if tool["name"] == "demo.add")
     assert add == {"name": "demo.add", "description": "Add two numbers.", "server": "demo"}
-    # allowed_tools filters: the short server exposes only three tools
+    # allowed_tools filters: the short server exposes only four tools
     assert {name for name in tool_names(listing) if name.startswith("short.")} == {
         "short.sleep",
         "short.stats",
         "short.delete_everything",
+        "short.ask_user",
     }
 
 
@@ -194,23 +195,42 @@ async def test_answer_to_a_call_that_is_not_waiting_is_invalid_payload(tool_serv
     assert error.get("code") == "INVALID_PAYLOAD" and error.get("related_id") == sent
 
 
-@pytest.mark.parametrize("answer", ["input", "decline"])
-async def test_elicitation_answered_or_declined(tool_server: LiveServer, answer: str) -> None:
+@pytest.mark.parametrize(
+    ("answer", "said", "result"),
+    [
+        ("input", "answered by alice", "Ada likes green"),
+        ("decline", "declined by alice", "declined"),
+        # No answer within the server's approval_timeout_seconds (0.3 s): MCP's "cancel", not a member's
+        # decline, so the tool can tell them apart; members are told (an agent author's find: they saw the
+        # call run on without a word, and the tool got "decline").
+        ("none", "nobody answered within 0.3 s", "cancelled"),
+    ],
+)
+async def test_elicitation_answered_declined_or_unanswered(
+    tool_server: LiveServer, answer: str, said: str, result: str
+) -> None:
+    server = "short" if answer == "none" else "demo"
     async with operator(tool_server) as (client, tx):
-        await client.send_text(tx, "/call demo.ask_user")
+        await client.send_text(tx, f"/call {server}.ask_user")
         asking = await client.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
-        reply: dict[str, Any] = {"call_id": asking.get("call_id")}
+        call_id = asking.get("call_id")
+        reply: dict[str, Any] = {"call_id": call_id}
         if answer == "input":
             reply["input"] = {"name": "Ada", "favourite_colour": "green"}
-        else:
+            await client.send("TOOL_UPDATE", reply, transaction=tx)
+        elif answer == "decline":
             reply["decision"] = "decline"
-        await client.send("TOOL_UPDATE", reply, transaction=tx)
-        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == asking.get("call_id"))
+            await client.send("TOOL_UPDATE", reply, transaction=tx)
+        done = await client.wait_for(lambda e: e.type == "TOOL_DONE" and e.get("call_id") == call_id)
+        running = [
+            e.get("message")
+            for e in client.received
+            if e.type == "TOOL_UPDATE" and e.get("call_id") == call_id and e.get("status") == "RUNNING"
+        ]
     request = asking.get("request")
-    assert request["message"] == "Who are you, and which colour do you like best?" and request["server"] == "demo"
+    assert request["message"] == "Who are you, and which colour do you like best?" and request["server"] == server
     assert set(request["schema"]["properties"]) == {"name", "favourite_colour"}
-    text = done.get("result")["content"][0]["text"]
-    assert text == ("Ada likes green" if answer == "input" else "declined")
+    assert said in running and done.get("result")["content"][0]["text"] == result
 
 
 async def test_an_answer_that_does_not_fit_the_request_is_refused_and_asked_again(tool_server: LiveServer) -> None:
