@@ -149,11 +149,15 @@ async function startConversation(agent) {
   refreshConversations();
 }
 
+/** Hold-to-talk only where an agent hears audio (a newcomer's find: the button sat under every agent). */
+function showTalk(agents) {
+  const talk = $("talk");
+  if (talk) talk.hidden = !state.tx || !agents.some((name) => state.hearing?.has(name));
+}
+
 function openConversation(agent, agents) {
   state.agent = agent;
-  // Hold-to-talk only where an agent hears audio (a newcomer's find: the button sat under every agent).
-  const talk = $("talk");
-  if (talk) talk.hidden = !agents.some((name) => state.hearing?.has(name));
+  showTalk(agents);
   $("conversation-head").textContent = "";
   $("conversation-head").append(
     `Talking to ${agent} · conversation `, el("code", { id: "transaction-id" }, state.tx));
@@ -482,6 +486,7 @@ state.showRecording = (id, blob) => {
 /** This page's own join or start lists who is there; someone else's join announces them. */
 function showMembers({ members = [], agents = [], joined }) {
   state.members = new Set(members);
+  if (agents.length) showTalk(agents); // (an agent added meanwhile may hear)
   $("conversation-head").dataset.members = members.join(",");
   if (joined && joined !== state.user) note(`${joined} joined the conversation`);
   else note(`Members: ${members.join(", ")} · agents: ${agents.join(", ")}`);
