@@ -412,9 +412,13 @@ class Turn:
         call_id = new_id()
         args = arguments or {}
         try:
-            fastjson.dumps(args)
+            size = fastjson.size(args)
         except TypeError as exc:  # (refused before anything is published: members never see half a call)
             raise TypeError(f"call_tool({name!r}): the arguments must be what JSON holds: {exc}") from None
+        if size > self._services.max_message_bytes:  # (a tester's find: its TOOL_CALL went out past the frame limit)
+            raise ValueError(
+                f"call_tool({name!r}): {size} bytes of arguments are over what one frame holds (server.max_frame_bytes)"
+            )
         self.record(HistoryEntry("tool_call", self.agent, "", call_id, call_id=call_id, tool=name, arguments=args))
         status, text = ToolOutcome.CANCELLED, "the call was cancelled"
         try:

@@ -22,6 +22,7 @@ import anyio
 from haip_runtime.auth.permissions import UNRESTRICTED, Permissions
 from haip_runtime.config.models import McpServerConfig, tool_matches
 from haip_runtime.exceptions import ProtocolError, ToolError, ToolTimeoutError, ToolUnavailableError
+from haip_runtime.protocol import fastjson
 from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from haip_runtime.protocol.envelope import new_id
 from haip_runtime.protocol.errors import error_body
@@ -36,7 +37,7 @@ from haip_runtime.protocol.events import (
 from haip_runtime.protocol.payloads import ToolEntry
 from haip_runtime.tools.cutting import cut_result
 from haip_runtime.tools.updates import Emit as Emit  # re-exported: agents publish through it
-from haip_runtime.tools.updates import Updates
+from haip_runtime.tools.updates import Updates, server_text
 
 if TYPE_CHECKING:
     from haip_runtime.bridge import (
@@ -373,9 +374,12 @@ class ToolProxy:
     ) -> ElicitationAnswer:
         from haip_runtime.bridge import ElicitationAnswer
 
-        active.ask("input", request.schema if isinstance(request.schema, dict) else None)
         # "server" says who is asking: the text is the MCP server's, not the runtime's or an agent's.
-        asked = {"message": request.message, "schema": request.schema, "server": server}
+        asked = {"message": server_text(request.message, ELICIT_TEXT_MOST), "schema": request.schema, "server": server}
+        if fastjson.size(asked) > self.max_frame_bytes // 2:  # (a tester's find: it went out past the frame limit)
+            logger.warning("MCP server %r asked for input in a request too large to send: declined", server)
+            return ElicitationAnswer("decline")
+        active.ask("input", request.schema if isinstance(request.schema, dict) else None)
         update.send(ToolStatus.INPUT_REQUIRED, request=asked)
         answer = await self._wait_answer(active, server)
         if answer is None:  # MCP's "cancel": dismissed without a choice (an agent author's find: a timeout
@@ -528,6 +532,8 @@ def content_text(content: list[dict[str, Any]]) -> str:
     return "\n".join(str(block.get("text", "")) for block in content if block.get("type") == "text")
 
 
+#: The most characters of an MCP server's input request's message sent to members.
+ELICIT_TEXT_MOST = 4096
 #: The most characters of a tool error's text repeated as its ``error.message`` (the whole is in its content,
 #: cut to fit the frame: a reviewer's find, the repeat took a cut error past the frame limit again).
 ERROR_TEXT_MOST = 512

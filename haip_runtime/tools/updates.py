@@ -50,7 +50,7 @@ class Updates:
         if progress.total is not None:
             body["total"] = progress.total
         if progress.message:
-            body["message"] = progress.message
+            body["message"] = server_text(progress.message)
         self._pending = body
         wait = PROGRESS_INTERVAL - (time.monotonic() - self._last_sent)
         if wait <= 0:
@@ -80,10 +80,22 @@ class Updates:
         task = {"id": state.task_id, "status": state.status}
         cancelling = self._cancelling or state.cancel  # (a run cancelled, a timeout: no TOOL_CANCEL said so)
         if state.status == "cancelled" and cancelling:
-            why = f": {state.message}" if state.message else ""
+            why = f": {server_text(state.message)}" if state.message else ""
             message = f"the MCP server cancelled its task {state.task_id}{why}"
             self.send(ToolStatus.CANCELLING, message=message, task=task)
         elif cancelling and state.local:
-            self.send(ToolStatus.CANCELLING, message=state.message, task=task)
+            self.send(ToolStatus.CANCELLING, message=server_text(state.message) if state.message else None, task=task)
         elif not cancelling and not state.terminal:
-            self.send(ToolStatus.RUNNING, **({"message": state.message} if state.message else {}), task=task)
+            said = {"message": server_text(state.message)} if state.message else {}
+            self.send(ToolStatus.RUNNING, **said, task=task)
+
+
+#: The most characters of an MCP server's status or progress message members are sent: what one frame holds
+#: whatever a server says (a tester's find: a 100,000-character progress message closed clients holding the
+#: advertised frame limit, again at every resume).
+SERVER_TEXT_MOST = 1024
+
+
+def server_text(text: str, most: int = SERVER_TEXT_MOST) -> str:
+    """An MCP server's message for members, cut to ``most`` characters."""
+    return text if len(text) <= most else text[:most] + " …"

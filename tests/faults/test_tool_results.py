@@ -79,3 +79,32 @@ async def test_a_result_is_cut_to_the_frame_limit_when_that_is_the_smaller(tmp_p
     note = done["payload"]["result"]["content"][-1]["text"]
     assert note.startswith("[result cut: ") and "server.max_frame_bytes" in note
     assert finished["payload"]["status"] == "OK"
+
+
+async def test_a_servers_long_progress_and_question_reach_members_within_the_frame(tmp_path: Path) -> None:
+    """A tester's find: a 100,000-character progress message (and question) went out as one frame past
+    ``server.max_frame_bytes`` (64 KiB here), closing a client holding to it, again at every resume."""
+    huge = {"transport": "python", "server": "tests.support.python_servers:huge", "protocol_mode": "legacy"}
+    agents = {"operator": {"plugin": "operator", "mcp_servers": ["huge"]}}
+    config = sqlite_config(tmp_path / "haip.db", agents=agents, mcp={"servers": {"huge": huge}})
+    small = config.model_copy(update={"server": config.server.model_copy(update={"max_frame_bytes": 64 * 1024})})
+    with live_server(small) as server:
+        async with raw_peer(server.ws_url, max_size=64 * 1024) as peer:  # (closes 1009 on a larger frame)
+            await peer.hai(server.token("tom"), accept_events=list(ALL_EVENTS))
+            await peer.receive_type("INFO")
+            await peer.send("TRANSACTION_START", {"toolName": "operator"}, transaction="ref")
+            tx = (await peer.receive_type("TRANSACTION_START"))["transaction"]
+            listed: set[str] = set()
+            while "huge.loud_question" not in listed:
+                listed = {t["name"] for t in (await peer.receive_type("TOOL_LIST", 15))["payload"]["tools"]}
+            await peer.send("MESSAGE", {"text": "/call huge.loud_progress {}"}, transaction=tx, channel="USER")
+            progress = await peer.receive_type("TOOL_UPDATE", timeout=30)
+            while "progress" not in progress["payload"]:
+                progress = await peer.receive_type("TOOL_UPDATE", timeout=30)
+            await peer.receive_type("RUN_FINISHED", timeout=10)
+            await peer.send("MESSAGE", {"text": "/call huge.loud_question {}"}, transaction=tx, channel="USER")
+            asked = await peer.receive_type("TOOL_UPDATE", timeout=30)
+            while asked["payload"].get("status") != "INPUT_REQUIRED":
+                asked = await peer.receive_type("TOOL_UPDATE", timeout=30)
+    assert progress["payload"]["message"] == "P" * 1024 + " …"
+    assert asked["payload"]["status"] == "INPUT_REQUIRED" and asked["payload"]["request"]["message"].endswith("Q …")

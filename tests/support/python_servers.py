@@ -69,3 +69,17 @@ class Blob(BaseModel):
 def blob(megabytes: float = 10) -> Blob:
     """A result of ``megabytes`` MB, as text and again as structured content."""
     return Blob(data="b" * int(megabytes * 1024 * 1024))
+
+
+@huge.tool()
+async def loud_progress(ctx: Context) -> str:
+    """Reports progress with a 100,000-character message."""
+    await ctx.report_progress(1, 2, "P" * 100_000)
+    return "reported"
+
+
+@huge.tool()
+async def loud_question(ctx: Context) -> str:
+    """Asks the user with a 100,000-character question."""
+    answer = await ctx.elicit("Q" * 100_000, Name)
+    return f"asked: {answer.action}"

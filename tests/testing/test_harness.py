@@ -388,3 +388,18 @@ async def test_a_waiting_message_taken_out_of_the_queue_fails_its_send_at_once()
             await ended.wait()
         tg.cancel_scope.cancel()
     assert failures == ["AgentHarness: message two never ran: cancelled by tester"]
+
+
+class CallsWithBigArguments(Agent[NoOptions]):
+    async def on_message(self, turn: Turn) -> None:
+        try:
+            await turn.call_tool("tickets.search", {"q": "B" * (2 * 1024 * 1024)})
+        except ValueError as error:
+            await turn.say(str(error))
+
+
+async def test_a_tool_call_with_arguments_past_a_frame_is_refused_before_anything_goes_out() -> None:
+    """A tester's find: the TOOL_CALL of 100 KB of arguments went out past a 64 KiB frame limit."""
+    async with AgentHarness(CallsWithBigArguments, tools=TOOLS) as agent:
+        turn = await agent.send("go")
+    assert turn.tool_calls == [] and "bytes of arguments are over what one frame holds" in turn.text
