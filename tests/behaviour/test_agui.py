@@ -201,6 +201,18 @@ async def test_an_ag_ui_client_approves_a_tool_call_sees_its_progress_and_contin
             await member.join(thread, since=0)
             await member.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "AWAITING_APPROVAL")
 
+            # A reason that is not text is refused, as over HAIP, saying where (a tester's finds).
+            odd = {"approved": True, "reason": 5}
+            bad = {"threadId": thread, "runId": "r-bad", "messages": [],
+                   "resume": [{"interruptId": interrupt["id"], "status": "resolved", "payload": odd}]}  # fmt: skip
+            async with httpx.AsyncClient(base_url=runtime.http_url, timeout=30) as http:
+                headers = {"authorization": f"Bearer {runtime.token('alice')}"}
+                refused = await http.post("/ag-ui/assistant", json=bad, headers=headers)
+            assert refused.status_code == 400 and refused.json()["error"]["detail"] == {
+                "where": "/resume/0/payload/reason"
+            }
+            assert "(at /resume/0/payload/reason)" in refused.json()["error"]["message"]
+
             # Run 2: resume with the approval; the tool runs (progress), the model answers.
             resume = [{"interruptId": interrupt["id"], "status": "resolved", "payload": {"approved": True}}]
             events, done = await driver.step(resume=resume)
@@ -272,6 +284,7 @@ async def test_bad_requests_get_a_clear_error_and_change_nothing(runtime: LiveSe
         resume = {**body, "resume": [{"interruptId": "nothing", "status": "resolved"}]}
         stray = await http.post("/ag-ui/echo", json=resume, headers=headers)
         assert stray.status_code == 400 and "no open interrupt" in stray.json()["error"]["message"]
+        assert stray.json()["error"]["detail"] == {"where": "/resume/0/interruptId"}
         history = await http.get("/haip/transactions/t-none/events", headers=headers)
         assert history.status_code == 404  # refused before anything was made
         mallory = {"authorization": f"Bearer {runtime.token('mallory')}"}

@@ -416,7 +416,11 @@ def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
         if asked is None:
             if member is not None and entry.interrupt_id in member.settled:
                 continue
-            raise ProtocolError(ErrorCode.INVALID_PAYLOAD, f"no open interrupt {entry.interrupt_id!r} to resume")
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"no open interrupt {entry.interrupt_id!r} to resume",
+                detail={"where": f"/resume/{index}/interruptId"},
+            )
         if entry.status != "resolved":
             continue  # cancelled: rejected, or declined
         where = f"/resume/{index}/payload"
@@ -430,11 +434,15 @@ def check_resume(member: AguiMember | None, run: RunAgentInput) -> None:
                 raise ProtocolError(
                     ErrorCode.INVALID_PAYLOAD, "this runtime's approval policy does not permit edited arguments"
                 )
-            if not isinstance(payload.get("approved"), bool):
+            # (a tester's finds: the message named no place, and a reason that is no text was taken, as
+            # HAIP refuses it)
+            wrong = "approved" if not isinstance(payload.get("approved"), bool) else "reason"
+            if wrong == "approved" or not isinstance(payload.get("reason", ""), str):
                 raise ProtocolError(
-                    ErrorCode.INVALID_PAYLOAD, "an approval's payload is {approved: true|false, reason?}",
-                    detail={"where": f"{where}/approved"},
-                )  # fmt: skip
+                    ErrorCode.INVALID_PAYLOAD,
+                    f"an approval's payload is {{approved: true|false, reason?: text}} (at {where}/{wrong})",
+                    detail={"where": f"{where}/{wrong}"},
+                )
         else:
             try:
                 check_answer("input", asked.get("response_schema"), {"input": payload}, "")
