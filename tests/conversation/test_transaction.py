@@ -53,6 +53,16 @@ def registry(
     )
 
 
+def in_turn(spawn: Any) -> tuple[Transaction, Session]:
+    """A transaction of ann's with the agent that takes one turn at a time, ann in it."""
+    transactions = registry(spawn)
+    transaction = transactions.new("ann", None)
+    ann = member("ann")
+    transaction.add_member(ann)
+    transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+    return transaction, ann
+
+
 async def test_publish_numbers_the_log_and_skips_only_the_excluded_member() -> None:
     transactions = registry(lambda *a: None)
     transaction = transactions.new("ann", None)
@@ -156,11 +166,7 @@ async def test_a_stop_starts_none_of_the_waiting_messages_and_says_they_were_giv
     """A reviewer's find: each run the stop cancelled started the next message waiting its turn, which
     nothing waited for and nothing ended (in a cluster, the next owner ended it NODE_LOST instead of answering it)."""
     async with anyio.create_task_group() as tg:
-        transactions = registry(tg.start_soon)
-        transaction = transactions.new("ann", None)
-        ann = member("ann")
-        transaction.add_member(ann)
-        transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+        transaction, ann = in_turn(tg.start_soon)
         [first] = transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
         assert transaction.user_message(ann, "two", {"message_id": "two"}, "m2") == []
         await Hub._stop_for_restart(SimpleNamespace(tools=None), transaction)  # type: ignore[arg-type]
@@ -176,11 +182,7 @@ async def test_a_stop_starts_none_of_the_waiting_messages_and_says_they_were_giv
 async def test_a_waiting_message_may_be_edited_and_its_turn_answers_the_new_text() -> None:
     """A reviewer's find: the edit of a message waiting its turn was refused, and the agent answered the old text."""
     async with anyio.create_task_group() as tg:
-        transactions = registry(tg.start_soon)
-        transaction = transactions.new("ann", None)
-        ann = member("ann")
-        transaction.add_member(ann)
-        transaction.add_agent(transactions.slot(transactions.agents["in_turn"], transaction.id, "ann", {}))
+        transaction, ann = in_turn(tg.start_soon)
         [first] = transaction.user_message(ann, "one", {"message_id": "one"}, "m1")
         transaction.user_message(ann, "teh typo", {"message_id": "two"}, "m2")
         assert transaction.edit_message("ann", "two", "the fix") and not transaction.edit_message("bob", "two", "x")
