@@ -334,7 +334,10 @@ class ToolProxy:
             limit, where = self.max_frame_bytes, "server.max_frame_bytes"
         content, structured = cut_result(outcome.content, outcome.structured_content, limit, server, where)
         status = ToolOutcome.ERROR if outcome.is_error else ToolOutcome.OK
-        error = error_body(ToolErrorCode.TOOL_ERROR, _said(content_text(content))) if outcome.is_error else None
+        error = None
+        if outcome.is_error:  # (its text, repeated, is cut like a server's message: the whole is in ``content``)
+            said = server_text(content_text(content), ERROR_TEXT_MOST) or "tool error"
+            error = error_body(ToolErrorCode.TOOL_ERROR, said)
         return ToolCallResult(active.call_id, name, status, content, structured, error)
 
     def is_down(self, server: str, servers: Iterable[str]) -> bool:
@@ -537,10 +540,3 @@ ELICIT_TEXT_MOST = 4096
 #: The most characters of a tool error's text repeated as its ``error.message`` (the whole is in its content,
 #: cut to fit the frame: a reviewer's find, the repeat took a cut error past the frame limit again).
 ERROR_TEXT_MOST = 512
-
-
-def _said(text: str) -> str:
-    """A tool error's message: the start of its text."""
-    if not text:
-        return "tool error"
-    return text if len(text) <= ERROR_TEXT_MOST else text[:ERROR_TEXT_MOST] + " …"
