@@ -25,6 +25,7 @@ def agents_server() -> Iterator[LiveServer]:
         "greeter": {"plugin": "tests.support.agents:GreeterAgent"},
         "order": {"plugin": "tests.support.agents:OrderAgent"},
         "calc": {"plugin": "tests.support.agents:CalculatorAgent"},
+        "caller": {"plugin": "tests.support.agents:CallerAgent"},
     }
     with live_server(make_config({"agents": agents, "session": {"max_concurrent_runs": 2}})) as live:
         yield live
@@ -98,6 +99,20 @@ async def test_agent_that_raises_gets_run_error_and_the_transaction_goes_on(agen
     assert "the plugin broke" not in error.get("message")  # internals stay in the server log
     assert [kind for kind, _ in run] == ["RUN_STARTED", "MESSAGE_START", "MESSAGE_PART", "MESSAGE_END", "RUN_ERROR"]
     assert answer == [{"message_id": answer[0]["message_id"], "text": "all good"}]  # type: ignore[index]
+
+
+async def test_a_tool_call_with_no_mcp_servers_configured_is_refused_as_a_value(agents_server: LiveServer) -> None:
+    """As in the harness (a newcomer's find: ``call_tool`` raised there, and the turn failed ``INTERNAL_ERROR``)."""
+    async with HaipClient(agents_server.ws_url, token=agents_server.token()) as client:
+        tx = await client.start_transaction("caller")
+        await client.send_text(tx, "tickets.search")
+        finished = await client.wait_for("RUN_FINISHED")
+        run = of_run(client.received, finished.run_id)
+    done = next(payload for kind, payload in run if kind == "TOOL_DONE")
+    assert [kind for kind, _ in run if kind.startswith("TOOL")] == ["TOOL_CALL", "TOOL_DONE"]
+    assert done["status"] == "ERROR" and done["error"]["code"] == "TOOL_NOT_FOUND"  # type: ignore[index]
+    said = "".join(str(p["text"]) for kind, p in run if kind == "MESSAGE_PART")  # type: ignore[index]
+    assert said == "ERROR TOOL_NOT_FOUND"
 
 
 async def test_run_error_reaches_a_legacy_client_as_an_error(agents_server: LiveServer) -> None:

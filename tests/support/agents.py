@@ -212,3 +212,11 @@ class LoudAgent(Agent[NoOptions]):
 
     async def on_message(self, turn: Turn) -> None:
         await turn.say('"é\n' * int(turn.text))
+
+
+class CallerAgent(Agent[NoOptions]):
+    """Calls the tool its message names and says how the call ended: ``status code``."""
+
+    async def on_message(self, turn: Turn) -> None:
+        result = await turn.call_tool(turn.text)
+        await turn.say(f"{result.status} {(result.error or {}).get('code', '')}")
