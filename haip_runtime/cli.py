@@ -175,7 +175,8 @@ def _init(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  wrote {path}")
     where = "" if folder.resolve() == Path.cwd() else f"cd {folder} && "
-    print(f"next: {where}haip-runtime serve   (and: pytest plugins, to run the starter tests)")
+    # (pytest comes with no extra of ours: a newcomer's find, "No module named pytest" in a fresh venv)
+    print(f"next: {where}haip-runtime serve   (and: python -m pip install pytest && python -m pytest plugins)")
     return 0
 
 

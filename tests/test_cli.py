@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -328,6 +329,10 @@ def test_init_writes_a_project_whose_tests_pass_and_refuses_to_overwrite(tmp_pat
         "plugins/test_notes.py",
     ]
     assert made.stdout.splitlines()[-1].startswith("next: cd proj && haip-runtime serve")
+    # What serve leaves beside the project (the store, its journal, its lock and the dev key) is ignored.
+    ignored = [line for line in (project / ".gitignore").read_text().splitlines() if line and line[0] != "#"]
+    left = ["haip.db", "haip.db-wal", "haip.db-shm", "haip.db.lock", "haip.db.dev-key"]
+    assert [name for name in left if not any(fnmatch.fnmatch(name, pattern) for pattern in ignored)] == []
     checked = run(["check"], cwd=project)
     assert checked.returncode == 0 and checked.stderr.strip() == "ok: haip.toml is valid (2 agent(s), 1 MCP server(s))"
     tests = subprocess.run(
