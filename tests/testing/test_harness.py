@@ -403,3 +403,18 @@ async def test_a_tool_call_with_arguments_past_a_frame_is_refused_before_anythin
     async with AgentHarness(CallsWithBigArguments, tools=TOOLS) as agent:
         turn = await agent.send("go")
     assert turn.tool_calls == [] and "bytes of arguments are over what one frame holds" in turn.text
+
+
+async def test_an_exception_out_of_the_block_is_the_tests_own_not_an_exception_group() -> None:
+    """A newcomer's find: ``pytest.raises(ProtocolError)`` around ``async with AgentHarness`` (or a failed
+    assert in it) met an ExceptionGroup from the harness's task group."""
+    from tests.support.agents import CalculatorAgent
+
+    with pytest.raises(ProtocolError) as refused:
+        async with AgentHarness(CalculatorAgent) as agent:
+            await agent.send({"a": "x", "b": 1})
+    with pytest.raises(AssertionError, match="the test's own"):
+        async with AgentHarness(CalculatorAgent) as agent:
+            turn = await agent.send({"a": 2, "b": 40})
+            assert turn.text == "", "the test's own"
+    assert refused.value.code == "INVALID_PAYLOAD"
