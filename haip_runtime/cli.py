@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = command("chat", "talk to an agent of a running server from this terminal")
     chat.add_argument("url", help="e.g. ws://127.0.0.1:8080/haip/websocket")
     chat.add_argument("--token", help="bearer token (printed by `serve` in dev mode)")
-    chat.add_argument("--agent", default="echo", help="agent to talk to (default: echo)")
+    chat.add_argument("--agent", help="agent to talk to (default: echo, or the server's first agent)")
     chat.add_argument("--join", metavar="ID", help="join this conversation (see /history) instead of starting one")
     chat.add_argument(
         "--reconnect", type=float, default=60, help="seconds to keep trying to resume a dropped link (default: 60)"
@@ -520,11 +520,11 @@ def _announce(
         query = f"?token={token}" if token else "  (add ?token=<jwt>)"
         lines.insert(1, f"  playground: http://{shown}:{port}/{query}")
     if token is not None:
-        agent = "operator" if "operator" in agents else next(iter(agents), "echo")
-        lines += [
-            "  auth:      dev mode (loopback only); a ready token for user 'dev':",
-            f"  token:     {token}",
-            f"  try:       {sys.executable} -m haip_runtime chat ws://{shown}:{port}/haip/websocket"
-            f" --agent {agent} --token {token}",
-        ]
+        lines += ["  auth:      dev mode (loopback only); a ready token for user 'dev':", f"  token:     {token}"]
+        if agents:  # (no agent, nothing to try: a newcomer's find, the line named an echo that was not there)
+            agent = "operator" if "operator" in agents else next(iter(agents))
+            lines.append(
+                f"  try:       {sys.executable} -m haip_runtime chat ws://{shown}:{port}/haip/websocket"
+                f" --agent {agent} --token {token}"
+            )
     print("\n".join(lines), flush=True)

@@ -508,3 +508,18 @@ def test_check_connect_fetches_the_jwks_key_set(tmp_path: Path) -> None:
     assert held.returncode == 0 and f"reached: auth.jwks_url: {jwks.url} holds 1 key(s)" in held.stderr
     assert empty.returncode == 1 and "did not contain any keys" in empty.stderr
     assert away.returncode == 1 and "failed: auth.jwks_url: cannot fetch the key set: http://127.0.0.1:1" in away.stderr
+
+
+def test_the_banner_suggests_a_chat_only_with_an_agent_to_talk_to(capsys: pytest.CaptureFixture[str]) -> None:
+    """A newcomer's find: with no agents configured, its ``try:`` line named ``--agent echo``, which was not there."""
+    from haip_runtime.auth.tokens import Authenticator
+    from haip_runtime.cli import _announce
+    from haip_runtime.config.loading import validate_config
+
+    config = validate_config({"agents": {}}, base_dir=Path.cwd())
+    for agents in ([], ["helper", "operator"], ["helper"]):
+        _announce(config, agents, Authenticator(config.auth), "127.0.0.1", 8080)
+        tried = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  try:")]
+        assert [line.split("--agent ")[1].split()[0] for line in tried] == (
+            [] if not agents else ["operator" if "operator" in agents else agents[0]]
+        )

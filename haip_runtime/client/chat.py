@@ -177,7 +177,13 @@ class Chat:
     async def _send_input(self, call_id: str, payload: dict[str, Any]) -> None:
         await self.client.send("TOOL_UPDATE", payload, transaction=self.transaction)
 
-    async def start(self, agent: str) -> None:
+    async def start(self, agent: str | None) -> None:
+        """A conversation with ``agent``; ``None``: echo if the server has it, else its first agent."""
+        if agent is None:  # (a newcomer's find: a server without echo refused the chat's default, never named)
+            names = [str(a["name"]) for a in (await self.request("TOOL_LIST", {}, "TOOL_LIST")).get("tools", [])]
+            if not names:
+                raise ClientError("the server has no agents to talk to (its haip.toml declares none)")
+            agent = "echo" if "echo" in names else names[0]
         self.transaction = await self.client.start_transaction(agent)
         self.view.begin(agent, self.transaction)
         await self.report_servers()
@@ -579,9 +585,11 @@ def signature(schema: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-async def chat(url: str, token: str | None, agent: str, reconnect: float = 60.0, join: str | None = None) -> None:
-    """Connect, start a conversation with ``agent`` (or join conversation ``join``) and run the chat
-    until the person quits.
+async def chat(
+    url: str, token: str | None, agent: str | None, reconnect: float = 60.0, join: str | None = None
+) -> None:
+    """Connect, start a conversation with ``agent`` (``None``: echo, or the server's first agent) or join
+    conversation ``join``, and run the chat until the person quits.
 
     A dropped connection is resumed (or, after a server restart, the conversation rejoined) for up
     to ``reconnect`` seconds; then the chat ends with one line.

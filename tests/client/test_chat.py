@@ -764,3 +764,20 @@ def test_the_greeting_of_a_conversation_the_chat_started_is_its_own_turn() -> No
     failed = {"type": "RUN_ERROR", "transaction": "t1", "run_id": "g1", "payload": {"run_id": "g1", "code": "X"}}
     joined = {"type": "RUN_ERROR", "transaction": "t2", "run_id": "g2", "payload": {"run_id": "g2", "code": "X"}}
     assert mine.ran(Received(failed)) and not mine.ran(Received(joined))
+
+
+def test_without_agent_the_chat_talks_to_the_servers_first_agent_when_it_has_no_echo() -> None:
+    """A newcomer's find: against a server without ``echo`` the chat's default was refused (``no agent named
+    'echo'``), an agent the person never named; with no agents at all it says so."""
+    from haip_runtime.config.loading import validate_config
+
+    agents = {"poet": {"plugin": "tests.support.agents:ParagraphsAgent"}}
+    for declared, said in ((agents, None), ({}, "the server has no agents to talk to")):
+        config = validate_config({"server": {"host": "127.0.0.1", "port": 0}, "agents": declared}, base_dir=ROOT)
+        with live_server(config) as live:
+            command = [sys.executable, "-m", "haip_runtime", "chat", live.bare_url, "--token", live.token("ann")]
+            done = subprocess.run(command, input="a poem\n", capture_output=True, text=True, timeout=30)
+        if said is None:
+            assert done.returncode == 0 and "talking to poet" in done.stdout and POEM[0] in done.stdout, done.stderr
+        else:
+            assert done.returncode == 1 and said in done.stderr and len(done.stderr.strip().splitlines()) == 1
