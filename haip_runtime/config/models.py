@@ -377,7 +377,26 @@ class McpServerConfig(Model):
             raise ValueError("transport 'http' needs 'url'")
         if self.transport == "python" and not self.server:
             raise ValueError("transport 'python' needs 'server' (e.g. 'plugins/tools.py:server')")
+        # A key of another transport has no effect: refused as an unknown key is (a newcomer's find: `server`
+        # under a stdio server was accepted, and did nothing).
+        own = self.transport
+        stray = sorted(key for key in self.model_fields_set if _KEY_TRANSPORT.get(key, own) != own)
+        if stray:
+            said = ", ".join(f"{key!r} (transport {_KEY_TRANSPORT[key]!r}'s)" for key in stray)
+            raise ValueError(f"transport {own!r} takes no {said}")
         return self
+
+
+#: The keys of one transport only: another's are refused.
+_KEY_TRANSPORT = {
+    "command": "stdio",
+    "args": "stdio",
+    "env": "stdio",
+    "cwd": "stdio",
+    "url": "http",
+    "headers": "http",
+    "server": "python",
+}
 
 
 class McpStdioConfig(Model):

@@ -126,6 +126,10 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
             "mcp.servers.x.url: its port is not a number; a password holding '/', '?' or '#' must be"
             " percent-encoded (%2F, %3F, %23)",
         ),
+        (  # a newcomer's find: a key of another transport was accepted, and did nothing
+            "[mcp.servers.x]\ntransport = 'stdio'\ncommand = 'x'\nserver = 'y:z'\nurl = 'http://127.0.0.1:9/mcp'\n",
+            "mcp.servers.x: transport 'stdio' takes no 'server' (transport 'python''s), 'url' (transport 'http''s)",
+        ),
     ],
     ids=[
         "range",
@@ -145,6 +149,7 @@ def test_missing_variable_names_the_key(tmp_path: Path) -> None:
         "url-userinfo",
         "jwks-url-unencoded-password",
         "mcp-url-unencoded-password",
+        "other-transports-key",
     ],
 )
 def test_invalid_config_is_one_line_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
