@@ -47,6 +47,8 @@ Report = Callable[[str], Awaitable[None]]
 Ask = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
+#: How many times an MCP client is asked an input request whose answers do not fit it, before it is declined.
+ASKS = 3
 #: The HAIP events an MCP caller is said to accept (the transaction asks, e.g. before it speaks an answer).
 _NO_AUDIO = frozenset(ALL_EVENTS) - {EventType.AUDIO, EventType.AUDIO_CHUNK}
 
@@ -179,14 +181,18 @@ class McpDoor:
 
     def _answer(
         self, member: McpMember, transaction: Transaction, call_id: str, content: dict[str, Any] | None
-    ) -> None:
-        """The MCP client's answer to a call's input request, unless a human answered it first."""
+    ) -> str | None:
+        """The MCP client's answer to a call's input request, unless a human answered it first; why it
+        was refused, if it does not fit the request (the client is asked again)."""
         answer: dict[str, Any] = {"input": content} if content is not None else {"decision": "decline"}
         if self._ctx.tools is not None:
             try:
                 self._ctx.answer_call(transaction, call_id, member.user, answer, new_id())
-            except ProtocolError:
+            except ProtocolError as error:
+                if (error.detail or {}).get("where") != "/payload/call_id":  # (its input: it waits still)
+                    return error.message
                 logger.info("call %s was answered before the MCP client answered it", call_id)
+        return None
 
     async def _conversation(self, member: McpMember, agent: str, conversation_id: str | None) -> Transaction:
         related = new_id()
@@ -204,7 +210,7 @@ class McpDoor:
 class _Run:
     """What one call saw of its run: the agent's text, its tool calls, how it ended."""
 
-    def __init__(self, agent: str, report: Report, ask: Ask | None, answer: Callable[..., None]) -> None:
+    def __init__(self, agent: str, report: Report, ask: Ask | None, answer: Callable[..., str | None]) -> None:
         self.agent = agent
         self.report = report
         self.ask = ask
@@ -263,6 +269,10 @@ class _Run:
             await self.report(f"[calling {body['tool']}]")
         elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.AWAITING_APPROVAL:
             await self.report(f"[{self._tool(body)} waits for a member's approval]")
+        elif event.type == EventType.TOOL_UPDATE and body.get("status") == ToolStatus.INPUT_REQUIRED and not self.ask:
+            # A client that cannot be asked is told that a member must answer (an integrator's find: its
+            # progress stopped at "[calling ...]" for as long as the question waited).
+            await self.report(f"[{self._tool(body)} waits for a member's answer]")
         elif event.type == EventType.TOOL_DONE:
             call = self.calls.setdefault(str(body["call_id"]), {"call_id": body["call_id"], "tool": ""})
             call.update({key: body[key] for key in ("status", "result", "error") if key in body})
@@ -290,10 +300,21 @@ class _Run:
         ask = self.ask
 
         async def relay() -> None:
+            # An answer that does not fit is asked again, saying why, ``ASKS`` times at most, then declined
+            # (an integrator's find: it was dropped, and the call waited out its approval timeout).
+            message, schema = str(request.get("message", "")), dict(request.get("schema") or {})
             with scope:
-                content = await ask(str(request.get("message", "")), dict(request.get("schema") or {}))
+                for _ in range(ASKS):
+                    content = await ask(message, schema)
+                    self.asking.pop(call_id, None)  # (the call's news that the answer brings is not a withdrawal)
+                    refused = self.answer(member, transaction, call_id, content)
+                    if refused is None:
+                        return
+                    self.asking[call_id] = scope
+                    message = f"{request.get('message', '')}\n\n(Your answer was refused: {refused}.)"
+                logger.info("call %s: the MCP client's answers did not fit %d times: declined", call_id, ASKS)
                 self.asking.pop(call_id, None)
-                self.answer(member, transaction, call_id, content)
+                self.answer(member, transaction, call_id, None)
 
         questions.start_soon(relay)
 

@@ -364,16 +364,48 @@ async def test_an_input_request_goes_to_an_mcp_client_that_can_be_asked(door: Li
     assert calls[0]["status"] == "OK" and calls[0]["result"]["content"][0]["text"] == "Ada likes green"
 
 
+@pytest.mark.parametrize("good", [True, False], ids=["asked-again", "declined-after-three"])
+async def test_an_mcp_clients_answer_that_does_not_fit_is_asked_again_saying_why(door: LiveServer, good: bool) -> None:
+    """An integrator's find: an answer missing a required field was dropped, and the call waited out the
+    approval timeout (120 s) as if nobody had answered."""
+    asked: list[str] = []
+    answers = [{"name": "Ada"}] * (3 if not good else 1) + [{"name": "Ada", "favourite_colour": "green"}]
+
+    async def elicit(context: Any, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content=answers[len(asked) - 1])
+
+    headers = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(
+            streamable_http_client(f"{door.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
+        ) as client,
+    ):
+        with anyio.fail_after(20):
+            answer = await client.call_tool("operator", {"message": "/call demo.ask_user"})
+    calls = answer.structured_content["tool_calls"] if answer.structured_content else []
+    question = "Who are you, and which colour do you like best?"
+    assert asked[0] == question and len(asked) == (2 if good else 3)
+    assert all(again.startswith(question) and "refused" in again and "favourite_colour" in again for again in asked[1:])
+    result = calls[0]["result"]["content"][0]["text"]
+    assert result == "Ada likes green" if good else "declined" in result.lower(), result
+
+
 async def test_an_input_request_a_client_cannot_be_asked_goes_to_the_human_members(door: LiveServer) -> None:
     token = door.token("alice", roles=["admin"])
     async with HaipClient(door.ws_url, token=token, accept_events=list(ALL_EVENTS)) as human:
         conversation = await human.start_transaction("operator")
         async with mcp_client(door) as client, anyio.create_task_group() as group:  # 2026 protocol: no asking
             answers: list[CallToolResult] = []
+            told: list[str | None] = []
+
+            async def seen(progress: float, total: float | None, message: str | None) -> None:
+                told.append(message)
 
             async def ask() -> None:
                 arguments = {"message": "/call demo.ask_user", "conversation_id": conversation}
-                answers.append(await client.call_tool("operator", arguments))
+                answers.append(await client.call_tool("operator", arguments, progress_callback=seen))
 
             group.start_soon(ask)
             asking = await human.wait_for(lambda e: e.type == "TOOL_UPDATE" and e.get("status") == "INPUT_REQUIRED")
@@ -381,6 +413,7 @@ async def test_an_input_request_a_client_cannot_be_asked_goes_to_the_human_membe
             await human.send("TOOL_UPDATE", reply, transaction=conversation)
     calls = answers[0].structured_content["tool_calls"] if answers[0].structured_content else []
     assert calls[0]["result"]["content"][0]["text"] == "Grace likes blue"
+    assert "[demo.ask_user waits for a member's answer]" in told  # (the client is told why nothing comes)
 
 
 async def test_a_session_is_its_users_alone_another_user_naming_it_finds_none(door: LiveServer) -> None:

@@ -204,6 +204,26 @@ async def test_a_tasks_question_goes_to_its_client_through_tasks_result(door: Li
     ]
 
 
+async def test_a_task_clients_answer_that_does_not_fit_is_asked_again_through_tasks_result(door: LiveServer) -> None:
+    """An integrator's find: the task went back to ``working`` while its tool still waited, and ``tasks/result``
+    never returned."""
+    asked: list[str] = []
+    answers = [{"name": "Ada"}, {"name": "Ada", "favourite_colour": "green"}]
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content=answers[len(asked) - 1])
+
+    async with mcp_client(door, elicitation_callback=elicit) as client:
+        created = await create(client, "operator", {"message": "/call demo.ask_user"})
+        await until_status(client.session, created.task_id, "input_required")
+        with anyio.fail_after(20):
+            answer = await result(client.session, created.task_id)
+    assert len(asked) == 2 and "refused" in asked[1] and "favourite_colour" in asked[1]
+    calls = answer.structured_content["tool_calls"] if answer.structured_content else []
+    assert calls[0]["status"] == "OK" and calls[0]["result"]["content"][0]["text"] == "Ada likes green"
+
+
 async def test_a_question_a_task_client_cannot_answer_goes_to_the_human_members(door: LiveServer) -> None:
     async with HaipClient(door.ws_url, token=door.token("alice"), accept_events=list(ALL_EVENTS)) as human:
         conversation = await human.start_transaction("operator")
