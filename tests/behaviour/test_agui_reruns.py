@@ -126,6 +126,20 @@ async def test_a_stopped_run_is_cancelled_when_its_client_sends_the_next_message
     assert cancelled.get("status") == "CANCELLED"
 
 
+async def test_a_run_refused_for_one_still_open_adds_no_agent_to_the_thread(live: LiveServer) -> None:
+    """An integrator's find: a POST to another agent, refused while the thread's run was read, had added that
+    agent, which then answered every later message of the thread."""
+    thread, headers = "t-" + uuid.uuid4().hex, {"authorization": f"Bearer {live.token('alice')}"}
+    async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+        async with http.stream("POST", "/ag-ui/patient", json=body(thread, user("wait")), headers=headers) as first:
+            lines = first.aiter_lines()
+            await until_waiting(lines)
+            busy = await post(live, "echo", body(thread, user("hello")))
+            agents = list(live.runtime.hub.transactions.live[thread].agents)
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "RUN_LIMIT_EXCEEDED", busy.text
+    assert agents == ["patient"]
+
+
 async def until_waiting(lines: Any) -> None:
     """Read a patient run's stream until it says it waits (the iterator is kept by the caller: one let
     go of closes the stream when collected)."""

@@ -156,6 +156,7 @@ class AguiDoor:
                     for run_id in member.abandon():
                         transaction.cancel_run(run_id, by=member.user)
                 after = member.last_id
+                await self._with_agent(member, agent, run)
                 self._start(member, run, said, request.headers.get("traceparent"))
         except ProtocolError as failure:
             return error(STATUS.get(failure.code, 400), failure.code, failure.message, detail=failure.detail)
@@ -258,10 +259,16 @@ class AguiDoor:
                         joined = p.TransactionJoined(members=found.member_users, agents=found.agent_names)
                         announce = {**joined.dump(), "joined": member.user}
                         found.publish(Event(EventType.TRANSACTION_JOIN, announce, exclude=frozenset({member.id})))
-                if agent not in found.agents:
-                    member.greeting_due = True
-                    await lifecycle.add_agent(hub.context, member, run.run_id, found, agent)
         return member
+
+    async def _with_agent(self, member: AguiMember, agent: str, run: RunAgentInput) -> None:
+        """The request's agent into the thread's conversation if it is not there yet: once the run is admitted
+        (an integrator's find: a run refused for one still open had added its agent, which then answered
+        every later message)."""
+        transaction = self.hub.transactions.live[member.thread_id]
+        if agent not in transaction.agents:
+            member.greeting_due = True
+            await lifecycle.add_agent(self.hub.context, member, run.run_id, transaction, agent)
 
     @staticmethod
     def _check_new_message(
