@@ -29,7 +29,16 @@ def voice_server() -> Iterator[LiveServer]:
     config = make_config(
         {
             "speech": {"local": {"kind": "local"}},
-            "agents": {"echo": {"plugin": "echo", "speech": "local"}, "deaf": {"plugin": "echo"}},
+            "agents": {
+                "echo": {"plugin": "echo", "speech": "local"},
+                "deaf": {"plugin": "echo"},
+                # (a story told slowly: its first sentences play while the rest is still being written)
+                "teller": {
+                    "plugin": "haip_runtime.demo.storyteller:Storyteller",
+                    "options": {"words_per_second": 8},
+                    "speech": "local",
+                },
+            },
         }
     )
     with live_server(config) as live:
@@ -195,3 +204,16 @@ def test_speaking_to_an_agent_that_cannot_hear_says_so(page: Page) -> None:
     expect(
         page.locator(".note.error", has_text="Nobody heard that: no agent in this conversation hears audio")
     ).to_be_visible()
+
+
+def test_stop_silences_the_answer_being_spoken(page: Page) -> None:
+    """A voice tester's find: Stop cancelled the run, but the sentences it had sent already played on."""
+    page.click("li.agent[data-agent=teller]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    hold_to_talk(page)
+    page.wait_for_function("window.playground.voice.playing !== null")
+    page.evaluate("window.stopped = window.playground.voice.playing")
+    page.click("#stop")
+    page.wait_for_function("window.playground.voice.playing === null && window.playground.voice.queue.length === 0")
+    assert page.evaluate("window.stopped.paused && !window.stopped.ended")  # cut short, not played to its end
+    assert page.evaluate("[...document.querySelectorAll('.speech audio')].every((audio) => audio.paused)")

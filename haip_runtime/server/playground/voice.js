@@ -6,7 +6,8 @@
 // final: true. An agent with `speech` answers: its transcript of you comes back as your MESSAGE
 // (marked spoken: shown so), its spoken answer as AUDIO_CHUNKs (one WAV per
 // sentence, AUDIO_OUT) that are played in order and kept as an audio player under the message.
-// Pressing the button again, or INFO speech.interrupted, stops what is playing.
+// Pressing the button again, INFO speech.interrupted, or the end of a run cancelled (the Stop button) or
+// failed stops what is playing (of that run).
 
 const SLICE_MS = 250;
 
@@ -97,8 +98,14 @@ export function attachVoice(state, client) {
     // What this page's join brought back (the history) is shown, not played by itself.
     const live = !(Number(env.tseq) <= state.historyUpTo);
     // A spoken answer's sentences (their text beside them); other audio is a player of its own (playground.js).
-    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT" && typeof p.text === "string") return hear(voice, p, live);
+    if (env.type === "AUDIO_CHUNK" && env.channel === "AUDIO_OUT" && typeof p.text === "string") {
+      return hear(voice, p, live, env.run_id);
+    }
     if (env.type === "INFO" && p.event === "speech.interrupted") return stopPlaying(voice);
+    // A cancelled run stops speaking, but what it sent already is queued here (a voice tester's find: after
+    // Stop the answer played on); its end says so.
+    const ended = (env.type === "RUN_FINISHED" && p.status === "CANCELLED") || env.type === "RUN_ERROR";
+    if (ended && env.run_id) return stopPlaying(voice, env.run_id);
     if (env.type === "MESSAGE" && p.spoken) {
       queueMicrotask(() => {
         const shown = document.querySelector(`.msg[data-message-id="${CSS.escape(p.message_id)}"]`);
@@ -109,7 +116,7 @@ export function attachVoice(state, client) {
   return voice;
 }
 
-function hear(voice, p, live = true) {
+function hear(voice, p, live = true, runId = "") {
   if (!p.data) return;
   const bytes = Uint8Array.from(atob(p.data), (c) => c.charCodeAt(0));
   const url = URL.createObjectURL(new Blob([bytes], { type: p.mime || "audio/wav" }));
@@ -128,6 +135,7 @@ function hear(voice, p, live = true) {
   audio.src = url;
   audio.title = p.text || "";
   audio.dataset.seq = p.seq_in_message ?? "";
+  audio.dataset.run = runId || "";
   player.append(audio);
   if (!live) return;
   voice.queue.push(audio);
@@ -142,7 +150,14 @@ function playNext(voice) {
   audio.play().catch(() => playNext(voice)); // autoplay refused: the player stays for a click
 }
 
-function stopPlaying(voice) {
+/** Stop what is playing and drop what waits: all of it, or only ``runId``'s. */
+function stopPlaying(voice, runId = null) {
+  if (runId !== null) {
+    voice.queue = voice.queue.filter((audio) => audio.dataset.run !== runId);
+    if (voice.playing?.dataset.run !== runId) return;
+    voice.playing.pause();
+    return playNext(voice);
+  }
   voice.playing?.pause();
   voice.playing = null;
   voice.queue.length = 0;
