@@ -33,6 +33,13 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
     if data is None:
         end_message(ctx, session, transaction, audio)
         return
+    if not data and (envelope.type == EventType.AUDIO or audio.message_id is None):
+        raise ProtocolError(  # (a voice tester's find: it was dropped without a word)
+            ErrorCode.INVALID_PAYLOAD,
+            "the audio is empty: an AUDIO (or an AUDIO_CHUNK without message_id) needs its bytes",
+            related_id=envelope.id,
+            detail={"where": "/payload/data"},
+        )
     message_id = audio.message_id or new_id()
     forwarded: dict[str, Any] = {
         "message_id": message_id,

@@ -149,14 +149,18 @@ class SpeechDesk:
         if clip is None and not data:
             return True  # a last chunk ending nothing open: nothing to hear
         if clip is None:
-            self.interrupt(transaction, session.user)
             if not whole and sum(1 for sid, _ in self._clips if sid == session.id) >= OPEN_CLIPS_PER_SESSION:
+                # Refused whole, as one too large is: its later chunks are let go, and it interrupts nothing
+                # (a voice tester's find: its tail, heard later as a message of its own, was answered).
+                self._drop_rest(key)
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED,
-                    f"at most {OPEN_CLIPS_PER_SESSION} audio messages may be open at once: end one with final: true",
+                    f"at most {OPEN_CLIPS_PER_SESSION} audio messages may be open at once: end one with final: true;"
+                    f" none of {message_id} is heard",
                     related_id=related_id,
                     detail={"limit": "open_audio_messages"},
                 )
+            self.interrupt(transaction, session.user)
             clip = _Clip(transaction.id, mime, bytearray())
         if len(clip.data) + len(data) > self.max_clip_bytes:
             self._clips.pop(key, None)
@@ -267,6 +271,10 @@ class SpeechDesk:
         elif kind == EventType.TRANSACTION_END:
             for speaker in list((speakers or {}).values()):
                 speaker.stop()
+            # Its half-sent audio goes (a voice tester's find: it stayed counted against its sessions' open
+            # messages, with no way left to end it, and chunked audio was refused in every other conversation).
+            for key in [key for key, clip in self._clips.items() if clip.transaction == transaction.id]:
+                del self._clips[key]
             for tid, scope in list(self._hearing.values()):
                 if tid == transaction.id:
                     scope.cancel()

@@ -439,3 +439,70 @@ async def test_a_whole_audio_under_the_id_of_a_cancelled_recording_is_heard(ques
             )
     assert heard["payload"]["audio_message_id"] == "mic"
     assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
+
+
+def chunk(message_id: str, clip: bytes, seq: int, *, final: bool = False) -> dict[str, Any]:
+    data = base64.b64encode(clip).decode()
+    payload = {"message_id": message_id, "mime": "audio/wav", "seq_in_message": seq, "data": data}
+    return {**payload, "final": True} if final else payload
+
+
+def spoken_ids(listener: Listener) -> list[str]:
+    return [
+        e["payload"]["audio_message_id"]
+        for e in listener.of("MESSAGE")
+        if isinstance(e["payload"], dict) and e["payload"].get("spoken")
+    ]
+
+
+async def test_a_fifth_open_audio_message_is_refused_whole(live: LiveServer, question: bytes) -> None:
+    """A voice tester's find: the refused message's later chunks began it anew, and its tail was heard as the
+    member's words (or, a WAV's, "no words" about audio the member had been told was refused)."""
+    third = len(question) // 3
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        for open_ in "abcd":
+            await peer.send("AUDIO_CHUNK", chunk(open_, question[:third], 0), transaction=tx)
+        await peer.send("AUDIO_CHUNK", chunk("e", question[:third], 0), transaction=tx)
+        refused = await listener.until(lambda e: e["type"] == "ERROR")
+        for open_ in "abcd":
+            await peer.send("RUN_CANCEL", {"run_id": open_}, transaction=tx)
+        await peer.send("AUDIO_CHUNK", chunk("e", question[third : 2 * third], 1), transaction=tx)
+        await peer.send("AUDIO_CHUNK", chunk("e", question[2 * third :], 2, final=True), transaction=tx)
+        await speak(peer, tx, question, "after", binary=False)
+        await listener.until(
+            lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+        )
+    assert refused["payload"]["code"] == "RATE_LIMITED" and refused["payload"]["detail"] == {
+        "limit": "open_audio_messages"
+    }
+    assert [e["payload"]["code"] for e in listener.of("ERROR")] == ["RATE_LIMITED"]  # nothing of the tail
+    assert spoken_ids(listener) == ["after"]
+
+
+async def test_audio_left_half_sent_in_an_ended_conversation_blocks_no_other(live: LiveServer, question: bytes) -> None:
+    """A voice tester's find: it stayed counted against the session's open messages, with no way left to end
+    it (its conversation was gone), and chunked audio was refused in every other conversation."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, first = await start(peer, live, "echo", EVERYTHING)
+        for open_ in "abcd":
+            await peer.send("AUDIO_CHUNK", chunk(open_, question[:1000], 0), transaction=first)
+        await peer.send("TRANSACTION_END", {}, transaction=first)
+        await listener.until(lambda e: e["type"] == "TRANSACTION_END")
+        await peer.send("TRANSACTION_START", {"toolName": "echo"}, transaction="again")
+        second = str((await listener.until(lambda e: e["type"] == "TRANSACTION_START"))["transaction"])
+        await speak(peer, second, question, "next", binary=False)
+        await listener.until(
+            lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+        )
+    assert not listener.of("ERROR") and spoken_ids(listener) == ["next"]
+
+
+async def test_an_audio_with_no_bytes_is_refused_saying_so(live: LiveServer) -> None:
+    """A voice tester's find: it was dropped without a word."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        sent = await peer.send("AUDIO", {"message_id": "empty", "mime": "audio/wav", "data": ""}, transaction=tx)
+        error = await listener.until(lambda e: e["type"] == "ERROR")
+    assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == sent
+    assert error["payload"]["detail"] == {"where": "/payload/data"}
