@@ -403,7 +403,8 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
     for line in notes(config):
         logging.getLogger("haip_runtime").warning("%s", line)
     _preflight(config, workers)
-    sock = node.bind(config.server.host, config.server.port, share_port=workers > 1, listen=workers == 1)
+    port = config.server.port if workers == 1 else node.unshared(config.server.host, config.server.port)
+    sock = node.bind(config.server.host, port, share_port=workers > 1, listen=workers == 1)
     host, port = sock.getsockname()[:2]
     if workers > 1:
         with sock:  # reserved, never listening: the workers listen on sockets of their own

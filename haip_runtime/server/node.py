@@ -91,6 +91,15 @@ def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True)
     return sock
 
 
+def unshared(host: str, port: int) -> int:
+    """``port`` (a free one for 0), checked to be held by nobody: ``ConfigError`` if another process
+    listens on it. Before the port is reserved for workers: with ``SO_REUSEPORT`` a second ``serve
+    --workers`` of the same user would bind it too, and the two share its connections without a word
+    (an operator's find: two deploys served one port, each half of the clients)."""
+    with bind(host, port, listen=False) as probe:
+        return int(probe.getsockname()[1])
+
+
 def run(
     config: HaipConfig, sock: socket.socket, on_ready: Callable[[Runtime], None], worker: tuple[str, str] | None = None
 ) -> bool:

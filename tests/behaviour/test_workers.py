@@ -500,3 +500,23 @@ def test_more_than_one_worker_without_a_cluster_is_refused(postgres_url: str, tm
         one.terminate()
         one.communicate(timeout=30)
     assert banner, "serve --workers 1 did not start on a file that says workers = 2"
+
+
+def test_a_second_serve_with_workers_on_a_port_in_use_is_refused(
+    postgres_url: str, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """An operator's find: with SO_REUSEPORT a second ``serve --workers 2`` bound the port too, and the two
+    deploys shared its connections without a word."""
+    config = write_config(tmp_path / "site", postgres_url, redis_url, prefix)
+    with serving(config) as served:
+        second = subprocess.run(
+            serve_command(config, "--workers", "2", "--port", str(served.port)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=config.parent,
+            env=ENV,
+        )
+        assert health(served.port)["status"] == "ok"  # the first serves on
+    assert second.returncode == 1, second.stderr
+    assert f"server: cannot listen on 127.0.0.1:{served.port}: Address already in use" in second.stderr
