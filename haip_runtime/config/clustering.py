@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from haip_runtime.config import base
 
@@ -89,6 +89,19 @@ class ClusterConfig(base.Model):
         if scheme != "unix" and path.strip("/") and not path.strip("/").isdecimal():
             raise ValueError(f"the database after the port must be a number (redis://host:6379/0), not {path!r}")
         return value
+
+    @model_validator(mode="after")
+    def _beats_fit(self) -> ClusterConfig:
+        """Each lifetime kept alive by the heartbeat holds two beats at least (an operator's find: a heartbeat
+        of 10 s with the 5 s node_ttl made a live node drop out between beats, the node count flap, and
+        a second node under a live one's node_id start)."""
+        for name in ("node_ttl_seconds", "slot_ttl_seconds"):
+            if getattr(self, name) < 2 * self.heartbeat_seconds:
+                raise ValueError(
+                    f"{name} ({getattr(self, name):g}) must be at least twice heartbeat_seconds"
+                    f" ({self.heartbeat_seconds:g}): a node beats every heartbeat_seconds to stay alive"
+                )
+        return self
 
     @property
     def numbering(self) -> str:

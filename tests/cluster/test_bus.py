@@ -86,7 +86,11 @@ async def test_a_node_that_stops_beating_drops_out(redis_url: str, bus_at: BusFa
         await a.redis.hset(a.keys.node_agents(), "ghost", "echo")
         assert await a.nodes.live() == ["one"]
         assert await a.redis.hkeys(a.keys.node_agents()) == [b"one"]  # (its agents go with it)
-        async with bus_at(redis_url, node_id="short", node_ttl_seconds=0.2, heartbeat_seconds=60):
+        # A node whose beat lapses: a lifetime shorter than its beat, which a config cannot say (model_copy).
+        lapsing = make_config(redis_url, a.config.key_prefix, node_id="short").model_copy(
+            update={"node_ttl_seconds": 0.2, "heartbeat_seconds": 60}
+        )
+        async with Bus(lapsing):
 
             async def gone() -> bool:
                 return await a.nodes.live() == ["one"]

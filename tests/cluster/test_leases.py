@@ -253,7 +253,8 @@ async def test_a_redis_that_serves_no_writes_marks_the_bus_unavailable_until_it_
     """Renewals refused by Redis itself (here a replica's READONLY; LOADING, OOM...) are the bus failing,
     not one lease's trouble: the bus says so, and the leases go on once Redis serves again."""
     # (A TTL with room for a loaded machine: the lease must outlive the refused renewals.)
-    async with bus_at(own_redis.url, heartbeat_seconds=600) as a, a.leases.hold("run:T0", 9) as lease:
+    beats = {"heartbeat_seconds": 600, "node_ttl_seconds": 1200, "slot_ttl_seconds": 1200}
+    async with bus_at(own_redis.url, **beats) as a, a.leases.hold("run:T0", 9) as lease:
         assert lease is not None
         await a.redis.replicaof("127.0.0.1", 1)  # a replica now: writes answer READONLY
 

@@ -147,3 +147,19 @@ def test_the_numbering_a_store_keeps_names_the_redis_database_when_not_0() -> No
     assert ClusterConfig(redis_url="redis://h:6379/0", key_prefix="p").numbering == "p"
     assert ClusterConfig(redis_url="redis://h:6379", key_prefix="p").numbering == "p"
     assert ClusterConfig(redis_url="redis://h:6379/1", key_prefix="p").numbering == "p@1"
+
+
+@pytest.mark.parametrize(
+    ("beats", "said"),
+    [
+        ("heartbeat_seconds = 10\n", "node_ttl_seconds (5) must be at least twice heartbeat_seconds (10)"),
+        ("heartbeat_seconds = 2\nnode_ttl_seconds = 60\nslot_ttl_seconds = 3\n", "slot_ttl_seconds (3) must be"),
+    ],
+)
+def test_a_heartbeat_the_lifetimes_it_keeps_cannot_hold_twice_is_refused(tmp_path: Path, beats: str, said: str) -> None:
+    """An operator's find: a 10 s heartbeat with the 5 s node_ttl was taken, and a live node dropped out between
+    its beats (the node count flapped; a second node started under its node_id)."""
+    path = write(tmp_path, f'[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\n{beats}')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert f"{path}: cluster: {said}" in str(caught.value)
