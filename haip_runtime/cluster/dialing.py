@@ -9,6 +9,8 @@ the feed's back (redis-py's defaults would resend a blocking read for a minute, 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Sequence
 
 import anyio
@@ -46,16 +48,42 @@ def command_client(url: str) -> Redis:
     # Retried: a connection refused or lost (Redis restarting). Not a timeout: the command may have run
     # (an INCR twice), and a Redis that hangs was noticed only after three of them (6 s, not 2: a tester).
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.01), retries=2, supported_errors=(RedisConnectionError,))
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=COMMAND_CONNECTIONS,
-        timeout=COMMAND_SOCKET_TIMEOUT,
-        socket_timeout=COMMAND_SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=retry,
-        retry_on_error=[RedisConnectionError],
-    )
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=COMMAND_CONNECTIONS,
+            timeout=COMMAND_SOCKET_TIMEOUT,
+            socket_timeout=COMMAND_SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            retry=retry,
+            retry_on_error=[RedisConnectionError],
+        )
+        pool.make_connection()  # type: ignore[no-untyped-call]  # (made, not connected: its options checked by it)
+    except (TypeError, ValueError) as exc:
+        raise _bad_option(exc) from None
+    _check_files(pool)
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
+
+
+def _bad_option(exc: TypeError | ValueError) -> ClusterError:
+    """A URL option its connection cannot take: said at once, not as a traceback at the first command (an
+    operator's find: ``redis://...?ssl_ca_certs=``, TLS options on a plain URL)."""
+    if isinstance(exc, TypeError):
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        option = found.group(1) if found else str(exc)
+        tls = " (TLS options need rediss://)" if option.startswith("ssl") else ""
+        return ClusterError(f"the URL's option {option!r} is not one redis-py takes here{tls}")
+    return ClusterError(f"the URL's options: {exc}")
+
+
+def _check_files(pool: BlockingConnectionPool) -> None:
+    """``ClusterError`` for a TLS file the URL names that is not there (it was retried for
+    ``connect_timeout_seconds`` as if Redis were away, then said as "Error 2 connecting")."""
+    kwargs = pool.connection_kwargs
+    for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        path = kwargs.get(option)
+        if isinstance(path, str) and not os.path.isfile(path):
+            raise ClusterError(f"the URL's {option} names no file: {path!r}")
 
 
 async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
@@ -109,7 +137,10 @@ async def preflight(url: str, masked: str, timeout: float, nodes: Sequence[str] 
     is one line, not a failed start-up): ``ConfigError`` naming the URL without its password. Then
     that no live process beats as one of ``nodes`` (the ids a configured ``node_id`` gives), under
     the key ``prefix``."""
-    client = command_client(url)
+    try:
+        client = command_client(url)
+    except ClusterError as exc:
+        raise ConfigError(f"cluster.redis_url: {exc}") from exc
     try:
         await reach(client, BusHealth(), timeout)
         for node in nodes:

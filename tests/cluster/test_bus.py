@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import anyio
 import pytest
@@ -155,3 +156,36 @@ async def test_a_redis_that_hangs_makes_even_an_idle_node_unavailable_within_a_c
             said = bus.health.error
             cut.heal()
     assert said is not None and "Timeout" in said
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        (
+            "ssl_ca_certs=/ca.pem",
+            "the URL's option 'ssl_ca_certs' is not one redis-py takes here (TLS options need rediss://)",
+        ),
+        ("foo=bar", "the URL's option 'foo' is not one redis-py takes here"),
+        ("socket_timeout=soon", "the URL's options: Invalid value for 'socket_timeout' in connection URL."),
+    ],
+)
+async def test_a_url_option_redis_cannot_take_is_one_line_at_once(query: str, said: str) -> None:
+    """An operator's find: ``redis://...?ssl_ca_certs=`` (TLS options on a plain URL) or a typo crashed
+    ``serve`` and ``check --connect`` with a traceback (no Redis is reached: it is said before)."""
+    from haip_runtime.cluster.dialing import preflight
+    from haip_runtime.exceptions import ConfigError
+
+    with anyio.fail_after(5), pytest.raises(ConfigError) as caught:
+        await preflight(f"redis://127.0.0.1:9/0?{query}", "redis://127.0.0.1:9/0", 30)
+    assert str(caught.value) == f"cluster.redis_url: {said}"
+
+
+async def test_a_tls_file_the_url_names_that_is_not_there_is_said_at_once(tmp_path: Path) -> None:
+    """An operator's find: it was retried for connect_timeout_seconds, then said as 'Error 2 connecting'."""
+    from haip_runtime.cluster.dialing import preflight
+    from haip_runtime.exceptions import ConfigError
+
+    missing = tmp_path / "ca.pem"
+    with anyio.fail_after(5), pytest.raises(ConfigError) as caught:
+        await preflight(f"rediss://127.0.0.1:9/0?ssl_ca_certs={missing}", "rediss://127.0.0.1:9/0", 30)
+    assert str(caught.value) == f"cluster.redis_url: the URL's ssl_ca_certs names no file: '{missing}'"
