@@ -23,7 +23,7 @@ from haip_runtime.conversation.members import Member
 from haip_runtime.conversation.runs import AgentSlot, RunLimit
 from haip_runtime.conversation.shared import Followed, end_lost, follow
 from haip_runtime.conversation.transaction import RESERVED_AHEAD, Transaction
-from haip_runtime.exceptions import ClusterError
+from haip_runtime.exceptions import ClusterError, StorageError
 from haip_runtime.protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from haip_runtime.protocol.events import EventType
 from haip_runtime.session.limits import limited
@@ -141,7 +141,15 @@ class TransactionRegistry:
         session replaces the oldest disconnected one: the least recently active one with nobody in it and
         nothing running (``passed``: found in use since). ``RATE_LIMITED`` if there is none."""
         limit = self.limits.transactions_per_user
-        stored = await self.store.open_owned(user, limit=limit + len(self.live))  # the least recently active first
+        try:
+            stored = await self.store.open_owned(user, limit=limit + len(self.live))  # the least recently active first
+        except StorageError as error:  # (an operator's find: "could not read this" did not say a start failed)
+            refused = StorageError(
+                f"a new conversation cannot start now: your open ones are counted in the store, which failed"
+                f" ({error.message})"
+            )
+            refused.related_id = related_id
+            raise refused from error
         live = {t.id: t for t in self.live.values() if t.owner == user}  # newer than the store, and read after it
         owned = [tx for tx in stored if tx not in live or not live[tx].ended]
         owned += [tx for tx, t in live.items() if not t.ended and tx not in stored]

@@ -321,6 +321,8 @@ async def _handle(gateway: Gateway, session: Session, item: Envelope) -> None:
         check_event(session.principal.permissions, item)
         await _dispatch(gateway, session, item)
     except ProtocolError as error:
+        if error.related_id is None:  # (raised deep down, a store's or Redis's: it is still this envelope's)
+            error.related_id = item.id
         session.send_error(error, transaction=item.transaction)
     except Exception:
         _internal_error(session, item)

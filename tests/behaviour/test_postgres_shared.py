@@ -195,3 +195,20 @@ async def test_a_network_cut_to_the_database_mid_conversation_is_waited_out(
             await anyio.to_thread.run_sync(line.heal)
 
         await converse_through_an_outage(live, outage, recover)
+
+
+async def test_a_start_while_the_database_is_away_is_refused_saying_so(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """An operator's find: the refusal read "the store could not read this", with no ``related_id``: nothing
+    said that the start had failed, nor which envelope failed."""
+    with netcut(postgres_server.port) as line, live_server(stored_config(with_port(postgres_url, line.port))) as live:
+        async with HaipClient(live.ws_url, token=live.token("ann")) as client:
+            await anyio.to_thread.run_sync(line.cut, "reset")
+            sent = await client.send("TRANSACTION_START", {"toolName": "echo"}, transaction="mine")
+            refused = await client.wait_for(lambda e: e.type == "ERROR" and e.get("related_id") == sent, timeout=30)
+            await anyio.to_thread.run_sync(line.heal)
+            started = await client.start_transaction("echo")  # and once it is back, a start starts
+    assert refused.get("code") == "STORAGE_ERROR"
+    assert refused.get("message").startswith("a new conversation cannot start now: your open ones are counted")
+    assert started  # (an id: the transaction it made)
