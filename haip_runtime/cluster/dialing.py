@@ -34,6 +34,8 @@ COMMAND_SOCKET_TIMEOUT = 2.0
 #: Connections a node's commands share (more commands at once wait for one).
 COMMAND_CONNECTIONS = 32
 CONNECT_TIMEOUT = 2.0
+#: The first wait between PINGs of a node reaching Redis (doubled each time, to 1 s).
+FIRST_DELAY = 0.05
 #: Past a node's time to live, how much longer a starting node waits to see whether one of its id beats.
 LIVE_CHECK_MARGIN = 1.5
 
@@ -88,7 +90,7 @@ def _check_files(pool: BlockingConnectionPool) -> None:
 
 async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
     """PING until Redis answers, backing off from 50 ms to 1 s; ``ClusterError`` after ``timeout``."""
-    delay = 0.05
+    delay = FIRST_DELAY
     with anyio.move_on_after(timeout):
         while True:
             try:
@@ -106,6 +108,8 @@ async def reach(client: Redis, health: BusHealth, timeout: float) -> None:
                         else ""
                     )
                     raise ClusterError(f"redis's TLS certificate was refused ({exc}){hint}") from exc
+                if delay == FIRST_DELAY:  # (an operator's find: a start waiting for Redis said nothing meanwhile)
+                    logger.warning("cluster: redis does not answer yet (%s); trying for %g s", health.error, timeout)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             else:

@@ -20,13 +20,15 @@ from tests.support.redis import RedisServer
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_redis_that_never_answers_is_a_clear_error() -> None:
+async def test_a_redis_that_never_answers_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
     config = make_config(f"redis://127.0.0.1:{free_port()}/0", "t", connect_timeout_seconds=0.3)
     with pytest.raises(ClusterError) as caught:
         async with Bus(config):
             pass  # pragma: no cover
     assert caught.value.code is ErrorCode.STORAGE_UNAVAILABLE
     assert "did not answer within 0.3 s" in str(caught.value)
+    waiting = [r.getMessage() for r in caplog.records if "does not answer yet" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].endswith("; trying for 0.3 s")  # said once, as it began to wait
 
 
 async def test_health_goes_unavailable_when_redis_stops_and_ok_by_itself_when_it_is_back(
