@@ -106,11 +106,17 @@ def _install_global() -> None:
             return self._target().start_as_current_span(*args, **kwargs)
 
     def _background(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """A client span with no span around it: a library's request outside any run (the MCP SDK's
-        pings, ``tools/list`` and ``subscriptions/listen`` to each server), a trace of its own
-        every few seconds that no operator asked for. Not recorded; inside a run they are."""
+        """A library's span with no span around it, outside any run: a client's (the MCP SDK's pings,
+        ``tools/list`` and ``subscriptions/listen`` to each server), a trace of its own every few seconds
+        that no operator asked for; or the ``/mcp`` door's server span of a request that runs nothing
+        (``initialize``, ``tools/list``, ``tasks/get``...: an integrator's find, a root trace each). Not
+        recorded; inside a run they are, and so is the door's ``tools/call``, whose run nests under it."""
         kind = kwargs.get("kind", args[2] if len(args) > 2 else None)
-        if kind is not trace.SpanKind.CLIENT:
+        if kind is trace.SpanKind.SERVER:
+            name = str(kwargs.get("name", args[0] if args else ""))
+            if name == "tools/call" or name.startswith("tools/call "):
+                return False
+        elif kind is not trace.SpanKind.CLIENT:
             return False
         context = kwargs.get("context", args[1] if len(args) > 1 else None)
         return not trace.get_current_span(context).get_span_context().is_valid

@@ -254,3 +254,25 @@ async def test_a_run_that_fails_leaving_its_own_scope_is_logged_too() -> None:
         logger.removeHandler(handler)
     assert "the server's log has its traceback" in str(error.get("message"))
     assert [r.getMessage() for r in handler.records if "failed in run" in r.getMessage()] != []
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_the_mcp_doors_requests_that_run_nothing_make_no_trace(mode: str) -> None:
+    """An integrator's find: every ``initialize``, ``tools/list`` and notification of an MCP client was a root
+    trace of its own; only ``tools/call``, whose run nests under it, is one."""
+    from tests.behaviour.test_mcp_door import mcp_client
+
+    exporter = InMemorySpanExporter()
+    tracing.configure(ObservabilityConfig(tracing="otlp"), exporter=exporter)
+    try:
+        with live_server(make_config({"mcp_server": {"enabled": True}})) as live:
+            async with mcp_client(live, mode) as client:
+                await client.list_tools()
+                answer = await client.call_tool("echo", {"message": "hi"})
+                await client.list_tools()
+    finally:
+        tracing.shutdown()
+    spans = list(exporter.get_finished_spans())
+    assert not answer.is_error
+    assert sorted(span.name for span in spans) == ["invoke_agent echo", "tools/call echo"]
+    assert children(spans, one(spans, "tools/call echo")) == [one(spans, "invoke_agent echo")]
