@@ -52,6 +52,8 @@ class Transcript:
             spoken = self._audio_items.get(str(body.get("audio_message_id", "")))
             if spoken is not None and not spoken["text"]:  # the transcript of a clip already listed
                 spoken["text"], spoken["spoken"] = str(body.get("text", "")), True
+                if body.get("message_id"):  # (a voice tester's find: the REST item had none, a typed one has)
+                    spoken["message_id"] = str(body["message_id"])
                 self._messages[str(body.get("message_id", ""))] = spoken
                 return
             item = self._start(event, str(body.get("author", "")), role, str(body.get("text", "")), state)

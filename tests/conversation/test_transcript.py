@@ -175,6 +175,7 @@ def test_a_spoken_exchange_is_two_messages_however_many_chunks_it_came_in() -> N
         ("agent", "It is noon. Have fun."),
     ]
     assert items[0]["spoken"] and items[0]["audio"] == {"message_id": "a1", "mime": "audio/webm"}
+    assert items[0]["message_id"] == "u1"  # (a voice tester's find: a typed message's item has its id, this had none)
     assert items[1]["audio"] == {"message_id": "m1", "mime": "audio/wav", "duration_ms": 1000}
 
 
