@@ -98,6 +98,8 @@ class SpeechDesk:
         self._dropped: dict[str, OrderedDict[str, None]] = {}
         self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
         self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
+        #: Audio message id -> its transcript's message id (``RUN_CANCEL`` naming the audio after it was heard).
+        self._transcripts: OrderedDict[str, str] = OrderedDict()
         self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
 
     async def load(self) -> None:
@@ -196,6 +198,10 @@ class SpeechDesk:
             return True
         return False
 
+    def transcript_of(self, audio_message_id: str) -> str | None:
+        """The message id of the transcript of a member's audio message, once it was heard."""
+        return self._transcripts.get(audio_message_id)
+
     def _drop_rest(self, key: tuple[str, str]) -> None:
         """The chunks of this message still to come are let go, up to its last (``final``)."""
         dropped = self._dropped.setdefault(key[0], OrderedDict())
@@ -234,6 +240,9 @@ class SpeechDesk:
             message_id = new_id()
             payload = {"message_id": message_id, "spoken": True, "audio_message_id": audio_message_id}
             self._remember(message_id)
+            self._transcripts[audio_message_id] = message_id
+            while len(self._transcripts) > SPOKEN_REMEMBERED:
+                self._transcripts.popitem(last=False)
             transaction.user_message(session, text, payload, audio_message_id, session.traceparent, echo=True)
         except SpeechError as exc:
             logger.info("speech %r: %s: %s", provider.id, exc.code, exc.message)

@@ -506,3 +506,22 @@ async def test_an_audio_with_no_bytes_is_refused_saying_so(live: LiveServer) -> 
         error = await listener.until(lambda e: e["type"] == "ERROR")
     assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == sent
     assert error["payload"]["detail"] == {"where": "/payload/data"}
+
+
+async def test_cancelling_an_audio_message_heard_already_cancels_the_turn_answering_it(
+    live: LiveServer, vendor: VendorServer, question: bytes
+) -> None:
+    """A voice tester's find: once the transcript existed, ``RUN_CANCEL`` naming the audio was refused
+    (INVALID_PAYLOAD), though a voice client knows only that id until the transcript reaches it."""
+    stream = openai_text("Two plus three", " is five.")
+    vendor.script(Reply(stream[:1], stall=True, then=stream[1:]))
+    try:
+        async with open_peer("websocket", live, live.token("alice")) as peer:
+            listener, tx = await start(peer, live, "assistant", EVERYTHING)
+            await speak(peer, tx, question, "asked", binary=False, pieces=1)
+            await listener.until(lambda e: e["type"] == "MESSAGE_PART")  # heard, and being answered
+            await peer.send("RUN_CANCEL", {"run_id": "asked"}, transaction=tx)
+            ended = await listener.until(lambda e: e["type"] in ("RUN_FINISHED", "ERROR"))
+    finally:
+        vendor.release()
+    assert ended["type"] == "RUN_FINISHED" and ended["payload"]["status"] == "CANCELLED", ended
