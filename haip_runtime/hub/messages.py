@@ -148,7 +148,7 @@ async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> N
         return  # an audio message still being transcribed
     # An audio message heard already: its transcript's turns (a voice tester's find: a client knows only the
     # audio's id until the transcript reaches it, and "stop" right after speaking was refused).
-    heard = ctx.speech.transcript_of(request.run_id) if ctx.speech is not None else None
+    heard = ctx.speech.transcript_of(transaction, request.run_id) if ctx.speech is not None else None
     if heard is not None and transaction.cancel_run(heard, session.user):
         return
     if not transaction.cancel_run(request.run_id, session.user):

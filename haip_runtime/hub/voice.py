@@ -98,8 +98,9 @@ class SpeechDesk:
         self._dropped: dict[str, OrderedDict[str, None]] = {}
         self._hearing: dict[str, tuple[str, anyio.CancelScope]] = {}  # audio message id -> (transaction, scope)
         self._spoken: OrderedDict[str, None] = OrderedDict()  # transcript message ids
-        #: Audio message id -> its transcript's message id (``RUN_CANCEL`` naming the audio after it was heard).
-        self._transcripts: OrderedDict[str, str] = OrderedDict()
+        #: (transaction id, audio message id) -> its transcript's message id (``RUN_CANCEL`` naming the audio
+        #: after it was heard; the same id sent again).
+        self._transcripts: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
 
     async def load(self) -> None:
@@ -151,6 +152,17 @@ class SpeechDesk:
         if clip is None and not data:
             return True  # a last chunk ending nothing open: nothing to hear
         if clip is None:
+            heard = self._hearing.get(message_id, ("", None))[0] == transaction.id
+            if heard or (transaction.id, message_id) in self._transcripts or transaction.message_id_taken(message_id):
+                # (a voice tester's find: the same AUDIO sent twice was heard, and answered, twice; one under a
+                # typed message's id took its place in the history)
+                raise ProtocolError(
+                    ErrorCode.INVALID_PAYLOAD,
+                    f"message_id {message_id!r} is already used in this transaction: a new audio message needs"
+                    " a new one",
+                    related_id=related_id,
+                    detail={"where": "/payload/message_id"},
+                )
             if not whole and sum(1 for sid, _ in self._clips if sid == session.id) >= OPEN_CLIPS_PER_SESSION:
                 # Refused whole, as one too large is: its later chunks are let go, and it interrupts nothing
                 # (a voice tester's find: its tail, heard later as a message of its own, was answered).
@@ -198,9 +210,9 @@ class SpeechDesk:
             return True
         return False
 
-    def transcript_of(self, audio_message_id: str) -> str | None:
+    def transcript_of(self, transaction: Transaction, audio_message_id: str) -> str | None:
         """The message id of the transcript of a member's audio message, once it was heard."""
-        return self._transcripts.get(audio_message_id)
+        return self._transcripts.get((transaction.id, audio_message_id))
 
     def _drop_rest(self, key: tuple[str, str]) -> None:
         """The chunks of this message still to come are let go, up to its last (``final``)."""
@@ -240,7 +252,7 @@ class SpeechDesk:
             message_id = new_id()
             payload = {"message_id": message_id, "spoken": True, "audio_message_id": audio_message_id}
             self._remember(message_id)
-            self._transcripts[audio_message_id] = message_id
+            self._transcripts[(transaction.id, audio_message_id)] = message_id
             while len(self._transcripts) > SPOKEN_REMEMBERED:
                 self._transcripts.popitem(last=False)
             transaction.user_message(session, text, payload, audio_message_id, session.traceparent, echo=True)

@@ -514,7 +514,7 @@ async def test_cancelling_an_audio_message_heard_already_cancels_the_turn_answer
     """A voice tester's find: once the transcript existed, ``RUN_CANCEL`` naming the audio was refused
     (INVALID_PAYLOAD), though a voice client knows only that id until the transcript reaches it."""
     stream = openai_text("Two plus three", " is five.")
-    vendor.script(Reply(stream[:1], stall=True, then=stream[1:]))
+    vendor.script(Reply(stream[:2], stall=True, then=stream[2:]))  # (the role, the first part; then it waits)
     try:
         async with open_peer("websocket", live, live.token("alice")) as peer:
             listener, tx = await start(peer, live, "assistant", EVERYTHING)
@@ -524,4 +524,22 @@ async def test_cancelling_an_audio_message_heard_already_cancels_the_turn_answer
             ended = await listener.until(lambda e: e["type"] in ("RUN_FINISHED", "ERROR"))
     finally:
         vendor.release()
-    assert ended["type"] == "RUN_FINISHED" and ended["payload"]["status"] == "CANCELLED", ended
+    assert ended["type"] == "RUN_FINISHED" and ended["payload"]["status"] == "CANCELLED", ended["payload"]
+
+
+async def test_an_audio_message_id_heard_already_is_refused_not_heard_again(live: LiveServer, question: bytes) -> None:
+    """A voice tester's find: the same AUDIO sent twice (two envelopes) was heard, and answered, twice."""
+    clip = {"message_id": "once", "mime": "audio/wav", "data": base64.b64encode(question).decode()}
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("AUDIO", clip, transaction=tx)
+        await listener.until(
+            lambda e: e["type"] == "MESSAGE" and isinstance(e["payload"], dict) and e["payload"].get("spoken")
+        )
+        again = await peer.send("AUDIO", clip, transaction=tx)
+        refused = await listener.until(lambda e: e["type"] == "ERROR")
+        await peer.send("MESSAGE", {"text": "and then"}, transaction=tx)
+        await listener.until(lambda e: e["type"] == "MESSAGE_PART" and "and then" in e["payload"]["text"])
+    assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == again
+    assert refused["payload"]["detail"] == {"where": "/payload/message_id"}
+    assert spoken_ids(listener) == ["once"]
