@@ -378,9 +378,10 @@ class McpServerConfig(Model):
         if self.transport == "python" and not self.server:
             raise ValueError("transport 'python' needs 'server' (e.g. 'plugins/tools.py:server')")
         # A key of another transport has no effect: refused as an unknown key is (a newcomer's find: `server`
-        # under a stdio server was accepted, and did nothing).
+        # under a stdio server was accepted, and did nothing). Given its empty default, it says nothing: taken
+        # (a whole config written back, as `check` prints it and the worker processes are sent it).
         own = self.transport
-        stray = sorted(key for key in self.model_fields_set if _KEY_TRANSPORT.get(key, own) != own)
+        stray = sorted(key for key, theirs in _KEY_TRANSPORT.items() if theirs != own and getattr(self, key))
         if stray:
             said = ", ".join(f"{key!r} (transport {_KEY_TRANSPORT[key]!r}'s)" for key in stray)
             raise ValueError(f"transport {own!r} takes no {said}")
