@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ _EMPTY_WAV = pcm_wav(b"", 16_000)
 SPOKEN_ENVELOPE_ROOM = 2048
 #: Messages dropped (too long, cancelled) remembered at most per session (their later chunks are let go).
 MAX_DROPPED = 64
+#: How far ahead of a listener playing it from its first chunk an answer is spoken: past it, the next
+#: sentence waits. The engine speaks much faster than real time, and a long answer sent whole at once
+#: filled a session's replay window with audio in seconds: a drop of 3 s could no longer be resumed
+#: (a voice tester's find). It also leaves less spoken for nothing when the listener talks over it.
+SPEAK_AHEAD_SECONDS = 10.0
 
 
 @dataclass
@@ -337,6 +343,9 @@ class Speaker:
         self._wake = anyio.Event()
         self._closed = False
         self._speaking: str | None = None
+        #: When the first audio was sent (``time.monotonic``), and how much audio has been sent since.
+        self._since: float | None = None
+        self._sent_ms = 0
 
     def follow(self, kind: str, payload: dict[str, Any]) -> None:
         if self._closed:
@@ -392,6 +401,7 @@ class Speaker:
                     continue
                 self._speaking = message_id
                 try:
+                    await self._pace()
                     speech = await self.voice.synthesize(sentence)
                 except SpeechError as exc:
                     logger.warning("speech %r: %s: %s", self.voice.id, exc.code, exc.message)
@@ -416,6 +426,14 @@ class Speaker:
                     last = index == len(pieces) - 1
                     self._send(message_id, data, duration_ms, sentence if index == 0 else "", final=final and last)
 
+    async def _pace(self) -> None:
+        """Wait while what was sent is more than ``SPEAK_AHEAD_SECONDS`` ahead of a listener playing it."""
+        if self._since is None:
+            return
+        ahead = self._sent_ms / 1000 - (time.monotonic() - self._since)
+        if ahead > SPEAK_AHEAD_SECONDS:
+            await anyio.sleep(ahead - SPEAK_AHEAD_SECONDS)
+
     def _pieces(self, data: bytes, duration_ms: int, sentence: str) -> list[tuple[bytes, int]]:
         """The sentence's WAV as whole WAVs that each fit an envelope of ``max_frame_bytes`` as base64 (a
         voice tester's find: a long sentence, or a slow voice, made frames past the size the ``HAI``
@@ -427,6 +445,9 @@ class Speaker:
         return wav_pieces(data, most)
 
     def _send(self, message_id: str, data: bytes, duration_ms: int, text: str, *, final: bool) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+        self._sent_ms += duration_ms
         seq = self._seq.get(message_id, 0)
         self._seq[message_id] = seq + 1
         if final:

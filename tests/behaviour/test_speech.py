@@ -543,3 +543,26 @@ async def test_an_audio_message_id_heard_already_is_refused_not_heard_again(live
     assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == again
     assert refused["payload"]["detail"] == {"where": "/payload/message_id"}
     assert spoken_ids(listener) == ["once"]
+
+
+async def test_a_long_answer_is_spoken_at_most_a_little_ahead_of_its_listener(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A voice tester's find: the engine speaks far faster than real time, and a long answer sent whole at
+    once filled the session's replay window with audio in seconds (a 3 s drop could not be resumed). Each
+    sentence now waits while what was sent is more than ``SPEAK_AHEAD_SECONDS`` ahead of a listener."""
+    from haip_runtime.hub import voice
+
+    monkeypatch.setattr(voice, "SPEAK_AHEAD_SECONDS", 1.0)
+    text = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 4))
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("MESSAGE", {"text": text}, transaction=tx)
+        arrived: list[tuple[float, int]] = []
+        while not arrived or not listener.seen[-1]["payload"].get("final"):
+            chunk = await listener.until(lambda e: e["type"] == "AUDIO_CHUNK")
+            arrived.append((anyio.current_time(), int(chunk["payload"]["duration_ms"])))
+    spoken = sum(ms for _, ms in arrived) / 1000
+    took = arrived[-1][0] - arrived[0][0]
+    # The last waited until all before it, less the lead, had played (less a little for the network).
+    assert spoken > 4 and took >= spoken - arrived[-1][1] / 1000 - 1.0 - 0.3, (spoken, took)
