@@ -492,7 +492,12 @@ def _check_input(given: Any, schema: dict[str, Any], related_id: str) -> None:
         logger.info("an input request's schema could not be checked against (%r); the answer goes on", unreadable)
         return
     if error is not None:
-        where = "/payload/input" + "".join(f"/{part}" for part in error.absolute_path)
+        path = [str(part) for part in error.absolute_path]
+        if error.validator == "required" and isinstance(error.instance, dict):  # the field missing, not its object
+            # (an integrator's find: where named the object, where the guide says the field)
+            missing = [name for name in error.validator_value if name not in error.instance]
+            path += missing[:1]
+        where = "/payload/input" + "".join(f"/{part}" for part in path)
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,
             f"the answer does not fit the input request at {where}: {error.message}; the request still waits",

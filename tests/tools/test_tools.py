@@ -549,6 +549,9 @@ def test_an_input_answer_is_checked_without_trusting_the_servers_schema(monkeypa
     with pytest.raises(ProtocolError) as refused:
         _check_input({"name": "b", "age": -1}, schema, "r")
     assert refused.value.detail == {"where": "/payload/input/age"}
+    with pytest.raises(ProtocolError) as missing:  # (an integrator's find: where named the object, not the field)
+        _check_input({"age": 3}, schema, "r")
+    assert missing.value.detail == {"where": "/payload/input/name"}
     for broken in ({"type": "strin"}, {"type": 5}, {"properties": {"x": {"pattern": "("}}}):
         _check_input({"x": 1}, broken, "r")  # let through: the server checks what it gets
 
