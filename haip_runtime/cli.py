@@ -346,7 +346,10 @@ def _chat(args: argparse.Namespace) -> int:
     try:
         anyio.run(chat, args.url, args.token, args.agent, args.reconnect, args.join)
     except ClientError as exc:
-        print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else ""), file=sys.stderr)
+        # (a newcomer's find: "no credentials" said nothing of where a token comes from)
+        tokenless = exc.code == "AUTHENTICATION_FAILED" and not args.token and "token=" not in args.url
+        hint = "; pass one with --token (serve prints one in dev mode)" if tokenless else ""
+        print(f"haip-runtime: {exc}" + (f" ({exc.code})" if exc.code else "") + hint, file=sys.stderr)
         return 1
     return 0
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from haip_runtime.agents.api import Agent, AgentContext
+from haip_runtime.config.loading import got
 from haip_runtime.config.models import AgentConfig, HaipConfig
 from haip_runtime.config.references import PluginKind, resolve
 from haip_runtime.exceptions import PluginError
@@ -130,6 +131,8 @@ def validate_options(cls: type[Agent[Any]], options: Mapping[str, Any], where: s
             if error["type"] == "extra_forbidden":
                 none = f"unknown option of {cls.__name__} (it declares no Options)"
                 message = none if not names else "unknown option (check the spelling)"
+            elif error["type"] != "missing":  # (the value, as the config's own errors show it: a newcomer's find)
+                message += got(error.get("input"), f"{where}.{key}")
             problems.append(f"{where}.{key}: {message}")
         raise PluginError(problems[0], problems) from exc
     if problems:

@@ -100,4 +100,5 @@ def load_servers(config: HaipConfig) -> dict[str, MCPServer]:
 def _kind(value: object) -> str:
     if isinstance(value, type):
         return f"the class {value.__name__}"
-    return f"a {type(value).__name__}"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"  # (a newcomer's find: "is a int")

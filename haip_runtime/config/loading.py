@@ -124,8 +124,8 @@ def _describe(error: ErrorDetails, data: Any = None) -> str:
         message = f"unknown key ({guess}check the spelling; `haip-runtime schema` prints every key)"
     elif error["type"] == "missing":
         message = "required key is missing"
-    elif _showable(error.get("input"), loc):
-        message = f"{message} (got {_short(error.get('input'))})"
+    else:
+        message += got(error.get("input"), loc)
     if loc and message.startswith(f"{loc}."):
         return message  # a table's check that names its key itself ("storage.url ..."): not "storage: storage.url"
     return f"{loc}: {message}" if loc else message
@@ -181,6 +181,11 @@ def _kinds(model: Any) -> tuple[Any, ...]:
     """The values of a model's ``kind`` (a ``Literal``): the tags that name it in a union."""
     field = getattr(model, "model_fields", {}).get("kind")
     return typing.get_args(field.annotation) if field is not None else ()
+
+
+def got(value: object, loc: str) -> str:
+    """`` (got <value>)`` to end a refusal of ``value`` at ``loc`` with, when it may be shown; else ''."""
+    return f" (got {_short(value)})" if _showable(value, loc) else ""
 
 
 def _showable(value: object, loc: str) -> bool:

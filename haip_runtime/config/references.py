@@ -149,12 +149,14 @@ def _failed_in(exc: BaseException) -> str | None:
 
 
 def _failed_at(exc: BaseException) -> tuple[str, int] | None:
-    """The file and line whose code raised ``exc`` last (the import machinery's own frames left out)."""
+    """The file and line whose code raised ``exc`` last (the import machinery's own frames left out: its
+    frozen ones, ``importlib``'s and this module's, which a module not found named, a newcomer's find)."""
     found = None
     trace = exc.__traceback__
+    machinery = (os.path.dirname(importlib.__file__) + os.sep, __file__)
     while trace is not None:
         filename = trace.tb_frame.f_code.co_filename
-        if not filename.startswith("<frozen"):
+        if not filename.startswith("<frozen") and not filename.startswith(machinery):
             found = (filename, trace.tb_lineno)
         trace = trace.tb_next
     return found

@@ -26,7 +26,7 @@ from haip_runtime.speech.provider import Speech, SpeechProvider, pcm_wav
 
 logger = logging.getLogger(__name__)
 
-EXTRA_HINT = "install the speech extra: pip install 'haip-runtime[speech]' (scripts/setup does)"
+EXTRA_HINT = "install the speech extra: pip install 'haip-runtime[speech]' (in a checkout, scripts/setup does)"
 
 
 class LocalSpeech(SpeechProvider):

@@ -65,7 +65,7 @@ def test_a_missing_class_in_a_module_without_agents_says_so() -> None:
             "agents.a.options.greting: unknown option of Loose (it takes: greeting)",
         ),
         ("echo", {"prefx": "x"}, "agents.a.options.prefx: unknown option (check the spelling)"),
-        ("echo", {"prefix": 3}, "agents.a.options.prefix: Input should be a valid string"),
+        ("echo", {"prefix": 3}, "agents.a.options.prefix: Input should be a valid string (got 3)"),
     ],
 )
 def test_plugin_options_with_unknown_keys_or_bad_values_are_refused(

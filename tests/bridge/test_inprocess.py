@@ -320,7 +320,7 @@ async def test_a_server_that_cannot_be_loaded_fails_with_one_line_and_costs_itse
     [
         (
             "tests.support.python_servers:not_a_server",
-            "'tests.support.python_servers:not_a_server' is a int, not an MCPServer",
+            "'tests.support.python_servers:not_a_server' is an int, not an MCPServer",
         ),
         (
             "tests.support.python_servers:returns_none",

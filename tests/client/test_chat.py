@@ -278,6 +278,11 @@ def test_bad_urls_and_tokens_are_one_line(chat_server: LiveServer) -> None:
     assert refused.stderr.strip().splitlines() == [
         "haip-runtime: handshake refused: authentication failed: invalid token (AUTHENTICATION_FAILED)"
     ]
+    tokenless = run(chat_server.ws_url)  # (a newcomer's find: nothing said where a token comes from)
+    assert tokenless.returncode == 1 and tokenless.stderr.strip().splitlines() == [
+        "haip-runtime: handshake refused: authentication failed: no credentials (AUTHENTICATION_FAILED);"
+        " pass one with --token (serve prints one in dev mode)"
+    ]
     unknown = run(chat_server.http_url, "--agent", "nobody", "--token", chat_server.token("ann"))
     assert unknown.returncode == 1 and unknown.stderr.strip().endswith("no agent named 'nobody' (AGENT_NOT_FOUND)")
     assert len(unknown.stderr.strip().splitlines()) == 1
