@@ -34,17 +34,29 @@ class JsonFailsafe:
         return self._http(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
+        started = answered = False
 
         async def sending(message: Message) -> None:
-            nonlocal started
+            nonlocal started, answered
             started = started or message["type"] == "http.response.start"
             await send(message)
+            answered = answered or (message["type"] == "http.response.body" and not message.get("more_body"))
 
         try:
             await self.app(scope, receive, sending)
         except Exception as exc:
             error: ProtocolError
+            if answered:  # the client has its whole answer: what failed after costs it nothing
+                # (an integrator's find: the MCP SDK, answering a notification of a client that had just closed
+                # its session, tried to answer it again: an ERROR traceback each time, for a normal cancel)
+                logger.warning(
+                    "%s %s: an error after its response was sent: %s: %s",
+                    scope.get("method"),
+                    scope.get("path"),
+                    type(exc).__name__,
+                    exc,
+                )
+                return
             if isinstance(exc, StorageError):
                 logger.error("%s %s: %s", scope.get("method"), scope.get("path"), exc.message)
                 status, error = 503, exc
