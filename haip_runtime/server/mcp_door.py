@@ -416,6 +416,9 @@ class McpEndpoint:
         try:
             body = await read_body(receive, self._max_body, self._body_timeout)
         except DecodeError as refusal:
+            if refusal.code is ErrorCode.MESSAGE_TOO_LARGE:  # (said in MCP's words: a HAIP client's were its wording)
+                said = f"request body exceeds {self._max_body} bytes: none of it was taken; send a smaller request"
+                refusal = DecodeError(refusal.code, said, detail=refusal.detail)
             await send_error(send, 413 if refusal.code is ErrorCode.MESSAGE_TOO_LARGE else 400, refusal)
             return
         relay = self.relay

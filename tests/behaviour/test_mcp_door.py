@@ -430,3 +430,17 @@ async def test_a_session_is_its_users_alone_another_user_naming_it_finds_none(do
     assert ended.status_code == 404  # nor can they end it
     assert answer_of(still)["result"]["content"][0]["text"] == "you said: still mine"
     assert closed.status_code == 200 and gone.status_code == 404
+
+
+async def test_a_body_past_the_doors_limit_is_refused_in_mcps_words(door: LiveServer) -> None:
+    """An integrator's find: the 413 spoke of HAIP's envelopes and seqs, which mean nothing to an MCP client."""
+    from haip_runtime.bridge.facade import MAX_BODY_BYTES
+
+    headers = {"Authorization": f"Bearer {door.token('alice')}", "Content-Type": "application/json"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        refused = await http.post(f"{door.http_url}/mcp", content=b" " * (MAX_BODY_BYTES + 1))
+    error = refused.json()["error"]
+    assert refused.status_code == 413 and error["code"] == "MESSAGE_TOO_LARGE"
+    assert error["message"] == (
+        f"request body exceeds {MAX_BODY_BYTES} bytes: none of it was taken; send a smaller request"
+    )
