@@ -310,10 +310,11 @@ class Transaction:
         before publishing what the runs answer, so a refused message costs nothing."""
         self.run_limit.check(member, wanted, related_id)
 
-    def check_message(self, member: Member, related_id: str) -> bool:
+    def check_message(self, member: Member, related_id: str, *, joining: int = 0) -> bool:
         """Whether a message of ``member`` now would wait in the queue; ``RUN_LIMIT_EXCEEDED`` if it could
-        not even wait (the queue is full, or it needs more runs than the limit). Publishes nothing."""
-        wanted = len(self.agents)
+        not even wait (the queue is full, or it needs more runs than the limit). Publishes nothing.
+        ``joining``: agents about to be added for it (a door adding the agent it names), counted too."""
+        wanted = len(self.agents) + joining
         if not wanted:
             return False
         busy = self._agents_busy()

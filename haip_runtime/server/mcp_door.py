@@ -203,7 +203,10 @@ class McpDoor:
             raise ProtocolError(ErrorCode.TRANSACTION_NOT_FOUND, f"no open conversation {conversation_id!r}")
         lifecycle.enter(found, member, related)
         if agent not in found.agents:  # added, as AG-UI and TRANSACTION_JOIN {agent} do (a front-end developer's
-            await lifecycle.add_agent(self._ctx, member, related, found, agent)  # find: only this door refused)
+            # find: only this door refused), once the message has room with it (a reviewer's find: it joined,
+            # then the message was refused, and it answered every later one)
+            found.check_message(member, related, joining=1)
+            await lifecycle.add_agent(self._ctx, member, related, found, agent)
         return found
 
 

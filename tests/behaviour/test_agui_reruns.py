@@ -264,3 +264,18 @@ async def test_an_older_messages_long_id_from_a_haip_member_locks_nobody_out(liv
     theirs = {"id": "h" * 200, "role": "user", "content": "from the other tab"}
     answered = await post(live, "echo", body(thread, first, theirs, user("and now")))
     assert answered.status_code == 200 and "you said: and now" in answered.text
+
+
+async def test_a_run_refused_for_the_runs_its_agent_would_need_adds_nothing_and_blocks_nothing() -> None:
+    """A reviewer's find: with one run a session, a run naming a second agent was refused (it needs two),
+    after that agent had joined the thread and its refused run had been opened: every later run of the
+    user was refused as "already open"."""
+    with live_server(make_config({"session": {"max_concurrent_runs": 1}})) as server:
+        thread = "t-" + uuid.uuid4().hex
+        first = await post(server, "echo", body(thread, user("one")))
+        refused = await post(server, "storyteller", body(thread, user("two")))
+        agents = list(server.runtime.hub.transactions.live[thread].agents)
+        again = await post(server, "echo", body(thread, user("three")))
+    assert first.status_code == 200 and refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "RUN_LIMIT_EXCEEDED" and agents == ["echo"]
+    assert again.status_code == 200 and events_of(again.text)[-1]["type"] == "RUN_FINISHED", again.text

@@ -444,3 +444,17 @@ async def test_a_body_past_the_doors_limit_is_refused_in_mcps_words(door: LiveSe
     assert error["message"] == (
         f"request body exceeds {MAX_BODY_BYTES} bytes: none of it was taken; send a smaller request"
     )
+
+
+async def test_a_call_refused_for_the_runs_its_agent_would_need_adds_no_agent() -> None:
+    """A reviewer's find: with one run a session, a call naming a second agent in a conversation was refused
+    (it needs two) after that agent had joined, and it answered every later message there."""
+    config = make_config({"mcp_server": {"enabled": True}, "session": {"max_concurrent_runs": 1}})
+    with live_server(config) as live:
+        async with mcp_client(live) as client:
+            first = await client.call_tool("echo", {"message": "one"})
+            conversation = (first.structured_content or {})["conversation_id"]
+            refused = await client.call_tool("storyteller", {"message": "two", "conversation_id": conversation})
+            agents = list(live.runtime.hub.transactions.live[conversation].agents)
+    assert refused.is_error and text(refused).startswith("RUN_LIMIT_EXCEEDED")
+    assert agents == ["echo"]

@@ -150,7 +150,7 @@ class AguiDoor:
                     # Again: the wait let the thread move on (the run ended, and its member may have left
                     # the transaction, idle: the new run's events then reached nobody: the suite's find).
                     member = await self._member(principal, agent, run, said, new_run=True)
-                self._admit(member, run, said)  # (a refusal changes nothing: the open run goes on)
+                self._admit(member, run, said, agent)  # (a refusal changes nothing: the open run goes on)
                 if member.run_id is not None:  # its client went away: given up, its turns cancelled
                     transaction = self.hub.transactions.live[member.thread_id]
                     for run_id in member.abandon():
@@ -194,13 +194,15 @@ class AguiDoor:
                 f"a run is already open on thread {member.thread_id!r}, and its client reads it",
             )
 
-    def _admit(self, member: AguiMember, run: RunAgentInput, said: tuple[int, str] | None) -> None:
-        """The new message's checks, before anything is done: the user's message rate, the run queue."""
+    def _admit(self, member: AguiMember, run: RunAgentInput, said: tuple[int, str] | None, agent: str) -> None:
+        """The new message's checks, before anything is done: the user's message rate, the run queue (with
+        the run's agent counted if it is still to join: a reviewer's find, it joined, then was refused)."""
         if run.resume or said is None:
             return
         self.hub.sessions.check_rate(member.user, run.run_id)  # the user's messages a second, every door together
         transaction = self.hub.transactions.live[member.thread_id]
-        transaction.check_message(member, run.run_id)  # refused (nothing sent yet), or it runs or waits
+        joining = int(agent not in transaction.agents)
+        transaction.check_message(member, run.run_id, joining=joining)  # refused (nothing sent yet), or runs, or waits
 
     async def _member(
         self, principal: Principal, agent: str, run: RunAgentInput, said: tuple[int, str] | None, *, new_run: bool
@@ -337,7 +339,12 @@ class AguiDoor:
             index, text = said
             message_id = run.messages[index].id or new_id()
             user_message = {"text": text, "message_id": message_id, "via": "ag-ui"}
-            runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
+            try:
+                runs = transaction.user_message(member, text, user_message, traceparent=traceparent)
+            except ProtocolError:  # (admitted a moment ago: the room went meanwhile) the run opened is not read
+                member.reader_due = False
+                member.close()
+                raise
             member.runs.update(each.id for each in runs)
             if not runs and (user_message["message_id"] in transaction.queued or not transaction.runs_here):
                 member.waiting.add(str(user_message["message_id"]))  # its runs start when the queue reaches it
