@@ -159,7 +159,8 @@ class SpeechDesk:
             return True  # a last chunk ending nothing open: nothing to hear
         if clip is None:
             heard = self._hearing.get(message_id, ("", None))[0] == transaction.id
-            if heard or (transaction.id, message_id) in self._transcripts or transaction.message_id_taken(message_id):
+            heard = heard or self.transcript_of(transaction, message_id) is not None
+            if heard or transaction.message_id_taken(message_id):
                 # (a voice tester's find: the same AUDIO sent twice was heard, and answered, twice; one under a
                 # typed message's id took its place in the history)
                 raise ProtocolError(
@@ -217,8 +218,17 @@ class SpeechDesk:
         return False
 
     def transcript_of(self, transaction: Transaction, audio_message_id: str) -> str | None:
-        """The message id of the transcript of a member's audio message, once it was heard."""
-        return self._transcripts.get((transaction.id, audio_message_id))
+        """The message id of the transcript of a member's audio message, once it was heard: here, or (in a
+        cluster) by the node that heard it, as the transaction's log says (a reviewer's find: a cancel, or
+        the same audio again, through another node found nothing)."""
+        found = self._transcripts.get((transaction.id, audio_message_id))
+        if found is not None:
+            return found
+        for event in reversed(transaction.recent()):
+            body = event.payload if isinstance(event.payload, dict) else {}
+            if event.type == EventType.MESSAGE and body.get("audio_message_id") == audio_message_id:
+                return str(body.get("message_id", "")) or None
+        return None
 
     def _drop_rest(self, key: tuple[str, str]) -> None:
         """The chunks of this message still to come are let go, up to its last (``final``)."""
@@ -258,10 +268,11 @@ class SpeechDesk:
             message_id = new_id()
             payload = {"message_id": message_id, "spoken": True, "audio_message_id": audio_message_id}
             self._remember(message_id)
+            transaction.user_message(session, text, payload, audio_message_id, session.traceparent, echo=True)
+            # Once taken (a reviewer's find: recorded before, a message refused for room could not be sent again)
             self._transcripts[(transaction.id, audio_message_id)] = message_id
             while len(self._transcripts) > SPOKEN_REMEMBERED:
                 self._transcripts.popitem(last=False)
-            transaction.user_message(session, text, payload, audio_message_id, session.traceparent, echo=True)
         except SpeechError as exc:
             logger.info("speech %r: %s: %s", provider.id, exc.code, exc.message)
             body = error_body(exc.code, exc.message, related_id=audio_message_id)

@@ -448,11 +448,7 @@ def chunk(message_id: str, clip: bytes, seq: int, *, final: bool = False) -> dic
 
 
 def spoken_ids(listener: Listener) -> list[str]:
-    return [
-        e["payload"]["audio_message_id"]
-        for e in listener.of("MESSAGE")
-        if isinstance(e["payload"], dict) and e["payload"].get("spoken")
-    ]
+    return spoken_ids_of(listener.of("MESSAGE"))
 
 
 async def test_a_fifth_open_audio_message_is_refused_whole(live: LiveServer, question: bytes) -> None:
@@ -566,3 +562,85 @@ async def test_a_long_answer_is_spoken_at_most_a_little_ahead_of_its_listener(
     took = arrived[-1][0] - arrived[0][0]
     # The last waited until all before it, less the lead, had played (less a little for the network).
     assert spoken > 4 and took >= spoken - arrived[-1][1] / 1000 - 1.0 - 0.3, (spoken, took)
+
+
+async def test_an_audio_message_refused_for_room_may_be_sent_again_under_its_id(question: bytes) -> None:
+    """A reviewer's find: its id was taken as heard before the message was refused RUN_LIMIT_EXCEEDED,
+    so sending it again once there was room was refused as a duplicate (a typed message is taken)."""
+    config = make_config(
+        {
+            "speech": {"local": {"kind": "local"}},
+            "agents": {
+                "teller": {
+                    "plugin": "haip_runtime.demo.storyteller:Storyteller",
+                    "options": {"words_per_second": 2},
+                    "speech": "local",
+                }
+            },
+            "session": {"max_concurrent_runs": 1, "max_queued_messages": 0},
+        }
+    )
+    clip = {"message_id": "q1", "mime": "audio/wav", "data": base64.b64encode(question).decode()}
+    with live_server(config) as server:
+        async with open_peer("websocket", server, server.token("alice")) as peer:
+            listener, tx = await start(peer, server, "teller", EVERYTHING)
+            await peer.send("MESSAGE", {"text": "tell me a story"}, transaction=tx)
+            story = await listener.until(lambda e: e["type"] == "RUN_STARTED")
+            await peer.send("AUDIO", clip, transaction=tx)
+            refused = await listener.until(lambda e: e["type"] == "ERROR")
+            await peer.send("RUN_CANCEL", {"run_id": story["payload"]["run_id"]}, transaction=tx)
+            await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+            await peer.send("AUDIO", clip, transaction=tx)
+            heard = await listener.until(
+                lambda e: e["type"] == "ERROR" or (e["type"] == "MESSAGE" and spoken_ids_of([e]) == ["q1"])
+            )
+    assert refused["payload"]["code"] == "RUN_LIMIT_EXCEEDED"
+    assert heard["type"] == "MESSAGE", heard["payload"]
+
+
+def spoken_ids_of(events: list[dict[str, Any]]) -> list[str]:
+    return [
+        e["payload"]["audio_message_id"]
+        for e in events
+        if isinstance(e["payload"], dict) and e["payload"].get("spoken")
+    ]
+
+
+async def test_on_another_node_a_heard_audio_message_is_cancelled_by_its_id_and_not_heard_again(
+    question: bytes, redis_url: str, postgres_url: str, prefix: str
+) -> None:
+    """A reviewer's find: the transcript of an audio message was known only to the node that heard it, so a
+    cancel naming the audio, or the same audio again, through another node found nothing (PROTOCOL.md section
+    15: a client may resume on any node)."""
+    cluster = {"redis_url": redis_url, "key_prefix": prefix, "heartbeat_seconds": 0.2, "node_ttl_seconds": 2}
+    teller = {"plugin": "haip_runtime.demo.storyteller:Storyteller", "options": {"words_per_second": 2}}
+    config = make_config(
+        {
+            "cluster": {**cluster, "connect_timeout_seconds": 5, "lease_seconds": 1.5},
+            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
+            "speech": {"local": {"kind": "local"}},
+            "agents": {"teller": {**teller, "speech": "local"}},
+        }
+    )
+    clip = {"message_id": "a1", "mime": "audio/wav", "data": base64.b64encode(question).decode()}
+    with live_server(config) as a, live_server(config) as b:
+        async with (
+            open_peer("websocket", a, a.token("alice")) as here,
+            open_peer("websocket", b, b.token("alice")) as there,
+        ):
+            _, tx = await start(here, a, "teller", EVERYTHING)
+            other = Listener(there)
+            await other.until(lambda e: e["type"] == "HAI")
+            await there.hai(b.token("alice"), accept_events=EVERYTHING)
+            await other.until(lambda e: e["type"] == "INFO")
+            await there.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
+            await other.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+            await here.send("AUDIO", clip, transaction=tx)
+            await other.until(lambda e: e["type"] == "MESSAGE_PART")  # heard on a, answered, seen on b
+            await there.send("RUN_CANCEL", {"run_id": "a1"}, transaction=tx)
+            ended = await other.until(lambda e: e["type"] in ("RUN_FINISHED", "ERROR"))
+            again = await there.send("AUDIO", clip, transaction=tx)
+            refused = await other.until(lambda e: e["type"] == "ERROR")
+    assert ended["type"] == "RUN_FINISHED" and ended["payload"]["status"] == "CANCELLED", ended["payload"]
+    assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == again
+    assert spoken_ids(other) == ["a1"]  # heard once
