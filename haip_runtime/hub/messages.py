@@ -151,7 +151,9 @@ async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> N
     heard = ctx.speech.transcript_of(transaction, request.run_id) if ctx.speech is not None else None
     if heard is not None and transaction.cancel_run(heard, session.user):
         return
-    if not transaction.cancel_run(request.run_id, session.user):
+    if transaction.cancel_run(request.run_id, session.user):
+        return
+    if ctx.speech is None or not ctx.speech.silence(transaction, request.run_id, session.user):
         raise ProtocolError(
             ErrorCode.INVALID_PAYLOAD,
             f"no running run or waiting message {request.run_id!r}",

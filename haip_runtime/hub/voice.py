@@ -294,6 +294,20 @@ class SpeechDesk:
         for speaker in list(self._speakers.get(transaction.id, {}).values()):
             speaker.interrupt(by)
 
+    def silence(self, transaction: Transaction, named: str, by: str) -> bool:
+        """Stop speaking the answer of a run that has finished writing it (``RUN_CANCEL`` naming the run, the
+        message it answers, or that message's audio); ``False`` if none is being spoken. A voice tester's
+        find: the text done, its speech went on for a minute and nothing stopped it."""
+        answers = {named, self.transcript_of(transaction, named) or named}
+        found = [
+            speaker
+            for speaker in self._speakers.get(transaction.id, {}).values()
+            if speaker.run_id == named or speaker.answers in answers
+        ]
+        for speaker in found:
+            speaker.interrupt(by)
+        return bool(found)
+
     def _watch(self, transaction: Transaction, event: Event) -> None:
         kind = event.type
         payload: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
@@ -304,6 +318,7 @@ class SpeechDesk:
             wanted = agent in self.always or payload.get("message_id") in self._spoken
             if voice is not None and wanted and any(_AUDIO & m.accepted for m in transaction.members.values()):
                 speaker = Speaker(transaction, str(payload["run_id"]), agent, voice, self.max_frame_bytes)
+                speaker.answers = str(payload.get("message_id", ""))
                 self._speakers.setdefault(transaction.id, {})[speaker.run_id] = speaker
                 self._spawn(self._speak, speaker)
         elif kind == EventType.TRANSACTION_END:
@@ -354,6 +369,8 @@ class Speaker:
         self._wake = anyio.Event()
         self._closed = False
         self._speaking: str | None = None
+        #: The message the run answers (a cancel naming it stops the speech of an answer written already).
+        self.answers = ""
         #: When the first audio was sent (``time.monotonic``), and how much audio has been sent since.
         self._since: float | None = None
         self._sent_ms = 0

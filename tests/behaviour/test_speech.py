@@ -644,3 +644,29 @@ async def test_on_another_node_a_heard_audio_message_is_cancelled_by_its_id_and_
     assert ended["type"] == "RUN_FINISHED" and ended["payload"]["status"] == "CANCELLED", ended["payload"]
     assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == again
     assert spoken_ids(other) == ["a1"]  # heard once
+
+
+@pytest.mark.parametrize("named", ["run", "message"])
+async def test_an_answer_written_already_and_still_being_spoken_is_stopped_by_a_cancel(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """A voice tester's find: once its text was complete (``RUN_FINISHED OK``), a paced answer went on being
+    spoken for a minute, and ``RUN_CANCEL`` naming its run was refused: nothing could stop it."""
+    from haip_runtime.hub import voice
+
+    monkeypatch.setattr(voice, "SPEAK_AHEAD_SECONDS", 1.0)
+    text = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 9))
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("MESSAGE", {"text": text, "message_id": "long"}, transaction=tx)
+        finished = await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+        ref = finished["payload"]["run_id"] if named == "run" else "long"
+        await peer.send("RUN_CANCEL", {"run_id": ref}, transaction=tx)
+        stopped = await listener.until(
+            lambda e: (
+                e["type"] == "ERROR" or (e["type"] == "INFO" and e["payload"].get("event") == "speech.interrupted")
+            )
+        )
+    assert finished["payload"]["status"] == "OK"
+    assert stopped["type"] == "INFO" and stopped["payload"]["run_id"] == finished["payload"]["run_id"]
+    assert not any(e["payload"].get("final") for e in listener.of("AUDIO_CHUNK"))  # (not spoken to its end)

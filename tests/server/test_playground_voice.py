@@ -217,3 +217,20 @@ def test_stop_silences_the_answer_being_spoken(page: Page) -> None:
     page.wait_for_function("window.playground.voice.playing === null && window.playground.voice.queue.length === 0")
     assert page.evaluate("window.stopped.paused && !window.stopped.ended")  # cut short, not played to its end
     assert page.evaluate("[...document.querySelectorAll('.speech audio')].every((audio) => audio.paused)")
+
+
+def test_stop_shows_and_silences_an_answer_written_already_that_still_plays(page: Page) -> None:
+    """A voice tester's find: once the answer's text was complete its run ended, the run bar and Stop went,
+    and the spoken answer played on, sentence after sentence, with nothing to stop it."""
+    page.click("li.agent[data-agent=teller]")
+    expect(page.locator("#transaction-id")).to_be_visible()
+    hold_to_talk(page)
+    page.wait_for_function("window.playground.voice.playing !== null")
+    page.wait_for_function("window.playground.runs.size === 0", timeout=60_000)  # written, still spoken
+    expect(page.locator("#run")).to_be_visible()
+    expect(page.locator("#run-text")).to_have_text("speaking…")
+    page.evaluate("window.stopped = window.playground.voice.playing")
+    page.click("#stop")
+    page.wait_for_function("window.playground.voice.playing === null && window.playground.voice.queue.length === 0")
+    assert page.evaluate("window.stopped.paused && !window.stopped.ended")
+    expect(page.locator("#run")).to_be_hidden()

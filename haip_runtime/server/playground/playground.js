@@ -35,6 +35,7 @@ const state = {
   clips: new Map(), // a recording's message_id -> {parts, player, ...}: one player however many chunks
   historyUpTo: 0, // the tseq this page's join was answered at: what is not later is history, not played by itself
   delivered: [], // seqs of every envelope delivered, for the tests and the curious
+  onPlaying: () => showRuns(), // voice.js: an answer began or stopped playing (Stop shows while one plays)
 };
 window.playground = state;
 
@@ -307,6 +308,11 @@ $("stop").addEventListener("click", () => {
   // the running turns end.
   for (const messageId of state.queued) state.client.cancelRun(state.tx, messageId);
   for (const runId of state.runs.keys()) state.client.cancelRun(state.tx, runId);
+  // An answer written already may still be spoken (a voice tester's find: nothing stopped it): its run is
+  // asked to stop speaking, and what this page holds of it stops now.
+  const spoken = state.voice?.playing?.dataset.run;
+  if (spoken && !state.runs.has(spoken)) state.client.cancelRun(state.tx, spoken);
+  state.voice?.stop?.();
   $("run-text").textContent = "stopping…";
 });
 
@@ -493,9 +499,11 @@ function showMembers({ members = [], agents = [], joined }) {
 }
 
 function showRuns() {
-  $("run").hidden = state.runs.size === 0 && state.queued.size === 0;
+  const speaking = Boolean(state.voice?.playing);
+  $("run").hidden = state.runs.size === 0 && state.queued.size === 0 && !speaking;
   const waiting = state.queued.size ? ` (${state.queued.size} message${state.queued.size > 1 ? "s" : ""} waiting)` : "";
-  const working = state.runs.size ? `${[...new Set(state.runs.values())].join(", ")} is working…` : "waiting…";
+  const idle = speaking ? "speaking…" : "waiting…";
+  const working = state.runs.size ? `${[...new Set(state.runs.values())].join(", ")} is working…` : idle;
   if (!$("run").hidden) $("run-text").textContent = working + waiting;
 }
 

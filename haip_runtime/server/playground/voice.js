@@ -14,6 +14,8 @@ const SLICE_MS = 250;
 /** Add the hold-to-talk button to the composer and play agents' speech; returns what tests look at. */
 export function attachVoice(state, client) {
   const voice = { sent: 0, recording: false, players: new Map(), queue: [], playing: null };
+  voice.changed = () => state.onPlaying?.(); // (the page shows Stop while an answer plays: playground.js)
+  voice.stop = () => stopPlaying(voice);
   state.voice = voice;
   const composer = document.getElementById("composer");
   if (!navigator.mediaDevices?.getUserMedia || typeof MediaRecorder === "undefined") return voice;
@@ -145,9 +147,13 @@ function hear(voice, p, live = true, runId = "") {
 function playNext(voice) {
   const audio = voice.queue.shift();
   voice.playing = audio || null;
+  voice.changed?.();
   if (!audio) return;
-  audio.addEventListener("ended", () => playNext(voice), { once: true });
-  audio.play().catch(() => playNext(voice)); // autoplay refused: the player stays for a click
+  // Only while it is still the one playing (a reviewer's find: one stopped with its play() pending
+  // rejected, and moved the queue on a second time).
+  const next = () => { if (voice.playing === audio) playNext(voice); };
+  audio.addEventListener("ended", next, { once: true });
+  audio.play().catch(next); // autoplay refused: the player stays for a click
 }
 
 /** Stop what is playing and drop what waits: all of it, or only ``runId``'s. */
@@ -161,6 +167,7 @@ function stopPlaying(voice, runId = null) {
   voice.playing?.pause();
   voice.playing = null;
   voice.queue.length = 0;
+  voice.changed?.();
 }
 
 function note(text) {
