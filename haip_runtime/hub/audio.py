@@ -28,12 +28,18 @@ from haip_runtime.session.session import Session
 async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.open_transaction(session, envelope)
     audio = parse_payload(envelope, p.Audio)
+    named = audio.message_id is not None and envelope.type == EventType.AUDIO_CHUNK
+    final = bool(audio.final)
+    if named and ctx.speech is not None and ctx.speech.let_go(session, str(audio.message_id), final=final,
+                                                             seq=audio.seq_in_message):  # fmt: skip
+        return  # the rest of a message dropped (refused, cancelled, too large): nothing of it goes on
     # The bytes of one chunk: as much as fits, base64, in the envelope a member without binary frames gets.
     data = clip_bytes(envelope, audio, (ctx.config.server.max_frame_bytes - ENVELOPE_ROOM) * 3 // 4)
-    if data is None:
-        end_message(ctx, session, transaction, audio)
+    if named and not data:  # (none, or empty: a reviewer's find, an empty one started on_audio turns of nothing)
+        if final:
+            end_message(ctx, session, transaction, audio, envelope.id)
         return
-    if not data and (envelope.type == EventType.AUDIO or audio.message_id is None):
+    if not data:
         raise ProtocolError(  # (a voice tester's find: it was dropped without a word)
             ErrorCode.INVALID_PAYLOAD,
             "the audio is empty: an AUDIO (or an AUDIO_CHUNK without message_id) needs its bytes",
@@ -79,14 +85,14 @@ async def receive_audio(ctx: HubContext, session: Session, envelope: Envelope) -
         transaction.start_run(slot, session, "", {"audio": clip, "message_id": message_id}, "on_audio")
 
 
-def end_message(ctx: HubContext, session: Session, transaction: Transaction, audio: p.Audio) -> None:
+def end_message(ctx: HubContext, session: Session, transaction: Transaction, audio: p.Audio, related_id: str) -> None:
     """A last chunk with no audio (``data?``: it only ends its message): the speech desk hears the message
     now, and the other members are told it ended. No ``on_audio`` turn: there is nothing new to hear
     (a reviewer's find: agents got an empty clip, and it counted against the run limit)."""
     assert audio.message_id is not None, "clip_bytes: only a named message's last chunk has no data"
     if ctx.speech is not None:
         ctx.speech.hear(transaction, session, message_id=audio.message_id, mime=audio.mime, data=b"", whole=True,
-                        related_id="")  # fmt: skip
+                        related_id=related_id)  # fmt: skip
     ended: dict[str, Any] = {"message_id": audio.message_id, "mime": audio.mime, "author": session.user, "final": True}
     if audio.seq_in_message is not None:
         ended["seq_in_message"] = audio.seq_in_message

@@ -149,14 +149,16 @@ class SpeechDesk:
             return False
         key = (session.id, message_id)
         dropped = self._dropped.get(session.id)
-        if dropped is not None and message_id in dropped:  # the rest of a message dropped: not a new one
-            if whole:
-                del dropped[message_id]
-            if not alone:
-                return True
+        if alone and dropped is not None:  # (a whole message under the id of one dropped: heard)
+            dropped.pop(message_id, None)
         clip = self._clips.get(key)
-        if clip is None and not data:
-            return True  # a last chunk ending nothing open: nothing to hear
+        if clip is None and not data:  # a last chunk ending nothing open (a voice tester's find: dropped silently)
+            raise ProtocolError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"audio message {message_id!r} has no audio: no chunk with data came before its final one",
+                related_id=related_id,
+                detail={"where": "/payload/data"},
+            )
         if clip is None:
             heard = self._hearing.get(message_id, ("", None))[0] == transaction.id
             heard = heard or self.transcript_of(transaction, message_id) is not None
@@ -216,6 +218,19 @@ class SpeechDesk:
             self._drop_rest(key)  # (chunks of it still on their way are not a new message: a tester's find)
             return True
         return False
+
+    def let_go(self, session: Session, message_id: str, *, final: bool, seq: int | None) -> bool:
+        """Whether an ``AUDIO_CHUNK`` is the rest of a message of ``session`` dropped before (refused,
+        cancelled, too large): then it is let go, neither heard nor passed on to members or ``on_audio``
+        agents (a voice tester's find: a refused message's tail reached both). Its final chunk ends that. A
+        chunk numbered 0 starts the message anew: a client sending it again (a voice tester's find: the
+        retry of a refused message was swallowed whole as its rest)."""
+        dropped = self._dropped.get(session.id)
+        if dropped is None or message_id not in dropped:
+            return False
+        if final or seq == 0:
+            del dropped[message_id]
+        return seq != 0
 
     def transcript_of(self, transaction: Transaction, audio_message_id: str) -> str | None:
         """The message id of the transcript of a member's audio message, once it was heard: here, or (in a

@@ -541,6 +541,19 @@ async def test_an_audio_message_id_heard_already_is_refused_not_heard_again(live
     assert spoken_ids(listener) == ["once"]
 
 
+async def test_a_typed_message_under_an_audio_messages_id_is_refused(live: LiveServer, question: bytes) -> None:
+    """A voice tester's find: it was taken, and a cancel naming the id was then ambiguous."""
+    clip = {"message_id": "spoken-first", "mime": "audio/wav", "data": base64.b64encode(question).decode()}
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("AUDIO", clip, transaction=tx)
+        await listener.until(lambda e: e["type"] == "MESSAGE" and spoken_ids_of([e]) == ["spoken-first"])
+        typed = await peer.send("MESSAGE", {"text": "hi", "message_id": "spoken-first"}, transaction=tx)
+        refused = await listener.until(lambda e: e["type"] == "ERROR")
+    assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == typed
+    assert refused["payload"]["detail"] == {"where": "/payload/message_id"}
+
+
 async def test_a_long_answer_is_spoken_at_most_a_little_ahead_of_its_listener(
     live: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -670,3 +683,57 @@ async def test_an_answer_written_already_and_still_being_spoken_is_stopped_by_a_
     assert finished["payload"]["status"] == "OK"
     assert stopped["type"] == "INFO" and stopped["payload"]["run_id"] == finished["payload"]["run_id"]
     assert not any(e["payload"].get("final") for e in listener.of("AUDIO_CHUNK"))  # (not spoken to its end)
+
+
+async def test_a_refused_audio_message_reaches_no_one_and_may_be_sent_again_from_its_first_chunk(
+    live: LiveServer, question: bytes
+) -> None:
+    """A voice tester's finds: the tail of a fifth message refused RATE_LIMITED still reached the other members
+    (and on_audio agents); and sending it again under its id, once there was room, was swallowed whole as its
+    rest. A chunk numbered 0 starts it anew."""
+    third = len(question) // 3
+    async with (
+        open_peer("websocket", live, live.token("alice")) as peer,
+        open_peer("websocket", live, live.token("alice")) as watcher,
+    ):
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        other = Listener(watcher)
+        await other.until(lambda e: e["type"] == "HAI")
+        await watcher.hai(live.token("alice"), accept_events=EVERYTHING)
+        await other.until(lambda e: e["type"] == "INFO")
+        await watcher.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
+        await other.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+        for open_ in "abcd":
+            await peer.send("AUDIO_CHUNK", chunk(open_, question[:third], 0), transaction=tx)
+        await peer.send("AUDIO_CHUNK", chunk("e", question[:third], 0), transaction=tx)
+        refused = await listener.until(lambda e: e["type"] == "ERROR")
+        await peer.send("AUDIO_CHUNK", chunk("e", question[third : 2 * third], 1), transaction=tx)  # its rest
+        for open_ in "abcd":
+            await peer.send("RUN_CANCEL", {"run_id": open_}, transaction=tx)
+        for seq in range(3):  # sent again, whole, from its first chunk
+            part = question[seq * third : (seq + 1) * third] if seq < 2 else question[2 * third :]
+            await peer.send("AUDIO_CHUNK", chunk("e", part, seq, final=seq == 2), transaction=tx)
+        heard = await other.until(lambda e: e["type"] == "MESSAGE" and spoken_ids_of([e]) == ["e"])
+    assert refused["payload"]["code"] == "RATE_LIMITED"
+    passed_on = [
+        e["payload"].get("seq_in_message") for e in other.of("AUDIO_CHUNK") if e["payload"]["message_id"] == "e"
+    ]
+    assert passed_on == [0, 1, 2]  # the retry's three: nothing of the refused one
+    assert words(heard["payload"]["text"]) == ["what", "is", "two", "plus", "three"]
+
+
+async def test_an_audio_message_of_no_audio_is_refused_saying_so(live: LiveServer) -> None:
+    """A voice tester's and a reviewer's finds: a final chunk with nothing before it, or only empty chunks,
+    was dropped without a word (and an empty chunk started on_audio turns of nothing)."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        lone = await peer.send(
+            "AUDIO_CHUNK", {"message_id": "e3", "mime": "audio/wav", "data": "", "final": True}, transaction=tx
+        )
+        first = await listener.until(lambda e: e["type"] == "ERROR")
+        await peer.send("AUDIO_CHUNK", {"message_id": "e4", "mime": "audio/wav", "data": ""}, transaction=tx)
+        last = await peer.send("AUDIO_CHUNK", {"message_id": "e4", "mime": "audio/wav", "final": True}, transaction=tx)
+        second = await listener.until(lambda e: e["type"] == "ERROR")
+    for error, sent in ((first, lone), (second, last)):
+        assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == sent
+        assert error["payload"]["detail"] == {"where": "/payload/data"}
