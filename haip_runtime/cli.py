@@ -6,6 +6,7 @@ Every failure the operator can fix is one line on stderr and exit code 1; never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -406,11 +407,13 @@ def serve(config: HaipConfig, workers: int = 1) -> int:
     for line in notes(config):
         logging.getLogger("haip_runtime").warning("%s", line)
     _preflight(config, workers)
-    port = config.server.port if workers == 1 else node.unshared(config.server.host, config.server.port)
+    port, lock = config.server.port, None
+    if workers > 1:
+        port, lock = node.unshared(config.server.host, config.server.port)
     sock = node.bind(config.server.host, port, share_port=workers > 1, listen=workers == 1)
     host, port = sock.getsockname()[:2]
     if workers > 1:
-        with sock:  # reserved, never listening: the workers listen on sockets of their own
+        with sock, lock or contextlib.nullcontext():  # reserved, never listening: the workers listen on their own
             return _supervise(config, workers, host, port)
 
     def ready(runtime: Any) -> None:

@@ -182,7 +182,7 @@ class Chat:
         if agent is None:  # (a newcomer's find: a server without echo refused the chat's default, never named)
             names = [str(a["name"]) for a in (await self.request("TOOL_LIST", {}, "TOOL_LIST")).get("tools", [])]
             if not names:
-                raise ClientError("the server has no agents to talk to (its haip.toml declares none)")
+                raise ClientError("the server has no agent you may talk to (none, or none your roles may start)")
             agent = "echo" if "echo" in names else names[0]
         self.transaction = await self.client.start_transaction(agent)
         self.view.begin(agent, self.transaction)

@@ -61,13 +61,13 @@ def command_client(url: str) -> Redis:
             retry_on_error=[RedisConnectionError],
         )
         pool.make_connection()  # type: ignore[no-untyped-call]  # (made, not connected: its options checked by it)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RedisError) as exc:  # (nothing connects here: any error is the URL's)
         raise _bad_option(exc) from None
     _check_files(pool)
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 
 
-def _bad_option(exc: TypeError | ValueError) -> ClusterError:
+def _bad_option(exc: Exception) -> ClusterError:
     """A URL option its connection cannot take: said at once, not as a traceback at the first command (an
     operator's find: ``redis://...?ssl_ca_certs=``, TLS options on a plain URL)."""
     if isinstance(exc, TypeError):

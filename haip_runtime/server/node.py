@@ -91,13 +91,27 @@ def bind(host: str, port: int, *, share_port: bool = False, listen: bool = True)
     return sock
 
 
-def unshared(host: str, port: int) -> int:
-    """``port`` (a free one for 0), checked to be held by nobody: ``ConfigError`` if another process
-    listens on it. Before the port is reserved for workers: with ``SO_REUSEPORT`` a second ``serve
-    --workers`` of the same user would bind it too, and the two share its connections without a word
-    (an operator's find: two deploys served one port, each half of the clients)."""
+def unshared(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """``port`` (a free one for 0), checked to be held by nobody, and a lock on it for as long as the
+    supervisor lives: ``ConfigError`` if another process listens on it, or another ``serve --workers``
+    holds it. Before the port is reserved for workers: with ``SO_REUSEPORT`` a second ``serve --workers``
+    of the same user would bind it too, and the two share its connections without a word (an operator's
+    find: two deploys served one port, each half of the clients). The probe alone misses one whose
+    workers do not listen yet (a reviewer's find); the lock, a Linux abstract socket named after the
+    address, goes with its process however it ends. Elsewhere there is the probe only."""
     with bind(host, port, listen=False) as probe:
-        return int(probe.getsockname()[1])
+        port = int(probe.getsockname()[1])
+    if not sys.platform.startswith("linux"):
+        return port, None
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0haip-runtime serve --workers {host}:{port}")
+    except OSError as exc:
+        lock.close()
+        raise ConfigError(
+            f"server: cannot listen on {host}:{port}: another haip-runtime serve --workers holds it ({exc.strerror})"
+        ) from exc
+    return port, lock
 
 
 def run(

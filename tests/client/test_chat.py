@@ -777,7 +777,7 @@ def test_without_agent_the_chat_talks_to_the_servers_first_agent_when_it_has_no_
     from haip_runtime.config.loading import validate_config
 
     agents = {"poet": {"plugin": "tests.support.agents:ParagraphsAgent"}}
-    for declared, said in ((agents, None), ({}, "the server has no agents to talk to")):
+    for declared, said in ((agents, None), ({}, "the server has no agent you may talk to")):
         config = validate_config({"server": {"host": "127.0.0.1", "port": 0}, "agents": declared}, base_dir=ROOT)
         with live_server(config) as live:
             command = [sys.executable, "-m", "haip_runtime", "chat", live.bare_url, "--token", live.token("ann")]

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from haip_runtime.config import HaipConfig
 from haip_runtime.config.clustering import ClusterConfig
+from haip_runtime.exceptions import ConfigError
 from haip_runtime.server.node import MARK, START_FAILED, WorkerSpec
 from haip_runtime.server.workers import MAX_BACKOFF_SECONDS, Outcome, backoff, node_id
 from tests.support.serving import make_config
@@ -86,3 +89,22 @@ def test_a_worker_refuses_a_config_its_code_does_not_know_in_one_line(tmp_path: 
     assert worker.returncode == START_FAILED
     assert b"server.warp_speed: unknown key" in worker.stderr and b"restart serve" in worker.stderr
     assert worker.stdout.startswith(MARK.encode() + b"failed ")
+
+
+def test_a_port_another_serve_with_workers_holds_is_refused_before_its_workers_listen() -> None:
+    """A reviewer's find: the probe alone let a second ``serve --workers`` share the port while the first's
+    workers were still starting (its reservation, bound with SO_REUSEADDR and SO_REUSEPORT, never listens)."""
+    from haip_runtime.server.node import bind, unshared
+
+    port, lock = unshared("127.0.0.1", 0)
+    reserved = bind("127.0.0.1", port, share_port=True, listen=False)
+    try:
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: another haip-runtime serve"):
+            unshared("127.0.0.1", port)
+    finally:
+        reserved.close()
+        if lock is not None:
+            lock.close()
+    again, freed = unshared("127.0.0.1", port)  # (its lock goes with it)
+    assert again == port and freed is not None
+    freed.close()
