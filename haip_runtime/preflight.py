@@ -49,6 +49,11 @@ def problems(config: HaipConfig) -> list[str]:
             " through): add [cluster] redis_url = 'redis://host:6379/0' and [storage] backend = 'postgres',"
             " or set server.workers = 1"
         )
+    if config.cluster is not None and importlib.util.find_spec("redis") is not None:
+        from haip_runtime.cluster.dialing import url_problem
+
+        if (wrong := url_problem(config.cluster.redis_url)) is not None:  # (a re-tester's find: only serve said it)
+            found.append(f"cluster.redis_url: {wrong}")
     for name, server in config.mcp.servers.items():
         if server.transport != "stdio" or server.command is None:
             continue

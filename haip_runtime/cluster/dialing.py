@@ -64,7 +64,19 @@ def command_client(url: str) -> Redis:
     except (TypeError, ValueError, RedisError) as exc:  # (nothing connects here: any error is the URL's)
         raise _bad_option(exc) from None
     _check_files(pool)
+    if pool.connection_kwargs.get("decode_responses"):  # (a re-tester's find: serve failed at start, a traceback)
+        raise ClusterError("the URL's option 'decode_responses' cannot be used: the cluster reads Redis's bytes")
     return Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with the options or TLS files ``url`` names, found without connecting (``check``);
+    ``None`` if nothing is."""
+    try:
+        command_client(url)  # (nothing is connected: nothing to close)
+    except ClusterError as exc:
+        return exc.message
+    return None
 
 
 def _bad_option(exc: Exception) -> ClusterError:

@@ -114,10 +114,12 @@ class ClusterConfig(base.Model):
     def database(self) -> int:
         """The database number in ``redis_url`` (0 unless it names one)."""
         split = urlsplit(self.redis_url)
-        if split.scheme == "unix":
-            numbers = [v for k, v in parse_qsl(split.query) if k == "db" and v.isdecimal()]
-            return int(numbers[0]) if numbers else 0
-        return int(split.path.strip("/") or 0)
+        # ``?db=`` as redis-py reads it, over the path (a re-tester's find: ``redis://host/0?db=1`` ran on
+        # database 1 while the numbering guard read 0)
+        numbers = [v for k, v in parse_qsl(split.query) if k == "db" and v.isdecimal()]
+        if numbers:
+            return int(numbers[0])
+        return 0 if split.scheme == "unix" else int(split.path.strip("/") or 0)
 
     @property
     def redis_password(self) -> str | None:

@@ -170,6 +170,10 @@ async def test_a_redis_that_hangs_makes_even_an_idle_node_unavailable_within_a_c
         ("foo=bar", "the URL's option 'foo' is not one redis-py takes here"),
         ("socket_timeout=soon", "the URL's options: Invalid value for 'socket_timeout' in connection URL."),
         ("protocol=7", "the URL's options: protocol must be either 2 or 3"),  # (a reviewer's find: a traceback)
+        (
+            "decode_responses=true",
+            "the URL's option 'decode_responses' cannot be used: the cluster reads Redis's bytes",
+        ),
     ],
 )
 async def test_a_url_option_redis_cannot_take_is_one_line_at_once(query: str, said: str) -> None:

@@ -64,6 +64,8 @@ def test_a_database_that_is_not_a_number_is_refused_and_channels_name_the_databa
     )
     five = ClusterConfig(redis_url="redis://127.0.0.1:6379/5")
     assert five.database == 5 and ClusterConfig(redis_url="unix:///run/redis.sock?db=3").database == 3
+    # as redis-py reads it: ``?db=`` over the path (a re-tester's find: the numbering guard read 0 here)
+    assert ClusterConfig(redis_url="redis://127.0.0.1:6379/0?db=1").database == 1
     assert Keyspace("haip", five.database).node_channel("a") == "haip:db5:node:a"
     assert Keyspace("haip", 0).node_channel("a") == "haip:node:a"  # (as before: a rolling upgrade hears all)
 
@@ -163,3 +165,15 @@ def test_a_heartbeat_the_lifetimes_it_keeps_cannot_hold_twice_is_refused(tmp_pat
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={})
     assert f"{path}: cluster: {said}" in str(caught.value)
+
+
+def test_check_finds_a_redis_url_option_serve_would_refuse(tmp_path: Path) -> None:
+    """A re-tester's find: ``check`` said "valid" of a URL naming a TLS file that is not there, or an option
+    redis-py does not take, which ``serve`` then refused at once."""
+    for query, said in (
+        ("ssl_ca_certs=/nonexistent.pem", "the URL's ssl_ca_certs names no file"),
+        ("foo=bar", "the URL's option 'foo' is not one"),
+    ):
+        path = write(tmp_path, f'{POSTGRES}[cluster]\nredis_url = "rediss://127.0.0.1:6379/0?{query}"\n')
+        result = run_cli("check", "--config", str(path))
+        assert result.returncode == 1 and f"cluster.redis_url: {said}" in result.stderr, result.stderr
