@@ -189,8 +189,9 @@ class McpDoor:
             try:
                 self._ctx.answer_call(transaction, call_id, member.user, answer, new_id())
             except ProtocolError as error:
-                if (error.detail or {}).get("where") != "/payload/call_id":  # (its input: it waits still)
-                    return error.message
+                where = str((error.detail or {}).get("where", ""))
+                if where != "/payload/call_id":  # (its input: it waits still)
+                    return _in_mcps_words(error.message, where)
                 logger.info("call %s was answered before the MCP client answered it", call_id)
         return None
 
@@ -208,6 +209,14 @@ class McpDoor:
             found.check_message(member, related, joining=1)
             await lifecycle.add_agent(self._ctx, member, related, found, agent)
         return found
+
+
+def _in_mcps_words(refusal: str, where: str) -> str:
+    """A refused answer's reason as its MCP client sent it: the field it names, not the HAIP envelope's
+    path, which that client never sent (a re-tester's find)."""
+    field = where.removeprefix("/payload/input").strip("/").replace("/", ".")
+    said = refusal.replace(f" at {where}", f" in {field!r}" if field else "").removesuffix("; the request still waits")
+    return said.replace("the input request", "the question")
 
 
 class _Run:

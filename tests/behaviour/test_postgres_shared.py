@@ -212,3 +212,20 @@ async def test_a_start_while_the_database_is_away_is_refused_saying_so(
     assert refused.get("code") == "STORAGE_ERROR"
     assert refused.get("message").startswith("a new conversation cannot start now: your open ones are counted")
     assert started  # (an id: the transaction it made)
+
+
+async def test_an_ag_ui_run_while_the_database_is_away_is_refused_saying_so(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """A re-tester's find: AG-UI's 503 said "the store could not read this", where HAIP and /mcp say why."""
+    run = {"threadId": "t-away", "runId": "r1", "state": {}, "tools": [], "context": [], "forwardedProps": {},
+           "messages": [{"id": "m1", "role": "user", "content": "hello"}]}  # fmt: skip
+    with netcut(postgres_server.port) as line, live_server(stored_config(with_port(postgres_url, line.port))) as live:
+        await anyio.to_thread.run_sync(line.cut, "reset")
+        headers = {"authorization": f"Bearer {live.token('ann')}"}
+        async with httpx2.AsyncClient(base_url=live.http_url, timeout=30) as http:
+            refused = await http.post("/ag-ui/echo", json=run, headers=headers)
+        await anyio.to_thread.run_sync(line.heal)
+    error = refused.json()["error"]
+    assert refused.status_code == 503 and error["code"] == "STORAGE_ERROR"
+    assert error["message"].startswith("thread 't-away' cannot be looked up now, so a run on it cannot start")

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from haip_runtime.auth.tokens import Principal
 from haip_runtime.conversation.transaction import Transaction
-from haip_runtime.exceptions import DecodeError, ProtocolError
+from haip_runtime.exceptions import DecodeError, ProtocolError, StorageError
 from haip_runtime.hub import lifecycle
 from haip_runtime.protocol import payloads as p
 from haip_runtime.protocol.codec import check_text_fits, load_json
@@ -222,8 +222,15 @@ class AguiDoor:
             # would let its creator write events into the stream of everyone following the thread.)
             message = f"threadId must be 1 to {MAX_ID} printable characters"
             raise ProtocolError(ErrorCode.INVALID_PAYLOAD, message, detail={"where": "/threadId"})
-        found = await hub.transactions.find(thread, principal)
-        taken = found is None and await hub.store.transaction(thread) is not None
+        try:
+            found = await hub.transactions.find(thread, principal)
+            taken = found is None and await hub.store.transaction(thread) is not None
+        except StorageError as error:  # (a re-tester's find: HAIP and /mcp said this plainly, AG-UI did not)
+            refused = StorageError(
+                f"thread {thread!r} cannot be looked up now, so a run on it cannot start: the store failed"
+                f" ({error.message})"
+            )
+            raise refused from error
         async with AsyncExitStack() as starting:
             if found is None and not taken:  # the quota, around the step that makes it
                 await starting.enter_async_context(lifecycle.room_made(hub.context, principal, run.run_id))
