@@ -74,6 +74,19 @@ async def mcp_client(live: LiveServer, mode: str = "auto", token: str | None = N
         yield client
 
 
+@asynccontextmanager
+async def asking_client(live: LiveServer, elicit: Any) -> AsyncIterator[Client]:
+    """A 2025-11-25 client that declares elicitation: it is asked a tool's questions (``elicit``)."""
+    headers = {"Authorization": f"Bearer {live.token('alice', roles=['admin'])}"}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(
+            streamable_http_client(f"{live.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
+        ) as client,
+    ):
+        yield client
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_the_agents_a_caller_may_start_are_its_tools(door: LiveServer, mode: str) -> None:
     async with mcp_client(door, mode) as admin, mcp_client(door, mode, door.token("bob")) as user:
@@ -351,13 +364,7 @@ async def test_an_input_request_goes_to_an_mcp_client_that_can_be_asked(door: Li
         asked.append(params.message)
         return ElicitResult(action="accept", content={"name": "Ada", "favourite_colour": "green"})
 
-    headers = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=30) as http,
-        Client(
-            streamable_http_client(f"{door.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
-        ) as client,
-    ):
+    async with asking_client(door, elicit) as client:
         answer = await client.call_tool("operator", {"message": "/call demo.ask_user"})
     calls = answer.structured_content["tool_calls"] if answer.structured_content else []
     assert asked == ["Who are you, and which colour do you like best?"]
@@ -375,13 +382,7 @@ async def test_an_mcp_clients_answer_that_does_not_fit_is_asked_again_saying_why
         asked.append(params.message)
         return ElicitResult(action="accept", content=answers[len(asked) - 1])
 
-    headers = {"Authorization": f"Bearer {door.token('alice', roles=['admin'])}"}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=30) as http,
-        Client(
-            streamable_http_client(f"{door.http_url}/mcp", http_client=http), mode="legacy", elicitation_callback=elicit
-        ) as client,
-    ):
+    async with asking_client(door, elicit) as client:
         with anyio.fail_after(20):
             answer = await client.call_tool("operator", {"message": "/call demo.ask_user"})
     calls = answer.structured_content["tool_calls"] if answer.structured_content else []

@@ -127,6 +127,17 @@ async def start(peer: Any, live: LiveServer, agent: str, accept: list[str], **ha
     return listener, str(started["transaction"])
 
 
+async def joined(peer: Any, live: LiveServer, tx: str) -> Listener:
+    """``peer`` as alice, in ``tx`` (another of her connections, on this node or another), read by a listener."""
+    listener = Listener(peer)
+    await listener.until(lambda e: e["type"] == "HAI")
+    await peer.hai(live.token("alice"), accept_events=EVERYTHING)
+    await listener.until(lambda e: e["type"] == "INFO")
+    await peer.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
+    await listener.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+    return listener
+
+
 async def speak(peer: Any, tx: str, clip: bytes, message_id: str, *, binary: bool, pieces: int = 3) -> None:
     """``clip`` as ``pieces`` AUDIO_CHUNKs of one message, the last one final."""
     size = -(-len(clip) // pieces)
@@ -642,12 +653,7 @@ async def test_on_another_node_a_heard_audio_message_is_cancelled_by_its_id_and_
             open_peer("websocket", b, b.token("alice")) as there,
         ):
             _, tx = await start(here, a, "teller", EVERYTHING)
-            other = Listener(there)
-            await other.until(lambda e: e["type"] == "HAI")
-            await there.hai(b.token("alice"), accept_events=EVERYTHING)
-            await other.until(lambda e: e["type"] == "INFO")
-            await there.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
-            await other.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+            other = await joined(there, b, tx)
             await here.send("AUDIO", clip, transaction=tx)
             await other.until(lambda e: e["type"] == "MESSAGE_PART")  # heard on a, answered, seen on b
             await there.send("RUN_CANCEL", {"run_id": "a1"}, transaction=tx)
@@ -697,12 +703,7 @@ async def test_a_refused_audio_message_reaches_no_one_and_may_be_sent_again_from
         open_peer("websocket", live, live.token("alice")) as watcher,
     ):
         listener, tx = await start(peer, live, "echo", EVERYTHING)
-        other = Listener(watcher)
-        await other.until(lambda e: e["type"] == "HAI")
-        await watcher.hai(live.token("alice"), accept_events=EVERYTHING)
-        await other.until(lambda e: e["type"] == "INFO")
-        await watcher.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
-        await other.until(lambda e: e["type"] == "TRANSACTION_JOIN")
+        other = await joined(watcher, live, tx)
         for open_ in "abcd":
             await peer.send("AUDIO_CHUNK", chunk(open_, question[:third], 0), transaction=tx)
         await peer.send("AUDIO_CHUNK", chunk("e", question[:third], 0), transaction=tx)
