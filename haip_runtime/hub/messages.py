@@ -26,11 +26,7 @@ async def message(ctx: HubContext, session: Session, envelope: Envelope) -> None
     message = checked_message(envelope, [slot.instance.input_schema for slot in transaction.agents.values()])
     if answered_if_asked(ctx, session, transaction, message.text, envelope.id):
         return
-    if (
-        message.message_id is not None
-        and ctx.speech is not None
-        and ctx.speech.transcript_of(transaction, message.message_id)
-    ):
+    if message.message_id is not None and ctx.speech is not None and ctx.speech.holds(transaction, message.message_id):
         raise ProtocolError(  # an audio message's id (a voice tester's find: a cancel naming it was then ambiguous)
             ErrorCode.INVALID_PAYLOAD,
             f"message_id {message.message_id!r} is already used in this transaction (by an audio message)",

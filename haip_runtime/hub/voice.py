@@ -108,6 +108,9 @@ class SpeechDesk:
         #: after it was heard; the same id sent again).
         self._transcripts: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._speakers: dict[str, dict[str, Speaker]] = {}  # transaction id -> run id -> speaker
+        #: Speakers that sent all their answer, until a listener has played it: transaction id -> run id ->
+        #: (speaker, when it ends, ``time.monotonic``).
+        self._playing: dict[str, dict[str, tuple[Speaker, float]]] = {}
 
     async def load(self) -> None:
         """Load the models of the providers agents use (at start-up, in the background, off the event loop)."""
@@ -232,6 +235,14 @@ class SpeechDesk:
             del dropped[message_id]
         return seq != 0
 
+    def holds(self, transaction: Transaction, message_id: str) -> bool:
+        """Whether ``message_id`` is an audio message's in ``transaction``: open, being heard, or heard."""
+        if self._hearing.get(message_id, ("", None))[0] == transaction.id:
+            return True
+        if any(key[1] == message_id and clip.transaction == transaction.id for key, clip in self._clips.items()):
+            return True
+        return self.transcript_of(transaction, message_id) is not None
+
     def transcript_of(self, transaction: Transaction, audio_message_id: str) -> str | None:
         """The message id of the transcript of a member's audio message, once it was heard: here, or (in a
         cluster) by the node that heard it, as the transaction's log says (a reviewer's find: a cancel, or
@@ -308,6 +319,10 @@ class SpeechDesk:
         """Stop every answer being spoken in ``transaction`` (a member spoke)."""
         for speaker in list(self._speakers.get(transaction.id, {}).values()):
             speaker.interrupt(by)
+        now = time.monotonic()
+        for speaker, until in self._playing.pop(transaction.id, {}).values():  # sent whole, still playing
+            if until > now:
+                speaker.interrupted(by)
 
     def silence(self, transaction: Transaction, named: str, by: str) -> bool:
         """Stop speaking the answer of a run that has finished writing it (``RUN_CANCEL`` naming the run, the
@@ -321,6 +336,16 @@ class SpeechDesk:
         ]
         for speaker in found:
             speaker.interrupt(by)
+        # All sent, not all played yet (up to SPEAK_AHEAD_SECONDS): the listeners are told to stop (a reviewer's
+        # find: the last seconds of every answer, a short one whole, could not be stopped).
+        now, played = time.monotonic(), self._playing.get(transaction.id, {})
+        for run_id, (speaker, until) in list(played.items()):
+            if until <= now:
+                del played[run_id]
+            elif speaker not in found and (run_id == named or speaker.answers in answers):
+                del played[run_id]
+                found.append(speaker)
+                speaker.interrupted(by)
         return bool(found)
 
     def _watch(self, transaction: Transaction, event: Event) -> None:
@@ -363,6 +388,12 @@ class SpeechDesk:
             speakers.pop(speaker.run_id, None)
             if not speakers:
                 self._speakers.pop(speaker.transaction.id, None)
+            until = speaker.played_until()
+            if until is not None and not speaker.scope.cancel_called:  # sent whole: still playing a while
+                playing = self._playing.setdefault(speaker.transaction.id, {})
+                playing[speaker.run_id] = (speaker, until)
+                for run_id in [run for run, (_, end) in playing.items() if end <= time.monotonic()]:
+                    del playing[run_id]
 
 
 class Speaker:
@@ -423,6 +454,16 @@ class Speaker:
         unfinished = [message_id for message_id in self._seq if message_id not in self._finals]
         message_id = self._speaking or (self._queue[0][0] if self._queue else None) or next(iter(unfinished), None)
         self.stop()
+        self.interrupted(by, message_id)
+
+    def played_until(self) -> float | None:
+        """When a listener who began with its first chunk has played all it was sent (``time.monotonic``)."""
+        return None if self._since is None else self._since + self._sent_ms / 1000
+
+    def interrupted(self, by: str, message_id: str | None = None) -> None:
+        """Tell the listeners to stop playing this run's answer."""
+        if message_id is None and self._seq:
+            message_id = next(reversed(self._seq))
         info: dict[str, Any] = {"event": "speech.interrupted", "run_id": self.run_id, "agent": self.agent, "by": by}
         if message_id is not None:
             info["message_id"] = message_id

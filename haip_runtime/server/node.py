@@ -100,12 +100,12 @@ def unshared(host: str, port: int) -> tuple[int, socket.socket | None]:
     workers do not listen yet (a reviewer's find); the lock, a Linux abstract socket named after the
     address, goes with its process however it ends. Elsewhere there is the probe only."""
     with bind(host, port, listen=False) as probe:
-        port = int(probe.getsockname()[1])
+        address, port = str(probe.getsockname()[0]), int(probe.getsockname()[1])
     if not sys.platform.startswith("linux"):
         return port, None
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        lock.bind(f"\0haip-runtime serve --workers {host}:{port}")
+    try:  # (named after the address bound, not as written: "localhost" and "127.0.0.1" are one: a reviewer)
+        lock.bind(f"\0haip-runtime serve --workers {address}:{port}")
     except OSError as exc:
         lock.close()
         raise ConfigError(

@@ -738,3 +738,34 @@ async def test_an_audio_message_of_no_audio_is_refused_saying_so(live: LiveServe
     for error, sent in ((first, lone), (second, last)):
         assert error["payload"]["code"] == "INVALID_PAYLOAD" and error["payload"]["related_id"] == sent
         assert error["payload"]["detail"] == {"where": "/payload/data"}
+
+
+async def test_an_answer_sent_whole_and_still_playing_is_stopped_by_a_cancel(live: LiveServer) -> None:
+    """A reviewer's find: once all its audio was sent (the last 10 s of every answer, a short one whole),
+    a cancel naming its run was refused, and no listener was told to stop."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("MESSAGE", {"text": "a short answer, spoken whole"}, transaction=tx)
+        finished = await listener.until(lambda e: e["type"] == "RUN_FINISHED")
+        await listener.until(is_final_audio())  # all sent: the listener plays it for a second or two yet
+        await peer.send("RUN_CANCEL", {"run_id": finished["payload"]["run_id"]}, transaction=tx)
+        stopped = await listener.until(
+            lambda e: (
+                e["type"] == "ERROR" or (e["type"] == "INFO" and e["payload"].get("event") == "speech.interrupted")
+            )
+        )
+    assert stopped["type"] == "INFO" and stopped["payload"]["run_id"] == finished["payload"]["run_id"]
+
+
+async def test_a_typed_message_under_the_id_of_an_audio_message_still_being_sent_is_refused(
+    live: LiveServer, question: bytes
+) -> None:
+    """A reviewer's find: only a heard audio message's id was refused to a typed message; one still open was
+    taken, and the audio was then heard under the same id."""
+    half = len(question) // 2
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("AUDIO_CHUNK", chunk("m1", question[:half], 0), transaction=tx)
+        typed = await peer.send("MESSAGE", {"text": "hi", "message_id": "m1"}, transaction=tx)
+        refused = await listener.until(lambda e: e["type"] == "ERROR")
+    assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == typed

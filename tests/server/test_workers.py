@@ -101,6 +101,8 @@ def test_a_port_another_serve_with_workers_holds_is_refused_before_its_workers_l
     try:
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: another haip-runtime serve"):
             unshared("127.0.0.1", port)
+        with pytest.raises(ConfigError, match="another haip-runtime serve"):  # (the address, however written)
+            unshared("localhost", port)
     finally:
         reserved.close()
         if lock is not None:
