@@ -77,6 +77,9 @@ class Relay:
         self.on_add_agent: Callable[[Transaction, dict[str, Any], str], None] | None = None
         #: Called with the agents a transaction's log lists, when some are not here yet.
         self.on_agents: Callable[[Transaction, list[str]], None] | None = None
+        #: Called with (transaction, run or message id, user) when a member elsewhere asks this node, which
+        #: speaks the transaction's answers, to stop speaking one (its text written already).
+        self.on_silence: Callable[[Transaction, str, str], object] | None = None
         #: The transactions this node hosts.
         self.logs: set[SharedLog] = set()
         #: Appends what they publish (one task for them all, started with the first).
@@ -646,3 +649,7 @@ class SharedLog(Succession):
     def _add_agent(self, member: dict[str, Any], name: str) -> None:
         if self.relay.on_add_agent is not None:
             self.relay.on_add_agent(self.transaction, member, name)
+
+    def _silence(self, named: str, by: str) -> None:
+        if self.relay.on_silence is not None:
+            self.relay.on_silence(self.transaction, named, by)

@@ -89,6 +89,9 @@ class Succession:
     def _add_agent(self, member: dict[str, Any], name: str) -> None:
         raise NotImplementedError
 
+    def _silence(self, named: str, by: str) -> None:
+        raise NotImplementedError
+
     # --- the log's entries for whoever runs the turns ------------------------------------------------
 
     def _control(self, tseq: int, body: dict[str, Any]) -> None:
@@ -187,6 +190,8 @@ class Succession:
                 transaction.tools.cancel(str(body["call_id"]), transaction.id, str(body["user"]), reason, "")
             elif kind == "end":
                 self._end(str(body.get("reason", "")))
+            elif kind == "silence":
+                self._silence(str(body["run_id"]), str(body.get("by", "")))
             elif kind == "add_agent":
                 self._add_agent(body["member"], str(body["name"]))
             elif kind == "given_up":

@@ -148,6 +148,17 @@ async def message_update(ctx: HubContext, session: Session, envelope: Envelope) 
     )
 
 
+def answered(transaction: Transaction, named: str) -> bool:
+    """Whether the recent log shows ``named`` as a run, or a message a run answered (or its audio's)."""
+    for event in transaction.recent():
+        body = event.payload if isinstance(event.payload, dict) else {}
+        if event.type == EventType.RUN_STARTED and named in (event.run_id, body.get("message_id")):
+            return True
+        if event.type == EventType.MESSAGE and body.get("audio_message_id") == named:
+            return True
+    return False
+
+
 async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> None:
     transaction = ctx.member_transaction(session, envelope)
     request = parse_payload(envelope, p.RunCancel)
@@ -160,10 +171,17 @@ async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> N
         return
     if transaction.cancel_run(request.run_id, session.user):
         return
-    if ctx.speech is None or not ctx.speech.silence(transaction, request.run_id, session.user):
-        raise ProtocolError(
-            ErrorCode.INVALID_PAYLOAD,
-            f"no running run or waiting message {request.run_id!r}",
-            related_id=envelope.id,
-            detail={"where": "/payload/run_id"},
-        )
+    if ctx.speech is not None and ctx.speech.silence(transaction, request.run_id, session.user):
+        return
+    shared = transaction.shared
+    if ctx.speech is not None and shared is not None and not shared.owner and answered(transaction, request.run_id):
+        # The node running the turns speaks their answers: it is asked to stop (a reviewer's find: a cancel
+        # through another node of an answer written already was refused, and its speech went on).
+        shared.control("silence", run_id=request.run_id, by=session.user)
+        return
+    raise ProtocolError(
+        ErrorCode.INVALID_PAYLOAD,
+        f"no running run or waiting message {request.run_id!r}",
+        related_id=envelope.id,
+        detail={"where": "/payload/run_id"},
+    )

@@ -146,6 +146,8 @@ class Hub:
         relay.on_tools_changed = partial(tool_requests.tools_changed_elsewhere, self.context)
         relay.on_agents = partial(lifecycle.mirror_agents, self.context)
         relay.on_add_agent = self._add_agent_asked
+        if self.speech is not None:
+            relay.on_silence = self.speech.silence
         self.transactions.relay = relay
         return relay
 

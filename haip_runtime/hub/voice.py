@@ -235,6 +235,15 @@ class SpeechDesk:
             del dropped[message_id]
         return seq != 0
 
+    @staticmethod
+    def _said_aloud(transaction: Transaction, message_id: str) -> bool:
+        """Whether the recent log has ``message_id`` as a member's spoken message (heard on another node)."""
+        for event in reversed(transaction.recent()):
+            body = event.payload if isinstance(event.payload, dict) else {}
+            if event.type == EventType.MESSAGE and body.get("message_id") == message_id:
+                return bool(body.get("spoken"))
+        return False
+
     def holds(self, transaction: Transaction, message_id: str) -> bool:
         """Whether ``message_id`` is an audio message's in ``transaction``: open, being heard, or heard."""
         if self._hearing.get(message_id, ("", None))[0] == transaction.id:
@@ -355,8 +364,16 @@ class SpeechDesk:
         if kind == EventType.RUN_STARTED:
             agent = str(payload.get("agent"))
             voice = self.voices.get(agent)
-            wanted = agent in self.always or payload.get("message_id") in self._spoken
-            if voice is not None and wanted and any(_AUDIO & m.accepted for m in transaction.members.values()):
+            shared = transaction.shared
+            if shared is not None and not shared.owner:
+                return  # the node running the turns speaks their answers, once (a reviewer's find: every node did)
+            message_id = str(payload.get("message_id", ""))
+            wanted = agent in self.always or message_id in self._spoken or self._said_aloud(transaction, message_id)
+            # Someone may listen: here, or (in a cluster) a member on another node (whose accepted events are
+            # theirs to know: the answer is spoken for them, as for one here).
+            listening = any(_AUDIO & m.accepted for m in transaction.members.values())
+            listening = listening or (shared is not None and bool(shared.users_elsewhere))
+            if voice is not None and wanted and listening:
                 speaker = Speaker(transaction, str(payload["run_id"]), agent, voice, self.max_frame_bytes)
                 speaker.answers = str(payload.get("message_id", ""))
                 self._speakers.setdefault(transaction.id, {})[speaker.run_id] = speaker

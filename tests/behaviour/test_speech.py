@@ -127,11 +127,11 @@ async def start(peer: Any, live: LiveServer, agent: str, accept: list[str], **ha
     return listener, str(started["transaction"])
 
 
-async def joined(peer: Any, live: LiveServer, tx: str) -> Listener:
+async def joined(peer: Any, live: LiveServer, tx: str, accept: list[str] = EVERYTHING) -> Listener:
     """``peer`` as alice, in ``tx`` (another of her connections, on this node or another), read by a listener."""
     listener = Listener(peer)
     await listener.until(lambda e: e["type"] == "HAI")
-    await peer.hai(live.token("alice"), accept_events=EVERYTHING)
+    await peer.hai(live.token("alice"), accept_events=accept)
     await listener.until(lambda e: e["type"] == "INFO")
     await peer.send("TRANSACTION_JOIN", {"since": "0"}, transaction=tx)
     await listener.until(lambda e: e["type"] == "TRANSACTION_JOIN")
@@ -769,3 +769,45 @@ async def test_a_typed_message_under_the_id_of_an_audio_message_still_being_sent
         typed = await peer.send("MESSAGE", {"text": "hi", "message_id": "m1"}, transaction=tx)
         refused = await listener.until(lambda e: e["type"] == "ERROR")
     assert refused["payload"]["code"] == "INVALID_PAYLOAD" and refused["payload"]["related_id"] == typed
+
+
+@pytest.mark.parametrize("b_hears", [True, False], ids=["both-hear", "only-a-hears"])
+async def test_in_a_cluster_an_answer_is_spoken_once_and_stopped_through_any_node(
+    redis_url: str, postgres_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, b_hears: bool
+) -> None:
+    """A second reviewer's finds: every node with a member taking audio spoke the same answer (each chunk came
+    twice); and a cancel through another node of an answer written already was refused, its speech going on."""
+    from haip_runtime.hub import voice
+
+    monkeypatch.setattr(voice, "SPEAK_AHEAD_SECONDS", 1.0)
+    cluster = {"redis_url": redis_url, "key_prefix": prefix, "heartbeat_seconds": 0.2, "node_ttl_seconds": 2}
+    config = make_config(
+        {
+            "cluster": {**cluster, "connect_timeout_seconds": 5, "lease_seconds": 1.5},
+            "storage": {"backend": "postgres", "url": postgres_url, "flush_interval_seconds": 0.01},
+            "speech": {"local": {"kind": "local"}},
+            "agents": {"echo": {"plugin": "echo", "speech": "local", "reply_audio": True}},
+        }
+    )
+    text = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 9))
+    with live_server(config) as a, live_server(config) as b:
+        async with (
+            open_peer("websocket", a, a.token("alice")) as here,
+            open_peer("websocket", b, b.token("alice")) as there,
+        ):
+            mine, tx = await start(here, a, "echo", EVERYTHING)
+            other = await joined(there, b, tx, EVERYTHING if b_hears else NO_AUDIO)
+            await here.send("MESSAGE", {"text": text, "message_id": "long"}, transaction=tx)
+            finished = await other.until(lambda e: e["type"] == "RUN_FINISHED")
+            await mine.until(lambda e: e["type"] == "AUDIO_CHUNK")
+            await there.send("RUN_CANCEL", {"run_id": finished["payload"]["run_id"]}, transaction=tx)
+            stopped = await mine.until(
+                lambda e: (
+                    (e["type"] == "AUDIO_CHUNK" and bool(e["payload"].get("final")))
+                    or (e["type"] == "INFO" and e["payload"].get("event") == "speech.interrupted")
+                )
+            )
+    assert stopped["type"] == "INFO", stopped["payload"]  # not spoken to its end
+    chunks = [(e["payload"]["message_id"], e["payload"]["seq_in_message"]) for e in mine.of("AUDIO_CHUNK")]
+    assert chunks and len(chunks) == len(set(chunks))  # each once
+    assert not other.of("ERROR")
