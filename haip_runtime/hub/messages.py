@@ -149,14 +149,12 @@ async def message_update(ctx: HubContext, session: Session, envelope: Envelope) 
 
 
 def answered(transaction: Transaction, named: str) -> bool:
-    """Whether the recent log shows ``named`` as a run, or a message a run answered (or its audio's)."""
-    for event in transaction.recent():
-        body = event.payload if isinstance(event.payload, dict) else {}
-        if event.type == EventType.RUN_STARTED and named in (event.run_id, body.get("message_id")):
-            return True
-        if event.type == EventType.MESSAGE and body.get("audio_message_id") == named:
-            return True
-    return False
+    """Whether the recent log shows ``named`` as a run, or a message a run answered (``named``: it, or its audio)."""
+    return any(
+        event.type == EventType.RUN_STARTED
+        and named in (event.run_id, event.payload.get("message_id") if isinstance(event.payload, dict) else None)
+        for event in transaction.recent()
+    )
 
 
 async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> None:
@@ -174,7 +172,8 @@ async def run_cancel(ctx: HubContext, session: Session, envelope: Envelope) -> N
     if ctx.speech is not None and ctx.speech.silence(transaction, request.run_id, session.user):
         return
     shared = transaction.shared
-    if ctx.speech is not None and shared is not None and not shared.owner and answered(transaction, request.run_id):
+    asked = heard or request.run_id  # (an audio message's: the message its transcript is)
+    if ctx.speech is not None and shared is not None and not shared.owner and answered(transaction, asked):
         # The node running the turns speaks their answers: it is asked to stop (a reviewer's find: a cancel
         # through another node of an answer written already was refused, and its speech went on).
         shared.control("silence", run_id=request.run_id, by=session.user)

@@ -72,6 +72,15 @@ class _Clip:
     data: bytearray
 
 
+def _logged_message(transaction: Transaction, field: str, value: str) -> dict[str, Any] | None:
+    """The payload of the latest ``MESSAGE`` of the transaction's recent log whose ``field`` is ``value``."""
+    for event in reversed(transaction.recent()):
+        body = event.payload if isinstance(event.payload, dict) else {}
+        if event.type == EventType.MESSAGE and body.get(field) == value:
+            return body
+    return None
+
+
 def speech_desk(config: HaipConfig, agents: Mapping[str, AgentSpec], spawn: Callable[..., None]) -> SpeechDesk | None:
     """The desk of the agents that use speech (with a provider per ``[speech.<id>]``), or ``None`` if none does."""
     if not any(spec.config.speech for spec in agents.values()):
@@ -163,9 +172,7 @@ class SpeechDesk:
                 detail={"where": "/payload/data"},
             )
         if clip is None:
-            heard = self._hearing.get(message_id, ("", None))[0] == transaction.id
-            heard = heard or self.transcript_of(transaction, message_id) is not None
-            if heard or transaction.message_id_taken(message_id):
+            if self._heard(transaction, message_id) or transaction.message_id_taken(message_id):
                 # (a voice tester's find: the same AUDIO sent twice was heard, and answered, twice; one under a
                 # typed message's id took its place in the history)
                 raise ProtocolError(
@@ -238,17 +245,17 @@ class SpeechDesk:
     @staticmethod
     def _said_aloud(transaction: Transaction, message_id: str) -> bool:
         """Whether the recent log has ``message_id`` as a member's spoken message (heard on another node)."""
-        for event in reversed(transaction.recent()):
-            body = event.payload if isinstance(event.payload, dict) else {}
-            if event.type == EventType.MESSAGE and body.get("message_id") == message_id:
-                return bool(body.get("spoken"))
-        return False
+        return bool((_logged_message(transaction, "message_id", message_id) or {}).get("spoken"))
 
     def holds(self, transaction: Transaction, message_id: str) -> bool:
         """Whether ``message_id`` is an audio message's in ``transaction``: open, being heard, or heard."""
-        if self._hearing.get(message_id, ("", None))[0] == transaction.id:
-            return True
         if any(key[1] == message_id and clip.transaction == transaction.id for key, clip in self._clips.items()):
+            return True
+        return self._heard(transaction, message_id)
+
+    def _heard(self, transaction: Transaction, message_id: str) -> bool:
+        """Whether ``message_id`` is an audio message's in ``transaction`` being heard, or heard."""
+        if self._hearing.get(message_id, ("", None))[0] == transaction.id:
             return True
         return self.transcript_of(transaction, message_id) is not None
 
@@ -259,11 +266,8 @@ class SpeechDesk:
         found = self._transcripts.get((transaction.id, audio_message_id))
         if found is not None:
             return found
-        for event in reversed(transaction.recent()):
-            body = event.payload if isinstance(event.payload, dict) else {}
-            if event.type == EventType.MESSAGE and body.get("audio_message_id") == audio_message_id:
-                return str(body.get("message_id", "")) or None
-        return None
+        body = _logged_message(transaction, "audio_message_id", audio_message_id)
+        return None if body is None else str(body.get("message_id", "")) or None
 
     def _drop_rest(self, key: tuple[str, str]) -> None:
         """The chunks of this message still to come are let go, up to its last (``final``)."""
