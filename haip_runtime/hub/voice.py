@@ -385,6 +385,7 @@ class SpeechDesk:
         elif kind == EventType.TRANSACTION_END:
             for speaker in list((speakers or {}).values()):
                 speaker.stop()
+            self._playing.pop(transaction.id, None)  # (its answers still playing: nobody stops them now)
             # Its half-sent audio goes (a voice tester's find: it stayed counted against its sessions' open
             # messages, with no way left to end it, and chunked audio was refused in every other conversation).
             for key in [key for key, clip in self._clips.items() if clip.transaction == transaction.id]:

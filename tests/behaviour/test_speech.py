@@ -811,3 +811,15 @@ async def test_in_a_cluster_an_answer_is_spoken_once_and_stopped_through_any_nod
     chunks = [(e["payload"]["message_id"], e["payload"]["seq_in_message"]) for e in mine.of("AUDIO_CHUNK")]
     assert chunks and len(chunks) == len(set(chunks))  # each once
     assert not other.of("ERROR")
+
+
+async def test_an_ended_conversation_keeps_nothing_of_the_answers_it_was_playing(live: LiveServer) -> None:
+    """What the desk keeps of an answer sent whole, to stop it while it plays, goes with its conversation."""
+    async with open_peer("websocket", live, live.token("alice")) as peer:
+        listener, tx = await start(peer, live, "echo", EVERYTHING)
+        await peer.send("MESSAGE", {"text": "a short answer, spoken whole"}, transaction=tx)
+        await listener.until(is_final_audio())  # (its run finished before: the text is written first)
+        await peer.send("TRANSACTION_END", {}, transaction=tx)
+        await listener.until(lambda e: e["type"] == "TRANSACTION_END")
+    desk = live.runtime.hub.speech
+    assert desk is not None and tx not in desk._playing
